@@ -1,0 +1,16 @@
+//! # Layout
+//! SeaORM migrations for labelsync, one dated module per migration. They run on
+//! Postgres (production) and SQLite (embedded mode): only portable column types,
+//! and raw SQL only where both dialects accept the same text (partial indexes).
+pub use sea_orm_migration::prelude::*;
+
+mod m20261124_000001_initial;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261124_000001_initial::Migration)]
+    }
+}

@@ -1,0 +1,139 @@
+//! The HTTP API of `shared/API.md` (v1). One module per resource; this one
+//! builds the router, the auth layer and the list conventions.
+mod error;
+mod ops;
+mod projects;
+mod runs;
+mod storages;
+mod tasks;
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, Request, State},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::Response,
+    routing::{get, post},
+};
+use labelsync::{config::Settings, jobs::Queue, storage::StorageEnv};
+use sea_orm::DatabaseConnection;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+pub use error::{ApiError, ApiJson, ApiResult};
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: DatabaseConnection,
+    pub queue: Queue,
+    pub settings: Arc<Settings>,
+    pub storage_env: StorageEnv,
+}
+
+/// Request bodies larger than this are refused with 413 before parsing.
+const MAX_BODY_BYTES: usize = 2 << 20;
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/projects", post(projects::create).get(projects::list))
+        .route(
+            "/projects/{id}",
+            get(projects::get_one)
+                .patch(projects::update)
+                .delete(projects::delete),
+        )
+        .route("/projects/{id}/tasks", get(tasks::list))
+        .route("/storages", post(storages::create).get(storages::list))
+        .route("/storages/validate", post(storages::validate_new))
+        .route(
+            "/storages/{id}",
+            get(storages::get_one)
+                .patch(storages::update)
+                .delete(storages::delete),
+        )
+        .route("/storages/{id}/validate", post(storages::validate_saved))
+        .route("/storages/{id}/preview", get(storages::preview))
+        .route("/storages/{id}/sync", post(storages::sync))
+        .route("/runs", get(runs::list))
+        .route("/runs/{id}", get(runs::get_one))
+        .route("/runs/{id}/errors", get(runs::errors))
+        .route("/runs/{id}/cancel", post(runs::cancel))
+        .route("/tasks/{id}", get(tasks::get_one))
+        .fallback(|| async { ApiError::not_found("no such API route") })
+        .layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Bearer-token check, in constant time against every configured token. With
+/// no tokens configured the server only binds loopback (checked at start).
+async fn auth(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let tokens = &state.settings.api_tokens;
+    if tokens.is_empty() {
+        return Ok(next.run(req).await);
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let mut ok = subtle::Choice::from(0);
+    for token in tokens {
+        ok |= token.expose().as_bytes().ct_eq(given.as_bytes());
+    }
+    if bool::from(ok) && !given.is_empty() {
+        Ok(next.run(req).await)
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid bearer token (Authorization: Bearer <token>)",
+        ))
+    }
+}
+
+/// `?limit=&after=` of every list.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Paging {
+    pub limit: Option<u64>,
+    pub after: Option<i64>,
+}
+
+pub const DEFAULT_LIMIT: u64 = 100;
+pub const MAX_LIMIT: u64 = 1000;
+
+pub fn limit(requested: Option<u64>) -> ApiResult<u64> {
+    match requested {
+        None => Ok(DEFAULT_LIMIT),
+        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit",
+            format!("limit must be between 1 and {MAX_LIMIT}, got {n}"),
+        )),
+    }
+}
+
+/// `{"items": [...], "next_after": id|null}`: `next_after` is set when the page
+/// is full, so a client pages until it is null.
+pub fn page<T: serde::Serialize, K: serde::Serialize>(
+    items: Vec<T>,
+    limit: u64,
+    last_key: Option<K>,
+) -> serde_json::Value {
+    let full = items.len() as u64 == limit;
+    serde_json::json!({ "items": items, "next_after": if full { last_key } else { None } })
+}

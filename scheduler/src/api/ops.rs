@@ -1,0 +1,23 @@
+//! Probes for orchestrators: `/healthz` (the process answers) and `/readyz`
+//! (the database and the queue answer too).
+use axum::{Json, extract::State, http::StatusCode};
+use serde_json::{Value, json};
+
+use super::AppState;
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let (database, queue) = tokio::join!(labelsync::db::ping(&state.db), state.queue.ping());
+    let status = if database && queue {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({ "database": database, "queue": queue })),
+    )
+}

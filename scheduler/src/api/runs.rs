@@ -1,0 +1,103 @@
+//! `/api/v1/runs`: job status, history, per-object errors, cancel.
+use axum::extract::{Path, Query, State};
+use labelsync::db::{
+    entities::{object_error, sync_run},
+    runs::{self, RunStatus},
+};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiJson, ApiResult, AppState, Paging, limit, page};
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<ApiJson<Value>> {
+    Ok(ApiJson(runs::to_json(&runs::get(&state.db, &id).await?)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunQuery {
+    storage_id: Option<i64>,
+    status: Option<String>,
+    kind: Option<String>,
+    limit: Option<u64>,
+    /// A run id: runs older than it (the list is newest first).
+    after: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<RunQuery>,
+) -> ApiResult<ApiJson<Value>> {
+    let limit = limit(q.limit)?;
+    // Run ids are ULIDs, so id order is creation order.
+    let mut query = sync_run::Entity::find()
+        .order_by_desc(sync_run::Column::Id)
+        .limit(limit);
+    if let Some(storage_id) = q.storage_id {
+        query = query.filter(sync_run::Column::StorageId.eq(storage_id));
+    }
+    if let Some(status) = &q.status {
+        let status = RunStatus::parse(status).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_status",
+                "status",
+                "status must be one of queued, running, completed, completed_with_errors, failed, cancelled",
+            )
+        })?;
+        query = query.filter(sync_run::Column::Status.eq(status.as_str()));
+    }
+    if let Some(kind) = &q.kind {
+        if !["import", "export", "delete"].contains(&kind.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_kind",
+                "kind",
+                "kind must be one of import, export, delete",
+            ));
+        }
+        query = query.filter(sync_run::Column::Kind.eq(kind.as_str()));
+    }
+    if let Some(after) = &q.after {
+        query = query.filter(sync_run::Column::Id.lt(after.as_str()));
+    }
+    let rows = query.all(&state.db).await?;
+    let last = rows.last().map(|r| r.id.clone());
+    Ok(ApiJson(page(
+        rows.iter().map(runs::to_json).collect(),
+        limit,
+        last,
+    )))
+}
+
+pub async fn errors(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<Paging>,
+) -> ApiResult<ApiJson<Value>> {
+    runs::get(&state.db, &id).await?;
+    let limit = limit(q.limit)?;
+    let mut query = object_error::Entity::find()
+        .filter(object_error::Column::RunId.eq(id.as_str()))
+        .order_by_asc(object_error::Column::Id)
+        .limit(limit);
+    if let Some(after) = q.after {
+        query = query.filter(object_error::Column::Id.gt(after));
+    }
+    let rows = query.all(&state.db).await?;
+    let last = rows.last().map(|r| r.id);
+    let items = rows
+        .iter()
+        .map(|e| json!({ "id": e.id, "key": e.object_key, "row_index": e.row_index, "error": e.error }))
+        .collect();
+    Ok(ApiJson(page(items, limit, last)))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<ApiJson<Value>> {
+    Ok(ApiJson(runs::to_json(&runs::cancel(&state.db, &id).await?)))
+}

@@ -1,0 +1,299 @@
+//! `/api/v1/storages`: create, read, patch, delete, validate, preview, sync.
+use std::collections::HashMap;
+
+use axum::{
+    extract::{Path, Query, State},
+    http::StatusCode,
+};
+use futures::StreamExt;
+use labelsync::{
+    db::{
+        entities::{storage, sync_run},
+        runs,
+    },
+    ingest::Filter,
+    jobs,
+    storage::{
+        ListOptions, Role,
+        spec::{self, StorageSpec},
+    },
+};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiJson, ApiResult, AppState, limit, page, projects};
+
+async fn find(db: &impl ConnectionTrait, id: i64) -> ApiResult<storage::Model> {
+    storage::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("storage {id} not found")))
+}
+
+/// The newest run of each storage, in two queries whatever the page size.
+async fn last_runs(
+    db: &impl ConnectionTrait,
+    ids: &[i64],
+) -> ApiResult<HashMap<i64, sync_run::Model>> {
+    let newest: Vec<String> = sync_run::Entity::find()
+        .select_only()
+        .column_as(sync_run::Column::Id.max(), "id")
+        .filter(sync_run::Column::StorageId.is_in(ids.iter().copied()))
+        .group_by(sync_run::Column::StorageId)
+        .into_tuple()
+        .all(db)
+        .await?;
+    let runs = sync_run::Entity::find()
+        .filter(sync_run::Column::Id.is_in(newest))
+        .all(db)
+        .await?;
+    Ok(runs.into_iter().map(|r| (r.storage_id, r)).collect())
+}
+
+fn with_last_run(model: &storage::Model, last: Option<&sync_run::Model>) -> Value {
+    let mut value = spec::to_json(model);
+    value["last_run"] = last.map_or(Value::Null, runs::to_json);
+    value
+}
+
+fn spec_of(body: Value) -> ApiResult<StorageSpec> {
+    Ok(StorageSpec::from_json(body)?)
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<(StatusCode, ApiJson<Value>)> {
+    let spec = spec_of(body)?;
+    let project_id = spec.project_id.ok_or_else(|| {
+        ApiError::bad_request("missing_field", "project_id", "project_id is required")
+    })?;
+    if spec.project.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "project",
+            "give project_id, not project",
+        ));
+    }
+    projects::find(&state.db, project_id).await.map_err(|_| {
+        ApiError::bad_request(
+            "unknown_project",
+            "project_id",
+            format!("project {project_id} does not exist"),
+        )
+    })?;
+    let valid = spec.validate(&state.storage_env)?;
+    let model = spec
+        .to_active_model(project_id, &valid)
+        .insert(&state.db)
+        .await?;
+    Ok((StatusCode::CREATED, ApiJson(with_last_run(&model, None))))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageQuery {
+    project_id: Option<i64>,
+    role: Option<Role>,
+    limit: Option<u64>,
+    after: Option<i64>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Query(q): Query<StorageQuery>,
+) -> ApiResult<ApiJson<Value>> {
+    let limit = limit(q.limit)?;
+    let mut query = storage::Entity::find()
+        .order_by_asc(storage::Column::Id)
+        .limit(limit);
+    if let Some(project_id) = q.project_id {
+        query = query.filter(storage::Column::ProjectId.eq(project_id));
+    }
+    if let Some(role) = q.role {
+        query = query.filter(storage::Column::Role.eq(role.as_str()));
+    }
+    if let Some(after) = q.after {
+        query = query.filter(storage::Column::Id.gt(after));
+    }
+    let storages = query.all(&state.db).await?;
+    let ids: Vec<i64> = storages.iter().map(|s| s.id).collect();
+    let last = last_runs(&state.db, &ids).await?;
+    let items = storages
+        .iter()
+        .map(|s| with_last_run(s, last.get(&s.id)))
+        .collect();
+    Ok(ApiJson(page(items, limit, ids.last())))
+}
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> ApiResult<ApiJson<Value>> {
+    let model = find(&state.db, id).await?;
+    let last = last_runs(&state.db, &[id]).await?;
+    Ok(ApiJson(with_last_run(&model, last.get(&id))))
+}
+
+/// PATCH merges: top-level fields replace, `config` merges key by key,
+/// omitted fields (and secrets) are kept. The merged whole is validated again
+/// before anything is written.
+pub async fn update(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    ApiJson(patch): ApiJson<Value>,
+) -> ApiResult<ApiJson<Value>> {
+    let current = find(&state.db, id).await?;
+    let Value::Object(patch) = patch else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "PATCH body must be a JSON object",
+        ));
+    };
+    let mut merged = serde_json::to_value(StorageSpec::of_model(&current)?)
+        .map_err(|e| labelsync::Error::Internal(e.to_string()))?;
+    for (key, value) in patch {
+        match key.as_str() {
+            "project_id" | "role" | "backend" => {
+                if merged.get(&key) != Some(&value) {
+                    return Err(ApiError::bad_request(
+                        "immutable_field",
+                        "backend",
+                        format!("{key} cannot be changed; create a new storage instead"),
+                    ));
+                }
+            }
+            "config" => match (merged.get_mut("config"), value) {
+                (Some(Value::Object(config)), Value::Object(changes)) => config.extend(changes),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_config",
+                        "config",
+                        "config must be a JSON object",
+                    ));
+                }
+            },
+            _ => {
+                merged[key.as_str()] = value;
+            }
+        }
+    }
+    let spec = spec_of(merged)?;
+    let valid = spec.validate(&state.storage_env)?;
+    let mut model = spec.to_active_model(current.project_id, &valid);
+    model.id = Set(current.id);
+    model.created_at = Set(current.created_at);
+    model.secrets = Set(current.secrets.clone());
+    model.secrets_set = Set(current.secrets_set.clone());
+    model.next_sync_at = Set(current.next_sync_at);
+    let model = model.update(&state.db).await?;
+    let last = last_runs(&state.db, &[id]).await?;
+    Ok(ApiJson(with_last_run(&model, last.get(&id))))
+}
+
+pub async fn delete(State(state): State<AppState>, Path(id): Path<i64>) -> ApiResult<StatusCode> {
+    let res = storage::Entity::delete_by_id(id).exec(&state.db).await?;
+    if res.rows_affected == 0 {
+        return Err(ApiError::not_found(format!("storage {id} not found")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Checks a storage body without saving it: 200 `{"ok": true}`, or 422 with
+/// what is wrong (a malformed body is still a 400).
+pub async fn validate_new(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Value>,
+) -> ApiResult<ApiJson<Value>> {
+    let spec = spec_of(body)?;
+    let valid = spec
+        .validate(&state.storage_env)
+        .map_err(ApiError::unprocessable)?;
+    check(&state, &spec.to_model(spec.project_id.unwrap_or(0), &valid)).await
+}
+
+pub async fn validate_saved(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> ApiResult<ApiJson<Value>> {
+    let model = find(&state.db, id).await?;
+    check(&state, &model).await
+}
+
+async fn check(state: &AppState, model: &storage::Model) -> ApiResult<ApiJson<Value>> {
+    let backend =
+        labelsync::storage::open(model, &state.storage_env).map_err(ApiError::unprocessable)?;
+    let role = if model.role == "target" {
+        Role::Target
+    } else {
+        Role::Source
+    };
+    backend.check(role).await.map_err(ApiError::unprocessable)?;
+    Ok(ApiJson(json!({ "ok": true })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewQuery {
+    limit: Option<usize>,
+}
+
+/// Pages read at most for a preview, so a regex that matches nothing in a
+/// huge bucket answers quickly (with what it found).
+const PREVIEW_MAX_PAGES: usize = 10;
+
+pub async fn preview(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Query(q): Query<PreviewQuery>,
+) -> ApiResult<ApiJson<Value>> {
+    let want = q.limit.unwrap_or(20);
+    if !(1..=1000).contains(&want) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let model = find(&state.db, id).await?;
+    let backend = labelsync::storage::open(&model, &state.storage_env)?;
+    let filter = Filter::from_storage(&model)?;
+    let mut pages = backend
+        .list(ListOptions {
+            prefix: model.prefix.clone(),
+            recursive: model.recursive,
+            start_after: None,
+            page_size: 1000,
+        })
+        .take(PREVIEW_MAX_PAGES);
+    let mut items = Vec::new();
+    'pages: while let Some(page) = pages.next().await {
+        for object in page?.objects {
+            if filter.matches(&object.key) {
+                items.push(json!({ "key": object.key, "size": object.size, "last_modified": object.last_modified }));
+                if items.len() == want {
+                    break 'pages;
+                }
+            }
+        }
+    }
+    Ok(ApiJson(json!({ "items": items })))
+}
+
+pub async fn sync(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+) -> ApiResult<(StatusCode, ApiJson<Value>)> {
+    let model = find(&state.db, id).await?;
+    let (run, already_running) =
+        jobs::enqueue_sync(&state.db, &state.queue, &state.settings, &model).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        ApiJson(json!({ "run": runs::to_json(&run), "already_running": already_running })),
+    ))
+}

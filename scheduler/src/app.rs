@@ -1,0 +1,78 @@
+//! Building and running the server. `serve` takes an already-bound listener
+//! and a shutdown future, so tests bind port 0 and stop it at will.
+use std::{future::Future, sync::Arc};
+
+use anyhow::{Context, bail};
+use labelsync::{
+    config::Settings,
+    db,
+    jobs::{JobContext, Queue},
+    storage::StorageEnv,
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+
+use crate::api::{self, AppState};
+
+/// Connects the database (migrating it unless disabled) and the queue.
+pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
+    let db = db::connect(&settings.database_url)
+        .await
+        .with_context(|| "cannot open the database (DATABASE_URL)")?;
+    if settings.run_migrations {
+        db::migrate(&db).await.context("migrations failed")?;
+    }
+    let queue = Queue::open(&settings, &db)
+        .await
+        .context("cannot open the queue")?;
+    Ok(AppState {
+        storage_env: StorageEnv {
+            document_root: settings.document_root.clone(),
+        },
+        db,
+        queue,
+        settings: Arc::new(settings),
+    })
+}
+
+/// Serves the API on `listener` until `shutdown` resolves. In embedded mode
+/// (or with `LABELSYNC_EMBEDDED_WORKERS=true`) it also runs a worker, which is
+/// stopped after the HTTP server and allowed to finish its jobs.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    if settings.api_tokens.is_empty() {
+        if !addr.ip().is_loopback() {
+            bail!(
+                "refusing to serve on {addr} without LABELSYNC_API_TOKENS: set tokens or bind to 127.0.0.1"
+            );
+        }
+        tracing::warn!(%addr, "LABELSYNC_API_TOKENS is not set: the API is open to anyone on this machine");
+    }
+    let state = state(settings).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut workers = JoinSet::new();
+    if state.settings.embedded_workers {
+        let ctx = JobContext::new(state.db.clone(), (*state.settings).clone());
+        let queue = state.queue.clone();
+        let mut stop = stop_rx.clone();
+        workers.spawn(async move {
+            queue
+                .run_worker(ctx, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        });
+    }
+    tracing::info!(%addr, embedded_workers = state.settings.embedded_workers, "labelsync scheduler listening");
+    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown);
+    let served = server.await;
+    let _ = stop_tx.send(true);
+    while let Some(done) = workers.join_next().await {
+        done.context("worker task panicked")?
+            .context("in-process worker failed")?;
+    }
+    served.context("HTTP server failed")
+}

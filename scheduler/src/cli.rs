@@ -1,0 +1,219 @@
+//! The command line: `serve` (default), `migrate`, and `sync --spec FILE`,
+//! which runs one sync in this process through the same job code the workers
+//! run, with a progress bar, and prints the finished run as JSON.
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use labelsync::{
+    config::Settings,
+    db::{
+        self,
+        entities::{project, storage},
+        runs::{self, RunKind, RunStatus},
+    },
+    jobs::{self, JobContext, JobError},
+    storage::{StorageEnv, spec::StorageSpec},
+};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "labelsync-scheduler",
+    version,
+    about = "labelsync scheduler: HTTP API, periodic syncs, one-shot syncs"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (and, without REDIS_URL, run the workers in-process).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Run one sync in this process and print the finished run as JSON.
+    Sync {
+        /// A storage create body (API.md) with "project": {"title", "data_key"}
+        /// in place of "project_id".
+        #[arg(long)]
+        spec: PathBuf,
+        /// Do not draw a progress bar even on a terminal.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let listener = tokio::net::TcpListener::bind(settings.bind)
+                .await
+                .with_context(|| format!("cannot bind {}", settings.bind))?;
+            crate::app::serve(settings, listener, labelsync::lifecycle::shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let db = db::connect(&settings.database_url).await?;
+            db::migrate(&db).await?;
+            tracing::info!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sync { spec, quiet } => sync(settings, &spec, quiet).await,
+    }
+}
+
+async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let spec = StorageSpec::from_json(value)
+        .with_context(|| format!("{} is not a valid storage spec", path.display()))?;
+    let env = StorageEnv {
+        document_root: settings.document_root.clone(),
+    };
+    let valid = spec.validate(&env)?;
+
+    let db = db::connect(&settings.database_url).await?;
+    db::migrate(&db).await?;
+    let project_id = match (&spec.project, spec.project_id) {
+        (Some(p), None) => find_or_create_project(&db, &p.title, &p.data_key).await?,
+        (None, Some(id)) => id,
+        _ => bail!(
+            "the spec needs exactly one of \"project\" {{\"title\", \"data_key\"}} or \"project_id\""
+        ),
+    };
+    let storage = find_or_create_storage(&db, &spec, project_id, &valid).await?;
+    let kind = if storage.role == "target" {
+        RunKind::Export
+    } else {
+        RunKind::Import
+    };
+    let (run, already) = runs::create_or_get_live(&db, storage.id, kind).await?;
+    if already {
+        bail!(
+            "storage {} already has a {} run in progress ({})",
+            storage.id,
+            run.status,
+            run.id
+        );
+    }
+
+    let bar = progress_bar(quiet);
+    let watcher = tokio::spawn(watch_progress(db.clone(), run.id.clone(), bar.clone()));
+    let ctx = JobContext::new(db.clone(), settings);
+    let mut backoff = Duration::from_millis(500);
+    // Transient failures are retried here as the queue would, with our attempt limit.
+    loop {
+        match jobs::execute(&ctx, &run.id).await {
+            Ok(()) => break,
+            Err(JobError::Retry(err)) => {
+                bar.println(format!("retrying after: {err}"));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    watcher.abort();
+    let run = runs::get(&db, &run.id).await?;
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&runs::to_json(&run))?);
+    match RunStatus::parse(&run.status) {
+        Some(RunStatus::Completed | RunStatus::CompletedWithErrors) => Ok(ExitCode::SUCCESS),
+        _ => {
+            eprintln!(
+                "sync {}: {}",
+                run.status,
+                run.error.as_deref().unwrap_or("no error recorded")
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn find_or_create_project(
+    db: &DatabaseConnection,
+    title: &str,
+    data_key: &str,
+) -> anyhow::Result<i64> {
+    if let Some(p) = project::Entity::find()
+        .filter(project::Column::Title.eq(title))
+        .order_by_asc(project::Column::Id)
+        .one(db)
+        .await?
+    {
+        return Ok(p.id);
+    }
+    let now = Utc::now();
+    let p = project::ActiveModel {
+        title: Set(title.into()),
+        data_key: Set(data_key.into()),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+    .insert(db)
+    .await?;
+    Ok(p.id)
+}
+
+/// The project's storage with the same role, backend and title, updated to the
+/// spec; or a new one.
+async fn find_or_create_storage(
+    db: &DatabaseConnection,
+    spec: &StorageSpec,
+    project_id: i64,
+    valid: &labelsync::storage::spec::ValidSpec,
+) -> anyhow::Result<storage::Model> {
+    let existing = storage::Entity::find()
+        .filter(storage::Column::ProjectId.eq(project_id))
+        .filter(storage::Column::Role.eq(spec.role.as_str()))
+        .filter(storage::Column::Backend.eq(valid.kind.as_str()))
+        .filter(storage::Column::Title.eq(spec.title.as_str()))
+        .order_by_asc(storage::Column::Id)
+        .one(db)
+        .await?;
+    let mut model = spec.to_active_model(project_id, valid);
+    Ok(match existing {
+        Some(current) => {
+            model.id = Set(current.id);
+            model.created_at = Set(current.created_at);
+            model.update(db).await?
+        }
+        None => model.insert(db).await?,
+    })
+}
+
+fn progress_bar(quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    // Draws on stderr only when it is a terminal; stdout stays the JSON result.
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+async fn watch_progress(db: DatabaseConnection, run_id: String, bar: ProgressBar) {
+    loop {
+        if let Ok(run) = runs::get(&db, &run_id).await {
+            bar.set_message(format!(
+                "{}: listed {} matched {} created {} existed {} failed {}",
+                run.status, run.listed, run.matched, run.created, run.existed, run.failed
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

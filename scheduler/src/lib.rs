@@ -1,0 +1,8 @@
+//! # Layout
+//! The scheduler: the HTTP API for upstream apps and ops (`api`, one module per
+//! resource), the server lifecycle (`app`: migrations, queue, in-process
+//! workers in embedded mode) and the command line (`cli`: `serve`, `migrate`,
+//! and the one-shot `sync --spec FILE`).
+pub mod api;
+pub mod app;
+pub mod cli;

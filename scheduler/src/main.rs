@@ -1,0 +1,26 @@
+//! `labelsync-scheduler`: parse the command line and settings, start tracing,
+//! hand over to the library (`cli::run`).
+use std::process::ExitCode;
+
+use clap::Parser;
+use labelsync_scheduler::cli::{Cli, run};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match labelsync::config::Settings::from_env() {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("labelsync-scheduler: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    labelsync::telemetry::init(settings.log_json);
+    match run(cli, settings).await {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("labelsync-scheduler: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

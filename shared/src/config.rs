@@ -1,0 +1,151 @@
+//! Typed settings, read once from the environment. Nothing else in the code
+//! base calls `std::env::var`.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::{Error, Result};
+
+/// A string that never prints (API tokens, keys).
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `DATABASE_URL`; defaults to a SQLite file in the working directory.
+    pub database_url: String,
+    /// `REDIS_URL`; without it the queue is embedded (SQLite) and workers run in-process.
+    pub redis_url: Option<String>,
+    /// `LABELSYNC_QUEUE_NAMESPACE`: prefix of every queue key, so several
+    /// deployments (or tests) can share one Redis.
+    pub queue_namespace: String,
+    /// `LABELSYNC_EMBEDDED_QUEUE_PATH`: SQLite file of the embedded queue when the
+    /// database is not SQLite itself.
+    pub embedded_queue_path: PathBuf,
+    /// `LABELSYNC_BIND` (default `127.0.0.1:8080`).
+    pub bind: SocketAddr,
+    /// `LABELSYNC_API_TOKENS`, comma-separated.
+    pub api_tokens: Vec<Secret>,
+    /// `LOCAL_FILES_DOCUMENT_ROOT`: the only directory local storages may read.
+    pub document_root: Option<PathBuf>,
+    /// `LABELSYNC_RUN_MIGRATIONS` (default true): `serve` migrates on start.
+    pub run_migrations: bool,
+    /// `LABELSYNC_EMBEDDED_WORKERS`: run workers inside `serve`. Defaults to true
+    /// exactly when there is no `REDIS_URL`.
+    pub embedded_workers: bool,
+    pub worker: WorkerSettings,
+    /// `LABELSYNC_LOG_FORMAT`: `json` or `text` (default).
+    pub log_json: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// `LABELSYNC_WORKER_CONCURRENCY`: jobs one worker process runs at once (default 4).
+    pub concurrency: usize,
+    /// `LABELSYNC_WORKER_NAME`: prefix of the worker name (default: host name).
+    /// A random suffix is always added: apalis-redis refuses a restarted worker
+    /// that reuses a name until the old one is declared dead.
+    pub name_prefix: String,
+    /// `LABELSYNC_QUEUE_POLL_MS` (default 150): how often an idle worker looks for jobs.
+    pub poll_interval: Duration,
+    /// `LABELSYNC_HEARTBEAT_SECS` (default 5) and `LABELSYNC_MISSED_HEARTBEATS`
+    /// (default 3): a dead worker's jobs are re-queued after their product.
+    pub heartbeat: Duration,
+    pub missed_heartbeats: usize,
+    /// `LABELSYNC_PAGE_SIZE` (default 1000): objects per listing page, and so per
+    /// database transaction.
+    pub page_size: usize,
+    /// `LABELSYNC_MAX_ATTEMPTS` (default 5): runs failing transiently this many
+    /// times are marked failed.
+    pub max_attempts: u32,
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Reads settings through `get`, so tests can pass a map instead of the
+    /// process environment.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let get = |key: &str| get(key).filter(|v| !v.trim().is_empty());
+        let redis_url = get("REDIS_URL");
+        let worker = WorkerSettings {
+            concurrency: parse(&get, "LABELSYNC_WORKER_CONCURRENCY", 4)?,
+            name_prefix: get("LABELSYNC_WORKER_NAME")
+                .or_else(|| get("HOSTNAME"))
+                .unwrap_or_else(|| "worker".into()),
+            poll_interval: Duration::from_millis(parse(&get, "LABELSYNC_QUEUE_POLL_MS", 150)?),
+            heartbeat: Duration::from_secs(parse(&get, "LABELSYNC_HEARTBEAT_SECS", 5)?),
+            missed_heartbeats: parse(&get, "LABELSYNC_MISSED_HEARTBEATS", 3)?,
+            page_size: parse(&get, "LABELSYNC_PAGE_SIZE", 1000)?,
+            max_attempts: parse(&get, "LABELSYNC_MAX_ATTEMPTS", 5)?,
+        };
+        if worker.page_size == 0 || worker.page_size > 5000 {
+            return Err(Error::invalid(
+                "invalid_setting",
+                None,
+                "LABELSYNC_PAGE_SIZE must be between 1 and 5000",
+            ));
+        }
+        Ok(Settings {
+            database_url: get("DATABASE_URL")
+                .unwrap_or_else(|| "sqlite://labelsync.db?mode=rwc".into()),
+            embedded_workers: parse(&get, "LABELSYNC_EMBEDDED_WORKERS", redis_url.is_none())?,
+            redis_url,
+            queue_namespace: get("LABELSYNC_QUEUE_NAMESPACE").unwrap_or_else(|| "labelsync".into()),
+            embedded_queue_path: get("LABELSYNC_EMBEDDED_QUEUE_PATH")
+                .unwrap_or_else(|| "labelsync-queue.db".into())
+                .into(),
+            bind: parse(
+                &get,
+                "LABELSYNC_BIND",
+                SocketAddr::from(([127, 0, 0, 1], 8080)),
+            )?,
+            api_tokens: get("LABELSYNC_API_TOKENS")
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(Secret::new)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            document_root: get("LOCAL_FILES_DOCUMENT_ROOT").map(PathBuf::from),
+            run_migrations: parse(&get, "LABELSYNC_RUN_MIGRATIONS", true)?,
+            worker,
+            log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
+        })
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    key: &'static str,
+    default: T,
+) -> Result<T> {
+    match get(key) {
+        None => Ok(default),
+        Some(raw) => raw.trim().parse().map_err(|_| {
+            Error::invalid(
+                "invalid_setting",
+                None,
+                format!("{key}={raw:?} is not a valid value"),
+            )
+        }),
+    }
+}

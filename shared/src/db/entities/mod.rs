@@ -1,0 +1,11 @@
+//! Table definitions, one module per table (see `migrations/` for the DDL).
+//! No behaviour here: queries live in `db::runs`, `db::links` and the pipelines.
+pub mod annotation;
+pub mod export_link;
+pub mod import_link;
+pub mod object_error;
+pub mod prediction;
+pub mod project;
+pub mod storage;
+pub mod sync_run;
+pub mod task;

@@ -1,0 +1,35 @@
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "storages")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    pub project_id: i64,
+    pub role: String,
+    pub backend: String,
+    pub title: String,
+    #[sea_orm(column_type = "JsonBinary")]
+    pub config: Json,
+    /// Encrypted secrets JSON; never serialized into a response.
+    pub secrets: Option<String>,
+    /// Names (not values) of the secrets that are set.
+    #[sea_orm(column_type = "JsonBinary")]
+    pub secrets_set: Json,
+    pub prefix: String,
+    pub regex_filter: Option<String>,
+    pub recursive: bool,
+    pub import_method: String,
+    pub presign: bool,
+    pub presign_ttl_seconds: i64,
+    pub can_delete_objects: bool,
+    pub sync_interval_seconds: Option<i64>,
+    pub next_sync_at: Option<DateTimeUtc>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

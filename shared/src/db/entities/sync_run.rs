@@ -1,0 +1,34 @@
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "sync_runs")]
+pub struct Model {
+    /// A ULID: sortable by creation time, so "newest first" is `ORDER BY id DESC`.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub storage_id: i64,
+    pub kind: String,
+    pub status: String,
+    pub listed: i64,
+    pub matched: i64,
+    pub created: i64,
+    pub existed: i64,
+    pub failed: i64,
+    pub exported: i64,
+    pub unchanged: i64,
+    pub deleted: i64,
+    pub bytes: i64,
+    /// Where a resumed run continues listing (the last key it committed).
+    pub cursor: Option<String>,
+    pub attempts: i64,
+    pub error: Option<String>,
+    pub queued_at: DateTimeUtc,
+    pub started_at: Option<DateTimeUtc>,
+    pub heartbeat_at: Option<DateTimeUtc>,
+    pub finished_at: Option<DateTimeUtc>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

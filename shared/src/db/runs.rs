@@ -1,0 +1,316 @@
+//! The run lifecycle. A run row is the single source of truth for a sync's
+//! status, counters and resume cursor; every transition is one conditional
+//! UPDATE, so a worker that lost the race (the run was cancelled, or another
+//! attempt finished it) sees zero rows changed and stops.
+use chrono::Utc;
+use sea_orm::{
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, SqlErr,
+    sea_query::{Expr, ExprTrait, Func},
+};
+use serde::Serialize;
+
+use super::entities::{object_error, sync_run};
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunKind {
+    Import,
+    Export,
+    Delete,
+}
+
+impl RunKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Import => "import",
+            RunKind::Export => "export",
+            RunKind::Delete => "delete",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Completed,
+    CompletedWithErrors,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 6] = [
+        RunStatus::Queued,
+        RunStatus::Running,
+        RunStatus::Completed,
+        RunStatus::CompletedWithErrors,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::CompletedWithErrors => "completed_with_errors",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_live(self) -> bool {
+        matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+}
+
+const LIVE: [&str; 2] = ["queued", "running"];
+
+/// The counters of API.md; a page's increments are added to the row in the same
+/// transaction that writes the page's tasks, so they never drift from the data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    pub listed: i64,
+    pub matched: i64,
+    pub created: i64,
+    pub existed: i64,
+    pub failed: i64,
+    pub exported: i64,
+    pub unchanged: i64,
+    pub deleted: i64,
+    pub bytes: i64,
+}
+
+impl Counters {
+    pub fn of(run: &sync_run::Model) -> Self {
+        Counters {
+            listed: run.listed,
+            matched: run.matched,
+            created: run.created,
+            existed: run.existed,
+            failed: run.failed,
+            exported: run.exported,
+            unchanged: run.unchanged,
+            deleted: run.deleted,
+            bytes: run.bytes,
+        }
+    }
+}
+
+pub async fn get(db: &impl ConnectionTrait, id: &str) -> Result<sync_run::Model> {
+    sync_run::Entity::find_by_id(id.to_owned())
+        .one(db)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("run {id} not found")))
+}
+
+/// The queued or running run of a storage, if any.
+pub async fn live(db: &impl ConnectionTrait, storage_id: i64) -> Result<Option<sync_run::Model>> {
+    Ok(sync_run::Entity::find()
+        .filter(sync_run::Column::StorageId.eq(storage_id))
+        .filter(sync_run::Column::Status.is_in(LIVE))
+        .order_by_desc(sync_run::Column::Id)
+        .one(db)
+        .await?)
+}
+
+/// Creates a queued run, or returns the storage's live run (`true`) when there
+/// is one. The partial unique index `sync_runs_one_live` settles races between
+/// replicas: the loser of the insert reads the winner's row.
+pub async fn create_or_get_live(
+    db: &DatabaseConnection,
+    storage_id: i64,
+    kind: RunKind,
+) -> Result<(sync_run::Model, bool)> {
+    for _ in 0..3 {
+        if let Some(run) = live(db, storage_id).await? {
+            return Ok((run, true));
+        }
+        let row = sync_run::ActiveModel {
+            id: Set(ulid::Ulid::new().to_string()),
+            storage_id: Set(storage_id),
+            kind: Set(kind.as_str().into()),
+            status: Set(RunStatus::Queued.as_str().into()),
+            listed: Set(0),
+            matched: Set(0),
+            created: Set(0),
+            existed: Set(0),
+            failed: Set(0),
+            exported: Set(0),
+            unchanged: Set(0),
+            deleted: Set(0),
+            bytes: Set(0),
+            cursor: Set(None),
+            attempts: Set(0),
+            error: Set(None),
+            queued_at: Set(Utc::now()),
+            started_at: Set(None),
+            heartbeat_at: Set(None),
+            finished_at: Set(None),
+        };
+        match sync_run::Entity::insert(row).exec_with_returning(db).await {
+            Ok(run) => return Ok((run, false)),
+            Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                continue;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Err(Error::Transient(format!(
+        "could not create or find a live run for storage {storage_id}"
+    )))
+}
+
+/// Starts (or resumes) an attempt: `queued|running -> running`, attempts + 1.
+/// `None` when the run already ended (finished, failed or cancelled): the job
+/// is then a harmless duplicate and does nothing.
+pub async fn begin_attempt(db: &impl ConnectionTrait, id: &str) -> Result<Option<sync_run::Model>> {
+    let now = Utc::now();
+    let res = sync_run::Entity::update_many()
+        .col_expr(
+            sync_run::Column::Status,
+            Expr::value(RunStatus::Running.as_str()),
+        )
+        .col_expr(
+            sync_run::Column::Attempts,
+            Expr::col(sync_run::Column::Attempts).add(1),
+        )
+        .col_expr(
+            sync_run::Column::StartedAt,
+            Expr::from(Func::coalesce([
+                Expr::col(sync_run::Column::StartedAt),
+                Expr::value(now),
+            ])),
+        )
+        .col_expr(sync_run::Column::HeartbeatAt, Expr::value(now))
+        .filter(sync_run::Column::Id.eq(id))
+        .filter(sync_run::Column::Status.is_in(LIVE))
+        .exec(db)
+        .await?;
+    if res.rows_affected == 0 {
+        return Ok(None);
+    }
+    Ok(Some(get(db, id).await?))
+}
+
+/// Adds `delta` to the counters, moves the cursor (when given) and beats the
+/// heart, all only while the run is `running`. Returns false when it is not
+/// (cancelled meanwhile): the caller must roll back and stop.
+pub async fn checkpoint(
+    db: &impl ConnectionTrait,
+    id: &str,
+    delta: &Counters,
+    cursor: Option<&str>,
+) -> Result<bool> {
+    use sync_run::Column as C;
+    let add = |c: C, n: i64| (c, Expr::col(c).add(n));
+    let mut update = sync_run::Entity::update_many();
+    for (col, expr) in [
+        add(C::Listed, delta.listed),
+        add(C::Matched, delta.matched),
+        add(C::Created, delta.created),
+        add(C::Existed, delta.existed),
+        add(C::Failed, delta.failed),
+        add(C::Exported, delta.exported),
+        add(C::Unchanged, delta.unchanged),
+        add(C::Deleted, delta.deleted),
+        add(C::Bytes, delta.bytes),
+    ] {
+        update = update.col_expr(col, expr);
+    }
+    if let Some(cursor) = cursor {
+        update = update.col_expr(C::Cursor, Expr::value(cursor));
+    }
+    let res = update
+        .col_expr(C::HeartbeatAt, Expr::value(Utc::now()))
+        .filter(C::Id.eq(id))
+        .filter(C::Status.eq(RunStatus::Running.as_str()))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected == 1)
+}
+
+/// Ends a running run. Returns false when it was not running any more.
+pub async fn finish(
+    db: &impl ConnectionTrait,
+    id: &str,
+    status: RunStatus,
+    error: Option<String>,
+) -> Result<bool> {
+    let now = Utc::now();
+    let res = sync_run::Entity::update_many()
+        .col_expr(sync_run::Column::Status, Expr::value(status.as_str()))
+        .col_expr(sync_run::Column::Error, Expr::value(error))
+        .col_expr(sync_run::Column::FinishedAt, Expr::value(now))
+        .col_expr(sync_run::Column::HeartbeatAt, Expr::value(now))
+        .filter(sync_run::Column::Id.eq(id))
+        .filter(sync_run::Column::Status.is_in(LIVE))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected == 1)
+}
+
+/// Cancels a queued or running run; a worker running it notices at its next
+/// checkpoint. Cancelling an ended run changes nothing.
+pub async fn cancel(db: &DatabaseConnection, id: &str) -> Result<sync_run::Model> {
+    get(db, id).await?;
+    finish(
+        db,
+        id,
+        RunStatus::Cancelled,
+        Some("cancelled by request".into()),
+    )
+    .await?;
+    get(db, id).await
+}
+
+/// Records per-object failures of a run (one row each, inserted in bulk).
+pub async fn record_errors(
+    db: &impl ConnectionTrait,
+    run_id: &str,
+    errors: Vec<(String, Option<i64>, String)>,
+) -> Result<()> {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    let now = Utc::now();
+    let rows = errors
+        .into_iter()
+        .map(|(key, row, error)| object_error::ActiveModel {
+            run_id: Set(run_id.to_owned()),
+            object_key: Set(key),
+            row_index: Set(row),
+            error: Set(error),
+            created_at: Set(now),
+            ..Default::default()
+        });
+    object_error::Entity::insert_many(rows)
+        .exec_without_returning(db)
+        .await?;
+    Ok(())
+}
+
+/// A run as the API (and the CLI) shows it.
+pub fn to_json(run: &sync_run::Model) -> serde_json::Value {
+    serde_json::json!({
+        "id": run.id,
+        "storage_id": run.storage_id,
+        "kind": run.kind,
+        "status": run.status,
+        "counters": Counters::of(run),
+        "error": run.error,
+        "attempts": run.attempts,
+        "queued_at": run.queued_at,
+        "started_at": run.started_at,
+        "heartbeat_at": run.heartbeat_at,
+        "finished_at": run.finished_at,
+    })
+}

@@ -1,0 +1,67 @@
+//! Which listed keys a storage imports: the prefix and recursion are applied by
+//! the listing itself; the regex is matched here against the full key, as
+//! Label Studio does. The `regex` crate guarantees linear-time matching, so no
+//! user pattern can stall a worker.
+use regex::Regex;
+
+use crate::{Error, Result, db::entities::storage};
+
+#[derive(Debug, Clone)]
+pub struct Filter {
+    regex: Option<Regex>,
+}
+
+/// Compiled patterns are capped (10 MiB of program) so a pathological pattern
+/// is refused with a message rather than eating memory.
+const REGEX_SIZE_LIMIT: usize = 10 << 20;
+
+impl Filter {
+    pub fn new(regex_filter: Option<&str>) -> Result<Self> {
+        let regex = match regex_filter.filter(|r| !r.is_empty()) {
+            None => None,
+            Some(pattern) => Some(
+                regex::RegexBuilder::new(pattern)
+                    .size_limit(REGEX_SIZE_LIMIT)
+                    .build()
+                    .map_err(|e| {
+                        Error::invalid(
+                            "invalid_regex",
+                            Some("regex_filter"),
+                            format!("invalid regex_filter: {e}"),
+                        )
+                    })?,
+            ),
+        };
+        Ok(Filter { regex })
+    }
+
+    pub fn from_storage(storage: &storage::Model) -> Result<Self> {
+        Self::new(storage.regex_filter.as_deref())
+    }
+
+    pub fn matches(&self, key: &str) -> bool {
+        self.regex.as_ref().is_none_or(|r| r.is_match(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regex_matches_the_full_key_and_bad_ones_are_refused() {
+        let filter = Filter::new(Some(r".*\.jpg$")).unwrap();
+        assert!(filter.matches("dir/a.jpg"));
+        assert!(!filter.matches("dir/a.jpg.txt"));
+        assert!(Filter::new(None).unwrap().matches("anything"));
+        let err = Filter::new(Some("(unclosed")).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Invalid {
+                code: "invalid_regex",
+                field: Some("regex_filter"),
+                ..
+            }
+        ));
+    }
+}

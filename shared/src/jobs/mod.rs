@@ -1,0 +1,236 @@
+//! Jobs: what goes on the queue and what a worker does with it.
+//!
+//! A job carries only a run id; the run row holds everything else (kind,
+//! cursor, counters, attempts). That keeps jobs tiny and makes them idempotent:
+//! a duplicate or replayed job finds its run already ended and does nothing,
+//! and a job re-queued after a worker died resumes the run from its cursor.
+//!
+//! apalis-redis 1.0 retries every failed job on its own schedule (PITFALLS.md),
+//! so the attempt limit is ours: `runs.attempts` counts them, and a permanent
+//! error ends the run at once and acknowledges the job.
+pub mod queue;
+
+use std::{sync::Arc, time::Duration};
+
+use sea_orm::{DatabaseConnection, EntityTrait};
+use serde::{Deserialize, Serialize};
+
+pub use queue::Queue;
+
+use crate::{
+    Error, Result,
+    config::Settings,
+    db::{
+        entities::{project, storage as storage_entity},
+        runs::{self, Counters, RunStatus},
+    },
+    ingest::{ImportJob, Outcome},
+    storage::StorageEnv,
+};
+
+/// The queue payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunJob {
+    pub run_id: String,
+}
+
+/// Everything a job handler needs; shared by all jobs of a process.
+#[derive(Debug)]
+pub struct JobContext {
+    pub db: DatabaseConnection,
+    pub settings: Settings,
+    pub storage_env: StorageEnv,
+}
+
+impl JobContext {
+    pub fn new(db: DatabaseConnection, settings: Settings) -> Arc<Self> {
+        let storage_env = StorageEnv {
+            document_root: settings.document_root.clone(),
+        };
+        Arc::new(JobContext {
+            db,
+            settings,
+            storage_env,
+        })
+    }
+}
+
+/// What the queue should do with a job after [`execute`].
+#[derive(Debug)]
+pub enum JobError {
+    /// Try again later (the run stays `running` and resumes from its cursor).
+    Retry(Error),
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::Retry(e) => write!(f, "will retry: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for JobError {}
+
+/// Runs one attempt of a run. Permanent failures end the run (`failed`) and
+/// return `Ok`: the job is done, there is nothing to retry.
+#[tracing::instrument(skip(ctx), fields(run_id = %run_id))]
+pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
+    let Some(run) = runs::begin_attempt(&ctx.db, run_id)
+        .await
+        .map_err(JobError::Retry)?
+    else {
+        tracing::debug!("run already ended; nothing to do");
+        return Ok(());
+    };
+    let max = i64::from(ctx.settings.worker.max_attempts);
+    if run.attempts > max {
+        let error = format!(
+            "gave up after {max} attempts; last error: {}",
+            run.error.as_deref().unwrap_or("none recorded")
+        );
+        end(ctx, run_id, RunStatus::Failed, Some(error)).await?;
+        return Ok(());
+    }
+
+    let heartbeat = tokio::spawn(heartbeat(
+        ctx.db.clone(),
+        run_id.to_owned(),
+        ctx.settings.worker.heartbeat,
+    ));
+    let result = attempt(ctx, &run).await;
+    heartbeat.abort();
+
+    match result {
+        Ok(Outcome::Finished) => {
+            let run = runs::get(&ctx.db, run_id).await.map_err(JobError::Retry)?;
+            let status = if run.failed > 0 {
+                RunStatus::CompletedWithErrors
+            } else {
+                RunStatus::Completed
+            };
+            end(ctx, run_id, status, None).await
+        }
+        Ok(Outcome::Stopped) => Ok(()),
+        Err(err) if err.is_transient() => {
+            tracing::warn!(error = %err, attempt = run.attempts, "run attempt failed; it will be retried");
+            // Kept on the row so ops see why a run is slow, and so the final
+            // "gave up" message can name the cause.
+            let _ = set_error(ctx, run_id, &err).await;
+            Err(JobError::Retry(err))
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "run failed");
+            end(ctx, run_id, RunStatus::Failed, Some(err.to_string())).await
+        }
+    }
+}
+
+async fn attempt(ctx: &JobContext, run: &crate::db::entities::sync_run::Model) -> Result<Outcome> {
+    let storage = storage_entity::Entity::find_by_id(run.storage_id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("storage {} was deleted", run.storage_id)))?;
+    let project = project::Entity::find_by_id(storage.project_id)
+        .one(&ctx.db)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("project {} was deleted", storage.project_id)))?;
+    match run.kind.as_str() {
+        "import" => {
+            ImportJob {
+                db: &ctx.db,
+                env: &ctx.storage_env,
+                run,
+                storage: &storage,
+                project: &project,
+                page_size: ctx.settings.worker.page_size,
+            }
+            .run()
+            .await
+        }
+        other => Err(Error::invalid(
+            "unsupported_run_kind",
+            None,
+            format!("{other} runs are not available in this build yet"),
+        )),
+    }
+}
+
+async fn end(
+    ctx: &JobContext,
+    run_id: &str,
+    status: RunStatus,
+    error: Option<String>,
+) -> Result<(), JobError> {
+    runs::finish(&ctx.db, run_id, status, error)
+        .await
+        .map_err(JobError::Retry)?;
+    Ok(())
+}
+
+async fn set_error(ctx: &JobContext, run_id: &str, err: &Error) -> Result<()> {
+    use sea_orm::{ActiveValue::Set, IntoActiveModel};
+    let mut run = runs::get(&ctx.db, run_id).await?.into_active_model();
+    run.error = Set(Some(err.to_string()));
+    sea_orm::ActiveModelTrait::update(run, &ctx.db).await?;
+    Ok(())
+}
+
+/// Beats the run's heart while an attempt works on something slow (a big
+/// object), so the run never looks stale while it is alive.
+async fn heartbeat(db: DatabaseConnection, run_id: String, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(err) = runs::checkpoint(&db, &run_id, &Counters::default(), None).await {
+            tracing::debug!(error = %err, "heartbeat failed");
+        }
+    }
+}
+
+/// Starts a sync of `storage`: creates a queued run and enqueues it, or
+/// returns the storage's live run (`true`). A live run whose heartbeat stopped
+/// long ago (its job was lost, e.g. Redis was flushed) is enqueued again; the
+/// handler resumes it from its cursor.
+pub async fn enqueue_sync(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    settings: &Settings,
+    storage: &storage_entity::Model,
+) -> Result<(crate::db::entities::sync_run::Model, bool)> {
+    let kind = if storage.role == "target" {
+        runs::RunKind::Export
+    } else {
+        runs::RunKind::Import
+    };
+    let (run, already_running) = runs::create_or_get_live(db, storage.id, kind).await?;
+    if !already_running {
+        if let Err(err) = queue.push(&run.id, &run.id).await {
+            runs::finish(
+                db,
+                &run.id,
+                RunStatus::Failed,
+                Some(format!("could not be queued: {err}")),
+            )
+            .await?;
+            return Err(err);
+        }
+        return Ok((run, false));
+    }
+    let stale_after = (settings.worker.heartbeat * settings.worker.missed_heartbeats as u32 * 4)
+        .max(Duration::from_secs(120));
+    let beat = run.heartbeat_at.unwrap_or(run.queued_at);
+    let silent = chrono::Utc::now()
+        .signed_duration_since(beat)
+        .to_std()
+        .unwrap_or_default();
+    if run.status == RunStatus::Running.as_str() && silent > stale_after {
+        tracing::warn!(run_id = %run.id, ?silent, "live run has no heartbeat; enqueueing it again");
+        let minute = chrono::Utc::now().timestamp() / 60;
+        queue
+            .push(&run.id, &format!("{}:requeue:{minute}", run.id))
+            .await?;
+    }
+    Ok((run, true))
+}

@@ -1,0 +1,182 @@
+//! Queue wiring: apalis-redis for the fleet, apalis-sqlite for the embedded
+//! single-process mode. Both run the same handler ([`super::execute`]).
+//!
+//! Settings that work around apalis-redis 1.0 (see PITFALLS.md):
+//! - `poll_with_interval`: without it an idle worker only sees new jobs at its
+//!   next heartbeat (~30 s);
+//! - heartbeat 5 s x 3 missed: a killed worker's jobs come back after ~15 s,
+//!   not 300 s;
+//! - a random suffix on every worker name: a restarted pod reusing a name is
+//!   refused until the old name is declared dead;
+//! - `persist_results` stays on (off, completed ids linger in the inflight set
+//!   and run again when that worker is declared dead);
+//! - a 30 s Redis response timeout instead of redis-rs' 500 ms, which ends the
+//!   worker stream silently on any Redis stall; and if the worker stream ends
+//!   anyway, [`Queue::run_worker`] returns an error so the process exits non-zero.
+use std::{future::Future, sync::Arc, time::Duration};
+
+use apalis::prelude::*;
+use apalis_redis::{ConnectionManager, RedisStorage};
+use apalis_sqlite::SqliteStorage;
+use rand::Rng;
+use sea_orm::DatabaseConnection;
+
+use super::{JobContext, RunJob};
+use crate::{Error, Result, config::Settings, db};
+
+#[derive(Debug, Clone)]
+pub enum Queue {
+    Redis {
+        storage: RedisStorage<RunJob>,
+        conn: ConnectionManager,
+    },
+    Embedded(SqliteStorage<RunJob>),
+}
+
+impl Queue {
+    /// Redis when `REDIS_URL` is set, else the embedded SQLite queue (in the
+    /// database file itself when the database is SQLite).
+    pub async fn open(settings: &Settings, db: &DatabaseConnection) -> Result<Self> {
+        let queue_name = format!("{}:runs", settings.queue_namespace);
+        let w = &settings.worker;
+        match &settings.redis_url {
+            Some(url) => {
+                let client = apalis_redis::Client::open(url.as_str()).map_err(|e| {
+                    Error::invalid("invalid_setting", None, format!("REDIS_URL: {e}"))
+                })?;
+                let conn_config = redis::aio::ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(Duration::from_secs(30)))
+                    .set_connection_timeout(Some(Duration::from_secs(10)))
+                    .set_number_of_retries(6);
+                let conn = client
+                    .get_connection_manager_with_config(conn_config)
+                    .await
+                    .map_err(|e| Error::Transient(format!("cannot connect to Redis: {e}")))?;
+                let config = apalis_redis::Config::default()
+                    .queue(&queue_name)
+                    .heartbeat_interval(w.heartbeat)
+                    .missed_heartbeats(w.missed_heartbeats)
+                    .persist_results(true)
+                    .idempotency_ttl(Some(Duration::from_secs(3600)));
+                let storage = RedisStorage::new(conn.clone()).with_config(config);
+                Ok(Queue::Redis { storage, conn })
+            }
+            None => {
+                let pool = if db::is_sqlite(db) {
+                    db.get_sqlite_connection_pool().clone()
+                } else {
+                    let url = format!(
+                        "sqlite://{}?mode=rwc",
+                        settings.embedded_queue_path.display()
+                    );
+                    apalis_sqlite::SqlitePool::connect(&url)
+                        .await
+                        .map_err(|e| Error::Internal(format!("embedded queue {url}: {e}")))?
+                };
+                SqliteStorage::setup(&pool)
+                    .await
+                    .map_err(|e| Error::Internal(format!("embedded queue setup: {e}")))?;
+                let config = apalis_sqlite::Config::default()
+                    .queue(&queue_name)
+                    .heartbeat_interval(w.heartbeat)
+                    .missed_heartbeats(w.missed_heartbeats);
+                Ok(Queue::Embedded(
+                    SqliteStorage::new(&pool).with_config(config),
+                ))
+            }
+        }
+    }
+
+    /// Enqueues a run. `dedup` is an idempotency key: Redis drops a second push
+    /// with the same key within an hour (the handler is idempotent anyway).
+    pub async fn push(&self, run_id: &str, dedup: &str) -> Result<()> {
+        let task = TaskBuilder::new(RunJob {
+            run_id: run_id.to_owned(),
+        })
+        .idempotency_key(dedup)
+        .build();
+        match self {
+            Queue::Redis { storage, .. } => storage
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| Error::Transient(format!("cannot enqueue run {run_id}: {e}"))),
+            Queue::Embedded(storage) => storage
+                .clone()
+                .push_task(task)
+                .await
+                .map_err(|e| Error::Transient(format!("cannot enqueue run {run_id}: {e}"))),
+        }
+    }
+
+    /// True when the queue's server answers (for `/readyz`).
+    pub async fn ping(&self) -> bool {
+        match self {
+            Queue::Redis { conn, .. } => {
+                let mut conn = conn.clone();
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            }
+            Queue::Embedded(storage) => sea_orm::sqlx::query("SELECT 1")
+                .execute(storage.pool())
+                .await
+                .is_ok(),
+        }
+    }
+
+    /// Runs one worker until `shutdown` resolves, then lets in-flight jobs
+    /// finish. An `Err` means the worker stopped on its own: exit non-zero.
+    pub async fn run_worker<F>(&self, ctx: Arc<JobContext>, shutdown: F) -> Result<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let w = &ctx.settings.worker;
+        let name = format!(
+            "{}-{:06x}",
+            w.name_prefix,
+            rand::rng().random::<u32>() & 0xff_ffff
+        );
+        let (concurrency, poll) = (w.concurrency.max(1), w.poll_interval);
+        tracing::info!(worker = %name, concurrency, "worker starting");
+        let (stopped, stop) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            let _ = stopped.send(());
+            Ok::<(), WorkerError>(())
+        };
+        let result = match self {
+            Queue::Redis { storage, .. } => {
+                WorkerBuilder::new(name.as_str())
+                    .backend(storage.clone().poll_with_interval(poll))
+                    .data(ctx)
+                    .concurrency(concurrency)
+                    .build(handle)
+                    .run_until(signal)
+                    .await
+            }
+            Queue::Embedded(storage) => {
+                WorkerBuilder::new(name.as_str())
+                    .backend(storage.clone().poll_with_interval(poll))
+                    .data(ctx)
+                    .concurrency(concurrency)
+                    .build(handle)
+                    .run_until(signal)
+                    .await
+            }
+        };
+        result.map_err(|e| Error::Transient(format!("worker {name} failed: {e}")))?;
+        if stop.await.is_err() {
+            return Err(Error::Transient(format!(
+                "worker {name} stopped unexpectedly"
+            )));
+        }
+        tracing::info!(worker = %name, "worker stopped");
+        Ok(())
+    }
+}
+
+async fn handle(job: RunJob, ctx: Data<Arc<JobContext>>) -> Result<(), BoxDynError> {
+    super::execute(&ctx, &job.run_id).await.map_err(Into::into)
+}

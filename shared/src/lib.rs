@@ -1,0 +1,25 @@
+//! # Layout
+//! Everything the scheduler and worker binaries share.
+//!
+//! - [`config`]: typed settings, parsed once from the environment.
+//! - [`db`]: SeaORM entities (`db::entities`) and the queries behind them
+//!   (`db::runs` for the run lifecycle, `db::links` for import links).
+//! - [`storage`]: the [`storage::Storage`] trait and one module per backend.
+//! - [`ingest`]: the import pipeline (listing filter, Files mode, batching).
+//! - [`jobs`]: job payloads, queue wiring (Redis or embedded SQLite) and the handler
+//!   both the worker binary and the embedded mode register.
+//! - [`security`]: local-path confinement.
+//! - [`lifecycle`]: shutdown signal and the worker process loop.
+//! - [`telemetry`]: tracing setup.
+//! - [`error`]: the small crate error every module maps into.
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod ingest;
+pub mod jobs;
+pub mod lifecycle;
+pub mod security;
+pub mod storage;
+pub mod telemetry;
+
+pub use error::{Error, Result};

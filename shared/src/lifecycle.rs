@@ -1,0 +1,48 @@
+//! Process lifecycle shared by both binaries: the shutdown signal and the
+//! worker process's main loop.
+use std::sync::Arc;
+
+use crate::{
+    Error, Result,
+    config::Settings,
+    db,
+    jobs::{JobContext, Queue},
+};
+
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight jobs");
+}
+
+/// `labelsync-worker`: runs jobs from Redis until SIGTERM.
+pub async fn run_worker_process(settings: Settings) -> Result<()> {
+    if settings.redis_url.is_none() {
+        return Err(Error::invalid(
+            "invalid_setting",
+            None,
+            "labelsync-worker needs REDIS_URL; to run everything in one process use `labelsync-scheduler serve`",
+        ));
+    }
+    let db = db::connect(&settings.database_url).await?;
+    let queue = Queue::open(&settings, &db).await?;
+    let ctx: Arc<JobContext> = JobContext::new(db, settings);
+    queue.run_worker(ctx, shutdown_signal()).await
+}

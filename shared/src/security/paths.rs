@@ -1,0 +1,114 @@
+//! Confinement of local storages to `LOCAL_FILES_DOCUMENT_ROOT`.
+//!
+//! The check runs on canonical paths (symlinks resolved, `..` folded), so a
+//! path that *looks* inside the root but resolves outside is refused, and so is
+//! a symlink inside the storage that points out of the root (see
+//! `storage::local`, which re-checks every symlink it meets while listing).
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// The canonical document root, or an error saying how to configure it.
+pub fn document_root(root: Option<&Path>) -> Result<PathBuf> {
+    let root = root.ok_or_else(|| {
+        Error::invalid(
+            "local_files_disabled",
+            Some("config.path"),
+            "local storages need LOCAL_FILES_DOCUMENT_ROOT to be set on the server",
+        )
+    })?;
+    root.canonicalize().map_err(|e| {
+        Error::Internal(format!(
+            "LOCAL_FILES_DOCUMENT_ROOT {} is not usable: {e}",
+            root.display()
+        ))
+    })
+}
+
+/// Resolves a user-given path and checks it lies under `root` (already
+/// canonical). A relative path is taken relative to the root, so spec files can
+/// be written without knowing where the root is mounted. Returns the canonical path.
+pub fn confine(root: &Path, path: &str) -> Result<PathBuf> {
+    let field = Some("config.path");
+    let given = root.join(path);
+    let outside = || {
+        Error::invalid(
+            "path_outside_document_root",
+            field,
+            format!(
+                "path {path:?} is outside the document root {}",
+                root.display()
+            ),
+        )
+    };
+    if !given.starts_with(root) {
+        return Err(outside());
+    }
+    let canonical = given.canonicalize().map_err(|e| {
+        Error::invalid(
+            "invalid_path",
+            field,
+            format!("path {path:?} cannot be opened: {e}"),
+        )
+    })?;
+    // Checked again after resolution: `..` and symlinks can lead out.
+    if !canonical.starts_with(root) {
+        return Err(outside());
+    }
+    if !canonical.is_dir() {
+        return Err(Error::invalid(
+            "invalid_path",
+            field,
+            format!("path {path:?} is not a directory"),
+        ));
+    }
+    Ok(canonical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_dotdot_and_symlinks_out_of_root() {
+        let outside = tempfile::tempdir().unwrap();
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("root");
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        let root = root.canonicalize().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("escape")).unwrap();
+
+        assert!(confine(&root, root.join("data").to_str().unwrap()).is_ok());
+        let dotdot = format!("{}/data/../..", root.display());
+        assert!(matches!(
+            confine(&root, &dotdot),
+            Err(Error::Invalid {
+                code: "path_outside_document_root",
+                ..
+            })
+        ));
+        let via_link = root.join("escape");
+        assert!(matches!(
+            confine(&root, via_link.to_str().unwrap()),
+            Err(Error::Invalid {
+                code: "path_outside_document_root",
+                ..
+            })
+        ));
+        assert_eq!(confine(&root, "data").unwrap(), root.join("data"));
+        assert!(matches!(
+            confine(&root, "missing/dir"),
+            Err(Error::Invalid {
+                code: "invalid_path",
+                ..
+            })
+        ));
+        assert!(matches!(
+            confine(&root, "../.."),
+            Err(Error::Invalid {
+                code: "path_outside_document_root",
+                ..
+            })
+        ));
+    }
+}

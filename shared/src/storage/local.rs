@@ -1,0 +1,384 @@
+//! Local directories under `LOCAL_FILES_DOCUMENT_ROOT`.
+//!
+//! Listing walks the tree depth-first with each directory's entries sorted, so
+//! keys come out in component-wise order (`Path` ordering); that order is what
+//! a resumed run's `start_after` is compared in. Directory symlinks are never
+//! followed (no loops, no escapes); file symlinks are followed only when their
+//! target stays inside the document root.
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::UNIX_EPOCH,
+};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use serde::{Deserialize, Serialize};
+
+use super::{BackendKind, ListOptions, ObjectMeta, Page, Role, Storage, StorageEnv, paginate};
+use crate::{Error, Result, security::paths};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// Absolute directory under the document root.
+    pub path: String,
+}
+
+impl LocalConfig {
+    pub fn parse(config: &serde_json::Value, env: &StorageEnv) -> Result<Self> {
+        let config: LocalConfig = serde_json::from_value(config.clone()).map_err(|e| {
+            Error::invalid(
+                "invalid_config",
+                Some("config"),
+                format!("local config: {e}"),
+            )
+        })?;
+        let root = paths::document_root(env.document_root.as_deref())?;
+        paths::confine(&root, &config.path)?;
+        Ok(config)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "path": self.path })
+    }
+}
+
+#[derive(Debug)]
+pub struct LocalStorage {
+    root: PathBuf,
+    base: PathBuf,
+}
+
+impl LocalStorage {
+    pub fn new(config: LocalConfig, env: &StorageEnv) -> Result<Self> {
+        let root = paths::document_root(env.document_root.as_deref())?;
+        let base = paths::confine(&root, &config.path)?;
+        Ok(LocalStorage { root, base })
+    }
+}
+
+/// Characters escaped in `?d=`: enough to keep the query string unambiguous
+/// while leaving `/` readable.
+const QUERY_VALUE: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'&')
+    .add(b'+')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`');
+
+#[async_trait]
+impl Storage for LocalStorage {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Local
+    }
+
+    fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
+        let walker = Walker::new(self.root.clone(), self.base.clone(), opts);
+        paginate(walker, |mut walker: Walker| async move {
+            // Directory reads block; keep them off the async threads.
+            tokio::task::spawn_blocking(move || {
+                let page = walker.next_page()?;
+                Ok(if page.objects.is_empty() {
+                    None
+                } else {
+                    Some((page, walker))
+                })
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("listing task failed: {e}")))?
+        })
+    }
+
+    async fn check(&self, role: Role) -> Result<()> {
+        let base = self.base.clone();
+        tokio::task::spawn_blocking(move || {
+            fs::read_dir(&base).map_err(|e| io_error(&base, e))?;
+            if role == Role::Target {
+                let probe = base.join(format!(".labelsync-check-{}", ulid::Ulid::new()));
+                fs::write(&probe, b"").map_err(|e| io_error(&base, e))?;
+                fs::remove_file(&probe).map_err(|e| io_error(&probe, e))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("check task failed: {e}")))?
+    }
+
+    fn task_uri(&self, key: &str) -> String {
+        let full = self.base.join(key);
+        let relative = full.strip_prefix(&self.root).unwrap_or(&full);
+        let relative = relative.to_string_lossy();
+        format!(
+            "/data/local-files/?d={}",
+            utf8_percent_encode(&relative, QUERY_VALUE)
+        )
+    }
+}
+
+fn io_error(path: &Path, err: io::Error) -> Error {
+    let msg = format!("{}: {err}", path.display());
+    match err.kind() {
+        io::ErrorKind::NotFound => Error::NotFound(msg),
+        io::ErrorKind::PermissionDenied => Error::PermissionDenied(msg),
+        _ => Error::Transient(msg),
+    }
+}
+
+struct Frame {
+    /// Key prefix of this directory ("" or "a/b/").
+    dir_key: String,
+    /// Entry names not yet visited, sorted descending so `pop` yields ascending.
+    pending: Vec<String>,
+}
+
+struct Walker {
+    root: PathBuf,
+    base: PathBuf,
+    opts: ListOptions,
+    /// The part of the prefix after its last `/`, matched against the names of
+    /// the first directory only.
+    name_prefix: String,
+    stack: Vec<Frame>,
+    started: bool,
+}
+
+impl Walker {
+    fn new(root: PathBuf, base: PathBuf, opts: ListOptions) -> Self {
+        let (dir_key, name_prefix) = match opts.prefix.rfind('/') {
+            Some(i) => (
+                opts.prefix[..=i].to_owned(),
+                opts.prefix[i + 1..].to_owned(),
+            ),
+            None => (String::new(), opts.prefix.clone()),
+        };
+        let stack = vec![Frame {
+            dir_key,
+            pending: Vec::new(),
+        }];
+        Walker {
+            root,
+            base,
+            opts,
+            name_prefix,
+            stack,
+            started: false,
+        }
+    }
+
+    fn read_sorted(&self, dir_key: &str) -> Result<Vec<String>> {
+        let dir = self.base.join(dir_key);
+        let mut names = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // A prefix naming no directory lists nothing, like an empty bucket prefix.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(names),
+            Err(e) => return Err(io_error(&dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error(&dir, e))?;
+            match entry.file_name().into_string() {
+                Ok(name) => names.push(name),
+                Err(name) => {
+                    tracing::warn!(dir = %dir.display(), ?name, "skipping a file name that is not UTF-8")
+                }
+            }
+        }
+        names.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(names)
+    }
+
+    /// True when every key under directory `dir_key` sorts before `start_after`.
+    fn dir_done(&self, dir_key: &str) -> bool {
+        let Some(after) = &self.opts.start_after else {
+            return false;
+        };
+        Path::new(dir_key) < Path::new(after.as_str()) && !after.starts_with(dir_key)
+    }
+
+    fn next_page(&mut self) -> Result<Page> {
+        if !self.started {
+            self.started = true;
+            // The first directory comes from the prefix: make sure it resolves
+            // inside the root (a prefix may traverse a symlink or say `..`).
+            let first = self.base.join(&self.stack[0].dir_key);
+            if let Ok(canonical) = first.canonicalize() {
+                if !canonical.starts_with(&self.root) {
+                    return Err(Error::invalid(
+                        "path_outside_document_root",
+                        Some("prefix"),
+                        "the prefix leads outside the document root",
+                    ));
+                }
+            }
+            let dir_key = self.stack[0].dir_key.clone();
+            self.stack[0].pending = self.read_sorted(&dir_key)?;
+        }
+        let mut page = Page::default();
+        while page.objects.len() < self.opts.page_size {
+            let Some(frame) = self.stack.last_mut() else {
+                break;
+            };
+            let Some(name) = frame.pending.pop() else {
+                self.stack.pop();
+                continue;
+            };
+            let top_level = self.stack.len() == 1;
+            if top_level && !name.starts_with(&self.name_prefix) {
+                continue;
+            }
+            let dir_key = &self.stack[self.stack.len() - 1].dir_key;
+            let key = format!("{dir_key}{name}");
+            let path = self.base.join(&key);
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let meta = if meta.file_type().is_symlink() {
+                match path.canonicalize() {
+                    Ok(target) if target.starts_with(&self.root) && target.is_file() => {
+                        fs::metadata(&target).map_err(|e| io_error(&target, e))?
+                    }
+                    _ => {
+                        tracing::debug!(
+                            key,
+                            "skipping a symlink to a directory or out of the document root"
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                meta
+            };
+            if meta.is_dir() {
+                let sub = format!("{key}/");
+                if self.opts.recursive && !self.dir_done(&sub) {
+                    let pending = self.read_sorted(&sub)?;
+                    self.stack.push(Frame {
+                        dir_key: sub,
+                        pending,
+                    });
+                }
+                continue;
+            }
+            if !meta.is_file() {
+                continue;
+            }
+            if let Some(after) = &self.opts.start_after {
+                if Path::new(&key) <= Path::new(after.as_str()) {
+                    continue;
+                }
+            }
+            let modified = meta.modified().ok();
+            let nanos = modified
+                .and_then(|m| m.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            page.objects.push(ObjectMeta {
+                key,
+                size: i64::try_from(meta.len()).ok(),
+                last_modified: modified.map(DateTime::<Utc>::from),
+                // mtime + size: changes whenever the file is rewritten.
+                etag: Some(format!("{nanos:x}-{:x}", meta.len())),
+            });
+        }
+        Ok(page)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::TryStreamExt;
+
+    use super::*;
+
+    fn tree() -> (tempfile::TempDir, LocalStorage) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        for key in [
+            "data/a.jpg",
+            "data/b/c.jpg",
+            "data/b/d.txt",
+            "data/a/x.jpg",
+            "data/img1.png",
+            "data/sp ace.jpg",
+        ] {
+            let path = root.join(key);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, key).unwrap();
+        }
+        let env = StorageEnv {
+            document_root: Some(root.clone()),
+        };
+        let config = LocalConfig {
+            path: root.join("data").to_string_lossy().into_owned(),
+        };
+        (dir, LocalStorage::new(config, &env).unwrap())
+    }
+
+    async fn keys(
+        storage: &LocalStorage,
+        prefix: &str,
+        recursive: bool,
+        after: Option<&str>,
+    ) -> Vec<String> {
+        let opts = ListOptions {
+            prefix: prefix.into(),
+            recursive,
+            start_after: after.map(Into::into),
+            page_size: 2,
+        };
+        let pages: Vec<Page> = storage.list(opts).try_collect().await.unwrap();
+        pages
+            .into_iter()
+            .flat_map(|p| p.objects)
+            .map(|o| o.key)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn lists_in_order_with_prefix_recursion_and_resume() {
+        let (_dir, storage) = tree();
+        assert_eq!(
+            keys(&storage, "", true, None).await,
+            [
+                "a/x.jpg",
+                "a.jpg",
+                "b/c.jpg",
+                "b/d.txt",
+                "img1.png",
+                "sp ace.jpg"
+            ]
+        );
+        assert_eq!(
+            keys(&storage, "", false, None).await,
+            ["a.jpg", "img1.png", "sp ace.jpg"]
+        );
+        assert_eq!(
+            keys(&storage, "b/", true, None).await,
+            ["b/c.jpg", "b/d.txt"]
+        );
+        assert_eq!(
+            keys(&storage, "b", true, None).await,
+            ["b/c.jpg", "b/d.txt"]
+        );
+        assert_eq!(keys(&storage, "i", true, None).await, ["img1.png"]);
+        assert_eq!(
+            keys(&storage, "", true, Some("b/c.jpg")).await,
+            ["b/d.txt", "img1.png", "sp ace.jpg"]
+        );
+        assert_eq!(
+            keys(&storage, "", true, Some("a.jpg")).await,
+            ["b/c.jpg", "b/d.txt", "img1.png", "sp ace.jpg"]
+        );
+        assert_eq!(
+            storage.task_uri("sp ace.jpg"),
+            "/data/local-files/?d=data/sp%20ace.jpg"
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! The storage create body of API.md, shared by the API and the one-shot CLI:
+//! parsing, validation (nothing is written until all of it passes) and the
+//! conversion to and from the `storages` row.
+use chrono::Utc;
+use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, IntoActiveModel};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{BackendKind, Role, StorageEnv, validate_config};
+use crate::{Error, Result, db::entities::storage, ingest::Filter};
+
+/// Providers cap signed URLs at 7 days (SigV4, GCS V4).
+pub const MAX_PRESIGN_TTL: i64 = 7 * 24 * 3600;
+/// Periodic syncs more often than this would only pile up runs.
+pub const MIN_SYNC_INTERVAL: i64 = 10;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportMethod {
+    #[default]
+    Files,
+    Tasks,
+}
+
+impl ImportMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImportMethod::Files => "files",
+            ImportMethod::Tasks => "tasks",
+        }
+    }
+}
+
+/// A project named by title, for the CLI's spec files (`project` in place of
+/// `project_id`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectRef {
+    pub title: String,
+    #[serde(default = "default_data_key")]
+    pub data_key: String,
+}
+
+fn default_data_key() -> String {
+    "image".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_ttl() -> i64 {
+    900
+}
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<ProjectRef>,
+    pub role: Role,
+    pub backend: String,
+    #[serde(default)]
+    pub title: String,
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default)]
+    pub regex_filter: Option<String>,
+    #[serde(default = "yes")]
+    pub recursive: bool,
+    #[serde(default)]
+    pub import_method: ImportMethod,
+    #[serde(default = "yes")]
+    pub presign: bool,
+    #[serde(default = "default_ttl")]
+    pub presign_ttl_seconds: i64,
+    #[serde(default)]
+    pub can_delete_objects: bool,
+    #[serde(default)]
+    pub sync_interval_seconds: Option<i64>,
+    #[serde(default = "empty_object")]
+    pub config: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Map<String, Value>>,
+}
+
+/// A spec that passed [`StorageSpec::validate`].
+#[derive(Debug, Clone)]
+pub struct ValidSpec {
+    pub kind: BackendKind,
+    pub config: Value,
+}
+
+impl StorageSpec {
+    /// Parses a JSON body; serde's message names the offending field.
+    pub fn from_json(value: Value) -> Result<Self> {
+        serde_json::from_value(value)
+            .map_err(|e| Error::invalid("invalid_body", None, e.to_string()))
+    }
+
+    /// Checks everything a create needs, touching nothing.
+    pub fn validate(&self, env: &StorageEnv) -> Result<ValidSpec> {
+        let kind = BackendKind::parse(&self.backend)?;
+        Filter::new(self.regex_filter.as_deref())?;
+        if self.prefix.starts_with('/') || self.prefix.split('/').any(|seg| seg == "..") {
+            return Err(Error::invalid(
+                "invalid_prefix",
+                Some("prefix"),
+                "prefix must be relative and must not contain '..' segments",
+            ));
+        }
+        if !(1..=MAX_PRESIGN_TTL).contains(&self.presign_ttl_seconds) {
+            return Err(Error::invalid(
+                "invalid_presign_ttl",
+                Some("presign_ttl_seconds"),
+                format!("presign_ttl_seconds must be between 1 and {MAX_PRESIGN_TTL} (7 days)"),
+            ));
+        }
+        if self
+            .sync_interval_seconds
+            .is_some_and(|s| s < MIN_SYNC_INTERVAL)
+        {
+            return Err(Error::invalid(
+                "invalid_sync_interval",
+                Some("sync_interval_seconds"),
+                format!("sync_interval_seconds must be at least {MIN_SYNC_INTERVAL} (or null)"),
+            ));
+        }
+        if self.role == Role::Source && self.import_method == ImportMethod::Tasks {
+            return Err(Error::invalid(
+                "unsupported_import_method",
+                Some("import_method"),
+                "import_method \"tasks\" is not available in this build yet; use \"files\"",
+            ));
+        }
+        let config = validate_config(kind, &self.config, env)?;
+        if let Some(secrets) = self.secrets.as_ref().filter(|s| !s.is_empty()) {
+            let names: Vec<&str> = secrets.keys().map(String::as_str).collect();
+            return Err(Error::invalid(
+                "invalid_secrets",
+                Some("secrets"),
+                format!(
+                    "the {kind} backend takes no secrets (got {})",
+                    names.join(", ")
+                ),
+            ));
+        }
+        Ok(ValidSpec { kind, config })
+    }
+
+    /// The row a validated spec describes (id 0: not saved).
+    pub fn to_model(&self, project_id: i64, valid: &ValidSpec) -> storage::Model {
+        let now = Utc::now();
+        storage::Model {
+            id: 0,
+            project_id,
+            role: self.role.as_str().into(),
+            backend: valid.kind.as_str().into(),
+            title: self.title.clone(),
+            config: valid.config.clone(),
+            secrets: None,
+            secrets_set: Value::Array(Vec::new()),
+            prefix: self.prefix.clone(),
+            regex_filter: self.regex_filter.clone().filter(|r| !r.is_empty()),
+            recursive: self.recursive,
+            import_method: self.import_method.as_str().into(),
+            presign: self.presign,
+            presign_ttl_seconds: self.presign_ttl_seconds,
+            can_delete_objects: self.can_delete_objects,
+            sync_interval_seconds: self.sync_interval_seconds,
+            next_sync_at: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// The row to insert for a validated spec.
+    pub fn to_active_model(&self, project_id: i64, valid: &ValidSpec) -> storage::ActiveModel {
+        let mut model = self
+            .to_model(project_id, valid)
+            .into_active_model()
+            .reset_all();
+        model.id = NotSet;
+        model
+    }
+
+    /// The spec a saved row was made from (secrets are not recoverable and are
+    /// left out: a PATCH that omits them keeps the stored ones).
+    pub fn of_model(model: &storage::Model) -> Result<Self> {
+        let role = match model.role.as_str() {
+            "target" => Role::Target,
+            _ => Role::Source,
+        };
+        let import_method = match model.import_method.as_str() {
+            "tasks" => ImportMethod::Tasks,
+            _ => ImportMethod::Files,
+        };
+        Ok(StorageSpec {
+            project_id: Some(model.project_id),
+            project: None,
+            role,
+            backend: model.backend.clone(),
+            title: model.title.clone(),
+            prefix: model.prefix.clone(),
+            regex_filter: model.regex_filter.clone(),
+            recursive: model.recursive,
+            import_method,
+            presign: model.presign,
+            presign_ttl_seconds: model.presign_ttl_seconds,
+            can_delete_objects: model.can_delete_objects,
+            sync_interval_seconds: model.sync_interval_seconds,
+            config: model.config.clone(),
+            secrets: None,
+        })
+    }
+}
+
+/// The storage as the API shows it: the create fields without secrets, plus
+/// `id`, `secrets_set` and `created_at` (`last_run` is added by the caller).
+pub fn to_json(model: &storage::Model) -> Value {
+    serde_json::json!({
+        "id": model.id,
+        "project_id": model.project_id,
+        "role": model.role,
+        "backend": model.backend,
+        "title": model.title,
+        "prefix": model.prefix,
+        "regex_filter": model.regex_filter,
+        "recursive": model.recursive,
+        "import_method": model.import_method,
+        "presign": model.presign,
+        "presign_ttl_seconds": model.presign_ttl_seconds,
+        "can_delete_objects": model.can_delete_objects,
+        "sync_interval_seconds": model.sync_interval_seconds,
+        "config": model.config,
+        "secrets_set": model.secrets_set,
+        "created_at": model.created_at,
+    })
+}
