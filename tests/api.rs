@@ -1,1 +1,507 @@
+//! The HTTP API against real Postgres and Redis (and, for the embedded mode,
+//! SQLite with the embedded queue), through a scheduler on a random port.
+use std::time::Duration;
 
+use labelsync_tests::{AppOptions, TestApp, spawn_app, write_files};
+use serde_json::{Value, json};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn local_source(project_id: i64, path: &str) -> Value {
+    json!({
+        "project_id": project_id,
+        "role": "source",
+        "backend": "local",
+        "title": "images",
+        "regex_filter": ".*\\.jpg$",
+        "recursive": true,
+        "import_method": "files",
+        "config": { "path": path },
+    })
+}
+
+/// Every task of a project, following `next_after`.
+async fn all_tasks(app: &TestApp, project_id: i64) -> Vec<Value> {
+    let mut tasks = Vec::new();
+    let mut after = String::new();
+    loop {
+        let (status, page) = app
+            .get(&format!(
+                "/api/v1/projects/{project_id}/tasks?limit=1000{after}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        tasks.extend(page["items"].as_array().expect("items").iter().cloned());
+        match page["next_after"].as_i64() {
+            Some(next) => after = format!("&after={next}"),
+            None => return tasks,
+        }
+    }
+}
+
+async fn storage_count(app: &TestApp) -> usize {
+    let (status, list) = app.get("/api/v1/storages").await;
+    assert_eq!(status, 200, "{list}");
+    list["items"].as_array().expect("items").len()
+}
+
+#[tokio::test]
+async fn local_files_sync_end_to_end() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    // 2,500 matching objects over three listing pages, plus files the regex skips.
+    write_files(&data, 2500, "jpg");
+    write_files(&data.join("notes"), 30, "txt");
+    std::fs::write(data.join("top level.jpg"), b"x").expect("write");
+    let project = app.project("cats").await;
+
+    let (status, ok) = app
+        .post("/api/v1/storages/validate", local_source(project, "data"))
+        .await;
+    assert_eq!((status, &ok), (200, &json!({ "ok": true })));
+    let outside = app
+        .doc_root
+        .path()
+        .parent()
+        .expect("parent")
+        .display()
+        .to_string();
+    let (status, err) = app
+        .post("/api/v1/storages/validate", local_source(project, &outside))
+        .await;
+    assert!((400..500).contains(&status), "{status} {err}");
+    assert_eq!(err["error"]["code"], "path_outside_document_root", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("outside the document root")
+    );
+
+    let (status, storage) = app
+        .post("/api/v1/storages", local_source(project, "data"))
+        .await;
+    assert_eq!(status, 201, "{storage}");
+    let id = storage["id"].as_i64().expect("id");
+    assert_eq!(storage["secrets_set"], json!([]));
+    assert_eq!(storage["last_run"], Value::Null);
+    let (status, ok) = app
+        .post(&format!("/api/v1/storages/{id}/validate"), json!({}))
+        .await;
+    assert_eq!((status, &ok), (200, &json!({ "ok": true })));
+
+    let (status, preview) = app
+        .get(&format!("/api/v1/storages/{id}/preview?limit=3"))
+        .await;
+    assert_eq!(status, 200, "{preview}");
+    let keys: Vec<&str> = preview["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| i["key"].as_str().expect("key"))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "part-000/obj-000000.jpg",
+            "part-000/obj-000001.jpg",
+            "part-000/obj-000002.jpg"
+        ]
+    );
+    assert_eq!(preview["items"][0]["size"], 1);
+
+    let (status, started) = app
+        .post(&format!("/api/v1/storages/{id}/sync"), json!({}))
+        .await;
+    assert_eq!(status, 202, "{started}");
+    assert_eq!(started["already_running"], false);
+    let run = app
+        .wait_run(started["run"]["id"].as_str().expect("run id"), RUN_TIMEOUT)
+        .await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["kind"], "import");
+    assert_eq!(run["counters"]["listed"], 2531);
+    assert_eq!(run["counters"]["matched"], 2501);
+    assert_eq!(run["counters"]["created"], 2501);
+    assert_eq!(run["counters"]["existed"], 0);
+    assert_eq!(run["attempts"], 1);
+    assert!(run["finished_at"].is_string() && run["heartbeat_at"].is_string());
+
+    let tasks = all_tasks(&app, project).await;
+    assert_eq!(tasks.len(), 2501);
+    let with_space = tasks
+        .iter()
+        .find(|t| t["source"]["key"] == "top level.jpg")
+        .expect("task of the top-level file");
+    assert_eq!(
+        with_space["data"]["image"],
+        "/data/local-files/?d=data/top%20level.jpg"
+    );
+    assert_eq!(with_space["source"]["storage_id"], id);
+    assert_eq!(with_space["source"]["row_index"], 0);
+    let (status, project_view) = app.get(&format!("/api/v1/projects/{project}")).await;
+    assert_eq!(
+        (status, project_view["task_count"].as_i64()),
+        (200, Some(2501))
+    );
+    let (status, one) = app
+        .get(&format!("/api/v1/tasks/{}", with_space["id"]))
+        .await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["annotations"], json!([]));
+    assert_eq!(one["predictions"], json!([]));
+
+    // A re-sync creates nothing and counts what exists.
+    let (_, again) = app
+        .post(&format!("/api/v1/storages/{id}/sync"), json!({}))
+        .await;
+    assert_eq!(again["already_running"], false);
+    let rerun = app
+        .wait_run(again["run"]["id"].as_str().expect("run id"), RUN_TIMEOUT)
+        .await;
+    assert_eq!(rerun["status"], "completed", "{rerun}");
+    assert_eq!(rerun["counters"]["created"], 0);
+    assert_eq!(rerun["counters"]["existed"], 2501);
+    assert_eq!(all_tasks(&app, project).await.len(), 2501);
+
+    // History: newest first, filterable; the storage shows its last run.
+    let (_, runs) = app
+        .get(&format!("/api/v1/runs?storage_id={id}&status=completed"))
+        .await;
+    let ids: Vec<&Value> = runs["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| &r["id"])
+        .collect();
+    assert_eq!(ids, [&rerun["id"], &run["id"]]);
+    let (_, storage) = app.get(&format!("/api/v1/storages/{id}")).await;
+    assert_eq!(storage["last_run"]["id"], rerun["id"]);
+    let (status, errors) = app
+        .get(&format!(
+            "/api/v1/runs/{}/errors",
+            run["id"].as_str().expect("id")
+        ))
+        .await;
+    assert_eq!((status, &errors["items"]), (200, &json!([])));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn second_sync_while_one_is_live_returns_it() {
+    // No worker: the run stays queued, which is "live" just like running.
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    write_files(&app.doc_root.path().join("data"), 5, "jpg");
+    let project = app.project("p").await;
+    let (_, storage) = app
+        .post("/api/v1/storages", local_source(project, "data"))
+        .await;
+    let path = format!("/api/v1/storages/{}/sync", storage["id"]);
+
+    let (status, first) = app.post(&path, json!({})).await;
+    assert_eq!((status, &first["already_running"]), (202, &json!(false)));
+    assert_eq!(first["run"]["status"], "queued");
+    let (status, second) = app.post(&path, json!({})).await;
+    assert_eq!((status, &second["already_running"]), (202, &json!(true)));
+    assert_eq!(second["run"]["id"], first["run"]["id"]);
+
+    let run_id = first["run"]["id"].as_str().expect("id");
+    let (status, cancelled) = app
+        .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!((status, &cancelled["status"]), (200, &json!("cancelled")));
+    let (_, third) = app.post(&path, json!({})).await;
+    assert_eq!(third["already_running"], false);
+    assert_ne!(third["run"]["id"], first["run"]["id"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn recursion_off_and_prefix_limit_what_is_imported() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    write_files(&data, 1500, "jpg");
+    for name in ["a.jpg", "b.jpg"] {
+        std::fs::write(data.join(name), b"x").expect("write");
+    }
+    let project = app.project("p").await;
+    let mut flat = local_source(project, "data");
+    flat["recursive"] = json!(false);
+    let (_, flat) = app.post("/api/v1/storages", flat).await;
+    let mut prefixed = local_source(project, "data");
+    prefixed["prefix"] = json!("part-001");
+    prefixed["title"] = json!("second part");
+    let (_, prefixed) = app.post("/api/v1/storages", prefixed).await;
+
+    for (storage, expected) in [(&flat, 2), (&prefixed, 500)] {
+        let (_, started) = app
+            .post(
+                &format!("/api/v1/storages/{}/sync", storage["id"]),
+                json!({}),
+            )
+            .await;
+        let run = app
+            .wait_run(started["run"]["id"].as_str().expect("id"), RUN_TIMEOUT)
+            .await;
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(run["counters"]["created"], expected, "{run}");
+    }
+    let tasks = all_tasks(&app, project).await;
+    assert_eq!(tasks.len(), 502);
+    assert!(
+        tasks
+            .iter()
+            .filter(|t| t["source"]["storage_id"] == prefixed["id"])
+            .all(|t| t["source"]["key"]
+                .as_str()
+                .expect("key")
+                .starts_with("part-001/"))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
+    let app = spawn_app(AppOptions::default()).await;
+    std::fs::create_dir_all(app.doc_root.path().join("data")).expect("mkdir");
+    let project = app.project("p").await;
+    let good = local_source(project, "data");
+
+    let mut cases: Vec<(&str, Value, u16, &str)> = Vec::new();
+    let mut bad_regex = good.clone();
+    bad_regex["regex_filter"] = json!("(unclosed");
+    cases.push(("invalid regex", bad_regex, 400, "invalid_regex"));
+    let mut unknown_backend = good.clone();
+    unknown_backend["backend"] = json!("ftp");
+    cases.push(("unknown backend", unknown_backend, 400, "unknown_backend"));
+    let mut no_path = good.clone();
+    no_path["config"] = json!({});
+    cases.push(("missing config field", no_path, 400, "invalid_config"));
+    let mut unknown_field = good.clone();
+    unknown_field["colour"] = json!("blue");
+    cases.push(("unknown field", unknown_field, 400, "invalid_body"));
+    let mut outside = good.clone();
+    outside["config"] = json!({ "path": "/etc" });
+    cases.push((
+        "path outside the root",
+        outside,
+        400,
+        "path_outside_document_root",
+    ));
+    let mut dotdot = good.clone();
+    dotdot["config"] = json!({ "path": "data/../.." });
+    cases.push(("path with ..", dotdot, 400, "path_outside_document_root"));
+    let mut no_project = good.clone();
+    no_project["project_id"] = json!(999_999);
+    cases.push(("unknown project", no_project, 400, "unknown_project"));
+    let mut secrets = good.clone();
+    secrets["secrets"] = json!({ "password": "hunter2" });
+    cases.push((
+        "secrets for a backend without any",
+        secrets,
+        400,
+        "invalid_secrets",
+    ));
+    let mut bad_role = good.clone();
+    bad_role["role"] = json!("sink");
+    cases.push(("bad role", bad_role, 400, "invalid_body"));
+
+    for (what, body, status, code) in cases {
+        let (got, err) = app.post("/api/v1/storages", body).await;
+        assert_eq!(got, status, "{what}: {err}");
+        assert_eq!(err["error"]["code"], code, "{what}: {err}");
+        let message = err["error"]["message"].as_str().unwrap_or_default();
+        assert!(!message.is_empty(), "{what}: no message in {err}");
+        assert!(
+            !message.contains("hunter2"),
+            "{what}: secret echoed in {err}"
+        );
+    }
+    let (status, err) = app
+        .post_raw("/api/v1/storages", "{\"project_id\": 1, ")
+        .await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_json")),
+        "{err}"
+    );
+    let (status, err) = app.post_raw("/api/v1/projects", "not json").await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_json")),
+        "{err}"
+    );
+    let (status, err) = app
+        .post("/api/v1/projects", json!({ "data_key": "image" }))
+        .await;
+    assert_eq!(
+        (status, &err["error"]["field"]),
+        (400, &json!("title")),
+        "{err}"
+    );
+    let (status, err) = app.get("/api/v1/projects?limit=5000").await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_limit")),
+        "{err}"
+    );
+    let (status, err) = app.get("/api/v1/runs/01ARZ3NDEKTSV4RRFFQ69G5FAV").await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (404, &json!("not_found")),
+        "{err}"
+    );
+    let (status, err) = app.get("/api/v1/runs?status=bogus").await;
+    assert_eq!(
+        (status, &err["error"]["field"]),
+        (400, &json!("status")),
+        "{err}"
+    );
+    assert_eq!(
+        storage_count(&app).await,
+        0,
+        "a rejected body must write nothing"
+    );
+    let (_, projects) = app.get("/api/v1/projects").await;
+    assert_eq!(projects["items"].as_array().expect("items").len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn patch_merges_and_refuses_backend_changes() {
+    let app = spawn_app(AppOptions::default()).await;
+    std::fs::create_dir_all(app.doc_root.path().join("data")).expect("mkdir");
+    let project = app.project("p").await;
+    let (_, storage) = app
+        .post("/api/v1/storages", local_source(project, "data"))
+        .await;
+    let path = format!("/api/v1/storages/{}", storage["id"]);
+
+    let (status, patched) = app
+        .patch(
+            &path,
+            json!({ "regex_filter": ".*\\.png$", "title": "pngs" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["regex_filter"], ".*\\.png$");
+    assert_eq!(patched["title"], "pngs");
+    assert_eq!(
+        patched["config"],
+        json!({ "path": "data" }),
+        "omitted fields are kept"
+    );
+    assert_eq!(patched["recursive"], true);
+
+    let (status, err) = app.patch(&path, json!({ "backend": "s3" })).await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("immutable_field")),
+        "{err}"
+    );
+    let (status, err) = app.patch(&path, json!({ "regex_filter": "[" })).await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_regex")),
+        "{err}"
+    );
+    let (_, unchanged) = app.get(&path).await;
+    assert_eq!(
+        unchanged["regex_filter"], ".*\\.png$",
+        "a refused PATCH changes nothing"
+    );
+
+    // Deleting the project takes its storages with it.
+    let (status, _) = app.delete(&format!("/api/v1/projects/{project}")).await;
+    assert_eq!(status, 204);
+    let (status, _) = app.get(&path).await;
+    assert_eq!(status, 404);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_api_route_needs_the_bearer_token() {
+    let app = spawn_app(AppOptions {
+        token: Some("s3cret-token".into()),
+        ..AppOptions::default()
+    })
+    .await;
+    let anonymous = reqwest::Client::new();
+    for (method, path) in [
+        ("GET", "/api/v1/projects"),
+        ("POST", "/api/v1/projects"),
+        ("GET", "/api/v1/projects/1"),
+        ("GET", "/api/v1/projects/1/tasks"),
+        ("GET", "/api/v1/storages"),
+        ("POST", "/api/v1/storages"),
+        ("POST", "/api/v1/storages/validate"),
+        ("GET", "/api/v1/storages/1"),
+        ("POST", "/api/v1/storages/1/sync"),
+        ("GET", "/api/v1/storages/1/preview"),
+        ("GET", "/api/v1/runs"),
+        ("GET", "/api/v1/runs/x"),
+        ("POST", "/api/v1/runs/x/cancel"),
+        ("GET", "/api/v1/tasks/1"),
+        ("GET", "/api/v1/no-such-route"),
+    ] {
+        let url = format!("{}{path}", app.base);
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        for auth in [None, Some("wrong-token")] {
+            let mut req = anonymous.request(method.clone(), &url);
+            if let Some(token) = auth {
+                req = req.bearer_auth(token);
+            }
+            let resp = req.send().await.expect("request");
+            assert_eq!(resp.status(), 401, "{method} {path} with {auth:?}");
+            let body: Value = resp.json().await.expect("json");
+            assert_eq!(body["error"]["code"], "unauthorized");
+        }
+    }
+    let (status, _) = app.get("/api/v1/projects").await;
+    assert_eq!(status, 200, "the right token is let through");
+    let health = anonymous
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200, "probes stay open");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn embedded_mode_syncs_on_sqlite_with_no_redis() {
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        ..AppOptions::default()
+    })
+    .await;
+    assert!(app.database_url.starts_with("sqlite:"));
+    assert!(!app.vars.contains_key("REDIS_URL"));
+    write_files(&app.doc_root.path().join("data"), 1200, "jpg");
+    let project = app.project("embedded").await;
+    let (_, storage) = app
+        .post("/api/v1/storages", local_source(project, "data"))
+        .await;
+    let (status, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", storage["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let run = app
+        .wait_run(started["run"]["id"].as_str().expect("id"), RUN_TIMEOUT)
+        .await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 1200);
+    let (status, ready) = app.get("/readyz").await;
+    assert_eq!(
+        (status, &ready),
+        (200, &json!({ "database": true, "queue": true }))
+    );
+    app.stop().await;
+}

@@ -1,1 +1,316 @@
+//! # Layout
+//! Helpers shared by the integration tests (`api.rs`, `fleet.rs`,
+//! `migrations.rs`): a fresh Postgres database and a fresh Redis queue
+//! namespace per test, an in-process scheduler on a random port
+//! ([`spawn_app`]), and the paths of the built binaries for tests that run
+//! real processes.
+//!
+//! Servers are taken from `TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`) and `TEST_REDIS_URL` (default
+//! `redis://127.0.0.1:6379`). A missing server fails the test with a message;
+//! nothing is ever skipped.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
+use labelsync::config::Settings;
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::Value;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+pub fn postgres_admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A unique lowercase name for databases and queue namespaces.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+/// Creates an empty Postgres database and returns its URL.
+pub async fn fresh_postgres() -> String {
+    let admin_url = postgres_admin_url();
+    let admin = Database::connect(&admin_url).await.unwrap_or_else(|e| {
+        panic!("Postgres is required at {admin_url} (set TEST_POSTGRES_URL): {e}")
+    });
+    let name = unique("labelsync_test");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    admin.close().await.ok();
+    let (base, _) = admin_url.rsplit_once('/').expect("database URL has a path");
+    format!("{base}/{name}")
+}
+
+/// Checks Redis answers, so a missing server fails loudly here rather than as
+/// a timeout later.
+pub async fn require_redis() -> String {
+    let url = redis_url();
+    let client = redis::Client::open(url.as_str()).expect("valid TEST_REDIS_URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis is required at {url} (set TEST_REDIS_URL): {e}"));
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .expect("Redis PING");
+    assert_eq!(pong, "PONG");
+    url
+}
+
+/// Settings for a test, from a map (the process environment is not read).
+pub fn settings(vars: &HashMap<&str, String>) -> Settings {
+    Settings::from_lookup(|k| vars.get(k).cloned()).expect("valid test settings")
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub token: Option<String>,
+    pub doc_root: tempfile::TempDir,
+    pub database_url: String,
+    pub vars: HashMap<&'static str, String>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub struct AppOptions {
+    /// Postgres + Redis (the fleet setup) or SQLite + the embedded queue.
+    pub embedded: bool,
+    /// Run a worker inside the scheduler process.
+    pub workers: bool,
+    pub token: Option<String>,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        AppOptions {
+            embedded: false,
+            workers: true,
+            token: None,
+        }
+    }
+}
+
+/// Starts the scheduler on 127.0.0.1:0 with a fresh database, a fresh queue
+/// namespace and a fresh document root.
+pub async fn spawn_app(opts: AppOptions) -> TestApp {
+    let doc_root = tempfile::tempdir().expect("temp dir");
+    let mut vars: HashMap<&'static str, String> = HashMap::new();
+    let database_url = if opts.embedded {
+        let path = doc_root.path().join("labelsync.db");
+        format!("sqlite://{}?mode=rwc", path.display())
+    } else {
+        vars.insert("REDIS_URL", require_redis().await);
+        fresh_postgres().await
+    };
+    vars.insert("DATABASE_URL", database_url.clone());
+    vars.insert("LABELSYNC_QUEUE_NAMESPACE", unique("test"));
+    vars.insert("LABELSYNC_EMBEDDED_WORKERS", opts.workers.to_string());
+    vars.insert("LABELSYNC_HEARTBEAT_SECS", "1".into());
+    vars.insert(
+        "LOCAL_FILES_DOCUMENT_ROOT",
+        doc_root.path().display().to_string(),
+    );
+    vars.insert(
+        "LABELSYNC_EMBEDDED_QUEUE_PATH",
+        doc_root.path().join("queue.db").display().to_string(),
+    );
+    if let Some(token) = &opts.token {
+        vars.insert("LABELSYNC_API_TOKENS", format!("other-token,{token}"));
+    }
+    if std::env::var("TEST_LOG").is_ok() {
+        labelsync::telemetry::init(false);
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(labelsync_scheduler::app::serve(
+        settings(&vars),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let app = TestApp {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        token: opts.token,
+        doc_root,
+        database_url,
+        vars,
+        stop: Some(stop),
+        handle: Some(handle),
+    };
+    app.wait_ready().await;
+    app
+}
+
+impl TestApp {
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(resp) = self
+                .client
+                .get(format!("{}/readyz", self.base))
+                .send()
+                .await
+            {
+                if resp.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("scheduler did not become ready at {}", self.base);
+    }
+
+    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// GET `path`; returns status and JSON body (Null when not JSON).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .auth(self.client.get(format!("{}{path}", self.base)))
+            .send()
+            .await
+            .expect("GET");
+        split(resp).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .auth(self.client.post(format!("{}{path}", self.base)).json(&body))
+            .send()
+            .await
+            .expect("POST");
+        split(resp).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .auth(
+                self.client
+                    .patch(format!("{}{path}", self.base))
+                    .json(&body),
+            )
+            .send()
+            .await
+            .expect("PATCH");
+        split(resp).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .auth(self.client.delete(format!("{}{path}", self.base)))
+            .send()
+            .await
+            .expect("DELETE");
+        split(resp).await
+    }
+
+    /// POST a raw body with a JSON content type.
+    pub async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
+        let resp = self
+            .auth(
+                self.client
+                    .post(format!("{}{path}", self.base))
+                    .header("content-type", "application/json")
+                    .body(body),
+            )
+            .send()
+            .await
+            .expect("POST");
+        split(resp).await
+    }
+
+    /// Creates a project and returns its id.
+    pub async fn project(&self, title: &str) -> i64 {
+        let (status, body) = self
+            .post(
+                "/api/v1/projects",
+                serde_json::json!({ "title": title, "data_key": "image" }),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_i64().expect("project id")
+    }
+
+    /// Polls a run until it leaves queued/running; panics after `timeout`.
+    pub async fn wait_run(&self, run_id: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (status, run) = self.get(&format!("/api/v1/runs/{run_id}")).await;
+            assert_eq!(status, 200, "{run}");
+            let state = run["status"].as_str().unwrap_or_default().to_owned();
+            if state != "queued" && state != "running" {
+                return run;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {run_id} still {state} after {timeout:?}: {run}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the server and its in-process worker, surfacing their errors.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+async fn split(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Writes `n` small files under `dir`, spread over sub-directories of 1,000.
+pub fn write_files(dir: &Path, n: usize, ext: &str) {
+    for i in 0..n {
+        let sub = dir.join(format!("part-{:03}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&sub).expect("mkdir");
+        }
+        std::fs::write(sub.join(format!("obj-{i:06}.{ext}")), i.to_string()).expect("write");
+    }
+}
+
+/// A built binary of the workspace (`cargo build --workspace --bins` first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, as .ci/run does)",
+        path.display()
+    );
+    path
+}
+
+/// The repository root (for `examples/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
