@@ -1,1 +1,206 @@
+//! Real processes: the worker binary on Redis (one killed with SIGKILL in the
+//! middle of a sync) and the one-shot `labelsync-scheduler sync` CLI.
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
+use labelsync_tests::{AppOptions, TestApp, binary, repo_root, spawn_app, write_files};
+use sea_orm::{ConnectionTrait, Database, Statement};
+use serde_json::{Value, json};
+
+fn spawn_worker(app: &TestApp, name: &str) -> Child {
+    let mut cmd = Command::new(binary("labelsync-worker"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LABELSYNC_WORKER_NAME", name)
+        .env("LABELSYNC_PAGE_SIZE", "100")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    for key in [
+        "DATABASE_URL",
+        "REDIS_URL",
+        "LABELSYNC_QUEUE_NAMESPACE",
+        "LOCAL_FILES_DOCUMENT_ROOT",
+        "LABELSYNC_HEARTBEAT_SECS",
+    ] {
+        cmd.env(key, &app.vars[key]);
+    }
+    cmd.spawn().expect("start labelsync-worker")
+}
+
+async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            sql.to_owned(),
+        ))
+        .await
+        .expect("query")
+        .expect("row");
+    row.try_get("", "n").expect("n")
+}
+
+#[tokio::test]
+async fn worker_killed_mid_sync_the_run_resumes_on_another_without_duplicates() {
+    const OBJECTS: usize = 40_000;
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    write_files(&app.doc_root.path().join("data"), OBJECTS, "jpg");
+    let project = app.project("fleet").await;
+    let (status, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({ "project_id": project, "role": "source", "backend": "local", "config": { "path": "data" } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{storage}");
+
+    let mut first = spawn_worker(&app, "victim");
+    let (_, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", storage["id"]),
+            json!({}),
+        )
+        .await;
+    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
+
+    // Wait until the first worker has committed some pages, then kill it hard.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+        let created = run["counters"]["created"].as_i64().unwrap_or(0);
+        if created > 0 {
+            assert!(
+                created < OBJECTS as i64,
+                "the sync finished before the kill; make it bigger: {run}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first worker never started: {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut second = spawn_worker(&app, "survivor");
+    first.kill().expect("SIGKILL the first worker");
+    first.wait().expect("reap");
+    let (_, at_kill) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+
+    let killed_at = Instant::now();
+    let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
+    eprintln!(
+        "run finished {:?} after the kill (at kill: {at_kill})",
+        killed_at.elapsed()
+    );
+    assert_eq!(run["status"], "completed", "{run}");
+    assert!(
+        run["attempts"].as_i64().expect("attempts") >= 2,
+        "the run was resumed by a new attempt: {run}"
+    );
+    assert_eq!(
+        run["counters"]["listed"], OBJECTS as i64,
+        "resumed from the cursor, not from the start: {run}"
+    );
+    assert_eq!(
+        run["counters"]["created"], OBJECTS as i64,
+        "{run} (at kill: {at_kill})"
+    );
+    assert_eq!(run["counters"]["existed"], 0, "{run}");
+
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM tasks").await,
+        OBJECTS as i64
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(DISTINCT object_key) AS n FROM import_links"
+        )
+        .await,
+        OBJECTS as i64
+    );
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM tasks t LEFT JOIN import_links l ON l.task_id = t.id WHERE l.id IS NULL").await,
+        0,
+        "every task has its link"
+    );
+
+    second.kill().expect("stop the second worker");
+    second.wait().expect("reap");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn worker_without_redis_url_exits_with_a_reason() {
+    let output = Command::new(binary("labelsync-worker"))
+        .env_clear()
+        .output()
+        .expect("run labelsync-worker");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("needs REDIS_URL"), "{stderr}");
+}
+
+fn cli_sync(dir: &std::path::Path, spec: &std::path::Path) -> std::process::Output {
+    Command::new(binary("labelsync-scheduler"))
+        .current_dir(dir)
+        .env_clear()
+        .env(
+            "LOCAL_FILES_DOCUMENT_ROOT",
+            repo_root().join("examples/data"),
+        )
+        .args(["sync", "--spec"])
+        .arg(spec)
+        .output()
+        .expect("run labelsync-scheduler sync")
+}
+
+#[tokio::test]
+async fn one_shot_cli_syncs_the_bundled_example() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = repo_root().join("examples/local-images.json");
+    let first = cli_sync(dir.path(), &spec);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let run: Value = serde_json::from_slice(&first.stdout).expect("stdout is the run as JSON");
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 10, "{run}");
+    assert!(
+        dir.path().join("labelsync.db").exists(),
+        "the default database is a SQLite file"
+    );
+
+    let second = cli_sync(dir.path(), &spec);
+    assert!(second.status.success());
+    let run: Value = serde_json::from_slice(&second.stdout).expect("JSON");
+    assert_eq!(
+        (
+            run["counters"]["created"].as_i64(),
+            run["counters"]["existed"].as_i64()
+        ),
+        (Some(0), Some(10))
+    );
+
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"project": {"title": "x"}, "role": "source", "backend": "local", "config": {"path": "/etc"}}"#)
+        .expect("write");
+    let failed = cli_sync(dir.path(), &bad);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("outside the document root"), "{stderr}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "one-line reason: {stderr}"
+    );
+    assert!(failed.stdout.is_empty());
+}
