@@ -41,7 +41,7 @@ async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
     row.try_get("", "n").expect("n")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_sync_the_run_resumes_on_another_without_duplicates() {
     const OBJECTS: usize = 40_000;
     let app = spawn_app(AppOptions {
@@ -136,7 +136,7 @@ async fn worker_killed_mid_sync_the_run_resumes_on_another_without_duplicates() 
     app.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_without_redis_url_exits_with_a_reason() {
     let output = Command::new(binary("labelsync-worker"))
         .env_clear()
@@ -161,7 +161,7 @@ fn cli_sync(dir: &std::path::Path, spec: &std::path::Path) -> std::process::Outp
         .expect("run labelsync-scheduler sync")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_shot_cli_syncs_the_bundled_example() {
     let dir = tempfile::tempdir().expect("temp dir");
     let spec = repo_root().join("examples/local-images.json");

@@ -89,7 +89,7 @@ async fn up_down_up(db: &DatabaseConnection) {
     db::migrate(db).await.expect("migrate up after down");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_on_fresh_postgres() {
     let url = fresh_postgres().await;
     let db = db::connect(&url).await.expect("connect");
@@ -97,7 +97,7 @@ async fn migrations_on_fresh_postgres() {
     check_schema(&db).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_on_fresh_sqlite() {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!(
