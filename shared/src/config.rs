@@ -71,6 +71,12 @@ pub struct WorkerSettings {
     /// `LABELSYNC_MAX_ATTEMPTS` (default 5): runs failing transiently this many
     /// times are marked failed.
     pub max_attempts: u32,
+    /// `LABELSYNC_FETCH_CONCURRENCY` (default 16): Tasks-mode objects one run
+    /// fetches and parses at once.
+    pub fetch_concurrency: usize,
+    /// `LABELSYNC_MAX_OBJECT_BYTES` (default 4 GiB): larger task files are a
+    /// per-object error instead of an import.
+    pub max_object_bytes: u64,
 }
 
 impl Settings {
@@ -94,6 +100,8 @@ impl Settings {
             missed_heartbeats: parse(&get, "LABELSYNC_MISSED_HEARTBEATS", 3)?,
             page_size: parse(&get, "LABELSYNC_PAGE_SIZE", 1000)?,
             max_attempts: parse(&get, "LABELSYNC_MAX_ATTEMPTS", 5)?,
+            fetch_concurrency: parse(&get, "LABELSYNC_FETCH_CONCURRENCY", 16)?,
+            max_object_bytes: parse(&get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
         };
         if worker.page_size == 0 || worker.page_size > 5000 {
             return Err(Error::invalid(

@@ -1,57 +1,190 @@
 //! Import links: the (storage, object key, row) -> task map. Its unique key is
 //! what makes a replayed page, a retried job or a resumed run create nothing
-//! twice. Every function here works a page at a time: one query per page,
-//! never one per object.
-use std::collections::HashSet;
+//! twice. Every function here works a page (or a chunk of rows) at a time:
+//! one query per page, never one per object.
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect,
-    sea_query::OnConflict,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
+    sea_query::{Expr, Func, OnConflict},
 };
+use serde_json::Value;
 
 use super::{
     MAX_PARAMS,
-    entities::{import_link, task},
+    entities::{annotation, import_link, prediction, task},
 };
 use crate::Result;
 
 /// One task to create from an object (or a row of it).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewTask {
     pub object_key: String,
     pub row_index: i64,
-    pub data: serde_json::Value,
-    pub meta: Option<serde_json::Value>,
+    pub data: Value,
+    pub meta: Option<Value>,
+    /// Label Studio annotation objects carried by a full task (`result`,
+    /// `completed_by`, `lead_time`, `was_cancelled`, `ground_truth`).
+    pub annotations: Vec<Value>,
+    /// Prediction objects (`result`, `model_version`, `score`).
+    pub predictions: Vec<Value>,
     pub etag: Option<String>,
     pub size: Option<i64>,
     pub last_modified: Option<DateTime<Utc>>,
 }
 
-/// The keys among `keys` that already have a link for row 0 in this storage.
-pub async fn existing_keys(
+/// What the database knows about an object already linked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    /// Links (tasks) of this object.
+    pub rows: i64,
+    pub etag: Option<String>,
+    /// Whether the current run already listed it (a replayed page).
+    pub seen_by_run: bool,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct KnownRow {
+    object_key: String,
+    rows: i64,
+    etag: Option<String>,
+    seen: Option<String>,
+}
+
+/// The linked objects among `keys`, one grouped query per chunk of keys.
+pub async fn known_objects(
     db: &impl ConnectionTrait,
     storage_id: i64,
+    run_id: &str,
     keys: &[String],
-) -> Result<HashSet<String>> {
-    let mut found = HashSet::new();
+) -> Result<HashMap<String, Known>> {
+    use import_link::Column as C;
+    let mut found = HashMap::new();
     for chunk in keys.chunks(MAX_PARAMS) {
-        let rows: Vec<String> = import_link::Entity::find()
+        let rows = import_link::Entity::find()
             .select_only()
-            .column(import_link::Column::ObjectKey)
-            .filter(import_link::Column::StorageId.eq(storage_id))
-            .filter(import_link::Column::RowIndex.eq(0))
-            .filter(import_link::Column::ObjectKey.is_in(chunk.iter().cloned()))
-            .into_tuple()
+            .column(C::ObjectKey)
+            .column_as(C::Id.count(), "rows")
+            .column_as(C::Etag.max(), "etag")
+            .column_as(C::SeenRunId.max(), "seen")
+            .filter(C::StorageId.eq(storage_id))
+            .filter(C::ObjectKey.is_in(chunk.iter().cloned()))
+            .group_by(C::ObjectKey)
+            .into_model::<KnownRow>()
             .all(db)
             .await?;
-        found.extend(rows);
+        found.extend(rows.into_iter().map(|r| {
+            let seen_by_run = r.seen.as_deref() == Some(run_id);
+            (
+                r.object_key,
+                Known {
+                    rows: r.rows,
+                    etag: r.etag,
+                    seen_by_run,
+                },
+            )
+        }));
     }
     Ok(found)
 }
 
-/// Inserts the tasks and their links in bulk; call inside a transaction.
-/// Returns how many were created and how many already existed.
+/// Marks objects as listed by `run_id` (and present).
+pub async fn mark_seen(
+    db: &impl ConnectionTrait,
+    storage_id: i64,
+    run_id: &str,
+    keys: &[String],
+) -> Result<()> {
+    use import_link::Column as C;
+    for chunk in keys.chunks(MAX_PARAMS) {
+        import_link::Entity::update_many()
+            .col_expr(C::SeenRunId, Expr::value(run_id))
+            .col_expr(C::ObjectExists, Expr::value(true))
+            .filter(C::StorageId.eq(storage_id))
+            .filter(C::ObjectKey.is_in(chunk.iter().cloned()))
+            .exec(db)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records the new etag, size and time of a changed object.
+pub async fn update_object(
+    db: &impl ConnectionTrait,
+    storage_id: i64,
+    key: &str,
+    etag: Option<&str>,
+    size: Option<i64>,
+    last_modified: Option<DateTime<Utc>>,
+) -> Result<()> {
+    use import_link::Column as C;
+    import_link::Entity::update_many()
+        .col_expr(C::Etag, Expr::value(etag))
+        .col_expr(C::Size, Expr::value(size))
+        .col_expr(C::LastModified, Expr::value(last_modified))
+        .col_expr(C::UpdatedAt, Expr::value(Utc::now()))
+        .filter(C::StorageId.eq(storage_id))
+        .filter(C::ObjectKey.eq(key))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// After a complete listing: flags the links of objects the run did not see
+/// (`object_exists = false`) and returns how many objects that is.
+pub async fn mark_missing(db: &impl ConnectionTrait, storage_id: i64, run_id: &str) -> Result<i64> {
+    use import_link::Column as C;
+    let unseen = || {
+        sea_orm::Condition::all()
+            .add(C::StorageId.eq(storage_id))
+            .add(C::ObjectExists.eq(true))
+            .add(
+                sea_orm::Condition::any()
+                    .add(C::SeenRunId.is_null())
+                    .add(C::SeenRunId.ne(run_id)),
+            )
+    };
+    let objects: Option<i64> = import_link::Entity::find()
+        .select_only()
+        .expr_as(Func::count_distinct(Expr::col(C::ObjectKey)), "n")
+        .filter(unseen())
+        .into_tuple()
+        .one(db)
+        .await?;
+    import_link::Entity::update_many()
+        .col_expr(C::ObjectExists, Expr::value(false))
+        .filter(unseen())
+        .exec(db)
+        .await?;
+    Ok(objects.unwrap_or(0))
+}
+
+/// Row indexes in `[lo, hi]` already linked for one object.
+pub async fn existing_rows(
+    db: &impl ConnectionTrait,
+    storage_id: i64,
+    key: &str,
+    lo: i64,
+    hi: i64,
+) -> Result<HashSet<i64>> {
+    use import_link::Column as C;
+    let rows: Vec<i64> = import_link::Entity::find()
+        .select_only()
+        .column(C::RowIndex)
+        .filter(C::StorageId.eq(storage_id))
+        .filter(C::ObjectKey.eq(key))
+        .filter(C::RowIndex.between(lo, hi))
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Inserts the tasks, their links (seen by `run_id`), predictions and
+/// annotations in bulk; call inside a transaction. Returns how many tasks
+/// were created and how many were already linked.
 ///
 /// The links are inserted with ON CONFLICT DO NOTHING, so if another attempt
 /// linked the same (key, row) in the meantime, the task we just created for it
@@ -61,12 +194,13 @@ pub async fn insert_tasks(
     db: &impl ConnectionTrait,
     project_id: i64,
     storage_id: i64,
+    run_id: &str,
     items: Vec<NewTask>,
 ) -> Result<(i64, i64)> {
     let mut created = 0;
     let mut existed = 0;
-    // 6 parameters per task row and 10 per link row.
-    for chunk in items.chunks(MAX_PARAMS / 10) {
+    // 6 parameters per task row and 11 per link row.
+    for chunk in items.chunks(MAX_PARAMS / 11) {
         let now = Utc::now();
         let tasks = chunk.iter().map(|item| task::ActiveModel {
             project_id: Set(project_id),
@@ -95,11 +229,12 @@ pub async fn insert_tasks(
                 size: Set(item.size),
                 last_modified: Set(item.last_modified),
                 object_exists: Set(true),
+                seen_run_id: Set(Some(run_id.to_owned())),
                 created_at: Set(now),
                 updated_at: Set(now),
                 ..Default::default()
             });
-        let linked: Vec<i64> = import_link::Entity::insert_many(links)
+        let linked: HashSet<i64> = import_link::Entity::insert_many(links)
             .on_conflict(
                 OnConflict::columns([
                     import_link::Column::StorageId,
@@ -116,7 +251,6 @@ pub async fn insert_tasks(
             .collect();
 
         if linked.len() < ids.len() {
-            let linked: HashSet<i64> = linked.iter().copied().collect();
             let orphans: Vec<i64> = ids
                 .iter()
                 .copied()
@@ -129,6 +263,66 @@ pub async fn insert_tasks(
             existed += orphans.len() as i64;
         }
         created += linked.len() as i64;
+        insert_extras(db, project_id, chunk, &ids, &linked, now).await?;
     }
     Ok((created, existed))
+}
+
+/// Predictions and annotations of the tasks just created, in bulk.
+async fn insert_extras(
+    db: &impl ConnectionTrait,
+    project_id: i64,
+    items: &[NewTask],
+    ids: &[i64],
+    linked: &HashSet<i64>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let mut predictions = Vec::new();
+    let mut annotations = Vec::new();
+    for (item, id) in items.iter().zip(ids).filter(|(_, id)| linked.contains(id)) {
+        for p in &item.predictions {
+            predictions.push(prediction::ActiveModel {
+                task_id: Set(*id),
+                result: Set(p.get("result").cloned().unwrap_or(Value::Array(Vec::new()))),
+                model_version: Set(p
+                    .get("model_version")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)),
+                score: Set(p.get("score").and_then(Value::as_f64)),
+                created_at: Set(now),
+                ..Default::default()
+            });
+        }
+        for a in &item.annotations {
+            annotations.push(annotation::ActiveModel {
+                task_id: Set(*id),
+                project_id: Set(project_id),
+                result: Set(a.get("result").cloned().unwrap_or(Value::Array(Vec::new()))),
+                completed_by: Set(a.get("completed_by").cloned().filter(|v| !v.is_null())),
+                lead_time: Set(a.get("lead_time").and_then(Value::as_f64)),
+                was_cancelled: Set(a
+                    .get("was_cancelled")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)),
+                ground_truth: Set(a
+                    .get("ground_truth")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)),
+                created_at: Set(now),
+                updated_at: Set(now),
+                ..Default::default()
+            });
+        }
+    }
+    for chunk in predictions.chunks(MAX_PARAMS / 5) {
+        prediction::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(db)
+            .await?;
+    }
+    for chunk in annotations.chunks(MAX_PARAMS / 9) {
+        annotation::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(db)
+            .await?;
+    }
+    Ok(())
 }

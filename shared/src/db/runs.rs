@@ -87,6 +87,8 @@ pub struct Counters {
     pub unchanged: i64,
     pub deleted: i64,
     pub bytes: i64,
+    pub missing: i64,
+    pub changed: i64,
 }
 
 impl Counters {
@@ -101,6 +103,8 @@ impl Counters {
             unchanged: run.unchanged,
             deleted: run.deleted,
             bytes: run.bytes,
+            missing: run.missing,
+            changed: run.changed,
         }
     }
 }
@@ -148,6 +152,8 @@ pub async fn create_or_get_live(
             unchanged: Set(0),
             deleted: Set(0),
             bytes: Set(0),
+            missing: Set(0),
+            changed: Set(0),
             cursor: Set(None),
             attempts: Set(0),
             error: Set(None),
@@ -223,6 +229,8 @@ pub async fn checkpoint(
         add(C::Unchanged, delta.unchanged),
         add(C::Deleted, delta.deleted),
         add(C::Bytes, delta.bytes),
+        add(C::Missing, delta.missing),
+        add(C::Changed, delta.changed),
     ] {
         update = update.col_expr(col, expr);
     }

@@ -143,7 +143,7 @@ async fn attempt(ctx: &JobContext, run: &crate::db::entities::sync_run::Model) -
                 run,
                 storage: &storage,
                 project: &project,
-                page_size: ctx.settings.worker.page_size,
+                settings: &ctx.settings.worker,
             }
             .run()
             .await

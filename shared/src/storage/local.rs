@@ -13,7 +13,7 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::stream::BoxStream;
+use futures::{StreamExt, stream::BoxStream};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,18 @@ impl LocalStorage {
         let root = paths::document_root(env.document_root.as_deref())?;
         let base = paths::confine(&root, &config.path)?;
         Ok(LocalStorage { root, base })
+    }
+
+    /// The file behind a key, resolved and checked to stay in the document root.
+    fn object_path(&self, key: &str) -> Result<PathBuf> {
+        let path = self.base.join(key);
+        let canonical = path.canonicalize().map_err(|e| io_error(&path, e))?;
+        if !canonical.starts_with(&self.root) || !canonical.is_file() {
+            return Err(Error::NotFound(format!(
+                "{key}: not a file inside the document root"
+            )));
+        }
+        Ok(canonical)
     }
 }
 
@@ -110,6 +122,18 @@ impl Storage for LocalStorage {
         })
         .await
         .map_err(|e| Error::Internal(format!("check task failed: {e}")))?
+    }
+
+    async fn get(&self, key: &str) -> Result<super::ByteStream> {
+        let path = self.object_path(key)?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| io_error(&path, e))?;
+        Ok(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).boxed())
+    }
+
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.object_path(key).ok()
     }
 
     fn task_uri(&self, key: &str) -> String {

@@ -121,7 +121,20 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// The URI a Files-mode task carries for this object.
     fn task_uri(&self, key: &str) -> String;
+
+    /// Reads a whole object as a stream of chunks.
+    async fn get(&self, key: &str) -> Result<ByteStream>;
+
+    /// The object as a local file, for backends that have one: Parquet needs
+    /// random access, and this spares it a copy.
+    fn local_path(&self, _key: &str) -> Option<PathBuf> {
+        None
+    }
 }
+
+/// An object's bytes. Errors are `io::Error`s so the stream can feed a reader;
+/// backends wrap their [`Error`] with `io::Error::other`.
+pub type ByteStream = BoxStream<'static, std::io::Result<bytes::Bytes>>;
 
 /// Settings the backends need from the deployment.
 #[derive(Debug, Clone, Default)]

@@ -129,13 +129,6 @@ impl StorageSpec {
                 format!("sync_interval_seconds must be at least {MIN_SYNC_INTERVAL} (or null)"),
             ));
         }
-        if self.role == Role::Source && self.import_method == ImportMethod::Tasks {
-            return Err(Error::invalid(
-                "unsupported_import_method",
-                Some("import_method"),
-                "import_method \"tasks\" is not available in this build yet; use \"files\"",
-            ));
-        }
         let config = validate_config(kind, &self.config, env)?;
         if let Some(secrets) = self.secrets.as_ref().filter(|s| !s.is_empty()) {
             let names: Vec<&str> = secrets.keys().map(String::as_str).collect();

@@ -13,6 +13,8 @@ pub struct Model {
     pub size: Option<i64>,
     pub last_modified: Option<DateTimeUtc>,
     pub object_exists: bool,
+    /// The last run that listed this object.
+    pub seen_run_id: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

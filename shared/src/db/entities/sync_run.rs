@@ -18,6 +18,10 @@ pub struct Model {
     pub unchanged: i64,
     pub deleted: i64,
     pub bytes: i64,
+    /// Objects linked before but not listed by this run.
+    pub missing: i64,
+    /// Objects listed with another etag than when they were imported.
+    pub changed: i64,
     /// Where a resumed run continues listing (the last key it committed).
     pub cursor: Option<String>,
     pub attempts: i64,

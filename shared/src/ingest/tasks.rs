@@ -1,0 +1,228 @@
+//! Tasks mode: one object -> its rows, streamed. The parser runs on a blocking
+//! thread and hands rows over a small bounded channel, so a 1 GB file is never
+//! in memory; rows are committed in chunks (one transaction each, with the
+//! run's `created` counter), deduplicated per row through the link key.
+//!
+//! Rows committed before a bad row or a broken file are kept; the error is
+//! recorded with the row where it happened and the next sync does not re-read
+//! the object unless it changed. (Keeping them is what makes a 1 GB file
+//! importable in bounded memory and what lets a retry continue a file.)
+use std::{
+    io::{self, Read},
+    sync::Arc,
+};
+
+use tokio::sync::mpsc;
+
+use super::{
+    ImportJob, ObjectError,
+    parse::{self, Format, RowEvent, TaskInput},
+};
+use crate::{
+    Error, Result,
+    db::{
+        links::{self, NewTask},
+        runs::{self, Counters},
+    },
+    storage::{ObjectMeta, Storage},
+};
+
+/// Rows per transaction and per channel message.
+const CHUNK_ROWS: usize = 1000;
+/// Row errors kept per object; more are counted but not stored.
+const MAX_ERRORS_PER_OBJECT: usize = 100;
+
+pub(super) struct Importer<'a, 'j> {
+    pub job: &'a ImportJob<'j>,
+    pub backend: Arc<dyn Storage>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct ObjectResult {
+    pub failed: i64,
+    pub errors: Vec<ObjectError>,
+}
+
+impl ObjectResult {
+    fn error(&mut self, key: &str, row: Option<i64>, message: String) {
+        self.failed += 1;
+        if self.errors.len() < MAX_ERRORS_PER_OBJECT {
+            self.errors.push((key.to_owned(), row, message));
+        }
+    }
+}
+
+impl Importer<'_, '_> {
+    /// Imports one object. `Ok(None)`: the run stopped (cancelled). Object
+    /// problems are in the result; `Err` is for the database or the listing
+    /// and fails the attempt.
+    pub async fn import(&self, object: ObjectMeta) -> Result<Option<ObjectResult>> {
+        let mut result = ObjectResult::default();
+        let key = object.key.clone();
+        let Some(format) = Format::of_key(&key) else {
+            result.error(
+                &key,
+                None,
+                "unsupported file type: Tasks mode reads .json, .jsonl, .ndjson and .parquet"
+                    .into(),
+            );
+            return Ok(Some(result));
+        };
+        let limit = self.job.settings.max_object_bytes;
+        if object.size.is_some_and(|size| size as u64 > limit) {
+            let size = object.size.unwrap_or_default();
+            result.error(&key, None, format!("object is {size} bytes, over the {limit}-byte limit (LABELSYNC_MAX_OBJECT_BYTES)"));
+            return Ok(Some(result));
+        }
+        let source = match self.open(&key, format).await {
+            Ok(source) => source,
+            Err(err) if err.is_transient() => return Err(err),
+            Err(err) => {
+                result.error(&key, None, format!("cannot read the object: {err}"));
+                return Ok(Some(result));
+            }
+        };
+
+        let (tx, mut rx) = mpsc::channel::<Vec<RowEvent>>(2);
+        let parser = tokio::task::spawn_blocking(move || {
+            let mut chunk = Vec::with_capacity(CHUNK_ROWS);
+            let mut open = true;
+            let mut emit = |event: RowEvent| {
+                chunk.push(event);
+                if chunk.len() == CHUNK_ROWS {
+                    open = tx.blocking_send(std::mem::take(&mut chunk)).is_ok();
+                }
+                open
+            };
+            let parsed = match source {
+                Source::Reader(reader) => parse::parse(
+                    format,
+                    Limited {
+                        inner: reader,
+                        left: limit,
+                    },
+                    &mut emit,
+                ),
+                Source::File(file) => parse::parse_parquet(file, &mut emit),
+            };
+            if !chunk.is_empty() {
+                let _ = tx.blocking_send(chunk);
+            }
+            parsed
+        });
+
+        let mut stopped = false;
+        while let Some(events) = rx.recv().await {
+            let mut rows = Vec::with_capacity(events.len());
+            for event in events {
+                match event {
+                    RowEvent::Task(row, task) => rows.push((row, task)),
+                    RowEvent::Error(row, message) => result.error(&key, Some(row), message),
+                }
+            }
+            if !self.insert(&object, rows).await? {
+                stopped = true;
+                break;
+            }
+        }
+        drop(rx);
+        match parser.await {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => result.error(&key, None, message),
+            Err(join) => return Err(Error::Internal(format!("parser of {key} failed: {join}"))),
+        }
+        Ok((!stopped).then_some(result))
+    }
+
+    async fn open(&self, key: &str, format: Format) -> Result<Source> {
+        if let Some(path) = self.backend.local_path(key) {
+            let file =
+                std::fs::File::open(&path).map_err(|e| Error::NotFound(format!("{key}: {e}")))?;
+            return Ok(if format == Format::Parquet {
+                Source::File(file)
+            } else {
+                Source::Reader(Box::new(file))
+            });
+        }
+        let stream = self.backend.get(key).await?;
+        let reader = tokio_util::io::StreamReader::new(stream);
+        if format == Format::Parquet {
+            // Parquet needs random access: spool the object to a temporary file.
+            let mut spool = tokio::fs::File::from_std(
+                tempfile::tempfile()
+                    .map_err(|e| Error::Internal(format!("temporary file: {e}")))?,
+            );
+            let mut reader = reader;
+            tokio::io::copy(&mut reader, &mut spool)
+                .await
+                .map_err(|e| Error::Transient(format!("{key}: download failed: {e}")))?;
+            return Ok(Source::File(spool.into_std().await));
+        }
+        Ok(Source::Reader(Box::new(tokio_util::io::SyncIoBridge::new(
+            reader,
+        ))))
+    }
+
+    /// Commits one chunk of an object's rows; false when the run stopped.
+    async fn insert(&self, object: &ObjectMeta, rows: Vec<(i64, TaskInput)>) -> Result<bool> {
+        let (Some(lo), Some(hi)) = (rows.first().map(|r| r.0), rows.last().map(|r| r.0)) else {
+            return Ok(true);
+        };
+        let job = self.job;
+        let existing = links::existing_rows(job.db, job.storage.id, &object.key, lo, hi).await?;
+        let new: Vec<NewTask> = rows
+            .into_iter()
+            .filter(|(row, _)| !existing.contains(row))
+            .map(|(row, task)| NewTask {
+                object_key: object.key.clone(),
+                row_index: row,
+                data: task.data,
+                meta: task.meta,
+                annotations: task.annotations,
+                predictions: task.predictions,
+                etag: object.etag.clone(),
+                size: object.size,
+                last_modified: object.last_modified,
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(true);
+        }
+        use sea_orm::TransactionTrait;
+        let txn = job.db.begin().await?;
+        let (created, _) =
+            links::insert_tasks(&txn, job.project.id, job.storage.id, &job.run.id, new).await?;
+        let delta = Counters {
+            created,
+            ..Counters::default()
+        };
+        if !runs::checkpoint(&txn, &job.run.id, &delta, None).await? {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        txn.commit().await?;
+        Ok(true)
+    }
+}
+
+enum Source {
+    Reader(Box<dyn Read + Send>),
+    File(std::fs::File),
+}
+
+/// Fails the read once more than `left` bytes came through, so an object
+/// whose size was not listed still cannot exceed the limit.
+struct Limited<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            io::Error::other("object is over the size limit (LABELSYNC_MAX_OBJECT_BYTES)")
+        })?;
+        Ok(n)
+    }
+}
