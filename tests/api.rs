@@ -24,25 +24,6 @@ fn local_source(project_id: i64, path: &str) -> Value {
     })
 }
 
-/// Every task of a project, following `next_after`.
-async fn all_tasks(app: &TestApp, project_id: i64) -> Vec<Value> {
-    let mut tasks = Vec::new();
-    let mut after = String::new();
-    loop {
-        let (status, page) = app
-            .get(&format!(
-                "/api/v1/projects/{project_id}/tasks?limit=1000{after}"
-            ))
-            .await;
-        assert_eq!(status, 200, "{page}");
-        tasks.extend(page["items"].as_array().expect("items").iter().cloned());
-        match page["next_after"].as_i64() {
-            Some(next) => after = format!("&after={next}"),
-            None => return tasks,
-        }
-    }
-}
-
 async fn storage_count(app: &TestApp) -> usize {
     let (status, list) = app.get("/api/v1/storages").await;
     assert_eq!(status, 200, "{list}");
@@ -131,7 +112,7 @@ async fn local_files_sync_end_to_end() {
     assert_eq!(run["attempts"], 1);
     assert!(run["finished_at"].is_string() && run["heartbeat_at"].is_string());
 
-    let tasks = all_tasks(&app, project).await;
+    let tasks = app.all_tasks(project).await;
     assert_eq!(tasks.len(), 2501);
     let with_space = tasks
         .iter()
@@ -166,7 +147,7 @@ async fn local_files_sync_end_to_end() {
     assert_eq!(rerun["status"], "completed", "{rerun}");
     assert_eq!(rerun["counters"]["created"], 0);
     assert_eq!(rerun["counters"]["existed"], 2501);
-    assert_eq!(all_tasks(&app, project).await.len(), 2501);
+    assert_eq!(app.all_tasks(project).await.len(), 2501);
 
     // History: newest first, filterable; the storage shows its last run.
     let (_, runs) = app
@@ -254,7 +235,7 @@ async fn recursion_off_and_prefix_limit_what_is_imported() {
         assert_eq!(run["status"], "completed", "{run}");
         assert_eq!(run["counters"]["created"], expected, "{run}");
     }
-    let tasks = all_tasks(&app, project).await;
+    let tasks = app.all_tasks(project).await;
     assert_eq!(tasks.len(), 502);
     assert!(
         tasks

@@ -266,6 +266,41 @@ impl TestApp {
         }
     }
 
+    /// Every task of a project, following `next_after`.
+    pub async fn all_tasks(&self, project_id: i64) -> Vec<Value> {
+        let mut tasks = Vec::new();
+        let mut after = String::new();
+        loop {
+            let (status, page) = self
+                .get(&format!(
+                    "/api/v1/projects/{project_id}/tasks?limit=1000{after}"
+                ))
+                .await;
+            assert_eq!(status, 200, "{page}");
+            tasks.extend(page["items"].as_array().expect("items").iter().cloned());
+            match page["next_after"].as_i64() {
+                Some(next) => after = format!("&after={next}"),
+                None => return tasks,
+            }
+        }
+    }
+
+    /// Starts a sync of a storage and waits for the run to end.
+    pub async fn sync(&self, storage_id: &Value) -> Value {
+        let (status, started) = self
+            .post(
+                &format!("/api/v1/storages/{storage_id}/sync"),
+                serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(status, 202, "{started}");
+        self.wait_run(
+            started["run"]["id"].as_str().expect("run id"),
+            Duration::from_secs(120),
+        )
+        .await
+    }
+
     /// Stops the server and its in-process worker, surfacing their errors.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -313,4 +348,52 @@ pub fn repo_root() -> PathBuf {
         .parent()
         .expect("repo root")
         .to_path_buf()
+}
+
+/// Writes a Parquet file of `rows` rows `{id: i64, text: "row <id>"}` in
+/// row groups of at most `group_rows` rows (snappy-compressed, as pandas and
+/// Spark write by default).
+pub fn write_parquet(path: &Path, rows: usize, group_rows: usize) {
+    use std::sync::Arc;
+
+    use parquet::{
+        basic::Compression,
+        data_type::{ByteArray, ByteArrayType, Int64Type},
+        file::{properties::WriterProperties, writer::SerializedFileWriter},
+        schema::parser::parse_message_type,
+    };
+    let schema = Arc::new(
+        parse_message_type("message task { REQUIRED INT64 id; REQUIRED BYTE_ARRAY text (UTF8); }")
+            .expect("schema"),
+    );
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let file = std::fs::File::create(path).expect("create parquet file");
+    let mut writer = SerializedFileWriter::new(file, schema, props).expect("writer");
+    let mut start = 0;
+    while start < rows {
+        let end = (start + group_rows).min(rows);
+        let ids: Vec<i64> = (start as i64..end as i64).collect();
+        let texts: Vec<ByteArray> = ids
+            .iter()
+            .map(|i| ByteArray::from(format!("row {i}").as_str()))
+            .collect();
+        let mut group = writer.next_row_group().expect("row group");
+        let mut col = group.next_column().expect("column").expect("id column");
+        col.typed::<Int64Type>()
+            .write_batch(&ids, None, None)
+            .expect("ids");
+        col.close().expect("close ids");
+        let mut col = group.next_column().expect("column").expect("text column");
+        col.typed::<ByteArrayType>()
+            .write_batch(&texts, None, None)
+            .expect("texts");
+        col.close().expect("close texts");
+        group.close().expect("close group");
+        start = end;
+    }
+    writer.close().expect("close parquet file");
 }

@@ -1,0 +1,310 @@
+//! The import engine on real Postgres and Redis: Tasks mode in every format
+//! and shape, per-object errors among good files, prefixes, unicode keys, and
+//! change awareness on re-sync.
+use std::path::Path;
+
+use labelsync_tests::{AppOptions, TestApp, spawn_app, write_parquet};
+use sea_orm::{ConnectionTrait, Database, Statement};
+use serde_json::{Value, json};
+
+fn write(root: &Path, key: &str, body: &[u8]) {
+    let path = root.join(key);
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, body).expect("write");
+}
+
+async fn storage(app: &TestApp, project: i64, extra: Value) -> Value {
+    let mut body = json!({
+        "project_id": project, "role": "source", "backend": "local",
+        "import_method": "tasks", "config": { "path": "data" },
+    });
+    for (k, v) in extra.as_object().expect("object") {
+        body[k] = v.clone();
+    }
+    let (status, storage) = app.post("/api/v1/storages", body).await;
+    assert_eq!(status, 201, "{storage}");
+    storage
+}
+
+fn task_by_source<'a>(tasks: &'a [Value], key: &str, row: i64) -> &'a Value {
+    tasks
+        .iter()
+        .find(|t| t["source"]["key"] == key && t["source"]["row_index"] == row)
+        .unwrap_or_else(|| panic!("no task for {key} row {row}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_mode_reads_every_format_and_records_bad_objects() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    write(&data, "one.json", br#"{"text": "single"}"#);
+    write(
+        &data,
+        "array.json",
+        br#"[{"text": "a0"}, {"text": "a1"}, {"text": "a2"}]"#,
+    );
+    write(
+        &data,
+        "full.json",
+        br#"[{"data": {"text": "f0"}, "meta": {"source": "crm"},
+              "annotations": [{"result": [{"value": {"choices": ["pos"]}}], "lead_time": 3.5,
+                               "completed_by": {"id": 7, "email": "a@b.c"}, "ground_truth": true}],
+              "predictions": [{"result": [{"value": 1}], "model_version": "m-2", "score": 0.75}]},
+             {"data": {"text": "f1"}}]"#,
+    );
+    write(&data, "bom.json", "\u{feff}{\"text\": \"bom\"}".as_bytes());
+    write(
+        &data,
+        "lines.jsonl",
+        b"{\"text\": \"l0\"}\n\n{\"text\": \"l1\"}\nthis is not json\r\n{\"text\": \"l3\"}\n",
+    );
+    write(
+        &data,
+        "sp ace/ünï cødé.ndjson",
+        "{\"text\": \"u0\"}\n{\"text\": \"u1\"}\n".as_bytes(),
+    );
+    write_parquet(&data.join("table.parquet"), 5, 2);
+    write(
+        &data,
+        "broken.json",
+        br#"[{"text": "b0"}, {"text": "b1"}, {"text": "#,
+    );
+    write(
+        &data,
+        "mixed.json",
+        br#"[{"text": "m0"}, {"data": {"text": "m1"}}]"#,
+    );
+    write(&data, "notes.txt", b"not a task file");
+    write(
+        &data,
+        "deep.json",
+        format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).as_bytes(),
+    );
+    write(&data, "fake.parquet", b"PAR1 but not really");
+
+    let project = app.project("tasks").await;
+    let storage = storage(&app, project, json!({})).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    // 1 + 3 + 2 + 1 + 3 (jsonl) + 2 (ndjson) + 5 (parquet) + 2 (broken, kept) + 1 (mixed, kept)
+    assert_eq!(run["counters"]["created"], 20, "{run}");
+    // The bad line, broken.json, mixed.json, notes.txt, deep.json, fake.parquet.
+    assert_eq!(run["counters"]["failed"], 6, "{run}");
+    assert_eq!(run["counters"]["listed"], 12, "{run}");
+
+    let (status, errors) = app
+        .get(&format!(
+            "/api/v1/runs/{}/errors",
+            run["id"].as_str().expect("id")
+        ))
+        .await;
+    assert_eq!(status, 200);
+    let errors = errors["items"].as_array().expect("items").clone();
+    let error_of = |key: &str| {
+        errors
+            .iter()
+            .find(|e| e["key"] == key)
+            .unwrap_or_else(|| panic!("no error for {key}: {errors:?}"))
+            .clone()
+    };
+    assert_eq!(error_of("lines.jsonl")["row_index"], 2);
+    assert!(
+        error_of("lines.jsonl")["error"]
+            .as_str()
+            .expect("msg")
+            .contains("not valid JSON")
+    );
+    assert!(
+        error_of("broken.json")["error"]
+            .as_str()
+            .expect("msg")
+            .contains("truncated")
+    );
+    assert!(
+        error_of("mixed.json")["error"]
+            .as_str()
+            .expect("msg")
+            .contains("must not mix")
+    );
+    assert!(
+        error_of("notes.txt")["error"]
+            .as_str()
+            .expect("msg")
+            .contains("unsupported file type")
+    );
+    assert!(
+        error_of("deep.json")["error"]
+            .as_str()
+            .expect("msg")
+            .contains("recursion limit")
+    );
+    assert!(
+        error_of("fake.parquet")["error"]
+            .as_str()
+            .expect("msg")
+            .contains("Parquet")
+    );
+
+    let tasks = app.all_tasks(project).await;
+    assert_eq!(tasks.len(), 20);
+    assert_eq!(
+        task_by_source(&tasks, "one.json", 0)["data"],
+        json!({ "text": "single" })
+    );
+    assert_eq!(
+        task_by_source(&tasks, "array.json", 2)["data"],
+        json!({ "text": "a2" })
+    );
+    assert_eq!(
+        task_by_source(&tasks, "bom.json", 0)["data"],
+        json!({ "text": "bom" })
+    );
+    assert_eq!(
+        task_by_source(&tasks, "lines.jsonl", 3)["data"],
+        json!({ "text": "l3" })
+    );
+    assert_eq!(
+        task_by_source(&tasks, "sp ace/ünï cødé.ndjson", 1)["data"],
+        json!({ "text": "u1" })
+    );
+    assert_eq!(
+        task_by_source(&tasks, "table.parquet", 4)["data"],
+        json!({ "id": 4, "text": "row 4" })
+    );
+    assert_eq!(
+        task_by_source(&tasks, "broken.json", 1)["data"],
+        json!({ "text": "b1" })
+    );
+
+    let full = task_by_source(&tasks, "full.json", 0);
+    assert_eq!(full["data"], json!({ "text": "f0" }));
+    assert_eq!(full["meta"], json!({ "source": "crm" }));
+    let (_, full) = app.get(&format!("/api/v1/tasks/{}", full["id"])).await;
+    assert_eq!(
+        full["annotations"].as_array().expect("annotations").len(),
+        1
+    );
+    assert_eq!(full["annotations"][0]["lead_time"], 3.5);
+    assert_eq!(full["annotations"][0]["ground_truth"], true);
+    assert_eq!(full["annotations"][0]["completed_by"]["email"], "a@b.c");
+    assert_eq!(
+        full["annotations"][0]["result"][0]["value"]["choices"][0],
+        "pos"
+    );
+    assert_eq!(full["predictions"][0]["model_version"], "m-2");
+    assert_eq!(full["predictions"][0]["score"], 0.75);
+    let (_, plain) = app
+        .get(&format!(
+            "/api/v1/tasks/{}",
+            task_by_source(&tasks, "full.json", 1)["id"]
+        ))
+        .await;
+    assert_eq!(plain["annotations"], json!([]));
+
+    // A re-sync imports nothing twice; objects that produced no task are read
+    // (and fail) again, the others are not re-read.
+    let rerun = app.sync(&storage["id"]).await;
+    assert_eq!(rerun["counters"]["created"], 0, "{rerun}");
+    assert_eq!(rerun["counters"]["existed"], 20, "{rerun}");
+    assert_eq!(rerun["counters"]["failed"], 3, "{rerun}");
+    assert_eq!(app.all_tasks(project).await.len(), 20);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_with_and_without_trailing_slash() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    write(&data, "batch/a.json", br#"{"n": 1}"#);
+    write(&data, "batch/sub/b.json", br#"{"n": 2}"#);
+    write(&data, "batch-2/c.json", br#"{"n": 3}"#);
+    write(&data, "other/d.json", br#"{"n": 4}"#);
+    let project = app.project("prefixes").await;
+    for (prefix, expected) in [("batch/", 2), ("batch", 3)] {
+        let storage = storage(&app, project, json!({ "prefix": prefix, "title": prefix })).await;
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(
+            run["counters"]["matched"], expected,
+            "prefix {prefix:?}: {run}"
+        );
+    }
+    let flat = storage(
+        &app,
+        project,
+        json!({ "prefix": "batch/", "recursive": false, "title": "flat" }),
+    )
+    .await;
+    let run = app.sync(&flat["id"]).await;
+    assert_eq!(
+        run["counters"]["matched"], 1,
+        "non-recursive lists batch/a.json only: {run}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_reports_deleted_and_overwritten_objects() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    for i in 0..5 {
+        write(&data, &format!("img-{i}.jpg"), b"x");
+    }
+    let project = app.project("changes").await;
+    let (_, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({ "project_id": project, "role": "source", "backend": "local", "config": { "path": "data" } }),
+        )
+        .await;
+    let first = app.sync(&storage["id"]).await;
+    assert_eq!(first["counters"]["created"], 5, "{first}");
+
+    std::fs::remove_file(data.join("img-1.jpg")).expect("delete");
+    write(
+        &data,
+        "img-3.jpg",
+        b"a longer body: the etag changes with the size",
+    );
+    write(&data, "img-9.jpg", b"x");
+    let second = app.sync(&storage["id"]).await;
+    assert_eq!(second["status"], "completed", "{second}");
+    let c = &second["counters"];
+    assert_eq!(
+        (c["created"].as_i64(), c["existed"].as_i64()),
+        (Some(1), Some(4)),
+        "{second}"
+    );
+    assert_eq!(
+        (c["missing"].as_i64(), c["changed"].as_i64()),
+        (Some(1), Some(1)),
+        "{second}"
+    );
+
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT object_key FROM import_links WHERE object_exists = false".to_owned(),
+        ))
+        .await
+        .expect("query")
+        .expect("one missing object");
+    assert_eq!(
+        row.try_get::<String>("", "object_key").expect("key"),
+        "img-1.jpg"
+    );
+
+    // Nothing changed since: nothing is missing or changed any more.
+    let third = app.sync(&storage["id"]).await;
+    let c = &third["counters"];
+    assert_eq!(
+        (
+            c["missing"].as_i64(),
+            c["changed"].as_i64(),
+            c["existed"].as_i64()
+        ),
+        (Some(0), Some(0), Some(5))
+    );
+    app.stop().await;
+}
