@@ -204,3 +204,57 @@ async fn one_shot_cli_syncs_the_bundled_example() {
     );
     assert!(failed.stdout.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_scheduler_replicas_enqueue_each_period_once() {
+    let first = spawn_app(AppOptions::default()).await;
+    let second = labelsync_tests::spawn_replica(&first).await;
+    write_files(&first.doc_root.path().join("data"), 3, "jpg");
+    let project = first.project("periodic").await;
+    let (status, storage) = first
+        .post(
+            "/api/v1/storages",
+            json!({ "project_id": project, "role": "source", "backend": "local",
+                    "config": { "path": "data" }, "sync_interval_seconds": 2 }),
+        )
+        .await;
+    assert_eq!(status, 201, "{storage}");
+    // Both replicas tick every 200 ms; a 2 s period over ~7 s allows 4 runs
+    // (the first is due at once). Without the claim it would be dozens.
+    tokio::time::sleep(Duration::from_millis(7000)).await;
+    let (_, runs) = second
+        .get(&format!("/api/v1/runs?storage_id={}", storage["id"]))
+        .await;
+    let runs = runs["items"].as_array().expect("items").clone();
+    assert!(
+        (3..=4).contains(&runs.len()),
+        "{} runs in 7 s: {runs:?}",
+        runs.len()
+    );
+    let queued: Vec<i64> = runs
+        .iter()
+        .map(|r| chrono_ms(r["queued_at"].as_str().expect("queued_at")))
+        .collect();
+    for pair in queued.windows(2) {
+        assert!(
+            pair[0] - pair[1] >= 1900,
+            "two runs less than a period apart: {runs:?}"
+        );
+    }
+    for run in &runs {
+        let done = second
+            .wait_run(run["id"].as_str().expect("id"), Duration::from_secs(30))
+            .await;
+        assert_eq!(done["status"], "completed", "{done}");
+    }
+    assert_eq!(runs.last().expect("first run")["counters"]["created"], 3);
+    second.stop().await;
+    first.stop().await;
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time.
+fn chrono_ms(time: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(time)
+        .expect("RFC 3339")
+        .timestamp_millis()
+}

@@ -66,9 +66,14 @@ pub async fn serve(
                 .await
         });
     }
+    let ticker = tokio::spawn(crate::periodic::run(
+        state.clone(),
+        state.settings.schedule_tick,
+    ));
     tracing::info!(%addr, embedded_workers = state.settings.embedded_workers, "labelsync scheduler listening");
     let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown);
     let served = server.await;
+    ticker.abort();
     let _ = stop_tx.send(true);
     while let Some(done) = workers.join_next().await {
         done.context("worker task panicked")?

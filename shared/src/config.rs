@@ -47,6 +47,9 @@ pub struct Settings {
     /// exactly when there is no `REDIS_URL`.
     pub embedded_workers: bool,
     pub worker: WorkerSettings,
+    /// `LABELSYNC_SCHEDULE_TICK_MS` (default 1000): how often the scheduler
+    /// looks for storages whose `sync_interval_seconds` has come round.
+    pub schedule_tick: Duration,
     /// `LABELSYNC_LOG_FORMAT`: `json` or `text` (default).
     pub log_json: bool,
 }
@@ -136,6 +139,9 @@ impl Settings {
             document_root: get("LOCAL_FILES_DOCUMENT_ROOT").map(PathBuf::from),
             run_migrations: parse(&get, "LABELSYNC_RUN_MIGRATIONS", true)?,
             worker,
+            schedule_tick: Duration::from_millis(
+                parse(&get, "LABELSYNC_SCHEDULE_TICK_MS", 1000)?.max(50),
+            ),
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
         })
     }

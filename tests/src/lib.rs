@@ -117,6 +117,7 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
     vars.insert("LABELSYNC_QUEUE_NAMESPACE", unique("test"));
     vars.insert("LABELSYNC_EMBEDDED_WORKERS", opts.workers.to_string());
     vars.insert("LABELSYNC_HEARTBEAT_SECS", "1".into());
+    vars.insert("LABELSYNC_SCHEDULE_TICK_MS", "200".into());
     vars.insert(
         "LOCAL_FILES_DOCUMENT_ROOT",
         doc_root.path().display().to_string(),
@@ -128,6 +129,28 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
     if let Some(token) = &opts.token {
         vars.insert("LABELSYNC_API_TOKENS", format!("other-token,{token}"));
     }
+    start(vars, doc_root, database_url, opts.token).await
+}
+
+/// A second scheduler on the same database, queue namespace and document root
+/// (an HA replica).
+pub async fn spawn_replica(of: &TestApp) -> TestApp {
+    let doc_root = tempfile::tempdir().expect("temp dir");
+    start(
+        of.vars.clone(),
+        doc_root,
+        of.database_url.clone(),
+        of.token.clone(),
+    )
+    .await
+}
+
+async fn start(
+    vars: HashMap<&'static str, String>,
+    doc_root: tempfile::TempDir,
+    database_url: String,
+    token: Option<String>,
+) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
         labelsync::telemetry::init(false);
     }
@@ -144,7 +167,7 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
     let app = TestApp {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
-        token: opts.token,
+        token,
         doc_root,
         database_url,
         vars,

@@ -190,7 +190,9 @@ pub async fn update(
     model.created_at = Set(current.created_at);
     model.secrets = Set(current.secrets.clone());
     model.secrets_set = Set(current.secrets_set.clone());
-    model.next_sync_at = Set(current.next_sync_at);
+    // A new period starts now; an unchanged one keeps its schedule.
+    let same_period = current.sync_interval_seconds == spec.sync_interval_seconds;
+    model.next_sync_at = Set(current.next_sync_at.filter(|_| same_period));
     let model = model.update(&state.db).await?;
     let last = last_runs(&state.db, &[id]).await?;
     Ok(ApiJson(with_last_run(&model, last.get(&id))))

@@ -11,8 +11,8 @@ use crate::{Error, Result, db::entities::storage, ingest::Filter};
 
 /// Providers cap signed URLs at 7 days (SigV4, GCS V4).
 pub const MAX_PRESIGN_TTL: i64 = 7 * 24 * 3600;
-/// Periodic syncs more often than this would only pile up runs.
-pub const MIN_SYNC_INTERVAL: i64 = 10;
+/// A period shorter than a second is surely a mistake (milliseconds?).
+pub const MIN_SYNC_INTERVAL: i64 = 1;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

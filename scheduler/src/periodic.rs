@@ -1,0 +1,80 @@
+//! Periodic syncs. Every replica ticks, but each due storage is claimed with
+//! one conditional UPDATE of its `next_sync_at`: only the replica whose UPDATE
+//! changed the row enqueues, so a period yields one sync however many
+//! schedulers run.
+use std::time::Duration;
+
+use chrono::Utc;
+use labelsync::{db::entities::storage, jobs};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect, sea_query::Expr};
+
+use crate::api::AppState;
+
+/// Due storages handled per tick.
+const BATCH: u64 = 100;
+
+/// Runs until the process stops.
+pub async fn run(state: AppState, tick: Duration) {
+    let mut timer = tokio::time::interval(tick);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        timer.tick().await;
+        if let Err(err) = tick_once(&state).await {
+            tracing::warn!(error = %err, "periodic sync tick failed");
+        }
+    }
+}
+
+fn due(now: chrono::DateTime<Utc>) -> Condition {
+    Condition::all()
+        .add(storage::Column::SyncIntervalSeconds.is_not_null())
+        .add(
+            Condition::any()
+                .add(storage::Column::NextSyncAt.is_null())
+                .add(storage::Column::NextSyncAt.lte(now)),
+        )
+}
+
+/// Claims and enqueues every storage whose period has come.
+pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
+    let now = Utc::now();
+    let candidates: Vec<(i64, Option<i64>)> = storage::Entity::find()
+        .select_only()
+        .column(storage::Column::Id)
+        .column(storage::Column::SyncIntervalSeconds)
+        .filter(due(now))
+        .limit(BATCH)
+        .into_tuple()
+        .all(&state.db)
+        .await?;
+    let mut enqueued = 0;
+    for (id, interval) in candidates {
+        let Some(interval) = interval else { continue };
+        let next = now + chrono::Duration::seconds(interval);
+        let claimed = storage::Entity::update_many()
+            .col_expr(storage::Column::NextSyncAt, Expr::value(next))
+            .filter(storage::Column::Id.eq(id))
+            .filter(due(now))
+            .exec(&state.db)
+            .await?;
+        if claimed.rows_affected == 0 {
+            continue; // another replica took this period
+        }
+        let Some(model) = storage::Entity::find_by_id(id).one(&state.db).await? else {
+            continue;
+        };
+        match jobs::enqueue_sync(&state.db, &state.queue, &state.settings, &model).await {
+            Ok((run, false)) => {
+                enqueued += 1;
+                tracing::info!(storage_id = id, run_id = %run.id, "periodic sync enqueued");
+            }
+            Ok((run, true)) => {
+                tracing::debug!(storage_id = id, run_id = %run.id, "periodic sync skipped: a run is live")
+            }
+            Err(err) => {
+                tracing::warn!(storage_id = id, error = %err, "periodic sync could not be enqueued")
+            }
+        }
+    }
+    Ok(enqueued)
+}
