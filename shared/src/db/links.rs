@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
+    QueryTrait,
     sea_query::{Expr, Func, OnConflict},
 };
 use serde_json::Value;
@@ -234,7 +235,9 @@ pub async fn insert_tasks(
                 updated_at: Set(now),
                 ..Default::default()
             });
-        let linked: HashSet<i64> = import_link::Entity::insert_many(links)
+        // RETURNING only the task ids: decoding whole link rows cost more
+        // than the insert itself.
+        let mut insert = import_link::Entity::insert_many(links)
             .on_conflict(
                 OnConflict::columns([
                     import_link::Column::StorageId,
@@ -244,11 +247,14 @@ pub async fn insert_tasks(
                 .do_nothing()
                 .to_owned(),
             )
-            .exec_with_returning(db)
+            .into_query();
+        insert.returning_col(import_link::Column::TaskId);
+        let linked: HashSet<i64> = db
+            .query_all(&insert)
             .await?
-            .into_iter()
-            .map(|link| link.task_id)
-            .collect();
+            .iter()
+            .map(|row| row.try_get::<i64>("", "task_id"))
+            .collect::<Result<_, _>>()?;
 
         if linked.len() < ids.len() {
             let orphans: Vec<i64> = ids

@@ -69,6 +69,20 @@ pub async fn ping(db: &DatabaseConnection) -> bool {
     db.execute_unprepared("SELECT 1").await.is_ok()
 }
 
+/// Begins a transaction that will write. On SQLite it takes the write lock at
+/// BEGIN (IMMEDIATE): a deferred transaction that reads first and writes later
+/// fails with SQLITE_BUSY_SNAPSHOT when another connection (the run's
+/// heartbeat) wrote in between, and busy_timeout cannot help there.
+pub async fn begin_write(db: &DatabaseConnection) -> Result<sea_orm::DatabaseTransaction> {
+    use sea_orm::{SqliteTransactionMode, TransactionOptions, TransactionTrait};
+    Ok(db
+        .begin_with_options(TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        })
+        .await?)
+}
+
 pub fn is_sqlite(db: &DatabaseConnection) -> bool {
     db.get_database_backend() == DbBackend::Sqlite
 }

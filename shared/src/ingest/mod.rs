@@ -19,7 +19,7 @@ pub mod parse;
 mod tasks;
 
 use futures::{StreamExt, TryStreamExt};
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::DatabaseConnection;
 use serde_json::json;
 
 pub use filter::Filter;
@@ -115,9 +115,12 @@ impl ImportJob<'_> {
 
             let mut errors = Vec::new();
             if tasks_mode {
+                // Only objects of a replayed page can have rows already.
+                let may_exist = fresh.iter().any(|o| known.contains_key(&o.key));
                 let objects = tasks::Importer {
                     job: self,
                     backend: backend.clone(),
+                    may_exist,
                 };
                 let results: Vec<Option<tasks::ObjectResult>> =
                     futures::stream::iter(fresh.drain(..))
@@ -134,7 +137,7 @@ impl ImportJob<'_> {
                 }
             }
 
-            let txn = self.db.begin().await?;
+            let txn = crate::db::begin_write(self.db).await?;
             if !fresh.is_empty() {
                 let new = files_tasks(&*backend, &self.project.data_key, fresh);
                 let (created, raced) =
@@ -164,7 +167,7 @@ impl ImportJob<'_> {
         }
 
         // The listing is complete: what was not seen is gone.
-        let txn = self.db.begin().await?;
+        let txn = crate::db::begin_write(self.db).await?;
         let missing = links::mark_missing(&txn, self.storage.id, &self.run.id).await?;
         let delta = Counters {
             missing,

@@ -12,6 +12,7 @@ use std::{
     sync::Arc,
 };
 
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
 use super::{
@@ -29,12 +30,17 @@ use crate::{
 
 /// Rows per transaction and per channel message.
 const CHUNK_ROWS: usize = 1000;
+/// Chunks of one object committed concurrently.
+const PARALLEL_CHUNKS: usize = 2;
 /// Row errors kept per object; more are counted but not stored.
 const MAX_ERRORS_PER_OBJECT: usize = 100;
 
 pub(super) struct Importer<'a, 'j> {
     pub job: &'a ImportJob<'j>,
     pub backend: Arc<dyn Storage>,
+    /// False when no object of this page had links before: the per-chunk
+    /// "which rows exist" query is skipped.
+    pub may_exist: bool,
 }
 
 #[derive(Debug, Default)]
@@ -111,18 +117,29 @@ impl Importer<'_, '_> {
             parsed
         });
 
+        // Two chunks commit at once: one Postgres backend per chunk keeps both
+        // cores busy while the parser fills the next one.
+        let may_exist = self.may_exist;
         let mut stopped = false;
-        while let Some(events) = rx.recv().await {
-            let mut rows = Vec::with_capacity(events.len());
-            for event in events {
-                match event {
-                    RowEvent::Task(row, task) => rows.push((row, task)),
-                    RowEvent::Error(row, message) => result.error(&key, Some(row), message),
+        {
+            let chunks = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
+            let mut inserts = chunks
+                .map(|events| {
+                    let mut rows = Vec::with_capacity(events.len());
+                    for event in events {
+                        match event {
+                            RowEvent::Task(row, task) => rows.push((row, task)),
+                            RowEvent::Error(row, message) => result.error(&key, Some(row), message),
+                        }
+                    }
+                    self.insert(&object, rows, may_exist)
+                })
+                .buffer_unordered(PARALLEL_CHUNKS);
+            while let Some(kept_going) = inserts.try_next().await? {
+                if !kept_going {
+                    stopped = true;
+                    break;
                 }
-            }
-            if !self.insert(&object, rows).await? {
-                stopped = true;
-                break;
             }
         }
         drop(rx);
@@ -164,12 +181,21 @@ impl Importer<'_, '_> {
     }
 
     /// Commits one chunk of an object's rows; false when the run stopped.
-    async fn insert(&self, object: &ObjectMeta, rows: Vec<(i64, TaskInput)>) -> Result<bool> {
+    async fn insert(
+        &self,
+        object: &ObjectMeta,
+        rows: Vec<(i64, TaskInput)>,
+        may_exist: bool,
+    ) -> Result<bool> {
         let (Some(lo), Some(hi)) = (rows.first().map(|r| r.0), rows.last().map(|r| r.0)) else {
             return Ok(true);
         };
         let job = self.job;
-        let existing = links::existing_rows(job.db, job.storage.id, &object.key, lo, hi).await?;
+        let existing = if may_exist {
+            links::existing_rows(job.db, job.storage.id, &object.key, lo, hi).await?
+        } else {
+            Default::default()
+        };
         let new: Vec<NewTask> = rows
             .into_iter()
             .filter(|(row, _)| !existing.contains(row))
@@ -188,8 +214,7 @@ impl Importer<'_, '_> {
         if new.is_empty() {
             return Ok(true);
         }
-        use sea_orm::TransactionTrait;
-        let txn = job.db.begin().await?;
+        let txn = crate::db::begin_write(job.db).await?;
         let (created, _) =
             links::insert_tasks(&txn, job.project.id, job.storage.id, &job.run.id, new).await?;
         let delta = Counters {
