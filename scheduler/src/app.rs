@@ -53,17 +53,24 @@ pub async fn serve(
     }
     let state = state(settings).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Set when the in-process worker dies on its own: the server then stops
+    // too, so the process exits non-zero instead of serving with no worker.
+    let (died_tx, mut died_rx) = watch::channel(false);
     let mut workers = JoinSet::new();
     if state.settings.embedded_workers {
         let ctx = JobContext::new(state.db.clone(), (*state.settings).clone());
         let queue = state.queue.clone();
         let mut stop = stop_rx.clone();
         workers.spawn(async move {
-            queue
+            let result = queue
                 .run_worker(ctx, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
-                .await
+                .await;
+            if result.is_err() {
+                let _ = died_tx.send(true);
+            }
+            result
         });
     }
     let ticker = tokio::spawn(crate::periodic::run(
@@ -71,7 +78,12 @@ pub async fn serve(
         state.settings.schedule_tick,
     ));
     tracing::info!(%addr, embedded_workers = state.settings.embedded_workers, "labelsync scheduler listening");
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown);
+    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = died_rx.wait_for(|died| *died) => tracing::error!("in-process worker stopped; shutting down"),
+        }
+    });
     let served = server.await;
     ticker.abort();
     let _ = stop_tx.send(true);

@@ -14,7 +14,7 @@ use axum::{
     extract::{DefaultBodyLimit, Request, State},
     http::{StatusCode, header},
     middleware::{self, Next},
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use labelsync::{config::Settings, jobs::Queue, storage::StorageEnv};
@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}/errors", get(runs::errors))
         .route("/runs/{id}/cancel", post(runs::cancel))
         .route("/tasks/{id}", get(tasks::get_one))
+        .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such API route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -70,6 +71,16 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// The OpenAPI document of the routes above, kept by hand beside them
+/// (`api/openapi.json`); a test checks every route it lists answers.
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
 }
 
 /// Bearer-token check, in constant time against every configured token. With
