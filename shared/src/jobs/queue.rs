@@ -146,6 +146,8 @@ impl Queue {
             let _ = stopped.send(());
             Ok::<(), WorkerError>(())
         };
+        // The same builder chain over two backend types: a generic helper
+        // would have to restate apalis' builder bounds, longer than the copy.
         let result = match self {
             Queue::Redis { storage, .. } => {
                 WorkerBuilder::new(name.as_str())
