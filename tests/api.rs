@@ -314,6 +314,9 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
         (400, &json!("invalid_json")),
         "{err}"
     );
+    let huge = json!({ "title": "x".repeat(3 << 20) });
+    let (status, err) = app.post("/api/v1/projects", huge).await;
+    assert_eq!((status, &err["error"]["code"]), (413, &json!("body_too_large")), "{err}");
     let (status, err) = app.post_raw("/api/v1/projects", "not json").await;
     assert_eq!(
         (status, &err["error"]["code"]),
