@@ -38,9 +38,9 @@ cat > "$root/spec.json" <<JSON
 {"project": {"title": "bench", "data_key": "text"}, "role": "source", "backend": "local",
  "title": "bench", "import_method": "tasks", "config": {"path": "files"}}
 JSON
-/usr/bin/time -f "%e %M" -o "$root/time" env DATABASE_URL="$db" LOCAL_FILES_DOCUMENT_ROOT="$root" \
+/usr/bin/time -f "%e %M %U %S" -o "$root/time" env DATABASE_URL="$db" LOCAL_FILES_DOCUMENT_ROOT="$root" \
   "$bin" sync --spec "$root/spec.json" --quiet > "$root/run.json"
-read -r secs rss_kb < "$root/time"
+read -r secs rss_kb user_s sys_s < "$root/time"; echo "client cpu: user ${user_s}s sys ${sys_s}s" >&2
 python3 - "$root/run.json" "$secs" "$rss_kb" "$bytes" "$kind" <<'PY'
 import json, sys
 run = json.load(open(sys.argv[1]))
