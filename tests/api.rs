@@ -194,6 +194,23 @@ async fn second_sync_while_one_is_live_returns_it() {
     assert_eq!((status, &second["already_running"]), (202, &json!(true)));
     assert_eq!(second["run"]["id"], first["run"]["id"]);
 
+    let (status, queues) = app.get("/api/v1/queues").await;
+    assert_eq!(status, 200, "{queues}");
+    let queue = &queues["items"][0];
+    assert_eq!(
+        queue["queue"],
+        format!("{}:runs", app.vars["LABELSYNC_QUEUE_NAMESPACE"])
+    );
+    assert_eq!(
+        (
+            queue["pending"].as_u64(),
+            queue["running"].as_u64(),
+            queue["dead"].as_u64()
+        ),
+        (Some(1), Some(0), Some(0)),
+        "{queues}"
+    );
+
     let run_id = first["run"]["id"].as_str().expect("id");
     let (status, cancelled) = app
         .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
@@ -316,7 +333,11 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
     );
     let huge = json!({ "title": "x".repeat(3 << 20) });
     let (status, err) = app.post("/api/v1/projects", huge).await;
-    assert_eq!((status, &err["error"]["code"]), (413, &json!("body_too_large")), "{err}");
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (413, &json!("body_too_large")),
+        "{err}"
+    );
     let (status, err) = app.post_raw("/api/v1/projects", "not json").await;
     assert_eq!(
         (status, &err["error"]["code"]),

@@ -92,6 +92,8 @@ async fn kill_mid_sync(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let (_, queues) = app.get("/api/v1/queues").await;
+    assert_eq!(queues["items"][0]["running"], 1, "the queue shows the job held by the first worker: {queues}");
     let mut second = spawn_worker(&app, "survivor");
     first.kill().expect("SIGKILL the first worker");
     first.wait().expect("reap");

@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}/errors", get(runs::errors))
         .route("/runs/{id}/cancel", post(runs::cancel))
         .route("/tasks/{id}", get(tasks::get_one))
+        .route("/queues", get(ops::queues))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such API route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth));

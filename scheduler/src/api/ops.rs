@@ -1,5 +1,5 @@
 //! Probes for orchestrators: `/healthz` (the process answers) and `/readyz`
-//! (the database and the queue answer too).
+//! (the database and the queue answer too); `/api/v1/queues` for ops.
 use axum::{Json, extract::State, http::StatusCode};
 use serde_json::{Value, json};
 
@@ -20,4 +20,10 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         status,
         Json(json!({ "database": database, "queue": queue })),
     )
+}
+
+/// `GET /api/v1/queues`: the backlog of each queue.
+pub async fn queues(State(state): State<AppState>) -> super::ApiResult<Json<Value>> {
+    let depth = state.queue.depth().await?;
+    Ok(Json(json!({ "items": [depth] })))
 }

@@ -109,6 +109,78 @@ impl Queue {
         }
     }
 
+    /// How many jobs wait, run and died, read from the backend's own keys or
+    /// tables (apalis-redis 1.0's metrics calls fail: PITFALLS.md).
+    pub async fn depth(&self) -> Result<QueueDepth> {
+        match self {
+            Queue::Redis { storage, conn } => {
+                let config = storage.get_config();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let mut conn = conn.clone();
+                let redis_err =
+                    |e: redis::RedisError| Error::Transient(format!("queue depth: {e}"));
+                let (due, active, dead, workers): (u64, u64, u64, Vec<String>) = redis::pipe()
+                    .cmd("ZCOUNT")
+                    .arg(config.scheduled_jobs_set())
+                    .arg("-inf")
+                    .arg(now)
+                    .cmd("LLEN")
+                    .arg(config.active_jobs_list())
+                    .cmd("SCARD")
+                    .arg(config.dead_jobs_set())
+                    .cmd("ZRANGE")
+                    .arg(config.workers_set())
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_err)?;
+                let mut running = 0u64;
+                if !workers.is_empty() {
+                    let mut pipe = redis::pipe();
+                    for worker in &workers {
+                        pipe.cmd("SCARD")
+                            .arg(format!("{}:{worker}", config.inflight_jobs_set()));
+                    }
+                    let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+                    running = counts.iter().sum();
+                }
+                Ok(QueueDepth {
+                    queue: config.queue.to_string(),
+                    pending: due + active,
+                    running,
+                    dead,
+                })
+            }
+            Queue::Embedded(storage) => {
+                let name = apalis_core::backend::BackendConfig::config(storage)
+                    .queue
+                    .to_string();
+                let rows: Vec<(String, i64)> = sea_orm::sqlx::query_as(
+                    "SELECT status, COUNT(*) FROM Jobs WHERE job_type = ? GROUP BY status",
+                )
+                .bind(&name)
+                .fetch_all(storage.pool())
+                .await
+                .map_err(|e| Error::Transient(format!("queue depth: {e}")))?;
+                let count = |states: &[&str]| -> u64 {
+                    rows.iter()
+                        .filter(|(s, _)| states.contains(&s.as_str()))
+                        .map(|(_, n)| *n as u64)
+                        .sum()
+                };
+                Ok(QueueDepth {
+                    queue: name,
+                    pending: count(&["Pending", "Queued"]),
+                    running: count(&["Running"]),
+                    dead: count(&["Killed"]),
+                })
+            }
+        }
+    }
+
     /// True when the queue's server answers (for `/readyz`).
     pub async fn ping(&self) -> bool {
         match self {
@@ -177,6 +249,18 @@ impl Queue {
         tracing::info!(worker = %name, "worker stopped");
         Ok(())
     }
+}
+
+/// One queue's backlog, as `GET /api/v1/queues` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueDepth {
+    pub queue: String,
+    /// Jobs due and not yet taken by a worker.
+    pub pending: u64,
+    /// Jobs a live worker holds.
+    pub running: u64,
+    /// Jobs given up on by the queue.
+    pub dead: u64,
 }
 
 async fn handle(job: RunJob, ctx: Data<Arc<JobContext>>) -> Result<(), BoxDynError> {
