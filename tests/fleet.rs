@@ -9,10 +9,33 @@ use labelsync_tests::{AppOptions, TestApp, binary, repo_root, spawn_app, write_f
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
 
-fn spawn_worker(app: &TestApp, name: &str) -> Child {
+/// A `labelsync-worker` process, killed when dropped so a failing test
+/// leaves none behind.
+struct Worker(Child);
+
+impl Worker {
+    /// SIGKILL, and wait for it to be gone.
+    fn kill(&mut self) {
+        self.0.kill().expect("SIGKILL the worker");
+        self.0.wait().expect("reap the worker");
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_worker(app: &TestApp, name: &str) -> Worker {
+    spawn_worker_with(app, name, &[])
+}
+
+fn spawn_worker_with(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
     let mut cmd = Command::new(binary("labelsync-worker"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
+    cmd.env_clear().envs(env.iter().copied());
+    cmd.env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("LABELSYNC_WORKER_NAME", name)
         .env("LABELSYNC_PAGE_SIZE", "100")
         .env("RUST_LOG", "warn")
@@ -26,7 +49,7 @@ fn spawn_worker(app: &TestApp, name: &str) -> Child {
     ] {
         cmd.env(key, &app.vars[key]);
     }
-    cmd.spawn().expect("start labelsync-worker")
+    Worker(cmd.spawn().expect("start labelsync-worker"))
 }
 
 async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
@@ -93,10 +116,13 @@ async fn kill_mid_sync(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (_, queues) = app.get("/api/v1/queues").await;
-    assert_eq!(queues["items"][0]["running"], 1, "the queue shows the job held by the first worker: {queues}");
-    let mut second = spawn_worker(&app, "survivor");
-    first.kill().expect("SIGKILL the first worker");
-    first.wait().expect("reap");
+    let running = queues["items"][0]["running"].as_u64().unwrap_or(0);
+    assert!(
+        running >= 1,
+        "the queue shows the jobs the first worker holds: {queues}"
+    );
+    let _survivor = spawn_worker(&app, "survivor");
+    first.kill();
     let (_, at_kill) = app.get(&format!("/api/v1/runs/{run_id}")).await;
 
     let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
@@ -129,8 +155,6 @@ async fn kill_mid_sync(
         0,
         "every task has its link"
     );
-    second.kill().expect("stop the second worker");
-    second.wait().expect("reap");
     app.stop().await;
 }
 
@@ -279,4 +303,85 @@ fn chrono_ms(time: &str) -> i64 {
     chrono::DateTime::parse_from_rfc3339(time)
         .expect("RFC 3339")
         .timestamp_millis()
+}
+
+/// A Tasks-mode storage of `files` one-task JSON files, synced by the given
+/// worker processes; returns the finished run and the database.
+async fn fan_out_sync(app: &TestApp, files: usize) -> (Value, sea_orm::DatabaseConnection) {
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    for i in 0..files {
+        std::fs::write(
+            data.join(format!("t-{i:05}.json")),
+            format!("{{\"n\": {i}}}"),
+        )
+        .expect("write");
+    }
+    let project = app.project("fan-out").await;
+    let (status, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({ "project_id": project, "role": "source", "backend": "local",
+                    "import_method": "tasks", "config": { "path": "data" } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{storage}");
+    let run = app.sync(&storage["id"]).await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    (run, db)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_sync_fans_out_batches_across_workers() {
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    let workers = [spawn_worker(&app, "left"), spawn_worker(&app, "right")];
+    let (run, db) = fan_out_sync(&app, 1500).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 1500, "{run}");
+    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM tasks").await, 1500);
+    // 1,500 objects in batches of 50, every one finished.
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM sync_batches WHERE done").await,
+        30
+    );
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM sync_batches WHERE NOT done").await,
+        0
+    );
+    let workers_used = count(&db, "SELECT COUNT(DISTINCT worker) AS n FROM sync_batches").await;
+    assert!(workers_used >= 2, "batches ran on {workers_used} worker(s)");
+    drop(workers);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_on_a_single_slot_worker_does_not_deadlock() {
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    // One slot: the sync job holds it, so batches only run if it runs them.
+    let worker = spawn_worker_with(&app, "lonely", &[("LABELSYNC_WORKER_CONCURRENCY", "1")]);
+    let (run, db) = fan_out_sync(&app, 400).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 400, "{run}");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM sync_batches WHERE NOT done").await,
+        0
+    );
+    assert!(
+        count(
+            &db,
+            "SELECT COUNT(*) AS n FROM sync_batches WHERE worker = 'sync-job'"
+        )
+        .await
+            > 0
+    );
+    drop(worker);
+    app.stop().await;
 }

@@ -45,7 +45,7 @@ ensure_postgres() {
   psql "$TEST_POSTGRES_URL" -qtc 'SELECT 1' >/dev/null
   # Databases left by earlier runs (one per test).
   psql "$TEST_POSTGRES_URL" -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'labelsync_test_%'" |
-    while read -r db; do psql "$TEST_POSTGRES_URL" -qc "DROP DATABASE IF EXISTS $db" >/dev/null; done
+    while read -r db; do psql "$TEST_POSTGRES_URL" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null || true; done
 }
 
 ensure_redis() {

@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_initial;
 mod m20261124_000002_change_tracking;
+mod m20261124_000003_sync_batches;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261124_000001_initial::Migration),
             Box::new(m20261124_000002_change_tracking::Migration),
+            Box::new(m20261124_000003_sync_batches::Migration),
         ]
     }
 }

@@ -58,7 +58,11 @@ pub async fn serve(
     let (died_tx, mut died_rx) = watch::channel(false);
     let mut workers = JoinSet::new();
     if state.settings.embedded_workers {
-        let ctx = JobContext::new(state.db.clone(), (*state.settings).clone());
+        let ctx = JobContext::new(
+            state.db.clone(),
+            (*state.settings).clone(),
+            Some(state.queue.clone()),
+        );
         let queue = state.queue.clone();
         let mut stop = stop_rx.clone();
         workers.spawn(async move {

@@ -109,7 +109,8 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
 
     let bar = progress_bar(quiet);
     let watcher = tokio::spawn(watch_progress(db.clone(), run.id.clone(), bar.clone()));
-    let ctx = JobContext::new(db.clone(), settings);
+    // No queue: Tasks-mode objects are imported in this process, not fanned out.
+    let ctx = JobContext::new(db.clone(), settings, None);
     let mut backoff = Duration::from_millis(500);
     // Transient failures are retried here as the queue would, with our attempt limit.
     loop {

@@ -43,6 +43,6 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
     }
     let db = db::connect(&settings.database_url).await?;
     let queue = Queue::open(&settings, &db).await?;
-    let ctx: Arc<JobContext> = JobContext::new(db, settings);
+    let ctx: Arc<JobContext> = JobContext::new(db, settings, Some(queue.clone()));
     queue.run_worker(ctx, shutdown_signal()).await
 }

@@ -24,14 +24,18 @@ use serde_json::json;
 
 pub use filter::Filter;
 
+use std::sync::Arc;
+
 use crate::{
     Result,
     config::WorkerSettings,
     db::{
-        entities::{project, storage as storage_entity, sync_run},
+        batches,
+        entities::{project, storage as storage_entity, sync_batch, sync_run},
         links::{self, NewTask},
-        runs::{self, Counters},
+        runs::{self, Counters, RunStatus},
     },
+    jobs::{Queue, RunJob},
     storage::{self, ListOptions, ObjectMeta, Storage, StorageEnv},
 };
 
@@ -51,6 +55,9 @@ pub struct ImportJob<'a> {
     pub storage: &'a storage_entity::Model,
     pub project: &'a project::Model,
     pub settings: &'a WorkerSettings,
+    /// Where Tasks-mode objects are handed out as batch jobs; `None` imports
+    /// them in this process (the one-shot CLI).
+    pub fanout: Option<&'a Queue>,
 }
 
 /// A per-object failure: key, row (None for the whole object), message.
@@ -114,26 +121,25 @@ impl ImportJob<'_> {
             }
 
             let mut errors = Vec::new();
-            if tasks_mode {
-                // Only objects of a replayed page can have rows already.
-                let may_exist = fresh.iter().any(|o| known.contains_key(&o.key));
-                let objects = tasks::Importer {
-                    job: self,
-                    backend: backend.clone(),
-                    may_exist,
-                };
-                let results: Vec<Option<tasks::ObjectResult>> =
-                    futures::stream::iter(fresh.drain(..))
-                        .map(|object| objects.import(object))
-                        .buffer_unordered(self.settings.fetch_concurrency.max(1))
-                        .try_collect()
-                        .await?;
-                for result in results {
-                    let Some(result) = result else {
-                        return Ok(Outcome::Stopped);
-                    };
-                    delta.failed += result.failed;
-                    errors.extend(result.errors);
+            if tasks_mode && !fresh.is_empty() {
+                let objects = std::mem::take(&mut fresh);
+                match self.fanout {
+                    Some(queue) => {
+                        if !self.fan_out(queue, objects).await? {
+                            return Ok(Outcome::Stopped);
+                        }
+                    }
+                    None => {
+                        // Only objects of a replayed page can have rows already.
+                        let may_exist = objects.iter().any(|o| known.contains_key(&o.key));
+                        let Some((failed, errs)) =
+                            self.import_objects(&backend, objects, may_exist).await?
+                        else {
+                            return Ok(Outcome::Stopped);
+                        };
+                        delta.failed += failed;
+                        errors = errs;
+                    }
                 }
             }
 
@@ -166,7 +172,11 @@ impl ImportJob<'_> {
             txn.commit().await?;
         }
 
-        // The listing is complete: what was not seen is gone.
+        // The listing is complete; once every batch is done, what was not
+        // seen is gone.
+        if self.fanout.is_some() && !self.wait_for_batches(0).await? {
+            return Ok(Outcome::Stopped);
+        }
         let txn = crate::db::begin_write(self.db).await?;
         let missing = links::mark_missing(&txn, self.storage.id, &self.run.id).await?;
         let delta = Counters {
@@ -181,6 +191,144 @@ impl ImportJob<'_> {
         Ok(Outcome::Finished)
     }
 }
+
+impl ImportJob<'_> {
+    /// Fetches, parses and imports Tasks-mode objects, a bounded number at
+    /// once. `None` when the run stopped; otherwise the failures to record.
+    async fn import_objects(
+        &self,
+        backend: &Arc<dyn Storage>,
+        objects: Vec<ObjectMeta>,
+        may_exist: bool,
+    ) -> Result<Option<(i64, Vec<ObjectError>)>> {
+        let importer = tasks::Importer {
+            job: self,
+            backend: backend.clone(),
+            may_exist,
+        };
+        let results: Vec<Option<tasks::ObjectResult>> = futures::stream::iter(objects)
+            .map(|object| importer.import(object))
+            .buffer_unordered(self.settings.fetch_concurrency.max(1))
+            .try_collect()
+            .await?;
+        let mut failed = 0;
+        let mut errors = Vec::new();
+        for result in results {
+            let Some(result) = result else {
+                return Ok(None);
+            };
+            failed += result.failed;
+            errors.extend(result.errors);
+        }
+        Ok(Some((failed, errors)))
+    }
+
+    /// Hands objects to the fleet in batches of [`BATCH_OBJECTS`], keeping at
+    /// most [`MAX_BATCHES_IN_FLIGHT`] unfinished (the queue stays far below
+    /// apalis-redis' ~8,000 due-job limit). False when the run stopped.
+    async fn fan_out(&self, queue: &Queue, objects: Vec<ObjectMeta>) -> Result<bool> {
+        for chunk in objects.chunks(BATCH_OBJECTS) {
+            if !self.wait_for_batches(MAX_BATCHES_IN_FLIGHT - 1).await? {
+                return Ok(false);
+            }
+            let batch = batches::create(self.db, &self.run.id, chunk).await?;
+            let job = RunJob {
+                run_id: self.run.id.clone(),
+                batch: Some(batch),
+            };
+            queue
+                .push(job, &format!("{}:batch:{batch}", self.run.id))
+                .await?;
+        }
+        Ok(true)
+    }
+
+    /// Waits until at most `max` batches of the run are unfinished. False when
+    /// the run stopped being `running` meanwhile (cancelled).
+    ///
+    /// This job holds a worker slot while it waits. If every slot of the fleet
+    /// is held by such waiting jobs, no batch would ever run; so when no batch
+    /// has finished for [`HELP_AFTER`], the job runs the oldest unfinished
+    /// batch itself. A batch run twice at once is harmless: rows are linked
+    /// once, and only the attempt that marks it done records its failures.
+    async fn wait_for_batches(&self, max: u64) -> Result<bool> {
+        let mut last = u64::MAX;
+        let mut since = tokio::time::Instant::now();
+        loop {
+            let pending = batches::pending(self.db, &self.run.id).await?;
+            if pending <= max {
+                return Ok(true);
+            }
+            if runs::get(self.db, &self.run.id).await?.status != RunStatus::Running.as_str() {
+                return Ok(false);
+            }
+            if pending != last {
+                (last, since) = (pending, tokio::time::Instant::now());
+            } else if since.elapsed() >= HELP_AFTER {
+                if let Some(batch) = batches::oldest_pending(self.db, &self.run.id).await? {
+                    tracing::info!(
+                        batch_id = batch.id,
+                        "no batch finished lately; running one in the sync job"
+                    );
+                    if self.run_batch(&batch, "sync-job").await? == Outcome::Stopped {
+                        return Ok(false);
+                    }
+                }
+                since = tokio::time::Instant::now();
+                continue;
+            }
+            tokio::time::sleep(BATCH_POLL).await;
+        }
+    }
+
+    /// Runs one fan-out batch: imports its objects, then, in one transaction,
+    /// marks it done and records its failures (so a duplicate attempt counts
+    /// nothing twice).
+    #[tracing::instrument(skip_all, fields(run_id = %self.run.id, batch_id = batch.id), err)]
+    pub async fn run_batch(&self, batch: &sync_batch::Model, worker: &str) -> Result<Outcome> {
+        let backend = storage::open(self.storage, self.env)?;
+        let objects = batches::objects(batch)?;
+        let Some((failed, errors)) = self.import_objects(&backend, objects, true).await? else {
+            return Ok(Outcome::Stopped);
+        };
+        self.finish_batch(batch.id, worker, failed, errors).await
+    }
+
+    /// Marks a batch done with its failures (all in one transaction).
+    pub async fn finish_batch(
+        &self,
+        id: i64,
+        worker: &str,
+        failed: i64,
+        errors: Vec<ObjectError>,
+    ) -> Result<Outcome> {
+        let txn = crate::db::begin_write(self.db).await?;
+        if !batches::finish(&txn, id, worker).await? {
+            txn.rollback().await?;
+            return Ok(Outcome::Finished);
+        }
+        runs::record_errors(&txn, &self.run.id, errors).await?;
+        let delta = Counters {
+            failed,
+            ..Counters::default()
+        };
+        if !runs::checkpoint(&txn, &self.run.id, &delta, None).await? {
+            txn.rollback().await?;
+            return Ok(Outcome::Stopped);
+        }
+        txn.commit().await?;
+        Ok(Outcome::Finished)
+    }
+}
+
+/// Objects per fan-out batch.
+const BATCH_OBJECTS: usize = 50;
+/// Unfinished batches one run may have at once.
+const MAX_BATCHES_IN_FLIGHT: u64 = 64;
+/// How long a waiting sync job lets batches stall before running one itself.
+const HELP_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often a run waiting on its batches looks again.
+const BATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Files mode: one task per object, `{data_key: <the object's URI>}`.
 fn files_tasks(backend: &dyn Storage, data_key: &str, objects: Vec<ObjectMeta>) -> Vec<NewTask> {

@@ -28,10 +28,12 @@ use crate::{
     storage::StorageEnv,
 };
 
-/// The queue payload.
+/// The queue payload: a run, or one fan-out batch of a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunJob {
     pub run_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<i64>,
 }
 
 /// Everything a job handler needs; shared by all jobs of a process.
@@ -40,10 +42,13 @@ pub struct JobContext {
     pub db: DatabaseConnection,
     pub settings: Settings,
     pub storage_env: StorageEnv,
+    /// The queue big Tasks-mode runs fan out to; `None` runs everything in
+    /// this process (the one-shot CLI).
+    pub queue: Option<Queue>,
 }
 
 impl JobContext {
-    pub fn new(db: DatabaseConnection, settings: Settings) -> Arc<Self> {
+    pub fn new(db: DatabaseConnection, settings: Settings, queue: Option<Queue>) -> Arc<Self> {
         let storage_env = StorageEnv {
             document_root: settings.document_root.clone(),
         };
@@ -51,6 +56,7 @@ impl JobContext {
             db,
             settings,
             storage_env,
+            queue,
         })
     }
 }
@@ -126,7 +132,11 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
     }
 }
 
-async fn attempt(ctx: &JobContext, run: &crate::db::entities::sync_run::Model) -> Result<Outcome> {
+/// The storage and project a run works on.
+async fn owners(
+    ctx: &JobContext,
+    run: &crate::db::entities::sync_run::Model,
+) -> Result<(storage_entity::Model, project::Model)> {
     let storage = storage_entity::Entity::find_by_id(run.storage_id)
         .one(&ctx.db)
         .await?
@@ -135,6 +145,11 @@ async fn attempt(ctx: &JobContext, run: &crate::db::entities::sync_run::Model) -
         .one(&ctx.db)
         .await?
         .ok_or_else(|| Error::NotFound(format!("project {} was deleted", storage.project_id)))?;
+    Ok((storage, project))
+}
+
+async fn attempt(ctx: &JobContext, run: &crate::db::entities::sync_run::Model) -> Result<Outcome> {
+    let (storage, project) = owners(ctx, run).await?;
     match run.kind.as_str() {
         "import" => {
             ImportJob {
@@ -144,6 +159,7 @@ async fn attempt(ctx: &JobContext, run: &crate::db::entities::sync_run::Model) -
                 storage: &storage,
                 project: &project,
                 settings: &ctx.settings.worker,
+                fanout: ctx.queue.as_ref(),
             }
             .run()
             .await
@@ -153,6 +169,71 @@ async fn attempt(ctx: &JobContext, run: &crate::db::entities::sync_run::Model) -
             None,
             format!("{other} runs are not available in this build yet"),
         )),
+    }
+}
+
+/// Runs one fan-out batch of an import. Like [`execute`], permanent failures
+/// are recorded (on every object of the batch) and the job is acknowledged.
+#[tracing::instrument(skip(ctx), fields(run_id = %run_id, batch_id))]
+pub async fn execute_batch(
+    ctx: &JobContext,
+    run_id: &str,
+    batch_id: i64,
+    worker: &str,
+) -> Result<(), JobError> {
+    use crate::db::batches;
+    let run = runs::get(&ctx.db, run_id).await.map_err(JobError::Retry)?;
+    let Some(batch) = batches::begin_attempt(&ctx.db, batch_id)
+        .await
+        .map_err(JobError::Retry)?
+    else {
+        return Ok(()); // already done: a duplicate job
+    };
+    let (storage, project) = owners(ctx, &run).await.map_err(JobError::Retry)?;
+    let job = ImportJob {
+        db: &ctx.db,
+        env: &ctx.storage_env,
+        run: &run,
+        storage: &storage,
+        project: &project,
+        settings: &ctx.settings.worker,
+        fanout: None,
+    };
+    let give_up = |reason: String| {
+        let errors: Vec<_> = batches::objects(&batch)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| (o.key, None, reason.clone()))
+            .collect();
+        (errors.len() as i64, errors)
+    };
+    if run.status != RunStatus::Running.as_str() {
+        // Cancelled or ended: close the batch so nothing waits on it.
+        job.finish_batch(batch_id, worker, 0, Vec::new())
+            .await
+            .map_err(JobError::Retry)?;
+        return Ok(());
+    }
+    if batch.attempts > i64::from(ctx.settings.worker.max_attempts) {
+        let (failed, errors) = give_up(format!(
+            "batch {batch_id} gave up after {} attempts",
+            batch.attempts - 1
+        ));
+        job.finish_batch(batch_id, worker, failed, errors)
+            .await
+            .map_err(JobError::Retry)?;
+        return Ok(());
+    }
+    match job.run_batch(&batch, worker).await {
+        Ok(_) => Ok(()),
+        Err(err) if err.is_transient() => Err(JobError::Retry(err)),
+        Err(err) => {
+            let (failed, errors) = give_up(err.to_string());
+            job.finish_batch(batch_id, worker, failed, errors)
+                .await
+                .map_err(JobError::Retry)?;
+            Ok(())
+        }
     }
 }
 
@@ -206,7 +287,16 @@ pub async fn enqueue_sync(
     };
     let (run, already_running) = runs::create_or_get_live(db, storage.id, kind).await?;
     if !already_running {
-        if let Err(err) = queue.push(&run.id, &run.id).await {
+        if let Err(err) = queue
+            .push(
+                RunJob {
+                    run_id: run.id.clone(),
+                    batch: None,
+                },
+                &run.id,
+            )
+            .await
+        {
             runs::finish(
                 db,
                 &run.id,
@@ -228,8 +318,12 @@ pub async fn enqueue_sync(
     if run.status == RunStatus::Running.as_str() && silent > stale_after {
         tracing::warn!(run_id = %run.id, ?silent, "live run has no heartbeat; enqueueing it again");
         let minute = chrono::Utc::now().timestamp() / 60;
+        let job = RunJob {
+            run_id: run.id.clone(),
+            batch: None,
+        };
         queue
-            .push(&run.id, &format!("{}:requeue:{minute}", run.id))
+            .push(job, &format!("{}:requeue:{minute}", run.id))
             .await?;
     }
     Ok((run, true))

@@ -52,8 +52,11 @@ impl Queue {
                     .get_connection_manager_with_config(conn_config)
                     .await
                     .map_err(|e| Error::Transient(format!("cannot connect to Redis: {e}")))?;
+                // A worker fetches no more jobs than it can run, so fan-out
+                // batches spread over the fleet instead of queueing in one worker.
                 let config = apalis_redis::Config::default()
                     .queue(&queue_name)
+                    .batch_size(w.concurrency.max(1))
                     .heartbeat_interval(w.heartbeat)
                     .missed_heartbeats(w.missed_heartbeats)
                     .persist_results(true)
@@ -78,6 +81,7 @@ impl Queue {
                     .map_err(|e| Error::Internal(format!("embedded queue setup: {e}")))?;
                 let config = apalis_sqlite::Config::default()
                     .queue(&queue_name)
+                    .batch_size(w.concurrency.max(1))
                     .heartbeat_interval(w.heartbeat)
                     .missed_heartbeats(w.missed_heartbeats);
                 Ok(Queue::Embedded(
@@ -87,14 +91,11 @@ impl Queue {
         }
     }
 
-    /// Enqueues a run. `dedup` is an idempotency key: Redis drops a second push
-    /// with the same key within an hour (the handler is idempotent anyway).
-    pub async fn push(&self, run_id: &str, dedup: &str) -> Result<()> {
-        let task = TaskBuilder::new(RunJob {
-            run_id: run_id.to_owned(),
-        })
-        .idempotency_key(dedup)
-        .build();
+    /// Enqueues a job. `dedup` is an idempotency key: Redis drops a second push
+    /// with the same key within an hour (the handlers are idempotent anyway).
+    pub async fn push(&self, job: RunJob, dedup: &str) -> Result<()> {
+        let run_id = job.run_id.clone();
+        let task = TaskBuilder::new(job).idempotency_key(dedup).build();
         match self {
             Queue::Redis { storage, .. } => storage
                 .clone()
@@ -263,6 +264,14 @@ pub struct QueueDepth {
     pub dead: u64,
 }
 
-async fn handle(job: RunJob, ctx: Data<Arc<JobContext>>) -> Result<(), BoxDynError> {
-    super::execute(&ctx, &job.run_id).await.map_err(Into::into)
+async fn handle(
+    job: RunJob,
+    ctx: Data<Arc<JobContext>>,
+    worker: WorkerContext,
+) -> Result<(), BoxDynError> {
+    match job.batch {
+        None => super::execute(&ctx, &job.run_id).await,
+        Some(batch) => super::execute_batch(&ctx, &job.run_id, batch, worker.name()).await,
+    }
+    .map_err(Into::into)
 }

@@ -84,7 +84,7 @@ impl Role {
 }
 
 /// One listed object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectMeta {
     pub key: String,
     pub size: Option<i64>,

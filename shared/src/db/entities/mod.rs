@@ -7,5 +7,6 @@ pub mod object_error;
 pub mod prediction;
 pub mod project;
 pub mod storage;
+pub mod sync_batch;
 pub mod sync_run;
 pub mod task;

@@ -1,0 +1,95 @@
+//! Fan-out batches of a Tasks-mode run (see `ingest`): created by the sync job,
+//! finished by whichever worker runs them.
+use chrono::Utc;
+use sea_orm::{
+    ActiveModelTrait,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
+    sea_query::{Expr, ExprTrait},
+};
+
+use super::entities::sync_batch;
+use crate::{Error, Result, storage::ObjectMeta};
+
+pub async fn create(
+    db: &impl ConnectionTrait,
+    run_id: &str,
+    objects: &[ObjectMeta],
+) -> Result<i64> {
+    let objects = serde_json::to_value(objects)
+        .map_err(|e| Error::Internal(format!("batch objects: {e}")))?;
+    let batch = sync_batch::ActiveModel {
+        run_id: Set(run_id.to_owned()),
+        objects: Set(objects),
+        done: Set(false),
+        attempts: Set(0),
+        worker: Set(None),
+        created_at: Set(Utc::now()),
+        finished_at: Set(None),
+        ..Default::default()
+    }
+    .insert(db)
+    .await?;
+    Ok(batch.id)
+}
+
+/// Batches of the run not finished yet.
+pub async fn pending(db: &impl ConnectionTrait, run_id: &str) -> Result<u64> {
+    Ok(sync_batch::Entity::find()
+        .filter(sync_batch::Column::RunId.eq(run_id))
+        .filter(sync_batch::Column::Done.eq(false))
+        .count(db)
+        .await?)
+}
+
+/// The run's oldest unfinished batch.
+pub async fn oldest_pending(
+    db: &impl ConnectionTrait,
+    run_id: &str,
+) -> Result<Option<sync_batch::Model>> {
+    use sea_orm::QueryOrder;
+    Ok(sync_batch::Entity::find()
+        .filter(sync_batch::Column::RunId.eq(run_id))
+        .filter(sync_batch::Column::Done.eq(false))
+        .order_by_asc(sync_batch::Column::Id)
+        .one(db)
+        .await?)
+}
+
+/// Counts an attempt of a batch; `None` when it is already done (a duplicate job).
+pub async fn begin_attempt(
+    db: &impl ConnectionTrait,
+    id: i64,
+) -> Result<Option<sync_batch::Model>> {
+    let res = sync_batch::Entity::update_many()
+        .col_expr(
+            sync_batch::Column::Attempts,
+            Expr::col(sync_batch::Column::Attempts).add(1),
+        )
+        .filter(sync_batch::Column::Id.eq(id))
+        .filter(sync_batch::Column::Done.eq(false))
+        .exec(db)
+        .await?;
+    if res.rows_affected == 0 {
+        return Ok(None);
+    }
+    Ok(sync_batch::Entity::find_by_id(id).one(db).await?)
+}
+
+/// Marks a batch done; false when another attempt already did.
+pub async fn finish(db: &impl ConnectionTrait, id: i64, worker: &str) -> Result<bool> {
+    let res = sync_batch::Entity::update_many()
+        .col_expr(sync_batch::Column::Done, Expr::value(true))
+        .col_expr(sync_batch::Column::Worker, Expr::value(worker))
+        .col_expr(sync_batch::Column::FinishedAt, Expr::value(Utc::now()))
+        .filter(sync_batch::Column::Id.eq(id))
+        .filter(sync_batch::Column::Done.eq(false))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected == 1)
+}
+
+pub fn objects(batch: &sync_batch::Model) -> Result<Vec<ObjectMeta>> {
+    serde_json::from_value(batch.objects.clone())
+        .map_err(|e| Error::Internal(format!("batch {}: {e}", batch.id)))
+}

@@ -1,0 +1,23 @@
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "sync_batches")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    pub run_id: String,
+    /// `[{key, size, etag, last_modified}]`: the objects this batch imports.
+    #[sea_orm(column_type = "JsonBinary")]
+    pub objects: Json,
+    pub done: bool,
+    pub attempts: i64,
+    /// The worker that finished it.
+    pub worker: Option<String>,
+    pub created_at: DateTimeUtc,
+    pub finished_at: Option<DateTimeUtc>,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}
