@@ -308,3 +308,107 @@ async fn resync_reports_deleted_and_overwritten_objects() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_is_worked_by_one_attempt_at_a_time() {
+    use std::time::Duration;
+
+    use labelsync::db::runs::{self, Attempt, Counters};
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    std::fs::create_dir_all(app.doc_root.path().join("data")).expect("mkdir");
+    let project = app.project("lease").await;
+    let storage = storage(&app, project, json!({})).await;
+    let (_, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", storage["id"]),
+            json!({}),
+        )
+        .await;
+    let run_id = started["run"]["id"].as_str().expect("run id");
+    let db = labelsync::db::connect(&app.database_url)
+        .await
+        .expect("connect");
+    let ttl = Duration::from_secs(60);
+    let one = Counters {
+        listed: 1,
+        ..Counters::default()
+    };
+
+    let first = runs::begin_attempt(&db, run_id, "attempt-a", ttl)
+        .await
+        .expect("begin");
+    assert!(
+        matches!(first, Attempt::Started(ref r) if r.attempts == 1),
+        "{first:?}"
+    );
+    let second = runs::begin_attempt(&db, run_id, "attempt-b", ttl)
+        .await
+        .expect("begin");
+    assert!(
+        matches!(second, Attempt::Busy),
+        "a live lease keeps a duplicate out: {second:?}"
+    );
+    assert!(
+        !runs::checkpoint(&db, run_id, &one, Some("k"), Some("attempt-b"))
+            .await
+            .expect("checkpoint")
+    );
+    assert!(
+        runs::checkpoint(&db, run_id, &one, Some("k"), Some("attempt-a"))
+            .await
+            .expect("checkpoint")
+    );
+
+    // Once the lease is stale (a dead worker), another attempt takes over and
+    // the old one can no longer write.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let takeover = runs::begin_attempt(&db, run_id, "attempt-b", Duration::from_millis(10))
+        .await
+        .expect("begin");
+    assert!(
+        matches!(takeover, Attempt::Started(ref r) if r.attempts == 2),
+        "{takeover:?}"
+    );
+    assert!(
+        !runs::checkpoint(&db, run_id, &one, Some("k2"), Some("attempt-a"))
+            .await
+            .expect("checkpoint")
+    );
+    assert!(
+        !runs::finish(
+            &db,
+            run_id,
+            runs::RunStatus::Completed,
+            None,
+            Some("attempt-a")
+        )
+        .await
+        .expect("finish")
+    );
+    assert!(
+        runs::finish(
+            &db,
+            run_id,
+            runs::RunStatus::Completed,
+            None,
+            Some("attempt-b")
+        )
+        .await
+        .expect("finish")
+    );
+    let run = runs::get(&db, run_id).await.expect("run");
+    assert_eq!(
+        (run.listed, run.status.as_str()),
+        (1, "completed"),
+        "only the lease holder's page counted"
+    );
+    let ended = runs::begin_attempt(&db, run_id, "attempt-c", ttl)
+        .await
+        .expect("begin");
+    assert!(matches!(ended, Attempt::Ended), "{ended:?}");
+    app.stop().await;
+}

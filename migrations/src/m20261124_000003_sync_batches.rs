@@ -1,6 +1,9 @@
-//! `sync_batches`: the slices of a big Tasks-mode sync that any worker may run
-//! (fan-out). The sync job writes a batch row, then enqueues a job naming it;
-//! the batch's worker marks it done in the transaction that records its errors.
+//! Fan-out and attempt leases:
+//! - `sync_batches`: the slices of a big Tasks-mode sync that any worker may
+//!   run. The sync job writes a batch row, then enqueues a job naming it; the
+//!   batch's worker marks it done in the transaction that records its errors.
+//! - `sync_runs.lease_owner` / `lease_at`: the attempt that holds a run and its
+//!   last heartbeat, so a duplicate job never runs a run twice at once.
 use sea_orm_migration::prelude::*;
 
 #[derive(DeriveMigrationName)]
@@ -49,6 +52,16 @@ impl MigrationTrait for Migration {
                 .take(),
         )
         .await?;
+        for col in [
+            ColumnDef::new("lease_owner").string_len(26).null().take(),
+            ColumnDef::new("lease_at")
+                .timestamp_with_time_zone()
+                .null()
+                .take(),
+        ] {
+            m.alter_table(Table::alter().table("sync_runs").add_column(col).take())
+                .await?;
+        }
         m.create_index(
             Index::create()
                 .table("sync_batches")

@@ -161,6 +161,8 @@ pub async fn create_or_get_live(
             started_at: Set(None),
             heartbeat_at: Set(None),
             finished_at: Set(None),
+            lease_owner: Set(None),
+            lease_at: Set(None),
         };
         match sync_run::Entity::insert(row).exec_with_returning(db).await {
             Ok(run) => return Ok((run, false)),
@@ -175,49 +177,77 @@ pub async fn create_or_get_live(
     )))
 }
 
-/// Starts (or resumes) an attempt: `queued|running -> running`, attempts + 1.
-/// `None` when the run already ended (finished, failed or cancelled): the job
-/// is then a harmless duplicate and does nothing.
-pub async fn begin_attempt(db: &impl ConnectionTrait, id: &str) -> Result<Option<sync_run::Model>> {
+/// What [`begin_attempt`] found.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The lease is ours: run it (resuming from its cursor).
+    Started(sync_run::Model),
+    /// Another attempt holds a live lease: try again later.
+    Busy,
+    /// The run already ended (finished, failed or cancelled).
+    Ended,
+}
+
+/// Starts (or resumes) an attempt: `queued|running -> running`, attempts + 1,
+/// and the lease to `owner` — unless another attempt's lease was renewed
+/// within `lease_ttl`. Two jobs of one run (a duplicate delivery, a worker
+/// presumed dead that was only slow) therefore never work on it at once.
+pub async fn begin_attempt(
+    db: &impl ConnectionTrait,
+    id: &str,
+    owner: &str,
+    lease_ttl: std::time::Duration,
+) -> Result<Attempt> {
+    use sync_run::Column as C;
     let now = Utc::now();
+    let stale = now - chrono::Duration::from_std(lease_ttl).unwrap_or_default();
     let res = sync_run::Entity::update_many()
+        .col_expr(C::Status, Expr::value(RunStatus::Running.as_str()))
+        .col_expr(C::Attempts, Expr::col(C::Attempts).add(1))
         .col_expr(
-            sync_run::Column::Status,
-            Expr::value(RunStatus::Running.as_str()),
+            C::StartedAt,
+            Expr::from(Func::coalesce([Expr::col(C::StartedAt), Expr::value(now)])),
         )
-        .col_expr(
-            sync_run::Column::Attempts,
-            Expr::col(sync_run::Column::Attempts).add(1),
+        .col_expr(C::HeartbeatAt, Expr::value(now))
+        .col_expr(C::LeaseOwner, Expr::value(owner))
+        .col_expr(C::LeaseAt, Expr::value(now))
+        .filter(C::Id.eq(id))
+        .filter(C::Status.is_in(LIVE))
+        .filter(
+            sea_orm::Condition::any()
+                .add(C::LeaseOwner.is_null())
+                .add(C::LeaseAt.is_null())
+                .add(C::LeaseAt.lt(stale)),
         )
-        .col_expr(
-            sync_run::Column::StartedAt,
-            Expr::from(Func::coalesce([
-                Expr::col(sync_run::Column::StartedAt),
-                Expr::value(now),
-            ])),
-        )
-        .col_expr(sync_run::Column::HeartbeatAt, Expr::value(now))
-        .filter(sync_run::Column::Id.eq(id))
-        .filter(sync_run::Column::Status.is_in(LIVE))
         .exec(db)
         .await?;
-    if res.rows_affected == 0 {
-        return Ok(None);
+    let run = get(db, id).await?;
+    if res.rows_affected == 1 {
+        return Ok(Attempt::Started(run));
     }
-    Ok(Some(get(db, id).await?))
+    Ok(match RunStatus::parse(&run.status) {
+        Some(status) if status.is_live() => Attempt::Busy,
+        _ => Attempt::Ended,
+    })
 }
 
 /// Adds `delta` to the counters, moves the cursor (when given) and beats the
-/// heart, all only while the run is `running`. Returns false when it is not
-/// (cancelled meanwhile): the caller must roll back and stop.
+/// heart, all only while the run is `running` — and, with `owner`, only while
+/// that attempt still holds the lease (and renews it). Returns false when not:
+/// the caller must roll back and stop.
+///
+/// Workers of fan-out batches pass no owner: they only add the counts of rows
+/// they linked, which the unique link key keeps exact.
 pub async fn checkpoint(
     db: &impl ConnectionTrait,
     id: &str,
     delta: &Counters,
     cursor: Option<&str>,
+    owner: Option<&str>,
 ) -> Result<bool> {
     use sync_run::Column as C;
     let add = |c: C, n: i64| (c, Expr::col(c).add(n));
+    let now = Utc::now();
     let mut update = sync_run::Entity::update_many();
     for (col, expr) in [
         add(C::Listed, delta.listed),
@@ -237,8 +267,13 @@ pub async fn checkpoint(
     if let Some(cursor) = cursor {
         update = update.col_expr(C::Cursor, Expr::value(cursor));
     }
+    if let Some(owner) = owner {
+        update = update
+            .col_expr(C::LeaseAt, Expr::value(now))
+            .filter(C::LeaseOwner.eq(owner));
+    }
     let res = update
-        .col_expr(C::HeartbeatAt, Expr::value(Utc::now()))
+        .col_expr(C::HeartbeatAt, Expr::value(now))
         .filter(C::Id.eq(id))
         .filter(C::Status.eq(RunStatus::Running.as_str()))
         .exec(db)
@@ -246,24 +281,43 @@ pub async fn checkpoint(
     Ok(res.rows_affected == 1)
 }
 
-/// Ends a running run. Returns false when it was not running any more.
+/// Ends a live run — with `owner`, only if that attempt still holds it.
+/// Returns false when it was not live any more (or not ours).
 pub async fn finish(
     db: &impl ConnectionTrait,
     id: &str,
     status: RunStatus,
     error: Option<String>,
+    owner: Option<&str>,
 ) -> Result<bool> {
     let now = Utc::now();
-    let res = sync_run::Entity::update_many()
+    let mut update = sync_run::Entity::update_many()
         .col_expr(sync_run::Column::Status, Expr::value(status.as_str()))
         .col_expr(sync_run::Column::Error, Expr::value(error))
         .col_expr(sync_run::Column::FinishedAt, Expr::value(now))
         .col_expr(sync_run::Column::HeartbeatAt, Expr::value(now))
         .filter(sync_run::Column::Id.eq(id))
-        .filter(sync_run::Column::Status.is_in(LIVE))
+        .filter(sync_run::Column::Status.is_in(LIVE));
+    if let Some(owner) = owner {
+        update = update.filter(sync_run::Column::LeaseOwner.eq(owner));
+    }
+    Ok(update.exec(db).await?.rows_affected == 1)
+}
+
+/// Lets go of an attempt's lease after a transient failure, recording why,
+/// so the retry can start at once.
+pub async fn release(db: &impl ConnectionTrait, id: &str, owner: &str, error: &str) -> Result<()> {
+    sync_run::Entity::update_many()
+        .col_expr(
+            sync_run::Column::LeaseOwner,
+            Expr::value(Option::<String>::None),
+        )
+        .col_expr(sync_run::Column::Error, Expr::value(error))
+        .filter(sync_run::Column::Id.eq(id))
+        .filter(sync_run::Column::LeaseOwner.eq(owner))
         .exec(db)
         .await?;
-    Ok(res.rows_affected == 1)
+    Ok(())
 }
 
 /// Cancels a queued or running run; a worker running it notices at its next
@@ -275,6 +329,7 @@ pub async fn cancel(db: &DatabaseConnection, id: &str) -> Result<sync_run::Model
         id,
         RunStatus::Cancelled,
         Some("cancelled by request".into()),
+        None,
     )
     .await?;
     get(db, id).await

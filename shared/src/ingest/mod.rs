@@ -58,6 +58,10 @@ pub struct ImportJob<'a> {
     /// Where Tasks-mode objects are handed out as batch jobs; `None` imports
     /// them in this process (the one-shot CLI).
     pub fanout: Option<&'a Queue>,
+    /// The attempt's lease on the run: page checkpoints are refused once
+    /// another attempt took the run over. `None` for fan-out batches, which
+    /// only add counts the unique link key keeps exact.
+    pub lease: Option<&'a str>,
 }
 
 /// A per-object failure: key, row (None for the whole object), message.
@@ -165,7 +169,7 @@ impl ImportJob<'_> {
                 .await?;
             }
             runs::record_errors(&txn, &self.run.id, errors).await?;
-            if !runs::checkpoint(&txn, &self.run.id, &delta, Some(&cursor)).await? {
+            if !runs::checkpoint(&txn, &self.run.id, &delta, Some(&cursor), self.lease).await? {
                 txn.rollback().await?;
                 return Ok(Outcome::Stopped);
             }
@@ -183,7 +187,7 @@ impl ImportJob<'_> {
             missing,
             ..Counters::default()
         };
-        if !runs::checkpoint(&txn, &self.run.id, &delta, None).await? {
+        if !runs::checkpoint(&txn, &self.run.id, &delta, None, self.lease).await? {
             txn.rollback().await?;
             return Ok(Outcome::Stopped);
         }
@@ -312,7 +316,7 @@ impl ImportJob<'_> {
             failed,
             ..Counters::default()
         };
-        if !runs::checkpoint(&txn, &self.run.id, &delta, None).await? {
+        if !runs::checkpoint(&txn, &self.run.id, &delta, None, None).await? {
             txn.rollback().await?;
             return Ok(Outcome::Stopped);
         }

@@ -221,7 +221,7 @@ impl Importer<'_, '_> {
             created,
             ..Counters::default()
         };
-        if !runs::checkpoint(&txn, &job.run.id, &delta, None).await? {
+        if !runs::checkpoint(&txn, &job.run.id, &delta, None, None).await? {
             txn.rollback().await?;
             return Ok(false);
         }

@@ -22,7 +22,7 @@ use crate::{
     config::Settings,
     db::{
         entities::{project, storage as storage_entity},
-        runs::{self, Counters, RunStatus},
+        runs::{self, Attempt, Counters, RunStatus},
     },
     ingest::{ImportJob, Outcome},
     storage::StorageEnv,
@@ -82,29 +82,44 @@ impl std::error::Error for JobError {}
 /// return `Ok`: the job is done, there is nothing to retry.
 #[tracing::instrument(skip(ctx), fields(run_id = %run_id))]
 pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
-    let Some(run) = runs::begin_attempt(&ctx.db, run_id)
+    let w = &ctx.settings.worker;
+    // A token per attempt: the run's lease, checked by every write it makes.
+    let lease = ulid::Ulid::new().to_string();
+    let lease_ttl = w.heartbeat * w.missed_heartbeats.max(1) as u32;
+    let run = match runs::begin_attempt(&ctx.db, run_id, &lease, lease_ttl)
         .await
         .map_err(JobError::Retry)?
-    else {
-        tracing::debug!("run already ended; nothing to do");
-        return Ok(());
+    {
+        Attempt::Started(run) => run,
+        Attempt::Ended => {
+            tracing::debug!("run already ended; nothing to do");
+            return Ok(());
+        }
+        Attempt::Busy => {
+            // Another attempt is alive; if it dies, its lease goes stale and
+            // this retry (or its own re-queued job) takes over.
+            return Err(JobError::Retry(Error::Transient(format!(
+                "run {run_id} is held by another live attempt"
+            ))));
+        }
     };
-    let max = i64::from(ctx.settings.worker.max_attempts);
+    let max = i64::from(w.max_attempts);
     if run.attempts > max {
         let error = format!(
             "gave up after {max} attempts; last error: {}",
             run.error.as_deref().unwrap_or("none recorded")
         );
-        end(ctx, run_id, RunStatus::Failed, Some(error)).await?;
+        end(ctx, run_id, RunStatus::Failed, Some(error), &lease).await?;
         return Ok(());
     }
 
     let heartbeat = tokio::spawn(heartbeat(
         ctx.db.clone(),
         run_id.to_owned(),
-        ctx.settings.worker.heartbeat,
+        lease.clone(),
+        w.heartbeat,
     ));
-    let result = attempt(ctx, &run).await;
+    let result = attempt(ctx, &run, &lease).await;
     heartbeat.abort();
 
     match result {
@@ -115,19 +130,27 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
             } else {
                 RunStatus::Completed
             };
-            end(ctx, run_id, status, None).await
+            end(ctx, run_id, status, None, &lease).await
         }
         Ok(Outcome::Stopped) => Ok(()),
         Err(err) if err.is_transient() => {
             tracing::warn!(error = %err, attempt = run.attempts, "run attempt failed; it will be retried");
             // Kept on the row so ops see why a run is slow, and so the final
-            // "gave up" message can name the cause.
-            let _ = set_error(ctx, run_id, &err).await;
+            // "gave up" message can name the cause; the lease is let go so the
+            // retry need not wait for it to go stale.
+            let _ = runs::release(&ctx.db, run_id, &lease, &err.to_string()).await;
             Err(JobError::Retry(err))
         }
         Err(err) => {
             tracing::warn!(error = %err, "run failed");
-            end(ctx, run_id, RunStatus::Failed, Some(err.to_string())).await
+            end(
+                ctx,
+                run_id,
+                RunStatus::Failed,
+                Some(err.to_string()),
+                &lease,
+            )
+            .await
         }
     }
 }
@@ -148,7 +171,11 @@ async fn owners(
     Ok((storage, project))
 }
 
-async fn attempt(ctx: &JobContext, run: &crate::db::entities::sync_run::Model) -> Result<Outcome> {
+async fn attempt(
+    ctx: &JobContext,
+    run: &crate::db::entities::sync_run::Model,
+    lease: &str,
+) -> Result<Outcome> {
     let (storage, project) = owners(ctx, run).await?;
     match run.kind.as_str() {
         "import" => {
@@ -160,6 +187,7 @@ async fn attempt(ctx: &JobContext, run: &crate::db::entities::sync_run::Model) -
                 project: &project,
                 settings: &ctx.settings.worker,
                 fanout: ctx.queue.as_ref(),
+                lease: Some(lease),
             }
             .run()
             .await
@@ -198,6 +226,7 @@ pub async fn execute_batch(
         project: &project,
         settings: &ctx.settings.worker,
         fanout: None,
+        lease: None,
     };
     let give_up = |reason: String| {
         let errors: Vec<_> = batches::objects(&batch)
@@ -242,29 +271,24 @@ async fn end(
     run_id: &str,
     status: RunStatus,
     error: Option<String>,
+    lease: &str,
 ) -> Result<(), JobError> {
-    runs::finish(&ctx.db, run_id, status, error)
+    runs::finish(&ctx.db, run_id, status, error, Some(lease))
         .await
         .map_err(JobError::Retry)?;
     Ok(())
 }
 
-async fn set_error(ctx: &JobContext, run_id: &str, err: &Error) -> Result<()> {
-    use sea_orm::{ActiveValue::Set, IntoActiveModel};
-    let mut run = runs::get(&ctx.db, run_id).await?.into_active_model();
-    run.error = Set(Some(err.to_string()));
-    sea_orm::ActiveModelTrait::update(run, &ctx.db).await?;
-    Ok(())
-}
-
-/// Beats the run's heart while an attempt works on something slow (a big
-/// object), so the run never looks stale while it is alive.
-async fn heartbeat(db: DatabaseConnection, run_id: String, every: Duration) {
+/// Beats the run's heart (and renews the attempt's lease) while it works on
+/// something slow (a big object), so the run never looks stale while alive.
+async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        if let Err(err) = runs::checkpoint(&db, &run_id, &Counters::default(), None).await {
+        if let Err(err) =
+            runs::checkpoint(&db, &run_id, &Counters::default(), None, Some(&lease)).await
+        {
             tracing::debug!(error = %err, "heartbeat failed");
         }
     }
@@ -302,6 +326,7 @@ pub async fn enqueue_sync(
                 &run.id,
                 RunStatus::Failed,
                 Some(format!("could not be queued: {err}")),
+                None,
             )
             .await?;
             return Err(err);

@@ -30,6 +30,9 @@ pub struct Model {
     pub started_at: Option<DateTimeUtc>,
     pub heartbeat_at: Option<DateTimeUtc>,
     pub finished_at: Option<DateTimeUtc>,
+    /// The attempt holding the run (a token per attempt), and its heartbeat.
+    pub lease_owner: Option<String>,
+    pub lease_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
