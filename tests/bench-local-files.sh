@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Times a Files-mode sync of N local files through the one-shot CLI.
+# Times a Files-mode sync of N local files through the one-shot CLI, and the
+# bare listing of the same files (`labelsync-scheduler list`) for comparison.
 #   tests/bench-local-files.sh [N] [DATABASE_URL]
 # Default: 20,000 files into a fresh embedded SQLite database. Pass a Postgres
 # URL (an empty database) to measure Postgres instead. Uses the binary in
@@ -24,13 +25,17 @@ cat > "$root/spec.json" <<JSON
 {"project": {"title": "bench", "data_key": "image"}, "role": "source", "backend": "local",
  "title": "bench", "regex_filter": ".*\\\\.jpg$", "config": {"path": "files"}}
 JSON
+listing=$(LOCAL_FILES_DOCUMENT_ROOT=$root "$bin" list --spec "$root/spec.json")
 start=$(date +%s.%N)
 DATABASE_URL=$db LOCAL_FILES_DOCUMENT_ROOT=$root "$bin" sync --spec "$root/spec.json" --quiet > "$root/run.json"
 end=$(date +%s.%N)
-python3 - "$root/run.json" "$start" "$end" <<'PY'
+python3 - "$root/run.json" "$start" "$end" "$listing" <<'PY'
 import json, sys
 run = json.load(open(sys.argv[1]))
 secs = float(sys.argv[3]) - float(sys.argv[2])
+listing = json.loads(sys.argv[4])
 c = run["counters"]
-print(f"status={run['status']} listed={c['listed']} created={c['created']} seconds={secs:.2f} objects_per_s={c['created'] / secs:.0f}")
+print(f"status={run['status']} listed={c['listed']} created={c['created']} seconds={secs:.2f} "
+      f"objects_per_s={c['created'] / secs:.0f} listing_only_s={listing['seconds']:.2f} "
+      f"ratio_to_listing={secs / listing['seconds']:.1f}")
 PY

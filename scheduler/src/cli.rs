@@ -4,6 +4,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use chrono::Utc;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -15,7 +16,11 @@ use labelsync::{
         runs::{self, RunKind, RunStatus},
     },
     jobs::{self, JobContext, JobError},
-    storage::{StorageEnv, spec::StorageSpec},
+    ingest::Filter,
+    storage::{
+        ListOptions, StorageEnv,
+        spec::{StorageSpec, ValidSpec},
+    },
 };
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
@@ -49,6 +54,13 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// List what a sync of this spec would see, writing nothing: prints
+    /// `{"listed", "matched", "seconds", "first_keys"}`.
+    List {
+        /// A spec file as for `sync`.
+        #[arg(long)]
+        spec: PathBuf,
+    },
 }
 
 pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
@@ -67,20 +79,59 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync { spec, quiet } => sync(settings, &spec, quiet).await,
+        Command::List { spec } => list(settings, &spec).await,
     }
 }
 
-async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow::Result<ExitCode> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
-    let spec = StorageSpec::from_json(value)
-        .with_context(|| format!("{} is not a valid storage spec", path.display()))?;
+/// Reads and validates a spec file.
+fn read_spec(settings: &Settings, path: &std::path::Path) -> anyhow::Result<(StorageSpec, ValidSpec, StorageEnv)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let spec = StorageSpec::from_json(value).with_context(|| format!("{} is not a valid storage spec", path.display()))?;
     let env = StorageEnv {
         document_root: settings.document_root.clone(),
     };
     let valid = spec.validate(&env)?;
+    Ok((spec, valid, env))
+}
+
+/// The listing alone, through the same backend and filter a sync uses (so
+/// its time is the floor a sync of the storage can reach).
+async fn list(settings: Settings, path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let (spec, valid, env) = read_spec(&settings, path)?;
+    let model = spec.to_model(0, &valid);
+    let backend = labelsync::storage::open(&model, &env)?;
+    let filter = Filter::from_storage(&model)?;
+    let started = std::time::Instant::now();
+    let mut pages = backend.list(ListOptions {
+        prefix: model.prefix.clone(),
+        recursive: model.recursive,
+        start_after: None,
+        page_size: settings.worker.page_size,
+    });
+    let (mut listed, mut matched, mut first_keys) = (0u64, 0u64, Vec::new());
+    while let Some(page) = pages.next().await {
+        for object in page?.objects {
+            listed += 1;
+            if filter.matches(&object.key) {
+                matched += 1;
+                if first_keys.len() < 10 {
+                    first_keys.push(object.key);
+                }
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({ "listed": listed, "matched": matched, "seconds": seconds, "first_keys": first_keys })
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow::Result<ExitCode> {
+    let (spec, valid, _) = read_spec(&settings, path)?;
 
     let db = db::connect(&settings.database_url).await?;
     db::migrate(&db).await?;
@@ -172,7 +223,7 @@ async fn find_or_create_storage(
     db: &DatabaseConnection,
     spec: &StorageSpec,
     project_id: i64,
-    valid: &labelsync::storage::spec::ValidSpec,
+    valid: &ValidSpec,
 ) -> anyhow::Result<storage::Model> {
     let existing = storage::Entity::find()
         .filter(storage::Column::ProjectId.eq(project_id))

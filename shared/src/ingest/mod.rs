@@ -74,12 +74,15 @@ impl ImportJob<'_> {
         let backend = storage::open(self.storage, self.env)?;
         let filter = Filter::from_storage(self.storage)?;
         let tasks_mode = self.storage.import_method == "tasks";
-        let mut pages = backend.list(ListOptions {
-            prefix: self.storage.prefix.clone(),
-            recursive: self.storage.recursive,
-            start_after: self.run.cursor.clone(),
-            page_size: self.settings.page_size,
-        });
+        let mut pages = storage::prefetch(
+            backend.list(ListOptions {
+                prefix: self.storage.prefix.clone(),
+                recursive: self.storage.recursive,
+                start_after: self.run.cursor.clone(),
+                page_size: self.settings.page_size,
+            }),
+            2,
+        );
         while let Some(page) = pages.next().await {
             let page = page?;
             let Some(last) = page.objects.last() else {

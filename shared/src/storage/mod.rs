@@ -193,3 +193,18 @@ where
     })
     .boxed()
 }
+
+/// Lists ahead: pulls up to `depth` pages into a buffer on its own task, so a
+/// slow listing (a remote bucket) and the database writes of the previous page
+/// overlap instead of taking turns. Dropping the stream stops the listing.
+pub fn prefetch(mut pages: BoxStream<'static, Result<Page>>, depth: usize) -> BoxStream<'static, Result<Page>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(depth.max(1));
+    tokio::spawn(async move {
+        while let Some(page) = pages.next().await {
+            if tx.send(page).await.is_err() {
+                break;
+            }
+        }
+    });
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
