@@ -331,6 +331,64 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
         (400, &json!("invalid_json")),
         "{err}"
     );
+    let mut long_period = good.clone();
+    long_period["sync_interval_seconds"] = json!(9_000_000_000_000_000_i64);
+    let (status, err) = app.post("/api/v1/storages", long_period).await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_sync_interval")),
+        "{err}"
+    );
+    let mut secret_string = good.clone();
+    secret_string["secrets"] = json!("AKIAEXAMPLESECRET");
+    let (status, err) = app.post("/api/v1/storages", secret_string).await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_secrets")),
+        "{err}"
+    );
+    assert!(
+        !err.to_string().contains("AKIAEXAMPLESECRET"),
+        "secret echoed: {err}"
+    );
+    let (status, err) = app.get("/api/v1/projects?limit=abc").await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_query")),
+        "{err}"
+    );
+    let (status, err) = app.get("/api/v1/storages?colour=blue").await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_query")),
+        "{err}"
+    );
+    let (status, err) = app.get("/api/v1/projects/abc").await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_path")),
+        "{err}"
+    );
+    let mut target = good.clone();
+    target["role"] = json!("target");
+    let (status, target) = app.post("/api/v1/storages", target).await;
+    assert_eq!(status, 201, "{target}");
+    let (status, err) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", target["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("unsupported_run_kind")),
+        "{err}"
+    );
+    let (status, _) = app
+        .delete(&format!("/api/v1/storages/{}", target["id"]))
+        .await;
+    assert_eq!(status, 204);
+
     let huge = json!({ "title": "x".repeat(3 << 20) });
     let (status, err) = app.post("/api/v1/projects", huge).await;
     assert_eq!(
@@ -477,6 +535,13 @@ async fn every_api_route_needs_the_bearer_token() {
     }
     let (status, _) = app.get("/api/v1/projects").await;
     assert_eq!(status, 200, "the right token is let through");
+    let lowercase = anonymous
+        .get(format!("{}/api/v1/projects", app.base))
+        .header("authorization", "bearer s3cret-token")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(lowercase.status(), 200, "the scheme is case-insensitive");
     let health = anonymous
         .get(format!("{}/healthz", app.base))
         .send()

@@ -239,14 +239,25 @@ async fn one_shot_cli_syncs_the_bundled_example() {
     let listing = Command::new(binary("labelsync-scheduler"))
         .current_dir(dir.path())
         .env_clear()
-        .env("LOCAL_FILES_DOCUMENT_ROOT", repo_root().join("examples/data"))
+        .env(
+            "LOCAL_FILES_DOCUMENT_ROOT",
+            repo_root().join("examples/data"),
+        )
         .args(["list", "--spec"])
         .arg(&spec)
         .output()
         .expect("run labelsync-scheduler list");
-    assert!(listing.status.success(), "{}", String::from_utf8_lossy(&listing.stderr));
+    assert!(
+        listing.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listing.stderr)
+    );
     let listing: Value = serde_json::from_slice(&listing.stdout).expect("JSON");
-    assert_eq!((listing["listed"].as_u64(), listing["matched"].as_u64()), (Some(11), Some(10)), "{listing}");
+    assert_eq!(
+        (listing["listed"].as_u64(), listing["matched"].as_u64()),
+        (Some(11), Some(10)),
+        "{listing}"
+    );
     assert_eq!(listing["first_keys"][0], "cats/cat-0.png");
 
     let bad = dir.path().join("bad.json");

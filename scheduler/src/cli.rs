@@ -4,9 +4,9 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, bail};
-use futures::StreamExt;
 use chrono::Utc;
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use labelsync::{
     config::Settings,
@@ -15,8 +15,8 @@ use labelsync::{
         entities::{project, storage},
         runs::{self, RunKind, RunStatus},
     },
-    jobs::{self, JobContext, JobError},
     ingest::Filter,
+    jobs::{self, JobContext, JobError},
     storage::{
         ListOptions, StorageEnv,
         spec::{StorageSpec, ValidSpec},
@@ -84,11 +84,16 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
 }
 
 /// Reads and validates a spec file.
-fn read_spec(settings: &Settings, path: &std::path::Path) -> anyhow::Result<(StorageSpec, ValidSpec, StorageEnv)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-    let spec = StorageSpec::from_json(value).with_context(|| format!("{} is not a valid storage spec", path.display()))?;
+fn read_spec(
+    settings: &Settings,
+    path: &std::path::Path,
+) -> anyhow::Result<(StorageSpec, ValidSpec, StorageEnv)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let spec = StorageSpec::from_json(value)
+        .with_context(|| format!("{} is not a valid storage spec", path.display()))?;
     let env = StorageEnv {
         document_root: settings.document_root.clone(),
     };
@@ -149,11 +154,17 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
         RunKind::Import
     };
     let (run, already) = runs::create_or_get_live(&db, storage.id, kind).await?;
-    if already {
+    // A live run is resumed here unless an attempt still holds it (a worker,
+    // or another CLI): a CLI killed mid-sync leaves a run the next one finishes.
+    let w = &settings.worker;
+    let lease_ttl = chrono::Duration::from_std(w.heartbeat * w.missed_heartbeats.max(1) as u32)
+        .unwrap_or_default();
+    let held =
+        run.lease_owner.is_some() && run.lease_at.is_some_and(|at| Utc::now() - at < lease_ttl);
+    if already && held {
         bail!(
-            "storage {} already has a {} run in progress ({})",
+            "storage {} has a run in progress elsewhere ({})",
             storage.id,
-            run.status,
             run.id
         );
     }

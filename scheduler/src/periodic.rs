@@ -49,8 +49,12 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
         .await?;
     let mut enqueued = 0;
     for (id, interval) in candidates {
-        let Some(interval) = interval else { continue };
-        let next = now + chrono::Duration::seconds(interval);
+        let Some(next) = interval
+            .and_then(chrono::Duration::try_seconds)
+            .and_then(|period| now.checked_add_signed(period))
+        else {
+            continue;
+        };
         let claimed = storage::Entity::update_many()
             .col_expr(storage::Column::NextSyncAt, Expr::value(next))
             .filter(storage::Column::Id.eq(id))

@@ -56,7 +56,35 @@ impl From<sea_orm::DbErr> for Error {
                 Error::Transient(format!("database: {err}"))
             }
             DbErr::RecordNotFound(what) => Error::NotFound(what),
+            ref other if is_transient_db(other) => Error::Transient(format!("database: {other}")),
             other => Error::Internal(format!("database: {other}")),
         }
+    }
+}
+
+/// Failures of a statement that say nothing about the statement: the server
+/// restarted, a connection broke, a deadlock or serialization conflict, a
+/// busy SQLite file. Trying again later is the right answer to all of them.
+fn is_transient_db(err: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr, sqlx};
+    let (DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e))) = err
+    else {
+        return false;
+    };
+    match &**e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // Postgres: connection exceptions (08xxx), serialization failure,
+            // deadlock, admin/crash shutdown, cannot connect now.
+            // SQLite: BUSY (5), LOCKED (6) and their extended codes (517, ...).
+            code.starts_with("08")
+                || ["40001", "40P01", "57P01", "57P02", "57P03"].contains(&code.as_ref())
+                || code.parse::<i64>().is_ok_and(|c| matches!(c & 0xff, 5 | 6))
+        }
+        _ => false,
     }
 }

@@ -22,7 +22,7 @@ use sea_orm::DatabaseConnection;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-pub use error::{ApiError, ApiJson, ApiResult};
+pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -99,11 +99,12 @@ async fn auth(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     let mut ok = subtle::Choice::from(0);
     for token in tokens {
-        ok |= token.expose().as_bytes().ct_eq(given.as_bytes());
+        ok |= same_secret(given.as_bytes(), token.expose().as_bytes());
     }
     if bool::from(ok) && !given.is_empty() {
         Ok(next.run(req).await)
@@ -114,6 +115,16 @@ async fn auth(
             "missing or invalid bearer token (Authorization: Bearer <token>)",
         ))
     }
+}
+
+/// Compares in time that depends only on the configured token's length, not
+/// on where the given one differs (nor on its length).
+fn same_secret(given: &[u8], token: &[u8]) -> subtle::Choice {
+    let mut same = (given.len() as u64).ct_eq(&(token.len() as u64));
+    for (i, byte) in token.iter().enumerate() {
+        same &= given.get(i).copied().unwrap_or(0).ct_eq(byte);
+    }
+    same
 }
 
 /// `?limit=&after=` of every list.

@@ -1,10 +1,7 @@
 //! `/api/v1/projects`.
 use std::collections::HashMap;
 
-use axum::{
-    extract::{Path, Query, State},
-    http::StatusCode,
-};
+use axum::{extract::State, http::StatusCode};
 use chrono::Utc;
 use labelsync::db::entities::{project, task};
 use sea_orm::{
@@ -14,7 +11,7 @@ use sea_orm::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiResult, AppState, Paging, limit, page};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, limit, page};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,7 +100,7 @@ pub async fn create(
 
 pub async fn list(
     State(state): State<AppState>,
-    Query(q): Query<Paging>,
+    ApiQuery(q): ApiQuery<Paging>,
 ) -> ApiResult<ApiJson<Value>> {
     let limit = limit(q.limit)?;
     let mut query = project::Entity::find()
@@ -124,7 +121,7 @@ pub async fn list(
 
 pub async fn get_one(
     State(state): State<AppState>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
     let p = find(&state.db, id).await?;
     let counts = task_counts(&state.db, &[id]).await?;
@@ -133,7 +130,7 @@ pub async fn get_one(
 
 pub async fn update(
     State(state): State<AppState>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
     ApiJson(body): ApiJson<ProjectBody>,
 ) -> ApiResult<ApiJson<Value>> {
     check_fields(&body)?;
@@ -152,7 +149,10 @@ pub async fn update(
 
 /// Deletes the project; its storages, tasks, links and runs go with it
 /// (ON DELETE CASCADE).
-pub async fn delete(State(state): State<AppState>, Path(id): Path<i64>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<StatusCode> {
     let res = project::Entity::delete_by_id(id).exec(&state.db).await?;
     if res.rows_affected == 0 {
         return Err(ApiError::not_found(format!("project {id} not found")));

@@ -1,5 +1,5 @@
 //! `/api/v1/runs`: job status, history, per-object errors, cancel.
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use labelsync::db::{
     entities::{object_error, sync_run},
     runs::{self, RunStatus},
@@ -8,11 +8,11 @@ use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiResult, AppState, Paging, limit, page};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, limit, page};
 
 pub async fn get_one(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<ApiJson<Value>> {
     Ok(ApiJson(runs::to_json(&runs::get(&state.db, &id).await?)))
 }
@@ -30,7 +30,7 @@ pub struct RunQuery {
 
 pub async fn list(
     State(state): State<AppState>,
-    Query(q): Query<RunQuery>,
+    ApiQuery(q): ApiQuery<RunQuery>,
 ) -> ApiResult<ApiJson<Value>> {
     let limit = limit(q.limit)?;
     // Run ids are ULIDs, so id order is creation order.
@@ -74,8 +74,8 @@ pub async fn list(
 
 pub async fn errors(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    Query(q): Query<Paging>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<Paging>,
 ) -> ApiResult<ApiJson<Value>> {
     runs::get(&state.db, &id).await?;
     let limit = limit(q.limit)?;
@@ -97,7 +97,7 @@ pub async fn errors(
 
 pub async fn cancel(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<ApiJson<Value>> {
     Ok(ApiJson(runs::to_json(&runs::cancel(&state.db, &id).await?)))
 }

@@ -1,10 +1,7 @@
 //! `/api/v1/storages`: create, read, patch, delete, validate, preview, sync.
 use std::collections::HashMap;
 
-use axum::{
-    extract::{Path, Query, State},
-    http::StatusCode,
-};
+use axum::{extract::State, http::StatusCode};
 use futures::StreamExt;
 use labelsync::{
     db::{
@@ -25,7 +22,7 @@ use sea_orm::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiResult, AppState, limit, page, projects};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, limit, page, projects};
 
 async fn find(db: &impl ConnectionTrait, id: i64) -> ApiResult<storage::Model> {
     storage::Entity::find_by_id(id)
@@ -105,7 +102,7 @@ pub struct StorageQuery {
 
 pub async fn list(
     State(state): State<AppState>,
-    Query(q): Query<StorageQuery>,
+    ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<ApiJson<Value>> {
     let limit = limit(q.limit)?;
     let mut query = storage::Entity::find()
@@ -132,7 +129,7 @@ pub async fn list(
 
 pub async fn get_one(
     State(state): State<AppState>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
     let model = find(&state.db, id).await?;
     let last = last_runs(&state.db, &[id]).await?;
@@ -144,7 +141,7 @@ pub async fn get_one(
 /// before anything is written.
 pub async fn update(
     State(state): State<AppState>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
     ApiJson(patch): ApiJson<Value>,
 ) -> ApiResult<ApiJson<Value>> {
     let current = find(&state.db, id).await?;
@@ -161,9 +158,14 @@ pub async fn update(
         match key.as_str() {
             "project_id" | "role" | "backend" => {
                 if merged.get(&key) != Some(&value) {
+                    let field = match key.as_str() {
+                        "project_id" => "project_id",
+                        "role" => "role",
+                        _ => "backend",
+                    };
                     return Err(ApiError::bad_request(
                         "immutable_field",
-                        "backend",
+                        field,
                         format!("{key} cannot be changed; create a new storage instead"),
                     ));
                 }
@@ -198,7 +200,10 @@ pub async fn update(
     Ok(ApiJson(with_last_run(&model, last.get(&id))))
 }
 
-pub async fn delete(State(state): State<AppState>, Path(id): Path<i64>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<StatusCode> {
     let res = storage::Entity::delete_by_id(id).exec(&state.db).await?;
     if res.rows_affected == 0 {
         return Err(ApiError::not_found(format!("storage {id} not found")));
@@ -221,7 +226,7 @@ pub async fn validate_new(
 
 pub async fn validate_saved(
     State(state): State<AppState>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
     let model = find(&state.db, id).await?;
     check(&state, &model).await
@@ -251,8 +256,8 @@ const PREVIEW_MAX_PAGES: usize = 10;
 
 pub async fn preview(
     State(state): State<AppState>,
-    Path(id): Path<i64>,
-    Query(q): Query<PreviewQuery>,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<PreviewQuery>,
 ) -> ApiResult<ApiJson<Value>> {
     let want = q.limit.unwrap_or(20);
     if !(1..=1000).contains(&want) {
@@ -289,7 +294,7 @@ pub async fn preview(
 
 pub async fn sync(
     State(state): State<AppState>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
     let model = find(&state.db, id).await?;
     let (run, already_running) =

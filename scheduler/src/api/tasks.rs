@@ -2,12 +2,14 @@
 //! its annotations and predictions.
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use labelsync::db::entities::{annotation, import_link, prediction, task};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiResult, AppState, Paging, limit, page, projects};
+use super::{
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, limit, page, projects,
+};
 
 fn to_json(t: &task::Model, source: Option<&import_link::Model>) -> Value {
     json!({
@@ -32,8 +34,8 @@ async fn sources(
 
 pub async fn list(
     State(state): State<AppState>,
-    Path(project_id): Path<i64>,
-    Query(q): Query<Paging>,
+    ApiPath(project_id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<Paging>,
 ) -> ApiResult<ApiJson<Value>> {
     projects::find(&state.db, project_id).await?;
     let limit = limit(q.limit)?;
@@ -53,7 +55,7 @@ pub async fn list(
 
 pub async fn get_one(
     State(state): State<AppState>,
-    Path(id): Path<i64>,
+    ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
     let t = task::Entity::find_by_id(id)
         .one(&state.db)

@@ -42,18 +42,39 @@ pub async fn pending(db: &impl ConnectionTrait, run_id: &str) -> Result<u64> {
         .await?)
 }
 
-/// The run's oldest unfinished batch.
-pub async fn oldest_pending(
+/// Claims the run's oldest batch no worker has started (attempts = 0) by
+/// counting an attempt on it; `None` when there is none.
+pub async fn claim_unstarted(
     db: &impl ConnectionTrait,
     run_id: &str,
 ) -> Result<Option<sync_batch::Model>> {
-    use sea_orm::QueryOrder;
-    Ok(sync_batch::Entity::find()
+    use sea_orm::{QueryOrder, QuerySelect};
+    let ids: Vec<i64> = sync_batch::Entity::find()
+        .select_only()
+        .column(sync_batch::Column::Id)
         .filter(sync_batch::Column::RunId.eq(run_id))
         .filter(sync_batch::Column::Done.eq(false))
+        .filter(sync_batch::Column::Attempts.eq(0))
         .order_by_asc(sync_batch::Column::Id)
-        .one(db)
-        .await?)
+        .limit(4)
+        .into_tuple()
+        .all(db)
+        .await?;
+    for id in ids {
+        let claimed = sync_batch::Entity::update_many()
+            .col_expr(
+                sync_batch::Column::Attempts,
+                Expr::col(sync_batch::Column::Attempts).add(1),
+            )
+            .filter(sync_batch::Column::Id.eq(id))
+            .filter(sync_batch::Column::Attempts.eq(0))
+            .exec(db)
+            .await?;
+        if claimed.rows_affected == 1 {
+            return Ok(sync_batch::Entity::find_by_id(id).one(db).await?);
+        }
+    }
+    Ok(None)
 }
 
 /// Counts an attempt of a batch; `None` when it is already done (a duplicate job).

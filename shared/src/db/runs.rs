@@ -74,8 +74,9 @@ impl RunStatus {
 
 const LIVE: [&str; 2] = ["queued", "running"];
 
-/// The counters of API.md; a page's increments are added to the row in the same
-/// transaction that writes the page's tasks, so they never drift from the data.
+/// The counters of API.md (plus `missing` and `changed`). Every increment is
+/// added in the transaction that writes what it counts (a page, a chunk of
+/// rows, a finished batch), so they never drift from the data.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Counters {
     pub listed: i64,
@@ -355,9 +356,12 @@ pub async fn record_errors(
             created_at: Set(now),
             ..Default::default()
         });
-    object_error::Entity::insert_many(rows)
-        .exec_without_returning(db)
-        .await?;
+    let rows: Vec<_> = rows.collect();
+    for chunk in rows.chunks(super::MAX_PARAMS / 5) {
+        object_error::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(db)
+            .await?;
+    }
     Ok(())
 }
 

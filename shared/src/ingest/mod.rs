@@ -90,6 +90,9 @@ impl ImportJob<'_> {
             };
             let cursor = last.key.clone();
             let listed = page.objects.len() as i64;
+            // Every listed object counts as present, matched or not: narrowing
+            // the regex must not report the objects it now skips as missing.
+            let listed_keys: Vec<String> = page.objects.iter().map(|o| o.key.clone()).collect();
             let matched: Vec<ObjectMeta> = page
                 .objects
                 .into_iter()
@@ -159,7 +162,7 @@ impl ImportJob<'_> {
                 delta.created += created;
                 delta.existed += raced;
             }
-            links::mark_seen(&txn, self.storage.id, &self.run.id, &seen).await?;
+            links::mark_seen(&txn, self.storage.id, &self.run.id, &listed_keys).await?;
             for o in &changed {
                 links::update_object(
                     &txn,
@@ -255,9 +258,10 @@ impl ImportJob<'_> {
     ///
     /// This job holds a worker slot while it waits. If every slot of the fleet
     /// is held by such waiting jobs, no batch would ever run; so when no batch
-    /// has finished for [`HELP_AFTER`], the job runs the oldest unfinished
-    /// batch itself. A batch run twice at once is harmless: rows are linked
-    /// once, and only the attempt that marks it done records its failures.
+    /// has finished for [`HELP_AFTER`], the job runs the oldest batch no worker
+    /// has started itself. (Were a worker to start it too, that would cost
+    /// time only: rows are linked once, and only the attempt that marks the
+    /// batch done records its failures.)
     async fn wait_for_batches(&self, max: u64) -> Result<bool> {
         let mut last = u64::MAX;
         let mut since = tokio::time::Instant::now();
@@ -272,7 +276,7 @@ impl ImportJob<'_> {
             if pending != last {
                 (last, since) = (pending, tokio::time::Instant::now());
             } else if since.elapsed() >= HELP_AFTER {
-                if let Some(batch) = batches::oldest_pending(self.db, &self.run.id).await? {
+                if let Some(batch) = batches::claim_unstarted(self.db, &self.run.id).await? {
                     tracing::info!(
                         batch_id = batch.id,
                         "no batch finished lately; running one in the sync job"
@@ -301,7 +305,9 @@ impl ImportJob<'_> {
         self.finish_batch(batch.id, worker, failed, errors).await
     }
 
-    /// Marks a batch done with its failures (all in one transaction).
+    /// Marks a batch done with its failures (all in one transaction). When
+    /// the run is no longer running (cancelled), the batch is closed without
+    /// counting anything, so nothing waits on it.
     pub async fn finish_batch(
         &self,
         id: i64,
@@ -314,15 +320,16 @@ impl ImportJob<'_> {
             txn.rollback().await?;
             return Ok(Outcome::Finished);
         }
-        runs::record_errors(&txn, &self.run.id, errors).await?;
         let delta = Counters {
             failed,
             ..Counters::default()
         };
         if !runs::checkpoint(&txn, &self.run.id, &delta, None, None).await? {
             txn.rollback().await?;
+            batches::finish(self.db, id, worker).await?;
             return Ok(Outcome::Stopped);
         }
+        runs::record_errors(&txn, &self.run.id, errors).await?;
         txn.commit().await?;
         Ok(Outcome::Finished)
     }

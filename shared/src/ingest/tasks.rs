@@ -4,9 +4,10 @@
 //! run's `created` counter), deduplicated per row through the link key.
 //!
 //! Rows committed before a bad row or a broken file are kept; the error is
-//! recorded with the row where it happened and the next sync does not re-read
-//! the object unless it changed. (Keeping them is what makes a 1 GB file
-//! importable in bounded memory and what lets a retry continue a file.)
+//! recorded with the row where it happened. A later sync does not re-read an
+//! object that has tasks (changed objects included, for now); one that
+//! produced none is read, and fails, again. (Keeping rows is what makes a 1 GB
+//! file importable in bounded memory and lets a retry continue a file.)
 use std::{
     io::{self, Read},
     sync::Arc,

@@ -86,10 +86,12 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
     // A token per attempt: the run's lease, checked by every write it makes.
     let lease = ulid::Ulid::new().to_string();
     let lease_ttl = w.heartbeat * w.missed_heartbeats.max(1) as u32;
-    let run = match runs::begin_attempt(&ctx.db, run_id, &lease, lease_ttl)
-        .await
-        .map_err(JobError::Retry)?
-    {
+    let run = match runs::begin_attempt(&ctx.db, run_id, &lease, lease_ttl).await {
+        // Its storage or project was deleted (the run with it): nothing to do.
+        Err(Error::NotFound(_)) => return Ok(()),
+        other => other.map_err(JobError::Retry)?,
+    };
+    let run = match run {
         Attempt::Started(run) => run,
         Attempt::Ended => {
             tracing::debug!("run already ended; nothing to do");
@@ -113,14 +115,15 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
         return Ok(());
     }
 
-    let heartbeat = tokio::spawn(heartbeat(
+    // Aborted when dropped, so even a panicking attempt stops renewing its lease.
+    let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
         ctx.db.clone(),
         run_id.to_owned(),
         lease.clone(),
         w.heartbeat,
-    ));
+    )));
     let result = attempt(ctx, &run, &lease).await;
-    heartbeat.abort();
+    drop(heartbeat);
 
     match result {
         Ok(Outcome::Finished) => {
@@ -152,6 +155,14 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
             )
             .await
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -210,7 +221,10 @@ pub async fn execute_batch(
     worker: &str,
 ) -> Result<(), JobError> {
     use crate::db::batches;
-    let run = runs::get(&ctx.db, run_id).await.map_err(JobError::Retry)?;
+    let run = match runs::get(&ctx.db, run_id).await {
+        Err(Error::NotFound(_)) => return Ok(()), // deleted with its storage
+        other => other.map_err(JobError::Retry)?,
+    };
     let Some(batch) = batches::begin_attempt(&ctx.db, batch_id)
         .await
         .map_err(JobError::Retry)?
@@ -228,14 +242,22 @@ pub async fn execute_batch(
         fanout: None,
         lease: None,
     };
-    let give_up = |reason: String| {
-        let errors: Vec<_> = batches::objects(&batch)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|o| (o.key, None, reason.clone()))
-            .collect();
-        (errors.len() as i64, errors)
-    };
+    // Objects of a batch given up on: those with no task yet (rows an earlier
+    // attempt imported are kept, so their objects did not fail).
+    let give_up =
+        async |reason: String| -> Result<(i64, Vec<crate::ingest::ObjectError>), JobError> {
+            let objects = batches::objects(&batch).unwrap_or_default();
+            let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
+            let linked = crate::db::links::known_objects(&ctx.db, run.storage_id, run_id, &keys)
+                .await
+                .map_err(JobError::Retry)?;
+            let errors: Vec<_> = keys
+                .into_iter()
+                .filter(|k| !linked.contains_key(k))
+                .map(|k| (k, None, reason.clone()))
+                .collect();
+            Ok((errors.len() as i64, errors))
+        };
     if run.status != RunStatus::Running.as_str() {
         // Cancelled or ended: close the batch so nothing waits on it.
         job.finish_batch(batch_id, worker, 0, Vec::new())
@@ -247,7 +269,8 @@ pub async fn execute_batch(
         let (failed, errors) = give_up(format!(
             "batch {batch_id} gave up after {} attempts",
             batch.attempts - 1
-        ));
+        ))
+        .await?;
         job.finish_batch(batch_id, worker, failed, errors)
             .await
             .map_err(JobError::Retry)?;
@@ -257,7 +280,7 @@ pub async fn execute_batch(
         Ok(_) => Ok(()),
         Err(err) if err.is_transient() => Err(JobError::Retry(err)),
         Err(err) => {
-            let (failed, errors) = give_up(err.to_string());
+            let (failed, errors) = give_up(err.to_string()).await?;
             job.finish_batch(batch_id, worker, failed, errors)
                 .await
                 .map_err(JobError::Retry)?;
@@ -304,11 +327,14 @@ pub async fn enqueue_sync(
     settings: &Settings,
     storage: &storage_entity::Model,
 ) -> Result<(crate::db::entities::sync_run::Model, bool)> {
-    let kind = if storage.role == "target" {
-        runs::RunKind::Export
-    } else {
-        runs::RunKind::Import
-    };
+    if storage.role == "target" {
+        return Err(Error::invalid(
+            "unsupported_run_kind",
+            Some("role"),
+            "syncing a target storage (export) is not available in this build yet",
+        ));
+    }
+    let kind = runs::RunKind::Import;
     let (run, already_running) = runs::create_or_get_live(db, storage.id, kind).await?;
     if !already_running {
         if let Err(err) = queue
@@ -335,13 +361,17 @@ pub async fn enqueue_sync(
     }
     let stale_after = (settings.worker.heartbeat * settings.worker.missed_heartbeats as u32 * 4)
         .max(Duration::from_secs(120));
+    // A run whose job was lost (Redis flushed, the scheduler died between the
+    // insert and the push) would block its storage for good: a live run that
+    // shows no sign of life for a while is enqueued again. A duplicate of a
+    // job that is only slow is harmless: the run's lease turns it away.
     let beat = run.heartbeat_at.unwrap_or(run.queued_at);
     let silent = chrono::Utc::now()
         .signed_duration_since(beat)
         .to_std()
         .unwrap_or_default();
-    if run.status == RunStatus::Running.as_str() && silent > stale_after {
-        tracing::warn!(run_id = %run.id, ?silent, "live run has no heartbeat; enqueueing it again");
+    if silent > stale_after {
+        tracing::warn!(run_id = %run.id, status = %run.status, ?silent, "live run shows no progress; enqueueing it again");
         let minute = chrono::Utc::now().timestamp() / 60;
         let job = RunJob {
             run_id: run.id.clone(),

@@ -269,9 +269,16 @@ async fn handle(
     ctx: Data<Arc<JobContext>>,
     worker: WorkerContext,
 ) -> Result<(), BoxDynError> {
-    match job.batch {
+    let result = match job.batch {
         None => super::execute(&ctx, &job.run_id).await,
         Some(batch) => super::execute_batch(&ctx, &job.run_id, batch, worker.name()).await,
+    };
+    if result.is_err() {
+        // apalis-sqlite offers a failed job again at the next poll; a pause
+        // keeps a passing outage from using up every attempt in a second.
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
-    .map_err(Into::into)
+    result.map_err(Into::into)
 }
+
+const RETRY_PAUSE: Duration = Duration::from_secs(1);

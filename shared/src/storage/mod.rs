@@ -197,14 +197,31 @@ where
 /// Lists ahead: pulls up to `depth` pages into a buffer on its own task, so a
 /// slow listing (a remote bucket) and the database writes of the previous page
 /// overlap instead of taking turns. Dropping the stream stops the listing.
-pub fn prefetch(mut pages: BoxStream<'static, Result<Page>>, depth: usize) -> BoxStream<'static, Result<Page>> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(depth.max(1));
-    tokio::spawn(async move {
+pub fn prefetch(
+    mut pages: BoxStream<'static, Result<Page>>,
+    depth: usize,
+) -> BoxStream<'static, Result<Page>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
+    let lister = tokio::spawn(async move {
         while let Some(page) = pages.next().await {
             if tx.send(page).await.is_err() {
                 break;
             }
         }
     });
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    // The channel closing means the listing ended, unless the lister died:
+    // then say so, or the caller would take a partial listing for a whole one.
+    futures::stream::unfold((rx, Some(lister)), |(mut rx, lister)| async move {
+        if let Some(page) = rx.recv().await {
+            return Some((page, (rx, lister)));
+        }
+        match lister?.await {
+            Ok(()) => None,
+            Err(e) => Some((
+                Err(Error::Internal(format!("listing task failed: {e}"))),
+                (rx, None),
+            )),
+        }
+    })
+    .boxed()
 }

@@ -13,6 +13,8 @@ use crate::{Error, Result, db::entities::storage, ingest::Filter};
 pub const MAX_PRESIGN_TTL: i64 = 7 * 24 * 3600;
 /// A period shorter than a second is surely a mistake (milliseconds?).
 pub const MIN_SYNC_INTERVAL: i64 = 1;
+/// One year: longer periods are surely a mistake too.
+pub const MAX_SYNC_INTERVAL: i64 = 365 * 24 * 3600;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -97,6 +99,27 @@ pub struct ValidSpec {
 impl StorageSpec {
     /// Parses a JSON body; serde's message names the offending field.
     pub fn from_json(value: Value) -> Result<Self> {
+        // Checked before serde, whose messages quote the offending value: a
+        // secret sent in the wrong shape must not come back in the error.
+        match value.get("secrets") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(secrets)) => {
+                if let Some((name, _)) = secrets.iter().find(|(_, v)| !v.is_string()) {
+                    return Err(Error::invalid(
+                        "invalid_secrets",
+                        Some("secrets"),
+                        format!("secret {name:?} must be a string"),
+                    ));
+                }
+            }
+            Some(_) => {
+                return Err(Error::invalid(
+                    "invalid_secrets",
+                    Some("secrets"),
+                    "secrets must be a JSON object",
+                ));
+            }
+        }
         serde_json::from_value(value)
             .map_err(|e| Error::invalid("invalid_body", None, e.to_string()))
     }
@@ -121,12 +144,14 @@ impl StorageSpec {
         }
         if self
             .sync_interval_seconds
-            .is_some_and(|s| s < MIN_SYNC_INTERVAL)
+            .is_some_and(|s| !(MIN_SYNC_INTERVAL..=MAX_SYNC_INTERVAL).contains(&s))
         {
             return Err(Error::invalid(
                 "invalid_sync_interval",
                 Some("sync_interval_seconds"),
-                format!("sync_interval_seconds must be at least {MIN_SYNC_INTERVAL} (or null)"),
+                format!(
+                    "sync_interval_seconds must be between {MIN_SYNC_INTERVAL} and {MAX_SYNC_INTERVAL} (or null)"
+                ),
             ));
         }
         let config = validate_config(kind, &self.config, env)?;
