@@ -1,6 +1,7 @@
 //! Which listed keys a storage imports: the prefix and recursion are applied by
-//! the listing itself; the regex is matched here against the full key, as
-//! Label Studio does. The `regex` crate guarantees linear-time matching, so no
+//! the listing itself; the regex is matched here against the full key from
+//! its start, as Label Studio's `re.match` does (`.*\.jpg$` for "ends in
+//! .jpg", `images/` for "starts with images/"). The `regex` crate guarantees linear-time matching, so no
 //! user pattern can stall a worker.
 use regex::Regex;
 
@@ -17,22 +18,26 @@ const REGEX_SIZE_LIMIT: usize = 10 << 20;
 
 impl Filter {
     pub fn new(regex_filter: Option<&str>) -> Result<Self> {
-        let regex = match regex_filter.filter(|r| !r.is_empty()) {
-            None => None,
-            Some(pattern) => Some(
-                regex::RegexBuilder::new(pattern)
-                    .size_limit(REGEX_SIZE_LIMIT)
-                    .build()
-                    .map_err(|e| {
-                        Error::invalid(
-                            "invalid_regex",
-                            Some("regex_filter"),
-                            format!("invalid regex_filter: {e}"),
-                        )
-                    })?,
-            ),
+        let Some(pattern) = regex_filter.filter(|r| !r.is_empty()) else {
+            return Ok(Filter { regex: None });
         };
-        Ok(Filter { regex })
+        let build = |p: &str| {
+            regex::RegexBuilder::new(p)
+                .size_limit(REGEX_SIZE_LIMIT)
+                .build()
+        };
+        let invalid = |e: regex::Error| {
+            Error::invalid(
+                "invalid_regex",
+                Some("regex_filter"),
+                format!("invalid regex_filter: {e}"),
+            )
+        };
+        // The pattern must stand on its own: wrapped unchecked, "a)|(b" would
+        // become a valid pattern with another meaning.
+        build(pattern).map_err(invalid)?;
+        let regex = build(&format!("^(?:{pattern})")).map_err(invalid)?;
+        Ok(Filter { regex: Some(regex) })
     }
 
     pub fn from_storage(storage: &storage::Model) -> Result<Self> {
@@ -53,6 +58,12 @@ mod tests {
         let filter = Filter::new(Some(r".*\.jpg$")).unwrap();
         assert!(filter.matches("dir/a.jpg"));
         assert!(!filter.matches("dir/a.jpg.txt"));
+        let prefix_like = Filter::new(Some("images/")).unwrap();
+        assert!(prefix_like.matches("images/a.png"));
+        assert!(
+            !prefix_like.matches("thumbs/images/a.png"),
+            "anchored at the start, like re.match"
+        );
         assert!(Filter::new(None).unwrap().matches("anything"));
         let err = Filter::new(Some("(unclosed")).unwrap_err();
         assert!(matches!(

@@ -131,11 +131,19 @@ impl ImportJob<'_> {
             }
 
             let mut errors = Vec::new();
+            let mut batches_to_create: Vec<Vec<ObjectMeta>> = Vec::new();
             if tasks_mode && !fresh.is_empty() {
                 let objects = std::mem::take(&mut fresh);
                 match self.fanout {
-                    Some(queue) => {
-                        if !self.fan_out(queue, objects).await? {
+                    Some(_) => {
+                        // The batch rows are written with the page's checkpoint
+                        // (so a replayed page cannot make a second set) and
+                        // enqueued after it commits.
+                        batches_to_create =
+                            objects.chunks(BATCH_OBJECTS).map(<[_]>::to_vec).collect();
+                        let room =
+                            MAX_BATCHES_IN_FLIGHT.saturating_sub(batches_to_create.len() as u64);
+                        if !self.wait_for_batches(room).await? {
                             return Ok(Outcome::Stopped);
                         }
                     }
@@ -175,11 +183,18 @@ impl ImportJob<'_> {
                 .await?;
             }
             runs::record_errors(&txn, &self.run.id, errors).await?;
+            let mut batch_ids = Vec::with_capacity(batches_to_create.len());
+            for objects in &batches_to_create {
+                batch_ids.push(batches::create(&txn, &self.run.id, objects).await?);
+            }
             if !runs::checkpoint(&txn, &self.run.id, &delta, Some(&cursor), self.lease).await? {
                 txn.rollback().await?;
                 return Ok(Outcome::Stopped);
             }
             txn.commit().await?;
+            if let Some(queue) = self.fanout {
+                self.enqueue_batches(queue, batch_ids).await;
+            }
         }
 
         // The listing is complete; once every batch is done, what was not
@@ -233,24 +248,22 @@ impl ImportJob<'_> {
         Ok(Some((failed, errors)))
     }
 
-    /// Hands objects to the fleet in batches of [`BATCH_OBJECTS`], keeping at
-    /// most [`MAX_BATCHES_IN_FLIGHT`] unfinished (the queue stays far below
-    /// apalis-redis' ~8,000 due-job limit). False when the run stopped.
-    async fn fan_out(&self, queue: &Queue, objects: Vec<ObjectMeta>) -> Result<bool> {
-        for chunk in objects.chunks(BATCH_OBJECTS) {
-            if !self.wait_for_batches(MAX_BATCHES_IN_FLIGHT - 1).await? {
-                return Ok(false);
-            }
-            let batch = batches::create(self.db, &self.run.id, chunk).await?;
+    /// Hands committed batches to the fleet. A push that fails is only logged:
+    /// the batch row exists, and the waiting sync job runs batches no worker
+    /// started (see [`Self::wait_for_batches`]).
+    async fn enqueue_batches(&self, queue: &Queue, ids: Vec<i64>) {
+        for batch in ids {
             let job = RunJob {
                 run_id: self.run.id.clone(),
                 batch: Some(batch),
             };
-            queue
+            if let Err(err) = queue
                 .push(job, &format!("{}:batch:{batch}", self.run.id))
-                .await?;
+                .await
+            {
+                tracing::warn!(batch_id = batch, error = %err, "batch not enqueued; the sync job will run it");
+            }
         }
-        Ok(true)
     }
 
     /// Waits until at most `max` batches of the run are unfinished. False when
@@ -335,7 +348,9 @@ impl ImportJob<'_> {
     }
 }
 
-/// Objects per fan-out batch.
+/// Objects per fan-out batch: a Tasks-mode run hands its new objects to the
+/// fleet in batches of this many, at most [`MAX_BATCHES_IN_FLIGHT`] unfinished
+/// (far below apalis-redis' ~8,000 due-job limit).
 const BATCH_OBJECTS: usize = 50;
 /// Unfinished batches one run may have at once.
 const MAX_BATCHES_IN_FLIGHT: u64 = 64;

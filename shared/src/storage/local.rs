@@ -62,7 +62,9 @@ impl LocalStorage {
     /// The file behind a key, resolved and checked to stay in the document root.
     fn object_path(&self, key: &str) -> Result<PathBuf> {
         let path = self.base.join(key);
-        let canonical = path.canonicalize().map_err(|e| io_error(&path, e))?;
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| io_error(&self.root, &path, e))?;
         if !canonical.starts_with(&self.root) || !canonical.is_file() {
             return Err(Error::NotFound(format!(
                 "{key}: not a file inside the document root"
@@ -110,13 +112,13 @@ impl Storage for LocalStorage {
     }
 
     async fn check(&self, role: Role) -> Result<()> {
-        let base = self.base.clone();
+        let (root, base) = (self.root.clone(), self.base.clone());
         tokio::task::spawn_blocking(move || {
-            fs::read_dir(&base).map_err(|e| io_error(&base, e))?;
+            fs::read_dir(&base).map_err(|e| io_error(&root, &base, e))?;
             if role == Role::Target {
                 let probe = base.join(format!(".labelsync-check-{}", ulid::Ulid::new()));
-                fs::write(&probe, b"").map_err(|e| io_error(&base, e))?;
-                fs::remove_file(&probe).map_err(|e| io_error(&probe, e))?;
+                fs::write(&probe, b"").map_err(|e| io_error(&root, &base, e))?;
+                fs::remove_file(&probe).map_err(|e| io_error(&root, &probe, e))?;
             }
             Ok(())
         })
@@ -128,7 +130,7 @@ impl Storage for LocalStorage {
         let path = self.object_path(key)?;
         let file = tokio::fs::File::open(&path)
             .await
-            .map_err(|e| io_error(&path, e))?;
+            .map_err(|e| io_error(&self.root, &path, e))?;
         Ok(tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).boxed())
     }
 
@@ -147,8 +149,13 @@ impl Storage for LocalStorage {
     }
 }
 
-fn io_error(path: &Path, err: io::Error) -> Error {
-    let msg = format!("{}: {err}", path.display());
+/// An I/O error naming the path relative to the document root: users see
+/// their own paths, never the server's layout.
+fn io_error(root: &Path, path: &Path, err: io::Error) -> Error {
+    let shown = path
+        .strip_prefix(root)
+        .unwrap_or(Path::new("<outside the document root>"));
+    let msg = format!("{}: {}", shown.display(), err.kind());
     match err.kind() {
         io::ErrorKind::NotFound => Error::NotFound(msg),
         io::ErrorKind::PermissionDenied => Error::PermissionDenied(msg),
@@ -204,10 +211,10 @@ impl Walker {
             Ok(entries) => entries,
             // A prefix naming no directory lists nothing, like an empty bucket prefix.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(names),
-            Err(e) => return Err(io_error(&dir, e)),
+            Err(e) => return Err(io_error(&self.root, &dir, e)),
         };
         for entry in entries {
-            let entry = entry.map_err(|e| io_error(&dir, e))?;
+            let entry = entry.map_err(|e| io_error(&self.root, &dir, e))?;
             match entry.file_name().into_string() {
                 Ok(name) => names.push(name),
                 Err(name) => {
@@ -267,7 +274,7 @@ impl Walker {
             let meta = if meta.file_type().is_symlink() {
                 match path.canonicalize() {
                     Ok(target) if target.starts_with(&self.root) && target.is_file() => {
-                        fs::metadata(&target).map_err(|e| io_error(&target, e))?
+                        fs::metadata(&target).map_err(|e| io_error(&self.root, &target, e))?
                     }
                     _ => {
                         tracing::debug!(
