@@ -409,3 +409,71 @@ async fn fan_out_on_a_single_slot_worker_does_not_deadlock() {
     drop(worker);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
+    const OBJECTS: usize = 40_000;
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    write_files(&app.doc_root.path().join("data"), OBJECTS, "jpg");
+    let project = app.project("drain").await;
+    let (_, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({ "project_id": project, "role": "source", "backend": "local", "config": { "path": "data" } }),
+        )
+        .await;
+    let mut first = spawn_worker(&app, "draining");
+    let (_, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", storage["id"]),
+            json!({}),
+        )
+        .await;
+    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+        if run["counters"]["created"].as_i64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker never started: {run}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let signalled = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &first.0.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let exit = first.0.wait().expect("wait for the drained worker");
+    assert!(exit.success(), "SIGTERM exits 0, got {exit:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "drained in {:?}",
+        signalled.elapsed()
+    );
+    let (_, handed_back) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+    assert_eq!(handed_back["status"], "running", "{handed_back}");
+    assert!(
+        handed_back["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("shutting down"),
+        "{handed_back}"
+    );
+
+    let _second = spawn_worker(&app, "successor");
+    let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], OBJECTS as i64, "{run}");
+    assert_eq!(
+        run["counters"]["listed"], OBJECTS as i64,
+        "resumed, not restarted: {run}"
+    );
+    app.stop().await;
+}

@@ -62,6 +62,9 @@ pub struct ImportJob<'a> {
     /// another attempt took the run over. `None` for fan-out batches, which
     /// only add counts the unique link key keeps exact.
     pub lease: Option<&'a str>,
+    /// Raised on SIGTERM: stop at the next page boundary and give the run
+    /// back ([`crate::Error::Transient`]) so another worker resumes it.
+    pub stopping: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 /// A per-object failure: key, row (None for the whole object), message.
@@ -84,6 +87,7 @@ impl ImportJob<'_> {
             2,
         );
         while let Some(page) = pages.next().await {
+            self.check_stopping()?;
             let page = page?;
             let Some(last) = page.objects.last() else {
                 continue;
@@ -218,6 +222,18 @@ impl ImportJob<'_> {
 }
 
 impl ImportJob<'_> {
+    fn check_stopping(&self) -> Result<()> {
+        if self
+            .stopping
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(crate::Error::Transient(
+                "the worker is shutting down; another worker resumes this run".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Fetches, parses and imports Tasks-mode objects, a bounded number at
     /// once. `None` when the run stopped; otherwise the failures to record.
     async fn import_objects(
@@ -279,6 +295,7 @@ impl ImportJob<'_> {
         let mut last = u64::MAX;
         let mut since = tokio::time::Instant::now();
         loop {
+            self.check_stopping()?;
             let pending = batches::pending(self.db, &self.run.id).await?;
             if pending <= max {
                 return Ok(true);

@@ -10,7 +10,10 @@
 //! error ends the run at once and acknowledges the job.
 pub mod queue;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
 
 use sea_orm::{DatabaseConnection, EntityTrait};
 use serde::{Deserialize, Serialize};
@@ -45,6 +48,9 @@ pub struct JobContext {
     /// The queue big Tasks-mode runs fan out to; `None` runs everything in
     /// this process (the one-shot CLI).
     pub queue: Option<Queue>,
+    /// Set when the process is shutting down: running imports stop at their
+    /// next page and hand the run back (see [`execute`]).
+    pub stopping: AtomicBool,
 }
 
 impl JobContext {
@@ -57,6 +63,7 @@ impl JobContext {
             settings,
             storage_env,
             queue,
+            stopping: AtomicBool::new(false),
         })
     }
 }
@@ -198,6 +205,7 @@ async fn attempt(
                 project: &project,
                 settings: &ctx.settings.worker,
                 fanout: ctx.queue.as_ref(),
+                stopping: Some(&ctx.stopping),
                 lease: Some(lease),
             }
             .run()
@@ -241,6 +249,7 @@ pub async fn execute_batch(
         settings: &ctx.settings.worker,
         fanout: None,
         lease: None,
+        stopping: Some(&ctx.stopping),
     };
     // Objects of a batch given up on: those with no task yet (rows an earlier
     // attempt imported are kept, so their objects did not fail).

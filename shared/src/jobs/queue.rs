@@ -214,8 +214,14 @@ impl Queue {
         let (concurrency, poll) = (w.concurrency.max(1), w.poll_interval);
         tracing::info!(worker = %name, concurrency, "worker starting");
         let (stopped, stop) = tokio::sync::oneshot::channel::<()>();
+        let stopping = ctx.clone();
         let signal = async move {
             shutdown.await;
+            // Running imports give their runs back at the next page, so the
+            // drain below is quick and another worker resumes them.
+            stopping
+                .stopping
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = stopped.send(());
             Ok::<(), WorkerError>(())
         };
