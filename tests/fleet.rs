@@ -64,6 +64,28 @@ async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
     row.try_get("", "n").expect("n")
 }
 
+/// Starts a sync and waits until its worker has committed some tasks;
+/// returns the run id and the run at that moment.
+async fn start_and_wait_for_progress(app: &TestApp, storage: &Value) -> (String, Value) {
+    let (status, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", storage["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+        if run["counters"]["created"].as_i64().unwrap_or(0) > 0 {
+            return (run_id, run);
+        }
+        assert!(Instant::now() < deadline, "the worker never started: {run}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Kills the worker running a sync once it has committed some tasks, lets a
 /// second worker finish, and checks every task exists exactly once.
 async fn kill_mid_sync(
@@ -89,32 +111,13 @@ async fn kill_mid_sync(
     assert_eq!(status, 201, "{storage}");
 
     let mut first = spawn_worker(&app, "victim");
-    let (_, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", storage["id"]),
-            json!({}),
-        )
-        .await;
-    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
-
-    // Wait until the first worker has committed some tasks, then kill it hard.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
-        let created = run["counters"]["created"].as_i64().unwrap_or(0);
-        if created > 0 {
-            assert!(
-                created < expected,
-                "the sync finished before the kill; make it bigger: {run}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the first worker never started: {run}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Once the first worker has committed some tasks, kill it hard.
+    let (run_id, progress) = start_and_wait_for_progress(&app, &storage).await;
+    let created = progress["counters"]["created"].as_i64().unwrap_or(0);
+    assert!(
+        created < expected,
+        "the sync finished before the kill; make it bigger: {progress}"
+    );
     let (_, queues) = app.get("/api/v1/queues").await;
     let running = queues["items"][0]["running"].as_u64().unwrap_or(0);
     assert!(
@@ -427,22 +430,7 @@ async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
         )
         .await;
     let mut first = spawn_worker(&app, "draining");
-    let (_, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", storage["id"]),
-            json!({}),
-        )
-        .await;
-    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
-        if run["counters"]["created"].as_i64().unwrap_or(0) > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the worker never started: {run}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (run_id, _) = start_and_wait_for_progress(&app, &storage).await;
 
     let signalled = Instant::now();
     let status = Command::new("kill")
