@@ -111,14 +111,12 @@ impl ImportJob<'_> {
                 ..Counters::default()
             };
             let mut fresh = Vec::new();
-            let mut seen = Vec::new();
             let mut changed = Vec::new();
             for object in matched {
                 let Some(k) = known.get(&object.key) else {
                     fresh.push(object);
                     continue;
                 };
-                seen.push(object.key.clone());
                 if k.seen_by_run {
                     // A page replayed after a crash: its rows were counted when
                     // committed; Tasks mode picks up the rows still missing.
