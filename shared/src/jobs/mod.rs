@@ -220,7 +220,8 @@ async fn attempt(
 }
 
 /// Runs one fan-out batch of an import. Like [`execute`], permanent failures
-/// are recorded (on every object of the batch) and the job is acknowledged.
+/// are recorded (on the batch's objects that have no task) and the job is
+/// acknowledged.
 #[tracing::instrument(skip(ctx), fields(run_id = %run_id, batch_id))]
 pub async fn execute_batch(
     ctx: &JobContext,
@@ -239,7 +240,10 @@ pub async fn execute_batch(
     else {
         return Ok(()); // already done: a duplicate job
     };
-    let (storage, project) = owners(ctx, &run).await.map_err(JobError::Retry)?;
+    let (storage, project) = match owners(ctx, &run).await {
+        Err(Error::NotFound(_)) => return Ok(()), // deleted meanwhile
+        other => other.map_err(JobError::Retry)?,
+    };
     let job = ImportJob {
         db: &ctx.db,
         env: &ctx.storage_env,
