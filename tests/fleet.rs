@@ -41,13 +41,16 @@ fn spawn_worker_with(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker 
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null());
     for key in [
+        "LABELSYNC_QUEUE_BACKLOG_LIMIT",
         "DATABASE_URL",
         "REDIS_URL",
         "LABELSYNC_QUEUE_NAMESPACE",
         "LOCAL_FILES_DOCUMENT_ROOT",
         "LABELSYNC_HEARTBEAT_SECS",
     ] {
-        cmd.env(key, &app.vars[key]);
+        if let Some(value) = app.vars.get(key) {
+            cmd.env(key, value);
+        }
     }
     Worker(cmd.spawn().expect("start labelsync-worker"))
 }
@@ -462,6 +465,71 @@ async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     assert_eq!(
         run["counters"]["listed"], OBJECTS as i64,
         "resumed, not restarted: {run}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_keeps_runs_queued_until_there_is_room() {
+    const STORAGES: usize = 100;
+    // A tiny backlog limit stands in for apalis-redis' ~8,000 due-job crash
+    // point: past it, runs wait in the database, not in Redis.
+    let env = vec![
+        ("LABELSYNC_QUEUE_BACKLOG_LIMIT", "20".to_owned()),
+        ("LABELSYNC_REQUEUE_AFTER_SECS", "1".to_owned()),
+    ];
+    let app = spawn_app(AppOptions {
+        workers: false,
+        env,
+        ..AppOptions::default()
+    })
+    .await;
+    write_files(&app.doc_root.path().join("data"), 3, "jpg");
+    let project = app.project("backlog").await;
+    for i in 0..STORAGES {
+        let (status, storage) = app
+            .post(
+                "/api/v1/storages",
+                json!({ "project_id": project, "role": "source", "backend": "local",
+                        "title": format!("s{i}"), "config": { "path": "data" } }),
+            )
+            .await;
+        assert_eq!(status, 201, "{storage}");
+        let (status, started) = app
+            .post(
+                &format!("/api/v1/storages/{}/sync", storage["id"]),
+                json!({}),
+            )
+            .await;
+        assert_eq!(status, 202, "{started}");
+    }
+    let (_, queues) = app.get("/api/v1/queues").await;
+    let pending = queues["items"][0]["pending"].as_u64().expect("pending");
+    assert!(pending <= 20, "the backlog stays at its limit: {queues}");
+
+    let _workers = [spawn_worker(&app, "one"), spawn_worker(&app, "two")];
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (_, done) = app.get("/api/v1/runs?status=completed&limit=1000").await;
+        let done = done["items"].as_array().expect("items").len();
+        if done == STORAGES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {STORAGES} runs completed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM tasks").await,
+        3 * STORAGES as i64
+    );
+    assert_eq!(
+        count(&db, "SELECT MAX(attempts) AS n FROM sync_runs").await,
+        1,
+        "duplicates were turned away"
     );
     app.stop().await;
 }

@@ -1,4 +1,6 @@
-//! Periodic syncs. Every replica ticks, but each due storage is claimed with
+//! Periodic work of the scheduler: syncs whose `sync_interval_seconds` came
+//! round, and the sweep that enqueues stalled runs again
+//! (`jobs::requeue_stalled`). Every replica ticks, but each due storage is claimed with
 //! one conditional UPDATE of its `next_sync_at`: only the replica whose UPDATE
 //! changed the row enqueues, so a period yields one sync however many
 //! schedulers run.
@@ -21,6 +23,11 @@ pub async fn run(state: AppState, tick: Duration) {
         timer.tick().await;
         if let Err(err) = tick_once(&state).await {
             tracing::warn!(error = %err, "periodic sync tick failed");
+        }
+        match jobs::requeue_stalled(&state.db, &state.queue, &state.settings).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "enqueued stalled runs again"),
+            Err(err) => tracing::warn!(error = %err, "requeue sweep failed"),
         }
     }
 }
@@ -67,7 +74,7 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
         let Some(model) = storage::Entity::find_by_id(id).one(&state.db).await? else {
             continue;
         };
-        match jobs::enqueue_sync(&state.db, &state.queue, &state.settings, &model).await {
+        match jobs::enqueue_sync(&state.db, &state.queue, &model).await {
             Ok((run, false)) => {
                 enqueued += 1;
                 tracing::info!(storage_id = id, run_id = %run.id, "periodic sync enqueued");

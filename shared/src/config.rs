@@ -47,6 +47,15 @@ pub struct Settings {
     /// exactly when there is no `REDIS_URL`.
     pub embedded_workers: bool,
     pub worker: WorkerSettings,
+    /// `LABELSYNC_QUEUE_BACKLOG_LIMIT` (default 5000): jobs waiting in Redis
+    /// beyond which new runs stay `queued` in the database until there is
+    /// room. apalis-redis 1.0 crashes every worker once ~8,000 jobs are due at
+    /// once (PITFALLS.md); 0 turns the guard off.
+    pub queue_backlog_limit: u64,
+    /// `LABELSYNC_REQUEUE_AFTER_SECS` (default 120): a live run with no sign
+    /// of life for this long is enqueued again by the scheduler (its job was
+    /// lost, or never pushed because the backlog was full).
+    pub requeue_after: Duration,
     /// `LABELSYNC_SCHEDULE_TICK_MS` (default 1000): how often the scheduler
     /// looks for storages whose `sync_interval_seconds` has come round.
     pub schedule_tick: Duration,
@@ -139,6 +148,10 @@ impl Settings {
             document_root: get("LOCAL_FILES_DOCUMENT_ROOT").map(PathBuf::from),
             run_migrations: parse(&get, "LABELSYNC_RUN_MIGRATIONS", true)?,
             worker,
+            queue_backlog_limit: parse(&get, "LABELSYNC_QUEUE_BACKLOG_LIMIT", 5000)?,
+            requeue_after: Duration::from_secs(
+                parse(&get, "LABELSYNC_REQUEUE_AFTER_SECS", 120)?.max(1),
+            ),
             schedule_tick: Duration::from_millis(
                 parse(&get, "LABELSYNC_SCHEDULE_TICK_MS", 1000)?.max(50),
             ),

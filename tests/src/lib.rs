@@ -89,6 +89,8 @@ pub struct AppOptions {
     /// Run a worker inside the scheduler process.
     pub workers: bool,
     pub token: Option<String>,
+    /// Extra settings (environment variable, value).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for AppOptions {
@@ -97,6 +99,7 @@ impl Default for AppOptions {
             embedded: false,
             workers: true,
             token: None,
+            env: Vec::new(),
         }
     }
 }
@@ -129,6 +132,7 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
     if let Some(token) = &opts.token {
         vars.insert("LABELSYNC_API_TOKENS", format!("other-token,{token}"));
     }
+    vars.extend(opts.env.iter().cloned());
     start(vars, doc_root, database_url, opts.token).await
 }
 

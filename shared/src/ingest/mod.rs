@@ -35,7 +35,7 @@ use crate::{
         links::{self, NewTask},
         runs::{self, Counters, RunStatus},
     },
-    jobs::{Queue, RunJob},
+    jobs::{Pushed, Queue, RunJob},
     storage::{self, ListOptions, ObjectMeta, Storage, StorageEnv},
 };
 
@@ -271,11 +271,18 @@ impl ImportJob<'_> {
                 run_id: self.run.id.clone(),
                 batch: Some(batch),
             };
-            if let Err(err) = queue
+            match queue
                 .push(job, &format!("{}:batch:{batch}", self.run.id))
                 .await
             {
-                tracing::warn!(batch_id = batch, error = %err, "batch not enqueued; the sync job will run it");
+                Ok(Pushed::Queued) => {}
+                Ok(Pushed::Full) => tracing::warn!(
+                    batch_id = batch,
+                    "queue backlog full; the sync job will run this batch"
+                ),
+                Err(err) => {
+                    tracing::warn!(batch_id = batch, error = %err, "batch not enqueued; the sync job will run it")
+                }
             }
         }
     }

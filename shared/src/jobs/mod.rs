@@ -18,7 +18,7 @@ use std::{
 use sea_orm::{DatabaseConnection, EntityTrait};
 use serde::{Deserialize, Serialize};
 
-pub use queue::Queue;
+pub use queue::{Pushed, Queue};
 
 use crate::{
     Error, Result,
@@ -331,13 +331,12 @@ async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every:
 }
 
 /// Starts a sync of `storage`: creates a queued run and enqueues it, or
-/// returns the storage's live run (`true`). A live run whose heartbeat stopped
-/// long ago (its job was lost, e.g. Redis was flushed) is enqueued again; the
-/// handler resumes it from its cursor.
+/// returns the storage's live run (`true`). When the queue's backlog is full
+/// the new run stays `queued`; the scheduler's sweep ([`requeue_stalled`])
+/// enqueues it once there is room.
 pub async fn enqueue_sync(
     db: &DatabaseConnection,
     queue: &Queue,
-    settings: &Settings,
     storage: &storage_entity::Model,
 ) -> Result<(crate::db::entities::sync_run::Model, bool)> {
     if storage.role == "target" {
@@ -347,52 +346,79 @@ pub async fn enqueue_sync(
             "syncing a target storage (export) is not available in this build yet",
         ));
     }
-    let kind = runs::RunKind::Import;
-    let (run, already_running) = runs::create_or_get_live(db, storage.id, kind).await?;
-    if !already_running {
-        if let Err(err) = queue
-            .push(
-                RunJob {
-                    run_id: run.id.clone(),
-                    batch: None,
-                },
-                &run.id,
-            )
-            .await
-        {
-            runs::finish(
-                db,
-                &run.id,
-                RunStatus::Failed,
-                Some(format!("could not be queued: {err}")),
-                None,
-            )
-            .await?;
+    let (run, already_running) =
+        runs::create_or_get_live(db, storage.id, runs::RunKind::Import).await?;
+    if already_running {
+        return Ok((run, true));
+    }
+    let job = RunJob {
+        run_id: run.id.clone(),
+        batch: None,
+    };
+    match queue.push(job, &run.id).await {
+        Ok(Pushed::Queued) => {}
+        Ok(Pushed::Full) => {
+            tracing::warn!(run_id = %run.id, "queue backlog full; the run waits for the sweep")
+        }
+        Err(err) => {
+            let error = Some(format!("could not be queued: {err}"));
+            runs::finish(db, &run.id, RunStatus::Failed, error, None).await?;
             return Err(err);
         }
-        return Ok((run, false));
     }
-    let stale_after = (settings.worker.heartbeat * settings.worker.missed_heartbeats as u32 * 4)
-        .max(Duration::from_secs(120));
-    // A run whose job was lost (Redis flushed, the scheduler died between the
-    // insert and the push) would block its storage for good: a live run that
-    // shows no sign of life for a while is enqueued again. A duplicate of a
-    // job that is only slow is harmless: the run's lease turns it away.
-    let beat = run.heartbeat_at.unwrap_or(run.queued_at);
-    let silent = chrono::Utc::now()
-        .signed_duration_since(beat)
-        .to_std()
-        .unwrap_or_default();
-    if silent > stale_after {
-        tracing::warn!(run_id = %run.id, status = %run.status, ?silent, "live run shows no progress; enqueueing it again");
-        let minute = chrono::Utc::now().timestamp() / 60;
+    Ok((run, false))
+}
+
+/// Enqueues again live runs that showed no sign of life for
+/// `settings.requeue_after`: their job was lost (Redis flushed, a scheduler
+/// died between insert and push) or never pushed (backlog full). A duplicate
+/// of a job that was only slow is harmless: the run's lease turns it away.
+/// Returns how many were pushed.
+pub async fn requeue_stalled(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    settings: &Settings,
+) -> Result<usize> {
+    use sea_orm::{
+        ColumnTrait, QueryFilter, QueryOrder, QuerySelect,
+        sea_query::{Expr, ExprTrait, Func},
+    };
+
+    use crate::db::entities::sync_run::{self, Column as C};
+    let window = Ord::max(settings.requeue_after.as_secs(), 1);
+    let now = chrono::Utc::now();
+    let cutoff = now - chrono::Duration::seconds(window as i64);
+    let stalled: Vec<String> = sync_run::Entity::find()
+        .select_only()
+        .column(C::Id)
+        .filter(C::Status.is_in([RunStatus::Queued.as_str(), RunStatus::Running.as_str()]))
+        .filter(
+            Expr::expr(Func::coalesce([
+                Expr::col(C::HeartbeatAt),
+                Expr::col(C::QueuedAt),
+            ]))
+            .lt(cutoff),
+        )
+        .order_by_asc(C::Id)
+        .limit(100)
+        .into_tuple()
+        .all(db)
+        .await?;
+    let mut pushed = 0;
+    // One push per run per window: the idempotency key changes with it.
+    let bucket = now.timestamp() as u64 / window;
+    for run_id in stalled {
         let job = RunJob {
-            run_id: run.id.clone(),
+            run_id: run_id.clone(),
             batch: None,
         };
-        queue
-            .push(job, &format!("{}:requeue:{minute}", run.id))
-            .await?;
+        match queue
+            .push(job, &format!("{run_id}:requeue:{bucket}"))
+            .await?
+        {
+            Pushed::Queued => pushed += 1,
+            Pushed::Full => break,
+        }
     }
-    Ok((run, true))
+    Ok(pushed)
 }

@@ -29,6 +29,8 @@ pub enum Queue {
     Redis {
         storage: RedisStorage<RunJob>,
         conn: ConnectionManager,
+        /// See `Settings::queue_backlog_limit`.
+        backlog_limit: u64,
     },
     Embedded(SqliteStorage<RunJob>),
 }
@@ -62,7 +64,11 @@ impl Queue {
                     .persist_results(true)
                     .idempotency_ttl(Some(Duration::from_secs(3600)));
                 let storage = RedisStorage::new(conn.clone()).with_config(config);
-                Ok(Queue::Redis { storage, conn })
+                Ok(Queue::Redis {
+                    storage,
+                    conn,
+                    backlog_limit: settings.queue_backlog_limit,
+                })
             }
             None => {
                 let pool = if db::is_sqlite(db) {
@@ -93,28 +99,53 @@ impl Queue {
 
     /// Enqueues a job. `dedup` is an idempotency key: Redis drops a second push
     /// with the same key within an hour (the handlers are idempotent anyway).
-    pub async fn push(&self, job: RunJob, dedup: &str) -> Result<()> {
+    /// [`Pushed::Full`] when the Redis backlog is at its limit: nothing was
+    /// pushed, and the caller leaves its run `queued` for the scheduler's
+    /// sweep to enqueue later.
+    pub async fn push(&self, job: RunJob, dedup: &str) -> Result<Pushed> {
         let run_id = job.run_id.clone();
         let task = TaskBuilder::new(job).idempotency_key(dedup).build();
+        let failed = |e: String| Error::Transient(format!("cannot enqueue run {run_id}: {e}"));
         match self {
-            Queue::Redis { storage, .. } => storage
-                .clone()
-                .push_task(task)
-                .await
-                .map_err(|e| Error::Transient(format!("cannot enqueue run {run_id}: {e}"))),
-            Queue::Embedded(storage) => storage
-                .clone()
-                .push_task(task)
-                .await
-                .map_err(|e| Error::Transient(format!("cannot enqueue run {run_id}: {e}"))),
+            Queue::Redis {
+                storage,
+                conn,
+                backlog_limit,
+            } => {
+                if *backlog_limit > 0 {
+                    // Every push lands in the scheduled set first; that set,
+                    // once due, is what the fetch script unpacks in one call.
+                    let waiting: u64 = redis::cmd("ZCARD")
+                        .arg(storage.get_config().scheduled_jobs_set())
+                        .query_async(&mut conn.clone())
+                        .await
+                        .map_err(|e| failed(e.to_string()))?;
+                    if waiting >= *backlog_limit {
+                        return Ok(Pushed::Full);
+                    }
+                }
+                storage
+                    .clone()
+                    .push_task(task)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+            }
+            Queue::Embedded(storage) => {
+                storage
+                    .clone()
+                    .push_task(task)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+            }
         }
+        Ok(Pushed::Queued)
     }
 
     /// How many jobs wait, run and died, read from the backend's own keys or
     /// tables (apalis-redis 1.0's metrics calls fail: PITFALLS.md).
     pub async fn depth(&self) -> Result<QueueDepth> {
         match self {
-            Queue::Redis { storage, conn } => {
+            Queue::Redis { storage, conn, .. } => {
                 let config = storage.get_config();
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -256,6 +287,14 @@ impl Queue {
         tracing::info!(worker = %name, "worker stopped");
         Ok(())
     }
+}
+
+/// What [`Queue::push`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The backlog is at `LABELSYNC_QUEUE_BACKLOG_LIMIT`; nothing was pushed.
+    Full,
 }
 
 /// One queue's backlog, as `GET /api/v1/queues` shows it.
