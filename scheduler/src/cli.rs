@@ -13,7 +13,7 @@ use labelsync::{
     db::{
         self,
         entities::{project, storage},
-        runs::{self, RunKind, RunStatus},
+        runs::{self, RunStatus},
     },
     ingest::Filter,
     jobs::{self, JobContext, JobError},
@@ -148,11 +148,7 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
         ),
     };
     let storage = find_or_create_storage(&db, &spec, project_id, &valid).await?;
-    let kind = if storage.role == "target" {
-        RunKind::Export
-    } else {
-        RunKind::Import
-    };
+    let kind = jobs::run_kind(&storage)?;
     let (run, already) = runs::create_or_get_live(&db, storage.id, kind).await?;
     // A live run is resumed here unless an attempt still holds it (a worker,
     // or another CLI): a CLI killed mid-sync leaves a run the next one finishes.

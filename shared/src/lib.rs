@@ -12,6 +12,8 @@
 //! - [`lifecycle`]: shutdown signal and the worker process loop.
 //! - [`telemetry`]: tracing setup.
 //! - [`error`]: the small crate error every module maps into.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod config;
 pub mod db;
 pub mod error;

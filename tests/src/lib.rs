@@ -190,10 +190,9 @@ impl TestApp {
                 .get(format!("{}/readyz", self.base))
                 .send()
                 .await
+                && resp.status().is_success()
             {
-                if resp.status().is_success() {
-                    return;
-                }
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

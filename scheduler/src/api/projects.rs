@@ -28,19 +28,18 @@ fn check_fields(body: &ProjectBody) -> ApiResult<()> {
             "title must not be empty",
         ));
     }
-    if let Some(key) = &body.data_key {
-        if key.is_empty()
+    if let Some(key) = &body.data_key
+        && (key.is_empty()
             || key.len() > 100
             || !key
                 .chars()
-                .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(ApiError::bad_request(
-                "invalid_data_key",
-                "data_key",
-                "data_key must be 1-100 letters, digits, '_' or '-' (the task field a Files-mode object fills)",
-            ));
-        }
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '-'))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_data_key",
+            "data_key",
+            "data_key must be 1-100 letters, digits, '_' or '-' (the task field a Files-mode object fills)",
+        ));
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 use axum::extract::State;
 use labelsync::db::{
     entities::{object_error, sync_run},
-    runs::{self, RunStatus},
+    runs::{self, RunKind, RunStatus},
 };
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Deserialize;
@@ -51,7 +51,7 @@ pub async fn list(
         query = query.filter(sync_run::Column::Status.eq(status.as_str()));
     }
     if let Some(kind) = &q.kind {
-        if !["import", "export", "delete"].contains(&kind.as_str()) {
+        if RunKind::parse(kind).is_none() {
             return Err(ApiError::bad_request(
                 "invalid_kind",
                 "kind",

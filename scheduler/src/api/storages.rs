@@ -235,12 +235,10 @@ pub async fn validate_saved(
 async fn check(state: &AppState, model: &storage::Model) -> ApiResult<ApiJson<Value>> {
     let backend =
         labelsync::storage::open(model, &state.storage_env).map_err(ApiError::unprocessable)?;
-    let role = if model.role == "target" {
-        Role::Target
-    } else {
-        Role::Source
-    };
-    backend.check(role).await.map_err(ApiError::unprocessable)?;
+    backend
+        .check(Role::of(model))
+        .await
+        .map_err(ApiError::unprocessable)?;
     Ok(ApiJson(json!({ "ok": true })))
 }
 

@@ -22,6 +22,12 @@ pub enum RunKind {
 }
 
 impl RunKind {
+    pub const ALL: [RunKind; 3] = [RunKind::Import, RunKind::Export, RunKind::Delete];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RunKind::Import => "import",
@@ -182,7 +188,7 @@ pub async fn create_or_get_live(
 #[derive(Debug)]
 pub enum Attempt {
     /// The lease is ours: run it (resuming from its cursor).
-    Started(sync_run::Model),
+    Started(Box<sync_run::Model>),
     /// Another attempt holds a live lease: try again later.
     Busy,
     /// The run already ended (finished, failed or cancelled).
@@ -224,7 +230,7 @@ pub async fn begin_attempt(
         .await?;
     let run = get(db, id).await?;
     if res.rows_affected == 1 {
-        return Ok(Attempt::Started(run));
+        return Ok(Attempt::Started(Box::new(run)));
     }
     Ok(match RunStatus::parse(&run.status) {
         Some(status) if status.is_live() => Attempt::Busy,

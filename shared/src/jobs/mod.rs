@@ -330,6 +330,19 @@ async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every:
     }
 }
 
+/// The kind of run a sync of this storage is: an import for a source. Export
+/// (targets) is refused until it is built.
+pub fn run_kind(storage: &storage_entity::Model) -> Result<runs::RunKind> {
+    match crate::storage::Role::of(storage) {
+        crate::storage::Role::Source => Ok(runs::RunKind::Import),
+        crate::storage::Role::Target => Err(Error::invalid(
+            "unsupported_run_kind",
+            Some("role"),
+            "syncing a target storage (export) is not available in this build yet",
+        )),
+    }
+}
+
 /// Starts a sync of `storage`: creates a queued run and enqueues it, or
 /// returns the storage's live run (`true`). When the queue's backlog is full
 /// the new run stays `queued`; the scheduler's sweep ([`requeue_stalled`])
@@ -339,15 +352,8 @@ pub async fn enqueue_sync(
     queue: &Queue,
     storage: &storage_entity::Model,
 ) -> Result<(crate::db::entities::sync_run::Model, bool)> {
-    if storage.role == "target" {
-        return Err(Error::invalid(
-            "unsupported_run_kind",
-            Some("role"),
-            "syncing a target storage (export) is not available in this build yet",
-        ));
-    }
-    let (run, already_running) =
-        runs::create_or_get_live(db, storage.id, runs::RunKind::Import).await?;
+    let kind = run_kind(storage)?;
+    let (run, already_running) = runs::create_or_get_live(db, storage.id, kind).await?;
     if already_running {
         return Ok((run, true));
     }

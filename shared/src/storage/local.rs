@@ -240,14 +240,14 @@ impl Walker {
             // The first directory comes from the prefix: make sure it resolves
             // inside the root (a prefix may traverse a symlink or say `..`).
             let first = self.base.join(&self.stack[0].dir_key);
-            if let Ok(canonical) = first.canonicalize() {
-                if !canonical.starts_with(&self.root) {
-                    return Err(Error::invalid(
-                        "path_outside_document_root",
-                        Some("prefix"),
-                        "the prefix leads outside the document root",
-                    ));
-                }
+            if let Ok(canonical) = first.canonicalize()
+                && !canonical.starts_with(&self.root)
+            {
+                return Err(Error::invalid(
+                    "path_outside_document_root",
+                    Some("prefix"),
+                    "the prefix leads outside the document root",
+                ));
             }
             let dir_key = self.stack[0].dir_key.clone();
             self.stack[0].pending = self.read_sorted(&dir_key)?;
@@ -301,10 +301,10 @@ impl Walker {
             if !meta.is_file() {
                 continue;
             }
-            if let Some(after) = &self.opts.start_after {
-                if Path::new(&key) <= Path::new(after.as_str()) {
-                    continue;
-                }
+            if let Some(after) = &self.opts.start_after
+                && Path::new(&key) <= Path::new(after.as_str())
+            {
+                continue;
             }
             let modified = meta.modified().ok();
             let nanos = modified

@@ -75,6 +75,15 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role of a saved storage (the column only ever holds the two names).
+    pub fn of(model: &storage::Model) -> Self {
+        if model.role == Role::Target.as_str() {
+            Role::Target
+        } else {
+            Role::Source
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Source => "source",

@@ -208,10 +208,7 @@ impl StorageSpec {
     /// The spec a saved row was made from (secrets are not recoverable and are
     /// left out: a PATCH that omits them keeps the stored ones).
     pub fn of_model(model: &storage::Model) -> Result<Self> {
-        let role = match model.role.as_str() {
-            "target" => Role::Target,
-            _ => Role::Source,
-        };
+        let role = Role::of(model);
         let import_method = match model.import_method.as_str() {
             "tasks" => ImportMethod::Tasks,
             _ => ImportMethod::Files,
