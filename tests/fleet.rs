@@ -533,3 +533,62 @@ async fn a_full_backlog_keeps_runs_queued_until_there_is_room() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_queued_runs_all_run_without_a_worker_crash() {
+    // Well past the ~8,000 due jobs that crash apalis-redis 1.0 workers: the
+    // backlog guard keeps Redis under its limit and the sweep feeds it.
+    const RUNS: i64 = 20_000;
+    let env = vec![("LABELSYNC_REQUEUE_AFTER_SECS", "1".to_owned())];
+    let app = spawn_app(AppOptions {
+        workers: false,
+        env,
+        ..AppOptions::default()
+    })
+    .await;
+    write_files(&app.doc_root.path().join("data"), 1, "jpg");
+    let project = app.project("backlog").await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    // Made in bulk: 20,000 API calls would take longer than the runs.
+    for sql in [
+        format!(
+            "INSERT INTO storages (project_id, role, backend, title, config, secrets_set, prefix, recursive, \
+             import_method, presign, presign_ttl_seconds, can_delete_objects, created_at, updated_at) \
+             SELECT {project}, 'source', 'local', 's' || g, '{{\"path\": \"data\"}}', '[]', '', true, 'files', \
+             false, 900, false, now(), now() FROM generate_series(1, {RUNS}) g"
+        ),
+        "INSERT INTO sync_runs (id, storage_id, kind, status, queued_at) \
+         SELECT lpad(id::text, 26, '0'), id, 'import', 'queued', now() - interval '1 hour' FROM storages"
+            .to_owned(),
+    ] {
+        db.execute_unprepared(&sql).await.expect("bulk insert");
+    }
+    let mut workers = [spawn_worker(&app, "one"), spawn_worker(&app, "two")];
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let done = count(
+            &db,
+            "SELECT COUNT(*) AS n FROM sync_runs WHERE status = 'completed'",
+        )
+        .await;
+        if done == RUNS {
+            break;
+        }
+        for worker in &mut workers {
+            assert!(
+                worker.0.try_wait().expect("worker status").is_none(),
+                "a worker exited"
+            );
+        }
+        assert!(Instant::now() < deadline, "{done} of {RUNS} runs completed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM tasks").await, RUNS);
+    for worker in &mut workers {
+        assert!(
+            worker.0.try_wait().expect("worker status").is_none(),
+            "a worker exited"
+        );
+    }
+    app.stop().await;
+}

@@ -375,6 +375,9 @@ pub async fn enqueue_sync(
     Ok((run, false))
 }
 
+/// Runs one sweep enqueues at most (the backlog limit stops it earlier).
+const REQUEUE_PER_TICK: u64 = 1000;
+
 /// Enqueues again live runs that showed no sign of life for
 /// `settings.requeue_after`: their job was lost (Redis flushed, a scheduler
 /// died between insert and push) or never pushed (backlog full). A duplicate
@@ -406,7 +409,7 @@ pub async fn requeue_stalled(
             .lt(cutoff),
         )
         .order_by_asc(C::Id)
-        .limit(100)
+        .limit(REQUEUE_PER_TICK)
         .into_tuple()
         .all(db)
         .await?;
