@@ -395,8 +395,9 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
     let huge = json!({ "title": "x".repeat(3 << 20) });
     let mut refused = None;
     for _ in 0..5 {
-        let sent = app
-            .client
+        // Its own client: the connection the server closes must not be
+        // pooled and reused by the requests after this one.
+        let sent = reqwest::Client::new()
             .post(format!("{}/api/v1/projects", app.base))
             .json(&huge)
             .send()

@@ -539,7 +539,7 @@ async fn twenty_thousand_queued_runs_all_run_without_a_worker_crash() {
     // Well past the ~8,000 due jobs that crash apalis-redis 1.0 workers: the
     // backlog guard keeps Redis under its limit and the sweep feeds it.
     const RUNS: i64 = 20_000;
-    let env = vec![("LABELSYNC_REQUEUE_AFTER_SECS", "1".to_owned())];
+    let env = vec![("LABELSYNC_REQUEUE_AFTER_SECS", "60".to_owned())];
     let app = spawn_app(AppOptions {
         workers: false,
         env,
@@ -564,7 +564,7 @@ async fn twenty_thousand_queued_runs_all_run_without_a_worker_crash() {
         db.execute_unprepared(&sql).await.expect("bulk insert");
     }
     let mut workers = [spawn_worker(&app, "one"), spawn_worker(&app, "two")];
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + Duration::from_secs(480);
     loop {
         let done = count(
             &db,

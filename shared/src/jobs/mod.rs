@@ -414,6 +414,7 @@ pub async fn requeue_stalled(
         .all(db)
         .await?;
     let mut pushed = 0;
+    let mut touched = Vec::new();
     // One push per run per window: the idempotency key changes with it.
     let bucket = now.timestamp() as u64 / window;
     for run_id in stalled {
@@ -425,9 +426,20 @@ pub async fn requeue_stalled(
             .push(job, &format!("{run_id}:requeue:{bucket}"))
             .await?
         {
-            Pushed::Queued => pushed += 1,
+            Pushed::Queued => {
+                pushed += 1;
+                touched.push(run_id);
+            }
             Pushed::Full => break,
         }
     }
+    // A pushed run counts as alive for another window, so a run waiting its
+    // turn in Redis is not pushed again and again while it waits.
+    sync_run::Entity::update_many()
+        .col_expr(C::HeartbeatAt, Expr::value(now))
+        .filter(C::Id.is_in(touched))
+        .filter(C::Status.eq(RunStatus::Queued.as_str()))
+        .exec(db)
+        .await?;
     Ok(pushed)
 }
