@@ -175,11 +175,7 @@ async fn local_files_sync_end_to_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_sync_while_one_is_live_returns_it() {
     // No worker: the run stays queued, which is "live" just like running.
-    let app = spawn_app(AppOptions {
-        workers: false,
-        ..AppOptions::default()
-    })
-    .await;
+    let app = spawn_app(AppOptions::without_workers()).await;
     write_files(&app.doc_root.path().join("data"), 5, "jpg");
     let project = app.project("p").await;
     let (_, storage) = app

@@ -97,21 +97,12 @@ async fn kill_mid_sync(
     expected: i64,
     write: impl FnOnce(&std::path::Path),
 ) {
-    let app = spawn_app(AppOptions {
-        workers: false,
-        ..AppOptions::default()
-    })
-    .await;
+    let app = spawn_app(AppOptions::without_workers()).await;
     write(&app.doc_root.path().join("data"));
     let project = app.project("fleet").await;
-    let (status, storage) = app
-        .post(
-            "/api/v1/storages",
-            json!({ "project_id": project, "role": "source", "backend": "local",
-                    "import_method": import_method, "config": { "path": "data" } }),
-        )
+    let storage = app
+        .local_storage(project, json!({ "import_method": import_method }))
         .await;
-    assert_eq!(status, 201, "{storage}");
 
     let mut first = spawn_worker(&app, "victim");
     // Once the first worker has committed some tasks, kill it hard.
@@ -287,14 +278,9 @@ async fn two_scheduler_replicas_enqueue_each_period_once() {
     let second = labelsync_tests::spawn_replica(&first).await;
     write_files(&first.doc_root.path().join("data"), 3, "jpg");
     let project = first.project("periodic").await;
-    let (status, storage) = first
-        .post(
-            "/api/v1/storages",
-            json!({ "project_id": project, "role": "source", "backend": "local",
-                    "config": { "path": "data" }, "sync_interval_seconds": 2 }),
-        )
+    let storage = first
+        .local_storage(project, json!({ "sync_interval_seconds": 2 }))
         .await;
-    assert_eq!(status, 201, "{storage}");
     // Both replicas tick every 200 ms; a 2 s period over ~7 s allows 4 runs
     // (the first is due at once). Without the claim it would be dozens.
     tokio::time::sleep(Duration::from_millis(7000)).await;
@@ -348,14 +334,9 @@ async fn fan_out_sync(app: &TestApp, files: usize) -> (Value, sea_orm::DatabaseC
         .expect("write");
     }
     let project = app.project("fan-out").await;
-    let (status, storage) = app
-        .post(
-            "/api/v1/storages",
-            json!({ "project_id": project, "role": "source", "backend": "local",
-                    "import_method": "tasks", "config": { "path": "data" } }),
-        )
+    let storage = app
+        .local_storage(project, json!({ "import_method": "tasks" }))
         .await;
-    assert_eq!(status, 201, "{storage}");
     let run = app.sync(&storage["id"]).await;
     let db = Database::connect(&app.database_url).await.expect("connect");
     (run, db)
@@ -363,11 +344,7 @@ async fn fan_out_sync(app: &TestApp, files: usize) -> (Value, sea_orm::DatabaseC
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_sync_fans_out_batches_across_workers() {
-    let app = spawn_app(AppOptions {
-        workers: false,
-        ..AppOptions::default()
-    })
-    .await;
+    let app = spawn_app(AppOptions::without_workers()).await;
     let workers = [spawn_worker(&app, "left"), spawn_worker(&app, "right")];
     let (run, db) = fan_out_sync(&app, 1500).await;
     assert_eq!(run["status"], "completed", "{run}");
@@ -390,11 +367,7 @@ async fn tasks_sync_fans_out_batches_across_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_on_a_single_slot_worker_does_not_deadlock() {
-    let app = spawn_app(AppOptions {
-        workers: false,
-        ..AppOptions::default()
-    })
-    .await;
+    let app = spawn_app(AppOptions::without_workers()).await;
     // One slot: the sync job holds it, so batches only run if it runs them.
     let worker = spawn_worker_with(&app, "lonely", &[("LABELSYNC_WORKER_CONCURRENCY", "1")]);
     let (run, db) = fan_out_sync(&app, 400).await;
@@ -419,19 +392,10 @@ async fn fan_out_on_a_single_slot_worker_does_not_deadlock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     const OBJECTS: usize = 40_000;
-    let app = spawn_app(AppOptions {
-        workers: false,
-        ..AppOptions::default()
-    })
-    .await;
+    let app = spawn_app(AppOptions::without_workers()).await;
     write_files(&app.doc_root.path().join("data"), OBJECTS, "jpg");
     let project = app.project("drain").await;
-    let (_, storage) = app
-        .post(
-            "/api/v1/storages",
-            json!({ "project_id": project, "role": "source", "backend": "local", "config": { "path": "data" } }),
-        )
-        .await;
+    let storage = app.local_storage(project, json!({})).await;
     let mut first = spawn_worker(&app, "draining");
     let (run_id, _) = start_and_wait_for_progress(&app, &storage).await;
 
@@ -487,14 +451,9 @@ async fn a_full_backlog_keeps_runs_queued_until_there_is_room() {
     write_files(&app.doc_root.path().join("data"), 3, "jpg");
     let project = app.project("backlog").await;
     for i in 0..STORAGES {
-        let (status, storage) = app
-            .post(
-                "/api/v1/storages",
-                json!({ "project_id": project, "role": "source", "backend": "local",
-                        "title": format!("s{i}"), "config": { "path": "data" } }),
-            )
+        let storage = app
+            .local_storage(project, json!({ "title": format!("s{i}") }))
             .await;
-        assert_eq!(status, 201, "{storage}");
         let (status, started) = app
             .post(
                 &format!("/api/v1/storages/{}/sync", storage["id"]),

@@ -13,17 +13,13 @@ fn write(root: &Path, key: &str, body: &[u8]) {
     std::fs::write(path, body).expect("write");
 }
 
+/// A Tasks-mode local storage on `data/`.
 async fn storage(app: &TestApp, project: i64, extra: Value) -> Value {
-    let mut body = json!({
-        "project_id": project, "role": "source", "backend": "local",
-        "import_method": "tasks", "config": { "path": "data" },
-    });
+    let mut fields = json!({ "import_method": "tasks" });
     for (k, v) in extra.as_object().expect("object") {
-        body[k] = v.clone();
+        fields[k] = v.clone();
     }
-    let (status, storage) = app.post("/api/v1/storages", body).await;
-    assert_eq!(status, 201, "{storage}");
-    storage
+    app.local_storage(project, fields).await
 }
 
 fn task_by_source<'a>(tasks: &'a [Value], key: &str, row: i64) -> &'a Value {
@@ -314,11 +310,7 @@ async fn a_run_is_worked_by_one_attempt_at_a_time() {
     use std::time::Duration;
 
     use labelsync::db::runs::{self, Attempt, Counters};
-    let app = spawn_app(AppOptions {
-        workers: false,
-        ..AppOptions::default()
-    })
-    .await;
+    let app = spawn_app(AppOptions::without_workers()).await;
     std::fs::create_dir_all(app.doc_root.path().join("data")).expect("mkdir");
     let project = app.project("lease").await;
     let storage = storage(&app, project, json!({})).await;

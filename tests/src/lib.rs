@@ -101,6 +101,17 @@ pub struct AppOptions {
     pub env: Vec<(&'static str, String)>,
 }
 
+impl AppOptions {
+    /// Postgres + Redis with no in-process worker: runs stay queued until a
+    /// test starts `labelsync-worker` processes (or never, on purpose).
+    pub fn without_workers() -> Self {
+        AppOptions {
+            workers: false,
+            ..AppOptions::default()
+        }
+    }
+}
+
 impl Default for AppOptions {
     fn default() -> Self {
         AppOptions {
@@ -214,45 +225,42 @@ impl TestApp {
         }
     }
 
-    /// GET `path`; returns status and JSON body (Null when not JSON).
-    pub async fn get(&self, path: &str) -> (u16, Value) {
+    /// Sends a request (with the token, and `body` as JSON when given);
+    /// returns the status and the JSON body (Null when not JSON).
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .client
+            .request(method.clone(), format!("{}{path}", self.base));
+        if let Some(body) = &body {
+            req = req.json(body);
+        }
         let resp = self
-            .auth(self.client.get(format!("{}{path}", self.base)))
+            .auth(req)
             .send()
             .await
-            .expect("GET");
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         split(resp).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.request(reqwest::Method::GET, path, None).await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .auth(self.client.post(format!("{}{path}", self.base)).json(&body))
-            .send()
-            .await
-            .expect("POST");
-        split(resp).await
+        self.request(reqwest::Method::POST, path, Some(body)).await
     }
 
     pub async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .auth(
-                self.client
-                    .patch(format!("{}{path}", self.base))
-                    .json(&body),
-            )
-            .send()
-            .await
-            .expect("PATCH");
-        split(resp).await
+        self.request(reqwest::Method::PATCH, path, Some(body)).await
     }
 
     pub async fn delete(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .auth(self.client.delete(format!("{}{path}", self.base)))
-            .send()
-            .await
-            .expect("DELETE");
-        split(resp).await
+        self.request(reqwest::Method::DELETE, path, None).await
     }
 
     /// POST a raw body with a JSON content type.
@@ -280,6 +288,21 @@ impl TestApp {
             .await;
         assert_eq!(status, 201, "{body}");
         body["id"].as_i64().expect("project id")
+    }
+
+    /// Creates a local source storage on the document root's `data/`
+    /// (Files mode), with `extra` fields overriding the defaults.
+    pub async fn local_storage(&self, project_id: i64, extra: Value) -> Value {
+        let mut body = serde_json::json!({
+            "project_id": project_id, "role": "source", "backend": "local",
+            "config": { "path": "data" },
+        });
+        for (key, value) in extra.as_object().expect("extra fields are an object") {
+            body[key] = value.clone();
+        }
+        let (status, storage) = self.post("/api/v1/storages", body).await;
+        assert_eq!(status, 201, "{storage}");
+        storage
     }
 
     /// Polls a run until it leaves queued/running; panics after `timeout`.
