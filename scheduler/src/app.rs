@@ -25,9 +25,7 @@ pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
         .await
         .context("cannot open the queue")?;
     Ok(AppState {
-        storage_env: StorageEnv {
-            document_root: settings.document_root.clone(),
-        },
+        storage_env: StorageEnv::from_settings(&settings),
         db,
         queue,
         settings: Arc::new(settings),

@@ -84,7 +84,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
 }
 
 /// Reads and validates a spec file.
-fn read_spec(
+async fn read_spec(
     settings: &Settings,
     path: &std::path::Path,
 ) -> anyhow::Result<(StorageSpec, ValidSpec, StorageEnv)> {
@@ -94,19 +94,18 @@ fn read_spec(
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
     let spec = StorageSpec::from_json(value)
         .with_context(|| format!("{} is not a valid storage spec", path.display()))?;
-    let env = StorageEnv {
-        document_root: settings.document_root.clone(),
-    };
-    let valid = spec.validate(&env)?;
+    let env = StorageEnv::from_settings(settings);
+    let valid = spec.validate(&env).await?;
     Ok((spec, valid, env))
 }
 
 /// The listing alone, through the same backend and filter a sync uses (so
 /// its time is the floor a sync of the storage can reach).
 async fn list(settings: Settings, path: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let (spec, valid, env) = read_spec(&settings, path)?;
+    let (spec, valid, env) = read_spec(&settings, path).await?;
     let model = spec.to_model(0, &valid);
-    let backend = labelsync::storage::open(&model, &env)?;
+    let secrets = valid.secrets.clone().unwrap_or_default();
+    let backend = labelsync::storage::open_with(valid.kind, &valid.config, &secrets, &env).await?;
     let filter = Filter::from_storage(&model)?;
     let started = std::time::Instant::now();
     let mut pages = backend.list(ListOptions {
@@ -136,7 +135,7 @@ async fn list(settings: Settings, path: &std::path::Path) -> anyhow::Result<Exit
 }
 
 async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow::Result<ExitCode> {
-    let (spec, valid, _) = read_spec(&settings, path)?;
+    let (spec, valid, env) = read_spec(&settings, path).await?;
 
     let db = db::connect(&settings.database_url).await?;
     db::migrate(&db).await?;
@@ -147,7 +146,7 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
             "the spec needs exactly one of \"project\" {{\"title\", \"data_key\"}} or \"project_id\""
         ),
     };
-    let storage = find_or_create_storage(&db, &spec, project_id, &valid).await?;
+    let storage = find_or_create_storage(&db, &spec, project_id, &valid, &env).await?;
     let kind = jobs::run_kind(&storage)?;
     let (run, already) = runs::create_or_get_live(&db, storage.id, kind).await?;
     // A live run is resumed here unless an attempt still holds it (a worker,
@@ -231,6 +230,7 @@ async fn find_or_create_storage(
     spec: &StorageSpec,
     project_id: i64,
     valid: &ValidSpec,
+    env: &StorageEnv,
 ) -> anyhow::Result<storage::Model> {
     let existing = storage::Entity::find()
         .filter(storage::Column::ProjectId.eq(project_id))
@@ -240,15 +240,7 @@ async fn find_or_create_storage(
         .order_by_asc(storage::Column::Id)
         .one(db)
         .await?;
-    let mut model = spec.to_active_model(project_id, valid);
-    Ok(match existing {
-        Some(current) => {
-            model.id = Set(current.id);
-            model.created_at = Set(current.created_at);
-            model.update(db).await?
-        }
-        None => model.insert(db).await?,
-    })
+    Ok(labelsync::storage::spec::save(db, spec, valid, project_id, existing.as_ref(), env).await?)
 }
 
 fn progress_bar(quiet: bool) -> ProgressBar {

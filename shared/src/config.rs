@@ -1,8 +1,11 @@
 //! Typed settings, read once from the environment. Nothing else in the code
 //! base calls `std::env::var`.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use crate::{Error, Result};
+use crate::{
+    Error, Result,
+    security::{net::NetPolicy, secrets::SecretBox},
+};
 
 /// A string that never prints (API tokens, keys).
 #[derive(Clone, Default)]
@@ -61,6 +64,16 @@ pub struct Settings {
     pub schedule_tick: Duration,
     /// `LABELSYNC_LOG_FORMAT`: `json` or `text` (default).
     pub log_json: bool,
+    /// `LABELSYNC_SECRET_KEY`: 32 random bytes, base64; encrypts storage
+    /// secrets at rest. Without it, storages cannot be given secrets.
+    pub secret_box: Option<Arc<SecretBox>>,
+    /// `LABELSYNC_ALLOW_PRIVATE_ENDPOINTS`: `true`, or a CIDR allowlist, to let
+    /// storages reach private, loopback or link-local addresses (refused by default).
+    pub endpoint_policy: NetPolicy,
+    /// `AZURE_BLOB_ACCOUNT_NAME` / `AZURE_BLOB_ACCOUNT_KEY`: the Azure account
+    /// storages fall back to when they name none / give no key.
+    pub azure_account_name: Option<String>,
+    pub azure_account_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -156,6 +169,12 @@ impl Settings {
                 parse(&get, "LABELSYNC_SCHEDULE_TICK_MS", 1000)?.max(50),
             ),
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
+            secret_box: get("LABELSYNC_SECRET_KEY")
+                .map(|k| SecretBox::from_base64(&k).map(Arc::new))
+                .transpose()?,
+            endpoint_policy: NetPolicy::parse(get("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS").as_deref())?,
+            azure_account_name: get("AZURE_BLOB_ACCOUNT_NAME"),
+            azure_account_key: get("AZURE_BLOB_ACCOUNT_KEY").map(Secret::new),
         })
     }
 }

@@ -17,7 +17,11 @@ pub enum Error {
         message: String,
         field: Option<&'static str>,
     },
-    /// Credentials or permissions refused; retrying will not help.
+    /// The credentials themselves were refused (wrong key, bad signature,
+    /// expired token); retrying will not help.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The credentials were accepted but lack a permission; retrying will not help.
     #[error("{0}")]
     PermissionDenied(String),
     /// A passing failure (network, a restarting server): retry with backoff.

@@ -68,6 +68,11 @@ impl From<Error> for ApiError {
                 message,
                 field,
             },
+            // Storage credentials, not the caller's: the request was fine,
+            // the storage it describes is not.
+            Error::Unauthenticated(message) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_credentials", message)
+            }
             Error::PermissionDenied(message) => {
                 ApiError::new(StatusCode::FORBIDDEN, "permission_denied", message)
             }

@@ -1,5 +1,5 @@
 //! `/api/v1/storages`: create, read, patch, delete, validate, preview, sync.
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use axum::{extract::State, http::StatusCode};
 use futures::StreamExt;
@@ -11,14 +11,11 @@ use labelsync::{
     ingest::Filter,
     jobs,
     storage::{
-        ListOptions, Role,
+        ListOptions, Role, Storage,
         spec::{self, StorageSpec},
     },
 };
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect,
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -83,11 +80,16 @@ pub async fn create(
             format!("project {project_id} does not exist"),
         )
     })?;
-    let valid = spec.validate(&state.storage_env)?;
-    let model = spec
-        .to_active_model(project_id, &valid)
-        .insert(&state.db)
-        .await?;
+    let valid = spec.validate(&state.storage_env).await?;
+    let model = spec::save(
+        &state.db,
+        &spec,
+        &valid,
+        project_id,
+        None,
+        &state.storage_env,
+    )
+    .await?;
     Ok((StatusCode::CREATED, ApiJson(with_last_run(&model, None))))
 }
 
@@ -186,16 +188,16 @@ pub async fn update(
         }
     }
     let spec = spec_of(merged)?;
-    let valid = spec.validate(&state.storage_env)?;
-    let mut model = spec.to_active_model(current.project_id, &valid);
-    model.id = Set(current.id);
-    model.created_at = Set(current.created_at);
-    model.secrets = Set(current.secrets.clone());
-    model.secrets_set = Set(current.secrets_set.clone());
-    // A new period starts now; an unchanged one keeps its schedule.
-    let same_period = current.sync_interval_seconds == spec.sync_interval_seconds;
-    model.next_sync_at = Set(current.next_sync_at.filter(|_| same_period));
-    let model = model.update(&state.db).await?;
+    let valid = spec.validate(&state.storage_env).await?;
+    let model = spec::save(
+        &state.db,
+        &spec,
+        &valid,
+        current.project_id,
+        Some(&current),
+        &state.storage_env,
+    )
+    .await?;
     let last = last_runs(&state.db, &[id]).await?;
     Ok(ApiJson(with_last_run(&model, last.get(&id))))
 }
@@ -220,8 +222,14 @@ pub async fn validate_new(
     let spec = spec_of(body)?;
     let valid = spec
         .validate(&state.storage_env)
+        .await
         .map_err(ApiError::unprocessable)?;
-    check(&state, &spec.to_model(spec.project_id.unwrap_or(0), &valid)).await
+    let secrets = valid.secrets.clone().unwrap_or_default();
+    let backend =
+        labelsync::storage::open_with(valid.kind, &valid.config, &secrets, &state.storage_env)
+            .await
+            .map_err(ApiError::unprocessable)?;
+    check(backend, spec.role, &spec.prefix).await
 }
 
 pub async fn validate_saved(
@@ -229,14 +237,15 @@ pub async fn validate_saved(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
     let model = find(&state.db, id).await?;
-    check(&state, &model).await
+    let backend = labelsync::storage::open(&model, &state.storage_env)
+        .await
+        .map_err(ApiError::unprocessable)?;
+    check(backend, Role::of(&model), &model.prefix).await
 }
 
-async fn check(state: &AppState, model: &storage::Model) -> ApiResult<ApiJson<Value>> {
-    let backend =
-        labelsync::storage::open(model, &state.storage_env).map_err(ApiError::unprocessable)?;
+async fn check(backend: Arc<dyn Storage>, role: Role, prefix: &str) -> ApiResult<ApiJson<Value>> {
     backend
-        .check(Role::of(model))
+        .check(role, prefix)
         .await
         .map_err(ApiError::unprocessable)?;
     Ok(ApiJson(json!({ "ok": true })))
@@ -266,7 +275,7 @@ pub async fn preview(
         ));
     }
     let model = find(&state.db, id).await?;
-    let backend = labelsync::storage::open(&model, &state.storage_env)?;
+    let backend = labelsync::storage::open(&model, &state.storage_env).await?;
     let filter = Filter::from_storage(&model)?;
     let mut pages = backend
         .list(ListOptions {

@@ -74,7 +74,7 @@ impl ImportJob<'_> {
     /// Runs (or resumes, from `run.cursor`) an import.
     #[tracing::instrument(skip_all, fields(run_id = %self.run.id, storage_id = self.storage.id), err)]
     pub async fn run(&self) -> Result<Outcome> {
-        let backend = storage::open(self.storage, self.env)?;
+        let backend = storage::open(self.storage, self.env).await?;
         let filter = Filter::from_storage(self.storage)?;
         let tasks_mode = self.storage.import_method == "tasks";
         let mut pages = storage::prefetch(
@@ -332,7 +332,7 @@ impl ImportJob<'_> {
     /// nothing twice).
     #[tracing::instrument(skip_all, fields(run_id = %self.run.id, batch_id = batch.id), err)]
     pub async fn run_batch(&self, batch: &sync_batch::Model, worker: &str) -> Result<Outcome> {
-        let backend = storage::open(self.storage, self.env)?;
+        let backend = storage::open(self.storage, self.env).await?;
         let objects = batches::objects(batch)?;
         let Some((failed, errors)) = self.import_objects(&backend, objects, true).await? else {
             return Ok(Outcome::Stopped);

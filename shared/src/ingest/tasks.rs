@@ -162,7 +162,7 @@ impl Importer<'_, '_> {
                 Source::Reader(Box::new(file))
             });
         }
-        let stream = self.backend.get(key).await?;
+        let stream = self.backend.get(key, None).await?.body;
         let reader = tokio_util::io::StreamReader::new(stream);
         if format == Format::Parquet {
             // Parquet needs random access: spool the object to a temporary file.

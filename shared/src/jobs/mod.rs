@@ -55,9 +55,7 @@ pub struct JobContext {
 
 impl JobContext {
     pub fn new(db: DatabaseConnection, settings: Settings, queue: Option<Queue>) -> Arc<Self> {
-        let storage_env = StorageEnv {
-            document_root: settings.document_root.clone(),
-        };
+        let storage_env = StorageEnv::from_settings(&settings);
         Arc::new(JobContext {
             db,
             settings,

@@ -1,20 +1,34 @@
 //! One trait for every storage backend, one module per backend.
 //!
-//! A backend implements "list one page", "check access" and "name an object";
-//! pagination is the shared [`paginate`] helper, so every listing is a stream
-//! of pages that never holds a whole bucket in memory. Adding a backend means:
-//! its module, a variant of [`BackendKind`], and its arm in [`open`].
+//! A backend implements "list one page", get (with a byte range), put,
+//! delete and presign; pagination is the shared [`paginate`] helper, so every
+//! listing is a stream of pages that never holds a whole bucket in memory, and
+//! [`probe`] is the shared `validate` check. Adding a backend means: its
+//! module, a variant of [`BackendKind`], and its arms in [`validate_config`]
+//! and [`open`].
+pub mod azure;
+pub mod databricks;
+pub mod gcs;
 pub mod local;
+pub mod redis;
+pub mod retry;
+pub mod s3;
 pub mod spec;
 
-use std::{fmt, path::PathBuf, sync::Arc};
+use std::{fmt, path::PathBuf, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, stream::BoxStream};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-use crate::{Error, Result, db::entities::storage};
+use crate::{
+    Error, Result,
+    db::entities::storage,
+    security::{net::NetPolicy, secrets::SecretBox},
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -56,6 +70,18 @@ impl BackendKind {
                 format!("unknown backend {s:?}; expected one of s3, gcs, azure, redis, local, databricks"),
             )
         })
+    }
+
+    /// The secret names the backend takes (API.md).
+    pub fn secret_names(self) -> &'static [&'static str] {
+        match self {
+            BackendKind::S3 => &["access_key_id", "secret_access_key", "session_token"],
+            BackendKind::Gcs => &["credentials_json"],
+            BackendKind::Azure => &["account_key", "client_secret"],
+            BackendKind::Redis => &["password"],
+            BackendKind::Local => &[],
+            BackendKind::Databricks => &["token"],
+        }
     }
 }
 
@@ -118,6 +144,58 @@ pub struct ListOptions {
     pub page_size: usize,
 }
 
+/// A byte range of an object, as HTTP `Range` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetRange {
+    /// `bytes=start-end` (both inclusive).
+    Bounded { start: u64, end: u64 },
+    /// `bytes=start-`.
+    From(u64),
+    /// `bytes=-n`: the last n bytes.
+    Suffix(u64),
+}
+
+impl GetRange {
+    /// The `Range` header value.
+    pub fn header(self) -> String {
+        match self {
+            GetRange::Bounded { start, end } => format!("bytes={start}-{end}"),
+            GetRange::From(start) => format!("bytes={start}-"),
+            GetRange::Suffix(n) => format!("bytes=-{n}"),
+        }
+    }
+
+    /// The inclusive byte span this range covers in an object of `size`
+    /// bytes, or `None` when it covers nothing (HTTP 416).
+    pub fn resolve(self, size: u64) -> Option<(u64, u64)> {
+        let (start, end) = match self {
+            GetRange::Bounded { start, end } => (start, end.min(size.checked_sub(1)?)),
+            GetRange::From(start) => (start, size.checked_sub(1)?),
+            GetRange::Suffix(0) => return None,
+            GetRange::Suffix(n) => (size.saturating_sub(n), size.checked_sub(1)?),
+        };
+        (start <= end).then_some((start, end))
+    }
+}
+
+/// A read object (or the asked-for range of it).
+pub struct Object {
+    pub body: ByteStream,
+    /// The whole object's size, when the backend says.
+    pub size: Option<u64>,
+    pub etag: Option<String>,
+    pub content_type: Option<String>,
+}
+
+impl fmt::Debug for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Object")
+            .field("size", &self.size)
+            .field("etag", &self.etag)
+            .finish_non_exhaustive()
+    }
+}
+
 #[async_trait]
 pub trait Storage: Send + Sync + fmt::Debug {
     fn kind(&self) -> BackendKind;
@@ -125,14 +203,27 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Lists objects as a stream of pages in key order.
     fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>>;
 
-    /// Checks that the storage exists and that we may do what `role` needs.
-    async fn check(&self, role: Role) -> Result<()>;
+    /// Reads an object, or a byte range of it, as a stream of chunks.
+    async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object>;
+
+    /// Writes (creates or replaces) an object.
+    async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()>;
+
+    /// Deletes an object; deleting one that is not there succeeds.
+    async fn delete(&self, key: &str) -> Result<()>;
+
+    /// A URL anyone holding it can GET the object from until `ttl` passes;
+    /// `None` for backends that cannot sign (the API proxies those).
+    async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>>;
+
+    /// Checks that the storage exists and that we may do what `role` needs
+    /// under `prefix`.
+    async fn check(&self, role: Role, prefix: &str) -> Result<()> {
+        probe(self, role, prefix).await
+    }
 
     /// The URI a Files-mode task carries for this object.
     fn task_uri(&self, key: &str) -> String;
-
-    /// Reads a whole object as a stream of chunks.
-    async fn get(&self, key: &str) -> Result<ByteStream>;
 
     /// The object as a local file, for backends that have one: Parquet needs
     /// random access, and this spares it a copy.
@@ -143,43 +234,257 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
 /// An object's bytes. Errors are `io::Error`s so the stream can feed a reader;
 /// backends wrap their [`Error`] with `io::Error::other`.
-pub type ByteStream = BoxStream<'static, std::io::Result<bytes::Bytes>>;
+pub type ByteStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// A whole body as a one-chunk stream.
+pub fn bytes_stream(bytes: Bytes) -> ByteStream {
+    futures::stream::once(async move { Ok(bytes) }).boxed()
+}
+
+/// The codes `validate` answers with, one per thing a user can fix.
+pub mod check {
+    pub const UNREACHABLE: &str = "endpoint_unreachable";
+    pub const BAD_CREDENTIALS: &str = "bad_credentials";
+    pub const NOT_FOUND: &str = "bucket_not_found";
+    pub const NO_LIST: &str = "no_list_permission";
+    pub const NO_WRITE: &str = "no_write_permission";
+}
+
+/// The shared `check`: lists one object under the prefix, and for targets
+/// writes and deletes a probe object, translating each failure into the
+/// `validate` code that says what to fix.
+pub async fn probe<S: Storage + ?Sized>(storage: &S, role: Role, prefix: &str) -> Result<()> {
+    let kind = storage.kind();
+    let explain = |err: Error, denied: &'static str, action: &str| match err {
+        Error::Invalid { .. } => err,
+        Error::Transient(m) => Error::invalid(
+            check::UNREACHABLE,
+            Some("config"),
+            format!("cannot reach the {kind} endpoint: {m}"),
+        ),
+        Error::Unauthenticated(m) => Error::invalid(
+            check::BAD_CREDENTIALS,
+            Some("secrets"),
+            format!("the {kind} credentials were refused: {m}"),
+        ),
+        Error::NotFound(m) => Error::invalid(
+            check::NOT_FOUND,
+            Some("config"),
+            format!("the {kind} bucket or container does not exist: {m}"),
+        ),
+        Error::PermissionDenied(m) => Error::invalid(
+            denied,
+            Some("secrets"),
+            format!("the {kind} credentials may not {action}: {m}"),
+        ),
+        Error::Internal(m) => Error::Internal(m),
+    };
+    let opts = ListOptions {
+        prefix: prefix.to_owned(),
+        recursive: false,
+        start_after: None,
+        page_size: 1,
+    };
+    if let Some(Err(e)) = storage.list(opts).next().await {
+        return Err(explain(e, check::NO_LIST, "list objects"));
+    }
+    if role == Role::Target {
+        let key = format!("{prefix}.labelsync-check-{}", ulid::Ulid::new());
+        storage
+            .put(
+                &key,
+                Bytes::from_static(b"labelsync write check"),
+                Some("text/plain"),
+            )
+            .await
+            .map_err(|e| explain(e, check::NO_WRITE, "write objects"))?;
+        storage
+            .delete(&key)
+            .await
+            .map_err(|e| explain(e, check::NO_WRITE, "delete objects"))?;
+    }
+    Ok(())
+}
 
 /// Settings the backends need from the deployment.
 #[derive(Debug, Clone, Default)]
 pub struct StorageEnv {
     pub document_root: Option<PathBuf>,
+    /// Seals and opens stored secrets; without it storages cannot take secrets.
+    pub secrets: Option<Arc<SecretBox>>,
+    /// Which addresses user-given endpoints may point at.
+    pub net: NetPolicy,
+    /// The Azure account to fall back to (`AZURE_BLOB_ACCOUNT_NAME` / `_KEY`).
+    pub azure_account_name: Option<String>,
+    pub azure_account_key: Option<crate::config::Secret>,
 }
 
-/// Validates a backend's `config` for a create or update; returns it normalized.
-pub fn validate_config(
-    kind: BackendKind,
-    config: &serde_json::Value,
-    env: &StorageEnv,
-) -> Result<serde_json::Value> {
+impl StorageEnv {
+    pub fn from_settings(settings: &crate::config::Settings) -> Self {
+        StorageEnv {
+            document_root: settings.document_root.clone(),
+            secrets: settings.secret_box.clone(),
+            net: settings.endpoint_policy.clone(),
+            azure_account_name: settings.azure_account_name.clone(),
+            azure_account_key: settings.azure_account_key.clone(),
+        }
+    }
+
+    /// The key, or the error telling the operator how to set one.
+    pub fn secret_box(&self) -> Result<&SecretBox> {
+        self.secrets.as_deref().ok_or_else(|| {
+            Error::invalid(
+                "secrets_unavailable",
+                Some("secrets"),
+                "this server cannot store secrets: set LABELSYNC_SECRET_KEY (32 random bytes, base64) on the scheduler and workers",
+            )
+        })
+    }
+}
+
+/// A backend's secrets, decrypted; plain strings by construction.
+#[derive(Clone, Default)]
+pub struct Secrets(Map<String, Value>);
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+impl Secrets {
+    pub fn new(map: Map<String, Value>) -> Self {
+        Secrets(map)
+    }
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+    pub fn names(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+    pub fn as_map(&self) -> &Map<String, Value> {
+        &self.0
+    }
+
+    /// Checks every name is one the backend takes.
+    pub fn check_names(&self, kind: BackendKind) -> Result<()> {
+        let allowed = kind.secret_names();
+        if let Some(name) = self.0.keys().find(|n| !allowed.contains(&n.as_str())) {
+            let expected = if allowed.is_empty() {
+                "it takes none".to_owned()
+            } else {
+                format!("expected {}", allowed.join(", "))
+            };
+            return Err(Error::invalid(
+                "invalid_secrets",
+                Some("secrets"),
+                format!("the {kind} backend takes no secret {name:?}; {expected}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The AEAD context binding a storage's sealed secrets to its row.
+pub fn secrets_context(storage_id: i64) -> String {
+    format!("storage:{storage_id}")
+}
+
+/// Decrypts a saved storage's secrets.
+pub fn secrets_of(model: &storage::Model, env: &StorageEnv) -> Result<Secrets> {
+    match &model.secrets {
+        None => Ok(Secrets::default()),
+        Some(sealed) => env
+            .secret_box()?
+            .open(&secrets_context(model.id), sealed)
+            .map(Secrets::new),
+    }
+}
+
+/// Validates a backend's `config` for a create or update (syntax, required
+/// fields, the SSRF guard on endpoints); returns it normalized.
+pub async fn validate_config(kind: BackendKind, config: &Value, env: &StorageEnv) -> Result<Value> {
     match kind {
         BackendKind::Local => local::LocalConfig::parse(config, env).map(|c| c.to_json()),
-        other => Err(unavailable(other)),
+        BackendKind::S3 => s3::S3Config::parse(config, env).await.map(|c| c.to_json()),
+        BackendKind::Gcs => gcs::GcsConfig::parse(config, env)
+            .await
+            .map(|c| c.to_json()),
+        BackendKind::Azure => azure::AzureConfig::parse(config, env)
+            .await
+            .map(|c| c.to_json()),
+        BackendKind::Redis => redis::RedisConfig::parse(config, env)
+            .await
+            .map(|c| c.to_json()),
+        BackendKind::Databricks => databricks::DatabricksConfig::parse(config, env)
+            .await
+            .map(|c| c.to_json()),
     }
 }
 
-/// Opens the backend behind a saved storage.
-pub fn open(model: &storage::Model, env: &StorageEnv) -> Result<Arc<dyn Storage>> {
-    match BackendKind::parse(&model.backend)? {
-        BackendKind::Local => Ok(Arc::new(local::LocalStorage::new(
-            local::LocalConfig::parse(&model.config, env)?,
-            env,
-        )?)),
-        other => Err(unavailable(other)),
-    }
-}
-
-fn unavailable(kind: BackendKind) -> Error {
-    Error::invalid(
-        "backend_unavailable",
-        Some("backend"),
-        format!("the {kind} backend is not available in this build yet; use \"local\""),
+/// Opens the backend behind a saved storage (or one about to be saved).
+pub async fn open(model: &storage::Model, env: &StorageEnv) -> Result<Arc<dyn Storage>> {
+    let secrets = secrets_of(model, env)?;
+    open_with(
+        BackendKind::parse(&model.backend)?,
+        &model.config,
+        &secrets,
+        env,
     )
+    .await
+}
+
+/// Opens a backend from its config and plain secrets.
+pub async fn open_with(
+    kind: BackendKind,
+    config: &Value,
+    secrets: &Secrets,
+    env: &StorageEnv,
+) -> Result<Arc<dyn Storage>> {
+    crate::security::net::install_crypto_provider();
+    Ok(match kind {
+        BackendKind::Local => Arc::new(local::LocalStorage::new(
+            local::LocalConfig::parse(config, env)?,
+            env,
+        )?),
+        BackendKind::S3 => Arc::new(
+            s3::S3Storage::open(s3::S3Config::parse(config, env).await?, secrets, env).await?,
+        ),
+        BackendKind::Gcs => Arc::new(
+            gcs::GcsStorage::open(gcs::GcsConfig::parse(config, env).await?, secrets, env).await?,
+        ),
+        BackendKind::Azure => Arc::new(azure::AzureStorage::open(
+            azure::AzureConfig::parse(config, env).await?,
+            secrets,
+            env,
+        )?),
+        BackendKind::Redis => Arc::new(
+            redis::RedisStorage::open(redis::RedisConfig::parse(config, env).await?, secrets, env)
+                .await?,
+        ),
+        BackendKind::Databricks => Arc::new(databricks::DatabricksStorage::open(
+            databricks::DatabricksConfig::parse(config, env).await?,
+            secrets,
+            env,
+        )?),
+    })
+}
+
+/// Parses a backend's config object with serde, naming the backend in the error.
+pub fn parse_config<T: serde::de::DeserializeOwned>(
+    kind: BackendKind,
+    config: &Value,
+) -> Result<T> {
+    serde_json::from_value(config.clone()).map_err(|e| {
+        Error::invalid(
+            "invalid_config",
+            Some("config"),
+            format!("{kind} config: {e}"),
+        )
+    })
 }
 
 /// Builds a page stream from a "fetch the next page" function. `state` is

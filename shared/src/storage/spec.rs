@@ -2,11 +2,15 @@
 //! parsing, validation (nothing is written until all of it passes) and the
 //! conversion to and from the `storages` row.
 use chrono::Utc;
-use sea_orm::{ActiveModelTrait, ActiveValue::NotSet, IntoActiveModel};
+use sea_orm::{
+    ActiveModelTrait,
+    ActiveValue::{NotSet, Set},
+    DatabaseConnection, IntoActiveModel, TransactionTrait,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{BackendKind, Role, StorageEnv, validate_config};
+use super::{BackendKind, Role, Secrets, StorageEnv, secrets_context, secrets_of, validate_config};
 use crate::{Error, Result, db::entities::storage, ingest::Filter};
 
 /// Providers cap signed URLs at 7 days (SigV4, GCS V4).
@@ -94,6 +98,9 @@ pub struct StorageSpec {
 pub struct ValidSpec {
     pub kind: BackendKind,
     pub config: Value,
+    /// The secrets the spec gave, names checked; `None` when it gave none
+    /// (an update then keeps the stored ones).
+    pub secrets: Option<Secrets>,
 }
 
 impl StorageSpec {
@@ -124,8 +131,9 @@ impl StorageSpec {
             .map_err(|e| Error::invalid("invalid_body", None, e.to_string()))
     }
 
-    /// Checks everything a create needs, touching nothing.
-    pub fn validate(&self, env: &StorageEnv) -> Result<ValidSpec> {
+    /// Checks everything a create needs, touching nothing (but DNS, for the
+    /// SSRF guard on endpoints).
+    pub async fn validate(&self, env: &StorageEnv) -> Result<ValidSpec> {
         let kind = BackendKind::parse(&self.backend)?;
         Filter::new(self.regex_filter.as_deref())?;
         if self.prefix.starts_with('/') || self.prefix.split('/').any(|seg| seg == "..") {
@@ -154,19 +162,16 @@ impl StorageSpec {
                 ),
             ));
         }
-        let config = validate_config(kind, &self.config, env)?;
-        if let Some(secrets) = self.secrets.as_ref().filter(|s| !s.is_empty()) {
-            let names: Vec<&str> = secrets.keys().map(String::as_str).collect();
-            return Err(Error::invalid(
-                "invalid_secrets",
-                Some("secrets"),
-                format!(
-                    "the {kind} backend takes no secrets (got {})",
-                    names.join(", ")
-                ),
-            ));
+        let config = validate_config(kind, &self.config, env).await?;
+        let secrets = self.secrets.clone().map(Secrets::new);
+        if let Some(secrets) = &secrets {
+            secrets.check_names(kind)?;
         }
-        Ok(ValidSpec { kind, config })
+        Ok(ValidSpec {
+            kind,
+            config,
+            secrets,
+        })
     }
 
     /// The row a validated spec describes (id 0: not saved).
@@ -231,6 +236,68 @@ impl StorageSpec {
             secrets: None,
         })
     }
+}
+
+/// Inserts a new storage (`current` is `None`) or replaces `current` with
+/// the spec, in one transaction with its sealed secrets. Secrets given in the
+/// spec are merged into the stored ones name by name (an empty string removes
+/// one); the sealed blob is bound to the row's id.
+pub async fn save(
+    db: &DatabaseConnection,
+    spec: &StorageSpec,
+    valid: &ValidSpec,
+    project_id: i64,
+    current: Option<&storage::Model>,
+    env: &StorageEnv,
+) -> Result<storage::Model> {
+    let mut secrets = match current {
+        Some(current) => secrets_of(current, env)?.as_map().clone(),
+        None => Map::new(),
+    };
+    let changed = valid.secrets.as_ref().is_some_and(|given| {
+        for (name, value) in given.as_map() {
+            match value.as_str() {
+                Some("") | None => secrets.remove(name),
+                Some(_) => secrets.insert(name.clone(), value.clone()),
+            };
+        }
+        true
+    });
+    let key = if changed && !secrets.is_empty() {
+        Some(env.secret_box()?)
+    } else {
+        None
+    };
+    let txn = db.begin().await?;
+    let mut model = spec.to_active_model(project_id, valid);
+    let row = match current {
+        Some(current) => {
+            model.id = Set(current.id);
+            model.created_at = Set(current.created_at);
+            model.secrets = Set(current.secrets.clone());
+            model.secrets_set = Set(current.secrets_set.clone());
+            // A new period starts now; an unchanged one keeps its schedule.
+            let same_period = current.sync_interval_seconds == spec.sync_interval_seconds;
+            model.next_sync_at = Set(current.next_sync_at.filter(|_| same_period));
+            model.update(&txn).await?
+        }
+        None => model.insert(&txn).await?,
+    };
+    let row = if changed {
+        let sealed = match key {
+            Some(key) => Some(key.seal(&secrets_context(row.id), &secrets)?),
+            None => None,
+        };
+        let names: Vec<Value> = secrets.keys().cloned().map(Value::String).collect();
+        let mut update = row.into_active_model();
+        update.secrets = Set(sealed);
+        update.secrets_set = Set(Value::Array(names));
+        update.update(&txn).await?
+    } else {
+        row
+    };
+    txn.commit().await?;
+    Ok(row)
 }
 
 /// The storage as the API shows it: the create fields without secrets, plus

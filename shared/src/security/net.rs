@@ -1,0 +1,378 @@
+//! SSRF guard for user-supplied endpoints (`endpoint_url`, Redis `host`,
+//! Databricks `host`).
+//!
+//! A storage config is user input: without a guard, "sync my bucket at
+//! http://169.254.169.254/" reads the cloud metadata service, and a Redis
+//! `host` of 10.0.0.5 probes the private network. Addresses that are loopback,
+//! private, link-local (metadata), CGNAT, unspecified or multicast are refused
+//! unless the deployment allows them with `LABELSYNC_ALLOW_PRIVATE_ENDPOINTS`
+//! (`true`, or a comma-separated CIDR allowlist such as `10.1.0.0/16,127.0.0.1/32`).
+//!
+//! The check runs twice: when a config is validated (for a clear 400), and on
+//! every connection through [`GuardedResolver`], which the HTTP clients use
+//! as their DNS resolver, so a name that resolves to a public address at
+//! validation and to a private one later (DNS rebinding) is still refused.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use crate::{Error, Result};
+
+/// One `address/prefix-length` block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?),
+            None => {
+                let a = s.parse::<IpAddr>().ok()?;
+                (a, if a.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(bits: u128, width: u32, prefix: u8) -> u128 {
+            if prefix == 0 {
+                0
+            } else {
+                bits >> (width - u32::from(prefix))
+            }
+        }
+        match (self.addr, canonical(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                masked(u32::from(net).into(), 32, self.prefix)
+                    == masked(u32::from(ip).into(), 32, self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                masked(u128::from(net), 128, self.prefix)
+                    == masked(u128::from(ip), 128, self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Which non-public addresses a deployment lets storages reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NetPolicy {
+    /// Public addresses only (the default).
+    #[default]
+    PublicOnly,
+    /// Anything (tests, private deployments with trusted users).
+    AllowAll,
+    /// Public addresses plus these blocks.
+    Allow(Vec<Cidr>),
+}
+
+impl NetPolicy {
+    /// Parses `LABELSYNC_ALLOW_PRIVATE_ENDPOINTS`.
+    pub fn parse(value: Option<&str>) -> Result<Self> {
+        let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+            return Ok(NetPolicy::PublicOnly);
+        };
+        match value.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" => return Ok(NetPolicy::AllowAll),
+            "false" | "0" | "no" => return Ok(NetPolicy::PublicOnly),
+            _ => {}
+        }
+        value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                Cidr::parse(s).ok_or_else(|| {
+                    Error::invalid(
+                        "invalid_setting",
+                        None,
+                        format!(
+                            "LABELSYNC_ALLOW_PRIVATE_ENDPOINTS: {s:?} is not true/false or a CIDR like 10.0.0.0/8"
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(NetPolicy::Allow)
+    }
+
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        match self {
+            NetPolicy::AllowAll => true,
+            NetPolicy::PublicOnly => is_public(ip),
+            NetPolicy::Allow(blocks) => is_public(ip) || blocks.iter().any(|b| b.contains(ip)),
+        }
+    }
+
+    /// Refuses `ip` with a message naming the setting that would allow it.
+    pub fn check_ip(&self, host: &str, ip: IpAddr) -> Result<()> {
+        if self.allows(ip) {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "endpoint_not_allowed",
+            Some("config"),
+            format!(
+                "{host} resolves to {ip}, a private, loopback, link-local or metadata address; \
+                 storages may not reach it unless the server sets LABELSYNC_ALLOW_PRIVATE_ENDPOINTS"
+            ),
+        ))
+    }
+
+    /// Checks a host name or literal address, resolving names. `port` only
+    /// feeds the resolver.
+    pub async fn check_host(&self, host: &str, port: u16) -> Result<()> {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return self.check_ip(host, ip);
+        }
+        if *self == NetPolicy::AllowAll {
+            return Ok(());
+        }
+        let addrs = tokio::net::lookup_host((bare, port)).await.map_err(|e| {
+            Error::invalid(
+                "endpoint_unreachable",
+                Some("config"),
+                format!("cannot resolve {host}: {e}"),
+            )
+        })?;
+        for addr in addrs {
+            self.check_ip(host, addr.ip())?;
+        }
+        Ok(())
+    }
+
+    /// Checks an endpoint URL given by a user: http(s), a host, and an
+    /// allowed address. Returns the parsed URL.
+    pub async fn check_url(&self, raw: &str, field: &'static str) -> Result<reqwest::Url> {
+        let url = parse_endpoint(raw, field)?;
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let port = url.port_or_known_default().unwrap_or(443);
+        self.check_host(&host, port).await?;
+        Ok(url)
+    }
+}
+
+/// Syntax check of an endpoint URL (no network): http or https with a host.
+pub fn parse_endpoint(raw: &str, field: &'static str) -> Result<reqwest::Url> {
+    let url = reqwest::Url::parse(raw).map_err(|e| {
+        Error::invalid(
+            "invalid_config",
+            Some(field),
+            format!("{raw:?} is not a URL: {e}"),
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(Error::invalid(
+            "invalid_config",
+            Some(field),
+            format!("{raw:?} must be an http:// or https:// URL with a host"),
+        ));
+    }
+    Ok(url)
+}
+
+/// IPv4-mapped IPv6 (`::ffff:10.0.0.1`) is judged as the IPv4 it carries.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Routable on the public internet: none of the special-purpose blocks an
+/// attacker would aim a server-side request at.
+pub fn is_public(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local() // 169.254/16, cloud metadata
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)) // CGNAT 100.64/10
+                || (a == 192 && b == 0 && v4.octets()[2] == 0) // IETF 192.0.0/24
+                || (a == 198 && (b == 18 || b == 19)) // benchmarking
+                || a >= 240) // reserved
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local, incl. fd00:ec2::254 metadata
+                || (first & 0xffc0) == 0xfe80 // link-local
+                || v6 == Ipv6Addr::from(Ipv4Addr::LOCALHOST.to_ipv6_compatible()))
+        }
+    }
+}
+
+/// A DNS resolver for the storage HTTP clients that drops addresses the
+/// policy refuses, and fails when none is left: the guard at connect time.
+#[derive(Debug, Clone)]
+pub struct GuardedResolver {
+    policy: Arc<NetPolicy>,
+}
+
+impl GuardedResolver {
+    pub fn new(policy: NetPolicy) -> Self {
+        GuardedResolver {
+            policy: Arc::new(policy),
+        }
+    }
+
+    /// Resolves `host` and keeps the allowed addresses.
+    pub async fn resolve(&self, host: &str) -> std::io::Result<Vec<SocketAddr>> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
+        let allowed: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| self.policy.allows(a.ip()))
+            .collect();
+        if allowed.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{host} resolves only to private or metadata addresses; \
+                     set LABELSYNC_ALLOW_PRIVATE_ENDPOINTS to reach it"
+                ),
+            ));
+        }
+        Ok(allowed)
+    }
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let this = self.clone();
+        Box::pin(async move {
+            let addrs = GuardedResolver::resolve(&this, name.as_str()).await?;
+            let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+impl aws_smithy_runtime_api::client::dns::ResolveDns for GuardedResolver {
+    fn resolve_dns<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> aws_smithy_runtime_api::client::dns::DnsFuture<'a> {
+        aws_smithy_runtime_api::client::dns::DnsFuture::new(async move {
+            let addrs = GuardedResolver::resolve(self, name)
+                .await
+                .map_err(|e| aws_smithy_runtime_api::client::dns::ResolveDnsError::new(e))?;
+            Ok(addrs.into_iter().map(|a| a.ip()).collect())
+        })
+    }
+}
+
+/// Makes aws-lc the process's TLS provider. Two providers are compiled in
+/// (ring for sqlx, aws-lc for the cloud SDKs), and rustls refuses to pick one
+/// for clients that ask for "the default" (the Redis client does).
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err means one is installed already, which is as good.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+/// A reqwest client for storage traffic: guarded DNS, sane timeouts.
+pub fn http_client(policy: &NetPolicy) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .read_timeout(std::time::Duration::from_secs(60))
+        // A redirect could lead anywhere, including to a metadata address by
+        // literal IP (which skips DNS); storage APIs do not redirect.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn refuses_private_and_metadata_addresses() {
+        let p = NetPolicy::PublicOnly;
+        for bad in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00:ec2::254",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(!p.allows(ip(bad)), "{bad} must be refused");
+        }
+        for good in ["8.8.8.8", "52.216.0.1", "2600:1f18::1"] {
+            assert!(p.allows(ip(good)), "{good} must be allowed");
+        }
+    }
+
+    #[test]
+    fn allowlist_and_parse() {
+        let p = NetPolicy::parse(Some("10.1.0.0/16, 127.0.0.1")).unwrap();
+        assert!(p.allows(ip("10.1.200.3")));
+        assert!(p.allows(ip("127.0.0.1")));
+        assert!(!p.allows(ip("10.2.0.1")));
+        assert!(!p.allows(ip("169.254.169.254")));
+        assert_eq!(NetPolicy::parse(Some("true")).unwrap(), NetPolicy::AllowAll);
+        assert_eq!(NetPolicy::parse(None).unwrap(), NetPolicy::PublicOnly);
+        assert!(NetPolicy::parse(Some("10.0.0.0/99")).is_err());
+        assert!(NetPolicy::parse(Some("everything")).is_err());
+    }
+
+    #[tokio::test]
+    async fn checks_urls_and_names() {
+        let p = NetPolicy::PublicOnly;
+        let err = p
+            .check_url(
+                "http://169.254.169.254/latest/meta-data",
+                "config.endpoint_url",
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS"),
+            "{err}"
+        );
+        assert!(p.check_url("http://[::1]:9000", "f").await.is_err());
+        assert!(p.check_url("ftp://example.com", "f").await.is_err());
+        // A name is resolved before it is judged.
+        assert!(p.check_host("localhost", 80).await.is_err());
+        assert!(
+            NetPolicy::AllowAll
+                .check_url("http://127.0.0.1:9000", "f")
+                .await
+                .is_ok()
+        );
+        let resolver = GuardedResolver::new(NetPolicy::PublicOnly);
+        assert!(resolver.resolve("localhost").await.is_err());
+    }
+}

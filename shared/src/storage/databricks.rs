@@ -1,0 +1,383 @@
+//! Databricks Unity Catalog volumes, through the Files API (no crate exists;
+//! these four calls are all we need):
+//! - `GET /api/2.0/fs/directories{path}` (paged with `page_token`),
+//! - `GET /api/2.0/fs/files{path}` (with `Range`),
+//! - `PUT /api/2.0/fs/files{path}?overwrite=true`,
+//! - `DELETE /api/2.0/fs/files{path}`,
+//!
+//! each with a personal access token. Objects are files under
+//! `/Volumes/<catalog>/<schema>/<volume>/`. The API lists one directory at a
+//! time in no promised order, so the listing walks directories depth-first,
+//! each one sorted (one directory's names in memory at a time), which gives
+//! the key order a resumed run's `start_after` relies on. No presigning: the
+//! API proxies these objects.
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::DateTime;
+use futures::{StreamExt, TryStreamExt, stream::BoxStream};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::{Client, Method, RequestBuilder, Response, StatusCode, Url, header};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
+    paginate, parse_config,
+    retry::{retry, status_error, transport_error},
+};
+use crate::{Error, Result, security::net::http_client};
+
+/// Path segments keep unreserved characters; the rest is escaped.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabricksConfig {
+    /// Workspace URL, e.g. `https://adb-123.4.azuredatabricks.net` (a bare
+    /// host means https).
+    pub host: String,
+    pub catalog: String,
+    pub schema: String,
+    pub volume: String,
+}
+
+impl DatabricksConfig {
+    pub async fn parse(config: &serde_json::Value, env: &StorageEnv) -> Result<Self> {
+        let mut config: DatabricksConfig = parse_config(BackendKind::Databricks, config)?;
+        if !config.host.contains("://") {
+            config.host = format!("https://{}", config.host);
+        }
+        config.host = config.host.trim_end_matches('/').to_owned();
+        for (field, value) in [
+            ("config.catalog", &config.catalog),
+            ("config.schema", &config.schema),
+            ("config.volume", &config.volume),
+        ] {
+            if value.is_empty() || value.contains('/') || value == ".." {
+                return Err(Error::invalid(
+                    "invalid_config",
+                    Some(field),
+                    format!("{field} must be a single name"),
+                ));
+            }
+        }
+        env.net.check_url(&config.host, "config.host").await?;
+        Ok(config)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabricksStorage {
+    http: Client,
+    host: Url,
+    /// `/Volumes/<catalog>/<schema>/<volume>`, escaped.
+    root: String,
+    /// The same, as users write it in `dbx://` URIs.
+    plain_root: String,
+    token: String,
+}
+
+impl DatabricksStorage {
+    pub fn open(config: DatabricksConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
+        let token = secrets.get("token").ok_or_else(|| {
+            Error::invalid(
+                "missing_secret",
+                Some("secrets.token"),
+                "the databricks backend needs secrets.token (a personal access token)",
+            )
+        })?;
+        let host = Url::parse(&config.host).map_err(|e| {
+            Error::invalid(
+                "invalid_config",
+                Some("config.host"),
+                format!("config.host: {e}"),
+            )
+        })?;
+        let names = [&config.catalog, &config.schema, &config.volume];
+        let root = names.iter().fold("/Volumes".to_owned(), |acc, n| {
+            format!("{acc}/{}", utf8_percent_encode(n, SEGMENT))
+        });
+        let plain_root = format!(
+            "Volumes/{}/{}/{}",
+            config.catalog, config.schema, config.volume
+        );
+        Ok(DatabricksStorage {
+            http: http_client(&env.net)?,
+            host,
+            root,
+            plain_root,
+            token: token.to_owned(),
+        })
+    }
+
+    /// The API URL of a file or directory (`kind` is `files` or `directories`).
+    fn url(&self, kind: &str, key: &str) -> Result<Url> {
+        let mut path = format!("api/2.0/fs/{kind}{}", self.root);
+        for segment in key.split('/').filter(|s| !s.is_empty()) {
+            path.push('/');
+            path.extend(utf8_percent_encode(segment, SEGMENT));
+        }
+        if kind == "directories" {
+            path.push('/');
+        }
+        self.host
+            .join(&path)
+            .map_err(|e| Error::Internal(format!("databricks url: {e}")))
+    }
+
+    async fn send(&self, what: &str, build: impl Fn() -> RequestBuilder) -> Result<Response> {
+        retry(what, || async {
+            let resp = build()
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .map_err(|e| transport_error(&e, what))?;
+            if resp.status().is_success() {
+                return Ok(resp);
+            }
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            let detail = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_owned))
+                .unwrap_or(body);
+            // Databricks answers a bad token with 401 or 403 "Invalid access token".
+            if status == StatusCode::FORBIDDEN && detail.to_lowercase().contains("token") {
+                return Err(Error::Unauthenticated(format!("{what}: {detail}")));
+            }
+            Err(status_error(status, what, &detail))
+        })
+        .await
+    }
+
+    /// Every entry of one directory (all pages), sorted by name.
+    async fn read_dir(&self, dir_key: &str) -> Result<Vec<Entry>> {
+        let url = self.url("directories", dir_key)?;
+        let what = format!("list dbx://{}/{dir_key}", self.plain_root);
+        let mut entries = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut query = vec![("page_size", "1000".to_owned())];
+            if let Some(t) = &token {
+                query.push(("page_token", t.clone()));
+            }
+            let resp = match self
+                .send(&what, || self.http.get(url.clone()).query(&query))
+                .await
+            {
+                Ok(resp) => resp,
+                // A prefix naming no directory lists nothing.
+                Err(Error::NotFound(_)) if !dir_key.is_empty() => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
+            let page: DirPage = resp
+                .json()
+                .await
+                .map_err(|e| Error::Transient(format!("{what}: unreadable answer: {e}")))?;
+            entries.extend(page.contents);
+            token = page.next_page_token.filter(|t| !t.is_empty());
+            if token.is_none() {
+                break;
+            }
+        }
+        entries.sort_by(|a, b| b.name.cmp(&a.name)); // descending: `pop` yields ascending
+        Ok(entries)
+    }
+}
+
+#[derive(Deserialize)]
+struct DirPage {
+    #[serde(default)]
+    contents: Vec<Entry>,
+    next_page_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    name: String,
+    #[serde(default)]
+    is_directory: bool,
+    file_size: Option<i64>,
+    /// Milliseconds since the epoch.
+    last_modified: Option<i64>,
+}
+
+struct Frame {
+    dir_key: String,
+    pending: Vec<Entry>,
+}
+
+struct Walk {
+    storage: DatabricksStorage,
+    opts: ListOptions,
+    name_prefix: String,
+    stack: Vec<Frame>,
+    started: bool,
+}
+
+impl Walk {
+    /// True when every key under `dir_key` sorts at or before `start_after`.
+    fn dir_done(&self, dir_key: &str) -> bool {
+        self.opts
+            .start_after
+            .as_ref()
+            .is_some_and(|after| dir_key < after.as_str() && !after.starts_with(dir_key))
+    }
+
+    async fn next_page(&mut self) -> Result<Page> {
+        if !self.started {
+            self.started = true;
+            let dir = self.stack[0].dir_key.clone();
+            self.stack[0].pending = self.storage.read_dir(&dir).await?;
+        }
+        let mut page = Page::default();
+        while page.objects.len() < self.opts.page_size {
+            let Some(frame) = self.stack.last_mut() else {
+                break;
+            };
+            let Some(entry) = frame.pending.pop() else {
+                self.stack.pop();
+                continue;
+            };
+            let top = self.stack.len() == 1;
+            if top && !entry.name.starts_with(&self.name_prefix) {
+                continue;
+            }
+            let key = format!("{}{}", self.stack[self.stack.len() - 1].dir_key, entry.name);
+            if entry.is_directory {
+                let sub = format!("{key}/");
+                if self.opts.recursive && !self.dir_done(&sub) {
+                    let pending = self.storage.read_dir(&sub).await?;
+                    self.stack.push(Frame {
+                        dir_key: sub,
+                        pending,
+                    });
+                }
+                continue;
+            }
+            if self.opts.start_after.as_ref().is_some_and(|a| key <= *a) {
+                continue;
+            }
+            page.objects.push(ObjectMeta {
+                etag: Some(format!(
+                    "{:x}-{:x}",
+                    entry.last_modified.unwrap_or_default(),
+                    entry.file_size.unwrap_or_default()
+                )),
+                key,
+                size: entry.file_size,
+                last_modified: entry
+                    .last_modified
+                    .and_then(DateTime::from_timestamp_millis),
+            });
+        }
+        Ok(page)
+    }
+}
+
+#[async_trait]
+impl Storage for DatabricksStorage {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Databricks
+    }
+
+    fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
+        let (dir_key, name_prefix) = match opts.prefix.rfind('/') {
+            Some(i) => (
+                opts.prefix[..=i].to_owned(),
+                opts.prefix[i + 1..].to_owned(),
+            ),
+            None => (String::new(), opts.prefix.clone()),
+        };
+        let walk = Walk {
+            storage: self.clone(),
+            opts,
+            name_prefix,
+            stack: vec![Frame {
+                dir_key,
+                pending: Vec::new(),
+            }],
+            started: false,
+        };
+        paginate(walk, |mut walk: Walk| async move {
+            let page = walk.next_page().await?;
+            Ok((!page.objects.is_empty()).then_some((page, walk)))
+        })
+    }
+
+    async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        let what = format!("get dbx://{}/{key}", self.plain_root);
+        let url = self.url("files", key)?;
+        let resp = self
+            .send(&what, || {
+                let req = self.http.get(url.clone());
+                match range {
+                    Some(r) => req.header(header::RANGE, r.header()),
+                    None => req,
+                }
+            })
+            .await?;
+        let text = |name: header::HeaderName| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
+            text(header::CONTENT_RANGE).and_then(|cr| cr.rsplit('/').next()?.parse().ok())
+        } else {
+            resp.content_length()
+        };
+        let etag = text(header::LAST_MODIFIED);
+        let content_type = text(header::CONTENT_TYPE);
+        Ok(Object {
+            body: resp.bytes_stream().map_err(std::io::Error::other).boxed(),
+            size,
+            etag,
+            content_type,
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes, _content_type: Option<&str>) -> Result<()> {
+        let what = format!("put dbx://{}/{key}", self.plain_root);
+        let url = self.url("files", key)?;
+        self.send(&what, || {
+            self.http
+                .put(url.clone())
+                .query(&[("overwrite", "true")])
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let what = format!("delete dbx://{}/{key}", self.plain_root);
+        let url = self.url("files", key)?;
+        match self
+            .send(&what, || self.http.request(Method::DELETE, url.clone()))
+            .await
+        {
+            Ok(_) | Err(Error::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn presign(&self, _key: &str, _ttl: Duration) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    fn task_uri(&self, key: &str) -> String {
+        format!("dbx://{}/{key}", self.plain_root)
+    }
+}

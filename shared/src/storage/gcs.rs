@@ -1,0 +1,520 @@
+//! Google Cloud Storage: credentials from `google-cloud-auth`, data plane
+//! on the JSON API over our reqwest client.
+//!
+//! Why not a GCS client crate (measured, PITFALLS.md): `google-cloud-storage`
+//! lists and deletes over gRPC and hangs or corrupts uploads against
+//! fake-gcs-server; `object_store`'s GCS client cannot write to it; `gcp_auth`
+//! has no `external_account` (Workload Identity Federation) support. So the
+//! four calls (list, get with Range, upload, delete) and V4 URL signing are
+//! written here, and Google's own auth crate supplies tokens and signatures.
+//!
+//! Credentials: `credentials_json` (a service-account key, or an
+//! `external_account` WIF config); else, on Google's endpoint, Application
+//! Default Credentials (`GOOGLE_APPLICATION_CREDENTIALS`, metadata server);
+//! with a custom `endpoint_url` and no JSON, requests are anonymous
+//! (emulators). Signed URLs need a signer: a service-account key signs
+//! locally, ADC on GCE signs through IAM; WIF has no signer, so those
+//! storages are proxied instead of presigned.
+use std::{fmt::Write, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt, stream::BoxStream};
+use google_cloud_auth::{
+    credentials::{self, AccessTokenCredentials},
+    signer::Signer,
+};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::{Client, Method, RequestBuilder, Response, StatusCode, Url, header};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
+    paginate, parse_config,
+    retry::{retry, status_error, transport_error},
+};
+use crate::{
+    Error, Result,
+    security::net::{http_client, parse_endpoint},
+};
+
+const GOOGLE: &str = "https://storage.googleapis.com";
+const SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
+
+/// RFC 3986 unreserved characters stay; everything else is escaped (object
+/// names in JSON API paths escape `/` too).
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcsConfig {
+    pub bucket: String,
+    #[serde(default)]
+    pub project_id: Option<String>,
+    /// An emulator or private endpoint, e.g. `http://127.0.0.1:4443`.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+}
+
+impl GcsConfig {
+    pub async fn parse(config: &serde_json::Value, env: &StorageEnv) -> Result<Self> {
+        let mut config: GcsConfig = parse_config(BackendKind::Gcs, config)?;
+        config.endpoint_url = config.endpoint_url.filter(|u| !u.trim().is_empty());
+        if config.bucket.is_empty() || config.bucket.contains('/') {
+            return Err(Error::invalid(
+                "invalid_config",
+                Some("config.bucket"),
+                "config.bucket must be a bucket name (no slashes; put paths in prefix)",
+            ));
+        }
+        if let Some(url) = &config.endpoint_url {
+            env.net.check_url(url, "config.endpoint_url").await?;
+        }
+        Ok(config)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+pub struct GcsStorage {
+    http: Client,
+    base: Url,
+    bucket: String,
+    token: Option<AccessTokenCredentials>,
+    signer: Option<Signer>,
+}
+
+impl std::fmt::Debug for GcsStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcsStorage")
+            .field("base", &self.base.as_str())
+            .field("bucket", &self.bucket)
+            .field("authenticated", &self.token.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn bad_credentials(e: impl std::fmt::Display) -> Error {
+    Error::invalid(
+        "bad_credentials",
+        Some("secrets.credentials_json"),
+        format!("credentials_json is not usable: {e}"),
+    )
+}
+
+impl GcsStorage {
+    pub async fn open(config: GcsConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
+        let base = match &config.endpoint_url {
+            Some(url) => parse_endpoint(url, "config.endpoint_url")?,
+            None => Url::parse(GOOGLE).map_err(|e| Error::Internal(e.to_string()))?,
+        };
+        let (token, signer) = match secrets.get("credentials_json") {
+            Some(raw) => {
+                let json: serde_json::Value = serde_json::from_str(raw)
+                    .map_err(|e| bad_credentials(format!("not JSON ({e})")))?;
+                match json.get("type").and_then(|t| t.as_str()) {
+                    Some("service_account") => {
+                        let builder = || credentials::service_account::Builder::new(json.clone());
+                        let token = builder()
+                            .with_access_specifier(
+                                credentials::service_account::AccessSpecifier::from_scopes([SCOPE]),
+                            )
+                            .build_access_token_credentials()
+                            .map_err(bad_credentials)?;
+                        let signer = builder().build_signer().map_err(bad_credentials)?;
+                        (Some(token), Some(signer))
+                    }
+                    Some("external_account") => {
+                        let token = credentials::external_account::Builder::new(json)
+                            .with_scopes([SCOPE])
+                            .build_access_token_credentials()
+                            .map_err(bad_credentials)?;
+                        (Some(token), None)
+                    }
+                    other => {
+                        return Err(bad_credentials(format!(
+                            "type must be \"service_account\" or \"external_account\", not {other:?}"
+                        )));
+                    }
+                }
+            }
+            None if config.endpoint_url.is_some() => (None, None),
+            None => {
+                let token = credentials::Builder::default()
+                    .with_scopes([SCOPE])
+                    .build_access_token_credentials()
+                    .map_err(|e| {
+                        Error::Unauthenticated(format!(
+                            "no credentials_json and no Application Default Credentials: {e}"
+                        ))
+                    })?;
+                let signer = credentials::Builder::default().build_signer().ok();
+                (Some(token), signer)
+            }
+        };
+        Ok(GcsStorage {
+            http: http_client(&env.net)?,
+            base,
+            bucket: config.bucket,
+            token,
+            signer,
+        })
+    }
+
+    fn url(&self, path: &str) -> Result<Url> {
+        self.base
+            .join(path)
+            .map_err(|e| Error::Internal(format!("gcs url {path}: {e}")))
+    }
+
+    fn object_path(&self, key: &str) -> String {
+        format!(
+            "storage/v1/b/{}/o/{}",
+            utf8_percent_encode(&self.bucket, UNRESERVED),
+            utf8_percent_encode(key, UNRESERVED)
+        )
+    }
+
+    /// Sends a request with a fresh (cached) token, classifying failures;
+    /// retried on transient ones.
+    async fn send(&self, what: &str, build: impl Fn() -> RequestBuilder) -> Result<Response> {
+        retry(what, || async {
+            let mut req = build();
+            if let Some(token) = &self.token {
+                let token = token.access_token().await.map_err(|e| {
+                    if e.is_transient() {
+                        Error::Transient(format!("{what}: getting a token: {e}"))
+                    } else {
+                        Error::Unauthenticated(format!("{what}: getting a token: {e}"))
+                    }
+                })?;
+                req = req.bearer_auth(token.token);
+            }
+            let resp = req.send().await.map_err(|e| transport_error(&e, what))?;
+            if resp.status().is_success() {
+                return Ok(resp);
+            }
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            let detail = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                .unwrap_or(body);
+            Err(status_error(status, what, &detail))
+        })
+        .await
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Listing {
+    #[serde(default)]
+    items: Vec<Item>,
+    next_page_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Item {
+    name: String,
+    size: Option<String>,
+    updated: Option<DateTime<Utc>>,
+    etag: Option<String>,
+    generation: Option<String>,
+}
+
+struct Cursor {
+    storage: std::sync::Arc<GcsStorage>,
+    opts: ListOptions,
+    token: Option<String>,
+}
+
+#[async_trait]
+impl Storage for GcsStorage {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Gcs
+    }
+
+    fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
+        let storage = std::sync::Arc::new(GcsStorage {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            bucket: self.bucket.clone(),
+            token: self.token.clone(),
+            signer: None,
+        });
+        let cursor = Cursor {
+            storage,
+            opts,
+            token: None,
+        };
+        paginate(Some(cursor), |cursor: Option<Cursor>| async move {
+            let Some(mut cursor) = cursor else {
+                return Ok(None);
+            };
+            let s = &cursor.storage;
+            let opts = &cursor.opts;
+            let url = s.url(&format!(
+                "storage/v1/b/{}/o",
+                utf8_percent_encode(&s.bucket, UNRESERVED)
+            ))?;
+            let what = format!("list gs://{}/{}", s.bucket, opts.prefix);
+            let mut query: Vec<(&str, String)> = vec![
+                ("prefix", opts.prefix.clone()),
+                ("maxResults", opts.page_size.to_string()),
+                (
+                    "fields",
+                    "items(name,size,updated,etag,generation),nextPageToken".into(),
+                ),
+            ];
+            if !opts.recursive {
+                query.push(("delimiter", "/".into()));
+            }
+            if let Some(token) = &cursor.token {
+                query.push(("pageToken", token.clone()));
+            } else if let Some(after) = &opts.start_after {
+                // startOffset is inclusive; the key itself is dropped below.
+                query.push(("startOffset", after.clone()));
+            }
+            let resp = s
+                .send(&what, || s.http.get(url.clone()).query(&query))
+                .await?;
+            let listing: Listing = resp
+                .json()
+                .await
+                .map_err(|e| Error::Transient(format!("{what}: unreadable answer: {e}")))?;
+            let after = opts.start_after.clone();
+            let objects = listing
+                .items
+                .into_iter()
+                .filter(|i| after.as_ref().is_none_or(|a| i.name > *a))
+                .map(|i| ObjectMeta {
+                    key: i.name,
+                    size: i.size.and_then(|s| s.parse().ok()),
+                    last_modified: i.updated,
+                    // The generation changes on every overwrite; the etag
+                    // also on metadata changes.
+                    etag: i.generation.or(i.etag),
+                })
+                .collect();
+            cursor.token = listing.next_page_token.filter(|t| !t.is_empty());
+            let next = cursor.token.is_some().then_some(cursor);
+            Ok(Some((Page { objects }, next)))
+        })
+    }
+
+    async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        let what = format!("get gs://{}/{key}", self.bucket);
+        let mut url = self.url(&self.object_path(key))?;
+        url.query_pairs_mut().append_pair("alt", "media");
+        let resp = self
+            .send(&what, || {
+                let req = self.http.get(url.clone());
+                match range {
+                    Some(r) => req.header(header::RANGE, r.header()),
+                    None => req,
+                }
+            })
+            .await?;
+        let headers = resp.headers();
+        let text = |name: header::HeaderName| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
+            text(header::CONTENT_RANGE).and_then(|cr| cr.rsplit('/').next()?.parse().ok())
+        } else {
+            resp.content_length()
+        };
+        let etag =
+            text(header::HeaderName::from_static("x-goog-generation")).or(text(header::ETAG));
+        let content_type = text(header::CONTENT_TYPE);
+        let body = resp.bytes_stream().map_err(std::io::Error::other).boxed();
+        Ok(Object {
+            body,
+            size,
+            etag,
+            content_type,
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
+        let what = format!("put gs://{}/{key}", self.bucket);
+        let url = self.url(&format!(
+            "upload/storage/v1/b/{}/o",
+            utf8_percent_encode(&self.bucket, UNRESERVED)
+        ))?;
+        let content_type = content_type
+            .unwrap_or("application/octet-stream")
+            .to_owned();
+        self.send(&what, || {
+            self.http
+                .post(url.clone())
+                .query(&[("uploadType", "media"), ("name", key)])
+                .header(header::CONTENT_TYPE, &content_type)
+                .body(body.clone())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let what = format!("delete gs://{}/{key}", self.bucket);
+        let url = self.url(&self.object_path(key))?;
+        match self
+            .send(&what, || self.http.request(Method::DELETE, url.clone()))
+            .await
+        {
+            Ok(_) | Err(Error::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let email = signer.client_email().await.map_err(|e| {
+            Error::Unauthenticated(format!("presign gs://{}/{key}: {e}", self.bucket))
+        })?;
+        let v4 = V4Request::new(&self.base, &self.bucket, key, &email, ttl, Utc::now());
+        let signature = signer
+            .sign(v4.string_to_sign())
+            .await
+            .map_err(|e| Error::Transient(format!("presign gs://{}/{key}: {e}", self.bucket)))?;
+        Ok(Some(v4.url(&hex(&signature))))
+    }
+
+    fn task_uri(&self, key: &str) -> String {
+        format!("gs://{}/{key}", self.bucket)
+    }
+}
+
+/// A V4 signed GET URL (GOOG4-RSA-SHA256, `host` the only signed header):
+/// <https://cloud.google.com/storage/docs/access-control/signing-urls-manually>.
+pub struct V4Request {
+    scheme: String,
+    host: String,
+    path: String,
+    query: String,
+    datetime: String,
+    scope: String,
+}
+
+impl V4Request {
+    pub fn new(
+        base: &Url,
+        bucket: &str,
+        key: &str,
+        email: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let host = match base.port() {
+            Some(port) => format!("{}:{port}", base.host_str().unwrap_or_default()),
+            None => base.host_str().unwrap_or_default().to_owned(),
+        };
+        let mut path = format!("/{}", utf8_percent_encode(bucket, UNRESERVED));
+        for segment in key.split('/') {
+            let _ = write!(path, "/{}", utf8_percent_encode(segment, UNRESERVED));
+        }
+        let datetime = now.format("%Y%m%dT%H%M%SZ").to_string();
+        let scope = format!("{}/auto/storage/goog4_request", &datetime[..8]);
+        let mut params = [
+            ("X-Goog-Algorithm", "GOOG4-RSA-SHA256".to_owned()),
+            ("X-Goog-Credential", format!("{email}/{scope}")),
+            ("X-Goog-Date", datetime.clone()),
+            ("X-Goog-Expires", ttl.as_secs().to_string()),
+            ("X-Goog-SignedHeaders", "host".to_owned()),
+        ];
+        params.sort_by(|a, b| a.0.cmp(b.0));
+        let query = params
+            .iter()
+            .map(|(k, v)| format!("{k}={}", utf8_percent_encode(v, UNRESERVED)))
+            .collect::<Vec<_>>()
+            .join("&");
+        V4Request {
+            scheme: base.scheme().to_owned(),
+            host,
+            path,
+            query,
+            datetime,
+            scope,
+        }
+    }
+
+    pub fn canonical_request(&self) -> String {
+        format!(
+            "GET\n{}\n{}\nhost:{}\n\nhost\nUNSIGNED-PAYLOAD",
+            self.path, self.query, self.host
+        )
+    }
+
+    pub fn string_to_sign(&self) -> String {
+        let digest =
+            ring::digest::digest(&ring::digest::SHA256, self.canonical_request().as_bytes());
+        format!(
+            "GOOG4-RSA-SHA256\n{}\n{}\n{}",
+            self.datetime,
+            self.scope,
+            hex(digest.as_ref())
+        )
+    }
+
+    pub fn url(&self, signature_hex: &str) -> String {
+        format!(
+            "{}://{}{}?{}&X-Goog-Signature={signature_hex}",
+            self.scheme, self.host, self.path, self.query
+        )
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_canonical_request_shape() {
+        let base = Url::parse("https://storage.googleapis.com").unwrap();
+        let now = DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        let v4 = V4Request::new(
+            &base,
+            "b",
+            "dir/a b.jpg",
+            "sa@p.iam.gserviceaccount.com",
+            Duration::from_secs(900),
+            now,
+        );
+        assert_eq!(
+            v4.canonical_request(),
+            "GET\n/b/dir/a%20b.jpg\nX-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Credential=sa%40p.iam.gserviceaccount.com%2F20261124%2Fauto%2Fstorage%2Fgoog4_request&X-Goog-Date=20261124T100000Z&X-Goog-Expires=900&X-Goog-SignedHeaders=host\nhost:storage.googleapis.com\n\nhost\nUNSIGNED-PAYLOAD"
+        );
+        assert!(v4.string_to_sign().starts_with(
+            "GOOG4-RSA-SHA256\n20261124T100000Z\n20261124/auto/storage/goog4_request\n"
+        ));
+        assert!(
+            v4.url("ab")
+                .starts_with("https://storage.googleapis.com/b/dir/a%20b.jpg?X-Goog-Algorithm=")
+        );
+    }
+}

@@ -1,0 +1,350 @@
+//! Redis as a storage: keys under `path` are objects, their string values
+//! the bodies (task JSON in Tasks mode; export writes `SET <path><key>`).
+//!
+//! Listing uses `SCAN` (never `KEYS`, which blocks the server). `SCAN`
+//! returns keys in no order and its cursor does not survive a restart of
+//! the listing, while runs resume by key order (`start_after`); so a listing
+//! gathers the matching key names first, sorts them, and pages through them.
+//! Only names are held (a Redis dataset fits in the server's memory, and its
+//! names in ours); values are read one object at a time.
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use redis::{AsyncCommands, aio::MultiplexedConnection};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
+    bytes_stream, paginate, parse_config, retry::retry,
+};
+use crate::{Error, Result};
+
+fn default_port() -> u16 {
+    6379
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub db: i64,
+    /// Key prefix of every object (`path` in API.md).
+    #[serde(default)]
+    pub path: String,
+    #[serde(default)]
+    pub tls: bool,
+}
+
+impl RedisConfig {
+    pub async fn parse(config: &serde_json::Value, env: &StorageEnv) -> Result<Self> {
+        let config: RedisConfig = parse_config(BackendKind::Redis, config)?;
+        if config.host.trim().is_empty() || config.host.contains(['/', '@', ' ']) {
+            return Err(Error::invalid(
+                "invalid_config",
+                Some("config.host"),
+                "config.host must be a host name or address",
+            ));
+        }
+        if !(0..=1_000_000).contains(&config.db) {
+            return Err(Error::invalid(
+                "invalid_config",
+                Some("config.db"),
+                "config.db must be a database number (0, 1, ...)",
+            ));
+        }
+        env.net.check_host(&config.host, config.port).await?;
+        Ok(config)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+#[derive(Debug)]
+pub struct RedisStorage {
+    config: RedisConfig,
+    conn: MultiplexedConnection,
+}
+
+/// Classifies a Redis error.
+fn classify(err: &redis::RedisError, what: &str) -> Error {
+    let msg = format!("{what}: {err}");
+    let text = err.to_string();
+    if err.kind() == redis::ErrorKind::AuthenticationFailed
+        || text.contains("WRONGPASS")
+        || text.contains("NOAUTH")
+        || text.contains("AUTH")
+    {
+        Error::Unauthenticated(msg)
+    } else if text.contains("NOPERM") {
+        Error::PermissionDenied(msg)
+    } else if err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+    {
+        Error::Transient(msg)
+    } else {
+        Error::invalid("storage_rejected", None, msg)
+    }
+}
+
+impl RedisStorage {
+    pub async fn open(config: RedisConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
+        // The name was checked when the config was saved; check again now,
+        // right before connecting (DNS may have changed since).
+        env.net.check_host(&config.host, config.port).await?;
+        let auth = secrets.get("password").map_or(String::new(), |p| {
+            format!(":{}@", utf8_percent_encode(p, NON_ALPHANUMERIC))
+        });
+        let scheme = if config.tls { "rediss" } else { "redis" };
+        let host = if config.host.contains(':') && !config.host.starts_with('[') {
+            format!("[{}]", config.host) // a bare IPv6 address
+        } else {
+            config.host.clone()
+        };
+        let url = format!("{scheme}://{auth}{host}:{}/{}", config.port, config.db);
+        let what = format!("redis {}:{}", config.host, config.port);
+        let client = redis::Client::open(url.as_str()).map_err(|e| {
+            Error::invalid("invalid_config", Some("config"), format!("{what}: {e}"))
+        })?;
+        let conn_config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(10)))
+            .set_response_timeout(Some(Duration::from_secs(30)));
+        let conn = retry(&what, || async {
+            client
+                .get_multiplexed_async_connection_with_config(&conn_config)
+                .await
+                .map_err(|e| classify(&e, &what))
+        })
+        .await?;
+        Ok(RedisStorage { config, conn })
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.config.path)
+    }
+
+    /// Every matching key name (relative to `path`), sorted.
+    async fn scan_names(&self, opts: &ListOptions) -> Result<Vec<String>> {
+        let pattern = format!("{}*", glob_escape(&self.full_key(&opts.prefix)));
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut names = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = retry("redis SCAN", || {
+                let mut conn = conn.clone();
+                let pattern = pattern.clone();
+                async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| classify(&e, "redis SCAN"))
+                }
+            })
+            .await?;
+            let strip = self.config.path.len();
+            names.extend(batch.into_iter().filter_map(|full| {
+                let key = full.get(strip..)?.to_owned();
+                let rest = &key[opts.prefix.len().min(key.len())..];
+                let wanted = (opts.recursive || !rest.contains('/'))
+                    && opts.start_after.as_ref().is_none_or(|after| key > *after);
+                wanted.then_some(key)
+            }));
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        // SCAN may return a key twice (rehashing); sort and dedup.
+        names.sort_unstable();
+        names.dedup();
+        let _ = &mut conn;
+        Ok(names)
+    }
+}
+
+/// Escapes glob metacharacters so a prefix matches literally in `SCAN MATCH`.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+struct Listing {
+    names: std::vec::IntoIter<String>,
+    conn: MultiplexedConnection,
+    path: String,
+    page_size: usize,
+}
+
+#[async_trait]
+impl Storage for RedisStorage {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Redis
+    }
+
+    fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
+        // Gathering the names is itself async; it happens at the first page.
+        let this = RedisStorage {
+            config: self.config.clone(),
+            conn: self.conn.clone(),
+        };
+        enum State {
+            Start(Box<RedisStorage>, ListOptions),
+            Paging(Listing),
+        }
+        paginate(
+            State::Start(Box::new(this), opts),
+            |state: State| async move {
+                let mut listing = match state {
+                    State::Start(storage, opts) => Listing {
+                        names: storage.scan_names(&opts).await?.into_iter(),
+                        conn: storage.conn.clone(),
+                        path: storage.config.path.clone(),
+                        page_size: opts.page_size.max(1),
+                    },
+                    State::Paging(listing) => listing,
+                };
+                let keys: Vec<String> = listing.names.by_ref().take(listing.page_size).collect();
+                if keys.is_empty() {
+                    return Ok(None);
+                }
+                // One round trip for the sizes of the page.
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("STRLEN").arg(format!("{}{key}", listing.path));
+                }
+                let sizes: Vec<i64> = retry("redis STRLEN", || {
+                    let mut conn = listing.conn.clone();
+                    let pipe = pipe.clone();
+                    async move {
+                        pipe.query_async(&mut conn)
+                            .await
+                            .map_err(|e| classify(&e, "redis STRLEN"))
+                    }
+                })
+                .await?;
+                let objects = keys
+                    .into_iter()
+                    .zip(sizes)
+                    .map(|(key, size)| ObjectMeta {
+                        key,
+                        size: Some(size),
+                        last_modified: None,
+                        etag: None,
+                    })
+                    .collect();
+                Ok(Some((Page { objects }, State::Paging(listing))))
+            },
+        )
+    }
+
+    async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        let full = self.full_key(key);
+        let what = format!("redis GET {full}");
+        let what = &what;
+        let conn = self.conn.clone();
+        let (value, size): (Option<Vec<u8>>, i64) = retry(what, || {
+            let mut conn = conn.clone();
+            let full = full.clone();
+            async move {
+                let mut pipe = redis::pipe();
+                match range {
+                    None => pipe.cmd("GET").arg(&full),
+                    Some(GetRange::Bounded { start, end }) => {
+                        pipe.cmd("GETRANGE").arg(&full).arg(start).arg(end)
+                    }
+                    Some(GetRange::From(start)) => {
+                        pipe.cmd("GETRANGE").arg(&full).arg(start).arg(-1)
+                    }
+                    Some(GetRange::Suffix(n)) => pipe
+                        .cmd("GETRANGE")
+                        .arg(&full)
+                        .arg(-i64::try_from(n).unwrap_or(i64::MAX))
+                        .arg(-1),
+                };
+                pipe.cmd("STRLEN").arg(&full);
+                pipe.cmd("EXISTS").arg(&full);
+                let (value, size, exists): (Option<Vec<u8>>, i64, bool) = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| classify(&e, &what))?;
+                if !exists {
+                    return Err(Error::NotFound(format!("{what}: no such key")));
+                }
+                Ok((value, size))
+            }
+        })
+        .await?;
+        Ok(Object {
+            body: bytes_stream(Bytes::from(value.unwrap_or_default())),
+            size: u64::try_from(size).ok(),
+            etag: None,
+            content_type: None,
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes, _content_type: Option<&str>) -> Result<()> {
+        let full = self.full_key(key);
+        let what = format!("redis SET {full}");
+        let what = &what;
+        retry(what, || {
+            let mut conn = self.conn.clone();
+            let (full, body) = (full.clone(), body.clone());
+            async move {
+                conn.set::<_, _, ()>(full, body.as_ref())
+                    .await
+                    .map_err(|e| classify(&e, &what))
+            }
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let full = self.full_key(key);
+        let what = format!("redis DEL {full}");
+        let what = &what;
+        retry(what, || {
+            let mut conn = self.conn.clone();
+            let full = full.clone();
+            async move {
+                conn.del::<_, ()>(full)
+                    .await
+                    .map_err(|e| classify(&e, &what))
+            }
+        })
+        .await
+    }
+
+    async fn presign(&self, _key: &str, _ttl: Duration) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    fn task_uri(&self, key: &str) -> String {
+        format!(
+            "redis://{}:{}/{}/{}",
+            self.config.host,
+            self.config.port,
+            self.config.db,
+            self.full_key(key)
+        )
+    }
+}

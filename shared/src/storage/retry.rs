@@ -1,0 +1,149 @@
+//! Retries of storage requests: exponential backoff with full jitter on
+//! transient errors (5xx, throttling, timeouts, resets), never on permanent
+//! ones (403, 404, bad credentials). The S3 and Azure clients retry inside
+//! their SDKs with the same policy (see their modules); the hand-written
+//! HTTP backends (GCS JSON API, Databricks) and Redis use [`retry`].
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::StatusCode;
+
+use crate::{Error, Result};
+
+/// Attempts per request, the first included.
+pub const MAX_ATTEMPTS: u32 = 5;
+const BASE: Duration = Duration::from_millis(100);
+const CAP: Duration = Duration::from_secs(5);
+
+/// The pause before retry `attempt` (1-based): uniform in
+/// [0, min(CAP, BASE * 2^attempt)] ("full jitter"), so clients that failed
+/// together do not come back together.
+pub fn backoff(attempt: u32) -> Duration {
+    let ceiling = BASE.saturating_mul(1 << attempt.min(16)).min(CAP);
+    let millis = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::rng().random_range(0..=millis))
+}
+
+/// Runs `op` until it succeeds, fails permanently, or has failed
+/// [`MAX_ATTEMPTS`] times.
+pub async fn retry<T, F, Fut>(what: &str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(err) if err.is_transient() && attempt < MAX_ATTEMPTS => {
+                let pause = backoff(attempt);
+                tracing::debug!(what, attempt, ?pause, error = %err, "storage request failed; retrying");
+                tokio::time::sleep(pause).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Classifies an HTTP error status of a storage API.
+pub fn status_error(status: StatusCode, what: &str, detail: &str) -> Error {
+    let detail = detail.trim();
+    let detail: String = detail.chars().take(300).collect();
+    let msg = if detail.is_empty() {
+        format!("{what}: HTTP {status}")
+    } else {
+        format!("{what}: HTTP {status}: {detail}")
+    };
+    match status.as_u16() {
+        401 => Error::Unauthenticated(msg),
+        403 => Error::PermissionDenied(msg),
+        404 => Error::NotFound(msg),
+        408 | 429 | 500..=599 => Error::Transient(msg),
+        _ => Error::invalid("storage_rejected", None, msg),
+    }
+}
+
+/// Classifies a transport error of reqwest (the request never got an answer).
+pub fn transport_error(err: &reqwest::Error, what: &str) -> Error {
+    // The SSRF guard refuses in the resolver; that is not worth retrying.
+    let chain = error_chain(err);
+    if chain.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
+        return Error::invalid(
+            "endpoint_not_allowed",
+            Some("config"),
+            format!("{what}: {chain}"),
+        );
+    }
+    Error::Transient(format!("{what}: {chain}"))
+}
+
+/// An error and its sources on one line (reqwest's top message alone is
+/// often just "error sending request").
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_transient_errors_only() {
+        let calls = AtomicU32::new(0);
+        let out: Result<()> = retry("t", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(Error::Transient("503".into()))
+        })
+        .await;
+        assert!(out.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), MAX_ATTEMPTS);
+
+        calls.store(0, Ordering::SeqCst);
+        let out: Result<()> = retry("t", || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(Error::PermissionDenied("403".into()))
+        })
+        .await;
+        assert!(out.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        calls.store(0, Ordering::SeqCst);
+        let out = retry("t", || async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                Err(Error::Transient("reset".into()))
+            } else {
+                Ok(7)
+            }
+        })
+        .await;
+        assert_eq!(out.unwrap(), 7);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 1..20 {
+            assert!(backoff(attempt) <= CAP);
+        }
+        assert_eq!(
+            status_error(StatusCode::FORBIDDEN, "x", "").to_string(),
+            "x: HTTP 403 Forbidden"
+        );
+        assert!(status_error(StatusCode::SERVICE_UNAVAILABLE, "x", "").is_transient());
+        assert!(matches!(
+            status_error(StatusCode::UNAUTHORIZED, "x", ""),
+            Error::Unauthenticated(_)
+        ));
+    }
+}

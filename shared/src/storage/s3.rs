@@ -1,0 +1,373 @@
+//! Amazon S3 and S3-compatible servers, through `aws-sdk-s3`.
+//!
+//! Credentials, in order: static keys from the storage's secrets (with an
+//! optional session token); else the default AWS chain (environment, web
+//! identity / IRSA, instance profile). With `role_arn`, either is the base
+//! for an STS AssumeRole (with `external_id`) whose credentials the SDK's
+//! identity cache refreshes before they expire.
+//!
+//! Retries are the SDK's standard mode (exponential backoff with jitter on
+//! 5xx, throttling such as `SlowDown`, timeouts and resets), set to
+//! [`retry::MAX_ATTEMPTS`] attempts. The data-plane HTTP client resolves names
+//! through the SSRF guard.
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig};
+use aws_sdk_s3::{
+    Client,
+    config::{Credentials, http::HttpResponse},
+    error::{ProvideErrorMetadata, SdkError},
+    presigning::PresigningConfig,
+    primitives::ByteStream as AwsBody,
+    types::ServerSideEncryption,
+};
+use aws_smithy_http_client::tls;
+use bytes::Bytes;
+use chrono::DateTime;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
+    paginate, parse_config, retry,
+};
+use crate::{
+    Error, Result,
+    security::net::{GuardedResolver, parse_endpoint},
+};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Defaults to true with a custom endpoint (most S3-compatible servers
+    /// want path-style), false on AWS.
+    #[serde(default)]
+    pub force_path_style: Option<bool>,
+    #[serde(default)]
+    pub role_arn: Option<String>,
+    #[serde(default)]
+    pub external_id: Option<String>,
+    #[serde(default)]
+    pub sse_kms_key_id: Option<String>,
+}
+
+impl S3Config {
+    pub async fn parse(config: &serde_json::Value, env: &StorageEnv) -> Result<Self> {
+        let mut config: S3Config = parse_config(BackendKind::S3, config)?;
+        config.endpoint_url = config.endpoint_url.filter(|u| !u.trim().is_empty());
+        if config.bucket.is_empty() || config.bucket.contains('/') {
+            return Err(Error::invalid(
+                "invalid_config",
+                Some("config.bucket"),
+                "config.bucket must be a bucket name (no slashes; put paths in prefix)",
+            ));
+        }
+        if let Some(url) = &config.endpoint_url {
+            env.net.check_url(url, "config.endpoint_url").await?;
+        }
+        if config.external_id.is_some() && config.role_arn.is_none() {
+            return Err(Error::invalid(
+                "invalid_config",
+                Some("config.external_id"),
+                "config.external_id only applies with config.role_arn",
+            ));
+        }
+        Ok(config)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+#[derive(Debug)]
+pub struct S3Storage {
+    client: Client,
+    bucket: String,
+    sse_kms_key_id: Option<String>,
+}
+
+impl S3Storage {
+    pub async fn open(config: S3Config, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
+        let region = Region::new(config.region.clone().unwrap_or_else(|| "us-east-1".into()));
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region.clone());
+        if let Some(url) = &config.endpoint_url {
+            parse_endpoint(url, "config.endpoint_url")?;
+            loader = loader.endpoint_url(url);
+        }
+        match (
+            secrets.get("access_key_id"),
+            secrets.get("secret_access_key"),
+        ) {
+            (Some(id), Some(key)) => {
+                let token = secrets.get("session_token").map(str::to_owned);
+                loader = loader.credentials_provider(Credentials::new(
+                    id,
+                    key,
+                    token,
+                    None,
+                    "labelsync",
+                ));
+            }
+            (None, None) => {} // the default chain
+            _ => {
+                return Err(Error::invalid(
+                    "invalid_secrets",
+                    Some("secrets"),
+                    "give both access_key_id and secret_access_key, or neither (to use the default AWS chain)",
+                ));
+            }
+        }
+        let base = loader.load().await;
+        let sdk_config: SdkConfig = match &config.role_arn {
+            None => base,
+            Some(arn) => {
+                let mut role = aws_config::sts::AssumeRoleProvider::builder(arn)
+                    .session_name("labelsync")
+                    .region(region)
+                    .configure(&base);
+                if let Some(id) = &config.external_id {
+                    role = role.external_id(id);
+                }
+                let provider = role.build().await;
+                base.into_builder()
+                    .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(
+                        provider,
+                    ))
+                    .build()
+            }
+        };
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .build_with_resolver(GuardedResolver::new(env.net.clone()));
+        let s3_config = aws_sdk_s3::config::Builder::from(&sdk_config)
+            .http_client(http)
+            .force_path_style(
+                config
+                    .force_path_style
+                    .unwrap_or(config.endpoint_url.is_some()),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(retry::MAX_ATTEMPTS))
+            .build();
+        Ok(S3Storage {
+            client: Client::from_conf(s3_config),
+            bucket: config.bucket,
+            sse_kms_key_id: config.sse_kms_key_id,
+        })
+    }
+}
+
+/// Classifies an SDK error by its S3 error code and HTTP status.
+fn classify<E>(err: SdkError<E, HttpResponse>, what: &str) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let code = err.code().map(str::to_owned);
+    let message = err.message().map(str::to_owned);
+    let status = match &err {
+        SdkError::ServiceError(_) => err
+            .raw_response()
+            .map(|r| r.status().as_u16())
+            .unwrap_or_default(),
+        _ => 0,
+    };
+    let detail = match (&code, &message) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c.clone(),
+        _ => retry::error_chain(&err),
+    };
+    let msg = format!("{what}: {detail}");
+    match (code.as_deref().unwrap_or_default(), status) {
+        (
+            "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "ExpiredToken"
+            | "InvalidToken"
+            | "TokenRefreshRequired"
+            | "AuthorizationHeaderMalformed",
+            _,
+        ) => Error::Unauthenticated(msg),
+        ("NoSuchBucket" | "NoSuchKey" | "NotFound", _) | (_, 404) => Error::NotFound(msg),
+        ("AccessDenied" | "AllAccessDisabled", _) | (_, 403) => Error::PermissionDenied(msg),
+        ("InvalidRange", _) | (_, 416) => {
+            Error::invalid("range_not_satisfiable", Some("range"), msg)
+        }
+        (_, 400..=499) if status != 408 && status != 429 => {
+            Error::invalid("storage_rejected", None, msg)
+        }
+        _ if msg.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") => {
+            Error::invalid("endpoint_not_allowed", Some("config"), msg)
+        }
+        // Credentials that could not be loaded at all (no chain, STS refused).
+        _ if matches!(
+            err,
+            SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_)
+        ) && detail.contains("credential") =>
+        {
+            Error::Unauthenticated(msg)
+        }
+        _ => Error::Transient(msg),
+    }
+}
+
+fn to_utc(t: &aws_sdk_s3::primitives::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
+    DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+}
+
+struct Cursor {
+    client: Client,
+    bucket: String,
+    opts: ListOptions,
+    token: Option<String>,
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    fn kind(&self) -> BackendKind {
+        BackendKind::S3
+    }
+
+    fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
+        let cursor = Cursor {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            opts,
+            token: None,
+        };
+        paginate(Some(cursor), |cursor: Option<Cursor>| async move {
+            let Some(mut cursor) = cursor else {
+                return Ok(None);
+            };
+            let opts = &cursor.opts;
+            let mut req = cursor
+                .client
+                .list_objects_v2()
+                .bucket(&cursor.bucket)
+                .prefix(&opts.prefix)
+                .max_keys(i32::try_from(opts.page_size).unwrap_or(1000))
+                .set_continuation_token(cursor.token.clone());
+            if !opts.recursive {
+                req = req.delimiter("/");
+            }
+            if cursor.token.is_none() {
+                req = req.set_start_after(opts.start_after.clone());
+            }
+            let out = req.send().await.map_err(|e| {
+                classify(e, &format!("list s3://{}/{}", cursor.bucket, opts.prefix))
+            })?;
+            let objects = out
+                .contents()
+                .iter()
+                .filter_map(|o| {
+                    Some(ObjectMeta {
+                        key: o.key()?.to_owned(),
+                        size: o.size(),
+                        last_modified: o.last_modified().and_then(to_utc),
+                        etag: o.e_tag().map(|e| e.trim_matches('"').to_owned()),
+                    })
+                })
+                .collect();
+            cursor.token = out
+                .next_continuation_token()
+                .filter(|_| out.is_truncated() == Some(true))
+                .map(str::to_owned);
+            let next = cursor.token.is_some().then_some(cursor);
+            Ok(Some((Page { objects }, next)))
+        })
+    }
+
+    async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        let what = format!("get s3://{}/{key}", self.bucket);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_range(range.map(GetRange::header))
+            .send()
+            .await
+            .map_err(|e| classify(e, &what))?;
+        // `Content-Range: bytes a-b/total` carries the whole size of a range read.
+        let size = match out.content_range() {
+            Some(cr) => cr.rsplit('/').next().and_then(|t| t.parse().ok()),
+            None => out.content_length().and_then(|n| u64::try_from(n).ok()),
+        };
+        let etag = out.e_tag().map(|e| e.trim_matches('"').to_owned());
+        let content_type = out.content_type().map(str::to_owned);
+        let body = futures::stream::unfold(out.body, move |mut body: AwsBody| async move {
+            match body.try_next().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), body)),
+                Ok(None) => None,
+                Err(e) => Some((Err(std::io::Error::other(e)), body)),
+            }
+        });
+        Ok(Object {
+            body: Box::pin(body),
+            size,
+            etag,
+            content_type,
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(AwsBody::from(body))
+            .set_content_type(content_type.map(str::to_owned));
+        if let Some(kms) = &self.sse_kms_key_id {
+            req = req
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .ssekms_key_id(kms);
+        }
+        req.send()
+            .await
+            .map_err(|e| classify(e, &format!("put s3://{}/{key}", self.bucket)))?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        // S3 answers 204 for a missing key too.
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("delete s3://{}/{key}", self.bucket)))?;
+        Ok(())
+    }
+
+    async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
+        let config = PresigningConfig::expires_in(ttl).map_err(|e| {
+            Error::invalid(
+                "invalid_presign_ttl",
+                Some("presign_ttl_seconds"),
+                e.to_string(),
+            )
+        })?;
+        let signed = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| classify(e, &format!("presign s3://{}/{key}", self.bucket)))?;
+        Ok(Some(signed.uri().to_owned()))
+    }
+
+    fn task_uri(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+}
