@@ -2,6 +2,7 @@
 # The whole test suite, on a fresh machine or this one:
 #   1. makes sure Postgres and Redis run on 127.0.0.1 (installs them with apt
 #      and starts them when they do not);
+#      starts the storage emulators (tests/emulators.sh);
 #   2. builds the workspace (binaries included: the fleet tests run them);
 #   3. runs every test: unit tests and the integration tests in tests/.
 # Nothing is skipped: a test whose server is missing fails.
@@ -61,8 +62,12 @@ ensure_redis() {
 }
 
 command -v psql >/dev/null || apt_install postgresql-client
+command -v curl >/dev/null || apt_install curl
 ensure_postgres
 ensure_redis
+# S3 (moto, s3s-fs), GCS (fake-gcs-server) and Azure (Azurite) emulators.
+source tests/emulators.sh
+ensure_emulators
 
 log "building"
 cargo build --workspace --bins --tests --locked

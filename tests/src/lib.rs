@@ -9,6 +9,8 @@
 //! `postgres://postgres@127.0.0.1:5432/test`) and `TEST_REDIS_URL` (default
 //! `redis://127.0.0.1:6379`). A missing server fails the test with a message;
 //! nothing is ever skipped.
+pub mod backends;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},

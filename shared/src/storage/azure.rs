@@ -25,6 +25,7 @@ use object_store::{
     path::Path,
     signer::Signer,
 };
+use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -171,21 +172,27 @@ fn classify(err: object_store::Error, what: &str) -> Error {
     if text.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
         return Error::invalid("endpoint_not_allowed", Some("config"), msg);
     }
+    // Azure says AuthenticationFailed, Azurite "Server failed to authenticate
+    // the request"; both with 403, like a missing permission.
     let auth_failed = [
         "AuthenticationFailed",
         "InvalidAuthenticationInfo",
-        "Signature",
+        "failed to authenticate",
         "NoAuthenticationInformation",
     ]
     .iter()
     .any(|c| text.contains(c));
+    // Listing errors come back as `Generic` with the status in the text.
+    let status = |code: &str| text.contains(&format!("status code: {code}"));
     match err {
         object_store::Error::NotFound { .. } => Error::NotFound(msg),
         object_store::Error::Unauthenticated { .. } => Error::Unauthenticated(msg),
         object_store::Error::PermissionDenied { .. } if auth_failed => Error::Unauthenticated(msg),
         object_store::Error::PermissionDenied { .. } => Error::PermissionDenied(msg),
         object_store::Error::InvalidPath { .. } => Error::invalid("invalid_key", None, msg),
-        _ if auth_failed => Error::Unauthenticated(msg),
+        _ if auth_failed || status("401") => Error::Unauthenticated(msg),
+        _ if status("403") => Error::PermissionDenied(msg),
+        _ if status("404") => Error::NotFound(msg),
         _ if text.contains("416") || text.contains("InvalidRange") => {
             Error::invalid("range_not_satisfiable", Some("range"), msg)
         }
@@ -195,8 +202,13 @@ fn classify(err: object_store::Error, what: &str) -> Error {
 }
 
 fn to_meta(meta: object_store::ObjectMeta) -> ObjectMeta {
+    // A `Path` keeps its name escaped (non-ASCII in delimiter listings, and
+    // the characters `Path::from` escapes); the key is the name as given.
+    let key = percent_decode_str(meta.location.as_ref())
+        .decode_utf8()
+        .map_or_else(|_| meta.location.to_string(), |k| k.into_owned());
     ObjectMeta {
-        key: meta.location.to_string(),
+        key,
         size: i64::try_from(meta.size).ok(),
         last_modified: Some(meta.last_modified),
         etag: meta.e_tag.map(|e| e.trim_matches('"').to_owned()),
@@ -259,18 +271,31 @@ impl Storage for AzureStorage {
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
         let what = format!("get azure-blob://{}/{key}", self.container);
-        let range = range.map(|r| match r {
-            GetRange::Bounded { start, end } => object_store::GetRange::Bounded(start..end + 1),
-            GetRange::From(start) => object_store::GetRange::Offset(start),
-            GetRange::Suffix(n) => object_store::GetRange::Suffix(n),
-        });
+        let path = Path::from(key);
+        let range = match range {
+            None => None,
+            Some(GetRange::Bounded { start, end }) => {
+                Some(object_store::GetRange::Bounded(start..end + 1))
+            }
+            Some(GetRange::From(start)) => Some(object_store::GetRange::Offset(start)),
+            // Blob storage has no suffix ranges: the size first, then an offset.
+            Some(GetRange::Suffix(n)) => {
+                let size = self
+                    .store
+                    .head(&path)
+                    .await
+                    .map_err(|e| classify(e, &what))?
+                    .size;
+                Some(object_store::GetRange::Offset(size.saturating_sub(n)))
+            }
+        };
         let options = GetOptions {
             range,
             ..GetOptions::default()
         };
         let result = self
             .store
-            .get_opts(&Path::from(key), options)
+            .get_opts(&path, options)
             .await
             .map_err(|e| classify(e, &what))?;
         let content_type = result

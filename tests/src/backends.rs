@@ -1,0 +1,269 @@
+//! The storage servers the backend tests talk to, and a fresh bucket on each.
+//!
+//! Endpoints come from the environment `tests/run.sh` (through
+//! `tests/emulators.sh`) sets: moto and s3s-fs for S3, fake-gcs-server for
+//! GCS, Azurite for Azure, the test Redis. A missing variable or a server that
+//! does not answer fails the test with what to run; nothing is skipped. The
+//! Databricks Files API has no emulator: [`DatabricksFake`] serves the four
+//! calls in-process.
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use labelsync::{
+    security::net::NetPolicy,
+    storage::{BackendKind, Secrets, Storage, StorageEnv},
+};
+use serde_json::{Value, json};
+
+/// Azurite's published development account.
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// An endpoint from the environment, or a failure saying how to get one.
+pub fn endpoint(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: start the storage emulators with `bash tests/emulators.sh` (tests/run.sh does)")
+    })
+}
+
+/// A bucket / container name nobody else uses (lowercase, DNS-safe).
+pub fn bucket_name() -> String {
+    format!("t{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+/// Storage settings that let backends reach the emulators on 127.0.0.1.
+pub fn test_env() -> StorageEnv {
+    StorageEnv {
+        net: NetPolicy::AllowAll,
+        ..StorageEnv::default()
+    }
+}
+
+/// Opens a backend the way a sync does.
+pub async fn open(kind: BackendKind, config: Value, secrets: Value) -> Arc<dyn Storage> {
+    let secrets = Secrets::new(secrets.as_object().cloned().unwrap_or_default());
+    labelsync::storage::open_with(kind, &config, &secrets, &test_env())
+        .await
+        .unwrap_or_else(|e| panic!("open {kind}: {e}"))
+}
+
+/// Creates an S3 bucket (moto takes any credentials; s3s-fs checks them).
+pub async fn create_s3_bucket(endpoint: &str, key: &str, secret: &str, bucket: &str) {
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(key, secret, None, None, "test"))
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create bucket {bucket} at {endpoint}: {e:?} (is the S3 emulator running?)"));
+}
+
+/// Creates a bucket on fake-gcs-server (it checks no auth).
+pub async fn create_gcs_bucket(endpoint: &str, bucket: &str) {
+    let resp = reqwest::Client::new()
+        .post(format!("{endpoint}/storage/v1/b"))
+        .json(&json!({ "name": bucket }))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("fake-gcs-server at {endpoint}: {e}"));
+    assert!(resp.status().is_success(), "create GCS bucket: {}", resp.status());
+}
+
+/// Creates a container on Azurite with a SharedKey-signed request: the one
+/// call object_store does not make.
+pub async fn create_azure_container(account_url: &str, container: &str) {
+    let url = format!("{account_url}/{container}?restype=container");
+    let path = reqwest::Url::parse(&url).expect("container URL").path().to_owned();
+    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    let version = "2021-08-06";
+    let string_to_sign = format!(
+        "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}{path}\nrestype:container"
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &STANDARD.decode(AZURITE_KEY).expect("key"));
+    let signature = STANDARD.encode(ring::hmac::sign(&key, string_to_sign.as_bytes()).as_ref());
+    let resp = reqwest::Client::new()
+        .put(&url)
+        .header("x-ms-date", date)
+        .header("x-ms-version", version)
+        .header(header::CONTENT_LENGTH, "0")
+        .header(header::AUTHORIZATION, format!("SharedKey {AZURITE_ACCOUNT}:{signature}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("Azurite at {account_url}: {e}"));
+    let status = resp.status();
+    assert!(status.is_success(), "create container: {status} {}", resp.text().await.unwrap_or_default());
+}
+
+/// The Databricks Files API, in memory: directories list with page tokens
+/// (in reverse order, so the client's own sorting is exercised), files get
+/// with Range, put, delete; every call needs the bearer token.
+#[derive(Clone)]
+pub struct DatabricksFake {
+    pub url: String,
+    pub token: String,
+    files: Arc<Mutex<BTreeMap<String, Bytes>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct DirQuery {
+    page_size: Option<usize>,
+    page_token: Option<String>,
+}
+
+impl DatabricksFake {
+    pub async fn start() -> Self {
+        let files = Arc::new(Mutex::new(BTreeMap::new()));
+        let token = "dapi-test-token".to_owned();
+        let state = (files.clone(), token.clone());
+        let app = Router::new()
+            .route("/api/2.0/fs/directories/{*path}", get(list_dir))
+            .route(
+                "/api/2.0/fs/files/{*path}",
+                get(get_file).put(put_file).delete(delete_file),
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        DatabricksFake { url, token, files }
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.lock().expect("lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+type FakeState = (Arc<Mutex<BTreeMap<String, Bytes>>>, String);
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, axum::Json(json!({ "error_code": code, "message": message }))).into_response()
+}
+
+fn authorized(headers: &HeaderMap, token: &str) -> Result<(), Response> {
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if given == Some(&format!("Bearer {token}")) {
+        Ok(())
+    } else {
+        Err(error(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", "Invalid access token."))
+    }
+}
+
+async fn list_dir(
+    State((files, token)): State<FakeState>,
+    Path(path): Path<String>,
+    Query(q): Query<DirQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(resp) = authorized(&headers, &token) {
+        return resp;
+    }
+    let dir = format!("/{}/", path.trim_end_matches('/'));
+    let files = files.lock().expect("lock");
+    let mut entries: BTreeMap<String, Value> = BTreeMap::new();
+    for (full, body) in files.range(dir.clone()..) {
+        let Some(rest) = full.strip_prefix(&dir) else { break };
+        let entry = match rest.split_once('/') {
+            Some((sub, _)) => json!({ "path": format!("{dir}{sub}/"), "name": sub, "is_directory": true }),
+            None => json!({
+                "path": full, "name": rest, "is_directory": false,
+                "file_size": body.len(), "last_modified": 1_700_000_000_000_i64,
+            }),
+        };
+        entries.insert(entry["name"].as_str().unwrap_or_default().to_owned(), entry);
+    }
+    if entries.is_empty() {
+        return error(StatusCode::NOT_FOUND, "NOT_FOUND", &format!("The directory {dir} does not exist."));
+    }
+    let all: Vec<Value> = entries.into_values().rev().collect();
+    let start: usize = q.page_token.and_then(|t| t.parse().ok()).unwrap_or(0);
+    let size = q.page_size.unwrap_or(1000).clamp(1, 1000);
+    let end = (start + size).min(all.len());
+    let mut body = json!({ "contents": all[start..end] });
+    if end < all.len() {
+        body["next_page_token"] = json!(end.to_string());
+    }
+    axum::Json(body).into_response()
+}
+
+async fn get_file(
+    State((files, token)): State<FakeState>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(resp) = authorized(&headers, &token) {
+        return resp;
+    }
+    let Some(body) = files.lock().expect("lock").get(&format!("/{path}")).cloned() else {
+        return error(StatusCode::NOT_FOUND, "NOT_FOUND", "The file does not exist.");
+    };
+    let len = body.len() as u64;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split_once('-'))
+        .map(|(a, b)| match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
+            (Some(a), Some(b)) => (a, b.min(len - 1)),
+            (Some(a), None) => (a, len - 1),
+            (None, Some(n)) => (len.saturating_sub(n), len - 1),
+            (None, None) => (0, len - 1),
+        });
+    match range {
+        None => ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response(),
+        Some((a, b)) => (
+            StatusCode::PARTIAL_CONTENT,
+            [(header::CONTENT_RANGE, format!("bytes {a}-{b}/{len}"))],
+            body.slice(a as usize..=b as usize),
+        )
+            .into_response(),
+    }
+}
+
+async fn put_file(
+    State((files, token)): State<FakeState>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(resp) = authorized(&headers, &token) {
+        return resp;
+    }
+    files.lock().expect("lock").insert(format!("/{path}"), body);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn delete_file(
+    State((files, token)): State<FakeState>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(resp) = authorized(&headers, &token) {
+        return resp;
+    }
+    match files.lock().expect("lock").remove(&format!("/{path}")) {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => error(StatusCode::NOT_FOUND, "NOT_FOUND", "The file does not exist."),
+    }
+}
