@@ -38,7 +38,12 @@ fn s3s() -> (String, String, String) {
     (endpoint("TEST_S3S_ENDPOINT"), key, secret)
 }
 
-async fn keys(storage: &dyn Storage, prefix: &str, recursive: bool, after: Option<&str>) -> Vec<Page> {
+async fn keys(
+    storage: &dyn Storage,
+    prefix: &str,
+    recursive: bool,
+    after: Option<&str>,
+) -> Vec<Page> {
     storage
         .list(ListOptions {
             prefix: prefix.into(),
@@ -52,7 +57,10 @@ async fn keys(storage: &dyn Storage, prefix: &str, recursive: bool, after: Optio
 }
 
 fn names(pages: &[Page]) -> Vec<String> {
-    pages.iter().flat_map(|p| p.objects.iter().map(|o| o.key.clone())).collect()
+    pages
+        .iter()
+        .flat_map(|p| p.objects.iter().map(|o| o.key.clone()))
+        .collect()
 }
 
 async fn read(storage: &dyn Storage, key: &str, range: Option<GetRange>) -> (Vec<u8>, Option<u64>) {
@@ -96,15 +104,29 @@ async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
     assert_eq!(sizes, [1000, 1000, 500], "{kind}: page sizes");
     assert_eq!(names(&pages), many, "{kind}: every key once, in order");
     for object in pages.iter().flat_map(|p| &p.objects) {
-        assert_eq!(object.size, Some(object.key.len() as i64), "{kind}: size of {}", object.key);
+        assert_eq!(
+            object.size,
+            Some(object.key.len() as i64),
+            "{kind}: size of {}",
+            object.key
+        );
     }
     // Resume after a key.
     let rest = names(&keys(&*storage, "many/", true, Some("many/01999.txt")).await);
     assert_eq!(rest, many[2000..], "{kind}: start_after");
 
     // Prefixes, recursion, unicode and spaces.
-    for key in ["tree/a.json", "tree/sub/b.json", "tree/sp ace ü.txt", "tree-sibling.txt", "treetop.txt"] {
-        storage.put(key, Bytes::from_static(b"{}"), None).await.unwrap();
+    for key in [
+        "tree/a.json",
+        "tree/sub/b.json",
+        "tree/sp ace ü.txt",
+        "tree-sibling.txt",
+        "treetop.txt",
+    ] {
+        storage
+            .put(key, Bytes::from_static(b"{}"), None)
+            .await
+            .unwrap();
     }
     assert_eq!(
         names(&keys(&*storage, "tree/", false, None).await),
@@ -122,51 +144,119 @@ async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
     partial.sort();
     assert_eq!(
         partial,
-        ["tree-sibling.txt", "tree/a.json", "tree/sp ace ü.txt", "tree/sub/b.json", "treetop.txt"],
+        [
+            "tree-sibling.txt",
+            "tree/a.json",
+            "tree/sp ace ü.txt",
+            "tree/sub/b.json",
+            "treetop.txt"
+        ],
         "{kind}: prefix without a slash"
     );
-    assert!(keys(&*storage, "nothing-here/", true, None).await.iter().all(|p| p.objects.is_empty()));
+    assert!(
+        keys(&*storage, "nothing-here/", true, None)
+            .await
+            .iter()
+            .all(|p| p.objects.is_empty())
+    );
 
     // Range reads.
     let bytes: Vec<u8> = (0..=255).collect();
-    storage.put("range.bin", Bytes::from(bytes.clone()), Some("application/octet-stream")).await.unwrap();
+    storage
+        .put(
+            "range.bin",
+            Bytes::from(bytes.clone()),
+            Some("application/octet-stream"),
+        )
+        .await
+        .unwrap();
     let (all, size) = read(&*storage, "range.bin", None).await;
-    assert_eq!((all, size), (bytes.clone(), Some(256)), "{kind}: whole object");
-    let (part, size) = read(&*storage, "range.bin", Some(GetRange::Bounded { start: 10, end: 19 })).await;
+    assert_eq!(
+        (all, size),
+        (bytes.clone(), Some(256)),
+        "{kind}: whole object"
+    );
+    let (part, size) = read(
+        &*storage,
+        "range.bin",
+        Some(GetRange::Bounded { start: 10, end: 19 }),
+    )
+    .await;
     assert_eq!(part, bytes[10..=19], "{kind}: bytes=10-19");
     assert_eq!(size, Some(256), "{kind}: a range read knows the whole size");
-    assert_eq!(read(&*storage, "range.bin", Some(GetRange::From(250))).await.0, bytes[250..], "{kind}: bytes=250-");
-    assert_eq!(read(&*storage, "range.bin", Some(GetRange::Suffix(3))).await.0, bytes[253..], "{kind}: bytes=-3");
+    assert_eq!(
+        read(&*storage, "range.bin", Some(GetRange::From(250)))
+            .await
+            .0,
+        bytes[250..],
+        "{kind}: bytes=250-"
+    );
+    assert_eq!(
+        read(&*storage, "range.bin", Some(GetRange::Suffix(3)))
+            .await
+            .0,
+        bytes[253..],
+        "{kind}: bytes=-3"
+    );
     let (text, _) = read(&*storage, "tree/sp ace ü.txt", None).await;
     assert_eq!(text, b"{}", "{kind}: unicode key");
 
     // Overwrite, delete, delete again.
-    storage.put("treetop.txt", Bytes::from_static(b"v2"), None).await.unwrap();
-    assert_eq!(read(&*storage, "treetop.txt", None).await.0, b"v2", "{kind}: overwrite");
+    storage
+        .put("treetop.txt", Bytes::from_static(b"v2"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&*storage, "treetop.txt", None).await.0,
+        b"v2",
+        "{kind}: overwrite"
+    );
     storage.delete("treetop.txt").await.unwrap();
     match storage.get("treetop.txt", None).await {
         Err(Error::NotFound(_)) => {}
         other => panic!("{kind}: get after delete: {other:?}"),
     }
-    storage.delete("treetop.txt").await.unwrap_or_else(|e| panic!("{kind}: deleting a missing object: {e}"));
-    assert!(names(&keys(&*storage, "treetop", true, None).await).is_empty(), "{kind}: deleted");
+    storage
+        .delete("treetop.txt")
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: deleting a missing object: {e}"));
+    assert!(
+        names(&keys(&*storage, "treetop", true, None).await).is_empty(),
+        "{kind}: deleted"
+    );
 
     // Presign: fetch the URL and compare bytes.
-    let url = storage.presign("range.bin", Duration::from_secs(300)).await.unwrap();
+    let url = storage
+        .presign("range.bin", Duration::from_secs(300))
+        .await
+        .unwrap();
     match (presign, url) {
         (Presign::Url, Some(url)) => {
             let resp = reqwest::get(&url).await.unwrap();
             assert_eq!(resp.status(), 200, "{kind}: presigned GET {url}");
-            assert_eq!(resp.bytes().await.unwrap().as_ref(), bytes.as_slice(), "{kind}: presigned bytes");
+            assert_eq!(
+                resp.bytes().await.unwrap().as_ref(),
+                bytes.as_slice(),
+                "{kind}: presigned bytes"
+            );
         }
         (Presign::Proxied, None) => {}
         (_, url) => panic!("{kind}: unexpected presign result {url:?}"),
     }
 
     // The write check a target's validate runs.
-    storage.check(Role::Target, "checks/").await.unwrap_or_else(|e| panic!("{kind}: check: {e}"));
+    storage
+        .check(Role::Target, "checks/")
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: check: {e}"));
     storage.check(Role::Source, "many/").await.unwrap();
-    assert!(keys(&*storage, "checks/", true, None).await.iter().all(|p| p.objects.is_empty()), "{kind}: probe removed");
+    assert!(
+        keys(&*storage, "checks/", true, None)
+            .await
+            .iter()
+            .all(|p| p.objects.is_empty()),
+        "{kind}: probe removed"
+    );
 }
 
 /// The `validate` code of a failed check.
@@ -177,7 +267,10 @@ async fn check_code(storage: Arc<dyn Storage>, role: Role) -> String {
             eprintln!("{}: {code}: {message}", storage.kind());
             code.to_owned()
         }
-        other => panic!("{}: expected a validate error, got {other:?}", storage.kind()),
+        other => panic!(
+            "{}: expected a validate error, got {other:?}",
+            storage.kind()
+        ),
     }
 }
 
@@ -192,17 +285,38 @@ async fn s3_conformance_on_s3s_fs() {
     conformance(storage.clone(), Presign::Url).await;
 
     // s3s-fs checks signatures: a tampered presigned URL is refused.
-    let signed = storage.presign("range.bin", Duration::from_secs(60)).await.unwrap().unwrap();
+    let signed = storage
+        .presign("range.bin", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
     let tampered = signed.replace("range.bin", "many/00000.txt");
     assert_eq!(reqwest::get(&tampered).await.unwrap().status(), 403);
 
     // What validate says.
     let wrong = json!({ "access_key_id": key, "secret_access_key": "not-the-secret" });
-    assert_eq!(check_code(open(BackendKind::S3, config.clone(), wrong).await, Role::Source).await, "bad_credentials");
+    assert_eq!(
+        check_code(
+            open(BackendKind::S3, config.clone(), wrong).await,
+            Role::Source
+        )
+        .await,
+        "bad_credentials"
+    );
     let missing = json!({ "bucket": bucket_name(), "endpoint_url": url });
-    assert_eq!(check_code(open(BackendKind::S3, missing, secrets.clone()).await, Role::Source).await, "bucket_not_found");
+    assert_eq!(
+        check_code(
+            open(BackendKind::S3, missing, secrets.clone()).await,
+            Role::Source
+        )
+        .await,
+        "bucket_not_found"
+    );
     let nowhere = json!({ "bucket": bucket, "endpoint_url": "http://127.0.0.1:9" });
-    assert_eq!(check_code(open(BackendKind::S3, nowhere, secrets).await, Role::Source).await, "endpoint_unreachable");
+    assert_eq!(
+        check_code(open(BackendKind::S3, nowhere, secrets).await, Role::Source).await,
+        "endpoint_unreachable"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,10 +328,25 @@ async fn s3_assume_role_with_external_id_on_moto() {
         "bucket": bucket, "endpoint_url": url,
         "role_arn": "arn:aws:iam::123456789012:role/labelsync-reader", "external_id": "ext-42",
     });
-    let storage = open(BackendKind::S3, config, json!({ "access_key_id": "base", "secret_access_key": "base" })).await;
+    let storage = open(
+        BackendKind::S3,
+        config,
+        json!({ "access_key_id": "base", "secret_access_key": "base" }),
+    )
+    .await;
     // Every call below signs with the role's temporary credentials from STS.
-    storage.put("images/a.jpg", Bytes::from_static(b"jpeg"), Some("image/jpeg")).await.unwrap();
-    assert_eq!(names(&keys(&*storage, "images/", true, None).await), ["images/a.jpg"]);
+    storage
+        .put(
+            "images/a.jpg",
+            Bytes::from_static(b"jpeg"),
+            Some("image/jpeg"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        names(&keys(&*storage, "images/", true, None).await),
+        ["images/a.jpg"]
+    );
     storage.check(Role::Target, "images/").await.unwrap();
 }
 
@@ -228,21 +357,56 @@ async fn gcs_conformance_on_fake_gcs_server() {
     create_gcs_bucket(&url, &bucket).await;
     let config = json!({ "bucket": bucket, "endpoint_url": url });
     // No credentials_json on a custom endpoint: anonymous, and no signer.
-    conformance(open(BackendKind::Gcs, config.clone(), json!({})).await, Presign::Proxied).await;
+    conformance(
+        open(BackendKind::Gcs, config.clone(), json!({})).await,
+        Presign::Proxied,
+    )
+    .await;
 
     let missing = json!({ "bucket": bucket_name(), "endpoint_url": url });
-    assert_eq!(check_code(open(BackendKind::Gcs, missing, json!({})).await, Role::Source).await, "bucket_not_found");
+    assert_eq!(
+        check_code(
+            open(BackendKind::Gcs, missing, json!({})).await,
+            Role::Source
+        )
+        .await,
+        "bucket_not_found"
+    );
     let nowhere = json!({ "bucket": bucket, "endpoint_url": "http://127.0.0.1:9" });
-    assert_eq!(check_code(open(BackendKind::Gcs, nowhere, json!({})).await, Role::Source).await, "endpoint_unreachable");
+    assert_eq!(
+        check_code(
+            open(BackendKind::Gcs, nowhere, json!({})).await,
+            Role::Source
+        )
+        .await,
+        "endpoint_unreachable"
+    );
     // fake-gcs-server checks no credentials, so "bad credentials" is a key
     // that cannot be used at all.
     let secrets = labelsync::storage::Secrets::new(
-        json!({ "credentials_json": "{\"type\": \"service_account\"}" }).as_object().cloned().unwrap(),
+        json!({ "credentials_json": "{\"type\": \"service_account\"}" })
+            .as_object()
+            .cloned()
+            .unwrap(),
     );
-    let err = labelsync::storage::open_with(BackendKind::Gcs, &config, &secrets, &labelsync_tests::backends::test_env())
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Invalid { code: "bad_credentials", .. }), "{err}");
+    let err = labelsync::storage::open_with(
+        BackendKind::Gcs,
+        &config,
+        &secrets,
+        &labelsync_tests::backends::test_env(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Invalid {
+                code: "bad_credentials",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 /// A V4 signed URL from a service-account key, checked against the key's
@@ -256,11 +420,35 @@ async fn gcs_signed_urls_verify_with_the_public_key() {
     let pem = dir.path().join("key.pem");
     let der = dir.path().join("pub.der");
     let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).output().expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", pem.to_str().unwrap()]);
-    run(&["rsa", "-in", pem.to_str().unwrap(), "-RSAPublicKey_out", "-outform", "DER", "-out", der.to_str().unwrap()]);
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        pem.to_str().unwrap(),
+    ]);
+    run(&[
+        "rsa",
+        "-in",
+        pem.to_str().unwrap(),
+        "-RSAPublicKey_out",
+        "-outform",
+        "DER",
+        "-out",
+        der.to_str().unwrap(),
+    ]);
     let key_json = json!({
         "type": "service_account", "project_id": "p", "private_key_id": "k1",
         "private_key": std::fs::read_to_string(&pem).unwrap(),
@@ -269,22 +457,48 @@ async fn gcs_signed_urls_verify_with_the_public_key() {
         "token_uri": "http://127.0.0.1:9/token",
     });
     let config = json!({ "bucket": bucket, "endpoint_url": url });
-    open(BackendKind::Gcs, config.clone(), json!({})).await
-        .put("dir/a b.jpg", Bytes::from_static(b"pixels"), None).await.unwrap();
-    let signed_by_key = open(BackendKind::Gcs, config, json!({ "credentials_json": key_json.to_string() })).await;
-    let signed = signed_by_key.presign("dir/a b.jpg", Duration::from_secs(900)).await.unwrap().unwrap();
+    open(BackendKind::Gcs, config.clone(), json!({}))
+        .await
+        .put("dir/a b.jpg", Bytes::from_static(b"pixels"), None)
+        .await
+        .unwrap();
+    let signed_by_key = open(
+        BackendKind::Gcs,
+        config,
+        json!({ "credentials_json": key_json.to_string() }),
+    )
+    .await;
+    let signed = signed_by_key
+        .presign("dir/a b.jpg", Duration::from_secs(900))
+        .await
+        .unwrap()
+        .unwrap();
 
     // Rebuild the string to sign from the URL alone, as Google does.
     let parsed = reqwest::Url::parse(&signed).unwrap();
     let query = parsed.query().unwrap();
     let (unsigned, signature) = query.rsplit_once("&X-Goog-Signature=").unwrap();
-    let param = |name: &str| parsed.query_pairs().find(|(k, _)| k == name).unwrap().1.into_owned();
+    let param = |name: &str| {
+        parsed
+            .query_pairs()
+            .find(|(k, _)| k == name)
+            .unwrap()
+            .1
+            .into_owned()
+    };
     assert_eq!(param("X-Goog-Algorithm"), "GOOG4-RSA-SHA256");
     assert_eq!(param("X-Goog-Expires"), "900");
     let host = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap());
-    let canonical = format!("GET\n{}\n{unsigned}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD", parsed.path());
+    let canonical = format!(
+        "GET\n{}\n{unsigned}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD",
+        parsed.path()
+    );
     let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
-    let scope = param("X-Goog-Credential").split_once('/').unwrap().1.to_owned();
+    let scope = param("X-Goog-Credential")
+        .split_once('/')
+        .unwrap()
+        .1
+        .to_owned();
     let to_sign = format!(
         "GOOG4-RSA-SHA256\n{}\n{scope}\n{}",
         param("X-Goog-Date"),
@@ -298,8 +512,11 @@ async fn gcs_signed_urls_verify_with_the_public_key() {
         &ring::signature::RSA_PKCS1_2048_8192_SHA256,
         std::fs::read(&der).unwrap(),
     );
-    public.verify(to_sign.as_bytes(), &signature).expect("signature verifies with the public key");
-    assert!(public.verify(to_sign.replace("900", "901").as_bytes(), &signature).is_err());
+    public
+        .verify(to_sign.as_bytes(), &signature)
+        .expect("signature verifies with the public key");
+    let tampered = to_sign.replacen("GOOG4", "GOOG5", 1);
+    assert!(public.verify(tampered.as_bytes(), &signature).is_err());
     // And the URL serves the object (fake-gcs-server ignores the signature).
     let resp = reqwest::get(&signed).await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -313,28 +530,55 @@ async fn azure_conformance_on_azurite() {
     create_azure_container(&account_url, &container).await;
     let config = json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": account_url });
     let secrets = json!({ "account_key": AZURITE_KEY });
-    conformance(open(BackendKind::Azure, config.clone(), secrets.clone()).await, Presign::Url).await;
+    conformance(
+        open(BackendKind::Azure, config.clone(), secrets.clone()).await,
+        Presign::Url,
+    )
+    .await;
 
     let wrong = json!({ "account_key": "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmcta2V5LXdyb25nIQ==" });
-    assert_eq!(check_code(open(BackendKind::Azure, config.clone(), wrong).await, Role::Source).await, "bad_credentials");
+    assert_eq!(
+        check_code(
+            open(BackendKind::Azure, config.clone(), wrong).await,
+            Role::Source
+        )
+        .await,
+        "bad_credentials"
+    );
     let missing = json!({ "account_name": AZURITE_ACCOUNT, "container": bucket_name(), "endpoint_url": account_url });
-    assert_eq!(check_code(open(BackendKind::Azure, missing, secrets.clone()).await, Role::Source).await, "bucket_not_found");
+    assert_eq!(
+        check_code(
+            open(BackendKind::Azure, missing, secrets.clone()).await,
+            Role::Source
+        )
+        .await,
+        "bucket_not_found"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_conformance() {
     let redis = labelsync_tests::require_redis().await;
     let url = reqwest::Url::parse(&redis).unwrap();
-    let (host, port) = (url.host_str().unwrap().to_owned(), url.port().unwrap_or(6379));
+    let (host, port) = (
+        url.host_str().unwrap().to_owned(),
+        url.port().unwrap_or(6379),
+    );
     let path = format!("{}:", bucket_name());
     let config = json!({ "host": host, "port": port, "db": 0, "path": path });
-    conformance(open(BackendKind::Redis, config.clone(), json!({})).await, Presign::Proxied).await;
+    conformance(
+        open(BackendKind::Redis, config.clone(), json!({})).await,
+        Presign::Proxied,
+    )
+    .await;
 
     // The test Redis has no password: sending one is refused.
     let storage = labelsync::storage::open_with(
         BackendKind::Redis,
         &config,
-        &labelsync::storage::Secrets::new(json!({ "password": "wrong" }).as_object().cloned().unwrap()),
+        &labelsync::storage::Secrets::new(
+            json!({ "password": "wrong" }).as_object().cloned().unwrap(),
+        ),
         &labelsync_tests::backends::test_env(),
     )
     .await;
@@ -348,10 +592,25 @@ async fn redis_conformance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn databricks_conformance_on_the_files_api_fake() {
     let fake = DatabricksFake::start().await;
-    let config = json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "images" });
-    conformance(open(BackendKind::Databricks, config.clone(), json!({ "token": fake.token })).await, Presign::Proxied).await;
+    let config =
+        json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "images" });
+    conformance(
+        open(
+            BackendKind::Databricks,
+            config.clone(),
+            json!({ "token": fake.token }),
+        )
+        .await,
+        Presign::Proxied,
+    )
+    .await;
     assert!(!fake.is_empty());
-    let wrong = open(BackendKind::Databricks, config, json!({ "token": "dapi-wrong" })).await;
+    let wrong = open(
+        BackendKind::Databricks,
+        config,
+        json!({ "token": "dapi-wrong" }),
+    )
+    .await;
     assert_eq!(check_code(wrong, Role::Source).await, "bad_credentials");
 }
 
@@ -373,7 +632,12 @@ async fn local_conformance() {
     .unwrap();
     conformance(storage.clone(), Presign::Proxied).await;
     // Keys never leave the storage's directory.
-    assert!(storage.put("../escape.txt", Bytes::from_static(b"x"), None).await.is_err());
+    assert!(
+        storage
+            .put("../escape.txt", Bytes::from_static(b"x"), None)
+            .await
+            .is_err()
+    );
     assert!(!root.path().join("escape.txt").exists());
 }
 
@@ -385,7 +649,10 @@ async fn import_sync_end_to_end_through_each_backend() {
     let app = spawn_app(AppOptions {
         env: vec![
             ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
-            ("LABELSYNC_SECRET_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into()),
+            (
+                "LABELSYNC_SECRET_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
+            ),
         ],
         ..AppOptions::default()
     })
@@ -404,21 +671,45 @@ async fn import_sync_end_to_end_through_each_backend() {
     let fake = DatabricksFake::start().await;
 
     let cases: Vec<(&str, Value, Value, &str)> = vec![
-        ("s3", json!({ "bucket": s3_bucket, "endpoint_url": s3_url }),
-         json!({ "access_key_id": s3_key, "secret_access_key": s3_secret }), "s3://"),
-        ("gcs", json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url }), json!({}), "gs://"),
-        ("azure", json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url }),
-         json!({ "account_key": AZURITE_KEY }), "azure-blob://"),
-        ("redis", json!({ "host": redis.host_str().unwrap(), "port": redis.port().unwrap_or(6379), "path": redis_path }),
-         json!({}), "redis://"),
-        ("databricks", json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "images" }),
-         json!({ "token": fake.token }), "dbx://Volumes/main/raw/images/"),
+        (
+            "s3",
+            json!({ "bucket": s3_bucket, "endpoint_url": s3_url }),
+            json!({ "access_key_id": s3_key, "secret_access_key": s3_secret }),
+            "s3://",
+        ),
+        (
+            "gcs",
+            json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url }),
+            json!({}),
+            "gs://",
+        ),
+        (
+            "azure",
+            json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url }),
+            json!({ "account_key": AZURITE_KEY }),
+            "azure-blob://",
+        ),
+        (
+            "redis",
+            json!({ "host": redis.host_str().unwrap(), "port": redis.port().unwrap_or(6379), "path": redis_path }),
+            json!({}),
+            "redis://",
+        ),
+        (
+            "databricks",
+            json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "images" }),
+            json!({ "token": fake.token }),
+            "dbx://Volumes/main/raw/images/",
+        ),
     ];
     for (backend, config, secrets, scheme) in cases {
         let kind = BackendKind::parse(backend).unwrap();
         let storage = open(kind, config.clone(), secrets.clone()).await;
         for key in ["img/1.jpg", "img/2.jpg", "img/notes.txt"] {
-            storage.put(key, Bytes::from_static(b"pixels"), None).await.unwrap();
+            storage
+                .put(key, Bytes::from_static(b"pixels"), None)
+                .await
+                .unwrap();
         }
         let project = app.project(&format!("{backend} project")).await;
         let body = json!({
@@ -429,7 +720,12 @@ async fn import_sync_end_to_end_through_each_backend() {
         assert_eq!(status, 200, "{backend}: {validated}");
         let (status, created) = app.post("/api/v1/storages", body).await;
         assert_eq!(status, 201, "{backend}: {created}");
-        let names: Vec<&str> = secrets.as_object().unwrap().keys().map(String::as_str).collect();
+        let names: Vec<&str> = secrets
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         assert_eq!(created["secrets_set"], json!(names), "{backend}");
         // Sealed at rest: no secret value is in the row.
         let db = sea_orm::Database::connect(&app.database_url).await.unwrap();
@@ -444,11 +740,24 @@ async fn import_sync_end_to_end_through_each_backend() {
         let sealed: Option<String> = row.try_get("", "secrets").unwrap();
         for value in secrets.as_object().unwrap().values() {
             let value = value.as_str().unwrap();
-            assert!(sealed.as_deref().is_some_and(|s| s.starts_with("v1.") && !s.contains(value)), "{backend}");
+            assert!(
+                sealed
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("v1.") && !s.contains(value)),
+                "{backend}"
+            );
         }
         db.close().await.ok();
-        let (status, revalidated) = app.post(&format!("/api/v1/storages/{}/validate", created["id"]), json!({})).await;
-        assert_eq!(status, 200, "{backend}: saved secrets open again: {revalidated}");
+        let (status, revalidated) = app
+            .post(
+                &format!("/api/v1/storages/{}/validate", created["id"]),
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            status, 200,
+            "{backend}: saved secrets open again: {revalidated}"
+        );
         let run = app.sync(&created["id"]).await;
         assert_eq!(run["status"], "completed", "{backend}: {run}");
         assert_eq!(run["counters"]["created"], 2, "{backend}: {run}");
@@ -460,7 +769,11 @@ async fn import_sync_end_to_end_through_each_backend() {
             .collect();
         uris.sort();
         assert_eq!(uris.len(), 2, "{backend}: {uris:?}");
-        assert!(uris.iter().all(|u| u.starts_with(scheme) && u.contains("img/")), "{backend}: {uris:?}");
+        assert!(
+            uris.iter()
+                .all(|u| u.starts_with(scheme) && u.contains("img/")),
+            "{backend}: {uris:?}"
+        );
         // A second sync finds nothing new.
         let again = app.sync(&created["id"]).await;
         assert_eq!(again["counters"]["created"], 0, "{backend}: {again}");
@@ -474,22 +787,42 @@ async fn import_sync_end_to_end_through_each_backend() {
 async fn endpoints_are_guarded_and_secrets_need_a_key() {
     let app = spawn_app(AppOptions::without_workers()).await;
     let project = app.project("guarded").await;
-    for endpoint in ["http://127.0.0.1:9000", "http://169.254.169.254/", "http://10.0.0.7", "http://[::1]:9000", "http://localhost:9000"] {
+    for endpoint in [
+        "http://127.0.0.1:9000",
+        "http://169.254.169.254/",
+        "http://10.0.0.7",
+        "http://[::1]:9000",
+        "http://localhost:9000",
+    ] {
         let (status, err) = app
-            .post("/api/v1/storages", json!({
-                "project_id": project, "role": "source", "backend": "s3",
-                "config": { "bucket": "b", "endpoint_url": endpoint },
-            }))
+            .post(
+                "/api/v1/storages",
+                json!({
+                    "project_id": project, "role": "source", "backend": "s3",
+                    "config": { "bucket": "b", "endpoint_url": endpoint },
+                }),
+            )
             .await;
-        assert_eq!((status, err["error"]["code"].as_str()), (400, Some("endpoint_not_allowed")), "{endpoint}: {err}");
+        assert_eq!(
+            (status, err["error"]["code"].as_str()),
+            (400, Some("endpoint_not_allowed")),
+            "{endpoint}: {err}"
+        );
     }
     let (status, err) = app
-        .post("/api/v1/storages", json!({
-            "project_id": project, "role": "source", "backend": "redis",
-            "config": { "host": "127.0.0.1" },
-        }))
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "source", "backend": "redis",
+                "config": { "host": "127.0.0.1" },
+            }),
+        )
         .await;
-    assert_eq!((status, err["error"]["code"].as_str()), (400, Some("endpoint_not_allowed")), "{err}");
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("endpoint_not_allowed")),
+        "{err}"
+    );
     // No LABELSYNC_SECRET_KEY on this server: secrets cannot be stored.
     let (status, err) = app
         .post("/api/v1/storages", json!({
@@ -497,6 +830,10 @@ async fn endpoints_are_guarded_and_secrets_need_a_key() {
             "config": { "bucket": "b" }, "secrets": { "access_key_id": "AKIA", "secret_access_key": "s" },
         }))
         .await;
-    assert_eq!((status, err["error"]["code"].as_str()), (400, Some("secrets_unavailable")), "{err}");
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("secrets_unavailable")),
+        "{err}"
+    );
     app.stop().await;
 }

@@ -66,14 +66,18 @@ pub async fn create_s3_bucket(endpoint: &str, key: &str, secret: &str, bucket: &
         .region(aws_sdk_s3::config::Region::new("us-east-1"))
         .endpoint_url(endpoint)
         .force_path_style(true)
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(key, secret, None, None, "test"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            key, secret, None, None, "test",
+        ))
         .build();
     aws_sdk_s3::Client::from_conf(config)
         .create_bucket()
         .bucket(bucket)
         .send()
         .await
-        .unwrap_or_else(|e| panic!("create bucket {bucket} at {endpoint}: {e:?} (is the S3 emulator running?)"));
+        .unwrap_or_else(|e| {
+            panic!("create bucket {bucket} at {endpoint}: {e:?} (is the S3 emulator running?)")
+        });
 }
 
 /// Creates a bucket on fake-gcs-server (it checks no auth).
@@ -84,32 +88,51 @@ pub async fn create_gcs_bucket(endpoint: &str, bucket: &str) {
         .send()
         .await
         .unwrap_or_else(|e| panic!("fake-gcs-server at {endpoint}: {e}"));
-    assert!(resp.status().is_success(), "create GCS bucket: {}", resp.status());
+    assert!(
+        resp.status().is_success(),
+        "create GCS bucket: {}",
+        resp.status()
+    );
 }
 
 /// Creates a container on Azurite with a SharedKey-signed request: the one
 /// call object_store does not make.
 pub async fn create_azure_container(account_url: &str, container: &str) {
     let url = format!("{account_url}/{container}?restype=container");
-    let path = reqwest::Url::parse(&url).expect("container URL").path().to_owned();
-    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    let path = reqwest::Url::parse(&url)
+        .expect("container URL")
+        .path()
+        .to_owned();
+    let date = chrono::Utc::now()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
     let version = "2021-08-06";
     let string_to_sign = format!(
         "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}{path}\nrestype:container"
     );
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &STANDARD.decode(AZURITE_KEY).expect("key"));
+    let key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &STANDARD.decode(AZURITE_KEY).expect("key"),
+    );
     let signature = STANDARD.encode(ring::hmac::sign(&key, string_to_sign.as_bytes()).as_ref());
     let resp = reqwest::Client::new()
         .put(&url)
         .header("x-ms-date", date)
         .header("x-ms-version", version)
         .header(header::CONTENT_LENGTH, "0")
-        .header(header::AUTHORIZATION, format!("SharedKey {AZURITE_ACCOUNT}:{signature}"))
+        .header(
+            header::AUTHORIZATION,
+            format!("SharedKey {AZURITE_ACCOUNT}:{signature}"),
+        )
         .send()
         .await
         .unwrap_or_else(|e| panic!("Azurite at {account_url}: {e}"));
     let status = resp.status();
-    assert!(status.is_success(), "create container: {status} {}", resp.text().await.unwrap_or_default());
+    assert!(
+        status.is_success(),
+        "create container: {status} {}",
+        resp.text().await.unwrap_or_default()
+    );
 }
 
 /// The Databricks Files API, in memory: directories list with page tokens
@@ -140,7 +163,9 @@ impl DatabricksFake {
                 get(get_file).put(put_file).delete(delete_file),
             )
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
         DatabricksFake { url, token, files }
@@ -158,15 +183,25 @@ impl DatabricksFake {
 type FakeState = (Arc<Mutex<BTreeMap<String, Bytes>>>, String);
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, axum::Json(json!({ "error_code": code, "message": message }))).into_response()
+    (
+        status,
+        axum::Json(json!({ "error_code": code, "message": message })),
+    )
+        .into_response()
 }
 
 fn authorized(headers: &HeaderMap, token: &str) -> Result<(), Response> {
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     if given == Some(&format!("Bearer {token}")) {
         Ok(())
     } else {
-        Err(error(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", "Invalid access token."))
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "Invalid access token.",
+        ))
     }
 }
 
@@ -183,9 +218,13 @@ async fn list_dir(
     let files = files.lock().expect("lock");
     let mut entries: BTreeMap<String, Value> = BTreeMap::new();
     for (full, body) in files.range(dir.clone()..) {
-        let Some(rest) = full.strip_prefix(&dir) else { break };
+        let Some(rest) = full.strip_prefix(&dir) else {
+            break;
+        };
         let entry = match rest.split_once('/') {
-            Some((sub, _)) => json!({ "path": format!("{dir}{sub}/"), "name": sub, "is_directory": true }),
+            Some((sub, _)) => {
+                json!({ "path": format!("{dir}{sub}/"), "name": sub, "is_directory": true })
+            }
             None => json!({
                 "path": full, "name": rest, "is_directory": false,
                 "file_size": body.len(), "last_modified": 1_700_000_000_000_i64,
@@ -194,7 +233,11 @@ async fn list_dir(
         entries.insert(entry["name"].as_str().unwrap_or_default().to_owned(), entry);
     }
     if entries.is_empty() {
-        return error(StatusCode::NOT_FOUND, "NOT_FOUND", &format!("The directory {dir} does not exist."));
+        return error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!("The directory {dir} does not exist."),
+        );
     }
     let all: Vec<Value> = entries.into_values().rev().collect();
     let start: usize = q.page_token.and_then(|t| t.parse().ok()).unwrap_or(0);
@@ -215,8 +258,17 @@ async fn get_file(
     if let Err(resp) = authorized(&headers, &token) {
         return resp;
     }
-    let Some(body) = files.lock().expect("lock").get(&format!("/{path}")).cloned() else {
-        return error(StatusCode::NOT_FOUND, "NOT_FOUND", "The file does not exist.");
+    let Some(body) = files
+        .lock()
+        .expect("lock")
+        .get(&format!("/{path}"))
+        .cloned()
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The file does not exist.",
+        );
     };
     let len = body.len() as u64;
     let range = headers
@@ -224,12 +276,14 @@ async fn get_file(
         .and_then(|v| v.to_str().ok())
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.split_once('-'))
-        .map(|(a, b)| match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
-            (Some(a), Some(b)) => (a, b.min(len - 1)),
-            (Some(a), None) => (a, len - 1),
-            (None, Some(n)) => (len.saturating_sub(n), len - 1),
-            (None, None) => (0, len - 1),
-        });
+        .map(
+            |(a, b)| match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
+                (Some(a), Some(b)) => (a, b.min(len - 1)),
+                (Some(a), None) => (a, len - 1),
+                (None, Some(n)) => (len.saturating_sub(n), len - 1),
+                (None, None) => (0, len - 1),
+            },
+        );
     match range {
         None => ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response(),
         Some((a, b)) => (
@@ -264,6 +318,10 @@ async fn delete_file(
     }
     match files.lock().expect("lock").remove(&format!("/{path}")) {
         Some(_) => StatusCode::NO_CONTENT.into_response(),
-        None => error(StatusCode::NOT_FOUND, "NOT_FOUND", "The file does not exist."),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The file does not exist.",
+        ),
     }
 }
