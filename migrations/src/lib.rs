@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261124_000001_initial;
 mod m20261124_000002_change_tracking;
 mod m20261124_000003_sync_batches;
+mod m20261124_000004_export_outbox;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_initial::Migration),
             Box::new(m20261124_000002_change_tracking::Migration),
             Box::new(m20261124_000003_sync_batches::Migration),
+            Box::new(m20261124_000004_export_outbox::Migration),
         ]
     }
 }

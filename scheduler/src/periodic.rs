@@ -1,5 +1,6 @@
 //! Periodic work of the scheduler: syncs whose `sync_interval_seconds` came
-//! round, and the sweep that enqueues stalled runs again
+//! round, export runs for storages with annotation events waiting in the
+//! outbox (`jobs::dispatch_outbox`), and the sweep that enqueues stalled runs again
 //! (`jobs::requeue_stalled`). Every replica ticks, but each due storage is claimed with
 //! one conditional UPDATE of its `next_sync_at`: only the replica whose UPDATE
 //! changed the row enqueues, so a period yields one sync however many
@@ -23,6 +24,11 @@ pub async fn run(state: AppState, tick: Duration) {
         timer.tick().await;
         if let Err(err) = tick_once(&state).await {
             tracing::warn!(error = %err, "periodic sync tick failed");
+        }
+        match jobs::dispatch_outbox(&state.db, &state.queue).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(runs = n, "started export runs for annotation events"),
+            Err(err) => tracing::warn!(error = %err, "outbox dispatch failed"),
         }
         match jobs::requeue_stalled(&state.db, &state.queue, &state.settings).await {
             Ok(0) => {}

@@ -99,6 +99,9 @@ pub struct WorkerSettings {
     /// `LABELSYNC_FETCH_CONCURRENCY` (default 16): Tasks-mode objects one run
     /// fetches and parses at once.
     pub fetch_concurrency: usize,
+    /// `LABELSYNC_EXPORT_CONCURRENCY` (default 32): uploads or deletes one
+    /// export run has in flight.
+    pub export_concurrency: usize,
     /// `LABELSYNC_MAX_OBJECT_BYTES` (default 4 GiB): larger task files are a
     /// per-object error instead of an import.
     pub max_object_bytes: u64,
@@ -126,6 +129,7 @@ impl Settings {
             page_size: parse(&get, "LABELSYNC_PAGE_SIZE", 1000)?,
             max_attempts: parse(&get, "LABELSYNC_MAX_ATTEMPTS", 5)?,
             fetch_concurrency: parse(&get, "LABELSYNC_FETCH_CONCURRENCY", 16)?,
+            export_concurrency: parse(&get, "LABELSYNC_EXPORT_CONCURRENCY", 32)?,
             max_object_bytes: parse(&get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
         };
         if worker.page_size == 0 || worker.page_size > 5000 {

@@ -6,6 +6,8 @@
 //!   (`db::runs` for the run lifecycle, `db::links` for import links).
 //! - [`storage`]: the [`storage::Storage`] trait and one module per backend.
 //! - [`ingest`]: the import pipeline (listing filter, Files mode, batching).
+//! - [`export`]: the export pipeline (annotation JSON, change detection,
+//!   uploads and deletes, the outbox of annotation events).
 //! - [`jobs`]: job payloads, queue wiring (Redis or embedded SQLite) and the handler
 //!   both the worker binary and the embedded mode register.
 //! - [`security`]: local-path confinement.
@@ -17,6 +19,7 @@
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod export;
 pub mod ingest;
 pub mod jobs;
 pub mod lifecycle;

@@ -190,19 +190,19 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-fn authorized(headers: &HeaderMap, token: &str) -> Result<(), Response> {
+/// The bearer check of every fake call: `None` when the token is right,
+/// else the 401 the real API answers.
+fn refused(headers: &HeaderMap, token: &str) -> Option<Response> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if given == Some(&format!("Bearer {token}")) {
-        Ok(())
-    } else {
-        Err(error(
+    (given != Some(&format!("Bearer {token}"))).then(|| {
+        error(
             StatusCode::UNAUTHORIZED,
             "UNAUTHENTICATED",
             "Invalid access token.",
-        ))
-    }
+        )
+    })
 }
 
 async fn list_dir(
@@ -211,7 +211,7 @@ async fn list_dir(
     Query(q): Query<DirQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(resp) = authorized(&headers, &token) {
+    if let Some(resp) = refused(&headers, &token) {
         return resp;
     }
     let dir = format!("/{}/", path.trim_end_matches('/'));
@@ -255,7 +255,7 @@ async fn get_file(
     Path(path): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(resp) = authorized(&headers, &token) {
+    if let Some(resp) = refused(&headers, &token) {
         return resp;
     }
     let Some(body) = files
@@ -301,7 +301,7 @@ async fn put_file(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(resp) = authorized(&headers, &token) {
+    if let Some(resp) = refused(&headers, &token) {
         return resp;
     }
     files.lock().expect("lock").insert(format!("/{path}"), body);
@@ -313,7 +313,7 @@ async fn delete_file(
     Path(path): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(resp) = authorized(&headers, &token) {
+    if let Some(resp) = refused(&headers, &token) {
         return resp;
     }
     match files.lock().expect("lock").remove(&format!("/{path}")) {

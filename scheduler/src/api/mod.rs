@@ -1,5 +1,6 @@
 //! The HTTP API of `shared/API.md` (v1). One module per resource; this one
 //! builds the router, the auth layer and the list conventions.
+mod annotations;
 mod error;
 mod ops;
 mod projects;
@@ -62,6 +63,13 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}/errors", get(runs::errors))
         .route("/runs/{id}/cancel", post(runs::cancel))
         .route("/tasks/{id}", get(tasks::get_one))
+        .route("/tasks/{id}/annotations", post(annotations::create))
+        .route(
+            "/annotations/{id}",
+            get(annotations::get_one)
+                .patch(annotations::update)
+                .delete(annotations::delete),
+        )
         .route("/queues", get(ops::queues))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such API route") })

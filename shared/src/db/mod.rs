@@ -4,6 +4,7 @@
 pub mod batches;
 pub mod entities;
 pub mod links;
+pub mod outbox;
 pub mod runs;
 
 use std::time::Duration;

@@ -141,6 +141,22 @@ pub async fn create_or_get_live(
     storage_id: i64,
     kind: RunKind,
 ) -> Result<(sync_run::Model, bool)> {
+    create_or_get_live_scoped(db, storage_id, kind, SCOPE_FULL).await
+}
+
+/// A run over everything (a sync).
+pub const SCOPE_FULL: &str = "full";
+/// An export run that only drains the storage's outbox (annotation events).
+pub const SCOPE_EVENTS: &str = "events";
+
+/// [`create_or_get_live`] with a scope; a live run of any scope is returned
+/// as is (a full export run drains the outbox too).
+pub async fn create_or_get_live_scoped(
+    db: &DatabaseConnection,
+    storage_id: i64,
+    kind: RunKind,
+    scope: &str,
+) -> Result<(sync_run::Model, bool)> {
     for _ in 0..3 {
         if let Some(run) = live(db, storage_id).await? {
             return Ok((run, true));
@@ -170,6 +186,7 @@ pub async fn create_or_get_live(
             finished_at: Set(None),
             lease_owner: Set(None),
             lease_at: Set(None),
+            scope: Set(scope.to_owned()),
         };
         match sync_run::Entity::insert(row).exec_with_returning(db).await {
             Ok(run) => return Ok((run, false)),

@@ -27,6 +27,7 @@ use crate::{
         entities::{project, storage as storage_entity},
         runs::{self, Attempt, Counters, RunStatus},
     },
+    export::ExportJob,
     ingest::{ImportJob, Outcome},
     storage::StorageEnv,
 };
@@ -209,6 +210,20 @@ async fn attempt(
             .run()
             .await
         }
+        "export" => {
+            ExportJob {
+                db: &ctx.db,
+                env: &ctx.storage_env,
+                run,
+                storage: &storage,
+                project: &project,
+                settings: &ctx.settings.worker,
+                lease: Some(lease),
+                stopping: Some(&ctx.stopping),
+            }
+            .run()
+            .await
+        }
         other => Err(Error::invalid(
             "unsupported_run_kind",
             None,
@@ -328,16 +343,12 @@ async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every:
     }
 }
 
-/// The kind of run a sync of this storage is: an import for a source. Export
-/// (targets) is refused until it is built.
+/// The kind of run a sync of this storage is: an import for a source, an
+/// export for a target.
 pub fn run_kind(storage: &storage_entity::Model) -> Result<runs::RunKind> {
     match crate::storage::Role::of(storage) {
         crate::storage::Role::Source => Ok(runs::RunKind::Import),
-        crate::storage::Role::Target => Err(Error::invalid(
-            "unsupported_run_kind",
-            Some("role"),
-            "syncing a target storage (export) is not available in this build yet",
-        )),
+        crate::storage::Role::Target => Ok(runs::RunKind::Export),
     }
 }
 
@@ -345,6 +356,45 @@ pub fn run_kind(storage: &storage_entity::Model) -> Result<runs::RunKind> {
 /// returns the storage's live run (`true`). When the queue's backlog is full
 /// the new run stays `queued`; the scheduler's sweep ([`requeue_stalled`])
 /// enqueues it once there is room.
+/// Starts an `events` export run for a target storage with annotation
+/// events in its outbox, unless a run of the storage is live (it drains the
+/// outbox before it ends; what arrives after is the next run's). When the
+/// queue cannot take the job the run stays `queued` and the scheduler's sweep
+/// enqueues it later: the events stay in the outbox until a run drains them.
+pub async fn enqueue_events(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    storage_id: i64,
+) -> Result<bool> {
+    let (run, live) =
+        runs::create_or_get_live_scoped(db, storage_id, runs::RunKind::Export, runs::SCOPE_EVENTS)
+            .await?;
+    if live {
+        return Ok(false);
+    }
+    let job = RunJob {
+        run_id: run.id.clone(),
+        batch: None,
+    };
+    if let Err(err) = queue.push(job, &run.id).await {
+        tracing::warn!(run_id = %run.id, error = %err, "export run not queued yet; the sweep will");
+    }
+    Ok(true)
+}
+
+/// Starts export runs for the storages with annotation events waiting (the
+/// scheduler's tick; the API also calls [`enqueue_events`] right away).
+/// Returns how many runs were started.
+pub async fn dispatch_outbox(db: &DatabaseConnection, queue: &Queue) -> Result<usize> {
+    let mut started = 0;
+    for storage_id in crate::db::outbox::pending_storages(db, 1000).await? {
+        if enqueue_events(db, queue, storage_id).await? {
+            started += 1;
+        }
+    }
+    Ok(started)
+}
+
 pub async fn enqueue_sync(
     db: &DatabaseConnection,
     queue: &Queue,

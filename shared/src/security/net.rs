@@ -13,7 +13,7 @@
 //! as their DNS resolver, so a name that resolves to a public address at
 //! validation and to a private one later (DNS rebinding) is still refused.
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -179,10 +179,11 @@ pub fn parse_endpoint(raw: &str, field: &'static str) -> Result<reqwest::Url> {
     Ok(url)
 }
 
-/// IPv4-mapped IPv6 (`::ffff:10.0.0.1`) is judged as the IPv4 it carries.
+/// IPv4-mapped and IPv4-compatible IPv6 (`::ffff:10.0.0.1`, `::10.0.0.1`)
+/// are judged as the IPv4 they carry.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }
@@ -212,8 +213,7 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00 // unique local, incl. fd00:ec2::254 metadata
-                || (first & 0xffc0) == 0xfe80 // link-local
-                || v6 == Ipv6Addr::from(Ipv4Addr::LOCALHOST.to_ipv6_compatible()))
+                || (first & 0xffc0) == 0xfe80) // link-local
         }
     }
 }
@@ -272,7 +272,7 @@ impl aws_smithy_runtime_api::client::dns::ResolveDns for GuardedResolver {
         aws_smithy_runtime_api::client::dns::DnsFuture::new(async move {
             let addrs = GuardedResolver::resolve(self, name)
                 .await
-                .map_err(|e| aws_smithy_runtime_api::client::dns::ResolveDnsError::new(e))?;
+                .map_err(aws_smithy_runtime_api::client::dns::ResolveDnsError::new)?;
             Ok(addrs.into_iter().map(|a| a.ip()).collect())
         })
     }

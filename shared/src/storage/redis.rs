@@ -286,7 +286,7 @@ impl Storage for RedisStorage {
                 let (value, size, exists): (Option<Vec<u8>>, i64, bool) = pipe
                     .query_async(&mut conn)
                     .await
-                    .map_err(|e| classify(&e, &what))?;
+                    .map_err(|e| classify(&e, what))?;
                 if !exists {
                     return Err(Error::NotFound(format!("{what}: no such key")));
                 }
@@ -312,7 +312,7 @@ impl Storage for RedisStorage {
             async move {
                 conn.set::<_, _, ()>(full, body.as_ref())
                     .await
-                    .map_err(|e| classify(&e, &what))
+                    .map_err(|e| classify(&e, what))
             }
         })
         .await
@@ -328,7 +328,7 @@ impl Storage for RedisStorage {
             async move {
                 conn.del::<_, ()>(full)
                     .await
-                    .map_err(|e| classify(&e, &what))
+                    .map_err(|e| classify(&e, what))
             }
         })
         .await

@@ -2,6 +2,7 @@
 //! No behaviour here: queries live in `db::runs`, `db::links` and the pipelines.
 pub mod annotation;
 pub mod export_link;
+pub mod export_outbox;
 pub mod import_link;
 pub mod object_error;
 pub mod prediction;

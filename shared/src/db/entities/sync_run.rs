@@ -33,6 +33,9 @@ pub struct Model {
     /// The attempt holding the run (a token per attempt), and its heartbeat.
     pub lease_owner: Option<String>,
     pub lease_at: Option<DateTimeUtc>,
+    /// `full` (every annotation / object) or `events` (an export run that
+    /// only drains the storage's outbox).
+    pub scope: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

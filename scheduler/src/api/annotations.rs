@@ -1,0 +1,181 @@
+//! Annotations: created on a task, updated and deleted by upstream apps.
+//!
+//! Each write records, in its own transaction, one outbox event per target
+//! storage of the project (`db::outbox`); then export runs are started for
+//! those storages. If that start fails (Redis down), the events wait in the
+//! outbox and the scheduler's tick starts the runs later: an annotation
+//! saved is an annotation exported.
+use axum::{extract::State, http::StatusCode};
+use chrono::Utc;
+use labelsync::{
+    db::{
+        self,
+        entities::{annotation, task},
+        outbox,
+    },
+    jobs,
+};
+use sea_orm::{ActiveModelTrait, ActiveValue::Set, EntityTrait, IntoActiveModel};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiJson, ApiPath, ApiResult, AppState};
+
+pub fn to_json(a: &annotation::Model) -> Value {
+    json!({
+        "id": a.id, "task_id": a.task_id, "project_id": a.project_id,
+        "result": a.result, "completed_by": a.completed_by, "lead_time": a.lead_time,
+        "was_cancelled": a.was_cancelled, "ground_truth": a.ground_truth,
+        "created_at": a.created_at, "updated_at": a.updated_at,
+    })
+}
+
+/// The fields a create or a PATCH may give (a PATCH keeps what it omits).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnotationBody {
+    result: Option<Value>,
+    completed_by: Option<Value>,
+    lead_time: Option<f64>,
+    was_cancelled: Option<bool>,
+    ground_truth: Option<bool>,
+}
+
+impl AnnotationBody {
+    fn check(&self) -> ApiResult<()> {
+        if self.result.as_ref().is_some_and(|r| !r.is_array()) {
+            return Err(ApiError::bad_request(
+                "invalid_result",
+                "result",
+                "result must be a JSON array of regions (Label Studio's annotation result)",
+            ));
+        }
+        if self
+            .completed_by
+            .as_ref()
+            .is_some_and(|c| !c.is_object() && !c.is_null())
+        {
+            return Err(ApiError::bad_request(
+                "invalid_completed_by",
+                "completed_by",
+                "completed_by must be an object such as {\"id\": 1, \"email\": \"a@b.c\"}",
+            ));
+        }
+        if self.lead_time.is_some_and(|t| !t.is_finite() || t < 0.0) {
+            return Err(ApiError::bad_request(
+                "invalid_lead_time",
+                "lead_time",
+                "lead_time must be a number of seconds, 0 or more",
+            ));
+        }
+        Ok(())
+    }
+}
+
+async fn find(state: &AppState, id: i64) -> ApiResult<annotation::Model> {
+    annotation::Entity::find_by_id(id)
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("annotation {id} not found")))
+}
+
+/// Starts export runs for the storages an event was recorded for. Failures
+/// are logged only: the events are safe in the outbox.
+async fn dispatch(state: &AppState, storages: Vec<i64>) {
+    for storage_id in storages {
+        if let Err(err) = jobs::enqueue_events(&state.db, &state.queue, storage_id).await {
+            tracing::warn!(storage_id, error = %err, "export run not started; the scheduler will");
+        }
+    }
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    ApiPath(task_id): ApiPath<i64>,
+    ApiJson(body): ApiJson<AnnotationBody>,
+) -> ApiResult<(StatusCode, ApiJson<Value>)> {
+    body.check()?;
+    let Some(result) = body.result.clone() else {
+        return Err(ApiError::bad_request(
+            "missing_field",
+            "result",
+            "result is required",
+        ));
+    };
+    let task = task::Entity::find_by_id(task_id)
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("task {task_id} not found")))?;
+    let now = Utc::now();
+    let txn = db::begin_write(&state.db).await?;
+    let saved = annotation::ActiveModel {
+        task_id: Set(task.id),
+        project_id: Set(task.project_id),
+        result: Set(result),
+        completed_by: Set(body.completed_by.filter(|c| !c.is_null())),
+        lead_time: Set(body.lead_time),
+        was_cancelled: Set(body.was_cancelled.unwrap_or(false)),
+        ground_truth: Set(body.ground_truth.unwrap_or(false)),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+    .insert(&txn)
+    .await?;
+    let targets = outbox::record(&txn, saved.project_id, saved.id, outbox::UPSERT).await?;
+    txn.commit().await?;
+    dispatch(&state, targets).await;
+    Ok((StatusCode::CREATED, ApiJson(to_json(&saved))))
+}
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<ApiJson<Value>> {
+    Ok(ApiJson(to_json(&find(&state, id).await?)))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(body): ApiJson<AnnotationBody>,
+) -> ApiResult<ApiJson<Value>> {
+    body.check()?;
+    let current = find(&state, id).await?;
+    let mut model = current.into_active_model();
+    if let Some(result) = body.result {
+        model.result = Set(result);
+    }
+    if let Some(by) = body.completed_by {
+        model.completed_by = Set(Some(by).filter(|c| !c.is_null()));
+    }
+    if let Some(t) = body.lead_time {
+        model.lead_time = Set(Some(t));
+    }
+    if let Some(c) = body.was_cancelled {
+        model.was_cancelled = Set(c);
+    }
+    if let Some(g) = body.ground_truth {
+        model.ground_truth = Set(g);
+    }
+    model.updated_at = Set(Utc::now());
+    let txn = db::begin_write(&state.db).await?;
+    let saved = model.update(&txn).await?;
+    let targets = outbox::record(&txn, saved.project_id, saved.id, outbox::UPSERT).await?;
+    txn.commit().await?;
+    dispatch(&state, targets).await;
+    Ok(ApiJson(to_json(&saved)))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<StatusCode> {
+    let current = find(&state, id).await?;
+    let txn = db::begin_write(&state.db).await?;
+    annotation::Entity::delete_by_id(id).exec(&txn).await?;
+    let targets = outbox::record(&txn, current.project_id, id, outbox::DELETE).await?;
+    txn.commit().await?;
+    dispatch(&state, targets).await;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,299 @@
+//! Export: annotations out to a target storage.
+//!
+//! A run of `full` scope (a sync, on demand or on schedule) keyset-paginates
+//! the project's annotations, serializes each ([`format`]), skips those whose
+//! content hash equals the export link's (`unchanged`), uploads the rest with
+//! bounded concurrency (the backends retry transient failures with backoff),
+//! and records links, errors and counters page by page in one transaction
+//! with the run's checkpoint. Every run, full or `events`, then drains the
+//! storage's outbox: the annotation events the API recorded (exports, and
+//! deletes, which remove the object where `can_delete_objects`).
+//!
+//! A failed upload is an `object_errors` row and makes the run
+//! `completed_with_errors`; it is never counted as exported, and its link is
+//! not written, so the next sync uploads it again.
+pub mod format;
+
+use std::{collections::HashMap, sync::Arc, sync::atomic::AtomicBool};
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures::StreamExt;
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::OnConflict,
+};
+
+use crate::{
+    Error, Result,
+    config::WorkerSettings,
+    db::{
+        self,
+        entities::{annotation, export_link, export_outbox, project, storage, sync_run, task},
+        outbox,
+        runs::{self, Counters, SCOPE_FULL},
+    },
+    ingest::Outcome,
+    storage::{self as backends, Storage, StorageEnv},
+};
+
+/// The object key of an annotation: `<prefix>/<id>.json`, one slash whatever
+/// the prefix ends with.
+pub fn object_key(prefix: &str, annotation_id: i64) -> String {
+    let prefix = prefix.trim_end_matches('/');
+    if prefix.is_empty() {
+        format!("{annotation_id}.json")
+    } else {
+        format!("{prefix}/{annotation_id}.json")
+    }
+}
+
+pub struct ExportJob<'a> {
+    pub db: &'a DatabaseConnection,
+    pub env: &'a StorageEnv,
+    pub run: &'a sync_run::Model,
+    pub storage: &'a storage::Model,
+    pub project: &'a project::Model,
+    pub settings: &'a WorkerSettings,
+    /// The attempt's lease: every checkpoint checks it is still ours.
+    pub lease: Option<&'a str>,
+    pub stopping: Option<&'a AtomicBool>,
+}
+
+/// What one page of work produced, written in one transaction.
+#[derive(Default)]
+struct PageResult {
+    delta: Counters,
+    errors: Vec<(String, Option<i64>, String)>,
+    links: Vec<export_link::ActiveModel>,
+}
+
+impl ExportJob<'_> {
+    pub async fn run(&self) -> Result<Outcome> {
+        let backend = backends::open(self.storage, self.env).await?;
+        if self.run.scope == SCOPE_FULL {
+            let mut cursor: i64 = self
+                .run
+                .cursor
+                .as_deref()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            loop {
+                self.check_stopping()?;
+                let page = annotation::Entity::find()
+                    .filter(annotation::Column::ProjectId.eq(self.project.id))
+                    .filter(annotation::Column::Id.gt(cursor))
+                    .order_by_asc(annotation::Column::Id)
+                    .limit(self.settings.page_size as u64)
+                    .all(self.db)
+                    .await?;
+                let Some(last) = page.last() else { break };
+                cursor = last.id;
+                let mut result = PageResult::default();
+                self.export(&backend, page, &mut result).await?;
+                if !self.commit(result, Some(&cursor.to_string()), &[]).await? {
+                    return Ok(Outcome::Stopped);
+                }
+            }
+        }
+        self.drain(&backend).await
+    }
+
+    fn check_stopping(&self) -> Result<()> {
+        if self
+            .stopping
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(Error::Transient(
+                "the worker is shutting down; another worker resumes this run".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes a page's links, errors, counters (and drained events) with the
+    /// checkpoint; false when the run's lease was lost.
+    async fn commit(
+        &self,
+        result: PageResult,
+        cursor: Option<&str>,
+        drained: &[export_outbox::Model],
+    ) -> Result<bool> {
+        let txn = db::begin_write(self.db).await?;
+        for chunk in result.links.chunks(1000) {
+            export_link::Entity::insert_many(chunk.to_vec())
+                .on_conflict(
+                    OnConflict::columns([
+                        export_link::Column::StorageId,
+                        export_link::Column::AnnotationId,
+                    ])
+                    .update_columns([
+                        export_link::Column::ObjectKey,
+                        export_link::Column::ContentHash,
+                        export_link::Column::ExportedAt,
+                    ])
+                    .to_owned(),
+                )
+                .exec_without_returning(&txn)
+                .await?;
+        }
+        runs::record_errors(&txn, &self.run.id, result.errors).await?;
+        outbox::remove(&txn, drained).await?;
+        if !runs::checkpoint(&txn, &self.run.id, &result.delta, cursor, self.lease).await? {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    /// Serializes and uploads a page of annotations, skipping unchanged ones.
+    async fn export(
+        &self,
+        backend: &Arc<dyn Storage>,
+        annotations: Vec<annotation::Model>,
+        out: &mut PageResult,
+    ) -> Result<()> {
+        if annotations.is_empty() {
+            return Ok(());
+        }
+        // Two queries per page, whatever its size: the tasks and the links.
+        let task_ids: Vec<i64> = annotations.iter().map(|a| a.task_id).collect();
+        let tasks: HashMap<i64, task::Model> = task::Entity::find()
+            .filter(task::Column::Id.is_in(task_ids))
+            .all(self.db)
+            .await?
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect();
+        let ids: Vec<i64> = annotations.iter().map(|a| a.id).collect();
+        let links: HashMap<i64, export_link::Model> = export_link::Entity::find()
+            .filter(export_link::Column::StorageId.eq(self.storage.id))
+            .filter(export_link::Column::AnnotationId.is_in(ids))
+            .all(self.db)
+            .await?
+            .into_iter()
+            .map(|l| (l.annotation_id, l))
+            .collect();
+
+        let mut uploads = Vec::new();
+        for a in &annotations {
+            let body = format::annotation_json(a, tasks.get(&a.task_id));
+            let hash = format::content_hash(&body);
+            let key = object_key(&self.storage.prefix, a.id);
+            match links.get(&a.id) {
+                Some(link) if link.content_hash == hash && link.object_key == key => {
+                    out.delta.unchanged += 1;
+                }
+                _ => uploads.push((a.id, key, Bytes::from(body), hash)),
+            }
+        }
+        let results: Vec<_> = futures::stream::iter(uploads)
+            .map(|(id, key, body, hash)| {
+                let backend = backend.clone();
+                async move {
+                    let size = body.len() as i64;
+                    let result = backend.put(&key, body, Some("application/json")).await;
+                    (id, key, hash, size, result)
+                }
+            })
+            .buffer_unordered(self.settings.export_concurrency.max(1))
+            .collect()
+            .await;
+        let now = Utc::now();
+        for (id, key, hash, size, result) in results {
+            match result {
+                Ok(()) => {
+                    out.delta.exported += 1;
+                    out.delta.bytes += size;
+                    out.links.push(export_link::ActiveModel {
+                        storage_id: sea_orm::Set(self.storage.id),
+                        annotation_id: sea_orm::Set(id),
+                        object_key: sea_orm::Set(key),
+                        content_hash: sea_orm::Set(hash),
+                        exported_at: sea_orm::Set(now),
+                        ..Default::default()
+                    });
+                }
+                // The run cannot reach the storage at all: retry the run.
+                Err(e) if matches!(e, Error::Unauthenticated(_)) => return Err(e),
+                Err(e) => {
+                    out.delta.failed += 1;
+                    out.errors.push((key, None, e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the objects of deleted annotations where the storage allows
+    /// it. Their links went with the annotations (the foreign key cascades),
+    /// so the key is the one their export was written under.
+    async fn delete_objects(
+        &self,
+        backend: &Arc<dyn Storage>,
+        gone: Vec<i64>,
+        out: &mut PageResult,
+    ) {
+        if !self.storage.can_delete_objects || gone.is_empty() {
+            return;
+        }
+        let results: Vec<_> = futures::stream::iter(gone)
+            .map(|id| {
+                let backend = backend.clone();
+                let key = object_key(&self.storage.prefix, id);
+                async move {
+                    let result = backend.delete(&key).await;
+                    (key, result)
+                }
+            })
+            .buffer_unordered(self.settings.export_concurrency.max(1))
+            .collect()
+            .await;
+        for (key, result) in results {
+            match result {
+                Ok(()) => out.delta.deleted += 1,
+                Err(e) => {
+                    out.delta.failed += 1;
+                    out.errors.push((key, None, format!("delete: {e}")));
+                }
+            }
+        }
+    }
+
+    /// Handles the storage's waiting annotation events, oldest first.
+    async fn drain(&self, backend: &Arc<dyn Storage>) -> Result<Outcome> {
+        let mut after = 0;
+        loop {
+            self.check_stopping()?;
+            let events = outbox::page(self.db, self.storage.id, after, 1000).await?;
+            let Some(last) = events.last() else {
+                return Ok(Outcome::Finished);
+            };
+            after = last.id;
+            let upserts: Vec<i64> = events
+                .iter()
+                .filter(|e| e.action == outbox::UPSERT)
+                .map(|e| e.annotation_id)
+                .collect();
+            let annotations = annotation::Entity::find()
+                .filter(annotation::Column::Id.is_in(upserts))
+                .filter(annotation::Column::ProjectId.eq(self.project.id))
+                .all(self.db)
+                .await?;
+            // Deleted annotations, and updates of ones deleted since.
+            let alive: Vec<i64> = annotations.iter().map(|a| a.id).collect();
+            let gone: Vec<i64> = events
+                .iter()
+                .map(|e| e.annotation_id)
+                .filter(|id| !alive.contains(id))
+                .collect();
+            let mut result = PageResult::default();
+            self.export(backend, annotations, &mut result).await?;
+            self.delete_objects(backend, gone, &mut result).await;
+            if !self.commit(result, None, &events).await? {
+                return Ok(Outcome::Stopped);
+            }
+        }
+    }
+}

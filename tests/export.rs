@@ -1,0 +1,416 @@
+//! Export end to end: annotations created, updated and deleted through the
+//! API reach local and S3 (s3s-fs) targets with the right bytes; deletes only
+//! where `can_delete_objects`; a sync counts `exported` / `unchanged`; an
+//! upload that fails is a per-object error and a later sync exports it; an
+//! export sync through every remote backend.
+#![allow(clippy::unwrap_used)]
+
+use std::{future::Future, path::Path, time::Duration};
+
+use labelsync::storage::BackendKind;
+use labelsync_tests::{
+    AppOptions, TestApp,
+    backends::{
+        AZURITE_ACCOUNT, AZURITE_KEY, DatabricksFake, bucket_name, create_azure_container,
+        create_gcs_bucket, create_s3_bucket, endpoint, open,
+    },
+    spawn_app,
+};
+use serde_json::{Value, json};
+
+fn options() -> AppOptions {
+    AppOptions {
+        env: vec![
+            ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
+            (
+                "LABELSYNC_SECRET_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
+            ),
+        ],
+        ..AppOptions::default()
+    }
+}
+
+/// A project with `n` tasks, imported from a JSONL file on a local source.
+async fn project_with_tasks(app: &TestApp, n: usize) -> (i64, Vec<i64>) {
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let lines: Vec<String> = (0..n)
+        .map(|i| json!({ "text": format!("task {i}") }).to_string())
+        .collect();
+    std::fs::write(data.join("tasks.jsonl"), lines.join("\n")).unwrap();
+    let project = app.project("export").await;
+    let source = app
+        .local_storage(project, json!({ "import_method": "tasks" }))
+        .await;
+    let run = app.sync(&source["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let ids = app
+        .all_tasks(project)
+        .await
+        .iter()
+        .map(|t| t["id"].as_i64().unwrap())
+        .collect();
+    (project, ids)
+}
+
+async fn local_target(app: &TestApp, project: i64, prefix: &str, can_delete: bool) -> Value {
+    std::fs::create_dir_all(app.doc_root.path().join("export")).unwrap();
+    let (status, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "target", "backend": "local", "prefix": prefix,
+                "can_delete_objects": can_delete, "config": { "path": "export" },
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{storage}");
+    storage
+}
+
+async fn annotate(app: &TestApp, task: i64, label: &str) -> i64 {
+    let (status, a) = app
+        .post(
+            &format!("/api/v1/tasks/{task}/annotations"),
+            json!({
+                "result": [{ "type": "choices", "value": { "choices": [label] } }],
+                "completed_by": { "id": 7, "email": "ann@example.com" }, "lead_time": 2.5,
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{a}");
+    a["id"].as_i64().unwrap()
+}
+
+/// Polls `check` until it holds; panics with `what` after 30 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+fn label(doc: &Value) -> &str {
+    doc["result"][0]["value"]["choices"][0]
+        .as_str()
+        .unwrap_or_default()
+}
+
+/// Every run of a storage has ended.
+async fn idle(app: &TestApp, storage: &Value) -> bool {
+    let (_, runs) = app
+        .get(&format!("/api/v1/runs?storage_id={}", storage["id"]))
+        .await;
+    runs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["status"] != "queued" && r["status"] != "running")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotation_events_reach_local_and_s3_targets() {
+    let app = spawn_app(options()).await;
+    let (project, tasks) = project_with_tasks(&app, 3).await;
+    let local = local_target(&app, project, "ann/", true).await;
+    let (url, key, secret) = (
+        endpoint("TEST_S3S_ENDPOINT"),
+        std::env::var("TEST_S3S_ACCESS_KEY").unwrap_or_else(|_| "labelsync-test".into()),
+        std::env::var("TEST_S3S_SECRET_KEY").unwrap_or_else(|_| "labelsync-test-secret".into()),
+    );
+    let bucket = bucket_name();
+    create_s3_bucket(&url, &key, &secret, &bucket).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": url });
+    let secrets = json!({ "access_key_id": key, "secret_access_key": secret });
+    let (status, s3) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "target", "backend": "s3", "prefix": "labels",
+                "can_delete_objects": false, "config": config, "secrets": secrets,
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{s3}");
+    let bucket_view = open(BackendKind::S3, config, secrets).await;
+    let s3_doc = |id: i64| {
+        let storage = bucket_view.clone();
+        async move {
+            let object = storage.get(&format!("labels/{id}.json"), None).await.ok()?;
+            let bytes: Vec<bytes::Bytes> =
+                futures::TryStreamExt::try_collect(object.body).await.ok()?;
+            serde_json::from_slice::<Value>(&bytes.concat()).ok()
+        }
+    };
+
+    // Create: both targets get the Label Studio-shaped JSON.
+    let id = annotate(&app, tasks[0], "cat").await;
+    let file = app.doc_root.path().join(format!("export/ann/{id}.json"));
+    eventually("the local export", || async { read_json(&file).is_some() }).await;
+    eventually("the S3 export", || async { s3_doc(id).await.is_some() }).await;
+    for doc in [read_json(&file).unwrap(), s3_doc(id).await.unwrap()] {
+        assert_eq!(doc["id"], id);
+        assert_eq!(label(&doc), "cat");
+        assert_eq!(doc["task"]["id"], tasks[0]);
+        assert_eq!(doc["task"]["data"]["text"], "task 0");
+        assert_eq!(doc["completed_by"]["email"], "ann@example.com");
+        assert_eq!(doc["lead_time"], 2.5);
+        assert_eq!(doc["was_cancelled"], false);
+        for field in ["created_at", "updated_at", "ground_truth"] {
+            assert!(doc.get(field).is_some(), "{field} in {doc}");
+        }
+    }
+
+    // Update: exported again.
+    let (status, _) = app
+        .patch(
+            &format!("/api/v1/annotations/{id}"),
+            json!({ "result": [{ "value": { "choices": ["dog"] } }] }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually("the local update", || async {
+        read_json(&file).is_some_and(|d| label(&d) == "dog")
+    })
+    .await;
+    eventually("the S3 update", || async {
+        s3_doc(id).await.is_some_and(|d| label(&d) == "dog")
+    })
+    .await;
+
+    // Delete: removed where can_delete_objects, kept elsewhere.
+    let (status, _) = app.delete(&format!("/api/v1/annotations/{id}")).await;
+    assert_eq!(status, 204);
+    eventually("the local delete", || async { !file.exists() }).await;
+    eventually("the S3 target's runs", || idle(&app, &s3)).await;
+    assert_eq!(
+        s3_doc(id).await.map(|d| label(&d).to_owned()),
+        Some("dog".into()),
+        "kept: can_delete_objects is off"
+    );
+    let (_, runs) = app
+        .get(&format!("/api/v1/runs?storage_id={}", local["id"]))
+        .await;
+    let deleted: i64 = runs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["counters"]["deleted"].as_i64().unwrap())
+        .sum();
+    assert_eq!(deleted, 1, "{runs}");
+
+    // Bad input is refused, nothing written.
+    let (status, err) = app
+        .post(
+            &format!("/api/v1/tasks/{}/annotations", tasks[1]),
+            json!({ "result": "cat" }),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("invalid_result")),
+        "{err}"
+    );
+    let (status, _) = app
+        .post("/api/v1/tasks/999999/annotations", json!({ "result": [] }))
+        .await;
+    assert_eq!(status, 404);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_export_counts_skips_unchanged_and_retries_failed_uploads() {
+    let app = spawn_app(options()).await;
+    let (project, tasks) = project_with_tasks(&app, 50).await;
+    let mut ids = Vec::new();
+    for task in &tasks {
+        ids.push(annotate(&app, *task, "cat").await);
+    }
+    // The target is created after the annotations: only a sync exports them.
+    let target = local_target(&app, project, "out", false).await;
+    // Two uploads will fail: a directory sits where their files go.
+    let blocked: Vec<_> = ids[..2]
+        .iter()
+        .map(|id| app.doc_root.path().join(format!("export/out/{id}.json")))
+        .collect();
+    for dir in &blocked {
+        std::fs::create_dir_all(dir.join("in-the-way")).unwrap();
+    }
+    let run = app.sync(&target["id"]).await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    assert_eq!(
+        (
+            run["counters"]["exported"].as_i64(),
+            run["counters"]["failed"].as_i64()
+        ),
+        (Some(48), Some(2)),
+        "{run}"
+    );
+    let (_, errors) = app
+        .get(&format!(
+            "/api/v1/runs/{}/errors",
+            run["id"].as_str().unwrap()
+        ))
+        .await;
+    let mut keys: Vec<&str> = errors["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    keys.sort();
+    let mut expected: Vec<String> = ids[..2].iter().map(|id| format!("out/{id}.json")).collect();
+    expected.sort();
+    assert_eq!(keys, expected, "{errors}");
+
+    // The obstacle goes; the next sync exports the two and skips the rest.
+    for dir in &blocked {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+    let run = app.sync(&target["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(
+        (
+            run["counters"]["exported"].as_i64(),
+            run["counters"]["unchanged"].as_i64()
+        ),
+        (Some(2), Some(48)),
+        "{run}"
+    );
+    let files = std::fs::read_dir(app.doc_root.path().join("export/out"))
+        .unwrap()
+        .count();
+    assert_eq!(files, 50);
+
+    // Nothing changed: nothing uploaded (the files keep their mtimes).
+    let stamp = std::fs::metadata(
+        app.doc_root
+            .path()
+            .join(format!("export/out/{}.json", ids[10])),
+    )
+    .unwrap()
+    .modified()
+    .unwrap();
+    let run = app.sync(&target["id"]).await;
+    assert_eq!(
+        (
+            run["counters"]["exported"].as_i64(),
+            run["counters"]["unchanged"].as_i64()
+        ),
+        (Some(0), Some(50)),
+        "{run}"
+    );
+    let after = std::fs::metadata(
+        app.doc_root
+            .path()
+            .join(format!("export/out/{}.json", ids[10])),
+    )
+    .unwrap()
+    .modified()
+    .unwrap();
+    assert_eq!(stamp, after);
+    app.stop().await;
+}
+
+/// An export through every remote backend: each target gets the objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_sync_through_each_backend() {
+    let app = spawn_app(options()).await;
+    let (project, tasks) = project_with_tasks(&app, 3).await;
+    let mut ids = Vec::new();
+    for task in &tasks {
+        ids.push(annotate(&app, *task, "cat").await);
+    }
+    let gcs_url = endpoint("TEST_GCS_ENDPOINT");
+    let gcs_bucket = bucket_name();
+    create_gcs_bucket(&gcs_url, &gcs_bucket).await;
+    let azure_url = endpoint("TEST_AZURITE_ENDPOINT");
+    let container = bucket_name();
+    create_azure_container(&azure_url, &container).await;
+    let moto = endpoint("TEST_S3_ENDPOINT");
+    let s3_bucket = bucket_name();
+    create_s3_bucket(&moto, "test", "test", &s3_bucket).await;
+    let redis = reqwest::Url::parse(&labelsync_tests::require_redis().await).unwrap();
+    let fake = DatabricksFake::start().await;
+    let cases: Vec<(&str, Value, Value)> = vec![
+        (
+            "s3",
+            json!({ "bucket": s3_bucket, "endpoint_url": moto }),
+            json!({ "access_key_id": "t", "secret_access_key": "t" }),
+        ),
+        (
+            "gcs",
+            json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url }),
+            json!({}),
+        ),
+        (
+            "azure",
+            json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url }),
+            json!({ "account_key": AZURITE_KEY }),
+        ),
+        (
+            "redis",
+            json!({ "host": redis.host_str().unwrap(), "port": redis.port().unwrap_or(6379), "path": format!("{}:", bucket_name()) }),
+            json!({}),
+        ),
+        (
+            "databricks",
+            json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "labels" }),
+            json!({ "token": fake.token }),
+        ),
+    ];
+    for (backend, config, secrets) in cases {
+        let (status, target) = app
+            .post("/api/v1/storages", json!({
+                "project_id": project, "role": "target", "backend": backend, "prefix": "exports/",
+                "config": config, "secrets": secrets,
+            }))
+            .await;
+        assert_eq!(status, 201, "{backend}: {target}");
+        let (status, validated) = app
+            .post(
+                &format!("/api/v1/storages/{}/validate", target["id"]),
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            status, 200,
+            "{backend}: the target write check: {validated}"
+        );
+        let run = app.sync(&target["id"]).await;
+        assert_eq!(run["status"], "completed", "{backend}: {run}");
+        assert_eq!(run["counters"]["exported"], 3, "{backend}: {run}");
+        let storage = open(BackendKind::parse(backend).unwrap(), config, secrets).await;
+        for id in &ids {
+            let object = storage
+                .get(&format!("exports/{id}.json"), None)
+                .await
+                .unwrap_or_else(|e| panic!("{backend}: {e}"));
+            let bytes: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(object.body)
+                .await
+                .unwrap();
+            let doc: Value = serde_json::from_slice(&bytes.concat()).unwrap();
+            assert_eq!(
+                (doc["id"].as_i64(), label(&doc)),
+                (Some(*id), "cat"),
+                "{backend}"
+            );
+        }
+    }
+    app.stop().await;
+}
