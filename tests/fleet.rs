@@ -551,3 +551,67 @@ async fn twenty_thousand_queued_runs_all_run_without_a_worker_crash() {
     }
     app.stop().await;
 }
+
+/// Annotations saved while no worker runs wait in the outbox (and in queued
+/// runs) and are exported once a worker starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotations_saved_while_no_worker_runs_are_exported_once_one_starts() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let project = app.project("outbox").await;
+    // No worker to import with: the task goes straight into the table.
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    db.execute_unprepared(&format!(
+        "INSERT INTO tasks (project_id, data, created_at, updated_at) \
+         VALUES ({project}, '{{\"text\": \"hello\"}}', now(), now())"
+    ))
+    .await
+    .expect("insert a task");
+    let task = count(&db, "SELECT max(id) AS n FROM tasks").await;
+    std::fs::create_dir_all(app.doc_root.path().join("export")).unwrap();
+    let (status, target) = app
+        .post(
+            "/api/v1/storages",
+            json!({ "project_id": project, "role": "target", "backend": "local", "config": { "path": "export" } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{target}");
+    let mut ids = Vec::new();
+    for label in ["a", "b", "c"] {
+        let (status, a) = app
+            .post(
+                &format!("/api/v1/tasks/{task}/annotations"),
+                json!({ "result": [{ "value": { "choices": [label] } }] }),
+            )
+            .await;
+        assert_eq!(status, 201, "{a}");
+        ids.push(a["id"].as_i64().unwrap());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let exported = |id: &i64| {
+        app.doc_root
+            .path()
+            .join(format!("export/{id}.json"))
+            .exists()
+    };
+    assert!(!ids.iter().any(exported), "nothing runs without a worker");
+    assert_eq!(
+        count(&db, "SELECT count(*) AS n FROM export_outbox").await,
+        3
+    );
+
+    let _worker = spawn_worker(&app, "late");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ids.iter().all(exported) {
+        assert!(
+            Instant::now() < deadline,
+            "annotations not exported after the worker started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&db, "SELECT count(*) AS n FROM export_outbox").await > 0 {
+        assert!(Instant::now() < deadline, "the outbox was not drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
