@@ -74,6 +74,16 @@ pub struct Settings {
     /// storages fall back to when they name none / give no key.
     pub azure_account_name: Option<String>,
     pub azure_account_key: Option<Secret>,
+    /// `RESOLVER_PROXY_MAX_RANGE_SIZE` (default 8 MiB): the most bytes one
+    /// proxied range response carries; longer ranges are shortened (the
+    /// client sees the real `Content-Range` and asks for the rest).
+    pub resolver_max_range: u64,
+    /// `LABELSYNC_MAX_PRESIGN_TTL_SECS` (default 7 days, the SigV4 / GCS V4
+    /// maximum): caps every storage's `presign_ttl_seconds` for redirects.
+    pub max_presign_ttl: Duration,
+    /// `LOCAL_FILES_SERVING_ENABLED` (default false): lets `/resolve` serve
+    /// local files (under the document root only).
+    pub local_files_serving: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +189,12 @@ impl Settings {
             endpoint_policy: NetPolicy::parse(get("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS").as_deref())?,
             azure_account_name: get("AZURE_BLOB_ACCOUNT_NAME"),
             azure_account_key: get("AZURE_BLOB_ACCOUNT_KEY").map(Secret::new),
+            resolver_max_range: parse(&get, "RESOLVER_PROXY_MAX_RANGE_SIZE", 8 << 20)?.max(1),
+            max_presign_ttl: Duration::from_secs(
+                parse(&get, "LABELSYNC_MAX_PRESIGN_TTL_SECS", 7 * 24 * 3600)?
+                    .clamp(1, 7 * 24 * 3600),
+            ),
+            local_files_serving: parse(&get, "LOCAL_FILES_SERVING_ENABLED", false)?,
         })
     }
 }

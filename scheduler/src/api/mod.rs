@@ -4,6 +4,7 @@ mod annotations;
 mod error;
 mod ops;
 mod projects;
+mod resolve;
 mod runs;
 mod storages;
 mod tasks;
@@ -71,6 +72,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(annotations::delete),
         )
         .route("/queues", get(ops::queues))
+        .route("/resolve", get(resolve::resolve))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such API route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth));

@@ -156,6 +156,45 @@ pub enum GetRange {
 }
 
 impl GetRange {
+    /// Parses a `Range` header of one byte range; `None` for anything else
+    /// (several ranges, other units, bad syntax), which HTTP lets a server
+    /// answer with the whole object.
+    pub fn parse(header: &str) -> Option<GetRange> {
+        let spec = header.trim().strip_prefix("bytes=")?;
+        if spec.contains(',') {
+            return None;
+        }
+        let (a, b) = spec.split_once('-')?;
+        let (a, b) = (a.trim(), b.trim());
+        match (a.is_empty(), b.is_empty()) {
+            (true, false) => b.parse().ok().map(GetRange::Suffix),
+            (false, true) => a.parse().ok().map(GetRange::From),
+            (false, false) => {
+                let (start, end) = (a.parse().ok()?, b.parse().ok()?);
+                (start <= end).then_some(GetRange::Bounded { start, end })
+            }
+            (true, true) => None,
+        }
+    }
+
+    /// The same range, at most `max` bytes long (open and long ranges are
+    /// cut at `max` bytes from their start; a long suffix keeps its end).
+    pub fn cap(self, max: u64) -> GetRange {
+        let max = max.max(1);
+        match self {
+            GetRange::From(start) => GetRange::Bounded {
+                start,
+                end: start.saturating_add(max - 1),
+            },
+            GetRange::Bounded { start, end } if end - start >= max => GetRange::Bounded {
+                start,
+                end: start + max - 1,
+            },
+            GetRange::Suffix(n) => GetRange::Suffix(n.min(max)),
+            other => other,
+        }
+    }
+
     /// The `Range` header value.
     pub fn header(self) -> String {
         match self {

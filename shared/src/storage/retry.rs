@@ -59,6 +59,7 @@ pub fn status_error(status: StatusCode, what: &str, detail: &str) -> Error {
         403 => Error::PermissionDenied(msg),
         404 => Error::NotFound(msg),
         408 | 429 | 500..=599 => Error::Transient(msg),
+        416 => Error::invalid("range_not_satisfiable", Some("range"), msg),
         _ => Error::invalid("storage_rejected", None, msg),
     }
 }

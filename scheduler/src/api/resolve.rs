@@ -1,0 +1,352 @@
+//! `GET /api/v1/resolve?project_id=&uri=`: the bytes behind a task's URI.
+//!
+//! The URI only ever names an object of one of the project's own source
+//! storages (matched by scheme and bucket / container / volume / local path);
+//! anything else is a 404, so the endpoint cannot be turned into a fetcher of
+//! arbitrary URLs. Storages with `presign` answer `303 See Other` to a signed
+//! URL; the others (and backends that cannot sign: Redis, Databricks, local)
+//! are proxied, one byte range at a time, with `ETag` / `If-None-Match`.
+use std::time::Duration;
+
+use axum::{
+    body::Body,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use labelsync::{
+    Error,
+    db::entities::storage,
+    security::paths,
+    storage::{BackendKind, GetRange, Role},
+};
+use percent_encoding::percent_decode_str;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+use serde::Deserialize;
+
+use super::{ApiError, ApiQuery, ApiResult, AppState, projects};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveQuery {
+    project_id: i64,
+    uri: String,
+}
+
+/// What a task URI names.
+#[derive(Debug, PartialEq)]
+struct Target {
+    kind: BackendKind,
+    /// Bucket, container, `catalog/schema/volume`, or for local files the
+    /// path relative to the document root.
+    location: String,
+    key: String,
+}
+
+const LOCAL_PREFIX: &str = "/data/local-files/?d=";
+
+fn parse_uri(uri: &str) -> ApiResult<Target> {
+    let invalid = || {
+        ApiError::bad_request(
+            "invalid_uri",
+            "uri",
+            "uri must be s3://, gs://, azure-blob://, dbx://Volumes/<catalog>/<schema>/<volume>/... or /data/local-files/?d=...",
+        )
+    };
+    if let Some(rel) = uri.strip_prefix(LOCAL_PREFIX) {
+        let rel = percent_decode_str(rel)
+            .decode_utf8()
+            .map_err(|_| invalid())?
+            .into_owned();
+        let plain = std::path::Path::new(&rel)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if rel.is_empty() || !plain {
+            return Err(ApiError::bad_request(
+                "invalid_uri",
+                "uri",
+                "a local file path must be relative to the document root, without '..'",
+            ));
+        }
+        return Ok(Target {
+            kind: BackendKind::Local,
+            location: String::new(),
+            key: rel,
+        });
+    }
+    let (scheme, rest) = uri.split_once("://").ok_or_else(invalid)?;
+    let kind = match scheme {
+        "s3" => BackendKind::S3,
+        "gs" => BackendKind::Gcs,
+        "azure-blob" => BackendKind::Azure,
+        "dbx" => BackendKind::Databricks,
+        _ => return Err(invalid()),
+    };
+    let (location, key) = if kind == BackendKind::Databricks {
+        let mut parts = rest
+            .strip_prefix("Volumes/")
+            .ok_or_else(invalid)?
+            .splitn(4, '/');
+        let (Some(c), Some(s), Some(v), Some(key)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid());
+        };
+        (format!("{c}/{s}/{v}"), key.to_owned())
+    } else {
+        let (bucket, key) = rest.split_once('/').ok_or_else(invalid)?;
+        (bucket.to_owned(), key.to_owned())
+    };
+    if location.is_empty() || key.is_empty() {
+        return Err(invalid());
+    }
+    Ok(Target {
+        kind,
+        location,
+        key,
+    })
+}
+
+/// The storage's location as URIs name it, and for local storages the key
+/// prefix (its directory relative to the document root).
+fn location_of(s: &storage::Model, state: &AppState) -> Option<String> {
+    let text = |field: &str| {
+        s.config
+            .get(field)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    match BackendKind::parse(&s.backend).ok()? {
+        BackendKind::S3 | BackendKind::Gcs => text("bucket"),
+        BackendKind::Azure => text("container"),
+        BackendKind::Databricks => Some(format!(
+            "{}/{}/{}",
+            text("catalog")?,
+            text("schema")?,
+            text("volume")?
+        )),
+        BackendKind::Local => {
+            let root = paths::document_root(state.storage_env.document_root.as_deref()).ok()?;
+            let base = paths::confine(&root, &text("path")?).ok()?;
+            Some(
+                base.strip_prefix(&root)
+                    .ok()?
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        }
+        BackendKind::Redis => None,
+    }
+}
+
+/// The project's source storage for a URI, and the key within it.
+async fn find_storage(
+    state: &AppState,
+    project_id: i64,
+    target: &Target,
+) -> ApiResult<(storage::Model, String)> {
+    let candidates = storage::Entity::find()
+        .filter(storage::Column::ProjectId.eq(project_id))
+        .filter(storage::Column::Role.eq(Role::Source.as_str()))
+        .filter(storage::Column::Backend.eq(target.kind.as_str()))
+        .order_by_asc(storage::Column::Id)
+        .all(&state.db)
+        .await?;
+    let mut found: Option<(storage::Model, String)> = None;
+    for s in candidates {
+        let Some(location) = location_of(&s, state) else {
+            continue;
+        };
+        let key = if target.kind == BackendKind::Local {
+            let rest = if location.is_empty() {
+                Some(target.key.as_str())
+            } else {
+                target.key.strip_prefix(&format!("{location}/"))
+            };
+            match rest {
+                Some(rest) => rest.to_owned(),
+                None => continue,
+            }
+        } else if location == target.location {
+            target.key.clone()
+        } else {
+            continue;
+        };
+        // Prefer the storage whose prefix holds the key (several storages
+        // may share a bucket); any storage of the bucket will do otherwise,
+        // as tasks may point anywhere in their bucket.
+        let holds = key.starts_with(&s.prefix);
+        if holds || found.is_none() {
+            found = Some((s, key));
+            if holds {
+                break;
+            }
+        }
+    }
+    found.ok_or_else(|| ApiError::not_found("no source storage of this project holds that URI"))
+}
+
+fn content_type_of(key: &str) -> &'static str {
+    let ext = key.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("png") => "image/png",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        Some("bmp") => "image/bmp",
+        Some("tif" | "tiff") => "image/tiff",
+        Some("svg") => "image/svg+xml",
+        Some("mp4") => "video/mp4",
+        Some("webm") => "video/webm",
+        Some("mp3") => "audio/mpeg",
+        Some("wav") => "audio/wav",
+        Some("ogg") => "audio/ogg",
+        Some("flac") => "audio/flac",
+        Some("json") => "application/json",
+        Some("txt") => "text/plain; charset=utf-8",
+        Some("html" | "htm") => "text/html; charset=utf-8",
+        Some("csv") => "text/csv",
+        Some("pdf") => "application/pdf",
+        _ => "application/octet-stream",
+    }
+}
+
+fn header_value(value: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(value).ok()
+}
+
+pub async fn resolve(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<ResolveQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    projects::find(&state.db, q.project_id).await?;
+    let target = parse_uri(&q.uri)?;
+    if target.kind == BackendKind::Local && !state.settings.local_files_serving {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "local_files_serving_disabled",
+            "serving local files is off; the server must set LOCAL_FILES_SERVING_ENABLED=true",
+        ));
+    }
+    let (model, key) = find_storage(&state, q.project_id, &target).await?;
+    let backend = labelsync::storage::open(&model, &state.storage_env).await?;
+
+    if model.presign {
+        let ttl = Duration::from_secs(u64::try_from(model.presign_ttl_seconds).unwrap_or(1))
+            .min(state.settings.max_presign_ttl);
+        if let Some(url) = backend.presign(&key, ttl).await? {
+            let mut resp = StatusCode::SEE_OTHER.into_response();
+            let h = resp.headers_mut();
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            if let Some(location) = header_value(&url) {
+                h.insert(header::LOCATION, location);
+            }
+            return Ok(resp);
+        }
+    }
+
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(GetRange::parse)
+        .map(|r| r.cap(state.settings.resolver_max_range));
+    let unsatisfiable = || {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "range_not_satisfiable",
+            "the requested range is outside the object",
+        )
+    };
+    let object = match backend.get(&key, range).await {
+        Ok(object) => object,
+        Err(Error::Invalid {
+            code: "range_not_satisfiable",
+            ..
+        }) => return Err(unsatisfiable()),
+        Err(e) => return Err(e.into()),
+    };
+    let etag = object
+        .etag
+        .as_ref()
+        .map(|e| format!("\"{}\"", e.trim_matches('"')));
+    let not_modified = etag.as_ref().is_some_and(|etag| {
+        headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|inm| inm.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    });
+    let content_type = object
+        .content_type
+        .clone()
+        .filter(|ct| !ct.is_empty() && ct != "application/octet-stream")
+        .unwrap_or_else(|| content_type_of(&key).to_owned());
+
+    let mut builder = Response::builder()
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CACHE_CONTROL, "private, max-age=300");
+    if let Some(etag) = &etag {
+        builder = builder.header(header::ETAG, etag);
+    }
+    if not_modified {
+        return Ok(builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .map_err(|e| Error::Internal(e.to_string()))?);
+    }
+    builder = builder.header(header::CONTENT_TYPE, content_type);
+    builder = match (range, object.size) {
+        (Some(range), Some(size)) => {
+            let (start, end) = range.resolve(size).ok_or_else(unsatisfiable)?;
+            builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"))
+                .header(header::CONTENT_LENGTH, end - start + 1)
+        }
+        (None, Some(size)) => builder
+            .status(StatusCode::OK)
+            .header(header::CONTENT_LENGTH, size),
+        (_, None) => builder.status(StatusCode::OK),
+    };
+    // A stream that fails mid-way ends the connection with an error: the
+    // client never mistakes a cut-off body for a whole one.
+    Ok(builder
+        .body(Body::from_stream(object.body))
+        .map_err(|e| Error::Internal(e.to_string()))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_uris() {
+        let t = parse_uri("s3://bucket/dir/a b.jpg").unwrap();
+        assert_eq!(
+            (t.kind, t.location.as_str(), t.key.as_str()),
+            (BackendKind::S3, "bucket", "dir/a b.jpg")
+        );
+        let t = parse_uri("dbx://Volumes/main/raw/images/x/y.png").unwrap();
+        assert_eq!(
+            (t.location.as_str(), t.key.as_str()),
+            ("main/raw/images", "x/y.png")
+        );
+        let t = parse_uri("/data/local-files/?d=data/sp%20ace.jpg").unwrap();
+        assert_eq!(
+            (t.kind, t.key.as_str()),
+            (BackendKind::Local, "data/sp ace.jpg")
+        );
+        for bad in [
+            "http://169.254.169.254/latest",
+            "s3://bucket",
+            "s3:///key",
+            "/data/local-files/?d=../etc/passwd",
+            "/data/local-files/?d=%2e%2e/etc/passwd",
+            "/data/local-files/?d=/etc/passwd",
+            "dbx://Volumes/a/b",
+            "file:///etc/passwd",
+        ] {
+            assert!(parse_uri(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Benchmarks of the export engine and of Files-mode imports from S3, run
+//! in-process through the same job code the workers run:
+//!
+//! ```sh
+//! eval "$(bash tests/emulators.sh | grep ^export)"
+//! cargo run --release -p labelsync-tests --example bench -- export local 100000 postgres://…/empty_db
+//! cargo run --release -p labelsync-tests --example bench -- export s3 10000 postgres://…/empty_db
+//! cargo run --release -p labelsync-tests --example bench -- import-s3 100000 postgres://…/empty_db
+//! ```
+//!
+//! `export`: N annotations (on N tasks, inserted in bulk) exported to a
+//! local directory or to s3s-fs, then exported again with nothing changed.
+//! `import-s3`: N objects put into an s3s-fs bucket, listed once (the floor),
+//! then synced in Files mode. Prints one JSON line per measurement.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use labelsync::{
+    config::Settings,
+    db::{self, runs},
+    jobs::{self, JobContext},
+    storage::{
+        BackendKind, ListOptions,
+        spec::{self, StorageSpec},
+    },
+};
+use labelsync_tests::backends::{bucket_name, create_s3_bucket, endpoint, open};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+use serde_json::{Value, json};
+
+fn usage() -> ! {
+    eprintln!("usage: bench export local|s3 N DATABASE_URL | bench import-s3 N DATABASE_URL");
+    std::process::exit(2)
+}
+
+fn s3s() -> (String, String, String) {
+    (
+        endpoint("TEST_S3S_ENDPOINT"),
+        std::env::var("TEST_S3S_ACCESS_KEY").unwrap_or_else(|_| "labelsync-test".into()),
+        std::env::var("TEST_S3S_SECRET_KEY").unwrap_or_else(|_| "labelsync-test-secret".into()),
+    )
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = tempfile::tempdir().unwrap();
+    let (mode, target, n, url) = match args.as_slice() {
+        [m, t, n, u] if m == "export" => (
+            m.clone(),
+            t.clone(),
+            n.parse().unwrap_or_else(|_| usage()),
+            u.clone(),
+        ),
+        [m, n, u] if m == "import-s3" => (
+            m.clone(),
+            String::new(),
+            n.parse().unwrap_or_else(|_| usage()),
+            u.clone(),
+        ),
+        _ => usage(),
+    };
+    let vars = [
+        ("DATABASE_URL", url.clone()),
+        (
+            "LOCAL_FILES_DOCUMENT_ROOT",
+            root.path().display().to_string(),
+        ),
+        ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
+        (
+            "LABELSYNC_SECRET_KEY",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
+        ),
+        ("RUST_LOG", "warn".into()),
+    ];
+    let settings = Settings::from_lookup(|k| {
+        vars.iter()
+            .find(|(key, _)| *key == k)
+            .map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    let db = db::connect(&url).await.unwrap();
+    db::migrate(&db).await.unwrap();
+    let ctx = JobContext::new(db.clone(), settings, None);
+    if mode == "export" {
+        bench_export(&ctx, &db, &target, n, root.path()).await;
+    } else {
+        bench_import_s3(&ctx, &db, usize::try_from(n).unwrap_or_else(|_| usage())).await;
+    }
+}
+
+async fn exec(db: &DatabaseConnection, sql: String) {
+    db.execute_unprepared(&sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Creates a storage from a spec body, as the API does.
+async fn storage(ctx: &JobContext, body: Value) -> labelsync::db::entities::storage::Model {
+    let spec = StorageSpec::from_json(body).unwrap();
+    let valid = spec.validate(&ctx.storage_env).await.unwrap();
+    spec::save(
+        &ctx.db,
+        &spec,
+        &valid,
+        spec.project_id.unwrap(),
+        None,
+        &ctx.storage_env,
+    )
+    .await
+    .unwrap()
+}
+
+/// Runs one sync of a storage to its end in this process; returns the run and seconds.
+async fn sync(ctx: &JobContext, storage_id: i64, kind: runs::RunKind) -> (Value, f64) {
+    let (run, _) = runs::create_or_get_live(&ctx.db, storage_id, kind)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while jobs::execute(ctx, &run.id).await.is_err() {}
+    let seconds = started.elapsed().as_secs_f64();
+    (
+        runs::to_json(&runs::get(&ctx.db, &run.id).await.unwrap()),
+        seconds,
+    )
+}
+
+async fn project(db: &DatabaseConnection) -> i64 {
+    exec(db, "INSERT INTO projects (title, data_key, created_at, updated_at) VALUES ('bench', 'image', now(), now())".into()).await;
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT max(id) AS id FROM projects",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get("", "id").unwrap()
+}
+
+async fn bench_export(
+    ctx: &JobContext,
+    db: &DatabaseConnection,
+    target: &str,
+    n: i64,
+    root: &std::path::Path,
+) {
+    let project = project(db).await;
+    let started = Instant::now();
+    exec(db, format!(
+        "INSERT INTO tasks (project_id, data, created_at, updated_at) \
+         SELECT {project}, jsonb_build_object('image', 's3://bucket/img-' || g || '.jpg'), now(), now() FROM generate_series(1, {n}) g"
+    )).await;
+    exec(db, format!(
+        "INSERT INTO annotations (task_id, project_id, result, completed_by, lead_time, was_cancelled, ground_truth, created_at, updated_at) \
+         SELECT id, {project}, jsonb_build_array(jsonb_build_object('type', 'choices', 'value', jsonb_build_object('choices', jsonb_build_array('cat')))), \
+         jsonb_build_object('id', 1, 'email', 'a@example.com'), 3.5, false, false, now(), now() FROM tasks WHERE project_id = {project}"
+    )).await;
+    eprintln!(
+        "inserted {n} tasks and annotations in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let body = match target {
+        "local" => {
+            std::fs::create_dir_all(root.join("export")).unwrap();
+            json!({ "project_id": project, "role": "target", "backend": "local", "prefix": "ann", "config": { "path": "export" } })
+        }
+        "s3" => {
+            let (url, key, secret) = s3s();
+            let bucket = bucket_name();
+            create_s3_bucket(&url, &key, &secret, &bucket).await;
+            json!({ "project_id": project, "role": "target", "backend": "s3", "prefix": "ann",
+                    "config": { "bucket": bucket, "endpoint_url": url },
+                    "secrets": { "access_key_id": key, "secret_access_key": secret } })
+        }
+        _ => usage(),
+    };
+    let target_row = storage(ctx, body).await;
+    for pass in ["first", "no-change"] {
+        let (run, seconds) = sync(ctx, target_row.id, runs::RunKind::Export).await;
+        let c = &run["counters"];
+        println!(
+            "{}",
+            json!({ "bench": "export", "target": target, "annotations": n, "pass": pass, "status": run["status"],
+                    "exported": c["exported"], "unchanged": c["unchanged"], "failed": c["failed"],
+                    "seconds": seconds, "annotations_per_s": n as f64 / seconds })
+        );
+    }
+}
+
+async fn bench_import_s3(ctx: &JobContext, db: &DatabaseConnection, n: usize) {
+    let (url, key, secret) = s3s();
+    let bucket = bucket_name();
+    create_s3_bucket(&url, &key, &secret, &bucket).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": url });
+    let secrets = json!({ "access_key_id": key, "secret_access_key": secret });
+    let s3 = open(BackendKind::S3, config.clone(), secrets.clone()).await;
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let s3 = s3.clone();
+            async move {
+                s3.put(
+                    &format!("images/{:03}/img-{i:07}.jpg", i / 1000),
+                    Bytes::from_static(b"jpeg"),
+                    None,
+                )
+                .await
+            }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await
+        .unwrap();
+    eprintln!(
+        "put {n} objects in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let started = Instant::now();
+    let listed: usize = s3
+        .list(ListOptions {
+            prefix: "images/".into(),
+            recursive: true,
+            start_after: None,
+            page_size: 1000,
+        })
+        .map_ok(|p| p.objects.len())
+        .try_fold(0, |a, b| async move { Ok(a + b) })
+        .await
+        .unwrap();
+    let list_seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({ "bench": "list-s3", "objects": listed, "seconds": list_seconds })
+    );
+
+    let project = project(db).await;
+    let source = storage(
+        ctx,
+        json!({ "project_id": project, "role": "source", "backend": "s3", "prefix": "images/",
+                                      "config": config, "secrets": secrets }),
+    )
+    .await;
+    let (run, seconds) = sync(ctx, source.id, runs::RunKind::Import).await;
+    println!(
+        "{}",
+        json!({ "bench": "import-s3-files", "objects": n, "status": run["status"], "created": run["counters"]["created"],
+                "seconds": seconds, "objects_per_s": n as f64 / seconds, "ratio_to_listing": seconds / list_seconds })
+    );
+}

@@ -1,0 +1,357 @@
+//! `GET /api/v1/resolve`: presigned redirects that fetch the right bytes and
+//! expire (s3s-fs and Azurite check signatures and expiry), the Range-aware
+//! proxy on a 20 MB object (S3 and local), `If-None-Match`, and the refusals
+//! (traversal, other projects' buckets, local serving off).
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use labelsync::storage::BackendKind;
+use labelsync_tests::{
+    AppOptions, TestApp,
+    backends::{
+        AZURITE_ACCOUNT, AZURITE_KEY, bucket_name, create_azure_container, create_gcs_bucket,
+        create_s3_bucket, endpoint, open,
+    },
+    spawn_app,
+};
+use serde_json::{Value, json};
+
+const SIZE: usize = 20 << 20;
+
+fn options(local_serving: bool) -> AppOptions {
+    AppOptions {
+        env: vec![
+            ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
+            (
+                "LABELSYNC_SECRET_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
+            ),
+            ("LOCAL_FILES_SERVING_ENABLED", local_serving.to_string()),
+        ],
+        ..AppOptions::default()
+    }
+}
+
+fn s3s() -> (String, Value) {
+    let key = std::env::var("TEST_S3S_ACCESS_KEY").unwrap_or_else(|_| "labelsync-test".into());
+    let secret =
+        std::env::var("TEST_S3S_SECRET_KEY").unwrap_or_else(|_| "labelsync-test-secret".into());
+    (
+        endpoint("TEST_S3S_ENDPOINT"),
+        json!({ "access_key_id": key, "secret_access_key": secret }),
+    )
+}
+
+async fn source(
+    app: &TestApp,
+    project: i64,
+    backend: &str,
+    config: Value,
+    secrets: Value,
+    presign: bool,
+    ttl: i64,
+) {
+    let (status, body) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "source", "backend": backend, "config": config,
+                "secrets": secrets, "presign": presign, "presign_ttl_seconds": ttl,
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+/// A client that shows redirects instead of following them.
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn resolve(
+    app: &TestApp,
+    project: i64,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let url = format!("{}/api/v1/resolve", app.base);
+    let mut req = no_redirects()
+        .get(url)
+        .query(&[("project_id", project.to_string()), ("uri", uri.to_owned())]);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.send().await.unwrap()
+}
+
+fn pattern() -> Vec<u8> {
+    (0..SIZE).map(|i| (i % 251) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_redirects_fetch_the_bytes_and_expire() {
+    let app = spawn_app(options(false)).await;
+    let project = app.project("media").await;
+    let (s3_url, s3_secrets) = s3s();
+    let s3_bucket = bucket_name();
+    let (k, s) = (
+        s3_secrets["access_key_id"].as_str().unwrap(),
+        s3_secrets["secret_access_key"].as_str().unwrap(),
+    );
+    create_s3_bucket(&s3_url, k, s, &s3_bucket).await;
+    let s3_config = json!({ "bucket": s3_bucket, "endpoint_url": s3_url });
+    source(
+        &app,
+        project,
+        "s3",
+        s3_config.clone(),
+        s3_secrets.clone(),
+        true,
+        2,
+    )
+    .await;
+    let azure_url = endpoint("TEST_AZURITE_ENDPOINT");
+    let container = bucket_name();
+    create_azure_container(&azure_url, &container).await;
+    let azure_config = json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url });
+    let azure_secrets = json!({ "account_key": AZURITE_KEY });
+    source(
+        &app,
+        project,
+        "azure",
+        azure_config.clone(),
+        azure_secrets.clone(),
+        true,
+        2,
+    )
+    .await;
+    let gcs_url = endpoint("TEST_GCS_ENDPOINT");
+    let gcs_bucket = bucket_name();
+    create_gcs_bucket(&gcs_url, &gcs_bucket).await;
+    let gcs_config = json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url });
+    source(&app, project, "gcs", gcs_config.clone(), json!({}), true, 2).await;
+
+    let body = Bytes::from_static(b"the pixels of a cat");
+    for (kind, config, secrets) in [
+        (BackendKind::S3, &s3_config, &s3_secrets),
+        (BackendKind::Azure, &azure_config, &azure_secrets),
+        (BackendKind::Gcs, &gcs_config, &json!({})),
+    ] {
+        open(kind, config.clone(), secrets.clone())
+            .await
+            .put("img/cat.jpg", body.clone(), Some("image/jpeg"))
+            .await
+            .unwrap();
+    }
+    let mut signed = Vec::new();
+    for uri in [
+        format!("s3://{s3_bucket}/img/cat.jpg"),
+        format!("azure-blob://{container}/img/cat.jpg"),
+    ] {
+        let resp = resolve(&app, project, &uri, &[]).await;
+        assert_eq!(resp.status(), 303, "{uri}");
+        assert_eq!(resp.headers()["cache-control"], "no-store");
+        let location = resp.headers()["location"].to_str().unwrap().to_owned();
+        let fetched = reqwest::get(&location).await.unwrap();
+        assert_eq!(fetched.status(), 200, "{uri}: {location}");
+        assert_eq!(fetched.bytes().await.unwrap(), body, "{uri}");
+        signed.push((uri, location));
+    }
+    // fake-gcs-server storages have no signer (no key): proxied instead.
+    let resp = resolve(
+        &app,
+        project,
+        &format!("gs://{gcs_bucket}/img/cat.jpg"),
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap(), body);
+
+    // The TTL was 2 s: the signed URLs stop working.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for (uri, location) in signed {
+        let status = reqwest::get(&location).await.unwrap().status();
+        assert!(
+            status == 403 || status == 401,
+            "{uri}: expired URL answered {status}"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_serves_ranges_of_a_20_mb_object() {
+    let app = spawn_app(options(true)).await;
+    let project = app.project("ranges").await;
+    let data = pattern();
+    // Local: a file under the document root.
+    let dir = app.doc_root.path().join("media");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("big.bin"), &data).unwrap();
+    source(
+        &app,
+        project,
+        "local",
+        json!({ "path": "media" }),
+        json!({}),
+        false,
+        900,
+    )
+    .await;
+    // S3 with presign off: proxied too.
+    let (s3_url, s3_secrets) = s3s();
+    let bucket = bucket_name();
+    let (k, s) = (
+        s3_secrets["access_key_id"].as_str().unwrap(),
+        s3_secrets["secret_access_key"].as_str().unwrap(),
+    );
+    create_s3_bucket(&s3_url, k, s, &bucket).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": s3_url });
+    source(
+        &app,
+        project,
+        "s3",
+        config.clone(),
+        s3_secrets.clone(),
+        false,
+        900,
+    )
+    .await;
+    open(BackendKind::S3, config, s3_secrets)
+        .await
+        .put("big.bin", Bytes::from(data.clone()), None)
+        .await
+        .unwrap();
+
+    let max = 8 << 20;
+    let total = SIZE as u64;
+    for uri in [
+        "/data/local-files/?d=media/big.bin".to_owned(),
+        format!("s3://{bucket}/big.bin"),
+    ] {
+        let cases: [(&str, u64, u64); 4] = [
+            ("bytes=0-99", 0, 99),
+            ("bytes=10000000-10000099", 10_000_000, 10_000_099),
+            ("bytes=-100", total - 100, total - 1),
+            // Open-ended past the maximum: shortened, and said so.
+            ("bytes=100-", 100, 100 + max - 1),
+        ];
+        for (range, start, end) in cases {
+            let resp = resolve(&app, project, &uri, &[("range", range)]).await;
+            assert_eq!(resp.status(), 206, "{uri} {range}");
+            assert_eq!(
+                resp.headers()["content-range"],
+                format!("bytes {start}-{end}/{total}").as_str(),
+                "{uri} {range}"
+            );
+            assert_eq!(resp.headers()["accept-ranges"], "bytes");
+            let got = resp.bytes().await.unwrap();
+            assert_eq!(
+                got.as_ref(),
+                &data[start as usize..=end as usize],
+                "{uri} {range}"
+            );
+        }
+        let resp = resolve(&app, project, &uri, &[("range", "bytes=30000000-")]).await;
+        assert_eq!(resp.status(), 416, "{uri}");
+
+        let whole = resolve(&app, project, &uri, &[]).await;
+        assert_eq!(whole.status(), 200, "{uri}");
+        let etag = whole.headers()["etag"].to_str().unwrap().to_owned();
+        assert_eq!(whole.headers()["content-length"], SIZE.to_string().as_str());
+        assert_eq!(
+            whole.bytes().await.unwrap().as_ref(),
+            data.as_slice(),
+            "{uri}"
+        );
+        let cached = resolve(&app, project, &uri, &[("if-none-match", &etag)]).await;
+        assert_eq!(cached.status(), 304, "{uri}");
+        assert!(cached.bytes().await.unwrap().is_empty());
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_refuses_traversal_and_other_projects() {
+    let app = spawn_app(options(true)).await;
+    let mine = app.project("mine").await;
+    let theirs = app.project("theirs").await;
+    std::fs::create_dir_all(app.doc_root.path().join("media")).unwrap();
+    std::fs::write(app.doc_root.path().join("media/a.jpg"), b"a").unwrap();
+    std::fs::write(app.doc_root.path().join("secret.txt"), b"secret").unwrap();
+    source(
+        &app,
+        mine,
+        "local",
+        json!({ "path": "media" }),
+        json!({}),
+        false,
+        900,
+    )
+    .await;
+    let (s3_url, s3_secrets) = s3s();
+    source(
+        &app,
+        theirs,
+        "s3",
+        json!({ "bucket": "their-bucket", "endpoint_url": s3_url }),
+        s3_secrets,
+        false,
+        900,
+    )
+    .await;
+
+    assert_eq!(
+        resolve(&app, mine, "/data/local-files/?d=media/a.jpg", &[])
+            .await
+            .status(),
+        200
+    );
+    for (uri, status) in [
+        ("/data/local-files/?d=media/../secret.txt", 400),
+        ("/data/local-files/?d=media/%2e%2e/secret.txt", 400),
+        ("/data/local-files/?d=/etc/passwd", 400),
+        // Inside the root, but in no storage of the project.
+        ("/data/local-files/?d=secret.txt", 404),
+        ("/data/local-files/?d=media/missing.jpg", 404),
+        ("s3://their-bucket/a.jpg", 404),
+        ("http://169.254.169.254/latest/meta-data", 400),
+    ] {
+        let resp = resolve(&app, mine, uri, &[]).await;
+        assert_eq!(resp.status(), status, "{uri}");
+        let body: Value = resp.json().await.unwrap();
+        assert!(body["error"]["message"].is_string(), "{uri}: {body}");
+    }
+    // A symlink out of the root is not followed.
+    std::os::unix::fs::symlink("/etc/passwd", app.doc_root.path().join("media/link.txt")).unwrap();
+    assert_eq!(
+        resolve(&app, mine, "/data/local-files/?d=media/link.txt", &[])
+            .await
+            .status(),
+        404
+    );
+    app.stop().await;
+
+    let off = spawn_app(options(false)).await;
+    let project = off.project("off").await;
+    std::fs::create_dir_all(off.doc_root.path().join("media")).unwrap();
+    source(
+        &off,
+        project,
+        "local",
+        json!({ "path": "media" }),
+        json!({}),
+        false,
+        900,
+    )
+    .await;
+    let resp = resolve(&off, project, "/data/local-files/?d=media/a.jpg", &[]).await;
+    assert_eq!(resp.status(), 403, "local serving is off by default");
+    off.stop().await;
+}
