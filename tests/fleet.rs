@@ -567,7 +567,7 @@ async fn annotations_saved_while_no_worker_runs_are_exported_once_one_starts() {
     .await
     .expect("insert a task");
     let task = count(&db, "SELECT max(id) AS n FROM tasks").await;
-    std::fs::create_dir_all(app.doc_root.path().join("export")).unwrap();
+    std::fs::create_dir_all(app.doc_root.path().join("export")).expect("export dir");
     let (status, target) = app
         .post(
             "/api/v1/storages",
@@ -584,7 +584,7 @@ async fn annotations_saved_while_no_worker_runs_are_exported_once_one_starts() {
             )
             .await;
         assert_eq!(status, 201, "{a}");
-        ids.push(a["id"].as_i64().unwrap());
+        ids.push(a["id"].as_i64().expect("annotation id"));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let exported = |id: &i64| {
