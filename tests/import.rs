@@ -404,3 +404,96 @@ async fn a_run_is_worked_by_one_attempt_at_a_time() {
     assert!(matches!(ended, Attempt::Ended), "{ended:?}");
     app.stop().await;
 }
+
+/// `reimport_changed`: an overwritten task file updates its tasks in place
+/// (same ids, annotations kept) and adds its new rows; without the option the
+/// change is only counted. On Postgres and on the embedded SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_task_files_are_reimported_when_the_storage_opts_in() {
+    for embedded in [false, true] {
+        let app = spawn_app(AppOptions {
+            embedded,
+            ..AppOptions::default()
+        })
+        .await;
+        let data = app.doc_root.path().join("data");
+        let lines = |words: &[&str]| {
+            words
+                .iter()
+                .map(|w| json!({ "text": w }).to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        write(
+            &data,
+            "tasks.jsonl",
+            lines(&["one", "two", "three"]).as_bytes(),
+        );
+        let project = app.project("reimport").await;
+        let opted = storage(
+            &app,
+            project,
+            json!({ "import_method": "tasks", "reimport_changed": true }),
+        )
+        .await;
+        assert_eq!(opted["reimport_changed"], true, "{opted}");
+        let first = app.sync(&opted["id"]).await;
+        assert_eq!(first["counters"]["created"], 3, "{first}");
+        let before = app.all_tasks(project).await;
+        let first_id = task_by_source(&before, "tasks.jsonl", 0)["id"].clone();
+        let (status, _) = app
+            .post(
+                &format!("/api/v1/tasks/{first_id}/annotations"),
+                json!({ "result": [{ "value": { "choices": ["kept"] } }] }),
+            )
+            .await;
+        assert_eq!(status, 201);
+
+        write(
+            &data,
+            "tasks.jsonl",
+            lines(&["ONE", "TWO", "THREE", "four"]).as_bytes(),
+        );
+        let second = app.sync(&opted["id"]).await;
+        assert_eq!(second["status"], "completed", "{second}");
+        let c = &second["counters"];
+        assert_eq!(
+            (c["changed"].as_i64(), c["created"].as_i64()),
+            (Some(1), Some(1)),
+            "{second}"
+        );
+        let after = app.all_tasks(project).await;
+        assert_eq!(after.len(), 4);
+        let first_after = task_by_source(&after, "tasks.jsonl", 0);
+        assert_eq!(first_after["id"], first_id, "updated in place");
+        assert_eq!(first_after["data"]["text"], "ONE");
+        assert_eq!(
+            task_by_source(&after, "tasks.jsonl", 2)["data"]["text"],
+            "THREE"
+        );
+        assert_eq!(
+            task_by_source(&after, "tasks.jsonl", 3)["data"]["text"],
+            "four"
+        );
+        let (_, task) = app.get(&format!("/api/v1/tasks/{first_id}")).await;
+        assert_eq!(
+            task["annotations"].as_array().map(Vec::len),
+            Some(1),
+            "{task}"
+        );
+
+        // A third sync: nothing changed, nothing re-read.
+        let third = app.sync(&opted["id"]).await;
+        let c = &third["counters"];
+        assert_eq!(
+            (
+                c["changed"].as_i64(),
+                c["created"].as_i64(),
+                c["existed"].as_i64()
+            ),
+            (Some(0), Some(0), Some(4)),
+            "{third}"
+        );
+        app.stop().await;
+    }
+}

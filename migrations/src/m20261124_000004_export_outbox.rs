@@ -6,6 +6,8 @@
 //!   action wins; `version` tells a drained row from one updated meanwhile).
 //! - `sync_runs.scope`: `full` (a sync: every annotation) or `events` (only
 //!   the storage's outbox).
+//! - `storages.reimport_changed`: a source that re-reads objects whose etag
+//!   changed (Tasks mode updates their tasks).
 use sea_orm_migration::prelude::*;
 
 #[derive(DeriveMigrationName)]
@@ -60,6 +62,19 @@ impl MigrationTrait for Migration {
         .await?;
         m.alter_table(
             Table::alter()
+                .table("storages")
+                .add_column(
+                    ColumnDef::new("reimport_changed")
+                        .boolean()
+                        .not_null()
+                        .default(false)
+                        .take(),
+                )
+                .take(),
+        )
+        .await?;
+        m.alter_table(
+            Table::alter()
                 .table("sync_runs")
                 .add_column(
                     ColumnDef::new("scope")
@@ -80,6 +95,13 @@ impl MigrationTrait for Migration {
             Table::alter()
                 .table("sync_runs")
                 .drop_column("scope")
+                .take(),
+        )
+        .await?;
+        m.alter_table(
+            Table::alter()
+                .table("storages")
+                .drop_column("reimport_changed")
                 .take(),
         )
         .await

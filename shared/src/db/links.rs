@@ -162,18 +162,19 @@ pub async fn mark_missing(db: &impl ConnectionTrait, storage_id: i64, run_id: &s
     Ok(objects.unwrap_or(0))
 }
 
-/// Row indexes in `[lo, hi]` already linked for one object.
-pub async fn existing_rows(
+/// The tasks linked to rows `[lo, hi]` of one object: row index -> task id.
+pub async fn linked_tasks(
     db: &impl ConnectionTrait,
     storage_id: i64,
     key: &str,
     lo: i64,
     hi: i64,
-) -> Result<HashSet<i64>> {
+) -> Result<HashMap<i64, i64>> {
     use import_link::Column as C;
-    let rows: Vec<i64> = import_link::Entity::find()
+    let rows: Vec<(i64, i64)> = import_link::Entity::find()
         .select_only()
         .column(C::RowIndex)
+        .column(C::TaskId)
         .filter(C::StorageId.eq(storage_id))
         .filter(C::ObjectKey.eq(key))
         .filter(C::RowIndex.between(lo, hi))
@@ -181,6 +182,54 @@ pub async fn existing_rows(
         .all(db)
         .await?;
     Ok(rows.into_iter().collect())
+}
+
+/// Replaces the data and meta of existing tasks, one statement per chunk (a
+/// CTE of VALUES, which Postgres and SQLite both accept); returns how many
+/// were updated. Annotations and predictions are left alone: they are the
+/// labelers' work, not the file's.
+pub async fn update_tasks(
+    db: &impl ConnectionTrait,
+    updates: Vec<(i64, Value, Option<Value>)>,
+) -> Result<i64> {
+    let backend = db.get_database_backend();
+    let mut updated = 0;
+    for chunk in updates.chunks(MAX_PARAMS / 3 - 1) {
+        let mut n = 0;
+        let mut param = || {
+            n += 1;
+            match backend {
+                sea_orm::DbBackend::Postgres => format!("${n}"),
+                _ => "?".to_owned(),
+            }
+        };
+        let rows: Vec<String> = chunk
+            .iter()
+            .map(|_| format!("({}, {}, {})", param(), param(), param()))
+            .collect();
+        let now = param();
+        let sql = format!(
+            "WITH v(id, data, meta) AS (VALUES {}) \
+             UPDATE tasks SET data = (SELECT v.data FROM v WHERE v.id = tasks.id), \
+             meta = (SELECT v.meta FROM v WHERE v.id = tasks.id), updated_at = {now} \
+             WHERE id IN (SELECT id FROM v)",
+            rows.join(", ")
+        );
+        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 3 + 1);
+        for (id, data, meta) in chunk {
+            values.push((*id).into());
+            values.push(data.clone().into());
+            values.push(meta.clone().into());
+        }
+        values.push(Utc::now().into());
+        let res = db
+            .execute_raw(sea_orm::Statement::from_sql_and_values(
+                backend, sql, values,
+            ))
+            .await?;
+        updated += res.rows_affected() as i64;
+    }
+    Ok(updated)
 }
 
 /// Inserts the tasks, their links (seen by `run_id`), predictions and

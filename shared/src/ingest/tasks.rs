@@ -5,8 +5,9 @@
 //!
 //! Rows committed before a bad row or a broken file are kept; the error is
 //! recorded with the row where it happened. A later sync does not re-read an
-//! object that has tasks (changed objects included, for now); one that
-//! produced none is read, and fails, again. (Keeping rows is what makes a 1 GB
+//! object that has tasks unless its etag changed and the storage has
+//! `reimport_changed` (then its rows update their tasks in place, and new
+//! rows are added); one that produced none is read, and fails, again. (Keeping rows is what makes a 1 GB
 //! file importable in bounded memory and lets a retry continue a file.)
 use std::{
     io::{self, Read},
@@ -42,6 +43,9 @@ pub(super) struct Importer<'a, 'j> {
     /// False when no object of this page had links before: the per-chunk
     /// "which rows exist" query is skipped.
     pub may_exist: bool,
+    /// Re-reading changed objects (`reimport_changed`): rows that have a
+    /// task update it instead of being skipped.
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Default)]
@@ -192,14 +196,24 @@ impl Importer<'_, '_> {
             return Ok(true);
         };
         let job = self.job;
-        let existing = if may_exist {
-            links::existing_rows(job.db, job.storage.id, &object.key, lo, hi).await?
+        let linked = if may_exist || self.overwrite {
+            links::linked_tasks(job.db, job.storage.id, &object.key, lo, hi).await?
         } else {
             Default::default()
         };
+        let (rows, updates): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .partition(|(row, _)| !linked.contains_key(row));
+        let updates: Vec<(i64, serde_json::Value, Option<serde_json::Value>)> = if self.overwrite {
+            updates
+                .into_iter()
+                .filter_map(|(row, task)| Some((*linked.get(&row)?, task.data, task.meta)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let new: Vec<NewTask> = rows
             .into_iter()
-            .filter(|(row, _)| !existing.contains(row))
             .map(|(row, task)| NewTask {
                 object_key: object.key.clone(),
                 row_index: row,
@@ -212,10 +226,11 @@ impl Importer<'_, '_> {
                 last_modified: object.last_modified,
             })
             .collect();
-        if new.is_empty() {
+        if new.is_empty() && updates.is_empty() {
             return Ok(true);
         }
         let txn = crate::db::begin_write(job.db).await?;
+        links::update_tasks(&txn, updates).await?;
         let (created, _) =
             links::insert_tasks(&txn, job.project.id, job.storage.id, &job.run.id, new).await?;
         let delta = Counters {

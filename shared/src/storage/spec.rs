@@ -86,6 +86,8 @@ pub struct StorageSpec {
     #[serde(default)]
     pub can_delete_objects: bool,
     #[serde(default)]
+    pub reimport_changed: bool,
+    #[serde(default)]
     pub sync_interval_seconds: Option<i64>,
     #[serde(default = "empty_object")]
     pub config: Value,
@@ -193,6 +195,7 @@ impl StorageSpec {
             presign: self.presign,
             presign_ttl_seconds: self.presign_ttl_seconds,
             can_delete_objects: self.can_delete_objects,
+            reimport_changed: self.reimport_changed,
             sync_interval_seconds: self.sync_interval_seconds,
             next_sync_at: None,
             created_at: now,
@@ -231,6 +234,7 @@ impl StorageSpec {
             presign: model.presign,
             presign_ttl_seconds: model.presign_ttl_seconds,
             can_delete_objects: model.can_delete_objects,
+            reimport_changed: model.reimport_changed,
             sync_interval_seconds: model.sync_interval_seconds,
             config: model.config.clone(),
             secrets: None,
@@ -316,6 +320,7 @@ pub fn to_json(model: &storage::Model) -> Value {
         "presign": model.presign,
         "presign_ttl_seconds": model.presign_ttl_seconds,
         "can_delete_objects": model.can_delete_objects,
+        "reimport_changed": model.reimport_changed,
         "sync_interval_seconds": model.sync_interval_seconds,
         "config": model.config,
         "secrets_set": model.secrets_set,

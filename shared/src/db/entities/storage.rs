@@ -23,6 +23,8 @@ pub struct Model {
     pub presign: bool,
     pub presign_ttl_seconds: i64,
     pub can_delete_objects: bool,
+    /// Sources: re-read objects whose etag changed (Tasks mode updates their tasks).
+    pub reimport_changed: bool,
     pub sync_interval_seconds: Option<i64>,
     pub next_sync_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
