@@ -5,7 +5,7 @@
 //! eval "$(bash tests/emulators.sh | grep ^export)"
 //! cargo run --release -p labelsync-tests --example bench -- export local 100000 postgres://…/empty_db
 //! cargo run --release -p labelsync-tests --example bench -- export s3 10000 postgres://…/empty_db
-//! cargo run --release -p labelsync-tests --example bench -- import-s3 100000 postgres://…/empty_db
+//! cargo run --release -p labelsync-tests --example bench -- import-s3 100000 postgres://…/empty_db moto
 //! ```
 //!
 //! `export`: N annotations (on N tasks, inserted in bulk) exported to a
@@ -32,7 +32,9 @@ use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::{Value, json};
 
 fn usage() -> ! {
-    eprintln!("usage: bench export local|s3 N DATABASE_URL | bench import-s3 N DATABASE_URL");
+    eprintln!(
+        "usage: bench export local|s3 N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto]"
+    );
     std::process::exit(2)
 }
 
@@ -57,7 +59,13 @@ async fn main() {
         ),
         [m, n, u] if m == "import-s3" => (
             m.clone(),
-            String::new(),
+            "s3s".to_owned(),
+            n.parse().unwrap_or_else(|_| usage()),
+            u.clone(),
+        ),
+        [m, n, u, e] if m == "import-s3" => (
+            m.clone(),
+            e.clone(),
             n.parse().unwrap_or_else(|_| usage()),
             u.clone(),
         ),
@@ -88,7 +96,13 @@ async fn main() {
     if mode == "export" {
         bench_export(&ctx, &db, &target, n, root.path()).await;
     } else {
-        bench_import_s3(&ctx, &db, usize::try_from(n).unwrap_or_else(|_| usage())).await;
+        bench_import_s3(
+            &ctx,
+            &db,
+            usize::try_from(n).unwrap_or_else(|_| usage()),
+            &target,
+        )
+        .await;
     }
 }
 
@@ -191,8 +205,12 @@ async fn bench_export(
     }
 }
 
-async fn bench_import_s3(ctx: &JobContext, db: &DatabaseConnection, n: usize) {
-    let (url, key, secret) = s3s();
+async fn bench_import_s3(ctx: &JobContext, db: &DatabaseConnection, n: usize, emulator: &str) {
+    let (url, key, secret) = match emulator {
+        "moto" => (endpoint("TEST_S3_ENDPOINT"), "test".into(), "test".into()),
+        "s3s" => s3s(),
+        _ => usage(),
+    };
     let bucket = bucket_name();
     create_s3_bucket(&url, &key, &secret, &bucket).await;
     let config = json!({ "bucket": bucket, "endpoint_url": url });
@@ -235,7 +253,7 @@ async fn bench_import_s3(ctx: &JobContext, db: &DatabaseConnection, n: usize) {
     let list_seconds = started.elapsed().as_secs_f64();
     println!(
         "{}",
-        json!({ "bench": "list-s3", "objects": listed, "seconds": list_seconds })
+        json!({ "bench": "list-s3", "emulator": emulator, "objects": listed, "seconds": list_seconds })
     );
 
     let project = project(db).await;
@@ -248,7 +266,7 @@ async fn bench_import_s3(ctx: &JobContext, db: &DatabaseConnection, n: usize) {
     let (run, seconds) = sync(ctx, source.id, runs::RunKind::Import).await;
     println!(
         "{}",
-        json!({ "bench": "import-s3-files", "objects": n, "status": run["status"], "created": run["counters"]["created"],
+        json!({ "bench": "import-s3-files", "emulator": emulator, "objects": n, "status": run["status"], "created": run["counters"]["created"],
                 "seconds": seconds, "objects_per_s": n as f64 / seconds, "ratio_to_listing": seconds / list_seconds })
     );
 }

@@ -85,6 +85,19 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<sea_orm::DatabaseTra
         .await?)
 }
 
+/// Refreshes the planner's statistics of `tables` (Postgres; a no-op on
+/// SQLite). Keyset pages over a table that grew in bulk since its last
+/// ANALYZE get planned as if it were tiny (a bitmap scan and a sort of every
+/// remaining row, per page) when autovacuum is off or has not come round yet:
+/// measured 48 ms instead of 2 ms per page of 1,000 annotations at 100k.
+pub async fn refresh_stats(db: &DatabaseConnection, tables: &[&str]) -> Result<()> {
+    if db.get_database_backend() == DbBackend::Postgres {
+        db.execute_unprepared(&format!("ANALYZE {}", tables.join(", ")))
+            .await?;
+    }
+    Ok(())
+}
+
 pub fn is_sqlite(db: &DatabaseConnection) -> bool {
     db.get_database_backend() == DbBackend::Sqlite
 }

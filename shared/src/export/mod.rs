@@ -72,6 +72,9 @@ impl ExportJob<'_> {
     pub async fn run(&self) -> Result<Outcome> {
         let backend = backends::open(self.storage, self.env).await?;
         if self.run.scope == SCOPE_FULL {
+            // A full pass reads every annotation and link in keyset pages;
+            // a few ms of ANALYZE spare each page a plan made for empty tables.
+            db::refresh_stats(self.db, &["annotations", "export_links", "tasks"]).await?;
             let mut cursor: i64 = self
                 .run
                 .cursor

@@ -135,7 +135,7 @@ impl RedisStorage {
     /// Every matching key name (relative to `path`), sorted.
     async fn scan_names(&self, opts: &ListOptions) -> Result<Vec<String>> {
         let pattern = format!("{}*", glob_escape(&self.full_key(&opts.prefix)));
-        let mut conn = self.conn.clone();
+        let conn = &self.conn;
         let mut cursor: u64 = 0;
         let mut names = Vec::new();
         loop {
@@ -171,7 +171,6 @@ impl RedisStorage {
         // SCAN may return a key twice (rehashing); sort and dedup.
         names.sort_unstable();
         names.dedup();
-        let _ = &mut conn;
         Ok(names)
     }
 }
