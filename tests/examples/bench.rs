@@ -9,8 +9,9 @@
 //! ```
 //!
 //! `export`: N annotations (on N tasks, inserted in bulk) exported to a
-//! local directory or to s3s-fs, then exported again with nothing changed.
-//! `import-s3`: N objects put into an s3s-fs bucket, listed once (the floor),
+//! local directory, s3s-fs (`s3`) or moto, then exported again with nothing
+//! changed.
+//! `import-s3`: N objects put into an s3s-fs (or moto) bucket, listed once (the floor),
 //! then synced in Files mode. Prints one JSON line per measurement.
 #![allow(clippy::unwrap_used)]
 
@@ -33,7 +34,7 @@ use serde_json::{Value, json};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench export local|s3 N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto]"
+        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto]"
     );
     std::process::exit(2)
 }
@@ -182,8 +183,12 @@ async fn bench_export(
             std::fs::create_dir_all(root.join("export")).unwrap();
             json!({ "project_id": project, "role": "target", "backend": "local", "prefix": "ann", "config": { "path": "export" } })
         }
-        "s3" => {
-            let (url, key, secret) = s3s();
+        "s3" | "moto" => {
+            let (url, key, secret) = if target == "moto" {
+                (endpoint("TEST_S3_ENDPOINT"), "test".into(), "test".into())
+            } else {
+                s3s()
+            };
             let bucket = bucket_name();
             create_s3_bucket(&url, &key, &secret, &bucket).await;
             json!({ "project_id": project, "role": "target", "backend": "s3", "prefix": "ann",
