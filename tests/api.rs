@@ -623,3 +623,63 @@ async fn embedded_mode_syncs_on_sqlite_with_no_redis() {
     );
     app.stop().await;
 }
+
+/// The scheduler's `/metrics`: Prometheus text with the jobs its embedded
+/// worker ran, the storage requests, resolve requests and the queue depth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_serves_prometheus_metrics() {
+    let app = spawn_app(AppOptions {
+        env: vec![("LOCAL_FILES_SERVING_ENABLED", "true".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::write(data.join("a.jpg"), b"jpeg").expect("file");
+    let project = app.project("metrics").await;
+    let storage = app
+        .local_storage(project, json!({ "presign": false }))
+        .await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let resolved = app
+        .client
+        .get(format!("{}/api/v1/resolve", app.base))
+        .query(&[
+            ("project_id", project.to_string()),
+            ("uri", "/data/local-files/?d=data/a.jpg".into()),
+        ])
+        .send()
+        .await
+        .expect("resolve");
+    assert_eq!(resolved.status(), 200);
+    assert_eq!(resolved.bytes().await.expect("body").as_ref(), b"jpeg");
+
+    let resp = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap_or_default()
+            .starts_with("text/plain")
+    );
+    let text = resp.text().await.expect("text");
+    for needle in [
+        "# TYPE labelsync_jobs_finished_total counter",
+        "labelsync_jobs_finished_total{kind=\"import\",outcome=\"completed\"",
+        "# TYPE labelsync_job_duration_seconds histogram",
+        "labelsync_storage_requests_total{backend=\"local\",operation=\"get\"",
+        "labelsync_resolve_requests_total{backend=\"local\",mode=\"proxy\",status=\"200\"",
+        "labelsync_resolve_bytes_total{backend=\"local\"",
+        "labelsync_queue_jobs{",
+        "state=\"pending\"",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    app.stop().await;
+}

@@ -34,7 +34,10 @@ fn spawn_worker(app: &TestApp, name: &str) -> Worker {
 
 fn spawn_worker_with(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
     let mut cmd = Command::new(binary("labelsync-worker"));
-    cmd.env_clear().envs(env.iter().copied());
+    // A random port for the metrics listener, so workers can share a host.
+    cmd.env_clear()
+        .env("LABELSYNC_METRICS_BIND", "127.0.0.1:0")
+        .envs(env.iter().copied());
     cmd.env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("LABELSYNC_WORKER_NAME", name)
         .env("LABELSYNC_PAGE_SIZE", "100")
@@ -613,5 +616,53 @@ async fn annotations_saved_while_no_worker_runs_are_exported_once_one_starts() {
         assert!(Instant::now() < deadline, "the outbox was not drained");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    app.stop().await;
+}
+
+/// A worker serves `/healthz`, `/readyz` and `/metrics` on its own listener;
+/// its job metrics and the queue depth are there after it ran a sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_serves_probes_and_metrics() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    write_files(&app.doc_root.path().join("data"), 20, "jpg");
+    let project = app.project("metrics").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let _worker = spawn_worker_with(&app, "observed", &[("LABELSYNC_METRICS_BIND", &bind)]);
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+
+    let client = reqwest::Client::new();
+    let get = |path: &str| client.get(format!("http://{bind}{path}")).send();
+    assert_eq!(get("/healthz").await.expect("healthz").status(), 200);
+    let ready = get("/readyz").await.expect("readyz");
+    assert_eq!(ready.status(), 200);
+    let text = get("/metrics")
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    for needle in [
+        "labelsync_jobs_started_total{kind=\"import\"",
+        "labelsync_jobs_finished_total{kind=\"import\",outcome=\"completed\"",
+        "labelsync_job_duration_seconds_bucket{",
+        "labelsync_objects_listed_total{kind=\"import\"",
+        "labelsync_tasks_created_total{kind=\"import\"",
+        "labelsync_storage_requests_total{backend=\"local\",operation=\"list\"",
+        "labelsync_storage_request_duration_seconds_bucket{backend=\"local\"",
+        "labelsync_queue_jobs{",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("labelsync_tasks_created_total") && l.ends_with(" 20")),
+        "20 tasks counted:\n{text}"
+    );
     app.stop().await;
 }

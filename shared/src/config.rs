@@ -112,6 +112,9 @@ pub struct WorkerSettings {
     /// `LABELSYNC_EXPORT_CONCURRENCY` (default 32): uploads or deletes one
     /// export run has in flight.
     pub export_concurrency: usize,
+    /// `LABELSYNC_METRICS_BIND` (default `0.0.0.0:9464`): the worker's
+    /// listener for `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_bind: SocketAddr,
     /// `LABELSYNC_MAX_OBJECT_BYTES` (default 4 GiB): larger task files are a
     /// per-object error instead of an import.
     pub max_object_bytes: u64,
@@ -140,6 +143,11 @@ impl Settings {
             max_attempts: parse(&get, "LABELSYNC_MAX_ATTEMPTS", 5)?,
             fetch_concurrency: parse(&get, "LABELSYNC_FETCH_CONCURRENCY", 16)?,
             export_concurrency: parse(&get, "LABELSYNC_EXPORT_CONCURRENCY", 32)?,
+            metrics_bind: parse(
+                &get,
+                "LABELSYNC_METRICS_BIND",
+                SocketAddr::from(([0, 0, 0, 0], 9464)),
+            )?,
             max_object_bytes: parse(&get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
         };
         if worker.page_size == 0 || worker.page_size > 5000 {

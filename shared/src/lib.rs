@@ -12,7 +12,8 @@
 //!   both the worker binary and the embedded mode register.
 //! - [`security`]: local-path confinement.
 //! - [`lifecycle`]: shutdown signal and the worker process loop.
-//! - [`telemetry`]: tracing setup.
+//! - [`telemetry`]: tracing setup; [`metrics`]: OpenTelemetry instruments
+//!   and their Prometheus text.
 //! - [`error`]: the small crate error every module maps into.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -23,6 +24,7 @@ pub mod export;
 pub mod ingest;
 pub mod jobs;
 pub mod lifecycle;
+pub mod metrics;
 pub mod security;
 pub mod storage;
 pub mod telemetry;

@@ -43,6 +43,22 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
     }
     let db = db::connect(&settings.database_url).await?;
     let queue = Queue::open(&settings, &db).await?;
+    let bind = settings.worker.metrics_bind;
+    let listener = tokio::net::TcpListener::bind(bind).await.map_err(|e| {
+        Error::invalid(
+            "invalid_setting",
+            None,
+            format!("cannot listen on LABELSYNC_METRICS_BIND={bind}: {e}"),
+        )
+    })?;
+    tracing::info!(addr = %listener.local_addr().map_or(bind, |a| a), "metrics and probes listening");
+    let probes = tokio::spawn(crate::metrics::serve_worker_listener(
+        listener,
+        db.clone(),
+        queue.clone(),
+    ));
     let ctx: Arc<JobContext> = JobContext::new(db, settings, Some(queue.clone()));
-    queue.run_worker(ctx, shutdown_signal()).await
+    let result = queue.run_worker(ctx, shutdown_signal()).await;
+    probes.abort();
+    result
 }

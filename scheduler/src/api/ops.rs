@@ -22,6 +22,12 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     )
 }
 
+/// `GET /metrics`: every metric in the Prometheus text format, with the
+/// queue depth read from the queue's backend just now.
+pub async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    labelsync::metrics::render_with_queue(&state.queue).await
+}
+
 /// `GET /api/v1/queues`: the backlog of each queue.
 pub async fn queues(State(state): State<AppState>) -> super::ApiResult<Json<Value>> {
     let depth = state.queue.depth().await?;

@@ -14,12 +14,14 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use futures::StreamExt;
 use labelsync::{
     Error,
     db::entities::storage,
     security::paths,
     storage::{BackendKind, GetRange, Role},
 };
+use opentelemetry::KeyValue;
 use percent_encoding::percent_decode_str;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde::Deserialize;
@@ -215,10 +217,41 @@ fn header_value(value: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(value).ok()
 }
 
+/// What a resolve request did, for its metrics.
+#[derive(Clone, Copy)]
+struct Served {
+    backend: &'static str,
+    mode: &'static str,
+}
+
 pub async fn resolve(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ResolveQuery>,
     headers: HeaderMap,
+) -> Response {
+    let mut served = Served {
+        backend: "none",
+        mode: "none",
+    };
+    let response = serve(&state, q, &headers, &mut served)
+        .await
+        .into_response();
+    labelsync::metrics::metrics().resolve_requests.add(
+        1,
+        &[
+            KeyValue::new("backend", served.backend),
+            KeyValue::new("mode", served.mode),
+            KeyValue::new("status", i64::from(response.status().as_u16())),
+        ],
+    );
+    response
+}
+
+async fn serve(
+    state: &AppState,
+    q: ResolveQuery,
+    headers: &HeaderMap,
+    served: &mut Served,
 ) -> ApiResult<Response> {
     projects::find(&state.db, q.project_id).await?;
     let target = parse_uri(&q.uri)?;
@@ -229,13 +262,15 @@ pub async fn resolve(
             "serving local files is off; the server must set LOCAL_FILES_SERVING_ENABLED=true",
         ));
     }
-    let (model, key) = find_storage(&state, q.project_id, &target).await?;
+    let (model, key) = find_storage(state, q.project_id, &target).await?;
     let backend = labelsync::storage::open(&model, &state.storage_env).await?;
+    served.backend = target.kind.as_str();
 
     if model.presign {
         let ttl = Duration::from_secs(u64::try_from(model.presign_ttl_seconds).unwrap_or(1))
             .min(state.settings.max_presign_ttl);
         if let Some(url) = backend.presign(&key, ttl).await? {
+            served.mode = "redirect";
             let mut resp = StatusCode::SEE_OTHER.into_response();
             let h = resp.headers_mut();
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -246,6 +281,7 @@ pub async fn resolve(
         }
     }
 
+    served.mode = "proxy";
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -310,8 +346,16 @@ pub async fn resolve(
     };
     // A stream that fails mid-way ends the connection with an error: the
     // client never mistakes a cut-off body for a whole one.
+    let backend_label = KeyValue::new("backend", target.kind.as_str());
+    let body = object.body.inspect(move |chunk| {
+        if let Ok(bytes) = chunk {
+            labelsync::metrics::metrics()
+                .resolve_bytes
+                .add(bytes.len() as u64, std::slice::from_ref(&backend_label));
+        }
+    });
     Ok(builder
-        .body(Body::from_stream(object.body))
+        .body(Body::from_stream(body))
         .map_err(|e| Error::Internal(e.to_string()))?)
 }
 

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use opentelemetry::KeyValue;
 use sea_orm::{DatabaseConnection, EntityTrait};
 use serde::{Deserialize, Serialize};
 
@@ -128,8 +129,23 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
         lease.clone(),
         w.heartbeat,
     )));
+    let started = std::time::Instant::now();
+    let kind = run.kind.clone();
+    crate::metrics::metrics()
+        .jobs_started
+        .add(1, &[KeyValue::new("kind", kind.clone())]);
     let result = attempt(ctx, &run, &lease).await;
     drop(heartbeat);
+    let finished = |outcome: &'static str| {
+        let m = crate::metrics::metrics();
+        let labels = [
+            KeyValue::new("kind", kind.clone()),
+            KeyValue::new("outcome", outcome),
+        ];
+        m.jobs_finished.add(1, &labels);
+        m.job_duration
+            .record(started.elapsed().as_secs_f64(), &labels);
+    };
 
     match result {
         Ok(Outcome::Finished) => {
@@ -139,10 +155,16 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
             } else {
                 RunStatus::Completed
             };
+            finished(status.as_str());
+            record_totals(&run);
             end(ctx, run_id, status, None, &lease).await
         }
-        Ok(Outcome::Stopped) => Ok(()),
+        Ok(Outcome::Stopped) => {
+            finished("stopped");
+            Ok(())
+        }
         Err(err) if err.is_transient() => {
+            finished("retry");
             tracing::warn!(error = %err, attempt = run.attempts, "run attempt failed; it will be retried");
             // Kept on the row so ops see why a run is slow, and so the final
             // "gave up" message can name the cause; the lease is let go so the
@@ -152,6 +174,7 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
         }
         Err(err) => {
             tracing::warn!(error = %err, "run failed");
+            finished("failed");
             end(
                 ctx,
                 run_id,
@@ -162,6 +185,22 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
             .await
         }
     }
+}
+
+/// A finished run's totals, counted once (on the attempt that ends it).
+fn record_totals(run: &crate::db::entities::sync_run::Model) {
+    let m = crate::metrics::metrics();
+    let kind = [KeyValue::new("kind", run.kind.clone())];
+    let add = |counter: &opentelemetry::metrics::Counter<u64>, n: i64| {
+        if n > 0 {
+            counter.add(n as u64, &kind);
+        }
+    };
+    add(&m.objects_listed, run.listed);
+    add(&m.tasks_created, run.created);
+    add(&m.annotations_exported, run.exported);
+    add(&m.annotations_deleted, run.deleted);
+    add(&m.object_errors, run.failed);
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

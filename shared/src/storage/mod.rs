@@ -484,7 +484,7 @@ pub async fn open_with(
     env: &StorageEnv,
 ) -> Result<Arc<dyn Storage>> {
     crate::security::net::install_crypto_provider();
-    Ok(match kind {
+    let backend: Arc<dyn Storage> = match kind {
         BackendKind::Local => Arc::new(local::LocalStorage::new(
             local::LocalConfig::parse(config, env)?,
             env,
@@ -509,7 +509,9 @@ pub async fn open_with(
             secrets,
             env,
         )?),
-    })
+    };
+    // Every request of every backend is counted and timed in one place.
+    Ok(Arc::new(crate::metrics::Instrumented(backend)))
 }
 
 /// Parses a backend's config object with serde, naming the backend in the error.

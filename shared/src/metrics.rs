@@ -1,0 +1,340 @@
+//! OpenTelemetry metrics, scraped as Prometheus text at `/metrics` (the
+//! scheduler's API port, and each worker's small listener).
+//!
+//! One process-wide set of instruments ([`metrics`]), recorded where things
+//! happen: jobs in `jobs::execute`, storage requests in the
+//! [`Instrumented`] wrapper every backend is opened in, resolve requests in
+//! the API, queue depth read from Redis right before each scrape (the
+//! apalis-redis 1.0 metrics calls fail, PITFALLS.md). Names follow the
+//! Prometheus conventions the exporter applies: counters end in `_total`,
+//! durations are histograms in `_seconds`.
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, stream::BoxStream};
+use opentelemetry::{
+    KeyValue,
+    metrics::{Counter, Gauge, Histogram, MeterProvider},
+};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use prometheus::{Encoder, TextEncoder};
+
+use crate::{
+    Error, Result,
+    jobs::queue::QueueDepth,
+    storage::{BackendKind, GetRange, ListOptions, Object, Page, Role, Storage},
+};
+
+/// Seconds buckets for jobs (a no-op job to an hour-long sync).
+const JOB_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+/// Seconds buckets for storage requests.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    registry: prometheus::Registry,
+    _provider: SdkMeterProvider,
+    pub jobs_started: Counter<u64>,
+    pub jobs_finished: Counter<u64>,
+    pub job_duration: Histogram<f64>,
+    pub objects_listed: Counter<u64>,
+    pub tasks_created: Counter<u64>,
+    pub annotations_exported: Counter<u64>,
+    pub annotations_deleted: Counter<u64>,
+    pub object_errors: Counter<u64>,
+    pub storage_requests: Counter<u64>,
+    pub storage_duration: Histogram<f64>,
+    pub resolve_requests: Counter<u64>,
+    pub resolve_bytes: Counter<u64>,
+    pub queue_jobs: Gauge<i64>,
+}
+
+/// The process's instruments.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = prometheus::Registry::new();
+        let builder = SdkMeterProvider::builder();
+        // The exporter only fails on a registry clash, which a fresh registry
+        // cannot have; without it the instruments still work, unexported.
+        let provider = match opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_target_info()
+            .build()
+        {
+            Ok(exporter) => builder.with_reader(exporter).build(),
+            Err(e) => {
+                tracing::error!(error = %e, "metrics exporter not available");
+                builder.build()
+            }
+        };
+        let meter = provider.meter("labelsync");
+        let counter = |name: &'static str, help: &'static str| {
+            meter.u64_counter(name).with_description(help).build()
+        };
+        Metrics {
+            jobs_started: counter("labelsync.jobs.started", "Job attempts started, by kind"),
+            jobs_finished: counter(
+                "labelsync.jobs.finished",
+                "Job attempts finished, by kind and outcome (completed, completed_with_errors, failed, retry, stopped)",
+            ),
+            job_duration: meter
+                .f64_histogram("labelsync.job.duration")
+                .with_unit("s")
+                .with_description("Duration of job attempts, by kind and outcome")
+                .with_boundaries(JOB_BUCKETS.to_vec())
+                .build(),
+            objects_listed: counter(
+                "labelsync.objects.listed",
+                "Objects listed by import runs, by backend",
+            ),
+            tasks_created: counter(
+                "labelsync.tasks.created",
+                "Tasks created by import runs, by backend",
+            ),
+            annotations_exported: counter(
+                "labelsync.annotations.exported",
+                "Annotations written to target storages, by backend",
+            ),
+            annotations_deleted: counter(
+                "labelsync.annotations.deleted",
+                "Exported annotations deleted from target storages, by backend",
+            ),
+            object_errors: counter(
+                "labelsync.object.errors",
+                "Per-object errors of runs, by kind and backend",
+            ),
+            storage_requests: counter(
+                "labelsync.storage.requests",
+                "Storage requests, by backend, operation and outcome (ok or the error class)",
+            ),
+            storage_duration: meter
+                .f64_histogram("labelsync.storage.request.duration")
+                .with_unit("s")
+                .with_description("Storage request latency, by backend and operation")
+                .with_boundaries(REQUEST_BUCKETS.to_vec())
+                .build(),
+            resolve_requests: counter(
+                "labelsync.resolve.requests",
+                "Media resolve requests, by backend, mode (redirect or proxy) and status",
+            ),
+            resolve_bytes: counter(
+                "labelsync.resolve.bytes",
+                "Bytes proxied by media resolve, by backend",
+            ),
+            queue_jobs: meter
+                .i64_gauge("labelsync.queue.jobs")
+                .with_description("Jobs in a queue, by queue and state (pending, running, dead)")
+                .build(),
+            registry,
+            _provider: provider,
+        }
+    }
+
+    /// Records a queue's depth, read by the caller just before a scrape.
+    pub fn record_queue(&self, depth: &QueueDepth) {
+        for (state, n) in [
+            ("pending", depth.pending),
+            ("running", depth.running),
+            ("dead", depth.dead),
+        ] {
+            self.queue_jobs.record(
+                i64::try_from(n).unwrap_or(i64::MAX),
+                &[
+                    KeyValue::new("queue", depth.queue.clone()),
+                    KeyValue::new("state", state),
+                ],
+            );
+        }
+    }
+
+    /// Every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The `/metrics` answer: the queue's depth is read first (a scrape sees
+/// the backlog of that moment), then everything is rendered.
+pub async fn render_with_queue(
+    queue: &crate::jobs::Queue,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    match queue.depth().await {
+        Ok(depth) => metrics().record_queue(&depth),
+        Err(e) => tracing::warn!(error = %e, "queue depth unavailable for /metrics"),
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics().render(),
+    )
+}
+
+/// The worker's own small HTTP listener: `/metrics`, `/healthz` (the process
+/// answers) and `/readyz` (its database and queue answer), for Prometheus
+/// and the orchestrator's probes.
+pub async fn serve_worker_listener(
+    listener: tokio::net::TcpListener,
+    db: sea_orm::DatabaseConnection,
+    queue: crate::jobs::Queue,
+) -> std::io::Result<()> {
+    use axum::{Json, http::StatusCode, routing::get};
+    let metrics_queue = queue.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let queue = metrics_queue.clone();
+                async move { render_with_queue(&queue).await }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let (db, queue) = (db.clone(), queue.clone());
+                async move {
+                    let (database, queue) = tokio::join!(crate::db::ping(&db), queue.ping());
+                    let status = if database && queue {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (
+                        status,
+                        Json(serde_json::json!({ "database": database, "queue": queue })),
+                    )
+                }
+            }),
+        );
+    axum::serve(listener, app).await
+}
+
+/// The outcome label of a storage request.
+fn outcome<T>(result: &Result<T>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(Error::NotFound(_)) => "not_found",
+        Err(Error::Unauthenticated(_)) => "unauthenticated",
+        Err(Error::PermissionDenied(_)) => "permission_denied",
+        Err(Error::Transient(_)) => "transient",
+        Err(Error::Invalid { .. }) => "invalid",
+        Err(Error::Internal(_)) => "internal",
+    }
+}
+
+/// A backend with every request counted and timed.
+#[derive(Debug)]
+pub struct Instrumented(pub Arc<dyn Storage>);
+
+impl Instrumented {
+    fn record<T>(&self, operation: &'static str, started: Instant, result: &Result<T>) {
+        record_request(self.0.kind(), operation, started.elapsed(), outcome(result));
+    }
+}
+
+fn record_request(
+    kind: BackendKind,
+    operation: &'static str,
+    took: Duration,
+    outcome: &'static str,
+) {
+    let m = metrics();
+    let backend = KeyValue::new("backend", kind.as_str());
+    let op = KeyValue::new("operation", operation);
+    m.storage_requests.add(
+        1,
+        &[
+            backend.clone(),
+            op.clone(),
+            KeyValue::new("outcome", outcome),
+        ],
+    );
+    m.storage_duration
+        .record(took.as_secs_f64(), &[backend, op]);
+}
+
+#[async_trait]
+impl Storage for Instrumented {
+    fn kind(&self) -> BackendKind {
+        self.0.kind()
+    }
+
+    fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
+        let kind = self.0.kind();
+        let mut started = Instant::now();
+        // One request per page: timed from the previous page's arrival.
+        self.0
+            .list(opts)
+            .map(move |page| {
+                record_request(kind, "list", started.elapsed(), outcome(&page));
+                started = Instant::now();
+                page
+            })
+            .boxed()
+    }
+
+    async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        let started = Instant::now();
+        let result = self.0.get(key, range).await;
+        self.record("get", started, &result);
+        result
+    }
+
+    async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
+        let started = Instant::now();
+        let result = self.0.put(key, body, content_type).await;
+        self.record("put", started, &result);
+        result
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let started = Instant::now();
+        let result = self.0.delete(key).await;
+        self.record("delete", started, &result);
+        result
+    }
+
+    async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
+        let started = Instant::now();
+        let result = self.0.presign(key, ttl).await;
+        self.record("presign", started, &result);
+        result
+    }
+
+    async fn check(&self, role: Role, prefix: &str) -> Result<()> {
+        let started = Instant::now();
+        let result = self.0.check(role, prefix).await;
+        self.record("check", started, &result);
+        result
+    }
+
+    fn task_uri(&self, key: &str) -> String {
+        self.0.task_uri(key)
+    }
+
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.0.local_path(key)
+    }
+}
