@@ -1,6 +1,6 @@
 //! Building and running the server. `serve` takes an already-bound listener
 //! and a shutdown future, so tests bind port 0 and stop it at will.
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use labelsync::{
@@ -51,9 +51,6 @@ pub async fn serve(
     }
     let state = state(settings).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    // Set when the in-process worker dies on its own: the server then stops
-    // too, so the process exits non-zero instead of serving with no worker.
-    let (died_tx, mut died_rx) = watch::channel(false);
     let mut workers = JoinSet::new();
     if state.settings.embedded_workers {
         let ctx = JobContext::new(
@@ -63,16 +60,31 @@ pub async fn serve(
         );
         let queue = state.queue.clone();
         let mut stop = stop_rx.clone();
+        // The in-process worker is started again when it dies (its queue
+        // connection broke: Redis restarting); the API keeps serving, with
+        // `/readyz` saying not ready until the queue answers again.
         workers.spawn(async move {
-            let result = queue
-                .run_worker(ctx, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if result.is_err() {
-                let _ = died_tx.send(true);
+            let mut pause = Duration::from_secs(1);
+            loop {
+                let mut stopped = stop.clone();
+                let result = queue
+                    .run_worker(ctx.clone(), async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if *stop.borrow() {
+                    return result;
+                }
+                match &result {
+                    Ok(()) => tracing::error!(?pause, "in-process worker stopped; starting it again"),
+                    Err(e) => tracing::error!(error = %e, ?pause, "in-process worker failed; starting it again"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
+                pause = (pause * 2).min(Duration::from_secs(30));
             }
-            result
         });
     }
     let ticker = tokio::spawn(crate::periodic::run(
@@ -80,12 +92,7 @@ pub async fn serve(
         state.settings.schedule_tick,
     ));
     tracing::info!(%addr, embedded_workers = state.settings.embedded_workers, "labelsync scheduler listening");
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
-        tokio::select! {
-            () = shutdown => {}
-            _ = died_rx.wait_for(|died| *died) => tracing::error!("in-process worker stopped; shutting down"),
-        }
-    });
+    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown);
     let served = server.await;
     ticker.abort();
     let _ = stop_tx.send(true);

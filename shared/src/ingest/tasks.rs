@@ -85,7 +85,10 @@ impl Importer<'_, '_> {
             result.error(&key, None, format!("object is {size} bytes, over the {limit}-byte limit (LABELSYNC_MAX_OBJECT_BYTES)"));
             return Ok(Some(result));
         }
-        let source = match self.open(&key, format).await {
+        // Set when the download itself breaks (a reset, a timeout): the parser
+        // then sees a read error, which is the network's fault, not the file's.
+        let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let source = match self.open(&key, format, interrupted.clone()).await {
             Ok(source) => source,
             Err(err) if err.is_transient() => return Err(err),
             Err(err) => {
@@ -150,13 +153,25 @@ impl Importer<'_, '_> {
         drop(rx);
         match parser.await {
             Ok(Ok(())) => {}
+            // The rows before the break are committed and linked; the retried
+            // attempt reads the object again and adds only the rows after it.
+            Ok(Err(message)) if interrupted.load(std::sync::atomic::Ordering::SeqCst) => {
+                return Err(Error::Transient(format!(
+                    "{key}: download interrupted: {message}"
+                )));
+            }
             Ok(Err(message)) => result.error(&key, None, message),
             Err(join) => return Err(Error::Internal(format!("parser of {key} failed: {join}"))),
         }
         Ok((!stopped).then_some(result))
     }
 
-    async fn open(&self, key: &str, format: Format) -> Result<Source> {
+    async fn open(
+        &self,
+        key: &str,
+        format: Format,
+        interrupted: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Source> {
         if let Some(path) = self.backend.local_path(key) {
             let file =
                 std::fs::File::open(&path).map_err(|e| Error::NotFound(format!("{key}: {e}")))?;
@@ -166,7 +181,16 @@ impl Importer<'_, '_> {
                 Source::Reader(Box::new(file))
             });
         }
-        let stream = self.backend.get(key, None).await?.body;
+        let stream = self
+            .backend
+            .get(key, None)
+            .await?
+            .body
+            .inspect(move |chunk| {
+                if chunk.is_err() {
+                    interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
         let reader = tokio_util::io::StreamReader::new(stream);
         if format == Format::Parquet {
             // Parquet needs random access: spool the object to a temporary file.

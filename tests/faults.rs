@@ -1,0 +1,280 @@
+//! Faults a fleet meets, with the invariant checked after each: a storage
+//! that fails a share of requests (500, 503 SlowDown, responses cut off
+//! mid-body, stalls) through a proxy in front of moto; a storage that refuses
+//! (403); Redis restarted mid-run (a Redis of the test's own).
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use labelsync::storage::BackendKind;
+use labelsync_tests::{
+    AppOptions, TestApp,
+    backends::{bucket_name, create_s3_bucket, endpoint, open},
+    faults::{FaultProxy, Mode},
+    spawn_app,
+};
+use serde_json::{Value, json};
+
+fn private_endpoints() -> AppOptions {
+    AppOptions {
+        env: vec![
+            ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
+            (
+                "LABELSYNC_SECRET_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
+            ),
+        ],
+        ..AppOptions::default()
+    }
+}
+
+/// A moto bucket with `tasks` one-task JSON files and `images` images.
+async fn bucket(tasks: usize, images: usize) -> (String, String) {
+    let moto = endpoint("TEST_S3_ENDPOINT");
+    let bucket = bucket_name();
+    create_s3_bucket(&moto, "test", "test", &bucket).await;
+    let s3 = open(
+        BackendKind::S3,
+        json!({ "bucket": bucket, "endpoint_url": moto }),
+        json!({ "access_key_id": "test", "secret_access_key": "test" }),
+    )
+    .await;
+    for i in 0..tasks {
+        let body =
+            json!([{ "text": format!("task {i}") }, { "text": format!("task {i}b") }]).to_string();
+        s3.put(&format!("tasks/t-{i:03}.json"), Bytes::from(body), None)
+            .await
+            .unwrap();
+    }
+    for i in 0..images {
+        s3.put(
+            &format!("images/{i:03}.jpg"),
+            Bytes::from_static(b"jpeg"),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    (moto, bucket)
+}
+
+async fn s3_source(
+    app: &TestApp,
+    project: i64,
+    bucket: &str,
+    endpoint: &str,
+    prefix: &str,
+    method: &str,
+) -> Value {
+    let (status, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "source", "backend": "s3", "prefix": prefix,
+                "import_method": method,
+                "config": { "bucket": bucket, "endpoint_url": endpoint },
+                "secrets": { "access_key_id": "test", "secret_access_key": "test" },
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{storage}");
+    storage
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_storage_requests_are_retried_and_nothing_is_lost() {
+    let (moto, bucket) = bucket(40, 30).await;
+    let proxy = FaultProxy::start(&moto, Mode::Flaky { every: 4 }).await;
+    let app = spawn_app(private_endpoints()).await;
+    let project = app.project("flaky").await;
+
+    let tasks = s3_source(&app, project, &bucket, &proxy.url, "tasks/", "tasks").await;
+    let run = app.sync(&tasks["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 80, "{run}");
+    let images = s3_source(&app, project, &bucket, &proxy.url, "images/", "files").await;
+    let run = app.sync(&images["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 30, "{run}");
+
+    // Every object once: 40 files x 2 rows, 30 images, no duplicate.
+    let all = app.all_tasks(project).await;
+    assert_eq!(all.len(), 110);
+    let mut sources: Vec<(String, i64)> = all
+        .iter()
+        .map(|t| {
+            (
+                t["source"]["key"].as_str().unwrap().to_owned(),
+                t["source"]["row_index"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    sources.sort();
+    sources.dedup();
+    assert_eq!(sources.len(), 110, "one task per (key, row)");
+    let (requests, faults) = proxy.counts();
+    assert!(
+        faults >= 10,
+        "the proxy injected faults: {faults} of {requests}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_storage_fails_the_run_without_pointless_retries() {
+    let (moto, bucket) = bucket(0, 3).await;
+    let proxy = FaultProxy::start(&moto, Mode::Forbidden).await;
+    let app = spawn_app(private_endpoints()).await;
+    let project = app.project("forbidden").await;
+    let storage = s3_source(&app, project, &bucket, &proxy.url, "images/", "files").await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["error"].as_str().unwrap_or_default();
+    assert!(error.contains("AccessDenied"), "a clear error: {run}");
+    assert_eq!(run["attempts"], 1, "a 403 is not retried: {run}");
+    let (requests, _) = proxy.counts();
+    assert_eq!(requests, 1, "one listing request, no retries");
+    // validate says the same, with its code.
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/storages/{}/validate", storage["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("no_list_permission")),
+        "{body}"
+    );
+    app.stop().await;
+}
+
+/// A Redis server of this test's own, so it can be stopped and started.
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = OwnRedis {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        redis.up();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed (tests/run.sh installs it)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_run_the_run_completes_and_readyz_recovers() {
+    let mut redis = OwnRedis::start();
+    let app = spawn_app(AppOptions {
+        env: vec![("REDIS_URL", redis.url())],
+        ..AppOptions::default()
+    })
+    .await;
+    labelsync_tests::write_files(&app.doc_root.path().join("data"), 20_000, "jpg");
+    let project = app.project("redis restart").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let (status, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", storage["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
+    // Wait until the run is under way, then take Redis away.
+    for _ in 0..200 {
+        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+        if run["counters"]["created"].as_i64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.down();
+    let (status, ready) = app.get("/readyz").await;
+    assert_eq!(
+        (status, ready["queue"].as_bool()),
+        (503, Some(false)),
+        "{ready}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.up();
+
+    let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 20_000, "{run}");
+    assert_eq!(
+        app.all_tasks(project).await.len(),
+        20_000,
+        "no duplicate, none missing"
+    );
+    let mut ok = false;
+    for _ in 0..100 {
+        let (status, _) = app.get("/readyz").await;
+        if status == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "/readyz recovers once Redis is back");
+    app.stop().await;
+}

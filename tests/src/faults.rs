@@ -1,0 +1,155 @@
+//! A fault-injecting HTTP proxy for storage tests: it forwards requests to
+//! an emulator unchanged (the `Host` header too, so SigV4 signatures still
+//! match), and for a share of them answers 500, 503 `SlowDown`, cuts the
+//! response off mid-body (a reset), or stalls before forwarding. Or it
+//! refuses everything with 403, to check that permanent errors are not
+//! retried. It counts what it saw.
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Request, State},
+    http::{HeaderName, StatusCode},
+    response::{IntoResponse, Response},
+};
+
+/// What the proxy does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One request in `every` fails, cycling through 500, 503 SlowDown, a
+    /// cut-off body and a 1 s stall (which then succeeds).
+    Flaky { every: u64 },
+    /// Every request gets 403 AccessDenied.
+    Forbidden,
+}
+
+#[derive(Clone)]
+struct Shared {
+    upstream: String,
+    mode: Mode,
+    client: reqwest::Client,
+    requests: Arc<AtomicU64>,
+    faults: Arc<AtomicU64>,
+}
+
+pub struct FaultProxy {
+    pub url: String,
+    requests: Arc<AtomicU64>,
+    faults: Arc<AtomicU64>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str, mode: Mode) -> Self {
+        let shared = Shared {
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            mode,
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
+            requests: Arc::new(AtomicU64::new(0)),
+            faults: Arc::new(AtomicU64::new(0)),
+        };
+        let (requests, faults) = (shared.requests.clone(), shared.faults.clone());
+        let app = Router::new().fallback(forward).with_state(shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        FaultProxy {
+            url,
+            requests,
+            faults,
+        }
+    }
+
+    /// Requests seen, and how many of them got a fault.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::SeqCst),
+            self.faults.load(Ordering::SeqCst),
+        )
+    }
+}
+
+fn s3_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    );
+    (status, [("content-type", "application/xml")], body).into_response()
+}
+
+async fn forward(State(s): State<Shared>, req: Request) -> Response {
+    let n = s.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let fault = match s.mode {
+        Mode::Forbidden => {
+            s.faults.fetch_add(1, Ordering::SeqCst);
+            return s3_error(StatusCode::FORBIDDEN, "AccessDenied", "Access Denied");
+        }
+        Mode::Flaky { every } if n % every == 0 => Some((n / every) % 4),
+        Mode::Flaky { .. } => None,
+    };
+    if let Some(kind) = fault {
+        s.faults.fetch_add(1, Ordering::SeqCst);
+        match kind {
+            0 => {
+                return s3_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "injected",
+                );
+            }
+            1 => {
+                return s3_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "SlowDown",
+                    "Please reduce your request rate.",
+                );
+            }
+            2 => {
+                // Headers, then a body that breaks off: the connection dies
+                // mid-response, as on a reset.
+                let broken = futures::stream::iter([
+                    Ok(Bytes::from_static(b"<?xml")),
+                    Err(std::io::Error::other("injected reset")),
+                ]);
+                return Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", "application/xml")
+                    .header("content-length", "4096")
+                    .body(Body::from_stream(broken))
+                    .unwrap_or_default();
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let mut upstream = s
+        .client
+        .request(parts.method.clone(), format!("{}{path}", s.upstream))
+        .body(body);
+    for (name, value) in &parts.headers {
+        // Host is kept as the client sent it: SigV4 signed it.
+        if name != HeaderName::from_static("content-length") {
+            upstream = upstream.header(name, value);
+        }
+    }
+    let Ok(resp) = upstream.send().await else {
+        return StatusCode::BAD_GATEWAY.into_response();
+    };
+    let mut builder = Response::builder().status(resp.status());
+    for (name, value) in resp.headers() {
+        builder = builder.header(name, value);
+    }
+    let bytes = resp.bytes().await.unwrap_or_default();
+    builder.body(Body::from(bytes)).unwrap_or_default()
+}
