@@ -150,6 +150,29 @@ async fn a_refusing_storage_fails_the_run_without_pointless_retries() {
         (422, Some("no_list_permission")),
         "{body}"
     );
+
+    // A key that may read but not write: fine as a source, not as a target.
+    let read_only = FaultProxy::start(&moto, Mode::ReadOnly).await;
+    for (role, expected) in [("source", None), ("target", Some("no_write_permission"))] {
+        let (status, body) = app
+            .post(
+                "/api/v1/storages/validate",
+                json!({
+                    "project_id": project, "role": role, "backend": "s3",
+                    "config": { "bucket": bucket, "endpoint_url": read_only.url },
+                    "secrets": { "access_key_id": "test", "secret_access_key": "test" },
+                }),
+            )
+            .await;
+        match expected {
+            None => assert_eq!(status, 200, "{role}: {body}"),
+            Some(code) => assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (422, Some(code)),
+                "{role}: {body}"
+            ),
+        }
+    }
     app.stop().await;
 }
 

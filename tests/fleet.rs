@@ -589,6 +589,16 @@ async fn annotations_saved_while_no_worker_runs_are_exported_once_one_starts() {
         assert_eq!(status, 201, "{a}");
         ids.push(a["id"].as_i64().expect("annotation id"));
     }
+    // Edits of one annotation coalesce: still one event per annotation.
+    for label in ["a2", "a3", "a4"] {
+        let (status, a) = app
+            .patch(
+                &format!("/api/v1/annotations/{}", ids[0]),
+                json!({ "result": [{ "value": { "choices": [label] } }] }),
+            )
+            .await;
+        assert_eq!(status, 200, "{a}");
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let exported = |id: &i64| {
         app.doc_root
@@ -611,6 +621,11 @@ async fn annotations_saved_while_no_worker_runs_are_exported_once_one_starts() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The latest state was written.
+    let first = std::fs::read(app.doc_root.path().join(format!("export/{}.json", ids[0])))
+        .expect("exported");
+    let first: serde_json::Value = serde_json::from_slice(&first).expect("json");
+    assert_eq!(first["result"][0]["value"]["choices"][0], "a4", "{first}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while count(&db, "SELECT count(*) AS n FROM export_outbox").await > 0 {
         assert!(Instant::now() < deadline, "the outbox was not drained");

@@ -25,6 +25,8 @@ pub enum Mode {
     Flaky { every: u64 },
     /// Every request gets 403 AccessDenied.
     Forbidden,
+    /// Reads pass; writes (PUT, POST, DELETE) get 403: a read-only key.
+    ReadOnly,
 }
 
 #[derive(Clone)]
@@ -91,6 +93,11 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
             s.faults.fetch_add(1, Ordering::SeqCst);
             return s3_error(StatusCode::FORBIDDEN, "AccessDenied", "Access Denied");
         }
+        Mode::ReadOnly if req.method() != axum::http::Method::GET => {
+            s.faults.fetch_add(1, Ordering::SeqCst);
+            return s3_error(StatusCode::FORBIDDEN, "AccessDenied", "Access Denied");
+        }
+        Mode::ReadOnly => None,
         Mode::Flaky { every } if n % every == 0 => Some((n / every) % 4),
         Mode::Flaky { .. } => None,
     };
