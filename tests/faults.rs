@@ -301,3 +301,140 @@ async fn redis_restarted_mid_run_the_run_completes_and_readyz_recovers() {
     assert!(ok, "/readyz recovers once Redis is back");
     app.stop().await;
 }
+
+/// A planted secret never shows: not in API responses, not in the server's
+/// debug logs, not in run errors, not in the database file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_secret_appears_in_no_response_log_or_row() {
+    const PLANTED: &str = "PLANTED-s3cr3t-9f8e7d";
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let mut server = Command::new(labelsync_tests::binary("labelsync-scheduler"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LABELSYNC_BIND", format!("127.0.0.1:{port}"))
+        .env("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true")
+        .env(
+            "LABELSYNC_SECRET_KEY",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        )
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut seen = String::new();
+    let mut call = async |method: reqwest::Method, path: &str, body: Value| -> Value {
+        let resp = client
+            .request(method, format!("{base}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let text = resp.text().await.unwrap();
+        seen.push_str(&text);
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    };
+    let s3 = endpoint("TEST_S3S_ENDPOINT");
+    let project = call(
+        reqwest::Method::POST,
+        "/api/v1/projects",
+        json!({ "title": "p", "data_key": "image" }),
+    )
+    .await;
+    let body = json!({
+        "project_id": project["id"], "role": "source", "backend": "s3",
+        "config": { "bucket": bucket_name(), "endpoint_url": s3 },
+        "secrets": { "access_key_id": "labelsync-test", "secret_access_key": PLANTED },
+    });
+    let validated = call(
+        reqwest::Method::POST,
+        "/api/v1/storages/validate",
+        body.clone(),
+    )
+    .await;
+    assert_eq!(validated["error"]["code"], "bad_credentials", "{validated}");
+    let storage = call(reqwest::Method::POST, "/api/v1/storages", body).await;
+    let id = storage["id"].clone();
+    assert_eq!(
+        storage["secrets_set"],
+        json!(["access_key_id", "secret_access_key"]),
+        "{storage}"
+    );
+    call(
+        reqwest::Method::GET,
+        &format!("/api/v1/storages/{id}"),
+        Value::Null,
+    )
+    .await;
+    call(
+        reqwest::Method::PATCH,
+        &format!("/api/v1/storages/{id}"),
+        json!({ "title": "renamed" }),
+    )
+    .await;
+    let started = call(
+        reqwest::Method::POST,
+        &format!("/api/v1/storages/{id}/sync"),
+        json!({}),
+    )
+    .await;
+    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
+    let mut run = Value::Null;
+    for _ in 0..200 {
+        run = call(
+            reqwest::Method::GET,
+            &format!("/api/v1/runs/{run_id}"),
+            Value::Null,
+        )
+        .await;
+        if run["status"] != "queued" && run["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        run["status"], "failed",
+        "the wrong key fails the sync: {run}"
+    );
+    call(
+        reqwest::Method::GET,
+        &format!("/api/v1/runs/{run_id}/errors"),
+        Value::Null,
+    )
+    .await;
+    let _ = server.kill();
+    let _ = server.wait();
+
+    assert!(!seen.contains(PLANTED), "a response carried the secret");
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains("DEBUG"), "debug logging was on");
+    assert!(!log.contains(PLANTED), "the log carried the secret");
+    // The SQLite file and its write-ahead log (recent writes live there).
+    let mut files = 0;
+    for name in ["labelsync.db", "labelsync.db-wal"] {
+        if let Ok(bytes) = std::fs::read(dir.path().join(name)) {
+            files += 1;
+            let found = bytes
+                .windows(PLANTED.len())
+                .any(|w| w == PLANTED.as_bytes());
+            assert!(!found, "{name} holds the secret in clear");
+        }
+    }
+    assert!(files > 0, "the database file exists");
+}
