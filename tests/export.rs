@@ -12,23 +12,14 @@ use labelsync_tests::{
     AppOptions, TestApp,
     backends::{
         AZURITE_ACCOUNT, AZURITE_KEY, DatabricksFake, bucket_name, create_azure_container,
-        create_gcs_bucket, create_s3_bucket, endpoint, open,
+        create_gcs_bucket, create_s3_bucket, endpoint, open, read_object,
     },
     spawn_app,
 };
 use serde_json::{Value, json};
 
 fn options() -> AppOptions {
-    AppOptions {
-        env: vec![
-            ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
-            (
-                "LABELSYNC_SECRET_KEY",
-                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
-            ),
-        ],
-        ..AppOptions::default()
-    }
+    AppOptions::with_storages()
 }
 
 /// A project with `n` tasks, imported from a JSONL file on a local source.
@@ -151,10 +142,10 @@ async fn annotation_events_reach_local_and_s3_targets() {
     let s3_doc = |id: i64| {
         let storage = bucket_view.clone();
         async move {
-            let object = storage.get(&format!("labels/{id}.json"), None).await.ok()?;
-            let bytes: Vec<bytes::Bytes> =
-                futures::TryStreamExt::try_collect(object.body).await.ok()?;
-            serde_json::from_slice::<Value>(&bytes.concat()).ok()
+            let bytes = read_object(&*storage, &format!("labels/{id}.json"))
+                .await
+                .ok()?;
+            serde_json::from_slice::<Value>(&bytes).ok()
         }
     };
 
@@ -397,14 +388,10 @@ async fn export_sync_through_each_backend() {
         assert_eq!(run["counters"]["exported"], 3, "{backend}: {run}");
         let storage = open(BackendKind::parse(backend).unwrap(), config, secrets).await;
         for id in &ids {
-            let object = storage
-                .get(&format!("exports/{id}.json"), None)
+            let bytes = read_object(&*storage, &format!("exports/{id}.json"))
                 .await
                 .unwrap_or_else(|e| panic!("{backend}: {e}"));
-            let bytes: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(object.body)
-                .await
-                .unwrap();
-            let doc: Value = serde_json::from_slice(&bytes.concat()).unwrap();
+            let doc: Value = serde_json::from_slice(&bytes).unwrap();
             assert_eq!(
                 (doc["id"].as_i64(), label(&doc)),
                 (Some(*id), "cat"),

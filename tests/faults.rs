@@ -20,16 +20,7 @@ use labelsync_tests::{
 use serde_json::{Value, json};
 
 fn private_endpoints() -> AppOptions {
-    AppOptions {
-        env: vec![
-            ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
-            (
-                "LABELSYNC_SECRET_KEY",
-                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
-            ),
-        ],
-        ..AppOptions::default()
-    }
+    AppOptions::with_storages()
 }
 
 /// A moto bucket with `tasks` one-task JSON files and `images` images.
@@ -321,10 +312,7 @@ async fn a_planted_secret_appears_in_no_response_log_or_row() {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("LABELSYNC_BIND", format!("127.0.0.1:{port}"))
         .env("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true")
-        .env(
-            "LABELSYNC_SECRET_KEY",
-            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
-        )
+        .env("LABELSYNC_SECRET_KEY", labelsync_tests::TEST_SECRET_KEY)
         .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(log)

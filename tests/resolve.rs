@@ -21,17 +21,11 @@ use serde_json::{Value, json};
 const SIZE: usize = 20 << 20;
 
 fn options(local_serving: bool) -> AppOptions {
-    AppOptions {
-        env: vec![
-            ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
-            (
-                "LABELSYNC_SECRET_KEY",
-                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
-            ),
-            ("LOCAL_FILES_SERVING_ENABLED", local_serving.to_string()),
-        ],
-        ..AppOptions::default()
-    }
+    let mut options = AppOptions::with_storages();
+    options
+        .env
+        .push(("LOCAL_FILES_SERVING_ENABLED", local_serving.to_string()));
+    options
 }
 
 fn s3s() -> (String, Value) {

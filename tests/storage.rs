@@ -646,17 +646,7 @@ async fn local_conformance() {
 /// carry the backend's URIs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_sync_end_to_end_through_each_backend() {
-    let app = spawn_app(AppOptions {
-        env: vec![
-            ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
-            (
-                "LABELSYNC_SECRET_KEY",
-                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
-            ),
-        ],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = spawn_app(AppOptions::with_storages()).await;
     let (s3_url, s3_key, s3_secret) = s3s();
     let s3_bucket = bucket_name();
     create_s3_bucket(&s3_url, &s3_key, &s3_secret, &s3_bucket).await;

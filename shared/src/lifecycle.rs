@@ -32,6 +32,17 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested; finishing in-flight jobs");
 }
 
+/// A transient error once the worker is shutting down, so a running import
+/// or export stops at its next page and another worker resumes the run.
+pub fn check_stopping(stopping: Option<&std::sync::atomic::AtomicBool>) -> Result<()> {
+    if stopping.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+        return Err(Error::Transient(
+            "the worker is shutting down; another worker resumes this run".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `labelsync-worker`: runs jobs from Redis until SIGTERM.
 pub async fn run_worker_process(settings: Settings) -> Result<()> {
     if settings.redis_url.is_none() {

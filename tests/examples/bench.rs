@@ -81,7 +81,7 @@ async fn main() {
         ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
         (
             "LABELSYNC_SECRET_KEY",
-            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".into(),
+            labelsync_tests::TEST_SECRET_KEY.into(),
         ),
         ("RUST_LOG", "warn".into()),
     ];

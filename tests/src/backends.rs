@@ -59,6 +59,15 @@ pub async fn open(kind: BackendKind, config: Value, secrets: Value) -> Arc<dyn S
         .unwrap_or_else(|e| panic!("open {kind}: {e}"))
 }
 
+/// A whole object's bytes.
+pub async fn read_object(storage: &dyn Storage, key: &str) -> labelsync::Result<Vec<u8>> {
+    let object = storage.get(key, None).await?;
+    let chunks: Vec<Bytes> = futures::TryStreamExt::try_collect(object.body)
+        .await
+        .map_err(|e| labelsync::Error::Transient(e.to_string()))?;
+    Ok(chunks.concat())
+}
+
 /// Creates an S3 bucket (moto takes any credentials; s3s-fs checks them).
 pub async fn create_s3_bucket(endpoint: &str, key: &str, secret: &str, bucket: &str) {
     let config = aws_sdk_s3::Config::builder()

@@ -104,7 +104,22 @@ pub struct AppOptions {
     pub env: Vec<(&'static str, String)>,
 }
 
+/// The key tests seal storage secrets with (32 bytes, base64).
+pub const TEST_SECRET_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
 impl AppOptions {
+    /// A server whose storages may reach the emulators on 127.0.0.1 and
+    /// take secrets.
+    pub fn with_storages() -> Self {
+        AppOptions {
+            env: vec![
+                ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
+                ("LABELSYNC_SECRET_KEY", TEST_SECRET_KEY.into()),
+            ],
+            ..AppOptions::default()
+        }
+    }
+
     /// Postgres + Redis with no in-process worker: runs stay queued until a
     /// test starts `labelsync-worker` processes (or never, on purpose).
     pub fn without_workers() -> Self {

@@ -103,15 +103,7 @@ impl ExportJob<'_> {
     }
 
     fn check_stopping(&self) -> Result<()> {
-        if self
-            .stopping
-            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
-        {
-            return Err(Error::Transient(
-                "the worker is shutting down; another worker resumes this run".into(),
-            ));
-        }
-        Ok(())
+        crate::lifecycle::check_stopping(self.stopping)
     }
 
     /// Writes a page's links, errors, counters (and drained events) with the

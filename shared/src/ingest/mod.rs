@@ -237,15 +237,7 @@ impl ImportJob<'_> {
 
 impl ImportJob<'_> {
     fn check_stopping(&self) -> Result<()> {
-        if self
-            .stopping
-            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
-        {
-            return Err(crate::Error::Transient(
-                "the worker is shutting down; another worker resumes this run".into(),
-            ));
-        }
-        Ok(())
+        crate::lifecycle::check_stopping(self.stopping)
     }
 
     /// Fetches, parses and imports Tasks-mode objects, a bounded number at

@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::DateTime;
-use futures::{StreamExt, TryStreamExt, stream::BoxStream};
+use futures::stream::BoxStream;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::{Client, Method, RequestBuilder, Response, StatusCode, Url, header};
 use serde::{Deserialize, Serialize};
@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
     paginate, parse_config,
-    retry::{retry, status_error, transport_error},
+    retry::{object_of, retry, status_error, transport_error},
 };
 use crate::{Error, Result, security::net::http_client};
 
@@ -326,25 +326,7 @@ impl Storage for DatabricksStorage {
                 }
             })
             .await?;
-        let text = |name: header::HeaderName| {
-            resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
-            text(header::CONTENT_RANGE).and_then(|cr| cr.rsplit('/').next()?.parse().ok())
-        } else {
-            resp.content_length()
-        };
-        let etag = text(header::LAST_MODIFIED);
-        let content_type = text(header::CONTENT_TYPE);
-        Ok(Object {
-            body: resp.bytes_stream().map_err(std::io::Error::other).boxed(),
-            size,
-            etag,
-            content_type,
-        })
+        Ok(object_of(resp, &[header::LAST_MODIFIED]))
     }
 
     async fn put(&self, key: &str, body: Bytes, _content_type: Option<&str>) -> Result<()> {

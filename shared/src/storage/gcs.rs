@@ -20,19 +20,19 @@ use std::{fmt::Write, time::Duration};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures::{StreamExt, TryStreamExt, stream::BoxStream};
+use futures::stream::BoxStream;
 use google_cloud_auth::{
     credentials::{self, AccessTokenCredentials},
     signer::Signer,
 };
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use reqwest::{Client, Method, RequestBuilder, Response, StatusCode, Url, header};
+use reqwest::{Client, Method, RequestBuilder, Response, Url, header};
 use serde::{Deserialize, Serialize};
 
 use super::{
     BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
     paginate, parse_config,
-    retry::{retry, status_error, transport_error},
+    retry::{object_of, retry, status_error, transport_error},
 };
 use crate::{
     Error, Result,
@@ -323,28 +323,13 @@ impl Storage for GcsStorage {
                 }
             })
             .await?;
-        let headers = resp.headers();
-        let text = |name: header::HeaderName| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
-            text(header::CONTENT_RANGE).and_then(|cr| cr.rsplit('/').next()?.parse().ok())
-        } else {
-            resp.content_length()
-        };
-        let etag =
-            text(header::HeaderName::from_static("x-goog-generation")).or(text(header::ETAG));
-        let content_type = text(header::CONTENT_TYPE);
-        let body = resp.bytes_stream().map_err(std::io::Error::other).boxed();
-        Ok(Object {
-            body,
-            size,
-            etag,
-            content_type,
-        })
+        Ok(object_of(
+            resp,
+            &[
+                header::HeaderName::from_static("x-goog-generation"),
+                header::ETAG,
+            ],
+        ))
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {

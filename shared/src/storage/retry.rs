@@ -64,6 +64,36 @@ pub fn status_error(status: StatusCode, what: &str, detail: &str) -> Error {
     }
 }
 
+/// An object from a successful GET of a hand-written HTTP backend: the
+/// whole size from `Content-Range` on a 206 (else `Content-Length`), the
+/// first of `etag_headers` present, the content type, and the body streamed.
+pub fn object_of(
+    resp: reqwest::Response,
+    etag_headers: &[reqwest::header::HeaderName],
+) -> super::Object {
+    use futures::{StreamExt, TryStreamExt};
+    use reqwest::header;
+    let text = |name: &header::HeaderName| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
+        text(&header::CONTENT_RANGE).and_then(|cr| cr.rsplit('/').next()?.parse().ok())
+    } else {
+        resp.content_length()
+    };
+    let etag = etag_headers.iter().find_map(text);
+    let content_type = text(&header::CONTENT_TYPE);
+    super::Object {
+        body: resp.bytes_stream().map_err(std::io::Error::other).boxed(),
+        size,
+        etag,
+        content_type,
+    }
+}
+
 /// Classifies a transport error of reqwest (the request never got an answer).
 pub fn transport_error(err: &reqwest::Error, what: &str) -> Error {
     // The SSRF guard refuses in the resolver; that is not worth retrying.
