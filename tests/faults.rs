@@ -426,3 +426,63 @@ async fn a_planted_secret_appears_in_no_response_log_or_row() {
     }
     assert!(files > 0, "the database file exists");
 }
+
+/// Postgres connections killed under a running sync (three times): the
+/// attempts fail transiently, the job retries, the run completes with every
+/// object once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_killed_mid_run_the_run_completes() {
+    use sea_orm::{ConnectionTrait, Database};
+    const FILES: usize = 20_000;
+    let app = spawn_app(AppOptions::default()).await;
+    labelsync_tests::write_files(&app.doc_root.path().join("data"), FILES, "jpg");
+    let project = app.project("pg kill").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let (status, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", storage["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
+    let database = app.database_url.rsplit('/').next().unwrap().to_owned();
+    let admin = Database::connect(labelsync_tests::postgres_admin_url())
+        .await
+        .unwrap();
+    let mut kills = 0;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let killed = admin
+            .execute_unprepared(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+            ))
+            .await
+            .unwrap();
+        kills += killed.rows_affected();
+    }
+    assert!(kills > 0, "connections were killed");
+    // Poll without asserting on each answer: a request may meet a dead
+    // connection too (503), which is the point.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let run = loop {
+        let (status, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+        if status == 200 && run["status"] != "queued" && run["status"] != "running" {
+            break run;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run still going: {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], FILES as i64, "{run}");
+    assert_eq!(
+        app.all_tasks(project).await.len(),
+        FILES,
+        "every object once"
+    );
+    app.stop().await;
+}
