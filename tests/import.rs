@@ -497,3 +497,47 @@ async fn changed_task_files_are_reimported_when_the_storage_opts_in() {
         app.stop().await;
     }
 }
+
+/// A regex that backtracking engines take exponential time on, against the
+/// key that triggers it, runs in linear time; keys with control characters
+/// import with their URI escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catastrophic_looking_regex_and_control_characters_in_keys() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    let evil = format!("{}!.jpg", "a".repeat(200));
+    for key in [evil.as_str(), "aaaa.jpg", "ctl\u{1}name.jpg"] {
+        write(&data, key, b"x");
+    }
+    let project = app.project("regex").await;
+    let started = std::time::Instant::now();
+    let storage = app
+        .local_storage(project, json!({ "regex_filter": "^(a+)+\\.jpg$" }))
+        .await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(
+        (
+            run["counters"]["listed"].as_i64(),
+            run["counters"]["matched"].as_i64()
+        ),
+        (Some(3), Some(1)),
+        "{run}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "linear time"
+    );
+
+    let other = app.project("control characters").await;
+    let storage = app.local_storage(other, json!({ "title": "all" })).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["counters"]["created"], 3, "{run}");
+    let tasks = app.all_tasks(other).await;
+    let ctl = task_by_source(&tasks, "ctl\u{1}name.jpg", 0);
+    assert_eq!(
+        ctl["data"]["image"], "/data/local-files/?d=data/ctl%01name.jpg",
+        "{ctl}"
+    );
+    app.stop().await;
+}
