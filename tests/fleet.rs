@@ -681,3 +681,80 @@ async fn worker_serves_probes_and_metrics() {
     );
     app.stop().await;
 }
+
+/// An export run whose worker is SIGKILLed twice mid-way: a third worker
+/// finishes it, and every annotation is exported exactly once (one file, one
+/// link, counted once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_killed_twice_mid_run_exports_every_annotation_once() {
+    const N: i64 = 6_000;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let project = app.project("export kills").await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    db.execute_unprepared(&format!(
+        "INSERT INTO tasks (project_id, data, created_at, updated_at) \
+         SELECT {project}, jsonb_build_object('text', 'task ' || g), now(), now() FROM generate_series(1, {N}) g"
+    ))
+    .await
+    .expect("tasks");
+    db.execute_unprepared(&format!(
+        "INSERT INTO annotations (task_id, project_id, result, was_cancelled, ground_truth, created_at, updated_at) \
+         SELECT id, {project}, '[]'::jsonb, false, false, now(), now() FROM tasks"
+    ))
+    .await
+    .expect("annotations");
+    std::fs::create_dir_all(app.doc_root.path().join("export")).expect("export dir");
+    let (status, target) = app
+        .post(
+            "/api/v1/storages",
+            json!({ "project_id": project, "role": "target", "backend": "local", "prefix": "out", "config": { "path": "export" } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{target}");
+    let (status, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", target["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
+
+    let mut kills = 0;
+    for name in ["first", "second"] {
+        let mut worker = spawn_worker(&app, name);
+        let seen_before = count(&db, "SELECT COUNT(*) AS n FROM export_links").await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Kill it once it has committed a page more than its predecessor.
+        while count(&db, "SELECT COUNT(*) AS n FROM export_links").await <= seen_before {
+            assert!(Instant::now() < deadline, "{name} worker made no progress");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let exported = count(&db, "SELECT COUNT(*) AS n FROM export_links").await;
+        if exported < N {
+            worker.kill();
+            kills += 1;
+        }
+    }
+    assert!(
+        kills >= 1,
+        "the export finished before any kill; make it bigger"
+    );
+    let _last = spawn_worker(&app, "last");
+    let run = app.wait_run(&run_id, Duration::from_secs(180)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["exported"], N, "counted once: {run}");
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM export_links").await,
+        N
+    );
+    let files = std::fs::read_dir(app.doc_root.path().join("export/out"))
+        .expect("exported files")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        })
+        .count();
+    assert_eq!(files as i64, N, "one file per annotation");
+    app.stop().await;
+}
