@@ -486,3 +486,78 @@ async fn postgres_connections_killed_mid_run_the_run_completes() {
     );
     app.stop().await;
 }
+
+/// An annotation deleted while its export upload is in flight: the page's
+/// commit drops its link instead of failing on the foreign key, the run
+/// completes, and the delete event removes the uploaded object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_annotation_deleted_mid_upload_does_not_fail_the_export() {
+    let (moto, bucket) = bucket(0, 0).await;
+    let proxy = FaultProxy::start(&moto, Mode::SlowWrites(Duration::from_millis(1500))).await;
+    let app = spawn_app(private_endpoints()).await;
+    let project = app.project("race").await;
+    // A task to annotate, imported from a local file.
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("t.json"), r#"{"text": "hello"}"#).unwrap();
+    let source = app
+        .local_storage(project, json!({ "import_method": "tasks" }))
+        .await;
+    assert_eq!(app.sync(&source["id"]).await["status"], "completed");
+    let task = app.all_tasks(project).await[0]["id"].clone();
+    let (status, annotation) = app
+        .post(
+            &format!("/api/v1/tasks/{task}/annotations"),
+            json!({ "result": [] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{annotation}");
+    let id = annotation["id"].clone();
+    let (status, target) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "target", "backend": "s3", "prefix": "out",
+                "can_delete_objects": true,
+                "config": { "bucket": bucket, "endpoint_url": proxy.url },
+                "secrets": { "access_key_id": "test", "secret_access_key": "test" },
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{target}");
+    let (status, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", target["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    // The upload waits in the proxy; delete the annotation meanwhile.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _) = app.delete(&format!("/api/v1/annotations/{id}")).await;
+    assert_eq!(status, 204);
+    let run = app
+        .wait_run(
+            started["run"]["id"].as_str().unwrap(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(run["status"], "completed", "{run}");
+    // The delete event (drained by this run or the next) removes the object.
+    let s3 = open(
+        BackendKind::S3,
+        json!({ "bucket": bucket, "endpoint_url": moto }),
+        json!({ "access_key_id": "test", "secret_access_key": "test" }),
+    )
+    .await;
+    let key = format!("out/{id}.json");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while s3.get(&key, None).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key} was not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}

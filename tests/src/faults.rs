@@ -27,6 +27,8 @@ pub enum Mode {
     Forbidden,
     /// Reads pass; writes (PUT, POST, DELETE) get 403: a read-only key.
     ReadOnly,
+    /// Every write (PUT) waits this long before it is forwarded.
+    SlowWrites(std::time::Duration),
 }
 
 #[derive(Clone)]
@@ -98,6 +100,12 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
             return s3_error(StatusCode::FORBIDDEN, "AccessDenied", "Access Denied");
         }
         Mode::ReadOnly => None,
+        Mode::SlowWrites(pause) => {
+            if req.method() == axum::http::Method::PUT {
+                tokio::time::sleep(pause).await;
+            }
+            None
+        }
         Mode::Flaky { every } if n % every == 0 => Some((n / every) % 4),
         Mode::Flaky { .. } => None,
     };

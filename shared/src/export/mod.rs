@@ -115,7 +115,38 @@ impl ExportJob<'_> {
         drained: &[export_outbox::Model],
     ) -> Result<bool> {
         let txn = db::begin_write(self.db).await?;
-        for chunk in result.links.chunks(1000) {
+        // An annotation deleted since its page was read has no link to keep
+        // (its delete event removes the object); its row is locked against
+        // deletion until this commit, so the links' foreign key holds.
+        let links = if result.links.is_empty() {
+            result.links
+        } else {
+            let ids: Vec<i64> = result
+                .links
+                .iter()
+                .filter_map(|l| l.annotation_id.clone().take())
+                .collect();
+            let mut alive = annotation::Entity::find()
+                .select_only()
+                .column(annotation::Column::Id)
+                .filter(annotation::Column::Id.is_in(ids));
+            if self.db.get_database_backend() == sea_orm::DbBackend::Postgres {
+                alive = alive.lock_shared();
+            }
+            let alive: std::collections::HashSet<i64> =
+                alive.into_tuple().all(&txn).await?.into_iter().collect();
+            result
+                .links
+                .into_iter()
+                .filter(|l| {
+                    l.annotation_id
+                        .clone()
+                        .take()
+                        .is_some_and(|id| alive.contains(&id))
+                })
+                .collect()
+        };
+        for chunk in links.chunks(1000) {
             export_link::Entity::insert_many(chunk.to_vec())
                 .on_conflict(
                     OnConflict::columns([
