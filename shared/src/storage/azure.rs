@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    parse_config, retry,
+    check_location, parse_config, retry,
 };
 use crate::{
     Error, Result,
@@ -58,17 +58,13 @@ pub struct AzureConfig {
 impl AzureConfig {
     pub async fn parse(config: &serde_json::Value, env: &StorageEnv) -> Result<Self> {
         let mut config: AzureConfig = parse_config(BackendKind::Azure, config)?;
-        config.endpoint_url = config.endpoint_url.filter(|u| !u.trim().is_empty());
-        if config.container.is_empty() || config.container.contains('/') {
-            return Err(Error::invalid(
-                "invalid_config",
-                Some("config.container"),
-                "config.container must be a container name (no slashes; put paths in prefix)",
-            ));
-        }
-        if let Some(url) = &config.endpoint_url {
-            env.net.check_url(url, "config.endpoint_url").await?;
-        }
+        config.endpoint_url = check_location(
+            "config.container",
+            &config.container,
+            config.endpoint_url.take(),
+            env,
+        )
+        .await?;
         if config.account_name.is_none() && env.azure_account_name.is_none() {
             return Err(Error::invalid(
                 "missing_field",

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    paginate, parse_config,
+    check_location, paginate, parse_config,
     retry::{object_of, retry, status_error, transport_error},
 };
 use crate::{
@@ -64,17 +64,13 @@ pub struct GcsConfig {
 impl GcsConfig {
     pub async fn parse(config: &serde_json::Value, env: &StorageEnv) -> Result<Self> {
         let mut config: GcsConfig = parse_config(BackendKind::Gcs, config)?;
-        config.endpoint_url = config.endpoint_url.filter(|u| !u.trim().is_empty());
-        if config.bucket.is_empty() || config.bucket.contains('/') {
-            return Err(Error::invalid(
-                "invalid_config",
-                Some("config.bucket"),
-                "config.bucket must be a bucket name (no slashes; put paths in prefix)",
-            ));
-        }
-        if let Some(url) = &config.endpoint_url {
-            env.net.check_url(url, "config.endpoint_url").await?;
-        }
+        config.endpoint_url = check_location(
+            "config.bucket",
+            &config.bucket,
+            config.endpoint_url.take(),
+            env,
+        )
+        .await?;
         Ok(config)
     }
 

@@ -514,6 +514,29 @@ pub async fn open_with(
     Ok(Arc::new(crate::metrics::Instrumented(backend)))
 }
 
+/// The checks every cloud config shares: a bucket (or container) name with
+/// no path in it, and an optional endpoint that must pass the SSRF guard.
+/// Returns the endpoint with an empty string taken as none.
+pub async fn check_location(
+    field: &'static str,
+    name: &str,
+    endpoint_url: Option<String>,
+    env: &StorageEnv,
+) -> Result<Option<String>> {
+    if name.is_empty() || name.contains('/') {
+        return Err(Error::invalid(
+            "invalid_config",
+            Some(field),
+            format!("{field} must be a single name (no slashes; put paths in prefix)"),
+        ));
+    }
+    let endpoint_url = endpoint_url.filter(|u| !u.trim().is_empty());
+    if let Some(url) = &endpoint_url {
+        env.net.check_url(url, "config.endpoint_url").await?;
+    }
+    Ok(endpoint_url)
+}
+
 /// Parses a backend's config object with serde, naming the backend in the error.
 pub fn parse_config<T: serde::de::DeserializeOwned>(
     kind: BackendKind,

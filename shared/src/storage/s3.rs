@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    paginate, parse_config, retry,
+    check_location, paginate, parse_config, retry,
 };
 use crate::{
     Error, Result,
@@ -60,17 +60,13 @@ pub struct S3Config {
 impl S3Config {
     pub async fn parse(config: &serde_json::Value, env: &StorageEnv) -> Result<Self> {
         let mut config: S3Config = parse_config(BackendKind::S3, config)?;
-        config.endpoint_url = config.endpoint_url.filter(|u| !u.trim().is_empty());
-        if config.bucket.is_empty() || config.bucket.contains('/') {
-            return Err(Error::invalid(
-                "invalid_config",
-                Some("config.bucket"),
-                "config.bucket must be a bucket name (no slashes; put paths in prefix)",
-            ));
-        }
-        if let Some(url) = &config.endpoint_url {
-            env.net.check_url(url, "config.endpoint_url").await?;
-        }
+        config.endpoint_url = check_location(
+            "config.bucket",
+            &config.bucket,
+            config.endpoint_url.take(),
+            env,
+        )
+        .await?;
         if config.external_id.is_some() && config.role_arn.is_none() {
             return Err(Error::invalid(
                 "invalid_config",
