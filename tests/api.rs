@@ -414,6 +414,28 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
         (413, &json!("body_too_large")),
         "{err}"
     );
+    // A 100 MB body is refused from its Content-Length, before any of it is
+    // read: headers alone get the 413.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = app.base.trim_start_matches("http://").to_owned();
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /api/v1/projects HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            100 << 20
+        );
+        conn.write_all(head.as_bytes()).await.expect("send headers");
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut answer))
+            .await
+            .expect("an answer without the body")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("body_too_large"), "{answer}");
+    }
     let (status, err) = app.post_raw("/api/v1/projects", "not json").await;
     assert_eq!(
         (status, &err["error"]["code"]),
