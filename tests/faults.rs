@@ -1,7 +1,7 @@
 //! Faults a fleet meets, with the invariant checked after each: a storage
 //! that fails a share of requests (500, 503 SlowDown, responses cut off
 //! mid-body, stalls) through a proxy in front of moto; a storage that refuses
-//! (403); Redis restarted mid-run (a Redis of the test's own).
+//! (403); Redis and Postgres restarted mid-run (servers of the test's own).
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -290,6 +290,202 @@ async fn redis_restarted_mid_run_the_run_completes_and_readyz_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "/readyz recovers once Redis is back");
+    app.stop().await;
+}
+
+/// A Postgres server of this test's own (initdb into a temp dir), so it can
+/// be stopped the hard way and started again while a sync runs.
+struct OwnPostgres {
+    port: u16,
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+}
+
+impl OwnPostgres {
+    fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|dirs| {
+                dirs.filter_map(|d| d.ok().map(|d| d.path().join("bin")))
+                    .filter(|b| b.join("initdb").exists())
+                    .max()
+            })
+            .expect("PostgreSQL's server binaries are needed in /usr/lib/postgresql/*/bin (tests/run.sh installs them)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = OwnPostgres {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            bin,
+        };
+        if is_root() {
+            // The server refuses to run as root: hand it the folder.
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(pg.dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown the data folder to postgres");
+        }
+        let data = pg.data();
+        pg.pg(
+            "initdb",
+            &["-A", "trust", "-U", "postgres", "--no-sync", "-D", &data],
+        );
+        pg.up();
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs one of the server's programs (as `postgres` when we are root).
+    fn pg(&self, program: &str, args: &[&str]) {
+        let path = self.bin.join(program);
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            Command::new(&path)
+        };
+        let out = cmd.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn up(&self) {
+        let (data, port) = (self.data(), self.port.to_string());
+        let socket_dir = self.dir.path().display().to_string();
+        let options = format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -k {socket_dir} -c fsync=off -c max_connections=100"
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        self.pg(
+            "pg_ctl",
+            &["-D", &data, "-o", &options, "-l", &log, "-w", "start"],
+        );
+    }
+
+    /// An immediate shutdown: every backend is killed at once and the next
+    /// start runs crash recovery, as after a power cut.
+    fn crash(&self) {
+        self.pg(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let path = self.bin.join("pg_ctl");
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        };
+        let _ = cmd
+            .args(["-D", &data, "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// The Postgres server itself crashes mid-sync and comes back after a few
+/// seconds: `/readyz` says the database is down meanwhile, the attempt that
+/// lost its connections is retried from the last committed page, and the run
+/// completes with every object exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_mid_run_the_run_completes() {
+    const FILES: usize = 20_000;
+    let postgres = OwnPostgres::start();
+    let app = spawn_app(AppOptions {
+        postgres_admin: Some(postgres.admin_url()),
+        ..AppOptions::default()
+    })
+    .await;
+    labelsync_tests::write_files(&app.doc_root.path().join("data"), FILES, "jpg");
+    let project = app.project("pg restart").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let (status, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", storage["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
+    for _ in 0..200 {
+        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+        if run["counters"]["created"].as_i64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    postgres.crash();
+    let (status, ready) = app.get("/readyz").await;
+    assert_eq!(
+        (status, ready["database"].as_bool()),
+        (503, Some(false)),
+        "{ready}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    postgres.up();
+
+    // A request may meet a connection the crash broke (503) before the pool
+    // replaces it: poll without asserting on each answer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let run = loop {
+        let (status, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+        if status == 200 && run["status"] != "queued" && run["status"] != "running" {
+            break run;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run still going: {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], FILES as i64, "{run}");
+    assert_eq!(
+        app.all_tasks(project).await.len(),
+        FILES,
+        "every object once"
+    );
+    let mut ready = false;
+    for _ in 0..100 {
+        if app.get("/readyz").await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "/readyz recovers once Postgres is back");
     app.stop().await;
 }
 

@@ -758,3 +758,138 @@ async fn export_killed_twice_mid_run_exports_every_annotation_once() {
     assert_eq!(files as i64, N, "one file per annotation");
     app.stop().await;
 }
+
+/// Traces and metrics reach an OTLP collector. A sync started by an API
+/// request that carries a W3C `traceparent` is one trace from the caller
+/// through the scheduler's request span into the worker's job span (with
+/// the run's ids, storage, backend and kind) and the job's storage requests;
+/// the worker's metrics arrive over OTLP too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_and_metrics_reach_an_otlp_collector() {
+    use labelsync_tests::otlp::{Collector, SpanSeen};
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const CALLER: &str = "00f067aa0ba902b7";
+    let collector = Collector::start().await;
+    // This test process is the scheduler: its spans go to the collector too.
+    let telemetry =
+        labelsync::telemetry::init(false, Some(&collector.endpoint), "labelsync-scheduler");
+    let app = spawn_app(AppOptions::without_workers()).await;
+    write_files(&app.doc_root.path().join("data"), 30, "jpg");
+    let project = app.project("traced").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let _worker = spawn_worker_with(
+        &app,
+        "traced",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+        ],
+    );
+    let response = app
+        .client
+        .post(format!(
+            "{}/api/v1/storages/{}/sync",
+            app.base, storage["id"]
+        ))
+        .header("traceparent", format!("00-{TRACE}-{CALLER}-01"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("sync request");
+    assert_eq!(response.status(), 202);
+    let started: Value = response.json().await.expect("JSON");
+    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
+    let run = app.wait_run(&run_id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    // Flushes this process's spans; the worker exports every 100 ms.
+    telemetry.shutdown().await;
+
+    // Whether `span` descends from the span `ancestor` (through the spans seen).
+    fn under(spans: &[SpanSeen], span: &SpanSeen, ancestor: &str) -> bool {
+        let mut parent = span.parent_span_id.as_str();
+        for _ in 0..spans.len() {
+            if parent == ancestor {
+                return true;
+            }
+            match spans.iter().find(|s| s.span_id == parent) {
+                Some(next) => parent = &next.parent_span_id,
+                None => return false,
+            }
+        }
+        false
+    }
+    let find = |spans: &[SpanSeen], service: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.name == name && s.trace_id == TRACE)
+            .cloned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (request, job, spans) = loop {
+        let spans = collector.spans();
+        if let (Some(request), Some(job)) = (
+            find(&spans, "labelsync-scheduler", "http.request"),
+            find(&spans, "labelsync-worker", "job"),
+        ) && spans
+            .iter()
+            .any(|s| s.name == "storage.request" && under(&spans, s, &job.span_id))
+        {
+            break (request, job, spans);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no traced job reached the collector; spans seen: {spans:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        request.parent_span_id, CALLER,
+        "the caller's span is the parent"
+    );
+    assert_eq!(
+        request
+            .attributes
+            .get("http.response.status_code")
+            .map(String::as_str),
+        Some("202")
+    );
+    assert_eq!(
+        job.parent_span_id, request.span_id,
+        "the job continues the request"
+    );
+    let attr = |k: &str| job.attributes.get(k).cloned().unwrap_or_default();
+    assert_eq!(attr("run_id"), run_id);
+    assert_eq!(attr("storage_id"), storage["id"].to_string());
+    assert_eq!(attr("backend"), "local");
+    assert_eq!(attr("kind"), "import");
+    assert!(!attr("job_id").is_empty(), "job id: {job:?}");
+    let listing = spans
+        .iter()
+        .find(|s| s.name == "storage.request" && under(&spans, s, &job.span_id))
+        .expect("a storage request under the job");
+    assert_eq!(listing.trace_id, TRACE);
+    assert_eq!(
+        listing.attributes.get("backend").map(String::as_str),
+        Some("local")
+    );
+    assert_eq!(
+        listing.attributes.get("outcome").map(String::as_str),
+        Some("ok")
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !collector
+        .metrics()
+        .iter()
+        .any(|(service, name)| service == "labelsync-worker" && name == "labelsync.jobs.finished")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the worker's metrics did not arrive: {:?}",
+            collector.metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}

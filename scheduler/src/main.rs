@@ -15,12 +15,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    labelsync::telemetry::init(settings.log_json);
-    match run(cli, settings).await {
+    let telemetry = labelsync::telemetry::init(
+        settings.log_json,
+        settings.otlp_endpoint.as_deref(),
+        "labelsync-scheduler",
+    );
+    let code = match run(cli, settings).await {
         Ok(code) => code,
         Err(err) => {
             eprintln!("labelsync-scheduler: {err:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

@@ -64,6 +64,11 @@ pub struct Settings {
     pub schedule_tick: Duration,
     /// `LABELSYNC_LOG_FORMAT`: `json` or `text` (default).
     pub log_json: bool,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: a collector (`http://collector:4318`)
+    /// that spans and metrics are also exported to over OTLP/HTTP; unset, no
+    /// OTLP export (`/metrics` is always served). The exporter reads the other
+    /// `OTEL_EXPORTER_OTLP_*` variables itself.
+    pub otlp_endpoint: Option<String>,
     /// `LABELSYNC_SECRET_KEY`: 32 random bytes, base64; encrypts storage
     /// secrets at rest. Without it, storages cannot be given secrets.
     pub secret_box: Option<Arc<SecretBox>>,
@@ -191,6 +196,7 @@ impl Settings {
                 parse(&get, "LABELSYNC_SCHEDULE_TICK_MS", 1000)?.max(50),
             ),
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
+            otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             secret_box: get("LABELSYNC_SECRET_KEY")
                 .map(|k| SecretBox::from_base64(&k).map(Arc::new))
                 .transpose()?,

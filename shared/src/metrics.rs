@@ -9,6 +9,7 @@
 //! Prometheus conventions the exporter applies: counters end in `_total`,
 //! durations are histograms in `_seconds`.
 use std::{
+    future::Future,
     path::PathBuf,
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
@@ -21,8 +22,13 @@ use opentelemetry::{
     KeyValue,
     metrics::{Counter, Gauge, Histogram, MeterProvider},
 };
-use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_otlp::MetricExporter;
+use opentelemetry_sdk::{
+    Resource,
+    metrics::{PeriodicReader, SdkMeterProvider},
+};
 use prometheus::{Encoder, TextEncoder};
+use tracing::Instrument;
 
 use crate::{
     Error, Result,
@@ -41,7 +47,7 @@ const REQUEST_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: prometheus::Registry,
-    _provider: SdkMeterProvider,
+    provider: SdkMeterProvider,
     pub jobs_started: Counter<u64>,
     pub jobs_finished: Counter<u64>,
     pub job_duration: Histogram<f64>,
@@ -55,18 +61,30 @@ pub struct Metrics {
     pub resolve_requests: Counter<u64>,
     pub resolve_bytes: Counter<u64>,
     pub queue_jobs: Gauge<i64>,
+    pub worker_slots: Gauge<u64>,
 }
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
 
 /// The process's instruments.
 pub fn metrics() -> &'static Metrics {
-    static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(Metrics::new)
+    METRICS.get_or_init(|| Metrics::new(None))
+}
+
+/// Sets the instruments up with a second reader (OTLP) beside the Prometheus
+/// one; called by `telemetry::init` before anything records. Later calls,
+/// or calls after the first use, change nothing.
+pub fn install(otlp: Option<(PeriodicReader<MetricExporter>, Resource)>) {
+    let _ = METRICS.set(Metrics::new(otlp));
 }
 
 impl Metrics {
-    fn new() -> Self {
+    fn new(otlp: Option<(PeriodicReader<MetricExporter>, Resource)>) -> Self {
         let registry = prometheus::Registry::new();
-        let builder = SdkMeterProvider::builder();
+        let mut builder = SdkMeterProvider::builder();
+        if let Some((reader, resource)) = otlp {
+            builder = builder.with_reader(reader).with_resource(resource);
+        }
         // The exporter only fails on a registry clash, which a fresh registry
         // cannot have; without it the instruments still work, unexported.
         let provider = match opentelemetry_prometheus::exporter()
@@ -138,8 +156,21 @@ impl Metrics {
                 .i64_gauge("labelsync.queue.jobs")
                 .with_description("Jobs in a queue, by queue and state (pending, running, dead)")
                 .build(),
+            worker_slots: meter
+                .u64_gauge("labelsync.worker.slots")
+                .with_description(
+                    "Jobs this worker process runs at once; one series per worker process",
+                )
+                .build(),
             registry,
-            _provider: provider,
+            provider,
+        }
+    }
+
+    /// Exports a last report to the OTLP reader, if any (it blocks).
+    pub fn shutdown(&self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::debug!(error = %e, "metrics shutdown");
         }
     }
 
@@ -244,14 +275,47 @@ fn outcome<T>(result: &Result<T>) -> &'static str {
     }
 }
 
-/// A backend with every request counted and timed.
+/// A backend with every request counted, timed and traced (a
+/// `storage.request` span with backend, operation and key).
 #[derive(Debug)]
 pub struct Instrumented(pub Arc<dyn Storage>);
 
 impl Instrumented {
-    fn record<T>(&self, operation: &'static str, started: Instant, result: &Result<T>) {
-        record_request(self.0.kind(), operation, started.elapsed(), outcome(result));
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        request: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let kind = self.0.kind();
+        let span = request_span(kind, operation, key);
+        let started = Instant::now();
+        let result = request.instrument(span.clone()).await;
+        let outcome = outcome(&result);
+        span.record("outcome", outcome);
+        record_request(kind, operation, started.elapsed(), outcome);
+        result
     }
+}
+
+fn request_span(kind: BackendKind, operation: &'static str, key: &str) -> tracing::Span {
+    request_span_in(&tracing::Span::current(), kind, operation, key)
+}
+
+fn request_span_in(
+    parent: &tracing::Span,
+    kind: BackendKind,
+    operation: &'static str,
+    key: &str,
+) -> tracing::Span {
+    tracing::info_span!(
+        parent: parent,
+        "storage.request",
+        backend = kind.as_str(),
+        operation,
+        key,
+        outcome = tracing::field::Empty,
+    )
 }
 
 fn record_request(
@@ -283,51 +347,46 @@ impl Storage for Instrumented {
 
     fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
         let kind = self.0.kind();
+        let prefix = opts.prefix.clone();
+        // One request per page: timed (and spanned) from the previous page's
+        // arrival to this one's. Pages may be polled from another task (the
+        // listing runs ahead of the writes), so every page's span hangs
+        // under the span that asked for the listing.
+        let parent = tracing::Span::current();
         let mut started = Instant::now();
-        // One request per page: timed from the previous page's arrival.
+        let mut span = request_span_in(&parent, kind, "list", &prefix);
         self.0
             .list(opts)
             .map(move |page| {
-                record_request(kind, "list", started.elapsed(), outcome(&page));
+                let outcome = outcome(&page);
+                span.record("outcome", outcome);
+                record_request(kind, "list", started.elapsed(), outcome);
                 started = Instant::now();
+                span = request_span_in(&parent, kind, "list", &prefix);
                 page
             })
             .boxed()
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
-        let started = Instant::now();
-        let result = self.0.get(key, range).await;
-        self.record("get", started, &result);
-        result
+        self.call("get", key, self.0.get(key, range)).await
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
-        let started = Instant::now();
-        let result = self.0.put(key, body, content_type).await;
-        self.record("put", started, &result);
-        result
+        self.call("put", key, self.0.put(key, body, content_type))
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        let started = Instant::now();
-        let result = self.0.delete(key).await;
-        self.record("delete", started, &result);
-        result
+        self.call("delete", key, self.0.delete(key)).await
     }
 
     async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
-        let started = Instant::now();
-        let result = self.0.presign(key, ttl).await;
-        self.record("presign", started, &result);
-        result
+        self.call("presign", key, self.0.presign(key, ttl)).await
     }
 
     async fn check(&self, role: Role, prefix: &str) -> Result<()> {
-        let started = Instant::now();
-        let result = self.0.check(role, prefix).await;
-        self.record("check", started, &result);
-        result
+        self.call("check", prefix, self.0.check(role, prefix)).await
     }
 
     fn task_uri(&self, key: &str) -> String {

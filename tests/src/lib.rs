@@ -11,6 +11,7 @@
 //! nothing is ever skipped.
 pub mod backends;
 pub mod faults;
+pub mod otlp;
 
 use std::{
     collections::HashMap,
@@ -39,7 +40,12 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates an empty Postgres database and returns its URL.
 pub async fn fresh_postgres() -> String {
-    let admin_url = postgres_admin_url();
+    fresh_postgres_on(&postgres_admin_url()).await
+}
+
+/// Creates an empty database on the server of `admin_url`.
+pub async fn fresh_postgres_on(admin_url: &str) -> String {
+    let admin_url = admin_url.to_owned();
     let admin = Database::connect(&admin_url).await.unwrap_or_else(|e| {
         panic!("Postgres is required at {admin_url} (set TEST_POSTGRES_URL): {e}")
     });
@@ -102,6 +108,9 @@ pub struct AppOptions {
     pub token: Option<String>,
     /// Extra settings (environment variable, value).
     pub env: Vec<(&'static str, String)>,
+    /// The Postgres server (an admin URL) the test's fresh database is made
+    /// on, when not `TEST_POSTGRES_URL`'s: a server of the test's own.
+    pub postgres_admin: Option<String>,
 }
 
 /// The key tests seal storage secrets with (32 bytes, base64).
@@ -137,6 +146,7 @@ impl Default for AppOptions {
             workers: true,
             token: None,
             env: Vec::new(),
+            postgres_admin: None,
         }
     }
 }
@@ -151,7 +161,10 @@ pub async fn spawn_app(opts: AppOptions) -> TestApp {
         format!("sqlite://{}?mode=rwc", path.display())
     } else {
         vars.insert("REDIS_URL", require_redis().await);
-        fresh_postgres().await
+        match &opts.postgres_admin {
+            Some(admin) => fresh_postgres_on(admin).await,
+            None => fresh_postgres().await,
+        }
     };
     vars.insert("DATABASE_URL", database_url.clone());
     vars.insert("LABELSYNC_QUEUE_NAMESPACE", unique("test"));
@@ -193,7 +206,7 @@ async fn start(
     token: Option<String>,
 ) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
-        labelsync::telemetry::init(false);
+        let _ = labelsync::telemetry::init(false, None, "labelsync-test");
     }
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

@@ -11,12 +11,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    labelsync::telemetry::init(settings.log_json);
-    match labelsync::lifecycle::run_worker_process(settings).await {
+    let telemetry = labelsync::telemetry::init(
+        settings.log_json,
+        settings.otlp_endpoint.as_deref(),
+        "labelsync-worker",
+    );
+    let code = match labelsync::lifecycle::run_worker_process(settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "worker exiting");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

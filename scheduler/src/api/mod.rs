@@ -23,6 +23,7 @@ use labelsync::{config::Settings, jobs::Queue, storage::StorageEnv};
 use sea_orm::DatabaseConnection;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 
@@ -83,7 +84,24 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_declared_oversize))
+        .layer(middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+/// One span per request, continuing the caller's trace when it sends a W3C
+/// `traceparent`; jobs the request enqueues carry this span's context on.
+async fn trace_request(req: Request, next: Next) -> Response {
+    let span = tracing::info_span!(
+        "http.request",
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        url.path = %req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    labelsync::telemetry::set_parent(&span, &labelsync::telemetry::Headers(req.headers()));
+    let response = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
 }
 
 /// Answers 413 from the `Content-Length` header alone, so a client that

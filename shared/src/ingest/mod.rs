@@ -277,10 +277,7 @@ impl ImportJob<'_> {
     /// started (see [`Self::wait_for_batches`]).
     async fn enqueue_batches(&self, queue: &Queue, ids: Vec<i64>) {
         for batch in ids {
-            let job = RunJob {
-                run_id: self.run.id.clone(),
-                batch: Some(batch),
-            };
+            let job = RunJob::batch(&self.run.id, batch);
             match queue
                 .push(job, &format!("{}:batch:{batch}", self.run.id))
                 .await

@@ -31,6 +31,7 @@ use crate::{
     export::ExportJob,
     ingest::{ImportJob, Outcome},
     storage::StorageEnv,
+    telemetry::TraceContext,
 };
 
 /// The queue payload: a run, or one fan-out batch of a run.
@@ -39,6 +40,28 @@ pub struct RunJob {
     pub run_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<i64>,
+    /// The W3C trace context of whoever enqueued the job (an API request, the
+    /// scheduler's tick, a fanning-out sync), set by [`Queue::push`]; the
+    /// job's span continues that trace.
+    #[serde(default, skip_serializing_if = "TraceContext::is_empty")]
+    pub trace: TraceContext,
+}
+
+impl RunJob {
+    pub fn run(run_id: impl Into<String>) -> Self {
+        RunJob {
+            run_id: run_id.into(),
+            batch: None,
+            trace: TraceContext::new(),
+        }
+    }
+
+    pub fn batch(run_id: impl Into<String>, batch: i64) -> Self {
+        RunJob {
+            batch: Some(batch),
+            ..RunJob::run(run_id)
+        }
+    }
 }
 
 /// Everything a job handler needs; shared by all jobs of a process.
@@ -86,8 +109,8 @@ impl std::fmt::Display for JobError {
 impl std::error::Error for JobError {}
 
 /// Runs one attempt of a run. Permanent failures end the run (`failed`) and
-/// return `Ok`: the job is done, there is nothing to retry.
-#[tracing::instrument(skip(ctx), fields(run_id = %run_id))]
+/// return `Ok`: the job is done, there is nothing to retry. Runs in the
+/// caller's span (the queue's `job` span carries the run id).
 pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
     let w = &ctx.settings.worker;
     // A token per attempt: the run's lease, checked by every write it makes.
@@ -224,6 +247,10 @@ async fn owners(
         .one(&ctx.db)
         .await?
         .ok_or_else(|| Error::NotFound(format!("project {} was deleted", storage.project_id)))?;
+    let span = tracing::Span::current();
+    span.record("storage_id", storage.id);
+    span.record("backend", storage.backend.as_str());
+    span.record("kind", run.kind.as_str());
     Ok((storage, project))
 }
 
@@ -274,7 +301,6 @@ async fn attempt(
 /// Runs one fan-out batch of an import. Like [`execute`], permanent failures
 /// are recorded (on the batch's objects that have no task) and the job is
 /// acknowledged.
-#[tracing::instrument(skip(ctx), fields(run_id = %run_id, batch_id))]
 pub async fn execute_batch(
     ctx: &JobContext,
     run_id: &str,
@@ -411,10 +437,7 @@ pub async fn enqueue_events(
     if live {
         return Ok(false);
     }
-    let job = RunJob {
-        run_id: run.id.clone(),
-        batch: None,
-    };
+    let job = RunJob::run(&run.id);
     if let Err(err) = queue.push(job, &run.id).await {
         tracing::warn!(run_id = %run.id, error = %err, "export run not queued yet; the sweep will");
     }
@@ -444,10 +467,7 @@ pub async fn enqueue_sync(
     if already_running {
         return Ok((run, true));
     }
-    let job = RunJob {
-        run_id: run.id.clone(),
-        batch: None,
-    };
+    let job = RunJob::run(&run.id);
     match queue.push(job, &run.id).await {
         Ok(Pushed::Queued) => {}
         Ok(Pushed::Full) => {
@@ -505,10 +525,7 @@ pub async fn requeue_stalled(
     // One push per run per window: the idempotency key changes with it.
     let bucket = now.timestamp() as u64 / window;
     for run_id in stalled {
-        let job = RunJob {
-            run_id: run_id.clone(),
-            batch: None,
-        };
+        let job = RunJob::run(&run_id);
         match queue
             .push(job, &format!("{run_id}:requeue:{bucket}"))
             .await?

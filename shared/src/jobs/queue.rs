@@ -20,6 +20,7 @@ use apalis_redis::{ConnectionManager, RedisStorage};
 use apalis_sqlite::SqliteStorage;
 use rand::Rng;
 use sea_orm::DatabaseConnection;
+use tracing::Instrument;
 
 use super::{JobContext, RunJob};
 use crate::{Error, Result, config::Settings, db};
@@ -102,8 +103,11 @@ impl Queue {
     /// [`Pushed::Full`] when the Redis backlog is at its limit: nothing was
     /// pushed, and the caller leaves its run `queued` for the scheduler's
     /// sweep to enqueue later.
-    pub async fn push(&self, job: RunJob, dedup: &str) -> Result<Pushed> {
+    pub async fn push(&self, mut job: RunJob, dedup: &str) -> Result<Pushed> {
         let run_id = job.run_id.clone();
+        if job.trace.is_empty() {
+            job.trace = crate::telemetry::current_context();
+        }
         let task = TaskBuilder::new(job).idempotency_key(dedup).build();
         let failed = |e: String| Error::Transient(format!("cannot enqueue run {run_id}: {e}"));
         match self {
@@ -244,6 +248,9 @@ impl Queue {
         );
         let (concurrency, poll) = (w.concurrency.max(1), w.poll_interval);
         tracing::info!(worker = %name, concurrency, "worker starting");
+        crate::metrics::metrics()
+            .worker_slots
+            .record(concurrency as u64, &[]);
         let (stopped, stop) = tokio::sync::oneshot::channel::<()>();
         let stopping = ctx.clone();
         let signal = async move {
@@ -313,11 +320,30 @@ async fn handle(
     job: RunJob,
     ctx: Data<Arc<JobContext>>,
     worker: WorkerContext,
+    task_id: Option<TaskId>,
 ) -> Result<(), BoxDynError> {
-    let result = match job.batch {
-        None => super::execute(&ctx, &job.run_id).await,
-        Some(batch) => super::execute_batch(&ctx, &job.run_id, batch, worker.name()).await,
-    };
+    // The job's span: a child of the trace that enqueued it. The run's
+    // storage, backend and kind are recorded once the run is read.
+    let span = tracing::info_span!(
+        "job",
+        otel.kind = "consumer",
+        job_id = %task_id.map(|id| id.to_string()).unwrap_or_default(),
+        run_id = %job.run_id,
+        batch_id = job.batch,
+        worker = worker.name(),
+        storage_id = tracing::field::Empty,
+        backend = tracing::field::Empty,
+        kind = tracing::field::Empty,
+    );
+    crate::telemetry::set_parent(&span, &crate::telemetry::Carried(&job.trace));
+    let result = async {
+        match job.batch {
+            None => super::execute(&ctx, &job.run_id).await,
+            Some(batch) => super::execute_batch(&ctx, &job.run_id, batch, worker.name()).await,
+        }
+    }
+    .instrument(span)
+    .await;
     if result.is_err() {
         // apalis-sqlite offers a failed job again at the next poll; a pause
         // keeps a passing outage from using up every attempt in a second.
