@@ -68,6 +68,9 @@ ensure_redis
 # S3 (moto, s3s-fs), GCS (fake-gcs-server) and Azure (Azurite) emulators.
 source tests/emulators.sh
 ensure_emulators
+# kubectl, kubernetes-validate, pyyaml and docker-compose for tests/deploy.rs.
+source tests/deploy/tools.sh
+ensure_deploy_tools
 
 log "building"
 cargo build --workspace --bins --tests --locked
