@@ -293,6 +293,54 @@ async fn redis_restarted_mid_run_the_run_completes_and_readyz_recovers() {
     app.stop().await;
 }
 
+/// A worker process whose Redis goes away exits non-zero within a heartbeat
+/// or two, so its orchestrator restarts it (rather than a worker that looks
+/// alive and takes no jobs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_redis_dies_exits_non_zero() {
+    let mut redis = OwnRedis::start();
+    let app = spawn_app(AppOptions {
+        workers: false,
+        env: vec![("REDIS_URL", redis.url())],
+        ..AppOptions::default()
+    })
+    .await;
+    let mut worker = Command::new(labelsync_tests::binary("labelsync-worker"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &app.database_url)
+        .env("REDIS_URL", redis.url())
+        .env(
+            "LABELSYNC_QUEUE_NAMESPACE",
+            &app.vars["LABELSYNC_QUEUE_NAMESPACE"],
+        )
+        .env("LABELSYNC_HEARTBEAT_SECS", "1")
+        .env("LABELSYNC_METRICS_BIND", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "the worker runs while Redis is up"
+    );
+    redis.down();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = worker.kill();
+            panic!("the worker kept running for 60 s without Redis");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "exits non-zero: {status:?}");
+    app.stop().await;
+}
+
 /// A Postgres server of this test's own (initdb into a temp dir), so it can
 /// be stopped the hard way and started again while a sync runs.
 struct OwnPostgres {

@@ -92,14 +92,16 @@ async fn start_and_wait_for_progress(app: &TestApp, storage: &Value) -> (String,
     }
 }
 
-/// Kills the worker running a sync once it has committed some tasks, lets a
-/// second worker finish, and checks every task exists exactly once.
+/// Kills the worker running a sync once it has committed some tasks, then
+/// the worker that took over once it has committed more, lets a third worker
+/// finish, and checks every task exists exactly once.
 async fn kill_mid_sync(
     import_method: &str,
     objects: i64,
     expected: i64,
     write: impl FnOnce(&std::path::Path),
 ) {
+    const KILLS: usize = 2;
     let app = spawn_app(AppOptions::without_workers()).await;
     write(&app.doc_root.path().join("data"));
     let project = app.project("fleet").await;
@@ -107,7 +109,7 @@ async fn kill_mid_sync(
         .local_storage(project, json!({ "import_method": import_method }))
         .await;
 
-    let mut first = spawn_worker(&app, "victim");
+    let mut victim = spawn_worker(&app, "victim-1");
     // Once the first worker has committed some tasks, kill it hard.
     let (run_id, progress) = start_and_wait_for_progress(&app, &storage).await;
     let created = progress["counters"]["created"].as_i64().unwrap_or(0);
@@ -121,12 +123,39 @@ async fn kill_mid_sync(
         running >= 1,
         "the queue shows the jobs the first worker holds: {queues}"
     );
-    let _survivor = spawn_worker(&app, "survivor");
-    first.kill();
-    let (_, at_kill) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+    let mut at_kill = progress;
+    for kill in 1..=KILLS {
+        let next = spawn_worker(&app, &format!("victim-{}", kill + 1));
+        victim.kill();
+        victim = next;
+        at_kill = app.get(&format!("/api/v1/runs/{run_id}")).await.1;
+        if kill == KILLS {
+            break;
+        }
+        // The next worker takes the run over once the dead one's lease is
+        // stale; kill it too as soon as it has committed more.
+        let before = at_kill["counters"]["created"].as_i64().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+            let now = run["counters"]["created"].as_i64().unwrap_or(0);
+            assert!(
+                now < expected && run["status"] == "running",
+                "the sync finished before kill {}; make it bigger: {run}",
+                kill + 1
+            );
+            if now > before {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no worker took over: {run}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
     assert_eq!(run["status"], "completed", "{run}");
+    // (In Tasks mode the second victim may have been running fan-out batches
+    // rather than the run itself, so only one resumption is certain.)
     assert!(
         run["attempts"].as_i64().expect("attempts") >= 2,
         "the run was resumed by a new attempt: {run}"

@@ -116,23 +116,23 @@ impl Metrics {
                 .build(),
             objects_listed: counter(
                 "labelsync.objects.listed",
-                "Objects listed by import runs, by backend",
+                "Objects listed by import runs, by run kind",
             ),
             tasks_created: counter(
                 "labelsync.tasks.created",
-                "Tasks created by import runs, by backend",
+                "Tasks created by import runs, by run kind",
             ),
             annotations_exported: counter(
                 "labelsync.annotations.exported",
-                "Annotations written to target storages, by backend",
+                "Annotations written to target storages, by run kind",
             ),
             annotations_deleted: counter(
                 "labelsync.annotations.deleted",
-                "Exported annotations deleted from target storages, by backend",
+                "Exported annotations deleted from target storages, by run kind",
             ),
             object_errors: counter(
                 "labelsync.object.errors",
-                "Per-object errors of runs, by kind and backend",
+                "Per-object errors of runs, by run kind",
             ),
             storage_requests: counter(
                 "labelsync.storage.requests",

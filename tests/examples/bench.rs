@@ -6,13 +6,16 @@
 //! cargo run --release -p labelsync-tests --example bench -- export local 100000 postgres://…/empty_db
 //! cargo run --release -p labelsync-tests --example bench -- export s3 10000 postgres://…/empty_db
 //! cargo run --release -p labelsync-tests --example bench -- import-s3 100000 postgres://…/empty_db moto
+//! cargo run --release -p labelsync-tests --example bench -- queue 20000 2
 //! ```
 //!
 //! `export`: N annotations (on N tasks, inserted in bulk) exported to a
 //! local directory, s3s-fs (`s3`) or moto, then exported again with nothing
 //! changed.
 //! `import-s3`: N objects put into an s3s-fs (or moto) bucket, listed once (the floor),
-//! then synced in Files mode. Prints one JSON line per measurement.
+//! then synced in Files mode.
+//! `queue`: no-op jobs through the Redis queue (see `bench_queue.rs`).
+//! Prints one JSON line per measurement.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Instant;
@@ -34,7 +37,7 @@ use serde_json::{Value, json};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto]"
+        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY]"
     );
     std::process::exit(2)
 }
@@ -47,9 +50,20 @@ fn s3s() -> (String, String, String) {
     )
 }
 
+mod bench_queue;
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |s: &String| s.parse::<usize>().unwrap_or_else(|_| usage());
+    match args.as_slice() {
+        [m, n, w] if m == "queue" => return bench_queue::run(number(n), number(w), 4).await,
+        [m, n, w, c] if m == "queue" => {
+            return bench_queue::run(number(n), number(w), number(c)).await;
+        }
+        [m, ns, c] if m == "queue-worker" => return bench_queue::worker(ns, number(c)).await,
+        _ => {}
+    }
     let root = tempfile::tempdir().unwrap();
     let (mode, target, n, url) = match args.as_slice() {
         [m, t, n, u] if m == "export" => (
