@@ -246,22 +246,8 @@ async fn redis_restarted_mid_run_the_run_completes_and_readyz_recovers() {
     labelsync_tests::write_files(&app.doc_root.path().join("data"), 20_000, "jpg");
     let project = app.project("redis restart").await;
     let storage = app.local_storage(project, json!({})).await;
-    let (status, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", storage["id"]),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 202, "{started}");
-    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
-    // Wait until the run is under way, then take Redis away.
-    for _ in 0..200 {
-        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
-        if run["counters"]["created"].as_i64().unwrap_or(0) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Once the run is under way, take Redis away.
+    let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
     redis.down();
     let (status, ready) = app.get("/readyz").await;
     assert_eq!(
@@ -479,21 +465,7 @@ async fn postgres_restarted_mid_run_the_run_completes() {
     labelsync_tests::write_files(&app.doc_root.path().join("data"), FILES, "jpg");
     let project = app.project("pg restart").await;
     let storage = app.local_storage(project, json!({})).await;
-    let (status, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", storage["id"]),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 202, "{started}");
-    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
-    for _ in 0..200 {
-        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
-        if run["counters"]["created"].as_i64().unwrap_or(0) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
     postgres.crash();
     let (status, ready) = app.get("/readyz").await;
     assert_eq!(
@@ -504,20 +476,9 @@ async fn postgres_restarted_mid_run_the_run_completes() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     postgres.up();
 
-    // A request may meet a connection the crash broke (503) before the pool
-    // replaces it: poll without asserting on each answer.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    let run = loop {
-        let (status, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
-        if status == 200 && run["status"] != "queued" && run["status"] != "running" {
-            break run;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "run still going: {run}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let run = app
+        .wait_run_through_outage(&run_id, Duration::from_secs(180))
+        .await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], FILES as i64, "{run}");
     assert_eq!(
@@ -707,20 +668,9 @@ async fn postgres_connections_killed_mid_run_the_run_completes() {
         kills += killed.rows_affected();
     }
     assert!(kills > 0, "connections were killed");
-    // Poll without asserting on each answer: a request may meet a dead
-    // connection too (503), which is the point.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    let run = loop {
-        let (status, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
-        if status == 200 && run["status"] != "queued" && run["status"] != "running" {
-            break run;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "run still going: {run}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let run = app
+        .wait_run_through_outage(&run_id, Duration::from_secs(180))
+        .await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], FILES as i64, "{run}");
     assert_eq!(

@@ -70,28 +70,6 @@ async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
     row.try_get("", "n").expect("n")
 }
 
-/// Starts a sync and waits until its worker has committed some tasks;
-/// returns the run id and the run at that moment.
-async fn start_and_wait_for_progress(app: &TestApp, storage: &Value) -> (String, Value) {
-    let (status, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", storage["id"]),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 202, "{started}");
-    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
-        if run["counters"]["created"].as_i64().unwrap_or(0) > 0 {
-            return (run_id, run);
-        }
-        assert!(Instant::now() < deadline, "the worker never started: {run}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Kills the worker running a sync once it has committed some tasks, then
 /// the worker that took over once it has committed more, lets a third worker
 /// finish, and checks every task exists exactly once.
@@ -111,7 +89,7 @@ async fn kill_mid_sync(
 
     let mut victim = spawn_worker(&app, "victim-1");
     // Once the first worker has committed some tasks, kill it hard.
-    let (run_id, progress) = start_and_wait_for_progress(&app, &storage).await;
+    let (run_id, progress) = app.start_sync_and_wait_for_progress(&storage).await;
     let created = progress["counters"]["created"].as_i64().unwrap_or(0);
     assert!(
         created < expected,
@@ -429,7 +407,7 @@ async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     let project = app.project("drain").await;
     let storage = app.local_storage(project, json!({})).await;
     let mut first = spawn_worker(&app, "draining");
-    let (run_id, _) = start_and_wait_for_progress(&app, &storage).await;
+    let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
 
     let signalled = Instant::now();
     let status = Command::new("kill")

@@ -336,6 +336,49 @@ impl TestApp {
         storage
     }
 
+    /// Starts a sync of `storage` and waits until its worker has committed
+    /// some tasks; returns the run id and the run at that moment.
+    pub async fn start_sync_and_wait_for_progress(&self, storage: &Value) -> (String, Value) {
+        let (status, started) = self
+            .post(
+                &format!("/api/v1/storages/{}/sync", storage["id"]),
+                serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(status, 202, "{started}");
+        let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, run) = self.get(&format!("/api/v1/runs/{run_id}")).await;
+            if run["counters"]["created"].as_i64().unwrap_or(0) > 0 {
+                return (run_id, run);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker never started: {run}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Like [`Self::wait_run`], for tests that take the database away: an
+    /// answer may meet a broken connection (503) before the pool replaces
+    /// it, so answers are not asserted on while polling.
+    pub async fn wait_run_through_outage(&self, run_id: &str, timeout: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (status, run) = self.get(&format!("/api/v1/runs/{run_id}")).await;
+            if status == 200 && run["status"] != "queued" && run["status"] != "running" {
+                return run;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run still going: {run}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Polls a run until it leaves queued/running; panics after `timeout`.
     pub async fn wait_run(&self, run_id: &str, timeout: Duration) -> Value {
         let deadline = tokio::time::Instant::now() + timeout;
