@@ -37,11 +37,12 @@ fn spawn_worker_with(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker 
     // A random port for the metrics listener, so workers can share a host.
     cmd.env_clear()
         .env("LABELSYNC_METRICS_BIND", "127.0.0.1:0")
-        .envs(env.iter().copied());
-    cmd.env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("LABELSYNC_WORKER_NAME", name)
         .env("LABELSYNC_PAGE_SIZE", "100")
         .env("RUST_LOG", "warn")
+        // The caller's settings win over the defaults above.
+        .envs(env.iter().copied())
         .stdout(Stdio::null());
     for key in [
         "LABELSYNC_QUEUE_BACKLOG_LIMIT",
@@ -789,6 +790,8 @@ async fn traces_and_metrics_reach_an_otlp_collector() {
         "traced",
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint),
+            // RUST_LOG filters exported spans too: the job spans are `info`.
+            ("RUST_LOG", "info"),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
         ],

@@ -1,9 +1,9 @@
 //! Tracing setup for both binaries, and the trace context that travels with
 //! jobs.
 //!
-//! Logs: `RUST_LOG` filters (default `info`); `LABELSYNC_LOG_FORMAT=json`
-//! switches to JSON lines. Logs go to stderr so the CLI's stdout stays
-//! machine-readable.
+//! Logs: `RUST_LOG` filters (default `info`) logs and exported spans alike;
+//! `LABELSYNC_LOG_FORMAT=json` switches to JSON lines. Logs go to stderr so
+//! the CLI's stdout stays machine-readable.
 //!
 //! OTLP: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans (through
 //! `tracing-opentelemetry`) and the metrics of [`crate::metrics`] are also
@@ -39,6 +39,14 @@ pub struct Telemetry {
 
 /// Sets up logging, and OTLP export when `otlp_endpoint` is set.
 /// `service` names the process in the exported resource.
+///
+/// One filter (`RUST_LOG`) for the whole stack, not one per layer: a
+/// per-layer filter reads its decision from a thread-local that an
+/// unrelated `enabled()` call (sqlx's query logger, through `tracing-log`)
+/// can leave stale, and the next span of an always-enabled callsite is then
+/// dropped from that layer (tokio-rs/tracing#2519). Seen here as an API
+/// request's span missing from the OTLP export, and with it the trace
+/// context of the job it enqueued.
 pub fn init(json: bool, otlp_endpoint: Option<&str>, service: &'static str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn,apalis=warn"));
@@ -54,14 +62,13 @@ pub fn init(json: bool, otlp_endpoint: Option<&str>, service: &'static str) -> T
             None
         }
     });
-    let otel = tracer.as_ref().map(|provider| {
-        tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer("labelsync"))
-            .with_filter(EnvFilter::new("info,apalis=warn,sqlx=off,sea_orm=off"))
-    });
+    let otel = tracer
+        .as_ref()
+        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("labelsync")));
     // `try_init`: tests call this once per spawned app; only the first one wins.
     let _ = tracing_subscriber::registry()
-        .with(logs.with_filter(filter))
+        .with(filter)
+        .with(logs)
         .with(otel)
         .try_init();
     Telemetry { tracer }
