@@ -74,8 +74,8 @@ pub fn init(json: bool, otlp_endpoint: Option<&str>, service: &'static str) -> T
     Telemetry { tracer }
 }
 
-/// The span and metric exporters, and the W3C propagator. The signal paths
-/// are appended to the endpoint as the OTLP specification says.
+/// The span and metric exporters. The signal paths are appended to the
+/// endpoint as the OTLP specification says.
 fn otlp(endpoint: &str, service: &'static str) -> Result<SdkTracerProvider, String> {
     let endpoint = endpoint.trim_end_matches('/');
     let resource = Resource::builder().with_service_name(service).build();
@@ -94,7 +94,6 @@ fn otlp(endpoint: &str, service: &'static str) -> Result<SdkTracerProvider, Stri
         .build()
         .map_err(|e| e.to_string())?;
     crate::metrics::install(Some((PeriodicReader::builder(metrics).build(), resource)));
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     Ok(provider)
 }
 
