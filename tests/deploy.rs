@@ -17,12 +17,14 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use base64::Engine;
-use labelsync_tests::{AppOptions, TEST_SECRET_KEY, TestApp, binary, repo_root, spawn_app};
+use labelsync_tests::{
+    AppOptions, TEST_SECRET_KEY, TestApp, binary, repo_root, spawn_app, spawn_worker,
+};
 use serde_json::{Map, Value, json};
 
 /// The namespace every overlay deploys into.
@@ -1355,44 +1357,11 @@ fn dashboard_is_well_formed_and_complete() {
 
 // ---------------------------------------------------------------- (d) live scrape
 
-/// A `labelsync-worker` process, killed when dropped.
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .unwrap()
         .port()
-}
-
-fn spawn_worker(app: &TestApp, bind: &str) -> Worker {
-    let mut cmd = Command::new(binary("labelsync-worker"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("LABELSYNC_METRICS_BIND", bind)
-        .env("LABELSYNC_WORKER_NAME", "deploy-test")
-        .env("LABELSYNC_SECRET_KEY", TEST_SECRET_KEY)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null());
-    for key in [
-        "DATABASE_URL",
-        "REDIS_URL",
-        "LABELSYNC_QUEUE_NAMESPACE",
-        "LOCAL_FILES_DOCUMENT_ROOT",
-        "LABELSYNC_HEARTBEAT_SECS",
-    ] {
-        if let Some(value) = app.vars.get(key) {
-            cmd.env(key, value);
-        }
-    }
-    Worker(cmd.spawn().expect("start labelsync-worker"))
 }
 
 /// Sample names of a Prometheus text exposition, with their label names.
@@ -1524,7 +1493,14 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
     std::fs::create_dir_all(root.join("export")).unwrap();
 
     let bind = format!("127.0.0.1:{}", free_port());
-    let _worker = spawn_worker(&app, &bind);
+    let _worker = spawn_worker(
+        &app,
+        "deploy-test",
+        &[
+            ("LABELSYNC_METRICS_BIND", &bind),
+            ("LABELSYNC_SECRET_KEY", TEST_SECRET_KEY),
+        ],
+    );
     let client = reqwest::Client::new();
     let worker_get = |path: &str| client.get(format!("http://{bind}{path}")).send();
     wait_for("the worker's listener", || async {

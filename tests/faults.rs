@@ -291,34 +291,20 @@ async fn a_worker_whose_redis_dies_exits_non_zero() {
         ..AppOptions::default()
     })
     .await;
-    let mut worker = Command::new(labelsync_tests::binary("labelsync-worker"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &app.database_url)
-        .env("REDIS_URL", redis.url())
-        .env(
-            "LABELSYNC_QUEUE_NAMESPACE",
-            &app.vars["LABELSYNC_QUEUE_NAMESPACE"],
-        )
-        .env("LABELSYNC_HEARTBEAT_SECS", "1")
-        .env("LABELSYNC_METRICS_BIND", "127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // The app's settings hold this test's Redis, namespace and 1 s heartbeat.
+    let mut worker = labelsync_tests::spawn_worker(&app, "redis-victim", &[]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        worker.try_wait().unwrap().is_none(),
+        worker.0.try_wait().unwrap().is_none(),
         "the worker runs while Redis is up"
     );
     redis.down();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {
-        if let Some(status) = worker.try_wait().unwrap() {
+        if let Some(status) = worker.0.try_wait().unwrap() {
             break status;
         }
         if std::time::Instant::now() > deadline {
-            let _ = worker.kill();
             panic!("the worker kept running for 60 s without Redis");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,63 +1,15 @@
 //! Real processes: the worker binary on Redis (one killed with SIGKILL in the
 //! middle of a sync) and the one-shot `labelsync-scheduler sync` CLI.
 use std::{
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use labelsync_tests::{AppOptions, TestApp, binary, repo_root, spawn_app, write_files};
+use labelsync_tests::{
+    AppOptions, TestApp, binary, repo_root, spawn_app, spawn_worker, write_files,
+};
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
-
-/// A `labelsync-worker` process, killed when dropped so a failing test
-/// leaves none behind.
-struct Worker(Child);
-
-impl Worker {
-    /// SIGKILL, and wait for it to be gone.
-    fn kill(&mut self) {
-        self.0.kill().expect("SIGKILL the worker");
-        self.0.wait().expect("reap the worker");
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_worker(app: &TestApp, name: &str) -> Worker {
-    spawn_worker_with(app, name, &[])
-}
-
-fn spawn_worker_with(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
-    let mut cmd = Command::new(binary("labelsync-worker"));
-    // A random port for the metrics listener, so workers can share a host.
-    cmd.env_clear()
-        .env("LABELSYNC_METRICS_BIND", "127.0.0.1:0")
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("LABELSYNC_WORKER_NAME", name)
-        .env("LABELSYNC_PAGE_SIZE", "100")
-        .env("RUST_LOG", "warn")
-        // The caller's settings win over the defaults above.
-        .envs(env.iter().copied())
-        .stdout(Stdio::null());
-    for key in [
-        "LABELSYNC_QUEUE_BACKLOG_LIMIT",
-        "DATABASE_URL",
-        "REDIS_URL",
-        "LABELSYNC_QUEUE_NAMESPACE",
-        "LOCAL_FILES_DOCUMENT_ROOT",
-        "LABELSYNC_HEARTBEAT_SECS",
-    ] {
-        if let Some(value) = app.vars.get(key) {
-            cmd.env(key, value);
-        }
-    }
-    Worker(cmd.spawn().expect("start labelsync-worker"))
-}
 
 async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
     let row = db
@@ -88,7 +40,7 @@ async fn kill_mid_sync(
         .local_storage(project, json!({ "import_method": import_method }))
         .await;
 
-    let mut victim = spawn_worker(&app, "victim-1");
+    let mut victim = spawn_worker(&app, "victim-1", &[]);
     // Once the first worker has committed some tasks, kill it hard.
     let (run_id, progress) = app.start_sync_and_wait_for_progress(&storage).await;
     let created = progress["counters"]["created"].as_i64().unwrap_or(0);
@@ -104,7 +56,7 @@ async fn kill_mid_sync(
     );
     let mut at_kill = progress;
     for kill in 1..=KILLS {
-        let next = spawn_worker(&app, &format!("victim-{}", kill + 1));
+        let next = spawn_worker(&app, &format!("victim-{}", kill + 1), &[]);
         victim.kill();
         victim = next;
         at_kill = app.get(&format!("/api/v1/runs/{run_id}")).await.1;
@@ -356,7 +308,10 @@ async fn fan_out_sync(app: &TestApp, files: usize) -> (Value, sea_orm::DatabaseC
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_sync_fans_out_batches_across_workers() {
     let app = spawn_app(AppOptions::without_workers()).await;
-    let workers = [spawn_worker(&app, "left"), spawn_worker(&app, "right")];
+    let workers = [
+        spawn_worker(&app, "left", &[]),
+        spawn_worker(&app, "right", &[]),
+    ];
     let (run, db) = fan_out_sync(&app, 1500).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], 1500, "{run}");
@@ -380,7 +335,7 @@ async fn tasks_sync_fans_out_batches_across_workers() {
 async fn fan_out_on_a_single_slot_worker_does_not_deadlock() {
     let app = spawn_app(AppOptions::without_workers()).await;
     // One slot: the sync job holds it, so batches only run if it runs them.
-    let worker = spawn_worker_with(&app, "lonely", &[("LABELSYNC_WORKER_CONCURRENCY", "1")]);
+    let worker = spawn_worker(&app, "lonely", &[("LABELSYNC_WORKER_CONCURRENCY", "1")]);
     let (run, db) = fan_out_sync(&app, 400).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], 400, "{run}");
@@ -407,7 +362,7 @@ async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     write_files(&app.doc_root.path().join("data"), OBJECTS, "jpg");
     let project = app.project("drain").await;
     let storage = app.local_storage(project, json!({})).await;
-    let mut first = spawn_worker(&app, "draining");
+    let mut first = spawn_worker(&app, "draining", &[]);
     let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
 
     let signalled = Instant::now();
@@ -433,7 +388,7 @@ async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
         "{handed_back}"
     );
 
-    let _second = spawn_worker(&app, "successor");
+    let _second = spawn_worker(&app, "successor", &[]);
     let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], OBJECTS as i64, "{run}");
@@ -477,7 +432,10 @@ async fn a_full_backlog_keeps_runs_queued_until_there_is_room() {
     let pending = queues["items"][0]["pending"].as_u64().expect("pending");
     assert!(pending <= 20, "the backlog stays at its limit: {queues}");
 
-    let _workers = [spawn_worker(&app, "one"), spawn_worker(&app, "two")];
+    let _workers = [
+        spawn_worker(&app, "one", &[]),
+        spawn_worker(&app, "two", &[]),
+    ];
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let (_, done) = app.get("/api/v1/runs?status=completed&limit=1000").await;
@@ -533,7 +491,10 @@ async fn twenty_thousand_queued_runs_all_run_without_a_worker_crash() {
     ] {
         db.execute_unprepared(&sql).await.expect("bulk insert");
     }
-    let mut workers = [spawn_worker(&app, "one"), spawn_worker(&app, "two")];
+    let mut workers = [
+        spawn_worker(&app, "one", &[]),
+        spawn_worker(&app, "two", &[]),
+    ];
     let deadline = Instant::now() + Duration::from_secs(480);
     loop {
         let done = count(
@@ -620,7 +581,7 @@ async fn annotations_saved_while_no_worker_runs_are_exported_once_one_starts() {
         3
     );
 
-    let _worker = spawn_worker(&app, "late");
+    let _worker = spawn_worker(&app, "late", &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !ids.iter().all(exported) {
         assert!(
@@ -655,7 +616,7 @@ async fn worker_serves_probes_and_metrics() {
         .expect("a free port")
         .port();
     let bind = format!("127.0.0.1:{port}");
-    let _worker = spawn_worker_with(&app, "observed", &[("LABELSYNC_METRICS_BIND", &bind)]);
+    let _worker = spawn_worker(&app, "observed", &[("LABELSYNC_METRICS_BIND", &bind)]);
     let run = app.sync(&storage["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
 
@@ -730,7 +691,7 @@ async fn export_killed_twice_mid_run_exports_every_annotation_once() {
 
     let mut kills = 0;
     for name in ["first", "second"] {
-        let mut worker = spawn_worker(&app, name);
+        let mut worker = spawn_worker(&app, name, &[]);
         let seen_before = count(&db, "SELECT COUNT(*) AS n FROM export_links").await;
         let deadline = Instant::now() + Duration::from_secs(60);
         // Kill it once it has committed a page more than its predecessor.
@@ -748,7 +709,7 @@ async fn export_killed_twice_mid_run_exports_every_annotation_once() {
         kills >= 1,
         "the export finished before any kill; make it bigger"
     );
-    let _last = spawn_worker(&app, "last");
+    let _last = spawn_worker(&app, "last", &[]);
     let run = app.wait_run(&run_id, Duration::from_secs(180)).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["exported"], N, "counted once: {run}");
@@ -785,7 +746,7 @@ async fn traces_and_metrics_reach_an_otlp_collector() {
     write_files(&app.doc_root.path().join("data"), 30, "jpg");
     let project = app.project("traced").await;
     let storage = app.local_storage(project, json!({})).await;
-    let _worker = spawn_worker_with(
+    let _worker = spawn_worker(
         &app,
         "traced",
         &[

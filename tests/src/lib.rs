@@ -473,6 +473,54 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A `labelsync-worker` process, killed when dropped so a failing test
+/// leaves none behind.
+pub struct Worker(pub std::process::Child);
+
+impl Worker {
+    /// SIGKILL, and wait for it to be gone.
+    pub fn kill(&mut self) {
+        self.0.kill().expect("SIGKILL the worker");
+        self.0.wait().expect("reap the worker");
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a `labelsync-worker` on `app`'s database, queue namespace and
+/// document root, with pages of 100 and a metrics listener on a random
+/// port; `env` overrides those defaults.
+pub fn spawn_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
+    let mut cmd = std::process::Command::new(binary("labelsync-worker"));
+    cmd.env_clear()
+        .env("LABELSYNC_METRICS_BIND", "127.0.0.1:0")
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LABELSYNC_WORKER_NAME", name)
+        .env("LABELSYNC_PAGE_SIZE", "100")
+        .env("RUST_LOG", "warn")
+        // The caller's settings win over the defaults above.
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null());
+    for key in [
+        "LABELSYNC_QUEUE_BACKLOG_LIMIT",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "LABELSYNC_QUEUE_NAMESPACE",
+        "LOCAL_FILES_DOCUMENT_ROOT",
+        "LABELSYNC_HEARTBEAT_SECS",
+    ] {
+        if let Some(value) = app.vars.get(key) {
+            cmd.env(key, value);
+        }
+    }
+    Worker(cmd.spawn().expect("start labelsync-worker"))
+}
+
 /// The repository root (for `examples/`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -11,6 +11,7 @@ use axum::{Router, body::Bytes, extract::State, routing::post};
 use opentelemetry_proto::tonic::{
     collector::{metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest},
     common::v1::{AnyValue, KeyValue, any_value::Value as Any},
+    resource::v1::Resource,
 };
 use prost::Message;
 
@@ -80,6 +81,14 @@ fn attributes(kvs: &[KeyValue]) -> HashMap<String, String> {
         .collect()
 }
 
+/// The `service.name` of an exporter's resource.
+fn service_name(resource: Option<Resource>) -> String {
+    resource
+        .map(|r| attributes(&r.attributes))
+        .and_then(|a| a.get("service.name").cloned())
+        .unwrap_or_default()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -88,11 +97,7 @@ async fn traces(State(received): State<Arc<Mutex<Received>>>, body: Bytes) -> &'
     let request = ExportTraceServiceRequest::decode(body).expect("an OTLP trace request");
     let mut received = received.lock().expect("lock");
     for resource in request.resource_spans {
-        let service = resource
-            .resource
-            .map(|r| attributes(&r.attributes))
-            .and_then(|a| a.get("service.name").cloned())
-            .unwrap_or_default();
+        let service = service_name(resource.resource);
         for scope in resource.scope_spans {
             for span in scope.spans {
                 received.spans.push(SpanSeen {
@@ -113,11 +118,7 @@ async fn metrics(State(received): State<Arc<Mutex<Received>>>, body: Bytes) -> &
     let request = ExportMetricsServiceRequest::decode(body).expect("an OTLP metrics request");
     let mut received = received.lock().expect("lock");
     for resource in request.resource_metrics {
-        let service = resource
-            .resource
-            .map(|r| attributes(&r.attributes))
-            .and_then(|a| a.get("service.name").cloned())
-            .unwrap_or_default();
+        let service = service_name(resource.resource);
         for scope in resource.scope_metrics {
             for metric in scope.metrics {
                 received.metrics.push((service.clone(), metric.name));
