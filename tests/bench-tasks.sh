@@ -6,14 +6,14 @@
 #     parquet   one 1,000,000-row Parquet file (row groups of 100,000)
 #     bigjsonl  one ~1 GB JSONL file (memory bound check)
 # DATABASE_URL: an empty database (default: a fresh SQLite file). Uses the
-# binary in target/${PROFILE:-release}; build it first.
+# binary in target/${PROFILE:-release} (or $BIN); build it first.
 set -euo pipefail
 kind=${1:?json|jsonl|parquet|bigjsonl}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 db=${2:-sqlite://$root/bench.db?mode=rwc}
-bin=$repo/target/${PROFILE:-release}/labelsync-scheduler
+bin=${BIN:-$repo/target/${PROFILE:-release}/labelsync-scheduler}
 mkdir -p "$root/files"
 case $kind in
   json) python3 -c "

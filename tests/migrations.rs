@@ -64,22 +64,85 @@ async fn check_schema(db: &DatabaseConnection) {
         db.execute_unprepared(&run("r3", "running")).await.is_err(),
         "a second live run of one storage must be refused"
     );
+    // Deleting a storage takes its links, not the project's tasks.
+    db.execute_unprepared(&format!(
+        "INSERT INTO storages (id, project_id, role, backend, title, config, secrets_set, prefix, recursive, import_method, presign, presign_ttl_seconds, can_delete_objects, created_at, updated_at) \
+         VALUES (2, 1, 'source', 'local', 's2', '{{}}', '[]', '', true, 'files', false, 900, false, {now}, {now})"
+    ))
+    .await
+    .expect("insert second storage");
+    db.execute_unprepared(&format!(
+        "INSERT INTO import_links (storage_id, object_key, row_index, task_id, object_exists, created_at, updated_at) \
+         VALUES (2, 'a.jpg', 0, 1, true, {now}, {now})"
+    ))
+    .await
+    .expect("link of the second storage");
+    db.execute_unprepared("DELETE FROM storages WHERE id = 2")
+        .await
+        .expect("delete storage");
+    assert_eq!(
+        count(
+            db,
+            "SELECT COUNT(*) AS n FROM import_links WHERE storage_id = 2"
+        )
+        .await,
+        0,
+        "a deleted storage's links must go with it"
+    );
+    assert_eq!(
+        count(db, "SELECT COUNT(*) AS n FROM import_links").await,
+        1,
+        "other storages' links stay"
+    );
+    assert_eq!(
+        count(db, "SELECT COUNT(*) AS n FROM tasks").await,
+        1,
+        "tasks stay"
+    );
+    // Deleting a task takes its links.
+    db.execute_unprepared(&format!(
+        "INSERT INTO tasks (id, project_id, data, created_at, updated_at) VALUES (2, 1, '{{}}', {now}, {now})"
+    ))
+    .await
+    .expect("insert second task");
+    db.execute_unprepared(&format!(
+        "INSERT INTO import_links (storage_id, object_key, row_index, task_id, object_exists, created_at, updated_at) \
+         VALUES (1, 'a.jpg', 1, 2, true, {now}, {now})"
+    ))
+    .await
+    .expect("link of the second task");
+    db.execute_unprepared("DELETE FROM tasks WHERE id = 2")
+        .await
+        .expect("delete task");
+    assert_eq!(
+        count(
+            db,
+            "SELECT COUNT(*) AS n FROM import_links WHERE task_id = 2"
+        )
+        .await,
+        0,
+        "a deleted task's links must go with it"
+    );
     // Deleting the project cascades to everything under it.
     db.execute_unprepared("DELETE FROM projects WHERE id = 1")
         .await
         .expect("delete project");
     for table in ["storages", "tasks", "import_links", "sync_runs"] {
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                db.get_database_backend(),
-                format!("SELECT COUNT(*) AS n FROM {table}"),
-            ))
-            .await
-            .expect("count")
-            .expect("row");
-        let n: i64 = row.try_get("", "n").expect("n");
+        let n = count(db, &format!("SELECT COUNT(*) AS n FROM {table}")).await;
         assert_eq!(n, 0, "{table} not emptied by the cascade");
     }
+}
+
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            sql,
+        ))
+        .await
+        .expect("count")
+        .expect("row");
+    row.try_get("", "n").expect("n")
 }
 
 async fn up_down_up(db: &DatabaseConnection) {
@@ -107,4 +170,60 @@ async fn migrations_on_fresh_sqlite() {
     let db = db::connect(&url).await.expect("connect");
     up_down_up(&db).await;
     check_schema(&db).await;
+}
+
+/// On Postgres the link and task tables have no foreign keys to their
+/// parents (migration 5); `insert_tasks` checks them instead, once per call,
+/// and writes nothing for a storage or project that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_task_inserts_refuse_a_missing_storage_or_project() {
+    use labelsync::db::links::{NewTask, insert_tasks};
+    use sea_orm::TransactionTrait;
+    let url = fresh_postgres().await;
+    let db = db::connect(&url).await.expect("connect");
+    db::migrate(&db).await.expect("migrate");
+    let now = "'2026-01-01T00:00:00Z'";
+    for sql in [
+        format!(
+            "INSERT INTO projects (id, title, data_key, created_at, updated_at) VALUES (1, 'p', 'image', {now}, {now}), (2, 'q', 'image', {now}, {now})"
+        ),
+        format!(
+            "INSERT INTO storages (id, project_id, role, backend, title, config, secrets_set, prefix, recursive, import_method, presign, presign_ttl_seconds, can_delete_objects, created_at, updated_at) \
+             VALUES (1, 1, 'source', 'local', 's', '{{}}', '[]', '', true, 'tasks', false, 900, false, {now}, {now})"
+        ),
+    ] {
+        db.execute_unprepared(&sql).await.expect("fixture");
+    }
+    let rows = || {
+        vec![NewTask {
+            object_key: "a.json".into(),
+            data: serde_json::json!({ "text": "a" }),
+            ..Default::default()
+        }]
+    };
+    // (storage, project): a storage that does not exist, and one of another project.
+    for (storage, project) in [(9, 1), (1, 2)] {
+        let txn = db.begin().await.expect("begin");
+        let err = insert_tasks(&txn, project, storage, "run", rows())
+            .await
+            .expect_err("insert for a missing parent");
+        assert!(
+            matches!(err, labelsync::Error::NotFound(_)),
+            "storage {storage}, project {project}: {err:?}"
+        );
+        txn.rollback().await.expect("rollback");
+    }
+    let txn = db.begin().await.expect("begin");
+    assert_eq!(
+        insert_tasks(&txn, 1, 1, "run", rows())
+            .await
+            .expect("insert"),
+        (1, 0)
+    );
+    txn.commit().await.expect("commit");
+    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM tasks").await, 1);
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM import_links").await,
+        1
+    );
 }

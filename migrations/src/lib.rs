@@ -1,13 +1,16 @@
 //! # Layout
 //! SeaORM migrations for labelsync, one dated module per migration. They run on
 //! Postgres (production) and SQLite (embedded mode): only portable column types,
-//! and raw SQL only where both dialects accept the same text (partial indexes).
+//! and raw SQL only where both dialects accept the same text (partial indexes),
+//! except where a migration is for one backend alone and says why
+//! (`m20261202_000005_bulk_import_keys`: Postgres only).
 pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_initial;
 mod m20261124_000002_change_tracking;
 mod m20261124_000003_sync_batches;
 mod m20261124_000004_export_outbox;
+mod m20261202_000005_bulk_import_keys;
 
 pub struct Migrator;
 
@@ -19,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000002_change_tracking::Migration),
             Box::new(m20261124_000003_sync_batches::Migration),
             Box::new(m20261124_000004_export_outbox::Migration),
+            Box::new(m20261202_000005_bulk_import_keys::Migration),
         ]
     }
 }

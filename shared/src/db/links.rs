@@ -17,7 +17,7 @@ use super::{
     MAX_PARAMS,
     entities::{annotation, import_link, prediction, task},
 };
-use crate::Result;
+use crate::{Error, Result};
 
 /// One task to create from an object (or a row of it).
 #[derive(Debug, Clone, Default)]
@@ -340,8 +340,7 @@ pub async fn insert_tasks(
 /// per connection instead of a 10,000-parameter `VALUES` list every time),
 /// the task ids are drawn from the sequence up front (in array order, so
 /// ids ascend with the rows), and the links go in first: only rows whose
-/// link was new get a task. The links' foreign key to `tasks` is checked at
-/// the end of the statement, when both inserts are done.
+/// link was new get a task.
 ///
 /// The rows are new as far as the caller could tell (it left out rows with
 /// links), so the insert is tried without `ON CONFLICT` first: the
@@ -354,6 +353,15 @@ pub async fn insert_tasks(
 /// Arrays cannot carry NULLs through sea-query, so absent values travel as
 /// sentinels turned back into NULL in SQL: JSON `null` meta, an empty etag,
 /// size -1 and the Unix epoch as last-modified time.
+///
+/// On Postgres these tables have no foreign keys to their parents (migration
+/// `m20261202_000005_bulk_import_keys`: the per-row checks were more than
+/// half of the insert's cost), so this function does once per call what the
+/// checks did per row: it locks the storage and project rows `FOR KEY
+/// SHARE`, which makes a concurrent delete of either wait for this
+/// transaction (and then take the new rows with it through the delete
+/// triggers), and fails with `NotFound` if one is gone already. Each task is
+/// inserted in the statement that inserts its link.
 async fn insert_tasks_pg(
     db: &(impl ConnectionTrait + TransactionTrait),
     project_id: i64,
@@ -385,12 +393,25 @@ ORDER BY input.id"#
     }
     use sea_orm::sea_query::ArrayType as A;
     // The connections force custom plans (see `db::connect`), and that
-    // applies to the foreign-key checks' own cached queries too: three
-    // re-planned lookups per row made a 1,000-row chunk take ~100 ms instead
-    // of 40-75 ms (two chunks in flight). These inserts take their plans as
-    // usual.
+    // applies to foreign-key checks' own cached queries too: when tasks and
+    // links still had keys, three re-planned lookups per row made a
+    // 1,000-row chunk take ~100 ms instead of 40-75 ms. The predictions' and
+    // annotations' keys remain; these inserts take their plans as usual.
     db.execute_unprepared("SET LOCAL plan_cache_mode = auto")
         .await?;
+    let owner = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT 1 FROM storages s JOIN projects p ON p.id = s.project_id \
+             WHERE s.id = $1 AND p.id = $2 FOR KEY SHARE OF s, p",
+            [storage_id.into(), project_id.into()],
+        ))
+        .await?;
+    if owner.is_none() {
+        return Err(Error::NotFound(format!(
+            "storage {storage_id} of project {project_id} was deleted"
+        )));
+    }
     let mut created = 0;
     let mut existed = 0;
     for chunk in items.chunks(CHUNK_ROWS) {
