@@ -64,18 +64,37 @@ pub async fn known_objects(
     use import_link::Column as C;
     let mut found = HashMap::new();
     for chunk in keys.chunks(MAX_PARAMS) {
-        let rows = import_link::Entity::find()
-            .select_only()
-            .column(C::ObjectKey)
-            .column_as(C::Id.count(), "rows")
-            .column_as(C::Etag.max(), "etag")
-            .column_as(C::SeenRunId.max(), "seen")
-            .filter(C::StorageId.eq(storage_id))
-            .filter(C::ObjectKey.is_in(chunk.iter().cloned()))
-            .group_by(C::ObjectKey)
-            .into_model::<KnownRow>()
+        let rows = if db.get_database_backend() == DbBackend::Postgres {
+            // One index lookup per key, whatever the statistics say: the
+            // `IN (...)` form below was planned as a scan of all the
+            // storage's links (stale statistics during a first sync, and a
+            // seq scan even after ANALYZE: 21 ms per 1,000 keys at 100,000
+            // links, growing with the table; 4-6 ms this way).
+            KnownRow::find_by_statement(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT k.key AS object_key, l.rows, l.etag, l.seen \
+                 FROM unnest($1::text[]) AS k(key) CROSS JOIN LATERAL ( \
+                     SELECT count(*) AS rows, max(etag) AS etag, max(seen_run_id) AS seen \
+                     FROM import_links WHERE storage_id = $2 AND object_key = k.key) l \
+                 WHERE l.rows > 0",
+                [text_array(chunk), storage_id.into()],
+            ))
             .all(db)
-            .await?;
+            .await?
+        } else {
+            import_link::Entity::find()
+                .select_only()
+                .column(C::ObjectKey)
+                .column_as(C::Id.count(), "rows")
+                .column_as(C::Etag.max(), "etag")
+                .column_as(C::SeenRunId.max(), "seen")
+                .filter(C::StorageId.eq(storage_id))
+                .filter(C::ObjectKey.is_in(chunk.iter().cloned()))
+                .group_by(C::ObjectKey)
+                .into_model::<KnownRow>()
+                .all(db)
+                .await?
+        };
         found.extend(rows.into_iter().map(|r| {
             let seen_by_run = r.seen.as_deref() == Some(run_id);
             (
@@ -103,6 +122,27 @@ pub async fn mark_seen(
         // Rows this run just created carry its id already: leaving them
         // alone spares rewriting every row of a large file (100,000 rows of
         // one JSONL: 1.8 s).
+        if db.get_database_backend() == DbBackend::Postgres {
+            // As in `known_objects`: the `IN (...)` form scanned every link
+            // of the storage (35-48 ms per 1,000 keys at 100,000 links; a
+            // no-change re-sync of 100,000 files took 7.5 s). Here the rows
+            // are found one index lookup per key (`OFFSET 0` keeps the
+            // lateral subquery from being flattened into a hash join), and
+            // updated by id.
+            db.execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "UPDATE import_links SET seen_run_id = $3, object_exists = true \
+                 WHERE id = ANY(ARRAY( \
+                     SELECT l.id FROM unnest($1::text[]) AS k(key) CROSS JOIN LATERAL ( \
+                         SELECT id FROM import_links \
+                         WHERE storage_id = $2 AND object_key = k.key \
+                           AND (seen_run_id IS DISTINCT FROM $3 OR NOT object_exists) \
+                         OFFSET 0) l))",
+                [text_array(chunk), storage_id.into(), run_id.into()],
+            ))
+            .await?;
+            continue;
+        }
         import_link::Entity::update_many()
             .col_expr(C::SeenRunId, Expr::value(run_id))
             .col_expr(C::ObjectExists, Expr::value(true))
@@ -118,6 +158,14 @@ pub async fn mark_seen(
             .await?;
     }
     Ok(())
+}
+
+/// A Postgres `text[]` parameter.
+fn text_array(items: &[String]) -> sea_orm::Value {
+    sea_orm::Value::Array(
+        sea_orm::sea_query::ArrayType::String,
+        Some(Box::new(items.iter().map(|k| k.clone().into()).collect())),
+    )
 }
 
 /// Records the new etag, size and time of a changed object.
