@@ -27,24 +27,27 @@ cat > "$root/spec.json" <<JSON
  "title": "bench", "regex_filter": ".*\\\\.jpg$", "config": {"path": "files"}}
 JSON
 listing=$(LOCAL_FILES_DOCUMENT_ROOT=$root "$bin" list --spec "$root/spec.json")
-start=$(date +%s.%N)
-DATABASE_URL=$db LOCAL_FILES_DOCUMENT_ROOT=$root "$bin" sync --spec "$root/spec.json" --quiet > "$root/run.json"
-end=$(date +%s.%N)
+# /usr/bin/time: wall seconds and peak RSS (KB) of each sync process.
+sync() {
+  /usr/bin/time -f "%e %M" -o "$root/$1.time" env DATABASE_URL="$db" LOCAL_FILES_DOCUMENT_ROOT="$root" \
+    "$bin" sync --spec "$root/spec.json" --quiet > "$root/$1.json"
+}
+sync run
 # The same storage again, nothing changed: every object is found linked.
-DATABASE_URL=$db LOCAL_FILES_DOCUMENT_ROOT=$root "$bin" sync --spec "$root/spec.json" --quiet > "$root/resync.json"
-end2=$(date +%s.%N)
-python3 - "$root/run.json" "$start" "$end" "$listing" "$root/resync.json" "$end2" <<'PY'
+sync resync
+python3 - "$root" "$listing" <<'PY'
 import json, sys
-run = json.load(open(sys.argv[1]))
-secs = float(sys.argv[3]) - float(sys.argv[2])
-listing = json.loads(sys.argv[4])
-resync = json.load(open(sys.argv[5]))
-resync_secs = float(sys.argv[6]) - float(sys.argv[3])
+root, listing = sys.argv[1], json.loads(sys.argv[2])
+def load(name):
+    secs, rss_kb = open(f"{root}/{name}.time").read().split()
+    return json.load(open(f"{root}/{name}.json")), float(secs), int(rss_kb) / 1024
+run, secs, rss = load("run")
 c = run["counters"]
 print(f"status={run['status']} listed={c['listed']} created={c['created']} seconds={secs:.2f} "
       f"objects_per_s={c['created'] / secs:.0f} listing_only_s={listing['seconds']:.2f} "
-      f"ratio_to_listing={secs / listing['seconds']:.1f}")
+      f"ratio_to_listing={secs / listing['seconds']:.1f} peak_rss_mb={rss:.0f}")
+resync, secs, rss = load("resync")
 r = resync["counters"]
 print(f"resync: status={resync['status']} listed={r['listed']} created={r['created']} existed={r['existed']} "
-      f"seconds={resync_secs:.2f} objects_per_s={r['listed'] / resync_secs:.0f}")
+      f"seconds={secs:.2f} objects_per_s={r['listed'] / secs:.0f} peak_rss_mb={rss:.0f}")
 PY
