@@ -643,7 +643,10 @@ async fn embedded_mode_syncs_on_sqlite_with_no_redis() {
     let (status, ready) = app.get("/readyz").await;
     assert_eq!(
         (status, &ready),
-        (200, &json!({ "database": true, "queue": true }))
+        (
+            200,
+            &json!({ "database": true, "migrated": true, "queue": true })
+        )
     );
     app.stop().await;
 }

@@ -603,6 +603,41 @@ async fn annotations_saved_while_no_worker_runs_are_exported_once_one_starts() {
     app.stop().await;
 }
 
+/// `/readyz` is 503 while the database lacks a migration this binary has
+/// (a pod started with `LABELSYNC_RUN_MIGRATIONS=false` before the
+/// migration Job ended), naming it, and 200 once it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_the_migrations() {
+    use labelsync_migrations::{Migrator, MigratorTrait};
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let (status, ready) = app.get("/readyz").await;
+    assert_eq!(
+        (status, &ready),
+        (
+            200,
+            &json!({ "database": true, "migrated": true, "queue": true })
+        )
+    );
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let last = Migrator::migrations()
+        .last()
+        .map(|m| m.name().to_owned())
+        .expect("a migration");
+    Migrator::down(&db, Some(1))
+        .await
+        .expect("roll back the last migration");
+    let (status, ready) = app.get("/readyz").await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(
+        ready,
+        json!({ "database": true, "migrated": false, "queue": true, "pending_migrations": [last] })
+    );
+    labelsync::db::migrate(&db).await.expect("migrate");
+    let (status, ready) = app.get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    app.stop().await;
+}
+
 /// A worker serves `/healthz`, `/readyz` and `/metrics` on its own listener;
 /// its job metrics and the queue depth are there after it ran a sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

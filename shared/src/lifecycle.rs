@@ -1,5 +1,5 @@
-//! Process lifecycle shared by both binaries: the shutdown signal and the
-//! worker process's main loop.
+//! Process lifecycle shared by both binaries: the shutdown signal, the
+//! readiness probe and the worker process's main loop.
 use std::sync::Arc;
 
 use crate::{
@@ -30,6 +30,33 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutdown requested; finishing in-flight jobs");
+}
+
+/// `/readyz` of both binaries: 200 when the database answers and has every
+/// migration this binary knows, and the queue answers; 503 otherwise, the
+/// body saying which part is missing.
+pub async fn readiness(
+    db: &sea_orm::DatabaseConnection,
+    queue: &Queue,
+) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    let (pending, queue) = tokio::join!(db::pending_migrations(db), queue.ping());
+    let (database, migrated) = match &pending {
+        Ok(pending) => (true, pending.is_empty()),
+        Err(_) => (false, false),
+    };
+    let status = if database && migrated && queue {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut body =
+        serde_json::json!({ "database": database, "migrated": migrated, "queue": queue });
+    if let Ok(pending) = pending
+        && !pending.is_empty()
+    {
+        body["pending_migrations"] = pending.into();
+    }
+    (status, axum::Json(body))
 }
 
 /// A transient error once the worker is shutting down, so a running import

@@ -220,14 +220,14 @@ pub async fn render_with_queue(
 }
 
 /// The worker's own small HTTP listener: `/metrics`, `/healthz` (the process
-/// answers) and `/readyz` (its database and queue answer), for Prometheus
+/// answers) and `/readyz` ([`crate::lifecycle::readiness`]), for Prometheus
 /// and the orchestrator's probes.
 pub async fn serve_worker_listener(
     listener: tokio::net::TcpListener,
     db: sea_orm::DatabaseConnection,
     queue: crate::jobs::Queue,
 ) -> std::io::Result<()> {
-    use axum::{Json, http::StatusCode, routing::get};
+    use axum::{Json, routing::get};
     let metrics_queue = queue.clone();
     let app = axum::Router::new()
         .route(
@@ -245,18 +245,7 @@ pub async fn serve_worker_listener(
             "/readyz",
             get(move || {
                 let (db, queue) = (db.clone(), queue.clone());
-                async move {
-                    let (database, queue) = tokio::join!(crate::db::ping(&db), queue.ping());
-                    let status = if database && queue {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    (
-                        status,
-                        Json(serde_json::json!({ "database": database, "queue": queue })),
-                    )
-                }
+                async move { crate::lifecycle::readiness(&db, &queue).await }
             }),
         );
     axum::serve(listener, app).await

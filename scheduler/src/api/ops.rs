@@ -1,5 +1,6 @@
 //! Probes for orchestrators: `/healthz` (the process answers) and `/readyz`
-//! (the database and the queue answer too); `/api/v1/queues` for ops.
+//! (the database is migrated and it and the queue answer);
+//! `/api/v1/queues` for ops.
 use axum::{Json, extract::State, http::StatusCode};
 use serde_json::{Value, json};
 
@@ -10,16 +11,7 @@ pub async fn healthz() -> Json<Value> {
 }
 
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let (database, queue) = tokio::join!(labelsync::db::ping(&state.db), state.queue.ping());
-    let status = if database && queue {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(json!({ "database": database, "queue": queue })),
-    )
+    labelsync::lifecycle::readiness(&state.db, &state.queue).await
 }
 
 /// `GET /metrics`: every metric in the Prometheus text format, with the

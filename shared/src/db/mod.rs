@@ -71,6 +71,37 @@ pub async fn ping(db: &DatabaseConnection) -> bool {
     db.execute_unprepared("SELECT 1").await.is_ok()
 }
 
+/// The migrations this binary has that the database has not applied (for
+/// `/readyz`: with `LABELSYNC_RUN_MIGRATIONS=false` a new pod must not take
+/// work before the migration Job is done). Migrations the database has and
+/// this binary does not (an older pod during a rolling update) do not count.
+pub async fn pending_migrations(db: &DatabaseConnection) -> Result<Vec<String>> {
+    let applied: std::collections::HashSet<String> = match db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT version FROM seaql_migrations",
+        ))
+        .await
+    {
+        Ok(rows) => rows
+            .iter()
+            .map(|row| row.try_get::<String>("", "version"))
+            .collect::<Result<_, _>>()?,
+        // No migration table yet: nothing is applied. Any other failure
+        // (the server is down) is the caller's to report.
+        Err(err) if ping(db).await => {
+            tracing::debug!(%err, "no migration table");
+            Default::default()
+        }
+        Err(err) => return Err(err.into()),
+    };
+    Ok(Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .filter(|name| !applied.contains(name))
+        .collect())
+}
+
 /// Begins a transaction that will write. On SQLite it takes the write lock at
 /// BEGIN (IMMEDIATE): a deferred transaction that reads first and writes later
 /// fails with SQLITE_BUSY_SNAPSHOT when another connection (the run's
