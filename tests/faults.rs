@@ -115,6 +115,52 @@ async fn flaky_storage_requests_are_retried_and_nothing_is_lost() {
     app.stop().await;
 }
 
+/// A storage server that stops answering without closing the connection
+/// (before a response, or halfway through an object's body): each such
+/// request gives up after `LABELSYNC_STORAGE_TIMEOUT_SECS` and is retried,
+/// and both syncs complete with every object once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_storage_requests_time_out_and_are_retried() {
+    let (moto, bucket) = bucket(12, 12).await;
+    let proxy = FaultProxy::start(&moto, Mode::Hanging { every: 5 }).await;
+    let mut opts = private_endpoints();
+    opts.env
+        .push(("LABELSYNC_STORAGE_TIMEOUT_SECS", "1".into()));
+    let app = spawn_app(opts).await;
+    let project = app.project("hanging").await;
+
+    let tasks = s3_source(&app, project, &bucket, &proxy.url, "tasks/", "tasks").await;
+    let run = app.sync(&tasks["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 24, "{run}");
+    let images = s3_source(&app, project, &bucket, &proxy.url, "images/", "files").await;
+    let run = app.sync(&images["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 12, "{run}");
+
+    let mut sources: Vec<(String, i64)> = app
+        .all_tasks(project)
+        .await
+        .iter()
+        .map(|t| {
+            (
+                t["source"]["key"].as_str().unwrap().to_owned(),
+                t["source"]["row_index"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(sources.len(), 36, "12 files x 2 rows and 12 images");
+    sources.sort();
+    sources.dedup();
+    assert_eq!(sources.len(), 36, "one task per (key, row)");
+    let (requests, faults) = proxy.counts();
+    assert!(
+        faults >= 4,
+        "the proxy hung {faults} of {requests} requests"
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusing_storage_fails_the_run_without_pointless_retries() {
     let (moto, bucket) = bucket(0, 3).await;

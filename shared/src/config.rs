@@ -69,6 +69,12 @@ pub struct Settings {
     /// OTLP export (`/metrics` is always served). The exporter reads the other
     /// `OTEL_EXPORTER_OTLP_*` variables itself.
     pub otlp_endpoint: Option<String>,
+    /// `LABELSYNC_STORAGE_TIMEOUT_SECS` (default 60): the longest a storage
+    /// request waits for the next bytes of its response (S3: also the
+    /// longest one request attempt may take) before it fails and is
+    /// retried. Without it, a storage server that stops answering would
+    /// hold a worker slot forever.
+    pub storage_timeout: Duration,
     /// `LABELSYNC_SECRET_KEY`: 32 random bytes, base64; encrypts storage
     /// secrets at rest. Without it, storages cannot be given secrets.
     pub secret_box: Option<Arc<SecretBox>>,
@@ -197,6 +203,9 @@ impl Settings {
             ),
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            storage_timeout: Duration::from_secs(
+                parse(&get, "LABELSYNC_STORAGE_TIMEOUT_SECS", 60)?.max(1),
+            ),
             secret_box: get("LABELSYNC_SECRET_KEY")
                 .map(|k| SecretBox::from_base64(&k).map(Arc::new))
                 .transpose()?,

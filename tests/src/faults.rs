@@ -1,7 +1,8 @@
 //! A fault-injecting HTTP proxy for storage tests: it forwards requests to
 //! an emulator unchanged (the `Host` header too, so SigV4 signatures still
 //! match), and for a share of them answers 500, 503 `SlowDown`, cuts the
-//! response off mid-body (a reset), or stalls before forwarding. Or it
+//! response off mid-body (a reset), stalls before forwarding, or never
+//! answers at all (before or in the middle of a body). Or it
 //! refuses everything with 403, to check that permanent errors are not
 //! retried. It counts what it saw.
 use std::sync::{
@@ -29,6 +30,10 @@ pub enum Mode {
     ReadOnly,
     /// Every write (PUT) waits this long before it is forwarded.
     SlowWrites(std::time::Duration),
+    /// One request in `every` never gets an answer, alternately before the
+    /// response starts and after half of its body: a server that stops
+    /// talking without closing the connection.
+    Hanging { every: u64 },
 }
 
 #[derive(Clone)]
@@ -108,6 +113,20 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
         }
         Mode::Flaky { every } if n % every == 0 => Some((n / every) % 4),
         Mode::Flaky { .. } => None,
+        Mode::Hanging { every } if n % every == 0 => {
+            s.faults.fetch_add(1, Ordering::SeqCst);
+            if (n / every) % 2 == 0 {
+                return futures::future::pending().await;
+            }
+            let (parts, body) = send(&s, req).await;
+            let half = body.slice(..body.len() / 2);
+            let stalled = futures::StreamExt::chain(
+                futures::stream::once(async move { Ok::<_, std::io::Error>(half) }),
+                futures::stream::pending(),
+            );
+            return parts.body(Body::from_stream(stalled)).unwrap_or_default();
+        }
+        Mode::Hanging { .. } => None,
     };
     if let Some(kind) = fault {
         s.faults.fetch_add(1, Ordering::SeqCst);
@@ -143,10 +162,20 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
             _ => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
         }
     }
+    let (builder, bytes) = send(&s, req).await;
+    builder.body(Body::from(bytes)).unwrap_or_default()
+}
+
+/// Forwards a request upstream; the response's head and whole body (a 400
+/// or 502 of the proxy's own when that fails).
+async fn send(s: &Shared, req: Request) -> (axum::http::response::Builder, Bytes) {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
-        return StatusCode::BAD_REQUEST.into_response();
+        return (
+            Response::builder().status(StatusCode::BAD_REQUEST),
+            Bytes::new(),
+        );
     };
     let mut upstream = s
         .client
@@ -159,12 +188,15 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
         }
     }
     let Ok(resp) = upstream.send().await else {
-        return StatusCode::BAD_GATEWAY.into_response();
+        return (
+            Response::builder().status(StatusCode::BAD_GATEWAY),
+            Bytes::new(),
+        );
     };
     let mut builder = Response::builder().status(resp.status());
     for (name, value) in resp.headers() {
         builder = builder.header(name, value);
     }
     let bytes = resp.bytes().await.unwrap_or_default();
-    builder.body(Body::from(bytes)).unwrap_or_default()
+    (builder, bytes)
 }

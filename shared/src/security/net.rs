@@ -289,12 +289,18 @@ pub fn install_crypto_provider() {
     });
 }
 
-/// A reqwest client for storage traffic: guarded DNS, sane timeouts.
-pub fn http_client(policy: &NetPolicy) -> Result<reqwest::Client> {
+/// A reqwest client for storage traffic: guarded DNS, a 10 s connect
+/// timeout, and `read_timeout` as the longest wait for the next bytes of a
+/// response (`LABELSYNC_STORAGE_TIMEOUT_SECS`), so a server that stops
+/// answering fails the request instead of holding it open.
+pub fn http_client(
+    policy: &NetPolicy,
+    read_timeout: std::time::Duration,
+) -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
         .connect_timeout(std::time::Duration::from_secs(10))
-        .read_timeout(std::time::Duration::from_secs(60))
+        .read_timeout(read_timeout)
         // A redirect could lead anywhere, including to a metadata address by
         // literal IP (which skips DNS); storage APIs do not redirect.
         .redirect(reqwest::redirect::Policy::none())

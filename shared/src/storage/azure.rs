@@ -80,13 +80,13 @@ impl AzureConfig {
     }
 }
 
-/// Hands object_store our guarded reqwest client.
+/// Hands object_store our guarded reqwest client (policy, read timeout).
 #[derive(Debug)]
-struct GuardedConnector(NetPolicy);
+struct GuardedConnector(NetPolicy, Duration);
 
 impl HttpConnector for GuardedConnector {
     fn connect(&self, _options: &object_store::ClientOptions) -> object_store::Result<HttpClient> {
-        let client = http_client(&self.0).map_err(|e| object_store::Error::Generic {
+        let client = http_client(&self.0, self.1).map_err(|e| object_store::Error::Generic {
             store: "azure",
             source: e.to_string().into(),
         })?;
@@ -138,7 +138,7 @@ impl AzureStorage {
         builder = builder
             .with_account(&account)
             .with_container_name(&config.container)
-            .with_http_connector(GuardedConnector(env.net.clone()))
+            .with_http_connector(GuardedConnector(env.net.clone(), env.request_timeout))
             .with_retry(RetryConfig {
                 max_retries: retry::MAX_ATTEMPTS as usize - 1,
                 retry_timeout: Duration::from_secs(120),

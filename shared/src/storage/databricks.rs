@@ -111,7 +111,7 @@ impl DatabricksStorage {
             config.catalog, config.schema, config.volume
         );
         Ok(DatabricksStorage {
-            http: http_client(&env.net)?,
+            http: http_client(&env.net, env.request_timeout)?,
             host,
             root,
             plain_root,

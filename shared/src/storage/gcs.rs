@@ -156,7 +156,7 @@ impl GcsStorage {
             }
         };
         Ok(GcsStorage {
-            http: http_client(&env.net)?,
+            http: http_client(&env.net, env.request_timeout)?,
             base,
             bucket: config.bucket,
             token,

@@ -346,7 +346,7 @@ pub async fn probe<S: Storage + ?Sized>(storage: &S, role: Role, prefix: &str) -
 }
 
 /// Settings the backends need from the deployment.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StorageEnv {
     pub document_root: Option<PathBuf>,
     /// Seals and opens stored secrets; without it storages cannot take secrets.
@@ -356,6 +356,21 @@ pub struct StorageEnv {
     /// The Azure account to fall back to (`AZURE_BLOB_ACCOUNT_NAME` / `_KEY`).
     pub azure_account_name: Option<String>,
     pub azure_account_key: Option<crate::config::Secret>,
+    /// `LABELSYNC_STORAGE_TIMEOUT_SECS`: see [`crate::config::Settings::storage_timeout`].
+    pub request_timeout: Duration,
+}
+
+impl Default for StorageEnv {
+    fn default() -> Self {
+        StorageEnv {
+            document_root: None,
+            secrets: None,
+            net: NetPolicy::default(),
+            azure_account_name: None,
+            azure_account_key: None,
+            request_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 impl StorageEnv {
@@ -366,6 +381,7 @@ impl StorageEnv {
             net: settings.endpoint_policy.clone(),
             azure_account_name: settings.azure_account_name.clone(),
             azure_account_key: settings.azure_account_key.clone(),
+            request_timeout: settings.storage_timeout,
         }
     }
 

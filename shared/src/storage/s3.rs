@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig};
+use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_s3::{
     Client,
     config::{Credentials, http::HttpResponse},
@@ -87,7 +87,12 @@ pub struct S3Storage {
     client: Client,
     bucket: String,
     sse_kms_key_id: Option<String>,
+    /// Longest wait for the next bytes of a download.
+    idle_timeout: Duration,
 }
+
+/// As for the other HTTP backends (`security::net::http_client`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl S3Storage {
     pub async fn open(config: S3Config, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
@@ -152,11 +157,22 @@ impl S3Storage {
                     .unwrap_or(config.endpoint_url.is_some()),
             )
             .retry_config(RetryConfig::standard().with_max_attempts(retry::MAX_ATTEMPTS))
+            // The SDK sets no limit on how long a request may wait for its
+            // response: a server that accepts the connection and never
+            // answers would hold the worker for good. A timed-out attempt
+            // is retried like any transient failure.
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .operation_attempt_timeout(env.request_timeout)
+                    .build(),
+            )
             .build();
         Ok(S3Storage {
             client: Client::from_conf(s3_config),
             bucket: config.bucket,
             sse_kms_key_id: config.sse_kms_key_id,
+            idle_timeout: env.request_timeout,
         })
     }
 }
@@ -298,11 +314,27 @@ impl Storage for S3Storage {
         };
         let etag = out.e_tag().map(|e| e.trim_matches('"').to_owned());
         let content_type = out.content_type().map(str::to_owned);
-        let body = futures::stream::unfold(out.body, move |mut body: AwsBody| async move {
-            match body.try_next().await {
-                Ok(Some(chunk)) => Some((Ok(chunk), body)),
-                Ok(None) => None,
-                Err(e) => Some((Err(std::io::Error::other(e)), body)),
+        // The attempt timeout ends with the response headers; a body that
+        // stops arriving is cut off here, after `idle` without a byte (the
+        // reader sees an I/O error, as on a reset, and the object is read
+        // again by a retried attempt).
+        let idle = self.idle_timeout;
+        let body = futures::stream::unfold(Some(out.body), move |body| async move {
+            let mut body: AwsBody = body?;
+            match tokio::time::timeout(idle, body.try_next()).await {
+                Ok(Ok(Some(chunk))) => Some((Ok(chunk), Some(body))),
+                Ok(Ok(None)) => None,
+                Ok(Err(e)) => Some((Err(std::io::Error::other(e)), None)),
+                Err(_) => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no data for {} s (LABELSYNC_STORAGE_TIMEOUT_SECS)",
+                            idle.as_secs()
+                        ),
+                    )),
+                    None,
+                )),
             }
         });
         Ok(Object {
