@@ -121,7 +121,7 @@ async fn flaky_storage_requests_are_retried_and_nothing_is_lost() {
 /// and both syncs complete with every object once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_storage_requests_time_out_and_are_retried() {
-    let (moto, bucket) = bucket(12, 12).await;
+    let (moto, bucket) = bucket(30, 30).await;
     let proxy = FaultProxy::start(&moto, Mode::Hanging { every: 5 }).await;
     let mut opts = private_endpoints();
     opts.env
@@ -132,11 +132,11 @@ async fn hanging_storage_requests_time_out_and_are_retried() {
     let tasks = s3_source(&app, project, &bucket, &proxy.url, "tasks/", "tasks").await;
     let run = app.sync(&tasks["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
-    assert_eq!(run["counters"]["created"], 24, "{run}");
+    assert_eq!(run["counters"]["created"], 60, "{run}");
     let images = s3_source(&app, project, &bucket, &proxy.url, "images/", "files").await;
     let run = app.sync(&images["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
-    assert_eq!(run["counters"]["created"], 12, "{run}");
+    assert_eq!(run["counters"]["created"], 30, "{run}");
 
     let mut sources: Vec<(String, i64)> = app
         .all_tasks(project)
@@ -149,13 +149,13 @@ async fn hanging_storage_requests_time_out_and_are_retried() {
             )
         })
         .collect();
-    assert_eq!(sources.len(), 36, "12 files x 2 rows and 12 images");
+    assert_eq!(sources.len(), 90, "30 files x 2 rows and 30 images");
     sources.sort();
     sources.dedup();
-    assert_eq!(sources.len(), 36, "one task per (key, row)");
+    assert_eq!(sources.len(), 90, "one task per (key, row)");
     let (requests, faults) = proxy.counts();
     assert!(
-        faults >= 4,
+        faults >= 6,
         "the proxy hung {faults} of {requests} requests"
     );
     app.stop().await;

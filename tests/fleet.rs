@@ -6,7 +6,8 @@ use std::{
 };
 
 use labelsync_tests::{
-    AppOptions, TestApp, binary, repo_root, spawn_app, spawn_worker, write_files,
+    AppOptions, TestApp, binary, repo_root, spawn_app, spawn_ready_worker, spawn_worker,
+    write_files,
 };
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
@@ -287,6 +288,14 @@ fn chrono_ms(time: &str) -> i64 {
 /// A Tasks-mode storage of `files` one-task JSON files, synced by the given
 /// worker processes; returns the finished run and the database.
 async fn fan_out_sync(app: &TestApp, files: usize) -> (Value, sea_orm::DatabaseConnection) {
+    let storage = fan_out_storage(app, files).await;
+    let run = app.sync(&storage["id"]).await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    (run, db)
+}
+
+/// A Tasks-mode storage of `files` one-task JSON files.
+async fn fan_out_storage(app: &TestApp, files: usize) -> Value {
     let data = app.doc_root.path().join("data");
     std::fs::create_dir_all(&data).expect("mkdir");
     for i in 0..files {
@@ -297,22 +306,36 @@ async fn fan_out_sync(app: &TestApp, files: usize) -> (Value, sea_orm::DatabaseC
         .expect("write");
     }
     let project = app.project("fan-out").await;
-    let storage = app
-        .local_storage(project, json!({ "import_method": "tasks" }))
-        .await;
-    let run = app.sync(&storage["id"]).await;
-    let db = Database::connect(&app.database_url).await.expect("connect");
-    (run, db)
+    app.local_storage(project, json!({ "import_method": "tasks" }))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_sync_fans_out_batches_across_workers() {
     let app = spawn_app(AppOptions::without_workers()).await;
-    let workers = [
-        spawn_worker(&app, "left", &[]),
-        spawn_worker(&app, "right", &[]),
-    ];
-    let (run, db) = fan_out_sync(&app, 1500).await;
+    // "left" has one slot and takes the sync job, so it cannot run a batch:
+    // every batch has to go through Redis to "right", started once the sync
+    // job runs (or, after 2 s without progress, be run by the sync job
+    // itself, as "sync-job"). Which worker takes which job is otherwise a
+    // race that one quick worker can win every time.
+    let left = spawn_ready_worker(&app, "left", &[("LABELSYNC_WORKER_CONCURRENCY", "1")]).await;
+    let storage = fan_out_storage(&app, 1500).await;
+    let (status, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", storage["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while app.get(&format!("/api/v1/runs/{run_id}")).await.1["status"] == "queued" {
+        assert!(Instant::now() < deadline, "the sync job was not taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let right = spawn_ready_worker(&app, "right", &[]).await;
+    let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], 1500, "{run}");
     assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM tasks").await, 1500);
@@ -325,9 +348,22 @@ async fn tasks_sync_fans_out_batches_across_workers() {
         count(&db, "SELECT COUNT(*) AS n FROM sync_batches WHERE NOT done").await,
         0
     );
-    let workers_used = count(&db, "SELECT COUNT(DISTINCT worker) AS n FROM sync_batches").await;
-    assert!(workers_used >= 2, "batches ran on {workers_used} worker(s)");
-    drop(workers);
+    let on_right = count(
+        &db,
+        "SELECT COUNT(*) AS n FROM sync_batches WHERE worker LIKE 'right-%'",
+    )
+    .await;
+    assert!(on_right >= 1, "no batch ran on the other worker");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) AS n FROM sync_batches WHERE worker LIKE 'left-%'"
+        )
+        .await,
+        0,
+        "the sync job's worker has no slot for a batch"
+    );
+    drop((left, right));
     app.stop().await;
 }
 

@@ -521,6 +521,32 @@ pub fn spawn_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
     Worker(cmd.spawn().expect("start labelsync-worker"))
 }
 
+/// [`spawn_worker`], returning once the worker's `/readyz` says 200, so
+/// the test knows it takes jobs (a worker process takes a moment to start).
+pub async fn spawn_ready_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut env = env.to_vec();
+    env.push(("LABELSYNC_METRICS_BIND", &bind));
+    let worker = spawn_worker(app, name, &env);
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = client.get(format!("http://{bind}/readyz")).send().await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            return worker;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker {name} not ready within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The repository root (for `examples/`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

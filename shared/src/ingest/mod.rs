@@ -263,19 +263,30 @@ impl ImportJob<'_> {
             may_exist,
             overwrite,
         };
-        let results: Vec<Option<tasks::ObjectResult>> = futures::stream::iter(objects)
+        let mut results = futures::stream::iter(objects)
             .map(|object| importer.import(object))
-            .buffer_unordered(self.settings.fetch_concurrency.max(1))
-            .try_collect()
-            .await?;
+            .buffer_unordered(self.settings.fetch_concurrency.max(1));
         let mut failed = 0;
         let mut errors = Vec::new();
-        for result in results {
-            let Some(result) = result else {
+        // Small objects' rows, committed a chunk's worth at a time.
+        let mut small: Vec<NewTask> = Vec::new();
+        while let Some(result) = results.try_next().await? {
+            let Some(mut result) = result else {
                 return Ok(None);
             };
             failed += result.failed;
-            errors.extend(result.errors);
+            errors.append(&mut result.errors);
+            small.append(&mut result.deferred);
+            if small.len() >= tasks::CHUNK_ROWS
+                && !importer
+                    .commit(std::mem::take(&mut small), Vec::new())
+                    .await?
+            {
+                return Ok(None);
+            }
+        }
+        if !importer.commit(small, Vec::new()).await? {
+            return Ok(None);
         }
         Ok(Some((failed, errors)))
     }

@@ -27,15 +27,16 @@ use crate::{
         links::{self, NewTask},
         runs::{self, Counters},
     },
-    storage::{ObjectMeta, Storage},
+    storage::{ObjectMeta, Storage, retry},
 };
 
-/// Rows per transaction and per channel message. 4,000 rather than 1,000:
+/// Rows per transaction and per channel message (and the most rows of small
+/// objects committed together). 4,000 rather than 1,000:
 /// each chunk pays a fixed round of statements (begin, savepoint, the
 /// checkpoint's counter update, commit), and a larger chunk made a 1M-row
 /// Parquet file import into Postgres in 26 s instead of 54 s (BENCHMARKS.md);
 /// four chunks in memory stay a few MB even for 1 KB rows.
-const CHUNK_ROWS: usize = 4000;
+pub(super) const CHUNK_ROWS: usize = 4000;
 /// Chunks of one object committed concurrently.
 const PARALLEL_CHUNKS: usize = 2;
 /// Row errors kept per object; more are counted but not stored.
@@ -56,6 +57,11 @@ pub(super) struct Importer<'a, 'j> {
 pub(super) struct ObjectResult {
     pub failed: i64,
     pub errors: Vec<ObjectError>,
+    /// The rows of an object smaller than one chunk, not committed yet: the
+    /// caller commits them together with other small objects' rows
+    /// ([`Importer::commit`]), since a transaction per tiny file made 2,000
+    /// one-task files wait on 2,000 commits.
+    pub deferred: Vec<NewTask>,
 }
 
 impl ObjectResult {
@@ -68,10 +74,33 @@ impl ObjectResult {
 }
 
 impl Importer<'_, '_> {
-    /// Imports one object. `Ok(None)`: the run stopped (cancelled). Object
-    /// problems are in the result; `Err` is for the database or the listing
-    /// and fails the attempt.
+    /// Imports one object, reading it again (with backoff) when a transient
+    /// failure (a download cut off or timed out, a lost connection) stopped
+    /// it: one bad request must not fail the other objects of the page or
+    /// batch. Rows an earlier try committed are found by their links.
+    /// `Ok(None)`: the run stopped (cancelled). Object problems are in the
+    /// result; `Err` fails the attempt.
     pub async fn import(&self, object: ObjectMeta) -> Result<Option<ObjectResult>> {
+        let mut attempt = 1;
+        loop {
+            let may_exist = self.may_exist || attempt > 1;
+            match self.import_once(object.clone(), may_exist).await {
+                Err(err) if err.is_transient() && attempt < retry::MAX_ATTEMPTS => {
+                    let pause = retry::backoff(attempt);
+                    tracing::debug!(key = %object.key, attempt, ?pause, error = %err, "object import failed; reading it again");
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn import_once(
+        &self,
+        object: ObjectMeta,
+        may_exist: bool,
+    ) -> Result<Option<ObjectResult>> {
         let mut result = ObjectResult::default();
         let key = object.key.clone();
         let Some(format) = Format::of_key(&key) else {
@@ -129,21 +158,27 @@ impl Importer<'_, '_> {
             parsed
         });
 
-        // Two chunks commit at once: one Postgres backend per chunk keeps both
-        // cores busy while the parser fills the next one.
-        let may_exist = self.may_exist;
+        // The parser sends full chunks until its last one, so a first chunk
+        // shorter than that is the whole object: unless its rows may update
+        // tasks (`overwrite`), they go back to the caller to be committed
+        // with other small objects' rows.
+        let first = rx.recv().await;
+        let small = !self.overwrite && first.as_ref().is_some_and(|c| c.len() < CHUNK_ROWS);
         let mut stopped = false;
-        {
-            let chunks = futures::stream::poll_fn(|cx| rx.poll_recv(cx));
+        if small {
+            let rows = split(&mut result, &key, first.unwrap_or_default());
+            result.deferred = rows
+                .into_iter()
+                .map(|(row, task)| new_task(&object, row, task))
+                .collect();
+        } else {
+            // Two chunks commit at once: one Postgres backend per chunk keeps
+            // both cores busy while the parser fills the next one.
+            let chunks =
+                futures::stream::iter(first).chain(futures::stream::poll_fn(|cx| rx.poll_recv(cx)));
             let mut inserts = chunks
                 .map(|events| {
-                    let mut rows = Vec::with_capacity(events.len());
-                    for event in events {
-                        match event {
-                            RowEvent::Task(row, task) => rows.push((row, task)),
-                            RowEvent::Error(row, message) => result.error(&key, Some(row), message),
-                        }
-                    }
+                    let rows = split(&mut result, &key, events);
                     self.insert(&object, rows, may_exist)
                 })
                 .buffer_unordered(PARALLEL_CHUNKS);
@@ -242,21 +277,24 @@ impl Importer<'_, '_> {
         };
         let new: Vec<NewTask> = rows
             .into_iter()
-            .map(|(row, task)| NewTask {
-                object_key: object.key.clone(),
-                row_index: row,
-                data: task.data,
-                meta: task.meta,
-                annotations: task.annotations,
-                predictions: task.predictions,
-                etag: object.etag.clone(),
-                size: object.size,
-                last_modified: object.last_modified,
-            })
+            .map(|(row, task)| new_task(object, row, task))
             .collect();
+        self.commit(new, updates).await
+    }
+
+    /// Commits new rows (of one object or of several small ones) and task
+    /// updates in one transaction with the run's `created` counter; false
+    /// when the run stopped. Rows linked meanwhile are skipped by the link
+    /// key and not counted.
+    pub async fn commit(
+        &self,
+        new: Vec<NewTask>,
+        updates: Vec<(i64, serde_json::Value, Option<serde_json::Value>)>,
+    ) -> Result<bool> {
         if new.is_empty() && updates.is_empty() {
             return Ok(true);
         }
+        let job = self.job;
         let txn = crate::db::begin_write(job.db).await?;
         links::update_tasks(&txn, updates).await?;
         let (created, _) =
@@ -271,6 +309,32 @@ impl Importer<'_, '_> {
         }
         txn.commit().await?;
         Ok(true)
+    }
+}
+
+/// A chunk's rows; its row errors go into `result`.
+fn split(result: &mut ObjectResult, key: &str, events: Vec<RowEvent>) -> Vec<(i64, TaskInput)> {
+    let mut rows = Vec::with_capacity(events.len());
+    for event in events {
+        match event {
+            RowEvent::Task(row, task) => rows.push((row, task)),
+            RowEvent::Error(row, message) => result.error(key, Some(row), message),
+        }
+    }
+    rows
+}
+
+fn new_task(object: &ObjectMeta, row: i64, task: TaskInput) -> NewTask {
+    NewTask {
+        object_key: object.key.clone(),
+        row_index: row,
+        data: task.data,
+        meta: task.meta,
+        annotations: task.annotations,
+        predictions: task.predictions,
+        etag: object.etag.clone(),
+        size: object.size,
+        last_modified: object.last_modified,
     }
 }
 
