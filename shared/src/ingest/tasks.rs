@@ -1,7 +1,9 @@
 //! Tasks mode: one object -> its rows, streamed. The parser runs on a blocking
 //! thread and hands rows over a small bounded channel, so a 1 GB file is never
 //! in memory; rows are committed in chunks (one transaction each, with the
-//! run's `created` counter), deduplicated per row through the link key.
+//! run's `created` counter), deduplicated per row through the link key. An
+//! object smaller than one chunk hands its rows back instead, and the caller
+//! commits several such objects at once.
 //!
 //! Rows committed before a bad row or a broken file are kept; the error is
 //! recorded with the row where it happened. A later sync does not re-read an
