@@ -628,16 +628,8 @@ async fn embedded_mode_syncs_on_sqlite_with_no_redis() {
     let (_, storage) = app
         .post("/api/v1/storages", local_source(project, "data"))
         .await;
-    let (status, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", storage["id"]),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 202, "{started}");
-    let run = app
-        .wait_run(started["run"]["id"].as_str().expect("id"), RUN_TIMEOUT)
-        .await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let run = app.wait_run(&run_id, RUN_TIMEOUT).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], 1200);
     let (status, ready) = app.get("/readyz").await;

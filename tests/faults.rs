@@ -675,14 +675,7 @@ async fn postgres_connections_killed_mid_run_the_run_completes() {
     labelsync_tests::write_files(&app.doc_root.path().join("data"), FILES, "jpg");
     let project = app.project("pg kill").await;
     let storage = app.local_storage(project, json!({})).await;
-    let (status, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", storage["id"]),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 202, "{started}");
-    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
+    let run_id = app.start_sync(&storage["id"]).await;
     let database = app.database_url.rsplit('/').next().unwrap().to_owned();
     let admin = Database::connect(labelsync_tests::postgres_admin_url())
         .await

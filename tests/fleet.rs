@@ -320,14 +320,7 @@ async fn tasks_sync_fans_out_batches_across_workers() {
     // race that one quick worker can win every time.
     let left = spawn_ready_worker(&app, "left", &[("LABELSYNC_WORKER_CONCURRENCY", "1")]).await;
     let storage = fan_out_storage(&app, 1500).await;
-    let (status, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", storage["id"]),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 202, "{started}");
-    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
+    let run_id = app.start_sync(&storage["id"]).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while app.get(&format!("/api/v1/runs/{run_id}")).await.1["status"] == "queued" {
         assert!(Instant::now() < deadline, "the sync job was not taken");
@@ -751,14 +744,7 @@ async fn export_killed_twice_mid_run_exports_every_annotation_once() {
         )
         .await;
     assert_eq!(status, 201, "{target}");
-    let (status, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", target["id"]),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 202, "{started}");
-    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
+    let run_id = app.start_sync(&target["id"]).await;
 
     let mut kills = 0;
     for name in ["first", "second"] {

@@ -339,14 +339,7 @@ impl TestApp {
     /// Starts a sync of `storage` and waits until its worker has committed
     /// some tasks; returns the run id and the run at that moment.
     pub async fn start_sync_and_wait_for_progress(&self, storage: &Value) -> (String, Value) {
-        let (status, started) = self
-            .post(
-                &format!("/api/v1/storages/{}/sync", storage["id"]),
-                serde_json::json!({}),
-            )
-            .await;
-        assert_eq!(status, 202, "{started}");
-        let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
+        let run_id = self.start_sync(&storage["id"]).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let (_, run) = self.get(&format!("/api/v1/runs/{run_id}")).await;
@@ -418,6 +411,12 @@ impl TestApp {
 
     /// Starts a sync of a storage and waits for the run to end.
     pub async fn sync(&self, storage_id: &Value) -> Value {
+        let run_id = self.start_sync(storage_id).await;
+        self.wait_run(&run_id, Duration::from_secs(120)).await
+    }
+
+    /// Starts a sync of a storage (by id); returns the run id.
+    pub async fn start_sync(&self, storage_id: &Value) -> String {
         let (status, started) = self
             .post(
                 &format!("/api/v1/storages/{storage_id}/sync"),
@@ -425,11 +424,7 @@ impl TestApp {
             )
             .await;
         assert_eq!(status, 202, "{started}");
-        self.wait_run(
-            started["run"]["id"].as_str().expect("run id"),
-            Duration::from_secs(120),
-        )
-        .await
+        started["run"]["id"].as_str().expect("run id").to_owned()
     }
 
     /// Stops the server and its in-process worker, surfacing their errors.
