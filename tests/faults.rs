@@ -76,25 +76,28 @@ async fn s3_source(
     storage
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flaky_storage_requests_are_retried_and_nothing_is_lost() {
-    let (moto, bucket) = bucket(40, 30).await;
-    let proxy = FaultProxy::start(&moto, Mode::Flaky { every: 4 }).await;
-    let app = spawn_app(private_endpoints()).await;
-    let project = app.project("flaky").await;
-
-    let tasks = s3_source(&app, project, &bucket, &proxy.url, "tasks/", "tasks").await;
+/// Syncs the `bucket(files, images)` objects through `endpoint` as a Tasks
+/// source and a Files source; both runs complete, with one task per (key,
+/// row): files x 2 rows and the images, no duplicate.
+async fn sync_every_object_once(
+    app: &TestApp,
+    project: i64,
+    bucket: &str,
+    endpoint: &str,
+    files: usize,
+    images: usize,
+) {
+    let tasks = s3_source(app, project, bucket, endpoint, "tasks/", "tasks").await;
     let run = app.sync(&tasks["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
-    assert_eq!(run["counters"]["created"], 80, "{run}");
-    let images = s3_source(&app, project, &bucket, &proxy.url, "images/", "files").await;
-    let run = app.sync(&images["id"]).await;
+    assert_eq!(run["counters"]["created"], files as i64 * 2, "{run}");
+    let images_source = s3_source(app, project, bucket, endpoint, "images/", "files").await;
+    let run = app.sync(&images_source["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
-    assert_eq!(run["counters"]["created"], 30, "{run}");
+    assert_eq!(run["counters"]["created"], images as i64, "{run}");
 
-    // Every object once: 40 files x 2 rows, 30 images, no duplicate.
     let all = app.all_tasks(project).await;
-    assert_eq!(all.len(), 110);
+    assert_eq!(all.len(), files * 2 + images);
     let mut sources: Vec<(String, i64)> = all
         .iter()
         .map(|t| {
@@ -106,7 +109,18 @@ async fn flaky_storage_requests_are_retried_and_nothing_is_lost() {
         .collect();
     sources.sort();
     sources.dedup();
-    assert_eq!(sources.len(), 110, "one task per (key, row)");
+    assert_eq!(sources.len(), files * 2 + images, "one task per (key, row)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_storage_requests_are_retried_and_nothing_is_lost() {
+    let (moto, bucket) = bucket(40, 30).await;
+    let proxy = FaultProxy::start(&moto, Mode::Flaky { every: 4 }).await;
+    let app = spawn_app(private_endpoints()).await;
+    let project = app.project("flaky").await;
+
+    // Every object once: 40 files x 2 rows, 30 images, no duplicate.
+    sync_every_object_once(&app, project, &bucket, &proxy.url, 40, 30).await;
     let (requests, faults) = proxy.counts();
     assert!(
         faults >= 10,
@@ -129,30 +143,7 @@ async fn hanging_storage_requests_time_out_and_are_retried() {
     let app = spawn_app(opts).await;
     let project = app.project("hanging").await;
 
-    let tasks = s3_source(&app, project, &bucket, &proxy.url, "tasks/", "tasks").await;
-    let run = app.sync(&tasks["id"]).await;
-    assert_eq!(run["status"], "completed", "{run}");
-    assert_eq!(run["counters"]["created"], 60, "{run}");
-    let images = s3_source(&app, project, &bucket, &proxy.url, "images/", "files").await;
-    let run = app.sync(&images["id"]).await;
-    assert_eq!(run["status"], "completed", "{run}");
-    assert_eq!(run["counters"]["created"], 30, "{run}");
-
-    let mut sources: Vec<(String, i64)> = app
-        .all_tasks(project)
-        .await
-        .iter()
-        .map(|t| {
-            (
-                t["source"]["key"].as_str().unwrap().to_owned(),
-                t["source"]["row_index"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(sources.len(), 90, "30 files x 2 rows and 30 images");
-    sources.sort();
-    sources.dedup();
-    assert_eq!(sources.len(), 90, "one task per (key, row)");
+    sync_every_object_once(&app, project, &bucket, &proxy.url, 30, 30).await;
     let (requests, faults) = proxy.counts();
     assert!(
         faults >= 6,

@@ -29,21 +29,15 @@ async fn check_schema(db: &DatabaseConnection) {
     ))
     .await
     .expect("insert project");
-    db.execute_unprepared(&format!(
-        "INSERT INTO storages (id, project_id, role, backend, title, config, secrets_set, prefix, recursive, import_method, presign, presign_ttl_seconds, can_delete_objects, created_at, updated_at) \
-         VALUES (1, 1, 'source', 'local', 's', '{{}}', '[]', '', true, 'files', false, 900, false, {now}, {now})"
-    ))
-    .await
-    .expect("insert storage");
+    db.execute_unprepared(&storage_sql(1, 1, "files"))
+        .await
+        .expect("insert storage");
     db.execute_unprepared(&format!(
         "INSERT INTO tasks (id, project_id, data, created_at, updated_at) VALUES (1, 1, '{{}}', {now}, {now})"
     ))
     .await
     .expect("insert task");
-    let link = format!(
-        "INSERT INTO import_links (storage_id, object_key, row_index, task_id, object_exists, created_at, updated_at) \
-         VALUES (1, 'a.jpg', 0, 1, true, {now}, {now})"
-    );
+    let link = link_sql(1, 0, 1);
     db.execute_unprepared(&link).await.expect("first link");
     assert!(
         db.execute_unprepared(&link).await.is_err(),
@@ -65,18 +59,12 @@ async fn check_schema(db: &DatabaseConnection) {
         "a second live run of one storage must be refused"
     );
     // Deleting a storage takes its links, not the project's tasks.
-    db.execute_unprepared(&format!(
-        "INSERT INTO storages (id, project_id, role, backend, title, config, secrets_set, prefix, recursive, import_method, presign, presign_ttl_seconds, can_delete_objects, created_at, updated_at) \
-         VALUES (2, 1, 'source', 'local', 's2', '{{}}', '[]', '', true, 'files', false, 900, false, {now}, {now})"
-    ))
-    .await
-    .expect("insert second storage");
-    db.execute_unprepared(&format!(
-        "INSERT INTO import_links (storage_id, object_key, row_index, task_id, object_exists, created_at, updated_at) \
-         VALUES (2, 'a.jpg', 0, 1, true, {now}, {now})"
-    ))
-    .await
-    .expect("link of the second storage");
+    db.execute_unprepared(&storage_sql(2, 1, "files"))
+        .await
+        .expect("insert second storage");
+    db.execute_unprepared(&link_sql(2, 0, 1))
+        .await
+        .expect("link of the second storage");
     db.execute_unprepared("DELETE FROM storages WHERE id = 2")
         .await
         .expect("delete storage");
@@ -105,12 +93,9 @@ async fn check_schema(db: &DatabaseConnection) {
     ))
     .await
     .expect("insert second task");
-    db.execute_unprepared(&format!(
-        "INSERT INTO import_links (storage_id, object_key, row_index, task_id, object_exists, created_at, updated_at) \
-         VALUES (1, 'a.jpg', 1, 2, true, {now}, {now})"
-    ))
-    .await
-    .expect("link of the second task");
+    db.execute_unprepared(&link_sql(1, 1, 2))
+        .await
+        .expect("link of the second task");
     db.execute_unprepared("DELETE FROM tasks WHERE id = 2")
         .await
         .expect("delete task");
@@ -132,6 +117,24 @@ async fn check_schema(db: &DatabaseConnection) {
         assert_eq!(n, 0, "{table} not emptied by the cascade");
     }
 }
+
+/// A local source storage row.
+fn storage_sql(id: i64, project: i64, import_method: &str) -> String {
+    format!(
+        "INSERT INTO storages (id, project_id, role, backend, title, config, secrets_set, prefix, recursive, import_method, presign, presign_ttl_seconds, can_delete_objects, created_at, updated_at) \
+         VALUES ({id}, {project}, 'source', 'local', 's{id}', '{{}}', '[]', '', true, '{import_method}', false, 900, false, {NOW}, {NOW})"
+    )
+}
+
+/// A link of `a.jpg` row `row` of a storage to a task.
+fn link_sql(storage: i64, row: i64, task: i64) -> String {
+    format!(
+        "INSERT INTO import_links (storage_id, object_key, row_index, task_id, object_exists, created_at, updated_at) \
+         VALUES ({storage}, 'a.jpg', {row}, {task}, true, {NOW}, {NOW})"
+    )
+}
+
+const NOW: &str = "'2026-01-01T00:00:00Z'";
 
 async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
     let row = db
@@ -187,10 +190,7 @@ async fn postgres_task_inserts_refuse_a_missing_storage_or_project() {
         format!(
             "INSERT INTO projects (id, title, data_key, created_at, updated_at) VALUES (1, 'p', 'image', {now}, {now}), (2, 'q', 'image', {now}, {now})"
         ),
-        format!(
-            "INSERT INTO storages (id, project_id, role, backend, title, config, secrets_set, prefix, recursive, import_method, presign, presign_ttl_seconds, can_delete_objects, created_at, updated_at) \
-             VALUES (1, 1, 'source', 'local', 's', '{{}}', '[]', '', true, 'tasks', false, 900, false, {now}, {now})"
-        ),
+        storage_sql(1, 1, "tasks"),
     ] {
         db.execute_unprepared(&sql).await.expect("fixture");
     }
