@@ -771,3 +771,77 @@ async fn an_annotation_deleted_mid_upload_does_not_fail_the_export() {
     }
     app.stop().await;
 }
+
+/// Issue 14 (1): a run whose attempts kill their worker (an abort, an OOM
+/// kill: here SIGKILL as soon as an attempt starts) is counted before each
+/// attempt runs, so after `LABELSYNC_MAX_ATTEMPTS` such deaths it fails
+/// instead of being handed to one worker after another; the next worker is
+/// healthy and other runs complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_kills_its_workers_fails_after_max_attempts() {
+    let app = spawn_app(AppOptions {
+        workers: false,
+        env: vec![("LABELSYNC_REQUEUE_AFTER_SECS", "2".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    let root = app.doc_root.path();
+    labelsync_tests::write_files(&root.join("poison"), 40_000, "jpg");
+    labelsync_tests::write_files(&root.join("healthy"), 50, "jpg");
+    let project = app.project("crashing").await;
+    let poison = app
+        .local_storage(project, json!({ "config": { "path": "poison" } }))
+        .await;
+    let healthy = app
+        .local_storage(project, json!({ "config": { "path": "healthy" } }))
+        .await;
+    let env = [("LABELSYNC_MAX_ATTEMPTS", "2")];
+
+    let run_id = app.start_sync(&poison["id"]).await;
+    let mut deaths = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let run = loop {
+        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+        if run["status"] != "queued" && run["status"] != "running" {
+            break run;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run never ended: {run}"
+        );
+        assert!(deaths <= 4, "the run was handed out {deaths} times: {run}");
+        let mut worker = labelsync_tests::spawn_worker(&app, &format!("victim-{deaths}"), &env);
+        // Kill it the moment it starts an attempt on the run (or the run ends).
+        loop {
+            let (_, now) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+            let live = now["status"] == "queued" || now["status"] == "running";
+            if !live {
+                break;
+            }
+            if now["attempts"].as_i64() > Some(deaths) {
+                // Mid-attempt (40,000 files take seconds), as a crash would
+                // be; an attempt that only ends the run is done by then.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no attempt started: {now}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        worker.kill();
+        deaths += 1;
+    };
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(deaths <= 3, "{deaths} workers died for one run");
+    let error = run["error"].as_str().unwrap_or_default();
+    assert!(error.contains("gave up after 2 attempts"), "{run}");
+    assert!(error.contains("died or was killed"), "{run}");
+
+    let _worker = labelsync_tests::spawn_ready_worker(&app, "survivor", &env).await;
+    let ok = app.sync(&healthy["id"]).await;
+    assert_eq!(ok["status"], "completed", "{ok}");
+    assert_eq!(ok["counters"]["created"], 50, "{ok}");
+    app.stop().await;
+}

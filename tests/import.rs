@@ -3,7 +3,10 @@
 //! change awareness on re-sync.
 use std::path::Path;
 
-use labelsync_tests::{AppOptions, TestApp, spawn_app, write_parquet};
+use labelsync_tests::{
+    AppOptions, TestApp, peak_rss, spawn_app, spawn_ready_worker, write_nested_parquet,
+    write_parquet, write_parquet_bomb,
+};
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
 
@@ -132,7 +135,7 @@ async fn tasks_mode_reads_every_format_and_records_bad_objects() {
         error_of("deep.json")["error"]
             .as_str()
             .expect("msg")
-            .contains("recursion limit")
+            .contains("more than 128 levels deep")
     );
     assert!(
         error_of("fake.parquet")["error"]
@@ -539,5 +542,208 @@ async fn catastrophic_looking_regex_and_control_characters_in_keys() {
         ctl["data"]["image"], "/data/local-files/?d=data/ctl%01name.jpg",
         "{ctl}"
     );
+    app.stop().await;
+}
+
+/// Issue 14 (1, 2, 7, 13): a Parquet file of 2,000 nested lists aborted every
+/// process that read it (stack overflow); 200 levels imported but could not
+/// be read back (500); one row with `\u0000` failed its 30 neighbours on
+/// Postgres; Label Studio's extension-less task keys were "unsupported".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    write_nested_parquet(&data.join("deep-2000.parquet"), 2000);
+    write_nested_parquet(&data.join("deep-200.parquet"), 200);
+    write_nested_parquet(&data.join("deep-40.parquet"), 40);
+    for i in 0..30 {
+        write(
+            &data,
+            &format!("good-{i:02}.json"),
+            format!("{{\"text\": \"t{i}\"}}").as_bytes(),
+        );
+    }
+    write(&data, "nul.json", br#"{"text": "bad\u0000"}"#);
+    let deep = format!("{{\"d\": {}1{}}}", "[".repeat(100), "]".repeat(100));
+    write(
+        &data,
+        "rows.jsonl",
+        format!(
+            "{{\"text\": \"r0\"}}\n{deep}\n{{\"text\": \"r2\\u0000\"}}\n{{\"text\": \"r3\"}}\n"
+        )
+        .as_bytes(),
+    );
+    write(
+        &data,
+        "ls-task-1",
+        br#"{"image": "http://example.com/1.jpg"}"#,
+    );
+
+    let project = app.project("hostile").await;
+    let storage = storage(&app, project, json!({})).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    // 30 good files, deep-40, r0, r3, ls-task-1.
+    assert_eq!(run["counters"]["created"], 34, "{run}");
+    // deep-2000, deep-200, nul.json, and rows 1 and 2 of rows.jsonl.
+    assert_eq!(run["counters"]["failed"], 5, "{run}");
+
+    let (_, errors) = app
+        .get(&format!(
+            "/api/v1/runs/{}/errors",
+            run["id"].as_str().expect("id")
+        ))
+        .await;
+    let errors = errors["items"].as_array().expect("items").clone();
+    let message = |key: &str, row: Value| {
+        errors
+            .iter()
+            .find(|e| e["key"] == key && e["row_index"] == row)
+            .unwrap_or_else(|| panic!("no error for {key} {row}: {errors:?}"))["error"]
+            .as_str()
+            .expect("message")
+            .to_owned()
+    };
+    assert!(message("deep-2000.parquet", Value::Null).contains("Parquet schema nests more than"));
+    assert!(message("deep-200.parquet", Value::Null).contains("Parquet schema nests more than"));
+    assert!(message("nul.json", json!(0)).contains("NUL"));
+    assert!(message("rows.jsonl", json!(1)).contains("levels deep"));
+    assert!(message("rows.jsonl", json!(2)).contains("NUL"));
+
+    // Everything stored reads back, one by one and as a list.
+    let tasks = app.all_tasks(project).await;
+    assert_eq!(tasks.len(), 34);
+    for task in &tasks {
+        let (status, body) = app.get(&format!("/api/v1/tasks/{}", task["id"])).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut nested = &task_by_source(&tasks, "deep-40.parquet", 0)["data"]["nested"];
+    for _ in 0..40 {
+        nested = &nested[0];
+    }
+    assert_eq!(*nested, json!(7));
+    assert_eq!(
+        task_by_source(&tasks, "ls-task-1", 0)["data"],
+        json!({ "image": "http://example.com/1.jpg" })
+    );
+    app.stop().await;
+}
+
+/// Issue 14 (3): a 200 MB JSONL line of `[],[],...` peaked at 9 GB, four
+/// 10 KB zstd Parquet files holding a 300 MB string each at 7.2 GB. The
+/// worker (a process of its own, so its peak is its own) stays under 500 MB
+/// and imports the good row after the giant line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
+    use std::io::Write;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let mut lines =
+        std::io::BufWriter::new(std::fs::File::create(data.join("giant.jsonl")).expect("create"));
+    lines.write_all(b"{\"a\": [").expect("write");
+    for _ in 0..(200 << 20) / (3 * 4096) {
+        lines
+            .write_all("[],".repeat(4096).as_bytes())
+            .expect("write");
+    }
+    lines
+        .write_all(b"[]]}\n{\"text\": \"after\"}\n")
+        .expect("write");
+    lines.flush().expect("flush");
+    drop(lines);
+    write_parquet_bomb(&data.join("bomb-0.parquet"), 300 << 20);
+    let bomb_size = std::fs::metadata(data.join("bomb-0.parquet"))
+        .expect("bomb")
+        .len();
+    assert!(bomb_size < 1 << 20, "the bomb is {bomb_size} bytes");
+    for i in 1..4 {
+        std::fs::copy(
+            data.join("bomb-0.parquet"),
+            data.join(format!("bomb-{i}.parquet")),
+        )
+        .expect("copy");
+    }
+
+    let project = app.project("giants").await;
+    let storage = storage(&app, project, json!({})).await;
+    let worker = spawn_ready_worker(&app, "giants", &[]).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let run = app
+        .wait_run(&run_id, std::time::Duration::from_secs(180))
+        .await;
+    let peak = peak_rss(worker.0.id());
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    assert_eq!(run["counters"]["created"], 1, "{run}");
+    assert_eq!(run["counters"]["failed"], 5, "{run}");
+    let (_, errors) = app.get(&format!("/api/v1/runs/{run_id}/errors")).await;
+    let text = errors.to_string();
+    assert!(text.contains("LABELSYNC_MAX_TASK_BYTES"), "{text}");
+    assert!(text.contains("decompression bomb"), "{text}");
+    assert!(peak < 500 << 20, "the worker peaked at {} MB", peak >> 20);
+    app.stop().await;
+}
+
+/// Issue 14 (6): cancelling a Tasks-mode run half-way through a file lost
+/// the rest of the file: the next sync counted the object as imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_cancelled_half_way_is_finished_by_the_next_sync() {
+    use std::io::Write;
+    const ROWS: i64 = 200_000;
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let mut file =
+        std::io::BufWriter::new(std::fs::File::create(data.join("big.jsonl")).expect("create"));
+    for n in 0..ROWS {
+        writeln!(file, "{{\"n\": {n}}}").expect("write");
+    }
+    file.flush().expect("flush");
+    drop(file);
+
+    let project = app.project("cancelled").await;
+    let storage = storage(&app, project, json!({})).await;
+    let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
+    let (status, _) = app
+        .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let cancelled = app
+        .wait_run(&run_id, std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let first = cancelled["counters"]["created"].as_i64().expect("created");
+    assert!(first < ROWS, "the run ended before the cancel: {cancelled}");
+
+    let rerun = app.sync(&storage["id"]).await;
+    assert_eq!(rerun["status"], "completed", "{rerun}");
+    let db = Database::connect(&app.database_url).await.expect("db");
+    let count = |sql: &'static str| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+                .await
+                .expect("query")
+                .expect("row");
+            row.try_get_by_index::<i64>(0).expect("count")
+        }
+    };
+    assert_eq!(count("SELECT count(*) FROM tasks").await, ROWS);
+    assert_eq!(
+        count("SELECT count(DISTINCT row_index) FROM import_links").await,
+        ROWS
+    );
+    assert_eq!(
+        rerun["counters"]["created"].as_i64(),
+        Some(ROWS - first),
+        "{rerun}"
+    );
+    // Done: a third sync reads nothing again.
+    let third = app.sync(&storage["id"]).await;
+    assert_eq!(third["counters"]["created"], 0, "{third}");
+    assert_eq!(third["counters"]["existed"], ROWS, "{third}");
+    assert_eq!(count("SELECT count(*) FROM partial_objects").await, 0);
     app.stop().await;
 }

@@ -11,6 +11,7 @@ mod m20261124_000002_change_tracking;
 mod m20261124_000003_sync_batches;
 mod m20261124_000004_export_outbox;
 mod m20261202_000005_bulk_import_keys;
+mod m20261202_000006_partial_objects;
 
 pub struct Migrator;
 
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000003_sync_batches::Migration),
             Box::new(m20261124_000004_export_outbox::Migration),
             Box::new(m20261202_000005_bulk_import_keys::Migration),
+            Box::new(m20261202_000006_partial_objects::Migration),
         ]
     }
 }

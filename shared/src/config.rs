@@ -129,6 +129,10 @@ pub struct WorkerSettings {
     /// `LABELSYNC_MAX_OBJECT_BYTES` (default 4 GiB): larger task files are a
     /// per-object error instead of an import.
     pub max_object_bytes: u64,
+    /// `LABELSYNC_MAX_TASK_BYTES` (default 16 MiB): the largest one task (a
+    /// JSONL line, a JSON array element, a Parquet row as JSON) may be; a
+    /// larger one is that row's error. Bounds what one row costs in memory.
+    pub max_task_bytes: usize,
 }
 
 impl Settings {
@@ -160,6 +164,7 @@ impl Settings {
                 SocketAddr::from(([0, 0, 0, 0], 9464)),
             )?,
             max_object_bytes: parse(&get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
+            max_task_bytes: parse(&get, "LABELSYNC_MAX_TASK_BYTES", 16 << 20)?,
         };
         if worker.page_size == 0 || worker.page_size > 5000 {
             return Err(Error::invalid(

@@ -597,3 +597,113 @@ pub fn write_parquet(path: &Path, rows: usize, group_rows: usize) {
     }
     writer.close().expect("close parquet file");
 }
+
+/// Writes a Parquet file with one column `nested`: `levels` lists inside
+/// each other (the LIST layout pyarrow writes), and one row whose innermost
+/// list holds 7. The writer walks the schema recursively, so it runs on a
+/// thread with a big stack.
+pub fn write_nested_parquet(path: &Path, levels: usize) {
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .stack_size(1 << 30)
+        .spawn(move || nested_parquet(&path, levels))
+        .expect("writer thread")
+        .join()
+        .expect("nested parquet written");
+}
+
+fn nested_parquet(path: &Path, levels: usize) {
+    use std::sync::Arc;
+
+    use parquet::{
+        basic::{LogicalType, Repetition, Type as Physical},
+        data_type::Int64Type,
+        file::{properties::WriterProperties, writer::SerializedFileWriter},
+        schema::types::Type,
+    };
+    let mut inner = Type::primitive_type_builder("element", Physical::INT64)
+        .with_repetition(Repetition::OPTIONAL)
+        .build()
+        .expect("leaf");
+    for level in 0..levels {
+        let list = Type::group_type_builder("list")
+            .with_repetition(Repetition::REPEATED)
+            .with_fields(vec![Arc::new(inner)])
+            .build()
+            .expect("list");
+        let name = if level + 1 == levels {
+            "nested"
+        } else {
+            "element"
+        };
+        inner = Type::group_type_builder(name)
+            .with_repetition(Repetition::OPTIONAL)
+            .with_logical_type(Some(LogicalType::List))
+            .with_fields(vec![Arc::new(list)])
+            .build()
+            .expect("group");
+    }
+    let schema = Type::group_type_builder("schema")
+        .with_fields(vec![Arc::new(inner)])
+        .build()
+        .expect("schema");
+    let file = std::fs::File::create(path).expect("create parquet file");
+    let props = Arc::new(WriterProperties::builder().build());
+    let mut writer = SerializedFileWriter::new(file, Arc::new(schema), props).expect("writer");
+    let max_def = writer.schema_descr().column(0).max_def_level();
+    let mut group = writer.next_row_group().expect("row group");
+    let mut col = group.next_column().expect("column").expect("nested column");
+    col.typed::<Int64Type>()
+        .write_batch(&[7], Some(&[max_def]), Some(&[0]))
+        .expect("value");
+    col.close().expect("close column");
+    group.close().expect("close group");
+    writer.close().expect("close parquet file");
+}
+
+/// Writes a zstd Parquet file whose one row has a `text` of `bytes` bytes
+/// that compress to almost nothing (a decompression bomb).
+pub fn write_parquet_bomb(path: &Path, bytes: usize) {
+    use std::sync::Arc;
+
+    use parquet::{
+        basic::{Compression, ZstdLevel},
+        data_type::{ByteArray, ByteArrayType},
+        file::{
+            properties::{EnabledStatistics, WriterProperties},
+            writer::SerializedFileWriter,
+        },
+        schema::parser::parse_message_type,
+    };
+    let schema = Arc::new(
+        parse_message_type("message task { REQUIRED BYTE_ARRAY text (UTF8); }").expect("schema"),
+    );
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("level")))
+            .set_dictionary_enabled(false)
+            .set_statistics_enabled(EnabledStatistics::None)
+            .build(),
+    );
+    let file = std::fs::File::create(path).expect("create parquet file");
+    let mut writer = SerializedFileWriter::new(file, schema, props).expect("writer");
+    let mut group = writer.next_row_group().expect("row group");
+    let mut col = group.next_column().expect("column").expect("text column");
+    col.typed::<ByteArrayType>()
+        .write_batch(&[ByteArray::from(vec![b'a'; bytes])], None, None)
+        .expect("text");
+    col.close().expect("close text");
+    group.close().expect("close group");
+    writer.close().expect("close parquet file");
+}
+
+/// The peak resident memory of a process (`VmHWM`), in bytes.
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc status");
+    kb * 1024
+}

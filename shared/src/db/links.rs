@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::{
     MAX_PARAMS,
-    entities::{annotation, import_link, prediction, task},
+    entities::{annotation, import_link, partial_object, prediction, task},
 };
 use crate::{Error, Result};
 
@@ -579,4 +579,55 @@ async fn insert_extras(
             .await?;
     }
     Ok(())
+}
+
+/// Records that `key`'s rows are being imported over several transactions
+/// (idempotent). Until [`clear_partial`], runs treat the object as not yet
+/// imported: a cancelled, failed or killed attempt leaves it marked, and the
+/// next run reads it again and adds the rows that are missing.
+pub async fn mark_partial(db: &impl ConnectionTrait, storage_id: i64, key: &str) -> Result<()> {
+    use partial_object::Column as C;
+    let row = partial_object::ActiveModel {
+        storage_id: Set(storage_id),
+        object_key: Set(key.to_owned()),
+        started_at: Set(Utc::now()),
+    };
+    partial_object::Entity::insert(row)
+        .on_conflict_do_nothing_on([C::StorageId, C::ObjectKey])
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Every row of `key` is in: it is imported like any other object.
+pub async fn clear_partial(db: &impl ConnectionTrait, storage_id: i64, key: &str) -> Result<()> {
+    use partial_object::Column as C;
+    partial_object::Entity::delete_many()
+        .filter(C::StorageId.eq(storage_id))
+        .filter(C::ObjectKey.eq(key))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Which of `keys` are marked partial (see [`mark_partial`]).
+pub async fn partial_among(
+    db: &impl ConnectionTrait,
+    storage_id: i64,
+    keys: &[String],
+) -> Result<HashSet<String>> {
+    use partial_object::Column as C;
+    let mut found = HashSet::new();
+    for chunk in keys.chunks(MAX_PARAMS) {
+        let rows: Vec<String> = partial_object::Entity::find()
+            .select_only()
+            .column(C::ObjectKey)
+            .filter(C::StorageId.eq(storage_id))
+            .filter(C::ObjectKey.is_in(chunk.iter().cloned()))
+            .into_tuple()
+            .all(db)
+            .await?;
+        found.extend(rows);
+    }
+    Ok(found)
 }

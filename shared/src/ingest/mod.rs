@@ -15,6 +15,7 @@
 //! flagged `object_exists = false` and counted as `missing`; objects listed
 //! with another etag than they were imported with are counted as `changed`.
 pub mod filter;
+mod parquet_footer;
 pub mod parse;
 mod tasks;
 
@@ -104,6 +105,11 @@ impl ImportJob<'_> {
                 .collect();
             let keys: Vec<String> = matched.iter().map(|o| o.key.clone()).collect();
             let known = links::known_objects(self.db, self.storage.id, &self.run.id, &keys).await?;
+            let partial = if tasks_mode && !known.is_empty() {
+                links::partial_among(self.db, self.storage.id, &keys).await?
+            } else {
+                Default::default()
+            };
             // Only links made before this run need marking as seen: a matched
             // key without one gets its rows now (or from a batch) with this
             // run's id already. On a first sync that spares a 1,000-key update
@@ -125,9 +131,11 @@ impl ImportJob<'_> {
                     fresh.push(object);
                     continue;
                 };
-                if k.seen_by_run {
-                    // A page replayed after a crash: its rows were counted when
-                    // committed; Tasks mode picks up the rows still missing.
+                if k.seen_by_run || partial.contains(&object.key) {
+                    // A page replayed after a crash, or an object an earlier
+                    // run stopped half-way through (cancelled, failed,
+                    // killed): its rows were counted when committed; Tasks
+                    // mode picks up the rows still missing.
                     if tasks_mode {
                         fresh.push(object);
                     }
@@ -270,6 +278,7 @@ impl ImportJob<'_> {
         let mut errors = Vec::new();
         // Small objects' rows, committed a chunk's worth at a time.
         let mut small: Vec<NewTask> = Vec::new();
+        let mut small_bytes = 0;
         while let Some(result) = results.try_next().await? {
             let Some(mut result) = result else {
                 return Ok(None);
@@ -277,12 +286,16 @@ impl ImportJob<'_> {
             failed += result.failed;
             errors.append(&mut result.errors);
             small.append(&mut result.deferred);
-            if small.len() >= tasks::CHUNK_ROWS
+            small_bytes += result.deferred_bytes;
+            if (small.len() >= tasks::CHUNK_ROWS || small_bytes >= tasks::CHUNK_BYTES)
                 && !importer
                     .commit(std::mem::take(&mut small), Vec::new())
                     .await?
             {
                 return Ok(None);
+            }
+            if small.is_empty() {
+                small_bytes = 0;
             }
         }
         if !importer.commit(small, Vec::new()).await? {

@@ -8,9 +8,19 @@
 //! line, an element that is not an object) and parsing goes on; an `Err` from
 //! [`parse`] is a bad file (truncated JSON, not Parquet, mixed task shapes) and
 //! parsing stops there. Rows emitted before either are kept.
+//!
+//! Every row, whatever its format, must pass [`check_task`]: nested at most
+//! [`MAX_NESTING`] levels, no NUL character, at most `max_task_bytes` of JSON.
+//! A row that fails is that row's error, so what is stored can always be
+//! stored (Postgres refuses `\u0000` in JSON) and read back (readers decode
+//! with serde_json's 128-level limit), and one row cannot take a worker's
+//! memory: a JSONL line or a JSON element is cut off at the byte limit while
+//! it is read, before it is parsed.
 use std::{
+    cell::Cell,
     fs::File,
-    io::{BufRead, BufReader, Read},
+    io::{self, BufRead, BufReader, Read},
+    rc::Rc,
 };
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -25,9 +35,15 @@ pub enum Format {
 }
 
 impl Format {
+    /// The format of a key by its extension. A name with no extension is
+    /// JSON, as Label Studio reads it (its Redis example stores task JSON
+    /// under keys like `ls-task-1`); an unknown extension is `None`.
     pub fn of_key(key: &str) -> Option<Self> {
-        let ext = key.rsplit_once('.')?.1.to_ascii_lowercase();
-        match ext.as_str() {
+        let name = key.rsplit('/').next().unwrap_or(key);
+        let Some((_, ext)) = name.rsplit_once('.') else {
+            return Some(Format::Json);
+        };
+        match ext.to_ascii_lowercase().as_str() {
             "json" => Some(Format::Json),
             "jsonl" | "ndjson" => Some(Format::Jsonl),
             "parquet" => Some(Format::Parquet),
@@ -51,16 +67,120 @@ pub enum RowEvent {
     Error(i64, String),
 }
 
+/// The deepest nesting of arrays and objects a task may have. Stored tasks
+/// are read back by serde_json (the API, the export), which refuses more than
+/// 128 levels; 64 leaves room for the envelopes they are served in.
+pub const MAX_NESTING: usize = 64;
+
+/// Per-row limits, from the worker's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `LABELSYNC_MAX_TASK_BYTES`: the most bytes one row's JSON may take.
+    pub max_task_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_task_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Why `value` (one row) cannot be a task, if it cannot: nested deeper than
+/// [`MAX_NESTING`], a NUL character in a string or key (Postgres cannot
+/// store it; SQLite could, and is held to the same rule so both databases
+/// import the same rows), or longer than `limits.max_task_bytes` as JSON
+/// (counted approximately, never under). Walks iteratively: the value may be
+/// as deep as the parser allowed.
+pub fn check_task(value: &Value, limits: Limits) -> Result<usize, String> {
+    let mut stack = vec![(value, 1usize)];
+    let mut bytes = 0usize;
+    while let Some((value, depth)) = stack.pop() {
+        match value {
+            Value::Array(items) => {
+                if depth > MAX_NESTING {
+                    return Err(too_deep());
+                }
+                bytes += 2 + items.len();
+                stack.extend(items.iter().map(|v| (v, depth + 1)));
+            }
+            Value::Object(map) => {
+                if depth > MAX_NESTING {
+                    return Err(too_deep());
+                }
+                bytes += 2 + map.len();
+                for (key, v) in map {
+                    check_text(key)?;
+                    bytes += key.len() + 3;
+                    stack.push((v, depth + 1));
+                }
+            }
+            Value::String(text) => {
+                check_text(text)?;
+                bytes += text.len() + 2;
+            }
+            Value::Number(_) | Value::Bool(_) | Value::Null => bytes += 5,
+        }
+        if bytes > limits.max_task_bytes {
+            return Err(format!(
+                "the task is larger than the {}-byte limit (LABELSYNC_MAX_TASK_BYTES)",
+                limits.max_task_bytes
+            ));
+        }
+    }
+    Ok(bytes)
+}
+
+impl TaskInput {
+    /// About how many bytes the task takes as JSON (never under), for
+    /// bounding how much of a file is held at once.
+    pub fn approx_bytes(&self) -> usize {
+        let unlimited = Limits {
+            max_task_bytes: usize::MAX,
+        };
+        let size = |v: &Value| check_task(v, unlimited).unwrap_or(0);
+        size(&self.data)
+            + self.meta.as_ref().map_or(0, size)
+            + self
+                .annotations
+                .iter()
+                .chain(&self.predictions)
+                .map(size)
+                .sum::<usize>()
+    }
+}
+
+fn too_deep() -> String {
+    format!("the task nests arrays and objects more than {MAX_NESTING} levels deep")
+}
+
+fn check_text(text: &str) -> Result<(), String> {
+    if text.contains('\0') {
+        return Err(
+            "the task contains a NUL character (\\u0000), which the database cannot store".into(),
+        );
+    }
+    Ok(())
+}
+
 /// Whether rows are full tasks (`{"data": {...}, "annotations": ...}`) or
 /// plain data objects. The first row decides; a file mixing the two is refused
 /// at the first row that differs.
-#[derive(Default)]
 struct Shapes {
     full: Option<bool>,
+    limits: Limits,
 }
 
 impl Shapes {
+    fn new(limits: Limits) -> Self {
+        Shapes { full: None, limits }
+    }
+
     fn task(&mut self, row: i64, value: Value) -> Result<RowEvent, String> {
+        if let Err(e) = check_task(&value, self.limits) {
+            return Ok(RowEvent::Error(row, format!("row {row}: {e}")));
+        }
         let Value::Object(mut object) = value else {
             return Ok(RowEvent::Error(
                 row,
@@ -152,13 +272,14 @@ fn kind(value: &Value) -> &'static str {
 pub fn parse(
     format: Format,
     reader: impl Read,
+    limits: Limits,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     skip_bom(&mut reader).map_err(|e| format!("read failed: {e}"))?;
     match format {
-        Format::Json => parse_json(reader, emit),
-        Format::Jsonl => parse_jsonl(reader, emit),
+        Format::Json => parse_json(reader, limits, emit),
+        Format::Jsonl => parse_jsonl(reader, limits, emit),
         Format::Parquet => Err("Parquet files must be parsed from a file (parse_parquet)".into()),
     }
 }
@@ -171,22 +292,66 @@ fn skip_bom(reader: &mut impl BufRead) -> std::io::Result<()> {
 }
 
 /// Streams either one object (one task) or an array (one task per element).
-fn parse_json(reader: impl Read, emit: &mut dyn FnMut(RowEvent) -> bool) -> Result<(), String> {
-    let mut shapes = Shapes::default();
+/// Each element may take at most `max_task_bytes` of the file: past that the
+/// read fails, before a giant element is built in memory, and the file stops
+/// there (the rows before it are kept). An element nested deeper than
+/// serde_json's 128 levels stops the file the same way; one between
+/// [`MAX_NESTING`] and that is a row error like any other.
+fn parse_json(
+    reader: impl BufRead,
+    limits: Limits,
+    emit: &mut dyn FnMut(RowEvent) -> bool,
+) -> Result<(), String> {
+    let mut shapes = Shapes::new(limits);
     let mut rows = 0i64;
-    let mut de = serde_json::Deserializer::from_reader(reader);
+    let left = Rc::new(Cell::new(limits.max_task_bytes as u64));
+    let budget = Budgeted {
+        inner: reader,
+        left: left.clone(),
+    };
+    let mut de = serde_json::Deserializer::from_reader(budget);
     let result = TopLevel {
         shapes: &mut shapes,
         rows: &mut rows,
         emit,
+        left: &left,
+        max: limits.max_task_bytes as u64,
     }
     .deserialize(&mut de);
     match result.and_then(|()| de.end()) {
         Ok(()) => Ok(()),
+        Err(_) if left.get() == 0 => Err(format!(
+            "row {rows} is larger than the {}-byte limit (LABELSYNC_MAX_TASK_BYTES); the rows after it were not read",
+            limits.max_task_bytes
+        )),
         Err(e) if e.is_eof() => Err(format!(
             "the JSON ends early (truncated?) after {rows} row(s): {e}"
         )),
+        Err(e) if e.to_string().contains("recursion limit") => Err(format!(
+            "row {rows} nests arrays and objects more than 128 levels deep (a task may have {MAX_NESTING}); the rows after it were not read"
+        )),
         Err(e) => Err(format!("invalid JSON after {rows} row(s): {e}")),
+    }
+}
+
+/// A reader that fails once `left` bytes were read; the parser resets `left`
+/// at each element. serde_json reads it a byte at a time (through `Bytes`),
+/// so the count is exact; the buffering is in the reader inside.
+struct Budgeted<R> {
+    inner: R,
+    left: Rc<Cell<u64>>,
+}
+
+impl<R: BufRead> Read for Budgeted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left.get();
+        if left == 0 {
+            return Err(io::Error::other("over LABELSYNC_MAX_TASK_BYTES"));
+        }
+        let max = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..max])?;
+        self.left.set(left - n as u64);
+        Ok(n)
     }
 }
 
@@ -194,6 +359,9 @@ struct TopLevel<'a> {
     shapes: &'a mut Shapes,
     rows: &'a mut i64,
     emit: &'a mut dyn FnMut(RowEvent) -> bool,
+    /// The byte budget of the element being read, and what it starts at.
+    left: &'a Cell<u64>,
+    max: u64,
 }
 
 impl TopLevel<'_> {
@@ -219,13 +387,16 @@ impl<'de> Visitor<'de> for TopLevel<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(value) = seq.next_element::<Value>()? {
+        loop {
+            self.left.set(self.max);
+            let Some(value) = seq.next_element::<Value>()? else {
+                return Ok(());
+            };
             if !self.row(value)? {
                 // The consumer stopped; drain nothing more.
                 return Err(de::Error::custom("stopped"));
             }
         }
-        Ok(())
     }
 
     fn visit_map<A: MapAccess<'de>>(mut self, map: A) -> Result<(), A::Error> {
@@ -247,29 +418,40 @@ impl FromMap for Value {
 }
 
 /// One task per non-empty line; a bad line is a row error and the next line
-/// is read as usual.
+/// is read as usual. A line longer than `max_task_bytes` is skipped as it is
+/// read (never held) and is its row's error.
 fn parse_jsonl(
     mut reader: impl BufRead,
+    limits: Limits,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
-    let mut shapes = Shapes::default();
+    let mut shapes = Shapes::new(limits);
     let mut line = Vec::new();
     let mut row = 0i64;
     loop {
         line.clear();
-        let n = reader
-            .read_until(b'\n', &mut line)
-            .map_err(|e| format!("read failed after {row} row(s): {e}"))?;
-        if n == 0 {
-            return Ok(());
-        }
+        let fits = match read_line(&mut reader, &mut line, limits.max_task_bytes) {
+            Ok(Some(fits)) => fits,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("read failed after {row} row(s): {e}")),
+        };
         let text = line.trim_ascii();
-        if text.is_empty() {
+        if fits && text.is_empty() {
             continue;
         }
-        let event = match serde_json::from_slice::<Value>(text) {
-            Ok(value) => shapes.task(row, value)?,
-            Err(e) => RowEvent::Error(row, format!("line of row {row} is not valid JSON: {e}")),
+        let event = if !fits {
+            RowEvent::Error(
+                row,
+                format!(
+                    "line of row {row} is longer than the {}-byte limit (LABELSYNC_MAX_TASK_BYTES)",
+                    limits.max_task_bytes
+                ),
+            )
+        } else {
+            match serde_json::from_slice::<Value>(text) {
+                Ok(value) => shapes.task(row, value)?,
+                Err(e) => RowEvent::Error(row, format!("line of row {row} is not valid JSON: {e}")),
+            }
         };
         row += 1;
         if !emit(event) {
@@ -278,14 +460,72 @@ fn parse_jsonl(
     }
 }
 
+/// Reads one line (up to and without its `\n`) into `line`, keeping at most
+/// `max` bytes of it: `None` at the end of the input, `Some(false)` when the
+/// line was longer (the rest of it is read and dropped).
+fn read_line(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Option<bool>> {
+    let mut fits = true;
+    let mut any = false;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(any.then_some(fits));
+        }
+        any = true;
+        let (part, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if fits && line.len() + part.len() <= max {
+            line.extend_from_slice(part);
+        } else {
+            fits = false;
+            line.clear();
+        }
+        let used = done.unwrap_or(buf.len());
+        reader.consume(used);
+        if done.is_some() {
+            return Ok(Some(fits));
+        }
+    }
+}
+
+/// The deepest Parquet column path read (a LIST column takes two levels per
+/// level of JSON it becomes). Checked in the footer before the `parquet`
+/// crate reads it: the crate recurses per level, and a file of thousands of
+/// nested lists overflowed the stack and aborted the process.
+const MAX_PARQUET_PATH: usize = 2 * MAX_NESTING + 2;
+/// A column chunk that decompresses to more than this many times its stored
+/// size, and to more than [`BOMB_MIN_BYTES`], is refused as a decompression
+/// bomb: real data compresses a few times, a 10 KB zstd chunk that claims
+/// 300 MB is an attack on the worker's memory.
+const BOMB_RATIO: i64 = 100;
+const BOMB_MIN_BYTES: i64 = 64 << 20;
+
 /// One task per row, row group by row group; the columns become data fields.
 /// Parquet needs random access, so it reads from a file.
-pub fn parse_parquet(file: File, emit: &mut dyn FnMut(RowEvent) -> bool) -> Result<(), String> {
+pub fn parse_parquet(
+    file: File,
+    limits: Limits,
+    emit: &mut dyn FnMut(RowEvent) -> bool,
+) -> Result<(), String> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
+    let mut file = file;
+    let depth = super::parquet_footer::schema_depth(&mut file, MAX_PARQUET_PATH)?;
+    if depth > MAX_PARQUET_PATH {
+        return Err(format!(
+            "the Parquet schema nests more than {MAX_PARQUET_PATH} levels deep (a task may nest {MAX_NESTING} levels of lists and structs); the file is not read"
+        ));
+    }
     let reader =
         SerializedFileReader::new(file).map_err(|e| format!("not a readable Parquet file: {e}"))?;
     let mut row = 0i64;
     for group in 0..reader.num_row_groups() {
+        check_row_group(reader.metadata().row_group(group), group)?;
         let group_reader = reader
             .get_row_group(group)
             .map_err(|e| format!("row group {group}: {e}"))?;
@@ -294,21 +534,44 @@ pub fn parse_parquet(file: File, emit: &mut dyn FnMut(RowEvent) -> bool) -> Resu
             .map_err(|e| format!("row group {group}: {e}"))?;
         for record in rows {
             let event = match record {
-                Ok(record) => RowEvent::Task(
-                    row,
-                    TaskInput {
-                        data: record.to_json_value(),
-                        meta: None,
-                        annotations: Vec::new(),
-                        predictions: Vec::new(),
-                    },
-                ),
+                Ok(record) => parquet_task(row, record.to_json_value(), limits),
                 Err(e) => RowEvent::Error(row, format!("row {row}: {e}")),
             };
             row += 1;
             if !emit(event) {
                 return Ok(());
             }
+        }
+    }
+    Ok(())
+}
+
+fn parquet_task(row: i64, data: Value, limits: Limits) -> RowEvent {
+    if let Err(e) = check_task(&data, limits) {
+        return RowEvent::Error(row, format!("row {row}: {e}"));
+    }
+    RowEvent::Task(
+        row,
+        TaskInput {
+            data,
+            meta: None,
+            annotations: Vec::new(),
+            predictions: Vec::new(),
+        },
+    )
+}
+
+fn check_row_group(
+    group: &parquet::file::metadata::RowGroupMetaData,
+    index: usize,
+) -> Result<(), String> {
+    for column in group.columns() {
+        let (stored, size) = (column.compressed_size(), column.uncompressed_size());
+        if size > BOMB_MIN_BYTES && size > stored.max(1).saturating_mul(BOMB_RATIO) {
+            return Err(format!(
+                "row group {index}, column {}: {size} bytes uncompressed from {stored} stored, refused as a decompression bomb",
+                column.column_path()
+            ));
         }
     }
     Ok(())
@@ -322,7 +585,7 @@ mod tests {
 
     fn run(format: Format, input: &str) -> (Vec<RowEvent>, Result<(), String>) {
         let mut events = Vec::new();
-        let result = parse(format, input.as_bytes(), &mut |e| {
+        let result = parse(format, input.as_bytes(), Limits::default(), &mut |e| {
             events.push(e);
             true
         });
@@ -380,7 +643,7 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         let (events, result) = run(Format::Json, &deep);
         assert!(events.is_empty());
-        assert!(result.unwrap_err().contains("recursion limit"));
+        assert!(result.unwrap_err().contains("more than 128 levels deep"));
 
         let (_, result) = run(Format::Json, "\"just a string\"");
         assert!(
@@ -403,11 +666,71 @@ mod tests {
     }
 
     #[test]
+    fn rows_over_a_limit_are_row_errors() {
+        let deep = |n: usize| format!("{{\"a\": {}1{}}}", "[".repeat(n), "]".repeat(n));
+        let input = format!(
+            "{}\n{}\n{{\"text\": \"bad\\u0000\"}}\n{{\"ok\": 1}}\n",
+            deep(MAX_NESTING - 1),
+            deep(MAX_NESTING)
+        );
+        let (events, result) = run(Format::Jsonl, &input);
+        assert_eq!(result, Ok(()));
+        assert!(matches!(&events[0], RowEvent::Task(0, _)), "{events:?}");
+        assert!(matches!(&events[1], RowEvent::Error(1, m) if m.contains("levels deep")));
+        assert!(matches!(&events[2], RowEvent::Error(2, m) if m.contains("NUL")));
+        assert!(matches!(&events[3], RowEvent::Task(3, _)));
+
+        // The same depth inside a JSON array is a row error too.
+        let (events, result) = run(Format::Json, &format!("[{}, {{\"b\": 2}}]", deep(100)));
+        assert_eq!(result, Ok(()));
+        assert!(matches!(&events[0], RowEvent::Error(0, m) if m.contains("levels deep")));
+        assert!(matches!(&events[1], RowEvent::Task(1, _)));
+    }
+
+    #[test]
+    fn giant_rows_are_cut_off_while_read() {
+        let limits = Limits {
+            max_task_bytes: 100,
+        };
+        let long = format!("{{\"t\": \"{}\"}}", "x".repeat(500));
+        let input = format!("{{\"a\": 1}}\n{long}\n{{\"a\": 3}}");
+        let mut events = Vec::new();
+        let result = parse(Format::Jsonl, input.as_bytes(), limits, &mut |e| {
+            events.push(e);
+            true
+        });
+        assert_eq!(result, Ok(()));
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(
+            matches!(&events[1], RowEvent::Error(1, m) if m.contains("LABELSYNC_MAX_TASK_BYTES"))
+        );
+        assert!(matches!(&events[2], RowEvent::Task(2, _)));
+
+        let input = format!("[{{\"a\": 1}}, {long}, {{\"a\": 3}}]");
+        let mut events = Vec::new();
+        let result = parse(Format::Json, input.as_bytes(), limits, &mut |e| {
+            events.push(e);
+            true
+        });
+        assert_eq!(events.len(), 1);
+        assert!(
+            result
+                .unwrap_err()
+                .contains("row 1 is larger than the 100-byte limit")
+        );
+
+        // A value that is small as text but large as JSON still counts.
+        let wide = serde_json::Value::Array(vec![serde_json::Value::Null; 50]);
+        assert!(check_task(&wide, limits).unwrap_err().contains("larger"));
+    }
+
+    #[test]
     fn format_by_extension() {
         assert_eq!(Format::of_key("a/b.JSON"), Some(Format::Json));
         assert_eq!(Format::of_key("x.ndjson"), Some(Format::Jsonl));
         assert_eq!(Format::of_key("x.parquet"), Some(Format::Parquet));
         assert_eq!(Format::of_key("x.csv"), None);
-        assert_eq!(Format::of_key("noext"), None);
+        assert_eq!(Format::of_key("ls-task-1"), Some(Format::Json));
+        assert_eq!(Format::of_key("a.b/noext"), Some(Format::Json));
     }
 }

@@ -6,11 +6,16 @@
 //! commits several such objects at once.
 //!
 //! Rows committed before a bad row or a broken file are kept; the error is
-//! recorded with the row where it happened. A later sync does not re-read an
-//! object that has tasks unless its etag changed and the storage has
-//! `reimport_changed` (then its rows update their tasks in place, and new
-//! rows are added); one that produced none is read, and fails, again. (Keeping rows is what makes a 1 GB
-//! file importable in bounded memory and lets a retry continue a file.)
+//! recorded with the row where it happened. An object that takes more than
+//! one chunk is marked partial (`partial_objects`) until its last row is in:
+//! a run cancelled, failed or killed half-way through it leaves the mark, and
+//! the next run reads the object again and adds the rows that are missing (so
+//! does the next sync of a file that broke half-way, reporting it again).
+//! Otherwise a later sync does not re-read an object that has tasks unless
+//! its etag changed and the storage has `reimport_changed` (then its rows
+//! update their tasks in place, and new rows are added); one that produced
+//! none is read, and fails, again. (Keeping rows is what makes a 1 GB file
+//! importable in bounded memory and lets a retry continue a file.)
 use std::{
     io::{self, Read},
     sync::Arc,
@@ -39,6 +44,11 @@ use crate::{
 /// Parquet file import into Postgres in 26 s instead of 54 s (BENCHMARKS.md);
 /// four chunks in memory stay a few MB even for 1 KB rows.
 pub(super) const CHUNK_ROWS: usize = 4000;
+/// The most task JSON (approximately) one chunk holds: a chunk of big rows
+/// closes before [`CHUNK_ROWS`], so what one object has in flight (the chunk
+/// being filled, two in the channel, two being committed) stays near
+/// 5 x 8 MiB whatever its rows are like.
+pub(super) const CHUNK_BYTES: usize = 8 << 20;
 /// Chunks of one object committed concurrently.
 const PARALLEL_CHUNKS: usize = 2;
 /// Row errors kept per object; more are counted but not stored.
@@ -64,6 +74,8 @@ pub(super) struct ObjectResult {
     /// ([`Importer::commit`]), since a transaction per tiny file made 2,000
     /// one-task files wait on 2,000 commits.
     pub deferred: Vec<NewTask>,
+    /// About how many bytes of JSON `deferred` holds.
+    pub deferred_bytes: usize,
 }
 
 impl ObjectResult {
@@ -105,11 +117,13 @@ impl Importer<'_, '_> {
     ) -> Result<Option<ObjectResult>> {
         let mut result = ObjectResult::default();
         let key = object.key.clone();
-        let Some(format) = Format::of_key(&key) else {
+        // A Redis value is always task JSON, whatever its key looks like.
+        let redis = self.job.storage.backend == crate::storage::BackendKind::Redis.as_str();
+        let Some(format) = Format::of_key(&key).or(redis.then_some(Format::Json)) else {
             result.error(
                 &key,
                 None,
-                "unsupported file type: Tasks mode reads .json, .jsonl, .ndjson and .parquet"
+                "unsupported file type: Tasks mode reads .json, .jsonl, .ndjson, .parquet and names without an extension (JSON)"
                     .into(),
             );
             return Ok(Some(result));
@@ -132,13 +146,15 @@ impl Importer<'_, '_> {
             }
         };
 
-        let (tx, mut rx) = mpsc::channel::<Vec<RowEvent>>(2);
+        let limits = parse::Limits {
+            max_task_bytes: self.job.settings.max_task_bytes,
+        };
+        let (tx, mut rx) = mpsc::channel::<Chunk>(2);
         let parser = tokio::task::spawn_blocking(move || {
-            let mut chunk = Vec::with_capacity(CHUNK_ROWS);
+            let mut chunk = Chunk::default();
             let mut open = true;
             let mut emit = |event: RowEvent| {
-                chunk.push(event);
-                if chunk.len() == CHUNK_ROWS {
+                if chunk.push(event) {
                     open = tx.blocking_send(std::mem::take(&mut chunk)).is_ok();
                 }
                 open
@@ -150,37 +166,47 @@ impl Importer<'_, '_> {
                         inner: reader,
                         left: limit,
                     },
+                    limits,
                     &mut emit,
                 ),
-                Source::File(file) => parse::parse_parquet(file, &mut emit),
+                Source::File(file) => parse::parse_parquet(file, limits, &mut emit),
             };
-            if !chunk.is_empty() {
+            if !chunk.rows.is_empty() {
                 let _ = tx.blocking_send(chunk);
             }
             parsed
         });
 
-        // The parser sends full chunks until its last one, so a first chunk
-        // shorter than that is the whole object: unless its rows may update
-        // tasks (`overwrite`), they go back to the caller to be committed
-        // with other small objects' rows.
+        // An object whose rows fit in one chunk is small: unless its rows
+        // may update tasks (`overwrite`), they go back to the caller to be
+        // committed with other small objects' rows.
         let first = rx.recv().await;
-        let small = !self.overwrite && first.as_ref().is_some_and(|c| c.len() < CHUNK_ROWS);
+        let second = match first {
+            Some(_) => rx.recv().await,
+            None => None,
+        };
+        let small = !self.overwrite && second.is_none();
         let mut stopped = false;
         if small {
-            let rows = split(&mut result, &key, first.unwrap_or_default());
+            let first = first.unwrap_or_default();
+            result.deferred_bytes = first.bytes;
+            let rows = split(&mut result, &key, first.rows);
             result.deferred = rows
                 .into_iter()
                 .map(|(row, task)| new_task(&object, row, task))
                 .collect();
         } else {
+            // Until its last row is in, the object counts as not imported: a
+            // run stopped half-way leaves the mark, and the next run reads
+            // the object again and adds the rows that are missing.
+            links::mark_partial(self.job.db, self.job.storage.id, &key).await?;
             // Two chunks commit at once: one Postgres backend per chunk keeps
             // both cores busy while the parser fills the next one.
-            let chunks =
-                futures::stream::iter(first).chain(futures::stream::poll_fn(|cx| rx.poll_recv(cx)));
+            let chunks = futures::stream::iter(first.into_iter().chain(second))
+                .chain(futures::stream::poll_fn(|cx| rx.poll_recv(cx)));
             let mut inserts = chunks
-                .map(|events| {
-                    let rows = split(&mut result, &key, events);
+                .map(|chunk| {
+                    let rows = split(&mut result, &key, chunk.rows);
                     self.insert(&object, rows, may_exist)
                 })
                 .buffer_unordered(PARALLEL_CHUNKS);
@@ -193,7 +219,10 @@ impl Importer<'_, '_> {
         }
         drop(rx);
         match parser.await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) if stopped || small => {}
+            // A file that breaks half-way keeps its mark: the next sync reads
+            // it again (adding nothing twice) and reports the error again.
+            Ok(Ok(())) => links::clear_partial(self.job.db, self.job.storage.id, &key).await?,
             // The rows before the break are committed and linked; the retried
             // attempt reads the object again and adds only the rows after it.
             Ok(Err(message)) if interrupted.load(std::sync::atomic::Ordering::SeqCst) => {
@@ -337,6 +366,24 @@ fn new_task(object: &ObjectMeta, row: i64, task: TaskInput) -> NewTask {
         etag: object.etag.clone(),
         size: object.size,
         last_modified: object.last_modified,
+    }
+}
+
+/// The rows being gathered for the next chunk.
+#[derive(Default)]
+struct Chunk {
+    rows: Vec<RowEvent>,
+    bytes: usize,
+}
+
+impl Chunk {
+    /// Adds a row; true when the chunk is full and should be sent.
+    fn push(&mut self, event: RowEvent) -> bool {
+        if let RowEvent::Task(_, task) = &event {
+            self.bytes += task.approx_bytes();
+        }
+        self.rows.push(event);
+        self.rows.len() >= CHUNK_ROWS || self.bytes >= CHUNK_BYTES
     }
 }
 

@@ -137,10 +137,15 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
     };
     let max = i64::from(w.max_attempts);
     if run.attempts > max {
-        let error = format!(
-            "gave up after {max} attempts; last error: {}",
-            run.error.as_deref().unwrap_or("none recorded")
-        );
+        // Attempts are counted as they begin, so attempts that killed their
+        // process (an abort, an OOM kill) count too, and a poison run ends
+        // here instead of taking down every worker it is handed to.
+        let error = match run.error.as_deref() {
+            Some(last) => format!("gave up after {max} attempts; last error: {last}"),
+            None => format!(
+                "gave up after {max} attempts that never finished: the worker running it died or was killed each time (a crash or an out-of-memory kill; see the workers' logs)"
+            ),
+        };
         end(ctx, run_id, RunStatus::Failed, Some(error), &lease).await?;
         return Ok(());
     }

@@ -5,6 +5,7 @@ pub mod export_link;
 pub mod export_outbox;
 pub mod import_link;
 pub mod object_error;
+pub mod partial_object;
 pub mod prediction;
 pub mod project;
 pub mod storage;
