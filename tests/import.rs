@@ -630,29 +630,36 @@ async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
     app.stop().await;
 }
 
+/// Writes a JSONL file: one line `{"a": [[],[],...]}` of about `bytes`
+/// bytes (valid JSON, a row of millions of values), then `{"text": "after"}`.
+fn write_wide_jsonl(path: &Path, bytes: usize) {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    out.write_all(b"{\"a\": [").expect("write");
+    let block = "[],".repeat(4096);
+    for _ in 0..bytes / block.len() {
+        out.write_all(block.as_bytes()).expect("write");
+    }
+    out.write_all(b"[]]}\n{\"text\": \"after\"}\n")
+        .expect("write");
+    out.flush().expect("flush");
+}
+
 /// Issue 14 (3): a 200 MB JSONL line of `[],[],...` peaked at 9 GB, four
-/// 10 KB zstd Parquet files holding a 300 MB string each at 7.2 GB. The
-/// worker (a process of its own, so its peak is its own) stays under 500 MB
-/// and imports the good row after the giant line.
+/// 10 KB zstd Parquet files holding a 300 MB string each at 7.2 GB; eight
+/// 12 MB lines (under the row limit as text, ~300 MB each while parsed)
+/// parsed at once would take 2.4 GB. The worker (a process of its own, so
+/// its peak is its own) stays under 500 MB with a 256 MB parse budget, and
+/// imports the good row after each giant line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
-    use std::io::Write;
     let app = spawn_app(AppOptions::without_workers()).await;
     let data = app.doc_root.path().join("data");
     std::fs::create_dir_all(&data).expect("mkdir");
-    let mut lines =
-        std::io::BufWriter::new(std::fs::File::create(data.join("giant.jsonl")).expect("create"));
-    lines.write_all(b"{\"a\": [").expect("write");
-    for _ in 0..(200 << 20) / (3 * 4096) {
-        lines
-            .write_all("[],".repeat(4096).as_bytes())
-            .expect("write");
+    write_wide_jsonl(&data.join("giant.jsonl"), 200 << 20);
+    for i in 0..8 {
+        write_wide_jsonl(&data.join(format!("wide-{i}.jsonl")), 12 << 20);
     }
-    lines
-        .write_all(b"[]]}\n{\"text\": \"after\"}\n")
-        .expect("write");
-    lines.flush().expect("flush");
-    drop(lines);
     write_parquet_bomb(&data.join("bomb-0.parquet"), 300 << 20);
     let bomb_size = std::fs::metadata(data.join("bomb-0.parquet"))
         .expect("bomb")
@@ -668,15 +675,18 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
 
     let project = app.project("giants").await;
     let storage = storage(&app, project, json!({})).await;
-    let worker = spawn_ready_worker(&app, "giants", &[]).await;
+    let budget = (256 << 20).to_string();
+    let worker =
+        spawn_ready_worker(&app, "giants", &[("LABELSYNC_PARSE_BUDGET_BYTES", &budget)]).await;
     let run_id = app.start_sync(&storage["id"]).await;
     let run = app
         .wait_run(&run_id, std::time::Duration::from_secs(180))
         .await;
     let peak = peak_rss(worker.0.id());
     assert_eq!(run["status"], "completed_with_errors", "{run}");
-    assert_eq!(run["counters"]["created"], 1, "{run}");
-    assert_eq!(run["counters"]["failed"], 5, "{run}");
+    // The line after each of the nine giant lines; each giant line and bomb.
+    assert_eq!(run["counters"]["created"], 9, "{run}");
+    assert_eq!(run["counters"]["failed"], 13, "{run}");
     let (_, errors) = app.get(&format!("/api/v1/runs/{run_id}/errors")).await;
     let text = errors.to_string();
     assert!(text.contains("LABELSYNC_MAX_TASK_BYTES"), "{text}");

@@ -133,6 +133,10 @@ pub struct WorkerSettings {
     /// JSONL line, a JSON array element, a Parquet row as JSON) may be; a
     /// larger one is that row's error. Bounds what one row costs in memory.
     pub max_task_bytes: usize,
+    /// `LABELSYNC_PARSE_BUDGET_BYTES` (default 512 MiB): what the parses of
+    /// large rows and files of one worker process may cost in memory at once
+    /// (see `ingest::budget`); more waits its turn.
+    pub parse_budget_bytes: usize,
 }
 
 impl Settings {
@@ -165,6 +169,7 @@ impl Settings {
             )?,
             max_object_bytes: parse(&get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
             max_task_bytes: parse(&get, "LABELSYNC_MAX_TASK_BYTES", 16 << 20)?,
+            parse_budget_bytes: parse(&get, "LABELSYNC_PARSE_BUDGET_BYTES", 512 << 20)?,
         };
         if worker.page_size == 0 || worker.page_size > 5000 {
             return Err(Error::invalid(

@@ -14,6 +14,7 @@
 //! After the last page, objects linked before but not listed by this run are
 //! flagged `object_exists = false` and counted as `missing`; objects listed
 //! with another etag than they were imported with are counted as `changed`.
+pub mod budget;
 pub mod filter;
 mod parquet_footer;
 pub mod parse;

@@ -72,72 +72,103 @@ pub enum RowEvent {
 /// 128 levels; 64 leaves room for the envelopes they are served in.
 pub const MAX_NESTING: usize = 64;
 
-/// Per-row limits, from the worker's settings.
+/// Per-object limits, from the worker's settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// `LABELSYNC_MAX_TASK_BYTES`: the most bytes one row's JSON may take.
+    /// `LABELSYNC_MAX_TASK_BYTES`: the most one row may take, as JSON text
+    /// or in memory, whichever is larger.
     pub max_task_bytes: usize,
+    /// The process's parse memory budget (`None`: not counted, in tests).
+    pub budget: Option<&'static super::budget::ParseBudget>,
+    /// The object's size, when the listing said.
+    pub object_size: Option<u64>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_task_bytes: 16 << 20,
+            budget: None,
+            object_size: None,
         }
     }
 }
 
+impl Limits {
+    /// Holds the budget for parsing `text_bytes` of JSON (see `budget`).
+    fn reserve(&self, text_bytes: usize) -> Option<tokio::sync::SemaphorePermit<'static>> {
+        self.budget?
+            .reserve(text_bytes.saturating_mul(super::budget::EXPANSION))
+    }
+}
+
+/// What one value costs in memory at least, beyond its strings: a
+/// `serde_json::Value` is 32 bytes, plus its place in a vector or map.
+const VALUE_BYTES: usize = 32;
+
 /// Why `value` (one row) cannot be a task, if it cannot: nested deeper than
 /// [`MAX_NESTING`], a NUL character in a string or key (Postgres cannot
 /// store it; SQLite could, and is held to the same rule so both databases
-/// import the same rows), or longer than `limits.max_task_bytes` as JSON
-/// (counted approximately, never under). Walks iteratively: the value may be
-/// as deep as the parser allowed.
+/// import the same rows), or larger than `limits.max_task_bytes` (counted
+/// per value as the larger of its JSON text and its size in memory, so a
+/// short text of many tiny values counts for what it costs). Returns that
+/// size. Walks iteratively: the value may be as deep as the parser allowed.
 pub fn check_task(value: &Value, limits: Limits) -> Result<usize, String> {
+    // Each value is counted when its parent is (the root here), before its
+    // children are pushed: a row of millions of values trips the limit
+    // before the walk holds millions of entries.
+    let mut bytes = VALUE_BYTES;
     let mut stack = vec![(value, 1usize)];
-    let mut bytes = 0usize;
     while let Some((value, depth)) = stack.pop() {
         match value {
             Value::Array(items) => {
                 if depth > MAX_NESTING {
                     return Err(too_deep());
                 }
-                bytes += 2 + items.len();
+                bytes += items.len() * VALUE_BYTES;
+                over_limit(bytes, limits)?;
                 stack.extend(items.iter().map(|v| (v, depth + 1)));
             }
             Value::Object(map) => {
                 if depth > MAX_NESTING {
                     return Err(too_deep());
                 }
-                bytes += 2 + map.len();
+                bytes += map.len() * 2 * VALUE_BYTES;
+                over_limit(bytes, limits)?;
                 for (key, v) in map {
                     check_text(key)?;
-                    bytes += key.len() + 3;
+                    bytes += key.len();
                     stack.push((v, depth + 1));
                 }
             }
             Value::String(text) => {
                 check_text(text)?;
-                bytes += text.len() + 2;
+                bytes += text.len();
             }
-            Value::Number(_) | Value::Bool(_) | Value::Null => bytes += 5,
+            Value::Number(_) | Value::Bool(_) | Value::Null => {}
         }
-        if bytes > limits.max_task_bytes {
-            return Err(format!(
-                "the task is larger than the {}-byte limit (LABELSYNC_MAX_TASK_BYTES)",
-                limits.max_task_bytes
-            ));
-        }
+        over_limit(bytes, limits)?;
     }
     Ok(bytes)
 }
 
+fn over_limit(bytes: usize, limits: Limits) -> Result<(), String> {
+    if bytes > limits.max_task_bytes {
+        return Err(format!(
+            "the task is larger than the {}-byte limit (LABELSYNC_MAX_TASK_BYTES)",
+            limits.max_task_bytes
+        ));
+    }
+    Ok(())
+}
+
 impl TaskInput {
-    /// About how many bytes the task takes as JSON (never under), for
+    /// About how many bytes the task takes (see [`check_task`]), for
     /// bounding how much of a file is held at once.
     pub fn approx_bytes(&self) -> usize {
         let unlimited = Limits {
             max_task_bytes: usize::MAX,
+            ..Limits::default()
         };
         let size = |v: &Value| check_task(v, unlimited).unwrap_or(0);
         size(&self.data)
@@ -302,6 +333,13 @@ fn parse_json(
     limits: Limits,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
+    // An element is at most the file and at most the row limit.
+    let largest = limits.object_size.map_or(limits.max_task_bytes, |size| {
+        usize::try_from(size)
+            .unwrap_or(usize::MAX)
+            .min(limits.max_task_bytes)
+    });
+    let _reserved = limits.reserve(largest);
     let mut shapes = Shapes::new(limits);
     let mut rows = 0i64;
     let left = Rc::new(Cell::new(limits.max_task_bytes as u64));
@@ -448,6 +486,7 @@ fn parse_jsonl(
                 ),
             )
         } else {
+            let _reserved = limits.reserve(text.len());
             match serde_json::from_slice::<Value>(text) {
                 Ok(value) => shapes.task(row, value)?,
                 Err(e) => RowEvent::Error(row, format!("line of row {row} is not valid JSON: {e}")),
@@ -690,9 +729,10 @@ mod tests {
     #[test]
     fn giant_rows_are_cut_off_while_read() {
         let limits = Limits {
-            max_task_bytes: 100,
+            max_task_bytes: 1000,
+            ..Limits::default()
         };
-        let long = format!("{{\"t\": \"{}\"}}", "x".repeat(500));
+        let long = format!("{{\"t\": \"{}\"}}", "x".repeat(5000));
         let input = format!("{{\"a\": 1}}\n{long}\n{{\"a\": 3}}");
         let mut events = Vec::new();
         let result = parse(Format::Jsonl, input.as_bytes(), limits, &mut |e| {
@@ -716,7 +756,7 @@ mod tests {
         assert!(
             result
                 .unwrap_err()
-                .contains("row 1 is larger than the 100-byte limit")
+                .contains("row 1 is larger than the 1000-byte limit")
         );
 
         // A value that is small as text but large as JSON still counts.

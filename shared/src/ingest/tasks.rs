@@ -146,8 +146,11 @@ impl Importer<'_, '_> {
             }
         };
 
+        let settings = self.job.settings;
         let limits = parse::Limits {
-            max_task_bytes: self.job.settings.max_task_bytes,
+            max_task_bytes: settings.max_task_bytes,
+            budget: Some(super::budget::process_budget(settings.parse_budget_bytes)),
+            object_size: object.size.and_then(|s| u64::try_from(s).ok()),
         };
         let (tx, mut rx) = mpsc::channel::<Chunk>(2);
         let parser = tokio::task::spawn_blocking(move || {
