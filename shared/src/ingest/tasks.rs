@@ -180,15 +180,12 @@ impl Importer<'_, '_> {
             parsed
         });
 
-        // An object whose rows fit in one chunk is small: unless its rows
-        // may update tasks (`overwrite`), they go back to the caller to be
-        // committed with other small objects' rows.
+        // The parser sends full chunks until its last one, so a first chunk
+        // that is not full is the whole object: unless its rows may update
+        // tasks (`overwrite`), they go back to the caller to be committed
+        // with other small objects' rows.
         let first = rx.recv().await;
-        let second = match first {
-            Some(_) => rx.recv().await,
-            None => None,
-        };
-        let small = !self.overwrite && second.is_none();
+        let small = !self.overwrite && first.as_ref().is_none_or(|c| !c.is_full());
         let mut stopped = false;
         if small {
             let first = first.unwrap_or_default();
@@ -205,8 +202,8 @@ impl Importer<'_, '_> {
             links::mark_partial(self.job.db, self.job.storage.id, &key).await?;
             // Two chunks commit at once: one Postgres backend per chunk keeps
             // both cores busy while the parser fills the next one.
-            let chunks = futures::stream::iter(first.into_iter().chain(second))
-                .chain(futures::stream::poll_fn(|cx| rx.poll_recv(cx)));
+            let chunks =
+                futures::stream::iter(first).chain(futures::stream::poll_fn(|cx| rx.poll_recv(cx)));
             let mut inserts = chunks
                 .map(|chunk| {
                     let rows = split(&mut result, &key, chunk.rows);
@@ -386,6 +383,10 @@ impl Chunk {
             self.bytes += task.approx_bytes();
         }
         self.rows.push(event);
+        self.is_full()
+    }
+
+    fn is_full(&self) -> bool {
         self.rows.len() >= CHUNK_ROWS || self.bytes >= CHUNK_BYTES
     }
 }
