@@ -1,5 +1,8 @@
 //! The HTTP API against real Postgres and Redis (and, for the embedded mode,
-//! SQLite with the embedded queue), through a scheduler on a random port.
+//! SQLite with the embedded queue), through a scheduler on a random port;
+//! with them, the limits of the HTTP listeners (slow clients), the
+//! classification of database errors, the metrics a fresh scheduler lists
+//! and the CLI's message for a spec naming a missing project.
 //!
 //! Tests use the multi-thread runtime, as the binaries do: on a current-thread
 //! runtime an apalis 1.0 worker sometimes stops polling after its first
@@ -700,5 +703,133 @@ async fn scheduler_serves_prometheus_metrics() {
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
+    app.stop().await;
+}
+
+/// Slowloris (#14, item 9): hundreds of connections that never finish their
+/// request headers, and one that never finishes its body, neither starve
+/// other clients nor stay open: the server is capped at 32 connections here
+/// and still answers a normal request at once (a connection still waiting
+/// for its request makes room for a new one), closes the half-sent ones
+/// after the header timeout, and answers a stalled body with 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_neither_starve_the_server_nor_stay_connected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SLOW_CLIENTS: usize = 200;
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        workers: false,
+        env: vec![
+            ("LABELSYNC_HEADER_TIMEOUT_SECS", "2".into()),
+            ("LABELSYNC_BODY_TIMEOUT_SECS", "2".into()),
+            ("LABELSYNC_MAX_CONNECTIONS", "32".into()),
+        ],
+        ..AppOptions::default()
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut slow = Vec::new();
+    for _ in 0..SLOW_CLIENTS {
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!("GET /api/v1/projects HTTP/1.1\r\nHost: {addr}\r\nX-Slow: ");
+        conn.write_all(head.as_bytes())
+            .await
+            .expect("half a request");
+        slow.push(conn);
+    }
+    let opened = tokio::time::Instant::now();
+
+    let asked = std::time::Instant::now();
+    let answer = reqwest::Client::new()
+        .get(format!("{}/api/v1/projects", app.base))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("a normal request is answered while slow clients hold connections");
+    assert_eq!(answer.status(), 200);
+    assert!(
+        asked.elapsed() < HEADER_TIMEOUT,
+        "answered after {:?}: it waited for slow clients to time out",
+        asked.elapsed()
+    );
+
+    let mut stalled = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/v1/projects HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"title\": "
+    );
+    stalled.write_all(head.as_bytes()).await.expect("send");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut reply))
+        .await
+        .expect("a stalled body is answered and closed within the body timeout")
+        .ok();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("body_timeout"), "{reply}");
+
+    // Each half-sent connection is closed by the server (EOF or reset)
+    // within the header timeout, plus slack for a loaded machine.
+    let deadline = opened + HEADER_TIMEOUT + Duration::from_secs(5);
+    for (i, mut conn) in slow.into_iter().enumerate() {
+        let mut rest = Vec::new();
+        tokio::time::timeout_at(deadline, conn.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("half-sent connection {i} still open"))
+            .ok();
+    }
+    let (status, _) = app.get("/api/v1/projects").await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+
+/// The worker's metrics and probe listener has the same header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_probe_listener_closes_half_sent_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let _worker = labelsync_tests::spawn_worker(
+        &app,
+        "probes",
+        &[
+            ("LABELSYNC_METRICS_BIND", &bind),
+            ("LABELSYNC_HEADER_TIMEOUT_SECS", "1"),
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("http://{bind}/healthz"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut conn = tokio::net::TcpStream::connect(&bind)
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n")
+        .await
+        .expect("half a request");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(6), conn.read_to_end(&mut rest))
+        .await
+        .expect("the worker closes a half-sent request after its header timeout")
+        .ok();
+    let ready = reqwest::get(format!("http://{bind}/readyz"))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
     app.stop().await;
 }

@@ -221,12 +221,13 @@ pub async fn render_with_queue(
 
 /// The worker's own small HTTP listener: `/metrics`, `/healthz` (the process
 /// answers) and `/readyz` ([`crate::lifecycle::readiness`]), for Prometheus
-/// and the orchestrator's probes.
+/// and the orchestrator's probes, with the API's limits ([`crate::http`]).
 pub async fn serve_worker_listener(
     listener: tokio::net::TcpListener,
     db: sea_orm::DatabaseConnection,
     queue: crate::jobs::Queue,
-) -> std::io::Result<()> {
+    limits: crate::config::HttpLimits,
+) {
     use axum::{Json, routing::get};
     let metrics_queue = queue.clone();
     let app = axum::Router::new()
@@ -248,7 +249,7 @@ pub async fn serve_worker_listener(
                 async move { crate::lifecycle::readiness(&db, &queue).await }
             }),
         );
-    axum::serve(listener, app).await
+    crate::http::serve(listener, app, limits, std::future::pending()).await;
 }
 
 /// The outcome label of a storage request.

@@ -3,7 +3,11 @@
 //! instead of axum's plain-text rejection.
 use axum::{
     Json,
-    extract::{FromRequest, FromRequestParts, Path, Query, Request, rejection::JsonRejection},
+    body::{Body, Bytes},
+    extract::{
+        FromRequest, FromRequestParts, Path, Query, Request,
+        rejection::{BytesRejection, FailedToBufferBody, JsonRejection},
+    },
     http::StatusCode,
     http::request::Parts,
     response::{IntoResponse, Response},
@@ -119,30 +123,63 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(match rejection {
-                JsonRejection::MissingJsonContentType(_) => ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "send the body as JSON with Content-Type: application/json",
-                ),
-                JsonRejection::JsonSyntaxError(e) => ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_json",
-                    format!("body is not valid JSON: {}", e.body_text()),
-                ),
-                JsonRejection::JsonDataError(e) => {
-                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text())
-                }
-                JsonRejection::BytesRejection(e) => ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("request body could not be read: {}", e.body_text()),
-                ),
-                other => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", other.body_text()),
-            }),
+        let (parts, body) = req.into_parts();
+        let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(body_error)?;
+        let req = Request::from_parts(parts, Body::from(bytes.clone()));
+        let Json(value) = Json::<T>::from_request(req, state)
+            .await
+            .map_err(json_error)?;
+        Ok(ApiJson(value))
+    }
+}
+
+/// A body that could not be read: too large (413), too slow (408, the
+/// server's body timeout), or cut off by the client (400).
+fn body_error(rejection: BytesRejection) -> ApiError {
+    let timed_out = std::iter::successors(std::error::Error::source(&rejection), |e| e.source())
+        .find_map(|e| e.downcast_ref::<labelsync::http::BodyTimeout>());
+    if let Some(timeout) = timed_out {
+        return ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("{timeout}; send it faster or in a smaller request"),
+        );
+    }
+    match rejection {
+        BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(e)) => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body could not be read: {}", e.body_text()),
+            )
         }
+        other => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("request body could not be read: {}", other.body_text()),
+        ),
+    }
+}
+
+fn json_error(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with Content-Type: application/json",
+        ),
+        JsonRejection::JsonSyntaxError(e) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("body is not valid JSON: {}", e.body_text()),
+        ),
+        JsonRejection::JsonDataError(e) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text())
+        }
+        JsonRejection::BytesRejection(e) => body_error(e),
+        other => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", other.body_text()),
     }
 }
 
