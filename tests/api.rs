@@ -833,3 +833,175 @@ async fn worker_probe_listener_closes_half_sent_requests() {
     assert_eq!(ready.status(), 200);
     app.stop().await;
 }
+
+/// #14, item 10: a NUL character in text (JSON bodies, paths, queries) is
+/// bad input, refused the same way on Postgres and SQLite: 400
+/// `invalid_text`, nothing written, no database message echoed. Postgres
+/// refuses NUL in text and `\u0000` in jsonb; SQLite would store both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_are_refused_with_400_on_both_databases() {
+    for embedded in [false, true] {
+        let app = spawn_app(AppOptions {
+            embedded,
+            ..AppOptions::default()
+        })
+        .await;
+        let data = app.doc_root.path().join("data");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("a.jpg"), b"x").expect("write");
+        let project = app.project("p").await;
+        let storage = app.local_storage(project, json!({})).await;
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["status"], "completed", "{run}");
+        let task = app.all_tasks(project).await[0]["id"].clone();
+
+        let mut storage_body = local_source(project, "data");
+        storage_body["title"] = json!("images\u{0}");
+        let cases = [
+            (
+                "project title",
+                "POST",
+                "/api/v1/projects".to_owned(),
+                Some(json!({ "title": "a\u{0}b" })),
+            ),
+            (
+                "title patch",
+                "PATCH",
+                format!("/api/v1/projects/{project}"),
+                Some(json!({ "title": "\u{0}" })),
+            ),
+            (
+                "storage title",
+                "POST",
+                "/api/v1/storages".to_owned(),
+                Some(storage_body),
+            ),
+            (
+                "annotation value",
+                "POST",
+                format!("/api/v1/tasks/{task}/annotations"),
+                Some(json!({ "result": [{ "value": { "text": ["a\u{0}"] } }] })),
+            ),
+            (
+                "annotation key",
+                "POST",
+                format!("/api/v1/tasks/{task}/annotations"),
+                Some(json!({ "result": [{ "a\u{0}": 1 }] })),
+            ),
+            ("run id", "GET", "/api/v1/runs/%00".to_owned(), None),
+            (
+                "run errors",
+                "GET",
+                "/api/v1/runs/x%00y/errors".to_owned(),
+                None,
+            ),
+            (
+                "run cursor",
+                "GET",
+                "/api/v1/runs?after=%00".to_owned(),
+                None,
+            ),
+        ];
+        for (what, method, path, body) in cases {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+            let (status, err) = app.request(method, &path, body).await;
+            let what = format!("{what} (embedded: {embedded})");
+            assert_eq!(status, 400, "{what}: {err}");
+            assert_eq!(err["error"]["code"], "invalid_text", "{what}: {err}");
+            let message = err["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("NUL"), "{what}: {err}");
+            for raw in ["0x00", "byte sequence", "database", "unsupported Unicode"] {
+                assert!(!message.contains(raw), "{what}: database detail in {err}");
+            }
+        }
+        // A backslash followed by "u0000" is text, not a NUL.
+        let (status, saved) = app
+            .post("/api/v1/projects", json!({ "title": "C:\\u0000" }))
+            .await;
+        assert_eq!(
+            (status, &saved["title"]),
+            (201, &json!("C:\\u0000")),
+            "{saved}"
+        );
+        let (_, projects) = app.get("/api/v1/projects").await;
+        assert_eq!(projects["items"].as_array().expect("items").len(), 2);
+        assert_eq!(
+            projects["items"][0]["title"], "p",
+            "the PATCH wrote nothing"
+        );
+        assert_eq!(storage_count(&app).await, 1);
+        let (_, one) = app.get(&format!("/api/v1/tasks/{task}")).await;
+        assert_eq!(one["annotations"], json!([]), "{one}");
+        app.stop().await;
+    }
+}
+
+/// Only real busy / connection / conflict errors are transient: a Postgres
+/// SQLSTATE that happens to end in 0x05 as a number (22021, a NUL in text)
+/// is bad input, and raw database messages are not what the caller sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_errors_are_classified_by_their_real_codes() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let db = labelsync::db::connect(&labelsync_tests::fresh_postgres().await)
+        .await
+        .expect("postgres");
+    for (sqlstate, transient) in [
+        ("22021", false),
+        ("22P05", false),
+        ("42P01", false),
+        ("23505", false),
+        ("40001", true),
+        ("40P01", true),
+        ("08006", true),
+        ("57P01", true),
+    ] {
+        let raised = db
+            .execute_unprepared(&format!(
+                "DO $$ BEGIN RAISE EXCEPTION 'raw detail' USING ERRCODE = '{sqlstate}'; END $$"
+            ))
+            .await
+            .expect_err("raised");
+        let err = labelsync::Error::from(raised);
+        assert_eq!(err.is_transient(), transient, "{sqlstate}: {err:?}");
+    }
+    let nul = db
+        .execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT $1::text",
+            ["a\u{0}b".into()],
+        ))
+        .await
+        .expect_err("Postgres refuses NUL in text");
+    match labelsync::Error::from(nul) {
+        labelsync::Error::Invalid { code, message, .. } => {
+            assert_eq!(code, "invalid_text");
+            assert!(!message.contains("0x00"), "{message}");
+        }
+        other => panic!("a NUL in text is bad input, not {other:?}"),
+    }
+
+    // SQLite: a write while another connection holds the write lock is
+    // SQLITE_BUSY (5), transient.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("busy.db").display());
+    let holder = labelsync::db::connect(&url).await.expect("sqlite");
+    holder
+        .execute_unprepared("CREATE TABLE t (x INTEGER)")
+        .await
+        .expect("create");
+    let txn = holder.begin().await.expect("begin");
+    txn.execute_unprepared("INSERT INTO t VALUES (1)")
+        .await
+        .expect("take the write lock");
+    let mut opts = sea_orm::ConnectOptions::new(url);
+    opts.sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| o.busy_timeout(Duration::ZERO));
+    let other = sea_orm::Database::connect(opts).await.expect("sqlite");
+    let busy = other
+        .execute_unprepared("INSERT INTO t VALUES (2)")
+        .await
+        .expect_err("the file is locked");
+    let err = labelsync::Error::from(busy);
+    assert!(err.is_transient(), "{err:?}");
+    txn.rollback().await.expect("rollback");
+}

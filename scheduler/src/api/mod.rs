@@ -76,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/resolve", get(resolve::resolve))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such API route") })
+        .layer(middleware::from_fn(refuse_nul_in_url))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .nest("/api/v1", api)
@@ -102,6 +103,18 @@ async fn trace_request(req: Request, next: Next) -> Response {
     let response = next.run(req).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
     response
+}
+
+/// Refuses a path or query holding a percent-encoded NUL (`%00`) with 400
+/// `invalid_text`: no stored text may contain NUL (Postgres refuses it), so
+/// such a parameter is bad input on every database, caught before any query.
+async fn refuse_nul_in_url(req: Request, next: Next) -> Response {
+    let has_nul = |s: &str| percent_encoding::percent_decode_str(s).any(|b| b == 0);
+    let uri = req.uri();
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return ApiError::invalid_text(None).into_response();
+    }
+    next.run(req).await
 }
 
 /// Answers 413 from the `Content-Length` header alone, so a client that
