@@ -831,6 +831,13 @@ async fn worker_probe_listener_closes_half_sent_requests() {
         .await
         .expect("readyz");
     assert_eq!(ready.status(), 200);
+    // Unknown paths get the API's error body there too.
+    let unknown = reqwest::get(format!("http://{bind}/no-such-path"))
+        .await
+        .expect("unknown path");
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
     app.stop().await;
 }
 
@@ -1004,4 +1011,93 @@ async fn database_errors_are_classified_by_their_real_codes() {
     let err = labelsync::Error::from(busy);
     assert!(err.is_transient(), "{err:?}");
     txn.rollback().await.expect("rollback");
+}
+
+/// #14, item 12: unknown paths and methods answer with the API's error
+/// body, like every other API error (they used to be empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_methods_answer_with_the_api_error_shape() {
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    for (method, path, status, code) in [
+        ("GET", "/no-such-page", 404, "not_found"),
+        ("GET", "/api/v1/no-such-route", 404, "not_found"),
+        ("DELETE", "/api/v1/projects", 405, "method_not_allowed"),
+        (
+            "PUT",
+            "/api/v1/runs/01ARZ3NDEKTSV4RRFFQ69G5FAV",
+            405,
+            "method_not_allowed",
+        ),
+        ("POST", "/healthz", 405, "method_not_allowed"),
+        ("DELETE", "/metrics", 405, "method_not_allowed"),
+    ] {
+        let resp = app
+            .client
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
+                format!("{}{path}", app.base),
+            )
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        if status == 405 {
+            assert!(
+                resp.headers().contains_key("allow"),
+                "{method} {path}: no Allow"
+            );
+        }
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        assert_eq!(body["error"]["code"], code, "{method} {path}: {body}");
+        assert!(
+            !body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
+            "{method} {path}: {body}"
+        );
+    }
+    app.stop().await;
+}
+
+/// #14, item 12: `sync --spec` naming a project that does not exist says so
+/// in one line, on SQLite and on Postgres, instead of a foreign-key error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_sync_with_an_unknown_project_id_says_so_in_one_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = dir.path().join("spec.json");
+    std::fs::write(
+        &spec,
+        r#"{"project_id": 4242, "role": "source", "backend": "local", "config": {"path": "images"}}"#,
+    )
+    .expect("write spec");
+    let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("cli.db").display());
+    for database in [sqlite, labelsync_tests::fresh_postgres().await] {
+        let out = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
+            .current_dir(dir.path())
+            .env_clear()
+            .env("DATABASE_URL", &database)
+            .env(
+                "LOCAL_FILES_DOCUMENT_ROOT",
+                labelsync_tests::repo_root().join("examples/data"),
+            )
+            .args(["sync", "--quiet", "--spec"])
+            .arg(&spec)
+            .output()
+            .expect("run labelsync-scheduler sync");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{database}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{database}: {stderr}");
+        assert!(stderr.contains("project 4242"), "{database}: {stderr}");
+        assert!(
+            !stderr.to_lowercase().contains("foreign key"),
+            "{database}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{database}");
+    }
 }

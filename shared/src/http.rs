@@ -43,6 +43,18 @@ use crate::config::HttpLimits;
 #[error("the request body did not arrive within {} s", .0.as_secs())]
 pub struct BodyTimeout(pub Duration);
 
+/// The API's error body, `{"error": {"code", "message", "field": null}}`,
+/// for listeners that have no richer error type (the worker's).
+pub fn error(
+    status: axum::http::StatusCode,
+    code: &'static str,
+    message: &'static str,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = serde_json::json!({ "error": { "code": code, "message": message, "field": null } });
+    (status, axum::Json(body)).into_response()
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the
 /// open connections finish their requests (idle ones close at once) and
 /// returns when the last one has closed.

@@ -221,14 +221,15 @@ pub async fn render_with_queue(
 
 /// The worker's own small HTTP listener: `/metrics`, `/healthz` (the process
 /// answers) and `/readyz` ([`crate::lifecycle::readiness`]), for Prometheus
-/// and the orchestrator's probes, with the API's limits ([`crate::http`]).
+/// and the orchestrator's probes; with the API's limits ([`crate::http`])
+/// and its error body for unknown paths and methods.
 pub async fn serve_worker_listener(
     listener: tokio::net::TcpListener,
     db: sea_orm::DatabaseConnection,
     queue: crate::jobs::Queue,
     limits: crate::config::HttpLimits,
 ) {
-    use axum::{Json, routing::get};
+    use axum::{Json, http::StatusCode, routing::get};
     let metrics_queue = queue.clone();
     let app = axum::Router::new()
         .route(
@@ -248,7 +249,21 @@ pub async fn serve_worker_listener(
                 let (db, queue) = (db.clone(), queue.clone());
                 async move { crate::lifecycle::readiness(&db, &queue).await }
             }),
-        );
+        )
+        .method_not_allowed_fallback(|| async {
+            crate::http::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this path does not take that method",
+            )
+        })
+        .fallback(|| async {
+            crate::http::error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such path; the worker serves /metrics, /healthz and /readyz",
+            )
+        });
     crate::http::serve(listener, app, limits, std::future::pending()).await;
 }
 
