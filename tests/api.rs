@@ -703,6 +703,26 @@ async fn scheduler_serves_prometheus_metrics() {
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
+    // Counters start at 0 for every known label set: what this test did
+    // must have counted.
+    for (name, labels) in [
+        (
+            "labelsync_jobs_finished_total",
+            &[("kind", "import"), ("outcome", "completed")][..],
+        ),
+        (
+            "labelsync_storage_requests_total",
+            &[
+                ("backend", "local"),
+                ("operation", "list"),
+                ("outcome", "ok"),
+            ],
+        ),
+        ("labelsync_resolve_bytes_total", &[("backend", "local")]),
+    ] {
+        let counted = sample(&text, name, labels).unwrap_or_default();
+        assert!(counted >= 1.0, "{name} {labels:?} is {counted}:\n{text}");
+    }
     app.stop().await;
 }
 
@@ -1100,4 +1120,99 @@ async fn cli_sync_with_an_unknown_project_id_says_so_in_one_line() {
         );
         assert!(out.stdout.is_empty(), "{database}");
     }
+}
+
+/// The value of the first sample of `name` carrying every label of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+/// #14, item 14: a fresh scheduler lists its counters at 0 for every known
+/// label set, so dashboards show 0 rather than "No data" until the first
+/// event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_scheduler_metrics_list_counters_at_zero() {
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for kind in ["import", "export", "delete"] {
+        for name in [
+            "labelsync_jobs_started_total",
+            "labelsync_objects_listed_total",
+            "labelsync_tasks_created_total",
+            "labelsync_annotations_exported_total",
+            "labelsync_annotations_deleted_total",
+            "labelsync_object_errors_total",
+        ] {
+            assert_eq!(
+                sample(&text, name, &[("kind", kind)]),
+                Some(0.0),
+                "{name} {kind}:\n{text}"
+            );
+        }
+        for outcome in [
+            "completed",
+            "completed_with_errors",
+            "failed",
+            "retry",
+            "stopped",
+        ] {
+            assert_eq!(
+                sample(
+                    &text,
+                    "labelsync_jobs_finished_total",
+                    &[("kind", kind), ("outcome", outcome)]
+                ),
+                Some(0.0),
+                "jobs_finished {kind} {outcome}:\n{text}"
+            );
+        }
+    }
+    for backend in ["s3", "gcs", "azure", "redis", "local", "databricks"] {
+        for outcome in ["ok", "transient", "permission_denied"] {
+            assert_eq!(
+                sample(
+                    &text,
+                    "labelsync_storage_requests_total",
+                    &[
+                        ("backend", backend),
+                        ("operation", "get"),
+                        ("outcome", outcome)
+                    ]
+                ),
+                Some(0.0),
+                "storage_requests {backend} {outcome}:\n{text}"
+            );
+        }
+        assert_eq!(
+            sample(
+                &text,
+                "labelsync_resolve_bytes_total",
+                &[("backend", backend)]
+            ),
+            Some(0.0),
+            "resolve_bytes {backend}:\n{text}"
+        );
+    }
+    app.stop().await;
 }
