@@ -807,6 +807,66 @@ async fn slow_clients_neither_starve_the_server_nor_stay_connected() {
     app.stop().await;
 }
 
+/// One HTTP/1.1 response read off `conn` (headers and a JSON body).
+async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let complete = |a: &[u8]| {
+        let text = String::from_utf8_lossy(a);
+        text.contains("\r\n\r\n") && text.ends_with('}')
+    };
+    while !complete(&answer) {
+        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Between requests a keep-alive connection may stay idle for the idle
+/// timeout, longer than the header timeout (load balancers keep idle
+/// upstream connections ~60 s and must not reuse one the server has just
+/// closed); past it, the server closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_outlive_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        workers: false,
+        env: vec![
+            ("LABELSYNC_HEADER_TIMEOUT_SECS", "1".into()),
+            ("LABELSYNC_IDLE_TIMEOUT_SECS", "3".into()),
+        ],
+        ..AppOptions::default()
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    for round in 0..2 {
+        conn.write_all(request.as_bytes()).await.expect("send");
+        let answer = read_response(&mut conn).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "request {round}: {answer:?}"
+        );
+        if round == 0 {
+            // Idle past the header timeout, within the idle timeout.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3 + 5), conn.read_to_end(&mut rest))
+        .await
+        .expect("an idle connection is closed after the idle timeout")
+        .ok();
+    app.stop().await;
+}
+
 /// The worker's metrics and probe listener has the same header timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_probe_listener_closes_half_sent_requests() {

@@ -102,10 +102,14 @@ pub struct Settings {
 /// What one slow or idle client may hold of an HTTP listener.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
-    /// `LABELSYNC_HEADER_TIMEOUT_SECS` (default 10): a connection whose next
-    /// request head is not complete within this long is closed (idle
-    /// keep-alive connections too).
+    /// `LABELSYNC_HEADER_TIMEOUT_SECS` (default 10): a request head must be
+    /// complete this long after the connection opened, or after its first
+    /// byte on a kept-alive connection; else the connection is closed.
     pub header_timeout: Duration,
+    /// `LABELSYNC_IDLE_TIMEOUT_SECS` (default 75): a kept-alive connection
+    /// with no request for this long is closed. Longer than the ~60 s load
+    /// balancers keep idle upstream connections, so they close first.
+    pub idle_timeout: Duration,
     /// `LABELSYNC_BODY_TIMEOUT_SECS` (default 30): a request body not fully
     /// received this long after its head is refused with 408.
     pub body_timeout: Duration,
@@ -239,6 +243,9 @@ impl Settings {
             http: HttpLimits {
                 header_timeout: Duration::from_secs(
                     parse(&get, "LABELSYNC_HEADER_TIMEOUT_SECS", 10)?.max(1),
+                ),
+                idle_timeout: Duration::from_secs(
+                    parse(&get, "LABELSYNC_IDLE_TIMEOUT_SECS", 75)?.max(1),
                 ),
                 body_timeout: Duration::from_secs(
                     parse(&get, "LABELSYNC_BODY_TIMEOUT_SECS", 30)?.max(1),

@@ -4,20 +4,24 @@
 //! connections ([`HttpLimits`]). Without them, ~20,000 connections that each
 //! sent half a request held as many file descriptors and 1.5 GB for good.
 //!
+//! A connection is always in one of three phases, each with its bound:
+//! receiving a request head (from accept, or from the first byte after an
+//! idle spell) within the header timeout; inside a request, whose body must
+//! arrive within the body timeout; idle between requests, for the idle
+//! timeout. The idle timeout is separate and longer because load balancers
+//! keep idle upstream connections for ~60 s and must never reuse one the
+//! server has just closed (hyper's own header timeout counts idle time too,
+//! so it is not used).
+//!
 //! At the cap, a new connection is let in by closing the oldest connection
-//! that is not inside a request (still sending its head, or idle between
-//! requests), so slow clients cannot keep others out; when every connection
-//! is inside a request, the new one waits (in the kernel's backlog) for one
-//! to end. Requests are bounded too: a head by the header timeout, a body by
-//! the body timeout.
+//! that is not inside a request, so slow clients cannot keep others out;
+//! when every connection is inside a request, the new one waits (in the
+//! kernel's backlog) for one to end.
 use std::{
     collections::BTreeMap,
     future::Future,
     pin::Pin,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
     time::Duration,
 };
@@ -26,8 +30,9 @@ use axum::{Router, body::Body, extract::Request};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::{body::Incoming, server::conn::http1};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{Notify, OwnedSemaphorePermit, Semaphore},
     time::{Instant, Sleep},
@@ -67,10 +72,9 @@ pub async fn serve(
     let max = limits.max_connections.max(1);
     let slots = Arc::new(Slots::new(max));
     let stop = CancellationToken::new();
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+    // No timer: hyper's header timeout would also cut idle connections;
+    // the phases of `ConnState` bound heads and idle spells instead.
+    let builder = http1::Builder::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut next_id = 0u64;
     loop {
@@ -96,7 +100,7 @@ pub async fn serve(
             stop: stop.clone(),
             _permit: permit,
         };
-        tokio::spawn(conn.serve(stream, builder.clone(), router.clone(), limits.body_timeout));
+        tokio::spawn(conn.serve(stream, builder.clone(), router.clone(), limits));
     }
     stop.cancel();
     // Each connection holds a permit until it has closed.
@@ -130,13 +134,92 @@ struct Slots {
     request_ended: Notify,
 }
 
-#[derive(Default)]
+/// What bounds how long a connection may stay as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Receiving a request head (or nothing yet since accept): the header
+    /// timeout.
+    Head,
+    /// From a complete head until the response body is sent or dropped;
+    /// the body timeout bounds the request body.
+    Request,
+    /// Between requests, no byte of the next one yet: the idle timeout.
+    Idle,
+}
+
+struct Timing {
+    phase: Phase,
+    since: Instant,
+    /// Requests in progress (HTTP/1 serves one at a time; counted anyway).
+    requests: usize,
+}
+
 struct ConnState {
-    /// Requests in progress (HTTP/1: 0 or 1), from the arrival of the head
-    /// until the response body is sent or dropped.
-    requests: AtomicUsize,
+    timing: Mutex<Timing>,
+    /// Signalled on every change of phase, so the connection re-arms its timer.
+    changed: Notify,
     /// Tells the connection to close now, to make room.
     close: Notify,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        ConnState {
+            timing: Mutex::new(Timing {
+                phase: Phase::Head,
+                since: Instant::now(),
+                requests: 0,
+            }),
+            changed: Notify::new(),
+            close: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Timing> {
+        self.timing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, timing: &mut Timing, phase: Phase) {
+        timing.phase = phase;
+        timing.since = Instant::now();
+        self.changed.notify_one();
+    }
+
+    fn in_request(&self) -> bool {
+        self.lock().phase == Phase::Request
+    }
+
+    /// Bytes were read: the first ones after an idle spell start a head.
+    fn bytes_arrived(&self) {
+        let mut timing = self.lock();
+        if timing.phase == Phase::Idle {
+            self.set(&mut timing, Phase::Head);
+        }
+    }
+
+    fn request_started(&self) {
+        let mut timing = self.lock();
+        timing.requests += 1;
+        self.set(&mut timing, Phase::Request);
+    }
+
+    fn request_ended(&self) {
+        let mut timing = self.lock();
+        timing.requests = timing.requests.saturating_sub(1);
+        if timing.requests == 0 {
+            self.set(&mut timing, Phase::Idle);
+        }
+    }
+
+    /// When the connection is to be closed if its phase has not changed.
+    fn deadline(&self, limits: &HttpLimits) -> Option<Instant> {
+        let timing = self.lock();
+        match timing.phase {
+            Phase::Head => Some(timing.since + limits.header_timeout),
+            Phase::Idle => Some(timing.since + limits.idle_timeout),
+            Phase::Request => None,
+        }
+    }
 }
 
 impl Slots {
@@ -149,7 +232,7 @@ impl Slots {
     }
 
     fn register(&self, id: u64) -> Arc<ConnState> {
-        let state = Arc::new(ConnState::default());
+        let state = Arc::new(ConnState::new());
         self.lock().insert(id, state.clone());
         state
     }
@@ -184,7 +267,7 @@ impl Slots {
         let mut open = self.lock();
         let oldest = open
             .iter()
-            .find(|(_, c)| c.requests.load(Ordering::Acquire) == 0)
+            .find(|(_, c)| !c.in_request())
             .map(|(id, _)| *id);
         match oldest.and_then(|id| open.remove(&id)) {
             Some(conn) => {
@@ -211,12 +294,13 @@ impl Connection {
         stream: TcpStream,
         builder: http1::Builder,
         router: Router,
-        body_timeout: Duration,
+        limits: HttpLimits,
     ) {
         let (state, slots) = (self.state.clone(), self.slots.clone());
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let in_request = InRequest::enter(state.clone(), slots.clone());
-            let req = req.map(|body| Body::new(TimedBody::new(Body::new(body), body_timeout)));
+            let timeout = limits.body_timeout;
+            let req = req.map(|body| Body::new(TimedBody::new(Body::new(body), timeout)));
             let router = router.clone();
             async move {
                 let response = router.oneshot(req).await?;
@@ -228,15 +312,31 @@ impl Connection {
                 }))
             }
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let io = WatchedIo {
+            inner: stream,
+            state: self.state.clone(),
+        };
+        let connection = builder.serve_connection(TokioIo::new(io), service);
         let mut connection = std::pin::pin!(connection);
         let mut draining = false;
         loop {
+            let deadline = self.state.deadline(&limits);
+            let expired = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 served = connection.as_mut() => {
                     if let Err(e) = served {
                         tracing::debug!(error = %e, "connection closed on an error");
                     }
+                    break;
+                }
+                () = self.state.changed.notified() => {}
+                () = expired => {
+                    tracing::debug!("closed a connection: no complete request head, or idle, for too long");
                     break;
                 }
                 () = self.state.close.notified() => {
@@ -253,6 +353,57 @@ impl Connection {
     }
 }
 
+/// The connection's socket, telling its state when request bytes arrive.
+struct WatchedIo {
+    inner: TcpStream,
+    state: Arc<ConnState>,
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.bytes_arrived();
+        }
+        read
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Marks its connection as inside a request while it lives.
 struct InRequest {
     state: Arc<ConnState>,
@@ -261,14 +412,14 @@ struct InRequest {
 
 impl InRequest {
     fn enter(state: Arc<ConnState>, slots: Arc<Slots>) -> Self {
-        state.requests.fetch_add(1, Ordering::AcqRel);
+        state.request_started();
         InRequest { state, slots }
     }
 }
 
 impl Drop for InRequest {
     fn drop(&mut self) {
-        self.state.requests.fetch_sub(1, Ordering::AcqRel);
+        self.state.request_ended();
         self.slots.request_ended.notify_one();
     }
 }
