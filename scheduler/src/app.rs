@@ -32,9 +32,9 @@ pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
     })
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, with the
-/// header, body and connection limits of `LABELSYNC_HEADER_TIMEOUT_SECS`,
-/// `LABELSYNC_BODY_TIMEOUT_SECS` and `LABELSYNC_MAX_CONNECTIONS`. In embedded mode
+/// Serves the API on `listener` until `shutdown` resolves, within the
+/// limits of `settings.http` (header, idle and body timeouts, connection
+/// cap; see `labelsync::http`). In embedded mode
 /// (or with `LABELSYNC_EMBEDDED_WORKERS=true`) it also runs a worker, which is
 /// stopped after the HTTP server and allowed to finish its jobs.
 pub async fn serve(

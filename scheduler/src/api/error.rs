@@ -50,11 +50,8 @@ impl ApiError {
 
     /// A NUL character in text: refused on every database alike (Postgres
     /// cannot store it), before anything is written.
-    pub fn invalid_text(field: Option<&'static str>) -> Self {
-        ApiError {
-            field,
-            ..Self::new(StatusCode::BAD_REQUEST, "invalid_text", NUL_IN_TEXT)
-        }
+    pub fn invalid_text() -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_text", NUL_IN_TEXT)
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -155,7 +152,7 @@ where
             .await
             .map_err(json_error)?;
         if has_escaped_nul(&bytes) {
-            return Err(ApiError::invalid_text(None));
+            return Err(ApiError::invalid_text());
         }
         Ok(ApiJson(value))
     }

@@ -128,7 +128,7 @@ async fn refuse_nul_in_url(req: Request, next: Next) -> Response {
     let has_nul = |s: &str| percent_encoding::percent_decode_str(s).any(|b| b == 0);
     let uri = req.uri();
     if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
-        return ApiError::invalid_text(None).into_response();
+        return ApiError::invalid_text().into_response();
     }
     next.run(req).await
 }
