@@ -837,7 +837,7 @@ async fn idle_keep_alive_connections_outlive_the_header_timeout() {
         workers: false,
         env: vec![
             ("LABELSYNC_HEADER_TIMEOUT_SECS", "1".into()),
-            ("LABELSYNC_IDLE_TIMEOUT_SECS", "3".into()),
+            ("LABELSYNC_IDLE_TIMEOUT_SECS", "4".into()),
         ],
         ..AppOptions::default()
     })
@@ -860,7 +860,7 @@ async fn idle_keep_alive_connections_outlive_the_header_timeout() {
         }
     }
     let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3 + 5), conn.read_to_end(&mut rest))
+    tokio::time::timeout(Duration::from_secs(4 + 5), conn.read_to_end(&mut rest))
         .await
         .expect("an idle connection is closed after the idle timeout")
         .ok();
@@ -1197,24 +1197,34 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 
 /// #14, item 14: a fresh scheduler lists its counters at 0 for every known
 /// label set, so dashboards show 0 rather than "No data" until the first
-/// event.
+/// event. A scheduler process of its own (SQLite in a temporary directory):
+/// the metrics of this test process may have counted other tests' work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_scheduler_metrics_list_counters_at_zero() {
-    let app = spawn_app(AppOptions {
-        embedded: true,
-        workers: false,
-        ..AppOptions::default()
-    })
-    .await;
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let server = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("LABELSYNC_BIND", addr.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start labelsync-scheduler serve");
+    // Killed when dropped, like a worker.
+    let _server = labelsync_tests::Worker(server);
+    let mut text = None;
+    for _ in 0..200 {
+        if let Ok(resp) = reqwest::get(format!("http://{addr}/metrics")).await {
+            text = Some(resp.text().await.expect("text"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = text.expect("the scheduler answers /metrics within 10 s");
     for kind in ["import", "export", "delete"] {
         for name in [
             "labelsync_jobs_started_total",
@@ -1274,5 +1284,4 @@ async fn fresh_scheduler_metrics_list_counters_at_zero() {
             "resolve_bytes {backend}:\n{text}"
         );
     }
-    app.stop().await;
 }
