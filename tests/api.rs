@@ -1,5 +1,8 @@
 //! The HTTP API against real Postgres and Redis (and, for the embedded mode,
-//! SQLite with the embedded queue), through a scheduler on a random port.
+//! SQLite with the embedded queue), through a scheduler on a random port;
+//! with them, the limits of the HTTP listeners (slow clients), the
+//! classification of database errors, the metrics a fresh scheduler lists
+//! and the CLI's message for a spec naming a missing project.
 //!
 //! Tests use the multi-thread runtime, as the binaries do: on a current-thread
 //! runtime an apalis 1.0 worker sometimes stops polling after its first
@@ -700,5 +703,585 @@ async fn scheduler_serves_prometheus_metrics() {
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
+    // Counters start at 0 for every known label set: what this test did
+    // must have counted.
+    for (name, labels) in [
+        (
+            "labelsync_jobs_finished_total",
+            &[("kind", "import"), ("outcome", "completed")][..],
+        ),
+        (
+            "labelsync_storage_requests_total",
+            &[
+                ("backend", "local"),
+                ("operation", "list"),
+                ("outcome", "ok"),
+            ],
+        ),
+        ("labelsync_resolve_bytes_total", &[("backend", "local")]),
+    ] {
+        let counted = sample(&text, name, labels).unwrap_or_default();
+        assert!(counted >= 1.0, "{name} {labels:?} is {counted}:\n{text}");
+    }
     app.stop().await;
+}
+
+/// Slowloris (#14, item 9): hundreds of connections that never finish their
+/// request headers, and one that never finishes its body, neither starve
+/// other clients nor stay open: the server is capped at 32 connections here
+/// and still answers a normal request at once (a connection still waiting
+/// for its request makes room for a new one), closes the half-sent ones
+/// after the header timeout, and answers a stalled body with 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_neither_starve_the_server_nor_stay_connected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SLOW_CLIENTS: usize = 200;
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        workers: false,
+        env: vec![
+            ("LABELSYNC_HEADER_TIMEOUT_SECS", "2".into()),
+            ("LABELSYNC_BODY_TIMEOUT_SECS", "2".into()),
+            ("LABELSYNC_MAX_CONNECTIONS", "32".into()),
+        ],
+        ..AppOptions::default()
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut slow = Vec::new();
+    for _ in 0..SLOW_CLIENTS {
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!("GET /api/v1/projects HTTP/1.1\r\nHost: {addr}\r\nX-Slow: ");
+        conn.write_all(head.as_bytes())
+            .await
+            .expect("half a request");
+        slow.push(conn);
+    }
+    let opened = tokio::time::Instant::now();
+
+    let asked = std::time::Instant::now();
+    let answer = reqwest::Client::new()
+        .get(format!("{}/api/v1/projects", app.base))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("a normal request is answered while slow clients hold connections");
+    assert_eq!(answer.status(), 200);
+    assert!(
+        asked.elapsed() < HEADER_TIMEOUT,
+        "answered after {:?}: it waited for slow clients to time out",
+        asked.elapsed()
+    );
+
+    let mut stalled = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/v1/projects HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"title\": "
+    );
+    stalled.write_all(head.as_bytes()).await.expect("send");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut reply))
+        .await
+        .expect("a stalled body is answered and closed within the body timeout")
+        .ok();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("body_timeout"), "{reply}");
+
+    // Each half-sent connection is closed by the server (EOF or reset)
+    // within the header timeout, plus slack for a loaded machine.
+    let deadline = opened + HEADER_TIMEOUT + Duration::from_secs(5);
+    for (i, mut conn) in slow.into_iter().enumerate() {
+        let mut rest = Vec::new();
+        tokio::time::timeout_at(deadline, conn.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("half-sent connection {i} still open"))
+            .ok();
+    }
+    let (status, _) = app.get("/api/v1/projects").await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+
+/// One HTTP/1.1 response read off `conn` (headers and a JSON body).
+async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let complete = |a: &[u8]| {
+        let text = String::from_utf8_lossy(a);
+        text.contains("\r\n\r\n") && text.ends_with('}')
+    };
+    while !complete(&answer) {
+        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Between requests a keep-alive connection may stay idle for the idle
+/// timeout, longer than the header timeout (load balancers keep idle
+/// upstream connections ~60 s and must not reuse one the server has just
+/// closed); past it, the server closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_outlive_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        workers: false,
+        env: vec![
+            ("LABELSYNC_HEADER_TIMEOUT_SECS", "1".into()),
+            ("LABELSYNC_IDLE_TIMEOUT_SECS", "4".into()),
+        ],
+        ..AppOptions::default()
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    for round in 0..2 {
+        conn.write_all(request.as_bytes()).await.expect("send");
+        let answer = read_response(&mut conn).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "request {round}: {answer:?}"
+        );
+        if round == 0 {
+            // Idle past the header timeout, within the idle timeout.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(4 + 5), conn.read_to_end(&mut rest))
+        .await
+        .expect("an idle connection is closed after the idle timeout")
+        .ok();
+    app.stop().await;
+}
+
+/// The worker's metrics and probe listener has the same header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_probe_listener_closes_half_sent_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let _worker = labelsync_tests::spawn_worker(
+        &app,
+        "probes",
+        &[
+            ("LABELSYNC_METRICS_BIND", &bind),
+            ("LABELSYNC_HEADER_TIMEOUT_SECS", "1"),
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("http://{bind}/healthz"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut conn = tokio::net::TcpStream::connect(&bind)
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n")
+        .await
+        .expect("half a request");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(6), conn.read_to_end(&mut rest))
+        .await
+        .expect("the worker closes a half-sent request after its header timeout")
+        .ok();
+    let ready = reqwest::get(format!("http://{bind}/readyz"))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 200);
+    // Unknown paths get the API's error body there too.
+    let unknown = reqwest::get(format!("http://{bind}/no-such-path"))
+        .await
+        .expect("unknown path");
+    assert_eq!(unknown.status(), 404);
+    let body: Value = unknown.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+    app.stop().await;
+}
+
+/// #14, item 10: a NUL character in text (JSON bodies, paths, queries) is
+/// bad input, refused the same way on Postgres and SQLite: 400
+/// `invalid_text`, nothing written, no database message echoed. Postgres
+/// refuses NUL in text and `\u0000` in jsonb; SQLite would store both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_are_refused_with_400_on_both_databases() {
+    for embedded in [false, true] {
+        let app = spawn_app(AppOptions {
+            embedded,
+            ..AppOptions::default()
+        })
+        .await;
+        let data = app.doc_root.path().join("data");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("a.jpg"), b"x").expect("write");
+        let project = app.project("p").await;
+        let storage = app.local_storage(project, json!({})).await;
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["status"], "completed", "{run}");
+        let task = app.all_tasks(project).await[0]["id"].clone();
+
+        let mut storage_body = local_source(project, "data");
+        storage_body["title"] = json!("images\u{0}");
+        let cases = [
+            (
+                "project title",
+                "POST",
+                "/api/v1/projects".to_owned(),
+                Some(json!({ "title": "a\u{0}b" })),
+            ),
+            (
+                "title patch",
+                "PATCH",
+                format!("/api/v1/projects/{project}"),
+                Some(json!({ "title": "\u{0}" })),
+            ),
+            (
+                "storage title",
+                "POST",
+                "/api/v1/storages".to_owned(),
+                Some(storage_body),
+            ),
+            (
+                "annotation value",
+                "POST",
+                format!("/api/v1/tasks/{task}/annotations"),
+                Some(json!({ "result": [{ "value": { "text": ["a\u{0}"] } }] })),
+            ),
+            (
+                "annotation key",
+                "POST",
+                format!("/api/v1/tasks/{task}/annotations"),
+                Some(json!({ "result": [{ "a\u{0}": 1 }] })),
+            ),
+            ("run id", "GET", "/api/v1/runs/%00".to_owned(), None),
+            (
+                "run errors",
+                "GET",
+                "/api/v1/runs/x%00y/errors".to_owned(),
+                None,
+            ),
+            (
+                "run cursor",
+                "GET",
+                "/api/v1/runs?after=%00".to_owned(),
+                None,
+            ),
+        ];
+        for (what, method, path, body) in cases {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+            let (status, err) = app.request(method, &path, body).await;
+            let what = format!("{what} (embedded: {embedded})");
+            assert_eq!(status, 400, "{what}: {err}");
+            assert_eq!(err["error"]["code"], "invalid_text", "{what}: {err}");
+            let message = err["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("NUL"), "{what}: {err}");
+            for raw in ["0x00", "byte sequence", "database", "unsupported Unicode"] {
+                assert!(!message.contains(raw), "{what}: database detail in {err}");
+            }
+        }
+        // A backslash followed by "u0000" is text, not a NUL.
+        let (status, saved) = app
+            .post("/api/v1/projects", json!({ "title": "C:\\u0000" }))
+            .await;
+        assert_eq!(
+            (status, &saved["title"]),
+            (201, &json!("C:\\u0000")),
+            "{saved}"
+        );
+        let (_, projects) = app.get("/api/v1/projects").await;
+        assert_eq!(projects["items"].as_array().expect("items").len(), 2);
+        assert_eq!(
+            projects["items"][0]["title"], "p",
+            "the PATCH wrote nothing"
+        );
+        assert_eq!(storage_count(&app).await, 1);
+        let (_, one) = app.get(&format!("/api/v1/tasks/{task}")).await;
+        assert_eq!(one["annotations"], json!([]), "{one}");
+        app.stop().await;
+    }
+}
+
+/// Only real busy / connection / conflict errors are transient: a Postgres
+/// SQLSTATE that happens to end in 0x05 as a number (22021, a NUL in text)
+/// is bad input, and raw database messages are not what the caller sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_errors_are_classified_by_their_real_codes() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let db = labelsync::db::connect(&labelsync_tests::fresh_postgres().await)
+        .await
+        .expect("postgres");
+    for (sqlstate, transient) in [
+        ("22021", false),
+        ("22P05", false),
+        ("42P01", false),
+        ("23505", false),
+        ("40001", true),
+        ("40P01", true),
+        ("08006", true),
+        ("57P01", true),
+    ] {
+        let raised = db
+            .execute_unprepared(&format!(
+                "DO $$ BEGIN RAISE EXCEPTION 'raw detail' USING ERRCODE = '{sqlstate}'; END $$"
+            ))
+            .await
+            .expect_err("raised");
+        let err = labelsync::Error::from(raised);
+        assert_eq!(err.is_transient(), transient, "{sqlstate}: {err:?}");
+    }
+    let nul = db
+        .execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT $1::text",
+            ["a\u{0}b".into()],
+        ))
+        .await
+        .expect_err("Postgres refuses NUL in text");
+    match labelsync::Error::from(nul) {
+        labelsync::Error::Invalid { code, message, .. } => {
+            assert_eq!(code, "invalid_text");
+            assert!(!message.contains("0x00"), "{message}");
+        }
+        other => panic!("a NUL in text is bad input, not {other:?}"),
+    }
+
+    // SQLite: a write while another connection holds the write lock is
+    // SQLITE_BUSY (5), transient.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("busy.db").display());
+    let holder = labelsync::db::connect(&url).await.expect("sqlite");
+    holder
+        .execute_unprepared("CREATE TABLE t (x INTEGER)")
+        .await
+        .expect("create");
+    let txn = holder.begin().await.expect("begin");
+    txn.execute_unprepared("INSERT INTO t VALUES (1)")
+        .await
+        .expect("take the write lock");
+    let mut opts = sea_orm::ConnectOptions::new(url);
+    opts.sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| o.busy_timeout(Duration::ZERO));
+    let other = sea_orm::Database::connect(opts).await.expect("sqlite");
+    let busy = other
+        .execute_unprepared("INSERT INTO t VALUES (2)")
+        .await
+        .expect_err("the file is locked");
+    let err = labelsync::Error::from(busy);
+    assert!(err.is_transient(), "{err:?}");
+    txn.rollback().await.expect("rollback");
+}
+
+/// #14, item 12: unknown paths and methods answer with the API's error
+/// body, like every other API error (they used to be empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_methods_answer_with_the_api_error_shape() {
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    for (method, path, status, code) in [
+        ("GET", "/no-such-page", 404, "not_found"),
+        ("GET", "/api/v1/no-such-route", 404, "not_found"),
+        ("DELETE", "/api/v1/projects", 405, "method_not_allowed"),
+        (
+            "PUT",
+            "/api/v1/runs/01ARZ3NDEKTSV4RRFFQ69G5FAV",
+            405,
+            "method_not_allowed",
+        ),
+        ("POST", "/healthz", 405, "method_not_allowed"),
+        ("DELETE", "/metrics", 405, "method_not_allowed"),
+    ] {
+        let resp = app
+            .client
+            .request(
+                reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
+                format!("{}{path}", app.base),
+            )
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        if status == 405 {
+            assert!(
+                resp.headers().contains_key("allow"),
+                "{method} {path}: no Allow"
+            );
+        }
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        assert_eq!(body["error"]["code"], code, "{method} {path}: {body}");
+        assert!(
+            !body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
+            "{method} {path}: {body}"
+        );
+    }
+    app.stop().await;
+}
+
+/// #14, item 12: `sync --spec` naming a project that does not exist says so
+/// in one line, on SQLite and on Postgres, instead of a foreign-key error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_sync_with_an_unknown_project_id_says_so_in_one_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = dir.path().join("spec.json");
+    std::fs::write(
+        &spec,
+        r#"{"project_id": 4242, "role": "source", "backend": "local", "config": {"path": "images"}}"#,
+    )
+    .expect("write spec");
+    let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("cli.db").display());
+    for database in [sqlite, labelsync_tests::fresh_postgres().await] {
+        let out = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
+            .current_dir(dir.path())
+            .env_clear()
+            .env("DATABASE_URL", &database)
+            .env(
+                "LOCAL_FILES_DOCUMENT_ROOT",
+                labelsync_tests::repo_root().join("examples/data"),
+            )
+            .args(["sync", "--quiet", "--spec"])
+            .arg(&spec)
+            .output()
+            .expect("run labelsync-scheduler sync");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{database}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{database}: {stderr}");
+        assert!(stderr.contains("project 4242"), "{database}: {stderr}");
+        assert!(
+            !stderr.to_lowercase().contains("foreign key"),
+            "{database}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{database}");
+    }
+}
+
+/// The value of the first sample of `name` carrying every label of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+/// #14, item 14: a fresh scheduler lists its counters at 0 for every known
+/// label set, so dashboards show 0 rather than "No data" until the first
+/// event. A scheduler process of its own (SQLite in a temporary directory):
+/// the metrics of this test process may have counted other tests' work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_scheduler_metrics_list_counters_at_zero() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let server = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("LABELSYNC_BIND", addr.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start labelsync-scheduler serve");
+    // Killed when dropped, like a worker.
+    let _server = labelsync_tests::Worker(server);
+    let mut text = None;
+    for _ in 0..200 {
+        if let Ok(resp) = reqwest::get(format!("http://{addr}/metrics")).await {
+            text = Some(resp.text().await.expect("text"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = text.expect("the scheduler answers /metrics within 10 s");
+    for kind in ["import", "export", "delete"] {
+        for name in [
+            "labelsync_jobs_started_total",
+            "labelsync_objects_listed_total",
+            "labelsync_tasks_created_total",
+            "labelsync_annotations_exported_total",
+            "labelsync_annotations_deleted_total",
+            "labelsync_object_errors_total",
+        ] {
+            assert_eq!(
+                sample(&text, name, &[("kind", kind)]),
+                Some(0.0),
+                "{name} {kind}:\n{text}"
+            );
+        }
+        for outcome in [
+            "completed",
+            "completed_with_errors",
+            "failed",
+            "retry",
+            "stopped",
+        ] {
+            assert_eq!(
+                sample(
+                    &text,
+                    "labelsync_jobs_finished_total",
+                    &[("kind", kind), ("outcome", outcome)]
+                ),
+                Some(0.0),
+                "jobs_finished {kind} {outcome}:\n{text}"
+            );
+        }
+    }
+    for backend in ["s3", "gcs", "azure", "redis", "local", "databricks"] {
+        for outcome in ["ok", "transient", "permission_denied"] {
+            assert_eq!(
+                sample(
+                    &text,
+                    "labelsync_storage_requests_total",
+                    &[
+                        ("backend", backend),
+                        ("operation", "get"),
+                        ("outcome", outcome)
+                    ]
+                ),
+                Some(0.0),
+                "storage_requests {backend} {outcome}:\n{text}"
+            );
+        }
+        assert_eq!(
+            sample(
+                &text,
+                "labelsync_resolve_bytes_total",
+                &[("backend", backend)]
+            ),
+            Some(0.0),
+            "resolve_bytes {backend}:\n{text}"
+        );
+    }
 }

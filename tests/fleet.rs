@@ -712,6 +712,17 @@ async fn worker_serves_probes_and_metrics() {
             .any(|l| l.starts_with("labelsync_tasks_created_total") && l.ends_with(" 20")),
         "20 tasks counted:\n{text}"
     );
+    // Counters are listed at 0 from the start: these must have counted.
+    for counted in [
+        "labelsync_jobs_finished_total{kind=\"import\",outcome=\"completed\"",
+        "labelsync_storage_requests_total{backend=\"local\",operation=\"list\",outcome=\"ok\"",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(counted) && !l.ends_with(" 0")),
+            "{counted} not counted:\n{text}"
+        );
+    }
     app.stop().await;
 }
 
@@ -910,7 +921,9 @@ async fn traces_and_metrics_reach_an_otlp_collector() {
     while !collector
         .metrics()
         .iter()
-        .any(|(service, name)| service == "labelsync-worker" && name == "labelsync.jobs.finished")
+        // The job duration histogram, not a counter: counters are exported
+        // at 0 from the start, so only a sample proves the job recorded.
+        .any(|(service, name)| service == "labelsync-worker" && name == "labelsync.job.duration")
     {
         assert!(
             Instant::now() < deadline,

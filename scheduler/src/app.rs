@@ -32,7 +32,9 @@ pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
     })
 }
 
-/// Serves the API on `listener` until `shutdown` resolves. In embedded mode
+/// Serves the API on `listener` until `shutdown` resolves, within the
+/// limits of `settings.http` (header, idle and body timeouts, connection
+/// cap; see `labelsync::http`). In embedded mode
 /// (or with `LABELSYNC_EMBEDDED_WORKERS=true`) it also runs a worker, which is
 /// stopped after the HTTP server and allowed to finish its jobs.
 pub async fn serve(
@@ -92,13 +94,13 @@ pub async fn serve(
         state.settings.schedule_tick,
     ));
     tracing::info!(%addr, embedded_workers = state.settings.embedded_workers, "labelsync scheduler listening");
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown);
-    let served = server.await;
+    let limits = state.settings.http;
+    labelsync::http::serve(listener, api::router(state), limits, shutdown).await;
     ticker.abort();
     let _ = stop_tx.send(true);
     while let Some(done) = workers.join_next().await {
         done.context("worker task panicked")?
             .context("in-process worker failed")?;
     }
-    served.context("HTTP server failed")
+    Ok(())
 }

@@ -141,7 +141,7 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
     db::migrate(&db).await?;
     let project_id = match (&spec.project, spec.project_id) {
         (Some(p), None) => find_or_create_project(&db, &p.title, &p.data_key).await?,
-        (None, Some(id)) => id,
+        (None, Some(id)) => existing_project(&db, id).await?,
         _ => bail!(
             "the spec needs exactly one of \"project\" {{\"title\", \"data_key\"}} or \"project_id\""
         ),
@@ -194,6 +194,17 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
             );
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// The spec's `project_id`, checked first: a missing project would
+/// otherwise surface as the database's foreign-key error on the storage.
+async fn existing_project(db: &DatabaseConnection, id: i64) -> anyhow::Result<i64> {
+    match project::Entity::find_by_id(id).one(db).await? {
+        Some(p) => Ok(p.id),
+        None => bail!(
+            "project {id} does not exist in this database (DATABASE_URL): create it first (POST /api/v1/projects), or give \"project\": {{\"title\", \"data_key\"}} in the spec instead of \"project_id\""
+        ),
     }
 }
 

@@ -95,6 +95,28 @@ pub struct Settings {
     /// `LOCAL_FILES_SERVING_ENABLED` (default false): lets `/resolve` serve
     /// local files (under the document root only).
     pub local_files_serving: bool,
+    /// Limits of both HTTP listeners (the API, the worker's probes).
+    pub http: HttpLimits,
+}
+
+/// What one slow or idle client may hold of an HTTP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// `LABELSYNC_HEADER_TIMEOUT_SECS` (default 10): a request head must be
+    /// complete this long after the connection opened, or after its first
+    /// byte on a kept-alive connection; else the connection is closed.
+    pub header_timeout: Duration,
+    /// `LABELSYNC_IDLE_TIMEOUT_SECS` (default 75): a kept-alive connection
+    /// with no request for this long is closed. Longer than the ~60 s load
+    /// balancers keep idle upstream connections, so they close first.
+    pub idle_timeout: Duration,
+    /// `LABELSYNC_BODY_TIMEOUT_SECS` (default 30): a request body not fully
+    /// received this long after its head is refused with 408.
+    pub body_timeout: Duration,
+    /// `LABELSYNC_MAX_CONNECTIONS` (default 1024): open connections per
+    /// listener; at the cap, the oldest connection not inside a request is
+    /// closed to make room, or the new one waits for a request to end.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -228,6 +250,18 @@ impl Settings {
                     .clamp(1, 7 * 24 * 3600),
             ),
             local_files_serving: parse(&get, "LOCAL_FILES_SERVING_ENABLED", false)?,
+            http: HttpLimits {
+                header_timeout: Duration::from_secs(
+                    parse(&get, "LABELSYNC_HEADER_TIMEOUT_SECS", 10)?.max(1),
+                ),
+                idle_timeout: Duration::from_secs(
+                    parse(&get, "LABELSYNC_IDLE_TIMEOUT_SECS", 75)?.max(1),
+                ),
+                body_timeout: Duration::from_secs(
+                    parse(&get, "LABELSYNC_BODY_TIMEOUT_SECS", 30)?.max(1),
+                ),
+                max_connections: parse(&get, "LABELSYNC_MAX_CONNECTIONS", 1024)?.clamp(1, 1 << 20),
+            },
         })
     }
 }

@@ -49,7 +49,17 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Transient(_))
     }
+
+    /// Whether this error came from the database driver (its message is the
+    /// driver's own text, see [`DATABASE`]).
+    pub fn is_database(&self) -> bool {
+        matches!(self, Error::Transient(m) | Error::Internal(m) if m.starts_with(DATABASE))
+    }
 }
+
+/// The prefix of every message made from a database error: the driver's
+/// own text follows, fit for logs and run records, not for API callers.
+const DATABASE: &str = "database: ";
 
 impl From<sea_orm::DbErr> for Error {
     fn from(err: sea_orm::DbErr) -> Self {
@@ -57,38 +67,132 @@ impl From<sea_orm::DbErr> for Error {
         match err {
             // A lost or refused connection is worth retrying; a bad query is not.
             DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => {
-                Error::Transient(format!("database: {err}"))
+                Error::Transient(format!("{DATABASE}{err}"))
             }
             DbErr::RecordNotFound(what) => Error::NotFound(what),
-            ref other if is_transient_db(other) => Error::Transient(format!("database: {other}")),
-            other => Error::Internal(format!("database: {other}")),
+            ref other => match classify(other) {
+                DbClass::Transient => Error::Transient(format!("{DATABASE}{other}")),
+                DbClass::BadValue { code, message } => {
+                    // The driver's text names the value; the caller gets ours.
+                    tracing::debug!(error = %other, "the database refused a value");
+                    Error::invalid(code, None, message)
+                }
+                DbClass::Other => Error::Internal(format!("{DATABASE}{other}")),
+            },
         }
     }
 }
 
-/// Failures of a statement that say nothing about the statement: the server
-/// restarted, a connection broke, a deadlock or serialization conflict, a
-/// busy SQLite file. Trying again later is the right answer to all of them.
-fn is_transient_db(err: &sea_orm::DbErr) -> bool {
-    use sea_orm::{DbErr, RuntimeErr, sqlx};
+enum DbClass {
+    /// Says nothing about the statement: trying again later is the answer.
+    Transient,
+    /// The statement's data was refused: bad input, not worth retrying.
+    BadValue {
+        code: &'static str,
+        message: &'static str,
+    },
+    Other,
+}
+
+/// Sorts a statement's failure by the database's own error code, read the
+/// way that database defines it: Postgres SQLSTATEs are five characters
+/// (`22021` is a NUL in text, not a number), SQLite's are numbers whose low
+/// byte is the primary code (5 BUSY, 6 LOCKED; 517 is BUSY_SNAPSHOT).
+fn classify(err: &sea_orm::DbErr) -> DbClass {
+    use sea_orm::{
+        DbErr, RuntimeErr,
+        sqlx::{self, postgres::PgDatabaseError, sqlite::SqliteError},
+    };
     let (DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e))) = err
     else {
-        return false;
+        return DbClass::Other;
     };
     match &**e {
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
+        | sqlx::Error::WorkerCrashed => DbClass::Transient,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            // Postgres: connection exceptions (08xxx), serialization failure,
-            // deadlock, admin/crash shutdown, cannot connect now.
-            // SQLite: BUSY (5), LOCKED (6) and their extended codes (517, ...).
-            code.starts_with("08")
-                || ["40001", "40P01", "57P01", "57P02", "57P03"].contains(&code.as_ref())
-                || code.parse::<i64>().is_ok_and(|c| matches!(c & 0xff, 5 | 6))
+            if db.try_downcast_ref::<PgDatabaseError>().is_some() {
+                postgres_class(&code)
+            } else if db.try_downcast_ref::<SqliteError>().is_some() {
+                sqlite_class(code.parse().unwrap_or(-1))
+            } else {
+                DbClass::Other
+            }
         }
-        _ => false,
+        _ => DbClass::Other,
+    }
+}
+
+/// Postgres: connection exceptions (class 08), serialization failure,
+/// deadlock, admin / crash shutdown and "cannot connect now" are transient;
+/// data exceptions (class 22) are bad values.
+fn postgres_class(sqlstate: &str) -> DbClass {
+    match sqlstate {
+        s if s.starts_with("08") => DbClass::Transient,
+        "40001" | "40P01" | "57P01" | "57P02" | "57P03" => DbClass::Transient,
+        // 22021: a NUL byte in text; 22P05: `\u0000` in jsonb.
+        "22021" | "22P05" => DbClass::BadValue {
+            code: "invalid_text",
+            message: "a text or JSON value holds the NUL character (\\u0000), which cannot be stored; remove it",
+        },
+        s if s.starts_with("22") => DbClass::BadValue {
+            code: "invalid_value",
+            message: "a value is too long, out of range or malformed for the database",
+        },
+        _ => DbClass::Other,
+    }
+}
+
+/// SQLite: BUSY (5) and LOCKED (6), with their extended codes, are
+/// transient; TOOBIG (18) is a bad value.
+fn sqlite_class(code: i64) -> DbClass {
+    match code & 0xff {
+        5 | 6 => DbClass::Transient,
+        18 => DbClass::BadValue {
+            code: "invalid_value",
+            message: "a value is too large for the database",
+        },
+        _ => DbClass::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transient(class: DbClass) -> bool {
+        matches!(class, DbClass::Transient)
+    }
+
+    #[test]
+    fn postgres_codes_are_not_read_as_sqlite_numbers() {
+        // 22021 = 0x5605: its low byte is SQLite's BUSY.
+        assert!(!transient(postgres_class("22021")));
+        assert!(matches!(
+            postgres_class("22021"),
+            DbClass::BadValue {
+                code: "invalid_text",
+                ..
+            }
+        ));
+        for code in ["08006", "08001", "40001", "40P01", "57P01", "57P03"] {
+            assert!(transient(postgres_class(code)), "{code}");
+        }
+        for code in ["42P01", "23505", "23503", "XX000", "00005"] {
+            assert!(!transient(postgres_class(code)), "{code}");
+        }
+    }
+
+    #[test]
+    fn sqlite_busy_and_locked_are_transient_with_their_extended_codes() {
+        for code in [5, 6, 261, 517, 262] {
+            assert!(transient(sqlite_class(code)), "{code}");
+        }
+        for code in [1, 19, 787, 2067, 11] {
+            assert!(!transient(sqlite_class(code)), "{code}");
+        }
     }
 }

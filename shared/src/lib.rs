@@ -12,6 +12,8 @@
 //!   both the worker binary and the embedded mode register.
 //! - [`security`]: local-path confinement.
 //! - [`lifecycle`]: shutdown signal and the worker process loop.
+//! - [`http`]: the HTTP server of both binaries, with header and body
+//!   timeouts and a connection cap.
 //! - [`telemetry`]: tracing setup; [`metrics`]: OpenTelemetry instruments
 //!   and their Prometheus text.
 //! - [`error`]: the small crate error every module maps into.
@@ -21,6 +23,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod export;
+pub mod http;
 pub mod ingest;
 pub mod jobs;
 pub mod lifecycle;

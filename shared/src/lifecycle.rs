@@ -94,6 +94,7 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
         listener,
         db.clone(),
         queue.clone(),
+        settings.http,
     ));
     let ctx: Arc<JobContext> = JobContext::new(db, settings, Some(queue.clone()));
     let result = queue.run_worker(ctx, shutdown_signal()).await;

@@ -102,7 +102,7 @@ impl Metrics {
         let counter = |name: &'static str, help: &'static str| {
             meter.u64_counter(name).with_description(help).build()
         };
-        Metrics {
+        let metrics = Metrics {
             jobs_started: counter("labelsync.jobs.started", "Job attempts started, by kind"),
             jobs_finished: counter(
                 "labelsync.jobs.finished",
@@ -164,6 +164,48 @@ impl Metrics {
                 .build(),
             registry,
             provider,
+        };
+        metrics.start_at_zero();
+        metrics
+    }
+
+    /// Adds 0 to every counter for each label set known in advance, so
+    /// `/metrics` lists them from the start and dashboards show 0 rather
+    /// than "No data" until the first event. Histograms are left out (a 0
+    /// would be a sample), and so are resolve requests (their status label
+    /// is open-ended).
+    fn start_at_zero(&self) {
+        use crate::db::runs::RunKind;
+        for kind in RunKind::ALL.map(|k| KeyValue::new("kind", k.as_str())) {
+            let labels = std::slice::from_ref(&kind);
+            for counter in [
+                &self.jobs_started,
+                &self.objects_listed,
+                &self.tasks_created,
+                &self.annotations_exported,
+                &self.annotations_deleted,
+                &self.object_errors,
+            ] {
+                counter.add(0, labels);
+            }
+            for outcome in JOB_OUTCOMES {
+                let labels = [kind.clone(), KeyValue::new("outcome", outcome)];
+                self.jobs_finished.add(0, &labels);
+            }
+        }
+        for backend in BackendKind::ALL.map(BackendKind::as_str) {
+            self.resolve_bytes
+                .add(0, &[KeyValue::new("backend", backend)]);
+            for operation in STORAGE_OPERATIONS {
+                for outcome in STORAGE_OUTCOMES {
+                    let labels = [
+                        KeyValue::new("backend", backend),
+                        KeyValue::new("operation", operation),
+                        KeyValue::new("outcome", outcome),
+                    ];
+                    self.storage_requests.add(0, &labels);
+                }
+            }
         }
     }
 
@@ -221,13 +263,15 @@ pub async fn render_with_queue(
 
 /// The worker's own small HTTP listener: `/metrics`, `/healthz` (the process
 /// answers) and `/readyz` ([`crate::lifecycle::readiness`]), for Prometheus
-/// and the orchestrator's probes.
+/// and the orchestrator's probes; with the API's limits ([`crate::http`])
+/// and its error body for unknown paths and methods.
 pub async fn serve_worker_listener(
     listener: tokio::net::TcpListener,
     db: sea_orm::DatabaseConnection,
     queue: crate::jobs::Queue,
-) -> std::io::Result<()> {
-    use axum::{Json, routing::get};
+    limits: crate::config::HttpLimits,
+) {
+    use axum::{Json, http::StatusCode, routing::get};
     let metrics_queue = queue.clone();
     let app = axum::Router::new()
         .route(
@@ -247,9 +291,47 @@ pub async fn serve_worker_listener(
                 let (db, queue) = (db.clone(), queue.clone());
                 async move { crate::lifecycle::readiness(&db, &queue).await }
             }),
-        );
-    axum::serve(listener, app).await
+        )
+        .method_not_allowed_fallback(|| async {
+            crate::http::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this path does not take that method",
+            )
+        })
+        .fallback(|| async {
+            crate::http::error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such path; the worker serves /metrics, /healthz and /readyz",
+            )
+        });
+    crate::http::serve(listener, app, limits, std::future::pending()).await;
 }
+
+/// The outcome labels of `labelsync_jobs_finished_total`, as
+/// `jobs::execute` records them.
+const JOB_OUTCOMES: [&str; 5] = [
+    "completed",
+    "completed_with_errors",
+    "failed",
+    "retry",
+    "stopped",
+];
+
+/// The operation labels of storage requests ([`Instrumented`]).
+const STORAGE_OPERATIONS: [&str; 6] = ["list", "get", "put", "delete", "presign", "check"];
+
+/// Every value [`outcome`] gives.
+const STORAGE_OUTCOMES: [&str; 7] = [
+    "ok",
+    "not_found",
+    "unauthenticated",
+    "permission_denied",
+    "transient",
+    "invalid",
+    "internal",
+];
 
 /// The outcome label of a storage request.
 fn outcome<T>(result: &Result<T>) -> &'static str {

@@ -3,7 +3,11 @@
 //! instead of axum's plain-text rejection.
 use axum::{
     Json,
-    extract::{FromRequest, FromRequestParts, Path, Query, Request, rejection::JsonRejection},
+    body::{Body, Bytes},
+    extract::{
+        FromRequest, FromRequestParts, Path, Query, Request,
+        rejection::{BytesRejection, FailedToBufferBody, JsonRejection},
+    },
     http::StatusCode,
     http::request::Parts,
     response::{IntoResponse, Response},
@@ -11,6 +15,9 @@ use axum::{
 use labelsync::Error;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+
+/// What a caller who sent a NUL character is told.
+const NUL_IN_TEXT: &str = "text must not contain the NUL character (\\u0000 in JSON, %00 in a URL); remove it and send the request again";
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -41,6 +48,12 @@ impl ApiError {
         }
     }
 
+    /// A NUL character in text: refused on every database alike (Postgres
+    /// cannot store it), before anything is written.
+    pub fn invalid_text() -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_text", NUL_IN_TEXT)
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -56,6 +69,15 @@ impl ApiError {
 
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
+        if err.is_database() && err.is_transient() {
+            // The driver's text goes to the log; the caller learns what to do.
+            tracing::warn!(error = %err, "database unavailable");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the database is unavailable or busy; retry later",
+            );
+        }
         match err {
             Error::NotFound(message) => ApiError::not_found(message),
             Error::Invalid {
@@ -118,31 +140,88 @@ where
 {
     type Rejection = ApiError;
 
+    /// The body is read once, parsed by axum's `Json`, then refused if a
+    /// string in it holds `\u0000` (see [`has_escaped_nul`]).
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(match rejection {
-                JsonRejection::MissingJsonContentType(_) => ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "send the body as JSON with Content-Type: application/json",
-                ),
-                JsonRejection::JsonSyntaxError(e) => ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_json",
-                    format!("body is not valid JSON: {}", e.body_text()),
-                ),
-                JsonRejection::JsonDataError(e) => {
-                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text())
-                }
-                JsonRejection::BytesRejection(e) => ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("request body could not be read: {}", e.body_text()),
-                ),
-                other => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", other.body_text()),
-            }),
+        let (parts, body) = req.into_parts();
+        let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(body_error)?;
+        let req = Request::from_parts(parts, Body::from(bytes.clone()));
+        let Json(value) = Json::<T>::from_request(req, state)
+            .await
+            .map_err(json_error)?;
+        if has_escaped_nul(&bytes) {
+            return Err(ApiError::invalid_text());
         }
+        Ok(ApiJson(value))
+    }
+}
+
+/// Whether a JSON text holds the escape `\u0000` (a NUL in a string or a
+/// key). In valid JSON a backslash only appears inside strings and starts
+/// an escape of two characters or more, so escapes are skipped whole: the
+/// text `\\u0000` (an escaped backslash, then `u0000`) is not a NUL.
+fn has_escaped_nul(json: &[u8]) -> bool {
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] == b'\\' {
+            if json[i + 1..].starts_with(b"u0000") {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// A body that could not be read: too large (413), too slow (408, the
+/// server's body timeout), or cut off by the client (400).
+fn body_error(rejection: BytesRejection) -> ApiError {
+    let timed_out = std::iter::successors(std::error::Error::source(&rejection), |e| e.source())
+        .find_map(|e| e.downcast_ref::<labelsync::http::BodyTimeout>());
+    if let Some(timeout) = timed_out {
+        return ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("{timeout}; send it faster or in a smaller request"),
+        );
+    }
+    match rejection {
+        BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(e)) => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body could not be read: {}", e.body_text()),
+            )
+        }
+        other => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("request body could not be read: {}", other.body_text()),
+        ),
+    }
+}
+
+fn json_error(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with Content-Type: application/json",
+        ),
+        JsonRejection::JsonSyntaxError(e) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("body is not valid JSON: {}", e.body_text()),
+        ),
+        JsonRejection::JsonDataError(e) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text())
+        }
+        JsonRejection::BytesRejection(e) => body_error(e),
+        other => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", other.body_text()),
     }
 }
 
@@ -185,5 +264,21 @@ where
 impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
     fn into_response(self) -> Response {
         Json(self.0).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_escaped_nul;
+
+    #[test]
+    fn escaped_nul_is_found_only_as_an_escape() {
+        assert!(has_escaped_nul(br#"{"title": "a\u0000b"}"#));
+        assert!(has_escaped_nul(br#"{"a\u0000": 1}"#));
+        assert!(has_escaped_nul(br#"["\\\u0000"]"#));
+        assert!(!has_escaped_nul(br#"{"title": "C:\\u0000"}"#));
+        assert!(has_escaped_nul(br#"{"title": "\u00001"}"#));
+        assert!(!has_escaped_nul(br#"{"title": "\u0001 u0000"}"#));
+        assert!(!has_escaped_nul(br#"{"t": "\\"}"#));
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use axum::{
     Router,
     extract::{DefaultBodyLimit, Request, State},
-    http::{StatusCode, header},
+    http::{Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -76,12 +76,18 @@ pub fn router(state: AppState) -> Router {
         .route("/resolve", get(resolve::resolve))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such API route") })
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(refuse_nul_in_url))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .fallback(|| async {
+            ApiError::not_found("no such path; the API is under /api/v1 (see /api/v1/openapi.json)")
+        })
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_declared_oversize))
         .layer(middleware::from_fn(trace_request))
@@ -102,6 +108,29 @@ async fn trace_request(req: Request, next: Next) -> Response {
     let response = next.run(req).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
     response
+}
+
+/// 405 with the API's error body; axum adds the `Allow` header.
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{method} is not allowed on this path; the Allow header lists the methods it takes"
+        ),
+    )
+}
+
+/// Refuses a path or query holding a percent-encoded NUL (`%00`) with 400
+/// `invalid_text`: no stored text may contain NUL (Postgres refuses it), so
+/// such a parameter is bad input on every database, caught before any query.
+async fn refuse_nul_in_url(req: Request, next: Next) -> Response {
+    let has_nul = |s: &str| percent_encoding::percent_decode_str(s).any(|b| b == 0);
+    let uri = req.uri();
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return ApiError::invalid_text().into_response();
+    }
+    next.run(req).await
 }
 
 /// Answers 413 from the `Content-Length` header alone, so a client that
