@@ -641,6 +641,56 @@ async fn local_conformance() {
     assert!(!root.path().join("escape.txt").exists());
 }
 
+/// An Azure `account_name` becomes the host `<account>.blob.core.windows.net`:
+/// anything but 3-24 lowercase letters and digits is refused on create and
+/// on patch (a 400 naming the field), so it cannot point the client at a
+/// literal address the SSRF guard never sees (#14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_account_names_cannot_reshape_the_host() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let project = app.project("azure names").await;
+    let body = |account: &str| {
+        json!({
+            "project_id": project, "role": "source", "backend": "azure",
+            "config": { "account_name": account, "container": "media" },
+        })
+    };
+    let long = "a".repeat(25);
+    for account in [
+        "127.0.0.1:18999/x?",
+        "169.254.169.254/latest/meta-data?",
+        "evil.example.com#",
+        "Upper",
+        "ab",
+        long.as_str(),
+    ] {
+        let (status, err) = app.post("/api/v1/storages", body(account)).await;
+        assert_eq!(
+            (
+                status,
+                err["error"]["code"].as_str(),
+                err["error"]["field"].as_str()
+            ),
+            (400, Some("invalid_config"), Some("config.account_name")),
+            "{account}: {err}"
+        );
+    }
+    let (status, created) = app.post("/api/v1/storages", body("labelsync01")).await;
+    assert_eq!(status, 201, "{created}");
+    let (status, err) = app
+        .patch(
+            &format!("/api/v1/storages/{}", created["id"]),
+            json!({ "config": { "account_name": "127.0.0.1:18999/x?", "container": "media" } }),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["field"].as_str()),
+        (400, Some("config.account_name")),
+        "{err}"
+    );
+    app.stop().await;
+}
+
 /// An import sync through the API for every remote backend: the storage is
 /// created with secrets (sealed at rest), validated, synced, and its tasks
 /// carry the backend's URIs.

@@ -72,12 +72,54 @@ impl AzureConfig {
                 "config.account_name is required (or set AZURE_BLOB_ACCOUNT_NAME on the server)",
             ));
         }
+        if let Some(name) = &config.account_name {
+            check_account_name(name, "config.account_name")?;
+        }
         Ok(config)
+    }
+
+    /// The account to use, checked: the config's, else the server's
+    /// `AZURE_BLOB_ACCOUNT_NAME`.
+    fn account(&self, env: &StorageEnv) -> Result<String> {
+        match (&self.account_name, &env.azure_account_name) {
+            (Some(name), _) => {
+                check_account_name(name, "config.account_name").map(|()| name.clone())
+            }
+            (None, Some(name)) => {
+                check_account_name(name, "AZURE_BLOB_ACCOUNT_NAME").map(|()| name.clone())
+            }
+            (None, None) => Err(Error::invalid(
+                "missing_field",
+                Some("config.account_name"),
+                "config.account_name is required (or set AZURE_BLOB_ACCOUNT_NAME on the server)",
+            )),
+        }
     }
 
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or_default()
     }
+}
+
+/// Azure storage account names are 3-24 lowercase letters and digits. The
+/// name becomes the host `<account>.blob.core.windows.net`, so anything else
+/// could make that host something else: `127.0.0.1:18999/x?` would connect to
+/// a literal address, which no DNS resolver (and so no SSRF guard) sees.
+pub fn check_account_name(name: &str, field: &'static str) -> Result<()> {
+    let valid = (3..=24).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if valid {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "invalid_config",
+        Some(field),
+        format!(
+            "{field} must be an Azure storage account name: 3 to 24 lowercase letters and digits"
+        ),
+    ))
 }
 
 /// Hands object_store our guarded reqwest client (policy, read timeout).
@@ -102,11 +144,9 @@ pub struct AzureStorage {
 
 impl AzureStorage {
     pub fn open(config: AzureConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
-        let account = config
-            .account_name
-            .clone()
-            .or_else(|| env.azure_account_name.clone())
-            .unwrap_or_default();
+        // Checked again here: a row saved before the check existed (or the
+        // server's setting) may hold anything.
+        let account = config.account(env)?;
         let service_principal = match (
             &config.tenant_id,
             &config.client_id,

@@ -105,6 +105,35 @@ fn bad_credentials(e: impl std::fmt::Display) -> Error {
     )
 }
 
+/// The endpoints a credentials file makes the server post its assertions
+/// to are user input like `endpoint_url`: they pass the SSRF guard too, or
+/// a key file could aim the server at the metadata service or loopback.
+/// (Google's auth crate makes these requests with its own client, so the
+/// check is here, on the literal addresses and the names as they resolve
+/// now.)
+async fn check_token_urls(json: &serde_json::Value, env: &StorageEnv) -> Result<()> {
+    for field in [
+        "token_uri",
+        "token_url",
+        "service_account_impersonation_url",
+    ] {
+        if let Some(url) = json.get(field).and_then(|v| v.as_str()) {
+            env.net
+                .check_url(url, "secrets.credentials_json")
+                .await
+                .map_err(|e| match e {
+                    Error::Invalid { code, message, .. } => Error::invalid(
+                        code,
+                        Some("secrets.credentials_json"),
+                        format!("credentials_json {field}: {message}"),
+                    ),
+                    other => other,
+                })?;
+        }
+    }
+    Ok(())
+}
+
 impl GcsStorage {
     pub async fn open(config: GcsConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
         let base = match &config.endpoint_url {
@@ -115,6 +144,7 @@ impl GcsStorage {
             Some(raw) => {
                 let json: serde_json::Value = serde_json::from_str(raw)
                     .map_err(|e| bad_credentials(format!("not JSON ({e})")))?;
+                check_token_urls(&json, env).await?;
                 match json.get("type").and_then(|t| t.as_str()) {
                     Some("service_account") => {
                         let builder = || credentials::service_account::Builder::new(json.clone());

@@ -539,11 +539,17 @@ pub async fn check_location(
     endpoint_url: Option<String>,
     env: &StorageEnv,
 ) -> Result<Option<String>> {
-    if name.is_empty() || name.contains('/') {
+    // The name goes into a URL's host or path: nothing that could end or
+    // reshape either (`?`, `#`, `@`, `:`, `%`, backslash, spaces) gets
+    // through. Every cloud's bucket and container names fit this.
+    let url_safe = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+    if name.is_empty() || name == "." || name == ".." || !name.chars().all(url_safe) {
         return Err(Error::invalid(
             "invalid_config",
             Some(field),
-            format!("{field} must be a single name (no slashes; put paths in prefix)"),
+            format!(
+                "{field} must be a single name of letters, digits, '-', '.' or '_' (no slashes; put paths in prefix)"
+            ),
         ));
     }
     let endpoint_url = endpoint_url.filter(|u| !u.trim().is_empty());

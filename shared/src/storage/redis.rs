@@ -20,7 +20,7 @@ use super::{
     BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
     bytes_stream, paginate, parse_config, retry::retry,
 };
-use crate::{Error, Result};
+use crate::{Error, Result, security::net::GuardedResolver};
 
 fn default_port() -> u16 {
     6379
@@ -77,6 +77,9 @@ pub struct RedisStorage {
 fn classify(err: &redis::RedisError, what: &str) -> Error {
     let msg = format!("{what}: {err}");
     let text = err.to_string();
+    if text.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
+        return Error::invalid("endpoint_not_allowed", Some("config.host"), msg);
+    }
     if err.kind() == redis::ErrorKind::AuthenticationFailed
         || text.contains("WRONGPASS")
         || text.contains("NOAUTH")
@@ -115,7 +118,11 @@ impl RedisStorage {
         let client = redis::Client::open(url.as_str()).map_err(|e| {
             Error::invalid("invalid_config", Some("config"), format!("{what}: {e}"))
         })?;
+        // The client resolves the name through the SSRF guard, like the
+        // HTTP backends: a name that now points at a private address is
+        // refused at connect time too.
         let conn_config = redis::AsyncConnectionConfig::new()
+            .set_dns_resolver(GuardedResolver::new(env.net.clone()))
             .set_connection_timeout(Some(Duration::from_secs(10)))
             .set_response_timeout(Some(Duration::from_secs(30)));
         let conn = retry(&what, || async {
