@@ -11,8 +11,8 @@ use labelsync::storage::BackendKind;
 use labelsync_tests::{
     AppOptions, TestApp,
     backends::{
-        AZURITE_ACCOUNT, AZURITE_KEY, bucket_name, create_azure_container, create_gcs_bucket,
-        create_s3_bucket, endpoint, open,
+        AZURITE_ACCOUNT, AZURITE_KEY, DatabricksFake, bucket_name, create_azure_container,
+        create_gcs_bucket, create_s3_bucket, endpoint, open,
     },
     spawn_app,
 };
@@ -457,6 +457,70 @@ async fn gcs_with_a_key_redirects_to_a_signed_url() {
             .unwrap()
             .as_ref(),
         b"woof"
+    );
+    app.stop().await;
+}
+
+/// A `dbx://` URI whose key leaves its volume (`..`, plain or
+/// percent-encoded, `.`, an empty segment) is a 400 `invalid_key` and makes
+/// no request at all: the storage's token reaches neither another workspace
+/// API nor another volume (#14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databricks_keys_stay_in_their_volume() {
+    let app = spawn_app(options(false)).await;
+    let project = app.project("dbx").await;
+    let fake = DatabricksFake::start().await;
+    let config =
+        |volume: &str| json!({ "host": fake.url, "catalog": "c", "schema": "s", "volume": volume });
+    let secrets = json!({ "token": fake.token });
+    for (volume, key, body) in [
+        ("v", "a.jpg", "mine"),
+        ("other_volume", "secret.csv", "theirs"),
+    ] {
+        open(BackendKind::Databricks, config(volume), secrets.clone())
+            .await
+            .put(key, Bytes::from(body), None)
+            .await
+            .unwrap();
+    }
+    source(
+        &app,
+        project,
+        "databricks",
+        config("v"),
+        secrets,
+        false,
+        900,
+    )
+    .await;
+    let resp = resolve(&app, project, "dbx://Volumes/c/s/v/a.jpg", &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), b"mine");
+
+    let before = fake.requests().len();
+    for uri in [
+        "dbx://Volumes/c/s/v/../../../../../../../../api/2.0/preview/scim/v2/Me",
+        "dbx://Volumes/c/s/v/../../other_volume/secret.csv",
+        "dbx://Volumes/c/s/v/../other_volume/secret.csv",
+        "dbx://Volumes/c/s/v/%2e%2e/other_volume/secret.csv",
+        "dbx://Volumes/c/s/v/.%2E/other_volume/secret.csv",
+        "dbx://Volumes/c/s/v/./a.jpg",
+        "dbx://Volumes/c/s/v//a.jpg",
+    ] {
+        let resp = resolve(&app, project, uri, &[]).await;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            (status.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_key")),
+            "{uri}: {body}"
+        );
+    }
+    let after = fake.requests();
+    assert_eq!(
+        after[before..],
+        [] as [String; 0],
+        "refused keys reached the workspace"
     );
     app.stop().await;
 }

@@ -257,6 +257,35 @@ async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
             .all(|p| p.objects.is_empty()),
         "{kind}: probe removed"
     );
+
+    // Keys never leave the bucket, container or volume: `..` and `.`
+    // segments (plain or percent-encoded) and NULs are refused before any
+    // request (#14).
+    for key in [
+        "../outside.txt",
+        "tree/../../outside.txt",
+        "tree/%2e%2e/%2E%2E/outside.txt",
+        "./tree/a.json",
+        "tree/a\0.json",
+    ] {
+        let results = [
+            storage.get(key, None).await.map(|_| ()),
+            storage.put(key, Bytes::from_static(b"x"), None).await,
+            storage.delete(key).await,
+        ];
+        for result in results {
+            assert!(
+                matches!(
+                    result,
+                    Err(Error::Invalid {
+                        code: "invalid_key",
+                        ..
+                    })
+                ),
+                "{kind}: {key:?}: {result:?}"
+            );
+        }
+    }
 }
 
 /// The `validate` code of a failed check.

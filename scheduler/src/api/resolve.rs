@@ -19,7 +19,7 @@ use labelsync::{
     Error,
     db::entities::storage,
     security::paths,
-    storage::{BackendKind, GetRange, Role},
+    storage::{BackendKind, GetRange, KeyShape, Role, check_key},
 };
 use opentelemetry::KeyValue;
 use percent_encoding::percent_decode_str;
@@ -70,6 +70,7 @@ fn parse_uri(uri: &str) -> ApiResult<Target> {
                 "a local file path must be relative to the document root, without '..'",
             ));
         }
+        check_key(&rel, KeyShape::Path)?;
         return Ok(Target {
             kind: BackendKind::Local,
             location: String::new(),
@@ -102,6 +103,9 @@ fn parse_uri(uri: &str) -> ApiResult<Target> {
     if location.is_empty() || key.is_empty() {
         return Err(invalid());
     }
+    // Refused here, before any storage is looked up or contacted: a `..`
+    // would otherwise leave the bucket or volume in the backend's URL.
+    check_key(&key, kind.key_shape())?;
     Ok(Target {
         kind,
         location,
@@ -390,6 +394,13 @@ mod tests {
             "/data/local-files/?d=/etc/passwd",
             "dbx://Volumes/a/b",
             "file:///etc/passwd",
+            "dbx://Volumes/c/s/v/../../../../api/2.0/preview/scim/v2/Me",
+            "dbx://Volumes/c/s/v/%2e%2e/other/secret.csv",
+            "dbx://Volumes/c/s/v/a//b.csv",
+            "s3://bucket/a/../../b",
+            "gs://bucket/./a",
+            "azure-blob://container/a/%2E%2E/b",
+            "/data/local-files/?d=media/a%00.jpg",
         ] {
             assert!(parse_uri(bad).is_err(), "{bad}");
         }

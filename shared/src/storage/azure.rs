@@ -29,8 +29,8 @@ use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    check_location, parse_config, retry,
+    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
+    StorageEnv, check_key, check_location, parse_config, retry,
 };
 use crate::{
     Error, Result,
@@ -306,6 +306,7 @@ impl Storage for AzureStorage {
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        check_key(key, KeyShape::Path)?;
         let what = format!("get azure-blob://{}/{key}", self.container);
         let path = Path::from(key);
         let range = match range {
@@ -352,6 +353,7 @@ impl Storage for AzureStorage {
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
+        check_key(key, KeyShape::Path)?;
         let mut attributes = Attributes::new();
         if let Some(ct) = content_type {
             attributes.insert(Attribute::ContentType, ct.to_owned().into());
@@ -368,6 +370,7 @@ impl Storage for AzureStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key, KeyShape::Path)?;
         match self.store.delete(&Path::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(classify(
@@ -378,6 +381,7 @@ impl Storage for AzureStorage {
     }
 
     async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
+        check_key(key, KeyShape::Path)?;
         let url = self
             .store
             .signed_url(reqwest::Method::GET, &Path::from(key), ttl)

@@ -30,8 +30,8 @@ use reqwest::{Client, Method, RequestBuilder, Response, Url, header};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    check_location, paginate, parse_config,
+    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
+    StorageEnv, check_key, check_location, paginate, parse_config,
     retry::{object_of, retry, status_error, transport_error},
 };
 use crate::{
@@ -337,6 +337,7 @@ impl Storage for GcsStorage {
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        check_key(key, KeyShape::Name)?;
         let what = format!("get gs://{}/{key}", self.bucket);
         let mut url = self.url(&self.object_path(key))?;
         url.query_pairs_mut().append_pair("alt", "media");
@@ -359,6 +360,7 @@ impl Storage for GcsStorage {
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         let what = format!("put gs://{}/{key}", self.bucket);
         let url = self.url(&format!(
             "upload/storage/v1/b/{}/o",
@@ -379,6 +381,7 @@ impl Storage for GcsStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         let what = format!("delete gs://{}/{key}", self.bucket);
         let url = self.url(&self.object_path(key))?;
         match self
@@ -391,6 +394,7 @@ impl Storage for GcsStorage {
     }
 
     async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
+        check_key(key, KeyShape::Name)?;
         let Some(signer) = &self.signer else {
             return Ok(None);
         };

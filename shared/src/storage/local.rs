@@ -21,8 +21,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Role, Storage, StorageEnv,
-    paginate,
+    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Role, Storage,
+    StorageEnv, check_key, paginate,
 };
 use crate::{Error, Result, security::paths};
 
@@ -67,6 +67,7 @@ impl LocalStorage {
 
     /// The file behind a key, resolved and checked to stay in the document root.
     fn object_path(&self, key: &str) -> Result<PathBuf> {
+        check_key(key, KeyShape::Path)?;
         let path = self.base.join(key);
         let canonical = path
             .canonicalize()
@@ -82,6 +83,7 @@ impl LocalStorage {
     /// Where an object written under `key` goes: its parent directories are
     /// created, and must resolve inside the document root.
     fn new_object_path(&self, key: &str) -> Result<PathBuf> {
+        check_key(key, KeyShape::Path)?;
         let relative = Path::new(key);
         let plain = relative
             .components()

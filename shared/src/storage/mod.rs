@@ -72,6 +72,14 @@ impl BackendKind {
         })
     }
 
+    /// How the backend's keys must be checked ([`check_key`]).
+    pub fn key_shape(self) -> KeyShape {
+        match self {
+            BackendKind::S3 | BackendKind::Gcs | BackendKind::Redis => KeyShape::Name,
+            BackendKind::Azure | BackendKind::Local | BackendKind::Databricks => KeyShape::Path,
+        }
+    }
+
     /// The secret names the backend takes (API.md).
     pub fn secret_names(self) -> &'static [&'static str] {
         match self {
@@ -341,6 +349,52 @@ pub async fn probe<S: Storage + ?Sized>(storage: &S, role: Role, prefix: &str) -
             .delete(&key)
             .await
             .map_err(|e| explain(e, check::NO_WRITE, "delete objects"))?;
+    }
+    Ok(())
+}
+
+/// How a backend's keys are read by what it sends them to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyShape {
+    /// Opaque names (S3, GCS, Redis): only `.` / `..` segments are refused,
+    /// since a URL or a client may fold them.
+    Name,
+    /// Paths (local files, Databricks volumes, Azure through object_store):
+    /// empty segments are folded too, so they are refused as well.
+    Path,
+}
+
+/// Checks an object key before any backend uses it: no `.` or `..` segment,
+/// spelled plainly or percent-encoded (`%2e%2e`, which URL parsers fold like
+/// `..`), no NUL (no file name can hold one), not empty; with
+/// [`KeyShape::Path`], no empty segment either (a leading, doubled or
+/// trailing `/`). A refused key is `invalid_key` (HTTP 400), and no request
+/// is made: keys come from task URIs, so they are user input.
+pub fn check_key(key: &str, shape: KeyShape) -> Result<()> {
+    let refuse = |why: &str| {
+        Err(Error::invalid(
+            "invalid_key",
+            Some("key"),
+            format!("object key {key:?} {why}"),
+        ))
+    };
+    if key.is_empty() {
+        return refuse("is empty");
+    }
+    if key.contains('\0') {
+        return refuse("contains a NUL character");
+    }
+    for segment in key.split('/') {
+        if segment.is_empty() {
+            if shape == KeyShape::Path {
+                return refuse("has an empty path segment (a leading, doubled or trailing '/')");
+            }
+            continue;
+        }
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        if decoded == "." || decoded == ".." {
+            return refuse("has a '.' or '..' segment; keys name objects inside the storage");
+        }
     }
     Ok(())
 }

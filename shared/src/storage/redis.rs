@@ -17,8 +17,8 @@ use redis::{AsyncCommands, aio::MultiplexedConnection};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    bytes_stream, paginate, parse_config, retry::retry,
+    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
+    StorageEnv, bytes_stream, check_key, paginate, parse_config, retry::retry,
 };
 use crate::{Error, Result, security::net::GuardedResolver};
 
@@ -264,6 +264,7 @@ impl Storage for RedisStorage {
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        check_key(key, KeyShape::Name)?;
         let full = self.full_key(key);
         let what = format!("redis GET {full}");
         let what = &what;
@@ -309,6 +310,7 @@ impl Storage for RedisStorage {
     }
 
     async fn put(&self, key: &str, body: Bytes, _content_type: Option<&str>) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         let full = self.full_key(key);
         let what = format!("redis SET {full}");
         let what = &what;
@@ -325,6 +327,7 @@ impl Storage for RedisStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         let full = self.full_key(key);
         let what = format!("redis DEL {full}");
         let what = &what;

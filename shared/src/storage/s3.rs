@@ -29,8 +29,8 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    check_location, paginate, parse_config, retry,
+    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
+    StorageEnv, check_key, check_location, paginate, parse_config, retry,
 };
 use crate::{
     Error, Result,
@@ -316,6 +316,7 @@ impl Storage for S3Storage {
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        check_key(key, KeyShape::Name)?;
         let what = format!("get s3://{}/{key}", self.bucket);
         let out = self
             .client
@@ -365,6 +366,7 @@ impl Storage for S3Storage {
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         let mut req = self
             .client
             .put_object()
@@ -384,6 +386,7 @@ impl Storage for S3Storage {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         // S3 answers 204 for a missing key too.
         self.client
             .delete_object()
@@ -396,6 +399,7 @@ impl Storage for S3Storage {
     }
 
     async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
+        check_key(key, KeyShape::Name)?;
         let config = PresigningConfig::expires_in(ttl).map_err(|e| {
             Error::invalid(
                 "invalid_presign_ttl",
