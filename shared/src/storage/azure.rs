@@ -300,7 +300,10 @@ impl Storage for AzureStorage {
                 chunk
                     .into_iter()
                     .collect::<Result<Vec<_>>>()
-                    .map(|objects| Page { objects })
+                    .map(|objects| Page {
+                        objects,
+                        errors: Vec::new(),
+                    })
             })
             .boxed()
     }

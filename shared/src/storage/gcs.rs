@@ -332,7 +332,13 @@ impl Storage for GcsStorage {
                 .collect();
             cursor.token = listing.next_page_token.filter(|t| !t.is_empty());
             let next = cursor.token.is_some().then_some(cursor);
-            Ok(Some((Page { objects }, next)))
+            Ok(Some((
+                Page {
+                    objects,
+                    errors: Vec::new(),
+                },
+                next,
+            )))
         })
     }
 

@@ -21,8 +21,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{
-    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Role, Storage,
-    StorageEnv, check_key, paginate,
+    BackendKind, GetRange, KeyShape, ListError, ListOptions, Object, ObjectMeta, Page, Role,
+    Storage, StorageEnv, check_key, paginate,
 };
 use crate::{Error, Result, security::paths};
 
@@ -148,7 +148,7 @@ impl Storage for LocalStorage {
             // Directory reads block; keep them off the async threads.
             tokio::task::spawn_blocking(move || {
                 let page = walker.next_page()?;
-                Ok(if page.objects.is_empty() {
+                Ok(if page.objects.is_empty() && page.errors.is_empty() {
                     None
                 } else {
                     Some((page, walker))
@@ -293,6 +293,9 @@ struct Walker {
     name_prefix: String,
     stack: Vec<Frame>,
     started: bool,
+    /// Subdirectories and entries that could not be read since the last
+    /// page: they go out with the next one as per-object errors.
+    errors: Vec<ListError>,
 }
 
 impl Walker {
@@ -315,7 +318,23 @@ impl Walker {
             name_prefix,
             stack,
             started: false,
+            errors: Vec::new(),
         }
+    }
+
+    /// Notes a part of the tree that cannot be read; the walk goes on.
+    fn skip(&mut self, key: String, err: Error) {
+        // Reported already by the attempt that listed up to the cursor.
+        if let Some(after) = &self.opts.start_after
+            && Path::new(&key) <= Path::new(after.as_str())
+        {
+            return;
+        }
+        tracing::warn!(key, %err, "skipping an unreadable part of a local storage");
+        self.errors.push(ListError {
+            key,
+            message: err.to_string(),
+        });
     }
 
     fn read_sorted(&self, dir_key: &str) -> Result<Vec<String>> {
@@ -324,7 +343,14 @@ impl Walker {
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             // A prefix naming no directory lists nothing, like an empty bucket prefix.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(names),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(names);
+            }
             Err(e) => return Err(io_error(&self.root, &dir, e)),
         };
         for entry in entries {
@@ -382,8 +408,14 @@ impl Walker {
             let dir_key = &self.stack[self.stack.len() - 1].dir_key;
             let key = format!("{dir_key}{name}");
             let path = self.base.join(&key);
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                continue;
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(meta) => meta,
+                // Removed since the directory was read.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    self.skip(key, io_error(&self.root, &path, e));
+                    continue;
+                }
             };
             let meta = if meta.file_type().is_symlink() {
                 match path.canonicalize() {
@@ -404,11 +436,15 @@ impl Walker {
             if meta.is_dir() {
                 let sub = format!("{key}/");
                 if self.opts.recursive && !self.dir_done(&sub) {
-                    let pending = self.read_sorted(&sub)?;
-                    self.stack.push(Frame {
-                        dir_key: sub,
-                        pending,
-                    });
+                    // One unreadable directory is that directory's error,
+                    // not the whole listing's.
+                    match self.read_sorted(&sub) {
+                        Ok(pending) => self.stack.push(Frame {
+                            dir_key: sub,
+                            pending,
+                        }),
+                        Err(e) => self.skip(sub, e),
+                    }
                 }
                 continue;
             }
@@ -427,6 +463,7 @@ impl Walker {
                 etag: Some(file_etag(&meta)),
             });
         }
+        page.errors = std::mem::take(&mut self.errors);
         Ok(page)
     }
 }

@@ -139,6 +139,18 @@ pub struct ObjectMeta {
 #[derive(Debug, Default)]
 pub struct Page {
     pub objects: Vec<ObjectMeta>,
+    /// Parts of the listing that could not be read (an unreadable
+    /// directory): reported as per-object errors of the run, while the rest
+    /// of the listing goes on. A page may carry errors and no objects.
+    pub errors: Vec<ListError>,
+}
+
+/// A part of a listing that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListError {
+    /// The key (or key prefix, ending in `/`, for a directory) it concerns.
+    pub key: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone)]

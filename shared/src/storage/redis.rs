@@ -258,7 +258,13 @@ impl Storage for RedisStorage {
                         etag: None,
                     })
                     .collect();
-                Ok(Some((Page { objects }, State::Paging(listing))))
+                Ok(Some((
+                    Page {
+                        objects,
+                        errors: Vec::new(),
+                    },
+                    State::Paging(listing),
+                )))
             },
         )
     }

@@ -311,7 +311,13 @@ impl Storage for S3Storage {
                 .filter(|_| out.is_truncated() == Some(true))
                 .map(str::to_owned);
             let next = cursor.token.is_some().then_some(cursor);
-            Ok(Some((Page { objects }, next)))
+            Ok(Some((
+                Page {
+                    objects,
+                    errors: Vec::new(),
+                },
+                next,
+            )))
         })
     }
 
