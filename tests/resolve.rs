@@ -524,3 +524,46 @@ async fn databricks_keys_stay_in_their_volume() {
     );
     app.stop().await;
 }
+
+/// Local keys no file can have (a NUL, a path through a file, a name past
+/// the file system's limit) answer 400 or 404, never 503; resolve serves
+/// only what listing shows, so not a file reached through a directory
+/// symlink, even one that stays inside the document root (#14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_resolve_agrees_with_listing_and_answers_bad_keys_with_4xx() {
+    let app = spawn_app(options(true)).await;
+    let project = app.project("local keys").await;
+    let root = app.doc_root.path();
+    std::fs::create_dir_all(root.join("media/real")).unwrap();
+    std::fs::create_dir_all(root.join("elsewhere")).unwrap();
+    std::fs::write(root.join("media/a.jpg"), b"a").unwrap();
+    std::fs::write(root.join("media/real/b.jpg"), b"b").unwrap();
+    std::fs::write(root.join("elsewhere/c.jpg"), b"c").unwrap();
+    std::os::unix::fs::symlink(root.join("elsewhere"), root.join("media/linked")).unwrap();
+    source(
+        &app,
+        project,
+        "local",
+        json!({ "path": "media" }),
+        json!({}),
+        false,
+        900,
+    )
+    .await;
+
+    let long = format!("/data/local-files/?d=media/{}.jpg", "x".repeat(300));
+    for (uri, status) in [
+        ("/data/local-files/?d=media/a.jpg", 200),
+        ("/data/local-files/?d=media/real/b.jpg", 200),
+        ("/data/local-files/?d=media/a%00.jpg", 400),
+        ("/data/local-files/?d=media/a.jpg/x", 404),
+        (long.as_str(), 400),
+        ("/data/local-files/?d=media/linked/c.jpg", 404),
+    ] {
+        let resp = resolve(&app, project, uri, &[]).await;
+        let got = resp.status().as_u16();
+        let body = resp.text().await.unwrap();
+        assert_eq!(got, status, "{uri}: {body}");
+    }
+    app.stop().await;
+}

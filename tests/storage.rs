@@ -670,6 +670,58 @@ async fn local_conformance() {
     assert!(!root.path().join("escape.txt").exists());
 }
 
+/// A local put never creates anything through a symlinked directory, out of
+/// the document root or inside it (listing does not enter those either):
+/// it is refused before any directory is made (#14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_puts_never_go_through_symlinked_directories() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("data")).unwrap();
+    std::fs::create_dir_all(root.path().join("other")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.path().join("data/out")).unwrap();
+    std::os::unix::fs::symlink(root.path().join("other"), root.path().join("data/inner")).unwrap();
+    let env = labelsync::storage::StorageEnv {
+        document_root: Some(root.path().to_owned()),
+        ..labelsync_tests::backends::test_env()
+    };
+    let storage = labelsync::storage::open_with(
+        BackendKind::Local,
+        &json!({ "path": "data" }),
+        &labelsync::storage::Secrets::default(),
+        &env,
+    )
+    .await
+    .unwrap();
+    for key in [
+        "out/sub/a.json",
+        "out/a.json",
+        "inner/sub/a.json",
+        "inner/a.json",
+    ] {
+        let result = storage.put(key, Bytes::from_static(b"{}"), None).await;
+        assert!(
+            matches!(result, Err(Error::Invalid { .. })),
+            "{key}: {result:?}"
+        );
+    }
+    let made: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+    assert!(
+        made.is_empty(),
+        "created outside the document root: {made:?}"
+    );
+    let made: Vec<_> = std::fs::read_dir(root.path().join("other"))
+        .unwrap()
+        .collect();
+    assert!(made.is_empty(), "created through a symlink: {made:?}");
+    // Real directories are still made on the way.
+    storage
+        .put("new/dir/a.json", Bytes::from_static(b"{}"), None)
+        .await
+        .unwrap();
+    assert!(root.path().join("data/new/dir/a.json").is_file());
+}
+
 /// An Azure `account_name` becomes the host `<account>.blob.core.windows.net`:
 /// anything but 3-24 lowercase letters and digits is refused on create and
 /// on patch (a 400 naming the field), so it cannot point the client at a

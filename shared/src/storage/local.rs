@@ -65,50 +65,83 @@ impl LocalStorage {
         Ok(LocalStorage { root, base })
     }
 
-    /// The file behind a key, resolved and checked to stay in the document root.
+    /// The file behind a key, resolved and checked to stay in the document
+    /// root. It agrees with listing: no symlinked directory on the way, and
+    /// a symlinked file only when its target is a file inside the root.
     fn object_path(&self, key: &str) -> Result<PathBuf> {
         check_key(key, KeyShape::Path)?;
         let path = self.base.join(key);
+        let not_listed = |why: &str| Error::NotFound(format!("{key}: {why}"));
+        let parent = path.parent().unwrap_or(&self.base);
+        // `base` is canonical and the key has only plain segments, so the
+        // parent resolves to itself exactly when no segment is a symlink.
+        let real_parent = parent
+            .canonicalize()
+            .map_err(|e| io_error(&self.root, parent, e))?;
+        if real_parent != parent {
+            return Err(not_listed(
+                "goes through a symlinked directory, which the storage does not list",
+            ));
+        }
         let canonical = path
             .canonicalize()
             .map_err(|e| io_error(&self.root, &path, e))?;
         if !canonical.starts_with(&self.root) || !canonical.is_file() {
-            return Err(Error::NotFound(format!(
-                "{key}: not a file inside the document root"
-            )));
+            return Err(not_listed("not a file inside the document root"));
         }
         Ok(canonical)
     }
 
-    /// Where an object written under `key` goes: its parent directories are
-    /// created, and must resolve inside the document root.
+    /// Where an object written under `key` goes. Its parent directories are
+    /// created one at a time, each checked to be a real directory before the
+    /// next is made in it, so nothing is ever created through a symlink
+    /// (inside the root or out of it).
     fn new_object_path(&self, key: &str) -> Result<PathBuf> {
         check_key(key, KeyShape::Path)?;
-        let relative = Path::new(key);
-        let plain = relative
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-        if key.is_empty() || !plain {
-            return Err(Error::invalid(
-                "invalid_key",
-                None,
-                format!("{key:?}: object keys must be relative paths without '..'"),
-            ));
+        let path = self.base.join(key);
+        self.real_dirs(key, true)?;
+        Ok(path)
+    }
+
+    /// Walks the directories of `key` below `base`, refusing any that is
+    /// not a real directory; with `create`, makes the missing ones. Returns
+    /// false when one is missing (and `create` is off).
+    fn real_dirs(&self, key: &str, create: bool) -> Result<bool> {
+        let Some((dirs, _name)) = key.rsplit_once('/') else {
+            return Ok(true);
+        };
+        let mut dir = self.base.clone();
+        for segment in dirs.split('/') {
+            dir.push(segment);
+            let meta = match fs::symlink_metadata(&dir) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    match fs::create_dir(&dir) {
+                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                            return Err(io_error(&self.root, &dir, e));
+                        }
+                        // Made now, or by a concurrent put: look at what is there.
+                        _ => fs::symlink_metadata(&dir),
+                    }
+                }
+                other => other,
+            };
+            match meta {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::invalid(
+                        "invalid_key",
+                        Some("key"),
+                        format!(
+                            "{key}: {} is a symlink or a file; objects are written only under real directories of the storage",
+                            shown(&self.root, &dir).display()
+                        ),
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(io_error(&self.root, &dir, e)),
+            }
         }
-        let path = self.base.join(relative);
-        let parent = path.parent().unwrap_or(&self.base);
-        fs::create_dir_all(parent).map_err(|e| io_error(&self.root, parent, e))?;
-        let parent = parent
-            .canonicalize()
-            .map_err(|e| io_error(&self.root, parent, e))?;
-        if !parent.starts_with(&self.root) {
-            return Err(Error::invalid(
-                "path_outside_document_root",
-                None,
-                format!("{key}: leads outside the document root"),
-            ));
-        }
-        Ok(parent.join(path.file_name().unwrap_or_default()))
+        Ok(true)
     }
 }
 
@@ -237,7 +270,11 @@ impl Storage for LocalStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        let path = self.new_object_path(key)?;
+        check_key(key, KeyShape::Path)?;
+        if !self.real_dirs(key, false)? {
+            return Ok(()); // its directory is not there: neither is it
+        }
+        let path = self.base.join(key);
         match tokio::fs::remove_file(&path).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error(&self.root, &path, e)),
             _ => Ok(()),
@@ -263,15 +300,29 @@ impl Storage for LocalStorage {
     }
 }
 
-/// An I/O error naming the path relative to the document root: users see
-/// their own paths, never the server's layout.
+/// A path as users may see it: relative to the document root, never the
+/// server's layout.
+fn shown<'a>(root: &Path, path: &'a Path) -> &'a Path {
+    path.strip_prefix(root)
+        .unwrap_or(Path::new("<outside the document root>"))
+}
+
+/// `ELOOP` (too many levels of symbolic links): `io::ErrorKind::FilesystemLoop`
+/// is not stable yet.
+const ELOOP: i32 = 40;
+
+/// An I/O error naming the path relative to the document root. Errors a key
+/// can cause (a file used as a directory, a symlink loop, a name too long)
+/// are the key's fault, not the server's: not found, or an invalid key.
 fn io_error(root: &Path, path: &Path, err: io::Error) -> Error {
-    let shown = path
-        .strip_prefix(root)
-        .unwrap_or(Path::new("<outside the document root>"));
-    let msg = format!("{}: {}", shown.display(), err.kind());
+    // io::Error's text never holds the path, only the OS's reason.
+    let msg = format!("{}: {err}", shown(root, path).display());
     match err.kind() {
-        io::ErrorKind::NotFound => Error::NotFound(msg),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => Error::NotFound(msg),
+        _ if err.raw_os_error() == Some(ELOOP) => Error::NotFound(msg),
+        io::ErrorKind::InvalidFilename | io::ErrorKind::InvalidInput => {
+            Error::invalid("invalid_key", Some("key"), msg)
+        }
         io::ErrorKind::PermissionDenied => Error::PermissionDenied(msg),
         _ => Error::Transient(msg),
     }
