@@ -254,6 +254,13 @@ async fn proxy_serves_ranges_of_a_20_mb_object() {
         }
         let resp = resolve(&app, project, &uri, &[("range", "bytes=30000000-")]).await;
         assert_eq!(resp.status(), 416, "{uri}");
+        assert_eq!(
+            resp.headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok()),
+            Some(format!("bytes */{total}").as_str()),
+            "{uri}"
+        );
 
         let whole = resolve(&app, project, &uri, &[]).await;
         assert_eq!(whole.status(), 200, "{uri}");
@@ -564,6 +571,69 @@ async fn local_resolve_agrees_with_listing_and_answers_bad_keys_with_4xx() {
         let got = resp.status().as_u16();
         let body = resp.text().await.unwrap();
         assert_eq!(got, status, "{uri}: {body}");
+    }
+    app.stop().await;
+}
+
+/// A 416 says the object's size (`Content-Range: bytes */size`), and no
+/// error message shows where the document root is on the server (#14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_ranges_say_the_size_and_messages_hide_the_document_root() {
+    let app = spawn_app(options(true)).await;
+    let project = app.project("416").await;
+    let root = app.doc_root.path().to_owned();
+    std::fs::create_dir_all(root.join("media")).unwrap();
+    std::fs::write(root.join("media/a.jpg"), b"0123456789").unwrap();
+    source(
+        &app,
+        project,
+        "local",
+        json!({ "path": "media" }),
+        json!({}),
+        false,
+        900,
+    )
+    .await;
+    for range in ["bytes=10-", "bytes=20-30", "bytes=-0"] {
+        let resp = resolve(
+            &app,
+            project,
+            "/data/local-files/?d=media/a.jpg",
+            &[("range", range)],
+        )
+        .await;
+        assert_eq!(resp.status(), 416, "{range}");
+        assert_eq!(
+            resp.headers()
+                .get("content-range")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            Some("bytes */10".to_owned()),
+            "{range}"
+        );
+    }
+
+    let shown = [
+        root.display().to_string(),
+        root.canonicalize().unwrap().display().to_string(),
+    ];
+    for path in [
+        "../..".to_owned(),
+        "missing".to_owned(),
+        "media/a.jpg".to_owned(),
+        root.join("missing").display().to_string(),
+        root.join("media/../..").display().to_string(),
+    ] {
+        let (status, body) = app
+            .post(
+                "/api/v1/storages",
+                json!({ "project_id": project, "role": "source", "backend": "local", "config": { "path": path } }),
+            )
+            .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        for root in &shown {
+            assert!(!message.contains(root.as_str()), "{path}: {message}");
+        }
     }
     app.stop().await;
 }

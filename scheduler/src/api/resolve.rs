@@ -19,7 +19,7 @@ use labelsync::{
     Error,
     db::entities::storage,
     security::paths,
-    storage::{BackendKind, GetRange, KeyShape, Role, check_key},
+    storage::{BackendKind, GetRange, KeyShape, Role, Storage, check_key},
 };
 use opentelemetry::KeyValue;
 use percent_encoding::percent_decode_str;
@@ -291,19 +291,12 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .and_then(GetRange::parse)
         .map(|r| r.cap(state.settings.resolver_max_range));
-    let unsatisfiable = || {
-        ApiError::new(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            "range_not_satisfiable",
-            "the requested range is outside the object",
-        )
-    };
     let object = match backend.get(&key, range).await {
         Ok(object) => object,
         Err(Error::Invalid {
             code: "range_not_satisfiable",
             ..
-        }) => return Err(unsatisfiable()),
+        }) => return unsatisfiable(&*backend, &key, None).await,
         Err(e) => return Err(e.into()),
     };
     let etag = object
@@ -337,7 +330,9 @@ async fn serve(
     builder = builder.header(header::CONTENT_TYPE, content_type);
     builder = match (range, object.size) {
         (Some(range), Some(size)) => {
-            let (start, end) = range.resolve(size).ok_or_else(unsatisfiable)?;
+            let Some((start, end)) = range.resolve(size) else {
+                return unsatisfiable(&*backend, &key, Some(size)).await;
+            };
             builder
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"))
@@ -361,6 +356,27 @@ async fn serve(
     Ok(builder
         .body(Body::from_stream(body))
         .map_err(|e| Error::Internal(e.to_string()))?)
+}
+
+/// The 416 answer, with `Content-Range: bytes */<size>` (RFC 9110
+/// §14.4) so a player can retry within the object. Backends do not say the
+/// size when they refuse a range; it is asked for with a plain read whose
+/// body is dropped unread (a rare answer, worth one more request).
+async fn unsatisfiable(backend: &dyn Storage, key: &str, size: Option<u64>) -> ApiResult<Response> {
+    let size = match size {
+        Some(size) => Some(size),
+        None => backend.get(key, None).await?.size,
+    };
+    let mut resp = ApiError::new(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "range_not_satisfiable",
+        "the requested range is outside the object",
+    )
+    .into_response();
+    if let Some(range) = size.and_then(|size| header_value(&format!("bytes */{size}"))) {
+        resp.headers_mut().insert(header::CONTENT_RANGE, range);
+    }
+    Ok(resp)
 }
 
 #[cfg(test)]
