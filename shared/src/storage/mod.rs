@@ -691,3 +691,56 @@ pub fn prefetch(
     })
     .boxed()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(key: &str, shape: KeyShape) -> bool {
+        matches!(
+            check_key(key, shape),
+            Err(Error::Invalid {
+                code: "invalid_key",
+                ..
+            })
+        )
+    }
+
+    #[test]
+    fn keys_with_dot_segments_or_nul_are_refused() {
+        for shape in [KeyShape::Name, KeyShape::Path] {
+            for bad in [
+                "",
+                "..",
+                "../a",
+                "a/../b",
+                "a/..",
+                "./a",
+                "a/./b",
+                "a/%2e%2e/b",
+                "a/%2E%2e/b",
+                "a/.%2e/b",
+                "%2e/a",
+                "a\0b",
+            ] {
+                assert!(refused(bad, shape), "{bad:?} ({shape:?})");
+            }
+            for good in [
+                "a.jpg",
+                "dir/a b.jpg",
+                "...",
+                "a..b/c",
+                ".hidden/x",
+                "%2e%2e%2e",
+                "ctl\u{1}name.jpg",
+            ] {
+                assert!(check_key(good, shape).is_ok(), "{good:?} ({shape:?})");
+            }
+        }
+        // Empty segments mean something to S3 and GCS, nothing to paths.
+        for key in ["/a", "a//b", "a/"] {
+            assert!(check_key(key, KeyShape::Name).is_ok(), "{key}");
+            assert!(refused(key, KeyShape::Path), "{key}");
+        }
+    }
+}
