@@ -429,18 +429,28 @@ impl Walker {
         if !self.started {
             self.started = true;
             // The first directory comes from the prefix: make sure it resolves
-            // inside the root (a prefix may traverse a symlink or say `..`).
-            let first = self.base.join(&self.stack[0].dir_key);
-            if let Ok(canonical) = first.canonicalize()
-                && !canonical.starts_with(&self.root)
-            {
-                return Err(Error::invalid(
-                    "path_outside_document_root",
-                    Some("prefix"),
-                    "the prefix leads outside the document root",
-                ));
-            }
+            // inside the root (a prefix may traverse a symlink or say `..`),
+            // and is entered only if a walk from the base would enter it (no
+            // symlinked directory on the way), so that resolve serves every
+            // key listed.
             let dir_key = self.stack[0].dir_key.clone();
+            let first = self.base.join(dir_key.trim_end_matches('/'));
+            if let Ok(canonical) = first.canonicalize() {
+                if !canonical.starts_with(&self.root) {
+                    return Err(Error::invalid(
+                        "path_outside_document_root",
+                        Some("prefix"),
+                        "the prefix leads outside the document root",
+                    ));
+                }
+                if canonical != first {
+                    return Err(Error::invalid(
+                        "invalid_prefix",
+                        Some("prefix"),
+                        "the prefix goes through a symlinked directory, which local storages do not follow",
+                    ));
+                }
+            }
             self.stack[0].pending = self.read_sorted(&dir_key)?;
         }
         let mut page = Page::default();
@@ -609,5 +619,42 @@ mod tests {
             storage.task_uri("sp ace.jpg"),
             "/data/local-files/?d=data/sp%20ace.jpg"
         );
+    }
+
+    /// Directory symlinks are not followed, whether met while walking or
+    /// named by the prefix, and keys through them are not served.
+    #[tokio::test]
+    async fn symlinked_directories_are_neither_listed_nor_read() {
+        let (dir, storage) = tree();
+        let data = dir.path().canonicalize().unwrap().join("data");
+        std::os::unix::fs::symlink(data.join("b"), data.join("ln")).unwrap();
+        assert!(
+            !keys(&storage, "", true, None)
+                .await
+                .iter()
+                .any(|k| k.starts_with("ln"))
+        );
+        let opts = ListOptions {
+            prefix: "ln/".into(),
+            recursive: true,
+            start_after: None,
+            page_size: 10,
+        };
+        let listed: Result<Vec<Page>> = storage.list(opts).try_collect().await;
+        assert!(
+            matches!(
+                listed,
+                Err(Error::Invalid {
+                    code: "invalid_prefix",
+                    ..
+                })
+            ),
+            "{listed:?}"
+        );
+        assert!(matches!(
+            storage.get("ln/c.jpg", None).await,
+            Err(Error::NotFound(_))
+        ));
+        assert!(storage.get("b/c.jpg", None).await.is_ok());
     }
 }
