@@ -670,6 +670,44 @@ async fn local_conformance() {
     assert!(!root.path().join("escape.txt").exists());
 }
 
+/// A Databricks subdirectory the token may not list is one listing error
+/// (a per-object error of the run), and the rest is listed (#14 item 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databricks_unreadable_directory_is_one_listing_error() {
+    let fake = DatabricksFake::start().await;
+    let config =
+        json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "images" });
+    let storage = open(
+        BackendKind::Databricks,
+        config,
+        json!({ "token": fake.token }),
+    )
+    .await;
+    for key in ["a.txt", "forbidden/x.txt", "z/y.txt"] {
+        storage
+            .put(key, Bytes::from_static(b"x"), None)
+            .await
+            .unwrap();
+    }
+    let pages: Vec<Page> = storage
+        .list(ListOptions {
+            prefix: String::new(),
+            recursive: true,
+            start_after: None,
+            page_size: 1000,
+        })
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(names(&pages), ["a.txt", "z/y.txt"]);
+    let errors: Vec<&str> = pages
+        .iter()
+        .flat_map(|p| &p.errors)
+        .map(|e| e.key.as_str())
+        .collect();
+    assert_eq!(errors, ["forbidden/"]);
+}
+
 /// A local put never creates anything through a symlinked directory, out of
 /// the document root or inside it (listing does not enter those either):
 /// it is refused before any directory is made (#14).

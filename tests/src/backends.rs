@@ -146,7 +146,8 @@ pub async fn create_azure_container(account_url: &str, container: &str) {
 
 /// The Databricks Files API, in memory: directories list with page tokens
 /// (in reverse order, so the client's own sorting is exercised), files get
-/// with Range, put, delete; every call needs the bearer token.
+/// with Range, put, delete; every call needs the bearer token. A directory
+/// named `forbidden` answers 403 to listings.
 ///
 /// Any other path answers 200 with the path it was asked for (when the
 /// token is right), as the workspace's other APIs would: a request that
@@ -271,6 +272,14 @@ async fn list_dir(
         return resp;
     }
     let dir = format!("/{}/", path.trim_end_matches('/'));
+    // A directory of this name is one the token may not read.
+    if dir.ends_with("/forbidden/") {
+        return error(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            "User does not have READ VOLUME on this directory.",
+        );
+    }
     let files = files.lock().expect("lock");
     let mut entries: BTreeMap<String, Value> = BTreeMap::new();
     for (full, body) in files.range(dir.clone()..) {
