@@ -757,3 +757,59 @@ async fn a_file_cancelled_half_way_is_finished_by_the_next_sync() {
     assert_eq!(count("SELECT count(*) FROM partial_objects").await, 0);
     app.stop().await;
 }
+
+/// One directory the listing cannot read is one per-object error: the run
+/// ends `completed_with_errors`, names the directory in its errors, and
+/// imports everything else (#14). Tests run as root, whom permissions do not
+/// stop; a directory whose absolute path is 4,095 bytes long stops anyone:
+/// its own path fits PATH_MAX, but reading it as `<path>/` is one byte past
+/// and fails with ENAMETOOLONG.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_local_directory_is_one_object_error() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    write(&data, "a.jpg", b"a");
+    write(&data, "z/z.jpg", b"z");
+    let base = data.canonicalize().expect("canonical data dir");
+    // The key of the unreadable directory: base + '/' + key is 4,095 bytes.
+    let wanted = 4095 - base.as_os_str().len() - 1;
+    let mut key = String::from("deep");
+    // The rest is split into segments ("/ddd...") of about 200 bytes.
+    let rest = wanted - key.len();
+    let segments = rest.div_ceil(201);
+    for i in 0..segments {
+        let share = rest / segments + usize::from(i < rest % segments);
+        key.push('/');
+        key.push_str(&"d".repeat(share - 1));
+    }
+    let dir = base.join(&key);
+    assert_eq!(dir.as_os_str().len(), 4095);
+    std::fs::create_dir_all(&dir).expect("deep directory");
+    assert!(
+        std::fs::read_dir(format!("{}/", dir.display())).is_err(),
+        "the directory must be unreadable for this test"
+    );
+
+    let project = app.project("unreadable").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    assert_eq!(run["counters"]["created"], 2, "{run}");
+    assert_eq!(run["counters"]["failed"], 1, "{run}");
+    let (status, errors) = app
+        .get(&format!(
+            "/api/v1/runs/{}/errors",
+            run["id"].as_str().expect("id")
+        ))
+        .await;
+    assert_eq!(status, 200, "{errors}");
+    let items = errors["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{errors}");
+    assert_eq!(items[0]["key"], format!("{key}/"), "{errors}");
+    let message = items[0]["error"].as_str().expect("message");
+    assert!(
+        !message.contains(base.to_str().expect("utf-8")),
+        "the message shows the server's path: {message}"
+    );
+    app.stop().await;
+}

@@ -11,8 +11,8 @@ use labelsync::storage::BackendKind;
 use labelsync_tests::{
     AppOptions, TestApp,
     backends::{
-        AZURITE_ACCOUNT, AZURITE_KEY, bucket_name, create_azure_container, create_gcs_bucket,
-        create_s3_bucket, endpoint, open,
+        AZURITE_ACCOUNT, AZURITE_KEY, DatabricksFake, bucket_name, create_azure_container,
+        create_gcs_bucket, create_s3_bucket, endpoint, open,
     },
     spawn_app,
 };
@@ -254,6 +254,13 @@ async fn proxy_serves_ranges_of_a_20_mb_object() {
         }
         let resp = resolve(&app, project, &uri, &[("range", "bytes=30000000-")]).await;
         assert_eq!(resp.status(), 416, "{uri}");
+        assert_eq!(
+            resp.headers()
+                .get("content-range")
+                .and_then(|v| v.to_str().ok()),
+            Some(format!("bytes */{total}").as_str()),
+            "{uri}"
+        );
 
         let whole = resolve(&app, project, &uri, &[]).await;
         assert_eq!(whole.status(), 200, "{uri}");
@@ -458,5 +465,175 @@ async fn gcs_with_a_key_redirects_to_a_signed_url() {
             .as_ref(),
         b"woof"
     );
+    app.stop().await;
+}
+
+/// A `dbx://` URI whose key leaves its volume (`..`, plain or
+/// percent-encoded, `.`, an empty segment) is a 400 `invalid_key` and makes
+/// no request at all: the storage's token reaches neither another workspace
+/// API nor another volume (#14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databricks_keys_stay_in_their_volume() {
+    let app = spawn_app(options(false)).await;
+    let project = app.project("dbx").await;
+    let fake = DatabricksFake::start().await;
+    let config =
+        |volume: &str| json!({ "host": fake.url, "catalog": "c", "schema": "s", "volume": volume });
+    let secrets = json!({ "token": fake.token });
+    for (volume, key, body) in [
+        ("v", "a.jpg", "mine"),
+        ("other_volume", "secret.csv", "theirs"),
+    ] {
+        open(BackendKind::Databricks, config(volume), secrets.clone())
+            .await
+            .put(key, Bytes::from(body), None)
+            .await
+            .unwrap();
+    }
+    source(
+        &app,
+        project,
+        "databricks",
+        config("v"),
+        secrets,
+        false,
+        900,
+    )
+    .await;
+    let resp = resolve(&app, project, "dbx://Volumes/c/s/v/a.jpg", &[]).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), b"mine");
+
+    let before = fake.requests().len();
+    for uri in [
+        "dbx://Volumes/c/s/v/../../../../../../../../api/2.0/preview/scim/v2/Me",
+        "dbx://Volumes/c/s/v/../../other_volume/secret.csv",
+        "dbx://Volumes/c/s/v/../other_volume/secret.csv",
+        "dbx://Volumes/c/s/v/%2e%2e/other_volume/secret.csv",
+        "dbx://Volumes/c/s/v/.%2E/other_volume/secret.csv",
+        "dbx://Volumes/c/s/v/./a.jpg",
+        "dbx://Volumes/c/s/v//a.jpg",
+    ] {
+        let resp = resolve(&app, project, uri, &[]).await;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            (status.as_u16(), body["error"]["code"].as_str()),
+            (400, Some("invalid_key")),
+            "{uri}: {body}"
+        );
+    }
+    let after = fake.requests();
+    assert_eq!(
+        after[before..],
+        [] as [String; 0],
+        "refused keys reached the workspace"
+    );
+    app.stop().await;
+}
+
+/// Local keys no file can have (a NUL, a path through a file, a name past
+/// the file system's limit) answer 400 or 404, never 503; resolve serves
+/// only what listing shows, so not a file reached through a directory
+/// symlink, even one that stays inside the document root (#14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_resolve_agrees_with_listing_and_answers_bad_keys_with_4xx() {
+    let app = spawn_app(options(true)).await;
+    let project = app.project("local keys").await;
+    let root = app.doc_root.path();
+    std::fs::create_dir_all(root.join("media/real")).unwrap();
+    std::fs::create_dir_all(root.join("elsewhere")).unwrap();
+    std::fs::write(root.join("media/a.jpg"), b"a").unwrap();
+    std::fs::write(root.join("media/real/b.jpg"), b"b").unwrap();
+    std::fs::write(root.join("elsewhere/c.jpg"), b"c").unwrap();
+    std::os::unix::fs::symlink(root.join("elsewhere"), root.join("media/linked")).unwrap();
+    source(
+        &app,
+        project,
+        "local",
+        json!({ "path": "media" }),
+        json!({}),
+        false,
+        900,
+    )
+    .await;
+
+    let long = format!("/data/local-files/?d=media/{}.jpg", "x".repeat(300));
+    for (uri, status) in [
+        ("/data/local-files/?d=media/a.jpg", 200),
+        ("/data/local-files/?d=media/real/b.jpg", 200),
+        ("/data/local-files/?d=media/a%00.jpg", 400),
+        ("/data/local-files/?d=media/a.jpg/x", 404),
+        (long.as_str(), 400),
+        ("/data/local-files/?d=media/linked/c.jpg", 404),
+    ] {
+        let resp = resolve(&app, project, uri, &[]).await;
+        let got = resp.status().as_u16();
+        let body = resp.text().await.unwrap();
+        assert_eq!(got, status, "{uri}: {body}");
+    }
+    app.stop().await;
+}
+
+/// A 416 says the object's size (`Content-Range: bytes */size`), and no
+/// error message shows where the document root is on the server (#14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_ranges_say_the_size_and_messages_hide_the_document_root() {
+    let app = spawn_app(options(true)).await;
+    let project = app.project("416").await;
+    let root = app.doc_root.path().to_owned();
+    std::fs::create_dir_all(root.join("media")).unwrap();
+    std::fs::write(root.join("media/a.jpg"), b"0123456789").unwrap();
+    source(
+        &app,
+        project,
+        "local",
+        json!({ "path": "media" }),
+        json!({}),
+        false,
+        900,
+    )
+    .await;
+    for range in ["bytes=10-", "bytes=20-30", "bytes=-0"] {
+        let resp = resolve(
+            &app,
+            project,
+            "/data/local-files/?d=media/a.jpg",
+            &[("range", range)],
+        )
+        .await;
+        assert_eq!(resp.status(), 416, "{range}");
+        assert_eq!(
+            resp.headers()
+                .get("content-range")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            Some("bytes */10".to_owned()),
+            "{range}"
+        );
+    }
+
+    let shown = [
+        root.display().to_string(),
+        root.canonicalize().unwrap().display().to_string(),
+    ];
+    for path in [
+        "../..".to_owned(),
+        "missing".to_owned(),
+        "media/a.jpg".to_owned(),
+        root.join("missing").display().to_string(),
+        root.join("media/../..").display().to_string(),
+    ] {
+        let (status, body) = app
+            .post(
+                "/api/v1/storages",
+                json!({ "project_id": project, "role": "source", "backend": "local", "config": { "path": path } }),
+            )
+            .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        for root in &shown {
+            assert!(!message.contains(root.as_str()), "{path}: {message}");
+        }
+    }
     app.stop().await;
 }

@@ -257,6 +257,35 @@ async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
             .all(|p| p.objects.is_empty()),
         "{kind}: probe removed"
     );
+
+    // Keys never leave the bucket, container or volume: `..` and `.`
+    // segments (plain or percent-encoded) and NULs are refused before any
+    // request (#14).
+    for key in [
+        "../outside.txt",
+        "tree/../../outside.txt",
+        "tree/%2e%2e/%2E%2E/outside.txt",
+        "./tree/a.json",
+        "tree/a\0.json",
+    ] {
+        let results = [
+            storage.get(key, None).await.map(|_| ()),
+            storage.put(key, Bytes::from_static(b"x"), None).await,
+            storage.delete(key).await,
+        ];
+        for result in results {
+            assert!(
+                matches!(
+                    result,
+                    Err(Error::Invalid {
+                        code: "invalid_key",
+                        ..
+                    })
+                ),
+                "{kind}: {key:?}: {result:?}"
+            );
+        }
+    }
 }
 
 /// The `validate` code of a failed check.
@@ -639,6 +668,146 @@ async fn local_conformance() {
             .is_err()
     );
     assert!(!root.path().join("escape.txt").exists());
+}
+
+/// A Databricks subdirectory the token may not list is one listing error
+/// (a per-object error of the run), and the rest is listed (#14 item 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databricks_unreadable_directory_is_one_listing_error() {
+    let fake = DatabricksFake::start().await;
+    let config =
+        json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "images" });
+    let storage = open(
+        BackendKind::Databricks,
+        config,
+        json!({ "token": fake.token }),
+    )
+    .await;
+    for key in ["a.txt", "forbidden/x.txt", "z/y.txt"] {
+        storage
+            .put(key, Bytes::from_static(b"x"), None)
+            .await
+            .unwrap();
+    }
+    let pages: Vec<Page> = storage
+        .list(ListOptions {
+            prefix: String::new(),
+            recursive: true,
+            start_after: None,
+            page_size: 1000,
+        })
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(names(&pages), ["a.txt", "z/y.txt"]);
+    let errors: Vec<&str> = pages
+        .iter()
+        .flat_map(|p| &p.errors)
+        .map(|e| e.key.as_str())
+        .collect();
+    assert_eq!(errors, ["forbidden/"]);
+}
+
+/// A local put never creates anything through a symlinked directory, out of
+/// the document root or inside it (listing does not enter those either):
+/// it is refused before any directory is made (#14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_puts_never_go_through_symlinked_directories() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("data")).unwrap();
+    std::fs::create_dir_all(root.path().join("other")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.path().join("data/out")).unwrap();
+    std::os::unix::fs::symlink(root.path().join("other"), root.path().join("data/inner")).unwrap();
+    let env = labelsync::storage::StorageEnv {
+        document_root: Some(root.path().to_owned()),
+        ..labelsync_tests::backends::test_env()
+    };
+    let storage = labelsync::storage::open_with(
+        BackendKind::Local,
+        &json!({ "path": "data" }),
+        &labelsync::storage::Secrets::default(),
+        &env,
+    )
+    .await
+    .unwrap();
+    for key in [
+        "out/sub/a.json",
+        "out/a.json",
+        "inner/sub/a.json",
+        "inner/a.json",
+    ] {
+        let result = storage.put(key, Bytes::from_static(b"{}"), None).await;
+        assert!(
+            matches!(result, Err(Error::Invalid { .. })),
+            "{key}: {result:?}"
+        );
+    }
+    let made: Vec<_> = std::fs::read_dir(outside.path()).unwrap().collect();
+    assert!(
+        made.is_empty(),
+        "created outside the document root: {made:?}"
+    );
+    let made: Vec<_> = std::fs::read_dir(root.path().join("other"))
+        .unwrap()
+        .collect();
+    assert!(made.is_empty(), "created through a symlink: {made:?}");
+    // Real directories are still made on the way.
+    storage
+        .put("new/dir/a.json", Bytes::from_static(b"{}"), None)
+        .await
+        .unwrap();
+    assert!(root.path().join("data/new/dir/a.json").is_file());
+}
+
+/// An Azure `account_name` becomes the host `<account>.blob.core.windows.net`:
+/// anything but 3-24 lowercase letters and digits is refused on create and
+/// on patch (a 400 naming the field), so it cannot point the client at a
+/// literal address the SSRF guard never sees (#14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_account_names_cannot_reshape_the_host() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let project = app.project("azure names").await;
+    let body = |account: &str| {
+        json!({
+            "project_id": project, "role": "source", "backend": "azure",
+            "config": { "account_name": account, "container": "media" },
+        })
+    };
+    let long = "a".repeat(25);
+    for account in [
+        "127.0.0.1:18999/x?",
+        "169.254.169.254/latest/meta-data?",
+        "evil.example.com#",
+        "Upper",
+        "ab",
+        long.as_str(),
+    ] {
+        let (status, err) = app.post("/api/v1/storages", body(account)).await;
+        assert_eq!(
+            (
+                status,
+                err["error"]["code"].as_str(),
+                err["error"]["field"].as_str()
+            ),
+            (400, Some("invalid_config"), Some("config.account_name")),
+            "{account}: {err}"
+        );
+    }
+    let (status, created) = app.post("/api/v1/storages", body("labelsync01")).await;
+    assert_eq!(status, 201, "{created}");
+    let (status, err) = app
+        .patch(
+            &format!("/api/v1/storages/{}", created["id"]),
+            json!({ "config": { "account_name": "127.0.0.1:18999/x?", "container": "media" } }),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["field"].as_str()),
+        (400, Some("config.account_name")),
+        "{err}"
+    );
+    app.stop().await;
 }
 
 /// An import sync through the API for every remote backend: the storage is

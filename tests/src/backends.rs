@@ -146,12 +146,19 @@ pub async fn create_azure_container(account_url: &str, container: &str) {
 
 /// The Databricks Files API, in memory: directories list with page tokens
 /// (in reverse order, so the client's own sorting is exercised), files get
-/// with Range, put, delete; every call needs the bearer token.
+/// with Range, put, delete; every call needs the bearer token. A directory
+/// named `forbidden` answers 403 to listings.
+///
+/// Any other path answers 200 with the path it was asked for (when the
+/// token is right), as the workspace's other APIs would: a request that
+/// escaped the Files API shows, and every request's path is logged
+/// ([`DatabricksFake::requests`]).
 #[derive(Clone)]
 pub struct DatabricksFake {
     pub url: String,
     pub token: String,
     files: Arc<Mutex<BTreeMap<String, Bytes>>>,
+    requests: Arc<Mutex<Vec<String>>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -163,6 +170,7 @@ struct DirQuery {
 impl DatabricksFake {
     pub async fn start() -> Self {
         let files = Arc::new(Mutex::new(BTreeMap::new()));
+        let requests = Arc::new(Mutex::new(Vec::new()));
         let token = "dapi-test-token".to_owned();
         let state = (files.clone(), token.clone());
         let app = Router::new()
@@ -171,13 +179,28 @@ impl DatabricksFake {
                 "/api/2.0/fs/files/{*path}",
                 get(get_file).put(put_file).delete(delete_file),
             )
-            .with_state(state);
+            .fallback(other_api)
+            .with_state(state)
+            .layer(axum::middleware::from_fn_with_state(
+                requests.clone(),
+                log_request,
+            ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
-        DatabricksFake { url, token, files }
+        DatabricksFake {
+            url,
+            token,
+            files,
+            requests,
+        }
+    }
+
+    /// The path of every request received so far, in order.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("lock").clone()
     }
 
     pub fn len(&self) -> usize {
@@ -214,6 +237,31 @@ fn refused(headers: &HeaderMap, token: &str) -> Option<Response> {
     })
 }
 
+async fn log_request(
+    State(requests): State<Arc<Mutex<Vec<String>>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    requests
+        .lock()
+        .expect("lock")
+        .push(request.uri().path().to_owned());
+    next.run(request).await
+}
+
+/// Another workspace API (SCIM `Me`, another volume's listing...): it
+/// answers whoever holds the token.
+async fn other_api(
+    State((_, token)): State<FakeState>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(resp) = refused(&headers, &token) {
+        return resp;
+    }
+    axum::Json(json!({ "api": uri.path(), "userName": "admin@example.com" })).into_response()
+}
+
 async fn list_dir(
     State((files, token)): State<FakeState>,
     Path(path): Path<String>,
@@ -224,6 +272,14 @@ async fn list_dir(
         return resp;
     }
     let dir = format!("/{}/", path.trim_end_matches('/'));
+    // A directory of this name is one the token may not read.
+    if dir.ends_with("/forbidden/") {
+        return error(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            "User does not have READ VOLUME on this directory.",
+        );
+    }
     let files = files.lock().expect("lock");
     let mut entries: BTreeMap<String, Value> = BTreeMap::new();
     for (full, body) in files.range(dir.clone()..) {

@@ -19,7 +19,7 @@ use labelsync::{
     Error,
     db::entities::storage,
     security::paths,
-    storage::{BackendKind, GetRange, Role},
+    storage::{BackendKind, GetRange, KeyShape, Role, Storage, check_key},
 };
 use opentelemetry::KeyValue;
 use percent_encoding::percent_decode_str;
@@ -70,6 +70,7 @@ fn parse_uri(uri: &str) -> ApiResult<Target> {
                 "a local file path must be relative to the document root, without '..'",
             ));
         }
+        check_key(&rel, KeyShape::Path)?;
         return Ok(Target {
             kind: BackendKind::Local,
             location: String::new(),
@@ -102,6 +103,9 @@ fn parse_uri(uri: &str) -> ApiResult<Target> {
     if location.is_empty() || key.is_empty() {
         return Err(invalid());
     }
+    // Refused here, before any storage is looked up or contacted: a `..`
+    // would otherwise leave the bucket or volume in the backend's URL.
+    check_key(&key, kind.key_shape())?;
     Ok(Target {
         kind,
         location,
@@ -287,19 +291,12 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .and_then(GetRange::parse)
         .map(|r| r.cap(state.settings.resolver_max_range));
-    let unsatisfiable = || {
-        ApiError::new(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            "range_not_satisfiable",
-            "the requested range is outside the object",
-        )
-    };
     let object = match backend.get(&key, range).await {
         Ok(object) => object,
         Err(Error::Invalid {
             code: "range_not_satisfiable",
             ..
-        }) => return Err(unsatisfiable()),
+        }) => return unsatisfiable(&*backend, &key, None).await,
         Err(e) => return Err(e.into()),
     };
     let etag = object
@@ -333,7 +330,9 @@ async fn serve(
     builder = builder.header(header::CONTENT_TYPE, content_type);
     builder = match (range, object.size) {
         (Some(range), Some(size)) => {
-            let (start, end) = range.resolve(size).ok_or_else(unsatisfiable)?;
+            let Some((start, end)) = range.resolve(size) else {
+                return unsatisfiable(&*backend, &key, Some(size)).await;
+            };
             builder
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"))
@@ -357,6 +356,27 @@ async fn serve(
     Ok(builder
         .body(Body::from_stream(body))
         .map_err(|e| Error::Internal(e.to_string()))?)
+}
+
+/// The 416 answer, with `Content-Range: bytes */<size>` (RFC 9110
+/// §14.4) so a player can retry within the object. Backends do not say the
+/// size when they refuse a range; it is asked for with a plain read whose
+/// body is dropped unread (a rare answer, worth one more request).
+async fn unsatisfiable(backend: &dyn Storage, key: &str, size: Option<u64>) -> ApiResult<Response> {
+    let size = match size {
+        Some(size) => Some(size),
+        None => backend.get(key, None).await?.size,
+    };
+    let mut resp = ApiError::new(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "range_not_satisfiable",
+        "the requested range is outside the object",
+    )
+    .into_response();
+    if let Some(range) = size.and_then(|size| header_value(&format!("bytes */{size}"))) {
+        resp.headers_mut().insert(header::CONTENT_RANGE, range);
+    }
+    Ok(resp)
 }
 
 #[cfg(test)]
@@ -390,6 +410,13 @@ mod tests {
             "/data/local-files/?d=/etc/passwd",
             "dbx://Volumes/a/b",
             "file:///etc/passwd",
+            "dbx://Volumes/c/s/v/../../../../api/2.0/preview/scim/v2/Me",
+            "dbx://Volumes/c/s/v/%2e%2e/other/secret.csv",
+            "dbx://Volumes/c/s/v/a//b.csv",
+            "s3://bucket/a/../../b",
+            "gs://bucket/./a",
+            "azure-blob://container/a/%2E%2E/b",
+            "/data/local-files/?d=media/a%00.jpg",
         ] {
             assert!(parse_uri(bad).is_err(), "{bad}");
         }

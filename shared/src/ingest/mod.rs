@@ -91,10 +91,17 @@ impl ImportJob<'_> {
         while let Some(page) = pages.next().await {
             self.check_stopping()?;
             let page = page?;
-            let Some(last) = page.objects.last() else {
+            // A page may carry only listing errors (an unreadable
+            // directory): they are recorded, and the cursor stays put.
+            if page.objects.is_empty() && page.errors.is_empty() {
                 continue;
-            };
-            let cursor = last.key.clone();
+            }
+            let cursor = page.objects.last().map(|o| o.key.clone());
+            let listing_errors: Vec<ObjectError> = page
+                .errors
+                .into_iter()
+                .map(|e| (e.key, None, e.message))
+                .collect();
             let listed = page.objects.len() as i64;
             // Every listed object counts as present, matched or not: narrowing
             // the regex must not report the objects it now skips as missing.
@@ -123,6 +130,7 @@ impl ImportJob<'_> {
             let mut delta = Counters {
                 listed,
                 matched: matched.len() as i64,
+                failed: listing_errors.len() as i64,
                 ..Counters::default()
             };
             let mut fresh = Vec::new();
@@ -149,7 +157,7 @@ impl ImportJob<'_> {
                 }
             }
 
-            let mut errors = Vec::new();
+            let mut errors = listing_errors;
             let mut batches_to_create: Vec<Vec<ObjectMeta>> = Vec::new();
             if tasks_mode && !fresh.is_empty() {
                 let objects = std::mem::take(&mut fresh);
@@ -176,7 +184,7 @@ impl ImportJob<'_> {
                             return Ok(Outcome::Stopped);
                         };
                         delta.failed += failed;
-                        errors = errs;
+                        errors.extend(errs);
                     }
                 }
             }
@@ -222,7 +230,7 @@ impl ImportJob<'_> {
             for objects in &batches_to_create {
                 batch_ids.push(batches::create(&txn, &self.run.id, objects).await?);
             }
-            if !runs::checkpoint(&txn, &self.run.id, &delta, Some(&cursor), self.lease).await? {
+            if !runs::checkpoint(&txn, &self.run.id, &delta, cursor.as_deref(), self.lease).await? {
                 txn.rollback().await?;
                 return Ok(Outcome::Stopped);
             }

@@ -112,15 +112,18 @@ impl NetPolicy {
     }
 
     /// Refuses `ip` with a message naming the setting that would allow it.
+    /// The message does not say which address a name resolved to: API
+    /// users would learn the server's internal DNS answers from it.
     pub fn check_ip(&self, host: &str, ip: IpAddr) -> Result<()> {
         if self.allows(ip) {
             return Ok(());
         }
+        tracing::debug!(host, %ip, "endpoint refused by the SSRF guard");
         Err(Error::invalid(
             "endpoint_not_allowed",
             Some("config"),
             format!(
-                "{host} resolves to {ip}, a private, loopback, link-local or metadata address; \
+                "{host} is (or resolves to) a private, loopback, link-local or metadata address; \
                  storages may not reach it unless the server sets LABELSYNC_ALLOW_PRIVATE_ENDPOINTS"
             ),
         ))
@@ -208,13 +211,40 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a >= 240) // reserved
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
+            if let Some(v4) = embedded_ipv4(v6) {
+                // A translator (NAT64) or relay (6to4) would deliver to this
+                // IPv4 address: judge that one.
+                return is_public(IpAddr::V4(v4));
+            }
+            let [first, second, ..] = v6.segments();
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00 // unique local, incl. fd00:ec2::254 metadata
-                || (first & 0xffc0) == 0xfe80) // link-local
+                || (first & 0xffc0) == 0xfe80 // link-local
+                || (first & 0xffc0) == 0xfec0 // site-local (deprecated, still routed by some stacks)
+                // The rest of 64:ff9b::/32, incl. local-use NAT64 64:ff9b:1::/48
+                // (RFC 8215), whose IPv4 position its operator chooses.
+                || (first == 0x64 && second == 0xff9b))
         }
+    }
+}
+
+/// The IPv4 address a NAT64 well-known-prefix address (`64:ff9b::/96`,
+/// RFC 6052) or a 6to4 address (`2002:AABB:CCDD::/48`, RFC 3056) carries.
+/// The local-use NAT64 prefix `64:ff9b:1::/48` puts it where its operator
+/// chose, so it is refused whole by [`is_public`] instead.
+fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    let octets = |hi: u16, lo: u16| {
+        let [a, b] = hi.to_be_bytes();
+        let [c, d] = lo.to_be_bytes();
+        std::net::Ipv4Addr::new(a, b, c, d)
+    };
+    match s {
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(octets(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(octets(hi, lo)),
+        _ => None,
     }
 }
 
@@ -274,6 +304,23 @@ impl aws_smithy_runtime_api::client::dns::ResolveDns for GuardedResolver {
                 .await
                 .map_err(aws_smithy_runtime_api::client::dns::ResolveDnsError::new)?;
             Ok(addrs.into_iter().map(|a| a.ip()).collect())
+        })
+    }
+}
+
+impl redis::io::AsyncDNSResolver for GuardedResolver {
+    fn resolve<'a, 'b: 'a>(
+        &'a self,
+        host: &'b str,
+        port: u16,
+    ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
+        Box::pin(async move {
+            let addrs = GuardedResolver::resolve(self, host).await?;
+            let with_port = addrs.into_iter().map(move |mut a| {
+                a.set_port(port);
+                a
+            });
+            Ok(Box::new(with_port) as Box<dyn Iterator<Item = SocketAddr> + Send>)
         })
     }
 }
@@ -340,6 +387,37 @@ mod tests {
         }
     }
 
+    /// IPv6 forms that reach a private IPv4 address through a translator or
+    /// relay, and site-local addresses, are refused like the address itself.
+    #[test]
+    fn refuses_nat64_6to4_and_site_local_forms() {
+        let p = NetPolicy::PublicOnly;
+        for bad in [
+            "64:ff9b::7f00:1",        // NAT64 of 127.0.0.1
+            "64:ff9b::a9fe:a9fe",     // NAT64 of 169.254.169.254
+            "64:ff9b::10.0.0.1",      // NAT64 of 10.0.0.1, dotted form
+            "64:ff9b::c0a8:101",      // NAT64 of 192.168.1.1
+            "64:ff9b:1::808:808",     // local-use NAT64: refused whole
+            "64:ff9b:1:ffff::1",      // local-use NAT64: refused whole
+            "2002:7f00:1::",          // 6to4 of 127.0.0.1
+            "2002:a9fe:a9fe::1",      // 6to4 of 169.254.169.254
+            "2002:0a00:0001:1234::5", // 6to4 of 10.0.0.1
+            "2002:6440:1::",          // 6to4 of 100.64.0.1 (CGNAT)
+            "fec0::1",                // site-local
+            "feff:ffff::1",           // site-local, top of the block
+        ] {
+            assert!(!p.allows(ip(bad)), "{bad} must be refused");
+        }
+        for good in [
+            "64:ff9b::808:808", // NAT64 of 8.8.8.8
+            "2002:808:808::1",  // 6to4 of 8.8.8.8
+            "64:ff9a::7f00:1",  // not the NAT64 prefix
+            "2003::1",          // not 6to4
+        ] {
+            assert!(p.allows(ip(good)), "{good} must be allowed");
+        }
+    }
+
     #[test]
     fn allowlist_and_parse() {
         let p = NetPolicy::parse(Some("10.1.0.0/16, 127.0.0.1")).unwrap();
@@ -370,8 +448,10 @@ mod tests {
         );
         assert!(p.check_url("http://[::1]:9000", "f").await.is_err());
         assert!(p.check_url("ftp://example.com", "f").await.is_err());
-        // A name is resolved before it is judged.
-        assert!(p.check_host("localhost", 80).await.is_err());
+        // A name is resolved before it is judged, and the message does not
+        // tell what it resolved to.
+        let err = p.check_host("localhost", 80).await.unwrap_err().to_string();
+        assert!(!err.contains("127.0.0.1") && !err.contains("::1"), "{err}");
         assert!(
             NetPolicy::AllowAll
                 .check_url("http://127.0.0.1:9000", "f")

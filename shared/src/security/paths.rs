@@ -31,14 +31,16 @@ pub fn document_root(root: Option<&Path>) -> Result<PathBuf> {
 pub fn confine(root: &Path, path: &str) -> Result<PathBuf> {
     let field = Some("config.path");
     let given = root.join(path);
+    // Messages name the path as the user may see it: relative to the root,
+    // never where the root is mounted on the server.
+    let shown = given
+        .strip_prefix(root)
+        .map_or_else(|_| path.to_owned(), |rel| rel.display().to_string());
     let outside = || {
         Error::invalid(
             "path_outside_document_root",
             field,
-            format!(
-                "path {path:?} is outside the document root {}",
-                root.display()
-            ),
+            format!("path {shown:?} is outside the document root (LOCAL_FILES_DOCUMENT_ROOT)"),
         )
     };
     if !given.starts_with(root) {
@@ -48,7 +50,7 @@ pub fn confine(root: &Path, path: &str) -> Result<PathBuf> {
         Error::invalid(
             "invalid_path",
             field,
-            format!("path {path:?} cannot be opened: {e}"),
+            format!("path {shown:?} cannot be opened: {}", e.kind()),
         )
     })?;
     // Checked again after resolution: `..` and symlinks can lead out.
@@ -59,7 +61,7 @@ pub fn confine(root: &Path, path: &str) -> Result<PathBuf> {
         return Err(Error::invalid(
             "invalid_path",
             field,
-            format!("path {path:?} is not a directory"),
+            format!("path {shown:?} is not a directory"),
         ));
     }
     Ok(canonical)
@@ -103,6 +105,18 @@ mod tests {
                 ..
             })
         ));
+        for path in [
+            root.join("missing").display().to_string(),
+            "missing".to_owned(),
+            dotdot.clone(),
+            via_link.display().to_string(),
+        ] {
+            let message = confine(&root, &path).unwrap_err().to_string();
+            assert!(
+                !message.contains(root.to_str().unwrap()),
+                "{path}: {message}"
+            );
+        }
         assert!(matches!(
             confine(&root, "../.."),
             Err(Error::Invalid {

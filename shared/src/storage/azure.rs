@@ -29,8 +29,8 @@ use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    check_location, parse_config, retry,
+    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
+    StorageEnv, check_key, check_location, parse_config, retry,
 };
 use crate::{
     Error, Result,
@@ -72,12 +72,54 @@ impl AzureConfig {
                 "config.account_name is required (or set AZURE_BLOB_ACCOUNT_NAME on the server)",
             ));
         }
+        if let Some(name) = &config.account_name {
+            check_account_name(name, "config.account_name")?;
+        }
         Ok(config)
+    }
+
+    /// The account to use, checked: the config's, else the server's
+    /// `AZURE_BLOB_ACCOUNT_NAME`.
+    fn account(&self, env: &StorageEnv) -> Result<String> {
+        match (&self.account_name, &env.azure_account_name) {
+            (Some(name), _) => {
+                check_account_name(name, "config.account_name").map(|()| name.clone())
+            }
+            (None, Some(name)) => {
+                check_account_name(name, "AZURE_BLOB_ACCOUNT_NAME").map(|()| name.clone())
+            }
+            (None, None) => Err(Error::invalid(
+                "missing_field",
+                Some("config.account_name"),
+                "config.account_name is required (or set AZURE_BLOB_ACCOUNT_NAME on the server)",
+            )),
+        }
     }
 
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or_default()
     }
+}
+
+/// Azure storage account names are 3-24 lowercase letters and digits. The
+/// name becomes the host `<account>.blob.core.windows.net`, so anything else
+/// could make that host something else: `127.0.0.1:18999/x?` would connect to
+/// a literal address, which no DNS resolver (and so no SSRF guard) sees.
+pub fn check_account_name(name: &str, field: &'static str) -> Result<()> {
+    let valid = (3..=24).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if valid {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "invalid_config",
+        Some(field),
+        format!(
+            "{field} must be an Azure storage account name: 3 to 24 lowercase letters and digits"
+        ),
+    ))
 }
 
 /// Hands object_store our guarded reqwest client (policy, read timeout).
@@ -102,11 +144,9 @@ pub struct AzureStorage {
 
 impl AzureStorage {
     pub fn open(config: AzureConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
-        let account = config
-            .account_name
-            .clone()
-            .or_else(|| env.azure_account_name.clone())
-            .unwrap_or_default();
+        // Checked again here: a row saved before the check existed (or the
+        // server's setting) may hold anything.
+        let account = config.account(env)?;
         let service_principal = match (
             &config.tenant_id,
             &config.client_id,
@@ -260,12 +300,16 @@ impl Storage for AzureStorage {
                 chunk
                     .into_iter()
                     .collect::<Result<Vec<_>>>()
-                    .map(|objects| Page { objects })
+                    .map(|objects| Page {
+                        objects,
+                        errors: Vec::new(),
+                    })
             })
             .boxed()
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        check_key(key, KeyShape::Path)?;
         let what = format!("get azure-blob://{}/{key}", self.container);
         let path = Path::from(key);
         let range = match range {
@@ -312,6 +356,7 @@ impl Storage for AzureStorage {
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
+        check_key(key, KeyShape::Path)?;
         let mut attributes = Attributes::new();
         if let Some(ct) = content_type {
             attributes.insert(Attribute::ContentType, ct.to_owned().into());
@@ -328,6 +373,7 @@ impl Storage for AzureStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key, KeyShape::Path)?;
         match self.store.delete(&Path::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(classify(
@@ -338,6 +384,7 @@ impl Storage for AzureStorage {
     }
 
     async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
+        check_key(key, KeyShape::Path)?;
         let url = self
             .store
             .signed_url(reqwest::Method::GET, &Path::from(key), ttl)

@@ -22,8 +22,8 @@ use reqwest::{Client, Method, RequestBuilder, Response, StatusCode, Url, header}
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    paginate, parse_config,
+    BackendKind, GetRange, KeyShape, ListError, ListOptions, Object, ObjectMeta, Page, Secrets,
+    Storage, StorageEnv, check_key, paginate, parse_config,
     retry::{object_of, retry, status_error, transport_error},
 };
 use crate::{Error, Result, security::net::http_client};
@@ -58,11 +58,11 @@ impl DatabricksConfig {
             ("config.schema", &config.schema),
             ("config.volume", &config.volume),
         ] {
-            if value.is_empty() || value.contains('/') || value == ".." {
+            if value.contains('/') || check_key(value, KeyShape::Path).is_err() {
                 return Err(Error::invalid(
                     "invalid_config",
                     Some(field),
-                    format!("{field} must be a single name"),
+                    format!("{field} must be a single name (not '.' or '..', no '/')"),
                 ));
             }
         }
@@ -119,8 +119,19 @@ impl DatabricksStorage {
         })
     }
 
-    /// The API URL of a file or directory (`kind` is `files` or `directories`).
+    /// The API URL of a file or directory (`kind` is `files` or
+    /// `directories`; a directory key is empty or ends in `/`). Every URL the
+    /// token is sent to is built here, from a checked key whose segments are
+    /// percent-encoded one by one, so it stays inside the volume: a `..`
+    /// would otherwise be folded by the URL and reach any workspace API.
     fn url(&self, kind: &str, key: &str) -> Result<Url> {
+        let key = match kind {
+            "directories" => key.strip_suffix('/').unwrap_or(key),
+            _ => key,
+        };
+        if !(key.is_empty() && kind == "directories") {
+            check_key(key, KeyShape::Path)?;
+        }
         let mut path = format!("api/2.0/fs/{kind}{}", self.root);
         for segment in key.split('/').filter(|s| !s.is_empty()) {
             path.push('/');
@@ -222,6 +233,9 @@ struct Walk {
     name_prefix: String,
     stack: Vec<Frame>,
     started: bool,
+    /// Subdirectories the token may not read since the last page: they go
+    /// out with the next one as per-object errors.
+    errors: Vec<ListError>,
 }
 
 impl Walk {
@@ -256,11 +270,23 @@ impl Walk {
             if entry.is_directory {
                 let sub = format!("{key}/");
                 if self.opts.recursive && !self.dir_done(&sub) {
-                    let pending = self.storage.read_dir(&sub).await?;
-                    self.stack.push(Frame {
-                        dir_key: sub,
-                        pending,
-                    });
+                    match self.storage.read_dir(&sub).await {
+                        Ok(pending) => self.stack.push(Frame {
+                            dir_key: sub,
+                            pending,
+                        }),
+                        // A directory the token may not read is that
+                        // directory's error, not the whole listing's; a
+                        // transient failure or a refused token still fails
+                        // the listing (and the run is retried).
+                        Err(e @ (Error::PermissionDenied(_) | Error::Invalid { .. })) => {
+                            self.errors.push(ListError {
+                                key: sub,
+                                message: e.to_string(),
+                            });
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 continue;
             }
@@ -280,6 +306,7 @@ impl Walk {
                     .and_then(DateTime::from_timestamp_millis),
             });
         }
+        page.errors = std::mem::take(&mut self.errors);
         Ok(page)
     }
 }
@@ -307,10 +334,12 @@ impl Storage for DatabricksStorage {
                 pending: Vec::new(),
             }],
             started: false,
+            errors: Vec::new(),
         };
         paginate(walk, |mut walk: Walk| async move {
             let page = walk.next_page().await?;
-            Ok((!page.objects.is_empty()).then_some((page, walk)))
+            let done = page.objects.is_empty() && page.errors.is_empty();
+            Ok((!done).then_some((page, walk)))
         })
     }
 

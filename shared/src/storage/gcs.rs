@@ -30,8 +30,8 @@ use reqwest::{Client, Method, RequestBuilder, Response, Url, header};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    check_location, paginate, parse_config,
+    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
+    StorageEnv, check_key, check_location, paginate, parse_config,
     retry::{object_of, retry, status_error, transport_error},
 };
 use crate::{
@@ -105,6 +105,68 @@ fn bad_credentials(e: impl std::fmt::Display) -> Error {
     )
 }
 
+/// The URLs a credentials file makes the server call are user input like
+/// `endpoint_url` (Google's auth crate calls them with its own client, which
+/// the guarded resolver cannot reach, so they are checked here, before it
+/// is built):
+/// - an `external_account` config makes the server read a subject token
+///   (a file, a URL, or its AWS identity) and send it to `token_url` and
+///   `service_account_impersonation_url`: those must be Google's
+///   (`https://*.googleapis.com`), or a config could send the server's own
+///   identity anywhere;
+/// - `credential_source.url` (and the AWS-flavoured metadata URLs), and a
+///   service-account key's `token_uri` (which only ever receives the key's
+///   own signed assertion), pass the SSRF guard like any endpoint.
+async fn check_token_urls(json: &serde_json::Value, env: &StorageEnv) -> Result<()> {
+    let refuse = |code: &'static str, field: &str, message: String| {
+        Error::invalid(
+            code,
+            Some("secrets.credentials_json"),
+            format!("credentials_json {field}: {message}"),
+        )
+    };
+    let text = |path: &[&str]| {
+        path.iter()
+            .try_fold(json, |v, k| v.get(k))
+            .and_then(|v| v.as_str())
+    };
+    for field in ["token_url", "service_account_impersonation_url"] {
+        if let Some(url) = text(&[field]) {
+            let google = Url::parse(url).is_ok_and(|u| {
+                u.scheme() == "https"
+                    && u.host_str()
+                        .is_some_and(|h| h == "googleapis.com" || h.ends_with(".googleapis.com"))
+            });
+            if !google {
+                return Err(refuse(
+                    "endpoint_not_allowed",
+                    field,
+                    format!("{url:?} is not an https://*.googleapis.com URL"),
+                ));
+            }
+        }
+    }
+    // (An AWS-flavoured config's regional_cred_verification_url is not
+    // called by the server: Google's STS calls it.)
+    let guarded: [&[&str]; 4] = [
+        &["token_uri"],
+        &["credential_source", "url"],
+        &["credential_source", "region_url"],
+        &["credential_source", "imdsv2_session_token_url"],
+    ];
+    for path in guarded {
+        let Some(url) = text(path) else { continue };
+        env.net
+            .check_url(url, "secrets.credentials_json")
+            .await
+            .map_err(|e| match e {
+                Error::Invalid { code, message, .. } => refuse(code, &path.join("."), message),
+                other => other,
+            })?;
+    }
+    Ok(())
+}
+
 impl GcsStorage {
     pub async fn open(config: GcsConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
         let base = match &config.endpoint_url {
@@ -115,6 +177,7 @@ impl GcsStorage {
             Some(raw) => {
                 let json: serde_json::Value = serde_json::from_str(raw)
                     .map_err(|e| bad_credentials(format!("not JSON ({e})")))?;
+                check_token_urls(&json, env).await?;
                 match json.get("type").and_then(|t| t.as_str()) {
                     Some("service_account") => {
                         let builder = || credentials::service_account::Builder::new(json.clone());
@@ -302,11 +365,18 @@ impl Storage for GcsStorage {
                 .collect();
             cursor.token = listing.next_page_token.filter(|t| !t.is_empty());
             let next = cursor.token.is_some().then_some(cursor);
-            Ok(Some((Page { objects }, next)))
+            Ok(Some((
+                Page {
+                    objects,
+                    errors: Vec::new(),
+                },
+                next,
+            )))
         })
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        check_key(key, KeyShape::Name)?;
         let what = format!("get gs://{}/{key}", self.bucket);
         let mut url = self.url(&self.object_path(key))?;
         url.query_pairs_mut().append_pair("alt", "media");
@@ -329,6 +399,7 @@ impl Storage for GcsStorage {
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         let what = format!("put gs://{}/{key}", self.bucket);
         let url = self.url(&format!(
             "upload/storage/v1/b/{}/o",
@@ -349,6 +420,7 @@ impl Storage for GcsStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         let what = format!("delete gs://{}/{key}", self.bucket);
         let url = self.url(&self.object_path(key))?;
         match self
@@ -361,6 +433,7 @@ impl Storage for GcsStorage {
     }
 
     async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
+        check_key(key, KeyShape::Name)?;
         let Some(signer) = &self.signer else {
             return Ok(None);
         };
@@ -471,6 +544,55 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A user's credentials file cannot send the server's identity off
+    /// Google, nor make it read private or metadata addresses.
+    #[tokio::test]
+    async fn credential_files_are_held_to_google_and_the_guard() {
+        let env = StorageEnv::default(); // public addresses only
+        let wif = |token_url: &str, source: serde_json::Value| {
+            serde_json::json!({
+                "type": "external_account",
+                "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/q",
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "token_url": token_url,
+                "credential_source": source,
+            })
+        };
+        let sts = "https://sts.googleapis.com/v1/token";
+        let file = serde_json::json!({ "file": "/var/run/secrets/token" });
+        assert!(
+            check_token_urls(&wif(sts, file.clone()), &env)
+                .await
+                .is_ok()
+        );
+        for bad in [
+            wif("https://attacker.example/token", file.clone()),
+            wif("http://sts.googleapis.com/v1/token", file.clone()),
+            wif("https://sts.googleapis.com.attacker.example/", file),
+            wif(
+                sts,
+                serde_json::json!({ "url": "http://169.254.169.254/latest/meta-data/iam" }),
+            ),
+            wif(
+                sts,
+                serde_json::json!({ "environment_id": "aws1", "region_url": "http://169.254.169.254/latest/meta-data/placement/availability-zone" }),
+            ),
+            serde_json::json!({ "type": "service_account", "token_uri": "http://127.0.0.1:9/token" }),
+        ] {
+            let result = check_token_urls(&bad, &env).await;
+            assert!(
+                matches!(
+                    result,
+                    Err(Error::Invalid {
+                        field: Some("secrets.credentials_json"),
+                        ..
+                    })
+                ),
+                "{bad}: {result:?}"
+            );
+        }
+    }
 
     #[test]
     fn v4_canonical_request_shape() {

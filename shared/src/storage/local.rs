@@ -21,8 +21,8 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Role, Storage, StorageEnv,
-    paginate,
+    BackendKind, GetRange, KeyShape, ListError, ListOptions, Object, ObjectMeta, Page, Role,
+    Storage, StorageEnv, check_key, paginate,
 };
 use crate::{Error, Result, security::paths};
 
@@ -65,48 +65,83 @@ impl LocalStorage {
         Ok(LocalStorage { root, base })
     }
 
-    /// The file behind a key, resolved and checked to stay in the document root.
+    /// The file behind a key, resolved and checked to stay in the document
+    /// root. It agrees with listing: no symlinked directory on the way, and
+    /// a symlinked file only when its target is a file inside the root.
     fn object_path(&self, key: &str) -> Result<PathBuf> {
+        check_key(key, KeyShape::Path)?;
         let path = self.base.join(key);
+        let not_listed = |why: &str| Error::NotFound(format!("{key}: {why}"));
+        let parent = path.parent().unwrap_or(&self.base);
+        // `base` is canonical and the key has only plain segments, so the
+        // parent resolves to itself exactly when no segment is a symlink.
+        let real_parent = parent
+            .canonicalize()
+            .map_err(|e| io_error(&self.root, parent, e))?;
+        if real_parent != parent {
+            return Err(not_listed(
+                "goes through a symlinked directory, which the storage does not list",
+            ));
+        }
         let canonical = path
             .canonicalize()
             .map_err(|e| io_error(&self.root, &path, e))?;
         if !canonical.starts_with(&self.root) || !canonical.is_file() {
-            return Err(Error::NotFound(format!(
-                "{key}: not a file inside the document root"
-            )));
+            return Err(not_listed("not a file inside the document root"));
         }
         Ok(canonical)
     }
 
-    /// Where an object written under `key` goes: its parent directories are
-    /// created, and must resolve inside the document root.
+    /// Where an object written under `key` goes. Its parent directories are
+    /// created one at a time, each checked to be a real directory before the
+    /// next is made in it, so nothing is ever created through a symlink
+    /// (inside the root or out of it).
     fn new_object_path(&self, key: &str) -> Result<PathBuf> {
-        let relative = Path::new(key);
-        let plain = relative
-            .components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
-        if key.is_empty() || !plain {
-            return Err(Error::invalid(
-                "invalid_key",
-                None,
-                format!("{key:?}: object keys must be relative paths without '..'"),
-            ));
+        check_key(key, KeyShape::Path)?;
+        let path = self.base.join(key);
+        self.real_dirs(key, true)?;
+        Ok(path)
+    }
+
+    /// Walks the directories of `key` below `base`, refusing any that is
+    /// not a real directory; with `create`, makes the missing ones. Returns
+    /// false when one is missing (and `create` is off).
+    fn real_dirs(&self, key: &str, create: bool) -> Result<bool> {
+        let Some((dirs, _name)) = key.rsplit_once('/') else {
+            return Ok(true);
+        };
+        let mut dir = self.base.clone();
+        for segment in dirs.split('/') {
+            dir.push(segment);
+            let meta = match fs::symlink_metadata(&dir) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    match fs::create_dir(&dir) {
+                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                            return Err(io_error(&self.root, &dir, e));
+                        }
+                        // Made now, or by a concurrent put: look at what is there.
+                        _ => fs::symlink_metadata(&dir),
+                    }
+                }
+                other => other,
+            };
+            match meta {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::invalid(
+                        "invalid_key",
+                        Some("key"),
+                        format!(
+                            "{key}: {} is a symlink or a file; objects are written only under real directories of the storage",
+                            shown(&self.root, &dir).display()
+                        ),
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(io_error(&self.root, &dir, e)),
+            }
         }
-        let path = self.base.join(relative);
-        let parent = path.parent().unwrap_or(&self.base);
-        fs::create_dir_all(parent).map_err(|e| io_error(&self.root, parent, e))?;
-        let parent = parent
-            .canonicalize()
-            .map_err(|e| io_error(&self.root, parent, e))?;
-        if !parent.starts_with(&self.root) {
-            return Err(Error::invalid(
-                "path_outside_document_root",
-                None,
-                format!("{key}: leads outside the document root"),
-            ));
-        }
-        Ok(parent.join(path.file_name().unwrap_or_default()))
+        Ok(true)
     }
 }
 
@@ -146,7 +181,7 @@ impl Storage for LocalStorage {
             // Directory reads block; keep them off the async threads.
             tokio::task::spawn_blocking(move || {
                 let page = walker.next_page()?;
-                Ok(if page.objects.is_empty() {
+                Ok(if page.objects.is_empty() && page.errors.is_empty() {
                     None
                 } else {
                     Some((page, walker))
@@ -235,7 +270,11 @@ impl Storage for LocalStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        let path = self.new_object_path(key)?;
+        check_key(key, KeyShape::Path)?;
+        if !self.real_dirs(key, false)? {
+            return Ok(()); // its directory is not there: neither is it
+        }
+        let path = self.base.join(key);
         match tokio::fs::remove_file(&path).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error(&self.root, &path, e)),
             _ => Ok(()),
@@ -261,15 +300,29 @@ impl Storage for LocalStorage {
     }
 }
 
-/// An I/O error naming the path relative to the document root: users see
-/// their own paths, never the server's layout.
+/// A path as users may see it: relative to the document root, never the
+/// server's layout.
+fn shown<'a>(root: &Path, path: &'a Path) -> &'a Path {
+    path.strip_prefix(root)
+        .unwrap_or(Path::new("<outside the document root>"))
+}
+
+/// `ELOOP` (too many levels of symbolic links): `io::ErrorKind::FilesystemLoop`
+/// is not stable yet.
+const ELOOP: i32 = 40;
+
+/// An I/O error naming the path relative to the document root. Errors a key
+/// can cause (a file used as a directory, a symlink loop, a name too long)
+/// are the key's fault, not the server's: not found, or an invalid key.
 fn io_error(root: &Path, path: &Path, err: io::Error) -> Error {
-    let shown = path
-        .strip_prefix(root)
-        .unwrap_or(Path::new("<outside the document root>"));
-    let msg = format!("{}: {}", shown.display(), err.kind());
+    // io::Error's text never holds the path, only the OS's reason.
+    let msg = format!("{}: {err}", shown(root, path).display());
     match err.kind() {
-        io::ErrorKind::NotFound => Error::NotFound(msg),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => Error::NotFound(msg),
+        _ if err.raw_os_error() == Some(ELOOP) => Error::NotFound(msg),
+        io::ErrorKind::InvalidFilename | io::ErrorKind::InvalidInput => {
+            Error::invalid("invalid_key", Some("key"), msg)
+        }
         io::ErrorKind::PermissionDenied => Error::PermissionDenied(msg),
         _ => Error::Transient(msg),
     }
@@ -291,6 +344,9 @@ struct Walker {
     name_prefix: String,
     stack: Vec<Frame>,
     started: bool,
+    /// Subdirectories and entries that could not be read since the last
+    /// page: they go out with the next one as per-object errors.
+    errors: Vec<ListError>,
 }
 
 impl Walker {
@@ -313,7 +369,23 @@ impl Walker {
             name_prefix,
             stack,
             started: false,
+            errors: Vec::new(),
         }
+    }
+
+    /// Notes a part of the tree that cannot be read; the walk goes on.
+    fn skip(&mut self, key: String, err: Error) {
+        // Reported already by the attempt that listed up to the cursor.
+        if let Some(after) = &self.opts.start_after
+            && Path::new(&key) <= Path::new(after.as_str())
+        {
+            return;
+        }
+        tracing::warn!(key, %err, "skipping an unreadable part of a local storage");
+        self.errors.push(ListError {
+            key,
+            message: err.to_string(),
+        });
     }
 
     fn read_sorted(&self, dir_key: &str) -> Result<Vec<String>> {
@@ -322,7 +394,14 @@ impl Walker {
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             // A prefix naming no directory lists nothing, like an empty bucket prefix.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(names),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(names);
+            }
             Err(e) => return Err(io_error(&self.root, &dir, e)),
         };
         for entry in entries {
@@ -350,18 +429,28 @@ impl Walker {
         if !self.started {
             self.started = true;
             // The first directory comes from the prefix: make sure it resolves
-            // inside the root (a prefix may traverse a symlink or say `..`).
-            let first = self.base.join(&self.stack[0].dir_key);
-            if let Ok(canonical) = first.canonicalize()
-                && !canonical.starts_with(&self.root)
-            {
-                return Err(Error::invalid(
-                    "path_outside_document_root",
-                    Some("prefix"),
-                    "the prefix leads outside the document root",
-                ));
-            }
+            // inside the root (a prefix may traverse a symlink or say `..`),
+            // and is entered only if a walk from the base would enter it (no
+            // symlinked directory on the way), so that resolve serves every
+            // key listed.
             let dir_key = self.stack[0].dir_key.clone();
+            let first = self.base.join(dir_key.trim_end_matches('/'));
+            if let Ok(canonical) = first.canonicalize() {
+                if !canonical.starts_with(&self.root) {
+                    return Err(Error::invalid(
+                        "path_outside_document_root",
+                        Some("prefix"),
+                        "the prefix leads outside the document root",
+                    ));
+                }
+                if canonical != first {
+                    return Err(Error::invalid(
+                        "invalid_prefix",
+                        Some("prefix"),
+                        "the prefix goes through a symlinked directory, which local storages do not follow",
+                    ));
+                }
+            }
             self.stack[0].pending = self.read_sorted(&dir_key)?;
         }
         let mut page = Page::default();
@@ -380,8 +469,14 @@ impl Walker {
             let dir_key = &self.stack[self.stack.len() - 1].dir_key;
             let key = format!("{dir_key}{name}");
             let path = self.base.join(&key);
-            let Ok(meta) = fs::symlink_metadata(&path) else {
-                continue;
+            let meta = match fs::symlink_metadata(&path) {
+                Ok(meta) => meta,
+                // Removed since the directory was read.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    self.skip(key, io_error(&self.root, &path, e));
+                    continue;
+                }
             };
             let meta = if meta.file_type().is_symlink() {
                 match path.canonicalize() {
@@ -402,11 +497,15 @@ impl Walker {
             if meta.is_dir() {
                 let sub = format!("{key}/");
                 if self.opts.recursive && !self.dir_done(&sub) {
-                    let pending = self.read_sorted(&sub)?;
-                    self.stack.push(Frame {
-                        dir_key: sub,
-                        pending,
-                    });
+                    // One unreadable directory is that directory's error,
+                    // not the whole listing's.
+                    match self.read_sorted(&sub) {
+                        Ok(pending) => self.stack.push(Frame {
+                            dir_key: sub,
+                            pending,
+                        }),
+                        Err(e) => self.skip(sub, e),
+                    }
                 }
                 continue;
             }
@@ -425,6 +524,7 @@ impl Walker {
                 etag: Some(file_etag(&meta)),
             });
         }
+        page.errors = std::mem::take(&mut self.errors);
         Ok(page)
     }
 }
@@ -519,5 +619,42 @@ mod tests {
             storage.task_uri("sp ace.jpg"),
             "/data/local-files/?d=data/sp%20ace.jpg"
         );
+    }
+
+    /// Directory symlinks are not followed, whether met while walking or
+    /// named by the prefix, and keys through them are not served.
+    #[tokio::test]
+    async fn symlinked_directories_are_neither_listed_nor_read() {
+        let (dir, storage) = tree();
+        let data = dir.path().canonicalize().unwrap().join("data");
+        std::os::unix::fs::symlink(data.join("b"), data.join("ln")).unwrap();
+        assert!(
+            !keys(&storage, "", true, None)
+                .await
+                .iter()
+                .any(|k| k.starts_with("ln"))
+        );
+        let opts = ListOptions {
+            prefix: "ln/".into(),
+            recursive: true,
+            start_after: None,
+            page_size: 10,
+        };
+        let listed: Result<Vec<Page>> = storage.list(opts).try_collect().await;
+        assert!(
+            matches!(
+                listed,
+                Err(Error::Invalid {
+                    code: "invalid_prefix",
+                    ..
+                })
+            ),
+            "{listed:?}"
+        );
+        assert!(matches!(
+            storage.get("ln/c.jpg", None).await,
+            Err(Error::NotFound(_))
+        ));
+        assert!(storage.get("b/c.jpg", None).await.is_ok());
     }
 }

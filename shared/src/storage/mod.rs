@@ -72,6 +72,14 @@ impl BackendKind {
         })
     }
 
+    /// How the backend's keys must be checked ([`check_key`]).
+    pub fn key_shape(self) -> KeyShape {
+        match self {
+            BackendKind::S3 | BackendKind::Gcs | BackendKind::Redis => KeyShape::Name,
+            BackendKind::Azure | BackendKind::Local | BackendKind::Databricks => KeyShape::Path,
+        }
+    }
+
     /// The secret names the backend takes (API.md).
     pub fn secret_names(self) -> &'static [&'static str] {
         match self {
@@ -131,6 +139,18 @@ pub struct ObjectMeta {
 #[derive(Debug, Default)]
 pub struct Page {
     pub objects: Vec<ObjectMeta>,
+    /// Parts of the listing that could not be read (an unreadable
+    /// directory): reported as per-object errors of the run, while the rest
+    /// of the listing goes on. A page may carry errors and no objects.
+    pub errors: Vec<ListError>,
+}
+
+/// A part of a listing that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListError {
+    /// The key (or key prefix, ending in `/`, for a directory) it concerns.
+    pub key: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone)]
@@ -345,6 +365,52 @@ pub async fn probe<S: Storage + ?Sized>(storage: &S, role: Role, prefix: &str) -
     Ok(())
 }
 
+/// How a backend's keys are read by what it sends them to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyShape {
+    /// Opaque names (S3, GCS, Redis): only `.` / `..` segments are refused,
+    /// since a URL or a client may fold them.
+    Name,
+    /// Paths (local files, Databricks volumes, Azure through object_store):
+    /// empty segments are folded too, so they are refused as well.
+    Path,
+}
+
+/// Checks an object key before any backend uses it: no `.` or `..` segment,
+/// spelled plainly or percent-encoded (`%2e%2e`, which URL parsers fold like
+/// `..`), no NUL (no file name can hold one), not empty; with
+/// [`KeyShape::Path`], no empty segment either (a leading, doubled or
+/// trailing `/`). A refused key is `invalid_key` (HTTP 400), and no request
+/// is made: keys come from task URIs, so they are user input.
+pub fn check_key(key: &str, shape: KeyShape) -> Result<()> {
+    let refuse = |why: &str| {
+        Err(Error::invalid(
+            "invalid_key",
+            Some("key"),
+            format!("object key {key:?} {why}"),
+        ))
+    };
+    if key.is_empty() {
+        return refuse("is empty");
+    }
+    if key.contains('\0') {
+        return refuse("contains a NUL character");
+    }
+    for segment in key.split('/') {
+        if segment.is_empty() {
+            if shape == KeyShape::Path {
+                return refuse("has an empty path segment (a leading, doubled or trailing '/')");
+            }
+            continue;
+        }
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        if decoded == "." || decoded == ".." {
+            return refuse("has a '.' or '..' segment; keys name objects inside the storage");
+        }
+    }
+    Ok(())
+}
+
 /// Settings the backends need from the deployment.
 #[derive(Debug, Clone)]
 pub struct StorageEnv {
@@ -539,11 +605,17 @@ pub async fn check_location(
     endpoint_url: Option<String>,
     env: &StorageEnv,
 ) -> Result<Option<String>> {
-    if name.is_empty() || name.contains('/') {
+    // The name goes into a URL's host or path: nothing that could end or
+    // reshape either (`?`, `#`, `@`, `:`, `%`, backslash, spaces) gets
+    // through. Every cloud's bucket and container names fit this.
+    let url_safe = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+    if name.is_empty() || name == "." || name == ".." || !name.chars().all(url_safe) {
         return Err(Error::invalid(
             "invalid_config",
             Some(field),
-            format!("{field} must be a single name (no slashes; put paths in prefix)"),
+            format!(
+                "{field} must be a single name of letters, digits, '-', '.' or '_' (no slashes; put paths in prefix)"
+            ),
         ));
     }
     let endpoint_url = endpoint_url.filter(|u| !u.trim().is_empty());
@@ -618,4 +690,57 @@ pub fn prefetch(
         }
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(key: &str, shape: KeyShape) -> bool {
+        matches!(
+            check_key(key, shape),
+            Err(Error::Invalid {
+                code: "invalid_key",
+                ..
+            })
+        )
+    }
+
+    #[test]
+    fn keys_with_dot_segments_or_nul_are_refused() {
+        for shape in [KeyShape::Name, KeyShape::Path] {
+            for bad in [
+                "",
+                "..",
+                "../a",
+                "a/../b",
+                "a/..",
+                "./a",
+                "a/./b",
+                "a/%2e%2e/b",
+                "a/%2E%2e/b",
+                "a/.%2e/b",
+                "%2e/a",
+                "a\0b",
+            ] {
+                assert!(refused(bad, shape), "{bad:?} ({shape:?})");
+            }
+            for good in [
+                "a.jpg",
+                "dir/a b.jpg",
+                "...",
+                "a..b/c",
+                ".hidden/x",
+                "%2e%2e%2e",
+                "ctl\u{1}name.jpg",
+            ] {
+                assert!(check_key(good, shape).is_ok(), "{good:?} ({shape:?})");
+            }
+        }
+        // Empty segments mean something to S3 and GCS, nothing to paths.
+        for key in ["/a", "a//b", "a/"] {
+            assert!(check_key(key, KeyShape::Name).is_ok(), "{key}");
+            assert!(refused(key, KeyShape::Path), "{key}");
+        }
+    }
 }

@@ -17,10 +17,10 @@ use redis::{AsyncCommands, aio::MultiplexedConnection};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    bytes_stream, paginate, parse_config, retry::retry,
+    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
+    StorageEnv, bytes_stream, check_key, paginate, parse_config, retry::retry,
 };
-use crate::{Error, Result};
+use crate::{Error, Result, security::net::GuardedResolver};
 
 fn default_port() -> u16 {
     6379
@@ -77,6 +77,9 @@ pub struct RedisStorage {
 fn classify(err: &redis::RedisError, what: &str) -> Error {
     let msg = format!("{what}: {err}");
     let text = err.to_string();
+    if text.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
+        return Error::invalid("endpoint_not_allowed", Some("config.host"), msg);
+    }
     if err.kind() == redis::ErrorKind::AuthenticationFailed
         || text.contains("WRONGPASS")
         || text.contains("NOAUTH")
@@ -115,7 +118,11 @@ impl RedisStorage {
         let client = redis::Client::open(url.as_str()).map_err(|e| {
             Error::invalid("invalid_config", Some("config"), format!("{what}: {e}"))
         })?;
+        // The client resolves the name through the SSRF guard, like the
+        // HTTP backends: a name that now points at a private address is
+        // refused at connect time too.
         let conn_config = redis::AsyncConnectionConfig::new()
+            .set_dns_resolver(GuardedResolver::new(env.net.clone()))
             .set_connection_timeout(Some(Duration::from_secs(10)))
             .set_response_timeout(Some(Duration::from_secs(30)));
         let conn = retry(&what, || async {
@@ -251,12 +258,19 @@ impl Storage for RedisStorage {
                         etag: None,
                     })
                     .collect();
-                Ok(Some((Page { objects }, State::Paging(listing))))
+                Ok(Some((
+                    Page {
+                        objects,
+                        errors: Vec::new(),
+                    },
+                    State::Paging(listing),
+                )))
             },
         )
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        check_key(key, KeyShape::Name)?;
         let full = self.full_key(key);
         let what = format!("redis GET {full}");
         let what = &what;
@@ -302,6 +316,7 @@ impl Storage for RedisStorage {
     }
 
     async fn put(&self, key: &str, body: Bytes, _content_type: Option<&str>) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         let full = self.full_key(key);
         let what = format!("redis SET {full}");
         let what = &what;
@@ -318,6 +333,7 @@ impl Storage for RedisStorage {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         let full = self.full_key(key);
         let what = format!("redis DEL {full}");
         let what = &what;

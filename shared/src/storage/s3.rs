@@ -29,8 +29,8 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, ListOptions, Object, ObjectMeta, Page, Secrets, Storage, StorageEnv,
-    check_location, paginate, parse_config, retry,
+    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
+    StorageEnv, check_key, check_location, paginate, parse_config, retry,
 };
 use crate::{
     Error, Result,
@@ -67,6 +67,20 @@ impl S3Config {
             env,
         )
         .await?;
+        // The region becomes part of the AWS host names (s3.<region>.amazonaws.com).
+        if let Some(region) = &config.region
+            && (region.is_empty()
+                || region.len() > 63
+                || !region
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+        {
+            return Err(Error::invalid(
+                "invalid_config",
+                Some("config.region"),
+                "config.region must be a region name such as eu-west-1 (lowercase letters, digits and '-')",
+            ));
+        }
         if config.external_id.is_some() && config.role_arn.is_none() {
             return Err(Error::invalid(
                 "invalid_config",
@@ -126,13 +140,23 @@ impl S3Storage {
             }
         }
         let base = loader.load().await;
+        // Every request to the user's endpoint, STS calls included, resolves
+        // names through the SSRF guard (the default chain's own credential
+        // sources, such as the instance metadata service, keep the SDK's
+        // client: they are the server's, not the user's).
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .build_with_resolver(GuardedResolver::new(env.net.clone()));
+
         let sdk_config: SdkConfig = match &config.role_arn {
             None => base,
             Some(arn) => {
                 let mut role = aws_config::sts::AssumeRoleProvider::builder(arn)
                     .session_name("labelsync")
                     .region(region)
-                    .configure(&base);
+                    .configure(&base.to_builder().http_client(http.clone()).build());
                 if let Some(id) = &config.external_id {
                     role = role.external_id(id);
                 }
@@ -144,11 +168,6 @@ impl S3Storage {
                     .build()
             }
         };
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::AwsLc,
-            ))
-            .build_with_resolver(GuardedResolver::new(env.net.clone()));
         let s3_config = aws_sdk_s3::config::Builder::from(&sdk_config)
             .http_client(http)
             .force_path_style(
@@ -292,11 +311,18 @@ impl Storage for S3Storage {
                 .filter(|_| out.is_truncated() == Some(true))
                 .map(str::to_owned);
             let next = cursor.token.is_some().then_some(cursor);
-            Ok(Some((Page { objects }, next)))
+            Ok(Some((
+                Page {
+                    objects,
+                    errors: Vec::new(),
+                },
+                next,
+            )))
         })
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
+        check_key(key, KeyShape::Name)?;
         let what = format!("get s3://{}/{key}", self.bucket);
         let out = self
             .client
@@ -346,6 +372,7 @@ impl Storage for S3Storage {
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         let mut req = self
             .client
             .put_object()
@@ -365,6 +392,7 @@ impl Storage for S3Storage {
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        check_key(key, KeyShape::Name)?;
         // S3 answers 204 for a missing key too.
         self.client
             .delete_object()
@@ -377,6 +405,7 @@ impl Storage for S3Storage {
     }
 
     async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
+        check_key(key, KeyShape::Name)?;
         let config = PresigningConfig::expires_in(ttl).map_err(|e| {
             Error::invalid(
                 "invalid_presign_ttl",

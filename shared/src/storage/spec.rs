@@ -138,11 +138,20 @@ impl StorageSpec {
     pub async fn validate(&self, env: &StorageEnv) -> Result<ValidSpec> {
         let kind = BackendKind::parse(&self.backend)?;
         Filter::new(self.regex_filter.as_deref())?;
-        if self.prefix.starts_with('/') || self.prefix.split('/').any(|seg| seg == "..") {
+        // Listings build URLs and paths from the prefix as from keys: the
+        // same segments are refused (see `storage::check_key`).
+        let folded = |seg: &str| {
+            let decoded = percent_encoding::percent_decode_str(seg).decode_utf8_lossy();
+            decoded == "." || decoded == ".."
+        };
+        if self.prefix.starts_with('/')
+            || self.prefix.split('/').any(folded)
+            || self.prefix.contains('\0')
+        {
             return Err(Error::invalid(
                 "invalid_prefix",
                 Some("prefix"),
-                "prefix must be relative and must not contain '..' segments",
+                "prefix must be relative and must not contain '.' or '..' segments (plain or percent-encoded) or NUL characters",
             ));
         }
         if !(1..=MAX_PRESIGN_TTL).contains(&self.presign_ttl_seconds) {
