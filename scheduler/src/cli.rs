@@ -15,10 +15,9 @@ use labelsync::{
         entities::{project, storage},
         runs::{self, RunStatus},
     },
-    ingest::Filter,
     jobs::{self, JobContext, JobError},
     storage::{
-        ListOptions, StorageEnv,
+        Filter, ListOptions, StorageEnv,
         spec::{StorageSpec, ValidSpec},
     },
 };

@@ -1,24 +1,31 @@
 //! # Layout
-//! Everything the scheduler and worker binaries share.
+//! Everything the scheduler and worker binaries share, as layers: each
+//! module uses only modules of the layers below it (`layering.rs` checks
+//! that no `use` points back up).
 //!
-//! - [`config`]: typed settings, parsed once from the environment.
-//! - [`db`]: SeaORM entities (`db::entities`) and the queries behind them
-//!   (`db::runs` for the run lifecycle, `db::links` for import links).
-//! - [`storage`]: the [`storage::Storage`] trait and one module per backend.
-//! - [`ingest`]: the import pipeline (listing filter, Files mode, batching).
-//! - [`export`]: the export pipeline (annotation JSON, change detection,
-//!   uploads and deletes, the outbox of annotation events).
-//! - [`jobs`]: job payloads, queue wiring (Redis or embedded SQLite) and the handler
-//!   both the worker binary and the embedded mode register.
-//! - [`security`]: local-path confinement.
-//! - [`lifecycle`]: shutdown signal and the worker process loop.
-//! - [`http`]: the HTTP server of both binaries, with header and body
-//!   timeouts and a connection cap.
-//! - [`telemetry`]: tracing setup; [`metrics`]: OpenTelemetry instruments
-//!   and their Prometheus text.
-//! - [`error`]: the small crate error every module maps into.
+//! 1. [`error`] (the crate error every module maps into), [`kinds`] (run
+//!    kinds and backend names), [`security`] (path confinement, the SSRF
+//!    guard, secret sealing).
+//! 2. [`config`] (typed settings, parsed once from the environment),
+//!    [`metrics`] (OpenTelemetry instruments and their Prometheus text),
+//!    [`telemetry`] (tracing and OTLP setup), [`http`] (the HTTP server of
+//!    both binaries, with header and body timeouts and a connection cap).
+//! 3. [`db`]: SeaORM entities (`db::entities`) and every query (`db::runs`
+//!    the run lifecycle, `db::links` import links and tasks, `db::batches`
+//!    fan-out batches, `db::outbox` annotation events).
+//! 4. [`storage`]: the [`storage::Storage`] trait, one module per backend,
+//!    the instrumented wrapper every backend is opened in, the key filter.
+//! 5. [`attempt`]: what one attempt of a run shares ([`attempt::Outcome`],
+//!    the stop flag).
+//! 6. [`ingest`] (the import pipeline; fan-out through its
+//!    [`ingest::FanOut`] port) and [`export`] (the export pipeline).
+//! 7. [`jobs`]: job payloads, the queue (Redis or embedded SQLite, which
+//!    implements `FanOut`) and the handler both binaries register.
+//! 8. [`lifecycle`]: shutdown signal, readiness, `/metrics`, the worker's
+//!    probe listener and process loop.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod attempt;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -26,6 +33,7 @@ pub mod export;
 pub mod http;
 pub mod ingest;
 pub mod jobs;
+pub mod kinds;
 pub mod lifecycle;
 pub mod metrics;
 pub mod security;
@@ -33,3 +41,6 @@ pub mod storage;
 pub mod telemetry;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+mod layering;

@@ -1,5 +1,7 @@
 //! Process lifecycle shared by both binaries: the shutdown signal, the
-//! readiness probe and the worker process's main loop.
+//! readiness probe, the `/metrics` answer, the worker's probe listener and
+//! the worker process's main loop. The top of the library: it may use every
+//! other module, none uses it.
 use std::sync::Arc;
 
 use crate::{
@@ -7,6 +9,7 @@ use crate::{
     config::Settings,
     db,
     jobs::{JobContext, Queue},
+    metrics::metrics,
 };
 
 /// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
@@ -59,17 +62,6 @@ pub async fn readiness(
     (status, axum::Json(body))
 }
 
-/// A transient error once the worker is shutting down, so a running import
-/// or export stops at its next page and another worker resumes the run.
-pub fn check_stopping(stopping: Option<&std::sync::atomic::AtomicBool>) -> Result<()> {
-    if stopping.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
-        return Err(Error::Transient(
-            "the worker is shutting down; another worker resumes this run".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// `labelsync-worker`: runs jobs from Redis until SIGTERM.
 pub async fn run_worker_process(settings: Settings) -> Result<()> {
     if settings.redis_url.is_none() {
@@ -90,7 +82,7 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
         )
     })?;
     tracing::info!(addr = %listener.local_addr().map_or(bind, |a| a), "metrics and probes listening");
-    let probes = tokio::spawn(crate::metrics::serve_worker_listener(
+    let probes = tokio::spawn(serve_worker_listener(
         listener,
         db.clone(),
         queue.clone(),
@@ -100,4 +92,70 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
     let result = queue.run_worker(ctx, shutdown_signal()).await;
     probes.abort();
     result
+}
+
+/// The `/metrics` answer: the queue's depth is read first (a scrape sees
+/// the backlog of that moment), then everything is rendered.
+pub async fn metrics_response(
+    queue: &Queue,
+) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    match queue.depth().await {
+        Ok(depth) => metrics().record_queue(&depth.queue, depth.pending, depth.running, depth.dead),
+        Err(e) => tracing::warn!(error = %e, "queue depth unavailable for /metrics"),
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics().render(),
+    )
+}
+
+/// The worker's own small HTTP listener: `/metrics`, `/healthz` (the process
+/// answers) and `/readyz` ([`readiness`]), for Prometheus
+/// and the orchestrator's probes; with the API's limits ([`crate::http`])
+/// and its error body for unknown paths and methods.
+pub async fn serve_worker_listener(
+    listener: tokio::net::TcpListener,
+    db: sea_orm::DatabaseConnection,
+    queue: Queue,
+    limits: crate::config::HttpLimits,
+) {
+    use axum::{Json, http::StatusCode, routing::get};
+    let metrics_queue = queue.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let queue = metrics_queue.clone();
+                async move { metrics_response(&queue).await }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let (db, queue) = (db.clone(), queue.clone());
+                async move { readiness(&db, &queue).await }
+            }),
+        )
+        .method_not_allowed_fallback(|| async {
+            crate::http::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this path does not take that method",
+            )
+        })
+        .fallback(|| async {
+            crate::http::error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such path; the worker serves /metrics, /healthz and /readyz",
+            )
+        });
+    crate::http::serve(listener, app, limits, std::future::pending()).await;
 }

@@ -3,21 +3,15 @@
 //!
 //! One process-wide set of instruments ([`metrics`]), recorded where things
 //! happen: jobs in `jobs::execute`, storage requests in the
-//! [`Instrumented`] wrapper every backend is opened in, resolve requests in
-//! the API, queue depth read from Redis right before each scrape (the
-//! apalis-redis 1.0 metrics calls fail, PITFALLS.md). Names follow the
+//! `storage::Instrumented` wrapper every backend is opened in, resolve
+//! requests in the API, queue depth read from Redis right before each scrape
+//! (`lifecycle::metrics_response`; the apalis-redis 1.0 metrics calls fail).
+//! This module only holds the instruments and their label vocabularies: it
+//! depends on nothing but `error` and `kinds`, so every layer can record. Names follow the
 //! Prometheus conventions the exporter applies: counters end in `_total`,
 //! durations are histograms in `_seconds`.
-use std::{
-    future::Future,
-    path::PathBuf,
-    sync::{Arc, OnceLock},
-    time::{Duration, Instant},
-};
+use std::{sync::OnceLock, time::Duration};
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use futures::{StreamExt, stream::BoxStream};
 use opentelemetry::{
     KeyValue,
     metrics::{Counter, Gauge, Histogram, MeterProvider},
@@ -28,13 +22,8 @@ use opentelemetry_sdk::{
     metrics::{PeriodicReader, SdkMeterProvider},
 };
 use prometheus::{Encoder, TextEncoder};
-use tracing::Instrument;
 
-use crate::{
-    Error, Result,
-    jobs::queue::QueueDepth,
-    storage::{BackendKind, GetRange, ListOptions, Object, Page, Role, Storage},
-};
+use crate::{Error, Result};
 
 /// Seconds buckets for jobs (a no-op job to an hour-long sync).
 const JOB_BUCKETS: &[f64] = &[
@@ -175,7 +164,7 @@ impl Metrics {
     /// would be a sample), and so are resolve requests (their status label
     /// is open-ended).
     fn start_at_zero(&self) {
-        use crate::db::runs::RunKind;
+        use crate::kinds::{BackendKind, RunKind};
         for kind in RunKind::ALL.map(|k| KeyValue::new("kind", k.as_str())) {
             let labels = std::slice::from_ref(&kind);
             for counter in [
@@ -217,20 +206,38 @@ impl Metrics {
     }
 
     /// Records a queue's depth, read by the caller just before a scrape.
-    pub fn record_queue(&self, depth: &QueueDepth) {
-        for (state, n) in [
-            ("pending", depth.pending),
-            ("running", depth.running),
-            ("dead", depth.dead),
-        ] {
+    pub fn record_queue(&self, queue: &str, pending: u64, running: u64, dead: u64) {
+        for (state, n) in [("pending", pending), ("running", running), ("dead", dead)] {
             self.queue_jobs.record(
                 i64::try_from(n).unwrap_or(i64::MAX),
                 &[
-                    KeyValue::new("queue", depth.queue.clone()),
+                    KeyValue::new("queue", queue.to_owned()),
                     KeyValue::new("state", state),
                 ],
             );
         }
+    }
+
+    /// Counts and times one storage request (`storage::Instrumented`).
+    pub fn record_storage_request(
+        &self,
+        backend: &'static str,
+        operation: &'static str,
+        took: Duration,
+        outcome: &'static str,
+    ) {
+        let backend = KeyValue::new("backend", backend);
+        let op = KeyValue::new("operation", operation);
+        self.storage_requests.add(
+            1,
+            &[
+                backend.clone(),
+                op.clone(),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
+        self.storage_duration
+            .record(took.as_secs_f64(), &[backend, op]);
     }
 
     /// Every metric in the Prometheus text format.
@@ -243,72 +250,6 @@ impl Metrics {
     }
 }
 
-/// The `/metrics` answer: the queue's depth is read first (a scrape sees
-/// the backlog of that moment), then everything is rendered.
-pub async fn render_with_queue(
-    queue: &crate::jobs::Queue,
-) -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    match queue.depth().await {
-        Ok(depth) => metrics().record_queue(&depth),
-        Err(e) => tracing::warn!(error = %e, "queue depth unavailable for /metrics"),
-    }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        metrics().render(),
-    )
-}
-
-/// The worker's own small HTTP listener: `/metrics`, `/healthz` (the process
-/// answers) and `/readyz` ([`crate::lifecycle::readiness`]), for Prometheus
-/// and the orchestrator's probes; with the API's limits ([`crate::http`])
-/// and its error body for unknown paths and methods.
-pub async fn serve_worker_listener(
-    listener: tokio::net::TcpListener,
-    db: sea_orm::DatabaseConnection,
-    queue: crate::jobs::Queue,
-    limits: crate::config::HttpLimits,
-) {
-    use axum::{Json, http::StatusCode, routing::get};
-    let metrics_queue = queue.clone();
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let queue = metrics_queue.clone();
-                async move { render_with_queue(&queue).await }
-            }),
-        )
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
-        )
-        .route(
-            "/readyz",
-            get(move || {
-                let (db, queue) = (db.clone(), queue.clone());
-                async move { crate::lifecycle::readiness(&db, &queue).await }
-            }),
-        )
-        .method_not_allowed_fallback(|| async {
-            crate::http::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this path does not take that method",
-            )
-        })
-        .fallback(|| async {
-            crate::http::error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such path; the worker serves /metrics, /healthz and /readyz",
-            )
-        });
-    crate::http::serve(listener, app, limits, std::future::pending()).await;
-}
-
 /// The outcome labels of `labelsync_jobs_finished_total`, as
 /// `jobs::execute` records them.
 const JOB_OUTCOMES: [&str; 5] = [
@@ -319,11 +260,11 @@ const JOB_OUTCOMES: [&str; 5] = [
     "stopped",
 ];
 
-/// The operation labels of storage requests ([`Instrumented`]).
-const STORAGE_OPERATIONS: [&str; 6] = ["list", "get", "put", "delete", "presign", "check"];
+/// The operation labels of storage requests (`storage::Instrumented`).
+pub const STORAGE_OPERATIONS: [&str; 6] = ["list", "get", "put", "delete", "presign", "check"];
 
 /// Every value [`outcome`] gives.
-const STORAGE_OUTCOMES: [&str; 7] = [
+pub const STORAGE_OUTCOMES: [&str; 7] = [
     "ok",
     "not_found",
     "unauthenticated",
@@ -334,7 +275,7 @@ const STORAGE_OUTCOMES: [&str; 7] = [
 ];
 
 /// The outcome label of a storage request.
-fn outcome<T>(result: &Result<T>) -> &'static str {
+pub fn outcome<T>(result: &Result<T>) -> &'static str {
     match result {
         Ok(_) => "ok",
         Err(Error::NotFound(_)) => "not_found",
@@ -343,128 +284,5 @@ fn outcome<T>(result: &Result<T>) -> &'static str {
         Err(Error::Transient(_)) => "transient",
         Err(Error::Invalid { .. }) => "invalid",
         Err(Error::Internal(_)) => "internal",
-    }
-}
-
-/// A backend with every request counted, timed and traced (a
-/// `storage.request` span with backend, operation and key).
-#[derive(Debug)]
-pub struct Instrumented(pub Arc<dyn Storage>);
-
-impl Instrumented {
-    async fn call<T>(
-        &self,
-        operation: &'static str,
-        key: &str,
-        request: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
-        let kind = self.0.kind();
-        let span = request_span(kind, operation, key);
-        let started = Instant::now();
-        let result = request.instrument(span.clone()).await;
-        let outcome = outcome(&result);
-        span.record("outcome", outcome);
-        record_request(kind, operation, started.elapsed(), outcome);
-        result
-    }
-}
-
-fn request_span(kind: BackendKind, operation: &'static str, key: &str) -> tracing::Span {
-    request_span_in(&tracing::Span::current(), kind, operation, key)
-}
-
-fn request_span_in(
-    parent: &tracing::Span,
-    kind: BackendKind,
-    operation: &'static str,
-    key: &str,
-) -> tracing::Span {
-    tracing::info_span!(
-        parent: parent,
-        "storage.request",
-        backend = kind.as_str(),
-        operation,
-        key,
-        outcome = tracing::field::Empty,
-    )
-}
-
-fn record_request(
-    kind: BackendKind,
-    operation: &'static str,
-    took: Duration,
-    outcome: &'static str,
-) {
-    let m = metrics();
-    let backend = KeyValue::new("backend", kind.as_str());
-    let op = KeyValue::new("operation", operation);
-    m.storage_requests.add(
-        1,
-        &[
-            backend.clone(),
-            op.clone(),
-            KeyValue::new("outcome", outcome),
-        ],
-    );
-    m.storage_duration
-        .record(took.as_secs_f64(), &[backend, op]);
-}
-
-#[async_trait]
-impl Storage for Instrumented {
-    fn kind(&self) -> BackendKind {
-        self.0.kind()
-    }
-
-    fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
-        let kind = self.0.kind();
-        let prefix = opts.prefix.clone();
-        // One request per page: timed (and spanned) from the previous page's
-        // arrival to this one's. Pages may be polled from another task (the
-        // listing runs ahead of the writes), so every page's span hangs
-        // under the span that asked for the listing.
-        let parent = tracing::Span::current();
-        let mut started = Instant::now();
-        let mut span = request_span_in(&parent, kind, "list", &prefix);
-        self.0
-            .list(opts)
-            .map(move |page| {
-                let outcome = outcome(&page);
-                span.record("outcome", outcome);
-                record_request(kind, "list", started.elapsed(), outcome);
-                started = Instant::now();
-                span = request_span_in(&parent, kind, "list", &prefix);
-                page
-            })
-            .boxed()
-    }
-
-    async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
-        self.call("get", key, self.0.get(key, range)).await
-    }
-
-    async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
-        self.call("put", key, self.0.put(key, body, content_type))
-            .await
-    }
-
-    async fn delete(&self, key: &str) -> Result<()> {
-        self.call("delete", key, self.0.delete(key)).await
-    }
-
-    async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
-        self.call("presign", key, self.0.presign(key, ttl)).await
-    }
-
-    async fn check(&self, role: Role, prefix: &str) -> Result<()> {
-        self.call("check", prefix, self.0.check(role, prefix)).await
-    }
-
-    fn task_uri(&self, key: &str) -> String {
-        self.0.task_uri(key)
-    }
-
-    fn local_path(&self, key: &str) -> Option<PathBuf> {
-        self.0.local_path(key)
     }
 }

@@ -17,7 +17,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
 /// `GET /metrics`: every metric in the Prometheus text format, with the
 /// queue depth read from the queue's backend just now.
 pub async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
-    labelsync::metrics::render_with_queue(&state.queue).await
+    labelsync::lifecycle::metrics_response(&state.queue).await
 }
 
 /// `GET /api/v1/queues`: the backlog of each queue.

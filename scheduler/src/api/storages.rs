@@ -8,10 +8,9 @@ use labelsync::{
         entities::{storage, sync_run},
         runs,
     },
-    ingest::Filter,
     jobs,
     storage::{
-        ListOptions, Role, Storage,
+        Filter, ListOptions, Role, Storage,
         spec::{self, StorageSpec},
     },
 };

@@ -1,5 +1,7 @@
 //! Fan-out batches of a Tasks-mode run (see `ingest`): created by the sync job,
-//! finished by whichever worker runs them.
+//! finished by whichever worker runs them. A batch's objects are stored as
+//! JSON of whatever the caller gives (the listing's `storage::ObjectMeta`):
+//! this layer does not know storages.
 use chrono::Utc;
 use sea_orm::{
     ActiveModelTrait,
@@ -9,12 +11,14 @@ use sea_orm::{
 };
 
 use super::entities::sync_batch;
-use crate::{Error, Result, storage::ObjectMeta};
+use serde::{Serialize, de::DeserializeOwned};
 
-pub async fn create(
+use crate::{Error, Result};
+
+pub async fn create<T: Serialize>(
     db: &impl ConnectionTrait,
     run_id: &str,
-    objects: &[ObjectMeta],
+    objects: &[T],
 ) -> Result<i64> {
     let objects = serde_json::to_value(objects)
         .map_err(|e| Error::Internal(format!("batch objects: {e}")))?;
@@ -110,7 +114,7 @@ pub async fn finish(db: &impl ConnectionTrait, id: i64, worker: &str) -> Result<
     Ok(res.rows_affected == 1)
 }
 
-pub fn objects(batch: &sync_batch::Model) -> Result<Vec<ObjectMeta>> {
+pub fn objects<T: DeserializeOwned>(batch: &sync_batch::Model) -> Result<Vec<T>> {
     serde_json::from_value(batch.objects.clone())
         .map_err(|e| Error::Internal(format!("batch {}: {e}", batch.id)))
 }

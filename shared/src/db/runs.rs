@@ -13,29 +13,7 @@ use serde::Serialize;
 use super::entities::{object_error, sync_run};
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunKind {
-    Import,
-    Export,
-    Delete,
-}
-
-impl RunKind {
-    pub const ALL: [RunKind; 3] = [RunKind::Import, RunKind::Export, RunKind::Delete];
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunKind::Import => "import",
-            RunKind::Export => "export",
-            RunKind::Delete => "delete",
-        }
-    }
-}
+pub use crate::kinds::RunKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

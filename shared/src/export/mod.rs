@@ -26,6 +26,7 @@ use sea_orm::{
 
 use crate::{
     Error, Result,
+    attempt::Outcome,
     config::WorkerSettings,
     db::{
         self,
@@ -33,7 +34,6 @@ use crate::{
         outbox,
         runs::{self, Counters, SCOPE_FULL},
     },
-    ingest::Outcome,
     storage::{self as backends, Storage, StorageEnv},
 };
 
@@ -103,7 +103,7 @@ impl ExportJob<'_> {
     }
 
     fn check_stopping(&self) -> Result<()> {
-        crate::lifecycle::check_stopping(self.stopping)
+        crate::attempt::check_stopping(self.stopping)
     }
 
     /// Writes a page's links, errors, counters (and drained events) with the

@@ -15,7 +15,6 @@
 //! flagged `object_exists = false` and counted as `missing`; objects listed
 //! with another etag than they were imported with are counted as `changed`.
 pub mod budget;
-pub mod filter;
 mod parquet_footer;
 pub mod parse;
 mod tasks;
@@ -24,10 +23,9 @@ use futures::{StreamExt, TryStreamExt};
 use sea_orm::DatabaseConnection;
 use serde_json::json;
 
-pub use filter::Filter;
-
 use std::sync::Arc;
 
+use crate::attempt::Outcome;
 use crate::{
     Result,
     config::WorkerSettings,
@@ -37,18 +35,8 @@ use crate::{
         links::{self, NewTask},
         runs::{self, Counters, RunStatus},
     },
-    jobs::{Pushed, Queue, RunJob},
-    storage::{self, ListOptions, ObjectMeta, Storage, StorageEnv},
+    storage::{self, Filter, ListOptions, ObjectMeta, Storage, StorageEnv},
 };
-
-/// How an import ended (errors are returned as `Err`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Every page was committed.
-    Finished,
-    /// The run stopped being `running` under us (cancelled): nothing more was written.
-    Stopped,
-}
 
 pub struct ImportJob<'a> {
     pub db: &'a DatabaseConnection,
@@ -59,7 +47,7 @@ pub struct ImportJob<'a> {
     pub settings: &'a WorkerSettings,
     /// Where Tasks-mode objects are handed out as batch jobs; `None` imports
     /// them in this process (the one-shot CLI).
-    pub fanout: Option<&'a Queue>,
+    pub fanout: Option<&'a dyn FanOut>,
     /// The attempt's lease on the run: page checkpoints are refused once
     /// another attempt took the run over. `None` for fan-out batches, which
     /// only add counts the unique link key keeps exact.
@@ -67,6 +55,16 @@ pub struct ImportJob<'a> {
     /// Raised on SIGTERM: stop at the next page boundary and give the run
     /// back ([`crate::Error::Transient`]) so another worker resumes it.
     pub stopping: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+/// Where a Tasks-mode run hands its batches to the fleet: the job queue
+/// implements it (`jobs::Queue`), so the import does not know the queue.
+#[async_trait::async_trait]
+pub trait FanOut: Send + Sync {
+    /// Enqueues the job of batch `batch` of run `run_id`, once (a repeated
+    /// push of the same batch is absorbed). `Ok(false)`: the queue's backlog
+    /// is full; the batch row stays, and the waiting sync job runs it.
+    async fn push_batch(&self, run_id: &str, batch: i64) -> Result<bool>;
 }
 
 /// A per-object failure: key, row (None for the whole object), message.
@@ -235,8 +233,8 @@ impl ImportJob<'_> {
                 return Ok(Outcome::Stopped);
             }
             txn.commit().await?;
-            if let Some(queue) = self.fanout {
-                self.enqueue_batches(queue, batch_ids).await;
+            if let Some(fanout) = self.fanout {
+                self.enqueue_batches(fanout, batch_ids).await;
             }
         }
 
@@ -262,7 +260,7 @@ impl ImportJob<'_> {
 
 impl ImportJob<'_> {
     fn check_stopping(&self) -> Result<()> {
-        crate::lifecycle::check_stopping(self.stopping)
+        crate::attempt::check_stopping(self.stopping)
     }
 
     /// Fetches, parses and imports Tasks-mode objects, a bounded number at
@@ -316,15 +314,11 @@ impl ImportJob<'_> {
     /// Hands committed batches to the fleet. A push that fails is only logged:
     /// the batch row exists, and the waiting sync job runs batches no worker
     /// started (see [`Self::wait_for_batches`]).
-    async fn enqueue_batches(&self, queue: &Queue, ids: Vec<i64>) {
+    async fn enqueue_batches(&self, fanout: &dyn FanOut, ids: Vec<i64>) {
         for batch in ids {
-            let job = RunJob::batch(&self.run.id, batch);
-            match queue
-                .push(job, &format!("{}:batch:{batch}", self.run.id))
-                .await
-            {
-                Ok(Pushed::Queued) => {}
-                Ok(Pushed::Full) => tracing::warn!(
+            match fanout.push_batch(&self.run.id, batch).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
                     batch_id = batch,
                     "queue backlog full; the sync job will run this batch"
                 ),
@@ -381,7 +375,7 @@ impl ImportJob<'_> {
     #[tracing::instrument(skip_all, fields(run_id = %self.run.id, batch_id = batch.id), err)]
     pub async fn run_batch(&self, batch: &sync_batch::Model, worker: &str) -> Result<Outcome> {
         let backend = storage::open(self.storage, self.env).await?;
-        let objects = batches::objects(batch)?;
+        let objects: Vec<ObjectMeta> = batches::objects(batch)?;
         let Some((failed, errors)) = self.import_objects(&backend, objects, true, false).await?
         else {
             return Ok(Outcome::Stopped);

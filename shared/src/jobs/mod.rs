@@ -23,13 +23,14 @@ pub use queue::{Pushed, Queue};
 
 use crate::{
     Error, Result,
+    attempt::Outcome,
     config::Settings,
     db::{
         entities::{project, storage as storage_entity},
         runs::{self, Attempt, Counters, RunStatus},
     },
     export::ExportJob,
-    ingest::{ImportJob, Outcome},
+    ingest::ImportJob,
     storage::StorageEnv,
     telemetry::TraceContext,
 };
@@ -239,6 +240,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::ingest::FanOut for Queue {
+    async fn push_batch(&self, run_id: &str, batch: i64) -> Result<bool> {
+        let job = RunJob::batch(run_id, batch);
+        let pushed = self.push(job, &format!("{run_id}:batch:{batch}")).await?;
+        Ok(matches!(pushed, Pushed::Queued))
+    }
+}
+
 /// The storage and project a run works on.
 async fn owners(
     ctx: &JobContext,
@@ -274,7 +284,7 @@ async fn attempt(
                 storage: &storage,
                 project: &project,
                 settings: &ctx.settings.worker,
-                fanout: ctx.queue.as_ref(),
+                fanout: ctx.queue.as_ref().map(|q| q as &dyn crate::ingest::FanOut),
                 stopping: Some(&ctx.stopping),
                 lease: Some(lease),
             }
@@ -342,7 +352,8 @@ pub async fn execute_batch(
     // attempt imported are kept, so their objects did not fail).
     let give_up =
         async |reason: String| -> Result<(i64, Vec<crate::ingest::ObjectError>), JobError> {
-            let objects = batches::objects(&batch).unwrap_or_default();
+            let objects: Vec<crate::storage::ObjectMeta> =
+                batches::objects(&batch).unwrap_or_default();
             let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
             let linked = crate::db::links::known_objects(&ctx.db, run.storage_id, run_id, &keys)
                 .await

@@ -8,7 +8,9 @@
 //! and [`open`].
 pub mod azure;
 pub mod databricks;
+mod filter;
 pub mod gcs;
+mod instrumented;
 pub mod local;
 pub mod redis;
 pub mod retry;
@@ -24,54 +26,15 @@ use futures::{StreamExt, stream::BoxStream};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use crate::kinds::BackendKind;
 use crate::{
     Error, Result,
     db::entities::storage,
     security::{net::NetPolicy, secrets::SecretBox},
 };
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BackendKind {
-    S3,
-    Gcs,
-    Azure,
-    Redis,
-    Local,
-    Databricks,
-}
+pub use filter::Filter;
 
 impl BackendKind {
-    pub const ALL: [BackendKind; 6] = [
-        BackendKind::S3,
-        BackendKind::Gcs,
-        BackendKind::Azure,
-        BackendKind::Redis,
-        BackendKind::Local,
-        BackendKind::Databricks,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::S3 => "s3",
-            BackendKind::Gcs => "gcs",
-            BackendKind::Azure => "azure",
-            BackendKind::Redis => "redis",
-            BackendKind::Local => "local",
-            BackendKind::Databricks => "databricks",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|b| b.as_str() == s).ok_or_else(|| {
-            Error::invalid(
-                "unknown_backend",
-                Some("backend"),
-                format!("unknown backend {s:?}; expected one of s3, gcs, azure, redis, local, databricks"),
-            )
-        })
-    }
-
     /// How the backend's keys must be checked ([`check_key`]).
     pub fn key_shape(self) -> KeyShape {
         match self {
@@ -90,12 +53,6 @@ impl BackendKind {
             BackendKind::Local => &[],
             BackendKind::Databricks => &["token"],
         }
-    }
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -593,7 +550,7 @@ pub async fn open_with(
         )?),
     };
     // Every request of every backend is counted and timed in one place.
-    Ok(Arc::new(crate::metrics::Instrumented(backend)))
+    Ok(Arc::new(instrumented::Instrumented(backend)))
 }
 
 /// The checks every cloud config shares: a bucket (or container) name with

@@ -10,8 +10,9 @@ use sea_orm::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::Filter;
 use super::{BackendKind, Role, Secrets, StorageEnv, secrets_context, secrets_of, validate_config};
-use crate::{Error, Result, db::entities::storage, ingest::Filter};
+use crate::{Error, Result, db::entities::storage};
 
 /// Providers cap signed URLs at 7 days (SigV4, GCS V4).
 pub const MAX_PRESIGN_TTL: i64 = 7 * 24 * 3600;

@@ -1,0 +1,29 @@
+//! What one attempt of a run shares between the import and the export
+//! pipelines: how it ended ([`Outcome`]) and the stop flag it checks at
+//! every page ([`check_stopping`]). Below `ingest` and `export`, above
+//! `storage`: the job layer (`jobs`) reads the outcome, the process layer
+//! (`lifecycle`) raises the flag.
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::{Error, Result};
+
+/// How an attempt ended (errors are returned as `Err`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every page was committed.
+    Finished,
+    /// The run stopped being `running` under us (cancelled): nothing more was written.
+    Stopped,
+}
+
+/// A transient error once the worker is shutting down (`stopping` raised on
+/// SIGTERM), so a running import or export stops at its next page and
+/// another worker resumes the run.
+pub fn check_stopping(stopping: Option<&AtomicBool>) -> Result<()> {
+    if stopping.is_some_and(|s| s.load(Ordering::Relaxed)) {
+        return Err(Error::Transient(
+            "the worker is shutting down; another worker resumes this run".into(),
+        ));
+    }
+    Ok(())
+}
