@@ -4,9 +4,8 @@
 //! classification of database errors, the metrics a fresh scheduler lists
 //! and the CLI's message for a spec naming a missing project.
 //!
-//! Tests use the multi-thread runtime, as the binaries do: on a current-thread
-//! runtime an apalis 1.0 worker sometimes stops polling after its first
-//! heartbeat (seen in 2 of 14 runs; never on the multi-thread runtime).
+//! Tests use the multi-thread runtime, as the binaries do: see
+//! docs/DECISIONS.md (Multi-thread runtime only).
 use std::time::Duration;
 
 use labelsync_tests::{AppOptions, TestApp, spawn_app, write_files};

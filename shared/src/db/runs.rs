@@ -13,6 +13,9 @@ use serde::Serialize;
 use super::entities::{object_error, sync_run};
 use crate::{Error, Result};
 
+/// What a run does: `import` (a source sync) or `export` (a target sync or
+/// annotation events). `Delete` is a name the API's filter accepts; no run
+/// of that kind is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunKind {
@@ -37,6 +40,8 @@ impl RunKind {
     }
 }
 
+/// A run's status. `queued` and `running` are live (at most one live run per
+/// storage); the others are final and never change again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -80,7 +85,7 @@ impl RunStatus {
 
 const LIVE: [&str; 2] = ["queued", "running"];
 
-/// The counters of API.md (plus `missing` and `changed`). Every increment is
+/// The counters of a run (docs/API.md, "Runs"). Every increment is
 /// added in the transaction that writes what it counts (a page, a chunk of
 /// rows, a finished batch), so they never drift from the data.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
