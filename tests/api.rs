@@ -4,9 +4,8 @@
 //! classification of database errors, the metrics a fresh scheduler lists
 //! and the CLI's message for a spec naming a missing project.
 //!
-//! Tests use the multi-thread runtime, as the binaries do: on a current-thread
-//! runtime an apalis 1.0 worker sometimes stops polling after its first
-//! heartbeat (seen in 2 of 14 runs; never on the multi-thread runtime).
+//! Tests use the multi-thread runtime, as the binaries do: see
+//! docs/DECISIONS.md (Multi-thread runtime only).
 use std::time::Duration;
 
 use labelsync_tests::{AppOptions, TestApp, spawn_app, write_files};
@@ -1284,4 +1283,65 @@ async fn fresh_scheduler_metrics_list_counters_at_zero() {
             "resolve_bytes {backend}:\n{text}"
         );
     }
+}
+
+/// `docs/API.md` and the OpenAPI document describe the same routes. Every
+/// (method, path) of `scheduler/src/api/openapi.json` must have a heading
+/// `### METHOD /path` in `docs/API.md` (the convention that file states),
+/// and every such heading must be a route of the OpenAPI document. Needs no
+/// server: both files are read from the repository.
+#[test]
+fn openapi_paths_match_docs_api_md() {
+    use std::collections::BTreeSet;
+
+    const METHODS: [&str; 8] = [
+        "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE",
+    ];
+    let root = labelsync_tests::repo_root();
+    let read = |rel: &str| {
+        std::fs::read_to_string(root.join(rel)).unwrap_or_else(|e| panic!("reading {rel}: {e}"))
+    };
+    let doc: Value = serde_json::from_str(&read("scheduler/src/api/openapi.json"))
+        .expect("openapi.json is JSON");
+    let mut in_openapi = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("openapi.json has paths") {
+        for method in item.as_object().expect("a path item is an object").keys() {
+            let upper = method.to_uppercase();
+            if METHODS.contains(&upper.as_str()) {
+                in_openapi.insert(format!("{upper} {path}"));
+            }
+        }
+    }
+    assert!(in_openapi.len() >= 20, "{in_openapi:?}");
+
+    // A route heading: `### ` then an HTTP method, one space, a path.
+    let mut in_docs = BTreeSet::new();
+    for line in read("docs/API.md").lines() {
+        let Some(heading) = line.strip_prefix("### ") else {
+            continue;
+        };
+        let Some((method, path)) = heading.trim().split_once(' ') else {
+            continue;
+        };
+        if METHODS.contains(&method) {
+            assert!(
+                path.starts_with('/') && !path.contains(char::is_whitespace),
+                "docs/API.md: a route heading is `### METHOD /path`, got {line:?}"
+            );
+            assert!(
+                in_docs.insert(format!("{method} {path}")),
+                "docs/API.md: {line:?} appears twice"
+            );
+        }
+    }
+    let undocumented: Vec<_> = in_openapi.difference(&in_docs).collect();
+    let unserved: Vec<_> = in_docs.difference(&in_openapi).collect();
+    assert!(
+        undocumented.is_empty(),
+        "routes of openapi.json with no `### METHOD /path` heading in docs/API.md: {undocumented:?}"
+    );
+    assert!(
+        unserved.is_empty(),
+        "route headings of docs/API.md that openapi.json does not list: {unserved:?}"
+    );
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The storage emulators the backend tests talk to, installed into folders git
-# ignores and started on 127.0.0.1 (see PITFALLS.md for why each one):
+# ignores and started on 127.0.0.1 (why each one: docs/DECISIONS.md, "Storage emulators"):
 #   moto            :19000  S3 + STS AssumeRole (checks no signature)
 #   s3s-fs          :19001  S3 that verifies SigV4 (credentials, presigned URLs)
 #   fake-gcs-server :19002  GCS JSON API

@@ -1,4 +1,4 @@
-//! The whole data model of DESIGN.md: projects, storages, tasks, predictions,
+//! The data model of docs/DESIGN.md as first made: projects, storages, tasks, predictions,
 //! annotations, import/export links, sync runs and per-object errors.
 use sea_orm_migration::prelude::*;
 

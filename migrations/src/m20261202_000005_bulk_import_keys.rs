@@ -2,10 +2,8 @@
 //! (`import_links.storage_id -> storages`, `import_links.task_id -> tasks`,
 //! `tasks.project_id -> projects`) become statement-level delete triggers.
 //!
-//! Why: a foreign key is checked by a row-level trigger, one lookup (and one
-//! row lock) per inserted row. For a bulk import that was more than half of
-//! the server's work: 100,000 tasks and links in 25 statements took 1.82-1.86 s
-//! in psql with the keys and 0.80-0.81 s without (BENCHMARKS.md).
+//! Why: the per-row key checks were more than half of a bulk import's server
+//! time; see docs/DECISIONS.md (Dropped foreign keys on the bulk-import tables).
 //!
 //! What the keys guaranteed is kept:
 //! - deletes still cascade, once per statement over its transition table

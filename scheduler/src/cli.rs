@@ -45,7 +45,7 @@ pub enum Command {
     Migrate,
     /// Run one sync in this process and print the finished run as JSON.
     Sync {
-        /// A storage create body (API.md) with "project": {"title", "data_key"}
+        /// A storage create body (docs/API.md) with "project": {"title", "data_key"}
         /// in place of "project_id".
         #[arg(long)]
         spec: PathBuf,

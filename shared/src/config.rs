@@ -26,6 +26,9 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Every setting of both binaries, read once from the environment
+/// ([`Settings::from_env`]) and checked there: a bad value is an error at
+/// start, never later. Secrets in it do not print.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `DATABASE_URL`; defaults to a SQLite file in the working directory.
@@ -52,8 +55,8 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// `LABELSYNC_QUEUE_BACKLOG_LIMIT` (default 5000): jobs waiting in Redis
     /// beyond which new runs stay `queued` in the database until there is
-    /// room. apalis-redis 1.0 crashes every worker once ~8,000 jobs are due at
-    /// once (PITFALLS.md); 0 turns the guard off.
+    /// room (apalis-redis 1.0 crashes its workers at ~8,000 due jobs: see
+    /// docs/DECISIONS.md, "Due-job backlog limit"); 0 turns the guard off.
     pub queue_backlog_limit: u64,
     /// `LABELSYNC_REQUEUE_AFTER_SECS` (default 120): a live run with no sign
     /// of life for this long is enqueued again by the scheduler (its job was
@@ -119,6 +122,7 @@ pub struct HttpLimits {
     pub max_connections: usize,
 }
 
+/// The settings that shape how a worker runs jobs (part of [`Settings`]).
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     /// `LABELSYNC_WORKER_CONCURRENCY`: jobs one worker process runs at once (default 4).

@@ -3,8 +3,15 @@
 //! types and map into this one.
 use std::fmt;
 
+/// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The crate error. Its variant, not its text, tells the caller what to do:
+/// `Invalid` is the caller's mistake (an API 4xx; a run fails at once),
+/// `Transient` is worth retrying, `NotFound`, `Unauthenticated` and
+/// `PermissionDenied` will not change by retrying, `Internal` is a bug or an
+/// unexpected state. Messages are fit for the API and run records, except
+/// those of database errors, which [`Error::is_database`] tells apart.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The thing asked for does not exist (a storage, a run, an object).

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// What a run does: `import` (a source sync) or `export` (a target sync or
+/// annotation events). `Delete` is a name the API's filter accepts; no run
+/// of that kind is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunKind {
@@ -32,6 +35,7 @@ impl RunKind {
     }
 }
 
+/// The six backends, by the name the API uses (`backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {

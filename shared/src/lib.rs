@@ -1,4 +1,6 @@
 //! # Layout
+//! Architecture: docs/DESIGN.md; measured decisions: docs/DECISIONS.md.
+//!
 //! Everything the scheduler and worker binaries share, as layers: each
 //! module uses only modules of the layers below it (`layering.rs` checks
 //! that no `use` points back up).

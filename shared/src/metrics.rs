@@ -5,7 +5,8 @@
 //! happen: jobs in `jobs::execute`, storage requests in the
 //! `storage::Instrumented` wrapper every backend is opened in, resolve
 //! requests in the API, queue depth read from Redis right before each scrape
-//! (`lifecycle::metrics_response`; the apalis-redis 1.0 metrics calls fail).
+//! (`lifecycle::metrics_response`; the apalis-redis 1.0 metrics calls fail:
+//! docs/DECISIONS.md, "Queue depth read from Redis").
 //! This module only holds the instruments and their label vocabularies: it
 //! depends on nothing but `error` and `kinds`, so every layer can record. Names follow the
 //! Prometheus conventions the exporter applies: counters end in `_total`,
@@ -34,6 +35,8 @@ const REQUEST_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// The process's OpenTelemetry instruments and the Prometheus registry they
+/// render into; one per process, reached through [`metrics`].
 pub struct Metrics {
     registry: prometheus::Registry,
     provider: SdkMeterProvider,

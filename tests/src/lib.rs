@@ -1,9 +1,20 @@
 //! # Layout
-//! Helpers shared by the integration tests (`api.rs`, `fleet.rs`,
-//! `migrations.rs`): a fresh Postgres database and a fresh Redis queue
-//! namespace per test, an in-process scheduler on a random port
-//! ([`spawn_app`]), and the paths of the built binaries for tests that run
-//! real processes.
+//! Helpers shared by every integration test binary of `tests/` (`api.rs`,
+//! `import.rs`, `export.rs`, `resolve.rs`, `storage.rs`, `fleet.rs`,
+//! `faults.rs`, `migrations.rs`, `deploy.rs`) and the bench examples:
+//!
+//! - this module: a fresh Postgres database ([`fresh_postgres`]) and a fresh
+//!   Redis queue namespace per test, settings from a map ([`settings`]), an
+//!   in-process scheduler on a random port ([`spawn_app`], and a second
+//!   replica of it with [`spawn_replica`]), `labelsync-worker` processes
+//!   ([`spawn_worker`], [`spawn_ready_worker`]) and the paths of the built
+//!   binaries ([`binary`]), test data (files, Parquet files: plain, nested,
+//!   decompression bombs) and a process's peak memory ([`peak_rss`]);
+//! - [`backends`]: the storage emulators the backend tests talk to, and a
+//!   fresh bucket on each;
+//! - [`faults`]: a fault-injecting HTTP proxy to put in front of an emulator;
+//! - [`otlp`]: a small OTLP/HTTP collector that keeps the spans and metrics
+//!   it receives.
 //!
 //! Servers are taken from `TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`) and `TEST_REDIS_URL` (default

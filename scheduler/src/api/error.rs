@@ -19,6 +19,9 @@ use serde_json::json;
 /// What a caller who sent a NUL character is told.
 const NUL_IN_TEXT: &str = "text must not contain the NUL character (\\u0000 in JSON, %00 in a URL); remove it and send the request again";
 
+/// An API error response: `status` with the body
+/// `{"error": {"code", "message", "field"}}` (docs/API.md, "Errors").
+/// `code` is stable for programs; `message` never carries database text.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -128,6 +131,7 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// What every handler returns.
 pub type ApiResult<T> = Result<T, ApiError>;
 
 /// `Json<T>` with API-shaped rejections.

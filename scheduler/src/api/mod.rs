@@ -1,4 +1,4 @@
-//! The HTTP API of `shared/API.md` (v1). One module per resource; this one
+//! The HTTP API of `docs/API.md` (v1). One module per resource; this one
 //! builds the router, the auth layer and the list conventions.
 mod annotations;
 mod error;

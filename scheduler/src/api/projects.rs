@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, limit, page};
 
+/// The body of a project create or PATCH (unknown fields are refused).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectBody {

@@ -28,6 +28,7 @@ use serde::Deserialize;
 
 use super::{ApiError, ApiQuery, ApiResult, AppState, projects};
 
+/// `?project_id=&uri=` (unknown parameters are refused).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResolveQuery {

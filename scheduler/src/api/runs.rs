@@ -17,6 +17,7 @@ pub async fn get_one(
     Ok(ApiJson(runs::to_json(&runs::get(&state.db, &id).await?)))
 }
 
+/// The filters and paging of `GET /api/v1/runs`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunQuery {

@@ -92,6 +92,7 @@ pub async fn create(
     Ok((StatusCode::CREATED, ApiJson(with_last_run(&model, None))))
 }
 
+/// The filters and paging of `GET /api/v1/storages`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageQuery {
@@ -250,6 +251,7 @@ async fn check(backend: Arc<dyn Storage>, role: Role, prefix: &str) -> ApiResult
     Ok(ApiJson(json!({ "ok": true })))
 }
 
+/// `?limit=` of a preview (1 to 1000, default 20).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreviewQuery {

@@ -65,11 +65,8 @@ pub async fn known_objects(
     let mut found = HashMap::new();
     for chunk in keys.chunks(MAX_PARAMS) {
         let rows = if db.get_database_backend() == DbBackend::Postgres {
-            // One index lookup per key, whatever the statistics say: the
-            // `IN (...)` form below was planned as a scan of all the
-            // storage's links (stale statistics during a first sync, and a
-            // seq scan even after ANALYZE: 21 ms per 1,000 keys at 100,000
-            // links, growing with the table; 4-6 ms this way).
+            // One index lookup per key, whatever the statistics say: see
+            // docs/DECISIONS.md (Link lookups one index probe per key).
             KnownRow::find_by_statement(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 "SELECT k.key AS object_key, l.rows, l.etag, l.seen \
@@ -123,12 +120,10 @@ pub async fn mark_seen(
         // alone spares rewriting every row of a large file (100,000 rows of
         // one JSONL: 1.8 s).
         if db.get_database_backend() == DbBackend::Postgres {
-            // As in `known_objects`: the `IN (...)` form scanned every link
-            // of the storage (35-48 ms per 1,000 keys at 100,000 links; a
-            // no-change re-sync of 100,000 files took 7.5 s). Here the rows
-            // are found one index lookup per key (`OFFSET 0` keeps the
-            // lateral subquery from being flattened into a hash join), and
-            // updated by id.
+            // As in `known_objects`, one index lookup per key (see
+            // docs/DECISIONS.md, Link lookups one index probe per key);
+            // `OFFSET 0` keeps the lateral subquery from being flattened into
+            // a hash join. Rows are updated by id.
             db.execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 "UPDATE import_links SET seen_run_id = $3, object_exists = true \
@@ -391,9 +386,8 @@ pub async fn insert_tasks(
 /// link was new get a task.
 ///
 /// The rows are new as far as the caller could tell (it left out rows with
-/// links), so the insert is tried without `ON CONFLICT` first: the
-/// speculative insertion that clause needs doubled the cost of the link
-/// insert (measured: 50,000 links in 0.65 s with it, 0.30-0.34 s without).
+/// links), so the insert is tried without `ON CONFLICT` first (see
+/// docs/DECISIONS.md, One statement per chunk, without ON CONFLICT first).
 /// A row another attempt linked meanwhile fails that try with a unique
 /// violation; it is undone to its savepoint and the chunk goes again with
 /// `ON CONFLICT DO NOTHING`, which skips the raced rows.
@@ -403,10 +397,10 @@ pub async fn insert_tasks(
 /// size -1 and the Unix epoch as last-modified time.
 ///
 /// On Postgres these tables have no foreign keys to their parents (migration
-/// `m20261202_000005_bulk_import_keys`: the per-row checks were more than
-/// half of the insert's cost), so this function does once per call what the
-/// checks did per row: it locks the storage and project rows `FOR KEY
-/// SHARE`, which makes a concurrent delete of either wait for this
+/// `m20261202_000005_bulk_import_keys`; see docs/DECISIONS.md, Dropped
+/// foreign keys on the bulk-import tables), so this function does once per
+/// call what the checks did per row: it locks the storage and project rows
+/// `FOR KEY SHARE`, which makes a concurrent delete of either wait for this
 /// transaction (and then take the new rows with it through the delete
 /// triggers), and fails with `NotFound` if one is gone already. Each task is
 /// inserted in the statement that inserts its link.
@@ -440,11 +434,9 @@ ORDER BY input.id"#
         )
     }
     use sea_orm::sea_query::ArrayType as A;
-    // The connections force custom plans (see `db::connect`), and that
-    // applies to foreign-key checks' own cached queries too: when tasks and
-    // links still had keys, three re-planned lookups per row made a
-    // 1,000-row chunk take ~100 ms instead of 40-75 ms. The predictions' and
-    // annotations' keys remain; these inserts take their plans as usual.
+    // In this transaction the foreign-key checks (now those of predictions
+    // and annotations) take cached plans again: see docs/DECISIONS.md
+    // (plan_cache_mode back to auto for the task insert).
     db.execute_unprepared("SET LOCAL plan_cache_mode = auto")
         .await?;
     let owner = db

@@ -31,14 +31,13 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection> {
     } else {
         let loopback_plain = is_loopback_without_sslmode(url);
         opts.max_connections(16).map_sqlx_postgres_opts(move |o| {
-            // The link table grows from empty during a sync; a generic plan made
-            // while it was small keeps seq-scanning it (measured: 500 ms per
-            // page-dedup query at 20k links, 5 ms with a custom plan).
+            // Generic plans made while the link table was small kept
+            // seq-scanning it: see docs/DECISIONS.md (force_custom_plan on
+            // every connection).
             let o = o.options([("plan_cache_mode", "force_custom_plan")]);
-            // sqlx 0.9.0 no longer sets TCP_NODELAY (sqlx issue #4335), so a
-            // statement larger than one TLS record waits ~40 ms for a delayed
-            // ACK. TLS to a loopback server protects nothing: skip it there
-            // unless the URL asks for it.
+            // TLS to a loopback server protects nothing and costs a delayed
+            // ACK per large statement: see docs/DECISIONS.md (No TLS to a
+            // loopback Postgres).
             if loopback_plain {
                 o.ssl_mode(sea_orm::sqlx::postgres::PgSslMode::Disable)
             } else {
@@ -117,10 +116,8 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<sea_orm::DatabaseTra
 }
 
 /// Refreshes the planner's statistics of `tables` (Postgres; a no-op on
-/// SQLite). Keyset pages over a table that grew in bulk since its last
-/// ANALYZE get planned as if it were tiny (a bitmap scan and a sort of every
-/// remaining row, per page) when autovacuum is off or has not come round yet:
-/// measured 48 ms instead of 2 ms per page of 1,000 annotations at 100k.
+/// SQLite), so keyset pages over a table that grew in bulk are not planned as
+/// if it were tiny: see docs/DECISIONS.md (ANALYZE at the start of an export).
 pub async fn refresh_stats(db: &DatabaseConnection, tables: &[&str]) -> Result<()> {
     if db.get_database_backend() == DbBackend::Postgres {
         db.execute_unprepared(&format!("ANALYZE {}", tables.join(", ")))

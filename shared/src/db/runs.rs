@@ -15,6 +15,8 @@ use crate::{Error, Result};
 
 pub use crate::kinds::RunKind;
 
+/// A run's status. `queued` and `running` are live (at most one live run per
+/// storage); the others are final and never change again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -58,7 +60,7 @@ impl RunStatus {
 
 const LIVE: [&str; 2] = ["queued", "running"];
 
-/// The counters of API.md (plus `missing` and `changed`). Every increment is
+/// The counters of a run (docs/API.md, "Runs"). Every increment is
 /// added in the transaction that writes what it counts (a page, a chunk of
 /// rows, a finished batch), so they never drift from the data.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

@@ -48,6 +48,10 @@ pub fn object_key(prefix: &str, annotation_id: i64) -> String {
     }
 }
 
+/// One attempt of an export run over a target storage: a `full` run exports
+/// every annotation of the project that changed, then drains the outbox;
+/// an `events` run only drains the outbox. Every page commits its links,
+/// errors, counters and cursor together, so a retried attempt resumes.
 pub struct ExportJob<'a> {
     pub db: &'a DatabaseConnection,
     pub env: &'a StorageEnv,

@@ -21,6 +21,9 @@ pub const SMALL: usize = 64 << 10;
 /// How many times its text a row may take in memory while it is parsed.
 pub const EXPANSION: usize = 12;
 
+/// The memory that large parses of one process may take at once. A
+/// reservation waits while the budget is spent; one larger than the whole
+/// budget is cut to it and runs alone.
 #[derive(Debug)]
 pub struct ParseBudget {
     kib: Semaphore,

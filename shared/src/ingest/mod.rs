@@ -38,6 +38,9 @@ use crate::{
     storage::{self, Filter, ListOptions, ObjectMeta, Storage, StorageEnv},
 };
 
+/// One attempt of an import run: lists the source from the run's cursor and
+/// commits each page (tasks, links, errors, counters, cursor) in one
+/// transaction, so an attempt killed at any point can be resumed.
 pub struct ImportJob<'a> {
     pub db: &'a DatabaseConnection,
     pub env: &'a StorageEnv,
@@ -415,7 +418,8 @@ impl ImportJob<'_> {
 
 /// Objects per fan-out batch: a Tasks-mode run hands its new objects to the
 /// fleet in batches of this many, at most [`MAX_BATCHES_IN_FLIGHT`] unfinished
-/// (far below apalis-redis' ~8,000 due-job limit).
+/// (far below apalis-redis' ~8,000 due-job limit: docs/DECISIONS.md,
+/// "Due-job backlog limit").
 const BATCH_OBJECTS: usize = 50;
 /// Unfinished batches one run may have at once.
 const MAX_BATCHES_IN_FLIGHT: u64 = 64;

@@ -61,6 +61,8 @@ pub struct TaskInput {
     pub predictions: Vec<Value>,
 }
 
+/// One row of a task file, by its index in the file: a task, or that row's
+/// error (the rows around it are unaffected).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowEvent {
     Task(i64, TaskInput),

@@ -38,11 +38,8 @@ use crate::{
 };
 
 /// Rows per transaction and per channel message (and the most rows of small
-/// objects committed together). 4,000 rather than 1,000:
-/// each chunk pays a fixed round of statements (begin, savepoint, the
-/// checkpoint's counter update, commit), and a larger chunk made a 1M-row
-/// Parquet file import into Postgres in 26 s instead of 54 s (BENCHMARKS.md);
-/// four chunks in memory stay a few MB even for 1 KB rows.
+/// objects committed together). Why 4,000: see docs/DECISIONS.md (Chunks of
+/// 4,000 rows or 8 MiB).
 pub(super) const CHUNK_ROWS: usize = 4000;
 /// The most task JSON (approximately) one chunk holds: a chunk of big rows
 /// closes before [`CHUNK_ROWS`], so what one object has in flight (the chunk

@@ -5,9 +5,10 @@
 //! a duplicate or replayed job finds its run already ended and does nothing,
 //! and a job re-queued after a worker died resumes the run from its cursor.
 //!
-//! apalis-redis 1.0 retries every failed job on its own schedule (PITFALLS.md),
-//! so the attempt limit is ours: `runs.attempts` counts them, and a permanent
-//! error ends the run at once and acknowledges the job.
+//! apalis-redis 1.0 retries every failed job on its own schedule, so the
+//! attempt limit is ours: `runs.attempts` counts them, and a permanent error
+//! ends the run at once and acknowledges the job (see docs/DECISIONS.md,
+//! "Our own attempt limit").
 pub mod queue;
 
 use std::{

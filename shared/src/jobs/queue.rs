@@ -1,7 +1,8 @@
 //! Queue wiring: apalis-redis for the fleet, apalis-sqlite for the embedded
 //! single-process mode. Both run the same handler ([`super::execute`]).
 //!
-//! Settings that work around apalis-redis 1.0 (see PITFALLS.md):
+//! Settings that work around apalis-redis 1.0 (see docs/DECISIONS.md, "The
+//! job queue: apalis 1.0 / apalis-redis 1.0"):
 //! - `poll_with_interval`: without it an idle worker only sees new jobs at its
 //!   next heartbeat (~30 s);
 //! - heartbeat 5 s x 3 missed: a killed worker's jobs come back after ~15 s,
@@ -25,6 +26,9 @@ use tracing::Instrument;
 use super::{JobContext, RunJob};
 use crate::{Error, Result, config::Settings, db};
 
+/// The job queue: Redis (the fleet) or the embedded SQLite queue (one
+/// process). Jobs pushed are delivered at least once; handlers are
+/// idempotent. Cheap to clone.
 #[derive(Debug, Clone)]
 pub enum Queue {
     Redis {
@@ -146,7 +150,8 @@ impl Queue {
     }
 
     /// How many jobs wait, run and died, read from the backend's own keys or
-    /// tables (apalis-redis 1.0's metrics calls fail: PITFALLS.md).
+    /// tables (apalis-redis 1.0's metrics calls fail: see docs/DECISIONS.md
+    /// (Queue depth read from Redis)).
     pub async fn depth(&self) -> Result<QueueDepth> {
         match self {
             Queue::Redis { storage, conn, .. } => {

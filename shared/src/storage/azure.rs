@@ -1,10 +1,7 @@
 //! Azure Blob Storage, through `object_store`'s Azure client.
 //!
-//! Why `object_store` and not `azure_storage_blob`: measured in PITFALLS.md —
-//! the official crate has no account-key auth, refuses token credentials over
-//! plain http (Azurite), and signs only user-delegation SAS; `object_store`
-//! does account key, service principal, workload / managed identity and SAS
-//! signing, and passed everything on Azurite.
+//! Why `object_store`: see docs/DECISIONS.md (Azure: object_store, not
+//! azure_storage_blob).
 //!
 //! Credentials, in order: `account_key` from the secrets; a service principal
 //! (`tenant_id` + `client_id` + `client_secret`); `AZURE_BLOB_ACCOUNT_NAME` /
@@ -37,6 +34,7 @@ use crate::{
     security::net::{NetPolicy, http_client, parse_endpoint},
 };
 
+/// The `config` object of a `azure` storage (docs/API.md); unknown keys are refused.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AzureConfig {
@@ -136,6 +134,8 @@ impl HttpConnector for GuardedConnector {
     }
 }
 
+/// One Azure Blob container. Presigns SAS URLs: a service SAS with an
+/// account key, a user-delegation SAS with token credentials.
 #[derive(Debug)]
 pub struct AzureStorage {
     store: Arc<MicrosoftAzure>,

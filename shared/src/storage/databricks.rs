@@ -35,6 +35,7 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// The `config` object of a `databricks` storage (docs/API.md); unknown keys are refused.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabricksConfig {
@@ -75,6 +76,9 @@ impl DatabricksConfig {
     }
 }
 
+/// One Unity Catalog volume, through the Databricks Files API. Listings walk
+/// directories depth-first, each directory sorted; no
+/// presign.
 #[derive(Debug, Clone)]
 pub struct DatabricksStorage {
     http: Client,

@@ -7,6 +7,9 @@ use regex::Regex;
 
 use crate::{Error, Result, db::entities::storage};
 
+/// A storage's regex filter, compiled: [`Filter::matches`] is true for keys
+/// the regex matches from their start (always, without a regex). Matching
+/// takes linear time in the key.
 #[derive(Debug, Clone)]
 pub struct Filter {
     regex: Option<Regex>,

@@ -1,12 +1,10 @@
 //! Google Cloud Storage: credentials from `google-cloud-auth`, data plane
 //! on the JSON API over our reqwest client.
 //!
-//! Why not a GCS client crate (measured, PITFALLS.md): `google-cloud-storage`
-//! lists and deletes over gRPC and hangs or corrupts uploads against
-//! fake-gcs-server; `object_store`'s GCS client cannot write to it; `gcp_auth`
-//! has no `external_account` (Workload Identity Federation) support. So the
-//! four calls (list, get with Range, upload, delete) and V4 URL signing are
-//! written here, and Google's own auth crate supplies tokens and signatures.
+//! The four calls (list, get with Range, upload, delete) and V4 URL signing
+//! are written here; Google's own auth crate supplies tokens and signatures.
+//! Why no GCS client crate: see docs/DECISIONS.md (GCS: google-cloud-auth and
+//! the JSON API by hand).
 //!
 //! Credentials: `credentials_json` (a service-account key, or an
 //! `external_account` WIF config); else, on Google's endpoint, Application
@@ -50,6 +48,7 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
+/// The `config` object of a `gcs` storage (docs/API.md); unknown keys are refused.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GcsConfig {
@@ -79,6 +78,9 @@ impl GcsConfig {
     }
 }
 
+/// One Google Cloud Storage bucket, through the JSON API. Presigns V4 URLs
+/// when its credentials can sign (a service-account key, or ADC through
+/// IAM); otherwise `presign` answers `None` and the object is proxied.
 pub struct GcsStorage {
     http: Client,
     base: Url,

@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{Error, Result, security::paths};
 
+/// The `config` object of a `local` storage (docs/API.md); unknown keys are refused.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
@@ -52,6 +53,9 @@ impl LocalConfig {
     }
 }
 
+/// A directory under `LOCAL_FILES_DOCUMENT_ROOT`; keys are paths relative to
+/// it. Nothing is read or written outside it, and directory symlinks are not
+/// followed; puts write aside and rename. No presign.
 #[derive(Debug)]
 pub struct LocalStorage {
     root: PathBuf,

@@ -43,7 +43,7 @@ impl BackendKind {
         }
     }
 
-    /// The secret names the backend takes (API.md).
+    /// The secret names the backend takes (docs/API.md, "Storages").
     pub fn secret_names(self) -> &'static [&'static str] {
         match self {
             BackendKind::S3 => &["access_key_id", "secret_access_key", "session_token"],
@@ -111,6 +111,7 @@ pub struct ListError {
 }
 
 #[derive(Debug, Clone)]
+/// What a listing covers and where it starts.
 pub struct ListOptions {
     /// Only keys starting with this string.
     pub prefix: String,
@@ -212,6 +213,24 @@ impl fmt::Debug for Object {
     }
 }
 
+/// One storage location (a bucket, container, volume, directory or Redis key
+/// prefix) that labelsync lists, reads and writes by key.
+///
+/// What every implementation promises:
+/// - keys are strings relative to the location; user-given keys are checked
+///   with [`check_key`] first, and no request reaches outside the location;
+/// - [`list`](Storage::list) yields pages in the backend's key order, stable
+///   between calls, each key once, never the whole listing in memory;
+///   `start_after` resumes after a key in that order; a part that cannot be
+///   read is a [`ListError`] in its page, not the end of the stream;
+/// - `get` of a missing key is [`Error::NotFound`]; a range outside the object
+///   is [`Error::Invalid`] with the code `range_not_satisfiable`;
+/// - `put` creates or replaces the whole object; `delete` of a missing key
+///   succeeds; `presign` is `None` when the backend cannot sign;
+/// - errors are classified: `Transient` only after the backend's own retries;
+///   `Unauthenticated`, `PermissionDenied`, `NotFound` and `Invalid` are
+///   never worth retrying;
+/// - one value is shared (`Arc<dyn Storage>`) and used from many tasks at once.
 #[async_trait]
 pub trait Storage: Send + Sync + fmt::Debug {
     fn kind(&self) -> BackendKind;

@@ -26,6 +26,7 @@ fn default_port() -> u16 {
     6379
 }
 
+/// The `config` object of a `redis` storage (docs/API.md); unknown keys are refused.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
@@ -34,7 +35,7 @@ pub struct RedisConfig {
     pub port: u16,
     #[serde(default)]
     pub db: i64,
-    /// Key prefix of every object (`path` in API.md).
+    /// Key prefix of every object (`config.path` in docs/API.md).
     #[serde(default)]
     pub path: String,
     #[serde(default)]
@@ -67,6 +68,8 @@ impl RedisConfig {
     }
 }
 
+/// The keys of one Redis database under the storage's `path`, each value an
+/// object. Listings use `SCAN` (never `KEYS`) and are sorted; no presign.
 #[derive(Debug)]
 pub struct RedisStorage {
     config: RedisConfig,

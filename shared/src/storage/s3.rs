@@ -37,6 +37,7 @@ use crate::{
     security::net::{GuardedResolver, parse_endpoint},
 };
 
+/// The `config` object of a `s3` storage (docs/API.md); unknown keys are refused.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Config {
@@ -96,6 +97,8 @@ impl S3Config {
     }
 }
 
+/// One bucket on AWS S3 or an S3-compatible server. Presigns SigV4 GET URLs;
+/// puts use SSE-KMS when the storage names a key.
 #[derive(Debug)]
 pub struct S3Storage {
     client: Client,

@@ -1,4 +1,4 @@
-//! The storage create body of API.md, shared by the API and the one-shot CLI:
+//! The storage create body of docs/API.md, shared by the API and the one-shot CLI:
 //! parsing, validation (nothing is written until all of it passes) and the
 //! conversion to and from the `storages` row.
 use chrono::Utc;
@@ -21,6 +21,8 @@ pub const MIN_SYNC_INTERVAL: i64 = 1;
 /// One year: longer periods are surely a mistake too.
 pub const MAX_SYNC_INTERVAL: i64 = 365 * 24 * 3600;
 
+/// How a source's objects become tasks: `files` (one task per object) or
+/// `tasks` (each object is a file of tasks).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImportMethod {
@@ -61,6 +63,8 @@ fn empty_object() -> Value {
     Value::Object(Map::new())
 }
 
+/// A storage create body (docs/API.md, "Storages"), with the defaults
+/// filled in; nothing in it is checked until [`StorageSpec::validate`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageSpec {
