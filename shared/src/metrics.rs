@@ -90,11 +90,18 @@ impl Metrics {
                 builder.build()
             }
         };
+        let metrics = Self::instruments(registry, provider);
+        metrics.start_at_zero();
+        metrics
+    }
+
+    /// Every instrument, made on `provider`'s meter.
+    fn instruments(registry: prometheus::Registry, provider: SdkMeterProvider) -> Self {
         let meter = provider.meter("labelsync");
         let counter = |name: &'static str, help: &'static str| {
             meter.u64_counter(name).with_description(help).build()
         };
-        let metrics = Metrics {
+        Metrics {
             jobs_started: counter("labelsync.jobs.started", "Job attempts started, by kind"),
             jobs_finished: counter(
                 "labelsync.jobs.finished",
@@ -156,9 +163,7 @@ impl Metrics {
                 .build(),
             registry,
             provider,
-        };
-        metrics.start_at_zero();
-        metrics
+        }
     }
 
     /// Adds 0 to every counter for each label set known in advance, so

@@ -73,13 +73,38 @@ pub trait FanOut: Send + Sync {
 /// A per-object failure: key, row (None for the whole object), message.
 pub type ObjectError = (String, Option<i64>, String);
 
+/// One listing page, classified: what it adds to the run's counters, which
+/// objects need tasks or a re-read, and what the page's transaction records.
+#[derive(Default)]
+struct PagePlan {
+    /// The page's last key: where a resumed run continues (none for a page
+    /// of listing errors only).
+    cursor: Option<String>,
+    delta: Counters,
+    /// Listed keys whose links this run marks as seen.
+    seen_keys: Vec<String>,
+    /// Matched objects not (completely) imported: new ones, those of a page
+    /// replayed after a crash, and objects a stopped run left half-way.
+    fresh: Vec<ObjectMeta>,
+    /// Whether some fresh object has links already (its rows may exist).
+    fresh_may_exist: bool,
+    /// Imported objects listed with another etag.
+    changed: Vec<ObjectMeta>,
+    /// Per-object errors to record with the page.
+    errors: Vec<ObjectError>,
+    /// Fan-out batches, written with the page's checkpoint.
+    batches: Vec<Vec<ObjectMeta>>,
+}
+
 impl ImportJob<'_> {
-    /// Runs (or resumes, from `run.cursor`) an import.
+    /// Runs (or resumes, from `run.cursor`) an import: each listing page is
+    /// planned, its task files read (Tasks mode), and committed in one
+    /// transaction with the run's counters and cursor; after the last page,
+    /// what was not listed is flagged missing.
     #[tracing::instrument(skip_all, fields(run_id = %self.run.id, storage_id = self.storage.id), err)]
     pub async fn run(&self) -> Result<Outcome> {
         let backend = storage::open(self.storage, self.env).await?;
         let filter = Filter::from_storage(self.storage)?;
-        let tasks_mode = self.storage.import_method == "tasks";
         let mut pages = storage::prefetch(
             backend.list(ListOptions {
                 prefix: self.storage.prefix.clone(),
@@ -91,158 +116,202 @@ impl ImportJob<'_> {
         );
         while let Some(page) = pages.next().await {
             self.check_stopping()?;
-            let page = page?;
-            // A page may carry only listing errors (an unreadable
-            // directory): they are recorded, and the cursor stays put.
-            if page.objects.is_empty() && page.errors.is_empty() {
+            let Some(mut plan) = self.plan_page(page?, &filter).await? else {
                 continue;
+            };
+            if !self.read_task_files(&backend, &mut plan).await?
+                || !self.commit_page(&*backend, plan).await?
+            {
+                return Ok(Outcome::Stopped);
             }
-            let cursor = page.objects.last().map(|o| o.key.clone());
-            let listing_errors: Vec<ObjectError> = page
+        }
+        self.finish_listing().await
+    }
+
+    fn tasks_mode(&self) -> bool {
+        self.storage.import_method == "tasks"
+    }
+
+    /// Classifies a page against the links the storage has. `None` for a
+    /// page with nothing in it.
+    async fn plan_page(&self, page: storage::Page, filter: &Filter) -> Result<Option<PagePlan>> {
+        // A page may carry only listing errors (an unreadable directory):
+        // they are recorded, and the cursor stays put.
+        if page.objects.is_empty() && page.errors.is_empty() {
+            return Ok(None);
+        }
+        let mut plan = PagePlan {
+            cursor: page.objects.last().map(|o| o.key.clone()),
+            errors: page
                 .errors
                 .into_iter()
                 .map(|e| (e.key, None, e.message))
-                .collect();
-            let listed = page.objects.len() as i64;
-            // Every listed object counts as present, matched or not: narrowing
-            // the regex must not report the objects it now skips as missing.
-            let listed_keys: Vec<String> = page.objects.iter().map(|o| o.key.clone()).collect();
-            let matched: Vec<ObjectMeta> = page
-                .objects
-                .into_iter()
-                .filter(|o| filter.matches(&o.key))
-                .collect();
-            let keys: Vec<String> = matched.iter().map(|o| o.key.clone()).collect();
-            let known = links::known_objects(self.db, self.storage.id, &self.run.id, &keys).await?;
-            let partial = if tasks_mode && !known.is_empty() {
-                links::partial_among(self.db, self.storage.id, &keys).await?
-            } else {
-                Default::default()
+                .collect(),
+            ..PagePlan::default()
+        };
+        plan.delta.listed = page.objects.len() as i64;
+        plan.delta.failed = plan.errors.len() as i64;
+        // Every listed object counts as present, matched or not: narrowing
+        // the regex must not report the objects it now skips as missing.
+        let listed_keys: Vec<String> = page.objects.iter().map(|o| o.key.clone()).collect();
+        let matched: Vec<ObjectMeta> = page
+            .objects
+            .into_iter()
+            .filter(|o| filter.matches(&o.key))
+            .collect();
+        let keys: Vec<String> = matched.iter().map(|o| o.key.clone()).collect();
+        let known = links::known_objects(self.db, self.storage.id, &self.run.id, &keys).await?;
+        let partial = if self.tasks_mode() && !known.is_empty() {
+            links::partial_among(self.db, self.storage.id, &keys).await?
+        } else {
+            Default::default()
+        };
+        // Only links made before this run need marking as seen: a matched
+        // key without one gets its rows now (or from a batch) with this
+        // run's id already. On a first sync that spares a 1,000-key update
+        // per page that matches nothing.
+        plan.seen_keys = listed_keys
+            .into_iter()
+            .filter(|k| known.contains_key(k) || !filter.matches(k))
+            .collect();
+        plan.delta.matched = matched.len() as i64;
+        self.classify(&mut plan, matched, &known, &partial);
+        Ok(Some(plan))
+    }
+
+    /// Sorts matched objects into fresh (needs its rows), changed (another
+    /// etag) and already imported (counted as existing).
+    fn classify(
+        &self,
+        plan: &mut PagePlan,
+        matched: Vec<ObjectMeta>,
+        known: &std::collections::HashMap<String, links::Known>,
+        partial: &std::collections::HashSet<String>,
+    ) {
+        for object in matched {
+            let Some(k) = known.get(&object.key) else {
+                plan.fresh.push(object);
+                continue;
             };
-            // Only links made before this run need marking as seen: a matched
-            // key without one gets its rows now (or from a batch) with this
-            // run's id already. On a first sync that spares a 1,000-key update
-            // per page that matches nothing.
-            let seen_keys: Vec<String> = listed_keys
-                .into_iter()
-                .filter(|k| known.contains_key(k) || !filter.matches(k))
-                .collect();
-
-            let mut delta = Counters {
-                listed,
-                matched: matched.len() as i64,
-                failed: listing_errors.len() as i64,
-                ..Counters::default()
-            };
-            let mut fresh = Vec::new();
-            let mut changed = Vec::new();
-            for object in matched {
-                let Some(k) = known.get(&object.key) else {
-                    fresh.push(object);
-                    continue;
-                };
-                if k.seen_by_run || partial.contains(&object.key) {
-                    // A page replayed after a crash, or an object an earlier
-                    // run stopped half-way through (cancelled, failed,
-                    // killed): its rows were counted when committed; Tasks
-                    // mode picks up the rows still missing.
-                    if tasks_mode {
-                        fresh.push(object);
-                    }
-                    continue;
+            if k.seen_by_run || partial.contains(&object.key) {
+                // A page replayed after a crash, or an object an earlier run
+                // stopped half-way through (cancelled, failed, killed): its
+                // rows were counted when committed; Tasks mode picks up the
+                // rows still missing.
+                if self.tasks_mode() {
+                    plan.fresh_may_exist = true;
+                    plan.fresh.push(object);
                 }
-                delta.existed += k.rows;
-                if object.etag.is_some() && k.etag.is_some() && object.etag != k.etag {
-                    delta.changed += 1;
-                    changed.push(object);
-                }
+                continue;
             }
-
-            let mut errors = listing_errors;
-            let mut batches_to_create: Vec<Vec<ObjectMeta>> = Vec::new();
-            if tasks_mode && !fresh.is_empty() {
-                let objects = std::mem::take(&mut fresh);
-                match self.fanout {
-                    Some(_) => {
-                        // The batch rows are written with the page's checkpoint
-                        // (so a replayed page cannot make a second set) and
-                        // enqueued after it commits.
-                        batches_to_create =
-                            objects.chunks(BATCH_OBJECTS).map(<[_]>::to_vec).collect();
-                        let room =
-                            MAX_BATCHES_IN_FLIGHT.saturating_sub(batches_to_create.len() as u64);
-                        if !self.wait_for_batches(room).await? {
-                            return Ok(Outcome::Stopped);
-                        }
-                    }
-                    None => {
-                        // Only objects of a replayed page can have rows already.
-                        let may_exist = objects.iter().any(|o| known.contains_key(&o.key));
-                        let Some((failed, errs)) = self
-                            .import_objects(&backend, objects, may_exist, false)
-                            .await?
-                        else {
-                            return Ok(Outcome::Stopped);
-                        };
-                        delta.failed += failed;
-                        errors.extend(errs);
-                    }
-                }
-            }
-
-            // Changed objects are read again where the storage opts in (Tasks
-            // mode; a Files-mode task only names its object, which already
-            // serves the new bytes). Done inline, not fanned out: changes are
-            // few, and the etag is updated only after the rows are.
-            if tasks_mode && self.storage.reimport_changed && !changed.is_empty() {
-                let Some((failed, errs)) = self
-                    .import_objects(&backend, changed.clone(), true, true)
-                    .await?
-                else {
-                    return Ok(Outcome::Stopped);
-                };
-                delta.failed += failed;
-                errors.extend(errs);
-            }
-
-            let txn = crate::db::begin_write(self.db).await?;
-            if !fresh.is_empty() {
-                let new = files_tasks(&*backend, &self.project.data_key, fresh);
-                let (created, raced) =
-                    links::insert_tasks(&txn, self.project.id, self.storage.id, &self.run.id, new)
-                        .await?;
-                delta.created += created;
-                delta.existed += raced;
-            }
-            links::mark_seen(&txn, self.storage.id, &self.run.id, &seen_keys).await?;
-            for o in &changed {
-                links::update_object(
-                    &txn,
-                    self.storage.id,
-                    &o.key,
-                    o.etag.as_deref(),
-                    o.size,
-                    o.last_modified,
-                )
-                .await?;
-            }
-            runs::record_errors(&txn, &self.run.id, errors).await?;
-            let mut batch_ids = Vec::with_capacity(batches_to_create.len());
-            for objects in &batches_to_create {
-                batch_ids.push(batches::create(&txn, &self.run.id, objects).await?);
-            }
-            if !runs::checkpoint(&txn, &self.run.id, &delta, cursor.as_deref(), self.lease).await? {
-                txn.rollback().await?;
-                return Ok(Outcome::Stopped);
-            }
-            txn.commit().await?;
-            if let Some(fanout) = self.fanout {
-                self.enqueue_batches(fanout, batch_ids).await;
+            plan.delta.existed += k.rows;
+            if object.etag.is_some() && k.etag.is_some() && object.etag != k.etag {
+                plan.delta.changed += 1;
+                plan.changed.push(object);
             }
         }
+    }
 
-        // The listing is complete; once every batch is done, what was not
-        // seen is gone.
+    /// Tasks mode: hands the fresh objects to fan-out batches (written with
+    /// the page) or imports them here, and re-reads changed objects where the
+    /// storage opts in. False when the run stopped.
+    async fn read_task_files(
+        &self,
+        backend: &Arc<dyn Storage>,
+        plan: &mut PagePlan,
+    ) -> Result<bool> {
+        if !self.tasks_mode() {
+            return Ok(true);
+        }
+        if !plan.fresh.is_empty() {
+            let objects = std::mem::take(&mut plan.fresh);
+            if self.fanout.is_some() {
+                // The batch rows are written with the page's checkpoint (so a
+                // replayed page cannot make a second set) and enqueued after
+                // it commits.
+                plan.batches = objects.chunks(BATCH_OBJECTS).map(<[_]>::to_vec).collect();
+                let room = MAX_BATCHES_IN_FLIGHT.saturating_sub(plan.batches.len() as u64);
+                if !self.wait_for_batches(room).await? {
+                    return Ok(false);
+                }
+            } else if !self
+                .import_into(plan, backend, objects, plan.fresh_may_exist, false)
+                .await?
+            {
+                return Ok(false);
+            }
+        }
+        // Changed objects are read again where the storage opts in (a
+        // Files-mode task only names its object, which already serves the new
+        // bytes). Done inline, not fanned out: changes are few, and the etag
+        // is updated only after the rows are.
+        if self.storage.reimport_changed && !plan.changed.is_empty() {
+            let changed = plan.changed.clone();
+            return self.import_into(plan, backend, changed, true, true).await;
+        }
+        Ok(true)
+    }
+
+    /// [`Self::import_objects`], its failures added to the page's.
+    async fn import_into(
+        &self,
+        plan: &mut PagePlan,
+        backend: &Arc<dyn Storage>,
+        objects: Vec<ObjectMeta>,
+        may_exist: bool,
+        overwrite: bool,
+    ) -> Result<bool> {
+        let Some((failed, errors)) = self
+            .import_objects(backend, objects, may_exist, overwrite)
+            .await?
+        else {
+            return Ok(false);
+        };
+        plan.delta.failed += failed;
+        plan.errors.extend(errors);
+        Ok(true)
+    }
+
+    /// Commits a page in one transaction: Files-mode tasks, seen marks, new
+    /// etags, errors, fan-out batches, and the run's counters and cursor;
+    /// then hands the batches to the fleet. False when the run stopped.
+    async fn commit_page(&self, backend: &dyn Storage, mut plan: PagePlan) -> Result<bool> {
+        let txn = crate::db::begin_write(self.db).await?;
+        if !plan.fresh.is_empty() {
+            let fresh = std::mem::take(&mut plan.fresh);
+            let new = files_tasks(backend, &self.project.data_key, fresh);
+            let (created, raced) =
+                links::insert_tasks(&txn, self.project.id, self.storage.id, &self.run.id, new)
+                    .await?;
+            plan.delta.created += created;
+            plan.delta.existed += raced;
+        }
+        links::mark_seen(&txn, self.storage.id, &self.run.id, &plan.seen_keys).await?;
+        for o in &plan.changed {
+            let etag = o.etag.as_deref();
+            links::update_object(&txn, self.storage.id, &o.key, etag, o.size, o.last_modified)
+                .await?;
+        }
+        runs::record_errors(&txn, &self.run.id, plan.errors).await?;
+        let mut batch_ids = Vec::with_capacity(plan.batches.len());
+        for objects in &plan.batches {
+            batch_ids.push(batches::create(&txn, &self.run.id, objects).await?);
+        }
+        let cursor = plan.cursor.as_deref();
+        if !runs::checkpoint(&txn, &self.run.id, &plan.delta, cursor, self.lease).await? {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        txn.commit().await?;
+        if let Some(fanout) = self.fanout {
+            self.enqueue_batches(fanout, batch_ids).await;
+        }
+        Ok(true)
+    }
+
+    /// The listing is complete: once every batch is done, what was not seen
+    /// is gone (flagged, and counted as `missing`).
+    async fn finish_listing(&self) -> Result<Outcome> {
         if self.fanout.is_some() && !self.wait_for_batches(0).await? {
             return Ok(Outcome::Stopped);
         }

@@ -18,11 +18,14 @@
 //! importable in bounded memory and lets a retry continue a file.)
 use std::{
     io::{self, Read},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use futures::{StreamExt, TryStreamExt};
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
     ImportJob, ObjectError,
@@ -107,49 +110,96 @@ impl Importer<'_, '_> {
         }
     }
 
+    /// One read of an object: check it can be read, stream its rows from a
+    /// parser on a blocking thread, keep them (a small object) or commit
+    /// them chunk by chunk (a big one), then settle what the parser said.
     async fn import_once(
         &self,
         object: ObjectMeta,
         may_exist: bool,
     ) -> Result<Option<ObjectResult>> {
         let mut result = ObjectResult::default();
-        let key = object.key.clone();
-        // A Redis value is always task JSON, whatever its key looks like.
-        let redis = self.job.storage.backend == crate::storage::BackendKind::Redis.as_str();
-        let Some(format) = Format::of_key(&key).or(redis.then_some(Format::Json)) else {
-            result.error(
-                &key,
-                None,
-                "unsupported file type: Tasks mode reads .json, .jsonl, .ndjson, .parquet and names without an extension (JSON)"
-                    .into(),
-            );
-            return Ok(Some(result));
-        };
-        let limit = self.job.settings.max_object_bytes;
-        if object.size.is_some_and(|size| size as u64 > limit) {
-            let size = object.size.unwrap_or_default();
-            result.error(&key, None, format!("object is {size} bytes, over the {limit}-byte limit (LABELSYNC_MAX_OBJECT_BYTES)"));
-            return Ok(Some(result));
-        }
-        // Set when the download itself breaks (a reset, a timeout): the parser
-        // then sees a read error, which is the network's fault, not the file's.
-        let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let source = match self.open(&key, format, interrupted.clone()).await {
-            Ok(source) => source,
-            Err(err) if err.is_transient() => return Err(err),
-            Err(err) => {
-                result.error(&key, None, format!("cannot read the object: {err}"));
+        let format = match self.readable_format(&object) {
+            Ok(format) => format,
+            Err(message) => {
+                result.error(&object.key, None, message);
                 return Ok(Some(result));
             }
         };
+        // Set when the download itself breaks (a reset, a timeout): the parser
+        // then sees a read error, which is the network's fault, not the file's.
+        let interrupted = Arc::new(AtomicBool::new(false));
+        let source = match self.open(&object.key, format, interrupted.clone()).await {
+            Ok(source) => source,
+            Err(err) if err.is_transient() => return Err(err),
+            Err(err) => {
+                result.error(&object.key, None, format!("cannot read the object: {err}"));
+                return Ok(Some(result));
+            }
+        };
+        let (parser, mut rx) = self.spawn_parser(&object, format, source);
+        // The parser sends full chunks until its last one, so a first chunk
+        // that is not full is the whole object: unless its rows may update
+        // tasks (`overwrite`), they go back to the caller to be committed
+        // with other small objects' rows.
+        let first = rx.recv().await;
+        let small = !self.overwrite && first.as_ref().is_none_or(|c| !c.is_full());
+        let stopped = if small {
+            keep_small(&mut result, &object, first.unwrap_or_default());
+            false
+        } else {
+            !self
+                .commit_chunks(&object, may_exist, first, &mut rx, &mut result)
+                .await?
+        };
+        drop(rx);
+        let parsed = parser.await;
+        self.settle(
+            &object.key,
+            parsed,
+            stopped || small,
+            &interrupted,
+            &mut result,
+        )
+        .await?;
+        Ok((!stopped).then_some(result))
+    }
 
+    /// The object's format, or why it cannot be imported (a per-object error).
+    fn readable_format(&self, object: &ObjectMeta) -> std::result::Result<Format, String> {
+        // A Redis value is always task JSON, whatever its key looks like.
+        let redis = self.job.storage.backend == crate::storage::BackendKind::Redis.as_str();
+        let Some(format) = Format::of_key(&object.key).or(redis.then_some(Format::Json)) else {
+            return Err("unsupported file type: Tasks mode reads .json, .jsonl, .ndjson, .parquet and names without an extension (JSON)".into());
+        };
+        let limit = self.job.settings.max_object_bytes;
+        match object.size {
+            Some(size) if size as u64 > limit => Err(format!(
+                "object is {size} bytes, over the {limit}-byte limit (LABELSYNC_MAX_OBJECT_BYTES)"
+            )),
+            _ => Ok(format),
+        }
+    }
+
+    /// Parses `source` on a blocking thread, sending its rows in chunks over
+    /// a channel of two; the parser stops when the receiver is dropped.
+    fn spawn_parser(
+        &self,
+        object: &ObjectMeta,
+        format: Format,
+        source: Source,
+    ) -> (
+        JoinHandle<std::result::Result<(), String>>,
+        mpsc::Receiver<Chunk>,
+    ) {
         let settings = self.job.settings;
+        let max_object_bytes = settings.max_object_bytes;
         let limits = parse::Limits {
             max_task_bytes: settings.max_task_bytes,
             budget: Some(super::budget::process_budget(settings.parse_budget_bytes)),
             object_size: object.size.and_then(|s| u64::try_from(s).ok()),
         };
-        let (tx, mut rx) = mpsc::channel::<Chunk>(2);
+        let (tx, rx) = mpsc::channel::<Chunk>(2);
         let parser = tokio::task::spawn_blocking(move || {
             let mut chunk = Chunk::default();
             let mut open = true;
@@ -160,15 +210,13 @@ impl Importer<'_, '_> {
                 open
             };
             let parsed = match source {
-                Source::Reader(reader) => parse::parse(
-                    format,
-                    Limited {
+                Source::Reader(reader) => {
+                    let reader = Limited {
                         inner: reader,
-                        left: limit,
-                    },
-                    limits,
-                    &mut emit,
-                ),
+                        left: max_object_bytes,
+                    };
+                    parse::parse(format, reader, limits, &mut emit)
+                }
                 Source::File(file) => parse::parse_parquet(file, limits, &mut emit),
             };
             if !chunk.rows.is_empty() {
@@ -176,61 +224,64 @@ impl Importer<'_, '_> {
             }
             parsed
         });
+        (parser, rx)
+    }
 
-        // The parser sends full chunks until its last one, so a first chunk
-        // that is not full is the whole object: unless its rows may update
-        // tasks (`overwrite`), they go back to the caller to be committed
-        // with other small objects' rows.
-        let first = rx.recv().await;
-        let small = !self.overwrite && first.as_ref().is_none_or(|c| !c.is_full());
-        let mut stopped = false;
-        if small {
-            let first = first.unwrap_or_default();
-            result.deferred_bytes = first.bytes;
-            let rows = split(&mut result, &key, first.rows);
-            result.deferred = rows
-                .into_iter()
-                .map(|(row, task)| new_task(&object, row, task))
-                .collect();
-        } else {
-            // Until its last row is in, the object counts as not imported: a
-            // run stopped half-way leaves the mark, and the next run reads
-            // the object again and adds the rows that are missing.
-            links::mark_partial(self.job.db, self.job.storage.id, &key).await?;
-            // Two chunks commit at once: one Postgres backend per chunk keeps
-            // both cores busy while the parser fills the next one.
-            let chunks =
-                futures::stream::iter(first).chain(futures::stream::poll_fn(|cx| rx.poll_recv(cx)));
-            let mut inserts = chunks
-                .map(|chunk| {
-                    let rows = split(&mut result, &key, chunk.rows);
-                    self.insert(&object, rows, may_exist)
-                })
-                .buffer_unordered(PARALLEL_CHUNKS);
-            while let Some(kept_going) = inserts.try_next().await? {
-                if !kept_going {
-                    stopped = true;
-                    break;
-                }
+    /// Commits a big object's chunks as they come, two at a time (one
+    /// Postgres backend per chunk keeps both cores busy while the parser
+    /// fills the next one). The object is marked partial first, so a run
+    /// stopped half-way leaves the mark and the next run reads it again.
+    /// False when the run stopped.
+    async fn commit_chunks(
+        &self,
+        object: &ObjectMeta,
+        may_exist: bool,
+        first: Option<Chunk>,
+        rx: &mut mpsc::Receiver<Chunk>,
+        result: &mut ObjectResult,
+    ) -> Result<bool> {
+        links::mark_partial(self.job.db, self.job.storage.id, &object.key).await?;
+        let chunks =
+            futures::stream::iter(first).chain(futures::stream::poll_fn(|cx| rx.poll_recv(cx)));
+        let mut inserts = chunks
+            .map(|chunk| {
+                let rows = split(result, &object.key, chunk.rows);
+                self.insert(object, rows, may_exist)
+            })
+            .buffer_unordered(PARALLEL_CHUNKS);
+        while let Some(kept_going) = inserts.try_next().await? {
+            if !kept_going {
+                return Ok(false);
             }
         }
-        drop(rx);
-        match parser.await {
-            Ok(Ok(())) if stopped || small => {}
-            // A file that breaks half-way keeps its mark: the next sync reads
-            // it again (adding nothing twice) and reports the error again.
-            Ok(Ok(())) => links::clear_partial(self.job.db, self.job.storage.id, &key).await?,
-            // The rows before the break are committed and linked; the retried
-            // attempt reads the object again and adds only the rows after it.
-            Ok(Err(message)) if interrupted.load(std::sync::atomic::Ordering::SeqCst) => {
-                return Err(Error::Transient(format!(
-                    "{key}: download interrupted: {message}"
-                )));
+        Ok(true)
+    }
+
+    /// What the parser's end means. A big object read to its end is
+    /// imported (its partial mark goes); one that broke half-way keeps the
+    /// mark, so the next sync reads it again (adding nothing twice) and
+    /// reports the error again. A broken download is the network's fault: the
+    /// rows before it are committed, and the retry adds only those after.
+    async fn settle(
+        &self,
+        key: &str,
+        parsed: std::result::Result<std::result::Result<(), String>, tokio::task::JoinError>,
+        keep_mark: bool,
+        interrupted: &AtomicBool,
+        result: &mut ObjectResult,
+    ) -> Result<()> {
+        match parsed {
+            Ok(Ok(())) if keep_mark => Ok(()),
+            Ok(Ok(())) => links::clear_partial(self.job.db, self.job.storage.id, key).await,
+            Ok(Err(message)) if interrupted.load(Ordering::SeqCst) => Err(Error::Transient(
+                format!("{key}: download interrupted: {message}"),
+            )),
+            Ok(Err(message)) => {
+                result.error(key, None, message);
+                Ok(())
             }
-            Ok(Err(message)) => result.error(&key, None, message),
-            Err(join) => return Err(Error::Internal(format!("parser of {key} failed: {join}"))),
+            Err(join) => Err(Error::Internal(format!("parser of {key} failed: {join}"))),
         }
-        Ok((!stopped).then_some(result))
     }
 
     async fn open(
@@ -338,6 +389,16 @@ impl Importer<'_, '_> {
         txn.commit().await?;
         Ok(true)
     }
+}
+
+/// A small object's rows, handed back to be committed with others'.
+fn keep_small(result: &mut ObjectResult, object: &ObjectMeta, chunk: Chunk) {
+    result.deferred_bytes = chunk.bytes;
+    let rows = split(result, &object.key, chunk.rows);
+    result.deferred = rows
+        .into_iter()
+        .map(|(row, task)| new_task(object, row, task))
+        .collect();
 }
 
 /// A chunk's rows; its row errors go into `result`.

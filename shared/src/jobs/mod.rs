@@ -114,69 +114,107 @@ impl std::error::Error for JobError {}
 /// return `Ok`: the job is done, there is nothing to retry. Runs in the
 /// caller's span (the queue's `job` span carries the run id).
 pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
-    let w = &ctx.settings.worker;
     // A token per attempt: the run's lease, checked by every write it makes.
     let lease = ulid::Ulid::new().to_string();
-    let lease_ttl = w.heartbeat * w.missed_heartbeats.max(1) as u32;
-    let run = match runs::begin_attempt(&ctx.db, run_id, &lease, lease_ttl).await {
-        // Its storage or project was deleted (the run with it): nothing to do.
-        Err(Error::NotFound(_)) => return Ok(()),
-        other => other.map_err(JobError::Retry)?,
-    };
-    let run = match run {
-        Attempt::Started(run) => run,
-        Attempt::Ended => {
-            tracing::debug!("run already ended; nothing to do");
-            return Ok(());
-        }
-        Attempt::Busy => {
-            // Another attempt is alive; if it dies, its lease goes stale and
-            // this retry (or its own re-queued job) takes over.
-            return Err(JobError::Retry(Error::Transient(format!(
-                "run {run_id} is held by another live attempt"
-            ))));
-        }
-    };
-    let max = i64::from(w.max_attempts);
-    if run.attempts > max {
-        // Attempts are counted as they begin, so attempts that killed their
-        // process (an abort, an OOM kill) count too, and a poison run ends
-        // here instead of taking down every worker it is handed to.
-        let error = match run.error.as_deref() {
-            Some(last) => format!("gave up after {max} attempts; last error: {last}"),
-            None => format!(
-                "gave up after {max} attempts that never finished: the worker running it died or was killed each time (a crash or an out-of-memory kill; see the workers' logs)"
-            ),
-        };
-        end(ctx, run_id, RunStatus::Failed, Some(error), &lease).await?;
+    let Some(run) = take_lease(ctx, run_id, &lease).await? else {
         return Ok(());
+    };
+    let max = i64::from(ctx.settings.worker.max_attempts);
+    if run.attempts > max {
+        let error = gave_up(max, run.error.as_deref());
+        return end(ctx, run_id, RunStatus::Failed, Some(error), &lease).await;
     }
-
     // Aborted when dropped, so even a panicking attempt stops renewing its lease.
     let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
         ctx.db.clone(),
         run_id.to_owned(),
         lease.clone(),
-        w.heartbeat,
+        ctx.settings.worker.heartbeat,
     )));
-    let started = std::time::Instant::now();
-    let kind = run.kind.clone();
-    crate::metrics::metrics()
-        .jobs_started
-        .add(1, &[KeyValue::new("kind", kind.clone())]);
+    let timer = JobTimer::start(&run.kind);
     let result = attempt(ctx, &run, &lease).await;
     drop(heartbeat);
-    let finished = |outcome: &'static str| {
+    conclude(ctx, &run, &lease, result, timer).await
+}
+
+/// Starts an attempt (see [`runs::begin_attempt`]): the run with its lease
+/// taken, or `None` when there is nothing to do (ended, or deleted with its
+/// storage); a retry when another live attempt holds it.
+async fn take_lease(
+    ctx: &JobContext,
+    run_id: &str,
+    lease: &str,
+) -> Result<Option<Box<crate::db::entities::sync_run::Model>>, JobError> {
+    let w = &ctx.settings.worker;
+    let lease_ttl = w.heartbeat * w.missed_heartbeats.max(1) as u32;
+    match runs::begin_attempt(&ctx.db, run_id, lease, lease_ttl).await {
+        // Its storage or project was deleted (the run with it): nothing to do.
+        Err(Error::NotFound(_)) => Ok(None),
+        Err(err) => Err(JobError::Retry(err)),
+        Ok(Attempt::Started(run)) => Ok(Some(run)),
+        Ok(Attempt::Ended) => {
+            tracing::debug!("run already ended; nothing to do");
+            Ok(None)
+        }
+        // Another attempt is alive; if it dies, its lease goes stale and
+        // this retry (or its own re-queued job) takes over.
+        Ok(Attempt::Busy) => Err(JobError::Retry(Error::Transient(format!(
+            "run {run_id} is held by another live attempt"
+        )))),
+    }
+}
+
+/// Why a run is given up on after `max` attempts. Attempts are counted as
+/// they begin, so attempts that killed their process (an abort, an OOM kill)
+/// count too, and a poison run ends instead of taking down every worker it
+/// is handed to.
+fn gave_up(max: i64, last_error: Option<&str>) -> String {
+    match last_error {
+        Some(last) => format!("gave up after {max} attempts; last error: {last}"),
+        None => format!(
+            "gave up after {max} attempts that never finished: the worker running it died or was killed each time (a crash or an out-of-memory kill; see the workers' logs)"
+        ),
+    }
+}
+
+/// An attempt's job metrics: started when made, finished with an outcome.
+struct JobTimer {
+    kind: String,
+    started: std::time::Instant,
+}
+
+impl JobTimer {
+    fn start(kind: &str) -> Self {
+        crate::metrics::metrics()
+            .jobs_started
+            .add(1, &[KeyValue::new("kind", kind.to_owned())]);
+        JobTimer {
+            kind: kind.to_owned(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn finish(self, outcome: &'static str) {
         let m = crate::metrics::metrics();
         let labels = [
-            KeyValue::new("kind", kind.clone()),
+            KeyValue::new("kind", self.kind),
             KeyValue::new("outcome", outcome),
         ];
         m.jobs_finished.add(1, &labels);
         m.job_duration
-            .record(started.elapsed().as_secs_f64(), &labels);
-    };
+            .record(self.started.elapsed().as_secs_f64(), &labels);
+    }
+}
 
+/// Ends the run, or hands it back, as the attempt's result says.
+async fn conclude(
+    ctx: &JobContext,
+    run: &crate::db::entities::sync_run::Model,
+    lease: &str,
+    result: Result<Outcome>,
+    timer: JobTimer,
+) -> Result<(), JobError> {
+    let run_id = run.id.as_str();
     match result {
         Ok(Outcome::Finished) => {
             let run = runs::get(&ctx.db, run_id).await.map_err(JobError::Retry)?;
@@ -185,34 +223,27 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
             } else {
                 RunStatus::Completed
             };
-            finished(status.as_str());
+            timer.finish(status.as_str());
             record_totals(&run);
-            end(ctx, run_id, status, None, &lease).await
+            end(ctx, run_id, status, None, lease).await
         }
         Ok(Outcome::Stopped) => {
-            finished("stopped");
+            timer.finish("stopped");
             Ok(())
         }
         Err(err) if err.is_transient() => {
-            finished("retry");
+            timer.finish("retry");
             tracing::warn!(error = %err, attempt = run.attempts, "run attempt failed; it will be retried");
             // Kept on the row so ops see why a run is slow, and so the final
             // "gave up" message can name the cause; the lease is let go so the
             // retry need not wait for it to go stale.
-            let _ = runs::release(&ctx.db, run_id, &lease, &err.to_string()).await;
+            let _ = runs::release(&ctx.db, run_id, lease, &err.to_string()).await;
             Err(JobError::Retry(err))
         }
         Err(err) => {
             tracing::warn!(error = %err, "run failed");
-            finished("failed");
-            end(
-                ctx,
-                run_id,
-                RunStatus::Failed,
-                Some(err.to_string()),
-                &lease,
-            )
-            .await
+            timer.finish("failed");
+            end(ctx, run_id, RunStatus::Failed, Some(err.to_string()), lease).await
         }
     }
 }
