@@ -176,34 +176,7 @@ impl Settings {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let get = |key: &str| get(key).filter(|v| !v.trim().is_empty());
         let redis_url = get("REDIS_URL");
-        let worker = WorkerSettings {
-            concurrency: parse(&get, "LABELSYNC_WORKER_CONCURRENCY", 4)?,
-            name_prefix: get("LABELSYNC_WORKER_NAME")
-                .or_else(|| get("HOSTNAME"))
-                .unwrap_or_else(|| "worker".into()),
-            poll_interval: Duration::from_millis(parse(&get, "LABELSYNC_QUEUE_POLL_MS", 150)?),
-            heartbeat: Duration::from_secs(parse(&get, "LABELSYNC_HEARTBEAT_SECS", 5)?),
-            missed_heartbeats: parse(&get, "LABELSYNC_MISSED_HEARTBEATS", 3)?,
-            page_size: parse(&get, "LABELSYNC_PAGE_SIZE", 1000)?,
-            max_attempts: parse(&get, "LABELSYNC_MAX_ATTEMPTS", 5)?,
-            fetch_concurrency: parse(&get, "LABELSYNC_FETCH_CONCURRENCY", 16)?,
-            export_concurrency: parse(&get, "LABELSYNC_EXPORT_CONCURRENCY", 32)?,
-            metrics_bind: parse(
-                &get,
-                "LABELSYNC_METRICS_BIND",
-                SocketAddr::from(([0, 0, 0, 0], 9464)),
-            )?,
-            max_object_bytes: parse(&get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
-            max_task_bytes: parse(&get, "LABELSYNC_MAX_TASK_BYTES", 16 << 20)?,
-            parse_budget_bytes: parse(&get, "LABELSYNC_PARSE_BUDGET_BYTES", 512 << 20)?,
-        };
-        if worker.page_size == 0 || worker.page_size > 5000 {
-            return Err(Error::invalid(
-                "invalid_setting",
-                None,
-                "LABELSYNC_PAGE_SIZE must be between 1 and 5000",
-            ));
-        }
+        let worker = worker_settings(&get)?;
         Ok(Settings {
             database_url: get("DATABASE_URL")
                 .unwrap_or_else(|| "sqlite://labelsync.db?mode=rwc".into()),
@@ -218,30 +191,18 @@ impl Settings {
                 "LABELSYNC_BIND",
                 SocketAddr::from(([127, 0, 0, 1], 8080)),
             )?,
-            api_tokens: get("LABELSYNC_API_TOKENS")
-                .map(|v| {
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|t| !t.is_empty())
-                        .map(Secret::new)
-                        .collect()
-                })
-                .unwrap_or_default(),
+            api_tokens: api_tokens(get("LABELSYNC_API_TOKENS")),
             document_root: get("LOCAL_FILES_DOCUMENT_ROOT").map(PathBuf::from),
             run_migrations: parse(&get, "LABELSYNC_RUN_MIGRATIONS", true)?,
             worker,
             queue_backlog_limit: parse(&get, "LABELSYNC_QUEUE_BACKLOG_LIMIT", 5000)?,
-            requeue_after: Duration::from_secs(
-                parse(&get, "LABELSYNC_REQUEUE_AFTER_SECS", 120)?.max(1),
-            ),
+            requeue_after: secs_at_least_1(&get, "LABELSYNC_REQUEUE_AFTER_SECS", 120)?,
             schedule_tick: Duration::from_millis(
                 parse(&get, "LABELSYNC_SCHEDULE_TICK_MS", 1000)?.max(50),
             ),
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
-            storage_timeout: Duration::from_secs(
-                parse(&get, "LABELSYNC_STORAGE_TIMEOUT_SECS", 60)?.max(1),
-            ),
+            storage_timeout: secs_at_least_1(&get, "LABELSYNC_STORAGE_TIMEOUT_SECS", 60)?,
             secret_box: get("LABELSYNC_SECRET_KEY")
                 .map(|k| SecretBox::from_base64(&k).map(Arc::new))
                 .transpose()?,
@@ -254,20 +215,75 @@ impl Settings {
                     .clamp(1, 7 * 24 * 3600),
             ),
             local_files_serving: parse(&get, "LOCAL_FILES_SERVING_ENABLED", false)?,
-            http: HttpLimits {
-                header_timeout: Duration::from_secs(
-                    parse(&get, "LABELSYNC_HEADER_TIMEOUT_SECS", 10)?.max(1),
-                ),
-                idle_timeout: Duration::from_secs(
-                    parse(&get, "LABELSYNC_IDLE_TIMEOUT_SECS", 75)?.max(1),
-                ),
-                body_timeout: Duration::from_secs(
-                    parse(&get, "LABELSYNC_BODY_TIMEOUT_SECS", 30)?.max(1),
-                ),
-                max_connections: parse(&get, "LABELSYNC_MAX_CONNECTIONS", 1024)?.clamp(1, 1 << 20),
-            },
+            http: http_limits(&get)?,
         })
     }
+}
+
+/// The `LABELSYNC_*` settings of [`WorkerSettings`], read in field order;
+/// the page size must lie in 1..=5000.
+fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettings> {
+    let worker = WorkerSettings {
+        concurrency: parse(get, "LABELSYNC_WORKER_CONCURRENCY", 4)?,
+        name_prefix: get("LABELSYNC_WORKER_NAME")
+            .or_else(|| get("HOSTNAME"))
+            .unwrap_or_else(|| "worker".into()),
+        poll_interval: Duration::from_millis(parse(get, "LABELSYNC_QUEUE_POLL_MS", 150)?),
+        heartbeat: Duration::from_secs(parse(get, "LABELSYNC_HEARTBEAT_SECS", 5)?),
+        missed_heartbeats: parse(get, "LABELSYNC_MISSED_HEARTBEATS", 3)?,
+        page_size: parse(get, "LABELSYNC_PAGE_SIZE", 1000)?,
+        max_attempts: parse(get, "LABELSYNC_MAX_ATTEMPTS", 5)?,
+        fetch_concurrency: parse(get, "LABELSYNC_FETCH_CONCURRENCY", 16)?,
+        export_concurrency: parse(get, "LABELSYNC_EXPORT_CONCURRENCY", 32)?,
+        metrics_bind: parse(
+            get,
+            "LABELSYNC_METRICS_BIND",
+            SocketAddr::from(([0, 0, 0, 0], 9464)),
+        )?,
+        max_object_bytes: parse(get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
+        max_task_bytes: parse(get, "LABELSYNC_MAX_TASK_BYTES", 16 << 20)?,
+        parse_budget_bytes: parse(get, "LABELSYNC_PARSE_BUDGET_BYTES", 512 << 20)?,
+    };
+    if worker.page_size == 0 || worker.page_size > 5000 {
+        return Err(Error::invalid(
+            "invalid_setting",
+            None,
+            "LABELSYNC_PAGE_SIZE must be between 1 and 5000",
+        ));
+    }
+    Ok(worker)
+}
+
+/// The `LABELSYNC_*_TIMEOUT_SECS` and `LABELSYNC_MAX_CONNECTIONS` limits, in
+/// field order.
+fn http_limits(get: &impl Fn(&str) -> Option<String>) -> Result<HttpLimits> {
+    Ok(HttpLimits {
+        header_timeout: secs_at_least_1(get, "LABELSYNC_HEADER_TIMEOUT_SECS", 10)?,
+        idle_timeout: secs_at_least_1(get, "LABELSYNC_IDLE_TIMEOUT_SECS", 75)?,
+        body_timeout: secs_at_least_1(get, "LABELSYNC_BODY_TIMEOUT_SECS", 30)?,
+        max_connections: parse(get, "LABELSYNC_MAX_CONNECTIONS", 1024)?.clamp(1, 1 << 20),
+    })
+}
+
+/// Comma-separated tokens, blanks dropped; none when unset.
+fn api_tokens(raw: Option<String>) -> Vec<Secret> {
+    raw.map(|v| {
+        v.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(Secret::new)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// A number of seconds (`default` when unset), raised to at least 1.
+fn secs_at_least_1(
+    get: &impl Fn(&str) -> Option<String>,
+    key: &'static str,
+    default: u64,
+) -> Result<Duration> {
+    Ok(Duration::from_secs(parse(get, key, default)?.max(1)))
 }
 
 fn parse<T: std::str::FromStr>(

@@ -19,7 +19,7 @@ use labelsync::{
     Error,
     db::entities::storage,
     security::paths,
-    storage::{BackendKind, GetRange, KeyShape, Role, Storage, check_key},
+    storage::{BackendKind, ByteStream, GetRange, KeyShape, Role, Storage, check_key},
 };
 use opentelemetry::KeyValue;
 use percent_encoding::percent_decode_str;
@@ -260,6 +260,24 @@ async fn serve(
 ) -> ApiResult<Response> {
     projects::find(&state.db, q.project_id).await?;
     let target = parse_uri(&q.uri)?;
+    ensure_local_serving(state, &target)?;
+    let (model, key) = find_storage(state, q.project_id, &target).await?;
+    let backend = labelsync::storage::open(&model, &state.storage_env).await?;
+    served.backend = target.kind.as_str();
+
+    if model.presign
+        && let Some(resp) = redirect(state, &model, &*backend, &key).await?
+    {
+        served.mode = "redirect";
+        return Ok(resp);
+    }
+
+    served.mode = "proxy";
+    proxy(state, &*backend, &key, target.kind, headers).await
+}
+
+/// Refuses local-file URIs unless the server turned local serving on.
+fn ensure_local_serving(state: &AppState, target: &Target) -> ApiResult<()> {
     if target.kind == BackendKind::Local && !state.settings.local_files_serving {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -267,54 +285,55 @@ async fn serve(
             "serving local files is off; the server must set LOCAL_FILES_SERVING_ENABLED=true",
         ));
     }
-    let (model, key) = find_storage(state, q.project_id, &target).await?;
-    let backend = labelsync::storage::open(&model, &state.storage_env).await?;
-    served.backend = target.kind.as_str();
+    Ok(())
+}
 
-    if model.presign {
-        let ttl = Duration::from_secs(u64::try_from(model.presign_ttl_seconds).unwrap_or(1))
-            .min(state.settings.max_presign_ttl);
-        if let Some(url) = backend.presign(&key, ttl).await? {
-            served.mode = "redirect";
-            let mut resp = StatusCode::SEE_OTHER.into_response();
-            let h = resp.headers_mut();
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            if let Some(location) = header_value(&url) {
-                h.insert(header::LOCATION, location);
-            }
-            return Ok(resp);
-        }
+/// The `303 See Other` to a signed URL, or `None` when the backend cannot
+/// sign (the caller proxies instead).
+async fn redirect(
+    state: &AppState,
+    model: &storage::Model,
+    backend: &dyn Storage,
+    key: &str,
+) -> ApiResult<Option<Response>> {
+    let ttl = Duration::from_secs(u64::try_from(model.presign_ttl_seconds).unwrap_or(1))
+        .min(state.settings.max_presign_ttl);
+    let Some(url) = backend.presign(key, ttl).await? else {
+        return Ok(None);
+    };
+    let mut resp = StatusCode::SEE_OTHER.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(location) = header_value(&url) {
+        h.insert(header::LOCATION, location);
     }
+    Ok(Some(resp))
+}
 
-    served.mode = "proxy";
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(GetRange::parse)
-        .map(|r| r.cap(state.settings.resolver_max_range));
-    let object = match backend.get(&key, range).await {
+/// The object's bytes (the requested range of them, capped), streamed from
+/// the backend; `304` when the client's `If-None-Match` holds its ETag, `416`
+/// when the range lies outside it.
+async fn proxy(
+    state: &AppState,
+    backend: &dyn Storage,
+    key: &str,
+    kind: BackendKind,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    let range = requested_range(headers, state.settings.resolver_max_range);
+    let object = match backend.get(key, range).await {
         Ok(object) => object,
         Err(Error::Invalid {
             code: "range_not_satisfiable",
             ..
-        }) => return unsatisfiable(&*backend, &key, None).await,
+        }) => return unsatisfiable(backend, key, None).await,
         Err(e) => return Err(e.into()),
     };
-    let etag = object
-        .etag
-        .as_ref()
-        .map(|e| format!("\"{}\"", e.trim_matches('"')));
-    let not_modified = etag.as_ref().is_some_and(|etag| {
-        headers
-            .get(header::IF_NONE_MATCH)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|inm| inm.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
-    });
-    let content_type = object
-        .content_type
-        .clone()
-        .filter(|ct| !ct.is_empty() && ct != "application/octet-stream")
-        .unwrap_or_else(|| content_type_of(&key).to_owned());
+    let etag = quoted_etag(object.etag.as_deref());
+    let not_modified = etag
+        .as_deref()
+        .is_some_and(|etag| if_none_match_holds(headers, etag));
+    let content_type = content_type_for(object.content_type.as_deref(), key);
 
     let mut builder = Response::builder()
         .header(header::ACCEPT_RANGES, "bytes")
@@ -329,11 +348,55 @@ async fn serve(
             .map_err(|e| Error::Internal(e.to_string()))?);
     }
     builder = builder.header(header::CONTENT_TYPE, content_type);
-    builder = match (range, object.size) {
+    let Some(builder) = with_status_and_length(builder, range, object.size) else {
+        return unsatisfiable(backend, key, object.size).await;
+    };
+    Ok(builder
+        .body(Body::from_stream(metered(object.body, kind)))
+        .map_err(|e| Error::Internal(e.to_string()))?)
+}
+
+/// The request's `Range`, when it parses, capped to `max` bytes.
+fn requested_range(headers: &HeaderMap, max: u64) -> Option<GetRange> {
+    headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(GetRange::parse)
+        .map(|r| r.cap(max))
+}
+
+/// The backend's ETag as a quoted HTTP entity tag.
+fn quoted_etag(etag: Option<&str>) -> Option<String> {
+    etag.map(|e| format!("\"{}\"", e.trim_matches('"')))
+}
+
+/// Whether the request's `If-None-Match` names `etag` (or `*`).
+fn if_none_match_holds(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|inm| inm.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+}
+
+/// The backend's content type, unless it says nothing useful; else the one
+/// the key's extension suggests.
+fn content_type_for(stored: Option<&str>, key: &str) -> String {
+    stored
+        .filter(|ct| !ct.is_empty() && *ct != "application/octet-stream")
+        .map_or_else(|| content_type_of(key).to_owned(), str::to_owned)
+}
+
+/// Status `206` with `Content-Range` for a range, else `200`, and
+/// `Content-Length` when the size is known; `None` when the range lies
+/// outside an object of known size.
+fn with_status_and_length(
+    builder: axum::http::response::Builder,
+    range: Option<GetRange>,
+    size: Option<u64>,
+) -> Option<axum::http::response::Builder> {
+    Some(match (range, size) {
         (Some(range), Some(size)) => {
-            let Some((start, end)) = range.resolve(size) else {
-                return unsatisfiable(&*backend, &key, Some(size)).await;
-            };
+            let (start, end) = range.resolve(size)?;
             builder
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"))
@@ -343,20 +406,24 @@ async fn serve(
             .status(StatusCode::OK)
             .header(header::CONTENT_LENGTH, size),
         (_, None) => builder.status(StatusCode::OK),
-    };
-    // A stream that fails mid-way ends the connection with an error: the
-    // client never mistakes a cut-off body for a whole one.
-    let backend_label = KeyValue::new("backend", target.kind.as_str());
-    let body = object.body.inspect(move |chunk| {
+    })
+}
+
+/// The body, counting its bytes into `resolve_bytes` as they go out. A
+/// stream that fails mid-way ends the connection with an error: the client
+/// never mistakes a cut-off body for a whole one.
+fn metered(
+    body: ByteStream,
+    kind: BackendKind,
+) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> + Send + 'static {
+    let backend_label = KeyValue::new("backend", kind.as_str());
+    body.inspect(move |chunk| {
         if let Ok(bytes) = chunk {
             labelsync::metrics::metrics()
                 .resolve_bytes
                 .add(bytes.len() as u64, std::slice::from_ref(&backend_label));
         }
-    });
-    Ok(builder
-        .body(Body::from_stream(body))
-        .map_err(|e| Error::Internal(e.to_string()))?)
+    })
 }
 
 /// The 416 answer, with `Content-Range: bytes */<size>` (RFC 9110

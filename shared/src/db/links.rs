@@ -307,75 +307,109 @@ pub async fn insert_tasks(
     // 6 parameters per task row and 11 per link row.
     for chunk in items.chunks(MAX_PARAMS / 11) {
         let now = Utc::now();
-        let tasks = chunk.iter().map(|item| task::ActiveModel {
-            project_id: Set(project_id),
-            data: Set(item.data.clone()),
-            meta: Set(item.meta.clone()),
-            created_at: Set(now),
-            updated_at: Set(now),
-            ..Default::default()
-        });
-        // Both Postgres and SQLite hand out ids of one multi-row INSERT in row
-        // order; RETURNING's order is not promised, so sort before pairing.
-        let mut ids = task::Entity::insert_many(tasks)
-            .exec_with_returning_keys(db)
-            .await?;
-        ids.sort_unstable();
-
-        let links = chunk
-            .iter()
-            .zip(&ids)
-            .map(|(item, id)| import_link::ActiveModel {
-                storage_id: Set(storage_id),
-                object_key: Set(item.object_key.clone()),
-                row_index: Set(item.row_index),
-                task_id: Set(*id),
-                etag: Set(item.etag.clone()),
-                size: Set(item.size),
-                last_modified: Set(item.last_modified),
-                object_exists: Set(true),
-                seen_run_id: Set(Some(run_id.to_owned())),
-                created_at: Set(now),
-                updated_at: Set(now),
-                ..Default::default()
-            });
-        // RETURNING only the task ids: decoding whole link rows cost more
-        // than the insert itself.
-        let mut insert = import_link::Entity::insert_many(links)
-            .on_conflict(
-                OnConflict::columns([
-                    import_link::Column::StorageId,
-                    import_link::Column::ObjectKey,
-                    import_link::Column::RowIndex,
-                ])
-                .do_nothing()
-                .to_owned(),
-            )
-            .into_query();
-        insert.returning_col(import_link::Column::TaskId);
-        let linked: HashSet<i64> = db
-            .query_all(&insert)
-            .await?
-            .iter()
-            .map(|row| row.try_get::<i64>("", "task_id"))
-            .collect::<Result<_, _>>()?;
-
-        if linked.len() < ids.len() {
-            let orphans: Vec<i64> = ids
-                .iter()
-                .copied()
-                .filter(|id| !linked.contains(id))
-                .collect();
-            task::Entity::delete_many()
-                .filter(task::Column::Id.is_in(orphans.iter().copied()))
-                .exec(db)
-                .await?;
-            existed += orphans.len() as i64;
-        }
+        let ids = insert_task_rows(db, project_id, chunk, now).await?;
+        let linked = insert_links(db, storage_id, run_id, chunk, &ids, now).await?;
+        existed += delete_unlinked(db, &ids, &linked).await?;
         created += linked.len() as i64;
         insert_extras(db, project_id, chunk, &ids, &linked, now).await?;
     }
     Ok((created, existed))
+}
+
+/// One task per item, in one multi-row INSERT; their ids, ascending (so in
+/// item order).
+async fn insert_task_rows(
+    db: &impl ConnectionTrait,
+    project_id: i64,
+    chunk: &[NewTask],
+    now: DateTime<Utc>,
+) -> Result<Vec<i64>> {
+    let tasks = chunk.iter().map(|item| task::ActiveModel {
+        project_id: Set(project_id),
+        data: Set(item.data.clone()),
+        meta: Set(item.meta.clone()),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    });
+    // Both Postgres and SQLite hand out ids of one multi-row INSERT in row
+    // order; RETURNING's order is not promised, so sort before pairing.
+    let mut ids = task::Entity::insert_many(tasks)
+        .exec_with_returning_keys(db)
+        .await?;
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// The links of the items to their tasks `ids` (seen by `run_id`), with ON
+/// CONFLICT DO NOTHING; the ids of the tasks whose link went in.
+async fn insert_links(
+    db: &impl ConnectionTrait,
+    storage_id: i64,
+    run_id: &str,
+    chunk: &[NewTask],
+    ids: &[i64],
+    now: DateTime<Utc>,
+) -> Result<HashSet<i64>> {
+    let links = chunk
+        .iter()
+        .zip(ids)
+        .map(|(item, id)| import_link::ActiveModel {
+            storage_id: Set(storage_id),
+            object_key: Set(item.object_key.clone()),
+            row_index: Set(item.row_index),
+            task_id: Set(*id),
+            etag: Set(item.etag.clone()),
+            size: Set(item.size),
+            last_modified: Set(item.last_modified),
+            object_exists: Set(true),
+            seen_run_id: Set(Some(run_id.to_owned())),
+            created_at: Set(now),
+            updated_at: Set(now),
+            ..Default::default()
+        });
+    // RETURNING only the task ids: decoding whole link rows cost more
+    // than the insert itself.
+    let mut insert = import_link::Entity::insert_many(links)
+        .on_conflict(
+            OnConflict::columns([
+                import_link::Column::StorageId,
+                import_link::Column::ObjectKey,
+                import_link::Column::RowIndex,
+            ])
+            .do_nothing()
+            .to_owned(),
+        )
+        .into_query();
+    insert.returning_col(import_link::Column::TaskId);
+    Ok(db
+        .query_all(&insert)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<i64>("", "task_id"))
+        .collect::<Result<_, _>>()?)
+}
+
+/// Deletes the tasks among `ids` whose link was not inserted (another
+/// attempt linked their row first); returns how many.
+async fn delete_unlinked(
+    db: &impl ConnectionTrait,
+    ids: &[i64],
+    linked: &HashSet<i64>,
+) -> Result<i64> {
+    if linked.len() >= ids.len() {
+        return Ok(0);
+    }
+    let orphans: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| !linked.contains(id))
+        .collect();
+    task::Entity::delete_many()
+        .filter(task::Column::Id.is_in(orphans.iter().copied()))
+        .exec(db)
+        .await?;
+    Ok(orphans.len() as i64)
 }
 
 /// Postgres: one statement per chunk, whatever its size. The rows travel as
@@ -411,9 +445,132 @@ async fn insert_tasks_pg(
     run_id: &str,
     items: Vec<NewTask>,
 ) -> Result<(i64, i64)> {
-    fn sql(on_conflict: &str) -> String {
-        format!(
-            r#"
+    // In this transaction the foreign-key checks (now those of predictions
+    // and annotations) take cached plans again: see docs/DECISIONS.md
+    // (plan_cache_mode back to auto for the task insert).
+    db.execute_unprepared("SET LOCAL plan_cache_mode = auto")
+        .await?;
+    lock_owner(db, project_id, storage_id).await?;
+    let mut created = 0;
+    let mut existed = 0;
+    for chunk in items.chunks(CHUNK_ROWS) {
+        let now = Utc::now();
+        let values = chunk_values(chunk, project_id, storage_id, run_id, now);
+        let rows = insert_chunk_pg(db, values).await?;
+        let (ids, made) = created_ids(rows, chunk.len())?;
+        created += made.len() as i64;
+        existed += (chunk.len() - made.len()) as i64;
+        insert_extras(db, project_id, chunk, &ids, &made, now).await?;
+    }
+    // Back to the connection's setting for the rest of the transaction (the
+    // caller's link lookups and updates need their custom plans).
+    db.execute_unprepared("RESET plan_cache_mode").await?;
+    Ok((created, existed))
+}
+
+/// Locks the storage and project rows `FOR KEY SHARE` (see
+/// [`insert_tasks_pg`]); `NotFound` if either is gone.
+async fn lock_owner(db: &impl ConnectionTrait, project_id: i64, storage_id: i64) -> Result<()> {
+    let owner = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT 1 FROM storages s JOIN projects p ON p.id = s.project_id \
+             WHERE s.id = $1 AND p.id = $2 FOR KEY SHARE OF s, p",
+            [storage_id.into(), project_id.into()],
+        ))
+        .await?;
+    if owner.is_none() {
+        return Err(Error::NotFound(format!(
+            "storage {storage_id} of project {project_id} was deleted"
+        )));
+    }
+    Ok(())
+}
+
+/// The parameters of [`insert_chunk_sql`]: `$1`..`$7` one array per column
+/// (absent values as their sentinels), then `$8`..`$11`.
+fn chunk_values(
+    chunk: &[NewTask],
+    project_id: i64,
+    storage_id: i64,
+    run_id: &str,
+    now: DateTime<Utc>,
+) -> Vec<sea_orm::Value> {
+    use sea_orm::sea_query::ArrayType as A;
+    let column = |ty: A, f: fn(&NewTask) -> sea_orm::Value| {
+        sea_orm::Value::Array(ty, Some(Box::new(chunk.iter().map(f).collect())))
+    };
+    vec![
+        column(A::String, |t| t.object_key.clone().into()),
+        column(A::BigInt, |t| t.row_index.into()),
+        column(A::Json, |t| t.data.clone().into()),
+        column(A::Json, |t| t.meta.clone().unwrap_or(Value::Null).into()),
+        column(A::String, |t| t.etag.clone().unwrap_or_default().into()),
+        column(A::BigInt, |t| t.size.unwrap_or(-1).into()),
+        column(A::ChronoDateTimeUtc, |t| {
+            t.last_modified.unwrap_or(DateTime::UNIX_EPOCH).into()
+        }),
+        storage_id.into(),
+        run_id.into(),
+        now.into(),
+        project_id.into(),
+    ]
+}
+
+/// Runs the chunk's statement without `ON CONFLICT` under a savepoint; on a
+/// unique violation, rolls back to it and runs it again with `ON CONFLICT
+/// DO NOTHING`. Returns its rows: (task id, whether its link was new).
+async fn insert_chunk_pg(
+    db: &(impl ConnectionTrait + TransactionTrait),
+    values: Vec<sea_orm::Value>,
+) -> Result<Vec<sea_orm::QueryResult>> {
+    let statement = |on_conflict| {
+        Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            insert_chunk_sql(on_conflict),
+            values.clone(),
+        )
+    };
+    let savepoint = db.begin().await?;
+    match savepoint.query_all_raw(statement("")).await {
+        Ok(rows) => {
+            savepoint.commit().await?;
+            Ok(rows)
+        }
+        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+            savepoint.rollback().await?;
+            Ok(db
+                .query_all_raw(statement(
+                    "ON CONFLICT (storage_id, object_key, row_index) DO NOTHING",
+                ))
+                .await?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The chunk's task ids in row order, and those whose task was made.
+fn created_ids(
+    rows: Vec<sea_orm::QueryResult>,
+    chunk_len: usize,
+) -> Result<(Vec<i64>, HashSet<i64>)> {
+    let mut ids = Vec::with_capacity(chunk_len);
+    let mut made = HashSet::new();
+    for row in rows {
+        let (id, linked): (i64, bool) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
+        ids.push(id);
+        if linked {
+            made.insert(id);
+        }
+    }
+    Ok((ids, made))
+}
+
+/// The statement of one chunk of [`insert_tasks_pg`], with `on_conflict`
+/// (empty, or the clause that skips raced rows) on the link insert.
+fn insert_chunk_sql(on_conflict: &str) -> String {
+    format!(
+        r#"
 WITH input AS MATERIALIZED (
     SELECT nextval('tasks_id_seq') AS id, k, r, d, NULLIF(m, 'null'::jsonb) AS m,
            NULLIF(e, '') AS e, NULLIF(s, -1) AS s, NULLIF(t, 'epoch'::timestamptz) AS t
@@ -431,84 +588,7 @@ WITH input AS MATERIALIZED (
 )
 SELECT input.id, linked.task_id IS NOT NULL FROM input LEFT JOIN linked ON linked.task_id = input.id
 ORDER BY input.id"#
-        )
-    }
-    use sea_orm::sea_query::ArrayType as A;
-    // In this transaction the foreign-key checks (now those of predictions
-    // and annotations) take cached plans again: see docs/DECISIONS.md
-    // (plan_cache_mode back to auto for the task insert).
-    db.execute_unprepared("SET LOCAL plan_cache_mode = auto")
-        .await?;
-    let owner = db
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT 1 FROM storages s JOIN projects p ON p.id = s.project_id \
-             WHERE s.id = $1 AND p.id = $2 FOR KEY SHARE OF s, p",
-            [storage_id.into(), project_id.into()],
-        ))
-        .await?;
-    if owner.is_none() {
-        return Err(Error::NotFound(format!(
-            "storage {storage_id} of project {project_id} was deleted"
-        )));
-    }
-    let mut created = 0;
-    let mut existed = 0;
-    for chunk in items.chunks(CHUNK_ROWS) {
-        let now = Utc::now();
-        let column = |ty: A, f: fn(&NewTask) -> sea_orm::Value| {
-            sea_orm::Value::Array(ty, Some(Box::new(chunk.iter().map(f).collect())))
-        };
-        let values = vec![
-            column(A::String, |t| t.object_key.clone().into()),
-            column(A::BigInt, |t| t.row_index.into()),
-            column(A::Json, |t| t.data.clone().into()),
-            column(A::Json, |t| t.meta.clone().unwrap_or(Value::Null).into()),
-            column(A::String, |t| t.etag.clone().unwrap_or_default().into()),
-            column(A::BigInt, |t| t.size.unwrap_or(-1).into()),
-            column(A::ChronoDateTimeUtc, |t| {
-                t.last_modified.unwrap_or(DateTime::UNIX_EPOCH).into()
-            }),
-            storage_id.into(),
-            run_id.into(),
-            now.into(),
-            project_id.into(),
-        ];
-        let statement = |on_conflict| {
-            Statement::from_sql_and_values(DbBackend::Postgres, sql(on_conflict), values.clone())
-        };
-        let savepoint = db.begin().await?;
-        let rows = match savepoint.query_all_raw(statement("")).await {
-            Ok(rows) => {
-                savepoint.commit().await?;
-                rows
-            }
-            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-                savepoint.rollback().await?;
-                db.query_all_raw(statement(
-                    "ON CONFLICT (storage_id, object_key, row_index) DO NOTHING",
-                ))
-                .await?
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let mut ids = Vec::with_capacity(chunk.len());
-        let mut made = HashSet::new();
-        for row in rows {
-            let (id, linked): (i64, bool) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
-            ids.push(id);
-            if linked {
-                made.insert(id);
-            }
-        }
-        created += made.len() as i64;
-        existed += (chunk.len() - made.len()) as i64;
-        insert_extras(db, project_id, chunk, &ids, &made, now).await?;
-    }
-    // Back to the connection's setting for the rest of the transaction (the
-    // caller's link lookups and updates need their custom plans).
-    db.execute_unprepared("RESET plan_cache_mode").await?;
-    Ok((created, existed))
+    )
 }
 
 /// Rows per statement of [`insert_tasks_pg`].

@@ -380,9 +380,7 @@ impl Walker {
     /// Notes a part of the tree that cannot be read; the walk goes on.
     fn skip(&mut self, key: String, err: Error) {
         // Reported already by the attempt that listed up to the cursor.
-        if let Some(after) = &self.opts.start_after
-            && Path::new(&key) <= Path::new(after.as_str())
-        {
+        if self.listed_already(&key) {
             return;
         }
         tracing::warn!(key, %err, "skipping an unreadable part of a local storage");
@@ -432,36 +430,53 @@ impl Walker {
     fn next_page(&mut self) -> Result<Page> {
         if !self.started {
             self.started = true;
-            // The first directory comes from the prefix: make sure it resolves
-            // inside the root (a prefix may traverse a symlink or say `..`),
-            // and is entered only if a walk from the base would enter it (no
-            // symlinked directory on the way), so that resolve serves every
-            // key listed.
-            let dir_key = self.stack[0].dir_key.clone();
-            let first = self.base.join(dir_key.trim_end_matches('/'));
-            if let Ok(canonical) = first.canonicalize() {
-                if !canonical.starts_with(&self.root) {
-                    return Err(Error::invalid(
-                        "path_outside_document_root",
-                        Some("prefix"),
-                        "the prefix leads outside the document root",
-                    ));
-                }
-                if canonical != first {
-                    return Err(Error::invalid(
-                        "invalid_prefix",
-                        Some("prefix"),
-                        "the prefix goes through a symlinked directory, which local storages do not follow",
-                    ));
-                }
-            }
-            self.stack[0].pending = self.read_sorted(&dir_key)?;
+            self.enter_first_dir()?;
         }
         let mut page = Page::default();
         while page.objects.len() < self.opts.page_size {
-            let Some(frame) = self.stack.last_mut() else {
+            let Some(key) = self.next_key() else {
                 break;
             };
+            if let Some(object) = self.visit(key)? {
+                page.objects.push(object);
+            }
+        }
+        page.errors = std::mem::take(&mut self.errors);
+        Ok(page)
+    }
+
+    /// Reads the first directory, the one the prefix names. It must resolve
+    /// inside the root (a prefix may traverse a symlink or say `..`), and is
+    /// entered only if a walk from the base would enter it (no symlinked
+    /// directory on the way), so that resolve serves every key listed.
+    fn enter_first_dir(&mut self) -> Result<()> {
+        let dir_key = self.stack[0].dir_key.clone();
+        let first = self.base.join(dir_key.trim_end_matches('/'));
+        if let Ok(canonical) = first.canonicalize() {
+            if !canonical.starts_with(&self.root) {
+                return Err(Error::invalid(
+                    "path_outside_document_root",
+                    Some("prefix"),
+                    "the prefix leads outside the document root",
+                ));
+            }
+            if canonical != first {
+                return Err(Error::invalid(
+                    "invalid_prefix",
+                    Some("prefix"),
+                    "the prefix goes through a symlinked directory, which local storages do not follow",
+                ));
+            }
+        }
+        self.stack[0].pending = self.read_sorted(&dir_key)?;
+        Ok(())
+    }
+
+    /// The key of the next entry in walk order (in the first directory, only
+    /// names the prefix admits); `None` once the walk is over.
+    fn next_key(&mut self) -> Option<String> {
+        loop {
+            let frame = self.stack.last_mut()?;
             let Some(name) = frame.pending.pop() else {
                 self.stack.pop();
                 continue;
@@ -471,65 +486,93 @@ impl Walker {
                 continue;
             }
             let dir_key = &self.stack[self.stack.len() - 1].dir_key;
-            let key = format!("{dir_key}{name}");
-            let path = self.base.join(&key);
-            let meta = match fs::symlink_metadata(&path) {
-                Ok(meta) => meta,
-                // Removed since the directory was read.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    self.skip(key, io_error(&self.root, &path, e));
-                    continue;
-                }
-            };
-            let meta = if meta.file_type().is_symlink() {
-                match path.canonicalize() {
-                    Ok(target) if target.starts_with(&self.root) && target.is_file() => {
-                        fs::metadata(&target).map_err(|e| io_error(&self.root, &target, e))?
-                    }
-                    _ => {
-                        tracing::debug!(
-                            key,
-                            "skipping a symlink to a directory or out of the document root"
-                        );
-                        continue;
-                    }
-                }
-            } else {
-                meta
-            };
-            if meta.is_dir() {
-                let sub = format!("{key}/");
-                if self.opts.recursive && !self.dir_done(&sub) {
-                    // One unreadable directory is that directory's error,
-                    // not the whole listing's.
-                    match self.read_sorted(&sub) {
-                        Ok(pending) => self.stack.push(Frame {
-                            dir_key: sub,
-                            pending,
-                        }),
-                        Err(e) => self.skip(sub, e),
-                    }
-                }
-                continue;
-            }
-            if !meta.is_file() {
-                continue;
-            }
-            if let Some(after) = &self.opts.start_after
-                && Path::new(&key) <= Path::new(after.as_str())
-            {
-                continue;
-            }
-            page.objects.push(ObjectMeta {
-                key,
-                size: i64::try_from(meta.len()).ok(),
-                last_modified: meta.modified().ok().map(DateTime::<Utc>::from),
-                etag: Some(file_etag(&meta)),
-            });
+            return Some(format!("{dir_key}{name}"));
         }
-        page.errors = std::mem::take(&mut self.errors);
-        Ok(page)
+    }
+
+    /// One entry of the walk: a file past the cursor is listed; a directory
+    /// is entered (see [`Self::descend`]); anything else, or an entry gone
+    /// or unreadable (noted by [`Self::skip`]), lists nothing.
+    fn visit(&mut self, key: String) -> Result<Option<ObjectMeta>> {
+        let path = self.base.join(&key);
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            // Removed since the directory was read.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                self.skip(key, io_error(&self.root, &path, e));
+                return Ok(None);
+            }
+        };
+        let Some(meta) = self.follow_symlink(&key, &path, meta)? else {
+            return Ok(None);
+        };
+        if meta.is_dir() {
+            self.descend(format!("{key}/"));
+            return Ok(None);
+        }
+        if !meta.is_file() || self.listed_already(&key) {
+            return Ok(None);
+        }
+        Ok(Some(ObjectMeta {
+            key,
+            size: i64::try_from(meta.len()).ok(),
+            last_modified: meta.modified().ok().map(DateTime::<Utc>::from),
+            etag: Some(file_etag(&meta)),
+        }))
+    }
+
+    /// `meta` itself, or for a symlink its target's metadata when the target
+    /// is a file inside the root; `None` for any other symlink.
+    fn follow_symlink(
+        &self,
+        key: &str,
+        path: &Path,
+        meta: fs::Metadata,
+    ) -> Result<Option<fs::Metadata>> {
+        if !meta.file_type().is_symlink() {
+            return Ok(Some(meta));
+        }
+        match path.canonicalize() {
+            Ok(target) if target.starts_with(&self.root) && target.is_file() => {
+                fs::metadata(&target)
+                    .map(Some)
+                    .map_err(|e| io_error(&self.root, &target, e))
+            }
+            _ => {
+                tracing::debug!(
+                    key,
+                    "skipping a symlink to a directory or out of the document root"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Pushes directory `sub` (its key, ending in `/`) onto the walk, if the
+    /// walk is recursive and the cursor is not past all of it.
+    fn descend(&mut self, sub: String) {
+        if !self.opts.recursive || self.dir_done(&sub) {
+            return;
+        }
+        // One unreadable directory is that directory's error, not the
+        // whole listing's.
+        match self.read_sorted(&sub) {
+            Ok(pending) => self.stack.push(Frame {
+                dir_key: sub,
+                pending,
+            }),
+            Err(e) => self.skip(sub, e),
+        }
+    }
+
+    /// True when `key` sorts at or before `start_after` (an earlier attempt
+    /// listed it).
+    fn listed_already(&self, key: &str) -> bool {
+        self.opts
+            .start_after
+            .as_ref()
+            .is_some_and(|after| Path::new(key) <= Path::new(after.as_str()))
     }
 }
 

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_s3::{
     Client,
-    config::{Credentials, http::HttpResponse},
+    config::{Credentials, SharedHttpClient, http::HttpResponse},
     error::{ProvideErrorMetadata, SdkError},
     presigning::PresigningConfig,
     primitives::ByteStream as AwsBody,
@@ -114,82 +114,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 impl S3Storage {
     pub async fn open(config: S3Config, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
         let region = Region::new(config.region.clone().unwrap_or_else(|| "us-east-1".into()));
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region.clone());
-        if let Some(url) = &config.endpoint_url {
-            parse_endpoint(url, "config.endpoint_url")?;
-            loader = loader.endpoint_url(url);
-        }
-        match (
-            secrets.get("access_key_id"),
-            secrets.get("secret_access_key"),
-        ) {
-            (Some(id), Some(key)) => {
-                let token = secrets.get("session_token").map(str::to_owned);
-                loader = loader.credentials_provider(Credentials::new(
-                    id,
-                    key,
-                    token,
-                    None,
-                    "labelsync",
-                ));
-            }
-            (None, None) => {} // the default chain
-            _ => {
-                return Err(Error::invalid(
-                    "invalid_secrets",
-                    Some("secrets"),
-                    "give both access_key_id and secret_access_key, or neither (to use the default AWS chain)",
-                ));
-            }
-        }
-        let base = loader.load().await;
-        // Every request to the user's endpoint, STS calls included, resolves
-        // names through the SSRF guard (the default chain's own credential
-        // sources, such as the instance metadata service, keep the SDK's
-        // client: they are the server's, not the user's).
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::AwsLc,
-            ))
-            .build_with_resolver(GuardedResolver::new(env.net.clone()));
-
-        let sdk_config: SdkConfig = match &config.role_arn {
+        let base = base_config(&config, secrets, region.clone()).await?;
+        let http = guarded_http_client(env);
+        let sdk_config = match &config.role_arn {
             None => base,
-            Some(arn) => {
-                let mut role = aws_config::sts::AssumeRoleProvider::builder(arn)
-                    .session_name("labelsync")
-                    .region(region)
-                    .configure(&base.to_builder().http_client(http.clone()).build());
-                if let Some(id) = &config.external_id {
-                    role = role.external_id(id);
-                }
-                let provider = role.build().await;
-                base.into_builder()
-                    .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(
-                        provider,
-                    ))
-                    .build()
-            }
+            Some(arn) => assume_role(base, arn, config.external_id.as_deref(), region, &http).await,
         };
-        let s3_config = aws_sdk_s3::config::Builder::from(&sdk_config)
-            .http_client(http)
-            .force_path_style(
-                config
-                    .force_path_style
-                    .unwrap_or(config.endpoint_url.is_some()),
-            )
-            .retry_config(RetryConfig::standard().with_max_attempts(retry::MAX_ATTEMPTS))
-            // The SDK sets no limit on how long a request may wait for its
-            // response: a server that accepts the connection and never
-            // answers would hold the worker for good. A timed-out attempt
-            // is retried like any transient failure.
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .operation_attempt_timeout(env.request_timeout)
-                    .build(),
-            )
-            .build();
+        let s3_config = client_config(&sdk_config, &config, http, env);
         Ok(S3Storage {
             client: Client::from_conf(s3_config),
             bucket: config.bucket,
@@ -197,6 +128,103 @@ impl S3Storage {
             idle_timeout: env.request_timeout,
         })
     }
+}
+
+/// The SDK config before any role is assumed: the region, the (checked)
+/// endpoint, and the storage's static keys or else the default chain.
+async fn base_config(config: &S3Config, secrets: &Secrets, region: Region) -> Result<SdkConfig> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region);
+    if let Some(url) = &config.endpoint_url {
+        parse_endpoint(url, "config.endpoint_url")?;
+        loader = loader.endpoint_url(url);
+    }
+    if let Some(credentials) = static_credentials(secrets)? {
+        loader = loader.credentials_provider(credentials);
+    }
+    Ok(loader.load().await)
+}
+
+/// Both keys (and the optional session token) from the secrets; `None` when
+/// neither key is given (the default AWS chain); one key alone is refused.
+fn static_credentials(secrets: &Secrets) -> Result<Option<Credentials>> {
+    match (
+        secrets.get("access_key_id"),
+        secrets.get("secret_access_key"),
+    ) {
+        (Some(id), Some(key)) => {
+            let token = secrets.get("session_token").map(str::to_owned);
+            Ok(Some(Credentials::new(id, key, token, None, "labelsync")))
+        }
+        (None, None) => Ok(None),
+        _ => Err(Error::invalid(
+            "invalid_secrets",
+            Some("secrets"),
+            "give both access_key_id and secret_access_key, or neither (to use the default AWS chain)",
+        )),
+    }
+}
+
+/// The HTTP client of every request to the user's endpoint, STS calls
+/// included: it resolves names through the SSRF guard (the default chain's
+/// own credential sources, such as the instance metadata service, keep the
+/// SDK's client: they are the server's, not the user's).
+fn guarded_http_client(env: &StorageEnv) -> SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .build_with_resolver(GuardedResolver::new(env.net.clone()))
+}
+
+/// `base` with its credentials replaced by those of an STS AssumeRole of
+/// `arn` (made with `base`'s credentials, over the guarded client).
+async fn assume_role(
+    base: SdkConfig,
+    arn: &str,
+    external_id: Option<&str>,
+    region: Region,
+    http: &SharedHttpClient,
+) -> SdkConfig {
+    let mut role = aws_config::sts::AssumeRoleProvider::builder(arn)
+        .session_name("labelsync")
+        .region(region)
+        .configure(&base.to_builder().http_client(http.clone()).build());
+    if let Some(id) = external_id {
+        role = role.external_id(id);
+    }
+    let provider = role.build().await;
+    base.into_builder()
+        .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(provider))
+        .build()
+}
+
+/// The S3 client's config: the guarded client, path style (by default with
+/// a custom endpoint), standard retries and the attempt timeouts.
+fn client_config(
+    sdk_config: &SdkConfig,
+    config: &S3Config,
+    http: SharedHttpClient,
+    env: &StorageEnv,
+) -> aws_sdk_s3::Config {
+    aws_sdk_s3::config::Builder::from(sdk_config)
+        .http_client(http)
+        .force_path_style(
+            config
+                .force_path_style
+                .unwrap_or(config.endpoint_url.is_some()),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(retry::MAX_ATTEMPTS))
+        // The SDK sets no limit on how long a request may wait for its
+        // response: a server that accepts the connection and never
+        // answers would hold the worker for good. A timed-out attempt
+        // is retried like any transient failure.
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .operation_attempt_timeout(env.request_timeout)
+                .build(),
+        )
+        .build()
 }
 
 /// Classifies an SDK error by its S3 error code and HTTP status.
