@@ -1,6 +1,10 @@
-//! The library's top-level modules form a layer cake: every `use` points
-//! down, no module reaches back up into one that uses it. This test reads
-//! the sources and fails on a cycle, naming it.
+//! Two rules of the code's shape, checked by reading the sources:
+//! - the library's top-level modules form a layer cake: every `use` points
+//!   down, no module reaches back up into one that uses it (a cycle fails
+//!   the test, named);
+//! - no function of the library or the binaries is over
+//!   [`MAX_FUNCTION_LINES`] lines (tests aside): a longer one is split into
+//!   named steps.
 //!
 //! The layers today, bottom to top: `error`, `kinds`, `security` ->
 //! `config`, `metrics`, `telemetry`, `http` -> `db` -> `storage` ->
@@ -29,6 +33,103 @@ fn no_cycle_among_top_level_modules() {
     );
     if let Some(cycle) = find_cycle(&graph) {
         panic!("module cycle: {}", cycle.join(" -> "));
+    }
+}
+
+/// The longest a function may be, from its `fn` line to its closing brace.
+const MAX_FUNCTION_LINES: usize = 80;
+
+#[test]
+fn no_function_over_80_lines() {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut long = Vec::new();
+    for dir in ["src", "../scheduler/src", "../worker/src"] {
+        for file in rust_files(&crate_dir.join(dir)) {
+            let text = fs::read_to_string(&file).expect("read source");
+            for (name, line, length) in long_functions(&text) {
+                long.push(format!("{}:{line} {name} ({length} lines)", file.display()));
+            }
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FUNCTION_LINES} lines:\n{}",
+        long.join("\n")
+    );
+}
+
+#[test]
+fn long_functions_are_measured_from_fn_to_closing_brace() {
+    let body = "        x();\n".repeat(MAX_FUNCTION_LINES);
+    let text = format!(
+        "trait T {{\n    async fn declared(\n        a: u8,\n    ) -> u8;\n}}\nimpl A {{\n    pub async fn long(\n        a: u8,\n    ) {{\n{body}    }}\n    fn short() {{}}\n}}\n#[cfg(test)]\nfn ignored() {{\n{body}}}\n"
+    );
+    assert_eq!(
+        long_functions(&text),
+        vec![("long".to_owned(), 7, MAX_FUNCTION_LINES + 4)]
+    );
+}
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).expect("read dir") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// (name, first line, length) of each function over the limit, before the
+/// file's `#[cfg(test)]` part. A function ends at the first `}` line with
+/// the indentation of its `fn` line (rustfmt's layout).
+fn long_functions(text: &str) -> Vec<(String, usize, usize)> {
+    let lines: Vec<&str> = text
+        .lines()
+        .take_while(|l| l.trim() != "#[cfg(test)]")
+        .collect();
+    let mut found = Vec::new();
+    for (at, line) in lines.iter().enumerate() {
+        let Some(name) = fn_name(line) else { continue };
+        // A declaration without a body (in a trait) ends its signature with
+        // `;` before any `{`.
+        let signature_end = lines[at..]
+            .iter()
+            .map(|l| l.trim_end())
+            .find(|l| l.ends_with('{') || l.ends_with(';') || l.ends_with("{}"));
+        if signature_end.is_none_or(|l| l.ends_with(';') || l.ends_with("{}")) {
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        let closing = " ".repeat(indent) + "}";
+        let end = lines[at..]
+            .iter()
+            .position(|l| l.starts_with(&closing) && l.len() - l.trim_start().len() == indent);
+        if let Some(end) = end
+            && end + 1 > MAX_FUNCTION_LINES
+        {
+            found.push((name, at + 1, end + 1));
+        }
+    }
+    found
+}
+
+/// The function a line opens, if it does (`pub`, `async`, `const` and
+/// `unsafe` before `fn` allowed).
+fn fn_name(line: &str) -> Option<String> {
+    let mut words = line.split_whitespace();
+    loop {
+        match words.next()? {
+            "fn" => return Some(ident(words.next()?)),
+            w if w == "async" || w == "const" || w == "unsafe" || w.starts_with("pub") => {}
+            _ => return None,
+        }
     }
 }
 
