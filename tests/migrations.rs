@@ -180,7 +180,7 @@ async fn migrations_on_fresh_sqlite() {
 /// and writes nothing for a storage or project that is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_task_inserts_refuse_a_missing_storage_or_project() {
-    use labelsync::db::links::{NewTask, insert_tasks};
+    use labelsync::db::tasks::{NewTask, insert_tasks};
     use sea_orm::TransactionTrait;
     let url = fresh_postgres().await;
     let db = db::connect(&url).await.expect("connect");

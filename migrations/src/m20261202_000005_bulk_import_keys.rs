@@ -11,7 +11,7 @@
 //!   task or storage its links (the other cascades, to storages, runs,
 //!   annotations and predictions, are still foreign keys);
 //! - inserts cannot point at a missing parent: the only writer of these
-//!   rows, `db::links::insert_tasks`, takes the `FOR KEY SHARE` lock on the
+//!   rows, `db::tasks::insert_tasks`, takes the `FOR KEY SHARE` lock on the
 //!   storage and project rows that the key checks took, once per call, and
 //!   inserts each task in the same statement as its link.
 //!

@@ -15,7 +15,7 @@ use labelsync::{
         entities::{project, storage},
         runs::{self, RunStatus},
     },
-    jobs::{self, JobContext, JobError},
+    jobs::{self, JobContext, RetryLater},
     storage::{
         Filter, ListOptions, StorageEnv,
         spec::{StorageSpec, ValidSpec},
@@ -146,7 +146,7 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
         ),
     };
     let storage = find_or_create_storage(&db, &spec, project_id, &valid, &env).await?;
-    let kind = jobs::run_kind(&storage)?;
+    let kind = jobs::run_kind(&storage);
     let (run, already) = runs::create_or_get_live(&db, storage.id, kind).await?;
     // A live run is resumed here unless an attempt still holds it (a worker,
     // or another CLI): a CLI killed mid-sync leaves a run the next one finishes.
@@ -172,7 +172,7 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
     loop {
         match jobs::execute(&ctx, &run.id).await {
             Ok(()) => break,
-            Err(JobError::Retry(err)) => {
+            Err(RetryLater(err)) => {
                 bar.println(format!("retrying after: {err}"));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));

@@ -13,7 +13,8 @@
 //!    [`telemetry`] (tracing and OTLP setup), [`http`] (the HTTP server of
 //!    both binaries, with header and body timeouts and a connection cap).
 //! 3. [`db`]: SeaORM entities (`db::entities`) and every query (`db::runs`
-//!    the run lifecycle, `db::links` import links and tasks, `db::batches`
+//!    the run lifecycle, `db::links` import links, `db::tasks` tasks with
+//!    their links, annotations and predictions, `db::batches`
 //!    fan-out batches, `db::outbox` annotation events).
 //! 4. [`storage`]: the [`storage::Storage`] trait, one module per backend,
 //!    the instrumented wrapper every backend is opened in, the key filter.

@@ -133,7 +133,7 @@ pub async fn run(n: usize, workers: usize, concurrency: usize) {
     let mut pushed = 0;
     let mut full_waits = 0u64;
     while pushed < n {
-        let job = RunJob::run(format!("noop-{pushed}"));
+        let job = RunJob::for_run(format!("noop-{pushed}"));
         match queue.push(job, &format!("noop-{pushed}")).await.unwrap() {
             Pushed::Queued => pushed += 1,
             Pushed::Full => {

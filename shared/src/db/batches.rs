@@ -82,7 +82,7 @@ pub async fn claim_unstarted(
 }
 
 /// Counts an attempt of a batch; `None` when it is already done (a duplicate job).
-pub async fn begin_attempt(
+pub async fn count_attempt(
     db: &impl ConnectionTrait,
     id: i64,
 ) -> Result<Option<sync_batch::Model>> {
@@ -102,7 +102,7 @@ pub async fn begin_attempt(
 }
 
 /// Marks a batch done; false when another attempt already did.
-pub async fn finish(db: &impl ConnectionTrait, id: i64, worker: &str) -> Result<bool> {
+pub async fn mark_done(db: &impl ConnectionTrait, id: i64, worker: &str) -> Result<bool> {
     let res = sync_batch::Entity::update_many()
         .col_expr(sync_batch::Column::Done, Expr::value(true))
         .col_expr(sync_batch::Column::Worker, Expr::value(worker))

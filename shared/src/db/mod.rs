@@ -6,6 +6,7 @@ pub mod entities;
 pub mod links;
 pub mod outbox;
 pub mod runs;
+pub mod tasks;
 
 use std::time::Duration;
 

@@ -17,7 +17,7 @@
 pub mod budget;
 mod parquet_footer;
 pub mod parse;
-mod tasks;
+mod task_files;
 
 use futures::{StreamExt, TryStreamExt};
 use sea_orm::DatabaseConnection;
@@ -32,8 +32,9 @@ use crate::{
     db::{
         batches,
         entities::{project, storage as storage_entity, sync_batch, sync_run},
-        links::{self, NewTask},
+        links,
         runs::{self, Counters, RunStatus},
+        tasks::{self, NewTask},
     },
     storage::{self, Filter, ListOptions, ObjectMeta, Storage, StorageEnv},
 };
@@ -281,7 +282,7 @@ impl ImportJob<'_> {
             let fresh = std::mem::take(&mut plan.fresh);
             let new = files_tasks(backend, &self.project.data_key, fresh);
             let (created, raced) =
-                links::insert_tasks(&txn, self.project.id, self.storage.id, &self.run.id, new)
+                tasks::insert_tasks(&txn, self.project.id, self.storage.id, &self.run.id, new)
                     .await?;
             plan.delta.created += created;
             plan.delta.existed += raced;
@@ -344,7 +345,7 @@ impl ImportJob<'_> {
         may_exist: bool,
         overwrite: bool,
     ) -> Result<Option<(i64, Vec<ObjectError>)>> {
-        let importer = tasks::Importer {
+        let importer = task_files::Importer {
             job: self,
             backend: backend.clone(),
             may_exist,
@@ -366,7 +367,7 @@ impl ImportJob<'_> {
             errors.append(&mut result.errors);
             small.append(&mut result.deferred);
             small_bytes += result.deferred_bytes;
-            if (small.len() >= tasks::CHUNK_ROWS || small_bytes >= tasks::CHUNK_BYTES)
+            if (small.len() >= task_files::CHUNK_ROWS || small_bytes >= task_files::CHUNK_BYTES)
                 && !importer
                     .commit(std::mem::take(&mut small), Vec::new())
                     .await?
@@ -466,7 +467,7 @@ impl ImportJob<'_> {
         errors: Vec<ObjectError>,
     ) -> Result<Outcome> {
         let txn = crate::db::begin_write(self.db).await?;
-        if !batches::finish(&txn, id, worker).await? {
+        if !batches::mark_done(&txn, id, worker).await? {
             txn.rollback().await?;
             return Ok(Outcome::Finished);
         }
@@ -476,7 +477,7 @@ impl ImportJob<'_> {
         };
         if !runs::checkpoint(&txn, &self.run.id, &delta, None, None).await? {
             txn.rollback().await?;
-            batches::finish(self.db, id, worker).await?;
+            batches::mark_done(self.db, id, worker).await?;
             return Ok(Outcome::Stopped);
         }
         runs::record_errors(&txn, &self.run.id, errors).await?;

@@ -50,7 +50,7 @@ pub struct RunJob {
 }
 
 impl RunJob {
-    pub fn run(run_id: impl Into<String>) -> Self {
+    pub fn for_run(run_id: impl Into<String>) -> Self {
         RunJob {
             run_id: run_id.into(),
             batch: None,
@@ -58,10 +58,10 @@ impl RunJob {
         }
     }
 
-    pub fn batch(run_id: impl Into<String>, batch: i64) -> Self {
+    pub fn for_batch(run_id: impl Into<String>, batch: i64) -> Self {
         RunJob {
             batch: Some(batch),
-            ..RunJob::run(run_id)
+            ..RunJob::for_run(run_id)
         }
     }
 }
@@ -93,27 +93,24 @@ impl JobContext {
     }
 }
 
-/// What the queue should do with a job after [`execute`].
+/// The one way a job fails: try it again later (the run stays `running`
+/// and resumes from its cursor). Everything else is recorded on the run by
+/// [`execute`], and the job is done.
 #[derive(Debug)]
-pub enum JobError {
-    /// Try again later (the run stays `running` and resumes from its cursor).
-    Retry(Error),
-}
+pub struct RetryLater(pub Error);
 
-impl std::fmt::Display for JobError {
+impl std::fmt::Display for RetryLater {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            JobError::Retry(e) => write!(f, "will retry: {e}"),
-        }
+        write!(f, "will retry: {}", self.0)
     }
 }
 
-impl std::error::Error for JobError {}
+impl std::error::Error for RetryLater {}
 
 /// Runs one attempt of a run. Permanent failures end the run (`failed`) and
 /// return `Ok`: the job is done, there is nothing to retry. Runs in the
 /// caller's span (the queue's `job` span carries the run id).
-pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), JobError> {
+pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
     // A token per attempt: the run's lease, checked by every write it makes.
     let lease = ulid::Ulid::new().to_string();
     let Some(run) = take_lease(ctx, run_id, &lease).await? else {
@@ -144,13 +141,13 @@ async fn take_lease(
     ctx: &JobContext,
     run_id: &str,
     lease: &str,
-) -> Result<Option<Box<crate::db::entities::sync_run::Model>>, JobError> {
+) -> Result<Option<Box<crate::db::entities::sync_run::Model>>, RetryLater> {
     let w = &ctx.settings.worker;
     let lease_ttl = w.heartbeat * w.missed_heartbeats.max(1) as u32;
     match runs::begin_attempt(&ctx.db, run_id, lease, lease_ttl).await {
         // Its storage or project was deleted (the run with it): nothing to do.
         Err(Error::NotFound(_)) => Ok(None),
-        Err(err) => Err(JobError::Retry(err)),
+        Err(err) => Err(RetryLater(err)),
         Ok(Attempt::Started(run)) => Ok(Some(run)),
         Ok(Attempt::Ended) => {
             tracing::debug!("run already ended; nothing to do");
@@ -158,7 +155,7 @@ async fn take_lease(
         }
         // Another attempt is alive; if it dies, its lease goes stale and
         // this retry (or its own re-queued job) takes over.
-        Ok(Attempt::Busy) => Err(JobError::Retry(Error::Transient(format!(
+        Ok(Attempt::Busy) => Err(RetryLater(Error::Transient(format!(
             "run {run_id} is held by another live attempt"
         )))),
     }
@@ -213,11 +210,11 @@ async fn conclude(
     lease: &str,
     result: Result<Outcome>,
     timer: JobTimer,
-) -> Result<(), JobError> {
+) -> Result<(), RetryLater> {
     let run_id = run.id.as_str();
     match result {
         Ok(Outcome::Finished) => {
-            let run = runs::get(&ctx.db, run_id).await.map_err(JobError::Retry)?;
+            let run = runs::get(&ctx.db, run_id).await.map_err(RetryLater)?;
             let status = if run.failed > 0 {
                 RunStatus::CompletedWithErrors
             } else {
@@ -238,7 +235,7 @@ async fn conclude(
             // "gave up" message can name the cause; the lease is let go so the
             // retry need not wait for it to go stale.
             let _ = runs::release(&ctx.db, run_id, lease, &err.to_string()).await;
-            Err(JobError::Retry(err))
+            Err(RetryLater(err))
         }
         Err(err) => {
             tracing::warn!(error = %err, "run failed");
@@ -275,7 +272,7 @@ impl Drop for AbortOnDrop {
 #[async_trait::async_trait]
 impl crate::ingest::FanOut for Queue {
     async fn push_batch(&self, run_id: &str, batch: i64) -> Result<bool> {
-        let job = RunJob::batch(run_id, batch);
+        let job = RunJob::for_batch(run_id, batch);
         let pushed = self.push(job, &format!("{run_id}:batch:{batch}")).await?;
         Ok(matches!(pushed, Pushed::Queued))
     }
@@ -353,21 +350,21 @@ pub async fn execute_batch(
     run_id: &str,
     batch_id: i64,
     worker: &str,
-) -> Result<(), JobError> {
+) -> Result<(), RetryLater> {
     use crate::db::batches;
     let run = match runs::get(&ctx.db, run_id).await {
         Err(Error::NotFound(_)) => return Ok(()), // deleted with its storage
-        other => other.map_err(JobError::Retry)?,
+        other => other.map_err(RetryLater)?,
     };
-    let Some(batch) = batches::begin_attempt(&ctx.db, batch_id)
+    let Some(batch) = batches::count_attempt(&ctx.db, batch_id)
         .await
-        .map_err(JobError::Retry)?
+        .map_err(RetryLater)?
     else {
         return Ok(()); // already done: a duplicate job
     };
     let (storage, project) = match owners(ctx, &run).await {
         Err(Error::NotFound(_)) => return Ok(()), // deleted meanwhile
-        other => other.map_err(JobError::Retry)?,
+        other => other.map_err(RetryLater)?,
     };
     let job = ImportJob {
         db: &ctx.db,
@@ -383,13 +380,13 @@ pub async fn execute_batch(
     // Objects of a batch given up on: those with no task yet (rows an earlier
     // attempt imported are kept, so their objects did not fail).
     let give_up =
-        async |reason: String| -> Result<(i64, Vec<crate::ingest::ObjectError>), JobError> {
+        async |reason: String| -> Result<(i64, Vec<crate::ingest::ObjectError>), RetryLater> {
             let objects: Vec<crate::storage::ObjectMeta> =
                 batches::objects(&batch).unwrap_or_default();
             let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
             let linked = crate::db::links::known_objects(&ctx.db, run.storage_id, run_id, &keys)
                 .await
-                .map_err(JobError::Retry)?;
+                .map_err(RetryLater)?;
             let errors: Vec<_> = keys
                 .into_iter()
                 .filter(|k| !linked.contains_key(k))
@@ -401,7 +398,7 @@ pub async fn execute_batch(
         // Cancelled or ended: close the batch so nothing waits on it.
         job.finish_batch(batch_id, worker, 0, Vec::new())
             .await
-            .map_err(JobError::Retry)?;
+            .map_err(RetryLater)?;
         return Ok(());
     }
     if batch.attempts > i64::from(ctx.settings.worker.max_attempts) {
@@ -412,17 +409,17 @@ pub async fn execute_batch(
         .await?;
         job.finish_batch(batch_id, worker, failed, errors)
             .await
-            .map_err(JobError::Retry)?;
+            .map_err(RetryLater)?;
         return Ok(());
     }
     match job.run_batch(&batch, worker).await {
         Ok(_) => Ok(()),
-        Err(err) if err.is_transient() => Err(JobError::Retry(err)),
+        Err(err) if err.is_transient() => Err(RetryLater(err)),
         Err(err) => {
             let (failed, errors) = give_up(err.to_string()).await?;
             job.finish_batch(batch_id, worker, failed, errors)
                 .await
-                .map_err(JobError::Retry)?;
+                .map_err(RetryLater)?;
             Ok(())
         }
     }
@@ -434,10 +431,10 @@ async fn end(
     status: RunStatus,
     error: Option<String>,
     lease: &str,
-) -> Result<(), JobError> {
+) -> Result<(), RetryLater> {
     runs::finish(&ctx.db, run_id, status, error, Some(lease))
         .await
-        .map_err(JobError::Retry)?;
+        .map_err(RetryLater)?;
     Ok(())
 }
 
@@ -458,10 +455,10 @@ async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every:
 
 /// The kind of run a sync of this storage is: an import for a source, an
 /// export for a target.
-pub fn run_kind(storage: &storage_entity::Model) -> Result<runs::RunKind> {
+pub fn run_kind(storage: &storage_entity::Model) -> runs::RunKind {
     match crate::storage::Role::of(storage) {
-        crate::storage::Role::Source => Ok(runs::RunKind::Import),
-        crate::storage::Role::Target => Ok(runs::RunKind::Export),
+        crate::storage::Role::Source => runs::RunKind::Import,
+        crate::storage::Role::Target => runs::RunKind::Export,
     }
 }
 
@@ -485,7 +482,7 @@ pub async fn enqueue_events(
     if live {
         return Ok(false);
     }
-    let job = RunJob::run(&run.id);
+    let job = RunJob::for_run(&run.id);
     if let Err(err) = queue.push(job, &run.id).await {
         tracing::warn!(run_id = %run.id, error = %err, "export run not queued yet; the sweep will");
     }
@@ -510,12 +507,12 @@ pub async fn enqueue_sync(
     queue: &Queue,
     storage: &storage_entity::Model,
 ) -> Result<(crate::db::entities::sync_run::Model, bool)> {
-    let kind = run_kind(storage)?;
+    let kind = run_kind(storage);
     let (run, already_running) = runs::create_or_get_live(db, storage.id, kind).await?;
     if already_running {
         return Ok((run, true));
     }
-    let job = RunJob::run(&run.id);
+    let job = RunJob::for_run(&run.id);
     match queue.push(job, &run.id).await {
         Ok(Pushed::Queued) => {}
         Ok(Pushed::Full) => {
@@ -573,7 +570,7 @@ pub async fn requeue_stalled(
     // One push per run per window: the idempotency key changes with it.
     let bucket = now.timestamp() as u64 / window;
     for run_id in stalled {
-        let job = RunJob::run(&run_id);
+        let job = RunJob::for_run(&run_id);
         match queue
             .push(job, &format!("{run_id}:requeue:{bucket}"))
             .await?

@@ -34,8 +34,9 @@ use super::{
 use crate::{
     Error, Result,
     db::{
-        links::{self, NewTask},
+        links,
         runs::{self, Counters},
+        tasks::{self, NewTask},
     },
     storage::{ObjectMeta, Storage, retry},
 };
@@ -375,9 +376,9 @@ impl Importer<'_, '_> {
         }
         let job = self.job;
         let txn = crate::db::begin_write(job.db).await?;
-        links::update_tasks(&txn, updates).await?;
+        tasks::update_tasks(&txn, updates).await?;
         let (created, _) =
-            links::insert_tasks(&txn, job.project.id, job.storage.id, &job.run.id, new).await?;
+            tasks::insert_tasks(&txn, job.project.id, job.storage.id, &job.run.id, new).await?;
         let delta = Counters {
             created,
             ..Counters::default()
