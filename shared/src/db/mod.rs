@@ -3,6 +3,7 @@
 //! behaviour lives in the sibling modules.
 pub mod batches;
 pub mod entities;
+pub mod exports;
 pub mod links;
 pub mod outbox;
 pub mod runs;

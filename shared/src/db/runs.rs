@@ -384,3 +384,68 @@ pub fn to_json(run: &sync_run::Model) -> serde_json::Value {
         "finished_at": run.finished_at,
     })
 }
+
+/// The storage a run works on and its project; `NotFound` when either was
+/// deleted (the run goes with them).
+pub async fn owners(
+    db: &impl ConnectionTrait,
+    storage_id: i64,
+) -> Result<(
+    super::entities::storage::Model,
+    super::entities::project::Model,
+)> {
+    use super::entities::{project, storage};
+    let storage = storage::Entity::find_by_id(storage_id)
+        .one(db)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("storage {storage_id} was deleted")))?;
+    let project = project::Entity::find_by_id(storage.project_id)
+        .one(db)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("project {} was deleted", storage.project_id)))?;
+    Ok((storage, project))
+}
+
+/// Live runs with no sign of life (heartbeat, or queueing time) since
+/// `cutoff`, oldest first, at most `limit`: their job may be lost.
+pub async fn stalled(
+    db: &impl ConnectionTrait,
+    cutoff: chrono::DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<String>> {
+    use sea_orm::{QuerySelect, sea_query::Func};
+    use sync_run::Column as C;
+    Ok(sync_run::Entity::find()
+        .select_only()
+        .column(C::Id)
+        .filter(C::Status.is_in(LIVE))
+        .filter(
+            Expr::expr(Func::coalesce([
+                Expr::col(C::HeartbeatAt),
+                Expr::col(C::QueuedAt),
+            ]))
+            .lt(cutoff),
+        )
+        .order_by_asc(C::Id)
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// Counts the still-queued runs among `ids` as alive at `now` (they were
+/// just pushed to the queue again).
+pub async fn mark_alive_if_queued(
+    db: &impl ConnectionTrait,
+    ids: Vec<String>,
+    now: chrono::DateTime<Utc>,
+) -> Result<()> {
+    use sync_run::Column as C;
+    sync_run::Entity::update_many()
+        .col_expr(C::HeartbeatAt, Expr::value(now))
+        .filter(C::Id.is_in(ids))
+        .filter(C::Status.eq(RunStatus::Queued.as_str()))
+        .exec(db)
+        .await?;
+    Ok(())
+}

@@ -14,15 +14,12 @@
 //! not written, so the next sync uploads it again.
 pub mod format;
 
-use std::{collections::HashMap, sync::Arc, sync::atomic::AtomicBool};
+use std::{sync::Arc, sync::atomic::AtomicBool};
 
 use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
-use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::OnConflict,
-};
+use sea_orm::DatabaseConnection;
 
 use crate::{
     Error, Result,
@@ -30,8 +27,8 @@ use crate::{
     config::WorkerSettings,
     db::{
         self,
-        entities::{annotation, export_link, export_outbox, project, storage, sync_run, task},
-        outbox,
+        entities::{annotation, export_link, export_outbox, project, storage, sync_run},
+        exports, outbox,
         runs::{self, Counters, SCOPE_FULL},
     },
     storage::{self as backends, Storage, StorageEnv},
@@ -87,13 +84,9 @@ impl ExportJob<'_> {
                 .unwrap_or(0);
             loop {
                 self.check_stopping()?;
-                let page = annotation::Entity::find()
-                    .filter(annotation::Column::ProjectId.eq(self.project.id))
-                    .filter(annotation::Column::Id.gt(cursor))
-                    .order_by_asc(annotation::Column::Id)
-                    .limit(self.settings.page_size as u64)
-                    .all(self.db)
-                    .await?;
+                let limit = self.settings.page_size as u64;
+                let page =
+                    exports::annotation_page(self.db, self.project.id, cursor, limit).await?;
                 let Some(last) = page.last() else { break };
                 cursor = last.id;
                 let mut result = PageResult::default();
@@ -119,54 +112,7 @@ impl ExportJob<'_> {
         drained: &[export_outbox::Model],
     ) -> Result<bool> {
         let txn = db::begin_write(self.db).await?;
-        // An annotation deleted since its page was read has no link to keep
-        // (its delete event removes the object); its row is locked against
-        // deletion until this commit, so the links' foreign key holds.
-        let links = if result.links.is_empty() {
-            result.links
-        } else {
-            let ids: Vec<i64> = result
-                .links
-                .iter()
-                .filter_map(|l| l.annotation_id.clone().take())
-                .collect();
-            let mut alive = annotation::Entity::find()
-                .select_only()
-                .column(annotation::Column::Id)
-                .filter(annotation::Column::Id.is_in(ids));
-            if self.db.get_database_backend() == sea_orm::DbBackend::Postgres {
-                alive = alive.lock_shared();
-            }
-            let alive: std::collections::HashSet<i64> =
-                alive.into_tuple().all(&txn).await?.into_iter().collect();
-            result
-                .links
-                .into_iter()
-                .filter(|l| {
-                    l.annotation_id
-                        .clone()
-                        .take()
-                        .is_some_and(|id| alive.contains(&id))
-                })
-                .collect()
-        };
-        for chunk in links.chunks(1000) {
-            export_link::Entity::insert_many(chunk.to_vec())
-                .on_conflict(
-                    OnConflict::columns([
-                        export_link::Column::StorageId,
-                        export_link::Column::AnnotationId,
-                    ])
-                    .update_columns([
-                        export_link::Column::ObjectKey,
-                        export_link::Column::ContentHash,
-                        export_link::Column::ExportedAt,
-                    ])
-                    .to_owned(),
-                )
-                .exec_without_returning(&txn)
-                .await?;
-        }
+        exports::write_links(&txn, result.links).await?;
         runs::record_errors(&txn, &self.run.id, result.errors).await?;
         outbox::remove(&txn, drained).await?;
         if !runs::checkpoint(&txn, &self.run.id, &result.delta, cursor, self.lease).await? {
@@ -189,22 +135,9 @@ impl ExportJob<'_> {
         }
         // Two queries per page, whatever its size: the tasks and the links.
         let task_ids: Vec<i64> = annotations.iter().map(|a| a.task_id).collect();
-        let tasks: HashMap<i64, task::Model> = task::Entity::find()
-            .filter(task::Column::Id.is_in(task_ids))
-            .all(self.db)
-            .await?
-            .into_iter()
-            .map(|t| (t.id, t))
-            .collect();
+        let tasks = exports::tasks_by_id(self.db, task_ids).await?;
         let ids: Vec<i64> = annotations.iter().map(|a| a.id).collect();
-        let links: HashMap<i64, export_link::Model> = export_link::Entity::find()
-            .filter(export_link::Column::StorageId.eq(self.storage.id))
-            .filter(export_link::Column::AnnotationId.is_in(ids))
-            .all(self.db)
-            .await?
-            .into_iter()
-            .map(|l| (l.annotation_id, l))
-            .collect();
+        let links = exports::links_of(self.db, self.storage.id, ids).await?;
 
         let mut uploads = Vec::new();
         for a in &annotations {
@@ -306,11 +239,8 @@ impl ExportJob<'_> {
                 .filter(|e| e.action == outbox::UPSERT)
                 .map(|e| e.annotation_id)
                 .collect();
-            let annotations = annotation::Entity::find()
-                .filter(annotation::Column::Id.is_in(upserts))
-                .filter(annotation::Column::ProjectId.eq(self.project.id))
-                .all(self.db)
-                .await?;
+            let annotations =
+                exports::annotations_in_project(self.db, self.project.id, upserts).await?;
             // Deleted annotations, and updates of ones deleted since.
             let alive: Vec<i64> = annotations.iter().map(|a| a.id).collect();
             let gone: Vec<i64> = events

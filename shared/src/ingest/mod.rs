@@ -130,7 +130,7 @@ impl ImportJob<'_> {
     }
 
     fn tasks_mode(&self) -> bool {
-        self.storage.import_method == "tasks"
+        storage::spec::ImportMethod::of(self.storage) == storage::spec::ImportMethod::Tasks
     }
 
     /// Classifies a page against the links the storage has. `None` for a

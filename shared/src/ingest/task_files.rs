@@ -169,7 +169,8 @@ impl Importer<'_, '_> {
     /// The object's format, or why it cannot be imported (a per-object error).
     fn readable_format(&self, object: &ObjectMeta) -> std::result::Result<Format, String> {
         // A Redis value is always task JSON, whatever its key looks like.
-        let redis = self.job.storage.backend == crate::storage::BackendKind::Redis.as_str();
+        let backend = crate::storage::BackendKind::parse(&self.job.storage.backend).ok();
+        let redis = backend == Some(crate::storage::BackendKind::Redis);
         let Some(format) = Format::of_key(&object.key).or(redis.then_some(Format::Json)) else {
             return Err("unsupported file type: Tasks mode reads .json, .jsonl, .ndjson, .parquet and names without an extension (JSON)".into());
         };

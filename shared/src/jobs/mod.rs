@@ -17,7 +17,7 @@ use std::{
 };
 
 use opentelemetry::KeyValue;
-use sea_orm::{DatabaseConnection, EntityTrait};
+use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
 
 pub use queue::{Pushed, Queue};
@@ -283,14 +283,7 @@ async fn owners(
     ctx: &JobContext,
     run: &crate::db::entities::sync_run::Model,
 ) -> Result<(storage_entity::Model, project::Model)> {
-    let storage = storage_entity::Entity::find_by_id(run.storage_id)
-        .one(&ctx.db)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("storage {} was deleted", run.storage_id)))?;
-    let project = project::Entity::find_by_id(storage.project_id)
-        .one(&ctx.db)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("project {} was deleted", storage.project_id)))?;
+    let (storage, project) = runs::owners(&ctx.db, run.storage_id).await?;
     let span = tracing::Span::current();
     span.record("storage_id", storage.id);
     span.record("backend", storage.backend.as_str());
@@ -304,8 +297,8 @@ async fn attempt(
     lease: &str,
 ) -> Result<Outcome> {
     let (storage, project) = owners(ctx, run).await?;
-    match run.kind.as_str() {
-        "import" => {
+    match runs::RunKind::parse(&run.kind) {
+        Some(runs::RunKind::Import) => {
             ImportJob {
                 db: &ctx.db,
                 env: &ctx.storage_env,
@@ -320,7 +313,7 @@ async fn attempt(
             .run()
             .await
         }
-        "export" => {
+        Some(runs::RunKind::Export) => {
             ExportJob {
                 db: &ctx.db,
                 env: &ctx.storage_env,
@@ -334,10 +327,10 @@ async fn attempt(
             .run()
             .await
         }
-        other => Err(Error::invalid(
+        _ => Err(Error::invalid(
             "unsupported_run_kind",
             None,
-            format!("{other} runs are not available in this build yet"),
+            format!("{} runs are not available in this build yet", run.kind),
         )),
     }
 }
@@ -540,31 +533,10 @@ pub async fn requeue_stalled(
     queue: &Queue,
     settings: &Settings,
 ) -> Result<usize> {
-    use sea_orm::{
-        ColumnTrait, QueryFilter, QueryOrder, QuerySelect,
-        sea_query::{Expr, ExprTrait, Func},
-    };
-
-    use crate::db::entities::sync_run::{self, Column as C};
     let window = Ord::max(settings.requeue_after.as_secs(), 1);
     let now = chrono::Utc::now();
     let cutoff = now - chrono::Duration::seconds(window as i64);
-    let stalled: Vec<String> = sync_run::Entity::find()
-        .select_only()
-        .column(C::Id)
-        .filter(C::Status.is_in([RunStatus::Queued.as_str(), RunStatus::Running.as_str()]))
-        .filter(
-            Expr::expr(Func::coalesce([
-                Expr::col(C::HeartbeatAt),
-                Expr::col(C::QueuedAt),
-            ]))
-            .lt(cutoff),
-        )
-        .order_by_asc(C::Id)
-        .limit(REQUEUE_PER_TICK)
-        .into_tuple()
-        .all(db)
-        .await?;
+    let stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
     let mut pushed = 0;
     let mut touched = Vec::new();
     // One push per run per window: the idempotency key changes with it.
@@ -584,11 +556,6 @@ pub async fn requeue_stalled(
     }
     // A pushed run counts as alive for another window, so a run waiting its
     // turn in Redis is not pushed again and again while it waits.
-    sync_run::Entity::update_many()
-        .col_expr(C::HeartbeatAt, Expr::value(now))
-        .filter(C::Id.is_in(touched))
-        .filter(C::Status.eq(RunStatus::Queued.as_str()))
-        .exec(db)
-        .await?;
+    runs::mark_alive_if_queued(db, touched, now).await?;
     Ok(pushed)
 }

@@ -32,6 +32,16 @@ pub enum ImportMethod {
 }
 
 impl ImportMethod {
+    /// The method of a saved storage (the column only ever holds the two
+    /// names; anything else reads as the default).
+    pub fn of(model: &storage::Model) -> Self {
+        if model.import_method == ImportMethod::Tasks.as_str() {
+            ImportMethod::Tasks
+        } else {
+            ImportMethod::Files
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ImportMethod::Files => "files",
