@@ -18,7 +18,6 @@ use futures::StreamExt;
 use labelsync::{
     Error,
     db::entities::storage,
-    security::paths,
     storage::{BackendKind, ByteStream, GetRange, KeyShape, Role, Storage, check_key},
 };
 use opentelemetry::KeyValue;
@@ -79,28 +78,11 @@ fn parse_uri(uri: &str) -> ApiResult<Target> {
         });
     }
     let (scheme, rest) = uri.split_once("://").ok_or_else(invalid)?;
-    let kind = match scheme {
-        "s3" => BackendKind::S3,
-        "gs" => BackendKind::Gcs,
-        "azure-blob" => BackendKind::Azure,
-        "dbx" => BackendKind::Databricks,
-        _ => return Err(invalid()),
-    };
-    let (location, key) = if kind == BackendKind::Databricks {
-        let mut parts = rest
-            .strip_prefix("Volumes/")
-            .ok_or_else(invalid)?
-            .splitn(4, '/');
-        let (Some(c), Some(s), Some(v), Some(key)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(invalid());
-        };
-        (format!("{c}/{s}/{v}"), key.to_owned())
-    } else {
-        let (bucket, key) = rest.split_once('/').ok_or_else(invalid)?;
-        (bucket.to_owned(), key.to_owned())
-    };
+    let kind = labelsync::storage::backend_of_scheme(scheme).ok_or_else(invalid)?;
+    let (location, key) = labelsync::storage::backend(kind)
+        .split_uri(rest)
+        .ok_or_else(invalid)?;
+    let key = key.to_owned();
     if location.is_empty() || key.is_empty() {
         return Err(invalid());
     }
@@ -117,33 +99,8 @@ fn parse_uri(uri: &str) -> ApiResult<Target> {
 /// The storage's location as URIs name it, and for local storages the key
 /// prefix (its directory relative to the document root).
 fn location_of(s: &storage::Model, state: &AppState) -> Option<String> {
-    let text = |field: &str| {
-        s.config
-            .get(field)
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-    };
-    match BackendKind::parse(&s.backend).ok()? {
-        BackendKind::S3 | BackendKind::Gcs => text("bucket"),
-        BackendKind::Azure => text("container"),
-        BackendKind::Databricks => Some(format!(
-            "{}/{}/{}",
-            text("catalog")?,
-            text("schema")?,
-            text("volume")?
-        )),
-        BackendKind::Local => {
-            let root = paths::document_root(state.storage_env.document_root.as_deref()).ok()?;
-            let base = paths::confine(&root, &text("path")?).ok()?;
-            Some(
-                base.strip_prefix(&root)
-                    .ok()?
-                    .to_string_lossy()
-                    .into_owned(),
-            )
-        }
-        BackendKind::Redis => None,
-    }
+    let kind = BackendKind::parse(&s.backend).ok()?;
+    labelsync::storage::backend(kind).uri_location(&s.config, &state.storage_env)
 }
 
 /// The project's source storage for a URI, and the key within it.

@@ -397,3 +397,46 @@ impl Storage for AzureStorage {
         format!("azure-blob://{}/{key}", self.container)
     }
 }
+
+/// The azure backend as [`super::backend`] lists it.
+pub struct Descriptor;
+
+#[async_trait::async_trait]
+impl super::Backend for Descriptor {
+    fn secret_names(&self) -> &'static [&'static str] {
+        &["account_key", "client_secret"]
+    }
+
+    fn key_shape(&self) -> super::KeyShape {
+        super::KeyShape::Path
+    }
+
+    fn uri_scheme(&self) -> Option<&'static str> {
+        Some("azure-blob")
+    }
+
+    fn uri_location(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<String> {
+        config.get("container")?.as_str().map(str::to_owned)
+    }
+
+    async fn validate(
+        &self,
+        config: &serde_json::Value,
+        env: &StorageEnv,
+    ) -> Result<serde_json::Value> {
+        AzureConfig::parse(config, env).await.map(|c| c.to_json())
+    }
+
+    async fn open(
+        &self,
+        config: &serde_json::Value,
+        secrets: &Secrets,
+        env: &StorageEnv,
+    ) -> Result<std::sync::Arc<dyn super::Storage>> {
+        Ok(std::sync::Arc::new(AzureStorage::open(
+            AzureConfig::parse(config, env).await?,
+            secrets,
+            env,
+        )?))
+    }
+}

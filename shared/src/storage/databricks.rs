@@ -396,3 +396,61 @@ impl Storage for DatabricksStorage {
         format!("dbx://{}/{key}", self.plain_root)
     }
 }
+
+/// The databricks backend as [`super::backend`] lists it.
+pub struct Descriptor;
+
+#[async_trait::async_trait]
+impl super::Backend for Descriptor {
+    fn secret_names(&self) -> &'static [&'static str] {
+        &["token"]
+    }
+
+    fn key_shape(&self) -> super::KeyShape {
+        super::KeyShape::Path
+    }
+
+    fn uri_scheme(&self) -> Option<&'static str> {
+        Some("dbx")
+    }
+
+    fn uri_location(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<String> {
+        let text = |field: &str| config.get(field)?.as_str();
+        Some(format!(
+            "{}/{}/{}",
+            text("catalog")?,
+            text("schema")?,
+            text("volume")?
+        ))
+    }
+
+    /// `dbx://Volumes/<catalog>/<schema>/<volume>/<key>`.
+    fn split_uri<'u>(&self, rest: &'u str) -> Option<(String, &'u str)> {
+        let mut parts = rest.strip_prefix("Volumes/")?.splitn(4, '/');
+        let (c, s, v, key) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        Some((format!("{c}/{s}/{v}"), key))
+    }
+
+    async fn validate(
+        &self,
+        config: &serde_json::Value,
+        env: &StorageEnv,
+    ) -> Result<serde_json::Value> {
+        DatabricksConfig::parse(config, env)
+            .await
+            .map(|c| c.to_json())
+    }
+
+    async fn open(
+        &self,
+        config: &serde_json::Value,
+        secrets: &Secrets,
+        env: &StorageEnv,
+    ) -> Result<std::sync::Arc<dyn super::Storage>> {
+        Ok(std::sync::Arc::new(DatabricksStorage::open(
+            DatabricksConfig::parse(config, env).await?,
+            secrets,
+            env,
+        )?))
+    }
+}

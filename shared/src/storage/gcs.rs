@@ -543,6 +543,47 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
+/// The gcs backend as [`super::backend`] lists it.
+pub struct Descriptor;
+
+#[async_trait::async_trait]
+impl super::Backend for Descriptor {
+    fn secret_names(&self) -> &'static [&'static str] {
+        &["credentials_json"]
+    }
+
+    fn key_shape(&self) -> super::KeyShape {
+        super::KeyShape::Name
+    }
+
+    fn uri_scheme(&self) -> Option<&'static str> {
+        Some("gs")
+    }
+
+    fn uri_location(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<String> {
+        config.get("bucket")?.as_str().map(str::to_owned)
+    }
+
+    async fn validate(
+        &self,
+        config: &serde_json::Value,
+        env: &StorageEnv,
+    ) -> Result<serde_json::Value> {
+        GcsConfig::parse(config, env).await.map(|c| c.to_json())
+    }
+
+    async fn open(
+        &self,
+        config: &serde_json::Value,
+        secrets: &Secrets,
+        env: &StorageEnv,
+    ) -> Result<std::sync::Arc<dyn super::Storage>> {
+        Ok(std::sync::Arc::new(
+            GcsStorage::open(GcsConfig::parse(config, env).await?, secrets, env).await?,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

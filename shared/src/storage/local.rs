@@ -576,6 +576,53 @@ impl Walker {
     }
 }
 
+/// The local backend as [`super::backend`] lists it.
+pub struct Descriptor;
+
+#[async_trait::async_trait]
+impl super::Backend for Descriptor {
+    fn secret_names(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn key_shape(&self) -> super::KeyShape {
+        super::KeyShape::Path
+    }
+
+    /// The storage's directory relative to the document root (what
+    /// `/data/local-files/?d=` paths start with).
+    fn uri_location(&self, config: &serde_json::Value, env: &StorageEnv) -> Option<String> {
+        let root = crate::security::paths::document_root(env.document_root.as_deref()).ok()?;
+        let base = crate::security::paths::confine(&root, config.get("path")?.as_str()?).ok()?;
+        Some(
+            base.strip_prefix(&root)
+                .ok()?
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
+    async fn validate(
+        &self,
+        config: &serde_json::Value,
+        env: &StorageEnv,
+    ) -> Result<serde_json::Value> {
+        LocalConfig::parse(config, env).map(|c| c.to_json())
+    }
+
+    async fn open(
+        &self,
+        config: &serde_json::Value,
+        _secrets: &super::Secrets,
+        env: &StorageEnv,
+    ) -> Result<std::sync::Arc<dyn super::Storage>> {
+        Ok(std::sync::Arc::new(LocalStorage::new(
+            LocalConfig::parse(config, env)?,
+            env,
+        )?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use futures::TryStreamExt;

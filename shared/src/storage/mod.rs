@@ -3,9 +3,10 @@
 //! A backend implements "list one page", get (with a byte range), put,
 //! delete and presign; pagination is the shared [`paginate`] helper, so every
 //! listing is a stream of pages that never holds a whole bucket in memory, and
-//! [`probe`] is the shared `validate` check. Adding a backend means: its
-//! module, a variant of [`BackendKind`], and its arms in [`validate_config`]
-//! and [`open`].
+//! [`probe`] is the shared `validate` check. Each backend module also has a
+//! `Descriptor` ([`Backend`]: secret names, key shape, URI scheme and
+//! location, config validation, open). Adding a backend means: its module, a
+//! variant of [`BackendKind`], and one line in [`backend`].
 pub mod azure;
 pub mod databricks;
 mod filter;
@@ -37,23 +38,75 @@ pub use filter::Filter;
 impl BackendKind {
     /// How the backend's keys must be checked ([`check_key`]).
     pub fn key_shape(self) -> KeyShape {
-        match self {
-            BackendKind::S3 | BackendKind::Gcs | BackendKind::Redis => KeyShape::Name,
-            BackendKind::Azure | BackendKind::Local | BackendKind::Databricks => KeyShape::Path,
-        }
+        backend(self).key_shape()
     }
 
     /// The secret names the backend takes (docs/API.md, "Storages").
     pub fn secret_names(self) -> &'static [&'static str] {
-        match self {
-            BackendKind::S3 => &["access_key_id", "secret_access_key", "session_token"],
-            BackendKind::Gcs => &["credentials_json"],
-            BackendKind::Azure => &["account_key", "client_secret"],
-            BackendKind::Redis => &["password"],
-            BackendKind::Local => &[],
-            BackendKind::Databricks => &["token"],
-        }
+        backend(self).secret_names()
     }
+}
+
+/// What labelsync needs of one backend beside the [`Storage`] it opens:
+/// each backend module has one (`s3::Descriptor`, ...), and [`backend`] is
+/// the one place that lists them, so adding a backend is its module, its
+/// [`BackendKind`] name and one line there.
+#[async_trait]
+pub trait Backend: Sync {
+    /// The secret names it takes (docs/API.md, "Storages").
+    fn secret_names(&self) -> &'static [&'static str];
+
+    /// How its keys must be checked ([`check_key`]).
+    fn key_shape(&self) -> KeyShape;
+
+    /// The scheme of its task URIs (`s3://bucket/key`), if it has them.
+    fn uri_scheme(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// The location task URIs name (bucket, container, volume; for local
+    /// storages the directory under the document root) in a saved config.
+    fn uri_location(&self, _config: &Value, _env: &StorageEnv) -> Option<String> {
+        None
+    }
+
+    /// A URI's location and key, from what follows `scheme://`: by default
+    /// the first segment is the location (`bucket/key`).
+    fn split_uri<'u>(&self, rest: &'u str) -> Option<(String, &'u str)> {
+        let (location, key) = rest.split_once('/')?;
+        Some((location.to_owned(), key))
+    }
+
+    /// Checks a `config` for a create or update (syntax, required fields,
+    /// the SSRF guard on endpoints); returns it normalized.
+    async fn validate(&self, config: &Value, env: &StorageEnv) -> Result<Value>;
+
+    /// Opens the backend from its config and plain secrets.
+    async fn open(
+        &self,
+        config: &Value,
+        secrets: &Secrets,
+        env: &StorageEnv,
+    ) -> Result<Arc<dyn Storage>>;
+}
+
+/// The backend of a kind: the registration line of each backend.
+pub fn backend(kind: BackendKind) -> &'static dyn Backend {
+    match kind {
+        BackendKind::S3 => &s3::Descriptor,
+        BackendKind::Gcs => &gcs::Descriptor,
+        BackendKind::Azure => &azure::Descriptor,
+        BackendKind::Redis => &redis::Descriptor,
+        BackendKind::Local => &local::Descriptor,
+        BackendKind::Databricks => &databricks::Descriptor,
+    }
+}
+
+/// The backend whose task URIs use `scheme`.
+pub fn backend_of_scheme(scheme: &str) -> Option<BackendKind> {
+    BackendKind::ALL
+        .into_iter()
+        .find(|kind| backend(*kind).uri_scheme() == Some(scheme))
 }
 
 /// Whether a storage is read (source) or written (target); `check` tests the
@@ -504,22 +557,7 @@ pub fn secrets_of(model: &storage::Model, env: &StorageEnv) -> Result<Secrets> {
 /// Validates a backend's `config` for a create or update (syntax, required
 /// fields, the SSRF guard on endpoints); returns it normalized.
 pub async fn validate_config(kind: BackendKind, config: &Value, env: &StorageEnv) -> Result<Value> {
-    match kind {
-        BackendKind::Local => local::LocalConfig::parse(config, env).map(|c| c.to_json()),
-        BackendKind::S3 => s3::S3Config::parse(config, env).await.map(|c| c.to_json()),
-        BackendKind::Gcs => gcs::GcsConfig::parse(config, env)
-            .await
-            .map(|c| c.to_json()),
-        BackendKind::Azure => azure::AzureConfig::parse(config, env)
-            .await
-            .map(|c| c.to_json()),
-        BackendKind::Redis => redis::RedisConfig::parse(config, env)
-            .await
-            .map(|c| c.to_json()),
-        BackendKind::Databricks => databricks::DatabricksConfig::parse(config, env)
-            .await
-            .map(|c| c.to_json()),
-    }
+    backend(kind).validate(config, env).await
 }
 
 /// Opens the backend behind a saved storage (or one about to be saved).
@@ -542,34 +580,9 @@ pub async fn open_with(
     env: &StorageEnv,
 ) -> Result<Arc<dyn Storage>> {
     crate::security::net::install_crypto_provider();
-    let backend: Arc<dyn Storage> = match kind {
-        BackendKind::Local => Arc::new(local::LocalStorage::new(
-            local::LocalConfig::parse(config, env)?,
-            env,
-        )?),
-        BackendKind::S3 => Arc::new(
-            s3::S3Storage::open(s3::S3Config::parse(config, env).await?, secrets, env).await?,
-        ),
-        BackendKind::Gcs => Arc::new(
-            gcs::GcsStorage::open(gcs::GcsConfig::parse(config, env).await?, secrets, env).await?,
-        ),
-        BackendKind::Azure => Arc::new(azure::AzureStorage::open(
-            azure::AzureConfig::parse(config, env).await?,
-            secrets,
-            env,
-        )?),
-        BackendKind::Redis => Arc::new(
-            redis::RedisStorage::open(redis::RedisConfig::parse(config, env).await?, secrets, env)
-                .await?,
-        ),
-        BackendKind::Databricks => Arc::new(databricks::DatabricksStorage::open(
-            databricks::DatabricksConfig::parse(config, env).await?,
-            secrets,
-            env,
-        )?),
-    };
+    let opened = backend(kind).open(config, secrets, env).await?;
     // Every request of every backend is counted and timed in one place.
-    Ok(Arc::new(instrumented::Instrumented(backend)))
+    Ok(Arc::new(instrumented::Instrumented(opened)))
 }
 
 /// The checks every cloud config shares: a bucket (or container) name with

@@ -366,3 +366,36 @@ impl Storage for RedisStorage {
         )
     }
 }
+
+/// The redis backend as [`super::backend`] lists it.
+pub struct Descriptor;
+
+#[async_trait::async_trait]
+impl super::Backend for Descriptor {
+    fn secret_names(&self) -> &'static [&'static str] {
+        &["password"]
+    }
+
+    fn key_shape(&self) -> super::KeyShape {
+        super::KeyShape::Name
+    }
+
+    async fn validate(
+        &self,
+        config: &serde_json::Value,
+        env: &StorageEnv,
+    ) -> Result<serde_json::Value> {
+        RedisConfig::parse(config, env).await.map(|c| c.to_json())
+    }
+
+    async fn open(
+        &self,
+        config: &serde_json::Value,
+        secrets: &Secrets,
+        env: &StorageEnv,
+    ) -> Result<std::sync::Arc<dyn super::Storage>> {
+        Ok(std::sync::Arc::new(
+            RedisStorage::open(RedisConfig::parse(config, env).await?, secrets, env).await?,
+        ))
+    }
+}

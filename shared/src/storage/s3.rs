@@ -459,3 +459,44 @@ impl Storage for S3Storage {
         format!("s3://{}/{key}", self.bucket)
     }
 }
+
+/// The s3 backend as [`super::backend`] lists it.
+pub struct Descriptor;
+
+#[async_trait::async_trait]
+impl super::Backend for Descriptor {
+    fn secret_names(&self) -> &'static [&'static str] {
+        &["access_key_id", "secret_access_key", "session_token"]
+    }
+
+    fn key_shape(&self) -> super::KeyShape {
+        super::KeyShape::Name
+    }
+
+    fn uri_scheme(&self) -> Option<&'static str> {
+        Some("s3")
+    }
+
+    fn uri_location(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<String> {
+        config.get("bucket")?.as_str().map(str::to_owned)
+    }
+
+    async fn validate(
+        &self,
+        config: &serde_json::Value,
+        env: &StorageEnv,
+    ) -> Result<serde_json::Value> {
+        S3Config::parse(config, env).await.map(|c| c.to_json())
+    }
+
+    async fn open(
+        &self,
+        config: &serde_json::Value,
+        secrets: &Secrets,
+        env: &StorageEnv,
+    ) -> Result<std::sync::Arc<dyn super::Storage>> {
+        Ok(std::sync::Arc::new(
+            S3Storage::open(S3Config::parse(config, env).await?, secrets, env).await?,
+        ))
+    }
+}
