@@ -12,8 +12,10 @@ use labelsync::{
     config::Settings,
     db::{
         self,
-        entities::{project, storage},
+        entities::storage,
+        projects,
         runs::{self, RunStatus},
+        storages,
     },
     jobs::{self, JobContext, RetryLater},
     storage::{
@@ -21,10 +23,7 @@ use labelsync::{
         spec::{StorageSpec, ValidSpec},
     },
 };
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryOrder,
-};
+use sea_orm::DatabaseConnection;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -199,7 +198,7 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
 /// The spec's `project_id`, checked first: a missing project would
 /// otherwise surface as the database's foreign-key error on the storage.
 async fn existing_project(db: &DatabaseConnection, id: i64) -> anyhow::Result<i64> {
-    match project::Entity::find_by_id(id).one(db).await? {
+    match projects::find(db, id).await? {
         Some(p) => Ok(p.id),
         None => bail!(
             "project {id} does not exist in this database (DATABASE_URL): create it first (POST /api/v1/projects), or give \"project\": {{\"title\", \"data_key\"}} in the spec instead of \"project_id\""
@@ -212,24 +211,10 @@ async fn find_or_create_project(
     title: &str,
     data_key: &str,
 ) -> anyhow::Result<i64> {
-    if let Some(p) = project::Entity::find()
-        .filter(project::Column::Title.eq(title))
-        .order_by_asc(project::Column::Id)
-        .one(db)
-        .await?
-    {
+    if let Some(p) = projects::find_titled(db, title).await? {
         return Ok(p.id);
     }
-    let now = Utc::now();
-    let p = project::ActiveModel {
-        title: Set(title.into()),
-        data_key: Set(data_key.into()),
-        created_at: Set(now),
-        updated_at: Set(now),
-        ..Default::default()
-    }
-    .insert(db)
-    .await?;
+    let p = projects::create(db, title, data_key).await?;
     Ok(p.id)
 }
 
@@ -242,14 +227,14 @@ async fn find_or_create_storage(
     valid: &ValidSpec,
     env: &StorageEnv,
 ) -> anyhow::Result<storage::Model> {
-    let existing = storage::Entity::find()
-        .filter(storage::Column::ProjectId.eq(project_id))
-        .filter(storage::Column::Role.eq(spec.role.as_str()))
-        .filter(storage::Column::Backend.eq(valid.kind.as_str()))
-        .filter(storage::Column::Title.eq(spec.title.as_str()))
-        .order_by_asc(storage::Column::Id)
-        .one(db)
-        .await?;
+    let existing = storages::find_titled(
+        db,
+        project_id,
+        spec.role.as_str(),
+        valid.kind.as_str(),
+        &spec.title,
+    )
+    .await?;
     Ok(labelsync::storage::spec::save(db, spec, valid, project_id, existing.as_ref(), env).await?)
 }
 

@@ -8,8 +8,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use labelsync::{db::entities::storage, jobs};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect, sea_query::Expr};
+use labelsync::{db::storages, jobs};
 
 use crate::api::AppState;
 
@@ -38,28 +37,10 @@ pub async fn run(state: AppState, tick: Duration) {
     }
 }
 
-fn due(now: chrono::DateTime<Utc>) -> Condition {
-    Condition::all()
-        .add(storage::Column::SyncIntervalSeconds.is_not_null())
-        .add(
-            Condition::any()
-                .add(storage::Column::NextSyncAt.is_null())
-                .add(storage::Column::NextSyncAt.lte(now)),
-        )
-}
-
 /// Claims and enqueues every storage whose period has come.
 pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
     let now = Utc::now();
-    let candidates: Vec<(i64, Option<i64>)> = storage::Entity::find()
-        .select_only()
-        .column(storage::Column::Id)
-        .column(storage::Column::SyncIntervalSeconds)
-        .filter(due(now))
-        .limit(BATCH)
-        .into_tuple()
-        .all(&state.db)
-        .await?;
+    let candidates = storages::due_for_sync(&state.db, now, BATCH).await?;
     let mut enqueued = 0;
     for (id, interval) in candidates {
         let Some(next) = interval
@@ -68,16 +49,10 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
         else {
             continue;
         };
-        let claimed = storage::Entity::update_many()
-            .col_expr(storage::Column::NextSyncAt, Expr::value(next))
-            .filter(storage::Column::Id.eq(id))
-            .filter(due(now))
-            .exec(&state.db)
-            .await?;
-        if claimed.rows_affected == 0 {
+        if !storages::claim_period(&state.db, id, now, next).await? {
             continue; // another replica took this period
         }
-        let Some(model) = storage::Entity::find_by_id(id).one(&state.db).await? else {
+        let Some(model) = storages::find(&state.db, id).await? else {
             continue;
         };
         match jobs::enqueue_sync(&state.db, &state.queue, &model).await {

@@ -6,16 +6,15 @@
 //! outbox and the scheduler's tick starts the runs later: an annotation
 //! saved is an annotation exported.
 use axum::{extract::State, http::StatusCode};
-use chrono::Utc;
 use labelsync::{
     db::{
         self,
-        entities::{annotation, task},
-        outbox,
+        annotations::{self, AnnotationFields},
+        entities::annotation,
+        outbox, tasks,
     },
     jobs,
 };
-use sea_orm::{ActiveModelTrait, ActiveValue::Set, EntityTrait, IntoActiveModel};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -70,11 +69,20 @@ impl AnnotationBody {
         }
         Ok(())
     }
+
+    /// The fields besides `result`, for the db functions.
+    fn fields(&self) -> AnnotationFields {
+        AnnotationFields {
+            completed_by: self.completed_by.clone(),
+            lead_time: self.lead_time,
+            was_cancelled: self.was_cancelled,
+            ground_truth: self.ground_truth,
+        }
+    }
 }
 
 async fn find(state: &AppState, id: i64) -> ApiResult<annotation::Model> {
-    annotation::Entity::find_by_id(id)
-        .one(&state.db)
+    annotations::find(&state.db, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("annotation {id} not found")))
 }
@@ -102,26 +110,11 @@ pub async fn create(
             "result is required",
         ));
     };
-    let task = task::Entity::find_by_id(task_id)
-        .one(&state.db)
+    let task = tasks::find(&state.db, task_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("task {task_id} not found")))?;
-    let now = Utc::now();
     let txn = db::begin_write(&state.db).await?;
-    let saved = annotation::ActiveModel {
-        task_id: Set(task.id),
-        project_id: Set(task.project_id),
-        result: Set(result),
-        completed_by: Set(body.completed_by.filter(|c| !c.is_null())),
-        lead_time: Set(body.lead_time),
-        was_cancelled: Set(body.was_cancelled.unwrap_or(false)),
-        ground_truth: Set(body.ground_truth.unwrap_or(false)),
-        created_at: Set(now),
-        updated_at: Set(now),
-        ..Default::default()
-    }
-    .insert(&txn)
-    .await?;
+    let saved = annotations::create(&txn, &task, result, body.fields()).await?;
     let targets = outbox::record(&txn, saved.project_id, saved.id, outbox::UPSERT).await?;
     txn.commit().await?;
     dispatch(&state, targets).await;
@@ -142,25 +135,9 @@ pub async fn update(
 ) -> ApiResult<ApiJson<Value>> {
     body.check()?;
     let current = find(&state, id).await?;
-    let mut model = current.into_active_model();
-    if let Some(result) = body.result {
-        model.result = Set(result);
-    }
-    if let Some(by) = body.completed_by {
-        model.completed_by = Set(Some(by).filter(|c| !c.is_null()));
-    }
-    if let Some(t) = body.lead_time {
-        model.lead_time = Set(Some(t));
-    }
-    if let Some(c) = body.was_cancelled {
-        model.was_cancelled = Set(c);
-    }
-    if let Some(g) = body.ground_truth {
-        model.ground_truth = Set(g);
-    }
-    model.updated_at = Set(Utc::now());
+    let fields = body.fields();
     let txn = db::begin_write(&state.db).await?;
-    let saved = model.update(&txn).await?;
+    let saved = annotations::update(&txn, current, body.result, fields).await?;
     let targets = outbox::record(&txn, saved.project_id, saved.id, outbox::UPSERT).await?;
     txn.commit().await?;
     dispatch(&state, targets).await;
@@ -173,7 +150,7 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let current = find(&state, id).await?;
     let txn = db::begin_write(&state.db).await?;
-    annotation::Entity::delete_by_id(id).exec(&txn).await?;
+    annotations::delete(&txn, id).await?;
     let targets = outbox::record(&txn, current.project_id, id, outbox::DELETE).await?;
     txn.commit().await?;
     dispatch(&state, targets).await;

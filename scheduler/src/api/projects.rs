@@ -1,13 +1,7 @@
 //! `/api/v1/projects`.
-use std::collections::HashMap;
-
 use axum::{extract::State, http::StatusCode};
-use chrono::Utc;
-use labelsync::db::entities::{project, task};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
-    QueryFilter, QueryOrder, QuerySelect,
-};
+use labelsync::db::{entities::project, projects};
+use sea_orm::ConnectionTrait;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -55,23 +49,8 @@ pub fn to_json(p: &project::Model, task_count: i64) -> Value {
     })
 }
 
-/// Task counts of several projects in one grouped query.
-async fn task_counts(db: &impl ConnectionTrait, ids: &[i64]) -> ApiResult<HashMap<i64, i64>> {
-    let rows: Vec<(i64, i64)> = task::Entity::find()
-        .select_only()
-        .column(task::Column::ProjectId)
-        .column_as(task::Column::Id.count(), "n")
-        .filter(task::Column::ProjectId.is_in(ids.iter().copied()))
-        .group_by(task::Column::ProjectId)
-        .into_tuple()
-        .all(db)
-        .await?;
-    Ok(rows.into_iter().collect())
-}
-
 pub async fn find(db: &impl ConnectionTrait, id: i64) -> ApiResult<project::Model> {
-    project::Entity::find_by_id(id)
-        .one(db)
+    projects::find(db, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("project {id} not found")))
 }
@@ -85,16 +64,8 @@ pub async fn create(
         .title
         .clone()
         .ok_or_else(|| ApiError::bad_request("missing_field", "title", "title is required"))?;
-    let now = Utc::now();
-    let model = project::ActiveModel {
-        title: Set(title),
-        data_key: Set(body.data_key.clone().unwrap_or_else(|| "image".into())),
-        created_at: Set(now),
-        updated_at: Set(now),
-        ..Default::default()
-    }
-    .insert(&state.db)
-    .await?;
+    let data_key = body.data_key.clone().unwrap_or_else(|| "image".into());
+    let model = projects::create(&state.db, &title, &data_key).await?;
     Ok((StatusCode::CREATED, ApiJson(to_json(&model, 0))))
 }
 
@@ -103,16 +74,10 @@ pub async fn list(
     ApiQuery(q): ApiQuery<Paging>,
 ) -> ApiResult<ApiJson<Value>> {
     let limit = limit(q.limit)?;
-    let mut query = project::Entity::find()
-        .order_by_asc(project::Column::Id)
-        .limit(limit);
-    if let Some(after) = q.after {
-        query = query.filter(project::Column::Id.gt(after));
-    }
-    let projects = query.all(&state.db).await?;
-    let ids: Vec<i64> = projects.iter().map(|p| p.id).collect();
-    let counts = task_counts(&state.db, &ids).await?;
-    let items = projects
+    let found = projects::page(&state.db, q.after, limit).await?;
+    let ids: Vec<i64> = found.iter().map(|p| p.id).collect();
+    let counts = projects::task_counts(&state.db, &ids).await?;
+    let items = found
         .iter()
         .map(|p| to_json(p, counts.get(&p.id).copied().unwrap_or(0)))
         .collect();
@@ -124,7 +89,7 @@ pub async fn get_one(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
     let p = find(&state.db, id).await?;
-    let counts = task_counts(&state.db, &[id]).await?;
+    let counts = projects::task_counts(&state.db, &[id]).await?;
     Ok(ApiJson(to_json(&p, counts.get(&id).copied().unwrap_or(0))))
 }
 
@@ -134,16 +99,9 @@ pub async fn update(
     ApiJson(body): ApiJson<ProjectBody>,
 ) -> ApiResult<ApiJson<Value>> {
     check_fields(&body)?;
-    let mut model = find(&state.db, id).await?.into_active_model();
-    if let Some(title) = body.title {
-        model.title = Set(title);
-    }
-    if let Some(key) = body.data_key {
-        model.data_key = Set(key);
-    }
-    model.updated_at = Set(Utc::now());
-    let p = model.update(&state.db).await?;
-    let counts = task_counts(&state.db, &[id]).await?;
+    let current = find(&state.db, id).await?;
+    let p = projects::update(&state.db, current, body.title, body.data_key).await?;
+    let counts = projects::task_counts(&state.db, &[id]).await?;
     Ok(ApiJson(to_json(&p, counts.get(&id).copied().unwrap_or(0))))
 }
 
@@ -153,8 +111,7 @@ pub async fn delete(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
-    let res = project::Entity::delete_by_id(id).exec(&state.db).await?;
-    if res.rows_affected == 0 {
+    if !projects::delete(&state.db, id).await? {
         return Err(ApiError::not_found(format!("project {id} not found")));
     }
     Ok(StatusCode::NO_CONTENT)

@@ -17,12 +17,11 @@ use axum::{
 use futures::StreamExt;
 use labelsync::{
     Error,
-    db::entities::storage,
+    db::{entities::storage, storages},
     storage::{BackendKind, ByteStream, GetRange, KeyShape, Role, Storage, check_key},
 };
 use opentelemetry::KeyValue;
 use percent_encoding::percent_decode_str;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde::Deserialize;
 
 use super::{ApiError, ApiQuery, ApiResult, AppState, projects};
@@ -109,13 +108,13 @@ async fn find_storage(
     project_id: i64,
     target: &Target,
 ) -> ApiResult<(storage::Model, String)> {
-    let candidates = storage::Entity::find()
-        .filter(storage::Column::ProjectId.eq(project_id))
-        .filter(storage::Column::Role.eq(Role::Source.as_str()))
-        .filter(storage::Column::Backend.eq(target.kind.as_str()))
-        .order_by_asc(storage::Column::Id)
-        .all(&state.db)
-        .await?;
+    let candidates = storages::of_project(
+        &state.db,
+        project_id,
+        Role::Source.as_str(),
+        target.kind.as_str(),
+    )
+    .await?;
     let mut found: Option<(storage::Model, String)> = None;
     for s in candidates {
         let Some(location) = location_of(&s, state) else {

@@ -1,10 +1,6 @@
 //! `/api/v1/runs`: job status, history, per-object errors, cancel.
 use axum::extract::State;
-use labelsync::db::{
-    entities::{object_error, sync_run},
-    runs::{self, RunKind, RunStatus},
-};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use labelsync::db::runs::{self, RunFilter, RunKind, RunStatus};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -34,37 +30,32 @@ pub async fn list(
     ApiQuery(q): ApiQuery<RunQuery>,
 ) -> ApiResult<ApiJson<Value>> {
     let limit = limit(q.limit)?;
-    // Run ids are ULIDs, so id order is creation order.
-    let mut query = sync_run::Entity::find()
-        .order_by_desc(sync_run::Column::Id)
-        .limit(limit);
-    if let Some(storage_id) = q.storage_id {
-        query = query.filter(sync_run::Column::StorageId.eq(storage_id));
-    }
-    if let Some(status) = &q.status {
-        let status = RunStatus::parse(status).ok_or_else(|| {
+    let status = match &q.status {
+        Some(status) => Some(RunStatus::parse(status).ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_status",
                 "status",
                 "status must be one of queued, running, completed, completed_with_errors, failed, cancelled",
             )
-        })?;
-        query = query.filter(sync_run::Column::Status.eq(status.as_str()));
+        })?),
+        None => None,
+    };
+    if let Some(kind) = &q.kind
+        && RunKind::parse(kind).is_none()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_kind",
+            "kind",
+            "kind must be one of import, export, delete",
+        ));
     }
-    if let Some(kind) = &q.kind {
-        if RunKind::parse(kind).is_none() {
-            return Err(ApiError::bad_request(
-                "invalid_kind",
-                "kind",
-                "kind must be one of import, export, delete",
-            ));
-        }
-        query = query.filter(sync_run::Column::Kind.eq(kind.as_str()));
-    }
-    if let Some(after) = &q.after {
-        query = query.filter(sync_run::Column::Id.lt(after.as_str()));
-    }
-    let rows = query.all(&state.db).await?;
+    let filter = RunFilter {
+        storage_id: q.storage_id,
+        status,
+        kind: q.kind.as_deref(),
+        before: q.after.as_deref(),
+    };
+    let rows = runs::page(&state.db, filter, limit).await?;
     let last = rows.last().map(|r| r.id.clone());
     Ok(ApiJson(page(
         rows.iter().map(runs::to_json).collect(),
@@ -80,14 +71,7 @@ pub async fn errors(
 ) -> ApiResult<ApiJson<Value>> {
     runs::get(&state.db, &id).await?;
     let limit = limit(q.limit)?;
-    let mut query = object_error::Entity::find()
-        .filter(object_error::Column::RunId.eq(id.as_str()))
-        .order_by_asc(object_error::Column::Id)
-        .limit(limit);
-    if let Some(after) = q.after {
-        query = query.filter(object_error::Column::Id.gt(after));
-    }
-    let rows = query.all(&state.db).await?;
+    let rows = runs::errors_page(&state.db, &id, q.after, limit).await?;
     let last = rows.last().map(|r| r.id);
     let items = rows
         .iter()

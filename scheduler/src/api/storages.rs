@@ -1,5 +1,5 @@
 //! `/api/v1/storages`: create, read, patch, delete, validate, preview, sync.
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use axum::{extract::State, http::StatusCode};
 use futures::StreamExt;
@@ -7,6 +7,7 @@ use labelsync::{
     db::{
         entities::{storage, sync_run},
         runs,
+        storages::{self, StorageFilter},
     },
     jobs,
     storage::{
@@ -14,37 +15,16 @@ use labelsync::{
         spec::{self, StorageSpec},
     },
 };
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::ConnectionTrait;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, limit, page, projects};
 
 async fn find(db: &impl ConnectionTrait, id: i64) -> ApiResult<storage::Model> {
-    storage::Entity::find_by_id(id)
-        .one(db)
+    storages::find(db, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("storage {id} not found")))
-}
-
-/// The newest run of each storage, in two queries whatever the page size.
-async fn last_runs(
-    db: &impl ConnectionTrait,
-    ids: &[i64],
-) -> ApiResult<HashMap<i64, sync_run::Model>> {
-    let newest: Vec<String> = sync_run::Entity::find()
-        .select_only()
-        .column_as(sync_run::Column::Id.max(), "id")
-        .filter(sync_run::Column::StorageId.is_in(ids.iter().copied()))
-        .group_by(sync_run::Column::StorageId)
-        .into_tuple()
-        .all(db)
-        .await?;
-    let runs = sync_run::Entity::find()
-        .filter(sync_run::Column::Id.is_in(newest))
-        .all(db)
-        .await?;
-    Ok(runs.into_iter().map(|r| (r.storage_id, r)).collect())
 }
 
 fn with_last_run(model: &storage::Model, last: Option<&sync_run::Model>) -> Value {
@@ -107,22 +87,15 @@ pub async fn list(
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<ApiJson<Value>> {
     let limit = limit(q.limit)?;
-    let mut query = storage::Entity::find()
-        .order_by_asc(storage::Column::Id)
-        .limit(limit);
-    if let Some(project_id) = q.project_id {
-        query = query.filter(storage::Column::ProjectId.eq(project_id));
-    }
-    if let Some(role) = q.role {
-        query = query.filter(storage::Column::Role.eq(role.as_str()));
-    }
-    if let Some(after) = q.after {
-        query = query.filter(storage::Column::Id.gt(after));
-    }
-    let storages = query.all(&state.db).await?;
-    let ids: Vec<i64> = storages.iter().map(|s| s.id).collect();
-    let last = last_runs(&state.db, &ids).await?;
-    let items = storages
+    let filter = StorageFilter {
+        project_id: q.project_id,
+        role: q.role.map(Role::as_str),
+        after: q.after,
+    };
+    let found = storages::page(&state.db, filter, limit).await?;
+    let ids: Vec<i64> = found.iter().map(|s| s.id).collect();
+    let last = runs::newest_of(&state.db, &ids).await?;
+    let items = found
         .iter()
         .map(|s| with_last_run(s, last.get(&s.id)))
         .collect();
@@ -134,7 +107,7 @@ pub async fn get_one(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
     let model = find(&state.db, id).await?;
-    let last = last_runs(&state.db, &[id]).await?;
+    let last = runs::newest_of(&state.db, &[id]).await?;
     Ok(ApiJson(with_last_run(&model, last.get(&id))))
 }
 
@@ -198,7 +171,7 @@ pub async fn update(
         &state.storage_env,
     )
     .await?;
-    let last = last_runs(&state.db, &[id]).await?;
+    let last = runs::newest_of(&state.db, &[id]).await?;
     Ok(ApiJson(with_last_run(&model, last.get(&id))))
 }
 
@@ -206,8 +179,7 @@ pub async fn delete(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
-    let res = storage::Entity::delete_by_id(id).exec(&state.db).await?;
-    if res.rows_affected == 0 {
+    if !storages::delete(&state.db, id).await? {
         return Err(ApiError::not_found(format!("storage {id} not found")));
     }
     Ok(StatusCode::NO_CONTENT)

@@ -1,15 +1,19 @@
 //! Tasks: a project's list (with the object each came from) and one task with
 //! its annotations and predictions.
-use std::collections::HashMap;
-
 use axum::extract::State;
-use labelsync::db::entities::{annotation, import_link, prediction, task};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use labelsync::db::{
+    annotations,
+    entities::{import_link, task},
+    tasks,
+};
 use serde_json::{Value, json};
 
 use super::{
     ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, limit, page, projects,
 };
+
+/// Predictions shown with one task, at most.
+const PREDICTIONS_SHOWN: u64 = 1000;
 
 fn to_json(t: &task::Model, source: Option<&import_link::Model>) -> Value {
     json!({
@@ -21,17 +25,6 @@ fn to_json(t: &task::Model, source: Option<&import_link::Model>) -> Value {
     })
 }
 
-async fn sources(
-    db: &sea_orm::DatabaseConnection,
-    ids: &[i64],
-) -> ApiResult<HashMap<i64, import_link::Model>> {
-    let links = import_link::Entity::find()
-        .filter(import_link::Column::TaskId.is_in(ids.iter().copied()))
-        .all(db)
-        .await?;
-    Ok(links.into_iter().map(|l| (l.task_id, l)).collect())
-}
-
 pub async fn list(
     State(state): State<AppState>,
     ApiPath(project_id): ApiPath<i64>,
@@ -39,17 +32,10 @@ pub async fn list(
 ) -> ApiResult<ApiJson<Value>> {
     projects::find(&state.db, project_id).await?;
     let limit = limit(q.limit)?;
-    let mut query = task::Entity::find()
-        .filter(task::Column::ProjectId.eq(project_id))
-        .order_by_asc(task::Column::Id)
-        .limit(limit);
-    if let Some(after) = q.after {
-        query = query.filter(task::Column::Id.gt(after));
-    }
-    let tasks = query.all(&state.db).await?;
-    let ids: Vec<i64> = tasks.iter().map(|t| t.id).collect();
-    let links = sources(&state.db, &ids).await?;
-    let items = tasks.iter().map(|t| to_json(t, links.get(&t.id))).collect();
+    let found = tasks::page(&state.db, project_id, q.after, limit).await?;
+    let ids: Vec<i64> = found.iter().map(|t| t.id).collect();
+    let links = tasks::sources(&state.db, &ids).await?;
+    let items = found.iter().map(|t| to_json(t, links.get(&t.id))).collect();
     Ok(ApiJson(page(items, limit, ids.last())))
 }
 
@@ -57,22 +43,12 @@ pub async fn get_one(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
-    let t = task::Entity::find_by_id(id)
-        .one(&state.db)
+    let t = tasks::find(&state.db, id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
-    let links = sources(&state.db, &[id]).await?;
-    let annotations = annotation::Entity::find()
-        .filter(annotation::Column::TaskId.eq(id))
-        .order_by_asc(annotation::Column::Id)
-        .all(&state.db)
-        .await?;
-    let predictions = prediction::Entity::find()
-        .filter(prediction::Column::TaskId.eq(id))
-        .order_by_asc(prediction::Column::Id)
-        .limit(1000)
-        .all(&state.db)
-        .await?;
+    let links = tasks::sources(&state.db, &[id]).await?;
+    let annotations = annotations::of_task(&state.db, id).await?;
+    let predictions = tasks::predictions_of(&state.db, id, PREDICTIONS_SHOWN).await?;
     let mut value = to_json(&t, links.get(&id));
     value["annotations"] = annotations
         .iter()

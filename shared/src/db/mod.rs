@@ -1,12 +1,15 @@
 //! Database access: connection, migrations, entities and the queries the
 //! pipelines need. Entities in [`entities`] are plain table definitions; the
 //! behaviour lives in the sibling modules.
+pub mod annotations;
 pub mod batches;
 pub mod entities;
 pub mod exports;
 pub mod links;
 pub mod outbox;
+pub mod projects;
 pub mod runs;
+pub mod storages;
 pub mod tasks;
 
 use std::time::Duration;

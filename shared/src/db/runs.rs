@@ -2,10 +2,13 @@
 //! status, counters and resume cursor; every transition is one conditional
 //! UPDATE, so a worker that lost the race (the run was cancelled, or another
 //! attempt finished it) sees zero rows changed and stops.
+use std::collections::HashMap;
+
 use chrono::Utc;
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, SqlErr,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, SqlErr,
     sea_query::{Expr, ExprTrait, Func},
 };
 use serde::Serialize;
@@ -448,4 +451,79 @@ pub async fn mark_alive_if_queued(
         .exec(db)
         .await?;
     Ok(())
+}
+
+/// The filters of [`page`] (`None`: any).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunFilter<'a> {
+    pub storage_id: Option<i64>,
+    pub status: Option<RunStatus>,
+    /// A run kind's name (the caller checked it).
+    pub kind: Option<&'a str>,
+    /// A run id: runs older than it.
+    pub before: Option<&'a str>,
+}
+
+/// Up to `limit` runs matching `filter`, newest first (run ids are ULIDs, so
+/// id order is creation order).
+pub async fn page(
+    db: &impl ConnectionTrait,
+    filter: RunFilter<'_>,
+    limit: u64,
+) -> Result<Vec<sync_run::Model>> {
+    let mut query = sync_run::Entity::find()
+        .order_by_desc(sync_run::Column::Id)
+        .limit(limit);
+    if let Some(storage_id) = filter.storage_id {
+        query = query.filter(sync_run::Column::StorageId.eq(storage_id));
+    }
+    if let Some(status) = filter.status {
+        query = query.filter(sync_run::Column::Status.eq(status.as_str()));
+    }
+    if let Some(kind) = filter.kind {
+        query = query.filter(sync_run::Column::Kind.eq(kind));
+    }
+    if let Some(before) = filter.before {
+        query = query.filter(sync_run::Column::Id.lt(before));
+    }
+    Ok(query.all(db).await?)
+}
+
+/// Up to `limit` per-object errors of the run with ids above `after`, in id
+/// order (none for an unknown run: the caller checks the run first).
+pub async fn errors_page(
+    db: &impl ConnectionTrait,
+    run_id: &str,
+    after: Option<i64>,
+    limit: u64,
+) -> Result<Vec<object_error::Model>> {
+    let mut query = object_error::Entity::find()
+        .filter(object_error::Column::RunId.eq(run_id))
+        .order_by_asc(object_error::Column::Id)
+        .limit(limit);
+    if let Some(after) = after {
+        query = query.filter(object_error::Column::Id.gt(after));
+    }
+    Ok(query.all(db).await?)
+}
+
+/// The newest run of each storage that has one, by storage id, in two
+/// queries whatever the number of storages.
+pub async fn newest_of(
+    db: &impl ConnectionTrait,
+    storage_ids: &[i64],
+) -> Result<HashMap<i64, sync_run::Model>> {
+    let newest: Vec<String> = sync_run::Entity::find()
+        .select_only()
+        .column_as(sync_run::Column::Id.max(), "id")
+        .filter(sync_run::Column::StorageId.is_in(storage_ids.iter().copied()))
+        .group_by(sync_run::Column::StorageId)
+        .into_tuple()
+        .all(db)
+        .await?;
+    let runs = sync_run::Entity::find()
+        .filter(sync_run::Column::Id.is_in(newest))
+        .all(db)
+        .await?;
+    Ok(runs.into_iter().map(|r| (r.storage_id, r)).collect())
 }

@@ -3,12 +3,13 @@
 //! new), their predictions and annotations; and rewritten in place when a
 //! changed task file is re-imported. The links themselves, and what the
 //! pipeline asks of them, are in [`super::links`].
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter,
-    QueryTrait, SqlErr, Statement, TransactionSession, TransactionTrait, sea_query::OnConflict,
+    QueryOrder, QuerySelect, QueryTrait, SqlErr, Statement, TransactionSession, TransactionTrait,
+    sea_query::OnConflict,
 };
 use serde_json::Value;
 
@@ -450,4 +451,53 @@ async fn insert_extras(
             .await?;
     }
     Ok(())
+}
+
+/// The task with this id, or `None` (never an error for a missing row).
+pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<task::Model>> {
+    Ok(task::Entity::find_by_id(id).one(db).await?)
+}
+
+/// Up to `limit` tasks of the project with ids above `after`, in id order.
+pub async fn page(
+    db: &impl ConnectionTrait,
+    project_id: i64,
+    after: Option<i64>,
+    limit: u64,
+) -> Result<Vec<task::Model>> {
+    let mut query = task::Entity::find()
+        .filter(task::Column::ProjectId.eq(project_id))
+        .order_by_asc(task::Column::Id)
+        .limit(limit);
+    if let Some(after) = after {
+        query = query.filter(task::Column::Id.gt(after));
+    }
+    Ok(query.all(db).await?)
+}
+
+/// The import link each of these tasks came from, by task id (a task made
+/// through the API has none and is absent).
+pub async fn sources(
+    db: &impl ConnectionTrait,
+    ids: &[i64],
+) -> Result<HashMap<i64, import_link::Model>> {
+    let links = import_link::Entity::find()
+        .filter(import_link::Column::TaskId.is_in(ids.iter().copied()))
+        .all(db)
+        .await?;
+    Ok(links.into_iter().map(|l| (l.task_id, l)).collect())
+}
+
+/// The task's first `limit` predictions, in id order (possibly none).
+pub async fn predictions_of(
+    db: &impl ConnectionTrait,
+    task_id: i64,
+    limit: u64,
+) -> Result<Vec<prediction::Model>> {
+    Ok(prediction::Entity::find()
+        .filter(prediction::Column::TaskId.eq(task_id))
+        .order_by_asc(prediction::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
 }

@@ -2,17 +2,16 @@
 //! parsing, validation (nothing is written until all of it passes) and the
 //! conversion to and from the `storages` row.
 use chrono::Utc;
-use sea_orm::{
-    ActiveModelTrait,
-    ActiveValue::{NotSet, Set},
-    DatabaseConnection, IntoActiveModel, TransactionTrait,
-};
+use sea_orm::{DatabaseConnection, TransactionTrait};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::Filter;
 use super::{BackendKind, Role, Secrets, StorageEnv, secrets_context, secrets_of, validate_config};
-use crate::{Error, Result, db::entities::storage};
+use crate::{
+    Error, Result,
+    db::{entities::storage, storages},
+};
 
 /// Providers cap signed URLs at 7 days (SigV4, GCS V4).
 pub const MAX_PRESIGN_TTL: i64 = 7 * 24 * 3600;
@@ -227,16 +226,6 @@ impl StorageSpec {
         }
     }
 
-    /// The row to insert for a validated spec.
-    pub fn to_active_model(&self, project_id: i64, valid: &ValidSpec) -> storage::ActiveModel {
-        let mut model = self
-            .to_model(project_id, valid)
-            .into_active_model()
-            .reset_all();
-        model.id = NotSet;
-        model
-    }
-
     /// The spec a saved row was made from (secrets are not recoverable and are
     /// left out: a PATCH that omits them keeps the stored ones).
     pub fn of_model(model: &storage::Model) -> Result<Self> {
@@ -297,19 +286,19 @@ pub async fn save(
         None
     };
     let txn = db.begin().await?;
-    let mut model = spec.to_active_model(project_id, valid);
+    let mut model = spec.to_model(project_id, valid);
     let row = match current {
         Some(current) => {
-            model.id = Set(current.id);
-            model.created_at = Set(current.created_at);
-            model.secrets = Set(current.secrets.clone());
-            model.secrets_set = Set(current.secrets_set.clone());
+            model.id = current.id;
+            model.created_at = current.created_at;
+            model.secrets = current.secrets.clone();
+            model.secrets_set = current.secrets_set.clone();
             // A new period starts now; an unchanged one keeps its schedule.
             let same_period = current.sync_interval_seconds == spec.sync_interval_seconds;
-            model.next_sync_at = Set(current.next_sync_at.filter(|_| same_period));
-            model.update(&txn).await?
+            model.next_sync_at = current.next_sync_at.filter(|_| same_period);
+            storages::replace(&txn, model).await?
         }
-        None => model.insert(&txn).await?,
+        None => storages::insert(&txn, model).await?,
     };
     let row = if changed {
         let sealed = match key {
@@ -317,10 +306,7 @@ pub async fn save(
             None => None,
         };
         let names: Vec<Value> = secrets.keys().cloned().map(Value::String).collect();
-        let mut update = row.into_active_model();
-        update.secrets = Set(sealed);
-        update.secrets_set = Set(Value::Array(names));
-        update.update(&txn).await?
+        storages::set_secrets(&txn, row, sealed, Value::Array(names)).await?
     } else {
         row
     };

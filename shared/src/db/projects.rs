@@ -1,0 +1,100 @@
+//! Projects: the rows the API and the CLI create, list, change and delete,
+//! and their task counts.
+use std::collections::HashMap;
+
+use chrono::Utc;
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
+    QueryFilter, QueryOrder, QuerySelect,
+};
+
+use super::entities::{project, task};
+use crate::Result;
+
+/// The project with this id, or `None` (never an error for a missing row).
+pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<project::Model>> {
+    Ok(project::Entity::find_by_id(id).one(db).await?)
+}
+
+/// The oldest project with exactly this title, or `None`.
+pub async fn find_titled(db: &impl ConnectionTrait, title: &str) -> Result<Option<project::Model>> {
+    Ok(project::Entity::find()
+        .filter(project::Column::Title.eq(title))
+        .order_by_asc(project::Column::Id)
+        .one(db)
+        .await?)
+}
+
+/// Inserts a project and returns its row; checks nothing (the caller did).
+pub async fn create(
+    db: &impl ConnectionTrait,
+    title: &str,
+    data_key: &str,
+) -> Result<project::Model> {
+    let now = Utc::now();
+    Ok(project::ActiveModel {
+        title: Set(title.to_owned()),
+        data_key: Set(data_key.to_owned()),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+    .insert(db)
+    .await?)
+}
+
+/// Up to `limit` projects with ids above `after`, in id order.
+pub async fn page(
+    db: &impl ConnectionTrait,
+    after: Option<i64>,
+    limit: u64,
+) -> Result<Vec<project::Model>> {
+    let mut query = project::Entity::find()
+        .order_by_asc(project::Column::Id)
+        .limit(limit);
+    if let Some(after) = after {
+        query = query.filter(project::Column::Id.gt(after));
+    }
+    Ok(query.all(db).await?)
+}
+
+/// Task counts of several projects in one grouped query (a project without
+/// tasks is absent from the map).
+pub async fn task_counts(db: &impl ConnectionTrait, ids: &[i64]) -> Result<HashMap<i64, i64>> {
+    let rows: Vec<(i64, i64)> = task::Entity::find()
+        .select_only()
+        .column(task::Column::ProjectId)
+        .column_as(task::Column::Id.count(), "n")
+        .filter(task::Column::ProjectId.is_in(ids.iter().copied()))
+        .group_by(task::Column::ProjectId)
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Writes the given title and data key over `current` (`None` keeps the
+/// field) and returns the row; a row deleted meanwhile is an error.
+pub async fn update(
+    db: &impl ConnectionTrait,
+    current: project::Model,
+    title: Option<String>,
+    data_key: Option<String>,
+) -> Result<project::Model> {
+    let mut model = current.into_active_model();
+    if let Some(title) = title {
+        model.title = Set(title);
+    }
+    if let Some(key) = data_key {
+        model.data_key = Set(key);
+    }
+    model.updated_at = Set(Utc::now());
+    Ok(model.update(db).await?)
+}
+
+/// Deletes the project (its storages, tasks, links and runs go with it, ON
+/// DELETE CASCADE); false when there was no such project.
+pub async fn delete(db: &impl ConnectionTrait, id: i64) -> Result<bool> {
+    let res = project::Entity::delete_by_id(id).exec(db).await?;
+    Ok(res.rows_affected > 0)
+}

@@ -1,0 +1,165 @@
+//! Storages: the rows the API, the CLI and the periodic tick read and write
+//! (the spec behind a row, its validation and its secrets are
+//! `storage::spec`'s).
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::NotSet, ActiveValue::Set, ColumnTrait, Condition,
+    ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::Expr,
+};
+use serde_json::Value;
+
+use super::entities::storage;
+use crate::Result;
+
+/// The storage with this id, or `None` (never an error for a missing row).
+pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<storage::Model>> {
+    Ok(storage::Entity::find_by_id(id).one(db).await?)
+}
+
+/// The filters of [`page`] (`None`: any).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StorageFilter<'a> {
+    pub project_id: Option<i64>,
+    pub role: Option<&'a str>,
+    /// Storages with ids above this one.
+    pub after: Option<i64>,
+}
+
+/// Up to `limit` storages matching `filter`, in id order.
+pub async fn page(
+    db: &impl ConnectionTrait,
+    filter: StorageFilter<'_>,
+    limit: u64,
+) -> Result<Vec<storage::Model>> {
+    let mut query = storage::Entity::find()
+        .order_by_asc(storage::Column::Id)
+        .limit(limit);
+    if let Some(project_id) = filter.project_id {
+        query = query.filter(storage::Column::ProjectId.eq(project_id));
+    }
+    if let Some(role) = filter.role {
+        query = query.filter(storage::Column::Role.eq(role));
+    }
+    if let Some(after) = filter.after {
+        query = query.filter(storage::Column::Id.gt(after));
+    }
+    Ok(query.all(db).await?)
+}
+
+/// Every storage of the project with this role and backend, in id order
+/// (possibly none).
+pub async fn of_project(
+    db: &impl ConnectionTrait,
+    project_id: i64,
+    role: &str,
+    backend: &str,
+) -> Result<Vec<storage::Model>> {
+    Ok(storage::Entity::find()
+        .filter(storage::Column::ProjectId.eq(project_id))
+        .filter(storage::Column::Role.eq(role))
+        .filter(storage::Column::Backend.eq(backend))
+        .order_by_asc(storage::Column::Id)
+        .all(db)
+        .await?)
+}
+
+/// The oldest storage of the project with this role, backend and title, or
+/// `None`.
+pub async fn find_titled(
+    db: &impl ConnectionTrait,
+    project_id: i64,
+    role: &str,
+    backend: &str,
+    title: &str,
+) -> Result<Option<storage::Model>> {
+    Ok(storage::Entity::find()
+        .filter(storage::Column::ProjectId.eq(project_id))
+        .filter(storage::Column::Role.eq(role))
+        .filter(storage::Column::Backend.eq(backend))
+        .filter(storage::Column::Title.eq(title))
+        .order_by_asc(storage::Column::Id)
+        .one(db)
+        .await?)
+}
+
+/// Inserts `row` as a new storage (its `id` is ignored: the database picks
+/// one) and returns the saved row.
+pub async fn insert(db: &impl ConnectionTrait, row: storage::Model) -> Result<storage::Model> {
+    let mut model = row.into_active_model().reset_all();
+    model.id = NotSet;
+    Ok(model.insert(db).await?)
+}
+
+/// Writes every column of `row` over the storage with its id and returns the
+/// saved row; a row deleted meanwhile is an error.
+pub async fn replace(db: &impl ConnectionTrait, row: storage::Model) -> Result<storage::Model> {
+    Ok(row.into_active_model().reset_all().update(db).await?)
+}
+
+/// Sets the sealed secrets of a saved storage and the names of those set;
+/// returns the row.
+pub async fn set_secrets(
+    db: &impl ConnectionTrait,
+    row: storage::Model,
+    sealed: Option<String>,
+    names: Value,
+) -> Result<storage::Model> {
+    let mut update = row.into_active_model();
+    update.secrets = Set(sealed);
+    update.secrets_set = Set(names);
+    Ok(update.update(db).await?)
+}
+
+/// Deletes the storage (its links and runs go with it, ON DELETE CASCADE);
+/// false when there was no such storage.
+pub async fn delete(db: &impl ConnectionTrait, id: i64) -> Result<bool> {
+    let res = storage::Entity::delete_by_id(id).exec(db).await?;
+    Ok(res.rows_affected > 0)
+}
+
+/// Storages with a sync period whose next sync is unset or not after `now`.
+fn due(now: DateTime<Utc>) -> Condition {
+    Condition::all()
+        .add(storage::Column::SyncIntervalSeconds.is_not_null())
+        .add(
+            Condition::any()
+                .add(storage::Column::NextSyncAt.is_null())
+                .add(storage::Column::NextSyncAt.lte(now)),
+        )
+}
+
+/// Up to `limit` storages whose period has come at `now`: (id, period in
+/// seconds).
+pub async fn due_for_sync(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<(i64, Option<i64>)>> {
+    Ok(storage::Entity::find()
+        .select_only()
+        .column(storage::Column::Id)
+        .column(storage::Column::SyncIntervalSeconds)
+        .filter(due(now))
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// Claims the storage's period: moves its next sync to `next` if it is still
+/// due at `now`; false when another replica took it first (or it is gone).
+pub async fn claim_period(
+    db: &impl ConnectionTrait,
+    id: i64,
+    now: DateTime<Utc>,
+    next: DateTime<Utc>,
+) -> Result<bool> {
+    let claimed = storage::Entity::update_many()
+        .col_expr(storage::Column::NextSyncAt, Expr::value(next))
+        .filter(storage::Column::Id.eq(id))
+        .filter(due(now))
+        .exec(db)
+        .await?;
+    Ok(claimed.rows_affected > 0)
+}
