@@ -53,12 +53,23 @@ impl Format {
 }
 
 /// One task as a file states it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct TaskInput {
     pub data: Value,
     pub meta: Option<Value>,
     pub annotations: Vec<Value>,
     pub predictions: Vec<Value>,
+    /// About how many bytes the task takes (measured by [`check_task`] as
+    /// the row was checked), for bounding how much of a file is held at
+    /// once. A measurement, not content: equality ignores it.
+    pub approx_bytes: usize,
+}
+
+impl PartialEq for TaskInput {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.data, &self.meta, &self.annotations, &self.predictions)
+            == (&other.data, &other.meta, &other.annotations, &other.predictions)
+    }
 }
 
 /// One row of a task file, by its index in the file: a task, or that row's
@@ -164,26 +175,6 @@ fn over_limit(bytes: usize, limits: Limits) -> Result<(), String> {
     Ok(())
 }
 
-impl TaskInput {
-    /// About how many bytes the task takes (see [`check_task`]), for
-    /// bounding how much of a file is held at once.
-    pub fn approx_bytes(&self) -> usize {
-        let unlimited = Limits {
-            max_task_bytes: usize::MAX,
-            ..Limits::default()
-        };
-        let size = |v: &Value| check_task(v, unlimited).unwrap_or(0);
-        size(&self.data)
-            + self.meta.as_ref().map_or(0, size)
-            + self
-                .annotations
-                .iter()
-                .chain(&self.predictions)
-                .map(size)
-                .sum::<usize>()
-    }
-}
-
 fn too_deep() -> String {
     format!("the task nests arrays and objects more than {MAX_NESTING} levels deep")
 }
@@ -211,9 +202,10 @@ impl Shapes {
     }
 
     fn task(&mut self, row: i64, value: Value) -> Result<RowEvent, String> {
-        if let Err(e) = check_task(&value, self.limits) {
-            return Ok(RowEvent::Error(row, format!("row {row}: {e}")));
-        }
+        let approx_bytes = match check_task(&value, self.limits) {
+            Ok(bytes) => bytes,
+            Err(e) => return Ok(RowEvent::Error(row, format!("row {row}: {e}"))),
+        };
         let Value::Object(mut object) = value else {
             return Ok(RowEvent::Error(
                 row,
@@ -240,6 +232,7 @@ impl Shapes {
                     meta: None,
                     annotations: Vec::new(),
                     predictions: Vec::new(),
+                    approx_bytes,
                 },
             ));
         }
@@ -276,6 +269,7 @@ impl Shapes {
                 meta,
                 annotations,
                 predictions,
+                approx_bytes,
             },
         ))
     }
@@ -588,9 +582,10 @@ pub fn parse_parquet(
 }
 
 fn parquet_task(row: i64, data: Value, limits: Limits) -> RowEvent {
-    if let Err(e) = check_task(&data, limits) {
-        return RowEvent::Error(row, format!("row {row}: {e}"));
-    }
+    let approx_bytes = match check_task(&data, limits) {
+        Ok(bytes) => bytes,
+        Err(e) => return RowEvent::Error(row, format!("row {row}: {e}")),
+    };
     RowEvent::Task(
         row,
         TaskInput {
@@ -598,6 +593,7 @@ fn parquet_task(row: i64, data: Value, limits: Limits) -> RowEvent {
             meta: None,
             annotations: Vec::new(),
             predictions: Vec::new(),
+            approx_bytes,
         },
     )
 }
@@ -639,6 +635,7 @@ mod tests {
             meta: None,
             annotations: Vec::new(),
             predictions: Vec::new(),
+            approx_bytes: 0,
         }
     }
 

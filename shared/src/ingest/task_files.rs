@@ -440,7 +440,7 @@ impl Chunk {
     /// Adds a row; true when the chunk is full and should be sent.
     fn push(&mut self, event: RowEvent) -> bool {
         if let RowEvent::Task(_, task) = &event {
-            self.bytes += task.approx_bytes();
+            self.bytes += task.approx_bytes;
         }
         self.rows.push(event);
         self.is_full()
