@@ -14,7 +14,7 @@ use labelsync::storage::BackendKind;
 use labelsync_tests::{
     AppOptions, TestApp,
     backends::{bucket_name, create_s3_bucket, endpoint, open},
-    faults::{FaultProxy, Mode},
+    fault_proxy::{FaultProxy, Mode},
     spawn_app,
 };
 use serde_json::{Value, json};

@@ -21,7 +21,7 @@
 //! `redis://127.0.0.1:6379`). A missing server fails the test with a message;
 //! nothing is ever skipped.
 pub mod backends;
-pub mod faults;
+pub mod fault_proxy;
 pub mod otlp;
 
 use std::{

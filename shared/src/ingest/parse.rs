@@ -68,7 +68,12 @@ pub struct TaskInput {
 impl PartialEq for TaskInput {
     fn eq(&self, other: &Self) -> bool {
         (&self.data, &self.meta, &self.annotations, &self.predictions)
-            == (&other.data, &other.meta, &other.annotations, &other.predictions)
+            == (
+                &other.data,
+                &other.meta,
+                &other.annotations,
+                &other.predictions,
+            )
     }
 }
 
