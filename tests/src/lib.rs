@@ -12,7 +12,7 @@
 //!   decompression bombs) and a process's peak memory ([`peak_rss`]);
 //! - [`backends`]: the storage emulators the backend tests talk to, and a
 //!   fresh bucket on each;
-//! - [`faults`]: a fault-injecting HTTP proxy to put in front of an emulator;
+//! - [`fault_proxy`]: a fault-injecting HTTP proxy to put in front of an emulator;
 //! - [`otlp`]: a small OTLP/HTTP collector that keeps the spans and metrics
 //!   it receives.
 //!
