@@ -35,36 +35,27 @@ async fn storage_count(app: &TestApp) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_files_sync_end_to_end() {
     let app = spawn_app(AppOptions::default()).await;
+    write_2501_images_and_30_notes(&app);
+    let project = app.project("cats").await;
+    let id = create_and_validate_the_source(&app, project).await;
+    preview_lists_the_first_keys_in_order(&app, id).await;
+    let run = first_sync_imports_every_matching_file(&app, id).await;
+    tasks_point_at_their_files(&app, project, id).await;
+    let rerun = a_resync_creates_nothing_and_counts_what_exists(&app, project, id).await;
+    history_lists_runs_newest_first_without_errors(&app, id, &run, &rerun).await;
+    app.stop().await;
+}
+
+/// 2,500 matching objects over three listing pages, plus files the regex
+/// skips, plus one top-level image with a space in its name.
+fn write_2501_images_and_30_notes(app: &TestApp) {
     let data = app.doc_root.path().join("data");
-    // 2,500 matching objects over three listing pages, plus files the regex skips.
     write_files(&data, 2500, "jpg");
     write_files(&data.join("notes"), 30, "txt");
     std::fs::write(data.join("top level.jpg"), b"x").expect("write");
-    let project = app.project("cats").await;
+}
 
-    let (status, ok) = app
-        .post("/api/v1/storages/validate", local_source(project, "data"))
-        .await;
-    assert_eq!((status, &ok), (200, &json!({ "ok": true })));
-    let outside = app
-        .doc_root
-        .path()
-        .parent()
-        .expect("parent")
-        .display()
-        .to_string();
-    let (status, err) = app
-        .post("/api/v1/storages/validate", local_source(project, &outside))
-        .await;
-    assert!((400..500).contains(&status), "{status} {err}");
-    assert_eq!(err["error"]["code"], "path_outside_document_root", "{err}");
-    assert!(
-        err["error"]["message"]
-            .as_str()
-            .expect("message")
-            .contains("outside the document root")
-    );
-
+async fn create_and_validate_the_source(app: &TestApp, project: i64) -> i64 {
     let (status, storage) = app
         .post("/api/v1/storages", local_source(project, "data"))
         .await;
@@ -76,7 +67,10 @@ async fn local_files_sync_end_to_end() {
         .post(&format!("/api/v1/storages/{id}/validate"), json!({}))
         .await;
     assert_eq!((status, &ok), (200, &json!({ "ok": true })));
+    id
+}
 
+async fn preview_lists_the_first_keys_in_order(app: &TestApp, id: i64) {
     let (status, preview) = app
         .get(&format!("/api/v1/storages/{id}/preview?limit=3"))
         .await;
@@ -96,7 +90,9 @@ async fn local_files_sync_end_to_end() {
         ]
     );
     assert_eq!(preview["items"][0]["size"], 1);
+}
 
+async fn first_sync_imports_every_matching_file(app: &TestApp, id: i64) -> Value {
     let (status, started) = app
         .post(&format!("/api/v1/storages/{id}/sync"), json!({}))
         .await;
@@ -113,7 +109,10 @@ async fn local_files_sync_end_to_end() {
     assert_eq!(run["counters"]["existed"], 0);
     assert_eq!(run["attempts"], 1);
     assert!(run["finished_at"].is_string() && run["heartbeat_at"].is_string());
+    run
+}
 
+async fn tasks_point_at_their_files(app: &TestApp, project: i64, id: i64) {
     let tasks = app.all_tasks(project).await;
     assert_eq!(tasks.len(), 2501);
     let with_space = tasks
@@ -137,8 +136,13 @@ async fn local_files_sync_end_to_end() {
     assert_eq!(status, 200, "{one}");
     assert_eq!(one["annotations"], json!([]));
     assert_eq!(one["predictions"], json!([]));
+}
 
-    // A re-sync creates nothing and counts what exists.
+async fn a_resync_creates_nothing_and_counts_what_exists(
+    app: &TestApp,
+    project: i64,
+    id: i64,
+) -> Value {
     let (_, again) = app
         .post(&format!("/api/v1/storages/{id}/sync"), json!({}))
         .await;
@@ -150,8 +154,16 @@ async fn local_files_sync_end_to_end() {
     assert_eq!(rerun["counters"]["created"], 0);
     assert_eq!(rerun["counters"]["existed"], 2501);
     assert_eq!(app.all_tasks(project).await.len(), 2501);
+    rerun
+}
 
-    // History: newest first, filterable; the storage shows its last run.
+/// History: newest first, filterable; the storage shows its last run.
+async fn history_lists_runs_newest_first_without_errors(
+    app: &TestApp,
+    id: i64,
+    run: &Value,
+    rerun: &Value,
+) {
     let (_, runs) = app
         .get(&format!("/api/v1/runs?storage_id={id}&status=completed"))
         .await;
@@ -171,6 +183,37 @@ async fn local_files_sync_end_to_end() {
         ))
         .await;
     assert_eq!((status, &errors["items"]), (200, &json!([])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_accepts_a_folder_in_the_document_root_and_refuses_one_outside() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("top level.jpg"), b"x").expect("write");
+    let project = app.project("cats").await;
+    let (status, ok) = app
+        .post("/api/v1/storages/validate", local_source(project, "data"))
+        .await;
+    assert_eq!((status, &ok), (200, &json!({ "ok": true })));
+    let outside = app
+        .doc_root
+        .path()
+        .parent()
+        .expect("parent")
+        .display()
+        .to_string();
+    let (status, err) = app
+        .post("/api/v1/storages/validate", local_source(project, &outside))
+        .await;
+    assert!((400..500).contains(&status), "{status} {err}");
+    assert_eq!(err["error"]["code"], "path_outside_document_root", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("outside the document root")
+    );
     app.stop().await;
 }
 
@@ -264,13 +307,20 @@ async fn recursion_off_and_prefix_limit_what_is_imported() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
+/// An app with one project and its `data` folder, and a valid local source
+/// body for that project: the starting point the bad-input tests change one
+/// field of.
+async fn app_with_a_valid_source_body() -> (TestApp, Value) {
     let app = spawn_app(AppOptions::default()).await;
     std::fs::create_dir_all(app.doc_root.path().join("data")).expect("mkdir");
     let project = app.project("p").await;
     let good = local_source(project, "data");
+    (app, good)
+}
 
+/// Storage bodies each with one thing wrong: what it is, the body, and the
+/// status and error code it must get.
+fn bad_storage_bodies(good: &Value) -> Vec<(&'static str, Value, u16, &'static str)> {
     let mut cases: Vec<(&str, Value, u16, &str)> = Vec::new();
     let mut bad_regex = good.clone();
     bad_regex["regex_filter"] = json!("(unclosed");
@@ -309,8 +359,13 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
     let mut bad_role = good.clone();
     bad_role["role"] = json!("sink");
     cases.push(("bad role", bad_role, 400, "invalid_body"));
+    cases
+}
 
-    for (what, body, status, code) in cases {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_storage_bodies_get_400_with_code_and_message_and_write_nothing() {
+    let (app, good) = app_with_a_valid_source_body().await;
+    for (what, body, status, code) in bad_storage_bodies(&good) {
         let (got, err) = app.post("/api/v1/storages", body).await;
         assert_eq!(got, status, "{what}: {err}");
         assert_eq!(err["error"]["code"], code, "{what}: {err}");
@@ -337,6 +392,17 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
         (400, &json!("invalid_sync_interval")),
         "{err}"
     );
+    assert_eq!(
+        storage_count(&app).await,
+        0,
+        "a rejected body must write nothing"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_string_for_secrets_is_refused_without_echoing_it() {
+    let (app, good) = app_with_a_valid_source_body().await;
     let mut secret_string = good.clone();
     secret_string["secrets"] = json!("AKIAEXAMPLESECRET");
     let (status, err) = app.post("/api/v1/storages", secret_string).await;
@@ -349,6 +415,17 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
         !err.to_string().contains("AKIAEXAMPLESECRET"),
         "secret echoed: {err}"
     );
+    assert_eq!(
+        storage_count(&app).await,
+        0,
+        "a rejected body must write nothing"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_query_and_path_parameters_get_4xx_with_code() {
+    let app = spawn_app(AppOptions::default()).await;
     let (status, err) = app.get("/api/v1/projects?limit=abc").await;
     assert_eq!(
         (status, &err["error"]["code"]),
@@ -367,6 +444,30 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
         (400, &json!("invalid_path")),
         "{err}"
     );
+    let (status, err) = app.get("/api/v1/projects?limit=5000").await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_limit")),
+        "{err}"
+    );
+    let (status, err) = app.get("/api/v1/runs/01ARZ3NDEKTSV4RRFFQ69G5FAV").await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (404, &json!("not_found")),
+        "{err}"
+    );
+    let (status, err) = app.get("/api/v1/runs?status=bogus").await;
+    assert_eq!(
+        (status, &err["error"]["field"]),
+        (400, &json!("status")),
+        "{err}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_storage_sync_starts_an_export_run() {
+    let (app, good) = app_with_a_valid_source_body().await;
     let mut target = good.clone();
     target["role"] = json!("target");
     let (status, target) = app.post("/api/v1/storages", target).await;
@@ -388,12 +489,16 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
         .delete(&format!("/api/v1/storages/{}", target["id"]))
         .await;
     assert_eq!(status, 204);
+    assert_eq!(storage_count(&app).await, 0, "the deleted target is gone");
+    app.stop().await;
+}
 
-    // The server answers 413 before reading the whole body and closes the
-    // connection, so the client may see its upload cut instead of the answer;
-    // a few tries get the answer itself.
+/// Posts a 3 MB project body and returns the server's answer. The server
+/// answers 413 before reading the whole body and closes the connection, so
+/// the client may see its upload cut instead of the answer; a few tries get
+/// the answer itself.
+async fn post_a_3_mb_project_body(app: &TestApp) -> Option<(u16, Value)> {
     let huge = json!({ "title": "x".repeat(3 << 20) });
-    let mut refused = None;
     for _ in 0..5 {
         // Its own client: the connection the server closes must not be
         // pooled and reused by the requests after this one.
@@ -403,14 +508,42 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
             .send()
             .await;
         if let Ok(resp) = sent {
-            refused = Some((
+            return Some((
                 resp.status().as_u16(),
                 resp.json::<Value>().await.unwrap_or(Value::Null),
             ));
-            break;
         }
     }
-    let (status, err) = refused.expect("a 413 answer in five tries");
+    None
+}
+
+/// Sends only the headers of a 100 MB project body and returns the start of
+/// the answer the server gives without reading any of the body.
+async fn send_the_headers_of_a_100_mb_project_body(app: &TestApp) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/v1/projects HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        100 << 20
+    );
+    conn.write_all(head.as_bytes()).await.expect("send headers");
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut answer))
+        .await
+        .expect("an answer without the body")
+        .expect("read");
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_project_bodies_get_4xx_with_code_and_create_nothing() {
+    let (app, _) = app_with_a_valid_source_body().await;
+    let (status, err) = post_a_3_mb_project_body(&app)
+        .await
+        .expect("a 413 answer in five tries");
     assert_eq!(
         (status, &err["error"]["code"]),
         (413, &json!("body_too_large")),
@@ -418,26 +551,9 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
     );
     // A 100 MB body is refused from its Content-Length, before any of it is
     // read: headers alone get the 413.
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let addr = app.base.trim_start_matches("http://").to_owned();
-        let mut conn = tokio::net::TcpStream::connect(&addr)
-            .await
-            .expect("connect");
-        let head = format!(
-            "POST /api/v1/projects HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            100 << 20
-        );
-        conn.write_all(head.as_bytes()).await.expect("send headers");
-        let mut answer = vec![0u8; 4096];
-        let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut answer))
-            .await
-            .expect("an answer without the body")
-            .expect("read");
-        let answer = String::from_utf8_lossy(&answer[..n]);
-        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-        assert!(answer.contains("body_too_large"), "{answer}");
-    }
+    let answer = send_the_headers_of_a_100_mb_project_body(&app).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
     let (status, err) = app.post_raw("/api/v1/projects", "not json").await;
     assert_eq!(
         (status, &err["error"]["code"]),
@@ -452,29 +568,7 @@ async fn bad_input_gets_4xx_with_code_and_writes_nothing() {
         (400, &json!("title")),
         "{err}"
     );
-    let (status, err) = app.get("/api/v1/projects?limit=5000").await;
-    assert_eq!(
-        (status, &err["error"]["code"]),
-        (400, &json!("invalid_limit")),
-        "{err}"
-    );
-    let (status, err) = app.get("/api/v1/runs/01ARZ3NDEKTSV4RRFFQ69G5FAV").await;
-    assert_eq!(
-        (status, &err["error"]["code"]),
-        (404, &json!("not_found")),
-        "{err}"
-    );
-    let (status, err) = app.get("/api/v1/runs?status=bogus").await;
-    assert_eq!(
-        (status, &err["error"]["field"]),
-        (400, &json!("status")),
-        "{err}"
-    );
-    assert_eq!(
-        storage_count(&app).await,
-        0,
-        "a rejected body must write nothing"
-    );
+    // Only the fixture's own project.
     let (_, projects) = app.get("/api/v1/projects").await;
     assert_eq!(projects["items"].as_array().expect("items").len(), 1);
     app.stop().await;
@@ -925,101 +1019,122 @@ async fn worker_probe_listener_closes_half_sent_requests() {
 /// `invalid_text`, nothing written, no database message echoed. Postgres
 /// refuses NUL in text and `\u0000` in jsonb; SQLite would store both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nul_characters_are_refused_with_400_on_both_databases() {
-    for embedded in [false, true] {
-        let app = spawn_app(AppOptions {
-            embedded,
-            ..AppOptions::default()
-        })
-        .await;
-        let data = app.doc_root.path().join("data");
-        std::fs::create_dir_all(&data).expect("mkdir");
-        std::fs::write(data.join("a.jpg"), b"x").expect("write");
-        let project = app.project("p").await;
-        let storage = app.local_storage(project, json!({})).await;
-        let run = app.sync(&storage["id"]).await;
-        assert_eq!(run["status"], "completed", "{run}");
-        let task = app.all_tasks(project).await[0]["id"].clone();
+async fn nul_characters_are_refused_with_400_on_postgres() {
+    nul_characters_are_refused_with_400(false).await;
+}
 
-        let mut storage_body = local_source(project, "data");
-        storage_body["title"] = json!("images\u{0}");
-        let cases = [
-            (
-                "project title",
-                "POST",
-                "/api/v1/projects".to_owned(),
-                Some(json!({ "title": "a\u{0}b" })),
-            ),
-            (
-                "title patch",
-                "PATCH",
-                format!("/api/v1/projects/{project}"),
-                Some(json!({ "title": "\u{0}" })),
-            ),
-            (
-                "storage title",
-                "POST",
-                "/api/v1/storages".to_owned(),
-                Some(storage_body),
-            ),
-            (
-                "annotation value",
-                "POST",
-                format!("/api/v1/tasks/{task}/annotations"),
-                Some(json!({ "result": [{ "value": { "text": ["a\u{0}"] } }] })),
-            ),
-            (
-                "annotation key",
-                "POST",
-                format!("/api/v1/tasks/{task}/annotations"),
-                Some(json!({ "result": [{ "a\u{0}": 1 }] })),
-            ),
-            ("run id", "GET", "/api/v1/runs/%00".to_owned(), None),
-            (
-                "run errors",
-                "GET",
-                "/api/v1/runs/x%00y/errors".to_owned(),
-                None,
-            ),
-            (
-                "run cursor",
-                "GET",
-                "/api/v1/runs?after=%00".to_owned(),
-                None,
-            ),
-        ];
-        for (what, method, path, body) in cases {
-            let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-            let (status, err) = app.request(method, &path, body).await;
-            let what = format!("{what} (embedded: {embedded})");
-            assert_eq!(status, 400, "{what}: {err}");
-            assert_eq!(err["error"]["code"], "invalid_text", "{what}: {err}");
-            let message = err["error"]["message"].as_str().unwrap_or_default();
-            assert!(message.contains("NUL"), "{what}: {err}");
-            for raw in ["0x00", "byte sequence", "database", "unsupported Unicode"] {
-                assert!(!message.contains(raw), "{what}: database detail in {err}");
-            }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_are_refused_with_400_on_sqlite() {
+    nul_characters_are_refused_with_400(true).await;
+}
+
+async fn nul_characters_are_refused_with_400(embedded: bool) {
+    let (app, project, task) = app_with_one_synced_task(embedded).await;
+    for (what, method, path, body) in requests_with_a_nul(project, &task) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let (status, err) = app.request(method, &path, body).await;
+        let what = format!("{what} (embedded: {embedded})");
+        assert_eq!(status, 400, "{what}: {err}");
+        assert_eq!(err["error"]["code"], "invalid_text", "{what}: {err}");
+        let message = err["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("NUL"), "{what}: {err}");
+        for raw in ["0x00", "byte sequence", "database", "unsupported Unicode"] {
+            assert!(!message.contains(raw), "{what}: database detail in {err}");
         }
-        // A backslash followed by "u0000" is text, not a NUL.
-        let (status, saved) = app
-            .post("/api/v1/projects", json!({ "title": "C:\\u0000" }))
-            .await;
-        assert_eq!(
-            (status, &saved["title"]),
-            (201, &json!("C:\\u0000")),
-            "{saved}"
-        );
-        let (_, projects) = app.get("/api/v1/projects").await;
-        assert_eq!(projects["items"].as_array().expect("items").len(), 2);
-        assert_eq!(
-            projects["items"][0]["title"], "p",
-            "the PATCH wrote nothing"
-        );
-        assert_eq!(storage_count(&app).await, 1);
-        let (_, one) = app.get(&format!("/api/v1/tasks/{task}")).await;
-        assert_eq!(one["annotations"], json!([]), "{one}");
-        app.stop().await;
     }
+    // A backslash followed by "u0000" is text, not a NUL.
+    let (status, saved) = app
+        .post("/api/v1/projects", json!({ "title": "C:\\u0000" }))
+        .await;
+    assert_eq!(
+        (status, &saved["title"]),
+        (201, &json!("C:\\u0000")),
+        "{saved}"
+    );
+    let (_, projects) = app.get("/api/v1/projects").await;
+    assert_eq!(projects["items"].as_array().expect("items").len(), 2);
+    assert_eq!(
+        projects["items"][0]["title"], "p",
+        "the PATCH wrote nothing"
+    );
+    assert_eq!(storage_count(&app).await, 1);
+    let (_, one) = app.get(&format!("/api/v1/tasks/{task}")).await;
+    assert_eq!(one["annotations"], json!([]), "{one}");
+    app.stop().await;
+}
+
+/// An app (Postgres, or SQLite when `embedded`) with project "p", a local
+/// source and the one task its sync imported: (app, project id, task id).
+async fn app_with_one_synced_task(embedded: bool) -> (TestApp, i64, Value) {
+    let app = spawn_app(AppOptions {
+        embedded,
+        ..AppOptions::default()
+    })
+    .await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("a.jpg"), b"x").expect("write");
+    let project = app.project("p").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let task = app.all_tasks(project).await[0]["id"].clone();
+    (app, project, task)
+}
+
+/// Requests with a NUL in a JSON body, a path or a query: what each is,
+/// method, path and body.
+fn requests_with_a_nul(
+    project: i64,
+    task: &Value,
+) -> Vec<(&'static str, &'static str, String, Option<Value>)> {
+    let mut storage_body = local_source(project, "data");
+    storage_body["title"] = json!("images\u{0}");
+    vec![
+        (
+            "project title",
+            "POST",
+            "/api/v1/projects".to_owned(),
+            Some(json!({ "title": "a\u{0}b" })),
+        ),
+        (
+            "title patch",
+            "PATCH",
+            format!("/api/v1/projects/{project}"),
+            Some(json!({ "title": "\u{0}" })),
+        ),
+        (
+            "storage title",
+            "POST",
+            "/api/v1/storages".to_owned(),
+            Some(storage_body),
+        ),
+        (
+            "annotation value",
+            "POST",
+            format!("/api/v1/tasks/{task}/annotations"),
+            Some(json!({ "result": [{ "value": { "text": ["a\u{0}"] } }] })),
+        ),
+        (
+            "annotation key",
+            "POST",
+            format!("/api/v1/tasks/{task}/annotations"),
+            Some(json!({ "result": [{ "a\u{0}": 1 }] })),
+        ),
+        ("run id", "GET", "/api/v1/runs/%00".to_owned(), None),
+        (
+            "run errors",
+            "GET",
+            "/api/v1/runs/x%00y/errors".to_owned(),
+            None,
+        ),
+        (
+            "run cursor",
+            "GET",
+            "/api/v1/runs?after=%00".to_owned(),
+            None,
+        ),
+    ]
 }
 
 /// Only real busy / connection / conflict errors are transient: a Postgres
@@ -1200,6 +1315,16 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// the metrics of this test process may have counted other tests' work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_scheduler_metrics_list_counters_at_zero() {
+    let (_dir, _server, text) = start_a_scheduler_of_its_own_and_read_its_metrics().await;
+    job_counters_are_listed_at_zero(&text);
+    storage_counters_are_listed_at_zero(&text);
+}
+
+/// Starts `labelsync-scheduler serve` (SQLite in a temporary directory) on a
+/// free port and returns its directory, the process (killed when dropped,
+/// like a worker) and the text of its first `/metrics` answer.
+async fn start_a_scheduler_of_its_own_and_read_its_metrics()
+-> (tempfile::TempDir, labelsync_tests::Worker, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -1213,8 +1338,7 @@ async fn fresh_scheduler_metrics_list_counters_at_zero() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start labelsync-scheduler serve");
-    // Killed when dropped, like a worker.
-    let _server = labelsync_tests::Worker(server);
+    let server = labelsync_tests::Worker(server);
     let mut text = None;
     for _ in 0..200 {
         if let Ok(resp) = reqwest::get(format!("http://{addr}/metrics")).await {
@@ -1224,6 +1348,10 @@ async fn fresh_scheduler_metrics_list_counters_at_zero() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let text = text.expect("the scheduler answers /metrics within 10 s");
+    (dir, server, text)
+}
+
+fn job_counters_are_listed_at_zero(text: &str) {
     for kind in ["import", "export", "delete"] {
         for name in [
             "labelsync_jobs_started_total",
@@ -1234,7 +1362,7 @@ async fn fresh_scheduler_metrics_list_counters_at_zero() {
             "labelsync_object_errors_total",
         ] {
             assert_eq!(
-                sample(&text, name, &[("kind", kind)]),
+                sample(text, name, &[("kind", kind)]),
                 Some(0.0),
                 "{name} {kind}:\n{text}"
             );
@@ -1248,7 +1376,7 @@ async fn fresh_scheduler_metrics_list_counters_at_zero() {
         ] {
             assert_eq!(
                 sample(
-                    &text,
+                    text,
                     "labelsync_jobs_finished_total",
                     &[("kind", kind), ("outcome", outcome)]
                 ),
@@ -1257,11 +1385,14 @@ async fn fresh_scheduler_metrics_list_counters_at_zero() {
             );
         }
     }
+}
+
+fn storage_counters_are_listed_at_zero(text: &str) {
     for backend in ["s3", "gcs", "azure", "redis", "local", "databricks"] {
         for outcome in ["ok", "transient", "permission_denied"] {
             assert_eq!(
                 sample(
-                    &text,
+                    text,
                     "labelsync_storage_requests_total",
                     &[
                         ("backend", backend),
@@ -1275,7 +1406,7 @@ async fn fresh_scheduler_metrics_list_counters_at_zero() {
         }
         assert_eq!(
             sample(
-                &text,
+                text,
                 "labelsync_resolve_bytes_total",
                 &[("backend", backend)]
             ),
