@@ -32,18 +32,17 @@ fn task_by_source<'a>(tasks: &'a [Value], key: &str, row: i64) -> &'a Value {
         .unwrap_or_else(|| panic!("no task for {key} row {row}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tasks_mode_reads_every_format_and_records_bad_objects() {
-    let app = spawn_app(AppOptions::default()).await;
-    let data = app.doc_root.path().join("data");
-    write(&data, "one.json", br#"{"text": "single"}"#);
+/// Task files in every format and shape, good and bad, under `data/`: 12
+/// objects, 20 tasks and 6 failures (one of them a bad line among good ones).
+fn write_task_files_of_every_format(data: &Path) {
+    write(data, "one.json", br#"{"text": "single"}"#);
     write(
-        &data,
+        data,
         "array.json",
         br#"[{"text": "a0"}, {"text": "a1"}, {"text": "a2"}]"#,
     );
     write(
-        &data,
+        data,
         "full.json",
         br#"[{"data": {"text": "f0"}, "meta": {"source": "crm"},
               "annotations": [{"result": [{"value": {"choices": ["pos"]}}], "lead_time": 3.5,
@@ -51,46 +50,63 @@ async fn tasks_mode_reads_every_format_and_records_bad_objects() {
               "predictions": [{"result": [{"value": 1}], "model_version": "m-2", "score": 0.75}]},
              {"data": {"text": "f1"}}]"#,
     );
-    write(&data, "bom.json", "\u{feff}{\"text\": \"bom\"}".as_bytes());
+    write(data, "bom.json", "\u{feff}{\"text\": \"bom\"}".as_bytes());
     write(
-        &data,
+        data,
         "lines.jsonl",
         b"{\"text\": \"l0\"}\n\n{\"text\": \"l1\"}\nthis is not json\r\n{\"text\": \"l3\"}\n",
     );
     write(
-        &data,
+        data,
         "sp ace/ünï cødé.ndjson",
         "{\"text\": \"u0\"}\n{\"text\": \"u1\"}\n".as_bytes(),
     );
     write_parquet(&data.join("table.parquet"), 5, 2);
     write(
-        &data,
+        data,
         "broken.json",
         br#"[{"text": "b0"}, {"text": "b1"}, {"text": "#,
     );
     write(
-        &data,
+        data,
         "mixed.json",
         br#"[{"text": "m0"}, {"data": {"text": "m1"}}]"#,
     );
-    write(&data, "notes.txt", b"not a task file");
+    write(data, "notes.txt", b"not a task file");
     write(
-        &data,
+        data,
         "deep.json",
         format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).as_bytes(),
     );
-    write(&data, "fake.parquet", b"PAR1 but not really");
+    write(data, "fake.parquet", b"PAR1 but not really");
+}
 
+/// An app whose Tasks-mode storage has synced the files of
+/// [`write_task_files_of_every_format`]: (app, project, storage, run).
+async fn synced_task_files_of_every_format() -> (TestApp, i64, Value, Value) {
+    let app = spawn_app(AppOptions::default()).await;
+    write_task_files_of_every_format(&app.doc_root.path().join("data"));
     let project = app.project("tasks").await;
     let storage = storage(&app, project, json!({})).await;
     let run = app.sync(&storage["id"]).await;
+    (app, project, storage, run)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_mode_counts_tasks_and_failures_of_every_format() {
+    let (app, _, _, run) = synced_task_files_of_every_format().await;
     assert_eq!(run["status"], "completed_with_errors", "{run}");
     // 1 + 3 + 2 + 1 + 3 (jsonl) + 2 (ndjson) + 5 (parquet) + 2 (broken, kept) + 1 (mixed, kept)
     assert_eq!(run["counters"]["created"], 20, "{run}");
     // The bad line, broken.json, mixed.json, notes.txt, deep.json, fake.parquet.
     assert_eq!(run["counters"]["failed"], 6, "{run}");
     assert_eq!(run["counters"]["listed"], 12, "{run}");
+    app.stop().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_mode_records_why_each_bad_object_failed() {
+    let (app, _, _, run) = synced_task_files_of_every_format().await;
     let (status, errors) = app
         .get(&format!(
             "/api/v1/runs/{}/errors",
@@ -143,7 +159,12 @@ async fn tasks_mode_reads_every_format_and_records_bad_objects() {
             .expect("msg")
             .contains("Parquet")
     );
+    app.stop().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_mode_reads_the_data_of_every_format() {
+    let (app, project, _, _) = synced_task_files_of_every_format().await;
     let tasks = app.all_tasks(project).await;
     assert_eq!(tasks.len(), 20);
     assert_eq!(
@@ -174,7 +195,13 @@ async fn tasks_mode_reads_every_format_and_records_bad_objects() {
         task_by_source(&tasks, "broken.json", 1)["data"],
         json!({ "text": "b1" })
     );
+    app.stop().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_mode_imports_meta_annotations_and_predictions_of_full_tasks() {
+    let (app, project, _, _) = synced_task_files_of_every_format().await;
+    let tasks = app.all_tasks(project).await;
     let full = task_by_source(&tasks, "full.json", 0);
     assert_eq!(full["data"], json!({ "text": "f0" }));
     assert_eq!(full["meta"], json!({ "source": "crm" }));
@@ -199,7 +226,12 @@ async fn tasks_mode_reads_every_format_and_records_bad_objects() {
         ))
         .await;
     assert_eq!(plain["annotations"], json!([]));
+    app.stop().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_mode_resync_imports_nothing_twice_and_rereads_only_failed_objects() {
+    let (app, project, storage, _) = synced_task_files_of_every_format().await;
     // A re-sync imports nothing twice; objects that produced no task are read
     // (and fail) again, the others are not re-read.
     let rerun = app.sync(&storage["id"]).await;
@@ -310,9 +342,26 @@ async fn resync_reports_deleted_and_overwritten_objects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_is_worked_by_one_attempt_at_a_time() {
-    use std::time::Duration;
+    let (app, db, run_id) = a_queued_run_and_the_database().await;
+    a_live_lease_keeps_a_second_attempt_out(&db, &run_id).await;
+    a_stale_lease_is_taken_over_and_only_the_holder_writes(&db, &run_id).await;
+    an_ended_run_starts_no_attempt(&db, &run_id).await;
+    app.stop().await;
+}
 
-    use labelsync::db::runs::{self, Attempt, Counters};
+const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A checkpoint's counters: one object listed.
+fn one_listed() -> labelsync::db::runs::Counters {
+    labelsync::db::runs::Counters {
+        listed: 1,
+        ..labelsync::db::runs::Counters::default()
+    }
+}
+
+/// An app without workers, so the run its sync queues stays queued, with a
+/// connection to its database: (app, database, run id).
+async fn a_queued_run_and_the_database() -> (TestApp, sea_orm::DatabaseConnection, String) {
     let app = spawn_app(AppOptions::without_workers()).await;
     std::fs::create_dir_all(app.doc_root.path().join("data")).expect("mkdir");
     let project = app.project("lease").await;
@@ -323,24 +372,24 @@ async fn a_run_is_worked_by_one_attempt_at_a_time() {
             json!({}),
         )
         .await;
-    let run_id = started["run"]["id"].as_str().expect("run id");
+    let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
     let db = labelsync::db::connect(&app.database_url)
         .await
         .expect("connect");
-    let ttl = Duration::from_secs(60);
-    let one = Counters {
-        listed: 1,
-        ..Counters::default()
-    };
+    (app, db, run_id)
+}
 
-    let first = runs::begin_attempt(&db, run_id, "attempt-a", ttl)
+async fn a_live_lease_keeps_a_second_attempt_out(db: &sea_orm::DatabaseConnection, run_id: &str) {
+    use labelsync::db::runs::{self, Attempt};
+    let (ttl, one) = (LEASE_TTL, one_listed());
+    let first = runs::begin_attempt(db, run_id, "attempt-a", ttl)
         .await
         .expect("begin");
     assert!(
         matches!(first, Attempt::Started(ref r) if r.attempts == 1),
         "{first:?}"
     );
-    let second = runs::begin_attempt(&db, run_id, "attempt-b", ttl)
+    let second = runs::begin_attempt(db, run_id, "attempt-b", ttl)
         .await
         .expect("begin");
     assert!(
@@ -348,20 +397,29 @@ async fn a_run_is_worked_by_one_attempt_at_a_time() {
         "a live lease keeps a duplicate out: {second:?}"
     );
     assert!(
-        !runs::checkpoint(&db, run_id, &one, Some("k"), Some("attempt-b"))
+        !runs::checkpoint(db, run_id, &one, Some("k"), Some("attempt-b"))
             .await
             .expect("checkpoint")
     );
     assert!(
-        runs::checkpoint(&db, run_id, &one, Some("k"), Some("attempt-a"))
+        runs::checkpoint(db, run_id, &one, Some("k"), Some("attempt-a"))
             .await
             .expect("checkpoint")
     );
+}
 
-    // Once the lease is stale (a dead worker), another attempt takes over and
-    // the old one can no longer write.
+/// Once the lease is stale (a dead worker), another attempt takes over and
+/// the old one can no longer write.
+async fn a_stale_lease_is_taken_over_and_only_the_holder_writes(
+    db: &sea_orm::DatabaseConnection,
+    run_id: &str,
+) {
+    use std::time::Duration;
+
+    use labelsync::db::runs::{self, Attempt};
+    let one = one_listed();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let takeover = runs::begin_attempt(&db, run_id, "attempt-b", Duration::from_millis(10))
+    let takeover = runs::begin_attempt(db, run_id, "attempt-b", Duration::from_millis(10))
         .await
         .expect("begin");
     assert!(
@@ -369,13 +427,13 @@ async fn a_run_is_worked_by_one_attempt_at_a_time() {
         "{takeover:?}"
     );
     assert!(
-        !runs::checkpoint(&db, run_id, &one, Some("k2"), Some("attempt-a"))
+        !runs::checkpoint(db, run_id, &one, Some("k2"), Some("attempt-a"))
             .await
             .expect("checkpoint")
     );
     assert!(
         !runs::finish(
-            &db,
+            db,
             run_id,
             runs::RunStatus::Completed,
             None,
@@ -386,7 +444,7 @@ async fn a_run_is_worked_by_one_attempt_at_a_time() {
     );
     assert!(
         runs::finish(
-            &db,
+            db,
             run_id,
             runs::RunStatus::Completed,
             None,
@@ -395,110 +453,143 @@ async fn a_run_is_worked_by_one_attempt_at_a_time() {
         .await
         .expect("finish")
     );
-    let run = runs::get(&db, run_id).await.expect("run");
+    let run = runs::get(db, run_id).await.expect("run");
     assert_eq!(
         (run.listed, run.status.as_str()),
         (1, "completed"),
         "only the lease holder's page counted"
     );
-    let ended = runs::begin_attempt(&db, run_id, "attempt-c", ttl)
+}
+
+async fn an_ended_run_starts_no_attempt(db: &sea_orm::DatabaseConnection, run_id: &str) {
+    use labelsync::db::runs::{self, Attempt};
+    let ttl = LEASE_TTL;
+    let ended = runs::begin_attempt(db, run_id, "attempt-c", ttl)
         .await
         .expect("begin");
     assert!(matches!(ended, Attempt::Ended), "{ended:?}");
-    app.stop().await;
 }
 
 /// `reimport_changed`: an overwritten task file updates its tasks in place
 /// (same ids, annotations kept) and adds its new rows; without the option the
 /// change is only counted. On Postgres and on the embedded SQLite.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changed_task_files_are_reimported_when_the_storage_opts_in() {
-    for embedded in [false, true] {
-        let app = spawn_app(AppOptions {
-            embedded,
-            ..AppOptions::default()
-        })
-        .await;
-        let data = app.doc_root.path().join("data");
-        let lines = |words: &[&str]| {
-            words
-                .iter()
-                .map(|w| json!({ "text": w }).to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        write(
-            &data,
-            "tasks.jsonl",
-            lines(&["one", "two", "three"]).as_bytes(),
-        );
-        let project = app.project("reimport").await;
-        let opted = storage(
-            &app,
-            project,
-            json!({ "import_method": "tasks", "reimport_changed": true }),
+async fn changed_task_files_are_reimported_when_the_storage_opts_in_on_postgres() {
+    changed_task_files_are_reimported_when_the_storage_opts_in(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_task_files_are_reimported_when_the_storage_opts_in_on_sqlite() {
+    changed_task_files_are_reimported_when_the_storage_opts_in(true).await;
+}
+
+async fn changed_task_files_are_reimported_when_the_storage_opts_in(embedded: bool) {
+    let app = spawn_app(AppOptions {
+        embedded,
+        ..AppOptions::default()
+    })
+    .await;
+    let (project, opted, first_id) = three_tasks_synced_and_the_first_annotated(&app).await;
+    an_overwritten_file_updates_its_tasks_in_place(&app, project, &opted, &first_id).await;
+    an_unchanged_file_is_not_reread(&app, &opted).await;
+    app.stop().await;
+}
+
+/// One task per word, as JSON lines.
+fn task_lines(words: &[&str]) -> String {
+    words
+        .iter()
+        .map(|w| json!({ "text": w }).to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `tasks.jsonl` of three tasks, synced by a storage with
+/// `reimport_changed`, and an annotation on its first task: (project,
+/// storage, first task's id).
+async fn three_tasks_synced_and_the_first_annotated(app: &TestApp) -> (i64, Value, Value) {
+    let data = app.doc_root.path().join("data");
+    write(
+        &data,
+        "tasks.jsonl",
+        task_lines(&["one", "two", "three"]).as_bytes(),
+    );
+    let project = app.project("reimport").await;
+    let opted = storage(
+        app,
+        project,
+        json!({ "import_method": "tasks", "reimport_changed": true }),
+    )
+    .await;
+    assert_eq!(opted["reimport_changed"], true, "{opted}");
+    let first = app.sync(&opted["id"]).await;
+    assert_eq!(first["counters"]["created"], 3, "{first}");
+    let before = app.all_tasks(project).await;
+    let first_id = task_by_source(&before, "tasks.jsonl", 0)["id"].clone();
+    let (status, _) = app
+        .post(
+            &format!("/api/v1/tasks/{first_id}/annotations"),
+            json!({ "result": [{ "value": { "choices": ["kept"] } }] }),
         )
         .await;
-        assert_eq!(opted["reimport_changed"], true, "{opted}");
-        let first = app.sync(&opted["id"]).await;
-        assert_eq!(first["counters"]["created"], 3, "{first}");
-        let before = app.all_tasks(project).await;
-        let first_id = task_by_source(&before, "tasks.jsonl", 0)["id"].clone();
-        let (status, _) = app
-            .post(
-                &format!("/api/v1/tasks/{first_id}/annotations"),
-                json!({ "result": [{ "value": { "choices": ["kept"] } }] }),
-            )
-            .await;
-        assert_eq!(status, 201);
+    assert_eq!(status, 201);
+    (project, opted, first_id)
+}
 
-        write(
-            &data,
-            "tasks.jsonl",
-            lines(&["ONE", "TWO", "THREE", "four"]).as_bytes(),
-        );
-        let second = app.sync(&opted["id"]).await;
-        assert_eq!(second["status"], "completed", "{second}");
-        let c = &second["counters"];
-        assert_eq!(
-            (c["changed"].as_i64(), c["created"].as_i64()),
-            (Some(1), Some(1)),
-            "{second}"
-        );
-        let after = app.all_tasks(project).await;
-        assert_eq!(after.len(), 4);
-        let first_after = task_by_source(&after, "tasks.jsonl", 0);
-        assert_eq!(first_after["id"], first_id, "updated in place");
-        assert_eq!(first_after["data"]["text"], "ONE");
-        assert_eq!(
-            task_by_source(&after, "tasks.jsonl", 2)["data"]["text"],
-            "THREE"
-        );
-        assert_eq!(
-            task_by_source(&after, "tasks.jsonl", 3)["data"]["text"],
-            "four"
-        );
-        let (_, task) = app.get(&format!("/api/v1/tasks/{first_id}")).await;
-        assert_eq!(
-            task["annotations"].as_array().map(Vec::len),
-            Some(1),
-            "{task}"
-        );
+async fn an_overwritten_file_updates_its_tasks_in_place(
+    app: &TestApp,
+    project: i64,
+    opted: &Value,
+    first_id: &Value,
+) {
+    let data = app.doc_root.path().join("data");
+    write(
+        &data,
+        "tasks.jsonl",
+        task_lines(&["ONE", "TWO", "THREE", "four"]).as_bytes(),
+    );
+    let second = app.sync(&opted["id"]).await;
+    assert_eq!(second["status"], "completed", "{second}");
+    let c = &second["counters"];
+    assert_eq!(
+        (c["changed"].as_i64(), c["created"].as_i64()),
+        (Some(1), Some(1)),
+        "{second}"
+    );
+    let after = app.all_tasks(project).await;
+    assert_eq!(after.len(), 4);
+    let first_after = task_by_source(&after, "tasks.jsonl", 0);
+    assert_eq!(first_after["id"], *first_id, "updated in place");
+    assert_eq!(first_after["data"]["text"], "ONE");
+    assert_eq!(
+        task_by_source(&after, "tasks.jsonl", 2)["data"]["text"],
+        "THREE"
+    );
+    assert_eq!(
+        task_by_source(&after, "tasks.jsonl", 3)["data"]["text"],
+        "four"
+    );
+    let (_, task) = app.get(&format!("/api/v1/tasks/{first_id}")).await;
+    assert_eq!(
+        task["annotations"].as_array().map(Vec::len),
+        Some(1),
+        "{task}"
+    );
+}
 
-        // A third sync: nothing changed, nothing re-read.
-        let third = app.sync(&opted["id"]).await;
-        let c = &third["counters"];
-        assert_eq!(
-            (
-                c["changed"].as_i64(),
-                c["created"].as_i64(),
-                c["existed"].as_i64()
-            ),
-            (Some(0), Some(0), Some(4)),
-            "{third}"
-        );
-        app.stop().await;
-    }
+/// A third sync: nothing changed, nothing re-read.
+async fn an_unchanged_file_is_not_reread(app: &TestApp, opted: &Value) {
+    let third = app.sync(&opted["id"]).await;
+    let c = &third["counters"];
+    assert_eq!(
+        (
+            c["changed"].as_i64(),
+            c["created"].as_i64(),
+            c["existed"].as_i64()
+        ),
+        (Some(0), Some(0), Some(4)),
+        "{third}"
+    );
 }
 
 /// A regex that backtracking engines take exponential time on, against the
