@@ -446,8 +446,46 @@ async fn gcs_signed_urls_verify_with_the_public_key() {
     let bucket = bucket_name();
     create_gcs_bucket(&url, &bucket).await;
     let dir = tempfile::tempdir().unwrap();
-    let pem = dir.path().join("key.pem");
-    let der = dir.path().join("pub.der");
+    let (pem, der) = an_rsa_key_pair(dir.path());
+    let config = json!({ "bucket": bucket, "endpoint_url": url });
+    open(BackendKind::Gcs, config.clone(), json!({}))
+        .await
+        .put("dir/a b.jpg", Bytes::from_static(b"pixels"), None)
+        .await
+        .unwrap();
+    let signed_by_key = open(
+        BackendKind::Gcs,
+        config,
+        json!({ "credentials_json": service_account_key(&pem).to_string() }),
+    )
+    .await;
+    let signed = signed_by_key
+        .presign("dir/a b.jpg", Duration::from_secs(900))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let (to_sign, signature) = the_string_google_signs_and_the_signature(&signed);
+    let public = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        std::fs::read(&der).unwrap(),
+    );
+    public
+        .verify(to_sign.as_bytes(), &signature)
+        .expect("signature verifies with the public key");
+    let tampered = to_sign.replacen("GOOG4", "GOOG5", 1);
+    assert!(public.verify(tampered.as_bytes(), &signature).is_err());
+    // And the URL serves the object (fake-gcs-server ignores the signature).
+    let resp = reqwest::get(&signed).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), b"pixels");
+}
+
+/// A 2048-bit RSA key made by `openssl` in `dir`: the private key (PEM) and
+/// its public half (PKCS#1 DER).
+fn an_rsa_key_pair(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pem = dir.join("key.pem");
+    let der = dir.join("pub.der");
     let run = |args: &[&str]| {
         let out = std::process::Command::new("openssl")
             .args(args)
@@ -478,33 +516,24 @@ async fn gcs_signed_urls_verify_with_the_public_key() {
         "-out",
         der.to_str().unwrap(),
     ]);
-    let key_json = json!({
+    (pem, der)
+}
+
+/// A service-account key for the private key in `pem`.
+fn service_account_key(pem: &std::path::Path) -> Value {
+    json!({
         "type": "service_account", "project_id": "p", "private_key_id": "k1",
-        "private_key": std::fs::read_to_string(&pem).unwrap(),
+        "private_key": std::fs::read_to_string(pem).unwrap(),
         "client_email": "labelsync@p.iam.gserviceaccount.com", "client_id": "1",
         // Never reached: signing is local.
         "token_uri": "http://127.0.0.1:9/token",
-    });
-    let config = json!({ "bucket": bucket, "endpoint_url": url });
-    open(BackendKind::Gcs, config.clone(), json!({}))
-        .await
-        .put("dir/a b.jpg", Bytes::from_static(b"pixels"), None)
-        .await
-        .unwrap();
-    let signed_by_key = open(
-        BackendKind::Gcs,
-        config,
-        json!({ "credentials_json": key_json.to_string() }),
-    )
-    .await;
-    let signed = signed_by_key
-        .presign("dir/a b.jpg", Duration::from_secs(900))
-        .await
-        .unwrap()
-        .unwrap();
+    })
+}
 
-    // Rebuild the string to sign from the URL alone, as Google does.
-    let parsed = reqwest::Url::parse(&signed).unwrap();
+/// The string to sign rebuilt from a signed URL alone, as Google does, and
+/// the URL's signature as bytes.
+fn the_string_google_signs_and_the_signature(signed: &str) -> (String, Vec<u8>) {
+    let parsed = reqwest::Url::parse(signed).unwrap();
     let query = parsed.query().unwrap();
     let (unsigned, signature) = query.rsplit_once("&X-Goog-Signature=").unwrap();
     let param = |name: &str| {
@@ -537,19 +566,7 @@ async fn gcs_signed_urls_verify_with_the_public_key() {
         .step_by(2)
         .map(|i| u8::from_str_radix(&signature[i..i + 2], 16).unwrap())
         .collect();
-    let public = ring::signature::UnparsedPublicKey::new(
-        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-        std::fs::read(&der).unwrap(),
-    );
-    public
-        .verify(to_sign.as_bytes(), &signature)
-        .expect("signature verifies with the public key");
-    let tampered = to_sign.replacen("GOOG4", "GOOG5", 1);
-    assert!(public.verify(tampered.as_bytes(), &signature).is_err());
-    // And the URL serves the object (fake-gcs-server ignores the signature).
-    let resp = reqwest::get(&signed).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.bytes().await.unwrap().as_ref(), b"pixels");
+    (to_sign, signature)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -810,134 +827,194 @@ async fn azure_account_names_cannot_reshape_the_host() {
     app.stop().await;
 }
 
-/// An import sync through the API for every remote backend: the storage is
-/// created with secrets (sealed at rest), validated, synced, and its tasks
-/// carry the backend's URIs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn import_sync_end_to_end_through_each_backend() {
+/// An import sync through the API for every remote backend, one test each:
+/// the storage is created with secrets (sealed at rest), validated, synced,
+/// and its tasks carry the backend's URIs.
+async fn import_sync_end_to_end(backend: &str, config: Value, secrets: Value, scheme: &str) {
     let app = spawn_app(AppOptions::with_storages()).await;
+    put_two_images_and_a_note(backend, &config, &secrets).await;
+    let project = app.project(&format!("{backend} project")).await;
+    let created = create_a_validated_source(&app, project, backend, config, &secrets).await;
+    secrets_are_sealed_at_rest(&app, backend, &created, &secrets).await;
+    saved_secrets_validate_and_the_sync_imports_the_images(
+        &app, project, backend, &created, scheme,
+    )
+    .await;
+    app.stop().await;
+}
+
+/// `img/1.jpg`, `img/2.jpg` (matched by the source) and `img/notes.txt`
+/// (not matched), written straight to the backend.
+async fn put_two_images_and_a_note(backend: &str, config: &Value, secrets: &Value) {
+    let kind = BackendKind::parse(backend).unwrap();
+    let storage = open(kind, config.clone(), secrets.clone()).await;
+    for key in ["img/1.jpg", "img/2.jpg", "img/notes.txt"] {
+        storage
+            .put(key, Bytes::from_static(b"pixels"), None)
+            .await
+            .unwrap();
+    }
+}
+
+/// A source on `img/` for `*.jpg`, validated and then created with its
+/// secrets; returns the created storage.
+async fn create_a_validated_source(
+    app: &labelsync_tests::TestApp,
+    project: i64,
+    backend: &str,
+    config: Value,
+    secrets: &Value,
+) -> Value {
+    let body = json!({
+        "project_id": project, "role": "source", "backend": backend, "prefix": "img/",
+        "regex_filter": ".*\\.jpg$", "config": config, "secrets": secrets,
+    });
+    let (status, validated) = app.post("/api/v1/storages/validate", body.clone()).await;
+    assert_eq!(status, 200, "{backend}: {validated}");
+    let (status, created) = app.post("/api/v1/storages", body).await;
+    assert_eq!(status, 201, "{backend}: {created}");
+    let names: Vec<&str> = secrets
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(created["secrets_set"], json!(names), "{backend}");
+    created
+}
+
+/// Sealed at rest: no secret value is in the row.
+async fn secrets_are_sealed_at_rest(
+    app: &labelsync_tests::TestApp,
+    backend: &str,
+    created: &Value,
+    secrets: &Value,
+) {
+    let db = sea_orm::Database::connect(&app.database_url).await.unwrap();
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT secrets FROM storages WHERE id = {}", created["id"]),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let sealed: Option<String> = row.try_get("", "secrets").unwrap();
+    for value in secrets.as_object().unwrap().values() {
+        let value = value.as_str().unwrap();
+        assert!(
+            sealed
+                .as_deref()
+                .is_some_and(|s| s.starts_with("v1.") && !s.contains(value)),
+            "{backend}"
+        );
+    }
+    db.close().await.ok();
+}
+
+async fn saved_secrets_validate_and_the_sync_imports_the_images(
+    app: &labelsync_tests::TestApp,
+    project: i64,
+    backend: &str,
+    created: &Value,
+    scheme: &str,
+) {
+    let (status, revalidated) = app
+        .post(
+            &format!("/api/v1/storages/{}/validate", created["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        status, 200,
+        "{backend}: saved secrets open again: {revalidated}"
+    );
+    let run = app.sync(&created["id"]).await;
+    assert_eq!(run["status"], "completed", "{backend}: {run}");
+    assert_eq!(run["counters"]["created"], 2, "{backend}: {run}");
+    let mut uris: Vec<String> = app
+        .all_tasks(project)
+        .await
+        .iter()
+        .map(|t| t["data"]["image"].as_str().unwrap().to_owned())
+        .collect();
+    uris.sort();
+    assert_eq!(uris.len(), 2, "{backend}: {uris:?}");
+    assert!(
+        uris.iter()
+            .all(|u| u.starts_with(scheme) && u.contains("img/")),
+        "{backend}: {uris:?}"
+    );
+    // A second sync finds nothing new.
+    let again = app.sync(&created["id"]).await;
+    assert_eq!(again["counters"]["created"], 0, "{backend}: {again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_sync_end_to_end_through_s3() {
     let (s3_url, s3_key, s3_secret) = s3s();
     let s3_bucket = bucket_name();
     create_s3_bucket(&s3_url, &s3_key, &s3_secret, &s3_bucket).await;
+    import_sync_end_to_end(
+        "s3",
+        json!({ "bucket": s3_bucket, "endpoint_url": s3_url }),
+        json!({ "access_key_id": s3_key, "secret_access_key": s3_secret }),
+        "s3://",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_sync_end_to_end_through_gcs() {
     let gcs_url = endpoint("TEST_GCS_ENDPOINT");
     let gcs_bucket = bucket_name();
     create_gcs_bucket(&gcs_url, &gcs_bucket).await;
+    import_sync_end_to_end(
+        "gcs",
+        json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url }),
+        json!({}),
+        "gs://",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_sync_end_to_end_through_azure() {
     let azure_url = endpoint("TEST_AZURITE_ENDPOINT");
     let container = bucket_name();
     create_azure_container(&azure_url, &container).await;
+    import_sync_end_to_end(
+        "azure",
+        json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url }),
+        json!({ "account_key": AZURITE_KEY }),
+        "azure-blob://",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_sync_end_to_end_through_redis() {
     let redis = reqwest::Url::parse(&labelsync_tests::require_redis().await).unwrap();
     let redis_path = format!("{}:", bucket_name());
-    let fake = DatabricksFake::start().await;
+    import_sync_end_to_end(
+        "redis",
+        json!({ "host": redis.host_str().unwrap(), "port": redis.port().unwrap_or(6379), "path": redis_path }),
+        json!({}),
+        "redis://",
+    )
+    .await;
+}
 
-    let cases: Vec<(&str, Value, Value, &str)> = vec![
-        (
-            "s3",
-            json!({ "bucket": s3_bucket, "endpoint_url": s3_url }),
-            json!({ "access_key_id": s3_key, "secret_access_key": s3_secret }),
-            "s3://",
-        ),
-        (
-            "gcs",
-            json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url }),
-            json!({}),
-            "gs://",
-        ),
-        (
-            "azure",
-            json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url }),
-            json!({ "account_key": AZURITE_KEY }),
-            "azure-blob://",
-        ),
-        (
-            "redis",
-            json!({ "host": redis.host_str().unwrap(), "port": redis.port().unwrap_or(6379), "path": redis_path }),
-            json!({}),
-            "redis://",
-        ),
-        (
-            "databricks",
-            json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "images" }),
-            json!({ "token": fake.token }),
-            "dbx://Volumes/main/raw/images/",
-        ),
-    ];
-    for (backend, config, secrets, scheme) in cases {
-        let kind = BackendKind::parse(backend).unwrap();
-        let storage = open(kind, config.clone(), secrets.clone()).await;
-        for key in ["img/1.jpg", "img/2.jpg", "img/notes.txt"] {
-            storage
-                .put(key, Bytes::from_static(b"pixels"), None)
-                .await
-                .unwrap();
-        }
-        let project = app.project(&format!("{backend} project")).await;
-        let body = json!({
-            "project_id": project, "role": "source", "backend": backend, "prefix": "img/",
-            "regex_filter": ".*\\.jpg$", "config": config, "secrets": secrets,
-        });
-        let (status, validated) = app.post("/api/v1/storages/validate", body.clone()).await;
-        assert_eq!(status, 200, "{backend}: {validated}");
-        let (status, created) = app.post("/api/v1/storages", body).await;
-        assert_eq!(status, 201, "{backend}: {created}");
-        let names: Vec<&str> = secrets
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        assert_eq!(created["secrets_set"], json!(names), "{backend}");
-        // Sealed at rest: no secret value is in the row.
-        let db = sea_orm::Database::connect(&app.database_url).await.unwrap();
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                db.get_database_backend(),
-                format!("SELECT secrets FROM storages WHERE id = {}", created["id"]),
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        let sealed: Option<String> = row.try_get("", "secrets").unwrap();
-        for value in secrets.as_object().unwrap().values() {
-            let value = value.as_str().unwrap();
-            assert!(
-                sealed
-                    .as_deref()
-                    .is_some_and(|s| s.starts_with("v1.") && !s.contains(value)),
-                "{backend}"
-            );
-        }
-        db.close().await.ok();
-        let (status, revalidated) = app
-            .post(
-                &format!("/api/v1/storages/{}/validate", created["id"]),
-                json!({}),
-            )
-            .await;
-        assert_eq!(
-            status, 200,
-            "{backend}: saved secrets open again: {revalidated}"
-        );
-        let run = app.sync(&created["id"]).await;
-        assert_eq!(run["status"], "completed", "{backend}: {run}");
-        assert_eq!(run["counters"]["created"], 2, "{backend}: {run}");
-        let mut uris: Vec<String> = app
-            .all_tasks(project)
-            .await
-            .iter()
-            .map(|t| t["data"]["image"].as_str().unwrap().to_owned())
-            .collect();
-        uris.sort();
-        assert_eq!(uris.len(), 2, "{backend}: {uris:?}");
-        assert!(
-            uris.iter()
-                .all(|u| u.starts_with(scheme) && u.contains("img/")),
-            "{backend}: {uris:?}"
-        );
-        // A second sync finds nothing new.
-        let again = app.sync(&created["id"]).await;
-        assert_eq!(again["counters"]["created"], 0, "{backend}: {again}");
-    }
-    app.stop().await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_sync_end_to_end_through_databricks() {
+    let fake = DatabricksFake::start().await;
+    import_sync_end_to_end(
+        "databricks",
+        json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "images" }),
+        json!({ "token": fake.token }),
+        "dbx://Volumes/main/raw/images/",
+    )
+    .await;
 }
 
 /// User-given endpoints may not reach private or metadata addresses unless
