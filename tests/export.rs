@@ -5,9 +5,9 @@
 //! export sync through every remote backend.
 #![allow(clippy::unwrap_used)]
 
-use std::{future::Future, path::Path, time::Duration};
+use std::{future::Future, path::Path, sync::Arc, time::Duration};
 
-use labelsync::storage::BackendKind;
+use labelsync::storage::{BackendKind, Storage};
 use labelsync_tests::{
     AppOptions, TestApp,
     backends::{
@@ -119,35 +119,8 @@ async fn annotation_events_reach_local_and_s3_targets() {
     let app = spawn_app(options()).await;
     let (project, tasks) = project_with_tasks(&app, 3).await;
     let local = local_target(&app, project, "ann/", true).await;
-    let (url, key, secret) = (
-        endpoint("TEST_S3S_ENDPOINT"),
-        std::env::var("TEST_S3S_ACCESS_KEY").unwrap_or_else(|_| "labelsync-test".into()),
-        std::env::var("TEST_S3S_SECRET_KEY").unwrap_or_else(|_| "labelsync-test-secret".into()),
-    );
-    let bucket = bucket_name();
-    create_s3_bucket(&url, &key, &secret, &bucket).await;
-    let config = json!({ "bucket": bucket, "endpoint_url": url });
-    let secrets = json!({ "access_key_id": key, "secret_access_key": secret });
-    let (status, s3) = app
-        .post(
-            "/api/v1/storages",
-            json!({
-                "project_id": project, "role": "target", "backend": "s3", "prefix": "labels",
-                "can_delete_objects": false, "config": config, "secrets": secrets,
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{s3}");
-    let bucket_view = open(BackendKind::S3, config, secrets).await;
-    let s3_doc = |id: i64| {
-        let storage = bucket_view.clone();
-        async move {
-            let bytes = read_object(&*storage, &format!("labels/{id}.json"))
-                .await
-                .ok()?;
-            serde_json::from_slice::<Value>(&bytes).ok()
-        }
-    };
+    let (s3, bucket_view) = an_s3_target_that_keeps_deleted_objects(&app, project).await;
+    let s3_doc = |id: i64| read_s3_doc(bucket_view.clone(), id);
 
     // Create: both targets get the Label Studio-shaped JSON.
     let id = annotate(&app, tasks[0], "cat").await;
@@ -155,16 +128,7 @@ async fn annotation_events_reach_local_and_s3_targets() {
     eventually("the local export", || async { read_json(&file).is_some() }).await;
     eventually("the S3 export", || async { s3_doc(id).await.is_some() }).await;
     for doc in [read_json(&file).unwrap(), s3_doc(id).await.unwrap()] {
-        assert_eq!(doc["id"], id);
-        assert_eq!(label(&doc), "cat");
-        assert_eq!(doc["task"]["id"], tasks[0]);
-        assert_eq!(doc["task"]["data"]["text"], "task 0");
-        assert_eq!(doc["completed_by"]["email"], "ann@example.com");
-        assert_eq!(doc["lead_time"], 2.5);
-        assert_eq!(doc["was_cancelled"], false);
-        for field in ["created_at", "updated_at", "ground_truth"] {
-            assert!(doc.get(field).is_some(), "{field} in {doc}");
-        }
+        has_the_label_studio_shape(&doc, id, tasks[0]);
     }
 
     // Update: exported again.
@@ -205,7 +169,64 @@ async fn annotation_events_reach_local_and_s3_targets() {
         .sum();
     assert_eq!(deleted, 1, "{runs}");
 
-    // Bad input is refused, nothing written.
+    app.stop().await;
+}
+
+/// An S3 (s3s-fs) target on `labels` with `can_delete_objects` off, and a
+/// view of its bucket.
+async fn an_s3_target_that_keeps_deleted_objects(
+    app: &TestApp,
+    project: i64,
+) -> (Value, Arc<dyn Storage>) {
+    let (url, key, secret) = (
+        endpoint("TEST_S3S_ENDPOINT"),
+        std::env::var("TEST_S3S_ACCESS_KEY").unwrap_or_else(|_| "labelsync-test".into()),
+        std::env::var("TEST_S3S_SECRET_KEY").unwrap_or_else(|_| "labelsync-test-secret".into()),
+    );
+    let bucket = bucket_name();
+    create_s3_bucket(&url, &key, &secret, &bucket).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": url });
+    let secrets = json!({ "access_key_id": key, "secret_access_key": secret });
+    let (status, s3) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "target", "backend": "s3", "prefix": "labels",
+                "can_delete_objects": false, "config": config, "secrets": secrets,
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{s3}");
+    let bucket_view = open(BackendKind::S3, config, secrets).await;
+    (s3, bucket_view)
+}
+
+/// The exported document of annotation `id` in the S3 target's bucket.
+async fn read_s3_doc(bucket_view: Arc<dyn Storage>, id: i64) -> Option<Value> {
+    let bytes = read_object(&*bucket_view, &format!("labels/{id}.json"))
+        .await
+        .ok()?;
+    serde_json::from_slice::<Value>(&bytes).ok()
+}
+
+/// An exported annotation `id` of task `task` as `annotate` made it.
+fn has_the_label_studio_shape(doc: &Value, id: i64, task: i64) {
+    assert_eq!(doc["id"], id);
+    assert_eq!(label(doc), "cat");
+    assert_eq!(doc["task"]["id"], task);
+    assert_eq!(doc["task"]["data"]["text"], "task 0");
+    assert_eq!(doc["completed_by"]["email"], "ann@example.com");
+    assert_eq!(doc["lead_time"], 2.5);
+    assert_eq!(doc["was_cancelled"], false);
+    for field in ["created_at", "updated_at", "ground_truth"] {
+        assert!(doc.get(field).is_some(), "{field} in {doc}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_annotations_are_refused() {
+    let app = spawn_app(options()).await;
+    let (_, tasks) = project_with_tasks(&app, 2).await;
     let (status, err) = app
         .post(
             &format!("/api/v1/tasks/{}/annotations", tasks[1]),
@@ -227,21 +248,48 @@ async fn annotation_events_reach_local_and_s3_targets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_export_counts_skips_unchanged_and_retries_failed_uploads() {
     let app = spawn_app(options()).await;
-    let (project, tasks) = project_with_tasks(&app, 50).await;
+    let (ids, target) = fifty_annotations_then_a_local_target(&app).await;
+    let blocked = block_the_uploads_of(&app, &ids[..2]);
+    a_sync_exports_the_rest_and_records_the_blocked_uploads(&app, &target, &ids).await;
+    // The obstacle goes; the next sync exports the two and skips the rest.
+    for dir in &blocked {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+    the_next_sync_exports_the_two_and_skips_the_rest(&app, &target).await;
+    a_sync_with_nothing_changed_uploads_nothing(&app, &target, &ids).await;
+    app.stop().await;
+}
+
+/// 50 annotated tasks, then a local target on `out` (created after the
+/// annotations: only a sync exports them): (annotation ids, target).
+async fn fifty_annotations_then_a_local_target(app: &TestApp) -> (Vec<i64>, Value) {
+    let (project, tasks) = project_with_tasks(app, 50).await;
     let mut ids = Vec::new();
     for task in &tasks {
-        ids.push(annotate(&app, *task, "cat").await);
+        ids.push(annotate(app, *task, "cat").await);
     }
-    // The target is created after the annotations: only a sync exports them.
-    let target = local_target(&app, project, "out", false).await;
-    // Two uploads will fail: a directory sits where their files go.
-    let blocked: Vec<_> = ids[..2]
+    let target = local_target(app, project, "out", false).await;
+    (ids, target)
+}
+
+/// Two uploads will fail: a directory sits where their files go. Returns
+/// those directories.
+fn block_the_uploads_of(app: &TestApp, ids: &[i64]) -> Vec<std::path::PathBuf> {
+    let blocked: Vec<_> = ids
         .iter()
         .map(|id| app.doc_root.path().join(format!("export/out/{id}.json")))
         .collect();
     for dir in &blocked {
         std::fs::create_dir_all(dir.join("in-the-way")).unwrap();
     }
+    blocked
+}
+
+async fn a_sync_exports_the_rest_and_records_the_blocked_uploads(
+    app: &TestApp,
+    target: &Value,
+    ids: &[i64],
+) {
     let run = app.sync(&target["id"]).await;
     assert_eq!(run["status"], "completed_with_errors", "{run}");
     assert_eq!(
@@ -268,11 +316,9 @@ async fn sync_export_counts_skips_unchanged_and_retries_failed_uploads() {
     let mut expected: Vec<String> = ids[..2].iter().map(|id| format!("out/{id}.json")).collect();
     expected.sort();
     assert_eq!(keys, expected, "{errors}");
+}
 
-    // The obstacle goes; the next sync exports the two and skips the rest.
-    for dir in &blocked {
-        std::fs::remove_dir_all(dir).unwrap();
-    }
+async fn the_next_sync_exports_the_two_and_skips_the_rest(app: &TestApp, target: &Value) {
     let run = app.sync(&target["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(
@@ -287,8 +333,10 @@ async fn sync_export_counts_skips_unchanged_and_retries_failed_uploads() {
         .unwrap()
         .count();
     assert_eq!(files, 50);
+}
 
-    // Nothing changed: nothing uploaded (the files keep their mtimes).
+/// Nothing changed: nothing uploaded (the files keep their mtimes).
+async fn a_sync_with_nothing_changed_uploads_nothing(app: &TestApp, target: &Value, ids: &[i64]) {
     let stamp = std::fs::metadata(
         app.doc_root
             .path()
@@ -315,89 +363,124 @@ async fn sync_export_counts_skips_unchanged_and_retries_failed_uploads() {
     .modified()
     .unwrap();
     assert_eq!(stamp, after);
-    app.stop().await;
 }
 
-/// An export through every remote backend: each target gets the objects.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn export_sync_through_each_backend() {
+/// An export through every remote backend, one test each: each target gets
+/// the objects.
+async fn export_sync_end_to_end(backend: &str, config: Value, secrets: Value) {
     let app = spawn_app(options()).await;
     let (project, tasks) = project_with_tasks(&app, 3).await;
     let mut ids = Vec::new();
     for task in &tasks {
         ids.push(annotate(&app, *task, "cat").await);
     }
-    let gcs_url = endpoint("TEST_GCS_ENDPOINT");
-    let gcs_bucket = bucket_name();
-    create_gcs_bucket(&gcs_url, &gcs_bucket).await;
-    let azure_url = endpoint("TEST_AZURITE_ENDPOINT");
-    let container = bucket_name();
-    create_azure_container(&azure_url, &container).await;
+    let target = a_validated_target(&app, project, backend, &config, &secrets).await;
+    let run = app.sync(&target["id"]).await;
+    assert_eq!(run["status"], "completed", "{backend}: {run}");
+    assert_eq!(run["counters"]["exported"], 3, "{backend}: {run}");
+    let storage = open(BackendKind::parse(backend).unwrap(), config, secrets).await;
+    for id in &ids {
+        let bytes = read_object(&*storage, &format!("exports/{id}.json"))
+            .await
+            .unwrap_or_else(|e| panic!("{backend}: {e}"));
+        let doc: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            (doc["id"].as_i64(), label(&doc)),
+            (Some(*id), "cat"),
+            "{backend}"
+        );
+    }
+    app.stop().await;
+}
+
+/// A target on `exports/` whose validation (the write check) passes.
+async fn a_validated_target(
+    app: &TestApp,
+    project: i64,
+    backend: &str,
+    config: &Value,
+    secrets: &Value,
+) -> Value {
+    let (status, target) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "target", "backend": backend, "prefix": "exports/",
+                "config": config, "secrets": secrets,
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{backend}: {target}");
+    let (status, validated) = app
+        .post(
+            &format!("/api/v1/storages/{}/validate", target["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        status, 200,
+        "{backend}: the target write check: {validated}"
+    );
+    target
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_sync_through_s3() {
     let moto = endpoint("TEST_S3_ENDPOINT");
     let s3_bucket = bucket_name();
     create_s3_bucket(&moto, "test", "test", &s3_bucket).await;
+    export_sync_end_to_end(
+        "s3",
+        json!({ "bucket": s3_bucket, "endpoint_url": moto }),
+        json!({ "access_key_id": "t", "secret_access_key": "t" }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_sync_through_gcs() {
+    let gcs_url = endpoint("TEST_GCS_ENDPOINT");
+    let gcs_bucket = bucket_name();
+    create_gcs_bucket(&gcs_url, &gcs_bucket).await;
+    export_sync_end_to_end(
+        "gcs",
+        json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url }),
+        json!({}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_sync_through_azure() {
+    let azure_url = endpoint("TEST_AZURITE_ENDPOINT");
+    let container = bucket_name();
+    create_azure_container(&azure_url, &container).await;
+    export_sync_end_to_end(
+        "azure",
+        json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url }),
+        json!({ "account_key": AZURITE_KEY }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_sync_through_redis() {
     let redis = reqwest::Url::parse(&labelsync_tests::require_redis().await).unwrap();
+    export_sync_end_to_end(
+        "redis",
+        json!({ "host": redis.host_str().unwrap(), "port": redis.port().unwrap_or(6379), "path": format!("{}:", bucket_name()) }),
+        json!({}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_sync_through_databricks() {
     let fake = DatabricksFake::start().await;
-    let cases: Vec<(&str, Value, Value)> = vec![
-        (
-            "s3",
-            json!({ "bucket": s3_bucket, "endpoint_url": moto }),
-            json!({ "access_key_id": "t", "secret_access_key": "t" }),
-        ),
-        (
-            "gcs",
-            json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url }),
-            json!({}),
-        ),
-        (
-            "azure",
-            json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url }),
-            json!({ "account_key": AZURITE_KEY }),
-        ),
-        (
-            "redis",
-            json!({ "host": redis.host_str().unwrap(), "port": redis.port().unwrap_or(6379), "path": format!("{}:", bucket_name()) }),
-            json!({}),
-        ),
-        (
-            "databricks",
-            json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "labels" }),
-            json!({ "token": fake.token }),
-        ),
-    ];
-    for (backend, config, secrets) in cases {
-        let (status, target) = app
-            .post("/api/v1/storages", json!({
-                "project_id": project, "role": "target", "backend": backend, "prefix": "exports/",
-                "config": config, "secrets": secrets,
-            }))
-            .await;
-        assert_eq!(status, 201, "{backend}: {target}");
-        let (status, validated) = app
-            .post(
-                &format!("/api/v1/storages/{}/validate", target["id"]),
-                json!({}),
-            )
-            .await;
-        assert_eq!(
-            status, 200,
-            "{backend}: the target write check: {validated}"
-        );
-        let run = app.sync(&target["id"]).await;
-        assert_eq!(run["status"], "completed", "{backend}: {run}");
-        assert_eq!(run["counters"]["exported"], 3, "{backend}: {run}");
-        let storage = open(BackendKind::parse(backend).unwrap(), config, secrets).await;
-        for id in &ids {
-            let bytes = read_object(&*storage, &format!("exports/{id}.json"))
-                .await
-                .unwrap_or_else(|e| panic!("{backend}: {e}"));
-            let doc: Value = serde_json::from_slice(&bytes).unwrap();
-            assert_eq!(
-                (doc["id"].as_i64(), label(&doc)),
-                (Some(*id), "cat"),
-                "{backend}"
-            );
-        }
-    }
-    app.stop().await;
+    export_sync_end_to_end(
+        "databricks",
+        json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "labels" }),
+        json!({ "token": fake.token }),
+    )
+    .await;
 }
