@@ -87,35 +87,49 @@ fn pattern() -> Vec<u8> {
     (0..SIZE).map(|i| (i % 251) as u8).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presigned_redirects_fetch_the_bytes_and_expire() {
-    let app = spawn_app(options(false)).await;
-    let project = app.project("media").await;
+/// A bucket on s3s-fs (which checks signatures and expiry) and a source of
+/// `project` on it: (bucket, config, secrets).
+async fn an_s3s_bucket_and_source(
+    app: &TestApp,
+    project: i64,
+    presign: bool,
+    ttl: i64,
+) -> (String, Value, Value) {
     let (s3_url, s3_secrets) = s3s();
-    let s3_bucket = bucket_name();
+    let bucket = bucket_name();
     let (k, s) = (
         s3_secrets["access_key_id"].as_str().unwrap(),
         s3_secrets["secret_access_key"].as_str().unwrap(),
     );
-    create_s3_bucket(&s3_url, k, s, &s3_bucket).await;
-    let s3_config = json!({ "bucket": s3_bucket, "endpoint_url": s3_url });
+    create_s3_bucket(&s3_url, k, s, &bucket).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": s3_url });
     source(
-        &app,
+        app,
         project,
         "s3",
-        s3_config.clone(),
+        config.clone(),
         s3_secrets.clone(),
-        true,
-        2,
+        presign,
+        ttl,
     )
     .await;
+    (bucket, config, s3_secrets)
+}
+
+const CAT: &[u8] = b"the pixels of a cat";
+
+/// Presigning sources of `project` with a 2 s TTL on s3s-fs, Azurite and
+/// fake-gcs-server, each holding `img/cat.jpg`: the S3 and Azure URIs (which
+/// redirect) and the GCS URI (no signer: proxied).
+async fn presigning_sources_holding_a_cat(app: &TestApp, project: i64) -> ([String; 2], String) {
+    let (s3_bucket, s3_config, s3_secrets) = an_s3s_bucket_and_source(app, project, true, 2).await;
     let azure_url = endpoint("TEST_AZURITE_ENDPOINT");
     let container = bucket_name();
     create_azure_container(&azure_url, &container).await;
     let azure_config = json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url });
     let azure_secrets = json!({ "account_key": AZURITE_KEY });
     source(
-        &app,
+        app,
         project,
         "azure",
         azure_config.clone(),
@@ -128,9 +142,7 @@ async fn presigned_redirects_fetch_the_bytes_and_expire() {
     let gcs_bucket = bucket_name();
     create_gcs_bucket(&gcs_url, &gcs_bucket).await;
     let gcs_config = json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url });
-    source(&app, project, "gcs", gcs_config.clone(), json!({}), true, 2).await;
-
-    let body = Bytes::from_static(b"the pixels of a cat");
+    source(app, project, "gcs", gcs_config.clone(), json!({}), true, 2).await;
     for (kind, config, secrets) in [
         (BackendKind::S3, &s3_config, &s3_secrets),
         (BackendKind::Azure, &azure_config, &azure_secrets),
@@ -138,32 +150,50 @@ async fn presigned_redirects_fetch_the_bytes_and_expire() {
     ] {
         open(kind, config.clone(), secrets.clone())
             .await
-            .put("img/cat.jpg", body.clone(), Some("image/jpeg"))
+            .put("img/cat.jpg", Bytes::from_static(CAT), Some("image/jpeg"))
             .await
             .unwrap();
     }
+    (
+        [
+            format!("s3://{s3_bucket}/img/cat.jpg"),
+            format!("azure-blob://{container}/img/cat.jpg"),
+        ],
+        format!("gs://{gcs_bucket}/img/cat.jpg"),
+    )
+}
+
+/// `uri` resolves to an uncached redirect whose URL serves the bytes; returns
+/// that URL.
+async fn redirects_to_a_url_serving_the_bytes(
+    app: &TestApp,
+    project: i64,
+    uri: &str,
+    body: &Bytes,
+) -> String {
+    let resp = resolve(app, project, uri, &[]).await;
+    assert_eq!(resp.status(), 303, "{uri}");
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let fetched = reqwest::get(&location).await.unwrap();
+    assert_eq!(fetched.status(), 200, "{uri}: {location}");
+    assert_eq!(fetched.bytes().await.unwrap(), body, "{uri}");
+    location
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presigned_redirects_fetch_the_bytes_and_expire() {
+    let app = spawn_app(options(false)).await;
+    let project = app.project("media").await;
+    let (signing, gcs_uri) = presigning_sources_holding_a_cat(&app, project).await;
+    let body = Bytes::from_static(CAT);
     let mut signed = Vec::new();
-    for uri in [
-        format!("s3://{s3_bucket}/img/cat.jpg"),
-        format!("azure-blob://{container}/img/cat.jpg"),
-    ] {
-        let resp = resolve(&app, project, &uri, &[]).await;
-        assert_eq!(resp.status(), 303, "{uri}");
-        assert_eq!(resp.headers()["cache-control"], "no-store");
-        let location = resp.headers()["location"].to_str().unwrap().to_owned();
-        let fetched = reqwest::get(&location).await.unwrap();
-        assert_eq!(fetched.status(), 200, "{uri}: {location}");
-        assert_eq!(fetched.bytes().await.unwrap(), body, "{uri}");
+    for uri in signing {
+        let location = redirects_to_a_url_serving_the_bytes(&app, project, &uri, &body).await;
         signed.push((uri, location));
     }
     // fake-gcs-server storages have no signer (no key): proxied instead.
-    let resp = resolve(
-        &app,
-        project,
-        &format!("gs://{gcs_bucket}/img/cat.jpg"),
-        &[],
-    )
-    .await;
+    let resp = resolve(&app, project, &gcs_uri, &[]).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap(), body);
 
@@ -179,17 +209,16 @@ async fn presigned_redirects_fetch_the_bytes_and_expire() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_serves_ranges_of_a_20_mb_object() {
-    let app = spawn_app(options(true)).await;
-    let project = app.project("ranges").await;
+/// The 20 MB pattern as a local file under `media/` and as an object on an
+/// s3s-fs source with presign off (proxied too): the pattern and the two
+/// URIs.
+async fn a_20_mb_object_on_local_and_s3(app: &TestApp, project: i64) -> (Vec<u8>, [String; 2]) {
     let data = pattern();
-    // Local: a file under the document root.
     let dir = app.doc_root.path().join("media");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("big.bin"), &data).unwrap();
     source(
-        &app,
+        app,
         project,
         "local",
         json!({ "path": "media" }),
@@ -198,82 +227,91 @@ async fn proxy_serves_ranges_of_a_20_mb_object() {
         900,
     )
     .await;
-    // S3 with presign off: proxied too.
-    let (s3_url, s3_secrets) = s3s();
-    let bucket = bucket_name();
-    let (k, s) = (
-        s3_secrets["access_key_id"].as_str().unwrap(),
-        s3_secrets["secret_access_key"].as_str().unwrap(),
-    );
-    create_s3_bucket(&s3_url, k, s, &bucket).await;
-    let config = json!({ "bucket": bucket, "endpoint_url": s3_url });
-    source(
-        &app,
-        project,
-        "s3",
-        config.clone(),
-        s3_secrets.clone(),
-        false,
-        900,
-    )
-    .await;
+    let (bucket, config, s3_secrets) = an_s3s_bucket_and_source(app, project, false, 900).await;
     open(BackendKind::S3, config, s3_secrets)
         .await
         .put("big.bin", Bytes::from(data.clone()), None)
         .await
         .unwrap();
+    (
+        data,
+        [
+            "/data/local-files/?d=media/big.bin".to_owned(),
+            format!("s3://{bucket}/big.bin"),
+        ],
+    )
+}
 
+/// Ranges from the start, the middle and the end, and an open-ended one past
+/// the maximum, each a 206 with its bytes.
+async fn ranges_are_served_with_their_bytes(app: &TestApp, project: i64, uri: &str, data: &[u8]) {
     let max = 8 << 20;
     let total = SIZE as u64;
-    for uri in [
-        "/data/local-files/?d=media/big.bin".to_owned(),
-        format!("s3://{bucket}/big.bin"),
-    ] {
-        let cases: [(&str, u64, u64); 4] = [
-            ("bytes=0-99", 0, 99),
-            ("bytes=10000000-10000099", 10_000_000, 10_000_099),
-            ("bytes=-100", total - 100, total - 1),
-            // Open-ended past the maximum: shortened, and said so.
-            ("bytes=100-", 100, 100 + max - 1),
-        ];
-        for (range, start, end) in cases {
-            let resp = resolve(&app, project, &uri, &[("range", range)]).await;
-            assert_eq!(resp.status(), 206, "{uri} {range}");
-            assert_eq!(
-                resp.headers()["content-range"],
-                format!("bytes {start}-{end}/{total}").as_str(),
-                "{uri} {range}"
-            );
-            assert_eq!(resp.headers()["accept-ranges"], "bytes");
-            let got = resp.bytes().await.unwrap();
-            assert_eq!(
-                got.as_ref(),
-                &data[start as usize..=end as usize],
-                "{uri} {range}"
-            );
-        }
-        let resp = resolve(&app, project, &uri, &[("range", "bytes=30000000-")]).await;
-        assert_eq!(resp.status(), 416, "{uri}");
+    let cases: [(&str, u64, u64); 4] = [
+        ("bytes=0-99", 0, 99),
+        ("bytes=10000000-10000099", 10_000_000, 10_000_099),
+        ("bytes=-100", total - 100, total - 1),
+        // Open-ended past the maximum: shortened, and said so.
+        ("bytes=100-", 100, 100 + max - 1),
+    ];
+    for (range, start, end) in cases {
+        let resp = resolve(app, project, uri, &[("range", range)]).await;
+        assert_eq!(resp.status(), 206, "{uri} {range}");
         assert_eq!(
-            resp.headers()
-                .get("content-range")
-                .and_then(|v| v.to_str().ok()),
-            Some(format!("bytes */{total}").as_str()),
-            "{uri}"
+            resp.headers()["content-range"],
+            format!("bytes {start}-{end}/{total}").as_str(),
+            "{uri} {range}"
         );
+        assert_eq!(resp.headers()["accept-ranges"], "bytes");
+        let got = resp.bytes().await.unwrap();
+        assert_eq!(
+            got.as_ref(),
+            &data[start as usize..=end as usize],
+            "{uri} {range}"
+        );
+    }
+}
 
-        let whole = resolve(&app, project, &uri, &[]).await;
-        assert_eq!(whole.status(), 200, "{uri}");
-        let etag = whole.headers()["etag"].to_str().unwrap().to_owned();
-        assert_eq!(whole.headers()["content-length"], SIZE.to_string().as_str());
-        assert_eq!(
-            whole.bytes().await.unwrap().as_ref(),
-            data.as_slice(),
-            "{uri}"
-        );
-        let cached = resolve(&app, project, &uri, &[("if-none-match", &etag)]).await;
-        assert_eq!(cached.status(), 304, "{uri}");
-        assert!(cached.bytes().await.unwrap().is_empty());
+async fn a_range_past_the_end_is_416(app: &TestApp, project: i64, uri: &str) {
+    let total = SIZE as u64;
+    let resp = resolve(app, project, uri, &[("range", "bytes=30000000-")]).await;
+    assert_eq!(resp.status(), 416, "{uri}");
+    assert_eq!(
+        resp.headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok()),
+        Some(format!("bytes */{total}").as_str()),
+        "{uri}"
+    );
+}
+
+/// The whole object is served with an ETag, and `If-None-Match` with it gets
+/// a 304.
+async fn the_whole_object_is_served_and_cached_by_etag(
+    app: &TestApp,
+    project: i64,
+    uri: &str,
+    data: &[u8],
+) {
+    let whole = resolve(app, project, uri, &[]).await;
+    assert_eq!(whole.status(), 200, "{uri}");
+    let etag = whole.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(whole.headers()["content-length"], SIZE.to_string().as_str());
+    assert_eq!(whole.bytes().await.unwrap().as_ref(), data, "{uri}");
+    let cached = resolve(app, project, uri, &[("if-none-match", &etag)]).await;
+    assert_eq!(cached.status(), 304, "{uri}");
+    assert!(cached.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_serves_ranges_of_a_20_mb_object() {
+    let app = spawn_app(options(true)).await;
+    let project = app.project("ranges").await;
+    let (data, uris) = a_20_mb_object_on_local_and_s3(&app, project).await;
+    for uri in uris {
+        ranges_are_served_with_their_bytes(&app, project, &uri, &data).await;
+        a_range_past_the_end_is_416(&app, project, &uri).await;
+        the_whole_object_is_served_and_cached_by_etag(&app, project, &uri, &data).await;
     }
     app.stop().await;
 }
