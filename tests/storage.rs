@@ -84,8 +84,19 @@ enum Presign {
 
 /// The conformance suite every backend passes.
 async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
+    pages_of_2500_objects_list_every_key_once_in_order(storage.clone()).await;
+    prefixes_and_recursion_choose_the_keys_listed(storage.clone()).await;
+    range_reads_return_their_bytes(storage.clone()).await;
+    overwrite_delete_and_delete_again(storage.clone()).await;
+    presigned_urls_serve_the_bytes(storage.clone(), presign).await;
+    the_write_check_removes_its_probe(storage.clone()).await;
+    keys_never_leave_the_bucket(storage).await;
+}
+
+/// 2,500 objects, listed in pages of 1,000, each key once and in order, with
+/// its size; and the listing resumes after a key.
+async fn pages_of_2500_objects_list_every_key_once_in_order(storage: Arc<dyn Storage>) {
     let kind = storage.kind();
-    // 2,500 objects, listed in pages of 1,000.
     let many: Vec<String> = (0..2500).map(|i| format!("many/{i:05}.txt")).collect();
     futures::stream::iter(many.clone())
         .map(|key| {
@@ -114,8 +125,11 @@ async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
     // Resume after a key.
     let rest = names(&keys(&*storage, "many/", true, Some("many/01999.txt")).await);
     assert_eq!(rest, many[2000..], "{kind}: start_after");
+}
 
-    // Prefixes, recursion, unicode and spaces.
+/// Prefixes, recursion, unicode and spaces.
+async fn prefixes_and_recursion_choose_the_keys_listed(storage: Arc<dyn Storage>) {
+    let kind = storage.kind();
     for key in [
         "tree/a.json",
         "tree/sub/b.json",
@@ -159,8 +173,12 @@ async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
             .iter()
             .all(|p| p.objects.is_empty())
     );
+}
 
-    // Range reads.
+/// Range reads of `range.bin` (bytes 0 to 255), whole and in parts, and a
+/// read of a unicode key.
+async fn range_reads_return_their_bytes(storage: Arc<dyn Storage>) {
+    let kind = storage.kind();
     let bytes: Vec<u8> = (0..=255).collect();
     storage
         .put(
@@ -200,8 +218,12 @@ async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
     );
     let (text, _) = read(&*storage, "tree/sp ace ü.txt", None).await;
     assert_eq!(text, b"{}", "{kind}: unicode key");
+}
 
-    // Overwrite, delete, delete again.
+/// Overwrite, delete, delete again (`treetop.txt`, written by
+/// [`prefixes_and_recursion_choose_the_keys_listed`]).
+async fn overwrite_delete_and_delete_again(storage: Arc<dyn Storage>) {
+    let kind = storage.kind();
     storage
         .put("treetop.txt", Bytes::from_static(b"v2"), None)
         .await
@@ -224,8 +246,12 @@ async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
         names(&keys(&*storage, "treetop", true, None).await).is_empty(),
         "{kind}: deleted"
     );
+}
 
-    // Presign: fetch the URL and compare bytes.
+/// Presign: fetch the URL of `range.bin` and compare bytes.
+async fn presigned_urls_serve_the_bytes(storage: Arc<dyn Storage>, presign: Presign) {
+    let kind = storage.kind();
+    let bytes: Vec<u8> = (0..=255).collect();
     let url = storage
         .presign("range.bin", Duration::from_secs(300))
         .await
@@ -243,8 +269,11 @@ async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
         (Presign::Proxied, None) => {}
         (_, url) => panic!("{kind}: unexpected presign result {url:?}"),
     }
+}
 
-    // The write check a target's validate runs.
+/// The write check a target's validate runs.
+async fn the_write_check_removes_its_probe(storage: Arc<dyn Storage>) {
+    let kind = storage.kind();
     storage
         .check(Role::Target, "checks/")
         .await
@@ -257,10 +286,13 @@ async fn conformance(storage: Arc<dyn Storage>, presign: Presign) {
             .all(|p| p.objects.is_empty()),
         "{kind}: probe removed"
     );
+}
 
-    // Keys never leave the bucket, container or volume: `..` and `.`
-    // segments (plain or percent-encoded) and NULs are refused before any
-    // request (#14).
+/// Keys never leave the bucket, container or volume: `..` and `.`
+/// segments (plain or percent-encoded) and NULs are refused before any
+/// request (#14).
+async fn keys_never_leave_the_bucket(storage: Arc<dyn Storage>) {
+    let kind = storage.kind();
     for key in [
         "../outside.txt",
         "tree/../../outside.txt",
