@@ -774,6 +774,7 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
         .wait_run(&run_id, std::time::Duration::from_secs(180))
         .await;
     let peak = peak_rss(worker.0.id());
+    eprintln!("worker peak RSS: {} MB", peak >> 20);
     assert_eq!(run["status"], "completed_with_errors", "{run}");
     // The line after each of the nine giant lines; each giant line and bomb.
     assert_eq!(run["counters"]["created"], 9, "{run}");
