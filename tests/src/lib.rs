@@ -1,7 +1,8 @@
 //! # Layout
 //! Helpers shared by every integration test binary of `tests/` (`api.rs`,
 //! `import.rs`, `export.rs`, `resolve.rs`, `storage.rs`, `fleet.rs`,
-//! `faults.rs`, `migrations.rs`, `deploy.rs`) and the bench examples:
+//! `telemetry.rs`, `faults.rs`, `migrations.rs`, `deploy.rs`) and the bench
+//! examples:
 //!
 //! - this module: a fresh Postgres database ([`fresh_postgres`]) and a fresh
 //!   Redis queue namespace per test, settings from a map ([`settings`]), an
