@@ -527,15 +527,47 @@ async fn postgres_restarted_mid_run_the_run_completes() {
 async fn a_planted_secret_appears_in_no_response_log_or_row() {
     const PLANTED: &str = "PLANTED-s3cr3t-9f8e7d";
     let dir = tempfile::tempdir().unwrap();
+    let (mut server, base) = debug_logging_server(dir.path()).await;
+    let mut api = RecordingClient {
+        client: reqwest::Client::new(),
+        base,
+        seen: String::new(),
+    };
+    let id = planted_storage(&mut api, PLANTED).await;
+    let run = sync_to_its_end(&mut api, &id).await;
+    assert_eq!(
+        run["status"], "failed",
+        "the wrong key fails the sync: {run}"
+    );
+    let run_id = run["id"].as_str().unwrap();
+    api.call(
+        reqwest::Method::GET,
+        &format!("/api/v1/runs/{run_id}/errors"),
+        Value::Null,
+    )
+    .await;
+    let _ = server.kill();
+    let _ = server.wait();
+
+    assert!(!api.seen.contains(PLANTED), "a response carried the secret");
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains("DEBUG"), "debug logging was on");
+    assert!(!log.contains(PLANTED), "the log carried the secret");
+    assert_database_files_lack(dir.path(), PLANTED);
+}
+
+/// `labelsync-scheduler serve` in `dir` (SQLite there), logging at debug
+/// level to `dir/server.log`; returns it and its base URL once it answers.
+async fn debug_logging_server(dir: &std::path::Path) -> (Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-    let mut server = Command::new(labelsync_tests::binary("labelsync-scheduler"))
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    let server = Command::new(labelsync_tests::binary("labelsync-scheduler"))
         .arg("serve")
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("LABELSYNC_BIND", format!("127.0.0.1:{port}"))
@@ -554,101 +586,99 @@ async fn a_planted_secret_appears_in_no_response_log_or_row() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut seen = String::new();
-    let mut call = async |method: reqwest::Method, path: &str, body: Value| -> Value {
-        let resp = client
-            .request(method, format!("{base}{path}"))
+    (server, base)
+}
+
+/// An API client that keeps every response body it read, to search them.
+struct RecordingClient {
+    client: reqwest::Client,
+    base: String,
+    seen: String,
+}
+
+impl RecordingClient {
+    async fn call(&mut self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let resp = self
+            .client
+            .request(method, format!("{}{path}", self.base))
             .json(&body)
             .send()
             .await
             .unwrap();
         let text = resp.text().await.unwrap();
-        seen.push_str(&text);
+        self.seen.push_str(&text);
         serde_json::from_str(&text).unwrap_or(Value::Null)
-    };
-    let s3 = endpoint("TEST_S3S_ENDPOINT");
-    let project = call(
-        reqwest::Method::POST,
-        "/api/v1/projects",
-        json!({ "title": "p", "data_key": "image" }),
-    )
-    .await;
+    }
+}
+
+/// Validates, creates, reads and renames an S3 storage whose secret key is
+/// `planted` (a wrong one); returns its id.
+async fn planted_storage(api: &mut RecordingClient, planted: &str) -> Value {
+    use reqwest::Method;
+    let project = api
+        .call(
+            Method::POST,
+            "/api/v1/projects",
+            json!({ "title": "p", "data_key": "image" }),
+        )
+        .await;
     let body = json!({
         "project_id": project["id"], "role": "source", "backend": "s3",
-        "config": { "bucket": bucket_name(), "endpoint_url": s3 },
-        "secrets": { "access_key_id": "labelsync-test", "secret_access_key": PLANTED },
+        "config": { "bucket": bucket_name(), "endpoint_url": endpoint("TEST_S3S_ENDPOINT") },
+        "secrets": { "access_key_id": "labelsync-test", "secret_access_key": planted },
     });
-    let validated = call(
-        reqwest::Method::POST,
-        "/api/v1/storages/validate",
-        body.clone(),
-    )
-    .await;
+    let validated = api
+        .call(Method::POST, "/api/v1/storages/validate", body.clone())
+        .await;
     assert_eq!(validated["error"]["code"], "bad_credentials", "{validated}");
-    let storage = call(reqwest::Method::POST, "/api/v1/storages", body).await;
+    let storage = api.call(Method::POST, "/api/v1/storages", body).await;
     let id = storage["id"].clone();
     assert_eq!(
         storage["secrets_set"],
         json!(["access_key_id", "secret_access_key"]),
         "{storage}"
     );
-    call(
-        reqwest::Method::GET,
-        &format!("/api/v1/storages/{id}"),
-        Value::Null,
-    )
-    .await;
-    call(
-        reqwest::Method::PATCH,
+    api.call(Method::GET, &format!("/api/v1/storages/{id}"), Value::Null)
+        .await;
+    api.call(
+        Method::PATCH,
         &format!("/api/v1/storages/{id}"),
         json!({ "title": "renamed" }),
     )
     .await;
-    let started = call(
-        reqwest::Method::POST,
-        &format!("/api/v1/storages/{id}/sync"),
-        json!({}),
-    )
-    .await;
+    id
+}
+
+/// Starts a sync of storage `id` and polls its run until it ends (20 s at most).
+async fn sync_to_its_end(api: &mut RecordingClient, id: &Value) -> Value {
+    let path = format!("/api/v1/storages/{id}/sync");
+    let started = api.call(reqwest::Method::POST, &path, json!({})).await;
     let run_id = started["run"]["id"].as_str().unwrap().to_owned();
     let mut run = Value::Null;
     for _ in 0..200 {
-        run = call(
-            reqwest::Method::GET,
-            &format!("/api/v1/runs/{run_id}"),
-            Value::Null,
-        )
-        .await;
+        run = api
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/v1/runs/{run_id}"),
+                Value::Null,
+            )
+            .await;
         if run["status"] != "queued" && run["status"] != "running" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        run["status"], "failed",
-        "the wrong key fails the sync: {run}"
-    );
-    call(
-        reqwest::Method::GET,
-        &format!("/api/v1/runs/{run_id}/errors"),
-        Value::Null,
-    )
-    .await;
-    let _ = server.kill();
-    let _ = server.wait();
+    run
+}
 
-    assert!(!seen.contains(PLANTED), "a response carried the secret");
-    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
-    assert!(log.contains("DEBUG"), "debug logging was on");
-    assert!(!log.contains(PLANTED), "the log carried the secret");
-    // The SQLite file and its write-ahead log (recent writes live there).
+/// The SQLite file and its write-ahead log (recent writes live there) do not
+/// hold `secret` in clear; at least one of them exists.
+fn assert_database_files_lack(dir: &std::path::Path, secret: &str) {
     let mut files = 0;
     for name in ["labelsync.db", "labelsync.db-wal"] {
-        if let Ok(bytes) = std::fs::read(dir.path().join(name)) {
+        if let Ok(bytes) = std::fs::read(dir.join(name)) {
             files += 1;
-            let found = bytes
-                .windows(PLANTED.len())
-                .any(|w| w == PLANTED.as_bytes());
+            let found = bytes.windows(secret.len()).any(|w| w == secret.as_bytes());
             assert!(!found, "{name} holds the secret in clear");
         }
     }

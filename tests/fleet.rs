@@ -67,24 +67,41 @@ async fn kill_mid_sync(
         // The next worker takes the run over once the dead one's lease is
         // stale; kill it too as soon as it has committed more.
         let before = at_kill["counters"]["created"].as_i64().unwrap_or(0);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
-            let now = run["counters"]["created"].as_i64().unwrap_or(0);
-            assert!(
-                now < expected && run["status"] == "running",
-                "the sync finished before kill {}; make it bigger: {run}",
-                kill + 1
-            );
-            if now > before {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no worker took over: {run}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_more_tasks(&app, &run_id, before, expected, kill + 1).await;
     }
-
     let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
+    assert_resumed_with_every_task_once(&app, &run, objects, expected, &at_kill).await;
+    app.stop().await;
+}
+
+/// Waits until the run has committed more than `before` tasks, failing if
+/// it finishes first (kill number `kill` would come too late).
+async fn wait_for_more_tasks(app: &TestApp, run_id: &str, before: i64, expected: i64, kill: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+        let now = run["counters"]["created"].as_i64().unwrap_or(0);
+        assert!(
+            now < expected && run["status"] == "running",
+            "the sync finished before kill {kill}; make it bigger: {run}"
+        );
+        if now > before {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no worker took over: {run}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The run completed, resumed (not restarted) after the kills, with every
+/// expected task exactly once and linked.
+async fn assert_resumed_with_every_task_once(
+    app: &TestApp,
+    run: &Value,
+    objects: i64,
+    expected: i64,
+    at_kill: &Value,
+) {
     assert_eq!(run["status"], "completed", "{run}");
     // (In Tasks mode the second victim may have been running fan-out batches
     // rather than the run itself, so only one resumption is certain.)
@@ -116,7 +133,6 @@ async fn kill_mid_sync(
         0,
         "every task has its link"
     );
-    app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
