@@ -263,50 +263,6 @@ async fn second_sync_while_one_is_live_returns_it() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recursion_off_and_prefix_limit_what_is_imported() {
-    let app = spawn_app(AppOptions::default()).await;
-    let data = app.doc_root.path().join("data");
-    write_files(&data, 1500, "jpg");
-    for name in ["a.jpg", "b.jpg"] {
-        std::fs::write(data.join(name), b"x").expect("write");
-    }
-    let project = app.project("p").await;
-    let mut flat = local_source(project, "data");
-    flat["recursive"] = json!(false);
-    let (_, flat) = app.post("/api/v1/storages", flat).await;
-    let mut prefixed = local_source(project, "data");
-    prefixed["prefix"] = json!("part-001");
-    prefixed["title"] = json!("second part");
-    let (_, prefixed) = app.post("/api/v1/storages", prefixed).await;
-
-    for (storage, expected) in [(&flat, 2), (&prefixed, 500)] {
-        let (_, started) = app
-            .post(
-                &format!("/api/v1/storages/{}/sync", storage["id"]),
-                json!({}),
-            )
-            .await;
-        let run = app
-            .wait_run(started["run"]["id"].as_str().expect("id"), RUN_TIMEOUT)
-            .await;
-        assert_eq!(run["status"], "completed", "{run}");
-        assert_eq!(run["counters"]["created"], expected, "{run}");
-    }
-    let tasks = app.all_tasks(project).await;
-    assert_eq!(tasks.len(), 502);
-    assert!(
-        tasks
-            .iter()
-            .filter(|t| t["source"]["storage_id"] == prefixed["id"])
-            .all(|t| t["source"]["key"]
-                .as_str()
-                .expect("key")
-                .starts_with("part-001/"))
-    );
-    app.stop().await;
-}
-
 /// An app with one project and its `data` folder, and a valid local source
 /// body for that project: the starting point the bad-input tests change one
 /// field of.

@@ -905,3 +905,42 @@ async fn an_unreadable_local_directory_is_one_object_error() {
     );
     app.stop().await;
 }
+
+/// A non-recursive storage imports only the top level; a prefix limits the
+/// import to the keys under it (Files mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recursion_off_and_prefix_limit_what_is_imported() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    labelsync_tests::write_files(&data, 1500, "jpg");
+    for name in ["a.jpg", "b.jpg"] {
+        std::fs::write(data.join(name), b"x").expect("write");
+    }
+    let project = app.project("p").await;
+    let flat = app
+        .local_storage(project, json!({ "recursive": false }))
+        .await;
+    let prefixed = app
+        .local_storage(
+            project,
+            json!({ "prefix": "part-001", "title": "second part" }),
+        )
+        .await;
+    for (storage, expected) in [(&flat, 2), (&prefixed, 500)] {
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(run["counters"]["created"], expected, "{run}");
+    }
+    let tasks = app.all_tasks(project).await;
+    assert_eq!(tasks.len(), 502);
+    assert!(
+        tasks
+            .iter()
+            .filter(|t| t["source"]["storage_id"] == prefixed["id"])
+            .all(|t| t["source"]["key"]
+                .as_str()
+                .expect("key")
+                .starts_with("part-001/"))
+    );
+    app.stop().await;
+}
