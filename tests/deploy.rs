@@ -377,153 +377,189 @@ fn workloads_are_wired_and_locked_down() {
         let job = find(&docs, "Job", "labelsync-migrate");
         let mut images = BTreeSet::new();
         for workload in [scheduler, worker, job] {
-            let what = format!("{overlay}: {}/{}", kind(workload), name(workload));
-            let pod = pod_spec(workload);
-            assert_eq!(pod["serviceAccountName"], "labelsync", "{what}");
-            let sc = &pod["securityContext"];
-            assert_eq!(sc["runAsNonRoot"], true, "{what}");
-            assert_eq!(sc["runAsUser"], uid, "{what}: the Dockerfile's uid");
-            assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{what}");
-            for c in containers(workload) {
-                let csc = &c["securityContext"];
-                assert_eq!(csc["readOnlyRootFilesystem"], true, "{what}");
-                assert_eq!(csc["allowPrivilegeEscalation"], false, "{what}");
-                assert_eq!(csc["capabilities"]["drop"], json!(["ALL"]), "{what}");
-                for part in ["requests", "limits"] {
-                    assert!(
-                        c["resources"][part]["memory"].is_string(),
-                        "{what}: memory {part}"
-                    );
-                }
-                assert!(c["resources"]["requests"]["cpu"].is_string(), "{what}");
-                let image = c["image"].as_str().unwrap();
-                assert!(
-                    image.contains('/') && image.contains(':'),
-                    "{what}: the overlay sets a registry and a tag: {image}"
-                );
-                images.insert(image.to_owned());
-                // Every secret comes from labelsync-secrets, under its own name.
-                for var in c["env"].as_array().into_iter().flatten() {
-                    let r = &var["valueFrom"]["secretKeyRef"];
-                    if r.is_object() {
-                        assert_eq!(r["name"], "labelsync-secrets", "{what}");
-                        assert_eq!(r["key"], var["name"], "{what}");
-                        assert!(r.get("optional").is_none(), "{what}: required");
-                    }
-                }
-            }
+            check_workload_locked_down(overlay, workload, uid, &mut images);
         }
         assert_eq!(images.len(), 1, "{overlay}: one image for all: {images:?}");
-
-        let secret = |c: &Value, key: &str| {
-            assert!(
-                matches!(env(c, key), Some(Env::Secret(ref s, ref k)) if s == "labelsync-secrets" && k == key),
-                "{overlay}: {key} comes from the Secret labelsync-secrets"
-            );
-        };
-
-        // Scheduler: 2 replicas, the API on 8080, migrations left to the Job.
-        let s = &containers(scheduler)[0];
-        assert_eq!(scheduler["spec"]["replicas"], 2, "{overlay}");
-        assert_eq!(s["args"], json!(["serve"]), "{overlay}");
-        for key in [
-            "DATABASE_URL",
-            "REDIS_URL",
-            "LABELSYNC_API_TOKENS",
-            "LABELSYNC_SECRET_KEY",
-        ] {
-            secret(s, key);
-        }
-        assert_eq!(
-            setting(&docs, s, "LABELSYNC_RUN_MIGRATIONS").as_deref(),
-            Some("false"),
-            "{overlay}: the Job migrates"
-        );
-        assert_eq!(
-            setting(&docs, s, "LABELSYNC_BIND").as_deref(),
-            Some("0.0.0.0:8080")
-        );
-        assert_eq!(
-            resolve_port(s, &s["readinessProbe"]["httpGet"]["port"]),
-            Some(8080)
-        );
-        assert_eq!(s["readinessProbe"]["httpGet"]["path"], "/readyz");
-        assert_eq!(
-            resolve_port(s, &s["livenessProbe"]["httpGet"]["port"]),
-            Some(8080)
-        );
-        assert_eq!(s["livenessProbe"]["httpGet"]["path"], "/healthz");
-
-        // Worker: the binary, probes on 9464, the autoscaler owns replicas.
-        let w = &containers(worker)[0];
-        assert_eq!(w["command"], json!(["labelsync-worker"]), "{overlay}");
-        assert!(
-            worker["spec"].get("replicas").is_none(),
-            "{overlay}: no replica count on the worker, the autoscaler sets it"
-        );
-        for key in ["DATABASE_URL", "REDIS_URL", "LABELSYNC_SECRET_KEY"] {
-            secret(w, key);
-        }
-        let bind = setting(&docs, w, "LABELSYNC_METRICS_BIND").unwrap_or("0.0.0.0:9464".into());
-        assert!(bind.ends_with(":9464"), "{overlay}: {bind}");
-        for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
-            assert_eq!(
-                resolve_port(w, &w[probe]["httpGet"]["port"]),
-                Some(9464),
-                "{overlay} worker {probe}"
-            );
-            assert_eq!(
-                w[probe]["httpGet"]["path"], path,
-                "{overlay} worker {probe}"
-            );
-        }
-        // Read-only root: Parquet files are spooled to /tmp, an emptyDir.
-        let tmp = w["volumeMounts"]
-            .as_array()
-            .and_then(|m| m.iter().find(|m| m["mountPath"] == "/tmp"))
-            .unwrap_or_else(|| panic!("{overlay}: the worker mounts /tmp"));
-        let volume = pod_spec(worker)["volumes"]
-            .as_array()
-            .and_then(|v| v.iter().find(|v| v["name"] == tmp["name"]))
-            .unwrap();
-        assert!(
-            volume["emptyDir"].is_object(),
-            "{overlay}: /tmp is an emptyDir"
-        );
-
-        let grace = pod_spec(worker)["terminationGracePeriodSeconds"]
-            .as_i64()
-            .unwrap_or(30);
-        let worker_settings = container_settings(&docs, w);
-        assert_eq!(
-            worker_settings.worker.metrics_bind.port(),
-            9464,
-            "{overlay}"
-        );
-        let heartbeat = i64::try_from(worker_settings.worker.heartbeat.as_secs()).unwrap();
-        let missed = i64::try_from(worker_settings.worker.missed_heartbeats).unwrap();
-        let scheduler_settings = container_settings(&docs, s);
-        assert!(!scheduler_settings.run_migrations, "{overlay}");
-        assert!(
-            !scheduler_settings.embedded_workers,
-            "{overlay}: no worker in the scheduler"
-        );
-        assert_eq!(scheduler_settings.bind.port(), 8080, "{overlay}");
-        container_settings(&docs, &containers(job)[0]);
-        assert!(
-            grace >= WORKER_GRACE_MIN_SECS && grace > heartbeat * missed,
-            "{overlay}: the worker's terminationGracePeriodSeconds ({grace}) covers the \
-             documented {WORKER_GRACE_MIN_SECS} s drain and exceeds the heartbeat window \
-             ({heartbeat} s x {missed})"
-        );
-
-        // Migration job: `labelsync-scheduler migrate` (the image's entrypoint).
-        let m = &containers(job)[0];
-        assert_eq!(m["args"], json!(["migrate"]), "{overlay}");
-        assert!(m.get("command").is_none(), "{overlay}: the entrypoint runs");
-        secret(m, "DATABASE_URL");
-        assert_ne!(pod_spec(job)["restartPolicy"], "Always");
+        check_scheduler_container(overlay, &docs, scheduler);
+        check_worker_container(overlay, &docs, worker);
+        check_settings_and_worker_grace(overlay, &docs, scheduler, worker, job);
+        check_migration_job(overlay, job);
     }
+}
+
+/// `key` of container `c` comes from the Secret labelsync-secrets, under its own name.
+fn assert_secret_env(overlay: &str, c: &Value, key: &str) {
+    assert!(
+        matches!(env(c, key), Some(Env::Secret(ref s, ref k)) if s == "labelsync-secrets" && k == key),
+        "{overlay}: {key} comes from the Secret labelsync-secrets"
+    );
+}
+
+/// Service account, pod and container security context, resources, a
+/// registry-qualified image (collected into `images`), required secrets.
+fn check_workload_locked_down(
+    overlay: &str,
+    workload: &Value,
+    uid: i64,
+    images: &mut BTreeSet<String>,
+) {
+    let what = format!("{overlay}: {}/{}", kind(workload), name(workload));
+    let pod = pod_spec(workload);
+    assert_eq!(pod["serviceAccountName"], "labelsync", "{what}");
+    let sc = &pod["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true, "{what}");
+    assert_eq!(sc["runAsUser"], uid, "{what}: the Dockerfile's uid");
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{what}");
+    for c in containers(workload) {
+        let csc = &c["securityContext"];
+        assert_eq!(csc["readOnlyRootFilesystem"], true, "{what}");
+        assert_eq!(csc["allowPrivilegeEscalation"], false, "{what}");
+        assert_eq!(csc["capabilities"]["drop"], json!(["ALL"]), "{what}");
+        for part in ["requests", "limits"] {
+            assert!(
+                c["resources"][part]["memory"].is_string(),
+                "{what}: memory {part}"
+            );
+        }
+        assert!(c["resources"]["requests"]["cpu"].is_string(), "{what}");
+        let image = c["image"].as_str().unwrap();
+        assert!(
+            image.contains('/') && image.contains(':'),
+            "{what}: the overlay sets a registry and a tag: {image}"
+        );
+        images.insert(image.to_owned());
+        // Every secret comes from labelsync-secrets, under its own name.
+        for var in c["env"].as_array().into_iter().flatten() {
+            let r = &var["valueFrom"]["secretKeyRef"];
+            if r.is_object() {
+                assert_eq!(r["name"], "labelsync-secrets", "{what}");
+                assert_eq!(r["key"], var["name"], "{what}");
+                assert!(r.get("optional").is_none(), "{what}: required");
+            }
+        }
+    }
+}
+
+/// Scheduler: 2 replicas, the API on 8080, migrations left to the Job.
+fn check_scheduler_container(overlay: &str, docs: &[Value], scheduler: &Value) {
+    let s = &containers(scheduler)[0];
+    assert_eq!(scheduler["spec"]["replicas"], 2, "{overlay}");
+    assert_eq!(s["args"], json!(["serve"]), "{overlay}");
+    for key in [
+        "DATABASE_URL",
+        "REDIS_URL",
+        "LABELSYNC_API_TOKENS",
+        "LABELSYNC_SECRET_KEY",
+    ] {
+        assert_secret_env(overlay, s, key);
+    }
+    assert_eq!(
+        setting(docs, s, "LABELSYNC_RUN_MIGRATIONS").as_deref(),
+        Some("false"),
+        "{overlay}: the Job migrates"
+    );
+    assert_eq!(
+        setting(docs, s, "LABELSYNC_BIND").as_deref(),
+        Some("0.0.0.0:8080")
+    );
+    assert_eq!(
+        resolve_port(s, &s["readinessProbe"]["httpGet"]["port"]),
+        Some(8080)
+    );
+    assert_eq!(s["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(
+        resolve_port(s, &s["livenessProbe"]["httpGet"]["port"]),
+        Some(8080)
+    );
+    assert_eq!(s["livenessProbe"]["httpGet"]["path"], "/healthz");
+}
+
+/// Worker: the binary, probes on 9464, the autoscaler owns replicas, /tmp
+/// is an emptyDir.
+fn check_worker_container(overlay: &str, docs: &[Value], worker: &Value) {
+    let w = &containers(worker)[0];
+    assert_eq!(w["command"], json!(["labelsync-worker"]), "{overlay}");
+    assert!(
+        worker["spec"].get("replicas").is_none(),
+        "{overlay}: no replica count on the worker, the autoscaler sets it"
+    );
+    for key in ["DATABASE_URL", "REDIS_URL", "LABELSYNC_SECRET_KEY"] {
+        assert_secret_env(overlay, w, key);
+    }
+    let bind = setting(docs, w, "LABELSYNC_METRICS_BIND").unwrap_or("0.0.0.0:9464".into());
+    assert!(bind.ends_with(":9464"), "{overlay}: {bind}");
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(
+            resolve_port(w, &w[probe]["httpGet"]["port"]),
+            Some(9464),
+            "{overlay} worker {probe}"
+        );
+        assert_eq!(
+            w[probe]["httpGet"]["path"], path,
+            "{overlay} worker {probe}"
+        );
+    }
+    // Read-only root: Parquet files are spooled to /tmp, an emptyDir.
+    let tmp = w["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["mountPath"] == "/tmp"))
+        .unwrap_or_else(|| panic!("{overlay}: the worker mounts /tmp"));
+    let volume = pod_spec(worker)["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == tmp["name"]))
+        .unwrap();
+    assert!(
+        volume["emptyDir"].is_object(),
+        "{overlay}: /tmp is an emptyDir"
+    );
+}
+
+/// Every container's environment parses as labelsync settings; the
+/// scheduler neither migrates nor embeds workers; the worker's grace period
+/// covers the drain and the heartbeat window.
+fn check_settings_and_worker_grace(
+    overlay: &str,
+    docs: &[Value],
+    scheduler: &Value,
+    worker: &Value,
+    job: &Value,
+) {
+    let s = &containers(scheduler)[0];
+    let w = &containers(worker)[0];
+    let grace = pod_spec(worker)["terminationGracePeriodSeconds"]
+        .as_i64()
+        .unwrap_or(30);
+    let worker_settings = container_settings(docs, w);
+    assert_eq!(
+        worker_settings.worker.metrics_bind.port(),
+        9464,
+        "{overlay}"
+    );
+    let heartbeat = i64::try_from(worker_settings.worker.heartbeat.as_secs()).unwrap();
+    let missed = i64::try_from(worker_settings.worker.missed_heartbeats).unwrap();
+    let scheduler_settings = container_settings(docs, s);
+    assert!(!scheduler_settings.run_migrations, "{overlay}");
+    assert!(
+        !scheduler_settings.embedded_workers,
+        "{overlay}: no worker in the scheduler"
+    );
+    assert_eq!(scheduler_settings.bind.port(), 8080, "{overlay}");
+    container_settings(docs, &containers(job)[0]);
+    assert!(
+        grace >= WORKER_GRACE_MIN_SECS && grace > heartbeat * missed,
+        "{overlay}: the worker's terminationGracePeriodSeconds ({grace}) covers the \
+         documented {WORKER_GRACE_MIN_SECS} s drain and exceeds the heartbeat window \
+         ({heartbeat} s x {missed})"
+    );
+}
+
+/// Migration job: `labelsync-scheduler migrate` (the image's entrypoint).
+fn check_migration_job(overlay: &str, job: &Value) {
+    let m = &containers(job)[0];
+    assert_eq!(m["args"], json!(["migrate"]), "{overlay}");
+    assert!(m.get("command").is_none(), "{overlay}: the entrypoint runs");
+    assert_secret_env(overlay, m, "DATABASE_URL");
+    assert_ne!(pod_spec(job)["restartPolicy"], "Always");
 }
 
 /// Services select pods and name their ports; ServiceMonitors select
@@ -533,118 +569,127 @@ fn workloads_are_wired_and_locked_down() {
 fn services_monitors_budgets_and_policies_match_their_pods() {
     for (overlay, ..) in OVERLAYS {
         let docs = rendered(overlay);
-        let deployments: Vec<&Value> = all(&docs, "Deployment").collect();
         let scheduler = find(&docs, "Deployment", "labelsync-scheduler");
         let worker = find(&docs, "Deployment", "labelsync-worker");
+        check_services_reach_their_containers(overlay, &docs);
+        check_monitors_scrape_scheduler_and_workers(overlay, &docs);
+        check_worker_disruption_budget(overlay, &docs, worker);
+        check_network_policy(overlay, &docs, worker, 9464, true);
+        check_network_policy(overlay, &docs, scheduler, 8080, false);
+    }
+}
 
-        for svc in all(&docs, "Service") {
-            let what = format!("{overlay}: Service {}", name(svc));
-            let target = deployments
-                .iter()
-                .find(|d| selects(&svc["spec"]["selector"], pod_labels(d)))
-                .unwrap_or_else(|| panic!("{what} selects no Deployment's pods"));
-            for port in svc["spec"]["ports"].as_array().unwrap() {
-                let c = &containers(target)[0];
-                assert_eq!(
-                    resolve_port(c, &port["targetPort"]),
-                    port["port"].as_i64(),
-                    "{what}: port {port} reaches the container port"
-                );
+/// The Deployment whose pods `svc` selects.
+fn service_target<'a>(docs: &'a [Value], svc: &Value) -> Option<&'a Value> {
+    all(docs, "Deployment").find(|d| selects(&svc["spec"]["selector"], pod_labels(d)))
+}
+
+/// Every Service selects a Deployment's pods and its ports reach the container's.
+fn check_services_reach_their_containers(overlay: &str, docs: &[Value]) {
+    for svc in all(docs, "Service") {
+        let what = format!("{overlay}: Service {}", name(svc));
+        let target = service_target(docs, svc)
+            .unwrap_or_else(|| panic!("{what} selects no Deployment's pods"));
+        for port in svc["spec"]["ports"].as_array().unwrap() {
+            let c = &containers(target)[0];
+            assert_eq!(
+                resolve_port(c, &port["targetPort"]),
+                port["port"].as_i64(),
+                "{what}: port {port} reaches the container port"
+            );
+        }
+    }
+}
+
+/// Both the scheduler's and the workers' metrics are scraped.
+fn check_monitors_scrape_scheduler_and_workers(overlay: &str, docs: &[Value]) {
+    let mut scraped = BTreeSet::new();
+    for sm in all(docs, "ServiceMonitor") {
+        let what = format!("{overlay}: ServiceMonitor {}", name(sm));
+        assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1", "{what}");
+        let svcs: Vec<&Value> = all(docs, "Service")
+            .filter(|s| {
+                selects(
+                    &sm["spec"]["selector"]["matchLabels"],
+                    &s["metadata"]["labels"],
+                )
+            })
+            .collect();
+        assert!(!svcs.is_empty(), "{what} selects no Service's labels");
+        let endpoints = sm["spec"]["endpoints"].as_array().unwrap();
+        assert!(!endpoints.is_empty(), "{what}");
+        for svc in svcs {
+            for ep in endpoints {
+                assert_eq!(ep["path"], "/metrics", "{what}");
+                let port = svc["spec"]["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|p| p["name"] == ep["port"])
+                    .unwrap_or_else(|| {
+                        panic!("{what}: Service {} has no port {}", name(svc), ep["port"])
+                    });
+                let target = service_target(docs, svc).unwrap();
+                scraped.insert((name(target).to_owned(), port["port"].as_i64().unwrap()));
             }
         }
+    }
+    assert_eq!(
+        scraped,
+        BTreeSet::from([
+            ("labelsync-scheduler".to_owned(), 8080),
+            ("labelsync-worker".to_owned(), 9464)
+        ]),
+        "{overlay}: scraped deployments and ports"
+    );
+}
 
-        // Both the scheduler's and the workers' metrics are scraped.
-        let mut scraped = BTreeSet::new();
-        for sm in all(&docs, "ServiceMonitor") {
-            let what = format!("{overlay}: ServiceMonitor {}", name(sm));
-            assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1", "{what}");
-            let svcs: Vec<&Value> = all(&docs, "Service")
-                .filter(|s| {
-                    selects(
-                        &sm["spec"]["selector"]["matchLabels"],
-                        &s["metadata"]["labels"],
-                    )
-                })
-                .collect();
-            assert!(!svcs.is_empty(), "{what} selects no Service's labels");
-            let endpoints = sm["spec"]["endpoints"].as_array().unwrap();
-            assert!(!endpoints.is_empty(), "{what}");
-            for svc in svcs {
-                for ep in endpoints {
-                    assert_eq!(ep["path"], "/metrics", "{what}");
-                    let port = svc["spec"]["ports"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .find(|p| p["name"] == ep["port"])
-                        .unwrap_or_else(|| {
-                            panic!("{what}: Service {} has no port {}", name(svc), ep["port"])
-                        });
-                    let target = deployments
-                        .iter()
-                        .find(|d| selects(&svc["spec"]["selector"], pod_labels(d)))
-                        .unwrap();
-                    scraped.insert((name(target).to_owned(), port["port"].as_i64().unwrap()));
-                }
-            }
+fn check_worker_disruption_budget(overlay: &str, docs: &[Value], worker: &Value) {
+    let worker_pdb = all(docs, "PodDisruptionBudget")
+        .find(|p| selects(&p["spec"]["selector"]["matchLabels"], pod_labels(worker)))
+        .unwrap_or_else(|| panic!("{overlay}: a PodDisruptionBudget for the workers"));
+    assert!(
+        worker_pdb["spec"]["maxUnavailable"].is_number()
+            || worker_pdb["spec"]["minAvailable"].is_number()
+            || worker_pdb["spec"]["maxUnavailable"].is_string(),
+        "{overlay}: {worker_pdb}"
+    );
+}
+
+/// The NetworkPolicy of `d`'s pods opens ingress on `port` only (from named
+/// sources when `from_required`), and leaves egress open.
+fn check_network_policy(overlay: &str, docs: &[Value], d: &Value, port: i64, from_required: bool) {
+    let p = all(docs, "NetworkPolicy")
+        .find(|p| selects(&p["spec"]["podSelector"]["matchLabels"], pod_labels(d)))
+        .unwrap_or_else(|| panic!("{overlay}: a NetworkPolicy for {}", name(d)));
+    let what = format!("{overlay}: NetworkPolicy {}", name(p));
+    let types = p["spec"]["policyTypes"].as_array().unwrap();
+    assert!(types.contains(&json!("Ingress")), "{what}");
+    let c = &containers(d)[0];
+    let ingress = p["spec"]["ingress"].as_array().unwrap();
+    assert!(!ingress.is_empty(), "{what}");
+    for rule in ingress {
+        let ports = rule["ports"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: every ingress rule names its ports: {rule}"));
+        for p in ports {
+            assert_eq!(resolve_port(c, &p["port"]), Some(port), "{what}: {rule}");
         }
-        assert_eq!(
-            scraped,
-            BTreeSet::from([
-                ("labelsync-scheduler".to_owned(), 8080),
-                ("labelsync-worker".to_owned(), 9464)
-            ]),
-            "{overlay}: scraped deployments and ports"
-        );
-
-        let worker_pdb = all(&docs, "PodDisruptionBudget")
-            .find(|p| selects(&p["spec"]["selector"]["matchLabels"], pod_labels(worker)))
-            .unwrap_or_else(|| panic!("{overlay}: a PodDisruptionBudget for the workers"));
+        if from_required {
+            assert!(
+                rule["from"].as_array().is_some_and(|f| !f.is_empty()),
+                "{what}: ingress from the monitoring namespace only: {rule}"
+            );
+        }
+    }
+    // Egress stays open (storages are anywhere).
+    if types.contains(&json!("Egress")) {
         assert!(
-            worker_pdb["spec"]["maxUnavailable"].is_number()
-                || worker_pdb["spec"]["minAvailable"].is_number()
-                || worker_pdb["spec"]["maxUnavailable"].is_string(),
-            "{overlay}: {worker_pdb}"
+            p["spec"]["egress"]
+                .as_array()
+                .is_some_and(|e| e.contains(&json!({}))),
+            "{what}: egress open"
         );
-
-        let policy_for = |d: &Value| {
-            all(&docs, "NetworkPolicy")
-                .find(|p| selects(&p["spec"]["podSelector"]["matchLabels"], pod_labels(d)))
-                .unwrap_or_else(|| panic!("{overlay}: a NetworkPolicy for {}", name(d)))
-                .clone()
-        };
-        for (d, port, from_required) in [(worker, 9464, true), (scheduler, 8080, false)] {
-            let p = policy_for(d);
-            let what = format!("{overlay}: NetworkPolicy {}", name(&p));
-            let types = p["spec"]["policyTypes"].as_array().unwrap();
-            assert!(types.contains(&json!("Ingress")), "{what}");
-            let c = &containers(d)[0];
-            let ingress = p["spec"]["ingress"].as_array().unwrap();
-            assert!(!ingress.is_empty(), "{what}");
-            for rule in ingress {
-                let ports = rule["ports"].as_array().unwrap_or_else(|| {
-                    panic!("{what}: every ingress rule names its ports: {rule}")
-                });
-                for p in ports {
-                    assert_eq!(resolve_port(c, &p["port"]), Some(port), "{what}: {rule}");
-                }
-                if from_required {
-                    assert!(
-                        rule["from"].as_array().is_some_and(|f| !f.is_empty()),
-                        "{what}: ingress from the monitoring namespace only: {rule}"
-                    );
-                }
-            }
-            // Egress stays open (storages are anywhere).
-            if types.contains(&json!("Egress")) {
-                assert!(
-                    p["spec"]["egress"]
-                        .as_array()
-                        .is_some_and(|e| e.contains(&json!({}))),
-                    "{what}: egress open"
-                );
-            }
-        }
     }
 }
 
@@ -703,69 +748,83 @@ fn each_overlay_has_exactly_one_worker_autoscaler() {
         let worker = find(&docs, "Deployment", "labelsync-worker");
         let scaled: Vec<&Value> = all(&docs, "ScaledObject").collect();
         let hpas: Vec<&Value> = all(&docs, "HorizontalPodAutoscaler").collect();
-        let check_target = |r: &Value| {
-            assert_eq!(r["name"], name(worker), "{overlay}: scales the worker: {r}");
-            if let Some(k) = r["kind"].as_str() {
-                assert_eq!(k, "Deployment", "{overlay}");
-            }
-            if let Some(api) = r["apiVersion"].as_str() {
-                assert_eq!(api, "apps/v1", "{overlay}");
-            }
-        };
         match autoscaler {
             Autoscaler::Keda => {
                 assert_eq!((scaled.len(), hpas.len()), (1, 0), "{overlay}");
-                let so = scaled[0];
-                assert_eq!(so["apiVersion"], "keda.sh/v1alpha1", "{overlay}");
-                check_target(&so["spec"]["scaleTargetRef"]);
-                let min = so["spec"]["minReplicaCount"].as_i64().unwrap_or(0);
-                let max = so["spec"]["maxReplicaCount"].as_i64().unwrap_or(100);
-                assert!(min >= 1 && max >= min, "{overlay}: replicas {min}..{max}");
-                let trigger = &so["spec"]["triggers"][0];
-                assert_eq!(trigger["type"], "prometheus", "{overlay}");
-                let meta = &trigger["metadata"];
-                let server = meta["serverAddress"].as_str().unwrap_or_default();
-                assert!(
-                    server.starts_with("http://") || server.starts_with("https://"),
-                    "{overlay}: serverAddress {server:?}"
-                );
-                let query = meta["query"].as_str().unwrap_or_default();
-                check_queue_query(overlay, query);
-                assert!(
-                    query.contains(&format!("namespace=\"{NAMESPACE}\"")),
-                    "{overlay}: the query counts this namespace's queues: {query}"
-                );
-                let threshold: f64 = meta["threshold"]
-                    .as_str()
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or_else(|| panic!("{overlay}: threshold is a number string"));
-                assert!(threshold > 0.0, "{overlay}");
+                check_scaled_object(overlay, scaled[0], worker);
             }
             Autoscaler::Hpa => {
                 assert_eq!((scaled.len(), hpas.len()), (0, 1), "{overlay}");
-                let hpa = hpas[0];
-                assert_eq!(hpa["apiVersion"], "autoscaling/v2", "{overlay}");
-                check_target(&hpa["spec"]["scaleTargetRef"]);
-                let min = hpa["spec"]["minReplicas"].as_i64().unwrap_or(1);
-                assert!(min >= 1, "{overlay}");
-                let metric = &hpa["spec"]["metrics"][0];
-                assert_eq!(metric["type"], "External", "{overlay}");
-                assert_eq!(
-                    metric["external"]["metric"]["name"], "labelsync_queue_jobs",
-                    "{overlay}"
-                );
-                assert_eq!(
-                    metric["external"]["metric"]["selector"]["matchLabels"]["state"], "pending",
-                    "{overlay}"
-                );
-                assert_eq!(
-                    metric["external"]["target"]["type"], "AverageValue",
-                    "{overlay}"
-                );
+                check_hpa(overlay, hpas[0], worker);
             }
         }
     }
-    // The prometheus-adapter rule the HPA relies on serves that metric.
+    check_prometheus_adapter_rule();
+}
+
+/// The autoscaler's scaleTargetRef `r` names the worker Deployment.
+fn check_scale_target(overlay: &str, r: &Value, worker: &Value) {
+    assert_eq!(r["name"], name(worker), "{overlay}: scales the worker: {r}");
+    if let Some(k) = r["kind"].as_str() {
+        assert_eq!(k, "Deployment", "{overlay}");
+    }
+    if let Some(api) = r["apiVersion"].as_str() {
+        assert_eq!(api, "apps/v1", "{overlay}");
+    }
+}
+
+/// KEDA: at least one replica, a Prometheus trigger on this namespace's backlog.
+fn check_scaled_object(overlay: &str, so: &Value, worker: &Value) {
+    assert_eq!(so["apiVersion"], "keda.sh/v1alpha1", "{overlay}");
+    check_scale_target(overlay, &so["spec"]["scaleTargetRef"], worker);
+    let min = so["spec"]["minReplicaCount"].as_i64().unwrap_or(0);
+    let max = so["spec"]["maxReplicaCount"].as_i64().unwrap_or(100);
+    assert!(min >= 1 && max >= min, "{overlay}: replicas {min}..{max}");
+    let trigger = &so["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "prometheus", "{overlay}");
+    let meta = &trigger["metadata"];
+    let server = meta["serverAddress"].as_str().unwrap_or_default();
+    assert!(
+        server.starts_with("http://") || server.starts_with("https://"),
+        "{overlay}: serverAddress {server:?}"
+    );
+    let query = meta["query"].as_str().unwrap_or_default();
+    check_queue_query(overlay, query);
+    assert!(
+        query.contains(&format!("namespace=\"{NAMESPACE}\"")),
+        "{overlay}: the query counts this namespace's queues: {query}"
+    );
+    let threshold: f64 = meta["threshold"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{overlay}: threshold is a number string"));
+    assert!(threshold > 0.0, "{overlay}");
+}
+
+/// HPA: at least one replica, on the external pending-jobs metric.
+fn check_hpa(overlay: &str, hpa: &Value, worker: &Value) {
+    assert_eq!(hpa["apiVersion"], "autoscaling/v2", "{overlay}");
+    check_scale_target(overlay, &hpa["spec"]["scaleTargetRef"], worker);
+    let min = hpa["spec"]["minReplicas"].as_i64().unwrap_or(1);
+    assert!(min >= 1, "{overlay}");
+    let metric = &hpa["spec"]["metrics"][0];
+    assert_eq!(metric["type"], "External", "{overlay}");
+    assert_eq!(
+        metric["external"]["metric"]["name"], "labelsync_queue_jobs",
+        "{overlay}"
+    );
+    assert_eq!(
+        metric["external"]["metric"]["selector"]["matchLabels"]["state"], "pending",
+        "{overlay}"
+    );
+    assert_eq!(
+        metric["external"]["target"]["type"], "AverageValue",
+        "{overlay}"
+    );
+}
+
+/// The prometheus-adapter rule the HPA relies on serves that metric.
+fn check_prometheus_adapter_rule() {
     let rules = std::fs::read_to_string(
         repo_root().join("deploy/k8s/components/hpa/prometheus-adapter-rules.yaml"),
     )
