@@ -945,7 +945,26 @@ fn compose_file_is_valid_and_wired() {
         obj(&raw[0]["services"]).keys().collect::<BTreeSet<_>>(),
         services.keys().collect::<BTreeSet<_>>()
     );
+    check_compose_health_checks_and_dependencies(&services);
+    check_compose_backing_services(&services);
+    let scheduler = &services["scheduler"];
+    let workers: Vec<(&String, &Value)> = services
+        .iter()
+        .filter(|(_, s)| s["entrypoint"] == json!(["labelsync-worker"]))
+        .collect();
+    assert_eq!(
+        workers.len(),
+        2,
+        "two workers (entrypoint labelsync-worker)"
+    );
+    check_compose_fleet_build_and_env(&config, scheduler, &workers);
+    check_compose_settings_parse(scheduler, &workers);
+    check_compose_scheduler_env(scheduler);
+    check_compose_process_health_checks(scheduler, &workers);
+    check_docker_context_ignores();
+}
 
+fn check_compose_health_checks_and_dependencies(services: &Map<String, Value>) {
     // One-shots (the bucket creation) run to completion; everything else has
     // a health check.
     let dependants = |target: &str| -> Vec<(String, String)> {
@@ -958,7 +977,7 @@ fn compose_file_is_valid_and_wired() {
             })
             .collect()
     };
-    for (svc_name, svc) in &services {
+    for (svc_name, svc) in services {
         if has_healthcheck(svc) {
             continue;
         }
@@ -972,7 +991,7 @@ fn compose_file_is_valid_and_wired() {
             "{svc_name} has no health check (only a one-shot that others wait to complete may go without): {svc}"
         );
     }
-    for (svc_name, svc) in &services {
+    for (svc_name, svc) in services {
         for (dep, how) in obj(&svc["depends_on"]) {
             let target = services
                 .get(&dep)
@@ -986,7 +1005,10 @@ fn compose_file_is_valid_and_wired() {
             assert_eq!(condition, expected, "{svc_name} -> {dep}");
         }
     }
+}
 
+/// Postgres, Redis and an S3-compatible server.
+fn check_compose_backing_services(services: &Map<String, Value>) {
     let by_image = |needle: &str| {
         services
             .iter()
@@ -998,18 +1020,13 @@ fn compose_file_is_valid_and_wired() {
         by_image("moto") + by_image("minio") >= 1,
         "an S3-compatible server"
     );
+}
 
-    let scheduler = &services["scheduler"];
-    let workers: Vec<(&String, &Value)> = services
-        .iter()
-        .filter(|(_, s)| s["entrypoint"] == json!(["labelsync-worker"]))
-        .collect();
-    assert_eq!(
-        workers.len(),
-        2,
-        "two workers (entrypoint labelsync-worker)"
-    );
-
+fn check_compose_fleet_build_and_env(
+    config: &Value,
+    scheduler: &Value,
+    workers: &[(&String, &Value)],
+) {
     // All built from deploy/docker/Dockerfile with the repository as context.
     let root = repo_root().canonicalize().unwrap();
     let scheduler_name = "scheduler".to_owned();
@@ -1053,6 +1070,9 @@ fn compose_file_is_valid_and_wired() {
             "{n}: private endpoints allowed on the compose network only"
         );
     }
+}
+
+fn check_compose_settings_parse(scheduler: &Value, workers: &[(&String, &Value)]) {
     // The settings parser accepts each environment.
     let parsed = |svc: &Value| {
         let vars = obj(&svc["environment"]);
@@ -1064,9 +1084,12 @@ fn compose_file_is_valid_and_wired() {
     let scheduler_settings = parsed(scheduler);
     assert!(scheduler_settings.run_migrations && !scheduler_settings.embedded_workers);
     assert_eq!(scheduler_settings.bind.to_string(), "0.0.0.0:8080");
-    for (n, w) in &workers {
+    for (n, w) in workers {
         assert_eq!(parsed(w).worker.metrics_bind.port(), 9464, "{n}");
     }
+}
+
+fn check_compose_scheduler_env(scheduler: &Value) {
     let key = compose_env(scheduler, "LABELSYNC_SECRET_KEY").unwrap();
     assert_eq!(
         base64::engine::general_purpose::STANDARD
@@ -1085,13 +1108,16 @@ fn compose_file_is_valid_and_wired() {
         compose_env(scheduler, "LABELSYNC_RUN_MIGRATIONS"),
         Some("true")
     );
+}
+
+fn check_compose_process_health_checks(scheduler: &Value, workers: &[(&String, &Value)]) {
     let hc = |s: &Value| s["healthcheck"]["test"].to_string();
     assert!(
         hc(scheduler).contains("127.0.0.1:8080/readyz"),
         "{}",
         hc(scheduler)
     );
-    for (n, w) in &workers {
+    for (n, w) in workers {
         assert!(hc(w).contains("127.0.0.1:9464/readyz"), "{n}: {}", hc(w));
         if let Some(bind) = compose_env(w, "LABELSYNC_METRICS_BIND") {
             assert!(bind.ends_with(":9464"), "{n}: {bind}");
@@ -1111,6 +1137,9 @@ fn compose_file_is_valid_and_wired() {
             "the runtime image installs curl for the health checks"
         );
     }
+}
+
+fn check_docker_context_ignores() {
     // The context is the repository root: target/ and .ci/ stay out of it.
     let ignore =
         std::fs::read_to_string(repo_root().join("deploy/docker/Dockerfile.dockerignore")).unwrap();
