@@ -1223,15 +1223,6 @@ struct PromRefs {
 fn promql_refs(expr: &str) -> PromRefs {
     let chars: Vec<char> = expr.chars().collect();
     let n = chars.len();
-    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
-    // Index just past the closing `quote` of a string starting at `i`.
-    let skip_string = |mut i: usize, quote: char| {
-        i += 1;
-        while i < n && chars[i] != quote {
-            i += if chars[i] == '\\' { 2 } else { 1 };
-        }
-        i + 1
-    };
     let mut refs = PromRefs::default();
     // The metric name just read: a `{` right after it holds its matchers.
     let mut last_metric: Option<String> = None;
@@ -1240,7 +1231,7 @@ fn promql_refs(expr: &str) -> PromRefs {
         let c = chars[i];
         let prev = last_metric.take();
         if c == '"' || c == '\'' {
-            i = skip_string(i, c);
+            i = skip_promql_string(&chars, i, c);
         } else if c == '[' {
             // A range (`[5m]`, `[$__rate_interval]`).
             while i < n && chars[i] != ']' {
@@ -1248,80 +1239,120 @@ fn promql_refs(expr: &str) -> PromRefs {
             }
             i += 1;
         } else if c == '{' {
-            // Label matchers: `label op "value"`, comma-separated.
             let metric =
                 prev.unwrap_or_else(|| panic!("a selector without a metric name in {expr}"));
-            i += 1;
-            loop {
-                while i < n && (chars[i].is_whitespace() || chars[i] == ',') {
-                    i += 1;
-                }
-                if i >= n || chars[i] == '}' {
-                    i += 1;
-                    break;
-                }
-                let start = i;
-                while i < n && is_ident(chars[i]) {
-                    i += 1;
-                }
-                assert!(i > start, "bad matcher in {expr}");
-                let label: String = chars[start..i].iter().collect();
-                refs.metrics.get_mut(&metric).unwrap().insert(label);
-                while i < n && chars[i] != '"' && chars[i] != '\'' {
-                    i += 1;
-                }
-                assert!(i < n, "a matcher without a value in {expr}");
-                i = skip_string(i, chars[i]);
-            }
+            i = read_promql_matchers(expr, &chars, i, &metric, &mut refs);
         } else if c.is_ascii_digit() || c == '.' {
             while i < n && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
                 i += 1;
             }
         } else if c == '$' || c.is_ascii_alphabetic() || c == '_' {
-            let start = i;
-            i += 1;
-            while i < n && is_ident(chars[i]) {
-                i += 1;
-            }
-            let word: String = chars[start..i].iter().collect();
-            let mut j = i;
-            while j < n && chars[j].is_whitespace() {
-                j += 1;
-            }
-            let call = j < n && chars[j] == '(';
-            if word.starts_with('$') {
-                // A Grafana variable.
-            } else if ["by", "without", "on", "ignoring"].contains(&word.as_str()) && call {
-                let close = chars[j..]
-                    .iter()
-                    .position(|&c| c == ')')
-                    .unwrap_or_else(|| panic!("unclosed {word}( in {expr}"))
-                    + j;
-                let inside: String = chars[j + 1..close].iter().collect();
-                refs.grouping.extend(
-                    inside
-                        .split(',')
-                        .map(|l| l.trim().to_owned())
-                        .filter(|l| !l.is_empty()),
-                );
-                i = close + 1;
-            } else if PROMQL_FUNCTIONS.contains(&word.as_str())
-                || PROMQL_KEYWORDS.contains(&word.as_str())
-            {
-            } else {
-                assert!(!call, "unknown PromQL function {word}() in {expr}");
-                assert!(
-                    word.starts_with("labelsync_"),
-                    "{word} in {expr}: only labelsync's own metrics may be queried"
-                );
-                refs.metrics.entry(word.clone()).or_default();
-                last_metric = Some(word);
-            }
+            i = read_promql_word(expr, &chars, i, &mut refs, &mut last_metric);
         } else {
             i += 1;
         }
     }
     refs
+}
+
+fn is_promql_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == ':'
+}
+
+/// Index just past the closing `quote` of a string starting at `i`.
+fn skip_promql_string(chars: &[char], mut i: usize, quote: char) -> usize {
+    let n = chars.len();
+    i += 1;
+    while i < n && chars[i] != quote {
+        i += if chars[i] == '\\' { 2 } else { 1 };
+    }
+    i + 1
+}
+
+/// Label matchers at `{` (index `i`): `label op "value"`, comma-separated;
+/// records each label under `metric` and returns the index past the `}`.
+fn read_promql_matchers(
+    expr: &str,
+    chars: &[char],
+    mut i: usize,
+    metric: &str,
+    refs: &mut PromRefs,
+) -> usize {
+    let n = chars.len();
+    i += 1;
+    loop {
+        while i < n && (chars[i].is_whitespace() || chars[i] == ',') {
+            i += 1;
+        }
+        if i >= n || chars[i] == '}' {
+            return i + 1;
+        }
+        let start = i;
+        while i < n && is_promql_ident(chars[i]) {
+            i += 1;
+        }
+        assert!(i > start, "bad matcher in {expr}");
+        let label: String = chars[start..i].iter().collect();
+        refs.metrics.get_mut(metric).unwrap().insert(label);
+        while i < n && chars[i] != '"' && chars[i] != '\'' {
+            i += 1;
+        }
+        assert!(i < n, "a matcher without a value in {expr}");
+        i = skip_promql_string(chars, i, chars[i]);
+    }
+}
+
+/// A word at `i`: a Grafana variable, a grouping clause (its labels go to
+/// `refs.grouping`), a known function or keyword, or a labelsync metric
+/// (recorded, and left in `last_metric` for its matchers). Returns the
+/// index past it.
+fn read_promql_word(
+    expr: &str,
+    chars: &[char],
+    mut i: usize,
+    refs: &mut PromRefs,
+    last_metric: &mut Option<String>,
+) -> usize {
+    let n = chars.len();
+    let start = i;
+    i += 1;
+    while i < n && is_promql_ident(chars[i]) {
+        i += 1;
+    }
+    let word: String = chars[start..i].iter().collect();
+    let mut j = i;
+    while j < n && chars[j].is_whitespace() {
+        j += 1;
+    }
+    let call = j < n && chars[j] == '(';
+    if word.starts_with('$') {
+        // A Grafana variable.
+    } else if ["by", "without", "on", "ignoring"].contains(&word.as_str()) && call {
+        let close = chars[j..]
+            .iter()
+            .position(|&c| c == ')')
+            .unwrap_or_else(|| panic!("unclosed {word}( in {expr}"))
+            + j;
+        let inside: String = chars[j + 1..close].iter().collect();
+        refs.grouping.extend(
+            inside
+                .split(',')
+                .map(|l| l.trim().to_owned())
+                .filter(|l| !l.is_empty()),
+        );
+        i = close + 1;
+    } else if PROMQL_FUNCTIONS.contains(&word.as_str()) || PROMQL_KEYWORDS.contains(&word.as_str())
+    {
+    } else {
+        assert!(!call, "unknown PromQL function {word}() in {expr}");
+        assert!(
+            word.starts_with("labelsync_"),
+            "{word} in {expr}: only labelsync's own metrics may be queried"
+        );
+        refs.metrics.entry(word.clone()).or_default();
+        *last_metric = Some(word);
+    }
+    i
 }
 
 #[test]
@@ -1362,7 +1393,21 @@ fn dashboard_is_well_formed_and_complete() {
         .expect("a `datasource` variable");
     assert_eq!(ds["type"], "datasource");
     assert_eq!(ds["query"], "prometheus");
+    check_dashboard_panels(&dash);
+    let all_refs: Vec<(String, String, PromRefs)> = dashboard_exprs(&dash)
+        .into_iter()
+        .map(|(title, e)| {
+            let r = promql_refs(&e);
+            (title, e, r)
+        })
+        .collect();
+    check_dashboard_has_required_signals(&all_refs);
+    check_dashboard_query_shapes(&all_refs);
+}
 
+/// Unique panel ids and grid positions, rows' nested panels included; every
+/// non-row panel and query on the datasource variable, with a query.
+fn check_dashboard_panels(dash: &Value) {
     let mut ids = BTreeSet::new();
     let mut walk = vec![dash["panels"].clone()];
     while let Some(panels) = walk.pop() {
@@ -1386,12 +1431,10 @@ fn dashboard_is_well_formed_and_complete() {
             }
         }
     }
+}
 
-    let exprs = dashboard_exprs(&dash);
-    let all_refs: Vec<(String, String, PromRefs)> = exprs
-        .iter()
-        .map(|(title, e)| (title.clone(), e.clone(), promql_refs(e)))
-        .collect();
+/// A panel for every required signal, with the aggregation it needs.
+fn check_dashboard_has_required_signals(all_refs: &[(String, String, PromRefs)]) {
     let uses = |metric: &str, also: &str| {
         all_refs
             .iter()
@@ -1428,7 +1471,10 @@ fn dashboard_is_well_formed_and_complete() {
     ] {
         assert!(uses(metric, also), "a panel queries {metric} with {also}");
     }
-    for (title, e, r) in &all_refs {
+}
+
+fn check_dashboard_query_shapes(all_refs: &[(String, String, PromRefs)]) {
+    for (title, e, r) in all_refs {
         // histogram_quantile needs the buckets, summed by le.
         if e.contains("histogram_quantile") {
             assert!(
