@@ -1611,21 +1611,7 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
         ..AppOptions::default()
     })
     .await;
-    let root = app.doc_root.path();
-    std::fs::create_dir_all(root.join("data")).unwrap();
-    for i in 0..3 {
-        std::fs::write(root.join(format!("data/img-{i}.jpg")), b"jpeg").unwrap();
-    }
-    std::fs::create_dir_all(root.join("tasks")).unwrap();
-    std::fs::write(
-        root.join("tasks/good.jsonl"),
-        "{\"text\": \"a\"}\n{\"text\": \"b\"}\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("tasks/broken.json"), "[{\"text\": \"c\"}, {\"te").unwrap();
-    std::fs::write(root.join("tasks/notes.txt"), "not a task file").unwrap();
-    std::fs::create_dir_all(root.join("export")).unwrap();
-
+    write_scrape_fixture_files(app.doc_root.path());
     let bind = format!("127.0.0.1:{}", free_port());
     let _worker = spawn_worker(
         &app,
@@ -1643,6 +1629,47 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
     .await;
 
     let project = app.project("deploy").await;
+    sync_files_and_broken_tasks(&app, project).await;
+    resolve_an_image(&app, &client, project).await;
+    // Export: an annotation reaches the target, then its delete removes it.
+    export_and_delete_an_annotation(&app, project).await;
+
+    let (scheduler_text, worker_text) = scrape_scheduler_and_worker(&app, &client, &bind).await;
+    let mut series = scraped_series(&scheduler_text);
+    for (metric, labels) in scraped_series(&worker_text) {
+        series.entry(metric).or_default().extend(labels);
+    }
+    let missing = queried_series_missing_from(&series);
+    assert!(
+        missing.is_empty(),
+        "not in the scrapes (labelsync_worker_slots needs a worker binary that exports it: \
+         rebuild with `cargo build --workspace --bins`):\n  {}\n\nscheduler:\n{scheduler_text}\nworker:\n{worker_text}",
+        missing.join("\n  ")
+    );
+    check_compose_health_checks_pass(&app, &bind);
+    app.stop().await;
+}
+
+/// Images for a Files-mode sync; task files, one broken and one not a task
+/// file, for a Tasks-mode sync; an export directory.
+fn write_scrape_fixture_files(root: &Path) {
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    for i in 0..3 {
+        std::fs::write(root.join(format!("data/img-{i}.jpg")), b"jpeg").unwrap();
+    }
+    std::fs::create_dir_all(root.join("tasks")).unwrap();
+    std::fs::write(
+        root.join("tasks/good.jsonl"),
+        "{\"text\": \"a\"}\n{\"text\": \"b\"}\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("tasks/broken.json"), "[{\"text\": \"c\"}, {\"te").unwrap();
+    std::fs::write(root.join("tasks/notes.txt"), "not a task file").unwrap();
+    std::fs::create_dir_all(root.join("export")).unwrap();
+}
+
+/// A Files-mode sync that completes and a Tasks-mode sync with per-object errors.
+async fn sync_files_and_broken_tasks(app: &TestApp, project: i64) {
     let files = app
         .local_storage(project, json!({ "presign": false }))
         .await;
@@ -1661,7 +1688,10 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
     assert_eq!(status, 201, "{tasks_storage}");
     let run = app.sync(&tasks_storage["id"]).await;
     assert_eq!(run["status"], "completed_with_errors", "{run}");
+}
 
+/// A resolve of an image, proxied.
+async fn resolve_an_image(app: &TestApp, client: &reqwest::Client, project: i64) {
     let resolved = client
         .get(format!("{}/api/v1/resolve", app.base))
         .query(&[
@@ -1673,8 +1703,11 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
         .unwrap();
     assert_eq!(resolved.status(), 200);
     assert_eq!(resolved.bytes().await.unwrap().as_ref(), b"jpeg");
+}
 
-    // Export: an annotation reaches the target, then its delete removes it.
+/// An annotation reaches the export target, then its delete removes it.
+async fn export_and_delete_an_annotation(app: &TestApp, project: i64) {
+    let root = app.doc_root.path();
     let (status, target) = app
         .post(
             "/api/v1/storages",
@@ -1696,12 +1729,19 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
     let id = annotation["id"].as_i64().unwrap();
     let file = root.join(format!("export/ann/{id}.json"));
     wait_for("the export", || async { file.exists() }).await;
-    wait_for("the export run's end", || runs_idle(&app, &target)).await;
+    wait_for("the export run's end", || runs_idle(app, &target)).await;
     let (status, _) = app.delete(&format!("/api/v1/annotations/{id}")).await;
     assert_eq!(status, 204);
     wait_for("the delete", || async { !file.exists() }).await;
-    wait_for("the delete run's end", || runs_idle(&app, &target)).await;
+    wait_for("the delete run's end", || runs_idle(app, &target)).await;
+}
 
+/// The scheduler's and the worker's `/metrics` text.
+async fn scrape_scheduler_and_worker(
+    app: &TestApp,
+    client: &reqwest::Client,
+    bind: &str,
+) -> (String, String) {
     let scheduler_text = client
         .get(format!("{}/metrics", app.base))
         .send()
@@ -1710,13 +1750,19 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
         .text()
         .await
         .unwrap();
-    let worker_text = worker_get("/metrics").await.unwrap().text().await.unwrap();
-    let mut series = scraped_series(&scheduler_text);
-    for (metric, labels) in scraped_series(&worker_text) {
-        series.entry(metric).or_default().extend(labels);
-    }
+    let worker_text = client
+        .get(format!("http://{bind}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    (scheduler_text, worker_text)
+}
 
-    // The queries: the dashboard's, KEDA's (rendered) and the adapter rule's.
+/// The queries: the dashboard's, KEDA's (rendered) and the adapter rule's.
+fn queried_exprs() -> Vec<(String, String)> {
     let mut queries: Vec<(String, String)> = dashboard_exprs(&dashboard());
     let keda = rendered("aws");
     let query = find(&keda, "ScaledObject", "labelsync-worker")["spec"]["triggers"][0]["metadata"]
@@ -1737,6 +1783,13 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
         rule["seriesQuery"].as_str().unwrap().to_owned(),
     ));
 
+    queries
+}
+
+/// Every metric, matched label and grouping label of the queries that the
+/// scraped `series` lack (target labels aside), one line each.
+fn queried_series_missing_from(series: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+    let queries = queried_exprs();
     let mut missing = Vec::new();
     for (title, expr) in &queries {
         let refs = promql_refs(expr);
@@ -1761,14 +1814,11 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
             }
         }
     }
-    assert!(
-        missing.is_empty(),
-        "not in the scrapes (labelsync_worker_slots needs a worker binary that exports it: \
-         rebuild with `cargo build --workspace --bins`):\n  {}\n\nscheduler:\n{scheduler_text}\nworker:\n{worker_text}",
-        missing.join("\n  ")
-    );
+    missing
+}
 
-    // The compose health checks pass against the real processes.
+/// The compose health checks pass against the real processes.
+fn check_compose_health_checks_pass(app: &TestApp, bind: &str) {
     let compose = compose_config();
     let services = &compose["services"];
     let scheduler_addr = app.base.trim_start_matches("http://").to_owned();
@@ -1784,9 +1834,8 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
         run_healthcheck(
             &services["worker-1"]["healthcheck"]["test"],
             "127.0.0.1:9464",
-            &bind
+            bind
         ),
         "the worker's compose health check against {bind}"
     );
-    app.stop().await;
 }
