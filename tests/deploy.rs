@@ -377,153 +377,189 @@ fn workloads_are_wired_and_locked_down() {
         let job = find(&docs, "Job", "labelsync-migrate");
         let mut images = BTreeSet::new();
         for workload in [scheduler, worker, job] {
-            let what = format!("{overlay}: {}/{}", kind(workload), name(workload));
-            let pod = pod_spec(workload);
-            assert_eq!(pod["serviceAccountName"], "labelsync", "{what}");
-            let sc = &pod["securityContext"];
-            assert_eq!(sc["runAsNonRoot"], true, "{what}");
-            assert_eq!(sc["runAsUser"], uid, "{what}: the Dockerfile's uid");
-            assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{what}");
-            for c in containers(workload) {
-                let csc = &c["securityContext"];
-                assert_eq!(csc["readOnlyRootFilesystem"], true, "{what}");
-                assert_eq!(csc["allowPrivilegeEscalation"], false, "{what}");
-                assert_eq!(csc["capabilities"]["drop"], json!(["ALL"]), "{what}");
-                for part in ["requests", "limits"] {
-                    assert!(
-                        c["resources"][part]["memory"].is_string(),
-                        "{what}: memory {part}"
-                    );
-                }
-                assert!(c["resources"]["requests"]["cpu"].is_string(), "{what}");
-                let image = c["image"].as_str().unwrap();
-                assert!(
-                    image.contains('/') && image.contains(':'),
-                    "{what}: the overlay sets a registry and a tag: {image}"
-                );
-                images.insert(image.to_owned());
-                // Every secret comes from labelsync-secrets, under its own name.
-                for var in c["env"].as_array().into_iter().flatten() {
-                    let r = &var["valueFrom"]["secretKeyRef"];
-                    if r.is_object() {
-                        assert_eq!(r["name"], "labelsync-secrets", "{what}");
-                        assert_eq!(r["key"], var["name"], "{what}");
-                        assert!(r.get("optional").is_none(), "{what}: required");
-                    }
-                }
-            }
+            check_workload_locked_down(overlay, workload, uid, &mut images);
         }
         assert_eq!(images.len(), 1, "{overlay}: one image for all: {images:?}");
-
-        let secret = |c: &Value, key: &str| {
-            assert!(
-                matches!(env(c, key), Some(Env::Secret(ref s, ref k)) if s == "labelsync-secrets" && k == key),
-                "{overlay}: {key} comes from the Secret labelsync-secrets"
-            );
-        };
-
-        // Scheduler: 2 replicas, the API on 8080, migrations left to the Job.
-        let s = &containers(scheduler)[0];
-        assert_eq!(scheduler["spec"]["replicas"], 2, "{overlay}");
-        assert_eq!(s["args"], json!(["serve"]), "{overlay}");
-        for key in [
-            "DATABASE_URL",
-            "REDIS_URL",
-            "LABELSYNC_API_TOKENS",
-            "LABELSYNC_SECRET_KEY",
-        ] {
-            secret(s, key);
-        }
-        assert_eq!(
-            setting(&docs, s, "LABELSYNC_RUN_MIGRATIONS").as_deref(),
-            Some("false"),
-            "{overlay}: the Job migrates"
-        );
-        assert_eq!(
-            setting(&docs, s, "LABELSYNC_BIND").as_deref(),
-            Some("0.0.0.0:8080")
-        );
-        assert_eq!(
-            resolve_port(s, &s["readinessProbe"]["httpGet"]["port"]),
-            Some(8080)
-        );
-        assert_eq!(s["readinessProbe"]["httpGet"]["path"], "/readyz");
-        assert_eq!(
-            resolve_port(s, &s["livenessProbe"]["httpGet"]["port"]),
-            Some(8080)
-        );
-        assert_eq!(s["livenessProbe"]["httpGet"]["path"], "/healthz");
-
-        // Worker: the binary, probes on 9464, the autoscaler owns replicas.
-        let w = &containers(worker)[0];
-        assert_eq!(w["command"], json!(["labelsync-worker"]), "{overlay}");
-        assert!(
-            worker["spec"].get("replicas").is_none(),
-            "{overlay}: no replica count on the worker, the autoscaler sets it"
-        );
-        for key in ["DATABASE_URL", "REDIS_URL", "LABELSYNC_SECRET_KEY"] {
-            secret(w, key);
-        }
-        let bind = setting(&docs, w, "LABELSYNC_METRICS_BIND").unwrap_or("0.0.0.0:9464".into());
-        assert!(bind.ends_with(":9464"), "{overlay}: {bind}");
-        for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
-            assert_eq!(
-                resolve_port(w, &w[probe]["httpGet"]["port"]),
-                Some(9464),
-                "{overlay} worker {probe}"
-            );
-            assert_eq!(
-                w[probe]["httpGet"]["path"], path,
-                "{overlay} worker {probe}"
-            );
-        }
-        // Read-only root: Parquet files are spooled to /tmp, an emptyDir.
-        let tmp = w["volumeMounts"]
-            .as_array()
-            .and_then(|m| m.iter().find(|m| m["mountPath"] == "/tmp"))
-            .unwrap_or_else(|| panic!("{overlay}: the worker mounts /tmp"));
-        let volume = pod_spec(worker)["volumes"]
-            .as_array()
-            .and_then(|v| v.iter().find(|v| v["name"] == tmp["name"]))
-            .unwrap();
-        assert!(
-            volume["emptyDir"].is_object(),
-            "{overlay}: /tmp is an emptyDir"
-        );
-
-        let grace = pod_spec(worker)["terminationGracePeriodSeconds"]
-            .as_i64()
-            .unwrap_or(30);
-        let worker_settings = container_settings(&docs, w);
-        assert_eq!(
-            worker_settings.worker.metrics_bind.port(),
-            9464,
-            "{overlay}"
-        );
-        let heartbeat = i64::try_from(worker_settings.worker.heartbeat.as_secs()).unwrap();
-        let missed = i64::try_from(worker_settings.worker.missed_heartbeats).unwrap();
-        let scheduler_settings = container_settings(&docs, s);
-        assert!(!scheduler_settings.run_migrations, "{overlay}");
-        assert!(
-            !scheduler_settings.embedded_workers,
-            "{overlay}: no worker in the scheduler"
-        );
-        assert_eq!(scheduler_settings.bind.port(), 8080, "{overlay}");
-        container_settings(&docs, &containers(job)[0]);
-        assert!(
-            grace >= WORKER_GRACE_MIN_SECS && grace > heartbeat * missed,
-            "{overlay}: the worker's terminationGracePeriodSeconds ({grace}) covers the \
-             documented {WORKER_GRACE_MIN_SECS} s drain and exceeds the heartbeat window \
-             ({heartbeat} s x {missed})"
-        );
-
-        // Migration job: `labelsync-scheduler migrate` (the image's entrypoint).
-        let m = &containers(job)[0];
-        assert_eq!(m["args"], json!(["migrate"]), "{overlay}");
-        assert!(m.get("command").is_none(), "{overlay}: the entrypoint runs");
-        secret(m, "DATABASE_URL");
-        assert_ne!(pod_spec(job)["restartPolicy"], "Always");
+        check_scheduler_container(overlay, &docs, scheduler);
+        check_worker_container(overlay, &docs, worker);
+        check_settings_and_worker_grace(overlay, &docs, scheduler, worker, job);
+        check_migration_job(overlay, job);
     }
+}
+
+/// `key` of container `c` comes from the Secret labelsync-secrets, under its own name.
+fn assert_secret_env(overlay: &str, c: &Value, key: &str) {
+    assert!(
+        matches!(env(c, key), Some(Env::Secret(ref s, ref k)) if s == "labelsync-secrets" && k == key),
+        "{overlay}: {key} comes from the Secret labelsync-secrets"
+    );
+}
+
+/// Service account, pod and container security context, resources, a
+/// registry-qualified image (collected into `images`), required secrets.
+fn check_workload_locked_down(
+    overlay: &str,
+    workload: &Value,
+    uid: i64,
+    images: &mut BTreeSet<String>,
+) {
+    let what = format!("{overlay}: {}/{}", kind(workload), name(workload));
+    let pod = pod_spec(workload);
+    assert_eq!(pod["serviceAccountName"], "labelsync", "{what}");
+    let sc = &pod["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true, "{what}");
+    assert_eq!(sc["runAsUser"], uid, "{what}: the Dockerfile's uid");
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{what}");
+    for c in containers(workload) {
+        let csc = &c["securityContext"];
+        assert_eq!(csc["readOnlyRootFilesystem"], true, "{what}");
+        assert_eq!(csc["allowPrivilegeEscalation"], false, "{what}");
+        assert_eq!(csc["capabilities"]["drop"], json!(["ALL"]), "{what}");
+        for part in ["requests", "limits"] {
+            assert!(
+                c["resources"][part]["memory"].is_string(),
+                "{what}: memory {part}"
+            );
+        }
+        assert!(c["resources"]["requests"]["cpu"].is_string(), "{what}");
+        let image = c["image"].as_str().unwrap();
+        assert!(
+            image.contains('/') && image.contains(':'),
+            "{what}: the overlay sets a registry and a tag: {image}"
+        );
+        images.insert(image.to_owned());
+        // Every secret comes from labelsync-secrets, under its own name.
+        for var in c["env"].as_array().into_iter().flatten() {
+            let r = &var["valueFrom"]["secretKeyRef"];
+            if r.is_object() {
+                assert_eq!(r["name"], "labelsync-secrets", "{what}");
+                assert_eq!(r["key"], var["name"], "{what}");
+                assert!(r.get("optional").is_none(), "{what}: required");
+            }
+        }
+    }
+}
+
+/// Scheduler: 2 replicas, the API on 8080, migrations left to the Job.
+fn check_scheduler_container(overlay: &str, docs: &[Value], scheduler: &Value) {
+    let s = &containers(scheduler)[0];
+    assert_eq!(scheduler["spec"]["replicas"], 2, "{overlay}");
+    assert_eq!(s["args"], json!(["serve"]), "{overlay}");
+    for key in [
+        "DATABASE_URL",
+        "REDIS_URL",
+        "LABELSYNC_API_TOKENS",
+        "LABELSYNC_SECRET_KEY",
+    ] {
+        assert_secret_env(overlay, s, key);
+    }
+    assert_eq!(
+        setting(docs, s, "LABELSYNC_RUN_MIGRATIONS").as_deref(),
+        Some("false"),
+        "{overlay}: the Job migrates"
+    );
+    assert_eq!(
+        setting(docs, s, "LABELSYNC_BIND").as_deref(),
+        Some("0.0.0.0:8080")
+    );
+    assert_eq!(
+        resolve_port(s, &s["readinessProbe"]["httpGet"]["port"]),
+        Some(8080)
+    );
+    assert_eq!(s["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(
+        resolve_port(s, &s["livenessProbe"]["httpGet"]["port"]),
+        Some(8080)
+    );
+    assert_eq!(s["livenessProbe"]["httpGet"]["path"], "/healthz");
+}
+
+/// Worker: the binary, probes on 9464, the autoscaler owns replicas, /tmp
+/// is an emptyDir.
+fn check_worker_container(overlay: &str, docs: &[Value], worker: &Value) {
+    let w = &containers(worker)[0];
+    assert_eq!(w["command"], json!(["labelsync-worker"]), "{overlay}");
+    assert!(
+        worker["spec"].get("replicas").is_none(),
+        "{overlay}: no replica count on the worker, the autoscaler sets it"
+    );
+    for key in ["DATABASE_URL", "REDIS_URL", "LABELSYNC_SECRET_KEY"] {
+        assert_secret_env(overlay, w, key);
+    }
+    let bind = setting(docs, w, "LABELSYNC_METRICS_BIND").unwrap_or("0.0.0.0:9464".into());
+    assert!(bind.ends_with(":9464"), "{overlay}: {bind}");
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(
+            resolve_port(w, &w[probe]["httpGet"]["port"]),
+            Some(9464),
+            "{overlay} worker {probe}"
+        );
+        assert_eq!(
+            w[probe]["httpGet"]["path"], path,
+            "{overlay} worker {probe}"
+        );
+    }
+    // Read-only root: Parquet files are spooled to /tmp, an emptyDir.
+    let tmp = w["volumeMounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["mountPath"] == "/tmp"))
+        .unwrap_or_else(|| panic!("{overlay}: the worker mounts /tmp"));
+    let volume = pod_spec(worker)["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == tmp["name"]))
+        .unwrap();
+    assert!(
+        volume["emptyDir"].is_object(),
+        "{overlay}: /tmp is an emptyDir"
+    );
+}
+
+/// Every container's environment parses as labelsync settings; the
+/// scheduler neither migrates nor embeds workers; the worker's grace period
+/// covers the drain and the heartbeat window.
+fn check_settings_and_worker_grace(
+    overlay: &str,
+    docs: &[Value],
+    scheduler: &Value,
+    worker: &Value,
+    job: &Value,
+) {
+    let s = &containers(scheduler)[0];
+    let w = &containers(worker)[0];
+    let grace = pod_spec(worker)["terminationGracePeriodSeconds"]
+        .as_i64()
+        .unwrap_or(30);
+    let worker_settings = container_settings(docs, w);
+    assert_eq!(
+        worker_settings.worker.metrics_bind.port(),
+        9464,
+        "{overlay}"
+    );
+    let heartbeat = i64::try_from(worker_settings.worker.heartbeat.as_secs()).unwrap();
+    let missed = i64::try_from(worker_settings.worker.missed_heartbeats).unwrap();
+    let scheduler_settings = container_settings(docs, s);
+    assert!(!scheduler_settings.run_migrations, "{overlay}");
+    assert!(
+        !scheduler_settings.embedded_workers,
+        "{overlay}: no worker in the scheduler"
+    );
+    assert_eq!(scheduler_settings.bind.port(), 8080, "{overlay}");
+    container_settings(docs, &containers(job)[0]);
+    assert!(
+        grace >= WORKER_GRACE_MIN_SECS && grace > heartbeat * missed,
+        "{overlay}: the worker's terminationGracePeriodSeconds ({grace}) covers the \
+         documented {WORKER_GRACE_MIN_SECS} s drain and exceeds the heartbeat window \
+         ({heartbeat} s x {missed})"
+    );
+}
+
+/// Migration job: `labelsync-scheduler migrate` (the image's entrypoint).
+fn check_migration_job(overlay: &str, job: &Value) {
+    let m = &containers(job)[0];
+    assert_eq!(m["args"], json!(["migrate"]), "{overlay}");
+    assert!(m.get("command").is_none(), "{overlay}: the entrypoint runs");
+    assert_secret_env(overlay, m, "DATABASE_URL");
+    assert_ne!(pod_spec(job)["restartPolicy"], "Always");
 }
 
 /// Services select pods and name their ports; ServiceMonitors select
@@ -533,118 +569,127 @@ fn workloads_are_wired_and_locked_down() {
 fn services_monitors_budgets_and_policies_match_their_pods() {
     for (overlay, ..) in OVERLAYS {
         let docs = rendered(overlay);
-        let deployments: Vec<&Value> = all(&docs, "Deployment").collect();
         let scheduler = find(&docs, "Deployment", "labelsync-scheduler");
         let worker = find(&docs, "Deployment", "labelsync-worker");
+        check_services_reach_their_containers(overlay, &docs);
+        check_monitors_scrape_scheduler_and_workers(overlay, &docs);
+        check_worker_disruption_budget(overlay, &docs, worker);
+        check_network_policy(overlay, &docs, worker, 9464, true);
+        check_network_policy(overlay, &docs, scheduler, 8080, false);
+    }
+}
 
-        for svc in all(&docs, "Service") {
-            let what = format!("{overlay}: Service {}", name(svc));
-            let target = deployments
-                .iter()
-                .find(|d| selects(&svc["spec"]["selector"], pod_labels(d)))
-                .unwrap_or_else(|| panic!("{what} selects no Deployment's pods"));
-            for port in svc["spec"]["ports"].as_array().unwrap() {
-                let c = &containers(target)[0];
-                assert_eq!(
-                    resolve_port(c, &port["targetPort"]),
-                    port["port"].as_i64(),
-                    "{what}: port {port} reaches the container port"
-                );
+/// The Deployment whose pods `svc` selects.
+fn service_target<'a>(docs: &'a [Value], svc: &Value) -> Option<&'a Value> {
+    all(docs, "Deployment").find(|d| selects(&svc["spec"]["selector"], pod_labels(d)))
+}
+
+/// Every Service selects a Deployment's pods and its ports reach the container's.
+fn check_services_reach_their_containers(overlay: &str, docs: &[Value]) {
+    for svc in all(docs, "Service") {
+        let what = format!("{overlay}: Service {}", name(svc));
+        let target = service_target(docs, svc)
+            .unwrap_or_else(|| panic!("{what} selects no Deployment's pods"));
+        for port in svc["spec"]["ports"].as_array().unwrap() {
+            let c = &containers(target)[0];
+            assert_eq!(
+                resolve_port(c, &port["targetPort"]),
+                port["port"].as_i64(),
+                "{what}: port {port} reaches the container port"
+            );
+        }
+    }
+}
+
+/// Both the scheduler's and the workers' metrics are scraped.
+fn check_monitors_scrape_scheduler_and_workers(overlay: &str, docs: &[Value]) {
+    let mut scraped = BTreeSet::new();
+    for sm in all(docs, "ServiceMonitor") {
+        let what = format!("{overlay}: ServiceMonitor {}", name(sm));
+        assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1", "{what}");
+        let svcs: Vec<&Value> = all(docs, "Service")
+            .filter(|s| {
+                selects(
+                    &sm["spec"]["selector"]["matchLabels"],
+                    &s["metadata"]["labels"],
+                )
+            })
+            .collect();
+        assert!(!svcs.is_empty(), "{what} selects no Service's labels");
+        let endpoints = sm["spec"]["endpoints"].as_array().unwrap();
+        assert!(!endpoints.is_empty(), "{what}");
+        for svc in svcs {
+            for ep in endpoints {
+                assert_eq!(ep["path"], "/metrics", "{what}");
+                let port = svc["spec"]["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|p| p["name"] == ep["port"])
+                    .unwrap_or_else(|| {
+                        panic!("{what}: Service {} has no port {}", name(svc), ep["port"])
+                    });
+                let target = service_target(docs, svc).unwrap();
+                scraped.insert((name(target).to_owned(), port["port"].as_i64().unwrap()));
             }
         }
+    }
+    assert_eq!(
+        scraped,
+        BTreeSet::from([
+            ("labelsync-scheduler".to_owned(), 8080),
+            ("labelsync-worker".to_owned(), 9464)
+        ]),
+        "{overlay}: scraped deployments and ports"
+    );
+}
 
-        // Both the scheduler's and the workers' metrics are scraped.
-        let mut scraped = BTreeSet::new();
-        for sm in all(&docs, "ServiceMonitor") {
-            let what = format!("{overlay}: ServiceMonitor {}", name(sm));
-            assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1", "{what}");
-            let svcs: Vec<&Value> = all(&docs, "Service")
-                .filter(|s| {
-                    selects(
-                        &sm["spec"]["selector"]["matchLabels"],
-                        &s["metadata"]["labels"],
-                    )
-                })
-                .collect();
-            assert!(!svcs.is_empty(), "{what} selects no Service's labels");
-            let endpoints = sm["spec"]["endpoints"].as_array().unwrap();
-            assert!(!endpoints.is_empty(), "{what}");
-            for svc in svcs {
-                for ep in endpoints {
-                    assert_eq!(ep["path"], "/metrics", "{what}");
-                    let port = svc["spec"]["ports"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .find(|p| p["name"] == ep["port"])
-                        .unwrap_or_else(|| {
-                            panic!("{what}: Service {} has no port {}", name(svc), ep["port"])
-                        });
-                    let target = deployments
-                        .iter()
-                        .find(|d| selects(&svc["spec"]["selector"], pod_labels(d)))
-                        .unwrap();
-                    scraped.insert((name(target).to_owned(), port["port"].as_i64().unwrap()));
-                }
-            }
+fn check_worker_disruption_budget(overlay: &str, docs: &[Value], worker: &Value) {
+    let worker_pdb = all(docs, "PodDisruptionBudget")
+        .find(|p| selects(&p["spec"]["selector"]["matchLabels"], pod_labels(worker)))
+        .unwrap_or_else(|| panic!("{overlay}: a PodDisruptionBudget for the workers"));
+    assert!(
+        worker_pdb["spec"]["maxUnavailable"].is_number()
+            || worker_pdb["spec"]["minAvailable"].is_number()
+            || worker_pdb["spec"]["maxUnavailable"].is_string(),
+        "{overlay}: {worker_pdb}"
+    );
+}
+
+/// The NetworkPolicy of `d`'s pods opens ingress on `port` only (from named
+/// sources when `from_required`), and leaves egress open.
+fn check_network_policy(overlay: &str, docs: &[Value], d: &Value, port: i64, from_required: bool) {
+    let p = all(docs, "NetworkPolicy")
+        .find(|p| selects(&p["spec"]["podSelector"]["matchLabels"], pod_labels(d)))
+        .unwrap_or_else(|| panic!("{overlay}: a NetworkPolicy for {}", name(d)));
+    let what = format!("{overlay}: NetworkPolicy {}", name(p));
+    let types = p["spec"]["policyTypes"].as_array().unwrap();
+    assert!(types.contains(&json!("Ingress")), "{what}");
+    let c = &containers(d)[0];
+    let ingress = p["spec"]["ingress"].as_array().unwrap();
+    assert!(!ingress.is_empty(), "{what}");
+    for rule in ingress {
+        let ports = rule["ports"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: every ingress rule names its ports: {rule}"));
+        for p in ports {
+            assert_eq!(resolve_port(c, &p["port"]), Some(port), "{what}: {rule}");
         }
-        assert_eq!(
-            scraped,
-            BTreeSet::from([
-                ("labelsync-scheduler".to_owned(), 8080),
-                ("labelsync-worker".to_owned(), 9464)
-            ]),
-            "{overlay}: scraped deployments and ports"
-        );
-
-        let worker_pdb = all(&docs, "PodDisruptionBudget")
-            .find(|p| selects(&p["spec"]["selector"]["matchLabels"], pod_labels(worker)))
-            .unwrap_or_else(|| panic!("{overlay}: a PodDisruptionBudget for the workers"));
+        if from_required {
+            assert!(
+                rule["from"].as_array().is_some_and(|f| !f.is_empty()),
+                "{what}: ingress from the monitoring namespace only: {rule}"
+            );
+        }
+    }
+    // Egress stays open (storages are anywhere).
+    if types.contains(&json!("Egress")) {
         assert!(
-            worker_pdb["spec"]["maxUnavailable"].is_number()
-                || worker_pdb["spec"]["minAvailable"].is_number()
-                || worker_pdb["spec"]["maxUnavailable"].is_string(),
-            "{overlay}: {worker_pdb}"
+            p["spec"]["egress"]
+                .as_array()
+                .is_some_and(|e| e.contains(&json!({}))),
+            "{what}: egress open"
         );
-
-        let policy_for = |d: &Value| {
-            all(&docs, "NetworkPolicy")
-                .find(|p| selects(&p["spec"]["podSelector"]["matchLabels"], pod_labels(d)))
-                .unwrap_or_else(|| panic!("{overlay}: a NetworkPolicy for {}", name(d)))
-                .clone()
-        };
-        for (d, port, from_required) in [(worker, 9464, true), (scheduler, 8080, false)] {
-            let p = policy_for(d);
-            let what = format!("{overlay}: NetworkPolicy {}", name(&p));
-            let types = p["spec"]["policyTypes"].as_array().unwrap();
-            assert!(types.contains(&json!("Ingress")), "{what}");
-            let c = &containers(d)[0];
-            let ingress = p["spec"]["ingress"].as_array().unwrap();
-            assert!(!ingress.is_empty(), "{what}");
-            for rule in ingress {
-                let ports = rule["ports"].as_array().unwrap_or_else(|| {
-                    panic!("{what}: every ingress rule names its ports: {rule}")
-                });
-                for p in ports {
-                    assert_eq!(resolve_port(c, &p["port"]), Some(port), "{what}: {rule}");
-                }
-                if from_required {
-                    assert!(
-                        rule["from"].as_array().is_some_and(|f| !f.is_empty()),
-                        "{what}: ingress from the monitoring namespace only: {rule}"
-                    );
-                }
-            }
-            // Egress stays open (storages are anywhere).
-            if types.contains(&json!("Egress")) {
-                assert!(
-                    p["spec"]["egress"]
-                        .as_array()
-                        .is_some_and(|e| e.contains(&json!({}))),
-                    "{what}: egress open"
-                );
-            }
-        }
     }
 }
 
@@ -703,69 +748,83 @@ fn each_overlay_has_exactly_one_worker_autoscaler() {
         let worker = find(&docs, "Deployment", "labelsync-worker");
         let scaled: Vec<&Value> = all(&docs, "ScaledObject").collect();
         let hpas: Vec<&Value> = all(&docs, "HorizontalPodAutoscaler").collect();
-        let check_target = |r: &Value| {
-            assert_eq!(r["name"], name(worker), "{overlay}: scales the worker: {r}");
-            if let Some(k) = r["kind"].as_str() {
-                assert_eq!(k, "Deployment", "{overlay}");
-            }
-            if let Some(api) = r["apiVersion"].as_str() {
-                assert_eq!(api, "apps/v1", "{overlay}");
-            }
-        };
         match autoscaler {
             Autoscaler::Keda => {
                 assert_eq!((scaled.len(), hpas.len()), (1, 0), "{overlay}");
-                let so = scaled[0];
-                assert_eq!(so["apiVersion"], "keda.sh/v1alpha1", "{overlay}");
-                check_target(&so["spec"]["scaleTargetRef"]);
-                let min = so["spec"]["minReplicaCount"].as_i64().unwrap_or(0);
-                let max = so["spec"]["maxReplicaCount"].as_i64().unwrap_or(100);
-                assert!(min >= 1 && max >= min, "{overlay}: replicas {min}..{max}");
-                let trigger = &so["spec"]["triggers"][0];
-                assert_eq!(trigger["type"], "prometheus", "{overlay}");
-                let meta = &trigger["metadata"];
-                let server = meta["serverAddress"].as_str().unwrap_or_default();
-                assert!(
-                    server.starts_with("http://") || server.starts_with("https://"),
-                    "{overlay}: serverAddress {server:?}"
-                );
-                let query = meta["query"].as_str().unwrap_or_default();
-                check_queue_query(overlay, query);
-                assert!(
-                    query.contains(&format!("namespace=\"{NAMESPACE}\"")),
-                    "{overlay}: the query counts this namespace's queues: {query}"
-                );
-                let threshold: f64 = meta["threshold"]
-                    .as_str()
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or_else(|| panic!("{overlay}: threshold is a number string"));
-                assert!(threshold > 0.0, "{overlay}");
+                check_scaled_object(overlay, scaled[0], worker);
             }
             Autoscaler::Hpa => {
                 assert_eq!((scaled.len(), hpas.len()), (0, 1), "{overlay}");
-                let hpa = hpas[0];
-                assert_eq!(hpa["apiVersion"], "autoscaling/v2", "{overlay}");
-                check_target(&hpa["spec"]["scaleTargetRef"]);
-                let min = hpa["spec"]["minReplicas"].as_i64().unwrap_or(1);
-                assert!(min >= 1, "{overlay}");
-                let metric = &hpa["spec"]["metrics"][0];
-                assert_eq!(metric["type"], "External", "{overlay}");
-                assert_eq!(
-                    metric["external"]["metric"]["name"], "labelsync_queue_jobs",
-                    "{overlay}"
-                );
-                assert_eq!(
-                    metric["external"]["metric"]["selector"]["matchLabels"]["state"], "pending",
-                    "{overlay}"
-                );
-                assert_eq!(
-                    metric["external"]["target"]["type"], "AverageValue",
-                    "{overlay}"
-                );
+                check_hpa(overlay, hpas[0], worker);
             }
         }
     }
-    // The prometheus-adapter rule the HPA relies on serves that metric.
+    check_prometheus_adapter_rule();
+}
+
+/// The autoscaler's scaleTargetRef `r` names the worker Deployment.
+fn check_scale_target(overlay: &str, r: &Value, worker: &Value) {
+    assert_eq!(r["name"], name(worker), "{overlay}: scales the worker: {r}");
+    if let Some(k) = r["kind"].as_str() {
+        assert_eq!(k, "Deployment", "{overlay}");
+    }
+    if let Some(api) = r["apiVersion"].as_str() {
+        assert_eq!(api, "apps/v1", "{overlay}");
+    }
+}
+
+/// KEDA: at least one replica, a Prometheus trigger on this namespace's backlog.
+fn check_scaled_object(overlay: &str, so: &Value, worker: &Value) {
+    assert_eq!(so["apiVersion"], "keda.sh/v1alpha1", "{overlay}");
+    check_scale_target(overlay, &so["spec"]["scaleTargetRef"], worker);
+    let min = so["spec"]["minReplicaCount"].as_i64().unwrap_or(0);
+    let max = so["spec"]["maxReplicaCount"].as_i64().unwrap_or(100);
+    assert!(min >= 1 && max >= min, "{overlay}: replicas {min}..{max}");
+    let trigger = &so["spec"]["triggers"][0];
+    assert_eq!(trigger["type"], "prometheus", "{overlay}");
+    let meta = &trigger["metadata"];
+    let server = meta["serverAddress"].as_str().unwrap_or_default();
+    assert!(
+        server.starts_with("http://") || server.starts_with("https://"),
+        "{overlay}: serverAddress {server:?}"
+    );
+    let query = meta["query"].as_str().unwrap_or_default();
+    check_queue_query(overlay, query);
+    assert!(
+        query.contains(&format!("namespace=\"{NAMESPACE}\"")),
+        "{overlay}: the query counts this namespace's queues: {query}"
+    );
+    let threshold: f64 = meta["threshold"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{overlay}: threshold is a number string"));
+    assert!(threshold > 0.0, "{overlay}");
+}
+
+/// HPA: at least one replica, on the external pending-jobs metric.
+fn check_hpa(overlay: &str, hpa: &Value, worker: &Value) {
+    assert_eq!(hpa["apiVersion"], "autoscaling/v2", "{overlay}");
+    check_scale_target(overlay, &hpa["spec"]["scaleTargetRef"], worker);
+    let min = hpa["spec"]["minReplicas"].as_i64().unwrap_or(1);
+    assert!(min >= 1, "{overlay}");
+    let metric = &hpa["spec"]["metrics"][0];
+    assert_eq!(metric["type"], "External", "{overlay}");
+    assert_eq!(
+        metric["external"]["metric"]["name"], "labelsync_queue_jobs",
+        "{overlay}"
+    );
+    assert_eq!(
+        metric["external"]["metric"]["selector"]["matchLabels"]["state"], "pending",
+        "{overlay}"
+    );
+    assert_eq!(
+        metric["external"]["target"]["type"], "AverageValue",
+        "{overlay}"
+    );
+}
+
+/// The prometheus-adapter rule the HPA relies on serves that metric.
+fn check_prometheus_adapter_rule() {
     let rules = std::fs::read_to_string(
         repo_root().join("deploy/k8s/components/hpa/prometheus-adapter-rules.yaml"),
     )
@@ -886,7 +945,26 @@ fn compose_file_is_valid_and_wired() {
         obj(&raw[0]["services"]).keys().collect::<BTreeSet<_>>(),
         services.keys().collect::<BTreeSet<_>>()
     );
+    check_compose_health_checks_and_dependencies(&services);
+    check_compose_backing_services(&services);
+    let scheduler = &services["scheduler"];
+    let workers: Vec<(&String, &Value)> = services
+        .iter()
+        .filter(|(_, s)| s["entrypoint"] == json!(["labelsync-worker"]))
+        .collect();
+    assert_eq!(
+        workers.len(),
+        2,
+        "two workers (entrypoint labelsync-worker)"
+    );
+    check_compose_fleet_build_and_env(&config, scheduler, &workers);
+    check_compose_settings_parse(scheduler, &workers);
+    check_compose_scheduler_env(scheduler);
+    check_compose_process_health_checks(scheduler, &workers);
+    check_docker_context_ignores();
+}
 
+fn check_compose_health_checks_and_dependencies(services: &Map<String, Value>) {
     // One-shots (the bucket creation) run to completion; everything else has
     // a health check.
     let dependants = |target: &str| -> Vec<(String, String)> {
@@ -899,7 +977,7 @@ fn compose_file_is_valid_and_wired() {
             })
             .collect()
     };
-    for (svc_name, svc) in &services {
+    for (svc_name, svc) in services {
         if has_healthcheck(svc) {
             continue;
         }
@@ -913,7 +991,7 @@ fn compose_file_is_valid_and_wired() {
             "{svc_name} has no health check (only a one-shot that others wait to complete may go without): {svc}"
         );
     }
-    for (svc_name, svc) in &services {
+    for (svc_name, svc) in services {
         for (dep, how) in obj(&svc["depends_on"]) {
             let target = services
                 .get(&dep)
@@ -927,7 +1005,10 @@ fn compose_file_is_valid_and_wired() {
             assert_eq!(condition, expected, "{svc_name} -> {dep}");
         }
     }
+}
 
+/// Postgres, Redis and an S3-compatible server.
+fn check_compose_backing_services(services: &Map<String, Value>) {
     let by_image = |needle: &str| {
         services
             .iter()
@@ -939,18 +1020,13 @@ fn compose_file_is_valid_and_wired() {
         by_image("moto") + by_image("minio") >= 1,
         "an S3-compatible server"
     );
+}
 
-    let scheduler = &services["scheduler"];
-    let workers: Vec<(&String, &Value)> = services
-        .iter()
-        .filter(|(_, s)| s["entrypoint"] == json!(["labelsync-worker"]))
-        .collect();
-    assert_eq!(
-        workers.len(),
-        2,
-        "two workers (entrypoint labelsync-worker)"
-    );
-
+fn check_compose_fleet_build_and_env(
+    config: &Value,
+    scheduler: &Value,
+    workers: &[(&String, &Value)],
+) {
     // All built from deploy/docker/Dockerfile with the repository as context.
     let root = repo_root().canonicalize().unwrap();
     let scheduler_name = "scheduler".to_owned();
@@ -994,6 +1070,9 @@ fn compose_file_is_valid_and_wired() {
             "{n}: private endpoints allowed on the compose network only"
         );
     }
+}
+
+fn check_compose_settings_parse(scheduler: &Value, workers: &[(&String, &Value)]) {
     // The settings parser accepts each environment.
     let parsed = |svc: &Value| {
         let vars = obj(&svc["environment"]);
@@ -1005,9 +1084,12 @@ fn compose_file_is_valid_and_wired() {
     let scheduler_settings = parsed(scheduler);
     assert!(scheduler_settings.run_migrations && !scheduler_settings.embedded_workers);
     assert_eq!(scheduler_settings.bind.to_string(), "0.0.0.0:8080");
-    for (n, w) in &workers {
+    for (n, w) in workers {
         assert_eq!(parsed(w).worker.metrics_bind.port(), 9464, "{n}");
     }
+}
+
+fn check_compose_scheduler_env(scheduler: &Value) {
     let key = compose_env(scheduler, "LABELSYNC_SECRET_KEY").unwrap();
     assert_eq!(
         base64::engine::general_purpose::STANDARD
@@ -1026,13 +1108,16 @@ fn compose_file_is_valid_and_wired() {
         compose_env(scheduler, "LABELSYNC_RUN_MIGRATIONS"),
         Some("true")
     );
+}
+
+fn check_compose_process_health_checks(scheduler: &Value, workers: &[(&String, &Value)]) {
     let hc = |s: &Value| s["healthcheck"]["test"].to_string();
     assert!(
         hc(scheduler).contains("127.0.0.1:8080/readyz"),
         "{}",
         hc(scheduler)
     );
-    for (n, w) in &workers {
+    for (n, w) in workers {
         assert!(hc(w).contains("127.0.0.1:9464/readyz"), "{n}: {}", hc(w));
         if let Some(bind) = compose_env(w, "LABELSYNC_METRICS_BIND") {
             assert!(bind.ends_with(":9464"), "{n}: {bind}");
@@ -1052,6 +1137,9 @@ fn compose_file_is_valid_and_wired() {
             "the runtime image installs curl for the health checks"
         );
     }
+}
+
+fn check_docker_context_ignores() {
     // The context is the repository root: target/ and .ci/ stay out of it.
     let ignore =
         std::fs::read_to_string(repo_root().join("deploy/docker/Dockerfile.dockerignore")).unwrap();
@@ -1135,15 +1223,6 @@ struct PromRefs {
 fn promql_refs(expr: &str) -> PromRefs {
     let chars: Vec<char> = expr.chars().collect();
     let n = chars.len();
-    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
-    // Index just past the closing `quote` of a string starting at `i`.
-    let skip_string = |mut i: usize, quote: char| {
-        i += 1;
-        while i < n && chars[i] != quote {
-            i += if chars[i] == '\\' { 2 } else { 1 };
-        }
-        i + 1
-    };
     let mut refs = PromRefs::default();
     // The metric name just read: a `{` right after it holds its matchers.
     let mut last_metric: Option<String> = None;
@@ -1152,7 +1231,7 @@ fn promql_refs(expr: &str) -> PromRefs {
         let c = chars[i];
         let prev = last_metric.take();
         if c == '"' || c == '\'' {
-            i = skip_string(i, c);
+            i = skip_promql_string(&chars, i, c);
         } else if c == '[' {
             // A range (`[5m]`, `[$__rate_interval]`).
             while i < n && chars[i] != ']' {
@@ -1160,80 +1239,120 @@ fn promql_refs(expr: &str) -> PromRefs {
             }
             i += 1;
         } else if c == '{' {
-            // Label matchers: `label op "value"`, comma-separated.
             let metric =
                 prev.unwrap_or_else(|| panic!("a selector without a metric name in {expr}"));
-            i += 1;
-            loop {
-                while i < n && (chars[i].is_whitespace() || chars[i] == ',') {
-                    i += 1;
-                }
-                if i >= n || chars[i] == '}' {
-                    i += 1;
-                    break;
-                }
-                let start = i;
-                while i < n && is_ident(chars[i]) {
-                    i += 1;
-                }
-                assert!(i > start, "bad matcher in {expr}");
-                let label: String = chars[start..i].iter().collect();
-                refs.metrics.get_mut(&metric).unwrap().insert(label);
-                while i < n && chars[i] != '"' && chars[i] != '\'' {
-                    i += 1;
-                }
-                assert!(i < n, "a matcher without a value in {expr}");
-                i = skip_string(i, chars[i]);
-            }
+            i = read_promql_matchers(expr, &chars, i, &metric, &mut refs);
         } else if c.is_ascii_digit() || c == '.' {
             while i < n && (chars[i].is_ascii_alphanumeric() || chars[i] == '.') {
                 i += 1;
             }
         } else if c == '$' || c.is_ascii_alphabetic() || c == '_' {
-            let start = i;
-            i += 1;
-            while i < n && is_ident(chars[i]) {
-                i += 1;
-            }
-            let word: String = chars[start..i].iter().collect();
-            let mut j = i;
-            while j < n && chars[j].is_whitespace() {
-                j += 1;
-            }
-            let call = j < n && chars[j] == '(';
-            if word.starts_with('$') {
-                // A Grafana variable.
-            } else if ["by", "without", "on", "ignoring"].contains(&word.as_str()) && call {
-                let close = chars[j..]
-                    .iter()
-                    .position(|&c| c == ')')
-                    .unwrap_or_else(|| panic!("unclosed {word}( in {expr}"))
-                    + j;
-                let inside: String = chars[j + 1..close].iter().collect();
-                refs.grouping.extend(
-                    inside
-                        .split(',')
-                        .map(|l| l.trim().to_owned())
-                        .filter(|l| !l.is_empty()),
-                );
-                i = close + 1;
-            } else if PROMQL_FUNCTIONS.contains(&word.as_str())
-                || PROMQL_KEYWORDS.contains(&word.as_str())
-            {
-            } else {
-                assert!(!call, "unknown PromQL function {word}() in {expr}");
-                assert!(
-                    word.starts_with("labelsync_"),
-                    "{word} in {expr}: only labelsync's own metrics may be queried"
-                );
-                refs.metrics.entry(word.clone()).or_default();
-                last_metric = Some(word);
-            }
+            i = read_promql_word(expr, &chars, i, &mut refs, &mut last_metric);
         } else {
             i += 1;
         }
     }
     refs
+}
+
+fn is_promql_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == ':'
+}
+
+/// Index just past the closing `quote` of a string starting at `i`.
+fn skip_promql_string(chars: &[char], mut i: usize, quote: char) -> usize {
+    let n = chars.len();
+    i += 1;
+    while i < n && chars[i] != quote {
+        i += if chars[i] == '\\' { 2 } else { 1 };
+    }
+    i + 1
+}
+
+/// Label matchers at `{` (index `i`): `label op "value"`, comma-separated;
+/// records each label under `metric` and returns the index past the `}`.
+fn read_promql_matchers(
+    expr: &str,
+    chars: &[char],
+    mut i: usize,
+    metric: &str,
+    refs: &mut PromRefs,
+) -> usize {
+    let n = chars.len();
+    i += 1;
+    loop {
+        while i < n && (chars[i].is_whitespace() || chars[i] == ',') {
+            i += 1;
+        }
+        if i >= n || chars[i] == '}' {
+            return i + 1;
+        }
+        let start = i;
+        while i < n && is_promql_ident(chars[i]) {
+            i += 1;
+        }
+        assert!(i > start, "bad matcher in {expr}");
+        let label: String = chars[start..i].iter().collect();
+        refs.metrics.get_mut(metric).unwrap().insert(label);
+        while i < n && chars[i] != '"' && chars[i] != '\'' {
+            i += 1;
+        }
+        assert!(i < n, "a matcher without a value in {expr}");
+        i = skip_promql_string(chars, i, chars[i]);
+    }
+}
+
+/// A word at `i`: a Grafana variable, a grouping clause (its labels go to
+/// `refs.grouping`), a known function or keyword, or a labelsync metric
+/// (recorded, and left in `last_metric` for its matchers). Returns the
+/// index past it.
+fn read_promql_word(
+    expr: &str,
+    chars: &[char],
+    mut i: usize,
+    refs: &mut PromRefs,
+    last_metric: &mut Option<String>,
+) -> usize {
+    let n = chars.len();
+    let start = i;
+    i += 1;
+    while i < n && is_promql_ident(chars[i]) {
+        i += 1;
+    }
+    let word: String = chars[start..i].iter().collect();
+    let mut j = i;
+    while j < n && chars[j].is_whitespace() {
+        j += 1;
+    }
+    let call = j < n && chars[j] == '(';
+    if word.starts_with('$') {
+        // A Grafana variable.
+    } else if ["by", "without", "on", "ignoring"].contains(&word.as_str()) && call {
+        let close = chars[j..]
+            .iter()
+            .position(|&c| c == ')')
+            .unwrap_or_else(|| panic!("unclosed {word}( in {expr}"))
+            + j;
+        let inside: String = chars[j + 1..close].iter().collect();
+        refs.grouping.extend(
+            inside
+                .split(',')
+                .map(|l| l.trim().to_owned())
+                .filter(|l| !l.is_empty()),
+        );
+        i = close + 1;
+    } else if PROMQL_FUNCTIONS.contains(&word.as_str()) || PROMQL_KEYWORDS.contains(&word.as_str())
+    {
+    } else {
+        assert!(!call, "unknown PromQL function {word}() in {expr}");
+        assert!(
+            word.starts_with("labelsync_"),
+            "{word} in {expr}: only labelsync's own metrics may be queried"
+        );
+        refs.metrics.entry(word.clone()).or_default();
+        *last_metric = Some(word);
+    }
+    i
 }
 
 #[test]
@@ -1274,7 +1393,21 @@ fn dashboard_is_well_formed_and_complete() {
         .expect("a `datasource` variable");
     assert_eq!(ds["type"], "datasource");
     assert_eq!(ds["query"], "prometheus");
+    check_dashboard_panels(&dash);
+    let all_refs: Vec<(String, String, PromRefs)> = dashboard_exprs(&dash)
+        .into_iter()
+        .map(|(title, e)| {
+            let r = promql_refs(&e);
+            (title, e, r)
+        })
+        .collect();
+    check_dashboard_has_required_signals(&all_refs);
+    check_dashboard_query_shapes(&all_refs);
+}
 
+/// Unique panel ids and grid positions, rows' nested panels included; every
+/// non-row panel and query on the datasource variable, with a query.
+fn check_dashboard_panels(dash: &Value) {
     let mut ids = BTreeSet::new();
     let mut walk = vec![dash["panels"].clone()];
     while let Some(panels) = walk.pop() {
@@ -1298,12 +1431,10 @@ fn dashboard_is_well_formed_and_complete() {
             }
         }
     }
+}
 
-    let exprs = dashboard_exprs(&dash);
-    let all_refs: Vec<(String, String, PromRefs)> = exprs
-        .iter()
-        .map(|(title, e)| (title.clone(), e.clone(), promql_refs(e)))
-        .collect();
+/// A panel for every required signal, with the aggregation it needs.
+fn check_dashboard_has_required_signals(all_refs: &[(String, String, PromRefs)]) {
     let uses = |metric: &str, also: &str| {
         all_refs
             .iter()
@@ -1340,7 +1471,10 @@ fn dashboard_is_well_formed_and_complete() {
     ] {
         assert!(uses(metric, also), "a panel queries {metric} with {also}");
     }
-    for (title, e, r) in &all_refs {
+}
+
+fn check_dashboard_query_shapes(all_refs: &[(String, String, PromRefs)]) {
+    for (title, e, r) in all_refs {
         // histogram_quantile needs the buckets, summed by le.
         if e.contains("histogram_quantile") {
             assert!(
@@ -1477,21 +1611,7 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
         ..AppOptions::default()
     })
     .await;
-    let root = app.doc_root.path();
-    std::fs::create_dir_all(root.join("data")).unwrap();
-    for i in 0..3 {
-        std::fs::write(root.join(format!("data/img-{i}.jpg")), b"jpeg").unwrap();
-    }
-    std::fs::create_dir_all(root.join("tasks")).unwrap();
-    std::fs::write(
-        root.join("tasks/good.jsonl"),
-        "{\"text\": \"a\"}\n{\"text\": \"b\"}\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("tasks/broken.json"), "[{\"text\": \"c\"}, {\"te").unwrap();
-    std::fs::write(root.join("tasks/notes.txt"), "not a task file").unwrap();
-    std::fs::create_dir_all(root.join("export")).unwrap();
-
+    write_scrape_fixture_files(app.doc_root.path());
     let bind = format!("127.0.0.1:{}", free_port());
     let _worker = spawn_worker(
         &app,
@@ -1509,6 +1629,47 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
     .await;
 
     let project = app.project("deploy").await;
+    sync_files_and_broken_tasks(&app, project).await;
+    resolve_an_image(&app, &client, project).await;
+    // Export: an annotation reaches the target, then its delete removes it.
+    export_and_delete_an_annotation(&app, project).await;
+
+    let (scheduler_text, worker_text) = scrape_scheduler_and_worker(&app, &client, &bind).await;
+    let mut series = scraped_series(&scheduler_text);
+    for (metric, labels) in scraped_series(&worker_text) {
+        series.entry(metric).or_default().extend(labels);
+    }
+    let missing = queried_series_missing_from(&series);
+    assert!(
+        missing.is_empty(),
+        "not in the scrapes (labelsync_worker_slots needs a worker binary that exports it: \
+         rebuild with `cargo build --workspace --bins`):\n  {}\n\nscheduler:\n{scheduler_text}\nworker:\n{worker_text}",
+        missing.join("\n  ")
+    );
+    check_compose_health_checks_pass(&app, &bind);
+    app.stop().await;
+}
+
+/// Images for a Files-mode sync; task files, one broken and one not a task
+/// file, for a Tasks-mode sync; an export directory.
+fn write_scrape_fixture_files(root: &Path) {
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    for i in 0..3 {
+        std::fs::write(root.join(format!("data/img-{i}.jpg")), b"jpeg").unwrap();
+    }
+    std::fs::create_dir_all(root.join("tasks")).unwrap();
+    std::fs::write(
+        root.join("tasks/good.jsonl"),
+        "{\"text\": \"a\"}\n{\"text\": \"b\"}\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("tasks/broken.json"), "[{\"text\": \"c\"}, {\"te").unwrap();
+    std::fs::write(root.join("tasks/notes.txt"), "not a task file").unwrap();
+    std::fs::create_dir_all(root.join("export")).unwrap();
+}
+
+/// A Files-mode sync that completes and a Tasks-mode sync with per-object errors.
+async fn sync_files_and_broken_tasks(app: &TestApp, project: i64) {
     let files = app
         .local_storage(project, json!({ "presign": false }))
         .await;
@@ -1527,7 +1688,10 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
     assert_eq!(status, 201, "{tasks_storage}");
     let run = app.sync(&tasks_storage["id"]).await;
     assert_eq!(run["status"], "completed_with_errors", "{run}");
+}
 
+/// A resolve of an image, proxied.
+async fn resolve_an_image(app: &TestApp, client: &reqwest::Client, project: i64) {
     let resolved = client
         .get(format!("{}/api/v1/resolve", app.base))
         .query(&[
@@ -1539,8 +1703,11 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
         .unwrap();
     assert_eq!(resolved.status(), 200);
     assert_eq!(resolved.bytes().await.unwrap().as_ref(), b"jpeg");
+}
 
-    // Export: an annotation reaches the target, then its delete removes it.
+/// An annotation reaches the export target, then its delete removes it.
+async fn export_and_delete_an_annotation(app: &TestApp, project: i64) {
+    let root = app.doc_root.path();
     let (status, target) = app
         .post(
             "/api/v1/storages",
@@ -1562,12 +1729,19 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
     let id = annotation["id"].as_i64().unwrap();
     let file = root.join(format!("export/ann/{id}.json"));
     wait_for("the export", || async { file.exists() }).await;
-    wait_for("the export run's end", || runs_idle(&app, &target)).await;
+    wait_for("the export run's end", || runs_idle(app, &target)).await;
     let (status, _) = app.delete(&format!("/api/v1/annotations/{id}")).await;
     assert_eq!(status, 204);
     wait_for("the delete", || async { !file.exists() }).await;
-    wait_for("the delete run's end", || runs_idle(&app, &target)).await;
+    wait_for("the delete run's end", || runs_idle(app, &target)).await;
+}
 
+/// The scheduler's and the worker's `/metrics` text.
+async fn scrape_scheduler_and_worker(
+    app: &TestApp,
+    client: &reqwest::Client,
+    bind: &str,
+) -> (String, String) {
     let scheduler_text = client
         .get(format!("{}/metrics", app.base))
         .send()
@@ -1576,13 +1750,19 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
         .text()
         .await
         .unwrap();
-    let worker_text = worker_get("/metrics").await.unwrap().text().await.unwrap();
-    let mut series = scraped_series(&scheduler_text);
-    for (metric, labels) in scraped_series(&worker_text) {
-        series.entry(metric).or_default().extend(labels);
-    }
+    let worker_text = client
+        .get(format!("http://{bind}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    (scheduler_text, worker_text)
+}
 
-    // The queries: the dashboard's, KEDA's (rendered) and the adapter rule's.
+/// The queries: the dashboard's, KEDA's (rendered) and the adapter rule's.
+fn queried_exprs() -> Vec<(String, String)> {
     let mut queries: Vec<(String, String)> = dashboard_exprs(&dashboard());
     let keda = rendered("aws");
     let query = find(&keda, "ScaledObject", "labelsync-worker")["spec"]["triggers"][0]["metadata"]
@@ -1603,6 +1783,13 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
         rule["seriesQuery"].as_str().unwrap().to_owned(),
     ));
 
+    queries
+}
+
+/// Every metric, matched label and grouping label of the queries that the
+/// scraped `series` lack (target labels aside), one line each.
+fn queried_series_missing_from(series: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+    let queries = queried_exprs();
     let mut missing = Vec::new();
     for (title, expr) in &queries {
         let refs = promql_refs(expr);
@@ -1627,14 +1814,11 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
             }
         }
     }
-    assert!(
-        missing.is_empty(),
-        "not in the scrapes (labelsync_worker_slots needs a worker binary that exports it: \
-         rebuild with `cargo build --workspace --bins`):\n  {}\n\nscheduler:\n{scheduler_text}\nworker:\n{worker_text}",
-        missing.join("\n  ")
-    );
+    missing
+}
 
-    // The compose health checks pass against the real processes.
+/// The compose health checks pass against the real processes.
+fn check_compose_health_checks_pass(app: &TestApp, bind: &str) {
     let compose = compose_config();
     let services = &compose["services"];
     let scheduler_addr = app.base.trim_start_matches("http://").to_owned();
@@ -1650,9 +1834,8 @@ async fn dashboard_metrics_exist_in_live_scrapes() {
         run_healthcheck(
             &services["worker-1"]["healthcheck"]["test"],
             "127.0.0.1:9464",
-            &bind
+            bind
         ),
         "the worker's compose health check against {bind}"
     );
-    app.stop().await;
 }

@@ -18,34 +18,51 @@ const TABLES: [&str; 9] = [
 ];
 
 async fn check_schema(db: &DatabaseConnection) {
+    check_tables_exist(db).await;
+    insert_project_storage_task(db).await;
+    check_one_link_per_object_row(db).await;
+    check_one_live_run_per_storage(db).await;
+    check_storage_delete_takes_its_links(db).await;
+    check_task_delete_takes_its_links(db).await;
+    check_project_delete_cascades(db).await;
+}
+
+async fn check_tables_exist(db: &DatabaseConnection) {
     for table in TABLES {
         db.execute_unprepared(&format!("SELECT COUNT(*) FROM {table}"))
             .await
             .unwrap_or_else(|e| panic!("table {table} missing: {e}"));
     }
-    let now = "'2026-01-01T00:00:00Z'";
+}
+
+/// Project 1, its storage 1 and its task 1.
+async fn insert_project_storage_task(db: &DatabaseConnection) {
     db.execute_unprepared(&format!(
-        "INSERT INTO projects (id, title, data_key, created_at, updated_at) VALUES (1, 'p', 'image', {now}, {now})"
+        "INSERT INTO projects (id, title, data_key, created_at, updated_at) VALUES (1, 'p', 'image', {NOW}, {NOW})"
     ))
     .await
     .expect("insert project");
     db.execute_unprepared(&storage_sql(1, 1, "files"))
         .await
         .expect("insert storage");
-    db.execute_unprepared(&format!(
-        "INSERT INTO tasks (id, project_id, data, created_at, updated_at) VALUES (1, 1, '{{}}', {now}, {now})"
-    ))
-    .await
-    .expect("insert task");
+    db.execute_unprepared(&task_sql(1))
+        .await
+        .expect("insert task");
+}
+
+async fn check_one_link_per_object_row(db: &DatabaseConnection) {
     let link = link_sql(1, 0, 1);
     db.execute_unprepared(&link).await.expect("first link");
     assert!(
         db.execute_unprepared(&link).await.is_err(),
         "UNIQUE(storage_id, object_key, row_index) must refuse a second link"
     );
+}
+
+async fn check_one_live_run_per_storage(db: &DatabaseConnection) {
     let run = |id: &str, status: &str| {
         format!(
-            "INSERT INTO sync_runs (id, storage_id, kind, status, queued_at) VALUES ('{id}', 1, 'import', '{status}', {now})"
+            "INSERT INTO sync_runs (id, storage_id, kind, status, queued_at) VALUES ('{id}', 1, 'import', '{status}', {NOW})"
         )
     };
     db.execute_unprepared(&run("r1", "completed"))
@@ -58,7 +75,10 @@ async fn check_schema(db: &DatabaseConnection) {
         db.execute_unprepared(&run("r3", "running")).await.is_err(),
         "a second live run of one storage must be refused"
     );
-    // Deleting a storage takes its links, not the project's tasks.
+}
+
+/// Deleting a storage takes its links, not the project's tasks.
+async fn check_storage_delete_takes_its_links(db: &DatabaseConnection) {
     db.execute_unprepared(&storage_sql(2, 1, "files"))
         .await
         .expect("insert second storage");
@@ -87,12 +107,13 @@ async fn check_schema(db: &DatabaseConnection) {
         1,
         "tasks stay"
     );
-    // Deleting a task takes its links.
-    db.execute_unprepared(&format!(
-        "INSERT INTO tasks (id, project_id, data, created_at, updated_at) VALUES (2, 1, '{{}}', {now}, {now})"
-    ))
-    .await
-    .expect("insert second task");
+}
+
+/// Deleting a task takes its links.
+async fn check_task_delete_takes_its_links(db: &DatabaseConnection) {
+    db.execute_unprepared(&task_sql(2))
+        .await
+        .expect("insert second task");
     db.execute_unprepared(&link_sql(1, 1, 2))
         .await
         .expect("link of the second task");
@@ -108,7 +129,10 @@ async fn check_schema(db: &DatabaseConnection) {
         0,
         "a deleted task's links must go with it"
     );
-    // Deleting the project cascades to everything under it.
+}
+
+/// Deleting the project cascades to everything under it.
+async fn check_project_delete_cascades(db: &DatabaseConnection) {
     db.execute_unprepared("DELETE FROM projects WHERE id = 1")
         .await
         .expect("delete project");
@@ -116,6 +140,13 @@ async fn check_schema(db: &DatabaseConnection) {
         let n = count(db, &format!("SELECT COUNT(*) AS n FROM {table}")).await;
         assert_eq!(n, 0, "{table} not emptied by the cascade");
     }
+}
+
+/// A task of project 1 with empty data.
+fn task_sql(id: i64) -> String {
+    format!(
+        "INSERT INTO tasks (id, project_id, data, created_at, updated_at) VALUES ({id}, 1, '{{}}', {NOW}, {NOW})"
+    )
 }
 
 /// A local source storage row.
