@@ -409,16 +409,7 @@ async fn a_1_gib_object_is_proxied_in_bounded_memory() {
         .unwrap()
         .set_len(GIB)
         .unwrap();
-    source(
-        &app,
-        project,
-        "local",
-        json!({ "path": "media" }),
-        json!({}),
-        false,
-        900,
-    )
-    .await;
+    local_media_source(&app, project).await;
     let mut resp = resolve(&app, project, "/data/local-files/?d=media/huge.bin", &[]).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-length"], GIB.to_string().as_str());
@@ -585,16 +576,7 @@ async fn local_resolve_agrees_with_listing_and_answers_bad_keys_with_4xx() {
     std::fs::write(root.join("media/real/b.jpg"), b"b").unwrap();
     std::fs::write(root.join("elsewhere/c.jpg"), b"c").unwrap();
     std::os::unix::fs::symlink(root.join("elsewhere"), root.join("media/linked")).unwrap();
-    source(
-        &app,
-        project,
-        "local",
-        json!({ "path": "media" }),
-        json!({}),
-        false,
-        900,
-    )
-    .await;
+    local_media_source(&app, project).await;
 
     let long = format!("/data/local-files/?d=media/{}.jpg", "x".repeat(300));
     for (uri, status) in [
@@ -622,16 +604,7 @@ async fn refused_ranges_say_the_size_and_messages_hide_the_document_root() {
     let root = app.doc_root.path().to_owned();
     std::fs::create_dir_all(root.join("media")).unwrap();
     std::fs::write(root.join("media/a.jpg"), b"0123456789").unwrap();
-    source(
-        &app,
-        project,
-        "local",
-        json!({ "path": "media" }),
-        json!({}),
-        false,
-        900,
-    )
-    .await;
+    local_media_source(&app, project).await;
     for range in ["bytes=10-", "bytes=20-30", "bytes=-0"] {
         let resp = resolve(
             &app,
@@ -674,4 +647,19 @@ async fn refused_ranges_say_the_size_and_messages_hide_the_document_root() {
         }
     }
     app.stop().await;
+}
+
+/// A local source on the document root's `media` folder (presign off, the
+/// default TTL), the setup of the local resolve tests.
+async fn local_media_source(app: &TestApp, project: i64) {
+    source(
+        app,
+        project,
+        "local",
+        json!({ "path": "media" }),
+        json!({}),
+        false,
+        900,
+    )
+    .await;
 }

@@ -696,18 +696,7 @@ async fn databricks_conformance_on_the_files_api_fake() {
 async fn local_conformance() {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join("data")).unwrap();
-    let env = labelsync::storage::StorageEnv {
-        document_root: Some(root.path().to_owned()),
-        ..labelsync_tests::backends::test_env()
-    };
-    let storage = labelsync::storage::open_with(
-        BackendKind::Local,
-        &json!({ "path": "data" }),
-        &labelsync::storage::Secrets::default(),
-        &env,
-    )
-    .await
-    .unwrap();
+    let storage = local_data_storage(root.path()).await;
     conformance(storage.clone(), Presign::Proxied).await;
     // Keys never leave the storage's directory.
     assert!(
@@ -768,18 +757,7 @@ async fn local_puts_never_go_through_symlinked_directories() {
     std::fs::create_dir_all(root.path().join("other")).unwrap();
     std::os::unix::fs::symlink(outside.path(), root.path().join("data/out")).unwrap();
     std::os::unix::fs::symlink(root.path().join("other"), root.path().join("data/inner")).unwrap();
-    let env = labelsync::storage::StorageEnv {
-        document_root: Some(root.path().to_owned()),
-        ..labelsync_tests::backends::test_env()
-    };
-    let storage = labelsync::storage::open_with(
-        BackendKind::Local,
-        &json!({ "path": "data" }),
-        &labelsync::storage::Secrets::default(),
-        &env,
-    )
-    .await
-    .unwrap();
+    let storage = local_data_storage(root.path()).await;
     for key in [
         "out/sub/a.json",
         "out/a.json",
@@ -1104,4 +1082,22 @@ async fn endpoints_are_guarded_and_secrets_need_a_key() {
         "{err}"
     );
     app.stop().await;
+}
+
+/// A local storage on `<root>/data`, with `root` as the document root.
+async fn local_data_storage(
+    root: &std::path::Path,
+) -> std::sync::Arc<dyn labelsync::storage::Storage> {
+    let env = labelsync::storage::StorageEnv {
+        document_root: Some(root.to_owned()),
+        ..labelsync_tests::backends::test_env()
+    };
+    labelsync::storage::open_with(
+        BackendKind::Local,
+        &json!({ "path": "data" }),
+        &labelsync::storage::Secrets::default(),
+        &env,
+    )
+    .await
+    .unwrap()
 }
