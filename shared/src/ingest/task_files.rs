@@ -168,10 +168,10 @@ impl Importer<'_, '_> {
 
     /// The object's format, or why it cannot be imported (a per-object error).
     fn readable_format(&self, object: &ObjectMeta) -> std::result::Result<Format, String> {
-        // A Redis value is always task JSON, whatever its key looks like.
-        let backend = crate::storage::BackendKind::parse(&self.job.storage.backend).ok();
-        let redis = backend == Some(crate::storage::BackendKind::Redis);
-        let Some(format) = Format::of_key(&object.key).or(redis.then_some(Format::Json)) else {
+        let json_values = crate::storage::BackendKind::parse(&self.job.storage.backend)
+            .is_ok_and(|kind| crate::storage::backend(kind).values_are_task_json());
+        let Some(format) = Format::of_key(&object.key).or(json_values.then_some(Format::Json))
+        else {
             return Err("unsupported file type: Tasks mode reads .json, .jsonl, .ndjson, .parquet and names without an extension (JSON)".into());
         };
         let limit = self.job.settings.max_object_bytes;

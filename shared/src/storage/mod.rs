@@ -59,6 +59,12 @@ pub trait Backend: Sync {
     /// How its keys must be checked ([`check_key`]).
     fn key_shape(&self) -> KeyShape;
 
+    /// Whether every object's value is task JSON whatever its key looks like
+    /// (Redis, as Label Studio stores tasks there), for Tasks mode.
+    fn values_are_task_json(&self) -> bool {
+        false
+    }
+
     /// The scheme of its task URIs (`s3://bucket/key`), if it has them.
     fn uri_scheme(&self) -> Option<&'static str> {
         None

@@ -380,6 +380,10 @@ impl super::Backend for Descriptor {
         super::KeyShape::Name
     }
 
+    fn values_are_task_json(&self) -> bool {
+        true
+    }
+
     async fn validate(
         &self,
         config: &serde_json::Value,
