@@ -5,7 +5,7 @@ use labelsync_migrations::{Migrator, MigratorTrait};
 use labelsync_tests::fresh_postgres;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 14] = [
     "projects",
     "storages",
     "tasks",
@@ -15,6 +15,11 @@ const TABLES: [&str; 9] = [
     "export_links",
     "sync_runs",
     "object_errors",
+    "webhooks",
+    "webhook_events",
+    "webhook_deliveries",
+    "webhook_attempts",
+    "idempotency_keys",
 ];
 
 async fn check_schema(db: &DatabaseConnection) {

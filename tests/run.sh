@@ -71,6 +71,9 @@ ensure_emulators
 # kubectl, kubernetes-validate, pyyaml and docker-compose for tests/deploy.rs.
 source tests/deploy/tools.sh
 ensure_deploy_tools
+# standardwebhooks, schemathesis and openapi-spec-validator for the API tests.
+source tests/api-tools.sh
+ensure_api_tools
 
 log "building"
 cargo build --workspace --bins --tests --locked

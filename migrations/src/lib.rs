@@ -12,6 +12,8 @@ mod m20261124_000003_sync_batches;
 mod m20261124_000004_export_outbox;
 mod m20261202_000005_bulk_import_keys;
 mod m20261202_000006_partial_objects;
+mod m20261202_000007_webhooks;
+mod m20261202_000008_idempotency_keys;
 
 pub struct Migrator;
 
@@ -25,6 +27,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000004_export_outbox::Migration),
             Box::new(m20261202_000005_bulk_import_keys::Migration),
             Box::new(m20261202_000006_partial_objects::Migration),
+            Box::new(m20261202_000007_webhooks::Migration),
+            Box::new(m20261202_000008_idempotency_keys::Migration),
         ]
     }
 }

@@ -1,7 +1,8 @@
 //! Periodic work of the scheduler: syncs whose `sync_interval_seconds` came
 //! round, export runs for storages with annotation events waiting in the
-//! outbox (`jobs::dispatch_outbox`), and the sweep that enqueues stalled runs again
-//! (`jobs::requeue_stalled`). Every replica ticks, but each due storage is claimed with
+//! outbox (`jobs::dispatch_outbox`), the sweep that enqueues stalled runs again
+//! (`jobs::requeue_stalled`), delivery jobs for webhook endpoints with due
+//! events (`jobs::dispatch_webhooks`), and the cleanup of expired rows. Every replica ticks, but each due storage is claimed with
 //! one conditional UPDATE of its `next_sync_at`: only the replica whose UPDATE
 //! changed the row enqueues, so a period yields one sync however many
 //! schedulers run.
@@ -19,6 +20,7 @@ const BATCH: u64 = 100;
 pub async fn run(state: AppState, tick: Duration) {
     let mut timer = tokio::time::interval(tick);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = std::time::Instant::now() - PRUNE_EVERY;
     loop {
         timer.tick().await;
         if let Err(err) = tick_once(&state).await {
@@ -34,6 +36,36 @@ pub async fn run(state: AppState, tick: Duration) {
             Ok(n) => tracing::info!(runs = n, "enqueued stalled runs again"),
             Err(err) => tracing::warn!(error = %err, "requeue sweep failed"),
         }
+        if let Err(err) = jobs::dispatch_webhooks(&state.db, &state.queue).await {
+            tracing::warn!(error = %err, "webhook dispatch failed");
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = std::time::Instant::now();
+            prune(&state).await;
+        }
+    }
+}
+
+/// How often expired webhook events and idempotency keys are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Webhook events (with their delivery log) are kept this long once
+/// nothing is pending for them.
+const EVENT_RETENTION_DAYS: i64 = 7;
+
+/// Deletes what has outlived its retention.
+async fn prune(state: &AppState) {
+    let cutoff = Utc::now() - chrono::Duration::days(EVENT_RETENTION_DAYS);
+    match labelsync::db::webhooks::prune(&state.db, cutoff).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(events = n, "deleted old webhook events"),
+        Err(err) => tracing::warn!(error = %err, "webhook event cleanup failed"),
+    }
+    let expired = crate::api::IDEMPOTENCY_KEEP;
+    let cutoff = Utc::now() - chrono::Duration::from_std(expired).unwrap_or_default();
+    match labelsync::db::idempotency::prune(&state.db, cutoff).await {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(keys = n, "deleted expired idempotency keys"),
+        Err(err) => tracing::warn!(error = %err, "idempotency key cleanup failed"),
     }
 }
 

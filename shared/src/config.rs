@@ -65,6 +65,10 @@ pub struct Settings {
     /// `LABELSYNC_SCHEDULE_TICK_MS` (default 1000): how often the scheduler
     /// looks for storages whose `sync_interval_seconds` has come round.
     pub schedule_tick: Duration,
+    /// `LABELSYNC_WEBHOOK_MAX_AGE_SECS` (default 86400, a day): a webhook
+    /// endpoint whose every attempt failed for this long is disabled, and the
+    /// delivery it failed on is given up.
+    pub webhook_max_age: Duration,
     /// `LABELSYNC_LOG_FORMAT`: `json` or `text` (default).
     pub log_json: bool,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`: a collector (`http://collector:4318`)
@@ -200,6 +204,7 @@ impl Settings {
             schedule_tick: Duration::from_millis(
                 parse(&get, "LABELSYNC_SCHEDULE_TICK_MS", 1000)?.max(50),
             ),
+            webhook_max_age: secs_at_least_1(&get, "LABELSYNC_WEBHOOK_MAX_AGE_SECS", 86_400)?,
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             storage_timeout: secs_at_least_1(&get, "LABELSYNC_STORAGE_TIMEOUT_SECS", 60)?,

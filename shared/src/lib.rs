@@ -15,13 +15,15 @@
 //! 3. [`db`]: SeaORM entities (`db::entities`) and every query (`db::runs`
 //!    the run lifecycle, `db::links` import links, `db::tasks` tasks with
 //!    their links, annotations and predictions, `db::batches`
-//!    fan-out batches, `db::outbox` annotation events).
+//!    fan-out batches, `db::outbox` annotation events, `db::webhooks`
+//!    webhook endpoints, events and deliveries).
 //! 4. [`storage`]: the [`storage::Storage`] trait, one module per backend,
 //!    the instrumented wrapper every backend is opened in, the key filter.
 //! 5. [`attempt`]: what one attempt of a run shares ([`attempt::Outcome`],
 //!    the stop flag).
 //! 6. [`ingest`] (the import pipeline; fan-out through its
-//!    [`ingest::FanOut`] port) and [`export`] (the export pipeline).
+//!    [`ingest::FanOut`] port), [`export`] (the export pipeline) and
+//!    [`webhooks`] (signing and delivering webhook events).
 //! 7. [`jobs`]: job payloads, the queue (Redis or embedded SQLite, which
 //!    implements `FanOut`) and the handler both binaries register.
 //! 8. [`lifecycle`]: shutdown signal, readiness, `/metrics`, the worker's
@@ -42,6 +44,7 @@ pub mod metrics;
 pub mod security;
 pub mod storage;
 pub mod telemetry;
+pub mod webhooks;
 
 pub use error::{Error, Result};
 

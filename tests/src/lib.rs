@@ -24,6 +24,7 @@
 pub mod backends;
 pub mod fault_proxy;
 pub mod otlp;
+pub mod webhook_receiver;
 
 use std::{
     collections::HashMap,
@@ -520,6 +521,9 @@ pub fn spawn_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
         "LABELSYNC_QUEUE_NAMESPACE",
         "LOCAL_FILES_DOCUMENT_ROOT",
         "LABELSYNC_HEARTBEAT_SECS",
+        "LABELSYNC_SECRET_KEY",
+        "LABELSYNC_ALLOW_PRIVATE_ENDPOINTS",
+        "LABELSYNC_WEBHOOK_MAX_AGE_SECS",
     ] {
         if let Some(value) = app.vars.get(key) {
             cmd.env(key, value);

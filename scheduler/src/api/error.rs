@@ -183,7 +183,7 @@ fn has_escaped_nul(json: &[u8]) -> bool {
 
 /// A body that could not be read: too large (413), too slow (408, the
 /// server's body timeout), or cut off by the client (400).
-fn body_error(rejection: BytesRejection) -> ApiError {
+pub(super) fn body_error(rejection: BytesRejection) -> ApiError {
     let timed_out = std::iter::successors(std::error::Error::source(&rejection), |e| e.source())
         .find_map(|e| e.downcast_ref::<labelsync::http::BodyTimeout>());
     if let Some(timeout) = timed_out {

@@ -2,12 +2,14 @@
 //! builds the router, the auth layer and the list conventions.
 mod annotations;
 mod error;
+mod idempotency;
 mod ops;
 mod projects;
 mod resolve;
 mod runs;
 mod storages;
 mod tasks;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -26,6 +28,7 @@ use subtle::ConstantTimeEq;
 use tracing::Instrument;
 
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
+pub use idempotency::KEEP as IDEMPOTENCY_KEEP;
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -72,11 +75,34 @@ pub fn router(state: AppState) -> Router {
                 .patch(annotations::update)
                 .delete(annotations::delete),
         )
+        .route("/webhooks", post(webhooks::create).get(webhooks::list))
+        .route(
+            "/webhooks/{id}",
+            get(webhooks::get_one)
+                .patch(webhooks::update)
+                .delete(webhooks::delete),
+        )
+        .route("/webhooks/{id}/test", post(webhooks::test))
+        .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
+        .route(
+            "/webhooks/{id}/deliveries/{delivery_id}",
+            get(webhooks::delivery),
+        )
+        .route(
+            "/webhooks/{id}/deliveries/{delivery_id}/redeliver",
+            post(webhooks::redeliver),
+        )
         .route("/queues", get(ops::queues))
         .route("/resolve", get(resolve::resolve))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such API route") })
         .method_not_allowed_fallback(method_not_allowed)
+        // Innermost first: a request is authenticated and checked for NUL
+        // before its Idempotency-Key is claimed.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::idempotent,
+        ))
         .layer(middleware::from_fn(refuse_nul_in_url))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()

@@ -5,12 +5,14 @@ pub mod annotations;
 pub mod batches;
 pub mod entities;
 pub mod exports;
+pub mod idempotency;
 pub mod links;
 pub mod outbox;
 pub mod projects;
 pub mod runs;
 pub mod storages;
 pub mod tasks;
+pub mod webhooks;
 
 use std::time::Duration;
 

@@ -171,8 +171,14 @@ pub async fn create_or_get_live_scoped(
             lease_at: Set(None),
             scope: Set(scope.to_owned()),
         };
-        match sync_run::Entity::insert(row).exec_with_returning(db).await {
-            Ok(run) => return Ok((run, false)),
+        // The run and its `run.queued` event commit together.
+        let tx = super::begin_write(db).await?;
+        match sync_run::Entity::insert(row).exec_with_returning(&tx).await {
+            Ok(run) => {
+                record_events(&tx, &run).await?;
+                tx.commit().await?;
+                return Ok((run, false));
+            }
             Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
                 continue;
             }
@@ -200,7 +206,7 @@ pub enum Attempt {
 /// within `lease_ttl`. Two jobs of one run (a duplicate delivery, a worker
 /// presumed dead that was only slow) therefore never work on it at once.
 pub async fn begin_attempt(
-    db: &impl ConnectionTrait,
+    db: &DatabaseConnection,
     id: &str,
     owner: &str,
     lease_ttl: std::time::Duration,
@@ -208,6 +214,8 @@ pub async fn begin_attempt(
     use sync_run::Column as C;
     let now = Utc::now();
     let stale = now - chrono::Duration::from_std(lease_ttl).unwrap_or_default();
+    // The first attempt's `run.started` event commits with it.
+    let tx = super::begin_write(db).await?;
     let res = sync_run::Entity::update_many()
         .col_expr(C::Status, Expr::value(RunStatus::Running.as_str()))
         .col_expr(C::Attempts, Expr::col(C::Attempts).add(1))
@@ -226,10 +234,14 @@ pub async fn begin_attempt(
                 .add(C::LeaseAt.is_null())
                 .add(C::LeaseAt.lt(stale)),
         )
-        .exec(db)
+        .exec(&tx)
         .await?;
-    let run = get(db, id).await?;
+    let run = get(&tx, id).await?;
     if res.rows_affected == 1 {
+        if run.attempts == 1 {
+            record_events(&tx, &run).await?;
+        }
+        tx.commit().await?;
         return Ok(Attempt::Started(Box::new(run)));
     }
     Ok(match RunStatus::parse(&run.status) {
@@ -288,10 +300,11 @@ pub async fn checkpoint(
     Ok(res.rows_affected == 1)
 }
 
-/// Ends a live run — with `owner`, only if that attempt still holds it.
-/// Returns false when it was not live any more (or not ours).
+/// Ends a live run — with `owner`, only if that attempt still holds it —
+/// and records its webhook events in the same transaction. Returns false
+/// when it was not live any more (or not ours).
 pub async fn finish(
-    db: &impl ConnectionTrait,
+    db: &DatabaseConnection,
     id: &str,
     status: RunStatus,
     error: Option<String>,
@@ -308,7 +321,59 @@ pub async fn finish(
     if let Some(owner) = owner {
         update = update.filter(sync_run::Column::LeaseOwner.eq(owner));
     }
-    Ok(update.exec(db).await?.rows_affected == 1)
+    let tx = super::begin_write(db).await?;
+    if update.exec(&tx).await?.rows_affected != 1 {
+        return Ok(false);
+    }
+    record_events(&tx, &get(&tx, id).await?).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// How many of an export run's per-object errors its `export.failed` event
+/// carries (the rest are at `GET /runs/{id}/errors`).
+const ERRORS_IN_EVENT: u64 = 10;
+
+/// Records the webhook events of a run that just changed status (see
+/// `db::webhooks::record`): `run.<status>`, and when it ended,
+/// `storage.objects_missing` for an import that found objects gone and
+/// `export.failed` for an export with objects it could not write.
+async fn record_events(db: &impl ConnectionTrait, run: &sync_run::Model) -> Result<()> {
+    use super::{entities::storage, webhooks::record};
+    let project_id: Option<i64> = storage::Entity::find_by_id(run.storage_id)
+        .select_only()
+        .column(storage::Column::ProjectId)
+        .into_tuple()
+        .one(db)
+        .await?;
+    let mut data = serde_json::json!({ "run": to_json(run), "project_id": project_id });
+    let status = RunStatus::parse(&run.status).unwrap_or(RunStatus::Failed);
+    let event = match status {
+        RunStatus::Running => "run.started".to_owned(),
+        other => format!("run.{}", other.as_str()),
+    };
+    record(db, &event, project_id, data.clone()).await?;
+    if status.is_live() {
+        return Ok(());
+    }
+    let completed = matches!(
+        status,
+        RunStatus::Completed | RunStatus::CompletedWithErrors
+    );
+    if completed && run.kind == RunKind::Import.as_str() && run.missing > 0 {
+        data["missing"] = run.missing.into();
+        record(db, "storage.objects_missing", project_id, data.clone()).await?;
+    }
+    if run.kind == RunKind::Export.as_str() && run.failed > 0 {
+        let errors = errors_page(db, &run.id, None, ERRORS_IN_EVENT).await?;
+        data["failed"] = run.failed.into();
+        data["errors"] = errors
+            .iter()
+            .map(|e| serde_json::json!({ "key": e.object_key, "error": e.error }))
+            .collect();
+        record(db, "export.failed", project_id, data).await?;
+    }
+    Ok(())
 }
 
 /// Lets go of an attempt's lease after a transient failure, recording why,

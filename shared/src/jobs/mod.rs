@@ -36,12 +36,15 @@ use crate::{
     telemetry::TraceContext,
 };
 
-/// The queue payload: a run, or one fan-out batch of a run.
+/// The queue payload: a run, one fan-out batch of a run, or the due
+/// deliveries of one webhook endpoint (`run_id` empty).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunJob {
     pub run_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<i64>,
     /// The W3C trace context of whoever enqueued the job (an API request, the
     /// scheduler's tick, a fanning-out sync), set by [`Queue::push`]; the
     /// job's span continues that trace.
@@ -54,7 +57,15 @@ impl RunJob {
         RunJob {
             run_id: run_id.into(),
             batch: None,
+            webhook: None,
             trace: TraceContext::new(),
+        }
+    }
+
+    pub fn for_webhook(webhook_id: i64) -> Self {
+        RunJob {
+            webhook: Some(webhook_id),
+            ..RunJob::for_run("")
         }
     }
 
@@ -428,7 +439,60 @@ async fn end(
     runs::finish(&ctx.db, run_id, status, error, Some(lease))
         .await
         .map_err(RetryLater)?;
+    // The run's events go out now rather than at the scheduler's next tick.
+    if let Some(queue) = &ctx.queue
+        && let Err(err) = dispatch_webhooks(&ctx.db, queue).await
+    {
+        tracing::debug!(error = %err, "webhook dispatch failed; the scheduler's tick will");
+    }
     Ok(())
+}
+
+/// Delivers the due events of one webhook endpoint (see
+/// [`crate::webhooks::Delivery`]). Failed attempts are the delivery's to
+/// retry, so only a database outage retries the job.
+pub async fn execute_webhook(ctx: &JobContext, webhook_id: i64) -> Result<(), RetryLater> {
+    let sender = crate::webhooks::Sender::new(&ctx.settings.endpoint_policy).map_err(RetryLater)?;
+    let delivery = crate::webhooks::Delivery {
+        db: &ctx.db,
+        secrets: ctx.settings.secret_box.as_deref(),
+        sender: &sender,
+        max_age: ctx.settings.webhook_max_age,
+    };
+    match delivery.run(webhook_id).await {
+        Err(err) if err.is_transient() => Err(RetryLater(err)),
+        Err(err) => {
+            tracing::warn!(webhook_id, error = %err, "webhook delivery stopped");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Endpoints handled per dispatch.
+const WEBHOOKS_PER_DISPATCH: u64 = 1000;
+/// A delivery job lost on its way (Redis flushed) is pushed again after
+/// this long: the dedup key changes with it.
+const WEBHOOK_REPUSH_SECS: i64 = 30;
+
+/// Pushes a delivery job for every endpoint with a due delivery at the
+/// head of its queue (the scheduler's tick, and a worker that just ended a
+/// run). A job for an endpoint being delivered to is harmless: the
+/// endpoint's lease turns it away. Returns how many were pushed.
+pub async fn dispatch_webhooks(db: &DatabaseConnection, queue: &Queue) -> Result<usize> {
+    let now = chrono::Utc::now();
+    let bucket = now.timestamp() / WEBHOOK_REPUSH_SECS;
+    let mut pushed = 0;
+    for (webhook_id, delivery_id, attempts) in
+        crate::db::webhooks::due(db, now, WEBHOOKS_PER_DISPATCH).await?
+    {
+        let dedup = format!("webhook:{webhook_id}:{delivery_id}:{attempts}:{bucket}");
+        match queue.push(RunJob::for_webhook(webhook_id), &dedup).await? {
+            Pushed::Queued => pushed += 1,
+            Pushed::Full => break,
+        }
+    }
+    Ok(pushed)
 }
 
 /// Beats the run's heart (and renews the attempt's lease) while it works on

@@ -335,6 +335,7 @@ async fn handle(
         job_id = %task_id.map(|id| id.to_string()).unwrap_or_default(),
         run_id = %job.run_id,
         batch_id = job.batch,
+        webhook_id = job.webhook,
         worker = worker.name(),
         storage_id = tracing::field::Empty,
         backend = tracing::field::Empty,
@@ -342,9 +343,12 @@ async fn handle(
     );
     crate::telemetry::set_parent(&span, &crate::telemetry::Carried(&job.trace));
     let result = async {
-        match job.batch {
-            None => super::execute(&ctx, &job.run_id).await,
-            Some(batch) => super::execute_batch(&ctx, &job.run_id, batch, worker.name()).await,
+        match (job.webhook, job.batch) {
+            (Some(webhook), _) => super::execute_webhook(&ctx, webhook).await,
+            (None, None) => super::execute(&ctx, &job.run_id).await,
+            (None, Some(batch)) => {
+                super::execute_batch(&ctx, &job.run_id, batch, worker.name()).await
+            }
         }
     }
     .instrument(span)

@@ -6,3 +6,17 @@
 pub mod net;
 pub mod paths;
 pub mod secrets;
+
+/// The SHA-256 of `parts` (fed in order), in lowercase hex: how a caller's
+/// token and a request are remembered without keeping them.
+pub fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        ctx.update(part);
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

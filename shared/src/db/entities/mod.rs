@@ -3,6 +3,7 @@
 pub mod annotation;
 pub mod export_link;
 pub mod export_outbox;
+pub mod idempotency_key;
 pub mod import_link;
 pub mod object_error;
 pub mod partial_object;
@@ -12,3 +13,7 @@ pub mod storage;
 pub mod sync_batch;
 pub mod sync_run;
 pub mod task;
+pub mod webhook;
+pub mod webhook_attempt;
+pub mod webhook_delivery;
+pub mod webhook_event;

@@ -1,0 +1,211 @@
+//! `Idempotency-Key` on every POST (docs/API.md, "Idempotent requests"):
+//! the same key from the same caller with the same request within 24 h
+//! gets the first answer again and does nothing; another request under the
+//! key is a 422; a duplicate sent while the first is still being answered
+//! waits for it.
+use std::time::Duration;
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{FromRequest, Request, State},
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use chrono::Utc;
+use labelsync::{
+    db::idempotency::{self, Claim},
+    security::sha256_hex,
+};
+
+use super::{ApiError, ApiResult, AppState};
+
+const HEADER: &str = "idempotency-key";
+/// How long a key is remembered.
+pub const KEEP: Duration = Duration::from_secs(24 * 3600);
+/// A key claimed this long ago with no answer stored was abandoned (its
+/// process died mid-request): the next request with it runs afresh.
+/// Longer than any request may take (body timeout, then the handler).
+const ABANDONED_AFTER: Duration = Duration::from_secs(120);
+/// How long a duplicate waits for the first request's answer.
+const WAIT_FOR_FIRST: Duration = Duration::from_secs(30);
+const MAX_KEY_LEN: usize = 255;
+/// The largest answer kept for a replay (POST answers are one resource).
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// The middleware. Requests other than POST, and POSTs without the
+/// header, pass through untouched.
+pub async fn idempotent(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let Some(key) = req.headers().get(HEADER).cloned() else {
+        return next.run(req).await;
+    };
+    match run_once(&state, key, req, next).await {
+        Ok(response) | Err(response) => response,
+    }
+}
+
+/// Claims the key, or answers from it; runs the request when claimed.
+async fn run_once(
+    state: &AppState,
+    key: HeaderValue,
+    req: Request,
+    next: Next,
+) -> Result<Response, Response> {
+    let key = check_key(&key).map_err(IntoResponse::into_response)?;
+    let caller = caller_of(&req);
+    let (parts, body) = req.into_parts();
+    let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), &())
+        .await
+        .map_err(|e| super::error::body_error(e).into_response())?;
+    let target = parts.uri.path_and_query().map_or("", |p| p.as_str());
+    let hash = sha256_hex(&[
+        parts.method.as_str().as_bytes(),
+        b" ",
+        target.as_bytes(),
+        b"\n",
+        &bytes,
+    ]);
+    if let Some(answer) = settle(state, &caller, &key, &hash)
+        .await
+        .map_err(IntoResponse::into_response)?
+    {
+        return Ok(answer);
+    }
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    Ok(remember(state, &caller, &key, response).await)
+}
+
+/// 1 to 255 visible ASCII characters (UUIDs, ULIDs, anything printable).
+fn check_key(value: &HeaderValue) -> ApiResult<String> {
+    let key = value.to_str().unwrap_or_default();
+    let printable = key.bytes().all(|b| b.is_ascii_graphic());
+    if key.is_empty() || key.len() > MAX_KEY_LEN || !printable {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            format!(
+                "Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters (a UUID works)"
+            ),
+        ));
+    }
+    Ok(key.to_owned())
+}
+
+/// Whose key it is: the SHA-256 of the bearer token (the token itself is
+/// never stored); the empty string without one (the open loopback mode).
+fn caller_of(req: &Request) -> String {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(String::new, |token| sha256_hex(&[token.trim().as_bytes()]))
+}
+
+/// `None`: the key is ours, run the request. `Some`: the stored answer.
+async fn settle(
+    state: &AppState,
+    caller: &str,
+    key: &str,
+    hash: &str,
+) -> ApiResult<Option<Response>> {
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
+    loop {
+        let row = match idempotency::claim(&state.db, caller, key, hash).await? {
+            Claim::Claimed => return Ok(None),
+            Claim::Taken(row) => row,
+        };
+        let now = Utc::now();
+        let age = (now - row.created_at).to_std().unwrap_or_default();
+        if age >= KEEP {
+            idempotency::forget(
+                &state.db,
+                caller,
+                key,
+                Some(row.created_at + chrono::Duration::milliseconds(1)),
+            )
+            .await?;
+            continue;
+        }
+        if row.request_hash != hash {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for another request (another method, path or body); use a new key for a new request",
+            ));
+        }
+        if let Some(status) = row.status {
+            return Ok(Some(replay(status, row.response.unwrap_or_default())));
+        }
+        if age >= ABANDONED_AFTER {
+            idempotency::forget(
+                &state.db,
+                caller,
+                key,
+                Some(row.created_at + chrono::Duration::milliseconds(1)),
+            )
+            .await?;
+            continue;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_progress",
+                "a request with this Idempotency-Key is still being answered; send it again later",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The first answer, again, marked as a replay.
+fn replay(status: i32, body: String) -> Response {
+    let status = u16::try_from(status)
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
+}
+
+/// Stores the answer under the key, except server-side failures (5xx) and
+/// 429: the key is let go so a retry runs the request again.
+async fn remember(state: &AppState, caller: &str, key: &str, response: Response) -> Response {
+    let (parts, body) = response.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_ANSWER_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            tracing::warn!(error = %err, "answer too large to keep for Idempotency-Key");
+            let _ = idempotency::forget(&state.db, caller, key, None).await;
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server log",
+            )
+            .into_response();
+        }
+    };
+    let status = parts.status;
+    let stored = if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        idempotency::forget(&state.db, caller, key, None)
+            .await
+            .map(|_| ())
+    } else {
+        let text = String::from_utf8_lossy(&bytes);
+        idempotency::complete(&state.db, caller, key, status.as_u16(), &text).await
+    };
+    if let Err(err) = stored {
+        // The answer still goes out; the claim is treated as abandoned later.
+        tracing::warn!(error = %err, "could not store the answer of an Idempotency-Key");
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}

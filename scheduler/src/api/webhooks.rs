@@ -1,0 +1,361 @@
+//! `/api/v1/webhooks`: endpoints that receive signed events, their
+//! delivery log, test sends and redelivery (docs/API.md, "Webhooks").
+use axum::{extract::State, http::StatusCode};
+use labelsync::{
+    db::{
+        entities::{webhook, webhook_attempt, webhook_delivery},
+        webhooks::{self, NewWebhook},
+    },
+    webhooks::{Sender, generate_secret, seal_secret, secret_key},
+};
+use sea_orm::{ActiveValue::Set, IntoActiveModel};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, limit, page, projects,
+};
+
+/// The longest URL an endpoint may have.
+const MAX_URL_LEN: usize = 2048;
+
+async fn find(state: &AppState, id: i64) -> ApiResult<webhook::Model> {
+    webhooks::find(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("webhook {id} not found")))
+}
+
+/// An endpoint as the API shows it: never its secret.
+fn to_json(hook: &webhook::Model) -> Value {
+    json!({
+        "id": hook.id,
+        "project_id": hook.project_id,
+        "url": hook.url,
+        "events": webhooks::decode_events(&hook.events),
+        "enabled": hook.enabled,
+        "disabled_reason": hook.disabled_reason,
+        "failing_since": hook.failing_since,
+        "created_at": hook.created_at,
+        "updated_at": hook.updated_at,
+    })
+}
+
+/// The body of `POST /webhooks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    url: String,
+    events: Vec<String>,
+    #[serde(default)]
+    project_id: Option<i64>,
+    #[serde(default)]
+    secret: Option<String>,
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<CreateBody>,
+) -> ApiResult<(StatusCode, ApiJson<Value>)> {
+    let secrets = state.storage_env.secret_box()?;
+    let events = check_events(&body.events)?;
+    let secret = match body.secret {
+        Some(secret) => {
+            secret_key(&secret)?;
+            secret
+        }
+        None => generate_secret()?,
+    };
+    if let Some(project_id) = body.project_id {
+        check_project(&state, project_id).await?;
+    }
+    // Last: it may resolve the host name.
+    let url = check_url(&state, &body.url).await?;
+    let new = NewWebhook {
+        project_id: body.project_id,
+        url,
+        events,
+    };
+    let hook = webhooks::create(&state.db, new, |id| seal_secret(secrets, id, &secret)).await?;
+    let mut shown = to_json(&hook);
+    // The only time the secret is shown: receivers verify with it.
+    shown["secret"] = secret.into();
+    Ok((StatusCode::CREATED, ApiJson(shown)))
+}
+
+/// An endpoint URL: http(s), no credentials, and an address the SSRF guard
+/// lets labelsync reach.
+async fn check_url(state: &AppState, raw: &str) -> ApiResult<String> {
+    if raw.len() > MAX_URL_LEN {
+        return Err(ApiError::bad_request(
+            "invalid_url",
+            "url",
+            format!("url must be at most {MAX_URL_LEN} characters"),
+        ));
+    }
+    let url = labelsync::security::net::parse_endpoint(raw, "url")?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_url",
+            "url",
+            "url must not hold credentials (they would be shown to every API user); receivers authenticate labelsync by the webhook signature",
+        ));
+    }
+    Ok(state
+        .storage_env
+        .net
+        .check_url(raw, "url")
+        .await?
+        .to_string())
+}
+
+/// A non-empty list of known event types (or `["*"]`: every type), stored
+/// without duplicates.
+fn check_events(events: &[String]) -> ApiResult<String> {
+    let mut list: Vec<String> = Vec::new();
+    for event in events {
+        let known = event == "*" || webhooks::EVENT_TYPES.contains(&event.as_str());
+        if !known {
+            return Err(ApiError::bad_request(
+                "invalid_events",
+                "events",
+                format!(
+                    "unknown event type {event:?}; events must be \"*\" or among {}",
+                    webhooks::EVENT_TYPES.join(", ")
+                ),
+            ));
+        }
+        if !list.contains(event) {
+            list.push(event.clone());
+        }
+    }
+    if list.is_empty() || (list.len() > 1 && list.iter().any(|e| e == "*")) {
+        return Err(ApiError::bad_request(
+            "invalid_events",
+            "events",
+            "events must list at least one event type, or be [\"*\"] alone for every type",
+        ));
+    }
+    Ok(webhooks::encode_events(&list))
+}
+
+async fn check_project(state: &AppState, project_id: i64) -> ApiResult<()> {
+    projects::find(&state.db, project_id).await.map_err(|_| {
+        ApiError::bad_request(
+            "unknown_project",
+            "project_id",
+            format!("project {project_id} does not exist"),
+        )
+    })?;
+    Ok(())
+}
+
+/// The filters and paging of `GET /api/v1/webhooks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookQuery {
+    project_id: Option<i64>,
+    limit: Option<u64>,
+    after: Option<i64>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<WebhookQuery>,
+) -> ApiResult<ApiJson<Value>> {
+    let limit = limit(q.limit)?;
+    let rows = webhooks::page(&state.db, q.project_id, q.after, limit).await?;
+    let last = rows.last().map(|h| h.id);
+    Ok(ApiJson(page(
+        rows.iter().map(to_json).collect(),
+        limit,
+        last,
+    )))
+}
+
+pub async fn get_one(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<ApiJson<Value>> {
+    Ok(ApiJson(to_json(&find(&state, id).await?)))
+}
+
+/// The body of `PATCH /webhooks/{id}`: what is given replaces.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchBody {
+    url: Option<String>,
+    events: Option<Vec<String>>,
+    enabled: Option<bool>,
+    secret: Option<String>,
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(body): ApiJson<PatchBody>,
+) -> ApiResult<ApiJson<Value>> {
+    let hook = find(&state, id).await?;
+    let mut row = hook.into_active_model();
+    if let Some(url) = body.url {
+        row.url = Set(check_url(&state, &url).await?);
+    }
+    if let Some(events) = body.events {
+        row.events = Set(check_events(&events)?);
+    }
+    if let Some(secret) = body.secret {
+        secret_key(&secret)?;
+        row.secret = Set(seal_secret(state.storage_env.secret_box()?, id, &secret)?);
+    }
+    if let Some(enabled) = body.enabled {
+        row.enabled = Set(enabled);
+        if enabled {
+            // A fresh start: the failure clock runs from the next failure.
+            row.disabled_reason = Set(None);
+            row.failing_since = Set(None);
+        } else {
+            row.disabled_reason = Set(Some("disabled by request".into()));
+        }
+    }
+    Ok(ApiJson(to_json(&webhooks::save(&state.db, row).await?)))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<StatusCode> {
+    if !webhooks::delete(&state.db, id).await? {
+        return Err(ApiError::not_found(format!("webhook {id} not found")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Sends a `webhook.test` event to the endpoint now, once, and answers
+/// with the delivery and its attempt (whatever the endpoint answered).
+pub async fn test(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<ApiJson<Value>> {
+    let hook = find(&state, id).await?;
+    let key = labelsync::webhooks::open_secret(state.storage_env.secret_box()?, &hook)?;
+    let (delivery, event) = webhooks::record_test(&state.db, &hook).await?;
+    let sender = Sender::new(&state.storage_env.net)?;
+    let log = sender.send(&hook.url, &key, &event).await;
+    let after = if log.error.is_none() {
+        webhooks::AfterAttempt::Delivered
+    } else {
+        webhooks::AfterAttempt::GiveUp { disable: None }
+    };
+    let delivery = webhooks::record_attempt(&state.db, &delivery, &log, &after).await?;
+    delivery_json(&state, delivery, webhooks::TEST_EVENT.into()).await
+}
+
+/// A delivery with every attempt made of it.
+async fn delivery_json(
+    state: &AppState,
+    delivery: webhook_delivery::Model,
+    event_type: String,
+) -> ApiResult<ApiJson<Value>> {
+    let attempts = webhooks::attempts_of(&state.db, &[delivery.id]).await?;
+    let mut shown = delivery_to_json(&delivery, &event_type);
+    shown["attempts"] = attempts.iter().map(attempt_to_json).collect();
+    Ok(ApiJson(shown))
+}
+
+fn delivery_to_json(d: &webhook_delivery::Model, event_type: &str) -> Value {
+    json!({
+        "id": d.id,
+        "webhook_id": d.webhook_id,
+        "event_id": d.event_id,
+        "event_type": event_type,
+        "status": d.status,
+        "attempt_count": d.attempts,
+        "next_attempt_at": (d.status == webhooks::PENDING).then_some(d.next_attempt_at),
+        "last_status_code": d.last_status_code,
+        "last_error": d.last_error,
+        "created_at": d.created_at,
+        "finished_at": d.finished_at,
+    })
+}
+
+fn attempt_to_json(a: &webhook_attempt::Model) -> Value {
+    json!({
+        "started_at": a.started_at,
+        "status_code": a.status_code,
+        "response_body": a.response_body,
+        "error": a.error,
+        "duration_ms": a.duration_ms,
+    })
+}
+
+/// `GET /webhooks/{id}/deliveries`: newest first, each with its attempts;
+/// `after` is a delivery id (the page holds older ones).
+pub async fn deliveries(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<Paging>,
+) -> ApiResult<ApiJson<Value>> {
+    find(&state, id).await?;
+    let limit = limit(q.limit)?;
+    let rows = webhooks::deliveries_page(&state.db, id, q.after, limit).await?;
+    let ids: Vec<i64> = rows.iter().map(|(d, _)| d.id).collect();
+    let attempts = webhooks::attempts_of(&state.db, &ids).await?;
+    let items = rows
+        .iter()
+        .map(|(d, event_type)| {
+            let mut shown = delivery_to_json(d, event_type);
+            shown["attempts"] = attempts
+                .iter()
+                .filter(|a| a.delivery_id == d.id)
+                .map(attempt_to_json)
+                .collect();
+            shown
+        })
+        .collect();
+    Ok(ApiJson(page(items, limit, ids.last())))
+}
+
+async fn find_delivery(
+    state: &AppState,
+    webhook_id: i64,
+    delivery_id: i64,
+) -> ApiResult<webhook_delivery::Model> {
+    find(state, webhook_id).await?;
+    webhooks::delivery(&state.db, webhook_id, delivery_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "delivery {delivery_id} of webhook {webhook_id} not found"
+            ))
+        })
+}
+
+pub async fn delivery(
+    State(state): State<AppState>,
+    ApiPath((id, delivery_id)): ApiPath<(i64, i64)>,
+) -> ApiResult<ApiJson<Value>> {
+    let delivery = find_delivery(&state, id, delivery_id).await?;
+    let event_type = event_type_of(&state, &delivery).await?;
+    delivery_json(&state, delivery, event_type).await
+}
+
+async fn event_type_of(state: &AppState, delivery: &webhook_delivery::Model) -> ApiResult<String> {
+    let rows =
+        webhooks::deliveries_page(&state.db, delivery.webhook_id, Some(delivery.id + 1), 1).await?;
+    Ok(rows.into_iter().next().map(|(_, t)| t).unwrap_or_default())
+}
+
+/// Queues a delivery again (due now), whatever became of it; the endpoint
+/// must be enabled for it to go out.
+pub async fn redeliver(
+    State(state): State<AppState>,
+    ApiPath((id, delivery_id)): ApiPath<(i64, i64)>,
+) -> ApiResult<(StatusCode, ApiJson<Value>)> {
+    let delivery = find_delivery(&state, id, delivery_id).await?;
+    let event_type = event_type_of(&state, &delivery).await?;
+    let delivery = webhooks::redeliver(&state.db, delivery).await?;
+    if let Err(err) = labelsync::jobs::dispatch_webhooks(&state.db, &state.queue).await {
+        tracing::debug!(error = %err, "webhook dispatch failed; the tick will");
+    }
+    let ApiJson(shown) = delivery_json(&state, delivery, event_type).await?;
+    Ok((StatusCode::ACCEPTED, ApiJson(shown)))
+}

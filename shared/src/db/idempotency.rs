@@ -1,0 +1,113 @@
+//! Idempotency keys: the first answer to a POST sent with an
+//! `Idempotency-Key`, kept so a retry of the same request gets it again
+//! instead of doing the work twice (docs/API.md, "Idempotent requests").
+//!
+//! [`claim`] inserts the key before the request runs (status `NULL`: in
+//! progress); the primary key (caller, key) makes concurrent duplicates
+//! meet the first one's row. [`complete`] stores the answer; [`forget`]
+//! removes a claim whose request failed on the server's side, so a retry
+//! runs again.
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, SqlErr,
+    sea_query::Expr,
+};
+
+use super::entities::idempotency_key::{self, Column as C};
+use crate::Result;
+
+/// What [`claim`] found.
+#[derive(Debug)]
+pub enum Claim {
+    /// The key is new: run the request, then [`complete`] or [`forget`].
+    Claimed,
+    /// The key is taken: its row as it is now.
+    Taken(idempotency_key::Model),
+}
+
+pub async fn claim(
+    db: &impl ConnectionTrait,
+    caller: &str,
+    key: &str,
+    request_hash: &str,
+) -> Result<Claim> {
+    let row = idempotency_key::ActiveModel {
+        caller: Set(caller.to_owned()),
+        key: Set(key.to_owned()),
+        request_hash: Set(request_hash.to_owned()),
+        status: Set(None),
+        response: Set(None),
+        created_at: Set(Utc::now()),
+    };
+    match idempotency_key::Entity::insert(row)
+        .exec_without_returning(db)
+        .await
+    {
+        Ok(_) => Ok(Claim::Claimed),
+        Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+            match get(db, caller, key).await? {
+                Some(row) => Ok(Claim::Taken(row)),
+                // Expired and deleted in between: try once more.
+                None => Box::pin(claim(db, caller, key, request_hash)).await,
+            }
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+pub async fn get(
+    db: &impl ConnectionTrait,
+    caller: &str,
+    key: &str,
+) -> Result<Option<idempotency_key::Model>> {
+    Ok(
+        idempotency_key::Entity::find_by_id((caller.to_owned(), key.to_owned()))
+            .one(db)
+            .await?,
+    )
+}
+
+/// Stores the answer of a claimed key.
+pub async fn complete(
+    db: &impl ConnectionTrait,
+    caller: &str,
+    key: &str,
+    status: u16,
+    response: &str,
+) -> Result<()> {
+    idempotency_key::Entity::update_many()
+        .col_expr(C::Status, Expr::value(i32::from(status)))
+        .col_expr(C::Response, Expr::value(response))
+        .filter(C::Caller.eq(caller))
+        .filter(C::Key.eq(key))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Deletes a key's row if it was made before `made_before` (an expired
+/// key, or a claim abandoned by a process that died) — or whenever, with
+/// `None` (the claim's own request failed). True when it was deleted.
+pub async fn forget(
+    db: &impl ConnectionTrait,
+    caller: &str,
+    key: &str,
+    made_before: Option<DateTime<Utc>>,
+) -> Result<bool> {
+    let mut delete = idempotency_key::Entity::delete_many()
+        .filter(C::Caller.eq(caller))
+        .filter(C::Key.eq(key));
+    if let Some(before) = made_before {
+        delete = delete.filter(C::CreatedAt.lt(before));
+    }
+    Ok(delete.exec(db).await?.rows_affected == 1)
+}
+
+/// Deletes every key made before `before`; returns how many.
+pub async fn prune(db: &impl ConnectionTrait, before: DateTime<Utc>) -> Result<u64> {
+    Ok(idempotency_key::Entity::delete_many()
+        .filter(C::CreatedAt.lt(before))
+        .exec(db)
+        .await?
+        .rows_affected)
+}

@@ -1,0 +1,546 @@
+//! Webhook endpoints, their events and deliveries.
+//!
+//! The contract (docs/API.md, "Webhooks"): an event is written by [`record`]
+//! in the transaction of the change it reports, with one `pending` delivery
+//! per enabled endpoint subscribed to it, so an event exists exactly when its
+//! change committed. Deliveries of one endpoint go out oldest first, one at a
+//! time: the delivering job holds the endpoint's lease ([`take_lease`]) and
+//! works through [`next_pending`] until the head is not due yet.
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveModelTrait,
+    ActiveValue::{NotSet, Set},
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait, IntoActiveModel,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    sea_query::{Expr, LikeExpr},
+};
+use serde_json::Value;
+
+use super::entities::{webhook, webhook_attempt, webhook_delivery, webhook_event};
+use crate::Result;
+
+/// Every event type an endpoint can subscribe to.
+pub const EVENT_TYPES: [&str; 8] = [
+    "run.queued",
+    "run.started",
+    "run.completed",
+    "run.completed_with_errors",
+    "run.failed",
+    "run.cancelled",
+    "storage.objects_missing",
+    "export.failed",
+];
+
+/// The event `POST /webhooks/{id}/test` sends (to that endpoint only).
+pub const TEST_EVENT: &str = "webhook.test";
+
+pub const PENDING: &str = "pending";
+pub const DELIVERED: &str = "delivered";
+pub const FAILED: &str = "failed";
+
+/// The stored subscription to every event type (`["*"]` in the API).
+const ALL_EVENTS: &str = ",*,";
+
+/// The stored form of a subscription, `,a,b,`: one LIKE finds the
+/// subscribers of a type on either database.
+pub fn encode_events(events: &[String]) -> String {
+    format!(",{},", events.join(","))
+}
+
+/// The list [`encode_events`] stored.
+pub fn decode_events(stored: &str) -> Vec<String> {
+    stored
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What a new endpoint is made of (the caller checked the URL and events).
+#[derive(Debug, Clone)]
+pub struct NewWebhook {
+    pub project_id: Option<i64>,
+    pub url: String,
+    pub events: String,
+}
+
+/// Inserts an endpoint; `seal` turns its id into the sealed secret (the
+/// id is the sealing context, so the row is written then completed in one
+/// transaction).
+pub async fn create(
+    db: &DatabaseConnection,
+    new: NewWebhook,
+    seal: impl FnOnce(i64) -> Result<String>,
+) -> Result<webhook::Model> {
+    let tx = super::begin_write(db).await?;
+    let now = Utc::now();
+    let row = webhook::ActiveModel {
+        id: NotSet,
+        project_id: Set(new.project_id),
+        url: Set(new.url),
+        events: Set(new.events),
+        secret: Set(String::new()),
+        enabled: Set(true),
+        disabled_reason: Set(None),
+        failing_since: Set(None),
+        lease_owner: Set(None),
+        lease_at: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    }
+    .insert(&tx)
+    .await?;
+    let mut row = row.into_active_model();
+    let id = *row.id.as_ref();
+    row.secret = Set(seal(id)?);
+    let row = row.update(&tx).await?;
+    tx.commit().await?;
+    Ok(row)
+}
+
+pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<webhook::Model>> {
+    Ok(webhook::Entity::find_by_id(id).one(db).await?)
+}
+
+/// Endpoints with ids above `after`, in id order; of one project when given.
+pub async fn page(
+    db: &impl ConnectionTrait,
+    project_id: Option<i64>,
+    after: Option<i64>,
+    limit: u64,
+) -> Result<Vec<webhook::Model>> {
+    let mut query = webhook::Entity::find()
+        .order_by_asc(webhook::Column::Id)
+        .limit(limit);
+    if let Some(project_id) = project_id {
+        query = query.filter(webhook::Column::ProjectId.eq(project_id));
+    }
+    if let Some(after) = after {
+        query = query.filter(webhook::Column::Id.gt(after));
+    }
+    Ok(query.all(db).await?)
+}
+
+/// Writes a changed endpoint (its `updated_at` set here).
+pub async fn save(
+    db: &impl ConnectionTrait,
+    mut row: webhook::ActiveModel,
+) -> Result<webhook::Model> {
+    row.updated_at = Set(Utc::now());
+    Ok(row.update(db).await?)
+}
+
+/// Deletes an endpoint with its deliveries; false when there was none.
+pub async fn delete(db: &impl ConnectionTrait, id: i64) -> Result<bool> {
+    Ok(webhook::Entity::delete_by_id(id)
+        .exec(db)
+        .await?
+        .rows_affected
+        == 1)
+}
+
+/// Records an event of `event_type` for every enabled endpoint subscribed
+/// to it (of `project_id`, or of every project); writes nothing when none
+/// is. Call it inside the transaction of the change it reports. Returns the
+/// number of deliveries made.
+pub async fn record(
+    db: &impl ConnectionTrait,
+    event_type: &str,
+    project_id: Option<i64>,
+    data: Value,
+) -> Result<usize> {
+    let subscribers = subscribers(db, event_type, project_id).await?;
+    if subscribers.is_empty() {
+        return Ok(0);
+    }
+    let event = insert_event(db, event_type, project_id, data).await?;
+    let deliveries = subscribers
+        .iter()
+        .map(|&webhook_id| webhook_delivery::ActiveModel {
+            webhook_id: Set(webhook_id),
+            event_id: Set(event.id.clone()),
+            status: Set(PENDING.to_owned()),
+            attempts: Set(0),
+            next_attempt_at: Set(event.created_at),
+            created_at: Set(event.created_at),
+            ..Default::default()
+        });
+    webhook_delivery::Entity::insert_many(deliveries.collect::<Vec<_>>())
+        .exec_without_returning(db)
+        .await?;
+    Ok(subscribers.len())
+}
+
+/// The enabled endpoints that take `event_type` events of `project_id`.
+async fn subscribers(
+    db: &impl ConnectionTrait,
+    event_type: &str,
+    project_id: Option<i64>,
+) -> Result<Vec<i64>> {
+    use webhook::Column as C;
+    let escaped = event_type
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    let project = match project_id {
+        Some(id) => Condition::any()
+            .add(C::ProjectId.is_null())
+            .add(C::ProjectId.eq(id)),
+        None => Condition::all().add(C::ProjectId.is_null()),
+    };
+    Ok(webhook::Entity::find()
+        .select_only()
+        .column(C::Id)
+        .filter(C::Enabled.eq(true))
+        .filter(project)
+        .filter(
+            Condition::any()
+                .add(C::Events.eq(ALL_EVENTS))
+                .add(C::Events.like(LikeExpr::new(format!("%,{escaped},%")).escape('\\'))),
+        )
+        .order_by_asc(C::Id)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// Writes the event row; its payload is the body every endpoint receives.
+async fn insert_event(
+    db: &impl ConnectionTrait,
+    event_type: &str,
+    project_id: Option<i64>,
+    data: Value,
+) -> Result<webhook_event::Model> {
+    let id = format!("evt_{}", ulid::Ulid::new());
+    let now = Utc::now();
+    let payload = serde_json::json!({
+        "id": id,
+        "type": event_type,
+        "created_at": now,
+        "data": data,
+    });
+    Ok(webhook_event::ActiveModel {
+        id: Set(id),
+        event_type: Set(event_type.to_owned()),
+        project_id: Set(project_id),
+        payload: Set(payload.to_string()),
+        created_at: Set(now),
+    }
+    .insert(db)
+    .await?)
+}
+
+/// Records the test event for one endpoint and returns its delivery.
+pub async fn record_test(
+    db: &DatabaseConnection,
+    hook: &webhook::Model,
+) -> Result<(webhook_delivery::Model, webhook_event::Model)> {
+    let tx = super::begin_write(db).await?;
+    let data =
+        serde_json::json!({ "webhook_id": hook.id, "message": "a test event from labelsync" });
+    let event = insert_event(&tx, TEST_EVENT, hook.project_id, data).await?;
+    let delivery = webhook_delivery::ActiveModel {
+        webhook_id: Set(hook.id),
+        event_id: Set(event.id.clone()),
+        status: Set(PENDING.to_owned()),
+        attempts: Set(0),
+        next_attempt_at: Set(event.created_at),
+        created_at: Set(event.created_at),
+        ..Default::default()
+    }
+    .insert(&tx)
+    .await?;
+    tx.commit().await?;
+    Ok((delivery, event))
+}
+
+/// Takes the endpoint's delivery lease for `owner` unless another owner
+/// renewed it within `ttl`. Only the holder delivers, so one endpoint's
+/// events go out one at a time, in order.
+pub async fn take_lease(
+    db: &impl ConnectionTrait,
+    id: i64,
+    owner: &str,
+    ttl: std::time::Duration,
+) -> Result<bool> {
+    use webhook::Column as C;
+    let now = Utc::now();
+    let stale = now - chrono::Duration::from_std(ttl).unwrap_or_default();
+    let res = webhook::Entity::update_many()
+        .col_expr(C::LeaseOwner, Expr::value(owner))
+        .col_expr(C::LeaseAt, Expr::value(now))
+        .filter(C::Id.eq(id))
+        .filter(
+            Condition::any()
+                .add(C::LeaseOwner.is_null())
+                .add(C::LeaseOwner.eq(owner))
+                .add(C::LeaseAt.lt(stale)),
+        )
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected == 1)
+}
+
+/// Lets go of the lease (only `owner`'s).
+pub async fn release_lease(db: &impl ConnectionTrait, id: i64, owner: &str) -> Result<()> {
+    use webhook::Column as C;
+    webhook::Entity::update_many()
+        .col_expr(C::LeaseOwner, Expr::value(Option::<String>::None))
+        .filter(C::Id.eq(id))
+        .filter(C::LeaseOwner.eq(owner))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// The oldest pending delivery of an endpoint with its event, due or not.
+pub async fn next_pending(
+    db: &impl ConnectionTrait,
+    webhook_id: i64,
+) -> Result<Option<(webhook_delivery::Model, webhook_event::Model)>> {
+    use webhook_delivery::Column as C;
+    let Some(delivery) = webhook_delivery::Entity::find()
+        .filter(C::WebhookId.eq(webhook_id))
+        .filter(C::Status.eq(PENDING))
+        .order_by_asc(C::Id)
+        .one(db)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let event = webhook_event::Entity::find_by_id(delivery.event_id.clone())
+        .one(db)
+        .await?
+        .ok_or_else(|| crate::Error::Internal(format!("event {} is gone", delivery.event_id)))?;
+    Ok(Some((delivery, event)))
+}
+
+/// One HTTP attempt, as [`record_attempt`] logs it.
+#[derive(Debug, Clone)]
+pub struct AttemptLog {
+    pub started_at: DateTime<Utc>,
+    pub status_code: Option<i32>,
+    pub response_body: Option<String>,
+    pub error: Option<String>,
+    pub duration_ms: i64,
+}
+
+/// What becomes of a delivery after an attempt.
+#[derive(Debug, Clone)]
+pub enum AfterAttempt {
+    Delivered,
+    RetryAt(DateTime<Utc>),
+    /// The last try: the delivery fails; `disable` also disables the
+    /// endpoint with that reason and fails its other pending deliveries.
+    GiveUp {
+        disable: Option<String>,
+    },
+}
+
+/// Logs an attempt and moves its delivery on, in one transaction.
+pub async fn record_attempt(
+    db: &DatabaseConnection,
+    delivery: &webhook_delivery::Model,
+    log: &AttemptLog,
+    after: &AfterAttempt,
+) -> Result<webhook_delivery::Model> {
+    let tx = super::begin_write(db).await?;
+    webhook_attempt::ActiveModel {
+        id: NotSet,
+        delivery_id: Set(delivery.id),
+        started_at: Set(log.started_at),
+        status_code: Set(log.status_code),
+        response_body: Set(log.response_body.clone()),
+        error: Set(log.error.clone()),
+        duration_ms: Set(log.duration_ms),
+    }
+    .insert(&tx)
+    .await?;
+    let mut row = delivery.clone().into_active_model();
+    row.attempts = Set(delivery.attempts + 1);
+    row.last_status_code = Set(log.status_code);
+    row.last_error = Set(log.error.clone());
+    let now = Utc::now();
+    mark_failing(
+        &tx,
+        delivery.webhook_id,
+        !matches!(after, AfterAttempt::Delivered),
+    )
+    .await?;
+    match after {
+        AfterAttempt::Delivered => {
+            row.status = Set(DELIVERED.to_owned());
+            row.finished_at = Set(Some(now));
+        }
+        AfterAttempt::RetryAt(at) => row.next_attempt_at = Set(*at),
+        AfterAttempt::GiveUp { disable } => {
+            row.status = Set(FAILED.to_owned());
+            row.finished_at = Set(Some(now));
+            if let Some(reason) = disable {
+                disable_endpoint(&tx, delivery.webhook_id, reason).await?;
+            }
+        }
+    }
+    let row = row.update(&tx).await?;
+    tx.commit().await?;
+    Ok(row)
+}
+
+/// Sets `failing_since` to now unless set (`failing`), or clears it.
+async fn mark_failing(db: &impl ConnectionTrait, webhook_id: i64, failing: bool) -> Result<()> {
+    use webhook::Column as C;
+    let since = if failing {
+        Expr::expr(sea_orm::sea_query::Func::coalesce([
+            Expr::col(C::FailingSince),
+            Expr::value(Utc::now()),
+        ]))
+    } else {
+        Expr::value(Option::<DateTime<Utc>>::None)
+    };
+    webhook::Entity::update_many()
+        .col_expr(C::FailingSince, since)
+        .filter(C::Id.eq(webhook_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Disables an endpoint and fails its pending deliveries with `reason`.
+async fn disable_endpoint(db: &impl ConnectionTrait, webhook_id: i64, reason: &str) -> Result<()> {
+    let now = Utc::now();
+    webhook::Entity::update_many()
+        .col_expr(webhook::Column::Enabled, Expr::value(false))
+        .col_expr(webhook::Column::DisabledReason, Expr::value(reason))
+        .col_expr(webhook::Column::UpdatedAt, Expr::value(now))
+        .filter(webhook::Column::Id.eq(webhook_id))
+        .exec(db)
+        .await?;
+    use webhook_delivery::Column as C;
+    webhook_delivery::Entity::update_many()
+        .col_expr(C::Status, Expr::value(FAILED))
+        .col_expr(C::LastError, Expr::value(format!("not sent: {reason}")))
+        .col_expr(C::FinishedAt, Expr::value(now))
+        .filter(C::WebhookId.eq(webhook_id))
+        .filter(C::Status.eq(PENDING))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Endpoints whose oldest pending delivery is due at `now`: (endpoint id,
+/// that delivery's id and attempts), at most `limit`.
+pub async fn due(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<(i64, i64, i32)>> {
+    use webhook_delivery::Column as C;
+    let heads: Vec<i64> = webhook_delivery::Entity::find()
+        .select_only()
+        .column_as(C::Id.min(), "id")
+        .filter(C::Status.eq(PENDING))
+        .group_by(C::WebhookId)
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(webhook_delivery::Entity::find()
+        .select_only()
+        .columns([C::WebhookId, C::Id, C::Attempts])
+        .filter(C::Id.is_in(heads))
+        .filter(C::NextAttemptAt.lte(now))
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// An endpoint's deliveries older than `before` (a delivery id), newest
+/// first, each with its event type.
+pub async fn deliveries_page(
+    db: &impl ConnectionTrait,
+    webhook_id: i64,
+    before: Option<i64>,
+    limit: u64,
+) -> Result<Vec<(webhook_delivery::Model, String)>> {
+    use webhook_delivery::Column as C;
+    let mut query = webhook_delivery::Entity::find()
+        .filter(C::WebhookId.eq(webhook_id))
+        .order_by_desc(C::Id)
+        .limit(limit);
+    if let Some(before) = before {
+        query = query.filter(C::Id.lt(before));
+    }
+    let rows = query.all(db).await?;
+    let types: std::collections::HashMap<String, String> = webhook_event::Entity::find()
+        .select_only()
+        .columns([webhook_event::Column::Id, webhook_event::Column::EventType])
+        .filter(webhook_event::Column::Id.is_in(rows.iter().map(|d| d.event_id.clone())))
+        .into_tuple::<(String, String)>()
+        .all(db)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(rows
+        .into_iter()
+        .map(|d| {
+            let event_type = types.get(&d.event_id).cloned().unwrap_or_default();
+            (d, event_type)
+        })
+        .collect())
+}
+
+/// One delivery of an endpoint, or `None`.
+pub async fn delivery(
+    db: &impl ConnectionTrait,
+    webhook_id: i64,
+    id: i64,
+) -> Result<Option<webhook_delivery::Model>> {
+    Ok(webhook_delivery::Entity::find_by_id(id)
+        .filter(webhook_delivery::Column::WebhookId.eq(webhook_id))
+        .one(db)
+        .await?)
+}
+
+/// Every attempt of these deliveries, oldest first.
+pub async fn attempts_of(
+    db: &impl ConnectionTrait,
+    delivery_ids: &[i64],
+) -> Result<Vec<webhook_attempt::Model>> {
+    Ok(webhook_attempt::Entity::find()
+        .filter(webhook_attempt::Column::DeliveryId.is_in(delivery_ids.iter().copied()))
+        .order_by_asc(webhook_attempt::Column::Id)
+        .all(db)
+        .await?)
+}
+
+/// Queues a delivery again (pending, due now), whatever its state.
+pub async fn redeliver(
+    db: &impl ConnectionTrait,
+    delivery: webhook_delivery::Model,
+) -> Result<webhook_delivery::Model> {
+    let mut row = delivery.into_active_model();
+    row.status = Set(PENDING.to_owned());
+    row.next_attempt_at = Set(Utc::now());
+    row.finished_at = Set(None);
+    Ok(row.update(db).await?)
+}
+
+/// Deletes events older than `before` with no pending delivery (their
+/// deliveries and attempts go with them). Returns how many.
+pub async fn prune(db: &impl ConnectionTrait, before: DateTime<Utc>) -> Result<u64> {
+    // Event ids are `evt_<ULID>`: id order is time order, and the ULID of
+    // `before` with zero randomness sorts before every event of that time.
+    let millis = u64::try_from(before.timestamp_millis()).unwrap_or(0);
+    let bound = format!("evt_{}", ulid::Ulid::from_parts(millis, 0));
+    let pending = webhook_delivery::Entity::find()
+        .select_only()
+        .column(webhook_delivery::Column::EventId)
+        .filter(webhook_delivery::Column::Status.eq(PENDING))
+        .into_query();
+    Ok(webhook_event::Entity::delete_many()
+        .filter(webhook_event::Column::Id.lt(bound))
+        .filter(webhook_event::Column::Id.not_in_subquery(pending))
+        .exec(db)
+        .await?
+        .rows_affected)
+}

@@ -1,0 +1,370 @@
+//! Webhook delivery: Standard Webhooks signatures, the HTTP attempt, the
+//! retry schedule, and the job that works through one endpoint's queue.
+//!
+//! Signing follows <https://www.standardwebhooks.com/>: the secret is
+//! `whsec_<base64 of 24-64 random bytes>`; each attempt sends `webhook-id`
+//! (the event id, the same on every retry, for receivers to deduplicate),
+//! `webhook-timestamp` (Unix seconds of this attempt) and
+//! `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
+use std::time::{Duration, Instant};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use chrono::Utc;
+use rand::Rng;
+use ring::{
+    hmac,
+    rand::{SecureRandom, SystemRandom},
+};
+use sea_orm::DatabaseConnection;
+
+use crate::{
+    Error, Result,
+    db::{
+        entities::{webhook, webhook_delivery, webhook_event},
+        webhooks::{self, AfterAttempt, AttemptLog},
+    },
+    security::{net::NetPolicy, secrets::SecretBox},
+};
+
+const SECRET_PREFIX: &str = "whsec_";
+/// How long one attempt may take, connection included.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much of an endpoint's answer is kept with the attempt.
+const BODY_KEPT: usize = 1024;
+/// The first retry waits about this long; each next one twice as long.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts.
+const RETRY_CAP: Duration = Duration::from_secs(3600);
+/// Deliveries one job sends before it hands the endpoint back to the queue
+/// (the scheduler's tick pushes the next job), so one busy endpoint does
+/// not hold a worker slot for ever.
+const PER_JOB: usize = 100;
+/// An endpoint's lease goes stale after this long without renewal (every
+/// attempt renews it, and one attempt takes at most [`ATTEMPT_TIMEOUT`]).
+const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// A new random signing secret.
+pub fn generate_secret() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::Internal("no randomness for a webhook secret".into()))?;
+    Ok(format!("{SECRET_PREFIX}{}", STANDARD.encode(bytes)))
+}
+
+/// The key bytes of a `whsec_` secret; a 400 for anything else.
+pub fn secret_key(secret: &str) -> Result<Vec<u8>> {
+    let bad = || {
+        Error::invalid(
+            "invalid_secret",
+            Some("secret"),
+            "secret must be whsec_ followed by the base64 of 24 to 64 random bytes (omit it to have one generated)",
+        )
+    };
+    let encoded = secret.strip_prefix(SECRET_PREFIX).ok_or_else(bad)?;
+    let key = STANDARD.decode(encoded).map_err(|_| bad())?;
+    if !(24..=64).contains(&key.len()) {
+        return Err(bad());
+    }
+    Ok(key)
+}
+
+/// `v1,<signature>` of one attempt.
+pub fn sign(key: &[u8], msg_id: &str, timestamp: i64, body: &str) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, key);
+    let signed = format!("{msg_id}.{timestamp}.{body}");
+    let tag = hmac::sign(&key, signed.as_bytes());
+    format!("v1,{}", STANDARD.encode(tag.as_ref()))
+}
+
+/// Seals a secret for the endpoint `id`.
+pub fn seal_secret(secrets: &SecretBox, id: i64, secret: &str) -> Result<String> {
+    let mut map = serde_json::Map::new();
+    map.insert("secret".into(), secret.into());
+    secrets.seal(&format!("webhook:{id}"), &map)
+}
+
+/// The key bytes of an endpoint's sealed secret.
+pub fn open_secret(secrets: &SecretBox, hook: &webhook::Model) -> Result<Vec<u8>> {
+    let map = secrets.open(&format!("webhook:{}", hook.id), &hook.secret)?;
+    let secret = map
+        .get("secret")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::Internal(format!("webhook {} has no secret", hook.id)))?;
+    secret_key(secret)
+}
+
+/// Sends events: a client with the SSRF guard's resolver, no redirects.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    client: reqwest::Client,
+    policy: NetPolicy,
+}
+
+impl Sender {
+    pub fn new(policy: &NetPolicy) -> Result<Self> {
+        Ok(Sender {
+            client: crate::security::net::http_client(policy, ATTEMPT_TIMEOUT)?,
+            policy: policy.clone(),
+        })
+    }
+
+    /// One signed POST of `event` to `url`, as the attempt log records it.
+    pub async fn send(&self, url: &str, key: &[u8], event: &webhook_event::Model) -> AttemptLog {
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let answer = self.post(url, key, event).await;
+        let duration_ms = clock.elapsed().as_millis() as i64;
+        match answer {
+            Ok((status, body)) => AttemptLog {
+                started_at,
+                status_code: Some(i32::from(status)),
+                response_body: Some(body),
+                error: (!(200..300).contains(&status)).then(|| format!("answered {status}")),
+                duration_ms,
+            },
+            Err(error) => AttemptLog {
+                started_at,
+                status_code: None,
+                response_body: None,
+                error: Some(error),
+                duration_ms,
+            },
+        }
+    }
+
+    async fn post(
+        &self,
+        url: &str,
+        key: &[u8],
+        event: &webhook_event::Model,
+    ) -> std::result::Result<(u16, String), String> {
+        // Literal addresses skip the resolver: check them here too.
+        let url = self
+            .policy
+            .check_url(url, "url")
+            .await
+            .map_err(|e| e.to_string())?;
+        let timestamp = Utc::now().timestamp();
+        let response = self
+            .client
+            .post(url)
+            .timeout(ATTEMPT_TIMEOUT)
+            .header("content-type", "application/json")
+            .header(
+                "user-agent",
+                concat!("labelsync-webhooks/", env!("CARGO_PKG_VERSION")),
+            )
+            .header("webhook-id", &event.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header(
+                "webhook-signature",
+                sign(key, &event.id, timestamp, &event.payload),
+            )
+            .body(event.payload.clone())
+            .send()
+            .await
+            .map_err(describe)?;
+        let status = response.status().as_u16();
+        Ok((status, first_kb(response).await))
+    }
+}
+
+/// A failed attempt as the delivery log says it.
+fn describe(err: reqwest::Error) -> String {
+    if err.is_timeout() {
+        format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs())
+    } else if err.is_connect() {
+        format!("cannot connect: {}", chain(&err))
+    } else {
+        chain(&err)
+    }
+}
+
+/// An error with its causes, `outer: inner: ...`.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The first KB of a body as text (NUL removed: no stored text holds it);
+/// the rest is not read.
+async fn first_kb(mut response: reqwest::Response) -> String {
+    let mut kept = Vec::with_capacity(BODY_KEPT);
+    while kept.len() < BODY_KEPT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                kept.extend_from_slice(&chunk[..chunk.len().min(BODY_KEPT - kept.len())])
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&kept).replace('\0', "")
+}
+
+/// How long to wait before attempt `attempts + 1`: doubling from
+/// [`RETRY_BASE`], capped at [`RETRY_CAP`], with ±20 % jitter so endpoints
+/// that failed together are not retried together.
+pub fn retry_delay(attempts: i32) -> Duration {
+    let doubling = 2f64.powi(attempts.clamp(1, 32) - 1);
+    let base = (RETRY_BASE.as_secs_f64() * doubling).min(RETRY_CAP.as_secs_f64());
+    Duration::from_secs_f64(base * rand::rng().random_range(0.8..1.2))
+}
+
+/// What the worker needs to deliver.
+#[derive(Debug)]
+pub struct Delivery<'a> {
+    pub db: &'a DatabaseConnection,
+    pub secrets: Option<&'a SecretBox>,
+    pub sender: &'a Sender,
+    /// `LABELSYNC_WEBHOOK_MAX_AGE_SECS`: an endpoint failing this long is disabled.
+    pub max_age: Duration,
+}
+
+impl Delivery<'_> {
+    /// Sends an endpoint's due deliveries, oldest first, while it accepts
+    /// them; stops at the first failure (its retry is scheduled: later
+    /// events wait behind it, so each run's events arrive in order).
+    pub async fn run(&self, webhook_id: i64) -> Result<()> {
+        let owner = ulid::Ulid::new().to_string();
+        loop {
+            if !webhooks::take_lease(self.db, webhook_id, &owner, LEASE_TTL).await? {
+                return Ok(()); // another job delivers; it looks again before it stops
+            }
+            let result = self.send_due(webhook_id, &owner).await;
+            webhooks::release_lease(self.db, webhook_id, &owner).await?;
+            result?;
+            // An event recorded while the lease was held had its job turned
+            // away: look once more now that the lease is free.
+            if !self.head_is_due(webhook_id).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn head_is_due(&self, webhook_id: i64) -> Result<bool> {
+        Ok(webhooks::next_pending(self.db, webhook_id)
+            .await?
+            .is_some_and(|(d, _)| d.next_attempt_at <= Utc::now()))
+    }
+
+    async fn send_due(&self, webhook_id: i64, owner: &str) -> Result<()> {
+        for _ in 0..PER_JOB {
+            let Some(hook) = webhooks::find(self.db, webhook_id).await? else {
+                return Ok(()); // deleted
+            };
+            let Some((delivery, event)) = webhooks::next_pending(self.db, webhook_id).await? else {
+                return Ok(());
+            };
+            if !hook.enabled || delivery.next_attempt_at > Utc::now() {
+                return Ok(());
+            }
+            let after = self.attempt(&hook, &delivery, &event).await?;
+            if !matches!(after, AfterAttempt::Delivered) {
+                return Ok(());
+            }
+            webhooks::take_lease(self.db, webhook_id, owner, LEASE_TTL).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends one delivery and records the attempt; returns what became of it.
+    async fn attempt(
+        &self,
+        hook: &webhook::Model,
+        delivery: &webhook_delivery::Model,
+        event: &webhook_event::Model,
+    ) -> Result<AfterAttempt> {
+        let secrets = self.secrets.ok_or_else(|| {
+            Error::Internal("webhooks need LABELSYNC_SECRET_KEY to open their secrets".into())
+        })?;
+        let key = open_secret(secrets, hook)?;
+        let log = self.sender.send(&hook.url, &key, event).await;
+        let after = self.after(hook, delivery, &log);
+        tracing::info!(
+            webhook_id = hook.id,
+            delivery_id = delivery.id,
+            event_type = %event.event_type,
+            status = log.status_code,
+            error = log.error.as_deref(),
+            "webhook attempt"
+        );
+        webhooks::record_attempt(self.db, delivery, &log, &after).await?;
+        Ok(after)
+    }
+
+    fn after(
+        &self,
+        hook: &webhook::Model,
+        delivery: &webhook_delivery::Model,
+        log: &AttemptLog,
+    ) -> AfterAttempt {
+        if log.error.is_none() {
+            return AfterAttempt::Delivered;
+        }
+        let now = Utc::now();
+        let since = hook.failing_since.unwrap_or(now);
+        let max_age = chrono::Duration::from_std(self.max_age).unwrap_or(chrono::Duration::MAX);
+        if now - since >= max_age {
+            return AfterAttempt::GiveUp {
+                disable: Some(format!(
+                    "every attempt failed from {} to {} (LABELSYNC_WEBHOOK_MAX_AGE_SECS = {}); \
+                     fix the endpoint, then PATCH {{\"enabled\": true}} and redeliver what you need",
+                    since.to_rfc3339(),
+                    now.to_rfc3339(),
+                    self.max_age.as_secs()
+                )),
+            };
+        }
+        let wait =
+            chrono::Duration::from_std(retry_delay(delivery.attempts + 1)).unwrap_or_default();
+        AfterAttempt::RetryAt(now + wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of the Standard Webhooks specification's test vectors.
+    #[test]
+    fn signature_matches_the_specification_example() {
+        let key = secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = r#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn secrets_are_checked_and_generated_in_the_whsec_form() {
+        let made = generate_secret().unwrap();
+        assert_eq!(secret_key(&made).unwrap().len(), 32);
+        for bad in [
+            "",
+            "whsec_",
+            "whsec_!!!",
+            "sk_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_c2hvcnQ=",
+        ] {
+            assert!(secret_key(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn retries_double_and_stop_growing_at_an_hour() {
+        let first = retry_delay(1).as_secs_f64();
+        assert!((0.8..1.2).contains(&first), "{first}");
+        let fifth = retry_delay(5).as_secs_f64();
+        assert!((12.8..19.2).contains(&fifth), "{fifth}");
+        let late = retry_delay(40).as_secs_f64();
+        assert!((2880.0..4320.0).contains(&late), "{late}");
+    }
+}
