@@ -431,3 +431,130 @@ async fn concurrent_duplicates_create_one(app: &TestApp, token: &str) {
         1
     );
 }
+
+/// One Server-Sent Event: when it arrived, its name, its data.
+type Sse = (std::time::Instant, String, Value);
+
+/// Reads a Server-Sent Events stream until it ends, `until` holds of what
+/// arrived, or `timeout` passes.
+async fn read_sse(
+    app: &TestApp,
+    path: &str,
+    timeout: Duration,
+    until: impl Fn(&[Sse]) -> bool,
+) -> Vec<Sse> {
+    let mut resp = app
+        .client
+        .get(format!("{}{path}", app.base))
+        .send()
+        .await
+        .expect("GET events");
+    assert_eq!(resp.status(), 200, "{path}");
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let (mut events, mut buf) = (Vec::new(), String::new());
+    let deadline = tokio::time::Instant::now() + timeout;
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, resp.chunk()).await {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+            };
+            if let (Some(name), Some(data)) = (field("event:"), field("data:")) {
+                let data = serde_json::from_str(&data).unwrap_or(Value::Null);
+                events.push((std::time::Instant::now(), name, data));
+            }
+        }
+        if until(&events) {
+            break;
+        }
+    }
+    events
+}
+
+/// The scheduler that streams the run is not the one that started it, and
+/// the run's worker is another process: the run row carries it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_progress_streams_from_a_replica_that_did_not_start_the_run() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let replica = spawn_replica(&app).await;
+    write_files(&app.doc_root.path().join("data"), 3000, "jpg");
+    let project = app.project("live").await;
+    let other_project = app.project("elsewhere").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let run_path = format!("/api/v1/runs/{run_id}/events");
+    let ended = |events: &[Sse]| {
+        events
+            .iter()
+            .any(|(_, name, run)| name == "run" && run["status"] == "completed")
+    };
+    let mine = format!("/api/v1/events?project_id={project}");
+    let theirs = format!("/api/v1/events?project_id={other_project}");
+    let (run_events, project_events, other_events, _worker) = tokio::join!(
+        read_sse(&replica, &run_path, Duration::from_secs(120), |_| false),
+        read_sse(&replica, &mine, Duration::from_secs(120), ended),
+        read_sse(&replica, &theirs, Duration::from_secs(8), |_| false),
+        async {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            spawn_ready_worker(&app, "live", &[]).await
+        },
+    );
+    the_run_stream_shows_progress_then_ends(&run_events, &run_id);
+    let statuses: Vec<&str> = project_events
+        .iter()
+        .filter(|(_, _, run)| run["id"] == run_id.as_str())
+        .map(|(_, _, run)| run["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.first(), Some(&"queued"), "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&"completed"), "{statuses:?}");
+    assert!(
+        other_events.is_empty(),
+        "another project's stream: {other_events:?}"
+    );
+    let (status, _) = replica.get("/api/v1/runs/01NOSUCHRUN/events").await;
+    assert_eq!(status, 404);
+    let (status, _) = replica
+        .get(&format!("/api/v1/events?project_id={}", project + 1000))
+        .await;
+    assert_eq!(status, 404);
+    replica.stop().await;
+    app.stop().await;
+}
+
+fn the_run_stream_shows_progress_then_ends(events: &[Sse], run_id: &str) {
+    let names: Vec<&str> = events.iter().map(|(_, name, _)| name.as_str()).collect();
+    let (last, progress) = names.split_last().expect("events");
+    assert_eq!(*last, "finished", "{names:?}");
+    assert!(
+        progress.len() >= 2 && progress.iter().all(|n| *n == "progress"),
+        "{names:?}"
+    );
+    assert_eq!(
+        events[0].2["status"], "queued",
+        "connected before a worker took it"
+    );
+    let done = &events[events.len() - 1].2;
+    assert_eq!(
+        (&done["id"], &done["status"]),
+        (&json!(run_id), &json!("completed"))
+    );
+    assert_eq!(done["counters"]["created"], 3000, "{done}");
+    let created: Vec<i64> = events
+        .iter()
+        .map(|(_, _, r)| r["counters"]["created"].as_i64().unwrap())
+        .collect();
+    assert!(
+        created.windows(2).all(|w| w[0] <= w[1]),
+        "counters never go back: {created:?}"
+    );
+    for pair in events.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= Duration::from_millis(400),
+            "events at most every 500 ms: {gap:?}"
+        );
+    }
+}

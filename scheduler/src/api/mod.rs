@@ -2,6 +2,7 @@
 //! builds the router, the auth layer and the list conventions.
 mod annotations;
 mod error;
+mod events;
 mod idempotency;
 mod ops;
 mod projects;
@@ -67,6 +68,8 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}", get(runs::get_one))
         .route("/runs/{id}/errors", get(runs::errors))
         .route("/runs/{id}/cancel", post(runs::cancel))
+        .route("/runs/{id}/events", get(events::run_events))
+        .route("/events", get(events::project_events))
         .route("/tasks/{id}", get(tasks::get_one))
         .route("/tasks/{id}/annotations", post(annotations::create))
         .route(

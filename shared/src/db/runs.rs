@@ -592,3 +592,33 @@ pub async fn newest_of(
         .await?;
     Ok(runs.into_iter().map(|r| (r.storage_id, r)).collect())
 }
+
+/// The runs a live event stream shows now: every live run, and those that
+/// ended at or after `ended_since`; of one project's storages when given.
+/// At most `limit`, oldest first.
+pub async fn live_or_ended_since(
+    db: &impl ConnectionTrait,
+    project_id: Option<i64>,
+    ended_since: chrono::DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<sync_run::Model>> {
+    use super::entities::storage;
+    use sea_orm::QueryTrait;
+    let mut query = sync_run::Entity::find()
+        .filter(
+            sea_orm::Condition::any()
+                .add(sync_run::Column::Status.is_in(LIVE))
+                .add(sync_run::Column::FinishedAt.gte(ended_since)),
+        )
+        .order_by_asc(sync_run::Column::Id)
+        .limit(limit);
+    if let Some(project_id) = project_id {
+        let storages = storage::Entity::find()
+            .select_only()
+            .column(storage::Column::Id)
+            .filter(storage::Column::ProjectId.eq(project_id))
+            .into_query();
+        query = query.filter(sync_run::Column::StorageId.in_subquery(storages));
+    }
+    Ok(query.all(db).await?)
+}

@@ -1,0 +1,201 @@
+//! Live progress as Server-Sent Events (docs/API.md, "Live progress").
+//!
+//! Every stream reads the run rows itself, every [`EVERY`]: the rows are
+//! what workers commit their counters to, so any scheduler replica serves
+//! any run, whichever worker runs it, with nothing else to deploy (see
+//! docs/DECISIONS.md, "Live progress by polling the run rows").
+use std::{collections::HashMap, convert::Infallible, time::Duration};
+
+use axum::{
+    extract::State,
+    response::sse::{Event, KeepAlive, Sse},
+};
+use chrono::Utc;
+use futures::Stream;
+use labelsync::{
+    Error,
+    db::{
+        entities::sync_run,
+        runs::{self, Counters, RunStatus},
+    },
+};
+use serde::Deserialize;
+
+use super::{ApiPath, ApiQuery, ApiResult, AppState};
+
+/// The most often a stream looks (and so the most often it sends).
+const EVERY: Duration = Duration::from_millis(500);
+/// Runs a project-wide stream follows at most.
+const MAX_RUNS: u64 = 1000;
+
+/// What makes a run worth sending again (not its heartbeat).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    status: String,
+    counters: Counters,
+    attempts: i64,
+    error: Option<String>,
+}
+
+impl Seen {
+    fn of(run: &sync_run::Model) -> Self {
+        Seen {
+            status: run.status.clone(),
+            counters: Counters::of(run),
+            attempts: run.attempts,
+            error: run.error.clone(),
+        }
+    }
+}
+
+fn is_final(run: &sync_run::Model) -> bool {
+    RunStatus::parse(&run.status).is_some_and(|s| !s.is_live())
+}
+
+fn event(name: &'static str, run: &sync_run::Model) -> Result<Event, Infallible> {
+    Ok(Event::default()
+        .event(name)
+        .data(runs::to_json(run).to_string()))
+}
+
+/// One run's stream: `progress` events while it is live (when something
+/// changed), then `finished` with the ended run, then the end of the stream.
+struct RunWatch {
+    state: AppState,
+    id: String,
+    last: Option<Seen>,
+    first: bool,
+    done: bool,
+}
+
+/// `GET /api/v1/runs/{id}/events`.
+pub async fn run_events(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    runs::get(&state.db, &id).await?;
+    let watch = RunWatch {
+        state,
+        id,
+        last: None,
+        first: true,
+        done: false,
+    };
+    let stream = futures::stream::unfold(watch, next_run_event);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+async fn next_run_event(mut w: RunWatch) -> Option<(Result<Event, Infallible>, RunWatch)> {
+    if w.done {
+        return None;
+    }
+    loop {
+        if !std::mem::take(&mut w.first) {
+            tokio::time::sleep(EVERY).await;
+        }
+        let run = match runs::get(&w.state.db, &w.id).await {
+            Ok(run) => run,
+            Err(Error::NotFound(message)) => {
+                // Deleted with its storage while watched.
+                w.done = true;
+                let gone = Event::default()
+                    .event("gone")
+                    .data(serde_json::json!({ "id": w.id, "message": message }).to_string());
+                return Some((Ok(gone), w));
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "run events: read failed; trying again");
+                continue;
+            }
+        };
+        if is_final(&run) {
+            w.done = true;
+            return Some((event("finished", &run), w));
+        }
+        let seen = Seen::of(&run);
+        if w.last.as_ref() != Some(&seen) {
+            w.last = Some(seen);
+            return Some((event("progress", &run), w));
+        }
+    }
+}
+
+/// The query of `GET /api/v1/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    project_id: Option<i64>,
+}
+
+/// Every run's changes (of one project, or all): a `run` event each time a
+/// run is queued, progresses or ends. The stream does not end by itself.
+struct ProjectWatch {
+    state: AppState,
+    project_id: Option<i64>,
+    seen: HashMap<String, Seen>,
+    /// Runs changed since the last send, waiting their turn.
+    ready: Vec<sync_run::Model>,
+    /// When the previous look began: runs that ended after it are shown.
+    since: chrono::DateTime<Utc>,
+    first: bool,
+}
+
+/// `GET /api/v1/events`.
+pub async fn project_events(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    if let Some(project_id) = q.project_id {
+        super::projects::find(&state.db, project_id).await?;
+    }
+    let watch = ProjectWatch {
+        state,
+        project_id: q.project_id,
+        seen: HashMap::new(),
+        ready: Vec::new(),
+        since: Utc::now(),
+        first: true,
+    };
+    let stream = futures::stream::unfold(watch, next_project_event);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+async fn next_project_event(
+    mut w: ProjectWatch,
+) -> Option<(Result<Event, Infallible>, ProjectWatch)> {
+    while w.ready.is_empty() {
+        if !std::mem::take(&mut w.first) {
+            tokio::time::sleep(EVERY).await;
+        }
+        look(&mut w).await;
+    }
+    let run = w.ready.remove(0);
+    Some((event("run", &run), w))
+}
+
+/// Reads the live and just-ended runs and queues those that changed.
+async fn look(w: &mut ProjectWatch) {
+    let started = Utc::now();
+    // A run that ended while the previous look ran is read again: a
+    // second of overlap, deduplicated by `seen`.
+    let since = w.since - chrono::Duration::seconds(1);
+    let rows = match runs::live_or_ended_since(&w.state.db, w.project_id, since, MAX_RUNS).await {
+        Ok(rows) => rows,
+        Err(err) => {
+            tracing::debug!(error = %err, "events: read failed; trying again");
+            return;
+        }
+    };
+    let mut current = HashMap::with_capacity(rows.len());
+    for run in rows {
+        let seen = Seen::of(&run);
+        if w.seen.get(&run.id) != Some(&seen) {
+            w.ready.push(run.clone());
+        }
+        current.insert(run.id.clone(), seen);
+    }
+    // Only what this look saw is remembered, so the map stays as small as
+    // the set of live and just-ended runs.
+    w.seen = current;
+    w.since = started;
+}
