@@ -558,3 +558,67 @@ fn the_run_stream_shows_progress_then_ends(events: &[Sse], run_id: &str) {
         );
     }
 }
+
+/// Endpoints get only the event types they subscribed to, of their own
+/// project (or of all, with no project).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_get_the_types_and_projects_they_subscribed_to() {
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::with_storages()
+    })
+    .await;
+    let (mine, theirs, everyone) = (
+        Receiver::start().await,
+        Receiver::start().await,
+        Receiver::start().await,
+    );
+    write_files(&app.doc_root.path().join("data"), 1, "jpg");
+    let project = app.project("cancelled").await;
+    let other = app.project("other").await;
+    for (receiver, project_id) in [
+        (&mine, json!(project)),
+        (&theirs, json!(other)),
+        (&everyone, Value::Null),
+    ] {
+        let body =
+            json!({ "url": receiver.url, "events": ["run.cancelled"], "project_id": project_id });
+        let (status, hook) = app.post("/api/v1/webhooks", body).await;
+        assert_eq!(status, 201, "{hook}");
+    }
+    let storage = app.local_storage(project, json!({})).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let (status, run) = app
+        .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(
+        (status, &run["status"]),
+        (200, &json!("cancelled")),
+        "{run}"
+    );
+    // No worker took the run: the one started now only delivers.
+    let _worker = spawn_ready_worker(&app, "deliverer", &[]).await;
+    for receiver in [&mine, &everyone] {
+        receiver
+            .wait_until(Duration::from_secs(30), |accepted| !accepted.is_empty())
+            .await;
+        assert_eq!(receiver.accepted_types_of_run(&run_id), ["run.cancelled"]);
+        let event = receiver.accepted()[0].json();
+        assert_eq!(
+            event["data"]["run"]["error"], "cancelled by request",
+            "{event}"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        theirs.received().is_empty(),
+        "another project's endpoint got {:?}",
+        theirs.received()
+    );
+    assert_eq!(
+        mine.received().len(),
+        1,
+        "run.queued and run.started were not subscribed to"
+    );
+    app.stop().await;
+}

@@ -104,13 +104,20 @@ impl MigrationTrait for Migration {
         m.create_index(
             Index::create()
                 .table("webhook_deliveries")
-                .name("webhook_deliveries_queue")
+                .name("webhook_deliveries_log")
                 .col("webhook_id")
-                .col("status")
                 .col("id")
                 .take(),
         )
         .await?;
+        // The queues: only pending rows, so the scheduler's look for due
+        // deliveries every tick does not read the delivered history.
+        m.get_connection()
+            .execute_unprepared(
+                "CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (webhook_id, id) \
+                 WHERE status = 'pending'",
+            )
+            .await?;
         m.create_index(
             Index::create()
                 .table("webhook_deliveries")
