@@ -409,9 +409,35 @@ async fn idempotent_posts(embedded: bool) {
         (400, &json!("invalid_idempotency_key"))
     );
     concurrent_duplicates_create_one(&app, token).await;
+    keys_expire_after_a_day(&app, token, &body).await;
     let (_, list) = app.get("/api/v1/projects?limit=1000").await;
-    assert_eq!(list["items"].as_array().unwrap().len(), 3, "{list}");
+    assert_eq!(list["items"].as_array().unwrap().len(), 4, "{list}");
     app.stop().await;
+}
+
+/// A key older than 24 hours is new again (the request runs), and the
+/// scheduler's cleanup deletes such keys.
+async fn keys_expire_after_a_day(app: &TestApp, token: &str, body: &Value) {
+    use labelsync::db::entities::idempotency_key::{Column, Entity};
+    use sea_orm::{EntityTrait, sea_query::Expr};
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let day_ago = chrono::Utc::now() - chrono::Duration::hours(25);
+    Entity::update_many()
+        .col_expr(Column::CreatedAt, Expr::value(day_ago))
+        .exec(&db)
+        .await
+        .expect("age the keys");
+    let (status, _, replayed) = post_with_key(app, token, "/api/v1/projects", body, "k-1").await;
+    assert_eq!(
+        (status, replayed),
+        (201, false),
+        "an expired key runs again"
+    );
+    let cutoff = chrono::Utc::now() - chrono::Duration::hours(24);
+    let pruned = labelsync::db::idempotency::prune(&db, cutoff)
+        .await
+        .expect("prune");
+    assert!(pruned >= 3, "the other aged keys are deleted: {pruned}");
 }
 
 /// Eight copies of one request at once: one project, eight equal answers.
