@@ -1440,3 +1440,54 @@ fn openapi_paths_match_docs_api_md() {
         "route headings of docs/API.md that openapi.json does not list: {unserved:?}"
     );
 }
+
+/// Every response names its request: the caller's `X-Request-Id` when
+/// usable, else a new ULID; errors and probes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_carries_a_request_id() {
+    let app = spawn_app(AppOptions {
+        token: Some("request-id-token".into()),
+        ..AppOptions::without_workers()
+    })
+    .await;
+    let id_of = |resp: &reqwest::Response| {
+        resp.headers()
+            .get("x-request-id")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let client = reqwest::Client::new();
+    let mut made = std::collections::HashSet::new();
+    for path in ["/healthz", "/api/v1/projects", "/nowhere"] {
+        let resp = client
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        let id = id_of(&resp);
+        assert_eq!(id.len(), 26, "{path} {}: a ULID, got {id:?}", resp.status());
+        made.insert(id);
+    }
+    assert_eq!(made.len(), 3, "a new id per request");
+    let send = |id: String| {
+        client
+            .get(format!("{}/api/v1/projects", app.base))
+            .bearer_auth("request-id-token")
+            .header("x-request-id", id)
+            .send()
+    };
+    let given = send("lb-7f3a:trace-42".into()).await.unwrap();
+    assert_eq!(
+        (given.status().as_u16(), id_of(&given)),
+        (200, "lb-7f3a:trace-42".into())
+    );
+    for unusable in ["x".repeat(129), "has space".into()] {
+        let resp = send(unusable.clone()).await.unwrap();
+        let id = id_of(&resp);
+        assert!(
+            id.len() == 26 && id != unusable,
+            "{unusable:?} replaced: {id:?}"
+        );
+    }
+    app.stop().await;
+}

@@ -125,18 +125,40 @@ pub fn router(state: AppState) -> Router {
 
 /// One span per request, continuing the caller's trace when it sends a W3C
 /// `traceparent`; jobs the request enqueues carry this span's context on.
-async fn trace_request(req: Request, next: Next) -> Response {
+/// The request id (the caller's `X-Request-Id` when it is a usable one,
+/// else a new ULID) is on the span, so on every log line of the request,
+/// and in the response's `X-Request-Id`.
+async fn trace_request(mut req: Request, next: Next) -> Response {
+    let request_id = request_id(req.headers());
+    req.headers_mut().insert(REQUEST_ID, request_id.clone());
     let span = tracing::info_span!(
         "http.request",
         otel.kind = "server",
         http.request.method = %req.method(),
         url.path = %req.uri().path(),
+        request_id = request_id.to_str().unwrap_or_default(),
         http.response.status_code = tracing::field::Empty,
     );
     labelsync::telemetry::set_parent(&span, &labelsync::telemetry::Headers(req.headers()));
-    let response = next.run(req).instrument(span.clone()).await;
+    let mut response = next.run(req).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
+    response.headers_mut().insert(REQUEST_ID, request_id);
     response
+}
+
+const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// The caller's request id if it is 1-128 visible ASCII characters (what
+/// proxies and tracing tools send), else a new ULID.
+fn request_id(headers: &header::HeaderMap) -> header::HeaderValue {
+    headers
+        .get(REQUEST_ID)
+        .filter(|v| (1..=128).contains(&v.len()) && v.as_bytes().iter().all(u8::is_ascii_graphic))
+        .cloned()
+        .unwrap_or_else(|| {
+            header::HeaderValue::from_str(&ulid::Ulid::new().to_string())
+                .unwrap_or(header::HeaderValue::from_static("unknown"))
+        })
 }
 
 /// 405 with the API's error body; axum adds the `Allow` header.
