@@ -1453,7 +1453,7 @@ async fn every_response_carries_a_request_id() {
     let id_of = |resp: &reqwest::Response| {
         resp.headers()
             .get("x-request-id")
-            .map(|v| v.to_str().unwrap().to_owned())
+            .map(|v| v.to_str().expect("ASCII").to_owned())
             .unwrap_or_default()
     };
     let client = reqwest::Client::new();
@@ -1476,13 +1476,13 @@ async fn every_response_carries_a_request_id() {
             .header("x-request-id", id)
             .send()
     };
-    let given = send("lb-7f3a:trace-42".into()).await.unwrap();
+    let given = send("lb-7f3a:trace-42".into()).await.expect("GET");
     assert_eq!(
         (given.status().as_u16(), id_of(&given)),
         (200, "lb-7f3a:trace-42".into())
     );
     for unusable in ["x".repeat(129), "has space".into()] {
-        let resp = send(unusable.clone()).await.unwrap();
+        let resp = send(unusable.clone()).await.expect("GET");
         let id = id_of(&resp);
         assert!(
             id.len() == 26 && id != unusable,
