@@ -1463,7 +1463,7 @@ async fn every_response_carries_a_request_id() {
             .get(format!("{}{path}", app.base))
             .send()
             .await
-            .unwrap();
+            .expect("GET");
         let id = id_of(&resp);
         assert_eq!(id.len(), 26, "{path} {}: a ULID, got {id:?}", resp.status());
         made.insert(id);
