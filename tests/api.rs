@@ -315,6 +315,20 @@ fn bad_storage_bodies(good: &Value) -> Vec<(&'static str, Value, u16, &'static s
     let mut bad_role = good.clone();
     bad_role["role"] = json!("sink");
     cases.push(("bad role", bad_role, 400, "invalid_body"));
+    for (what, value) in [
+        ("unknown on_missing", json!("delete")),
+        ("on_missing of another case", json!("Keep")),
+        ("on_missing not a string", json!(true)),
+        ("on_missing null", Value::Null),
+    ] {
+        let mut bad = good.clone();
+        bad["on_missing"] = value;
+        cases.push((what, bad, 400, "invalid_on_missing"));
+    }
+    let mut target = good.clone();
+    target["role"] = json!("target");
+    target["on_missing"] = json!("delete_unlabeled");
+    cases.push(("on_missing on a target", target, 400, "invalid_on_missing"));
     cases
 }
 
@@ -579,6 +593,60 @@ async fn patch_merges_and_refuses_backend_changes() {
     assert_eq!(status, 204);
     let (status, _) = app.get(&path).await;
     assert_eq!(status, 404);
+    app.stop().await;
+}
+
+/// `on_missing`: shown (`flag` unless given), changed by PATCH like other
+/// fields; a bad value is `400 invalid_on_missing` naming the allowed
+/// values and changes nothing; a target takes only the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_missing_is_shown_patched_and_checked() {
+    let (app, good) = app_with_a_valid_source_body().await;
+    let (status, source) = app.post("/api/v1/storages", good.clone()).await;
+    assert_eq!(
+        (status, &source["on_missing"]),
+        (201, &json!("flag")),
+        "{source}"
+    );
+    let path = format!("/api/v1/storages/{}", source["id"]);
+    let (status, patched) = app
+        .patch(&path, json!({ "on_missing": "delete_unlabeled" }))
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["on_missing"], "delete_unlabeled");
+    assert_eq!(patched["regex_filter"], good["regex_filter"], "others kept");
+
+    let (status, err) = app.patch(&path, json!({ "on_missing": "purge" })).await;
+    assert_eq!(
+        (status, &err["error"]["code"], &err["error"]["field"]),
+        (400, &json!("invalid_on_missing"), &json!("on_missing")),
+        "{err}"
+    );
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    for allowed in ["\"keep\"", "\"flag\"", "\"delete_unlabeled\""] {
+        assert!(message.contains(allowed), "{allowed} not named in {err}");
+    }
+    let (_, unchanged) = app.get(&path).await;
+    assert_eq!(unchanged["on_missing"], "delete_unlabeled", "{unchanged}");
+
+    let mut target = good.clone();
+    target["role"] = json!("target");
+    target["on_missing"] = json!("flag");
+    let (status, target) = app.post("/api/v1/storages", target).await;
+    assert_eq!(
+        (status, &target["on_missing"]),
+        (201, &json!("flag")),
+        "{target}"
+    );
+    let target_path = format!("/api/v1/storages/{}", target["id"]);
+    let (status, err) = app
+        .patch(&target_path, json!({ "on_missing": "keep" }))
+        .await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_on_missing")),
+        "{err}"
+    );
     app.stop().await;
 }
 

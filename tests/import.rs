@@ -1,7 +1,8 @@
 //! The import engine on real Postgres and Redis: Tasks mode in every format
-//! and shape, per-object errors among good files, prefixes, unicode keys, and
-//! change awareness on re-sync.
-use std::path::Path;
+//! and shape, per-object errors among good files, prefixes, unicode keys,
+//! change awareness on re-sync, and what `on_missing` does with the tasks of
+//! deleted objects (on Postgres and SQLite).
+use std::{collections::BTreeMap, path::Path};
 
 use labelsync_tests::{
     AppOptions, TestApp, peak_rss, spawn_app, spawn_ready_worker, write_nested_parquet,
@@ -862,25 +863,8 @@ async fn an_unreadable_local_directory_is_one_object_error() {
     let data = app.doc_root.path().join("data");
     write(&data, "a.jpg", b"a");
     write(&data, "z/z.jpg", b"z");
+    let key = unreadable_dir(&data);
     let base = data.canonicalize().expect("canonical data dir");
-    // The key of the unreadable directory: base + '/' + key is 4,095 bytes.
-    let wanted = 4095 - base.as_os_str().len() - 1;
-    let mut key = String::from("deep");
-    // The rest is split into segments ("/ddd...") of about 200 bytes.
-    let rest = wanted - key.len();
-    let segments = rest.div_ceil(201);
-    for i in 0..segments {
-        let share = rest / segments + usize::from(i < rest % segments);
-        key.push('/');
-        key.push_str(&"d".repeat(share - 1));
-    }
-    let dir = base.join(&key);
-    assert_eq!(dir.as_os_str().len(), 4095);
-    std::fs::create_dir_all(&dir).expect("deep directory");
-    assert!(
-        std::fs::read_dir(format!("{}/", dir.display())).is_err(),
-        "the directory must be unreadable for this test"
-    );
 
     let project = app.project("unreadable").await;
     let storage = app.local_storage(project, json!({})).await;
@@ -904,6 +888,31 @@ async fn an_unreadable_local_directory_is_one_object_error() {
         "the message shows the server's path: {message}"
     );
     app.stop().await;
+}
+
+/// Makes a directory under `data` that a listing cannot read, even as
+/// root: its absolute path is 4,095 bytes, so it fits PATH_MAX but `<path>/`
+/// does not. Returns its key (under `deep/`).
+fn unreadable_dir(data: &Path) -> String {
+    let base = data.canonicalize().expect("canonical data dir");
+    let wanted = 4095 - base.as_os_str().len() - 1;
+    let mut key = String::from("deep");
+    // The rest is split into segments ("/ddd...") of about 200 bytes.
+    let rest = wanted - key.len();
+    let segments = rest.div_ceil(201);
+    for i in 0..segments {
+        let share = rest / segments + usize::from(i < rest % segments);
+        key.push('/');
+        key.push_str(&"d".repeat(share - 1));
+    }
+    let dir = base.join(&key);
+    assert_eq!(dir.as_os_str().len(), 4095);
+    std::fs::create_dir_all(&dir).expect("deep directory");
+    assert!(
+        std::fs::read_dir(format!("{}/", dir.display())).is_err(),
+        "the directory must be unreadable for this test"
+    );
+    key
 }
 
 /// A non-recursive storage imports only the top level; a prefix limits the
@@ -942,5 +951,313 @@ async fn recursion_off_and_prefix_limit_what_is_imported() {
                 .expect("key")
                 .starts_with("part-001/"))
     );
+    app.stop().await;
+}
+
+/// The task ids of a project by their object key (Files mode: one each).
+async fn task_ids_by_key(app: &TestApp, project: i64) -> BTreeMap<String, Value> {
+    app.all_tasks(project)
+        .await
+        .iter()
+        .map(|t| {
+            let key = t["source"]["key"].as_str().expect("key").to_owned();
+            (key, t["id"].clone())
+        })
+        .collect()
+}
+
+/// Saves an annotation on a task; returns its id.
+async fn annotate(app: &TestApp, task_id: &Value) -> Value {
+    let (status, annotation) = app
+        .post(
+            &format!("/api/v1/tasks/{task_id}/annotations"),
+            json!({ "result": [{ "value": { "choices": ["keep me"] } }] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{annotation}");
+    annotation["id"].clone()
+}
+
+/// The object keys of the links flagged missing, in key order.
+async fn flagged_keys(app: &TestApp) -> Vec<String> {
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT object_key FROM import_links WHERE object_exists = FALSE ORDER BY object_key",
+        ))
+        .await
+        .expect("query");
+    rows.iter()
+        .map(|r| r.try_get::<String>("", "object_key").expect("key"))
+        .collect()
+}
+
+/// A run's (missing, deleted, kept) counters.
+fn gone_counters(run: &Value) -> (i64, i64, i64) {
+    let c = &run["counters"];
+    let n = |name: &str| {
+        c[name]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{name} in {run}"))
+    };
+    (n("missing"), n("deleted"), n("kept"))
+}
+
+/// Five images synced by a Files-mode source with `on_missing` (`None`:
+/// left to its default), the tasks of img-1 and img-3 annotated, then img-0,
+/// img-1 and img-2 deleted from the folder and the source synced again:
+/// (project, source, task ids by key after the first sync, second run).
+async fn three_of_five_files_deleted(
+    app: &TestApp,
+    on_missing: Option<&str>,
+) -> (i64, Value, BTreeMap<String, Value>, Value) {
+    let data = app.doc_root.path().join("data");
+    for i in 0..5 {
+        write(&data, &format!("img-{i}.jpg"), b"x");
+    }
+    let project = app.project("gone").await;
+    let fields = on_missing.map_or(json!({}), |m| json!({ "on_missing": m }));
+    let source = app.local_storage(project, fields).await;
+    assert_eq!(
+        source["on_missing"],
+        on_missing.unwrap_or("flag"),
+        "{source}"
+    );
+    let first = app.sync(&source["id"]).await;
+    assert_eq!(first["counters"]["created"], 5, "{first}");
+    let ids = task_ids_by_key(app, project).await;
+    for key in ["img-1.jpg", "img-3.jpg"] {
+        annotate(app, &ids[key]).await;
+    }
+    for key in ["img-0.jpg", "img-1.jpg", "img-2.jpg"] {
+        std::fs::remove_file(data.join(key)).expect("delete");
+    }
+    let second = app.sync(&source["id"]).await;
+    assert_eq!(second["status"], "completed", "{second}");
+    (project, source, ids, second)
+}
+
+/// `delete_unlabeled`: the unannotated tasks of deleted files go, the
+/// annotated one stays (flagged), the tasks of files still there are left
+/// alone; a later sync deletes a kept task once its annotation is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_files_take_their_unlabeled_tasks_with_them_on_postgres() {
+    deleted_files_take_their_unlabeled_tasks_with_them(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_files_take_their_unlabeled_tasks_with_them_on_sqlite() {
+    deleted_files_take_their_unlabeled_tasks_with_them(true).await;
+}
+
+async fn deleted_files_take_their_unlabeled_tasks_with_them(embedded: bool) {
+    let app = spawn_app(AppOptions {
+        embedded,
+        ..AppOptions::default()
+    })
+    .await;
+    let (project, source, before, second) =
+        three_of_five_files_deleted(&app, Some("delete_unlabeled")).await;
+    assert_eq!(gone_counters(&second), (3, 2, 1), "{second}");
+    let kept: BTreeMap<String, Value> = ["img-1.jpg", "img-3.jpg", "img-4.jpg"]
+        .map(|k| (k.to_owned(), before[k].clone()))
+        .into_iter()
+        .collect();
+    assert_eq!(task_ids_by_key(&app, project).await, kept);
+    assert_eq!(flagged_keys(&app).await, ["img-1.jpg"]);
+    let (_, task) = app
+        .get(&format!("/api/v1/tasks/{}", before["img-1.jpg"]))
+        .await;
+    let annotation = task["annotations"][0]["id"].clone();
+    assert!(
+        annotation.is_i64(),
+        "the kept task keeps its annotation: {task}"
+    );
+
+    let third = app.sync(&source["id"]).await;
+    assert_eq!(gone_counters(&third), (0, 0, 0), "{third}");
+    let (status, _) = app
+        .delete(&format!("/api/v1/annotations/{annotation}"))
+        .await;
+    assert_eq!(status, 204);
+    let fourth = app.sync(&source["id"]).await;
+    assert_eq!(gone_counters(&fourth), (0, 1, 0), "{fourth}");
+    let left: Vec<String> = task_ids_by_key(&app, project).await.into_keys().collect();
+    assert_eq!(left, ["img-3.jpg", "img-4.jpg"]);
+    assert_eq!(flagged_keys(&app).await, Vec::<String>::new());
+    app.stop().await;
+}
+
+/// `flag` (the default): today's behaviour; nothing is deleted, the links
+/// of the deleted files are flagged and counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_files_are_flagged_by_default_on_postgres() {
+    deleted_files_are_flagged_by_default(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_files_are_flagged_by_default_on_sqlite() {
+    deleted_files_are_flagged_by_default(true).await;
+}
+
+async fn deleted_files_are_flagged_by_default(embedded: bool) {
+    let app = spawn_app(AppOptions {
+        embedded,
+        ..AppOptions::default()
+    })
+    .await;
+    let (project, source, before, second) = three_of_five_files_deleted(&app, None).await;
+    assert_eq!(gone_counters(&second), (3, 0, 0), "{second}");
+    assert_eq!(task_ids_by_key(&app, project).await, before);
+    assert_eq!(
+        flagged_keys(&app).await,
+        ["img-0.jpg", "img-1.jpg", "img-2.jpg"]
+    );
+    let third = app.sync(&source["id"]).await;
+    assert_eq!(gone_counters(&third), (0, 0, 0), "{third}");
+    app.stop().await;
+}
+
+/// `keep`: the deleted files are counted, by every sync until they come
+/// back, and nothing is flagged or deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_files_are_only_counted_with_keep_on_postgres() {
+    deleted_files_are_only_counted_with_keep(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_files_are_only_counted_with_keep_on_sqlite() {
+    deleted_files_are_only_counted_with_keep(true).await;
+}
+
+async fn deleted_files_are_only_counted_with_keep(embedded: bool) {
+    let app = spawn_app(AppOptions {
+        embedded,
+        ..AppOptions::default()
+    })
+    .await;
+    let (project, source, before, second) = three_of_five_files_deleted(&app, Some("keep")).await;
+    assert_eq!(gone_counters(&second), (3, 0, 0), "{second}");
+    assert_eq!(task_ids_by_key(&app, project).await, before);
+    assert_eq!(flagged_keys(&app).await, Vec::<String>::new());
+    let third = app.sync(&source["id"]).await;
+    assert_eq!(gone_counters(&third), (3, 0, 0), "{third}");
+    write(&app.doc_root.path().join("data"), "img-0.jpg", b"x");
+    let fourth = app.sync(&source["id"]).await;
+    assert_eq!(gone_counters(&fourth), (2, 0, 0), "{fourth}");
+    assert_eq!(fourth["counters"]["created"], 0, "{fourth}");
+    assert_eq!(task_ids_by_key(&app, project).await, before);
+    app.stop().await;
+}
+
+/// The number of rows `sql` (a `SELECT COUNT(*) AS n ...`) counts.
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .expect("count")
+        .expect("a row");
+    row.try_get("", "n").expect("n")
+}
+
+/// Tasks mode, `delete_unlabeled`: of two task lists, the deleted one's
+/// unannotated tasks go (a prediction with its task), its annotated task
+/// stays; the other list's tasks are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_task_list_takes_its_unlabeled_tasks_with_it_on_postgres() {
+    a_deleted_task_list_takes_its_unlabeled_tasks_with_it(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_task_list_takes_its_unlabeled_tasks_with_it_on_sqlite() {
+    a_deleted_task_list_takes_its_unlabeled_tasks_with_it(true).await;
+}
+
+async fn a_deleted_task_list_takes_its_unlabeled_tasks_with_it(embedded: bool) {
+    let app = spawn_app(AppOptions {
+        embedded,
+        ..AppOptions::default()
+    })
+    .await;
+    let data = app.doc_root.path().join("data");
+    write(
+        &data,
+        "a.json",
+        br#"[{"data": {"text": "a0"}, "predictions": [{"result": [{"value": 1}], "model_version": "m-1"}]},
+             {"data": {"text": "a1"}}, {"data": {"text": "a2"}}]"#,
+    );
+    write(&data, "b.json", br#"[{"text": "b0"}, {"text": "b1"}]"#);
+    let project = app.project("task lists").await;
+    let source = storage(&app, project, json!({ "on_missing": "delete_unlabeled" })).await;
+    let first = app.sync(&source["id"]).await;
+    assert_eq!(first["counters"]["created"], 5, "{first}");
+    let before = app.all_tasks(project).await;
+    let id_of = |key: &str, row: i64| task_by_source(&before, key, row)["id"].clone();
+    annotate(&app, &id_of("a.json", 1)).await;
+    assert_eq!(
+        count(&app, "SELECT COUNT(*) AS n FROM predictions").await,
+        1
+    );
+
+    std::fs::remove_file(data.join("a.json")).expect("delete");
+    let second = app.sync(&source["id"]).await;
+    assert_eq!(gone_counters(&second), (1, 2, 1), "{second}");
+    let mut left: Vec<Value> = app
+        .all_tasks(project)
+        .await
+        .iter()
+        .map(|t| t["id"].clone())
+        .collect();
+    left.sort_by_key(|id| id.as_i64());
+    let mut expected = vec![id_of("a.json", 1), id_of("b.json", 0), id_of("b.json", 1)];
+    expected.sort_by_key(|id| id.as_i64());
+    assert_eq!(left, expected);
+    assert_eq!(
+        count(&app, "SELECT COUNT(*) AS n FROM predictions").await,
+        0
+    );
+    assert_eq!(flagged_keys(&app).await, ["a.json"]);
+    let links = "SELECT COUNT(*) AS n FROM import_links";
+    assert_eq!(
+        count(&app, links).await,
+        3,
+        "the deleted tasks' links go with them"
+    );
+    app.stop().await;
+}
+
+/// `delete_unlabeled` deletes only after a complete listing: while a
+/// directory cannot be read, what the run did not list may still be there,
+/// so the task of a deleted file is flagged, not deleted; the first sync
+/// that reads everything deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incomplete_listing_deletes_no_task() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    write(&data, "a.jpg", b"a");
+    write(&data, "z/z.jpg", b"z");
+    let project = app.project("incomplete").await;
+    let source = app
+        .local_storage(project, json!({ "on_missing": "delete_unlabeled" }))
+        .await;
+    assert_eq!(app.sync(&source["id"]).await["counters"]["created"], 2);
+    let before = task_ids_by_key(&app, project).await;
+
+    std::fs::remove_file(data.join("z/z.jpg")).expect("delete");
+    unreadable_dir(&data);
+    let second = app.sync(&source["id"]).await;
+    assert_eq!(second["status"], "completed_with_errors", "{second}");
+    assert_eq!(gone_counters(&second), (1, 0, 0), "{second}");
+    assert_eq!(task_ids_by_key(&app, project).await, before);
+    assert_eq!(flagged_keys(&app).await, ["z/z.jpg"]);
+
+    std::fs::remove_dir_all(data.join("deep")).expect("remove the deep directory");
+    let third = app.sync(&source["id"]).await;
+    assert_eq!(third["status"], "completed", "{third}");
+    assert_eq!(gone_counters(&third), (0, 1, 0), "{third}");
+    let left: Vec<String> = task_ids_by_key(&app, project).await.into_keys().collect();
+    assert_eq!(left, ["a.jpg"]);
     app.stop().await;
 }

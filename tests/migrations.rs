@@ -27,6 +27,7 @@ async fn check_schema(db: &DatabaseConnection) {
     insert_project_storage_task(db).await;
     check_one_link_per_object_row(db).await;
     check_one_live_run_per_storage(db).await;
+    check_on_missing_defaults(db).await;
     check_storage_delete_takes_its_links(db).await;
     check_task_delete_takes_its_links(db).await;
     check_project_delete_cascades(db).await;
@@ -79,6 +80,20 @@ async fn check_one_live_run_per_storage(db: &DatabaseConnection) {
     assert!(
         db.execute_unprepared(&run("r3", "running")).await.is_err(),
         "a second live run of one storage must be refused"
+    );
+}
+
+/// Rows written without the columns of migration 9 (as before it) read as
+/// today's behaviour: `on_missing` `flag`, nothing kept, a complete listing.
+async fn check_on_missing_defaults(db: &DatabaseConnection) {
+    let sql = "SELECT COUNT(*) AS n FROM storages WHERE id = 1 AND on_missing = 'flag'";
+    assert_eq!(count(db, sql).await, 1, "on_missing defaults to flag");
+    let sql = "SELECT COUNT(*) AS n FROM sync_runs \
+               WHERE id = 'r1' AND kept = 0 AND listing_incomplete = FALSE";
+    assert_eq!(
+        count(db, sql).await,
+        1,
+        "kept and listing_incomplete default"
     );
 }
 

@@ -338,6 +338,58 @@ async fn events_survive_a_worker_kill_and_a_scheduler_restart() {
     replica.stop().await;
 }
 
+/// `storage.objects_missing` says what the storage's `on_missing` did:
+/// with `delete_unlabeled`, three of four images deleted and one of those
+/// annotated, `data.missing` 3, `data.tasks_deleted` 2, `data.tasks_kept` 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_objects_missing_event_counts_the_tasks_deleted_and_kept() {
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let receiver = Receiver::start().await;
+    let (storage, _hook) = project_with_webhook(&app, &receiver, 4).await;
+    let path = format!("/api/v1/storages/{}", storage["id"]);
+    let (status, patched) = app
+        .patch(&path, json!({ "on_missing": "delete_unlabeled" }))
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(app.sync(&storage["id"]).await["counters"]["created"], 4);
+    let tasks = app.all_tasks(storage["project_id"].as_i64().unwrap()).await;
+    let (status, _) = app
+        .post(
+            &format!("/api/v1/tasks/{}/annotations", tasks[1]["id"]),
+            json!({ "result": [] }),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let data = app.doc_root.path().join("data");
+    for task in &tasks[..3] {
+        let key = task["source"]["key"].as_str().unwrap();
+        std::fs::remove_file(data.join(key)).expect("delete");
+    }
+    let run = app.sync(&storage["id"]).await;
+    let run_id = run["id"].as_str().unwrap().to_owned();
+    let event_of_run = |r: &[labelsync_tests::webhook_receiver::Received]| {
+        r.iter()
+            .map(|r| r.json())
+            .find(|e| e["type"] == "storage.objects_missing" && e["data"]["run"]["id"] == run_id)
+    };
+    receiver
+        .wait_until(Duration::from_secs(30), |r| event_of_run(r).is_some())
+        .await;
+    let event = event_of_run(&receiver.accepted()).unwrap();
+    let d = &event["data"];
+    assert_eq!(
+        (&d["missing"], &d["tasks_deleted"], &d["tasks_kept"]),
+        (&json!(3), &json!(2), &json!(1)),
+        "{event}"
+    );
+    let counters = &d["run"]["counters"];
+    assert_eq!(
+        (&counters["deleted"], &counters["kept"]),
+        (&json!(2), &json!(1))
+    );
+    app.stop().await;
+}
+
 /// A POST with an `Idempotency-Key` under `token`: (status, body, replayed).
 async fn post_with_key(
     app: &TestApp,

@@ -14,6 +14,7 @@ mod m20261202_000005_bulk_import_keys;
 mod m20261202_000006_partial_objects;
 mod m20261202_000007_webhooks;
 mod m20261202_000008_idempotency_keys;
+mod m20261202_000009_on_missing;
 mod m20261202_000010_run_finish_index;
 
 pub struct Migrator;
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000006_partial_objects::Migration),
             Box::new(m20261202_000007_webhooks::Migration),
             Box::new(m20261202_000008_idempotency_keys::Migration),
+            Box::new(m20261202_000009_on_missing::Migration),
             Box::new(m20261202_000010_run_finish_index::Migration),
         ]
     }

@@ -167,33 +167,50 @@ pub async fn update_object(
     Ok(())
 }
 
-/// After a complete listing: flags the links of objects the run did not see
-/// (`object_exists = false`) and returns how many objects that is.
-pub async fn mark_missing(db: &impl ConnectionTrait, storage_id: i64, run_id: &str) -> Result<i64> {
+/// After a complete listing, the links of `storage_id` the run did not see
+/// and that are not flagged yet: their objects are gone since the last run
+/// that looked (or since their import).
+fn unseen(storage_id: i64, run_id: &str) -> sea_orm::Condition {
     use import_link::Column as C;
-    let unseen = || {
-        sea_orm::Condition::all()
-            .add(C::StorageId.eq(storage_id))
-            .add(C::ObjectExists.eq(true))
-            .add(
-                sea_orm::Condition::any()
-                    .add(C::SeenRunId.is_null())
-                    .add(C::SeenRunId.ne(run_id)),
-            )
-    };
+    sea_orm::Condition::all()
+        .add(C::StorageId.eq(storage_id))
+        .add(C::ObjectExists.eq(true))
+        .add(
+            sea_orm::Condition::any()
+                .add(C::SeenRunId.is_null())
+                .add(C::SeenRunId.ne(run_id)),
+        )
+}
+
+/// After a complete listing: how many objects have [`unseen`] links (the
+/// run's `missing`). Changes nothing.
+pub async fn count_missing(
+    db: &impl ConnectionTrait,
+    storage_id: i64,
+    run_id: &str,
+) -> Result<i64> {
+    use import_link::Column as C;
     let objects: Option<i64> = import_link::Entity::find()
         .select_only()
         .expr_as(Func::count_distinct(Expr::col(C::ObjectKey)), "n")
-        .filter(unseen())
+        .filter(unseen(storage_id, run_id))
         .into_tuple()
         .one(db)
         .await?;
+    Ok(objects.unwrap_or(0))
+}
+
+/// After a complete listing: flags the [`unseen`] links `object_exists =
+/// false` (a later listing that sees their object again clears the flag:
+/// [`mark_seen`]).
+pub async fn flag_missing(db: &impl ConnectionTrait, storage_id: i64, run_id: &str) -> Result<()> {
+    use import_link::Column as C;
     import_link::Entity::update_many()
         .col_expr(C::ObjectExists, Expr::value(false))
-        .filter(unseen())
+        .filter(unseen(storage_id, run_id))
         .exec(db)
         .await?;
-    Ok(objects.unwrap_or(0))
+    Ok(())
 }
 
 /// The tasks linked to rows `[lo, hi]` of one object: row index -> task id.

@@ -7,6 +7,7 @@ pub mod entities;
 pub mod exports;
 pub mod idempotency;
 pub mod links;
+pub mod missing;
 pub mod outbox;
 pub mod projects;
 pub mod runs;

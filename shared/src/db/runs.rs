@@ -79,6 +79,7 @@ pub struct Counters {
     pub bytes: i64,
     pub missing: i64,
     pub changed: i64,
+    pub kept: i64,
 }
 
 impl Counters {
@@ -95,6 +96,7 @@ impl Counters {
             bytes: run.bytes,
             missing: run.missing,
             changed: run.changed,
+            kept: run.kept,
         }
     }
 }
@@ -160,6 +162,8 @@ pub async fn create_or_get_live_scoped(
             bytes: Set(0),
             missing: Set(0),
             changed: Set(0),
+            kept: Set(0),
+            listing_incomplete: Set(false),
             cursor: Set(None),
             attempts: Set(0),
             error: Set(None),
@@ -280,6 +284,7 @@ pub async fn checkpoint(
         add(C::Bytes, delta.bytes),
         add(C::Missing, delta.missing),
         add(C::Changed, delta.changed),
+        add(C::Kept, delta.kept),
     ] {
         update = update.col_expr(col, expr);
     }
@@ -298,6 +303,18 @@ pub async fn checkpoint(
         .exec(db)
         .await?;
     Ok(res.rows_affected == 1)
+}
+
+/// Records that some part of the run's listing could not be read (see
+/// `sync_run::Model::listing_incomplete`); written with the page whose
+/// listing errors it records, so a resumed run still knows.
+pub async fn mark_listing_incomplete(db: &impl ConnectionTrait, id: &str) -> Result<()> {
+    sync_run::Entity::update_many()
+        .col_expr(sync_run::Column::ListingIncomplete, Expr::value(true))
+        .filter(sync_run::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
 }
 
 /// Ends a live run — with `owner`, only if that attempt still holds it —
@@ -336,8 +353,9 @@ const ERRORS_IN_EVENT: u64 = 10;
 
 /// Records the webhook events of a run that just changed status (see
 /// `db::webhooks::record`): `run.<status>`, and when it ended,
-/// `storage.objects_missing` for an import that found objects gone and
-/// `export.failed` for an export with objects it could not write.
+/// `storage.objects_missing` for an import that found objects gone (with
+/// what its storage's `on_missing` did to their tasks) and `export.failed`
+/// for an export with objects it could not write.
 async fn record_events(db: &impl ConnectionTrait, run: &sync_run::Model) -> Result<()> {
     use super::{entities::storage, webhooks::record};
     let project_id: Option<i64> = storage::Entity::find_by_id(run.storage_id)
@@ -362,6 +380,8 @@ async fn record_events(db: &impl ConnectionTrait, run: &sync_run::Model) -> Resu
     );
     if completed && run.kind == RunKind::Import.as_str() && run.missing > 0 {
         data["missing"] = run.missing.into();
+        data["tasks_deleted"] = run.deleted.into();
+        data["tasks_kept"] = run.kept.into();
         record(db, "storage.objects_missing", project_id, data.clone()).await?;
     }
     if run.kind == RunKind::Export.as_str() && run.failed > 0 {

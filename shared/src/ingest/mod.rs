@@ -12,15 +12,18 @@
 //! carries the run that last saw it (`seen_run_id`).
 //!
 //! After the last page, objects linked before but not listed by this run are
-//! flagged `object_exists = false` and counted as `missing`; objects listed
-//! with another etag than they were imported with are counted as `changed`.
+//! counted as `missing` and, as the storage's `on_missing` says, left as they
+//! are (`keep`), their links flagged `object_exists = false` (`flag`), or
+//! flagged and their unlabeled tasks deleted (`delete_unlabeled`); objects
+//! listed with another etag than they were imported with are counted as
+//! `changed`.
 pub mod budget;
 mod parquet_footer;
 pub mod parse;
 mod task_files;
 
 use futures::{StreamExt, TryStreamExt};
-use sea_orm::DatabaseConnection;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::json;
 
 use std::sync::Arc;
@@ -32,11 +35,11 @@ use crate::{
     db::{
         batches,
         entities::{project, storage as storage_entity, sync_batch, sync_run},
-        links,
+        links, missing,
         runs::{self, Counters, RunStatus},
         tasks::{self, NewTask},
     },
-    storage::{self, Filter, ListOptions, ObjectMeta, Storage, StorageEnv},
+    storage::{self, Filter, ListOptions, ObjectMeta, Storage, StorageEnv, spec::OnMissing},
 };
 
 /// One attempt of an import run: lists the source from the run's cursor and
@@ -93,6 +96,9 @@ struct PagePlan {
     changed: Vec<ObjectMeta>,
     /// Per-object errors to record with the page.
     errors: Vec<ObjectError>,
+    /// Some part of the listing could not be read (its errors are among
+    /// `errors`): the run's listing is incomplete.
+    unlisted: bool,
     /// Fan-out batches, written with the page's checkpoint.
     batches: Vec<Vec<ObjectMeta>>,
 }
@@ -143,6 +149,7 @@ impl ImportJob<'_> {
         }
         let mut plan = PagePlan {
             cursor: page.objects.last().map(|o| o.key.clone()),
+            unlisted: !page.errors.is_empty(),
             errors: page
                 .errors
                 .into_iter()
@@ -294,6 +301,9 @@ impl ImportJob<'_> {
                 .await?;
         }
         runs::record_errors(&txn, &self.run.id, plan.errors).await?;
+        if plan.unlisted {
+            runs::mark_listing_incomplete(&txn, &self.run.id).await?;
+        }
         let mut batch_ids = Vec::with_capacity(plan.batches.len());
         for objects in &plan.batches {
             batch_ids.push(batches::create(&txn, &self.run.id, objects).await?);
@@ -311,17 +321,14 @@ impl ImportJob<'_> {
     }
 
     /// The listing is complete: once every batch is done, what was not seen
-    /// is gone (flagged, and counted as `missing`).
+    /// is gone, and the storage's `on_missing` says what becomes of it, in
+    /// one transaction with the run's last checkpoint.
     async fn finish_listing(&self) -> Result<Outcome> {
         if self.fanout.is_some() && !self.wait_for_batches(0).await? {
             return Ok(Outcome::Stopped);
         }
         let txn = crate::db::begin_write(self.db).await?;
-        let missing = links::mark_missing(&txn, self.storage.id, &self.run.id).await?;
-        let delta = Counters {
-            missing,
-            ..Counters::default()
-        };
+        let delta = self.reconcile_missing(&txn).await?;
         if !runs::checkpoint(&txn, &self.run.id, &delta, None, self.lease).await? {
             txn.rollback().await?;
             return Ok(Outcome::Stopped);
@@ -332,6 +339,40 @@ impl ImportJob<'_> {
 }
 
 impl ImportJob<'_> {
+    /// Counts the objects this run did not list (`missing`) and applies the
+    /// storage's `on_missing` (docs/API.md, "Storages"): `keep` changes
+    /// nothing, `flag` flags their links, `delete_unlabeled` flags them too,
+    /// then deletes the tasks left with no link present and no annotation
+    /// (`deleted`) and counts the tasks of the missing objects it keeps
+    /// (`kept`), unless the listing was incomplete (then it acts as `flag`).
+    async fn reconcile_missing(&self, txn: &impl ConnectionTrait) -> Result<Counters> {
+        let (storage_id, run_id) = (self.storage.id, self.run.id.as_str());
+        let mut delta = Counters {
+            missing: links::count_missing(txn, storage_id, run_id).await?,
+            ..Counters::default()
+        };
+        let mut on_missing = OnMissing::of(self.storage);
+        if on_missing == OnMissing::DeleteUnlabeled
+            && runs::get(txn, run_id).await?.listing_incomplete
+        {
+            // Objects in a part of the listing that could not be read were
+            // not listed, not deleted: their tasks wait for a complete one.
+            on_missing = OnMissing::Flag;
+        }
+        if on_missing == OnMissing::DeleteUnlabeled && delta.missing > 0 {
+            delta.kept = missing::kept_tasks(txn, storage_id, run_id).await?;
+        }
+        if on_missing != OnMissing::Keep && delta.missing > 0 {
+            links::flag_missing(txn, storage_id, run_id).await?;
+        }
+        // Also when nothing went missing this time: tasks flagged by earlier
+        // runs (under `flag`, or kept while annotated) may go now.
+        if on_missing == OnMissing::DeleteUnlabeled {
+            delta.deleted = missing::delete_unlabeled(txn, storage_id).await?;
+        }
+        Ok(delta)
+    }
+
     fn check_stopping(&self) -> Result<()> {
         crate::attempt::check_stopping(self.stopping)
     }

@@ -49,6 +49,70 @@ impl ImportMethod {
     }
 }
 
+/// What an import run does with the objects it did not list that the
+/// storage had imported before (they left the bucket). Every mode counts
+/// them as the run's `missing`; docs/API.md ("Storages") is the contract.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMissing {
+    /// Links left as they are: every later run counts the objects again,
+    /// until they come back.
+    Keep,
+    /// Links flagged `object_exists = false` (counted by the run that flags
+    /// them only); tasks stay.
+    #[default]
+    Flag,
+    /// Flagged, and the tasks whose every link is flagged and that have no
+    /// annotation are deleted (with their predictions).
+    DeleteUnlabeled,
+}
+
+impl OnMissing {
+    pub const ALL: [OnMissing; 3] = [OnMissing::Keep, OnMissing::Flag, OnMissing::DeleteUnlabeled];
+
+    /// The mode of a saved storage (the column only ever holds the three
+    /// names; anything else reads as the default).
+    pub fn of(model: &storage::Model) -> Self {
+        Self::parse(&model.on_missing).unwrap_or_default()
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnMissing::Keep => "keep",
+            OnMissing::Flag => "flag",
+            OnMissing::DeleteUnlabeled => "delete_unlabeled",
+        }
+    }
+
+    /// `400 invalid_on_missing`, naming the values allowed.
+    fn invalid(what: &str) -> Error {
+        let allowed: Vec<String> = Self::ALL
+            .iter()
+            .map(|m| format!("{:?}", m.as_str()))
+            .collect();
+        Error::invalid(
+            "invalid_on_missing",
+            Some("on_missing"),
+            format!("on_missing {what}; use one of {}", allowed.join(", ")),
+        )
+    }
+
+    /// Checks a body's `on_missing` before serde does, so a bad value gets
+    /// its own code and the list of allowed values.
+    fn check_json(value: Option<&Value>) -> Result<()> {
+        match value {
+            None => Ok(()),
+            Some(Value::String(s)) if Self::parse(s).is_some() => Ok(()),
+            Some(Value::String(s)) => Err(Self::invalid(&format!("{s:?} is not a mode"))),
+            Some(_) => Err(Self::invalid("must be a string")),
+        }
+    }
+}
+
 /// A project named by title, for the CLI's spec files (`project` in place of
 /// `project_id`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +166,8 @@ pub struct StorageSpec {
     #[serde(default)]
     pub reimport_changed: bool,
     #[serde(default)]
+    pub on_missing: OnMissing,
+    #[serde(default)]
     pub sync_interval_seconds: Option<i64>,
     #[serde(default = "empty_object")]
     pub config: Value,
@@ -143,6 +209,7 @@ impl StorageSpec {
                 ));
             }
         }
+        OnMissing::check_json(value.get("on_missing"))?;
         serde_json::from_value(value)
             .map_err(|e| Error::invalid("invalid_body", None, e.to_string()))
     }
@@ -187,6 +254,13 @@ impl StorageSpec {
                 ),
             ));
         }
+        if self.role == Role::Target && self.on_missing != OnMissing::default() {
+            return Err(Error::invalid(
+                "invalid_on_missing",
+                Some("on_missing"),
+                "on_missing applies to source storages only; leave it out of a target (or give \"flag\", the default)",
+            ));
+        }
         let config = validate_config(kind, &self.config, env).await?;
         let secrets = self.secrets.clone().map(Secrets::new);
         if let Some(secrets) = &secrets {
@@ -219,6 +293,7 @@ impl StorageSpec {
             presign_ttl_seconds: self.presign_ttl_seconds,
             can_delete_objects: self.can_delete_objects,
             reimport_changed: self.reimport_changed,
+            on_missing: self.on_missing.as_str().into(),
             sync_interval_seconds: self.sync_interval_seconds,
             next_sync_at: None,
             created_at: now,
@@ -248,6 +323,7 @@ impl StorageSpec {
             presign_ttl_seconds: model.presign_ttl_seconds,
             can_delete_objects: model.can_delete_objects,
             reimport_changed: model.reimport_changed,
+            on_missing: OnMissing::of(model),
             sync_interval_seconds: model.sync_interval_seconds,
             config: model.config.clone(),
             secrets: None,
@@ -331,6 +407,7 @@ pub fn to_json(model: &storage::Model) -> Value {
         "presign_ttl_seconds": model.presign_ttl_seconds,
         "can_delete_objects": model.can_delete_objects,
         "reimport_changed": model.reimport_changed,
+        "on_missing": model.on_missing,
         "sync_interval_seconds": model.sync_interval_seconds,
         "config": model.config,
         "secrets_set": model.secrets_set,

@@ -25,6 +25,9 @@ pub struct Model {
     pub can_delete_objects: bool,
     /// Sources: re-read objects whose etag changed (Tasks mode updates their tasks).
     pub reimport_changed: bool,
+    /// Sources: what a complete listing does with the tasks of objects gone
+    /// (`keep`, `flag`, `delete_unlabeled`; see `storage::spec::OnMissing`).
+    pub on_missing: String,
     pub sync_interval_seconds: Option<i64>,
     pub next_sync_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,

@@ -16,12 +16,22 @@ pub struct Model {
     pub failed: i64,
     pub exported: i64,
     pub unchanged: i64,
+    /// Export runs: exported objects deleted; import runs: tasks deleted
+    /// because their objects are gone (`on_missing: delete_unlabeled`).
     pub deleted: i64,
     pub bytes: i64,
     /// Objects linked before but not listed by this run.
     pub missing: i64,
     /// Objects listed with another etag than when they were imported.
     pub changed: i64,
+    /// Import runs: tasks kept although every object row they came from is
+    /// gone (annotated, or a link still present), with `on_missing:
+    /// delete_unlabeled`.
+    pub kept: i64,
+    /// Import runs: some part of the listing could not be read (an
+    /// unreadable directory), so what the run did not list may still be
+    /// there; it deletes no task (`on_missing: delete_unlabeled` flags only).
+    pub listing_incomplete: bool,
     /// Where a resumed run continues listing (the last key it committed).
     pub cursor: Option<String>,
     pub attempts: i64,
