@@ -1559,3 +1559,53 @@ async fn every_response_carries_a_request_id() {
     }
     app.stop().await;
 }
+
+/// `LABELSYNC_RATE_LIMIT_PER_MINUTE`: a burst past the limit is 429 with
+/// `Retry-After`, for that token only; probes are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_rate_limit_gets_429_with_retry_after() {
+    let app = spawn_app(AppOptions {
+        token: Some("limited-token".into()),
+        env: vec![("LABELSYNC_RATE_LIMIT_PER_MINUTE", "30".into())],
+        ..AppOptions::without_workers()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let get = |token: &'static str, path: &'static str| {
+        client
+            .get(format!("{}{path}", app.base))
+            .bearer_auth(token)
+            .send()
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(
+            get("limited-token", "/api/v1/projects")
+                .await
+                .expect("GET")
+                .status()
+                .as_u16(),
+        );
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        (30..=31).contains(&ok),
+        "a minute's worth, then refused: {statuses:?}"
+    );
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    let refused = get("limited-token", "/api/v1/projects").await.expect("GET");
+    assert_eq!(refused.status(), 429);
+    let wait: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .expect("ASCII")
+        .parse()
+        .expect("seconds");
+    assert!((1..=2).contains(&wait), "{wait}");
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    let other = get("other-token", "/api/v1/projects").await.expect("GET");
+    assert_eq!(other.status(), 200, "another token has its own bucket");
+    let probe = get("limited-token", "/healthz").await.expect("GET");
+    assert_eq!(probe.status(), 200, "probes are not limited");
+    app.stop().await;
+}

@@ -1,13 +1,12 @@
 //! Building and running the server. `serve` takes an already-bound listener
 //! and a shutdown future, so tests bind port 0 and stop it at will.
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, time::Duration};
 
 use anyhow::{Context, bail};
 use labelsync::{
     config::Settings,
     db,
     jobs::{JobContext, Queue},
-    storage::StorageEnv,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
@@ -24,12 +23,7 @@ pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
     let queue = Queue::open(&settings, &db)
         .await
         .context("cannot open the queue")?;
-    Ok(AppState {
-        storage_env: StorageEnv::from_settings(&settings),
-        db,
-        queue,
-        settings: Arc::new(settings),
-    })
+    Ok(AppState::new(db, queue, settings))
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, within the

@@ -69,6 +69,10 @@ pub struct Settings {
     /// endpoint whose every attempt failed for this long is disabled, and the
     /// delivery it failed on is given up.
     pub webhook_max_age: Duration,
+    /// `LABELSYNC_RATE_LIMIT_PER_MINUTE` (default 0: no limit): API requests
+    /// one bearer token may make a minute on one scheduler, in bursts of up
+    /// to that many; past it, `429` with `Retry-After`.
+    pub rate_limit_per_minute: u32,
     /// `LABELSYNC_LOG_FORMAT`: `json` or `text` (default).
     pub log_json: bool,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`: a collector (`http://collector:4318`)
@@ -205,6 +209,7 @@ impl Settings {
                 parse(&get, "LABELSYNC_SCHEDULE_TICK_MS", 1000)?.max(50),
             ),
             webhook_max_age: secs_at_least_1(&get, "LABELSYNC_WEBHOOK_MAX_AGE_SECS", 86_400)?,
+            rate_limit_per_minute: parse(&get, "LABELSYNC_RATE_LIMIT_PER_MINUTE", 0)?,
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             storage_timeout: secs_at_least_1(&get, "LABELSYNC_STORAGE_TIMEOUT_SECS", 60)?,

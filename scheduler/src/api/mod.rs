@@ -6,6 +6,7 @@ mod events;
 mod idempotency;
 mod ops;
 mod projects;
+mod rate_limit;
 mod resolve;
 mod runs;
 mod storages;
@@ -38,6 +39,19 @@ pub struct AppState {
     pub queue: Queue,
     pub settings: Arc<Settings>,
     pub storage_env: StorageEnv,
+    pub limiter: Arc<rate_limit::RateLimiter>,
+}
+
+impl AppState {
+    pub fn new(db: DatabaseConnection, queue: Queue, settings: Settings) -> Self {
+        AppState {
+            storage_env: StorageEnv::from_settings(&settings),
+            limiter: Arc::new(rate_limit::RateLimiter::new(settings.rate_limit_per_minute)),
+            db,
+            queue,
+            settings: Arc::new(settings),
+        }
+    }
 }
 
 /// Request bodies larger than this are refused with 413 before parsing.
@@ -107,6 +121,10 @@ pub fn router(state: AppState) -> Router {
             idempotency::idempotent,
         ))
         .layer(middleware::from_fn(refuse_nul_in_url))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::limit,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .nest("/api/v1", api)
