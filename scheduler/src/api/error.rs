@@ -145,7 +145,10 @@ where
     type Rejection = ApiError;
 
     /// The body is read once, parsed by axum's `Json`, then refused if a
-    /// string in it holds `\u0000` (see [`has_escaped_nul`]).
+    /// string in it holds `\u0000` (see [`has_escaped_nul`]) or if it is not
+    /// a JSON object: every request body of the API is one, and serde would
+    /// otherwise read an array as a struct's fields in order (`[null, null]`
+    /// as an empty PATCH).
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let (parts, body) = req.into_parts();
         let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
@@ -158,8 +161,23 @@ where
         if has_escaped_nul(&bytes) {
             return Err(ApiError::invalid_text());
         }
+        if !is_json_object(&bytes) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "the request body must be a JSON object ({...})",
+            ));
+        }
         Ok(ApiJson(value))
     }
+}
+
+/// Whether a valid JSON text is an object: its first character after JSON
+/// whitespace is `{`.
+fn is_json_object(json: &[u8]) -> bool {
+    json.iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|b| *b == b'{')
 }
 
 /// Whether a JSON text holds the escape `\u0000` (a NUL in a string or a
@@ -273,7 +291,17 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::has_escaped_nul;
+    use super::{has_escaped_nul, is_json_object};
+
+    #[test]
+    fn only_objects_are_json_objects() {
+        assert!(is_json_object(b"{}"));
+        assert!(is_json_object(b" \r\n\t{\"a\": [1]}"));
+        assert!(!is_json_object(b"[null, null]"));
+        assert!(!is_json_object(b"\"{}\""));
+        assert!(!is_json_object(b"null"));
+        assert!(!is_json_object(b""));
+    }
 
     #[test]
     fn escaped_nul_is_found_only_as_an_escape() {

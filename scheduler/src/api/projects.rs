@@ -23,17 +23,19 @@ fn check_fields(body: &ProjectBody) -> ApiResult<()> {
             "title must not be empty",
         ));
     }
+    // ASCII only, so the rule is the document's pattern `^[A-Za-z0-9_-]{1,100}$`
+    // exactly (Unicode "alphanumeric" has no portable regex class).
     if let Some(key) = &body.data_key
         && (key.is_empty()
             || key.len() > 100
             || !key
-                .chars()
-                .all(|c| c.is_alphanumeric() || c == '_' || c == '-'))
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
     {
         return Err(ApiError::bad_request(
             "invalid_data_key",
             "data_key",
-            "data_key must be 1-100 letters, digits, '_' or '-' (the task field a Files-mode object fills)",
+            "data_key must be 1-100 ASCII letters, digits, '_' or '-' (the task field a Files-mode object fills)",
         ));
     }
     Ok(())

@@ -33,8 +33,18 @@ fn with_last_run(model: &storage::Model, last: Option<&sync_run::Model>) -> Valu
     value
 }
 
+/// A storage body of the API: `project` (a project by title) is for the
+/// CLI's spec files; the API names projects by `project_id` on every route.
 fn spec_of(body: Value) -> ApiResult<StorageSpec> {
-    Ok(StorageSpec::from_json(body)?)
+    let spec = StorageSpec::from_json(body)?;
+    if spec.project.is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "project",
+            "give project_id, not project",
+        ));
+    }
+    Ok(spec)
 }
 
 pub async fn create(
@@ -45,13 +55,6 @@ pub async fn create(
     let project_id = spec.project_id.ok_or_else(|| {
         ApiError::bad_request("missing_field", "project_id", "project_id is required")
     })?;
-    if spec.project.is_some() {
-        return Err(ApiError::bad_request(
-            "invalid_body",
-            "project",
-            "give project_id, not project",
-        ));
-    }
     projects::find(&state.db, project_id).await.map_err(|_| {
         ApiError::bad_request(
             "unknown_project",

@@ -85,7 +85,8 @@ pub async fn create(
 /// An endpoint URL: http(s), no credentials, and an address the SSRF guard
 /// lets labelsync reach.
 async fn check_url(state: &AppState, raw: &str) -> ApiResult<String> {
-    if raw.len() > MAX_URL_LEN {
+    // Characters, as the document's maxLength counts them (not bytes).
+    if raw.chars().count() > MAX_URL_LEN {
         return Err(ApiError::bad_request(
             "invalid_url",
             "url",
