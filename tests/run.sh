@@ -71,7 +71,8 @@ ensure_emulators
 # kubectl, kubernetes-validate, pyyaml and docker-compose for tests/deploy.rs.
 source tests/deploy/tools.sh
 ensure_deploy_tools
-# standardwebhooks, schemathesis and openapi-spec-validator for the API tests.
+# standardwebhooks, schemathesis, openapi-spec-validator and openapi-python-client
+# for the API tests.
 source tests/api-tools.sh
 ensure_api_tools
 

@@ -1,0 +1,41 @@
+"""Schemathesis hooks for the run in tests/upstream.rs (config.toml.in).
+
+1. Body fields pinned in the config (`body.<field>` parameters) are set in
+   every request. Schemathesis 4.32.5 applies them only to the cases its
+   fuzzing phase generates; its coverage phase builds bodies without them,
+   and would send storages of other backends and webhook URLs that depend
+   on the deployment (see config.toml.in for why each field is pinned).
+
+2. An Idempotency-Key sent again with another request is refused by design
+   (422 idempotency_key_reused, docs/API.md "Idempotent requests"): that
+   answer depends on what the server saw before, not on the request. The
+   fuzzer draws keys from a small space ("0", "00", ...) and would send one
+   key with many requests, so each valid key it generates is made unique
+   here before the request goes out (it stays 1-255 visible ASCII
+   characters, as the document says). Invalid keys are left as they are, so
+   their 400 is still checked.
+"""
+
+import re
+import uuid
+
+import schemathesis
+
+VALID_KEY = re.compile(r"^[!-~]{1,255}$")
+BODY = "body."
+JSON_VALUE = (str, int, float, bool, list, dict, type(None))
+
+
+@schemathesis.hook
+def before_call(context, case, kwargs):
+    operation = case.operation
+    pinned = operation.schema.config.operations.get_for_operation(operation).parameters
+    if isinstance(case.body, dict):
+        for name, value in pinned.items():
+            # Fixed values only: dictionary bindings are Schemathesis's own.
+            if name.startswith(BODY) and isinstance(value, JSON_VALUE):
+                case.body[name[len(BODY) :]] = value
+    headers = case.headers or {}
+    key = headers.get("Idempotency-Key")
+    if isinstance(key, str) and VALID_KEY.match(key):
+        headers["Idempotency-Key"] = f"{key[:222]}-{uuid.uuid4().hex}"
