@@ -125,7 +125,9 @@ mod tests {
         for _ in 0..60 {
             assert!(limiter.take("a", start).is_ok());
         }
-        let wait = limiter.take("a", start).expect_err("the 61st request waits");
+        let wait = limiter
+            .take("a", start)
+            .expect_err("the 61st request waits");
         assert!((0.9..=1.0).contains(&wait.as_secs_f64()), "{wait:?}");
         assert!(limiter.take("b", start).is_ok(), "buckets are per caller");
         let later = start + Duration::from_millis(1500);
