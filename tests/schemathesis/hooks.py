@@ -14,6 +14,11 @@
    here before the request goes out (it stays 1-255 visible ASCII
    characters, as the document says). Invalid keys are left as they are, so
    their 400 is still checked.
+
+3. `on_missing` applies to source storages only: a target given another
+   value than the default is refused (400 invalid_on_missing, docs/API.md
+   "Storages"), a rule across two fields that the document does not state
+   as a schema. A generated target body has its `on_missing` left out.
 """
 
 import re
@@ -35,6 +40,8 @@ def before_call(context, case, kwargs):
             # Fixed values only: dictionary bindings are Schemathesis's own.
             if name.startswith(BODY) and isinstance(value, JSON_VALUE):
                 case.body[name[len(BODY) :]] = value
+        if case.body.get("role") == "target":
+            case.body.pop("on_missing", None)
     headers = case.headers or {}
     key = headers.get("Idempotency-Key")
     if isinstance(key, str) and VALID_KEY.match(key):

@@ -92,23 +92,7 @@ pub fn router(state: AppState) -> Router {
                 .patch(annotations::update)
                 .delete(annotations::delete),
         )
-        .route("/webhooks", post(webhooks::create).get(webhooks::list))
-        .route(
-            "/webhooks/{id}",
-            get(webhooks::get_one)
-                .patch(webhooks::update)
-                .delete(webhooks::delete),
-        )
-        .route("/webhooks/{id}/test", post(webhooks::test))
-        .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
-        .route(
-            "/webhooks/{id}/deliveries/{delivery_id}",
-            get(webhooks::delivery),
-        )
-        .route(
-            "/webhooks/{id}/deliveries/{delivery_id}/redeliver",
-            post(webhooks::redeliver),
-        )
+        .merge(webhook_routes())
         .route("/queues", get(ops::queues))
         .route("/resolve", get(resolve::resolve))
         .route("/openapi.json", get(openapi))
@@ -139,6 +123,28 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(refuse_declared_oversize))
         .layer(middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+/// `/webhooks` and its delivery log.
+fn webhook_routes() -> Router<AppState> {
+    Router::new()
+        .route("/webhooks", post(webhooks::create).get(webhooks::list))
+        .route(
+            "/webhooks/{id}",
+            get(webhooks::get_one)
+                .patch(webhooks::update)
+                .delete(webhooks::delete),
+        )
+        .route("/webhooks/{id}/test", post(webhooks::test))
+        .route("/webhooks/{id}/deliveries", get(webhooks::deliveries))
+        .route(
+            "/webhooks/{id}/deliveries/{delivery_id}",
+            get(webhooks::delivery),
+        )
+        .route(
+            "/webhooks/{id}/deliveries/{delivery_id}/redeliver",
+            post(webhooks::redeliver),
+        )
 }
 
 /// One span per request, continuing the caller's trace when it sends a W3C
