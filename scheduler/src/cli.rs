@@ -59,6 +59,9 @@ pub enum Command {
         #[arg(long)]
         spec: PathBuf,
     },
+    /// Manage API tokens (kept in the database).
+    #[command(subcommand)]
+    Token(crate::token_cli::TokenCommand),
 }
 
 pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
@@ -78,6 +81,7 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Sync { spec, quiet } => sync(settings, &spec, quiet).await,
         Command::List { spec } => list(settings, &spec).await,
+        Command::Token(command) => crate::token_cli::run(settings, command).await,
     }
 }
 

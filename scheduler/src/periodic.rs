@@ -2,7 +2,8 @@
 //! round, export runs for storages with annotation events waiting in the
 //! outbox (`jobs::dispatch_outbox`), the sweep that enqueues stalled runs again
 //! (`jobs::requeue_stalled`), delivery jobs for webhook endpoints with due
-//! events (`jobs::dispatch_webhooks`), and the cleanup of expired rows. Every replica ticks, but each due storage is claimed with
+//! events (`jobs::dispatch_webhooks`), and the cleanup of expired rows
+//! (webhook events, idempotency keys, audit rows). Every replica ticks, but each due storage is claimed with
 //! one conditional UPDATE of its `next_sync_at`: only the replica whose UPDATE
 //! changed the row enqueues, so a period yields one sync however many
 //! schedulers run.
@@ -46,14 +47,15 @@ pub async fn run(state: AppState, tick: Duration) {
     }
 }
 
-/// How often expired webhook events and idempotency keys are deleted.
+/// How often expired webhook events, idempotency keys and audit rows are
+/// deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Webhook events (with their delivery log) are kept this long once
 /// nothing is pending for them.
 const EVENT_RETENTION_DAYS: i64 = 7;
 
 /// Deletes what has outlived its retention.
-async fn prune(state: &AppState) {
+pub async fn prune(state: &AppState) {
     let cutoff = Utc::now() - chrono::Duration::days(EVENT_RETENTION_DAYS);
     match labelsync::db::webhooks::prune(&state.db, cutoff).await {
         Ok(0) => {}
@@ -66,6 +68,13 @@ async fn prune(state: &AppState) {
         Ok(0) => {}
         Ok(n) => tracing::debug!(keys = n, "deleted expired idempotency keys"),
         Err(err) => tracing::warn!(error = %err, "idempotency key cleanup failed"),
+    }
+    let days = i64::from(state.settings.audit_retention_days);
+    let cutoff = Utc::now() - chrono::Duration::days(days);
+    match labelsync::db::audit::prune(&state.db, cutoff).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(rows = n, days, "deleted audit rows past their retention"),
+        Err(err) => tracing::warn!(error = %err, "audit cleanup failed"),
     }
 }
 

@@ -73,6 +73,9 @@ pub struct Settings {
     /// one bearer token may make a minute on one scheduler, in bursts of up
     /// to that many; past it, `429` with `Retry-After`.
     pub rate_limit_per_minute: u32,
+    /// How long audit rows are kept (`LABELSYNC_AUDIT_RETENTION_DAYS`,
+    /// default 90; at least 1); the scheduler's tick deletes older ones.
+    pub audit_retention_days: u32,
     /// `LABELSYNC_LOG_FORMAT`: `json` or `text` (default).
     pub log_json: bool,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`: a collector (`http://collector:4318`)
@@ -210,6 +213,7 @@ impl Settings {
             ),
             webhook_max_age: secs_at_least_1(&get, "LABELSYNC_WEBHOOK_MAX_AGE_SECS", 86_400)?,
             rate_limit_per_minute: parse(&get, "LABELSYNC_RATE_LIMIT_PER_MINUTE", 0)?,
+            audit_retention_days: parse(&get, "LABELSYNC_AUDIT_RETENTION_DAYS", 90u32)?.max(1),
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             storage_timeout: secs_at_least_1(&get, "LABELSYNC_STORAGE_TIMEOUT_SECS", 60)?,

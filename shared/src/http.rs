@@ -297,10 +297,15 @@ impl Connection {
         limits: HttpLimits,
     ) {
         let (state, slots) = (self.state.clone(), self.slots.clone());
+        // The peer's address, as axum's `ConnectInfo` (audit rows name it).
+        let peer = stream.peer_addr().ok().map(axum::extract::ConnectInfo);
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let in_request = InRequest::enter(state.clone(), slots.clone());
             let timeout = limits.body_timeout;
-            let req = req.map(|body| Body::new(TimedBody::new(Body::new(body), timeout)));
+            let mut req = req.map(|body| Body::new(TimedBody::new(Body::new(body), timeout)));
+            if let Some(peer) = peer {
+                req.extensions_mut().insert(peer);
+            }
             let router = router.clone();
             async move {
                 let response = router.oneshot(req).await?;

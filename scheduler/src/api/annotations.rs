@@ -5,20 +5,20 @@
 //! those storages. If that start fails (Redis down), the events wait in the
 //! outbox and the scheduler's tick starts the runs later: an annotation
 //! saved is an annotation exported.
-use axum::{extract::State, http::StatusCode};
+use axum::{Extension, extract::State, http::StatusCode};
 use labelsync::{
     db::{
         self,
         annotations::{self, AnnotationFields},
         entities::annotation,
-        outbox, tasks,
+        outbox,
     },
     jobs,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiPath, ApiResult, AppState};
+use super::{ApiError, ApiJson, ApiPath, ApiResult, AppState, Caller};
 
 pub fn to_json(a: &annotation::Model) -> Value {
     json!({
@@ -81,10 +81,15 @@ impl AnnotationBody {
     }
 }
 
-async fn find(state: &AppState, id: i64) -> ApiResult<annotation::Model> {
-    annotations::find(&state.db, id)
+/// The annotation, when it exists and the caller may see its project
+/// (else the same 404 either way).
+async fn find(state: &AppState, caller: &Caller, id: i64) -> ApiResult<annotation::Model> {
+    let missing = || ApiError::not_found(format!("annotation {id} not found"));
+    let found = annotations::find(&state.db, id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("annotation {id} not found")))
+        .ok_or_else(missing)?;
+    caller.check(found.project_id, missing)?;
+    Ok(found)
 }
 
 /// Starts export runs for the storages an event was recorded for. Failures
@@ -99,6 +104,7 @@ async fn dispatch(state: &AppState, storages: Vec<i64>) {
 
 pub async fn create(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(task_id): ApiPath<i64>,
     ApiJson(body): ApiJson<AnnotationBody>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
@@ -110,31 +116,32 @@ pub async fn create(
             "result is required",
         ));
     };
-    let task = tasks::find(&state.db, task_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("task {task_id} not found")))?;
+    let task = super::tasks::find_for(&state, &caller, task_id).await?;
     let txn = db::begin_write(&state.db).await?;
     let saved = annotations::create(&txn, &task, result, body.fields()).await?;
     let targets = outbox::record(&txn, saved.project_id, saved.id, outbox::UPSERT).await?;
     txn.commit().await?;
+    caller.note("annotation_id", saved.id);
     dispatch(&state, targets).await;
     Ok((StatusCode::CREATED, ApiJson(to_json(&saved))))
 }
 
 pub async fn get_one(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
-    Ok(ApiJson(to_json(&find(&state, id).await?)))
+    Ok(ApiJson(to_json(&find(&state, &caller, id).await?)))
 }
 
 pub async fn update(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
     ApiJson(body): ApiJson<AnnotationBody>,
 ) -> ApiResult<ApiJson<Value>> {
     body.check()?;
-    let current = find(&state, id).await?;
+    let current = find(&state, &caller, id).await?;
     let fields = body.fields();
     let txn = db::begin_write(&state.db).await?;
     let saved = annotations::update(&txn, current, body.result, fields).await?;
@@ -146,9 +153,10 @@ pub async fn update(
 
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
-    let current = find(&state, id).await?;
+    let current = find(&state, &caller, id).await?;
     let txn = db::begin_write(&state.db).await?;
     annotations::delete(&txn, id).await?;
     let targets = outbox::record(&txn, current.project_id, id, outbox::DELETE).await?;

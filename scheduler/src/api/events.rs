@@ -7,6 +7,7 @@
 use std::{collections::HashMap, convert::Infallible, time::Duration};
 
 use axum::{
+    Extension,
     extract::State,
     response::sse::{Event, KeepAlive, Sse},
 };
@@ -21,7 +22,7 @@ use labelsync::{
 };
 use serde::Deserialize;
 
-use super::{ApiPath, ApiQuery, ApiResult, AppState};
+use super::{ApiPath, ApiQuery, ApiResult, AppState, Caller};
 
 /// The most often a stream looks (and so the most often it sends).
 const EVERY: Duration = Duration::from_millis(500);
@@ -71,9 +72,10 @@ struct RunWatch {
 /// `GET /api/v1/runs/{id}/events`.
 pub async fn run_events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    runs::get(&state.db, &id).await?;
+    super::runs::find_for(&state, &caller, &id).await?;
     let watch = RunWatch {
         state,
         id,
@@ -131,7 +133,8 @@ pub struct EventsQuery {
 /// run is queued, progresses or ends. The stream does not end by itself.
 struct ProjectWatch {
     state: AppState,
-    project_id: Option<i64>,
+    /// `None`: every project.
+    projects: Option<Vec<i64>>,
     seen: HashMap<String, Seen>,
     /// Runs changed since the last send, waiting their turn.
     ready: Vec<sync_run::Model>,
@@ -143,14 +146,19 @@ struct ProjectWatch {
 /// `GET /api/v1/events`.
 pub async fn project_events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    if let Some(project_id) = q.project_id {
-        super::projects::find(&state.db, project_id).await?;
-    }
+    let projects = match q.project_id {
+        Some(project_id) => {
+            super::projects::find_for(&state.db, &caller, project_id).await?;
+            Some(vec![project_id])
+        }
+        None => caller.projects().map(<[i64]>::to_vec),
+    };
     let watch = ProjectWatch {
         state,
-        project_id: q.project_id,
+        projects,
         seen: HashMap::new(),
         ready: Vec::new(),
         since: Utc::now(),
@@ -179,7 +187,9 @@ async fn look(w: &mut ProjectWatch) {
     // A run that ended while the previous look ran is read again: a
     // second of overlap, deduplicated by `seen`.
     let since = w.since - chrono::Duration::seconds(1);
-    let rows = match runs::live_or_ended_since(&w.state.db, w.project_id, since, MAX_RUNS).await {
+    let rows = match runs::live_or_ended_since(&w.state.db, w.projects.as_deref(), since, MAX_RUNS)
+        .await
+    {
         Ok(rows) => rows,
         Err(err) => {
             tracing::debug!(error = %err, "events: read failed; trying again");

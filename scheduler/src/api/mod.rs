@@ -1,6 +1,8 @@
 //! The HTTP API of `docs/API.md` (v1). One module per resource; this one
 //! builds the router, the auth layer and the list conventions.
+pub mod access;
 mod annotations;
+mod audit;
 mod error;
 mod events;
 mod idempotency;
@@ -11,13 +13,14 @@ mod resolve;
 mod runs;
 mod storages;
 mod tasks;
+mod tokens;
 mod webhooks;
 
 use std::sync::Arc;
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, Request, State},
+    extract::{DefaultBodyLimit, Request},
     http::{Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -26,9 +29,9 @@ use axum::{
 use labelsync::{config::Settings, jobs::Queue, storage::StorageEnv};
 use sea_orm::DatabaseConnection;
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 use tracing::Instrument;
 
+pub use access::Caller;
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 pub use idempotency::KEEP as IDEMPOTENCY_KEEP;
 
@@ -93,13 +96,18 @@ pub fn router(state: AppState) -> Router {
                 .delete(annotations::delete),
         )
         .merge(webhook_routes())
+        .merge(admin_routes())
         .route("/queues", get(ops::queues))
         .route("/resolve", get(resolve::resolve))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such API route") })
         .method_not_allowed_fallback(method_not_allowed)
-        // Innermost first: a request is authenticated and checked for NUL
-        // before its Idempotency-Key is claimed.
+        // After routing, innermost first: the scope check, and around it
+        // the audit row (so refusals are recorded).
+        .route_layer(middleware::from_fn(access::check_scope))
+        .route_layer(middleware::from_fn_with_state(state.clone(), audit::record))
+        // Before routing, innermost first: a request is authenticated and
+        // checked for NUL before its Idempotency-Key is claimed.
         .layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::idempotent,
@@ -109,9 +117,9 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             rate_limit::limit,
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), auth));
+        .layer(middleware::from_fn_with_state(state.clone(), access::auth));
     Router::new()
-        .nest("/api/v1", api)
+        .nest(PREFIX, api)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -123,6 +131,17 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(refuse_declared_oversize))
         .layer(middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+/// Where the API is mounted.
+pub const PREFIX: &str = "/api/v1";
+
+/// Tokens and the audit trail (admin only, see `access::ROUTES`).
+fn admin_routes() -> Router<AppState> {
+    Router::new()
+        .route("/tokens", post(tokens::create).get(tokens::list))
+        .route("/tokens/{id}", get(tokens::get_one).delete(tokens::revoke))
+        .route("/audit", get(audit::list))
 }
 
 /// `/webhooks` and its delivery log.
@@ -171,6 +190,15 @@ async fn trace_request(mut req: Request, next: Next) -> Response {
 }
 
 const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// The request id `trace_request` put on the request.
+pub fn request_id_of(headers: &header::HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
 
 /// The caller's request id if it is 1-128 visible ASCII characters (what
 /// proxies and tracing tools send), else a new ULID.
@@ -236,49 +264,6 @@ async fn openapi() -> Response {
         include_str!("openapi.json"),
     )
         .into_response()
-}
-
-/// Bearer-token check, in constant time against every configured token. With
-/// no tokens configured the server only binds loopback (checked at start).
-async fn auth(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let tokens = &state.settings.api_tokens;
-    if tokens.is_empty() {
-        return Ok(next.run(req).await);
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, token)| token.trim());
-    let mut ok = subtle::Choice::from(0);
-    for token in tokens {
-        ok |= same_secret(given.as_bytes(), token.expose().as_bytes());
-    }
-    if bool::from(ok) && !given.is_empty() {
-        Ok(next.run(req).await)
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or invalid bearer token (Authorization: Bearer <token>)",
-        ))
-    }
-}
-
-/// Compares in time that depends only on the configured token's length, not
-/// on where the given one differs (nor on its length).
-fn same_secret(given: &[u8], token: &[u8]) -> subtle::Choice {
-    let mut same = (given.len() as u64).ct_eq(&(token.len() as u64));
-    for (i, byte) in token.iter().enumerate() {
-        same &= given.get(i).copied().unwrap_or(0).ct_eq(byte);
-    }
-    same
 }
 
 /// `?limit=&after=` of every list.

@@ -1,11 +1,13 @@
 //! `/api/v1/projects`.
-use axum::{extract::State, http::StatusCode};
+use axum::{Extension, extract::State, http::StatusCode};
 use labelsync::db::{entities::project, projects};
 use sea_orm::ConnectionTrait;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, limit, page};
+use super::{
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Caller, Paging, limit, page,
+};
 
 /// The body of a project create or PATCH (unknown fields are refused).
 #[derive(Debug, Deserialize)]
@@ -52,13 +54,37 @@ pub fn to_json(p: &project::Model, task_count: i64) -> Value {
 }
 
 pub async fn find(db: &impl ConnectionTrait, id: i64) -> ApiResult<project::Model> {
-    projects::find(db, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("project {id} not found")))
+    projects::find(db, id).await?.ok_or_else(|| missing(id))
+}
+
+/// A body naming a project that does not exist (or that the caller may
+/// not see: the same answer).
+pub fn unknown(id: i64) -> ApiError {
+    ApiError::bad_request(
+        "unknown_project",
+        "project_id",
+        format!("project {id} does not exist"),
+    )
+}
+
+pub fn missing(id: i64) -> ApiError {
+    ApiError::not_found(format!("project {id} not found"))
+}
+
+/// The project, when it exists and the caller may see it (else the same
+/// 404 either way).
+pub async fn find_for(
+    db: &impl ConnectionTrait,
+    caller: &Caller,
+    id: i64,
+) -> ApiResult<project::Model> {
+    caller.check(id, || missing(id))?;
+    find(db, id).await
 }
 
 pub async fn create(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<ProjectBody>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
     check_fields(&body)?;
@@ -68,15 +94,17 @@ pub async fn create(
         .ok_or_else(|| ApiError::bad_request("missing_field", "title", "title is required"))?;
     let data_key = body.data_key.clone().unwrap_or_else(|| "image".into());
     let model = projects::create(&state.db, &title, &data_key).await?;
+    caller.check(model.id, || missing(model.id))?;
     Ok((StatusCode::CREATED, ApiJson(to_json(&model, 0))))
 }
 
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiQuery(q): ApiQuery<Paging>,
 ) -> ApiResult<ApiJson<Value>> {
     let limit = limit(q.limit)?;
-    let found = projects::page(&state.db, q.after, limit).await?;
+    let found = projects::page(&state.db, q.after, limit, caller.projects()).await?;
     let ids: Vec<i64> = found.iter().map(|p| p.id).collect();
     let counts = projects::task_counts(&state.db, &ids).await?;
     let items = found
@@ -88,20 +116,22 @@ pub async fn list(
 
 pub async fn get_one(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
-    let p = find(&state.db, id).await?;
+    let p = find_for(&state.db, &caller, id).await?;
     let counts = projects::task_counts(&state.db, &[id]).await?;
     Ok(ApiJson(to_json(&p, counts.get(&id).copied().unwrap_or(0))))
 }
 
 pub async fn update(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
     ApiJson(body): ApiJson<ProjectBody>,
 ) -> ApiResult<ApiJson<Value>> {
     check_fields(&body)?;
-    let current = find(&state.db, id).await?;
+    let current = find_for(&state.db, &caller, id).await?;
     let p = projects::update(&state.db, current, body.title, body.data_key).await?;
     let counts = projects::task_counts(&state.db, &[id]).await?;
     Ok(ApiJson(to_json(&p, counts.get(&id).copied().unwrap_or(0))))
@@ -111,10 +141,12 @@ pub async fn update(
 /// (ON DELETE CASCADE).
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
+    caller.check(id, || missing(id))?;
     if !projects::delete(&state.db, id).await? {
-        return Err(ApiError::not_found(format!("project {id} not found")));
+        return Err(missing(id));
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use axum::{
+    Extension,
     body::Body,
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
@@ -24,7 +25,7 @@ use opentelemetry::KeyValue;
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 
-use super::{ApiError, ApiQuery, ApiResult, AppState, projects};
+use super::{ApiError, ApiQuery, ApiResult, AppState, Caller, projects};
 
 /// `?project_id=&uri=` (unknown parameters are refused).
 #[derive(Debug, Deserialize)]
@@ -187,6 +188,7 @@ struct Served {
 
 pub async fn resolve(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiQuery(q): ApiQuery<ResolveQuery>,
     headers: HeaderMap,
 ) -> Response {
@@ -194,7 +196,7 @@ pub async fn resolve(
         backend: "none",
         mode: "none",
     };
-    let response = serve(&state, q, &headers, &mut served)
+    let response = serve(&state, &caller, q, &headers, &mut served)
         .await
         .into_response();
     labelsync::metrics::metrics().resolve_requests.add(
@@ -210,11 +212,12 @@ pub async fn resolve(
 
 async fn serve(
     state: &AppState,
+    caller: &Caller,
     q: ResolveQuery,
     headers: &HeaderMap,
     served: &mut Served,
 ) -> ApiResult<Response> {
-    projects::find(&state.db, q.project_id).await?;
+    projects::find_for(&state.db, caller, q.project_id).await?;
     let target = parse_uri(&q.uri)?;
     ensure_local_serving(state, &target)?;
     let (model, key) = find_storage(state, q.project_id, &target).await?;

@@ -1,16 +1,33 @@
 //! `/api/v1/runs`: job status, history, per-object errors, cancel.
-use axum::extract::State;
-use labelsync::db::runs::{self, RunFilter, RunKind, RunStatus};
+use axum::{Extension, extract::State};
+use labelsync::db::{
+    entities::sync_run,
+    runs::{self, RunFilter, RunKind, RunStatus},
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, limit, page};
+use super::{
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Caller, Paging, limit, page,
+};
+
+/// The run, when it exists and the caller may see its project (else the
+/// same 404 either way).
+pub async fn find_for(state: &AppState, caller: &Caller, id: &str) -> ApiResult<sync_run::Model> {
+    let missing = || ApiError::not_found(format!("run {id} not found"));
+    let project_id = runs::project_of(&state.db, id).await?.ok_or_else(missing)?;
+    caller.check(project_id, missing)?;
+    Ok(runs::get(&state.db, id).await?)
+}
 
 pub async fn get_one(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<ApiJson<Value>> {
-    Ok(ApiJson(runs::to_json(&runs::get(&state.db, &id).await?)))
+    Ok(ApiJson(runs::to_json(
+        &find_for(&state, &caller, &id).await?,
+    )))
 }
 
 /// The filters and paging of `GET /api/v1/runs`.
@@ -27,6 +44,7 @@ pub struct RunQuery {
 
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiQuery(q): ApiQuery<RunQuery>,
 ) -> ApiResult<ApiJson<Value>> {
     let limit = limit(q.limit)?;
@@ -54,6 +72,7 @@ pub async fn list(
         status,
         kind: q.kind.as_deref(),
         before: q.after.as_deref(),
+        projects: caller.projects(),
     };
     let rows = runs::page(&state.db, filter, limit).await?;
     let last = rows.last().map(|r| r.id.clone());
@@ -66,10 +85,11 @@ pub async fn list(
 
 pub async fn errors(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<Paging>,
 ) -> ApiResult<ApiJson<Value>> {
-    runs::get(&state.db, &id).await?;
+    find_for(&state, &caller, &id).await?;
     let limit = limit(q.limit)?;
     let rows = runs::errors_page(&state.db, &id, q.after, limit).await?;
     let last = rows.last().map(|r| r.id);
@@ -82,7 +102,9 @@ pub async fn errors(
 
 pub async fn cancel(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<ApiJson<Value>> {
+    find_for(&state, &caller, &id).await?;
     Ok(ApiJson(runs::to_json(&runs::cancel(&state.db, &id).await?)))
 }

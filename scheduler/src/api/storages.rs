@@ -1,7 +1,7 @@
 //! `/api/v1/storages`: create, read, patch, delete, validate, preview, sync.
 use std::sync::Arc;
 
-use axum::{extract::State, http::StatusCode};
+use axum::{Extension, extract::State, http::StatusCode};
 use futures::StreamExt;
 use labelsync::{
     db::{
@@ -19,12 +19,17 @@ use sea_orm::ConnectionTrait;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, limit, page, projects};
+use super::{
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Caller, limit, page, projects,
+};
 
-async fn find(db: &impl ConnectionTrait, id: i64) -> ApiResult<storage::Model> {
-    storages::find(db, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("storage {id} not found")))
+/// The storage, when it exists and the caller may see its project (else
+/// the same 404 either way).
+async fn find(db: &impl ConnectionTrait, caller: &Caller, id: i64) -> ApiResult<storage::Model> {
+    let missing = || ApiError::not_found(format!("storage {id} not found"));
+    let model = storages::find(db, id).await?.ok_or_else(missing)?;
+    caller.check(model.project_id, missing)?;
+    Ok(model)
 }
 
 fn with_last_run(model: &storage::Model, last: Option<&sync_run::Model>) -> Value {
@@ -49,19 +54,16 @@ fn spec_of(body: Value) -> ApiResult<StorageSpec> {
 
 pub async fn create(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
     let spec = spec_of(body)?;
     let project_id = spec.project_id.ok_or_else(|| {
         ApiError::bad_request("missing_field", "project_id", "project_id is required")
     })?;
-    projects::find(&state.db, project_id).await.map_err(|_| {
-        ApiError::bad_request(
-            "unknown_project",
-            "project_id",
-            format!("project {project_id} does not exist"),
-        )
-    })?;
+    projects::find_for(&state.db, &caller, project_id)
+        .await
+        .map_err(|_| projects::unknown(project_id))?;
     let valid = spec.validate(&state.storage_env).await?;
     let model = spec::save(
         &state.db,
@@ -72,6 +74,7 @@ pub async fn create(
         &state.storage_env,
     )
     .await?;
+    caller.note("storage_id", model.id);
     Ok((StatusCode::CREATED, ApiJson(with_last_run(&model, None))))
 }
 
@@ -87,6 +90,7 @@ pub struct StorageQuery {
 
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<ApiJson<Value>> {
     let limit = limit(q.limit)?;
@@ -94,6 +98,7 @@ pub async fn list(
         project_id: q.project_id,
         role: q.role.map(Role::as_str),
         after: q.after,
+        projects: caller.projects(),
     };
     let found = storages::page(&state.db, filter, limit).await?;
     let ids: Vec<i64> = found.iter().map(|s| s.id).collect();
@@ -107,9 +112,10 @@ pub async fn list(
 
 pub async fn get_one(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
-    let model = find(&state.db, id).await?;
+    let model = find(&state.db, &caller, id).await?;
     let last = runs::newest_of(&state.db, &[id]).await?;
     Ok(ApiJson(with_last_run(&model, last.get(&id))))
 }
@@ -119,10 +125,11 @@ pub async fn get_one(
 /// before anything is written.
 pub async fn update(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
     ApiJson(patch): ApiJson<Value>,
 ) -> ApiResult<ApiJson<Value>> {
-    let current = find(&state.db, id).await?;
+    let current = find(&state.db, &caller, id).await?;
     let Value::Object(patch) = patch else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -180,8 +187,10 @@ pub async fn update(
 
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
+    find(&state.db, &caller, id).await?;
     if !storages::delete(&state.db, id).await? {
         return Err(ApiError::not_found(format!("storage {id} not found")));
     }
@@ -209,9 +218,10 @@ pub async fn validate_new(
 
 pub async fn validate_saved(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
-    let model = find(&state.db, id).await?;
+    let model = find(&state.db, &caller, id).await?;
     let backend = labelsync::storage::open(&model, &state.storage_env)
         .await
         .map_err(ApiError::unprocessable)?;
@@ -239,6 +249,7 @@ const PREVIEW_MAX_PAGES: usize = 10;
 
 pub async fn preview(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
     ApiQuery(q): ApiQuery<PreviewQuery>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -250,7 +261,7 @@ pub async fn preview(
             "limit must be between 1 and 1000",
         ));
     }
-    let model = find(&state.db, id).await?;
+    let model = find(&state.db, &caller, id).await?;
     let backend = labelsync::storage::open(&model, &state.storage_env).await?;
     let filter = Filter::from_storage(&model)?;
     let mut pages = backend
@@ -277,10 +288,12 @@ pub async fn preview(
 
 pub async fn sync(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
-    let model = find(&state.db, id).await?;
+    let model = find(&state.db, &caller, id).await?;
     let (run, already_running) = jobs::enqueue_sync(&state.db, &state.queue, &model).await?;
+    caller.note("run_id", run.id.clone());
     Ok((
         StatusCode::ACCEPTED,
         ApiJson(json!({ "run": runs::to_json(&run), "already_running": already_running })),

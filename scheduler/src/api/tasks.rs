@@ -1,6 +1,6 @@
 //! Tasks: a project's list (with the object each came from) and one task with
 //! its annotations and predictions.
-use axum::extract::State;
+use axum::{Extension, extract::State};
 use labelsync::db::{
     annotations,
     entities::{import_link, task},
@@ -9,7 +9,8 @@ use labelsync::db::{
 use serde_json::{Value, json};
 
 use super::{
-    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, limit, page, projects,
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Caller, Paging, limit, page,
+    projects,
 };
 
 /// Predictions shown with one task, at most.
@@ -27,10 +28,11 @@ fn to_json(t: &task::Model, source: Option<&import_link::Model>) -> Value {
 
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(project_id): ApiPath<i64>,
     ApiQuery(q): ApiQuery<Paging>,
 ) -> ApiResult<ApiJson<Value>> {
-    projects::find(&state.db, project_id).await?;
+    projects::find_for(&state.db, &caller, project_id).await?;
     let limit = limit(q.limit)?;
     let found = tasks::page(&state.db, project_id, q.after, limit).await?;
     let ids: Vec<i64> = found.iter().map(|t| t.id).collect();
@@ -39,13 +41,21 @@ pub async fn list(
     Ok(ApiJson(page(items, limit, ids.last())))
 }
 
+/// The task, when it exists and the caller may see its project (else the
+/// same 404 either way).
+pub async fn find_for(state: &AppState, caller: &Caller, id: i64) -> ApiResult<task::Model> {
+    let missing = || ApiError::not_found(format!("task {id} not found"));
+    let t = tasks::find(&state.db, id).await?.ok_or_else(missing)?;
+    caller.check(t.project_id, missing)?;
+    Ok(t)
+}
+
 pub async fn get_one(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
-    let t = tasks::find(&state.db, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
+    let t = find_for(&state, &caller, id).await?;
     let links = tasks::sources(&state.db, &[id]).await?;
     let annotations = annotations::of_task(&state.db, id).await?;
     let predictions = tasks::predictions_of(&state.db, id, PREDICTIONS_SHOWN).await?;

@@ -1,6 +1,6 @@
 //! `/api/v1/webhooks`: endpoints that receive signed events, their
 //! delivery log, test sends and redelivery (docs/API.md, "Webhooks").
-use axum::{extract::State, http::StatusCode};
+use axum::{Extension, extract::State, http::StatusCode};
 use labelsync::{
     db::{
         entities::{webhook, webhook_attempt, webhook_delivery},
@@ -13,16 +13,25 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, limit, page, projects,
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Caller, Paging, limit, page,
+    projects,
 };
 
 /// The longest URL an endpoint may have.
 const MAX_URL_LEN: usize = 2048;
 
-async fn find(state: &AppState, id: i64) -> ApiResult<webhook::Model> {
-    webhooks::find(&state.db, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("webhook {id} not found")))
+/// The endpoint, when it exists and the caller may see it (else the same
+/// 404 either way). An endpoint of every project is only for callers not
+/// held to projects.
+async fn find(state: &AppState, caller: &Caller, id: i64) -> ApiResult<webhook::Model> {
+    let missing = || ApiError::not_found(format!("webhook {id} not found"));
+    let hook = webhooks::find(&state.db, id).await?.ok_or_else(missing)?;
+    match hook.project_id {
+        Some(project_id) => caller.check(project_id, missing)?,
+        None if caller.projects().is_some() => return Err(missing()),
+        None => {}
+    }
+    Ok(hook)
 }
 
 /// An endpoint as the API shows it: never its secret.
@@ -54,6 +63,7 @@ pub struct CreateBody {
 
 pub async fn create(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<CreateBody>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
     let secrets = state.storage_env.secret_box()?;
@@ -65,8 +75,16 @@ pub async fn create(
         }
         None => generate_secret()?,
     };
-    if let Some(project_id) = body.project_id {
-        check_project(&state, project_id).await?;
+    match body.project_id {
+        Some(project_id) => check_project(&state, &caller, project_id).await?,
+        None if caller.projects().is_some() => {
+            return Err(ApiError::bad_request(
+                "missing_field",
+                "project_id",
+                "a token held to projects must give project_id: an endpoint of every project would receive other projects' events",
+            ));
+        }
+        None => {}
     }
     // Last: it may resolve the host name.
     let url = check_url(&state, &body.url).await?;
@@ -76,6 +94,7 @@ pub async fn create(
         events,
     };
     let hook = webhooks::create(&state.db, new, |id| seal_secret(secrets, id, &secret)).await?;
+    caller.note("webhook_id", hook.id);
     let mut shown = to_json(&hook);
     // The only time the secret is shown: receivers verify with it.
     shown["secret"] = secret.into();
@@ -139,14 +158,10 @@ fn check_events(events: &[String]) -> ApiResult<String> {
     Ok(webhooks::encode_events(&list))
 }
 
-async fn check_project(state: &AppState, project_id: i64) -> ApiResult<()> {
-    projects::find(&state.db, project_id).await.map_err(|_| {
-        ApiError::bad_request(
-            "unknown_project",
-            "project_id",
-            format!("project {project_id} does not exist"),
-        )
-    })?;
+async fn check_project(state: &AppState, caller: &Caller, project_id: i64) -> ApiResult<()> {
+    projects::find_for(&state.db, caller, project_id)
+        .await
+        .map_err(|_| projects::unknown(project_id))?;
     Ok(())
 }
 
@@ -161,10 +176,11 @@ pub struct WebhookQuery {
 
 pub async fn list(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiQuery(q): ApiQuery<WebhookQuery>,
 ) -> ApiResult<ApiJson<Value>> {
     let limit = limit(q.limit)?;
-    let rows = webhooks::page(&state.db, q.project_id, q.after, limit).await?;
+    let rows = webhooks::page(&state.db, q.project_id, caller.projects(), q.after, limit).await?;
     let last = rows.last().map(|h| h.id);
     Ok(ApiJson(page(
         rows.iter().map(to_json).collect(),
@@ -175,9 +191,10 @@ pub async fn list(
 
 pub async fn get_one(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
-    Ok(ApiJson(to_json(&find(&state, id).await?)))
+    Ok(ApiJson(to_json(&find(&state, &caller, id).await?)))
 }
 
 /// The body of `PATCH /webhooks/{id}`: what is given replaces.
@@ -192,10 +209,11 @@ pub struct PatchBody {
 
 pub async fn update(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
     ApiJson(body): ApiJson<PatchBody>,
 ) -> ApiResult<ApiJson<Value>> {
-    let hook = find(&state, id).await?;
+    let hook = find(&state, &caller, id).await?;
     let mut row = hook.into_active_model();
     if let Some(url) = body.url {
         row.url = Set(check_url(&state, &url).await?);
@@ -222,8 +240,10 @@ pub async fn update(
 
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
+    find(&state, &caller, id).await?;
     if !webhooks::delete(&state.db, id).await? {
         return Err(ApiError::not_found(format!("webhook {id} not found")));
     }
@@ -234,9 +254,10 @@ pub async fn delete(
 /// with the delivery and its attempt (whatever the endpoint answered).
 pub async fn test(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
-    let hook = find(&state, id).await?;
+    let hook = find(&state, &caller, id).await?;
     let key = labelsync::webhooks::open_secret(state.storage_env.secret_box()?, &hook)?;
     let (delivery, event) = webhooks::record_test(&state.db, &hook).await?;
     let sender = Sender::new(&state.storage_env.net)?;
@@ -292,10 +313,11 @@ fn attempt_to_json(a: &webhook_attempt::Model) -> Value {
 /// `after` is a delivery id (the page holds older ones).
 pub async fn deliveries(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
     ApiQuery(q): ApiQuery<Paging>,
 ) -> ApiResult<ApiJson<Value>> {
-    find(&state, id).await?;
+    find(&state, &caller, id).await?;
     let limit = limit(q.limit)?;
     let rows = webhooks::deliveries_page(&state.db, id, q.after, limit).await?;
     let ids: Vec<i64> = rows.iter().map(|(d, _)| d.id).collect();
@@ -317,10 +339,11 @@ pub async fn deliveries(
 
 async fn find_delivery(
     state: &AppState,
+    caller: &Caller,
     webhook_id: i64,
     delivery_id: i64,
 ) -> ApiResult<webhook_delivery::Model> {
-    find(state, webhook_id).await?;
+    find(state, caller, webhook_id).await?;
     webhooks::delivery(&state.db, webhook_id, delivery_id)
         .await?
         .ok_or_else(|| {
@@ -332,9 +355,10 @@ async fn find_delivery(
 
 pub async fn delivery(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath((id, delivery_id)): ApiPath<(i64, i64)>,
 ) -> ApiResult<ApiJson<Value>> {
-    let delivery = find_delivery(&state, id, delivery_id).await?;
+    let delivery = find_delivery(&state, &caller, id, delivery_id).await?;
     let event_type = event_type_of(&state, &delivery).await?;
     delivery_json(&state, delivery, event_type).await
 }
@@ -349,9 +373,10 @@ async fn event_type_of(state: &AppState, delivery: &webhook_delivery::Model) -> 
 /// must be enabled for it to go out.
 pub async fn redeliver(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath((id, delivery_id)): ApiPath<(i64, i64)>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
-    let delivery = find_delivery(&state, id, delivery_id).await?;
+    let delivery = find_delivery(&state, &caller, id, delivery_id).await?;
     let event_type = event_type_of(&state, &delivery).await?;
     let delivery = webhooks::redeliver(&state.db, delivery).await?;
     if let Err(err) = labelsync::jobs::dispatch_webhooks(&state.db, &state.queue).await {

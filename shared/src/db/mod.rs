@@ -2,6 +2,7 @@
 //! pipelines need. Entities in [`entities`] are plain table definitions; the
 //! behaviour lives in the sibling modules.
 pub mod annotations;
+pub mod audit;
 pub mod batches;
 pub mod entities;
 pub mod exports;
@@ -13,6 +14,7 @@ pub mod projects;
 pub mod runs;
 pub mod storages;
 pub mod tasks;
+pub mod tokens;
 pub mod webhooks;
 
 use std::time::Duration;

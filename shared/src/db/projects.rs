@@ -48,14 +48,29 @@ pub async fn page(
     db: &impl ConnectionTrait,
     after: Option<i64>,
     limit: u64,
+    only: Option<&[i64]>,
 ) -> Result<Vec<project::Model>> {
     let mut query = project::Entity::find()
         .order_by_asc(project::Column::Id)
         .limit(limit);
+    if let Some(ids) = only {
+        query = query.filter(project::Column::Id.is_in(ids.iter().copied()));
+    }
     if let Some(after) = after {
         query = query.filter(project::Column::Id.gt(after));
     }
     Ok(query.all(db).await?)
+}
+
+/// Which of `ids` are projects.
+pub async fn existing(db: &impl ConnectionTrait, ids: &[i64]) -> Result<Vec<i64>> {
+    Ok(project::Entity::find()
+        .select_only()
+        .column(project::Column::Id)
+        .filter(project::Column::Id.is_in(ids.iter().copied()))
+        .into_tuple()
+        .all(db)
+        .await?)
 }
 
 /// Task counts of several projects in one grouped query (a project without

@@ -547,6 +547,8 @@ pub struct RunFilter<'a> {
     pub kind: Option<&'a str>,
     /// A run id: runs older than it.
     pub before: Option<&'a str>,
+    /// Only runs of these projects' storages (a restricted caller's).
+    pub projects: Option<&'a [i64]>,
 }
 
 /// Up to `limit` runs matching `filter`, newest first (run ids are ULIDs, so
@@ -571,7 +573,43 @@ pub async fn page(
     if let Some(before) = filter.before {
         query = query.filter(sync_run::Column::Id.lt(before));
     }
+    if let Some(projects) = filter.projects {
+        query = query.filter(of_projects(projects));
+    }
     Ok(query.all(db).await?)
+}
+
+/// Runs of the storages of these projects.
+fn of_projects(projects: &[i64]) -> sea_orm::Condition {
+    use super::entities::storage;
+    use sea_orm::QueryTrait;
+    let storages = storage::Entity::find()
+        .select_only()
+        .column(storage::Column::Id)
+        .filter(storage::Column::ProjectId.is_in(projects.iter().copied()))
+        .into_query();
+    sea_orm::Condition::all().add(sync_run::Column::StorageId.in_subquery(storages))
+}
+
+/// The project a run belongs to (through its storage); `None` for an
+/// unknown run.
+pub async fn project_of(db: &impl ConnectionTrait, run_id: &str) -> Result<Option<i64>> {
+    use super::entities::storage;
+    let storage_id: Option<i64> = sync_run::Entity::find_by_id(run_id.to_owned())
+        .select_only()
+        .column(sync_run::Column::StorageId)
+        .into_tuple()
+        .one(db)
+        .await?;
+    let Some(storage_id) = storage_id else {
+        return Ok(None);
+    };
+    Ok(storage::Entity::find_by_id(storage_id)
+        .select_only()
+        .column(storage::Column::ProjectId)
+        .into_tuple()
+        .one(db)
+        .await?)
 }
 
 /// Up to `limit` per-object errors of the run with ids above `after`, in id
@@ -614,16 +652,14 @@ pub async fn newest_of(
 }
 
 /// The runs a live event stream shows now: every live run, and those that
-/// ended at or after `ended_since`; of one project's storages when given.
+/// ended at or after `ended_since`; of these projects' storages when given.
 /// At most `limit`, oldest first.
 pub async fn live_or_ended_since(
     db: &impl ConnectionTrait,
-    project_id: Option<i64>,
+    projects: Option<&[i64]>,
     ended_since: chrono::DateTime<Utc>,
     limit: u64,
 ) -> Result<Vec<sync_run::Model>> {
-    use super::entities::storage;
-    use sea_orm::QueryTrait;
     let mut query = sync_run::Entity::find()
         .filter(
             sea_orm::Condition::any()
@@ -632,13 +668,8 @@ pub async fn live_or_ended_since(
         )
         .order_by_asc(sync_run::Column::Id)
         .limit(limit);
-    if let Some(project_id) = project_id {
-        let storages = storage::Entity::find()
-            .select_only()
-            .column(storage::Column::Id)
-            .filter(storage::Column::ProjectId.eq(project_id))
-            .into_query();
-        query = query.filter(sync_run::Column::StorageId.in_subquery(storages));
+    if let Some(projects) = projects {
+        query = query.filter(of_projects(projects));
     }
     Ok(query.all(db).await?)
 }

@@ -24,6 +24,8 @@ pub struct StorageFilter<'a> {
     pub role: Option<&'a str>,
     /// Storages with ids above this one.
     pub after: Option<i64>,
+    /// Only storages of these projects (a restricted caller's).
+    pub projects: Option<&'a [i64]>,
 }
 
 /// Up to `limit` storages matching `filter`, in id order.
@@ -43,6 +45,9 @@ pub async fn page(
     }
     if let Some(after) = filter.after {
         query = query.filter(storage::Column::Id.gt(after));
+    }
+    if let Some(ids) = filter.projects {
+        query = query.filter(storage::Column::ProjectId.is_in(ids.iter().copied()));
     }
     Ok(query.all(db).await?)
 }

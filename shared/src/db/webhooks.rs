@@ -106,6 +106,7 @@ pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<webhook::
 pub async fn page(
     db: &impl ConnectionTrait,
     project_id: Option<i64>,
+    only: Option<&[i64]>,
     after: Option<i64>,
     limit: u64,
 ) -> Result<Vec<webhook::Model>> {
@@ -114,6 +115,10 @@ pub async fn page(
         .limit(limit);
     if let Some(project_id) = project_id {
         query = query.filter(webhook::Column::ProjectId.eq(project_id));
+    }
+    // Endpoints of every project (a null project_id) are left out too.
+    if let Some(ids) = only {
+        query = query.filter(webhook::Column::ProjectId.is_in(ids.iter().copied()));
     }
     if let Some(after) = after {
         query = query.filter(webhook::Column::Id.gt(after));

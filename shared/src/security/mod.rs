@@ -6,6 +6,7 @@
 pub mod net;
 pub mod paths;
 pub mod secrets;
+pub mod tokens;
 
 /// The SHA-256 of `parts` (fed in order), in lowercase hex: how a caller's
 /// token and a request are remembered without keeping them.

@@ -1,6 +1,8 @@
 //! Table definitions, one module per table (see `migrations/` for the DDL).
 //! No behaviour here: queries live in `db::runs`, `db::links` and the pipelines.
 pub mod annotation;
+pub mod api_token;
+pub mod audit_event;
 pub mod export_link;
 pub mod export_outbox;
 pub mod idempotency_key;

@@ -1,0 +1,359 @@
+//! Who may call what (docs/API.md, "Tokens and scopes").
+//!
+//! [`auth`] finds the caller: a bootstrap token (`LABELSYNC_API_TOKENS`,
+//! admin of everything), a token of the database (looked up by the hash of
+//! its secret on every request, so a revocation holds at once on every
+//! replica), or, with no token anywhere, the open loopback mode. [`ROUTES`]
+//! declares each route's [`Need`] in one place and [`check_scope`] enforces
+//! it after routing. What a project-restricted token may see inside a route
+//! is the handlers' part, through [`Caller::check`]: another project's
+//! resource answers exactly as a missing one (404), so nothing can be
+//! enumerated.
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    extract::{MatchedPath, Request, State},
+    http::{Method, StatusCode, header},
+    middleware::Next,
+    response::Response,
+};
+use chrono::Utc;
+use labelsync::{
+    db::tokens,
+    security::tokens::{self as secrets, Scope},
+};
+use serde_json::{Map, Value};
+use subtle::ConstantTimeEq;
+
+use super::{ApiError, AppState};
+
+/// What a route asks of the caller's scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Any caller let in (the API's own description).
+    Any,
+    /// Task data, annotations, storage configs: admin, write, read.
+    Read,
+    /// Changing them: admin, write.
+    Write,
+    /// Creating a project: admin, or a write token not held to projects
+    /// (a restricted token could not see what it made).
+    Create,
+    /// Runs and their progress: every scope.
+    Observe,
+    /// Acting on runs (sync now, validate, cancel): admin, write, ops.
+    Act,
+    /// The fleet's queues: admin, ops.
+    Fleet,
+    /// Tokens and the audit trail.
+    Admin,
+}
+
+impl Need {
+    pub fn allows(self, scope: Scope, restricted: bool) -> bool {
+        use Scope::{Admin, Ops, Read, Write};
+        match self {
+            Need::Any | Need::Observe => true,
+            Need::Read => matches!(scope, Admin | Write | Read),
+            Need::Write => matches!(scope, Admin | Write),
+            Need::Create => matches!(scope, Admin | Write) && !restricted,
+            Need::Act => matches!(scope, Admin | Write | Ops),
+            Need::Fleet => matches!(scope, Admin | Ops),
+            Need::Admin => scope == Admin,
+        }
+    }
+}
+
+/// Every route of `/api/v1` with its method and need; a route missing here
+/// is refused to everyone (a test checks the OpenAPI document's operations
+/// against this table).
+pub const ROUTES: &[(&str, &str, Need)] = &[
+    ("POST", "/projects", Need::Create),
+    ("GET", "/projects", Need::Observe),
+    ("GET", "/projects/{id}", Need::Observe),
+    ("PATCH", "/projects/{id}", Need::Write),
+    ("DELETE", "/projects/{id}", Need::Write),
+    ("GET", "/projects/{id}/tasks", Need::Read),
+    ("POST", "/storages", Need::Write),
+    ("GET", "/storages", Need::Read),
+    ("POST", "/storages/validate", Need::Write),
+    ("GET", "/storages/{id}", Need::Read),
+    ("PATCH", "/storages/{id}", Need::Write),
+    ("DELETE", "/storages/{id}", Need::Write),
+    ("POST", "/storages/{id}/validate", Need::Act),
+    ("GET", "/storages/{id}/preview", Need::Read),
+    ("POST", "/storages/{id}/sync", Need::Act),
+    ("GET", "/runs", Need::Observe),
+    ("GET", "/runs/{id}", Need::Observe),
+    ("GET", "/runs/{id}/errors", Need::Observe),
+    ("POST", "/runs/{id}/cancel", Need::Act),
+    ("GET", "/runs/{id}/events", Need::Observe),
+    ("GET", "/events", Need::Observe),
+    ("GET", "/tasks/{id}", Need::Read),
+    ("POST", "/tasks/{id}/annotations", Need::Write),
+    ("GET", "/annotations/{id}", Need::Read),
+    ("PATCH", "/annotations/{id}", Need::Write),
+    ("DELETE", "/annotations/{id}", Need::Write),
+    ("POST", "/webhooks", Need::Write),
+    ("GET", "/webhooks", Need::Read),
+    ("GET", "/webhooks/{id}", Need::Read),
+    ("PATCH", "/webhooks/{id}", Need::Write),
+    ("DELETE", "/webhooks/{id}", Need::Write),
+    ("POST", "/webhooks/{id}/test", Need::Write),
+    ("GET", "/webhooks/{id}/deliveries", Need::Read),
+    ("GET", "/webhooks/{id}/deliveries/{delivery_id}", Need::Read),
+    (
+        "POST",
+        "/webhooks/{id}/deliveries/{delivery_id}/redeliver",
+        Need::Write,
+    ),
+    ("GET", "/queues", Need::Fleet),
+    ("GET", "/resolve", Need::Read),
+    ("GET", "/openapi.json", Need::Any),
+    ("POST", "/tokens", Need::Admin),
+    ("GET", "/tokens", Need::Admin),
+    ("GET", "/tokens/{id}", Need::Admin),
+    ("DELETE", "/tokens/{id}", Need::Admin),
+    ("GET", "/audit", Need::Admin),
+];
+
+/// The need of `method` on `route` (a template relative to `/api/v1`).
+pub fn need_of(method: &Method, route: &str) -> Option<Need> {
+    let method = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    ROUTES
+        .iter()
+        .find(|(m, r, _)| *m == method && *r == route)
+        .map(|(_, _, need)| *need)
+}
+
+/// The caller of a request, put in its extensions by [`auth`].
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// `None` for a bootstrap token and the open mode.
+    pub token_id: Option<i64>,
+    pub name: String,
+    pub scope: Scope,
+    /// `None`: every project.
+    projects: Option<Arc<[i64]>>,
+    /// What the handler touched, for the audit row.
+    note: Arc<Mutex<Note>>,
+}
+
+/// The project and the resource ids a request touched.
+#[derive(Debug, Default, Clone)]
+pub struct Note {
+    pub project_id: Option<i64>,
+    pub ids: Map<String, Value>,
+}
+
+impl Caller {
+    fn new(token_id: Option<i64>, name: &str, scope: Scope, projects: Option<Vec<i64>>) -> Self {
+        Caller {
+            token_id,
+            name: name.to_owned(),
+            scope,
+            projects: projects.map(Arc::from),
+            note: Arc::default(),
+        }
+    }
+
+    /// The projects the caller is held to (`None`: all).
+    pub fn projects(&self) -> Option<&[i64]> {
+        self.projects.as_deref()
+    }
+
+    pub fn sees(&self, project_id: i64) -> bool {
+        self.projects().is_none_or(|ids| ids.contains(&project_id))
+    }
+
+    /// `Ok` when the caller may touch `project_id`, else the answer for a
+    /// resource that does not exist (`hidden`), so another project's ids
+    /// cannot be told from missing ones. Notes the project for the audit.
+    pub fn check(
+        &self,
+        project_id: i64,
+        hidden: impl FnOnce() -> ApiError,
+    ) -> Result<(), ApiError> {
+        if !self.sees(project_id) {
+            return Err(hidden());
+        }
+        self.lock_note().project_id.get_or_insert(project_id);
+        Ok(())
+    }
+
+    /// Records a resource id the request named or created (audit rows).
+    pub fn note(&self, key: &str, id: impl Into<Value>) {
+        self.lock_note().ids.insert(key.to_owned(), id.into());
+    }
+
+    pub fn noted(&self) -> Note {
+        self.lock_note().clone()
+    }
+
+    fn lock_note(&self) -> std::sync::MutexGuard<'_, Note> {
+        self.note.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The bearer token of a request ("" when there is none).
+pub fn bearer(req: &Request) -> &str {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim())
+}
+
+/// Finds the caller and puts it in the request's extensions; 401 when a
+/// token is needed and the request has no valid one.
+pub async fn auth(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let caller = caller_of(&state, bearer(&req)).await?;
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
+}
+
+async fn caller_of(state: &AppState, given: &str) -> Result<Caller, ApiError> {
+    if !given.is_empty() {
+        if bootstrap(&state.settings.api_tokens, given) {
+            return Ok(Caller::new(None, "bootstrap", Scope::Admin, None));
+        }
+        if let Some(caller) = stored(state, given).await? {
+            return Ok(caller);
+        }
+    }
+    // Open only while no token exists anywhere (loopback, checked at start).
+    if state.settings.api_tokens.is_empty() && !tokens::any_usable(&state.db, Utc::now()).await? {
+        return Ok(Caller::new(None, "open", Scope::Admin, None));
+    }
+    Err(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing, invalid, expired or revoked bearer token (Authorization: Bearer <token>)",
+    ))
+}
+
+/// Whether `given` is one of the configured tokens, in constant time
+/// against every one of them.
+fn bootstrap(configured: &[labelsync::config::Secret], given: &str) -> bool {
+    let mut ok = subtle::Choice::from(0);
+    for token in configured {
+        ok |= same_secret(given.as_bytes(), token.expose().as_bytes());
+    }
+    bool::from(ok)
+}
+
+/// The database's token with this secret, when usable now.
+async fn stored(state: &AppState, given: &str) -> Result<Option<Caller>, ApiError> {
+    let now = Utc::now();
+    let hash = secrets::hash(given);
+    let Some(token) = tokens::usable(&state.db, &hash, now).await? else {
+        return Ok(None);
+    };
+    // The index found it; the comparison that decides is constant-time.
+    if !bool::from(same_secret(hash.as_bytes(), token.secret_hash.as_bytes())) {
+        return Ok(None);
+    }
+    let Some(scope) = tokens::scope_of(&token) else {
+        return Ok(None);
+    };
+    tokens::touch(&state.db, &token, now).await?;
+    Ok(Some(Caller::new(
+        Some(token.id),
+        &token.name,
+        scope,
+        tokens::projects_of(&token),
+    )))
+}
+
+/// Compares in time that depends only on the expected value's length, not
+/// on where the given one differs (nor on its length).
+fn same_secret(given: &[u8], expected: &[u8]) -> subtle::Choice {
+    let mut same = (given.len() as u64).ct_eq(&(expected.len() as u64));
+    for (i, byte) in expected.iter().enumerate() {
+        same &= given.get(i).copied().unwrap_or(0).ct_eq(byte);
+    }
+    same
+}
+
+/// The route's template relative to `/api/v1`.
+pub fn route_of(req: &Request) -> String {
+    let matched = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("", MatchedPath::as_str);
+    matched
+        .strip_prefix(super::PREFIX)
+        .unwrap_or(matched)
+        .to_owned()
+}
+
+/// After routing: 403 when the caller's scope does not cover the route.
+pub async fn check_scope(req: Request, next: Next) -> Result<Response, ApiError> {
+    let route = route_of(&req);
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .ok_or_else(|| ApiError::from(labelsync::Error::Internal("no caller".into())))?;
+    let restricted = caller.projects().is_some();
+    match need_of(req.method(), &route) {
+        Some(need) if need.allows(caller.scope, restricted) => Ok(next.run(req).await),
+        Some(Need::Create) if restricted => Err(forbidden(
+            "a token held to some projects cannot create projects; use an unrestricted write or admin token",
+        )),
+        _ => Err(forbidden(format!(
+            "a {} token cannot {} {route}",
+            caller.scope.as_str(),
+            req.method()
+        ))),
+    }
+}
+
+fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_nest_as_documented() {
+        for (method, route, need) in ROUTES {
+            assert!(need.allows(Scope::Admin, false), "{method} {route}");
+            if need.allows(Scope::Write, false) && *need != Need::Create {
+                assert!(need.allows(Scope::Write, true), "{method} {route}");
+            }
+            if need.allows(Scope::Read, false) {
+                assert!(
+                    *method == "GET" || *need == Need::Any,
+                    "read is GET only: {method} {route}"
+                );
+            }
+        }
+        assert!(
+            !Need::Read.allows(Scope::Ops, false),
+            "ops sees no task data"
+        );
+        assert!(!Need::Admin.allows(Scope::Write, false));
+        assert_eq!(need_of(&Method::HEAD, "/runs"), Some(Need::Observe));
+        assert_eq!(need_of(&Method::PUT, "/runs"), None);
+    }
+
+    #[test]
+    fn bootstrap_tokens_match_exactly() {
+        let configured = vec![labelsync::config::Secret::new("s3cret-token")];
+        assert!(bootstrap(&configured, "s3cret-token"));
+        assert!(!bootstrap(&configured, "s3cret-toke"));
+        assert!(!bootstrap(&configured, "s3cret-token2"));
+        assert!(!bootstrap(&[], ""));
+    }
+}

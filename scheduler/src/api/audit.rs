@@ -1,0 +1,141 @@
+//! The audit trail: a row for every mutating request a caller was let in
+//! for (docs/API.md, "Audit trail"), and `GET /api/v1/audit` for admins.
+//!
+//! The row is written when the handler has answered, so it holds the
+//! outcome (a refused or failed request is recorded too); it names the
+//! route, the ids in the path and those the handler noted through
+//! [`Caller::note`] and [`Caller::check`] (the project), never a body or a
+//! query string, so no secret reaches it. Reads are not recorded, nor are
+//! idempotent replays (they change nothing) or unauthenticated requests.
+use std::net::SocketAddr;
+
+use axum::{
+    extract::{ConnectInfo, Request, State},
+    http::Method,
+    middleware::Next,
+    response::Response,
+};
+use chrono::Utc;
+use labelsync::db::audit::{self, AuditFilter, Entry};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{
+    ApiJson, ApiQuery, ApiResult, AppState,
+    access::{self, Caller},
+    limit, page,
+};
+
+/// The middleware, outside the scope check (so refusals are recorded).
+pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let mutation = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let Some(caller) = req
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .filter(|_| mutation)
+    else {
+        return next.run(req).await;
+    };
+    let route = access::route_of(&req);
+    let mut entry = Entry {
+        at: Utc::now(),
+        token_id: caller.token_id,
+        token_name: caller.name.clone(),
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        resource: Value::Null,
+        project_id: None,
+        status: 0,
+        request_id: super::request_id_of(req.headers()),
+        client: req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip().to_string()),
+        route: format!("{}{route}", super::PREFIX),
+    };
+    let path_ids = ids_in_path(&route, &entry.path);
+    let response = next.run(req).await;
+    let note = caller.noted();
+    let mut ids = path_ids;
+    ids.extend(note.ids);
+    entry.resource = Value::Object(ids);
+    entry.project_id = note.project_id;
+    entry.status = response.status().as_u16();
+    if let Err(err) = audit::record(&state.db, entry).await {
+        tracing::error!(error = %err, "audit row not written");
+    }
+    response
+}
+
+/// The ids a path names, keyed by the segment before each: the route
+/// `/storages/{id}` and the path `/api/v1/storages/5` give `{"storages": 5}`.
+fn ids_in_path(route: &str, path: &str) -> Map<String, Value> {
+    let path = path.strip_prefix(super::PREFIX).unwrap_or(path);
+    let template: Vec<&str> = route.split('/').collect();
+    let actual: Vec<&str> = path.split('/').collect();
+    let mut ids = Map::new();
+    for (i, segment) in template.iter().enumerate() {
+        if !segment.starts_with('{') || i == 0 {
+            continue;
+        }
+        let (Some(name), Some(value)) = (template.get(i - 1), actual.get(i)) else {
+            continue;
+        };
+        let value = value
+            .parse::<i64>()
+            .map_or_else(|_| Value::from(*value), Value::from);
+        ids.insert((*name).to_owned(), value);
+    }
+    ids
+}
+
+/// `?token_id=&project_id=&limit=&after=`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    token_id: Option<i64>,
+    project_id: Option<i64>,
+    limit: Option<u64>,
+    after: Option<i64>,
+}
+
+/// `GET /api/v1/audit`: oldest first, paged by id.
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> ApiResult<ApiJson<Value>> {
+    let limit = limit(q.limit)?;
+    let filter = AuditFilter {
+        token_id: q.token_id,
+        project_id: q.project_id,
+        after: q.after,
+    };
+    let rows = audit::page(&state.db, filter, limit).await?;
+    let last = rows.last().map(|r| r.id);
+    Ok(ApiJson(page(
+        rows.iter().map(audit::to_json).collect(),
+        limit,
+        last,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_ids_are_named_by_the_segment_before() {
+        let ids = ids_in_path(
+            "/webhooks/{id}/deliveries/{delivery_id}/redeliver",
+            "/api/v1/webhooks/3/deliveries/9/redeliver",
+        );
+        assert_eq!(
+            Value::Object(ids),
+            serde_json::json!({"webhooks": 3, "deliveries": 9})
+        );
+        let ids = ids_in_path("/runs/{id}/cancel", "/api/v1/runs/01JABC/cancel");
+        assert_eq!(Value::Object(ids), serde_json::json!({"runs": "01JABC"}));
+        assert!(ids_in_path("/projects", "/api/v1/projects").is_empty());
+    }
+}

@@ -1,0 +1,133 @@
+//! `labelsync-scheduler token create|list|revoke`: token management from a
+//! shell, on the same database the servers read (so it works before any
+//! token exists, and a revocation holds at once on every replica).
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use labelsync::{
+    config::Settings,
+    db::{
+        self,
+        tokens::{self, NewToken},
+    },
+    security::tokens::{Scope, parse_lifetime},
+};
+use sea_orm::DatabaseConnection;
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; prints its secret alone on the first line of stdout
+    /// (shown this once, never stored), then the token as JSON.
+    Create {
+        /// Who or what holds it (shown in lists and audit rows).
+        #[arg(long)]
+        name: String,
+        /// admin, write, read or ops.
+        #[arg(long)]
+        scope: String,
+        /// A project the token is held to (repeat for several); none: all.
+        #[arg(long = "project")]
+        projects: Vec<i64>,
+        /// Lifetime such as 90d, 12h or 30m; none: until revoked.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List every token as JSON lines (never secrets).
+    List,
+    /// Revoke a token by id, or by name when one live token has it.
+    Revoke {
+        /// The token's id or name.
+        token: String,
+    },
+}
+
+pub async fn run(settings: Settings, command: TokenCommand) -> anyhow::Result<ExitCode> {
+    let db = db::connect(&settings.database_url)
+        .await
+        .context("cannot open the database (DATABASE_URL)")?;
+    db::migrate(&db).await.context("migrations failed")?;
+    match command {
+        TokenCommand::Create {
+            name,
+            scope,
+            projects,
+            expires,
+        } => create(&db, name, &scope, projects, expires.as_deref()).await,
+        TokenCommand::List => list(&db).await,
+        TokenCommand::Revoke { token } => revoke(&db, &token).await,
+    }
+}
+
+async fn create(
+    db: &DatabaseConnection,
+    name: String,
+    scope: &str,
+    projects: Vec<i64>,
+    expires: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let Some(scope) = Scope::parse(scope) else {
+        bail!("--scope must be one of admin, write, read, ops (got {scope:?})");
+    };
+    let expires_at = match expires {
+        Some(text) => match parse_lifetime(text) {
+            Some(lifetime) => Some(Utc::now() + lifetime),
+            None => {
+                bail!("--expires must be a lifetime such as 90d, 12h, 30m or 3600s (got {text:?})")
+            }
+        },
+        None => None,
+    };
+    let new = NewToken {
+        name: name.trim().to_owned(),
+        scope,
+        projects: (!projects.is_empty()).then_some(projects),
+        expires_at,
+    };
+    tokens::check(db, &new).await?;
+    let (model, secret) = tokens::create(db, new).await?;
+    // The secret alone on the first line, so `| head -1` captures it.
+    println!("{secret}");
+    println!("{}", tokens::to_json(&model));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(db: &DatabaseConnection) -> anyhow::Result<ExitCode> {
+    let mut after = None;
+    loop {
+        let rows = tokens::page(db, after, 1000).await?;
+        for token in &rows {
+            println!("{}", tokens::to_json(token));
+        }
+        match rows.last() {
+            Some(last) if rows.len() == 1000 => after = Some(last.id),
+            _ => return Ok(ExitCode::SUCCESS),
+        }
+    }
+}
+
+async fn revoke(db: &DatabaseConnection, which: &str) -> anyhow::Result<ExitCode> {
+    let id = match which.parse::<i64>() {
+        Ok(id) => id,
+        Err(_) => {
+            let named = tokens::active_named(db, which).await?;
+            match named.as_slice() {
+                [one] => one.id,
+                [] => bail!("no live token is named {which:?}"),
+                _ => bail!(
+                    "{} live tokens are named {which:?}; revoke one by id (token list)",
+                    named.len()
+                ),
+            }
+        }
+    };
+    match tokens::revoke(db, id).await? {
+        Some(token) => {
+            println!("{}", tokens::to_json(&token));
+            Ok(ExitCode::SUCCESS)
+        }
+        None => bail!("no token has id {id}"),
+    }
+}

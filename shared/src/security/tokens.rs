@@ -1,0 +1,120 @@
+//! API tokens: their scopes, how secrets are made and remembered.
+//!
+//! A secret is `lsk_` and 43 base64url characters (32 random bytes); only
+//! its SHA-256 is kept, so a stolen database names no working token. The
+//! first [`PREFIX_LEN`] characters are kept too, for people to tell tokens
+//! apart in lists.
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::{Error, Result};
+
+pub const SECRET_PREFIX: &str = "lsk_";
+/// `lsk_` and the first 8 characters of the random part.
+pub const PREFIX_LEN: usize = 12;
+
+/// What a token may do (docs/API.md, "Tokens and scopes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Everything, tokens and the audit trail included.
+    Admin,
+    /// Create and change projects, storages, syncs and annotations.
+    Write,
+    /// Read them (GET only).
+    Read,
+    /// Runs, queues and fleet actions, without task data, annotations or
+    /// storage configs.
+    Ops,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Admin, Scope::Write, Scope::Read, Scope::Ops];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::Write => "write",
+            Scope::Read => "read",
+            Scope::Ops => "ops",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|scope| scope.as_str() == s)
+    }
+}
+
+/// A new secret and its hash.
+pub fn generate() -> Result<(String, String)> {
+    let mut bytes = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::Internal("no randomness for a token".into()))?;
+    let secret = format!("{SECRET_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash(&secret);
+    Ok((secret, hash))
+}
+
+/// How a secret is remembered and looked up.
+pub fn hash(secret: &str) -> String {
+    super::sha256_hex(&[secret.as_bytes()])
+}
+
+/// The part of a secret lists show.
+pub fn display_prefix(secret: &str) -> String {
+    secret.chars().take(PREFIX_LEN).collect()
+}
+
+/// A lifetime such as `90d`, `12h`, `30m` or `3600s` (also bare seconds),
+/// for the CLI's `--expires`.
+pub fn parse_lifetime(text: &str) -> Option<chrono::Duration> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let n: i64 = number.parse().ok().filter(|n| *n > 0)?;
+    let seconds = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return None,
+    };
+    chrono::Duration::try_seconds(n.checked_mul(seconds)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_random_and_only_their_hash_is_kept() {
+        let (a, hash_a) = generate().unwrap();
+        let (b, _) = generate().unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("lsk_") && a.len() == 4 + 43, "{a}");
+        assert_eq!(hash(&a), hash_a);
+        assert!(!hash_a.contains(&a[4..]));
+        assert_eq!(display_prefix(&a), &a[..12]);
+    }
+
+    #[test]
+    fn lifetimes() {
+        assert_eq!(parse_lifetime("90d"), chrono::Duration::try_days(90));
+        assert_eq!(parse_lifetime("12h"), chrono::Duration::try_hours(12));
+        assert_eq!(parse_lifetime("3600"), chrono::Duration::try_hours(1));
+        for bad in ["", "d", "0d", "-1d", "5y", "99999999999999999d", "1.5d"] {
+            assert_eq!(parse_lifetime(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn scopes_parse_their_names_only() {
+        for scope in Scope::ALL {
+            assert_eq!(Scope::parse(scope.as_str()), Some(scope));
+        }
+        assert_eq!(Scope::parse("Admin"), None);
+    }
+}
