@@ -564,7 +564,9 @@ async fn read_sse(
 async fn live_progress_streams_from_a_replica_that_did_not_start_the_run() {
     let app = spawn_app(AppOptions::without_workers()).await;
     let replica = spawn_replica(&app).await;
-    write_files(&app.doc_root.path().join("data"), 3000, "jpg");
+    // Enough objects that the run is seen running more than once (a
+    // progress event every 500 ms) however fast the machine is.
+    write_files(&app.doc_root.path().join("data"), 20_000, "jpg");
     let project = app.project("live").await;
     let other_project = app.project("elsewhere").await;
     let storage = app.local_storage(project, json!({})).await;
@@ -625,7 +627,7 @@ fn the_run_stream_shows_progress_then_ends(events: &[Sse], run_id: &str) {
         (&done["id"], &done["status"]),
         (&json!(run_id), &json!("completed"))
     );
-    assert_eq!(done["counters"]["created"], 3000, "{done}");
+    assert_eq!(done["counters"]["created"], 20_000, "{done}");
     let created: Vec<i64> = events
         .iter()
         .map(|(_, _, r)| r["counters"]["created"].as_i64().unwrap())

@@ -15,7 +15,7 @@ use axum::{
     extract::{MatchedPath, Request, State},
     http::{Method, StatusCode, header},
     middleware::Next,
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use chrono::Utc;
 use labelsync::{
@@ -309,12 +309,29 @@ pub async fn check_scope(req: Request, next: Next) -> Result<Response, ApiError>
         Some(Need::Create) if restricted => Err(forbidden(
             "a token held to some projects cannot create projects; use an unrestricted write or admin token",
         )),
-        _ => Err(forbidden(format!(
+        Some(_) => Err(forbidden(format!(
             "a {} token cannot {} {route}",
             caller.scope.as_str(),
             req.method()
         ))),
+        // A method the route does not take (or a route missing from the
+        // table: refused all the same, before any handler runs).
+        None => Ok(not_allowed(req.method(), &route)),
     }
+}
+
+/// 405 with the API's error body and an `Allow` header from [`ROUTES`].
+fn not_allowed(method: &Method, route: &str) -> Response {
+    let allow: Vec<&str> = ROUTES
+        .iter()
+        .filter(|(_, r, _)| *r == route)
+        .map(|(m, _, _)| *m)
+        .collect();
+    let mut response = super::method_not_allowed_error(method).into_response();
+    if let Ok(value) = header::HeaderValue::from_str(&allow.join(", ")) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
 }
 
 fn forbidden(message: impl Into<String>) -> ApiError {

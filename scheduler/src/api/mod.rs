@@ -215,6 +215,10 @@ fn request_id(headers: &header::HeaderMap) -> header::HeaderValue {
 
 /// 405 with the API's error body; axum adds the `Allow` header.
 async fn method_not_allowed(method: Method) -> ApiError {
+    method_not_allowed_error(&method)
+}
+
+fn method_not_allowed_error(method: &Method) -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
