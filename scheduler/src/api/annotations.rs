@@ -91,7 +91,9 @@ async fn find(state: &AppState, id: i64) -> ApiResult<annotation::Model> {
 /// are logged only: the events are safe in the outbox.
 async fn dispatch(state: &AppState, storages: Vec<i64>) {
     for storage_id in storages {
-        if let Err(err) = jobs::enqueue_events(&state.db, &state.queue, storage_id).await {
+        if let Err(err) =
+            jobs::enqueue_events(&state.db, &state.queue, &state.settings, storage_id).await
+        {
             tracing::warn!(storage_id, error = %err, "export run not started; the scheduler will");
         }
     }

@@ -280,7 +280,8 @@ pub async fn sync(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
     let model = find(&state.db, id).await?;
-    let (run, already_running) = jobs::enqueue_sync(&state.db, &state.queue, &model).await?;
+    let (run, already_running) =
+        jobs::enqueue_sync(&state.db, &state.queue, &state.settings, &model).await?;
     Ok((
         StatusCode::ACCEPTED,
         ApiJson(json!({ "run": runs::to_json(&run), "already_running": already_running })),
