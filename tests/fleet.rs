@@ -884,6 +884,9 @@ async fn runs_of(app: &TestApp, run_ids: &[String]) -> Vec<(String, [i64; 3], St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_project_at_its_cap_does_not_starve_another_project() {
     const A_SYNCS: usize = 40;
+    // Runs long enough (~0.1 s here) that starting B's sync takes less
+    // than one of them.
+    const FILES: i64 = 1000;
     let env = vec![("LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT", "2".to_owned())];
     let app = spawn_app(AppOptions {
         workers: false,
@@ -892,7 +895,7 @@ async fn a_project_at_its_cap_does_not_starve_another_project() {
     })
     .await;
     let replica = labelsync_tests::spawn_replica(&app).await;
-    write_files(&app.doc_root.path().join("data"), 400, "jpg");
+    write_files(&app.doc_root.path().join("data"), FILES as usize, "jpg");
     let a = app.project("tenant a").await;
     let mut a_runs = Vec::new();
     for i in 0..A_SYNCS {
@@ -952,7 +955,7 @@ async fn a_project_at_its_cap_does_not_starve_another_project() {
     );
     assert_eq!(
         count(&db, "SELECT COUNT(*) AS n FROM tasks").await,
-        400 * (A_SYNCS as i64 + 1)
+        FILES * (A_SYNCS as i64 + 1)
     );
     replica.stop().await;
     app.stop().await;
