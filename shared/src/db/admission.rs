@@ -50,6 +50,11 @@ pub async fn admit(
     cap: u64,
     max: u64,
 ) -> Result<Vec<String>> {
+    // Most calls (a run ended, nothing waits) stop at this one index probe,
+    // without a lock. A run held after it is its creator's to release.
+    if oldest_held(db, project_id).await?.is_none() {
+        return Ok(Vec::new());
+    }
     let tx = super::begin_write(db).await?;
     let locked: Option<i64> = project::Entity::find_by_id(project_id)
         .select_only()
@@ -61,7 +66,7 @@ pub async fn admit(
     let room = match (locked, cap) {
         (None, _) => 0,
         (Some(_), 0) => max,
-        (Some(_), cap) => cap.saturating_sub(admitted_live(&tx, project_id).await?),
+        (Some(_), cap) => cap.saturating_sub(admitted_live_up_to(&tx, project_id, cap).await?),
     };
     if room == 0 {
         return Ok(Vec::new()); // rolled back on drop: nothing was written
@@ -91,15 +96,50 @@ pub async fn admit(
     Ok(ids)
 }
 
+/// The id of the project's oldest held run, if any.
+async fn oldest_held(db: &impl ConnectionTrait, project_id: i64) -> Result<Option<String>> {
+    Ok(sync_run::Entity::find()
+        .select_only()
+        .column(C::Id)
+        .filter(C::ProjectId.eq(project_id))
+        .filter(C::Status.eq(QUEUED))
+        .filter(C::AdmittedAt.is_null())
+        .order_by_asc(C::Id)
+        .limit(1)
+        .into_tuple()
+        .one(db)
+        .await?)
+}
+
 /// How many runs of the project are admitted and live (queued in the job
 /// queue, or running).
 pub async fn admitted_live(db: &impl ConnectionTrait, project_id: i64) -> Result<u64> {
-    Ok(sync_run::Entity::find()
+    Ok(admitted_live_query(project_id).count(db).await?)
+}
+
+fn admitted_live_query(project_id: i64) -> sea_orm::Select<sync_run::Entity> {
+    sync_run::Entity::find()
         .filter(C::ProjectId.eq(project_id))
         .filter(C::Status.is_in(LIVE))
         .filter(C::AdmittedAt.is_not_null())
-        .count(db)
-        .await?)
+}
+
+/// [`admitted_live`], counted up to `bound` (ids read, at most `bound`):
+/// all [`admit`] needs, and cheap even for a project far over its cap
+/// (`count` would drop the limit).
+async fn admitted_live_up_to(
+    db: &impl ConnectionTrait,
+    project_id: i64,
+    bound: u64,
+) -> Result<u64> {
+    let ids: Vec<String> = admitted_live_query(project_id)
+        .select_only()
+        .column(C::Id)
+        .limit(bound)
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(ids.len() as u64)
 }
 
 /// Puts admitted runs that were not pushed (the queue's backlog was full)
