@@ -449,9 +449,12 @@ async fn a_full_backlog_keeps_runs_queued_until_there_is_room() {
     const STORAGES: usize = 100;
     // A tiny backlog limit stands in for apalis-redis' ~8,000 due-job crash
     // point: past it, runs wait in the database, not in Redis.
+    // No per-project cap: the 100 runs of one project meet the backlog
+    // limit, not the cap.
     let env = vec![
         ("LABELSYNC_QUEUE_BACKLOG_LIMIT", "20".to_owned()),
         ("LABELSYNC_REQUEUE_AFTER_SECS", "1".to_owned()),
+        ("LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT", "0".to_owned()),
     ];
     let app = spawn_app(AppOptions {
         workers: false,
@@ -530,9 +533,12 @@ async fn twenty_thousand_queued_runs_all_run_without_a_worker_crash() {
              SELECT {project}, 'source', 'local', 's' || g, '{{\"path\": \"data\"}}', '[]', '', true, 'files', \
              false, 900, false, now(), now() FROM generate_series(1, {RUNS}) g"
         ),
-        "INSERT INTO sync_runs (id, storage_id, kind, status, queued_at) \
-         SELECT lpad(id::text, 26, '0'), id, 'import', 'queued', now() - interval '1 hour' FROM storages"
-            .to_owned(),
+        // Admitted runs whose jobs were lost: the stalled-run sweep's to push.
+        format!(
+            "INSERT INTO sync_runs (id, storage_id, project_id, kind, status, queued_at, admitted_at) \
+             SELECT lpad(id::text, 26, '0'), id, {project}, 'import', 'queued', now() - interval '1 hour', \
+             now() - interval '1 hour' FROM storages"
+        ),
     ] {
         db.execute_unprepared(&sql).await.expect("bulk insert");
     }
@@ -810,4 +816,369 @@ async fn export_killed_twice_mid_run_exports_every_annotation_once() {
         .count();
     assert_eq!(files as i64, N, "one file per annotation");
     app.stop().await;
+}
+
+/// Samples, every 10 ms until stopped, the most runs of `project` seen
+/// running at once and the most admitted live (in Redis or running).
+fn sample_in_flight(
+    db: sea_orm::DatabaseConnection,
+    project: i64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(i64, i64)> {
+    tokio::spawn(async move {
+        let (mut running, mut admitted) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let sql = |cond: &str| {
+                format!(
+                    "SELECT COUNT(*) AS n FROM sync_runs WHERE project_id = {project} AND {cond}"
+                )
+            };
+            running = running.max(count(&db, &sql("status = 'running'")).await);
+            let live = "status IN ('queued', 'running') AND admitted_at IS NOT NULL";
+            admitted = admitted.max(count(&db, &sql(live)).await);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (running, admitted)
+    })
+}
+
+/// Starts a sync of a new local storage of `project`; returns the run as
+/// the answer shows it.
+async fn sync_new_storage(app: &TestApp, project: i64, title: &str) -> Value {
+    let storage = app.local_storage(project, json!({ "title": title })).await;
+    let (status, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", storage["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    started["run"].clone()
+}
+
+/// The runs of `run_ids` in id (creation) order, as the API shows them: id,
+/// [started_at, finished_at, admitted_at] in milliseconds, status.
+async fn runs_of(app: &TestApp, run_ids: &[String]) -> Vec<(String, [i64; 3], String)> {
+    let mut rows = Vec::new();
+    for id in run_ids {
+        let (_, run) = app.get(&format!("/api/v1/runs/{id}")).await;
+        let ms = |field: &str| run[field].as_str().map_or(i64::MAX, chrono_ms);
+        let times = [ms("started_at"), ms("finished_at"), ms("admitted_at")];
+        rows.push((
+            id.clone(),
+            times,
+            run["status"].as_str().unwrap_or("").to_owned(),
+        ));
+    }
+    rows.sort();
+    rows
+}
+
+/// `LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT=2`, two scheduler replicas and two
+/// one-slot workers: project A starts 40 syncs at once, and only 2 go to
+/// Redis (the rest are held, and say so). Project B starts one sync once
+/// A's backlog is under way: it is not held, and it finishes while most of
+/// A's runs have not started. A never has more than 2 runs in flight
+/// (sampled as it goes, and from the run rows' times), its runs are let
+/// on oldest first, and every run completes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_at_its_cap_does_not_starve_another_project() {
+    const A_SYNCS: usize = 40;
+    // Runs long enough (~0.1 s here) that starting B's sync takes less
+    // than one of them.
+    const FILES: i64 = 1000;
+    let env = vec![("LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT", "2".to_owned())];
+    let app = spawn_app(AppOptions {
+        workers: false,
+        env,
+        ..AppOptions::default()
+    })
+    .await;
+    let replica = labelsync_tests::spawn_replica(&app).await;
+    write_files(&app.doc_root.path().join("data"), FILES as usize, "jpg");
+    let a = app.project("tenant a").await;
+    let mut a_runs = Vec::new();
+    for i in 0..A_SYNCS {
+        let run = sync_new_storage(&app, a, &format!("a{i}")).await;
+        assert_eq!(run["held"], i >= 2, "the first 2 go to the queue: {run}");
+        assert_eq!(run["admitted_at"].is_null(), i >= 2, "{run}");
+        a_runs.push(run["id"].as_str().expect("run id").to_owned());
+    }
+    let (_, queues) = app.get("/api/v1/queues").await;
+    let pending = queues["items"][0]["pending"].as_u64().expect("pending");
+    assert!(pending <= 2, "held runs are not in Redis: {queues}");
+
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_in_flight(db.clone(), a, stop.clone());
+    let one_slot = [("LABELSYNC_WORKER_CONCURRENCY", "1")];
+    let _workers = [
+        spawn_worker(&app, "fair-1", &one_slot),
+        spawn_worker(&app, "fair-2", &one_slot),
+    ];
+    let a_done = format!(
+        "SELECT COUNT(*) AS n FROM sync_runs WHERE project_id = {a} AND status = 'completed'"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&db, &a_done).await < 1 {
+        assert!(Instant::now() < deadline, "no run of project A completed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let b = replica.project("tenant b").await;
+    let b_run = sync_new_storage(&replica, b, "b").await;
+    assert_eq!(b_run["held"], false, "B has nothing in flight: {b_run}");
+    let b_run = replica
+        .wait_run(b_run["id"].as_str().expect("id"), Duration::from_secs(60))
+        .await;
+    assert_eq!(b_run["status"], "completed", "{b_run}");
+    let b_finished = chrono_ms(b_run["finished_at"].as_str().expect("finished_at"));
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while count(&db, &a_done).await < A_SYNCS as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "project A's runs did not all complete"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (running, admitted) = sampler.await.expect("sampler");
+    assert!(
+        (1..=2).contains(&running) && admitted <= 2,
+        "A had {running} runs running and {admitted} admitted at once"
+    );
+    assert_a_was_capped_and_b_went_first(&app, &a_runs, b_finished).await;
+    assert_eq!(
+        count(&db, "SELECT MAX(attempts) AS n FROM sync_runs").await,
+        1
+    );
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM tasks").await,
+        FILES * (A_SYNCS as i64 + 1)
+    );
+    replica.stop().await;
+    app.stop().await;
+}
+
+/// From project A's run rows: never more than 2 running at once (each
+/// run's start against the others' start and end), admitted in creation
+/// order, and most of them started after B's run had finished.
+async fn assert_a_was_capped_and_b_went_first(app: &TestApp, a_runs: &[String], b_finished: i64) {
+    let rows = runs_of(app, a_runs).await;
+    assert!(
+        rows.iter().all(|(_, _, status)| status == "completed"),
+        "{rows:?}"
+    );
+    for (id, [start, _, _], _) in &rows {
+        let overlapping = rows
+            .iter()
+            .filter(|(_, [s, f, _], _)| s <= start && start < f)
+            .count();
+        assert!(
+            overlapping <= 2,
+            "{overlapping} runs of A running when {id} started: {rows:?}"
+        );
+    }
+    let admitted: Vec<i64> = rows.iter().map(|(_, [_, _, at], _)| *at).collect();
+    assert!(
+        admitted.windows(2).all(|w| w[0] <= w[1]),
+        "A's runs were let on oldest first: {rows:?}"
+    );
+    let after_b = rows
+        .iter()
+        .filter(|(_, [s, _, _], _)| *s > b_finished)
+        .count();
+    assert!(
+        after_b >= a_runs.len() / 2,
+        "B's sync finished before most of A's backlog started ({after_b} of {} after it): {rows:?}",
+        a_runs.len()
+    );
+}
+
+/// A database with projects 1 and 2: six storages of project 1, one of
+/// project 2, and a held run of each storage, made in storage order.
+async fn admission_db(url: &str) -> (sea_orm::DatabaseConnection, Vec<String>, String) {
+    use labelsync::db::{self, runs};
+    let db = db::connect(url).await.expect("connect");
+    db::migrate(&db).await.expect("migrate");
+    for title in ["p", "q"] {
+        db::projects::create(&db, title, "image")
+            .await
+            .expect("project");
+    }
+    for (id, project) in [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (7, 2)] {
+        db.execute_unprepared(&format!(
+            "INSERT INTO storages (id, project_id, role, backend, title, config, secrets_set, prefix, recursive, \
+             import_method, presign, presign_ttl_seconds, can_delete_objects, created_at, updated_at) \
+             VALUES ({id}, {project}, 'source', 'local', 's{id}', '{{}}', '[]', '', true, 'files', false, 900, \
+             false, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')"
+        ))
+        .await
+        .expect("storage");
+    }
+    let mut ids = Vec::new();
+    for storage in 1..=7 {
+        let (run, live) = runs::create_or_get_live(&db, storage, runs::RunKind::Import)
+            .await
+            .expect("run");
+        assert!(!live && runs::to_json(&run)["held"] == true, "{run:?}");
+        ids.push(run.id);
+    }
+    let q_run = ids.pop().expect("project 2's run");
+    (db, ids, q_run)
+}
+
+/// The release logic on one backend: oldest first, up to the cap, fewest in
+/// flight served first, eight admitters at once admit no more than the cap
+/// allows, a run that ends frees its slot, a run put back is held again,
+/// the stalled-run sweep sees admitted runs only, and cap 0 admits all.
+async fn admission_rules(url: &str) {
+    use labelsync::db::{admission, runs};
+    let (db, p, q) = admission_db(url).await;
+    assert_eq!(admission::held(&db).await.expect("held"), 7);
+    assert_eq!(
+        admission::waiting_projects(&db, 2, 10)
+            .await
+            .expect("waiting"),
+        [1, 2]
+    );
+    assert_eq!(
+        admission::admit(&db, 1, 2, 1).await.expect("admit"),
+        [p[0].clone()]
+    );
+    // Project 2 has nothing in flight: it comes first now.
+    assert_eq!(
+        admission::waiting_projects(&db, 2, 10)
+            .await
+            .expect("waiting"),
+        [2, 1]
+    );
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let db = db.clone();
+            tokio::spawn(async move { admission::admit(&db, 1, 2, 10).await.expect("admit") })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for racer in racers {
+        won.extend(racer.await.expect("racer"));
+    }
+    assert_eq!(
+        won,
+        [p[1].clone()],
+        "eight admitters at once fill the cap once"
+    );
+    assert_eq!(admission::admitted_live(&db, 1).await.expect("live"), 2);
+    assert!(
+        admission::admit(&db, 1, 2, 10)
+            .await
+            .expect("admit")
+            .is_empty()
+    );
+    assert_eq!(
+        admission::waiting_projects(&db, 2, 10)
+            .await
+            .expect("waiting"),
+        [2]
+    );
+
+    runs::finish(&db, &p[0], runs::RunStatus::Completed, None, None)
+        .await
+        .expect("finish");
+    assert_eq!(
+        admission::admit(&db, 1, 2, 10).await.expect("admit"),
+        [p[2].clone()]
+    );
+    admission::hold_again(&db, vec![p[2].clone()])
+        .await
+        .expect("hold again");
+    let again = runs::get(&db, &p[2]).await.expect("run");
+    assert!(
+        admission::is_held(&again) && again.heartbeat_at.is_none(),
+        "{again:?}"
+    );
+    assert_eq!(
+        admission::admit(&db, 1, 2, 10).await.expect("admit"),
+        [p[2].clone()]
+    );
+
+    let future = chrono::Utc::now() + chrono::Duration::hours(1);
+    let stalled = runs::stalled(&db, future, 100).await.expect("stalled");
+    assert_eq!(
+        stalled,
+        [p[1].clone(), p[2].clone()],
+        "held runs are not stalled"
+    );
+    assert_eq!(
+        admission::admit(&db, 1, 0, 100).await.expect("admit"),
+        p[3..].to_vec()
+    );
+    assert_eq!(admission::admit(&db, 2, 2, 10).await.expect("admit"), [q]);
+    assert_eq!(admission::held(&db).await.expect("held"), 0);
+    assert!(
+        admission::waiting_projects(&db, 2, 10)
+            .await
+            .expect("waiting")
+            .is_empty()
+    );
+    assert!(
+        admission::admit(&db, 99, 2, 10)
+            .await
+            .expect("admit")
+            .is_empty(),
+        "no such project"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_rules_on_postgres() {
+    admission_rules(&labelsync_tests::fresh_postgres().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_rules_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    admission_rules(&format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("admission.db").display()
+    ))
+    .await;
+}
+
+/// Many rounds of sixteen admitters at once against one project with a cap
+/// of 3 (on Postgres, where they really run in parallel): after each
+/// round exactly 3 runs are admitted, whatever the interleaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_admitters_never_exceed_the_cap() {
+    use labelsync::db::{admission, runs};
+    let (db, _, _) = admission_db(&labelsync_tests::fresh_postgres().await).await;
+    // Six held runs of project 1 per round: each round ends the runs it
+    // admitted and starts their storages' next runs (held).
+    for round in 0..5 {
+        let racers: Vec<_> = (0..16)
+            .map(|_| {
+                let db = db.clone();
+                tokio::spawn(async move { admission::admit(&db, 1, 3, 10).await.expect("admit") })
+            })
+            .collect();
+        let mut won = 0;
+        for racer in racers {
+            won += racer.await.expect("racer").len();
+        }
+        assert_eq!(won, 3, "round {round}");
+        assert_eq!(admission::admitted_live(&db, 1).await.expect("live"), 3);
+        for storage in 1..=6 {
+            if let Some(run) = runs::live(&db, storage).await.expect("live run")
+                && !admission::is_held(&run)
+            {
+                runs::finish(&db, &run.id, runs::RunStatus::Completed, None, None)
+                    .await
+                    .expect("finish");
+                runs::create_or_get_live(&db, storage, runs::RunKind::Import)
+                    .await
+                    .expect("next run");
+            }
+        }
+    }
 }

@@ -17,6 +17,7 @@ mod m20261202_000008_idempotency_keys;
 mod m20261202_000009_on_missing;
 mod m20261202_000010_run_finish_index;
 mod m20261202_000011_tokens_audit;
+mod m20261202_000012_run_admission;
 
 pub struct Migrator;
 
@@ -35,6 +36,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000009_on_missing::Migration),
             Box::new(m20261202_000010_run_finish_index::Migration),
             Box::new(m20261202_000011_tokens_audit::Migration),
+            Box::new(m20261202_000012_run_admission::Migration),
         ]
     }
 }

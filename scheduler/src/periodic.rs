@@ -1,9 +1,11 @@
 //! Periodic work of the scheduler: syncs whose `sync_interval_seconds` came
 //! round, export runs for storages with annotation events waiting in the
-//! outbox (`jobs::dispatch_outbox`), the sweep that enqueues stalled runs again
-//! (`jobs::requeue_stalled`), delivery jobs for webhook endpoints with due
-//! events (`jobs::dispatch_webhooks`), and the cleanup of expired rows
-//! (webhook events, idempotency keys, audit rows). Every replica ticks, but each due storage is claimed with
+//! outbox (`jobs::dispatch_outbox`), held runs let onto the queue round-robin
+//! across projects (`jobs::release_held`), the sweep that enqueues stalled
+//! runs again (`jobs::requeue_stalled`), delivery jobs for webhook endpoints
+//! with due events (`jobs::dispatch_webhooks`), and the cleanup of expired
+//! rows (webhook events, idempotency keys, audit rows). Every replica ticks,
+//! but each due storage is claimed with
 //! one conditional UPDATE of its `next_sync_at`: only the replica whose UPDATE
 //! changed the row enqueues, so a period yields one sync however many
 //! schedulers run.
@@ -27,10 +29,15 @@ pub async fn run(state: AppState, tick: Duration) {
         if let Err(err) = tick_once(&state).await {
             tracing::warn!(error = %err, "periodic sync tick failed");
         }
-        match jobs::dispatch_outbox(&state.db, &state.queue).await {
+        match jobs::dispatch_outbox(&state.db, &state.queue, &state.settings).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(runs = n, "started export runs for annotation events"),
             Err(err) => tracing::warn!(error = %err, "outbox dispatch failed"),
+        }
+        match jobs::release_held(&state.db, &state.queue, &state.settings).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(runs = n, "released held runs"),
+            Err(err) => tracing::warn!(error = %err, "releasing held runs failed"),
         }
         match jobs::requeue_stalled(&state.db, &state.queue, &state.settings).await {
             Ok(0) => {}
@@ -96,7 +103,7 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
         let Some(model) = storages::find(&state.db, id).await? else {
             continue;
         };
-        match jobs::enqueue_sync(&state.db, &state.queue, &model).await {
+        match jobs::enqueue_sync(&state.db, &state.queue, &state.settings, &model).await {
             Ok((run, false)) => {
                 enqueued += 1;
                 tracing::info!(storage_id = id, run_id = %run.id, "periodic sync enqueued");

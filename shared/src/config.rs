@@ -60,8 +60,15 @@ pub struct Settings {
     pub queue_backlog_limit: u64,
     /// `LABELSYNC_REQUEUE_AFTER_SECS` (default 120): a live run with no sign
     /// of life for this long is enqueued again by the scheduler (its job was
-    /// lost, or never pushed because the backlog was full).
+    /// lost; runs held because the backlog was full are admitted again by
+    /// the tick instead).
     pub requeue_after: Duration,
+    /// `LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT` (default 8; 0: no cap): runs
+    /// of one project let onto the queue at once. Its runs beyond it stay
+    /// `queued` in the database (*held*) and start oldest first as its runs
+    /// end, so one tenant cannot fill the fleet (docs/DESIGN.md, "Admission
+    /// and fairness"; the default: docs/DECISIONS.md).
+    pub max_live_runs_per_project: u64,
     /// `LABELSYNC_SCHEDULE_TICK_MS` (default 1000): how often the scheduler
     /// looks for storages whose `sync_interval_seconds` has come round.
     pub schedule_tick: Duration,
@@ -208,6 +215,7 @@ impl Settings {
             worker,
             queue_backlog_limit: parse(&get, "LABELSYNC_QUEUE_BACKLOG_LIMIT", 5000)?,
             requeue_after: secs_at_least_1(&get, "LABELSYNC_REQUEUE_AFTER_SECS", 120)?,
+            max_live_runs_per_project: parse(&get, "LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT", 8)?,
             schedule_tick: Duration::from_millis(
                 parse(&get, "LABELSYNC_SCHEDULE_TICK_MS", 1000)?.max(50),
             ),

@@ -54,6 +54,7 @@ pub struct Metrics {
     pub resolve_bytes: Counter<u64>,
     pub queue_jobs: Gauge<i64>,
     pub worker_slots: Gauge<u64>,
+    pub runs_held: Gauge<u64>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -159,6 +160,12 @@ impl Metrics {
                 .u64_gauge("labelsync.worker.slots")
                 .with_description(
                     "Jobs this worker process runs at once; one series per worker process",
+                )
+                .build(),
+            runs_held: meter
+                .u64_gauge("labelsync.runs.held")
+                .with_description(
+                    "Runs held in the database for their project's turn (LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT) or for room in the queue; recorded by the scheduler's tick",
                 )
                 .build(),
             registry,

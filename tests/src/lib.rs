@@ -516,6 +516,7 @@ pub fn spawn_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
         .stdout(std::process::Stdio::null());
     for key in [
         "LABELSYNC_QUEUE_BACKLOG_LIMIT",
+        "LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT",
         "DATABASE_URL",
         "REDIS_URL",
         "LABELSYNC_QUEUE_NAMESPACE",

@@ -96,7 +96,9 @@ async fn find(state: &AppState, caller: &Caller, id: i64) -> ApiResult<annotatio
 /// are logged only: the events are safe in the outbox.
 async fn dispatch(state: &AppState, storages: Vec<i64>) {
     for storage_id in storages {
-        if let Err(err) = jobs::enqueue_events(&state.db, &state.queue, storage_id).await {
+        if let Err(err) =
+            jobs::enqueue_events(&state.db, &state.queue, &state.settings, storage_id).await
+        {
             tracing::warn!(storage_id, error = %err, "export run not started; the scheduler will");
         }
     }

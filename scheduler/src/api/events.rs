@@ -33,6 +33,8 @@ const MAX_RUNS: u64 = 1000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
     status: String,
+    /// A held run let onto the queue is news to a client waiting for it.
+    held: bool,
     counters: Counters,
     attempts: i64,
     error: Option<String>,
@@ -42,6 +44,7 @@ impl Seen {
     fn of(run: &sync_run::Model) -> Self {
         Seen {
             status: run.status.clone(),
+            held: labelsync::db::admission::is_held(run),
             counters: Counters::of(run),
             attempts: run.attempts,
             error: run.error.clone(),

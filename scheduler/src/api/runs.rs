@@ -14,10 +14,11 @@ use super::{
 /// The run, when it exists and the caller may see its project (else the
 /// same 404 either way).
 pub async fn find_for(state: &AppState, caller: &Caller, id: &str) -> ApiResult<sync_run::Model> {
-    let missing = || ApiError::not_found(format!("run {id} not found"));
-    let project_id = runs::project_of(&state.db, id).await?.ok_or_else(missing)?;
-    caller.check(project_id, missing)?;
-    Ok(runs::get(&state.db, id).await?)
+    let run = runs::get(&state.db, id).await?;
+    caller.check(run.project_id, || {
+        ApiError::not_found(format!("run {id} not found"))
+    })?;
+    Ok(run)
 }
 
 pub async fn get_one(

@@ -292,7 +292,8 @@ pub async fn sync(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
     let model = find(&state.db, &caller, id).await?;
-    let (run, already_running) = jobs::enqueue_sync(&state.db, &state.queue, &model).await?;
+    let (run, already_running) =
+        jobs::enqueue_sync(&state.db, &state.queue, &state.settings, &model).await?;
     caller.note("run_id", run.id.clone());
     Ok((
         StatusCode::ACCEPTED,

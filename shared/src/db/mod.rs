@@ -1,6 +1,7 @@
 //! Database access: connection, migrations, entities and the queries the
 //! pipelines need. Entities in [`entities`] are plain table definitions; the
 //! behaviour lives in the sibling modules.
+pub mod admission;
 pub mod annotations;
 pub mod audit;
 pub mod batches;

@@ -142,6 +142,7 @@ pub async fn create_or_get_live_scoped(
     kind: RunKind,
     scope: &str,
 ) -> Result<(sync_run::Model, bool)> {
+    let project_id = project_of(db, storage_id).await?;
     for _ in 0..3 {
         if let Some(run) = live(db, storage_id).await? {
             return Ok((run, true));
@@ -174,6 +175,9 @@ pub async fn create_or_get_live_scoped(
             lease_owner: Set(None),
             lease_at: Set(None),
             scope: Set(scope.to_owned()),
+            project_id: Set(project_id),
+            // Held until `admission::admit` lets it onto the queue.
+            admitted_at: Set(None),
         };
         // The run and its `run.queued` event commit together.
         let tx = super::begin_write(db).await?;
@@ -192,6 +196,18 @@ pub async fn create_or_get_live_scoped(
     Err(Error::Transient(format!(
         "could not create or find a live run for storage {storage_id}"
     )))
+}
+
+/// The project of a storage; `NotFound` when the storage is gone.
+async fn project_of(db: &impl ConnectionTrait, storage_id: i64) -> Result<i64> {
+    use super::entities::storage;
+    storage::Entity::find_by_id(storage_id)
+        .select_only()
+        .column(storage::Column::ProjectId)
+        .into_tuple()
+        .one(db)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("storage {storage_id} not found")))
 }
 
 /// What [`begin_attempt`] found.
@@ -228,6 +244,12 @@ pub async fn begin_attempt(
             Expr::from(Func::coalesce([Expr::col(C::StartedAt), Expr::value(now)])),
         )
         .col_expr(C::HeartbeatAt, Expr::value(now))
+        // A running run is always admitted: it counts against its
+        // project's cap even when started without the queue (the CLI).
+        .col_expr(
+            C::AdmittedAt,
+            Expr::from(Func::coalesce([Expr::col(C::AdmittedAt), Expr::value(now)])),
+        )
         .col_expr(C::LeaseOwner, Expr::value(owner))
         .col_expr(C::LeaseAt, Expr::value(now))
         .filter(C::Id.eq(id))
@@ -470,6 +492,8 @@ pub fn to_json(run: &sync_run::Model) -> serde_json::Value {
         "started_at": run.started_at,
         "heartbeat_at": run.heartbeat_at,
         "finished_at": run.finished_at,
+        "held": super::admission::is_held(run),
+        "admitted_at": run.admitted_at,
     })
 }
 
@@ -494,8 +518,10 @@ pub async fn owners(
     Ok((storage, project))
 }
 
-/// Live runs with no sign of life (heartbeat, or queueing time) since
-/// `cutoff`, oldest first, at most `limit`: their job may be lost.
+/// Admitted live runs with no sign of life (heartbeat, admission, or
+/// queueing time) since `cutoff`, oldest first, at most `limit`: their job
+/// may be lost. Held runs are not among them: they have no job yet, and
+/// only admission may give them one.
 pub async fn stalled(
     db: &impl ConnectionTrait,
     cutoff: chrono::DateTime<Utc>,
@@ -507,6 +533,7 @@ pub async fn stalled(
         .select_only()
         .column(C::Id)
         .filter(C::Status.is_in(LIVE))
+        .filter(C::AdmittedAt.is_not_null())
         .filter(
             Expr::expr(Func::coalesce([
                 Expr::col(C::HeartbeatAt),
@@ -579,37 +606,9 @@ pub async fn page(
     Ok(query.all(db).await?)
 }
 
-/// Runs of the storages of these projects.
+/// Runs of these projects.
 fn of_projects(projects: &[i64]) -> sea_orm::Condition {
-    use super::entities::storage;
-    use sea_orm::QueryTrait;
-    let storages = storage::Entity::find()
-        .select_only()
-        .column(storage::Column::Id)
-        .filter(storage::Column::ProjectId.is_in(projects.iter().copied()))
-        .into_query();
-    sea_orm::Condition::all().add(sync_run::Column::StorageId.in_subquery(storages))
-}
-
-/// The project a run belongs to (through its storage); `None` for an
-/// unknown run.
-pub async fn project_of(db: &impl ConnectionTrait, run_id: &str) -> Result<Option<i64>> {
-    use super::entities::storage;
-    let storage_id: Option<i64> = sync_run::Entity::find_by_id(run_id.to_owned())
-        .select_only()
-        .column(sync_run::Column::StorageId)
-        .into_tuple()
-        .one(db)
-        .await?;
-    let Some(storage_id) = storage_id else {
-        return Ok(None);
-    };
-    Ok(storage::Entity::find_by_id(storage_id)
-        .select_only()
-        .column(storage::Column::ProjectId)
-        .into_tuple()
-        .one(db)
-        .await?)
+    sea_orm::Condition::all().add(sync_run::Column::ProjectId.is_in(projects.iter().copied()))
 }
 
 /// Up to `limit` per-object errors of the run with ids above `after`, in id

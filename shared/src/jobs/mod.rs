@@ -9,6 +9,7 @@
 //! attempt limit is ours: `runs.attempts` counts them, and a permanent error
 //! ends the run at once and acknowledges the job (see docs/DECISIONS.md,
 //! "Our own attempt limit").
+pub mod admission;
 pub mod queue;
 
 use std::{
@@ -20,6 +21,7 @@ use opentelemetry::KeyValue;
 use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
 
+pub use admission::{release_held, release_project};
 pub use queue::{Pushed, Queue};
 
 use crate::{
@@ -130,7 +132,7 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
     let max = i64::from(ctx.settings.worker.max_attempts);
     if run.attempts > max {
         let error = gave_up(max, run.error.as_deref());
-        return end(ctx, run_id, RunStatus::Failed, Some(error), &lease).await;
+        return end(ctx, &run, RunStatus::Failed, Some(error), &lease).await;
     }
     // Aborted when dropped, so even a panicking attempt stops renewing its lease.
     let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
@@ -233,7 +235,7 @@ async fn conclude(
             };
             timer.finish(status.as_str());
             record_totals(&run);
-            end(ctx, run_id, status, None, lease).await
+            end(ctx, &run, status, None, lease).await
         }
         Ok(Outcome::Stopped) => {
             timer.finish("stopped");
@@ -251,7 +253,7 @@ async fn conclude(
         Err(err) => {
             tracing::warn!(error = %err, "run failed");
             timer.finish("failed");
-            end(ctx, run_id, RunStatus::Failed, Some(err.to_string()), lease).await
+            end(ctx, run, RunStatus::Failed, Some(err.to_string()), lease).await
         }
     }
 }
@@ -431,21 +433,30 @@ pub async fn execute_batch(
 
 async fn end(
     ctx: &JobContext,
-    run_id: &str,
+    run: &crate::db::entities::sync_run::Model,
     status: RunStatus,
     error: Option<String>,
     lease: &str,
 ) -> Result<(), RetryLater> {
-    runs::finish(&ctx.db, run_id, status, error, Some(lease))
+    runs::finish(&ctx.db, &run.id, status, error, Some(lease))
         .await
         .map_err(RetryLater)?;
-    // The run's events go out now rather than at the scheduler's next tick.
-    if let Some(queue) = &ctx.queue
-        && let Err(err) = dispatch_webhooks(&ctx.db, queue).await
-    {
-        tracing::debug!(error = %err, "webhook dispatch failed; the scheduler's tick will");
+    if let Some(queue) = &ctx.queue {
+        after_end(ctx, queue, run.project_id).await;
     }
     Ok(())
+}
+
+/// What a run's end sets going now rather than at the scheduler's next
+/// tick: its project's next held run (its slot under the cap is free), and
+/// the run's webhook events. Failures are the tick's to make up for.
+async fn after_end(ctx: &JobContext, queue: &Queue, project_id: i64) {
+    if let Err(err) = release_project(&ctx.db, queue, &ctx.settings, project_id).await {
+        tracing::debug!(error = %err, "releasing held runs failed; the scheduler's tick will");
+    }
+    if let Err(err) = dispatch_webhooks(&ctx.db, queue).await {
+        tracing::debug!(error = %err, "webhook dispatch failed; the scheduler's tick will");
+    }
 }
 
 /// Delivers the due events of one webhook endpoint (see
@@ -519,18 +530,16 @@ pub fn run_kind(storage: &storage_entity::Model) -> runs::RunKind {
     }
 }
 
-/// Starts a sync of `storage`: creates a queued run and enqueues it, or
-/// returns the storage's live run (`true`). When the queue's backlog is full
-/// the new run stays `queued`; the scheduler's sweep ([`requeue_stalled`])
-/// enqueues it once there is room.
 /// Starts an `events` export run for a target storage with annotation
 /// events in its outbox, unless a run of the storage is live (it drains the
-/// outbox before it ends; what arrives after is the next run's). When the
-/// queue cannot take the job the run stays `queued` and the scheduler's sweep
-/// enqueues it later: the events stay in the outbox until a run drains them.
+/// outbox before it ends; what arrives after is the next run's). The run
+/// goes to the queue as its project's cap allows ([`release_project`]);
+/// until then it is held, and the events stay in the outbox until a run
+/// drains them.
 pub async fn enqueue_events(
     db: &DatabaseConnection,
     queue: &Queue,
+    settings: &Settings,
     storage_id: i64,
 ) -> Result<bool> {
     let (run, live) =
@@ -539,29 +548,57 @@ pub async fn enqueue_events(
     if live {
         return Ok(false);
     }
-    let job = RunJob::for_run(&run.id);
-    if let Err(err) = queue.push(job, &run.id).await {
-        tracing::warn!(run_id = %run.id, error = %err, "export run not queued yet; the sweep will");
-    }
+    release_new(db, queue, settings, &run).await;
     Ok(true)
+}
+
+/// Lets the project of a run just created release what it may (the new
+/// run, when the project has room and no older held run). A queue error
+/// is only logged: the run is in the database, and the scheduler's tick or
+/// stalled-run sweep pushes it once the queue answers.
+async fn release_new(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    settings: &Settings,
+    run: &crate::db::entities::sync_run::Model,
+) {
+    match release_project(db, queue, settings, run.project_id).await {
+        Ok(done) if done.full => {
+            tracing::warn!(run_id = %run.id, "queue backlog full; held runs wait for room")
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::warn!(run_id = %run.id, error = %err, "run not queued yet; the scheduler will")
+        }
+    }
 }
 
 /// Starts export runs for the storages with annotation events waiting (the
 /// scheduler's tick; the API also calls [`enqueue_events`] right away).
 /// Returns how many runs were started.
-pub async fn dispatch_outbox(db: &DatabaseConnection, queue: &Queue) -> Result<usize> {
+pub async fn dispatch_outbox(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    settings: &Settings,
+) -> Result<usize> {
     let mut started = 0;
     for storage_id in crate::db::outbox::pending_storages(db, 1000).await? {
-        if enqueue_events(db, queue, storage_id).await? {
+        if enqueue_events(db, queue, settings, storage_id).await? {
             started += 1;
         }
     }
     Ok(started)
 }
 
+/// Starts a sync of `storage`: creates a queued run, or returns the
+/// storage's live run (`true`). The new run goes to the queue as its
+/// project's cap allows ([`release_project`]); until then it is held (see
+/// `db::admission`), as it is while the queue's backlog is full. Returns
+/// the run as it is after that.
 pub async fn enqueue_sync(
     db: &DatabaseConnection,
     queue: &Queue,
+    settings: &Settings,
     storage: &storage_entity::Model,
 ) -> Result<(crate::db::entities::sync_run::Model, bool)> {
     let kind = run_kind(storage);
@@ -569,29 +606,19 @@ pub async fn enqueue_sync(
     if already_running {
         return Ok((run, true));
     }
-    let job = RunJob::for_run(&run.id);
-    match queue.push(job, &run.id).await {
-        Ok(Pushed::Queued) => {}
-        Ok(Pushed::Full) => {
-            tracing::warn!(run_id = %run.id, "queue backlog full; the run waits for the sweep")
-        }
-        Err(err) => {
-            let error = Some(format!("could not be queued: {err}"));
-            runs::finish(db, &run.id, RunStatus::Failed, error, None).await?;
-            return Err(err);
-        }
-    }
-    Ok((run, false))
+    release_new(db, queue, settings, &run).await;
+    Ok((runs::get(db, &run.id).await?, false))
 }
 
 /// Runs one sweep enqueues at most (the backlog limit stops it earlier).
 const REQUEUE_PER_TICK: u64 = 1000;
 
-/// Enqueues again live runs that showed no sign of life for
+/// Enqueues again admitted live runs that showed no sign of life for
 /// `settings.requeue_after`: their job was lost (Redis flushed, a scheduler
-/// died between insert and push) or never pushed (backlog full). A duplicate
-/// of a job that was only slow is harmless: the run's lease turns it away.
-/// Returns how many were pushed.
+/// died between admission and push, a push that failed). A duplicate of a
+/// job that was only slow is harmless: the run's lease turns it away. Held
+/// runs are not its business (see [`release_held`]): it never pushes a run
+/// its project's cap has not admitted. Returns how many were pushed.
 pub async fn requeue_stalled(
     db: &DatabaseConnection,
     queue: &Queue,

@@ -46,6 +46,13 @@ pub struct Model {
     /// `full` (every annotation / object) or `events` (an export run that
     /// only drains the storage's outbox).
     pub scope: String,
+    /// The project of the run's storage (a storage never changes project),
+    /// kept on the run for the per-project admission cap.
+    pub project_id: i64,
+    /// When the run was let onto the queue; `None` while a `queued` run is
+    /// *held*: waiting in the database for its project's turn (see
+    /// `db::admission`).
+    pub admitted_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
