@@ -522,7 +522,9 @@ async fn postgres_restarted_mid_run_the_run_completes() {
 }
 
 /// A planted secret never shows: not in API responses, not in the server's
-/// debug logs, not in run errors, not in the database file.
+/// debug logs, not in run errors, not in the database file; nor does an API
+/// token's secret once the answer that created it is read (used, audited,
+/// revoked and refused meanwhile).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planted_secret_appears_in_no_response_log_or_row() {
     const PLANTED: &str = "PLANTED-s3cr3t-9f8e7d";
@@ -532,6 +534,7 @@ async fn a_planted_secret_appears_in_no_response_log_or_row() {
         client: reqwest::Client::new(),
         base,
         seen: String::new(),
+        bearer: None,
     };
     let id = planted_storage(&mut api, PLANTED).await;
     planted_webhook(&mut api, PLANTED_WEBHOOK).await;
@@ -547,12 +550,13 @@ async fn a_planted_secret_appears_in_no_response_log_or_row() {
         Value::Null,
     )
     .await;
+    let token = token_used_and_revoked(&mut api).await;
     let _ = server.kill();
     let _ = server.wait();
 
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
     assert!(log.contains("DEBUG"), "debug logging was on");
-    for secret in [PLANTED, PLANTED_WEBHOOK] {
+    for secret in [PLANTED, PLANTED_WEBHOOK, token.as_str()] {
         assert!(!api.seen.contains(secret), "a response carried {secret}");
         assert!(!log.contains(secret), "the log carried {secret}");
         assert_database_files_lack(dir.path(), secret);
@@ -588,6 +592,46 @@ async fn planted_webhook(api: &mut RecordingClient, planted: &str) {
     );
     api.call(Method::GET, &format!("{path}/deliveries"), Value::Null)
         .await;
+}
+
+/// Creates an API token (the open server's caller is admin), then, with
+/// it: lists tokens, reads the audit trail (which holds its requests),
+/// creates a project, revokes itself and is refused. Returns its secret,
+/// which after the create's answer must show nowhere.
+async fn token_used_and_revoked(api: &mut RecordingClient) -> String {
+    use reqwest::Method;
+    let before = api.seen.len();
+    // A second token keeps the server asking for tokens once the planted
+    // one is revoked (with none left it is open again, on loopback).
+    // It makes the planted one: once a token exists, the server asks for one.
+    let keeper = json!({ "name": "keeper", "scope": "admin" });
+    let keeper = api.call(Method::POST, "/api/v1/tokens", keeper).await;
+    api.bearer = keeper["secret"].as_str().map(str::to_owned);
+    let body = json!({ "name": "planted", "scope": "admin" });
+    let token = api.call(Method::POST, "/api/v1/tokens", body).await;
+    let secret = token["secret"].as_str().expect("secret").to_owned();
+    // The create's answer shows the secret once, by design.
+    api.seen.truncate(before);
+    api.bearer = Some(secret.clone());
+    api.call(Method::GET, "/api/v1/tokens", Value::Null).await;
+    api.call(
+        Method::POST,
+        "/api/v1/projects",
+        json!({ "title": "by token" }),
+    )
+    .await;
+    let audit = api.call(Method::GET, "/api/v1/audit", Value::Null).await;
+    assert!(
+        audit["items"]
+            .as_array()
+            .is_some_and(|rows| rows.len() >= 2),
+        "{audit}"
+    );
+    let path = format!("/api/v1/tokens/{}", token["id"]);
+    api.call(Method::DELETE, &path, Value::Null).await;
+    let refused = api.call(Method::GET, "/api/v1/tokens", Value::Null).await;
+    assert_eq!(refused["error"]["code"], "unauthorized", "{refused}");
+    secret
 }
 
 /// `labelsync-scheduler serve` in `dir` (SQLite there), logging at debug
@@ -628,17 +672,19 @@ struct RecordingClient {
     client: reqwest::Client,
     base: String,
     seen: String,
+    bearer: Option<String>,
 }
 
 impl RecordingClient {
     async fn call(&mut self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let resp = self
+        let mut req = self
             .client
             .request(method, format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+            .json(&body);
+        if let Some(bearer) = &self.bearer {
+            req = req.bearer_auth(bearer);
+        }
+        let resp = req.send().await.unwrap();
         let text = resp.text().await.unwrap();
         self.seen.push_str(&text);
         serde_json::from_str(&text).unwrap_or(Value::Null)

@@ -530,7 +530,7 @@ async fn token_lifecycle_from_the_cli_and_the_api() {
     assert!(out.contains("revoked_at"), "{out}");
     for bad in [
         json!({ "name": "x", "scope": "root" }),
-        json!({ "name": " ", "scope": "read" }),
+        json!({ "name": "", "scope": "read" }),
         json!({ "name": "x", "scope": "admin", "projects": [project] }),
         json!({ "name": "x", "scope": "read", "projects": [] }),
         json!({ "name": "x", "scope": "read", "projects": [project + 1000] }),

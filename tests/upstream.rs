@@ -873,6 +873,9 @@ async fn seed_for_schemathesis(app: &TestApp, receiver: &Receiver) -> Vec<(&'sta
         .post(&format!("/api/v1/webhooks/{webhook}/test"), json!({}))
         .await;
     assert_eq!(status, 200, "{delivery}");
+    let reader = json!({ "name": "fuzzed", "scope": "read", "projects": [project] });
+    let token = created(app, "/api/v1/tokens", reader.clone()).await;
+    let doomed_token = created(app, "/api/v1/tokens", reader).await;
     vec![
         ("PROJECT", project.to_string()),
         ("DOOMED_PROJECT", doomed_project.to_string()),
@@ -889,6 +892,8 @@ async fn seed_for_schemathesis(app: &TestApp, receiver: &Receiver) -> Vec<(&'sta
         ("WEBHOOK", webhook.to_string()),
         ("DOOMED_WEBHOOK", doomed_webhook.to_string()),
         ("DELIVERY", delivery["id"].to_string()),
+        ("TOKEN", token.to_string()),
+        ("DOOMED_TOKEN", doomed_token.to_string()),
     ]
 }
 

@@ -81,7 +81,7 @@ async fn create(
         None => None,
     };
     let new = NewToken {
-        name: name.trim().to_owned(),
+        name,
         scope,
         projects: (!projects.is_empty()).then_some(projects),
         expires_at,

@@ -19,6 +19,11 @@
    value than the default is refused (400 invalid_on_missing, docs/API.md
    "Storages"), a rule across two fields that the document does not state
    as a schema. A generated target body has its `on_missing` left out.
+
+4. An admin token reaches every project, so `projects` with scope admin is
+   refused (400 invalid_projects, docs/API.md "Tokens and scopes"): another
+   rule across two fields. A generated admin token body has its `projects`
+   left out.
 """
 
 import re
@@ -42,6 +47,8 @@ def before_call(context, case, kwargs):
                 case.body[name[len(BODY) :]] = value
         if case.body.get("role") == "target":
             case.body.pop("on_missing", None)
+        if case.body.get("scope") == "admin":
+            case.body.pop("projects", None)
     headers = case.headers or {}
     key = headers.get("Idempotency-Key")
     if isinstance(key, str) and VALID_KEY.match(key):

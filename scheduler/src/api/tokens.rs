@@ -39,7 +39,7 @@ fn new_token(body: TokenBody) -> ApiResult<NewToken> {
             )
         })?;
     Ok(NewToken {
-        name: name.trim().to_owned(),
+        name,
         scope,
         projects: body.projects,
         expires_at: body.expires_at,

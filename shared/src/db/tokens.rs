@@ -28,8 +28,7 @@ pub struct NewToken {
 /// admin held to projects (admin reaches everything), an empty or unknown
 /// project list, an expiry in the past.
 pub async fn check(db: &impl ConnectionTrait, new: &NewToken) -> Result<()> {
-    let name = new.name.trim();
-    if name.is_empty() || name.chars().count() > 100 || name.contains('\0') {
+    if !(1..=100).contains(&new.name.chars().count()) || new.name.contains('\0') {
         return Err(Error::invalid(
             "invalid_name",
             Some("name"),
