@@ -601,11 +601,30 @@ async fn mutations_are_audited_and_reads_are_not() {
     assert_eq!(status, 201, "{storage}");
     let other = format!("/api/v1/storages/{}", w.owned[1].storage);
     assert_eq!(call(&app, &key, Method::DELETE, &other, None).await.0, 404);
+    // Written in the change's own transaction: one row, with the new id.
+    let path = format!("/api/v1/tasks/{}/annotations", a.task);
+    let (status, annotation) = call(
+        &app,
+        &key,
+        Method::POST,
+        &path,
+        Some(&json!({ "result": [] })),
+    )
+    .await;
+    assert_eq!(status, 201, "{annotation}");
 
     let id = writer["id"].as_i64().unwrap();
     let rows = audit(&app, &format!("token_id={id}")).await;
-    assert_eq!(rows.len(), 3, "{rows:?}");
-    let (patch, create, refused) = (&rows[0], &rows[1], &rows[2]);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let (patch, create, refused, annotated) = (&rows[0], &rows[1], &rows[2], &rows[3]);
+    assert_eq!(
+        annotated["resource"]["annotation_id"], annotation["id"],
+        "{annotated}"
+    );
+    assert_eq!(
+        (&annotated["status"], &annotated["project_id"]),
+        (&json!(201), &json!(a.project))
+    );
     assert_eq!(patch["token"], json!({ "id": id, "name": "write test" }));
     assert_eq!(
         (

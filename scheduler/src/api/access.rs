@@ -143,11 +143,16 @@ pub struct Caller {
     note: Arc<Mutex<Note>>,
 }
 
-/// The project and the resource ids a request touched.
+/// What the audit layer and the handler share about one request: the
+/// project and resource ids it touched, the row the layer drafted before
+/// the handler ran, and whether the handler already wrote it in its own
+/// transaction.
 #[derive(Debug, Default, Clone)]
 pub struct Note {
     pub project_id: Option<i64>,
     pub ids: Map<String, Value>,
+    pub draft: Option<labelsync::db::audit::Entry>,
+    pub written: bool,
 }
 
 impl Caller {
@@ -192,6 +197,17 @@ impl Caller {
 
     pub fn noted(&self) -> Note {
         self.lock_note().clone()
+    }
+
+    /// Lends the audit layer's draft row to the handler (see `audit::write_in`).
+    pub fn set_draft(&self, draft: labelsync::db::audit::Entry) {
+        self.lock_note().draft = Some(draft);
+    }
+
+    /// The handler's transaction holding the audit row has committed: the
+    /// layer writes none.
+    pub fn audited(&self) {
+        self.lock_note().written = true;
     }
 
     fn lock_note(&self) -> std::sync::MutexGuard<'_, Note> {

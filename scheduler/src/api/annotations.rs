@@ -18,7 +18,7 @@ use labelsync::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiJson, ApiPath, ApiResult, AppState, Caller};
+use super::{ApiError, ApiJson, ApiPath, ApiResult, AppState, Caller, audit};
 
 pub fn to_json(a: &annotation::Model) -> Value {
     json!({
@@ -122,8 +122,10 @@ pub async fn create(
     let txn = db::begin_write(&state.db).await?;
     let saved = annotations::create(&txn, &task, result, body.fields()).await?;
     let targets = outbox::record(&txn, saved.project_id, saved.id, outbox::UPSERT).await?;
-    txn.commit().await?;
     caller.note("annotation_id", saved.id);
+    audit::write_in(&caller, &txn, StatusCode::CREATED).await?;
+    txn.commit().await?;
+    caller.audited();
     dispatch(&state, targets).await;
     Ok((StatusCode::CREATED, ApiJson(to_json(&saved))))
 }
@@ -148,7 +150,9 @@ pub async fn update(
     let txn = db::begin_write(&state.db).await?;
     let saved = annotations::update(&txn, current, body.result, fields).await?;
     let targets = outbox::record(&txn, saved.project_id, saved.id, outbox::UPSERT).await?;
+    audit::write_in(&caller, &txn, StatusCode::OK).await?;
     txn.commit().await?;
+    caller.audited();
     dispatch(&state, targets).await;
     Ok(ApiJson(to_json(&saved)))
 }
@@ -162,7 +166,9 @@ pub async fn delete(
     let txn = db::begin_write(&state.db).await?;
     annotations::delete(&txn, id).await?;
     let targets = outbox::record(&txn, current.project_id, id, outbox::DELETE).await?;
+    audit::write_in(&caller, &txn, StatusCode::NO_CONTENT).await?;
     txn.commit().await?;
+    caller.audited();
     dispatch(&state, targets).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,28 +1,32 @@
 //! The audit trail: a row for every mutating request a caller was let in
 //! for (docs/API.md, "Audit trail"), and `GET /api/v1/audit` for admins.
 //!
-//! The row is written when the handler has answered, so it holds the
-//! outcome (a refused or failed request is recorded too); it names the
-//! route, the ids in the path and those the handler noted through
-//! [`Caller::note`] and [`Caller::check`] (the project), never a body or a
-//! query string, so no secret reaches it. Reads are not recorded, nor are
-//! idempotent replays (they change nothing) or unauthenticated requests.
+//! A handler whose change is one transaction writes the row in it
+//! ([`write_in`], with the status it is about to answer), so the change
+//! and its row commit together or not at all. For every other request the
+//! layer writes the row once the handler has answered, with the outcome (a
+//! refused or failed request is recorded too). The row names the route, the
+//! ids in the path and those the handler noted through [`Caller::note`] and
+//! [`Caller::check`] (the project), never a body or a query string, so no
+//! secret reaches it. Reads are not recorded, nor are idempotent replays
+//! (they change nothing) or unauthenticated requests.
 use std::net::SocketAddr;
 
 use axum::{
     extract::{ConnectInfo, Request, State},
-    http::Method,
+    http::{Method, StatusCode},
     middleware::Next,
     response::Response,
 };
 use chrono::Utc;
 use labelsync::db::audit::{self, AuditFilter, Entry};
+use sea_orm::ConnectionTrait;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
     ApiJson, ApiQuery, ApiResult, AppState,
-    access::{self, Caller},
+    access::{self, Caller, Note},
     limit, page,
 };
 
@@ -54,18 +58,46 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
             .map(|ConnectInfo(addr)| addr.ip().to_string()),
         route: format!("{}{route}", super::PREFIX),
     };
-    let path_ids = ids_in_path(&route, &entry.path);
+    entry.resource = Value::Object(ids_in_path(&route, &entry.path));
+    caller.set_draft(entry);
     let response = next.run(req).await;
     let note = caller.noted();
-    let mut ids = path_ids;
-    ids.extend(note.ids);
-    entry.resource = Value::Object(ids);
-    entry.project_id = note.project_id;
-    entry.status = response.status().as_u16();
+    if note.written {
+        return response;
+    }
+    let Some(entry) = completed(&note, response.status()) else {
+        return response;
+    };
     if let Err(err) = audit::record(&state.db, entry).await {
         tracing::error!(error = %err, "audit row not written");
     }
     response
+}
+
+/// The drafted row with what the handler noted and the answer's status.
+fn completed(note: &Note, status: StatusCode) -> Option<Entry> {
+    let mut entry = note.draft.clone()?;
+    if let Value::Object(ids) = &mut entry.resource {
+        ids.extend(note.ids.clone());
+    }
+    entry.project_id = note.project_id;
+    entry.status = status.as_u16();
+    Some(entry)
+}
+
+/// Writes the request's audit row in `txn`, the transaction of its change,
+/// as answered with `status`; after the commit the handler calls
+/// [`Caller::audited`] so the layer writes no second row. (If the commit
+/// fails, the layer records the failure instead.)
+pub async fn write_in(
+    caller: &Caller,
+    txn: &impl ConnectionTrait,
+    status: StatusCode,
+) -> ApiResult<()> {
+    if let Some(entry) = completed(&caller.noted(), status) {
+        audit::record(txn, entry).await?;
+    }
+    Ok(())
 }
 
 /// The ids a path names, keyed by the segment before each: the route

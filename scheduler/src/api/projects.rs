@@ -1,12 +1,12 @@
 //! `/api/v1/projects`.
 use axum::{Extension, extract::State, http::StatusCode};
-use labelsync::db::{entities::project, projects};
+use labelsync::db::{self, entities::project, projects};
 use sea_orm::ConnectionTrait;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Caller, Paging, limit, page,
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Caller, Paging, audit, limit, page,
 };
 
 /// The body of a project create or PATCH (unknown fields are refused).
@@ -93,8 +93,12 @@ pub async fn create(
         .clone()
         .ok_or_else(|| ApiError::bad_request("missing_field", "title", "title is required"))?;
     let data_key = body.data_key.clone().unwrap_or_else(|| "image".into());
-    let model = projects::create(&state.db, &title, &data_key).await?;
+    let txn = db::begin_write(&state.db).await?;
+    let model = projects::create(&txn, &title, &data_key).await?;
     caller.check(model.id, || missing(model.id))?;
+    audit::write_in(&caller, &txn, StatusCode::CREATED).await?;
+    txn.commit().await?;
+    caller.audited();
     Ok((StatusCode::CREATED, ApiJson(to_json(&model, 0))))
 }
 
@@ -132,7 +136,11 @@ pub async fn update(
 ) -> ApiResult<ApiJson<Value>> {
     check_fields(&body)?;
     let current = find_for(&state.db, &caller, id).await?;
-    let p = projects::update(&state.db, current, body.title, body.data_key).await?;
+    let txn = db::begin_write(&state.db).await?;
+    let p = projects::update(&txn, current, body.title, body.data_key).await?;
+    audit::write_in(&caller, &txn, StatusCode::OK).await?;
+    txn.commit().await?;
+    caller.audited();
     let counts = projects::task_counts(&state.db, &[id]).await?;
     Ok(ApiJson(to_json(&p, counts.get(&id).copied().unwrap_or(0))))
 }
@@ -145,8 +153,12 @@ pub async fn delete(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
     caller.check(id, || missing(id))?;
-    if !projects::delete(&state.db, id).await? {
+    let txn = db::begin_write(&state.db).await?;
+    if !projects::delete(&txn, id).await? {
         return Err(missing(id));
     }
+    audit::write_in(&caller, &txn, StatusCode::NO_CONTENT).await?;
+    txn.commit().await?;
+    caller.audited();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -3,14 +3,18 @@
 use axum::{extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use labelsync::{
-    db::tokens::{self, NewToken},
+    db::{
+        self,
+        tokens::{self, NewToken},
+    },
     security::tokens::Scope,
 };
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, access::Caller, limit, page,
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Paging, access::Caller, audit,
+    limit, page,
 };
 
 /// The body of `POST /tokens` (unknown fields are refused).
@@ -53,8 +57,12 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
     let new = new_token(body)?;
     tokens::check(&state.db, &new).await?;
-    let (model, secret) = tokens::create(&state.db, new).await?;
+    let txn = db::begin_write(&state.db).await?;
+    let (model, secret) = tokens::create(&txn, new).await?;
     caller.note("token_id", model.id);
+    audit::write_in(&caller, &txn, StatusCode::CREATED).await?;
+    txn.commit().await?;
+    caller.audited();
     let mut value = tokens::to_json(&model);
     value["secret"] = Value::from(secret);
     Ok((StatusCode::CREATED, ApiJson(value)))
@@ -92,10 +100,13 @@ pub async fn get_one(
 /// stays so the audit trail can name it.
 pub async fn revoke(
     State(state): State<AppState>,
+    axum::Extension(caller): axum::Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
-    tokens::revoke(&state.db, id)
-        .await?
-        .ok_or_else(|| missing(id))?;
+    let txn = db::begin_write(&state.db).await?;
+    tokens::revoke(&txn, id).await?.ok_or_else(|| missing(id))?;
+    audit::write_in(&caller, &txn, StatusCode::NO_CONTENT).await?;
+    txn.commit().await?;
+    caller.audited();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -574,7 +574,7 @@ pub struct RunFilter<'a> {
     pub kind: Option<&'a str>,
     /// A run id: runs older than it.
     pub before: Option<&'a str>,
-    /// Only runs of these projects' storages (a restricted caller's).
+    /// Only runs of these projects (a restricted caller's).
     pub projects: Option<&'a [i64]>,
 }
 
@@ -651,7 +651,7 @@ pub async fn newest_of(
 }
 
 /// The runs a live event stream shows now: every live run, and those that
-/// ended at or after `ended_since`; of these projects' storages when given.
+/// ended at or after `ended_since`; of these projects when given.
 /// At most `limit`, oldest first.
 pub async fn live_or_ended_since(
     db: &impl ConnectionTrait,
