@@ -225,6 +225,15 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// Storage bodies and changes a token held to projects may not make: the
+/// walk's storages are `local` (the server's disk), for admins only.
+fn acts_as_the_server(method: &Method, route: &str) -> bool {
+    matches!(
+        (method.as_str(), route),
+        ("POST", "/storages" | "/storages/validate") | ("PATCH", "/storages/{id}")
+    )
+}
+
 /// Routes whose answer to another project is a filtered list, a refused
 /// body, or the same as for one's own (they name no project).
 fn other_project_answer(method: &Method, route: &str) -> Option<u16> {
@@ -331,6 +340,18 @@ async fn every_operation_answers_each_scope_as_its_table_says() {
                     (1, true) => other_project_answer(method, route),
                     _ => None,
                 };
+                if restricted
+                    && acts_as_the_server(method, route)
+                    && expected.is_none_or(|c| c != 404)
+                {
+                    assert_eq!(status, 400, "{what}: {answer}");
+                    let code = &answer["error"]["code"];
+                    assert!(
+                        code == "server_credentials" || code == "unknown_project",
+                        "{what}: {answer}"
+                    );
+                    continue;
+                }
                 match expected {
                     None => assert!((200..300).contains(&status), "{what}: {status} {answer}"),
                     Some(200) => {
@@ -528,6 +549,26 @@ async fn token_lifecycle_from_the_cli_and_the_api() {
     token_cli(&app, &["create", "--name", "twice", "--scope", "ops"]);
     let out = token_cli(&app, &["revoke", "twice"]);
     assert!(out.contains("revoked_at"), "{out}");
+    let (_, rows) = call(&app, BOOT, Method::GET, "/api/v1/audit?limit=1000", None).await;
+    let from_shell: Vec<&Value> = rows["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["token"]["name"] == "cli")
+        .collect();
+    let routes: Vec<&str> = from_shell
+        .iter()
+        .map(|r| r["route"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            "labelsync-scheduler token create",
+            "labelsync-scheduler token create",
+            "labelsync-scheduler token revoke"
+        ],
+        "the shell's changes are audited too"
+    );
     for bad in [
         json!({ "name": "x", "scope": "root" }),
         json!({ "name": "", "scope": "read" }),
@@ -596,7 +637,11 @@ async fn mutations_are_audited_and_reads_are_not() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let body = json!({ "project_id": a.project, "role": "target", "backend": "local", "config": { "path": "a" } });
+    let endpoint =
+        std::env::var("TEST_S3S_ENDPOINT").expect("TEST_S3S_ENDPOINT (tests/emulators.sh)");
+    let body = json!({ "project_id": a.project, "role": "target", "backend": "s3",
+                       "config": { "bucket": "audited", "endpoint_url": endpoint },
+                       "secrets": { "access_key_id": "k", "secret_access_key": "s" } });
     let (status, storage) = call(&app, &key, Method::POST, "/api/v1/storages", Some(&body)).await;
     assert_eq!(status, 201, "{storage}");
     let other = format!("/api/v1/storages/{}", w.owned[1].storage);
@@ -705,4 +750,181 @@ async fn audit(app: &TestApp, filter: &str) -> Vec<Value> {
             None => return rows,
         }
     }
+}
+
+/// A token held to projects brings its own credentials: it cannot make or
+/// change a storage that would act as the server (its disk, its cloud
+/// identity), which could reach any tenant's data; with its own keys it can.
+/// And `/resolve` serves it only keys inside one of its storages' prefixes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restricted_token_cannot_borrow_the_servers_identity() {
+    let app = tenancy_app().await;
+    let w = world(&app).await;
+    let a = w.owned[0];
+    let writer = secret(&token(&app, "write", Some(&[a.project])).await);
+    let endpoint =
+        std::env::var("TEST_S3S_ENDPOINT").expect("TEST_S3S_ENDPOINT (tests/emulators.sh)");
+    let s3 = |secrets: Value| {
+        json!({ "project_id": a.project, "role": "source", "backend": "s3",
+                "config": { "bucket": "tenant-a", "endpoint_url": endpoint }, "secrets": secrets })
+    };
+    for (body, why) in [
+        (s3(json!({})), "the default AWS chain"),
+        (
+            s3(json!({ "access_key_id": "only-half" })),
+            "half a key pair",
+        ),
+        (
+            json!({ "project_id": a.project, "role": "source", "backend": "local", "config": { "path": "a" } }),
+            "the server's disk",
+        ),
+    ] {
+        for path in ["/api/v1/storages", "/api/v1/storages/validate"] {
+            let (status, answer) = call(&app, &writer, Method::POST, path, Some(&body)).await;
+            assert_eq!(status, 400, "{why} through {path}: {answer}");
+            assert_eq!(answer["error"]["code"], "server_credentials", "{answer}");
+        }
+    }
+    let own =
+        s3(json!({ "access_key_id": "tenant-a-key", "secret_access_key": "tenant-a-secret" }));
+    let (status, storage) = call(&app, &writer, Method::POST, "/api/v1/storages", Some(&own)).await;
+    assert_eq!(status, 201, "with its own keys: {storage}");
+    let path = format!("/api/v1/storages/{}", storage["id"]);
+    let strip = json!({ "secrets": { "access_key_id": "", "secret_access_key": "" } });
+    let (status, answer) = call(&app, &writer, Method::PATCH, &path, Some(&strip)).await;
+    assert_eq!(
+        (status, &answer["error"]["code"]),
+        (400, &json!("server_credentials")),
+        "{answer}"
+    );
+    let (status, answer) = call(&app, BOOT, Method::PATCH, &path, Some(&strip)).await;
+    assert_eq!(status, 200, "an admin may: {answer}");
+
+    // A storage of project c holds `sub/` of directory c; c/other.jpg lies
+    // outside its prefix: an admin may resolve it, c's own token may not.
+    write_files(&app.doc_root.path().join("c/sub"), 1, "jpg");
+    std::fs::write(app.doc_root.path().join("c/other.jpg"), b"not yours").unwrap();
+    let (_, c) = call(
+        &app,
+        BOOT,
+        Method::POST,
+        "/api/v1/projects",
+        Some(&json!({ "title": "c" })),
+    )
+    .await;
+    let body = json!({ "project_id": c["id"], "role": "source", "backend": "local", "config": { "path": "c" }, "prefix": "sub/" });
+    let (status, made) = call(&app, BOOT, Method::POST, "/api/v1/storages", Some(&body)).await;
+    assert_eq!(status, 201, "{made}");
+    let reader = secret(&token(&app, "read", Some(&[c["id"].as_i64().unwrap()])).await);
+    let uri = urlencode("/data/local-files/?d=c/other.jpg");
+    let resolve = format!("/api/v1/resolve?project_id={}&uri={uri}", c["id"]);
+    assert_eq!(call(&app, BOOT, Method::GET, &resolve, None).await.0, 200);
+    let (status, answer) = call(&app, &reader, Method::GET, &resolve, None).await;
+    assert_eq!(status, 404, "outside its storage's prefix: {answer}");
+    app.stop().await;
+}
+
+/// Streams end when their token is revoked; replayed creates never show a
+/// secret again, and none is kept with the answer; the rate limit counts
+/// per token, however the header is spelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_streams_end_and_secrets_are_not_replayed() {
+    let mut opts = AppOptions::with_storages();
+    opts.token = Some(BOOT.into());
+    // The bootstrap token makes 5 requests here: 8 leaves it room.
+    opts.env
+        .push(("LABELSYNC_RATE_LIMIT_PER_MINUTE", "8".into()));
+    let app = spawn_app(opts).await;
+    let send = |key: &'static str| {
+        app.client
+            .post(format!("{}/api/v1/tokens", app.base))
+            .bearer_auth(BOOT)
+            .header("idempotency-key", key)
+            .json(&json!({ "name": "replayed", "scope": "ops" }))
+    };
+    let first: Value = send("k-1").send().await.unwrap().json().await.unwrap();
+    let replay = send("k-1").send().await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let replay: Value = replay.json().await.unwrap();
+    let shown = first["secret"].as_str().unwrap().to_owned();
+    assert_eq!(replay["id"], first["id"]);
+    assert_eq!(replay["secret"], Value::Null, "{replay}");
+    let dump = std::process::Command::new("pg_dump")
+        .arg(&app.database_url)
+        .output()
+        .expect("pg_dump");
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&dump.stdout).contains(&shown[4..]),
+        "the secret is in no table"
+    );
+
+    for _ in 0..8 {
+        assert_eq!(
+            call(&app, &shown, Method::GET, "/api/v1/queues", None)
+                .await
+                .0,
+            200
+        );
+    }
+    let lower = app
+        .client
+        .get(format!("{}/api/v1/queues", app.base))
+        .header("authorization", format!("bearer   {shown}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 429, "another spelling is the same caller");
+    let other = secret(&token(&app, "ops", None).await);
+    assert_eq!(
+        call(&app, &other, Method::GET, "/api/v1/queues", None)
+            .await
+            .0,
+        200,
+        "its own bucket"
+    );
+
+    let stream = app
+        .client
+        .get(format!("{}/api/v1/events", app.base))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let id = call(&app, BOOT, Method::GET, "/api/v1/tokens", None)
+        .await
+        .1["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["prefix"].as_str().is_some_and(|p| other.starts_with(p)))
+        .unwrap()["id"]
+        .clone();
+    let (status, _) = call(
+        &app,
+        BOOT,
+        Method::DELETE,
+        &format!("/api/v1/tokens/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let started = std::time::Instant::now();
+    let mut stream = stream;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its token");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    app.stop().await;
 }

@@ -8,7 +8,7 @@ use chrono::Utc;
 use labelsync::{
     config::Settings,
     db::{
-        self,
+        self, audit,
         tokens::{self, NewToken},
     },
     security::tokens::{Scope, parse_lifetime},
@@ -87,7 +87,10 @@ async fn create(
         expires_at,
     };
     tokens::check(db, &new).await?;
-    let (model, secret) = tokens::create(db, new).await?;
+    let txn = db::begin_write(db).await?;
+    let (model, secret) = tokens::create(&txn, new).await?;
+    audit_cli(&txn, "create", model.id, 201).await?;
+    txn.commit().await?;
     // The secret alone on the first line, so `| head -1` captures it.
     println!("{secret}");
     println!("{}", tokens::to_json(&model));
@@ -123,11 +126,37 @@ async fn revoke(db: &DatabaseConnection, which: &str) -> anyhow::Result<ExitCode
             }
         }
     };
-    match tokens::revoke(db, id).await? {
-        Some(token) => {
-            println!("{}", tokens::to_json(&token));
-            Ok(ExitCode::SUCCESS)
-        }
-        None => bail!("no token has id {id}"),
-    }
+    let txn = db::begin_write(db).await?;
+    let Some(token) = tokens::revoke(&txn, id).await? else {
+        bail!("no token has id {id}");
+    };
+    audit_cli(&txn, "revoke", id, 204).await?;
+    txn.commit().await?;
+    println!("{}", tokens::to_json(&token));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The audit row of a token change made from the shell (in its
+/// transaction): the caller is `cli`, the route the command.
+async fn audit_cli(
+    txn: &impl sea_orm::ConnectionTrait,
+    command: &str,
+    token_id: i64,
+    status: u16,
+) -> anyhow::Result<()> {
+    let entry = audit::Entry {
+        at: Utc::now(),
+        token_id: None,
+        token_name: "cli".into(),
+        method: "CLI".into(),
+        route: format!("labelsync-scheduler token {command}"),
+        path: String::new(),
+        project_id: None,
+        resource: serde_json::json!({ "token_id": token_id }),
+        status,
+        request_id: String::new(),
+        client: None,
+    };
+    audit::record(txn, entry).await?;
+    Ok(())
 }

@@ -130,6 +130,11 @@ pub fn need_of(method: &Method, route: &str) -> Option<Need> {
         .map(|(_, _, need)| *need)
 }
 
+/// The name of the caller of the open loopback mode, and of a bootstrap
+/// token's (in audit rows).
+pub const OPEN: &str = "open";
+pub const BOOTSTRAP: &str = "bootstrap";
+
 /// The caller of a request, put in its extensions by [`auth`].
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -240,21 +245,37 @@ pub async fn auth(
 async fn caller_of(state: &AppState, given: &str) -> Result<Caller, ApiError> {
     if !given.is_empty() {
         if bootstrap(&state.settings.api_tokens, given) {
-            return Ok(Caller::new(None, "bootstrap", Scope::Admin, None));
+            return Ok(Caller::new(None, BOOTSTRAP, Scope::Admin, None));
         }
         if let Some(caller) = stored(state, given).await? {
             return Ok(caller);
         }
     }
-    // Open only while no token exists anywhere (loopback, checked at start).
-    if state.settings.api_tokens.is_empty() && !tokens::any_usable(&state.db, Utc::now()).await? {
-        return Ok(Caller::new(None, "open", Scope::Admin, None));
+    // Open only while no token was ever made (loopback, checked at start).
+    if state.settings.api_tokens.is_empty() && !tokens::any_made(&state.db).await? {
+        return Ok(Caller::new(None, OPEN, Scope::Admin, None));
     }
     Err(ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
         "missing, invalid, expired or revoked bearer token (Authorization: Bearer <token>)",
     ))
+}
+
+/// Whether a caller let in earlier may still be served (a long stream asks
+/// again from time to time): a database token revoked or expired since is
+/// not. A failed lookup keeps the stream; the next check decides.
+pub async fn still_valid(state: &AppState, caller: &Caller) -> bool {
+    let Some(id) = caller.token_id else {
+        return true;
+    };
+    match tokens::find(&state.db, id).await {
+        Ok(Some(token)) => {
+            token.revoked_at.is_none() && token.expires_at.is_none_or(|at| at > Utc::now())
+        }
+        Ok(None) => false,
+        Err(_) => true,
+    }
 }
 
 /// Whether `given` is one of the configured tokens, in constant time

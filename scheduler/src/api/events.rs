@@ -62,10 +62,38 @@ fn event(name: &'static str, run: &sync_run::Model) -> Result<Event, Infallible>
         .data(runs::to_json(run).to_string()))
 }
 
+/// How often a stream's token is checked again: a token revoked or
+/// expired while it watches ends its streams within this long.
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// A stream's caller and when its token was last checked.
+struct Holder {
+    caller: Caller,
+    checked: tokio::time::Instant,
+}
+
+impl Holder {
+    fn new(caller: Caller) -> Self {
+        Holder {
+            caller,
+            checked: tokio::time::Instant::now(),
+        }
+    }
+
+    async fn still_valid(&mut self, state: &AppState) -> bool {
+        if self.checked.elapsed() < RECHECK {
+            return true;
+        }
+        self.checked = tokio::time::Instant::now();
+        super::access::still_valid(state, &self.caller).await
+    }
+}
+
 /// One run's stream: `progress` events while it is live (when something
 /// changed), then `finished` with the ended run, then the end of the stream.
 struct RunWatch {
     state: AppState,
+    holder: Holder,
     id: String,
     last: Option<Seen>,
     first: bool,
@@ -81,6 +109,7 @@ pub async fn run_events(
     super::runs::find_for(&state, &caller, &id).await?;
     let watch = RunWatch {
         state,
+        holder: Holder::new(caller),
         id,
         last: None,
         first: true,
@@ -97,6 +126,9 @@ async fn next_run_event(mut w: RunWatch) -> Option<(Result<Event, Infallible>, R
     loop {
         if !std::mem::take(&mut w.first) {
             tokio::time::sleep(EVERY).await;
+        }
+        if !w.holder.still_valid(&w.state).await {
+            return None;
         }
         let run = match runs::get(&w.state.db, &w.id).await {
             Ok(run) => run,
@@ -136,6 +168,7 @@ pub struct EventsQuery {
 /// run is queued, progresses or ends. The stream does not end by itself.
 struct ProjectWatch {
     state: AppState,
+    holder: Holder,
     /// `None`: every project.
     projects: Option<Vec<i64>>,
     seen: HashMap<String, Seen>,
@@ -161,6 +194,7 @@ pub async fn project_events(
     };
     let watch = ProjectWatch {
         state,
+        holder: Holder::new(caller),
         projects,
         seen: HashMap::new(),
         ready: Vec::new(),
@@ -177,6 +211,9 @@ async fn next_project_event(
     while w.ready.is_empty() {
         if !std::mem::take(&mut w.first) {
             tokio::time::sleep(EVERY).await;
+        }
+        if !w.holder.still_valid(&w.state).await {
+            return None;
         }
         look(&mut w).await;
     }

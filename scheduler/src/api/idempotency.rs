@@ -178,6 +178,19 @@ fn replay(status: i32, body: String) -> Response {
 
 /// Stores the answer under the key, except server-side failures (5xx) and
 /// 429: the key is let go so a retry runs the request again.
+/// The answer as kept: a `secret` shown once (a new token's or webhook's)
+/// is kept as null, so no secret is stored; a replay shows the resource
+/// without it.
+fn without_secret(bytes: &[u8]) -> String {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(serde_json::Value::Object(mut answer)) if answer.contains_key("secret") => {
+            answer.insert("secret".into(), serde_json::Value::Null);
+            serde_json::Value::Object(answer).to_string()
+        }
+        _ => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
 async fn remember(state: &AppState, caller: &str, key: &str, response: Response) -> Response {
     let (parts, body) = response.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_ANSWER_BYTES).await {
@@ -199,7 +212,7 @@ async fn remember(state: &AppState, caller: &str, key: &str, response: Response)
             .await
             .map(|_| ())
     } else {
-        let text = String::from_utf8_lossy(&bytes);
+        let text = without_secret(&bytes);
         idempotency::complete(&state.db, caller, key, status.as_u16(), &text).await
     };
     if let Err(err) = stored {

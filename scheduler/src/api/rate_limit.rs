@@ -19,7 +19,10 @@ use axum::{
 };
 use labelsync::security::sha256_hex;
 
-use super::{ApiError, AppState};
+use super::{
+    ApiError, AppState,
+    access::{self, Caller},
+};
 
 /// Callers remembered at most; past it, buckets that are full again (their
 /// callers idle for a minute) are forgotten first.
@@ -80,19 +83,30 @@ fn forget_full(
         .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * per_second < capacity);
 }
 
+/// Whose bucket a request takes from: a database token's id, a bootstrap
+/// token's hash (of the token as parsed, so `bearer` and `Bearer  ` are the
+/// same caller), or the one caller of the open loopback mode.
+fn bucket_key(req: &Request) -> String {
+    match req.extensions().get::<Caller>() {
+        Some(caller) => match caller.token_id {
+            Some(id) => format!("token:{id}"),
+            None if caller.name == access::OPEN => String::new(),
+            None => format!(
+                "bootstrap:{}",
+                sha256_hex(&[access::bearer(req).as_bytes()])
+            ),
+        },
+        None => String::new(),
+    }
+}
+
 /// The middleware, after authentication: only callers let in are counted.
 pub async fn limit(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if state.limiter.per_minute == 0 {
         return next.run(req).await;
     }
     // Without tokens (the open loopback mode) there is one caller.
-    let caller = match state.settings.api_tokens.is_empty() {
-        true => String::new(),
-        false => req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map_or_else(String::new, |v| sha256_hex(&[v.as_bytes()])),
-    };
+    let caller = bucket_key(&req);
     match state.limiter.take(&caller, Instant::now()) {
         Ok(()) => next.run(req).await,
         Err(wait) => {

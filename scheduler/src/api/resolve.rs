@@ -103,11 +103,15 @@ fn location_of(s: &storage::Model, state: &AppState) -> Option<String> {
     labelsync::storage::backend(kind).uri_location(&s.config, &state.storage_env)
 }
 
-/// The project's source storage for a URI, and the key within it.
+/// The project's source storage for a URI, and the key within it. With
+/// `confined` (a caller held to projects, whose tenants may share a bucket
+/// under different prefixes) only a storage whose prefix holds the key
+/// will do.
 async fn find_storage(
     state: &AppState,
     project_id: i64,
     target: &Target,
+    confined: bool,
 ) -> ApiResult<(storage::Model, String)> {
     let candidates = storages::of_project(
         &state.db,
@@ -140,7 +144,7 @@ async fn find_storage(
         // may share a bucket); any storage of the bucket will do otherwise,
         // as tasks may point anywhere in their bucket.
         let holds = key.starts_with(&s.prefix);
-        if holds || found.is_none() {
+        if holds || (found.is_none() && !confined) {
             found = Some((s, key));
             if holds {
                 break;
@@ -220,7 +224,8 @@ async fn serve(
     projects::find_for(&state.db, caller, q.project_id).await?;
     let target = parse_uri(&q.uri)?;
     ensure_local_serving(state, &target)?;
-    let (model, key) = find_storage(state, q.project_id, &target).await?;
+    let confined = caller.projects().is_some();
+    let (model, key) = find_storage(state, q.project_id, &target, confined).await?;
     let backend = labelsync::storage::open(&model, &state.storage_env).await?;
     served.backend = target.kind.as_str();
 

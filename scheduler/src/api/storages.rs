@@ -38,6 +38,54 @@ fn with_last_run(model: &storage::Model, last: Option<&sync_run::Model>) -> Valu
     value
 }
 
+/// A token held to projects brings its own credentials (docs/API.md,
+/// "Tokens and scopes"): a storage that would act with the server's own
+/// identity (its disk, its cloud credentials) could reach any tenant's
+/// data, so only callers not held to projects may make one.
+fn check_own_credentials(
+    caller: &Caller,
+    valid: &spec::ValidSpec,
+    current: Option<&storage::Model>,
+) -> ApiResult<()> {
+    if caller.projects().is_none() {
+        return Ok(());
+    }
+    let names = secret_names_after(current, valid.secrets.as_ref());
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    if !valid.kind.acts_as_the_server(&names) {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(
+        "server_credentials",
+        "secrets",
+        format!(
+            "a token held to projects cannot use a {} storage that acts with the server's own identity (its disk or its cloud credentials); give the storage's own credentials in secrets, or ask an admin to set it up",
+            valid.kind.as_str()
+        ),
+    ))
+}
+
+/// The names of the secrets a storage holds once `given` is applied to
+/// `current`'s (an empty value removes one).
+fn secret_names_after(
+    current: Option<&storage::Model>,
+    given: Option<&labelsync::storage::Secrets>,
+) -> Vec<String> {
+    let mut names: Vec<String> = current
+        .and_then(|c| c.secrets_set.as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    for (name, value) in given.map(|g| g.as_map().clone()).unwrap_or_default() {
+        names.retain(|n| *n != name);
+        if value.as_str().is_some_and(|v| !v.is_empty()) {
+            names.push(name);
+        }
+    }
+    names
+}
+
 /// A storage body of the API: `project` (a project by title) is for the
 /// CLI's spec files; the API names projects by `project_id` on every route.
 fn spec_of(body: Value) -> ApiResult<StorageSpec> {
@@ -65,6 +113,7 @@ pub async fn create(
         .await
         .map_err(|_| projects::unknown(project_id))?;
     let valid = spec.validate(&state.storage_env).await?;
+    check_own_credentials(&caller, &valid, None)?;
     let model = spec::save(
         &state.db,
         &spec,
@@ -172,6 +221,7 @@ pub async fn update(
     }
     let spec = spec_of(merged)?;
     let valid = spec.validate(&state.storage_env).await?;
+    check_own_credentials(&caller, &valid, Some(&current))?;
     let model = spec::save(
         &state.db,
         &spec,
@@ -201,6 +251,7 @@ pub async fn delete(
 /// what is wrong (a malformed body is still a 400).
 pub async fn validate_new(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<ApiJson<Value>> {
     let spec = spec_of(body)?;
@@ -208,6 +259,7 @@ pub async fn validate_new(
         .validate(&state.storage_env)
         .await
         .map_err(ApiError::unprocessable)?;
+    check_own_credentials(&caller, &valid, None)?;
     let secrets = valid.secrets.clone().unwrap_or_default();
     let backend =
         labelsync::storage::open_with(valid.kind, &valid.config, &secrets, &state.storage_env)

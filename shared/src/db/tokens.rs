@@ -162,18 +162,13 @@ pub async fn touch(
     Ok(())
 }
 
-/// Whether any token is usable now: once one exists, the open loopback
-/// mode asks for tokens too.
-pub async fn any_usable(db: &impl ConnectionTrait, now: DateTime<Utc>) -> Result<bool> {
+/// Whether any token was ever made (revoked and expired ones count): from
+/// then on the open loopback mode asks for tokens, and revoking the last
+/// one does not open the API again.
+pub async fn any_made(db: &impl ConnectionTrait) -> Result<bool> {
     let found: Option<i64> = api_token::Entity::find()
         .select_only()
         .column(C::Id)
-        .filter(C::RevokedAt.is_null())
-        .filter(
-            Condition::any()
-                .add(C::ExpiresAt.is_null())
-                .add(C::ExpiresAt.gt(now)),
-        )
         .into_tuple()
         .one(db)
         .await?;

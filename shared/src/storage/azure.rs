@@ -407,6 +407,14 @@ impl super::Backend for Descriptor {
         &["account_key", "client_secret"]
     }
 
+    /// Without a key or a service principal's secret: the server's own
+    /// credentials.
+    fn acts_as_the_server(&self, secrets: &[&str]) -> bool {
+        !secrets
+            .iter()
+            .any(|s| ["account_key", "client_secret"].contains(s))
+    }
+
     fn key_shape(&self) -> super::KeyShape {
         super::KeyShape::Path
     }

@@ -552,6 +552,11 @@ impl super::Backend for Descriptor {
         &["credentials_json"]
     }
 
+    /// Without a key file: application default credentials.
+    fn acts_as_the_server(&self, secrets: &[&str]) -> bool {
+        !secrets.contains(&"credentials_json")
+    }
+
     fn key_shape(&self) -> super::KeyShape {
         super::KeyShape::Name
     }

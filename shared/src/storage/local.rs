@@ -585,6 +585,11 @@ impl super::Backend for Descriptor {
         &[]
     }
 
+    /// The document root is the server's disk.
+    fn acts_as_the_server(&self, _secrets: &[&str]) -> bool {
+        true
+    }
+
     fn key_shape(&self) -> super::KeyShape {
         super::KeyShape::Path
     }

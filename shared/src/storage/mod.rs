@@ -45,6 +45,11 @@ impl BackendKind {
     pub fn secret_names(self) -> &'static [&'static str] {
         backend(self).secret_names()
     }
+
+    /// See [`Backend::acts_as_the_server`].
+    pub fn acts_as_the_server(self, secrets: &[&str]) -> bool {
+        backend(self).acts_as_the_server(secrets)
+    }
 }
 
 /// What labelsync needs of one backend beside the [`Storage`] it opens:
@@ -55,6 +60,15 @@ impl BackendKind {
 pub trait Backend: Sync {
     /// The secret names it takes (docs/API.md, "Storages").
     fn secret_names(&self) -> &'static [&'static str];
+
+    /// Whether a storage holding only these secrets would act with the
+    /// server's own identity (its disk, the default AWS chain, Google's
+    /// application default credentials, Azure's fallback) instead of
+    /// credentials its creator gave: such storages are for callers not held
+    /// to projects, who are trusted with that identity.
+    fn acts_as_the_server(&self, _secrets: &[&str]) -> bool {
+        false
+    }
 
     /// How its keys must be checked ([`check_key`]).
     fn key_shape(&self) -> KeyShape;

@@ -469,6 +469,11 @@ impl super::Backend for Descriptor {
         &["access_key_id", "secret_access_key", "session_token"]
     }
 
+    /// Without a key pair: the default chain (or a role assumed from it).
+    fn acts_as_the_server(&self, secrets: &[&str]) -> bool {
+        !(secrets.contains(&"access_key_id") && secrets.contains(&"secret_access_key"))
+    }
+
     fn key_shape(&self) -> super::KeyShape {
         super::KeyShape::Name
     }
