@@ -18,6 +18,8 @@ mod m20261202_000009_on_missing;
 mod m20261202_000010_run_finish_index;
 mod m20261202_000011_tokens_audit;
 mod m20261202_000012_run_admission;
+mod m20261202_000013_workers;
+mod m20261202_000014_pause_and_retry;
 
 pub struct Migrator;
 
@@ -37,6 +39,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000010_run_finish_index::Migration),
             Box::new(m20261202_000011_tokens_audit::Migration),
             Box::new(m20261202_000012_run_admission::Migration),
+            Box::new(m20261202_000013_workers::Migration),
+            Box::new(m20261202_000014_pause_and_retry::Migration),
         ]
     }
 }

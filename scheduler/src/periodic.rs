@@ -83,6 +83,22 @@ pub async fn prune(state: &AppState) {
         Ok(n) => tracing::info!(rows = n, days, "deleted audit rows past their retention"),
         Err(err) => tracing::warn!(error = %err, "audit cleanup failed"),
     }
+    let cutoff = Utc::now() - worker_retention(&state.settings);
+    match labelsync::db::workers::prune(&state.db, cutoff).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(workers = n, "forgot workers gone for a while"),
+        Err(err) => tracing::warn!(error = %err, "worker registration cleanup failed"),
+    }
+}
+
+/// How long a gone worker stays listed (as `gone`) before its
+/// registration is deleted: ten minutes, or ten times the time it takes to
+/// be declared gone when that is longer.
+pub fn worker_retention(settings: &labelsync::config::Settings) -> chrono::Duration {
+    let gone = crate::api::gone_after(settings) * 10;
+    chrono::Duration::from_std(gone)
+        .unwrap_or_default()
+        .max(chrono::Duration::minutes(10))
 }
 
 /// Claims and enqueues every storage whose period has come.

@@ -34,6 +34,7 @@ use tracing::Instrument;
 pub use access::Caller;
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 pub use idempotency::KEEP as IDEMPOTENCY_KEEP;
+pub use ops::gone_after;
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -81,10 +82,13 @@ pub fn router(state: AppState) -> Router {
         .route("/storages/{id}/validate", post(storages::validate_saved))
         .route("/storages/{id}/preview", get(storages::preview))
         .route("/storages/{id}/sync", post(storages::sync))
+        .route("/storages/{id}/pause", post(storages::pause))
+        .route("/storages/{id}/resume", post(storages::resume))
         .route("/runs", get(runs::list))
         .route("/runs/{id}", get(runs::get_one))
         .route("/runs/{id}/errors", get(runs::errors))
         .route("/runs/{id}/cancel", post(runs::cancel))
+        .route("/runs/{id}/retry", post(runs::retry))
         .route("/runs/{id}/events", get(events::run_events))
         .route("/events", get(events::project_events))
         .route("/tasks/{id}", get(tasks::get_one))
@@ -97,7 +101,7 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(webhook_routes())
         .merge(admin_routes())
-        .route("/queues", get(ops::queues))
+        .merge(fleet_routes())
         .route("/resolve", get(resolve::resolve))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("no such API route") })
@@ -142,6 +146,13 @@ fn admin_routes() -> Router<AppState> {
         .route("/tokens", post(tokens::create).get(tokens::list))
         .route("/tokens/{id}", get(tokens::get_one).delete(tokens::revoke))
         .route("/audit", get(audit::list))
+}
+
+/// The fleet's queues and workers (admin and ops, see `access::ROUTES`).
+fn fleet_routes() -> Router<AppState> {
+    Router::new()
+        .route("/queues", get(ops::queues))
+        .route("/workers", get(ops::workers))
 }
 
 /// `/webhooks` and its delivery log.

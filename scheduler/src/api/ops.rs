@@ -25,3 +25,35 @@ pub async fn queues(State(state): State<AppState>) -> super::ApiResult<Json<Valu
     let depth = state.queue.depth().await?;
     Ok(Json(json!({ "items": [depth] })))
 }
+
+/// `?limit=&after=` of `GET /api/v1/workers` (`after`: a worker's name).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerQuery {
+    limit: Option<u64>,
+    after: Option<String>,
+}
+
+/// How long a worker may miss heartbeats before it is shown as `gone`: the
+/// queue's own limit (`LABELSYNC_HEARTBEAT_SECS` x
+/// `LABELSYNC_MISSED_HEARTBEATS`), after which its jobs go to others.
+pub fn gone_after(settings: &labelsync::config::Settings) -> std::time::Duration {
+    let w = &settings.worker;
+    w.heartbeat * u32::try_from(w.missed_heartbeats.max(1)).unwrap_or(u32::MAX)
+}
+
+/// `GET /api/v1/workers`: the registered workers, by name.
+pub async fn workers(
+    State(state): State<AppState>,
+    super::ApiQuery(q): super::ApiQuery<WorkerQuery>,
+) -> super::ApiResult<super::ApiJson<Value>> {
+    let limit = super::limit(q.limit)?;
+    let rows = labelsync::db::workers::page(&state.db, q.after.as_deref(), limit).await?;
+    let (now, gone) = (chrono::Utc::now(), gone_after(&state.settings));
+    let items = rows
+        .iter()
+        .map(|w| labelsync::db::workers::to_json(w, now, gone))
+        .collect();
+    let last = rows.last().map(|w| w.name.clone());
+    Ok(super::ApiJson(super::page(items, limit, last)))
+}

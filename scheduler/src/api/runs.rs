@@ -1,5 +1,5 @@
 //! `/api/v1/runs`: job status, history, per-object errors, cancel.
-use axum::{Extension, extract::State};
+use axum::{Extension, extract::State, http::StatusCode};
 use labelsync::db::{
     entities::sync_run,
     runs::{self, RunFilter, RunKind, RunStatus},
@@ -108,4 +108,57 @@ pub async fn cancel(
 ) -> ApiResult<ApiJson<Value>> {
     find_for(&state, &caller, &id).await?;
     Ok(ApiJson(runs::to_json(&runs::cancel(&state.db, &id).await?)))
+}
+
+/// `POST /runs/{id}/retry`: a new import run of the run's storage that
+/// reads again only the objects the run recorded errors for (`scope:
+/// "retry"`, `retry_of`: the run). 409 when the run is not an ended import
+/// run with failed objects, or when its storage has a live run.
+pub async fn retry(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<(StatusCode, ApiJson<Value>)> {
+    let run = find_for(&state, &caller, &id).await?;
+    if run.kind != RunKind::Import.as_str() {
+        return Err(conflict(
+            "not_retryable",
+            format!(
+                "run {id} is an {} run; only import runs can be retried",
+                run.kind
+            ),
+        ));
+    }
+    if RunStatus::parse(&run.status).is_some_and(RunStatus::is_live) {
+        return Err(conflict(
+            "run_live",
+            format!(
+                "run {id} is still {}; retry it once it has ended",
+                run.status
+            ),
+        ));
+    }
+    if !runs::has_errors(&state.db, &id).await? {
+        return Err(conflict(
+            "nothing_to_retry",
+            format!("run {id} has no failed objects"),
+        ));
+    }
+    let (new, live) =
+        labelsync::jobs::enqueue_retry(&state.db, &state.queue, &state.settings, &run).await?;
+    if live {
+        return Err(conflict(
+            "run_live",
+            format!(
+                "storage {} has a live run ({}); retry once it has ended",
+                run.storage_id, new.id
+            ),
+        ));
+    }
+    caller.note("run_id", new.id.clone());
+    Ok((StatusCode::ACCEPTED, ApiJson(runs::to_json(&new))))
+}
+
+fn conflict(code: &'static str, message: String) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, code, message)
 }

@@ -352,3 +352,38 @@ pub async fn sync(
         ApiJson(json!({ "run": runs::to_json(&run), "already_running": already_running })),
     ))
 }
+
+/// `POST /storages/{id}/pause`: the periodic tick skips the storage until
+/// it is resumed; a manual sync still runs. Pausing a paused storage
+/// changes nothing.
+pub async fn pause(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<ApiJson<Value>> {
+    set_paused(&state, &caller, id, Some(chrono::Utc::now())).await
+}
+
+/// `POST /storages/{id}/resume`: periodic syncs again (a period that came
+/// round while paused syncs at the next tick).
+pub async fn resume(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<ApiJson<Value>> {
+    set_paused(&state, &caller, id, None).await
+}
+
+async fn set_paused(
+    state: &AppState,
+    caller: &Caller,
+    id: i64,
+    paused_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> ApiResult<ApiJson<Value>> {
+    find(&state.db, caller, id).await?;
+    let model = storages::set_schedule_paused(&state.db, id, paused_at)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("storage {id} not found")))?;
+    let last = runs::newest_of(&state.db, &[id]).await?;
+    Ok(ApiJson(with_last_run(&model, last.get(&id))))
+}

@@ -17,6 +17,7 @@ pub mod storages;
 pub mod tasks;
 pub mod tokens;
 pub mod webhooks;
+pub mod workers;
 
 use std::time::Duration;
 

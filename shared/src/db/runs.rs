@@ -133,6 +133,9 @@ pub async fn create_or_get_live(
 pub const SCOPE_FULL: &str = "full";
 /// An export run that only drains the storage's outbox (annotation events).
 pub const SCOPE_EVENTS: &str = "events";
+/// An import run that reads again only the objects another run failed on
+/// (`retry_of`): no listing, so no missing-object detection.
+pub const SCOPE_RETRY: &str = "retry";
 
 /// [`create_or_get_live`] with a scope; a live run of any scope is returned
 /// as is (a full export run drains the outbox too).
@@ -141,6 +144,32 @@ pub async fn create_or_get_live_scoped(
     storage_id: i64,
     kind: RunKind,
     scope: &str,
+) -> Result<(sync_run::Model, bool)> {
+    create_live(db, storage_id, kind, scope, None).await
+}
+
+/// Creates a `retry` import run of `of`'s storage that reads again the
+/// objects `of` failed on, or returns the storage's live run (`true`).
+pub async fn create_retry(
+    db: &DatabaseConnection,
+    of: &sync_run::Model,
+) -> Result<(sync_run::Model, bool)> {
+    create_live(
+        db,
+        of.storage_id,
+        RunKind::Import,
+        SCOPE_RETRY,
+        Some(&of.id),
+    )
+    .await
+}
+
+async fn create_live(
+    db: &DatabaseConnection,
+    storage_id: i64,
+    kind: RunKind,
+    scope: &str,
+    retry_of: Option<&str>,
 ) -> Result<(sync_run::Model, bool)> {
     let project_id = project_of(db, storage_id).await?;
     for _ in 0..3 {
@@ -178,6 +207,7 @@ pub async fn create_or_get_live_scoped(
             project_id: Set(project_id),
             // Held until `admission::admit` lets it onto the queue.
             admitted_at: Set(None),
+            retry_of: Set(retry_of.map(str::to_owned)),
         };
         // The run and its `run.queued` event commit together.
         let tx = super::begin_write(db).await?;
@@ -484,6 +514,8 @@ pub fn to_json(run: &sync_run::Model) -> serde_json::Value {
         "id": run.id,
         "storage_id": run.storage_id,
         "kind": run.kind,
+        "scope": run.scope,
+        "retry_of": run.retry_of,
         "status": run.status,
         "counters": Counters::of(run),
         "error": run.error,
@@ -627,6 +659,32 @@ pub async fn errors_page(
         query = query.filter(object_error::Column::Id.gt(after));
     }
     Ok(query.all(db).await?)
+}
+
+/// Up to `limit` distinct keys of the run's per-object errors after
+/// `after`, in key order (what a `retry` run of it reads again).
+pub async fn error_keys(
+    db: &impl ConnectionTrait,
+    run_id: &str,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<Vec<String>> {
+    let mut query = object_error::Entity::find()
+        .select_only()
+        .column(object_error::Column::ObjectKey)
+        .distinct()
+        .filter(object_error::Column::RunId.eq(run_id))
+        .order_by_asc(object_error::Column::ObjectKey)
+        .limit(limit);
+    if let Some(after) = after {
+        query = query.filter(object_error::Column::ObjectKey.gt(after));
+    }
+    Ok(query.into_tuple().all(db).await?)
+}
+
+/// Whether the run recorded any per-object error.
+pub async fn has_errors(db: &impl ConnectionTrait, run_id: &str) -> Result<bool> {
+    Ok(!error_keys(db, run_id, None, 1).await?.is_empty())
 }
 
 /// The newest run of each storage that has one, by storage id, in two

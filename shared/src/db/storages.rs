@@ -123,10 +123,31 @@ pub async fn delete(db: &impl ConnectionTrait, id: i64) -> Result<bool> {
     Ok(res.rows_affected > 0)
 }
 
-/// Storages with a sync period whose next sync is unset or not after `now`.
+/// Pauses (`Some(now)`) or resumes (`None`) the storage's periodic syncs;
+/// pausing a paused storage keeps the time it was paused at. The row as it
+/// is after, or `None` when there is no such storage.
+pub async fn set_schedule_paused(
+    db: &impl ConnectionTrait,
+    id: i64,
+    paused_at: Option<DateTime<Utc>>,
+) -> Result<Option<storage::Model>> {
+    let mut update = storage::Entity::update_many()
+        .col_expr(storage::Column::SchedulePausedAt, Expr::value(paused_at))
+        .filter(storage::Column::Id.eq(id));
+    if paused_at.is_some() {
+        update = update.filter(storage::Column::SchedulePausedAt.is_null());
+    }
+    update.exec(db).await?;
+    find(db, id).await
+}
+
+/// Storages with a sync period, not paused, whose next sync is unset or
+/// not after `now`. A period that came round while paused is due at once
+/// when the storage is resumed.
 fn due(now: DateTime<Utc>) -> Condition {
     Condition::all()
         .add(storage::Column::SyncIntervalSeconds.is_not_null())
+        .add(storage::Column::SchedulePausedAt.is_null())
         .add(
             Condition::any()
                 .add(storage::Column::NextSyncAt.is_null())

@@ -20,6 +20,7 @@
 pub mod budget;
 mod parquet_footer;
 pub mod parse;
+mod retry;
 mod task_files;
 
 use futures::{StreamExt, TryStreamExt};
@@ -112,20 +113,16 @@ impl ImportJob<'_> {
     pub async fn run(&self) -> Result<Outcome> {
         let backend = storage::open(self.storage, self.env).await?;
         let filter = Filter::from_storage(self.storage)?;
-        let mut pages = storage::prefetch(
-            backend.list(ListOptions {
-                prefix: self.storage.prefix.clone(),
-                recursive: self.storage.recursive,
-                start_after: self.run.cursor.clone(),
-                page_size: self.settings.page_size,
-            }),
-            2,
-        );
+        let mut pages = self.pages(&backend);
         while let Some(page) = pages.next().await {
             self.check_stopping()?;
-            let Some(mut plan) = self.plan_page(page?, &filter).await? else {
+            let (page, cursor) = page?;
+            let Some(mut plan) = self.plan_page(page, &filter).await? else {
                 continue;
             };
+            if cursor.is_some() {
+                plan.cursor = cursor;
+            }
             if !self.read_task_files(&backend, &mut plan).await?
                 || !self.commit_page(&*backend, plan).await?
             {
@@ -133,6 +130,41 @@ impl ImportJob<'_> {
             }
         }
         self.finish_listing().await
+    }
+
+    /// What the run reads, from its cursor: the storage's listing, or for
+    /// a `retry` run the objects its original run failed on (each page with
+    /// the cursor it moves the run to).
+    fn pages(
+        &self,
+        backend: &Arc<dyn Storage>,
+    ) -> futures::stream::BoxStream<'static, Result<(storage::Page, Option<String>)>> {
+        if let Some(retry_of) = self.retry_of() {
+            return retry::pages(retry::Source {
+                db: self.db.clone(),
+                backend: backend.clone(),
+                retry_of: retry_of.to_owned(),
+                after: self.run.cursor.clone(),
+                page_size: self.settings.page_size as u64,
+                recursive: self.storage.recursive,
+            });
+        }
+        let listing = backend.list(ListOptions {
+            prefix: self.storage.prefix.clone(),
+            recursive: self.storage.recursive,
+            start_after: self.run.cursor.clone(),
+            page_size: self.settings.page_size,
+        });
+        storage::prefetch(listing, 2)
+            .map_ok(|page| (page, None))
+            .boxed()
+    }
+
+    /// The run whose failed objects this `retry` run reads again.
+    fn retry_of(&self) -> Option<&str> {
+        (self.run.scope == runs::SCOPE_RETRY)
+            .then_some(self.run.retry_of.as_deref())
+            .flatten()
     }
 
     fn tasks_mode(&self) -> bool {
@@ -201,11 +233,13 @@ impl ImportJob<'_> {
                 plan.fresh.push(object);
                 continue;
             };
-            if k.seen_by_run || partial.contains(&object.key) {
+            let retried = self.retry_of().is_some() && self.tasks_mode();
+            if k.seen_by_run || partial.contains(&object.key) || retried {
                 // A page replayed after a crash, or an object an earlier run
                 // stopped half-way through (cancelled, failed, killed): its
                 // rows were counted when committed; Tasks mode picks up the
-                // rows still missing.
+                // rows still missing; a retry run reads again every object
+                // its original run failed on, keeping the rows it has.
                 if self.tasks_mode() {
                     plan.fresh_may_exist = true;
                     plan.fresh.push(object);
@@ -328,7 +362,12 @@ impl ImportJob<'_> {
             return Ok(Outcome::Stopped);
         }
         let txn = crate::db::begin_write(self.db).await?;
-        let delta = self.reconcile_missing(&txn).await?;
+        // A retry run lists only some objects: it must not take the others
+        // for gone.
+        let delta = match self.retry_of() {
+            Some(_) => Counters::default(),
+            None => self.reconcile_missing(&txn).await?,
+        };
         if !runs::checkpoint(&txn, &self.run.id, &delta, None, self.lease).await? {
             txn.rollback().await?;
             return Ok(Outcome::Stopped);

@@ -11,6 +11,7 @@
 //! "Our own attempt limit").
 pub mod admission;
 pub mod queue;
+pub mod registry;
 
 use std::{
     sync::{Arc, atomic::AtomicBool},
@@ -91,6 +92,8 @@ pub struct JobContext {
     /// Set when the process is shutting down: running imports stop at their
     /// next page and hand the run back (see [`execute`]).
     pub stopping: AtomicBool,
+    /// The jobs this process is executing now (its worker registration).
+    pub current: Arc<registry::Current>,
 }
 
 impl JobContext {
@@ -102,6 +105,7 @@ impl JobContext {
             storage_env,
             queue,
             stopping: AtomicBool::new(false),
+            current: Arc::default(),
         })
     }
 }
@@ -604,6 +608,23 @@ pub async fn enqueue_sync(
     let kind = run_kind(storage);
     let (run, already_running) = runs::create_or_get_live(db, storage.id, kind).await?;
     if already_running {
+        return Ok((run, true));
+    }
+    release_new(db, queue, settings, &run).await;
+    Ok((runs::get(db, &run.id).await?, false))
+}
+
+/// Starts a `retry` run that reads again the objects `of` (an ended import
+/// run) failed on, as [`enqueue_sync`] starts a sync; `true` with the
+/// storage's live run when it has one (no retry run is made then).
+pub async fn enqueue_retry(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    settings: &Settings,
+    of: &crate::db::entities::sync_run::Model,
+) -> Result<(crate::db::entities::sync_run::Model, bool)> {
+    let (run, live) = runs::create_retry(db, of).await?;
+    if live {
         return Ok((run, true));
     }
     release_new(db, queue, settings, &run).await;

@@ -256,6 +256,15 @@ impl Queue {
         crate::metrics::metrics()
             .worker_slots
             .record(concurrency as u64, &[]);
+        let me = super::registry::Identity::new(&name, concurrency);
+        super::registry::beat(&ctx.db, &me, &ctx.current).await;
+        let registration = super::AbortOnDrop(tokio::spawn(super::registry::keep_registered(
+            ctx.db.clone(),
+            me,
+            ctx.current.clone(),
+            w.heartbeat,
+        )));
+        let db = ctx.db.clone();
         let (stopped, stop) = tokio::sync::oneshot::channel::<()>();
         let stopping = ctx.clone();
         let signal = async move {
@@ -290,6 +299,8 @@ impl Queue {
                     .await
             }
         };
+        drop(registration);
+        super::registry::deregister(&db, &name).await;
         result.map_err(|e| Error::Transient(format!("worker {name} failed: {e}")))?;
         if stop.await.is_err() {
             return Err(Error::Transient(format!(
@@ -342,6 +353,7 @@ async fn handle(
         kind = tracing::field::Empty,
     );
     crate::telemetry::set_parent(&span, &crate::telemetry::Carried(&job.trace));
+    let _running = ctx.current.enter(&job.run_id);
     let result = async {
         match (job.webhook, job.batch) {
             (Some(webhook), _) => super::execute_webhook(&ctx, webhook).await,

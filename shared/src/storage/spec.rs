@@ -296,6 +296,7 @@ impl StorageSpec {
             on_missing: self.on_missing.as_str().into(),
             sync_interval_seconds: self.sync_interval_seconds,
             next_sync_at: None,
+            schedule_paused_at: None,
             created_at: now,
             updated_at: now,
         }
@@ -372,6 +373,7 @@ pub async fn save(
             // A new period starts now; an unchanged one keeps its schedule.
             let same_period = current.sync_interval_seconds == spec.sync_interval_seconds;
             model.next_sync_at = current.next_sync_at.filter(|_| same_period);
+            model.schedule_paused_at = current.schedule_paused_at;
             storages::replace(&txn, model).await?
         }
         None => storages::insert(&txn, model).await?,
@@ -409,6 +411,8 @@ pub fn to_json(model: &storage::Model) -> Value {
         "reimport_changed": model.reimport_changed,
         "on_missing": model.on_missing,
         "sync_interval_seconds": model.sync_interval_seconds,
+        "schedule_paused": model.schedule_paused_at.is_some(),
+        "schedule_paused_at": model.schedule_paused_at,
         "config": model.config,
         "secrets_set": model.secrets_set,
         "created_at": model.created_at,

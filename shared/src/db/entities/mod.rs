@@ -19,3 +19,4 @@ pub mod webhook;
 pub mod webhook_attempt;
 pub mod webhook_delivery;
 pub mod webhook_event;
+pub mod worker;

@@ -30,6 +30,9 @@ pub struct Model {
     pub on_missing: String,
     pub sync_interval_seconds: Option<i64>,
     pub next_sync_at: Option<DateTimeUtc>,
+    /// Set while the periodic syncs are paused (`POST /storages/{id}/pause`):
+    /// the scheduler's tick skips the storage; a manual sync still runs.
+    pub schedule_paused_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

@@ -43,8 +43,9 @@ pub struct Model {
     /// The attempt holding the run (a token per attempt), and its heartbeat.
     pub lease_owner: Option<String>,
     pub lease_at: Option<DateTimeUtc>,
-    /// `full` (every annotation / object) or `events` (an export run that
-    /// only drains the storage's outbox).
+    /// `full` (every annotation / object), `events` (an export run that
+    /// only drains the storage's outbox) or `retry` (an import run that reads
+    /// again only the objects `retry_of` failed on).
     pub scope: String,
     /// The project of the run's storage (a storage never changes project),
     /// kept on the run for the per-project admission cap.
@@ -53,6 +54,8 @@ pub struct Model {
     /// *held*: waiting in the database for its project's turn (see
     /// `db::admission`).
     pub admitted_at: Option<DateTimeUtc>,
+    /// A `retry` run: the run whose failed objects it reads again.
+    pub retry_of: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
