@@ -1676,3 +1676,475 @@ async fn a_burst_past_the_rate_limit_gets_429_with_retry_after() {
     assert_eq!(probe.status(), 200, "probes are not limited");
     app.stop().await;
 }
+
+// ---- The ops console's API (issue 18): pause/resume, retry, dead jobs ----
+
+/// The bootstrap token of the ops tests.
+const OPS_BOOT: &str = "ops-boot-token";
+
+async fn ops_app(workers: bool) -> TestApp {
+    spawn_app(AppOptions {
+        token: Some(OPS_BOOT.into()),
+        workers,
+        ..AppOptions::default()
+    })
+    .await
+}
+
+/// A request with `token` instead of the app's own.
+async fn as_token(app: &TestApp, token: &str, method: reqwest::Method, path: &str) -> (u16, Value) {
+    let resp = app
+        .client
+        .request(method, format!("{}{path}", app.base))
+        .bearer_auth(token)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// A database token of `scope`, held to `projects` when given; its secret.
+async fn scoped_token(app: &TestApp, scope: &str, projects: Option<&[i64]>) -> String {
+    let mut body = json!({ "name": format!("ops {scope}"), "scope": scope });
+    if let Some(projects) = projects {
+        body["projects"] = json!(projects);
+    }
+    let (status, token) = app.post("/api/v1/tokens", body).await;
+    assert_eq!(status, 201, "{token}");
+    token["secret"].as_str().expect("secret").to_owned()
+}
+
+async fn runs_of(app: &TestApp, storage: &Value) -> Vec<Value> {
+    let (status, list) = app
+        .get(&format!("/api/v1/runs?storage_id={}", storage["id"]))
+        .await;
+    assert_eq!(status, 200, "{list}");
+    list["items"].as_array().expect("items").clone()
+}
+
+/// A paused storage gets no periodic sync but a manual one; resumed, the
+/// tick syncs it again. Pausing twice keeps the first time, a PATCH keeps
+/// the pause and cannot set it; another project's storage is a 404, a read
+/// token a 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_storage_syncs_only_on_demand_until_resumed() {
+    let app = ops_app(true).await;
+    write_files(&app.doc_root.path().join("data"), 3, "jpg");
+    let project = app.project("paused").await;
+    let other = app.project("other").await;
+    let storage = app.local_storage(project, json!({})).await;
+    assert_eq!(storage["schedule_paused"], false, "{storage}");
+    assert_eq!(storage["schedule_paused_at"], Value::Null, "{storage}");
+    let id = storage["id"].clone();
+    let (status, paused) = app
+        .post(&format!("/api/v1/storages/{id}/pause"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{paused}");
+    assert_eq!(paused["schedule_paused"], true, "{paused}");
+    let since = paused["schedule_paused_at"].clone();
+    assert!(since.is_string(), "{paused}");
+    let (_, again) = app
+        .post(&format!("/api/v1/storages/{id}/pause"), json!({}))
+        .await;
+    assert_eq!(
+        again["schedule_paused_at"], since,
+        "a second pause keeps the first time"
+    );
+    let (status, patched) = app
+        .patch(
+            &format!("/api/v1/storages/{id}"),
+            json!({ "sync_interval_seconds": 1, "title": "renamed" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["schedule_paused"], true, "a PATCH keeps the pause");
+    let (status, refused) = app
+        .patch(
+            &format!("/api/v1/storages/{id}"),
+            json!({ "schedule_paused": false }),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["code"], "invalid_body", "{refused}");
+    // Ticks every 200 ms with a 1 s period: paused, nothing starts.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        runs_of(&app, &storage).await.is_empty(),
+        "a paused storage synced"
+    );
+    let manual = app.sync(&id).await;
+    assert_eq!(manual["status"], "completed", "{manual}");
+    assert_eq!(manual["counters"]["created"], 3, "{manual}");
+
+    let writer = scoped_token(&app, "write", Some(&[other])).await;
+    let reader = scoped_token(&app, "read", Some(&[project])).await;
+    let ops = scoped_token(&app, "ops", Some(&[project])).await;
+    let resume = format!("/api/v1/storages/{id}/resume");
+    let (status, hidden) = as_token(&app, &writer, reqwest::Method::POST, &resume).await;
+    assert_eq!(
+        (status, &hidden["error"]["code"]),
+        (404, &json!("not_found")),
+        "{hidden}"
+    );
+    let (status, denied) = as_token(&app, &reader, reqwest::Method::POST, &resume).await;
+    assert_eq!(
+        (status, &denied["error"]["code"]),
+        (403, &json!("forbidden")),
+        "{denied}"
+    );
+    let (status, missing) = app.post("/api/v1/storages/999999/pause", json!({})).await;
+    assert_eq!(status, 404, "{missing}");
+    let (status, bad) = app.post("/api/v1/storages/x/pause", json!({})).await;
+    assert_eq!(status, 400, "{bad}");
+    let (status, resumed) = as_token(&app, &ops, reqwest::Method::POST, &resume).await;
+    assert_eq!(status, 200, "an ops token resumes: {resumed}");
+    assert_eq!(resumed["schedule_paused"], false, "{resumed}");
+    assert_eq!(resumed["schedule_paused_at"], Value::Null, "{resumed}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while runs_of(&app, &storage).await.len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no periodic sync after resume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
+
+/// Writes the Tasks-mode objects of the retry test: `good-<i>.json` and
+/// two files that do not parse.
+fn write_task_files_with_two_bad(data: &std::path::Path) {
+    std::fs::create_dir_all(data).expect("mkdir");
+    for i in 0..3 {
+        std::fs::write(
+            data.join(format!("good-{i}.json")),
+            format!(r#"{{"text": "{i}"}}"#),
+        )
+        .expect("write");
+    }
+    std::fs::write(data.join("bad-a.json"), "{ not json").expect("write");
+    std::fs::write(data.join("bad-b.json"), "not json at all").expect("write");
+}
+
+/// A retry run reads again only the failed objects of a run (one fixed,
+/// one still bad, one deleted since), with the usual counters, and never
+/// flags or deletes the tasks of objects it did not read; refused (409)
+/// while the storage has a live run, for a run with nothing failed, and
+/// for an export run; 404 for another project, 403 for a read token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_run_reads_again_only_the_failed_objects() {
+    let app = spawn_app(AppOptions {
+        token: Some(OPS_BOOT.into()),
+        ..AppOptions::without_workers()
+    })
+    .await;
+    let data = app.doc_root.path().join("data");
+    write_task_files_with_two_bad(&data);
+    let project = app.project("retried").await;
+    let storage = app
+        .local_storage(
+            project,
+            json!({ "import_method": "tasks", "on_missing": "delete_unlabeled" }),
+        )
+        .await;
+    let mut worker = labelsync_tests::spawn_ready_worker(&app, "retry", &[]).await;
+    let first = app.sync(&storage["id"]).await;
+    assert_eq!(first["status"], "completed_with_errors", "{first}");
+    let (_, errors) = app
+        .get(&format!(
+            "/api/v1/runs/{}/errors",
+            first["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(first["counters"]["failed"], 2, "{first} {errors}");
+    assert_eq!(first["scope"], "full", "{first}");
+    let first_id = first["id"].as_str().expect("id").to_owned();
+    worker.kill();
+
+    // A live run of the storage (no worker takes it): 409 run_live.
+    let live = app.start_sync(&storage["id"]).await;
+    let retry = format!("/api/v1/runs/{first_id}/retry");
+    let (status, refused) = app.post(&retry, json!({})).await;
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (409, &json!("run_live")),
+        "{refused}"
+    );
+    let (status, _) = app
+        .post(&format!("/api/v1/runs/{live}/retry"), json!({}))
+        .await;
+    assert_eq!(status, 409, "a live run cannot be retried");
+    let (status, _) = app
+        .post(&format!("/api/v1/runs/{live}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+
+    // Fixed, still bad, and a good object gone (its task must stay).
+    std::fs::write(data.join("bad-a.json"), r#"{"text": "fixed"}"#).expect("write");
+    std::fs::remove_file(data.join("good-0.json")).expect("rm");
+    let other = app.project("other").await;
+    let stranger = scoped_token(&app, "write", Some(&[other])).await;
+    let reader = scoped_token(&app, "read", Some(&[project])).await;
+    let (status, hidden) = as_token(&app, &stranger, reqwest::Method::POST, &retry).await;
+    assert_eq!(
+        (status, &hidden["error"]["code"]),
+        (404, &json!("not_found")),
+        "{hidden}"
+    );
+    let (status, denied) = as_token(&app, &reader, reqwest::Method::POST, &retry).await;
+    assert_eq!(status, 403, "{denied}");
+    let (status, missing) = app
+        .post("/api/v1/runs/01JZZZZZZZZZZZZZZZZZZZZZZZ/retry", json!({}))
+        .await;
+    assert_eq!(status, 404, "{missing}");
+    let (status, started) = app.post(&retry, json!({})).await;
+    assert_eq!(status, 202, "{started}");
+    assert_eq!(started["scope"], "retry", "{started}");
+    assert_eq!(started["retry_of"], first_id.as_str(), "{started}");
+    assert_eq!(started["kind"], "import", "{started}");
+    let _worker = labelsync_tests::spawn_ready_worker(&app, "retry2", &[]).await;
+    let retried = app
+        .wait_run(started["id"].as_str().expect("id"), RUN_TIMEOUT)
+        .await;
+    assert_eq!(retried["status"], "completed_with_errors", "{retried}");
+    let c = &retried["counters"];
+    assert_eq!(
+        (c["listed"].as_i64(), c["created"].as_i64()),
+        (Some(2), Some(1)),
+        "{retried}"
+    );
+    assert_eq!(
+        (
+            c["failed"].as_i64(),
+            c["missing"].as_i64(),
+            c["deleted"].as_i64()
+        ),
+        (Some(1), Some(0), Some(0)),
+        "{retried}"
+    );
+    let (_, errors) = app
+        .get(&format!(
+            "/api/v1/runs/{}/errors",
+            retried["id"].as_str().unwrap()
+        ))
+        .await;
+    let keys: Vec<&str> = errors["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert!(keys.iter().all(|k| k.ends_with("bad-b.json")), "{errors}");
+    let tasks = app.all_tasks(project).await;
+    assert_eq!(
+        tasks.len(),
+        4,
+        "3 good (one object gone, its task kept) + the fixed one: {tasks:?}"
+    );
+
+    // Nothing failed: 409 nothing_to_retry.
+    std::fs::write(data.join("bad-b.json"), r#"{"text": "fixed too"}"#).expect("write");
+    let (status, again) = app
+        .post(
+            &format!("/api/v1/runs/{}/retry", retried["id"].as_str().unwrap()),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{again}");
+    let done = app
+        .wait_run(again["id"].as_str().unwrap(), RUN_TIMEOUT)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (status, nothing) = app
+        .post(
+            &format!("/api/v1/runs/{}/retry", done["id"].as_str().unwrap()),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, &nothing["error"]["code"]),
+        (409, &json!("nothing_to_retry")),
+        "{nothing}"
+    );
+    app.stop().await;
+}
+
+/// Dead jobs of the Redis queue are requeued (and then run) or discarded;
+/// the queue reports the age of its oldest waiting job; a read token is
+/// refused and a bad limit is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_jobs_are_requeued_or_discarded() {
+    let app = ops_app(false).await;
+    let queue = format!("{}:runs", app.vars["LABELSYNC_QUEUE_NAMESPACE"]);
+    let client = redis::Client::open(app.vars["REDIS_URL"].as_str()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    // Two jobs pushed as the scheduler pushes them, then moved to the dead
+    // set as the queue does after their last attempt.
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let settings = labelsync_tests::settings(&app.vars);
+    let jobs = labelsync::jobs::Queue::open(&settings, &db)
+        .await
+        .expect("queue");
+    for n in 0..2 {
+        let job = labelsync::jobs::RunJob::for_run(ulid::Ulid::new().to_string());
+        jobs.push(job, &format!("dead-{n}")).await.expect("push");
+    }
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{queue}:scheduled"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("ZRANGE");
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    for id in &ids {
+        let _: () = redis::pipe()
+            .cmd("ZREM")
+            .arg(format!("{queue}:scheduled"))
+            .arg(id)
+            .cmd("SADD")
+            .arg(format!("{queue}:dead"))
+            .arg(id)
+            .cmd("HSET")
+            .arg(format!("{queue}:meta:{id}"))
+            .arg("status")
+            .arg("Killed")
+            .query_async(&mut conn)
+            .await
+            .expect("kill the jobs");
+    }
+    let (_, queues) = app.get("/api/v1/queues").await;
+    assert_eq!(queues["items"][0]["dead"], 2, "{queues}");
+    assert_eq!(
+        queues["items"][0]["oldest_pending_age_seconds"],
+        Value::Null,
+        "{queues}"
+    );
+    let reader = scoped_token(&app, "read", None).await;
+    let (status, _) = as_token(
+        &app,
+        &reader,
+        reqwest::Method::POST,
+        "/api/v1/queues/dead/requeue",
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, bad) = app
+        .post("/api/v1/queues/dead/requeue?limit=0", json!({}))
+        .await;
+    assert_eq!(
+        (status, &bad["error"]["code"]),
+        (400, &json!("invalid_limit")),
+        "{bad}"
+    );
+    let (status, requeued) = app
+        .post("/api/v1/queues/dead/requeue?limit=1", json!({}))
+        .await;
+    assert_eq!(status, 200, "{requeued}");
+    assert_eq!(
+        (
+            requeued["action"].as_str(),
+            requeued["jobs"].as_u64(),
+            requeued["dead"].as_u64()
+        ),
+        (Some("requeue"), Some(1), Some(1)),
+        "{requeued}"
+    );
+    let (_, queues) = app.get("/api/v1/queues").await;
+    assert_eq!(queues["items"][0]["pending"], 1, "{queues}");
+    assert!(
+        queues["items"][0]["oldest_pending_age_seconds"]
+            .as_u64()
+            .is_some(),
+        "{queues}"
+    );
+    let (status, discarded) = app.post("/api/v1/queues/dead/discard", json!({})).await;
+    assert_eq!(status, 200, "{discarded}");
+    assert_eq!(
+        (discarded["jobs"].as_u64(), discarded["dead"].as_u64()),
+        (Some(1), Some(0)),
+        "{discarded}"
+    );
+    let left: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{queue}:data"))
+        .query_async(&mut conn)
+        .await
+        .expect("HKEYS");
+    assert_eq!(left.len(), 1, "the discarded job's data is gone: {left:?}");
+    // A worker takes the requeued job: a run that does not exist is done.
+    let _worker = labelsync_tests::spawn_ready_worker(&app, "dead", &[]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, queues) = app.get("/api/v1/queues").await;
+        let q = &queues["items"][0];
+        if q["pending"] == 0 && q["running"] == 0 {
+            assert_eq!(q["dead"], 0, "{queues}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requeued job not run: {queues}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
+
+/// The embedded queue's dead jobs (status Killed) too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_jobs_of_the_embedded_queue_are_requeued_or_discarded() {
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        workers: false,
+        token: Some(OPS_BOOT.into()),
+        ..AppOptions::default()
+    })
+    .await;
+    let queue = format!("{}:runs", app.vars["LABELSYNC_QUEUE_NAMESPACE"]);
+    let db = sea_orm::Database::connect(app.database_url.as_str())
+        .await
+        .expect("sqlite");
+    use sea_orm::ConnectionTrait;
+    for id in ["dead-1", "dead-2"] {
+        db.execute_unprepared(&format!(
+            "INSERT INTO Jobs (job, id, job_type, status, attempts) VALUES (X'7B7D', '{id}', '{queue}', 'Killed', 25)"
+        ))
+        .await
+        .expect("plant a dead job");
+    }
+    let (_, queues) = app.get("/api/v1/queues").await;
+    assert_eq!(queues["items"][0]["dead"], 2, "{queues}");
+    let (status, requeued) = app
+        .post("/api/v1/queues/dead/requeue?limit=1", json!({}))
+        .await;
+    assert_eq!(status, 200, "{requeued}");
+    assert_eq!(
+        (requeued["jobs"].as_u64(), requeued["dead"].as_u64()),
+        (Some(1), Some(1)),
+        "{requeued}"
+    );
+    let (_, queues) = app.get("/api/v1/queues").await;
+    assert_eq!(queues["items"][0]["pending"], 1, "{queues}");
+    assert!(
+        queues["items"][0]["oldest_pending_age_seconds"]
+            .as_u64()
+            .is_some(),
+        "{queues}"
+    );
+    let (status, discarded) = app.post("/api/v1/queues/dead/discard", json!({})).await;
+    assert_eq!(
+        (
+            status,
+            discarded["jobs"].as_u64(),
+            discarded["dead"].as_u64()
+        ),
+        (200, Some(1), Some(0)),
+        "{discarded}"
+    );
+    app.stop().await;
+}

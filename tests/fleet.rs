@@ -1182,3 +1182,160 @@ async fn concurrent_admitters_never_exceed_the_cap() {
         }
     }
 }
+
+/// The registered workers (`GET /api/v1/workers`): the scheduler's
+/// in-process worker and worker processes, with their slots and the run
+/// they execute; a killed worker is shown `gone` after its missed
+/// heartbeats, one stopped with SIGTERM deregisters. Ops may list them, a
+/// read token may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_register_themselves_and_show_their_runs() {
+    let app = spawn_app(AppOptions {
+        token: Some("fleet-boot".into()),
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    // Pages of 2: the run lasts a few heartbeats.
+    write_files(&app.doc_root.path().join("data"), 2000, "jpg");
+    let project = app.project("workers").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let slow = ("LABELSYNC_PAGE_SIZE", "2");
+    let mut busy =
+        spawn_ready_worker(&app, "busy", &[("LABELSYNC_WORKER_CONCURRENCY", "3"), slow]).await;
+    let quiet = spawn_ready_worker(&app, "quiet", &[slow]).await;
+    let named = |list: &Value, prefix: &str| -> Value {
+        list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|w| {
+                w["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&format!("{prefix}-")))
+            })
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let (status, list) = app.get("/api/v1/workers").await;
+    assert_eq!(status, 200, "{list}");
+    let w = named(&list, "busy");
+    assert_eq!(w["slots"], 3, "{list}");
+    assert_eq!(w["status"], "alive", "{list}");
+    assert_eq!(w["version"], env!("CARGO_PKG_VERSION"), "{list}");
+    assert!(w["host"].as_str().is_some_and(|h| !h.is_empty()), "{list}");
+    assert!(
+        w["started_at"].is_string() && w["heartbeat_at"].is_string(),
+        "{list}"
+    );
+    assert_eq!(named(&list, "quiet")["running_jobs"], 0, "{list}");
+    let (status, page) = app.get("/api/v1/workers?limit=1").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+    let next = page["next_after"]
+        .as_str()
+        .expect("a full page has next_after")
+        .to_owned();
+    let (_, rest) = app.get(&format!("/api/v1/workers?after={next}")).await;
+    assert!(
+        rest["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["name"].as_str().unwrap() > next.as_str()),
+        "{rest}"
+    );
+    let (status, bad) = app.get("/api/v1/workers?limit=0").await;
+    assert_eq!(
+        (status, &bad["error"]["code"]),
+        (400, &json!("invalid_limit")),
+        "{bad}"
+    );
+
+    // The run shows on the worker executing it (at its next heartbeat).
+    let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, list) = app.get("/api/v1/workers").await;
+        let (busy_w, quiet_w) = (named(&list, "busy"), named(&list, "quiet"));
+        let runs = [&busy_w["current_runs"], &quiet_w["current_runs"]];
+        if runs.contains(&&json!([run_id])) {
+            assert!(runs.contains(&&json!([])), "one worker holds it: {list}");
+            let holder = if busy_w["current_runs"] == json!([]) {
+                quiet_w
+            } else {
+                busy_w
+            };
+            assert!(holder["running_jobs"].as_i64().unwrap() >= 1, "{list}");
+            break;
+        }
+        let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+        assert!(
+            run["status"] == "running" && Instant::now() < deadline,
+            "the run never showed on its worker: {list} {run}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Scopes: ops lists them, read is refused.
+    let mut tokens = Vec::new();
+    for scope in ["ops", "read"] {
+        let (status, token) = app
+            .post("/api/v1/tokens", json!({ "name": scope, "scope": scope }))
+            .await;
+        assert_eq!(status, 201, "{token}");
+        tokens.push(token["secret"].as_str().unwrap().to_owned());
+    }
+    for (token, expected) in tokens.iter().zip([200, 403]) {
+        let resp = app
+            .client
+            .get(format!("{}/api/v1/workers", app.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET /workers");
+        assert_eq!(resp.status().as_u16(), expected);
+    }
+
+    // SIGKILL: gone after 3 missed heartbeats of 1 s; SIGTERM: deregistered.
+    busy.kill();
+    let status = Command::new("kill")
+        .args(["-TERM", &quiet.0.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, list) = app.get("/api/v1/workers").await;
+        if named(&list, "busy")["status"] == "gone" && named(&list, "quiet").is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{list}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(quiet);
+    app.stop().await;
+}
+
+/// The scheduler's in-process worker registers too (embedded mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_process_worker_registers_in_embedded_mode() {
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        ..AppOptions::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, list) = app.get("/api/v1/workers").await;
+        assert_eq!(status, 200, "{list}");
+        if let Some(w) = list["items"].as_array().unwrap().first() {
+            assert_eq!(w["status"], "alive", "{list}");
+            assert!(w["slots"].as_i64().unwrap() >= 1, "{list}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no worker registered: {list}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}

@@ -1,10 +1,12 @@
-//! `workers`: each worker process (and the in-process worker of embedded
+//! `fleet_workers`: each worker process (and the in-process worker of embedded
 //! mode) registers itself here and refreshes its row with every heartbeat,
 //! for `GET /api/v1/workers`: its name (unique per start), host, version,
 //! slots (concurrency), the runs it is executing now (`current_runs`, a JSON
 //! array of run ids) and how many jobs it holds (`running_jobs`). A row not
 //! refreshed for a few heartbeats is shown as gone; the scheduler's tick
-//! deletes rows silent for longer (see `db::workers`).
+//! deletes rows silent for longer (see `db::workers`). Not `workers`:
+//! SQLite table names ignore case, and the embedded queue (apalis-sqlite),
+//! which lives in the same file in embedded mode, has a `Workers` table.
 use sea_orm_migration::prelude::*;
 
 #[derive(DeriveMigrationName)]
@@ -21,7 +23,7 @@ impl MigrationTrait for Migration {
         };
         m.create_table(
             Table::create()
-                .table("workers")
+                .table("fleet_workers")
                 .col(
                     ColumnDef::new("name")
                         .string_len(255)
@@ -40,8 +42,8 @@ impl MigrationTrait for Migration {
         .await?;
         m.create_index(
             Index::create()
-                .table("workers")
-                .name("workers_heartbeat")
+                .table("fleet_workers")
+                .name("fleet_workers_heartbeat")
                 .col("heartbeat_at")
                 .take(),
         )
@@ -49,6 +51,7 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
-        m.drop_table(Table::drop().table("workers").take()).await
+        m.drop_table(Table::drop().table("fleet_workers").take())
+            .await
     }
 }

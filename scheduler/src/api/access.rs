@@ -111,6 +111,8 @@ pub const ROUTES: &[(&str, &str, Need)] = &[
         Need::Write,
     ),
     ("GET", "/queues", Need::Fleet),
+    ("POST", "/queues/dead/requeue", Need::Fleet),
+    ("POST", "/queues/dead/discard", Need::Fleet),
     ("GET", "/workers", Need::Fleet),
     ("GET", "/resolve", Need::Read),
     ("GET", "/openapi.json", Need::Any),

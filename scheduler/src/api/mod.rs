@@ -152,6 +152,8 @@ fn admin_routes() -> Router<AppState> {
 fn fleet_routes() -> Router<AppState> {
     Router::new()
         .route("/queues", get(ops::queues))
+        .route("/queues/dead/requeue", post(ops::requeue_dead))
+        .route("/queues/dead/discard", post(ops::discard_dead))
         .route("/workers", get(ops::workers))
 }
 

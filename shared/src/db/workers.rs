@@ -1,4 +1,4 @@
-//! Worker registrations (`workers`): each worker upserts its row with every
+//! Worker registrations (`fleet_workers`): each worker upserts its row with every
 //! heartbeat and deletes it when it stops; `GET /api/v1/workers` lists them
 //! and the scheduler's tick deletes the rows of workers long silent.
 use chrono::{DateTime, Utc};

@@ -10,6 +10,7 @@
 //! ends the run at once and acknowledges the job (see docs/DECISIONS.md,
 //! "Our own attempt limit").
 pub mod admission;
+pub mod dead;
 pub mod queue;
 pub mod registry;
 

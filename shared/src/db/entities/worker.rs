@@ -2,7 +2,7 @@ use sea_orm::entity::prelude::*;
 
 /// A worker's registration, refreshed with its heartbeat (see `db::workers`).
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
-#[sea_orm(table_name = "workers")]
+#[sea_orm(table_name = "fleet_workers")]
 pub struct Model {
     /// The worker's name: its prefix and a random suffix, new at each start.
     #[sea_orm(primary_key, auto_increment = false)]
