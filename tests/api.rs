@@ -1855,7 +1855,7 @@ async fn a_retry_run_reads_again_only_the_failed_objects() {
     let (_, errors) = app
         .get(&format!(
             "/api/v1/runs/{}/errors",
-            first["id"].as_str().unwrap()
+            first["id"].as_str().expect("present")
         ))
         .await;
     assert_eq!(first["counters"]["failed"], 2, "{first} {errors}");
@@ -1927,14 +1927,14 @@ async fn a_retry_run_reads_again_only_the_failed_objects() {
     let (_, errors) = app
         .get(&format!(
             "/api/v1/runs/{}/errors",
-            retried["id"].as_str().unwrap()
+            retried["id"].as_str().expect("present")
         ))
         .await;
     let keys: Vec<&str> = errors["items"]
         .as_array()
-        .unwrap()
+        .expect("present")
         .iter()
-        .map(|e| e["key"].as_str().unwrap())
+        .map(|e| e["key"].as_str().expect("present"))
         .collect();
     assert!(keys.iter().all(|k| k.ends_with("bad-b.json")), "{errors}");
     let tasks = app.all_tasks(project).await;
@@ -1948,18 +1948,24 @@ async fn a_retry_run_reads_again_only_the_failed_objects() {
     std::fs::write(data.join("bad-b.json"), r#"{"text": "fixed too"}"#).expect("write");
     let (status, again) = app
         .post(
-            &format!("/api/v1/runs/{}/retry", retried["id"].as_str().unwrap()),
+            &format!(
+                "/api/v1/runs/{}/retry",
+                retried["id"].as_str().expect("present")
+            ),
             json!({}),
         )
         .await;
     assert_eq!(status, 202, "{again}");
     let done = app
-        .wait_run(again["id"].as_str().unwrap(), RUN_TIMEOUT)
+        .wait_run(again["id"].as_str().expect("present"), RUN_TIMEOUT)
         .await;
     assert_eq!(done["status"], "completed", "{done}");
     let (status, nothing) = app
         .post(
-            &format!("/api/v1/runs/{}/retry", done["id"].as_str().unwrap()),
+            &format!(
+                "/api/v1/runs/{}/retry",
+                done["id"].as_str().expect("present")
+            ),
             json!({}),
         )
         .await;
@@ -2146,5 +2152,63 @@ async fn dead_jobs_of_the_embedded_queue_are_requeued_or_discarded() {
         (200, Some(1), Some(0)),
         "{discarded}"
     );
+    app.stop().await;
+}
+
+/// `GET /runs` by project and creation time; a token held to one project
+/// sees nothing of another's whatever it asks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_listed_by_project_and_creation_time() {
+    let app = ops_app(true).await;
+    write_files(&app.doc_root.path().join("data"), 2, "jpg");
+    let (a, b) = (app.project("a").await, app.project("b").await);
+    let mut ids = Vec::new();
+    for project in [a, b] {
+        let storage = app.local_storage(project, json!({})).await;
+        ids.push(app.sync(&storage["id"]).await["id"].clone());
+    }
+    let listed = |list: &Value| -> Vec<Value> {
+        list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|r| r["id"].clone())
+            .collect()
+    };
+    let (status, of_a) = app.get(&format!("/api/v1/runs?project_id={a}")).await;
+    assert_eq!(status, 200, "{of_a}");
+    assert_eq!(listed(&of_a), vec![ids[0].clone()], "{of_a}");
+    let (_, future) = app
+        .get("/api/v1/runs?created_after=2999-01-01T00:00:00Z")
+        .await;
+    assert!(listed(&future).is_empty(), "{future}");
+    let (_, past) = app
+        .get("/api/v1/runs?created_before=2999-01-01T00:00:00Z&created_after=2000-01-01T00:00:00Z")
+        .await;
+    assert_eq!(
+        listed(&past),
+        vec![ids[1].clone(), ids[0].clone()],
+        "{past}"
+    );
+    let (_, none) = app
+        .get("/api/v1/runs?created_before=2000-01-01T00:00:00Z")
+        .await;
+    assert!(listed(&none).is_empty(), "{none}");
+    let (status, bad) = app.get("/api/v1/runs?created_after=yesterday").await;
+    assert_eq!(
+        (status, &bad["error"]["code"]),
+        (400, &json!("invalid_query")),
+        "{bad}"
+    );
+    let reader = scoped_token(&app, "read", Some(&[a])).await;
+    let (status, hidden) = as_token(
+        &app,
+        &reader,
+        reqwest::Method::GET,
+        &format!("/api/v1/runs?project_id={b}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{hidden}");
+    assert!(listed(&hidden).is_empty(), "{hidden}");
     app.stop().await;
 }

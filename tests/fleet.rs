@@ -1231,7 +1231,11 @@ async fn workers_register_themselves_and_show_their_runs() {
     assert_eq!(named(&list, "quiet")["running_jobs"], 0, "{list}");
     let (status, page) = app.get("/api/v1/workers?limit=1").await;
     assert_eq!(status, 200, "{page}");
-    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(
+        page["items"].as_array().expect("present").len(),
+        1,
+        "{page}"
+    );
     let next = page["next_after"]
         .as_str()
         .expect("a full page has next_after")
@@ -1240,9 +1244,9 @@ async fn workers_register_themselves_and_show_their_runs() {
     assert!(
         rest["items"]
             .as_array()
-            .unwrap()
+            .expect("present")
             .iter()
-            .all(|w| w["name"].as_str().unwrap() > next.as_str()),
+            .all(|w| w["name"].as_str().expect("present") > next.as_str()),
         "{rest}"
     );
     let (status, bad) = app.get("/api/v1/workers?limit=0").await;
@@ -1266,7 +1270,10 @@ async fn workers_register_themselves_and_show_their_runs() {
             } else {
                 busy_w
             };
-            assert!(holder["running_jobs"].as_i64().unwrap() >= 1, "{list}");
+            assert!(
+                holder["running_jobs"].as_i64().expect("present") >= 1,
+                "{list}"
+            );
             break;
         }
         let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
@@ -1284,7 +1291,7 @@ async fn workers_register_themselves_and_show_their_runs() {
             .post("/api/v1/tokens", json!({ "name": scope, "scope": scope }))
             .await;
         assert_eq!(status, 201, "{token}");
-        tokens.push(token["secret"].as_str().unwrap().to_owned());
+        tokens.push(token["secret"].as_str().expect("present").to_owned());
     }
     for (token, expected) in tokens.iter().zip([200, 403]) {
         let resp = app
@@ -1329,9 +1336,9 @@ async fn the_in_process_worker_registers_in_embedded_mode() {
     loop {
         let (status, list) = app.get("/api/v1/workers").await;
         assert_eq!(status, 200, "{list}");
-        if let Some(w) = list["items"].as_array().unwrap().first() {
+        if let Some(w) = list["items"].as_array().expect("present").first() {
             assert_eq!(w["status"], "alive", "{list}");
-            assert!(w["slots"].as_i64().unwrap() >= 1, "{list}");
+            assert!(w["slots"].as_i64().expect("present") >= 1, "{list}");
             break;
         }
         assert!(Instant::now() < deadline, "no worker registered: {list}");

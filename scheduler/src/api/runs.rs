@@ -36,6 +36,10 @@ pub async fn get_one(
 #[serde(deny_unknown_fields)]
 pub struct RunQuery {
     storage_id: Option<i64>,
+    project_id: Option<i64>,
+    /// Runs created (queued) after / before this time (RFC 3339).
+    created_after: Option<chrono::DateTime<chrono::Utc>>,
+    created_before: Option<chrono::DateTime<chrono::Utc>>,
     status: Option<String>,
     kind: Option<String>,
     limit: Option<u64>,
@@ -70,6 +74,9 @@ pub async fn list(
     }
     let filter = RunFilter {
         storage_id: q.storage_id,
+        project_id: q.project_id,
+        created_after: q.created_after,
+        created_before: q.created_before,
         status,
         kind: q.kind.as_deref(),
         before: q.after.as_deref(),

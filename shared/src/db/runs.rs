@@ -601,6 +601,10 @@ pub async fn mark_alive_if_queued(
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RunFilter<'a> {
     pub storage_id: Option<i64>,
+    pub project_id: Option<i64>,
+    /// Runs queued after / before these times.
+    pub created_after: Option<chrono::DateTime<Utc>>,
+    pub created_before: Option<chrono::DateTime<Utc>>,
     pub status: Option<RunStatus>,
     /// A run kind's name (the caller checked it).
     pub kind: Option<&'a str>,
@@ -622,6 +626,15 @@ pub async fn page(
         .limit(limit);
     if let Some(storage_id) = filter.storage_id {
         query = query.filter(sync_run::Column::StorageId.eq(storage_id));
+    }
+    if let Some(project_id) = filter.project_id {
+        query = query.filter(sync_run::Column::ProjectId.eq(project_id));
+    }
+    if let Some(after) = filter.created_after {
+        query = query.filter(sync_run::Column::QueuedAt.gt(after));
+    }
+    if let Some(before) = filter.created_before {
+        query = query.filter(sync_run::Column::QueuedAt.lt(before));
     }
     if let Some(status) = filter.status {
         query = query.filter(sync_run::Column::Status.eq(status.as_str()));
@@ -684,7 +697,11 @@ pub async fn error_keys(
 
 /// Whether the run recorded any per-object error.
 pub async fn has_errors(db: &impl ConnectionTrait, run_id: &str) -> Result<bool> {
-    Ok(!error_keys(db, run_id, None, 1).await?.is_empty())
+    Ok(object_error::Entity::find()
+        .filter(object_error::Column::RunId.eq(run_id))
+        .one(db)
+        .await?
+        .is_some())
 }
 
 /// The newest run of each storage that has one, by storage id, in two

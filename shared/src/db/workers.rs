@@ -100,3 +100,36 @@ pub fn to_json(
         "status": if silent > gone_after { "gone" } else { "alive" },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_silent_past_the_limit_is_gone() {
+        let now = Utc::now();
+        let row = |silent: i64| worker::Model {
+            name: "w-1".into(),
+            host: "h".into(),
+            version: "0".into(),
+            slots: 4,
+            running_jobs: 1,
+            current_runs: serde_json::json!(["r"]),
+            started_at: now,
+            heartbeat_at: now - chrono::Duration::seconds(silent),
+        };
+        let limit = std::time::Duration::from_secs(15);
+        assert_eq!(to_json(&row(3), now, limit)["status"], "alive");
+        assert_eq!(to_json(&row(15), now, limit)["status"], "alive");
+        assert_eq!(to_json(&row(16), now, limit)["status"], "gone");
+        assert_eq!(
+            to_json(&row(-2), now, limit)["status"],
+            "alive",
+            "a clock ahead"
+        );
+        assert_eq!(
+            to_json(&row(3), now, limit)["current_runs"],
+            serde_json::json!(["r"])
+        );
+    }
+}

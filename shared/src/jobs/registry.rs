@@ -123,3 +123,38 @@ pub async fn deregister(db: &DatabaseConnection, name: &str) {
         tracing::debug!(error = %err, worker = name, "worker deregistration failed; the scheduler prunes it");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_counts_jobs_and_lists_each_run_once() {
+        let current = Arc::new(Current::default());
+        assert_eq!(current.snapshot(), (0, Vec::<String>::new()));
+        let b1 = current.enter("run-b");
+        let a = current.enter("run-a");
+        let b2 = current.enter("run-b");
+        let hook = current.enter("");
+        assert_eq!(
+            current.snapshot(),
+            (4, vec!["run-a".to_owned(), "run-b".to_owned()])
+        );
+        drop(b1);
+        drop(hook);
+        assert_eq!(
+            current.snapshot(),
+            (2, vec!["run-a".to_owned(), "run-b".to_owned()])
+        );
+        drop(b2);
+        drop(a);
+        assert_eq!(current.snapshot(), (0, Vec::<String>::new()));
+    }
+
+    #[test]
+    fn a_worker_knows_its_host() {
+        assert!(!host_name().is_empty());
+        let me = Identity::new("w-1", usize::MAX);
+        assert_eq!(me.slots, i32::MAX);
+    }
+}
