@@ -1944,8 +1944,9 @@ async fn a_retry_run_reads_again_only_the_failed_objects() {
         "3 good (one object gone, its task kept) + the fixed one: {tasks:?}"
     );
 
-    // Nothing failed: 409 nothing_to_retry.
-    std::fs::write(data.join("bad-b.json"), r#"{"text": "fixed too"}"#).expect("write");
+    // The object still failing is deleted: the next retry leaves it out,
+    // and then nothing failed: 409 nothing_to_retry.
+    std::fs::remove_file(data.join("bad-b.json")).expect("rm");
     let (status, again) = app
         .post(
             &format!(
@@ -1960,6 +1961,8 @@ async fn a_retry_run_reads_again_only_the_failed_objects() {
         .wait_run(again["id"].as_str().expect("present"), RUN_TIMEOUT)
         .await;
     assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["counters"]["listed"], 0, "{done}");
+    assert_eq!(app.all_tasks(project).await.len(), 4);
     let (status, nothing) = app
         .post(
             &format!(

@@ -887,6 +887,34 @@ async fn an_unreadable_local_directory_is_one_object_error() {
         !message.contains(base.to_str().expect("utf-8")),
         "the message shows the server's path: {message}"
     );
+    // A retry run reads that directory alone again: still unreadable, it is
+    // the retry's one error, and the retry takes none of the objects it did
+    // not read for missing.
+    let retry = format!("/api/v1/runs/{}/retry", run["id"].as_str().expect("id"));
+    let (code, started) = app.post(&retry, json!({})).await;
+    assert_eq!(code, 202, "{started}");
+    let id = started["id"].as_str().expect("id");
+    let retried = app.wait_run(id, std::time::Duration::from_secs(60)).await;
+    let (_, errors) = app.get(&format!("/api/v1/runs/{id}/errors")).await;
+    assert_eq!(retried["status"], "completed_with_errors", "{retried}");
+    assert_eq!(errors["items"][0]["key"], format!("{key}/"), "{errors}");
+    let c = &retried["counters"];
+    assert_eq!(
+        (
+            c["failed"].as_i64(),
+            c["listed"].as_i64(),
+            c["missing"].as_i64()
+        ),
+        (Some(1), Some(0), Some(0)),
+        "{retried}"
+    );
+    let tasks = app.all_tasks(project).await;
+    assert_eq!(tasks.len(), 2, "{tasks:?}");
+    let full = app.sync(&storage["id"]).await;
+    assert_eq!(
+        full["counters"]["missing"], 0,
+        "nothing was flagged: {full}"
+    );
     app.stop().await;
 }
 

@@ -4,7 +4,8 @@
 //! is there now. A key no longer there is left out (nothing is flagged or
 //! deleted for it: a retry run does no missing-object detection); a key
 //! ending in `/` (a part of the listing that could not be read) is listed
-//! again whole.
+//! again whole. A key whose lookup fails for good (unreadable) is an error
+//! of the retry run, as it would be of a listing.
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
@@ -13,7 +14,7 @@ use sea_orm::DatabaseConnection;
 use crate::{
     Result,
     db::runs,
-    storage::{ListOptions, Page, Storage},
+    storage::{ListError, ListOptions, Page, Storage},
 };
 
 /// Keys looked up at once.
@@ -76,7 +77,18 @@ async fn look_up(backend: Arc<dyn Storage>, key: String, recursive: bool) -> Res
     });
     let mut found = Page::default();
     while let Some(page) = listing.next().await {
-        let mut page = page?;
+        // A key that cannot be read is that key's error, as in a listing;
+        // only a transient failure retries the run.
+        let mut page = match page {
+            Err(err) if !err.is_transient() => {
+                found.errors.push(ListError {
+                    key: key.clone(),
+                    message: err.to_string(),
+                });
+                break;
+            }
+            other => other?,
+        };
         found.errors.append(&mut page.errors);
         if dir {
             found.objects.append(&mut page.objects);
