@@ -5,7 +5,7 @@ use labelsync_migrations::{Migrator, MigratorTrait};
 use labelsync_tests::fresh_postgres;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 
-const TABLES: [&str; 14] = [
+const TABLES: [&str; 15] = [
     "projects",
     "storages",
     "tasks",
@@ -20,6 +20,7 @@ const TABLES: [&str; 14] = [
     "webhook_deliveries",
     "webhook_attempts",
     "idempotency_keys",
+    "fleet_workers",
 ];
 
 async fn check_schema(db: &DatabaseConnection) {
