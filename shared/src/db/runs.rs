@@ -606,6 +606,28 @@ pub async fn page(
     Ok(query.all(db).await?)
 }
 
+/// How many runs there are of each status: those queued at or after
+/// `since` (all when `None`), of these projects (all when `None`).
+pub async fn count_by_status(
+    db: &impl ConnectionTrait,
+    since: Option<chrono::DateTime<Utc>>,
+    projects: Option<&[i64]>,
+) -> Result<HashMap<String, i64>> {
+    let mut query = sync_run::Entity::find()
+        .select_only()
+        .column(sync_run::Column::Status)
+        .column_as(sync_run::Column::Id.count(), "n")
+        .group_by(sync_run::Column::Status);
+    if let Some(since) = since {
+        query = query.filter(sync_run::Column::QueuedAt.gte(since));
+    }
+    if let Some(projects) = projects {
+        query = query.filter(of_projects(projects));
+    }
+    let rows: Vec<(String, i64)> = query.into_tuple().all(db).await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Runs of these projects.
 fn of_projects(projects: &[i64]) -> sea_orm::Condition {
     sea_orm::Condition::all().add(sync_run::Column::ProjectId.is_in(projects.iter().copied()))

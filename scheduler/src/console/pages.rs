@@ -1,0 +1,332 @@
+//! The console's pages: overview, runs, one run, storages. Each reads what
+//! the caller's scope and projects allow (as the API would answer) and
+//! offers only the actions its scope covers; every list is keyset-paged.
+use axum::{
+    Extension,
+    extract::{Path, Query, State},
+    response::Response,
+};
+use chrono::{Duration, Utc};
+use labelsync::db::{
+    entities::{storage, sync_run},
+    runs::{self, RunFilter, RunKind, RunStatus},
+    storages::{self, StorageFilter},
+};
+use maud::{Markup, html};
+use serde::Deserialize;
+
+use super::{Viewer, layout};
+use crate::api::{AppState, access::Need};
+
+/// Rows a list page shows.
+const PAGE: u64 = 50;
+
+/// `GET /ui/`: the queue, run counts, the newest runs.
+pub async fn overview(
+    State(state): State<AppState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Response {
+    let projects = viewer.caller.projects();
+    let hour_ago = Utc::now() - Duration::hours(1);
+    let (depth, live, last_hour, recent) = tokio::join!(
+        state.queue.depth(),
+        runs::count_by_status(&state.db, None, projects),
+        runs::count_by_status(&state.db, Some(hour_ago), projects),
+        runs::page(
+            &state.db,
+            RunFilter {
+                projects,
+                ..RunFilter::default()
+            },
+            20
+        ),
+    );
+    let count = |map: &labelsync::Result<std::collections::HashMap<String, i64>>, status: &str| {
+        map.as_ref()
+            .ok()
+            .and_then(|m| m.get(status).copied())
+            .unwrap_or(0)
+    };
+    let body = html! {
+        h2 { "Queue" }
+        @match &depth {
+            Ok(depth) => div.cards {
+                (card("waiting", depth.pending))
+                (card("in flight", depth.running))
+                (card("dead", depth.dead))
+            },
+            Err(err) => p.status-failed { "The queue does not answer: " (err) },
+        }
+        h2 { "Runs" }
+        div.cards {
+            (card("running", count(&live, "running")))
+            (card("queued", count(&live, "queued")))
+            (card("completed, last hour", count(&last_hour, "completed")))
+            (card("with errors, last hour", count(&last_hour, "completed_with_errors")))
+            (card("failed, last hour", count(&last_hour, "failed")))
+            (card("cancelled, last hour", count(&last_hour, "cancelled")))
+        }
+        h2 { "Newest runs" }
+        (runs_table(recent.as_deref().unwrap_or_default()))
+        p { a href="/ui/runs" { "All runs" } }
+    };
+    layout::page("Overview", &viewer, body)
+}
+
+fn card(label: &str, n: impl std::fmt::Display) -> Markup {
+    html! { div.card { div.n { (n) } div.l { (label) } } }
+}
+
+fn runs_table(rows: &[sync_run::Model]) -> Markup {
+    html! {
+        @if rows.is_empty() {
+            p.muted { "No runs." }
+        } @else {
+            div.scroll { table {
+                thead { tr {
+                    th scope="col" { "Run" } th scope="col" { "Storage" } th scope="col" { "Kind" }
+                    th scope="col" { "Status" } th scope="col" { "Listed" } th scope="col" { "Created" }
+                    th scope="col" { "Failed" } th scope="col" { "Queued at" }
+                } }
+                tbody { @for run in rows { tr {
+                    td { a href={ "/ui/runs/" (run.id) } { (run.id) } }
+                    td { (run.storage_id) }
+                    td { (run.kind) }
+                    td { span class={ "status-" (run.status) } { (run.status) } }
+                    td { (run.listed) } td { (run.created) } td { (run.failed) }
+                    td { (run.queued_at.format("%Y-%m-%d %H:%M:%S")) }
+                } } }
+            } }
+        }
+    }
+}
+
+/// `?project_id=&status=&kind=&before=` of the runs page.
+#[derive(Debug, Default, Deserialize)]
+pub struct RunsQuery {
+    project_id: Option<i64>,
+    status: Option<String>,
+    kind: Option<String>,
+    before: Option<String>,
+}
+
+/// `GET /ui/runs`: newest first, filtered, paged by run id.
+pub async fn runs(
+    State(state): State<AppState>,
+    Extension(viewer): Extension<Viewer>,
+    Query(q): Query<RunsQuery>,
+) -> Response {
+    let status = q.status.as_deref().and_then(RunStatus::parse);
+    let kind = q.kind.as_deref().filter(|k| RunKind::parse(k).is_some());
+    let chosen = q.project_id.map(|p| [p]);
+    // A project the caller may not see shows nothing, as in the API.
+    let projects = match (&chosen, viewer.caller.projects()) {
+        (Some(one), Some(allowed)) if !allowed.contains(&one[0]) => Some(&[][..]),
+        (Some(one), _) => Some(&one[..]),
+        (None, allowed) => allowed,
+    };
+    let filter = RunFilter {
+        status,
+        kind,
+        before: q.before.as_deref(),
+        projects,
+        ..RunFilter::default()
+    };
+    let rows = runs::page(&state.db, filter, PAGE)
+        .await
+        .unwrap_or_default();
+    let next = (rows.len() as u64 == PAGE)
+        .then(|| rows.last().map(|r| r.id.clone()))
+        .flatten();
+    let body = html! {
+        form.filters method="get" action="/ui/runs" {
+            label { "Project id" input type="number" name="project_id" value=[q.project_id]; }
+            label { "Status" select name="status" {
+                option value="" { "any" }
+                @for s in RunStatus::ALL { option value=(s.as_str()) selected[status == Some(s)] { (s.as_str()) } }
+            } }
+            label { "Kind" select name="kind" {
+                option value="" { "any" }
+                @for k in ["import", "export", "delete"] { option value=(k) selected[kind == Some(k)] { (k) } }
+            } }
+            button type="submit" { "Filter" }
+        }
+        (runs_table(&rows))
+        @if let Some(next) = next {
+            p { a href=(older_link(&q, &next)) { "Older runs" } }
+        }
+    };
+    layout::page("Runs", &viewer, body)
+}
+
+fn older_link(q: &RunsQuery, before: &str) -> String {
+    let mut link = format!("/ui/runs?before={before}");
+    if let Some(p) = q.project_id {
+        link.push_str(&format!("&project_id={p}"));
+    }
+    for (name, value) in [("status", &q.status), ("kind", &q.kind)] {
+        if let Some(v) = value
+            .as_deref()
+            .filter(|v| v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        {
+            link.push_str(&format!("&{name}={v}"));
+        }
+    }
+    link
+}
+
+/// `?after=` of a run's error table.
+#[derive(Debug, Default, Deserialize)]
+pub struct ErrorsQuery {
+    after: Option<i64>,
+}
+
+/// `GET /ui/runs/{id}`: counters (live while it runs), timings, the error,
+/// the per-object errors, and its actions.
+pub async fn run(
+    State(state): State<AppState>,
+    Extension(viewer): Extension<Viewer>,
+    Path(id): Path<String>,
+    Query(q): Query<ErrorsQuery>,
+) -> Response {
+    let run = match runs::get(&state.db, &id).await {
+        Ok(run) if viewer.caller.sees(run.project_id) => run,
+        _ => {
+            return layout::error_page(
+                axum::http::StatusCode::NOT_FOUND,
+                &format!("Run {id} not found."),
+            );
+        }
+    };
+    let errors = runs::errors_page(&state.db, &id, q.after, PAGE)
+        .await
+        .unwrap_or_default();
+    let live = RunStatus::parse(&run.status).is_some_and(RunStatus::is_live);
+    let counters = serde_json::to_value(runs::Counters::of(&run)).unwrap_or_default();
+    let body = html! {
+        div data-live-run=[live.then_some(&run.id)] {
+            dl.facts {
+                dt { "Status" } dd { span data-status class={ "status-" (run.status) } { (run.status) } }
+                dt { "Storage" } dd { (run.storage_id) }
+                dt { "Kind" } dd { (run.kind) " (" (run.scope) ")" }
+                dt { "Attempts" } dd { (run.attempts) }
+                dt { "Queued" } dd { (run.queued_at) }
+                dt { "Started" } dd { (opt(run.started_at)) }
+                dt { "Heartbeat" } dd { (opt(run.heartbeat_at)) }
+                dt { "Finished" } dd { (opt(run.finished_at)) }
+                @if let Some(error) = &run.error { dt { "Error" } dd.status-failed { (error) } }
+            }
+            h2 { "Counters" }
+            div.cards {
+                @if let Some(map) = counters.as_object() {
+                    @for (name, value) in map {
+                        div.card { div.n data-counter=(name) { (value) } div.l { (name) } }
+                    }
+                }
+            }
+        }
+        @if live && viewer.may(Need::Act) {
+            div.actions {
+                button.danger data-action={ "/api/v1/runs/" (run.id) "/cancel" }
+                    data-confirm="Cancel this run?" data-done="Cancelled." { "Cancel run" }
+            }
+        }
+        h2 { "Objects that failed" }
+        (errors_table(&run, &errors))
+    };
+    layout::page(&format!("Run {}", run.id), &viewer, body)
+}
+
+fn opt(at: Option<chrono::DateTime<Utc>>) -> String {
+    at.map_or_else(|| "-".to_owned(), |at| at.to_string())
+}
+
+fn errors_table(
+    run: &sync_run::Model,
+    rows: &[labelsync::db::entities::object_error::Model],
+) -> Markup {
+    html! {
+        @if rows.is_empty() {
+            p.muted { "None." }
+        } @else {
+            div.scroll { table {
+                thead { tr { th scope="col" { "Key" } th scope="col" { "Row" } th scope="col" { "Error" } } }
+                tbody { @for e in rows { tr {
+                    td.wrap { (e.object_key) }
+                    td { (e.row_index.map_or_else(String::new, |r| r.to_string())) }
+                    td.wrap { (e.error) }
+                } } }
+            } }
+            @if rows.len() as u64 == PAGE {
+                @if let Some(last) = rows.last() {
+                    p { a href={ "/ui/runs/" (run.id) "?after=" (last.id) } { "More errors" } }
+                }
+            }
+        }
+    }
+}
+
+/// `?after=` of the storages page.
+#[derive(Debug, Default, Deserialize)]
+pub struct StoragesQuery {
+    after: Option<i64>,
+}
+
+/// `GET /ui/storages`: each storage with its newest run and actions.
+pub async fn storages(
+    State(state): State<AppState>,
+    Extension(viewer): Extension<Viewer>,
+    Query(q): Query<StoragesQuery>,
+) -> Response {
+    let filter = StorageFilter {
+        after: q.after,
+        projects: viewer.caller.projects(),
+        ..StorageFilter::default()
+    };
+    let rows = storages::page(&state.db, filter, PAGE)
+        .await
+        .unwrap_or_default();
+    let ids: Vec<i64> = rows.iter().map(|s| s.id).collect();
+    let last = runs::newest_of(&state.db, &ids).await.unwrap_or_default();
+    let body = html! {
+        @if rows.is_empty() { p.muted { "No storages." } } @else {
+            div.scroll { table {
+                thead { tr {
+                    th scope="col" { "Storage" } th scope="col" { "Project" } th scope="col" { "Backend" }
+                    th scope="col" { "Role" } th scope="col" { "Every" } th scope="col" { "Next sync" }
+                    th scope="col" { "Newest run" } th scope="col" { "Actions" }
+                } }
+                tbody { @for s in &rows { (storage_row(&viewer, s, last.get(&s.id))) } }
+            } }
+            @if rows.len() as u64 == PAGE {
+                @if let Some(last) = ids.last() { p { a href={ "/ui/storages?after=" (last) } { "More storages" } } }
+            }
+        }
+    };
+    layout::page("Storages", &viewer, body)
+}
+
+fn storage_row(viewer: &Viewer, s: &storage::Model, last: Option<&sync_run::Model>) -> Markup {
+    let every = s
+        .sync_interval_seconds
+        .map_or_else(|| "manual".to_owned(), |n| format!("{n} s"));
+    html! { tr {
+        td { (s.id) @if !s.title.is_empty() { " " span.muted { (s.title) } } }
+        td { (s.project_id) }
+        td { (s.backend) }
+        td { (s.role) }
+        td { (every) }
+        td { (opt(s.next_sync_at)) }
+        td { @match last {
+            Some(run) => a href={ "/ui/runs/" (run.id) } { span class={ "status-" (run.status) } { (run.status) } },
+            None => span.muted { "never" },
+        } }
+        td { @if viewer.may(Need::Act) {
+            button data-action={ "/api/v1/storages/" (s.id) "/sync" } data-then="run"
+                aria-label={ "Sync storage " (s.id) " now" } { "Sync now" }
+            " "
+            button data-action={ "/api/v1/storages/" (s.id) "/validate" } data-done="The storage answered as expected."
+                aria-label={ "Validate storage " (s.id) } { "Validate" }
+        } }
+    } }
+}

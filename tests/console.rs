@@ -1,0 +1,270 @@
+//! The ops console at `/ui/` (a module of the `api` test binary): pages
+//! render what a caller may see, actions are calls of the API carried by
+//! the session cookie and refused without the page's CSRF token, read-only
+//! tokens get no buttons.
+#![allow(clippy::unwrap_used)]
+use labelsync_tests::{AppOptions, TestApp, spawn_app, write_files};
+use reqwest::{Method, redirect::Policy};
+use serde_json::{Value, json};
+
+const BOOT: &str = "console-bootstrap-token";
+
+/// A client that keeps no cookies and follows no redirects, so each answer
+/// is seen as the server gave it.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn api(app: &TestApp, method: Method, path: &str, body: Value) -> (u16, Value) {
+    let resp = client()
+        .request(method, format!("{}{path}", app.base))
+        .bearer_auth(BOOT)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Logs in through the form; returns the session cookie (`name=value`).
+async fn log_in(app: &TestApp, token: &str) -> String {
+    let resp = client()
+        .post(format!("{}/ui/login", app.base))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303, "a valid token logs in");
+    assert_eq!(resp.headers()["location"], "/ui/");
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for part in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+async fn page(app: &TestApp, cookie: &str, path: &str) -> (u16, String) {
+    let resp = client()
+        .get(format!("{}{path}", app.base))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+fn csrf_of(html: &str) -> String {
+    let start = html
+        .find(r#"name="csrf-token" content=""#)
+        .expect("csrf meta")
+        + 27;
+    html[start..start + 64].to_owned()
+}
+
+/// Two projects with a synced storage each; returns (project a, storage a,
+/// run a, run b).
+async fn two_projects(app: &TestApp) -> (i64, i64, String, String) {
+    let mut out = Vec::new();
+    for dir in ["a", "b"] {
+        write_files(&app.doc_root.path().join(dir), 2, "jpg");
+        let (_, project) = api(
+            app,
+            Method::POST,
+            "/api/v1/projects",
+            json!({ "title": dir }),
+        )
+        .await;
+        let body = json!({ "project_id": project["id"], "role": "source", "backend": "local", "config": { "path": dir } });
+        let (_, storage) = api(app, Method::POST, "/api/v1/storages", body).await;
+        let path = format!("/api/v1/storages/{}/sync", storage["id"]);
+        let (status, started) = api(app, Method::POST, &path, json!({})).await;
+        assert_eq!(status, 202, "{started}");
+        let run = started["run"]["id"].as_str().unwrap().to_owned();
+        app.wait_run(&run, std::time::Duration::from_secs(60)).await;
+        out.push((
+            project["id"].as_i64().unwrap(),
+            storage["id"].as_i64().unwrap(),
+            run,
+        ));
+    }
+    (out[0].0, out[0].1, out[0].2.clone(), out[1].2.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_runs_and_acts_through_the_api() {
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        ..AppOptions::default()
+    })
+    .await;
+    let (project_a, storage_a, run_a, run_b) = two_projects(&app).await;
+
+    let (status, _) = page(&app, "", "/ui/").await;
+    assert_eq!(status, 303, "no session: to the login form");
+    let refused = client()
+        .post(format!("{}/ui/login", app.base))
+        .form(&[("token", "wrong")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(refused.headers().get("set-cookie").is_none());
+
+    let admin = log_in(&app, BOOT).await;
+    let (status, overview) = page(&app, &admin, "/ui/").await;
+    assert_eq!(status, 200, "{overview}");
+    for shown in [
+        "Queue",
+        "Newest runs",
+        run_a.as_str(),
+        run_b.as_str(),
+        "completed, last hour",
+    ] {
+        assert!(overview.contains(shown), "overview lacks {shown}");
+    }
+    let (_, run_page) = page(&app, &admin, &format!("/ui/runs/{run_a}")).await;
+    assert!(
+        run_page.contains(r#"data-counter="created">2<"#),
+        "{run_page}"
+    );
+    assert!(run_page.contains("Objects that failed"));
+    let (_, storages) = page(&app, &admin, "/ui/storages").await;
+    assert!(
+        storages.contains(&format!("/api/v1/storages/{storage_a}/sync")),
+        "{storages}"
+    );
+
+    // The page's action is the API's route, with the session and its CSRF token.
+    let sync = format!("{}/api/v1/storages/{storage_a}/sync", app.base);
+    let csrf = csrf_of(&storages);
+    let without = client()
+        .post(&sync)
+        .header("cookie", &admin)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without.status(), 403, "no CSRF token");
+    let wrong = client()
+        .post(&sync)
+        .header("cookie", &admin)
+        .header("x-csrf-token", "0".repeat(64))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 403);
+    let cross = client()
+        .post(&sync)
+        .header("cookie", &admin)
+        .header("x-csrf-token", &csrf)
+        .header("sec-fetch-site", "cross-site")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403, "a change from another site");
+    let done = client()
+        .post(&sync)
+        .header("cookie", &admin)
+        .header("x-csrf-token", &csrf)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 202);
+    let started: Value = done.json().await.unwrap();
+    let rows = api(&app, Method::GET, "/api/v1/audit?limit=1000", Value::Null)
+        .await
+        .1;
+    assert!(
+        rows["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["route"] == "/api/v1/storages/{id}/sync" && r["status"] == 202),
+        "the console's action is audited like any call: {rows}"
+    );
+    app.wait_run(
+        started["run"]["id"].as_str().unwrap(),
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+
+    // A read-only token held to project a: its runs only, and no buttons.
+    let body = json!({ "name": "viewer", "scope": "read", "projects": [project_a] });
+    let (_, reader) = api(&app, Method::POST, "/api/v1/tokens", body).await;
+    let viewer = log_in(&app, reader["secret"].as_str().unwrap()).await;
+    let (_, overview) = page(&app, &viewer, "/ui/").await;
+    assert!(
+        overview.contains(&run_a) && !overview.contains(&run_b),
+        "only its project's runs"
+    );
+    let (status, _) = page(&app, &viewer, &format!("/ui/runs/{run_b}")).await;
+    assert_eq!(status, 404, "another project's run");
+    let (_, storages) = page(&app, &viewer, "/ui/storages").await;
+    assert!(
+        !storages.contains("Sync now") && !storages.contains("data-action"),
+        "read-only: no actions"
+    );
+
+    let logout = client()
+        .post(format!("{}/ui/logout", app.base))
+        .header("cookie", &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 303);
+    assert!(
+        logout.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_pages_send_a_strict_content_security_policy() {
+    let app = spawn_app(AppOptions::default()).await;
+    for path in [
+        "/ui/",
+        "/ui/runs",
+        "/ui/storages",
+        "/ui/login",
+        "/ui/static/console.js",
+    ] {
+        let resp = client()
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path} (open loopback mode: no login)");
+        let csp = resp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{path}: {csp}"
+        );
+        assert_eq!(resp.headers()["x-frame-options"], "DENY");
+    }
+    let (status, html) = page(
+        &app,
+        "",
+        "/ui/runs?status=bogus&kind=%3Cscript%3E&project_id=1",
+    )
+    .await;
+    assert_eq!(status, 200, "odd filters are ignored, not errors");
+    assert!(!html.contains("<script>"), "nothing is echoed unescaped");
+    let (status, _) = page(&app, "", "/ui/runs/01NOSUCHRUN").await;
+    assert_eq!(status, 404);
+    app.stop().await;
+}
