@@ -268,3 +268,105 @@ async fn console_pages_send_a_strict_content_security_policy() {
     assert_eq!(status, 404);
     app.stop().await;
 }
+
+/// The console in a real browser (Debian's chromium through chromedriver,
+/// driven by selenium; tests/console/browser.py): log in, start a sync from
+/// the storages page and watch its counters reach the end without a
+/// reload, find a failed object on a run's page, cancel a running sync
+/// with the page's button, and no serious accessibility violation (axe-core)
+/// on any page. Screenshots of every page are written to target/console/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_browser_drives_the_console() {
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        ..AppOptions::default()
+    })
+    .await;
+    let root = app.doc_root.path();
+    write_files(&root.join("small"), 5, "jpg");
+    write_files(&root.join("big"), 30_000, "jpg");
+    std::fs::create_dir_all(root.join("tasks")).unwrap();
+    std::fs::write(
+        root.join("tasks/good.json"),
+        r#"{"data": {"text": "fine"}}"#,
+    )
+    .unwrap();
+    std::fs::write(root.join("tasks/broken.json"), "{ not json").unwrap();
+    let (_, project) = api(
+        &app,
+        Method::POST,
+        "/api/v1/projects",
+        json!({ "title": "browser" }),
+    )
+    .await;
+    let storage = |dir: &str, tasks: bool| {
+        let mut body = json!({ "project_id": project["id"], "role": "source", "backend": "local", "config": { "path": dir } });
+        if tasks {
+            body["import_method"] = json!("tasks");
+        }
+        body
+    };
+    let (_, small) = api(
+        &app,
+        Method::POST,
+        "/api/v1/storages",
+        storage("small", false),
+    )
+    .await;
+    let (_, big) = api(
+        &app,
+        Method::POST,
+        "/api/v1/storages",
+        storage("big", false),
+    )
+    .await;
+    let (_, bad) = api(
+        &app,
+        Method::POST,
+        "/api/v1/storages",
+        storage("tasks", true),
+    )
+    .await;
+    let (_, started) = api(
+        &app,
+        Method::POST,
+        &format!("/api/v1/storages/{}/sync", bad["id"]),
+        json!({}),
+    )
+    .await;
+    let bad_run = started["run"]["id"].as_str().expect("run id").to_owned();
+    let ended = app
+        .wait_run(&bad_run, std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(ended["counters"]["failed"], 1, "{ended}");
+
+    let root = labelsync_tests::repo_root();
+    let out = root.join("target/console");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let axe = root.join(".ci/browser/node_modules/axe-core/axe.min.js");
+    assert!(
+        axe.exists(),
+        "{} is missing: run tests/browser-tools.sh (tests/run.sh does)",
+        axe.display()
+    );
+    let output = tokio::process::Command::new(root.join(".ci/apivenv/bin/python"))
+        .arg(root.join("tests/console/browser.py"))
+        .args([&app.base, BOOT])
+        .arg(small["id"].to_string())
+        .arg(big["id"].to_string())
+        .args([bad_run.as_str(), "broken.json", "5"])
+        .arg(&out)
+        .arg(&axe)
+        .output()
+        .await
+        .expect("run tests/console/browser.py (tests/browser-tools.sh installs selenium)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the browser run failed (screenshots in {}):\n{stdout}\n{}",
+        out.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    app.stop().await;
+}

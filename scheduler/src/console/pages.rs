@@ -323,10 +323,10 @@ fn storage_row(viewer: &Viewer, s: &storage::Model, last: Option<&sync_run::Mode
         } }
         td { @if viewer.may(Need::Act) {
             button data-action={ "/api/v1/storages/" (s.id) "/sync" } data-then="run"
-                aria-label={ "Sync storage " (s.id) " now" } { "Sync now" }
+                aria-label={ "Sync now: storage " (s.id) } { "Sync now" }
             " "
             button data-action={ "/api/v1/storages/" (s.id) "/validate" } data-done="The storage answered as expected."
-                aria-label={ "Validate storage " (s.id) } { "Validate" }
+                aria-label={ "Validate: storage " (s.id) } { "Validate" }
         } }
     } }
 }

@@ -62,7 +62,7 @@ function watchRun(element) {
   source.addEventListener("finished", (event) => {
     show(event);
     source.close();
-    setTimeout(() => window.location.reload(), 800);
+    flash("The run has ended; reload the page for its failed objects.", false);
   });
   source.addEventListener("gone", () => source.close());
 }
