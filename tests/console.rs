@@ -119,12 +119,15 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
     let admin = log_in(&app, BOOT).await;
     let (status, overview) = page(&app, &admin, "/ui/").await;
     assert_eq!(status, 200, "{overview}");
+    // Two runs of two objects each ended within the hour: the chart says 4.
+    let charted = r#"aria-label="tasks created per minute: 4 in all"#;
     for shown in [
         "Queue",
         "Newest runs",
         run_a.as_str(),
         run_b.as_str(),
         "completed, last hour",
+        charted,
     ] {
         assert!(overview.contains(shown), "overview lacks {shown}");
     }

@@ -6,6 +6,7 @@
 //! behind TLS), and the API takes it with the page's CSRF token
 //! (`api::access`). Reads are rendered from the database with the caller's
 //! scope and projects, as the API would answer them.
+mod charts;
 mod layout;
 mod pages;
 

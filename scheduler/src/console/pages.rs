@@ -15,7 +15,7 @@ use labelsync::db::{
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use super::{Viewer, layout};
+use super::{Viewer, charts, layout};
 use crate::api::{AppState, access::Need};
 
 /// Rows a list page shows.
@@ -28,7 +28,7 @@ pub async fn overview(
 ) -> Response {
     let projects = viewer.caller.projects();
     let hour_ago = Utc::now() - Duration::hours(1);
-    let (depth, live, last_hour, recent) = tokio::join!(
+    let (depth, live, last_hour, recent, ended) = tokio::join!(
         state.queue.depth(),
         runs::count_by_status(&state.db, None, projects),
         runs::count_by_status(&state.db, Some(hour_ago), projects),
@@ -39,6 +39,12 @@ pub async fn overview(
                 ..RunFilter::default()
             },
             20
+        ),
+        runs::ended_since(
+            &state.db,
+            Utc::now() - Duration::days(1),
+            projects,
+            ENDED_SHOWN
         ),
     );
     let count = |map: &labelsync::Result<std::collections::HashMap<String, i64>>, status: &str| {
@@ -66,11 +72,49 @@ pub async fn overview(
             (card("failed, last hour", count(&last_hour, "failed")))
             (card("cancelled, last hour", count(&last_hour, "cancelled")))
         }
+        (throughput(ended.as_deref().unwrap_or_default()))
         h2 { "Newest runs" }
         (runs_table(recent.as_deref().unwrap_or_default()))
         p { a href="/ui/runs" { "All runs" } }
     };
     layout::page("Overview", &viewer, body)
+}
+
+/// Runs that ended in the last day the charts read at most.
+const ENDED_SHOWN: u64 = 20_000;
+
+/// Throughput per minute over the last hour (by the minute each run ended)
+/// and the share of ended runs that failed, over the last hour and day.
+fn throughput(ended: &[sync_run::Model]) -> Markup {
+    let now = Utc::now();
+    let minute = Duration::minutes(1);
+    let per_minute =
+        |value: fn(&sync_run::Model) -> i64| charts::per_bucket(ended, now, minute, 60, value);
+    let failed = |r: &sync_run::Model| i64::from(r.status == RunStatus::Failed.as_str());
+    let rate = |bad: &[i64], all: &[i64]| {
+        let (bad, n) = (bad.iter().sum::<i64>(), all.iter().sum::<i64>());
+        if n == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.1} %", 100.0 * bad as f64 / n as f64)
+        }
+    };
+    let hour = (per_minute(failed), per_minute(|_| 1));
+    let day = (
+        charts::per_bucket(ended, now, Duration::hours(1), 24, failed),
+        charts::per_bucket(ended, now, Duration::hours(1), 24, |_| 1),
+    );
+    html! {
+        h2 { "Throughput, last hour" }
+        div.cards {
+            (card("runs failed, last hour", rate(&hour.0, &hour.1)))
+            (card("runs failed, last day", rate(&day.0, &day.1)))
+        }
+        (charts::bars("Objects listed", "objects listed per minute", &per_minute(|r| r.listed)))
+        (charts::bars("Tasks created", "tasks created per minute", &per_minute(|r| r.created)))
+        (charts::bars("Annotations exported", "annotations exported per minute", &per_minute(|r| r.exported)))
+        (charts::bars("Runs ended per hour, last day", "runs ended per hour", &day.1))
+    }
 }
 
 fn card(label: &str, n: impl std::fmt::Display) -> Markup {

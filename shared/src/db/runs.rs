@@ -651,6 +651,25 @@ pub async fn errors_page(
     Ok(query.all(db).await?)
 }
 
+/// Runs that ended at or after `since`, of these projects (all when
+/// `None`), at most `limit`, oldest end first: the console's throughput
+/// and failure charts. Reads the `finished_at` index.
+pub async fn ended_since(
+    db: &impl ConnectionTrait,
+    since: chrono::DateTime<Utc>,
+    projects: Option<&[i64]>,
+    limit: u64,
+) -> Result<Vec<sync_run::Model>> {
+    let mut query = sync_run::Entity::find()
+        .filter(sync_run::Column::FinishedAt.gte(since))
+        .order_by_asc(sync_run::Column::FinishedAt)
+        .limit(limit);
+    if let Some(projects) = projects {
+        query = query.filter(of_projects(projects));
+    }
+    Ok(query.all(db).await?)
+}
+
 /// The newest run of each storage that has one, by storage id, in two
 /// queries whatever the number of storages.
 pub async fn newest_of(
