@@ -211,6 +211,14 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
     );
     let (status, _) = page(&app, &viewer, &format!("/ui/runs/{run_b}")).await;
     assert_eq!(status, 404, "another project's run");
+    let (_, detail) = page(&app, &viewer, &format!("/ui/storages/{storage_a}")).await;
+    assert!(detail.contains("Settings") && detail.contains("seconds per run"), "{detail}");
+    let body = json!({ "name": "watcher", "scope": "ops" });
+    let (_, ops) = api(&app, Method::POST, "/api/v1/tokens", body).await;
+    let ops = log_in(&app, ops["secret"].as_str().unwrap()).await;
+    let (_, detail) = page(&app, &ops, &format!("/ui/storages/{storage_a}")).await;
+    assert!(!detail.contains("Settings"), "ops sees no storage config");
+    assert!(detail.contains("Sync now"), "ops may act on the fleet");
     let (_, storages) = page(&app, &viewer, "/ui/storages").await;
     assert!(
         !storages.contains("Sync now") && !storages.contains("data-action"),

@@ -90,6 +90,9 @@ try:
     assert created == FILES, f"created {created}, expected {FILES}"
     assert driver.execute_script("return window.__stayed;") == "yes", "the page reloaded"
     check_page("run")
+    driver.get(f"{BASE}/ui/storages/{STORAGE}")
+    wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "h1"), f"Storage {STORAGE}"))
+    check_page("storage")
 
     step("failed objects")
     driver.get(f"{BASE}/ui/runs/{BAD_RUN}")

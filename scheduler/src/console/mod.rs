@@ -34,6 +34,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/ui/runs", get(pages::runs))
         .route("/ui/runs/{id}", get(pages::run))
         .route("/ui/storages", get(pages::storages))
+        .route("/ui/storages/{id}", get(pages::storage))
         .route_layer(middleware::from_fn_with_state(state, session));
     Router::new()
         .route("/ui/login", get(login_form).post(login))

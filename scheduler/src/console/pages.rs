@@ -134,7 +134,7 @@ fn runs_table(rows: &[sync_run::Model]) -> Markup {
                 } }
                 tbody { @for run in rows { tr {
                     td { a href={ "/ui/runs/" (run.id) } { (run.id) } }
-                    td { (run.storage_id) }
+                    td { a href={ "/ui/storages/" (run.storage_id) } { (run.storage_id) } }
                     td { (run.kind) }
                     td { span class={ "status-" (run.status) } { (run.status) } }
                     td { (run.listed) } td { (run.created) } td { (run.failed) }
@@ -355,7 +355,7 @@ fn storage_row(viewer: &Viewer, s: &storage::Model, last: Option<&sync_run::Mode
         .sync_interval_seconds
         .map_or_else(|| "manual".to_owned(), |n| format!("{n} s"));
     html! { tr {
-        td { (s.id) @if !s.title.is_empty() { " " span.muted { (s.title) } } }
+        td { a href={ "/ui/storages/" (s.id) } { (s.id) } @if !s.title.is_empty() { " " span.muted { (s.title) } } }
         td { (s.project_id) }
         td { (s.backend) }
         td { (s.role) }
@@ -365,12 +365,79 @@ fn storage_row(viewer: &Viewer, s: &storage::Model, last: Option<&sync_run::Mode
             Some(run) => a href={ "/ui/runs/" (run.id) } { span class={ "status-" (run.status) } { (run.status) } },
             None => span.muted { "never" },
         } }
-        td { @if viewer.may(Need::Act) {
-            button data-action={ "/api/v1/storages/" (s.id) "/sync" } data-then="run"
-                aria-label={ "Sync now: storage " (s.id) } { "Sync now" }
-            " "
-            button data-action={ "/api/v1/storages/" (s.id) "/validate" } data-done="The storage answered as expected."
-                aria-label={ "Validate: storage " (s.id) } { "Validate" }
-        } }
+        td { @if viewer.may(Need::Act) { (storage_actions(s)) } }
     } }
+}
+
+/// `GET /ui/storages/{id}`: its settings (secrets by name only; not for the
+/// ops scope, which sees no storage configs), next periodic sync, actions,
+/// and its last runs as charts (duration, objects listed) and a table.
+pub async fn storage(
+    State(state): State<AppState>,
+    Extension(viewer): Extension<Viewer>,
+    Path(id): Path<i64>,
+) -> Response {
+    let found = match storages::find(&state.db, id).await {
+        Ok(Some(s)) if viewer.caller.sees(s.project_id) => s,
+        _ => {
+            return layout::error_page(
+                axum::http::StatusCode::NOT_FOUND,
+                &format!("Storage {id} not found."),
+            );
+        }
+    };
+    let filter = RunFilter {
+        storage_id: Some(id),
+        ..RunFilter::default()
+    };
+    let mut history = runs::page(&state.db, filter, HISTORY)
+        .await
+        .unwrap_or_default();
+    history.reverse();
+    let seconds: Vec<i64> = history.iter().map(run_seconds).collect();
+    let listed: Vec<i64> = history.iter().map(|r| r.listed).collect();
+    let newest: Vec<sync_run::Model> = history.iter().rev().cloned().collect();
+    let settings = serde_json::to_string_pretty(&labelsync::storage::spec::to_json(&found))
+        .unwrap_or_default();
+    let body = html! {
+        dl.facts {
+            dt { "Project" } dd { (found.project_id) }
+            dt { "Backend" } dd { (found.backend) " (" (found.role) ")" }
+            dt { "Every" } dd { (found.sync_interval_seconds.map_or_else(|| "manual".to_owned(), |n| format!("{n} s"))) }
+            dt { "Next sync" } dd { (opt(found.next_sync_at)) }
+        }
+        @if viewer.may(Need::Act) { div.actions { (storage_actions(&found)) } }
+        @if viewer.may(Need::Read) {
+            h2 { "Settings" }
+            pre.settings { (settings) }
+        }
+        h2 { "Last " (history.len()) " runs, oldest first" }
+        (charts::bars("Duration", "seconds per run", &seconds))
+        (charts::bars("Objects listed", "objects listed per run", &listed))
+        (runs_table(&newest))
+    };
+    layout::page(&format!("Storage {id}"), &viewer, body)
+}
+
+/// Runs a storage page charts.
+const HISTORY: u64 = 50;
+
+/// How long a run took (to now while it runs; 0 before it starts).
+fn run_seconds(run: &sync_run::Model) -> i64 {
+    match run.started_at {
+        Some(started) => (run.finished_at.unwrap_or_else(Utc::now) - started)
+            .num_seconds()
+            .max(0),
+        None => 0,
+    }
+}
+
+fn storage_actions(s: &storage::Model) -> Markup {
+    html! {
+        button data-action={ "/api/v1/storages/" (s.id) "/sync" } data-then="run"
+            aria-label={ "Sync now: storage " (s.id) } { "Sync now" }
+        " "
+        button data-action={ "/api/v1/storages/" (s.id) "/validate" } data-done="The storage answered as expected."
+            aria-label={ "Validate: storage " (s.id) } { "Validate" }
+    }
 }
