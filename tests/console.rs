@@ -212,7 +212,10 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
     let (status, _) = page(&app, &viewer, &format!("/ui/runs/{run_b}")).await;
     assert_eq!(status, 404, "another project's run");
     let (_, detail) = page(&app, &viewer, &format!("/ui/storages/{storage_a}")).await;
-    assert!(detail.contains("Settings") && detail.contains("seconds per run"), "{detail}");
+    assert!(
+        detail.contains("Settings") && detail.contains("seconds per run"),
+        "{detail}"
+    );
     let body = json!({ "name": "watcher", "scope": "ops" });
     let (_, ops) = api(&app, Method::POST, "/api/v1/tokens", body).await;
     let ops = log_in(&app, ops["secret"].as_str().unwrap()).await;
@@ -270,10 +273,12 @@ async fn console_pages_send_a_strict_content_security_policy() {
     let (status, html) = page(
         &app,
         "",
-        "/ui/runs?status=bogus&kind=%3Cscript%3E&project_id=1",
+        "/ui/runs?status=bogus&kind=%3Cscript%3E&project_id=1&storage_id=x",
     )
     .await;
     assert_eq!(status, 200, "odd filters are ignored, not errors");
+    let (status, _) = page(&app, "", "/ui/runs?project_id=&storage_id=&status=&kind=").await;
+    assert_eq!(status, 200, "the filter form's empty fields");
     assert!(!html.contains("<script>"), "nothing is echoed unescaped");
     let (status, _) = page(&app, "", "/ui/runs/01NOSUCHRUN").await;
     assert_eq!(status, 404);

@@ -148,7 +148,9 @@ fn runs_table(rows: &[sync_run::Model]) -> Markup {
 /// `?project_id=&status=&kind=&before=` of the runs page.
 #[derive(Debug, Default, Deserialize)]
 pub struct RunsQuery {
-    project_id: Option<i64>,
+    /// Text, not numbers: the filter form sends empty fields.
+    project_id: Option<String>,
+    storage_id: Option<String>,
     status: Option<String>,
     kind: Option<String>,
     before: Option<String>,
@@ -162,7 +164,9 @@ pub async fn runs(
 ) -> Response {
     let status = q.status.as_deref().and_then(RunStatus::parse);
     let kind = q.kind.as_deref().filter(|k| RunKind::parse(k).is_some());
-    let chosen = q.project_id.map(|p| [p]);
+    let project_id = number(q.project_id.as_deref());
+    let storage_id = number(q.storage_id.as_deref());
+    let chosen = project_id.map(|p| [p]);
     // A project the caller may not see shows nothing, as in the API.
     let projects = match (&chosen, viewer.caller.projects()) {
         (Some(one), Some(allowed)) if !allowed.contains(&one[0]) => Some(&[][..]),
@@ -170,6 +174,7 @@ pub async fn runs(
         (None, allowed) => allowed,
     };
     let filter = RunFilter {
+        storage_id,
         status,
         kind,
         before: q.before.as_deref(),
@@ -184,7 +189,8 @@ pub async fn runs(
         .flatten();
     let body = html! {
         form.filters method="get" action="/ui/runs" {
-            label { "Project id" input type="number" name="project_id" value=[q.project_id]; }
+            label { "Project id" input type="number" name="project_id" value=[project_id]; }
+            label { "Storage id" input type="number" name="storage_id" value=[storage_id]; }
             label { "Status" select name="status" {
                 option value="" { "any" }
                 @for s in RunStatus::ALL { option value=(s.as_str()) selected[status == Some(s)] { (s.as_str()) } }
@@ -203,10 +209,17 @@ pub async fn runs(
     layout::page("Runs", &viewer, body)
 }
 
+/// A form field holding an id, if it holds one.
+fn number(field: Option<&str>) -> Option<i64> {
+    field.and_then(|f| f.trim().parse().ok())
+}
+
 fn older_link(q: &RunsQuery, before: &str) -> String {
     let mut link = format!("/ui/runs?before={before}");
-    if let Some(p) = q.project_id {
-        link.push_str(&format!("&project_id={p}"));
+    for (name, value) in [("project_id", &q.project_id), ("storage_id", &q.storage_id)] {
+        if let Some(id) = number(value.as_deref()) {
+            link.push_str(&format!("&{name}={id}"));
+        }
     }
     for (name, value) in [("status", &q.status), ("kind", &q.kind)] {
         if let Some(v) = value
