@@ -179,7 +179,6 @@ pub async fn runs(
         kind,
         before: q.before.as_deref(),
         projects,
-        ..RunFilter::default()
     };
     let rows = runs::page(&state.db, filter, PAGE)
         .await
