@@ -6,6 +6,12 @@
 //!
 //! Tests use the multi-thread runtime, as the binaries do: see
 //! docs/DECISIONS.md (Multi-thread runtime only).
+//!
+//! The ops console's pages are tested in `console.rs`, a module of this
+//! binary.
+#[path = "console.rs"]
+mod console;
+
 use std::time::Duration;
 
 use labelsync_tests::{AppOptions, TestApp, spawn_app, write_files};

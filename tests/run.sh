@@ -75,6 +75,8 @@ ensure_deploy_tools
 # for the API tests.
 source tests/api-tools.sh
 ensure_api_tools
+source tests/browser-tools.sh
+ensure_browser_tools
 
 log "building"
 cargo build --workspace --bins --tests --locked

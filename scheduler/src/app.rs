@@ -89,7 +89,8 @@ pub async fn serve(
     ));
     tracing::info!(%addr, embedded_workers = state.settings.embedded_workers, "labelsync scheduler listening");
     let limits = state.settings.http;
-    labelsync::http::serve(listener, api::router(state), limits, shutdown).await;
+    let pages = crate::console::router(state.clone());
+    labelsync::http::serve(listener, api::router(state, pages), limits, shutdown).await;
     ticker.abort();
     let _ = stop_tx.send(true);
     while let Some(done) = workers.join_next().await {

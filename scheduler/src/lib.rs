@@ -7,5 +7,6 @@
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod console;
 pub mod periodic;
 pub mod token_cli;

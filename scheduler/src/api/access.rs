@@ -237,18 +237,85 @@ pub fn bearer(req: &Request) -> &str {
 }
 
 /// Finds the caller and puts it in the request's extensions; 401 when a
-/// token is needed and the request has no valid one.
+/// token is needed and the request has no valid one. Without an
+/// `Authorization` header the ops console's session cookie is read instead
+/// (the console's actions are calls of this API): then a request that
+/// changes something must carry the session's CSRF token
+/// (`X-CSRF-Token`). A change a browser sends from another site
+/// (`Sec-Fetch-Site: cross-site`) is refused whatever it carries.
 pub async fn auth(
     State(state): State<AppState>,
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let caller = caller_of(&state, bearer(&req)).await?;
+    let changes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if changes && cross_site(&req) {
+        return Err(forbidden(
+            "a browser on another site cannot change anything here",
+        ));
+    }
+    let from_header = bearer(&req);
+    let caller = if from_header.is_empty()
+        && let Some(session) = session_token(req.headers())
+    {
+        if changes && !csrf_holds(req.headers(), session) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "csrf",
+                "a change made with the console's session needs its X-CSRF-Token header",
+            ));
+        }
+        caller_of(&state, session).await?
+    } else {
+        caller_of(&state, from_header).await?
+    };
     req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
 }
 
-async fn caller_of(state: &AppState, given: &str) -> Result<Caller, ApiError> {
+/// The console's session cookie: the caller's token, HttpOnly and
+/// SameSite=Strict (set by `/ui/login`).
+pub const SESSION_COOKIE: &str = "labelsync_session";
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// The token in the request's session cookie, if any.
+pub fn session_token(headers: &header::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value)
+        .filter(|value| !value.is_empty())
+}
+
+/// The CSRF token of a session: derived from its token, so only a page that
+/// was given it (the console's, same origin) can send it; the same on
+/// every replica.
+pub fn csrf_of(session: &str) -> String {
+    labelsync::security::sha256_hex(&[b"labelsync-console-csrf\n", session.as_bytes()])
+}
+
+fn csrf_holds(headers: &header::HeaderMap, session: &str) -> bool {
+    let given = headers
+        .get(CSRF_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    bool::from(same_secret(given.as_bytes(), csrf_of(session).as_bytes()))
+}
+
+/// Whether a browser says the request comes from another site.
+pub fn cross_site(req: &Request) -> bool {
+    req.headers()
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+}
+
+/// The caller a token (or no token: "") stands for; 401 when a token is
+/// needed and this one is not valid now.
+pub async fn caller_of(state: &AppState, given: &str) -> Result<Caller, ApiError> {
     if !given.is_empty() {
         if bootstrap(&state.settings.api_tokens, given) {
             return Ok(Caller::new(None, BOOTSTRAP, Scope::Admin, None));

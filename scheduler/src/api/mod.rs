@@ -61,7 +61,9 @@ impl AppState {
 /// Request bodies larger than this are refused with 413 before parsing.
 const MAX_BODY_BYTES: usize = 2 << 20;
 
-pub fn router(state: AppState) -> Router {
+/// The API under `/api/v1`, the probes, and `pages` (the ops console's
+/// routes, under `/ui`) behind the same limits and tracing.
+pub fn router(state: AppState, pages: Router<AppState>) -> Router {
     let api = Router::new()
         .route("/projects", post(projects::create).get(projects::list))
         .route(
@@ -127,6 +129,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .merge(pages)
         .fallback(|| async {
             ApiError::not_found("no such path; the API is under /api/v1 (see /api/v1/openapi.json)")
         })

@@ -651,6 +651,28 @@ pub async fn page(
     Ok(query.all(db).await?)
 }
 
+/// How many runs there are of each status: those queued at or after
+/// `since` (all when `None`), of these projects (all when `None`).
+pub async fn count_by_status(
+    db: &impl ConnectionTrait,
+    since: Option<chrono::DateTime<Utc>>,
+    projects: Option<&[i64]>,
+) -> Result<HashMap<String, i64>> {
+    let mut query = sync_run::Entity::find()
+        .select_only()
+        .column(sync_run::Column::Status)
+        .column_as(sync_run::Column::Id.count(), "n")
+        .group_by(sync_run::Column::Status);
+    if let Some(since) = since {
+        query = query.filter(sync_run::Column::QueuedAt.gte(since));
+    }
+    if let Some(projects) = projects {
+        query = query.filter(of_projects(projects));
+    }
+    let rows: Vec<(String, i64)> = query.into_tuple().all(db).await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Runs of these projects.
 fn of_projects(projects: &[i64]) -> sea_orm::Condition {
     sea_orm::Condition::all().add(sync_run::Column::ProjectId.is_in(projects.iter().copied()))
@@ -702,6 +724,25 @@ pub async fn has_errors(db: &impl ConnectionTrait, run_id: &str) -> Result<bool>
         .one(db)
         .await?
         .is_some())
+}
+
+/// Runs that ended at or after `since`, of these projects (all when
+/// `None`), at most `limit`, oldest end first: the console's throughput
+/// and failure charts. Reads the `finished_at` index.
+pub async fn ended_since(
+    db: &impl ConnectionTrait,
+    since: chrono::DateTime<Utc>,
+    projects: Option<&[i64]>,
+    limit: u64,
+) -> Result<Vec<sync_run::Model>> {
+    let mut query = sync_run::Entity::find()
+        .filter(sync_run::Column::FinishedAt.gte(since))
+        .order_by_asc(sync_run::Column::FinishedAt)
+        .limit(limit);
+    if let Some(projects) = projects {
+        query = query.filter(of_projects(projects));
+    }
+    Ok(query.all(db).await?)
 }
 
 /// The newest run of each storage that has one, by storage id, in two

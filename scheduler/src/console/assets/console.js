@@ -1,0 +1,77 @@
+// labelsync ops console: the only script. Actions are calls of the public
+// API (/api/v1), authenticated by the session cookie and the page's CSRF
+// token; live counters come from the API's Server-Sent Events.
+"use strict";
+
+function csrf() {
+  const meta = document.querySelector('meta[name="csrf-token"]');
+  return meta ? meta.content : "";
+}
+
+function flash(text, isError) {
+  const box = document.getElementById("flash");
+  if (!box) return;
+  box.textContent = text;
+  box.className = isError ? "error" : "";
+}
+
+async function act(button) {
+  const question = button.dataset.confirm;
+  if (question && !window.confirm(question)) return;
+  const method = button.dataset.method || "POST";
+  const init = { method, headers: { "X-CSRF-Token": csrf() }, credentials: "same-origin" };
+  if (method !== "DELETE") {
+    init.headers["Content-Type"] = "application/json";
+    init.body = "{}";
+  }
+  button.disabled = true;
+  try {
+    const resp = await fetch(button.dataset.action, init);
+    const body = await resp.json().catch(() => ({}));
+    if (!resp.ok) {
+      const message = body.error ? body.error.message : resp.statusText;
+      flash(resp.status + ": " + message, true);
+      return;
+    }
+    flash(button.dataset.done || "Done.", false);
+    const next = button.dataset.then === "run" && body.run ? "/ui/runs/" + body.run.id : null;
+    setTimeout(() => { if (next) window.location.assign(next); else window.location.reload(); }, 400);
+  } catch (err) {
+    flash(String(err), true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function watchRun(element) {
+  const id = element.dataset.liveRun;
+  const source = new EventSource("/api/v1/runs/" + encodeURIComponent(id) + "/events");
+  const show = (event) => {
+    const run = JSON.parse(event.data);
+    for (const [name, value] of Object.entries(run.counters || {})) {
+      const cell = element.querySelector('[data-counter="' + name + '"]');
+      if (cell) cell.textContent = String(value);
+    }
+    const status = element.querySelector("[data-status]");
+    if (status) {
+      status.textContent = run.status;
+      status.className = "status-" + run.status;
+    }
+  };
+  source.addEventListener("progress", show);
+  source.addEventListener("finished", (event) => {
+    show(event);
+    source.close();
+    flash("The run has ended; reload the page for its failed objects.", false);
+  });
+  source.addEventListener("gone", () => source.close());
+}
+
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-action]");
+  if (button) {
+    event.preventDefault();
+    act(button);
+  }
+});
+document.querySelectorAll("[data-live-run]").forEach(watchRun);

@@ -1,0 +1,456 @@
+//! The console's pages: overview, runs, one run, storages. Each reads what
+//! the caller's scope and projects allow (as the API would answer) and
+//! offers only the actions its scope covers; every list is keyset-paged.
+use axum::{
+    Extension,
+    extract::{Path, Query, State},
+    response::Response,
+};
+use chrono::{Duration, Utc};
+use labelsync::db::{
+    entities::{storage, sync_run},
+    runs::{self, RunFilter, RunKind, RunStatus},
+    storages::{self, StorageFilter},
+};
+use maud::{Markup, html};
+use serde::Deserialize;
+
+use super::{Viewer, charts, layout};
+use crate::api::{AppState, access::Need};
+
+/// Rows a list page shows.
+const PAGE: u64 = 50;
+
+/// `GET /ui/`: the queue, run counts, the newest runs.
+pub async fn overview(
+    State(state): State<AppState>,
+    Extension(viewer): Extension<Viewer>,
+) -> Response {
+    let projects = viewer.caller.projects();
+    let hour_ago = Utc::now() - Duration::hours(1);
+    let (depth, live, last_hour, recent, ended) = tokio::join!(
+        state.queue.depth(),
+        runs::count_by_status(&state.db, None, projects),
+        runs::count_by_status(&state.db, Some(hour_ago), projects),
+        runs::page(
+            &state.db,
+            RunFilter {
+                projects,
+                ..RunFilter::default()
+            },
+            20
+        ),
+        runs::ended_since(
+            &state.db,
+            Utc::now() - Duration::days(1),
+            projects,
+            ENDED_SHOWN
+        ),
+    );
+    let count = |map: &labelsync::Result<std::collections::HashMap<String, i64>>, status: &str| {
+        map.as_ref()
+            .ok()
+            .and_then(|m| m.get(status).copied())
+            .unwrap_or(0)
+    };
+    let body = html! {
+        h2 { "Queue" }
+        @match &depth {
+            Ok(depth) => div.cards {
+                (card("waiting", depth.pending))
+                (card("in flight", depth.running))
+                (card("dead", depth.dead))
+            },
+            Err(err) => p.status-failed { "The queue does not answer: " (err) },
+        }
+        h2 { "Runs" }
+        div.cards {
+            (card("running", count(&live, "running")))
+            (card("queued", count(&live, "queued")))
+            (card("completed, last hour", count(&last_hour, "completed")))
+            (card("with errors, last hour", count(&last_hour, "completed_with_errors")))
+            (card("failed, last hour", count(&last_hour, "failed")))
+            (card("cancelled, last hour", count(&last_hour, "cancelled")))
+        }
+        (throughput(ended.as_deref().unwrap_or_default()))
+        h2 { "Newest runs" }
+        (runs_table(recent.as_deref().unwrap_or_default()))
+        p { a href="/ui/runs" { "All runs" } }
+    };
+    layout::page("Overview", &viewer, body)
+}
+
+/// Runs that ended in the last day the charts read at most.
+const ENDED_SHOWN: u64 = 20_000;
+
+/// Throughput per minute over the last hour (by the minute each run ended)
+/// and the share of ended runs that failed, over the last hour and day.
+fn throughput(ended: &[sync_run::Model]) -> Markup {
+    let now = Utc::now();
+    let minute = Duration::minutes(1);
+    let per_minute =
+        |value: fn(&sync_run::Model) -> i64| charts::per_bucket(ended, now, minute, 60, value);
+    let failed = |r: &sync_run::Model| i64::from(r.status == RunStatus::Failed.as_str());
+    let rate = |bad: &[i64], all: &[i64]| {
+        let (bad, n) = (bad.iter().sum::<i64>(), all.iter().sum::<i64>());
+        if n == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.1} %", 100.0 * bad as f64 / n as f64)
+        }
+    };
+    let hour = (per_minute(failed), per_minute(|_| 1));
+    let day = (
+        charts::per_bucket(ended, now, Duration::hours(1), 24, failed),
+        charts::per_bucket(ended, now, Duration::hours(1), 24, |_| 1),
+    );
+    html! {
+        h2 { "Throughput, last hour" }
+        div.cards {
+            (card("runs failed, last hour", rate(&hour.0, &hour.1)))
+            (card("runs failed, last day", rate(&day.0, &day.1)))
+        }
+        (charts::bars("Objects listed", "objects listed per minute", &per_minute(|r| r.listed)))
+        (charts::bars("Tasks created", "tasks created per minute", &per_minute(|r| r.created)))
+        (charts::bars("Annotations exported", "annotations exported per minute", &per_minute(|r| r.exported)))
+        (charts::bars("Runs ended per hour, last day", "runs ended per hour", &day.1))
+    }
+}
+
+fn card(label: &str, n: impl std::fmt::Display) -> Markup {
+    html! { div.card { div.n { (n) } div.l { (label) } } }
+}
+
+fn runs_table(rows: &[sync_run::Model]) -> Markup {
+    html! {
+        @if rows.is_empty() {
+            p.muted { "No runs." }
+        } @else {
+            div.scroll { table {
+                thead { tr {
+                    th scope="col" { "Run" } th scope="col" { "Storage" } th scope="col" { "Kind" }
+                    th scope="col" { "Status" } th scope="col" { "Listed" } th scope="col" { "Created" }
+                    th scope="col" { "Failed" } th scope="col" { "Queued at" }
+                } }
+                tbody { @for run in rows { tr {
+                    td { a href={ "/ui/runs/" (run.id) } { (run.id) } }
+                    td { a href={ "/ui/storages/" (run.storage_id) } { (run.storage_id) } }
+                    td { (run.kind) }
+                    td { span class={ "status-" (run.status) } { (run.status) } }
+                    td { (run.listed) } td { (run.created) } td { (run.failed) }
+                    td { (run.queued_at.format("%Y-%m-%d %H:%M:%S")) }
+                } } }
+            } }
+        }
+    }
+}
+
+/// `?project_id=&status=&kind=&before=` of the runs page.
+#[derive(Debug, Default, Deserialize)]
+pub struct RunsQuery {
+    /// Text, not numbers: the filter form sends empty fields.
+    project_id: Option<String>,
+    storage_id: Option<String>,
+    status: Option<String>,
+    kind: Option<String>,
+    before: Option<String>,
+}
+
+/// `GET /ui/runs`: newest first, filtered, paged by run id.
+pub async fn runs(
+    State(state): State<AppState>,
+    Extension(viewer): Extension<Viewer>,
+    Query(q): Query<RunsQuery>,
+) -> Response {
+    let status = q.status.as_deref().and_then(RunStatus::parse);
+    let kind = q.kind.as_deref().filter(|k| RunKind::parse(k).is_some());
+    let project_id = number(q.project_id.as_deref());
+    let storage_id = number(q.storage_id.as_deref());
+    let chosen = project_id.map(|p| [p]);
+    // A project the caller may not see shows nothing, as in the API.
+    let projects = match (&chosen, viewer.caller.projects()) {
+        (Some(one), Some(allowed)) if !allowed.contains(&one[0]) => Some(&[][..]),
+        (Some(one), _) => Some(&one[..]),
+        (None, allowed) => allowed,
+    };
+    let filter = RunFilter {
+        storage_id,
+        status,
+        kind,
+        before: q.before.as_deref(),
+        projects,
+        ..RunFilter::default()
+    };
+    let rows = runs::page(&state.db, filter, PAGE)
+        .await
+        .unwrap_or_default();
+    let next = (rows.len() as u64 == PAGE)
+        .then(|| rows.last().map(|r| r.id.clone()))
+        .flatten();
+    let body = html! {
+        form.filters method="get" action="/ui/runs" {
+            label { "Project id" input type="number" name="project_id" value=[project_id]; }
+            label { "Storage id" input type="number" name="storage_id" value=[storage_id]; }
+            label { "Status" select name="status" {
+                option value="" { "any" }
+                @for s in RunStatus::ALL { option value=(s.as_str()) selected[status == Some(s)] { (s.as_str()) } }
+            } }
+            label { "Kind" select name="kind" {
+                option value="" { "any" }
+                @for k in ["import", "export", "delete"] { option value=(k) selected[kind == Some(k)] { (k) } }
+            } }
+            button type="submit" { "Filter" }
+        }
+        (runs_table(&rows))
+        @if let Some(next) = next {
+            p { a href=(older_link(&q, &next)) { "Older runs" } }
+        }
+    };
+    layout::page("Runs", &viewer, body)
+}
+
+/// A form field holding an id, if it holds one.
+fn number(field: Option<&str>) -> Option<i64> {
+    field.and_then(|f| f.trim().parse().ok())
+}
+
+fn older_link(q: &RunsQuery, before: &str) -> String {
+    let mut link = format!("/ui/runs?before={before}");
+    for (name, value) in [("project_id", &q.project_id), ("storage_id", &q.storage_id)] {
+        if let Some(id) = number(value.as_deref()) {
+            link.push_str(&format!("&{name}={id}"));
+        }
+    }
+    for (name, value) in [("status", &q.status), ("kind", &q.kind)] {
+        if let Some(v) = value
+            .as_deref()
+            .filter(|v| v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        {
+            link.push_str(&format!("&{name}={v}"));
+        }
+    }
+    link
+}
+
+/// `?after=` of a run's error table.
+#[derive(Debug, Default, Deserialize)]
+pub struct ErrorsQuery {
+    after: Option<i64>,
+}
+
+/// `GET /ui/runs/{id}`: counters (live while it runs), timings, the error,
+/// the per-object errors, and its actions.
+pub async fn run(
+    State(state): State<AppState>,
+    Extension(viewer): Extension<Viewer>,
+    Path(id): Path<String>,
+    Query(q): Query<ErrorsQuery>,
+) -> Response {
+    let run = match runs::get(&state.db, &id).await {
+        Ok(run) if viewer.caller.sees(run.project_id) => run,
+        _ => {
+            return layout::error_page(
+                axum::http::StatusCode::NOT_FOUND,
+                &format!("Run {id} not found."),
+            );
+        }
+    };
+    let errors = runs::errors_page(&state.db, &id, q.after, PAGE)
+        .await
+        .unwrap_or_default();
+    let live = RunStatus::parse(&run.status).is_some_and(RunStatus::is_live);
+    let counters = serde_json::to_value(runs::Counters::of(&run)).unwrap_or_default();
+    let body = html! {
+        div data-live-run=[live.then_some(&run.id)] {
+            dl.facts {
+                dt { "Status" } dd { span data-status class={ "status-" (run.status) } { (run.status) } }
+                dt { "Storage" } dd { (run.storage_id) }
+                dt { "Kind" } dd { (run.kind) " (" (run.scope) ")" }
+                dt { "Attempts" } dd { (run.attempts) }
+                dt { "Queued" } dd { (run.queued_at) }
+                dt { "Started" } dd { (opt(run.started_at)) }
+                dt { "Heartbeat" } dd { (opt(run.heartbeat_at)) }
+                dt { "Finished" } dd { (opt(run.finished_at)) }
+                @if let Some(error) = &run.error { dt { "Error" } dd.status-failed { (error) } }
+            }
+            h2 { "Counters" }
+            div.cards {
+                @if let Some(map) = counters.as_object() {
+                    @for (name, value) in map {
+                        div.card { div.n data-counter=(name) { (value) } div.l { (name) } }
+                    }
+                }
+            }
+        }
+        @if live && viewer.may(Need::Act) {
+            div.actions {
+                button.danger data-action={ "/api/v1/runs/" (run.id) "/cancel" }
+                    data-confirm="Cancel this run?" data-done="Cancelled." { "Cancel run" }
+            }
+        }
+        h2 { "Objects that failed" }
+        (errors_table(&run, &errors))
+    };
+    layout::page(&format!("Run {}", run.id), &viewer, body)
+}
+
+fn opt(at: Option<chrono::DateTime<Utc>>) -> String {
+    at.map_or_else(|| "-".to_owned(), |at| at.to_string())
+}
+
+fn errors_table(
+    run: &sync_run::Model,
+    rows: &[labelsync::db::entities::object_error::Model],
+) -> Markup {
+    html! {
+        @if rows.is_empty() {
+            p.muted { "None." }
+        } @else {
+            div.scroll { table {
+                thead { tr { th scope="col" { "Key" } th scope="col" { "Row" } th scope="col" { "Error" } } }
+                tbody { @for e in rows { tr {
+                    td.wrap { (e.object_key) }
+                    td { (e.row_index.map_or_else(String::new, |r| r.to_string())) }
+                    td.wrap { (e.error) }
+                } } }
+            } }
+            @if rows.len() as u64 == PAGE {
+                @if let Some(last) = rows.last() {
+                    p { a href={ "/ui/runs/" (run.id) "?after=" (last.id) } { "More errors" } }
+                }
+            }
+        }
+    }
+}
+
+/// `?after=` of the storages page.
+#[derive(Debug, Default, Deserialize)]
+pub struct StoragesQuery {
+    after: Option<i64>,
+}
+
+/// `GET /ui/storages`: each storage with its newest run and actions.
+pub async fn storages(
+    State(state): State<AppState>,
+    Extension(viewer): Extension<Viewer>,
+    Query(q): Query<StoragesQuery>,
+) -> Response {
+    let filter = StorageFilter {
+        after: q.after,
+        projects: viewer.caller.projects(),
+        ..StorageFilter::default()
+    };
+    let rows = storages::page(&state.db, filter, PAGE)
+        .await
+        .unwrap_or_default();
+    let ids: Vec<i64> = rows.iter().map(|s| s.id).collect();
+    let last = runs::newest_of(&state.db, &ids).await.unwrap_or_default();
+    let body = html! {
+        @if rows.is_empty() { p.muted { "No storages." } } @else {
+            div.scroll { table {
+                thead { tr {
+                    th scope="col" { "Storage" } th scope="col" { "Project" } th scope="col" { "Backend" }
+                    th scope="col" { "Role" } th scope="col" { "Every" } th scope="col" { "Next sync" }
+                    th scope="col" { "Newest run" } th scope="col" { "Actions" }
+                } }
+                tbody { @for s in &rows { (storage_row(&viewer, s, last.get(&s.id))) } }
+            } }
+            @if rows.len() as u64 == PAGE {
+                @if let Some(last) = ids.last() { p { a href={ "/ui/storages?after=" (last) } { "More storages" } } }
+            }
+        }
+    };
+    layout::page("Storages", &viewer, body)
+}
+
+fn storage_row(viewer: &Viewer, s: &storage::Model, last: Option<&sync_run::Model>) -> Markup {
+    let every = s
+        .sync_interval_seconds
+        .map_or_else(|| "manual".to_owned(), |n| format!("{n} s"));
+    html! { tr {
+        td { a href={ "/ui/storages/" (s.id) } { (s.id) } @if !s.title.is_empty() { " " span.muted { (s.title) } } }
+        td { (s.project_id) }
+        td { (s.backend) }
+        td { (s.role) }
+        td { (every) }
+        td { (opt(s.next_sync_at)) }
+        td { @match last {
+            Some(run) => a href={ "/ui/runs/" (run.id) } { span class={ "status-" (run.status) } { (run.status) } },
+            None => span.muted { "never" },
+        } }
+        td { @if viewer.may(Need::Act) { (storage_actions(s)) } }
+    } }
+}
+
+/// `GET /ui/storages/{id}`: its settings (secrets by name only; not for the
+/// ops scope, which sees no storage configs), next periodic sync, actions,
+/// and its last runs as charts (duration, objects listed) and a table.
+pub async fn storage(
+    State(state): State<AppState>,
+    Extension(viewer): Extension<Viewer>,
+    Path(id): Path<i64>,
+) -> Response {
+    let found = match storages::find(&state.db, id).await {
+        Ok(Some(s)) if viewer.caller.sees(s.project_id) => s,
+        _ => {
+            return layout::error_page(
+                axum::http::StatusCode::NOT_FOUND,
+                &format!("Storage {id} not found."),
+            );
+        }
+    };
+    let filter = RunFilter {
+        storage_id: Some(id),
+        ..RunFilter::default()
+    };
+    let mut history = runs::page(&state.db, filter, HISTORY)
+        .await
+        .unwrap_or_default();
+    history.reverse();
+    let seconds: Vec<i64> = history.iter().map(run_seconds).collect();
+    let listed: Vec<i64> = history.iter().map(|r| r.listed).collect();
+    let newest: Vec<sync_run::Model> = history.iter().rev().cloned().collect();
+    let settings = serde_json::to_string_pretty(&labelsync::storage::spec::to_json(&found))
+        .unwrap_or_default();
+    let body = html! {
+        dl.facts {
+            dt { "Project" } dd { (found.project_id) }
+            dt { "Backend" } dd { (found.backend) " (" (found.role) ")" }
+            dt { "Every" } dd { (found.sync_interval_seconds.map_or_else(|| "manual".to_owned(), |n| format!("{n} s"))) }
+            dt { "Next sync" } dd { (opt(found.next_sync_at)) }
+        }
+        @if viewer.may(Need::Act) { div.actions { (storage_actions(&found)) } }
+        @if viewer.may(Need::Read) {
+            h2 { "Settings" }
+            pre.settings { (settings) }
+        }
+        h2 { "Last " (history.len()) " runs, oldest first" }
+        (charts::bars("Duration", "seconds per run", &seconds))
+        (charts::bars("Objects listed", "objects listed per run", &listed))
+        (runs_table(&newest))
+    };
+    layout::page(&format!("Storage {id}"), &viewer, body)
+}
+
+/// Runs a storage page charts.
+const HISTORY: u64 = 50;
+
+/// How long a run took (to now while it runs; 0 before it starts).
+fn run_seconds(run: &sync_run::Model) -> i64 {
+    match run.started_at {
+        Some(started) => (run.finished_at.unwrap_or_else(Utc::now) - started)
+            .num_seconds()
+            .max(0),
+        None => 0,
+    }
+}
+
+fn storage_actions(s: &storage::Model) -> Markup {
+    html! {
+        button data-action={ "/api/v1/storages/" (s.id) "/sync" } data-then="run"
+            aria-label={ "Sync now: storage " (s.id) } { "Sync now" }
+        " "
+        button data-action={ "/api/v1/storages/" (s.id) "/validate" } data-done="The storage answered as expected."
+            aria-label={ "Validate: storage " (s.id) } { "Validate" }
+    }
+}

@@ -1,0 +1,388 @@
+//! The ops console at `/ui/` (a module of the `api` test binary): pages
+//! render what a caller may see, actions are calls of the API carried by
+//! the session cookie and refused without the page's CSRF token, read-only
+//! tokens get no buttons.
+#![allow(clippy::unwrap_used)]
+use labelsync_tests::{AppOptions, TestApp, spawn_app, write_files};
+use reqwest::{Method, redirect::Policy};
+use serde_json::{Value, json};
+
+const BOOT: &str = "console-bootstrap-token";
+
+/// A client that keeps no cookies and follows no redirects, so each answer
+/// is seen as the server gave it.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn api(app: &TestApp, method: Method, path: &str, body: Value) -> (u16, Value) {
+    let resp = client()
+        .request(method, format!("{}{path}", app.base))
+        .bearer_auth(BOOT)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Logs in through the form; returns the session cookie (`name=value`).
+async fn log_in(app: &TestApp, token: &str) -> String {
+    let resp = client()
+        .post(format!("{}/ui/login", app.base))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303, "a valid token logs in");
+    assert_eq!(resp.headers()["location"], "/ui/");
+    let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for part in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "plain HTTP: {cookie}");
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+async fn page(app: &TestApp, cookie: &str, path: &str) -> (u16, String) {
+    let resp = client()
+        .get(format!("{}{path}", app.base))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+fn csrf_of(html: &str) -> String {
+    let start = html
+        .find(r#"name="csrf-token" content=""#)
+        .expect("csrf meta")
+        + 27;
+    html[start..start + 64].to_owned()
+}
+
+/// Two projects with a synced storage each; returns (project a, storage a,
+/// run a, run b).
+async fn two_projects(app: &TestApp) -> (i64, i64, String, String) {
+    let mut out = Vec::new();
+    for dir in ["a", "b"] {
+        write_files(&app.doc_root.path().join(dir), 2, "jpg");
+        let (_, project) = api(
+            app,
+            Method::POST,
+            "/api/v1/projects",
+            json!({ "title": dir }),
+        )
+        .await;
+        let body = json!({ "project_id": project["id"], "role": "source", "backend": "local", "config": { "path": dir } });
+        let (_, storage) = api(app, Method::POST, "/api/v1/storages", body).await;
+        let path = format!("/api/v1/storages/{}/sync", storage["id"]);
+        let (status, started) = api(app, Method::POST, &path, json!({})).await;
+        assert_eq!(status, 202, "{started}");
+        let run = started["run"]["id"].as_str().unwrap().to_owned();
+        app.wait_run(&run, std::time::Duration::from_secs(60)).await;
+        out.push((
+            project["id"].as_i64().unwrap(),
+            storage["id"].as_i64().unwrap(),
+            run,
+        ));
+    }
+    (out[0].0, out[0].1, out[0].2.clone(), out[1].2.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_runs_and_acts_through_the_api() {
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        ..AppOptions::default()
+    })
+    .await;
+    let (project_a, storage_a, run_a, run_b) = two_projects(&app).await;
+
+    let (status, _) = page(&app, "", "/ui/").await;
+    assert_eq!(status, 303, "no session: to the login form");
+    let refused = client()
+        .post(format!("{}/ui/login", app.base))
+        .form(&[("token", "wrong")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(refused.headers().get("set-cookie").is_none());
+
+    let admin = log_in(&app, BOOT).await;
+    let (status, overview) = page(&app, &admin, "/ui/").await;
+    assert_eq!(status, 200, "{overview}");
+    // Two runs of two objects each ended within the hour: the chart says 4.
+    let charted = r#"aria-label="tasks created per minute: 4 in all"#;
+    for shown in [
+        "Queue",
+        "Newest runs",
+        run_a.as_str(),
+        run_b.as_str(),
+        "completed, last hour",
+        charted,
+    ] {
+        assert!(overview.contains(shown), "overview lacks {shown}");
+    }
+    let (_, run_page) = page(&app, &admin, &format!("/ui/runs/{run_a}")).await;
+    assert!(
+        run_page.contains(r#"data-counter="created">2<"#),
+        "{run_page}"
+    );
+    assert!(run_page.contains("Objects that failed"));
+    let (_, storages) = page(&app, &admin, "/ui/storages").await;
+    assert!(
+        storages.contains(&format!("/api/v1/storages/{storage_a}/sync")),
+        "{storages}"
+    );
+
+    // The page's action is the API's route, with the session and its CSRF token.
+    let sync = format!("{}/api/v1/storages/{storage_a}/sync", app.base);
+    let csrf = csrf_of(&storages);
+    let without = client()
+        .post(&sync)
+        .header("cookie", &admin)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without.status(), 403, "no CSRF token");
+    let wrong = client()
+        .post(&sync)
+        .header("cookie", &admin)
+        .header("x-csrf-token", "0".repeat(64))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 403);
+    let cross = client()
+        .post(&sync)
+        .header("cookie", &admin)
+        .header("x-csrf-token", &csrf)
+        .header("sec-fetch-site", "cross-site")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status(), 403, "a change from another site");
+    let done = client()
+        .post(&sync)
+        .header("cookie", &admin)
+        .header("x-csrf-token", &csrf)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 202);
+    let started: Value = done.json().await.unwrap();
+    let rows = api(&app, Method::GET, "/api/v1/audit?limit=1000", Value::Null)
+        .await
+        .1;
+    assert!(
+        rows["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["route"] == "/api/v1/storages/{id}/sync" && r["status"] == 202),
+        "the console's action is audited like any call: {rows}"
+    );
+    app.wait_run(
+        started["run"]["id"].as_str().unwrap(),
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+
+    // A read-only token held to project a: its runs only, and no buttons.
+    let body = json!({ "name": "viewer", "scope": "read", "projects": [project_a] });
+    let (_, reader) = api(&app, Method::POST, "/api/v1/tokens", body).await;
+    let viewer = log_in(&app, reader["secret"].as_str().unwrap()).await;
+    let (_, overview) = page(&app, &viewer, "/ui/").await;
+    assert!(
+        overview.contains(&run_a) && !overview.contains(&run_b),
+        "only its project's runs"
+    );
+    let (status, _) = page(&app, &viewer, &format!("/ui/runs/{run_b}")).await;
+    assert_eq!(status, 404, "another project's run");
+    let (_, detail) = page(&app, &viewer, &format!("/ui/storages/{storage_a}")).await;
+    assert!(
+        detail.contains("Settings") && detail.contains("seconds per run"),
+        "{detail}"
+    );
+    let body = json!({ "name": "watcher", "scope": "ops" });
+    let (_, ops) = api(&app, Method::POST, "/api/v1/tokens", body).await;
+    let ops = log_in(&app, ops["secret"].as_str().unwrap()).await;
+    let (_, detail) = page(&app, &ops, &format!("/ui/storages/{storage_a}")).await;
+    assert!(!detail.contains("Settings"), "ops sees no storage config");
+    assert!(detail.contains("Sync now"), "ops may act on the fleet");
+    let (_, storages) = page(&app, &viewer, "/ui/storages").await;
+    assert!(
+        !storages.contains("Sync now") && !storages.contains("data-action"),
+        "read-only: no actions"
+    );
+
+    let logout = client()
+        .post(format!("{}/ui/logout", app.base))
+        .header("cookie", &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 303);
+    assert!(
+        logout.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_pages_send_a_strict_content_security_policy() {
+    let app = spawn_app(AppOptions::default()).await;
+    for path in [
+        "/ui/",
+        "/ui/runs",
+        "/ui/storages",
+        "/ui/login",
+        "/ui/static/console.js",
+    ] {
+        let resp = client()
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path} (open loopback mode: no login)");
+        let csp = resp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "{path}: {csp}"
+        );
+        assert_eq!(resp.headers()["x-frame-options"], "DENY");
+    }
+    let (status, html) = page(
+        &app,
+        "",
+        "/ui/runs?status=bogus&kind=%3Cscript%3E&project_id=1&storage_id=x",
+    )
+    .await;
+    assert_eq!(status, 200, "odd filters are ignored, not errors");
+    let (status, _) = page(&app, "", "/ui/runs?project_id=&storage_id=&status=&kind=").await;
+    assert_eq!(status, 200, "the filter form's empty fields");
+    assert!(!html.contains("<script>"), "nothing is echoed unescaped");
+    let (status, _) = page(&app, "", "/ui/runs/01NOSUCHRUN").await;
+    assert_eq!(status, 404);
+    app.stop().await;
+}
+
+/// The console in a real browser (Debian's chromium through chromedriver,
+/// driven by selenium; tests/console/browser.py): log in, start a sync from
+/// the storages page and watch its counters reach the end without a
+/// reload, find a failed object on a run's page, cancel a running sync
+/// with the page's button, and no serious accessibility violation (axe-core)
+/// on any page. Screenshots of every page are written to target/console/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_browser_drives_the_console() {
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        ..AppOptions::default()
+    })
+    .await;
+    let root = app.doc_root.path();
+    write_files(&root.join("small"), 5, "jpg");
+    write_files(&root.join("big"), 30_000, "jpg");
+    std::fs::create_dir_all(root.join("tasks")).unwrap();
+    std::fs::write(
+        root.join("tasks/good.json"),
+        r#"{"data": {"text": "fine"}}"#,
+    )
+    .unwrap();
+    std::fs::write(root.join("tasks/broken.json"), "{ not json").unwrap();
+    let (_, project) = api(
+        &app,
+        Method::POST,
+        "/api/v1/projects",
+        json!({ "title": "browser" }),
+    )
+    .await;
+    let storage = |dir: &str, tasks: bool| {
+        let mut body = json!({ "project_id": project["id"], "role": "source", "backend": "local", "config": { "path": dir } });
+        if tasks {
+            body["import_method"] = json!("tasks");
+        }
+        body
+    };
+    let (_, small) = api(
+        &app,
+        Method::POST,
+        "/api/v1/storages",
+        storage("small", false),
+    )
+    .await;
+    let (_, big) = api(
+        &app,
+        Method::POST,
+        "/api/v1/storages",
+        storage("big", false),
+    )
+    .await;
+    let (_, bad) = api(
+        &app,
+        Method::POST,
+        "/api/v1/storages",
+        storage("tasks", true),
+    )
+    .await;
+    let (_, started) = api(
+        &app,
+        Method::POST,
+        &format!("/api/v1/storages/{}/sync", bad["id"]),
+        json!({}),
+    )
+    .await;
+    let bad_run = started["run"]["id"].as_str().expect("run id").to_owned();
+    let ended = app
+        .wait_run(&bad_run, std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(ended["counters"]["failed"], 1, "{ended}");
+
+    let root = labelsync_tests::repo_root();
+    let out = root.join("target/console");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let axe = root.join(".ci/browser/node_modules/axe-core/axe.min.js");
+    assert!(
+        axe.exists(),
+        "{} is missing: run tests/browser-tools.sh (tests/run.sh does)",
+        axe.display()
+    );
+    let output = tokio::process::Command::new(root.join(".ci/apivenv/bin/python"))
+        .arg(root.join("tests/console/browser.py"))
+        .args([&app.base, BOOT])
+        .arg(small["id"].to_string())
+        .arg(big["id"].to_string())
+        .args([bad_run.as_str(), "broken.json", "5"])
+        .arg(&out)
+        .arg(&axe)
+        .output()
+        .await
+        .expect("run tests/console/browser.py (tests/browser-tools.sh installs selenium)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the browser run failed (screenshots in {}):\n{stdout}\n{}",
+        out.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    app.stop().await;
+}

@@ -1,0 +1,122 @@
+"""Drives the ops console in a real browser (Debian's chromium through
+chromedriver, with selenium), as tests/console.rs asks:
+
+    browser.py BASE TOKEN STORAGE BIG_STORAGE BAD_RUN BAD_KEY FILES OUT_DIR AXE_JS
+
+logs in with TOKEN, starts a sync of STORAGE from the storages page and
+watches its counters reach FILES without the page reloading, opens BAD_RUN
+and finds BAD_KEY among its failed objects, starts a sync of BIG_STORAGE and
+cancels it with the run page's button (accepting the confirmation), and runs
+axe-core on every page: no serious or critical violation. Screenshots of
+every page go to OUT_DIR (`overview_after.png`, the overview once the
+syncs are done, is the one docs/console.png shows). Prints one JSON line; exits non-zero on failure.
+"""
+
+import json
+import sys
+import time
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+BASE, TOKEN, STORAGE, BIG, BAD_RUN, BAD_KEY, FILES, OUT, AXE = sys.argv[1:10]
+
+
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900"]:
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+driver = browser()
+wait = WebDriverWait(driver, 90)
+axe_source = open(AXE, encoding="utf-8").read()
+report = {"pages": {}, "step": None}
+
+
+def step(name):
+    report["step"] = name
+
+
+def check_page(name):
+    """Screenshot, then axe-core: serious and critical violations fail."""
+    driver.save_screenshot(f"{OUT}/{name}.png")
+    driver.execute_script(axe_source)
+    found = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document).then(r => done(r.violations.map("
+        "v => ({id: v.id, impact: v.impact, nodes: v.nodes.length}))));"
+    )
+    report["pages"][name] = found
+    serious = [v for v in found if v["impact"] in ("serious", "critical")]
+    assert not serious, f"{name}: accessibility violations {serious}"
+
+
+def status_text():
+    return driver.find_element(By.CSS_SELECTOR, "[data-status]").text
+
+
+def open_storages_and_sync(storage):
+    driver.get(f"{BASE}/ui/storages")
+    button = wait.until(ec.element_to_be_clickable(
+        (By.CSS_SELECTOR, f'button[data-action="/api/v1/storages/{storage}/sync"]')))
+    button.click()
+    wait.until(ec.url_contains("/ui/runs/"))
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-status]")))
+
+
+try:
+    step("log in")
+    driver.get(f"{BASE}/ui/")
+    wait.until(ec.url_contains("/ui/login"))
+    check_page("login")
+    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    driver.find_element(By.CSS_SELECTOR, "form.login button[type=submit]").click()
+    wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "h1"), "Overview"))
+    check_page("overview")
+
+    step("sync and watch")
+    driver.get(f"{BASE}/ui/storages")
+    check_page("storages")
+    open_storages_and_sync(STORAGE)
+    driver.execute_script("window.__stayed = 'yes';")
+    wait.until(lambda d: status_text() == "completed")
+    created = driver.find_element(By.CSS_SELECTOR, '[data-counter="created"]').text
+    assert created == FILES, f"created {created}, expected {FILES}"
+    assert driver.execute_script("return window.__stayed;") == "yes", "the page reloaded"
+    check_page("run")
+    driver.get(f"{BASE}/ui/storages/{STORAGE}")
+    wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "h1"), f"Storage {STORAGE}"))
+    check_page("storage")
+
+    step("failed objects")
+    driver.get(f"{BASE}/ui/runs/{BAD_RUN}")
+    wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "main"), BAD_KEY))
+    check_page("run_with_errors")
+
+    step("cancel")
+    open_storages_and_sync(BIG)
+    cancel = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "button.danger[data-action$='/cancel']")))
+    cancel.click()
+    wait.until(ec.alert_is_present()).accept()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "[data-status]").text == "cancelled")
+
+    step("runs page")
+    driver.get(f"{BASE}/ui/runs")
+    check_page("runs")
+    driver.get(f"{BASE}/ui/")
+    check_page("overview_after")
+    report["step"] = "done"
+    print(json.dumps(report))
+except Exception as err:  # noqa: BLE001 - the report says where it stopped
+    driver.save_screenshot(f"{OUT}/failure.png")
+    report["error"] = f"{type(err).__name__}: {err}"
+    print(json.dumps(report))
+    sys.exit(1)
+finally:
+    driver.quit()
