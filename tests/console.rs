@@ -137,6 +137,10 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
         "{run_page}"
     );
     assert!(run_page.contains("Objects that failed"));
+    assert!(
+        overview.contains("Workers") && overview.contains("alive"),
+        "the in-process worker"
+    );
     let (_, storages) = page(&app, &admin, "/ui/storages").await;
     assert!(
         storages.contains(&format!("/api/v1/storages/{storage_a}/sync")),
@@ -336,6 +340,10 @@ async fn a_real_browser_drives_the_console() {
         storage("big", false),
     )
     .await;
+    write_files(&app.doc_root.path().join("hourly"), 1, "jpg");
+    let mut hourly = storage("hourly", false);
+    hourly["sync_interval_seconds"] = json!(3600);
+    let (_, scheduled) = api(&app, Method::POST, "/api/v1/storages", hourly).await;
     let (_, bad) = api(
         &app,
         Method::POST,
@@ -374,6 +382,7 @@ async fn a_real_browser_drives_the_console() {
         .args([bad_run.as_str(), "broken.json", "5"])
         .arg(&out)
         .arg(&axe)
+        .arg(scheduled["id"].to_string())
         .output()
         .await
         .expect("run tests/console/browser.py (tests/browser-tools.sh installs selenium)");

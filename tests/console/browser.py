@@ -1,11 +1,12 @@
 """Drives the ops console in a real browser (Debian's chromium through
 chromedriver, with selenium), as tests/console.rs asks:
 
-    browser.py BASE TOKEN STORAGE BIG_STORAGE BAD_RUN BAD_KEY FILES OUT_DIR AXE_JS
+    browser.py BASE TOKEN STORAGE BIG_STORAGE BAD_RUN BAD_KEY FILES OUT_DIR AXE_JS SCHEDULED
 
 logs in with TOKEN, starts a sync of STORAGE from the storages page and
 watches its counters reach FILES without the page reloading, opens BAD_RUN
-and finds BAD_KEY among its failed objects, starts a sync of BIG_STORAGE and
+and finds BAD_KEY among its failed objects, retries them (a new run that
+fails on it again), pauses SCHEDULED's periodic syncs, starts a sync of BIG_STORAGE and
 cancels it with the run page's button (accepting the confirmation), and runs
 axe-core on every page: no serious or critical violation. Screenshots of
 every page go to OUT_DIR (`overview_after.png`, the overview once the
@@ -22,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-BASE, TOKEN, STORAGE, BIG, BAD_RUN, BAD_KEY, FILES, OUT, AXE = sys.argv[1:10]
+BASE, TOKEN, STORAGE, BIG, BAD_RUN, BAD_KEY, FILES, OUT, AXE, SCHEDULED = sys.argv[1:11]
 
 
 def browser():
@@ -98,6 +99,20 @@ try:
     driver.get(f"{BASE}/ui/runs/{BAD_RUN}")
     wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "main"), BAD_KEY))
     check_page("run_with_errors")
+
+    step("retry failed objects")
+    driver.find_element(By.CSS_SELECTOR, "button[data-action$='/retry']").click()
+    wait.until(lambda d: d.current_url.rstrip("/").split("/")[-1] not in (BAD_RUN, ""))
+    wait.until(lambda d: status_text() not in ("queued", "running"))
+    assert status_text() == "completed_with_errors", status_text()
+
+    step("pause a schedule")
+    driver.get(f"{BASE}/ui/storages")
+    pause = f'button[data-action="/api/v1/storages/{SCHEDULED}/pause"]'
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, pause))).click()
+    wait.until(ec.alert_is_present()).accept()
+    wait.until(ec.presence_of_element_located(
+        (By.CSS_SELECTOR, f'button[data-action="/api/v1/storages/{SCHEDULED}/resume"]')))
 
     step("cancel")
     open_storages_and_sync(BIG)

@@ -28,8 +28,10 @@ pub async fn overview(
 ) -> Response {
     let projects = viewer.caller.projects();
     let hour_ago = Utc::now() - Duration::hours(1);
-    let (depth, live, last_hour, recent, ended) = tokio::join!(
+    let (depth, age, workers, live, last_hour, recent, ended) = tokio::join!(
         state.queue.depth(),
+        state.queue.oldest_waiting_age(),
+        labelsync::db::workers::page(&state.db, None, 100),
         runs::count_by_status(&state.db, None, projects),
         runs::count_by_status(&state.db, Some(hour_ago), projects),
         runs::page(
@@ -58,10 +60,21 @@ pub async fn overview(
         @match &depth {
             Ok(depth) => div.cards {
                 (card("waiting", depth.pending))
+                (card("oldest waiting, seconds", age.as_ref().ok().copied().flatten().map_or_else(|| "-".to_owned(), |a| a.to_string())))
                 (card("in flight", depth.running))
                 (card("dead", depth.dead))
             },
             Err(err) => p.status-failed { "The queue does not answer: " (err) },
+        }
+        @if viewer.may(Need::Fleet) {
+            div.actions {
+                button data-action="/api/v1/queues/dead/requeue" data-confirm="Put every dead job back in the queue?"
+                    data-done="Dead jobs requeued." { "Requeue dead jobs" }
+                button.danger data-action="/api/v1/queues/dead/discard" data-confirm="Discard every dead job for good?"
+                    data-done="Dead jobs discarded." { "Discard dead jobs" }
+            }
+            h2 { "Workers" }
+            (workers_table(workers.as_deref().unwrap_or_default(), crate::api::gone_after(&state.settings)))
         }
         h2 { "Runs" }
         div.cards {
@@ -78,6 +91,32 @@ pub async fn overview(
         p { a href="/ui/runs" { "All runs" } }
     };
     layout::page("Overview", &viewer, body)
+}
+
+fn workers_table(
+    rows: &[labelsync::db::entities::worker::Model],
+    gone_after: std::time::Duration,
+) -> Markup {
+    let now = Utc::now();
+    html! {
+        @if rows.is_empty() { p.muted { "No worker has registered." } } @else {
+            div.scroll { table {
+                thead { tr {
+                    th scope="col" { "Worker" } th scope="col" { "Host" } th scope="col" { "Version" }
+                    th scope="col" { "Slots" } th scope="col" { "Jobs now" } th scope="col" { "Last heartbeat" }
+                    th scope="col" { "State" }
+                } }
+                tbody { @for w in rows {
+                    @let silent = (now - w.heartbeat_at).to_std().unwrap_or_default();
+                    tr {
+                        td { (w.name) } td { (w.host) } td { (w.version) } td { (w.slots) }
+                        td { (w.running_jobs) } td { (w.heartbeat_at.format("%H:%M:%S")) }
+                        td { @if silent > gone_after { span.status-failed { "gone" } } @else { span.status-completed { "alive" } } }
+                    }
+                } }
+            } }
+        }
+    }
 }
 
 /// Runs that ended in the last day the charts read at most.
@@ -288,6 +327,11 @@ pub async fn run(
                     data-confirm="Cancel this run?" data-done="Cancelled." { "Cancel run" }
             }
         }
+        @if !live && run.failed > 0 && run.kind == "import" && viewer.may(Need::Act) {
+            div.actions {
+                button data-action={ "/api/v1/runs/" (run.id) "/retry" } data-then="run" { "Retry failed objects" }
+            }
+        }
         h2 { "Objects that failed" }
         (errors_table(&run, &errors))
     };
@@ -364,9 +408,11 @@ pub async fn storages(
 }
 
 fn storage_row(viewer: &Viewer, s: &storage::Model, last: Option<&sync_run::Model>) -> Markup {
-    let every = s
-        .sync_interval_seconds
-        .map_or_else(|| "manual".to_owned(), |n| format!("{n} s"));
+    let every = match (s.sync_interval_seconds, s.schedule_paused_at) {
+        (None, _) => "manual".to_owned(),
+        (Some(n), None) => format!("{n} s"),
+        (Some(n), Some(_)) => format!("{n} s, paused"),
+    };
     html! { tr {
         td { a href={ "/ui/storages/" (s.id) } { (s.id) } @if !s.title.is_empty() { " " span.muted { (s.title) } } }
         td { (s.project_id) }
@@ -452,5 +498,16 @@ fn storage_actions(s: &storage::Model) -> Markup {
         " "
         button data-action={ "/api/v1/storages/" (s.id) "/validate" } data-done="The storage answered as expected."
             aria-label={ "Validate: storage " (s.id) } { "Validate" }
+        @if s.sync_interval_seconds.is_some() {
+            " "
+            @if s.schedule_paused_at.is_some() {
+                button data-action={ "/api/v1/storages/" (s.id) "/resume" } data-done="Periodic syncs resumed."
+                    aria-label={ "Resume schedule: storage " (s.id) } { "Resume schedule" }
+            } @else {
+                button data-action={ "/api/v1/storages/" (s.id) "/pause" } data-done="Periodic syncs paused."
+                    data-confirm="Pause this storage's periodic syncs?"
+                    aria-label={ "Pause schedule: storage " (s.id) } { "Pause schedule" }
+            }
+        }
     }
 }

@@ -34,7 +34,9 @@ async function act(button) {
       return;
     }
     flash(button.dataset.done || "Done.", false);
-    const next = button.dataset.then === "run" && body.run ? "/ui/runs/" + body.run.id : null;
+    // A sync answers {run, already_running}; a retry answers the run itself.
+    const run = body.run || body;
+    const next = button.dataset.then === "run" && run.id ? "/ui/runs/" + run.id : null;
     setTimeout(() => { if (next) window.location.assign(next); else window.location.reload(); }, 400);
   } catch (err) {
     flash(String(err), true);
