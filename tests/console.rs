@@ -131,6 +131,11 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
     ] {
         assert!(overview.contains(shown), "overview lacks {shown}");
     }
+    let (_, recent) = page(&app, &admin, "/ui/runs?since=1h&status=completed").await;
+    assert!(
+        recent.contains(&run_a) && recent.contains(r#"<option value="1h" selected>"#),
+        "{recent}"
+    );
     let (_, run_page) = page(&app, &admin, &format!("/ui/runs/{run_a}")).await;
     assert!(
         run_page.contains(r#"data-counter="created">2<"#),
@@ -281,7 +286,12 @@ async fn console_pages_send_a_strict_content_security_policy() {
     )
     .await;
     assert_eq!(status, 200, "odd filters are ignored, not errors");
-    let (status, _) = page(&app, "", "/ui/runs?project_id=&storage_id=&status=&kind=").await;
+    let (status, _) = page(
+        &app,
+        "",
+        "/ui/runs?project_id=&storage_id=&status=&kind=&since=",
+    )
+    .await;
     assert_eq!(status, 200, "the filter form's empty fields");
     assert!(!html.contains("<script>"), "nothing is echoed unescaped");
     let (status, _) = page(&app, "", "/ui/runs/01NOSUCHRUN").await;

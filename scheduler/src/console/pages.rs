@@ -190,6 +190,8 @@ pub struct RunsQuery {
     /// Text, not numbers: the filter form sends empty fields.
     project_id: Option<String>,
     storage_id: Option<String>,
+    /// `1h`, `1d` or `7d`: runs queued within that long.
+    since: Option<String>,
     status: Option<String>,
     kind: Option<String>,
     before: Option<String>,
@@ -212,12 +214,14 @@ pub async fn runs(
         (Some(one), _) => Some(&one[..]),
         (None, allowed) => allowed,
     };
+    let since = q.since.as_deref().and_then(since_span);
     let filter = RunFilter {
         storage_id,
         status,
         kind,
         before: q.before.as_deref(),
         projects,
+        created_after: since.map(|(_, span)| Utc::now() - span),
         ..RunFilter::default()
     };
     let rows = runs::page(&state.db, filter, PAGE)
@@ -238,6 +242,10 @@ pub async fn runs(
                 option value="" { "any" }
                 @for k in ["import", "export", "delete"] { option value=(k) selected[kind == Some(k)] { (k) } }
             } }
+            label { "Queued" select name="since" {
+                option value="" { "any time" }
+                @for (name, label) in SINCE { option value=(name) selected[since.is_some_and(|s| s.0 == *name)] { (label) } }
+            } }
             button type="submit" { "Filter" }
         }
         (runs_table(&rows))
@@ -246,6 +254,24 @@ pub async fn runs(
         }
     };
     layout::page("Runs", &viewer, body)
+}
+
+/// The choices of the runs page's time filter.
+const SINCE: &[(&str, &str)] = &[
+    ("1h", "in the last hour"),
+    ("1d", "in the last day"),
+    ("7d", "in the last week"),
+];
+
+/// A time filter's name and span, if it is one of [`SINCE`].
+fn since_span(name: &str) -> Option<(&'static str, Duration)> {
+    let (name, _) = SINCE.iter().find(|(n, _)| *n == name)?;
+    let span = match *name {
+        "1h" => Duration::hours(1),
+        "1d" => Duration::days(1),
+        _ => Duration::days(7),
+    };
+    Some((name, span))
 }
 
 /// A form field holding an id, if it holds one.
@@ -260,7 +286,11 @@ fn older_link(q: &RunsQuery, before: &str) -> String {
             link.push_str(&format!("&{name}={id}"));
         }
     }
-    for (name, value) in [("status", &q.status), ("kind", &q.kind)] {
+    for (name, value) in [
+        ("status", &q.status),
+        ("kind", &q.kind),
+        ("since", &q.since),
+    ] {
         if let Some(v) = value
             .as_deref()
             .filter(|v| v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
