@@ -177,7 +177,7 @@ async fn create_live(
             return Ok((run, true));
         }
         let row = sync_run::ActiveModel {
-            id: Set(ulid::Ulid::new().to_string()),
+            id: Set(super::new_id().to_string()),
             storage_id: Set(storage_id),
             kind: Set(kind.as_str().into()),
             status: Set(RunStatus::Queued.as_str().into()),

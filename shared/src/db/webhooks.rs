@@ -216,7 +216,7 @@ async fn insert_event(
     project_id: Option<i64>,
     data: Value,
 ) -> Result<webhook_event::Model> {
-    let id = format!("evt_{}", ulid::Ulid::new());
+    let id = format!("evt_{}", super::new_id());
     let now = Utc::now();
     let payload = serde_json::json!({
         "id": id,
