@@ -253,6 +253,77 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
     app.stop().await;
 }
 
+/// A storage's last validation is kept (ok, or what was wrong), shown on
+/// its page and in the list, and forgotten when its settings change; the
+/// list filters by project and names each storage's project.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storages_show_their_last_validation_and_project() {
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        ..AppOptions::default()
+    })
+    .await;
+    let (project_a, storage_a, _, _) = two_projects(&app).await;
+    let admin = log_in(&app, BOOT).await;
+    let path = format!("/api/v1/storages/{storage_a}");
+    let (_, before) = api(&app, Method::GET, &path, Value::Null).await;
+    assert_eq!(before["validated_at"], Value::Null, "{before}");
+    let (_, detail) = page(&app, &admin, &format!("/ui/storages/{storage_a}")).await;
+    assert!(detail.contains(">never<"), "{detail}");
+
+    let validate = format!("{path}/validate");
+    let (status, _) = api(&app, Method::POST, &validate, json!({})).await;
+    assert_eq!(status, 200);
+    let (_, ok) = api(&app, Method::GET, &path, Value::Null).await;
+    assert!(ok["validated_at"].is_string(), "{ok}");
+    assert_eq!(ok["validation_error"], Value::Null);
+    let (_, detail) = page(&app, &admin, &format!("/ui/storages/{storage_a}")).await;
+    assert!(detail.contains(r#"class="status-completed""#), "{detail}");
+
+    std::fs::remove_dir_all(app.doc_root.path().join("a")).unwrap();
+    let (status, refused) = api(&app, Method::POST, &validate, json!({})).await;
+    assert_eq!(status, 422, "{refused}");
+    let (_, failed) = api(&app, Method::GET, &path, Value::Null).await;
+    assert_eq!(
+        failed["validation_error"], refused["error"]["message"],
+        "{failed}"
+    );
+    let (_, detail) = page(&app, &admin, &format!("/ui/storages/{storage_a}")).await;
+    let shown = refused["error"]["message"]
+        .as_str()
+        .unwrap()
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;");
+    assert!(
+        detail.contains(&shown),
+        "the page says what was wrong: {detail}"
+    );
+    let (_, list) = page(
+        &app,
+        &admin,
+        &format!("/ui/storages?project_id={project_a}"),
+    )
+    .await;
+    assert!(list.contains(">failed<") && list.contains(">a<"), "{list}");
+    assert_eq!(
+        list.matches(r#"href="/ui/storages/"#).count(),
+        1,
+        "one project's storages: {list}"
+    );
+
+    std::fs::create_dir(app.doc_root.path().join("a")).unwrap();
+    let (status, patched) = api(&app, Method::PATCH, &path, json!({ "title": "renamed" })).await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(
+        patched["validated_at"],
+        Value::Null,
+        "a check of the old settings says nothing of the new"
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_pages_send_a_strict_content_security_policy() {
     let app = spawn_app(AppOptions::default()).await;

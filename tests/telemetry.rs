@@ -69,6 +69,20 @@ async fn sync_with_traceparent(app: &TestApp, storage: &Value) -> String {
     let run_id = started["run"]["id"].as_str().expect("run id").to_owned();
     let run = app.wait_run(&run_id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["trace_id"], TRACE, "the run names its trace");
+    let page = app
+        .client
+        .get(format!("{}/ui/runs/{run_id}", app.base))
+        .send()
+        .await
+        .expect("run page")
+        .text()
+        .await
+        .expect("HTML");
+    assert!(
+        page.contains(TRACE),
+        "the console shows the trace id: {page}"
+    );
     run_id
 }
 

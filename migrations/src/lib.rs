@@ -20,6 +20,7 @@ mod m20261202_000011_tokens_audit;
 mod m20261202_000012_run_admission;
 mod m20261202_000013_workers;
 mod m20261202_000014_pause_and_retry;
+mod m20261202_000015_console_facts;
 
 pub struct Migrator;
 
@@ -41,6 +42,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000012_run_admission::Migration),
             Box::new(m20261202_000013_workers::Migration),
             Box::new(m20261202_000014_pause_and_retry::Migration),
+            Box::new(m20261202_000015_console_facts::Migration),
         ]
     }
 }

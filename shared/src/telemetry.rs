@@ -123,6 +123,16 @@ pub fn current_context() -> TraceContext {
     carrier.0
 }
 
+/// The current span's trace id (32 hex digits), or `None` when nothing is
+/// traced (no OTLP endpoint, or no span).
+pub fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span = span.span_context();
+    span.is_valid().then(|| span.trace_id().to_string())
+}
+
 /// Makes `span` a child of the trace in `context` (when there is one).
 pub fn set_parent(span: &tracing::Span, context: &impl Extractor) {
     let parent = TraceContextPropagator::new().extract(context);

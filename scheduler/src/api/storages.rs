@@ -274,10 +274,19 @@ pub async fn validate_saved(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
     let model = find(&state.db, &caller, id).await?;
-    let backend = labelsync::storage::open(&model, &state.storage_env)
-        .await
-        .map_err(ApiError::unprocessable)?;
-    check(backend, Role::of(&model), &model.prefix).await
+    let checked = match labelsync::storage::open(&model, &state.storage_env).await {
+        Ok(backend) => check(backend, Role::of(&model), &model.prefix).await,
+        Err(err) => Err(ApiError::unprocessable(err)),
+    };
+    // The outcome is the storage's last validation (its page shows it);
+    // only the storage's answer, not a database outage, is recorded.
+    let error = match &checked {
+        Ok(_) => None,
+        Err(e) if e.status == StatusCode::UNPROCESSABLE_ENTITY => Some(e.message.as_str()),
+        Err(_) => return checked,
+    };
+    storages::record_validation(&state.db, id, model.updated_at, error).await?;
+    checked
 }
 
 async fn check(backend: Arc<dyn Storage>, role: Role, prefix: &str) -> ApiResult<ApiJson<Value>> {

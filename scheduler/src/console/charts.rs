@@ -95,6 +95,7 @@ mod tests {
             project_id: 1,
             admitted_at: Some(at),
             retry_of: None,
+            trace_id: None,
         }
     }
 

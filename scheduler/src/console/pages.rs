@@ -340,6 +340,7 @@ pub async fn run(
                 dt { "Started" } dd { (opt(run.started_at)) }
                 dt { "Heartbeat" } dd { (opt(run.heartbeat_at)) }
                 dt { "Finished" } dd { (opt(run.finished_at)) }
+                @if let Some(trace) = &run.trace_id { dt { "Trace id" } dd { code data-trace { (trace) } } }
                 @if let Some(error) = &run.error { dt { "Error" } dd.status-failed { (error) } }
             }
             h2 { "Counters" }
@@ -397,19 +398,23 @@ fn errors_table(
     }
 }
 
-/// `?after=` of the storages page.
+/// `?project_id=&after=` of the storages page.
 #[derive(Debug, Default, Deserialize)]
 pub struct StoragesQuery {
+    project_id: Option<String>,
     after: Option<i64>,
 }
 
-/// `GET /ui/storages`: each storage with its newest run and actions.
+/// `GET /ui/storages`: each storage (of one project, or of every project
+/// the caller sees) with its newest run, its last validation and actions.
 pub async fn storages(
     State(state): State<AppState>,
     Extension(viewer): Extension<Viewer>,
     Query(q): Query<StoragesQuery>,
 ) -> Response {
+    let project_id = number(q.project_id.as_deref());
     let filter = StorageFilter {
+        project_id,
         after: q.after,
         projects: viewer.caller.projects(),
         ..StorageFilter::default()
@@ -419,25 +424,46 @@ pub async fn storages(
         .unwrap_or_default();
     let ids: Vec<i64> = rows.iter().map(|s| s.id).collect();
     let last = runs::newest_of(&state.db, &ids).await.unwrap_or_default();
+    let mut project_ids: Vec<i64> = rows.iter().map(|s| s.project_id).collect();
+    project_ids.dedup();
+    let titles = labelsync::db::projects::titles(&state.db, &project_ids)
+        .await
+        .unwrap_or_default();
+    let more = match (rows.len() as u64 == PAGE, ids.last()) {
+        (true, Some(last)) => Some(match project_id {
+            Some(p) => format!("/ui/storages?project_id={p}&after={last}"),
+            None => format!("/ui/storages?after={last}"),
+        }),
+        _ => None,
+    };
     let body = html! {
+        form.filters method="get" action="/ui/storages" {
+            label { "Project id" input type="number" name="project_id" value=[project_id]; }
+            button type="submit" { "Filter" }
+        }
         @if rows.is_empty() { p.muted { "No storages." } } @else {
             div.scroll { table {
                 thead { tr {
                     th scope="col" { "Storage" } th scope="col" { "Project" } th scope="col" { "Backend" }
                     th scope="col" { "Role" } th scope="col" { "Every" } th scope="col" { "Next sync" }
-                    th scope="col" { "Newest run" } th scope="col" { "Actions" }
+                    th scope="col" { "Validated" } th scope="col" { "Newest run" } th scope="col" { "Actions" }
                 } }
-                tbody { @for s in &rows { (storage_row(&viewer, s, last.get(&s.id))) } }
+                tbody { @for s in &rows {
+                    (storage_row(&viewer, s, titles.get(&s.project_id), last.get(&s.id)))
+                } }
             } }
-            @if rows.len() as u64 == PAGE {
-                @if let Some(last) = ids.last() { p { a href={ "/ui/storages?after=" (last) } { "More storages" } } }
-            }
+            @if let Some(more) = more { p { a href=(more) { "More storages" } } }
         }
     };
     layout::page("Storages", &viewer, body)
 }
 
-fn storage_row(viewer: &Viewer, s: &storage::Model, last: Option<&sync_run::Model>) -> Markup {
+fn storage_row(
+    viewer: &Viewer,
+    s: &storage::Model,
+    project: Option<&String>,
+    last: Option<&sync_run::Model>,
+) -> Markup {
     let every = match (s.sync_interval_seconds, s.schedule_paused_at) {
         (None, _) => "manual".to_owned(),
         (Some(n), None) => format!("{n} s"),
@@ -445,16 +471,28 @@ fn storage_row(viewer: &Viewer, s: &storage::Model, last: Option<&sync_run::Mode
     };
     html! { tr {
         td { a href={ "/ui/storages/" (s.id) } { (s.id) } @if !s.title.is_empty() { " " span.muted { (s.title) } } }
-        td { (s.project_id) }
+        td { a href={ "/ui/storages?project_id=" (s.project_id) } {
+            (s.project_id) @if let Some(title) = project { " " span.muted { (title) } }
+        } }
         td { (s.backend) }
         td { (s.role) }
         td { (every) }
         td { (opt(s.next_sync_at)) }
+        td { (validation(s)) }
         td { @match last {
             Some(run) => a href={ "/ui/runs/" (run.id) } { span class={ "status-" (run.status) } { (run.status) } },
             None => span.muted { "never" },
         } }
         td { @if viewer.may(Need::Act) { (storage_actions(s)) } }
+    } }
+}
+
+/// The storage's last validation: when, and whether it answered as expected.
+fn validation(s: &storage::Model) -> Markup {
+    html! { @match (s.validated_at, &s.validation_error) {
+        (None, _) => span.muted { "never" },
+        (Some(at), None) => span.status-completed title=(at) { "ok" },
+        (Some(at), Some(_)) => span.status-failed title=(at) { "failed" },
     } }
 }
 
@@ -494,6 +532,10 @@ pub async fn storage(
             dt { "Backend" } dd { (found.backend) " (" (found.role) ")" }
             dt { "Every" } dd { (found.sync_interval_seconds.map_or_else(|| "manual".to_owned(), |n| format!("{n} s"))) }
             dt { "Next sync" } dd { (opt(found.next_sync_at)) }
+            dt { "Last validation" } dd data-validation {
+                (validation(&found)) " " (opt(found.validated_at))
+                @if let Some(error) = &found.validation_error { div.wrap { (error) } }
+            }
         }
         @if viewer.may(Need::Act) { div.actions { (storage_actions(&found)) } }
         @if viewer.may(Need::Read) {

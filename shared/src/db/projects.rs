@@ -73,6 +73,19 @@ pub async fn existing(db: &impl ConnectionTrait, ids: &[i64]) -> Result<Vec<i64>
         .await?)
 }
 
+/// The titles of those of `ids` that are projects.
+pub async fn titles(db: &impl ConnectionTrait, ids: &[i64]) -> Result<HashMap<i64, String>> {
+    let rows: Vec<(i64, String)> = project::Entity::find()
+        .select_only()
+        .column(project::Column::Id)
+        .column(project::Column::Title)
+        .filter(project::Column::Id.is_in(ids.iter().copied()))
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Task counts of several projects in one grouped query (a project without
 /// tasks is absent from the map).
 pub async fn task_counts(db: &impl ConnectionTrait, ids: &[i64]) -> Result<HashMap<i64, i64>> {

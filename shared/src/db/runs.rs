@@ -208,6 +208,8 @@ async fn create_live(
             // Held until `admission::admit` lets it onto the queue.
             admitted_at: Set(None),
             retry_of: Set(retry_of.map(str::to_owned)),
+            // The trace of the request or tick creating the run, if traced.
+            trace_id: Set(crate::telemetry::current_trace_id()),
         };
         // The run and its `run.queued` event commit together.
         let tx = super::begin_write(db).await?;
@@ -526,6 +528,7 @@ pub fn to_json(run: &sync_run::Model) -> serde_json::Value {
         "finished_at": run.finished_at,
         "held": super::admission::is_held(run),
         "admitted_at": run.admitted_at,
+        "trace_id": run.trace_id,
     })
 }
 

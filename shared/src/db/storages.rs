@@ -141,6 +141,29 @@ pub async fn set_schedule_paused(
     find(db, id).await
 }
 
+/// Records the outcome of checking the storage as it was saved at
+/// `checked_updated_at` (`error`: what was wrong; `None`: it answered as
+/// expected). Nothing is written when the storage was changed (or deleted)
+/// since: that check was of settings it no longer has.
+pub async fn record_validation(
+    db: &impl ConnectionTrait,
+    id: i64,
+    checked_updated_at: DateTime<Utc>,
+    error: Option<&str>,
+) -> Result<()> {
+    storage::Entity::update_many()
+        .col_expr(storage::Column::ValidatedAt, Expr::value(Utc::now()))
+        .col_expr(
+            storage::Column::ValidationError,
+            Expr::value(error.map(str::to_owned)),
+        )
+        .filter(storage::Column::Id.eq(id))
+        .filter(storage::Column::UpdatedAt.eq(checked_updated_at))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Storages with a sync period, not paused, whose next sync is unset or
 /// not after `now`. A period that came round while paused is due at once
 /// when the storage is resumed.

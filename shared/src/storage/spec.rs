@@ -297,6 +297,8 @@ impl StorageSpec {
             sync_interval_seconds: self.sync_interval_seconds,
             next_sync_at: None,
             schedule_paused_at: None,
+            validated_at: None,
+            validation_error: None,
             created_at: now,
             updated_at: now,
         }
@@ -374,6 +376,8 @@ pub async fn save(
             let same_period = current.sync_interval_seconds == spec.sync_interval_seconds;
             model.next_sync_at = current.next_sync_at.filter(|_| same_period);
             model.schedule_paused_at = current.schedule_paused_at;
+            // validated_at stays unset: the last check was of the settings
+            // this save replaces.
             storages::replace(&txn, model).await?
         }
         None => storages::insert(&txn, model).await?,
@@ -413,6 +417,8 @@ pub fn to_json(model: &storage::Model) -> Value {
         "sync_interval_seconds": model.sync_interval_seconds,
         "schedule_paused": model.schedule_paused_at.is_some(),
         "schedule_paused_at": model.schedule_paused_at,
+        "validated_at": model.validated_at,
+        "validation_error": model.validation_error,
         "config": model.config,
         "secrets_set": model.secrets_set,
         "created_at": model.created_at,

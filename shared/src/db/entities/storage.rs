@@ -33,6 +33,10 @@ pub struct Model {
     /// Set while the periodic syncs are paused (`POST /storages/{id}/pause`):
     /// the scheduler's tick skips the storage; a manual sync still runs.
     pub schedule_paused_at: Option<DateTimeUtc>,
+    /// When `POST /storages/{id}/validate` last checked the storage, and
+    /// what was wrong then (`None`: it answered as expected).
+    pub validated_at: Option<DateTimeUtc>,
+    pub validation_error: Option<String>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

@@ -56,6 +56,9 @@ pub struct Model {
     pub admitted_at: Option<DateTimeUtc>,
     /// A `retry` run: the run whose failed objects it reads again.
     pub retry_of: Option<String>,
+    /// The OpenTelemetry trace the run was created in (32 hex digits), when
+    /// tracing is on: its jobs' spans belong to that trace.
+    pub trace_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
