@@ -8,7 +8,9 @@ watches its counters reach FILES without the page reloading, opens BAD_RUN
 and finds BAD_KEY among its failed objects, retries them (a new run that
 fails on it again), pauses SCHEDULED's periodic syncs, starts a sync of BIG_STORAGE and
 cancels it with the run page's button (accepting the confirmation), and runs
-axe-core on every page: no serious or critical violation. Screenshots of
+axe-core on every page: no serious or critical violation. Then the main
+pages again at a phone's width (390 px: nothing wider than the screen) and
+in dark mode (a dark background; axe again, contrast included). Screenshots of
 every page go to OUT_DIR (`overview_after.png`, the overview once the
 syncs are done, is the one docs/console.png shows). Prints one JSON line; exits non-zero on failure.
 """
@@ -56,6 +58,23 @@ def check_page(name):
     report["pages"][name] = found
     serious = [v for v in found if v["impact"] in ("serious", "critical")]
     assert not serious, f"{name}: accessibility violations {serious}"
+
+
+# The pages checked again at a phone's width and in dark mode.
+PAGES = [
+    ("overview", "/ui/"),
+    ("runs", "/ui/runs"),
+    ("run_with_errors", f"/ui/runs/{BAD_RUN}"),
+    ("storages", "/ui/storages"),
+    ("storage", f"/ui/storages/{STORAGE}"),
+]
+
+# Relative luminance (0 black .. 1 white) of the page's background.
+LUMINANCE = """
+const c = getComputedStyle(document.body).backgroundColor.match(/[0-9.]+/g).map(Number);
+const l = v => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+return 0.2126 * l(c[0]) + 0.7152 * l(c[1]) + 0.0722 * l(c[2]);
+"""
 
 
 def status_text():
@@ -126,6 +145,26 @@ try:
     check_page("runs")
     driver.get(f"{BASE}/ui/")
     check_page("overview_after")
+
+    step("phone width")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True})
+    for name, path in PAGES:
+        driver.get(f"{BASE}{path}")
+        wide = driver.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth];")
+        assert wide[0] <= wide[1] + 1, f"{name}: {wide[0]} px wide on a {wide[1]} px phone"
+        check_page(f"{name}_phone")
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+    step("dark mode")
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {
+        "features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    for name, path in PAGES:
+        driver.get(f"{BASE}{path}")
+        lum = driver.execute_script(LUMINANCE)
+        assert lum < 0.2, f"{name}: background luminance {lum} in dark mode"
+        check_page(f"{name}_dark")
     report["step"] = "done"
     print(json.dumps(report))
 except Exception as err:  # noqa: BLE001 - the report says where it stopped

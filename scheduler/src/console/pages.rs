@@ -100,7 +100,7 @@ fn workers_table(
     let now = Utc::now();
     html! {
         @if rows.is_empty() { p.muted { "No worker has registered." } } @else {
-            div.scroll { table {
+            div.scroll tabindex="0" role="region" aria-label="Workers" { table {
                 thead { tr {
                     th scope="col" { "Worker" } th scope="col" { "Host" } th scope="col" { "Version" }
                     th scope="col" { "Slots" } th scope="col" { "Jobs now" } th scope="col" { "Last heartbeat" }
@@ -165,7 +165,7 @@ fn runs_table(rows: &[sync_run::Model]) -> Markup {
         @if rows.is_empty() {
             p.muted { "No runs." }
         } @else {
-            div.scroll { table {
+            div.scroll tabindex="0" role="region" aria-label="Runs" { table {
                 thead { tr {
                     th scope="col" { "Run" } th scope="col" { "Storage" } th scope="col" { "Kind" }
                     th scope="col" { "Status" } th scope="col" { "Listed" } th scope="col" { "Created" }
@@ -381,7 +381,7 @@ fn errors_table(
         @if rows.is_empty() {
             p.muted { "None." }
         } @else {
-            div.scroll { table {
+            div.scroll tabindex="0" role="region" aria-label="Objects that failed" { table {
                 thead { tr { th scope="col" { "Key" } th scope="col" { "Row" } th scope="col" { "Error" } } }
                 tbody { @for e in rows { tr {
                     td.wrap { (e.object_key) }
@@ -442,7 +442,7 @@ pub async fn storages(
             button type="submit" { "Filter" }
         }
         @if rows.is_empty() { p.muted { "No storages." } } @else {
-            div.scroll { table {
+            div.scroll tabindex="0" role="region" aria-label="Storages" { table {
                 thead { tr {
                     th scope="col" { "Storage" } th scope="col" { "Project" } th scope="col" { "Backend" }
                     th scope="col" { "Role" } th scope="col" { "Every" } th scope="col" { "Next sync" }
@@ -533,14 +533,14 @@ pub async fn storage(
             dt { "Every" } dd { (found.sync_interval_seconds.map_or_else(|| "manual".to_owned(), |n| format!("{n} s"))) }
             dt { "Next sync" } dd { (opt(found.next_sync_at)) }
             dt { "Last validation" } dd data-validation {
-                (validation(&found)) " " (opt(found.validated_at))
+                (validation(&found)) @if let Some(at) = found.validated_at { " " (at) }
                 @if let Some(error) = &found.validation_error { div.wrap { (error) } }
             }
         }
         @if viewer.may(Need::Act) { div.actions { (storage_actions(&found)) } }
         @if viewer.may(Need::Read) {
             h2 { "Settings" }
-            pre.settings { (settings) }
+            pre.settings tabindex="0" aria-label="Settings" { (settings) }
         }
         h2 { "Last " (history.len()) " runs, oldest first" }
         (charts::bars("Duration", "seconds per run", &seconds))
