@@ -385,7 +385,7 @@ async fn a_real_browser_drives_the_console() {
     .await;
     let root = app.doc_root.path();
     write_files(&root.join("small"), 5, "jpg");
-    write_files(&root.join("big"), 30_000, "jpg");
+    write_files(&root.join("big"), 3_000, "jpg");
     std::fs::create_dir_all(root.join("tasks")).unwrap();
     std::fs::write(
         root.join("tasks/good.json"),
@@ -421,6 +421,16 @@ async fn a_real_browser_drives_the_console() {
         storage("big", false),
     )
     .await;
+    // A first complete sync of 3,000 objects: the run the browser cancels
+    // (of 30,000) estimates its ETA from it.
+    let first = format!("/api/v1/storages/{}/sync", big["id"]);
+    let (_, first) = api(&app, Method::POST, &first, json!({})).await;
+    app.wait_run(
+        first["run"]["id"].as_str().unwrap(),
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+    write_files(&root.join("big"), 30_000, "jpg");
     write_files(&app.doc_root.path().join("hourly"), 1, "jpg");
     let mut hourly = storage("hourly", false);
     hourly["sync_interval_seconds"] = json!(3600);

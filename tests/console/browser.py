@@ -6,8 +6,9 @@ chromedriver, with selenium), as tests/console.rs asks:
 logs in with TOKEN, starts a sync of STORAGE from the storages page and
 watches its counters reach FILES without the page reloading, opens BAD_RUN
 and finds BAD_KEY among its failed objects, retries them (a new run that
-fails on it again), pauses SCHEDULED's periodic syncs, starts a sync of BIG_STORAGE and
-cancels it with the run page's button (accepting the confirmation), and runs
+fails on it again), pauses SCHEDULED's periodic syncs, starts a sync of BIG_STORAGE (synced
+once before, when it held 3,000 objects), sees its rate and an ETA
+estimated from that sync, and cancels it with the run page's button (accepting the confirmation), and runs
 axe-core on every page: no serious or critical violation. Then the main
 pages again at a phone's width (390 px: nothing wider than the screen) and
 in dark mode (a dark background; axe again, contrast included). Screenshots of
@@ -16,6 +17,7 @@ syncs are done, is the one docs/console.png shows). Prints one JSON line; exits 
 """
 
 import json
+import re
 import sys
 import time
 
@@ -133,8 +135,13 @@ try:
     wait.until(ec.presence_of_element_located(
         (By.CSS_SELECTOR, f'button[data-action="/api/v1/storages/{SCHEDULED}/resume"]')))
 
-    step("cancel")
+    step("rate and ETA")
     open_storages_and_sync(BIG)
+    wait.until(lambda d: "per second" in d.find_element(By.CSS_SELECTOR, "[data-rate]").text)
+    eta = driver.find_element(By.CSS_SELECTOR, "[data-eta]").text
+    assert re.match(r"(about \d+ s \(of 3000 objects listed\)|past the 3000 )", eta), eta
+
+    step("cancel")
     cancel = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "button.danger[data-action$='/cancel']")))
     cancel.click()
     wait.until(ec.alert_is_present()).accept()

@@ -59,10 +59,16 @@ pub fn bars(title: &str, what: &str, values: &[i64]) -> Markup {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn ended(minutes_ago: i64, created: i64, now: DateTime<Utc>) -> sync_run::Model {
+    /// A run of 1 project, storage 1, that ended `minutes_ago` (also used by
+    /// the other console modules' tests).
+    pub(in crate::console) fn ended(
+        minutes_ago: i64,
+        created: i64,
+        now: DateTime<Utc>,
+    ) -> sync_run::Model {
         let at = now - Duration::minutes(minutes_ago);
         sync_run::Model {
             id: format!("r{minutes_ago}"),

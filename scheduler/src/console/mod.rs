@@ -9,6 +9,7 @@
 mod charts;
 mod layout;
 mod pages;
+mod progress;
 
 use axum::{
     Form, Router,

@@ -15,7 +15,7 @@ use labelsync::db::{
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use super::{Viewer, charts, layout};
+use super::{Viewer, charts, layout, progress};
 use crate::api::{AppState, access::Need};
 
 /// Rows a list page shows.
@@ -328,6 +328,10 @@ pub async fn run(
         .await
         .unwrap_or_default();
     let live = RunStatus::parse(&run.status).is_some_and(RunStatus::is_live);
+    let progress = match live {
+        true => Some(progress::facts(&run, expected_total(&state, &run).await)),
+        false => None,
+    };
     let counters = serde_json::to_value(runs::Counters::of(&run)).unwrap_or_default();
     let body = html! {
         div data-live-run=[live.then_some(&run.id)] {
@@ -343,6 +347,7 @@ pub async fn run(
                 @if let Some(trace) = &run.trace_id { dt { "Trace id" } dd { code data-trace { (trace) } } }
                 @if let Some(error) = &run.error { dt { "Error" } dd.status-failed { (error) } }
             }
+            @if let Some(progress) = progress { (progress) }
             h2 { "Counters" }
             div.cards {
                 @if let Some(map) = counters.as_object() {
@@ -367,6 +372,20 @@ pub async fn run(
         (errors_table(&run, &errors))
     };
     layout::page(&format!("Run {}", run.id), &viewer, body)
+}
+
+/// The size a live run is expected to reach (see `progress`), from the
+/// storage's history; `None` when there is nothing to go by.
+async fn expected_total(state: &AppState, run: &sync_run::Model) -> Option<i64> {
+    let previous = runs::previous_completed(&state.db, run)
+        .await
+        .ok()
+        .flatten();
+    let retried = match &run.retry_of {
+        Some(id) => runs::get(&state.db, id).await.ok(),
+        None => None,
+    };
+    progress::expected_total(run, previous.as_ref(), retried.as_ref())
 }
 
 fn opt(at: Option<chrono::DateTime<Utc>>) -> String {

@@ -769,6 +769,25 @@ pub async fn newest_of(
     Ok(runs.into_iter().map(|r| (r.storage_id, r)).collect())
 }
 
+/// The storage's newest run before `run` of its kind and scope that
+/// completed (with or without object errors): what the console estimates a
+/// live run's size from. Index: `sync_runs (storage_id, id)`.
+pub async fn previous_completed(
+    db: &impl ConnectionTrait,
+    run: &sync_run::Model,
+) -> Result<Option<sync_run::Model>> {
+    let done = [RunStatus::Completed, RunStatus::CompletedWithErrors].map(RunStatus::as_str);
+    Ok(sync_run::Entity::find()
+        .filter(sync_run::Column::StorageId.eq(run.storage_id))
+        .filter(sync_run::Column::Id.lt(run.id.as_str()))
+        .filter(sync_run::Column::Kind.eq(run.kind.as_str()))
+        .filter(sync_run::Column::Scope.eq(run.scope.as_str()))
+        .filter(sync_run::Column::Status.is_in(done))
+        .order_by_desc(sync_run::Column::Id)
+        .one(db)
+        .await?)
+}
+
 /// The runs a live event stream shows now: every live run, and those that
 /// ended at or after `ended_since`; of these projects when given.
 /// At most `limit`, oldest first.

@@ -45,6 +45,28 @@ async function act(button) {
   }
 }
 
+// Rate since the run started and time left, by the rules of the server's
+// console/progress.rs: the counters named in data-work measure the work,
+// data-total is the size expected from the storage's history.
+function showProgress(element, run) {
+  const box = element.querySelector("[data-work]");
+  const seconds = (Date.now() - Date.parse(run.started_at)) / 1000;
+  if (!box || !run.started_at || !(seconds > 0)) return;
+  const counters = run.counters || {};
+  const done = box.dataset.work.split(",").reduce((n, name) => n + (counters[name] || 0), 0);
+  const rate = done / seconds;
+  const unit = box.dataset.unit;
+  box.querySelector("[data-rate]").textContent = rate.toFixed(1) + " " + unit + " per second";
+  const total = Number(box.dataset.total || 0);
+  const eta = box.querySelector("[data-eta]");
+  if (!total) return;
+  if (done >= total) {
+    eta.textContent = "past the " + total + " " + unit + " of the run it is estimated from";
+  } else if (rate > 0) {
+    eta.textContent = "about " + Math.ceil((total - done) / rate) + " s (of " + total + " " + unit + ")";
+  }
+}
+
 function watchRun(element) {
   const id = element.dataset.liveRun;
   const source = new EventSource("/api/v1/runs/" + encodeURIComponent(id) + "/events");
@@ -54,6 +76,7 @@ function watchRun(element) {
       const cell = element.querySelector('[data-counter="' + name + '"]');
       if (cell) cell.textContent = String(value);
     }
+    showProgress(element, run);
     const status = element.querySelector("[data-status]");
     if (status) {
       status.textContent = run.status;
