@@ -143,7 +143,7 @@ mod tests {
         assert_eq!(total, Some(1_000));
         let e = estimate(&live, total, now);
         assert_eq!(e.done, 200);
-        assert!((e.rate.unwrap() - 20.0).abs() < 1e-9);
+        assert!((e.rate.expect("started") - 20.0).abs() < 1e-9);
         assert_eq!(e.eta_seconds, Some(40), "800 left at 20 per second");
         assert!(eta_text(&e, total, "objects").starts_with("about 40 s"));
 
