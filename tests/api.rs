@@ -2033,8 +2033,39 @@ async fn dead_jobs_are_requeued_or_discarded() {
             .await
             .expect("kill the jobs");
     }
+    // A third job due in an hour: scheduled, not pending.
+    let later = labelsync::jobs::RunJob::for_run(ulid::Ulid::new().to_string());
+    jobs.push(later, "later").await.expect("push");
+    let hour = chrono::Utc::now().timestamp() + 3600;
+    let moved: u64 = redis::cmd("ZADD")
+        .arg(format!("{queue}:scheduled"))
+        .arg("XX")
+        .arg("CH")
+        .arg(hour)
+        .arg(
+            redis::cmd("ZRANGE")
+                .arg(format!("{queue}:scheduled"))
+                .arg(0)
+                .arg(0)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .expect("ZRANGE")
+                .remove(0),
+        )
+        .query_async(&mut conn)
+        .await
+        .expect("ZADD");
+    assert_eq!(moved, 1);
     let (_, queues) = app.get("/api/v1/queues").await;
     assert_eq!(queues["items"][0]["dead"], 2, "{queues}");
+    assert_eq!(
+        (
+            &queues["items"][0]["pending"],
+            &queues["items"][0]["scheduled"]
+        ),
+        (&json!(0), &json!(1)),
+        "{queues}"
+    );
     assert_eq!(
         queues["items"][0]["oldest_pending_age_seconds"],
         Value::Null,
@@ -2090,7 +2121,11 @@ async fn dead_jobs_are_requeued_or_discarded() {
         .query_async(&mut conn)
         .await
         .expect("HKEYS");
-    assert_eq!(left.len(), 1, "the discarded job's data is gone: {left:?}");
+    assert_eq!(
+        left.len(),
+        2,
+        "the discarded job's data is gone, the requeued and the scheduled one's stay: {left:?}"
+    );
     // A worker takes the requeued job: a run that does not exist is done.
     let _worker = labelsync_tests::spawn_ready_worker(&app, "dead", &[]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -2132,8 +2167,22 @@ async fn dead_jobs_of_the_embedded_queue_are_requeued_or_discarded() {
         .await
         .expect("plant a dead job");
     }
+    let hour = chrono::Utc::now().timestamp() + 3600;
+    db.execute_unprepared(&format!(
+        "INSERT INTO Jobs (job, id, job_type, status, attempts, run_at) VALUES (X'7B7D', 'later', '{queue}', 'Pending', 0, {hour})"
+    ))
+    .await
+    .expect("plant a job due in an hour");
     let (_, queues) = app.get("/api/v1/queues").await;
     assert_eq!(queues["items"][0]["dead"], 2, "{queues}");
+    assert_eq!(
+        (
+            &queues["items"][0]["pending"],
+            &queues["items"][0]["scheduled"]
+        ),
+        (&json!(0), &json!(1)),
+        "a job due in an hour is scheduled, not pending: {queues}"
+    );
     let (status, requeued) = app
         .post("/api/v1/queues/dead/requeue?limit=1", json!({}))
         .await;

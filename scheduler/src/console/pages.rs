@@ -59,8 +59,9 @@ pub async fn overview(
         h2 { "Queue" }
         @match &depth {
             Ok(depth) => div.cards {
-                (card("waiting", depth.pending))
-                (card("oldest waiting, seconds", age.as_ref().ok().copied().flatten().map_or_else(|| "-".to_owned(), |a| a.to_string())))
+                (card("due, waiting for a worker", depth.pending))
+                (card("oldest due, seconds", age.as_ref().ok().copied().flatten().map_or_else(|| "-".to_owned(), |a| a.to_string())))
+                (card("scheduled for later", depth.scheduled))
                 (card("in flight", depth.running))
                 (card("dead", depth.dead))
             },

@@ -162,22 +162,27 @@ impl Queue {
                 let mut conn = conn.clone();
                 let redis_err =
                     |e: redis::RedisError| Error::Transient(format!("queue depth: {e}"));
-                let (due, active, dead, workers): (u64, u64, u64, Vec<String>) = redis::pipe()
-                    .cmd("ZCOUNT")
-                    .arg(config.scheduled_jobs_set())
-                    .arg("-inf")
-                    .arg(now)
-                    .cmd("LLEN")
-                    .arg(config.active_jobs_list())
-                    .cmd("SCARD")
-                    .arg(config.dead_jobs_set())
-                    .cmd("ZRANGE")
-                    .arg(config.workers_set())
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(redis_err)?;
+                let (due, later, active, dead, workers): (u64, u64, u64, u64, Vec<String>) =
+                    redis::pipe()
+                        .cmd("ZCOUNT")
+                        .arg(config.scheduled_jobs_set())
+                        .arg("-inf")
+                        .arg(now)
+                        .cmd("ZCOUNT")
+                        .arg(config.scheduled_jobs_set())
+                        .arg(format!("({now}"))
+                        .arg("+inf")
+                        .cmd("LLEN")
+                        .arg(config.active_jobs_list())
+                        .cmd("SCARD")
+                        .arg(config.dead_jobs_set())
+                        .cmd("ZRANGE")
+                        .arg(config.workers_set())
+                        .arg(0)
+                        .arg(-1)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(redis_err)?;
                 let mut running = 0u64;
                 if !workers.is_empty() {
                     let mut pipe = redis::pipe();
@@ -191,6 +196,7 @@ impl Queue {
                 Ok(QueueDepth {
                     queue: config.queue.to_string(),
                     pending: due + active,
+                    scheduled: later,
                     running,
                     dead,
                 })
@@ -199,24 +205,31 @@ impl Queue {
                 let name = apalis_core::backend::BackendConfig::config(storage)
                     .queue
                     .to_string();
-                let rows: Vec<(String, i64)> = sea_orm::sqlx::query_as(
-                    "SELECT status, COUNT(*) FROM Jobs WHERE job_type = ? GROUP BY status",
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let rows: Vec<(String, bool, i64)> = sea_orm::sqlx::query_as(
+                    "SELECT status, run_at > ?2, COUNT(*) FROM Jobs WHERE job_type = ?1 \
+                     GROUP BY status, run_at > ?2",
                 )
                 .bind(&name)
+                .bind(now)
                 .fetch_all(storage.pool())
                 .await
                 .map_err(|e| Error::Transient(format!("queue depth: {e}")))?;
-                let count = |states: &[&str]| -> u64 {
+                let count = |states: &[&str], later: bool| -> u64 {
                     rows.iter()
-                        .filter(|(s, _)| states.contains(&s.as_str()))
-                        .map(|(_, n)| *n as u64)
+                        .filter(|(s, l, _)| states.contains(&s.as_str()) && *l == later)
+                        .map(|(_, _, n)| *n as u64)
                         .sum()
                 };
+                let any = |states: &[&str]| count(states, false) + count(states, true);
                 Ok(QueueDepth {
                     queue: name,
-                    pending: count(&["Pending", "Queued"]),
-                    running: count(&["Running"]),
-                    dead: count(&["Killed"]),
+                    pending: count(&["Pending", "Queued"], false),
+                    scheduled: count(&["Pending", "Queued"], true),
+                    running: any(&["Running"]),
+                    dead: any(&["Killed"]),
                 })
             }
         }
@@ -326,6 +339,8 @@ pub struct QueueDepth {
     pub queue: String,
     /// Jobs due and not yet taken by a worker.
     pub pending: u64,
+    /// Jobs waiting for a later time (not yet due).
+    pub scheduled: u64,
     /// Jobs a live worker holds.
     pub running: u64,
     /// Jobs given up on by the queue.
