@@ -153,7 +153,9 @@ fn throughput(ended: &[sync_run::Model]) -> Markup {
         (charts::bars("Objects listed", "objects listed per minute", &per_minute(|r| r.listed)))
         (charts::bars("Tasks created", "tasks created per minute", &per_minute(|r| r.created)))
         (charts::bars("Annotations exported", "annotations exported per minute", &per_minute(|r| r.exported)))
+        (charts::bars("Runs failed per minute", "runs failed per minute", &hour.0))
         (charts::bars("Runs ended per hour, last day", "runs ended per hour", &day.1))
+        (charts::bars("Runs failed per hour, last day", "runs failed per hour", &day.0))
     }
 }
 
