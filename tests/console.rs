@@ -128,6 +128,8 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
         run_b.as_str(),
         "completed, last hour",
         charted,
+        r#"aria-label="runs failed per hour: 0 in all"#,
+        r#"aria-label="runs ended per hour: 2 in all"#,
     ] {
         assert!(overview.contains(shown), "overview lacks {shown}");
     }
