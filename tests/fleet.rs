@@ -277,10 +277,14 @@ async fn two_scheduler_replicas_enqueue_each_period_once() {
         .iter()
         .map(|r| chrono_ms(r["queued_at"].as_str().expect("queued_at")))
         .collect();
+    // Periods are claimed on the schedule (claim time + 2 s), and a run is
+    // queued a moment after its claim: on a loaded machine that moment
+    // varies by a few hundred ms. A period enqueued twice would put two
+    // runs within one tick (200 ms) of each other.
     for pair in queued.windows(2) {
         assert!(
-            pair[0] - pair[1] >= 1900,
-            "two runs less than a period apart: {runs:?}"
+            pair[0] - pair[1] >= 1000,
+            "two runs less than half a period apart: {runs:?}"
         );
     }
     for run in &runs {

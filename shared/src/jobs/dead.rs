@@ -4,7 +4,7 @@
 //! (see [`Queue::depth`] for why).
 use crate::{Error, Result};
 
-use super::Queue;
+use super::{Queue, queue::now_secs};
 
 /// What to do with dead jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,12 +32,6 @@ for _, id in ipairs(ids) do
 end
 return #ids
 ";
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 impl Queue {
     /// Requeues or discards up to `limit` dead jobs; how many.

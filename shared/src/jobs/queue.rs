@@ -154,84 +154,8 @@ impl Queue {
     /// (Queue depth read from Redis)).
     pub async fn depth(&self) -> Result<QueueDepth> {
         match self {
-            Queue::Redis { storage, conn, .. } => {
-                let config = storage.get_config();
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                let mut conn = conn.clone();
-                let redis_err =
-                    |e: redis::RedisError| Error::Transient(format!("queue depth: {e}"));
-                let (due, later, active, dead, workers): (u64, u64, u64, u64, Vec<String>) =
-                    redis::pipe()
-                        .cmd("ZCOUNT")
-                        .arg(config.scheduled_jobs_set())
-                        .arg("-inf")
-                        .arg(now)
-                        .cmd("ZCOUNT")
-                        .arg(config.scheduled_jobs_set())
-                        .arg(format!("({now}"))
-                        .arg("+inf")
-                        .cmd("LLEN")
-                        .arg(config.active_jobs_list())
-                        .cmd("SCARD")
-                        .arg(config.dead_jobs_set())
-                        .cmd("ZRANGE")
-                        .arg(config.workers_set())
-                        .arg(0)
-                        .arg(-1)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(redis_err)?;
-                let mut running = 0u64;
-                if !workers.is_empty() {
-                    let mut pipe = redis::pipe();
-                    for worker in &workers {
-                        pipe.cmd("SCARD")
-                            .arg(format!("{}:{worker}", config.inflight_jobs_set()));
-                    }
-                    let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
-                    running = counts.iter().sum();
-                }
-                Ok(QueueDepth {
-                    queue: config.queue.to_string(),
-                    pending: due + active,
-                    scheduled: later,
-                    running,
-                    dead,
-                })
-            }
-            Queue::Embedded(storage) => {
-                let name = apalis_core::backend::BackendConfig::config(storage)
-                    .queue
-                    .to_string();
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                let rows: Vec<(String, bool, i64)> = sea_orm::sqlx::query_as(
-                    "SELECT status, run_at > ?2, COUNT(*) FROM Jobs WHERE job_type = ?1 \
-                     GROUP BY status, run_at > ?2",
-                )
-                .bind(&name)
-                .bind(now)
-                .fetch_all(storage.pool())
-                .await
-                .map_err(|e| Error::Transient(format!("queue depth: {e}")))?;
-                let count = |states: &[&str], later: bool| -> u64 {
-                    rows.iter()
-                        .filter(|(s, l, _)| states.contains(&s.as_str()) && *l == later)
-                        .map(|(_, _, n)| *n as u64)
-                        .sum()
-                };
-                let any = |states: &[&str]| count(states, false) + count(states, true);
-                Ok(QueueDepth {
-                    queue: name,
-                    pending: count(&["Pending", "Queued"], false),
-                    scheduled: count(&["Pending", "Queued"], true),
-                    running: any(&["Running"]),
-                    dead: any(&["Killed"]),
-                })
-            }
+            Queue::Redis { storage, conn, .. } => redis_depth(storage, conn.clone()).await,
+            Queue::Embedded(storage) => embedded_depth(storage).await,
         }
     }
 
@@ -331,6 +255,92 @@ pub enum Pushed {
     Queued,
     /// The backlog is at `LABELSYNC_QUEUE_BACKLOG_LIMIT`; nothing was pushed.
     Full,
+}
+
+/// Seconds since the Unix epoch (the queues' time unit).
+pub(super) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Redis: due jobs are the scheduled set's entries up to now plus the
+/// active list; jobs in flight are the live workers' in-flight sets.
+async fn redis_depth(
+    storage: &RedisStorage<RunJob>,
+    mut conn: ConnectionManager,
+) -> Result<QueueDepth> {
+    let config = storage.get_config();
+    let now = now_secs();
+    let redis_err = |e: redis::RedisError| Error::Transient(format!("queue depth: {e}"));
+    let (due, later, active, dead, workers): (u64, u64, u64, u64, Vec<String>) = redis::pipe()
+        .cmd("ZCOUNT")
+        .arg(config.scheduled_jobs_set())
+        .arg("-inf")
+        .arg(now)
+        .cmd("ZCOUNT")
+        .arg(config.scheduled_jobs_set())
+        .arg(format!("({now}"))
+        .arg("+inf")
+        .cmd("LLEN")
+        .arg(config.active_jobs_list())
+        .cmd("SCARD")
+        .arg(config.dead_jobs_set())
+        .cmd("ZRANGE")
+        .arg(config.workers_set())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .map_err(redis_err)?;
+    let mut running = 0u64;
+    if !workers.is_empty() {
+        let mut pipe = redis::pipe();
+        for worker in &workers {
+            pipe.cmd("SCARD")
+                .arg(format!("{}:{worker}", config.inflight_jobs_set()));
+        }
+        let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+        running = counts.iter().sum();
+    }
+    Ok(QueueDepth {
+        queue: config.queue.to_string(),
+        pending: due + active,
+        scheduled: later,
+        running,
+        dead,
+    })
+}
+
+/// The embedded queue: its `Jobs` rows by status, and by whether their
+/// `run_at` is still to come.
+async fn embedded_depth(storage: &SqliteStorage<RunJob>) -> Result<QueueDepth> {
+    let name = apalis_core::backend::BackendConfig::config(storage)
+        .queue
+        .to_string();
+    let rows: Vec<(String, bool, i64)> = sea_orm::sqlx::query_as(
+        "SELECT status, run_at > ?2, COUNT(*) FROM Jobs WHERE job_type = ?1 \
+         GROUP BY status, run_at > ?2",
+    )
+    .bind(&name)
+    .bind(now_secs() as i64)
+    .fetch_all(storage.pool())
+    .await
+    .map_err(|e| Error::Transient(format!("queue depth: {e}")))?;
+    let count = |states: &[&str], later: bool| -> u64 {
+        rows.iter()
+            .filter(|(s, l, _)| states.contains(&s.as_str()) && *l == later)
+            .map(|(_, _, n)| *n as u64)
+            .sum()
+    };
+    let any = |states: &[&str]| count(states, false) + count(states, true);
+    Ok(QueueDepth {
+        queue: name,
+        pending: count(&["Pending", "Queued"], false),
+        scheduled: count(&["Pending", "Queued"], true),
+        running: any(&["Running"]),
+        dead: any(&["Killed"]),
+    })
 }
 
 /// One queue's backlog, as `GET /api/v1/queues` shows it.
