@@ -380,6 +380,73 @@ async fn s3_conformance_on_s3s_fs() {
     );
 }
 
+/// The synthetic S3 server the latency benchmarks use answers like S3 as
+/// far as the S3 backend can tell (the same conformance checks as the
+/// emulators), and its injected round trip is paid once per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_synthetic_benchmark_server_passes_the_s3_conformance_checks() {
+    use labelsync_tests::synthetic_s3::{Latency, SyntheticS3};
+    let server = SyntheticS3::start(Latency::default()).await;
+    server.fill("bench", []);
+    let config =
+        json!({ "bucket": "bench", "endpoint_url": server.endpoint, "region": "us-east-1" });
+    let secrets = json!({ "access_key_id": "k", "secret_access_key": "s" });
+    conformance(
+        open(BackendKind::S3, config, secrets.clone()).await,
+        Presign::Url,
+    )
+    .await;
+
+    let rtt = Duration::from_millis(50);
+    let slow = SyntheticS3::start(Latency {
+        rtt,
+        bytes_per_second: None,
+    })
+    .await;
+    slow.fill(
+        "bench",
+        (0..2500).map(|i| (format!("k/{i:05}"), Bytes::from_static(b"x"))),
+    );
+    let config = json!({ "bucket": "bench", "endpoint_url": slow.endpoint, "region": "us-east-1" });
+    let storage = open(BackendKind::S3, config, secrets).await;
+    let started = std::time::Instant::now();
+    let pages = keys(&*storage, "k/", true, None).await;
+    let took = started.elapsed();
+    assert_eq!(names(&pages).len(), 2500);
+    let lists = slow.counts.list.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(lists, 3, "pages of 1,000");
+    assert!(
+        took >= rtt * 3 && took < rtt * 3 + Duration::from_secs(2),
+        "three pages at 50 ms each took {took:?}"
+    );
+
+    // The latency proxy adds the same round trip in front of a fast server.
+    use labelsync_tests::fault_proxy::{FaultProxy, Mode};
+    server.fill(
+        "far",
+        (0..1500).map(|i| (format!("k/{i:05}"), Bytes::from_static(b"x"))),
+    );
+    let proxy = FaultProxy::start(
+        &server.endpoint,
+        Mode::Latency(Latency {
+            rtt,
+            bytes_per_second: None,
+        }),
+    )
+    .await;
+    let config = json!({ "bucket": "far", "endpoint_url": proxy.url, "region": "us-east-1" });
+    let far = open(
+        BackendKind::S3,
+        config,
+        json!({ "access_key_id": "k", "secret_access_key": "s" }),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    assert_eq!(names(&keys(&*far, "k/", true, None).await).len(), 1500);
+    assert!(started.elapsed() >= rtt * 2, "two pages through the proxy");
+    assert_eq!(proxy.counts(), (2, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_assume_role_with_external_id_on_moto() {
     let url = endpoint("TEST_S3_ENDPOINT");

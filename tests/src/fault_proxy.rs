@@ -4,7 +4,8 @@
 //! response off mid-body (a reset), stalls before forwarding, or never
 //! answers at all (before or in the middle of a body). Or it
 //! refuses everything with 403, to check that permanent errors are not
-//! retried. It counts what it saw.
+//! retried. Or it only adds a round trip and a bandwidth (benchmarks at
+//! cloud latency). It counts what it saw.
 use std::sync::{
     Arc,
     atomic::{AtomicU64, Ordering},
@@ -34,6 +35,10 @@ pub enum Mode {
     /// response starts and after half of its body: a server that stops
     /// talking without closing the connection.
     Hanging { every: u64 },
+    /// No faults: every request waits the round trip before it is
+    /// forwarded, and answers are paced at the bandwidth when set (a distant
+    /// bucket in front of a near emulator).
+    Latency(crate::synthetic_s3::Latency),
 }
 
 #[derive(Clone)]
@@ -127,6 +132,15 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
             return parts.body(Body::from_stream(stalled)).unwrap_or_default();
         }
         Mode::Hanging { .. } => None,
+        Mode::Latency(latency) => {
+            tokio::time::sleep(latency.rtt).await;
+            let (builder, bytes) = send(&s, req).await;
+            let body = match latency.bytes_per_second {
+                Some(rate) => crate::synthetic_s3::paced(bytes, rate),
+                None => Body::from(bytes),
+            };
+            return builder.body(body).unwrap_or_default();
+        }
     };
     if let Some(kind) = fault {
         s.faults.fetch_add(1, Ordering::SeqCst);

@@ -24,6 +24,7 @@
 pub mod backends;
 pub mod fault_proxy;
 pub mod otlp;
+pub mod synthetic_s3;
 pub mod webhook_receiver;
 
 use std::{

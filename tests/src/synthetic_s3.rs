@@ -1,0 +1,460 @@
+//! A synthetic S3-compatible server for benchmarks (not for correctness
+//! tests, which use the real emulators): buckets in memory, path-style
+//! ListObjectsV2 (prefix, delimiter, max-keys, continuation-token,
+//! start-after), GetObject (with a byte range), HeadObject, PutObject (plain
+//! or `aws-chunked` bodies), DeleteObject and CreateBucket, no signature
+//! check. Every answer waits `rtt` first, and bodies are sent at
+//! `bytes_per_second` when set, so a run against it behaves like one
+//! against a distant bucket while the server itself costs next to nothing.
+//! It counts the requests of each kind.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Request, State},
+    http::{HeaderMap, Method, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use futures::StreamExt;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+/// How the server behaves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Latency {
+    /// Waited before every answer: one round trip to a distant region.
+    pub rtt: Duration,
+    /// Response bodies are sent at this rate (none: as fast as possible).
+    pub bytes_per_second: Option<u64>,
+}
+
+#[derive(Clone)]
+struct Object {
+    data: Bytes,
+    etag: String,
+}
+
+type Buckets = HashMap<String, BTreeMap<String, Object>>;
+
+/// Requests seen, by operation.
+#[derive(Default, Debug)]
+pub struct Counts {
+    pub list: AtomicU64,
+    pub get: AtomicU64,
+    pub head: AtomicU64,
+    pub put: AtomicU64,
+    pub delete: AtomicU64,
+    pub other: AtomicU64,
+}
+
+impl Counts {
+    pub fn total(&self) -> u64 {
+        [
+            &self.list,
+            &self.get,
+            &self.head,
+            &self.put,
+            &self.delete,
+            &self.other,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    buckets: Arc<Mutex<Buckets>>,
+    latency: Latency,
+    counts: Arc<Counts>,
+}
+
+/// A running server; it stops when dropped.
+pub struct SyntheticS3 {
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+    pub counts: Arc<Counts>,
+    buckets: Arc<Mutex<Buckets>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SyntheticS3 {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SyntheticS3 {
+    pub async fn start(latency: Latency) -> Self {
+        let shared = Shared {
+            buckets: Arc::default(),
+            latency,
+            counts: Arc::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let (buckets, counts) = (shared.buckets.clone(), shared.counts.clone());
+        let app = Router::new().fallback(handle).with_state(shared);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        SyntheticS3 {
+            endpoint,
+            counts,
+            buckets,
+            task,
+        }
+    }
+
+    /// Puts objects straight into `bucket` (made if missing), without
+    /// requests or delays: the benchmark's data set.
+    pub fn fill(&self, bucket: &str, objects: impl IntoIterator<Item = (String, Bytes)>) {
+        let mut buckets = self.buckets.lock().expect("lock");
+        let bucket = buckets.entry(bucket.to_owned()).or_default();
+        for (key, data) in objects {
+            let etag = etag_of(&data);
+            bucket.insert(key, Object { data, etag });
+        }
+    }
+
+    /// How many objects `bucket` holds now.
+    pub fn len(&self, bucket: &str) -> usize {
+        let buckets = self.buckets.lock().expect("lock");
+        buckets.get(bucket).map_or(0, BTreeMap::len)
+    }
+}
+
+fn etag_of(data: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, data);
+    let hex: String = digest.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("\"{hex}\"")
+}
+
+async fn handle(State(s): State<Shared>, req: Request) -> Response {
+    tokio::time::sleep(s.latency.rtt).await;
+    let path = req.uri().path().trim_start_matches('/').to_owned();
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (decode(k), decode(&v.replace('+', " ")))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let (bucket, key) = match path.split_once('/') {
+        Some((bucket, "")) => (decode(bucket), None),
+        Some((bucket, key)) => (decode(bucket), Some(decode(key))),
+        None => (decode(&path), None),
+    };
+    let method = req.method().clone();
+    let headers = req.headers().clone();
+    let body = axum::body::to_bytes(req.into_body(), 1 << 30)
+        .await
+        .unwrap_or_default();
+    let c = &s.counts;
+    match (method, key) {
+        (Method::GET, None) if query.get("list-type").map(String::as_str) == Some("2") => {
+            c.list.fetch_add(1, Ordering::Relaxed);
+            list(&s, &bucket, &query)
+        }
+        (Method::GET, Some(key)) => {
+            c.get.fetch_add(1, Ordering::Relaxed);
+            get(&s, &bucket, &key, &headers, true)
+        }
+        (Method::HEAD, Some(key)) => {
+            c.head.fetch_add(1, Ordering::Relaxed);
+            get(&s, &bucket, &key, &headers, false)
+        }
+        (Method::PUT, Some(key)) => {
+            c.put.fetch_add(1, Ordering::Relaxed);
+            put(&s, &bucket, key, &headers, body)
+        }
+        (Method::DELETE, Some(key)) => {
+            c.delete.fetch_add(1, Ordering::Relaxed);
+            if let Some(objects) = s.buckets.lock().expect("lock").get_mut(&bucket) {
+                objects.remove(&key);
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        (Method::PUT | Method::HEAD, None) => {
+            c.other.fetch_add(1, Ordering::Relaxed);
+            s.buckets.lock().expect("lock").entry(bucket).or_default();
+            StatusCode::OK.into_response()
+        }
+        _ => {
+            c.other.fetch_add(1, Ordering::Relaxed);
+            error(
+                StatusCode::NOT_IMPLEMENTED,
+                "NotImplemented",
+                "not in the synthetic server",
+            )
+        }
+    }
+}
+
+fn decode(s: &str) -> String {
+    percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
+/// Characters S3 leaves alone in `encoding-type=url` answers.
+const KEEP: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+
+fn list(s: &Shared, bucket: &str, q: &HashMap<String, String>) -> Response {
+    let prefix = q.get("prefix").cloned().unwrap_or_default();
+    let delimiter = q.get("delimiter").cloned().filter(|d| !d.is_empty());
+    let max = q
+        .get("max-keys")
+        .and_then(|m| m.parse::<usize>().ok())
+        .unwrap_or(1000)
+        .clamp(1, 1000);
+    let token = q.get("continuation-token").map(|t| unhex(t));
+    let after = token
+        .or_else(|| q.get("start-after").cloned())
+        .unwrap_or_default();
+    let url = q.get("encoding-type").map(String::as_str) == Some("url");
+    let text = |v: &str| match url {
+        true => utf8_percent_encode(v, KEEP).to_string(),
+        false => xml(v),
+    };
+    let buckets = s.buckets.lock().expect("lock");
+    let Some(objects) = buckets.get(bucket) else {
+        return error(StatusCode::NOT_FOUND, "NoSuchBucket", "no such bucket");
+    };
+    let (mut contents, mut prefixes, mut last, mut truncated) =
+        (String::new(), Vec::new(), None, false);
+    let mut count = 0;
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let from = match after >= prefix {
+        true => Excluded(after.clone()),
+        false => Included(prefix.clone()),
+    };
+    let range = objects.range::<String, _>((from, Unbounded));
+    for (key, object) in range.take_while(|(k, _)| k.starts_with(&prefix)) {
+        // Keys under one common prefix count once; they are skipped by
+        // the range that follows them (last is the prefix's last key).
+        let common = delimiter.as_ref().and_then(|d| {
+            key[prefix.len()..]
+                .find(d.as_str())
+                .map(|i| key[..prefix.len() + i + d.len()].to_owned())
+        });
+        if common.as_ref().is_some_and(|c| prefixes.last() == Some(c)) {
+            last = Some(key.clone());
+            continue;
+        }
+        if count == max {
+            truncated = true;
+            break;
+        }
+        count += 1;
+        last = Some(key.clone());
+        match common {
+            Some(common) => prefixes.push(common),
+            None => contents.push_str(&format!(
+                "<Contents><Key>{}</Key><LastModified>2026-12-01T00:00:00.000Z</LastModified>\
+                 <ETag>{}</ETag><Size>{}</Size><StorageClass>STANDARD</StorageClass></Contents>",
+                text(key),
+                xml(&object.etag),
+                object.data.len()
+            )),
+        }
+    }
+    let mut body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+         <ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+         <Name>{}</Name><Prefix>{}</Prefix><KeyCount>{count}</KeyCount><MaxKeys>{max}</MaxKeys>\
+         <IsTruncated>{truncated}</IsTruncated>{contents}",
+        xml(bucket),
+        text(&prefix)
+    );
+    for p in &prefixes {
+        body.push_str(&format!(
+            "<CommonPrefixes><Prefix>{}</Prefix></CommonPrefixes>",
+            text(p)
+        ));
+    }
+    if let Some(d) = &delimiter {
+        body.push_str(&format!("<Delimiter>{}</Delimiter>", text(d)));
+    }
+    if url {
+        body.push_str("<EncodingType>url</EncodingType>");
+    }
+    if let (true, Some(last)) = (truncated, last) {
+        body.push_str(&format!(
+            "<NextContinuationToken>{}</NextContinuationToken>",
+            hex(&last)
+        ));
+    }
+    body.push_str("</ListBucketResult>");
+    ([(header::CONTENT_TYPE, "application/xml")], body).into_response()
+}
+
+fn get(s: &Shared, bucket: &str, key: &str, headers: &HeaderMap, body: bool) -> Response {
+    let found = s
+        .buckets
+        .lock()
+        .expect("lock")
+        .get(bucket)
+        .and_then(|b| b.get(key).cloned());
+    let Some(object) = found else {
+        return match body {
+            true => error(StatusCode::NOT_FOUND, "NoSuchKey", "no such key"),
+            false => StatusCode::NOT_FOUND.into_response(),
+        };
+    };
+    let size = object.data.len();
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|r| r.to_str().ok())
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| {
+            if a.is_empty() {
+                // `bytes=-N`: the last N bytes.
+                let n: usize = b.parse().ok()?;
+                return (n > 0 && size > 0).then(|| (size.saturating_sub(n), size - 1));
+            }
+            let a: usize = a.parse().ok()?;
+            let b: usize = b.parse().unwrap_or(size.saturating_sub(1));
+            (a < size).then_some((a, b.min(size - 1)))
+        });
+    let (status, data) = match range {
+        Some((a, b)) => (StatusCode::PARTIAL_CONTENT, object.data.slice(a..=b)),
+        None => (StatusCode::OK, object.data.clone()),
+    };
+    let mut response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_LENGTH, data.len())
+        .header(header::ETAG, &object.etag)
+        .header(header::LAST_MODIFIED, "Tue, 01 Dec 2026 00:00:00 GMT")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, "application/octet-stream");
+    if let Some((a, b)) = range {
+        response = response.header(header::CONTENT_RANGE, format!("bytes {a}-{b}/{size}"));
+    }
+    let body = match (body, s.latency.bytes_per_second) {
+        (false, _) => Body::empty(),
+        (true, None) => Body::from(data),
+        (true, Some(rate)) => paced(data, rate),
+    };
+    response
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `data` sent in 16 KiB pieces at `rate` bytes per second.
+pub fn paced(data: Bytes, rate: u64) -> Body {
+    const PIECE: usize = 16 * 1024;
+    let pieces: Vec<Bytes> = (0..data.len())
+        .step_by(PIECE)
+        .map(|at| data.slice(at..(at + PIECE).min(data.len())))
+        .collect();
+    let stream = futures::stream::iter(pieces).then(move |piece| async move {
+        let wait = Duration::from_secs_f64(piece.len() as f64 / rate.max(1) as f64);
+        tokio::time::sleep(wait).await;
+        Ok::<_, std::io::Error>(piece)
+    });
+    Body::from_stream(stream)
+}
+
+fn put(s: &Shared, bucket: &str, key: String, headers: &HeaderMap, body: Bytes) -> Response {
+    let chunked = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("aws-chunked"))
+        || headers
+            .get("x-amz-content-sha256")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("STREAMING-"));
+    let data = match chunked {
+        true => match unchunk(&body) {
+            Some(data) => data,
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "IncompleteBody",
+                    "bad aws-chunked body",
+                );
+            }
+        },
+        false => body,
+    };
+    let etag = etag_of(&data);
+    let mut buckets = s.buckets.lock().expect("lock");
+    let Some(objects) = buckets.get_mut(bucket) else {
+        return error(StatusCode::NOT_FOUND, "NoSuchBucket", "no such bucket");
+    };
+    objects.insert(
+        key,
+        Object {
+            data,
+            etag: etag.clone(),
+        },
+    );
+    ([(header::ETAG, etag)], "").into_response()
+}
+
+/// The payload of an `aws-chunked` body: `SIZE-IN-HEX[;ext]\r\nDATA\r\n`
+/// pieces up to a zero-size one (trailers after it are ignored).
+fn unchunk(body: &[u8]) -> Option<Bytes> {
+    let mut out = Vec::with_capacity(body.len());
+    let mut rest = body;
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&rest[..line_end]).ok()?;
+        let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Some(Bytes::from(out));
+        }
+        out.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    );
+    (status, [(header::CONTENT_TYPE, "application/xml")], body).into_response()
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> String {
+    let bytes: Vec<u8> = (0..s.len() / 2)
+        .filter_map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
