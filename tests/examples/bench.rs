@@ -7,6 +7,7 @@
 //! cargo run --release -p labelsync-tests --example bench -- export s3 10000 postgres://…/empty_db
 //! cargo run --release -p labelsync-tests --example bench -- import-s3 100000 postgres://…/empty_db moto
 //! cargo run --release -p labelsync-tests --example bench -- queue 20000 2
+//! cargo run --release -p labelsync-tests --example bench -- latency-tasks 2000 4 50
 //! ```
 //!
 //! `export`: N annotations (on N tasks, inserted in bulk) exported to a
@@ -15,6 +16,8 @@
 //! `import-s3`: N objects put into an s3s-fs (or moto) bucket, listed once (the floor),
 //! then synced in Files mode.
 //! `queue`: no-op jobs through the Redis queue (see `bench_queue.rs`).
+//! `latency-tasks`: a Tasks-mode sync from a synthetic S3 server at a round
+//! trip of RTT_MS, by WORKERS worker processes (see `bench_latency.rs`).
 //! Prints one JSON line per measurement.
 #![allow(clippy::unwrap_used)]
 
@@ -37,7 +40,7 @@ use serde_json::{Value, json};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY]"
+        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY] | bench latency-tasks N WORKERS RTT_MS"
     );
     std::process::exit(2)
 }
@@ -50,6 +53,7 @@ fn s3s() -> (String, String, String) {
     )
 }
 
+mod bench_latency;
 mod bench_queue;
 
 #[tokio::main(flavor = "multi_thread")]
@@ -62,6 +66,9 @@ async fn main() {
             return bench_queue::run(number(n), number(w), number(c)).await;
         }
         [m, ns, c] if m == "queue-worker" => return bench_queue::worker(ns, number(c)).await,
+        [m, n, w, rtt] if m == "latency-tasks" => {
+            return bench_latency::run(number(n), number(w), number(rtt) as u64).await;
+        }
         _ => {}
     }
     let root = tempfile::tempdir().unwrap();

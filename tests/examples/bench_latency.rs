@@ -1,0 +1,103 @@
+//! `bench latency-tasks N WORKERS RTT_MS`: a Tasks-mode sync of N one-task
+//! JSON files from the synthetic S3 server (`labelsync_tests::synthetic_s3`,
+//! in this process), which waits RTT_MS before every answer, by WORKERS
+//! `labelsync-worker` processes on Postgres + Redis; the scheduler is this
+//! process (its API, tick and queue). Reports the wall time from the sync
+//! request to the run's end, objects per second, the requests the server
+//! answered, and the floor for that work at that latency: the sequential
+//! listing (pages x RTT) plus the GETs spread over every fetch slot of the
+//! fleet (objects x RTT / (workers x worker slots x
+//! `LABELSYNC_FETCH_CONCURRENCY`)), and the single-stream bound the issue
+//! names (objects x RTT / `LABELSYNC_FETCH_CONCURRENCY`).
+//! Needs TEST_POSTGRES_URL and TEST_REDIS_URL (as the tests do).
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use labelsync_tests::{
+    AppOptions, spawn_app, spawn_ready_worker,
+    synthetic_s3::{Latency, SyntheticS3},
+};
+use serde_json::json;
+
+pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
+    let rtt = Duration::from_millis(rtt_ms);
+    let server = SyntheticS3::start(Latency {
+        rtt,
+        bytes_per_second: None,
+    })
+    .await;
+    server.fill(
+        "bench",
+        (0..objects).map(|i| {
+            let body = json!({ "data": { "text": format!("task {i}") } }).to_string();
+            (format!("tasks/t-{i:07}.json"), Bytes::from(body))
+        }),
+    );
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::with_storages()
+    })
+    .await;
+    // The production page size (the test helper's default is 100).
+    let page = defaults().worker.page_size.to_string();
+    let mut fleet = Vec::new();
+    for w in 0..workers {
+        let env = [("LABELSYNC_PAGE_SIZE", page.as_str())];
+        fleet.push(spawn_ready_worker(&app, &format!("bench-{w}"), &env).await);
+    }
+    let project = app.project("latency").await;
+    let (status, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "source", "backend": "s3",
+                "prefix": "tasks/", "import_method": "tasks",
+                "config": { "bucket": "bench", "endpoint_url": server.endpoint },
+                "secrets": { "access_key_id": "k", "secret_access_key": "s" },
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{storage}");
+    let before = server.counts.total();
+    let started = Instant::now();
+    let run = app.sync(&storage["id"]).await;
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], objects as i64, "{run}");
+    report(&server, before, secs, objects, workers, rtt);
+    drop(fleet);
+    app.stop().await;
+}
+
+fn defaults() -> labelsync::config::Settings {
+    labelsync::config::Settings::from_lookup(|_| None).expect("default settings")
+}
+
+/// One JSON line: the measurement and its floors.
+fn report(server: &SyntheticS3, before: u64, secs: f64, objects: usize, workers: usize, rtt: Duration) {
+    let settings = defaults();
+    let (fetch, slots) = (settings.worker.fetch_concurrency, settings.worker.concurrency);
+    let rtt_s = rtt.as_secs_f64();
+    let pages = objects.div_ceil(settings.worker.page_size) as f64;
+    let fleet_floor = pages * rtt_s + objects as f64 * rtt_s / (workers * slots * fetch) as f64;
+    let stream_floor = objects as f64 * rtt_s / fetch as f64;
+    let c = &server.counts;
+    println!(
+        "{}",
+        json!({
+            "bench": "latency-tasks", "objects": objects, "workers": workers,
+            "rtt_ms": rtt.as_millis() as u64, "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "seconds": (secs * 100.0).round() / 100.0,
+            "objects_per_s": (objects as f64 / secs).round(),
+            "requests": server.counts.total() - before,
+            "lists": c.list.load(Ordering::Relaxed), "gets": c.get.load(Ordering::Relaxed),
+            "fleet_floor_s": (fleet_floor * 100.0).round() / 100.0,
+            "x_fleet_floor": (secs / fleet_floor * 100.0).round() / 100.0,
+            "one_stream_floor_s": (stream_floor * 100.0).round() / 100.0,
+            "x_one_stream_floor": (secs / stream_floor * 100.0).round() / 100.0,
+        })
+    );
+}
