@@ -8,6 +8,7 @@
 //! cargo run --release -p labelsync-tests --example bench -- import-s3 100000 postgres://…/empty_db moto
 //! cargo run --release -p labelsync-tests --example bench -- queue 20000 2
 //! cargo run --release -p labelsync-tests --example bench -- latency-tasks 2000 4 50
+//! cargo run --release -p labelsync-tests --example bench -- annotations 64 60 500 50
 //! ```
 //!
 //! `export`: N annotations (on N tasks, inserted in bulk) exported to a
@@ -18,6 +19,8 @@
 //! `queue`: no-op jobs through the Redis queue (see `bench_queue.rs`).
 //! `latency-tasks`: a Tasks-mode sync from a synthetic S3 server at a round
 //! trip of RTT_MS, by WORKERS worker processes (see `bench_latency.rs`).
+//! `annotations`: annotations posted by CLIENTS concurrent clients with an
+//! S3 export target at RTT_MS (see `bench_annotations.rs`).
 //! Prints one JSON line per measurement.
 #![allow(clippy::unwrap_used)]
 
@@ -40,7 +43,7 @@ use serde_json::{Value, json};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY] | bench latency-tasks N WORKERS RTT_MS"
+        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY] | bench latency-tasks N WORKERS RTT_MS | bench annotations CLIENTS SECONDS RATE RTT_MS"
     );
     std::process::exit(2)
 }
@@ -53,6 +56,7 @@ fn s3s() -> (String, String, String) {
     )
 }
 
+mod bench_annotations;
 mod bench_latency;
 mod bench_queue;
 
@@ -66,6 +70,15 @@ async fn main() {
             return bench_queue::run(number(n), number(w), number(c)).await;
         }
         [m, ns, c] if m == "queue-worker" => return bench_queue::worker(ns, number(c)).await,
+        [m, c, s, r, rtt] if m == "annotations" => {
+            return bench_annotations::run(
+                number(c),
+                number(s) as u64,
+                number(r) as u64,
+                number(rtt) as u64,
+            )
+            .await;
+        }
         [m, n, w, rtt] if m == "latency-tasks" => {
             return bench_latency::run(number(n), number(w), number(rtt) as u64).await;
         }

@@ -39,6 +39,8 @@ pub struct Latency {
 struct Object {
     data: Bytes,
     etag: String,
+    /// When it was written (by a PUT or [`SyntheticS3::fill`]).
+    at: std::time::Instant,
 }
 
 type Buckets = HashMap<String, BTreeMap<String, Object>>;
@@ -123,8 +125,17 @@ impl SyntheticS3 {
         let bucket = buckets.entry(bucket.to_owned()).or_default();
         for (key, data) in objects {
             let etag = etag_of(&data);
-            bucket.insert(key, Object { data, etag });
+            let at = std::time::Instant::now();
+            bucket.insert(key, Object { data, etag, at });
         }
+    }
+
+    /// When each object of `bucket` was last written, by key.
+    pub fn written(&self, bucket: &str) -> HashMap<String, std::time::Instant> {
+        let buckets = self.buckets.lock().expect("lock");
+        buckets.get(bucket).map_or_else(HashMap::new, |b| {
+            b.iter().map(|(k, o)| (k.clone(), o.at)).collect()
+        })
     }
 
     /// How many objects `bucket` holds now.
@@ -411,6 +422,7 @@ fn put(s: &Shared, bucket: &str, key: String, headers: &HeaderMap, body: Bytes) 
         Object {
             data,
             etag: etag.clone(),
+            at: std::time::Instant::now(),
         },
     );
     ([(header::ETAG, etag)], "").into_response()
