@@ -8,6 +8,7 @@
 //!    annotations a second for SECONDS (at most CLIENTS in flight): for each,
 //!    the time from its 201 to its object being written in the bucket,
 //!    p50 / p99, and the rate reached.
+//!
 //! Needs TEST_POSTGRES_URL and TEST_REDIS_URL (as the tests do).
 use std::{
     sync::Arc,

@@ -77,9 +77,19 @@ fn defaults() -> labelsync::config::Settings {
 }
 
 /// One JSON line: the measurement and its floors.
-fn report(server: &SyntheticS3, before: u64, secs: f64, objects: usize, workers: usize, rtt: Duration) {
+fn report(
+    server: &SyntheticS3,
+    before: u64,
+    secs: f64,
+    objects: usize,
+    workers: usize,
+    rtt: Duration,
+) {
     let settings = defaults();
-    let (fetch, slots) = (settings.worker.fetch_concurrency, settings.worker.concurrency);
+    let (fetch, slots) = (
+        settings.worker.fetch_concurrency,
+        settings.worker.concurrency,
+    );
     let rtt_s = rtt.as_secs_f64();
     let pages = objects.div_ceil(settings.worker.page_size) as f64;
     let fleet_floor = pages * rtt_s + objects as f64 * rtt_s / (workers * slots * fetch) as f64;
