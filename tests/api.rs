@@ -2173,6 +2173,12 @@ async fn dead_jobs_of_the_embedded_queue_are_requeued_or_discarded() {
     ))
     .await
     .expect("plant a job due in an hour");
+    // apalis-sqlite marks a job a worker took `Queued` (locked to it).
+    db.execute_unprepared(&format!(
+        "INSERT INTO Jobs (job, id, job_type, status, attempts) VALUES (X'7B7D', 'taken', '{queue}', 'Queued', 1)"
+    ))
+    .await
+    .expect("plant a job a worker took");
     let (_, queues) = app.get("/api/v1/queues").await;
     assert_eq!(queues["items"][0]["dead"], 2, "{queues}");
     assert_eq!(
@@ -2182,6 +2188,10 @@ async fn dead_jobs_of_the_embedded_queue_are_requeued_or_discarded() {
         ),
         (&json!(0), &json!(1)),
         "a job due in an hour is scheduled, not pending: {queues}"
+    );
+    assert_eq!(
+        queues["items"][0]["running"], 1,
+        "a taken job is in flight: {queues}"
     );
     let (status, requeued) = app
         .post("/api/v1/queues/dead/requeue?limit=1", json!({}))

@@ -154,8 +154,17 @@ fn etag_of(data: &[u8]) -> String {
     format!("\"{hex}\"")
 }
 
+/// Half the round trip before the request is handled (the request's way
+/// there) and half after (the answer's way back), so a write lands when it
+/// would in a distant bucket.
 async fn handle(State(s): State<Shared>, req: Request) -> Response {
-    tokio::time::sleep(s.latency.rtt).await;
+    tokio::time::sleep(s.latency.rtt / 2).await;
+    let response = answer(&s, req).await;
+    tokio::time::sleep(s.latency.rtt - s.latency.rtt / 2).await;
+    response
+}
+
+async fn answer(s: &Shared, req: Request) -> Response {
     let path = req.uri().path().trim_start_matches('/').to_owned();
     let query: HashMap<String, String> = req
         .uri()
@@ -184,19 +193,19 @@ async fn handle(State(s): State<Shared>, req: Request) -> Response {
     match (method, key) {
         (Method::GET, None) if query.get("list-type").map(String::as_str) == Some("2") => {
             c.list.fetch_add(1, Ordering::Relaxed);
-            list(&s, &bucket, &query)
+            list(s, &bucket, &query)
         }
         (Method::GET, Some(key)) => {
             c.get.fetch_add(1, Ordering::Relaxed);
-            get(&s, &bucket, &key, &headers, true)
+            get(s, &bucket, &key, &headers, true)
         }
         (Method::HEAD, Some(key)) => {
             c.head.fetch_add(1, Ordering::Relaxed);
-            get(&s, &bucket, &key, &headers, false)
+            get(s, &bucket, &key, &headers, false)
         }
         (Method::PUT, Some(key)) => {
             c.put.fetch_add(1, Ordering::Relaxed);
-            put(&s, &bucket, key, &headers, body)
+            put(s, &bucket, key, &headers, body)
         }
         (Method::DELETE, Some(key)) => {
             c.delete.fetch_add(1, Ordering::Relaxed);
@@ -233,6 +242,65 @@ const KEEP: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~')
     .remove(b'/');
 
+/// One page of a listing: object keys with their etag and size, common
+/// prefixes, and where the next page starts (inclusive), if there is one.
+#[derive(Default)]
+struct ListPage {
+    objects: Vec<(String, String, usize)>,
+    prefixes: Vec<String>,
+    next: Option<String>,
+}
+
+/// The smallest string after every string that starts with `prefix`
+/// (its last character incremented).
+fn past(prefix: &str) -> String {
+    let mut out: String = prefix.to_owned();
+    match out.pop().and_then(|c| char::from_u32(c as u32 + 1)) {
+        Some(c) => out.push(c),
+        None => out.push(char::MAX),
+    }
+    out
+}
+
+/// Up to `max` entries under `prefix` from `start` on: a common prefix is one
+/// entry, and the walk jumps past its keys rather than stepping through them.
+fn page_of(
+    objects: &BTreeMap<String, Object>,
+    prefix: &str,
+    delimiter: Option<&str>,
+    mut start: String,
+    max: usize,
+) -> ListPage {
+    let mut page = ListPage::default();
+    if start.as_str() < prefix {
+        start = prefix.to_owned();
+    }
+    loop {
+        let Some((key, object)) = objects.range::<String, _>(start.clone()..).next() else {
+            return page;
+        };
+        if !key.starts_with(prefix) {
+            return page;
+        }
+        if page.objects.len() + page.prefixes.len() == max {
+            page.next = Some(start);
+            return page;
+        }
+        let rest = &key[prefix.len()..];
+        match delimiter.and_then(|d| rest.find(d).map(|i| &key[..prefix.len() + i + d.len()])) {
+            Some(common) => {
+                start = past(common);
+                page.prefixes.push(common.to_owned());
+            }
+            None => {
+                start = format!("{key}\0");
+                let entry = (key.clone(), object.etag.clone(), object.data.len());
+                page.objects.push(entry);
+            }
+        }
+    }
+}
+
 fn list(s: &Shared, bucket: &str, q: &HashMap<String, String>) -> Response {
     let prefix = q.get("prefix").cloned().unwrap_or_default();
     let delimiter = q.get("delimiter").cloned().filter(|d| !d.is_empty());
@@ -241,66 +309,42 @@ fn list(s: &Shared, bucket: &str, q: &HashMap<String, String>) -> Response {
         .and_then(|m| m.parse::<usize>().ok())
         .unwrap_or(1000)
         .clamp(1, 1000);
-    let token = q.get("continuation-token").map(|t| unhex(t));
-    let after = token
-        .or_else(|| q.get("start-after").cloned())
-        .unwrap_or_default();
+    let start = match (q.get("continuation-token"), q.get("start-after")) {
+        (Some(token), _) => unhex(token),
+        (None, Some(after)) => format!("{after}\0"),
+        (None, None) => String::new(),
+    };
     let url = q.get("encoding-type").map(String::as_str) == Some("url");
     let text = |v: &str| match url {
         true => utf8_percent_encode(v, KEEP).to_string(),
         false => xml(v),
     };
-    let buckets = s.buckets.lock().expect("lock");
-    let Some(objects) = buckets.get(bucket) else {
-        return error(StatusCode::NOT_FOUND, "NoSuchBucket", "no such bucket");
+    let page = {
+        let buckets = s.buckets.lock().expect("lock");
+        let Some(objects) = buckets.get(bucket) else {
+            return error(StatusCode::NOT_FOUND, "NoSuchBucket", "no such bucket");
+        };
+        page_of(objects, &prefix, delimiter.as_deref(), start, max)
     };
-    let (mut contents, mut prefixes, mut last, mut truncated) =
-        (String::new(), Vec::new(), None, false);
-    let mut count = 0;
-    use std::ops::Bound::{Excluded, Included, Unbounded};
-    let from = match after >= prefix {
-        true => Excluded(after.clone()),
-        false => Included(prefix.clone()),
-    };
-    let range = objects.range::<String, _>((from, Unbounded));
-    for (key, object) in range.take_while(|(k, _)| k.starts_with(&prefix)) {
-        // Keys under one common prefix count once; they are skipped by
-        // the range that follows them (last is the prefix's last key).
-        let common = delimiter.as_ref().and_then(|d| {
-            key[prefix.len()..]
-                .find(d.as_str())
-                .map(|i| key[..prefix.len() + i + d.len()].to_owned())
-        });
-        if common.as_ref().is_some_and(|c| prefixes.last() == Some(c)) {
-            last = Some(key.clone());
-            continue;
-        }
-        if count == max {
-            truncated = true;
-            break;
-        }
-        count += 1;
-        last = Some(key.clone());
-        match common {
-            Some(common) => prefixes.push(common),
-            None => contents.push_str(&format!(
-                "<Contents><Key>{}</Key><LastModified>2026-12-01T00:00:00.000Z</LastModified>\
-                 <ETag>{}</ETag><Size>{}</Size><StorageClass>STANDARD</StorageClass></Contents>",
-                text(key),
-                xml(&object.etag),
-                object.data.len()
-            )),
-        }
-    }
+    let count = page.objects.len() + page.prefixes.len();
     let mut body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
          <ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
          <Name>{}</Name><Prefix>{}</Prefix><KeyCount>{count}</KeyCount><MaxKeys>{max}</MaxKeys>\
-         <IsTruncated>{truncated}</IsTruncated>{contents}",
+         <IsTruncated>{}</IsTruncated>",
         xml(bucket),
-        text(&prefix)
+        text(&prefix),
+        page.next.is_some()
     );
-    for p in &prefixes {
+    for (key, etag, size) in &page.objects {
+        body.push_str(&format!(
+            "<Contents><Key>{}</Key><LastModified>2026-12-01T00:00:00.000Z</LastModified>\
+             <ETag>{}</ETag><Size>{size}</Size><StorageClass>STANDARD</StorageClass></Contents>",
+            text(key),
+            xml(etag)
+        ));
+    }
+    for p in &page.prefixes {
         body.push_str(&format!(
             "<CommonPrefixes><Prefix>{}</Prefix></CommonPrefixes>",
             text(p)
@@ -312,10 +356,10 @@ fn list(s: &Shared, bucket: &str, q: &HashMap<String, String>) -> Response {
     if url {
         body.push_str("<EncodingType>url</EncodingType>");
     }
-    if let (true, Some(last)) = (truncated, last) {
+    if let Some(next) = &page.next {
         body.push_str(&format!(
             "<NextContinuationToken>{}</NextContinuationToken>",
-            hex(&last)
+            hex(next)
         ));
     }
     body.push_str("</ListBucketResult>");
@@ -341,16 +385,31 @@ fn get(s: &Shared, bucket: &str, key: &str, headers: &HeaderMap, body: bool) -> 
         .and_then(|r| r.to_str().ok())
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.split_once('-'))
-        .and_then(|(a, b)| {
+        .map(|(a, b)| {
             if a.is_empty() {
                 // `bytes=-N`: the last N bytes.
                 let n: usize = b.parse().ok()?;
                 return (n > 0 && size > 0).then(|| (size.saturating_sub(n), size - 1));
             }
             let a: usize = a.parse().ok()?;
-            let b: usize = b.parse().unwrap_or(size.saturating_sub(1));
-            (a < size).then_some((a, b.min(size - 1)))
+            let b: usize = match b {
+                "" => size.saturating_sub(1),
+                b => b.parse().ok()?,
+            };
+            (a <= b && a < size).then_some((a, b.min(size - 1)))
         });
+    // A Range header we cannot satisfy (or parse) is a 416, as S3 answers.
+    let range = match range {
+        Some(None) => {
+            return error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "InvalidRange",
+                "bad range",
+            );
+        }
+        Some(Some(r)) => Some(r),
+        None => None,
+    };
     let (status, data) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, object.data.slice(a..=b)),
         None => (StatusCode::OK, object.data.clone()),

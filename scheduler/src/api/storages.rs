@@ -4,6 +4,7 @@ use std::sync::Arc;
 use axum::{Extension, extract::State, http::StatusCode};
 use futures::StreamExt;
 use labelsync::{
+    Error,
     db::{
         entities::{storage, sync_run},
         runs,
@@ -275,19 +276,38 @@ pub async fn validate_saved(
 ) -> ApiResult<ApiJson<Value>> {
     let model = find(&state.db, &caller, id).await?;
     let checked = match labelsync::storage::open(&model, &state.storage_env).await {
-        Ok(backend) => check(backend, Role::of(&model), &model.prefix).await,
-        Err(err) => Err(ApiError::unprocessable(err)),
+        Ok(backend) => backend.check(Role::of(&model), &model.prefix).await,
+        Err(err) => Err(err),
     };
-    // The outcome is the storage's last validation (its page shows it);
-    // only the storage's answer, not a database outage, is recorded.
-    let error = match &checked {
-        Ok(_) => None,
-        Err(e) if e.status == StatusCode::UNPROCESSABLE_ENTITY => Some(e.message.as_str()),
-        Err(_) => return checked,
-    };
-    storages::record_validation(&state.db, id, model.updated_at, error).await?;
-    checked
+    record_validation(&state, &model, &checked).await;
+    checked.map_err(ApiError::unprocessable)?;
+    Ok(ApiJson(json!({ "ok": true })))
 }
+
+/// Keeps the outcome of checking `model` as its last validation (its page
+/// shows it): the storage's own answer, not this server's trouble (a
+/// database or configuration fault is not the storage's), and at most
+/// [`VALIDATION_ERROR_CHARS`] of it. Failing to keep it is logged: the
+/// caller still gets the check's answer.
+async fn record_validation(state: &AppState, model: &storage::Model, checked: &Result<(), Error>) {
+    let error = match checked {
+        Ok(()) => None,
+        Err(err) if err.is_database() || matches!(err, Error::Internal(_)) => return,
+        Err(err) => Some(err.to_string()),
+    };
+    let error = error.map(|e| match e.char_indices().nth(VALIDATION_ERROR_CHARS) {
+        Some((cut, _)) => format!("{}…", &e[..cut]),
+        None => e,
+    });
+    let kept =
+        storages::record_validation(&state.db, model.id, model.updated_at, error.as_deref()).await;
+    if let Err(err) = kept {
+        tracing::warn!(storage_id = model.id, error = %err, "could not keep the validation's outcome");
+    }
+}
+
+/// The longest validation error kept (a backend's message can be long).
+const VALIDATION_ERROR_CHARS: usize = 1000;
 
 async fn check(backend: Arc<dyn Storage>, role: Role, prefix: &str) -> ApiResult<ApiJson<Value>> {
     backend

@@ -56,18 +56,18 @@ pub async fn overview(
             .unwrap_or(0)
     };
     let body = html! {
-        h2 { "Queue" }
-        @match &depth {
-            Ok(depth) => div.cards {
-                (card("due, waiting for a worker", depth.pending))
-                (card("oldest due, seconds", age.as_ref().ok().copied().flatten().map_or_else(|| "-".to_owned(), |a| a.to_string())))
-                (card("scheduled for later", depth.scheduled))
-                (card("in flight", depth.running))
-                (card("dead", depth.dead))
-            },
-            Err(err) => p.status-failed { "The queue does not answer: " (err) },
-        }
         @if viewer.may(Need::Fleet) {
+            h2 { "Queue" }
+            @match &depth {
+                Ok(depth) => div.cards {
+                    (card("due, waiting for a worker", depth.pending))
+                    (card("oldest due, seconds", age.as_ref().ok().copied().flatten().map_or_else(|| "-".to_owned(), |a| a.to_string())))
+                    (card("scheduled for later", depth.scheduled))
+                    (card("in flight", depth.running))
+                    (card("dead", depth.dead))
+                },
+                Err(err) => p.status-failed { "The queue does not answer: " (err) },
+            }
             div.actions {
                 button data-action="/api/v1/queues/dead/requeue" data-confirm="Put every dead job back in the queue?"
                     data-done="Dead jobs requeued." { "Requeue dead jobs" }
@@ -447,6 +447,7 @@ pub async fn storages(
     let ids: Vec<i64> = rows.iter().map(|s| s.id).collect();
     let last = runs::newest_of(&state.db, &ids).await.unwrap_or_default();
     let mut project_ids: Vec<i64> = rows.iter().map(|s| s.project_id).collect();
+    project_ids.sort_unstable();
     project_ids.dedup();
     let titles = labelsync::db::projects::titles(&state.db, &project_ids)
         .await

@@ -150,7 +150,9 @@ pub fn new_id() -> ulid::Ulid {
     let mut generator = GENERATOR
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    // Fails only after 2^80 ids in one millisecond.
+    // Fails only when this millisecond's random start has been counted up
+    // to 2^80 - 1 (not reachable in practice); the id is then a random one,
+    // unordered within that millisecond.
     generator.generate().unwrap_or_else(|_| ulid::Ulid::new())
 }
 

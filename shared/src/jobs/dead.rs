@@ -125,7 +125,7 @@ impl Queue {
                     .to_string();
                 let oldest: Option<i64> = sea_orm::sqlx::query_scalar(
                     "SELECT MIN(run_at) FROM Jobs WHERE job_type = ?1 \
-                     AND status IN ('Pending', 'Queued') AND run_at <= ?2",
+                     AND status IN ('Pending', 'Failed') AND run_at <= ?2",
                 )
                 .bind(&name)
                 .bind(now as i64)

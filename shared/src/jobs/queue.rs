@@ -334,11 +334,13 @@ async fn embedded_depth(storage: &SqliteStorage<RunJob>) -> Result<QueueDepth> {
             .sum()
     };
     let any = |states: &[&str]| count(states, false) + count(states, true);
+    // apalis-sqlite: `Queued` rows are taken by a worker (locked to it),
+    // `Failed` ones wait for their retry at `run_at`, `Killed` ones are dead.
     Ok(QueueDepth {
         queue: name,
-        pending: count(&["Pending", "Queued"], false),
-        scheduled: count(&["Pending", "Queued"], true),
-        running: any(&["Running"]),
+        pending: count(&["Pending", "Failed"], false),
+        scheduled: count(&["Pending", "Failed"], true),
+        running: any(&["Queued", "Running"]),
         dead: any(&["Killed"]),
     })
 }

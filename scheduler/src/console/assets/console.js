@@ -64,6 +64,8 @@ function showProgress(element, run) {
     eta.textContent = "past the " + total + " " + unit + " of the run it is estimated from";
   } else if (rate > 0) {
     eta.textContent = "about " + Math.ceil((total - done) / rate) + " s (of " + total + " " + unit + ")";
+  } else {
+    eta.textContent = "not started (" + total + " " + unit + " expected)";
   }
 }
 

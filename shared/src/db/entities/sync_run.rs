@@ -57,7 +57,8 @@ pub struct Model {
     /// A `retry` run: the run whose failed objects it reads again.
     pub retry_of: Option<String>,
     /// The OpenTelemetry trace the run was created in (32 hex digits), when
-    /// tracing is on: its jobs' spans belong to that trace.
+    /// tracing is on: the job its creator pushes continues that trace (a
+    /// held run's job is pushed later, in its admitter's trace).
     pub trace_id: Option<String>,
 }
 
