@@ -5,6 +5,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "partitions.rs"]
+mod partitions;
+
 use labelsync_tests::{
     AppOptions, TestApp, binary, repo_root, spawn_app, spawn_ready_worker, spawn_worker,
     write_files,

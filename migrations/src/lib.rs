@@ -21,6 +21,7 @@ mod m20261202_000012_run_admission;
 mod m20261202_000013_workers;
 mod m20261202_000014_pause_and_retry;
 mod m20261202_000015_console_facts;
+mod m20261203_000016_sync_partitions;
 
 pub struct Migrator;
 
@@ -43,6 +44,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000013_workers::Migration),
             Box::new(m20261202_000014_pause_and_retry::Migration),
             Box::new(m20261202_000015_console_facts::Migration),
+            Box::new(m20261203_000016_sync_partitions::Migration),
         ]
     }
 }

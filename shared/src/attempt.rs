@@ -1,8 +1,9 @@
 //! What one attempt of a run shares between the import and the export
-//! pipelines: how it ended ([`Outcome`]) and the stop flag it checks at
-//! every page ([`check_stopping`]). Below `ingest` and `export`, above
-//! `storage`: the job layer (`jobs`) reads the outcome, the process layer
-//! (`lifecycle`) raises the flag.
+//! pipelines: how it ended ([`Outcome`]), the stop flag it checks at
+//! every page ([`check_stopping`]) and its heartbeats' guard
+//! ([`AbortOnDrop`]). Below `ingest` and `export`, above `storage`: the
+//! job layer (`jobs`) reads the outcome, the process layer (`lifecycle`)
+//! raises the flag.
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::{Error, Result};
@@ -26,4 +27,14 @@ pub fn check_stopping(stopping: Option<&AtomicBool>) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A background task (a lease's heartbeat) aborted when this is dropped, so
+/// even an attempt that panics stops renewing what it held.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

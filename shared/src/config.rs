@@ -181,6 +181,11 @@ pub struct WorkerSettings {
     /// large rows and files of one worker process may cost in memory at once
     /// (see `ingest::budget`); more waits its turn.
     pub parse_budget_bytes: usize,
+    /// `LABELSYNC_LIST_PARTITIONS` (default 64): the most parts a recursive
+    /// listing is split into, by common prefix, for the fleet to list in
+    /// parallel (`ingest::partitions`); 0 or 1 lists every storage as one
+    /// sequence.
+    pub list_partitions: usize,
 }
 
 impl Settings {
@@ -265,6 +270,7 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
         max_object_bytes: parse(get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
         max_task_bytes: parse(get, "LABELSYNC_MAX_TASK_BYTES", 16 << 20)?,
         parse_budget_bytes: parse(get, "LABELSYNC_PARSE_BUDGET_BYTES", 512 << 20)?,
+        list_partitions: parse(get, "LABELSYNC_LIST_PARTITIONS", 64)?,
     };
     if worker.page_size == 0 || worker.page_size > 5000 {
         return Err(Error::invalid(

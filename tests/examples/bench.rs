@@ -43,7 +43,7 @@ use serde_json::{Value, json};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY] | bench latency-tasks N WORKERS RTT_MS | bench annotations CLIENTS SECONDS RATE RTT_MS"
+        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY] | bench latency-tasks N WORKERS RTT_MS | bench latency-files N PREFIXES WORKERS RTT_MS [PARTITIONS] | bench annotations CLIENTS SECONDS RATE RTT_MS"
     );
     std::process::exit(2)
 }
@@ -76,6 +76,17 @@ async fn main() {
                 number(s) as u64,
                 number(r) as u64,
                 number(rtt) as u64,
+            )
+            .await;
+        }
+        [m, n, p, w, rtt, rest @ ..] if m == "latency-files" && rest.len() <= 1 => {
+            let partitions = rest.first().map_or(64, &number);
+            return bench_latency::run_files(
+                number(n),
+                number(p),
+                number(w),
+                number(rtt) as u64,
+                partitions,
             )
             .await;
         }

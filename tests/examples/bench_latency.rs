@@ -9,6 +9,13 @@
 //! fleet (objects x RTT / (workers x worker slots x
 //! `LABELSYNC_FETCH_CONCURRENCY`)), and the single-stream bound the issue
 //! names (objects x RTT / `LABELSYNC_FETCH_CONCURRENCY`).
+//!
+//! `bench latency-files N PREFIXES WORKERS RTT_MS [PARTITIONS]`: a
+//! Files-mode sync of N objects spread over PREFIXES top-level prefixes of
+//! the same server, with `LABELSYNC_LIST_PARTITIONS=PARTITIONS` (default
+//! 64; 1 lists in one sequence, as before partitioned listing). Reports the
+//! wall time and its ratio to the sequential listing floor (pages x RTT).
+//!
 //! Needs TEST_POSTGRES_URL and TEST_REDIS_URL (as the tests do).
 use std::{
     sync::atomic::Ordering,
@@ -110,4 +117,79 @@ fn report(
             "x_one_stream_floor": (secs / stream_floor * 100.0).round() / 100.0,
         })
     );
+}
+
+/// `latency-files`: see the module's documentation.
+pub async fn run_files(
+    objects: usize,
+    prefixes: usize,
+    workers: usize,
+    rtt_ms: u64,
+    partitions: usize,
+) {
+    let rtt = Duration::from_millis(rtt_ms);
+    let server = SyntheticS3::start(Latency {
+        rtt,
+        bytes_per_second: None,
+    })
+    .await;
+    server.fill(
+        "bench",
+        (0..objects).map(|i| {
+            (
+                format!("p{:03}/f-{i:08}.jpg", i % prefixes.max(1)),
+                Bytes::from_static(b"x"),
+            )
+        }),
+    );
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::with_storages()
+    })
+    .await;
+    let page = defaults().worker.page_size.to_string();
+    let parts = partitions.to_string();
+    let mut fleet = Vec::new();
+    for w in 0..workers {
+        let env = [
+            ("LABELSYNC_PAGE_SIZE", page.as_str()),
+            ("LABELSYNC_LIST_PARTITIONS", parts.as_str()),
+        ];
+        fleet.push(spawn_ready_worker(&app, &format!("bench-{w}"), &env).await);
+    }
+    let project = app.project("latency").await;
+    let (status, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "source", "backend": "s3",
+                "config": { "bucket": "bench", "endpoint_url": server.endpoint },
+                "secrets": { "access_key_id": "k", "secret_access_key": "s" },
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{storage}");
+    let before = server.counts.total();
+    let started = Instant::now();
+    let run = app.sync(&storage["id"]).await;
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], objects as i64, "{run}");
+    let pages = objects.div_ceil(defaults().worker.page_size) as f64;
+    let floor = pages * rtt.as_secs_f64();
+    println!(
+        "{}",
+        json!({
+            "bench": "latency-files", "objects": objects, "prefixes": prefixes, "workers": workers,
+            "partitions": partitions, "rtt_ms": rtt_ms,
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "seconds": (secs * 100.0).round() / 100.0,
+            "objects_per_s": (objects as f64 / secs).round(),
+            "requests": server.counts.total() - before,
+            "listing_floor_s": (floor * 100.0).round() / 100.0,
+            "speedup_over_listing_floor": (floor / secs * 100.0).round() / 100.0,
+        })
+    );
+    drop(fleet);
+    app.stop().await;
 }

@@ -39,6 +39,10 @@ pub enum Mode {
     /// forwarded, and answers are paced at the bandwidth when set (a distant
     /// bucket in front of a near emulator).
     Latency(crate::synthetic_s3::Latency),
+    /// Every listing of the keys under one prefix (a GET whose query has
+    /// this `prefix=` value, percent-encoded, and no delimiter) gets 500;
+    /// everything else passes.
+    FailListing(&'static str),
 }
 
 #[derive(Clone)]
@@ -132,6 +136,20 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
             return parts.body(Body::from_stream(stalled)).unwrap_or_default();
         }
         Mode::Hanging { .. } => None,
+        Mode::FailListing(prefix) => {
+            let query = req.uri().query().unwrap_or_default();
+            let listing = query.split('&').any(|p| p == format!("prefix={prefix}"))
+                && !query.contains("delimiter=");
+            if listing {
+                s.faults.fetch_add(1, Ordering::SeqCst);
+                return s3_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "injected",
+                );
+            }
+            None
+        }
         Mode::Latency(latency) => {
             tokio::time::sleep(latency.rtt).await;
             let (builder, bytes) = send(&s, req).await;

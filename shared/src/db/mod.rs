@@ -11,6 +11,7 @@ pub mod idempotency;
 pub mod links;
 pub mod missing;
 pub mod outbox;
+pub mod partitions;
 pub mod projects;
 pub mod runs;
 pub mod storages;

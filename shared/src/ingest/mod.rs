@@ -20,6 +20,7 @@
 pub mod budget;
 mod parquet_footer;
 pub mod parse;
+mod partitions;
 mod retry;
 mod task_files;
 
@@ -35,8 +36,8 @@ use crate::{
     config::WorkerSettings,
     db::{
         batches,
-        entities::{project, storage as storage_entity, sync_batch, sync_run},
-        links, missing,
+        entities::{project, storage as storage_entity, sync_batch, sync_partition, sync_run},
+        links, missing, partitions as parts,
         runs::{self, Counters, RunStatus},
         tasks::{self, NewTask},
     },
@@ -63,6 +64,17 @@ pub struct ImportJob<'a> {
     /// Raised on SIGTERM: stop at the next page boundary and give the run
     /// back ([`crate::Error::Transient`]) so another worker resumes it.
     pub stopping: Option<&'a std::sync::atomic::AtomicBool>,
+    /// The partition this attempt lists (see [`partitions`]), `None` for
+    /// the run's own job.
+    pub part: Option<Part<'a>>,
+}
+
+/// A partition of a run, held by an attempt's lease: its pages move its
+/// own cursor (and the run's counters), and it ends marked done.
+#[derive(Clone, Copy)]
+pub struct Part<'a> {
+    pub row: &'a sync_partition::Model,
+    pub lease: &'a str,
 }
 
 /// Where a Tasks-mode run hands its batches to the fleet: the job queue
@@ -73,6 +85,11 @@ pub trait FanOut: Send + Sync {
     /// push of the same batch is absorbed). `Ok(false)`: the queue's backlog
     /// is full; the batch row stays, and the waiting sync job runs it.
     async fn push_batch(&self, run_id: &str, batch: i64) -> Result<bool>;
+
+    /// Enqueues the job of partition `partition` of run `run_id`, once per
+    /// `round` (the run's attempt that pushes it). `Ok(false)`: the backlog
+    /// is full; the run's job lists the partition itself.
+    async fn push_partition(&self, run_id: &str, partition: i64, round: i64) -> Result<bool>;
 }
 
 /// A per-object failure: key, row (None for the whole object), message.
@@ -108,12 +125,25 @@ impl ImportJob<'_> {
     /// Runs (or resumes, from `run.cursor`) an import: each listing page is
     /// planned, its task files read (Tasks mode), and committed in one
     /// transaction with the run's counters and cursor; after the last page,
-    /// what was not listed is flagged missing.
+    /// what was not listed is flagged missing. A listing that splits is
+    /// listed by partitions instead (see [`partitions`]).
     #[tracing::instrument(skip_all, fields(run_id = %self.run.id, storage_id = self.storage.id), err)]
     pub async fn run(&self) -> Result<Outcome> {
         let backend = storage::open(self.storage, self.env).await?;
+        if let Some(outcome) = self.try_partitioned(&backend).await? {
+            return Ok(outcome);
+        }
+        if !self.list_pages(&backend).await? {
+            return Ok(Outcome::Stopped);
+        }
+        self.finish_listing().await
+    }
+
+    /// Plans, reads and commits every page of the listing; false when the
+    /// run stopped.
+    pub(crate) async fn list_pages(&self, backend: &Arc<dyn Storage>) -> Result<bool> {
         let filter = Filter::from_storage(self.storage)?;
-        let mut pages = self.pages(&backend);
+        let mut pages = self.pages(backend);
         while let Some(page) = pages.next().await {
             self.check_stopping()?;
             let (page, cursor) = page?;
@@ -123,13 +153,13 @@ impl ImportJob<'_> {
             if cursor.is_some() {
                 plan.cursor = cursor;
             }
-            if !self.read_task_files(&backend, &mut plan).await?
-                || !self.commit_page(&*backend, plan).await?
+            if !self.read_task_files(backend, &mut plan).await?
+                || !self.commit_page(&**backend, plan).await?
             {
-                return Ok(Outcome::Stopped);
+                return Ok(false);
             }
         }
-        self.finish_listing().await
+        Ok(true)
     }
 
     /// What the run reads, from its cursor: the storage's listing, or for
@@ -149,10 +179,18 @@ impl ImportJob<'_> {
                 recursive: self.storage.recursive,
             });
         }
+        let (prefix, recursive, start_after) = match self.part {
+            Some(Part { row, .. }) => (row.prefix.clone(), row.recursive, row.cursor.clone()),
+            None => (
+                self.storage.prefix.clone(),
+                self.storage.recursive,
+                self.run.cursor.clone(),
+            ),
+        };
         let listing = backend.list(ListOptions {
-            prefix: self.storage.prefix.clone(),
-            recursive: self.storage.recursive,
-            start_after: self.run.cursor.clone(),
+            prefix,
+            recursive,
+            start_after,
             page_size: self.settings.page_size,
         });
         storage::prefetch(listing, 2)
@@ -342,8 +380,10 @@ impl ImportJob<'_> {
         for objects in &plan.batches {
             batch_ids.push(batches::create(&txn, &self.run.id, objects).await?);
         }
-        let cursor = plan.cursor.as_deref();
-        if !runs::checkpoint(&txn, &self.run.id, &plan.delta, cursor, self.lease).await? {
+        if !self
+            .checkpoint(&txn, &plan.delta, plan.cursor.as_deref())
+            .await?
+        {
             txn.rollback().await?;
             return Ok(false);
         }
@@ -352,6 +392,24 @@ impl ImportJob<'_> {
             self.enqueue_batches(fanout, batch_ids).await;
         }
         Ok(true)
+    }
+
+    /// Adds a committed page to the run's counters and moves the cursor (the
+    /// partition's when listing one); false when the attempt lost its lease
+    /// or the run stopped.
+    async fn checkpoint(
+        &self,
+        txn: &impl ConnectionTrait,
+        delta: &Counters,
+        cursor: Option<&str>,
+    ) -> Result<bool> {
+        let Some(part) = self.part else {
+            return runs::checkpoint(txn, &self.run.id, delta, cursor, self.lease).await;
+        };
+        Ok(
+            parts::checkpoint(txn, part.row.id, part.lease, cursor).await?
+                && runs::checkpoint(txn, &self.run.id, delta, None, None).await?,
+        )
     }
 
     /// The listing is complete: once every batch is done, what was not seen

@@ -28,7 +28,7 @@ pub use queue::{Pushed, Queue};
 
 use crate::{
     Error, Result,
-    attempt::Outcome,
+    attempt::{AbortOnDrop, Outcome},
     config::Settings,
     db::{
         entities::{project, storage as storage_entity},
@@ -40,13 +40,15 @@ use crate::{
     telemetry::TraceContext,
 };
 
-/// The queue payload: a run, one fan-out batch of a run, or the due
-/// deliveries of one webhook endpoint (`run_id` empty).
+/// The queue payload: a run, one fan-out batch or listing partition of a
+/// run, or the due deliveries of one webhook endpoint (`run_id` empty).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunJob {
     pub run_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<i64>,
     /// The W3C trace context of whoever enqueued the job (an API request, the
@@ -61,6 +63,7 @@ impl RunJob {
         RunJob {
             run_id: run_id.into(),
             batch: None,
+            partition: None,
             webhook: None,
             trace: TraceContext::new(),
         }
@@ -76,6 +79,13 @@ impl RunJob {
     pub fn for_batch(run_id: impl Into<String>, batch: i64) -> Self {
         RunJob {
             batch: Some(batch),
+            ..RunJob::for_run(run_id)
+        }
+    }
+
+    pub fn for_partition(run_id: impl Into<String>, partition: i64) -> Self {
+        RunJob {
+            partition: Some(partition),
             ..RunJob::for_run(run_id)
         }
     }
@@ -279,20 +289,18 @@ fn record_totals(run: &crate::db::entities::sync_run::Model) {
     add(&m.object_errors, run.failed);
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 #[async_trait::async_trait]
 impl crate::ingest::FanOut for Queue {
     async fn push_batch(&self, run_id: &str, batch: i64) -> Result<bool> {
         let job = RunJob::for_batch(run_id, batch);
         let pushed = self.push(job, &format!("{run_id}:batch:{batch}")).await?;
         Ok(matches!(pushed, Pushed::Queued))
+    }
+
+    async fn push_partition(&self, run_id: &str, partition: i64, round: i64) -> Result<bool> {
+        let job = RunJob::for_partition(run_id, partition);
+        let dedup = format!("{run_id}:partition:{partition}:{round}");
+        Ok(matches!(self.push(job, &dedup).await?, Pushed::Queued))
     }
 }
 
@@ -327,6 +335,7 @@ async fn attempt(
                 fanout: ctx.queue.as_ref().map(|q| q as &dyn crate::ingest::FanOut),
                 stopping: Some(&ctx.stopping),
                 lease: Some(lease),
+                part: None,
             }
             .run()
             .await
@@ -387,6 +396,7 @@ pub async fn execute_batch(
         fanout: None,
         lease: None,
         stopping: Some(&ctx.stopping),
+        part: None,
     };
     // Objects of a batch given up on: those with no task yet (rows an earlier
     // attempt imported are kept, so their objects did not fail).
@@ -433,6 +443,53 @@ pub async fn execute_batch(
                 .map_err(RetryLater)?;
             Ok(())
         }
+    }
+}
+
+/// Lists one partition of an import run (see `ingest::partitions`). A
+/// partition that is done, given up on, or held by a live attempt needs
+/// nothing; a transient failure retries the job (the partition counts its
+/// attempts), and anything else is the run's job's to report.
+pub async fn execute_partition(
+    ctx: &JobContext,
+    run_id: &str,
+    partition: i64,
+    worker: &str,
+) -> Result<(), RetryLater> {
+    let run = match runs::get(&ctx.db, run_id).await {
+        Err(Error::NotFound(_)) => return Ok(()), // deleted with its storage
+        other => other.map_err(RetryLater)?,
+    };
+    if run.status != RunStatus::Running.as_str() {
+        return Ok(());
+    }
+    let (storage, project) = match owners(ctx, &run).await {
+        Err(Error::NotFound(_)) => return Ok(()),
+        other => other.map_err(RetryLater)?,
+    };
+    let job = ImportJob {
+        db: &ctx.db,
+        env: &ctx.storage_env,
+        run: &run,
+        storage: &storage,
+        project: &project,
+        settings: &ctx.settings.worker,
+        fanout: ctx.queue.as_ref().map(|q| q as &dyn crate::ingest::FanOut),
+        lease: None,
+        stopping: Some(&ctx.stopping),
+        part: None,
+    };
+    let lease = ulid::Ulid::new().to_string();
+    let max = i64::from(ctx.settings.worker.max_attempts);
+    let claimed = crate::db::partitions::claim(&ctx.db, partition, &lease, job.stale_before(), max)
+        .await
+        .map_err(RetryLater)?;
+    let Some(part) = claimed else {
+        return Ok(());
+    };
+    match job.list_partition(&part, &lease, worker).await {
+        Err(err) if err.is_transient() => Err(RetryLater(err)),
+        _ => Ok(()),
     }
 }
 

@@ -373,6 +373,7 @@ async fn handle(
         job_id = %task_id.map(|id| id.to_string()).unwrap_or_default(),
         run_id = %job.run_id,
         batch_id = job.batch,
+        partition_id = job.partition,
         webhook_id = job.webhook,
         worker = worker.name(),
         storage_id = tracing::field::Empty,
@@ -382,12 +383,15 @@ async fn handle(
     crate::telemetry::set_parent(&span, &crate::telemetry::Carried(&job.trace));
     let _running = ctx.current.enter(&job.run_id);
     let result = async {
-        match (job.webhook, job.batch) {
-            (Some(webhook), _) => super::execute_webhook(&ctx, webhook).await,
-            (None, None) => super::execute(&ctx, &job.run_id).await,
-            (None, Some(batch)) => {
+        match (job.webhook, job.batch, job.partition) {
+            (Some(webhook), _, _) => super::execute_webhook(&ctx, webhook).await,
+            (None, Some(batch), _) => {
                 super::execute_batch(&ctx, &job.run_id, batch, worker.name()).await
             }
+            (None, None, Some(part)) => {
+                super::execute_partition(&ctx, &job.run_id, part, worker.name()).await
+            }
+            (None, None, None) => super::execute(&ctx, &job.run_id).await,
         }
     }
     .instrument(span)

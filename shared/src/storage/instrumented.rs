@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures::{StreamExt, stream::BoxStream};
 use tracing::Instrument;
 
-use super::{BackendKind, GetRange, ListOptions, Object, Page, Role, Storage};
+use super::{BackendKind, Children, GetRange, ListOptions, Object, Page, Role, Storage};
 use crate::{
     Result,
     metrics::{metrics, outcome},
@@ -90,6 +90,11 @@ impl Storage for Instrumented {
                 page
             })
             .boxed()
+    }
+
+    async fn list_children(&self, prefix: &str, max_pages: usize) -> Result<Option<Children>> {
+        self.call("list", prefix, self.0.list_children(prefix, max_pages))
+            .await
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {

@@ -195,6 +195,15 @@ pub struct ListOptions {
     pub page_size: usize,
 }
 
+/// One level of a storage's key tree (see [`Storage::list_children`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Children {
+    /// Each ends with `/` and starts with the prefix asked about.
+    pub prefixes: Vec<String>,
+    /// Some key sits directly under the prefix (no `/` after it).
+    pub objects: bool,
+}
+
 /// A byte range of an object, as HTTP `Range` says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GetRange {
@@ -310,6 +319,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Lists objects as a stream of pages in key order.
     fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>>;
+
+    /// What lies one level below `prefix`: the distinct `/`-ended prefixes
+    /// of the keys under it, in key order, and whether some key has no `/`
+    /// after it. `None` when the backend cannot list by delimiter, or when
+    /// that takes more than `max_pages` pages: the caller then lists
+    /// `prefix` as one sequence.
+    async fn list_children(&self, _prefix: &str, _max_pages: usize) -> Result<Option<Children>> {
+        Ok(None)
+    }
 
     /// Reads an object, or a byte range of it, as a stream of chunks.
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object>;

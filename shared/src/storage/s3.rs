@@ -29,8 +29,8 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
-    StorageEnv, check_key, check_location, paginate, parse_config, retry,
+    BackendKind, Children, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets,
+    Storage, StorageEnv, check_key, check_location, paginate, parse_config, retry,
 };
 use crate::{
     Error, Result,
@@ -350,6 +350,39 @@ impl Storage for S3Storage {
                 next,
             )))
         })
+    }
+
+    async fn list_children(&self, prefix: &str, max_pages: usize) -> Result<Option<Children>> {
+        let mut children = Children::default();
+        let mut token = None;
+        for _ in 0..max_pages {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .delimiter("/")
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| classify(e, &format!("list s3://{}/{prefix}", self.bucket)))?;
+            children.objects |= !out.contents().is_empty();
+            children.prefixes.extend(
+                out.common_prefixes()
+                    .iter()
+                    .filter_map(|p| p.prefix())
+                    .filter(|p| p.len() > prefix.len() && p.starts_with(prefix) && p.ends_with('/'))
+                    .map(str::to_owned),
+            );
+            token = out
+                .next_continuation_token()
+                .filter(|_| out.is_truncated() == Some(true))
+                .map(str::to_owned);
+            if token.is_none() {
+                return Ok(Some(children));
+            }
+        }
+        Ok(None)
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {

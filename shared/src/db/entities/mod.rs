@@ -13,6 +13,7 @@ pub mod prediction;
 pub mod project;
 pub mod storage;
 pub mod sync_batch;
+pub mod sync_partition;
 pub mod sync_run;
 pub mod task;
 pub mod webhook;

@@ -1,0 +1,308 @@
+//! Partitioned listing: a recursive listing that splits by common prefix
+//! is listed by the fleet in parallel, one partition per job.
+//!
+//! The run's job discovers the partitions ([`discover`]) on its first
+//! attempt and writes them in one transaction under its lease; together
+//! they hold every key under the storage's prefix once (each prefix split
+//! into its children keeps a flat partition for the keys directly under
+//! it). Each partition is listed under its own lease by whichever worker
+//! takes it: its pages commit as a sequential run's do, moving the
+//! partition's cursor and the run's counters in one transaction, so a
+//! killed attempt resumes the partition from its last page. The run's job
+//! lists partitions too (all of them, when no other worker is free),
+//! fails the run when one is given up on, and once every partition is done
+//! reconciles missing objects as a sequential run does: a key is seen by
+//! exactly one partition, so that stays exact.
+//!
+//! Keys added under a new prefix after discovery are not listed by this
+//! run, as keys added behind a sequential listing's cursor are not: the
+//! next sync imports them, and nothing unlisted counts as missing unless an
+//! earlier run linked it.
+use std::sync::Arc;
+
+use super::{ImportJob, Part};
+use crate::{
+    Error, Result,
+    attempt::{AbortOnDrop, Outcome},
+    db::{
+        entities::sync_partition,
+        partitions as parts,
+        runs::{self, Counters, RunStatus},
+    },
+    storage::{Children, Storage},
+};
+
+/// Delimiter-listing pages read per prefix while discovering; a level
+/// longer than that (a flat layout of many keys) is not split.
+const DISCOVERY_PAGES: usize = 3;
+/// How deep discovery splits prefixes.
+const DISCOVERY_DEPTH: usize = 3;
+/// Prefixes discovery lists at once.
+const DISCOVERY_CONCURRENCY: usize = 8;
+/// How often the run's job looks at its partitions while others list them.
+const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// The name the run's job records on partitions it lists itself.
+const RUN_JOB: &str = "sync-job";
+
+impl ImportJob<'_> {
+    /// Lists the run by partitions when it has them or its listing splits
+    /// now: `None` when it is listed as one sequence instead (a retry run, a run resumed from a sequential cursor, a
+    /// flat listing, a backend that cannot split, or no fleet to share
+    /// with).
+    pub(super) async fn try_partitioned(
+        &self,
+        backend: &Arc<dyn Storage>,
+    ) -> Result<Option<Outcome>> {
+        if parts::of_run(self.db, &self.run.id).await?.is_empty() {
+            if !self.may_partition() {
+                return Ok(None);
+            }
+            let prefix = &self.storage.prefix;
+            let Some(found) = discover(&**backend, prefix, self.settings.list_partitions).await?
+            else {
+                return Ok(None);
+            };
+            if !self.write_partitions(&found).await? {
+                return Ok(Some(Outcome::Stopped));
+            }
+            tracing::info!(partitions = found.len(), "listing split by prefix");
+        }
+        self.run_partitioned().await.map(Some)
+    }
+
+    fn may_partition(&self) -> bool {
+        self.fanout.is_some()
+            && self.settings.list_partitions > 1
+            && self.storage.recursive
+            && self.run.cursor.is_none()
+            && self.retry_of().is_none()
+    }
+
+    /// Writes the partitions under the run's lease; false when the attempt
+    /// lost it (another attempt wrote them, or the run stopped).
+    async fn write_partitions(&self, found: &[(String, bool)]) -> Result<bool> {
+        let txn = crate::db::begin_write(self.db).await?;
+        parts::create(&txn, &self.run.id, found).await?;
+        if !runs::checkpoint(&txn, &self.run.id, &Counters::default(), None, self.lease).await? {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    /// The run's job: hands the unfinished partitions to the fleet, lists
+    /// those no one holds, and once all are done finishes the listing.
+    async fn run_partitioned(&self) -> Result<Outcome> {
+        self.push_partitions().await?;
+        let max = i64::from(self.settings.max_attempts);
+        loop {
+            self.check_stopping()?;
+            if runs::get(self.db, &self.run.id).await?.status != RunStatus::Running.as_str() {
+                return Ok(Outcome::Stopped);
+            }
+            let stale = self.stale_before();
+            if let Some(lost) = parts::lost(self.db, &self.run.id, stale, max).await? {
+                return Err(given_up(&lost));
+            }
+            if parts::pending(self.db, &self.run.id).await? == 0 {
+                break;
+            }
+            if !self.list_a_free_partition(stale, max).await? {
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        self.finish_listing().await
+    }
+
+    /// Enqueues a job for each unfinished partition (again on a resumed
+    /// run: the jobs of the attempt before may be gone with their worker).
+    async fn push_partitions(&self) -> Result<()> {
+        let Some(fanout) = self.fanout else {
+            return Ok(());
+        };
+        for part in parts::of_run(self.db, &self.run.id).await? {
+            if part.done {
+                continue;
+            }
+            match fanout
+                .push_partition(&self.run.id, part.id, self.run.attempts)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => break, // backlog full: this job lists the rest
+                Err(err) => {
+                    tracing::warn!(partition_id = part.id, error = %err, "partition not enqueued; the sync job will list it");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a partition no live attempt holds and lists it here; false
+    /// when there was none. A failed attempt is only logged: the partition
+    /// is free again (or given up on, which the caller sees next).
+    async fn list_a_free_partition(
+        &self,
+        stale: chrono::DateTime<chrono::Utc>,
+        max: i64,
+    ) -> Result<bool> {
+        let lease = ulid::Ulid::new().to_string();
+        for id in parts::claimable(self.db, &self.run.id, stale, max).await? {
+            let Some(part) = parts::claim(self.db, id, &lease, stale, max).await? else {
+                continue;
+            };
+            match self.list_partition(&part, &lease, RUN_JOB).await {
+                Ok(_) => {}
+                Err(err) if err.is_transient() && self.check_stopping().is_ok() => {
+                    tracing::warn!(partition_id = id, error = %err, "partition attempt failed; it will be listed again");
+                }
+                Err(err) if err.is_transient() => return Err(err),
+                Err(err) => tracing::warn!(partition_id = id, error = %err, "partition given up"),
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Lists partition `part`, claimed with `lease`, renewing the lease
+    /// while it works; a failed attempt lets the partition go, and gives it
+    /// up when the error is permanent (the run's job then fails the run).
+    pub async fn list_partition(
+        &self,
+        part: &sync_partition::Model,
+        lease: &str,
+        worker: &str,
+    ) -> Result<Outcome> {
+        let _heartbeat = AbortOnDrop(tokio::spawn(renew(
+            self.db.clone(),
+            part.id,
+            lease.to_owned(),
+            self.settings.heartbeat,
+        )));
+        let job = ImportJob {
+            part: Some(Part { row: part, lease }),
+            lease: None,
+            ..*self
+        };
+        let result = job.list_part(part.id, lease, worker).await;
+        if let Err(err) = &result {
+            let message = err.to_string();
+            parts::release(self.db, part.id, lease, &message, !err.is_transient()).await?;
+        }
+        result
+    }
+
+    /// Lists this attempt's partition, then marks it done.
+    async fn list_part(&self, id: i64, lease: &str, worker: &str) -> Result<Outcome> {
+        let backend = crate::storage::open(self.storage, self.env).await?;
+        if !self.list_pages(&backend).await? {
+            return Ok(Outcome::Stopped);
+        }
+        if parts::finish(self.db, id, lease, worker).await? {
+            Ok(Outcome::Finished)
+        } else {
+            Ok(Outcome::Stopped)
+        }
+    }
+
+    /// Leases renewed before this are dead (their worker missed its
+    /// heartbeats).
+    pub fn stale_before(&self) -> chrono::DateTime<chrono::Utc> {
+        let ttl = self.settings.heartbeat * self.settings.missed_heartbeats.max(1) as u32;
+        chrono::Utc::now() - chrono::Duration::from_std(ttl).unwrap_or_default()
+    }
+}
+
+/// The run's error when partition `part` was given up on.
+fn given_up(part: &sync_partition::Model) -> Error {
+    let what = if part.recursive {
+        format!("the keys under '{}'", part.prefix)
+    } else {
+        format!("the keys directly under '{}'", part.prefix)
+    };
+    let why = part
+        .error
+        .as_deref()
+        .unwrap_or("its workers died or were killed");
+    Error::Internal(format!(
+        "listing {what} failed after {} attempts: {why}",
+        part.attempts
+    ))
+}
+
+/// Renews a partition's lease while its attempt works (a page may take
+/// long: a big Tasks-mode object, a wait for batches).
+async fn renew(
+    db: sea_orm::DatabaseConnection,
+    id: i64,
+    lease: String,
+    every: std::time::Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(err) = parts::checkpoint(&db, id, &lease, None).await {
+            tracing::debug!(error = %err, "partition heartbeat failed");
+        }
+    }
+}
+
+/// Splits the key tree under `root` into at most `max` partitions that
+/// hold every key once, `(prefix, recursive)` each, splitting level by
+/// level (at most [`DISCOVERY_DEPTH`]) while there are fewer than `max / 4`
+/// recursive ones. `None` when it does not split into two or more.
+pub(super) async fn discover(
+    backend: &dyn Storage,
+    root: &str,
+    max: usize,
+) -> Result<Option<Vec<(String, bool)>>> {
+    let mut found = vec![(root.to_owned(), true)];
+    for _ in 0..DISCOVERY_DEPTH {
+        if found.iter().filter(|(_, recursive)| *recursive).count() >= (max / 4).max(2) {
+            break;
+        }
+        let next = split_level(backend, &found).await?;
+        if next.len() > max || next == found {
+            break;
+        }
+        found = next;
+    }
+    Ok((found.len() >= 2).then_some(found))
+}
+
+/// Each recursive partition replaced by its children (and a flat one for
+/// the keys directly under it, when it has any) where it has children.
+async fn split_level(
+    backend: &dyn Storage,
+    found: &[(String, bool)],
+) -> Result<Vec<(String, bool)>> {
+    // Boxed futures joined a chunk at a time: the job's future must be
+    // `Send` for any lifetime, which a stream of borrowing closures is not.
+    let mut children = Vec::with_capacity(found.len());
+    for chunk in found.chunks(DISCOVERY_CONCURRENCY) {
+        let listings = chunk.iter().map(|(prefix, recursive)| {
+            let listing: futures::future::BoxFuture<'_, Result<Option<Children>>> = if *recursive {
+                backend.list_children(prefix, DISCOVERY_PAGES)
+            } else {
+                Box::pin(async { Ok(None) })
+            };
+            listing
+        });
+        children.extend(futures::future::join_all(listings).await);
+    }
+    let mut next = Vec::new();
+    for (part, children) in found.iter().zip(children) {
+        match children? {
+            Some(c) if !c.prefixes.is_empty() => {
+                if c.objects {
+                    next.push((part.0.clone(), false));
+                }
+                next.extend(c.prefixes.into_iter().map(|p| (p, true)));
+            }
+            _ => next.push(part.clone()),
+        }
+    }
+    Ok(next)
+}

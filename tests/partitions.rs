@@ -1,0 +1,413 @@
+//! Partitioned listing (`ingest::partitions`) on the s3s-fs emulator: the
+//! partitions a layout splits into, exact counters and missing objects, a
+//! worker SIGKILLed in the middle of a partition, a partition that keeps
+//! failing, objects added while the run lists, and layouts that do not
+//! split. (A module of the `fleet` test binary.)
+use std::time::{Duration, Instant};
+
+use labelsync_tests::{
+    AppOptions, TestApp,
+    backends::{bucket_name, create_s3_bucket, endpoint},
+    fault_proxy::{FaultProxy, Mode},
+    spawn_app, spawn_worker,
+    synthetic_s3::Latency,
+};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use serde_json::{Value, json};
+
+use super::count;
+
+const KEY: &str = "labelsync-test";
+const SECRET: &str = "labelsync-test-secret";
+
+fn s3s() -> String {
+    endpoint("TEST_S3S_ENDPOINT")
+}
+
+fn client() -> aws_sdk_s3::Client {
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(s3s())
+        .force_path_style(true)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            KEY, SECRET, None, None, "test",
+        ))
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+/// Writes each key (a one-task JSON file), 32 at a time.
+async fn put_keys(bucket: &str, keys: &[String]) {
+    use futures::StreamExt;
+    let s3 = client();
+    futures::stream::iter(keys)
+        .for_each_concurrent(32, |key| {
+            let s3 = s3.clone();
+            async move {
+                let body = json!({ "image": format!("s3://{bucket}/{key}") }).to_string();
+                s3.put_object()
+                    .bucket(bucket)
+                    .key(key)
+                    .body(body.into_bytes().into())
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("put {key}: {e:?}"));
+            }
+        })
+        .await;
+}
+
+/// A new bucket holding `keys`.
+async fn bucket_with(keys: &[String]) -> String {
+    let bucket = bucket_name();
+    create_s3_bucket(&s3s(), KEY, SECRET, &bucket).await;
+    put_keys(&bucket, keys).await;
+    bucket
+}
+
+/// `per` keys under each of `prefixes` top-level prefixes `p0/`, `p1/`, ...
+fn spread(prefixes: usize, per: usize) -> Vec<String> {
+    (0..prefixes)
+        .flat_map(|p| (0..per).map(move |i| format!("p{p}/{i:04}.json")))
+        .collect()
+}
+
+/// A source storage of `bucket` reached through `endpoint_url`.
+async fn s3_storage(app: &TestApp, bucket: &str, endpoint_url: &str, extra: Value) -> Value {
+    let project = app.project("partitions").await;
+    let mut body = json!({
+        "project_id": project, "role": "source", "backend": "s3",
+        "config": { "bucket": bucket, "endpoint_url": endpoint_url },
+        "secrets": { "access_key_id": KEY, "secret_access_key": SECRET },
+    });
+    for (key, value) in extra.as_object().expect("object") {
+        body[key] = value.clone();
+    }
+    let (status, storage) = app.post("/api/v1/storages", body).await;
+    assert_eq!(status, 201, "{storage}");
+    storage
+}
+
+/// A scheduler whose storages may reach the emulators, with `env`.
+async fn app_with(workers: bool, env: &[(&'static str, &str)]) -> TestApp {
+    let mut opts = AppOptions::with_storages();
+    opts.workers = workers;
+    opts.env
+        .extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    spawn_app(opts).await
+}
+
+/// The run's partitions: (prefix, recursive, done, attempts), in order.
+async fn partitions(db: &DatabaseConnection, run_id: &str) -> Vec<(String, bool, bool, i64)> {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT prefix, recursive, done, attempts FROM sync_partitions WHERE run_id = '{run_id}' ORDER BY id"),
+        ))
+        .await
+        .expect("partitions");
+    rows.iter()
+        .map(|r| {
+            (
+                r.try_get("", "prefix").expect("prefix"),
+                r.try_get("", "recursive").expect("recursive"),
+                r.try_get("", "done").expect("done"),
+                r.try_get("", "attempts").expect("attempts"),
+            )
+        })
+        .collect()
+}
+
+/// Every task's object key, once each (a key twice fails).
+async fn task_keys(app: &TestApp, project: &Value) -> std::collections::BTreeSet<String> {
+    let mut keys = std::collections::BTreeSet::new();
+    for task in app.all_tasks(project.as_i64().expect("project id")).await {
+        let uri = task["data"]["image"].as_str().expect("image").to_owned();
+        assert!(keys.insert(uri.clone()), "{uri} has two tasks");
+    }
+    keys
+}
+
+fn uris(bucket: &str, keys: &[String]) -> std::collections::BTreeSet<String> {
+    keys.iter().map(|k| format!("s3://{bucket}/{k}")).collect()
+}
+
+/// Keys directly under the root and under a prefix split one level
+/// further: the partitions hold each key once, the counters are exact, and
+/// objects deleted later are counted missing by the next (partitioned) run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_with_prefixes_is_listed_by_partitions_exactly() {
+    let mut keys: Vec<String> = vec![
+        "top-0.jpg".into(),
+        "top-1.jpg".into(),
+        "b/direct.jpg".into(),
+    ];
+    keys.extend((0..40).map(|i| format!("a/{i:03}.jpg")));
+    keys.extend((0..25).map(|i| format!("b/x/{i:03}.jpg")));
+    keys.extend((0..25).map(|i| format!("b/y/deep/{i:03}.jpg")));
+    let bucket = bucket_with(&keys).await;
+    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "7")]).await;
+    let storage = s3_storage(&app, &bucket, &s3s(), json!({ "on_missing": "flag" })).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let n = keys.len() as i64;
+    assert_eq!(run["counters"]["listed"], n, "{run}");
+    assert_eq!(run["counters"]["created"], n, "{run}");
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let found: Vec<(String, bool)> = partitions(&db, run["id"].as_str().expect("id"))
+        .await
+        .into_iter()
+        .map(|(prefix, recursive, done, _)| {
+            assert!(done, "{prefix} done");
+            (prefix, recursive)
+        })
+        .collect();
+    let expected: Vec<(String, bool)> = [
+        ("", false),
+        ("a/", true),
+        ("b/", false),
+        ("b/x/", true),
+        ("b/y/deep/", true),
+    ]
+    .iter()
+    .map(|(p, r)| ((*p).to_owned(), *r))
+    .collect();
+    assert_eq!(found, expected);
+    assert_eq!(
+        task_keys(&app, &storage["project_id"]).await,
+        uris(&bucket, &keys)
+    );
+
+    let gone = ["top-1.jpg", "a/007.jpg", "b/direct.jpg", "b/y/deep/024.jpg"];
+    for key in gone {
+        client()
+            .delete_object()
+            .bucket(&bucket)
+            .key(key)
+            .send()
+            .await
+            .expect("delete");
+    }
+    let again = app.sync(&storage["id"]).await;
+    assert_eq!(again["status"], "completed", "{again}");
+    assert_eq!(again["counters"]["missing"], gone.len(), "{again}");
+    assert_eq!(
+        again["counters"]["existed"],
+        n - gone.len() as i64,
+        "{again}"
+    );
+    assert_eq!(again["counters"]["created"], 0, "{again}");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) AS n FROM import_links WHERE object_exists = false"
+        )
+        .await,
+        gone.len() as i64
+    );
+    app.stop().await;
+}
+
+/// Waits until some partition of the run has committed a page and is not
+/// done: the moment to kill its worker.
+async fn wait_mid_partition(db: &DatabaseConnection, run_id: &str) {
+    let sql = format!(
+        "SELECT COUNT(*) AS n FROM sync_partitions WHERE run_id = '{run_id}' AND cursor IS NOT NULL AND done = false"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(db, &sql).await == 0 {
+        assert!(Instant::now() < deadline, "no partition started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Partitions listed behind a 40 ms round trip; the only worker is killed
+/// (SIGKILL) with partitions half-listed, a new one finishes: each
+/// partition resumes from its cursor, and every object has one task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_partition_leaves_no_duplicates() {
+    let keys = spread(6, 120);
+    let bucket = bucket_with(&keys).await;
+    let rtt = Latency {
+        rtt: Duration::from_millis(40),
+        bytes_per_second: None,
+    };
+    let proxy = FaultProxy::start(&s3s(), Mode::Latency(rtt)).await;
+    let app = app_with(false, &[("LABELSYNC_PAGE_SIZE", "10")]).await;
+    let storage = s3_storage(&app, &bucket, &proxy.url, json!({})).await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let mut victim = spawn_worker(&app, "part-victim", &[]);
+    let run_id = app.start_sync(&storage["id"]).await;
+    wait_mid_partition(&db, &run_id).await;
+    victim.kill();
+    let (_, at_kill) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+    let listed = at_kill["counters"]["listed"].as_i64().expect("listed");
+    assert!(
+        listed < keys.len() as i64,
+        "the run ended before the kill: {at_kill}"
+    );
+    let _next = spawn_worker(&app, "part-heir", &[]);
+    let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["listed"], keys.len(), "{run}");
+    assert_eq!(
+        run["counters"]["created"],
+        keys.len(),
+        "{run} (at kill: {at_kill})"
+    );
+    assert_eq!(run["counters"]["existed"], 0, "{run}");
+    let parts = partitions(&db, &run_id).await;
+    assert_eq!(parts.len(), 6, "{parts:?}");
+    assert!(parts.iter().all(|p| p.2), "{parts:?}");
+    assert!(
+        parts.iter().any(|p| p.3 >= 2),
+        "some partition was taken over: {parts:?}"
+    );
+    assert_eq!(
+        task_keys(&app, &storage["project_id"]).await,
+        uris(&bucket, &keys)
+    );
+    app.stop().await;
+}
+
+/// One prefix's listing always fails: the run fails naming it once its
+/// attempts are used up, and deletes nothing it did not list; with the
+/// fault gone the next run completes with every task kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_keeps_failing_fails_the_run_and_deletes_nothing() {
+    let keys = spread(3, 20);
+    let bucket = bucket_with(&keys).await;
+    let proxy = FaultProxy::start(&s3s(), Mode::FailListing("p1%2F")).await;
+    let app = app_with(true, &[("LABELSYNC_MAX_ATTEMPTS", "2")]).await;
+    let storage = s3_storage(
+        &app,
+        &bucket,
+        &s3s(),
+        json!({ "on_missing": "delete_unlabeled" }),
+    )
+    .await;
+    let first = app.sync(&storage["id"]).await;
+    assert_eq!(first["counters"]["created"], 60, "{first}");
+    let path = format!("/api/v1/storages/{}", storage["id"]);
+    let to = |url: &str| json!({ "config": { "bucket": bucket, "endpoint_url": url } });
+    assert_eq!(app.patch(&path, to(&proxy.url)).await.0, 200);
+
+    let failed = app.sync(&storage["id"]).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("'p1/'") && error.contains("2 attempts"),
+        "{failed}"
+    );
+    assert_eq!(failed["counters"]["deleted"], 0, "{failed}");
+    assert!(
+        proxy.counts().1 >= 2,
+        "the fault was hit: {:?}",
+        proxy.counts()
+    );
+    assert_eq!(
+        app.all_tasks(storage["project_id"].as_i64().expect("id"))
+            .await
+            .len(),
+        60
+    );
+
+    assert_eq!(app.patch(&path, to(&s3s())).await.0, 200);
+    let healed = app.sync(&storage["id"]).await;
+    assert_eq!(healed["status"], "completed", "{healed}");
+    assert_eq!(healed["counters"]["existed"], 60, "{healed}");
+    assert_eq!(healed["counters"]["missing"], 0, "{healed}");
+    assert_eq!(healed["counters"]["deleted"], 0, "{healed}");
+    app.stop().await;
+}
+
+/// Tasks mode behind a 40 ms round trip; while the partitions are being
+/// listed, files are added under a listed prefix and under a new one. The
+/// run imports what it lists once and counts nothing missing; the next
+/// run imports the rest, and every file then has exactly one task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_added_while_partitions_are_listed_are_imported_once() {
+    let keys = spread(4, 40);
+    let bucket = bucket_with(&keys).await;
+    let rtt = Latency {
+        rtt: Duration::from_millis(40),
+        bytes_per_second: None,
+    };
+    let proxy = FaultProxy::start(&s3s(), Mode::Latency(rtt)).await;
+    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "5")]).await;
+    let extra = json!({ "import_method": "tasks", "on_missing": "delete_unlabeled" });
+    let storage = s3_storage(&app, &bucket, &proxy.url, extra).await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let run_id = app.start_sync(&storage["id"]).await;
+    wait_mid_partition(&db, &run_id).await;
+    let added: Vec<String> = (0..5)
+        .flat_map(|i| {
+            [
+                format!("p0/zz-late-{i}.json"),
+                format!("p3/zz-late-{i}.json"),
+                format!("new/late-{i}.json"),
+            ]
+        })
+        .collect();
+    put_keys(&bucket, &added).await;
+    let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["missing"], 0, "{run}");
+    assert_eq!(run["counters"]["failed"], 0, "{run}");
+    assert_eq!(
+        run["counters"]["created"], run["counters"]["listed"],
+        "{run}"
+    );
+    assert!(partitions(&db, &run_id).await.len() >= 4);
+
+    let next = app.sync(&storage["id"]).await;
+    assert_eq!(next["status"], "completed", "{next}");
+    assert_eq!(next["counters"]["missing"], 0, "{next}");
+    let all: Vec<String> = keys.iter().chain(&added).cloned().collect();
+    let total = run["counters"]["created"].as_i64().expect("created")
+        + next["counters"]["created"].as_i64().expect("created");
+    assert_eq!(total, all.len() as i64, "{run} {next}");
+    assert_eq!(
+        task_keys(&app, &storage["project_id"]).await,
+        uris(&bucket, &all)
+    );
+    app.stop().await;
+}
+
+/// Keys all directly under the prefix, or all under one prefix with no
+/// further split: no partitions, the listing runs as one sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layouts_that_do_not_split_are_listed_in_one_sequence() {
+    let keys: Vec<String> = (0..30)
+        .map(|i| format!("{i:03}.json"))
+        .chain((0..30).map(|i| format!("only/{i:03}.json")))
+        .collect();
+    let bucket = bucket_with(&keys).await;
+    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "7")]).await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    for (prefix, n) in [("only/", 30), ("only", 30)] {
+        let storage = s3_storage(&app, &bucket, &s3s(), json!({ "prefix": prefix })).await;
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(run["counters"]["created"], n, "{prefix}: {run}");
+        assert!(
+            partitions(&db, run["id"].as_str().expect("id"))
+                .await
+                .is_empty(),
+            "{prefix}"
+        );
+    }
+    let storage = s3_storage(&app, &bucket, &s3s(), json!({ "recursive": false })).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(
+        run["counters"]["created"], 30,
+        "only the keys at the top: {run}"
+    );
+    let parts = partitions(&db, run["id"].as_str().expect("id")).await;
+    assert!(
+        parts.is_empty(),
+        "a non-recursive storage is not split: {parts:?}"
+    );
+    app.stop().await;
+}
