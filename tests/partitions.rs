@@ -138,6 +138,16 @@ fn uris(bucket: &str, keys: &[String]) -> std::collections::BTreeSet<String> {
 /// objects deleted later are counted missing by the next (partitioned) run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_with_prefixes_is_listed_by_partitions_exactly() {
+    listed_by_partitions_exactly(false).await;
+}
+
+/// The same in the embedded mode (SQLite and its in-process queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_with_prefixes_is_listed_by_partitions_exactly_on_sqlite() {
+    listed_by_partitions_exactly(true).await;
+}
+
+async fn listed_by_partitions_exactly(embedded: bool) {
     let mut keys: Vec<String> = vec![
         "top-0.jpg".into(),
         "top-1.jpg".into(),
@@ -147,7 +157,10 @@ async fn a_bucket_with_prefixes_is_listed_by_partitions_exactly() {
     keys.extend((0..25).map(|i| format!("b/x/{i:03}.jpg")));
     keys.extend((0..25).map(|i| format!("b/y/deep/{i:03}.jpg")));
     let bucket = bucket_with(&keys).await;
-    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "7")]).await;
+    let mut opts = AppOptions::with_storages();
+    opts.embedded = embedded;
+    opts.env.push(("LABELSYNC_PAGE_SIZE", "7".into()));
+    let app = spawn_app(opts).await;
     let storage = s3_storage(&app, &bucket, &s3s(), json!({ "on_missing": "flag" })).await;
     let run = app.sync(&storage["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
