@@ -141,7 +141,7 @@ impl ImportJob<'_> {
 
     /// Plans, reads and commits every page of the listing; false when the
     /// run stopped.
-    pub(crate) async fn list_pages(&self, backend: &Arc<dyn Storage>) -> Result<bool> {
+    async fn list_pages(&self, backend: &Arc<dyn Storage>) -> Result<bool> {
         let filter = Filter::from_storage(self.storage)?;
         let mut pages = self.pages(backend);
         while let Some(page) = pages.next().await {
