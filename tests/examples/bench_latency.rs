@@ -48,25 +48,50 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
         ..AppOptions::with_storages()
     })
     .await;
-    // The production page size (the test helper's default is 100).
+    let fleet = spawn_fleet(&app, workers, &[]).await;
+    let storage = json!({ "prefix": "tasks/", "import_method": "tasks" });
+    let (before, secs) = timed_sync(&app, &server, storage, objects).await;
+    report(&server, before, secs, objects, workers, rtt);
+    drop(fleet);
+    app.stop().await;
+}
+
+/// WORKERS worker processes with the production page size (the test
+/// helper's default is 100) and `env`.
+async fn spawn_fleet(
+    app: &labelsync_tests::TestApp,
+    workers: usize,
+    env: &[(&str, &str)],
+) -> Vec<labelsync_tests::Worker> {
     let page = defaults().worker.page_size.to_string();
+    let mut env = env.to_vec();
+    env.push(("LABELSYNC_PAGE_SIZE", page.as_str()));
     let mut fleet = Vec::new();
     for w in 0..workers {
-        let env = [("LABELSYNC_PAGE_SIZE", page.as_str())];
-        fleet.push(spawn_ready_worker(&app, &format!("bench-{w}"), &env).await);
+        fleet.push(spawn_ready_worker(app, &format!("bench-{w}"), &env).await);
     }
+    fleet
+}
+
+/// Makes a source storage of the server's `bench` bucket (with `extra`
+/// fields), syncs it, and checks that it made `objects` tasks; returns the
+/// server's request count before the sync and the sync's seconds.
+async fn timed_sync(
+    app: &labelsync_tests::TestApp,
+    server: &SyntheticS3,
+    extra: serde_json::Value,
+    objects: usize,
+) -> (u64, f64) {
     let project = app.project("latency").await;
-    let (status, storage) = app
-        .post(
-            "/api/v1/storages",
-            json!({
-                "project_id": project, "role": "source", "backend": "s3",
-                "prefix": "tasks/", "import_method": "tasks",
-                "config": { "bucket": "bench", "endpoint_url": server.endpoint },
-                "secrets": { "access_key_id": "k", "secret_access_key": "s" },
-            }),
-        )
-        .await;
+    let mut body = json!({
+        "project_id": project, "role": "source", "backend": "s3",
+        "config": { "bucket": "bench", "endpoint_url": server.endpoint },
+        "secrets": { "access_key_id": "k", "secret_access_key": "s" },
+    });
+    for (key, value) in extra.as_object().into_iter().flatten() {
+        body[key] = value.clone();
+    }
+    let (status, storage) = app.post("/api/v1/storages", body).await;
     assert_eq!(status, 201, "{storage}");
     let before = server.counts.total();
     let started = Instant::now();
@@ -74,9 +99,7 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], objects as i64, "{run}");
-    report(&server, before, secs, objects, workers, rtt);
-    drop(fleet);
-    app.stop().await;
+    (before, secs)
 }
 
 fn defaults() -> labelsync::config::Settings {
@@ -147,34 +170,14 @@ pub async fn run_files(
         ..AppOptions::with_storages()
     })
     .await;
-    let page = defaults().worker.page_size.to_string();
     let parts = partitions.to_string();
-    let mut fleet = Vec::new();
-    for w in 0..workers {
-        let env = [
-            ("LABELSYNC_PAGE_SIZE", page.as_str()),
-            ("LABELSYNC_LIST_PARTITIONS", parts.as_str()),
-        ];
-        fleet.push(spawn_ready_worker(&app, &format!("bench-{w}"), &env).await);
-    }
-    let project = app.project("latency").await;
-    let (status, storage) = app
-        .post(
-            "/api/v1/storages",
-            json!({
-                "project_id": project, "role": "source", "backend": "s3",
-                "config": { "bucket": "bench", "endpoint_url": server.endpoint },
-                "secrets": { "access_key_id": "k", "secret_access_key": "s" },
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{storage}");
-    let before = server.counts.total();
-    let started = Instant::now();
-    let run = app.sync(&storage["id"]).await;
-    let secs = started.elapsed().as_secs_f64();
-    assert_eq!(run["status"], "completed", "{run}");
-    assert_eq!(run["counters"]["created"], objects as i64, "{run}");
+    let fleet = spawn_fleet(
+        &app,
+        workers,
+        &[("LABELSYNC_LIST_PARTITIONS", parts.as_str())],
+    )
+    .await;
+    let (before, secs) = timed_sync(&app, &server, json!({}), objects).await;
     let pages = objects.div_ceil(defaults().worker.page_size) as f64;
     let floor = pages * rtt.as_secs_f64();
     println!(

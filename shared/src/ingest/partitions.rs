@@ -53,7 +53,8 @@ impl ImportJob<'_> {
         &self,
         backend: &Arc<dyn Storage>,
     ) -> Result<Option<Outcome>> {
-        if parts::of_run(self.db, &self.run.id).await?.is_empty() {
+        let mut written = parts::of_run(self.db, &self.run.id).await?;
+        if written.is_empty() {
             if !self.may_partition() {
                 return Ok(None);
             }
@@ -66,8 +67,9 @@ impl ImportJob<'_> {
                 return Ok(Some(Outcome::Stopped));
             }
             tracing::info!(partitions = found.len(), "listing split by prefix");
+            written = parts::of_run(self.db, &self.run.id).await?;
         }
-        self.run_partitioned().await.map(Some)
+        self.run_partitioned(&written).await.map(Some)
     }
 
     fn may_partition(&self) -> bool {
@@ -93,8 +95,8 @@ impl ImportJob<'_> {
 
     /// The run's job: hands the unfinished partitions to the fleet, lists
     /// those no one holds, and once all are done finishes the listing.
-    async fn run_partitioned(&self) -> Result<Outcome> {
-        self.push_partitions().await?;
+    async fn run_partitioned(&self, written: &[sync_partition::Model]) -> Result<Outcome> {
+        self.push_partitions(written).await;
         let max = i64::from(self.settings.max_attempts);
         loop {
             self.check_stopping()?;
@@ -117,11 +119,11 @@ impl ImportJob<'_> {
 
     /// Enqueues a job for each unfinished partition (again on a resumed
     /// run: the jobs of the attempt before may be gone with their worker).
-    async fn push_partitions(&self) -> Result<()> {
+    async fn push_partitions(&self, written: &[sync_partition::Model]) {
         let Some(fanout) = self.fanout else {
-            return Ok(());
+            return;
         };
-        for part in parts::of_run(self.db, &self.run.id).await? {
+        for part in written {
             if part.done {
                 continue;
             }
@@ -136,7 +138,6 @@ impl ImportJob<'_> {
                 }
             }
         }
-        Ok(())
     }
 
     /// Takes a partition no live attempt holds and lists it here; false

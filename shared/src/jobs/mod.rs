@@ -317,6 +317,33 @@ async fn owners(
     Ok((storage, project))
 }
 
+/// An import of `run` in this process, holding no lease; `fan_out` lets
+/// it hand batches and partitions to the queue (when there is one).
+fn import_job<'a>(
+    ctx: &'a JobContext,
+    run: &'a crate::db::entities::sync_run::Model,
+    storage: &'a storage_entity::Model,
+    project: &'a project::Model,
+    fan_out: bool,
+) -> ImportJob<'a> {
+    ImportJob {
+        db: &ctx.db,
+        env: &ctx.storage_env,
+        run,
+        storage,
+        project,
+        settings: &ctx.settings.worker,
+        fanout: ctx
+            .queue
+            .as_ref()
+            .filter(|_| fan_out)
+            .map(|q| q as &dyn crate::ingest::FanOut),
+        lease: None,
+        stopping: Some(&ctx.stopping),
+        part: None,
+    }
+}
+
 async fn attempt(
     ctx: &JobContext,
     run: &crate::db::entities::sync_run::Model,
@@ -326,16 +353,8 @@ async fn attempt(
     match runs::RunKind::parse(&run.kind) {
         Some(runs::RunKind::Import) => {
             ImportJob {
-                db: &ctx.db,
-                env: &ctx.storage_env,
-                run,
-                storage: &storage,
-                project: &project,
-                settings: &ctx.settings.worker,
-                fanout: ctx.queue.as_ref().map(|q| q as &dyn crate::ingest::FanOut),
-                stopping: Some(&ctx.stopping),
                 lease: Some(lease),
-                part: None,
+                ..import_job(ctx, run, &storage, &project, true)
             }
             .run()
             .await
@@ -386,18 +405,7 @@ pub async fn execute_batch(
         Err(Error::NotFound(_)) => return Ok(()), // deleted meanwhile
         other => other.map_err(RetryLater)?,
     };
-    let job = ImportJob {
-        db: &ctx.db,
-        env: &ctx.storage_env,
-        run: &run,
-        storage: &storage,
-        project: &project,
-        settings: &ctx.settings.worker,
-        fanout: None,
-        lease: None,
-        stopping: Some(&ctx.stopping),
-        part: None,
-    };
+    let job = import_job(ctx, &run, &storage, &project, false);
     // Objects of a batch given up on: those with no task yet (rows an earlier
     // attempt imported are kept, so their objects did not fail).
     let give_up =
@@ -467,18 +475,7 @@ pub async fn execute_partition(
         Err(Error::NotFound(_)) => return Ok(()),
         other => other.map_err(RetryLater)?,
     };
-    let job = ImportJob {
-        db: &ctx.db,
-        env: &ctx.storage_env,
-        run: &run,
-        storage: &storage,
-        project: &project,
-        settings: &ctx.settings.worker,
-        fanout: ctx.queue.as_ref().map(|q| q as &dyn crate::ingest::FanOut),
-        lease: None,
-        stopping: Some(&ctx.stopping),
-        part: None,
-    };
+    let job = import_job(ctx, &run, &storage, &project, true);
     let lease = ulid::Ulid::new().to_string();
     let max = i64::from(ctx.settings.worker.max_attempts);
     let claimed = crate::db::partitions::claim(&ctx.db, partition, &lease, job.stale_before(), max)
