@@ -355,7 +355,9 @@ async fn tasks_sync_fans_out_batches_across_workers() {
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], 1500, "{run}");
     assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM tasks").await, 1500);
-    // 1,500 objects in batches of 50, every one finished.
+    // 1,500 objects in pages of 100 (the test workers') and batches of at
+    // most 4 x 16 (the fetch concurrency): 2 batches a page, every one
+    // finished.
     assert_eq!(
         count(&db, "SELECT COUNT(*) AS n FROM sync_batches WHERE done").await,
         30

@@ -5,7 +5,7 @@ use labelsync_migrations::{Migrator, MigratorTrait};
 use labelsync_tests::fresh_postgres;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 
-const TABLES: [&str; 15] = [
+const TABLES: [&str; 16] = [
     "projects",
     "storages",
     "tasks",
@@ -21,6 +21,7 @@ const TABLES: [&str; 15] = [
     "webhook_attempts",
     "idempotency_keys",
     "fleet_workers",
+    "change_counters",
 ];
 
 async fn check_schema(db: &DatabaseConnection) {

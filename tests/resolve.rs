@@ -663,3 +663,132 @@ async fn local_media_source(app: &TestApp, project: i64) {
     )
     .await;
 }
+
+/// A cat under `dir/` of the document root, whose bytes name the directory.
+fn local_cat(app: &TestApp, dir: &str) {
+    std::fs::create_dir_all(app.doc_root.path().join(dir)).unwrap();
+    std::fs::write(
+        app.doc_root.path().join(dir).join("cat.jpg"),
+        format!("the cat in {dir}"),
+    )
+    .unwrap();
+}
+
+/// The status of resolving `dir/cat.jpg`, and the body when it is 200.
+async fn cat_in(app: &TestApp, project: i64, dir: &str) -> (u16, String) {
+    let resp = resolve(
+        app,
+        project,
+        &format!("/data/local-files/?d={dir}/cat.jpg"),
+        &[],
+    )
+    .await;
+    let status = resp.status().as_u16();
+    let body = if status == 200 {
+        resp.text().await.unwrap()
+    } else {
+        String::new()
+    };
+    (status, body)
+}
+
+/// Polls until `dir/cat.jpg` resolves to `status` on `app`, for at most
+/// `within`; how long it took.
+async fn until_cat(
+    app: &TestApp,
+    project: i64,
+    dir: &str,
+    status: u16,
+    within: Duration,
+) -> Duration {
+    let started = std::time::Instant::now();
+    while cat_in(app, project, dir).await.0 != status {
+        assert!(
+            started.elapsed() < within,
+            "{dir}/cat.jpg never answered {status} on {}",
+            app.base
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
+/// `/resolve` keeps a project's storages in memory (`LABELSYNC_RESOLVE_CACHE_SECS`):
+/// a change through the API is seen at once by the replica that made it and
+/// within about a second by another (the change counter); a change that
+/// bypasses the counter is kept until the entry's age runs out; a deleted
+/// project is a 404 everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_changes_reach_every_replicas_resolve_cache() {
+    let mut opts = options(true);
+    opts.env.push(("LABELSYNC_RESOLVE_CACHE_SECS", "6".into()));
+    let app = spawn_app(opts).await;
+    let replica = labelsync_tests::spawn_replica(&app).await;
+    let project = app.project("cached").await;
+    local_cat(&app, "one");
+    local_cat(&app, "two");
+    let (status, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({ "project_id": project, "role": "source", "backend": "local", "config": { "path": "one" } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{storage}");
+    let path = format!("/api/v1/storages/{}", storage["id"]);
+    for server in [&app, &replica] {
+        assert_eq!(
+            cat_in(server, project, "one").await,
+            (200, "the cat in one".into())
+        );
+        assert_eq!(cat_in(server, project, "two").await.0, 404);
+    }
+
+    // Moved through the API of the first replica: seen there at once.
+    let (status, body) = app
+        .patch(&path, json!({ "config": { "path": "two" } }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cat_in(&app, project, "one").await.0, 404);
+    assert_eq!(
+        cat_in(&app, project, "two").await,
+        (200, "the cat in two".into())
+    );
+    // ... and on the other within the counter's second (plus slack).
+    let took = until_cat(&replica, project, "two", 200, Duration::from_secs(5)).await;
+    assert!(
+        took < Duration::from_secs(3),
+        "replica saw the change after {took:?}"
+    );
+    assert_eq!(cat_in(&replica, project, "one").await.0, 404);
+
+    // A change that bypasses the counter shows the cache is used, and that
+    // its entries expire. First the first replica's own follower sees the
+    // counter its change moved (and drops the cache once more), then the
+    // entry is read again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(cat_in(&app, project, "two").await.0, 200);
+    let db = labelsync::db::connect(&app.database_url).await.unwrap();
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &db,
+        &format!(
+            "UPDATE storages SET config = '{{\"path\": \"one\"}}' WHERE id = {}",
+            storage["id"]
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        cat_in(&app, project, "one").await.0,
+        404,
+        "the cached storage still points at two/"
+    );
+    until_cat(&app, project, "one", 200, Duration::from_secs(8)).await;
+
+    // The project deleted on one replica: gone on both.
+    let (status, body) = replica.delete(&format!("/api/v1/projects/{project}")).await;
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(cat_in(&replica, project, "one").await.0, 404);
+    until_cat(&app, project, "one", 404, Duration::from_secs(5)).await;
+    replica.stop().await;
+    app.stop().await;
+}

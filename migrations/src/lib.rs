@@ -22,6 +22,7 @@ mod m20261202_000013_workers;
 mod m20261202_000014_pause_and_retry;
 mod m20261202_000015_console_facts;
 mod m20261203_000016_sync_partitions;
+mod m20261203_000017_change_counters;
 
 pub struct Migrator;
 
@@ -45,6 +46,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000014_pause_and_retry::Migration),
             Box::new(m20261202_000015_console_facts::Migration),
             Box::new(m20261203_000016_sync_partitions::Migration),
+            Box::new(m20261203_000017_change_counters::Migration),
         ]
     }
 }

@@ -87,11 +87,16 @@ pub async fn serve(
         state.clone(),
         state.settings.schedule_tick,
     ));
+    let follower = tokio::spawn(api::follow_changes(
+        state.db.clone(),
+        state.storage_cache.clone(),
+    ));
     tracing::info!(%addr, embedded_workers = state.settings.embedded_workers, "labelsync scheduler listening");
     let limits = state.settings.http;
     let pages = crate::console::router(state.clone());
     labelsync::http::serve(listener, api::router(state, pages), limits, shutdown).await;
     ticker.abort();
+    follower.abort();
     let _ = stop_tx.send(true);
     while let Some(done) = workers.join_next().await {
         done.context("worker task panicked")?

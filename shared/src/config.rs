@@ -116,6 +116,12 @@ pub struct Settings {
     /// `LOCAL_FILES_SERVING_ENABLED` (default false): lets `/resolve` serve
     /// local files (under the document root only).
     pub local_files_serving: bool,
+    /// `LABELSYNC_RESOLVE_CACHE_SECS` (default 10; 0 turns the cache off):
+    /// how long `/resolve` may reuse a project's source storages (and their
+    /// opened clients) without reading them again. Changes made anywhere
+    /// reach every replica within a second anyway (the change counter); this
+    /// bounds staleness should that read fail.
+    pub resolve_cache_ttl: Duration,
     /// Limits of both HTTP listeners (the API, the worker's probes).
     pub http: HttpLimits,
 }
@@ -242,6 +248,9 @@ impl Settings {
                     .clamp(1, 7 * 24 * 3600),
             ),
             local_files_serving: parse(&get, "LOCAL_FILES_SERVING_ENABLED", false)?,
+            resolve_cache_ttl: Duration::from_secs(
+                parse(&get, "LABELSYNC_RESOLVE_CACHE_SECS", 10u64)?.min(3600),
+            ),
             http: http_limits(&get)?,
         })
     }

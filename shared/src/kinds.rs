@@ -36,7 +36,7 @@ impl RunKind {
 }
 
 /// The six backends, by the name the API uses (`backend`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
     S3,

@@ -23,6 +23,8 @@ use labelsync_tests::{
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+const TOKEN: &str = "bench-annotations-token";
+
 pub async fn run(clients: usize, seconds: u64, rate: u64, rtt_ms: u64) {
     let server = SyntheticS3::start(Latency {
         rtt: Duration::from_millis(rtt_ms),
@@ -30,7 +32,13 @@ pub async fn run(clients: usize, seconds: u64, rate: u64, rtt_ms: u64) {
     })
     .await;
     server.fill("labels", []);
-    let app = spawn_app(AppOptions::with_storages()).await;
+    // A configured token, as in production (the open loopback mode asks the
+    // database on every request whether a token was ever made).
+    let app = spawn_app(AppOptions {
+        token: Some(TOKEN.into()),
+        ..AppOptions::with_storages()
+    })
+    .await;
     let tasks = tasks_with_a_target(&app, &server).await;
     let tasks = Arc::new(tasks);
 
@@ -105,6 +113,7 @@ async fn post(client: &reqwest::Client, base: &str, tasks: &[i64], n: usize) -> 
     let started = Instant::now();
     let response = client
         .post(format!("{base}/api/v1/tasks/{task}/annotations"))
+        .bearer_auth(TOKEN)
         .json(&body)
         .send()
         .await

@@ -14,7 +14,9 @@
 //! Files-mode sync of N objects spread over PREFIXES top-level prefixes of
 //! the same server, with `LABELSYNC_LIST_PARTITIONS=PARTITIONS` (default
 //! 64; 1 lists in one sequence, as before partitioned listing). Reports the
-//! wall time and its ratio to the sequential listing floor (pages x RTT).
+//! wall time and its ratio to the sequential listing floor (pages x RTT),
+//! then the same for a second sync with nothing new (every key listed and
+//! matched, no task written: the listing apart from the insert floor).
 //!
 //! Needs TEST_POSTGRES_URL and TEST_REDIS_URL (as the tests do).
 use std::{
@@ -50,7 +52,7 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
     .await;
     let fleet = spawn_fleet(&app, workers, &[]).await;
     let storage = json!({ "prefix": "tasks/", "import_method": "tasks" });
-    let (before, secs) = timed_sync(&app, &server, storage, objects).await;
+    let (before, secs, _) = timed_sync(&app, &server, storage, objects).await;
     report(&server, before, secs, objects, workers, rtt);
     drop(fleet);
     app.stop().await;
@@ -73,15 +75,32 @@ async fn spawn_fleet(
     fleet
 }
 
+/// Syncs `storage` again and checks that it listed `objects` and made no
+/// task; returns the sync's seconds.
+async fn timed_resync(
+    app: &labelsync_tests::TestApp,
+    storage: &serde_json::Value,
+    objects: usize,
+) -> f64 {
+    let started = Instant::now();
+    let run = app.sync(storage).await;
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["listed"], objects as i64, "{run}");
+    assert_eq!(run["counters"]["created"], 0, "{run}");
+    secs
+}
+
 /// Makes a source storage of the server's `bench` bucket (with `extra`
 /// fields), syncs it, and checks that it made `objects` tasks; returns the
-/// server's request count before the sync and the sync's seconds.
+/// server's request count before the sync, the sync's seconds and the
+/// storage's id.
 async fn timed_sync(
     app: &labelsync_tests::TestApp,
     server: &SyntheticS3,
     extra: serde_json::Value,
     objects: usize,
-) -> (u64, f64) {
+) -> (u64, f64, serde_json::Value) {
     let project = app.project("latency").await;
     let mut body = json!({
         "project_id": project, "role": "source", "backend": "s3",
@@ -99,7 +118,7 @@ async fn timed_sync(
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], objects as i64, "{run}");
-    (before, secs)
+    (before, secs, storage["id"].clone())
 }
 
 fn defaults() -> labelsync::config::Settings {
@@ -177,7 +196,11 @@ pub async fn run_files(
         &[("LABELSYNC_LIST_PARTITIONS", parts.as_str())],
     )
     .await;
-    let (before, secs) = timed_sync(&app, &server, json!({}), objects).await;
+    let (before, secs, storage) = timed_sync(&app, &server, json!({}), objects).await;
+    let requests = server.counts.total() - before;
+    // A re-sync with nothing new lists every key and writes no task: the
+    // listing's own speed, apart from the database's insert floor.
+    let resync_secs = timed_resync(&app, &storage, objects).await;
     let pages = objects.div_ceil(defaults().worker.page_size) as f64;
     let floor = pages * rtt.as_secs_f64();
     println!(
@@ -188,9 +211,11 @@ pub async fn run_files(
             "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
             "seconds": (secs * 100.0).round() / 100.0,
             "objects_per_s": (objects as f64 / secs).round(),
-            "requests": server.counts.total() - before,
+            "requests": requests,
             "listing_floor_s": (floor * 100.0).round() / 100.0,
             "speedup_over_listing_floor": (floor / secs * 100.0).round() / 100.0,
+            "resync_seconds": (resync_secs * 100.0).round() / 100.0,
+            "resync_speedup_over_listing_floor": (floor / resync_secs * 100.0).round() / 100.0,
         })
     );
     drop(fleet);

@@ -11,6 +11,7 @@ mod projects;
 mod rate_limit;
 mod resolve;
 mod runs;
+mod storage_cache;
 mod storages;
 mod tasks;
 mod tokens;
@@ -35,6 +36,7 @@ pub use access::Caller;
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 pub use idempotency::KEEP as IDEMPOTENCY_KEEP;
 pub use ops::gone_after;
+pub use storage_cache::{StorageCache, follow_changes};
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -44,6 +46,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub storage_env: StorageEnv,
     pub limiter: Arc<rate_limit::RateLimiter>,
+    /// Source storages for `/resolve`; changes call `forget` on it.
+    pub storage_cache: Arc<StorageCache>,
 }
 
 impl AppState {
@@ -51,6 +55,7 @@ impl AppState {
         AppState {
             storage_env: StorageEnv::from_settings(&settings),
             limiter: Arc::new(rate_limit::RateLimiter::new(settings.rate_limit_per_minute)),
+            storage_cache: Arc::new(StorageCache::new(settings.resolve_cache_ttl)),
             db,
             queue,
             settings: Arc::new(settings),

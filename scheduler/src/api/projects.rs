@@ -159,6 +159,7 @@ pub async fn delete(
     }
     audit::write_in(&caller, &txn, StatusCode::NO_CONTENT).await?;
     txn.commit().await?;
+    state.storage_cache.forget();
     caller.audited();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -6,7 +6,7 @@
 //! arbitrary URLs. Storages with `presign` answer `303 See Other` to a signed
 //! URL; the others (and backends that cannot sign: Redis, Databricks, local)
 //! are proxied, one byte range at a time, with `ETag` / `If-None-Match`.
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Extension,
@@ -18,14 +18,14 @@ use axum::{
 use futures::StreamExt;
 use labelsync::{
     Error,
-    db::{entities::storage, storages},
-    storage::{BackendKind, ByteStream, GetRange, KeyShape, Role, Storage, check_key},
+    db::entities::storage,
+    storage::{BackendKind, ByteStream, GetRange, KeyShape, Storage, check_key},
 };
 use opentelemetry::KeyValue;
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 
-use super::{ApiError, ApiQuery, ApiResult, AppState, Caller, projects};
+use super::{ApiError, ApiQuery, ApiResult, AppState, Caller, projects, storage_cache::Source};
 
 /// `?project_id=&uri=` (unknown parameters are refused).
 #[derive(Debug, Deserialize)]
@@ -96,62 +96,59 @@ fn parse_uri(uri: &str) -> ApiResult<Target> {
     })
 }
 
-/// The storage's location as URIs name it, and for local storages the key
-/// prefix (its directory relative to the document root).
-fn location_of(s: &storage::Model, state: &AppState) -> Option<String> {
-    let kind = BackendKind::parse(&s.backend).ok()?;
-    labelsync::storage::backend(kind).uri_location(&s.config, &state.storage_env)
-}
-
 /// The project's source storage for a URI, and the key within it. With
 /// `confined` (a caller held to projects, whose tenants may share a bucket
 /// under different prefixes) only a storage whose prefix holds the key
-/// will do.
+/// will do. The storages come from the cache (see `storage_cache`).
 async fn find_storage(
     state: &AppState,
     project_id: i64,
     target: &Target,
     confined: bool,
-) -> ApiResult<(storage::Model, String)> {
-    let candidates = storages::of_project(
-        &state.db,
-        project_id,
-        Role::Source.as_str(),
-        target.kind.as_str(),
-    )
-    .await?;
-    let mut found: Option<(storage::Model, String)> = None;
-    for s in candidates {
-        let Some(location) = location_of(&s, state) else {
+) -> ApiResult<(Arc<[Source]>, usize, String)> {
+    let sources = state
+        .storage_cache
+        .sources(&state.db, &state.storage_env, project_id, target.kind)
+        .await?
+        .ok_or_else(|| projects::missing(project_id))?;
+    let mut found: Option<(usize, String)> = None;
+    for (i, s) in sources.iter().enumerate() {
+        let Some(location) = &s.location else {
             continue;
         };
-        let key = if target.kind == BackendKind::Local {
-            let rest = if location.is_empty() {
-                Some(target.key.as_str())
-            } else {
-                target.key.strip_prefix(&format!("{location}/"))
-            };
-            match rest {
-                Some(rest) => rest.to_owned(),
-                None => continue,
-            }
-        } else if location == target.location {
-            target.key.clone()
-        } else {
+        let Some(key) = key_within(target, location) else {
             continue;
         };
         // Prefer the storage whose prefix holds the key (several storages
         // may share a bucket); any storage of the bucket will do otherwise,
         // as tasks may point anywhere in their bucket.
-        let holds = key.starts_with(&s.prefix);
+        let holds = key.starts_with(&s.model.prefix);
         if holds || (found.is_none() && !confined) {
-            found = Some((s, key));
+            found = Some((i, key));
             if holds {
                 break;
             }
         }
     }
-    found.ok_or_else(|| ApiError::not_found("no source storage of this project holds that URI"))
+    let (i, key) = found
+        .ok_or_else(|| ApiError::not_found("no source storage of this project holds that URI"))?;
+    Ok((sources, i, key))
+}
+
+/// The target's key within a storage at `location`, when the storage holds
+/// the target's location: the same bucket, or for local files a path under
+/// the storage's directory.
+fn key_within(target: &Target, location: &str) -> Option<String> {
+    if target.kind == BackendKind::Local {
+        if location.is_empty() {
+            return Some(target.key.clone());
+        }
+        return target
+            .key
+            .strip_prefix(&format!("{location}/"))
+            .map(str::to_owned);
+    }
+    (location == target.location).then(|| target.key.clone())
 }
 
 fn content_type_of(key: &str) -> &'static str {
@@ -221,16 +218,18 @@ async fn serve(
     headers: &HeaderMap,
     served: &mut Served,
 ) -> ApiResult<Response> {
-    projects::find_for(&state.db, caller, q.project_id).await?;
+    caller.check(q.project_id, || projects::missing(q.project_id))?;
     let target = parse_uri(&q.uri)?;
     ensure_local_serving(state, &target)?;
     let confined = caller.projects().is_some();
-    let (model, key) = find_storage(state, q.project_id, &target, confined).await?;
-    let backend = labelsync::storage::open(&model, &state.storage_env).await?;
+    let (sources, found, key) = find_storage(state, q.project_id, &target, confined).await?;
+    let source = &sources[found];
+    let model = &source.model;
+    let backend = source.open(&state.storage_env).await?;
     served.backend = target.kind.as_str();
 
     if model.presign
-        && let Some(resp) = redirect(state, &model, &*backend, &key).await?
+        && let Some(resp) = redirect(state, model, &*backend, &key).await?
     {
         served.mode = "redirect";
         return Ok(resp);

@@ -6,6 +6,7 @@ use futures::StreamExt;
 use labelsync::{
     Error,
     db::{
+        self,
         entities::{storage, sync_run},
         runs,
         storages::{self, StorageFilter},
@@ -124,6 +125,7 @@ pub async fn create(
         &state.storage_env,
     )
     .await?;
+    state.storage_cache.forget();
     caller.note("storage_id", model.id);
     Ok((StatusCode::CREATED, ApiJson(with_last_run(&model, None))))
 }
@@ -232,6 +234,7 @@ pub async fn update(
         &state.storage_env,
     )
     .await?;
+    state.storage_cache.forget();
     let last = runs::newest_of(&state.db, &[id]).await?;
     Ok(ApiJson(with_last_run(&model, last.get(&id))))
 }
@@ -242,9 +245,12 @@ pub async fn delete(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
     find(&state.db, &caller, id).await?;
-    if !storages::delete(&state.db, id).await? {
+    let txn = db::begin_write(&state.db).await?;
+    if !storages::delete(&txn, id).await? {
         return Err(ApiError::not_found(format!("storage {id} not found")));
     }
+    txn.commit().await?;
+    state.storage_cache.forget();
     Ok(StatusCode::NO_CONTENT)
 }
 

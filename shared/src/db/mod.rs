@@ -5,6 +5,7 @@ pub mod admission;
 pub mod annotations;
 pub mod audit;
 pub mod batches;
+pub mod change_counters;
 pub mod entities;
 pub mod exports;
 pub mod idempotency;

@@ -8,7 +8,10 @@ use sea_orm::{
     QueryFilter, QueryOrder, QuerySelect,
 };
 
-use super::entities::{project, task};
+use super::{
+    change_counters,
+    entities::{project, task},
+};
 use crate::Result;
 
 /// The project with this id, or `None` (never an error for a missing row).
@@ -124,5 +127,7 @@ pub async fn update(
 /// DELETE CASCADE); false when there was no such project.
 pub async fn delete(db: &impl ConnectionTrait, id: i64) -> Result<bool> {
     let res = project::Entity::delete_by_id(id).exec(db).await?;
+    // Its storages went with it.
+    change_counters::bump(db, change_counters::STORAGES).await?;
     Ok(res.rows_affected > 0)
 }

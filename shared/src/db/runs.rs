@@ -171,11 +171,17 @@ async fn create_live(
     scope: &str,
     retry_of: Option<&str>,
 ) -> Result<(sync_run::Model, bool)> {
-    let project_id = project_of(db, storage_id).await?;
+    // Read only when a run is to be made: on the hot path (an export of
+    // annotation events while one is live) the live run is all it takes.
+    let mut project_id = None;
     for _ in 0..3 {
         if let Some(run) = live(db, storage_id).await? {
             return Ok((run, true));
         }
+        let project_id = match project_id {
+            Some(id) => id,
+            None => *project_id.insert(project_of(db, storage_id).await?),
+        };
         let row = sync_run::ActiveModel {
             id: Set(super::new_id().to_string()),
             storage_id: Set(storage_id),

@@ -1,6 +1,8 @@
 //! Storages: the rows the API, the CLI and the periodic tick read and write
 //! (the spec behind a row, its validation and its secrets are
-//! `storage::spec`'s).
+//! `storage::spec`'s). Every change a resolve could see (insert, replace,
+//! secrets, delete) bumps [`change_counters::STORAGES`] on the same
+//! connection or transaction.
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::NotSet, ActiveValue::Set, ColumnTrait, Condition,
@@ -9,7 +11,7 @@ use sea_orm::{
 };
 use serde_json::Value;
 
-use super::entities::storage;
+use super::{change_counters, entities::storage};
 use crate::Result;
 
 /// The storage with this id, or `None` (never an error for a missing row).
@@ -93,13 +95,17 @@ pub async fn find_titled(
 pub async fn insert(db: &impl ConnectionTrait, row: storage::Model) -> Result<storage::Model> {
     let mut model = row.into_active_model().reset_all();
     model.id = NotSet;
-    Ok(model.insert(db).await?)
+    let saved = model.insert(db).await?;
+    change_counters::bump(db, change_counters::STORAGES).await?;
+    Ok(saved)
 }
 
 /// Writes every column of `row` over the storage with its id and returns the
 /// saved row; a row deleted meanwhile is an error.
 pub async fn replace(db: &impl ConnectionTrait, row: storage::Model) -> Result<storage::Model> {
-    Ok(row.into_active_model().reset_all().update(db).await?)
+    let saved = row.into_active_model().reset_all().update(db).await?;
+    change_counters::bump(db, change_counters::STORAGES).await?;
+    Ok(saved)
 }
 
 /// Sets the sealed secrets of a saved storage and the names of those set;
@@ -113,13 +119,16 @@ pub async fn set_secrets(
     let mut update = row.into_active_model();
     update.secrets = Set(sealed);
     update.secrets_set = Set(names);
-    Ok(update.update(db).await?)
+    let saved = update.update(db).await?;
+    change_counters::bump(db, change_counters::STORAGES).await?;
+    Ok(saved)
 }
 
 /// Deletes the storage (its links and runs go with it, ON DELETE CASCADE);
 /// false when there was no such storage.
 pub async fn delete(db: &impl ConnectionTrait, id: i64) -> Result<bool> {
     let res = storage::Entity::delete_by_id(id).exec(db).await?;
+    change_counters::bump(db, change_counters::STORAGES).await?;
     Ok(res.rows_affected > 0)
 }
 

@@ -309,7 +309,10 @@ impl ImportJob<'_> {
                 // The batch rows are written with the page's checkpoint (so a
                 // replayed page cannot make a second set) and enqueued after
                 // it commits.
-                plan.batches = objects.chunks(BATCH_OBJECTS).map(<[_]>::to_vec).collect();
+                plan.batches = objects
+                    .chunks(batch_objects(self.settings.fetch_concurrency))
+                    .map(<[_]>::to_vec)
+                    .collect();
                 let room = MAX_BATCHES_IN_FLIGHT.saturating_sub(plan.batches.len() as u64);
                 if !self.wait_for_batches(room).await? {
                     return Ok(false);
@@ -627,8 +630,14 @@ impl ImportJob<'_> {
 /// Objects per fan-out batch: a Tasks-mode run hands its new objects to the
 /// fleet in batches of this many, at most [`MAX_BATCHES_IN_FLIGHT`] unfinished
 /// (far below apalis-redis' ~8,000 due-job limit: docs/DECISIONS.md,
-/// "Due-job backlog limit").
-const BATCH_OBJECTS: usize = 50;
+/// "Due-job backlog limit"). A whole number of rounds of `fetch_concurrency`
+/// reads ([`BATCH_ROUNDS`]), so no round of a batch runs part-empty (50
+/// objects at 16 took 4 rounds for 3.1 rounds' work), within 16..=1,000.
+fn batch_objects(fetch_concurrency: usize) -> usize {
+    (fetch_concurrency.max(1) * BATCH_ROUNDS).clamp(16, 1000)
+}
+/// Rounds of reads per fan-out batch (see [`batch_objects`]).
+const BATCH_ROUNDS: usize = 4;
 /// Unfinished batches one run may have at once.
 const MAX_BATCHES_IN_FLIGHT: u64 = 64;
 /// How long a waiting sync job lets batches stall before running one itself.
