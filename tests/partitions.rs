@@ -1,13 +1,15 @@
-//! Partitioned listing (`ingest::partitions`) on the s3s-fs emulator: the
+//! Partitioned listing (`ingest::partitions`) on the s3s-fs emulator (and
+//! one layout on fake-gcs-server): the
 //! partitions a layout splits into, exact counters and missing objects, a
 //! worker SIGKILLed in the middle of a partition, a partition that keeps
 //! failing, objects added while the run lists, and layouts that do not
 //! split. (A module of the `fleet` test binary.)
 use std::time::{Duration, Instant};
 
+use labelsync::storage::BackendKind;
 use labelsync_tests::{
     AppOptions, TestApp,
-    backends::{bucket_name, create_s3_bucket, endpoint},
+    backends::{bucket_name, create_gcs_bucket, create_s3_bucket, endpoint, open},
     fault_proxy::{FaultProxy, Mode},
     spawn_app, spawn_worker,
     synthetic_s3::Latency,
@@ -219,6 +221,59 @@ async fn listed_by_partitions_exactly(embedded: bool) {
         .await,
         gone.len() as i64
     );
+    app.stop().await;
+}
+
+/// The same layout on fake-gcs-server: GCS answers discovery too, so its
+/// buckets are listed by partitions, each key once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gcs_bucket_with_prefixes_is_listed_by_partitions() {
+    let gcs = endpoint("TEST_GCS_ENDPOINT");
+    let bucket = bucket_name();
+    create_gcs_bucket(&gcs, &bucket).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": gcs });
+    let storage = open(BackendKind::Gcs, config.clone(), json!({})).await;
+    let mut keys: Vec<String> = vec!["top.jpg".into(), "b/direct.jpg".into()];
+    keys.extend((0..20).map(|i| format!("a/{i:03}.jpg")));
+    keys.extend((0..10).map(|i| format!("b/x/{i:03}.jpg")));
+    for key in &keys {
+        storage
+            .put(key, bytes::Bytes::from_static(b"x"), None)
+            .await
+            .expect("put");
+    }
+    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "7")]).await;
+    let project = app.project("gcs partitions").await;
+    let (status, source) = app
+        .post(
+            "/api/v1/storages",
+            json!({ "project_id": project, "role": "source", "backend": "gcs", "config": config }),
+        )
+        .await;
+    assert_eq!(status, 201, "{source}");
+    let run = app.sync(&source["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], keys.len(), "{run}");
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let found: Vec<(String, bool, bool)> = partitions(&db, run["id"].as_str().expect("id"))
+        .await
+        .into_iter()
+        .map(|(prefix, recursive, done, _)| (prefix, recursive, done))
+        .collect();
+    let expected: Vec<(String, bool, bool)> =
+        [("", false), ("a/", true), ("b/", false), ("b/x/", true)]
+            .iter()
+            .map(|(p, r)| ((*p).to_owned(), *r, true))
+            .collect();
+    assert_eq!(found, expected);
+    let mut tasks = std::collections::BTreeSet::new();
+    for task in app.all_tasks(project).await {
+        let uri = task["data"]["image"].as_str().expect("image").to_owned();
+        assert!(tasks.insert(uri.clone()), "{uri} has two tasks");
+    }
+    let expected: std::collections::BTreeSet<String> =
+        keys.iter().map(|k| format!("gs://{bucket}/{k}")).collect();
+    assert_eq!(tasks, expected);
     app.stop().await;
 }
 

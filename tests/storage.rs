@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use labelsync::{
     Error,
-    storage::{BackendKind, GetRange, ListOptions, Page, Role, Storage},
+    storage::{BackendKind, Children, GetRange, ListOptions, Page, Role, Storage},
 };
 use labelsync_tests::{
     AppOptions,
@@ -173,6 +173,46 @@ async fn prefixes_and_recursion_choose_the_keys_listed(storage: Arc<dyn Storage>
             .iter()
             .all(|p| p.objects.is_empty())
     );
+    one_level_of_the_tree(&*storage).await;
+}
+
+/// `list_children` (partitioned listing's discovery): the S3 and GCS
+/// backends answer it, one level at a time; the others say they cannot.
+async fn one_level_of_the_tree(storage: &dyn Storage) {
+    let kind = storage.kind();
+    let tree = storage.list_children("tree/", 3).await.unwrap();
+    if !matches!(kind, BackendKind::S3 | BackendKind::Gcs) {
+        assert_eq!(tree, None, "{kind}: cannot list by delimiter");
+        return;
+    }
+    let level = |prefixes: &[&str], objects| {
+        Some(Children {
+            prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
+            objects,
+        })
+    };
+    assert_eq!(tree, level(&["tree/sub/"], true), "{kind}: tree/");
+    assert_eq!(
+        storage.list_children("tree/sub/", 3).await.unwrap(),
+        level(&[], true),
+        "{kind}: tree/sub/"
+    );
+    assert_eq!(
+        storage.list_children("nothing-here/", 3).await.unwrap(),
+        level(&[], false),
+        "{kind}: nothing-here/"
+    );
+    // The bucket's root: the conformance keys so far sit under many/ and
+    // tree/, and tree-sibling.txt and treetop.txt directly.
+    let root = storage.list_children("", 3).await.unwrap().expect("root");
+    assert!(root.objects, "{kind}: keys at the root");
+    for prefix in ["many/", "tree/"] {
+        assert!(
+            root.prefixes.iter().any(|p| p == prefix),
+            "{kind}: {prefix} in {:?}",
+            root.prefixes
+        );
+    }
 }
 
 /// Range reads of `range.bin` (bytes 0 to 255), whole and in parts, and a

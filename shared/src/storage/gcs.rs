@@ -28,8 +28,8 @@ use reqwest::{Client, Method, RequestBuilder, Response, Url, header};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
-    StorageEnv, check_key, check_location, paginate, parse_config,
+    BackendKind, Children, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets,
+    Storage, StorageEnv, check_key, check_location, paginate, parse_config,
     retry::{object_of, retry, status_error, transport_error},
 };
 use crate::{
@@ -282,6 +282,19 @@ struct Listing {
     next_page_token: Option<String>,
 }
 
+/// One page of a delimiter listing: the prefixes one level down and the
+/// names directly under the prefix.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Level {
+    #[serde(default)]
+    prefixes: Vec<String>,
+    /// Only whether there are any matters.
+    #[serde(default)]
+    items: Vec<serde::de::IgnoredAny>,
+    next_page_token: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct Item {
     name: String,
@@ -375,6 +388,45 @@ impl Storage for GcsStorage {
                 next,
             )))
         })
+    }
+
+    async fn list_children(&self, prefix: &str, max_pages: usize) -> Result<Option<Children>> {
+        let url = self.url(&format!(
+            "storage/v1/b/{}/o",
+            utf8_percent_encode(&self.bucket, UNRESERVED)
+        ))?;
+        let what = format!("list gs://{}/{prefix}", self.bucket);
+        let mut children = Children::default();
+        let mut token: Option<String> = None;
+        for _ in 0..max_pages {
+            let mut query: Vec<(&str, String)> = vec![
+                ("prefix", prefix.to_owned()),
+                ("delimiter", "/".into()),
+                ("maxResults", "1000".into()),
+                ("fields", "prefixes,items(name),nextPageToken".into()),
+            ];
+            if let Some(token) = &token {
+                query.push(("pageToken", token.clone()));
+            }
+            let resp = self
+                .send(&what, || self.http.get(url.clone()).query(&query))
+                .await?;
+            let level: Level = resp
+                .json()
+                .await
+                .map_err(|e| Error::Transient(format!("{what}: unreadable answer: {e}")))?;
+            children.objects |= !level.items.is_empty();
+            children.prefixes.extend(
+                level.prefixes.into_iter().filter(|p| {
+                    p.len() > prefix.len() && p.starts_with(prefix) && p.ends_with('/')
+                }),
+            );
+            token = level.next_page_token.filter(|t| !t.is_empty());
+            if token.is_none() {
+                return Ok(Some(children));
+            }
+        }
+        Ok(None)
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
