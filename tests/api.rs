@@ -799,6 +799,7 @@ async fn embedded_mode_syncs_on_sqlite_with_no_redis() {
     let run = app.wait_run(&run_id, RUN_TIMEOUT).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], 1200);
+    annotations_save_on_sqlite(&app, project).await;
     let (status, ready) = app.get("/readyz").await;
     assert_eq!(
         (status, &ready),
@@ -808,6 +809,36 @@ async fn embedded_mode_syncs_on_sqlite_with_no_redis() {
         )
     );
     app.stop().await;
+}
+
+/// An annotation saved on a task (one insert that reads the task) and read
+/// back with its fields; one on a task that does not exist is a 404.
+async fn annotations_save_on_sqlite(app: &TestApp, project: i64) {
+    let task = app.all_tasks(project).await[0]["id"]
+        .as_i64()
+        .expect("task id");
+    let body = json!({
+        "result": [{ "type": "choices", "value": { "choices": ["cat"] } }],
+        "completed_by": { "id": 7 }, "lead_time": 2.5, "ground_truth": true,
+    });
+    let (status, saved) = app
+        .post(&format!("/api/v1/tasks/{task}/annotations"), body.clone())
+        .await;
+    assert_eq!(status, 201, "{saved}");
+    let (status, read) = app
+        .get(&format!("/api/v1/annotations/{}", saved["id"]))
+        .await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(
+        (read["task_id"].as_i64(), read["project_id"].as_i64()),
+        (Some(task), Some(project))
+    );
+    for field in ["result", "completed_by", "lead_time", "ground_truth"] {
+        assert_eq!(read[field], body[field], "{field}: {read}");
+    }
+    assert_eq!(read["was_cancelled"], false, "{read}");
+    let (status, body) = app.post("/api/v1/tasks/999999999/annotations", body).await;
+    assert_eq!(status, 404, "{body}");
 }
 
 /// The scheduler's `/metrics`: Prometheus text with the jobs its embedded

@@ -116,11 +116,13 @@ pub struct Settings {
     /// `LOCAL_FILES_SERVING_ENABLED` (default false): lets `/resolve` serve
     /// local files (under the document root only).
     pub local_files_serving: bool,
-    /// `LABELSYNC_RESOLVE_CACHE_SECS` (default 10; 0 turns the cache off):
-    /// how long `/resolve` may reuse a project's source storages (and their
-    /// opened clients) without reading them again. Changes made anywhere
-    /// reach every replica within a second anyway (the change counter); this
-    /// bounds staleness should that read fail.
+    /// `LABELSYNC_RESOLVE_CACHE_SECS` (default 10, at most 300; 0 turns the
+    /// cache off): how long `/resolve` may reuse a project's source storages
+    /// (and their opened clients) without reading them again. Changes made
+    /// anywhere reach every replica within a second anyway (the change
+    /// counter). Short, because a cached S3 client keeps its temporary
+    /// credentials (an assumed role) until they nearly expire, and URLs it
+    /// signs die with them.
     pub resolve_cache_ttl: Duration,
     /// Limits of both HTTP listeners (the API, the worker's probes).
     pub http: HttpLimits,
@@ -249,7 +251,7 @@ impl Settings {
             ),
             local_files_serving: parse(&get, "LOCAL_FILES_SERVING_ENABLED", false)?,
             resolve_cache_ttl: Duration::from_secs(
-                parse(&get, "LABELSYNC_RESOLVE_CACHE_SECS", 10u64)?.min(3600),
+                parse(&get, "LABELSYNC_RESOLVE_CACHE_SECS", 10u64)?.min(300),
             ),
             http: http_limits(&get)?,
         })

@@ -118,9 +118,14 @@ pub async fn create(
             "result is required",
         ));
     };
-    let task = super::tasks::find_for(&state, &caller, task_id).await?;
+    // The task is read by the insert itself; a task the caller may not see
+    // is rolled back (the transaction dropped) with the same 404.
+    let missing = || ApiError::not_found(format!("task {task_id} not found"));
     let txn = db::begin_write(&state.db).await?;
-    let saved = annotations::create(&txn, &task, result, body.fields()).await?;
+    let saved = annotations::create_on_task(&txn, task_id, result, body.fields())
+        .await?
+        .ok_or_else(missing)?;
+    caller.check(saved.project_id, missing)?;
     let targets = outbox::record(&txn, saved.project_id, saved.id, outbox::UPSERT).await?;
     caller.note("annotation_id", saved.id);
     audit::write_in(&caller, &txn, StatusCode::CREATED).await?;

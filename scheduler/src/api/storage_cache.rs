@@ -3,12 +3,15 @@
 //! builds no storage client.
 //!
 //! Contract: an entry is used only while it is younger than
-//! `LABELSYNC_RESOLVE_CACHE_SECS` and no change was seen since it was read.
+//! `LABELSYNC_RESOLVE_CACHE_SECS`, no change was seen since it was read,
+//! and the change counter was read successfully within [`FOLLOW_STALE`].
 //! Changes are seen two ways: this replica's own API handlers call
 //! [`StorageCache::forget`] after committing, and [`follow_changes`] reads
 //! the database's change counter (bumped in the same transaction as every
-//! storage change, by any replica or the CLI) every second. A missing
-//! project is never cached, so creating one needs no invalidation.
+//! storage change, by any replica or the CLI) every second. While that read
+//! fails (or before it first succeeds) nothing is served from memory, so
+//! the one-second bound never silently becomes the TTL. A missing project
+//! is never cached, so creating one needs no invalidation.
 use std::{
     collections::HashMap,
     sync::{
@@ -32,6 +35,10 @@ const MAX_ENTRIES: usize = 10_000;
 
 /// How often [`follow_changes`] reads the change counter.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// Entries are not used once the counter's last successful read is older
+/// than this (a few missed reads: the database is down or slow).
+const FOLLOW_STALE: Duration = Duration::from_secs(3);
 
 /// One source storage of a project, with its client opened on first use.
 pub struct Source {
@@ -78,6 +85,10 @@ pub struct StorageCache {
     /// old rows.
     epoch: AtomicU64,
     entries: Mutex<HashMap<(i64, BackendKind), Entry>>,
+    /// Milliseconds after `born` of the counter's last successful read;
+    /// 0 before the first.
+    followed_ms: AtomicU64,
+    born: Instant,
 }
 
 impl StorageCache {
@@ -87,7 +98,28 @@ impl StorageCache {
             ttl,
             epoch: AtomicU64::new(0),
             entries: Mutex::new(HashMap::new()),
+            followed_ms: AtomicU64::new(0),
+            born: Instant::now(),
         }
+    }
+
+    /// Records a successful read of the change counter, now.
+    fn followed(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.followed_ms.store(ms.max(1), Ordering::Release);
+    }
+
+    /// Whether the counter was read successfully within [`FOLLOW_STALE`].
+    fn following(&self) -> bool {
+        let at = self.followed_ms.load(Ordering::Acquire);
+        at > 0 && self.born.elapsed() < Duration::from_millis(at) + FOLLOW_STALE
+    }
+
+    /// Drops the entries past their age (the follower's tick).
+    fn sweep(&self) {
+        let (epoch, ttl) = (self.epoch.load(Ordering::Acquire), self.ttl);
+        self.lock()
+            .retain(|_, e| e.epoch == epoch && e.loaded.elapsed() < ttl);
     }
 
     /// Drops every entry: a storage or project changed.
@@ -120,6 +152,9 @@ impl StorageCache {
     }
 
     fn fresh(&self, project_id: i64, kind: BackendKind) -> Option<Arc<[Source]>> {
+        if !self.following() {
+            return None;
+        }
         let epoch = self.epoch.load(Ordering::Acquire);
         let entries = self.lock();
         let entry = entries.get(&(project_id, kind))?;
@@ -163,22 +198,32 @@ impl StorageCache {
 
 /// Reads the storages' change counter every second for as long as it runs,
 /// and drops the cache whenever it moved: how a change made by another
-/// replica or the CLI reaches this one. A failed read changes nothing (the
-/// entries' age still bounds them).
+/// replica or the CLI reaches this one. The first read drops the cache too
+/// (entries read before it have no baseline to be checked against). While
+/// reads fail the cache serves nothing (see [`FOLLOW_STALE`]).
 pub async fn follow_changes(db: DatabaseConnection, cache: Arc<StorageCache>) {
     let mut seen = None;
+    let mut failing = false;
     let mut tick = tokio::time::interval(FOLLOW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         match change_counters::read(&db, change_counters::STORAGES).await {
             Ok(now) => {
-                if seen.is_some_and(|seen| seen != now) {
+                if seen != Some(now) {
                     cache.forget();
                 }
                 seen = Some(now);
+                cache.followed();
+                cache.sweep();
+                failing = false;
             }
-            Err(e) => tracing::debug!(error = %e, "cannot read the storages' change counter"),
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read the storages' change counter; /resolve reads storages from the database until it can");
+                }
+                failing = true;
+            }
         }
     }
 }

@@ -423,6 +423,8 @@ impl Storage for GcsStorage {
             );
             token = level.next_page_token.filter(|t| !t.is_empty());
             if token.is_none() {
+                // Some servers repeat a prefix at a page boundary.
+                children.prefixes.dedup();
                 return Ok(Some(children));
             }
         }

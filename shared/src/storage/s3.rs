@@ -379,6 +379,8 @@ impl Storage for S3Storage {
                 .filter(|_| out.is_truncated() == Some(true))
                 .map(str::to_owned);
             if token.is_none() {
+                // Some servers repeat a prefix at a page boundary.
+                children.prefixes.dedup();
                 return Ok(Some(children));
             }
         }
