@@ -692,6 +692,15 @@ async fn cat_in(app: &TestApp, project: i64, dir: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Runs `sql` on the app's database directly: a change no API handler
+/// makes, so nothing bumps the change counter.
+async fn behind_the_counter(app: &TestApp, sql: &str) {
+    let db = labelsync::db::connect(&app.database_url).await.unwrap();
+    sea_orm::ConnectionTrait::execute_unprepared(&db, sql)
+        .await
+        .unwrap();
+}
+
 /// Polls until `dir/cat.jpg` resolves to `status` on `app`, for at most
 /// `within`; how long it took.
 async fn until_cat(
@@ -727,13 +736,9 @@ async fn storage_changes_reach_every_replicas_resolve_cache() {
     let project = app.project("cached").await;
     local_cat(&app, "one");
     local_cat(&app, "two");
-    let (status, storage) = app
-        .post(
-            "/api/v1/storages",
-            json!({ "project_id": project, "role": "source", "backend": "local", "config": { "path": "one" } }),
-        )
+    let storage = app
+        .local_storage(project, json!({ "config": { "path": "one" } }))
         .await;
-    assert_eq!(status, 201, "{storage}");
     let path = format!("/api/v1/storages/{}", storage["id"]);
     for server in [&app, &replica] {
         assert_eq!(
@@ -767,16 +772,14 @@ async fn storage_changes_reach_every_replicas_resolve_cache() {
     // entry is read again.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(cat_in(&app, project, "two").await.0, 200);
-    let db = labelsync::db::connect(&app.database_url).await.unwrap();
-    sea_orm::ConnectionTrait::execute_unprepared(
-        &db,
+    behind_the_counter(
+        &app,
         &format!(
             "UPDATE storages SET config = '{{\"path\": \"one\"}}' WHERE id = {}",
             storage["id"]
         ),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         cat_in(&app, project, "one").await.0,
         404,
@@ -804,29 +807,26 @@ async fn a_replica_that_cannot_follow_changes_reads_storages_again() {
     let project = app.project("unfollowed").await;
     local_cat(&app, "one");
     local_cat(&app, "two");
-    let (status, storage) = app
-        .post(
-            "/api/v1/storages",
-            json!({ "project_id": project, "role": "source", "backend": "local", "config": { "path": "one" } }),
-        )
+    let storage = app
+        .local_storage(project, json!({ "config": { "path": "one" } }))
         .await;
-    assert_eq!(status, 201, "{storage}");
     // The follower's first read has happened, then the entry is read.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(cat_in(&app, project, "one").await.0, 200);
 
-    let db = labelsync::db::connect(&app.database_url).await.unwrap();
-    for sql in [
-        "UPDATE change_counters SET name = 'unreadable' WHERE name = 'storages'".to_owned(),
-        format!(
+    behind_the_counter(
+        &app,
+        "UPDATE change_counters SET name = 'unreadable' WHERE name = 'storages'",
+    )
+    .await;
+    behind_the_counter(
+        &app,
+        &format!(
             "UPDATE storages SET config = '{{\"path\": \"two\"}}' WHERE id = {}",
             storage["id"]
         ),
-    ] {
-        sea_orm::ConnectionTrait::execute_unprepared(&db, &sql)
-            .await
-            .unwrap();
-    }
+    )
+    .await;
     until_cat(&app, project, "two", 200, Duration::from_secs(8)).await;
     assert_eq!(cat_in(&app, project, "one").await.0, 404);
     app.stop().await;

@@ -117,9 +117,13 @@ impl StorageCache {
 
     /// Drops the entries past their age (the follower's tick).
     fn sweep(&self) {
-        let (epoch, ttl) = (self.epoch.load(Ordering::Acquire), self.ttl);
-        self.lock()
-            .retain(|_, e| e.epoch == epoch && e.loaded.elapsed() < ttl);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.keep_fresh(&mut self.lock(), epoch);
+    }
+
+    /// Keeps only the entries `fresh` would use (age and epoch).
+    fn keep_fresh(&self, entries: &mut HashMap<(i64, BackendKind), Entry>, epoch: u64) {
+        entries.retain(|_, e| e.epoch == epoch && e.loaded.elapsed() < self.ttl);
     }
 
     /// Drops every entry: a storage or project changed.
@@ -141,11 +145,13 @@ impl StorageCache {
             return Ok(Some(sources));
         }
         let epoch = self.epoch.load(Ordering::Acquire);
-        if projects::find(db, project_id).await?.is_none() {
-            return Ok(None);
-        }
         let models =
             storages::of_project(db, project_id, Role::Source.as_str(), kind.as_str()).await?;
+        // A storage's project exists (foreign key): only an empty answer
+        // needs the project looked up.
+        if models.is_empty() && projects::find(db, project_id).await?.is_none() {
+            return Ok(None);
+        }
         let sources: Arc<[Source]> = models.into_iter().map(|m| Source::new(m, env)).collect();
         self.store((project_id, kind), epoch, sources.clone());
         Ok(Some(sources))
@@ -172,8 +178,7 @@ impl StorageCache {
             return;
         }
         if entries.len() >= MAX_ENTRIES {
-            let ttl = self.ttl;
-            entries.retain(|_, e| e.epoch == epoch && e.loaded.elapsed() < ttl);
+            self.keep_fresh(&mut entries, epoch);
             if entries.len() >= MAX_ENTRIES {
                 entries.clear();
             }

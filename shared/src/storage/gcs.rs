@@ -235,6 +235,23 @@ impl GcsStorage {
             .map_err(|e| Error::Internal(format!("gcs url {path}: {e}")))
     }
 
+    /// One page of the bucket's object listing with `query`, decoded.
+    async fn list_page<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        query: &[(&str, String)],
+    ) -> Result<T> {
+        let url = self.url(&format!(
+            "storage/v1/b/{}/o",
+            utf8_percent_encode(&self.bucket, UNRESERVED)
+        ))?;
+        self.send(what, || self.http.get(url.clone()).query(query))
+            .await?
+            .json()
+            .await
+            .map_err(|e| Error::Transient(format!("{what}: unreadable answer: {e}")))
+    }
+
     fn object_path(&self, key: &str) -> String {
         format!(
             "storage/v1/b/{}/o/{}",
@@ -335,10 +352,6 @@ impl Storage for GcsStorage {
             };
             let s = &cursor.storage;
             let opts = &cursor.opts;
-            let url = s.url(&format!(
-                "storage/v1/b/{}/o",
-                utf8_percent_encode(&s.bucket, UNRESERVED)
-            ))?;
             let what = format!("list gs://{}/{}", s.bucket, opts.prefix);
             let mut query: Vec<(&str, String)> = vec![
                 ("prefix", opts.prefix.clone()),
@@ -357,13 +370,7 @@ impl Storage for GcsStorage {
                 // startOffset is inclusive; the key itself is dropped below.
                 query.push(("startOffset", after.clone()));
             }
-            let resp = s
-                .send(&what, || s.http.get(url.clone()).query(&query))
-                .await?;
-            let listing: Listing = resp
-                .json()
-                .await
-                .map_err(|e| Error::Transient(format!("{what}: unreadable answer: {e}")))?;
+            let listing: Listing = s.list_page(&what, &query).await?;
             let after = opts.start_after.clone();
             let objects = listing
                 .items
@@ -391,10 +398,6 @@ impl Storage for GcsStorage {
     }
 
     async fn list_children(&self, prefix: &str, max_pages: usize) -> Result<Option<Children>> {
-        let url = self.url(&format!(
-            "storage/v1/b/{}/o",
-            utf8_percent_encode(&self.bucket, UNRESERVED)
-        ))?;
         let what = format!("list gs://{}/{prefix}", self.bucket);
         let mut children = Children::default();
         let mut token: Option<String> = None;
@@ -408,23 +411,11 @@ impl Storage for GcsStorage {
             if let Some(token) = &token {
                 query.push(("pageToken", token.clone()));
             }
-            let resp = self
-                .send(&what, || self.http.get(url.clone()).query(&query))
-                .await?;
-            let level: Level = resp
-                .json()
-                .await
-                .map_err(|e| Error::Transient(format!("{what}: unreadable answer: {e}")))?;
+            let level: Level = self.list_page(&what, &query).await?;
             children.objects |= !level.items.is_empty();
-            children.prefixes.extend(
-                level.prefixes.into_iter().filter(|p| {
-                    p.len() > prefix.len() && p.starts_with(prefix) && p.ends_with('/')
-                }),
-            );
+            children.push_prefixes(prefix, level.prefixes.iter().map(String::as_str));
             token = level.next_page_token.filter(|t| !t.is_empty());
             if token.is_none() {
-                // Some servers repeat a prefix at a page boundary.
-                children.prefixes.dedup();
                 return Ok(Some(children));
             }
         }

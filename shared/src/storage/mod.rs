@@ -204,6 +204,20 @@ pub struct Children {
     pub objects: bool,
 }
 
+impl Children {
+    /// Adds the `/`-ended prefixes one page of a delimiter listing of
+    /// `under` gave, in key order: only those strictly below `under`, and a
+    /// prefix some servers repeat at a page boundary once.
+    pub fn push_prefixes<'a>(&mut self, under: &str, found: impl IntoIterator<Item = &'a str>) {
+        for p in found {
+            let below = p.len() > under.len() && p.starts_with(under) && p.ends_with('/');
+            if below && self.prefixes.last().is_none_or(|last| last != p) {
+                self.prefixes.push(p.to_owned());
+            }
+        }
+    }
+}
+
 /// A byte range of an object, as HTTP `Range` says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GetRange {

@@ -367,20 +367,15 @@ impl Storage for S3Storage {
                 .await
                 .map_err(|e| classify(e, &format!("list s3://{}/{prefix}", self.bucket)))?;
             children.objects |= !out.contents().is_empty();
-            children.prefixes.extend(
-                out.common_prefixes()
-                    .iter()
-                    .filter_map(|p| p.prefix())
-                    .filter(|p| p.len() > prefix.len() && p.starts_with(prefix) && p.ends_with('/'))
-                    .map(str::to_owned),
+            children.push_prefixes(
+                prefix,
+                out.common_prefixes().iter().filter_map(|p| p.prefix()),
             );
             token = out
                 .next_continuation_token()
                 .filter(|_| out.is_truncated() == Some(true))
                 .map(str::to_owned);
             if token.is_none() {
-                // Some servers repeat a prefix at a page boundary.
-                children.prefixes.dedup();
                 return Ok(Some(children));
             }
         }
