@@ -16,6 +16,7 @@ use labelsync_tests::{
     },
     spawn_app,
 };
+use sea_orm::{ConnectionTrait, Database, TransactionTrait};
 use serde_json::{Value, json};
 
 fn options() -> AppOptions {
@@ -169,6 +170,61 @@ async fn annotation_events_reach_local_and_s3_targets() {
         .sum();
     assert_eq!(deleted, 1, "{runs}");
 
+    app.stop().await;
+}
+
+/// An annotation event whose transaction commits after newer events were
+/// read (ids are taken at insert, not at commit) is exported by the run
+/// that is draining, not left for the next run: under a steady stream of
+/// saves one run keeps going, and such an event waited as long as it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_late_is_drained_by_the_live_run() {
+    let app = spawn_app(options()).await;
+    let (project, tasks) = project_with_tasks(&app, 1).await;
+    let target = local_target(&app, project, "late", false).await;
+    let storage = target["id"].as_i64().unwrap();
+    let db = Database::connect(&app.database_url).await.unwrap();
+    let insert_events = |ids: &str| {
+        format!(
+            "INSERT INTO export_outbox (storage_id, annotation_id, action, version, created_at) \
+             SELECT {storage}, id, 'upsert', 1, now() FROM annotations WHERE {ids}"
+        )
+    };
+    let insert_annotations = |n: usize| {
+        format!(
+            "INSERT INTO annotations (task_id, project_id, result, was_cancelled, ground_truth, \
+             created_at, updated_at) SELECT {}, {project}, '[]', false, false, now(), now() \
+             FROM generate_series(1, {n})",
+            tasks[0]
+        )
+    };
+    // The late event takes the lowest id and holds its commit.
+    let late = db.begin().await.unwrap();
+    late.execute_unprepared(&insert_annotations(1))
+        .await
+        .unwrap();
+    late.execute_unprepared(&insert_events("id = (SELECT max(id) FROM annotations)"))
+        .await
+        .unwrap();
+    // Five pages of newer events, then a save through the API starts the run.
+    db.execute_unprepared(&insert_annotations(5000))
+        .await
+        .unwrap();
+    db.execute_unprepared(&insert_events("true")).await.unwrap();
+    annotate(&app, tasks[0], "go").await;
+    let written = app.doc_root.path().join("export/late");
+    eventually("the run's first uploads", || async {
+        std::fs::read_dir(&written).is_ok_and(|mut d| d.next().is_some())
+    })
+    .await;
+    late.commit().await.unwrap();
+
+    eventually("the export", || idle(&app, &target)).await;
+    assert_eq!(std::fs::read_dir(&written).unwrap().count(), 5002);
+    let (_, runs) = app.get(&format!("/api/v1/runs?storage_id={storage}")).await;
+    let runs = runs["items"].as_array().unwrap();
+    assert_eq!(runs.len(), 1, "one run drained every event: {runs:?}");
+    assert_eq!(runs[0]["counters"]["exported"], 5002, "{:?}", runs[0]);
     app.stop().await;
 }
 

@@ -23,6 +23,7 @@ mod m20261202_000014_pause_and_retry;
 mod m20261202_000015_console_facts;
 mod m20261203_000016_sync_partitions;
 mod m20261203_000017_change_counters;
+mod m20261203_000018_outbox_by_storage;
 
 pub struct Migrator;
 
@@ -47,6 +48,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000015_console_facts::Migration),
             Box::new(m20261203_000016_sync_partitions::Migration),
             Box::new(m20261203_000017_change_counters::Migration),
+            Box::new(m20261203_000018_outbox_by_storage::Migration),
         ]
     }
 }

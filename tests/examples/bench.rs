@@ -60,6 +60,10 @@ mod bench_annotations;
 mod bench_latency;
 mod bench_queue;
 
+// The scheduler and worker runs in this process: the binaries' allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -54,6 +54,7 @@ pub async fn run(clients: usize, seconds: u64, rate: u64, rtt_ms: u64) {
             Some(at.saturating_duration_since(*answered))
         })
         .collect();
+    print_worst_per_second(&paced, &written);
     let stored = percentiles(to_storage);
     let paced_post = percentiles(delays);
     println!(
@@ -206,6 +207,33 @@ async fn wait_for_objects(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     server.written("labels")
+}
+
+/// On stderr, for each second of the paced phase, the slowest save to
+/// storage of the annotations answered in it: shows whether the tail is
+/// spread or bunched (a stalled export run, a sweep, a vacuum).
+fn print_worst_per_second(
+    paced: &[(i64, Instant)],
+    written: &std::collections::HashMap<String, Instant>,
+) {
+    let Some(start) = paced.iter().map(|p| p.1).min() else {
+        return;
+    };
+    let mut worst: std::collections::BTreeMap<u64, u128> = Default::default();
+    for (id, answered) in paced {
+        let Some(at) = written.get(&labelsync::export::object_key("ann", *id)) else {
+            continue;
+        };
+        let second = answered.duration_since(start).as_secs();
+        let ms = at.saturating_duration_since(*answered).as_millis();
+        let slot = worst.entry(second).or_default();
+        *slot = (*slot).max(ms);
+    }
+    let line: Vec<String> = worst.iter().map(|(s, ms)| format!("{s}:{ms}")).collect();
+    eprintln!(
+        "slowest save to storage per second (s:ms): {}",
+        line.join(" ")
+    );
 }
 
 /// p50 and p99 in milliseconds.

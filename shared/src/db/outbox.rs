@@ -72,16 +72,14 @@ pub async fn pending_storages(db: &impl ConnectionTrait, limit: u64) -> Result<V
         .await?)
 }
 
-/// The next events of a storage after `after_id`, oldest first.
-pub async fn page(
+/// A storage's oldest waiting events (at most `limit`), oldest first.
+pub async fn oldest(
     db: &impl ConnectionTrait,
     storage_id: i64,
-    after_id: i64,
     limit: u64,
 ) -> Result<Vec<export_outbox::Model>> {
     Ok(export_outbox::Entity::find()
         .filter(Column::StorageId.eq(storage_id))
-        .filter(Column::Id.gt(after_id))
         .order_by_asc(Column::Id)
         .limit(limit)
         .all(db)

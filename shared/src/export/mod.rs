@@ -45,6 +45,9 @@ pub fn object_key(prefix: &str, annotation_id: i64) -> String {
     }
 }
 
+/// Annotation events handled per page of a drain.
+const DRAIN_PAGE: u64 = 1000;
+
 /// One attempt of an export run over a target storage: a `full` run exports
 /// every annotation of the project that changed, then drains the outbox;
 /// an `events` run only drains the outbox. Every page commits its links,
@@ -224,16 +227,20 @@ impl ExportJob<'_> {
         }
     }
 
-    /// Handles the storage's waiting annotation events, oldest first.
+    /// Handles the storage's waiting annotation events, oldest first, until
+    /// none waits. Each page is read from the oldest waiting event, not
+    /// after the last one handled: a page's events leave the outbox with its
+    /// commit, and ids are taken at insert, not at commit, so an event whose
+    /// transaction committed after a newer one's would otherwise be passed
+    /// over and wait for the next run (seconds to minutes under a steady
+    /// stream of saves, which keeps this run going).
     async fn drain(&self, backend: &Arc<dyn Storage>) -> Result<Outcome> {
-        let mut after = 0;
         loop {
             self.check_stopping()?;
-            let events = outbox::page(self.db, self.storage.id, after, 1000).await?;
-            let Some(last) = events.last() else {
+            let events = outbox::oldest(self.db, self.storage.id, DRAIN_PAGE).await?;
+            if events.is_empty() {
                 return Ok(Outcome::Finished);
-            };
-            after = last.id;
+            }
             let upserts: Vec<i64> = events
                 .iter()
                 .filter(|e| e.action == outbox::UPSERT)

@@ -579,7 +579,10 @@ impl ImportJob<'_> {
                 since = tokio::time::Instant::now();
                 continue;
             }
-            tokio::time::sleep(BATCH_POLL).await;
+            // Nearly there (the run's last batches, or one short of room):
+            // look sooner, so the run does not idle out a whole poll.
+            let nearly = pending - max <= NEARLY_DONE;
+            tokio::time::sleep(if nearly { BATCH_POLL_NEAR } else { BATCH_POLL }).await;
         }
     }
 
@@ -644,6 +647,11 @@ const MAX_BATCHES_IN_FLIGHT: u64 = 64;
 const HELP_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often a run waiting on its batches looks again.
 const BATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// ... and when at most [`NEARLY_DONE`] batches stand between it and its
+/// goal: a few more queries at the end of a wait, in place of up to 200 ms
+/// of idling (a fifth of a 2,000-file run at 50 ms per request).
+const BATCH_POLL_NEAR: std::time::Duration = std::time::Duration::from_millis(40);
+const NEARLY_DONE: u64 = 2;
 
 /// Files mode: one task per object, `{data_key: <the object's URI>}`.
 fn files_tasks(backend: &dyn Storage, data_key: &str, objects: Vec<ObjectMeta>) -> Vec<NewTask> {
