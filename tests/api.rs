@@ -485,11 +485,13 @@ async fn a_target_storage_sync_starts_an_export_run() {
 
 /// Posts a 3 MB project body and returns the server's answer. The server
 /// answers 413 before reading the whole body and closes the connection, so
-/// the client may see its upload cut instead of the answer; a few tries get
-/// the answer itself.
+/// the client may see its upload cut instead of the answer (the close
+/// resets the connection while the body is still coming, and the reset can
+/// discard the answer); tries, a moment apart, get the answer itself. Five
+/// were once not enough with the whole suite running on two cores.
 async fn post_a_3_mb_project_body(app: &TestApp) -> Option<(u16, Value)> {
     let huge = json!({ "title": "x".repeat(3 << 20) });
-    for _ in 0..5 {
+    for _ in 0..20 {
         // Its own client: the connection the server closes must not be
         // pooled and reused by the requests after this one.
         let sent = reqwest::Client::new()
@@ -503,6 +505,7 @@ async fn post_a_3_mb_project_body(app: &TestApp) -> Option<(u16, Value)> {
                 resp.json::<Value>().await.unwrap_or(Value::Null),
             ));
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     None
 }
