@@ -60,7 +60,8 @@ mod bench_annotations;
 mod bench_latency;
 mod bench_queue;
 
-// The scheduler and worker runs in this process: the binaries' allocator.
+// The scheduler and its in-process worker run in this process: the
+// scheduler binary's allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
