@@ -15,6 +15,7 @@
 # Needs the emulators running (tests/emulators.sh) and wrk (apt install wrk).
 # Prints wrk's requests/s and p50 / p99 for each, and the ratios.
 set -euo pipefail
+command -v wrk >/dev/null || { echo "bench-resolve: wrk not found (apt-get install wrk)" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 BIN_DIR=${1:-target/release}
 D=${2:-10}
