@@ -701,6 +701,32 @@ async fn behind_the_counter(app: &TestApp, sql: &str) {
         .unwrap();
 }
 
+/// A server (with storages) whose resolve cache keeps entries `ttl_secs`,
+/// a project with a local storage on `one/`, and a cat in `one/` and in
+/// `two/`.
+async fn a_cached_storage_in_one(ttl_secs: &str, title: &str) -> (TestApp, i64, Value) {
+    let mut opts = options(true);
+    opts.env
+        .push(("LABELSYNC_RESOLVE_CACHE_SECS", ttl_secs.into()));
+    let app = spawn_app(opts).await;
+    let project = app.project(title).await;
+    local_cat(&app, "one");
+    local_cat(&app, "two");
+    let storage = app
+        .local_storage(project, json!({ "config": { "path": "one" } }))
+        .await;
+    (app, project, storage)
+}
+
+/// Points `storage` at `dir/` behind the change counter.
+async fn repoint_behind_the_counter(app: &TestApp, storage: &Value, dir: &str) {
+    let sql = format!(
+        "UPDATE storages SET config = '{{\"path\": \"{dir}\"}}' WHERE id = {}",
+        storage["id"]
+    );
+    behind_the_counter(app, &sql).await;
+}
+
 /// Polls until `dir/cat.jpg` resolves to `status` on `app`, for at most
 /// `within`; how long it took.
 async fn until_cat(
@@ -729,16 +755,8 @@ async fn until_cat(
 /// project is a 404 everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_changes_reach_every_replicas_resolve_cache() {
-    let mut opts = options(true);
-    opts.env.push(("LABELSYNC_RESOLVE_CACHE_SECS", "6".into()));
-    let app = spawn_app(opts).await;
+    let (app, project, storage) = a_cached_storage_in_one("6", "cached").await;
     let replica = labelsync_tests::spawn_replica(&app).await;
-    let project = app.project("cached").await;
-    local_cat(&app, "one");
-    local_cat(&app, "two");
-    let storage = app
-        .local_storage(project, json!({ "config": { "path": "one" } }))
-        .await;
     let path = format!("/api/v1/storages/{}", storage["id"]);
     for server in [&app, &replica] {
         assert_eq!(
@@ -772,14 +790,7 @@ async fn storage_changes_reach_every_replicas_resolve_cache() {
     // entry is read again.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(cat_in(&app, project, "two").await.0, 200);
-    behind_the_counter(
-        &app,
-        &format!(
-            "UPDATE storages SET config = '{{\"path\": \"one\"}}' WHERE id = {}",
-            storage["id"]
-        ),
-    )
-    .await;
+    repoint_behind_the_counter(&app, &storage, "one").await;
     assert_eq!(
         cat_in(&app, project, "one").await.0,
         404,
@@ -801,15 +812,7 @@ async fn storage_changes_reach_every_replicas_resolve_cache() {
 /// whole age (here 60 s): a change it cannot hear of is still seen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_cannot_follow_changes_reads_storages_again() {
-    let mut opts = options(true);
-    opts.env.push(("LABELSYNC_RESOLVE_CACHE_SECS", "60".into()));
-    let app = spawn_app(opts).await;
-    let project = app.project("unfollowed").await;
-    local_cat(&app, "one");
-    local_cat(&app, "two");
-    let storage = app
-        .local_storage(project, json!({ "config": { "path": "one" } }))
-        .await;
+    let (app, project, storage) = a_cached_storage_in_one("60", "unfollowed").await;
     // The follower's first read has happened, then the entry is read.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(cat_in(&app, project, "one").await.0, 200);
@@ -819,14 +822,7 @@ async fn a_replica_that_cannot_follow_changes_reads_storages_again() {
         "UPDATE change_counters SET name = 'unreadable' WHERE name = 'storages'",
     )
     .await;
-    behind_the_counter(
-        &app,
-        &format!(
-            "UPDATE storages SET config = '{{\"path\": \"two\"}}' WHERE id = {}",
-            storage["id"]
-        ),
-    )
-    .await;
+    repoint_behind_the_counter(&app, &storage, "two").await;
     until_cat(&app, project, "two", 200, Duration::from_secs(8)).await;
     assert_eq!(cat_in(&app, project, "one").await.0, 404);
     app.stop().await;
