@@ -228,6 +228,62 @@ async fn an_event_committed_late_is_drained_by_the_live_run() {
     app.stop().await;
 }
 
+/// A save that commits while the storage's events run is finishing (its
+/// last page read, its end not yet committed) sees that run live and starts
+/// none; the run's end must start the next one, not leave the event to the
+/// scheduler's tick (a minute here). The end is held by a lock on a webhook
+/// its `run.completed` event is delivered to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_saved_while_the_run_finishes_starts_the_next_run() {
+    let mut opts = options();
+    opts.env
+        .push(("LABELSYNC_SCHEDULE_TICK_MS", "60000".into()));
+    let app = spawn_app(opts).await;
+    let (project, tasks) = project_with_tasks(&app, 1).await;
+    let target = local_target(&app, project, "finishing", false).await;
+    let body = json!({ "url": "http://127.0.0.1:9/hook", "events": ["run.completed"], "project_id": project });
+    let (status, hook) = app.post("/api/v1/webhooks", body).await;
+    assert_eq!(status, 201, "{hook}");
+    let db = Database::connect(&app.database_url).await.unwrap();
+    let written = app.doc_root.path().join("export/finishing");
+    let exported = |id: i64| written.join(format!("{id}.json")).exists();
+
+    let hold = db.begin().await.unwrap();
+    hold.execute_unprepared(&format!(
+        "SELECT id FROM webhooks WHERE id = {} FOR UPDATE",
+        hook["id"]
+    ))
+    .await
+    .unwrap();
+    let first = annotate(&app, tasks[0], "first").await;
+    eventually("the first export", || async { exported(first) }).await;
+    eventually("the run's end to wait on the lock", || async {
+        let waiting = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        waiting.try_get::<i64>("", "n").unwrap() > 0
+    })
+    .await;
+    let late = annotate(&app, tasks[0], "late").await;
+    hold.commit().await.unwrap();
+
+    eventually("the late event's export, long before the tick", || async {
+        exported(late)
+    })
+    .await;
+    let (_, runs) = app
+        .get(&format!("/api/v1/runs?storage_id={}", target["id"]))
+        .await;
+    assert_eq!(runs["items"].as_array().unwrap().len(), 2, "{runs}");
+    app.stop().await;
+}
+
 /// An S3 (s3s-fs) target on `labels` with `can_delete_objects` off, and a
 /// view of its bucket.
 async fn an_s3_target_that_keeps_deleted_objects(

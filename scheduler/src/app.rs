@@ -20,10 +20,13 @@ pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
     if settings.run_migrations {
         db::migrate(&db).await.context("migrations failed")?;
     }
+    let point_db = db::point_pool(&db, &settings.database_url)
+        .await
+        .with_context(|| "cannot open the database (DATABASE_URL)")?;
     let queue = Queue::open(&settings, &db)
         .await
         .context("cannot open the queue")?;
-    Ok(AppState::new(db, queue, settings))
+    Ok(AppState::new(db, point_db, queue, settings))
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, within the

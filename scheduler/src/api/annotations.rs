@@ -1,10 +1,10 @@
 //! Annotations: created on a task, updated and deleted by upstream apps.
 //!
-//! Each write records, in its own transaction, one outbox event per target
-//! storage of the project (`db::outbox`); then export runs are started for
-//! those storages. If that start fails (Redis down), the events wait in the
-//! outbox and the scheduler's tick starts the runs later: an annotation
-//! saved is an annotation exported.
+//! Each write records, all or nothing with the change, one outbox event per
+//! target storage of the project (`db::outbox`) and its audit row; then
+//! export runs are started for those storages. If that start fails (Redis
+//! down), the events wait in the outbox and the scheduler's tick starts the
+//! runs later: an annotation saved is an annotation exported.
 use axum::{Extension, extract::State, http::StatusCode};
 use labelsync::{
     db::{
@@ -118,21 +118,19 @@ pub async fn create(
             "result is required",
         ));
     };
-    // The task is read by the insert itself; a task the caller may not see
-    // is rolled back (the transaction dropped) with the same 404.
-    let missing = || ApiError::not_found(format!("task {task_id} not found"));
-    let txn = db::begin_write(&state.db).await?;
-    let saved = annotations::create_on_task(&txn, task_id, result, body.fields())
-        .await?
-        .ok_or_else(missing)?;
-    caller.check(saved.project_id, missing)?;
-    let targets = outbox::record(&txn, saved.project_id, saved.id, outbox::UPSERT).await?;
-    caller.note("annotation_id", saved.id);
-    audit::write_in(&caller, &txn, StatusCode::CREATED).await?;
-    txn.commit().await?;
+    // The task is read by the insert itself, which writes nothing for a
+    // task the caller may not see: the same 404 as a missing one.
+    let recorded = annotations::Recorded {
+        visible: caller.projects().map(<[i64]>::to_vec),
+        audit: audit::entry(&caller, StatusCode::CREATED),
+    };
+    let created =
+        annotations::create_recorded(&state.point_db, task_id, result, body.fields(), recorded)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("task {task_id} not found")))?;
     caller.audited();
-    dispatch(&state, targets).await;
-    Ok((StatusCode::CREATED, ApiJson(to_json(&saved))))
+    dispatch(&state, created.targets).await;
+    Ok((StatusCode::CREATED, ApiJson(to_json(&created.annotation))))
 }
 
 pub async fn get_one(

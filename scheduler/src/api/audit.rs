@@ -86,6 +86,13 @@ fn completed(note: &Note, status: StatusCode) -> Option<Entry> {
     Some(entry)
 }
 
+/// The request's audit row as answered with `status`, for a db function
+/// that writes it with its change; after the commit the handler calls
+/// [`Caller::audited`], as with [`write_in`].
+pub fn entry(caller: &Caller, status: StatusCode) -> Option<Entry> {
+    completed(&caller.noted(), status)
+}
+
 /// Writes the request's audit row in `txn`, the transaction of its change,
 /// as answered with `status`; after the commit the handler calls
 /// [`Caller::audited`] so the layer writes no second row. (If the commit

@@ -42,6 +42,8 @@ pub use storage_cache::{StorageCache, follow_changes};
 #[derive(Clone)]
 pub struct AppState {
     pub db: DatabaseConnection,
+    /// The pool for point statements on hot paths (`db::point_pool`).
+    pub point_db: DatabaseConnection,
     pub queue: Queue,
     pub settings: Arc<Settings>,
     pub storage_env: StorageEnv,
@@ -51,8 +53,14 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(db: DatabaseConnection, queue: Queue, settings: Settings) -> Self {
+    pub fn new(
+        db: DatabaseConnection,
+        point_db: DatabaseConnection,
+        queue: Queue,
+        settings: Settings,
+    ) -> Self {
         AppState {
+            point_db,
             storage_env: StorageEnv::from_settings(&settings),
             limiter: Arc::new(rate_limit::RateLimiter::new(settings.rate_limit_per_minute)),
             storage_cache: Arc::new(StorageCache::new(settings.resolve_cache_ttl)),

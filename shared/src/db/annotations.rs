@@ -5,13 +5,17 @@ use chrono::Utc;
 use sea_orm::{
     ActiveModelTrait,
     ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, IntoActiveModel, QueryFilter,
-    QueryOrder,
-    sea_query::{Expr, Query},
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, FromQueryResult,
+    IntoActiveModel, QueryFilter, QueryOrder, Statement,
+    sea_query::{ArrayType, Expr, Query},
 };
 use serde_json::Value;
 
-use super::entities::{annotation, task};
+use super::{
+    audit,
+    entities::{annotation, task},
+    outbox,
+};
 use crate::Result;
 
 /// The fields of an annotation a write gives. A create takes `None` as the
@@ -85,6 +89,161 @@ pub async fn create_on_task(
     Ok(annotation::Model::find_by_statement(statement)
         .one(db)
         .await?)
+}
+
+/// What [`create_recorded`] writes beside the annotation.
+#[derive(Debug, Default, Clone)]
+pub struct Recorded {
+    /// The projects the writer may touch (`None`: every one). A task in
+    /// another project is treated as missing, and nothing is written.
+    pub visible: Option<Vec<i64>>,
+    /// The request's audit row. Its `project_id` becomes the annotation's,
+    /// and the annotation's id is added to `resource` as `annotation_id`.
+    pub audit: Option<audit::Entry>,
+}
+
+/// An annotation [`create_recorded`] made, and the target storages its
+/// export event was recorded for.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub annotation: annotation::Model,
+    pub targets: Vec<i64>,
+}
+
+/// Creates an annotation on the task with this id together with its export
+/// events (one per target storage of the task's project, see
+/// [`outbox::record`]) and the request's audit row, all or nothing. `None`
+/// (and nothing written) when the task is missing or not in
+/// `recorded.visible`.
+///
+/// On Postgres this is one statement (data-modifying CTEs), one round trip
+/// for the hot path of a labeling UI saving; SQLite writes the same rows in
+/// one transaction.
+pub async fn create_recorded(
+    db: &DatabaseConnection,
+    task_id: i64,
+    result: Value,
+    fields: AnnotationFields,
+    recorded: Recorded,
+) -> Result<Option<Created>> {
+    if db.get_database_backend() == DbBackend::Postgres {
+        return create_recorded_in_one(db, task_id, result, fields, recorded).await;
+    }
+    let txn = super::begin_write(db).await?;
+    let Some(annotation) = create_on_task(&txn, task_id, result, fields).await? else {
+        return Ok(None);
+    };
+    let visible = recorded.visible.as_ref();
+    if visible.is_some_and(|ids| !ids.contains(&annotation.project_id)) {
+        return Ok(None); // the transaction is dropped: rolled back
+    }
+    let targets =
+        outbox::record(&txn, annotation.project_id, annotation.id, outbox::UPSERT).await?;
+    if let Some(mut entry) = recorded.audit {
+        entry.project_id = Some(annotation.project_id);
+        entry.resource = with_annotation_id(entry.resource, annotation.id);
+        audit::record(&txn, entry).await?;
+    }
+    txn.commit().await?;
+    Ok(Some(Created {
+        annotation,
+        targets,
+    }))
+}
+
+/// `resource` (an object; anything else counts as an empty one) with
+/// `annotation_id` set.
+fn with_annotation_id(resource: Value, id: i64) -> Value {
+    let mut ids = object_or_empty(resource);
+    ids.insert("annotation_id".to_owned(), id.into());
+    Value::Object(ids)
+}
+
+fn object_or_empty(resource: Value) -> serde_json::Map<String, Value> {
+    match resource {
+        Value::Object(ids) => ids,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// The annotation, the outbox rows and the audit row as the CTEs of one
+/// statement: `$1` task, `$2`..`$7` the annotation's fields, `$8` the
+/// visible projects (NULL: all), then the audit row's fields from `$9`.
+/// The outbox part is [`outbox::record`]'s statement fed by the new row.
+const CREATE_RECORDED: &str = "\
+    WITH a AS ( \
+        INSERT INTO annotations (task_id, project_id, result, completed_by, lead_time, \
+            was_cancelled, ground_truth, created_at, updated_at) \
+        SELECT id, project_id, $2, $3, $4, $5, $6, $7, $7 FROM tasks \
+        WHERE id = $1 AND ($8::bigint[] IS NULL OR project_id = ANY($8::bigint[])) \
+        RETURNING *), \
+    o AS ( \
+        INSERT INTO export_outbox (storage_id, annotation_id, action, version, created_at) \
+        SELECT s.id, a.id, 'upsert', 1, $7 FROM storages s JOIN a ON s.project_id = a.project_id \
+        WHERE s.role = 'target' \
+        ON CONFLICT (storage_id, annotation_id) DO UPDATE SET action = excluded.action, \
+            version = export_outbox.version + 1, created_at = excluded.created_at \
+        RETURNING storage_id), \
+    au AS ( \
+        INSERT INTO audit_events (at, token_id, token_name, method, route, path, project_id, \
+            resource, status, request_id, client) \
+        SELECT $9, $10, $11, $12, $13, $14, a.project_id, \
+            ($15::jsonb || jsonb_build_object('annotation_id', a.id))::text, $16, $17, $18 \
+        FROM a WHERE $19) \
+    SELECT a.*, ARRAY(SELECT storage_id FROM o) AS targets FROM a";
+
+async fn create_recorded_in_one(
+    db: &DatabaseConnection,
+    task_id: i64,
+    result: Value,
+    fields: AnnotationFields,
+    recorded: Recorded,
+) -> Result<Option<Created>> {
+    let now = Utc::now();
+    let visible = recorded.visible.map(|ids| {
+        let ids = ids.into_iter().map(sea_orm::Value::from).collect();
+        Box::new(ids)
+    });
+    let mut values = vec![
+        task_id.into(),
+        result.into(),
+        fields.completed_by.filter(|c| !c.is_null()).into(),
+        fields.lead_time.into(),
+        fields.was_cancelled.unwrap_or(false).into(),
+        fields.ground_truth.unwrap_or(false).into(),
+        now.into(),
+        sea_orm::Value::Array(ArrayType::BigInt, visible),
+    ];
+    values.extend(audit_values(recorded.audit));
+    let statement = Statement::from_sql_and_values(DbBackend::Postgres, CREATE_RECORDED, values);
+    let Some(row) = db.query_one_raw(statement).await? else {
+        return Ok(None);
+    };
+    Ok(Some(Created {
+        annotation: annotation::Model::from_query_result(&row, "")?,
+        targets: row.try_get("", "targets")?,
+    }))
+}
+
+/// `$9`..`$19` of [`CREATE_RECORDED`]: the audit row's fields, and whether
+/// there is one (with defaults when not).
+fn audit_values(entry: Option<audit::Entry>) -> Vec<sea_orm::Value> {
+    let write = entry.is_some();
+    let entry = entry.unwrap_or_default();
+    let resource = Value::Object(object_or_empty(entry.resource));
+    vec![
+        entry.at.into(),
+        entry.token_id.into(),
+        entry.token_name.into(),
+        entry.method.into(),
+        entry.route.into(),
+        entry.path.into(),
+        resource.to_string().into(),
+        i32::from(entry.status).into(),
+        entry.request_id.into(),
+        entry.client.into(),
+        write.into(),
+    ]
 }
 
 /// Writes the given fields over `current` (`None` keeps one) with a new

@@ -11,7 +11,7 @@ use super::entities::audit_event::{self, Column as C};
 use crate::Result;
 
 /// One request's row, as the audit layer fills it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Default, Clone)]
 pub struct Entry {
     pub at: DateTime<Utc>,
     pub token_id: Option<i64>,

@@ -30,7 +30,28 @@ use crate::Result;
 
 /// Opens the pool. SQLite gets WAL and a busy timeout so the API and the
 /// in-process workers can write to one file without "database is locked".
+/// Postgres connections plan every statement afresh (see [`point_pool`]).
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
+    open(url, "force_custom_plan", 16).await
+}
+
+/// The scheduler's second pool on Postgres (8 connections), for the API's
+/// point statements: one row by key, the same shape every time, such as an
+/// annotation save (`annotations::create_recorded`). Its connections keep
+/// Postgres' own plan caching, which [`connect`]'s turn off: the plans of
+/// these statements cannot go stale as a table grows, and planning them
+/// and their foreign-key checks on every call is what made planning about
+/// 40% of Postgres' CPU under 64 clients saving annotations (see
+/// docs/DECISIONS.md, "A second pool for point statements").
+/// On SQLite, `db` itself.
+pub async fn point_pool(db: &DatabaseConnection, url: &str) -> Result<DatabaseConnection> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return Ok(db.clone());
+    }
+    open(url, "auto", 8).await
+}
+
+async fn open(url: &str, plan_cache_mode: &'static str, size: u32) -> Result<DatabaseConnection> {
     let mut opts = ConnectOptions::new(url.to_owned());
     opts.sqlx_logging(false)
         .connect_timeout(Duration::from_secs(10))
@@ -44,11 +65,11 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection> {
         });
     } else {
         let loopback_plain = is_loopback_without_sslmode(url);
-        opts.max_connections(16).map_sqlx_postgres_opts(move |o| {
+        opts.max_connections(size).map_sqlx_postgres_opts(move |o| {
             // Generic plans made while the link table was small kept
             // seq-scanning it: see docs/DECISIONS.md (force_custom_plan on
             // every connection).
-            let o = o.options([("plan_cache_mode", "force_custom_plan")]);
+            let o = o.options([("plan_cache_mode", plan_cache_mode)]);
             // TLS to a loopback server protects nothing and costs a delayed
             // ACK per large statement: see docs/DECISIONS.md (No TLS to a
             // loopback Postgres).

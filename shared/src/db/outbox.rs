@@ -72,6 +72,11 @@ pub async fn pending_storages(db: &impl ConnectionTrait, limit: u64) -> Result<V
         .await?)
 }
 
+/// Whether any event waits for this storage.
+pub async fn any_waiting(db: &impl ConnectionTrait, storage_id: i64) -> Result<bool> {
+    Ok(!oldest(db, storage_id, 1).await?.is_empty())
+}
+
 /// A storage's oldest waiting events (at most `limit`), oldest first.
 pub async fn oldest(
     db: &impl ConnectionTrait,

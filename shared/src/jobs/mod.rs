@@ -501,21 +501,50 @@ async fn end(
         .await
         .map_err(RetryLater)?;
     if let Some(queue) = &ctx.queue {
-        after_end(ctx, queue, run.project_id).await;
+        after_end(ctx, queue, run, status).await;
     }
     Ok(())
 }
 
 /// What a run's end sets going now rather than at the scheduler's next
-/// tick: its project's next held run (its slot under the cap is free), and
-/// the run's webhook events. Failures are the tick's to make up for.
-async fn after_end(ctx: &JobContext, queue: &Queue, project_id: i64) {
-    if let Err(err) = release_project(&ctx.db, queue, &ctx.settings, project_id).await {
+/// tick: the export events saved while it was finishing, its project's next
+/// held run (its slot under the cap is free), and the run's webhook events.
+/// Failures are the tick's to make up for.
+async fn after_end(
+    ctx: &JobContext,
+    queue: &Queue,
+    run: &crate::db::entities::sync_run::Model,
+    status: RunStatus,
+) {
+    if let Err(err) = export_late_events(ctx, queue, run, status).await {
+        tracing::debug!(error = %err, "late export events not dispatched; the scheduler's tick will");
+    }
+    if let Err(err) = release_project(&ctx.db, queue, &ctx.settings, run.project_id).await {
         tracing::debug!(error = %err, "releasing held runs failed; the scheduler's tick will");
     }
     if let Err(err) = dispatch_webhooks(&ctx.db, queue).await {
         tracing::debug!(error = %err, "webhook dispatch failed; the scheduler's tick will");
     }
+}
+
+/// Starts the next events run of an export run's storage when events wait
+/// in its outbox. A save that committed while this run was finishing (after
+/// its last, empty page) saw the run live and started none; without this it
+/// would wait for the scheduler's tick. Only a completed run does this: one
+/// that failed would start the next failure at once, in a loop.
+async fn export_late_events(
+    ctx: &JobContext,
+    queue: &Queue,
+    run: &crate::db::entities::sync_run::Model,
+    status: RunStatus,
+) -> Result<()> {
+    if run.kind != runs::RunKind::Export.as_str() || status != RunStatus::Completed {
+        return Ok(());
+    }
+    if crate::db::outbox::any_waiting(&ctx.db, run.storage_id).await? {
+        enqueue_events(&ctx.db, queue, &ctx.settings, run.storage_id).await?;
+    }
+    Ok(())
 }
 
 /// Delivers the due events of one webhook endpoint (see
