@@ -8,13 +8,8 @@
 set -euo pipefail
 SECONDS_=${1:-20}
 BIN=${2:-target/release/labelsync-scheduler}
-ADMIN=${ADMIN:-postgres://postgres@127.0.0.1:5432/postgres}
-DB=bench_annotations_floor_$$
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-psql "$ADMIN" -qc "CREATE DATABASE $DB"
-SCRIPT=$(mktemp)
-trap 'rm -f "$SCRIPT"; psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"' EXIT
-DATABASE_URL="$URL" RUST_LOG=warn "$BIN" migrate
+source "$(dirname "$0")/bench-floor-db.sh"
+fresh_migrated_db bench_annotations_floor "$BIN"
 psql "$URL" -q -v ON_ERROR_STOP=1 <<'SQL'
 INSERT INTO projects (title, data_key, created_at, updated_at) VALUES ('floor', 'text', now(), now());
 INSERT INTO storages (project_id, role, backend, title, config, secrets_set, prefix, import_method, created_at, updated_at)
@@ -22,7 +17,7 @@ INSERT INTO storages (project_id, role, backend, title, config, secrets_set, pre
 INSERT INTO tasks (project_id, data, created_at, updated_at)
   SELECT 1, jsonb_build_object('text', 'task ' || i), now(), now() FROM generate_series(1, 1000) AS i;
 SQL
-cat > "$SCRIPT" <<'SQL'
+SAVE=$(cat <<'SQL'
 \set task random(1, 1000)
 WITH a AS (
   INSERT INTO annotations (task_id, project_id, result, completed_by, lead_time, was_cancelled, ground_truth, created_at, updated_at)
@@ -40,5 +35,6 @@ au AS (
 SELECT a.*, ARRAY(SELECT storage_id FROM o) AS targets FROM a;
 SELECT * FROM sync_runs WHERE storage_id = 1 AND status IN ('queued', 'running') ORDER BY id DESC LIMIT 1;
 SQL
-pgbench "$URL" -n -M prepared -c 64 -j 2 -T "$SECONDS_" -f "$SCRIPT" 2>&1 \
+)
+pgbench "$URL" -n -M prepared -c 64 -j 2 -T "$SECONDS_" -f <(printf '%s\n' "$SAVE") 2>&1 \
   | grep -E "^(tps|latency average|number of transactions actually processed)"

@@ -7,12 +7,8 @@
 set -euo pipefail
 N=${1:-1000000}
 BIN=${2:-target/release/labelsync-scheduler}
-ADMIN=${ADMIN:-postgres://postgres@127.0.0.1:5432/postgres}
-DB=bench_floor_$$
-URL="postgres://postgres@127.0.0.1:5432/$DB"
-psql "$ADMIN" -qc "CREATE DATABASE $DB"
-trap 'psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"' EXIT
-DATABASE_URL="$URL" RUST_LOG=warn "$BIN" migrate
+source "$(dirname "$0")/bench-floor-db.sh"
+fresh_migrated_db bench_floor "$BIN"
 psql "$URL" -q -v ON_ERROR_STOP=1 <<'SQL'
 INSERT INTO projects (title, data_key, created_at, updated_at) VALUES ('floor', 'image', now(), now());
 INSERT INTO storages (project_id, role, backend, title, config, secrets_set, prefix, import_method, created_at, updated_at)

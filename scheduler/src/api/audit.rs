@@ -102,7 +102,7 @@ pub async fn write_in(
     txn: &impl ConnectionTrait,
     status: StatusCode,
 ) -> ApiResult<()> {
-    if let Some(entry) = completed(&caller.noted(), status) {
+    if let Some(entry) = entry(caller, status) {
         audit::record(txn, entry).await?;
     }
     Ok(())

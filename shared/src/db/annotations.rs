@@ -44,10 +44,10 @@ pub async fn of_task(db: &impl ConnectionTrait, task_id: i64) -> Result<Vec<anno
 }
 
 /// Inserts an annotation of the task with this id, in the task's project,
-/// in one statement (the task is not read first: the hot path of a labeling
-/// UI saving); `None` when there is no such task. Checks no access: the
-/// caller checks the returned `project_id`, and rolls back when it may not.
-pub async fn create_on_task(
+/// in one statement (the task is not read first); `None` when there is no
+/// such task. Checks no access: [`create_recorded`] checks the returned
+/// `project_id`, and rolls back when the writer may not see it.
+async fn create_on_task(
     db: &impl ConnectionTrait,
     task_id: i64,
     result: Value,
