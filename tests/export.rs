@@ -153,6 +153,8 @@ async fn annotation_events_reach_local_and_s3_targets() {
     let (status, _) = app.delete(&format!("/api/v1/annotations/{id}")).await;
     assert_eq!(status, 204);
     eventually("the local delete", || async { !file.exists() }).await;
+    // The file goes before its run commits the counters read below.
+    eventually("the local target's runs", || idle(&app, &local)).await;
     eventually("the S3 target's runs", || idle(&app, &s3)).await;
     assert_eq!(
         s3_doc(id).await.map(|d| label(&d).to_owned()),
