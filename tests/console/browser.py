@@ -138,6 +138,9 @@ try:
     step("rate and ETA")
     open_storages_and_sync(BIG)
     wait.until(lambda d: "per second" in d.find_element(By.CSS_SELECTOR, "[data-rate]").text)
+    # A run started with no object counted yet shows a rate of 0.0 and an
+    # ETA of "not started": wait for its first counters.
+    wait.until(lambda d: not d.find_element(By.CSS_SELECTOR, "[data-eta]").text.startswith("not started"))
     eta = driver.find_element(By.CSS_SELECTOR, "[data-eta]").text
     assert re.match(r"(about \d+ s \(of 3000 objects listed\)|past the 3000 )", eta), eta
 
