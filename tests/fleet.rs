@@ -1355,3 +1355,39 @@ async fn the_in_process_worker_registers_in_embedded_mode() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_takes_a_pushed_job_without_waiting_for_its_poll() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    write_files(&app.doc_root.path().join("data"), 3, "jpg");
+    let project = app.project("wake").await;
+    let storage = app.local_storage(project, json!({})).await;
+    // A minute between polls and between heartbeats (apalis also looks for
+    // jobs at a heartbeat): only the push's wake message can bring the job
+    // to this worker within the test.
+    let worker = spawn_ready_worker(
+        &app,
+        "sleepy",
+        &[
+            ("LABELSYNC_QUEUE_POLL_MS", "60000"),
+            ("LABELSYNC_HEARTBEAT_SECS", "60"),
+        ],
+    )
+    .await;
+    // Past the worker's first look at the queue, made as it starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let run = app.wait_run(&run_id, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 3, "{run}");
+    let at = |field: &str| {
+        chrono::DateTime::parse_from_rfc3339(run[field].as_str().expect(field)).expect(field)
+    };
+    let waited = at("started_at") - at("queued_at");
+    assert!(
+        waited < chrono::Duration::seconds(3),
+        "the job waited {waited} for the worker: {run}"
+    );
+    drop(worker);
+    app.stop().await;
+}

@@ -1289,3 +1289,30 @@ async fn an_incomplete_listing_deletes_no_task() {
     assert_eq!(left, ["a.jpg"]);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_after_a_config_change_reads_the_new_location() {
+    // Workers keep the backends they opened for a storage; a changed
+    // config must open a new one, not list the old location again.
+    let app = spawn_app(AppOptions::default()).await;
+    let root = app.doc_root.path();
+    write(root, "data/a.jpg", b"a");
+    write(root, "other/b.jpg", b"b");
+    write(root, "other/c.jpg", b"c");
+    let project = app.project("moved").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["counters"]["created"], 1, "{run}");
+    let (status, changed) = app
+        .patch(
+            &format!("/api/v1/storages/{}", storage["id"]),
+            json!({ "config": { "path": "other" } }),
+        )
+        .await;
+    assert_eq!(status, 200, "{changed}");
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["listed"], 2, "{run}");
+    assert_eq!(run["counters"]["created"], 2, "{run}");
+    app.stop().await;
+}

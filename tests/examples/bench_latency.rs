@@ -52,8 +52,9 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
     .await;
     let fleet = spawn_fleet(&app, workers, &[]).await;
     let storage = json!({ "prefix": "tasks/", "import_method": "tasks" });
-    let (before, secs, _) = timed_sync(&app, &server, storage, objects).await;
+    let (before, secs, storage) = timed_sync(&app, &server, storage, objects).await;
     report(&server, before, secs, objects, workers, rtt);
+    println!("{}", timeline(&app, &storage).await);
     drop(fleet);
     app.stop().await;
 }
@@ -119,6 +120,51 @@ async fn timed_sync(
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], objects as i64, "{run}");
     (before, secs, storage["id"].clone())
+}
+
+/// Where the storage's last run spent its time, in ms from its request
+/// (the database's clocks, not the bench's 100 ms polling): taken by a
+/// worker, first and last batch made, first and last batch done, ended.
+async fn timeline(
+    app: &labelsync_tests::TestApp,
+    storage: &serde_json::Value,
+) -> serde_json::Value {
+    use sea_orm::{ConnectionTrait, Statement};
+    let db = sea_orm::Database::connect(&app.database_url)
+        .await
+        .expect("bench database");
+    let sql = "SELECT \
+        (1000 * EXTRACT(EPOCH FROM r.started_at - r.queued_at))::float8 AS taken, \
+        (1000 * EXTRACT(EPOCH FROM MIN(b.created_at) - r.queued_at))::float8 AS first_batch, \
+        (1000 * EXTRACT(EPOCH FROM MAX(b.created_at) - r.queued_at))::float8 AS last_batch, \
+        (1000 * EXTRACT(EPOCH FROM MIN(b.finished_at) - r.queued_at))::float8 AS first_done, \
+        (1000 * EXTRACT(EPOCH FROM MAX(b.finished_at) - r.queued_at))::float8 AS last_done, \
+        (1000 * EXTRACT(EPOCH FROM r.finished_at - r.queued_at))::float8 AS ended, \
+        COUNT(b.id) AS batches \
+        FROM sync_runs r LEFT JOIN sync_batches b ON b.run_id = r.id \
+        WHERE r.storage_id = $1 GROUP BY r.id ORDER BY r.queued_at DESC LIMIT 1";
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            sql,
+            [storage.as_i64().expect("storage id").into()],
+        ))
+        .await
+        .expect("timeline")
+        .expect("the run");
+    let ms = |c: &str| {
+        row.try_get::<Option<f64>>("", c)
+            .ok()
+            .flatten()
+            .map(f64::round)
+    };
+    json!({
+        "timeline_ms": {
+            "taken": ms("taken"), "first_batch": ms("first_batch"), "last_batch": ms("last_batch"),
+            "first_done": ms("first_done"), "last_done": ms("last_done"), "ended": ms("ended"),
+        },
+        "batches": row.try_get::<i64>("", "batches").unwrap_or(0),
+    })
 }
 
 fn defaults() -> labelsync::config::Settings {

@@ -46,8 +46,10 @@ pub async fn pending(db: &impl ConnectionTrait, run_id: &str) -> Result<u64> {
         .await?)
 }
 
-/// Claims the run's oldest batch no worker has started (attempts = 0) by
-/// counting an attempt on it; `None` when there is none.
+/// Claims the run's newest batch no worker has started (attempts = 0) by
+/// counting an attempt on it; `None` when there is none. The newest: the
+/// queue hands batches to workers oldest first, and a batch claimed here
+/// is still run by its queued job if that job comes before it is done.
 pub async fn claim_unstarted(
     db: &impl ConnectionTrait,
     run_id: &str,
@@ -59,7 +61,7 @@ pub async fn claim_unstarted(
         .filter(sync_batch::Column::RunId.eq(run_id))
         .filter(sync_batch::Column::Done.eq(false))
         .filter(sync_batch::Column::Attempts.eq(0))
-        .order_by_asc(sync_batch::Column::Id)
+        .order_by_desc(sync_batch::Column::Id)
         .limit(4)
         .into_tuple()
         .all(db)

@@ -129,7 +129,7 @@ impl ImportJob<'_> {
     /// listed by partitions instead (see [`partitions`]).
     #[tracing::instrument(skip_all, fields(run_id = %self.run.id, storage_id = self.storage.id), err)]
     pub async fn run(&self) -> Result<Outcome> {
-        let backend = storage::open(self.storage, self.env).await?;
+        let backend = storage::open_shared(self.storage, self.env).await?;
         if let Some(outcome) = self.try_partitioned(&backend).await? {
             return Ok(outcome);
         }
@@ -546,15 +546,14 @@ impl ImportJob<'_> {
     /// Waits until at most `max` batches of the run are unfinished. False when
     /// the run stopped being `running` meanwhile (cancelled).
     ///
-    /// This job holds a worker slot while it waits. If every slot of the fleet
-    /// is held by such waiting jobs, no batch would ever run; so when no batch
-    /// has finished for [`HELP_AFTER`], the job runs the oldest batch no worker
-    /// has started itself. (Were a worker to start it too, that would cost
-    /// time only: rows are linked once, and only the attempt that marks the
-    /// batch done records its failures.)
+    /// This job holds a worker slot while it waits, so rather than idle it
+    /// runs batches no worker has started, the newest first: the queue hands
+    /// out the oldest first, so the two meet at most at the run's last
+    /// batch. (A batch run twice costs time only: rows are linked once, and
+    /// only the attempt that marks the batch done records its failures.) It
+    /// is also what keeps a run going when every slot of the fleet is held by
+    /// such waiting jobs.
     async fn wait_for_batches(&self, max: u64) -> Result<bool> {
-        let mut last = u64::MAX;
-        let mut since = tokio::time::Instant::now();
         loop {
             self.check_stopping()?;
             let pending = batches::pending(self.db, &self.run.id).await?;
@@ -564,19 +563,10 @@ impl ImportJob<'_> {
             if runs::get(self.db, &self.run.id).await?.status != RunStatus::Running.as_str() {
                 return Ok(false);
             }
-            if pending != last {
-                (last, since) = (pending, tokio::time::Instant::now());
-            } else if since.elapsed() >= HELP_AFTER {
-                if let Some(batch) = batches::claim_unstarted(self.db, &self.run.id).await? {
-                    tracing::info!(
-                        batch_id = batch.id,
-                        "no batch finished lately; running one in the sync job"
-                    );
-                    if self.run_batch(&batch, "sync-job").await? == Outcome::Stopped {
-                        return Ok(false);
-                    }
+            if let Some(batch) = batches::claim_unstarted(self.db, &self.run.id).await? {
+                if self.run_batch(&batch, "sync-job").await? == Outcome::Stopped {
+                    return Ok(false);
                 }
-                since = tokio::time::Instant::now();
                 continue;
             }
             // Nearly there (the run's last batches, or one short of room):
@@ -591,7 +581,7 @@ impl ImportJob<'_> {
     /// nothing twice).
     #[tracing::instrument(skip_all, fields(run_id = %self.run.id, batch_id = batch.id), err)]
     pub async fn run_batch(&self, batch: &sync_batch::Model, worker: &str) -> Result<Outcome> {
-        let backend = storage::open(self.storage, self.env).await?;
+        let backend = storage::open_shared(self.storage, self.env).await?;
         let objects: Vec<ObjectMeta> = batches::objects(batch)?;
         let Some((failed, errors)) = self.import_objects(&backend, objects, true, false).await?
         else {
@@ -643,8 +633,6 @@ fn batch_objects(fetch_concurrency: usize) -> usize {
 const BATCH_ROUNDS: usize = 4;
 /// Unfinished batches one run may have at once.
 const MAX_BATCHES_IN_FLIGHT: u64 = 64;
-/// How long a waiting sync job lets batches stall before running one itself.
-const HELP_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often a run waiting on its batches looks again.
 const BATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 /// ... and when at most [`NEARLY_DONE`] batches stand between it and its

@@ -196,7 +196,7 @@ impl ImportJob<'_> {
 
     /// Lists this attempt's partition, then marks it done.
     async fn list_part(&self, id: i64, lease: &str, worker: &str) -> Result<Outcome> {
-        let backend = crate::storage::open(self.storage, self.env).await?;
+        let backend = crate::storage::open_shared(self.storage, self.env).await?;
         if !self.list_pages(&backend).await? {
             return Ok(Outcome::Stopped);
         }

@@ -13,6 +13,7 @@ pub mod admission;
 pub mod dead;
 pub mod queue;
 pub mod registry;
+mod wake;
 
 use std::{
     sync::{Arc, atomic::AtomicBool},

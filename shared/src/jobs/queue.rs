@@ -3,8 +3,12 @@
 //!
 //! Settings that work around apalis-redis 1.0 (see docs/DECISIONS.md, "The
 //! job queue: apalis 1.0 / apalis-redis 1.0"):
-//! - `poll_with_interval`: without it an idle worker only sees new jobs at its
-//!   next heartbeat (~30 s);
+//! - an interval poll: without it an idle worker only sees new jobs at its
+//!   next heartbeat (~30 s); beside it, a wake message on every push
+//!   ([`super::wake`]), so an idle worker does not wait out the interval;
+//! - a worker fetches one job at a time, and only when it has a free slot:
+//!   a fetch of several would park jobs behind a busy worker's slots while
+//!   other workers idle (the tail of every fan-out);
 //! - heartbeat 5 s x 3 missed: a killed worker's jobs come back after ~15 s,
 //!   not 300 s;
 //! - a random suffix on every worker name: a restarted pod reusing a name is
@@ -17,6 +21,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use apalis::prelude::*;
+use apalis_core::backend::ext::poll_strategy::Strategy;
 use apalis_redis::{ConnectionManager, RedisStorage};
 use apalis_sqlite::SqliteStorage;
 use rand::Rng;
@@ -34,6 +39,8 @@ pub enum Queue {
     Redis {
         storage: RedisStorage<RunJob>,
         conn: ConnectionManager,
+        /// For the workers' wake subscriptions (see [`super::wake`]).
+        client: apalis_redis::Client,
         /// See `Settings::queue_backlog_limit`.
         backlog_limit: u64,
     },
@@ -59,11 +66,10 @@ impl Queue {
                     .get_connection_manager_with_config(conn_config)
                     .await
                     .map_err(|e| Error::Transient(format!("cannot connect to Redis: {e}")))?;
-                // A worker fetches no more jobs than it can run, so fan-out
-                // batches spread over the fleet instead of queueing in one worker.
+                // One job per fetch: see the module's documentation.
                 let config = apalis_redis::Config::default()
                     .queue(&queue_name)
-                    .batch_size(w.concurrency.max(1))
+                    .batch_size(1)
                     .heartbeat_interval(w.heartbeat)
                     .missed_heartbeats(w.missed_heartbeats)
                     .persist_results(true)
@@ -72,6 +78,7 @@ impl Queue {
                 Ok(Queue::Redis {
                     storage,
                     conn,
+                    client,
                     backlog_limit: settings.queue_backlog_limit,
                 })
             }
@@ -119,6 +126,7 @@ impl Queue {
                 storage,
                 conn,
                 backlog_limit,
+                ..
             } => {
                 if *backlog_limit > 0 {
                     // Every push lands in the scheduled set first; that set,
@@ -137,6 +145,8 @@ impl Queue {
                     .push_task(task)
                     .await
                     .map_err(|e| failed(e.to_string()))?;
+                let channel = super::wake::channel(&storage.get_config().queue.to_string());
+                super::wake::publish(&mut conn.clone(), &channel).await;
             }
             Queue::Embedded(storage) => {
                 storage
@@ -217,9 +227,18 @@ impl Queue {
         // The same builder chain over two backend types: a generic helper
         // would have to restate apalis' builder bounds, longer than the copy.
         let result = match self {
-            Queue::Redis { storage, .. } => {
+            Queue::Redis {
+                storage, client, ..
+            } => {
+                let woken = super::wake::Signal::default();
+                let _listening = super::AbortOnDrop(tokio::spawn(super::wake::listen(
+                    client.clone(),
+                    super::wake::channel(&storage.get_config().queue.to_string()),
+                    woken.clone(),
+                )));
+                let strategy = Strategy::new().stream(woken).interval(poll);
                 WorkerBuilder::new(name.as_str())
-                    .backend(storage.clone().poll_with_interval(poll))
+                    .backend(storage.clone().poll_with_strategy(strategy))
                     .data(ctx)
                     .concurrency(concurrency)
                     .build(handle)

@@ -13,6 +13,7 @@ mod filter;
 pub mod gcs;
 mod instrumented;
 pub mod local;
+mod opened;
 pub mod redis;
 pub mod retry;
 pub mod s3;
@@ -505,6 +506,8 @@ pub struct StorageEnv {
     pub azure_account_key: Option<crate::config::Secret>,
     /// `LABELSYNC_STORAGE_TIMEOUT_SECS`: see [`crate::config::Settings::storage_timeout`].
     pub request_timeout: Duration,
+    /// Backends this process opened lately ([`open_shared`]).
+    pub opened: opened::Opened,
 }
 
 impl Default for StorageEnv {
@@ -516,6 +519,7 @@ impl Default for StorageEnv {
             azure_account_name: None,
             azure_account_key: None,
             request_timeout: Duration::from_secs(60),
+            opened: opened::Opened::default(),
         }
     }
 }
@@ -529,6 +533,7 @@ impl StorageEnv {
             azure_account_name: settings.azure_account_name.clone(),
             azure_account_key: settings.azure_account_key.clone(),
             request_timeout: settings.storage_timeout,
+            opened: opened::Opened::default(),
         }
     }
 
@@ -611,6 +616,8 @@ pub fn secrets_of(model: &storage::Model, env: &StorageEnv) -> Result<Secrets> {
 pub async fn validate_config(kind: BackendKind, config: &Value, env: &StorageEnv) -> Result<Value> {
     backend(kind).validate(config, env).await
 }
+
+pub use opened::open_shared;
 
 /// Opens the backend behind a saved storage (or one about to be saved).
 pub async fn open(model: &storage::Model, env: &StorageEnv) -> Result<Arc<dyn Storage>> {

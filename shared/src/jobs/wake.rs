@@ -1,0 +1,105 @@
+//! Wakes idle Redis workers when a job is pushed.
+//!
+//! apalis-redis 1.0 looks for jobs on its poll interval
+//! (`LABELSYNC_QUEUE_POLL_MS`), and its own "available" messages are not
+//! sent for our pushes (they land in its scheduled set first). So a job
+//! waited up to one interval before a worker took it, once per hop of a run:
+//! the sync job, then every wave of fan-out batches. Now the pusher
+//! publishes on the queue's wake channel, every worker subscribes, and a
+//! message makes an idle worker look at once.
+//!
+//! The interval poll stays: a lost message (Redis restarting, a worker
+//! subscribing after the push) costs one interval, as before, and nothing
+//! else. A message carries no job; a worker that finds nothing waits again.
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt, task::AtomicWaker};
+
+/// The wake channel of the apalis queue named `queue`.
+pub fn channel(queue: &str) -> String {
+    format!("{queue}:wake")
+}
+
+/// Tells the queue's idle workers to look now. Best effort: a failure is
+/// logged, and the workers' interval poll finds the job anyway.
+pub async fn publish(conn: &mut redis::aio::ConnectionManager, channel: &str) {
+    let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(1)
+        .query_async(conn)
+        .await;
+    if let Err(err) = sent {
+        tracing::debug!(error = %err, "queue wake not published; workers find the job at their next poll");
+    }
+}
+
+/// Wake-ups not yet seen by the worker, folded into one: a stream that
+/// yields once after any number of [`Signal::wake`] calls.
+#[derive(Debug, Clone, Default)]
+pub struct Signal(Arc<Inner>);
+
+#[derive(Debug, Default)]
+struct Inner {
+    waker: AtomicWaker,
+    set: AtomicBool,
+}
+
+impl Signal {
+    pub fn wake(&self) {
+        self.0.set.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+}
+
+impl Stream for Signal {
+    type Item = ();
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
+        let inner = &self.0;
+        if inner.set.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(Some(()));
+        }
+        // Register, then look again: a wake between the two is not lost.
+        inner.waker.register(cx.waker());
+        if inner.set.swap(false, Ordering::AcqRel) {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// How long a lost subscription waits before connecting again.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
+
+/// Subscribes to `channel` and wakes `signal` on every message, until
+/// aborted; a dropped connection is made again after [`RESUBSCRIBE_AFTER`]
+/// (meanwhile the interval poll carries on).
+pub async fn listen(client: redis::Client, channel: String, signal: Signal) {
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                Ok(()) => {
+                    // Anything pushed while unsubscribed is found by this look.
+                    signal.wake();
+                    let mut messages = pubsub.on_message();
+                    while messages.next().await.is_some() {
+                        signal.wake();
+                    }
+                    tracing::debug!(channel, "queue wake subscription ended");
+                }
+                Err(err) => tracing::debug!(error = %err, "queue wake subscribe failed"),
+            },
+            Err(err) => tracing::debug!(error = %err, "queue wake connection failed"),
+        }
+        tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+    }
+}
