@@ -40,7 +40,7 @@ pub enum Queue {
         storage: RedisStorage<RunJob>,
         conn: ConnectionManager,
         /// For the workers' wake subscriptions (see [`super::wake`]).
-        client: apalis_redis::Client,
+        client: Arc<apalis_redis::Client>,
         /// See `Settings::queue_backlog_limit`.
         backlog_limit: u64,
     },
@@ -78,7 +78,7 @@ impl Queue {
                 Ok(Queue::Redis {
                     storage,
                     conn,
-                    client,
+                    client: Arc::new(client),
                     backlog_limit: settings.queue_backlog_limit,
                 })
             }
@@ -145,7 +145,7 @@ impl Queue {
                     .push_task(task)
                     .await
                     .map_err(|e| failed(e.to_string()))?;
-                let channel = super::wake::channel(&storage.get_config().queue.to_string());
+                let channel = super::wake::channel(storage.get_config().queue.as_ref());
                 super::wake::publish(&mut conn.clone(), &channel).await;
             }
             Queue::Embedded(storage) => {
@@ -232,8 +232,8 @@ impl Queue {
             } => {
                 let woken = super::wake::Signal::default();
                 let _listening = super::AbortOnDrop(tokio::spawn(super::wake::listen(
-                    client.clone(),
-                    super::wake::channel(&storage.get_config().queue.to_string()),
+                    (**client).clone(),
+                    super::wake::channel(storage.get_config().queue.as_ref()),
                     woken.clone(),
                 )));
                 let strategy = Strategy::new().stream(woken).interval(poll);
