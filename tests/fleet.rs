@@ -336,11 +336,11 @@ async fn fan_out_storage(app: &TestApp, files: usize) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_sync_fans_out_batches_across_workers() {
     let app = spawn_app(AppOptions::without_workers()).await;
-    // "left" has one slot and takes the sync job, so it cannot run a batch:
-    // every batch has to go through Redis to "right", started once the sync
-    // job runs (or, after 2 s without progress, be run by the sync job
-    // itself, as "sync-job"). Which worker takes which job is otherwise a
-    // race that one quick worker can win every time.
+    // "left" has one slot and takes the sync job, so it cannot run a batch
+    // from the queue: every batch goes through Redis to "right", started
+    // once the sync job runs, or is run by the waiting sync job itself
+    // (newest first, as "sync-job"). Which worker takes which job is
+    // otherwise a race that one quick worker can win every time.
     let left = spawn_ready_worker(&app, "left", &[("LABELSYNC_WORKER_CONCURRENCY", "1")]).await;
     let storage = fan_out_storage(&app, 1500).await;
     let run_id = app.start_sync(&storage["id"]).await;
