@@ -413,9 +413,7 @@ async fn fan_out_on_a_single_slot_worker_does_not_deadlock() {
 async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     const OBJECTS: usize = 40_000;
     let app = spawn_app(AppOptions::without_workers()).await;
-    write_files(&app.doc_root.path().join("data"), OBJECTS, "jpg");
-    let project = app.project("drain").await;
-    let storage = app.local_storage(project, json!({})).await;
+    let storage = app.files_storage("drain", OBJECTS).await;
     let mut first = spawn_worker(&app, "draining", &[]);
     let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
 
@@ -703,9 +701,7 @@ async fn readyz_waits_for_the_migrations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_serves_probes_and_metrics() {
     let app = spawn_app(AppOptions::without_workers()).await;
-    write_files(&app.doc_root.path().join("data"), 20, "jpg");
-    let project = app.project("metrics").await;
-    let storage = app.local_storage(project, json!({})).await;
+    let storage = app.files_storage("metrics", 20).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -1206,9 +1202,7 @@ async fn workers_register_themselves_and_show_their_runs() {
     })
     .await;
     // Pages of 2: the run lasts a few heartbeats.
-    write_files(&app.doc_root.path().join("data"), 2000, "jpg");
-    let project = app.project("workers").await;
-    let storage = app.local_storage(project, json!({})).await;
+    let storage = app.files_storage("workers", 2000).await;
     let slow = ("LABELSYNC_PAGE_SIZE", "2");
     let mut busy =
         spawn_ready_worker(&app, "busy", &[("LABELSYNC_WORKER_CONCURRENCY", "3"), slow]).await;
@@ -1359,9 +1353,7 @@ async fn the_in_process_worker_registers_in_embedded_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_takes_a_pushed_job_without_waiting_for_its_poll() {
     let app = spawn_app(AppOptions::without_workers()).await;
-    write_files(&app.doc_root.path().join("data"), 3, "jpg");
-    let project = app.project("wake").await;
-    let storage = app.local_storage(project, json!({})).await;
+    let storage = app.files_storage("wake", 3).await;
     // A minute between polls and between heartbeats (apalis also looks for
     // jobs at a heartbeat): only the push's wake message can bring the job
     // to this worker within the test.

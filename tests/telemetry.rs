@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use labelsync_tests::{
     AppOptions, TestApp,
     otlp::{Collector, SpanSeen},
-    spawn_app, spawn_worker, write_files,
+    spawn_app, spawn_worker,
 };
 use serde_json::{Value, json};
 
@@ -25,9 +25,7 @@ async fn traces_and_metrics_reach_an_otlp_collector() {
     let telemetry =
         labelsync::telemetry::init(false, Some(&collector.endpoint), "labelsync-scheduler");
     let app = spawn_app(AppOptions::without_workers()).await;
-    write_files(&app.doc_root.path().join("data"), 30, "jpg");
-    let project = app.project("traced").await;
-    let storage = app.local_storage(project, json!({})).await;
+    let storage = app.files_storage("traced", 30).await;
     let _worker = spawn_worker(
         &app,
         "traced",

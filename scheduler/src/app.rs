@@ -16,13 +16,13 @@ use crate::api::{self, AppState};
 pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
     let db = db::connect(&settings.database_url)
         .await
-        .with_context(|| "cannot open the database (DATABASE_URL)")?;
+        .context("cannot open the database (DATABASE_URL)")?;
     if settings.run_migrations {
         db::migrate(&db).await.context("migrations failed")?;
     }
     let point_db = db::point_pool(&db, &settings.database_url)
         .await
-        .with_context(|| "cannot open the database (DATABASE_URL)")?;
+        .context("cannot open the database (DATABASE_URL)")?;
     let queue = Queue::open(&settings, &db)
         .await
         .context("cannot open the queue")?;

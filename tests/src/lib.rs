@@ -335,6 +335,15 @@ impl TestApp {
         body["id"].as_i64().expect("project id")
     }
 
+    /// Writes `files` small `.jpg` files under the document root's `data/`
+    /// and makes a project named `name` with a local Files-mode storage on
+    /// them; returns the storage.
+    pub async fn files_storage(&self, name: &str, files: usize) -> Value {
+        write_files(&self.doc_root.path().join("data"), files, "jpg");
+        let project = self.project(name).await;
+        self.local_storage(project, serde_json::json!({})).await
+    }
+
     /// Creates a local source storage on the document root's `data/`
     /// (Files mode), with `extra` fields overriding the defaults.
     pub async fn local_storage(&self, project_id: i64, extra: Value) -> Value {

@@ -85,21 +85,23 @@ const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 /// (meanwhile the interval poll carries on).
 pub async fn listen(client: redis::Client, channel: String, signal: Signal) {
     loop {
-        match client.get_async_pubsub().await {
-            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
-                Ok(()) => {
-                    // Anything pushed while unsubscribed is found by this look.
-                    signal.wake();
-                    let mut messages = pubsub.on_message();
-                    while messages.next().await.is_some() {
-                        signal.wake();
-                    }
-                    tracing::debug!(channel, "queue wake subscription ended");
-                }
-                Err(err) => tracing::debug!(error = %err, "queue wake subscribe failed"),
-            },
-            Err(err) => tracing::debug!(error = %err, "queue wake connection failed"),
+        match follow(&client, &channel, &signal).await {
+            Ok(()) => tracing::debug!(channel, "queue wake subscription ended"),
+            Err(err) => tracing::debug!(error = %err, channel, "queue wake subscription failed"),
         }
         tokio::time::sleep(RESUBSCRIBE_AFTER).await;
     }
+}
+
+/// One subscription, until its connection ends.
+async fn follow(client: &redis::Client, channel: &str, signal: &Signal) -> redis::RedisResult<()> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    // Anything pushed while unsubscribed is found by this look.
+    signal.wake();
+    let mut messages = pubsub.on_message();
+    while messages.next().await.is_some() {
+        signal.wake();
+    }
+    Ok(())
 }
