@@ -479,3 +479,53 @@ async fn layouts_that_do_not_split_are_listed_in_one_sequence() {
     );
     app.stop().await;
 }
+
+/// A flat prefix: the pages discovery read are the listing's first pages,
+/// so the run does not ask for them again. Counted through a proxy in
+/// front of s3s-fs, with pages of 400 keys (discovery reads 1,000 a page,
+/// at most 3 pages): 30 keys take one listing request (it was 2), 3,030
+/// keys four (3 by discovery, then the rest after its last key; it was 11),
+/// and a re-sync after two deletions counts them missing and the rest
+/// existing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flat_prefix_is_listed_once_from_the_pages_discovery_read() {
+    let small: Vec<String> = (0..30).map(|i| format!("small/{i:03}.json")).collect();
+    let big: Vec<String> = (0..3030).map(|i| format!("big/{i:05}.json")).collect();
+    let bucket = bucket_with(&[small.clone(), big.clone()].concat()).await;
+    let proxy = FaultProxy::start(&s3s(), Mode::Latency(Latency::default())).await;
+    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "400")]).await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let requests_of = async |storage: &Value| {
+        let before = proxy.counts().0;
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["status"], "completed", "{run}");
+        let parts = partitions(&db, run["id"].as_str().expect("id")).await;
+        assert!(parts.is_empty(), "a flat prefix does not split: {parts:?}");
+        (run, proxy.counts().0 - before)
+    };
+    for (prefix, keys, requests) in [("small/", &small, 1), ("big/", &big, 4)] {
+        let storage = s3_storage(&app, &bucket, &proxy.url, json!({ "prefix": prefix })).await;
+        let (run, made) = requests_of(&storage).await;
+        assert_eq!(run["counters"]["listed"], keys.len(), "{prefix}: {run}");
+        assert_eq!(run["counters"]["created"], keys.len(), "{prefix}: {run}");
+        assert_eq!(made, requests, "{prefix}: listing requests");
+        assert_eq!(
+            task_keys(&app, &storage["project_id"]).await,
+            uris(&bucket, keys),
+            "{prefix}"
+        );
+        if prefix != "big/" {
+            continue;
+        }
+        for key in ["big/00000.json", "big/03029.json"] {
+            let deleted = client().delete_object().bucket(&bucket).key(key).send();
+            deleted.await.expect("delete");
+        }
+        let (again, made) = requests_of(&storage).await;
+        assert_eq!(again["counters"]["missing"], 2, "{again}");
+        assert_eq!(again["counters"]["existed"], big.len() - 2, "{again}");
+        assert_eq!(again["counters"]["created"], 0, "{again}");
+        assert_eq!(made, 4, "a re-sync's listing requests");
+    }
+    app.stop().await;
+}

@@ -177,7 +177,9 @@ async fn prefixes_and_recursion_choose_the_keys_listed(storage: Arc<dyn Storage>
 }
 
 /// `list_children` (partitioned listing's discovery): the S3 and GCS
-/// backends answer it, one level at a time; the others say they cannot.
+/// backends answer it, one level at a time, each level's objects exactly as
+/// the non-recursive listing gives them (a flat run lists from them), and
+/// whether the pages read hold the whole level; the others say they cannot.
 async fn one_level_of_the_tree(storage: &dyn Storage) {
     let kind = storage.kind();
     let tree = storage.list_children("tree/", 3).await.unwrap();
@@ -185,27 +187,54 @@ async fn one_level_of_the_tree(storage: &dyn Storage) {
         assert_eq!(tree, None, "{kind}: cannot list by delimiter");
         return;
     }
-    let level = |prefixes: &[&str], objects| {
+    let flat = async |prefix: &str| {
+        let pages = keys(storage, prefix, false, None).await;
+        pages
+            .into_iter()
+            .flat_map(|p| p.objects)
+            .collect::<Vec<_>>()
+    };
+    let level = |prefixes: &[&str], objects, complete| {
         Some(Children {
             prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
             objects,
+            complete,
         })
     };
-    assert_eq!(tree, level(&["tree/sub/"], true), "{kind}: tree/");
+    assert_eq!(
+        tree,
+        level(&["tree/sub/"], flat("tree/").await, true),
+        "{kind}: tree/"
+    );
     assert_eq!(
         storage.list_children("tree/sub/", 3).await.unwrap(),
-        level(&[], true),
+        level(&[], flat("tree/sub/").await, true),
         "{kind}: tree/sub/"
     );
     assert_eq!(
         storage.list_children("nothing-here/", 3).await.unwrap(),
-        level(&[], false),
+        level(&[], Vec::new(), true),
         "{kind}: nothing-here/"
+    );
+    // 2,500 keys directly under many/: three pages of 1,000 hold them all,
+    // two only the first 2,000.
+    let many = flat("many/").await;
+    assert_eq!(many.len(), 2500, "{kind}: many/");
+    assert_eq!(
+        storage.list_children("many/", 3).await.unwrap(),
+        level(&[], many.clone(), true),
+        "{kind}: many/ in 3 pages"
+    );
+    assert_eq!(
+        storage.list_children("many/", 2).await.unwrap(),
+        level(&[], many[..2000].to_vec(), false),
+        "{kind}: many/ in 2 pages"
     );
     // The bucket's root: the conformance keys so far sit under many/ and
     // tree/, and tree-sibling.txt and treetop.txt directly.
     let root = storage.list_children("", 3).await.unwrap().expect("root");
-    assert!(root.objects, "{kind}: keys at the root");
+    assert_eq!(root.objects, flat("").await, "{kind}: keys at the root");
+    assert!(!root.objects.is_empty(), "{kind}: keys at the root");
     for prefix in ["many/", "tree/"] {
         assert!(
             root.prefixes.iter().any(|p| p == prefix),

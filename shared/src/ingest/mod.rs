@@ -43,6 +43,7 @@ use crate::{
     },
     storage::{self, Filter, ListOptions, ObjectMeta, Storage, StorageEnv, spec::OnMissing},
 };
+use partitions::{Head, Listing};
 
 /// One attempt of an import run: lists the source from the run's cursor and
 /// commits each page (tasks, links, errors, counters, cursor) in one
@@ -130,20 +131,21 @@ impl ImportJob<'_> {
     #[tracing::instrument(skip_all, fields(run_id = %self.run.id, storage_id = self.storage.id), err)]
     pub async fn run(&self) -> Result<Outcome> {
         let backend = storage::open_shared(self.storage, self.env).await?;
-        if let Some(outcome) = self.try_partitioned(&backend).await? {
-            return Ok(outcome);
-        }
-        if !self.list_pages(&backend).await? {
+        let head = match self.try_partitioned(&backend).await? {
+            Listing::Partitioned(outcome) => return Ok(outcome),
+            Listing::Sequence(head) => head,
+        };
+        if !self.list_pages(&backend, head).await? {
             return Ok(Outcome::Stopped);
         }
         self.finish_listing().await
     }
 
-    /// Plans, reads and commits every page of the listing; false when the
-    /// run stopped.
-    async fn list_pages(&self, backend: &Arc<dyn Storage>) -> Result<bool> {
+    /// Plans, reads and commits every page of the listing (which starts
+    /// with `head` when discovery read it); false when the run stopped.
+    async fn list_pages(&self, backend: &Arc<dyn Storage>, head: Option<Head>) -> Result<bool> {
         let filter = Filter::from_storage(self.storage)?;
-        let mut pages = self.pages(backend);
+        let mut pages = self.pages(backend, head);
         while let Some(page) = pages.next().await {
             self.check_stopping()?;
             let (page, cursor) = page?;
@@ -162,12 +164,14 @@ impl ImportJob<'_> {
         Ok(true)
     }
 
-    /// What the run reads, from its cursor: the storage's listing, or for
-    /// a `retry` run the objects its original run failed on (each page with
-    /// the cursor it moves the run to).
+    /// What the run reads, from its cursor: the storage's listing (`head`
+    /// first, then what comes after it), or for a `retry` run the objects
+    /// its original run failed on (each page with the cursor it moves the
+    /// run to).
     fn pages(
         &self,
         backend: &Arc<dyn Storage>,
+        head: Option<Head>,
     ) -> futures::stream::BoxStream<'static, Result<(storage::Page, Option<String>)>> {
         if let Some(retry_of) = self.retry_of() {
             return retry::pages(retry::Source {
@@ -187,13 +191,30 @@ impl ImportJob<'_> {
                 self.run.cursor.clone(),
             ),
         };
-        let listing = backend.list(ListOptions {
+        let opts = ListOptions {
             prefix,
             recursive,
             start_after,
             page_size: self.settings.page_size,
-        });
-        storage::prefetch(listing, 2)
+        };
+        // What is left to list after the head (`None`: nothing).
+        let (head, rest) = match head {
+            None => (Vec::new(), Some(opts)),
+            Some(head) => {
+                let (pages, after) = head.into_pages(opts.page_size);
+                let rest = after.map(|after| ListOptions {
+                    start_after: Some(after),
+                    ..opts
+                });
+                (pages, rest)
+            }
+        };
+        let rest = match rest {
+            Some(opts) => backend.list(opts),
+            None => futures::stream::empty().boxed(),
+        };
+        futures::stream::iter(head.into_iter().map(Ok))
+            .chain(storage::prefetch(rest, 2))
             .map_ok(|page| (page, None))
             .boxed()
     }

@@ -29,7 +29,7 @@ use crate::{
         partitions as parts,
         runs::{self, Counters, RunStatus},
     },
-    storage::{Children, Storage},
+    storage::{Children, ObjectMeta, Page, Storage},
 };
 
 /// Delimiter-listing pages read per prefix while discovering; a level
@@ -44,32 +44,40 @@ const POLL: std::time::Duration = std::time::Duration::from_millis(200);
 /// The name the run's job records on partitions it lists itself.
 const RUN_JOB: &str = "sync-job";
 
+/// How a run lists its storage.
+pub(super) enum Listing {
+    /// By partitions, with what came of that.
+    Partitioned(Outcome),
+    /// As one sequence from the run's cursor, starting with a head
+    /// discovery already read.
+    Sequence(Option<Head>),
+}
+
 impl ImportJob<'_> {
     /// Lists the run by partitions when it has them or its listing splits
-    /// now: `None` when it is listed as one sequence instead (a retry run, a run resumed from a sequential cursor, a
-    /// flat listing, a backend that cannot split, or no fleet to share
-    /// with).
-    pub(super) async fn try_partitioned(
-        &self,
-        backend: &Arc<dyn Storage>,
-    ) -> Result<Option<Outcome>> {
+    /// now; a sequence instead for a retry run, a run resumed from a
+    /// sequential cursor, a flat listing, a backend that cannot split, or
+    /// no fleet to share with.
+    pub(super) async fn try_partitioned(&self, backend: &Arc<dyn Storage>) -> Result<Listing> {
         let mut written = parts::of_run(self.db, &self.run.id).await?;
         if written.is_empty() {
             if !self.may_partition() {
-                return Ok(None);
+                return Ok(Listing::Sequence(None));
             }
             let prefix = &self.storage.prefix;
-            let Some(found) = discover(&**backend, prefix, self.settings.list_partitions).await?
-            else {
-                return Ok(None);
+            let found = match discover(&**backend, prefix, self.settings.list_partitions).await? {
+                Discovery::Split(found) => found,
+                Discovery::Sequence(head) => return Ok(Listing::Sequence(head)),
             };
             if !self.write_partitions(&found).await? {
-                return Ok(Some(Outcome::Stopped));
+                return Ok(Listing::Partitioned(Outcome::Stopped));
             }
             tracing::info!(partitions = found.len(), "listing split by prefix");
             written = parts::of_run(self.db, &self.run.id).await?;
         }
-        self.run_partitioned(&written).await.map(Some)
+        self.run_partitioned(&written)
+            .await
+            .map(Listing::Partitioned)
     }
 
     fn may_partition(&self) -> bool {
@@ -197,7 +205,7 @@ impl ImportJob<'_> {
     /// Lists this attempt's partition, then marks it done.
     async fn list_part(&self, id: i64, lease: &str, worker: &str) -> Result<Outcome> {
         let backend = crate::storage::open_shared(self.storage, self.env).await?;
-        if !self.list_pages(&backend).await? {
+        if !self.list_pages(&backend, None).await? {
             return Ok(Outcome::Stopped);
         }
         if parts::finish(self.db, id, lease, worker).await? {
@@ -250,18 +258,72 @@ async fn renew(
     }
 }
 
+/// What discovery found under a storage's prefix.
+pub(super) enum Discovery {
+    /// At least two partitions that hold every key once, `(prefix,
+    /// recursive)` each.
+    Split(Vec<(String, bool)>),
+    /// The listing does not split: it is listed as one sequence, which
+    /// starts with `Head` when the prefix is flat (no sub-prefix among the
+    /// pages discovery read).
+    Sequence(Option<Head>),
+}
+
+/// The first keys of a flat listing, which discovery read: the run lists
+/// them from here instead of asking the storage for them again.
+#[derive(Debug)]
+pub(super) struct Head {
+    /// Never empty unless `complete`.
+    objects: Vec<ObjectMeta>,
+    /// Whether these are all the listing's keys.
+    complete: bool,
+}
+
+impl Head {
+    /// The head as listing pages of at most `page_size` objects, and the
+    /// key the listing goes on after (`None`: the head is all of it).
+    pub(super) fn into_pages(self, page_size: usize) -> (Vec<Page>, Option<String>) {
+        let after = match self.complete {
+            true => None,
+            false => self.objects.last().map(|o| o.key.clone()),
+        };
+        let mut pages = Vec::with_capacity(self.objects.len().div_ceil(page_size.max(1)));
+        let mut objects = self.objects.into_iter().peekable();
+        while objects.peek().is_some() {
+            pages.push(Page {
+                objects: objects.by_ref().take(page_size.max(1)).collect(),
+                errors: Vec::new(),
+            });
+        }
+        (pages, after)
+    }
+}
+
 /// Splits the key tree under `root` into at most `max` partitions that
-/// hold every key once, `(prefix, recursive)` each, splitting level by
-/// level (at most [`DISCOVERY_DEPTH`]) while there are fewer than `max / 4`
-/// recursive ones. `None` when it does not split into two or more.
-pub(super) async fn discover(
-    backend: &dyn Storage,
-    root: &str,
-    max: usize,
-) -> Result<Option<Vec<(String, bool)>>> {
-    let mut found = vec![(root.to_owned(), true)];
-    for _ in 0..DISCOVERY_DEPTH {
-        if found.iter().filter(|(_, recursive)| *recursive).count() >= (max / 4).max(2) {
+/// hold every key once, splitting level by level (at most
+/// [`DISCOVERY_DEPTH`]) while there are fewer than `max / 4` recursive
+/// ones.
+pub(super) async fn discover(backend: &dyn Storage, root: &str, max: usize) -> Result<Discovery> {
+    let Some(top) = backend.list_children(root, DISCOVERY_PAGES).await? else {
+        return Ok(Discovery::Sequence(None));
+    };
+    if top.prefixes.is_empty() {
+        let head = (top.complete || !top.objects.is_empty()).then_some(Head {
+            objects: top.objects,
+            complete: top.complete,
+        });
+        return Ok(Discovery::Sequence(head));
+    }
+    if !top.complete {
+        return Ok(Discovery::Sequence(None)); // too long a level to split
+    }
+    let mut found = children_of((root.to_owned(), true), top);
+    if found.len() > max {
+        return Ok(Discovery::Sequence(None));
+    }
+    for _ in 1..DISCOVERY_DEPTH {
+        let recursive = found.iter().filter(|(_, recursive)| *recursive).count();
+        if recursive >= (max / 4).max(2) {
             break;
         }
         let next = split_level(backend, &found).await?;
@@ -270,18 +332,36 @@ pub(super) async fn discover(
         }
         found = next;
     }
-    Ok((found.len() >= 2).then_some(found))
+    Ok(if found.len() >= 2 {
+        Discovery::Split(found)
+    } else {
+        Discovery::Sequence(None)
+    })
 }
 
-/// Each recursive partition replaced by its children (and a flat one for
-/// the keys directly under it, when it has any) where it has children.
+/// What partition `part` becomes given its `level`: its children (and a
+/// flat partition for the keys directly under it, when it has any), or
+/// itself when the level is incomplete or has no sub-prefix.
+fn children_of(part: (String, bool), level: Children) -> Vec<(String, bool)> {
+    if !level.complete || level.prefixes.is_empty() {
+        return vec![part];
+    }
+    let mut next = Vec::with_capacity(level.prefixes.len() + 1);
+    if !level.objects.is_empty() {
+        next.push((part.0, false));
+    }
+    next.extend(level.prefixes.into_iter().map(|p| (p, true)));
+    next
+}
+
+/// Each recursive partition replaced by its children where it has any.
 async fn split_level(
     backend: &dyn Storage,
     found: &[(String, bool)],
 ) -> Result<Vec<(String, bool)>> {
     // Boxed futures joined a chunk at a time: the job's future must be
     // `Send` for any lifetime, which a stream of borrowing closures is not.
-    let mut children = Vec::with_capacity(found.len());
+    let mut levels = Vec::with_capacity(found.len());
     for chunk in found.chunks(DISCOVERY_CONCURRENCY) {
         let listings = chunk.iter().map(|(prefix, recursive)| {
             let listing: futures::future::BoxFuture<'_, Result<Option<Children>>> = if *recursive {
@@ -291,18 +371,13 @@ async fn split_level(
             };
             listing
         });
-        children.extend(futures::future::join_all(listings).await);
+        levels.extend(futures::future::join_all(listings).await);
     }
     let mut next = Vec::new();
-    for (part, children) in found.iter().zip(children) {
-        match children? {
-            Some(c) if !c.prefixes.is_empty() => {
-                if c.objects {
-                    next.push((part.0.clone(), false));
-                }
-                next.extend(c.prefixes.into_iter().map(|p| (p, true)));
-            }
-            _ => next.push(part.clone()),
+    for (part, level) in found.iter().zip(levels) {
+        match level? {
+            Some(level) => next.extend(children_of(part.clone(), level)),
+            None => next.push(part.clone()),
         }
     }
     Ok(next)

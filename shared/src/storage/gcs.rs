@@ -306,9 +306,8 @@ struct Listing {
 struct Level {
     #[serde(default)]
     prefixes: Vec<String>,
-    /// Only whether there are any matters.
     #[serde(default)]
-    items: Vec<serde::de::IgnoredAny>,
+    items: Vec<Item>,
     next_page_token: Option<String>,
 }
 
@@ -319,6 +318,22 @@ struct Item {
     updated: Option<DateTime<Utc>>,
     etag: Option<String>,
     generation: Option<String>,
+}
+
+/// The fields of [`Item`] a listing asks for.
+const ITEM_FIELDS: &str = "items(name,size,updated,etag,generation)";
+
+impl Item {
+    fn meta(self) -> ObjectMeta {
+        ObjectMeta {
+            key: self.name,
+            size: self.size.and_then(|s| s.parse().ok()),
+            last_modified: self.updated,
+            // The generation changes on every overwrite; the etag also on
+            // metadata changes.
+            etag: self.generation.or(self.etag),
+        }
+    }
 }
 
 struct Cursor {
@@ -356,10 +371,7 @@ impl Storage for GcsStorage {
             let mut query: Vec<(&str, String)> = vec![
                 ("prefix", opts.prefix.clone()),
                 ("maxResults", opts.page_size.to_string()),
-                (
-                    "fields",
-                    "items(name,size,updated,etag,generation),nextPageToken".into(),
-                ),
+                ("fields", format!("{ITEM_FIELDS},nextPageToken")),
             ];
             if !opts.recursive {
                 query.push(("delimiter", "/".into()));
@@ -376,14 +388,7 @@ impl Storage for GcsStorage {
                 .items
                 .into_iter()
                 .filter(|i| after.as_ref().is_none_or(|a| i.name > *a))
-                .map(|i| ObjectMeta {
-                    key: i.name,
-                    size: i.size.and_then(|s| s.parse().ok()),
-                    last_modified: i.updated,
-                    // The generation changes on every overwrite; the etag
-                    // also on metadata changes.
-                    etag: i.generation.or(i.etag),
-                })
+                .map(Item::meta)
                 .collect();
             cursor.token = listing.next_page_token.filter(|t| !t.is_empty());
             let next = cursor.token.is_some().then_some(cursor);
@@ -406,20 +411,23 @@ impl Storage for GcsStorage {
                 ("prefix", prefix.to_owned()),
                 ("delimiter", "/".into()),
                 ("maxResults", "1000".into()),
-                ("fields", "prefixes,items(name),nextPageToken".into()),
+                ("fields", format!("prefixes,{ITEM_FIELDS},nextPageToken")),
             ];
             if let Some(token) = &token {
                 query.push(("pageToken", token.clone()));
             }
             let level: Level = self.list_page(&what, &query).await?;
-            children.objects |= !level.items.is_empty();
+            children
+                .objects
+                .extend(level.items.into_iter().map(Item::meta));
             children.push_prefixes(prefix, level.prefixes.iter().map(String::as_str));
             token = level.next_page_token.filter(|t| !t.is_empty());
             if token.is_none() {
-                return Ok(Some(children));
+                children.complete = true;
+                break;
             }
         }
-        Ok(None)
+        Ok(Some(children))
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {

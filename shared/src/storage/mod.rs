@@ -201,8 +201,12 @@ pub struct ListOptions {
 pub struct Children {
     /// Each ends with `/` and starts with the prefix asked about.
     pub prefixes: Vec<String>,
-    /// Some key sits directly under the prefix (no `/` after it).
-    pub objects: bool,
+    /// The keys directly under the prefix (no `/` after it), in key order,
+    /// with the metadata [`Storage::list`] gives them.
+    pub objects: Vec<ObjectMeta>,
+    /// False when the level has more pages than were read: `prefixes` and
+    /// `objects` then hold only its beginning.
+    pub complete: bool,
 }
 
 impl Children {
@@ -335,11 +339,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Lists objects as a stream of pages in key order.
     fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>>;
 
-    /// What lies one level below `prefix`: the distinct `/`-ended prefixes
-    /// of the keys under it, in key order, and whether some key has no `/`
-    /// after it. `None` when the backend cannot list by delimiter, or when
-    /// that takes more than `max_pages` pages: the caller then lists
-    /// `prefix` as one sequence.
+    /// What lies one level below `prefix`, from at most `max_pages` pages
+    /// of a delimiter listing: the distinct `/`-ended prefixes of the keys
+    /// under it and the keys with no `/` after it, both in key order, and
+    /// whether that is the whole level. `None` when the backend cannot list
+    /// by delimiter: the caller then lists `prefix` as one sequence.
     async fn list_children(&self, _prefix: &str, _max_pages: usize) -> Result<Option<Children>> {
         Ok(None)
     }

@@ -280,6 +280,16 @@ where
     }
 }
 
+/// A listed object's metadata (`None` for an entry without a key).
+fn meta_of(o: &aws_sdk_s3::types::Object) -> Option<ObjectMeta> {
+    Some(ObjectMeta {
+        key: o.key()?.to_owned(),
+        size: o.size(),
+        last_modified: o.last_modified().and_then(to_utc),
+        etag: o.e_tag().map(|e| e.trim_matches('"').to_owned()),
+    })
+}
+
 fn to_utc(t: &aws_sdk_s3::primitives::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
     DateTime::from_timestamp(t.secs(), t.subsec_nanos())
 }
@@ -325,18 +335,7 @@ impl Storage for S3Storage {
             let out = req.send().await.map_err(|e| {
                 classify(e, &format!("list s3://{}/{}", cursor.bucket, opts.prefix))
             })?;
-            let objects = out
-                .contents()
-                .iter()
-                .filter_map(|o| {
-                    Some(ObjectMeta {
-                        key: o.key()?.to_owned(),
-                        size: o.size(),
-                        last_modified: o.last_modified().and_then(to_utc),
-                        etag: o.e_tag().map(|e| e.trim_matches('"').to_owned()),
-                    })
-                })
-                .collect();
+            let objects = out.contents().iter().filter_map(meta_of).collect();
             cursor.token = out
                 .next_continuation_token()
                 .filter(|_| out.is_truncated() == Some(true))
@@ -366,7 +365,9 @@ impl Storage for S3Storage {
                 .send()
                 .await
                 .map_err(|e| classify(e, &format!("list s3://{}/{prefix}", self.bucket)))?;
-            children.objects |= !out.contents().is_empty();
+            children
+                .objects
+                .extend(out.contents().iter().filter_map(meta_of));
             children.push_prefixes(
                 prefix,
                 out.common_prefixes().iter().filter_map(|p| p.prefix()),
@@ -376,10 +377,11 @@ impl Storage for S3Storage {
                 .filter(|_| out.is_truncated() == Some(true))
                 .map(str::to_owned);
             if token.is_none() {
-                return Ok(Some(children));
+                children.complete = true;
+                break;
             }
         }
-        Ok(None)
+        Ok(Some(children))
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
