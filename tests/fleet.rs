@@ -9,7 +9,10 @@ use std::{
 mod partitions;
 
 use labelsync_tests::{
-    AppOptions, TestApp, binary, repo_root, spawn_app, spawn_ready_worker, spawn_worker,
+    AppOptions, TestApp, binary,
+    fault_proxy::{FaultProxy, Mode},
+    repo_root, spawn_app, spawn_ready_worker, spawn_worker,
+    synthetic_s3::Latency,
     write_files,
 };
 use sea_orm::{ConnectionTrait, Database, Statement};
@@ -335,14 +338,27 @@ async fn fan_out_storage(app: &TestApp, files: usize) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_sync_fans_out_batches_across_workers() {
-    let app = spawn_app(AppOptions::without_workers()).await;
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::with_storages()
+    })
+    .await;
     // "left" has one slot and takes the sync job, so it cannot run a batch
     // from the queue: every batch goes through Redis to "right", started
     // once the sync job runs, or is run by the waiting sync job itself
-    // (newest first, as "sync-job"). Which worker takes which job is
-    // otherwise a race that one quick worker can win every time.
+    // (newest first, as "sync-job"). The objects are read behind a 50 ms
+    // round trip, so the sync job alone would take seconds over its
+    // batches: "right" is up long before (on local files it once was not).
     let left = spawn_ready_worker(&app, "left", &[("LABELSYNC_WORKER_CONCURRENCY", "1")]).await;
-    let storage = fan_out_storage(&app, 1500).await;
+    let keys: Vec<String> = (0..600).map(|i| format!("fan/{i:04}.json")).collect();
+    let bucket = partitions::bucket_with(&keys).await;
+    let rtt = Latency {
+        rtt: Duration::from_millis(50),
+        bytes_per_second: None,
+    };
+    let proxy = FaultProxy::start(&partitions::s3s(), Mode::Latency(rtt)).await;
+    let extra = json!({ "prefix": "fan/", "import_method": "tasks" });
+    let storage = partitions::s3_storage(&app, &bucket, &proxy.url, extra).await;
     let run_id = app.start_sync(&storage["id"]).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while app.get(&format!("/api/v1/runs/{run_id}")).await.1["status"] == "queued" {
@@ -353,14 +369,14 @@ async fn tasks_sync_fans_out_batches_across_workers() {
     let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
     let db = Database::connect(&app.database_url).await.expect("connect");
     assert_eq!(run["status"], "completed", "{run}");
-    assert_eq!(run["counters"]["created"], 1500, "{run}");
-    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM tasks").await, 1500);
-    // 1,500 objects in pages of 100 (the test workers') and batches of at
+    assert_eq!(run["counters"]["created"], 600, "{run}");
+    assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM tasks").await, 600);
+    // 600 objects in pages of 100 (the test workers') and batches of at
     // most 4 x 16 (the fetch concurrency): 2 batches a page, every one
     // finished.
     assert_eq!(
         count(&db, "SELECT COUNT(*) AS n FROM sync_batches WHERE done").await,
-        30
+        12
     );
     assert_eq!(
         count(&db, "SELECT COUNT(*) AS n FROM sync_batches WHERE NOT done").await,

@@ -22,7 +22,7 @@ use super::count;
 const KEY: &str = "labelsync-test";
 const SECRET: &str = "labelsync-test-secret";
 
-fn s3s() -> String {
+pub(super) fn s3s() -> String {
     endpoint("TEST_S3S_ENDPOINT")
 }
 
@@ -61,7 +61,7 @@ async fn put_keys(bucket: &str, keys: &[String]) {
 }
 
 /// A new bucket holding `keys`.
-async fn bucket_with(keys: &[String]) -> String {
+pub(super) async fn bucket_with(keys: &[String]) -> String {
     let bucket = bucket_name();
     create_s3_bucket(&s3s(), KEY, SECRET, &bucket).await;
     put_keys(&bucket, keys).await;
@@ -76,7 +76,12 @@ fn spread(prefixes: usize, per: usize) -> Vec<String> {
 }
 
 /// A source storage of `bucket` reached through `endpoint_url`.
-async fn s3_storage(app: &TestApp, bucket: &str, endpoint_url: &str, extra: Value) -> Value {
+pub(super) async fn s3_storage(
+    app: &TestApp,
+    bucket: &str,
+    endpoint_url: &str,
+    extra: Value,
+) -> Value {
     let project = app.project("partitions").await;
     let mut body = json!({
         "project_id": project, "role": "source", "backend": "s3",
