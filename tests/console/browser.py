@@ -22,6 +22,7 @@ import sys
 import time
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
@@ -83,6 +84,33 @@ def status_text():
     return driver.find_element(By.CSS_SELECTOR, "[data-status]").text
 
 
+def lost_node(err):
+    """chromedriver lost an element it had just found (once, on the login
+    form right after axe ran: "Node with given id does not belong to the
+    document")."""
+    return isinstance(err, StaleElementReferenceException) or (
+        "does not belong to the document" in str(err))
+
+
+def log_in():
+    """Fills in the token and submits, finding the form's fields again when
+    chromedriver loses them (at most 3 tries; done once the page left the
+    login form)."""
+    for attempt in range(3):
+        if "/ui/login" not in driver.current_url:
+            return
+        try:
+            field = wait.until(ec.element_to_be_clickable((By.ID, "token")))
+            field.clear()
+            field.send_keys(TOKEN)
+            driver.find_element(By.CSS_SELECTOR, "form.login button[type=submit]").click()
+            return
+        except WebDriverException as err:
+            if attempt == 2 or not lost_node(err):
+                raise
+            time.sleep(0.5)
+
+
 def open_storages_and_sync(storage):
     driver.get(f"{BASE}/ui/storages")
     button = wait.until(ec.element_to_be_clickable(
@@ -97,8 +125,7 @@ try:
     driver.get(f"{BASE}/ui/")
     wait.until(ec.url_contains("/ui/login"))
     check_page("login")
-    driver.find_element(By.ID, "token").send_keys(TOKEN)
-    driver.find_element(By.CSS_SELECTOR, "form.login button[type=submit]").click()
+    log_in()
     wait.until(ec.text_to_be_present_in_element((By.TAG_NAME, "h1"), "Overview"))
     check_page("overview")
 
