@@ -38,9 +38,23 @@ pub use idempotency::KEEP as IDEMPOTENCY_KEEP;
 pub use ops::gone_after;
 pub use storage_cache::{StorageCache, follow_changes};
 
-/// Shared by every handler.
+/// Shared by every handler: cloned by each extractor and middleware of
+/// every request, so a clone is one reference count (cloning the fields
+/// themselves copied the storage settings' strings and the queue's
+/// configuration several times a request).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Shared {
     pub db: DatabaseConnection,
     /// The pool for point statements on hot paths (`db::point_pool`).
     pub point_db: DatabaseConnection,
@@ -59,7 +73,7 @@ impl AppState {
         queue: Queue,
         settings: Settings,
     ) -> Self {
-        AppState {
+        AppState(Arc::new(Shared {
             point_db,
             storage_env: StorageEnv::from_settings(&settings),
             limiter: Arc::new(rate_limit::RateLimiter::new(settings.rate_limit_per_minute)),
@@ -67,7 +81,7 @@ impl AppState {
             db,
             queue,
             settings: Arc::new(settings),
-        }
+        }))
     }
 }
 
