@@ -201,20 +201,27 @@ impl ImportJob<'_> {
         let (head, rest) = match head {
             None => (Vec::new(), Some(opts)),
             Some(head) => {
-                let (pages, after) = head.into_pages(opts.page_size);
+                let (objects, after) = head.into_parts();
                 let rest = after.map(|after| ListOptions {
                     start_after: Some(after),
                     ..opts
                 });
-                (pages, rest)
+                (objects, rest)
             }
         };
-        let rest = match rest {
-            Some(opts) => backend.list(opts),
-            None => futures::stream::empty().boxed(),
-        };
-        futures::stream::iter(head.into_iter().map(Ok))
-            .chain(storage::prefetch(rest, 2))
+        let head = futures::stream::iter(head)
+            .chunks(self.settings.page_size)
+            .map(|objects| {
+                Ok(storage::Page {
+                    objects,
+                    errors: Vec::new(),
+                })
+            });
+        let rest = rest.map_or_else(
+            || futures::stream::empty().boxed(),
+            |opts| backend.list(opts),
+        );
+        head.chain(storage::prefetch(rest, 2))
             .map_ok(|page| (page, None))
             .boxed()
     }

@@ -29,7 +29,7 @@ use crate::{
         partitions as parts,
         runs::{self, Counters, RunStatus},
     },
-    storage::{Children, ObjectMeta, Page, Storage},
+    storage::{Children, ObjectMeta, Storage},
 };
 
 /// Delimiter-listing pages read per prefix while discovering; a level
@@ -280,22 +280,14 @@ pub(super) struct Head {
 }
 
 impl Head {
-    /// The head as listing pages of at most `page_size` objects, and the
-    /// key the listing goes on after (`None`: the head is all of it).
-    pub(super) fn into_pages(self, page_size: usize) -> (Vec<Page>, Option<String>) {
+    /// Its objects, and the key the listing goes on after (`None`: they
+    /// are all of it).
+    pub(super) fn into_parts(self) -> (Vec<ObjectMeta>, Option<String>) {
         let after = match self.complete {
             true => None,
             false => self.objects.last().map(|o| o.key.clone()),
         };
-        let mut pages = Vec::with_capacity(self.objects.len().div_ceil(page_size.max(1)));
-        let mut objects = self.objects.into_iter().peekable();
-        while objects.peek().is_some() {
-            pages.push(Page {
-                objects: objects.by_ref().take(page_size.max(1)).collect(),
-                errors: Vec::new(),
-            });
-        }
-        (pages, after)
+        (self.objects, after)
     }
 }
 
