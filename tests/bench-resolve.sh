@@ -10,15 +10,21 @@
 #   local proxied 200 KB object
 #   direct S3 200 KB object           the same object straight from s3s-fs
 #                                     (a presigned URL): the proxy's floor
-#   tests/bench-resolve.sh [BIN_DIR] [D]
+#   tests/bench-resolve.sh [BIN_DIR] [D] [RTT_MS]
 # BIN_DIR defaults to target/release (A/B: give another build's folder).
+# With RTT_MS, the S3 bucket is the synthetic S3 server instead
+# (`$BIN_DIR/examples/bench s3-server RTT_MS`: in memory, no signature
+# check, every answer RTT_MS late): a distant bucket, as a cloud deployment
+# sees it, where the storage and not the machine's cores is the limit.
 # Needs the emulators running (tests/emulators.sh) and wrk (apt install wrk).
-# Prints wrk's requests/s and p50 / p99 for each, and the ratios.
+# Prints wrk's requests/s and p50 / p99 for each, the scheduler's CPU time
+# per request (user + system, from /proc), and the ratios.
 set -euo pipefail
 command -v wrk >/dev/null || { echo "bench-resolve: wrk not found (apt-get install wrk)" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 BIN_DIR=${1:-target/release}
 D=${2:-10}
+RTT_MS=${3:-}
 BIN=$BIN_DIR/labelsync-scheduler
 ADMIN=${TEST_POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/test}
 S3=${TEST_S3S_ENDPOINT:-http://127.0.0.1:19001}
@@ -34,10 +40,17 @@ BUCKET=bench-resolve-$$
 psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 cleanup() {
   [ -n "${SERVER:-}" ] && kill "$SERVER" 2>/dev/null || true
+  [ -n "${STORAGE:-}" ] && kill "$STORAGE" 2>/dev/null || true
   psql "$ADMIN" -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+if [ -n "$RTT_MS" ]; then
+  "$BIN_DIR/examples/bench" s3-server "$RTT_MS" >"$WORK/storage" &
+  STORAGE=$!
+  for _ in $(seq 1 100); do [ -s "$WORK/storage" ] && break; sleep 0.1; done
+  S3=$(head -1 "$WORK/storage")
+fi
 
 s3() { curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user "$KEY:$SECRET" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$@"; }
 head -c 200000 /dev/urandom >"$WORK/img.jpg"
@@ -77,10 +90,13 @@ for url in "$PROXIED" "$LOCAL"; do
   [ "$(curl -s -H "$AUTH" -o /dev/null -w '%{http_code}' "$url")" = 200 ] || { echo "not 200: $url" >&2; exit 1; }
 done
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER/stat"; }
 load() { # name, url
-  wrk -t2 -c64 -d"${D}s" --latency -H "$AUTH" "$2" | python3 -c "
-import re, sys
-out = sys.stdin.read()
+  local before; before=$(cpu_ticks)
+  wrk -t2 -c64 -d"${D}s" --latency -H "$AUTH" "$2" >"$WORK/wrk"
+  CPU_TICKS=$(($(cpu_ticks) - before)) python3 -c "
+import os, re, sys
+out = open('$WORK/wrk').read()
 rps = float(re.search(r'Requests/sec:\s+([\d.]+)', out).group(1))
 def pct(p):
     m = re.search(r'\s' + p + r'%\s+([\d.]+)(us|ms|s)\b', out)
@@ -88,11 +104,13 @@ def pct(p):
 bad = re.search(r'Non-2xx or 3xx responses: (\d+)', out)
 errors = re.search(r'Socket errors: .*', out)
 note = (f', non-2xx/3xx {bad.group(1)}' if bad else '') + (f', {errors.group(0)}' if errors else '')
-print(f'{\"$1\":<22} {rps:>9.0f} req/s  p50 {pct(\"50\"):6.2f} ms  p99 {pct(\"99\"):6.2f} ms{note}')
+requests = int(re.search(r'(\d+) requests in', out).group(1))
+cpu_us = int(os.environ['CPU_TICKS']) / os.sysconf('SC_CLK_TCK') * 1e6 / max(requests, 1)
+print(f'{\"$1\":<22} {rps:>9.0f} req/s  p50 {pct(\"50\"):6.2f} ms  p99 {pct(\"99\"):6.2f} ms  scheduler {cpu_us:5.0f} us CPU/request{note}')
 open('$WORK/$1', 'w').write(str(rps))
 "
 }
-echo "binary $BIN, cores $(nproc), wrk -t2 -c64 -d${D}s"
+echo "binary $BIN, cores $(nproc), wrk -t2 -c64 -d${D}s, storage $S3${RTT_MS:+ (synthetic, $RTT_MS ms a request)}"
 load healthz "http://127.0.0.1:$PORT/healthz"
 load presign-redirect "$REDIRECT"
 load s3-proxied-200k "$PROXIED"

@@ -21,6 +21,9 @@
 //! trip of RTT_MS, by WORKERS worker processes (see `bench_latency.rs`).
 //! `annotations`: annotations posted by CLIENTS concurrent clients with an
 //! S3 export target at RTT_MS (see `bench_annotations.rs`).
+//! `s3-server`: the synthetic S3 server alone, answering after RTT_MS, until
+//! killed; prints its endpoint (`tests/bench-resolve.sh` puts it behind
+//! `/resolve` as a distant bucket).
 //! Prints one JSON line per measurement.
 #![allow(clippy::unwrap_used)]
 
@@ -37,13 +40,16 @@ use labelsync::{
         spec::{self, StorageSpec},
     },
 };
-use labelsync_tests::backends::{bucket_name, create_s3_bucket, endpoint, open};
+use labelsync_tests::{
+    backends::{bucket_name, create_s3_bucket, endpoint, open},
+    synthetic_s3::{Latency, SyntheticS3},
+};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::{Value, json};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY] | bench latency-tasks N WORKERS RTT_MS | bench latency-files N PREFIXES WORKERS RTT_MS [PARTITIONS] | bench annotations CLIENTS SECONDS RATE RTT_MS"
+        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY] | bench latency-tasks N WORKERS RTT_MS | bench latency-files N PREFIXES WORKERS RTT_MS [PARTITIONS] | bench annotations CLIENTS SECONDS RATE RTT_MS | bench s3-server RTT_MS"
     );
     std::process::exit(2)
 }
@@ -54,6 +60,18 @@ fn s3s() -> (String, String, String) {
         std::env::var("TEST_S3S_ACCESS_KEY").unwrap_or_else(|_| "labelsync-test".into()),
         std::env::var("TEST_S3S_SECRET_KEY").unwrap_or_else(|_| "labelsync-test-secret".into()),
     )
+}
+
+/// Runs the synthetic S3 server until the process is killed; its endpoint
+/// is the one line printed.
+async fn serve_synthetic_s3(rtt_ms: u64) {
+    let server = SyntheticS3::start(Latency {
+        rtt: std::time::Duration::from_millis(rtt_ms),
+        bytes_per_second: None,
+    })
+    .await;
+    println!("{}", server.endpoint);
+    futures::future::pending::<()>().await;
 }
 
 mod bench_annotations;
@@ -95,6 +113,7 @@ async fn main() {
             )
             .await;
         }
+        [m, rtt] if m == "s3-server" => return serve_synthetic_s3(number(rtt) as u64).await,
         [m, n, w, rtt] if m == "latency-tasks" => {
             return bench_latency::run(number(n), number(w), number(rtt) as u64).await;
         }

@@ -31,6 +31,10 @@ use labelsync_tests::{
 };
 use serde_json::json;
 
+/// How often a sync's end is looked for: the wall times are this fine
+/// (the test helper's 100 ms would add up to a tenth to a 1 s sync).
+const POLL: Duration = Duration::from_millis(10);
+
 pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
     let rtt = Duration::from_millis(rtt_ms);
     let server = SyntheticS3::start(Latency {
@@ -52,23 +56,26 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
     .await;
     let fleet = spawn_fleet(&app, workers, &[]).await;
     let storage = json!({ "prefix": "tasks/", "import_method": "tasks" });
-    let (before, secs, storage) = timed_sync(&app, &server, storage, objects).await;
-    report(&server, before, secs, objects, workers, rtt);
+    let (before, secs, storage, busy) = timed_sync(&app, &server, storage, objects).await;
+    report(&server, before, secs, objects, workers, rtt, busy);
     println!("{}", timeline(&app, &storage).await);
     drop(fleet);
     app.stop().await;
 }
 
 /// WORKERS worker processes with the production page size (the test
-/// helper's default is 100) and `env`.
+/// helper's default is 100) and `env`; their log filter is
+/// `BENCH_WORKER_LOG` (default `warn`), their log on this stderr.
 async fn spawn_fleet(
     app: &labelsync_tests::TestApp,
     workers: usize,
     env: &[(&str, &str)],
 ) -> Vec<labelsync_tests::Worker> {
     let page = defaults().worker.page_size.to_string();
+    let log = std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into());
     let mut env = env.to_vec();
     env.push(("LABELSYNC_PAGE_SIZE", page.as_str()));
+    env.push(("RUST_LOG", log.as_str()));
     let mut fleet = Vec::new();
     for w in 0..workers {
         fleet.push(spawn_ready_worker(app, &format!("bench-{w}"), &env).await);
@@ -84,7 +91,10 @@ async fn timed_resync(
     objects: usize,
 ) -> f64 {
     let started = Instant::now();
-    let run = app.sync(storage).await;
+    let run_id = app.start_sync(storage).await;
+    let run = app
+        .wait_run_polling(&run_id, Duration::from_secs(600), POLL)
+        .await;
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["listed"], objects as i64, "{run}");
@@ -94,14 +104,14 @@ async fn timed_resync(
 
 /// Makes a source storage of the server's `bench` bucket (with `extra`
 /// fields), syncs it, and checks that it made `objects` tasks; returns the
-/// server's request count before the sync, the sync's seconds and the
-/// storage's id.
+/// server's request count before the sync, the sync's seconds, the
+/// storage's id and the machine's busy share during the sync.
 async fn timed_sync(
     app: &labelsync_tests::TestApp,
     server: &SyntheticS3,
     extra: serde_json::Value,
     objects: usize,
-) -> (u64, f64, serde_json::Value) {
+) -> (u64, f64, serde_json::Value, f64) {
     let project = app.project("latency").await;
     let mut body = json!({
         "project_id": project, "role": "source", "backend": "s3",
@@ -114,12 +124,41 @@ async fn timed_sync(
     let (status, storage) = app.post("/api/v1/storages", body).await;
     assert_eq!(status, 201, "{storage}");
     let before = server.counts.total();
+    let cpu = cpu_ticks();
     let started = Instant::now();
-    let run = app.sync(&storage["id"]).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let run = app
+        .wait_run_polling(&run_id, Duration::from_secs(600), POLL)
+        .await;
     let secs = started.elapsed().as_secs_f64();
+    let busy = busy_since(cpu);
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], objects as i64, "{run}");
-    (before, secs, storage["id"].clone())
+    (before, secs, storage["id"].clone(), busy)
+}
+
+/// The machine's busy and total CPU ticks so far (`/proc/stat`).
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .expect("the cpu line")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = ticks[3] + ticks[4];
+    let total: u64 = ticks.iter().take(8).sum();
+    (total - idle, total)
+}
+
+/// The share of the machine's CPU time that was busy since `before`.
+fn busy_since(before: (u64, u64)) -> f64 {
+    let now = cpu_ticks();
+    let total = (now.1 - before.1).max(1) as f64;
+    ((now.0 - before.0) as f64 / total * 100.0).round() / 100.0
 }
 
 /// Where the storage's last run spent its time, in ms from its request
@@ -179,6 +218,7 @@ fn report(
     objects: usize,
     workers: usize,
     rtt: Duration,
+    cpu_busy: f64,
 ) {
     let settings = defaults();
     let (fetch, slots) = (
@@ -203,6 +243,7 @@ fn report(
             "x_fleet_floor": (secs / fleet_floor * 100.0).round() / 100.0,
             "one_stream_floor_s": (stream_floor * 100.0).round() / 100.0,
             "x_one_stream_floor": (secs / stream_floor * 100.0).round() / 100.0,
+            "cpu_busy": cpu_busy,
         })
     );
 }
@@ -242,7 +283,7 @@ pub async fn run_files(
         &[("LABELSYNC_LIST_PARTITIONS", parts.as_str())],
     )
     .await;
-    let (before, secs, storage) = timed_sync(&app, &server, json!({}), objects).await;
+    let (before, secs, storage, _) = timed_sync(&app, &server, json!({}), objects).await;
     let requests = server.counts.total() - before;
     // A re-sync with nothing new lists every key and writes no task: the
     // listing's own speed, apart from the database's insert floor.

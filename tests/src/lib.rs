@@ -397,6 +397,18 @@ impl TestApp {
 
     /// Polls a run until it leaves queued/running; panics after `timeout`.
     pub async fn wait_run(&self, run_id: &str, timeout: Duration) -> Value {
+        self.wait_run_polling(run_id, timeout, Duration::from_millis(100))
+            .await
+    }
+
+    /// [`Self::wait_run`], looking `every` so often (a benchmark's wall
+    /// time is only as fine as its polling).
+    pub async fn wait_run_polling(
+        &self,
+        run_id: &str,
+        timeout: Duration,
+        every: Duration,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let (status, run) = self.get(&format!("/api/v1/runs/{run_id}")).await;
@@ -409,7 +421,7 @@ impl TestApp {
                 tokio::time::Instant::now() < deadline,
                 "run {run_id} still {state} after {timeout:?}: {run}"
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(every).await;
         }
     }
 

@@ -64,10 +64,11 @@ impl Stream for Signal {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
         let inner = &self.0;
-        if inner.set.swap(false, Ordering::AcqRel) {
-            return Poll::Ready(Some(()));
-        }
-        // Register, then look again: a wake between the two is not lost.
+        // Register first, even when the signal is set: apalis' poll strategy
+        // does not poll a stream again in the call that found it ready, so
+        // a look that returned Ready without registering left no waker, and
+        // every later wake was lost (the worker slept until its heartbeat).
+        // Registering before looking also keeps a wake in between.
         inner.waker.register(cx.waker());
         if inner.set.swap(false, Ordering::AcqRel) {
             Poll::Ready(Some(()))
@@ -104,4 +105,47 @@ async fn follow(client: &redis::Client, channel: &str, signal: &Signal) -> redis
         signal.wake();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use futures::task::{ArcWake, waker};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl ArcWake for Count {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The subscription's first wake may come before the worker first looks
+    /// at the signal (it is set as the subscription starts). The look that
+    /// finds it set must still leave the worker's waker behind: apalis'
+    /// poll strategy does not look again at a strategy that was ready, and
+    /// with no waker the worker slept until its next heartbeat (5 s by
+    /// default) before it took its first job.
+    #[test]
+    fn a_signal_found_set_still_wakes_its_poller_on_the_next_wake() {
+        let signal = Signal::default();
+        signal.wake();
+        let count = Arc::new(Count::default());
+        let waker = waker(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut stream = signal.clone();
+        assert_eq!(stream.poll_next_unpin(&mut cx), Poll::Ready(Some(())));
+        signal.wake();
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "the poller was not woken"
+        );
+        assert_eq!(stream.poll_next_unpin(&mut cx), Poll::Ready(Some(())));
+        assert_eq!(stream.poll_next_unpin(&mut cx), Poll::Pending);
+    }
 }
