@@ -29,11 +29,11 @@ pub fn check_stopping(stopping: Option<&AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// A background task (a lease's heartbeat) aborted when this is dropped, so
-/// even an attempt that panics stops renewing what it held.
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+/// A spawned task (a lease's heartbeat, a worker's job) aborted when this is
+/// dropped, so even an attempt that panics stops renewing what it held.
+pub struct AbortOnDrop<T = ()>(pub tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

@@ -401,20 +401,35 @@ async fn handle(
     );
     crate::telemetry::set_parent(&span, &crate::telemetry::Carried(&job.trace));
     let _running = ctx.current.enter(&job.run_id);
-    let result = async {
-        match (job.webhook, job.batch, job.partition) {
-            (Some(webhook), _, _) => super::execute_webhook(&ctx, webhook).await,
-            (None, Some(batch), _) => {
-                super::execute_batch(&ctx, &job.run_id, batch, worker.name()).await
+    // Spawned, not run inline: apalis polls every job of a worker inside the
+    // worker's one task, which runs on the thread that awaits the worker
+    // (the process's main thread), so all of a worker's slots shared one
+    // core. Aborted when apalis drops this future, as the inline one was.
+    let ctx = Arc::clone(&ctx);
+    let name = worker.name().to_owned();
+    let mut running = crate::attempt::AbortOnDrop(tokio::spawn(
+        async move {
+            match (job.webhook, job.batch, job.partition) {
+                (Some(webhook), _, _) => super::execute_webhook(&ctx, webhook).await,
+                (None, Some(batch), _) => {
+                    super::execute_batch(&ctx, &job.run_id, batch, &name).await
+                }
+                (None, None, Some(part)) => {
+                    super::execute_partition(&ctx, &job.run_id, part, &name).await
+                }
+                (None, None, None) => super::execute(&ctx, &job.run_id).await,
             }
-            (None, None, Some(part)) => {
-                super::execute_partition(&ctx, &job.run_id, part, worker.name()).await
-            }
-            (None, None, None) => super::execute(&ctx, &job.run_id).await,
         }
-    }
-    .instrument(span)
-    .await;
+        .instrument(span),
+    ));
+    let result = (&mut running.0).await.unwrap_or_else(|err| {
+        // A panic: the job fails (and is offered again) instead of taking
+        // the worker and its other jobs down with it.
+        tracing::error!(error = %err, "job panicked");
+        Err(super::RetryLater(Error::Internal(format!(
+            "the job panicked: {err}"
+        ))))
+    });
     if result.is_err() {
         // apalis-sqlite offers a failed job again at the next poll; a pause
         // keeps a passing outage from using up every attempt in a second.
