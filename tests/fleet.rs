@@ -1167,6 +1167,65 @@ async fn admission_rules_on_sqlite() {
     .await;
 }
 
+/// A batch claimed by a job of its own run (the sync job running batches
+/// while it waits) is skipped by its queued job while the claim is fresh:
+/// where the two meet, at a run's last batches, nothing is read twice. A
+/// stale claim (its holder died) is taken again by the run, a claim given
+/// back at once, and a stopped run's queued job closes the batch whoever
+/// claimed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_claimed_by_its_run_is_not_run_again_by_its_queued_job() {
+    use chrono::{Duration as Span, Utc};
+    use labelsync::db::batches;
+    let (db, runs, _) = admission_db(&labelsync_tests::fresh_postgres().await).await;
+    let run = &runs[0];
+    let lease = Span::seconds(15);
+    let claimed = batches::create(&db, run, &[json!({"key": "a"})])
+        .await
+        .expect("batch");
+    let queued_first = batches::create(&db, run, &[json!({"key": "b"})])
+        .await
+        .expect("batch");
+    // The run's job claims the newest unstarted batch.
+    let got = batches::claim_unstarted(&db, run, Utc::now() - lease)
+        .await
+        .expect("claim")
+        .expect("a batch to claim");
+    assert_eq!(got.id, queued_first);
+    // Its queued job skips it while the claim holds...
+    let skipped = batches::count_attempt(&db, queued_first, Some(Utc::now() - lease)).await;
+    assert_eq!(skipped.expect("count").map(|b| b.id), None, "read twice");
+    // ...and the other batch, started by its queued job first, is not
+    // claimed by the run's job.
+    let started = batches::count_attempt(&db, claimed, Some(Utc::now() - lease)).await;
+    assert_eq!(started.expect("count").map(|b| b.attempts), Some(1));
+    let none = batches::claim_unstarted(&db, run, Utc::now() - lease).await;
+    assert_eq!(none.expect("claim").map(|b| b.id), None);
+    // The holder died: once its claim is a lease old the run takes it again.
+    let later = Utc::now() + lease + Span::seconds(1);
+    let again = batches::claim_unstarted(&db, run, later - lease).await;
+    assert_eq!(
+        again.expect("claim").map(|b| (b.id, b.attempts)),
+        Some((queued_first, 2))
+    );
+    // A holder that stops gives its claim back: the run's next look takes it.
+    batches::release_claim(&db, queued_first)
+        .await
+        .expect("release");
+    let taken = batches::claim_unstarted(&db, run, Utc::now() - lease).await;
+    assert_eq!(taken.expect("claim").map(|b| b.id), Some(queued_first));
+    // A stopped run's queued job takes the batch to close it.
+    let closing = batches::count_attempt(&db, queued_first, None).await;
+    assert_eq!(closing.expect("count").map(|b| b.id), Some(queued_first));
+    assert!(
+        batches::mark_done(&db, queued_first, "w")
+            .await
+            .expect("done")
+    );
+    let done = batches::count_attempt(&db, queued_first, None).await;
+    assert_eq!(done.expect("count").map(|b| b.id), None, "a done batch");
+}
+
 /// Many rounds of sixteen admitters at once against one project with a cap
 /// of 3 (on Postgres, where they really run in parallel): after each
 /// round exactly 3 runs are admitted, whatever the interleaving.

@@ -24,6 +24,7 @@ mod m20261202_000015_console_facts;
 mod m20261203_000016_sync_partitions;
 mod m20261203_000017_change_counters;
 mod m20261203_000018_outbox_by_storage;
+mod m20261204_000019_batch_claims;
 
 pub struct Migrator;
 
@@ -49,6 +50,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000016_sync_partitions::Migration),
             Box::new(m20261203_000017_change_counters::Migration),
             Box::new(m20261203_000018_outbox_by_storage::Migration),
+            Box::new(m20261204_000019_batch_claims::Migration),
         ]
     }
 }

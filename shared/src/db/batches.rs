@@ -2,11 +2,11 @@
 //! finished by whichever worker runs them. A batch's objects are stored as
 //! JSON of whatever the caller gives (the listing's `storage::ObjectMeta`):
 //! this layer does not know storages.
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait,
     ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
     sea_query::{Expr, ExprTrait},
 };
 
@@ -30,6 +30,7 @@ pub async fn create<T: Serialize>(
         worker: Set(None),
         created_at: Set(Utc::now()),
         finished_at: Set(None),
+        claimed_at: Set(None),
         ..Default::default()
     }
     .insert(db)
@@ -46,21 +47,30 @@ pub async fn pending(db: &impl ConnectionTrait, run_id: &str) -> Result<u64> {
         .await?)
 }
 
-/// Claims the run's newest batch no worker has started (attempts = 0) by
-/// counting an attempt on it; `None` when there is none. The newest: the
-/// queue hands batches to workers oldest first, and a batch claimed here
-/// is still run by its queued job if that job comes before it is done.
+/// Claims the run's newest batch that no one has started (attempts = 0),
+/// or whose claim by an earlier job of the run went stale (`claimed_at`
+/// before `stale_before`: its holder died), by counting an attempt and
+/// stamping `claimed_at`; `None` when there is none. The newest: the queue
+/// hands batches to workers oldest first, so the two meet at the run's last
+/// batches, and a batch claimed here is skipped by its queued job (see
+/// [`count_attempt`]).
 pub async fn claim_unstarted(
     db: &impl ConnectionTrait,
     run_id: &str,
+    stale_before: DateTime<Utc>,
 ) -> Result<Option<sync_batch::Model>> {
     use sea_orm::{QueryOrder, QuerySelect};
+    let claimable = || {
+        Condition::any()
+            .add(sync_batch::Column::Attempts.eq(0))
+            .add(sync_batch::Column::ClaimedAt.lt(stale_before))
+    };
     let ids: Vec<i64> = sync_batch::Entity::find()
         .select_only()
         .column(sync_batch::Column::Id)
         .filter(sync_batch::Column::RunId.eq(run_id))
         .filter(sync_batch::Column::Done.eq(false))
-        .filter(sync_batch::Column::Attempts.eq(0))
+        .filter(claimable())
         .order_by_desc(sync_batch::Column::Id)
         .limit(4)
         .into_tuple()
@@ -72,8 +82,10 @@ pub async fn claim_unstarted(
                 sync_batch::Column::Attempts,
                 Expr::col(sync_batch::Column::Attempts).add(1),
             )
+            .col_expr(sync_batch::Column::ClaimedAt, Expr::value(Utc::now()))
             .filter(sync_batch::Column::Id.eq(id))
-            .filter(sync_batch::Column::Attempts.eq(0))
+            .filter(sync_batch::Column::Done.eq(false))
+            .filter(claimable())
             .exec(db)
             .await?;
         if claimed.rows_affected == 1 {
@@ -83,21 +95,45 @@ pub async fn claim_unstarted(
     Ok(None)
 }
 
-/// Counts an attempt of a batch; `None` when it is already done (a duplicate job).
+/// Gives back a claim whose holder stopped before the batch was done, so
+/// the run's next look takes it at once (instead of after a lease).
+pub async fn release_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
+    sync_batch::Entity::update_many()
+        .col_expr(
+            sync_batch::Column::ClaimedAt,
+            Expr::value(DateTime::<Utc>::UNIX_EPOCH),
+        )
+        .filter(sync_batch::Column::Id.eq(id))
+        .filter(sync_batch::Column::ClaimedAt.is_not_null())
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Counts an attempt of a batch by its queued job; `None` when it is done
+/// (a duplicate job) or, with `claims_after`, when a job of its run claimed
+/// it after that time (it is running the batch now; should it die, the
+/// claim goes stale and the run's next look takes the batch again).
 pub async fn count_attempt(
     db: &impl ConnectionTrait,
     id: i64,
+    claims_after: Option<DateTime<Utc>>,
 ) -> Result<Option<sync_batch::Model>> {
-    let res = sync_batch::Entity::update_many()
+    let mut update = sync_batch::Entity::update_many()
         .col_expr(
             sync_batch::Column::Attempts,
             Expr::col(sync_batch::Column::Attempts).add(1),
         )
         .filter(sync_batch::Column::Id.eq(id))
-        .filter(sync_batch::Column::Done.eq(false))
-        .exec(db)
-        .await?;
-    if res.rows_affected == 0 {
+        .filter(sync_batch::Column::Done.eq(false));
+    if let Some(after) = claims_after {
+        update = update.filter(
+            Condition::any()
+                .add(sync_batch::Column::ClaimedAt.is_null())
+                .add(sync_batch::Column::ClaimedAt.lt(after)),
+        );
+    }
+    if update.exec(db).await?.rows_affected == 0 {
         return Ok(None);
     }
     Ok(sync_batch::Entity::find_by_id(id).one(db).await?)

@@ -576,9 +576,11 @@ impl ImportJob<'_> {
     ///
     /// This job holds a worker slot while it waits, so rather than idle it
     /// runs batches no worker has started, the newest first: the queue hands
-    /// out the oldest first, so the two meet at most at the run's last
-    /// batch. (A batch run twice costs time only: rows are linked once, and
-    /// only the attempt that marks the batch done records its failures.) It
+    /// out the oldest first, so the two meet at the run's last batches, where
+    /// a batch claimed here is skipped by its queued job (and one whose
+    /// claim went stale, its holder dead, is claimed again). (A batch run
+    /// twice would cost time only: rows are linked once, and only the
+    /// attempt that marks the batch done records its failures.) It
     /// is also what keeps a run going when every slot of the fleet is held by
     /// such waiting jobs.
     async fn wait_for_batches(&self, max: u64) -> Result<bool> {
@@ -591,8 +593,15 @@ impl ImportJob<'_> {
             if runs::get(self.db, &self.run.id).await?.status != RunStatus::Running.as_str() {
                 return Ok(false);
             }
-            if let Some(batch) = batches::claim_unstarted(self.db, &self.run.id).await? {
-                if self.run_batch(&batch, "sync-job").await? == Outcome::Stopped {
+            let stale = self.stale_before();
+            if let Some(batch) = batches::claim_unstarted(self.db, &self.run.id, stale).await? {
+                let outcome = self.run_batch(&batch, "sync-job").await;
+                if !matches!(outcome, Ok(Outcome::Finished)) {
+                    // Stopped, shutting down or failed: the run's next look
+                    // (this job's next attempt) takes it at once.
+                    batches::release_claim(self.db, batch.id).await?;
+                }
+                if outcome? == Outcome::Stopped {
                     return Ok(false);
                 }
                 continue;

@@ -382,6 +382,20 @@ async fn attempt(
     }
 }
 
+/// Since when a claim on a batch by one of its run's own jobs holds off the
+/// batch's queued job (see `db::batches::count_attempt`): one run lease. A
+/// stopped run's batches are closed by their queued job whoever claimed
+/// them (`None`).
+fn claims_after(
+    ctx: &JobContext,
+    run: &crate::db::entities::sync_run::Model,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    let w = &ctx.settings.worker;
+    let lease = w.heartbeat * w.missed_heartbeats.max(1) as u32;
+    (run.status == RunStatus::Running.as_str())
+        .then(|| chrono::Utc::now() - chrono::Duration::from_std(lease).unwrap_or_default())
+}
+
 /// Runs one fan-out batch of an import. Like [`execute`], permanent failures
 /// are recorded (on the batch's objects that have no task) and the job is
 /// acknowledged.
@@ -396,11 +410,11 @@ pub async fn execute_batch(
         Err(Error::NotFound(_)) => return Ok(()), // deleted with its storage
         other => other.map_err(RetryLater)?,
     };
-    let Some(batch) = batches::count_attempt(&ctx.db, batch_id)
+    let Some(batch) = batches::count_attempt(&ctx.db, batch_id, claims_after(ctx, &run))
         .await
         .map_err(RetryLater)?
     else {
-        return Ok(()); // already done: a duplicate job
+        return Ok(()); // already done (a duplicate job), or its run's job runs it
     };
     let (storage, project) = match owners(ctx, &run).await {
         Err(Error::NotFound(_)) => return Ok(()), // deleted meanwhile

@@ -15,6 +15,9 @@ pub struct Model {
     pub worker: Option<String>,
     pub created_at: DateTimeUtc,
     pub finished_at: Option<DateTimeUtc>,
+    /// When a job of the batch's run took it to run it itself; its queued
+    /// job skips it while this is younger than a run lease.
+    pub claimed_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
