@@ -557,8 +557,18 @@ impl ImportJob<'_> {
     /// the batch row exists, and the waiting sync job runs batches no worker
     /// started (see [`Self::wait_for_batches`]).
     async fn enqueue_batches(&self, fanout: &dyn FanOut, ids: Vec<i64>) {
-        for batch in ids {
-            match fanout.push_batch(&self.run.id, batch).await {
+        // All at once: one after another, a page's pushes (three Redis
+        // round trips each) held its last batches back from idle workers by
+        // tens of milliseconds on a busy machine. (Each push checks the
+        // backlog alone, so a page may pass the limit by its own batches.)
+        let run_id = self.run.id.as_str();
+        let pushes = ids
+            .into_iter()
+            .map(|batch| -> futures::future::BoxFuture<'_, _> {
+                Box::pin(async move { (batch, fanout.push_batch(run_id, batch).await) })
+            });
+        for (batch, pushed) in futures::future::join_all(pushes).await {
+            match pushed {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(
                     batch_id = batch,
