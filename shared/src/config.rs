@@ -197,6 +197,20 @@ pub struct WorkerSettings {
     pub list_partitions: usize,
 }
 
+impl WorkerSettings {
+    /// How long a lease (a run's, a partition's, a claim on a batch) holds
+    /// without renewal: heartbeat x missed heartbeats.
+    pub fn lease_ttl(&self) -> Duration {
+        self.heartbeat * self.missed_heartbeats.max(1) as u32
+    }
+
+    /// Leases (and claims) taken or renewed before this are dead: their
+    /// worker missed its heartbeats.
+    pub fn stale_before(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now() - chrono::Duration::from_std(self.lease_ttl()).unwrap_or_default()
+    }
+}
+
 impl Settings {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self> {

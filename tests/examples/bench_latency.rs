@@ -83,6 +83,13 @@ async fn spawn_fleet(
     fleet
 }
 
+/// Syncs a storage and waits for the run's end, looking every [`POLL`].
+async fn sync(app: &labelsync_tests::TestApp, storage: &serde_json::Value) -> serde_json::Value {
+    let run_id = app.start_sync(storage).await;
+    app.wait_run_polling(&run_id, Duration::from_secs(600), POLL)
+        .await
+}
+
 /// Syncs `storage` again and checks that it listed `objects` and made no
 /// task; returns the sync's seconds.
 async fn timed_resync(
@@ -91,10 +98,7 @@ async fn timed_resync(
     objects: usize,
 ) -> f64 {
     let started = Instant::now();
-    let run_id = app.start_sync(storage).await;
-    let run = app
-        .wait_run_polling(&run_id, Duration::from_secs(600), POLL)
-        .await;
+    let run = sync(app, storage).await;
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["listed"], objects as i64, "{run}");
@@ -126,10 +130,7 @@ async fn timed_sync(
     let before = server.counts.total();
     let cpu = cpu_ticks();
     let started = Instant::now();
-    let run_id = app.start_sync(&storage["id"]).await;
-    let run = app
-        .wait_run_polling(&run_id, Duration::from_secs(600), POLL)
-        .await;
+    let run = sync(app, &storage["id"]).await;
     let secs = started.elapsed().as_secs_f64();
     let busy = busy_since(cpu);
     assert_eq!(run["status"], "completed", "{run}");

@@ -111,13 +111,14 @@ pub async fn release_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
 }
 
 /// Counts an attempt of a batch by its queued job; `None` when it is done
-/// (a duplicate job) or, with `claims_after`, when a job of its run claimed
-/// it after that time (it is running the batch now; should it die, the
-/// claim goes stale and the run's next look takes the batch again).
+/// (a duplicate job) or, given `stale_before`, when a job of its run claimed
+/// it since then (that job is running it; should it die, the claim goes
+/// stale and the run's next look takes the batch again). Without
+/// `stale_before`, claims do not hold the batch off.
 pub async fn count_attempt(
     db: &impl ConnectionTrait,
     id: i64,
-    claims_after: Option<DateTime<Utc>>,
+    stale_before: Option<DateTime<Utc>>,
 ) -> Result<Option<sync_batch::Model>> {
     let mut update = sync_batch::Entity::update_many()
         .col_expr(
@@ -126,11 +127,11 @@ pub async fn count_attempt(
         )
         .filter(sync_batch::Column::Id.eq(id))
         .filter(sync_batch::Column::Done.eq(false));
-    if let Some(after) = claims_after {
+    if let Some(stale_before) = stale_before {
         update = update.filter(
             Condition::any()
                 .add(sync_batch::Column::ClaimedAt.is_null())
-                .add(sync_batch::Column::ClaimedAt.lt(after)),
+                .add(sync_batch::Column::ClaimedAt.lt(stale_before)),
         );
     }
     if update.exec(db).await?.rows_affected == 0 {

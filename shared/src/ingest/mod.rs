@@ -603,7 +603,7 @@ impl ImportJob<'_> {
             if runs::get(self.db, &self.run.id).await?.status != RunStatus::Running.as_str() {
                 return Ok(false);
             }
-            let stale = self.stale_before();
+            let stale = self.settings.stale_before();
             if let Some(batch) = batches::claim_unstarted(self.db, &self.run.id, stale).await? {
                 let outcome = self.run_batch(&batch, "sync-job").await;
                 if !matches!(outcome, Ok(Outcome::Finished)) {

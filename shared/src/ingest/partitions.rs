@@ -111,7 +111,7 @@ impl ImportJob<'_> {
             if runs::get(self.db, &self.run.id).await?.status != RunStatus::Running.as_str() {
                 return Ok(Outcome::Stopped);
             }
-            let stale = self.stale_before();
+            let stale = self.settings.stale_before();
             if let Some(lost) = parts::lost(self.db, &self.run.id, stale, max).await? {
                 return Err(given_up(&lost));
             }
@@ -213,13 +213,6 @@ impl ImportJob<'_> {
         } else {
             Ok(Outcome::Stopped)
         }
-    }
-
-    /// Leases renewed before this are dead (their worker missed its
-    /// heartbeats).
-    pub fn stale_before(&self) -> chrono::DateTime<chrono::Utc> {
-        let ttl = self.settings.heartbeat * self.settings.missed_heartbeats.max(1) as u32;
-        chrono::Utc::now() - chrono::Duration::from_std(ttl).unwrap_or_default()
     }
 }
 

@@ -171,8 +171,7 @@ async fn take_lease(
     run_id: &str,
     lease: &str,
 ) -> Result<Option<Box<crate::db::entities::sync_run::Model>>, RetryLater> {
-    let w = &ctx.settings.worker;
-    let lease_ttl = w.heartbeat * w.missed_heartbeats.max(1) as u32;
+    let lease_ttl = ctx.settings.worker.lease_ttl();
     match runs::begin_attempt(&ctx.db, run_id, lease, lease_ttl).await {
         // Its storage or project was deleted (the run with it): nothing to do.
         Err(Error::NotFound(_)) => Ok(None),
@@ -382,20 +381,6 @@ async fn attempt(
     }
 }
 
-/// Since when a claim on a batch by one of its run's own jobs holds off the
-/// batch's queued job (see `db::batches::count_attempt`): one run lease. A
-/// stopped run's batches are closed by their queued job whoever claimed
-/// them (`None`).
-fn claims_after(
-    ctx: &JobContext,
-    run: &crate::db::entities::sync_run::Model,
-) -> Option<chrono::DateTime<chrono::Utc>> {
-    let w = &ctx.settings.worker;
-    let lease = w.heartbeat * w.missed_heartbeats.max(1) as u32;
-    (run.status == RunStatus::Running.as_str())
-        .then(|| chrono::Utc::now() - chrono::Duration::from_std(lease).unwrap_or_default())
-}
-
 /// Runs one fan-out batch of an import. Like [`execute`], permanent failures
 /// are recorded (on the batch's objects that have no task) and the job is
 /// acknowledged.
@@ -410,7 +395,12 @@ pub async fn execute_batch(
         Err(Error::NotFound(_)) => return Ok(()), // deleted with its storage
         other => other.map_err(RetryLater)?,
     };
-    let Some(batch) = batches::count_attempt(&ctx.db, batch_id, claims_after(ctx, &run))
+    // A running run's batch claimed by one of the run's own jobs within a
+    // lease is that job's to finish; a stopped run's batch is closed below
+    // whoever claimed it.
+    let running = run.status == RunStatus::Running.as_str();
+    let stale_before = running.then(|| ctx.settings.worker.stale_before());
+    let Some(batch) = batches::count_attempt(&ctx.db, batch_id, stale_before)
         .await
         .map_err(RetryLater)?
     else {
@@ -438,7 +428,7 @@ pub async fn execute_batch(
                 .collect();
             Ok((errors.len() as i64, errors))
         };
-    if run.status != RunStatus::Running.as_str() {
+    if !running {
         // Cancelled or ended: close the batch so nothing waits on it.
         job.finish_batch(batch_id, worker, 0, Vec::new())
             .await
@@ -493,9 +483,15 @@ pub async fn execute_partition(
     let job = import_job(ctx, &run, &storage, &project, true);
     let lease = ulid::Ulid::new().to_string();
     let max = i64::from(ctx.settings.worker.max_attempts);
-    let claimed = crate::db::partitions::claim(&ctx.db, partition, &lease, job.stale_before(), max)
-        .await
-        .map_err(RetryLater)?;
+    let claimed = crate::db::partitions::claim(
+        &ctx.db,
+        partition,
+        &lease,
+        ctx.settings.worker.stale_before(),
+        max,
+    )
+    .await
+    .map_err(RetryLater)?;
     let Some(part) = claimed else {
         return Ok(());
     };
