@@ -129,6 +129,71 @@ async fn flaky_storage_requests_are_retried_and_nothing_is_lost() {
     app.stop().await;
 }
 
+/// Task files on both sides of the size parsed where it is read (32 KiB):
+/// one small JSON file, a JSONL and a JSON array of about 90 KB whose rows
+/// straddle that boundary (their first 32 KiB is read before the rest is
+/// streamed to the parser). Through a storage that fails or cuts off every
+/// second request, every row is imported once, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_files_small_and_large_cut_off_mid_body_are_each_imported_once() {
+    let (moto, bucket) = bucket(0, 0).await;
+    let s3 = open(
+        BackendKind::S3,
+        json!({ "bucket": bucket, "endpoint_url": moto }),
+        json!({ "access_key_id": "test", "secret_access_key": "test" }),
+    )
+    .await;
+    let row = |i: usize| json!({ "text": format!("row {i} {}", "x".repeat(80)) });
+    let lines: String = (0..900).map(|i| format!("{}\n", row(i))).collect();
+    let array = Value::Array((0..800).map(row).collect()).to_string();
+    assert!(lines.len() > 64 * 1024 && array.len() > 64 * 1024);
+    for (key, body) in [
+        ("tasks/big.jsonl", lines),
+        ("tasks/big.json", array),
+        ("tasks/small.json", json!({ "text": "small" }).to_string()),
+    ] {
+        s3.put(key, Bytes::from(body), None).await.unwrap();
+    }
+    let proxy = FaultProxy::start(&moto, Mode::Flaky { every: 2 }).await;
+    let app = spawn_app(private_endpoints()).await;
+    let project = app.project("cut-off").await;
+
+    let tasks = s3_source(&app, project, &bucket, &proxy.url, "tasks/", "tasks").await;
+    let run = app.sync(&tasks["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 900 + 800 + 1, "{run}");
+    assert_eq!(run["counters"]["failed"], 0, "{run}");
+    let mut rows: Vec<(String, i64, String)> = app
+        .all_tasks(project)
+        .await
+        .iter()
+        .map(|t| {
+            (
+                t["source"]["key"].as_str().unwrap().to_owned(),
+                t["source"]["row_index"].as_i64().unwrap(),
+                t["data"]["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows.dedup();
+    assert_eq!(rows.len(), 900 + 800 + 1, "one task per (key, row)");
+    let last = |key: &str| {
+        rows.iter()
+            .filter(|r| r.0 == key)
+            .max_by_key(|r| r.1)
+            .cloned()
+    };
+    assert!(last("tasks/big.jsonl").unwrap().2.starts_with("row 899 "));
+    assert!(last("tasks/big.json").unwrap().2.starts_with("row 799 "));
+    let (requests, faults) = proxy.counts();
+    assert!(
+        faults >= 2,
+        "the proxy injected faults: {faults} of {requests}"
+    );
+    app.stop().await;
+}
+
 /// A storage server that stops answering without closing the connection
 /// (before a response, or halfway through an object's body): each such
 /// request gives up after `LABELSYNC_STORAGE_TIMEOUT_SECS` and is retried,

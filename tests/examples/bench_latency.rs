@@ -56,9 +56,13 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
     .await;
     let fleet = spawn_fleet(&app, workers, &[]).await;
     let storage = json!({ "prefix": "tasks/", "import_method": "tasks" });
+    let worker_cpu = cpu_seconds(&fleet);
     let (before, secs, storage, busy) = timed_sync(&app, &server, storage, objects).await;
+    let worker_cpu = cpu_seconds(&fleet) - worker_cpu;
     report(&server, before, secs, objects, workers, rtt, busy);
-    println!("{}", timeline(&app, &storage).await);
+    let mut timeline = timeline(&app, &storage).await;
+    timeline["worker_cpu_us_per_object"] = json!((worker_cpu * 1e6 / objects as f64).round());
+    println!("{timeline}");
     drop(fleet);
     app.stop().await;
 }
@@ -153,6 +157,29 @@ fn cpu_ticks() -> (u64, u64) {
     let idle = ticks[3] + ticks[4];
     let total: u64 = ticks.iter().take(8).sum();
     (total - idle, total)
+}
+
+/// The CPU time the fleet's processes used so far, in seconds (user and
+/// system, from `/proc/<pid>/stat`, at the kernel's 100 ticks a second).
+fn cpu_seconds(fleet: &[labelsync_tests::Worker]) -> f64 {
+    let ticks: u64 = fleet
+        .iter()
+        .map(|w| {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", w.0.id()))
+                .expect("the worker's /proc stat");
+            // After the command's closing parenthesis: fields 3.., so utime
+            // (field 14) and stime (15) are the 12th and 13th.
+            let rest = stat.rsplit_once(')').expect("a stat line").1;
+            let fields: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|f| f.parse().ok())
+                .collect();
+            fields.iter().sum::<u64>()
+        })
+        .sum();
+    ticks as f64 / 100.0
 }
 
 /// The share of the machine's CPU time that was busy since `before`.

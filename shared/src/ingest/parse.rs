@@ -307,7 +307,21 @@ pub fn parse(
     limits: Limits,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
-    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    parse_buffered(
+        format,
+        BufReader::with_capacity(64 * 1024, reader),
+        limits,
+        emit,
+    )
+}
+
+/// [`parse`] of a reader that buffers already (a body held in memory).
+pub fn parse_buffered(
+    format: Format,
+    mut reader: impl BufRead,
+    limits: Limits,
+    emit: &mut dyn FnMut(RowEvent) -> bool,
+) -> Result<(), String> {
     skip_bom(&mut reader).map_err(|e| format!("read failed: {e}"))?;
     match format {
         Format::Json => parse_json(reader, limits, emit),

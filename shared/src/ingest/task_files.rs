@@ -24,7 +24,8 @@ use std::{
     },
 };
 
-use futures::{StreamExt, TryStreamExt};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, future::Either};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
@@ -138,7 +139,7 @@ impl Importer<'_, '_> {
                 return Ok(Some(result));
             }
         };
-        let (parser, mut rx) = self.spawn_parser(&object, format, source);
+        let (parser, mut rx) = self.start_parser(&object, format, source);
         // The parser sends full chunks until its last one, so a first chunk
         // that is not full is the whole object: unless its rows may update
         // tasks (`overwrite`), they go back to the caller to be committed
@@ -183,17 +184,15 @@ impl Importer<'_, '_> {
         }
     }
 
-    /// Parses `source` on a blocking thread, sending its rows in chunks over
-    /// a channel of two; the parser stops when the receiver is dropped.
-    fn spawn_parser(
+    /// Starts the parser of `source`: where it was read when it is a whole
+    /// small body, else on a blocking thread. Either way its chunks come over
+    /// the returned channel and its outcome is the returned future.
+    fn start_parser(
         &self,
         object: &ObjectMeta,
         format: Format,
         source: Source,
-    ) -> (
-        JoinHandle<std::result::Result<(), String>>,
-        mpsc::Receiver<Chunk>,
-    ) {
+    ) -> (Parser, mpsc::Receiver<Chunk>) {
         let settings = self.job.settings;
         let max_object_bytes = settings.max_object_bytes;
         let limits = parse::Limits {
@@ -201,32 +200,32 @@ impl Importer<'_, '_> {
             budget: Some(super::budget::process_budget(settings.parse_budget_bytes)),
             object_size: object.size.and_then(|s| u64::try_from(s).ok()),
         };
+        if let Source::Whole(body) = &source {
+            // Its size is known (and under INLINE_BYTES): no reservation of
+            // the parse budget is made, so nothing waits on this thread.
+            let limits = parse::Limits {
+                object_size: Some(body.len() as u64),
+                ..limits
+            };
+            // Every chunk of at most INLINE_BYTES of rows fits in the channel.
+            let mut chunks = Vec::new();
+            let parsed = parse_source(format, source, limits, max_object_bytes, &mut |chunk| {
+                chunks.push(chunk);
+                true
+            });
+            let (tx, rx) = mpsc::channel::<Chunk>(chunks.len().max(1));
+            for chunk in chunks {
+                let _ = tx.try_send(chunk);
+            }
+            return (Either::Left(futures::future::ready(Ok(parsed))), rx);
+        }
         let (tx, rx) = mpsc::channel::<Chunk>(2);
         let parser = tokio::task::spawn_blocking(move || {
-            let mut chunk = Chunk::default();
-            let mut open = true;
-            let mut emit = |event: RowEvent| {
-                if chunk.push(event) {
-                    open = tx.blocking_send(std::mem::take(&mut chunk)).is_ok();
-                }
-                open
-            };
-            let parsed = match source {
-                Source::Reader(reader) => {
-                    let reader = Limited {
-                        inner: reader,
-                        left: max_object_bytes,
-                    };
-                    parse::parse(format, reader, limits, &mut emit)
-                }
-                Source::File(file) => parse::parse_parquet(file, limits, &mut emit),
-            };
-            if !chunk.rows.is_empty() {
-                let _ = tx.blocking_send(chunk);
-            }
-            parsed
+            parse_source(format, source, limits, max_object_bytes, &mut |chunk| {
+                tx.blocking_send(chunk).is_ok()
+            })
         });
-        (parser, rx)
+        (Either::Right(parser), rx)
     }
 
     /// Commits a big object's chunks as they come, two at a time (one
@@ -301,16 +300,26 @@ impl Importer<'_, '_> {
                 Source::Reader(Box::new(file))
             });
         }
-        let stream = self
-            .backend
-            .get(key, None)
-            .await?
-            .body
-            .inspect(move |chunk| {
-                if chunk.is_err() {
-                    interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut body = self.backend.get(key, None).await?.body;
+        if format != Format::Parquet {
+            let head = match read_head(&mut body).await {
+                Ok(Head::Whole(body)) => return Ok(Source::Whole(body)),
+                Ok(Head::Part(head)) => head,
+                Err(e) => {
+                    return Err(Error::Transient(format!(
+                        "{key}: download interrupted: {e}"
+                    )));
                 }
-            });
+            };
+            body = futures::stream::iter(head.into_iter().map(Ok))
+                .chain(body)
+                .boxed();
+        }
+        let stream = body.inspect(move |chunk| {
+            if chunk.is_err() {
+                interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
         let reader = tokio_util::io::StreamReader::new(stream);
         if format == Format::Parquet {
             // Parquet needs random access: spool the object to a temporary file.
@@ -454,6 +463,92 @@ impl Chunk {
 enum Source {
     Reader(Box<dyn Read + Send>),
     File(std::fs::File),
+    /// A whole body of at most [`INLINE_BYTES`].
+    Whole(Bytes),
+}
+
+/// What a parser ends with: ready at once when it ran where the body was
+/// read, or the blocking thread's.
+type Parser = Either<
+    futures::future::Ready<std::result::Result<ParseOutcome, tokio::task::JoinError>>,
+    JoinHandle<ParseOutcome>,
+>;
+type ParseOutcome = std::result::Result<(), String>;
+
+/// Runs the parser over `source`, handing `send` each full chunk and then
+/// the last one; stops when `send` returns false (the receiver went away).
+fn parse_source(
+    format: Format,
+    source: Source,
+    limits: parse::Limits,
+    max_object_bytes: u64,
+    send: &mut dyn FnMut(Chunk) -> bool,
+) -> ParseOutcome {
+    let mut chunk = Chunk::default();
+    let mut open = true;
+    let mut emit = |event: RowEvent| {
+        if chunk.push(event) {
+            open = send(std::mem::take(&mut chunk));
+        }
+        open
+    };
+    let parsed = match source {
+        Source::Reader(reader) => {
+            let reader = Limited {
+                inner: reader,
+                left: max_object_bytes,
+            };
+            parse::parse(format, reader, limits, &mut emit)
+        }
+        Source::Whole(body) if body.len() as u64 > max_object_bytes => Err(format!(
+            "object is {} bytes, over the {max_object_bytes}-byte limit (LABELSYNC_MAX_OBJECT_BYTES)",
+            body.len()
+        )),
+        Source::Whole(body) => parse::parse_buffered(format, &body[..], limits, &mut emit),
+        Source::File(file) => parse::parse_parquet(file, limits, &mut emit),
+    };
+    if open && !chunk.rows.is_empty() {
+        send(chunk);
+    }
+    parsed
+}
+
+/// A body of at most this many bytes is parsed where it was read, on the
+/// async thread (tens of microseconds of JSON), not on a blocking thread fed
+/// through a channel: for one-task files the hand-offs cost more than the
+/// parse (docs/DECISIONS.md, Small task files parsed where they are read).
+/// It must stay under the parse budget's smallest reservation, so that such
+/// a parse never waits for the budget (which blocks its thread).
+const INLINE_BYTES: usize = 32 * 1024;
+const _: () = assert!(INLINE_BYTES < super::budget::SMALL);
+
+enum Head {
+    /// The whole body.
+    Whole(Bytes),
+    /// The first pieces of a longer body (over [`INLINE_BYTES`] by at most
+    /// one network read).
+    Part(Vec<Bytes>),
+}
+
+/// Reads `body` until it ends or passes [`INLINE_BYTES`].
+async fn read_head(body: &mut crate::storage::ByteStream) -> io::Result<Head> {
+    let mut pieces: Vec<Bytes> = Vec::new();
+    let mut len = 0;
+    while len <= INLINE_BYTES {
+        let Some(piece) = body.try_next().await? else {
+            if len > INLINE_BYTES {
+                break; // one last piece took it over: not small after all
+            }
+            return Ok(Head::Whole(match pieces.len() {
+                0 => Bytes::new(),
+                1 => pieces.swap_remove(0),
+                _ => pieces.concat().into(),
+            }));
+        };
+        len += piece.len();
+        pieces.push(piece);
+    }
+    Ok(Head::Part(pieces))
 }
 
 /// Fails the read once more than `left` bytes came through, so an object
@@ -470,5 +565,46 @@ impl<R: Read> Read for Limited<R> {
             io::Error::other("object is over the size limit (LABELSYNC_MAX_OBJECT_BYTES)")
         })?;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(pieces: Vec<io::Result<Bytes>>) -> crate::storage::ByteStream {
+        futures::stream::iter(pieces).boxed()
+    }
+
+    fn piece(len: usize) -> io::Result<Bytes> {
+        Ok(Bytes::from(vec![b' '; len]))
+    }
+
+    /// Only a body that ends within INLINE_BYTES is whole (so parsed on the
+    /// async thread); one that passes it, even in its last piece, is handed
+    /// on with those pieces first; a read error is an error.
+    #[tokio::test]
+    async fn a_head_is_whole_only_within_the_inline_size() {
+        let mut small = body(vec![piece(10), piece(INLINE_BYTES - 10)]);
+        let Ok(Head::Whole(whole)) = read_head(&mut small).await else {
+            panic!("a body of INLINE_BYTES is whole");
+        };
+        assert_eq!(whole.len(), INLINE_BYTES);
+
+        let mut one_big = body(vec![piece(INLINE_BYTES + 1)]);
+        let Ok(Head::Part(pieces)) = read_head(&mut one_big).await else {
+            panic!("one piece over INLINE_BYTES is not whole");
+        };
+        assert_eq!(pieces.len(), 1);
+
+        let mut long = body(vec![piece(INLINE_BYTES), piece(1), piece(7)]);
+        let Ok(Head::Part(pieces)) = read_head(&mut long).await else {
+            panic!("a longer body is not whole");
+        };
+        assert_eq!(pieces.len(), 2, "reading stops once past INLINE_BYTES");
+        assert_eq!(long.try_next().await.unwrap().unwrap().len(), 7);
+
+        let mut cut = body(vec![piece(10), Err(io::Error::other("reset"))]);
+        assert!(read_head(&mut cut).await.is_err());
     }
 }

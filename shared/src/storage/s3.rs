@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig, timeout::TimeoutConfig};
+use aws_sdk_s3::config::endpoint::{Endpoint, Params as EndpointParams};
 use aws_sdk_s3::{
     Client,
     config::{Credentials, SharedHttpClient, http::HttpResponse},
@@ -23,6 +24,7 @@ use aws_sdk_s3::{
     types::ServerSideEncryption,
 };
 use aws_smithy_http_client::tls;
+use aws_smithy_runtime_api::client::endpoint::EndpointFuture;
 use bytes::Bytes;
 use chrono::DateTime;
 use futures::stream::BoxStream;
@@ -208,6 +210,7 @@ fn client_config(
 ) -> aws_sdk_s3::Config {
     aws_sdk_s3::config::Builder::from(sdk_config)
         .http_client(http)
+        .endpoint_resolver(EndpointsByBucket::default())
         .force_path_style(
             config
                 .force_path_style
@@ -225,6 +228,74 @@ fn client_config(
                 .build(),
         )
         .build()
+}
+
+/// The SDK's S3 endpoint rules, run once per bucket and operation shape
+/// instead of once per request: they took a twentieth of a worker's CPU in a
+/// Tasks-mode sync of small files (docs/DECISIONS.md, S3 endpoints resolved
+/// once per bucket). The SDK keeps the last answer only for the very same
+/// parameters, the object key included, so every GET of a new key ran the
+/// rules again. The rules bind the key and the listing prefix but never read
+/// them (a test checks that two keys resolve alike), so the answers here are
+/// kept per parameters without those two.
+#[derive(Debug, Default)]
+struct EndpointsByBucket {
+    rules: aws_sdk_s3::config::endpoint::DefaultResolver,
+    /// A handful at most: one client's operations differ in a few flags.
+    known: std::sync::Mutex<Vec<(EndpointParams, Endpoint)>>,
+}
+
+/// How many endpoint answers [`EndpointsByBucket`] keeps.
+const KNOWN_ENDPOINTS: usize = 16;
+
+impl EndpointsByBucket {
+    fn known(&self, params: &EndpointParams) -> Option<Endpoint> {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known
+            .iter()
+            .find(|(seen, _)| same_but_key(seen, params))
+            .map(|(_, endpoint)| endpoint.clone())
+    }
+
+    fn remember(&self, params: &EndpointParams, endpoint: &Endpoint) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= KNOWN_ENDPOINTS {
+            known.clear();
+        }
+        known.push((params.clone(), endpoint.clone()));
+    }
+}
+
+impl aws_sdk_s3::config::endpoint::ResolveEndpoint for EndpointsByBucket {
+    fn resolve_endpoint<'a>(&'a self, params: &'a EndpointParams) -> EndpointFuture<'a> {
+        if let Some(endpoint) = self.known(params) {
+            return EndpointFuture::ready(Ok(endpoint));
+        }
+        EndpointFuture::new(async move {
+            let endpoint = self.rules.resolve_endpoint(params).await?;
+            self.remember(params, &endpoint);
+            Ok(endpoint)
+        })
+    }
+}
+
+/// Whether `a` and `b` differ at most in their key and prefix.
+fn same_but_key(a: &EndpointParams, b: &EndpointParams) -> bool {
+    a.bucket() == b.bucket()
+        && a.region() == b.region()
+        && a.use_fips() == b.use_fips()
+        && a.use_dual_stack() == b.use_dual_stack()
+        && a.endpoint() == b.endpoint()
+        && a.force_path_style() == b.force_path_style()
+        && a.accelerate() == b.accelerate()
+        && a.use_global_endpoint() == b.use_global_endpoint()
+        && a.use_object_lambda_endpoint() == b.use_object_lambda_endpoint()
+        && a.copy_source() == b.copy_source()
+        && a.disable_access_points() == b.disable_access_points()
+        && a.disable_multi_region_access_points() == b.disable_multi_region_access_points()
+        && a.use_arn_region() == b.use_arn_region()
+        && a.use_s3_express_control_endpoint() == b.use_s3_express_control_endpoint()
+        && a.disable_s3_express_session_auth() == b.disable_s3_express_session_auth()
 }
 
 /// Classifies an SDK error by its S3 error code and HTTP status.
@@ -535,5 +606,63 @@ impl super::Backend for Descriptor {
         Ok(std::sync::Arc::new(
             S3Storage::open(S3Config::parse(config, env).await?, secrets, env).await?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_sdk_s3::config::endpoint::DefaultResolver;
+
+    use super::*;
+
+    fn params(bucket: &str, key: &str, endpoint: Option<&str>) -> EndpointParams {
+        EndpointParams::builder()
+            .bucket(bucket)
+            .key(key)
+            .region("eu-west-1")
+            .set_endpoint(endpoint.map(str::to_owned))
+            .force_path_style(endpoint.is_some())
+            .build()
+            .expect("endpoint parameters")
+    }
+
+    async fn url(
+        resolver: &impl aws_sdk_s3::config::endpoint::ResolveEndpoint,
+        p: &EndpointParams,
+    ) -> String {
+        resolver
+            .resolve_endpoint(p)
+            .await
+            .expect("an endpoint")
+            .url()
+            .to_owned()
+    }
+
+    /// What the cache assumes of the SDK's rules: the object key does not
+    /// change the endpoint (on AWS, virtual-hosted, and on a custom
+    /// endpoint, path-style), and the cache answers what the rules answer,
+    /// bucket by bucket.
+    #[tokio::test]
+    async fn endpoints_do_not_depend_on_the_key_and_are_kept_per_bucket() {
+        let rules = DefaultResolver::new();
+        let cached = EndpointsByBucket::default();
+        for endpoint in [None, Some("http://127.0.0.1:9000")] {
+            for bucket in ["one", "two"] {
+                let first = params(bucket, "a/1.json", endpoint);
+                let other = params(bucket, "b/../2 %.json", endpoint);
+                assert_eq!(url(&rules, &first).await, url(&rules, &other).await);
+                assert_eq!(url(&cached, &first).await, url(&rules, &first).await);
+                assert_eq!(url(&cached, &other).await, url(&rules, &other).await);
+            }
+        }
+        assert_eq!(
+            url(&cached, &params("one", "k", None)).await,
+            "https://one.s3.eu-west-1.amazonaws.com"
+        );
+        assert_eq!(
+            url(&cached, &params("two", "k", Some("http://127.0.0.1:9000"))).await,
+            "http://127.0.0.1:9000/two"
+        );
+        assert_eq!(cached.known.lock().unwrap().len(), 4);
     }
 }
