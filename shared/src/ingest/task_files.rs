@@ -139,22 +139,22 @@ impl Importer<'_, '_> {
                 return Ok(Some(result));
             }
         };
-        let (parser, mut rx) = self.start_parser(&object, format, source);
+        let (parser, mut chunks) = self.start_parser(&object, format, source);
         // The parser sends full chunks until its last one, so a first chunk
         // that is not full is the whole object: unless its rows may update
         // tasks (`overwrite`), they go back to the caller to be committed
         // with other small objects' rows.
-        let first = rx.recv().await;
+        let first = chunks.recv().await;
         let small = !self.overwrite && first.as_ref().is_none_or(|c| !c.is_full());
         let stopped = if small {
             keep_small(&mut result, &object, first.unwrap_or_default());
             false
         } else {
             !self
-                .commit_chunks(&object, may_exist, first, &mut rx, &mut result)
+                .commit_chunks(&object, may_exist, first, &mut chunks, &mut result)
                 .await?
         };
-        drop(rx);
+        drop(chunks);
         let parsed = parser.await;
         self.settle(
             &object.key,
@@ -185,14 +185,14 @@ impl Importer<'_, '_> {
     }
 
     /// Starts the parser of `source`: where it was read when it is a whole
-    /// small body, else on a blocking thread. Either way its chunks come over
-    /// the returned channel and its outcome is the returned future.
+    /// small body, else on a blocking thread. Either way its chunks come from
+    /// the returned [`Chunks`] and its outcome is the returned future.
     fn start_parser(
         &self,
         object: &ObjectMeta,
         format: Format,
         source: Source,
-    ) -> (Parser, mpsc::Receiver<Chunk>) {
+    ) -> (Parser, Chunks) {
         let settings = self.job.settings;
         let max_object_bytes = settings.max_object_bytes;
         let limits = parse::Limits {
@@ -207,17 +207,13 @@ impl Importer<'_, '_> {
                 object_size: Some(body.len() as u64),
                 ..limits
             };
-            // Every chunk of at most INLINE_BYTES of rows fits in the channel.
             let mut chunks = Vec::new();
             let parsed = parse_source(format, source, limits, max_object_bytes, &mut |chunk| {
                 chunks.push(chunk);
                 true
             });
-            let (tx, rx) = mpsc::channel::<Chunk>(chunks.len().max(1));
-            for chunk in chunks {
-                let _ = tx.try_send(chunk);
-            }
-            return (Either::Left(futures::future::ready(Ok(parsed))), rx);
+            let parsed = Either::Left(futures::future::ready(Ok(parsed)));
+            return (parsed, Chunks::Parsed(chunks.into_iter()));
         }
         let (tx, rx) = mpsc::channel::<Chunk>(2);
         let parser = tokio::task::spawn_blocking(move || {
@@ -225,7 +221,7 @@ impl Importer<'_, '_> {
                 tx.blocking_send(chunk).is_ok()
             })
         });
-        (Either::Right(parser), rx)
+        (Either::Right(parser), Chunks::Coming(rx))
     }
 
     /// Commits a big object's chunks as they come, two at a time (one
@@ -238,12 +234,12 @@ impl Importer<'_, '_> {
         object: &ObjectMeta,
         may_exist: bool,
         first: Option<Chunk>,
-        rx: &mut mpsc::Receiver<Chunk>,
+        rest: &mut Chunks,
         result: &mut ObjectResult,
     ) -> Result<bool> {
         links::mark_partial(self.job.db, self.job.storage.id, &object.key).await?;
         let chunks =
-            futures::stream::iter(first).chain(futures::stream::poll_fn(|cx| rx.poll_recv(cx)));
+            futures::stream::iter(first).chain(futures::stream::poll_fn(|cx| rest.poll_recv(cx)));
         let mut inserts = chunks
             .map(|chunk| {
                 let rows = split(result, &object.key, chunk.rows);
@@ -465,6 +461,27 @@ enum Source {
     File(std::fs::File),
     /// A whole body of at most [`INLINE_BYTES`].
     Whole(Bytes),
+}
+
+/// A parser's chunks: all of them already (a small body parsed where it
+/// was read), or as its blocking thread sends them. Dropping it stops that
+/// thread's parser.
+enum Chunks {
+    Parsed(std::vec::IntoIter<Chunk>),
+    Coming(mpsc::Receiver<Chunk>),
+}
+
+impl Chunks {
+    fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Chunk>> {
+        match self {
+            Chunks::Parsed(chunks) => std::task::Poll::Ready(chunks.next()),
+            Chunks::Coming(rx) => rx.poll_recv(cx),
+        }
+    }
+
+    async fn recv(&mut self) -> Option<Chunk> {
+        futures::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
 }
 
 /// What a parser ends with: ready at once when it ran where the body was
