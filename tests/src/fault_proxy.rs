@@ -39,6 +39,10 @@ pub enum Mode {
     /// forwarded, and answers are paced at the bandwidth when set (a distant
     /// bucket in front of a near emulator).
     Latency(crate::synthetic_s3::Latency),
+    /// The first GET of each path whose body is longer than this many
+    /// bytes gets the response's head and those bytes, then a reset; later
+    /// GETs of the path pass.
+    CutBodiesAfter(usize),
     /// Every listing of the keys under one prefix (a GET whose query has
     /// this `prefix=` value, percent-encoded, and no delimiter) gets 500;
     /// everything else passes.
@@ -52,6 +56,8 @@ struct Shared {
     client: reqwest::Client,
     requests: Arc<AtomicU64>,
     faults: Arc<AtomicU64>,
+    /// The paths whose body was cut (`Mode::CutBodiesAfter`).
+    cut: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 pub struct FaultProxy {
@@ -71,6 +77,7 @@ impl FaultProxy {
                 .expect("client"),
             requests: Arc::new(AtomicU64::new(0)),
             faults: Arc::new(AtomicU64::new(0)),
+            cut: Arc::default(),
         };
         let (requests, faults) = (shared.requests.clone(), shared.faults.clone());
         let app = Router::new().fallback(forward).with_state(shared);
@@ -136,6 +143,7 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
             return parts.body(Body::from_stream(stalled)).unwrap_or_default();
         }
         Mode::Hanging { .. } => None,
+        Mode::CutBodiesAfter(after) => return cut_body_once(&s, req, after).await,
         Mode::FailListing(prefix) => {
             let query = req.uri().query().unwrap_or_default();
             let listing = query.split('&').any(|p| p == format!("prefix={prefix}"))
@@ -196,6 +204,24 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
     }
     let (builder, bytes) = send(&s, req).await;
     builder.body(Body::from(bytes)).unwrap_or_default()
+}
+
+/// [`Mode::CutBodiesAfter`]: forwards `req`, and cuts the body after
+/// `after` bytes when it is longer and its path was not cut before.
+async fn cut_body_once(s: &Shared, req: Request, after: usize) -> Response {
+    let path = req.uri().path().to_owned();
+    let get = req.method() == axum::http::Method::GET;
+    let (builder, bytes) = send(s, req).await;
+    let first = get && bytes.len() > after && s.cut.lock().expect("cut paths").insert(path);
+    if !first {
+        return builder.body(Body::from(bytes)).unwrap_or_default();
+    }
+    s.faults.fetch_add(1, Ordering::SeqCst);
+    let broken = futures::stream::iter([
+        Ok(bytes.slice(..after)),
+        Err(std::io::Error::other("injected reset")),
+    ]);
+    builder.body(Body::from_stream(broken)).unwrap_or_default()
 }
 
 /// Forwards a request upstream; the response's head and whole body (a 400

@@ -1,6 +1,7 @@
 //! Tasks mode: one object -> its rows, streamed. The parser runs on a blocking
 //! thread and hands rows over a small bounded channel, so a 1 GB file is never
-//! in memory; rows are committed in chunks (one transaction each, with the
+//! in memory (a body that ends within [`INLINE_BYTES`] is parsed where it was
+//! read instead); rows are committed in chunks (one transaction each, with the
 //! run's `created` counter), deduplicated per row through the link key. An
 //! object smaller than one chunk hands its rows back instead, and the caller
 //! commits several such objects at once.
@@ -113,7 +114,7 @@ impl Importer<'_, '_> {
     }
 
     /// One read of an object: check it can be read, stream its rows from a
-    /// parser on a blocking thread, keep them (a small object) or commit
+    /// parser (see [`Self::start_parser`]), keep them (a small object) or commit
     /// them chunk by chunk (a big one), then settle what the parser said.
     async fn import_once(
         &self,
@@ -201,10 +202,11 @@ impl Importer<'_, '_> {
             object_size: object.size.and_then(|s| u64::try_from(s).ok()),
         };
         if let Source::Whole(body) = &source {
-            // Its size is known (and under INLINE_BYTES): no reservation of
-            // the parse budget is made, so nothing waits on this thread.
+            // Not counted in the parse budget, whose reservations block
+            // their thread: this one is async, and the body is small.
             let limits = parse::Limits {
                 object_size: Some(body.len() as u64),
+                budget: None,
                 ..limits
             };
             let mut chunks = Vec::new();
@@ -531,12 +533,13 @@ fn parse_source(
 }
 
 /// A body of at most this many bytes is parsed where it was read, on the
-/// async thread (tens of microseconds of JSON), not on a blocking thread fed
-/// through a channel: for one-task files the hand-offs cost more than the
-/// parse (docs/DECISIONS.md, Small task files parsed where they are read).
-/// It must stay under the parse budget's smallest reservation, so that such
-/// a parse never waits for the budget (which blocks its thread).
-const INLINE_BYTES: usize = 32 * 1024;
+/// async thread, not on a blocking thread fed through a channel: for
+/// one-task files the hand-offs cost more than the parse (docs/DECISIONS.md,
+/// Small task files parsed where they are read). Small enough that even
+/// thousands of tiny rows or row errors keep the thread well under a
+/// millisecond, and far under what the parse budget counts (such a parse
+/// is not counted).
+const INLINE_BYTES: usize = 16 * 1024;
 const _: () = assert!(INLINE_BYTES < super::budget::SMALL);
 
 enum Head {
@@ -553,9 +556,6 @@ async fn read_head(body: &mut crate::storage::ByteStream) -> io::Result<Head> {
     let mut len = 0;
     while len <= INLINE_BYTES {
         let Some(piece) = body.try_next().await? else {
-            if len > INLINE_BYTES {
-                break; // one last piece took it over: not small after all
-            }
             return Ok(Head::Whole(match pieces.len() {
                 0 => Bytes::new(),
                 1 => pieces.swap_remove(0),

@@ -259,6 +259,9 @@ impl EndpointsByBucket {
 
     fn remember(&self, params: &EndpointParams, endpoint: &Endpoint) {
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.iter().any(|(seen, _)| same_but_key(seen, params)) {
+            return; // a concurrent miss got here first
+        }
         if known.len() >= KNOWN_ENDPOINTS {
             known.clear();
         }
@@ -279,7 +282,8 @@ impl aws_sdk_s3::config::endpoint::ResolveEndpoint for EndpointsByBucket {
     }
 }
 
-/// Whether `a` and `b` differ at most in their key and prefix.
+/// Whether `a` and `b` differ at most in their key and prefix. Lists every
+/// other parameter of the SDK's `Params`; a test fails when the SDK adds one.
 fn same_but_key(a: &EndpointParams, b: &EndpointParams) -> bool {
     a.bucket() == b.bucket()
         && a.region() == b.region()
@@ -664,5 +668,41 @@ mod tests {
             "http://127.0.0.1:9000/two"
         );
         assert_eq!(cached.known.lock().unwrap().len(), 4);
+    }
+
+    /// The parameters [`same_but_key`] compares, and the two it leaves out,
+    /// are all the SDK's: a new endpoint parameter in an SDK upgrade fails
+    /// here until it is compared there too.
+    #[test]
+    fn the_endpoint_cache_compares_every_parameter_but_the_key_and_prefix() {
+        let debug = format!("{:?}", params("b", "k", None));
+        let names: Vec<&str> = debug
+            .trim_start_matches("Params {")
+            .trim_end_matches('}')
+            .split(", ")
+            .filter_map(|field| field.trim().split_once(": ").map(|(name, _)| name))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "bucket",
+                "region",
+                "use_fips",
+                "use_dual_stack",
+                "endpoint",
+                "force_path_style",
+                "accelerate",
+                "use_global_endpoint",
+                "use_object_lambda_endpoint",
+                "key",
+                "prefix",
+                "copy_source",
+                "disable_access_points",
+                "disable_multi_region_access_points",
+                "use_arn_region",
+                "use_s3_express_control_endpoint",
+                "disable_s3_express_session_auth",
+            ]
+        );
     }
 }
