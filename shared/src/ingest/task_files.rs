@@ -114,8 +114,9 @@ impl Importer<'_, '_> {
     }
 
     /// One read of an object: check it can be read, stream its rows from a
-    /// parser (see [`Self::start_parser`]), keep them (a small object) or commit
-    /// them chunk by chunk (a big one), then settle what the parser said.
+    /// parser (see [`Self::start_parser`]), keep them (a small object) or
+    /// commit them chunk by chunk (a big one), then settle what the parser
+    /// said.
     async fn import_once(
         &self,
         object: ObjectMeta,

@@ -14,10 +14,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig, timeout::TimeoutConfig};
-use aws_sdk_s3::config::endpoint::{Endpoint, Params as EndpointParams};
 use aws_sdk_s3::{
     Client,
-    config::{Credentials, SharedHttpClient, http::HttpResponse},
+    config::{
+        Credentials, SharedHttpClient,
+        endpoint::{Endpoint, Params as EndpointParams},
+        http::HttpResponse,
+    },
     error::{ProvideErrorMetadata, SdkError},
     presigning::PresigningConfig,
     primitives::ByteStream as AwsBody,
