@@ -86,10 +86,10 @@ pub async fn claim_unstarted(
             .filter(sync_batch::Column::Id.eq(id))
             .filter(sync_batch::Column::Done.eq(false))
             .filter(claimable())
-            .exec(db)
+            .exec_with_returning(db)
             .await?;
-        if claimed.rows_affected == 1 {
-            return Ok(sync_batch::Entity::find_by_id(id).one(db).await?);
+        if let Some(batch) = claimed.into_iter().next() {
+            return Ok(Some(batch));
         }
     }
     Ok(None)
@@ -134,10 +134,7 @@ pub async fn count_attempt(
                 .add(sync_batch::Column::ClaimedAt.lt(stale_before)),
         );
     }
-    if update.exec(db).await?.rows_affected == 0 {
-        return Ok(None);
-    }
-    Ok(sync_batch::Entity::find_by_id(id).one(db).await?)
+    Ok(update.exec_with_returning(db).await?.into_iter().next())
 }
 
 /// Marks a batch done; false when another attempt already did.

@@ -26,7 +26,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt, future::Either};
+use futures::{StreamExt, TryStreamExt};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
@@ -141,23 +141,22 @@ impl Importer<'_, '_> {
                 return Ok(Some(result));
             }
         };
-        let (parser, mut chunks) = self.start_parser(&object, format, source);
+        let mut parsing = self.start_parser(&object, format, source);
         // The parser sends full chunks until its last one, so a first chunk
         // that is not full is the whole object: unless its rows may update
         // tasks (`overwrite`), they go back to the caller to be committed
         // with other small objects' rows.
-        let first = chunks.recv().await;
+        let first = parsing.recv().await;
         let small = !self.overwrite && first.as_ref().is_none_or(|c| !c.is_full());
         let stopped = if small {
             keep_small(&mut result, &object, first.unwrap_or_default());
             false
         } else {
             !self
-                .commit_chunks(&object, may_exist, first, &mut chunks, &mut result)
+                .commit_chunks(&object, may_exist, first, &mut parsing, &mut result)
                 .await?
         };
-        drop(chunks);
-        let parsed = parser.await;
+        let parsed = parsing.outcome().await;
         self.settle(
             &object.key,
             parsed,
@@ -187,14 +186,8 @@ impl Importer<'_, '_> {
     }
 
     /// Starts the parser of `source`: where it was read when it is a whole
-    /// small body, else on a blocking thread. Either way its chunks come from
-    /// the returned [`Chunks`] and its outcome is the returned future.
-    fn start_parser(
-        &self,
-        object: &ObjectMeta,
-        format: Format,
-        source: Source,
-    ) -> (Parser, Chunks) {
+    /// small body (then it is done at once), else on a blocking thread.
+    fn start_parser(&self, object: &ObjectMeta, format: Format, source: Source) -> Parsing {
         let settings = self.job.settings;
         let max_object_bytes = settings.max_object_bytes;
         let limits = parse::Limits {
@@ -215,8 +208,7 @@ impl Importer<'_, '_> {
                 chunks.push(chunk);
                 true
             });
-            let parsed = Either::Left(futures::future::ready(Ok(parsed)));
-            return (parsed, Chunks::Parsed(chunks.into_iter()));
+            return Parsing::Done(chunks.into_iter(), parsed);
         }
         let (tx, rx) = mpsc::channel::<Chunk>(2);
         let parser = tokio::task::spawn_blocking(move || {
@@ -224,7 +216,7 @@ impl Importer<'_, '_> {
                 tx.blocking_send(chunk).is_ok()
             })
         });
-        (Either::Right(parser), Chunks::Coming(rx))
+        Parsing::Running(rx, parser)
     }
 
     /// Commits a big object's chunks as they come, two at a time (one
@@ -237,7 +229,7 @@ impl Importer<'_, '_> {
         object: &ObjectMeta,
         may_exist: bool,
         first: Option<Chunk>,
-        rest: &mut Chunks,
+        rest: &mut Parsing,
         result: &mut ObjectResult,
     ) -> Result<bool> {
         links::mark_partial(self.job.db, self.job.storage.id, &object.key).await?;
@@ -466,34 +458,40 @@ enum Source {
     Whole(Bytes),
 }
 
-/// A parser's chunks: all of them already (a small body parsed where it
-/// was read), or as its blocking thread sends them. Dropping it stops that
-/// thread's parser.
-enum Chunks {
-    Parsed(std::vec::IntoIter<Chunk>),
-    Coming(mpsc::Receiver<Chunk>),
+/// An object's parse: done already (a small body parsed where it was read:
+/// its chunks and outcome), or running on a blocking thread that sends its
+/// chunks.
+enum Parsing {
+    Done(std::vec::IntoIter<Chunk>, ParseOutcome),
+    Running(mpsc::Receiver<Chunk>, JoinHandle<ParseOutcome>),
 }
 
-impl Chunks {
+type ParseOutcome = std::result::Result<(), String>;
+
+impl Parsing {
     fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Chunk>> {
         match self {
-            Chunks::Parsed(chunks) => std::task::Poll::Ready(chunks.next()),
-            Chunks::Coming(rx) => rx.poll_recv(cx),
+            Parsing::Done(chunks, _) => std::task::Poll::Ready(chunks.next()),
+            Parsing::Running(rx, _) => rx.poll_recv(cx),
         }
     }
 
     async fn recv(&mut self) -> Option<Chunk> {
         futures::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
-}
 
-/// What a parser ends with: ready at once when it ran where the body was
-/// read, or the blocking thread's.
-type Parser = Either<
-    futures::future::Ready<std::result::Result<ParseOutcome, tokio::task::JoinError>>,
-    JoinHandle<ParseOutcome>,
->;
-type ParseOutcome = std::result::Result<(), String>;
+    /// How the parse ended. A running parser is stopped first (its channel
+    /// closed) if it had more to send: the caller wants no more rows.
+    async fn outcome(self) -> std::result::Result<ParseOutcome, tokio::task::JoinError> {
+        match self {
+            Parsing::Done(_, outcome) => Ok(outcome),
+            Parsing::Running(rx, parser) => {
+                drop(rx);
+                parser.await
+            }
+        }
+    }
+}
 
 /// Runs the parser over `source`, handing `send` each full chunk and then
 /// the last one; stops when `send` returns false (the receiver went away).
@@ -541,7 +539,6 @@ fn parse_source(
 /// millisecond, and far under what the parse budget counts (such a parse
 /// is not counted).
 const INLINE_BYTES: usize = 16 * 1024;
-const _: () = assert!(INLINE_BYTES < super::budget::SMALL);
 
 enum Head {
     /// The whole body.
