@@ -50,6 +50,9 @@ type Buckets = HashMap<String, BTreeMap<String, Object>>;
 pub struct Counts {
     pub list: AtomicU64,
     pub get: AtomicU64,
+    /// GETs the AWS SDK sent (they carry its `amz-sdk-invocation-id`);
+    /// the S3 backend signs its own after its first object request.
+    pub sdk_get: AtomicU64,
     pub head: AtomicU64,
     pub put: AtomicU64,
     pub delete: AtomicU64,
@@ -197,6 +200,9 @@ async fn answer(s: &Shared, req: Request) -> Response {
         }
         (Method::GET, Some(key)) => {
             c.get.fetch_add(1, Ordering::Relaxed);
+            if headers.contains_key("amz-sdk-invocation-id") {
+                c.sdk_get.fetch_add(1, Ordering::Relaxed);
+            }
             get(s, &bucket, &key, &headers, true)
         }
         (Method::HEAD, Some(key)) => {

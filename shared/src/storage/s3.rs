@@ -10,14 +10,21 @@
 //! 5xx, throttling such as `SlowDown`, timeouts and resets), set to
 //! [`retry::MAX_ATTEMPTS`] attempts. The data-plane HTTP client resolves names
 //! through the SSRF guard.
-use std::time::Duration;
+//!
+//! GETs leave the SDK once it has resolved the bucket's endpoint for a
+//! request on a key: they are signed and sent by [`signed_get`], with the
+//! same endpoint, credentials, retry policy and error classes.
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region, SdkConfig, retry::RetryConfig, timeout::TimeoutConfig};
 use aws_sdk_s3::{
     Client,
     config::{
-        Credentials, SharedHttpClient,
+        Credentials, SharedCredentialsProvider, SharedHttpClient,
         endpoint::{Endpoint, Params as EndpointParams},
         http::HttpResponse,
     },
@@ -39,8 +46,11 @@ use super::{
 };
 use crate::{
     Error, Result,
-    security::net::{GuardedResolver, parse_endpoint},
+    security::net::{GuardedResolver, NetPolicy, parse_endpoint},
 };
+
+mod signed_get;
+use signed_get::SignedGets;
 
 /// The `config` object of a `s3` storage (docs/API.md); unknown keys are refused.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -111,6 +121,15 @@ pub struct S3Storage {
     sse_kms_key_id: Option<String>,
     /// Longest wait for the next bytes of a download.
     idle_timeout: Duration,
+    /// The SDK's endpoint answers, shared with its client.
+    endpoints: EndpointsByBucket,
+    /// Where [`SignedGets`] may connect (their client is built with them).
+    net: NetPolicy,
+    /// The client's credentials (the SDK's config does not give them back).
+    credentials: Option<SharedCredentialsProvider>,
+    /// Set at the first GET after the SDK resolved a keyed endpoint;
+    /// `None` inside when GETs stay with the SDK.
+    signed: OnceLock<Option<SignedGets>>,
 }
 
 /// As for the other HTTP backends (`security::net::http_client`).
@@ -125,14 +144,93 @@ impl S3Storage {
             None => base,
             Some(arn) => assume_role(base, arn, config.external_id.as_deref(), region, &http).await,
         };
-        let s3_config = client_config(&sdk_config, &config, http, env);
+        let endpoints = EndpointsByBucket::default();
+        let credentials = sdk_config.credentials_provider();
+        let s3_config = client_config(&sdk_config, &config, http, endpoints.clone(), env);
         Ok(S3Storage {
             client: Client::from_conf(s3_config),
             bucket: config.bucket,
             sse_kms_key_id: config.sse_kms_key_id,
             idle_timeout: env.request_timeout,
+            endpoints,
+            net: env.net.clone(),
+            credentials,
+            signed: OnceLock::new(),
         })
     }
+
+    /// The signed-GET path, once the SDK has resolved this bucket's endpoint
+    /// for a request on a key (so both paths use the same one); `None`
+    /// before that, and for good when that endpoint needs the SDK (see
+    /// [`SignedGets::new`]) or the client has no credentials provider.
+    fn signed_gets(&self) -> Option<&SignedGets> {
+        if let Some(signed) = self.signed.get() {
+            return signed.as_ref();
+        }
+        let endpoint = self.endpoints.keyed()?;
+        let signed = self.signed.get_or_init(|| {
+            let credentials = self.credentials.clone()?;
+            let http = crate::security::net::http_client(&self.net, self.idle_timeout)
+                .inspect_err(|err| tracing::warn!(error = %err, "S3 GETs stay with the SDK"))
+                .ok()?;
+            SignedGets::new(&endpoint, credentials, http)
+        });
+        signed.as_ref()
+    }
+
+    /// A GET through the SDK's pipeline.
+    async fn sdk_get(&self, key: &str, range: Option<GetRange>, what: &str) -> Result<Object> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_range(range.map(GetRange::header))
+            .send()
+            .await
+            .map_err(|e| classify(e, what))?;
+        // `Content-Range: bytes a-b/total` carries the whole size of a range read.
+        let size = match out.content_range() {
+            Some(cr) => cr.rsplit('/').next().and_then(|t| t.parse().ok()),
+            None => out.content_length().and_then(|n| u64::try_from(n).ok()),
+        };
+        let etag = out.e_tag().map(|e| e.trim_matches('"').to_owned());
+        let content_type = out.content_type().map(str::to_owned);
+        Ok(Object {
+            body: Box::pin(idle_limited(out.body, self.idle_timeout)),
+            size,
+            etag,
+            content_type,
+        })
+    }
+}
+
+/// `body`, cut off after `idle` without a byte. The attempt timeout ends
+/// with the response headers; a body that stops arriving fails here (the
+/// reader sees an I/O error, as on a reset, and the object is read again by
+/// a retried attempt).
+fn idle_limited(
+    body: AwsBody,
+    idle: Duration,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    futures::stream::unfold(Some(body), move |body| async move {
+        let mut body: AwsBody = body?;
+        match tokio::time::timeout(idle, body.try_next()).await {
+            Ok(Ok(Some(chunk))) => Some((Ok(chunk), Some(body))),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => Some((Err(std::io::Error::other(e)), None)),
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no data for {} s (LABELSYNC_STORAGE_TIMEOUT_SECS)",
+                        idle.as_secs()
+                    ),
+                )),
+                None,
+            )),
+        }
+    })
 }
 
 /// The SDK config before any role is assumed: the region, the (checked)
@@ -209,11 +307,12 @@ fn client_config(
     sdk_config: &SdkConfig,
     config: &S3Config,
     http: SharedHttpClient,
+    endpoints: EndpointsByBucket,
     env: &StorageEnv,
 ) -> aws_sdk_s3::Config {
     aws_sdk_s3::config::Builder::from(sdk_config)
         .http_client(http)
-        .endpoint_resolver(EndpointsByBucket::default())
+        .endpoint_resolver(endpoints)
         .force_path_style(
             config
                 .force_path_style
@@ -240,12 +339,16 @@ fn client_config(
 /// parameters, the object key included, so every GET of a new key ran the
 /// rules again. The rules bind the key and the listing prefix but never read
 /// them (a test checks that two keys resolve alike), so the answers here are
-/// kept per parameters without those two.
-#[derive(Debug, Default)]
+/// kept per parameters without those two. Clones share their answers: the
+/// storage keeps one to learn the endpoint of its signed GETs.
+#[derive(Debug, Default, Clone)]
 struct EndpointsByBucket {
-    rules: aws_sdk_s3::config::endpoint::DefaultResolver,
+    rules: Arc<aws_sdk_s3::config::endpoint::DefaultResolver>,
     /// A handful at most: one client's operations differ in a few flags.
-    known: std::sync::Mutex<Vec<(EndpointParams, Endpoint)>>,
+    known: Arc<std::sync::Mutex<Vec<(EndpointParams, Endpoint)>>>,
+    /// The first answer for an object request (a key and no copy source:
+    /// GetObject, PutObject, DeleteObject, which resolve alike).
+    keyed: Arc<OnceLock<Endpoint>>,
 }
 
 /// How many endpoint answers [`EndpointsByBucket`] keeps.
@@ -261,6 +364,9 @@ impl EndpointsByBucket {
     }
 
     fn remember(&self, params: &EndpointParams, endpoint: &Endpoint) {
+        if params.key().is_some() && params.copy_source().is_none() {
+            let _ = self.keyed.set(endpoint.clone());
+        }
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         if known.iter().any(|(seen, _)| same_but_key(seen, params)) {
             return; // a concurrent miss got here first
@@ -269,6 +375,11 @@ impl EndpointsByBucket {
             known.clear();
         }
         known.push((params.clone(), endpoint.clone()));
+    }
+
+    /// The endpoint of object requests, once the SDK resolved one.
+    fn keyed(&self) -> Option<Endpoint> {
+        self.keyed.get().cloned()
     }
 }
 
@@ -325,7 +436,29 @@ where
         _ => retry::error_chain(&err),
     };
     let msg = format!("{what}: {detail}");
-    match (code.as_deref().unwrap_or_default(), status) {
+    if let Some(known) = by_code(code.as_deref().unwrap_or_default(), status, &msg) {
+        return known;
+    }
+    if msg.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
+        return Error::invalid("endpoint_not_allowed", Some("config"), msg);
+    }
+    // Credentials that could not be loaded at all (no chain, STS refused).
+    if matches!(
+        err,
+        SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_)
+    ) && detail.contains("credential")
+    {
+        return Error::Unauthenticated(msg);
+    }
+    Error::Transient(msg)
+}
+
+/// The error an S3 error `code` and HTTP `status` (0: no answer) stand
+/// for, with `msg`; `None` when neither says (a transient failure unless
+/// the caller knows better).
+fn by_code(code: &str, status: u16, msg: &str) -> Option<Error> {
+    let msg = msg.to_owned();
+    Some(match (code, status) {
         (
             "InvalidAccessKeyId"
             | "SignatureDoesNotMatch"
@@ -343,19 +476,8 @@ where
         (_, 400..=499) if status != 408 && status != 429 => {
             Error::invalid("storage_rejected", None, msg)
         }
-        _ if msg.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") => {
-            Error::invalid("endpoint_not_allowed", Some("config"), msg)
-        }
-        // Credentials that could not be loaded at all (no chain, STS refused).
-        _ if matches!(
-            err,
-            SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_)
-        ) && detail.contains("credential") =>
-        {
-            Error::Unauthenticated(msg)
-        }
-        _ => Error::Transient(msg),
-    }
+        _ => return None,
+    })
 }
 
 /// A listed object's metadata (`None` for an entry without a key).
@@ -465,51 +587,10 @@ impl Storage for S3Storage {
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
         check_key(key, KeyShape::Name)?;
         let what = format!("get s3://{}/{key}", self.bucket);
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .set_range(range.map(GetRange::header))
-            .send()
-            .await
-            .map_err(|e| classify(e, &what))?;
-        // `Content-Range: bytes a-b/total` carries the whole size of a range read.
-        let size = match out.content_range() {
-            Some(cr) => cr.rsplit('/').next().and_then(|t| t.parse().ok()),
-            None => out.content_length().and_then(|n| u64::try_from(n).ok()),
-        };
-        let etag = out.e_tag().map(|e| e.trim_matches('"').to_owned());
-        let content_type = out.content_type().map(str::to_owned);
-        // The attempt timeout ends with the response headers; a body that
-        // stops arriving is cut off here, after `idle` without a byte (the
-        // reader sees an I/O error, as on a reset, and the object is read
-        // again by a retried attempt).
-        let idle = self.idle_timeout;
-        let body = futures::stream::unfold(Some(out.body), move |body| async move {
-            let mut body: AwsBody = body?;
-            match tokio::time::timeout(idle, body.try_next()).await {
-                Ok(Ok(Some(chunk))) => Some((Ok(chunk), Some(body))),
-                Ok(Ok(None)) => None,
-                Ok(Err(e)) => Some((Err(std::io::Error::other(e)), None)),
-                Err(_) => Some((
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no data for {} s (LABELSYNC_STORAGE_TIMEOUT_SECS)",
-                            idle.as_secs()
-                        ),
-                    )),
-                    None,
-                )),
-            }
-        });
-        Ok(Object {
-            body: Box::pin(body),
-            size,
-            etag,
-            content_type,
-        })
+        match self.signed_gets() {
+            Some(signed) => signed.get(key, range, &what).await,
+            None => self.sdk_get(key, range, &what).await,
+        }
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
