@@ -525,6 +525,17 @@ async fn the_synthetic_benchmark_server_passes_the_s3_conformance_checks() {
     let pages = keys(&*storage, "k/", true, None).await;
     let took = started.elapsed();
     assert_eq!(names(&pages).len(), 2500);
+    // After a listing, the first GET goes through the SDK (which resolves
+    // the endpoint for an object request) and the next ones are signed by
+    // the backend.
+    for key in ["k/00001", "k/00002", "k/00003"] {
+        assert_eq!(read(&*storage, key, None).await.0, b"x");
+    }
+    let sdk_gets = slow
+        .counts
+        .sdk_get
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(sdk_gets, 1, "GETs through the SDK after a listing");
     let lists = slow.counts.list.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(lists, 3, "pages of 1,000");
     assert!(

@@ -267,6 +267,7 @@ fn report(
             "objects_per_s": (objects as f64 / secs).round(),
             "requests": server.counts.total() - before,
             "lists": c.list.load(Ordering::Relaxed), "gets": c.get.load(Ordering::Relaxed),
+            "sdk_gets": c.sdk_get.load(Ordering::Relaxed),
             "fleet_floor_s": (fleet_floor * 100.0).round() / 100.0,
             "x_fleet_floor": (secs / fleet_floor * 100.0).round() / 100.0,
             "one_stream_floor_s": (stream_floor * 100.0).round() / 100.0,

@@ -364,9 +364,6 @@ impl EndpointsByBucket {
     }
 
     fn remember(&self, params: &EndpointParams, endpoint: &Endpoint) {
-        if params.key().is_some() && params.copy_source().is_none() {
-            let _ = self.keyed.set(endpoint.clone());
-        }
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         if known.iter().any(|(seen, _)| same_but_key(seen, params)) {
             return; // a concurrent miss got here first
@@ -381,16 +378,27 @@ impl EndpointsByBucket {
     fn keyed(&self) -> Option<Endpoint> {
         self.keyed.get().cloned()
     }
+
+    /// Keeps `endpoint` as the object requests' one when `params` are an
+    /// object request's (on a hit too: a listing's answer, kept first,
+    /// serves the GETs after it).
+    fn note_keyed(&self, params: &EndpointParams, endpoint: &Endpoint) {
+        if self.keyed.get().is_none() && params.key().is_some() && params.copy_source().is_none() {
+            let _ = self.keyed.set(endpoint.clone());
+        }
+    }
 }
 
 impl aws_sdk_s3::config::endpoint::ResolveEndpoint for EndpointsByBucket {
     fn resolve_endpoint<'a>(&'a self, params: &'a EndpointParams) -> EndpointFuture<'a> {
         if let Some(endpoint) = self.known(params) {
+            self.note_keyed(params, &endpoint);
             return EndpointFuture::ready(Ok(endpoint));
         }
         EndpointFuture::new(async move {
             let endpoint = self.rules.resolve_endpoint(params).await?;
             self.remember(params, &endpoint);
+            self.note_keyed(params, &endpoint);
             Ok(endpoint)
         })
     }
