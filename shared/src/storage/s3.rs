@@ -49,7 +49,9 @@ use crate::{
     security::net::{GuardedResolver, NetPolicy, parse_endpoint},
 };
 
+mod error_codes;
 mod signed_get;
+use error_codes::by_code;
 use signed_get::SignedGets;
 
 /// The `config` object of a `s3` storage (docs/API.md); unknown keys are refused.
@@ -459,33 +461,6 @@ where
         return Error::Unauthenticated(msg);
     }
     Error::Transient(msg)
-}
-
-/// The error an S3 error `code` and HTTP `status` (0: no answer) stand
-/// for, with `msg`; `None` when neither says (a transient failure unless
-/// the caller knows better).
-fn by_code(code: &str, status: u16, msg: &str) -> Option<Error> {
-    let msg = msg.to_owned();
-    Some(match (code, status) {
-        (
-            "InvalidAccessKeyId"
-            | "SignatureDoesNotMatch"
-            | "ExpiredToken"
-            | "InvalidToken"
-            | "TokenRefreshRequired"
-            | "AuthorizationHeaderMalformed",
-            _,
-        ) => Error::Unauthenticated(msg),
-        ("NoSuchBucket" | "NoSuchKey" | "NotFound", _) | (_, 404) => Error::NotFound(msg),
-        ("AccessDenied" | "AllAccessDisabled", _) | (_, 403) => Error::PermissionDenied(msg),
-        ("InvalidRange", _) | (_, 416) => {
-            Error::invalid("range_not_satisfiable", Some("range"), msg)
-        }
-        (_, 400..=499) if status != 408 && status != 429 => {
-            Error::invalid("storage_rejected", None, msg)
-        }
-        _ => return None,
-    })
 }
 
 /// A listed object's metadata (`None` for an entry without a key).

@@ -6,12 +6,12 @@
 //! per-request machinery (config layering, interceptors, endpoint and auth
 //! resolution, response deserialisation) cost a third of a worker's CPU
 //! (docs/DECISIONS.md, "GetObject signed by hand"). This path keeps what a
-//! GET needs: the bucket's URL from the SDK's own endpoint rules (resolved
-//! once, at open), a SigV4 signature by `aws-sigv4` (the SDK's signer) with
+//! GET needs: the bucket's URL from the SDK's own endpoint rules (its
+//! answer for the storage's first object request), a SigV4 signature by `aws-sigv4` (the SDK's signer) with
 //! the credentials of the SDK's provider chain (cached until shortly
 //! before they expire), the retry policy of the other hand-written HTTP
 //! backends ([`retry::retry`]), and S3's error codes classified by the same
-//! table as the SDK's errors ([`super::by_code`]).
+//! table as the SDK's errors ([`by_code`]).
 //!
 //! Endpoints that need more than SigV4 (S3 Express sessions, multi-region
 //! access points' SigV4a, endpoint-specific headers) keep the SDK path:
@@ -35,6 +35,7 @@ use aws_smithy_runtime_api::client::identity::Identity;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header;
 
+use super::error_codes::by_code;
 use crate::{
     Error, Result,
     storage::{GetRange, Object, retry},
@@ -178,7 +179,7 @@ async fn error_of(mut response: reqwest::Response, what: &str) -> Error {
         _ => format!("HTTP {status}"),
     };
     let msg = format!("{what}: {detail}");
-    super::by_code(code.as_deref().unwrap_or_default(), status.as_u16(), &msg)
+    by_code(code.as_deref().unwrap_or_default(), status.as_u16(), &msg)
         .unwrap_or(Error::Transient(msg))
 }
 
