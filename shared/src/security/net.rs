@@ -179,6 +179,15 @@ pub fn parse_endpoint(raw: &str, field: &'static str) -> Result<reqwest::Url> {
             format!("{raw:?} must be an http:// or https:// URL with a host"),
         ));
     }
+    // Credentials in the URL would be sent as a second Authorization header
+    // by some clients, and echoed wherever the endpoint is shown.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::invalid(
+            "invalid_config",
+            Some(field),
+            "the endpoint URL must not hold a user name or password: give credentials as secrets",
+        ));
+    }
     Ok(url)
 }
 
@@ -346,6 +355,10 @@ pub fn http_client(
 ) -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
+        // A proxy from the environment (HTTPS_PROXY, ...) would resolve the
+        // storage's host itself, past the guard.
+        .no_proxy()
+        .user_agent(concat!("labelsync/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(std::time::Duration::from_secs(10))
         .read_timeout(read_timeout)
         // A redirect could lead anywhere, including to a metadata address by
@@ -358,6 +371,18 @@ pub fn http_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_hold_no_user_name_or_password() {
+        for raw in [
+            "https://user:pass@s3.example.com",
+            "https://user@s3.example.com",
+        ] {
+            let err = parse_endpoint(raw, "config.endpoint_url").unwrap_err();
+            assert!(err.to_string().contains("user name or password"), "{err}");
+        }
+        assert!(parse_endpoint("https://s3.example.com:9000/base", "config.endpoint_url").is_ok());
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

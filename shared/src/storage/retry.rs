@@ -1,8 +1,9 @@
 //! Retries of storage requests: exponential backoff with full jitter on
 //! transient errors (5xx, throttling, timeouts, resets), never on permanent
 //! ones (403, 404, bad credentials). The S3 and Azure clients retry inside
-//! their SDKs with the same policy (see their modules); the hand-written
-//! HTTP backends (GCS JSON API, Databricks) and Redis use [`retry`].
+//! their SDKs with their standard policy (the same attempts, a longer
+//! backoff: 1-20 s); the hand-written HTTP calls (GCS JSON API, Databricks,
+//! S3's signed GETs) and Redis use [`retry`].
 use std::time::Duration;
 
 use rand::Rng;
@@ -87,11 +88,24 @@ pub fn object_of(
     let etag = etag_headers.iter().find_map(text);
     let content_type = text(&header::CONTENT_TYPE);
     super::Object {
-        body: resp.bytes_stream().map_err(std::io::Error::other).boxed(),
+        body: resp.bytes_stream().map_err(body_error).boxed(),
         size,
         etag,
         content_type,
     }
+}
+
+/// An error while a response body streams in: a timeout says which
+/// setting bounds it, and every error keeps its causes in its message.
+fn body_error(err: reqwest::Error) -> std::io::Error {
+    let chain = error_chain(&err);
+    if err.is_timeout() {
+        return std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no data within the storage timeout (LABELSYNC_STORAGE_TIMEOUT_SECS): {chain}"),
+        );
+    }
+    std::io::Error::other(chain)
 }
 
 /// Classifies a transport error of reqwest (the request never got an answer).

@@ -175,7 +175,7 @@ impl S3Storage {
             let http = crate::security::net::http_client(&self.net, self.idle_timeout)
                 .inspect_err(|err| tracing::warn!(error = %err, "S3 GETs stay with the SDK"))
                 .ok()?;
-            SignedGets::new(&endpoint, credentials, http)
+            SignedGets::new(&endpoint, credentials, http, self.idle_timeout)
         });
         signed.as_ref()
     }

@@ -18,6 +18,11 @@ pub(super) fn by_code(code: &str, status: u16, msg: &str) -> Option<Error> {
             _,
         ) => Error::Unauthenticated(msg),
         ("NoSuchBucket" | "NoSuchKey" | "NotFound", _) | (_, 404) => Error::NotFound(msg),
+        // The bucket is in another region than the storage's `region`:
+        // asking again will not help.
+        ("PermanentRedirect", _) | (_, 301) => {
+            Error::invalid("storage_rejected", Some("config.region"), msg)
+        }
         ("AccessDenied" | "AllAccessDisabled", _) | (_, 403) => Error::PermissionDenied(msg),
         ("InvalidRange", _) | (_, 416) => {
             Error::invalid("range_not_satisfiable", Some("range"), msg)
