@@ -94,9 +94,11 @@ def lost_node(err):
 
 def log_in():
     """Fills in the token and submits, finding the form's fields again when
-    chromedriver loses them (at most 3 tries; done once the page left the
-    login form)."""
-    for attempt in range(3):
+    chromedriver loses them (at most 5 tries; done once the page left the
+    login form). A lost node can stay lost until the page is loaded again
+    (seen with chromedriver 156.0.8078.114 three times in a row), so each
+    retry reloads the login page first."""
+    for attempt in range(5):
         if "/ui/login" not in driver.current_url:
             return
         try:
@@ -106,9 +108,10 @@ def log_in():
             driver.find_element(By.CSS_SELECTOR, "form.login button[type=submit]").click()
             return
         except WebDriverException as err:
-            if attempt == 2 or not lost_node(err):
+            if attempt == 4 or not lost_node(err):
                 raise
             time.sleep(0.5)
+            driver.refresh()
 
 
 def open_storages_and_sync(storage):
