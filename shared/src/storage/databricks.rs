@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     BackendKind, GetRange, KeyShape, ListError, ListOptions, Object, ObjectMeta, Page, Secrets,
     Storage, StorageEnv, check_key, paginate, parse_config,
-    retry::{object_of, retry, status_error, transport_error},
+    retry::{error_body, object_of, retry, status_error, transport_error},
 };
 use crate::{Error, Result, security::net::http_client};
 
@@ -160,7 +160,7 @@ impl DatabricksStorage {
                 return Ok(resp);
             }
             let status = resp.status();
-            let body = resp.text().await.unwrap_or_default();
+            let body = error_body(resp).await;
             let detail = serde_json::from_str::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v["message"].as_str().map(str::to_owned))

@@ -65,6 +65,31 @@ pub fn status_error(status: StatusCode, what: &str, detail: &str) -> Error {
     }
 }
 
+/// The most of an error response read for its detail.
+const ERROR_BODY_BYTES: usize = 8 * 1024;
+/// The longest an error response's body is waited for (one trickling in
+/// keeps the client's per-read timeout from firing).
+const ERROR_BODY_WAIT: Duration = Duration::from_secs(10);
+
+/// The start of an error response's body, for its detail: at most
+/// [`ERROR_BODY_BYTES`] (lossy UTF-8), whatever arrived within
+/// [`ERROR_BODY_WAIT`]. A server cannot make a failed request hold memory
+/// or the worker with its error body.
+pub async fn error_body(mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    let read = async {
+        while body.len() < ERROR_BODY_BYTES {
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(ERROR_BODY_WAIT, read).await;
+    body.truncate(ERROR_BODY_BYTES);
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 /// An object from a successful GET of a hand-written HTTP backend: the
 /// whole size from `Content-Range` on a 206 (else `Content-Length`), the
 /// first of `etag_headers` present, the content type, and the body streamed.
@@ -174,6 +199,22 @@ mod tests {
         })
         .await;
         assert_eq!(out.unwrap(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn error_bodies_are_read_up_to_a_size_and_a_time() {
+        use axum::http;
+        use bytes::Bytes;
+        use futures::StreamExt;
+        let big = reqwest::Response::from(http::Response::new(vec![b'x'; 20_000]));
+        assert_eq!(error_body(big).await.len(), ERROR_BODY_BYTES);
+        // A first piece, then nothing for ever: what came is kept.
+        let trickle =
+            futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from("<Error>")) })
+                .chain(futures::stream::pending());
+        let body = reqwest::Body::wrap_stream(trickle);
+        let stuck = reqwest::Response::from(http::Response::new(body));
+        assert_eq!(error_body(stuck).await, "<Error>");
     }
 
     #[test]

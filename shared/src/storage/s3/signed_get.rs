@@ -61,9 +61,6 @@ const REFRESH_BEFORE: Duration = Duration::from_secs(60);
 /// the SDK's own cache does).
 const NO_EXPIRY_KEPT: Duration = Duration::from_secs(15 * 60);
 
-/// The most of an error response read for its code and message.
-const ERROR_BODY_BYTES: usize = 8 * 1024;
-
 /// Signed GETs of one bucket.
 #[derive(Debug)]
 pub(super) struct SignedGets {
@@ -73,14 +70,12 @@ pub(super) struct SignedGets {
     signing_region: String,
     signing_name: String,
     keys: Keys,
-    /// The longest wait for the next bytes of an answer, also bounding the
-    /// read of an error body and a credentials fetch.
-    idle: Duration,
 }
 
 impl SignedGets {
     /// Signed GETs at `endpoint` (the SDK's answer for this bucket), or
-    /// `None` when that endpoint needs more than plain SigV4.
+    /// `None` when that endpoint needs more than plain SigV4; a
+    /// credentials fetch may take up to `idle`.
     pub(super) fn new(
         endpoint: &Endpoint,
         credentials: SharedCredentialsProvider,
@@ -101,7 +96,6 @@ impl SignedGets {
             signing_region: text("signingRegion")?,
             signing_name: text("signingName").unwrap_or_else(|| "s3".into()),
             keys: Keys::new(credentials, idle),
-            idle,
         })
     }
 
@@ -143,7 +137,7 @@ impl SignedGets {
         if response.status().is_success() {
             return Ok(retry::object_of(response, &[header::ETAG]));
         }
-        Err(error_of(response, what, self.idle).await)
+        Err(error_of(response, what).await)
     }
 
     /// The headers that sign a GET of `url` now: the date, the empty
@@ -186,23 +180,11 @@ impl SignedGets {
 }
 
 /// The error of a GET answered with a status other than 2xx: S3's code
-/// and message from the XML body (its first [`ERROR_BODY_BYTES`], read
-/// for at most `idle`) when it has them, classified as the SDK path
-/// classifies them.
-async fn error_of(mut response: reqwest::Response, what: &str, idle: Duration) -> Error {
+/// and message from the XML body ([`retry::error_body`]) when it has them,
+/// classified as the SDK path classifies them.
+async fn error_of(response: reqwest::Response, what: &str) -> Error {
     let status = response.status();
-    let mut body = Vec::new();
-    let read = async {
-        while body.len() < ERROR_BODY_BYTES {
-            match response.chunk().await {
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-                _ => break,
-            }
-        }
-    };
-    // A body trickling in keeps reqwest's per-read timeout from firing.
-    let _ = tokio::time::timeout(idle, read).await;
-    let body = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_BYTES)]);
+    let body = retry::error_body(response).await;
     let code = element(&body, "Code");
     let message = element(&body, "Message");
     let detail = match (&code, &message) {
