@@ -425,6 +425,27 @@ async fn fan_out_on_a_single_slot_worker_does_not_deadlock() {
     app.stop().await;
 }
 
+/// A worker opens a database connection per job slot and two more as it
+/// starts, not when its first jobs need them (a fresh worker's first
+/// batches each waited for a new Postgres backend), and names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_keeps_a_connection_per_slot_open_from_the_start() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let worker = spawn_ready_worker(&app, "warm", &[("LABELSYNC_WORKER_CONCURRENCY", "3")]).await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let sql = "SELECT COUNT(*) AS n FROM pg_stat_activity \
+               WHERE datname = current_database() AND application_name = 'labelsync-worker'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut open = count(&db, sql).await;
+    while open < 5 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = count(&db, sql).await;
+    }
+    assert_eq!(open, 5, "3 slots + 2: the worker's idle pool");
+    drop(worker);
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     const OBJECTS: usize = 40_000;

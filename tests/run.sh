@@ -63,6 +63,8 @@ ensure_redis() {
 
 command -v psql >/dev/null || apt_install postgresql-client
 command -v curl >/dev/null || apt_install curl
+# A TLS server with a certificate nobody trusts (security::net's unit tests).
+command -v openssl >/dev/null || apt_install openssl
 ensure_postgres
 ensure_redis
 # S3 (moto, s3s-fs), GCS (fake-gcs-server) and Azure (Azurite) emulators.

@@ -71,7 +71,7 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
             "labelsync-worker needs REDIS_URL; to run everything in one process use `labelsync-scheduler serve`",
         ));
     }
-    let db = db::connect(&settings.database_url).await?;
+    let db = db::connect_worker(&settings.database_url, settings.worker.concurrency).await?;
     let queue = Queue::open(&settings, &db).await?;
     let bind = settings.worker.metrics_bind;
     let listener = tokio::net::TcpListener::bind(bind).await.map_err(|e| {

@@ -32,8 +32,31 @@ use crate::Result;
 /// in-process workers can write to one file without "database is locked".
 /// Postgres connections plan every statement afresh (see [`point_pool`]).
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
-    open(url, "force_custom_plan", 16).await
+    open(url, "force_custom_plan", 16, 0, "labelsync").await
 }
+
+/// [`connect`] for a worker with `slots` job slots: the pool keeps a
+/// connection per slot and two more (the heartbeats) open from the start.
+/// Opened on demand, a fresh worker's first batches each waited for a new
+/// Postgres backend (a fork and its catalog caches: milliseconds of the
+/// database's CPU apiece, all at once, while every other batch of the run
+/// was starting too); an idle pool also let them go after ten minutes.
+pub async fn connect_worker(url: &str, slots: usize) -> Result<DatabaseConnection> {
+    let kept = u32::try_from(slots.saturating_add(2))
+        .unwrap_or(u32::MAX)
+        .min(WORKER_POOL);
+    open(
+        url,
+        "force_custom_plan",
+        WORKER_POOL,
+        kept,
+        "labelsync-worker",
+    )
+    .await
+}
+
+/// Connections in a worker's pool (as in [`connect`]'s).
+const WORKER_POOL: u32 = 16;
 
 /// The scheduler's second pool on Postgres (8 connections), for the API's
 /// point statements: one row by key, the same shape every time, such as an
@@ -48,10 +71,19 @@ pub async fn point_pool(db: &DatabaseConnection, url: &str) -> Result<DatabaseCo
     if db.get_database_backend() != DbBackend::Postgres {
         return Ok(db.clone());
     }
-    open(url, "auto", 8).await
+    open(url, "auto", 8, 0, "labelsync").await
 }
 
-async fn open(url: &str, plan_cache_mode: &'static str, size: u32) -> Result<DatabaseConnection> {
+/// A pool of at most `size` connections, `kept` of them open at all times,
+/// shown to Postgres as `application_name` (Postgres only: so ops can tell
+/// in `pg_stat_activity` whose connections they are).
+async fn open(
+    url: &str,
+    plan_cache_mode: &'static str,
+    size: u32,
+    kept: u32,
+    application_name: &'static str,
+) -> Result<DatabaseConnection> {
     let mut opts = ConnectOptions::new(url.to_owned());
     opts.sqlx_logging(false)
         .connect_timeout(Duration::from_secs(10))
@@ -65,20 +97,26 @@ async fn open(url: &str, plan_cache_mode: &'static str, size: u32) -> Result<Dat
         });
     } else {
         let loopback_plain = is_loopback_without_sslmode(url);
-        opts.max_connections(size).map_sqlx_postgres_opts(move |o| {
-            // Generic plans made while the link table was small kept
-            // seq-scanning it: see docs/DECISIONS.md (force_custom_plan on
-            // every connection).
-            let o = o.options([("plan_cache_mode", plan_cache_mode)]);
-            // TLS to a loopback server protects nothing and costs a delayed
-            // ACK per large statement: see docs/DECISIONS.md (No TLS to a
-            // loopback Postgres).
-            if loopback_plain {
-                o.ssl_mode(sea_orm::sqlx::postgres::PgSslMode::Disable)
-            } else {
-                o
-            }
-        });
+        opts.max_connections(size)
+            .min_connections(kept)
+            .map_sqlx_postgres_opts(move |o| {
+                // Generic plans made while the link table was small kept
+                // seq-scanning it: see docs/DECISIONS.md (force_custom_plan on
+                // every connection).
+                let mut o = o.options([("plan_cache_mode", plan_cache_mode)]);
+                // One the URL (or PGAPPNAME) gives wins.
+                if o.get_application_name().is_none() {
+                    o = o.application_name(application_name);
+                }
+                // TLS to a loopback server protects nothing and costs a delayed
+                // ACK per large statement: see docs/DECISIONS.md (No TLS to a
+                // loopback Postgres).
+                if loopback_plain {
+                    o.ssl_mode(sea_orm::sqlx::postgres::PgSslMode::Disable)
+                } else {
+                    o
+                }
+            });
     }
     let db = Database::connect(opts).await?;
     Ok(db)

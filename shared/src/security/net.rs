@@ -354,6 +354,7 @@ pub fn http_client(
     read_timeout: std::time::Duration,
 ) -> Result<reqwest::Client> {
     reqwest::Client::builder()
+        .use_preconfigured_tls(tls_config()?)
         .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
         // A proxy from the environment (HTTPS_PROXY, ...) would resolve the
         // storage's host itself, past the guard.
@@ -368,9 +369,129 @@ pub fn http_client(
         .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))
 }
 
+/// The TLS settings of every [`http_client`]: what reqwest builds by
+/// default (the process's crypto provider, TLS 1.2 and 1.3, the platform's
+/// verifier, HTTP/1.1 by ALPN), made once per process. Left to reqwest,
+/// every client built reads and parses each file of the system's CA
+/// directory: several milliseconds of CPU per storage opened, paid by all
+/// of a fresh worker's first batches at once, on the cores their reads
+/// need.
+fn tls_config() -> Result<rustls::ClientConfig> {
+    use rustls_platform_verifier::BuilderVerifierExt;
+    static CONFIG: std::sync::LazyLock<std::result::Result<rustls::ClientConfig, String>> =
+        std::sync::LazyLock::new(|| {
+            let provider = rustls::crypto::CryptoProvider::get_default()
+                .cloned()
+                .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(rustls::ALL_VERSIONS)
+                .map_err(|e| e.to_string())?
+                .with_platform_verifier()
+                .map_err(|e| e.to_string())?
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(config)
+        });
+    CONFIG
+        .clone()
+        .map_err(|e| Error::Internal(format!("cannot set up TLS for storage traffic: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `openssl s_server` on a free loopback port with a fresh self-signed
+    /// certificate for `localhost`; killed when dropped.
+    struct UntrustedTls {
+        server: std::process::Child,
+        port: u16,
+        /// Holds the certificate and key while the server runs.
+        _files: tempfile::TempDir,
+    }
+
+    impl UntrustedTls {
+        fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            let made = std::process::Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                ])
+                .args([
+                    "-subj",
+                    "/CN=localhost",
+                    "-addext",
+                    "subjectAltName=DNS:localhost",
+                ])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .output()
+                .expect("openssl (apt install openssl)");
+            assert!(made.status.success(), "{made:?}");
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let server = std::process::Command::new("openssl")
+                .args(["s_server", "-quiet", "-www", "-accept"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("-cert")
+                .arg(&cert)
+                .arg("-key")
+                .arg(&key)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("openssl s_server");
+            UntrustedTls {
+                server,
+                port,
+                _files: dir,
+            }
+        }
+    }
+
+    impl Drop for UntrustedTls {
+        fn drop(&mut self) {
+            let _ = self.server.kill();
+            let _ = self.server.wait();
+        }
+    }
+
+    /// Storage clients share one TLS setup made once per process: it still
+    /// verifies certificates, so a server whose certificate no root vouches
+    /// for is refused during the handshake, by every client built.
+    #[tokio::test]
+    async fn storage_clients_refuse_an_untrusted_certificate() {
+        let server = UntrustedTls::start();
+        let url = format!("https://localhost:{}/", server.port);
+        for _ in 0..2 {
+            let client = http_client(&NetPolicy::AllowAll, std::time::Duration::from_secs(5))
+                .expect("client");
+            let mut last = None;
+            // s_server takes a moment to listen.
+            for _ in 0..50 {
+                match client.get(&url).send().await {
+                    Err(err) if err.is_connect() && !format!("{err:?}").contains("ertificate") => {
+                        last = Some(err);
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    other => {
+                        let err = other.expect_err("an untrusted certificate was accepted");
+                        let chain = format!("{err:?}");
+                        assert!(chain.contains("InvalidCertificate"), "{chain}");
+                        last = None;
+                        break;
+                    }
+                }
+            }
+            assert!(last.is_none(), "the TLS server never answered: {last:?}");
+        }
+    }
 
     #[tokio::test]
     async fn endpoints_hold_no_user_name_or_password() {
