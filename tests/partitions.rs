@@ -229,6 +229,69 @@ async fn listed_by_partitions_exactly(embedded: bool) {
     app.stop().await;
 }
 
+/// A level whose first discovery page (1,000 keys) is flat and which has
+/// sub-prefixes after it: the run commits that page (its batches go out)
+/// while discovery reads on, then lists the rest by partitions, the
+/// root's flat partition starting after the committed keys. Every key
+/// once, in Tasks mode; a re-sync after deleting a key of the first page
+/// and one of the flat rest counts exactly those two missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flat_first_page_is_committed_and_the_rest_still_partitioned() {
+    let mut keys: Vec<String> = (0..1100).map(|i| format!("mix/a-{i:04}.json")).collect();
+    keys.extend((0..20).map(|i| format!("mix/p0/{i:03}.json")));
+    keys.extend((0..20).map(|i| format!("mix/p1/x/{i:03}.json")));
+    let bucket = bucket_with(&keys).await;
+    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "400")]).await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let extra = json!({ "prefix": "mix/", "import_method": "tasks" });
+    let storage = s3_storage(&app, &bucket, &s3s(), extra).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let n = keys.len() as i64;
+    assert_eq!(run["counters"]["listed"], n, "{run}");
+    assert_eq!(run["counters"]["created"], n, "{run}");
+    let run_id = run["id"].as_str().expect("id");
+    let found: Vec<(String, bool)> = partitions(&db, run_id)
+        .await
+        .into_iter()
+        .map(|(prefix, recursive, done, _)| {
+            assert!(done, "{prefix} done");
+            (prefix, recursive)
+        })
+        .collect();
+    // p1/ holds only x/: discovery goes one level down there.
+    let expected = [("mix/", false), ("mix/p0/", true), ("mix/p1/x/", true)];
+    let expected: Vec<(String, bool)> = expected
+        .iter()
+        .map(|(p, r)| ((*p).to_owned(), *r))
+        .collect();
+    assert_eq!(found, expected);
+    // The run's own cursor stopped at the first page's last key: the keys
+    // up to it were committed before the partitions (which move only
+    // their own cursors) were written.
+    let sql = format!(
+        "SELECT COUNT(*) AS n FROM sync_runs WHERE id = '{run_id}' AND cursor = 'mix/a-0999.json'"
+    );
+    assert_eq!(count(&db, &sql).await, 1, "the run's cursor");
+    let tasks = count(&db, "SELECT COUNT(*) AS n FROM tasks").await;
+    assert_eq!(tasks, n, "one task per file");
+    assert_eq!(
+        task_keys(&app, &storage["project_id"]).await.len(),
+        keys.len()
+    );
+    let gone = ["mix/a-0500.json", "mix/a-1050.json"];
+    for key in gone {
+        let deleted = client().delete_object().bucket(&bucket).key(key).send();
+        deleted.await.expect("delete");
+    }
+    let again = app.sync(&storage["id"]).await;
+    assert_eq!(again["status"], "completed", "{again}");
+    assert_eq!(again["counters"]["missing"], gone.len(), "{again}");
+    assert_eq!(again["counters"]["existed"], n - 2, "{again}");
+    assert_eq!(again["counters"]["created"], 0, "{again}");
+    app.stop().await;
+}
+
 /// The same layout on fake-gcs-server: GCS answers discovery too, so its
 /// buckets are listed by partitions, each key once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

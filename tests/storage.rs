@@ -179,10 +179,11 @@ async fn prefixes_and_recursion_choose_the_keys_listed(storage: Arc<dyn Storage>
 /// `list_children` (partitioned listing's discovery): the S3 and GCS
 /// backends answer it, one level at a time, each level's objects exactly as
 /// the non-recursive listing gives them (a flat run lists from them), and
-/// whether the pages read hold the whole level; the others say they cannot.
+/// whether the pages read hold the whole level, where an unfinished level
+/// goes on (a later call reads on from there); the others say they cannot.
 async fn one_level_of_the_tree(storage: &dyn Storage) {
     let kind = storage.kind();
-    let tree = storage.list_children("tree/", 3).await.unwrap();
+    let tree = storage.list_children("tree/", None, 3).await.unwrap();
     if !matches!(kind, BackendKind::S3 | BackendKind::Gcs) {
         assert_eq!(tree, None, "{kind}: cannot list by delimiter");
         return;
@@ -199,6 +200,7 @@ async fn one_level_of_the_tree(storage: &dyn Storage) {
             prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
             objects,
             complete,
+            next: None,
         })
     };
     assert_eq!(
@@ -207,12 +209,15 @@ async fn one_level_of_the_tree(storage: &dyn Storage) {
         "{kind}: tree/"
     );
     assert_eq!(
-        storage.list_children("tree/sub/", 3).await.unwrap(),
+        storage.list_children("tree/sub/", None, 3).await.unwrap(),
         level(&[], flat("tree/sub/").await, true),
         "{kind}: tree/sub/"
     );
     assert_eq!(
-        storage.list_children("nothing-here/", 3).await.unwrap(),
+        storage
+            .list_children("nothing-here/", None, 3)
+            .await
+            .unwrap(),
         level(&[], Vec::new(), true),
         "{kind}: nothing-here/"
     );
@@ -221,18 +226,36 @@ async fn one_level_of_the_tree(storage: &dyn Storage) {
     let many = flat("many/").await;
     assert_eq!(many.len(), 2500, "{kind}: many/");
     assert_eq!(
-        storage.list_children("many/", 3).await.unwrap(),
+        storage.list_children("many/", None, 3).await.unwrap(),
         level(&[], many.clone(), true),
         "{kind}: many/ in 3 pages"
     );
+    let mut two = storage
+        .list_children("many/", None, 2)
+        .await
+        .unwrap()
+        .expect("many/");
+    let next = two.next.take().expect("where many/ goes on");
     assert_eq!(
-        storage.list_children("many/", 2).await.unwrap(),
+        Some(two),
         level(&[], many[..2000].to_vec(), false),
         "{kind}: many/ in 2 pages"
     );
+    assert_eq!(
+        storage
+            .list_children("many/", Some(&next), 3)
+            .await
+            .unwrap(),
+        level(&[], many[2000..].to_vec(), true),
+        "{kind}: the rest of many/"
+    );
     // The bucket's root: the conformance keys so far sit under many/ and
     // tree/, and tree-sibling.txt and treetop.txt directly.
-    let root = storage.list_children("", 3).await.unwrap().expect("root");
+    let root = storage
+        .list_children("", None, 3)
+        .await
+        .unwrap()
+        .expect("root");
     assert_eq!(root.objects, flat("").await, "{kind}: keys at the root");
     assert!(!root.objects.is_empty(), "{kind}: keys at the root");
     for prefix in ["many/", "tree/"] {

@@ -12,18 +12,21 @@ use sea_orm::{
 use super::entities::sync_partition::{self, Column as C};
 use crate::Result;
 
-/// Writes the run's partitions: `(prefix, recursive)` each.
+/// Writes the run's partitions: `(prefix, recursive, cursor)` each, the
+/// cursor being the key a partition's listing starts after (none: from
+/// its beginning).
 pub async fn create(
     db: &impl ConnectionTrait,
     run_id: &str,
-    parts: &[(String, bool)],
+    parts: &[(String, bool, Option<String>)],
 ) -> Result<()> {
     let rows = parts
         .iter()
-        .map(|(prefix, recursive)| sync_partition::ActiveModel {
+        .map(|(prefix, recursive, cursor)| sync_partition::ActiveModel {
             run_id: Set(run_id.to_owned()),
             prefix: Set(prefix.clone()),
             recursive: Set(*recursive),
+            cursor: Set(cursor.clone()),
             done: Set(false),
             failed: Set(false),
             attempts: Set(0),

@@ -14,6 +14,14 @@
 //! reconciles missing objects as a sequential run does: a key is seen by
 //! exactly one partition, so that stays exact.
 //!
+//! Discovery reads the root's level a page at a time: when the first page
+//! holds only keys (no sub-prefix) and the level goes on, the run's job
+//! commits that page as a sequential run would (moving the run's cursor;
+//! in Tasks mode its batches go out) while it reads on. If the rest
+//! splits, the root's flat partition starts after that page's last key;
+//! if not, the sequence goes on from there; and an attempt killed in
+//! between resumes from the run's cursor as a sequence.
+//!
 //! Keys added under a new prefix after discovery are not listed by this
 //! run, as keys added behind a sequential listing's cursor are not: the
 //! next sync imports them, and nothing unlisted counts as missing unless an
@@ -64,12 +72,12 @@ impl ImportJob<'_> {
             if !self.may_partition() {
                 return Ok(Listing::Sequence(None));
             }
-            let prefix = &self.storage.prefix;
-            let found = match discover(&**backend, prefix, self.settings.list_partitions).await? {
-                Discovery::Split(found) => found,
-                Discovery::Sequence(head) => return Ok(Listing::Sequence(head)),
+            let (found, root_after) = match self.discover_partitions(backend).await? {
+                None => return Ok(Listing::Partitioned(Outcome::Stopped)),
+                Some(Discovery::Split { parts, root_after }) => (parts, root_after),
+                Some(Discovery::Sequence(head)) => return Ok(Listing::Sequence(head)),
             };
-            if !self.write_partitions(&found).await? {
+            if !self.write_partitions(&found, root_after).await? {
                 return Ok(Listing::Partitioned(Outcome::Stopped));
             }
             tracing::info!(partitions = found.len(), "listing split by prefix");
@@ -88,11 +96,76 @@ impl ImportJob<'_> {
             && self.retry_of().is_none()
     }
 
-    /// Writes the partitions under the run's lease; false when the attempt
-    /// lost it (another attempt wrote them, or the run stopped).
-    async fn write_partitions(&self, found: &[(String, bool)]) -> Result<bool> {
+    /// Discovers how the run's prefix splits. The first page of a flat
+    /// level longer than a page is committed (its batches handed out)
+    /// while the rest of the level is read, so they start a listing
+    /// request sooner; `None` when the run stopped meanwhile.
+    async fn discover_partitions(&self, backend: &Arc<dyn Storage>) -> Result<Option<Discovery>> {
+        let (root, max) = (&self.storage.prefix, self.settings.list_partitions);
+        let FlatPage {
+            objects,
+            after,
+            next,
+        } = match discover(&**backend, root, max).await? {
+            Start::Found(found) => return Ok(Some(found)),
+            Start::FlatPage(page) => page,
+        };
+        let (committed, rest) = futures::join!(
+            self.commit_objects(backend, objects),
+            discover_rest(&**backend, root, &next, after, max),
+        );
+        if !committed? {
+            return Ok(None);
+        }
+        rest.map(Some)
+    }
+
+    /// Commits `objects`, the listing's first keys in key order, as pages
+    /// of the run's page size (each moving the run's cursor); false when
+    /// the run stopped.
+    async fn commit_objects(
+        &self,
+        backend: &Arc<dyn Storage>,
+        objects: Vec<ObjectMeta>,
+    ) -> Result<bool> {
+        let filter = crate::storage::Filter::from_storage(self.storage)?;
+        let mut objects = objects.into_iter().peekable();
+        while objects.peek().is_some() {
+            self.check_stopping()?;
+            let page = crate::storage::Page {
+                objects: objects
+                    .by_ref()
+                    .take(self.settings.page_size.max(1))
+                    .collect(),
+                errors: Vec::new(),
+            };
+            if !self.take_page(backend, page, None, &filter).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes the partitions under the run's lease (the root's flat one
+    /// starting after `root_after`, the keys the run committed before);
+    /// false when the attempt lost it (another attempt wrote them, or the
+    /// run stopped).
+    async fn write_partitions(
+        &self,
+        found: &[(String, bool)],
+        root_after: Option<String>,
+    ) -> Result<bool> {
+        let root = &self.storage.prefix;
+        let rows: Vec<_> = found
+            .iter()
+            .map(|(prefix, recursive)| {
+                let flat_root = !*recursive && prefix == root;
+                let cursor = root_after.clone().filter(|_| flat_root);
+                (prefix.clone(), *recursive, cursor)
+            })
+            .collect();
         let txn = crate::db::begin_write(self.db).await?;
-        parts::create(&txn, &self.run.id, found).await?;
+        parts::create(&txn, &self.run.id, &rows).await?;
         if !runs::checkpoint(&txn, &self.run.id, &Counters::default(), None, self.lease).await? {
             txn.rollback().await?;
             return Ok(false);
@@ -254,57 +327,163 @@ async fn renew(
 /// What discovery found under a storage's prefix.
 pub(super) enum Discovery {
     /// At least two partitions that hold every key once, `(prefix,
-    /// recursive)` each.
-    Split(Vec<(String, bool)>),
+    /// recursive)` each, but those up to `root_after`, which the run
+    /// committed already: the root's flat partition starts after it.
+    Split {
+        parts: Vec<(String, bool)>,
+        root_after: Option<String>,
+    },
     /// The listing does not split: it is listed as one sequence, which
     /// starts with `Head` when the prefix is flat (no sub-prefix among the
-    /// pages discovery read).
+    /// pages discovery read), or when the run committed its first keys.
     Sequence(Option<Head>),
+}
+
+/// How discovery starts: with the first page of a long flat level, which
+/// the run commits while [`discover_rest`] reads on, or with its finding.
+pub(super) enum Start {
+    FlatPage(FlatPage),
+    Found(Discovery),
+}
+
+/// The first page of a flat level longer than a page.
+pub(super) struct FlatPage {
+    /// Never empty.
+    objects: Vec<ObjectMeta>,
+    /// The last of `objects`' keys.
+    after: String,
+    /// Where the level goes on ([`Children::next`]).
+    next: String,
 }
 
 /// The first keys of a flat listing, which discovery read: the run lists
 /// them from here instead of asking the storage for them again.
 #[derive(Debug)]
 pub(super) struct Head {
-    /// Never empty unless `complete`.
     objects: Vec<ObjectMeta>,
-    /// Whether these are all the listing's keys.
-    complete: bool,
+    /// The key the listing goes on after; `None`: `objects` are all of it.
+    after: Option<String>,
 }
 
 impl Head {
     /// Its objects, and the key the listing goes on after (`None`: they
     /// are all of it).
     pub(super) fn into_parts(self) -> (Vec<ObjectMeta>, Option<String>) {
-        let after = match self.complete {
-            true => None,
-            false => self.objects.last().map(|o| o.key.clone()),
-        };
-        (self.objects, after)
+        (self.objects, self.after)
+    }
+
+    /// A listing's `objects` read so far, all of it when `complete`, that
+    /// started after `after` (keys the run committed; `None`: from the
+    /// beginning). `None` when nothing says where it goes on.
+    fn of(objects: Vec<ObjectMeta>, complete: bool, after: Option<String>) -> Option<Head> {
+        if complete {
+            return Some(Head {
+                objects,
+                after: None,
+            });
+        }
+        let after = objects.last().map(|o| o.key.clone()).or(after);
+        after.map(|after| Head {
+            objects,
+            after: Some(after),
+        })
     }
 }
 
-/// Splits the key tree under `root` into at most `max` partitions that
-/// hold every key once, splitting level by level (at most
-/// [`DISCOVERY_DEPTH`]) while there are fewer than `max / 4` recursive
-/// ones.
-pub(super) async fn discover(backend: &dyn Storage, root: &str, max: usize) -> Result<Discovery> {
-    let Some(top) = backend.list_children(root, DISCOVERY_PAGES).await? else {
-        return Ok(Discovery::Sequence(None));
+/// Starts splitting the key tree under `root`: reads its first page, and
+/// when that is flat and the level goes on, hands it back to be committed
+/// while [`discover_rest`] reads on; otherwise reads the rest of the level
+/// discovery looks at (at most [`DISCOVERY_PAGES`] in all) and decides as
+/// [`split`] does.
+pub(super) async fn discover(backend: &dyn Storage, root: &str, max: usize) -> Result<Start> {
+    let Some(first) = backend.list_children(root, None, 1).await? else {
+        return Ok(Start::Found(Discovery::Sequence(None)));
     };
-    if top.prefixes.is_empty() {
-        let head = (top.complete || !top.objects.is_empty()).then_some(Head {
-            objects: top.objects,
-            complete: top.complete,
-        });
-        return Ok(Discovery::Sequence(head));
+    if let (true, Some(last), Some(next)) =
+        (first.prefixes.is_empty(), first.objects.last(), &first.next)
+    {
+        let (after, next) = (last.key.clone(), next.clone());
+        return Ok(Start::FlatPage(FlatPage {
+            objects: first.objects,
+            after,
+            next,
+        }));
     }
+    let top = read_more(backend, root, first, DISCOVERY_PAGES - 1).await?;
+    split(backend, root, top, max, None).await.map(Start::Found)
+}
+
+/// Goes on with a level whose first page was flat, from `next`, the keys
+/// up to `after` committed by the run: as [`discover`] would have with
+/// the whole level, but a sequence goes on after `after`, and the root's
+/// flat partition starts there.
+pub(super) async fn discover_rest(
+    backend: &dyn Storage,
+    root: &str,
+    next: &str,
+    after: String,
+    max: usize,
+) -> Result<Discovery> {
+    match backend
+        .list_children(root, Some(next), DISCOVERY_PAGES - 1)
+        .await?
+    {
+        Some(rest) => split(backend, root, rest, max, Some(after)).await,
+        None => Ok(Discovery::Sequence(Head::of(
+            Vec::new(),
+            false,
+            Some(after),
+        ))),
+    }
+}
+
+/// `level` with up to `pages` more of its pages read.
+async fn read_more(
+    backend: &dyn Storage,
+    root: &str,
+    mut level: Children,
+    pages: usize,
+) -> Result<Children> {
+    let Some(next) = level.next.clone().filter(|_| !level.complete && pages > 0) else {
+        return Ok(level);
+    };
+    let Some(more) = backend.list_children(root, Some(&next), pages).await? else {
+        return Ok(level);
+    };
+    level.objects.extend(more.objects);
+    level.push_prefixes(root, more.prefixes.iter().map(String::as_str));
+    level.complete = more.complete;
+    level.next = more.next;
+    Ok(level)
+}
+
+/// Splits the key tree under `root`, whose level `top` discovery read
+/// (after `after`, the keys the run committed, when set), into at most
+/// `max` partitions that hold every key once, splitting level by level (at
+/// most [`DISCOVERY_DEPTH`]) while there are fewer than `max / 4`
+/// recursive ones.
+async fn split(
+    backend: &dyn Storage,
+    root: &str,
+    top: Children,
+    max: usize,
+    after: Option<String>,
+) -> Result<Discovery> {
+    if top.prefixes.is_empty() {
+        return Ok(Discovery::Sequence(Head::of(
+            top.objects,
+            top.complete,
+            after,
+        )));
+    }
+    // Not split: listed as one sequence, from the keys not committed.
+    let sequence = |after: Option<String>| Discovery::Sequence(Head::of(Vec::new(), false, after));
     if !top.complete {
-        return Ok(Discovery::Sequence(None)); // too long a level to split
+        return Ok(sequence(after)); // too long a level to split
     }
     let mut found = children_of((root.to_owned(), true), top);
     if found.len() > max {
-        return Ok(Discovery::Sequence(None));
+        return Ok(sequence(after));
     }
     for _ in 1..DISCOVERY_DEPTH {
         let recursive = found.iter().filter(|(_, recursive)| *recursive).count();
@@ -318,9 +497,12 @@ pub(super) async fn discover(backend: &dyn Storage, root: &str, max: usize) -> R
         found = next;
     }
     Ok(if found.len() >= 2 {
-        Discovery::Split(found)
+        Discovery::Split {
+            parts: found,
+            root_after: after,
+        }
     } else {
-        Discovery::Sequence(None)
+        sequence(after)
     })
 }
 
@@ -350,7 +532,7 @@ async fn split_level(
     for chunk in found.chunks(DISCOVERY_CONCURRENCY) {
         let listings = chunk.iter().map(|(prefix, recursive)| {
             let listing: futures::future::BoxFuture<'_, Result<Option<Children>>> = if *recursive {
-                backend.list_children(prefix, DISCOVERY_PAGES)
+                backend.list_children(prefix, None, DISCOVERY_PAGES)
             } else {
                 Box::pin(async { Ok(None) })
             };

@@ -402,10 +402,15 @@ impl Storage for GcsStorage {
         })
     }
 
-    async fn list_children(&self, prefix: &str, max_pages: usize) -> Result<Option<Children>> {
+    async fn list_children(
+        &self,
+        prefix: &str,
+        from: Option<&str>,
+        max_pages: usize,
+    ) -> Result<Option<Children>> {
         let what = format!("list gs://{}/{prefix}", self.bucket);
         let mut children = Children::default();
-        let mut token: Option<String> = None;
+        let mut token = from.map(str::to_owned);
         for _ in 0..max_pages {
             let mut query: Vec<(&str, String)> = vec![
                 ("prefix", prefix.to_owned()),
@@ -427,6 +432,7 @@ impl Storage for GcsStorage {
                 break;
             }
         }
+        children.next = token;
         Ok(Some(children))
     }
 

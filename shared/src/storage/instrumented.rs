@@ -92,9 +92,18 @@ impl Storage for Instrumented {
             .boxed()
     }
 
-    async fn list_children(&self, prefix: &str, max_pages: usize) -> Result<Option<Children>> {
-        self.call("list", prefix, self.0.list_children(prefix, max_pages))
-            .await
+    async fn list_children(
+        &self,
+        prefix: &str,
+        from: Option<&str>,
+        max_pages: usize,
+    ) -> Result<Option<Children>> {
+        self.call(
+            "list",
+            prefix,
+            self.0.list_children(prefix, from, max_pages),
+        )
+        .await
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {

@@ -207,6 +207,9 @@ pub struct Children {
     /// False when the level has more pages than were read: `prefixes` and
     /// `objects` then hold only its beginning.
     pub complete: bool,
+    /// When not `complete`: where a further call goes on (the backend's
+    /// page token, opaque).
+    pub next: Option<String>,
 }
 
 impl Children {
@@ -340,11 +343,18 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>>;
 
     /// What lies one level below `prefix`, from at most `max_pages` pages
-    /// of a delimiter listing: the distinct `/`-ended prefixes of the keys
-    /// under it and the keys with no `/` after it, both in key order, and
-    /// whether that is the whole level. `None` when the backend cannot list
-    /// by delimiter: the caller then lists `prefix` as one sequence.
-    async fn list_children(&self, _prefix: &str, _max_pages: usize) -> Result<Option<Children>> {
+    /// of a delimiter listing (starting where an earlier call's
+    /// [`Children::next`] left off, given as `from`): the distinct
+    /// `/`-ended prefixes of the keys under it and the keys with no `/`
+    /// after it, both in key order, and whether that is the rest of the
+    /// level. `None` when the backend cannot list by delimiter: the caller
+    /// then lists `prefix` as one sequence.
+    async fn list_children(
+        &self,
+        _prefix: &str,
+        _from: Option<&str>,
+        _max_pages: usize,
+    ) -> Result<Option<Children>> {
         Ok(None)
     }
 

@@ -534,9 +534,14 @@ impl Storage for S3Storage {
         })
     }
 
-    async fn list_children(&self, prefix: &str, max_pages: usize) -> Result<Option<Children>> {
+    async fn list_children(
+        &self,
+        prefix: &str,
+        from: Option<&str>,
+        max_pages: usize,
+    ) -> Result<Option<Children>> {
         let mut children = Children::default();
-        let mut token = None;
+        let mut token = from.map(str::to_owned);
         for _ in 0..max_pages {
             let out = self
                 .client
@@ -564,6 +569,7 @@ impl Storage for S3Storage {
                 break;
             }
         }
+        children.next = token;
         Ok(Some(children))
     }
 
