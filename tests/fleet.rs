@@ -1201,12 +1201,14 @@ async fn a_batch_claimed_by_its_run_is_not_run_again_by_its_queued_job() {
     let (db, runs, _) = admission_db(&labelsync_tests::fresh_postgres().await).await;
     let run = &runs[0];
     let lease = Span::seconds(15);
-    let claimed = batches::create(&db, run, &[json!({"key": "a"})])
-        .await
-        .expect("batch");
-    let queued_first = batches::create(&db, run, &[json!({"key": "b"})])
-        .await
-        .expect("batch");
+    let ids = batches::create(
+        &db,
+        run,
+        &[vec![json!({"key": "a"})], vec![json!({"key": "b"})]],
+    )
+    .await
+    .expect("batches");
+    let (claimed, queued_first) = (ids[0], ids[1]);
     // The run's job claims the newest unstarted batch.
     let got = batches::claim_unstarted(&db, run, Utc::now() - lease)
         .await

@@ -4,7 +4,6 @@
 //! this layer does not know storages.
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait,
     ActiveValue::Set,
     ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter,
     sea_query::{Expr, ExprTrait},
@@ -15,27 +14,41 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{Error, Result};
 
+/// Writes a page's batches of run `run_id` (each its objects), in one
+/// statement; their ids, in order.
 pub async fn create<T: Serialize>(
     db: &impl ConnectionTrait,
     run_id: &str,
-    objects: &[T],
-) -> Result<i64> {
-    let objects = serde_json::to_value(objects)
-        .map_err(|e| Error::Internal(format!("batch objects: {e}")))?;
-    let batch = sync_batch::ActiveModel {
-        run_id: Set(run_id.to_owned()),
-        objects: Set(objects),
-        done: Set(false),
-        attempts: Set(0),
-        worker: Set(None),
-        created_at: Set(Utc::now()),
-        finished_at: Set(None),
-        claimed_at: Set(None),
-        ..Default::default()
-    }
-    .insert(db)
-    .await?;
-    Ok(batch.id)
+    batches: &[Vec<T>],
+) -> Result<Vec<i64>> {
+    let now = Utc::now();
+    let rows = batches
+        .iter()
+        .map(|objects| {
+            let objects = serde_json::to_value(objects)
+                .map_err(|e| Error::Internal(format!("batch objects: {e}")))?;
+            Ok(sync_batch::ActiveModel {
+                run_id: Set(run_id.to_owned()),
+                objects: Set(objects),
+                done: Set(false),
+                attempts: Set(0),
+                worker: Set(None),
+                created_at: Set(now),
+                finished_at: Set(None),
+                claimed_at: Set(None),
+                ..Default::default()
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // One statement for the page (16 batches of 64 objects at the
+    // defaults): it is written before any of the page's batches can start.
+    let mut ids = sync_batch::Entity::insert_many(rows)
+        .exec_with_returning_keys(db)
+        .await?;
+    // Ids grow along the VALUES list: in order, whatever order RETURNING
+    // gives them in.
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 /// Batches of the run not finished yet.

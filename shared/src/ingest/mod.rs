@@ -419,10 +419,7 @@ impl ImportJob<'_> {
         if plan.unlisted {
             runs::mark_listing_incomplete(&txn, &self.run.id).await?;
         }
-        let mut batch_ids = Vec::with_capacity(plan.batches.len());
-        for objects in &plan.batches {
-            batch_ids.push(batches::create(&txn, &self.run.id, objects).await?);
-        }
+        let batch_ids = batches::create(&txn, &self.run.id, &plan.batches).await?;
         if !self
             .checkpoint(&txn, &plan.delta, plan.cursor.as_deref())
             .await?
