@@ -446,6 +446,35 @@ async fn a_worker_keeps_a_connection_per_slot_open_from_the_start() {
     app.stop().await;
 }
 
+/// A server that cannot give a worker a connection per slot (here a role
+/// limited to 2) still gets a worker: it opens connections on demand, as
+/// before the pool kept them, instead of failing to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_starts_where_it_cannot_keep_a_connection_per_slot() {
+    let url = labelsync_tests::fresh_postgres().await;
+    let admin = Database::connect(&url).await.expect("connect");
+    let role = format!("ls_two_{}", std::process::id());
+    for sql in [
+        format!("DROP ROLE IF EXISTS {role}"),
+        format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 2"),
+    ] {
+        admin.execute_unprepared(&sql).await.expect("role");
+    }
+    let (base, db_name) = url.rsplit_once('/').expect("a database in the URL");
+    let host = base.rsplit_once('@').map_or(base, |(_, host)| host);
+    let limited = format!("postgres://{role}@{host}/{db_name}");
+    let db = labelsync::db::connect_worker(&limited, 4)
+        .await
+        .expect("a worker's pool within the role's 2 connections");
+    let one = count(&db, "SELECT 1::int8 AS n").await;
+    assert_eq!(one, 1);
+    db.close().await.ok();
+    admin
+        .execute_unprepared(&format!("DROP ROLE {role}"))
+        .await
+        .expect("drop role");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     const OBJECTS: usize = 40_000;

@@ -36,24 +36,32 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection> {
 }
 
 /// [`connect`] for a worker with `slots` job slots: the pool keeps a
-/// connection per slot and two more (the heartbeats) open from the start.
-/// Opened on demand, a fresh worker's first batches each waited for a new
-/// Postgres backend (a fork and its catalog caches: milliseconds of the
-/// database's CPU apiece, all at once, while every other batch of the run
-/// was starting too); an idle pool also let them go after ten minutes.
+/// connection per slot and two more (the heartbeats) open from the start,
+/// up to its 16. Opened on demand, a fresh worker's first batches each
+/// waited for a new Postgres backend (a fork and its catalog caches:
+/// milliseconds of the database's CPU apiece, all at once, while every
+/// other batch of the run was starting too); an idle pool also let them go
+/// after ten minutes. A server that cannot give that many within
+/// [`KEEP_WITHIN`] (near its `max_connections`: sqlx would retry until its
+/// acquire timeout) still gets a worker that opens them on demand, as
+/// before, rather than one that cannot start.
 pub async fn connect_worker(url: &str, slots: usize) -> Result<DatabaseConnection> {
     let kept = u32::try_from(slots.saturating_add(2))
         .unwrap_or(u32::MAX)
         .min(WORKER_POOL);
-    open(
-        url,
-        "force_custom_plan",
-        WORKER_POOL,
-        kept,
-        "labelsync-worker",
-    )
-    .await
+    let name = "labelsync-worker";
+    let warm = open(url, "force_custom_plan", WORKER_POOL, kept, name);
+    let why = match tokio::time::timeout(KEEP_WITHIN, warm).await {
+        Ok(Ok(db)) => return Ok(db),
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => format!("not all open within {KEEP_WITHIN:?}"),
+    };
+    tracing::warn!(error = %why, kept, "cannot keep a database connection per job slot open; opening them as jobs need them");
+    open(url, "force_custom_plan", WORKER_POOL, 0, name).await
 }
+
+/// How long a worker waits for its kept connections (see [`connect_worker`]).
+const KEEP_WITHIN: Duration = Duration::from_secs(5);
 
 /// Connections in a worker's pool (as in [`connect`]'s).
 const WORKER_POOL: u32 = 16;

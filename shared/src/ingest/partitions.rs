@@ -112,12 +112,20 @@ impl ImportJob<'_> {
         };
         let (committed, rest) = futures::join!(
             self.commit_objects(backend, objects),
-            discover_rest(&**backend, root, &next, after, max),
+            discover_rest(&**backend, root, &next, after.clone(), max),
         );
         if !committed? {
             return Ok(None);
         }
-        rest.map(Some)
+        // The listing goes on after the committed keys whatever discovery
+        // says: `self.run`'s cursor predates them, and a sequence with no
+        // head would list them again.
+        Ok(Some(match rest? {
+            Discovery::Sequence(None) => {
+                Discovery::Sequence(Head::of(Vec::new(), false, Some(after)))
+            }
+            found => found,
+        }))
     }
 
     /// Commits `objects`, the listing's first keys in key order, as pages

@@ -371,7 +371,7 @@ pub fn http_client(
 
 /// The TLS settings of every [`http_client`]: what reqwest builds by
 /// default (the process's crypto provider, TLS 1.2 and 1.3, the platform's
-/// verifier, HTTP/1.1 by ALPN), made once per process. Left to reqwest,
+/// verifier, HTTP/2 or 1.1 by ALPN), made once per process. Left to reqwest,
 /// every client built reads and parses each file of the system's CA
 /// directory: several milliseconds of CPU per storage opened, paid by all
 /// of a fresh worker's first batches at once, on the cores their reads
@@ -389,7 +389,9 @@ fn tls_config() -> Result<rustls::ClientConfig> {
                 .with_platform_verifier()
                 .map_err(|e| e.to_string())?
                 .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            // As reqwest offers with its `http2` feature on (the workspace
+            // enables it): servers that speak HTTP/2 (GCS) keep it.
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             Ok(config)
         });
     CONFIG
