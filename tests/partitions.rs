@@ -237,11 +237,24 @@ async fn listed_by_partitions_exactly(embedded: bool) {
 /// and one of the flat rest counts exactly those two missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flat_first_page_is_committed_and_the_rest_still_partitioned() {
+    flat_first_page_then_partitions(false).await;
+}
+
+/// The same in the embedded mode (SQLite and its in-process queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flat_first_page_is_committed_and_the_rest_still_partitioned_on_sqlite() {
+    flat_first_page_then_partitions(true).await;
+}
+
+async fn flat_first_page_then_partitions(embedded: bool) {
     let mut keys: Vec<String> = (0..1100).map(|i| format!("mix/a-{i:04}.json")).collect();
     keys.extend((0..20).map(|i| format!("mix/p0/{i:03}.json")));
     keys.extend((0..20).map(|i| format!("mix/p1/x/{i:03}.json")));
     let bucket = bucket_with(&keys).await;
-    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "400")]).await;
+    let mut opts = AppOptions::with_storages();
+    opts.embedded = embedded;
+    opts.env.push(("LABELSYNC_PAGE_SIZE", "400".into()));
+    let app = spawn_app(opts).await;
     let db = Database::connect(&app.database_url).await.expect("connect");
     let extra = json!({ "prefix": "mix/", "import_method": "tasks" });
     let storage = s3_storage(&app, &bucket, &s3s(), extra).await;
