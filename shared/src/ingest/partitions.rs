@@ -110,13 +110,25 @@ impl ImportJob<'_> {
             Start::Found(found) => return Ok(Some(found)),
             Start::FlatPage(page) => page,
         };
-        let (committed, rest) = futures::join!(
-            self.commit_objects(backend, objects),
-            discover_rest(&**backend, root, &next, after.clone(), max),
-        );
-        if !committed? {
-            return Ok(None);
-        }
+        let commit = std::pin::pin!(self.commit_objects(backend, objects));
+        let rest = std::pin::pin!(discover_rest(&**backend, root, &next, after.clone(), max));
+        // A commit that fails or stops ends discovery too (a SIGTERM need
+        // not wait for the rest of the level); discovery's own result waits
+        // for the commit, whose failure comes first.
+        let rest = match futures::future::select(commit, rest).await {
+            futures::future::Either::Left((committed, rest)) => {
+                if !committed? {
+                    return Ok(None);
+                }
+                rest.await
+            }
+            futures::future::Either::Right((rest, commit)) => {
+                if !commit.await? {
+                    return Ok(None);
+                }
+                rest
+            }
+        };
         // The listing goes on after the committed keys whatever discovery
         // says: `self.run`'s cursor predates them, and a sequence with no
         // head would list them again.
