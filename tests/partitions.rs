@@ -126,6 +126,24 @@ async fn partitions(db: &DatabaseConnection, run_id: &str) -> Vec<(String, bool,
         .collect()
 }
 
+/// Checks the run's partitions are `expected` (prefix, recursive), in
+/// order, and all done.
+async fn assert_all_done(db: &DatabaseConnection, run_id: &str, expected: &[(&str, bool)]) {
+    let found: Vec<(String, bool)> = partitions(db, run_id)
+        .await
+        .into_iter()
+        .map(|(prefix, recursive, done, _)| {
+            assert!(done, "{prefix} done");
+            (prefix, recursive)
+        })
+        .collect();
+    let expected: Vec<(String, bool)> = expected
+        .iter()
+        .map(|(p, r)| ((*p).to_owned(), *r))
+        .collect();
+    assert_eq!(found, expected);
+}
+
 /// Every task's object key, once each (a key twice fails).
 async fn task_keys(app: &TestApp, project: &Value) -> std::collections::BTreeSet<String> {
     let mut keys = std::collections::BTreeSet::new();
@@ -175,25 +193,14 @@ async fn listed_by_partitions_exactly(embedded: bool) {
     assert_eq!(run["counters"]["listed"], n, "{run}");
     assert_eq!(run["counters"]["created"], n, "{run}");
     let db = Database::connect(&app.database_url).await.expect("connect");
-    let found: Vec<(String, bool)> = partitions(&db, run["id"].as_str().expect("id"))
-        .await
-        .into_iter()
-        .map(|(prefix, recursive, done, _)| {
-            assert!(done, "{prefix} done");
-            (prefix, recursive)
-        })
-        .collect();
-    let expected: Vec<(String, bool)> = [
+    let expected = [
         ("", false),
         ("a/", true),
         ("b/", false),
         ("b/x/", true),
         ("b/y/deep/", true),
-    ]
-    .iter()
-    .map(|(p, r)| ((*p).to_owned(), *r))
-    .collect();
-    assert_eq!(found, expected);
+    ];
+    assert_all_done(&db, run["id"].as_str().expect("id"), &expected).await;
     assert_eq!(
         task_keys(&app, &storage["project_id"]).await,
         uris(&bucket, &keys)
@@ -264,21 +271,9 @@ async fn flat_first_page_then_partitions(embedded: bool) {
     assert_eq!(run["counters"]["listed"], n, "{run}");
     assert_eq!(run["counters"]["created"], n, "{run}");
     let run_id = run["id"].as_str().expect("id");
-    let found: Vec<(String, bool)> = partitions(&db, run_id)
-        .await
-        .into_iter()
-        .map(|(prefix, recursive, done, _)| {
-            assert!(done, "{prefix} done");
-            (prefix, recursive)
-        })
-        .collect();
     // p1/ holds only x/: discovery goes one level down there.
     let expected = [("mix/", false), ("mix/p0/", true), ("mix/p1/x/", true)];
-    let expected: Vec<(String, bool)> = expected
-        .iter()
-        .map(|(p, r)| ((*p).to_owned(), *r))
-        .collect();
-    assert_eq!(found, expected);
+    assert_all_done(&db, run_id, &expected).await;
     // The run's own cursor stopped at the first page's last key: the keys
     // up to it were committed before the partitions (which move only
     // their own cursors) were written.

@@ -195,22 +195,22 @@ async fn one_level_of_the_tree(storage: &dyn Storage) {
             .flat_map(|p| p.objects)
             .collect::<Vec<_>>()
     };
-    let level = |prefixes: &[&str], objects, complete| {
+    // A whole level (or the whole rest of one): nothing to go on from.
+    let level = |prefixes: &[&str], objects| {
         Some(Children {
             prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
             objects,
-            complete,
             next: None,
         })
     };
     assert_eq!(
         tree,
-        level(&["tree/sub/"], flat("tree/").await, true),
+        level(&["tree/sub/"], flat("tree/").await),
         "{kind}: tree/"
     );
     assert_eq!(
         storage.list_children("tree/sub/", None, 3).await.unwrap(),
-        level(&[], flat("tree/sub/").await, true),
+        level(&[], flat("tree/sub/").await),
         "{kind}: tree/sub/"
     );
     assert_eq!(
@@ -218,7 +218,7 @@ async fn one_level_of_the_tree(storage: &dyn Storage) {
             .list_children("nothing-here/", None, 3)
             .await
             .unwrap(),
-        level(&[], Vec::new(), true),
+        level(&[], Vec::new()),
         "{kind}: nothing-here/"
     );
     // 2,500 keys directly under many/: three pages of 1,000 hold them all,
@@ -227,7 +227,7 @@ async fn one_level_of_the_tree(storage: &dyn Storage) {
     assert_eq!(many.len(), 2500, "{kind}: many/");
     assert_eq!(
         storage.list_children("many/", None, 3).await.unwrap(),
-        level(&[], many.clone(), true),
+        level(&[], many.clone()),
         "{kind}: many/ in 3 pages"
     );
     let mut two = storage
@@ -235,10 +235,11 @@ async fn one_level_of_the_tree(storage: &dyn Storage) {
         .await
         .unwrap()
         .expect("many/");
+    // Not the whole level: it says where it goes on.
     let next = two.next.take().expect("where many/ goes on");
     assert_eq!(
         Some(two),
-        level(&[], many[..2000].to_vec(), false),
+        level(&[], many[..2000].to_vec()),
         "{kind}: many/ in 2 pages"
     );
     assert_eq!(
@@ -246,7 +247,7 @@ async fn one_level_of_the_tree(storage: &dyn Storage) {
             .list_children("many/", Some(&next), 3)
             .await
             .unwrap(),
-        level(&[], many[2000..].to_vec(), true),
+        level(&[], many[2000..].to_vec()),
         "{kind}: the rest of many/"
     );
     // The bucket's root: the conformance keys so far sit under many/ and

@@ -149,31 +149,19 @@ impl ImportJob<'_> {
         while let Some(page) = pages.next().await {
             self.check_stopping()?;
             let (page, cursor) = page?;
-            if !self.take_page(backend, page, cursor, &filter).await? {
+            let Some(mut plan) = self.plan_page(page, &filter).await? else {
+                continue;
+            };
+            if cursor.is_some() {
+                plan.cursor = cursor;
+            }
+            if !self.read_task_files(backend, &mut plan).await?
+                || !self.commit_page(&**backend, plan).await?
+            {
                 return Ok(false);
             }
         }
         Ok(true)
-    }
-
-    /// Plans a page, reads its task files (Tasks mode) and commits it,
-    /// moving the cursor to `cursor` when given, else to its last key;
-    /// false when the run stopped.
-    async fn take_page(
-        &self,
-        backend: &Arc<dyn Storage>,
-        page: storage::Page,
-        cursor: Option<String>,
-        filter: &Filter,
-    ) -> Result<bool> {
-        let Some(mut plan) = self.plan_page(page, filter).await? else {
-            return Ok(true);
-        };
-        if cursor.is_some() {
-            plan.cursor = cursor;
-        }
-        Ok(self.read_task_files(backend, &mut plan).await?
-            && self.commit_page(&**backend, plan).await?)
     }
 
     /// What the run reads, from its cursor: the storage's listing (`head`

@@ -18,7 +18,7 @@
 //! holds only keys (no sub-prefix) and the level goes on, the run's job
 //! commits that page as a sequential run would (moving the run's cursor;
 //! in Tasks mode its batches go out) while it reads on. If the rest
-//! splits, the root's flat partition starts after that page's last key;
+//! splits, its partitions start after that page's last key;
 //! if not, the sequence goes on from there; and an attempt killed in
 //! between resumes from the run's cursor as a sequence.
 //!
@@ -72,12 +72,12 @@ impl ImportJob<'_> {
             if !self.may_partition() {
                 return Ok(Listing::Sequence(None));
             }
-            let (found, root_after) = match self.discover_partitions(backend).await? {
+            let (found, after) = match self.discover_partitions(backend).await? {
                 None => return Ok(Listing::Partitioned(Outcome::Stopped)),
-                Some(Discovery::Split { parts, root_after }) => (parts, root_after),
+                Some(Discovery::Split { parts, after }) => (parts, after),
                 Some(Discovery::Sequence(head)) => return Ok(Listing::Sequence(head)),
             };
-            if !self.write_partitions(&found, root_after).await? {
+            if !self.write_partitions(&found, after).await? {
                 return Ok(Listing::Partitioned(Outcome::Stopped));
             }
             tracing::info!(partitions = found.len(), "listing split by prefix");
@@ -110,8 +110,11 @@ impl ImportJob<'_> {
             Start::Found(found) => return Ok(Some(found)),
             Start::FlatPage(page) => page,
         };
-        let commit = std::pin::pin!(self.commit_objects(backend, objects));
-        let rest = std::pin::pin!(discover_rest(&**backend, root, &next, after.clone(), max));
+        // The page is the listing's first keys: listed as a sequence's head
+        // that is all there is, each page moving the run's cursor.
+        let head = Head::of(objects, true, None);
+        let commit = std::pin::pin!(self.list_pages(backend, head));
+        let rest = std::pin::pin!(discover_rest(&**backend, root, &next, after, max));
         // A commit that fails or stops ends discovery too (a SIGTERM need
         // not wait for the rest of the level); discovery's own result waits
         // for the commit, whose failure comes first.
@@ -129,60 +132,22 @@ impl ImportJob<'_> {
                 rest
             }
         };
-        // The listing goes on after the committed keys whatever discovery
-        // says: `self.run`'s cursor predates them, and a sequence with no
-        // head would list them again.
-        Ok(Some(match rest? {
-            Discovery::Sequence(None) => {
-                Discovery::Sequence(Head::of(Vec::new(), false, Some(after)))
-            }
-            found => found,
-        }))
+        rest.map(Some)
     }
 
-    /// Commits `objects`, the listing's first keys in key order, as pages
-    /// of the run's page size (each moving the run's cursor); false when
-    /// the run stopped.
-    async fn commit_objects(
-        &self,
-        backend: &Arc<dyn Storage>,
-        objects: Vec<ObjectMeta>,
-    ) -> Result<bool> {
-        let filter = crate::storage::Filter::from_storage(self.storage)?;
-        let mut objects = objects.into_iter().peekable();
-        while objects.peek().is_some() {
-            self.check_stopping()?;
-            let page = crate::storage::Page {
-                objects: objects
-                    .by_ref()
-                    .take(self.settings.page_size.max(1))
-                    .collect(),
-                errors: Vec::new(),
-            };
-            if !self.take_page(backend, page, None, &filter).await? {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    }
-
-    /// Writes the partitions under the run's lease (the root's flat one
-    /// starting after `root_after`, the keys the run committed before);
+    /// Writes the partitions under the run's lease, each starting after
+    /// `after`, the last key the run committed before (only the root's
+    /// flat partition can hold keys up to it; the others list all theirs);
     /// false when the attempt lost it (another attempt wrote them, or the
     /// run stopped).
     async fn write_partitions(
         &self,
         found: &[(String, bool)],
-        root_after: Option<String>,
+        after: Option<String>,
     ) -> Result<bool> {
-        let root = &self.storage.prefix;
         let rows: Vec<_> = found
             .iter()
-            .map(|(prefix, recursive)| {
-                let flat_root = !*recursive && prefix == root;
-                let cursor = root_after.clone().filter(|_| flat_root);
-                (prefix.clone(), *recursive, cursor)
-            })
+            .map(|(prefix, recursive)| (prefix.clone(), *recursive, after.clone()))
             .collect();
         let txn = crate::db::begin_write(self.db).await?;
         parts::create(&txn, &self.run.id, &rows).await?;
@@ -347,11 +312,11 @@ async fn renew(
 /// What discovery found under a storage's prefix.
 pub(super) enum Discovery {
     /// At least two partitions that hold every key once, `(prefix,
-    /// recursive)` each, but those up to `root_after`, which the run
-    /// committed already: the root's flat partition starts after it.
+    /// recursive)` each, but those up to `after`, which the run committed
+    /// already: they list only the keys after it.
     Split {
         parts: Vec<(String, bool)>,
-        root_after: Option<String>,
+        after: Option<String>,
     },
     /// The listing does not split: it is listed as one sequence, which
     /// starts with `Head` when the prefix is flat (no sub-prefix among the
@@ -394,7 +359,9 @@ impl Head {
 
     /// A listing's `objects` read so far, all of it when `complete`, that
     /// started after `after` (keys the run committed; `None`: from the
-    /// beginning). `None` when nothing says where it goes on.
+    /// beginning). `None` when nothing says where it goes on, so never
+    /// when `after` is set: a listing after committed keys never starts
+    /// again from the beginning.
     fn of(objects: Vec<ObjectMeta>, complete: bool, after: Option<String>) -> Option<Head> {
         if complete {
             return Some(Head {
@@ -435,8 +402,8 @@ pub(super) async fn discover(backend: &dyn Storage, root: &str, max: usize) -> R
 
 /// Goes on with a level whose first page was flat, from `next`, the keys
 /// up to `after` committed by the run: as [`discover`] would have with
-/// the whole level, but a sequence goes on after `after`, and the root's
-/// flat partition starts there.
+/// the whole level, but a sequence goes on after `after`, and the
+/// partitions start there.
 pub(super) async fn discover_rest(
     backend: &dyn Storage,
     root: &str,
@@ -464,7 +431,7 @@ async fn read_more(
     mut level: Children,
     pages: usize,
 ) -> Result<Children> {
-    let Some(next) = level.next.clone().filter(|_| !level.complete && pages > 0) else {
+    let Some(next) = level.next.clone().filter(|_| pages > 0) else {
         return Ok(level);
     };
     let Some(more) = backend.list_children(root, Some(&next), pages).await? else {
@@ -472,7 +439,6 @@ async fn read_more(
     };
     level.objects.extend(more.objects);
     level.push_prefixes(root, more.prefixes.iter().map(String::as_str));
-    level.complete = more.complete;
     level.next = more.next;
     Ok(level)
 }
@@ -490,15 +456,12 @@ async fn split(
     after: Option<String>,
 ) -> Result<Discovery> {
     if top.prefixes.is_empty() {
-        return Ok(Discovery::Sequence(Head::of(
-            top.objects,
-            top.complete,
-            after,
-        )));
+        let complete = top.complete();
+        return Ok(Discovery::Sequence(Head::of(top.objects, complete, after)));
     }
     // Not split: listed as one sequence, from the keys not committed.
     let sequence = |after: Option<String>| Discovery::Sequence(Head::of(Vec::new(), false, after));
-    if !top.complete {
+    if !top.complete() {
         return Ok(sequence(after)); // too long a level to split
     }
     let mut found = children_of((root.to_owned(), true), top);
@@ -519,7 +482,7 @@ async fn split(
     Ok(if found.len() >= 2 {
         Discovery::Split {
             parts: found,
-            root_after: after,
+            after,
         }
     } else {
         sequence(after)
@@ -530,7 +493,7 @@ async fn split(
 /// flat partition for the keys directly under it, when it has any), or
 /// itself when the level is incomplete or has no sub-prefix.
 fn children_of(part: (String, bool), level: Children) -> Vec<(String, bool)> {
-    if !level.complete || level.prefixes.is_empty() {
+    if !level.complete() || level.prefixes.is_empty() {
         return vec![part];
     }
     let mut next = Vec::with_capacity(level.prefixes.len() + 1);

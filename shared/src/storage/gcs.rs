@@ -411,7 +411,7 @@ impl Storage for GcsStorage {
         let what = format!("list gs://{}/{prefix}", self.bucket);
         let mut children = Children::default();
         let mut token = from.map(str::to_owned);
-        for _ in 0..max_pages {
+        for _ in 0..max_pages.max(1) {
             let mut query: Vec<(&str, String)> = vec![
                 ("prefix", prefix.to_owned()),
                 ("delimiter", "/".into()),
@@ -428,7 +428,6 @@ impl Storage for GcsStorage {
             children.push_prefixes(prefix, level.prefixes.iter().map(String::as_str));
             token = level.next_page_token.filter(|t| !t.is_empty());
             if token.is_none() {
-                children.complete = true;
                 break;
             }
         }

@@ -204,15 +204,18 @@ pub struct Children {
     /// The keys directly under the prefix (no `/` after it), in key order,
     /// with the metadata [`Storage::list`] gives them.
     pub objects: Vec<ObjectMeta>,
-    /// False when the level has more pages than were read: `prefixes` and
-    /// `objects` then hold only its beginning.
-    pub complete: bool,
-    /// When not `complete`: where a further call goes on (the backend's
-    /// page token, opaque).
+    /// Set when the level has more pages than were read (`prefixes` and
+    /// `objects` then hold only its beginning): where a further call goes
+    /// on (the backend's page token, opaque).
     pub next: Option<String>,
 }
 
 impl Children {
+    /// Whether the pages read hold the whole (rest of the) level.
+    pub fn complete(&self) -> bool {
+        self.next.is_none()
+    }
+
     /// Adds the `/`-ended prefixes one page of a delimiter listing of
     /// `under` gave, in key order: only those strictly below `under`, and a
     /// prefix some servers repeat at a page boundary once.
@@ -343,8 +346,8 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>>;
 
     /// What lies one level below `prefix`, from at most `max_pages` pages
-    /// of a delimiter listing (starting where an earlier call's
-    /// [`Children::next`] left off, given as `from`): the distinct
+    /// (at least one) of a delimiter listing (starting where an earlier
+    /// call's [`Children::next`] left off, given as `from`): the distinct
     /// `/`-ended prefixes of the keys under it and the keys with no `/`
     /// after it, both in key order, and whether that is the rest of the
     /// level. `None` when the backend cannot list by delimiter: the caller

@@ -542,7 +542,7 @@ impl Storage for S3Storage {
     ) -> Result<Option<Children>> {
         let mut children = Children::default();
         let mut token = from.map(str::to_owned);
-        for _ in 0..max_pages {
+        for _ in 0..max_pages.max(1) {
             let out = self
                 .client
                 .list_objects_v2()
@@ -565,7 +565,6 @@ impl Storage for S3Storage {
                 .filter(|_| out.is_truncated() == Some(true))
                 .map(str::to_owned);
             if token.is_none() {
-                children.complete = true;
                 break;
             }
         }
