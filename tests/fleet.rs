@@ -1477,6 +1477,64 @@ async fn the_in_process_worker_registers_in_embedded_mode() {
     app.stop().await;
 }
 
+/// A batch job that ends says so on Redis, and the run's job, waiting for
+/// batches other slots run, looks at once: with a minute between polls
+/// (and heartbeats), only those messages can end the run within the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_ends_when_its_last_batch_does_without_waiting_for_a_poll() {
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::with_storages()
+    })
+    .await;
+    let worker = spawn_ready_worker(
+        &app,
+        "announced",
+        &[
+            ("LABELSYNC_QUEUE_POLL_MS", "60000"),
+            ("LABELSYNC_HEARTBEAT_SECS", "60"),
+            ("LABELSYNC_WORKER_CONCURRENCY", "16"),
+        ],
+    )
+    .await;
+    // Objects behind a 100 ms round trip: a batch of 64 takes 400 ms or
+    // more, so the run's job, done listing, waits for batches still running
+    // in the worker's other slots.
+    let keys: Vec<String> = (0..600).map(|i| format!("end/{i:04}.json")).collect();
+    let bucket = partitions::bucket_with(&keys).await;
+    let rtt = Latency {
+        rtt: Duration::from_millis(100),
+        bytes_per_second: None,
+    };
+    let proxy = FaultProxy::start(&partitions::s3s(), Mode::Latency(rtt)).await;
+    let extra = json!({ "prefix": "end/", "import_method": "tasks" });
+    let storage = partitions::s3_storage(&app, &bucket, &proxy.url, extra).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let run = app.wait_run(&run_id, Duration::from_secs(40)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 600, "{run}");
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let by_slots = count(
+        &db,
+        "SELECT COUNT(*) AS n FROM sync_batches WHERE worker LIKE 'announced-%'",
+    )
+    .await;
+    assert!(by_slots >= 1, "the run's job ran every batch itself");
+    let last_batch = count(
+        &db,
+        "SELECT (EXTRACT(EPOCH FROM MAX(finished_at)) * 1000)::bigint AS n FROM sync_batches",
+    )
+    .await;
+    let ended = chrono_ms(run["finished_at"].as_str().expect("finished_at"));
+    assert!(
+        ended - last_batch < 5_000,
+        "the run ended {} ms after its last batch: {run}",
+        ended - last_batch
+    );
+    drop(worker);
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_takes_a_pushed_job_without_waiting_for_its_poll() {
     let app = spawn_app(AppOptions::without_workers()).await;

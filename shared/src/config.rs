@@ -157,7 +157,9 @@ pub struct WorkerSettings {
     /// A random suffix is always added: apalis-redis refuses a restarted worker
     /// that reuses a name until the old one is declared dead.
     pub name_prefix: String,
-    /// `LABELSYNC_QUEUE_POLL_MS` (default 150): how often an idle worker looks for jobs.
+    /// `LABELSYNC_QUEUE_POLL_MS` (default 150): how often an idle worker looks
+    /// for jobs, and a run's job at its batches and partitions, when no
+    /// message told them to look sooner (a push's wake, a job's end).
     pub poll_interval: Duration,
     /// `LABELSYNC_HEARTBEAT_SECS` (default 5) and `LABELSYNC_MISSED_HEARTBEATS`
     /// (default 3): a dead worker's jobs are re-queued after their product.

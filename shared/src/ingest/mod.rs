@@ -18,6 +18,7 @@
 //! listed with another etag than they were imported with are counted as
 //! `changed`.
 pub mod budget;
+pub mod ended;
 mod parquet_footer;
 pub mod parse;
 mod partitions;
@@ -91,6 +92,10 @@ pub trait FanOut: Send + Sync {
     /// `round` (the run's attempt that pushes it). `Ok(false)`: the backlog
     /// is full; the run's job lists the partition itself.
     async fn push_partition(&self, run_id: &str, partition: i64, round: i64) -> Result<bool>;
+
+    /// Watches the ends of run `run_id`'s batch and partition jobs, which
+    /// their workers announce (see [`ended`]).
+    fn watch(&self, run_id: &str) -> ended::Watch;
 }
 
 /// A per-object failure: key, row (None for the whole object), message.
@@ -372,14 +377,17 @@ impl ImportJob<'_> {
         may_exist: bool,
         overwrite: bool,
     ) -> Result<bool> {
-        let Some((failed, errors)) = self
+        let Some(imported) = self
             .import_objects(backend, objects, may_exist, overwrite)
             .await?
         else {
             return Ok(false);
         };
-        plan.delta.failed += failed;
-        plan.errors.extend(errors);
+        if !self.commit_rows(imported.rows, Vec::new()).await? {
+            return Ok(false);
+        }
+        plan.delta.failed += imported.failed;
+        plan.errors.extend(imported.errors);
         Ok(true)
     }
 
@@ -503,14 +511,16 @@ impl ImportJob<'_> {
     }
 
     /// Fetches, parses and imports Tasks-mode objects, a bounded number at
-    /// once. `None` when the run stopped; otherwise the failures to record.
+    /// once. `None` when the run stopped; otherwise the failures to record
+    /// and the last small objects' rows, which the caller commits with what
+    /// it writes next (see [`Imported`]).
     async fn import_objects(
         &self,
         backend: &Arc<dyn Storage>,
         objects: Vec<ObjectMeta>,
         may_exist: bool,
         overwrite: bool,
-    ) -> Result<Option<(i64, Vec<ObjectError>)>> {
+    ) -> Result<Option<Imported>> {
         let importer = task_files::Importer {
             job: self,
             backend: backend.clone(),
@@ -534,8 +544,8 @@ impl ImportJob<'_> {
             small.append(&mut result.deferred);
             small_bytes += result.deferred_bytes;
             if (small.len() >= task_files::CHUNK_ROWS || small_bytes >= task_files::CHUNK_BYTES)
-                && !importer
-                    .commit(std::mem::take(&mut small), Vec::new())
+                && !self
+                    .commit_rows(std::mem::take(&mut small), Vec::new())
                     .await?
             {
                 return Ok(None);
@@ -544,10 +554,11 @@ impl ImportJob<'_> {
                 small_bytes = 0;
             }
         }
-        if !importer.commit(small, Vec::new()).await? {
-            return Ok(None);
-        }
-        Ok(Some((failed, errors)))
+        Ok(Some(Imported {
+            failed,
+            errors,
+            rows: small,
+        }))
     }
 
     /// Hands committed batches to the fleet. A push that fails is only logged:
@@ -591,7 +602,9 @@ impl ImportJob<'_> {
     /// is also what keeps a run going when every slot of the fleet is held by
     /// such waiting jobs.
     async fn wait_for_batches(&self, max: u64) -> Result<bool> {
+        let watch = self.fanout.map(|fanout| fanout.watch(&self.run.id));
         loop {
+            let ended = watch.as_ref().map(ended::Watch::next);
             self.check_stopping()?;
             let pending = batches::pending(self.db, &self.run.id).await?;
             if pending <= max {
@@ -613,13 +626,9 @@ impl ImportJob<'_> {
                 }
                 continue;
             }
-            // Waiting for the run's end (`max` 0), or one short of room:
-            // look sooner, so the run does not idle out a whole poll. (The
-            // end waits on a whole wave of batches finishing together, so
-            // "a few left" came too late: a 200 ms poll added 0-200 ms to
-            // every fanned-out run, a tenth of a 1 s sync of 2,000 files.)
-            let nearly = max == 0 || pending - max <= NEARLY_DONE;
-            tokio::time::sleep(if nearly { BATCH_POLL_NEAR } else { BATCH_POLL }).await;
+            // A batch's end is announced: look again then (or after a
+            // poll, should the announcement be lost).
+            until_ended(ended, self.settings.poll_interval).await;
         }
     }
 
@@ -630,30 +639,28 @@ impl ImportJob<'_> {
     pub async fn run_batch(&self, batch: &sync_batch::Model, worker: &str) -> Result<Outcome> {
         let backend = storage::open_shared(self.storage, self.env).await?;
         let objects: Vec<ObjectMeta> = batches::objects(batch)?;
-        let Some((failed, errors)) = self.import_objects(&backend, objects, true, false).await?
-        else {
+        let Some(imported) = self.import_objects(&backend, objects, true, false).await? else {
             return Ok(Outcome::Stopped);
         };
-        self.finish_batch(batch.id, worker, failed, errors).await
+        self.finish_batch(batch.id, worker, imported).await
     }
 
-    /// Marks a batch done with its failures (all in one transaction). When
-    /// the run is no longer running (cancelled), the batch is closed without
-    /// counting anything, so nothing waits on it.
-    pub async fn finish_batch(
-        &self,
-        id: i64,
-        worker: &str,
-        failed: i64,
-        errors: Vec<ObjectError>,
-    ) -> Result<Outcome> {
+    /// Marks a batch done with its last rows and its failures, all in one
+    /// transaction (one update of the run's row per batch, where a separate
+    /// commit of the rows made two). When another attempt marked it done
+    /// first, nothing is written (that attempt committed the same rows).
+    /// When the run is no longer running (cancelled), the batch is closed
+    /// without counting or adding anything, so nothing waits on it.
+    pub async fn finish_batch(&self, id: i64, worker: &str, imported: Imported) -> Result<Outcome> {
         let txn = crate::db::begin_write(self.db).await?;
         if !batches::mark_done(&txn, id, worker).await? {
             txn.rollback().await?;
             return Ok(Outcome::Finished);
         }
+        let (created, _) = insert_rows(&txn, self, imported.rows).await?;
         let delta = Counters {
-            failed,
+            created,
+            failed: imported.failed,
             ..Counters::default()
         };
         if !runs::checkpoint(&txn, &self.run.id, &delta, None, None).await? {
@@ -661,10 +668,61 @@ impl ImportJob<'_> {
             batches::mark_done(self.db, id, worker).await?;
             return Ok(Outcome::Stopped);
         }
-        runs::record_errors(&txn, &self.run.id, errors).await?;
+        runs::record_errors(&txn, &self.run.id, imported.errors).await?;
         txn.commit().await?;
         Ok(Outcome::Finished)
     }
+
+    /// Commits new rows (of one object or of several small ones) and task
+    /// updates in one transaction with the run's `created` counter; false
+    /// when the run stopped. Rows linked meanwhile are skipped by the link
+    /// key and not counted.
+    pub(super) async fn commit_rows(
+        &self,
+        new: Vec<NewTask>,
+        updates: Vec<(i64, serde_json::Value, Option<serde_json::Value>)>,
+    ) -> Result<bool> {
+        if new.is_empty() && updates.is_empty() {
+            return Ok(true);
+        }
+        let txn = crate::db::begin_write(self.db).await?;
+        tasks::update_tasks(&txn, updates).await?;
+        let (created, _) = insert_rows(&txn, self, new).await?;
+        let delta = Counters {
+            created,
+            ..Counters::default()
+        };
+        if !runs::checkpoint(&txn, &self.run.id, &delta, None, None).await? {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+        txn.commit().await?;
+        Ok(true)
+    }
+}
+
+/// What [`ImportJob::import_objects`] leaves to its caller: the objects'
+/// failures, and the rows of the last small objects, not committed yet, so
+/// that they go in with the caller's next write (a fan-out batch's end; on
+/// their own for an import in the run's job).
+#[derive(Debug, Default)]
+pub struct Imported {
+    pub failed: i64,
+    pub errors: Vec<ObjectError>,
+    pub rows: Vec<NewTask>,
+}
+
+/// Inserts `rows` as tasks of `job`'s run in `txn` (nothing when there are
+/// none): (created, existed), see [`tasks::insert_tasks`].
+async fn insert_rows(
+    txn: &sea_orm::DatabaseTransaction,
+    job: &ImportJob<'_>,
+    rows: Vec<NewTask>,
+) -> Result<(i64, i64)> {
+    if rows.is_empty() {
+        return Ok((0, 0));
+    }
+    tasks::insert_tasks(txn, job.project.id, job.storage.id, &job.run.id, rows).await
 }
 
 /// Objects per fan-out batch: a Tasks-mode run hands its new objects to the
@@ -680,13 +738,15 @@ fn batch_objects(fetch_concurrency: usize) -> usize {
 const BATCH_ROUNDS: usize = 4;
 /// Unfinished batches one run may have at once.
 const MAX_BATCHES_IN_FLIGHT: u64 = 64;
-/// How often a run waiting on its batches looks again.
-const BATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
-/// ... and when it waits for the run's last batches, or at most
-/// [`NEARLY_DONE`] batches stand between it and room for more: a few more
-/// queries at the end of a wait, in place of up to 200 ms of idling.
-const BATCH_POLL_NEAR: std::time::Duration = std::time::Duration::from_millis(40);
-const NEARLY_DONE: u64 = 2;
+/// Waits for `ended` (a fan-out job's end announced), at most `poll`.
+async fn until_ended(ended: Option<tokio::sync::futures::Notified<'_>>, poll: std::time::Duration) {
+    match ended {
+        Some(ended) => {
+            let _ = tokio::time::timeout(poll, ended).await;
+        }
+        None => tokio::time::sleep(poll).await,
+    }
+}
 
 /// Files mode: one task per object, `{data_key: <the object's URI>}`.
 fn files_tasks(backend: &dyn Storage, data_key: &str, objects: Vec<ObjectMeta>) -> Vec<NewTask> {

@@ -47,8 +47,6 @@ const DISCOVERY_PAGES: usize = 3;
 const DISCOVERY_DEPTH: usize = 3;
 /// Prefixes discovery lists at once.
 const DISCOVERY_CONCURRENCY: usize = 8;
-/// How often the run's job looks at its partitions while others list them.
-const POLL: std::time::Duration = std::time::Duration::from_millis(200);
 /// The name the run's job records on partitions it lists itself.
 const RUN_JOB: &str = "sync-job";
 
@@ -164,7 +162,9 @@ impl ImportJob<'_> {
     async fn run_partitioned(&self, written: &[sync_partition::Model]) -> Result<Outcome> {
         self.push_partitions(written).await;
         let max = i64::from(self.settings.max_attempts);
+        let watch = self.fanout.map(|fanout| fanout.watch(&self.run.id));
         loop {
+            let ended = watch.as_ref().map(super::ended::Watch::next);
             self.check_stopping()?;
             if runs::get(self.db, &self.run.id).await?.status != RunStatus::Running.as_str() {
                 return Ok(Outcome::Stopped);
@@ -177,7 +177,7 @@ impl ImportJob<'_> {
                 break;
             }
             if !self.list_a_free_partition(stale, max).await? {
-                tokio::time::sleep(POLL).await;
+                super::until_ended(ended, self.settings.poll_interval).await;
             }
         }
         self.finish_listing().await

@@ -35,11 +35,7 @@ use super::{
 };
 use crate::{
     Error, Result,
-    db::{
-        links,
-        runs::{self, Counters},
-        tasks::{self, NewTask},
-    },
+    db::{links, tasks::NewTask},
     storage::{ObjectMeta, Storage, retry},
 };
 
@@ -74,7 +70,7 @@ pub(super) struct ObjectResult {
     pub errors: Vec<ObjectError>,
     /// The rows of an object smaller than one chunk, not committed yet: the
     /// caller commits them together with other small objects' rows
-    /// ([`Importer::commit`]), since a transaction per tiny file made 2,000
+    /// ([`ImportJob::commit_rows`], or with a batch's end), since a transaction per tiny file made 2,000
     /// one-task files wait on 2,000 commits.
     pub deferred: Vec<NewTask>,
     /// About how many bytes of JSON `deferred` holds.
@@ -360,36 +356,7 @@ impl Importer<'_, '_> {
             .into_iter()
             .map(|(row, task)| new_task(object, row, task))
             .collect();
-        self.commit(new, updates).await
-    }
-
-    /// Commits new rows (of one object or of several small ones) and task
-    /// updates in one transaction with the run's `created` counter; false
-    /// when the run stopped. Rows linked meanwhile are skipped by the link
-    /// key and not counted.
-    pub async fn commit(
-        &self,
-        new: Vec<NewTask>,
-        updates: Vec<(i64, serde_json::Value, Option<serde_json::Value>)>,
-    ) -> Result<bool> {
-        if new.is_empty() && updates.is_empty() {
-            return Ok(true);
-        }
-        let job = self.job;
-        let txn = crate::db::begin_write(job.db).await?;
-        tasks::update_tasks(&txn, updates).await?;
-        let (created, _) =
-            tasks::insert_tasks(&txn, job.project.id, job.storage.id, &job.run.id, new).await?;
-        let delta = Counters {
-            created,
-            ..Counters::default()
-        };
-        if !runs::checkpoint(&txn, &job.run.id, &delta, None, None).await? {
-            txn.rollback().await?;
-            return Ok(false);
-        }
-        txn.commit().await?;
-        Ok(true)
+        self.job.commit_rows(new, updates).await
     }
 }
 

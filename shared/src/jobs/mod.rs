@@ -302,6 +302,10 @@ impl crate::ingest::FanOut for Queue {
         let dedup = format!("{run_id}:partition:{partition}:{round}");
         Ok(matches!(self.push(job, &dedup).await?, Pushed::Queued))
     }
+
+    fn watch(&self, run_id: &str) -> crate::ingest::ended::Watch {
+        self.endings().watch(run_id)
+    }
 }
 
 /// The storage and project a run works on.
@@ -413,35 +417,37 @@ pub async fn execute_batch(
     let job = import_job(ctx, &run, &storage, &project, false);
     // Objects of a batch given up on: those with no task yet (rows an earlier
     // attempt imported are kept, so their objects did not fail).
-    let give_up =
-        async |reason: String| -> Result<(i64, Vec<crate::ingest::ObjectError>), RetryLater> {
-            let objects: Vec<crate::storage::ObjectMeta> =
-                batches::objects(&batch).unwrap_or_default();
-            let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
-            let linked = crate::db::links::known_objects(&ctx.db, run.storage_id, run_id, &keys)
-                .await
-                .map_err(RetryLater)?;
-            let errors: Vec<_> = keys
-                .into_iter()
-                .filter(|k| !linked.contains_key(k))
-                .map(|k| (k, None, reason.clone()))
-                .collect();
-            Ok((errors.len() as i64, errors))
-        };
+    let give_up = async |reason: String| -> Result<crate::ingest::Imported, RetryLater> {
+        let objects: Vec<crate::storage::ObjectMeta> = batches::objects(&batch).unwrap_or_default();
+        let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
+        let linked = crate::db::links::known_objects(&ctx.db, run.storage_id, run_id, &keys)
+            .await
+            .map_err(RetryLater)?;
+        let errors: Vec<_> = keys
+            .into_iter()
+            .filter(|k| !linked.contains_key(k))
+            .map(|k| (k, None, reason.clone()))
+            .collect();
+        Ok(crate::ingest::Imported {
+            failed: errors.len() as i64,
+            errors,
+            rows: Vec::new(),
+        })
+    };
     if !running {
         // Cancelled or ended: close the batch so nothing waits on it.
-        job.finish_batch(batch_id, worker, 0, Vec::new())
+        job.finish_batch(batch_id, worker, Default::default())
             .await
             .map_err(RetryLater)?;
         return Ok(());
     }
     if batch.attempts > i64::from(ctx.settings.worker.max_attempts) {
-        let (failed, errors) = give_up(format!(
+        let given_up = give_up(format!(
             "batch {batch_id} gave up after {} attempts",
             batch.attempts - 1
         ))
         .await?;
-        job.finish_batch(batch_id, worker, failed, errors)
+        job.finish_batch(batch_id, worker, given_up)
             .await
             .map_err(RetryLater)?;
         return Ok(());
@@ -450,8 +456,8 @@ pub async fn execute_batch(
         Ok(_) => Ok(()),
         Err(err) if err.is_transient() => Err(RetryLater(err)),
         Err(err) => {
-            let (failed, errors) = give_up(err.to_string()).await?;
-            job.finish_batch(batch_id, worker, failed, errors)
+            let given_up = give_up(err.to_string()).await?;
+            job.finish_batch(batch_id, worker, given_up)
                 .await
                 .map_err(RetryLater)?;
             Ok(())

@@ -29,7 +29,7 @@ use sea_orm::DatabaseConnection;
 use tracing::Instrument;
 
 use super::{JobContext, RunJob};
-use crate::{Error, Result, config::Settings, db};
+use crate::{Error, Result, config::Settings, db, ingest::ended::Endings};
 
 /// The job queue: Redis (the fleet) or the embedded SQLite queue (one
 /// process). Jobs pushed are delivered at least once; handlers are
@@ -43,8 +43,13 @@ pub enum Queue {
         client: Arc<apalis_redis::Client>,
         /// See `Settings::queue_backlog_limit`.
         backlog_limit: u64,
+        /// This process's watchers of runs (see [`crate::ingest::ended`]),
+        /// woken by the ends the workers announce on Redis.
+        endings: Endings,
     },
-    Embedded(SqliteStorage<RunJob>),
+    /// The queue, and this process's watchers of runs, woken by the ends
+    /// its own jobs announce.
+    Embedded(SqliteStorage<RunJob>, Endings),
 }
 
 impl Queue {
@@ -80,6 +85,7 @@ impl Queue {
                     conn,
                     client: Arc::new(client),
                     backlog_limit: settings.queue_backlog_limit,
+                    endings: Endings::default(),
                 })
             }
             None => {
@@ -104,6 +110,7 @@ impl Queue {
                     .missed_heartbeats(w.missed_heartbeats);
                 Ok(Queue::Embedded(
                     SqliteStorage::new(&pool).with_config(config),
+                    Endings::default(),
                 ))
             }
         }
@@ -146,9 +153,9 @@ impl Queue {
                     .await
                     .map_err(|e| failed(e.to_string()))?;
                 let channel = super::wake::channel(storage.get_config().queue.as_ref());
-                super::wake::publish(&mut conn.clone(), &channel).await;
+                super::wake::publish(&mut conn.clone(), &channel, "1").await;
             }
-            Queue::Embedded(storage) => {
+            Queue::Embedded(storage, _) => {
                 storage
                     .clone()
                     .push_task(task)
@@ -159,13 +166,33 @@ impl Queue {
         Ok(Pushed::Queued)
     }
 
+    /// Announces that a batch or partition job of run `run_id` ended, so
+    /// the run's job, in whichever process it runs, looks at once (see
+    /// [`crate::ingest::ended`]). Best effort, like the wake on a push.
+    pub async fn announce_end(&self, run_id: &str) {
+        match self {
+            Queue::Redis { storage, conn, .. } => {
+                let channel = super::wake::ended_channel(storage.get_config().queue.as_ref());
+                super::wake::publish(&mut conn.clone(), &channel, run_id).await;
+            }
+            Queue::Embedded(_, endings) => endings.announce(run_id),
+        }
+    }
+
+    /// This process's watchers of runs.
+    pub fn endings(&self) -> &Endings {
+        match self {
+            Queue::Redis { endings, .. } | Queue::Embedded(_, endings) => endings,
+        }
+    }
+
     /// How many jobs wait, run and died, read from the backend's own keys or
     /// tables (apalis-redis 1.0's metrics calls fail: see docs/DECISIONS.md
     /// (Queue depth read from Redis)).
     pub async fn depth(&self) -> Result<QueueDepth> {
         match self {
             Queue::Redis { storage, conn, .. } => redis_depth(storage, conn.clone()).await,
-            Queue::Embedded(storage) => embedded_depth(storage).await,
+            Queue::Embedded(storage, _) => embedded_depth(storage).await,
         }
     }
 
@@ -179,11 +206,35 @@ impl Queue {
                     .await
                     .is_ok()
             }
-            Queue::Embedded(storage) => sea_orm::sqlx::query("SELECT 1")
+            Queue::Embedded(storage, _) => sea_orm::sqlx::query("SELECT 1")
                 .execute(storage.pool())
                 .await
                 .is_ok(),
         }
+    }
+
+    /// Subscribes this worker to the Redis queue's wake and end messages
+    /// (see [`super::wake`]): the wake signal its poll strategy follows, and
+    /// the subscription's task, stopped when dropped. Nothing on the
+    /// embedded queue, where jobs announce their ends in the process.
+    fn subscribe(&self) -> (super::wake::Signal, Option<super::AbortOnDrop<()>>) {
+        let woken = super::wake::Signal::default();
+        let Queue::Redis {
+            storage,
+            client,
+            endings,
+            ..
+        } = self
+        else {
+            return (woken, None);
+        };
+        let listening = tokio::spawn(super::wake::listen(
+            (**client).clone(),
+            storage.get_config().queue.to_string(),
+            woken.clone(),
+            endings.clone(),
+        ));
+        (woken, Some(super::AbortOnDrop(listening)))
     }
 
     /// Runs one worker until `shutdown` resolves, then lets in-flight jobs
@@ -227,15 +278,8 @@ impl Queue {
         // The same builder chain over two backend types: a generic helper
         // would have to restate apalis' builder bounds, longer than the copy.
         let result = match self {
-            Queue::Redis {
-                storage, client, ..
-            } => {
-                let woken = super::wake::Signal::default();
-                let _listening = super::AbortOnDrop(tokio::spawn(super::wake::listen(
-                    (**client).clone(),
-                    super::wake::channel(storage.get_config().queue.as_ref()),
-                    woken.clone(),
-                )));
+            Queue::Redis { storage, .. } => {
+                let (woken, _listening) = self.subscribe();
                 let strategy = Strategy::new().stream(woken).interval(poll);
                 WorkerBuilder::new(name.as_str())
                     .backend(storage.clone().poll_with_strategy(strategy))
@@ -245,7 +289,7 @@ impl Queue {
                     .run_until(signal)
                     .await
             }
-            Queue::Embedded(storage) => {
+            Queue::Embedded(storage, _) => {
                 WorkerBuilder::new(name.as_str())
                     .backend(storage.clone().poll_with_interval(poll))
                     .data(ctx)
@@ -412,10 +456,14 @@ async fn handle(
             match (job.webhook, job.batch, job.partition) {
                 (Some(webhook), _, _) => super::execute_webhook(&ctx, webhook).await,
                 (None, Some(batch), _) => {
-                    super::execute_batch(&ctx, &job.run_id, batch, &name).await
+                    let ended = super::execute_batch(&ctx, &job.run_id, batch, &name).await;
+                    announce_end(&ctx, &job.run_id, &ended).await;
+                    ended
                 }
                 (None, None, Some(part)) => {
-                    super::execute_partition(&ctx, &job.run_id, part, &name).await
+                    let ended = super::execute_partition(&ctx, &job.run_id, part, &name).await;
+                    announce_end(&ctx, &job.run_id, &ended).await;
+                    ended
                 }
                 (None, None, None) => super::execute(&ctx, &job.run_id).await,
             }
@@ -439,3 +487,11 @@ async fn handle(
 }
 
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// A batch or partition job of `run_id` that ended (not one to retry)
+/// tells the run's job to look (see [`crate::ingest::ended`]).
+async fn announce_end(ctx: &JobContext, run_id: &str, ended: &Result<(), super::RetryLater>) {
+    if let (Ok(()), Some(queue)) = (ended, &ctx.queue) {
+        queue.announce_end(run_id).await;
+    }
+}

@@ -11,6 +11,10 @@
 //! The interval poll stays: a lost message (Redis restarting, a worker
 //! subscribing after the push) costs one interval, as before, and nothing
 //! else. A message carries no job; a worker that finds nothing waits again.
+//!
+//! The same subscription hears the ends of fan-out jobs (batches,
+//! partitions) on a second channel, each message a run id, and wakes this
+//! process's watchers of that run (see [`crate::ingest::ended`]).
 use std::{
     pin::Pin,
     sync::{
@@ -23,21 +27,30 @@ use std::{
 
 use futures::{Stream, StreamExt, task::AtomicWaker};
 
+use crate::ingest::ended::Endings;
+
 /// The wake channel of the apalis queue named `queue`.
 pub fn channel(queue: &str) -> String {
     format!("{queue}:wake")
 }
 
-/// Tells the queue's idle workers to look now. Best effort: a failure is
-/// logged, and the workers' interval poll finds the job anyway.
-pub async fn publish(conn: &mut redis::aio::ConnectionManager, channel: &str) {
+/// The channel of the queue named `queue` where fan-out jobs announce
+/// their ends (a run id per message).
+pub fn ended_channel(queue: &str) -> String {
+    format!("{queue}:ended")
+}
+
+/// Publishes `message` on `channel`: tells the queue's idle workers to look
+/// now, or a run's job that a job of its run ended. Best effort: a failure
+/// is logged, and the listeners' interval polls find the work anyway.
+pub async fn publish(conn: &mut redis::aio::ConnectionManager, channel: &str, message: &str) {
     let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
         .arg(channel)
-        .arg(1)
+        .arg(message)
         .query_async(conn)
         .await;
     if let Err(err) = sent {
-        tracing::debug!(error = %err, "queue wake not published; workers find the job at their next poll");
+        tracing::debug!(error = %err, channel, "not published; listeners find the work at their next poll");
     }
 }
 
@@ -81,28 +94,41 @@ impl Stream for Signal {
 /// How long a lost subscription waits before connecting again.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 
-/// Subscribes to `channel` and wakes `signal` on every message, until
-/// aborted; a dropped connection is made again after [`RESUBSCRIBE_AFTER`]
-/// (meanwhile the interval poll carries on).
-pub async fn listen(client: redis::Client, channel: String, signal: Signal) {
+/// Subscribes to the wake and end channels of the queue named `queue`:
+/// wakes `signal` on every wake message, and `endings`' watchers of the
+/// run an end message names; until aborted. A dropped connection is made
+/// again after [`RESUBSCRIBE_AFTER`] (meanwhile the polls carry on).
+pub async fn listen(client: redis::Client, queue: String, signal: Signal, endings: Endings) {
+    let channels = [channel(&queue), ended_channel(&queue)];
     loop {
-        match follow(&client, &channel, &signal).await {
-            Ok(()) => tracing::debug!(channel, "queue wake subscription ended"),
-            Err(err) => tracing::debug!(error = %err, channel, "queue wake subscription failed"),
+        match follow(&client, &channels, &signal, &endings).await {
+            Ok(()) => tracing::debug!(queue, "queue wake subscription ended"),
+            Err(err) => tracing::debug!(error = %err, queue, "queue wake subscription failed"),
         }
         tokio::time::sleep(RESUBSCRIBE_AFTER).await;
     }
 }
 
-/// One subscription, until its connection ends.
-async fn follow(client: &redis::Client, channel: &str, signal: &Signal) -> redis::RedisResult<()> {
+/// One subscription to `[wake, ended]`, until its connection ends.
+async fn follow(
+    client: &redis::Client,
+    [wake, ended]: &[String; 2],
+    signal: &Signal,
+    endings: &Endings,
+) -> redis::RedisResult<()> {
     let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
+    pubsub.subscribe(&[wake, ended]).await?;
     // Anything pushed while unsubscribed is found by this look.
     signal.wake();
     let mut messages = pubsub.on_message();
-    while messages.next().await.is_some() {
-        signal.wake();
+    while let Some(message) = messages.next().await {
+        if message.get_channel_name() == ended.as_str() {
+            if let Ok(run_id) = message.get_payload::<String>() {
+                endings.announce(&run_id);
+            }
+        } else {
+            signal.wake();
+        }
     }
     Ok(())
 }
