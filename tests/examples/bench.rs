@@ -49,7 +49,7 @@ use serde_json::{Value, json};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY] | bench latency-tasks N WORKERS RTT_MS | bench latency-files N PREFIXES WORKERS RTT_MS [PARTITIONS] | bench annotations CLIENTS SECONDS RATE RTT_MS | bench s3-server RTT_MS"
+        "usage: bench export local|s3|moto N DATABASE_URL | bench import-s3 N DATABASE_URL [s3s|moto] | bench queue N WORKERS [CONCURRENCY] | bench latency-tasks N WORKERS RTT_MS [WARM_UP] | bench latency-files N PREFIXES WORKERS RTT_MS [PARTITIONS] | bench annotations CLIENTS SECONDS RATE RTT_MS | bench s3-server RTT_MS"
     );
     std::process::exit(2)
 }
@@ -114,8 +114,9 @@ async fn main() {
             .await;
         }
         [m, rtt] if m == "s3-server" => return serve_synthetic_s3(number(rtt) as u64).await,
-        [m, n, w, rtt] if m == "latency-tasks" => {
-            return bench_latency::run(number(n), number(w), number(rtt) as u64).await;
+        [m, n, w, rtt, rest @ ..] if m == "latency-tasks" && rest.len() <= 1 => {
+            let warm_up = rest.first().map_or(0, &number);
+            return bench_latency::run(number(n), number(w), number(rtt) as u64, warm_up).await;
         }
         _ => {}
     }

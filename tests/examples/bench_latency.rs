@@ -8,7 +8,11 @@
 //! listing (pages x RTT) plus the GETs spread over every fetch slot of the
 //! fleet (objects x RTT / (workers x worker slots x
 //! `LABELSYNC_FETCH_CONCURRENCY`)), and the single-stream bound the issue
-//! names (objects x RTT / `LABELSYNC_FETCH_CONCURRENCY`).
+//! names (objects x RTT / `LABELSYNC_FETCH_CONCURRENCY`). With WARM_UP
+//! (default 0), the fleet first syncs that many files of another storage
+//! of the same server, untimed: the measured sync then finds the workers'
+//! connections, prepared statements and memory as a fleet that has been
+//! running has them (a fresh fleet's first sync pays for them).
 //!
 //! `bench latency-files N PREFIXES WORKERS RTT_MS [PARTITIONS]`: a
 //! Files-mode sync of N objects spread over PREFIXES top-level prefixes of
@@ -35,7 +39,7 @@ use serde_json::json;
 /// (the test helper's 100 ms would add up to a tenth to a 1 s sync).
 const POLL: Duration = Duration::from_millis(10);
 
-pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
+pub async fn run(objects: usize, workers: usize, rtt_ms: u64, warm_up: usize) {
     let rtt = Duration::from_millis(rtt_ms);
     let server = SyntheticS3::start(Latency {
         rtt,
@@ -55,6 +59,9 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
     })
     .await;
     let fleet = spawn_fleet(&app, workers, &[]).await;
+    if warm_up > 0 {
+        warm_up_fleet(&app, &server, warm_up).await;
+    }
     let storage = json!({ "prefix": "tasks/", "import_method": "tasks" });
     let worker_cpu = cpu_seconds(&fleet);
     let (before, secs, storage, busy) = timed_sync(&app, &server, storage, objects).await;
@@ -65,6 +72,39 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64) {
     println!("{timeline}");
     drop(fleet);
     app.stop().await;
+}
+
+/// Syncs `objects` one-task files of the server's `warm` bucket, so the
+/// fleet has run a sync before the measured one (see the module's
+/// documentation).
+async fn warm_up_fleet(app: &labelsync_tests::TestApp, server: &SyntheticS3, objects: usize) {
+    server.fill(
+        "warm",
+        (0..objects).map(|i| {
+            let body = json!({ "data": { "text": format!("warm {i}") } }).to_string();
+            (format!("warm/w-{i:07}.json"), Bytes::from(body))
+        }),
+    );
+    let project = app.project("warm-up").await;
+    let (status, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "source", "backend": "s3",
+                "config": { "bucket": "warm", "endpoint_url": server.endpoint },
+                "secrets": { "access_key_id": "k", "secret_access_key": "s" },
+                "prefix": "warm/", "import_method": "tasks",
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{storage}");
+    let run = sync(app, &storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    // The report counts the measured sync's requests only.
+    let c = &server.counts;
+    for count in [&c.list, &c.get, &c.sdk_get, &c.head, &c.put, &c.delete, &c.other] {
+        count.store(0, Ordering::Relaxed);
+    }
 }
 
 /// WORKERS worker processes with the production page size (the test
