@@ -70,8 +70,9 @@ pub(super) struct ObjectResult {
     pub errors: Vec<ObjectError>,
     /// The rows of an object smaller than one chunk, not committed yet: the
     /// caller commits them together with other small objects' rows
-    /// ([`ImportJob::commit_rows`], or with a batch's end), since a transaction per tiny file made 2,000
-    /// one-task files wait on 2,000 commits.
+    /// ([`ImportJob::commit_rows`], or with a batch's end), since a
+    /// transaction per tiny file made 2,000 one-task files wait on 2,000
+    /// commits.
     pub deferred: Vec<NewTask>,
     /// About how many bytes of JSON `deferred` holds.
     pub deferred_bytes: usize,
