@@ -102,7 +102,9 @@ async fn warm_up_fleet(app: &labelsync_tests::TestApp, server: &SyntheticS3, obj
     assert_eq!(run["status"], "completed", "{run}");
     // The report counts the measured sync's requests only.
     let c = &server.counts;
-    for count in [&c.list, &c.get, &c.sdk_get, &c.head, &c.put, &c.delete, &c.other] {
+    for count in [
+        &c.list, &c.get, &c.sdk_get, &c.head, &c.put, &c.delete, &c.other,
+    ] {
         count.store(0, Ordering::Relaxed);
     }
 }

@@ -4,7 +4,9 @@
 //! process for the embedded queue), and the run's job, watching here, looks
 //! at once: the end of a run no longer waits out a poll after its last
 //! batch. An announcement that is lost costs one poll, as before; one that
-//! no one watches costs nothing.
+//! no one watches costs nothing. Batch ends and partition ends are told
+//! apart, so that a run's job waiting for partitions is not woken by every
+//! batch of its partitions.
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -12,7 +14,24 @@ use std::{
 
 use tokio::sync::{Notify, futures::Notified};
 
-/// This process's watchers of runs, by run id; clones share them.
+/// Which of a run's fan-out jobs ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Batch,
+    Partition,
+}
+
+/// The message announcing that a `what` job of run `run_id` ended (its
+/// watchers wait under it).
+pub fn message(what: Ended, run_id: &str) -> String {
+    let kind = match what {
+        Ended::Batch => "batch",
+        Ended::Partition => "partition",
+    };
+    format!("{kind}:{run_id}")
+}
+
+/// This process's watchers of runs, by [`message`]; clones share them.
 #[derive(Debug, Clone, Default)]
 pub struct Endings(Arc<Mutex<HashMap<String, Watched>>>);
 
@@ -23,27 +42,28 @@ struct Watched {
 }
 
 impl Endings {
-    /// Watches the ends of run `run_id`'s fan-out jobs until the watch is
+    /// Watches the ends of run `run_id`'s `what` jobs until the watch is
     /// dropped.
-    pub fn watch(&self, run_id: &str) -> Watch {
+    pub fn watch(&self, what: Ended, run_id: &str) -> Watch {
+        let key = message(what, run_id);
         let mut runs = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let watched = runs.entry(run_id.to_owned()).or_insert_with(|| Watched {
+        let watched = runs.entry(key.clone()).or_insert_with(|| Watched {
             watchers: 0,
             notify: Arc::default(),
         });
         watched.watchers += 1;
         Watch {
             endings: self.clone(),
-            run_id: run_id.to_owned(),
+            key,
             notify: watched.notify.clone(),
         }
     }
 
-    /// One of run `run_id`'s fan-out jobs ended: wakes this process's
-    /// watchers of the run (nothing when there are none).
-    pub fn announce(&self, run_id: &str) {
+    /// A job ended, as `message` says (see [`message`]): wakes this
+    /// process's watchers of its run and kind (nothing when there are none).
+    pub fn announce(&self, message: &str) {
         let runs = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(watched) = runs.get(run_id) {
+        if let Some(watched) = runs.get(message) {
             watched.notify.notify_waiters();
         }
     }
@@ -53,7 +73,7 @@ impl Endings {
 #[derive(Debug)]
 pub struct Watch {
     endings: Endings,
-    run_id: String,
+    key: String,
     notify: Arc<Notify>,
 }
 
@@ -69,10 +89,10 @@ impl Watch {
 impl Drop for Watch {
     fn drop(&mut self) {
         let mut runs = self.endings.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(watched) = runs.get_mut(&self.run_id) {
+        if let Some(watched) = runs.get_mut(&self.key) {
             watched.watchers -= 1;
             if watched.watchers == 0 {
-                runs.remove(&self.run_id);
+                runs.remove(&self.key);
             }
         }
     }
@@ -85,25 +105,27 @@ mod tests {
     use super::*;
 
     /// An end announced after `next` was taken wakes it even though the
-    /// watcher was busy looking at the database then; another run's end
-    /// does not; a dropped watch leaves nothing behind.
+    /// watcher was busy looking at the database then; another run's end,
+    /// or the run's partition's end for a watch on batches, does not; a
+    /// dropped watch leaves nothing behind.
     #[tokio::test]
     async fn an_end_announced_after_next_was_taken_wakes_it() {
         let endings = Endings::default();
-        let watch = endings.watch("run-a");
+        let watch = endings.watch(Ended::Batch, "run-a");
         let next = watch.next();
-        endings.announce("run-b");
-        endings.announce("run-a");
+        endings.announce(&message(Ended::Batch, "run-b"));
+        endings.announce(&message(Ended::Batch, "run-a"));
         tokio::time::timeout(Duration::from_secs(1), next)
             .await
             .expect("the announced end was missed");
 
         let next = watch.next();
-        endings.announce("run-b");
+        endings.announce(&message(Ended::Batch, "run-b"));
+        endings.announce(&message(Ended::Partition, "run-a"));
         let woken = tokio::time::timeout(Duration::from_millis(50), next).await;
-        assert!(woken.is_err(), "another run's end woke the watch");
+        assert!(woken.is_err(), "another run's or kind's end woke the watch");
 
-        let second = endings.watch("run-a");
+        let second = endings.watch(Ended::Batch, "run-a");
         drop(watch);
         assert_eq!(endings.0.lock().unwrap().len(), 1, "still watched");
         drop(second);

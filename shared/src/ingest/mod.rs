@@ -93,9 +93,13 @@ pub trait FanOut: Send + Sync {
     /// is full; the run's job lists the partition itself.
     async fn push_partition(&self, run_id: &str, partition: i64, round: i64) -> Result<bool>;
 
-    /// Watches the ends of run `run_id`'s batch and partition jobs, which
-    /// their workers announce (see [`ended`]).
-    fn watch(&self, run_id: &str) -> ended::Watch;
+    /// Watches the ends of run `run_id`'s `what` jobs, which their workers
+    /// announce (see [`ended`]).
+    fn watch(&self, what: ended::Ended, run_id: &str) -> ended::Watch;
+
+    /// Announces that a `what` job of run `run_id` ended, to its watchers in
+    /// every process (best effort).
+    async fn announce(&self, what: ended::Ended, run_id: &str);
 }
 
 /// A per-object failure: key, row (None for the whole object), message.
@@ -602,7 +606,7 @@ impl ImportJob<'_> {
     /// is also what keeps a run going when every slot of the fleet is held by
     /// such waiting jobs.
     async fn wait_for_batches(&self, max: u64) -> Result<bool> {
-        let watch = self.fanout.map(|fanout| fanout.watch(&self.run.id));
+        let watch = (self.fanout).map(|fanout| fanout.watch(ended::Ended::Batch, &self.run.id));
         loop {
             let ended = watch.as_ref().map(ended::Watch::next);
             self.check_stopping()?;
@@ -623,6 +627,11 @@ impl ImportJob<'_> {
                 }
                 if outcome? == Outcome::Stopped {
                     return Ok(false);
+                }
+                // For the run's other waiters (its job, or the jobs of its
+                // other partitions).
+                if let Some(fanout) = self.fanout {
+                    fanout.announce(ended::Ended::Batch, &self.run.id).await;
                 }
                 continue;
             }
@@ -648,7 +657,8 @@ impl ImportJob<'_> {
     /// Marks a batch done with its last rows and its failures, all in one
     /// transaction (one update of the run's row per batch, where a separate
     /// commit of the rows made two). When another attempt marked it done
-    /// first, nothing is written (that attempt committed the same rows).
+    /// first, nothing is written: that attempt committed the same rows, or
+    /// gave the batch up and counted the objects with no task as failed.
     /// When the run is no longer running (cancelled), the batch is closed
     /// without counting or adding anything, so nothing waits on it.
     pub async fn finish_batch(&self, id: i64, worker: &str, imported: Imported) -> Result<Outcome> {

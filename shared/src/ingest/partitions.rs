@@ -162,7 +162,7 @@ impl ImportJob<'_> {
     async fn run_partitioned(&self, written: &[sync_partition::Model]) -> Result<Outcome> {
         self.push_partitions(written).await;
         let max = i64::from(self.settings.max_attempts);
-        let watch = self.fanout.map(|fanout| fanout.watch(&self.run.id));
+        let watch = (self.fanout).map(|f| f.watch(super::ended::Ended::Partition, &self.run.id));
         loop {
             let ended = watch.as_ref().map(super::ended::Watch::next);
             self.check_stopping()?;

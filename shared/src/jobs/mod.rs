@@ -36,7 +36,7 @@ use crate::{
         runs::{self, Attempt, Counters, RunStatus},
     },
     export::ExportJob,
-    ingest::ImportJob,
+    ingest::{ImportJob, ended},
     storage::StorageEnv,
     telemetry::TraceContext,
 };
@@ -303,8 +303,12 @@ impl crate::ingest::FanOut for Queue {
         Ok(matches!(self.push(job, &dedup).await?, Pushed::Queued))
     }
 
-    fn watch(&self, run_id: &str) -> crate::ingest::ended::Watch {
-        self.endings().watch(run_id)
+    fn watch(&self, what: ended::Ended, run_id: &str) -> ended::Watch {
+        self.endings().watch(what, run_id)
+    }
+
+    async fn announce(&self, what: ended::Ended, run_id: &str) {
+        self.announce_end(what, run_id).await;
     }
 }
 

@@ -29,7 +29,12 @@ use sea_orm::DatabaseConnection;
 use tracing::Instrument;
 
 use super::{JobContext, RunJob};
-use crate::{Error, Result, config::Settings, db, ingest::ended::Endings};
+use crate::{
+    Error, Result,
+    config::Settings,
+    db,
+    ingest::ended::{Ended, Endings},
+};
 
 /// The job queue: Redis (the fleet) or the embedded SQLite queue (one
 /// process). Jobs pushed are delivered at least once; handlers are
@@ -166,16 +171,17 @@ impl Queue {
         Ok(Pushed::Queued)
     }
 
-    /// Announces that a batch or partition job of run `run_id` ended, so
-    /// the run's job, in whichever process it runs, looks at once (see
+    /// Announces that a `what` job of run `run_id` ended, so its watchers,
+    /// in whichever process they run, look at once (see
     /// [`crate::ingest::ended`]). Best effort, like the wake on a push.
-    pub async fn announce_end(&self, run_id: &str) {
+    pub async fn announce_end(&self, what: Ended, run_id: &str) {
+        let message = crate::ingest::ended::message(what, run_id);
         match self {
             Queue::Redis { storage, conn, .. } => {
                 let channel = super::wake::ended_channel(storage.get_config().queue.as_ref());
-                super::wake::publish(&mut conn.clone(), &channel, run_id).await;
+                super::wake::publish(&mut conn.clone(), &channel, &message).await;
             }
-            Queue::Embedded(_, endings) => endings.announce(run_id),
+            Queue::Embedded(_, endings) => endings.announce(&message),
         }
     }
 
@@ -457,12 +463,12 @@ async fn handle(
                 (Some(webhook), _, _) => super::execute_webhook(&ctx, webhook).await,
                 (None, Some(batch), _) => {
                     let ended = super::execute_batch(&ctx, &job.run_id, batch, &name).await;
-                    announce_end(&ctx, &job.run_id, &ended).await;
+                    announce_end(&ctx, Ended::Batch, &job.run_id, &ended).await;
                     ended
                 }
                 (None, None, Some(part)) => {
                     let ended = super::execute_partition(&ctx, &job.run_id, part, &name).await;
-                    announce_end(&ctx, &job.run_id, &ended).await;
+                    announce_end(&ctx, Ended::Partition, &job.run_id, &ended).await;
                     ended
                 }
                 (None, None, None) => super::execute(&ctx, &job.run_id).await,
@@ -489,9 +495,14 @@ async fn handle(
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// A batch or partition job of `run_id` that ended (not one to retry)
-/// tells the run's job to look (see [`crate::ingest::ended`]).
-async fn announce_end(ctx: &JobContext, run_id: &str, ended: &Result<(), super::RetryLater>) {
+/// tells its run's waiters to look (see [`crate::ingest::ended`]).
+async fn announce_end(
+    ctx: &JobContext,
+    what: Ended,
+    run_id: &str,
+    ended: &Result<(), super::RetryLater>,
+) {
     if let (Ok(()), Some(queue)) = (ended, &ctx.queue) {
-        queue.announce_end(run_id).await;
+        queue.announce_end(what, run_id).await;
     }
 }

@@ -13,8 +13,8 @@
 //! else. A message carries no job; a worker that finds nothing waits again.
 //!
 //! The same subscription hears the ends of fan-out jobs (batches,
-//! partitions) on a second channel, each message a run id, and wakes this
-//! process's watchers of that run (see [`crate::ingest::ended`]).
+//! partitions) on a second channel, each message a kind and a run id, and
+//! wakes this process's watchers of them (see [`crate::ingest::ended`]).
 use std::{
     pin::Pin,
     sync::{
@@ -123,8 +123,8 @@ async fn follow(
     let mut messages = pubsub.on_message();
     while let Some(message) = messages.next().await {
         if message.get_channel_name() == ended.as_str() {
-            if let Ok(run_id) = message.get_payload::<String>() {
-                endings.announce(&run_id);
+            if let Ok(ended) = message.get_payload::<String>() {
+                endings.announce(&ended);
             }
         } else {
             signal.wake();

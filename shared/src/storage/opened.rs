@@ -72,8 +72,8 @@ pub async fn open_shared(model: &storage::Model, env: &StorageEnv) -> Result<Arc
 
 impl Opened {
     /// The backend kept for storage `id` opened from `inputs`, else the one
-    /// `open` makes (then kept). Callers for one storage wait for each
-    /// other's open and take its backend.
+    /// `open` makes (then kept). Callers for one storage wait for the open
+    /// under way and take its backend (each opens its own if that failed).
     async fn get_or_open(
         &self,
         id: i64,
@@ -84,10 +84,18 @@ impl Opened {
             return Ok(backend);
         }
         let gate = self.gate(id);
-        let _opening = gate.lock().await;
-        if let Some(backend) = self.get(id, &inputs) {
-            return Ok(backend);
-        }
+        let _opening = match gate.try_lock() {
+            Ok(opening) => Some(opening),
+            Err(_) => {
+                // Another caller is opening it: take its backend. Should its
+                // open have failed, open here, not one waiter after another.
+                drop(gate.lock().await);
+                if let Some(backend) = self.get(id, &inputs) {
+                    return Ok(backend);
+                }
+                None
+            }
+        };
         let backend = open.await?;
         self.put(id, inputs, backend.clone());
         Ok(backend)
@@ -173,5 +181,38 @@ mod tests {
             .expect("opened");
         assert_eq!(opens.load(Ordering::SeqCst), 2);
         assert!(!Arc::ptr_eq(&changed, &backends[0]));
+    }
+
+    /// An open that fails is not shared: the callers that waited for it
+    /// open their own (at once, not one after another behind a lock).
+    #[tokio::test]
+    async fn callers_open_their_own_after_a_failed_open() {
+        let opened = Opened::default();
+        let opens = AtomicUsize::new(0);
+        let open = || async {
+            let n = opens.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if n == 0 {
+                return Err(crate::Error::Transient("endpoint unreachable".into()));
+            }
+            let root = std::env::temp_dir();
+            let env = StorageEnv {
+                document_root: Some(root.clone()),
+                ..StorageEnv::default()
+            };
+            let config = crate::storage::local::LocalConfig {
+                path: root.display().to_string(),
+            };
+            let backend: Arc<dyn Storage> =
+                Arc::new(crate::storage::local::LocalStorage::new(config, &env)?);
+            Ok(backend)
+        };
+        let results = futures::future::join_all(
+            (0..3).map(|_| opened.get_or_open(9, "inputs".into(), open())),
+        )
+        .await;
+        assert!(results[0].is_err(), "the first open failed");
+        assert!(results[1..].iter().all(Result::is_ok));
+        assert_eq!(opens.load(Ordering::SeqCst), 3);
     }
 }
