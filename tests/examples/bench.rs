@@ -86,39 +86,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let number = |s: &String| s.parse::<usize>().unwrap_or_else(|_| usage());
-    match args.as_slice() {
-        [m, n, w] if m == "queue" => return bench_queue::run(number(n), number(w), 4).await,
-        [m, n, w, c] if m == "queue" => {
-            return bench_queue::run(number(n), number(w), number(c)).await;
-        }
-        [m, ns, c] if m == "queue-worker" => return bench_queue::worker(ns, number(c)).await,
-        [m, c, s, r, rtt] if m == "annotations" => {
-            return bench_annotations::run(
-                number(c),
-                number(s) as u64,
-                number(r) as u64,
-                number(rtt) as u64,
-            )
-            .await;
-        }
-        [m, n, p, w, rtt, rest @ ..] if m == "latency-files" && rest.len() <= 1 => {
-            let partitions = rest.first().map_or(64, &number);
-            return bench_latency::run_files(
-                number(n),
-                number(p),
-                number(w),
-                number(rtt) as u64,
-                partitions,
-            )
-            .await;
-        }
-        [m, rtt] if m == "s3-server" => return serve_synthetic_s3(number(rtt) as u64).await,
-        [m, n, w, rtt, rest @ ..] if m == "latency-tasks" && rest.len() <= 1 => {
-            let warm_up = rest.first().map_or(0, &number);
-            return bench_latency::run(number(n), number(w), number(rtt) as u64, warm_up).await;
-        }
-        _ => {}
+    if run_fleet_bench(&args).await {
+        return;
     }
     let root = tempfile::tempdir().unwrap();
     let (mode, target, n, url) = match args.as_slice() {
@@ -175,6 +144,39 @@ async fn main() {
         )
         .await;
     }
+}
+
+/// The benches that run a fleet or a server of their own (queue,
+/// annotations, latency, the synthetic S3 server); false when `args` name
+/// none of them.
+async fn run_fleet_bench(args: &[String]) -> bool {
+    let number = |s: &String| s.parse::<usize>().unwrap_or_else(|_| usage());
+    match args {
+        [m, n, w] if m == "queue" => bench_queue::run(number(n), number(w), 4).await,
+        [m, n, w, c] if m == "queue" => bench_queue::run(number(n), number(w), number(c)).await,
+        [m, ns, c] if m == "queue-worker" => bench_queue::worker(ns, number(c)).await,
+        [m, c, s, r, rtt] if m == "annotations" => {
+            bench_annotations::run(
+                number(c),
+                number(s) as u64,
+                number(r) as u64,
+                number(rtt) as u64,
+            )
+            .await;
+        }
+        [m, n, p, w, rtt, rest @ ..] if m == "latency-files" && rest.len() <= 1 => {
+            let partitions = rest.first().map_or(64, &number);
+            let (n, p, w, rtt) = (number(n), number(p), number(w), number(rtt) as u64);
+            bench_latency::run_files(n, p, w, rtt, partitions).await;
+        }
+        [m, rtt] if m == "s3-server" => serve_synthetic_s3(number(rtt) as u64).await,
+        [m, n, w, rtt, rest @ ..] if m == "latency-tasks" && rest.len() <= 1 => {
+            let warm_up = rest.first().map_or(0, &number);
+            bench_latency::run(number(n), number(w), number(rtt) as u64, warm_up).await;
+        }
+        _ => return false,
+    }
+    true
 }
 
 async fn exec(db: &DatabaseConnection, sql: String) {
