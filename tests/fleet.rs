@@ -336,6 +336,29 @@ async fn fan_out_storage(app: &TestApp, files: usize) -> Value {
         .await
 }
 
+/// A Tasks-mode S3 storage (s3s) of `files` small JSON task files under
+/// `prefix/`, read through a proxy that adds `rtt_ms` to every request
+/// (keep the proxy while the storage is used).
+async fn tasks_behind_latency(
+    app: &TestApp,
+    prefix: &str,
+    files: usize,
+    rtt_ms: u64,
+) -> (Value, FaultProxy) {
+    let keys: Vec<String> = (0..files)
+        .map(|i| format!("{prefix}/{i:04}.json"))
+        .collect();
+    let bucket = partitions::bucket_with(&keys).await;
+    let rtt = Latency {
+        rtt: Duration::from_millis(rtt_ms),
+        bytes_per_second: None,
+    };
+    let proxy = FaultProxy::start(&partitions::s3s(), Mode::Latency(rtt)).await;
+    let extra = json!({ "prefix": format!("{prefix}/"), "import_method": "tasks" });
+    let storage = partitions::s3_storage(app, &bucket, &proxy.url, extra).await;
+    (storage, proxy)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_sync_fans_out_batches_across_workers() {
     let app = spawn_app(AppOptions {
@@ -350,15 +373,7 @@ async fn tasks_sync_fans_out_batches_across_workers() {
     // round trip, so the sync job alone would take seconds over its
     // batches: "right" is up long before (on local files it once was not).
     let left = spawn_ready_worker(&app, "left", &[("LABELSYNC_WORKER_CONCURRENCY", "1")]).await;
-    let keys: Vec<String> = (0..600).map(|i| format!("fan/{i:04}.json")).collect();
-    let bucket = partitions::bucket_with(&keys).await;
-    let rtt = Latency {
-        rtt: Duration::from_millis(50),
-        bytes_per_second: None,
-    };
-    let proxy = FaultProxy::start(&partitions::s3s(), Mode::Latency(rtt)).await;
-    let extra = json!({ "prefix": "fan/", "import_method": "tasks" });
-    let storage = partitions::s3_storage(&app, &bucket, &proxy.url, extra).await;
+    let (storage, _proxy) = tasks_behind_latency(&app, "fan", 600, 50).await;
     let run_id = app.start_sync(&storage["id"]).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while app.get(&format!("/api/v1/runs/{run_id}")).await.1["status"] == "queued" {
@@ -1500,15 +1515,7 @@ async fn a_run_ends_when_its_last_batch_does_without_waiting_for_a_poll() {
     // Objects behind a 100 ms round trip: a batch of 64 takes 400 ms or
     // more, so the run's job, done listing, waits for batches still running
     // in the worker's other slots.
-    let keys: Vec<String> = (0..600).map(|i| format!("end/{i:04}.json")).collect();
-    let bucket = partitions::bucket_with(&keys).await;
-    let rtt = Latency {
-        rtt: Duration::from_millis(100),
-        bytes_per_second: None,
-    };
-    let proxy = FaultProxy::start(&partitions::s3s(), Mode::Latency(rtt)).await;
-    let extra = json!({ "prefix": "end/", "import_method": "tasks" });
-    let storage = partitions::s3_storage(&app, &bucket, &proxy.url, extra).await;
+    let (storage, _proxy) = tasks_behind_latency(&app, "end", 600, 100).await;
     let run_id = app.start_sync(&storage["id"]).await;
     let run = app.wait_run(&run_id, Duration::from_secs(40)).await;
     assert_eq!(run["status"], "completed", "{run}");

@@ -98,11 +98,19 @@ pub(super) async fn s3_storage(
 
 /// A scheduler whose storages may reach the emulators, with `env`.
 async fn app_with(workers: bool, env: &[(&'static str, &str)]) -> TestApp {
+    spawn_app(AppOptions {
+        workers,
+        ..options_with(env)
+    })
+    .await
+}
+
+/// A server's options: storages allowed, and `env`.
+fn options_with(env: &[(&'static str, &str)]) -> AppOptions {
     let mut opts = AppOptions::with_storages();
-    opts.workers = workers;
     opts.env
         .extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
-    spawn_app(opts).await
+    opts
 }
 
 /// The run's partitions: (prefix, recursive, done, attempts), in order.
@@ -182,10 +190,11 @@ async fn listed_by_partitions_exactly(embedded: bool) {
     keys.extend((0..25).map(|i| format!("b/x/{i:03}.jpg")));
     keys.extend((0..25).map(|i| format!("b/y/deep/{i:03}.jpg")));
     let bucket = bucket_with(&keys).await;
-    let mut opts = AppOptions::with_storages();
-    opts.embedded = embedded;
-    opts.env.push(("LABELSYNC_PAGE_SIZE", "7".into()));
-    let app = spawn_app(opts).await;
+    let app = spawn_app(AppOptions {
+        embedded,
+        ..options_with(&[("LABELSYNC_PAGE_SIZE", "7")])
+    })
+    .await;
     let storage = s3_storage(&app, &bucket, &s3s(), json!({ "on_missing": "flag" })).await;
     let run = app.sync(&storage["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
@@ -258,10 +267,11 @@ async fn flat_first_page_then_partitions(embedded: bool) {
     keys.extend((0..20).map(|i| format!("mix/p0/{i:03}.json")));
     keys.extend((0..20).map(|i| format!("mix/p1/x/{i:03}.json")));
     let bucket = bucket_with(&keys).await;
-    let mut opts = AppOptions::with_storages();
-    opts.embedded = embedded;
-    opts.env.push(("LABELSYNC_PAGE_SIZE", "400".into()));
-    let app = spawn_app(opts).await;
+    let app = spawn_app(AppOptions {
+        embedded,
+        ..options_with(&[("LABELSYNC_PAGE_SIZE", "400")])
+    })
+    .await;
     let db = Database::connect(&app.database_url).await.expect("connect");
     let extra = json!({ "prefix": "mix/", "import_method": "tasks" });
     let storage = s3_storage(&app, &bucket, &s3s(), extra).await;

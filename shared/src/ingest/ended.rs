@@ -10,6 +10,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tokio::sync::{Notify, futures::Notified};
@@ -86,6 +87,17 @@ impl Watch {
     }
 }
 
+/// Waits for `next` (see [`Watch::next`]; none when nothing is watched),
+/// at most `poll`: the look after it is the fallback for a lost message.
+pub async fn until(next: Option<Notified<'_>>, poll: Duration) {
+    match next {
+        Some(next) => {
+            let _ = tokio::time::timeout(poll, next).await;
+        }
+        None => tokio::time::sleep(poll).await,
+    }
+}
+
 impl Drop for Watch {
     fn drop(&mut self) {
         let mut runs = self.endings.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,8 +112,6 @@ impl Drop for Watch {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     /// An end announced after `next` was taken wakes it even though the

@@ -637,7 +637,7 @@ impl ImportJob<'_> {
             }
             // A batch's end is announced: look again then (or after a
             // poll, should the announcement be lost).
-            until_ended(ended, self.settings.poll_interval).await;
+            ended::until(ended, self.settings.poll_interval).await;
         }
     }
 
@@ -748,15 +748,6 @@ fn batch_objects(fetch_concurrency: usize) -> usize {
 const BATCH_ROUNDS: usize = 4;
 /// Unfinished batches one run may have at once.
 const MAX_BATCHES_IN_FLIGHT: u64 = 64;
-/// Waits for `ended` (a fan-out job's end announced), at most `poll`.
-async fn until_ended(ended: Option<tokio::sync::futures::Notified<'_>>, poll: std::time::Duration) {
-    match ended {
-        Some(ended) => {
-            let _ = tokio::time::timeout(poll, ended).await;
-        }
-        None => tokio::time::sleep(poll).await,
-    }
-}
 
 /// Files mode: one task per object, `{data_key: <the object's URI>}`.
 fn files_tasks(backend: &dyn Storage, data_key: &str, objects: Vec<ObjectMeta>) -> Vec<NewTask> {

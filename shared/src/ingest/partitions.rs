@@ -177,7 +177,7 @@ impl ImportJob<'_> {
                 break;
             }
             if !self.list_a_free_partition(stale, max).await? {
-                super::until_ended(ended, self.settings.poll_interval).await;
+                super::ended::until(ended, self.settings.poll_interval).await;
             }
         }
         self.finish_listing().await

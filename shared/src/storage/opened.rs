@@ -144,6 +144,21 @@ mod tests {
 
     use super::*;
 
+    /// A backend to hand out: a local storage of the temporary directory.
+    fn local_backend() -> Result<Arc<dyn Storage>> {
+        let root = std::env::temp_dir();
+        let env = StorageEnv {
+            document_root: Some(root.clone()),
+            ..StorageEnv::default()
+        };
+        let config = crate::storage::local::LocalConfig {
+            path: root.display().to_string(),
+        };
+        Ok(Arc::new(crate::storage::local::LocalStorage::new(
+            config, &env,
+        )?))
+    }
+
     /// The batches a worker starts together ask for their storage at the
     /// same moment: one open, one backend for all of them.
     #[tokio::test]
@@ -154,17 +169,7 @@ mod tests {
             opens.fetch_add(1, Ordering::SeqCst);
             // An open takes a while (credentials, a first request).
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let root = std::env::temp_dir();
-            let env = StorageEnv {
-                document_root: Some(root.clone()),
-                ..StorageEnv::default()
-            };
-            let config = crate::storage::local::LocalConfig {
-                path: root.display().to_string(),
-            };
-            let backend: Arc<dyn Storage> =
-                Arc::new(crate::storage::local::LocalStorage::new(config, &env)?);
-            Ok(backend)
+            local_backend()
         };
         let backends = futures::future::try_join_all(
             (0..4).map(|_| opened.get_or_open(7, "inputs".into(), open())),
@@ -195,17 +200,7 @@ mod tests {
             if n == 0 {
                 return Err(crate::Error::Transient("endpoint unreachable".into()));
             }
-            let root = std::env::temp_dir();
-            let env = StorageEnv {
-                document_root: Some(root.clone()),
-                ..StorageEnv::default()
-            };
-            let config = crate::storage::local::LocalConfig {
-                path: root.display().to_string(),
-            };
-            let backend: Arc<dyn Storage> =
-                Arc::new(crate::storage::local::LocalStorage::new(config, &env)?);
-            Ok(backend)
+            local_backend()
         };
         let results = futures::future::join_all(
             (0..3).map(|_| opened.get_or_open(9, "inputs".into(), open())),
