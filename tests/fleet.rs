@@ -1495,6 +1495,47 @@ async fn the_in_process_worker_registers_in_embedded_mode() {
 /// A batch job that ends says so on Redis, and the run's job, waiting for
 /// batches other slots run, looks at once: with a minute between polls
 /// (and heartbeats), only those messages can end the run within the test.
+/// A worker's jobs share one pool of object reads, `LABELSYNC_WORKER_CONCURRENCY`
+/// x `LABELSYNC_FETCH_CONCURRENCY` (`ingest::reads`): a batch with the
+/// worker to itself reads more than `FETCH_CONCURRENCY` objects at once
+/// (it ran in rounds of that many while the other slots idled), and the
+/// worker never reads more than the pool at once, however many batches
+/// run together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_alone_reads_with_the_whole_pool_of_its_worker() {
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::with_storages()
+    })
+    .await;
+    let worker = spawn_ready_worker(
+        &app,
+        "pooled",
+        &[
+            ("LABELSYNC_WORKER_CONCURRENCY", "4"),
+            ("LABELSYNC_FETCH_CONCURRENCY", "4"),
+        ],
+    )
+    .await;
+    // Batches of 4 rounds of 4 reads: 16 files are one batch, 96 are six,
+    // more than the worker has slots.
+    for (files, at_least) in [(16, 5), (96, 1)] {
+        let prefix = format!("pool{files}");
+        let (storage, proxy) = tasks_behind_latency(&app, &prefix, files, 100).await;
+        let run_id = app.start_sync(&storage["id"]).await;
+        let run = app.wait_run(&run_id, Duration::from_secs(40)).await;
+        assert_eq!(run["status"], "completed", "{run}");
+        assert_eq!(run["counters"]["created"], files as i64, "{run}");
+        let most = proxy.most_reads_in_flight();
+        assert!(
+            (at_least..=16).contains(&most),
+            "{files} files: {most} reads in flight at once, expected {at_least} to 16"
+        );
+    }
+    drop(worker);
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_ends_when_its_last_batch_does_without_waiting_for_a_poll() {
     let app = spawn_app(AppOptions {
@@ -1512,9 +1553,9 @@ async fn a_run_ends_when_its_last_batch_does_without_waiting_for_a_poll() {
         ],
     )
     .await;
-    // Objects behind a 100 ms round trip: a batch of 64 takes 400 ms or
-    // more, so the run's job, done listing, waits for batches still running
-    // in the worker's other slots.
+    // Objects behind a 100 ms round trip: a batch takes 100 ms or more, so
+    // the run's job, done listing, waits for batches still running in the
+    // worker's other slots.
     let (storage, _proxy) = tasks_behind_latency(&app, "end", 600, 100).await;
     let run_id = app.start_sync(&storage["id"]).await;
     let run = app.wait_run(&run_id, Duration::from_secs(40)).await;

@@ -233,7 +233,9 @@ fn busy_since(before: (u64, u64)) -> f64 {
 
 /// Where the storage's last run spent its time, in ms from its request
 /// (the database's clocks, not the bench's 100 ms polling): taken by a
-/// worker, first and last batch made, first and last batch done, ended.
+/// worker, first and last batch made, first and last batch done, ended;
+/// and for each worker that finished batches (`sync-job`: the run's own
+/// job), how many and when its last one was done.
 async fn timeline(
     app: &labelsync_tests::TestApp,
     storage: &serde_json::Value,
@@ -267,7 +269,32 @@ async fn timeline(
             .flatten()
             .map(f64::round)
     };
+    let by_worker = format!(
+        "SELECT b.worker, COUNT(*) AS batches, \
+         (1000 * EXTRACT(EPOCH FROM MAX(b.finished_at) - r.queued_at))::float8 AS last_done \
+         FROM sync_runs r JOIN sync_batches b ON b.run_id = r.id \
+         WHERE r.storage_id = {} AND r.id = (SELECT id FROM sync_runs WHERE storage_id = {0} \
+         ORDER BY queued_at DESC LIMIT 1) GROUP BY b.worker, r.queued_at ORDER BY b.worker",
+        storage.as_i64().expect("storage id")
+    );
+    let workers: Vec<serde_json::Value> = db
+        .query_all_raw(Statement::from_string(db.get_database_backend(), by_worker))
+        .await
+        .expect("batches by worker")
+        .iter()
+        .map(|r| {
+            json!([
+                r.try_get::<Option<String>>("", "worker").ok().flatten(),
+                r.try_get::<i64>("", "batches").unwrap_or(0),
+                r.try_get::<Option<f64>>("", "last_done")
+                    .ok()
+                    .flatten()
+                    .map(f64::round),
+            ])
+        })
+        .collect();
     json!({
+        "by_worker": workers,
         "timeline_ms": {
             "taken": ms("taken"), "first_batch": ms("first_batch"), "last_batch": ms("last_batch"),
             "first_done": ms("first_done"), "last_done": ms("last_done"), "ended": ms("ended"),

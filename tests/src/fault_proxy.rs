@@ -5,7 +5,8 @@
 //! answers at all (before or in the middle of a body). Or it
 //! refuses everything with 403, to check that permanent errors are not
 //! retried. Or it only adds a round trip and a bandwidth (benchmarks at
-//! cloud latency). It counts what it saw.
+//! cloud latency). It counts what it saw, and the most object reads it had
+//! in flight at once.
 use std::sync::{
     Arc,
     atomic::{AtomicU64, Ordering},
@@ -58,12 +59,39 @@ struct Shared {
     faults: Arc<AtomicU64>,
     /// The paths whose body was cut (`Mode::CutBodiesAfter`).
     cut: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    reads: Arc<InFlight>,
+}
+
+/// Object reads (GETs with no query: not listings) in flight, and the most
+/// so far.
+#[derive(Default)]
+struct InFlight {
+    now: AtomicU64,
+    most: AtomicU64,
+}
+
+/// One read in flight, until dropped.
+struct Reading(Arc<InFlight>);
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> Reading {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        Reading(self.clone())
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct FaultProxy {
     pub url: String,
     requests: Arc<AtomicU64>,
     faults: Arc<AtomicU64>,
+    reads: Arc<InFlight>,
 }
 
 impl FaultProxy {
@@ -78,8 +106,10 @@ impl FaultProxy {
             requests: Arc::new(AtomicU64::new(0)),
             faults: Arc::new(AtomicU64::new(0)),
             cut: Arc::default(),
+            reads: Arc::default(),
         };
         let (requests, faults) = (shared.requests.clone(), shared.faults.clone());
+        let reads = shared.reads.clone();
         let app = Router::new().fallback(forward).with_state(shared);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -90,7 +120,13 @@ impl FaultProxy {
             url,
             requests,
             faults,
+            reads,
         }
+    }
+
+    /// The most object reads (GETs with no query) it had in flight at once.
+    pub fn most_reads_in_flight(&self) -> u64 {
+        self.reads.most.load(Ordering::SeqCst)
     }
 
     /// Requests seen, and how many of them got a fault.
@@ -111,6 +147,8 @@ fn s3_error(status: StatusCode, code: &str, message: &str) -> Response {
 
 async fn forward(State(s): State<Shared>, req: Request) -> Response {
     let n = s.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let object_read = req.method() == axum::http::Method::GET && req.uri().query().is_none();
+    let _reading = object_read.then(|| s.reads.enter());
     let fault = match s.mode {
         Mode::Forbidden => {
             s.faults.fetch_add(1, Ordering::SeqCst);

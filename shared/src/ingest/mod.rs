@@ -22,6 +22,7 @@ pub mod ended;
 mod parquet_footer;
 pub mod parse;
 mod partitions;
+pub mod reads;
 mod retry;
 mod task_files;
 
@@ -69,6 +70,8 @@ pub struct ImportJob<'a> {
     /// The partition this attempt lists (see [`partitions`]), `None` for
     /// the run's own job.
     pub part: Option<Part<'a>>,
+    /// The process's pool of object reads, shared with its other jobs.
+    pub reads: &'a reads::Reads,
 }
 
 /// A partition of a run, held by an attempt's lease: its pages move its
@@ -514,8 +517,8 @@ impl ImportJob<'_> {
         crate::attempt::check_stopping(self.stopping)
     }
 
-    /// Fetches, parses and imports Tasks-mode objects, a bounded number at
-    /// once. `None` when the run stopped; otherwise the failures to record
+    /// Fetches, parses and imports Tasks-mode objects, as many at once as
+    /// the process's read pool lets (see [`reads`]). `None` when the run stopped; otherwise the failures to record
     /// and the last small objects' rows, which the caller commits with what
     /// it writes next (see [`Imported`]).
     async fn import_objects(
@@ -531,9 +534,13 @@ impl ImportJob<'_> {
             may_exist,
             overwrite,
         };
+        let importer = &importer;
         let mut results = futures::stream::iter(objects)
-            .map(|object| importer.import(object))
-            .buffer_unordered(self.settings.fetch_concurrency.max(1));
+            .map(|object| async move {
+                let _read = self.reads.take().await?;
+                importer.import(object).await
+            })
+            .buffer_unordered(self.reads.size());
         let mut failed = 0;
         let mut errors = Vec::new();
         // Small objects' rows, committed a chunk's worth at a time.

@@ -106,11 +106,14 @@ pub struct JobContext {
     pub stopping: AtomicBool,
     /// The jobs this process is executing now (its worker registration).
     pub current: Arc<registry::Current>,
+    /// The object reads its imports share (see [`crate::ingest::reads`]).
+    pub reads: crate::ingest::reads::Reads,
 }
 
 impl JobContext {
     pub fn new(db: DatabaseConnection, settings: Settings, queue: Option<Queue>) -> Arc<Self> {
         let storage_env = StorageEnv::from_settings(&settings);
+        let reads = crate::ingest::reads::Reads::for_worker(&settings.worker);
         Arc::new(JobContext {
             db,
             settings,
@@ -118,6 +121,7 @@ impl JobContext {
             queue,
             stopping: AtomicBool::new(false),
             current: Arc::default(),
+            reads,
         })
     }
 }
@@ -349,6 +353,7 @@ fn import_job<'a>(
         lease: None,
         stopping: Some(&ctx.stopping),
         part: None,
+        reads: &ctx.reads,
     }
 }
 
