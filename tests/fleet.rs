@@ -18,7 +18,7 @@ use labelsync_tests::{
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
 
-async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+async fn count(db: &impl ConnectionTrait, sql: &str) -> i64 {
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
@@ -459,6 +459,46 @@ async fn a_worker_keeps_a_connection_per_slot_open_from_the_start() {
     assert_eq!(open, 5, "3 slots + 2: the worker's idle pool");
     drop(worker);
     app.stop().await;
+}
+
+/// A worker's kept connections have run a batch job's statements before
+/// its first job (`db::connect_worker`): a fresh Postgres backend reads the
+/// tables' catalog entries and sqlx prepares each statement on first use,
+/// which made a fresh worker's first batches take 15-40 ms to their first
+/// read. Each connection is asked for its own prepared statements while
+/// all are held at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_warms_each_kept_connection_before_its_first_job() {
+    let url = labelsync_tests::fresh_postgres().await;
+    let migrated = labelsync::db::connect(&url).await.expect("connect");
+    labelsync::db::migrate(&migrated).await.expect("migrate");
+    migrated.close().await.ok();
+    let db = labelsync::db::connect_worker(&url, 3)
+        .await
+        .expect("a worker's pool");
+    let kept = 5;
+    // The warm-up's connections go back to the pool in the background: a
+    // connection asked for before then would be a new one.
+    let pool = db.get_postgres_connection_pool();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pool.num_idle() < kept && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pool.size(), kept as u32, "the kept connections alone");
+    let all_held = tokio::sync::Barrier::new(kept);
+    let prepared = futures::future::join_all((0..kept).map(|_| async {
+        let txn = sea_orm::TransactionTrait::begin(&db).await.expect("begin");
+        all_held.wait().await;
+        let n = count(&txn, "SELECT COUNT(*) AS n FROM pg_prepared_statements").await;
+        txn.rollback().await.expect("rollback");
+        n
+    }))
+    .await;
+    assert!(
+        prepared.iter().all(|&n| n >= 5),
+        "statements prepared on each kept connection: {prepared:?}"
+    );
+    db.close().await.ok();
 }
 
 /// A server that cannot give a worker a connection per slot (here a role

@@ -67,8 +67,7 @@ pub enum Command {
 pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
-            let listener = tokio::net::TcpListener::bind(settings.bind)
-                .await
+            let listener = labelsync::http::listen(settings.bind)
                 .with_context(|| format!("cannot bind {}", settings.bind))?;
             crate::app::serve(settings, listener, labelsync::lifecycle::shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

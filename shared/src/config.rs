@@ -171,8 +171,10 @@ pub struct WorkerSettings {
     /// `LABELSYNC_MAX_ATTEMPTS` (default 5): runs failing transiently this many
     /// times are marked failed.
     pub max_attempts: u32,
-    /// `LABELSYNC_FETCH_CONCURRENCY` (default 16): Tasks-mode objects one run
-    /// fetches and parses at once.
+    /// `LABELSYNC_FETCH_CONCURRENCY` (default 16): Tasks-mode object reads
+    /// per job slot. A worker fetches and parses at most `concurrency` x
+    /// this many objects at once, from one pool its jobs share
+    /// (`ingest::reads`).
     pub fetch_concurrency: usize,
     /// `LABELSYNC_EXPORT_CONCURRENCY` (default 64): uploads or deletes one
     /// export run has in flight. A run exports at most this many objects

@@ -60,6 +60,27 @@ pub fn error(
     (status, axum::Json(body)).into_response()
 }
 
+/// Connections the kernel keeps waiting for `accept` (capped by
+/// `net.core.somaxconn`, 4096 on current kernels).
+pub const BACKLOG: u32 = 4096;
+
+/// A listener on `addr` whose backlog is [`BACKLOG`]. tokio's
+/// `TcpListener::bind` asks for 128: a burst of more new connections than
+/// that (a fleet's worth of clients opening their pools at once, a page of
+/// a labeling UI behind a proxy that does not reuse connections) overflowed
+/// it while the accept loop was busy, and each connection it dropped waited
+/// out a one-second retransmit before its first byte.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does: a restarted server can bind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the
 /// open connections finish their requests (idle ones close at once) and
 /// returns when the last one has closed.
@@ -509,5 +530,25 @@ impl HttpBody for TimedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More new connections than tokio's default backlog (128) arrive
+    /// while nothing accepts: each completes its handshake at once and
+    /// waits in the backlog, instead of a second for a retransmit.
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_backlog() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects = (0..600)
+            .map(|_| tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)));
+        let streams = futures::future::join_all(connects).await;
+        let connected = streams.iter().filter(|s| matches!(s, Ok(Ok(_)))).count();
+        assert_eq!(connected, 600, "connections made within 500 ms");
+        drop(listener);
     }
 }

@@ -74,7 +74,7 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
     let db = db::connect_worker(&settings.database_url, settings.worker.concurrency).await?;
     let queue = Queue::open(&settings, &db).await?;
     let bind = settings.worker.metrics_bind;
-    let listener = tokio::net::TcpListener::bind(bind).await.map_err(|e| {
+    let listener = crate::http::listen(bind).map_err(|e| {
         Error::invalid(
             "invalid_setting",
             None,

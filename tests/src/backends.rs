@@ -185,9 +185,7 @@ impl DatabricksFake {
                 requests.clone(),
                 log_request,
             ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = labelsync::http::listen(crate::LOOPBACK).expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
         DatabricksFake {

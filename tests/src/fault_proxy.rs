@@ -111,9 +111,7 @@ impl FaultProxy {
         let (requests, faults) = (shared.requests.clone(), shared.faults.clone());
         let reads = shared.reads.clone();
         let app = Router::new().fallback(forward).with_state(shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = labelsync::http::listen(crate::LOOPBACK).expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
         FaultProxy {

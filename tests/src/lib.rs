@@ -36,7 +36,13 @@ use std::{
 use labelsync::config::Settings;
 use sea_orm::{ConnectionTrait, Database};
 use serde_json::Value;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// Where the test servers listen: an ephemeral port on 127.0.0.1, with
+/// the product's backlog ([`labelsync::http::listen`]), so a burst of
+/// connections is not delayed by the kernel.
+pub const LOOPBACK: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 pub fn postgres_admin_url() -> String {
     std::env::var("TEST_POSTGRES_URL")
@@ -222,7 +228,7 @@ async fn start(
     if std::env::var("TEST_LOG").is_ok() {
         let _ = labelsync::telemetry::init(false, None, "labelsync-test");
     }
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = labelsync::http::listen(LOOPBACK).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(labelsync_scheduler::app::serve(

@@ -42,9 +42,7 @@ pub struct Collector {
 impl Collector {
     /// Listens on 127.0.0.1:0 until the test ends.
     pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = labelsync::http::listen(crate::LOOPBACK).expect("bind");
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         let received = Arc::new(Mutex::new(Received::default()));
         let app = Router::new()

@@ -104,9 +104,7 @@ impl SyntheticS3 {
             latency,
             counts: Arc::default(),
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = labelsync::http::listen(crate::LOOPBACK).expect("bind");
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         let (buckets, counts) = (shared.buckets.clone(), shared.counts.clone());
         let app = Router::new().fallback(handle).with_state(shared);

@@ -51,9 +51,7 @@ impl Receiver {
         let shared = Arc::new(Shared::default());
         shared.answer.store(200, Ordering::SeqCst);
         let app = Router::new().fallback(receive).with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = labelsync::http::listen(crate::LOOPBACK).expect("bind");
         let url = format!("http://{}/hooks", listener.local_addr().expect("addr"));
         tokio::spawn(async move { axum::serve(listener, app).await });
         Receiver { url, shared }

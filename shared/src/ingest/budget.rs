@@ -2,7 +2,8 @@
 //! more memory than its text while it is parsed (a JSONL line of `[],[],...`
 //! becomes about 11 times its size as a `serde_json::Value` before the row
 //! check can refuse it), and a worker parses up to
-//! `LABELSYNC_FETCH_CONCURRENCY` objects per run at once. Every parse of a
+//! `LABELSYNC_WORKER_CONCURRENCY` x `LABELSYNC_FETCH_CONCURRENCY` objects at
+//! once (`super::reads`). Every parse of a
 //! large row or file reserves what it may cost from one budget per process
 //! (`LABELSYNC_PARSE_BUDGET_BYTES`) and waits while the budget is spent, so
 //! the sum of these spikes is bounded by the setting, not by the input.
