@@ -1532,15 +1532,11 @@ async fn the_in_process_worker_registers_in_embedded_mode() {
     app.stop().await;
 }
 
-/// A batch job that ends says so on Redis, and the run's job, waiting for
-/// batches other slots run, looks at once: with a minute between polls
-/// (and heartbeats), only those messages can end the run within the test.
 /// A worker's jobs share one pool of object reads, `LABELSYNC_WORKER_CONCURRENCY`
-/// x `LABELSYNC_FETCH_CONCURRENCY` (`ingest::reads`): a batch with the
-/// worker to itself reads more than `FETCH_CONCURRENCY` objects at once
-/// (it ran in rounds of that many while the other slots idled), and the
-/// worker never reads more than the pool at once, however many batches
-/// run together.
+/// x `LABELSYNC_FETCH_CONCURRENCY` (`ingest::reads`): a batch reading
+/// alone reads more than `FETCH_CONCURRENCY` objects at once (it ran in
+/// rounds of that many while the other slots idled), and the worker never
+/// reads more than the pool at once, however many batches run together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_alone_reads_with_the_whole_pool_of_its_worker() {
     let app = spawn_app(AppOptions {
@@ -1576,6 +1572,9 @@ async fn a_batch_alone_reads_with_the_whole_pool_of_its_worker() {
     app.stop().await;
 }
 
+/// A batch job that ends says so on Redis, and the run's job, waiting for
+/// batches other slots run, looks at once: with a minute between polls
+/// (and heartbeats), only those messages can end the run within the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_ends_when_its_last_batch_does_without_waiting_for_a_poll() {
     let app = spawn_app(AppOptions {

@@ -75,7 +75,10 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
         std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
-    // As `TcpListener::bind` does: a restarted server can bind at once.
+    // As `TcpListener::bind` does (on Unix only: elsewhere it would let
+    // another process bind the port too): a restarted server can bind at
+    // once, past its old connections' TIME_WAIT.
+    #[cfg(unix)]
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
@@ -544,11 +547,12 @@ mod tests {
     async fn a_burst_of_connections_waits_in_the_backlog() {
         let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let connects = (0..600)
+        // Over 128 and under `net.core.somaxconn` (4096 on current kernels).
+        let connects = (0..300)
             .map(|_| tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)));
         let streams = futures::future::join_all(connects).await;
         let connected = streams.iter().filter(|s| matches!(s, Ok(Ok(_)))).count();
-        assert_eq!(connected, 600, "connections made within 500 ms");
+        assert_eq!(connected, 300, "connections made within 500 ms");
         drop(listener);
     }
 }

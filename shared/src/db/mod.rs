@@ -70,41 +70,45 @@ pub async fn connect_worker(url: &str, slots: usize) -> Result<DatabaseConnectio
 /// connection: on a fresh worker every slot paid both at once, while a
 /// run's whole first wave of batches was starting on every worker, and a
 /// batch took 15-40 ms from its job to its first read instead of 1-2.
-/// Best effort: a failure (a database not migrated yet) is only logged.
+/// Best effort, within [`KEEP_WITHIN`]: a failure (a database not
+/// migrated yet) is only logged.
 async fn warm_up(db: &DatabaseConnection, kept: usize) {
     if db.get_database_backend() != DbBackend::Postgres || kept == 0 {
         return;
     }
-    // Every connection held at once, so that each one is warmed.
-    let all_held = tokio::sync::Barrier::new(kept);
-    let warm_one = async || -> Result<()> {
-        let txn = sea_orm::TransactionTrait::begin(db).await?;
-        all_held.wait().await;
-        let _ = runs::get(&txn, "").await;
-        let _ = runs::owners(&txn, -1).await;
-        batches::count_attempt(&txn, -1, None).await?;
-        batches::mark_done(&txn, -1, "").await?;
-        runs::checkpoint(&txn, "", &runs::Counters::default(), None, None).await?;
-        for table in ["projects", "tasks", "import_links", "object_errors"] {
-            let probe = format!("SELECT 1 FROM {table} WHERE id = -1");
-            txn.execute_unprepared(&probe).await?;
-        }
-        txn.rollback().await?;
-        Ok(())
+    let warm = async {
+        // Every connection held at once, so that each one is warmed; one
+        // that cannot begin drops the others at once.
+        let begins = (0..kept).map(|_| sea_orm::TransactionTrait::begin(db));
+        let txns = futures::future::try_join_all(begins).await?;
+        futures::future::try_join_all(txns.into_iter().map(warm_one)).await?;
+        Ok::<_, crate::Error>(())
     };
-    // Bounded: a connection that fails to begin leaves the others waiting
-    // at the barrier.
-    let all = futures::future::join_all((0..kept).map(|_| warm_one()));
-    let failed = match tokio::time::timeout(KEEP_WITHIN, all).await {
-        Ok(warmed) => warmed
-            .into_iter()
-            .find_map(Result::err)
-            .map(|e| e.to_string()),
+    let failed = match tokio::time::timeout(KEEP_WITHIN, warm).await {
+        Ok(warmed) => warmed.err().map(|e| e.to_string()),
         Err(_) => Some(format!("not done within {KEEP_WITHIN:?}")),
     };
     if let Some(error) = failed {
         tracing::warn!(%error, "worker connections not warmed up");
     }
+}
+
+/// [`warm_up`]'s statements on one connection, on ids that do not exist:
+/// those a batch job starts and ends with, and its tables' others.
+async fn warm_one(txn: sea_orm::DatabaseTransaction) -> Result<()> {
+    use sea_orm::EntityTrait;
+    let _ = runs::get(&txn, "").await;
+    let _ = runs::owners(&txn, -1).await;
+    entities::project::Entity::find_by_id(-1).one(&txn).await?;
+    batches::count_attempt(&txn, -1, Some(chrono::Utc::now())).await?;
+    batches::mark_done(&txn, -1, "").await?;
+    runs::checkpoint(&txn, "", &runs::Counters::default(), None, None).await?;
+    for table in ["tasks", "import_links", "object_errors"] {
+        let probe = format!("SELECT 1 FROM {table} WHERE id = -1");
+        txn.execute_unprepared(&probe).await?;
+    }
+    txn.rollback().await?;
+    Ok(())
 }
 
 /// How long a worker waits for its kept connections (see [`connect_worker`]).

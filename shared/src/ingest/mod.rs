@@ -531,15 +531,12 @@ impl ImportJob<'_> {
         let importer = task_files::Importer {
             job: self,
             backend: backend.clone(),
+            reads: self.reads,
             may_exist,
             overwrite,
         };
-        let importer = &importer;
         let mut results = futures::stream::iter(objects)
-            .map(|object| async move {
-                let _read = self.reads.take().await?;
-                importer.import(object).await
-            })
+            .map(|object| importer.import(object))
             .buffer_unordered(self.reads.size());
         let mut failed = 0;
         let mut errors = Vec::new();
@@ -746,8 +743,9 @@ async fn insert_rows(
 /// fleet in batches of this many, at most [`MAX_BATCHES_IN_FLIGHT`] unfinished
 /// (far below apalis-redis' ~8,000 due-job limit: docs/DECISIONS.md,
 /// "Due-job backlog limit"). A whole number of rounds of `fetch_concurrency`
-/// reads ([`BATCH_ROUNDS`]), so no round of a batch runs part-empty (50
-/// objects at 16 took 4 rounds for 3.1 rounds' work), within 16..=1,000.
+/// reads ([`BATCH_ROUNDS`]), what each slot reads at once when every slot
+/// of a worker reads (see [`reads`]), so no round of a batch runs part-empty (50 objects at 16
+/// took 4 rounds for 3.1 rounds' work), within 16..=1,000.
 fn batch_objects(fetch_concurrency: usize) -> usize {
     (fetch_concurrency.max(1) * BATCH_ROUNDS).clamp(16, 1000)
 }

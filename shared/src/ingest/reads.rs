@@ -7,10 +7,13 @@
 //! worker: the fleet's last batches took four round trips each while the
 //! slots beside them idled. From the pool, a job alone reads as many
 //! objects at once as the whole worker may, and jobs running together
-//! share it first come, first served (tokio's semaphore is fair), so an
-//! earlier batch ends sooner instead of all of them ending together. What
-//! one process reads at once, and so the memory those reads may hold, is
-//! bounded by the same settings as before.
+//! take reads first come, first served (tokio's semaphore is fair): the
+//! earlier batch ends sooner, so a slot takes its next job while the
+//! others still read, instead of every slot at once with the pool idle.
+//! A read is held for one attempt at an object, not across the pause
+//! before a retry, so a throttled job does not sit on reads while it
+//! waits. What one process reads at once, and so the memory those reads
+//! may hold, is bounded by the same settings as before.
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::{Error, Result, config::WorkerSettings};
@@ -18,7 +21,7 @@ use crate::{Error, Result, config::WorkerSettings};
 /// The process's pool of object reads (see the module's documentation).
 #[derive(Debug)]
 pub struct Reads {
-    slots: Semaphore,
+    pool: Semaphore,
     size: usize,
 }
 
@@ -27,13 +30,13 @@ impl Reads {
     pub fn new(size: usize) -> Self {
         let size = size.max(1);
         Reads {
-            slots: Semaphore::new(size),
+            pool: Semaphore::new(size),
             size,
         }
     }
 
-    /// The pool a worker with these settings has: a read for each of its
-    /// jobs' `fetch_concurrency`.
+    /// The pool a worker with these settings has: `fetch_concurrency` reads
+    /// for each of its job slots.
     pub fn for_worker(settings: &WorkerSettings) -> Self {
         Self::new(
             settings
@@ -52,10 +55,10 @@ impl Reads {
     /// are served in the order they came.
     pub async fn take(&self) -> Result<SemaphorePermit<'_>> {
         // The semaphore is never closed; the error is for completeness.
-        self.slots
+        self.pool
             .acquire()
             .await
-            .map_err(|e| Error::Internal(format!("object read pool: {e}")))
+            .map_err(|e| Error::Internal(format!("object reads: {e}")))
     }
 }
 
@@ -64,19 +67,26 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_read_waits_while_the_pool_is_taken() {
+    async fn reads_wait_while_the_pool_is_taken_and_come_in_turn() {
         let reads = Reads::new(2);
         let (a, b) = (reads.take().await.unwrap(), reads.take().await.unwrap());
-        let third = reads.take();
-        tokio::pin!(third);
+        let (first, second) = (reads.take(), reads.take());
+        tokio::pin!(first, second);
+        assert!(futures::poll!(first.as_mut()).is_pending(), "a third read");
         assert!(
-            futures::poll!(third.as_mut()).is_pending(),
-            "a third read was let in"
+            futures::poll!(second.as_mut()).is_pending(),
+            "a fourth read"
         );
         drop(a);
-        let c = third.await.unwrap();
-        assert_eq!(reads.slots.available_permits(), 0);
-        drop((b, c));
-        assert_eq!(reads.slots.available_permits(), reads.size());
+        assert!(
+            futures::poll!(second.as_mut()).is_pending(),
+            "a later waiter went first"
+        );
+        let c = first.await.unwrap();
+        drop(b);
+        let d = second.await.unwrap();
+        assert_eq!(reads.pool.available_permits(), 0);
+        drop((c, d));
+        assert_eq!(reads.pool.available_permits(), reads.size());
     }
 }

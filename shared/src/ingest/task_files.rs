@@ -56,6 +56,8 @@ const MAX_ERRORS_PER_OBJECT: usize = 100;
 pub(super) struct Importer<'a, 'j> {
     pub job: &'a ImportJob<'j>,
     pub backend: Arc<dyn Storage>,
+    /// The process's object reads: one is held per attempt at an object.
+    pub reads: &'a super::reads::Reads,
     /// False when no object of this page had links before: the per-chunk
     /// "which rows exist" query is skipped.
     pub may_exist: bool,
@@ -98,7 +100,10 @@ impl Importer<'_, '_> {
         let mut attempt = 1;
         loop {
             let may_exist = self.may_exist || attempt > 1;
-            match self.import_once(object.clone(), may_exist).await {
+            let read = self.reads.take().await?;
+            let imported = self.import_once(object.clone(), may_exist).await;
+            drop(read);
+            match imported {
                 Err(err) if err.is_transient() && attempt < retry::MAX_ATTEMPTS => {
                     let pause = retry::backoff(attempt);
                     tracing::debug!(key = %object.key, attempt, ?pause, error = %err, "object import failed; reading it again");
