@@ -63,8 +63,8 @@ pub async fn connect_worker(url: &str, slots: usize) -> Result<DatabaseConnectio
     open(url, "force_custom_plan", WORKER_POOL, 0, name).await
 }
 
-/// Runs what a fan-out batch job reads and writes first once on each of
-/// `kept` connections at a time, in transactions rolled back. A Postgres
+/// Runs a fan-out batch job's statements once on each of the `kept`
+/// connections, all held at once, in transactions rolled back. A Postgres
 /// backend reads a table's and its indexes' catalog entries on its first
 /// statement over them, and sqlx prepares each statement once per
 /// connection: on a fresh worker every slot paid both at once, while a

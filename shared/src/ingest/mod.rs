@@ -518,9 +518,10 @@ impl ImportJob<'_> {
     }
 
     /// Fetches, parses and imports Tasks-mode objects, as many at once as
-    /// the process's read pool lets (see [`reads`]). `None` when the run stopped; otherwise the failures to record
-    /// and the last small objects' rows, which the caller commits with what
-    /// it writes next (see [`Imported`]).
+    /// the process's read pool lets (see [`reads`]). `None` when the run
+    /// stopped; otherwise the failures to record and the last small
+    /// objects' rows, which the caller commits with what it writes next
+    /// (see [`Imported`]).
     async fn import_objects(
         &self,
         backend: &Arc<dyn Storage>,
@@ -531,7 +532,6 @@ impl ImportJob<'_> {
         let importer = task_files::Importer {
             job: self,
             backend: backend.clone(),
-            reads: self.reads,
             may_exist,
             overwrite,
         };
@@ -744,8 +744,9 @@ async fn insert_rows(
 /// (far below apalis-redis' ~8,000 due-job limit: docs/DECISIONS.md,
 /// "Due-job backlog limit"). A whole number of rounds of `fetch_concurrency`
 /// reads ([`BATCH_ROUNDS`]), what each slot reads at once when every slot
-/// of a worker reads (see [`reads`]), so no round of a batch runs part-empty (50 objects at 16
-/// took 4 rounds for 3.1 rounds' work), within 16..=1,000.
+/// of a worker reads (see [`reads`]), so no round of a batch runs
+/// part-empty (50 objects at 16 took 4 rounds for 3.1 rounds' work),
+/// within 16..=1,000.
 fn batch_objects(fetch_concurrency: usize) -> usize {
     (fetch_concurrency.max(1) * BATCH_ROUNDS).clamp(16, 1000)
 }

@@ -56,8 +56,6 @@ const MAX_ERRORS_PER_OBJECT: usize = 100;
 pub(super) struct Importer<'a, 'j> {
     pub job: &'a ImportJob<'j>,
     pub backend: Arc<dyn Storage>,
-    /// The process's object reads: one is held per attempt at an object.
-    pub reads: &'a super::reads::Reads,
     /// False when no object of this page had links before: the per-chunk
     /// "which rows exist" query is skipped.
     pub may_exist: bool,
@@ -100,7 +98,8 @@ impl Importer<'_, '_> {
         let mut attempt = 1;
         loop {
             let may_exist = self.may_exist || attempt > 1;
-            let read = self.reads.take().await?;
+            // One of the process's reads per attempt, none during the pause.
+            let read = self.job.reads.take().await?;
             let imported = self.import_once(object.clone(), may_exist).await;
             drop(read);
             match imported {
