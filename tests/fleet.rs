@@ -361,11 +361,7 @@ async fn tasks_behind_latency(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_sync_fans_out_batches_across_workers() {
-    let app = spawn_app(AppOptions {
-        workers: false,
-        ..AppOptions::with_storages()
-    })
-    .await;
+    let app = partitions::app_with(false, &[]).await;
     // "left" has one slot and takes the sync job, so it cannot run a batch
     // from the queue: every batch goes through Redis to "right", started
     // once the sync job runs, or is run by the waiting sync job itself
@@ -1539,11 +1535,7 @@ async fn the_in_process_worker_registers_in_embedded_mode() {
 /// reads more than the pool at once, however many batches run together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_alone_reads_with_the_whole_pool_of_its_worker() {
-    let app = spawn_app(AppOptions {
-        workers: false,
-        ..AppOptions::with_storages()
-    })
-    .await;
+    let app = partitions::app_with(false, &[]).await;
     let worker = spawn_ready_worker(
         &app,
         "pooled",
@@ -1558,8 +1550,7 @@ async fn a_batch_alone_reads_with_the_whole_pool_of_its_worker() {
     for (files, at_least) in [(16, 5), (96, 1)] {
         let prefix = format!("pool{files}");
         let (storage, proxy) = tasks_behind_latency(&app, &prefix, files, 100).await;
-        let run_id = app.start_sync(&storage["id"]).await;
-        let run = app.wait_run(&run_id, Duration::from_secs(40)).await;
+        let run = app.sync(&storage["id"]).await;
         assert_eq!(run["status"], "completed", "{run}");
         assert_eq!(run["counters"]["created"], files as i64, "{run}");
         let most = proxy.most_reads_in_flight();
@@ -1577,11 +1568,7 @@ async fn a_batch_alone_reads_with_the_whole_pool_of_its_worker() {
 /// (and heartbeats), only those messages can end the run within the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_ends_when_its_last_batch_does_without_waiting_for_a_poll() {
-    let app = spawn_app(AppOptions {
-        workers: false,
-        ..AppOptions::with_storages()
-    })
-    .await;
+    let app = partitions::app_with(false, &[]).await;
     let worker = spawn_ready_worker(
         &app,
         "announced",

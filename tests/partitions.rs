@@ -97,7 +97,7 @@ pub(super) async fn s3_storage(
 }
 
 /// A scheduler whose storages may reach the emulators, with `env`.
-async fn app_with(workers: bool, env: &[(&'static str, &str)]) -> TestApp {
+pub(super) async fn app_with(workers: bool, env: &[(&'static str, &str)]) -> TestApp {
     spawn_app(AppOptions {
         workers,
         ..options_with(env)

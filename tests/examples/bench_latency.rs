@@ -269,16 +269,17 @@ async fn timeline(
             .flatten()
             .map(f64::round)
     };
-    let by_worker = format!(
-        "SELECT b.worker, COUNT(*) AS batches, \
-         (1000 * EXTRACT(EPOCH FROM MAX(b.finished_at) - r.queued_at))::float8 AS last_done \
-         FROM sync_runs r JOIN sync_batches b ON b.run_id = r.id \
-         WHERE r.storage_id = {} AND r.id = (SELECT id FROM sync_runs WHERE storage_id = {0} \
-         ORDER BY queued_at DESC LIMIT 1) GROUP BY b.worker, r.queued_at ORDER BY b.worker",
-        storage.as_i64().expect("storage id")
-    );
+    let by_worker = "SELECT b.worker, COUNT(*) AS batches, \
+        (1000 * EXTRACT(EPOCH FROM MAX(b.finished_at) - r.queued_at))::float8 AS last_done \
+        FROM sync_batches b JOIN sync_runs r ON r.id = b.run_id \
+        WHERE b.run_id = (SELECT id FROM sync_runs WHERE storage_id = $1 \
+        ORDER BY queued_at DESC LIMIT 1) GROUP BY b.worker, r.queued_at ORDER BY b.worker";
     let workers: Vec<serde_json::Value> = db
-        .query_all_raw(Statement::from_string(db.get_database_backend(), by_worker))
+        .query_all_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            by_worker,
+            [storage.as_i64().expect("storage id").into()],
+        ))
         .await
         .expect("batches by worker")
         .iter()
