@@ -1563,6 +1563,60 @@ async fn a_batch_alone_reads_with_the_whole_pool_of_its_worker() {
     app.stop().await;
 }
 
+/// Two storages' syncs on one worker share its reads fairly: the fast one's
+/// batch, arriving while a slow storage holds the whole pool and has more
+/// reads queued, gets its part as the slow reads come back, rather than
+/// waiting behind the slow storage's queue (first come, first served: two
+/// slow round trips more, and the slow storage ever holding more of the
+/// pool, its reads held longest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_storage_does_not_take_the_reads_of_a_fast_one_beside_it() {
+    let app = partitions::app_with(false, &[]).await;
+    // 8 slots of 3 reads: a pool of 24, batches of 16. The slow sync takes
+    // 5 slots (its job and 4 batches), the fast one 2 of the other 3.
+    let worker = spawn_ready_worker(
+        &app,
+        "fair",
+        &[
+            ("LABELSYNC_WORKER_CONCURRENCY", "8"),
+            ("LABELSYNC_FETCH_CONCURRENCY", "3"),
+        ],
+    )
+    .await;
+    let (slow, slow_proxy) = tasks_behind_latency(&app, "slow", 64, 1500).await;
+    let (fast, _fast_proxy) = tasks_behind_latency(&app, "fast", 16, 20).await;
+    let slow_run = app.start_sync(&slow["id"]).await;
+    // The slow storage's first round fills the pool; 40 reads wait.
+    let filled = tokio::time::timeout(Duration::from_secs(30), async {
+        while slow_proxy.reads().0 < 20 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        filled.is_ok(),
+        "the slow storage never read 20 objects at once"
+    );
+    let (_, done_before) = slow_proxy.reads();
+    let started = std::time::Instant::now();
+    let run = app.sync(&fast["id"]).await;
+    let (fast_secs, (_, done)) = (started.elapsed().as_secs_f64(), slow_proxy.reads());
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 16, "{run}");
+    // Fair: the fast batch reads as the first round comes back (24 slow
+    // reads). First come, first served: after the next 24 as well.
+    let slow_reads = done - done_before;
+    assert!(
+        slow_reads < 40,
+        "the fast sync took {fast_secs:.2} s, while {slow_reads} slow reads came back"
+    );
+    let run = app.wait_run(&slow_run, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 64, "{run}");
+    drop(worker);
+    app.stop().await;
+}
+
 /// A batch job that ends says so on Redis, and the run's job, waiting for
 /// batches other slots run, looks at once: with a minute between polls
 /// (and heartbeats), only those messages can end the run within the test.

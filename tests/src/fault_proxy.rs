@@ -62,12 +62,13 @@ struct Shared {
     reads: Arc<InFlight>,
 }
 
-/// Object reads (GETs with no query: not listings) in flight, and the most
-/// so far.
+/// Object reads (GETs with no query: not listings) in flight, the most so
+/// far, and those answered.
 #[derive(Default)]
 struct InFlight {
     now: AtomicU64,
     most: AtomicU64,
+    done: AtomicU64,
 }
 
 /// One read in flight, until dropped.
@@ -83,6 +84,7 @@ impl InFlight {
 
 impl Drop for Reading {
     fn drop(&mut self) {
+        self.0.done.fetch_add(1, Ordering::SeqCst);
         self.0.now.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -125,6 +127,14 @@ impl FaultProxy {
     /// The most object reads (GETs with no query) it had in flight at once.
     pub fn most_reads_in_flight(&self) -> u64 {
         self.reads.most.load(Ordering::SeqCst)
+    }
+
+    /// Object reads in flight now, and those answered so far.
+    pub fn reads(&self) -> (u64, u64) {
+        (
+            self.reads.now.load(Ordering::SeqCst),
+            self.reads.done.load(Ordering::SeqCst),
+        )
     }
 
     /// Requests seen, and how many of them got a fault.

@@ -6,23 +6,58 @@
 //! its objects in rounds of that many even when it was the only job of its
 //! worker: the fleet's last batches took four round trips each while the
 //! slots beside them idled. From the pool, a job alone reads as many
-//! objects at once as the whole worker may, and jobs running together
-//! take reads first come, first served (tokio's semaphore is fair): the
-//! earlier batch ends sooner, so a slot takes its next job while the
-//! others still read, instead of every slot at once with the pool idle.
+//! objects at once as the whole worker may, and jobs of one storage take
+//! reads first come, first served: the earlier batch ends sooner, so a
+//! slot takes its next job while the others still read, instead of every
+//! slot at once with the pool idle.
+//!
+//! Between storages the pool is shared fairly: a free read goes to the
+//! waiting storage that holds the fewest (the earliest waiter breaks a
+//! tie). First come, first served across storages let a slow one take
+//! the pool: its reads are held longest, so at each turn of the queue it
+//! held more of them, and a fast storage's jobs beside it read a few
+//! objects at a time. Now a storage that others wait beside keeps its
+//! equal part; alone it may hold the whole pool (nothing is taken from a
+//! read in flight: a storage that arrives waits for reads to come back).
+//!
 //! A read is held for one attempt at an object, not across the pause
 //! before a retry, so a throttled job does not sit on reads while it
 //! waits. What one process reads at once, and so the memory those reads
 //! may hold, is bounded by the same settings as before.
-use tokio::sync::{Semaphore, SemaphorePermit};
+use std::{
+    collections::{HashMap, VecDeque},
+    future::Future,
+    pin::Pin,
+    sync::{Mutex, MutexGuard},
+    task::{Context, Poll, Waker},
+};
 
-use crate::{Error, Result, config::WorkerSettings};
+use crate::config::WorkerSettings;
 
 /// The process's pool of object reads (see the module's documentation).
 #[derive(Debug)]
 pub struct Reads {
-    pool: Semaphore,
     size: usize,
+    state: Mutex<State>,
+}
+
+/// Who holds and who waits for the pool's reads. Invariant: reads are free
+/// only while nobody waits (every change hands them out at once).
+#[derive(Debug, Default)]
+struct State {
+    free: usize,
+    /// Numbers the waiters in the order they came.
+    next_ticket: u64,
+    by_storage: HashMap<i64, Share>,
+    /// Waiting tickets and the task to wake when one is handed a read.
+    wakers: HashMap<u64, Option<Waker>>,
+}
+
+/// One storage's part: reads held, and tickets waiting (oldest first).
+#[derive(Debug, Default)]
+struct Share {
+    held: usize,
+    waiting: VecDeque<u64>,
 }
 
 impl Reads {
@@ -30,8 +65,11 @@ impl Reads {
     pub fn new(size: usize) -> Self {
         let size = size.max(1);
         Reads {
-            pool: Semaphore::new(size),
             size,
+            state: Mutex::new(State {
+                free: size,
+                ..State::default()
+            }),
         }
     }
 
@@ -51,14 +89,152 @@ impl Reads {
         self.size
     }
 
-    /// Waits for a read of the pool, held until the permit drops. Waiters
-    /// are served in the order they came.
-    pub async fn take(&self) -> Result<SemaphorePermit<'_>> {
-        // The semaphore is never closed; the error is for completeness.
-        self.pool
-            .acquire()
-            .await
-            .map_err(|e| Error::Internal(format!("object reads: {e}")))
+    /// Waits for a read of the pool for an object of `storage`, held until
+    /// the [`Read`] drops. Waiters of one storage are served in the order
+    /// they came; between storages, see the module's documentation.
+    pub fn take(&self, storage: i64) -> Take<'_> {
+        Take {
+            reads: self,
+            storage,
+            ticket: None,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock is held leaves counts that are still
+        // whole (no step of a change can panic half-way).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives back one read of `storage` and hands out what is free.
+    fn give_back(&self, storage: i64) {
+        let woken = {
+            let mut state = self.lock();
+            let share = state.by_storage.entry(storage).or_default();
+            share.held = share.held.saturating_sub(1);
+            state.free += 1;
+            state.forget_if_idle(storage);
+            state.hand_out()
+        };
+        woken.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl State {
+    /// Hands the free reads to waiters, each to the waiting storage that
+    /// holds the fewest (the earlier waiter first on a tie); the wakers of
+    /// those served.
+    fn hand_out(&mut self) -> Vec<Waker> {
+        let mut woken = Vec::new();
+        while self.free > 0 {
+            let next = self
+                .by_storage
+                .iter()
+                .filter_map(|(id, s)| s.waiting.front().map(|t| (s.held, *t, *id)))
+                .min();
+            let Some((_, _, storage)) = next else { break };
+            let share = self
+                .by_storage
+                .get_mut(&storage)
+                .expect("a waiting storage");
+            let ticket = share.waiting.pop_front().expect("a waiter");
+            share.held += 1;
+            self.free -= 1;
+            // The ticket leaves `wakers` when served: its `Take` finds
+            // itself gone and holds the read.
+            if let Some(Some(waker)) = self.wakers.remove(&ticket) {
+                woken.push(waker);
+            }
+        }
+        woken
+    }
+
+    /// Drops `storage`'s entry once it holds and waits for nothing.
+    fn forget_if_idle(&mut self, storage: i64) {
+        if self
+            .by_storage
+            .get(&storage)
+            .is_some_and(|s| s.held == 0 && s.waiting.is_empty())
+        {
+            self.by_storage.remove(&storage);
+        }
+    }
+}
+
+/// A read of the pool, given back when dropped.
+#[derive(Debug)]
+pub struct Read<'a> {
+    reads: &'a Reads,
+    storage: i64,
+}
+
+impl Drop for Read<'_> {
+    fn drop(&mut self) {
+        self.reads.give_back(self.storage);
+    }
+}
+
+/// The wait for a read ([`Reads::take`]). Dropped while waiting, it leaves
+/// the queue; dropped after it was served but before it was polled, it
+/// gives the read back.
+#[derive(Debug)]
+pub struct Take<'a> {
+    reads: &'a Reads,
+    storage: i64,
+    /// Set once queued.
+    ticket: Option<u64>,
+}
+
+impl<'a> Future for Take<'a> {
+    type Output = Read<'a>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Read<'a>> {
+        let (reads, storage) = (self.reads, self.storage);
+        let mut state = reads.lock();
+        match self.ticket {
+            None if state.free > 0 => {
+                // Nobody waits while reads are free.
+                state.free -= 1;
+                state.by_storage.entry(storage).or_default().held += 1;
+            }
+            None => {
+                let ticket = state.next_ticket;
+                state.next_ticket += 1;
+                let share = state.by_storage.entry(storage).or_default();
+                share.waiting.push_back(ticket);
+                state.wakers.insert(ticket, Some(cx.waker().clone()));
+                self.ticket = Some(ticket);
+                return Poll::Pending;
+            }
+            Some(ticket) => match state.wakers.get_mut(&ticket) {
+                Some(waker) => {
+                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        *waker = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
+                None => self.ticket = None, // served: the read is ours
+            },
+        }
+        Poll::Ready(Read { reads, storage })
+    }
+}
+
+impl Drop for Take<'_> {
+    fn drop(&mut self) {
+        let Some(ticket) = self.ticket else { return };
+        let mut state = self.reads.lock();
+        if state.wakers.remove(&ticket).is_some() {
+            // Still waiting: leave the queue.
+            if let Some(share) = state.by_storage.get_mut(&self.storage) {
+                share.waiting.retain(|t| *t != ticket);
+            }
+            state.forget_if_idle(self.storage);
+            return;
+        }
+        drop(state);
+        // Served but never polled again: the read goes back.
+        self.reads.give_back(self.storage);
     }
 }
 
@@ -66,11 +242,24 @@ impl Reads {
 mod tests {
     use super::*;
 
+    fn free(reads: &Reads) -> usize {
+        reads.lock().free
+    }
+
+    /// The read `take` was handed, failing the test if it waits (reads
+    /// are handed out as they come back, never later).
+    async fn served<'a>(take: Pin<&mut Take<'a>>) -> Read<'a> {
+        match futures::poll!(take) {
+            Poll::Ready(read) => read,
+            Poll::Pending => panic!("the read was not handed out"),
+        }
+    }
+
     #[tokio::test]
-    async fn reads_wait_while_the_pool_is_taken_and_come_in_turn() {
+    async fn reads_of_one_storage_wait_while_the_pool_is_taken_and_come_in_turn() {
         let reads = Reads::new(2);
-        let (a, b) = (reads.take().await.unwrap(), reads.take().await.unwrap());
-        let (first, second) = (reads.take(), reads.take());
+        let (a, b) = (reads.take(1).await, reads.take(1).await);
+        let (first, second) = (reads.take(1), reads.take(1));
         tokio::pin!(first, second);
         assert!(futures::poll!(first.as_mut()).is_pending(), "a third read");
         assert!(
@@ -82,11 +271,76 @@ mod tests {
             futures::poll!(second.as_mut()).is_pending(),
             "a later waiter went first"
         );
-        let c = first.await.unwrap();
+        let c = served(first).await;
         drop(b);
-        let d = second.await.unwrap();
-        assert_eq!(reads.pool.available_permits(), 0);
+        let d = served(second).await;
+        assert_eq!(free(&reads), 0);
         drop((c, d));
-        assert_eq!(reads.pool.available_permits(), reads.size());
+        assert_eq!(free(&reads), reads.size());
+        let state = format!("{:?}", reads.lock());
+        assert!(reads.lock().by_storage.is_empty(), "{state}");
+    }
+
+    /// A storage holds what it took while alone; one that comes to wait
+    /// beside it is served before the first storage's earlier waiters
+    /// until the two hold equal parts, and on a tie the earlier waiter is.
+    #[tokio::test]
+    async fn a_free_read_goes_to_the_waiting_storage_that_holds_the_fewest() {
+        let reads = Reads::new(5);
+        let other = reads.take(3).await;
+        let mut slow = Vec::new();
+        for _ in 0..4 {
+            slow.push(reads.take(1).await);
+        }
+        let (slow_next, fast_a, fast_b, fast_c) =
+            (reads.take(1), reads.take(2), reads.take(2), reads.take(2));
+        tokio::pin!(slow_next, fast_a, fast_b, fast_c);
+        for pending in [
+            futures::poll!(slow_next.as_mut()).is_pending(),
+            futures::poll!(fast_a.as_mut()).is_pending(),
+            futures::poll!(fast_b.as_mut()).is_pending(),
+            futures::poll!(fast_c.as_mut()).is_pending(),
+        ] {
+            assert!(pending, "the pool is taken");
+        }
+        // Storage 1 holds 4, storage 2 none: the first two reads back go
+        // to storage 2, though storage 1's waiter came first.
+        slow.pop();
+        let a = served(fast_a).await;
+        slow.pop();
+        let _b = served(fast_b).await;
+        assert!(futures::poll!(slow_next.as_mut()).is_pending());
+        // Two each: the tie goes to the earlier waiter, storage 1's.
+        drop(other);
+        let _next = served(slow_next).await;
+        assert!(futures::poll!(fast_c.as_mut()).is_pending());
+        // Storage 2 now holds fewer (1 to 3): its last waiter is served.
+        drop(a);
+        let _c = served(fast_c).await;
+        assert_eq!(free(&reads), 0);
+    }
+
+    /// A waiter dropped in the queue leaves it; one dropped after it was
+    /// served gives its read back: no read is lost either way.
+    #[tokio::test]
+    async fn a_wait_given_up_loses_no_read() {
+        let reads = Reads::new(1);
+        let held = reads.take(1).await;
+        let mut left = Box::pin(reads.take(2));
+        let mut handed = Box::pin(reads.take(3));
+        let after = reads.take(3);
+        tokio::pin!(after);
+        assert!(futures::poll!(left.as_mut()).is_pending());
+        assert!(futures::poll!(handed.as_mut()).is_pending());
+        assert!(futures::poll!(after.as_mut()).is_pending());
+        drop(left);
+        drop(held); // handed to `handed`, which is never polled again
+        let waiting = reads.lock().wakers.len();
+        assert_eq!(waiting, 1, "only `after` waits");
+        drop(handed);
+        drop(served(after).await);
+        assert_eq!(free(&reads), 1);
+        let state = format!("{:?}", reads.lock());
+        assert!(reads.lock().by_storage.is_empty(), "{state}");
     }
 }

@@ -99,7 +99,7 @@ impl Importer<'_, '_> {
         loop {
             let may_exist = self.may_exist || attempt > 1;
             // One of the process's reads per attempt, none during the pause.
-            let read = self.job.reads.take().await?;
+            let read = self.job.reads.take(self.job.storage.id).await;
             let imported = self.import_once(object.clone(), may_exist).await;
             drop(read);
             match imported {
