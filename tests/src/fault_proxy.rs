@@ -63,7 +63,7 @@ struct Shared {
 }
 
 /// Object reads (GETs with no query: not listings) in flight, the most so
-/// far, and those answered.
+/// far, and those ended (answered or given up by the client).
 #[derive(Default)]
 struct InFlight {
     now: AtomicU64,
@@ -129,7 +129,7 @@ impl FaultProxy {
         self.reads.most.load(Ordering::SeqCst)
     }
 
-    /// Object reads in flight now, and those answered so far.
+    /// Object reads in flight now, and those ended so far.
     pub fn reads(&self) -> (u64, u64) {
         (
             self.reads.now.load(Ordering::SeqCst),

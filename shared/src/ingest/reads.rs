@@ -19,6 +19,10 @@
 //! objects at a time. Now a storage that others wait beside keeps its
 //! equal part; alone it may hold the whole pool (nothing is taken from a
 //! read in flight: a storage that arrives waits for reads to come back).
+//! Fairness is between storages waiting at the same moment: one between
+//! two batches waits for nothing, so the reads that come back meanwhile go
+//! to the others, and its next batch waits for one of theirs to come back
+//! (one of their round trips at most, not their whole queue).
 //!
 //! A read is held for one attempt at an object, not across the pause
 //! before a retry, so a throttled job does not sit on reads while it
@@ -49,8 +53,9 @@ struct State {
     /// Numbers the waiters in the order they came.
     next_ticket: u64,
     by_storage: HashMap<i64, Share>,
-    /// Waiting tickets and the task to wake when one is handed a read.
-    wakers: HashMap<u64, Option<Waker>>,
+    /// Waiting tickets and the task to wake when one is handed a read (a
+    /// ticket leaves when it is: see [`State::served`]).
+    wakers: HashMap<u64, Waker>,
 }
 
 /// One storage's part: reads held, and tickets waiting (oldest first).
@@ -110,8 +115,14 @@ impl Reads {
     fn give_back(&self, storage: i64) {
         let woken = {
             let mut state = self.lock();
-            let share = state.by_storage.entry(storage).or_default();
-            share.held = share.held.saturating_sub(1);
+            let share = state.by_storage.get_mut(&storage);
+            debug_assert!(
+                share.as_ref().is_some_and(|s| s.held > 0),
+                "a read given back that was not held"
+            );
+            if let Some(share) = share {
+                share.held = share.held.saturating_sub(1);
+            }
             state.free += 1;
             state.forget_if_idle(storage);
             state.hand_out()
@@ -121,6 +132,40 @@ impl Reads {
 }
 
 impl State {
+    /// Takes a free read for `storage`; false when none is free (others
+    /// wait then, and so must it).
+    fn take_free(&mut self, storage: i64) -> bool {
+        if self.free == 0 {
+            return false;
+        }
+        self.free -= 1;
+        self.by_storage.entry(storage).or_default().held += 1;
+        true
+    }
+
+    /// Queues a waiter for a read of `storage`, woken by `waker`; its
+    /// ticket.
+    fn queue(&mut self, storage: i64, waker: &Waker) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let share = self.by_storage.entry(storage).or_default();
+        share.waiting.push_back(ticket);
+        self.wakers.insert(ticket, waker.clone());
+        ticket
+    }
+
+    /// Whether `ticket` was handed a read; if not, `waker` is now the one
+    /// its read wakes.
+    fn served(&mut self, ticket: u64, waker: &Waker) -> bool {
+        let Some(kept) = self.wakers.get_mut(&ticket) else {
+            return true;
+        };
+        if !kept.will_wake(waker) {
+            kept.clone_from(waker);
+        }
+        false
+    }
+
     /// Hands the free reads to waiters, each to the waiting storage that
     /// holds the fewest (the earlier waiter first on a tie); the wakers of
     /// those served.
@@ -142,9 +187,9 @@ impl State {
             self.free -= 1;
             // The ticket leaves `wakers` when served: its `Take` finds
             // itself gone and holds the read.
-            if let Some(Some(waker)) = self.wakers.remove(&ticket) {
-                woken.push(waker);
-            }
+            let waker = self.wakers.remove(&ticket);
+            debug_assert!(waker.is_some(), "a queued ticket without a waker");
+            woken.extend(waker);
         }
         woken
     }
@@ -176,7 +221,8 @@ impl Drop for Read<'_> {
 
 /// The wait for a read ([`Reads::take`]). Dropped while waiting, it leaves
 /// the queue; dropped after it was served but before it was polled, it
-/// gives the read back.
+/// gives the read back. Like any future, it is not to be polled again once
+/// ready (it would take a second read).
 #[derive(Debug)]
 pub struct Take<'a> {
     reads: &'a Reads,
@@ -191,31 +237,19 @@ impl<'a> Future for Take<'a> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Read<'a>> {
         let (reads, storage) = (self.reads, self.storage);
         let mut state = reads.lock();
-        match self.ticket {
-            None if state.free > 0 => {
-                // Nobody waits while reads are free.
-                state.free -= 1;
-                state.by_storage.entry(storage).or_default().held += 1;
-            }
+        let ready = match self.ticket {
+            None if state.take_free(storage) => true,
             None => {
-                let ticket = state.next_ticket;
-                state.next_ticket += 1;
-                let share = state.by_storage.entry(storage).or_default();
-                share.waiting.push_back(ticket);
-                state.wakers.insert(ticket, Some(cx.waker().clone()));
-                self.ticket = Some(ticket);
-                return Poll::Pending;
+                self.ticket = Some(state.queue(storage, cx.waker()));
+                false
             }
-            Some(ticket) => match state.wakers.get_mut(&ticket) {
-                Some(waker) => {
-                    if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                        *waker = Some(cx.waker().clone());
-                    }
-                    return Poll::Pending;
-                }
-                None => self.ticket = None, // served: the read is ours
-            },
+            Some(ticket) => state.served(ticket, cx.waker()),
+        };
+        drop(state);
+        if !ready {
+            return Poll::Pending;
         }
+        self.ticket = None; // the read is ours: nothing to give back on drop
         Poll::Ready(Read { reads, storage })
     }
 }
@@ -240,6 +274,11 @@ impl Drop for Take<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
     use super::*;
 
     fn free(reads: &Reads) -> usize {
@@ -277,23 +316,30 @@ mod tests {
         assert_eq!(free(&reads), 0);
         drop((c, d));
         assert_eq!(free(&reads), reads.size());
-        let state = format!("{:?}", reads.lock());
-        assert!(reads.lock().by_storage.is_empty(), "{state}");
+        let state = reads.lock();
+        assert!(state.by_storage.is_empty(), "{state:?}");
     }
 
     /// A storage holds what it took while alone; one that comes to wait
     /// beside it is served before the first storage's earlier waiters
-    /// until the two hold equal parts, and on a tie the earlier waiter is.
+    /// until the two hold equal parts, and on a tie the earlier waiter is
+    /// (here the storage with the higher id, so the id breaks no tie).
     #[tokio::test]
     async fn a_free_read_goes_to_the_waiting_storage_that_holds_the_fewest() {
+        const SLOW: i64 = 2;
+        const FAST: i64 = 1;
         let reads = Reads::new(5);
         let other = reads.take(3).await;
         let mut slow = Vec::new();
         for _ in 0..4 {
-            slow.push(reads.take(1).await);
+            slow.push(reads.take(SLOW).await);
         }
-        let (slow_next, fast_a, fast_b, fast_c) =
-            (reads.take(1), reads.take(2), reads.take(2), reads.take(2));
+        let (slow_next, fast_a, fast_b, fast_c) = (
+            reads.take(SLOW),
+            reads.take(FAST),
+            reads.take(FAST),
+            reads.take(FAST),
+        );
         tokio::pin!(slow_next, fast_a, fast_b, fast_c);
         for pending in [
             futures::poll!(slow_next.as_mut()).is_pending(),
@@ -303,21 +349,49 @@ mod tests {
         ] {
             assert!(pending, "the pool is taken");
         }
-        // Storage 1 holds 4, storage 2 none: the first two reads back go
-        // to storage 2, though storage 1's waiter came first.
+        // The slow storage holds 4, the fast one none: the first two reads
+        // back go to the fast one, though the slow one's waiter came first.
         slow.pop();
         let a = served(fast_a).await;
         slow.pop();
         let _b = served(fast_b).await;
         assert!(futures::poll!(slow_next.as_mut()).is_pending());
-        // Two each: the tie goes to the earlier waiter, storage 1's.
+        // Two each: the tie goes to the earlier waiter, the slow one's.
         drop(other);
         let _next = served(slow_next).await;
         assert!(futures::poll!(fast_c.as_mut()).is_pending());
-        // Storage 2 now holds fewer (1 to 3): its last waiter is served.
+        // A read back goes to the one waiter left.
         drop(a);
         let _c = served(fast_c).await;
         assert_eq!(free(&reads), 0);
+    }
+
+    /// A waiter is woken when a read comes back for it.
+    #[test]
+    fn a_waiter_is_woken_when_its_read_comes_back() {
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let reads = Reads::new(1);
+        let Poll::Ready(held) = Pin::new(&mut reads.take(1)).poll(&mut cx) else {
+            panic!("a free read waits");
+        };
+        let mut waiting = reads.take(2);
+        assert!(Pin::new(&mut waiting).poll(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        drop(held);
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "the waiter was not woken"
+        );
+        assert!(Pin::new(&mut waiting).poll(&mut cx).is_ready());
     }
 
     /// A waiter dropped in the queue leaves it; one dropped after it was
@@ -340,7 +414,7 @@ mod tests {
         drop(handed);
         drop(served(after).await);
         assert_eq!(free(&reads), 1);
-        let state = format!("{:?}", reads.lock());
-        assert!(reads.lock().by_storage.is_empty(), "{state}");
+        let state = reads.lock();
+        assert!(state.by_storage.is_empty(), "{state:?}");
     }
 }
