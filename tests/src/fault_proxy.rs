@@ -5,8 +5,8 @@
 //! answers at all (before or in the middle of a body). Or it
 //! refuses everything with 403, to check that permanent errors are not
 //! retried. Or it only adds a round trip and a bandwidth (benchmarks at
-//! cloud latency). It counts what it saw, and the most object reads it had
-//! in flight at once.
+//! cloud latency). It counts what it saw, the object reads in flight and
+//! ended, and the most it had in flight at once.
 use std::sync::{
     Arc,
     atomic::{AtomicU64, Ordering},

@@ -106,8 +106,8 @@ impl Reads {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while the lock is held leaves counts that are still
-        // whole (no step of a change can panic half-way).
+        // Poisoned only by a debug check of a broken count: the counts are
+        // used as they are rather than failing every later read.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
