@@ -33,7 +33,9 @@ pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
 /// limits of `settings.http` (header, idle and body timeouts, connection
 /// cap; see `labelsync::http`). In embedded mode
 /// (or with `LABELSYNC_EMBEDDED_WORKERS=true`) it also runs a worker, which is
-/// stopped after the HTTP server and allowed to finish its jobs.
+/// stopped after the HTTP server and allowed to finish its jobs. The
+/// worker's errors are logged, not returned: it is started again after one
+/// while the API serves, and one it stops with ends nothing but itself.
 pub async fn serve(
     settings: Settings,
     listener: TcpListener,
@@ -50,7 +52,7 @@ pub async fn serve(
     }
     let state = state(settings).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut workers = JoinSet::new();
+    let mut workers: JoinSet<labelsync::Result<()>> = JoinSet::new();
     if state.settings.embedded_workers {
         let ctx = JobContext::new(
             state.db.clone(),
@@ -72,7 +74,15 @@ pub async fn serve(
                     })
                     .await;
                 if *stop.borrow() {
-                    return result;
+                    // Not a failure of the stop: the worker's last acks can
+                    // meet a Redis that restarted without their jobs (its
+                    // last writes lost, or the jobs handed out again), and
+                    // apalis refuses them; the jobs' work is committed, and
+                    // a copy handed out again finds its run ended.
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "in-process worker stopped with an error");
+                    }
+                    return Ok(());
                 }
                 match &result {
                     Ok(()) => tracing::error!(?pause, "in-process worker stopped; starting it again"),
