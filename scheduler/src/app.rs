@@ -52,49 +52,18 @@ pub async fn serve(
     }
     let state = state(settings).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut workers: JoinSet<labelsync::Result<()>> = JoinSet::new();
+    let mut workers = JoinSet::new();
     if state.settings.embedded_workers {
         let ctx = JobContext::new(
             state.db.clone(),
             (*state.settings).clone(),
             Some(state.queue.clone()),
         );
-        let queue = state.queue.clone();
-        let mut stop = stop_rx.clone();
-        // The in-process worker is started again when it dies (its queue
-        // connection broke: Redis restarting); the API keeps serving, with
-        // `/readyz` saying not ready until the queue answers again.
-        workers.spawn(async move {
-            let mut pause = Duration::from_secs(1);
-            loop {
-                let mut stopped = stop.clone();
-                let result = queue
-                    .run_worker(ctx.clone(), async move {
-                        let _ = stopped.wait_for(|s| *s).await;
-                    })
-                    .await;
-                if *stop.borrow() {
-                    // Not a failure of the stop: the worker's last acks can
-                    // meet a Redis that restarted without their jobs (its
-                    // last writes lost, or the jobs handed out again), and
-                    // apalis refuses them; the jobs' work is committed, and
-                    // a copy handed out again finds its run ended.
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, "in-process worker stopped with an error");
-                    }
-                    return Ok(());
-                }
-                match &result {
-                    Ok(()) => tracing::error!(?pause, "in-process worker stopped; starting it again"),
-                    Err(e) => tracing::error!(error = %e, ?pause, "in-process worker failed; starting it again"),
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    _ = stop.wait_for(|s| *s) => return Ok(()),
-                }
-                pause = (pause * 2).min(Duration::from_secs(30));
-            }
-        });
+        workers.spawn(run_in_process_worker(
+            ctx,
+            state.queue.clone(),
+            stop_rx.clone(),
+        ));
     }
     let ticker = tokio::spawn(crate::periodic::run(
         state.clone(),
@@ -112,8 +81,49 @@ pub async fn serve(
     follower.abort();
     let _ = stop_tx.send(true);
     while let Some(done) = workers.join_next().await {
-        done.context("worker task panicked")?
-            .context("in-process worker failed")?;
+        done.context("worker task panicked")?;
     }
     Ok(())
+}
+
+/// Runs the in-process worker until `stop` says so, starting it again when
+/// it dies (its queue connection broke: Redis restarting); the API keeps
+/// serving meanwhile, with `/readyz` saying not ready until the queue
+/// answers again.
+async fn run_in_process_worker(
+    ctx: std::sync::Arc<JobContext>,
+    queue: Queue,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut pause = Duration::from_secs(1);
+    loop {
+        let mut stopped = stop.clone();
+        let result = queue
+            .run_worker(ctx.clone(), async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+        if *stop.borrow() {
+            // Not a failure of the stop: the worker's last acks can meet a
+            // Redis that restarted without their jobs (its last writes
+            // lost, or the jobs handed out again), and apalis refuses them;
+            // the jobs' work is committed, and a copy handed out again
+            // finds its run ended.
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "in-process worker stopped with an error");
+            }
+            return;
+        }
+        match &result {
+            Ok(()) => tracing::error!(?pause, "in-process worker stopped; starting it again"),
+            Err(e) => {
+                tracing::error!(error = %e, ?pause, "in-process worker failed; starting it again")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
 }
