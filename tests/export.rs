@@ -5,7 +5,7 @@
 //! export sync through every remote backend.
 #![allow(clippy::unwrap_used)]
 
-use std::{future::Future, path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc};
 
 use labelsync::storage::{BackendKind, Storage};
 use labelsync_tests::{
@@ -14,7 +14,7 @@ use labelsync_tests::{
         AZURITE_ACCOUNT, AZURITE_KEY, DatabricksFake, bucket_name, create_azure_container,
         create_gcs_bucket, create_s3_bucket, endpoint, open, read_object,
     },
-    spawn_app,
+    eventually, spawn_app,
 };
 use sea_orm::{ConnectionTrait, Database, TransactionTrait};
 use serde_json::{Value, json};
@@ -73,22 +73,6 @@ async fn annotate(app: &TestApp, task: i64, label: &str) -> i64 {
         .await;
     assert_eq!(status, 201, "{a}");
     a["id"].as_i64().unwrap()
-}
-
-/// Polls `check` until it holds; panics with `what` after 30 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn read_json(path: &Path) -> Option<Value> {

@@ -9,7 +9,7 @@ use std::{
 mod partitions;
 
 use labelsync_tests::{
-    AppOptions, TestApp, binary,
+    AppOptions, TestApp, binary, eventually_every,
     fault_proxy::{FaultProxy, Mode},
     repo_root, spawn_app, spawn_ready_worker, spawn_worker,
     synthetic_s3::Latency,
@@ -1586,17 +1586,16 @@ async fn a_slow_storage_does_not_take_the_reads_of_a_fast_one_beside_it() {
     let (fast, fast_proxy) = tasks_behind_latency(&app, "fast", 16, 20).await;
     let slow_run = app.start_sync(&slow["id"]).await;
     // The slow storage's first round fills the pool; 40 reads wait.
-    until(
-        || slow_proxy.reads().0 >= 20,
-        "the slow storage reading 20 objects at once",
-    )
+    let every = Duration::from_millis(5);
+    eventually_every("the slow storage reading 20 objects at once", every, || {
+        std::future::ready(slow_proxy.reads().0 >= 20)
+    })
     .await;
     let (_, slow_before) = slow_proxy.reads();
     let fast_run = app.start_sync(&fast["id"]).await;
-    until(
-        || fast_proxy.reads() != (0, 0),
-        "the fast storage's first read",
-    )
+    eventually_every("the fast storage's first read", every, || {
+        std::future::ready(fast_proxy.reads() != (0, 0))
+    })
     .await;
     let slow_reads = slow_proxy.reads().1 - slow_before;
     // Fair: the first slow reads back go to the fast storage; the first
@@ -1614,17 +1613,6 @@ async fn a_slow_storage_does_not_take_the_reads_of_a_fast_one_beside_it() {
     }
     drop(worker);
     app.stop().await;
-}
-
-/// Waits (up to 30 s, looking every 5 ms) until `done` says so.
-async fn until(done: impl Fn() -> bool, what: &str) {
-    let waited = tokio::time::timeout(Duration::from_secs(30), async {
-        while !done() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "30 s without {what}");
 }
 
 /// A batch job that ends says so on Redis, and the run's job, waiting for

@@ -174,7 +174,8 @@ pub struct WorkerSettings {
     /// `LABELSYNC_FETCH_CONCURRENCY` (default 16): Tasks-mode object reads
     /// per job slot. A worker fetches and parses at most `concurrency` x
     /// this many objects at once, from one pool its jobs share
-    /// (`ingest::reads`), first come, first served.
+    /// (`ingest::reads`): first come, first served within a storage, equal
+    /// parts between storages waiting side by side.
     pub fetch_concurrency: usize,
     /// `LABELSYNC_EXPORT_CONCURRENCY` (default 64): uploads or deletes one
     /// export run has in flight. A run exports at most this many objects

@@ -485,6 +485,33 @@ async fn split(resp: reqwest::Response) -> (u16, Value) {
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// Polls `check` every 100 ms until it holds; panics naming `what` after
+/// 30 s.
+pub async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    eventually_every(what, Duration::from_millis(100), check).await;
+}
+
+/// [`eventually`], polling every `every` (for a test that measures the
+/// moment the condition comes true).
+pub async fn eventually_every<F, Fut>(what: &str, every: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Writes `n` small files under `dir`, spread over sub-directories of 1,000.
 pub fn write_files(dir: &Path, n: usize, ext: &str) {
     for i in 0..n {
