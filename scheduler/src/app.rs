@@ -95,6 +95,7 @@ async fn run_in_process_worker(
     queue: Queue,
     mut stop: watch::Receiver<bool>,
 ) {
+    labelsync::storage::s3::warm_up(&ctx.storage_env).await;
     let mut pause = Duration::from_secs(1);
     loop {
         let mut stopped = stop.clone();

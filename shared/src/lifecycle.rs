@@ -89,6 +89,7 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
         settings.http,
     ));
     let ctx: Arc<JobContext> = JobContext::new(db, settings, Some(queue.clone()));
+    crate::storage::s3::warm_up(&ctx.storage_env).await;
     let result = queue.run_worker(ctx, shutdown_signal()).await;
     probes.abort();
     result

@@ -103,6 +103,7 @@ async fn warm_one(txn: sea_orm::DatabaseTransaction) -> Result<()> {
     batches::count_attempt(&txn, -1, Some(chrono::Utc::now())).await?;
     batches::mark_done(&txn, -1, "").await?;
     runs::checkpoint(&txn, "", &runs::Counters::default(), None, None).await?;
+    tasks::warm_up(&txn).await?;
     for table in ["tasks", "import_links", "object_errors"] {
         let probe = format!("SELECT 1 FROM {table} WHERE id = -1");
         txn.execute_unprepared(&probe).await?;

@@ -538,8 +538,8 @@ pub fn to_json(run: &sync_run::Model) -> serde_json::Value {
     })
 }
 
-/// The storage a run works on and its project; `NotFound` when either was
-/// deleted (the run goes with them).
+/// The storage a run works on and its project, in one statement;
+/// `NotFound` when either was deleted (the run goes with them).
 pub async fn owners(
     db: &impl ConnectionTrait,
     storage_id: i64,
@@ -548,13 +548,12 @@ pub async fn owners(
     super::entities::project::Model,
 )> {
     use super::entities::{project, storage};
-    let storage = storage::Entity::find_by_id(storage_id)
+    let (storage, project) = storage::Entity::find_by_id(storage_id)
+        .find_also_related(project::Entity)
         .one(db)
         .await?
         .ok_or_else(|| Error::NotFound(format!("storage {storage_id} was deleted")))?;
-    let project = project::Entity::find_by_id(storage.project_id)
-        .one(db)
-        .await?
+    let project = project
         .ok_or_else(|| Error::NotFound(format!("project {} was deleted", storage.project_id)))?;
     Ok((storage, project))
 }

@@ -41,7 +41,22 @@ pub struct Model {
     pub updated_at: DateTimeUtc,
 }
 
+/// Only for reads that take a storage with its project in one statement
+/// (`db::runs::owners`); the key itself is the schema's (migrations).
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-pub enum Relation {}
+pub enum Relation {
+    #[sea_orm(
+        belongs_to = "super::project::Entity",
+        from = "Column::ProjectId",
+        to = "super::project::Column::Id"
+    )]
+    Project,
+}
+
+impl Related<super::project::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::Project.def()
+    }
+}
 
 impl ActiveModelBehavior for ActiveModel {}
