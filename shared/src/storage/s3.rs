@@ -211,8 +211,8 @@ impl S3Storage {
 /// use: the system's CA certificates read and parsed (the SDK's client at
 /// its build, the signed GETs' client at its first request), and the SDK's
 /// endpoint rules and signing set up. A fresh worker's first batches did it
-/// while they started together (10-30 ms of CPU apiece on the busy machine,
-/// before their first read). Nothing is sent: the storage opened is a
+/// while they started together, 15-30 ms before their first read on the
+/// busy benchmark machine. Nothing is sent: the storage opened is a
 /// made-up bucket with made-up keys, and a presigned URL is computed
 /// locally. Best effort: a failure is only logged.
 pub async fn warm_up(env: &StorageEnv) {
