@@ -413,16 +413,16 @@ pub async fn execute_batch(
     // whoever claimed it.
     let running = run.status == RunStatus::Running.as_str();
     let stale_before = running.then(|| ctx.settings.worker.stale_before());
-    // Both at once, on two connections: a fresh fleet's first batches all
-    // wait for these round trips before their first read.
-    let (attempt, owners) = tokio::join!(
-        batches::count_attempt(&ctx.db, batch_id, stale_before),
-        owners(ctx, &run),
-    );
-    let Some(batch) = attempt.map_err(RetryLater)? else {
+    // One after the other: done at once, a fresh worker's first batches
+    // needed more connections than it keeps warm (db::connect_worker) and
+    // opened new ones in the middle of their first reads.
+    let Some(batch) = batches::count_attempt(&ctx.db, batch_id, stale_before)
+        .await
+        .map_err(RetryLater)?
+    else {
         return Ok(()); // already done (a duplicate job), or its run's job runs it
     };
-    let (storage, project) = match owners {
+    let (storage, project) = match owners(ctx, &run).await {
         Err(Error::NotFound(_)) => return Ok(()), // deleted meanwhile
         other => other.map_err(RetryLater)?,
     };
