@@ -1536,6 +1536,27 @@ async fn the_in_process_worker_registers_in_embedded_mode() {
     app.stop().await;
 }
 
+/// An app (no in-process worker) and one worker of `slots` job slots that
+/// reads `fetch` objects per slot: a read pool of `slots` x `fetch`.
+async fn app_with_pooled_worker(
+    name: &str,
+    slots: usize,
+    fetch: usize,
+) -> (TestApp, labelsync_tests::Worker) {
+    let app = partitions::app_with(false, &[]).await;
+    let (slots, fetch) = (slots.to_string(), fetch.to_string());
+    let worker = spawn_ready_worker(
+        &app,
+        name,
+        &[
+            ("LABELSYNC_WORKER_CONCURRENCY", slots.as_str()),
+            ("LABELSYNC_FETCH_CONCURRENCY", fetch.as_str()),
+        ],
+    )
+    .await;
+    (app, worker)
+}
+
 /// A worker's jobs share one pool of object reads, `LABELSYNC_WORKER_CONCURRENCY`
 /// x `LABELSYNC_FETCH_CONCURRENCY` (`ingest::reads`): a batch reading
 /// alone reads more than `FETCH_CONCURRENCY` objects at once (it ran in
@@ -1543,16 +1564,7 @@ async fn the_in_process_worker_registers_in_embedded_mode() {
 /// reads more than the pool at once, however many batches run together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_alone_reads_with_the_whole_pool_of_its_worker() {
-    let app = partitions::app_with(false, &[]).await;
-    let worker = spawn_ready_worker(
-        &app,
-        "pooled",
-        &[
-            ("LABELSYNC_WORKER_CONCURRENCY", "4"),
-            ("LABELSYNC_FETCH_CONCURRENCY", "4"),
-        ],
-    )
-    .await;
+    let (app, worker) = app_with_pooled_worker("pooled", 4, 4).await;
     // Batches of 4 rounds of 4 reads: 16 files are one batch, 96 are six,
     // more than the worker has slots.
     for (files, at_least) in [(16, 5), (96, 1)] {
@@ -1578,18 +1590,9 @@ async fn a_batch_alone_reads_with_the_whole_pool_of_its_worker() {
 /// after its second round, a whole slow round trip later).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_storage_does_not_take_the_reads_of_a_fast_one_beside_it() {
-    let app = partitions::app_with(false, &[]).await;
     // 8 slots of 3 reads: a pool of 24, batches of 16. The slow sync takes
     // 5 slots (its job and 4 batches), the fast one 2 of the other 3.
-    let worker = spawn_ready_worker(
-        &app,
-        "fair",
-        &[
-            ("LABELSYNC_WORKER_CONCURRENCY", "8"),
-            ("LABELSYNC_FETCH_CONCURRENCY", "3"),
-        ],
-    )
-    .await;
+    let (app, worker) = app_with_pooled_worker("fair", 8, 3).await;
     let (slow, slow_proxy) = tasks_behind_latency(&app, "slow", 64, 2000).await;
     let (fast, fast_proxy) = tasks_behind_latency(&app, "fast", 16, 20).await;
     let slow_run = app.start_sync(&slow["id"]).await;

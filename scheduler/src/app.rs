@@ -8,7 +8,7 @@ use labelsync::{
     db,
     jobs::{JobContext, Queue},
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{net::TcpListener, sync::watch};
 
 use crate::api::{self, AppState};
 
@@ -52,19 +52,18 @@ pub async fn serve(
     }
     let state = state(settings).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut workers = JoinSet::new();
-    if state.settings.embedded_workers {
+    let worker = state.settings.embedded_workers.then(|| {
         let ctx = JobContext::new(
             state.db.clone(),
             (*state.settings).clone(),
             Some(state.queue.clone()),
         );
-        workers.spawn(run_in_process_worker(
+        tokio::spawn(run_in_process_worker(
             ctx,
             state.queue.clone(),
             stop_rx.clone(),
-        ));
-    }
+        ))
+    });
     let ticker = tokio::spawn(crate::periodic::run(
         state.clone(),
         state.settings.schedule_tick,
@@ -80,8 +79,8 @@ pub async fn serve(
     ticker.abort();
     follower.abort();
     let _ = stop_tx.send(true);
-    while let Some(done) = workers.join_next().await {
-        done.context("worker task panicked")?;
+    if let Some(worker) = worker {
+        worker.await.context("worker task panicked")?;
     }
     Ok(())
 }
