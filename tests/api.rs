@@ -1477,7 +1477,7 @@ async fn start_a_scheduler_of_its_own_and_read_its_metrics()
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start labelsync-scheduler serve");
-    let server = labelsync_tests::Worker(server);
+    let server = labelsync_tests::Worker(server, None);
     let mut text = None;
     for _ in 0..200 {
         if let Ok(resp) = reqwest::get(format!("http://{addr}/metrics")).await {

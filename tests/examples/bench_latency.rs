@@ -12,7 +12,10 @@
 //! (default 0), the fleet first syncs that many files of another storage
 //! of the same server, untimed: the measured sync then finds the workers'
 //! connections, prepared statements and memory as a fleet that has been
-//! running has them (a fresh fleet's first sync pays for them).
+//! running has them (a fresh fleet's first sync pays for them). A second
+//! line has the run's timeline, the workers' CPU per object, and
+//! `worker_get_ms`: the mean GET round trip as the workers timed it (the
+//! server's RTT_MS plus what a busy machine adds on either side).
 //!
 //! `bench latency-files N PREFIXES WORKERS RTT_MS [PARTITIONS]`: a
 //! Files-mode sync of N objects spread over PREFIXES top-level prefixes of
@@ -64,11 +67,14 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64, warm_up: usize) {
     }
     let storage = json!({ "prefix": "tasks/", "import_method": "tasks" });
     let worker_cpu = cpu_seconds(&fleet);
+    let gets = fleet_gets(&fleet).await;
     let (before, secs, storage, busy) = timed_sync(&app, &server, storage, objects).await;
     let worker_cpu = cpu_seconds(&fleet) - worker_cpu;
+    let gets = fleet_gets(&fleet).await - gets;
     report(&server, before, secs, objects, workers, rtt, busy);
     let mut timeline = timeline(&app, &storage).await;
     timeline["worker_cpu_us_per_object"] = json!((worker_cpu * 1e6 / objects as f64).round());
+    timeline["worker_get_ms"] = json!((gets.mean_ms() * 10.0).round() / 10.0);
     println!("{timeline}");
     drop(fleet);
     app.stop().await;
@@ -182,6 +188,65 @@ async fn timed_sync(
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], objects as i64, "{run}");
     (before, secs, storage["id"].clone(), busy)
+}
+
+/// The fleet's GET requests so far and their seconds, as the workers timed
+/// them (their `labelsync_storage_request_duration_seconds` histograms):
+/// the round trip each read saw, the server's delay plus what a busy
+/// machine adds on either side.
+#[derive(Debug, Clone, Copy, Default)]
+struct Gets {
+    count: f64,
+    seconds: f64,
+}
+
+impl Gets {
+    fn mean_ms(self) -> f64 {
+        if self.count > 0.0 {
+            self.seconds / self.count * 1000.0
+        } else {
+            0.0
+        }
+    }
+}
+
+impl std::ops::Sub for Gets {
+    type Output = Gets;
+    fn sub(self, before: Gets) -> Gets {
+        Gets {
+            count: self.count - before.count,
+            seconds: self.seconds - before.seconds,
+        }
+    }
+}
+
+/// [`Gets`] summed over the fleet's `/metrics`.
+async fn fleet_gets(fleet: &[labelsync_tests::Worker]) -> Gets {
+    let mut total = Gets::default();
+    for worker in fleet {
+        let addr = worker
+            .metrics_addr()
+            .expect("a worker with a metrics listener");
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .expect("the worker's metrics")
+            .text()
+            .await
+            .expect("the worker's metrics");
+        for line in text.lines().filter(|l| l.contains("operation=\"get\"")) {
+            let value = || -> f64 {
+                let number = line.rsplit(' ').next().unwrap_or_default();
+                number.parse().expect("a metric's value")
+            };
+            if line.starts_with("labelsync_storage_request_duration_seconds_sum{") {
+                total.seconds += value();
+            } else if line.starts_with("labelsync_storage_request_duration_seconds_count{") {
+                total.count += value();
+            }
+        }
+    }
+    total
 }
 
 /// The machine's busy and total CPU ticks so far (`/proc/stat`).

@@ -538,9 +538,15 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// A `labelsync-worker` process, killed when dropped so a failing test
 /// leaves none behind.
-pub struct Worker(pub std::process::Child);
+pub struct Worker(pub std::process::Child, pub Option<String>);
 
 impl Worker {
+    /// Where its `/metrics` answers (`host:port`), when
+    /// [`spawn_ready_worker`] started it.
+    pub fn metrics_addr(&self) -> Option<&str> {
+        self.1.as_deref()
+    }
+
     /// SIGKILL, and wait for it to be gone.
     pub fn kill(&mut self) {
         self.0.kill().expect("SIGKILL the worker");
@@ -585,7 +591,7 @@ pub fn spawn_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
             cmd.env(key, value);
         }
     }
-    Worker(cmd.spawn().expect("start labelsync-worker"))
+    Worker(cmd.spawn().expect("start labelsync-worker"), None)
 }
 
 /// [`spawn_worker`], returning once the worker's `/readyz` says 200, so
@@ -598,7 +604,8 @@ pub async fn spawn_ready_worker(app: &TestApp, name: &str, env: &[(&str, &str)])
     let bind = format!("127.0.0.1:{port}");
     let mut env = env.to_vec();
     env.push(("LABELSYNC_METRICS_BIND", &bind));
-    let worker = spawn_worker(app, name, &env);
+    let mut worker = spawn_worker(app, name, &env);
+    worker.1 = Some(bind.clone());
     let client = reqwest::Client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
