@@ -15,6 +15,9 @@
 //!   refused until the old name is declared dead;
 //! - `persist_results` stays on (off, completed ids linger in the inflight set
 //!   and run again when that worker is declared dead);
+//! - `lock_tasks` off: the lock is a second script per job in the worker's
+//!   fetch loop (with a backlog-long `LREM` in it), and nothing reads it
+//!   (depth and dead workers go by the inflight sets);
 //! - a 30 s Redis response timeout instead of redis-rs' 500 ms, which ends the
 //!   worker stream silently on any Redis stall; and if the worker stream ends
 //!   anyway, [`Queue::run_worker`] returns an error so the process exits non-zero.
@@ -83,6 +86,7 @@ impl Queue {
                     .heartbeat_interval(w.heartbeat)
                     .missed_heartbeats(w.missed_heartbeats)
                     .persist_results(true)
+                    .lock_tasks(false)
                     .idempotency_ttl(Some(Duration::from_secs(3600)));
                 let storage = RedisStorage::new(conn.clone()).with_config(config);
                 Ok(Queue::Redis {
