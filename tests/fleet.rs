@@ -821,6 +821,71 @@ async fn readyz_waits_for_the_migrations() {
     app.stop().await;
 }
 
+/// A worker's `/readyz` says 200 only once the worker has registered (so
+/// whoever waited for it finds it in the fleet's list): while its
+/// registration is held back by a lock on `fleet_workers`, it stays 503 and
+/// says `"taking_jobs": false`. It said 200 from its listener's start,
+/// before its S3 warm-up and registration, and a worker waited for was now
+/// and then missing from the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_not_ready_before_it_registers() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let db = Database::connect(&app.database_url).await.expect("db");
+    let txn = sea_orm::TransactionTrait::begin(&db).await.expect("begin");
+    // Readers pass, the worker's registration (an upsert) waits.
+    txn.execute_unprepared("LOCK TABLE fleet_workers IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let _worker = spawn_worker(&app, "held", &[("LABELSYNC_METRICS_BIND", &bind)]);
+    let client = reqwest::Client::new();
+    let readyz = async || -> Option<(u16, Value)> {
+        let resp = client
+            .get(format!("http://{bind}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        Some((resp.status().as_u16(), resp.json().await.ok()?))
+    };
+    let mut answered = None;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        if let Some((status, body)) = readyz().await {
+            assert_ne!(status, 200, "ready before it registered: {body}");
+            answered = Some(body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = answered.expect("the worker's listener answered");
+    assert_eq!(body["taking_jobs"], false, "{body}");
+    assert_eq!(body["database"], true, "{body}");
+    txn.commit().await.expect("unlock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((200, body)) = readyz().await {
+            assert_eq!(body["taking_jobs"], true, "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready after its registration"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, list) = app.get("/api/v1/workers").await;
+    let listed = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .any(|w| w["name"].as_str().is_some_and(|n| n.starts_with("held-")));
+    assert!(listed, "ready but not registered: {list}");
+    app.stop().await;
+}
+
 /// A worker serves `/healthz`, `/readyz` and `/metrics` on its own listener;
 /// its job metrics and the queue depth are there after it ran a sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -841,6 +906,8 @@ async fn worker_serves_probes_and_metrics() {
     assert_eq!(get("/healthz").await.expect("healthz").status(), 200);
     let ready = get("/readyz").await.expect("readyz");
     assert_eq!(ready.status(), 200);
+    let ready: Value = ready.json().await.expect("a JSON body");
+    assert_eq!(ready["taking_jobs"], true, "{ready}");
     let text = get("/metrics")
         .await
         .expect("metrics")

@@ -82,13 +82,14 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
         )
     })?;
     tracing::info!(addr = %listener.local_addr().map_or(bind, |a| a), "metrics and probes listening");
+    let http = settings.http;
+    let ctx: Arc<JobContext> = JobContext::new(db, settings, Some(queue.clone()));
     let probes = tokio::spawn(serve_worker_listener(
         listener,
-        db.clone(),
+        ctx.clone(),
         queue.clone(),
-        settings.http,
+        http,
     ));
-    let ctx: Arc<JobContext> = JobContext::new(db, settings, Some(queue.clone()));
     crate::storage::s3::warm_up(&ctx.storage_env).await;
     let result = queue.run_worker(ctx, shutdown_signal()).await;
     probes.abort();
@@ -113,13 +114,32 @@ pub async fn metrics_response(
     )
 }
 
+/// A worker's `/readyz`: [`readiness`], plus `"taking_jobs"`, false (and
+/// 503) until the worker has registered and once it drains: a worker
+/// started a moment ago answered 200 before it was in the fleet's list and
+/// took jobs.
+async fn worker_readiness(
+    ctx: &JobContext,
+    queue: &Queue,
+) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    let (mut status, axum::Json(mut body)) = readiness(&ctx.db, queue).await;
+    use std::sync::atomic::Ordering::Acquire;
+    // A draining worker (SIGTERM) takes no more jobs either.
+    let taking = ctx.taking_jobs.load(Acquire) && !ctx.stopping.load(Acquire);
+    body["taking_jobs"] = taking.into();
+    if !taking {
+        status = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    (status, axum::Json(body))
+}
+
 /// The worker's own small HTTP listener: `/metrics`, `/healthz` (the process
-/// answers) and `/readyz` ([`readiness`]), for Prometheus
-/// and the orchestrator's probes; with the API's limits ([`crate::http`])
-/// and its error body for unknown paths and methods.
+/// answers) and `/readyz` ([`worker_readiness`]), for Prometheus and the
+/// orchestrator's probes; with the API's limits ([`crate::http`]) and its
+/// error body for unknown paths and methods.
 pub async fn serve_worker_listener(
     listener: tokio::net::TcpListener,
-    db: sea_orm::DatabaseConnection,
+    ctx: Arc<JobContext>,
     queue: Queue,
     limits: crate::config::HttpLimits,
 ) {
@@ -140,8 +160,8 @@ pub async fn serve_worker_listener(
         .route(
             "/readyz",
             get(move || {
-                let (db, queue) = (db.clone(), queue.clone());
-                async move { readiness(&db, &queue).await }
+                let (ctx, queue) = (ctx.clone(), queue.clone());
+                async move { worker_readiness(&ctx, &queue).await }
             }),
         )
         .method_not_allowed_fallback(|| async {

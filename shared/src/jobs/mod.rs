@@ -108,6 +108,9 @@ pub struct JobContext {
     pub current: Arc<registry::Current>,
     /// The object reads its imports share (see [`crate::ingest::reads`]).
     pub reads: crate::ingest::reads::Reads,
+    /// Set while [`Queue::run_worker`] runs, from its registration on: a
+    /// worker's `/readyz` is 503 before (see `lifecycle`).
+    pub taking_jobs: AtomicBool,
 }
 
 impl JobContext {
@@ -122,6 +125,7 @@ impl JobContext {
             stopping: AtomicBool::new(false),
             current: Arc::default(),
             reads,
+            taking_jobs: AtomicBool::new(false),
         })
     }
 }

@@ -266,6 +266,8 @@ impl Queue {
             .record(concurrency as u64, &[]);
         let me = super::registry::Identity::new(&name, concurrency);
         super::registry::beat(&ctx.db, &me, &ctx.current).await;
+        // Registered: from here the worker's /readyz may say 200.
+        (ctx.taking_jobs).store(true, std::sync::atomic::Ordering::Release);
         let registration = super::AbortOnDrop(tokio::spawn(super::registry::keep_registered(
             ctx.db.clone(),
             me,
@@ -273,6 +275,7 @@ impl Queue {
             w.heartbeat,
         )));
         let db = ctx.db.clone();
+        let this_ctx = Arc::clone(&ctx);
         let (stopped, stop) = tokio::sync::oneshot::channel::<()>();
         let stopping = ctx.clone();
         let signal = async move {
@@ -310,6 +313,7 @@ impl Queue {
             }
         };
         drop(registration);
+        (this_ctx.taking_jobs).store(false, std::sync::atomic::Ordering::Release);
         super::registry::deregister(&db, &name).await;
         result.map_err(|e| Error::Transient(format!("worker {name} failed: {e}")))?;
         if stop.await.is_err() {
