@@ -836,11 +836,7 @@ async fn a_worker_is_not_ready_before_it_registers() {
     txn.execute_unprepared("LOCK TABLE fleet_workers IN EXCLUSIVE MODE")
         .await
         .expect("lock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let bind = format!("127.0.0.1:{port}");
+    let bind = labelsync_tests::free_local_addr();
     let _worker = spawn_worker(&app, "held", &[("LABELSYNC_METRICS_BIND", &bind)]);
     let client = reqwest::Client::new();
     let readyz = async || -> Option<(u16, Value)> {
@@ -892,11 +888,7 @@ async fn a_worker_is_not_ready_before_it_registers() {
 async fn worker_serves_probes_and_metrics() {
     let app = spawn_app(AppOptions::without_workers()).await;
     let storage = app.files_storage("metrics", 20).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let bind = format!("127.0.0.1:{port}");
+    let bind = labelsync_tests::free_local_addr();
     let _worker = spawn_worker(&app, "observed", &[("LABELSYNC_METRICS_BIND", &bind)]);
     let run = app.sync(&storage["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");

@@ -594,14 +594,20 @@ pub fn spawn_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
     Worker(cmd.spawn().expect("start labelsync-worker"), None)
 }
 
-/// [`spawn_worker`], returning once the worker's `/readyz` says 200, so
-/// the test knows it takes jobs (a worker process takes a moment to start).
-pub async fn spawn_ready_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
+/// `127.0.0.1:<a port free a moment ago>`, for a listener of a process a
+/// test starts.
+pub fn free_local_addr() -> String {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let bind = format!("127.0.0.1:{port}");
+    format!("127.0.0.1:{port}")
+}
+
+/// [`spawn_worker`], returning once the worker's `/readyz` says 200, so
+/// the test knows it takes jobs (a worker process takes a moment to start).
+pub async fn spawn_ready_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
+    let bind = free_local_addr();
     let mut env = env.to_vec();
     env.push(("LABELSYNC_METRICS_BIND", &bind));
     let mut worker = spawn_worker(app, name, &env);
