@@ -108,8 +108,9 @@ pub struct JobContext {
     pub current: Arc<registry::Current>,
     /// The object reads its imports share (see [`crate::ingest::reads`]).
     pub reads: crate::ingest::reads::Reads,
-    /// Set while [`Queue::run_worker`] runs, from its registration on: a
-    /// worker's `/readyz` is 503 before (see `lifecycle`).
+    /// Set once [`Queue::run_worker`] has registered the worker: its
+    /// `/readyz` is 503 before, and again once `stopping` (see `lifecycle`;
+    /// a worker whose `run_worker` returns exits).
     pub taking_jobs: AtomicBool,
 }
 

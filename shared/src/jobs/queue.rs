@@ -275,7 +275,6 @@ impl Queue {
             w.heartbeat,
         )));
         let db = ctx.db.clone();
-        let this_ctx = Arc::clone(&ctx);
         let (stopped, stop) = tokio::sync::oneshot::channel::<()>();
         let stopping = ctx.clone();
         let signal = async move {
@@ -313,7 +312,6 @@ impl Queue {
             }
         };
         drop(registration);
-        (this_ctx.taking_jobs).store(false, std::sync::atomic::Ordering::Release);
         super::registry::deregister(&db, &name).await;
         result.map_err(|e| Error::Transient(format!("worker {name} failed: {e}")))?;
         if stop.await.is_err() {
