@@ -860,18 +860,8 @@ async fn a_worker_is_not_ready_before_it_registers() {
     assert_eq!(body["taking_jobs"], false, "{body}");
     assert_eq!(body["database"], true, "{body}");
     txn.commit().await.expect("unlock");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some((200, body)) = readyz().await {
-            assert_eq!(body["taking_jobs"], true, "{body}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not ready after its registration"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let body = labelsync_tests::wait_ready(&bind, "held").await;
+    assert_eq!(body["taking_jobs"], true, "{body}");
     let (_, list) = app.get("/api/v1/workers").await;
     let listed = list["items"]
         .as_array()

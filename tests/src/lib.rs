@@ -612,12 +612,21 @@ pub async fn spawn_ready_worker(app: &TestApp, name: &str, env: &[(&str, &str)])
     env.push(("LABELSYNC_METRICS_BIND", &bind));
     let mut worker = spawn_worker(app, name, &env);
     worker.1 = Some(bind.clone());
+    wait_ready(&bind, name).await;
+    worker
+}
+
+/// Waits (60 s at most) until the worker listening on `bind` says 200 on
+/// `/readyz`; its answer.
+pub async fn wait_ready(bind: &str, name: &str) -> Value {
     let client = reqwest::Client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let ready = client.get(format!("http://{bind}/readyz")).send().await;
-        if ready.is_ok_and(|r| r.status() == 200) {
-            return worker;
+        if let Ok(ready) = ready
+            && ready.status() == 200
+        {
+            return ready.json().await.expect("a JSON /readyz body");
         }
         assert!(
             std::time::Instant::now() < deadline,
