@@ -1437,15 +1437,7 @@ async fn cli_sync_with_an_unknown_project_id_says_so_in_one_line() {
 
 /// The value of the first sample of `name` carrying every label of `labels`.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")))
-        .find(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
+    labelsync_tests::metric_samples(text, name, labels).next()
 }
 
 /// #14, item 14: a fresh scheduler lists its counters at 0 for every known

@@ -813,7 +813,6 @@ fn the_string_google_signs_and_the_signature(signed: &str) -> (String, Vec<u8>) 
         "GET\n{}\n{unsigned}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD",
         parsed.path()
     );
-    let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
     let scope = param("X-Goog-Credential")
         .split_once('/')
         .unwrap()
@@ -822,7 +821,7 @@ fn the_string_google_signs_and_the_signature(signed: &str) -> (String, Vec<u8>) 
     let to_sign = format!(
         "GOOG4-RSA-SHA256\n{}\n{scope}\n{}",
         param("X-Goog-Date"),
-        labelsync::storage::gcs::hex(digest.as_ref())
+        labelsync::security::sha256_hex(&[canonical.as_bytes()])
     );
     let signature: Vec<u8> = (0..signature.len())
         .step_by(2)

@@ -82,14 +82,8 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
         )
     })?;
     tracing::info!(addr = %listener.local_addr().map_or(bind, |a| a), "metrics and probes listening");
-    let http = settings.http;
     let ctx: Arc<JobContext> = JobContext::new(db, settings, Some(queue.clone()));
-    let probes = tokio::spawn(serve_worker_listener(
-        listener,
-        ctx.clone(),
-        queue.clone(),
-        http,
-    ));
+    let probes = tokio::spawn(serve_worker_listener(listener, ctx.clone(), queue.clone()));
     crate::storage::s3::warm_up(&ctx.storage_env).await;
     let result = queue.run_worker(ctx, shutdown_signal()).await;
     probes.abort();
@@ -135,15 +129,15 @@ async fn worker_readiness(
 
 /// The worker's own small HTTP listener: `/metrics`, `/healthz` (the process
 /// answers) and `/readyz` ([`worker_readiness`]), for Prometheus and the
-/// orchestrator's probes; with the API's limits ([`crate::http`]) and its
-/// error body for unknown paths and methods.
+/// orchestrator's probes; with the API's limits ([`crate::http`], the
+/// context's settings) and its error body for unknown paths and methods.
 pub async fn serve_worker_listener(
     listener: tokio::net::TcpListener,
     ctx: Arc<JobContext>,
     queue: Queue,
-    limits: crate::config::HttpLimits,
 ) {
     use axum::{Json, http::StatusCode, routing::get};
+    let limits = ctx.settings.http;
     let metrics_queue = queue.clone();
     let app = axum::Router::new()
         .route(

@@ -234,17 +234,11 @@ async fn fleet_gets(fleet: &[labelsync_tests::Worker]) -> Gets {
             .text()
             .await
             .expect("the worker's metrics");
-        for line in text.lines().filter(|l| l.contains("operation=\"get\"")) {
-            let value = || -> f64 {
-                let number = line.rsplit(' ').next().unwrap_or_default();
-                number.parse().expect("a metric's value")
-            };
-            if line.starts_with("labelsync_storage_request_duration_seconds_sum{") {
-                total.seconds += value();
-            } else if line.starts_with("labelsync_storage_request_duration_seconds_count{") {
-                total.count += value();
-            }
-        }
+        let gets = |name| {
+            labelsync_tests::metric_samples(&text, name, &[("operation", "get")]).sum::<f64>()
+        };
+        total.seconds += gets("labelsync_storage_request_duration_seconds_sum");
+        total.count += gets("labelsync_storage_request_duration_seconds_count");
     }
     total
 }

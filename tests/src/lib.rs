@@ -594,6 +594,24 @@ pub fn spawn_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
     Worker(cmd.spawn().expect("start labelsync-worker"), None)
 }
 
+/// The values of the samples of `name` in a Prometheus text scrape that
+/// carry every label of `labels`, in the scrape's order.
+pub fn metric_samples<'a>(
+    text: &'a str,
+    name: &'a str,
+    labels: &'a [(&'a str, &'a str)],
+) -> impl Iterator<Item = f64> + 'a {
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter(move |line| line.starts_with(&prefix))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
 /// `127.0.0.1:<a port free a moment ago>`, for a listener of a process a
 /// test starts.
 pub fn free_local_addr() -> String {

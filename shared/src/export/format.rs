@@ -34,6 +34,5 @@ pub fn annotation_json(a: &annotation::Model, task: Option<&task::Model>) -> Vec
 
 /// SHA-256 of the exported bytes, hex.
 pub fn content_hash(body: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, body);
-    crate::storage::gcs::hex(digest.as_ref())
+    crate::security::sha256_hex(&[body])
 }

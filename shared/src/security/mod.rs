@@ -15,9 +15,16 @@ pub fn sha256_hex(parts: &[&[u8]]) -> String {
     for part in parts {
         ctx.update(part);
     }
-    ctx.finish()
-        .as_ref()
+    hex(ctx.finish().as_ref())
+}
+
+/// `bytes` in lowercase hex, into one string.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
         .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }

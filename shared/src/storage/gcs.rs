@@ -505,7 +505,7 @@ impl Storage for GcsStorage {
             .sign(v4.string_to_sign())
             .await
             .map_err(|e| Error::Transient(format!("presign gs://{}/{key}: {e}", self.bucket)))?;
-        Ok(Some(v4.url(&hex(&signature))))
+        Ok(Some(v4.url(&crate::security::hex(&signature))))
     }
 
     fn task_uri(&self, key: &str) -> String {
@@ -574,13 +574,10 @@ impl V4Request {
     }
 
     pub fn string_to_sign(&self) -> String {
-        let digest =
-            ring::digest::digest(&ring::digest::SHA256, self.canonical_request().as_bytes());
+        let hash = crate::security::sha256_hex(&[self.canonical_request().as_bytes()]);
         format!(
-            "GOOG4-RSA-SHA256\n{}\n{}\n{}",
-            self.datetime,
-            self.scope,
-            hex(digest.as_ref())
+            "GOOG4-RSA-SHA256\n{}\n{}\n{hash}",
+            self.datetime, self.scope
         )
     }
 
@@ -590,15 +587,6 @@ impl V4Request {
             self.scheme, self.host, self.path, self.query
         )
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 /// The gcs backend as [`super::backend`] lists it.

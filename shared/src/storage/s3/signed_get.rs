@@ -29,7 +29,6 @@ use aws_sdk_s3::config::{
 use aws_sigv4::sign::v4;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header;
-use sha2::{Digest, Sha256};
 
 use super::error_codes::by_code;
 use crate::{
@@ -186,7 +185,7 @@ impl SignedGets {
         );
         let string_to_sign = format!(
             "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-            hex::encode(Sha256::digest(canonical.as_bytes()))
+            crate::security::sha256_hex(&[canonical.as_bytes()])
         );
         let signature =
             v4::calculate_signature(self.day_key(keys, day, now), string_to_sign.as_bytes());
