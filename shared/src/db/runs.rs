@@ -558,6 +558,29 @@ pub async fn owners(
     Ok((storage, project))
 }
 
+/// A run with the storage it works on and that storage's project, in one
+/// statement; `NotFound` when the run is gone, and no owners when either
+/// was deleted (the run goes with them).
+pub async fn with_owners(
+    db: &impl ConnectionTrait,
+    id: &str,
+) -> Result<(
+    sync_run::Model,
+    Option<(
+        super::entities::storage::Model,
+        super::entities::project::Model,
+    )>,
+)> {
+    use super::entities::{project, storage};
+    let (run, storage, project) = sync_run::Entity::find_by_id(id.to_owned())
+        .find_also_related(storage::Entity)
+        .and_also_related(project::Entity)
+        .one(db)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("run {id} not found")))?;
+    Ok((run, storage.zip(project)))
+}
+
 /// Admitted live runs with no sign of life (heartbeat, admission, or
 /// queueing time) since `cutoff`, oldest first, at most `limit`: their job
 /// may be lost. Held runs are not among them: they have no job yet, and

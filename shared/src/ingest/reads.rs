@@ -11,6 +11,14 @@
 //! slot takes its next job while the others still read, instead of every
 //! slot at once with the pool idle.
 //!
+//! A job's objects keep the order they had when the job started: it
+//! reserves a turn for each ([`Reads::turns`]) and waits for a read in
+//! that turn ([`Reads::take_in_turn`]). A job's waits only join the queue
+//! as it polls them, over several polls on a busy runtime (its stream
+//! yields now and then), so in order of arrival a job's later objects
+//! queued behind the next jobs' and all of a worker's first batches ended
+//! together, several round trips late, holding their slots.
+//!
 //! Between storages the pool is shared fairly: a free read goes to the
 //! waiting storage that holds the fewest (the earliest waiter breaks a
 //! tie). First come, first served across storages let a slow one take
@@ -58,11 +66,26 @@ struct State {
     wakers: HashMap<u64, Waker>,
 }
 
-/// One storage's part: reads held, and tickets waiting (oldest first).
+/// One storage's part: reads held, and tickets waiting (lowest first).
 #[derive(Debug, Default)]
 struct Share {
     held: usize,
     waiting: VecDeque<u64>,
+}
+
+/// Turns reserved by [`Reads::turns`], one per object, in order.
+#[derive(Debug, Clone, Copy)]
+pub struct Turns {
+    first: u64,
+    count: u64,
+}
+
+impl Turns {
+    /// The `i`th turn (counting from 0); `None` past the reserved ones.
+    pub fn nth(&self, i: usize) -> Option<u64> {
+        let i = u64::try_from(i).ok().filter(|i| *i < self.count)?;
+        Some(self.first + i)
+    }
 }
 
 impl Reads {
@@ -101,6 +124,28 @@ impl Reads {
         Take {
             reads: self,
             storage,
+            turn: None,
+            ticket: None,
+        }
+    }
+
+    /// Reserves `count` turns in the queue, after every ticket given so far.
+    pub fn turns(&self, count: usize) -> Turns {
+        let count = u64::try_from(count).unwrap_or(u64::MAX);
+        let mut state = self.lock();
+        let first = state.next_ticket;
+        state.next_ticket = first.saturating_add(count);
+        Turns { first, count }
+    }
+
+    /// Waits for a read as [`Self::take`] does, queued by `turn` (one of
+    /// [`Self::turns`]) rather than by when it is first polled: it goes
+    /// before waiters of the storage with a later turn or ticket.
+    pub fn take_in_turn(&self, storage: i64, turn: u64) -> Take<'_> {
+        Take {
+            reads: self,
+            storage,
+            turn: Some(turn),
             ticket: None,
         }
     }
@@ -143,13 +188,17 @@ impl State {
         true
     }
 
-    /// Queues a waiter for a read of `storage`, woken by `waker`; its
-    /// ticket.
-    fn queue(&mut self, storage: i64, waker: &Waker) -> u64 {
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
+    /// Queues a waiter for a read of `storage`, woken by `waker`, in
+    /// `turn` (else as the newest); its ticket.
+    fn queue(&mut self, storage: i64, turn: Option<u64>, waker: &Waker) -> u64 {
+        let ticket = turn.unwrap_or_else(|| {
+            let next = self.next_ticket;
+            self.next_ticket += 1;
+            next
+        });
         let share = self.by_storage.entry(storage).or_default();
-        share.waiting.push_back(ticket);
+        let at = share.waiting.partition_point(|t| *t < ticket);
+        share.waiting.insert(at, ticket);
         self.wakers.insert(ticket, waker.clone());
         ticket
     }
@@ -227,6 +276,8 @@ impl Drop for Read<'_> {
 pub struct Take<'a> {
     reads: &'a Reads,
     storage: i64,
+    /// Its place in the queue, if reserved ([`Reads::take_in_turn`]).
+    turn: Option<u64>,
     /// Set once queued.
     ticket: Option<u64>,
 }
@@ -240,7 +291,7 @@ impl<'a> Future for Take<'a> {
         let ready = match self.ticket {
             None if state.take_free(storage) => true,
             None => {
-                self.ticket = Some(state.queue(storage, cx.waker()));
+                self.ticket = Some(state.queue(storage, self.turn, cx.waker()));
                 false
             }
             Some(ticket) => state.served(ticket, cx.waker()),
@@ -364,6 +415,42 @@ mod tests {
         drop(a);
         let _c = served(fast_c).await;
         assert_eq!(free(&reads), 0);
+    }
+
+    /// A job's reads wait in the turns it reserved when it started, not in
+    /// the order they are first polled: the later job's waiter, queued
+    /// first, is served after them; a plain wait queues after every turn
+    /// reserved before it.
+    #[tokio::test]
+    async fn reads_wait_in_the_turns_their_job_reserved() {
+        let reads = Reads::new(1);
+        let held = reads.take(1).await;
+        let (early, late) = (reads.turns(2), reads.turns(1));
+        assert_eq!(early.nth(2), None, "past the reserved turns");
+        let later_job = reads.take_in_turn(1, late.nth(0).unwrap());
+        let plain = reads.take(1);
+        let second = reads.take_in_turn(1, early.nth(1).unwrap());
+        let first = reads.take_in_turn(1, early.nth(0).unwrap());
+        tokio::pin!(later_job, plain, second, first);
+        for (name, pending) in [
+            ("later job", futures::poll!(later_job.as_mut()).is_pending()),
+            ("plain", futures::poll!(plain.as_mut()).is_pending()),
+            ("second", futures::poll!(second.as_mut()).is_pending()),
+            ("first", futures::poll!(first.as_mut()).is_pending()),
+        ] {
+            assert!(pending, "{name}: the pool is taken");
+        }
+        drop(held);
+        let read = served(first).await;
+        assert!(futures::poll!(later_job.as_mut()).is_pending());
+        drop(read);
+        let read = served(second).await;
+        drop(read);
+        let read = served(later_job).await;
+        assert!(futures::poll!(plain.as_mut()).is_pending());
+        drop(read);
+        drop(served(plain).await);
+        assert_eq!(free(&reads), 1);
     }
 
     /// A waiter is woken when a read comes back for it.

@@ -93,13 +93,24 @@ impl Importer<'_, '_> {
     /// it: one bad request must not fail the other objects of the page or
     /// batch. Rows an earlier try committed are found by their links.
     /// `Ok(None)`: the run stopped (cancelled). Object problems are in the
-    /// result; `Err` fails the attempt.
-    pub async fn import(&self, object: ObjectMeta) -> Result<Option<ObjectResult>> {
+    /// result; `Err` fails the attempt. `turn`: the object's place in the
+    /// process's read pool, reserved with its job's other objects (see
+    /// `reads::Reads::turns`).
+    pub async fn import(
+        &self,
+        object: ObjectMeta,
+        turn: Option<u64>,
+    ) -> Result<Option<ObjectResult>> {
         let mut attempt = 1;
         loop {
             let may_exist = self.may_exist || attempt > 1;
-            // One of the process's reads per attempt, none during the pause.
-            let read = self.job.reads.take(self.job.storage.id).await;
+            // One of the process's reads per attempt, none during the pause;
+            // the first in the object's turn, a retry as the newest waiter.
+            let storage = self.job.storage.id;
+            let read = match turn.filter(|_| attempt == 1) {
+                Some(turn) => self.job.reads.take_in_turn(storage, turn).await,
+                None => self.job.reads.take(storage).await,
+            };
             let imported = self.import_once(object.clone(), may_exist).await;
             drop(read);
             match imported {

@@ -327,11 +327,40 @@ async fn owners(
     run: &crate::db::entities::sync_run::Model,
 ) -> Result<(storage_entity::Model, project::Model)> {
     let (storage, project) = runs::owners(&ctx.db, run.storage_id).await?;
+    record_owners(run, &storage);
+    Ok((storage, project))
+}
+
+/// Run `run_id` with its storage and project, read in one statement (a
+/// fan-out job's first step, before its first read); `None` when the run
+/// or either owner was deleted (the run goes with them).
+async fn run_and_owners(
+    ctx: &JobContext,
+    run_id: &str,
+) -> Result<
+    Option<(
+        crate::db::entities::sync_run::Model,
+        storage_entity::Model,
+        project::Model,
+    )>,
+> {
+    let (run, owners) = match runs::with_owners(&ctx.db, run_id).await {
+        Err(Error::NotFound(_)) => return Ok(None),
+        other => other?,
+    };
+    let Some((storage, project)) = owners else {
+        return Ok(None);
+    };
+    record_owners(&run, &storage);
+    Ok(Some((run, storage, project)))
+}
+
+/// Names the job's span after what it works on.
+fn record_owners(run: &crate::db::entities::sync_run::Model, storage: &storage_entity::Model) {
     let span = tracing::Span::current();
     span.record("storage_id", storage.id);
     span.record("backend", storage.backend.as_str());
     span.record("kind", run.kind.as_str());
-    Ok((storage, project))
 }
 
 /// An import of `run` in this process, holding no lease; `fan_out` lets
@@ -409,27 +438,24 @@ pub async fn execute_batch(
     worker: &str,
 ) -> Result<(), RetryLater> {
     use crate::db::batches;
-    let run = match runs::get(&ctx.db, run_id).await {
-        Err(Error::NotFound(_)) => return Ok(()), // deleted with its storage
-        other => other.map_err(RetryLater)?,
+    // Two statements before the first read, one after the other: at once,
+    // a fresh worker's first batches needed more connections than it keeps
+    // warm (db::connect_worker) and opened new ones in the middle of their
+    // first reads.
+    let Some((run, storage, project)) = run_and_owners(ctx, run_id).await.map_err(RetryLater)?
+    else {
+        return Ok(()); // deleted with its storage
     };
     // A running run's batch claimed by one of the run's own jobs within a
     // lease is that job's to finish; a stopped run's batch is closed below
     // whoever claimed it.
     let running = run.status == RunStatus::Running.as_str();
     let stale_before = running.then(|| ctx.settings.worker.stale_before());
-    // One after the other: done at once, a fresh worker's first batches
-    // needed more connections than it keeps warm (db::connect_worker) and
-    // opened new ones in the middle of their first reads.
     let Some(batch) = batches::count_attempt(&ctx.db, batch_id, stale_before)
         .await
         .map_err(RetryLater)?
     else {
         return Ok(()); // already done (a duplicate job), or its run's job runs it
-    };
-    let (storage, project) = match owners(ctx, &run).await {
-        Err(Error::NotFound(_)) => return Ok(()), // deleted meanwhile
-        other => other.map_err(RetryLater)?,
     };
     let job = import_job(ctx, &run, &storage, &project, false);
     // Objects of a batch given up on: those with no task yet (rows an earlier
@@ -492,17 +518,13 @@ pub async fn execute_partition(
     partition: i64,
     worker: &str,
 ) -> Result<(), RetryLater> {
-    let run = match runs::get(&ctx.db, run_id).await {
-        Err(Error::NotFound(_)) => return Ok(()), // deleted with its storage
-        other => other.map_err(RetryLater)?,
+    let Some((run, storage, project)) = run_and_owners(ctx, run_id).await.map_err(RetryLater)?
+    else {
+        return Ok(()); // deleted with its storage
     };
     if run.status != RunStatus::Running.as_str() {
         return Ok(());
     }
-    let (storage, project) = match owners(ctx, &run).await {
-        Err(Error::NotFound(_)) => return Ok(()),
-        other => other.map_err(RetryLater)?,
-    };
     let job = import_job(ctx, &run, &storage, &project, true);
     let lease = ulid::Ulid::new().to_string();
     let max = i64::from(ctx.settings.worker.max_attempts);

@@ -62,7 +62,23 @@ pub struct Model {
     pub trace_id: Option<String>,
 }
 
+/// Only for reads that take a run with its storage (and its project) in
+/// one statement (`db::runs::with_owners`); the key itself is the
+/// schema's (migrations).
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-pub enum Relation {}
+pub enum Relation {
+    #[sea_orm(
+        belongs_to = "super::storage::Entity",
+        from = "Column::StorageId",
+        to = "super::storage::Column::Id"
+    )]
+    Storage,
+}
+
+impl Related<super::storage::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::Storage.def()
+    }
+}
 
 impl ActiveModelBehavior for ActiveModel {}
