@@ -525,6 +525,60 @@ async fn signed_gets_pass_a_signature_check(storage: &dyn Storage, wrong: &dyn S
     }
 }
 
+/// Storages opened with one process's settings share one HTTP client, and
+/// so its connections: a second S3 storage on the same endpoint (or the
+/// same storage opened again) sends its signed GETs on the connection the
+/// first one opened, so only its SDK GET (which resolves the endpoint, on
+/// the SDK's own client) opens one; a storage opened with other settings
+/// opens its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storages_opened_with_the_same_settings_share_their_connections() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use labelsync_tests::synthetic_s3::{Latency, SyntheticS3};
+    let server = SyntheticS3::start(Latency::default()).await;
+    server.fill(
+        "bench",
+        (0..8).map(|i| (format!("k/{i}"), Bytes::from_static(b"x"))),
+    );
+    let config =
+        json!({ "bucket": "bench", "endpoint_url": server.endpoint, "region": "us-east-1" });
+    let secrets = labelsync::storage::Secrets::new(
+        json!({ "access_key_id": "k", "secret_access_key": "s" })
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+    );
+    let env = labelsync_tests::backends::test_env();
+    let connections = || server.counts.connections.load(Relaxed);
+    // Each storage's first GET goes through the SDK, the next ones are signed.
+    let read_all = async |env: &labelsync::storage::StorageEnv, keys: std::ops::Range<usize>| {
+        let storage = labelsync::storage::open_with(BackendKind::S3, &config, &secrets, env)
+            .await
+            .expect("open");
+        for i in keys {
+            assert_eq!(read(&*storage, &format!("k/{i}"), None).await.0, b"x");
+        }
+    };
+    read_all(&env, 0..4).await;
+    let first = connections();
+    assert_eq!(first, 2, "the SDK's connection and the signed GETs' one");
+    read_all(&env, 4..8).await;
+    assert_eq!(
+        connections() - first,
+        1,
+        "only the second storage's SDK GET connects"
+    );
+    let other = labelsync_tests::backends::test_env();
+    read_all(&other, 0..4).await;
+    assert_eq!(
+        connections() - first,
+        3,
+        "other settings, other connections"
+    );
+    assert_eq!(server.counts.sdk_get.load(Relaxed), 3);
+}
+
 /// The synthetic S3 server the latency benchmarks use answers like S3 as
 /// far as the S3 backend can tell (the same conformance checks as the
 /// emulators), and its injected round trip is paid once per request.

@@ -22,6 +22,7 @@ use axum::{
     extract::{Request, State},
     http::{HeaderMap, Method, StatusCode, header},
     response::{IntoResponse, Response},
+    serve::ListenerExt,
 };
 use futures::StreamExt;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
@@ -57,6 +58,8 @@ pub struct Counts {
     pub put: AtomicU64,
     pub delete: AtomicU64,
     pub other: AtomicU64,
+    /// Connections accepted (not requests: `total` leaves them out).
+    pub connections: AtomicU64,
 }
 
 impl Counts {
@@ -107,6 +110,10 @@ impl SyntheticS3 {
         let listener = labelsync::http::listen(crate::LOOPBACK).expect("bind");
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         let (buckets, counts) = (shared.buckets.clone(), shared.counts.clone());
+        let accepted = counts.clone();
+        let listener = listener.tap_io(move |_| {
+            accepted.connections.fetch_add(1, Ordering::Relaxed);
+        });
         let app = Router::new().fallback(handle).with_state(shared);
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

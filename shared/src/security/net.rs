@@ -369,6 +369,49 @@ pub fn http_client(
         .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))
 }
 
+/// The [`http_client`]s of one process's storages, one per policy and read
+/// timeout: clones share a client, and so its pool of connections.
+/// Storages on one endpoint (every GCS bucket is on one host; S3 storages
+/// of one bucket; a worker's backend opened again after a minute, see
+/// `storage::opened`) reuse the connections, and their TCP and TLS
+/// handshakes, that earlier requests opened. Nothing on a connection
+/// belongs to one storage: each request carries its own credentials, and
+/// a new connection passes the guard when it resolves its host. Kept by
+/// the storages' settings (`storage::StorageEnv`), so a process (or a test)
+/// with its own settings has its own clients.
+#[derive(Clone, Default)]
+pub struct HttpClients(
+    Arc<std::sync::Mutex<Vec<(NetPolicy, std::time::Duration, reqwest::Client)>>>,
+);
+
+impl std::fmt::Debug for HttpClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let made = self.0.lock().map_or(0, |m| m.len());
+        f.debug_struct("HttpClients").field("made", &made).finish()
+    }
+}
+
+impl HttpClients {
+    /// The client for `policy` and `read_timeout`, made at the first ask.
+    pub fn get(
+        &self,
+        policy: &NetPolicy,
+        read_timeout: std::time::Duration,
+    ) -> Result<reqwest::Client> {
+        // A poisoned list is only a cache: its clients are still whole.
+        let mut made = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = made
+            .iter()
+            .find(|(p, t, _)| p == policy && *t == read_timeout);
+        if let Some((_, _, client)) = kept {
+            return Ok(client.clone());
+        }
+        let client = http_client(policy, read_timeout)?;
+        made.push((policy.clone(), read_timeout, client.clone()));
+        Ok(client)
+    }
+}
+
 /// The TLS settings of every [`http_client`]: what reqwest builds by
 /// default (the process's crypto provider, TLS 1.2 and 1.3, the platform's
 /// verifier, HTTP/2 or 1.1 by ALPN), made once per process. Left to reqwest,

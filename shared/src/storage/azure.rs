@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     Error, Result,
-    security::net::{NetPolicy, http_client, parse_endpoint},
+    security::net::{HttpClients, NetPolicy, parse_endpoint},
 };
 
 /// The `config` object of a `azure` storage (docs/API.md); unknown keys are refused.
@@ -120,16 +120,20 @@ pub fn check_account_name(name: &str, field: &'static str) -> Result<()> {
     ))
 }
 
-/// Hands object_store our guarded reqwest client (policy, read timeout).
+/// Hands object_store our guarded reqwest client (the storages' shared
+/// clients, policy, read timeout).
 #[derive(Debug)]
-struct GuardedConnector(NetPolicy, Duration);
+struct GuardedConnector(HttpClients, NetPolicy, Duration);
 
 impl HttpConnector for GuardedConnector {
     fn connect(&self, _options: &object_store::ClientOptions) -> object_store::Result<HttpClient> {
-        let client = http_client(&self.0, self.1).map_err(|e| object_store::Error::Generic {
-            store: "azure",
-            source: e.to_string().into(),
-        })?;
+        let client = self
+            .0
+            .get(&self.1, self.2)
+            .map_err(|e| object_store::Error::Generic {
+                store: "azure",
+                source: e.to_string().into(),
+            })?;
         Ok(HttpClient::new(client))
     }
 }
@@ -178,7 +182,11 @@ impl AzureStorage {
         builder = builder
             .with_account(&account)
             .with_container_name(&config.container)
-            .with_http_connector(GuardedConnector(env.net.clone(), env.request_timeout))
+            .with_http_connector(GuardedConnector(
+                env.http.clone(),
+                env.net.clone(),
+                env.request_timeout,
+            ))
             .with_retry(RetryConfig {
                 max_retries: retry::MAX_ATTEMPTS as usize - 1,
                 retry_timeout: Duration::from_secs(120),

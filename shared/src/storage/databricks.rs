@@ -26,7 +26,7 @@ use super::{
     Storage, StorageEnv, check_key, paginate, parse_config,
     retry::{error_body, object_of, retry, status_error, transport_error},
 };
-use crate::{Error, Result, security::net::http_client};
+use crate::{Error, Result};
 
 /// Path segments keep unreserved characters; the rest is escaped.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
@@ -115,7 +115,7 @@ impl DatabricksStorage {
             config.catalog, config.schema, config.volume
         );
         Ok(DatabricksStorage {
-            http: http_client(&env.net, env.request_timeout)?,
+            http: env.http_client()?,
             host,
             root,
             plain_root,

@@ -32,10 +32,7 @@ use super::{
     Storage, StorageEnv, check_key, check_location, paginate, parse_config,
     retry::{error_body, object_of, retry, status_error, transport_error},
 };
-use crate::{
-    Error, Result,
-    security::net::{http_client, parse_endpoint},
-};
+use crate::{Error, Result, security::net::parse_endpoint};
 
 const GOOGLE: &str = "https://storage.googleapis.com";
 const SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
@@ -221,7 +218,7 @@ impl GcsStorage {
             }
         };
         Ok(GcsStorage {
-            http: http_client(&env.net, env.request_timeout)?,
+            http: env.http_client()?,
             base,
             bucket: config.bucket,
             token,

@@ -525,6 +525,8 @@ pub struct StorageEnv {
     pub request_timeout: Duration,
     /// Backends this process opened lately ([`open_shared`]).
     pub opened: opened::Opened,
+    /// The backends' HTTP clients ([`Self::http_client`]).
+    pub http: crate::security::net::HttpClients,
 }
 
 impl Default for StorageEnv {
@@ -537,6 +539,7 @@ impl Default for StorageEnv {
             azure_account_key: None,
             request_timeout: Duration::from_secs(60),
             opened: opened::Opened::default(),
+            http: Default::default(),
         }
     }
 }
@@ -551,7 +554,15 @@ impl StorageEnv {
             azure_account_key: settings.azure_account_key.clone(),
             request_timeout: settings.storage_timeout,
             opened: opened::Opened::default(),
+            http: Default::default(),
         }
+    }
+
+    /// The HTTP client of this deployment's storage traffic (guarded DNS,
+    /// `request_timeout` between bytes), shared by every backend opened with
+    /// these settings: see [`crate::security::net::HttpClients`].
+    pub fn http_client(&self) -> Result<reqwest::Client> {
+        self.http.get(&self.net, self.request_timeout)
     }
 
     /// The key, or the error telling the operator how to set one.

@@ -46,7 +46,7 @@ use super::{
 };
 use crate::{
     Error, Result,
-    security::net::{GuardedResolver, NetPolicy, parse_endpoint},
+    security::net::{GuardedResolver, parse_endpoint},
 };
 
 mod error_codes;
@@ -125,8 +125,10 @@ pub struct S3Storage {
     idle_timeout: Duration,
     /// The SDK's endpoint answers, shared with its client.
     endpoints: EndpointsByBucket,
-    /// Where [`SignedGets`] may connect (their client is built with them).
-    net: NetPolicy,
+    /// The storages' shared HTTP client ([`StorageEnv::http_client`]), which
+    /// [`SignedGets`] send with; `None` when it could not be made (GETs
+    /// then stay with the SDK).
+    http: Option<reqwest::Client>,
     /// The client's credentials (the SDK's config does not give them back).
     credentials: Option<SharedCredentialsProvider>,
     /// Set at the first GET after the SDK resolved a keyed endpoint;
@@ -155,7 +157,10 @@ impl S3Storage {
             sse_kms_key_id: config.sse_kms_key_id,
             idle_timeout: env.request_timeout,
             endpoints,
-            net: env.net.clone(),
+            http: env
+                .http_client()
+                .inspect_err(|err| tracing::warn!(error = %err, "S3 GETs stay with the SDK"))
+                .ok(),
             credentials,
             signed: OnceLock::new(),
         })
@@ -172,10 +177,12 @@ impl S3Storage {
         let endpoint = self.endpoints.keyed()?;
         let signed = self.signed.get_or_init(|| {
             let credentials = self.credentials.clone()?;
-            let http = crate::security::net::http_client(&self.net, self.idle_timeout)
-                .inspect_err(|err| tracing::warn!(error = %err, "S3 GETs stay with the SDK"))
-                .ok()?;
-            SignedGets::new(&endpoint, credentials, http, self.idle_timeout)
+            SignedGets::new(
+                &endpoint,
+                credentials,
+                self.http.clone()?,
+                self.idle_timeout,
+            )
         });
         signed.as_ref()
     }
@@ -221,8 +228,8 @@ pub async fn warm_up(env: &StorageEnv) {
     }
 }
 
-/// [`warm_up`]'s steps: a client built, a URL presigned, the signed GETs'
-/// client built.
+/// [`warm_up`]'s steps: a client built (and with it the storages' shared
+/// HTTP client the signed GETs use), a URL presigned.
 async fn warm_up_steps(env: &StorageEnv) -> Result<()> {
     let config = S3Config {
         bucket: "labelsync-warm-up".into(),
@@ -238,7 +245,6 @@ async fn warm_up_steps(env: &StorageEnv) -> Result<()> {
     keys.insert("secret_access_key".into(), "warm-up".into());
     let s3 = S3Storage::open(config, &Secrets::new(keys), env).await?;
     s3.presign("warm-up", Duration::from_secs(60)).await?;
-    crate::security::net::http_client(&env.net, env.request_timeout)?;
     Ok(())
 }
 
