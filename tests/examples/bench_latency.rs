@@ -4,9 +4,10 @@
 //! `labelsync-worker` processes on Postgres + Redis; the scheduler is this
 //! process (its API, tick and queue). Reports the wall time from the sync
 //! request to the run's end, objects per second, the requests the server
-//! answered, and the floor for that work at that latency: the sequential
-//! listing (pages x RTT) plus the GETs spread over every fetch slot of the
-//! fleet (objects x RTT / (workers x worker slots x
+//! answered and the connections it accepted, and the floor for that work
+//! at that latency: the sequential listing (pages x RTT) plus the GETs
+//! spread over every fetch slot of the fleet (objects x RTT / (workers x
+//! worker slots x
 //! `LABELSYNC_FETCH_CONCURRENCY`)), and the single-stream bound the issue
 //! names (objects x RTT / `LABELSYNC_FETCH_CONCURRENCY`). With WARM_UP
 //! (default 0), the fleet first syncs that many files of another storage
@@ -109,7 +110,14 @@ async fn warm_up_fleet(app: &labelsync_tests::TestApp, server: &SyntheticS3, obj
     // The report counts the measured sync's requests only.
     let c = &server.counts;
     for count in [
-        &c.list, &c.get, &c.sdk_get, &c.head, &c.put, &c.delete, &c.other,
+        &c.list,
+        &c.get,
+        &c.sdk_get,
+        &c.head,
+        &c.put,
+        &c.delete,
+        &c.other,
+        &c.connections,
     ] {
         count.store(0, Ordering::Relaxed);
     }
@@ -397,6 +405,7 @@ fn report(
             "requests": server.counts.total() - before,
             "lists": c.list.load(Ordering::Relaxed), "gets": c.get.load(Ordering::Relaxed),
             "sdk_gets": c.sdk_get.load(Ordering::Relaxed),
+            "connections": c.connections.load(Ordering::Relaxed),
             "fleet_floor_s": (fleet_floor * 100.0).round() / 100.0,
             "x_fleet_floor": (secs / fleet_floor * 100.0).round() / 100.0,
             "one_stream_floor_s": (stream_floor * 100.0).round() / 100.0,
