@@ -527,6 +527,8 @@ pub struct StorageEnv {
     pub opened: opened::Opened,
     /// The backends' HTTP clients ([`Self::http_client`]).
     pub http: crate::security::net::HttpClients,
+    /// The AWS SDK's HTTP clients of the S3 storages.
+    pub s3_http: s3::SdkClients,
 }
 
 impl Default for StorageEnv {
@@ -540,6 +542,7 @@ impl Default for StorageEnv {
             request_timeout: Duration::from_secs(60),
             opened: opened::Opened::default(),
             http: Default::default(),
+            s3_http: Default::default(),
         }
     }
 }
@@ -555,6 +558,7 @@ impl StorageEnv {
             request_timeout: settings.storage_timeout,
             opened: opened::Opened::default(),
             http: Default::default(),
+            s3_http: Default::default(),
         }
     }
 

@@ -15,6 +15,7 @@
 //! request on a key: they are signed and sent by [`signed_get`], with the
 //! same endpoint, credentials, retry policy and error classes.
 use std::{
+    fmt,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -46,7 +47,7 @@ use super::{
 };
 use crate::{
     Error, Result,
-    security::net::{GuardedResolver, parse_endpoint},
+    security::net::{GuardedResolver, NetPolicy, parse_endpoint},
 };
 
 mod error_codes;
@@ -313,13 +314,43 @@ fn static_credentials(secrets: &Secrets) -> Result<Option<Credentials>> {
 /// The HTTP client of every request to the user's endpoint, STS calls
 /// included: it resolves names through the SSRF guard (the default chain's
 /// own credential sources, such as the instance metadata service, keep the
-/// SDK's client: they are the server's, not the user's).
+/// SDK's client: they are the server's, not the user's). One per guard
+/// policy for the storages opened with `env` (see [`SdkClients`]).
 fn guarded_http_client(env: &StorageEnv) -> SharedHttpClient {
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::AwsLc,
-        ))
-        .build_with_resolver(GuardedResolver::new(env.net.clone()))
+    env.s3_http.get(&env.net)
+}
+
+/// The AWS SDK's HTTP clients of one process's S3 storages, one per guard
+/// policy: as for the other backends' clients
+/// (`security::net::HttpClients`), storages on one endpoint and a storage
+/// opened again share the connections (and handshakes) of its listings,
+/// puts and first GETs. Kept by the storages' settings (`StorageEnv`).
+#[derive(Clone, Default)]
+pub struct SdkClients(Arc<std::sync::Mutex<Vec<(NetPolicy, SharedHttpClient)>>>);
+
+impl fmt::Debug for SdkClients {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let made = self.0.lock().map_or(0, |m| m.len());
+        f.debug_struct("SdkClients").field("made", &made).finish()
+    }
+}
+
+impl SdkClients {
+    /// The client for `policy`, made at the first ask.
+    fn get(&self, policy: &NetPolicy) -> SharedHttpClient {
+        // A poisoned list is only a cache: its clients are still whole.
+        let mut made = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, client)) = made.iter().find(|(p, _)| p == policy) {
+            return client.clone();
+        }
+        let client = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .build_with_resolver(GuardedResolver::new(policy.clone()));
+        made.push((policy.clone(), client.clone()));
+        client
+    }
 }
 
 /// `base` with its credentials replaced by those of an STS AssumeRole of
