@@ -369,6 +369,49 @@ pub fn http_client(
         .map_err(|e| Error::Internal(format!("cannot build the HTTP client: {e}")))
 }
 
+/// Clients kept by what they were made for (a handful of keys in a
+/// process), made at the first ask and handed out as clones, which share
+/// the client's pool of connections: see [`HttpClients`], and the S3
+/// backend's `SdkClients`.
+pub struct Kept<K, C>(Arc<std::sync::Mutex<Vec<(K, C)>>>);
+
+impl<K, C> Clone for Kept<K, C> {
+    fn clone(&self) -> Self {
+        Kept(self.0.clone())
+    }
+}
+
+impl<K, C> Default for Kept<K, C> {
+    fn default() -> Self {
+        Kept(Arc::default())
+    }
+}
+
+impl<K, C> std::fmt::Debug for Kept<K, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let made = self.0.lock().map_or(0, |m| m.len());
+        f.debug_struct("Kept").field("made", &made).finish()
+    }
+}
+
+impl<K: PartialEq + Clone, C: Clone> Kept<K, C> {
+    /// The client kept for `key`, else the one `make` makes (then kept).
+    pub fn get_or_make<E>(
+        &self,
+        key: &K,
+        make: impl FnOnce() -> std::result::Result<C, E>,
+    ) -> std::result::Result<C, E> {
+        // A poisoned list is only a cache: its clients are still whole.
+        let mut made = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, client)) = made.iter().find(|(k, _)| k == key) {
+            return Ok(client.clone());
+        }
+        let client = make()?;
+        made.push((key.clone(), client.clone()));
+        Ok(client)
+    }
+}
+
 /// The [`http_client`]s of one process's storages, one per policy and read
 /// timeout: clones share a client, and so its pool of connections.
 /// Storages on one endpoint (every GCS bucket is on one host; S3 storages
@@ -379,17 +422,7 @@ pub fn http_client(
 /// a new connection passes the guard when it resolves its host. Kept by
 /// the storages' settings (`storage::StorageEnv`), so a process (or a test)
 /// with its own settings has its own clients.
-#[derive(Clone, Default)]
-pub struct HttpClients(
-    Arc<std::sync::Mutex<Vec<(NetPolicy, std::time::Duration, reqwest::Client)>>>,
-);
-
-impl std::fmt::Debug for HttpClients {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let made = self.0.lock().map_or(0, |m| m.len());
-        f.debug_struct("HttpClients").field("made", &made).finish()
-    }
-}
+pub type HttpClients = Kept<(NetPolicy, std::time::Duration), reqwest::Client>;
 
 impl HttpClients {
     /// The client for `policy` and `read_timeout`, made at the first ask.
@@ -398,17 +431,9 @@ impl HttpClients {
         policy: &NetPolicy,
         read_timeout: std::time::Duration,
     ) -> Result<reqwest::Client> {
-        // A poisoned list is only a cache: its clients are still whole.
-        let mut made = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let kept = made
-            .iter()
-            .find(|(p, t, _)| p == policy && *t == read_timeout);
-        if let Some((_, _, client)) = kept {
-            return Ok(client.clone());
-        }
-        let client = http_client(policy, read_timeout)?;
-        made.push((policy.clone(), read_timeout, client.clone()));
-        Ok(client)
+        self.get_or_make(&(policy.clone(), read_timeout), || {
+            http_client(policy, read_timeout)
+        })
     }
 }
 

@@ -15,7 +15,6 @@
 //! request on a key: they are signed and sent by [`signed_get`], with the
 //! same endpoint, credentials, retry policy and error classes.
 use std::{
-    fmt,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -47,7 +46,7 @@ use super::{
 };
 use crate::{
     Error, Result,
-    security::net::{GuardedResolver, NetPolicy, parse_endpoint},
+    security::net::{GuardedResolver, Kept, NetPolicy, parse_endpoint},
 };
 
 mod error_codes;
@@ -325,30 +324,20 @@ fn guarded_http_client(env: &StorageEnv) -> SharedHttpClient {
 /// (`security::net::HttpClients`), storages on one endpoint and a storage
 /// opened again share the connections (and handshakes) of its listings,
 /// puts and first GETs. Kept by the storages' settings (`StorageEnv`).
-#[derive(Clone, Default)]
-pub struct SdkClients(Arc<std::sync::Mutex<Vec<(NetPolicy, SharedHttpClient)>>>);
-
-impl fmt::Debug for SdkClients {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let made = self.0.lock().map_or(0, |m| m.len());
-        f.debug_struct("SdkClients").field("made", &made).finish()
-    }
-}
+pub type SdkClients = Kept<NetPolicy, SharedHttpClient>;
 
 impl SdkClients {
     /// The client for `policy`, made at the first ask.
     fn get(&self, policy: &NetPolicy) -> SharedHttpClient {
-        // A poisoned list is only a cache: its clients are still whole.
-        let mut made = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, client)) = made.iter().find(|(p, _)| p == policy) {
-            return client.clone();
-        }
-        let client = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::AwsLc,
-            ))
-            .build_with_resolver(GuardedResolver::new(policy.clone()));
-        made.push((policy.clone(), client.clone()));
+        let Ok(client) = self.get_or_make(policy, || {
+            Ok::<_, std::convert::Infallible>(
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(tls::Provider::Rustls(
+                        tls::rustls_provider::CryptoMode::AwsLc,
+                    ))
+                    .build_with_resolver(GuardedResolver::new(policy.clone())),
+            )
+        });
         client
     }
 }
