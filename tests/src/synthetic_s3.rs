@@ -50,6 +50,9 @@ type Buckets = HashMap<String, BTreeMap<String, Object>>;
 #[derive(Default, Debug)]
 pub struct Counts {
     pub list: AtomicU64,
+    /// Listing pages the AWS SDK sent; the S3 backend signs its own once
+    /// it knows the bucket's endpoint.
+    pub sdk_list: AtomicU64,
     pub get: AtomicU64,
     /// GETs the AWS SDK sent (they carry its `amz-sdk-invocation-id`);
     /// the S3 backend signs its own after its first object request.
@@ -206,6 +209,9 @@ async fn answer(s: &Shared, req: Request) -> Response {
     match (method, key) {
         (Method::GET, None) if query.get("list-type").map(String::as_str) == Some("2") => {
             c.list.fetch_add(1, Ordering::Relaxed);
+            if headers.contains_key("amz-sdk-invocation-id") {
+                c.sdk_list.fetch_add(1, Ordering::Relaxed);
+            }
             list(s, &bucket, &query)
         }
         (Method::GET, Some(key)) => {

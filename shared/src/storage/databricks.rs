@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     BackendKind, GetRange, KeyShape, ListError, ListOptions, Object, ObjectMeta, Page, Secrets,
     Storage, StorageEnv, check_key, paginate, parse_config,
-    retry::{error_body, object_of, retry, status_error, transport_error},
+    retry::{error_body, json_page, object_of, retry, status_error, transport_error},
 };
 use crate::{Error, Result};
 
@@ -194,10 +194,7 @@ impl DatabricksStorage {
                 Err(Error::NotFound(_)) if !dir_key.is_empty() => return Ok(Vec::new()),
                 Err(e) => return Err(e),
             };
-            let page: DirPage = resp
-                .json()
-                .await
-                .map_err(|e| Error::Transient(format!("{what}: unreadable answer: {e}")))?;
+            let page: DirPage = json_page(resp, &what).await?;
             entries.extend(page.contents);
             token = page.next_page_token.filter(|t| !t.is_empty());
             if token.is_none() {

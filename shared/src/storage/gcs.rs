@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     BackendKind, Children, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets,
     Storage, StorageEnv, check_key, check_location, paginate, parse_config,
-    retry::{error_body, object_of, retry, status_error, transport_error},
+    retry::{error_body, json_page, object_of, retry, status_error, transport_error},
 };
 use crate::{Error, Result, security::net::parse_endpoint};
 
@@ -242,11 +242,10 @@ impl GcsStorage {
             "storage/v1/b/{}/o",
             utf8_percent_encode(&self.bucket, UNRESERVED)
         ))?;
-        self.send(what, || self.http.get(url.clone()).query(query))
-            .await?
-            .json()
-            .await
-            .map_err(|e| Error::Transient(format!("{what}: unreadable answer: {e}")))
+        let response = self
+            .send(what, || self.http.get(url.clone()).query(query))
+            .await?;
+        json_page(response, what).await
     }
 
     fn object_path(&self, key: &str) -> String {

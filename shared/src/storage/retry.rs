@@ -90,6 +90,56 @@ pub async fn error_body(mut response: reqwest::Response) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// The most of a listing page's answer read (S3's XML, the GCS and
+/// Databricks JSON): 1,000 entries with the longest keys, every character
+/// escaped, fit several times over.
+pub const MAX_PAGE_BYTES: usize = 32 << 20;
+
+/// A listing page's JSON answer, read whole up to [`MAX_PAGE_BYTES`]
+/// ([`body_up_to`]) and decoded.
+pub async fn json_page<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+    what: &str,
+) -> Result<T> {
+    let body = body_up_to(response, MAX_PAGE_BYTES, what).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| Error::Transient(format!("{what}: unreadable answer: {e}")))
+}
+
+/// The whole body of a successful answer that is read in memory (a
+/// listing page), refused with a permanent error once it passes `limit`
+/// bytes: a server cannot make a worker hold more. A body cut off
+/// midway is transient, as its request is.
+pub async fn body_up_to(
+    mut response: reqwest::Response,
+    limit: usize,
+    what: &str,
+) -> Result<bytes::Bytes> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_big(what, limit));
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| Error::Transient(format!("{what}: {}", body_error(e))))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_big(what, limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+fn too_big(what: &str, limit: usize) -> Error {
+    Error::invalid(
+        "storage_answer_too_big",
+        None,
+        format!("{what}: the storage's answer is over {} MiB", limit >> 20),
+    )
+}
+
 /// An object from a successful GET of a hand-written HTTP backend: the
 /// whole size from `Content-Range` on a 206 (else `Content-Length`), the
 /// first of `etag_headers` present, the content type, and the body streamed.
@@ -168,6 +218,52 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
+
+    /// A one-connection HTTP server on loopback answering `head` and then
+    /// `chunks` of `size` bytes each; its URL.
+    async fn answering(head: &'static str, chunks: usize, size: usize) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let _ = socket.read(&mut [0; 4096]).await;
+            let _ = socket.write_all(head.as_bytes()).await;
+            for _ in 0..chunks {
+                let chunk = format!("{size:x}\r\n{}\r\n", "x".repeat(size));
+                if socket.write_all(chunk.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            let _ = socket.write_all(b"0\r\n\r\n").await;
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn answers_read_whole_stop_at_their_limit() {
+        let chunked = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        let get = async |url: String| reqwest::get(url).await.unwrap();
+        // Within the limit: read whole.
+        let small = get(answering(chunked, 4, 1000).await).await;
+        assert_eq!(body_up_to(small, 4000, "t").await.unwrap().len(), 4000);
+        // Streamed past it: refused as soon as it passes, whatever follows.
+        let endless = get(answering(chunked, usize::MAX, 1 << 16).await).await;
+        match body_up_to(endless, 1 << 20, "list x").await {
+            Err(Error::Invalid { code, message, .. }) => {
+                assert_eq!(code, "storage_answer_too_big");
+                assert!(message.starts_with("list x: "), "{message}");
+            }
+            other => panic!("{:?}", other.map(|b| b.len())),
+        }
+        // Announced past it: refused before a byte of the body is read.
+        let announced = "HTTP/1.1 200 OK\r\ncontent-length: 99999999\r\n\r\n";
+        let big = get(answering(announced, 0, 0).await).await;
+        assert!(matches!(
+            body_up_to(big, 1 << 20, "t").await,
+            Err(Error::Invalid { .. })
+        ));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn retries_transient_errors_only() {

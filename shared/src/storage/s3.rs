@@ -11,9 +11,10 @@
 //! [`retry::MAX_ATTEMPTS`] attempts. The data-plane HTTP client resolves names
 //! through the SSRF guard.
 //!
-//! GETs leave the SDK once it has resolved the bucket's endpoint for a
-//! request on a key: they are signed and sent by [`signed_get`], with the
-//! same endpoint, credentials, retry policy and error classes.
+//! GETs and listing pages leave the SDK once it has resolved the bucket's
+//! endpoint for a request on a key or a listing: they are signed and sent
+//! by [`signed_get`], with the same endpoint, credentials, retry policy and
+//! error classes.
 use std::{
     sync::{Arc, OnceLock},
     time::Duration,
@@ -50,9 +51,11 @@ use crate::{
 };
 
 mod error_codes;
+mod list_xml;
 mod signed_get;
 use error_codes::by_code;
-use signed_get::SignedGets;
+use list_xml::Listed;
+use signed_get::{ListQuery, SignedGets};
 
 /// The `config` object of a `s3` storage (docs/API.md); unknown keys are refused.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -123,16 +126,25 @@ pub struct S3Storage {
     sse_kms_key_id: Option<String>,
     /// Longest wait for the next bytes of a download.
     idle_timeout: Duration,
+    /// The requests signed by hand, shared with the listing streams.
+    signing: Arc<Signing>,
+}
+
+/// What the requests signed by hand ([`SignedGets`]) are made from.
+#[derive(Debug)]
+struct Signing {
     /// The SDK's endpoint answers, shared with its client.
     endpoints: EndpointsByBucket,
     /// The storages' shared HTTP client ([`StorageEnv::http_client`]), which
     /// [`SignedGets`] send with; `None` when it could not be made (GETs
-    /// then stay with the SDK).
+    /// and listings then stay with the SDK).
     http: Option<reqwest::Client>,
     /// The client's credentials (the SDK's config does not give them back).
     credentials: Option<SharedCredentialsProvider>,
-    /// Set at the first GET after the SDK resolved a keyed endpoint;
-    /// `None` inside when GETs stay with the SDK.
+    /// Longest wait for a credentials fetch.
+    idle_timeout: Duration,
+    /// Set at the first GET or listing page after the SDK resolved the
+    /// bucket's endpoint; `None` inside when they stay with the SDK.
     signed: OnceLock<Option<SignedGets>>,
 }
 
@@ -156,35 +168,17 @@ impl S3Storage {
             bucket: config.bucket,
             sse_kms_key_id: config.sse_kms_key_id,
             idle_timeout: env.request_timeout,
-            endpoints,
-            http: env
-                .http_client()
-                .inspect_err(|err| tracing::warn!(error = %err, "S3 GETs stay with the SDK"))
-                .ok(),
-            credentials,
-            signed: OnceLock::new(),
-        })
-    }
-
-    /// The signed-GET path, once the SDK has resolved this bucket's endpoint
-    /// for a request on a key (so both paths use the same one); `None`
-    /// before that, and for good when that endpoint needs the SDK (see
-    /// [`SignedGets::new`]) or the client has no credentials provider.
-    fn signed_gets(&self) -> Option<&SignedGets> {
-        if let Some(signed) = self.signed.get() {
-            return signed.as_ref();
-        }
-        let endpoint = self.endpoints.keyed()?;
-        let signed = self.signed.get_or_init(|| {
-            let credentials = self.credentials.clone()?;
-            SignedGets::new(
-                &endpoint,
+            signing: Arc::new(Signing {
+                endpoints,
+                http: env
+                    .http_client()
+                    .inspect_err(|err| tracing::warn!(error = %err, "S3 GETs stay with the SDK"))
+                    .ok(),
                 credentials,
-                self.http.clone()?,
-                self.idle_timeout,
-            )
-        });
-        signed.as_ref()
+                idle_timeout: env.request_timeout,
+                signed: OnceLock::new(),
+            }),
+        })
     }
 
     /// A GET through the SDK's pipeline.
@@ -211,6 +205,29 @@ impl S3Storage {
             etag,
             content_type,
         })
+    }
+}
+
+impl Signing {
+    /// The signed path, once the SDK has resolved this bucket's endpoint for
+    /// a request on a key or a listing (so both paths use the same one);
+    /// `None` before that, and for good when that endpoint needs the SDK
+    /// (see [`SignedGets::new`]) or the client has no credentials provider.
+    fn signed_gets(&self) -> Option<&SignedGets> {
+        if let Some(signed) = self.signed.get() {
+            return signed.as_ref();
+        }
+        let endpoint = self.endpoints.of_bucket()?;
+        let signed = self.signed.get_or_init(|| {
+            let credentials = self.credentials.clone()?;
+            SignedGets::new(
+                &endpoint,
+                credentials,
+                self.http.clone()?,
+                self.idle_timeout,
+            )
+        });
+        signed.as_ref()
     }
 }
 
@@ -403,15 +420,16 @@ fn client_config(
 /// rules again. The rules bind the key and the listing prefix but never read
 /// them (a test checks that two keys resolve alike), so the answers here are
 /// kept per parameters without those two. Clones share their answers: the
-/// storage keeps one to learn the endpoint of its signed GETs.
+/// storage keeps one to learn the endpoint of its signed GETs and listings.
 #[derive(Debug, Default, Clone)]
 struct EndpointsByBucket {
     rules: Arc<aws_sdk_s3::config::endpoint::DefaultResolver>,
     /// A handful at most: one client's operations differ in a few flags.
     known: Arc<std::sync::Mutex<Vec<(EndpointParams, Endpoint)>>>,
     /// The first answer for an object request (a key and no copy source:
-    /// GetObject, PutObject, DeleteObject, which resolve alike).
-    keyed: Arc<OnceLock<Endpoint>>,
+    /// GetObject, PutObject, DeleteObject) or a listing (a prefix:
+    /// ListObjectsV2), which resolve alike: the bucket's URL.
+    bucket: Arc<OnceLock<Endpoint>>,
 }
 
 /// How many endpoint answers [`EndpointsByBucket`] keeps.
@@ -437,17 +455,18 @@ impl EndpointsByBucket {
         known.push((params.clone(), endpoint.clone()));
     }
 
-    /// The endpoint of object requests, once the SDK resolved one.
-    fn keyed(&self) -> Option<Endpoint> {
-        self.keyed.get().cloned()
+    /// The endpoint of object requests and listings, once the SDK
+    /// resolved one.
+    fn of_bucket(&self) -> Option<Endpoint> {
+        self.bucket.get().cloned()
     }
 
-    /// Keeps `endpoint` as the object requests' one when `params` are an
-    /// object request's (on a hit too: a listing's answer, kept first,
-    /// serves the GETs after it).
-    fn note_keyed(&self, params: &EndpointParams, endpoint: &Endpoint) {
-        if self.keyed.get().is_none() && params.key().is_some() && params.copy_source().is_none() {
-            let _ = self.keyed.set(endpoint.clone());
+    /// Keeps `endpoint` as the bucket's when `params` are an object
+    /// request's or a listing's (on a hit too).
+    fn note_bucket(&self, params: &EndpointParams, endpoint: &Endpoint) {
+        let on_bucket = params.key().is_some() || params.prefix().is_some();
+        if self.bucket.get().is_none() && on_bucket && params.copy_source().is_none() {
+            let _ = self.bucket.set(endpoint.clone());
         }
     }
 }
@@ -455,13 +474,13 @@ impl EndpointsByBucket {
 impl aws_sdk_s3::config::endpoint::ResolveEndpoint for EndpointsByBucket {
     fn resolve_endpoint<'a>(&'a self, params: &'a EndpointParams) -> EndpointFuture<'a> {
         if let Some(endpoint) = self.known(params) {
-            self.note_keyed(params, &endpoint);
+            self.note_bucket(params, &endpoint);
             return EndpointFuture::ready(Ok(endpoint));
         }
         EndpointFuture::new(async move {
             let endpoint = self.rules.resolve_endpoint(params).await?;
             self.remember(params, &endpoint);
-            self.note_keyed(params, &endpoint);
+            self.note_bucket(params, &endpoint);
             Ok(endpoint)
         })
     }
@@ -538,11 +557,51 @@ fn to_utc(t: &aws_sdk_s3::primitives::DateTime) -> Option<chrono::DateTime<chron
     DateTime::from_timestamp(t.secs(), t.subsec_nanos())
 }
 
+/// Where a listing stream is.
 struct Cursor {
     client: Client,
+    signing: Arc<Signing>,
     bucket: String,
     opts: ListOptions,
     token: Option<String>,
+}
+
+/// One ListObjectsV2 page: signed by hand once the bucket's endpoint is
+/// known ([`Signing::signed_gets`]), else through the SDK (whose answer
+/// makes it known).
+async fn list_page(
+    client: &Client,
+    signing: &Signing,
+    bucket: &str,
+    query: ListQuery<'_>,
+) -> Result<Listed> {
+    let what = format!("list s3://{bucket}/{}", query.prefix);
+    if let Some(signed) = signing.signed_gets() {
+        return signed.list(&query, &what).await;
+    }
+    let out = client
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(query.prefix)
+        .max_keys(i32::try_from(query.max_keys).unwrap_or(1000))
+        .set_delimiter(query.delimiter.map(str::to_owned))
+        .set_continuation_token(query.token.map(str::to_owned))
+        .set_start_after(query.start_after.map(str::to_owned))
+        .send()
+        .await
+        .map_err(|e| classify(e, &what))?;
+    Ok(Listed {
+        objects: out.contents().iter().filter_map(meta_of).collect(),
+        prefixes: out
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix().map(str::to_owned))
+            .collect(),
+        next: out
+            .next_continuation_token()
+            .filter(|_| out.is_truncated() == Some(true))
+            .map(str::to_owned),
+    })
 }
 
 #[async_trait]
@@ -554,6 +613,7 @@ impl Storage for S3Storage {
     fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
         let cursor = Cursor {
             client: self.client.clone(),
+            signing: self.signing.clone(),
             bucket: self.bucket.clone(),
             opts,
             token: None,
@@ -563,31 +623,22 @@ impl Storage for S3Storage {
                 return Ok(None);
             };
             let opts = &cursor.opts;
-            let mut req = cursor
-                .client
-                .list_objects_v2()
-                .bucket(&cursor.bucket)
-                .prefix(&opts.prefix)
-                .max_keys(i32::try_from(opts.page_size).unwrap_or(1000))
-                .set_continuation_token(cursor.token.clone());
-            if !opts.recursive {
-                req = req.delimiter("/");
-            }
-            if cursor.token.is_none() {
-                req = req.set_start_after(opts.start_after.clone());
-            }
-            let out = req.send().await.map_err(|e| {
-                classify(e, &format!("list s3://{}/{}", cursor.bucket, opts.prefix))
-            })?;
-            let objects = out.contents().iter().filter_map(meta_of).collect();
-            cursor.token = out
-                .next_continuation_token()
-                .filter(|_| out.is_truncated() == Some(true))
-                .map(str::to_owned);
+            let query = ListQuery {
+                prefix: &opts.prefix,
+                delimiter: (!opts.recursive).then_some("/"),
+                max_keys: opts.page_size,
+                token: cursor.token.as_deref(),
+                start_after: opts
+                    .start_after
+                    .as_deref()
+                    .filter(|_| cursor.token.is_none()),
+            };
+            let listed = list_page(&cursor.client, &cursor.signing, &cursor.bucket, query).await?;
+            cursor.token = listed.next;
             let next = cursor.token.is_some().then_some(cursor);
             Ok(Some((
                 Page {
-                    objects,
+                    objects: listed.objects,
                     errors: Vec::new(),
                 },
                 next,
@@ -604,27 +655,17 @@ impl Storage for S3Storage {
         let mut children = Children::default();
         let mut token = from.map(str::to_owned);
         for _ in 0..max_pages.max(1) {
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(prefix)
-                .delimiter("/")
-                .set_continuation_token(token)
-                .send()
-                .await
-                .map_err(|e| classify(e, &format!("list s3://{}/{prefix}", self.bucket)))?;
-            children
-                .objects
-                .extend(out.contents().iter().filter_map(meta_of));
-            children.push_prefixes(
+            let query = ListQuery {
                 prefix,
-                out.common_prefixes().iter().filter_map(|p| p.prefix()),
-            );
-            token = out
-                .next_continuation_token()
-                .filter(|_| out.is_truncated() == Some(true))
-                .map(str::to_owned);
+                delimiter: Some("/"),
+                max_keys: 1000,
+                token: token.as_deref(),
+                start_after: None,
+            };
+            let listed = list_page(&self.client, &self.signing, &self.bucket, query).await?;
+            children.objects.extend(listed.objects);
+            children.push_prefixes(prefix, listed.prefixes.iter().map(String::as_str));
+            token = listed.next;
             if token.is_none() {
                 break;
             }
@@ -636,7 +677,7 @@ impl Storage for S3Storage {
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
         check_key(key, KeyShape::Name)?;
         let what = format!("get s3://{}/{key}", self.bucket);
-        match self.signed_gets() {
+        match self.signing.signed_gets() {
             Some(signed) => signed.get(key, range, &what).await,
             None => self.sdk_get(key, range, &what).await,
         }

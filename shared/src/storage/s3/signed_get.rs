@@ -1,19 +1,22 @@
-//! GetObject without the SDK's request pipeline: one SigV4-signed GET on
-//! the storage's guarded reqwest client.
+//! GetObject and ListObjectsV2 without the SDK's request pipeline: GETs
+//! signed with SigV4 and sent on the storage's guarded reqwest client.
 //!
 //! Reads are most of a sync's requests (one per task file, one per media
 //! object proxied by `/resolve`), and for small objects the SDK's
 //! per-request machinery (config layering, interceptors, endpoint and auth
 //! resolution, response deserialisation) cost a third of a worker's CPU
-//! (docs/DECISIONS.md, "GetObject signed by hand"). This path keeps what a
-//! GET needs: the bucket's URL from the SDK's own endpoint rules (its
-//! answer for the storage's first object request), a SigV4 signature
+//! (docs/DECISIONS.md, "GetObject signed by hand"); listing pages are a
+//! Files-mode sync's requests, and the SDK's reading of their XML cost two
+//! fifths ("ListObjectsV2 signed by hand"). This path keeps what a GET
+//! needs: the bucket's URL from the SDK's own endpoint rules (its answer
+//! for the storage's first object or listing request), a SigV4 signature
 //! (the canonical request written here, aws-sigv4's HMACs, the day's
 //! signing key kept: [`SignedGets::signature_at`]) with the credentials
 //! of the SDK's provider chain (cached until shortly before they expire),
 //! the retry policy of the other hand-written HTTP backends
 //! ([`retry::retry`]), and S3's error codes classified by the same table
-//! as the SDK's errors ([`by_code`]).
+//! as the SDK's errors ([`by_code`]). A listing page is read by
+//! [`list_xml`].
 //!
 //! Endpoints that need more than SigV4 (S3 Express sessions, multi-region
 //! access points' SigV4a, endpoint-specific headers) keep the SDK path:
@@ -30,7 +33,10 @@ use aws_sigv4::sign::v4;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::header;
 
-use super::error_codes::by_code;
+use super::{
+    error_codes::by_code,
+    list_xml::{self, Listed},
+};
 use crate::{
     Error, Result,
     storage::{GetRange, Object, retry},
@@ -45,6 +51,14 @@ const KEY_PATH: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~')
     .remove(b'/');
+
+/// What SigV4 leaves unescaped in a query's names and values: the
+/// unreserved characters only.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// The SHA-256 of an empty payload: a GET's `x-amz-content-sha256`.
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
@@ -122,12 +136,48 @@ impl SignedGets {
         reqwest::Url::parse(&raw).map_err(|e| Error::Internal(format!("{what}: URL {raw:?}: {e}")))
     }
 
-    async fn attempt(
+    /// One page of ListObjectsV2 for `query`, retried as [`Self::get`] is;
+    /// `what` names the listing in errors.
+    pub(super) async fn list(&self, query: &ListQuery<'_>, what: &str) -> Result<Listed> {
+        let url = self.list_url(query, what)?;
+        retry::retry(what, || self.list_attempt(&url, what)).await
+    }
+
+    /// The bucket's URL (with the `/` the SDK sends) and the page's query,
+    /// in SigV4's canonical form so that it is signed as sent.
+    fn list_url(&self, query: &ListQuery<'_>, what: &str) -> Result<reqwest::Url> {
+        let max_keys = query.max_keys.to_string();
+        let mut pairs = vec![
+            ("list-type", "2"),
+            ("max-keys", max_keys.as_str()),
+            ("prefix", query.prefix),
+        ];
+        pairs.extend(query.delimiter.map(|d| ("delimiter", d)));
+        pairs.extend(query.token.map(|t| ("continuation-token", t)));
+        pairs.extend(query.start_after.map(|a| ("start-after", a)));
+        let raw = format!("{}/?{}", self.base, canonical_query(pairs));
+        reqwest::Url::parse(&raw).map_err(|e| Error::Internal(format!("{what}: URL {raw:?}: {e}")))
+    }
+
+    async fn list_attempt(&self, url: &reqwest::Url, what: &str) -> Result<Listed> {
+        let response = self.send(url, None, what).await?;
+        if !response.status().is_success() {
+            return Err(error_of(response, what).await);
+        }
+        let body = retry::body_up_to(response, retry::MAX_PAGE_BYTES, what).await?;
+        let xml = std::str::from_utf8(&body)
+            .map_err(|e| Error::Transient(format!("{what}: the listing is not UTF-8: {e}")))?;
+        list_xml::parse(xml)
+            .map_err(|e| Error::Transient(format!("{what}: an unreadable listing: {e}")))
+    }
+
+    /// Sends a signed GET of `url` (of `range`, if any).
+    async fn send(
         &self,
         url: &reqwest::Url,
         range: Option<GetRange>,
         what: &str,
-    ) -> Result<Object> {
+    ) -> Result<reqwest::Response> {
         let mut request = self.http.get(url.clone());
         for (name, value) in self.signature(url).await? {
             request = request.header(name, value);
@@ -135,10 +185,19 @@ impl SignedGets {
         if let Some(range) = range {
             request = request.header(header::RANGE, range.header());
         }
-        let response = request
+        request
             .send()
             .await
-            .map_err(|e| retry::transport_error(&e, what))?;
+            .map_err(|e| retry::transport_error(&e, what))
+    }
+
+    async fn attempt(
+        &self,
+        url: &reqwest::Url,
+        range: Option<GetRange>,
+        what: &str,
+    ) -> Result<Object> {
+        let response = self.send(url, range, what).await?;
         if response.status().is_success() {
             return Ok(retry::object_of(response, &[header::ETAG]));
         }
@@ -156,23 +215,19 @@ impl SignedGets {
         self.signature_at(url, &keys, SystemTime::now())
     }
 
-    /// SigV4's "Authorization header" form for a GET with no body and no
-    /// query, as S3 checks it (the path signed as sent: see [`KEY_PATH`]).
-    /// The canonical request and the string to sign are written here, the
-    /// HMACs are aws-sigv4's, and the day's signing key is kept (four of
-    /// the five HMACs a request took). A test checks the headers against
-    /// aws-sigv4's own signer.
+    /// SigV4's "Authorization header" form for a GET with no body, as S3
+    /// checks it: the path signed as sent (see [`KEY_PATH`]), and the query
+    /// too, which must be in canonical form already ([`canonical_query`]
+    /// makes it). The canonical request and the string to sign are written
+    /// here, the HMACs are aws-sigv4's, and the day's signing key is kept
+    /// (four of the five HMACs a request took). A test checks the headers
+    /// against aws-sigv4's own signer.
     fn signature_at(
         &self,
         url: &reqwest::Url,
         keys: &Credentials,
         now: SystemTime,
     ) -> Result<Vec<(&'static str, header::HeaderValue)>> {
-        if url.query().is_some() {
-            return Err(Error::Internal(format!(
-                "signed GET of {url}: a query is not signed here"
-            )));
-        }
         let amz_date = chrono::DateTime::<chrono::Utc>::from(now)
             .format("%Y%m%dT%H%M%SZ")
             .to_string();
@@ -234,10 +289,10 @@ impl SignedGets {
     }
 }
 
-/// SigV4's canonical request for a GET of `url` (no query, no body) at
-/// `amz_date`, and its signed headers: `host` as hyper sends it (the port
-/// when it is not the scheme's), the empty payload's hash, the date, and
-/// the session token when there is one.
+/// SigV4's canonical request for a GET of `url` (its query canonical
+/// already, no body) at `amz_date`, and its signed headers: `host` as hyper
+/// sends it (the port when it is not the scheme's), the empty payload's
+/// hash, the date, and the session token when there is one.
 fn canonical_request(
     url: &reqwest::Url,
     amz_date: &str,
@@ -249,7 +304,12 @@ fn canonical_request(
         None => "host;x-amz-content-sha256;x-amz-date",
     };
     let mut canonical = String::with_capacity(320);
-    let _ = write!(canonical, "GET\n{}\n\nhost:", url.path());
+    let _ = write!(
+        canonical,
+        "GET\n{}\n{}\nhost:",
+        url.path(),
+        url.query().unwrap_or_default()
+    );
     canonical.push_str(url.host_str().unwrap_or_default());
     if let Some(port) = url.port() {
         let _ = write!(canonical, ":{port}");
@@ -263,6 +323,35 @@ fn canonical_request(
     }
     let _ = write!(canonical, "\n{signed_headers}\n{EMPTY_SHA256}");
     (canonical, signed_headers)
+}
+
+/// What one ListObjectsV2 page asks for.
+pub(super) struct ListQuery<'a> {
+    pub prefix: &'a str,
+    /// `/` for one level of the key tree; `None` for every key.
+    pub delimiter: Option<&'a str>,
+    pub max_keys: usize,
+    /// The previous page's continuation token.
+    pub token: Option<&'a str>,
+    /// Only keys after this one (the first page of a resumed listing).
+    pub start_after: Option<&'a str>,
+}
+
+/// A query in SigV4's canonical form: names and values escaped but for
+/// the unreserved characters, the pairs sorted. Sent as it is signed.
+fn canonical_query(mut pairs: Vec<(&str, &str)>) -> String {
+    pairs.sort_unstable();
+    let escaped: Vec<String> = pairs
+        .into_iter()
+        .map(|(name, value)| {
+            format!(
+                "{}={}",
+                utf8_percent_encode(name, QUERY_VALUE),
+                utf8_percent_encode(value, QUERY_VALUE)
+            )
+        })
+        .collect();
+    escaped.join("&")
 }
 
 /// A day's SigV4 signing key and what it was made of.
@@ -518,6 +607,63 @@ mod tests {
         headers
     }
 
+    /// The URLs signed per endpoint: GETs of `keys` and listing pages.
+    fn urls(signed: &SignedGets, keys: &[&str]) -> Vec<reqwest::Url> {
+        let odd = "a b/ü+%2e/&=?#x~y_z-1";
+        let pages = [
+            (odd, Some("/"), None, Some(odd)),
+            (
+                "",
+                None,
+                Some("1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM="),
+                None,
+            ),
+            ("tasks/", Some("/"), Some(odd), None),
+        ];
+        let lists = pages.map(|(prefix, delimiter, token, start_after)| {
+            let query = ListQuery {
+                prefix,
+                delimiter,
+                max_keys: 1000,
+                token,
+                start_after,
+            };
+            signed.list_url(&query, "test").unwrap()
+        });
+        keys.iter()
+            .map(|key| signed.url_of(key, "test").unwrap())
+            .chain(lists)
+            .collect()
+    }
+
+    #[test]
+    fn listing_queries_are_canonical_and_sent_as_signed() {
+        let signed = SignedGets {
+            http: reqwest::Client::new(),
+            base: "http://127.0.0.1:9000/bucket".into(),
+            signing_region: "us-east-1".into(),
+            signing_name: "s3".into(),
+            keys: Keys::new(
+                SharedCredentialsProvider::new(Credentials::new("A", "s", None, None, "test")),
+                Duration::from_secs(5),
+            ),
+            day_key: Mutex::new(None),
+        };
+        let query = ListQuery {
+            prefix: "a b/&+",
+            delimiter: Some("/"),
+            max_keys: 2,
+            token: Some("t/=+"),
+            start_after: Some("ü"),
+        };
+        let url = signed.list_url(&query, "test").unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:9000/bucket/?continuation-token=t%2F%3D%2B&delimiter=%2F\
+             &list-type=2&max-keys=2&prefix=a%20b%2F%26%2B&start-after=%C3%BC"
+        );
+    }
+
     #[test]
     fn signatures_match_aws_sigv4_across_endpoints_keys_days_and_credentials() {
         let day = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_930_000);
@@ -556,8 +702,7 @@ mod tests {
                 (&session, day + Duration::from_secs(86_400)),
                 (&plain, day),
             ] {
-                for key in keys {
-                    let url = signed.url_of(key, "test").unwrap();
+                for url in urls(&signed, &keys) {
                     let mut ours: Vec<String> = signed
                         .signature_at(&url, creds, at)
                         .unwrap()
