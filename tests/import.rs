@@ -243,6 +243,63 @@ async fn a_tasks_mode_resync_imports_nothing_twice_and_rereads_only_failed_objec
     app.stop().await;
 }
 
+/// A page's link lookup first looks for any link between its least and
+/// greatest key, and skips the per-key probes when there is none (a first
+/// sync's pages): still exact whatever order the keys come in, at the
+/// range's ends, and with links inside the range that were not asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_lookups_find_every_linked_key_whatever_the_page_holds() {
+    use std::collections::BTreeSet;
+
+    use labelsync::db::links::known_objects;
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let storage = app.files_storage("lookups", 3).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let db = Database::connect(app.database_url.as_str())
+        .await
+        .expect("database");
+    let id = storage["id"].as_i64().expect("storage id");
+    let linked: Vec<String> = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            format!(
+                "SELECT object_key FROM import_links WHERE storage_id = {id} ORDER BY object_key"
+            ),
+        ))
+        .await
+        .expect("links")
+        .iter()
+        .map(|row| row.try_get::<String>("", "object_key").expect("key"))
+        .collect();
+    assert_eq!(linked.len(), 3);
+    let (least, middle, greatest) = (&linked[0], &linked[1], &linked[2]);
+    let found = async |keys: &[&str]| -> BTreeSet<String> {
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        let known = known_objects(&db, id, "another-run", &keys)
+            .await
+            .expect("lookup");
+        known.into_keys().collect()
+    };
+    let after = |key: &str| format!("{key}~");
+    let set = |keys: &[&String]| keys.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>();
+    // The least linked key listed second, the greatest first.
+    assert_eq!(found(&[&after(least), least]).await, set(&[least]));
+    assert_eq!(
+        found(&[greatest, &after(middle), ""]).await,
+        set(&[greatest])
+    );
+    assert_eq!(
+        found(&[middle, greatest, least]).await,
+        set(&[least, middle, greatest])
+    );
+    // A linked key inside the range, not asked for; and no link in range.
+    assert_eq!(found(&[&after(least), &after(greatest)]).await, set(&[]));
+    assert_eq!(found(&[&after(greatest), "\u{10FFFF}"]).await, set(&[]));
+    assert_eq!(found(&[]).await, set(&[]));
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefix_with_and_without_trailing_slash() {
     let app = spawn_app(AppOptions::default()).await;

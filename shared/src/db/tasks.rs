@@ -255,7 +255,7 @@ async fn insert_tasks_pg(
     let mut existed = 0;
     for chunk in items.chunks(PG_STATEMENT_ROWS) {
         let now = Utc::now();
-        let values = chunk_values(chunk, project_id, storage_id, run_id, now);
+        let values = || chunk_values(chunk, project_id, storage_id, run_id, now);
         let rows = insert_chunk_pg(db, values).await?;
         let (ids, made) = created_ids(rows, chunk.len())?;
         created += made.len() as i64;
@@ -278,7 +278,7 @@ pub(super) async fn warm_up(db: &(impl ConnectionTrait + TransactionTrait)) -> R
         Ok(()) | Err(Error::NotFound(_)) => {}
         Err(err) => return Err(err),
     }
-    insert_chunk_pg(db, chunk_values(&[], -1, -1, "", Utc::now())).await?;
+    insert_chunk_pg(db, || chunk_values(&[], -1, -1, "", Utc::now())).await?;
     Ok(())
 }
 
@@ -334,16 +334,15 @@ fn chunk_values(
 /// Runs the chunk's statement without `ON CONFLICT` under a savepoint; on a
 /// unique violation, rolls back to it and runs it again with `ON CONFLICT
 /// DO NOTHING`. Returns its rows: (task id, whether its link was new).
+/// `values` makes the parameters for each try (made again on a violation
+/// rather than kept as a copy: copying every row's values cost a worker
+/// more than a rare second making).
 async fn insert_chunk_pg(
     db: &(impl ConnectionTrait + TransactionTrait),
-    values: Vec<sea_orm::Value>,
+    values: impl Fn() -> Vec<sea_orm::Value>,
 ) -> Result<Vec<sea_orm::QueryResult>> {
     let statement = |on_conflict| {
-        Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            insert_chunk_sql(on_conflict),
-            values.clone(),
-        )
+        Statement::from_sql_and_values(DbBackend::Postgres, insert_chunk_sql(on_conflict), values())
     };
     let savepoint = db.begin().await?;
     match savepoint.query_all_raw(statement("")).await {
