@@ -457,6 +457,33 @@ async fn a_worker_keeps_a_connection_per_slot_open_from_the_start() {
     app.stop().await;
 }
 
+/// Every pool labelsync opens on Postgres runs without JIT: once a storage
+/// has many links, a page's link lookup is estimated past
+/// `jit_above_cost`, and compiling it took longer than running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pool_runs_without_jit() {
+    let url = labelsync_tests::fresh_postgres().await;
+    let db = labelsync::db::connect(&url).await.expect("connect");
+    labelsync::db::migrate(&db).await.expect("migrate");
+    let worker = labelsync::db::connect_worker(&url, 1)
+        .await
+        .expect("a worker's pool");
+    let point = labelsync::db::point_pool(&db, &url)
+        .await
+        .expect("the point pool");
+    for (name, pool) in [("api", &db), ("worker", &worker), ("point", &point)] {
+        let row = pool
+            .query_one_raw(Statement::from_string(
+                pool.get_database_backend(),
+                "SELECT current_setting('jit') = 'off' AS off",
+            ))
+            .await
+            .expect("query")
+            .expect("row");
+        assert!(row.try_get::<bool>("", "off").expect("off"), "{name}");
+    }
+}
+
 /// A worker's kept connections have run a batch job's statements before
 /// its first job (`db::connect_worker`): a fresh Postgres backend reads the
 /// tables' catalog entries and sqlx prepares each statement on first use,

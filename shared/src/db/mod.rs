@@ -162,8 +162,9 @@ async fn open(
             .map_sqlx_postgres_opts(move |o| {
                 // Generic plans made while the link table was small kept
                 // seq-scanning it: see docs/DECISIONS.md (force_custom_plan on
-                // every connection).
-                let mut o = o.options([("plan_cache_mode", plan_cache_mode)]);
+                // every connection). No JIT: it compiled a page's link lookup
+                // for 5-10 ms to run it in 4 (docs/DECISIONS.md, No JIT).
+                let mut o = o.options([("plan_cache_mode", plan_cache_mode), ("jit", "off")]);
                 // One the URL (or PGAPPNAME) gives wins.
                 if o.get_application_name().is_none() {
                     o = o.application_name(application_name);
