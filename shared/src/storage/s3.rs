@@ -13,8 +13,8 @@
 //!
 //! GETs and listing pages leave the SDK once it has resolved the bucket's
 //! endpoint for a request on a key or a listing: they are signed and sent
-//! by [`signed_get`], with the same endpoint, credentials, retry policy and
-//! error classes.
+//! by [`signed_get`], with the same endpoint, credentials and error
+//! classes, and the retries of the other hand-written HTTP backends.
 use std::{
     sync::{Arc, OnceLock},
     time::Duration,
@@ -172,7 +172,7 @@ impl S3Storage {
                 endpoints,
                 http: env
                     .http_client()
-                    .inspect_err(|err| tracing::warn!(error = %err, "S3 GETs stay with the SDK"))
+                    .inspect_err(|err| tracing::warn!(error = %err, "S3 GETs and listings stay with the SDK"))
                     .ok(),
                 credentials,
                 idle_timeout: env.request_timeout,
