@@ -121,12 +121,7 @@ impl Reads {
     /// the [`Read`] drops. Waiters of one storage are served in the order
     /// they came; between storages, see the module's documentation.
     pub fn take(&self, storage: i64) -> Take<'_> {
-        Take {
-            reads: self,
-            storage,
-            turn: None,
-            ticket: None,
-        }
+        self.take_in_turn(storage, None)
     }
 
     /// Reserves `count` turns in the queue, after every ticket given so far.
@@ -140,12 +135,13 @@ impl Reads {
 
     /// Waits for a read as [`Self::take`] does, queued by `turn` (one of
     /// [`Self::turns`]) rather than by when it is first polled: it goes
-    /// before waiters of the storage with a later turn or ticket.
-    pub fn take_in_turn(&self, storage: i64, turn: u64) -> Take<'_> {
+    /// before waiters of the storage with a later turn or ticket. With no
+    /// turn, it queues as the newest waiter ([`Self::take`]).
+    pub fn take_in_turn(&self, storage: i64, turn: Option<u64>) -> Take<'_> {
         Take {
             reads: self,
             storage,
-            turn: Some(turn),
+            turn,
             ticket: None,
         }
     }
@@ -427,10 +423,10 @@ mod tests {
         let held = reads.take(1).await;
         let (early, late) = (reads.turns(2), reads.turns(1));
         assert_eq!(early.nth(2), None, "past the reserved turns");
-        let later_job = reads.take_in_turn(1, late.nth(0).unwrap());
+        let later_job = reads.take_in_turn(1, late.nth(0));
         let plain = reads.take(1);
-        let second = reads.take_in_turn(1, early.nth(1).unwrap());
-        let first = reads.take_in_turn(1, early.nth(0).unwrap());
+        let second = reads.take_in_turn(1, early.nth(1));
+        let first = reads.take_in_turn(1, early.nth(0));
         tokio::pin!(later_job, plain, second, first);
         for (name, pending) in [
             ("later job", futures::poll!(later_job.as_mut()).is_pending()),

@@ -106,11 +106,8 @@ impl Importer<'_, '_> {
             let may_exist = self.may_exist || attempt > 1;
             // One of the process's reads per attempt, none during the pause;
             // the first in the object's turn, a retry as the newest waiter.
-            let storage = self.job.storage.id;
-            let read = match turn.filter(|_| attempt == 1) {
-                Some(turn) => self.job.reads.take_in_turn(storage, turn).await,
-                None => self.job.reads.take(storage).await,
-            };
+            let turn = turn.filter(|_| attempt == 1);
+            let read = self.job.reads.take_in_turn(self.job.storage.id, turn).await;
             let imported = self.import_once(object.clone(), may_exist).await;
             drop(read);
             match imported {

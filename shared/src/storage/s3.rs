@@ -124,8 +124,6 @@ pub struct S3Storage {
     client: Client,
     bucket: String,
     sse_kms_key_id: Option<String>,
-    /// Longest wait for the next bytes of a download.
-    idle_timeout: Duration,
     /// The requests signed by hand, shared with the listing streams.
     signing: Arc<Signing>,
 }
@@ -141,7 +139,8 @@ struct Signing {
     http: Option<reqwest::Client>,
     /// The client's credentials (the SDK's config does not give them back).
     credentials: Option<SharedCredentialsProvider>,
-    /// Longest wait for a credentials fetch.
+    /// Longest wait for the next bytes of a download, or for a
+    /// credentials fetch.
     idle_timeout: Duration,
     /// Set at the first GET or listing page after the SDK resolved the
     /// bucket's endpoint; `None` inside when they stay with the SDK.
@@ -167,7 +166,6 @@ impl S3Storage {
             client: Client::from_conf(s3_config),
             bucket: config.bucket,
             sse_kms_key_id: config.sse_kms_key_id,
-            idle_timeout: env.request_timeout,
             signing: Arc::new(Signing {
                 endpoints,
                 http: env
@@ -200,7 +198,7 @@ impl S3Storage {
         let etag = out.e_tag().map(|e| e.trim_matches('"').to_owned());
         let content_type = out.content_type().map(str::to_owned);
         Ok(Object {
-            body: Box::pin(idle_limited(out.body, self.idle_timeout)),
+            body: Box::pin(idle_limited(out.body, self.signing.idle_timeout)),
             size,
             etag,
             content_type,

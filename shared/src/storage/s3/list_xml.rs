@@ -82,8 +82,9 @@ struct Entry {
 
 impl<'a> Reader<'a> {
     fn open(&mut self, name: &'a str) -> Result<(), String> {
+        // (A second root is the tokenizer's error.)
         if self.path.is_empty() {
-            if self.rooted || name != "ListBucketResult" {
+            if name != "ListBucketResult" {
                 return Err(format!("<{name}> where <ListBucketResult> was expected"));
             }
             self.rooted = true;
@@ -174,7 +175,7 @@ impl<'a> Reader<'a> {
 
 /// Appends `raw` with XML's references decoded: the five predefined
 /// entities and numeric character references. Any other `&` is an error.
-fn unescape_into(raw: &str, out: &mut String) -> Result<(), String> {
+pub(super) fn unescape_into(raw: &str, out: &mut String) -> Result<(), String> {
     let mut rest = raw;
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);

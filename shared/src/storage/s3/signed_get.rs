@@ -390,17 +390,16 @@ async fn error_of(response: reqwest::Response, what: &str) -> Error {
 }
 
 /// The text of the first `<name>` element of an S3 error document, its
-/// five predefined XML entities decoded.
+/// references decoded as a listing's are ([`list_xml::unescape_into`];
+/// as sent where one is not XML's).
 fn element(xml: &str, name: &str) -> Option<String> {
     let open = format!("<{name}>");
     let start = xml.find(&open)? + open.len();
-    let end = start + xml[start..].find(&format!("</{name}>"))?;
-    let text = xml[start..end]
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&");
+    let raw = &xml[start..start + xml[start..].find(&format!("</{name}>"))?];
+    let mut text = String::new();
+    if list_xml::unescape_into(raw, &mut text).is_err() {
+        text = raw.to_owned();
+    }
     Some(text.chars().take(300).collect())
 }
 
