@@ -70,6 +70,31 @@ pub async fn read_object(storage: &dyn Storage, key: &str) -> labelsync::Result<
 
 /// Creates an S3 bucket (moto takes any credentials; s3s-fs checks them).
 pub async fn create_s3_bucket(endpoint: &str, key: &str, secret: &str, bucket: &str) {
+    s3_client(endpoint, key, secret)
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("create bucket {bucket} at {endpoint}: {e:?} (is the S3 emulator running?)")
+        });
+}
+
+/// Writes `object` to an S3 bucket with the SDK alone, past the backend's
+/// key checks: for keys a user's bucket may hold and labelsync refuses to
+/// write (a NUL, say).
+pub async fn put_s3_object(endpoint: &str, key: &str, secret: &str, bucket: &str, object: &str) {
+    s3_client(endpoint, key, secret)
+        .put_object()
+        .bucket(bucket)
+        .key(object)
+        .body(bytes::Bytes::from_static(b"x").into())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("put {object:?} into {bucket} at {endpoint}: {e:?}"));
+}
+
+fn s3_client(endpoint: &str, key: &str, secret: &str) -> aws_sdk_s3::Client {
     let config = aws_sdk_s3::Config::builder()
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
         .region(aws_sdk_s3::config::Region::new("us-east-1"))
@@ -80,13 +105,6 @@ pub async fn create_s3_bucket(endpoint: &str, key: &str, secret: &str, bucket: &
         ))
         .build();
     aws_sdk_s3::Client::from_conf(config)
-        .create_bucket()
-        .bucket(bucket)
-        .send()
-        .await
-        .unwrap_or_else(|e| {
-            panic!("create bucket {bucket} at {endpoint}: {e:?} (is the S3 emulator running?)")
-        });
 }
 
 /// Creates a bucket on fake-gcs-server (it checks no auth).

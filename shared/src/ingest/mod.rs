@@ -108,6 +108,28 @@ pub trait FanOut: Send + Sync {
 /// A per-object failure: key, row (None for the whole object), message.
 pub type ObjectError = (String, Option<i64>, String);
 
+/// Takes out of `objects` those whose key holds a NUL character, which no
+/// database text can store (S3 can list one, URL-encoded): each becomes a
+/// per-object error naming the key with `\0` for the NUL, and the rest of
+/// the page goes on. They were listed, so the listing stays complete.
+fn take_unstorable(objects: &mut Vec<ObjectMeta>) -> Vec<ObjectError> {
+    if !objects.iter().any(|o| o.key.contains('\0')) {
+        return Vec::new();
+    }
+    let (bad, good) = std::mem::take(objects)
+        .into_iter()
+        .partition::<Vec<_>, _>(|o| o.key.contains('\0'));
+    *objects = good;
+    bad.into_iter()
+        .map(|o| {
+            let message = "the object's key holds a NUL character, which the database cannot \
+                           store; rename the object"
+                .to_owned();
+            (o.key.replace('\0', "\\0"), None, message)
+        })
+        .collect()
+}
+
 /// One listing page, classified: what it adds to the run's counters, which
 /// objects need tasks or a re-read, and what the page's transaction records.
 #[derive(Default)]
@@ -253,12 +275,18 @@ impl ImportJob<'_> {
 
     /// Classifies a page against the links the storage has. `None` for a
     /// page with nothing in it.
-    async fn plan_page(&self, page: storage::Page, filter: &Filter) -> Result<Option<PagePlan>> {
+    async fn plan_page(
+        &self,
+        mut page: storage::Page,
+        filter: &Filter,
+    ) -> Result<Option<PagePlan>> {
         // A page may carry only listing errors (an unreadable directory):
         // they are recorded, and the cursor stays put.
         if page.objects.is_empty() && page.errors.is_empty() {
             return Ok(None);
         }
+        let listed = page.objects.len() as i64;
+        let unstorable = take_unstorable(&mut page.objects);
         let mut plan = PagePlan {
             cursor: page.objects.last().map(|o| o.key.clone()),
             unlisted: !page.errors.is_empty(),
@@ -266,10 +294,11 @@ impl ImportJob<'_> {
                 .errors
                 .into_iter()
                 .map(|e| (e.key, None, e.message))
+                .chain(unstorable)
                 .collect(),
             ..PagePlan::default()
         };
-        plan.delta.listed = page.objects.len() as i64;
+        plan.delta.listed = listed;
         plan.delta.failed = plan.errors.len() as i64;
         // Every listed object counts as present, matched or not: narrowing
         // the regex must not report the objects it now skips as missing.

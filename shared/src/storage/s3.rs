@@ -29,10 +29,10 @@ use aws_sdk_s3::{
         endpoint::{Endpoint, Params as EndpointParams},
         http::HttpResponse,
     },
-    error::{ProvideErrorMetadata, SdkError},
+    error::{DisplayErrorContext, ProvideErrorMetadata, SdkError},
     presigning::PresigningConfig,
     primitives::ByteStream as AwsBody,
-    types::ServerSideEncryption,
+    types::{EncodingType, ServerSideEncryption},
 };
 use aws_smithy_http_client::tls;
 use aws_smithy_runtime_api::client::endpoint::EndpointFuture;
@@ -567,6 +567,12 @@ struct Cursor {
 /// One ListObjectsV2 page: signed by hand once the bucket's endpoint is
 /// known ([`Signing::signed_gets`]), else through the SDK (whose answer
 /// makes it known).
+///
+/// A key with a character XML 1.0 cannot carry (a control character) makes
+/// a plain answer unreadable, so such a page is asked for again with its
+/// keys URL-encoded. Only then: a server that echoes `encoding-type=url`
+/// without encoding (s3s-fs does) would have every key with a `%` or `+`
+/// read wrong.
 async fn list_page(
     client: &Client,
     signing: &Signing,
@@ -574,10 +580,31 @@ async fn list_page(
     query: ListQuery<'_>,
 ) -> Result<Listed> {
     let what = format!("list s3://{bucket}/{}", query.prefix);
-    if let Some(signed) = signing.signed_gets() {
-        return signed.list(&query, &what).await;
+    if let Ok(listed) = list_once(client, signing, bucket, &query, &what).await? {
+        return Ok(listed);
     }
-    let out = client
+    let encoded = ListQuery {
+        url_encoded: true,
+        ..query
+    };
+    list_once(client, signing, bucket, &encoded, &what)
+        .await?
+        .map_err(|why| Error::Transient(format!("{what}: an unreadable listing: {why}")))
+}
+
+/// One ListObjectsV2 page as asked; an answer that came but could not be
+/// read is the inner error, with the reason.
+async fn list_once(
+    client: &Client,
+    signing: &Signing,
+    bucket: &str,
+    query: &ListQuery<'_>,
+    what: &str,
+) -> Result<std::result::Result<Listed, String>> {
+    if let Some(signed) = signing.signed_gets() {
+        return signed.list(query, what).await;
+    }
+    let sent = client
         .list_objects_v2()
         .bucket(bucket)
         .prefix(query.prefix)
@@ -585,10 +612,18 @@ async fn list_page(
         .set_delimiter(query.delimiter.map(str::to_owned))
         .set_continuation_token(query.token.map(str::to_owned))
         .set_start_after(query.start_after.map(str::to_owned))
+        .set_encoding_type(query.url_encoded.then_some(EncodingType::Url))
         .send()
-        .await
-        .map_err(|e| classify(e, &what))?;
-    Ok(Listed {
+        .await;
+    let out = match sent {
+        Ok(out) => out,
+        // A success status whose body the SDK could not read.
+        Err(SdkError::ServiceError(e)) if e.raw().status().is_success() => {
+            return Ok(Err(DisplayErrorContext(e.err()).to_string()));
+        }
+        Err(e) => return Err(classify(e, what)),
+    };
+    let mut listed = Listed {
         objects: out.contents().iter().filter_map(meta_of).collect(),
         prefixes: out
             .common_prefixes()
@@ -599,6 +634,10 @@ async fn list_page(
             .next_continuation_token()
             .filter(|_| out.is_truncated() == Some(true))
             .map(str::to_owned),
+    };
+    Ok(match out.encoding_type() {
+        Some(EncodingType::Url) => list_xml::decode_keys(&mut listed).map(|()| listed),
+        _ => Ok(listed),
     })
 }
 
@@ -630,6 +669,7 @@ impl Storage for S3Storage {
                     .start_after
                     .as_deref()
                     .filter(|_| cursor.token.is_none()),
+                url_encoded: false,
             };
             let listed = list_page(&cursor.client, &cursor.signing, &cursor.bucket, query).await?;
             cursor.token = listed.next;
@@ -659,6 +699,7 @@ impl Storage for S3Storage {
                 max_keys: 1000,
                 token: token.as_deref(),
                 start_after: None,
+                url_encoded: false,
             };
             let listed = list_page(&self.client, &self.signing, &self.bucket, query).await?;
             children.objects.extend(listed.objects);

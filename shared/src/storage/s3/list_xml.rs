@@ -12,6 +12,10 @@
 //! document type declaration is refused (no entity of the server's is
 //! expanded), element names must close in order, nesting is bounded, and
 //! the caller bounds the body's size.
+//!
+//! A page asked for with `encoding-type=url` names its keys and prefixes
+//! URL-encoded when it says `<EncodingType>url</EncodingType>`; they are
+//! decoded here ([`decode_keys`]).
 use chrono::{DateTime, Utc};
 use xmlparser::{ElementEnd, Token, Tokenizer};
 
@@ -66,6 +70,8 @@ struct Reader<'a> {
     entry: Entry,
     truncated: bool,
     token: Option<String>,
+    /// The page says its keys and prefixes are URL-encoded.
+    url_encoded: bool,
     listed: Listed,
     /// The root element was seen (and closed, once `path` is empty again).
     rooted: bool,
@@ -118,7 +124,7 @@ impl<'a> Reader<'a> {
             self.path.as_slice(),
             [_, "Contents", "Key" | "Size" | "LastModified" | "ETag"]
                 | [_, "CommonPrefixes", "Prefix"]
-                | [_, "IsTruncated" | "NextContinuationToken"]
+                | [_, "IsTruncated" | "NextContinuationToken" | "EncodingType"]
         )
     }
 
@@ -145,6 +151,7 @@ impl<'a> Reader<'a> {
             [_, "CommonPrefixes", "Prefix"] => self.listed.prefixes.push(text),
             [_, "IsTruncated"] => self.truncated = text.trim() == "true",
             [_, "NextContinuationToken"] => self.token = Some(text),
+            [_, "EncodingType"] => self.url_encoded = text.trim() == "url",
             _ => {}
         }
         self.path.pop();
@@ -169,8 +176,32 @@ impl<'a> Reader<'a> {
             return Err("the document ended before </ListBucketResult>".into());
         }
         self.listed.next = self.token.filter(|_| self.truncated);
+        if self.url_encoded {
+            decode_keys(&mut self.listed)?;
+        }
         Ok(self.listed)
     }
+}
+
+/// Decodes the keys and prefixes of a page whose answer says they are
+/// URL-encoded (`encoding-type=url`). S3 writes a space as `+` (and a `+`
+/// as `%2B`), as a form does; a key that is not UTF-8 once decoded, which
+/// S3 cannot hold, makes the page unreadable.
+pub(super) fn decode_keys(listed: &mut Listed) -> Result<(), String> {
+    let keys = listed.objects.iter_mut().map(|o| &mut o.key);
+    for text in keys.chain(listed.prefixes.iter_mut()) {
+        let plain = text.replace('+', " ");
+        let decoded = percent_encoding::percent_decode_str(&plain)
+            .decode_utf8()
+            .map_err(|_| {
+                format!(
+                    "the URL-encoded key {:?} is not UTF-8 once decoded",
+                    clip(text)
+                )
+            })?;
+        *text = decoded.into_owned();
+    }
+    Ok(())
 }
 
 /// Appends `raw` with XML's references decoded: the five predefined
@@ -315,6 +346,25 @@ mod tests {
             "</a>".repeat(100)
         );
         assert!(parse(&deep).unwrap_err().contains("nested over 16"));
+    }
+
+    #[test]
+    fn url_encoded_keys_and_prefixes_are_decoded_only_when_the_page_says_so() {
+        let body = "<Contents><Key>a%01b+c%2Bd%25e%C3%A9%00.json</Key></Contents>\
+                    <CommonPrefixes><Prefix>sub+dir%2F%0A/</Prefix></CommonPrefixes>";
+        let encoded = page(&format!("{body}<EncodingType>url</EncodingType>")).unwrap();
+        assert_eq!(encoded.objects[0].key, "a\u{1}b c+d%e\u{e9}\u{0}.json");
+        assert_eq!(encoded.prefixes, ["sub dir/\n/"]);
+        for plain in [
+            body.to_owned(),
+            format!("{body}<EncodingType>none</EncodingType>"),
+        ] {
+            let listed = page(&plain).unwrap();
+            assert_eq!(listed.objects[0].key, "a%01b+c%2Bd%25e%C3%A9%00.json");
+            assert_eq!(listed.prefixes, ["sub+dir%2F%0A/"]);
+        }
+        let not_utf8 = page("<Contents><Key>%FF</Key></Contents><EncodingType>url</EncodingType>");
+        assert!(not_utf8.unwrap_err().contains("not UTF-8"));
     }
 
     #[test]

@@ -137,8 +137,14 @@ impl SignedGets {
     }
 
     /// One page of ListObjectsV2 for `query`, retried as [`Self::get`] is;
-    /// `what` names the listing in errors.
-    pub(super) async fn list(&self, query: &ListQuery<'_>, what: &str) -> Result<Listed> {
+    /// `what` names the listing in errors. An answer that came but could
+    /// not be read is the inner error, with the reason: asking again would
+    /// not change it.
+    pub(super) async fn list(
+        &self,
+        query: &ListQuery<'_>,
+        what: &str,
+    ) -> Result<std::result::Result<Listed, String>> {
         let url = self.list_url(query, what)?;
         retry::retry(what, || self.list_attempt(&url, what)).await
     }
@@ -155,20 +161,25 @@ impl SignedGets {
         pairs.extend(query.delimiter.map(|d| ("delimiter", d)));
         pairs.extend(query.token.map(|t| ("continuation-token", t)));
         pairs.extend(query.start_after.map(|a| ("start-after", a)));
+        pairs.extend(query.url_encoded.then_some(("encoding-type", "url")));
         let raw = format!("{}/?{}", self.base, canonical_query(pairs));
         reqwest::Url::parse(&raw).map_err(|e| Error::Internal(format!("{what}: URL {raw:?}: {e}")))
     }
 
-    async fn list_attempt(&self, url: &reqwest::Url, what: &str) -> Result<Listed> {
+    async fn list_attempt(
+        &self,
+        url: &reqwest::Url,
+        what: &str,
+    ) -> Result<std::result::Result<Listed, String>> {
         let response = self.send(url, None, what).await?;
         if !response.status().is_success() {
             return Err(error_of(response, what).await);
         }
         let body = retry::body_up_to(response, retry::MAX_PAGE_BYTES, what).await?;
-        let xml = std::str::from_utf8(&body)
-            .map_err(|e| Error::Transient(format!("{what}: the listing is not UTF-8: {e}")))?;
-        list_xml::parse(xml)
-            .map_err(|e| Error::Transient(format!("{what}: an unreadable listing: {e}")))
+        Ok(match std::str::from_utf8(&body) {
+            Ok(xml) => list_xml::parse(xml),
+            Err(e) => Err(format!("the listing is not UTF-8: {e}")),
+        })
     }
 
     /// Sends a signed GET of `url` (of `range`, if any).
@@ -335,6 +346,8 @@ pub(super) struct ListQuery<'a> {
     pub token: Option<&'a str>,
     /// Only keys after this one (the first page of a resumed listing).
     pub start_after: Option<&'a str>,
+    /// Asks for keys and prefixes URL-encoded (`encoding-type=url`).
+    pub url_encoded: bool,
 }
 
 /// A query in SigV4's canonical form: names and values escaped but for
@@ -626,6 +639,7 @@ mod tests {
                 max_keys: 1000,
                 token,
                 start_after,
+                url_encoded: token.is_some(),
             };
             signed.list_url(&query, "test").unwrap()
         });
@@ -654,12 +668,13 @@ mod tests {
             max_keys: 2,
             token: Some("t/=+"),
             start_after: Some("ü"),
+            url_encoded: true,
         };
         let url = signed.list_url(&query, "test").unwrap();
         assert_eq!(
             url.as_str(),
             "http://127.0.0.1:9000/bucket/?continuation-token=t%2F%3D%2B&delimiter=%2F\
-             &list-type=2&max-keys=2&prefix=a%20b%2F%26%2B&start-after=%C3%BC"
+             &encoding-type=url&list-type=2&max-keys=2&prefix=a%20b%2F%26%2B&start-after=%C3%BC"
         );
     }
 
