@@ -13,8 +13,13 @@
 //! as their DNS resolver, so a name that resolves to a public address at
 //! validation and to a private one later (DNS rebinding) is still refused.
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use crate::{Error, Result};
@@ -259,25 +264,34 @@ fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
 
 /// A DNS resolver for the storage HTTP clients that drops addresses the
 /// policy refuses, and fails when none is left: the guard at connect time.
+/// A name's addresses are looked up once for every connection opened
+/// within [`DNS_KEPT`] ([`DnsCache`]); the policy judges them at each use.
 #[derive(Debug, Clone)]
 pub struct GuardedResolver {
     policy: Arc<NetPolicy>,
+    cache: Arc<DnsCache>,
 }
 
 impl GuardedResolver {
     pub fn new(policy: NetPolicy) -> Self {
+        GuardedResolver::keeping(policy, DNS_KEPT)
+    }
+
+    /// A resolver that keeps a name's addresses `kept` (tests).
+    fn keeping(policy: NetPolicy, kept: Duration) -> Self {
         GuardedResolver {
             policy: Arc::new(policy),
+            cache: Arc::new(DnsCache::new(kept)),
         }
     }
 
     /// Resolves `host` and keeps the allowed addresses.
     pub async fn resolve(&self, host: &str) -> std::io::Result<Vec<SocketAddr>> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
+        let addrs = self.cache.addresses(host).await?;
         let allowed: Vec<SocketAddr> = addrs
-            .iter()
-            .copied()
-            .filter(|a| self.policy.allows(a.ip()))
+            .into_iter()
+            .filter(|ip| self.policy.allows(*ip))
+            .map(|ip| SocketAddr::new(ip, 0))
             .collect();
         if allowed.is_empty() {
             return Err(std::io::Error::new(
@@ -290,6 +304,119 @@ impl GuardedResolver {
         }
         Ok(allowed)
     }
+}
+
+/// How long a name's addresses serve new connections. Short, so a moved
+/// endpoint is followed soon; long enough that the connections a worker
+/// opens at once (a batch's reads: 64) share one lookup. Each lookup is a
+/// blocking `getaddrinfo` on its own thread and, in a cluster, one or more
+/// round trips to its DNS server (a name with few dots tries the search
+/// domains first).
+const DNS_KEPT: Duration = Duration::from_secs(10);
+
+/// At most this many names are kept: endpoints are user input, so their
+/// count is not bounded by the deployment. A name past it is looked up
+/// for each connection, as without the cache.
+const DNS_NAMES: usize = 1024;
+
+/// The addresses names resolved to, each looked up once for all the
+/// connections that ask within [`DNS_KEPT`] (those asking while it runs
+/// wait for it). A failed lookup is every waiter's answer, then forgotten.
+#[derive(Debug)]
+struct DnsCache {
+    names: Mutex<HashMap<String, Arc<Lookup>>>,
+    kept: Duration,
+    /// Lookups made, not answered from the cache (tests count them).
+    lookups: AtomicU64,
+}
+
+/// A lookup's addresses, or its failure's kind and message (`io::Error` is
+/// not `Clone`, and every waiter gets the answer).
+type Answer = std::result::Result<Arc<[IpAddr]>, (std::io::ErrorKind, String)>;
+
+/// One lookup of a name, shared by its waiters.
+#[derive(Debug)]
+struct Lookup {
+    started: Instant,
+    answer: tokio::sync::OnceCell<Answer>,
+    /// Where the next connection starts in the addresses: successive ones
+    /// take them in turn, as successive lookups of a name with several
+    /// (an object store's) would have.
+    turn: AtomicUsize,
+}
+
+impl DnsCache {
+    fn new(kept: Duration) -> Self {
+        DnsCache {
+            names: Mutex::default(),
+            kept,
+            lookups: AtomicU64::new(0),
+        }
+    }
+
+    /// `host`'s addresses, from the cache or one lookup; an IP literal is
+    /// its own.
+    async fn addresses(&self, host: &str) -> std::io::Result<Vec<IpAddr>> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        let lookup = self.lookup_of(host);
+        let answer = lookup.answer.get_or_init(|| self.look_up(host)).await;
+        match answer {
+            Ok(addrs) => Ok(in_turn(addrs, lookup.turn.fetch_add(1, Ordering::Relaxed))),
+            Err((kind, message)) => {
+                self.forget(host, &lookup);
+                Err(std::io::Error::new(*kind, message.clone()))
+            }
+        }
+    }
+
+    /// The current lookup of `host`, or a new one (kept while there is
+    /// room).
+    fn lookup_of(&self, host: &str) -> Arc<Lookup> {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lookup) = names.get(host).filter(|l| l.started.elapsed() < self.kept) {
+            return lookup.clone();
+        }
+        if names.len() >= DNS_NAMES {
+            names.retain(|_, l| l.started.elapsed() < self.kept);
+        }
+        let lookup = Arc::new(Lookup {
+            started: Instant::now(),
+            answer: tokio::sync::OnceCell::new(),
+            turn: AtomicUsize::new(0),
+        });
+        if names.len() < DNS_NAMES || names.contains_key(host) {
+            names.insert(host.to_owned(), lookup.clone());
+        }
+        lookup
+    }
+
+    async fn look_up(&self, host: &str) -> Answer {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        match tokio::net::lookup_host((host, 0)).await {
+            Ok(found) => Ok(found.map(|a| a.ip()).collect()),
+            Err(e) => Err((e.kind(), e.to_string())),
+        }
+    }
+
+    /// Drops `lookup` (a failed one) so the next connection looks again.
+    fn forget(&self, host: &str, lookup: &Arc<Lookup>) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        if names.get(host).is_some_and(|l| Arc::ptr_eq(l, lookup)) {
+            names.remove(host);
+        }
+    }
+}
+
+/// `addrs` starting at the `turn`-th (modulo their count).
+fn in_turn(addrs: &[IpAddr], turn: usize) -> Vec<IpAddr> {
+    let start = turn % addrs.len().max(1);
+    addrs[start..]
+        .iter()
+        .chain(&addrs[..start])
+        .copied()
+        .collect()
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
@@ -678,5 +805,47 @@ mod tests {
         );
         let resolver = GuardedResolver::new(NetPolicy::PublicOnly);
         assert!(resolver.resolve("localhost").await.is_err());
+    }
+
+    /// The connections a batch opens at once share one lookup; the policy
+    /// still judges the kept addresses at every use; an IP literal is never
+    /// looked up; a name is looked up again once its addresses are old.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_name_is_looked_up_once_for_the_connections_opened_together() {
+        let open = GuardedResolver::new(NetPolicy::AllowAll);
+        let together = (0..64).map(|_| open.resolve("localhost"));
+        for addrs in futures::future::join_all(together).await {
+            let addrs = addrs.expect("localhost resolves");
+            assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+        }
+        assert_eq!(open.cache.lookups.load(Ordering::Relaxed), 1);
+        open.resolve("127.0.0.1").await.expect("a literal");
+        assert_eq!(open.cache.lookups.load(Ordering::Relaxed), 1);
+
+        let guarded = GuardedResolver::new(NetPolicy::PublicOnly);
+        for _ in 0..3 {
+            assert!(guarded.resolve("localhost").await.is_err());
+        }
+        assert_eq!(guarded.cache.lookups.load(Ordering::Relaxed), 1);
+
+        let brief = GuardedResolver::keeping(NetPolicy::AllowAll, Duration::ZERO);
+        for _ in 0..3 {
+            brief
+                .resolve("localhost")
+                .await
+                .expect("localhost resolves");
+        }
+        assert_eq!(brief.cache.lookups.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn successive_connections_take_a_names_addresses_in_turn() {
+        let addrs: Vec<IpAddr> = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(in_turn(&addrs, 0), addrs);
+        assert_eq!(in_turn(&addrs, 4), [addrs[1], addrs[2], addrs[0]]);
+        assert!(in_turn(&addrs[..0], 7).is_empty());
     }
 }
