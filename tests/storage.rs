@@ -751,6 +751,36 @@ async fn the_synthetic_benchmark_server_passes_the_s3_conformance_checks() {
     assert_eq!(names(&keys(&*far, "k/", true, None).await).len(), 1500);
     assert!(started.elapsed() >= rtt * 2, "two pages through the proxy");
     assert_eq!(proxy.counts(), (2, 0));
+
+    // Handshakes: a new connection is read only after them, a kept one at
+    // once.
+    let connect = Duration::from_millis(300);
+    let handshaking = SyntheticS3::start_handshaking(Latency::default(), connect).await;
+    handshaking.fill("b", [("k".to_owned(), Bytes::from_static(b"x"))]);
+    let client = reqwest::Client::new();
+    let url = format!("{}/b/k", handshaking.endpoint);
+    for (round, least, most) in [(1, connect, connect * 3), (2, Duration::ZERO, connect)] {
+        let started = std::time::Instant::now();
+        let body = client
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(&body[..], b"x");
+        assert!(took >= least && took < most, "GET {round} took {took:?}");
+        // hyper puts a connection back in its pool a moment after the
+        // answer is read.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let accepted = handshaking
+        .counts
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(accepted, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

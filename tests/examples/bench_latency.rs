@@ -16,7 +16,10 @@
 //! running has them (a fresh fleet's first sync pays for them). A second
 //! line has the run's timeline, the workers' CPU per object, and
 //! `worker_get_ms`: the mean GET round trip as the workers timed it (the
-//! server's RTT_MS plus what a busy machine adds on either side).
+//! server's RTT_MS plus what a busy machine adds on either side). With
+//! `BENCH_CONNECT_MS` set, the server reads a new connection only that
+//! long after accepting it: the TCP and TLS handshakes of a distant HTTPS
+//! endpoint (100 for two round trips at 50 ms), which loopback skips.
 //!
 //! `bench latency-files N PREFIXES WORKERS RTT_MS [PARTITIONS]`: a
 //! Files-mode sync of N objects spread over PREFIXES top-level prefixes of
@@ -45,11 +48,12 @@ const POLL: Duration = Duration::from_millis(10);
 
 pub async fn run(objects: usize, workers: usize, rtt_ms: u64, warm_up: usize) {
     let rtt = Duration::from_millis(rtt_ms);
-    let server = SyntheticS3::start(Latency {
+    let connect = connect_time();
+    let latency = Latency {
         rtt,
         bytes_per_second: None,
-    })
-    .await;
+    };
+    let server = SyntheticS3::start_handshaking(latency, connect).await;
     server.fill(
         "bench",
         (0..objects).map(|i| {
@@ -72,7 +76,15 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64, warm_up: usize) {
     let (before, secs, storage, busy) = timed_sync(&app, &server, storage, objects).await;
     let worker_cpu = cpu_seconds(&fleet) - worker_cpu;
     let gets = fleet_gets(&fleet).await - gets;
-    report(&server, before, secs, objects, workers, rtt, busy);
+    report(
+        &server,
+        before,
+        secs,
+        objects,
+        workers,
+        (rtt, connect),
+        busy,
+    );
     let mut timeline = timeline(&app, &storage).await;
     timeline["worker_cpu_us_per_object"] = json!((worker_cpu * 1e6 / objects as f64).round());
     timeline["worker_get_ms"] = json!((gets.mean_ms() * 10.0).round() / 10.0);
@@ -375,6 +387,12 @@ fn defaults() -> labelsync::config::Settings {
     labelsync::config::Settings::from_lookup(|_| None).expect("default settings")
 }
 
+/// `BENCH_CONNECT_MS`: see the module's documentation (default 0).
+fn connect_time() -> Duration {
+    let ms = std::env::var("BENCH_CONNECT_MS").map_or(Ok(0), |v| v.parse::<u64>());
+    Duration::from_millis(ms.expect("BENCH_CONNECT_MS: a number of milliseconds"))
+}
+
 /// One JSON line: the measurement and its floors.
 fn report(
     server: &SyntheticS3,
@@ -382,7 +400,7 @@ fn report(
     secs: f64,
     objects: usize,
     workers: usize,
-    rtt: Duration,
+    (rtt, connect): (Duration, Duration),
     cpu_busy: f64,
 ) {
     let settings = defaults();
@@ -399,7 +417,7 @@ fn report(
         "{}",
         json!({
             "bench": "latency-tasks", "objects": objects, "workers": workers,
-            "rtt_ms": rtt.as_millis() as u64, "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "rtt_ms": rtt.as_millis() as u64, "connect_ms": connect.as_millis() as u64, "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
             "seconds": (secs * 100.0).round() / 100.0,
             "objects_per_s": (objects as f64 / secs).round(),
             "requests": server.counts.total() - before,

@@ -6,7 +6,11 @@
 //! check. Every answer waits `rtt` first, and bodies are sent at
 //! `bytes_per_second` when set, so a run against it behaves like one
 //! against a distant bucket while the server itself costs next to nothing.
-//! It counts the requests of each kind.
+//! Started with a `connect` time ([`SyntheticS3::start_handshaking`]), a
+//! new connection's first request is read only that long after the
+//! connection was accepted: the TCP and TLS handshakes a
+//! distant HTTPS endpoint costs (two round trips with TLS 1.3), which a
+//! loopback connection does not. It counts the requests of each kind.
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
@@ -105,6 +109,12 @@ impl Drop for SyntheticS3 {
 
 impl SyntheticS3 {
     pub async fn start(latency: Latency) -> Self {
+        SyntheticS3::start_handshaking(latency, Duration::ZERO).await
+    }
+
+    /// A server whose new connections are read `connect` after their
+    /// accept (see the module's documentation).
+    pub async fn start_handshaking(latency: Latency, connect: Duration) -> Self {
         let shared = Shared {
             buckets: Arc::default(),
             latency,
@@ -114,7 +124,7 @@ impl SyntheticS3 {
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         let (buckets, counts) = (shared.buckets.clone(), shared.counts.clone());
         let accepted = counts.clone();
-        let listener = listener.tap_io(move |_| {
+        let listener = Handshaking { listener, connect }.tap_io(move |_| {
             accepted.connections.fetch_add(1, Ordering::Relaxed);
         });
         let app = Router::new().fallback(handle).with_state(shared);
@@ -153,6 +163,72 @@ impl SyntheticS3 {
     pub fn len(&self, bucket: &str) -> usize {
         let buckets = self.buckets.lock().expect("lock");
         buckets.get(bucket).map_or(0, BTreeMap::len)
+    }
+}
+
+/// The listener, with each accepted connection read only `connect` after
+/// its accept (see the module's documentation); accepts are not delayed.
+struct Handshaking {
+    listener: tokio::net::TcpListener,
+    connect: Duration,
+}
+
+impl axum::serve::Listener for Handshaking {
+    type Io = Handshake;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Handshake, std::net::SocketAddr) {
+        let (io, addr) = axum::serve::Listener::accept(&mut self.listener).await;
+        let wait = (!self.connect.is_zero()).then(|| Box::pin(tokio::time::sleep(self.connect)));
+        (Handshake { io, wait }, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection whose first read waits for its handshake's end.
+struct Handshake {
+    io: tokio::net::TcpStream,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for Handshake {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(wait) = self.wait.as_mut() {
+            std::task::ready!(wait.as_mut().poll(cx));
+            self.wait = None;
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Handshake {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
