@@ -108,17 +108,23 @@ pub trait FanOut: Send + Sync {
 /// A per-object failure: key, row (None for the whole object), message.
 pub type ObjectError = (String, Option<i64>, String);
 
+/// Whether a listed key or prefix can be stored as database text (a NUL
+/// cannot).
+fn storable(key: &str) -> bool {
+    !key.contains('\0')
+}
+
 /// Takes out of `objects` those whose key holds a NUL character, which no
 /// database text can store (S3 can list one, URL-encoded): each becomes a
 /// per-object error naming the key with `\0` for the NUL, and the rest of
 /// the page goes on. They were listed, so the listing stays complete.
 fn take_unstorable(objects: &mut Vec<ObjectMeta>) -> Vec<ObjectError> {
-    if !objects.iter().any(|o| o.key.contains('\0')) {
+    if objects.iter().all(|o| storable(&o.key)) {
         return Vec::new();
     }
-    let (bad, good) = std::mem::take(objects)
+    let (good, bad) = std::mem::take(objects)
         .into_iter()
-        .partition::<Vec<_>, _>(|o| o.key.contains('\0'));
+        .partition::<Vec<_>, _>(|o| storable(&o.key));
     *objects = good;
     bad.into_iter()
         .map(|o| {

@@ -386,9 +386,9 @@ pub(super) async fn discover(backend: &dyn Storage, root: &str, max: usize) -> R
     let Some(first) = backend.list_children(root, None, 1).await? else {
         return Ok(Start::Found(Discovery::Sequence(None)));
     };
-    if let (true, Some(last), Some(next)) =
-        (first.prefixes.is_empty(), first.objects.last(), &first.next)
-    {
+    // (A last key that cannot be stored cannot be where the run resumes.)
+    let last = first.objects.last().filter(|o| super::storable(&o.key));
+    if let (true, Some(last), Some(next)) = (first.prefixes.is_empty(), last, &first.next) {
         let (after, next) = (last.key.clone(), next.clone());
         return Ok(Start::FlatPage(FlatPage {
             objects: first.objects,
@@ -491,9 +491,12 @@ async fn split(
 
 /// What partition `part` becomes given its `level`: its children (and a
 /// flat partition for the keys directly under it, when it has any), or
-/// itself when the level is incomplete or has no sub-prefix.
+/// itself when the level is incomplete, has no sub-prefix, or has one that
+/// cannot be stored (its keys are then listed with the part's, each an
+/// object error).
 fn children_of(part: (String, bool), level: Children) -> Vec<(String, bool)> {
-    if !level.complete() || level.prefixes.is_empty() {
+    let storable = level.prefixes.iter().all(|p| super::storable(p));
+    if !level.complete() || level.prefixes.is_empty() || !storable {
         return vec![part];
     }
     let mut next = Vec::with_capacity(level.prefixes.len() + 1);
