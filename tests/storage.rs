@@ -56,6 +56,20 @@ async fn keys(
         .unwrap_or_else(|e| panic!("list {prefix:?}: {e}"))
 }
 
+/// Every key under `prefix`, listed recursively in pages of `size`.
+async fn in_pages_of(storage: &dyn Storage, prefix: &str, size: usize) -> Vec<Page> {
+    storage
+        .list(ListOptions {
+            prefix: prefix.into(),
+            recursive: true,
+            start_after: None,
+            page_size: size,
+        })
+        .try_collect()
+        .await
+        .unwrap_or_else(|e| panic!("list {prefix:?}: {e}"))
+}
+
 fn names(pages: &[Page]) -> Vec<String> {
     pages
         .iter()
@@ -603,16 +617,7 @@ async fn listing_pages_after_the_first_are_signed_by_the_backend() {
     let secrets = json!({ "access_key_id": "k", "secret_access_key": "s" });
     let storage = open(BackendKind::S3, config, secrets).await;
     for listing in 1..=2 {
-        let pages: Vec<Page> = storage
-            .list(ListOptions {
-                prefix: "k/".into(),
-                recursive: true,
-                start_after: None,
-                page_size: 2,
-            })
-            .try_collect()
-            .await
-            .unwrap();
+        let pages = in_pages_of(&*storage, "k/", 2).await;
         assert_eq!(names(&pages), keys);
         assert_eq!(server.counts.list.load(Relaxed), 3 * listing);
         assert_eq!(server.counts.sdk_list.load(Relaxed), 1, "listing {listing}");
@@ -843,16 +848,7 @@ async fn keys_xml_cannot_carry_are_listed_url_encoded_on_moto() {
         put_s3_object(&url, "test", "test", &bucket, key).await;
     }
     odd.sort_unstable();
-    let pages: Vec<Page> = storage
-        .list(ListOptions {
-            prefix: "ctl/".into(),
-            recursive: true,
-            start_after: None,
-            page_size: 2,
-        })
-        .try_collect()
-        .await
-        .unwrap();
+    let pages = in_pages_of(&*storage, "ctl/", 2).await;
     assert_eq!(pages.len(), 3);
     assert_eq!(names(&pages), odd);
     let children = storage.list_children("ctl/", None, 1).await.unwrap();
@@ -888,13 +884,7 @@ async fn keys_xml_cannot_carry_are_listed_url_encoded_on_moto() {
             .all(|e| e["error"].as_str().unwrap().contains("NUL")),
         "{errors:?}"
     );
-    let mut uris: Vec<String> = app
-        .all_tasks(project)
-        .await
-        .iter()
-        .map(|t| t["data"]["image"].as_str().unwrap().to_owned())
-        .collect();
-    uris.sort();
+    let uris = image_uris(&app, project).await;
     let expected: Vec<String> = odd
         .iter()
         .filter(|k| !k.contains('\0'))
@@ -1332,6 +1322,18 @@ async fn azure_account_names_cannot_reshape_the_host() {
 /// An import sync through the API for every remote backend, one test each:
 /// the storage is created with secrets (sealed at rest), validated, synced,
 /// and its tasks carry the backend's URIs.
+/// The `image` of every task of `project`, sorted.
+async fn image_uris(app: &labelsync_tests::TestApp, project: i64) -> Vec<String> {
+    let mut uris: Vec<String> = app
+        .all_tasks(project)
+        .await
+        .iter()
+        .map(|t| t["data"]["image"].as_str().unwrap().to_owned())
+        .collect();
+    uris.sort();
+    uris
+}
+
 async fn import_sync_end_to_end(backend: &str, config: Value, secrets: Value, scheme: &str) {
     let app = spawn_app(AppOptions::with_storages()).await;
     put_two_images_and_a_note(backend, &config, &secrets).await;
@@ -1434,13 +1436,7 @@ async fn saved_secrets_validate_and_the_sync_imports_the_images(
     let run = app.sync(&created["id"]).await;
     assert_eq!(run["status"], "completed", "{backend}: {run}");
     assert_eq!(run["counters"]["created"], 2, "{backend}: {run}");
-    let mut uris: Vec<String> = app
-        .all_tasks(project)
-        .await
-        .iter()
-        .map(|t| t["data"]["image"].as_str().unwrap().to_owned())
-        .collect();
-    uris.sort();
+    let uris = image_uris(app, project).await;
     assert_eq!(uris.len(), 2, "{backend}: {uris:?}");
     assert!(
         uris.iter()
