@@ -18,11 +18,19 @@
 //! as the SDK's errors ([`by_code`]). A listing page is read by
 //! [`list_xml`].
 //!
+//! A machine whose clock is off by more than S3 allows (15 minutes) has
+//! its requests refused with `RequestTimeTooSkewed`; the offset to the
+//! answer's `Date` is then kept and requests are signed at the server's
+//! time, as the SDK does for its own ([`SignedGets::refused`]).
+//!
 //! Endpoints that need more than SigV4 (S3 Express sessions, multi-region
 //! access points' SigV4a, endpoint-specific headers) keep the SDK path:
 //! [`SignedGets::new`] declines them.
 use std::{
-    sync::{Mutex, RwLock},
+    sync::{
+        Mutex, RwLock,
+        atomic::{AtomicI64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -84,6 +92,9 @@ pub(super) struct SignedGets {
     keys: Keys,
     /// The signing key of the day (see [`Self::day_key`]).
     day_key: Mutex<Option<DayKey>>,
+    /// The server's clock minus this machine's, in ms, as the last
+    /// `RequestTimeTooSkewed` answer showed; 0 until one comes.
+    skew_ms: AtomicI64,
 }
 
 impl SignedGets {
@@ -111,6 +122,7 @@ impl SignedGets {
             signing_name: text("signingName").unwrap_or_else(|| "s3".into()),
             keys: Keys::new(credentials, idle),
             day_key: Mutex::new(None),
+            skew_ms: AtomicI64::new(0),
         })
     }
 
@@ -173,7 +185,7 @@ impl SignedGets {
     ) -> Result<std::result::Result<Listed, String>> {
         let response = self.send(url, None, what).await?;
         if !response.status().is_success() {
-            return Err(error_of(response, what).await);
+            return Err(self.refused(response, what).await);
         }
         let body = retry::body_up_to(response, retry::MAX_PAGE_BYTES, what).await?;
         Ok(match std::str::from_utf8(&body) {
@@ -212,7 +224,34 @@ impl SignedGets {
         if response.status().is_success() {
             return Ok(retry::object_of(response, &[header::ETAG]));
         }
-        Err(error_of(response, what).await)
+        Err(self.refused(response, what).await)
+    }
+
+    /// The error a refused request stands for. `RequestTimeTooSkewed`
+    /// means this machine's clock is off: the offset to the answer's `Date`
+    /// is kept for every later signature, and the error is transient so
+    /// the request is tried again, signed at the server's time.
+    async fn refused(&self, response: reqwest::Response, what: &str) -> Error {
+        let server_time = response
+            .headers()
+            .get(header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| chrono::DateTime::parse_from_rfc2822(d).ok());
+        let (code, error) = error_of(response, what).await;
+        match (code.as_deref(), server_time) {
+            (Some("RequestTimeTooSkewed"), Some(at)) => {
+                let skew = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+                self.skew_ms.store(skew, Ordering::Relaxed);
+                let why = format!(
+                    "{what}: the storage refused the request's time (RequestTimeTooSkewed): \
+                     its clock differs from this machine's by {skew} ms; requests are signed \
+                     at its time from now on"
+                );
+                tracing::warn!(skew_ms = skew, "{why}");
+                Error::Transient(why)
+            }
+            _ => error,
+        }
     }
 
     /// The headers that sign a GET of `url` now: the date, the empty
@@ -223,7 +262,13 @@ impl SignedGets {
         url: &reqwest::Url,
     ) -> Result<Vec<(&'static str, header::HeaderValue)>> {
         let keys = self.keys.current().await?;
-        self.signature_at(url, &keys, SystemTime::now())
+        let skew = self.skew_ms.load(Ordering::Relaxed);
+        let now = SystemTime::now();
+        let at = match u64::try_from(skew) {
+            Ok(ahead) => now + Duration::from_millis(ahead),
+            Err(_) => now - Duration::from_millis(skew.unsigned_abs()),
+        };
+        self.signature_at(url, &keys, at)
     }
 
     /// SigV4's "Authorization header" form for a GET with no body, as S3
@@ -387,7 +432,8 @@ impl std::fmt::Debug for DayKey {
 /// The error of a GET answered with a status other than 2xx: S3's code
 /// and message from the XML body ([`retry::error_body`]) when it has them,
 /// classified as the SDK path classifies them.
-async fn error_of(response: reqwest::Response, what: &str) -> Error {
+/// The error an S3 error answer stands for, with its code.
+async fn error_of(response: reqwest::Response, what: &str) -> (Option<String>, Error) {
     let status = response.status();
     let body = retry::error_body(response).await;
     let code = element(&body, "Code");
@@ -398,8 +444,9 @@ async fn error_of(response: reqwest::Response, what: &str) -> Error {
         _ => format!("HTTP {status}"),
     };
     let msg = format!("{what}: {detail}");
-    by_code(code.as_deref().unwrap_or_default(), status.as_u16(), &msg)
-        .unwrap_or(Error::Transient(msg))
+    let error = by_code(code.as_deref().unwrap_or_default(), status.as_u16(), &msg)
+        .unwrap_or(Error::Transient(msg));
+    (code, error)
 }
 
 /// The text of the first `<name>` element of an S3 error document, its
@@ -661,6 +708,7 @@ mod tests {
                 Duration::from_secs(5),
             ),
             day_key: Mutex::new(None),
+            skew_ms: AtomicI64::new(0),
         };
         let query = ListQuery {
             prefix: "a b/&+",
@@ -707,6 +755,7 @@ mod tests {
                     Duration::from_secs(5),
                 ),
                 day_key: Mutex::new(None),
+                skew_ms: AtomicI64::new(0),
             };
             // The kept key must follow the day and the credentials.
             for (creds, at) in [
@@ -777,6 +826,55 @@ mod tests {
             utf8_percent_encode("a b/ü+%2e/x~y_z-1.json", KEY_PATH).to_string(),
             "a%20b/%C3%BC%2B%252e/x~y_z-1.json"
         );
+    }
+
+    /// A clock an hour behind the storage's: s3s-fs (which checks the time
+    /// of a header signature, 15 minutes either way) refuses the GET as
+    /// too skewed; the answer's `Date` sets the offset, and the retry
+    /// signed at the storage's time gets the object.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clock_an_hour_off_is_set_right_by_the_storages_date() {
+        use futures::TryStreamExt;
+        let endpoint = std::env::var("TEST_S3S_ENDPOINT")
+            .expect("TEST_S3S_ENDPOINT: s3s-fs, started by tests/emulators.sh");
+        let var = |name: &str, default: &str| std::env::var(name).unwrap_or(default.into());
+        let credentials = Credentials::new(
+            var("TEST_S3S_ACCESS_KEY", "labelsync-test"),
+            var("TEST_S3S_SECRET_KEY", "labelsync-test-secret"),
+            None,
+            None,
+            "test",
+        );
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(&endpoint)
+            .force_path_style(true)
+            .credentials_provider(credentials.clone())
+            .build();
+        let client = aws_sdk_s3::Client::from_conf(config);
+        let bucket = format!("skew-{:08x}", rand::random::<u32>());
+        client.create_bucket().bucket(&bucket).send().await.unwrap();
+        let body = aws_sdk_s3::primitives::ByteStream::from_static(b"tick");
+        let put = client.put_object().bucket(&bucket).key("k").body(body);
+        put.send().await.unwrap();
+        let signed = SignedGets {
+            http: reqwest::Client::new(),
+            base: format!("{}/{bucket}", endpoint.trim_end_matches('/')),
+            signing_region: "us-east-1".into(),
+            signing_name: "s3".into(),
+            keys: Keys::new(
+                SharedCredentialsProvider::new(credentials),
+                Duration::from_secs(5),
+            ),
+            day_key: Mutex::new(None),
+            skew_ms: AtomicI64::new(-3_600_000),
+        };
+        let object = signed.get("k", None, "get k").await.unwrap();
+        let chunks: Vec<bytes::Bytes> = object.body.try_collect().await.unwrap();
+        assert_eq!(chunks.concat(), b"tick");
+        let skew = signed.skew_ms.load(Ordering::Relaxed);
+        assert!(skew.abs() < 5_000, "the offset kept: {skew} ms");
     }
 
     #[test]
