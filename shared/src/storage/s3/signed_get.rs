@@ -264,11 +264,12 @@ impl SignedGets {
         let keys = self.keys.current().await?;
         let skew = self.skew_ms.load(Ordering::Relaxed);
         let now = SystemTime::now();
+        // (Checked: the offset comes from a server's `Date`.)
         let at = match u64::try_from(skew) {
-            Ok(ahead) => now + Duration::from_millis(ahead),
-            Err(_) => now - Duration::from_millis(skew.unsigned_abs()),
+            Ok(ahead) => now.checked_add(Duration::from_millis(ahead)),
+            Err(_) => now.checked_sub(Duration::from_millis(skew.unsigned_abs())),
         };
-        self.signature_at(url, &keys, at)
+        self.signature_at(url, &keys, at.unwrap_or(now))
     }
 
     /// SigV4's "Authorization header" form for a GET with no body, as S3
@@ -429,10 +430,9 @@ impl std::fmt::Debug for DayKey {
     }
 }
 
-/// The error of a GET answered with a status other than 2xx: S3's code
-/// and message from the XML body ([`retry::error_body`]) when it has them,
-/// classified as the SDK path classifies them.
-/// The error an S3 error answer stands for, with its code.
+/// The error of a GET answered with a status other than 2xx, with S3's
+/// code: the code and message from the XML body ([`retry::error_body`])
+/// when it has them, classified as the SDK path classifies them.
 async fn error_of(response: reqwest::Response, what: &str) -> (Option<String>, Error) {
     let status = response.status();
     let body = retry::error_body(response).await;
