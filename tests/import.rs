@@ -975,6 +975,52 @@ async fn an_unreadable_local_directory_is_one_object_error() {
     app.stop().await;
 }
 
+/// A file or directory name that is not UTF-8 cannot be a key: each one
+/// the prefix and the filter take is one object error (shown with U+FFFD),
+/// where they were skipped with only a log line; the listing stays
+/// complete, so a file deleted later has its task deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_name_that_is_not_utf8_is_one_object_error() {
+    use std::os::unix::ffi::OsStrExt;
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    write(&data, "a.jpg", b"a");
+    write(&data, "sub/b.jpg", b"b");
+    let odd = |name: &[u8]| data.join(std::ffi::OsStr::from_bytes(name));
+    std::fs::write(odd(b"bad\xff.jpg"), b"x").expect("a non-UTF-8 file name");
+    std::fs::write(odd(b"note\xff.txt"), b"x").expect("a non-UTF-8 file name");
+    std::fs::create_dir_all(odd(b"dir\xfe")).expect("a non-UTF-8 directory");
+    std::fs::write(odd(b"dir\xfe/c.jpg"), b"c").expect("a file under it");
+
+    let project = app.project("not utf-8").await;
+    let fields = json!({ "regex_filter": ".*\\.jpg$|^dir", "on_missing": "delete_unlabeled" });
+    let storage = app.local_storage(project, fields).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    assert_eq!(run["counters"]["created"], 2, "{run}");
+    assert_eq!(run["counters"]["failed"], 2, "{run}");
+    let id = run["id"].as_str().expect("id");
+    let (_, errors) = app.get(&format!("/api/v1/runs/{id}/errors")).await;
+    let items = errors["items"].as_array().expect("items");
+    let mut keys: Vec<&str> = items.iter().filter_map(|e| e["key"].as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["bad\u{fffd}.jpg", "dir\u{fffd}"], "{errors}");
+    assert!(
+        items
+            .iter()
+            .all(|e| e["error"].as_str().is_some_and(|m| m.contains("not UTF-8"))),
+        "{errors}"
+    );
+    std::fs::remove_file(data.join("a.jpg")).expect("rm a.jpg");
+    let again = app.sync(&storage["id"]).await;
+    assert_eq!(again["counters"]["missing"], 1, "{again}");
+    assert_eq!(
+        again["counters"]["deleted"], 1,
+        "a complete listing: {again}"
+    );
+    app.stop().await;
+}
+
 /// Makes a directory under `data` that a listing cannot read, even as
 /// root: its absolute path is 4,095 bytes, so it fits PATH_MAX but `<path>/`
 /// does not. Returns its key (under `deep/`).

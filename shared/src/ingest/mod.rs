@@ -115,10 +115,11 @@ fn storable(key: &str) -> bool {
 }
 
 /// Takes out of `objects` those whose key holds a NUL character, which no
-/// database text can store (S3 can list one, URL-encoded): each becomes a
-/// per-object error naming the key with `\0` for the NUL, and the rest of
-/// the page goes on. They were listed, so the listing stays complete.
-fn take_unstorable(objects: &mut Vec<ObjectMeta>) -> Vec<ObjectError> {
+/// database text can store (S3 can list one, URL-encoded): each the filter
+/// matches becomes a per-object error naming the key with `\0` for the
+/// NUL, and the rest of the page goes on. They were listed, so the listing
+/// stays complete.
+fn take_unstorable(objects: &mut Vec<ObjectMeta>, filter: &Filter) -> Vec<ObjectError> {
     if objects.iter().all(|o| storable(&o.key)) {
         return Vec::new();
     }
@@ -127,6 +128,7 @@ fn take_unstorable(objects: &mut Vec<ObjectMeta>) -> Vec<ObjectError> {
         .partition::<Vec<_>, _>(|o| storable(&o.key));
     *objects = good;
     bad.into_iter()
+        .filter(|o| filter.matches(&o.key))
         .map(|o| {
             let message = "the object's key holds a NUL character, which the database cannot \
                            store; rename the object"
@@ -292,13 +294,16 @@ impl ImportJob<'_> {
             return Ok(None);
         }
         let listed = page.objects.len() as i64;
-        let unstorable = take_unstorable(&mut page.objects);
+        let unstorable = take_unstorable(&mut page.objects, filter);
         let mut plan = PagePlan {
             cursor: page.objects.last().map(|o| o.key.clone()),
-            unlisted: !page.errors.is_empty(),
+            unlisted: page.errors.iter().any(|e| e.incomplete),
+            // An entry that could never be a key is reported where the
+            // filter would have taken it.
             errors: page
                 .errors
                 .into_iter()
+                .filter(|e| e.incomplete || filter.matches(&e.key))
                 .map(|e| (e.key, None, e.message))
                 .chain(unstorable)
                 .collect(),
@@ -860,6 +865,7 @@ mod tests {
                 .map(|k| storage::ListError {
                     key: (*k).to_owned(),
                     message: "unreadable".into(),
+                    incomplete: true,
                 })
                 .collect(),
         }

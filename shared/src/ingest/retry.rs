@@ -84,6 +84,7 @@ async fn look_up(backend: Arc<dyn Storage>, key: String, recursive: bool) -> Res
                 found.errors.push(ListError {
                     key: key.clone(),
                     message: err.to_string(),
+                    incomplete: true,
                 });
                 break;
             }

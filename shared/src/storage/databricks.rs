@@ -284,6 +284,7 @@ impl Walk {
                             self.errors.push(ListError {
                                 key: sub,
                                 message: e.to_string(),
+                                incomplete: true,
                             });
                         }
                         Err(e) => return Err(e),

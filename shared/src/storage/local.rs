@@ -387,12 +387,40 @@ impl Walker {
         self.errors.push(ListError {
             key,
             message: err.to_string(),
+            incomplete: true,
         });
     }
 
-    fn read_sorted(&self, dir_key: &str) -> Result<Vec<String>> {
+    /// The names of directory `dir_key`, sorted descending; a name that is
+    /// not UTF-8, which no key can hold, is an error of the listing (shown
+    /// with U+FFFD for the bytes it cannot spell) that leaves it complete:
+    /// nothing under that name was ever a key.
+    fn read_sorted(&mut self, dir_key: &str) -> Result<Vec<String>> {
+        let (names, unnamed) = self.read_names(dir_key)?;
+        // In the first directory, only names the prefix admits.
+        let first = self.stack.first().is_some_and(|f| f.dir_key == dir_key);
+        for name in unnamed {
+            let admitted = name
+                .as_encoded_bytes()
+                .starts_with(self.name_prefix.as_bytes());
+            let key = format!("{dir_key}{}", name.to_string_lossy());
+            if (first && !admitted) || self.listed_already(&key) {
+                continue;
+            }
+            self.errors.push(ListError {
+                key,
+                message: "the file name is not UTF-8, so no key can name it; rename it".into(),
+                incomplete: false,
+            });
+        }
+        Ok(names)
+    }
+
+    /// The names of directory `dir_key` (sorted descending) and those that
+    /// are not UTF-8.
+    fn read_names(&self, dir_key: &str) -> Result<(Vec<String>, Vec<std::ffi::OsString>)> {
         let dir = self.base.join(dir_key);
-        let mut names = Vec::new();
+        let (mut names, mut unnamed) = (Vec::new(), Vec::new());
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             // A prefix naming no directory lists nothing, like an empty bucket prefix.
@@ -402,7 +430,7 @@ impl Walker {
                     io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
                 ) =>
             {
-                return Ok(names);
+                return Ok((names, unnamed));
             }
             Err(e) => return Err(io_error(&self.root, &dir, e)),
         };
@@ -410,13 +438,11 @@ impl Walker {
             let entry = entry.map_err(|e| io_error(&self.root, &dir, e))?;
             match entry.file_name().into_string() {
                 Ok(name) => names.push(name),
-                Err(name) => {
-                    tracing::warn!(dir = %dir.display(), ?name, "skipping a file name that is not UTF-8")
-                }
+                Err(name) => unnamed.push(name),
             }
         }
         names.sort_unstable_by(|a, b| b.cmp(a));
-        Ok(names)
+        Ok((names, unnamed))
     }
 
     /// True when every key under directory `dir_key` sorts before `start_after`.

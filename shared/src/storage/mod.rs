@@ -182,6 +182,10 @@ pub struct ListError {
     /// The key (or key prefix, ending in `/`, for a directory) it concerns.
     pub key: String,
     pub message: String,
+    /// Keys may be missing from the listing because of it (an unreadable
+    /// directory), so none counts as deleted; false for an entry that
+    /// could never be a key (a local file name that is not UTF-8).
+    pub incomplete: bool,
 }
 
 #[derive(Debug, Clone)]
