@@ -1011,6 +1011,16 @@ async fn a_local_name_that_is_not_utf8_is_one_object_error() {
             .all(|e| e["error"].as_str().is_some_and(|m| m.contains("not UTF-8"))),
         "{errors}"
     );
+    // A retry run looks for them by the names shown, and finds them again.
+    let (code, started) = app
+        .post(&format!("/api/v1/runs/{id}/retry"), json!({}))
+        .await;
+    assert_eq!(code, 202, "{started}");
+    let retry = started["id"].as_str().expect("id");
+    let retried = app
+        .wait_run(retry, std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(retried["counters"]["failed"], 2, "{retried}");
     std::fs::remove_file(data.join("a.jpg")).expect("rm a.jpg");
     let again = app.sync(&storage["id"]).await;
     assert_eq!(again["counters"]["missing"], 1, "{again}");

@@ -397,16 +397,17 @@ impl Walker {
     /// nothing under that name was ever a key.
     fn read_sorted(&mut self, dir_key: &str) -> Result<Vec<String>> {
         let (names, unnamed) = self.read_names(dir_key)?;
-        // In the first directory, only names the prefix admits.
+        // In the first directory, only names the prefix admits, as shown
+        // (so a retry run, whose prefix is the key shown, finds it again).
         let first = self.stack.first().is_some_and(|f| f.dir_key == dir_key);
         for name in unnamed {
-            let admitted = name
-                .as_encoded_bytes()
-                .starts_with(self.name_prefix.as_bytes());
-            let key = format!("{dir_key}{}", name.to_string_lossy());
-            if (first && !admitted) || self.listed_already(&key) {
+            let shown = name.to_string_lossy();
+            if (first && !shown.starts_with(&self.name_prefix))
+                || self.listed_already(&format!("{dir_key}{shown}"))
+            {
                 continue;
             }
+            let key = format!("{dir_key}{shown}");
             self.errors.push(ListError {
                 key,
                 message: "the file name is not UTF-8, so no key can name it; rename it".into(),
