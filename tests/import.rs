@@ -929,16 +929,9 @@ async fn an_unreadable_local_directory_is_one_object_error() {
     assert_eq!(run["status"], "completed_with_errors", "{run}");
     assert_eq!(run["counters"]["created"], 2, "{run}");
     assert_eq!(run["counters"]["failed"], 1, "{run}");
-    let (status, errors) = app
-        .get(&format!(
-            "/api/v1/runs/{}/errors",
-            run["id"].as_str().expect("id")
-        ))
-        .await;
-    assert_eq!(status, 200, "{errors}");
-    let items = errors["items"].as_array().expect("items");
-    assert_eq!(items.len(), 1, "{errors}");
-    assert_eq!(items[0]["key"], format!("{key}/"), "{errors}");
+    let items = app.run_errors(run["id"].as_str().expect("id")).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["key"], format!("{key}/"), "{items:?}");
     let message = items[0]["error"].as_str().expect("message");
     assert!(
         !message.contains(base.to_str().expect("utf-8")),
@@ -952,9 +945,9 @@ async fn an_unreadable_local_directory_is_one_object_error() {
     assert_eq!(code, 202, "{started}");
     let id = started["id"].as_str().expect("id");
     let retried = app.wait_run(id, std::time::Duration::from_secs(60)).await;
-    let (_, errors) = app.get(&format!("/api/v1/runs/{id}/errors")).await;
+    let errors = app.run_errors(id).await;
     assert_eq!(retried["status"], "completed_with_errors", "{retried}");
-    assert_eq!(errors["items"][0]["key"], format!("{key}/"), "{errors}");
+    assert_eq!(errors[0]["key"], format!("{key}/"), "{errors:?}");
     let c = &retried["counters"];
     assert_eq!(
         (
@@ -1000,16 +993,15 @@ async fn a_local_name_that_is_not_utf8_is_one_object_error() {
     assert_eq!(run["counters"]["created"], 2, "{run}");
     assert_eq!(run["counters"]["failed"], 2, "{run}");
     let id = run["id"].as_str().expect("id");
-    let (_, errors) = app.get(&format!("/api/v1/runs/{id}/errors")).await;
-    let items = errors["items"].as_array().expect("items");
+    let items = app.run_errors(id).await;
     let mut keys: Vec<&str> = items.iter().filter_map(|e| e["key"].as_str()).collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["bad\u{fffd}.jpg", "dir\u{fffd}"], "{errors}");
+    assert_eq!(keys, ["bad\u{fffd}.jpg", "dir\u{fffd}"], "{items:?}");
     assert!(
         items
             .iter()
             .all(|e| e["error"].as_str().is_some_and(|m| m.contains("not UTF-8"))),
-        "{errors}"
+        "{items:?}"
     );
     // A retry run looks for them by the names shown, and finds them again.
     let (code, started) = app

@@ -869,8 +869,7 @@ async fn keys_xml_cannot_carry_are_listed_url_encoded_on_moto() {
     assert_eq!(run["counters"]["created"], 4, "{run}");
     assert_eq!(run["counters"]["failed"], 2, "{run}");
     let run_id = run["id"].as_str().expect("a run id");
-    let (_, errors) = app.get(&format!("/api/v1/runs/{run_id}/errors")).await;
-    let errors = errors["items"].as_array().expect("an error page");
+    let errors = app.run_errors(run_id).await;
     let mut keys: Vec<&str> = errors.iter().map(|e| e["key"].as_str().unwrap()).collect();
     keys.sort_unstable();
     assert_eq!(

@@ -431,6 +431,13 @@ impl TestApp {
         }
     }
 
+    /// The first page of a run's per-object errors.
+    pub async fn run_errors(&self, run_id: &str) -> Vec<Value> {
+        let (status, errors) = self.get(&format!("/api/v1/runs/{run_id}/errors")).await;
+        assert_eq!(status, 200, "{errors}");
+        errors["items"].as_array().expect("items").clone()
+    }
+
     /// Every task of a project, following `next_after`.
     pub async fn all_tasks(&self, project_id: i64) -> Vec<Value> {
         let mut tasks = Vec::new();

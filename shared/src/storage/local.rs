@@ -402,12 +402,10 @@ impl Walker {
         let first = self.stack.first().is_some_and(|f| f.dir_key == dir_key);
         for name in unnamed {
             let shown = name.to_string_lossy();
-            if (first && !shown.starts_with(&self.name_prefix))
-                || self.listed_already(&format!("{dir_key}{shown}"))
-            {
+            let key = format!("{dir_key}{shown}");
+            if (first && !shown.starts_with(&self.name_prefix)) || self.listed_already(&key) {
                 continue;
             }
-            let key = format!("{dir_key}{shown}");
             self.errors.push(ListError {
                 key,
                 message: "the file name is not UTF-8, so no key can name it; rename it".into(),
