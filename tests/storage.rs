@@ -890,6 +890,20 @@ async fn keys_xml_cannot_carry_are_listed_url_encoded_on_moto() {
         .map(|k| format!("s3://{bucket}/{k}"))
         .collect();
     assert_eq!(uris, expected);
+    // A retry run finds the NUL keys behind the errors shown with `\0`,
+    // and reports them again.
+    let (code, started) = app
+        .post(&format!("/api/v1/runs/{run_id}/retry"), json!({}))
+        .await;
+    assert_eq!(code, 202, "{started}");
+    let retry = started["id"].as_str().expect("a retry run id");
+    let retried = app.wait_run(retry, Duration::from_secs(60)).await;
+    assert_eq!(retried["counters"]["listed"], 2, "{retried}");
+    assert_eq!(retried["counters"]["failed"], 2, "{retried}");
+    let again = app.run_errors(retry).await;
+    let mut again: Vec<&str> = again.iter().map(|e| e["key"].as_str().unwrap()).collect();
+    again.sort_unstable();
+    assert_eq!(again, keys);
     app.stop().await;
 }
 

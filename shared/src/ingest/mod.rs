@@ -114,6 +114,12 @@ fn storable(key: &str) -> bool {
     !key.contains('\0')
 }
 
+/// A key as a user is shown it: a NUL, which no database text can store,
+/// written `\0`.
+fn shown(key: &str) -> String {
+    key.replace('\0', "\\0")
+}
+
 /// Takes out of `objects` those whose key holds a NUL character, which no
 /// database text can store (S3 can list one, URL-encoded): each the filter
 /// matches becomes a per-object error naming the key with `\0` for the
@@ -133,7 +139,7 @@ fn take_unstorable(objects: &mut Vec<ObjectMeta>, filter: &Filter) -> Vec<Object
             let message = "the object's key holds a NUL character, which the database cannot \
                            store; rename the object"
                 .to_owned();
-            (o.key.replace('\0', "\\0"), None, message)
+            (shown(&o.key), None, message)
         })
         .collect()
 }

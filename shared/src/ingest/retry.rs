@@ -4,8 +4,10 @@
 //! is there now. A key no longer there is left out (nothing is flagged or
 //! deleted for it: a retry run does no missing-object detection); a key
 //! ending in `/` (a part of the listing that could not be read) is listed
-//! again whole. A key whose lookup fails for good (unreadable) is an error
-//! of the retry run, as it would be of a listing.
+//! again whole; a key shown with `\0` is also looked for as one holding
+//! NUL there (it could not be stored as it is). A key whose lookup fails
+//! for good (unreadable) is an error of the retry run, as it would be of a
+//! listing.
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
@@ -68,39 +70,84 @@ pub fn pages(source: Source) -> BoxStream<'static, Result<(Page, Option<String>)
 /// What the storage holds now under one error key: the object itself, or
 /// for a directory (a key ending in `/`) everything listed under it.
 async fn look_up(backend: Arc<dyn Storage>, key: String, recursive: bool) -> Result<Page> {
-    let dir = key.ends_with('/');
+    if key.ends_with('/') {
+        return list_under(&*backend, &key, recursive).await;
+    }
+    let found = find_object(&*backend, &key, &key).await?;
+    // A key shown with `\0` may stand for one holding NUL (which no error
+    // row can store): looked for from the part before it.
+    match key.find("\\0") {
+        Some(at) if found.objects.is_empty() && found.errors.is_empty() => {
+            find_object(&*backend, &key[..at], &key).await
+        }
+        _ => Ok(found),
+    }
+}
+
+/// Everything listed under the directory `key`.
+async fn list_under(backend: &dyn Storage, key: &str, recursive: bool) -> Result<Page> {
     let mut listing = backend.list(ListOptions {
-        prefix: key.clone(),
-        recursive: dir && recursive,
+        prefix: key.to_owned(),
+        recursive,
         start_after: None,
-        page_size: if dir { 1000 } else { 100 },
+        page_size: 1000,
     });
     let mut found = Page::default();
-    while let Some(page) = listing.next().await {
-        // A key that cannot be read is that key's error, as in a listing;
-        // only a transient failure retries the run.
-        let mut page = match page {
-            Err(err) if !err.is_transient() => {
-                found.errors.push(ListError {
-                    key: key.clone(),
-                    message: err.to_string(),
-                    incomplete: true,
-                });
-                break;
-            }
-            other => other?,
-        };
+    while let Some(mut page) = next_page(&mut listing, key, &mut found).await? {
         found.errors.append(&mut page.errors);
-        if dir {
-            found.objects.append(&mut page.objects);
-            continue;
-        }
-        // In key order the key itself comes before the longer keys it
-        // is a prefix of.
-        found
-            .objects
-            .extend(page.objects.into_iter().filter(|o| o.key == key));
-        break;
+        found.objects.append(&mut page.objects);
     }
     Ok(found)
+}
+
+/// The object shown as `key`, listed from `from`: the key itself, where it
+/// comes first among the keys it is a prefix of, or the part of it before
+/// a NUL, where the keys holding a NUL there come first (NUL sorts before
+/// every other character).
+async fn find_object(backend: &dyn Storage, from: &str, key: &str) -> Result<Page> {
+    let mut listing = backend.list(ListOptions {
+        prefix: from.to_owned(),
+        // The part before a NUL may be in the middle of a folder's name.
+        recursive: from != key,
+        start_after: None,
+        page_size: 100,
+    });
+    let nul_run = format!("{from}\0");
+    let mut found = Page::default();
+    while let Some(mut page) = next_page(&mut listing, key, &mut found).await? {
+        found.errors.append(&mut page.errors);
+        let mut past = from == key;
+        for object in page.objects {
+            if super::shown(&object.key) == key {
+                found.objects.push(object);
+            } else if object.key != from && !object.key.starts_with(&nul_run) {
+                past = true;
+            }
+        }
+        if past {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+/// The listing's next page; `None` at its end or when it cannot be read,
+/// which is then `key`'s error in `found`, as in a listing (only a
+/// transient failure retries the run).
+async fn next_page(
+    listing: &mut BoxStream<'_, Result<Page>>,
+    key: &str,
+    found: &mut Page,
+) -> Result<Option<Page>> {
+    match listing.next().await {
+        Some(Err(err)) if !err.is_transient() => {
+            found.errors.push(ListError {
+                key: key.to_owned(),
+                message: err.to_string(),
+                incomplete: true,
+            });
+            Ok(None)
+        }
+        other => other.transpose(),
+    }
 }
