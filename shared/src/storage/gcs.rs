@@ -7,9 +7,10 @@
 //! the JSON API by hand).
 //!
 //! Credentials: `credentials_json` (a service-account key, or an
-//! `external_account` WIF config); else, on Google's endpoint, Application
-//! Default Credentials (`GOOGLE_APPLICATION_CREDENTIALS`, metadata server);
-//! with a custom `endpoint_url` and no JSON, requests are anonymous
+//! `external_account` WIF config reading its subject token from a URL);
+//! else, on Google's endpoint, Application Default Credentials
+//! (`GOOGLE_APPLICATION_CREDENTIALS`, metadata server); with a custom
+//! `endpoint_url` and no JSON, requests are anonymous
 //! (emulators). Signed URLs need a signer: a service-account key signs
 //! locally, ADC on GCE signs through IAM; WIF has no signer, so those
 //! storages are proxied instead of presigned.
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use google_cloud_auth::{
-    credentials::{self, AccessTokenCredentials},
+    credentials::{self, CacheableResource, Credentials},
     signer::Signer,
 };
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -30,9 +31,11 @@ use serde::{Deserialize, Serialize};
 use super::{
     BackendKind, Children, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets,
     Storage, StorageEnv, check_key, check_location, paginate, parse_config,
-    retry::{error_body, json_page, object_of, retry, status_error, transport_error},
+    retry::{error_body, error_chain, json_page, object_of, retry, status_error, transport_error},
 };
 use crate::{Error, Result, security::net::parse_endpoint};
+
+mod external_account;
 
 const GOOGLE: &str = "https://storage.googleapis.com";
 const SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
@@ -82,7 +85,7 @@ pub struct GcsStorage {
     http: Client,
     base: Url,
     bucket: String,
-    token: Option<AccessTokenCredentials>,
+    token: Option<Credentials>,
     signer: Option<Signer>,
 }
 
@@ -109,7 +112,7 @@ fn bad_credentials(e: impl std::fmt::Display) -> Error {
 /// the guarded resolver cannot reach, so they are checked here, before it
 /// is built):
 /// - an `external_account` config makes the server read a subject token
-///   (a file, a URL, or its AWS identity) and send it to `token_url` and
+///   (only from a URL: see [`external_account`]) and send it to `token_url` and
 ///   `service_account_impersonation_url`: those must be Google's
 ///   (`https://*.googleapis.com`), or a config could send the server's own
 ///   identity anywhere;
@@ -166,6 +169,27 @@ async fn check_token_urls(json: &serde_json::Value, env: &StorageEnv) -> Result<
     Ok(())
 }
 
+/// The headers that authenticate a request (a fresh or cached token).
+async fn auth_headers(token: &Credentials, what: &str) -> Result<header::HeaderMap> {
+    let headers = token.headers(http::Extensions::new()).await.map_err(|e| {
+        // The causes say why (ours for a subject token, Google's for the
+        // exchange); the crate's own words are only that it failed.
+        let why = error_chain(&e);
+        if e.is_transient() {
+            Error::Transient(format!("{what}: getting a token: {why}"))
+        } else {
+            Error::Unauthenticated(format!("{what}: getting a token: {why}"))
+        }
+    })?;
+    match headers {
+        CacheableResource::New { data, .. } => Ok(data),
+        // Only asked for with an entity tag, which none of these requests has.
+        CacheableResource::NotModified => Err(Error::Internal(format!(
+            "{what}: the credentials answered \"not modified\" to a request without a tag"
+        ))),
+    }
+}
+
 impl GcsStorage {
     pub async fn open(config: GcsConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
         let base = match &config.endpoint_url {
@@ -180,20 +204,18 @@ impl GcsStorage {
                 match json.get("type").and_then(|t| t.as_str()) {
                     Some("service_account") => {
                         let builder = || credentials::service_account::Builder::new(json.clone());
-                        let token = builder()
+                        let token: Credentials = builder()
                             .with_access_specifier(
                                 credentials::service_account::AccessSpecifier::from_scopes([SCOPE]),
                             )
                             .build_access_token_credentials()
-                            .map_err(bad_credentials)?;
+                            .map_err(bad_credentials)?
+                            .into();
                         let signer = builder().build_signer().map_err(bad_credentials)?;
                         (Some(token), Some(signer))
                     }
                     Some("external_account") => {
-                        let token = credentials::external_account::Builder::new(json)
-                            .with_scopes([SCOPE])
-                            .build_access_token_credentials()
-                            .map_err(bad_credentials)?;
+                        let token = external_account::credentials(json, env.http_client()?)?;
                         (Some(token), None)
                     }
                     other => {
@@ -214,7 +236,7 @@ impl GcsStorage {
                         ))
                     })?;
                 let signer = credentials::Builder::default().build_signer().ok();
-                (Some(token), signer)
+                (Some(token.into()), signer)
             }
         };
         Ok(GcsStorage {
@@ -262,14 +284,7 @@ impl GcsStorage {
         retry(what, || async {
             let mut req = build();
             if let Some(token) = &self.token {
-                let token = token.access_token().await.map_err(|e| {
-                    if e.is_transient() {
-                        Error::Transient(format!("{what}: getting a token: {e}"))
-                    } else {
-                        Error::Unauthenticated(format!("{what}: getting a token: {e}"))
-                    }
-                })?;
-                req = req.bearer_auth(token.token);
+                req = req.headers(auth_headers(token, what).await?);
             }
             let resp = req.send().await.map_err(|e| transport_error(&e, what))?;
             if resp.status().is_success() {
@@ -633,7 +648,10 @@ impl super::Backend for Descriptor {
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
+
     use super::*;
+    use crate::security::net::NetPolicy;
 
     /// A user's credentials file cannot send the server's identity off
     /// Google, nor make it read private or metadata addresses.
@@ -680,6 +698,103 @@ mod tests {
                     })
                 ),
                 "{bad}: {result:?}"
+            );
+        }
+    }
+
+    /// A loopback server giving every request `answer` (a whole HTTP/1.1
+    /// response); its URL.
+    async fn answering(answer: String) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let _ = socket.read(&mut [0; 4096]).await;
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        url
+    }
+
+    fn wif_secrets(source: serde_json::Value) -> Secrets {
+        let file = serde_json::json!({
+            "type": "external_account",
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/q",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "token_url": "https://sts.googleapis.com/v1/token",
+            "credential_source": source,
+        });
+        let mut map = serde_json::Map::new();
+        map.insert("credentials_json".into(), file.to_string().into());
+        Secrets::new(map)
+    }
+
+    /// A WIF file cannot make the server read its own disk, run a program
+    /// or use its own identity, nor follow a redirect; and what its URL
+    /// answers is never quoted back (it could be anything the server can
+    /// reach).
+    #[tokio::test]
+    async fn a_wif_file_reads_only_a_url_and_quotes_nothing() {
+        let env = StorageEnv {
+            net: NetPolicy::AllowAll,
+            ..StorageEnv::default()
+        };
+        let config = GcsConfig {
+            bucket: "b".into(),
+            project_id: None,
+            endpoint_url: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key.json");
+        std::fs::write(&key_file, r#"{"private_key":"SECRET-KEY"}"#).unwrap();
+        let json = serde_json::json!({ "type": "json", "subject_token_field_name": "id_token" });
+        for source in [
+            serde_json::json!({ "file": key_file, "format": json }),
+            serde_json::json!({ "executable": { "command": "/bin/true" } }),
+            serde_json::json!({ "environment_id": "aws1" }),
+        ] {
+            let opened = GcsStorage::open(config.clone(), &wif_secrets(source.clone()), &env).await;
+            match opened {
+                Err(Error::Invalid { code, message, .. }) => {
+                    assert_eq!(code, "bad_credentials", "{message}");
+                    assert!(message.contains("credential_source."), "{message}");
+                }
+                other => panic!("{source}: {other:?}"),
+            }
+        }
+        let body = r#"{"private_key":"SECRET-KEY"}"#;
+        let secret = answering(format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
+        let redirect = answering(format!(
+            "HTTP/1.1 302 Found\r\nlocation: {secret}\r\ncontent-length: 0\r\n\r\n"
+        ))
+        .await;
+        for (url, why) in [(&secret, "is not a JSON object"), (&redirect, "302")] {
+            let source = serde_json::json!({ "url": url, "format": json });
+            let storage = GcsStorage::open(config.clone(), &wif_secrets(source), &env)
+                .await
+                .unwrap();
+            let listed = storage
+                .list(ListOptions {
+                    prefix: String::new(),
+                    recursive: true,
+                    start_after: None,
+                    page_size: 10,
+                })
+                .next()
+                .await;
+            let Some(Err(err)) = listed else {
+                panic!("{url}: {listed:?}")
+            };
+            let text = err.to_string();
+            assert!(!text.contains("SECRET-KEY"), "{text}");
+            assert!(
+                text.contains("credential_source.url") && text.contains(why),
+                "{text}"
             );
         }
     }
