@@ -586,6 +586,80 @@ async fn bad_project_bodies_get_4xx_with_code_and_create_nothing() {
     app.stop().await;
 }
 
+/// A PATCH that changes a storage's config must give its kept secrets
+/// again: whoever may edit the storage cannot send keys an admin set to an
+/// endpoint of theirs (or open another bucket with them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_change_needs_the_kept_secrets_again() {
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let project = app.project("moved").await;
+    let home = "http://127.0.0.1:19000";
+    let (status, created) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "source", "backend": "s3",
+                "config": { "bucket": "media", "endpoint_url": home },
+                "secrets": { "access_key_id": "admin-key", "secret_access_key": "admin-secret" },
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let path = format!("/api/v1/storages/{}", created["id"]);
+    let away = json!({ "endpoint_url": "http://127.0.0.1:9" });
+    let (status, err) = app.patch(&path, json!({ "config": away })).await;
+    assert_eq!(
+        (status, &err["error"]["code"], &err["error"]["field"]),
+        (400, &json!("secrets_required"), &json!("secrets")),
+        "{err}"
+    );
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("config.endpoint_url")
+            && message.contains("secrets.access_key_id")
+            && message.contains("secrets.secret_access_key"),
+        "{message}"
+    );
+    let (_, stored) = app.get(&path).await;
+    assert_eq!(stored["config"]["endpoint_url"], home, "nothing written");
+    // One secret given again: the other is still named.
+    let (status, err) = app
+        .patch(
+            &path,
+            json!({ "config": { "bucket": "other" }, "secrets": { "access_key_id": "k2" } }),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("config.bucket")
+            && message.contains("secrets.secret_access_key")
+            && !message.contains("secrets.access_key_id"),
+        "{message}"
+    );
+    // The same values again, or fields outside config, change nothing.
+    let (status, same) = app
+        .patch(
+            &path,
+            json!({ "config": { "endpoint_url": home }, "title": "renamed" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{same}");
+    // With every secret given again the move is taken.
+    let (status, moved) = app
+        .patch(
+            &path,
+            json!({
+                "config": away,
+                "secrets": { "access_key_id": "own-key", "secret_access_key": "own-secret" },
+            }),
+        )
+        .await;
+    assert_eq!(status, 200, "{moved}");
+    assert_eq!(moved["config"]["endpoint_url"], "http://127.0.0.1:9");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patch_merges_and_refuses_backend_changes() {
     let app = spawn_app(AppOptions::default()).await;

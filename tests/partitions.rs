@@ -444,7 +444,13 @@ async fn a_partition_that_keeps_failing_fails_the_run_and_deletes_nothing() {
     let first = app.sync(&storage["id"]).await;
     assert_eq!(first["counters"]["created"], 60, "{first}");
     let path = format!("/api/v1/storages/{}", storage["id"]);
-    let to = |url: &str| json!({ "config": { "bucket": bucket, "endpoint_url": url } });
+    // A new endpoint takes the storage's secrets again.
+    let to = |url: &str| {
+        json!({
+            "config": { "bucket": bucket, "endpoint_url": url },
+            "secrets": { "access_key_id": KEY, "secret_access_key": SECRET },
+        })
+    };
     assert_eq!(app.patch(&path, to(&proxy.url)).await.0, 200);
 
     let failed = app.sync(&storage["id"]).await;

@@ -67,6 +67,46 @@ fn check_own_credentials(
     ))
 }
 
+/// Secrets were given for the config they were saved with: a PATCH that
+/// changes any of it (`moved`: where they are sent, which bucket or role
+/// they open) must give each kept secret again, or remove it. Otherwise
+/// anyone who may edit the storage could point its endpoint at a host of
+/// theirs and receive a token an admin set, or open another bucket with
+/// the admin's keys.
+fn check_secrets_follow(
+    current: &storage::Model,
+    moved: &[String],
+    given: Option<&labelsync::storage::Secrets>,
+) -> ApiResult<()> {
+    if moved.is_empty() {
+        return Ok(());
+    }
+    let kept: Vec<String> = secret_names_after(Some(current), None)
+        .into_iter()
+        .filter(|name| given.is_none_or(|g| !g.as_map().contains_key(name)))
+        .collect();
+    if kept.is_empty() {
+        return Ok(());
+    }
+    let fields = |names: &[String], prefix: &str| {
+        names
+            .iter()
+            .map(|n| format!("{prefix}.{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(ApiError::bad_request(
+        "secrets_required",
+        "secrets",
+        format!(
+            "changing {} needs the storage's secrets again ({}): they were given for its \
+             old settings; send them in the same request, or remove them with \"\"",
+            fields(moved, "config"),
+            fields(&kept, "secrets"),
+        ),
+    ))
+}
+
 /// The names of the secrets a storage holds once `given` is applied to
 /// `current`'s (an empty value removes one).
 fn secret_names_after(
@@ -191,6 +231,8 @@ pub async fn update(
     };
     let mut merged = serde_json::to_value(StorageSpec::of_model(&current)?)
         .map_err(|e| labelsync::Error::Internal(e.to_string()))?;
+    // The config fields the patch changes.
+    let mut moved = Vec::new();
     for (key, value) in patch {
         match key.as_str() {
             "project_id" | "role" | "backend" => {
@@ -208,7 +250,15 @@ pub async fn update(
                 }
             }
             "config" => match (merged.get_mut("config"), value) {
-                (Some(Value::Object(config)), Value::Object(changes)) => config.extend(changes),
+                (Some(Value::Object(config)), Value::Object(changes)) => {
+                    moved.extend(
+                        changes
+                            .iter()
+                            .filter(|(k, v)| config.get(k.as_str()) != Some(v))
+                            .map(|(k, _)| k.clone()),
+                    );
+                    config.extend(changes);
+                }
                 _ => {
                     return Err(ApiError::bad_request(
                         "invalid_config",
@@ -225,6 +275,7 @@ pub async fn update(
     let spec = spec_of(merged)?;
     let valid = spec.validate(&state.storage_env).await?;
     check_own_credentials(&caller, &valid, Some(&current))?;
+    check_secrets_follow(&current, &moved, valid.secrets.as_ref())?;
     let model = spec::save(
         &state.db,
         &spec,
