@@ -592,6 +592,29 @@ async fn local_resolve_agrees_with_listing_and_answers_bad_keys_with_4xx() {
         let body = resp.text().await.unwrap();
         assert_eq!(got, status, "{uri}: {body}");
     }
+    // A page in the bucket is served, but not as a page of this origin
+    // (where the console's session cookie would let its script act).
+    std::fs::write(
+        root.join("media/page.html"),
+        b"<script>fetch('/api/v1/tokens')</script>",
+    )
+    .unwrap();
+    let resp = resolve(&app, project, "/data/local-files/?d=media/page.html", &[]).await;
+    assert_eq!(resp.status(), 200);
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        header("content-type").as_deref(),
+        Some("text/html; charset=utf-8")
+    );
+    assert_eq!(
+        header("content-security-policy").as_deref(),
+        Some("sandbox")
+    );
+    assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"));
     app.stop().await;
 }
 

@@ -300,7 +300,13 @@ async fn proxy(
 
     let mut builder = Response::builder()
         .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CACHE_CONTROL, "private, max-age=300");
+        .header(header::CACHE_CONTROL, "private, max-age=300")
+        // The object is whatever its bucket holds, served on the API's (and
+        // the console's) origin: an HTML or SVG one opened directly must not
+        // run as a page of it (sandboxed: a unique origin, no script), nor be
+        // sniffed into one.
+        .header(header::CONTENT_SECURITY_POLICY, "sandbox")
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     if let Some(etag) = &etag {
         builder = builder.header(header::ETAG, etag);
     }
