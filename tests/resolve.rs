@@ -285,6 +285,72 @@ async fn a_range_past_the_end_is_416(app: &TestApp, project: i64, uri: &str) {
     );
 }
 
+/// A range from the last offset there is (`bytes=18446744073709551615-`)
+/// is past the end of any object: 416 with the size on every backend, not
+/// each storage's arithmetic (Azure's overflowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_from_the_last_offset_is_416_everywhere() {
+    let app = spawn_app(options(false)).await;
+    let project = app.project("far ranges").await;
+    let (s3_bucket, s3_config, s3_secrets) =
+        an_s3s_bucket_and_source(&app, project, false, 60).await;
+    let azure_url = endpoint("TEST_AZURITE_ENDPOINT");
+    let container = bucket_name();
+    create_azure_container(&azure_url, &container).await;
+    let azure_config = json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url });
+    let azure_secrets = json!({ "account_key": AZURITE_KEY });
+    source(
+        &app,
+        project,
+        "azure",
+        azure_config.clone(),
+        azure_secrets.clone(),
+        false,
+        60,
+    )
+    .await;
+    let gcs_url = endpoint("TEST_GCS_ENDPOINT");
+    let gcs_bucket = bucket_name();
+    create_gcs_bucket(&gcs_url, &gcs_bucket).await;
+    let gcs_config = json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url });
+    source(
+        &app,
+        project,
+        "gcs",
+        gcs_config.clone(),
+        json!({}),
+        false,
+        60,
+    )
+    .await;
+    for (kind, config, secrets) in [
+        (BackendKind::S3, &s3_config, &s3_secrets),
+        (BackendKind::Azure, &azure_config, &azure_secrets),
+        (BackendKind::Gcs, &gcs_config, &json!({})),
+    ] {
+        open(kind, config.clone(), secrets.clone())
+            .await
+            .put("img/cat.jpg", Bytes::from_static(CAT), Some("image/jpeg"))
+            .await
+            .unwrap();
+    }
+    for uri in [
+        format!("s3://{s3_bucket}/img/cat.jpg"),
+        format!("azure-blob://{container}/img/cat.jpg"),
+        format!("gs://{gcs_bucket}/img/cat.jpg"),
+    ] {
+        let range = [("range", "bytes=18446744073709551615-")];
+        let resp = resolve(&app, project, &uri, &range).await;
+        assert_eq!(resp.status(), 416, "{uri}");
+        let size = resp
+            .headers()
+            .get("content-range")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(size, Some(format!("bytes */{}", CAT.len())), "{uri}");
+    }
+    app.stop().await;
+}
+
 /// The whole object is served with an ETag, and `If-None-Match` with it gets
 /// a 304.
 async fn the_whole_object_is_served_and_cached_by_etag(

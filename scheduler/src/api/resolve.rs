@@ -284,6 +284,9 @@ async fn proxy(
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
     let range = requested_range(headers, state.settings.resolver_max_range);
+    if range.is_some_and(GetRange::past_any_object) {
+        return unsatisfiable(backend, key, None).await;
+    }
     let object = match backend.get(key, range).await {
         Ok(object) => object,
         Err(Error::Invalid {

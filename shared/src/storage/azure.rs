@@ -322,9 +322,9 @@ impl Storage for AzureStorage {
         let path = Path::from(key);
         let range = match range {
             None => None,
-            Some(GetRange::Bounded { start, end }) => {
-                Some(object_store::GetRange::Bounded(start..end + 1))
-            }
+            Some(GetRange::Bounded { start, end }) => Some(object_store::GetRange::Bounded(
+                start..end.saturating_add(1),
+            )),
             Some(GetRange::From(start)) => Some(object_store::GetRange::Offset(start)),
             // Blob storage has no suffix ranges: the size first, then an offset.
             Some(GetRange::Suffix(n)) => {

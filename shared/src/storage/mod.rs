@@ -284,6 +284,16 @@ impl GetRange {
         }
     }
 
+    /// Whether the range starts past the end of any object a storage can
+    /// hold (an offset no signed 64-bit size reaches): answered 416 without
+    /// asking the storage, whose arithmetic it could overflow.
+    pub fn past_any_object(self) -> bool {
+        match self {
+            GetRange::Bounded { start, .. } | GetRange::From(start) => start > i64::MAX as u64,
+            GetRange::Suffix(_) => false,
+        }
+    }
+
     /// The `Range` header value.
     pub fn header(self) -> String {
         match self {
