@@ -401,6 +401,37 @@ async fn every_operation_answers_each_scope_as_its_table_says() {
 /// The 404 for another project's resource says exactly what it says for
 /// a resource that does not exist, and a restricted write token can move
 /// nothing into another project.
+/// The fleet (queue depths, dead jobs, workers and the runs they hold)
+/// is every project's: an ops token held to projects can neither see it
+/// nor act on it (discarding every tenant's dead jobs); one not held can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_is_only_for_tokens_not_held_to_projects() {
+    let app = tenancy_app().await;
+    let project = json!({ "title": "fleet" });
+    let (status, project) =
+        call(&app, BOOT, Method::POST, "/api/v1/projects", Some(&project)).await;
+    assert_eq!(status, 201, "{project}");
+    let id = project["id"].as_i64().expect("id");
+    let held = secret(&token(&app, "ops", Some(&[id])).await);
+    let whole = secret(&token(&app, "ops", None).await);
+    for (method, path) in [
+        (Method::GET, "/api/v1/queues"),
+        (Method::GET, "/api/v1/workers"),
+        (Method::POST, "/api/v1/queues/dead/requeue"),
+        (Method::POST, "/api/v1/queues/dead/discard"),
+    ] {
+        let (status, body) = call(&app, &held, method.clone(), path, None).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (403, &json!("forbidden")),
+            "{method} {path}"
+        );
+        let (status, body) = call(&app, &whole, method.clone(), path, None).await;
+        assert_eq!(status, 200, "{method} {path}: {body}");
+    }
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_projects_ids_cannot_be_told_from_missing_ones() {
     let app = tenancy_app().await;

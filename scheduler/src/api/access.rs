@@ -43,7 +43,8 @@ pub enum Need {
     Observe,
     /// Acting on runs (sync now, validate, cancel): admin, write, ops.
     Act,
-    /// The fleet's queues: admin, ops.
+    /// The fleet's queues and workers: admin, ops, not held to projects
+    /// (they hold every project's jobs and runs).
     Fleet,
     /// Tokens and the audit trail.
     Admin,
@@ -58,7 +59,7 @@ impl Need {
             Need::Write => matches!(scope, Admin | Write),
             Need::Create => matches!(scope, Admin | Write) && !restricted,
             Need::Act => matches!(scope, Admin | Write | Ops),
-            Need::Fleet => matches!(scope, Admin | Ops),
+            Need::Fleet => matches!(scope, Admin | Ops) && !restricted,
             Need::Admin => scope == Admin,
         }
     }
