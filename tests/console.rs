@@ -115,6 +115,16 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
         .unwrap();
     assert_eq!(refused.status(), 401);
     assert!(refused.headers().get("set-cookie").is_none());
+    // A form on another site cannot log the user in under its token.
+    let forged = client()
+        .post(format!("{}/ui/login", app.base))
+        .header("sec-fetch-site", "cross-site")
+        .form(&[("token", BOOT)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    assert!(forged.headers().get("set-cookie").is_none());
 
     let admin = log_in(&app, BOOT).await;
     let (status, overview) = page(&app, &admin, "/ui/").await;
@@ -239,6 +249,15 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
         "read-only: no actions"
     );
 
+    let forged = client()
+        .post(format!("{}/ui/logout", app.base))
+        .header("cookie", &viewer)
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403, "a logout from another site");
+    assert!(forged.headers().get("set-cookie").is_none());
     let logout = client()
         .post(format!("{}/ui/logout", app.base))
         .header("cookie", &viewer)

@@ -95,12 +95,17 @@ struct LoginForm {
     token: String,
 }
 
-/// `POST /ui/login`: a token the API accepts becomes the session.
+/// `POST /ui/login`: a token the API accepts becomes the session. Not
+/// from a form of another site, which could log a user in under a token of
+/// its own (and read what they then enter).
 async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
+    if access::cross_site_headers(&headers) {
+        return from_another_site();
+    }
     let token = form.token.trim();
     let valid = !token.is_empty()
         && token.bytes().all(|b| b.is_ascii_graphic())
@@ -115,10 +120,22 @@ async fn login(
     with_cookie(Redirect::to("/ui/").into_response(), &cookie)
 }
 
-/// `POST /ui/logout`: forgets the session cookie.
-async fn logout() -> Response {
+/// `POST /ui/logout`: forgets the session cookie (not for another site).
+async fn logout(headers: HeaderMap) -> Response {
+    if access::cross_site_headers(&headers) {
+        return from_another_site();
+    }
     let cookie = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
     with_cookie(Redirect::to("/ui/login").into_response(), &cookie)
+}
+
+/// A login or logout form sent from another site: 403, nothing set.
+fn from_another_site() -> Response {
+    let mut response = layout::login(Some(
+        "A login or logout from another site is refused: use this form.",
+    ));
+    *response.status_mut() = axum::http::StatusCode::FORBIDDEN;
+    response
 }
 
 fn with_cookie(mut response: Response, cookie: &str) -> Response {
