@@ -361,6 +361,19 @@ async fn console_pages_send_a_strict_content_security_policy() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 200, "{path} (open loopback mode: no login)");
+        // A page of another site whose name it made resolve to 127.0.0.1
+        // (DNS rebinding) still says that name: nothing for it.
+        let rebound = client()
+            .get(format!("{}{path}", app.base))
+            .header("host", "rebind.example:80")
+            .send()
+            .await
+            .unwrap();
+        if path.starts_with("/ui/static") || path == "/ui/login" {
+            assert_eq!(rebound.status(), 200, "{path}: no data");
+        } else {
+            assert_eq!(rebound.status(), 303, "{path}: to the login form");
+        }
         let csp = resp.headers()["content-security-policy"]
             .to_str()
             .unwrap()
@@ -370,6 +383,20 @@ async fn console_pages_send_a_strict_content_security_policy() {
             "{path}: {csp}"
         );
         assert_eq!(resp.headers()["x-frame-options"], "DENY");
+    }
+    let port = app.base.rsplit(':').next().unwrap().to_owned();
+    for (host, status) in [
+        ("rebind.example:80".to_owned(), 403),
+        (format!("localhost:{port}"), 200),
+        (format!("[::1]:{port}"), 200),
+    ] {
+        let resp = client()
+            .get(format!("{}/api/v1/projects", app.base))
+            .header("host", &host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "the open mode's API, Host {host}");
     }
     let (status, html) = page(
         &app,

@@ -266,9 +266,9 @@ pub async fn auth(
                 "a change made with the console's session needs its X-CSRF-Token header",
             ));
         }
-        caller_of(&state, session).await?
+        caller_of(&state, session, req.headers()).await?
     } else {
-        caller_of(&state, from_header).await?
+        caller_of(&state, from_header, req.headers()).await?
     };
     req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
@@ -319,9 +319,13 @@ pub fn cross_site_headers(headers: &header::HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
 }
 
-/// The caller a token (or no token: "") stands for; 401 when a token is
-/// needed and this one is not valid now.
-pub async fn caller_of(state: &AppState, given: &str) -> Result<Caller, ApiError> {
+/// The caller a token (or no token: "") stands for, in a request with
+/// `headers`; 401 when a token is needed and this one is not valid now.
+pub async fn caller_of(
+    state: &AppState,
+    given: &str,
+    headers: &header::HeaderMap,
+) -> Result<Caller, ApiError> {
     if !given.is_empty() {
         if bootstrap(&state.settings.api_tokens, given) {
             return Ok(Caller::new(None, BOOTSTRAP, Scope::Admin, None));
@@ -332,6 +336,12 @@ pub async fn caller_of(state: &AppState, given: &str) -> Result<Caller, ApiError
     }
     // Open only while no token was ever made (loopback, checked at start).
     if state.settings.api_tokens.is_empty() && !tokens::any_made(&state.db).await? {
+        if !addressed_to_loopback(headers) {
+            return Err(forbidden(
+                "with no token made yet the server answers only requests addressed to \
+                 localhost, 127.0.0.1 or [::1] (Host); make a token to use another name",
+            ));
+        }
         return Ok(Caller::new(None, OPEN, Scope::Admin, None));
     }
     Err(ApiError::new(
@@ -339,6 +349,25 @@ pub async fn caller_of(state: &AppState, given: &str) -> Result<Caller, ApiError
         "unauthorized",
         "missing, invalid, expired or revoked bearer token (Authorization: Bearer <token>)",
     ))
+}
+
+/// Whether the request's `Host` names this machine's loopback. The open
+/// mode listens only there, but a page of another site can have its own
+/// name resolve to 127.0.0.1 (DNS rebinding) and then call the API as the
+/// same origin: its requests still say their site's name in `Host`.
+fn addressed_to_loopback(headers: &header::HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    // The name without its port: `[::1]:8080`, `localhost:8080`, `127.0.0.1`.
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(inside, _)| inside),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Whether a caller let in earlier may still be served (a long stream asks
@@ -457,6 +486,36 @@ fn forbidden(message: impl Into<String>) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts_are_told_from_other_names() {
+        let with_host = |host: &str| {
+            let mut headers = header::HeaderMap::new();
+            headers.insert(header::HOST, host.parse().unwrap());
+            addressed_to_loopback(&headers)
+        };
+        for host in [
+            "localhost",
+            "LocalHost:8080",
+            "127.0.0.1:80",
+            "127.9.9.9",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(with_host(host), "{host}");
+        }
+        for host in [
+            "rebind.example:8080",
+            "localhost.example",
+            "127.0.0.1.example:80",
+            "10.0.0.1",
+            "[::2]:80",
+            "",
+        ] {
+            assert!(!with_host(host), "{host}");
+        }
+        assert!(!addressed_to_loopback(&header::HeaderMap::new()), "no Host");
+    }
 
     #[test]
     fn scopes_nest_as_documented() {

@@ -71,7 +71,7 @@ async fn session(State(state): State<AppState>, mut req: Request, next: Next) ->
         .to_owned();
     // Every scope sees the console; what it shows and offers follows the
     // scope (no task data, and no buttons the API would refuse).
-    match access::caller_of(&state, &token).await {
+    match access::caller_of(&state, &token, req.headers()).await {
         Ok(caller) => {
             let csrf = if token.is_empty() {
                 String::new()
@@ -109,7 +109,7 @@ async fn login(
     let token = form.token.trim();
     let valid = !token.is_empty()
         && token.bytes().all(|b| b.is_ascii_graphic())
-        && access::caller_of(&state, token).await.is_ok();
+        && access::caller_of(&state, token, &headers).await.is_ok();
     if !valid {
         return layout::login(Some(
             "That token is not valid (or has expired or been revoked).",
