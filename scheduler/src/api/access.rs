@@ -491,7 +491,7 @@ mod tests {
     fn loopback_hosts_are_told_from_other_names() {
         let with_host = |host: &str| {
             let mut headers = header::HeaderMap::new();
-            headers.insert(header::HOST, host.parse().unwrap());
+            headers.insert(header::HOST, host.parse().expect("a header value"));
             addressed_to_loopback(&headers)
         };
         for host in [
