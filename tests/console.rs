@@ -232,6 +232,22 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
     );
     let (status, _) = page(&app, &viewer, &format!("/ui/runs/{run_b}")).await;
     assert_eq!(status, 404, "another project's run");
+    // Sessions keep their own Idempotency-Keys: the reader sending the
+    // admin's key and body is not answered the admin's stored creation.
+    let create = |cookie: &str, csrf: &str| {
+        client()
+            .post(format!("{}/api/v1/projects", app.base))
+            .header("cookie", cookie)
+            .header("x-csrf-token", csrf)
+            .header("idempotency-key", "console-key-1")
+            .json(&json!({ "title": "keyed" }))
+    };
+    let made = create(&admin, &csrf).send().await.unwrap();
+    assert_eq!(made.status(), 201);
+    let viewer_csrf = csrf_of(&overview);
+    let borrowed = create(&viewer, &viewer_csrf).send().await.unwrap();
+    assert!(borrowed.headers().get("idempotent-replayed").is_none());
+    assert_eq!(borrowed.status(), 403, "a reader creates nothing");
     let (_, detail) = page(&app, &viewer, &format!("/ui/storages/{storage_a}")).await;
     assert!(
         detail.contains("Settings") && detail.contains("seconds per run"),

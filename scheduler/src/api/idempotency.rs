@@ -18,7 +18,7 @@ use labelsync::{
     security::sha256_hex,
 };
 
-use super::{ApiError, ApiResult, AppState};
+use super::{ApiError, ApiResult, AppState, access};
 
 const HEADER: &str = "idempotency-key";
 /// How long a key is remembered.
@@ -96,13 +96,23 @@ fn check_key(value: &HeaderValue) -> ApiResult<String> {
     Ok(key.to_owned())
 }
 
-/// Whose key it is: the SHA-256 of the bearer token (the token itself is
-/// never stored); the empty string without one (the open loopback mode).
+/// Whose key it is: the SHA-256 of the bearer token, or of the console
+/// session's (the token itself is never stored); the empty string with
+/// neither (the open loopback mode). Keys are answered before the route's
+/// scope is checked, so callers must never share them: every session was
+/// once the empty caller, and a reader replaying an admin's key and body
+/// was given the admin's answer.
 fn caller_of(req: &Request) -> String {
-    req.headers()
+    let headers = req.headers();
+    if let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .map_or_else(String::new, |token| sha256_hex(&[token.trim().as_bytes()]))
+    {
+        return sha256_hex(&[token.trim().as_bytes()]);
+    }
+    access::session_token(headers).map_or_else(String::new, |session| {
+        sha256_hex(&[b"console session\n", session.as_bytes()])
+    })
 }
 
 /// `None`: the key is ours, run the request. `Some`: the stored answer.
