@@ -637,7 +637,16 @@ async fn a_config_change_needs_the_kept_secrets_again() {
             && !message.contains("secrets.access_key_id"),
         "{message}"
     );
-    // The same values again, or fields outside config, change nothing.
+    // So does the prefix: tenants of one bucket are told apart by it.
+    let (status, err) = app.patch(&path, json!({ "prefix": "others/" })).await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("secrets_required")),
+        "{err}"
+    );
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("changing prefix"), "{message}");
+    // The same values again, or other fields, change nothing.
     let (status, same) = app
         .patch(
             &path,

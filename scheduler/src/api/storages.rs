@@ -67,12 +67,13 @@ fn check_own_credentials(
     ))
 }
 
-/// Secrets were given for the config they were saved with: a PATCH that
-/// changes any of it (`moved`: where they are sent, which bucket or role
-/// they open) must give each kept secret again, or remove it. Otherwise
-/// anyone who may edit the storage could point its endpoint at a host of
-/// theirs and receive a token an admin set, or open another bucket with
-/// the admin's keys.
+/// Secrets were given for the config and prefix they were saved with: a
+/// PATCH that changes any of them (`moved`: where they are sent, which
+/// bucket, role or part of a bucket they open) must give each kept secret
+/// again, or remove it. Otherwise anyone who may edit the storage could
+/// point its endpoint at a host of theirs and receive a token an admin
+/// set, or open another bucket (or another tenant's prefix of a shared
+/// one) with the admin's keys.
 fn check_secrets_follow(
     current: &storage::Model,
     moved: &[String],
@@ -101,7 +102,7 @@ fn check_secrets_follow(
         format!(
             "changing {} needs the storage's secrets again ({}): they were given for its \
              old settings; send them in the same request, or remove them with \"\"",
-            fields(moved, "config"),
+            moved.join(", "),
             fields(&kept, "secrets"),
         ),
     ))
@@ -231,7 +232,7 @@ pub async fn update(
     };
     let mut merged = serde_json::to_value(StorageSpec::of_model(&current)?)
         .map_err(|e| labelsync::Error::Internal(e.to_string()))?;
-    // The config fields the patch changes.
+    // The fields the patch moves the storage by: its config's, and prefix.
     let mut moved = Vec::new();
     for (key, value) in patch {
         match key.as_str() {
@@ -255,7 +256,7 @@ pub async fn update(
                         changes
                             .iter()
                             .filter(|(k, v)| config.get(k.as_str()) != Some(v))
-                            .map(|(k, _)| k.clone()),
+                            .map(|(k, _)| format!("config.{k}")),
                     );
                     config.extend(changes);
                 }
@@ -268,6 +269,11 @@ pub async fn update(
                 }
             },
             _ => {
+                // The prefix bounds what the secrets reach as much as the
+                // bucket does (tenants of one bucket are told apart by it).
+                if key == "prefix" && merged.get("prefix") != Some(&value) {
+                    moved.push(key.clone());
+                }
                 merged[key.as_str()] = value;
             }
         }
