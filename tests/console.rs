@@ -125,6 +125,23 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
         .unwrap();
     assert_eq!(forged.status(), 403);
     assert!(forged.headers().get("set-cookie").is_none());
+    // Nor a sibling name of this site, nor (from an older browser) a page
+    // whose Origin is not this server.
+    for (name, value) in [
+        ("sec-fetch-site", "same-site".to_owned()),
+        ("origin", "http://sibling.example".to_owned()),
+        ("origin", "null".to_owned()),
+    ] {
+        let forged = client()
+            .post(format!("{}/ui/login", app.base))
+            .header(name, &value)
+            .form(&[("token", BOOT)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(forged.status(), 403, "{name}: {value}");
+        assert!(forged.headers().get("set-cookie").is_none());
+    }
 
     let admin = log_in(&app, BOOT).await;
     let (status, overview) = page(&app, &admin, "/ui/").await;
@@ -233,10 +250,12 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
     let (status, _) = page(&app, &viewer, &format!("/ui/runs/{run_b}")).await;
     assert_eq!(status, 404, "another project's run");
     // Sessions keep their own Idempotency-Keys: the reader sending the
-    // admin's key and body is not answered the admin's stored creation.
+    // admin's key and body is not answered the admin's stored creation,
+    // even behind a proxy that adds one Basic login for everyone.
     let create = |cookie: &str, csrf: &str| {
         client()
             .post(format!("{}/api/v1/projects", app.base))
+            .header("authorization", "Basic cHJveHk6cHJveHk=")
             .header("cookie", cookie)
             .header("x-csrf-token", csrf)
             .header("idempotency-key", "console-key-1")

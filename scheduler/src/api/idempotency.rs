@@ -104,9 +104,12 @@ fn check_key(value: &HeaderValue) -> ApiResult<String> {
 /// was given the admin's answer.
 fn caller_of(req: &Request) -> String {
     let headers = req.headers();
-    if let Some(token) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    // As `access::auth` reads it: an `Authorization` that is not a bearer
+    // token (a proxy's Basic, the same for everyone) names no caller.
+    if !access::bearer(req).is_empty()
+        && let Some(token) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
     {
         return sha256_hex(&[token.trim().as_bytes()]);
     }
