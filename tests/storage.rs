@@ -1528,6 +1528,44 @@ async fn import_sync_end_to_end_through_databricks() {
     .await;
 }
 
+/// A Parquet file is spooled to disk before it is read (it needs random
+/// access): a storage that lists it small and then answers more is cut at
+/// `LABELSYNC_MAX_OBJECT_BYTES`, one object's error, not a full disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parquet_file_longer_than_listed_is_cut_at_the_size_limit() {
+    let fake = DatabricksFake::start().await;
+    let config = json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "tasks" });
+    let secrets = json!({ "token": fake.token });
+    let storage = open(BackendKind::Databricks, config.clone(), secrets.clone()).await;
+    storage
+        .put(
+            "understated-big.parquet",
+            Bytes::from(vec![b'P'; 64 << 10]),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut opts = AppOptions::with_storages();
+    opts.env.push(("LABELSYNC_MAX_OBJECT_BYTES", "4096".into()));
+    let app = spawn_app(opts).await;
+    let project = app.project("understated").await;
+    let body = json!({
+        "project_id": project, "role": "source", "backend": "databricks",
+        "import_method": "tasks", "config": config, "secrets": secrets,
+    });
+    let (status, created) = app.post("/api/v1/storages", body).await;
+    assert_eq!(status, 201, "{created}");
+    let run = app.sync(&created["id"]).await;
+    assert_eq!(run["counters"]["failed"], 1, "{run}");
+    let errors = app.run_errors(run["id"].as_str().expect("id")).await;
+    let message = errors[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("4096-byte limit (LABELSYNC_MAX_OBJECT_BYTES)"),
+        "{errors:?}"
+    );
+    app.stop().await;
+}
+
 /// User-given endpoints may not reach private or metadata addresses unless
 /// the server allows it, and secrets need the server's key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -327,10 +327,23 @@ impl Importer<'_, '_> {
                 tempfile::tempfile()
                     .map_err(|e| Error::Internal(format!("temporary file: {e}")))?,
             );
-            let mut reader = reader;
-            tokio::io::copy(&mut reader, &mut spool)
+            // At most the size limit: a storage may answer more than it
+            // listed (or listed no size), and the spool is disk.
+            let limit = self.job.settings.max_object_bytes;
+            let mut reader = tokio::io::AsyncReadExt::take(reader, limit.saturating_add(1));
+            let copied = tokio::io::copy(&mut reader, &mut spool)
                 .await
                 .map_err(|e| Error::Transient(format!("{key}: download failed: {e}")))?;
+            if copied > limit {
+                return Err(Error::invalid(
+                    "storage_answer_too_big",
+                    None,
+                    format!(
+                        "the storage sent more than the {limit}-byte limit \
+                         (LABELSYNC_MAX_OBJECT_BYTES)"
+                    ),
+                ));
+            }
             return Ok(Source::File(spool.into_std().await));
         }
         Ok(Source::Reader(Box::new(tokio_util::io::SyncIoBridge::new(
