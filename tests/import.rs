@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use labelsync_tests::{
     AppOptions, TestApp, peak_rss, spawn_app, spawn_ready_worker, write_nested_parquet,
-    write_parquet, write_parquet_bomb,
+    write_parquet, write_parquet_bomb, write_parquet_gzip_bomb,
 };
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
@@ -795,7 +795,8 @@ fn write_wide_jsonl(path: &Path, bytes: usize) {
 }
 
 /// Issue 14 (3): a 200 MB JSONL line of `[],[],...` peaked at 9 GB, four
-/// 10 KB zstd Parquet files holding a 300 MB string each at 7.2 GB; eight
+/// 10 KB zstd Parquet files holding a 300 MB string each at 7.2 GB (and a
+/// GZIP page whose header understates it, 640 MB); eight
 /// 12 MB lines (under the row limit as text, ~300 MB each while parsed)
 /// parsed at once would take 2.4 GB. The worker (a process of its own, so
 /// its peak is its own) stays under 500 MB with a 256 MB parse budget, and
@@ -821,6 +822,8 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
         )
         .expect("copy");
     }
+    // Its page holds 640 MB, though the page header and footer say 1 MiB.
+    write_parquet_gzip_bomb(&data.join("lying-page.parquet"), 640 << 20);
 
     let project = app.project("giants").await;
     let storage = storage(&app, project, json!({})).await;
@@ -836,11 +839,15 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
     assert_eq!(run["status"], "completed_with_errors", "{run}");
     // The line after each of the nine giant lines; each giant line and bomb.
     assert_eq!(run["counters"]["created"], 9, "{run}");
-    assert_eq!(run["counters"]["failed"], 13, "{run}");
+    assert_eq!(run["counters"]["failed"], 14, "{run}");
     let (_, errors) = app.get(&format!("/api/v1/runs/{run_id}/errors")).await;
     let text = errors.to_string();
     assert!(text.contains("LABELSYNC_MAX_TASK_BYTES"), "{text}");
     assert!(text.contains("decompression bomb"), "{text}");
+    assert!(
+        text.contains("a GZIP page holds more than the"),
+        "the lying page: {text}"
+    );
     assert!(peak < 500 << 20, "the worker peaked at {} MB", peak >> 20);
     app.stop().await;
 }

@@ -816,6 +816,92 @@ pub fn write_parquet_bomb(path: &Path, bytes: usize) {
     writer.close().expect("close parquet file");
 }
 
+/// Writes a GZIP Parquet file of one row whose page holds, in place of its
+/// ~770 KB of text, a GZIP member of `inflated` zero bytes: the page header
+/// and the footer still declare the text's 1 MiB, so only inflating the
+/// page tells (the `parquet` crate inflates it whole before it can).
+pub fn write_parquet_gzip_bomb(path: &Path, inflated: usize) {
+    use std::{
+        io::{Read, Seek, SeekFrom, Write},
+        sync::Arc,
+    };
+
+    use parquet::{
+        basic::{Compression, GzipLevel},
+        data_type::{ByteArray, ByteArrayType},
+        file::{
+            properties::{EnabledStatistics, WriterProperties},
+            reader::{FileReader, SerializedFileReader},
+            writer::SerializedFileWriter,
+        },
+        schema::parser::parse_message_type,
+    };
+    let schema = Arc::new(
+        parse_message_type("message task { REQUIRED BYTE_ARRAY text (UTF8); }").expect("schema"),
+    );
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::GZIP(GzipLevel::default()))
+            .set_dictionary_enabled(false)
+            .set_statistics_enabled(EnabledStatistics::None)
+            .build(),
+    );
+    // Text gzip cannot shrink much: 64 symbols from a xorshift.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let text: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[(x % 64) as usize]
+        })
+        .collect();
+    let file = std::fs::File::create(path).expect("create parquet file");
+    let mut writer = SerializedFileWriter::new(file, schema, props).expect("writer");
+    let mut group = writer.next_row_group().expect("row group");
+    let mut col = group.next_column().expect("column").expect("text column");
+    col.typed::<ByteArrayType>()
+        .write_batch(&[ByteArray::from(text)], None, None)
+        .expect("text");
+    col.close().expect("close text");
+    group.close().expect("close group");
+    writer.close().expect("close parquet file");
+
+    let reader = SerializedFileReader::new(std::fs::File::open(path).expect("open")).expect("read");
+    let column = reader.metadata().row_group(0).column(0).clone();
+    let (start, len) = (
+        column.data_page_offset() as u64,
+        column.compressed_size() as u64,
+    );
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut chunk = vec![0u8; len as usize];
+    file.seek(SeekFrom::Start(start)).expect("seek");
+    file.read_exact(&mut chunk).expect("read chunk");
+    let payload = chunk
+        .windows(3)
+        .position(|w| w == [0x1f, 0x8b, 0x08])
+        .expect("a gzip member in the page");
+    let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..inflated.div_ceil(zeros.len()) {
+        bomb.write_all(&zeros).expect("deflate");
+    }
+    let bomb = bomb.finish().expect("bomb");
+    assert!(
+        bomb.len() <= chunk.len() - payload,
+        "the bomb ({} bytes) fits the page ({} bytes)",
+        bomb.len(),
+        chunk.len() - payload
+    );
+    file.seek(SeekFrom::Start(start + payload as u64))
+        .expect("seek");
+    file.write_all(&bomb).expect("write bomb");
+}
+
 /// The peak resident memory of a process (`VmHWM`), in bytes.
 pub fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");

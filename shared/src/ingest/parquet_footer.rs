@@ -20,7 +20,7 @@ use std::{
 const MAX_FOOTER_BYTES: u64 = 64 << 20;
 /// Nesting of Thrift structs the skipper follows (the Parquet format nests
 /// a few levels; the `parquet` crate allows 64).
-const MAX_STRUCT_DEPTH: u32 = 64;
+pub(super) const MAX_STRUCT_DEPTH: u32 = 64;
 
 /// The deepest level of the schema (top-level columns are level 1), or
 /// `limit + 1` as soon as some element is deeper than `limit`.
@@ -63,26 +63,27 @@ fn read_footer(file: &mut File) -> Result<Vec<u8>, String> {
 }
 
 /// Thrift compact protocol types.
-const STOP: u8 = 0;
-const TRUE: u8 = 1;
-const FALSE: u8 = 2;
-const BYTE: u8 = 3;
-const I16: u8 = 4;
-const I32: u8 = 5;
-const I64: u8 = 6;
-const DOUBLE: u8 = 7;
-const BINARY: u8 = 8;
-const LIST: u8 = 9;
-const SET: u8 = 10;
-const MAP: u8 = 11;
-const STRUCT: u8 = 12;
+pub(super) const STOP: u8 = 0;
+pub(super) const TRUE: u8 = 1;
+pub(super) const FALSE: u8 = 2;
+pub(super) const BYTE: u8 = 3;
+pub(super) const I16: u8 = 4;
+pub(super) const I32: u8 = 5;
+pub(super) const I64: u8 = 6;
+pub(super) const DOUBLE: u8 = 7;
+pub(super) const BINARY: u8 = 8;
+pub(super) const LIST: u8 = 9;
+pub(super) const SET: u8 = 10;
+pub(super) const MAP: u8 = 11;
+pub(super) const STRUCT: u8 = 12;
 
-struct Compact<'a> {
-    bytes: &'a [u8],
-    at: usize,
+/// A reader of Thrift compact bytes (also used by `parquet_pages`).
+pub(super) struct Compact<'a> {
+    pub(super) bytes: &'a [u8],
+    pub(super) at: usize,
 }
 
-type R<T> = Result<T, String>;
+pub(super) type R<T> = Result<T, String>;
 
 impl Compact<'_> {
     fn schema_depth(&mut self, limit: usize) -> R<usize> {
@@ -145,7 +146,7 @@ impl Compact<'_> {
     }
 
     /// The next field's id and type, or `None` at the struct's end.
-    fn field_header(&mut self, last_id: &mut i16) -> R<Option<(i16, u8)>> {
+    pub(super) fn field_header(&mut self, last_id: &mut i16) -> R<Option<(i16, u8)>> {
         let byte = self.byte()?;
         let kind = byte & 0x0f;
         if kind == STOP {
@@ -170,7 +171,7 @@ impl Compact<'_> {
         Ok((size, byte & 0x0f))
     }
 
-    fn skip(&mut self, kind: u8, depth: u32) -> R<()> {
+    pub(super) fn skip(&mut self, kind: u8, depth: u32) -> R<()> {
         match kind {
             TRUE | FALSE => Ok(()),
             BYTE => self.advance(1),
@@ -252,7 +253,7 @@ impl Compact<'_> {
         Err("varint too long".into())
     }
 
-    fn zigzag(&mut self) -> R<i64> {
+    pub(super) fn zigzag(&mut self) -> R<i64> {
         let v = self.varint()?;
         Ok((v >> 1) as i64 ^ -((v & 1) as i64))
     }

@@ -567,7 +567,11 @@ pub fn parse_parquet(
     limits: Limits,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::file::{
+        properties::ReaderProperties,
+        reader::{FileReader, SerializedFileReader},
+        serialized_reader::ReadOptionsBuilder,
+    };
     let mut file = file;
     let depth = super::parquet_footer::schema_depth(&mut file, MAX_PARQUET_PATH)?;
     if depth > MAX_PARQUET_PATH {
@@ -575,11 +579,29 @@ pub fn parse_parquet(
             "the Parquet schema nests more than {MAX_PARQUET_PATH} levels deep (a task may nest {MAX_NESTING} levels of lists and structs); the file is not read"
         ));
     }
-    let reader =
-        SerializedFileReader::new(file).map_err(|e| format!("not a readable Parquet file: {e}"))?;
+    let mut pages = file
+        .try_clone()
+        .map_err(|e| format!("not a readable Parquet file: {e}"))?;
+    // LZ4 pages are read as Hadoop's framing only: the crate's fallback to
+    // LZ4 frames inflates them without a bound (see `parquet_pages`).
+    let options = ReadOptionsBuilder::new()
+        .with_reader_properties(
+            ReaderProperties::builder()
+                .set_backward_compatible_lz4(false)
+                .build(),
+        )
+        .build();
+    let reader = SerializedFileReader::new_with_options(file, options)
+        .map_err(|e| format!("not a readable Parquet file: {e}"))?;
     let mut row = 0i64;
     for group in 0..reader.num_row_groups() {
-        check_row_group(reader.metadata().row_group(group), group)?;
+        let metadata = reader.metadata().row_group(group);
+        check_row_group(metadata, group)?;
+        let peak = check_pages(&mut pages, metadata, group)?;
+        // The row iterator holds a page of every column at once.
+        let _held = limits
+            .budget
+            .and_then(|b| b.reserve(usize::try_from(peak).unwrap_or(usize::MAX)));
         let group_reader = reader
             .get_row_group(group)
             .map_err(|e| format!("row group {group}: {e}"))?;
@@ -631,6 +653,46 @@ fn check_row_group(
         }
     }
     Ok(())
+}
+
+/// Walks every column chunk's pages of row group `index` (see
+/// `parquet_pages`); the sum of their largest pages, which reading the
+/// group's rows holds at once.
+fn check_pages(
+    file: &mut File,
+    group: &parquet::file::metadata::RowGroupMetaData,
+    index: usize,
+) -> Result<u64, String> {
+    let mut peak = 0u64;
+    for column in group.columns() {
+        let start = column
+            .dictionary_page_offset()
+            .unwrap_or(column.data_page_offset());
+        let sizes = (start, column.compressed_size(), column.uncompressed_size());
+        let refuse = |why: String| {
+            format!(
+                "row group {index}, column {}: {why}; the file is not read",
+                column.column_path()
+            )
+        };
+        let (Ok(start), Ok(len), Ok(uncompressed)) = (
+            u64::try_from(sizes.0),
+            u64::try_from(sizes.1),
+            u64::try_from(sizes.2),
+        ) else {
+            return Err(refuse("a negative offset or size".into()));
+        };
+        let gzip = matches!(column.compression(), parquet::basic::Compression::GZIP(_));
+        let chunk = super::parquet_pages::Chunk {
+            start,
+            len,
+            uncompressed,
+            gzip,
+        };
+        let largest = super::parquet_pages::walk_chunk(file, chunk).map_err(refuse)?;
+        peak = peak.saturating_add(largest);
+    }
+    Ok(peak)
 }
 
 #[cfg(test)]

@@ -1,0 +1,271 @@
+//! The pages of a Parquet column chunk, walked header by header before the
+//! `parquet` crate decodes them. The crate sizes a page's output buffer by
+//! the `uncompressed_page_size` its header declares, which it checks
+//! against nothing, and inflates a GZIP page to whatever it holds: a few
+//! bytes of file could make a worker allocate gigabytes, and the footer's
+//! column sizes (which `parse::check_row_group` checks for bombs) need not
+//! agree with the pages. So every page here must declare no more than its
+//! column chunk's uncompressed size (and all of them together no more), and
+//! a GZIP page is inflated once, into nothing, to check that it holds no
+//! more than it declares. (LZ4 frames, the other codec inflated without a
+//! bound, are not read at all: see `parse::parse_parquet`.)
+//!
+//! What the walk returns, a chunk's largest page, is what the crate's row
+//! iterator holds of that column at once; the parse reserves the sum over a
+//! row group's columns from the process's budget.
+use std::{
+    fs::File,
+    io::{self, BufReader, Read, Seek, SeekFrom},
+};
+
+use super::parquet_footer::{Compact, FALSE, I32, MAX_STRUCT_DEPTH, R, STRUCT, TRUE};
+
+/// Bytes read to find one page header (statistics make some headers a few
+/// KB); a header that does not end within [`MAX_HEADER`] is refused.
+const FIRST_READ: usize = 16 << 10;
+const MAX_HEADER: usize = 1 << 20;
+
+/// One column chunk as the footer places it.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk {
+    pub start: u64,
+    pub len: u64,
+    /// Its declared uncompressed size.
+    pub uncompressed: u64,
+    /// Whether its pages are GZIP.
+    pub gzip: bool,
+}
+
+/// What one page header says.
+#[derive(Debug, Default)]
+struct Page {
+    /// The header's own length.
+    header: u64,
+    uncompressed: u64,
+    compressed: u64,
+    /// A v2 data page's level bytes, stored before its (compressed) values.
+    levels: u64,
+    /// False for a v2 data page stored uncompressed.
+    compressed_values: bool,
+}
+
+/// Walks `chunk`'s pages; its largest page's declared uncompressed size.
+pub fn walk_chunk(file: &mut File, chunk: Chunk) -> Result<u64, String> {
+    let (mut at, mut total, mut largest) = (0u64, 0u64, 0u64);
+    while at < chunk.len {
+        let page = read_page(file, chunk.start + at, chunk.len - at)?;
+        let end = at
+            .checked_add(page.header)
+            .and_then(|v| v.checked_add(page.compressed))
+            .filter(|end| *end <= chunk.len)
+            .ok_or("a page runs past its column chunk")?;
+        total = total.saturating_add(page.uncompressed);
+        if total > chunk.uncompressed {
+            return Err(format!(
+                "its pages declare more than the {} bytes its column chunk does",
+                chunk.uncompressed
+            ));
+        }
+        largest = largest.max(page.uncompressed);
+        if chunk.gzip && page.compressed_values {
+            let values_at = chunk.start + at + page.header + page.levels;
+            let stored = page.compressed.checked_sub(page.levels);
+            let declared = page.uncompressed.checked_sub(page.levels);
+            let (Some(stored), Some(declared)) = (stored, declared) else {
+                return Err("a page's level bytes exceed its size".into());
+            };
+            check_inflated(file, values_at, stored, declared)?;
+        }
+        at = end;
+    }
+    Ok(largest)
+}
+
+/// Reads the page header at `pos` (at most `left` bytes of the chunk).
+fn read_page(file: &mut File, pos: u64, left: u64) -> Result<Page, String> {
+    let mut want = FIRST_READ;
+    loop {
+        let take = usize::try_from(left).unwrap_or(usize::MAX).min(want);
+        let mut bytes = vec![0u8; take];
+        file.seek(SeekFrom::Start(pos))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|e| format!("reading a page header: {e}"))?;
+        match page_header(&mut Compact {
+            bytes: &bytes,
+            at: 0,
+        }) {
+            Ok(page) => return Ok(page),
+            // Cut short by the read: read more, up to the limit.
+            Err(_) if take == want && want < MAX_HEADER => want = MAX_HEADER,
+            Err(e) => return Err(format!("a page header is not readable: {e}")),
+        }
+    }
+}
+
+/// Decodes a `PageHeader`: the sizes (fields 2 and 3) and a v2 data page's
+/// levels (field 8); everything else is skipped.
+fn page_header(c: &mut Compact<'_>) -> R<Page> {
+    let mut page = Page {
+        compressed_values: true,
+        ..Page::default()
+    };
+    let (mut uncompressed, mut compressed) = (None, None);
+    let mut last_id = 0i16;
+    while let Some((id, kind)) = c.field_header(&mut last_id)? {
+        match (id, kind) {
+            (2, I32) => uncompressed = Some(size(c)?),
+            (3, I32) => compressed = Some(size(c)?),
+            (8, STRUCT) => (page.levels, page.compressed_values) = v2_levels(c)?,
+            _ => c.skip(kind, MAX_STRUCT_DEPTH)?,
+        }
+    }
+    let (Some(uncompressed), Some(compressed)) = (uncompressed, compressed) else {
+        return Err("no page sizes".into());
+    };
+    page.header = c.at as u64;
+    page.uncompressed = uncompressed;
+    page.compressed = compressed;
+    Ok(page)
+}
+
+/// A `DataPageHeaderV2`'s level bytes (fields 5 and 6) and `is_compressed`
+/// (field 7, true when absent).
+fn v2_levels(c: &mut Compact<'_>) -> R<(u64, bool)> {
+    let (mut levels, mut compressed) = (0u64, true);
+    let mut last_id = 0i16;
+    while let Some((id, kind)) = c.field_header(&mut last_id)? {
+        match (id, kind) {
+            (5 | 6, I32) => levels = levels.saturating_add(size(c)?),
+            (7, TRUE) => compressed = true,
+            (7, FALSE) => compressed = false,
+            _ => c.skip(kind, MAX_STRUCT_DEPTH)?,
+        }
+    }
+    Ok((levels, compressed))
+}
+
+fn size(c: &mut Compact<'_>) -> R<u64> {
+    u64::try_from(c.zigzag()?).map_err(|_| "a negative size".into())
+}
+
+/// Inflates the `stored` GZIP bytes at `pos` into nothing: refused when
+/// they hold more than `declared` bytes (reading stops there).
+fn check_inflated(file: &mut File, pos: u64, stored: u64, declared: u64) -> Result<(), String> {
+    file.seek(SeekFrom::Start(pos))
+        .map_err(|e| format!("reading a page: {e}"))?;
+    let input = BufReader::new(Read::take(&mut *file, stored));
+    let inflated = flate2::read::MultiGzDecoder::new(input);
+    let held = io::copy(&mut inflated.take(declared + 1), &mut io::sink())
+        .map_err(|e| format!("a GZIP page does not inflate: {e}"))?;
+    if held > declared {
+        return Err(format!(
+            "a GZIP page holds more than the {declared} bytes its header declares (a decompression bomb)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// A page header in Thrift compact bytes: type, sizes, crc-less.
+    fn header(uncompressed: i32, compressed: i32) -> Vec<u8> {
+        let zigzag = |v: i32| ((v << 1) ^ (v >> 31)) as u32;
+        let mut out = Vec::new();
+        for (delta, value) in [(1u8, 0i32), (1, uncompressed), (1, compressed)] {
+            out.push(delta << 4 | I32);
+            let mut v = zigzag(value);
+            loop {
+                let byte = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    out.push(byte);
+                    break;
+                }
+                out.push(byte | 0x80);
+            }
+        }
+        out.push(0); // STOP
+        out
+    }
+
+    fn chunk_file(pages: &[(Vec<u8>, Vec<u8>)]) -> (File, u64) {
+        let mut file = tempfile::tempfile().unwrap();
+        let mut len = 0;
+        for (head, body) in pages {
+            file.write_all(head).unwrap();
+            file.write_all(body).unwrap();
+            len += (head.len() + body.len()) as u64;
+        }
+        (file, len)
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut out = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        out.write_all(data).unwrap();
+        out.finish().unwrap()
+    }
+
+    #[test]
+    fn pages_within_their_chunk_pass_and_tell_the_largest() {
+        let (mut file, len) =
+            chunk_file(&[(header(10, 4), vec![0; 4]), (header(30, 6), vec![0; 6])]);
+        let chunk = Chunk {
+            start: 0,
+            len,
+            uncompressed: 60,
+            gzip: false,
+        };
+        assert_eq!(walk_chunk(&mut file, chunk), Ok(30));
+    }
+
+    /// A page declaring 2 GiB in a chunk that declares 40 bytes; pages
+    /// adding up past the chunk; a page running past it; a negative size.
+    #[test]
+    fn pages_that_disagree_with_their_chunk_are_refused() {
+        for (pages, uncompressed) in [
+            (vec![(header(i32::MAX, 10), vec![0; 10])], 40),
+            (
+                vec![(header(30, 4), vec![0; 4]), (header(30, 4), vec![0; 4])],
+                40,
+            ),
+            (vec![(header(10, 50), vec![0; 4])], 40),
+            (vec![(header(-1, 4), vec![0; 4])], 40),
+        ] {
+            let (mut file, len) = chunk_file(&pages);
+            let chunk = Chunk {
+                start: 0,
+                len,
+                uncompressed,
+                gzip: false,
+            };
+            assert!(walk_chunk(&mut file, chunk).is_err(), "{pages:?}");
+        }
+    }
+
+    /// A GZIP page holding 1 MiB of zeros behind a header declaring 100
+    /// bytes is refused before the crate would inflate it; one holding
+    /// what it declares passes.
+    #[test]
+    fn a_gzip_page_holding_more_than_it_declares_is_refused() {
+        let bomb = gzip(&vec![0; 1 << 20]);
+        let honest = gzip(&[7; 100]);
+        for (body, ok) in [(bomb, false), (honest, true)] {
+            let (mut file, len) = chunk_file(&[(header(100, body.len() as i32), body)]);
+            let chunk = Chunk {
+                start: 0,
+                len,
+                uncompressed: 200,
+                gzip: true,
+            };
+            let walked = walk_chunk(&mut file, chunk);
+            assert_eq!(walked.is_ok(), ok, "{walked:?}");
+            if !ok {
+                assert!(walked.unwrap_err().contains("decompression bomb"));
+            }
+        }
+    }
+}
