@@ -1528,6 +1528,35 @@ async fn import_sync_end_to_end_through_databricks() {
     .await;
 }
 
+/// A Files API directory whose pages never end stops the listing at the
+/// entry limit, with an error saying so, instead of growing without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_listing_that_never_ends_stops_at_the_entry_limit() {
+    let fake = DatabricksFake::start().await;
+    let config = json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "v" });
+    let storage = open(
+        BackendKind::Databricks,
+        config,
+        json!({ "token": fake.token }),
+    )
+    .await;
+    let mut listing = storage.list(ListOptions {
+        prefix: "endless/".into(),
+        recursive: true,
+        start_after: None,
+        page_size: 100,
+    });
+    let first = tokio::time::timeout(Duration::from_secs(120), listing.next()).await;
+    match first {
+        Ok(Some(Err(labelsync::Error::Invalid { code, message, .. }))) => {
+            assert_eq!(code, "storage_answer_too_big");
+            assert!(message.contains("more than 1000000 entries"), "{message}");
+        }
+        Ok(other) => panic!("{:?}", other.map(|p| p.map(|p| p.objects.len()))),
+        Err(_) => panic!("the listing was still reading pages after 120 s"),
+    }
+}
+
 /// A Parquet file is spooled to disk before it is read (it needs random
 /// access): a storage that lists it small and then answers more is cut at
 /// `LABELSYNC_MAX_OBJECT_BYTES`, one object's error, not a full disk.

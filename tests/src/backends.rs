@@ -296,6 +296,17 @@ async fn list_dir(
             "User does not have READ VOLUME on this directory.",
         );
     }
+    // A directory named `endless` has a next page, of new files, forever.
+    if dir.ends_with("/endless/") {
+        let start: usize = q.page_token.and_then(|t| t.parse().ok()).unwrap_or(0);
+        let contents: Vec<Value> = (start..start + 1000)
+            .map(|i| json!({ "path": format!("{dir}f{i}"), "name": format!("f{i}"), "is_directory": false, "file_size": 1 }))
+            .collect();
+        return axum::Json(
+            json!({ "contents": contents, "next_page_token": (start + 1000).to_string() }),
+        )
+        .into_response();
+    }
     let files = files.lock().expect("lock");
     let mut entries: BTreeMap<String, Value> = BTreeMap::new();
     for (full, body) in files.range(dir.clone()..) {

@@ -196,6 +196,17 @@ impl DatabricksStorage {
             };
             let page: DirPage = json_page(resp, &what).await?;
             entries.extend(page.contents);
+            if entries.len() > MAX_ENTRIES {
+                return Err(Error::invalid(
+                    "storage_answer_too_big",
+                    None,
+                    format!(
+                        "{what}: more than {MAX_ENTRIES} entries in one directory, which a \
+                         listing holds at once (the Files API lists a directory unsorted); \
+                         split it into subdirectories"
+                    ),
+                ));
+            }
             token = page.next_page_token.filter(|t| !t.is_empty());
             if token.is_none() {
                 break;
@@ -205,6 +216,11 @@ impl DatabricksStorage {
         Ok(entries)
     }
 }
+
+/// Entries of one directory a listing holds at most: they are gathered
+/// whole to be sorted, and a server that keeps answering pages must not
+/// grow them further.
+const MAX_ENTRIES: usize = 1_000_000;
 
 #[derive(Deserialize)]
 struct DirPage {

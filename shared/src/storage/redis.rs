@@ -165,14 +165,26 @@ impl RedisStorage {
                 }
             })
             .await?;
-            let strip = self.config.path.len();
             names.extend(batch.into_iter().filter_map(|full| {
-                let key = full.get(strip..)?.to_owned();
-                let rest = &key[opts.prefix.len().min(key.len())..];
+                // A server may answer names the pattern does not match.
+                let key = full.strip_prefix(self.config.path.as_str())?.to_owned();
+                let rest = key.strip_prefix(opts.prefix.as_str())?;
                 let wanted = (opts.recursive || !rest.contains('/'))
                     && opts.start_after.as_ref().is_none_or(|after| key > *after);
                 wanted.then_some(key)
             }));
+            if names.len() > MAX_NAMES {
+                return Err(Error::invalid(
+                    "storage_answer_too_big",
+                    None,
+                    format!(
+                        "redis SCAN: more than {MAX_NAMES} keys under {:?}, which one listing \
+                         holds at once (Redis cannot list in key order); give the storage \
+                         a narrower prefix",
+                        self.full_key(&opts.prefix)
+                    ),
+                ));
+            }
             cursor = next;
             if cursor == 0 {
                 break;
@@ -184,6 +196,11 @@ impl RedisStorage {
         Ok(names)
     }
 }
+
+/// Names one listing gathers at most: a Redis listing cannot be paged in
+/// key order, so it holds every name at once (about 100 MB at this many),
+/// and a server that keeps answering new names must not grow it further.
+const MAX_NAMES: usize = 1_000_000;
 
 /// Escapes glob metacharacters so a prefix matches literally in `SCAN MATCH`.
 fn glob_escape(s: &str) -> String {
@@ -401,5 +418,99 @@ impl super::Backend for Descriptor {
         Ok(std::sync::Arc::new(
             RedisStorage::open(RedisConfig::parse(config, env).await?, secrets, env).await?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    use super::*;
+    use crate::security::net::NetPolicy;
+
+    /// A server speaking just enough RESP: `+OK` to everything but `SCAN`,
+    /// whose every answer is 10,000 new names and a cursor that never
+    /// comes back to 0 (a hostile or broken server). Its port.
+    async fn endless_scans() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(answer(socket));
+            }
+        });
+        port
+    }
+
+    async fn answer(socket: tokio::net::TcpStream) {
+        let (read, mut write) = socket.into_split();
+        let mut read = BufReader::new(read);
+        let mut next = 0u64;
+        loop {
+            let mut line = String::new();
+            if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let count: usize = line.trim().trim_start_matches('*').parse().unwrap_or(0);
+            let mut words = Vec::new();
+            for _ in 0..count {
+                let mut len = String::new();
+                read.read_line(&mut len).await.unwrap();
+                let len: usize = len.trim().trim_start_matches('$').parse().unwrap();
+                let mut word = vec![0u8; len + 2];
+                read.read_exact(&mut word).await.unwrap();
+                words.push(String::from_utf8_lossy(&word[..len]).to_uppercase());
+            }
+            let reply = if words.first().map(String::as_str) == Some("SCAN") {
+                let mut reply = "*2\r\n$1\r\n1\r\n*10000\r\n".to_owned();
+                for _ in 0..10_000 {
+                    let name = format!("k{next}");
+                    next += 1;
+                    reply.push_str(&format!("${}\r\n{name}\r\n", name.len()));
+                }
+                reply
+            } else {
+                "+OK\r\n".to_owned()
+            };
+            if write.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A SCAN that never ends stops the listing at `MAX_NAMES`, with an
+    /// error saying so, instead of holding names until the worker dies.
+    #[tokio::test]
+    async fn a_scan_that_never_ends_stops_at_the_name_limit() {
+        let env = StorageEnv {
+            net: NetPolicy::AllowAll,
+            ..StorageEnv::default()
+        };
+        let config = RedisConfig {
+            host: "127.0.0.1".into(),
+            port: endless_scans().await,
+            db: 0,
+            path: String::new(),
+            tls: false,
+        };
+        let storage = RedisStorage::open(config, &Secrets::default(), &env)
+            .await
+            .unwrap();
+        let mut listing = storage.list(ListOptions {
+            prefix: String::new(),
+            recursive: true,
+            start_after: None,
+            page_size: 100,
+        });
+        let first = tokio::time::timeout(Duration::from_secs(60), listing.next()).await;
+        match first {
+            Ok(Some(Err(Error::Invalid { code, message, .. }))) => {
+                assert_eq!(code, "storage_answer_too_big");
+                assert!(message.contains("more than 1000000 keys"), "{message}");
+            }
+            Ok(other) => panic!("{:?}", other.map(|p| p.map(|p| p.objects.len()))),
+            Err(_) => panic!("the listing was still gathering names after 60 s"),
+        }
     }
 }
