@@ -36,9 +36,14 @@ pub struct Chunk {
     pub gzip: bool,
 }
 
+/// `PageType`s the walk tells apart (the format's enum values).
+const INDEX_PAGE: i64 = 1;
+const DICTIONARY_PAGE: i64 = 2;
+
 /// What one page header says.
 #[derive(Debug, Default)]
 struct Page {
+    kind: i64,
     /// The header's own length.
     header: u64,
     uncompressed: u64,
@@ -49,9 +54,12 @@ struct Page {
     compressed_values: bool,
 }
 
-/// Walks `chunk`'s pages; its largest page's declared uncompressed size.
+/// Walks `chunk`'s pages; what reading it holds at once: its dictionary
+/// page (kept while the data pages are read) and its largest data page, as
+/// declared uncompressed.
 pub fn walk_chunk(file: &mut File, chunk: Chunk) -> Result<u64, String> {
-    let (mut at, mut total, mut largest) = (0u64, 0u64, 0u64);
+    let (mut at, mut total) = (0u64, 0u64);
+    let (mut dictionary, mut largest) = (0u64, 0u64);
     while at < chunk.len {
         let page = read_page(file, chunk.start + at, chunk.len - at)?;
         let end = at
@@ -66,19 +74,24 @@ pub fn walk_chunk(file: &mut File, chunk: Chunk) -> Result<u64, String> {
                 chunk.uncompressed
             ));
         }
-        largest = largest.max(page.uncompressed);
-        if chunk.gzip && page.compressed_values {
+        match page.kind {
+            DICTIONARY_PAGE => dictionary = dictionary.max(page.uncompressed),
+            _ => largest = largest.max(page.uncompressed),
+        }
+        let stored = page.compressed.checked_sub(page.levels);
+        let declared = page.uncompressed.checked_sub(page.levels);
+        let (Some(stored), Some(declared)) = (stored, declared) else {
+            return Err("a page's level bytes exceed its size".into());
+        };
+        // As the crate reads them: index pages and empty value sections
+        // are not inflated.
+        if chunk.gzip && page.compressed_values && page.kind != INDEX_PAGE && declared > 0 {
             let values_at = chunk.start + at + page.header + page.levels;
-            let stored = page.compressed.checked_sub(page.levels);
-            let declared = page.uncompressed.checked_sub(page.levels);
-            let (Some(stored), Some(declared)) = (stored, declared) else {
-                return Err("a page's level bytes exceed its size".into());
-            };
             check_inflated(file, values_at, stored, declared)?;
         }
         at = end;
     }
-    Ok(largest)
+    Ok(dictionary.saturating_add(largest))
 }
 
 /// Reads the page header at `pos` (at most `left` bytes of the chunk).
@@ -97,7 +110,11 @@ fn read_page(file: &mut File, pos: u64, left: u64) -> Result<Page, String> {
             Ok(page) => return Ok(page),
             // Cut short by the read: read more, up to the limit.
             Err(_) if take == want && want < MAX_HEADER => want = MAX_HEADER,
-            Err(e) => return Err(format!("a page header is not readable: {e}")),
+            Err(e) => {
+                // (The reader's messages name the footer it was written for.)
+                let e = e.replace("footer", "header");
+                return Err(format!("a page header is not readable: {e}"));
+            }
         }
     }
 }
@@ -113,6 +130,7 @@ fn page_header(c: &mut Compact<'_>) -> R<Page> {
     let mut last_id = 0i16;
     while let Some((id, kind)) = c.field_header(&mut last_id)? {
         match (id, kind) {
+            (1, I32) => page.kind = c.zigzag()?,
             (2, I32) => uncompressed = Some(size(c)?),
             (3, I32) => compressed = Some(size(c)?),
             (8, STRUCT) => (page.levels, page.compressed_values) = v2_levels(c)?,
@@ -244,6 +262,37 @@ mod tests {
             };
             assert!(walk_chunk(&mut file, chunk).is_err(), "{pages:?}");
         }
+    }
+
+    /// What a chunk holds at once is its dictionary page and its largest
+    /// data page; an empty GZIP value section is not inflated (the crate
+    /// does not either).
+    #[test]
+    fn the_dictionary_counts_beside_the_largest_data_page() {
+        let mut dictionary = header(20, 4);
+        dictionary[1] = 4; // type 2 (DICTIONARY_PAGE), zigzag
+        let (mut file, len) = chunk_file(&[
+            (dictionary, vec![0; 4]),
+            (header(30, 6), vec![0; 6]),
+            (header(0, 0), Vec::new()),
+        ]);
+        let chunk = Chunk {
+            start: 0,
+            len,
+            uncompressed: 60,
+            gzip: true,
+        };
+        let walked = walk_chunk(
+            &mut file,
+            Chunk {
+                gzip: false,
+                ..chunk
+            },
+        );
+        assert_eq!(walked, Ok(50));
+        // The 4- and 6-byte bodies are not GZIP: only the empty page passes.
+        let (mut file, len) = chunk_file(&[(header(0, 0), Vec::new())]);
+        assert_eq!(walk_chunk(&mut file, Chunk { len, ..chunk }), Ok(0));
     }
 
     /// A GZIP page holding 1 MiB of zeros behind a header declaring 100
