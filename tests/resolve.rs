@@ -681,6 +681,10 @@ async fn local_resolve_agrees_with_listing_and_answers_bad_keys_with_4xx() {
         Some("sandbox")
     );
     assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"));
+    // An image stays plain media (a sandbox would only get in a viewer's way).
+    let resp = resolve(&app, project, "/data/local-files/?d=media/a.jpg", &[]).await;
+    assert!(resp.headers().get("content-security-policy").is_none());
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
     app.stop().await;
 }
 

@@ -305,11 +305,13 @@ async fn proxy(
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CACHE_CONTROL, "private, max-age=300")
         // The object is whatever its bucket holds, served on the API's (and
-        // the console's) origin: an HTML or SVG one opened directly must not
-        // run as a page of it (sandboxed: a unique origin, no script), nor be
-        // sniffed into one.
-        .header(header::CONTENT_SECURITY_POLICY, "sandbox")
+        // the console's) origin: it must not be sniffed into a page.
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    if may_run_script(&content_type) {
+        // An HTML or SVG object opened directly must not run as a page of
+        // this origin: sandboxed, it has a unique origin and no script.
+        builder = builder.header(header::CONTENT_SECURITY_POLICY, "sandbox");
+    }
     if let Some(etag) = &etag {
         builder = builder.header(header::ETAG, etag);
     }
@@ -326,6 +328,23 @@ async fn proxy(
     Ok(builder
         .body(Body::from_stream(metered(object.body, kind)))
         .map_err(|e| Error::Internal(e.to_string()))?)
+}
+
+/// Whether a browser opening an object of `content_type` directly could
+/// run its script: anything but raster images, audio, video and PDF
+/// (which a sandbox would keep Chromium's viewer from showing).
+fn may_run_script(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let passive = (essence.starts_with("image/") && !essence.contains("svg"))
+        || essence.starts_with("audio/")
+        || essence.starts_with("video/")
+        || essence == "application/pdf";
+    !passive
 }
 
 /// The request's `Range`, when it parses, capped to `max` bytes.
@@ -423,6 +442,29 @@ async fn unsatisfiable(backend: &dyn Storage, key: &str, size: Option<u64>) -> A
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_passive_media_go_unsandboxed() {
+        for passive in [
+            "image/jpeg",
+            "IMAGE/PNG",
+            "video/mp4",
+            "audio/ogg",
+            "application/pdf",
+        ] {
+            assert!(!may_run_script(passive), "{passive}");
+        }
+        for active in [
+            "text/html; charset=utf-8",
+            "image/svg+xml",
+            "application/xhtml+xml",
+            "text/xml",
+            "application/octet-stream",
+            "",
+        ] {
+            assert!(may_run_script(active), "{active}");
+        }
+    }
 
     #[test]
     fn parses_uris() {
