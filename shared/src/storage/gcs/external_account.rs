@@ -12,7 +12,6 @@
 //! instead, as Application Default Credentials (no `credentials_json`).
 use std::{collections::HashMap, fmt, sync::Arc};
 
-use futures::StreamExt;
 use google_cloud_auth::{
     credentials::{
         Credentials,
@@ -26,10 +25,11 @@ use serde::Deserialize;
 
 use super::{SCOPE, bad_credentials};
 use crate::Result;
+use crate::storage::retry::body_up_to;
 
 /// The longest subject-token answer read (OIDC and SAML tokens are a few
 /// kilobytes).
-const MAX_ANSWER: usize = 64 * 1024;
+const MAX_ANSWER: usize = 1 << 20;
 
 /// The fields of an `external_account` file this server acts on.
 #[derive(Deserialize)]
@@ -173,7 +173,7 @@ impl UrlToken {
     }
 
     /// The answer's body, refused past [`MAX_ANSWER`].
-    async fn fetch(&self) -> std::result::Result<Vec<u8>, TokenError> {
+    async fn fetch(&self) -> std::result::Result<bytes::Bytes, TokenError> {
         let answer = self
             .client
             .get(&self.url)
@@ -186,19 +186,9 @@ impl UrlToken {
             let transient = status.is_server_error() || status.as_u16() == 429;
             return Err(TokenError::new(format!("it answered {status}"), transient));
         }
-        let mut body = Vec::new();
-        let mut chunks = answer.bytes_stream();
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|e| TokenError::new(format!("reading it: {e}"), true))?;
-            if body.len() + chunk.len() > MAX_ANSWER {
-                return Err(TokenError::new(
-                    format!("its answer is longer than {MAX_ANSWER} bytes"),
-                    false,
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        body_up_to(answer, MAX_ANSWER, "reading it")
+            .await
+            .map_err(|e| TokenError::new(e.to_string(), e.is_transient()))
     }
 
     /// The token in `body`: the whole text, or the JSON field named. Nothing
