@@ -115,34 +115,6 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
         .unwrap();
     assert_eq!(refused.status(), 401);
     assert!(refused.headers().get("set-cookie").is_none());
-    // A form on another site cannot log the user in under its token.
-    let forged = client()
-        .post(format!("{}/ui/login", app.base))
-        .header("sec-fetch-site", "cross-site")
-        .form(&[("token", BOOT)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(forged.status(), 403);
-    assert!(forged.headers().get("set-cookie").is_none());
-    // Nor a sibling name of this site, nor (from an older browser) a page
-    // whose Origin is not this server.
-    for (name, value) in [
-        ("sec-fetch-site", "same-site".to_owned()),
-        ("origin", "http://sibling.example".to_owned()),
-        ("origin", "null".to_owned()),
-    ] {
-        let forged = client()
-            .post(format!("{}/ui/login", app.base))
-            .header(name, &value)
-            .form(&[("token", BOOT)])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(forged.status(), 403, "{name}: {value}");
-        assert!(forged.headers().get("set-cookie").is_none());
-    }
-
     let admin = log_in(&app, BOOT).await;
     let (status, overview) = page(&app, &admin, "/ui/").await;
     assert_eq!(status, 200, "{overview}");
@@ -249,24 +221,6 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
     );
     let (status, _) = page(&app, &viewer, &format!("/ui/runs/{run_b}")).await;
     assert_eq!(status, 404, "another project's run");
-    // Sessions keep their own Idempotency-Keys: the reader sending the
-    // admin's key and body is not answered the admin's stored creation,
-    // even behind a proxy that adds one Basic login for everyone.
-    let create = |cookie: &str, csrf: &str| {
-        client()
-            .post(format!("{}/api/v1/projects", app.base))
-            .header("authorization", "Basic cHJveHk6cHJveHk=")
-            .header("cookie", cookie)
-            .header("x-csrf-token", csrf)
-            .header("idempotency-key", "console-key-1")
-            .json(&json!({ "title": "keyed" }))
-    };
-    let made = create(&admin, &csrf).send().await.unwrap();
-    assert_eq!(made.status(), 201);
-    let viewer_csrf = csrf_of(&overview);
-    let borrowed = create(&viewer, &viewer_csrf).send().await.unwrap();
-    assert!(borrowed.headers().get("idempotent-replayed").is_none());
-    assert_eq!(borrowed.status(), 403, "a reader creates nothing");
     let (_, detail) = page(&app, &viewer, &format!("/ui/storages/{storage_a}")).await;
     assert!(
         detail.contains("Settings") && detail.contains("seconds per run"),
@@ -284,15 +238,6 @@ async fn the_console_shows_runs_and_acts_through_the_api() {
         "read-only: no actions"
     );
 
-    let forged = client()
-        .post(format!("{}/ui/logout", app.base))
-        .header("cookie", &viewer)
-        .header("sec-fetch-site", "cross-site")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(forged.status(), 403, "a logout from another site");
-    assert!(forged.headers().get("set-cookie").is_none());
     let logout = client()
         .post(format!("{}/ui/logout", app.base))
         .header("cookie", &viewer)
@@ -377,6 +322,87 @@ async fn storages_show_their_last_validation_and_project() {
         Value::Null,
         "a check of the old settings says nothing of the new"
     );
+    app.stop().await;
+}
+
+/// A console session is kept to this server's origin (no login or logout
+/// from a page elsewhere) and to its own Idempotency-Keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sessions_keep_to_their_origin_and_their_keys() {
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        ..AppOptions::default()
+    })
+    .await;
+    // A form on another site cannot log the user in under its token.
+    let forged = client()
+        .post(format!("{}/ui/login", app.base))
+        .header("sec-fetch-site", "cross-site")
+        .form(&[("token", BOOT)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    assert!(forged.headers().get("set-cookie").is_none());
+    // Nor a sibling name of this site, nor (from an older browser) a page
+    // whose Origin is not this server.
+    for (name, value) in [
+        ("sec-fetch-site", "same-site".to_owned()),
+        ("origin", "http://sibling.example".to_owned()),
+        ("origin", "null".to_owned()),
+    ] {
+        let forged = client()
+            .post(format!("{}/ui/login", app.base))
+            .header(name, &value)
+            .form(&[("token", BOOT)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(forged.status(), 403, "{name}: {value}");
+        assert!(forged.headers().get("set-cookie").is_none());
+    }
+
+    let admin = log_in(&app, BOOT).await;
+    let (_, home) = page(&app, &admin, "/ui/").await;
+    let csrf = csrf_of(&home);
+    let (_, project) = api(
+        &app,
+        Method::POST,
+        "/api/v1/projects",
+        json!({ "title": "a" }),
+    )
+    .await;
+    let body = json!({ "name": "viewer", "scope": "read", "projects": [project["id"]] });
+    let (_, reader) = api(&app, Method::POST, "/api/v1/tokens", body).await;
+    let viewer = log_in(&app, reader["secret"].as_str().unwrap()).await;
+    let (_, overview) = page(&app, &viewer, "/ui/").await;
+    // Sessions keep their own Idempotency-Keys: the reader sending the
+    // admin's key and body is not answered the admin's stored creation,
+    // even behind a proxy that adds one Basic login for everyone.
+    let create = |cookie: &str, csrf: &str| {
+        client()
+            .post(format!("{}/api/v1/projects", app.base))
+            .header("authorization", "Basic cHJveHk6cHJveHk=")
+            .header("cookie", cookie)
+            .header("x-csrf-token", csrf)
+            .header("idempotency-key", "console-key-1")
+            .json(&json!({ "title": "keyed" }))
+    };
+    let made = create(&admin, &csrf).send().await.unwrap();
+    assert_eq!(made.status(), 201);
+    let viewer_csrf = csrf_of(&overview);
+    let borrowed = create(&viewer, &viewer_csrf).send().await.unwrap();
+    assert!(borrowed.headers().get("idempotent-replayed").is_none());
+    assert_eq!(borrowed.status(), 403, "a reader creates nothing");
+    let forged = client()
+        .post(format!("{}/ui/logout", app.base))
+        .header("cookie", &viewer)
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403, "a logout from another site");
+    assert!(forged.headers().get("set-cookie").is_none());
     app.stop().await;
 }
 
