@@ -1,7 +1,9 @@
 //! The parse memory budget of a worker process. Parsing one row costs far
 //! more memory than its text while it is parsed (a JSONL line of `[],[],...`
 //! becomes about 11 times its size as a `serde_json::Value` before the row
-//! check can refuse it), and a worker parses up to
+//! check can refuse it, and one of `0,0,...` up to 32 times: a `Value` is 32
+//! bytes for two of text, and a vector may hold twice its length), and a
+//! worker parses up to
 //! `LABELSYNC_WORKER_CONCURRENCY` x `LABELSYNC_FETCH_CONCURRENCY` objects at
 //! once (`super::reads`). Every parse of a
 //! large row or file reserves what it may cost from one budget per process
@@ -19,8 +21,9 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// Text smaller than this is parsed without a reservation (nearly every
 /// row): the budget is for the few rows that could hurt.
 pub const SMALL: usize = 64 << 10;
-/// How many times its text a row may take in memory while it is parsed.
-pub const EXPANSION: usize = 12;
+/// How many times its text a row may take in memory while it is parsed
+/// (12 counted `[],[]` but not an array of short numbers).
+pub const EXPANSION: usize = 32;
 
 /// The memory that large parses of one process may take at once. A
 /// reservation waits while the budget is spent; one larger than the whole
