@@ -122,7 +122,20 @@ const CAT: &[u8] = b"the pixels of a cat";
 /// fake-gcs-server, each holding `img/cat.jpg`: the S3 and Azure URIs (which
 /// redirect) and the GCS URI (no signer: proxied).
 async fn presigning_sources_holding_a_cat(app: &TestApp, project: i64) -> ([String; 2], String) {
-    let (s3_bucket, s3_config, s3_secrets) = an_s3s_bucket_and_source(app, project, true, 2).await;
+    let [s3, azure, gcs] = sources_holding_a_cat(app, project, true, 2).await;
+    ([s3, azure], gcs)
+}
+
+/// Sources of `project` on s3s-fs, Azurite and fake-gcs-server (`presign`
+/// with `ttl` seconds), each holding `img/cat.jpg`: their URIs.
+async fn sources_holding_a_cat(
+    app: &TestApp,
+    project: i64,
+    presign: bool,
+    ttl: i64,
+) -> [String; 3] {
+    let (s3_bucket, s3_config, s3_secrets) =
+        an_s3s_bucket_and_source(app, project, presign, ttl).await;
     let azure_url = endpoint("TEST_AZURITE_ENDPOINT");
     let container = bucket_name();
     create_azure_container(&azure_url, &container).await;
@@ -134,15 +147,24 @@ async fn presigning_sources_holding_a_cat(app: &TestApp, project: i64) -> ([Stri
         "azure",
         azure_config.clone(),
         azure_secrets.clone(),
-        true,
-        2,
+        presign,
+        ttl,
     )
     .await;
     let gcs_url = endpoint("TEST_GCS_ENDPOINT");
     let gcs_bucket = bucket_name();
     create_gcs_bucket(&gcs_url, &gcs_bucket).await;
     let gcs_config = json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url });
-    source(app, project, "gcs", gcs_config.clone(), json!({}), true, 2).await;
+    source(
+        app,
+        project,
+        "gcs",
+        gcs_config.clone(),
+        json!({}),
+        presign,
+        ttl,
+    )
+    .await;
     for (kind, config, secrets) in [
         (BackendKind::S3, &s3_config, &s3_secrets),
         (BackendKind::Azure, &azure_config, &azure_secrets),
@@ -154,13 +176,11 @@ async fn presigning_sources_holding_a_cat(app: &TestApp, project: i64) -> ([Stri
             .await
             .unwrap();
     }
-    (
-        [
-            format!("s3://{s3_bucket}/img/cat.jpg"),
-            format!("azure-blob://{container}/img/cat.jpg"),
-        ],
+    [
+        format!("s3://{s3_bucket}/img/cat.jpg"),
+        format!("azure-blob://{container}/img/cat.jpg"),
         format!("gs://{gcs_bucket}/img/cat.jpg"),
-    )
+    ]
 }
 
 /// `uri` resolves to an uncached redirect whose URL serves the bytes; returns
@@ -292,53 +312,7 @@ async fn a_range_past_the_end_is_416(app: &TestApp, project: i64, uri: &str) {
 async fn a_range_from_the_last_offset_is_416_everywhere() {
     let app = spawn_app(options(false)).await;
     let project = app.project("far ranges").await;
-    let (s3_bucket, s3_config, s3_secrets) =
-        an_s3s_bucket_and_source(&app, project, false, 60).await;
-    let azure_url = endpoint("TEST_AZURITE_ENDPOINT");
-    let container = bucket_name();
-    create_azure_container(&azure_url, &container).await;
-    let azure_config = json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": azure_url });
-    let azure_secrets = json!({ "account_key": AZURITE_KEY });
-    source(
-        &app,
-        project,
-        "azure",
-        azure_config.clone(),
-        azure_secrets.clone(),
-        false,
-        60,
-    )
-    .await;
-    let gcs_url = endpoint("TEST_GCS_ENDPOINT");
-    let gcs_bucket = bucket_name();
-    create_gcs_bucket(&gcs_url, &gcs_bucket).await;
-    let gcs_config = json!({ "bucket": gcs_bucket, "endpoint_url": gcs_url });
-    source(
-        &app,
-        project,
-        "gcs",
-        gcs_config.clone(),
-        json!({}),
-        false,
-        60,
-    )
-    .await;
-    for (kind, config, secrets) in [
-        (BackendKind::S3, &s3_config, &s3_secrets),
-        (BackendKind::Azure, &azure_config, &azure_secrets),
-        (BackendKind::Gcs, &gcs_config, &json!({})),
-    ] {
-        open(kind, config.clone(), secrets.clone())
-            .await
-            .put("img/cat.jpg", Bytes::from_static(CAT), Some("image/jpeg"))
-            .await
-            .unwrap();
-    }
-    for uri in [
-        format!("s3://{s3_bucket}/img/cat.jpg"),
-        format!("azure-blob://{container}/img/cat.jpg"),
-        format!("gs://{gcs_bucket}/img/cat.jpg"),
-    ] {
+    for uri in sources_holding_a_cat(&app, project, false, 60).await {
         let range = [("range", "bytes=18446744073709551615-")];
         let resp = resolve(&app, project, &uri, &range).await;
         assert_eq!(resp.status(), 416, "{uri}");

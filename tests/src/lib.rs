@@ -783,10 +783,17 @@ fn nested_parquet(path: &Path, levels: usize) {
 /// Writes a zstd Parquet file whose one row has a `text` of `bytes` bytes
 /// that compress to almost nothing (a decompression bomb).
 pub fn write_parquet_bomb(path: &Path, bytes: usize) {
+    use parquet::basic::{Compression, ZstdLevel};
+    let zstd = Compression::ZSTD(ZstdLevel::try_new(3).expect("level"));
+    write_one_text_row(path, zstd, vec![b'a'; bytes]);
+}
+
+/// Writes a Parquet file of one `text` column holding one row, `text`,
+/// in one page (no dictionary, no statistics) compressed with `compression`.
+fn write_one_text_row(path: &Path, compression: parquet::basic::Compression, text: Vec<u8>) {
     use std::sync::Arc;
 
     use parquet::{
-        basic::{Compression, ZstdLevel},
         data_type::{ByteArray, ByteArrayType},
         file::{
             properties::{EnabledStatistics, WriterProperties},
@@ -799,7 +806,7 @@ pub fn write_parquet_bomb(path: &Path, bytes: usize) {
     );
     let props = Arc::new(
         WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("level")))
+            .set_compression(compression)
             .set_dictionary_enabled(false)
             .set_statistics_enabled(EnabledStatistics::None)
             .build(),
@@ -809,7 +816,7 @@ pub fn write_parquet_bomb(path: &Path, bytes: usize) {
     let mut group = writer.next_row_group().expect("row group");
     let mut col = group.next_column().expect("column").expect("text column");
     col.typed::<ByteArrayType>()
-        .write_batch(&[ByteArray::from(vec![b'a'; bytes])], None, None)
+        .write_batch(&[ByteArray::from(text)], None, None)
         .expect("text");
     col.close().expect("close text");
     group.close().expect("close group");
@@ -821,31 +828,12 @@ pub fn write_parquet_bomb(path: &Path, bytes: usize) {
 /// and the footer still declare the text's 1 MiB, so only inflating the
 /// page tells (the `parquet` crate inflates it whole before it can).
 pub fn write_parquet_gzip_bomb(path: &Path, inflated: usize) {
-    use std::{
-        io::{Read, Seek, SeekFrom, Write},
-        sync::Arc,
-    };
+    use std::io::{Read, Seek, SeekFrom, Write};
 
     use parquet::{
         basic::{Compression, GzipLevel},
-        data_type::{ByteArray, ByteArrayType},
-        file::{
-            properties::{EnabledStatistics, WriterProperties},
-            reader::{FileReader, SerializedFileReader},
-            writer::SerializedFileWriter,
-        },
-        schema::parser::parse_message_type,
+        file::reader::{FileReader, SerializedFileReader},
     };
-    let schema = Arc::new(
-        parse_message_type("message task { REQUIRED BYTE_ARRAY text (UTF8); }").expect("schema"),
-    );
-    let props = Arc::new(
-        WriterProperties::builder()
-            .set_compression(Compression::GZIP(GzipLevel::default()))
-            .set_dictionary_enabled(false)
-            .set_statistics_enabled(EnabledStatistics::None)
-            .build(),
-    );
     // Text gzip cannot shrink much: 64 symbols from a xorshift.
     let mut x = 0x9e37_79b9_7f4a_7c15_u64;
     let text: Vec<u8> = (0..1 << 20)
@@ -856,16 +844,7 @@ pub fn write_parquet_gzip_bomb(path: &Path, inflated: usize) {
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[(x % 64) as usize]
         })
         .collect();
-    let file = std::fs::File::create(path).expect("create parquet file");
-    let mut writer = SerializedFileWriter::new(file, schema, props).expect("writer");
-    let mut group = writer.next_row_group().expect("row group");
-    let mut col = group.next_column().expect("column").expect("text column");
-    col.typed::<ByteArrayType>()
-        .write_batch(&[ByteArray::from(text)], None, None)
-        .expect("text");
-    col.close().expect("close text");
-    group.close().expect("close group");
-    writer.close().expect("close parquet file");
+    write_one_text_row(path, Compression::GZIP(GzipLevel::default()), text);
 
     let reader = SerializedFileReader::new(std::fs::File::open(path).expect("open")).expect("read");
     let column = reader.metadata().row_group(0).column(0).clone();

@@ -309,12 +309,7 @@ fn csrf_holds(headers: &header::HeaderMap, session: &str) -> bool {
 
 /// Whether a browser says the request comes from another site.
 pub fn cross_site(req: &Request) -> bool {
-    cross_site_headers(req.headers())
-}
-
-/// [`cross_site`] from a request's headers.
-pub fn cross_site_headers(headers: &header::HeaderMap) -> bool {
-    headers
+    req.headers()
         .get("sec-fetch-site")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
 }

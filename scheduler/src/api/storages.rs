@@ -230,9 +230,33 @@ pub async fn update(
             "PATCH body must be a JSON object",
         ));
     };
-    let mut merged = serde_json::to_value(StorageSpec::of_model(&current)?)
+    let (merged, moved) = merge_patch(&current, patch)?;
+    let spec = spec_of(merged)?;
+    let valid = spec.validate(&state.storage_env).await?;
+    check_own_credentials(&caller, &valid, Some(&current))?;
+    check_secrets_follow(&current, &moved, valid.secrets.as_ref())?;
+    let model = spec::save(
+        &state.db,
+        &spec,
+        &valid,
+        current.project_id,
+        Some(&current),
+        &state.storage_env,
+    )
+    .await?;
+    state.storage_cache.forget();
+    let last = runs::newest_of(&state.db, &[id]).await?;
+    Ok(ApiJson(with_last_run(&model, last.get(&id))))
+}
+
+/// `current`'s spec with `patch` merged in (see [`update`]), and the fields
+/// the patch moves the storage by: each changed `config.*`, and `prefix`.
+fn merge_patch(
+    current: &storage::Model,
+    patch: serde_json::Map<String, Value>,
+) -> ApiResult<(Value, Vec<String>)> {
+    let mut merged = serde_json::to_value(StorageSpec::of_model(current)?)
         .map_err(|e| labelsync::Error::Internal(e.to_string()))?;
-    // The fields the patch moves the storage by: its config's, and prefix.
     let mut moved = Vec::new();
     for (key, value) in patch {
         match key.as_str() {
@@ -278,22 +302,7 @@ pub async fn update(
             }
         }
     }
-    let spec = spec_of(merged)?;
-    let valid = spec.validate(&state.storage_env).await?;
-    check_own_credentials(&caller, &valid, Some(&current))?;
-    check_secrets_follow(&current, &moved, valid.secrets.as_ref())?;
-    let model = spec::save(
-        &state.db,
-        &spec,
-        &valid,
-        current.project_id,
-        Some(&current),
-        &state.storage_env,
-    )
-    .await?;
-    state.storage_cache.forget();
-    let last = runs::newest_of(&state.db, &[id]).await?;
-    Ok(ApiJson(with_last_run(&model, last.get(&id))))
+    Ok((merged, moved))
 }
 
 pub async fn delete(

@@ -598,7 +598,7 @@ pub fn parse_parquet(
         let metadata = reader.metadata().row_group(group);
         check_row_group(metadata, group)?;
         let peak = check_pages(&mut pages, metadata, group)?;
-        // The row iterator holds a page of every column at once.
+        // The row iterator holds pages of every column at once.
         let _held = limits
             .budget
             .and_then(|b| b.reserve(usize::try_from(peak).unwrap_or(usize::MAX)));
@@ -656,8 +656,8 @@ fn check_row_group(
 }
 
 /// Walks every column chunk's pages of row group `index` (see
-/// `parquet_pages`); the sum of their largest pages, which reading the
-/// group's rows holds at once.
+/// `parquet_pages`); what reading the group's rows holds at once: each
+/// chunk's dictionary and largest data page, summed over the columns.
 fn check_pages(
     file: &mut File,
     group: &parquet::file::metadata::RowGroupMetaData,
