@@ -97,6 +97,9 @@ pub(super) struct SignedGets {
     skew_ms: AtomicI64,
 }
 
+/// The largest clock offset to a storage taken from its `Date` (a day).
+const MAX_SKEW_MS: i64 = 24 * 3_600_000;
+
 impl SignedGets {
     /// Signed GETs at `endpoint` (the SDK's answer for this bucket), or
     /// `None` when that endpoint needs more than plain SigV4; a
@@ -238,9 +241,24 @@ impl SignedGets {
             .and_then(|d| d.to_str().ok())
             .and_then(|d| chrono::DateTime::parse_from_rfc2822(d).ok());
         let (code, error) = error_of(response, what).await;
-        match (code.as_deref(), server_time) {
-            (Some("RequestTimeTooSkewed"), Some(at)) => {
-                let skew = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+        let skew =
+            server_time.map(|at| at.timestamp_millis() - chrono::Utc::now().timestamp_millis());
+        match (code.as_deref(), skew) {
+            // A server's clock more than a day off is not a clock to sign
+            // by: kept, it would sign every later request of the backend at
+            // that absurd time.
+            (Some("RequestTimeTooSkewed"), Some(skew)) if skew.abs() > MAX_SKEW_MS => {
+                Error::invalid(
+                    "storage_rejected",
+                    None,
+                    format!(
+                        "{what}: the storage refused the request's time (RequestTimeTooSkewed), \
+                         and its own clock is {skew} ms from this machine's, more than a day: \
+                         set the clock right on one of them"
+                    ),
+                )
+            }
+            (Some("RequestTimeTooSkewed"), Some(skew)) => {
                 self.skew_ms.store(skew, Ordering::Relaxed);
                 let why = format!(
                     "{what}: the storage refused the request's time (RequestTimeTooSkewed): \
@@ -875,6 +893,50 @@ mod tests {
         assert_eq!(chunks.concat(), b"tick");
         let skew = signed.skew_ms.load(Ordering::Relaxed);
         assert!(skew.abs() < 5_000, "the offset kept: {skew} ms");
+    }
+
+    /// A storage that says RequestTimeTooSkewed with a `Date` in the year
+    /// 9999 is refused as it is: its offset is not kept (every later
+    /// request of the backend would have been signed eight millennia ahead).
+    #[tokio::test]
+    async fn an_absurd_server_date_is_not_signed_by() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/b", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let body = "<Error><Code>RequestTimeTooSkewed</Code><Message>skewed</Message></Error>";
+            let answer = format!(
+                "HTTP/1.1 403 Forbidden\r\ndate: Fri, 31 Dec 9999 23:59:59 GMT\r\n\
+                 content-type: application/xml\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let _ = socket.read(&mut [0; 4096]).await;
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        let credentials = Credentials::new("k", "s", None, None, "test");
+        let signed = SignedGets {
+            http: reqwest::Client::new(),
+            base,
+            signing_region: "us-east-1".into(),
+            signing_name: "s3".into(),
+            keys: Keys::new(
+                SharedCredentialsProvider::new(credentials),
+                Duration::from_secs(5),
+            ),
+            day_key: Mutex::new(None),
+            skew_ms: AtomicI64::new(0),
+        };
+        for _ in 0..2 {
+            match signed.get("k", None, "get k").await {
+                Err(Error::Invalid { message, .. }) => {
+                    assert!(message.contains("more than a day"), "{message}");
+                }
+                other => panic!("{:?}", other.map(|o| o.size)),
+            }
+            assert_eq!(signed.skew_ms.load(Ordering::Relaxed), 0);
+        }
     }
 
     #[test]
