@@ -1528,6 +1528,70 @@ async fn import_sync_end_to_end_through_databricks() {
     .await;
 }
 
+/// A server that answers a listing with the continuation token it was
+/// sent (an empty page that says more follow) stops the listing with an
+/// error at once, on S3 and GCS, instead of being asked forever (nothing
+/// would be committed, so not even a cancel would be seen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_token_sent_back_stops_the_listing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = |content_type: &str, body: &str| {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let s3 = answer(
+        "application/xml",
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>b</Name>\
+         <Prefix></Prefix><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys>\
+         <IsTruncated>true</IsTruncated><NextContinuationToken>again</NextContinuationToken>\
+         </ListBucketResult>",
+    );
+    let gcs = answer("application/json", r#"{"nextPageToken":"again"}"#);
+    for (kind, answer) in [(BackendKind::S3, s3), (BackendKind::Gcs, gcs)] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0; 8192];
+                    while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let (config, secrets) = match kind {
+            BackendKind::S3 => (
+                json!({ "bucket": "b", "endpoint_url": url }),
+                json!({ "access_key_id": "k", "secret_access_key": "s" }),
+            ),
+            _ => (json!({ "bucket": "b", "endpoint_url": url }), json!({})),
+        };
+        let storage = open(kind, config, secrets).await;
+        let listing = storage.list(ListOptions {
+            prefix: String::new(),
+            recursive: true,
+            start_after: None,
+            page_size: 1000,
+        });
+        let pages =
+            tokio::time::timeout(Duration::from_secs(20), listing.take(3).collect::<Vec<_>>())
+                .await
+                .unwrap_or_else(|_| panic!("{kind}: still listing after 20 s"));
+        let error = pages.iter().find_map(|p| p.as_ref().err());
+        let message = error.map(ToString::to_string).unwrap_or_default();
+        assert!(
+            message.contains("answered the continuation token it was sent"),
+            "{kind}: {message}"
+        );
+    }
+}
+
 /// A Files API directory whose pages never end stops the listing at the
 /// entry limit, with an error saying so, instead of growing without end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

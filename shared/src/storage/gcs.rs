@@ -351,6 +351,7 @@ struct Cursor {
     storage: std::sync::Arc<GcsStorage>,
     opts: ListOptions,
     token: Option<String>,
+    tokens: super::Tokens,
 }
 
 #[async_trait]
@@ -371,6 +372,7 @@ impl Storage for GcsStorage {
             storage,
             opts,
             token: None,
+            tokens: super::Tokens::default(),
         };
         paginate(Some(cursor), |cursor: Option<Cursor>| async move {
             let Some(mut cursor) = cursor else {
@@ -394,6 +396,12 @@ impl Storage for GcsStorage {
                 query.push(("startOffset", after.clone()));
             }
             let listing: Listing = s.list_page(&what, &query).await?;
+            // (Prefixes are not asked for: a page of only prefixes is empty.)
+            let next = listing.next_page_token.as_deref().filter(|t| !t.is_empty());
+            let empty = listing.items.is_empty();
+            cursor
+                .tokens
+                .check(cursor.token.as_deref(), next, empty, &what)?;
             let after = opts.start_after.clone();
             let objects = listing
                 .items

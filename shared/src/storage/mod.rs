@@ -754,6 +754,54 @@ where
     .boxed()
 }
 
+/// Empty pages in a row, each saying more follow, after which a listing
+/// gives up (a delimiter listing of a bucket of prefixes only can have
+/// many; a server that answers nothing forever must not be asked forever).
+const MAX_EMPTY_PAGES: u32 = 10_000;
+
+/// Follows a listing's continuation tokens. A server that hands back the
+/// token it was sent, or keeps answering empty pages that say more follow,
+/// would be asked forever, and as an empty page commits nothing, not even
+/// a cancel of the run would be seen.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    empty_in_a_row: u32,
+}
+
+impl Tokens {
+    /// Checks a page that came for token `sent` with token `next` (`empty`:
+    /// no object and no prefix in it).
+    pub fn check(
+        &mut self,
+        sent: Option<&str>,
+        next: Option<&str>,
+        empty: bool,
+        what: &str,
+    ) -> Result<()> {
+        let refuse = |why: &str| {
+            Error::invalid(
+                "storage_rejected",
+                None,
+                format!("{what}: the storage {why}; the listing cannot go on"),
+            )
+        };
+        if next.is_some() && next == sent {
+            return Err(refuse("answered the continuation token it was sent"));
+        }
+        self.empty_in_a_row = if empty && next.is_some() {
+            self.empty_in_a_row + 1
+        } else {
+            0
+        };
+        if self.empty_in_a_row > MAX_EMPTY_PAGES {
+            return Err(refuse(&format!(
+                "answered {MAX_EMPTY_PAGES} empty pages in a row, each saying more follow"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Lists ahead: pulls up to `depth` pages into a buffer on its own task, so a
 /// slow listing (a remote bucket) and the database writes of the previous page
 /// overlap instead of taking turns. Dropping the stream stops the listing.

@@ -562,6 +562,7 @@ struct Cursor {
     bucket: String,
     opts: ListOptions,
     token: Option<String>,
+    tokens: super::Tokens,
 }
 
 /// One ListObjectsV2 page: signed by hand once the bucket's endpoint is
@@ -654,6 +655,7 @@ impl Storage for S3Storage {
             bucket: self.bucket.clone(),
             opts,
             token: None,
+            tokens: super::Tokens::default(),
         };
         paginate(Some(cursor), |cursor: Option<Cursor>| async move {
             let Some(mut cursor) = cursor else {
@@ -672,6 +674,12 @@ impl Storage for S3Storage {
                 url_encoded: false,
             };
             let listed = list_page(&cursor.client, &cursor.signing, &cursor.bucket, query).await?;
+            let empty = listed.objects.is_empty() && listed.prefixes.is_empty();
+            let what = format!("list s3://{}/{}", cursor.bucket, opts.prefix);
+            let sent = cursor.token.as_deref();
+            cursor
+                .tokens
+                .check(sent, listed.next.as_deref(), empty, &what)?;
             cursor.token = listed.next;
             let next = cursor.token.is_some().then_some(cursor);
             Ok(Some((
