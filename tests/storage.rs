@@ -1531,9 +1531,10 @@ async fn import_sync_end_to_end_through_databricks() {
 /// A server that answers a listing with the continuation token it was
 /// sent (an empty page that says more follow) stops the listing with an
 /// error at once, on S3 and GCS, instead of being asked forever (nothing
-/// would be committed, so not even a cancel would be seen).
+/// would be committed, so not even a cancel would be seen); one that
+/// crowds more entries into a page than asked for is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_continuation_token_sent_back_stops_the_listing() {
+async fn hostile_listing_pages_stop_the_listing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = |content_type: &str, body: &str| {
         format!(
@@ -1549,7 +1550,31 @@ async fn a_continuation_token_sent_back_stops_the_listing() {
          </ListBucketResult>",
     );
     let gcs = answer("application/json", r#"{"nextPageToken":"again"}"#);
-    for (kind, answer) in [(BackendKind::S3, s3), (BackendKind::Gcs, gcs)] {
+    // And a page of more entries than S3 ever sends (1,000).
+    let many: String = (0..1001)
+        .map(|i| format!("<Contents><Key>k{i}</Key><Size>1</Size></Contents>"))
+        .collect();
+    let crowded = answer(
+        "application/xml",
+        &format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>b</Name>\
+             <Prefix></Prefix><KeyCount>1001</KeyCount><MaxKeys>1000</MaxKeys>\
+             <IsTruncated>false</IsTruncated>{many}</ListBucketResult>"
+        ),
+    );
+    for (kind, answer, why) in [
+        (
+            BackendKind::S3,
+            s3,
+            "answered the continuation token it was sent",
+        ),
+        (
+            BackendKind::Gcs,
+            gcs,
+            "answered the continuation token it was sent",
+        ),
+        (BackendKind::S3, crowded, "answered 1001 entries in a page"),
+    ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
@@ -1585,10 +1610,7 @@ async fn a_continuation_token_sent_back_stops_the_listing() {
                 .unwrap_or_else(|_| panic!("{kind}: still listing after 20 s"));
         let error = pages.iter().find_map(|p| p.as_ref().err());
         let message = error.map(ToString::to_string).unwrap_or_default();
-        assert!(
-            message.contains("answered the continuation token it was sent"),
-            "{kind}: {message}"
-        );
+        assert!(message.contains(why), "{kind}: {message}");
     }
 }
 

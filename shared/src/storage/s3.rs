@@ -581,16 +581,37 @@ async fn list_page(
     query: ListQuery<'_>,
 ) -> Result<Listed> {
     let what = format!("list s3://{bucket}/{}", query.prefix);
+    let max_keys = query.max_keys;
     if let Ok(listed) = list_once(client, signing, bucket, &query, &what).await? {
-        return Ok(listed);
+        return within_max_keys(listed, max_keys, &what);
     }
     let encoded = ListQuery {
         url_encoded: true,
         ..query
     };
-    list_once(client, signing, bucket, &encoded, &what)
+    let listed = list_once(client, signing, bucket, &encoded, &what)
         .await?
-        .map_err(|why| Error::Transient(format!("{what}: an unreadable listing: {why}")))
+        .map_err(|why| Error::Transient(format!("{what}: an unreadable listing: {why}")))?;
+    within_max_keys(listed, max_keys, &what)
+}
+
+/// A page holds at most the keys and prefixes asked for (S3 sends at most
+/// 1,000 whatever is asked): a server that sends more, a million tiny
+/// entries in a page within the body limit, would have each page (and the
+/// two listed ahead) take hundreds of megabytes.
+fn within_max_keys(listed: Listed, max_keys: usize, what: &str) -> Result<Listed> {
+    let entries = listed.objects.len() + listed.prefixes.len();
+    let most = max_keys.max(1000);
+    if entries > most {
+        return Err(Error::invalid(
+            "storage_answer_too_big",
+            None,
+            format!(
+                "{what}: the storage answered {entries} entries in a page; at most {most} were asked for"
+            ),
+        ));
+    }
+    Ok(listed)
 }
 
 /// One ListObjectsV2 page as asked; an answer that came but could not be
