@@ -586,6 +586,47 @@ async fn bad_project_bodies_get_4xx_with_code_and_create_nothing() {
     app.stop().await;
 }
 
+/// The periodic tick takes at most 100 due storages: the longest overdue
+/// come first, so storages due again at every tick (a 1 s period) cannot
+/// take every place and starve one that waited an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_overdue_storages_are_taken_first() {
+    let mut opts = AppOptions::without_workers();
+    // The tick fires once at the start, then not within the test.
+    opts.env
+        .push(("LABELSYNC_SCHEDULE_TICK_MS", "3600000".into()));
+    let app = spawn_app(opts).await;
+    std::fs::create_dir_all(app.doc_root.path().join("data")).expect("mkdir");
+    let project = app.project("periods").await;
+    let mut ids = Vec::new();
+    for _ in 0..101 {
+        let mut body = local_source(project, "data");
+        body["sync_interval_seconds"] = json!(3600);
+        let (status, created) = app.post("/api/v1/storages", body).await;
+        assert_eq!(status, 201, "{created}");
+        ids.push(created["id"].as_i64().expect("id"));
+    }
+    let db = labelsync::db::connect(&app.database_url).await.unwrap();
+    let last = *ids.last().expect("ids");
+    // Updated last, the overdue row is last in the table's storage order.
+    for (sql, id) in [
+        ("now() - interval '1 second'", None),
+        ("now() - interval '1 hour'", Some(last)),
+    ] {
+        let which = id.map_or(format!("id <> {last}"), |id| format!("id = {id}"));
+        let update = format!("UPDATE storages SET next_sync_at = {sql} WHERE {which}");
+        sea_orm::ConnectionTrait::execute_unprepared(&db, &update)
+            .await
+            .unwrap();
+    }
+    let due = labelsync::db::storages::due_for_sync(&db, chrono::Utc::now(), 100)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 100);
+    assert_eq!(due[0].0, last, "the hour-overdue storage first: {due:?}");
+    app.stop().await;
+}
+
 /// A PATCH that changes a storage's config must give its kept secrets
 /// again: whoever may edit the storage cannot send keys an admin set to an
 /// endpoint of theirs (or open another bucket with them).

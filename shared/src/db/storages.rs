@@ -5,9 +5,12 @@
 //! connection or transaction.
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::NotSet, ActiveValue::Set, ColumnTrait, Condition,
-    ConnectionTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::Expr,
+    ActiveModelTrait,
+    ActiveValue::NotSet,
+    ActiveValue::Set,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, IntoActiveModel, Order, QueryFilter,
+    QueryOrder, QuerySelect,
+    sea_query::{Expr, NullOrdering},
 };
 use serde_json::Value;
 
@@ -187,8 +190,10 @@ fn due(now: DateTime<Utc>) -> Condition {
         )
 }
 
-/// Up to `limit` storages whose period has come at `now`: (id, period in
-/// seconds).
+/// Up to `limit` storages whose period has come at `now`, longest due
+/// first (never synced first): (id, period in seconds). In any other order
+/// the same `limit` storages, due again at every tick (a project's storages
+/// with a 1 s period), could take every place and starve the others.
 pub async fn due_for_sync(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
@@ -199,6 +204,8 @@ pub async fn due_for_sync(
         .column(storage::Column::Id)
         .column(storage::Column::SyncIntervalSeconds)
         .filter(due(now))
+        .order_by_with_nulls(storage::Column::NextSyncAt, Order::Asc, NullOrdering::First)
+        .order_by_asc(storage::Column::Id)
         .limit(limit)
         .into_tuple()
         .all(db)
