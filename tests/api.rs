@@ -606,7 +606,9 @@ async fn the_longest_overdue_storages_are_taken_first() {
         assert_eq!(status, 201, "{created}");
         ids.push(created["id"].as_i64().expect("id"));
     }
-    let db = labelsync::db::connect(&app.database_url).await.unwrap();
+    let db = labelsync::db::connect(&app.database_url)
+        .await
+        .expect("the test database");
     let last = *ids.last().expect("ids");
     // Updated last, the overdue row is last in the table's storage order.
     for (sql, id) in [
@@ -617,11 +619,11 @@ async fn the_longest_overdue_storages_are_taken_first() {
         let update = format!("UPDATE storages SET next_sync_at = {sql} WHERE {which}");
         sea_orm::ConnectionTrait::execute_unprepared(&db, &update)
             .await
-            .unwrap();
+            .expect("update");
     }
     let due = labelsync::db::storages::due_for_sync(&db, chrono::Utc::now(), 100)
         .await
-        .unwrap();
+        .expect("due storages");
     assert_eq!(due.len(), 100);
     assert_eq!(due[0].0, last, "the hour-overdue storage first: {due:?}");
     app.stop().await;
