@@ -380,6 +380,11 @@ fn workloads_are_wired_and_locked_down() {
             check_workload_locked_down(overlay, workload, uid, &mut images);
         }
         assert_eq!(images.len(), 1, "{overlay}: one image for all: {images:?}");
+        let account = find(&docs, "ServiceAccount", "labelsync");
+        assert_eq!(
+            account["automountServiceAccountToken"], false,
+            "{overlay}: no Kubernetes API token in the pods"
+        );
         check_scheduler_container(overlay, &docs, scheduler);
         check_worker_container(overlay, &docs, worker);
         check_settings_and_worker_grace(overlay, &docs, scheduler, worker, job);
