@@ -206,7 +206,8 @@ impl WorkerSettings {
     /// How long a lease (a run's, a partition's, a claim on a batch) holds
     /// without renewal: heartbeat x missed heartbeats.
     pub fn lease_ttl(&self) -> Duration {
-        self.heartbeat * self.missed_heartbeats.max(1) as u32
+        let missed = u32::try_from(self.missed_heartbeats.max(1)).unwrap_or(u32::MAX);
+        self.heartbeat.saturating_mul(missed)
     }
 
     /// Leases (and claims) taken or renewed before this are dead: their
@@ -287,7 +288,7 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
             .or_else(|| get("HOSTNAME"))
             .unwrap_or_else(|| "worker".into()),
         poll_interval: Duration::from_millis(parse(get, "LABELSYNC_QUEUE_POLL_MS", 150)?),
-        heartbeat: Duration::from_secs(parse(get, "LABELSYNC_HEARTBEAT_SECS", 5)?),
+        heartbeat: secs_within(get, "LABELSYNC_HEARTBEAT_SECS", 5, 3_600)?,
         missed_heartbeats: parse(get, "LABELSYNC_MISSED_HEARTBEATS", 3)?,
         page_size: parse(get, "LABELSYNC_PAGE_SIZE", 1000)?,
         max_attempts: parse(get, "LABELSYNC_MAX_ATTEMPTS", 5)?,
@@ -317,8 +318,8 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
 /// field order.
 fn http_limits(get: &impl Fn(&str) -> Option<String>) -> Result<HttpLimits> {
     Ok(HttpLimits {
-        header_timeout: secs_at_least_1(get, "LABELSYNC_HEADER_TIMEOUT_SECS", 10)?,
-        idle_timeout: secs_at_least_1(get, "LABELSYNC_IDLE_TIMEOUT_SECS", 75)?,
+        header_timeout: secs_within(get, "LABELSYNC_HEADER_TIMEOUT_SECS", 10, 86_400)?,
+        idle_timeout: secs_within(get, "LABELSYNC_IDLE_TIMEOUT_SECS", 75, 86_400)?,
         body_timeout: secs_at_least_1(get, "LABELSYNC_BODY_TIMEOUT_SECS", 30)?,
         max_connections: parse(get, "LABELSYNC_MAX_CONNECTIONS", 1024)?.clamp(1, 1 << 20),
     })
@@ -345,6 +346,26 @@ fn secs_at_least_1(
     Ok(Duration::from_secs(parse(get, key, default)?.max(1)))
 }
 
+/// A number of seconds (`default` when unset), raised to at least 1 and
+/// refused past `max`: these become timers and deadlines, which a zero
+/// would make spin (or panic) and a huge value overflow.
+fn secs_within(
+    get: &impl Fn(&str) -> Option<String>,
+    key: &'static str,
+    default: u64,
+    max: u64,
+) -> Result<Duration> {
+    let secs = parse(get, key, default)?;
+    if secs > max {
+        return Err(Error::invalid(
+            "invalid_setting",
+            None,
+            format!("{key}={secs} is more than {max} seconds"),
+        ));
+    }
+    Ok(Duration::from_secs(secs.max(1)))
+}
+
 fn parse<T: std::str::FromStr>(
     get: &impl Fn(&str) -> Option<String>,
     key: &'static str,
@@ -359,5 +380,50 @@ fn parse<T: std::str::FromStr>(
                 format!("{key}={raw:?} is not a valid value"),
             )
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Settings> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::from_lookup(move |key| map.get(key).cloned())
+    }
+
+    /// Timer settings become intervals and deadlines: a zero heartbeat made
+    /// `tokio::time::interval` panic, a huge one overflowed the lease, a huge
+    /// header or idle timeout overflowed every connection's deadline.
+    #[test]
+    fn timer_settings_are_held_to_sane_bounds() {
+        let zero = with(&[("LABELSYNC_HEARTBEAT_SECS", "0")]).expect("settings");
+        assert_eq!(zero.worker.heartbeat, Duration::from_secs(1));
+        for key in [
+            "LABELSYNC_HEARTBEAT_SECS",
+            "LABELSYNC_HEADER_TIMEOUT_SECS",
+            "LABELSYNC_IDLE_TIMEOUT_SECS",
+        ] {
+            let refused = with(&[(key, "18446744073709551615")]);
+            assert!(
+                matches!(
+                    refused,
+                    Err(Error::Invalid {
+                        code: "invalid_setting",
+                        ..
+                    })
+                ),
+                "{key}: {refused:?}"
+            );
+        }
+        let many = with(&[
+            ("LABELSYNC_HEARTBEAT_SECS", "3600"),
+            ("LABELSYNC_MISSED_HEARTBEATS", "18446744073709551615"),
+        ])
+        .expect("settings");
+        assert!(many.worker.lease_ttl() >= Duration::from_secs(3600));
     }
 }
