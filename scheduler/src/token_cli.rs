@@ -11,7 +11,7 @@ use labelsync::{
         self, audit,
         tokens::{self, NewToken},
     },
-    security::tokens::{Scope, parse_lifetime},
+    security::tokens::{Scope, expiry_after},
 };
 use sea_orm::DatabaseConnection;
 
@@ -72,10 +72,12 @@ async fn create(
         bail!("--scope must be one of admin, write, read, ops (got {scope:?})");
     };
     let expires_at = match expires {
-        Some(text) => match parse_lifetime(text) {
-            Some(lifetime) => Some(Utc::now() + lifetime),
+        Some(text) => match expiry_after(text, Utc::now()) {
+            Some(at) => Some(at),
             None => {
-                bail!("--expires must be a lifetime such as 90d, 12h, 30m or 3600s (got {text:?})")
+                bail!(
+                    "--expires must be a lifetime such as 90d, 12h, 30m or 3600s, ending before the year 262143 (got {text:?})"
+                )
             }
         },
         None => None,

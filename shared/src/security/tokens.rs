@@ -85,9 +85,32 @@ pub fn parse_lifetime(text: &str) -> Option<chrono::Duration> {
     chrono::Duration::try_seconds(n.checked_mul(seconds)?)
 }
 
+/// When a token made at `now` with the lifetime `text` (see
+/// [`parse_lifetime`]) expires; `None` for a lifetime that does not parse
+/// or ends past the last date there is.
+pub fn expiry_after(
+    text: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    now.checked_add_signed(parse_lifetime(text)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 100,000,000,000 days parse as a lifetime but end past any date a
+    /// timestamp holds: the CLI's `now + lifetime` panicked on them.
+    #[test]
+    fn an_expiry_past_every_date_is_none() {
+        let now = chrono::Utc::now();
+        assert!(parse_lifetime("100000000000d").is_some());
+        assert_eq!(expiry_after("100000000000d", now), None);
+        assert_eq!(
+            expiry_after("1d", now),
+            now.checked_add_signed(chrono::Duration::days(1))
+        );
+    }
 
     #[test]
     fn secrets_are_random_and_only_their_hash_is_kept() {
