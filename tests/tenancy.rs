@@ -401,6 +401,63 @@ async fn every_operation_answers_each_scope_as_its_table_says() {
 /// The 404 for another project's resource says exactly what it says for
 /// a resource that does not exist, and a restricted write token can move
 /// nothing into another project.
+/// One token holds at most 16 event streams at once (a stream holds its
+/// connection, and `/events` never ends): the 17th is `429
+/// too_many_streams`, another token still gets one, and a closed stream
+/// gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_holds_at_most_16_event_streams() {
+    let app = tenancy_app().await;
+    // Bounded: a stream that is never given back must fail the test, not
+    // hold it.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(90),
+        sixteen_streams_and_no_more(&app),
+    )
+    .await
+    .expect("the streams test finished within 90 s");
+    app.stop().await;
+}
+
+async fn sixteen_streams_and_no_more(app: &TestApp) {
+    let reader = secret(&token(app, "read", None).await);
+    let open = |key: &str| {
+        app.client
+            .get(format!("{}/api/v1/events", app.base))
+            .bearer_auth(key)
+            .send()
+    };
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let stream = open(&reader).await.expect("a stream");
+        assert_eq!(stream.status(), 200);
+        held.push(stream);
+    }
+    let refused = open(&reader).await.expect("an answer");
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
+    let other = secret(&token(app, "read", None).await);
+    assert_eq!(open(&other).await.expect("a stream").status(), 200);
+    drop(held.pop());
+    // The server sees the closed connection at its next write (at most a
+    // keep-alive, 15 s, later).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let again = open(&reader).await.expect("an answer");
+        if again.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was not given back"
+        );
+        drop(again);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    drop(held);
+}
+
 /// The fleet (queue depths, dead jobs, workers and the runs they hold)
 /// is every project's: an ops token held to projects can neither see it
 /// nor act on it (discarding every tenant's dead jobs); one not held can.

@@ -66,18 +66,26 @@ fn event(name: &'static str, run: &sync_run::Model) -> Result<Event, Infallible>
 /// expired while it watches ends its streams within this long.
 const RECHECK: Duration = Duration::from_secs(10);
 
-/// A stream's caller and when its token was last checked.
+/// A stream's caller, when its token was last checked, and its place
+/// among the open streams (see `super::streams`).
 struct Holder {
     caller: Caller,
     checked: tokio::time::Instant,
+    _slot: super::streams::Slot,
 }
 
 impl Holder {
-    fn new(caller: Caller) -> Self {
-        Holder {
+    /// `429` when the caller (or the server) holds the most streams: at
+    /// most half the connections the server takes are streams, so requests
+    /// and probes still get in.
+    fn open(state: &AppState, caller: Caller) -> ApiResult<Self> {
+        let most = (state.settings.http.max_connections / 2).max(1);
+        let slot = state.streams.open(&caller, most)?;
+        Ok(Holder {
             caller,
             checked: tokio::time::Instant::now(),
-        }
+            _slot: slot,
+        })
     }
 
     async fn still_valid(&mut self, state: &AppState) -> bool {
@@ -107,9 +115,10 @@ pub async fn run_events(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     super::runs::find_for(&state, &caller, &id).await?;
+    let holder = Holder::open(&state, caller)?;
     let watch = RunWatch {
         state,
-        holder: Holder::new(caller),
+        holder,
         id,
         last: None,
         first: true,
@@ -192,9 +201,10 @@ pub async fn project_events(
         }
         None => caller.projects().map(<[i64]>::to_vec),
     };
+    let holder = Holder::open(&state, caller)?;
     let watch = ProjectWatch {
         state,
-        holder: Holder::new(caller),
+        holder,
         projects,
         seen: HashMap::new(),
         ready: Vec::new(),

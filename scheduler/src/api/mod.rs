@@ -13,6 +13,7 @@ mod resolve;
 mod runs;
 mod storage_cache;
 mod storages;
+mod streams;
 mod tasks;
 mod tokens;
 mod webhooks;
@@ -64,6 +65,8 @@ pub struct Shared {
     pub limiter: Arc<rate_limit::RateLimiter>,
     /// Source storages for `/resolve`; changes call `forget` on it.
     pub storage_cache: Arc<StorageCache>,
+    /// The event streams open now (see [`streams`]).
+    pub streams: streams::Streams,
 }
 
 impl AppState {
@@ -78,6 +81,7 @@ impl AppState {
             storage_env: StorageEnv::from_settings(&settings),
             limiter: Arc::new(rate_limit::RateLimiter::new(settings.rate_limit_per_minute)),
             storage_cache: Arc::new(StorageCache::new(settings.resolve_cache_ttl)),
+            streams: streams::Streams::default(),
             db,
             queue,
             settings: Arc::new(settings),

@@ -1,0 +1,81 @@
+//! Open event streams (`/events`, `/runs/{id}/events`), counted per caller
+//! and in all. A stream holds its connection for as long as it watches,
+//! and `/events` never ends by itself: without a limit one token could hold
+//! every connection the server takes (`LABELSYNC_MAX_CONNECTIONS`), and the
+//! probes, on the same port, with them.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use axum::http::StatusCode;
+
+use super::{ApiError, ApiResult, access::Caller};
+
+/// Streams one caller (a token; the open mode; the bootstrap tokens) may
+/// hold open at once.
+pub const PER_CALLER: usize = 16;
+
+/// The streams open now; clones share the count.
+#[derive(Debug, Default, Clone)]
+pub struct Streams(Arc<Mutex<Open>>);
+
+#[derive(Debug, Default)]
+struct Open {
+    by_caller: HashMap<String, usize>,
+    total: usize,
+}
+
+/// One open stream's place, given back when it drops (the stream ended or
+/// its client went away).
+#[derive(Debug)]
+pub struct Slot {
+    streams: Streams,
+    key: String,
+}
+
+impl Streams {
+    /// A place for one more stream of `caller`, if it holds fewer than
+    /// [`PER_CALLER`] and all callers fewer than `most` (else `429`).
+    pub fn open(&self, caller: &Caller, most: usize) -> ApiResult<Slot> {
+        let key = match caller.token_id {
+            Some(id) => format!("token {id}"),
+            None => caller.name.clone(),
+        };
+        // A poisoned count is still a count.
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = open.by_caller.get(&key).copied().unwrap_or(0);
+        let refuse = |message: String| {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_streams", message)
+        };
+        if mine >= PER_CALLER {
+            return Err(refuse(format!(
+                "at most {PER_CALLER} event streams of one token are open at once; close one first"
+            )));
+        }
+        if open.total >= most {
+            return Err(refuse(format!(
+                "the server holds {most} event streams, its most; try again later"
+            )));
+        }
+        open.by_caller.insert(key.clone(), mine + 1);
+        open.total += 1;
+        Ok(Slot {
+            streams: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.streams.0.lock().unwrap_or_else(|e| e.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(mine) = open.by_caller.get_mut(&self.key) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                open.by_caller.remove(&self.key);
+            }
+        }
+    }
+}
