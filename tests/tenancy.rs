@@ -458,6 +458,32 @@ async fn sixteen_streams_and_no_more(app: &TestApp) {
     drop(held);
 }
 
+/// A stopping scheduler does not wait for its event streams, which never
+/// end by themselves: it stops within the drain time (20 s) with streams
+/// open (it waited for them forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_stops_with_event_streams_open() {
+    let app = tenancy_app().await;
+    let reader = secret(&token(&app, "read", None).await);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let stream = app
+            .client
+            .get(format!("{}/api/v1/events", app.base))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .expect("a stream");
+        assert_eq!(stream.status(), 200);
+        held.push(stream);
+    }
+    let started = std::time::Instant::now();
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(40), app.stop()).await;
+    assert!(stopped.is_ok(), "still stopping after 40 s");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    drop(held);
+}
+
 /// The fleet (queue depths, dead jobs, workers and the runs they hold)
 /// is every project's: an ops token held to projects can neither see it
 /// nor act on it (discarding every tenant's dead jobs); one not held can.

@@ -86,7 +86,7 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the
 /// open connections finish their requests (idle ones close at once) and
-/// returns when the last one has closed.
+/// returns when the last one has closed, or after [`DRAIN`].
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -127,10 +127,25 @@ pub async fn serve(
         tokio::spawn(conn.serve(stream, builder.clone(), router.clone(), limits));
     }
     stop.cancel();
-    // Each connection holds a permit until it has closed.
+    // Each connection holds a permit until it has closed; one still in a
+    // request after DRAIN (an event stream, which never ends by itself) is
+    // left to close with the process.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
-    let _closed = slots.permits.acquire_many(all).await;
+    if tokio::time::timeout(DRAIN, slots.permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        let open = slots.lock().len();
+        tracing::warn!(
+            open,
+            "connections still in a request after the drain time; stopping without them"
+        );
+    }
 }
+
+/// How long a stopping server waits for its connections' requests to end:
+/// under Kubernetes' default 30 s grace, so the process exits by itself.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A connection that died in the backlog is nothing; anything else (out
 /// of file descriptors) passes as connections close, so pause rather than
