@@ -710,19 +710,12 @@ mod tests {
         }
     }
 
-    /// A loopback server giving every request `answer` (a whole HTTP/1.1
-    /// response); its URL.
+    /// A loopback server giving every request `answer`; its token URL.
     async fn answering(answer: String) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/token", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let _ = socket.read(&mut [0; 4096]).await;
-                let _ = socket.write_all(answer.as_bytes()).await;
-            }
-        });
-        url
+        format!(
+            "http://{}/token",
+            super::super::answering_always(answer).await
+        )
     }
 
     fn wif_secrets(source: serde_json::Value) -> Secrets {

@@ -754,6 +754,24 @@ where
     .boxed()
 }
 
+/// A loopback server for unit tests that gives every connection's first
+/// request `answer` (a whole HTTP/1.1 response); its address.
+#[cfg(test)]
+pub(crate) async fn answering_always(answer: String) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let addr = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = socket.read(&mut [0; 4096]).await;
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+    });
+    addr
+}
+
 /// Empty pages in a row, each saying more follow, after which a listing
 /// gives up (a delimiter listing of a bucket of prefixes only can have
 /// many; a server that answers nothing forever must not be asked forever).

@@ -846,6 +846,23 @@ mod tests {
         );
     }
 
+    /// Hand-signed GETs of the bucket at `base` with `credentials`, signing
+    /// `skew_ms` off this machine's clock.
+    fn signed_gets(base: String, credentials: Credentials, skew_ms: i64) -> SignedGets {
+        SignedGets {
+            http: reqwest::Client::new(),
+            base,
+            signing_region: "us-east-1".into(),
+            signing_name: "s3".into(),
+            keys: Keys::new(
+                SharedCredentialsProvider::new(credentials),
+                Duration::from_secs(5),
+            ),
+            day_key: Mutex::new(None),
+            skew_ms: AtomicI64::new(skew_ms),
+        }
+    }
+
     /// A clock an hour behind the storage's: s3s-fs (which checks the time
     /// of a header signature, 15 minutes either way) refuses the GET as
     /// too skewed; the answer's `Date` sets the offset, and the retry
@@ -876,18 +893,8 @@ mod tests {
         let body = aws_sdk_s3::primitives::ByteStream::from_static(b"tick");
         let put = client.put_object().bucket(&bucket).key("k").body(body);
         put.send().await.unwrap();
-        let signed = SignedGets {
-            http: reqwest::Client::new(),
-            base: format!("{}/{bucket}", endpoint.trim_end_matches('/')),
-            signing_region: "us-east-1".into(),
-            signing_name: "s3".into(),
-            keys: Keys::new(
-                SharedCredentialsProvider::new(credentials),
-                Duration::from_secs(5),
-            ),
-            day_key: Mutex::new(None),
-            skew_ms: AtomicI64::new(-3_600_000),
-        };
+        let base = format!("{}/{bucket}", endpoint.trim_end_matches('/'));
+        let signed = signed_gets(base, credentials, -3_600_000);
         let object = signed.get("k", None, "get k").await.unwrap();
         let chunks: Vec<bytes::Bytes> = object.body.try_collect().await.unwrap();
         assert_eq!(chunks.concat(), b"tick");
@@ -900,34 +907,18 @@ mod tests {
     /// request of the backend would have been signed eight millennia ahead).
     #[tokio::test]
     async fn an_absurd_server_date_is_not_signed_by() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}/b", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            let body = "<Error><Code>RequestTimeTooSkewed</Code><Message>skewed</Message></Error>";
-            let answer = format!(
-                "HTTP/1.1 403 Forbidden\r\ndate: Fri, 31 Dec 9999 23:59:59 GMT\r\n\
-                 content-type: application/xml\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let _ = socket.read(&mut [0; 4096]).await;
-                let _ = socket.write_all(answer.as_bytes()).await;
-            }
-        });
+        let body = "<Error><Code>RequestTimeTooSkewed</Code><Message>skewed</Message></Error>";
+        let answer = format!(
+            "HTTP/1.1 403 Forbidden\r\ndate: Fri, 31 Dec 9999 23:59:59 GMT\r\n\
+             content-type: application/xml\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let base = format!(
+            "http://{}/b",
+            crate::storage::answering_always(answer).await
+        );
         let credentials = Credentials::new("k", "s", None, None, "test");
-        let signed = SignedGets {
-            http: reqwest::Client::new(),
-            base,
-            signing_region: "us-east-1".into(),
-            signing_name: "s3".into(),
-            keys: Keys::new(
-                SharedCredentialsProvider::new(credentials),
-                Duration::from_secs(5),
-            ),
-            day_key: Mutex::new(None),
-            skew_ms: AtomicI64::new(0),
-        };
+        let signed = signed_gets(base, credentials, 0);
         for _ in 0..2 {
             match signed.get("k", None, "get k").await {
                 Err(Error::Invalid { message, .. }) => {
