@@ -217,10 +217,9 @@ impl DatabricksStorage {
     }
 }
 
-/// Entries of one directory a listing holds at most: they are gathered
-/// whole to be sorted, and a server that keeps answering pages must not
-/// grow them further.
-const MAX_ENTRIES: usize = 1_000_000;
+/// Entries of one directory a listing holds at most (gathered whole to be
+/// sorted).
+const MAX_ENTRIES: usize = super::MAX_GATHERED_NAMES;
 
 #[derive(Deserialize)]
 struct DirPage {

@@ -772,6 +772,11 @@ pub(crate) async fn answering_always(answer: String) -> std::net::SocketAddr {
     addr
 }
 
+/// Names a listing that must gather them whole before it can sort them
+/// (a Redis storage's keys, one Databricks directory) holds at most: a
+/// server that keeps answering new names must not grow it further.
+pub const MAX_GATHERED_NAMES: usize = 1_000_000;
+
 /// Empty pages in a row, each saying more follow, after which a listing
 /// gives up (a delimiter listing of a bucket of prefixes only can have
 /// many; a server that answers nothing forever must not be asked forever).

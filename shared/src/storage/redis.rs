@@ -197,10 +197,9 @@ impl RedisStorage {
     }
 }
 
-/// Names one listing gathers at most: a Redis listing cannot be paged in
-/// key order, so it holds every name at once (about 100 MB at this many),
-/// and a server that keeps answering new names must not grow it further.
-const MAX_NAMES: usize = 1_000_000;
+/// Names one listing gathers at most (a Redis listing cannot be paged in
+/// key order, so it holds every name at once: about 100 MB at this many).
+const MAX_NAMES: usize = super::MAX_GATHERED_NAMES;
 
 /// Escapes glob metacharacters so a prefix matches literally in `SCAN MATCH`.
 fn glob_escape(s: &str) -> String {
