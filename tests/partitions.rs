@@ -1,5 +1,5 @@
 //! Partitioned listing (`ingest::partitions`) on the s3s-fs emulator (and
-//! one layout on fake-gcs-server): the
+//! one layout on fake-gcs-server and Azurite): the
 //! partitions a layout splits into, exact counters and missing objects, a
 //! worker SIGKILLed in the middle of a partition, a partition that keeps
 //! failing, objects added while the run lists, and layouts that do not
@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use labelsync::storage::BackendKind;
 use labelsync_tests::{
     AppOptions, TestApp,
-    backends::{bucket_name, create_gcs_bucket, create_s3_bucket, endpoint, open},
+    backends::{
+        AZURITE_ACCOUNT, AZURITE_KEY, bucket_name, create_azure_container, create_gcs_bucket,
+        create_s3_bucket, endpoint, open,
+    },
     fault_proxy::{FaultProxy, Mode},
     spawn_app, spawn_worker,
     synthetic_s3::Latency,
@@ -318,7 +321,27 @@ async fn a_gcs_bucket_with_prefixes_is_listed_by_partitions() {
     let bucket = bucket_name();
     create_gcs_bucket(&gcs, &bucket).await;
     let config = json!({ "bucket": bucket, "endpoint_url": gcs });
-    let storage = open(BackendKind::Gcs, config.clone(), json!({})).await;
+    let uri = format!("gs://{bucket}/");
+    listed_by_partitions_on(BackendKind::Gcs, config, json!({}), &uri).await;
+}
+
+/// And on Azurite: Azure answers discovery as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_container_with_prefixes_is_listed_by_partitions() {
+    let account_url = endpoint("TEST_AZURITE_ENDPOINT");
+    let container = bucket_name();
+    create_azure_container(&account_url, &container).await;
+    let config = json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": account_url });
+    let secrets = json!({ "account_key": AZURITE_KEY });
+    let uri = format!("azure-blob://{container}/");
+    listed_by_partitions_on(BackendKind::Azure, config, secrets, &uri).await;
+}
+
+/// Syncs a storage holding keys at its root, under `a/`, directly under
+/// `b/` and under `b/x/`: four partitions, each key one task (`uri` is how
+/// a task names the storage's root).
+async fn listed_by_partitions_on(kind: BackendKind, config: Value, secrets: Value, uri: &str) {
+    let storage = open(kind, config.clone(), secrets.clone()).await;
     let mut keys: Vec<String> = vec!["top.jpg".into(), "b/direct.jpg".into()];
     keys.extend((0..20).map(|i| format!("a/{i:03}.jpg")));
     keys.extend((0..10).map(|i| format!("b/x/{i:03}.jpg")));
@@ -329,13 +352,12 @@ async fn a_gcs_bucket_with_prefixes_is_listed_by_partitions() {
             .expect("put");
     }
     let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "7")]).await;
-    let project = app.project("gcs partitions").await;
-    let (status, source) = app
-        .post(
-            "/api/v1/storages",
-            json!({ "project_id": project, "role": "source", "backend": "gcs", "config": config }),
-        )
-        .await;
+    let project = app.project(&format!("{kind} partitions")).await;
+    let body = json!({
+        "project_id": project, "role": "source", "backend": kind.to_string(),
+        "config": config, "secrets": secrets,
+    });
+    let (status, source) = app.post("/api/v1/storages", body).await;
     assert_eq!(status, 201, "{source}");
     let run = app.sync(&source["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
@@ -351,15 +373,15 @@ async fn a_gcs_bucket_with_prefixes_is_listed_by_partitions() {
             .iter()
             .map(|(p, r)| ((*p).to_owned(), *r, true))
             .collect();
-    assert_eq!(found, expected);
+    assert_eq!(found, expected, "{kind}");
     let mut tasks = std::collections::BTreeSet::new();
     for task in app.all_tasks(project).await {
-        let uri = task["data"]["image"].as_str().expect("image").to_owned();
-        assert!(tasks.insert(uri.clone()), "{uri} has two tasks");
+        let image = task["data"]["image"].as_str().expect("image").to_owned();
+        assert!(tasks.insert(image.clone()), "{image} has two tasks");
     }
     let expected: std::collections::BTreeSet<String> =
-        keys.iter().map(|k| format!("gs://{bucket}/{k}")).collect();
-    assert_eq!(tasks, expected);
+        keys.iter().map(|k| format!("{uri}{k}")).collect();
+    assert_eq!(tasks, expected, "{kind}");
     app.stop().await;
 }
 

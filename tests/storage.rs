@@ -22,7 +22,7 @@ use labelsync_tests::{
     AppOptions,
     backends::{
         AZURITE_ACCOUNT, AZURITE_KEY, DatabricksFake, bucket_name, create_azure_container,
-        create_gcs_bucket, create_s3_bucket, endpoint, open, put_s3_object,
+        create_gcs_bucket, create_s3_bucket, endpoint, open, put_azure_blob, put_s3_object,
     },
     spawn_app,
 };
@@ -187,18 +187,39 @@ async fn prefixes_and_recursion_choose_the_keys_listed(storage: Arc<dyn Storage>
             .iter()
             .all(|p| p.objects.is_empty())
     );
+    // A key as the prefix lists that key (a retry run finds its objects so).
+    for recursive in [false, true] {
+        assert_eq!(
+            names(
+                &keys(
+                    &*storage,
+                    std::env::var("PFX")
+                        .as_deref()
+                        .unwrap_or("tree/sp ace ü.txt"),
+                    recursive,
+                    None
+                )
+                .await
+            ),
+            ["tree/sp ace ü.txt"],
+            "{kind}: a key as the prefix (recursive: {recursive})"
+        );
+    }
     one_level_of_the_tree(&*storage).await;
 }
 
-/// `list_children` (partitioned listing's discovery): the S3 and GCS
-/// backends answer it, one level at a time, each level's objects exactly as
+/// `list_children` (partitioned listing's discovery): the S3, GCS and
+/// Azure backends answer it, one level at a time, each level's objects exactly as
 /// the non-recursive listing gives them (a flat run lists from them), and
 /// whether the pages read hold the whole level, where an unfinished level
 /// goes on (a later call reads on from there); the others say they cannot.
 async fn one_level_of_the_tree(storage: &dyn Storage) {
     let kind = storage.kind();
     let tree = storage.list_children("tree/", None, 3).await.unwrap();
-    if !matches!(kind, BackendKind::S3 | BackendKind::Gcs) {
+    if !matches!(
+        kind,
+        BackendKind::S3 | BackendKind::Gcs | BackendKind::Azure
+    ) {
         assert_eq!(tree, None, "{kind}: cannot list by delimiter");
         return;
     }
@@ -1129,6 +1150,57 @@ async fn azure_conformance_on_azurite() {
     );
 }
 
+/// Blobs written by other tools, with names holding what `object_store`'s
+/// `Path` escapes (non-ASCII, `%`, `#`, `{`, `^`, spaces), are listed under
+/// their names, and read and deleted by them (they were listed, but every
+/// read asked for an escaped name: 404); they are proxied, not signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_blobs_named_by_other_tools_are_reached_by_their_names() {
+    let account_url = endpoint("TEST_AZURITE_ENDPOINT");
+    let container = bucket_name();
+    create_azure_container(&account_url, &container).await;
+    let odd = ["raw/100% {x}^.json", "raw/a#b.json", "raw/猫 ü/€.json"];
+    for name in odd {
+        put_azure_blob(&account_url, &container, name, name.as_bytes()).await;
+    }
+    let config = json!({ "account_name": AZURITE_ACCOUNT, "container": container, "endpoint_url": account_url });
+    let storage = open(
+        BackendKind::Azure,
+        config,
+        json!({ "account_key": AZURITE_KEY }),
+    )
+    .await;
+    assert_eq!(names(&keys(&*storage, "raw/", true, None).await), odd);
+    assert_eq!(
+        names(&keys(&*storage, "raw/猫 ü/", false, None).await),
+        ["raw/猫 ü/€.json"]
+    );
+    for name in odd {
+        assert_eq!(
+            read(&*storage, name, None).await.0,
+            name.as_bytes(),
+            "{name}"
+        );
+        // object_store signs the escaped URL path where Azure checks the
+        // name: such names are proxied rather than signed wrong.
+        let url = storage.presign(name, Duration::from_secs(60)).await;
+        assert_eq!(url.expect("presign"), None, "{name}");
+    }
+    // A plain name is signed, and the URL serves it.
+    put_azure_blob(&account_url, &container, "raw/plain-1.json", b"plain").await;
+    let url = storage
+        .presign("raw/plain-1.json", Duration::from_secs(60))
+        .await
+        .expect("presign")
+        .expect("a URL");
+    let signed = reqwest::get(&url).await.expect("GET");
+    assert_eq!(signed.status(), 200, "{url}");
+    assert_eq!(signed.bytes().await.expect("body"), &b"plain"[..]);
+    storage.delete("raw/plain-1.json").await.expect("delete");
+    storage.delete(odd[0]).await.expect("delete");
+    assert_eq!(names(&keys(&*storage, "raw/", true, None).await), odd[1..]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_conformance() {
     let redis = labelsync_tests::require_redis().await;
@@ -1530,9 +1602,12 @@ async fn import_sync_end_to_end_through_databricks() {
 
 /// A server that answers a listing with the continuation token it was
 /// sent (an empty page that says more follow) stops the listing with an
-/// error at once, on S3 and GCS, instead of being asked forever (nothing
-/// would be committed, so not even a cancel would be seen); one that
-/// crowds more entries into a page than asked for is refused too.
+/// error at once, on S3, GCS and Azure, instead of being asked forever
+/// (nothing would be committed, so not even a cancel would be seen); one
+/// that crowds more entries into a page than asked for is refused too, and
+/// so is a page longer than 32 MiB. An Azure listing of one level gives
+/// its first page before it asks for the next (it gathered every page of
+/// the level first, without end here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_listing_pages_stop_the_listing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1542,6 +1617,29 @@ async fn hostile_listing_pages_stop_the_listing() {
             body.len()
         )
     };
+    let azure = |blobs: usize| {
+        let blobs: String = (0..blobs)
+            .map(|i| {
+                format!(
+                    "<Blob><Name>k{i:04}</Name><Properties>\
+                     <Last-Modified>Mon, 01 Jan 2024 00:00:00 GMT</Last-Modified>\
+                     <Content-Length>1</Content-Length><Content-Type>text/plain</Content-Type>\
+                     </Properties></Blob>"
+                )
+            })
+            .collect();
+        answer(
+            "application/xml",
+            &format!(
+                "<?xml version=\"1.0\" encoding=\"utf-8\"?><EnumerationResults>\
+                 <Blobs>{blobs}</Blobs><NextMarker>again</NextMarker></EnumerationResults>"
+            ),
+        )
+    };
+    // Says 64 MiB follow, sends a few bytes and waits.
+    let endless = "HTTP/1.1 200 OK\r\ncontent-type: application/xml\r\n\
+                   content-length: 67108864\r\n\r\n<?xml version=\"1.0\"?>"
+        .to_owned();
     let s3 = answer(
         "application/xml",
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult><Name>b</Name>\
@@ -1562,18 +1660,25 @@ async fn hostile_listing_pages_stop_the_listing() {
              <IsTruncated>false</IsTruncated>{many}</ListBucketResult>"
         ),
     );
-    for (kind, answer, why) in [
+    let repeated = "answered the continuation token it was sent";
+    // (backend, answer, recursive listing, what the error says)
+    for (kind, answer, recursive, why) in [
+        (BackendKind::S3, s3, true, repeated),
+        (BackendKind::Gcs, gcs, true, repeated),
         (
             BackendKind::S3,
-            s3,
-            "answered the continuation token it was sent",
+            crowded,
+            true,
+            "answered 1001 entries in a page",
         ),
+        (BackendKind::Azure, azure(0), true, repeated),
+        (BackendKind::Azure, azure(1000), false, repeated),
         (
-            BackendKind::Gcs,
-            gcs,
-            "answered the continuation token it was sent",
+            BackendKind::Azure,
+            endless,
+            true,
+            "the storage's answer is over 32 MiB",
         ),
-        (BackendKind::S3, crowded, "answered 1001 entries in a page"),
     ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -1595,12 +1700,16 @@ async fn hostile_listing_pages_stop_the_listing() {
                 json!({ "bucket": "b", "endpoint_url": url }),
                 json!({ "access_key_id": "k", "secret_access_key": "s" }),
             ),
+            BackendKind::Azure => (
+                json!({ "account_name": AZURITE_ACCOUNT, "container": "c", "endpoint_url": format!("{url}/{AZURITE_ACCOUNT}") }),
+                json!({ "account_key": AZURITE_KEY }),
+            ),
             _ => (json!({ "bucket": "b", "endpoint_url": url }), json!({})),
         };
         let storage = open(kind, config, secrets).await;
         let listing = storage.list(ListOptions {
             prefix: String::new(),
-            recursive: true,
+            recursive,
             start_after: None,
             page_size: 1000,
         });
@@ -1611,6 +1720,10 @@ async fn hostile_listing_pages_stop_the_listing() {
         let error = pages.iter().find_map(|p| p.as_ref().err());
         let message = error.map(ToString::to_string).unwrap_or_default();
         assert!(message.contains(why), "{kind}: {message}");
+        if !recursive {
+            let first = pages.first().and_then(|p| p.as_ref().ok());
+            assert_eq!(first.map(|p| p.objects.len()), Some(1000), "{kind}");
+        }
     }
 }
 

@@ -162,6 +162,49 @@ pub async fn create_azure_container(account_url: &str, container: &str) {
     );
 }
 
+/// Writes a blob named exactly `name` (UTF-8, any character a URL path can
+/// carry once escaped) straight through Azurite's REST API, as another
+/// tool would: not through the backend under test.
+pub async fn put_azure_blob(account_url: &str, container: &str, name: &str, body: &[u8]) {
+    let mut url = reqwest::Url::parse(&format!("{account_url}/{container}")).expect("URL");
+    url.path_segments_mut()
+        .expect("a base URL")
+        .extend(name.split('/'));
+    let date = chrono::Utc::now()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    let version = "2021-08-06";
+    let string_to_sign = format!(
+        "PUT\n\n\n{}\n\n\n\n\n\n\n\n\nx-ms-blob-type:BlockBlob\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}{}",
+        body.len(),
+        url.path()
+    );
+    let key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &STANDARD.decode(AZURITE_KEY).expect("key"),
+    );
+    let signature = STANDARD.encode(ring::hmac::sign(&key, string_to_sign.as_bytes()).as_ref());
+    let resp = reqwest::Client::new()
+        .put(url)
+        .header("x-ms-date", date)
+        .header("x-ms-version", version)
+        .header("x-ms-blob-type", "BlockBlob")
+        .header(
+            header::AUTHORIZATION,
+            format!("SharedKey {AZURITE_ACCOUNT}:{signature}"),
+        )
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("Azurite at {account_url}: {e}"));
+    let status = resp.status();
+    assert!(
+        status.is_success(),
+        "put {name:?}: {status} {}",
+        resp.text().await.unwrap_or_default()
+    );
+}
+
 /// The Databricks Files API, in memory: directories list with page tokens
 /// (in reverse order, so the client's own sorting is exercised), files get
 /// with Range, put, delete; every call needs the bearer token. A directory

@@ -9,7 +9,7 @@
 //! managed identity (object_store reads the `AZURE_*` variables AKS injects).
 //! Retries: object_store's backoff with jitter, [`retry::MAX_ATTEMPTS`] tries.
 //! HTTP goes through our client, so the SSRF guard resolves every name.
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -19,20 +19,22 @@ use object_store::{
     RetryConfig,
     azure::{MicrosoftAzure, MicrosoftAzureBuilder},
     client::{HttpClient, HttpConnector},
+    list::{PaginatedListOptions, PaginatedListResult, PaginatedListStore},
     path::Path,
     signer::Signer,
 };
-use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
-    StorageEnv, check_key, check_location, parse_config, retry,
+    BackendKind, Children, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets,
+    Storage, StorageEnv, Tokens, check_key, check_location, paginate, parse_config, retry,
 };
 use crate::{
     Error, Result,
     security::net::{HttpClients, NetPolicy, parse_endpoint},
 };
+
+mod bounded;
 
 /// The `config` object of a `azure` storage (docs/API.md); unknown keys are refused.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -121,7 +123,8 @@ pub fn check_account_name(name: &str, field: &'static str) -> Result<()> {
 }
 
 /// Hands object_store our guarded reqwest client (the storages' shared
-/// clients, policy, read timeout).
+/// clients, policy, read timeout), its answers bounded
+/// ([`bounded::BoundedAnswers`]).
 #[derive(Debug)]
 struct GuardedConnector(HttpClients, NetPolicy, Duration);
 
@@ -134,7 +137,7 @@ impl HttpConnector for GuardedConnector {
                 store: "azure",
                 source: e.to_string().into(),
             })?;
-        Ok(HttpClient::new(client))
+        Ok(HttpClient::new(bounded::BoundedAnswers(client)))
     }
 }
 
@@ -216,6 +219,9 @@ fn classify(err: object_store::Error, what: &str) -> Error {
     if text.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
         return Error::invalid("endpoint_not_allowed", Some("config"), msg);
     }
+    if text.contains(bounded::TOO_BIG) {
+        return Error::invalid("storage_answer_too_big", None, msg);
+    }
     // Azure says AuthenticationFailed, Azurite "Server failed to authenticate
     // the request"; both with 403, like a missing permission.
     let auth_failed = [
@@ -245,18 +251,123 @@ fn classify(err: object_store::Error, what: &str) -> Error {
     }
 }
 
+/// The blob named exactly `key`. `Path::from` would escape `%`, non-ASCII
+/// and other characters into the name it sends, so a blob another tool
+/// wrote under its plain name could not be reached (nor one listed).
+fn blob(key: &str) -> Result<Path> {
+    check_key(key, KeyShape::Path)?;
+    Path::parse(key).map_err(|e| {
+        Error::invalid(
+            "invalid_key",
+            Some("key"),
+            format!("object key {key:?} cannot name a blob: {e}"),
+        )
+    })
+}
+
 fn to_meta(meta: object_store::ObjectMeta) -> ObjectMeta {
-    // A `Path` keeps its name escaped (non-ASCII in delimiter listings, and
-    // the characters `Path::from` escapes); the key is the name as given.
-    let key = percent_decode_str(meta.location.as_ref())
-        .decode_utf8()
-        .map_or_else(|_| meta.location.to_string(), |k| k.into_owned());
     ObjectMeta {
-        key,
+        key: meta.location.as_ref().to_owned(),
         size: i64::try_from(meta.size).ok(),
         last_modified: Some(meta.last_modified),
         etag: meta.e_tag.map(|e| e.trim_matches('"').to_owned()),
     }
+}
+
+/// Whether a SAS URL `object_store` makes for the blob is accepted: it
+/// signs the escaped path of the URL where Azure checks the plain name,
+/// so a name that escaping changes (a space, `%`, `#`, non-ASCII) gets a
+/// signature Azure refuses (403).
+fn signable(path: &Path) -> bool {
+    let Ok(mut url) = reqwest::Url::parse("http://blob/") else {
+        return false;
+    };
+    if let Ok(mut segments) = url.path_segments_mut() {
+        segments.extend(path.parts());
+    }
+    url.path().strip_prefix('/') == Some(path.as_ref())
+}
+
+/// Where a listing is: one page of the service's at a time, each asked
+/// with the token the last one gave.
+struct Cursor {
+    store: Arc<MicrosoftAzure>,
+    what: String,
+    opts: ListOptions,
+    token: Option<String>,
+    tokens: Tokens,
+}
+
+impl Cursor {
+    /// The next page of the listing: at most `page_size` names, those under
+    /// the prefix after `start_after` (Azurite does not resume server-side,
+    /// and the prefix asked may be shorter: [`asked_prefix`]).
+    async fn next_page(&mut self) -> Result<Page> {
+        let opts = &self.opts;
+        let options = PaginatedListOptions {
+            // Blob Storage's `startFrom`, on the first page only.
+            offset: self
+                .token
+                .is_none()
+                .then(|| opts.start_after.clone())
+                .flatten(),
+            delimiter: (!opts.recursive).then_some(Cow::Borrowed("/")),
+            max_keys: Some(opts.page_size.clamp(1, MAX_PAGE_KEYS)),
+            page_token: self.token.clone(),
+            ..PaginatedListOptions::default()
+        };
+        let asked = asked_prefix(&opts.prefix);
+        let page = list_page(&self.store, &asked, options, &self.what).await?;
+        let empty = page.result.objects.is_empty() && page.result.common_prefixes.is_empty();
+        let next = page.page_token;
+        self.tokens
+            .check(self.token.as_deref(), next.as_deref(), empty, &self.what)?;
+        self.token = next;
+        let (prefix, after) = (&opts.prefix, opts.start_after.as_ref());
+        let objects = page
+            .result
+            .objects
+            .into_iter()
+            .map(to_meta)
+            .filter(|m| m.key.starts_with(prefix) && after.is_none_or(|a| m.key > *a))
+            .collect();
+        Ok(Page {
+            objects,
+            errors: Vec::new(),
+        })
+    }
+}
+
+/// The most names Blob Storage gives in one page.
+const MAX_PAGE_KEYS: usize = 5000;
+
+/// The prefix to ask the service for. Its answer leaves out a blob named
+/// exactly as the prefix asked, which a listing must hold when the prefix
+/// is a key (a retry run looks keys up so): a prefix not ending in `/` is
+/// asked without its last character, and the names that then do not start
+/// with the whole prefix are dropped.
+fn asked_prefix(prefix: &str) -> String {
+    match prefix.char_indices().next_back() {
+        Some((last, c)) if c != '/' => prefix[..last].to_owned(),
+        _ => prefix.to_owned(),
+    }
+}
+
+/// One page of a container listing under `prefix` (a plain string, not
+/// cut at `/`).
+async fn list_page(
+    store: &MicrosoftAzure,
+    prefix: &str,
+    options: PaginatedListOptions,
+    what: &str,
+) -> Result<PaginatedListResult> {
+    let prefix = (!prefix.is_empty()).then_some(prefix);
+    let mut page = store
+        .list_paginated(prefix, options)
+        .await
+        .map_err(|e| classify(e, what))?;
+    page.page_token = page.page_token.filter(|t| !t.is_empty());
+    Ok(page)
 }
 
 #[async_trait]
@@ -266,60 +377,66 @@ impl Storage for AzureStorage {
     }
 
     fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
-        // object_store lists by whole path segments: list the directory part
-        // of the prefix and keep the names that start with the rest.
-        let dir = opts
-            .prefix
-            .rfind('/')
-            .map(|i| &opts.prefix[..i])
-            .unwrap_or("");
-        let dir = (!dir.is_empty()).then(|| Path::from(dir));
-        let what = format!("list azure-blob://{}/{}", self.container, opts.prefix);
-        let (prefix, after, page_size) = (
-            opts.prefix.clone(),
-            opts.start_after.clone(),
-            opts.page_size.max(1),
-        );
-        let keep = move |meta: &ObjectMeta| {
-            meta.key.starts_with(&prefix) && after.as_ref().is_none_or(|a| meta.key > *a)
+        let cursor = Cursor {
+            store: Arc::clone(&self.store),
+            what: format!("list azure-blob://{}/{}", self.container, opts.prefix),
+            opts,
+            token: None,
+            tokens: Tokens::default(),
         };
-        let metas: BoxStream<'static, object_store::Result<object_store::ObjectMeta>> =
-            if opts.recursive {
-                match &opts.start_after {
-                    // Resumes server-side where the service supports it (Azurite
-                    // does not; `keep` filters either way).
-                    Some(after) => self
-                        .store
-                        .list_with_offset(dir.as_ref(), &Path::from(after.as_str())),
-                    None => self.store.list(dir.as_ref()),
-                }
-            } else {
-                let store = Arc::clone(&self.store);
-                futures::stream::once(async move { store.list_with_delimiter(dir.as_ref()).await })
-                    .map_ok(|listing| futures::stream::iter(listing.objects.into_iter().map(Ok)))
-                    .try_flatten()
-                    .boxed()
+        paginate(Some(cursor), |cursor: Option<Cursor>| async move {
+            let Some(mut cursor) = cursor else {
+                return Ok(None);
             };
-        metas
-            .map(move |m| m.map(to_meta).map_err(|e| classify(e, &what)))
-            .try_filter(move |m| futures::future::ready(keep(m)))
-            .chunks(page_size)
-            .map(|chunk| {
-                chunk
+            let page = cursor.next_page().await?;
+            Ok(Some((page, cursor.token.is_some().then_some(cursor))))
+        })
+    }
+
+    async fn list_children(
+        &self,
+        prefix: &str,
+        from: Option<&str>,
+        max_pages: usize,
+    ) -> Result<Option<Children>> {
+        let what = format!("list azure-blob://{}/{prefix}", self.container);
+        let mut children = Children::default();
+        let mut token = from.map(str::to_owned);
+        for _ in 0..max_pages.max(1) {
+            let options = PaginatedListOptions {
+                delimiter: Some(Cow::Borrowed("/")),
+                max_keys: Some(1000),
+                page_token: token.take(),
+                ..PaginatedListOptions::default()
+            };
+            let page = list_page(&self.store, &asked_prefix(prefix), options, &what).await?;
+            let level = page.result;
+            children.objects.extend(
+                level
+                    .objects
                     .into_iter()
-                    .collect::<Result<Vec<_>>>()
-                    .map(|objects| Page {
-                        objects,
-                        errors: Vec::new(),
-                    })
-            })
-            .boxed()
+                    .map(to_meta)
+                    .filter(|m| m.key.starts_with(prefix)),
+            );
+            // A `Path` drops the `/` a prefix ends with.
+            let found: Vec<String> = level
+                .common_prefixes
+                .iter()
+                .map(|p| format!("{}/", p.as_ref()))
+                .collect();
+            children.push_prefixes(prefix, found.iter().map(String::as_str));
+            token = page.page_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        children.next = token;
+        Ok(Some(children))
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
-        check_key(key, KeyShape::Path)?;
+        let path = blob(key)?;
         let what = format!("get azure-blob://{}/{key}", self.container);
-        let path = Path::from(key);
         let range = match range {
             None => None,
             Some(GetRange::Bounded { start, end }) => Some(object_store::GetRange::Bounded(
@@ -364,7 +481,7 @@ impl Storage for AzureStorage {
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {
-        check_key(key, KeyShape::Path)?;
+        let path = blob(key)?;
         let mut attributes = Attributes::new();
         if let Some(ct) = content_type {
             attributes.insert(Attribute::ContentType, ct.to_owned().into());
@@ -374,15 +491,14 @@ impl Storage for AzureStorage {
             ..PutOptions::default()
         };
         self.store
-            .put_opts(&Path::from(key), PutPayload::from(body), options)
+            .put_opts(&path, PutPayload::from(body), options)
             .await
             .map_err(|e| classify(e, &format!("put azure-blob://{}/{key}", self.container)))?;
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        check_key(key, KeyShape::Path)?;
-        match self.store.delete(&Path::from(key)).await {
+        match self.store.delete(&blob(key)?).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(classify(
                 e,
@@ -391,11 +507,15 @@ impl Storage for AzureStorage {
         }
     }
 
+    /// `None` (proxied) for a name its URL escapes: see [`signable`].
     async fn presign(&self, key: &str, ttl: Duration) -> Result<Option<String>> {
-        check_key(key, KeyShape::Path)?;
+        let path = blob(key)?;
+        if !signable(&path) {
+            return Ok(None);
+        }
         let url = self
             .store
-            .signed_url(reqwest::Method::GET, &Path::from(key), ttl)
+            .signed_url(reqwest::Method::GET, &path, ttl)
             .await
             .map_err(|e| classify(e, &format!("presign azure-blob://{}/{key}", self.container)))?;
         Ok(Some(url.to_string()))
