@@ -1986,6 +1986,110 @@ fn write_task_files_with_two_bad(data: &std::path::Path) {
     std::fs::write(data.join("bad-b.json"), "not json at all").expect("write");
 }
 
+/// Ended runs past `LABELSYNC_RUN_RETENTION_DAYS` are deleted by the
+/// tick's cleanup with their object errors, and a storage keeps at most
+/// `LABELSYNC_RUNS_KEPT_PER_STORAGE` runs; a storage's newest ended run of
+/// each kind stays however old, and so does a run whose errors a live
+/// retry run reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_runs_are_deleted_past_their_retention() {
+    use sea_orm::ConnectionTrait;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    write_task_files_with_two_bad(&app.doc_root.path().join("data"));
+    let project = app.project("kept runs").await;
+    let storage = app
+        .local_storage(project, json!({ "import_method": "tasks" }))
+        .await;
+    let mut worker = labelsync_tests::spawn_ready_worker(&app, "retention", &[]).await;
+    let mut runs = Vec::new();
+    for _ in 0..6 {
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["status"], "completed_with_errors", "{run}");
+        runs.push(run["id"].as_str().expect("id").to_owned());
+    }
+    worker.kill();
+    // A retry of the first run, left queued (no worker): it reads the first
+    // run's errors when it starts.
+    let (status, retry) = app
+        .post(&format!("/api/v1/runs/{}/retry", runs[0]), json!({}))
+        .await;
+    assert_eq!(status, 202, "{retry}");
+    let retry = retry["id"].as_str().expect("id").to_owned();
+
+    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&app.vars))
+        .await
+        .expect("state");
+    let long_ago = chrono::Utc::now() - chrono::Duration::days(91);
+    for old in [&runs[0], &runs[1], &runs[5]] {
+        let backdate = sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "UPDATE sync_runs SET finished_at = $1 WHERE id = $2",
+            [long_ago.into(), old.as_str().into()],
+        );
+        state.db.execute_raw(backdate).await.expect("backdate");
+    }
+    let errors_of = async |run: &str| {
+        let count = sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT COUNT(*) AS n FROM object_errors WHERE run_id = $1",
+            [run.into()],
+        );
+        let row = state.db.query_one_raw(count).await.expect("count");
+        row.expect("a row").try_get::<i64>("", "n").expect("n")
+    };
+    assert_eq!(errors_of(&runs[1]).await, 2);
+    let kept = async |expected: &[(&String, u16)]| {
+        for (run, status) in expected {
+            let (found, body) = app.get(&format!("/api/v1/runs/{run}")).await;
+            assert_eq!(found, *status, "{run}: {body}");
+        }
+    };
+
+    // Past the retention: the second run goes with its errors; the first
+    // stays while its retry is live, the sixth as the newest ended run.
+    labelsync_scheduler::periodic::prune(&state).await;
+    kept(&[
+        (&runs[0], 200),
+        (&runs[1], 404),
+        (&runs[2], 200),
+        (&runs[5], 200),
+    ])
+    .await;
+    assert_eq!(errors_of(&runs[1]).await, 0, "deleted with their run");
+    assert_eq!(errors_of(&runs[0]).await, 2, "the retry still reads them");
+
+    // The retry ends (cancelled, so the newest ended run): both go.
+    let (status, _) = app
+        .post(&format!("/api/v1/runs/{retry}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    labelsync_scheduler::periodic::prune(&state).await;
+    kept(&[
+        (&runs[0], 404),
+        (&runs[5], 404),
+        (&runs[2], 200),
+        (&retry, 200),
+    ])
+    .await;
+
+    // At most two runs a storage: of runs 3, 4, 5 and the retry, the two
+    // newest stay.
+    let mut vars = app.vars.clone();
+    vars.insert("LABELSYNC_RUNS_KEPT_PER_STORAGE", "2".into());
+    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&vars))
+        .await
+        .expect("state");
+    labelsync_scheduler::periodic::prune(&state).await;
+    kept(&[
+        (&runs[2], 404),
+        (&runs[3], 404),
+        (&runs[4], 200),
+        (&retry, 200),
+    ])
+    .await;
+    app.stop().await;
+}
+
 /// A retry run reads again only the failed objects of a run (one fixed,
 /// one still bad, one deleted since), with the usual counters, and never
 /// flags or deletes the tasks of objects it did not read; refused (409)

@@ -4,7 +4,8 @@
 //! across projects (`jobs::release_held`), the sweep that enqueues stalled
 //! runs again (`jobs::requeue_stalled`), delivery jobs for webhook endpoints
 //! with due events (`jobs::dispatch_webhooks`), and the cleanup of expired
-//! rows (webhook events, idempotency keys, audit rows). Every replica ticks,
+//! rows (webhook events, idempotency keys, audit rows, ended runs, gone
+//! workers). Every replica ticks,
 //! but each due storage is claimed with
 //! one conditional UPDATE of its `next_sync_at`: only the replica whose UPDATE
 //! changed the row enqueues, so a period yields one sync however many
@@ -54,8 +55,8 @@ pub async fn run(state: AppState, tick: Duration) {
     }
 }
 
-/// How often expired webhook events, idempotency keys and audit rows are
-/// deleted.
+/// How often expired webhook events, idempotency keys, audit rows, runs
+/// and worker registrations are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Webhook events (with their delivery log) are kept this long once
 /// nothing is pending for them.
@@ -83,11 +84,35 @@ pub async fn prune(state: &AppState) {
         Ok(n) => tracing::info!(rows = n, days, "deleted audit rows past their retention"),
         Err(err) => tracing::warn!(error = %err, "audit cleanup failed"),
     }
+    prune_runs(state).await;
     let cutoff = Utc::now() - worker_retention(&state.settings);
     match labelsync::db::workers::prune(&state.db, cutoff).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(workers = n, "forgot workers gone for a while"),
         Err(err) => tracing::warn!(error = %err, "worker registration cleanup failed"),
+    }
+}
+
+/// Deletes ended runs past `LABELSYNC_RUN_RETENTION_DAYS`, and those past
+/// the newest `LABELSYNC_RUNS_KEPT_PER_STORAGE` of a storage that ended a
+/// run lately (looked back ten passes, so a slow or missed pass loses
+/// none).
+async fn prune_runs(state: &AppState) {
+    let settings = &state.settings;
+    let days = i64::from(settings.run_retention_days);
+    let before = Utc::now() - chrono::Duration::days(days);
+    let kept = u64::from(settings.runs_kept_per_storage);
+    let lately = Utc::now() - chrono::Duration::from_std(PRUNE_EVERY * 10).unwrap_or_default();
+    match labelsync::db::run_retention::prune(&state.db, before, kept, lately).await {
+        Ok(pruned) if pruned == Default::default() => {}
+        Ok(pruned) => tracing::info!(
+            expired = pruned.expired,
+            over_count = pruned.over_count,
+            days,
+            kept,
+            "deleted ended runs past their retention"
+        ),
+        Err(err) => tracing::warn!(error = %err, "run cleanup failed"),
     }
 }
 

@@ -83,6 +83,13 @@ pub struct Settings {
     /// How long audit rows are kept (`LABELSYNC_AUDIT_RETENTION_DAYS`,
     /// default 90; at least 1); the scheduler's tick deletes older ones.
     pub audit_retention_days: u32,
+    /// How long ended runs are kept (`LABELSYNC_RUN_RETENTION_DAYS`,
+    /// default 90; at least 1), and how many a storage keeps at most
+    /// (`LABELSYNC_RUNS_KEPT_PER_STORAGE`, default 10,000; at least 1): the
+    /// scheduler's tick deletes the rest with their object errors
+    /// (`db::run_retention`).
+    pub run_retention_days: u32,
+    pub runs_kept_per_storage: u32,
     /// `LABELSYNC_LOG_FORMAT`: `json` or `text` (default).
     pub log_json: bool,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`: a collector (`http://collector:4318`)
@@ -256,6 +263,9 @@ impl Settings {
             webhook_max_age: secs_at_least_1(&get, "LABELSYNC_WEBHOOK_MAX_AGE_SECS", 86_400)?,
             rate_limit_per_minute: parse(&get, "LABELSYNC_RATE_LIMIT_PER_MINUTE", 0)?,
             audit_retention_days: parse(&get, "LABELSYNC_AUDIT_RETENTION_DAYS", 90u32)?.max(1),
+            run_retention_days: parse(&get, "LABELSYNC_RUN_RETENTION_DAYS", 90u32)?.max(1),
+            runs_kept_per_storage: parse(&get, "LABELSYNC_RUNS_KEPT_PER_STORAGE", 10_000u32)?
+                .max(1),
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             storage_timeout: secs_at_least_1(&get, "LABELSYNC_STORAGE_TIMEOUT_SECS", 60)?,

@@ -14,6 +14,7 @@ pub mod missing;
 pub mod outbox;
 pub mod partitions;
 pub mod projects;
+pub mod run_retention;
 pub mod runs;
 pub mod storages;
 pub mod tasks;
