@@ -458,16 +458,17 @@ async fn sixteen_streams_and_no_more(app: &TestApp) {
     drop(held);
 }
 
-/// A stopping scheduler does not wait for its event streams, which never
-/// end by themselves: it stops within the drain time (20 s) with streams
-/// open (it waited for them forever).
+/// A stopping scheduler ends its event streams (which never end by
+/// themselves) as the stop begins, so their clients reconnect at once, to
+/// another replica, and it stops within seconds: it waited for them
+/// forever, then for its whole drain time (20 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_stops_with_event_streams_open() {
     let app = tenancy_app().await;
     let reader = secret(&token(&app, "read", None).await);
-    let mut held = Vec::new();
+    let mut ends = tokio::task::JoinSet::new();
     for _ in 0..4 {
-        let stream = app
+        let mut stream = app
             .client
             .get(format!("{}/api/v1/events", app.base))
             .bearer_auth(&reader)
@@ -475,13 +476,30 @@ async fn a_scheduler_stops_with_event_streams_open() {
             .await
             .expect("a stream");
         assert_eq!(stream.status(), 200);
-        held.push(stream);
+        // Read to its end; when it ended.
+        ends.spawn(async move {
+            while let Ok(Some(_)) = stream.chunk().await {}
+            std::time::Instant::now()
+        });
     }
     let started = std::time::Instant::now();
     let stopped = tokio::time::timeout(std::time::Duration::from_secs(40), app.stop()).await;
     assert!(stopped.is_ok(), "still stopping after 40 s");
-    assert!(started.elapsed() < std::time::Duration::from_secs(30));
-    drop(held);
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "stopped in {took:?}"
+    );
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), ends.join_all())
+        .await
+        .expect("every stream ended");
+    for end in ended {
+        let after = end.duration_since(started);
+        assert!(
+            after < std::time::Duration::from_secs(5),
+            "a stream ended after {after:?}"
+        );
+    }
 }
 
 /// The fleet (queue depths, dead jobs, workers and the runs they hold)

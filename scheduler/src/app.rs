@@ -75,6 +75,12 @@ pub async fn serve(
     tracing::info!(%addr, embedded_workers = state.settings.embedded_workers, "labelsync scheduler listening");
     let limits = state.settings.http;
     let pages = crate::console::router(state.clone());
+    // Event streams end when the stop begins (see `api::streams`).
+    let streams = state.streams.clone();
+    let shutdown = async move {
+        shutdown.await;
+        streams.close_all();
+    };
     labelsync::http::serve(listener, api::router(state, pages), limits, shutdown).await;
     ticker.abort();
     follower.abort();

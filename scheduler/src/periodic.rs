@@ -22,9 +22,11 @@ const BATCH: u64 = 100;
 
 /// Runs until the process stops.
 pub async fn run(state: AppState, tick: Duration) {
+    // Its own task: deleting a backlog of old rows must not hold up the
+    // syncs that are due. Aborted with this one.
+    let _cleanup = labelsync::task::AbortOnDrop(tokio::spawn(clean_up(state.clone())));
     let mut timer = tokio::time::interval(tick);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_prune = std::time::Instant::now() - PRUNE_EVERY;
     loop {
         timer.tick().await;
         if let Err(err) = tick_once(&state).await {
@@ -48,10 +50,17 @@ pub async fn run(state: AppState, tick: Duration) {
         if let Err(err) = jobs::dispatch_webhooks(&state.db, &state.queue).await {
             tracing::warn!(error = %err, "webhook dispatch failed");
         }
-        if last_prune.elapsed() >= PRUNE_EVERY {
-            last_prune = std::time::Instant::now();
-            prune(&state).await;
-        }
+    }
+}
+
+/// Deletes what has outlived its retention at start, then every
+/// [`PRUNE_EVERY`] after the last pass ended.
+async fn clean_up(state: AppState) {
+    let mut timer = tokio::time::interval(PRUNE_EVERY);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        timer.tick().await;
+        prune(&state).await;
     }
 }
 

@@ -29,12 +29,6 @@ pub fn check_stopping(stopping: Option<&AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// A spawned task (a lease's heartbeat, a worker's job) aborted when this is
-/// dropped, so even an attempt that panics stops renewing what it held.
-pub struct AbortOnDrop<T = ()>(pub tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// A lease's heartbeat is aborted with its attempt, so even an attempt that
+/// panics stops renewing what it held.
+pub use crate::task::AbortOnDrop;

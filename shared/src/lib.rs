@@ -43,6 +43,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod security;
 pub mod storage;
+pub mod task;
 pub mod telemetry;
 pub mod webhooks;
 

@@ -12,7 +12,7 @@ use axum::{
     response::sse::{Event, KeepAlive, Sse},
 };
 use chrono::Utc;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use labelsync::{
     Error,
     db::{
@@ -116,6 +116,7 @@ pub async fn run_events(
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     super::runs::find_for(&state, &caller, &id).await?;
     let holder = Holder::open(&state, caller)?;
+    let closed = state.streams.closed();
     let watch = RunWatch {
         state,
         holder,
@@ -124,7 +125,7 @@ pub async fn run_events(
         first: true,
         done: false,
     };
-    let stream = futures::stream::unfold(watch, next_run_event);
+    let stream = futures::stream::unfold(watch, next_run_event).take_until(closed);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
@@ -202,6 +203,7 @@ pub async fn project_events(
         None => caller.projects().map(<[i64]>::to_vec),
     };
     let holder = Holder::open(&state, caller)?;
+    let closed = state.streams.closed();
     let watch = ProjectWatch {
         state,
         holder,
@@ -211,7 +213,7 @@ pub async fn project_events(
         since: Utc::now(),
         first: true,
     };
-    let stream = futures::stream::unfold(watch, next_project_event);
+    let stream = futures::stream::unfold(watch, next_project_event).take_until(closed);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 

@@ -2,13 +2,15 @@
 //! and in all. A stream holds its connection for as long as it watches,
 //! and `/events` never ends by itself: without a limit one token could hold
 //! every connection the server takes (`LABELSYNC_MAX_CONNECTIONS`), and the
-//! probes, on the same port, with them.
+//! probes, on the same port, with them. Every stream ends when the server
+//! begins to stop ([`Streams::close_all`]).
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
 
 use axum::http::StatusCode;
+use tokio::sync::watch;
 
 use super::{ApiError, ApiResult, access::Caller};
 
@@ -17,8 +19,23 @@ use super::{ApiError, ApiResult, access::Caller};
 pub const PER_CALLER: usize = 16;
 
 /// The streams open now; clones share the count.
-#[derive(Debug, Default, Clone)]
-pub struct Streams(Arc<Mutex<Open>>);
+#[derive(Debug, Clone)]
+pub struct Streams {
+    open: Arc<Mutex<Open>>,
+    /// Set when the server begins to stop: every stream ends then, so its
+    /// client reconnects (to another replica) at once, not when the
+    /// server's drain time runs out.
+    closing: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams {
+            open: Arc::default(),
+            closing: Arc::new(watch::Sender::new(false)),
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 struct Open {
@@ -43,7 +60,7 @@ impl Streams {
             None => caller.name.clone(),
         };
         // A poisoned count is still a count.
-        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mine = open.by_caller.get(&key).copied().unwrap_or(0);
         let refuse = |message: String| {
             ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_streams", message)
@@ -67,9 +84,25 @@ impl Streams {
     }
 }
 
+impl Streams {
+    /// Ends every stream, open now or opened later: the server is stopping.
+    pub fn close_all(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves when [`Self::close_all`] was called.
+    pub fn closed(&self) -> impl Future<Output = ()> + Send + use<> {
+        let mut closing = self.closing.subscribe();
+        async move {
+            // An error: the sender is gone with the server.
+            let _ = closing.wait_for(|closing| *closing).await;
+        }
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.streams.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.streams.open.lock().unwrap_or_else(|e| e.into_inner());
         open.total = open.total.saturating_sub(1);
         if let Some(mine) = open.by_caller.get_mut(&self.key) {
             *mine = mine.saturating_sub(1);

@@ -26,11 +26,12 @@ const CHUNK: u64 = 500;
 /// of runs is spread over several ticks.
 const CHUNKS_PER_PASS: u64 = 20;
 
-/// Not the newest ended run of its storage and kind (index `sync_runs
-/// (storage_id, id)`).
-const NOT_NEWEST: &str = "sync_runs.id < (SELECT MAX(newer.id) FROM sync_runs newer \
-     WHERE newer.storage_id = sync_runs.storage_id AND newer.kind = sync_runs.kind \
-     AND newer.finished_at IS NOT NULL)";
+/// Not the newest ended run of its storage and kind: a newer one exists
+/// (found walking `sync_runs (storage_id, id)` up from the run, usually at
+/// its next step).
+const NOT_NEWEST: &str = "EXISTS (SELECT 1 FROM sync_runs newer \
+     WHERE newer.storage_id = sync_runs.storage_id AND newer.id > sync_runs.id \
+     AND newer.kind = sync_runs.kind AND newer.finished_at IS NOT NULL)";
 
 /// Not a run that a live retry run reads the failed objects of.
 const NOT_RETRIED: &str = "sync_runs.id NOT IN (SELECT live.retry_of FROM sync_runs live \
@@ -92,6 +93,11 @@ fn ended_runs() -> sea_orm::Select<sync_run::Entity> {
 }
 
 /// Deletes up to [`CHUNK`] of `runs`, the longest ended first; how many.
+/// Their object errors go first, a bounded number a statement (a run may
+/// have millions), and the rules are checked again as each run is deleted:
+/// a run that became the newest meanwhile stays. (A retry asked for in the
+/// moment between the two finds the errors gone and reads nothing; these
+/// are runs past their retention.)
 async fn delete_chunk(
     db: &impl ConnectionTrait,
     runs: sea_orm::Select<sync_run::Entity>,
@@ -107,11 +113,39 @@ async fn delete_chunk(
     if ids.is_empty() {
         return Ok(0);
     }
+    delete_errors_of(db, &ids).await?;
     let deleted = sync_run::Entity::delete_many()
         .filter(C::Id.is_in(ids))
+        .filter(Expr::cust(NOT_NEWEST))
+        .filter(Expr::cust(NOT_RETRIED))
         .exec(db)
         .await?;
     Ok(deleted.rows_affected)
+}
+
+/// Object errors deleted by one statement at most.
+const ERRORS_CHUNK: u64 = 10_000;
+
+/// Deletes the object errors of these runs, [`ERRORS_CHUNK`] at a time.
+async fn delete_errors_of(db: &impl ConnectionTrait, runs: &[String]) -> Result<()> {
+    use super::entities::object_error::{self, Column as E};
+    loop {
+        let ids: Vec<i64> = object_error::Entity::find()
+            .select_only()
+            .column(E::Id)
+            .filter(E::RunId.is_in(runs.iter().map(String::as_str)))
+            .limit(ERRORS_CHUNK)
+            .into_tuple()
+            .all(db)
+            .await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        object_error::Entity::delete_many()
+            .filter(E::Id.is_in(ids))
+            .exec(db)
+            .await?;
+    }
 }
 
 /// Storages that ended a run since `since` (index `sync_runs (finished_at)`).

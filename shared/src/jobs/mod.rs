@@ -160,14 +160,24 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
         return end(ctx, &run, RunStatus::Failed, Some(error), &lease).await;
     }
     // Aborted when dropped, so even a panicking attempt stops renewing its lease.
-    let heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
+    let mut heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
         ctx.db.clone(),
         run_id.to_owned(),
         lease.clone(),
         ctx.settings.worker.heartbeat,
     )));
     let timer = JobTimer::start(&run.kind);
-    let result = attempt(ctx, &run, &lease).await;
+    // The attempt stops at once when the run stops being its own (work
+    // that would commit nothing: a page whose commit would be refused).
+    // Dropped mid-way it is as if its worker were killed there, which
+    // every write is made to survive.
+    let result = tokio::select! {
+        result = attempt(ctx, &run, &lease) => result,
+        _ = &mut heartbeat.0 => {
+            tracing::info!("the run was cancelled or taken over; attempt stopped");
+            Ok(Outcome::Stopped)
+        }
+    };
     drop(heartbeat);
     conclude(ctx, &run, &lease, result, timer).await
 }
@@ -652,15 +662,19 @@ pub async fn dispatch_webhooks(db: &DatabaseConnection, queue: &Queue) -> Result
 
 /// Beats the run's heart (and renews the attempt's lease) while it works on
 /// something slow (a big object), so the run never looks stale while alive.
+/// Returns when the run is no longer the attempt's: cancelled (or ended),
+/// or its lease taken over by another attempt; until then a cancel was
+/// seen only at the attempt's next commit, which a long listing or a big
+/// object could put off for minutes.
 async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
         tick.tick().await;
-        if let Err(err) =
-            runs::checkpoint(&db, &run_id, &Counters::default(), None, Some(&lease)).await
-        {
-            tracing::debug!(error = %err, "heartbeat failed");
+        match runs::checkpoint(&db, &run_id, &Counters::default(), None, Some(&lease)).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(err) => tracing::debug!(error = %err, "heartbeat failed"),
         }
     }
 }

@@ -147,7 +147,12 @@ impl HttpConnector for GuardedConnector {
 pub struct AzureStorage {
     store: Arc<MicrosoftAzure>,
     container: String,
+    /// The most one listing page may take, retries included.
+    page_deadline: Duration,
 }
+
+/// How long `object_store` goes on retrying one request.
+const RETRY_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl AzureStorage {
     pub fn open(config: AzureConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
@@ -192,7 +197,7 @@ impl AzureStorage {
             ))
             .with_retry(RetryConfig {
                 max_retries: retry::MAX_ATTEMPTS as usize - 1,
-                retry_timeout: Duration::from_secs(120),
+                retry_timeout: RETRY_TIMEOUT,
                 ..RetryConfig::default()
             });
         if let Some(url) = &config.endpoint_url {
@@ -207,7 +212,20 @@ impl AzureStorage {
         Ok(AzureStorage {
             store: Arc::new(store),
             container: config.container,
+            // Our client's read timeout bounds a pause, not an answer sent a
+            // byte at a time.
+            page_deadline: RETRY_TIMEOUT + env.request_timeout,
         })
+    }
+}
+
+impl AzureStorage {
+    fn lister(&self, prefix: &str) -> Lister {
+        Lister {
+            store: Arc::clone(&self.store),
+            what: format!("list azure-blob://{}/{prefix}", self.container),
+            deadline: self.page_deadline,
+        }
     }
 }
 
@@ -291,19 +309,33 @@ fn signable(path: &Path) -> bool {
 /// Where a listing is: one page of the service's at a time, each asked
 /// with the token the last one gave.
 struct Cursor {
-    store: Arc<MicrosoftAzure>,
-    what: String,
+    lister: Lister,
     opts: ListOptions,
     token: Option<String>,
     tokens: Tokens,
+    /// Whether the blob named exactly as the prefix was looked for (it
+    /// comes first: [`Lister::exact`]), and the service asked for a page.
+    exact_done: bool,
+    listed: bool,
 }
 
 impl Cursor {
-    /// The next page of the listing: at most `page_size` names, those under
-    /// the prefix after `start_after` (Azurite does not resume server-side,
-    /// and the prefix asked may be shorter: [`asked_prefix`]).
+    /// The next page of the listing: the names under the prefix after
+    /// `start_after` (Azurite does not resume server-side, so they are
+    /// filtered here too).
     async fn next_page(&mut self) -> Result<Page> {
         let opts = &self.opts;
+        if !self.exact_done {
+            self.exact_done = true;
+            let after = opts.start_after.as_deref();
+            if after.is_none_or(|a| opts.prefix.as_str() > a)
+                && let Some(exact) = self.lister.exact(&opts.prefix).await?
+            {
+                return Ok(page_of(vec![exact]));
+            }
+        }
+        self.listed = true;
+        let max_keys = opts.page_size.clamp(1, MAX_PAGE_KEYS);
         let options = PaginatedListOptions {
             // Blob Storage's `startFrom`, on the first page only.
             offset: self
@@ -312,62 +344,105 @@ impl Cursor {
                 .then(|| opts.start_after.clone())
                 .flatten(),
             delimiter: (!opts.recursive).then_some(Cow::Borrowed("/")),
-            max_keys: Some(opts.page_size.clamp(1, MAX_PAGE_KEYS)),
+            max_keys: Some(max_keys),
             page_token: self.token.clone(),
             ..PaginatedListOptions::default()
         };
-        let asked = asked_prefix(&opts.prefix);
-        let page = list_page(&self.store, &asked, options, &self.what).await?;
+        let page = self.lister.page(&opts.prefix, options, max_keys).await?;
         let empty = page.result.objects.is_empty() && page.result.common_prefixes.is_empty();
         let next = page.page_token;
-        self.tokens
-            .check(self.token.as_deref(), next.as_deref(), empty, &self.what)?;
+        self.tokens.check(
+            self.token.as_deref(),
+            next.as_deref(),
+            empty,
+            &self.lister.what,
+        )?;
         self.token = next;
         let (prefix, after) = (&opts.prefix, opts.start_after.as_ref());
-        let objects = page
-            .result
-            .objects
-            .into_iter()
-            .map(to_meta)
-            .filter(|m| m.key.starts_with(prefix) && after.is_none_or(|a| m.key > *a))
-            .collect();
-        Ok(Page {
-            objects,
-            errors: Vec::new(),
-        })
+        let objects = page.result.objects.into_iter().map(to_meta);
+        Ok(page_of(
+            objects
+                .filter(|m| m.key.starts_with(prefix) && after.is_none_or(|a| m.key > *a))
+                .collect(),
+        ))
+    }
+
+    /// Whether a page follows the one just given.
+    fn more(&self) -> bool {
+        !self.listed || self.token.is_some()
+    }
+}
+
+fn page_of(objects: Vec<ObjectMeta>) -> Page {
+    Page {
+        objects,
+        errors: Vec::new(),
     }
 }
 
 /// The most names Blob Storage gives in one page.
 const MAX_PAGE_KEYS: usize = 5000;
 
-/// The prefix to ask the service for. Its answer leaves out a blob named
-/// exactly as the prefix asked, which a listing must hold when the prefix
-/// is a key (a retry run looks keys up so): a prefix not ending in `/` is
-/// asked without its last character, and the names that then do not start
-/// with the whole prefix are dropped.
-fn asked_prefix(prefix: &str) -> String {
-    match prefix.char_indices().next_back() {
-        Some((last, c)) if c != '/' => prefix[..last].to_owned(),
-        _ => prefix.to_owned(),
-    }
+/// Asks a container for listing pages, each within a deadline and checked.
+struct Lister {
+    store: Arc<MicrosoftAzure>,
+    what: String,
+    deadline: Duration,
 }
 
-/// One page of a container listing under `prefix` (a plain string, not
-/// cut at `/`).
-async fn list_page(
-    store: &MicrosoftAzure,
-    prefix: &str,
-    options: PaginatedListOptions,
-    what: &str,
-) -> Result<PaginatedListResult> {
-    let prefix = (!prefix.is_empty()).then_some(prefix);
-    let mut page = store
-        .list_paginated(prefix, options)
-        .await
-        .map_err(|e| classify(e, what))?;
-    page.page_token = page.page_token.filter(|t| !t.is_empty());
-    Ok(page)
+impl Lister {
+    /// One page of the names under `prefix` (a plain string, not cut at
+    /// `/`), with at most `max_keys` entries.
+    async fn page(
+        &self,
+        prefix: &str,
+        options: PaginatedListOptions,
+        max_keys: usize,
+    ) -> Result<PaginatedListResult> {
+        let what = &self.what;
+        let asked = self
+            .store
+            .list_paginated((!prefix.is_empty()).then_some(prefix), options);
+        let mut page = tokio::time::timeout(self.deadline, asked)
+            .await
+            .map_err(|_| {
+                Error::Transient(format!(
+                    "{what}: no whole answer within {} s",
+                    self.deadline.as_secs()
+                ))
+            })?
+            .map_err(|e| classify(e, what))?;
+        let entries = page.result.objects.len() + page.result.common_prefixes.len();
+        if entries > max_keys {
+            return Err(Error::invalid(
+                "storage_answer_too_big",
+                None,
+                format!(
+                    "{what}: the storage answered {entries} entries in a page; at most {max_keys} were asked for"
+                ),
+            ));
+        }
+        page.page_token = page.page_token.filter(|t| !t.is_empty());
+        Ok(page)
+    }
+
+    /// The blob named exactly `prefix`, which a listing of it must hold
+    /// (a retry run looks a key up so) and the service's leaves out
+    /// (`object_store` drops names no longer than the prefix asked). Only a
+    /// prefix that can be a blob's name is looked up.
+    async fn exact(&self, prefix: &str) -> Result<Option<ObjectMeta>> {
+        if prefix.is_empty() || prefix.ends_with('/') {
+            return Ok(None);
+        }
+        let Ok(path) = Path::parse(prefix) else {
+            return Ok(None);
+        };
+        match self.store.head(&path).await {
+            Ok(meta) if meta.location.as_ref() == prefix => Ok(Some(to_meta(meta))),
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(classify(e, &self.what)),
+        }
+    }
 }
 
 #[async_trait]
@@ -378,18 +453,19 @@ impl Storage for AzureStorage {
 
     fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
         let cursor = Cursor {
-            store: Arc::clone(&self.store),
-            what: format!("list azure-blob://{}/{}", self.container, opts.prefix),
+            lister: self.lister(&opts.prefix),
             opts,
             token: None,
             tokens: Tokens::default(),
+            exact_done: false,
+            listed: false,
         };
         paginate(Some(cursor), |cursor: Option<Cursor>| async move {
             let Some(mut cursor) = cursor else {
                 return Ok(None);
             };
             let page = cursor.next_page().await?;
-            Ok(Some((page, cursor.token.is_some().then_some(cursor))))
+            Ok(Some((page, cursor.more().then_some(cursor))))
         })
     }
 
@@ -399,8 +475,11 @@ impl Storage for AzureStorage {
         from: Option<&str>,
         max_pages: usize,
     ) -> Result<Option<Children>> {
-        let what = format!("list azure-blob://{}/{prefix}", self.container);
+        let lister = self.lister(prefix);
         let mut children = Children::default();
+        if from.is_none() {
+            children.objects.extend(lister.exact(prefix).await?);
+        }
         let mut token = from.map(str::to_owned);
         for _ in 0..max_pages.max(1) {
             let options = PaginatedListOptions {
@@ -409,15 +488,11 @@ impl Storage for AzureStorage {
                 page_token: token.take(),
                 ..PaginatedListOptions::default()
             };
-            let page = list_page(&self.store, &asked_prefix(prefix), options, &what).await?;
+            let page = lister.page(prefix, options, 1000).await?;
             let level = page.result;
-            children.objects.extend(
-                level
-                    .objects
-                    .into_iter()
-                    .map(to_meta)
-                    .filter(|m| m.key.starts_with(prefix)),
-            );
+            children
+                .objects
+                .extend(level.objects.into_iter().map(to_meta));
             // A `Path` drops the `/` a prefix ends with.
             let found: Vec<String> = level
                 .common_prefixes

@@ -33,6 +33,7 @@ use crate::{
     Error, Result,
     db::entities::storage,
     security::{net::NetPolicy, secrets::SecretBox},
+    task::AbortOnDrop,
 };
 pub use filter::Filter;
 
@@ -827,26 +828,29 @@ impl Tokens {
 
 /// Lists ahead: pulls up to `depth` pages into a buffer on its own task, so a
 /// slow listing (a remote bucket) and the database writes of the previous page
-/// overlap instead of taking turns. Dropping the stream stops the listing.
+/// overlap instead of taking turns. Dropping the stream stops the listing
+/// (its task is aborted).
 pub fn prefetch(
     mut pages: BoxStream<'static, Result<Page>>,
     depth: usize,
 ) -> BoxStream<'static, Result<Page>> {
     let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
-    let lister = tokio::spawn(async move {
+    // Aborted with the stream: a listing that gathers before it answers (a
+    // Databricks directory) would otherwise go on after its reader is gone.
+    let lister = AbortOnDrop(tokio::spawn(async move {
         while let Some(page) = pages.next().await {
             if tx.send(page).await.is_err() {
                 break;
             }
         }
-    });
+    }));
     // The channel closing means the listing ended, unless the lister died:
     // then say so, or the caller would take a partial listing for a whole one.
     futures::stream::unfold((rx, Some(lister)), |(mut rx, lister)| async move {
         if let Some(page) = rx.recv().await {
             return Some((page, (rx, lister)));
         }
-        match lister?.await {
+        match (&mut lister?.0).await {
             Ok(()) => None,
             Err(e) => Some((
                 Err(Error::Internal(format!("listing task failed: {e}"))),
