@@ -2090,6 +2090,56 @@ async fn ended_runs_are_deleted_past_their_retention() {
     app.stop().await;
 }
 
+/// The same rules on SQLite (embedded mode), whose SQL the cleanup's
+/// subqueries must also be: a run past the age goes, the newest ended run
+/// stays however old, and the count keeps the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_runs_are_deleted_past_their_retention_on_sqlite() {
+    use sea_orm::ConnectionTrait;
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        ..AppOptions::default()
+    })
+    .await;
+    write_files(&app.doc_root.path().join("data"), 3, "jpg");
+    let project = app.project("kept runs").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["status"], "completed", "{run}");
+        runs.push(run["id"].as_str().expect("id").to_owned());
+    }
+    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&app.vars))
+        .await
+        .expect("state");
+    let long_ago = chrono::Utc::now() - chrono::Duration::days(91);
+    for old in [&runs[0], &runs[3]] {
+        let backdate = sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Sqlite,
+            "UPDATE sync_runs SET finished_at = ? WHERE id = ?",
+            [long_ago.into(), old.as_str().into()],
+        );
+        state.db.execute_raw(backdate).await.expect("backdate");
+    }
+    let kept = async |expected: &[(&String, u16)]| {
+        for (run, status) in expected {
+            let (found, body) = app.get(&format!("/api/v1/runs/{run}")).await;
+            assert_eq!(found, *status, "{run}: {body}");
+        }
+    };
+    labelsync_scheduler::periodic::prune(&state).await;
+    kept(&[(&runs[0], 404), (&runs[1], 200), (&runs[3], 200)]).await;
+    let mut vars = app.vars.clone();
+    vars.insert("LABELSYNC_RUNS_KEPT_PER_STORAGE", "2".into());
+    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&vars))
+        .await
+        .expect("state");
+    labelsync_scheduler::periodic::prune(&state).await;
+    kept(&[(&runs[1], 404), (&runs[2], 200), (&runs[3], 200)]).await;
+    app.stop().await;
+}
+
 /// A retry run reads again only the failed objects of a run (one fixed,
 /// one still bad, one deleted since), with the usual counters, and never
 /// flags or deletes the tasks of objects it did not read; refused (409)
