@@ -125,41 +125,13 @@ pub async fn create_gcs_bucket(endpoint: &str, bucket: &str) {
 /// Creates a container on Azurite with a SharedKey-signed request: the one
 /// call object_store does not make.
 pub async fn create_azure_container(account_url: &str, container: &str) {
-    let url = format!("{account_url}/{container}?restype=container");
-    let path = reqwest::Url::parse(&url)
-        .expect("container URL")
-        .path()
-        .to_owned();
-    let date = chrono::Utc::now()
-        .format("%a, %d %b %Y %H:%M:%S GMT")
-        .to_string();
-    let version = "2021-08-06";
-    let string_to_sign = format!(
-        "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}{path}\nrestype:container"
-    );
-    let key = ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        &STANDARD.decode(AZURITE_KEY).expect("key"),
-    );
-    let signature = STANDARD.encode(ring::hmac::sign(&key, string_to_sign.as_bytes()).as_ref());
-    let resp = reqwest::Client::new()
-        .put(&url)
-        .header("x-ms-date", date)
-        .header("x-ms-version", version)
-        .header(header::CONTENT_LENGTH, "0")
-        .header(
-            header::AUTHORIZATION,
-            format!("SharedKey {AZURITE_ACCOUNT}:{signature}"),
-        )
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("Azurite at {account_url}: {e}"));
-    let status = resp.status();
-    assert!(
-        status.is_success(),
-        "create container: {status} {}",
-        resp.text().await.unwrap_or_default()
-    );
+    let url = reqwest::Url::parse(&format!("{account_url}/{container}?restype=container"))
+        .expect("container URL");
+    let put = AzuritePut::new(&url, 0, "", "\nrestype:container");
+    let request = reqwest::Client::new()
+        .put(url.clone())
+        .header(header::CONTENT_LENGTH, "0");
+    put.send(request, "create container").await;
 }
 
 /// Writes a blob named exactly `name` (UTF-8, any character a URL path can
@@ -170,39 +142,67 @@ pub async fn put_azure_blob(account_url: &str, container: &str, name: &str, body
     url.path_segments_mut()
         .expect("a base URL")
         .extend(name.split('/'));
-    let date = chrono::Utc::now()
-        .format("%a, %d %b %Y %H:%M:%S GMT")
-        .to_string();
-    let version = "2021-08-06";
-    let string_to_sign = format!(
-        "PUT\n\n\n{}\n\n\n\n\n\n\n\n\nx-ms-blob-type:BlockBlob\nx-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}{}",
-        body.len(),
-        url.path()
-    );
-    let key = ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        &STANDARD.decode(AZURITE_KEY).expect("key"),
-    );
-    let signature = STANDARD.encode(ring::hmac::sign(&key, string_to_sign.as_bytes()).as_ref());
-    let resp = reqwest::Client::new()
-        .put(url)
-        .header("x-ms-date", date)
-        .header("x-ms-version", version)
+    let put = AzuritePut::new(&url, body.len(), "x-ms-blob-type:BlockBlob\n", "");
+    let request = reqwest::Client::new()
+        .put(url.clone())
         .header("x-ms-blob-type", "BlockBlob")
-        .header(
-            header::AUTHORIZATION,
-            format!("SharedKey {AZURITE_ACCOUNT}:{signature}"),
-        )
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("Azurite at {account_url}: {e}"));
-    let status = resp.status();
-    assert!(
-        status.is_success(),
-        "put {name:?}: {status} {}",
-        resp.text().await.unwrap_or_default()
-    );
+        .body(body.to_vec());
+    put.send(request, &format!("put {name:?}")).await;
+}
+
+/// A Shared Key signed PUT to Azurite: its date, version and signature.
+struct AzuritePut {
+    date: String,
+    authorization: String,
+}
+
+const AZURITE_VERSION: &str = "2021-08-06";
+
+impl AzuritePut {
+    /// Signs a PUT of `length` bytes to `url`, with the `x-ms-` headers
+    /// other than date and version (`headers`, each line ended) and the
+    /// canonical query (`query`, each parameter after a newline).
+    fn new(url: &reqwest::Url, length: usize, headers: &str, query: &str) -> Self {
+        let date = chrono::Utc::now()
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        let length = if length == 0 {
+            String::new()
+        } else {
+            length.to_string()
+        };
+        let string_to_sign = format!(
+            "PUT\n\n\n{length}\n\n\n\n\n\n\n\n\n{headers}x-ms-date:{date}\nx-ms-version:{AZURITE_VERSION}\n/{AZURITE_ACCOUNT}{}{query}",
+            url.path()
+        );
+        let key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &STANDARD.decode(AZURITE_KEY).expect("key"),
+        );
+        let signature = STANDARD.encode(ring::hmac::sign(&key, string_to_sign.as_bytes()).as_ref());
+        AzuritePut {
+            date,
+            authorization: format!("SharedKey {AZURITE_ACCOUNT}:{signature}"),
+        }
+    }
+
+    /// Sends `request` with the signature's headers; panics unless it
+    /// succeeded.
+    async fn send(self, request: reqwest::RequestBuilder, what: &str) {
+        let resp = request
+            .header("x-ms-date", self.date)
+            .header("x-ms-version", AZURITE_VERSION)
+            .header(header::AUTHORIZATION, self.authorization)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("Azurite: {what}: {e}"));
+        let status = resp.status();
+        assert!(
+            status.is_success(),
+            "{what}: {status} {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
 }
 
 /// The Databricks Files API, in memory: directories list with page tokens
