@@ -2016,18 +2016,7 @@ async fn ended_runs_are_deleted_past_their_retention() {
     assert_eq!(status, 202, "{retry}");
     let retry = retry["id"].as_str().expect("id").to_owned();
 
-    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&app.vars))
-        .await
-        .expect("state");
-    let long_ago = chrono::Utc::now() - chrono::Duration::days(91);
-    for old in [&runs[0], &runs[1], &runs[5]] {
-        let backdate = sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "UPDATE sync_runs SET finished_at = $1 WHERE id = $2",
-            [long_ago.into(), old.as_str().into()],
-        );
-        state.db.execute_raw(backdate).await.expect("backdate");
-    }
+    let state = backdate(&app, &[&runs[0], &runs[1], &runs[5]]).await;
     let errors_of = async |run: &str| {
         let count = sea_orm::Statement::from_sql_and_values(
             sea_orm::DbBackend::Postgres,
@@ -2038,22 +2027,19 @@ async fn ended_runs_are_deleted_past_their_retention() {
         row.expect("a row").try_get::<i64>("", "n").expect("n")
     };
     assert_eq!(errors_of(&runs[1]).await, 2);
-    let kept = async |expected: &[(&String, u16)]| {
-        for (run, status) in expected {
-            let (found, body) = app.get(&format!("/api/v1/runs/{run}")).await;
-            assert_eq!(found, *status, "{run}: {body}");
-        }
-    };
 
     // Past the retention: the second run goes with its errors; the first
     // stays while its retry is live, the sixth as the newest ended run.
-    labelsync_scheduler::periodic::prune(&state).await;
-    kept(&[
-        (&runs[0], 200),
-        (&runs[1], 404),
-        (&runs[2], 200),
-        (&runs[5], 200),
-    ])
+    prune_keeping(&app, None).await;
+    found(
+        &app,
+        &[
+            (&runs[0], 200),
+            (&runs[1], 404),
+            (&runs[2], 200),
+            (&runs[5], 200),
+        ],
+    )
     .await;
     assert_eq!(errors_of(&runs[1]).await, 0, "deleted with their run");
     assert_eq!(errors_of(&runs[0]).await, 2, "the retry still reads them");
@@ -2063,31 +2049,68 @@ async fn ended_runs_are_deleted_past_their_retention() {
         .post(&format!("/api/v1/runs/{retry}/cancel"), json!({}))
         .await;
     assert_eq!(status, 200);
-    labelsync_scheduler::periodic::prune(&state).await;
-    kept(&[
+    prune_keeping(&app, None).await;
+    let after_retry = [
         (&runs[0], 404),
         (&runs[5], 404),
         (&runs[2], 200),
         (&retry, 200),
-    ])
-    .await;
+    ];
+    found(&app, &after_retry).await;
 
     // At most two runs a storage: of runs 3, 4, 5 and the retry, the two
     // newest stay.
-    let mut vars = app.vars.clone();
-    vars.insert("LABELSYNC_RUNS_KEPT_PER_STORAGE", "2".into());
-    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&vars))
-        .await
-        .expect("state");
-    labelsync_scheduler::periodic::prune(&state).await;
-    kept(&[
+    prune_keeping(&app, Some("2")).await;
+    let two_kept = [
         (&runs[2], 404),
         (&runs[3], 404),
         (&runs[4], 200),
         (&retry, 200),
-    ])
-    .await;
+    ];
+    found(&app, &two_kept).await;
     app.stop().await;
+}
+
+/// Sets these runs' end 91 days back, past the default retention; the
+/// scheduler state the test reads the database with.
+async fn backdate(app: &TestApp, runs: &[&String]) -> labelsync_scheduler::api::AppState {
+    use sea_orm::ConnectionTrait;
+    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&app.vars))
+        .await
+        .expect("state");
+    let backend = state.db.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => "UPDATE sync_runs SET finished_at = $1 WHERE id = $2",
+        _ => "UPDATE sync_runs SET finished_at = ? WHERE id = ?",
+    };
+    let long_ago = chrono::Utc::now() - chrono::Duration::days(91);
+    for run in runs {
+        let values = [long_ago.into(), run.as_str().into()];
+        let statement = sea_orm::Statement::from_sql_and_values(backend, sql, values);
+        state.db.execute_raw(statement).await.expect("backdate");
+    }
+    state
+}
+
+/// Runs the scheduler's cleanup, with `LABELSYNC_RUNS_KEPT_PER_STORAGE`
+/// set to `kept` when given.
+async fn prune_keeping(app: &TestApp, kept: Option<&str>) {
+    let mut vars = app.vars.clone();
+    if let Some(kept) = kept {
+        vars.insert("LABELSYNC_RUNS_KEPT_PER_STORAGE", kept.to_owned());
+    }
+    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&vars))
+        .await
+        .expect("state");
+    labelsync_scheduler::periodic::prune(&state).await;
+}
+
+/// Asserts each run's `GET` status: 200 kept, 404 deleted.
+async fn found(app: &TestApp, expected: &[(&String, u16)]) {
+    for (run, status) in expected {
+        let (got, body) = app.get(&format!("/api/v1/runs/{run}")).await;
+        assert_eq!(got, *status, "{run}: {body}");
+    }
 }
 
 /// The same rules on SQLite (embedded mode), whose SQL the cleanup's
@@ -2095,7 +2118,6 @@ async fn ended_runs_are_deleted_past_their_retention() {
 /// stays however old, and the count keeps the newest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_runs_are_deleted_past_their_retention_on_sqlite() {
-    use sea_orm::ConnectionTrait;
     let app = spawn_app(AppOptions {
         embedded: true,
         ..AppOptions::default()
@@ -2110,33 +2132,11 @@ async fn ended_runs_are_deleted_past_their_retention_on_sqlite() {
         assert_eq!(run["status"], "completed", "{run}");
         runs.push(run["id"].as_str().expect("id").to_owned());
     }
-    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&app.vars))
-        .await
-        .expect("state");
-    let long_ago = chrono::Utc::now() - chrono::Duration::days(91);
-    for old in [&runs[0], &runs[3]] {
-        let backdate = sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Sqlite,
-            "UPDATE sync_runs SET finished_at = ? WHERE id = ?",
-            [long_ago.into(), old.as_str().into()],
-        );
-        state.db.execute_raw(backdate).await.expect("backdate");
-    }
-    let kept = async |expected: &[(&String, u16)]| {
-        for (run, status) in expected {
-            let (found, body) = app.get(&format!("/api/v1/runs/{run}")).await;
-            assert_eq!(found, *status, "{run}: {body}");
-        }
-    };
-    labelsync_scheduler::periodic::prune(&state).await;
-    kept(&[(&runs[0], 404), (&runs[1], 200), (&runs[3], 200)]).await;
-    let mut vars = app.vars.clone();
-    vars.insert("LABELSYNC_RUNS_KEPT_PER_STORAGE", "2".into());
-    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&vars))
-        .await
-        .expect("state");
-    labelsync_scheduler::periodic::prune(&state).await;
-    kept(&[(&runs[1], 404), (&runs[2], 200), (&runs[3], 200)]).await;
+    backdate(&app, &[&runs[0], &runs[3]]).await;
+    prune_keeping(&app, None).await;
+    found(&app, &[(&runs[0], 404), (&runs[1], 200), (&runs[3], 200)]).await;
+    prune_keeping(&app, Some("2")).await;
+    found(&app, &[(&runs[1], 404), (&runs[2], 200), (&runs[3], 200)]).await;
     app.stop().await;
 }
 
