@@ -126,6 +126,9 @@ pub async fn serve(
         };
         tokio::spawn(conn.serve(stream, builder.clone(), router.clone(), limits));
     }
+    // Closed at once: a client connecting now is refused and tries another
+    // replica, rather than waiting in the backlog until the process exits.
+    drop(listener);
     stop.cancel();
     // Each connection holds a permit until it has closed; one still in a
     // request after DRAIN (an event stream, which never ends by itself) is

@@ -167,14 +167,14 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
         ctx.settings.worker.heartbeat,
     )));
     let timer = JobTimer::start(&run.kind);
-    // The attempt stops at once when the run stops being its own (work
-    // that would commit nothing: a page whose commit would be refused).
-    // Dropped mid-way it is as if its worker were killed there, which
-    // every write is made to survive.
+    // The attempt stops at once when the run ends under it (cancelled):
+    // whatever it would still do commits nothing. Dropped mid-way it is as
+    // if its worker were killed there, which every write is made to
+    // survive.
     let result = tokio::select! {
         result = attempt(ctx, &run, &lease) => result,
         _ = &mut heartbeat.0 => {
-            tracing::info!("the run was cancelled or taken over; attempt stopped");
+            tracing::info!("the run ended under the attempt (cancelled); attempt stopped");
             Ok(Outcome::Stopped)
         }
     };
@@ -662,10 +662,12 @@ pub async fn dispatch_webhooks(db: &DatabaseConnection, queue: &Queue) -> Result
 
 /// Beats the run's heart (and renews the attempt's lease) while it works on
 /// something slow (a big object), so the run never looks stale while alive.
-/// Returns when the run is no longer the attempt's: cancelled (or ended),
-/// or its lease taken over by another attempt; until then a cancel was
-/// seen only at the attempt's next commit, which a long listing or a big
-/// object could put off for minutes.
+/// Returns when the run has ended (cancelled) or is gone: until then a
+/// cancel was seen only at the attempt's next commit, which a long listing
+/// or a big object could put off for minutes. A lease taken over by
+/// another attempt does not end it: the attempt's own work (a partition, a
+/// batch, under leases of their own) still commits, and its next run
+/// checkpoint is refused as before.
 async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
@@ -673,7 +675,11 @@ async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every:
         tick.tick().await;
         match runs::checkpoint(&db, &run_id, &Counters::default(), None, Some(&lease)).await {
             Ok(true) => {}
-            Ok(false) => return,
+            Ok(false) => match runs::get(&db, &run_id).await {
+                Ok(run) if run.status == RunStatus::Running.as_str() => {}
+                Ok(_) | Err(Error::NotFound(_)) => return,
+                Err(err) => tracing::debug!(error = %err, "heartbeat failed"),
+            },
             Err(err) => tracing::debug!(error = %err, "heartbeat failed"),
         }
     }

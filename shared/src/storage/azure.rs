@@ -362,7 +362,7 @@ impl Cursor {
         let objects = page.result.objects.into_iter().map(to_meta);
         Ok(page_of(
             objects
-                .filter(|m| m.key.starts_with(prefix) && after.is_none_or(|a| m.key > *a))
+                .filter(|m| listed_under(&m.key, prefix) && after.is_none_or(|a| m.key > *a))
                 .collect(),
         ))
     }
@@ -371,6 +371,13 @@ impl Cursor {
     fn more(&self) -> bool {
         !self.listed || self.token.is_some()
     }
+}
+
+/// A name the service listed under `prefix` that the listing gives: one
+/// under it, but not the name equal to it, which [`Lister::exact`] looked
+/// up (a server answering other names is not believed).
+fn listed_under(key: &str, prefix: &str) -> bool {
+    key.starts_with(prefix) && key != prefix
 }
 
 fn page_of(objects: Vec<ObjectMeta>) -> Page {
@@ -490,9 +497,10 @@ impl Storage for AzureStorage {
             };
             let page = lister.page(prefix, options, 1000).await?;
             let level = page.result;
+            let objects = level.objects.into_iter().map(to_meta);
             children
                 .objects
-                .extend(level.objects.into_iter().map(to_meta));
+                .extend(objects.filter(|m| listed_under(&m.key, prefix)));
             // A `Path` drops the `/` a prefix ends with.
             let found: Vec<String> = level
                 .common_prefixes

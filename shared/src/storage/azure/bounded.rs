@@ -4,8 +4,9 @@
 //! listing page, the text of an error answer, a token endpoint's answer.
 //! An endpoint is whatever URL a storage's config names, so each of those
 //! is cut at [`MAX_PAGE_BYTES`] here, below the crate, where every answer
-//! passes. A blob's content (a successful GET that is not a listing) is
-//! left whole: it is read as a stream by callers with limits of their own.
+//! passes. A successful GET that is not a listing is left whole: a blob's
+//! content, read as a stream by callers with limits of their own (and a
+//! managed identity's token, from the server's own metadata endpoint).
 use std::{
     pin::Pin,
     task::{Context, Poll},
