@@ -54,7 +54,7 @@ pub async fn run(state: AppState, tick: Duration) {
 }
 
 /// Deletes what has outlived its retention at start, then every
-/// [`PRUNE_EVERY`] after the last pass ended.
+/// [`PRUNE_EVERY`] (a pass that takes longer puts the next one off).
 async fn clean_up(state: AppState) {
     let mut timer = tokio::time::interval(PRUNE_EVERY);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

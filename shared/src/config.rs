@@ -86,7 +86,7 @@ pub struct Settings {
     /// How long ended runs are kept (`LABELSYNC_RUN_RETENTION_DAYS`,
     /// default 90; at least 1), and how many a storage keeps at most
     /// (`LABELSYNC_RUNS_KEPT_PER_STORAGE`, default 10,000; at least 1): the
-    /// scheduler's tick deletes the rest with their object errors
+    /// scheduler's cleanup deletes the rest with their object errors
     /// (`db::run_retention`).
     pub run_retention_days: u32,
     pub runs_kept_per_storage: u32,

@@ -82,9 +82,7 @@ impl Streams {
             key,
         })
     }
-}
 
-impl Streams {
     /// Ends every stream, open now or opened later: the server is stopping.
     pub fn close_all(&self) {
         self.closing.send_replace(true);

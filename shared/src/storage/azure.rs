@@ -217,9 +217,7 @@ impl AzureStorage {
             page_deadline: RETRY_TIMEOUT + env.request_timeout,
         })
     }
-}
 
-impl AzureStorage {
     fn lister(&self, prefix: &str) -> Lister {
         Lister {
             store: Arc::clone(&self.store),
