@@ -1,4 +1,4 @@
-//! Deleting ended runs nobody needs any more (the scheduler's tick), with
+//! Deleting ended runs nobody needs any more (the scheduler's cleanup), with
 //! what hangs off them: a run's object errors, batches and partitions go
 //! with it (the schema cascades). A storage synced every second ends 86,400
 //! runs a day; kept forever, they would slow every listing and count of
@@ -23,7 +23,7 @@ use crate::Result;
 const CHUNK: u64 = 500;
 
 /// Statements one pass makes at most per rule, so a first pass over years
-/// of runs is spread over several ticks.
+/// of runs is spread over several passes.
 const CHUNKS_PER_PASS: u64 = 20;
 
 /// Not the newest ended run of its storage and kind: a newer one exists
