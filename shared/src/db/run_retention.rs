@@ -55,31 +55,38 @@ pub async fn prune(
     kept: u64,
     active_since: DateTime<Utc>,
 ) -> Result<Pruned> {
-    let mut pruned = Pruned::default();
-    for _ in 0..CHUNKS_PER_PASS {
-        let expired = ended_runs().filter(C::FinishedAt.lt(before));
-        let n = delete_chunk(db, expired).await?;
-        pruned.expired += n;
-        if n < CHUNK {
-            break;
-        }
-    }
+    let expired = ended_runs().filter(C::FinishedAt.lt(before));
+    let mut pruned = Pruned {
+        expired: delete_chunks(db, expired).await?,
+        over_count: 0,
+    };
     for storage_id in active_storages(db, active_since).await? {
         let Some(oldest_kept) = nth_newest(db, storage_id, kept).await? else {
             continue;
         };
-        for _ in 0..CHUNKS_PER_PASS {
-            let older = ended_runs()
-                .filter(C::StorageId.eq(storage_id))
-                .filter(C::Id.lt(oldest_kept.as_str()));
-            let n = delete_chunk(db, older).await?;
-            pruned.over_count += n;
-            if n < CHUNK {
-                break;
-            }
-        }
+        let older = ended_runs()
+            .filter(C::StorageId.eq(storage_id))
+            .filter(C::Id.lt(oldest_kept.as_str()));
+        pruned.over_count += delete_chunks(db, older).await?;
     }
     Ok(pruned)
+}
+
+/// Deletes `runs`, [`CHUNK`] a statement, at most [`CHUNKS_PER_PASS`]
+/// statements; how many.
+async fn delete_chunks(
+    db: &impl ConnectionTrait,
+    runs: sea_orm::Select<sync_run::Entity>,
+) -> Result<u64> {
+    let mut deleted = 0;
+    for _ in 0..CHUNKS_PER_PASS {
+        let n = delete_chunk(db, runs.clone()).await?;
+        deleted += n;
+        if n < CHUNK {
+            break;
+        }
+    }
+    Ok(deleted)
 }
 
 /// Ended runs that may go: not a storage's newest of its kind, not read by

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     BackendKind, Children, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets,
     Storage, StorageEnv, Tokens, check_key, check_location, paginate, parse_config, retry,
+    within_page,
 };
 use crate::{
     Error, Result,
@@ -333,7 +334,6 @@ impl Cursor {
             }
         }
         self.listed = true;
-        let max_keys = opts.page_size.clamp(1, MAX_PAGE_KEYS);
         let options = PaginatedListOptions {
             // Blob Storage's `startFrom`, on the first page only.
             offset: self
@@ -342,11 +342,11 @@ impl Cursor {
                 .then(|| opts.start_after.clone())
                 .flatten(),
             delimiter: (!opts.recursive).then_some(Cow::Borrowed("/")),
-            max_keys: Some(max_keys),
+            max_keys: Some(opts.page_size.clamp(1, MAX_PAGE_KEYS)),
             page_token: self.token.clone(),
             ..PaginatedListOptions::default()
         };
-        let page = self.lister.page(&opts.prefix, options, max_keys).await?;
+        let page = self.lister.page(&opts.prefix, options).await?;
         let empty = page.result.objects.is_empty() && page.result.common_prefixes.is_empty();
         let next = page.page_token;
         self.tokens.check(
@@ -397,14 +397,14 @@ struct Lister {
 
 impl Lister {
     /// One page of the names under `prefix` (a plain string, not cut at
-    /// `/`), with at most `max_keys` entries.
+    /// `/`), with at most the entries `options` asks for.
     async fn page(
         &self,
         prefix: &str,
         options: PaginatedListOptions,
-        max_keys: usize,
     ) -> Result<PaginatedListResult> {
         let what = &self.what;
+        let most = options.max_keys.unwrap_or(MAX_PAGE_KEYS);
         let asked = self
             .store
             .list_paginated((!prefix.is_empty()).then_some(prefix), options);
@@ -418,15 +418,7 @@ impl Lister {
             })?
             .map_err(|e| classify(e, what))?;
         let entries = page.result.objects.len() + page.result.common_prefixes.len();
-        if entries > max_keys {
-            return Err(Error::invalid(
-                "storage_answer_too_big",
-                None,
-                format!(
-                    "{what}: the storage answered {entries} entries in a page; at most {max_keys} were asked for"
-                ),
-            ));
-        }
+        within_page(entries, most, what)?;
         page.page_token = page.page_token.filter(|t| !t.is_empty());
         Ok(page)
     }
@@ -493,7 +485,7 @@ impl Storage for AzureStorage {
                 page_token: token.take(),
                 ..PaginatedListOptions::default()
             };
-            let page = lister.page(prefix, options, 1000).await?;
+            let page = lister.page(prefix, options).await?;
             let level = page.result;
             let objects = level.objects.into_iter().map(to_meta);
             children

@@ -196,15 +196,14 @@ impl DatabricksStorage {
             };
             let page: DirPage = json_page(resp, &what).await?;
             entries.extend(page.contents);
-            if entries.len() > MAX_ENTRIES {
-                return Err(Error::invalid(
-                    "storage_answer_too_big",
-                    None,
-                    format!(
-                        "{what}: more than {MAX_ENTRIES} entries in one directory, which a \
-                         listing holds at once (the Files API lists a directory unsorted); \
-                         split it into subdirectories"
-                    ),
+            if entries.len() > super::MAX_GATHERED_NAMES {
+                let why = "the Files API lists a directory unsorted";
+                let advice = "split it into subdirectories";
+                return Err(super::too_many_names(
+                    &what,
+                    "entries in one directory",
+                    why,
+                    advice,
                 ));
             }
             token = page.next_page_token.filter(|t| !t.is_empty());
@@ -216,10 +215,6 @@ impl DatabricksStorage {
         Ok(entries)
     }
 }
-
-/// Entries of one directory a listing holds at most (gathered whole to be
-/// sorted).
-const MAX_ENTRIES: usize = super::MAX_GATHERED_NAMES;
 
 #[derive(Deserialize)]
 struct DirPage {

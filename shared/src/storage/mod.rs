@@ -775,8 +775,40 @@ pub(crate) async fn answering_always(answer: String) -> std::net::SocketAddr {
 
 /// Names a listing that must gather them whole before it can sort them
 /// (a Redis storage's keys, one Databricks directory) holds at most: a
-/// server that keeps answering new names must not grow it further.
+/// server that keeps answering new names must not grow it further (about
+/// 100 MB of names at this many).
 pub const MAX_GATHERED_NAMES: usize = 1_000_000;
+
+/// The error of a listing that gathered more than [`MAX_GATHERED_NAMES`]:
+/// `names` says which (`keys under "x"`), `why` why they are gathered, and
+/// `advice` what the user can do.
+pub fn too_many_names(what: &str, names: &str, why: &str, advice: &str) -> Error {
+    Error::invalid(
+        "storage_answer_too_big",
+        None,
+        format!(
+            "{what}: more than {MAX_GATHERED_NAMES} {names}, which a listing holds at once \
+             ({why}); {advice}"
+        ),
+    )
+}
+
+/// A listing page holds at most the entries (objects and prefixes) asked
+/// for, `most`: a server that sends more, a million tiny entries in a page
+/// within the body limit, would have each page (and those listed ahead)
+/// take hundreds of megabytes.
+pub fn within_page(entries: usize, most: usize, what: &str) -> Result<()> {
+    if entries > most {
+        return Err(Error::invalid(
+            "storage_answer_too_big",
+            None,
+            format!(
+                "{what}: the storage answered {entries} entries in a page; at most {most} were asked for"
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// Empty pages in a row, each saying more follow, after which a listing
 /// gives up (a delimiter listing of a bucket of prefixes only can have

@@ -173,17 +173,11 @@ impl RedisStorage {
                     && opts.start_after.as_ref().is_none_or(|after| key > *after);
                 wanted.then_some(key)
             }));
-            if names.len() > MAX_NAMES {
-                return Err(Error::invalid(
-                    "storage_answer_too_big",
-                    None,
-                    format!(
-                        "redis SCAN: more than {MAX_NAMES} keys under {:?}, which one listing \
-                         holds at once (Redis cannot list in key order); give the storage \
-                         a narrower prefix",
-                        self.full_key(&opts.prefix)
-                    ),
-                ));
+            if names.len() > super::MAX_GATHERED_NAMES {
+                let under = format!("keys under {:?}", self.full_key(&opts.prefix));
+                let why = "Redis cannot list in key order";
+                let advice = "give the storage a narrower prefix";
+                return Err(super::too_many_names("redis SCAN", &under, why, advice));
             }
             cursor = next;
             if cursor == 0 {
@@ -196,10 +190,6 @@ impl RedisStorage {
         Ok(names)
     }
 }
-
-/// Names one listing gathers at most (a Redis listing cannot be paged in
-/// key order, so it holds every name at once: about 100 MB at this many).
-const MAX_NAMES: usize = super::MAX_GATHERED_NAMES;
 
 /// Escapes glob metacharacters so a prefix matches literally in `SCAN MATCH`.
 fn glob_escape(s: &str) -> String {
@@ -478,7 +468,7 @@ mod tests {
         }
     }
 
-    /// A SCAN that never ends stops the listing at `MAX_NAMES`, with an
+    /// A SCAN that never ends stops the listing at `MAX_GATHERED_NAMES`, with an
     /// error saying so, instead of holding names until the worker dies.
     #[tokio::test]
     async fn a_scan_that_never_ends_stops_at_the_name_limit() {

@@ -595,22 +595,11 @@ async fn list_page(
     within_max_keys(listed, max_keys, &what)
 }
 
-/// A page holds at most the keys and prefixes asked for (S3 sends at most
-/// 1,000 whatever is asked): a server that sends more, a million tiny
-/// entries in a page within the body limit, would have each page (and the
-/// two listed ahead) take hundreds of megabytes.
+/// A page holds at most the keys and prefixes asked for; S3 sends at most
+/// 1,000 whatever is asked ([`super::within_page`]).
 fn within_max_keys(listed: Listed, max_keys: usize, what: &str) -> Result<Listed> {
     let entries = listed.objects.len() + listed.prefixes.len();
-    let most = max_keys.max(1000);
-    if entries > most {
-        return Err(Error::invalid(
-            "storage_answer_too_big",
-            None,
-            format!(
-                "{what}: the storage answered {entries} entries in a page; at most {most} were asked for"
-            ),
-        ));
-    }
+    super::within_page(entries, max_keys.max(1000), what)?;
     Ok(listed)
 }
 
