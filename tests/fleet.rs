@@ -345,15 +345,25 @@ async fn tasks_behind_latency(
     files: usize,
     rtt_ms: u64,
 ) -> (Value, FaultProxy) {
-    let keys: Vec<String> = (0..files)
-        .map(|i| format!("{prefix}/{i:04}.json"))
-        .collect();
-    let bucket = partitions::bucket_with(&keys).await;
     let rtt = Latency {
         rtt: Duration::from_millis(rtt_ms),
         bytes_per_second: None,
     };
-    let proxy = FaultProxy::start(&partitions::s3s(), Mode::Latency(rtt)).await;
+    tasks_behind(app, prefix, files, Mode::Latency(rtt)).await
+}
+
+/// [`tasks_behind_latency`] through a proxy of any `mode`.
+async fn tasks_behind(
+    app: &TestApp,
+    prefix: &str,
+    files: usize,
+    mode: Mode,
+) -> (Value, FaultProxy) {
+    let keys: Vec<String> = (0..files)
+        .map(|i| format!("{prefix}/{i:04}.json"))
+        .collect();
+    let bucket = partitions::bucket_with(&keys).await;
+    let proxy = FaultProxy::start(&partitions::s3s(), mode).await;
     let extra = json!({ "prefix": format!("{prefix}/"), "import_method": "tasks" });
     let storage = partitions::s3_storage(app, &bucket, &proxy.url, extra).await;
     (storage, proxy)
@@ -408,6 +418,52 @@ async fn tasks_sync_fans_out_batches_across_workers() {
         0,
         "the sync job's worker has no slot for a batch"
     );
+    drop((left, right));
+    app.stop().await;
+}
+
+/// A cancel stops the run's batches on other workers within a heartbeat,
+/// as it stops the run's own job: they stopped only at their next commit,
+/// so a batch of slow objects (a big file, a slow bucket) went on reading
+/// for as long as its objects took after its run was cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_stops_the_batches_other_workers_run() {
+    let app = partitions::app_with(false, &[]).await;
+    // As above: "left" (one slot, 4 reads) takes the sync job, so the
+    // batches go to "right" through the queue, but the one the waiting
+    // sync job runs itself.
+    let one_slot = [
+        ("LABELSYNC_WORKER_CONCURRENCY", "1"),
+        ("LABELSYNC_FETCH_CONCURRENCY", "4"),
+    ];
+    let left = spawn_ready_worker(&app, "left", &one_slot).await;
+    let slow = Mode::SlowReads(Duration::from_secs(60));
+    let (storage, proxy) = tasks_behind(&app, "cancel", 128, slow).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let right = spawn_ready_worker(&app, "right", &[]).await;
+    let every = Duration::from_millis(50);
+    eventually_every("the other worker reading its batches", every, || {
+        std::future::ready(proxy.reads().0 > 4)
+    })
+    .await;
+    let (status, cancelled) = app
+        .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{cancelled}");
+    let cancel = Instant::now();
+    eventually_every("every read to stop", every, || {
+        std::future::ready(proxy.reads().0 == 0)
+    })
+    .await;
+    // A heartbeat is 1 s in tests.
+    let took = cancel.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "reads went on {took:?} after the cancel"
+    );
+    let (_, ended) = proxy.reads();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(proxy.reads(), (0, ended), "objects read after the cancel");
     drop((left, right));
     app.stop().await;
 }

@@ -32,6 +32,9 @@ pub enum Mode {
     ReadOnly,
     /// Every write (PUT) waits this long before it is forwarded.
     SlowWrites(std::time::Duration),
+    /// Every object read (a GET with no query) waits this long before it
+    /// is forwarded, counted in flight meanwhile; listings pass at once.
+    SlowReads(std::time::Duration),
     /// One request in `every` never gets an answer, alternately before the
     /// response starts and after half of its body: a server that stops
     /// talking without closing the connection.
@@ -169,6 +172,12 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
         Mode::ReadOnly => None,
         Mode::SlowWrites(pause) => {
             if req.method() == axum::http::Method::PUT {
+                tokio::time::sleep(pause).await;
+            }
+            None
+        }
+        Mode::SlowReads(pause) => {
+            if object_read {
                 tokio::time::sleep(pause).await;
             }
             None

@@ -440,7 +440,8 @@ async fn attempt(
 
 /// Runs one fan-out batch of an import. Like [`execute`], permanent failures
 /// are recorded (on the batch's objects that have no task) and the job is
-/// acknowledged.
+/// acknowledged. A batch whose run ended (cancelled), before it or while it
+/// reads, is closed so that nothing waits on it.
 pub async fn execute_batch(
     ctx: &JobContext,
     run_id: &str,
@@ -468,54 +469,71 @@ pub async fn execute_batch(
         return Ok(()); // already done (a duplicate job), or its run's job runs it
     };
     let job = import_job(ctx, &run, &storage, &project, false);
-    // Objects of a batch given up on: those with no task yet (rows an earlier
-    // attempt imported are kept, so their objects did not fail).
-    let give_up = async |reason: String| -> Result<crate::ingest::Imported, RetryLater> {
-        let objects: Vec<crate::storage::ObjectMeta> = batches::objects(&batch).unwrap_or_default();
-        let keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
-        let linked = crate::db::links::known_objects(&ctx.db, run.storage_id, run_id, &keys)
-            .await
-            .map_err(RetryLater)?;
-        let errors: Vec<_> = keys
-            .into_iter()
-            .filter(|k| !linked.contains_key(k))
-            .map(|k| (k, None, reason.clone()))
-            .collect();
-        Ok(crate::ingest::Imported {
-            failed: errors.len() as i64,
-            errors,
-            rows: Vec::new(),
-        })
-    };
     if !running {
-        // Cancelled or ended: close the batch so nothing waits on it.
-        job.finish_batch(batch_id, worker, Default::default())
-            .await
-            .map_err(RetryLater)?;
-        return Ok(());
+        return close_batch(&job, batch_id, worker).await;
     }
     if batch.attempts > i64::from(ctx.settings.worker.max_attempts) {
-        let given_up = give_up(format!(
+        let reason = format!(
             "batch {batch_id} gave up after {} attempts",
             batch.attempts - 1
-        ))
-        .await?;
-        job.finish_batch(batch_id, worker, given_up)
-            .await
-            .map_err(RetryLater)?;
-        return Ok(());
+        );
+        return give_up_batch(&job, &batch, worker, reason).await;
     }
-    match job.run_batch(&batch, worker).await {
+    let outcome = tokio::select! {
+        outcome = job.run_batch(&batch, worker) => outcome,
+        () = run_stopped(&ctx.db, run_id, ctx.settings.worker.heartbeat) => {
+            tracing::info!(batch_id, "the run ended under the batch (cancelled); batch stopped");
+            return close_batch(&job, batch_id, worker).await;
+        }
+    };
+    match outcome {
         Ok(_) => Ok(()),
         Err(err) if err.is_transient() => Err(RetryLater(err)),
-        Err(err) => {
-            let given_up = give_up(err.to_string()).await?;
-            job.finish_batch(batch_id, worker, given_up)
-                .await
-                .map_err(RetryLater)?;
-            Ok(())
-        }
+        Err(err) => give_up_batch(&job, &batch, worker, err.to_string()).await,
     }
+}
+
+/// Closes a batch of a run that is no longer running: nothing is counted
+/// or added, and nothing waits on it.
+async fn close_batch(
+    job: &crate::ingest::ImportJob<'_>,
+    batch_id: i64,
+    worker: &str,
+) -> Result<(), RetryLater> {
+    job.finish_batch(batch_id, worker, Default::default())
+        .await
+        .map_err(RetryLater)?;
+    Ok(())
+}
+
+/// Gives a batch up for `reason`: its objects with no task yet fail (rows an
+/// earlier attempt imported are kept, so their objects did not).
+async fn give_up_batch(
+    job: &crate::ingest::ImportJob<'_>,
+    batch: &crate::db::entities::sync_batch::Model,
+    worker: &str,
+    reason: String,
+) -> Result<(), RetryLater> {
+    let objects: Vec<crate::storage::ObjectMeta> =
+        crate::db::batches::objects(batch).unwrap_or_default();
+    let keys: Vec<String> = objects.into_iter().map(|o| o.key).collect();
+    let linked = crate::db::links::known_objects(job.db, job.run.storage_id, &job.run.id, &keys)
+        .await
+        .map_err(RetryLater)?;
+    let errors: Vec<_> = keys
+        .into_iter()
+        .filter(|k| !linked.contains_key(k))
+        .map(|k| (k, None, reason.clone()))
+        .collect();
+    let given_up = crate::ingest::Imported {
+        failed: errors.len() as i64,
+        errors,
+        rows: Vec::new(),
+    };
+    job.finish_batch(batch.id, worker, given_up)
+        .await
+        .map_err(RetryLater)?;
+    Ok(())
 }
 
 /// Lists one partition of an import run (see `ingest::partitions`). A
@@ -550,7 +568,15 @@ pub async fn execute_partition(
     let Some(part) = claimed else {
         return Ok(());
     };
-    match job.list_partition(&part, &lease, worker).await {
+    let result = tokio::select! {
+        result = job.list_partition(&part, &lease, worker) => result,
+        () = run_stopped(&ctx.db, run_id, ctx.settings.worker.heartbeat) => {
+            // Nothing waits on the partition of an ended run.
+            tracing::info!(partition, "the run ended under the partition (cancelled); listing stopped");
+            return Ok(());
+        }
+    };
+    match result {
         Err(err) if err.is_transient() => Err(RetryLater(err)),
         _ => Ok(()),
     }
@@ -675,12 +701,41 @@ async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every:
         tick.tick().await;
         match runs::checkpoint(&db, &run_id, &Counters::default(), None, Some(&lease)).await {
             Ok(true) => {}
-            Ok(false) => match runs::get(&db, &run_id).await {
-                Ok(run) if run.status == RunStatus::Running.as_str() => {}
-                Ok(_) | Err(Error::NotFound(_)) => return,
-                Err(err) => tracing::debug!(error = %err, "heartbeat failed"),
-            },
+            Ok(false) => {
+                if has_stopped(&db, &run_id).await {
+                    return;
+                }
+            }
             Err(err) => tracing::debug!(error = %err, "heartbeat failed"),
+        }
+    }
+}
+
+/// Returns once run `run_id` is no longer running (cancelled, ended, or
+/// deleted), looking every `every`: what a fan-out job races its work
+/// with, so that a cancel stops it within a heartbeat as it stops the
+/// run's own job, rather than at its next commit (minutes away for a batch
+/// of big objects). Work shorter than `every` costs no query.
+async fn run_stopped(db: &DatabaseConnection, run_id: &str, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if has_stopped(db, run_id).await {
+            return;
+        }
+    }
+}
+
+/// Whether run `run_id` is no longer running or is gone; false when the
+/// database cannot tell (it is asked again at the next look).
+async fn has_stopped(db: &DatabaseConnection, run_id: &str) -> bool {
+    match runs::get(db, run_id).await {
+        Ok(run) => run.status != RunStatus::Running.as_str(),
+        Err(Error::NotFound(_)) => true,
+        Err(err) => {
+            tracing::debug!(error = %err, "looking at the run failed");
+            false
         }
     }
 }
