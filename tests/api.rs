@@ -1131,6 +1131,71 @@ async fn slow_clients_neither_starve_the_server_nor_stay_connected() {
     app.stop().await;
 }
 
+/// Probes and scrapes on a listener of their own (`LABELSYNC_PROBE_BIND`)
+/// are answered when every connection the API takes is busy inside a
+/// request (slow uploads, media proxied to slow clients, streams): on the
+/// API's port they wait for one to end, and a liveness probe that waits
+/// restarts a scheduler that is only busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_answered_on_their_own_port_when_the_api_is_full() {
+    use tokio::io::AsyncWriteExt;
+    let probes = labelsync_tests::free_local_addr();
+    let app = spawn_app(AppOptions {
+        embedded: true,
+        workers: false,
+        env: vec![
+            ("LABELSYNC_BODY_TIMEOUT_SECS", "20".into()),
+            ("LABELSYNC_MAX_CONNECTIONS", "2".into()),
+            ("LABELSYNC_PROBE_BIND", probes.clone()),
+        ],
+        ..AppOptions::default()
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /api/v1/projects HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"title\": "
+        );
+        conn.write_all(head.as_bytes()).await.expect("send");
+        busy.push(conn);
+    }
+    let client = reqwest::Client::new();
+    let probe = |base: String, path: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .get(format!("{base}{path}"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+        }
+    };
+    assert!(
+        probe(app.base.clone(), "/healthz").await.is_err(),
+        "the API's port answered with every connection busy: the test holds none"
+    );
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let answer = probe(format!("http://{probes}"), path)
+            .await
+            .unwrap_or_else(|e| panic!("{path} on the probe port: {e}"));
+        assert_eq!(answer.status(), 200, "{path}");
+    }
+    let other = probe(format!("http://{probes}"), "/api/v1/projects")
+        .await
+        .expect("answered");
+    assert_eq!(
+        other.status(),
+        404,
+        "the API is not served on the probe port"
+    );
+    drop(busy);
+    app.stop().await;
+}
+
 /// One HTTP/1.1 response read off `conn` (headers and a JSON body).
 async fn read_response(conn: &mut tokio::net::TcpStream) -> String {
     use tokio::io::AsyncReadExt;

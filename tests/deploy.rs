@@ -445,7 +445,8 @@ fn check_workload_locked_down(
     }
 }
 
-/// Scheduler: 2 replicas, the API on 8080, migrations left to the Job.
+/// Scheduler: 2 replicas, the API on 8080, probes on a listener of their
+/// own (9465), migrations left to the Job.
 fn check_scheduler_container(overlay: &str, docs: &[Value], scheduler: &Value) {
     let s = &containers(scheduler)[0];
     assert_eq!(scheduler["spec"]["replicas"], 2, "{overlay}");
@@ -468,15 +469,17 @@ fn check_scheduler_container(overlay: &str, docs: &[Value], scheduler: &Value) {
         Some("0.0.0.0:8080")
     );
     assert_eq!(
-        resolve_port(s, &s["readinessProbe"]["httpGet"]["port"]),
-        Some(8080)
+        setting(docs, s, "LABELSYNC_PROBE_BIND").as_deref(),
+        Some("0.0.0.0:9465")
     );
-    assert_eq!(s["readinessProbe"]["httpGet"]["path"], "/readyz");
-    assert_eq!(
-        resolve_port(s, &s["livenessProbe"]["httpGet"]["port"]),
-        Some(8080)
-    );
-    assert_eq!(s["livenessProbe"]["httpGet"]["path"], "/healthz");
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(
+            resolve_port(s, &s[probe]["httpGet"]["port"]),
+            Some(9465),
+            "{overlay} scheduler {probe}: on the probe listener"
+        );
+        assert_eq!(s[probe]["httpGet"]["path"], path, "{overlay}");
+    }
 }
 
 /// Worker: the binary, probes on 9464, the autoscaler owns replicas, /tmp
@@ -549,6 +552,11 @@ fn check_settings_and_worker_grace(
         "{overlay}: no worker in the scheduler"
     );
     assert_eq!(scheduler_settings.bind.port(), 8080, "{overlay}");
+    assert_eq!(
+        scheduler_settings.probe_bind.map(|b| b.port()),
+        Some(9465),
+        "{overlay}"
+    );
     container_settings(docs, &containers(job)[0]);
     assert!(
         grace >= WORKER_GRACE_MIN_SECS && grace > heartbeat * missed,
@@ -579,8 +587,8 @@ fn services_monitors_budgets_and_policies_match_their_pods() {
         check_services_reach_their_containers(overlay, &docs);
         check_monitors_scrape_scheduler_and_workers(overlay, &docs);
         check_worker_disruption_budget(overlay, &docs, worker);
-        check_network_policy(overlay, &docs, worker, 9464, true);
-        check_network_policy(overlay, &docs, scheduler, 8080, false);
+        check_network_policy(overlay, &docs, worker, &[(9464, true)]);
+        check_network_policy(overlay, &docs, scheduler, &[(8080, false), (9465, true)]);
     }
 }
 
@@ -642,7 +650,7 @@ fn check_monitors_scrape_scheduler_and_workers(overlay: &str, docs: &[Value]) {
     assert_eq!(
         scraped,
         BTreeSet::from([
-            ("labelsync-scheduler".to_owned(), 8080),
+            ("labelsync-scheduler".to_owned(), 9465),
             ("labelsync-worker".to_owned(), 9464)
         ]),
         "{overlay}: scraped deployments and ports"
@@ -663,7 +671,10 @@ fn check_worker_disruption_budget(overlay: &str, docs: &[Value], worker: &Value)
 
 /// The NetworkPolicy of `d`'s pods opens ingress on `port` only (from named
 /// sources when `from_required`), and leaves egress open.
-fn check_network_policy(overlay: &str, docs: &[Value], d: &Value, port: i64, from_required: bool) {
+/// `d`'s NetworkPolicy opens exactly `ports`, each `(port, from_required)`:
+/// a port whose rules must name where traffic comes from (the monitoring
+/// namespace) or one open to all.
+fn check_network_policy(overlay: &str, docs: &[Value], d: &Value, ports: &[(i64, bool)]) {
     let p = all(docs, "NetworkPolicy")
         .find(|p| selects(&p["spec"]["podSelector"]["matchLabels"], pod_labels(d)))
         .unwrap_or_else(|| panic!("{overlay}: a NetworkPolicy for {}", name(d)));
@@ -673,20 +684,27 @@ fn check_network_policy(overlay: &str, docs: &[Value], d: &Value, port: i64, fro
     let c = &containers(d)[0];
     let ingress = p["spec"]["ingress"].as_array().unwrap();
     assert!(!ingress.is_empty(), "{what}");
+    let mut opened = BTreeSet::new();
     for rule in ingress {
-        let ports = rule["ports"]
+        let rule_ports = rule["ports"]
             .as_array()
             .unwrap_or_else(|| panic!("{what}: every ingress rule names its ports: {rule}"));
-        for p in ports {
-            assert_eq!(resolve_port(c, &p["port"]), Some(port), "{what}: {rule}");
-        }
-        if from_required {
-            assert!(
-                rule["from"].as_array().is_some_and(|f| !f.is_empty()),
-                "{what}: ingress from the monitoring namespace only: {rule}"
-            );
+        for p in rule_ports {
+            let port = resolve_port(c, &p["port"]);
+            let Some(&(port, from_required)) = ports.iter().find(|(n, _)| Some(*n) == port) else {
+                panic!("{what}: opens {port:?}, not one of {ports:?}: {rule}");
+            };
+            opened.insert(port);
+            if from_required {
+                assert!(
+                    rule["from"].as_array().is_some_and(|f| !f.is_empty()),
+                    "{what}: ingress to {port} from the monitoring namespace only: {rule}"
+                );
+            }
         }
     }
+    let wanted: BTreeSet<i64> = ports.iter().map(|(n, _)| *n).collect();
+    assert_eq!(opened, wanted, "{what}: the ports opened");
     // Egress stays open (storages are anywhere).
     if types.contains(&json!("Egress")) {
         assert!(

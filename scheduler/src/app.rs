@@ -31,7 +31,8 @@ pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
 
 /// Serves the API on `listener` until `shutdown` resolves, within the
 /// limits of `settings.http` (header, idle and body timeouts, connection
-/// cap; see `labelsync::http`). In embedded mode
+/// cap; see `labelsync::http`), and the probes on `LABELSYNC_PROBE_BIND`
+/// when set ([`serve_probes`]). In embedded mode
 /// (or with `LABELSYNC_EMBEDDED_WORKERS=true`) it also runs a worker, which is
 /// stopped after the HTTP server and allowed to finish its jobs. The
 /// worker's errors are logged, not returned: it is started again after one
@@ -50,7 +51,16 @@ pub async fn serve(
         }
         tracing::warn!(%addr, "LABELSYNC_API_TOKENS is not set: the API is open to anyone on this machine");
     }
+    // Bound before the database is: a wrong address fails the start at once.
+    let probe_listener = settings
+        .probe_bind
+        .map(|bind| {
+            labelsync::http::listen(bind)
+                .with_context(|| format!("cannot listen on LABELSYNC_PROBE_BIND={bind}"))
+        })
+        .transpose()?;
     let state = state(settings).await?;
+    let probes = probe_listener.map(|listener| serve_probes(listener, &state));
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = state.settings.embedded_workers.then(|| {
         let ctx = JobContext::new(
@@ -84,11 +94,30 @@ pub async fn serve(
     labelsync::http::serve(listener, api::router(state, pages), limits, shutdown).await;
     ticker.abort();
     follower.abort();
+    if let Some(probes) = probes {
+        probes.abort();
+    }
     let _ = stop_tx.send(true);
     if let Some(worker) = worker {
         worker.await.context("worker task panicked")?;
     }
     Ok(())
+}
+
+/// Serves the probe listener (`LABELSYNC_PROBE_BIND`, see
+/// `api::probe_router`) with the API's limits until aborted.
+fn serve_probes(listener: TcpListener, state: &AppState) -> tokio::task::JoinHandle<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "probes and metrics listening");
+    }
+    let router = api::probe_router(state.clone());
+    let limits = state.settings.http;
+    tokio::spawn(labelsync::http::serve(
+        listener,
+        router,
+        limits,
+        std::future::pending(),
+    ))
 }
 
 /// Runs the in-process worker until `stop` says so, starting it again when

@@ -43,6 +43,11 @@ pub struct Settings {
     pub embedded_queue_path: PathBuf,
     /// `LABELSYNC_BIND` (default `127.0.0.1:8080`).
     pub bind: SocketAddr,
+    /// `LABELSYNC_PROBE_BIND` (default: none): a listener of the
+    /// scheduler's own for `/healthz`, `/readyz` and `/metrics`, beside the
+    /// API's (which serves them too), with connections of its own: probes
+    /// and scrapes are answered when every API connection is busy.
+    pub probe_bind: Option<SocketAddr>,
     /// `LABELSYNC_API_TOKENS`, comma-separated.
     pub api_tokens: Vec<Secret>,
     /// `LOCAL_FILES_DOCUMENT_ROOT`: the only directory local storages may read.
@@ -250,6 +255,7 @@ impl Settings {
                 "LABELSYNC_BIND",
                 SocketAddr::from(([127, 0, 0, 1], 8080)),
             )?,
+            probe_bind: parse_optional(&get, "LABELSYNC_PROBE_BIND")?,
             api_tokens: api_tokens(get("LABELSYNC_API_TOKENS")),
             document_root: get("LOCAL_FILES_DOCUMENT_ROOT").map(PathBuf::from),
             run_migrations: parse(&get, "LABELSYNC_RUN_MIGRATIONS", true)?,
@@ -381,16 +387,25 @@ fn parse<T: std::str::FromStr>(
     key: &'static str,
     default: T,
 ) -> Result<T> {
-    match get(key) {
-        None => Ok(default),
-        Some(raw) => raw.trim().parse().map_err(|_| {
-            Error::invalid(
-                "invalid_setting",
-                None,
-                format!("{key}={raw:?} is not a valid value"),
-            )
-        }),
-    }
+    Ok(parse_optional(get, key)?.unwrap_or(default))
+}
+
+/// A setting with no default: `None` when unset.
+fn parse_optional<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    key: &'static str,
+) -> Result<Option<T>> {
+    get(key)
+        .map(|raw| {
+            raw.trim().parse().map_err(|_| {
+                Error::invalid(
+                    "invalid_setting",
+                    None,
+                    format!("{key}={raw:?} is not a valid value"),
+                )
+            })
+        })
+        .transpose()
 }
 
 #[cfg(test)]

@@ -157,9 +157,7 @@ pub fn router(state: AppState, pages: Router<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), access::auth));
     Router::new()
         .nest(PREFIX, api)
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+        .merge(probe_routes())
         .merge(pages)
         .fallback(|| async {
             ApiError::not_found("no such path; the API is under /api/v1 (see /api/v1/openapi.json)")
@@ -168,6 +166,27 @@ pub fn router(state: AppState, pages: Router<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_declared_oversize))
         .layer(middleware::from_fn(trace_request))
+        .with_state(state)
+}
+
+/// The orchestrator's probes and Prometheus' scrape (no token: they tell
+/// nothing of any tenant's data).
+fn probe_routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+}
+
+/// The routes of the probe listener (`LABELSYNC_PROBE_BIND`): the probes
+/// and `/metrics` only, on connections of its own, so that they are
+/// answered when every connection the API takes is busy.
+pub fn probe_router(state: AppState) -> Router {
+    probe_routes()
+        .fallback(|| async {
+            ApiError::not_found("no such path; this listener serves /healthz, /readyz and /metrics")
+        })
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
