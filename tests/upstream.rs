@@ -527,15 +527,26 @@ async fn read_sse(
     timeout: Duration,
     until: impl Fn(&[Sse]) -> bool,
 ) -> Vec<Sse> {
-    let mut resp = app
-        .client
-        .get(format!("{}{path}", app.base))
-        .send()
-        .await
-        .expect("GET events");
+    read_sse_from(app, path, None, timeout, until).await.0
+}
+
+/// [`read_sse`] sending `last_event_id` as `Last-Event-ID` when given (a
+/// client reconnecting); the events, and the `id:` of each.
+async fn read_sse_from(
+    app: &TestApp,
+    path: &str,
+    last_event_id: Option<&str>,
+    timeout: Duration,
+    until: impl Fn(&[Sse]) -> bool,
+) -> (Vec<Sse>, Vec<Option<String>>) {
+    let mut request = app.client.get(format!("{}{path}", app.base));
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id);
+    }
+    let mut resp = request.send().await.expect("GET events");
     assert_eq!(resp.status(), 200, "{path}");
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let (mut events, mut buf) = (Vec::new(), String::new());
+    let (mut events, mut ids, mut buf) = (Vec::new(), Vec::new(), String::new());
     let deadline = tokio::time::Instant::now() + timeout;
     while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, resp.chunk()).await {
         buf.push_str(&String::from_utf8_lossy(&chunk));
@@ -549,13 +560,64 @@ async fn read_sse(
             if let (Some(name), Some(data)) = (field("event:"), field("data:")) {
                 let data = serde_json::from_str(&data).unwrap_or(Value::Null);
                 events.push((std::time::Instant::now(), name, data));
+                ids.push(field("id:"));
             }
         }
         if until(&events) {
             break;
         }
     }
-    events
+    (events, ids)
+}
+
+/// A client that reconnects to `GET /events` with the `Last-Event-ID` of
+/// the last event it had gets the runs that ended while it was away (a
+/// replica stopping ends every stream; the client reconnects to another);
+/// one that reconnects without it starts from that moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_event_stream_gets_the_runs_that_ended_while_it_was_away() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    write_files(&app.doc_root.path().join("data"), 1, "jpg");
+    let project = app.project("resume").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let path = format!("/api/v1/events?project_id={project}");
+    let (events, ids) = tokio::join!(
+        read_sse_from(&app, &path, None, Duration::from_secs(10), |e| !e
+            .is_empty()),
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            app.start_sync(&storage["id"]).await
+        },
+    )
+    .0;
+    let run_id = events[0].2["id"].as_str().expect("a run").to_owned();
+    let last_id = ids[0].clone().expect("run events have an id");
+    // Away: the run ends, more than the streams' one-second overlap ago.
+    let (status, run) = app
+        .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
+        .await;
+    assert_eq!(
+        (status, &run["status"]),
+        (200, &json!("cancelled")),
+        "{run}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let ended = |events: &[Sse]| events.iter().any(|(_, _, r)| r["status"] == "cancelled");
+    let wait = Duration::from_secs(3);
+    let (resumed, _) = read_sse_from(&app, &path, Some(&last_id), wait, ended).await;
+    assert!(ended(&resumed), "resumed from {last_id}: {resumed:?}");
+    assert_eq!(resumed[0].2["id"], run_id.as_str());
+    // With no id, one it cannot read, or one from too long ago, a stream
+    // starts now.
+    let starts_now = [None, Some("not-a-time"), Some("2001-01-01T00:00:00.000Z")];
+    let reads = starts_now.map(|id| read_sse_from(&app, &path, id, wait, ended));
+    for (id, (events, _)) in starts_now
+        .iter()
+        .zip(futures::future::join_all(reads).await)
+    {
+        assert!(events.is_empty(), "Last-Event-ID {id:?}: {events:?}");
+    }
+    app.stop().await;
 }
 
 /// The scheduler that streams the run is not the one that started it, and

@@ -9,9 +9,10 @@ use std::{collections::HashMap, convert::Infallible, time::Duration};
 use axum::{
     Extension,
     extract::State,
+    http::HeaderMap,
     response::sse::{Event, KeepAlive, Sse},
 };
-use chrono::Utc;
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use futures::{Stream, StreamExt};
 use labelsync::{
     Error,
@@ -26,6 +27,17 @@ use super::{ApiPath, ApiQuery, ApiResult, AppState, Caller};
 
 /// The most often a stream looks (and so the most often it sends).
 const EVERY: Duration = Duration::from_millis(500);
+/// How long ago a reconnecting project stream's `Last-Event-ID` may be for
+/// the stream to start there (see [`resumed_from`]). Longer gaps are
+/// `GET /runs`' to fill: a look follows at most [`MAX_RUNS`] runs.
+const REPLAY: TimeDelta = TimeDelta::minutes(10);
+/// How far ahead of this replica's clock a `Last-Event-ID` (another
+/// replica's) may be; it then starts from now.
+const CLOCK_SKEW: TimeDelta = TimeDelta::minutes(1);
+/// Every look reads the runs that ended since the previous look began,
+/// and this much before: a run that ended while it ran is read again
+/// (deduplicated by what the stream saw).
+const OVERLAP: TimeDelta = TimeDelta::seconds(1);
 /// Runs a project-wide stream follows at most.
 const MAX_RUNS: u64 = 1000;
 
@@ -182,10 +194,15 @@ struct ProjectWatch {
     /// `None`: every project.
     projects: Option<Vec<i64>>,
     seen: HashMap<String, Seen>,
-    /// Runs changed since the last send, waiting their turn.
+    /// Runs changed since the last send, waiting their turn: all of one
+    /// look, whose window began at `window`.
     ready: Vec<sync_run::Model>,
+    /// The `since` of the look that filled `ready`: the id of its events.
+    /// A client reconnecting with it reads that look's window again, so
+    /// nothing it had not had yet is lost (what it had may come twice).
+    window: DateTime<Utc>,
     /// When the previous look began: runs that ended after it are shown.
-    since: chrono::DateTime<Utc>,
+    since: DateTime<Utc>,
     first: bool,
 }
 
@@ -193,6 +210,7 @@ struct ProjectWatch {
 pub async fn project_events(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let projects = match q.project_id {
@@ -204,13 +222,15 @@ pub async fn project_events(
     };
     let holder = Holder::open(&state, caller)?;
     let closed = state.streams.closed();
+    let since = resumed_from(&headers).unwrap_or_else(Utc::now);
     let watch = ProjectWatch {
         state,
         holder,
         projects,
         seen: HashMap::new(),
         ready: Vec::new(),
-        since: Utc::now(),
+        window: since,
+        since,
         first: true,
     };
     let stream = futures::stream::unfold(watch, next_project_event).take_until(closed);
@@ -230,15 +250,24 @@ async fn next_project_event(
         look(&mut w).await;
     }
     let run = w.ready.remove(0);
-    Some((event("run", &run), w))
+    let id = w.window.to_rfc3339_opts(SecondsFormat::Millis, true);
+    Some((event("run", &run).map(|e| e.id(id)), w))
+}
+
+/// Where a reconnecting client left off: its `Last-Event-ID` (the window
+/// of the look whose events it had last), when it reads as one and is no
+/// older than [`REPLAY`]; else `None`, and the stream starts now.
+fn resumed_from(headers: &HeaderMap) -> Option<DateTime<Utc>> {
+    let raw = headers.get("last-event-id")?.to_str().ok()?;
+    let at = DateTime::parse_from_rfc3339(raw.trim()).ok()?.to_utc();
+    let now = Utc::now();
+    (at >= now - REPLAY && at <= now + CLOCK_SKEW).then(|| at.min(now))
 }
 
 /// Reads the live and just-ended runs and queues those that changed.
 async fn look(w: &mut ProjectWatch) {
     let started = Utc::now();
-    // A run that ended while the previous look ran is read again: a
-    // second of overlap, deduplicated by `seen`.
-    let since = w.since - chrono::Duration::seconds(1);
+    let since = w.since - OVERLAP;
     let rows = match runs::live_or_ended_since(&w.state.db, w.projects.as_deref(), since, MAX_RUNS)
         .await
     {
@@ -259,5 +288,6 @@ async fn look(w: &mut ProjectWatch) {
     // Only what this look saw is remembered, so the map stays as small as
     // the set of live and just-ended runs.
     w.seen = current;
+    w.window = w.since;
     w.since = started;
 }
