@@ -1163,6 +1163,9 @@ async fn probes_are_answered_on_their_own_port_when_the_api_is_full() {
         conn.write_all(head.as_bytes()).await.expect("send");
         busy.push(conn);
     }
+    // Their heads read, they are inside requests: the cap closes neither
+    // to make room for the probe below.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let client = reqwest::Client::new();
     let probe = |base: String, path: &'static str| {
         let client = client.clone();
@@ -1183,6 +1186,7 @@ async fn probes_are_answered_on_their_own_port_when_the_api_is_full() {
             .await
             .unwrap_or_else(|e| panic!("{path} on the probe port: {e}"));
         assert_eq!(answer.status(), 200, "{path}");
+        assert!(answer.headers().contains_key("x-request-id"), "{path}");
     }
     let other = probe(format!("http://{probes}"), "/api/v1/projects")
         .await

@@ -445,8 +445,8 @@ fn check_workload_locked_down(
     }
 }
 
-/// Scheduler: 2 replicas, the API on 8080, probes on a listener of their
-/// own (9465), migrations left to the Job.
+/// Scheduler: 2 replicas, the API and readiness on 8080, liveness on a
+/// listener of its own (9465), migrations left to the Job.
 fn check_scheduler_container(overlay: &str, docs: &[Value], scheduler: &Value) {
     let s = &containers(scheduler)[0];
     assert_eq!(scheduler["spec"]["replicas"], 2, "{overlay}");
@@ -472,11 +472,15 @@ fn check_scheduler_container(overlay: &str, docs: &[Value], scheduler: &Value) {
         setting(docs, s, "LABELSYNC_PROBE_BIND").as_deref(),
         Some("0.0.0.0:9465")
     );
-    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+    let probes = [
+        ("readinessProbe", "/readyz", 8080),
+        ("livenessProbe", "/healthz", 9465),
+    ];
+    for (probe, path, port) in probes {
         assert_eq!(
             resolve_port(s, &s[probe]["httpGet"]["port"]),
-            Some(9465),
-            "{overlay} scheduler {probe}: on the probe listener"
+            Some(port),
+            "{overlay} scheduler {probe}"
         );
         assert_eq!(s[probe]["httpGet"]["path"], path, "{overlay}");
     }
@@ -669,11 +673,10 @@ fn check_worker_disruption_budget(overlay: &str, docs: &[Value], worker: &Value)
     );
 }
 
-/// The NetworkPolicy of `d`'s pods opens ingress on `port` only (from named
-/// sources when `from_required`), and leaves egress open.
-/// `d`'s NetworkPolicy opens exactly `ports`, each `(port, from_required)`:
-/// a port whose rules must name where traffic comes from (the monitoring
-/// namespace) or one open to all.
+/// The NetworkPolicy of `d`'s pods opens ingress on exactly `ports`, each
+/// `(port, from_required)`: a port whose rules must name where traffic
+/// comes from (the monitoring namespace), or one open to all; and it leaves
+/// egress open.
 fn check_network_policy(overlay: &str, docs: &[Value], d: &Value, ports: &[(i64, bool)]) {
     let p = all(docs, "NetworkPolicy")
         .find(|p| selects(&p["spec"]["podSelector"]["matchLabels"], pod_labels(d)))

@@ -620,6 +620,83 @@ async fn a_reconnecting_event_stream_gets_the_runs_that_ended_while_it_was_away(
     app.stop().await;
 }
 
+/// A project stream misses no run's end: past a page of 1,000 ended runs
+/// (a resumed stream's first window on a busy fleet: the newest were cut
+/// and skipped), and when a run's end is committed after the window moved
+/// past its `finished_at` (it was dropped from the stream unsent). A quiet
+/// stream sends an id at once, so a client that saw no event can resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_stream_sends_every_end_past_a_page_or_committed_late() {
+    use sea_orm::ConnectionTrait;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    write_files(&app.doc_root.path().join("data"), 1, "jpg");
+    let project = app.project("every-end").await;
+    let path = format!("/api/v1/events?project_id={project}");
+    let first = first_message(&app, &path).await;
+    assert!(first.lines().any(|l| l.starts_with("id:")), "{first:?}");
+    let storage = app.local_storage(project, json!({})).await;
+    let live = app.start_sync(&storage["id"]).await;
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    const ENDED: usize = 1200;
+    let copies = format!(
+        "INSERT INTO sync_runs (id, storage_id, project_id, kind, status, scope, queued_at, \
+         finished_at, listed, matched, created, existed, failed, exported, unchanged, deleted, \
+         bytes, missing, changed, kept, listing_incomplete, attempts) \
+         SELECT 'ended-' || lpad(n::text, 5, '0'), storage_id, project_id, kind, 'completed', \
+         scope, queued_at, now() - interval '2 minutes', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, \
+         false, 1 FROM sync_runs, generate_series(1, {ENDED}) n WHERE id = '{live}'"
+    );
+    db.execute_unprepared(&copies).await.expect("ended runs");
+    let resume = (chrono::Utc::now() - chrono::Duration::minutes(3))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let late_end = format!(
+        "UPDATE sync_runs SET status = 'cancelled', finished_at = now() - interval '30 seconds' \
+         WHERE id = '{live}'"
+    );
+    let every_end = |events: &[Sse]| {
+        let ended: std::collections::HashSet<&str> = (events.iter())
+            .filter(|(_, _, run)| run["finished_at"].is_string())
+            .filter_map(|(_, _, run)| run["id"].as_str())
+            .collect();
+        ended.len() == ENDED + 1
+    };
+    let wait = Duration::from_secs(30);
+    let ((events, _), ()) = tokio::join!(
+        read_sse_from(&app, &path, Some(&resume), wait, every_end),
+        async {
+            // Seen live first, then ended "30 s ago" as a late commit would.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            db.execute_unprepared(&late_end).await.expect("late end");
+        },
+    );
+    let sent = |id: &str| events.iter().filter(|(_, _, r)| r["id"] == id).count();
+    assert!(sent("ended-00001") >= 1 && sent(&format!("ended-{ENDED:05}")) >= 1);
+    assert!(
+        events
+            .iter()
+            .any(|(_, _, r)| r["id"] == live.as_str() && r["status"] == "cancelled"),
+        "the late end was not sent"
+    );
+    assert!(every_end(&events), "{} events", events.len());
+    app.stop().await;
+}
+
+/// The first message of an event stream, as sent.
+async fn first_message(app: &TestApp, path: &str) -> String {
+    let mut resp = (app.client.get(format!("{}{path}", app.base)).send())
+        .await
+        .expect("GET events");
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await;
+        match chunk {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => break,
+        }
+    }
+    text
+}
+
 /// The scheduler that streams the run is not the one that started it, and
 /// the run's worker is another process: the run row carries it all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,8 +60,8 @@ pub async fn serve(
         })
         .transpose()?;
     let state = state(settings).await?;
-    let probes = probe_listener.map(|listener| serve_probes(listener, &state));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let probes = probe_listener.map(|listener| serve_probes(listener, &state, stop_rx.clone()));
     let worker = state.settings.embedded_workers.then(|| {
         let ctx = JobContext::new(
             state.db.clone(),
@@ -94,10 +94,10 @@ pub async fn serve(
     labelsync::http::serve(listener, api::router(state, pages), limits, shutdown).await;
     ticker.abort();
     follower.abort();
-    if let Some(probes) = probes {
-        probes.abort();
-    }
     let _ = stop_tx.send(true);
+    if let Some(probes) = probes {
+        probes.await.context("probe listener panicked")?;
+    }
     if let Some(worker) = worker {
         worker.await.context("worker task panicked")?;
     }
@@ -105,8 +105,13 @@ pub async fn serve(
 }
 
 /// Serves the probe listener (`LABELSYNC_PROBE_BIND`, see
-/// `api::probe_router`) with the API's limits until aborted.
-fn serve_probes(listener: TcpListener, state: &AppState) -> tokio::task::JoinHandle<()> {
+/// `api::probe_router`) with the API's limits until `stop` says so: after
+/// the API's drain, so that liveness answers while it drains.
+fn serve_probes(
+    listener: TcpListener,
+    state: &AppState,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "probes and metrics listening");
     }
@@ -116,7 +121,9 @@ fn serve_probes(listener: TcpListener, state: &AppState) -> tokio::task::JoinHan
         listener,
         router,
         limits,
-        std::future::pending(),
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        },
     ))
 }
 

@@ -53,6 +53,10 @@ struct Seen {
 }
 
 impl Seen {
+    fn is_live(&self) -> bool {
+        RunStatus::parse(&self.status).is_some_and(RunStatus::is_live)
+    }
+
     fn of(run: &sync_run::Model) -> Self {
         Seen {
             status: run.status.clone(),
@@ -188,23 +192,45 @@ pub struct EventsQuery {
 
 /// Every run's changes (of one project, or all): a `run` event each time a
 /// run is queued, progresses or ends. The stream does not end by itself.
+///
+/// Each look reads the live runs and the runs that ended in its window
+/// (from the previous look's start, less [`OVERLAP`]); a client that
+/// reconnects with the window of the last event it had reads from there
+/// (see [`resumed_from`]).
 struct ProjectWatch {
     state: AppState,
     holder: Holder,
     /// `None`: every project.
     projects: Option<Vec<i64>>,
+    /// What the previous look saw of each run, to send only changes.
     seen: HashMap<String, Seen>,
     /// Runs changed since the last send, waiting their turn: all of one
     /// look, whose window began at `window`.
     ready: Vec<sync_run::Model>,
-    /// The `since` of the look that filled `ready`: the id of its events.
-    /// A client reconnecting with it reads that look's window again, so
-    /// nothing it had not had yet is lost (what it had may come twice).
+    /// The start of the window of the look that filled `ready`: the id of
+    /// its events. A client reconnecting with it reads that window again,
+    /// so nothing it had not had is skipped (what it had may come twice).
     window: DateTime<Utc>,
-    /// When the previous look began: runs that ended after it are shown.
+    /// Where the next look's window starts.
     since: DateTime<Utc>,
+    /// The previous look read a full page of ended runs: the next one goes
+    /// on past its last, `(finished_at, id)`, at once.
+    page_end: Option<(DateTime<Utc>, String)>,
+    /// When the stream last sent an id (see [`MARK_EVERY`]).
+    marked: Option<tokio::time::Instant>,
     first: bool,
 }
+
+/// A quiet stream sends its window as an id-only message this often, so
+/// that a client that reconnects after a long quiet spell has an id of
+/// the last [`REPLAY`] (an id-only message moves an EventSource's
+/// `lastEventId` and fires no event).
+const MARK_EVERY: Duration = Duration::from_secs(30);
+/// A resumed stream's first window starts this long before the id it
+/// was given, beyond [`OVERLAP`]: for a run whose end was committed a
+/// while after its `finished_at` (a write lock waited for), and clocks a
+/// little apart.
+const RESUME_SLACK: TimeDelta = TimeDelta::seconds(10);
 
 /// `GET /api/v1/events`.
 pub async fn project_events(
@@ -222,7 +248,7 @@ pub async fn project_events(
     };
     let holder = Holder::open(&state, caller)?;
     let closed = state.streams.closed();
-    let since = resumed_from(&headers).unwrap_or_else(Utc::now);
+    let since = resumed_from(&headers).map_or_else(Utc::now, |at| at - RESUME_SLACK);
     let watch = ProjectWatch {
         state,
         holder,
@@ -231,6 +257,8 @@ pub async fn project_events(
         ready: Vec::new(),
         window: since,
         since,
+        page_end: None,
+        marked: None,
         first: true,
     };
     let stream = futures::stream::unfold(watch, next_project_event).take_until(closed);
@@ -241,37 +269,52 @@ async fn next_project_event(
     mut w: ProjectWatch,
 ) -> Option<(Result<Event, Infallible>, ProjectWatch)> {
     while w.ready.is_empty() {
-        if !std::mem::take(&mut w.first) {
+        if !std::mem::take(&mut w.first) && w.page_end.is_none() {
             tokio::time::sleep(EVERY).await;
         }
         if !w.holder.still_valid(&w.state).await {
             return None;
         }
         look(&mut w).await;
+        if w.ready.is_empty() && w.marked.is_none_or(|at| at.elapsed() >= MARK_EVERY) {
+            let mark = Event::default().id(w.window_id());
+            w.marked = Some(tokio::time::Instant::now());
+            return Some((Ok(mark), w));
+        }
     }
     let run = w.ready.remove(0);
-    let id = w.window.to_rfc3339_opts(SecondsFormat::Millis, true);
+    let id = w.window_id();
+    w.marked = Some(tokio::time::Instant::now());
     Some((event("run", &run).map(|e| e.id(id)), w))
+}
+
+impl ProjectWatch {
+    /// The id of the events of the look that filled `ready`.
+    fn window_id(&self) -> String {
+        self.window.to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
 }
 
 /// Where a reconnecting client left off: its `Last-Event-ID` (the window
 /// of the look whose events it had last), when it reads as one and is no
-/// older than [`REPLAY`]; else `None`, and the stream starts now.
+/// older than [`REPLAY`]; else `None`, and the stream starts now. An id
+/// ahead of this replica's clock (another replica's, a little ahead)
+/// starts [`CLOCK_SKEW`] back.
 fn resumed_from(headers: &HeaderMap) -> Option<DateTime<Utc>> {
     let raw = headers.get("last-event-id")?.to_str().ok()?;
     let at = DateTime::parse_from_rfc3339(raw.trim()).ok()?.to_utc();
     let now = Utc::now();
-    (at >= now - REPLAY && at <= now + CLOCK_SKEW).then(|| at.min(now))
+    if at > now + CLOCK_SKEW || at < now - REPLAY {
+        return None;
+    }
+    Some(if at > now { now - CLOCK_SKEW } else { at })
 }
 
-/// Reads the live and just-ended runs and queues those that changed.
+/// Reads the runs of a look and queues those that changed.
 async fn look(w: &mut ProjectWatch) {
     let started = Utc::now();
-    let since = w.since - OVERLAP;
-    let rows = match runs::live_or_ended_since(&w.state.db, w.projects.as_deref(), since, MAX_RUNS)
-        .await
-    {
-        Ok(rows) => rows,
+    let (rows, more) = match read_look(w).await {
+        Ok(read) => read,
         Err(err) => {
             tracing::debug!(error = %err, "events: read failed; trying again");
             return;
@@ -289,5 +332,35 @@ async fn look(w: &mut ProjectWatch) {
     // the set of live and just-ended runs.
     w.seen = current;
     w.window = w.since;
-    w.since = started;
+    w.since = more.as_ref().map_or(started, |(at, _)| *at);
+    w.page_end = more;
+}
+
+/// A look's rows, and the last ended run's `(finished_at, id)` when its
+/// page of ended runs was full (more wait).
+type Looked = (Vec<sync_run::Model>, Option<(DateTime<Utc>, String)>);
+
+/// The runs of one look: the live ones; those that ended in its window, a
+/// page of [`MAX_RUNS`] at most; and those the stream saw live and finds
+/// in neither (their end committed after the window had moved past their
+/// `finished_at`).
+async fn read_look(w: &ProjectWatch) -> labelsync::Result<Looked> {
+    let (db, projects) = (&w.state.db, w.projects.as_deref());
+    let mut rows = runs::live_of(db, projects, MAX_RUNS).await?;
+    let ended = match &w.page_end {
+        Some((at, id)) => runs::ended_after(db, projects, (*at, id), MAX_RUNS).await?,
+        None => runs::ended_since(db, w.since - OVERLAP, projects, MAX_RUNS).await?,
+    };
+    let full = ended.len() as u64 == MAX_RUNS;
+    let more = (ended.last())
+        .filter(|_| full)
+        .and_then(|r| Some((r.finished_at?, r.id.clone())));
+    rows.extend(ended);
+    let found: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let lost: Vec<String> = (w.seen.iter())
+        .filter(|(id, seen)| seen.is_live() && !found.contains(id.as_str()))
+        .map(|(id, _)| id.clone())
+        .collect();
+    rows.extend(runs::by_ids(db, &lost).await?);
+    Ok((rows, more))
 }

@@ -187,6 +187,7 @@ pub fn probe_router(state: AppState) -> Router {
             ApiError::not_found("no such path; this listener serves /healthz, /readyz and /metrics")
         })
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(trace_request))
         .with_state(state)
 }
 

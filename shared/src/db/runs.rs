@@ -759,7 +759,8 @@ pub async fn has_errors(db: &impl ConnectionTrait, run_id: &str) -> Result<bool>
 
 /// Runs that ended at or after `since`, of these projects (all when
 /// `None`), at most `limit`, oldest end first: the console's throughput
-/// and failure charts. Reads the `finished_at` index.
+/// and failure charts, a project event stream's ended runs. Reads the
+/// `finished_at` index.
 pub async fn ended_since(
     db: &impl ConnectionTrait,
     since: chrono::DateTime<Utc>,
@@ -769,6 +770,7 @@ pub async fn ended_since(
     let mut query = sync_run::Entity::find()
         .filter(sync_run::Column::FinishedAt.gte(since))
         .order_by_asc(sync_run::Column::FinishedAt)
+        .order_by_asc(sync_run::Column::Id)
         .limit(limit);
     if let Some(projects) = projects {
         query = query.filter(of_projects(projects));
@@ -816,25 +818,58 @@ pub async fn previous_completed(
         .await?)
 }
 
-/// The runs a live event stream shows now: every live run, and those that
-/// ended at or after `ended_since`; of these projects when given.
-/// At most `limit`, oldest first.
-pub async fn live_or_ended_since(
+/// The live runs (queued or running), of these projects when given, at
+/// most `limit`, oldest first (the partial live-run index).
+pub async fn live_of(
     db: &impl ConnectionTrait,
     projects: Option<&[i64]>,
-    ended_since: chrono::DateTime<Utc>,
     limit: u64,
 ) -> Result<Vec<sync_run::Model>> {
     let mut query = sync_run::Entity::find()
-        .filter(
-            sea_orm::Condition::any()
-                .add(sync_run::Column::Status.is_in(LIVE))
-                .add(sync_run::Column::FinishedAt.gte(ended_since)),
-        )
+        .filter(sync_run::Column::Status.is_in(LIVE))
         .order_by_asc(sync_run::Column::Id)
         .limit(limit);
     if let Some(projects) = projects {
         query = query.filter(of_projects(projects));
     }
     Ok(query.all(db).await?)
+}
+
+/// A page of the runs that ended after `after` (the `(finished_at, id)`
+/// of the last run of the previous page), in that order, of these projects
+/// when given: a keyset page, which goes on however many runs ended at
+/// one instant. Reads the `finished_at` index.
+pub async fn ended_after(
+    db: &impl ConnectionTrait,
+    projects: Option<&[i64]>,
+    after: (chrono::DateTime<Utc>, &str),
+    limit: u64,
+) -> Result<Vec<sync_run::Model>> {
+    use sync_run::Column as C;
+    let (at, id) = after;
+    let past = sea_orm::Condition::any().add(C::FinishedAt.gt(at)).add(
+        sea_orm::Condition::all()
+            .add(C::FinishedAt.eq(at))
+            .add(C::Id.gt(id)),
+    );
+    let mut query = sync_run::Entity::find()
+        .filter(past)
+        .order_by_asc(C::FinishedAt)
+        .order_by_asc(C::Id)
+        .limit(limit);
+    if let Some(projects) = projects {
+        query = query.filter(of_projects(projects));
+    }
+    Ok(query.all(db).await?)
+}
+
+/// The runs of these ids that exist.
+pub async fn by_ids(db: &impl ConnectionTrait, ids: &[String]) -> Result<Vec<sync_run::Model>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sync_run::Entity::find()
+        .filter(sync_run::Column::Id.is_in(ids.iter().map(String::as_str)))
+        .all(db)
+        .await?)
 }

@@ -718,6 +718,8 @@ async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every:
 /// of big objects). Work shorter than `every` costs no query.
 async fn run_stopped(db: &DatabaseConnection, run_id: &str, every: Duration) {
     let mut tick = tokio::time::interval(every);
+    // A slow database spaces the looks out rather than bunching them.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
