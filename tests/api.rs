@@ -2137,12 +2137,34 @@ async fn ended_runs_are_deleted_past_their_retention() {
         (&retry, 200),
     ];
     found(&app, &two_kept).await;
+
+    // One run a storage, on a storage that ended none lately: a regular
+    // pass leaves it be (it is not growing); a scheduler's first pass
+    // applies the count to every storage, so a lowered setting reaches it.
+    backdate_by(&app, &[&runs[4], &retry], chrono::Duration::hours(1)).await;
+    prune_keeping(&app, Some("1")).await;
+    found(&app, &[(&runs[4], 200), (&retry, 200)]).await;
+    let vars = with_kept(&app, Some("1"));
+    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&vars))
+        .await
+        .expect("state");
+    labelsync_scheduler::periodic::prune_all(&state).await;
+    found(&app, &[(&runs[4], 404), (&retry, 200)]).await;
     app.stop().await;
 }
 
 /// Sets these runs' end 91 days back, past the default retention; the
 /// scheduler state the test reads the database with.
 async fn backdate(app: &TestApp, runs: &[&String]) -> labelsync_scheduler::api::AppState {
+    backdate_by(app, runs, chrono::Duration::days(91)).await
+}
+
+/// Sets these runs' end `ago` back.
+async fn backdate_by(
+    app: &TestApp,
+    runs: &[&String],
+    ago: chrono::Duration,
+) -> labelsync_scheduler::api::AppState {
     use sea_orm::ConnectionTrait;
     let state = labelsync_scheduler::app::state(labelsync_tests::settings(&app.vars))
         .await
@@ -2152,7 +2174,7 @@ async fn backdate(app: &TestApp, runs: &[&String]) -> labelsync_scheduler::api::
         sea_orm::DbBackend::Postgres => "UPDATE sync_runs SET finished_at = $1 WHERE id = $2",
         _ => "UPDATE sync_runs SET finished_at = ? WHERE id = ?",
     };
-    let long_ago = chrono::Utc::now() - chrono::Duration::days(91);
+    let long_ago = chrono::Utc::now() - ago;
     for run in runs {
         let values = [long_ago.into(), run.as_str().into()];
         let statement = sea_orm::Statement::from_sql_and_values(backend, sql, values);
@@ -2164,14 +2186,21 @@ async fn backdate(app: &TestApp, runs: &[&String]) -> labelsync_scheduler::api::
 /// Runs the scheduler's cleanup, with `LABELSYNC_RUNS_KEPT_PER_STORAGE`
 /// set to `kept` when given.
 async fn prune_keeping(app: &TestApp, kept: Option<&str>) {
-    let mut vars = app.vars.clone();
-    if let Some(kept) = kept {
-        vars.insert("LABELSYNC_RUNS_KEPT_PER_STORAGE", kept.to_owned());
-    }
+    let vars = with_kept(app, kept);
     let state = labelsync_scheduler::app::state(labelsync_tests::settings(&vars))
         .await
         .expect("state");
     labelsync_scheduler::periodic::prune(&state).await;
+}
+
+/// The app's settings, with `LABELSYNC_RUNS_KEPT_PER_STORAGE` set to
+/// `kept` when given.
+fn with_kept(app: &TestApp, kept: Option<&str>) -> std::collections::HashMap<&'static str, String> {
+    let mut vars = app.vars.clone();
+    if let Some(kept) = kept {
+        vars.insert("LABELSYNC_RUNS_KEPT_PER_STORAGE", kept.to_owned());
+    }
+    vars
 }
 
 /// Asserts each run's `GET` status: 200 kept, 404 deleted.

@@ -54,10 +54,14 @@ pub async fn run(state: AppState, tick: Duration) {
 }
 
 /// Deletes what has outlived its retention at start, then every
-/// [`PRUNE_EVERY`] (a pass that takes longer puts the next one off).
+/// [`PRUNE_EVERY`] (a pass that takes longer puts the next one off). The
+/// first pass applies the runs' count rule to every storage
+/// ([`prune_all`]); later ones to those that ended a run lately.
 async fn clean_up(state: AppState) {
     let mut timer = tokio::time::interval(PRUNE_EVERY);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer.tick().await;
+    prune_all(&state).await;
     loop {
         timer.tick().await;
         prune(&state).await;
@@ -71,8 +75,26 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// nothing is pending for them.
 const EVENT_RETENTION_DAYS: i64 = 7;
 
-/// Deletes what has outlived its retention.
+/// Deletes what has outlived its retention: a regular pass, which keeps
+/// the newest `LABELSYNC_RUNS_KEPT_PER_STORAGE` runs of the storages that
+/// ended a run lately (looked back ten passes, so a slow or missed pass
+/// loses none; a storage that ends none is not growing).
 pub async fn prune(state: &AppState) {
+    let lately = chrono::Duration::from_std(PRUNE_EVERY * 10).unwrap_or_default();
+    prune_with(state, Utc::now() - lately).await;
+}
+
+/// [`prune`], applying the count rule to every storage: a scheduler's
+/// first pass, so that a lowered `LABELSYNC_RUNS_KEPT_PER_STORAGE` (a
+/// restart) reaches the storages that sync rarely too. One query per
+/// storage.
+pub async fn prune_all(state: &AppState) {
+    prune_with(state, chrono::DateTime::<Utc>::UNIX_EPOCH).await;
+}
+
+/// Deletes what has outlived its retention, applying the runs' count rule
+/// to the storages that ended a run since `active_since`.
+async fn prune_with(state: &AppState, active_since: chrono::DateTime<Utc>) {
     let cutoff = Utc::now() - chrono::Duration::days(EVENT_RETENTION_DAYS);
     match labelsync::db::webhooks::prune(&state.db, cutoff).await {
         Ok(0) => {}
@@ -93,7 +115,7 @@ pub async fn prune(state: &AppState) {
         Ok(n) => tracing::info!(rows = n, days, "deleted audit rows past their retention"),
         Err(err) => tracing::warn!(error = %err, "audit cleanup failed"),
     }
-    prune_runs(state).await;
+    prune_runs(state, active_since).await;
     let cutoff = Utc::now() - worker_retention(&state.settings);
     match labelsync::db::workers::prune(&state.db, cutoff).await {
         Ok(0) => {}
@@ -104,15 +126,13 @@ pub async fn prune(state: &AppState) {
 
 /// Deletes ended runs past `LABELSYNC_RUN_RETENTION_DAYS`, and those past
 /// the newest `LABELSYNC_RUNS_KEPT_PER_STORAGE` of a storage that ended a
-/// run lately (looked back ten passes, so a slow or missed pass loses
-/// none).
-async fn prune_runs(state: &AppState) {
+/// run since `active_since`.
+async fn prune_runs(state: &AppState, active_since: chrono::DateTime<Utc>) {
     let settings = &state.settings;
     let days = i64::from(settings.run_retention_days);
     let before = Utc::now() - chrono::Duration::days(days);
     let kept = u64::from(settings.runs_kept_per_storage);
-    let lately = Utc::now() - chrono::Duration::from_std(PRUNE_EVERY * 10).unwrap_or_default();
-    match labelsync::db::run_retention::prune(&state.db, before, kept, lately).await {
+    match labelsync::db::run_retention::prune(&state.db, before, kept, active_since).await {
         Ok(pruned) if pruned == Default::default() => {}
         Ok(pruned) => tracing::info!(
             expired = pruned.expired,
