@@ -1545,6 +1545,69 @@ async fn saved_secrets_validate_and_the_sync_imports_the_images(
     assert_eq!(again["counters"]["created"], 0, "{backend}: {again}");
 }
 
+/// A key ending in `/` in S3 or GCS is a folder marker (the consoles'
+/// "Create folder" writes one, of zero bytes), not an object: a sync makes
+/// no task of it in Files mode (one whose URI names no object) and reads
+/// no task file in Tasks mode, as Label Studio skips it. It still counts
+/// as listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn folder_markers_are_not_imported() {
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let moto = endpoint("TEST_S3_ENDPOINT");
+    let gcs = endpoint("TEST_GCS_ENDPOINT");
+    let (s3_bucket, gcs_bucket) = (bucket_name(), bucket_name());
+    create_s3_bucket(&moto, "test", "test", &s3_bucket).await;
+    create_gcs_bucket(&gcs, &gcs_bucket).await;
+    let backends = [
+        (
+            "s3",
+            json!({ "bucket": s3_bucket, "endpoint_url": moto }),
+            json!({ "access_key_id": "test", "secret_access_key": "test" }),
+        ),
+        (
+            "gcs",
+            json!({ "bucket": gcs_bucket, "endpoint_url": gcs }),
+            json!({}),
+        ),
+    ];
+    for (backend, config, secrets) in backends {
+        let storage = open(
+            BackendKind::parse(backend).unwrap(),
+            config.clone(),
+            secrets.clone(),
+        )
+        .await;
+        for (key, body) in [
+            ("img/", ""),
+            ("img/sub/", ""),
+            ("img/a.json", r#"{"text": "a"}"#),
+        ] {
+            storage.put(key, Bytes::from(body), None).await.unwrap();
+        }
+        for method in ["files", "tasks"] {
+            let project = app.project(&format!("{backend} {method}")).await;
+            let body = json!({
+                "project_id": project, "role": "source", "backend": backend, "prefix": "img/",
+                "import_method": method, "config": config, "secrets": secrets,
+            });
+            let (status, created) = app.post("/api/v1/storages", body).await;
+            assert_eq!(status, 201, "{backend}: {created}");
+            let run = app.sync(&created["id"]).await;
+            let counters = &run["counters"];
+            assert_eq!(
+                (
+                    &counters["listed"],
+                    &counters["created"],
+                    &counters["failed"]
+                ),
+                (&json!(3), &json!(1), &json!(0)),
+                "{backend} {method}: {run}"
+            );
+        }
+    }
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_sync_end_to_end_through_s3() {
     let (s3_url, s3_key, s3_secret) = s3s();

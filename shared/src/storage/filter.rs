@@ -8,11 +8,15 @@ use regex::Regex;
 use crate::{Error, Result, db::entities::storage};
 
 /// A storage's regex filter, compiled: [`Filter::matches`] is true for keys
-/// the regex matches from their start (always, without a regex). Matching
-/// takes linear time in the key.
+/// the regex matches from their start (always, without a regex), but for
+/// folder markers where the backend has them. Matching takes linear time
+/// in the key.
 #[derive(Debug, Clone)]
 pub struct Filter {
     regex: Option<Regex>,
+    /// Keys ending in `/` are folder markers, not objects
+    /// ([`super::Backend::folder_markers`]).
+    folder_markers: bool,
 }
 
 /// Compiled patterns are capped (10 MiB of program) so a pathological pattern
@@ -22,7 +26,10 @@ const REGEX_SIZE_LIMIT: usize = 10 << 20;
 impl Filter {
     pub fn new(regex_filter: Option<&str>) -> Result<Self> {
         let Some(pattern) = regex_filter.filter(|r| !r.is_empty()) else {
-            return Ok(Filter { regex: None });
+            return Ok(Filter {
+                regex: None,
+                folder_markers: false,
+            });
         };
         let build = |p: &str| {
             regex::RegexBuilder::new(p)
@@ -40,14 +47,25 @@ impl Filter {
         // become a valid pattern with another meaning.
         build(pattern).map_err(invalid)?;
         let regex = build(&format!("^(?:{pattern})")).map_err(invalid)?;
-        Ok(Filter { regex: Some(regex) })
+        Ok(Filter {
+            regex: Some(regex),
+            folder_markers: false,
+        })
     }
 
+    /// The storage's filter, skipping its backend's folder markers.
     pub fn from_storage(storage: &storage::Model) -> Result<Self> {
-        Self::new(storage.regex_filter.as_deref())
+        let kind = super::BackendKind::parse(&storage.backend)?;
+        Ok(Filter {
+            folder_markers: super::backend(kind).folder_markers(),
+            ..Self::new(storage.regex_filter.as_deref())?
+        })
     }
 
     pub fn matches(&self, key: &str) -> bool {
+        if self.folder_markers && key.ends_with('/') {
+            return false;
+        }
         self.regex.as_ref().is_none_or(|r| r.is_match(key))
     }
 }

@@ -626,6 +626,10 @@ impl super::Backend for Descriptor {
         super::KeyShape::Name
     }
 
+    fn folder_markers(&self) -> bool {
+        true
+    }
+
     fn uri_scheme(&self) -> Option<&'static str> {
         Some("gs")
     }

@@ -75,6 +75,13 @@ pub trait Backend: Sync {
     /// How its keys must be checked ([`check_key`]).
     fn key_shape(&self) -> KeyShape;
 
+    /// Whether a key ending in `/` is a folder marker, not an object: the
+    /// zero-byte placeholder a console's "Create folder" writes (S3, GCS).
+    /// Syncs skip them, as Label Studio does; they still count as listed.
+    fn folder_markers(&self) -> bool {
+        false
+    }
+
     /// Whether every object's value is task JSON whatever its key looks like
     /// (Redis, as Label Studio stores tasks there), for Tasks mode.
     fn values_are_task_json(&self) -> bool {
