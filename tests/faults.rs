@@ -374,6 +374,54 @@ async fn redis_restarted_mid_run_the_run_completes_and_readyz_recovers() {
     app.stop().await;
 }
 
+/// A Redis that forgets its jobs (restarted with no persistence, failed
+/// over to an empty replica, flushed) held the only copy of the queued
+/// runs' jobs: the scheduler notices at its next tick (a key of its own is
+/// gone) and pushes them again at once, rather than after
+/// `LABELSYNC_REQUEUE_AFTER_SECS` (120 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_runs_are_pushed_again_when_redis_forgets_its_jobs() {
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    labelsync_tests::write_files(&app.doc_root.path().join("data"), 10, "jpg");
+    let project = app.project("forgotten").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    // Past a tick or two of the scheduler (200 ms in tests).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    forget_the_namespace(&app.vars["LABELSYNC_QUEUE_NAMESPACE"]).await;
+    let _worker = labelsync_tests::spawn_ready_worker(&app, "after-the-loss", &[]).await;
+    let run = app.wait_run(&run_id, Duration::from_secs(20)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 10, "{run}");
+    app.stop().await;
+}
+
+/// Deletes every Redis key of a queue namespace, as a Redis that lost its
+/// data would have none.
+async fn forget_the_namespace(namespace: &str) {
+    let url = labelsync_tests::require_redis().await;
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{namespace}*"))
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    assert!(!keys.is_empty(), "the namespace has keys to lose");
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+}
+
 /// A worker process whose Redis goes away exits non-zero within a heartbeat
 /// or two, so its orchestrator restarts it (rather than a worker that looks
 /// alive and takes no jobs).

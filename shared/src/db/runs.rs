@@ -611,6 +611,23 @@ pub async fn stalled(
         .await?)
 }
 
+/// Queued runs already admitted (their job was pushed), at most `limit`,
+/// oldest first: what a queue that forgot its jobs is given again.
+pub async fn admitted_queued(db: &impl ConnectionTrait, limit: u64) -> Result<Vec<String>> {
+    use sea_orm::QuerySelect;
+    use sync_run::Column as C;
+    Ok(sync_run::Entity::find()
+        .select_only()
+        .column(C::Id)
+        .filter(C::Status.eq(RunStatus::Queued.as_str()))
+        .filter(C::AdmittedAt.is_not_null())
+        .order_by_asc(C::Id)
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
 /// Counts the still-queued runs among `ids` as alive at `now` (they were
 /// just pushed to the queue again).
 pub async fn mark_alive_if_queued(

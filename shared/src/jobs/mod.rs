@@ -853,10 +853,13 @@ const REQUEUE_PER_TICK: u64 = 1000;
 
 /// Enqueues again admitted live runs that showed no sign of life for
 /// `settings.requeue_after`: their job was lost (Redis flushed, a scheduler
-/// died between admission and push, a push that failed). A duplicate of a
-/// job that was only slow is harmless: the run's lease turns it away. Held
-/// runs are not its business (see [`release_held`]): it never pushes a run
-/// its project's cap has not admitted. Returns how many were pushed.
+/// died between admission and push, a push that failed). When the queue
+/// says it forgot its jobs ([`Queue::forgot_its_jobs`]), every admitted
+/// queued run is pushed again at once instead (up to [`REQUEUE_PER_TICK`];
+/// the rest wait for the window). A duplicate of a job that was only slow
+/// is harmless: the run's lease turns it away. Held runs are not its
+/// business (see [`release_held`]): it never pushes a run its project's
+/// cap has not admitted. Returns how many were pushed.
 pub async fn requeue_stalled(
     db: &DatabaseConnection,
     queue: &Queue,
@@ -865,7 +868,18 @@ pub async fn requeue_stalled(
     let window = Ord::max(settings.requeue_after.as_secs(), 1);
     let now = chrono::Utc::now();
     let cutoff = now - chrono::Duration::seconds(window as i64);
-    let stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
+    let mut stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
+    if queue.forgot_its_jobs().await? {
+        let queued = runs::admitted_queued(db, REQUEUE_PER_TICK).await?;
+        if !queued.is_empty() {
+            tracing::warn!(
+                runs = queued.len(),
+                "the queue forgot its jobs (Redis restarted empty, failed over or flushed); pushing the queued runs again"
+            );
+        }
+        stalled.retain(|id| !queued.contains(id));
+        stalled.extend(queued);
+    }
     let mut pushed = 0;
     let mut touched = Vec::new();
     // One push per run per window: the idempotency key changes with it.

@@ -54,6 +54,9 @@ pub enum Queue {
         /// This process's watchers of runs (see [`crate::ingest::ended`]),
         /// woken by the ends the workers announce on Redis.
         endings: Endings,
+        /// The key whose absence says Redis forgot the namespace's jobs
+        /// (see [`Queue::forgot_its_jobs`]).
+        memory_key: String,
     },
     /// The queue, and this process's watchers of runs, woken by the ends
     /// its own jobs announce.
@@ -95,6 +98,7 @@ impl Queue {
                     client: Arc::new(client),
                     backlog_limit: settings.queue_backlog_limit,
                     endings: Endings::default(),
+                    memory_key: format!("{}:memory", settings.queue_namespace),
                 })
             }
             None => {
@@ -204,6 +208,29 @@ impl Queue {
             Queue::Redis { storage, conn, .. } => redis_depth(storage, conn.clone()).await,
             Queue::Embedded(storage, _) => embedded_depth(storage).await,
         }
+    }
+
+    /// Whether the queue forgot its jobs since it was last asked: Redis
+    /// restarted without persistence, failed over to an empty replica, or
+    /// was flushed. A key of the namespace's own is set when missing; its
+    /// absence says so (also on a Redis never used before, which holds no
+    /// jobs either). Any process may ask; the one whose set takes is told.
+    /// Never for the embedded queue, which is in a database.
+    pub async fn forgot_its_jobs(&self) -> Result<bool> {
+        let Queue::Redis {
+            conn, memory_key, ..
+        } = self
+        else {
+            return Ok(false);
+        };
+        let set: Option<String> = redis::cmd("SET")
+            .arg(memory_key)
+            .arg(chrono::Utc::now().to_rfc3339())
+            .arg("NX")
+            .query_async(&mut conn.clone())
+            .await
+            .map_err(|e| Error::Transient(format!("queue memory key: {e}")))?;
+        Ok(set.is_some())
     }
 
     /// True when the queue's server answers (for `/readyz`).
