@@ -2137,20 +2137,24 @@ async fn ended_runs_are_deleted_past_their_retention() {
         (&retry, 200),
     ];
     found(&app, &two_kept).await;
+    a_full_pass_counts_quiet_storages_too(&app, &runs[4], &retry).await;
+    app.stop().await;
+}
 
-    // One run a storage, on a storage that ended none lately: a regular
-    // pass leaves it be (it is not growing); a scheduler's first pass
-    // applies the count to every storage, so a lowered setting reaches it.
-    backdate_by(&app, &[&runs[4], &retry], chrono::Duration::hours(1)).await;
-    prune_keeping(&app, Some("1")).await;
-    found(&app, &[(&runs[4], 200), (&retry, 200)]).await;
-    let vars = with_kept(&app, Some("1"));
+/// One run a storage, on a storage that ended none lately (its last two,
+/// `older` and `newer`, ended an hour ago): a regular pass leaves it be
+/// (it is not growing); a full pass (a scheduler's first, then daily)
+/// applies the count to every storage, so a lowered setting reaches it.
+async fn a_full_pass_counts_quiet_storages_too(app: &TestApp, older: &String, newer: &String) {
+    backdate_by(app, &[older, newer], chrono::Duration::hours(1)).await;
+    prune_keeping(app, Some("1")).await;
+    found(app, &[(older, 200), (newer, 200)]).await;
+    let vars = with_kept(app, Some("1"));
     let state = labelsync_scheduler::app::state(labelsync_tests::settings(&vars))
         .await
         .expect("state");
-    labelsync_scheduler::periodic::prune_all(&state).await;
-    found(&app, &[(&runs[4], 404), (&retry, 200)]).await;
-    app.stop().await;
+    assert!(labelsync_scheduler::periodic::prune_all(&state).await);
+    found(app, &[(older, 404), (newer, 200)]).await;
 }
 
 /// Sets these runs' end 91 days back, past the default retention; the
@@ -2235,6 +2239,7 @@ async fn ended_runs_are_deleted_past_their_retention_on_sqlite() {
     found(&app, &[(&runs[0], 404), (&runs[1], 200), (&runs[3], 200)]).await;
     prune_keeping(&app, Some("2")).await;
     found(&app, &[(&runs[1], 404), (&runs[2], 200), (&runs[3], 200)]).await;
+    a_full_pass_counts_quiet_storages_too(&app, &runs[2], &runs[3]).await;
     app.stop().await;
 }
 

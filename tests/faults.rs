@@ -377,8 +377,10 @@ async fn redis_restarted_mid_run_the_run_completes_and_readyz_recovers() {
 /// A Redis that forgets its jobs (restarted with no persistence, failed
 /// over to an empty replica, flushed) held the only copy of the queued
 /// runs' jobs: the scheduler notices at its next tick (a key of its own is
-/// gone) and pushes them again at once, rather than after
-/// `LABELSYNC_REQUEUE_AFTER_SECS` (120 s by default).
+/// gone, and so is every job) and pushes them again at once, rather than
+/// after `LABELSYNC_REQUEUE_AFTER_SECS` (120 s by default). A Redis that
+/// only lacks the key (this version's first start on a Redis in use) gets
+/// no second copy of the jobs it has.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_runs_are_pushed_again_when_redis_forgets_its_jobs() {
     let app = spawn_app(AppOptions {
@@ -390,31 +392,51 @@ async fn queued_runs_are_pushed_again_when_redis_forgets_its_jobs() {
     let project = app.project("forgotten").await;
     let storage = app.local_storage(project, json!({})).await;
     let run_id = app.start_sync(&storage["id"]).await;
-    // Past a tick or two of the scheduler (200 ms in tests).
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    forget_the_namespace(&app.vars["LABELSYNC_QUEUE_NAMESPACE"]).await;
+    let namespace = &app.vars["LABELSYNC_QUEUE_NAMESPACE"];
+    let tick = Duration::from_secs(1); // several of the tests' 200 ms ticks
+    forget_keys(&format!("{namespace}:memory")).await;
+    tokio::time::sleep(tick).await;
+    let (_, queues) = app.get("/api/v1/queues").await;
+    assert_eq!(queues["items"][0]["pending"], 1, "no second copy: {queues}");
+
+    forget_keys(&format!("*{namespace}*")).await;
     let _worker = labelsync_tests::spawn_ready_worker(&app, "after-the-loss", &[]).await;
     let run = app.wait_run(&run_id, Duration::from_secs(20)).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], 10, "{run}");
+    let (_, queues) = app.get("/api/v1/queues").await;
+    assert_eq!(queues["items"][0]["dead"], 0, "{queues}");
     app.stop().await;
 }
 
-/// Deletes every Redis key of a queue namespace, as a Redis that lost its
-/// data would have none.
-async fn forget_the_namespace(namespace: &str) {
+/// Deletes the Redis keys matching `pattern` (there must be some), as a
+/// Redis that lost its data would have none.
+async fn forget_keys(pattern: &str) {
     let url = labelsync_tests::require_redis().await;
     let client = redis::Client::open(url.as_str()).expect("client");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("*{namespace}*"))
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
-    assert!(!keys.is_empty(), "the namespace has keys to lose");
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("SCAN");
+        keys.extend(page);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    assert!(!keys.is_empty(), "no key matches {pattern}");
     let _: () = redis::cmd("DEL")
         .arg(&keys)
         .query_async(&mut conn)

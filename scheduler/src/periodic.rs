@@ -13,7 +13,10 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use labelsync::{db::storages, jobs};
+use labelsync::{
+    db::{run_retention::Counted, storages},
+    jobs,
+};
 
 use crate::api::AppState;
 
@@ -54,20 +57,27 @@ pub async fn run(state: AppState, tick: Duration) {
 }
 
 /// Deletes what has outlived its retention at start, then every
-/// [`PRUNE_EVERY`] (a pass that takes longer puts the next one off). The
-/// first pass applies the runs' count rule to every storage
-/// ([`prune_all`]); later ones to those that ended a run lately.
+/// [`PRUNE_EVERY`] (a pass that takes longer puts the next one off). A
+/// full pass ([`prune_all`]) comes first and then every [`FULL_EVERY`],
+/// and again at the next pass when one fails; the others apply the runs'
+/// count rule to the storages that ended a run lately.
 async fn clean_up(state: AppState) {
     let mut timer = tokio::time::interval(PRUNE_EVERY);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    timer.tick().await;
-    prune_all(&state).await;
+    let mut full_due = tokio::time::Instant::now();
     loop {
         timer.tick().await;
-        prune(&state).await;
+        if tokio::time::Instant::now() < full_due {
+            prune(&state).await;
+        } else if prune_all(&state).await {
+            full_due = tokio::time::Instant::now() + FULL_EVERY;
+        }
     }
 }
 
+/// How often a full cleanup pass applies the runs' count rule to every
+/// storage.
+const FULL_EVERY: Duration = Duration::from_secs(24 * 3600);
 /// How often expired webhook events, idempotency keys, audit rows, runs
 /// and worker registrations are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -81,20 +91,20 @@ const EVENT_RETENTION_DAYS: i64 = 7;
 /// loses none; a storage that ends none is not growing).
 pub async fn prune(state: &AppState) {
     let lately = chrono::Duration::from_std(PRUNE_EVERY * 10).unwrap_or_default();
-    prune_with(state, Utc::now() - lately).await;
+    prune_with(state, Counted::EndedSince(Utc::now() - lately)).await;
 }
 
-/// [`prune`], applying the count rule to every storage: a scheduler's
-/// first pass, so that a lowered `LABELSYNC_RUNS_KEPT_PER_STORAGE` (a
-/// restart) reaches the storages that sync rarely too. One query per
-/// storage.
-pub async fn prune_all(state: &AppState) {
-    prune_with(state, chrono::DateTime::<Utc>::UNIX_EPOCH).await;
+/// [`prune`], applying the count rule to every storage: so that a lowered
+/// `LABELSYNC_RUNS_KEPT_PER_STORAGE` (a restart) reaches the storages that
+/// sync rarely too. One index walk per storage. False when the runs'
+/// cleanup failed.
+pub async fn prune_all(state: &AppState) -> bool {
+    prune_with(state, Counted::Every).await
 }
 
 /// Deletes what has outlived its retention, applying the runs' count rule
-/// to the storages that ended a run since `active_since`.
-async fn prune_with(state: &AppState, active_since: chrono::DateTime<Utc>) {
+/// to the storages `counted`; false when the runs' cleanup failed.
+async fn prune_with(state: &AppState, counted: Counted) -> bool {
     let cutoff = Utc::now() - chrono::Duration::days(EVENT_RETENTION_DAYS);
     match labelsync::db::webhooks::prune(&state.db, cutoff).await {
         Ok(0) => {}
@@ -115,33 +125,40 @@ async fn prune_with(state: &AppState, active_since: chrono::DateTime<Utc>) {
         Ok(n) => tracing::info!(rows = n, days, "deleted audit rows past their retention"),
         Err(err) => tracing::warn!(error = %err, "audit cleanup failed"),
     }
-    prune_runs(state, active_since).await;
+    let runs_pruned = prune_runs(state, counted).await;
     let cutoff = Utc::now() - worker_retention(&state.settings);
     match labelsync::db::workers::prune(&state.db, cutoff).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(workers = n, "forgot workers gone for a while"),
         Err(err) => tracing::warn!(error = %err, "worker registration cleanup failed"),
     }
+    runs_pruned
 }
 
 /// Deletes ended runs past `LABELSYNC_RUN_RETENTION_DAYS`, and those past
-/// the newest `LABELSYNC_RUNS_KEPT_PER_STORAGE` of a storage that ended a
-/// run since `active_since`.
-async fn prune_runs(state: &AppState, active_since: chrono::DateTime<Utc>) {
+/// the newest `LABELSYNC_RUNS_KEPT_PER_STORAGE` of the storages `counted`;
+/// false when that failed.
+async fn prune_runs(state: &AppState, counted: Counted) -> bool {
     let settings = &state.settings;
     let days = i64::from(settings.run_retention_days);
     let before = Utc::now() - chrono::Duration::days(days);
     let kept = u64::from(settings.runs_kept_per_storage);
-    match labelsync::db::run_retention::prune(&state.db, before, kept, active_since).await {
-        Ok(pruned) if pruned == Default::default() => {}
-        Ok(pruned) => tracing::info!(
-            expired = pruned.expired,
-            over_count = pruned.over_count,
-            days,
-            kept,
-            "deleted ended runs past their retention"
-        ),
-        Err(err) => tracing::warn!(error = %err, "run cleanup failed"),
+    match labelsync::db::run_retention::prune(&state.db, before, kept, counted).await {
+        Ok(pruned) if pruned == Default::default() => true,
+        Ok(pruned) => {
+            tracing::info!(
+                expired = pruned.expired,
+                over_count = pruned.over_count,
+                days,
+                kept,
+                "deleted ended runs past their retention"
+            );
+            true
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "run cleanup failed");
+            false
+        }
     }
 }
 

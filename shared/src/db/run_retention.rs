@@ -46,21 +46,36 @@ pub struct Pruned {
     pub over_count: u64,
 }
 
-/// Deletes the runs that ended before `before`, and, of each storage that
-/// ended a run since `active_since`, those past its newest `kept` (a
-/// storage that ends none is not growing; its old runs meet the cutoff).
+/// Which storages a pass applies the count rule to.
+#[derive(Debug, Clone, Copy)]
+pub enum Counted {
+    /// Those that ended a run since then: a regular pass costs what the
+    /// fleet did since the last one (a storage that ends none is not
+    /// growing; its old runs meet the cutoff).
+    EndedSince(DateTime<Utc>),
+    /// Every storage: a full pass, so a lowered count reaches the storages
+    /// that sync rarely too (one index walk each).
+    Every,
+}
+
+/// Deletes the runs that ended before `before`, and, of the storages
+/// `counted`, those past each one's newest `kept`.
 pub async fn prune(
     db: &impl ConnectionTrait,
     before: DateTime<Utc>,
     kept: u64,
-    active_since: DateTime<Utc>,
+    counted: Counted,
 ) -> Result<Pruned> {
     let expired = ended_runs().filter(C::FinishedAt.lt(before));
     let mut pruned = Pruned {
         expired: delete_chunks(db, expired).await?,
         over_count: 0,
     };
-    for storage_id in active_storages(db, active_since).await? {
+    let storages = match counted {
+        Counted::EndedSince(since) => active_storages(db, since).await?,
+        Counted::Every => super::storages::all_ids(db).await?,
+    };
+    for storage_id in storages {
         let Some(oldest_kept) = nth_newest(db, storage_id, kept).await? else {
             continue;
         };

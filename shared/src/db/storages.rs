@@ -22,6 +22,17 @@ pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<storage::
     Ok(storage::Entity::find_by_id(id).one(db).await?)
 }
 
+/// Every storage's id, in order (the primary key's index alone).
+pub async fn all_ids(db: &impl ConnectionTrait) -> Result<Vec<i64>> {
+    Ok(storage::Entity::find()
+        .select_only()
+        .column(storage::Column::Id)
+        .order_by_asc(storage::Column::Id)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
 /// The filters of [`page`] (`None`: any).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StorageFilter<'a> {

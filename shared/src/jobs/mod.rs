@@ -853,33 +853,21 @@ const REQUEUE_PER_TICK: u64 = 1000;
 
 /// Enqueues again admitted live runs that showed no sign of life for
 /// `settings.requeue_after`: their job was lost (Redis flushed, a scheduler
-/// died between admission and push, a push that failed). When the queue
-/// says it forgot its jobs ([`Queue::forgot_its_jobs`]), every admitted
-/// queued run is pushed again at once instead (up to [`REQUEUE_PER_TICK`];
-/// the rest wait for the window). A duplicate of a job that was only slow
-/// is harmless: the run's lease turns it away. Held runs are not its
-/// business (see [`release_held`]): it never pushes a run its project's
-/// cap has not admitted. Returns how many were pushed.
+/// died between admission and push, a push that failed). A duplicate of a
+/// job that was only slow is harmless: the run's lease turns it away. Held
+/// runs are not its business (see [`release_held`]): it never pushes a run
+/// its project's cap has not admitted. First, when the queue forgot its
+/// jobs, the queued runs ([`push_forgotten`]). Returns how many were pushed.
 pub async fn requeue_stalled(
     db: &DatabaseConnection,
     queue: &Queue,
     settings: &Settings,
 ) -> Result<usize> {
+    let forgotten = push_forgotten(db, queue).await;
     let window = Ord::max(settings.requeue_after.as_secs(), 1);
     let now = chrono::Utc::now();
     let cutoff = now - chrono::Duration::seconds(window as i64);
-    let mut stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
-    if queue.forgot_its_jobs().await? {
-        let queued = runs::admitted_queued(db, REQUEUE_PER_TICK).await?;
-        if !queued.is_empty() {
-            tracing::warn!(
-                runs = queued.len(),
-                "the queue forgot its jobs (Redis restarted empty, failed over or flushed); pushing the queued runs again"
-            );
-        }
-        stalled.retain(|id| !queued.contains(id));
-        stalled.extend(queued);
-    }
+    let stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
     let mut pushed = 0;
     let mut touched = Vec::new();
     // One push per run per window: the idempotency key changes with it.
@@ -900,5 +888,52 @@ pub async fn requeue_stalled(
     // A pushed run counts as alive for another window, so a run waiting its
     // turn in Redis is not pushed again and again while it waits.
     runs::mark_alive_if_queued(db, touched, now).await?;
-    Ok(pushed)
+    Ok(pushed + forgotten?)
+}
+
+/// When the queue forgot its jobs ([`Queue::forgot_its_jobs`]: Redis came
+/// back empty), pushes every admitted queued run again at once, rather
+/// than after the stalled-run window: up to [`REQUEUE_PER_TICK`], each
+/// under the key its admission pushed it with, so a job Redis still has
+/// is not doubled. When not all were pushed (an error, a full backlog),
+/// the queue's memory key is reset: if none was, the next tick tries
+/// again; past a first push Redis holds jobs again, and the rest wait for
+/// the window. How many were pushed.
+async fn push_forgotten(db: &DatabaseConnection, queue: &Queue) -> Result<usize> {
+    match queue.forgot_its_jobs().await {
+        Ok(true) => {}
+        Ok(false) => return Ok(0),
+        // Redis down: the regular sweep meets the same error, or not.
+        Err(err) => {
+            tracing::debug!(error = %err, "could not ask the queue whether it forgot its jobs");
+            return Ok(0);
+        }
+    }
+    let result = push_queued(db, queue).await;
+    if !matches!(result, Ok((_, true))) {
+        queue.forget_again().await;
+    }
+    result.map(|(pushed, _)| pushed)
+}
+
+/// Pushes the admitted queued runs under their admission key: how many,
+/// and whether that was all of them.
+async fn push_queued(db: &DatabaseConnection, queue: &Queue) -> Result<(usize, bool)> {
+    let queued = runs::admitted_queued(db, REQUEUE_PER_TICK).await?;
+    if queued.is_empty() {
+        return Ok((0, true));
+    }
+    tracing::warn!(
+        runs = queued.len(),
+        "the queue forgot its jobs (Redis came back empty); pushing the queued runs again"
+    );
+    let all = (queued.len() as u64) < REQUEUE_PER_TICK;
+    let mut pushed = 0;
+    for run_id in queued {
+        match queue.push(RunJob::for_run(&run_id), &run_id).await? {
+            Pushed::Queued => pushed += 1,
+            Pushed::Full => return Ok((pushed, false)),
+        }
+    }
+    Ok((pushed, all))
 }

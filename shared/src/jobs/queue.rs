@@ -210,27 +210,53 @@ impl Queue {
         }
     }
 
-    /// Whether the queue forgot its jobs since it was last asked: Redis
-    /// restarted without persistence, failed over to an empty replica, or
-    /// was flushed. A key of the namespace's own is set when missing; its
-    /// absence says so (also on a Redis never used before, which holds no
-    /// jobs either). Any process may ask; the one whose set takes is told.
-    /// Never for the embedded queue, which is in a database.
+    /// Whether the queue forgot its jobs: Redis restarted without
+    /// persistence, failed over to an empty replica, or was flushed. A key
+    /// of the namespace's own is set when missing, in one round trip with a
+    /// look at apalis' job data: the key gone and no job data at all is a
+    /// Redis that holds none of the namespace's jobs. A Redis that never
+    /// had the key but has jobs (this version's first start) is not one; a
+    /// replica that lags keeps the key and is not told apart. Any process
+    /// may ask; the one whose set takes is told. Never for the embedded
+    /// queue.
     pub async fn forgot_its_jobs(&self) -> Result<bool> {
         let Queue::Redis {
-            conn, memory_key, ..
+            storage,
+            conn,
+            memory_key,
+            ..
         } = self
         else {
             return Ok(false);
         };
-        let set: Option<String> = redis::cmd("SET")
+        let (set, jobs): (Option<String>, bool) = redis::pipe()
+            .cmd("SET")
             .arg(memory_key)
             .arg(chrono::Utc::now().to_rfc3339())
             .arg("NX")
+            .cmd("EXISTS")
+            .arg(storage.get_config().job_data_hash())
             .query_async(&mut conn.clone())
             .await
             .map_err(|e| Error::Transient(format!("queue memory key: {e}")))?;
-        Ok(set.is_some())
+        Ok(set.is_some() && !jobs)
+    }
+
+    /// Deletes the key [`Self::forgot_its_jobs`] sets, so that the next
+    /// process to ask is told again (the queued runs were not all pushed).
+    pub async fn forget_again(&self) {
+        if let Queue::Redis {
+            conn, memory_key, ..
+        } = self
+        {
+            let deleted = redis::cmd("DEL")
+                .arg(memory_key)
+                .query_async::<i64>(&mut conn.clone())
+                .await;
+            if let Err(err) = deleted {
+                tracing::warn!(error = %err, "could not reset the queue's memory key");
+            }
+        }
     }
 
     /// True when the queue's server answers (for `/readyz`).
