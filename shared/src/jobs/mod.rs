@@ -864,12 +864,13 @@ pub async fn requeue_stalled(
     settings: &Settings,
 ) -> Result<usize> {
     let forgotten = push_forgotten(db, queue).await;
+    let mut touched = forgotten.as_ref().cloned().unwrap_or_default();
     let window = Ord::max(settings.requeue_after.as_secs(), 1);
     let now = chrono::Utc::now();
     let cutoff = now - chrono::Duration::seconds(window as i64);
-    let stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
-    let mut pushed = 0;
-    let mut touched = Vec::new();
+    let mut stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
+    stalled.retain(|id| !touched.contains(id));
+    let mut pushed = touched.len();
     // One push per run per window: the idempotency key changes with it.
     let bucket = now.timestamp() as u64 / window;
     for run_id in stalled {
@@ -888,7 +889,8 @@ pub async fn requeue_stalled(
     // A pushed run counts as alive for another window, so a run waiting its
     // turn in Redis is not pushed again and again while it waits.
     runs::mark_alive_if_queued(db, touched, now).await?;
-    Ok(pushed + forgotten?)
+    forgotten?;
+    Ok(pushed)
 }
 
 /// When the queue forgot its jobs ([`Queue::forgot_its_jobs`]: Redis came
@@ -898,42 +900,46 @@ pub async fn requeue_stalled(
 /// is not doubled. When not all were pushed (an error, a full backlog),
 /// the queue's memory key is reset: if none was, the next tick tries
 /// again; past a first push Redis holds jobs again, and the rest wait for
-/// the window. How many were pushed.
-async fn push_forgotten(db: &DatabaseConnection, queue: &Queue) -> Result<usize> {
+/// the window. The runs pushed.
+async fn push_forgotten(db: &DatabaseConnection, queue: &Queue) -> Result<Vec<String>> {
     match queue.forgot_its_jobs().await {
         Ok(true) => {}
-        Ok(false) => return Ok(0),
+        Ok(false) => return Ok(Vec::new()),
         // Redis down: the regular sweep meets the same error, or not.
         Err(err) => {
             tracing::debug!(error = %err, "could not ask the queue whether it forgot its jobs");
-            return Ok(0);
+            return Ok(Vec::new());
         }
     }
-    let result = push_queued(db, queue).await;
-    if !matches!(result, Ok((_, true))) {
+    let mut pushed = Vec::new();
+    let result = push_queued(db, queue, &mut pushed).await;
+    if !matches!(result, Ok(true)) {
         queue.forget_again().await;
     }
-    result.map(|(pushed, _)| pushed)
+    result.map(|_| pushed)
 }
 
-/// Pushes the admitted queued runs under their admission key: how many,
-/// and whether that was all of them.
-async fn push_queued(db: &DatabaseConnection, queue: &Queue) -> Result<(usize, bool)> {
+/// Pushes the admitted queued runs under their admission key, adding
+/// each to `pushed`; whether that was all of them.
+async fn push_queued(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    pushed: &mut Vec<String>,
+) -> Result<bool> {
     let queued = runs::admitted_queued(db, REQUEUE_PER_TICK).await?;
     if queued.is_empty() {
-        return Ok((0, true));
+        return Ok(true);
     }
     tracing::warn!(
         runs = queued.len(),
         "the queue forgot its jobs (Redis came back empty); pushing the queued runs again"
     );
     let all = (queued.len() as u64) < REQUEUE_PER_TICK;
-    let mut pushed = 0;
     for run_id in queued {
         match queue.push(RunJob::for_run(&run_id), &run_id).await? {
-            Pushed::Queued => pushed += 1,
-            Pushed::Full => return Ok((pushed, false)),
+            Pushed::Queued => pushed.push(run_id),
+            Pushed::Full => return Ok(false),
         }
     }
-    Ok((pushed, all))
+    Ok(all)
 }
