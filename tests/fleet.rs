@@ -1804,6 +1804,32 @@ async fn a_run_ends_when_its_last_batch_does_without_waiting_for_a_poll() {
     app.stop().await;
 }
 
+/// The same in embedded mode (SQLite and the in-process worker): its
+/// pushes wake the worker and its batch ends are announced inside the
+/// process, so with a minute between polls and heartbeats a fanned-out
+/// run still takes seconds (every hop waited for a poll: a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_run_ends_when_its_last_batch_does_without_waiting_for_a_poll() {
+    let mut opts = AppOptions::with_storages();
+    opts.embedded = true;
+    opts.env.extend([
+        ("LABELSYNC_QUEUE_POLL_MS", "60000".to_owned()),
+        ("LABELSYNC_HEARTBEAT_SECS", "60".to_owned()),
+        ("LABELSYNC_WORKER_CONCURRENCY", "16".to_owned()),
+    ]);
+    let app = spawn_app(opts).await;
+    let (storage, _proxy) = tasks_behind_latency(&app, "embedded-end", 600, 100).await;
+    let started = Instant::now();
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 600, "{run}");
+    // 600 objects behind 100 ms in batches of 64, 16 slots: a few seconds
+    // of reads; a run's job that waited for a poll would end a minute on.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "the run took {took:?}");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_takes_a_pushed_job_without_waiting_for_its_poll() {
     let app = spawn_app(AppOptions::without_workers()).await;

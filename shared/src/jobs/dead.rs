@@ -56,7 +56,7 @@ impl Queue {
                     .await
                     .map_err(|e| failed(e.to_string()))
             }
-            Queue::Embedded(storage, _) => {
+            Queue::Embedded(storage, ..) => {
                 let name = apalis_core::backend::BackendConfig::config(storage)
                     .queue
                     .to_string();
@@ -119,7 +119,7 @@ impl Queue {
                     .min();
                 Ok(born.map(|at| now.saturating_sub(at)))
             }
-            Queue::Embedded(storage, _) => {
+            Queue::Embedded(storage, ..) => {
                 let name = apalis_core::backend::BackendConfig::config(storage)
                     .queue
                     .to_string();

@@ -58,9 +58,10 @@ pub enum Queue {
         /// (see [`Queue::forgot_its_jobs`]).
         memory_key: String,
     },
-    /// The queue, and this process's watchers of runs, woken by the ends
-    /// its own jobs announce.
-    Embedded(SqliteStorage<RunJob>, Endings),
+    /// The queue, this process's watchers of runs, woken by the ends its
+    /// own jobs announce, and the wake signal of its worker, raised by
+    /// every push (a job is taken at once, not at the next poll).
+    Embedded(SqliteStorage<RunJob>, Endings, super::wake::Signal),
 }
 
 impl Queue {
@@ -124,6 +125,7 @@ impl Queue {
                 Ok(Queue::Embedded(
                     SqliteStorage::new(&pool).with_config(config),
                     Endings::default(),
+                    super::wake::Signal::default(),
                 ))
             }
         }
@@ -168,12 +170,13 @@ impl Queue {
                 let channel = super::wake::channel(storage.get_config().queue.as_ref());
                 super::wake::publish(&mut conn.clone(), &channel, "1").await;
             }
-            Queue::Embedded(storage, _) => {
+            Queue::Embedded(storage, _, woken) => {
                 storage
                     .clone()
                     .push_task(task)
                     .await
                     .map_err(|e| failed(e.to_string()))?;
+                woken.wake();
             }
         }
         Ok(Pushed::Queued)
@@ -189,14 +192,14 @@ impl Queue {
                 let channel = super::wake::ended_channel(storage.get_config().queue.as_ref());
                 super::wake::publish(&mut conn.clone(), &channel, &message).await;
             }
-            Queue::Embedded(_, endings) => endings.announce(&message),
+            Queue::Embedded(_, endings, _) => endings.announce(&message),
         }
     }
 
     /// This process's watchers of runs.
     pub fn endings(&self) -> &Endings {
         match self {
-            Queue::Redis { endings, .. } | Queue::Embedded(_, endings) => endings,
+            Queue::Redis { endings, .. } | Queue::Embedded(_, endings, _) => endings,
         }
     }
 
@@ -206,7 +209,7 @@ impl Queue {
     pub async fn depth(&self) -> Result<QueueDepth> {
         match self {
             Queue::Redis { storage, conn, .. } => redis_depth(storage, conn.clone()).await,
-            Queue::Embedded(storage, _) => embedded_depth(storage).await,
+            Queue::Embedded(storage, ..) => embedded_depth(storage).await,
         }
     }
 
@@ -269,7 +272,7 @@ impl Queue {
                     .await
                     .is_ok()
             }
-            Queue::Embedded(storage, _) => sea_orm::sqlx::query("SELECT 1")
+            Queue::Embedded(storage, ..) => sea_orm::sqlx::query("SELECT 1")
                 .execute(storage.pool())
                 .await
                 .is_ok(),
@@ -354,9 +357,10 @@ impl Queue {
                     .run_until(signal)
                     .await
             }
-            Queue::Embedded(storage, _) => {
+            Queue::Embedded(storage, _, woken) => {
+                let strategy = Strategy::new().stream(woken.clone()).interval(poll);
                 WorkerBuilder::new(name.as_str())
-                    .backend(storage.clone().poll_with_interval(poll))
+                    .backend(storage.clone().poll_with_strategy(strategy))
                     .data(ctx)
                     .concurrency(concurrency)
                     .build(handle)

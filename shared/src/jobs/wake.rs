@@ -1,4 +1,6 @@
-//! Wakes idle Redis workers when a job is pushed.
+//! Wakes idle workers when a job is pushed: Redis workers through a
+//! message, the embedded queue's worker through the [`Signal`] the push
+//! raises in the process.
 //!
 //! apalis-redis 1.0 looks for jobs on its poll interval
 //! (`LABELSYNC_QUEUE_POLL_MS`), and its own "available" messages are not
