@@ -267,10 +267,8 @@ async fn second_sync_while_one_is_live_returns_it() {
     );
 
     let run_id = first["run"]["id"].as_str().expect("id");
-    let (status, cancelled) = app
-        .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
-        .await;
-    assert_eq!((status, &cancelled["status"]), (200, &json!("cancelled")));
+    let cancelled = app.cancel(run_id).await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
     let (_, third) = app.post(&path, json!({})).await;
     assert_eq!(third["already_running"], false);
     assert_ne!(third["run"]["id"], first["run"]["id"]);
@@ -2114,10 +2112,7 @@ async fn ended_runs_are_deleted_past_their_retention() {
     assert_eq!(errors_of(&runs[0]).await, 2, "the retry still reads them");
 
     // The retry ends (cancelled, so the newest ended run): both go.
-    let (status, _) = app
-        .post(&format!("/api/v1/runs/{retry}/cancel"), json!({}))
-        .await;
-    assert_eq!(status, 200);
+    app.cancel(&retry).await;
     prune_keeping(&app, None).await;
     let after_retry = [
         (&runs[0], 404),
@@ -2291,10 +2286,7 @@ async fn a_retry_run_reads_again_only_the_failed_objects() {
         .post(&format!("/api/v1/runs/{live}/retry"), json!({}))
         .await;
     assert_eq!(status, 409, "a live run cannot be retried");
-    let (status, _) = app
-        .post(&format!("/api/v1/runs/{live}/cancel"), json!({}))
-        .await;
-    assert_eq!(status, 200);
+    app.cancel(&live).await;
 
     // Fixed, still bad, and a good object gone (its task must stay).
     std::fs::write(data.join("bad-a.json"), r#"{"text": "fixed"}"#).expect("write");

@@ -446,10 +446,7 @@ async fn a_cancel_stops_the_batches_other_workers_run() {
         std::future::ready(proxy.reads().0 > 4)
     })
     .await;
-    let (status, cancelled) = app
-        .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
-        .await;
-    assert_eq!(status, 200, "{cancelled}");
+    app.cancel(&run_id).await;
     let cancel = Instant::now();
     eventually_every("every read to stop", every, || {
         std::future::ready(proxy.reads().0 == 0)

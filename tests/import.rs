@@ -894,10 +894,7 @@ async fn a_file_cancelled_half_way_is_finished_by_the_next_sync() {
     let project = app.project("cancelled").await;
     let storage = storage(&app, project, json!({})).await;
     let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
-    let (status, _) = app
-        .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
-        .await;
-    assert_eq!(status, 200);
+    app.cancel(&run_id).await;
     let cancelled = app
         .wait_run(&run_id, std::time::Duration::from_secs(60))
         .await;

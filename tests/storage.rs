@@ -1862,10 +1862,7 @@ async fn a_cancel_stops_a_listing_that_commits_nothing() {
             .count()
     };
     labelsync_tests::eventually("the listing to be under way", || async { asked() > 5 }).await;
-    let (status, cancelled) = app
-        .post(&format!("/api/v1/runs/{run}/cancel"), json!({}))
-        .await;
-    assert_eq!(status, 200, "{cancelled}");
+    app.cancel(&run).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let then = asked();
     tokio::time::sleep(Duration::from_secs(3)).await;

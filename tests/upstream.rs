@@ -593,14 +593,8 @@ async fn a_reconnecting_event_stream_gets_the_runs_that_ended_while_it_was_away(
     let run_id = events[0].2["id"].as_str().expect("a run").to_owned();
     let last_id = ids[0].clone().expect("run events have an id");
     // Away: the run ends, more than the streams' one-second overlap ago.
-    let (status, run) = app
-        .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
-        .await;
-    assert_eq!(
-        (status, &run["status"]),
-        (200, &json!("cancelled")),
-        "{run}"
-    );
+    let run = app.cancel(&run_id).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let ended = |events: &[Sse]| events.iter().any(|(_, _, r)| r["status"] == "cancelled");
     let wait = Duration::from_secs(3);
@@ -813,14 +807,8 @@ async fn endpoints_get_the_types_and_projects_they_subscribed_to() {
     }
     let storage = app.local_storage(project, json!({})).await;
     let run_id = app.start_sync(&storage["id"]).await;
-    let (status, run) = app
-        .post(&format!("/api/v1/runs/{run_id}/cancel"), json!({}))
-        .await;
-    assert_eq!(
-        (status, &run["status"]),
-        (200, &json!("cancelled")),
-        "{run}"
-    );
+    let run = app.cancel(&run_id).await;
+    assert_eq!(run["status"], "cancelled", "{run}");
     // No worker took the run: the one started now only delivers.
     let _worker = spawn_ready_worker(&app, "deliverer", &[]).await;
     for receiver in [&mine, &everyone] {

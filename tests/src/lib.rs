@@ -463,6 +463,19 @@ impl TestApp {
         self.wait_run(&run_id, Duration::from_secs(120)).await
     }
 
+    /// Cancels a run (`POST /runs/{id}/cancel`, which must answer 200):
+    /// the run as answered.
+    pub async fn cancel(&self, run_id: &str) -> Value {
+        let (status, run) = self
+            .post(
+                &format!("/api/v1/runs/{run_id}/cancel"),
+                serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "cancel {run_id}: {run}");
+        run
+    }
+
     /// Starts a sync of a storage (by id); returns the run id.
     pub async fn start_sync(&self, storage_id: &Value) -> String {
         let (status, started) = self
