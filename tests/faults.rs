@@ -409,6 +409,32 @@ async fn queued_runs_are_pushed_again_when_redis_forgets_its_jobs() {
     app.stop().await;
 }
 
+/// The runs that were running when Redis forgot its jobs: their workers
+/// exit (a worker whose Redis goes away does) and Redis holds no copy of
+/// their jobs to hand out again, so for a while after it forgot, the
+/// scheduler pushes a running run again as soon as its lease is stale,
+/// not after `LABELSYNC_REQUEUE_AFTER_SECS` (120 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_runs_resume_soon_after_redis_forgets_its_jobs() {
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::default()
+    })
+    .await;
+    labelsync_tests::write_files(&app.doc_root.path().join("data"), 20_000, "jpg");
+    let project = app.project("forgotten while running").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let mut first = labelsync_tests::spawn_ready_worker(&app, "before-the-loss", &[]).await;
+    let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
+    forget_keys(&format!("*{}*", app.vars["LABELSYNC_QUEUE_NAMESPACE"])).await;
+    first.kill();
+    let _second = labelsync_tests::spawn_ready_worker(&app, "after-the-loss", &[]).await;
+    let run = app.wait_run(&run_id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 20_000, "{run}");
+    app.stop().await;
+}
+
 /// Deletes the Redis keys matching `pattern` (there must be some), as a
 /// Redis that lost its data would have none.
 async fn forget_keys(pattern: &str) {

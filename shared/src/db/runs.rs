@@ -611,6 +611,27 @@ pub async fn stalled(
         .await?)
 }
 
+/// Running runs whose attempt has not beaten its heart since `before` (a
+/// stale lease), at most `limit`, oldest first.
+pub async fn running_unheard_since(
+    db: &impl ConnectionTrait,
+    before: chrono::DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<String>> {
+    use sea_orm::QuerySelect;
+    use sync_run::Column as C;
+    Ok(sync_run::Entity::find()
+        .select_only()
+        .column(C::Id)
+        .filter(C::Status.eq(RunStatus::Running.as_str()))
+        .filter(C::HeartbeatAt.lt(before))
+        .order_by_asc(C::Id)
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
 /// Queued runs already admitted (their job was pushed), at most `limit`,
 /// oldest first: what a queue that forgot its jobs is given again.
 pub async fn admitted_queued(db: &impl ConnectionTrait, limit: u64) -> Result<Vec<String>> {

@@ -869,6 +869,9 @@ pub async fn requeue_stalled(
     let now = chrono::Utc::now();
     let cutoff = now - chrono::Duration::seconds(window as i64);
     let mut stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
+    stalled.extend(orphaned_by_the_queue(db, queue, settings).await?);
+    stalled.sort();
+    stalled.dedup();
     stalled.retain(|id| !touched.contains(id));
     let mut pushed = touched.len();
     // One push per run per window: the idempotency key changes with it.
@@ -891,6 +894,27 @@ pub async fn requeue_stalled(
     runs::mark_alive_if_queued(db, touched, now).await?;
     forgotten?;
     Ok(pushed)
+}
+
+/// How long after the queue forgot its jobs a running run is pushed again
+/// as soon as its lease is stale, in lease times.
+const RECOVERY_LEASES: u32 = 4;
+
+/// For a while after the queue forgot its jobs, the running runs whose
+/// lease is stale: their workers exited when Redis went away (a worker
+/// does), and Redis has no copy of their jobs to hand out again, so they
+/// would wait the whole stalled-run window otherwise. Empty at other times,
+/// when a dead worker's job is Redis' to hand out again.
+async fn orphaned_by_the_queue(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    settings: &Settings,
+) -> Result<Vec<String>> {
+    let lease = settings.worker.lease_ttl();
+    if !queue.forgot_within(lease * RECOVERY_LEASES) {
+        return Ok(Vec::new());
+    }
+    runs::running_unheard_since(db, settings.worker.stale_before(), REQUEUE_PER_TICK).await
 }
 
 /// When the queue forgot its jobs ([`Queue::forgot_its_jobs`]: Redis came

@@ -57,6 +57,8 @@ pub enum Queue {
         /// The key whose absence says Redis forgot the namespace's jobs
         /// (see [`Queue::forgot_its_jobs`]).
         memory_key: String,
+        /// When this process last found that Redis forgot its jobs.
+        forgot_at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     },
     /// The queue, this process's watchers of runs, woken by the ends its
     /// own jobs announce, and the wake signal of its worker, raised by
@@ -100,6 +102,7 @@ impl Queue {
                     backlog_limit: settings.queue_backlog_limit,
                     endings: Endings::default(),
                     memory_key: format!("{}:memory", settings.queue_namespace),
+                    forgot_at: Arc::default(),
                 })
             }
             None => {
@@ -227,6 +230,7 @@ impl Queue {
             storage,
             conn,
             memory_key,
+            forgot_at,
             ..
         } = self
         else {
@@ -242,7 +246,21 @@ impl Queue {
             .query_async(&mut conn.clone())
             .await
             .map_err(|e| Error::Transient(format!("queue memory key: {e}")))?;
-        Ok(set.is_some() && !jobs)
+        let forgot = set.is_some() && !jobs;
+        if forgot {
+            *forgot_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        }
+        Ok(forgot)
+    }
+
+    /// Whether this process found, within `within`, that the queue forgot
+    /// its jobs ([`Self::forgot_its_jobs`]).
+    pub fn forgot_within(&self, within: Duration) -> bool {
+        let Queue::Redis { forgot_at, .. } = self else {
+            return false;
+        };
+        let at = *forgot_at.lock().unwrap_or_else(|p| p.into_inner());
+        at.is_some_and(|at| at.elapsed() < within)
     }
 
     /// Deletes the key [`Self::forgot_its_jobs`] sets, so that the next
