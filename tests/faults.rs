@@ -432,6 +432,8 @@ async fn running_runs_resume_soon_after_redis_forgets_its_jobs() {
     let run = app.wait_run(&run_id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], 20_000, "{run}");
+    let (_, queues) = app.get("/api/v1/queues").await;
+    assert_eq!(queues["items"][0]["dead"], 0, "{queues}");
     app.stop().await;
 }
 

@@ -66,7 +66,8 @@ pub struct Settings {
     /// `LABELSYNC_REQUEUE_AFTER_SECS` (default 120): a live run with no sign
     /// of life for this long is enqueued again by the scheduler (its job was
     /// lost; runs held because the backlog was full are admitted again by
-    /// the tick instead).
+    /// the tick instead). Sooner when Redis came back without its jobs
+    /// (`jobs::requeue_stalled`).
     pub requeue_after: Duration,
     /// `LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT` (default 8; 0: no cap): runs
     /// of one project let onto the queue at once. Its runs beyond it stay

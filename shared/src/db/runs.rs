@@ -611,9 +611,10 @@ pub async fn stalled(
         .await?)
 }
 
-/// Running runs whose attempt has not beaten its heart since `before` (a
-/// stale lease), at most `limit`, oldest first.
-pub async fn running_unheard_since(
+/// Running runs whose lease is free or was last renewed before `before`
+/// (the condition on which an attempt takes a run over), at most `limit`,
+/// oldest first.
+pub async fn running_with_stale_lease(
     db: &impl ConnectionTrait,
     before: chrono::DateTime<Utc>,
     limit: u64,
@@ -624,7 +625,12 @@ pub async fn running_unheard_since(
         .select_only()
         .column(C::Id)
         .filter(C::Status.eq(RunStatus::Running.as_str()))
-        .filter(C::HeartbeatAt.lt(before))
+        .filter(
+            sea_orm::Condition::any()
+                .add(C::LeaseOwner.is_null())
+                .add(C::LeaseAt.is_null())
+                .add(C::LeaseAt.lt(before)),
+        )
         .order_by_asc(C::Id)
         .limit(limit)
         .into_tuple()

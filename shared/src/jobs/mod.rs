@@ -857,21 +857,31 @@ const REQUEUE_PER_TICK: u64 = 1000;
 /// job that was only slow is harmless: the run's lease turns it away. Held
 /// runs are not its business (see [`release_held`]): it never pushes a run
 /// its project's cap has not admitted. First, when the queue forgot its
-/// jobs, the queued runs ([`push_forgotten`]). Returns how many were pushed.
+/// jobs, the queued runs ([`push_forgotten`]), and for a while after, the
+/// running runs it orphaned ([`push_orphaned`]). Returns how many were
+/// pushed.
 pub async fn requeue_stalled(
     db: &DatabaseConnection,
     queue: &Queue,
     settings: &Settings,
 ) -> Result<usize> {
-    let forgotten = push_forgotten(db, queue).await;
+    let recovery = settings.worker.lease_ttl() * RECOVERY_LEASES;
+    let memory = queue.memory(recovery).await.unwrap_or_else(|err| {
+        // Redis down: the regular sweep meets the same error, or not.
+        tracing::debug!(error = %err, "could not ask the queue what it remembers");
+        Default::default()
+    });
+    let forgotten = push_forgotten(db, queue, memory.forgot).await;
+    let orphaned = match &memory.recovering {
+        Some(loss) => push_orphaned(db, queue, settings, loss).await,
+        None => Ok(Vec::new()),
+    };
     let mut touched = forgotten.as_ref().cloned().unwrap_or_default();
+    touched.extend(orphaned.as_ref().cloned().unwrap_or_default());
     let window = Ord::max(settings.requeue_after.as_secs(), 1);
     let now = chrono::Utc::now();
     let cutoff = now - chrono::Duration::seconds(window as i64);
     let mut stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
-    stalled.extend(orphaned_by_the_queue(db, queue, settings).await?);
-    stalled.sort();
-    stalled.dedup();
     stalled.retain(|id| !touched.contains(id));
     let mut pushed = touched.len();
     // One push per run per window: the idempotency key changes with it.
@@ -889,51 +899,59 @@ pub async fn requeue_stalled(
             Pushed::Full => break,
         }
     }
-    // A pushed run counts as alive for another window, so a run waiting its
-    // turn in Redis is not pushed again and again while it waits.
+    // A pushed queued run counts as alive for another window, so a run
+    // waiting its turn in Redis is not pushed again and again while it
+    // waits (a running one is taken over, or turned away, by its lease).
     runs::mark_alive_if_queued(db, touched, now).await?;
     forgotten?;
+    orphaned?;
     Ok(pushed)
 }
 
-/// How long after the queue forgot its jobs a running run is pushed again
-/// as soon as its lease is stale, in lease times.
+/// How long after a loss of the queue's jobs the running runs it orphaned
+/// are pushed again as soon as their lease is stale, in lease times.
 const RECOVERY_LEASES: u32 = 4;
 
-/// For a while after the queue forgot its jobs, the running runs whose
-/// lease is stale: their workers exited when Redis went away (a worker
-/// does), and Redis has no copy of their jobs to hand out again, so they
-/// would wait the whole stalled-run window otherwise. Empty at other times,
-/// when a dead worker's job is Redis' to hand out again.
-async fn orphaned_by_the_queue(
+/// While the fleet recovers from the queue's loss `loss` ([`Queue::memory`]),
+/// pushes the running runs whose lease went stale (with a heartbeat to
+/// spare): their workers exited when Redis went away (a worker does), and
+/// Redis has no copy of their jobs to hand out again, so they would wait
+/// the whole stalled-run window otherwise. Once per run and loss (the
+/// idempotency key names both), whichever replica pushes. The runs pushed.
+async fn push_orphaned(
     db: &DatabaseConnection,
     queue: &Queue,
     settings: &Settings,
+    loss: &str,
 ) -> Result<Vec<String>> {
-    let lease = settings.worker.lease_ttl();
-    if !queue.forgot_within(lease * RECOVERY_LEASES) {
-        return Ok(Vec::new());
+    let heartbeat = chrono::Duration::from_std(settings.worker.heartbeat).unwrap_or_default();
+    let stale = settings.worker.stale_before() - heartbeat;
+    let mut pushed = Vec::new();
+    for run_id in runs::running_with_stale_lease(db, stale, REQUEUE_PER_TICK).await? {
+        let dedup = format!("{run_id}:orphaned:{loss}");
+        match queue.push(RunJob::for_run(&run_id), &dedup).await? {
+            Pushed::Queued => pushed.push(run_id),
+            Pushed::Full => break,
+        }
     }
-    runs::running_unheard_since(db, settings.worker.stale_before(), REQUEUE_PER_TICK).await
+    Ok(pushed)
 }
 
-/// When the queue forgot its jobs ([`Queue::forgot_its_jobs`]: Redis came
-/// back empty), pushes every admitted queued run again at once, rather
-/// than after the stalled-run window: up to [`REQUEUE_PER_TICK`], each
-/// under the key its admission pushed it with, so a job Redis still has
-/// is not doubled. When not all were pushed (an error, a full backlog),
-/// the queue's memory key is reset: if none was, the next tick tries
-/// again; past a first push Redis holds jobs again, and the rest wait for
-/// the window. The runs pushed.
-async fn push_forgotten(db: &DatabaseConnection, queue: &Queue) -> Result<Vec<String>> {
-    match queue.forgot_its_jobs().await {
-        Ok(true) => {}
-        Ok(false) => return Ok(Vec::new()),
-        // Redis down: the regular sweep meets the same error, or not.
-        Err(err) => {
-            tracing::debug!(error = %err, "could not ask the queue whether it forgot its jobs");
-            return Ok(Vec::new());
-        }
+/// When the queue forgot its jobs (`forgot`, from [`Queue::memory`]: Redis
+/// came back empty), pushes every admitted queued run again at once,
+/// rather than after the stalled-run window: up to [`REQUEUE_PER_TICK`],
+/// each under the key its admission pushed it with, so a job Redis still
+/// has is not doubled. When not all were pushed (an error, a full
+/// backlog), the queue's memory key is reset: if none was, the next tick
+/// tries again; past a first push Redis holds jobs again, and the rest
+/// wait for the window. The runs pushed.
+async fn push_forgotten(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    forgot: bool,
+) -> Result<Vec<String>> {
+    if !forgot {
+        return Ok(Vec::new());
     }
     let mut pushed = Vec::new();
     let result = push_queued(db, queue, &mut pushed).await;

@@ -55,10 +55,11 @@ pub enum Queue {
         /// woken by the ends the workers announce on Redis.
         endings: Endings,
         /// The key whose absence says Redis forgot the namespace's jobs
-        /// (see [`Queue::forgot_its_jobs`]).
+        /// (see [`Queue::memory`]).
         memory_key: String,
-        /// When this process last found that Redis forgot its jobs.
-        forgot_at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+        /// The key that names the loss the fleet is recovering from, for
+        /// a while after one was found (see [`Queue::memory`]).
+        recovering_key: String,
     },
     /// The queue, this process's watchers of runs, woken by the ends its
     /// own jobs announce, and the wake signal of its worker, raised by
@@ -102,7 +103,7 @@ impl Queue {
                     backlog_limit: settings.queue_backlog_limit,
                     endings: Endings::default(),
                     memory_key: format!("{}:memory", settings.queue_namespace),
-                    forgot_at: Arc::default(),
+                    recovering_key: format!("{}:recovering", settings.queue_namespace),
                 })
             }
             None => {
@@ -216,54 +217,66 @@ impl Queue {
         }
     }
 
-    /// Whether the queue forgot its jobs: Redis restarted without
-    /// persistence, failed over to an empty replica, or was flushed. A key
-    /// of the namespace's own is set when missing, in one round trip with a
-    /// look at apalis' job data: the key gone and no job data at all is a
-    /// Redis that holds none of the namespace's jobs. A Redis that never
-    /// had the key but has jobs (this version's first start) is not one; a
-    /// replica that lags keeps the key and is not told apart. Any process
-    /// may ask; the one whose set takes is told. Never for the embedded
-    /// queue.
-    pub async fn forgot_its_jobs(&self) -> Result<bool> {
+    /// What the queue remembers of its jobs: whether it forgot them (Redis
+    /// restarted without persistence, failed over to an empty replica, or
+    /// was flushed), and which loss the fleet is recovering from. A key of
+    /// the namespace's own is set when missing, in one round trip with a
+    /// look at apalis' job data and at the recovery key: the key gone and
+    /// no job data at all is a Redis that holds none of the namespace's
+    /// jobs. A Redis that never had the key but has jobs (this version's
+    /// first start on a Redis in use) is not one; a replica that lags keeps
+    /// the key and is not told apart. The process whose set takes is told
+    /// `forgot`, and names the loss for `recovery` in Redis, where every
+    /// replica reads it. Nothing for the embedded queue.
+    pub async fn memory(&self, recovery: Duration) -> Result<Memory> {
         let Queue::Redis {
             storage,
             conn,
             memory_key,
-            forgot_at,
+            recovering_key,
             ..
         } = self
         else {
-            return Ok(false);
+            return Ok(Memory::default());
         };
-        let (set, jobs): (Option<String>, bool) = redis::pipe()
+        let failed = |e: redis::RedisError| Error::Transient(format!("queue memory key: {e}"));
+        let (set, jobs, recovering): (Option<String>, bool, Option<String>) = redis::pipe()
             .cmd("SET")
             .arg(memory_key)
             .arg(chrono::Utc::now().to_rfc3339())
             .arg("NX")
             .cmd("EXISTS")
             .arg(storage.get_config().job_data_hash())
+            .cmd("GET")
+            .arg(recovering_key)
             .query_async(&mut conn.clone())
             .await
-            .map_err(|e| Error::Transient(format!("queue memory key: {e}")))?;
-        let forgot = set.is_some() && !jobs;
-        if forgot {
-            *forgot_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+            .map_err(failed)?;
+        if set.is_none() || jobs {
+            return Ok(Memory {
+                forgot: false,
+                recovering,
+            });
         }
-        Ok(forgot)
+        let loss = chrono::Utc::now().timestamp_millis().to_string();
+        let millis = u64::try_from(recovery.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        redis::cmd("SET")
+            .arg(recovering_key)
+            .arg(&loss)
+            .arg("PX")
+            .arg(millis)
+            .query_async::<()>(&mut conn.clone())
+            .await
+            .map_err(failed)?;
+        Ok(Memory {
+            forgot: true,
+            recovering: Some(loss),
+        })
     }
 
-    /// Whether this process found, within `within`, that the queue forgot
-    /// its jobs ([`Self::forgot_its_jobs`]).
-    pub fn forgot_within(&self, within: Duration) -> bool {
-        let Queue::Redis { forgot_at, .. } = self else {
-            return false;
-        };
-        let at = *forgot_at.lock().unwrap_or_else(|p| p.into_inner());
-        at.is_some_and(|at| at.elapsed() < within)
-    }
-
-    /// Deletes the key [`Self::forgot_its_jobs`] sets, so that the next
+    /// Deletes the key [`Self::memory`] sets, so that the next
     /// process to ask is told again (the queued runs were not all pushed).
     pub async fn forget_again(&self) {
         if let Queue::Redis {
@@ -397,6 +410,16 @@ impl Queue {
         tracing::info!(worker = %name, "worker stopped");
         Ok(())
     }
+}
+
+/// What the queue remembers of its jobs (see [`Queue::memory`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// It forgot them: this process's look found it just now.
+    pub forgot: bool,
+    /// The loss the fleet is recovering from, found within the recovery
+    /// time (by any process): its id.
+    pub recovering: Option<String>,
 }
 
 /// What [`Queue::push`] did.
