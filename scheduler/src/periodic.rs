@@ -78,6 +78,7 @@ async fn clean_up(state: AppState) {
 /// How often a full cleanup pass applies the runs' count rule to every
 /// storage.
 const FULL_EVERY: Duration = Duration::from_secs(24 * 3600);
+
 /// How often expired webhook events, idempotency keys, audit rows, runs
 /// and worker registrations are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
