@@ -440,12 +440,7 @@ async fn running_runs_resume_soon_after_redis_forgets_its_jobs() {
 /// Deletes the Redis keys matching `pattern` (there must be some), as a
 /// Redis that lost its data would have none.
 async fn forget_keys(pattern: &str) {
-    let url = labelsync_tests::require_redis().await;
-    let client = redis::Client::open(url.as_str()).expect("client");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
+    let mut conn = labelsync_tests::redis_connection().await;
     let mut keys: Vec<String> = Vec::new();
     let mut cursor = 0u64;
     loop {

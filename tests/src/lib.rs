@@ -90,18 +90,24 @@ pub async fn fresh_postgres_on(admin_url: &str) -> String {
 /// Checks Redis answers, so a missing server fails loudly here rather than as
 /// a timeout later.
 pub async fn require_redis() -> String {
-    let url = redis_url();
-    let client = redis::Client::open(url.as_str()).expect("valid TEST_REDIS_URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap_or_else(|e| panic!("Redis is required at {url} (set TEST_REDIS_URL): {e}"));
+    let mut conn = redis_connection().await;
     let pong: String = redis::cmd("PING")
         .query_async(&mut conn)
         .await
         .expect("Redis PING");
     assert_eq!(pong, "PONG");
-    url
+    redis_url()
+}
+
+/// A connection to the tests' Redis (`TEST_REDIS_URL`); a missing server
+/// fails loudly here.
+pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
+    let url = redis_url();
+    let client = redis::Client::open(url.as_str()).expect("valid TEST_REDIS_URL");
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("Redis is required at {url} (set TEST_REDIS_URL): {e}"))
 }
 
 /// Settings for a test, from a map (the process environment is not read).

@@ -590,25 +590,18 @@ pub async fn stalled(
     cutoff: chrono::DateTime<Utc>,
     limit: u64,
 ) -> Result<Vec<String>> {
-    use sea_orm::{QuerySelect, sea_query::Func};
+    use sea_orm::sea_query::Func;
     use sync_run::Column as C;
-    Ok(sync_run::Entity::find()
-        .select_only()
-        .column(C::Id)
-        .filter(C::Status.is_in(LIVE))
-        .filter(C::AdmittedAt.is_not_null())
-        .filter(
-            Expr::expr(Func::coalesce([
-                Expr::col(C::HeartbeatAt),
-                Expr::col(C::QueuedAt),
-            ]))
-            .lt(cutoff),
-        )
-        .order_by_asc(C::Id)
-        .limit(limit)
-        .into_tuple()
-        .all(db)
-        .await?)
+    let unheard = Expr::expr(Func::coalesce([
+        Expr::col(C::HeartbeatAt),
+        Expr::col(C::QueuedAt),
+    ]))
+    .lt(cutoff);
+    let stalled = sea_orm::Condition::all()
+        .add(C::Status.is_in(LIVE))
+        .add(C::AdmittedAt.is_not_null())
+        .add(unheard);
+    ids_where(db, stalled, limit).await
 }
 
 /// Running runs whose lease is free or was last renewed before `before`
@@ -619,36 +612,39 @@ pub async fn running_with_stale_lease(
     before: chrono::DateTime<Utc>,
     limit: u64,
 ) -> Result<Vec<String>> {
-    use sea_orm::QuerySelect;
     use sync_run::Column as C;
-    Ok(sync_run::Entity::find()
-        .select_only()
-        .column(C::Id)
-        .filter(C::Status.eq(RunStatus::Running.as_str()))
-        .filter(
-            sea_orm::Condition::any()
-                .add(C::LeaseOwner.is_null())
-                .add(C::LeaseAt.is_null())
-                .add(C::LeaseAt.lt(before)),
-        )
-        .order_by_asc(C::Id)
-        .limit(limit)
-        .into_tuple()
-        .all(db)
-        .await?)
+    let stale = sea_orm::Condition::any()
+        .add(C::LeaseOwner.is_null())
+        .add(C::LeaseAt.is_null())
+        .add(C::LeaseAt.lt(before));
+    let running = sea_orm::Condition::all()
+        .add(C::Status.eq(RunStatus::Running.as_str()))
+        .add(stale);
+    ids_where(db, running, limit).await
 }
 
 /// Queued runs already admitted (their job was pushed), at most `limit`,
 /// oldest first: what a queue that forgot its jobs is given again.
 pub async fn admitted_queued(db: &impl ConnectionTrait, limit: u64) -> Result<Vec<String>> {
-    use sea_orm::QuerySelect;
     use sync_run::Column as C;
+    let admitted = sea_orm::Condition::all()
+        .add(C::Status.eq(RunStatus::Queued.as_str()))
+        .add(C::AdmittedAt.is_not_null());
+    ids_where(db, admitted, limit).await
+}
+
+/// The ids of the runs that meet `condition`, oldest first, at most `limit`.
+async fn ids_where(
+    db: &impl ConnectionTrait,
+    condition: sea_orm::Condition,
+    limit: u64,
+) -> Result<Vec<String>> {
+    use sea_orm::QuerySelect;
     Ok(sync_run::Entity::find()
         .select_only()
-        .column(C::Id)
-        .filter(C::Status.eq(RunStatus::Queued.as_str()))
-        .filter(C::AdmittedAt.is_not_null())
-        .order_by_asc(C::Id)
+        .column(sync_run::Column::Id)
+        .filter(condition)
+        .order_by_asc(sync_run::Column::Id)
         .limit(limit)
         .into_tuple()
         .all(db)

@@ -871,7 +871,11 @@ pub async fn requeue_stalled(
         tracing::debug!(error = %err, "could not ask the queue what it remembers");
         Default::default()
     });
-    let forgotten = push_forgotten(db, queue, memory.forgot).await;
+    let forgotten = if memory.forgot {
+        push_forgotten(db, queue).await
+    } else {
+        Ok(Vec::new())
+    };
     let orphaned = match &memory.recovering {
         Some(loss) => push_orphaned(db, queue, settings, loss).await,
         None => Ok(Vec::new()),
@@ -937,22 +941,15 @@ async fn push_orphaned(
     Ok(pushed)
 }
 
-/// When the queue forgot its jobs (`forgot`, from [`Queue::memory`]: Redis
-/// came back empty), pushes every admitted queued run again at once,
+/// When the queue forgot its jobs ([`Queue::memory`]: Redis came back
+/// empty), pushes every admitted queued run again at once,
 /// rather than after the stalled-run window: up to [`REQUEUE_PER_TICK`],
 /// each under the key its admission pushed it with, so a job Redis still
 /// has is not doubled. When not all were pushed (an error, a full
 /// backlog), the queue's memory key is reset: if none was, the next tick
 /// tries again; past a first push Redis holds jobs again, and the rest
 /// wait for the window. The runs pushed.
-async fn push_forgotten(
-    db: &DatabaseConnection,
-    queue: &Queue,
-    forgot: bool,
-) -> Result<Vec<String>> {
-    if !forgot {
-        return Ok(Vec::new());
-    }
+async fn push_forgotten(db: &DatabaseConnection, queue: &Queue) -> Result<Vec<String>> {
     let mut pushed = Vec::new();
     let result = push_queued(db, queue, &mut pushed).await;
     if !matches!(result, Ok(true)) {
