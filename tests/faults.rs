@@ -409,6 +409,50 @@ async fn queued_runs_are_pushed_again_when_redis_forgets_its_jobs() {
     app.stop().await;
 }
 
+/// More queued runs than one tick pushes (1,000) when Redis forgets its
+/// jobs: every one is pushed again within a few ticks, each once, rather
+/// than the rest after `LABELSYNC_REQUEUE_AFTER_SECS` (120 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_queued_runs_than_a_tick_pushes_are_all_pushed_again_when_redis_forgets() {
+    use futures::StreamExt;
+    const RUNS: u64 = 1_050;
+    let owned = spawn_app(AppOptions {
+        workers: false,
+        env: vec![("LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT", "0".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    let app = &owned;
+    std::fs::create_dir_all(app.doc_root.path().join("data")).expect("mkdir");
+    let project = app.project("many forgotten").await;
+    futures::stream::iter(0..RUNS)
+        .for_each_concurrent(8, |i| async move {
+            let title = json!({ "title": format!("storage {i}") });
+            let storage = app.local_storage(project, title).await;
+            app.start_sync(&storage["id"]).await;
+        })
+        .await;
+    let pending = || async {
+        let (_, queues) = app.get("/api/v1/queues").await;
+        queues["items"][0]["pending"].as_u64().expect("pending")
+    };
+    assert_eq!(pending().await, RUNS);
+
+    forget_keys(&format!("*{}*", app.vars["LABELSYNC_QUEUE_NAMESPACE"])).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pending().await < RUNS {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {RUNS} runs back in the queue after 10 s",
+            pending().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // several ticks more
+    assert_eq!(pending().await, RUNS, "each run pushed once");
+    owned.stop().await;
+}
+
 /// The runs that were running when Redis forgot its jobs: their workers
 /// exit (a worker whose Redis goes away does) and Redis holds no copy of
 /// their jobs to hand out again, so for a while after it forgot, the

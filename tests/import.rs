@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path};
 
 use labelsync_tests::{
     AppOptions, TestApp, peak_rss, spawn_app, spawn_ready_worker, write_nested_parquet,
-    write_parquet, write_parquet_bomb, write_parquet_gzip_bomb,
+    write_parquet, write_parquet_bomb, write_parquet_gzip_bomb, write_parquet_wide_bomb,
 };
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
@@ -728,15 +728,18 @@ async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
         "ls-task-1",
         br#"{"image": "http://example.com/1.jpg"}"#,
     );
+    write_odd_parquet(&data);
 
     let project = app.project("hostile").await;
     let storage = storage(&app, project, json!({})).await;
     let run = app.sync(&storage["id"]).await;
     assert_eq!(run["status"], "completed_with_errors", "{run}");
-    // 30 good files, deep-40, r0, r3, ls-task-1.
-    assert_eq!(run["counters"]["created"], 34, "{run}");
-    // deep-2000, deep-200, nul.json, and rows 1 and 2 of rows.jsonl.
-    assert_eq!(run["counters"]["failed"], 5, "{run}");
+    // 30 good files, deep-40, r0, r3, ls-task-1, rows 0 and 2 of
+    // infinity.parquet, row 0 of latin-1.parquet.
+    assert_eq!(run["counters"]["created"], 37, "{run}");
+    // deep-2000, deep-200, nul.json, rows 1 and 2 of rows.jsonl, and one
+    // row of each of write_odd_parquet's files.
+    assert_eq!(run["counters"]["failed"], 9, "{run}");
 
     let (_, errors) = app
         .get(&format!(
@@ -759,10 +762,21 @@ async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
     assert!(message("nul.json", json!(0)).contains("NUL"));
     assert!(message("rows.jsonl", json!(1)).contains("levels deep"));
     assert!(message("rows.jsonl", json!(2)).contains("NUL"));
+    let infinity = message("infinity.parquet", json!(1));
+    assert!(
+        infinity.contains("column at: the timestamp 9223372036854775807"),
+        "{infinity}"
+    );
+    let decimal = message("wide-decimal.parquet", json!(0));
+    assert!(decimal.contains("DECIMAL(20000000, 10000000)"), "{decimal}");
+    let latin = message("latin-1.parquet", json!(1));
+    assert!(latin.contains("not UTF-8") && latin.len() < 200, "{latin}");
+    let nul_name = message("nul-name.parquet", json!(0));
+    assert!(nul_name.contains("column a\\0b: "), "{nul_name}");
 
     // Everything stored reads back, one by one and as a list.
     let tasks = app.all_tasks(project).await;
-    assert_eq!(tasks.len(), 34);
+    assert_eq!(tasks.len(), 37);
     for task in &tasks {
         let (status, body) = app.get(&format!("/api/v1/tasks/{}", task["id"])).await;
         assert_eq!(status, 200, "{body}");
@@ -777,6 +791,70 @@ async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
         json!({ "image": "http://example.com/1.jpg" })
     );
     app.stop().await;
+}
+
+/// Writes Parquet files of values the `parquet` crate could not write as
+/// JSON (it panicked, failing the file's whole batch, or took hours): a
+/// timestamp of `i64::MAX` microseconds (Postgres' `infinity`) between two
+/// good ones, a decimal of scale 10,000,000, text in Latin-1 after a good
+/// row (its error quoted every byte), and a timestamp out of range in a
+/// column whose name holds a NUL (which Postgres refuses in an error).
+fn write_odd_parquet(data: &Path) {
+    use parquet::{
+        basic::{ConvertedType, Type as Physical},
+        data_type::{ByteArray, ByteArrayType, Int64Type},
+        schema::types::{PrimitiveTypeBuilder, Type},
+    };
+    fn column(
+        name: &str,
+        physical: Physical,
+        converted: ConvertedType,
+    ) -> PrimitiveTypeBuilder<'_> {
+        Type::primitive_type_builder(name, physical)
+            .with_repetition(parquet::basic::Repetition::REQUIRED)
+            .with_converted_type(converted)
+    }
+    let micros = || column("at", Physical::INT64, ConvertedType::TIMESTAMP_MICROS);
+    write_parquet_column::<Int64Type>(&data.join("infinity.parquet"), micros(), &[0, i64::MAX, 1]);
+    let decimal = column("amount", Physical::BYTE_ARRAY, ConvertedType::DECIMAL)
+        .with_precision(20_000_000)
+        .with_scale(10_000_000);
+    let one = ByteArray::from(vec![1u8]);
+    write_parquet_column::<ByteArrayType>(&data.join("wide-decimal.parquet"), decimal, &[one]);
+    let text = column("text", Physical::BYTE_ARRAY, ConvertedType::UTF8);
+    let latin = [ByteArray::from("ok"), ByteArray::from(vec![0xe9; 100_000])];
+    write_parquet_column::<ByteArrayType>(&data.join("latin-1.parquet"), text, &latin);
+    let nul_name = column("a\0b", Physical::INT64, ConvertedType::TIMESTAMP_MICROS);
+    write_parquet_column::<Int64Type>(&data.join("nul-name.parquet"), nul_name, &[i64::MIN]);
+}
+
+/// Writes a Parquet file of one column, `column`, holding `values`.
+fn write_parquet_column<T: parquet::data_type::DataType>(
+    path: &Path,
+    column: parquet::schema::types::PrimitiveTypeBuilder<'_>,
+    values: &[T::T],
+) {
+    use std::sync::Arc;
+
+    use parquet::{
+        file::{properties::WriterProperties, writer::SerializedFileWriter},
+        schema::types::Type,
+    };
+    let schema = Type::group_type_builder("schema")
+        .with_fields(vec![Arc::new(column.build().expect("column"))])
+        .build()
+        .expect("schema");
+    let file = std::fs::File::create(path).expect("create parquet file");
+    let props = Arc::new(WriterProperties::builder().build());
+    let mut writer = SerializedFileWriter::new(file, Arc::new(schema), props).expect("writer");
+    let mut group = writer.next_row_group().expect("row group");
+    let mut col = group.next_column().expect("column").expect("a column");
+    col.typed::<T>()
+        .write_batch(values, None, None)
+        .expect("values");
+    col.close().expect("close column");
+    group.close().expect("close group");
+    writer.close().expect("close parquet file");
 }
 
 /// Writes a JSONL file: one line `{"a": [[],[],...]}` of about `bytes`
@@ -844,6 +922,8 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
     }
     // Its page holds 640 MB, though the page header and footer say 1 MiB.
     write_parquet_gzip_bomb(&data.join("lying-page.parquet"), 640 << 20);
+    // 720 MiB at once from 12 columns, none a bomb alone.
+    write_parquet_wide_bomb(&data.join("wide-bomb.parquet"), 12, 60 << 20);
 
     let project = app.project("giants").await;
     let storage = storage(&app, project, json!({})).await;
@@ -859,7 +939,10 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
     assert_eq!(run["status"], "completed_with_errors", "{run}");
     // The line after each of the nine giant lines; each giant line and bomb.
     assert_eq!(run["counters"]["created"], 13, "{run}");
-    assert_eq!(run["counters"]["failed"], 18, "{run}");
+    assert_eq!(run["counters"]["failed"], 19, "{run}");
+    // 333-349 MB here; 442-509 MB when a row was counted at 12 times its
+    // text (the zeros lines take up to 32).
+    assert!(peak < 430 << 20, "the worker peaked at {} MB", peak >> 20);
     let (_, errors) = app.get(&format!("/api/v1/runs/{run_id}/errors")).await;
     let text = errors.to_string();
     assert!(text.contains("LABELSYNC_MAX_TASK_BYTES"), "{text}");
@@ -868,9 +951,7 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
         text.contains("a GZIP page holds more than the"),
         "the lying page: {text}"
     );
-    // 333-349 MB here; 442-509 MB when a row was counted at 12 times its
-    // text (the zeros lines take up to 32).
-    assert!(peak < 430 << 20, "the worker peaked at {} MB", peak >> 20);
+    assert!(text.contains("row group 0: 7"), "the wide bomb: {text}");
     app.stop().await;
 }
 

@@ -166,12 +166,39 @@ fn sqlite_class(code: i64) -> DbClass {
     }
 }
 
+/// The most characters of an object's error that is kept.
+pub const MAX_MESSAGE_CHARS: usize = 2_000;
+
+/// `message` as an object's error is stored: NUL characters, which
+/// Postgres refuses in text, written `\0`, and cut to
+/// [`MAX_MESSAGE_CHARS`] characters (a library's message can quote a whole
+/// value, or a column name a file chose).
+pub fn storable(message: &str) -> String {
+    let mut out: String = message
+        .chars()
+        .take(MAX_MESSAGE_CHARS)
+        .collect::<String>()
+        .replace('\0', "\\0");
+    if message.chars().nth(MAX_MESSAGE_CHARS).is_some() {
+        out.push_str(" [...]");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn transient(class: DbClass) -> bool {
         matches!(class, DbClass::Transient)
+    }
+
+    #[test]
+    fn stored_messages_hold_no_nul_and_are_cut() {
+        assert_eq!(storable("column a\0b"), "column a\\0b");
+        let long = storable(&"é".repeat(MAX_MESSAGE_CHARS + 1));
+        assert_eq!(long.chars().count(), MAX_MESSAGE_CHARS + " [...]".len());
+        assert_eq!(storable("short"), "short");
     }
 
     #[test]

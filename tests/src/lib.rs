@@ -807,9 +807,30 @@ pub fn write_parquet_bomb(path: &Path, bytes: usize) {
     write_one_text_row(path, zstd, vec![b'a'; bytes]);
 }
 
+/// Writes a zstd Parquet file of one row of `columns` text columns, each
+/// `bytes` of `a`: no column alone is a bomb (under the 64 MiB a chunk may
+/// inflate to), but reading the row holds every column's page at once.
+pub fn write_parquet_wide_bomb(path: &Path, columns: usize, bytes: usize) {
+    use parquet::basic::{Compression, ZstdLevel};
+    let zstd = Compression::ZSTD(ZstdLevel::try_new(3).expect("level"));
+    write_text_columns(path, zstd, columns, vec![b'a'; bytes]);
+}
+
 /// Writes a Parquet file of one `text` column holding one row, `text`,
 /// in one page (no dictionary, no statistics) compressed with `compression`.
 fn write_one_text_row(path: &Path, compression: parquet::basic::Compression, text: Vec<u8>) {
+    write_text_columns(path, compression, 1, text);
+}
+
+/// Writes a Parquet file of `columns` text columns (`text`, `text1`, ...)
+/// holding one row, each `text`, in one page each (no dictionary, no
+/// statistics) compressed with `compression`.
+fn write_text_columns(
+    path: &Path,
+    compression: parquet::basic::Compression,
+    columns: usize,
+    text: Vec<u8>,
+) {
     use std::sync::Arc;
 
     use parquet::{
@@ -820,9 +841,18 @@ fn write_one_text_row(path: &Path, compression: parquet::basic::Compression, tex
         },
         schema::parser::parse_message_type,
     };
-    let schema = Arc::new(
-        parse_message_type("message task { REQUIRED BYTE_ARRAY text (UTF8); }").expect("schema"),
-    );
+    let names: Vec<String> = (0..columns)
+        .map(|i| match i {
+            0 => "text".to_owned(),
+            i => format!("text{i}"),
+        })
+        .collect();
+    let fields: String = names
+        .iter()
+        .map(|name| format!("REQUIRED BYTE_ARRAY {name} (UTF8); "))
+        .collect();
+    let schema =
+        Arc::new(parse_message_type(&format!("message task {{ {fields}}}")).expect("schema"));
     let props = Arc::new(
         WriterProperties::builder()
             .set_compression(compression)
@@ -833,11 +863,13 @@ fn write_one_text_row(path: &Path, compression: parquet::basic::Compression, tex
     let file = std::fs::File::create(path).expect("create parquet file");
     let mut writer = SerializedFileWriter::new(file, schema, props).expect("writer");
     let mut group = writer.next_row_group().expect("row group");
-    let mut col = group.next_column().expect("column").expect("text column");
-    col.typed::<ByteArrayType>()
-        .write_batch(&[ByteArray::from(text)], None, None)
-        .expect("text");
-    col.close().expect("close text");
+    for _ in &names {
+        let mut col = group.next_column().expect("column").expect("a text column");
+        col.typed::<ByteArrayType>()
+            .write_batch(&[ByteArray::from(text.clone())], None, None)
+            .expect("text");
+        col.close().expect("close text");
+    }
     group.close().expect("close group");
     writer.close().expect("close parquet file");
 }

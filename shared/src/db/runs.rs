@@ -503,7 +503,7 @@ pub async fn record_errors(
             run_id: Set(run_id.to_owned()),
             object_key: Set(key),
             row_index: Set(row),
-            error: Set(error),
+            error: Set(crate::error::storable(&error)),
             created_at: Set(now),
             ..Default::default()
         });
@@ -623,13 +623,23 @@ pub async fn running_with_stale_lease(
     ids_where(db, running, limit).await
 }
 
-/// Queued runs already admitted (their job was pushed), at most `limit`,
-/// oldest first: what a queue that forgot its jobs is given again.
-pub async fn admitted_queued(db: &impl ConnectionTrait, limit: u64) -> Result<Vec<String>> {
+/// Queued runs admitted (their job pushed) before `before` and not
+/// marked alive since ([`mark_alive_if_queued`]), at most `limit`, oldest
+/// first: what a queue that forgot its jobs at `before` is given again,
+/// a page at a time (each page is marked alive once pushed).
+pub async fn admitted_queued(
+    db: &impl ConnectionTrait,
+    before: chrono::DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<String>> {
     use sync_run::Column as C;
+    let not_alive_since = sea_orm::Condition::any()
+        .add(C::HeartbeatAt.is_null())
+        .add(C::HeartbeatAt.lt(before));
     let admitted = sea_orm::Condition::all()
         .add(C::Status.eq(RunStatus::Queued.as_str()))
-        .add(C::AdmittedAt.is_not_null());
+        .add(C::AdmittedAt.lt(before))
+        .add(not_alive_since);
     ids_where(db, admitted, limit).await
 }
 

@@ -43,6 +43,11 @@ impl ParseBudget {
         }
     }
 
+    /// The whole budget, in bytes.
+    pub fn bytes(&self) -> u64 {
+        u64::from(self.total_kib) << 10
+    }
+
     /// Waits (blocking the calling thread: parsers run on blocking threads)
     /// until `bytes` of the budget are free and holds them until the permit
     /// drops. `None` for small amounts, which are not counted.

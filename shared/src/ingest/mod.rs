@@ -20,6 +20,7 @@
 pub mod budget;
 pub mod ended;
 mod parquet_footer;
+mod parquet_json;
 mod parquet_pages;
 pub mod parse;
 mod partitions;

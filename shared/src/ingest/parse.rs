@@ -598,6 +598,14 @@ pub fn parse_parquet(
         let metadata = reader.metadata().row_group(group);
         check_row_group(metadata, group)?;
         let peak = check_pages(&mut pages, metadata, group)?;
+        if let Some(budget) = limits.budget
+            && peak > budget.bytes()
+        {
+            return Err(format!(
+                "row group {group} takes {peak} bytes in memory at once (a page of each column), more than LABELSYNC_PARSE_BUDGET_BYTES ({}); the file is not read: raise the setting, or write the file with smaller pages or fewer columns",
+                budget.bytes()
+            ));
+        }
         // The row iterator holds pages of every column at once.
         let _held = limits
             .budget
@@ -610,8 +618,11 @@ pub fn parse_parquet(
             .map_err(|e| format!("row group {group}: {e}"))?;
         for record in rows {
             let event = match record {
-                Ok(record) => parquet_task(row, record.to_json_value(), limits),
-                Err(e) => RowEvent::Error(row, format!("row {row}: {e}")),
+                Ok(record) => match super::parquet_json::row(&record) {
+                    Ok(data) => parquet_task(row, data, limits),
+                    Err(e) => RowEvent::Error(row, format!("row {row}: {e}")),
+                },
+                Err(e) => parquet_row_error(row, &e),
             };
             row += 1;
             if !emit(event) {
@@ -620,6 +631,19 @@ pub fn parse_parquet(
         }
     }
     Ok(())
+}
+
+/// A row the `parquet` crate could not read, with a message a user can act
+/// on: its complaint about text that is not UTF-8 quotes the value's bytes
+/// (ten characters a byte), so it is named instead; any other is cut.
+fn parquet_row_error(row: i64, error: &parquet::errors::ParquetError) -> RowEvent {
+    let text = error.to_string();
+    let text = if text.contains("Error reading BYTE_ARRAY as String") {
+        "a text (UTF8) column holds bytes that are not UTF-8: re-encode it, or write the column as plain binary".to_owned()
+    } else {
+        crate::error::storable(&text)
+    };
+    RowEvent::Error(row, format!("row {row}: {text}"))
 }
 
 fn parquet_task(row: i64, data: Value, limits: Limits) -> RowEvent {
@@ -643,16 +667,30 @@ fn check_row_group(
     group: &parquet::file::metadata::RowGroupMetaData,
     index: usize,
 ) -> Result<(), String> {
+    let (mut stored_sum, mut size_sum) = (0i64, 0i64);
     for column in group.columns() {
         let (stored, size) = (column.compressed_size(), column.uncompressed_size());
-        if size > BOMB_MIN_BYTES && size > stored.max(1).saturating_mul(BOMB_RATIO) {
+        if is_bomb(stored, size) {
             return Err(format!(
                 "row group {index}, column {}: {size} bytes uncompressed from {stored} stored, refused as a decompression bomb",
                 column.column_path()
             ));
         }
+        stored_sum = stored_sum.saturating_add(stored.max(0));
+        size_sum = size_sum.saturating_add(size.max(0));
+    }
+    // Reading a row holds a page of every column at once: many columns,
+    // none a bomb alone, are one together.
+    if is_bomb(stored_sum, size_sum) {
+        return Err(format!(
+            "row group {index}: {size_sum} bytes uncompressed from {stored_sum} stored, refused as a decompression bomb"
+        ));
     }
     Ok(())
+}
+
+fn is_bomb(stored: i64, size: i64) -> bool {
+    size > BOMB_MIN_BYTES && size > stored.max(1).saturating_mul(BOMB_RATIO)
 }
 
 /// Walks every column chunk's pages of row group `index` (see
@@ -718,6 +756,51 @@ mod tests {
             predictions: Vec::new(),
             approx_bytes: 0,
         }
+    }
+
+    /// A row group that holds more at once than the whole parse budget is
+    /// refused, not parsed alone: memory is bounded by the setting.
+    #[test]
+    fn a_parquet_row_group_over_the_budget_is_refused() {
+        use std::sync::Arc;
+
+        use parquet::{
+            data_type::{ByteArray, ByteArrayType},
+            file::{
+                properties::{EnabledStatistics, WriterProperties},
+                writer::SerializedFileWriter,
+            },
+            schema::parser::parse_message_type,
+        };
+        let schema = "message t { REQUIRED BYTE_ARRAY a (UTF8); REQUIRED BYTE_ARRAY b (UTF8); }";
+        let schema = Arc::new(parse_message_type(schema).expect("schema"));
+        let props = WriterProperties::builder()
+            .set_dictionary_enabled(false)
+            .set_statistics_enabled(EnabledStatistics::None)
+            .build();
+        let file = tempfile::tempfile().expect("temp file");
+        let copy = file.try_clone().expect("clone");
+        let mut writer = SerializedFileWriter::new(copy, schema, Arc::new(props)).expect("writer");
+        let mut group = writer.next_row_group().expect("row group");
+        while let Some(mut column) = group.next_column().expect("column") {
+            let value = ByteArray::from(vec![b'x'; 700 << 10]);
+            let typed = column.typed::<ByteArrayType>();
+            typed.write_batch(&[value], None, None).expect("value");
+            column.close().expect("close column");
+        }
+        group.close().expect("close group");
+        writer.close().expect("close file");
+
+        let budget = Box::leak(Box::new(super::super::budget::ParseBudget::new(1 << 20)));
+        let limits = Limits {
+            budget: Some(budget),
+            ..Limits::default()
+        };
+        let err = parse_parquet(file, limits, &mut |_| true).expect_err("refused");
+        assert!(
+            err.contains("LABELSYNC_PARSE_BUDGET_BYTES (1048576)"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -856,10 +856,10 @@ const REQUEUE_PER_TICK: u64 = 1000;
 /// died between admission and push, a push that failed). A duplicate of a
 /// job that was only slow is harmless: the run's lease turns it away. Held
 /// runs are not its business (see [`release_held`]): it never pushes a run
-/// its project's cap has not admitted. First, when the queue forgot its
-/// jobs, the queued runs ([`push_forgotten`]), and for a while after, the
-/// running runs it orphaned ([`push_orphaned`]). Returns how many were
-/// pushed.
+/// its project's cap has not admitted. First, while the fleet recovers from
+/// a queue that forgot its jobs, the queued runs it forgot
+/// ([`push_forgotten`]) and the running runs it orphaned
+/// ([`push_orphaned`]). Returns how many were pushed.
 pub async fn requeue_stalled(
     db: &DatabaseConnection,
     queue: &Queue,
@@ -871,14 +871,15 @@ pub async fn requeue_stalled(
         tracing::debug!(error = %err, "could not ask the queue what it remembers");
         Default::default()
     });
-    let forgotten = if memory.forgot {
-        push_forgotten(db, queue).await
-    } else {
-        Ok(Vec::new())
-    };
-    let orphaned = match &memory.recovering {
-        Some(loss) => push_orphaned(db, queue, settings, loss).await,
-        None => Ok(Vec::new()),
+    if memory.forgot {
+        tracing::warn!("the queue forgot its jobs (Redis came back empty); pushing its runs again");
+    }
+    let (forgotten, orphaned) = match &memory.recovering {
+        Some(loss) => (
+            push_forgotten(db, queue, loss).await,
+            push_orphaned(db, queue, settings, loss).await,
+        ),
+        None => (Ok(Vec::new()), Ok(Vec::new())),
     };
     let mut touched = forgotten.as_ref().cloned().unwrap_or_default();
     touched.extend(orphaned.as_ref().cloned().unwrap_or_default());
@@ -906,6 +907,7 @@ pub async fn requeue_stalled(
     // A pushed queued run counts as alive for another window, so a run
     // waiting its turn in Redis is not pushed again and again while it
     // waits (a running one is taken over, or turned away, by its lease).
+    // A forgotten one is then done with: the next tick pushes the next page.
     runs::mark_alive_if_queued(db, touched, now).await?;
     forgotten?;
     orphaned?;
@@ -941,44 +943,28 @@ async fn push_orphaned(
     Ok(pushed)
 }
 
-/// When the queue forgot its jobs ([`Queue::memory`]: Redis came back
-/// empty), pushes every admitted queued run again at once,
-/// rather than after the stalled-run window: up to [`REQUEUE_PER_TICK`],
-/// each under the key its admission pushed it with, so a job Redis still
-/// has is not doubled. When not all were pushed (an error, a full
-/// backlog), the queue's memory key is reset: if none was, the next tick
-/// tries again; past a first push Redis holds jobs again, and the rest
-/// wait for the window. The runs pushed.
-async fn push_forgotten(db: &DatabaseConnection, queue: &Queue) -> Result<Vec<String>> {
+/// While the fleet recovers from the queue's loss `loss` ([`Queue::memory`]:
+/// Redis came back empty), pushes the admitted queued runs it forgot at
+/// once, rather than after the stalled-run window: those admitted before
+/// the loss was found and not pushed since, up to [`REQUEUE_PER_TICK`] a
+/// tick (the caller marks them alive, so the next tick pushes the next
+/// ones), until the backlog is full. Each goes under the key its admission
+/// pushed it with, so a job Redis still has is not doubled. The runs
+/// pushed.
+async fn push_forgotten(db: &DatabaseConnection, queue: &Queue, loss: &str) -> Result<Vec<String>> {
+    let Some(found) = loss
+        .parse()
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+    else {
+        return Ok(Vec::new()); // not a loss this version named
+    };
     let mut pushed = Vec::new();
-    let result = push_queued(db, queue, &mut pushed).await;
-    if !matches!(result, Ok(true)) {
-        queue.forget_again().await;
-    }
-    result.map(|_| pushed)
-}
-
-/// Pushes the admitted queued runs under their admission key, adding
-/// each to `pushed`; whether that was all of them.
-async fn push_queued(
-    db: &DatabaseConnection,
-    queue: &Queue,
-    pushed: &mut Vec<String>,
-) -> Result<bool> {
-    let queued = runs::admitted_queued(db, REQUEUE_PER_TICK).await?;
-    if queued.is_empty() {
-        return Ok(true);
-    }
-    tracing::warn!(
-        runs = queued.len(),
-        "the queue forgot its jobs (Redis came back empty); pushing the queued runs again"
-    );
-    let all = (queued.len() as u64) < REQUEUE_PER_TICK;
-    for run_id in queued {
+    for run_id in runs::admitted_queued(db, found, REQUEUE_PER_TICK).await? {
         match queue.push(RunJob::for_run(&run_id), &run_id).await? {
             Pushed::Queued => pushed.push(run_id),
-            Pushed::Full => return Ok(false),
+            Pushed::Full => break,
         }
     }
-    Ok(all)
+    Ok(pushed)
 }

@@ -262,35 +262,26 @@ impl Queue {
         let millis = u64::try_from(recovery.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        redis::cmd("SET")
+        let named = redis::cmd("SET")
             .arg(recovering_key)
             .arg(&loss)
             .arg("PX")
             .arg(millis)
             .query_async::<()>(&mut conn.clone())
-            .await
-            .map_err(failed)?;
+            .await;
+        if let Err(err) = named {
+            // Unnamed, the loss would be recovered from by no one: the
+            // next process to ask is told again.
+            let _ = redis::cmd("DEL")
+                .arg(memory_key)
+                .query_async::<i64>(&mut conn.clone())
+                .await;
+            return Err(failed(err));
+        }
         Ok(Memory {
             forgot: true,
             recovering: Some(loss),
         })
-    }
-
-    /// Deletes the key [`Self::memory`] sets, so that the next
-    /// process to ask is told again (the queued runs were not all pushed).
-    pub async fn forget_again(&self) {
-        if let Queue::Redis {
-            conn, memory_key, ..
-        } = self
-        {
-            let deleted = redis::cmd("DEL")
-                .arg(memory_key)
-                .query_async::<i64>(&mut conn.clone())
-                .await;
-            if let Err(err) = deleted {
-                tracing::warn!(error = %err, "could not reset the queue's memory key");
-            }
-        }
     }
 
     /// True when the queue's server answers (for `/readyz`).
