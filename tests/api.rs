@@ -293,6 +293,16 @@ fn bad_storage_bodies(good: &Value) -> Vec<(&'static str, Value, u16, &'static s
     let mut bad_regex = good.clone();
     bad_regex["regex_filter"] = json!("(unclosed");
     cases.push(("invalid regex", bad_regex, 400, "invalid_regex"));
+    // Text shown in every list of storages has a bound.
+    for (field, value, code) in [
+        ("title", "t".repeat(1_001), "invalid_title"),
+        ("prefix", "p".repeat(1_025), "invalid_prefix"),
+        ("regex_filter", "a".repeat(4_097), "invalid_regex"),
+    ] {
+        let mut long = good.clone();
+        long[field] = json!(value);
+        cases.push(("a long text field", long, 400, code));
+    }
     let mut unknown_backend = good.clone();
     unknown_backend["backend"] = json!("ftp");
     cases.push(("unknown backend", unknown_backend, 400, "unknown_backend"));
@@ -576,6 +586,14 @@ async fn bad_project_bodies_get_4xx_with_code_and_create_nothing() {
     assert_eq!(
         (status, &err["error"]["code"]),
         (400, &json!("invalid_data_key")),
+        "{err}"
+    );
+    // A title shown in every list has a bound.
+    let long = json!({ "title": "t".repeat(1_001), "data_key": "image" });
+    let (status, err) = app.post("/api/v1/projects", long).await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("invalid_title")),
         "{err}"
     );
     // Only the fixture's own project.

@@ -473,6 +473,67 @@ async fn idempotent_posts(embedded: bool) {
     app.stop().await;
 }
 
+/// A change sent with a key runs once however its first answer went: one
+/// larger than 1 MiB (it was a 500 and the key let go, so the client's
+/// retry saved the annotation twice), and one whose client gave up first
+/// (the handler was dropped with its connection, leaving the key claimed
+/// with no answer: the retry got 409, and ran it again two minutes on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_change_runs_once_when_its_answer_is_large_or_its_client_gives_up() {
+    let token = "keyed-change-token";
+    let app = spawn_app(AppOptions {
+        token: Some(token.into()),
+        ..AppOptions::with_storages()
+    })
+    .await;
+    let receiver = Receiver::start().await;
+    let (storage, hook) = project_with_webhook(&app, &receiver, 1).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let project = storage["project_id"].as_i64().expect("project id");
+    let task = app.all_tasks(project).await[0]["id"]
+        .as_i64()
+        .expect("task id");
+    let path = format!("/api/v1/tasks/{task}/annotations");
+    let mask = "x".repeat(1_500_000);
+    let big = json!({ "result": [{ "type": "brushlabels", "value": { "rle": mask } }] });
+    let (status, first, replayed) = post_with_key(&app, token, &path, &big, "big").await;
+    assert_eq!((status, replayed), (201, false), "{}", first["error"]);
+    let (status, again, replayed) = post_with_key(&app, token, &path, &big, "big").await;
+    assert_eq!((status, replayed, &again["id"]), (201, true, &first["id"]));
+    let (_, saved) = app.get(&format!("/api/v1/tasks/{task}")).await;
+    assert_eq!(saved["annotations"].as_array().map(Vec::len), Some(1));
+
+    receiver.answer_after(Duration::from_secs(3));
+    let before = receiver.received().len();
+    let test_path = format!("/api/v1/webhooks/{}/test", hook["id"]);
+    let gave_up = app
+        .client
+        .post(format!("{}{test_path}", app.base))
+        .bearer_auth(token)
+        .header("Idempotency-Key", "slow")
+        .json(&json!({}))
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client gave up first: {gave_up:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, sent, replayed) = post_with_key(&app, token, &test_path, &json!({}), "slow").await;
+    assert_eq!((status, replayed), (200, true), "{sent}");
+    assert_eq!(sent["status"], "delivered", "{sent}");
+    let tests = receiver.received()[before..]
+        .iter()
+        .filter(|r| r.json()["type"] == "webhook.test")
+        .count();
+    assert_eq!(
+        tests,
+        1,
+        "one test event sent: {:#?}",
+        &receiver.received()[before..]
+    );
+    app.stop().await;
+}
+
 /// A key older than 24 hours is new again (the request runs), and the
 /// scheduler's cleanup deletes such keys.
 async fn keys_expire_after_a_day(app: &TestApp, token: &str, body: &Value) {

@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU16, Ordering},
+        atomic::{AtomicU16, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -39,6 +39,8 @@ impl Received {
 struct Shared {
     received: Mutex<Vec<Received>>,
     answer: AtomicU16,
+    /// How long it takes to answer, in milliseconds.
+    delay_ms: AtomicU64,
 }
 
 pub struct Receiver {
@@ -60,6 +62,13 @@ impl Receiver {
     /// The status every next request gets.
     pub fn answer_with(&self, status: u16) {
         self.shared.answer.store(status, Ordering::SeqCst);
+    }
+
+    /// Every next request is answered `delay` after it arrived (it is
+    /// recorded at once).
+    pub fn answer_after(&self, delay: Duration) {
+        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.shared.delay_ms.store(millis, Ordering::SeqCst);
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -149,5 +158,7 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
         body: String::from_utf8_lossy(&body).into_owned(),
         status,
     });
+    let delay = shared.delay_ms.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(delay)).await;
     StatusCode::from_u16(status).unwrap_or(StatusCode::OK)
 }

@@ -30,8 +30,10 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(120);
 /// How long a duplicate waits for the first request's answer.
 const WAIT_FOR_FIRST: Duration = Duration::from_secs(30);
 const MAX_KEY_LEN: usize = 255;
-/// The largest answer kept for a replay (POST answers are one resource).
-const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// The largest answer kept for a replay: POST answers are one resource,
+/// which may echo a whole request body (2 MiB) and a little more. A larger
+/// one is kept as its status with a note (see [`remember`]).
+const MAX_ANSWER_BYTES: usize = 8 << 20;
 
 /// The middleware. Requests other than POST, and POSTs without the
 /// header, pass through untouched.
@@ -189,8 +191,22 @@ fn replay(status: i32, body: String) -> Response {
     response
 }
 
-/// Stores the answer under the key, except server-side failures (5xx) and
-/// 429: the key is let go so a retry runs the request again.
+/// What is kept of an answer larger than [`MAX_ANSWER_BYTES`]: a replay
+/// gets the first status and this note, with the resource's `Location`
+/// when the answer had one.
+fn too_large_to_keep(parts: &axum::http::response::Parts) -> String {
+    let location = parts
+        .headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok());
+    serde_json::json!({
+        "replayed": true,
+        "note": "the first answer was too large to keep for a replay; read the resource to see it",
+        "location": location,
+    })
+    .to_string()
+}
+
 /// The answer as kept: a `secret` shown once (a new token's or webhook's)
 /// is kept as null, so no secret is stored; a replay shows the resource
 /// without it.
@@ -204,12 +220,19 @@ fn without_secret(bytes: &[u8]) -> String {
     }
 }
 
+/// Stores the answer under the key, except server-side failures (5xx) and
+/// 429: the key is let go so a retry runs the request again.
+/// The answer is the handler's own, already in memory, so it is read
+/// whole: a change that was made is never answered as a failure (a retry
+/// would make it again). One too large to keep is kept as its status and a
+/// note that says where the resource is read.
 async fn remember(state: &AppState, caller: &str, key: &str, response: Response) -> Response {
     let (parts, body) = response.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_ANSWER_BYTES).await {
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(bytes) => bytes,
         Err(err) => {
-            tracing::warn!(error = %err, "answer too large to keep for Idempotency-Key");
+            // The handler's body failed mid-way: nothing was answered.
+            tracing::warn!(error = %err, "an answer could not be read for its Idempotency-Key");
             let _ = idempotency::forget(&state.db, caller, key, None).await;
             return ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -225,7 +248,11 @@ async fn remember(state: &AppState, caller: &str, key: &str, response: Response)
             .await
             .map(|_| ())
     } else {
-        let text = without_secret(&bytes);
+        let text = if bytes.len() > MAX_ANSWER_BYTES {
+            too_large_to_keep(&parts)
+        } else {
+            without_secret(&bytes)
+        };
         idempotency::complete(&state.db, caller, key, status.as_u16(), &text).await
     };
     if let Err(err) = stored {

@@ -250,10 +250,34 @@ async fn trace_request(mut req: Request, next: Next) -> Response {
         http.response.status_code = tracing::field::Empty,
     );
     labelsync::telemetry::set_parent(&span, &labelsync::telemetry::Headers(req.headers()));
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let handled = next.run(req).instrument(span.clone());
+    let mut response = if reads {
+        handled.await
+    } else {
+        run_to_end(handled).await
+    };
     span.record("http.response.status_code", response.status().as_u16());
     response.headers_mut().insert(REQUEST_ID, request_id);
     response
+}
+
+/// Runs a request that changes something to its end on a task of its own.
+/// hyper drops a request's future when its client goes away, and a change
+/// cut off after its commit left its Idempotency-Key claimed with no answer
+/// (a retry waited 30 s for a 409, and ran the change again once the claim
+/// counted as abandoned) and its audit row unwritten. A read is dropped
+/// with its client. A handler that panics answers 500.
+async fn run_to_end(handled: impl Future<Output = Response> + Send + 'static) -> Response {
+    tokio::spawn(handled).await.unwrap_or_else(|err| {
+        tracing::error!(error = %err, "a request's handler failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+        .into_response()
+    })
 }
 
 const REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");

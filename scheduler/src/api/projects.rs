@@ -18,11 +18,16 @@ pub struct ProjectBody {
 }
 
 fn check_fields(body: &ProjectBody) -> ApiResult<()> {
-    if body.title.as_deref().is_some_and(|t| t.trim().is_empty()) {
+    let max = labelsync::storage::spec::MAX_TITLE_CHARS;
+    if body
+        .title
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty() || t.chars().count() > max)
+    {
         return Err(ApiError::bad_request(
             "invalid_title",
             "title",
-            "title must not be empty",
+            format!("title must not be empty, and at most {max} characters"),
         ));
     }
     // ASCII only, so the rule is the document's pattern `^[A-Za-z0-9_-]{1,100}$`

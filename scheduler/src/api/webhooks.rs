@@ -259,7 +259,9 @@ pub async fn test(
 ) -> ApiResult<ApiJson<Value>> {
     let hook = find(&state, &caller, id).await?;
     let key = labelsync::webhooks::open_secret(state.storage_env.secret_box()?, &hook)?;
-    let (delivery, event) = webhooks::record_test(&state.db, &hook).await?;
+    // Held for two attempts' time: this one, and its recording.
+    let held = labelsync::webhooks::ATTEMPT_TIMEOUT * 2;
+    let (delivery, event) = webhooks::record_test(&state.db, &hook, held).await?;
     let sender = Sender::new(&state.storage_env.net)?;
     let log = sender.send(&hook.url, &key, &event).await;
     let after = if log.error.is_none() {

@@ -235,10 +235,15 @@ async fn insert_event(
     .await?)
 }
 
-/// Records the test event for one endpoint and returns its delivery.
+/// Records the test event for one endpoint and returns its delivery, due
+/// only `held` from now: the caller sends it at once, and the deliverer
+/// must not send it too meanwhile (it did, when the endpoint was slower
+/// than the deliverer's tick). It does if the caller never records the
+/// attempt (its process died).
 pub async fn record_test(
     db: &DatabaseConnection,
     hook: &webhook::Model,
+    held: std::time::Duration,
 ) -> Result<(webhook_delivery::Model, webhook_event::Model)> {
     let tx = super::begin_write(db).await?;
     let data =
@@ -249,7 +254,9 @@ pub async fn record_test(
         event_id: Set(event.id.clone()),
         status: Set(PENDING.to_owned()),
         attempts: Set(0),
-        next_attempt_at: Set(event.created_at),
+        next_attempt_at: Set(
+            event.created_at + chrono::Duration::from_std(held).unwrap_or_default()
+        ),
         created_at: Set(event.created_at),
         ..Default::default()
     }

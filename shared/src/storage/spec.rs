@@ -19,6 +19,12 @@ pub const MAX_PRESIGN_TTL: i64 = 7 * 24 * 3600;
 pub const MIN_SYNC_INTERVAL: i64 = 1;
 /// One year: longer periods are surely a mistake too.
 pub const MAX_SYNC_INTERVAL: i64 = 365 * 24 * 3600;
+/// The longest title of a storage or a project, in characters.
+pub const MAX_TITLE_CHARS: usize = 1_000;
+/// The longest prefix (as long as the longest key S3 takes) and regex
+/// filter, in characters.
+pub const MAX_PREFIX_CHARS: usize = 1_024;
+pub const MAX_REGEX_CHARS: usize = 4_096;
 
 /// How a source's objects become tasks: `files` (one task per object) or
 /// `tasks` (each object is a file of tasks).
@@ -214,10 +220,43 @@ impl StorageSpec {
             .map_err(|e| Error::invalid("invalid_body", None, e.to_string()))
     }
 
+    /// Text fields are shown in every list of storages and held by
+    /// `/resolve`'s cache: each has a bound, so a caller cannot make those
+    /// answers gigabytes.
+    fn check_lengths(&self) -> Result<()> {
+        if self.title.chars().count() > MAX_TITLE_CHARS {
+            return Err(Error::invalid(
+                "invalid_title",
+                Some("title"),
+                format!("title must be at most {MAX_TITLE_CHARS} characters"),
+            ));
+        }
+        if self.prefix.chars().count() > MAX_PREFIX_CHARS {
+            return Err(Error::invalid(
+                "invalid_prefix",
+                Some("prefix"),
+                format!("prefix must be at most {MAX_PREFIX_CHARS} characters"),
+            ));
+        }
+        if self
+            .regex_filter
+            .as_ref()
+            .is_some_and(|r| r.chars().count() > MAX_REGEX_CHARS)
+        {
+            return Err(Error::invalid(
+                "invalid_regex",
+                Some("regex_filter"),
+                format!("regex_filter must be at most {MAX_REGEX_CHARS} characters"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks everything a create needs, touching nothing (but DNS, for the
     /// SSRF guard on endpoints).
     pub async fn validate(&self, env: &StorageEnv) -> Result<ValidSpec> {
         let kind = BackendKind::parse(&self.backend)?;
+        self.check_lengths()?;
         Filter::new(self.regex_filter.as_deref())?;
         // Listings build URLs and paths from the prefix as from keys: the
         // same segments are refused (see `storage::check_key`).
