@@ -286,6 +286,52 @@ async fn app_with_a_valid_source_body() -> (TestApp, Value) {
     (app, good)
 }
 
+/// A storage PATCH writes over the storage as it read it, or not at all. A
+/// pause that landed while it ran stays (every column was written back from
+/// its read: the storage unpaused, or secrets just rotated put back), and
+/// a PATCH that landed meanwhile makes it a conflict (409), not a lost
+/// update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_patch_does_not_undo_what_landed_while_it_ran() {
+    use labelsync::db::storages;
+    let (app, good) = app_with_a_valid_source_body().await;
+    let (status, created) = app.post("/api/v1/storages", good).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_i64().expect("id");
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let read = storages::find(&db, id)
+        .await
+        .expect("find")
+        .expect("the storage");
+    let path = format!("/api/v1/storages/{id}");
+    let (status, paused) = app.post(&format!("{path}/pause"), json!({})).await;
+    assert_eq!(status, 200, "{paused}");
+
+    // What a PATCH that read the storage before the pause writes.
+    let mut renamed = read.clone();
+    renamed.title = "renamed".into();
+    let saved = storages::replace(&db, renamed.clone(), read.updated_at, true)
+        .await
+        .expect("replace")
+        .expect("written");
+    assert_eq!(saved.title, "renamed");
+    assert!(
+        saved.schedule_paused_at.is_some(),
+        "the pause stays: {saved:?}"
+    );
+
+    let (status, patched) = app.patch(&path, json!({ "title": "patched" })).await;
+    assert_eq!(status, 200, "{patched}");
+    let late = storages::replace(&db, renamed, saved.updated_at, true).await;
+    assert!(
+        late.expect("replace").is_none(),
+        "written over a newer PATCH"
+    );
+    let (_, now) = app.get(&path).await;
+    assert_eq!(now["title"], "patched", "{now}");
+    app.stop().await;
+}
+
 /// Storage bodies each with one thing wrong: what it is, the body, and the
 /// status and error code it must get.
 fn bad_storage_bodies(good: &Value) -> Vec<(&'static str, Value, u16, &'static str)> {

@@ -406,6 +406,34 @@ async fn console_sessions_keep_to_their_origin_and_their_keys() {
     app.stop().await;
 }
 
+/// With no token made (the open loopback mode) there is no credential a
+/// page must hold: a change sent by a page of another origin of this
+/// machine (another port of localhost: `Sec-Fetch-Site: same-site`, or
+/// its `Origin`) is refused, as one from another site always was; one
+/// from the console's own pages, or from a client that is no browser, runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_mode_takes_no_change_from_a_page_of_another_origin() {
+    let app = spawn_app(AppOptions::default()).await;
+    let path = format!("{}/api/v1/projects", app.base);
+    let own = app.base.clone();
+    let cases = [
+        (Some(("sec-fetch-site", "same-site".to_owned())), 403),
+        (Some(("origin", "http://localhost:5173".to_owned())), 403),
+        (Some(("sec-fetch-site", "same-origin".to_owned())), 201),
+        (Some(("origin", own)), 201),
+        (None, 201),
+    ];
+    for (header, expected) in cases {
+        let mut request = client().post(&path).json(&json!({ "title": "t" }));
+        if let Some((name, value)) = &header {
+            request = request.header(*name, value);
+        }
+        let status = request.send().await.unwrap().status();
+        assert_eq!(status, expected, "{header:?}");
+    }
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_pages_send_a_strict_content_security_policy() {
     let app = spawn_app(AppOptions::default()).await;

@@ -553,6 +553,35 @@ async fn changed_task_files_are_reimported_when_the_storage_opts_in(embedded: bo
     app.stop().await;
 }
 
+/// `reimport_changed`: a changed file that cannot be read again (here, now
+/// over `LABELSYNC_MAX_OBJECT_BYTES`) keeps its old etag, so the next sync
+/// tries it again: its new etag was stored, and it was taken as up to date
+/// for good, with its tasks stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_file_that_failed_to_reimport_is_tried_again() {
+    let app = spawn_app(AppOptions {
+        env: vec![("LABELSYNC_MAX_OBJECT_BYTES", "4096".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    let (project, opted, _) = three_tasks_synced_and_the_first_annotated(&app).await;
+    let words: Vec<String> = (0..500).map(|i| format!("word {i}")).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let data = app.doc_root.path().join("data");
+    write(&data, "tasks.jsonl", task_lines(&words).as_bytes());
+    for sync in ["first", "second"] {
+        let run = app.sync(&opted["id"]).await;
+        let c = &run["counters"];
+        assert_eq!(
+            (c["changed"].as_i64(), c["failed"].as_i64()),
+            (Some(1), Some(1)),
+            "the {sync} sync after the change: {run}"
+        );
+    }
+    assert_eq!(app.all_tasks(project).await.len(), 3);
+    app.stop().await;
+}
+
 /// One task per word, as JSON lines.
 fn task_lines(words: &[&str]) -> String {
     words

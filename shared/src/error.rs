@@ -31,6 +31,10 @@ pub enum Error {
     /// The credentials were accepted but lack a permission; retrying will not help.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The thing was changed by someone else since it was read: read it
+    /// again and decide again.
+    #[error("{0}")]
+    Conflict(String),
     /// A passing failure (network, a restarting server): retry with backoff.
     #[error("{0}")]
     Transient(String),
@@ -77,12 +81,22 @@ impl From<sea_orm::DbErr> for Error {
                 Error::Transient(format!("{DATABASE}{err}"))
             }
             DbErr::RecordNotFound(what) => Error::NotFound(what),
+            // An update by id that found no row: it was deleted meanwhile.
+            DbErr::RecordNotUpdated => {
+                Error::NotFound("it was deleted by another request meanwhile".into())
+            }
             ref other => match classify(other) {
                 DbClass::Transient => Error::Transient(format!("{DATABASE}{other}")),
                 DbClass::BadValue { code, message } => {
                     // The driver's text names the value; the caller gets ours.
                     tracing::debug!(error = %other, "the database refused a value");
                     Error::invalid(code, None, message)
+                }
+                DbClass::Gone => {
+                    tracing::debug!(error = %other, "a row referred to is gone");
+                    Error::NotFound(
+                        "what this refers to was deleted by another request meanwhile".into(),
+                    )
                 }
                 DbClass::Other => Error::Internal(format!("{DATABASE}{other}")),
             },
@@ -98,6 +112,9 @@ enum DbClass {
         code: &'static str,
         message: &'static str,
     },
+    /// A foreign key named a row that is gone: deleted while the statement
+    /// was on its way (what it names was checked before).
+    Gone,
     Other,
 }
 
@@ -145,6 +162,7 @@ fn postgres_class(sqlstate: &str) -> DbClass {
             code: "invalid_text",
             message: "a text or JSON value holds the NUL character (\\u0000), which cannot be stored; remove it",
         },
+        "23503" => DbClass::Gone,
         s if s.starts_with("22") => DbClass::BadValue {
             code: "invalid_value",
             message: "a value is too long, out of range or malformed for the database",
@@ -154,8 +172,12 @@ fn postgres_class(sqlstate: &str) -> DbClass {
 }
 
 /// SQLite: BUSY (5) and LOCKED (6), with their extended codes, are
-/// transient; TOOBIG (18) is a bad value.
+/// transient; TOOBIG (18) is a bad value; a foreign key's failure (787) is
+/// a row gone.
 fn sqlite_class(code: i64) -> DbClass {
+    if code == 787 {
+        return DbClass::Gone; // SQLITE_CONSTRAINT_FOREIGNKEY
+    }
     match code & 0xff {
         5 | 6 => DbClass::Transient,
         18 => DbClass::BadValue {
@@ -191,6 +213,15 @@ mod tests {
 
     fn transient(class: DbClass) -> bool {
         matches!(class, DbClass::Transient)
+    }
+
+    #[test]
+    fn an_update_that_found_no_row_is_not_found() {
+        let err = Error::from(sea_orm::DbErr::RecordNotUpdated);
+        assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+        assert!(matches!(postgres_class("23503"), DbClass::Gone));
+        assert!(matches!(sqlite_class(787), DbClass::Gone));
+        assert!(matches!(sqlite_class(2067), DbClass::Other)); // UNIQUE
     }
 
     #[test]

@@ -298,6 +298,6 @@ pub fn outcome<T>(result: &Result<T>) -> &'static str {
         Err(Error::PermissionDenied(_)) => "permission_denied",
         Err(Error::Transient(_)) => "transient",
         Err(Error::Invalid { .. }) => "invalid",
-        Err(Error::Internal(_)) => "internal",
+        Err(Error::Internal(_) | Error::Conflict(_)) => "internal",
     }
 }

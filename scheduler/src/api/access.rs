@@ -243,7 +243,8 @@ pub fn bearer(req: &Request) -> &str {
 /// (the console's actions are calls of this API): then a request that
 /// changes something must carry the session's CSRF token
 /// (`X-CSRF-Token`). A change a browser sends from another site
-/// (`Sec-Fetch-Site: cross-site`) is refused whatever it carries.
+/// (`Sec-Fetch-Site: cross-site`) is refused whatever it carries, and in
+/// the open mode one from any other origin.
 pub async fn auth(
     State(state): State<AppState>,
     mut req: Request,
@@ -270,6 +271,13 @@ pub async fn auth(
     } else {
         caller_of(&state, from_header, req.headers()).await?
     };
+    // The open mode has no credential a page must hold: any page of this
+    // machine (another port of localhost) could change things otherwise.
+    if changes && caller.name == OPEN && from_elsewhere(req.headers()) {
+        return Err(forbidden(
+            "with no token made yet, a browser page of another origin cannot change anything here",
+        ));
+    }
     req.extensions_mut().insert(caller);
     Ok(next.run(req).await)
 }
@@ -305,6 +313,22 @@ fn csrf_holds(headers: &header::HeaderMap, session: &str) -> bool {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     bool::from(same_secret(given.as_bytes(), csrf_of(session).as_bytes()))
+}
+
+/// Whether a request was sent by a page of any other origin: another site
+/// or a sibling name of this one (another port of localhost), as
+/// `Sec-Fetch-Site` says; from a browser too old to send it, an `Origin`
+/// that is not this server's `Host` (not compared otherwise: a proxy may
+/// rewrite `Host`). A client that sends neither is taken at its word.
+pub fn from_elsewhere(headers: &header::HeaderMap) -> bool {
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site")) {
+        return !matches!(site, "same-origin" | "none");
+    }
+    text(header::ORIGIN).is_some_and(|origin| {
+        let authority = origin.split_once("://").map(|(_, rest)| rest);
+        authority.is_none() || authority != text(header::HOST)
+    })
 }
 
 /// Whether a browser says the request comes from another site.

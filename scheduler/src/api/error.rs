@@ -98,6 +98,7 @@ impl From<Error> for ApiError {
             Error::Unauthenticated(message) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_credentials", message)
             }
+            Error::Conflict(message) => ApiError::new(StatusCode::CONFLICT, "conflict", message),
             Error::PermissionDenied(message) => {
                 ApiError::new(StatusCode::FORBIDDEN, "permission_denied", message)
             }

@@ -103,7 +103,7 @@ async fn login(
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    if from_elsewhere(&headers) {
+    if access::from_elsewhere(&headers) {
         return from_another_site();
     }
     let token = form.token.trim();
@@ -122,27 +122,11 @@ async fn login(
 
 /// `POST /ui/logout`: forgets the session cookie (not for another site).
 async fn logout(headers: HeaderMap) -> Response {
-    if from_elsewhere(&headers) {
+    if access::from_elsewhere(&headers) {
         return from_another_site();
     }
     let cookie = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
     with_cookie(Redirect::to("/ui/login").into_response(), &cookie)
-}
-
-/// Whether a login or logout form was sent by a page of any other origin:
-/// another site or a sibling name of this one, as `Sec-Fetch-Site` says;
-/// from a browser too old to send it, an `Origin` that is not this
-/// server's `Host` (not compared otherwise: a proxy may rewrite `Host`).
-/// A client that sends neither is taken at its word.
-fn from_elsewhere(headers: &HeaderMap) -> bool {
-    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(site) = text(header::HeaderName::from_static("sec-fetch-site")) {
-        return !matches!(site, "same-origin" | "none");
-    }
-    text(header::ORIGIN).is_some_and(|origin| {
-        let authority = origin.split_once("://").map(|(_, rest)| rest);
-        authority.is_none() || authority != text(header::HOST)
-    })
 }
 
 /// A login or logout form sent from another site: 403, nothing set.

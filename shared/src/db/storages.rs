@@ -114,12 +114,39 @@ pub async fn insert(db: &impl ConnectionTrait, row: storage::Model) -> Result<st
     Ok(saved)
 }
 
-/// Writes every column of `row` over the storage with its id and returns the
-/// saved row; a row deleted meanwhile is an error.
-pub async fn replace(db: &impl ConnectionTrait, row: storage::Model) -> Result<storage::Model> {
-    let saved = row.into_active_model().reset_all().update(db).await?;
+/// Writes a PATCHed storage's settings (`row`) over the storage with its id
+/// as it was read, at `read_updated_at`; the row as saved, or `None` when
+/// it was changed (another PATCH) or deleted since. The columns a PATCH
+/// does not set are left as they are now, not as they were read: the
+/// sealed secrets (see [`set_secrets`]), the pause (a pause landing while
+/// a PATCH ran was undone), and the next sync when `keep_schedule`.
+pub async fn replace(
+    db: &impl ConnectionTrait,
+    row: storage::Model,
+    read_updated_at: DateTime<Utc>,
+    keep_schedule: bool,
+) -> Result<Option<storage::Model>> {
+    let id = row.id;
+    let mut update = row.into_active_model().reset_all();
+    update.id = NotSet;
+    update.created_at = NotSet;
+    update.secrets = NotSet;
+    update.secrets_set = NotSet;
+    update.schedule_paused_at = NotSet;
+    if keep_schedule {
+        update.next_sync_at = NotSet;
+    }
+    let written = storage::Entity::update_many()
+        .set(update)
+        .filter(storage::Column::Id.eq(id))
+        .filter(storage::Column::UpdatedAt.eq(read_updated_at))
+        .exec(db)
+        .await?;
+    if written.rows_affected == 0 {
+        return Ok(None);
+    }
     change_counters::bump(db, change_counters::STORAGES).await?;
-    Ok(saved)
+    find(db, id).await
 }
 
 /// Sets the sealed secrets of a saved storage and the names of those set;

@@ -463,7 +463,20 @@ impl ImportJob<'_> {
             plan.delta.existed += raced;
         }
         links::mark_seen(&txn, self.storage.id, &self.run.id, &plan.seen_keys).await?;
-        for o in &plan.changed {
+        // A changed object that could not be read again keeps its old etag,
+        // so the next sync tries it again (a row's error is not the
+        // object's: the rest of it was read).
+        let unread: std::collections::HashSet<&str> = plan
+            .errors
+            .iter()
+            .filter(|(_, row, _)| row.is_none())
+            .map(|(key, _, _)| key.as_str())
+            .collect();
+        for o in plan
+            .changed
+            .iter()
+            .filter(|o| !unread.contains(o.key.as_str()))
+        {
             let etag = o.etag.as_deref();
             links::update_object(&txn, self.storage.id, &o.key, etag, o.size, o.last_modified)
                 .await?;

@@ -457,7 +457,7 @@ pub async fn probe<S: Storage + ?Sized>(storage: &S, role: Role, prefix: &str) -
             Some("secrets"),
             format!("the {kind} credentials may not {action}: {m}"),
         ),
-        Error::Internal(m) => Error::Internal(m),
+        Error::Internal(m) | Error::Conflict(m) => Error::Internal(m),
     };
     let opts = ListOptions {
         prefix: prefix.to_owned(),

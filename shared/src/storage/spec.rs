@@ -408,16 +408,18 @@ pub async fn save(
     let row = match current {
         Some(current) => {
             model.id = current.id;
-            model.created_at = current.created_at;
-            model.secrets = current.secrets.clone();
-            model.secrets_set = current.secrets_set.clone();
-            // A new period starts now; an unchanged one keeps its schedule.
+            // A new period starts now (the next sync unset); an unchanged
+            // one keeps its schedule. validated_at stays unset: the last
+            // check was of the settings this save replaces.
             let same_period = current.sync_interval_seconds == spec.sync_interval_seconds;
-            model.next_sync_at = current.next_sync_at.filter(|_| same_period);
-            model.schedule_paused_at = current.schedule_paused_at;
-            // validated_at stays unset: the last check was of the settings
-            // this save replaces.
-            storages::replace(&txn, model).await?
+            storages::replace(&txn, model, current.updated_at, same_period)
+                .await?
+                .ok_or_else(|| {
+                    Error::Conflict(format!(
+                        "storage {} was changed or deleted by another request while this one ran; read it again and send the change again",
+                        current.id
+                    ))
+                })?
         }
         None => storages::insert(&txn, model).await?,
     };
