@@ -290,7 +290,7 @@ async fn app_with_a_valid_source_body() -> (TestApp, Value) {
 /// pause that landed while it ran stays (every column was written back from
 /// its read: the storage unpaused, or secrets just rotated put back), and
 /// a PATCH that landed meanwhile makes it a conflict (409), not a lost
-/// update.
+/// update; a delete, a 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storage_patch_does_not_undo_what_landed_while_it_ran() {
     use labelsync::db::storages;
@@ -322,13 +322,22 @@ async fn a_storage_patch_does_not_undo_what_landed_while_it_ran() {
 
     let (status, patched) = app.patch(&path, json!({ "title": "patched" })).await;
     assert_eq!(status, 200, "{patched}");
-    let late = storages::replace(&db, renamed, saved.updated_at, true).await;
+    let late = storages::replace(&db, renamed.clone(), saved.updated_at, true).await;
     assert!(
         late.expect("replace").is_none(),
         "written over a newer PATCH"
     );
     let (_, now) = app.get(&path).await;
     assert_eq!(now["title"], "patched", "{now}");
+
+    // Deleted meanwhile: not found (404), not changed (409).
+    let (status, _) = app.delete(&path).await;
+    assert_eq!(status, 204);
+    let gone = storages::replace(&db, renamed, saved.updated_at, true).await;
+    assert!(
+        matches!(gone, Err(labelsync::Error::NotFound(_))),
+        "{gone:?}"
+    );
     app.stop().await;
 }
 

@@ -343,6 +343,49 @@ async fn bad_annotations_are_refused() {
     app.stop().await;
 }
 
+/// An export holds at most `LABELSYNC_EXPORT_CONCURRENCY` bodies at once,
+/// not a page's: each body copies its task's data, so 300 annotations of
+/// one 4 MB task made 1.2 GB of bodies before the first upload (and a
+/// larger task had the worker OOM-killed on every retry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_holds_a_few_bodies_at_once_not_a_page() {
+    use futures::StreamExt;
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..options()
+    })
+    .await;
+    let worker = labelsync_tests::spawn_ready_worker(
+        &app,
+        "exporter",
+        &[("LABELSYNC_EXPORT_CONCURRENCY", "4")],
+    )
+    .await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let big = json!({ "text": "x".repeat(4 << 20) }).to_string();
+    std::fs::write(data.join("big.json"), big).unwrap();
+    let project = app.project("big task").await;
+    let source = app
+        .local_storage(project, json!({ "import_method": "tasks" }))
+        .await;
+    let run = app.sync(&source["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let task = app.all_tasks(project).await[0]["id"].as_i64().unwrap();
+    let app = &app;
+    futures::stream::iter(0..300)
+        .for_each_concurrent(8, |i| async move {
+            annotate(app, task, &format!("label {i}")).await;
+        })
+        .await;
+    let target = local_target(app, project, "out", false).await;
+    let run = app.sync(&target["id"]).await;
+    assert_eq!(run["counters"]["exported"], 300, "{run}");
+    let peak = labelsync_tests::peak_rss(worker.0.id());
+    eprintln!("the exporting worker peaked at {} MB: {run}", peak >> 20);
+    assert!(peak < 400 << 20, "the worker peaked at {} MB", peak >> 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_export_counts_skips_unchanged_and_retries_failed_uploads() {
     let app = spawn_app(options()).await;

@@ -767,8 +767,8 @@ async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
     // infinity.parquet, row 0 of latin-1.parquet.
     assert_eq!(run["counters"]["created"], 37, "{run}");
     // deep-2000, deep-200, nul.json, rows 1 and 2 of rows.jsonl, and one
-    // row of each of write_odd_parquet's files.
-    assert_eq!(run["counters"]["failed"], 9, "{run}");
+    // row or whole file of each of write_odd_parquet's five.
+    assert_eq!(run["counters"]["failed"], 10, "{run}");
 
     let (_, errors) = app
         .get(&format!(
@@ -798,8 +798,14 @@ async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
     );
     let decimal = message("wide-decimal.parquet", json!(0));
     assert!(decimal.contains("DECIMAL(20000000, 10000000)"), "{decimal}");
-    let latin = message("latin-1.parquet", json!(1));
-    assert!(latin.contains("not UTF-8") && latin.len() < 200, "{latin}");
+    let latin = message("latin-1.parquet", Value::Null);
+    assert!(
+        latin.starts_with("row 1: ") && latin.contains("not UTF-8"),
+        "{latin}"
+    );
+    assert!(latin.ends_with("the rows after it are not read"), "{latin}");
+    let interval = message("interval.parquet", Value::Null);
+    assert!(interval.contains("its reader failed on it"), "{interval}");
     let nul_name = message("nul-name.parquet", json!(0));
     assert!(nul_name.contains("column a\\0b: "), "{nul_name}");
 
@@ -825,13 +831,17 @@ async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
 /// Writes Parquet files of values the `parquet` crate could not write as
 /// JSON (it panicked, failing the file's whole batch, or took hours): a
 /// timestamp of `i64::MAX` microseconds (Postgres' `infinity`) between two
-/// good ones, a decimal of scale 10,000,000, text in Latin-1 after a good
-/// row (its error quoted every byte), and a timestamp out of range in a
-/// column whose name holds a NUL (which Postgres refuses in an error).
+/// good ones, a decimal of scale 10,000,000, text in Latin-1 between two
+/// good rows (its error quoted every byte, and every later row of its group
+/// failed too), an INTERVAL column (the crate's reader panics on it), and a
+/// timestamp out of range in a column whose name holds a NUL (which
+/// Postgres refuses in an error).
 fn write_odd_parquet(data: &Path) {
     use parquet::{
         basic::{ConvertedType, Type as Physical},
-        data_type::{ByteArray, ByteArrayType, Int64Type},
+        data_type::{
+            ByteArray, ByteArrayType, FixedLenByteArray, FixedLenByteArrayType, Int64Type,
+        },
         schema::types::{PrimitiveTypeBuilder, Type},
     };
     fn column(
@@ -851,8 +861,20 @@ fn write_odd_parquet(data: &Path) {
     let one = ByteArray::from(vec![1u8]);
     write_parquet_column::<ByteArrayType>(&data.join("wide-decimal.parquet"), decimal, &[one]);
     let text = column("text", Physical::BYTE_ARRAY, ConvertedType::UTF8);
-    let latin = [ByteArray::from("ok"), ByteArray::from(vec![0xe9; 100_000])];
+    let latin = [
+        ByteArray::from("ok"),
+        ByteArray::from(vec![0xe9; 100_000]),
+        ByteArray::from("after"),
+    ];
     write_parquet_column::<ByteArrayType>(&data.join("latin-1.parquet"), text, &latin);
+    let interval = column(
+        "took",
+        Physical::FIXED_LEN_BYTE_ARRAY,
+        ConvertedType::INTERVAL,
+    )
+    .with_length(12);
+    let took = [FixedLenByteArray::from(vec![1u8; 12])];
+    write_parquet_column::<FixedLenByteArrayType>(&data.join("interval.parquet"), interval, &took);
     let nul_name = column("a\0b", Physical::INT64, ConvertedType::TIMESTAMP_MICROS);
     write_parquet_column::<Int64Type>(&data.join("nul-name.parquet"), nul_name, &[i64::MIN]);
 }
@@ -951,7 +973,7 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
     }
     // Its page holds 640 MB, though the page header and footer say 1 MiB.
     write_parquet_gzip_bomb(&data.join("lying-page.parquet"), 640 << 20);
-    // 720 MiB at once from 12 columns, none a bomb alone.
+    // 720 MiB at once from 12 columns, none a bomb alone: over the budget.
     write_parquet_wide_bomb(&data.join("wide-bomb.parquet"), 12, 60 << 20);
 
     let project = app.project("giants").await;
@@ -980,7 +1002,10 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
         text.contains("a GZIP page holds more than the"),
         "the lying page: {text}"
     );
-    assert!(text.contains("row group 0: 7"), "the wide bomb: {text}");
+    assert!(
+        text.contains("row group 0 takes 7") && text.contains("LABELSYNC_PARSE_BUDGET_BYTES"),
+        "the wide bomb: {text}"
+    );
     app.stop().await;
 }
 

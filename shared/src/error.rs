@@ -196,12 +196,9 @@ pub const MAX_MESSAGE_CHARS: usize = 2_000;
 /// [`MAX_MESSAGE_CHARS`] characters (a library's message can quote a whole
 /// value, or a column name a file chose).
 pub fn storable(message: &str) -> String {
-    let mut out: String = message
-        .chars()
-        .take(MAX_MESSAGE_CHARS)
-        .collect::<String>()
-        .replace('\0', "\\0");
-    if message.chars().nth(MAX_MESSAGE_CHARS).is_some() {
+    let escaped = message.replace('\0', "\\0");
+    let mut out: String = escaped.chars().take(MAX_MESSAGE_CHARS).collect();
+    if escaped.chars().nth(MAX_MESSAGE_CHARS).is_some() {
         out.push_str(" [...]");
     }
     out

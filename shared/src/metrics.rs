@@ -298,6 +298,7 @@ pub fn outcome<T>(result: &Result<T>) -> &'static str {
         Err(Error::PermissionDenied(_)) => "permission_denied",
         Err(Error::Transient(_)) => "transient",
         Err(Error::Invalid { .. }) => "invalid",
+        // (A storage request never conflicts: that is the database's.)
         Err(Error::Internal(_) | Error::Conflict(_)) => "internal",
     }
 }

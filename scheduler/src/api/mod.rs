@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, Request},
+    extract::{DefaultBodyLimit, Request, State},
     http::{Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -31,6 +31,7 @@ use axum::{
 use labelsync::{config::Settings, jobs::Queue, storage::StorageEnv};
 use sea_orm::DatabaseConnection;
 use serde::Deserialize;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 pub use access::Caller;
@@ -95,6 +96,7 @@ const MAX_BODY_BYTES: usize = 2 << 20;
 /// The API under `/api/v1`, the probes, and `pages` (the ops console's
 /// routes, under `/ui`) behind the same limits and tracing.
 pub fn router(state: AppState, pages: Router<AppState>) -> Router {
+    let detach_slots = Arc::new(Semaphore::new(state.settings.http.max_connections));
     let api = Router::new()
         .route("/projects", post(projects::create).get(projects::list))
         .route(
@@ -165,6 +167,10 @@ pub fn router(state: AppState, pages: Router<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_declared_oversize))
+        .layer(middleware::from_fn_with_state(
+            detach_slots,
+            run_changes_to_end,
+        ))
         .layer(middleware::from_fn(trace_request))
         .with_state(state)
 }
@@ -250,13 +256,7 @@ async fn trace_request(mut req: Request, next: Next) -> Response {
         http.response.status_code = tracing::field::Empty,
     );
     labelsync::telemetry::set_parent(&span, &labelsync::telemetry::Headers(req.headers()));
-    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    let handled = next.run(req).instrument(span.clone());
-    let mut response = if reads {
-        handled.await
-    } else {
-        run_to_end(handled).await
-    };
+    let mut response = next.run(req).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
     response.headers_mut().insert(REQUEST_ID, request_id);
     response
@@ -267,9 +267,30 @@ async fn trace_request(mut req: Request, next: Next) -> Response {
 /// cut off after its commit left its Idempotency-Key claimed with no answer
 /// (a retry waited 30 s for a 409, and ran the change again once the claim
 /// counted as abandoned) and its audit row unwritten. A read is dropped
-/// with its client. A handler that panics answers 500.
-async fn run_to_end(handled: impl Future<Output = Response> + Send + 'static) -> Response {
-    tokio::spawn(handled).await.unwrap_or_else(|err| {
+/// with its client. A handler that panics answers 500. At most `slots`
+/// (`LABELSYNC_MAX_CONNECTIONS`) run so at once: clients that send changes
+/// and hang up cannot pile handlers up past the connection cap; past it a
+/// change runs on its connection, as every request did before.
+async fn run_changes_to_end(
+    State(slots): State<Arc<Semaphore>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let slot = if reads {
+        None
+    } else {
+        slots.try_acquire_owned().ok()
+    };
+    let Some(slot) = slot else {
+        return next.run(req).await;
+    };
+    let handled = next.run(req).instrument(tracing::Span::current());
+    let detached = tokio::spawn(async move {
+        let _slot = slot;
+        handled.await
+    });
+    detached.await.unwrap_or_else(|err| {
         tracing::error!(error = %err, "a request's handler failed");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -116,7 +116,7 @@ pub async fn insert(db: &impl ConnectionTrait, row: storage::Model) -> Result<st
 
 /// Writes a PATCHed storage's settings (`row`) over the storage with its id
 /// as it was read, at `read_updated_at`; the row as saved, or `None` when
-/// it was changed (another PATCH) or deleted since. The columns a PATCH
+/// it was changed since (another PATCH); an error when it is gone. The columns a PATCH
 /// does not set are left as they are now, not as they were read: the
 /// sealed secrets (see [`set_secrets`]), the pause (a pause landing while
 /// a PATCH ran was undone), and the next sync when `keep_schedule`.
@@ -143,7 +143,12 @@ pub async fn replace(
         .exec(db)
         .await?;
     if written.rows_affected == 0 {
-        return Ok(None);
+        return match find(db, id).await? {
+            Some(_) => Ok(None),
+            None => Err(crate::Error::NotFound(format!(
+                "storage {id} was deleted by another request meanwhile"
+            ))),
+        };
     }
     change_counters::bump(db, change_counters::STORAGES).await?;
     find(db, id).await

@@ -142,32 +142,37 @@ impl ExportJob<'_> {
         let ids: Vec<i64> = annotations.iter().map(|a| a.id).collect();
         let links = exports::links_of(self.db, self.storage.id, ids).await?;
 
-        let mut uploads = Vec::new();
-        for a in &annotations {
-            let body = format::annotation_json(a, tasks.get(&a.task_id));
-            let hash = format::content_hash(&body);
-            let key = object_key(&self.storage.prefix, a.id);
-            match links.get(&a.id) {
-                Some(link) if link.content_hash == hash && link.object_key == key => {
-                    out.delta.unchanged += 1;
-                }
-                _ => uploads.push((a.id, key, Bytes::from(body), hash)),
-            }
-        }
-        let results: Vec<_> = futures::stream::iter(uploads)
-            .map(|(id, key, body, hash)| {
+        // Each body is made as its upload is let in (the stream is pulled as
+        // uploads end): a body copies its task's data, so a page's bodies
+        // made first (a page of annotations of one large task) took the
+        // worker's memory by the gigabyte.
+        let prefix = self.storage.prefix.as_str();
+        let results: Vec<_> = futures::stream::iter(annotations)
+            .map(|a| {
+                let body = format::annotation_json(&a, tasks.get(&a.task_id));
+                let hash = format::content_hash(&body);
+                let key = object_key(prefix, a.id);
+                let unchanged = links
+                    .get(&a.id)
+                    .is_some_and(|l| l.content_hash == hash && l.object_key == key);
                 let backend = backend.clone();
                 async move {
+                    if unchanged {
+                        return None;
+                    }
                     let size = body.len() as i64;
-                    let result = backend.put(&key, body, Some("application/json")).await;
-                    (id, key, hash, size, result)
+                    let result = backend
+                        .put(&key, Bytes::from(body), Some("application/json"))
+                        .await;
+                    Some((a.id, key, hash, size, result))
                 }
             })
             .buffer_unordered(self.settings.export_concurrency.max(1))
             .collect()
             .await;
         let now = Utc::now();
-        for (id, key, hash, size, result) in results {
+        out.delta.unchanged += results.iter().filter(|r| r.is_none()).count() as i64;
+        for (id, key, hash, size, result) in results.into_iter().flatten() {
             match result {
                 Ok(()) => {
                     out.delta.exported += 1;

@@ -13,7 +13,9 @@
 //! A reservation is held only while one row (JSONL) or one file (JSON) is
 //! parsed, and the holder never waits for another reservation, so waiting
 //! cannot deadlock. A reservation larger than the whole budget is cut to it:
-//! that parse runs alone.
+//! that parse runs alone (a row, whose size `LABELSYNC_MAX_TASK_BYTES`
+//! bounds; a Parquet row group that needs more than the budget is refused
+//! before it is read, see `parse::parse_parquet`).
 use std::sync::OnceLock;
 
 use tokio::sync::{Semaphore, SemaphorePermit};

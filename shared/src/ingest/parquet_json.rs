@@ -198,9 +198,17 @@ mod tests {
         let mut fields = vec![
             ("null".to_owned(), Field::Null),
             ("bool".to_owned(), Field::Bool(true)),
+            ("byte".to_owned(), Field::Byte(-8)),
+            ("short".to_owned(), Field::Short(-300)),
+            ("int".to_owned(), Field::Int(i32::MIN)),
             ("long".to_owned(), Field::Long(-7)),
+            ("ubyte".to_owned(), Field::UByte(200)),
+            ("ushort".to_owned(), Field::UShort(60_000)),
+            ("uint".to_owned(), Field::UInt(u32::MAX)),
             ("ulong".to_owned(), Field::ULong(u64::MAX)),
             ("nan".to_owned(), Field::Double(f64::NAN)),
+            ("infinity".to_owned(), Field::Float(f32::INFINITY)),
+            ("double".to_owned(), Field::Double(-1.25e300)),
             ("float".to_owned(), Field::Float(1.5)),
             ("str".to_owned(), Field::Str("é\u{1F600}".into())),
             (
@@ -209,6 +217,7 @@ mod tests {
             ),
             ("date".to_owned(), Field::Date(-719_162)),
             ("time_ms".to_owned(), Field::TimeMillis(45_296_789)),
+            ("negative_ms".to_owned(), Field::TimeMillis(-5)),
             ("time_us".to_owned(), Field::TimeMicros(-1)),
             (
                 "ts_ms".to_owned(),

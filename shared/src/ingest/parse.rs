@@ -322,12 +322,30 @@ pub fn parse_buffered(
     limits: Limits,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
+    check_encoding(&mut reader)?;
     skip_bom(&mut reader).map_err(|e| format!("read failed: {e}"))?;
     match format {
         Format::Json => parse_json(reader, limits, emit),
         Format::Jsonl => parse_jsonl(reader, limits, emit),
         Format::Parquet => Err("Parquet files must be parsed from a file (parse_parquet)".into()),
     }
+}
+
+/// Task files are UTF-8: one that starts with a UTF-16 or UTF-32
+/// byte-order mark (Windows tools write them) is refused whole, saying
+/// what to do, rather than read as one "not valid JSON" error per line.
+fn check_encoding(reader: &mut impl BufRead) -> Result<(), String> {
+    let start = reader.fill_buf().map_err(|e| format!("read failed: {e}"))?;
+    let encoding = if start.starts_with(b"\xFF\xFE\0\0") || start.starts_with(b"\0\0\xFE\xFF") {
+        "UTF-32"
+    } else if start.starts_with(b"\xFF\xFE") || start.starts_with(b"\xFE\xFF") {
+        "UTF-16"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "the file is {encoding} text (it starts with a {encoding} byte-order mark); task files must be UTF-8: save it as UTF-8"
+    ))
 }
 
 fn skip_bom(reader: &mut impl BufRead) -> std::io::Result<()> {
@@ -622,7 +640,9 @@ pub fn parse_parquet(
                     Ok(data) => parquet_task(row, data, limits),
                     Err(e) => RowEvent::Error(row, format!("row {row}: {e}")),
                 },
-                Err(e) => parquet_row_error(row, &e),
+                // The reader does not move past a value it could not read:
+                // every later row of the group would fail the same way.
+                Err(e) => return Err(parquet_row_error(row, &e)),
             };
             row += 1;
             if !emit(event) {
@@ -633,17 +653,18 @@ pub fn parse_parquet(
     Ok(())
 }
 
-/// A row the `parquet` crate could not read, with a message a user can act
-/// on: its complaint about text that is not UTF-8 quotes the value's bytes
-/// (ten characters a byte), so it is named instead; any other is cut.
-fn parquet_row_error(row: i64, error: &parquet::errors::ParquetError) -> RowEvent {
+/// A row the `parquet` crate could not read, which ends the file, with a
+/// message a user can act on: its complaint about text that is not UTF-8
+/// quotes the value's bytes (ten characters a byte), so it is named
+/// instead; any other is cut.
+fn parquet_row_error(row: i64, error: &parquet::errors::ParquetError) -> String {
     let text = error.to_string();
     let text = if text.contains("Error reading BYTE_ARRAY as String") {
         "a text (UTF8) column holds bytes that are not UTF-8: re-encode it, or write the column as plain binary".to_owned()
     } else {
         crate::error::storable(&text)
     };
-    RowEvent::Error(row, format!("row {row}: {text}"))
+    format!("row {row}: {text}; the rows after it are not read")
 }
 
 fn parquet_task(row: i64, data: Value, limits: Limits) -> RowEvent {
@@ -667,30 +688,16 @@ fn check_row_group(
     group: &parquet::file::metadata::RowGroupMetaData,
     index: usize,
 ) -> Result<(), String> {
-    let (mut stored_sum, mut size_sum) = (0i64, 0i64);
     for column in group.columns() {
         let (stored, size) = (column.compressed_size(), column.uncompressed_size());
-        if is_bomb(stored, size) {
+        if size > BOMB_MIN_BYTES && size > stored.max(1).saturating_mul(BOMB_RATIO) {
             return Err(format!(
                 "row group {index}, column {}: {size} bytes uncompressed from {stored} stored, refused as a decompression bomb",
                 column.column_path()
             ));
         }
-        stored_sum = stored_sum.saturating_add(stored.max(0));
-        size_sum = size_sum.saturating_add(size.max(0));
-    }
-    // Reading a row holds a page of every column at once: many columns,
-    // none a bomb alone, are one together.
-    if is_bomb(stored_sum, size_sum) {
-        return Err(format!(
-            "row group {index}: {size_sum} bytes uncompressed from {stored_sum} stored, refused as a decompression bomb"
-        ));
     }
     Ok(())
-}
-
-fn is_bomb(stored: i64, size: i64) -> bool {
-    size > BOMB_MIN_BYTES && size > stored.max(1).saturating_mul(BOMB_RATIO)
 }
 
 /// Walks every column chunk's pages of row group `index` (see
@@ -801,6 +808,30 @@ mod tests {
             err.contains("LABELSYNC_PARSE_BUDGET_BYTES (1048576)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn utf16_and_utf32_files_are_refused_whole() {
+        let utf16: Vec<u8> = "\u{feff}{\"a\": 1}\n{\"a\": 2}"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        let utf32_be = b"\0\0\xFE\xFF\0\0\0{";
+        for (bytes, encoding) in [(&utf16[..], "UTF-16"), (&utf32_be[..], "UTF-32")] {
+            for format in [Format::Json, Format::Jsonl] {
+                let mut events = Vec::new();
+                let result = parse(format, bytes, Limits::default(), &mut |e| {
+                    events.push(e);
+                    true
+                });
+                let err = result.expect_err("refused");
+                assert!(
+                    err.contains(encoding) && err.contains("save it as UTF-8"),
+                    "{err}"
+                );
+                assert!(events.is_empty(), "{events:?}");
+            }
+        }
     }
 
     #[test]

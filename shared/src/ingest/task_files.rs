@@ -503,7 +503,7 @@ fn parse_source(
         }
         open
     };
-    let parsed = match source {
+    let parsed = parse_guarded(|| match source {
         Source::Reader(reader) => {
             let reader = Limited {
                 inner: reader,
@@ -517,11 +517,28 @@ fn parse_source(
         )),
         Source::Whole(body) => parse::parse_buffered(format, &body[..], limits, &mut emit),
         Source::File(file) => parse::parse_parquet(file, limits, &mut emit),
-    };
+    });
     if open && !chunk.rows.is_empty() {
         send(chunk);
     }
     parsed
+}
+
+/// Runs a parse, a panic in it made the object's error: a library that
+/// panics on a file (the `parquet` crate on an INTERVAL column, say) fails
+/// that object, not its batch or run, and not on every sync. The rows sent
+/// before it stand, as for a file that breaks off.
+fn parse_guarded(parse: impl FnOnce() -> ParseOutcome) -> ParseOutcome {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(crate::error::storable(&format!(
+            "the file could not be read: its reader failed on it ({what}); if the file is valid, report it with the file"
+        )))
+    })
 }
 
 /// A body of at most this many bytes is parsed where it was read, on the

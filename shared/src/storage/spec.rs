@@ -21,7 +21,7 @@ pub const MIN_SYNC_INTERVAL: i64 = 1;
 pub const MAX_SYNC_INTERVAL: i64 = 365 * 24 * 3600;
 /// The longest title of a storage or a project, in characters.
 pub const MAX_TITLE_CHARS: usize = 1_000;
-/// The longest prefix (as long as the longest key S3 takes) and regex
+/// The longest prefix (an S3 key is at most 1,024 bytes) and regex
 /// filter, in characters.
 pub const MAX_PREFIX_CHARS: usize = 1_024;
 pub const MAX_REGEX_CHARS: usize = 4_096;
@@ -416,7 +416,7 @@ pub async fn save(
                 .await?
                 .ok_or_else(|| {
                     Error::Conflict(format!(
-                        "storage {} was changed or deleted by another request while this one ran; read it again and send the change again",
+                        "storage {} was changed by another request while this one ran; read it again and send the change again",
                         current.id
                     ))
                 })?
