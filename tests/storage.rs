@@ -1838,6 +1838,53 @@ async fn a_directory_listing_that_never_ends_stops_at_the_entry_limit() {
     }
 }
 
+/// A Files API server that answers empty pages forever, each with a new
+/// page token, or nests directories without end, was asked forever (no
+/// entry was gathered, so the entry limit never tripped): the first stops
+/// the listing with an error saying so, the second is that directory's
+/// error at a path of 4 KiB, the listing complete but marked incomplete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_listings_that_never_end_empty_or_deep_are_given_up() {
+    let fake = DatabricksFake::start().await;
+    let config = json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "v" });
+    let storage = open(
+        BackendKind::Databricks,
+        config,
+        json!({ "token": fake.token }),
+    )
+    .await;
+    let list = |prefix: &str| {
+        storage.list(ListOptions {
+            prefix: prefix.into(),
+            recursive: true,
+            start_after: None,
+            page_size: 100,
+        })
+    };
+    let hollow = tokio::time::timeout(Duration::from_secs(120), list("hollow/").next()).await;
+    match hollow {
+        Ok(Some(Err(labelsync::Error::Invalid { code, message, .. }))) => {
+            assert_eq!(code, "storage_rejected");
+            assert!(message.contains("10000 empty pages in a row"), "{message}");
+        }
+        Ok(other) => panic!("{:?}", other.map(|p| p.map(|p| p.objects.len()))),
+        Err(_) => panic!("still reading empty pages after 120 s"),
+    }
+    let deep = tokio::time::timeout(Duration::from_secs(120), list("deep/").collect::<Vec<_>>())
+        .await
+        .expect("still walking down after 120 s");
+    let errors: Vec<_> = deep
+        .iter()
+        .flat_map(|page| page.as_ref().expect("a page").errors.clone())
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].message.contains("longer than 4096 bytes"),
+        "{errors:?}"
+    );
+    assert!(errors[0].incomplete);
+}
+
 /// A cancel reaches a run that commits nothing for a long time (here a
 /// Files API directory whose pages never end, gathered whole before its
 /// first page is committed): its attempt stops within a heartbeat or two

@@ -350,6 +350,17 @@ async fn list_dir(
         )
         .into_response();
     }
+    // A directory named `hollow` has a next page, empty, forever.
+    if dir.ends_with("/hollow/") {
+        let next: u64 = q.page_token.and_then(|t| t.parse().ok()).unwrap_or(0) + 1;
+        return axum::Json(json!({ "contents": [], "next_page_token": next.to_string() }))
+            .into_response();
+    }
+    // A directory named `deep` holds a directory `a`, which holds one, ...
+    if dir.contains("/deep/") {
+        let sub = json!({ "path": format!("{dir}a/"), "name": "a", "is_directory": true });
+        return axum::Json(json!({ "contents": [sub] })).into_response();
+    }
     let files = files.lock().expect("lock");
     let mut entries: BTreeMap<String, Value> = BTreeMap::new();
     for (full, body) in files.range(dir.clone()..) {

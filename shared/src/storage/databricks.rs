@@ -28,6 +28,11 @@ use super::{
 };
 use crate::{Error, Result};
 
+/// The longest directory path a recursive listing goes into: a server that
+/// nests directories without end would otherwise be walked forever, one
+/// request a level.
+const MAX_DIR_KEY_BYTES: usize = 4096;
+
 /// Path segments keep unreserved characters; the rest is escaped.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -180,6 +185,7 @@ impl DatabricksStorage {
         let what = format!("list dbx://{}/{dir_key}", self.plain_root);
         let mut entries = Vec::new();
         let mut token: Option<String> = None;
+        let mut tokens = super::Tokens::default();
         loop {
             let mut query = vec![("page_size", "1000".to_owned())];
             if let Some(t) = &token {
@@ -195,6 +201,9 @@ impl DatabricksStorage {
                 Err(e) => return Err(e),
             };
             let page: DirPage = json_page(resp, &what).await?;
+            let next = page.next_page_token.filter(|t| !t.is_empty());
+            let empty = page.contents.is_empty();
+            tokens.check(token.as_deref(), next.as_deref(), empty, &what)?;
             entries.extend(page.contents);
             if entries.len() > super::MAX_GATHERED_NAMES {
                 let why = "the Files API lists a directory unsorted";
@@ -206,7 +215,7 @@ impl DatabricksStorage {
                     advice,
                 ));
             }
-            token = page.next_page_token.filter(|t| !t.is_empty());
+            token = next;
             if token.is_none() {
                 break;
             }
@@ -280,6 +289,16 @@ impl Walk {
             let key = format!("{}{}", self.stack[self.stack.len() - 1].dir_key, entry.name);
             if entry.is_directory {
                 let sub = format!("{key}/");
+                if self.opts.recursive && sub.len() > MAX_DIR_KEY_BYTES {
+                    self.errors.push(ListError {
+                        message: format!(
+                            "directory path longer than {MAX_DIR_KEY_BYTES} bytes: not listed (directories nested without end?)"
+                        ),
+                        key: sub,
+                        incomplete: true,
+                    });
+                    continue;
+                }
                 if self.opts.recursive && !self.dir_done(&sub) {
                     match self.storage.read_dir(&sub).await {
                         Ok(pending) => self.stack.push(Frame {

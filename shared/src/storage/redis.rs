@@ -22,6 +22,13 @@ use super::{
 };
 use crate::{Error, Result, security::net::GuardedResolver};
 
+/// SCAN batches in a row that bring no wanted key, after which a listing
+/// gives up. A real Redis answers empty batches while it walks keys the
+/// prefix does not match, about 1,000 keys a batch (COUNT): this many is a
+/// hundred million keys in a row, and a server that answers nothing
+/// forever must not be asked forever.
+const MAX_BARREN_SCANS: u32 = 100_000;
+
 fn default_port() -> u16 {
     6379
 }
@@ -142,12 +149,15 @@ impl RedisStorage {
         format!("{}{key}", self.config.path)
     }
 
-    /// Every matching key name (relative to `path`), sorted.
+    /// Every matching key name (relative to `path`), sorted. A server
+    /// that answers batches with no wanted key forever, each with a cursor
+    /// saying more follow, is given up on after [`MAX_BARREN_SCANS`].
     async fn scan_names(&self, opts: &ListOptions) -> Result<Vec<String>> {
         let pattern = format!("{}*", glob_escape(&self.full_key(&opts.prefix)));
         let conn = &self.conn;
         let mut cursor: u64 = 0;
         let mut names = Vec::new();
+        let mut barren_in_a_row = 0u32;
         loop {
             let (next, batch): (u64, Vec<String>) = retry("redis SCAN", || {
                 let mut conn = conn.clone();
@@ -165,6 +175,7 @@ impl RedisStorage {
                 }
             })
             .await?;
+            let had = names.len();
             names.extend(batch.into_iter().filter_map(|full| {
                 // A server may answer names the pattern does not match.
                 let key = full.strip_prefix(self.config.path.as_str())?.to_owned();
@@ -182,6 +193,20 @@ impl RedisStorage {
             cursor = next;
             if cursor == 0 {
                 break;
+            }
+            barren_in_a_row = if names.len() == had {
+                barren_in_a_row + 1
+            } else {
+                0
+            };
+            if barren_in_a_row >= MAX_BARREN_SCANS {
+                return Err(Error::invalid(
+                    "storage_rejected",
+                    None,
+                    format!(
+                        "redis SCAN: the server answered {MAX_BARREN_SCANS} batches in a row with no key under the prefix, each saying more follow; the listing cannot go on"
+                    ),
+                ));
             }
         }
         // SCAN may return a key twice (rehashing); sort and dedup.
@@ -421,18 +446,18 @@ mod tests {
     /// A server speaking just enough RESP: `+OK` to everything but `SCAN`,
     /// whose every answer is 10,000 new names and a cursor that never
     /// comes back to 0 (a hostile or broken server). Its port.
-    async fn endless_scans() -> u16 {
+    async fn endless_scans(names: usize) -> u16 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
-                tokio::spawn(answer(socket));
+                tokio::spawn(answer(socket, names));
             }
         });
         port
     }
 
-    async fn answer(socket: tokio::net::TcpStream) {
+    async fn answer(socket: tokio::net::TcpStream, names: usize) {
         let (read, mut write) = socket.into_split();
         let mut read = BufReader::new(read);
         let mut next = 0u64;
@@ -452,8 +477,8 @@ mod tests {
                 words.push(String::from_utf8_lossy(&word[..len]).to_uppercase());
             }
             let reply = if words.first().map(String::as_str) == Some("SCAN") {
-                let mut reply = "*2\r\n$1\r\n1\r\n*10000\r\n".to_owned();
-                for _ in 0..10_000 {
+                let mut reply = format!("*2\r\n$1\r\n1\r\n*{names}\r\n");
+                for _ in 0..names {
                     let name = format!("k{next}");
                     next += 1;
                     reply.push_str(&format!("${}\r\n{name}\r\n", name.len()));
@@ -468,24 +493,51 @@ mod tests {
         }
     }
 
-    /// A SCAN that never ends stops the listing at `MAX_GATHERED_NAMES`, with an
-    /// error saying so, instead of holding names until the worker dies.
-    #[tokio::test]
-    async fn a_scan_that_never_ends_stops_at_the_name_limit() {
+    async fn scan_storage(port: u16) -> RedisStorage {
         let env = StorageEnv {
             net: NetPolicy::AllowAll,
             ..StorageEnv::default()
         };
         let config = RedisConfig {
             host: "127.0.0.1".into(),
-            port: endless_scans().await,
+            port,
             db: 0,
             path: String::new(),
             tls: false,
         };
-        let storage = RedisStorage::open(config, &Secrets::default(), &env)
+        RedisStorage::open(config, &Secrets::default(), &env)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A SCAN whose batches never bring a key, and never end, stops the
+    /// listing with an error saying so (it was asked forever: with nothing
+    /// gathered, no limit was reached).
+    #[tokio::test]
+    async fn a_scan_of_empty_batches_that_never_ends_is_given_up() {
+        let storage = scan_storage(endless_scans(0).await).await;
+        let mut listing = storage.list(ListOptions {
+            prefix: String::new(),
+            recursive: true,
+            start_after: None,
+            page_size: 100,
+        });
+        let first = tokio::time::timeout(Duration::from_secs(120), listing.next()).await;
+        match first {
+            Ok(Some(Err(Error::Invalid { code, message, .. }))) => {
+                assert_eq!(code, "storage_rejected");
+                assert!(message.contains("100000 batches in a row"), "{message}");
+            }
+            Ok(other) => panic!("{:?}", other.map(|p| p.map(|p| p.objects.len()))),
+            Err(_) => panic!("the listing was still scanning after 120 s"),
+        }
+    }
+
+    /// A SCAN that never ends stops the listing at `MAX_GATHERED_NAMES`, with an
+    /// error saying so, instead of holding names until the worker dies.
+    #[tokio::test]
+    async fn a_scan_that_never_ends_stops_at_the_name_limit() {
+        let storage = scan_storage(endless_scans(10_000).await).await;
         let mut listing = storage.list(ListOptions {
             prefix: String::new(),
             recursive: true,
