@@ -260,7 +260,9 @@ fn classify(err: object_store::Error, what: &str) -> Error {
         _ if auth_failed || status("401") => Error::Unauthenticated(msg),
         _ if status("403") => Error::PermissionDenied(msg),
         _ if status("404") => Error::NotFound(msg),
-        _ if text.contains("416") || text.contains("InvalidRange") => {
+        // By the status, not any "416" (the text holds the key and the
+        // time taken: `frames/00416.jpg`, `1.416s`).
+        _ if status("416") || text.contains("InvalidRange") => {
             Error::invalid("range_not_satisfiable", Some("range"), msg)
         }
         // Anything else already went through object_store's retries.
@@ -647,5 +649,33 @@ impl super::Backend for Descriptor {
             secrets,
             env,
         )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A passing failure is not taken for a refused range because the key
+    /// or the time taken holds "416" (it was: the object's error was
+    /// permanent, and `/resolve` answered 416 to a request with no range).
+    #[test]
+    fn a_416_in_the_key_or_the_time_is_not_a_refused_range() {
+        let error = |text: &str| object_store::Error::Generic {
+            store: "MicrosoftAzure",
+            source: Box::new(std::io::Error::other(text.to_owned())),
+        };
+        let busy = "Error performing GET http://127.0.0.1/c/frames/00416.jpg in 1.416s - \
+                    Server returned non-2xx status code: 503 Service Unavailable: busy";
+        assert!(matches!(classify(error(busy), "get"), Error::Transient(_)));
+        let refused = "Error performing GET http://127.0.0.1/c/a.jpg in 5ms - \
+                       Server returned non-2xx status code: 416 Range Not Satisfiable: ";
+        assert!(matches!(
+            classify(error(refused), "get"),
+            Error::Invalid {
+                code: "range_not_satisfiable",
+                ..
+            }
+        ));
     }
 }
