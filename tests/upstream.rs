@@ -534,6 +534,57 @@ async fn a_keyed_change_runs_once_when_its_answer_is_large_or_its_client_gives_u
     app.stop().await;
 }
 
+/// An endpoint is served however many others wait: 1,000 endpoints with
+/// lower ids whose deliveries are due only in an hour (backing off) took
+/// every place of the dispatch, which limited the heads before it looked
+/// at which were due, so a due endpoint past them was never sent to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_endpoint_is_served_past_a_thousand_backing_off() {
+    use futures::StreamExt;
+    use labelsync::db::entities::webhook;
+    use sea_orm::EntityTrait;
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let receiver = Receiver::start().await;
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let hook = |url: String| {
+        let (app, db) = (&app, &db);
+        async move {
+            let (status, made) = app
+                .post("/api/v1/webhooks", json!({ "url": url, "events": ["*"] }))
+                .await;
+            assert_eq!(status, 201, "{made}");
+            webhook::Entity::find_by_id(made["id"].as_i64().expect("id"))
+                .one(db)
+                .await
+                .expect("read")
+                .expect("the webhook")
+        }
+    };
+    let an_hour = Duration::from_secs(3600);
+    futures::stream::iter(0..1000)
+        .for_each_concurrent(8, |i| {
+            let hook = &hook;
+            let db = &db;
+            async move {
+                let backing_off = hook(format!("http://127.0.0.1:9/hooks/{i}")).await;
+                labelsync::db::webhooks::record_test(db, &backing_off, an_hour)
+                    .await
+                    .expect("a delivery due in an hour");
+            }
+        })
+        .await;
+    let served = hook(receiver.url.clone()).await;
+    labelsync::db::webhooks::record_test(&db, &served, Duration::ZERO)
+        .await
+        .expect("a delivery due now");
+    receiver
+        .wait_until(Duration::from_secs(15), |accepted| {
+            accepted.iter().any(|r| r.json()["type"] == "webhook.test")
+        })
+        .await;
+    app.stop().await;
+}
+
 /// A key older than 24 hours is new again (the request runs), and the
 /// scheduler's cleanup deletes such keys.
 async fn keys_expire_after_a_day(app: &TestApp, token: &str, body: &Value) {

@@ -439,28 +439,37 @@ async fn disable_endpoint(db: &impl ConnectionTrait, webhook_id: i64, reason: &s
     Ok(())
 }
 
-/// Endpoints whose oldest pending delivery is due at `now`: (endpoint id,
-/// that delivery's id and attempts), at most `limit`.
+/// Enabled endpoints whose oldest pending delivery is due at `now`:
+/// (endpoint id, that delivery's id and attempts), at most `limit`, the
+/// longest due first. The limit applies to due heads only: taken over
+/// every endpoint's head, the 1,000 lowest endpoints, backing off or
+/// disabled, kept every other endpoint from ever being served.
 pub async fn due(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
     limit: u64,
 ) -> Result<Vec<(i64, i64, i32)>> {
+    use sea_orm::sea_query::Query;
     use webhook_delivery::Column as C;
-    let heads: Vec<i64> = webhook_delivery::Entity::find()
-        .select_only()
-        .column_as(C::Id.min(), "id")
-        .filter(C::Status.eq(PENDING))
-        .group_by(C::WebhookId)
-        .limit(limit)
-        .into_tuple()
-        .all(db)
-        .await?;
+    let heads = Query::select()
+        .expr(C::Id.min())
+        .from(webhook_delivery::Entity)
+        .and_where(C::Status.eq(PENDING))
+        .group_by_col(C::WebhookId)
+        .to_owned();
+    let enabled = Query::select()
+        .column(webhook::Column::Id)
+        .from(webhook::Entity)
+        .and_where(webhook::Column::Enabled.eq(true))
+        .to_owned();
     Ok(webhook_delivery::Entity::find()
         .select_only()
         .columns([C::WebhookId, C::Id, C::Attempts])
-        .filter(C::Id.is_in(heads))
+        .filter(C::Id.in_subquery(heads))
+        .filter(C::WebhookId.in_subquery(enabled))
         .filter(C::NextAttemptAt.lte(now))
+        .order_by_asc(C::NextAttemptAt)
+        .limit(limit)
         .into_tuple()
         .all(db)
         .await?)
