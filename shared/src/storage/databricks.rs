@@ -386,7 +386,7 @@ impl Storage for DatabricksStorage {
                 }
             })
             .await?;
-        Ok(object_of(resp, &[header::LAST_MODIFIED]))
+        object_of(resp, &[header::LAST_MODIFIED], range)
     }
 
     async fn put(&self, key: &str, body: Bytes, _content_type: Option<&str>) -> Result<()> {

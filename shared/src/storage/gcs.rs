@@ -468,13 +468,14 @@ impl Storage for GcsStorage {
                 }
             })
             .await?;
-        Ok(object_of(
+        object_of(
             resp,
             &[
                 header::HeaderName::from_static("x-goog-generation"),
                 header::ETAG,
             ],
-        ))
+            range,
+        )
     }
 
     async fn put(&self, key: &str, body: Bytes, content_type: Option<&str>) -> Result<()> {

@@ -140,13 +140,18 @@ fn too_big(what: &str, limit: usize) -> Error {
     )
 }
 
-/// An object from a successful GET of a hand-written HTTP backend: the
-/// whole size from `Content-Range` on a 206 (else `Content-Length`), the
-/// first of `etag_headers` present, the content type, and the body streamed.
+/// An object from a successful GET (of `range`, if any) of a hand-written
+/// HTTP backend: the whole size from `Content-Range` on a 206 (else
+/// `Content-Length`), the first of `etag_headers` present, the content
+/// type, and the body streamed. A server may answer a ranged GET with the
+/// whole object (200, as HTTP allows): the body is then cut to the range,
+/// which callers count on (`/resolve` answers 206 with it; a resumed
+/// parse reads on from an offset).
 pub fn object_of(
     resp: reqwest::Response,
     etag_headers: &[reqwest::header::HeaderName],
-) -> super::Object {
+    range: Option<super::GetRange>,
+) -> Result<super::Object> {
     use futures::{StreamExt, TryStreamExt};
     use reqwest::header;
     let text = |name: &header::HeaderName| {
@@ -155,19 +160,75 @@ pub fn object_of(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let size = if resp.status() == StatusCode::PARTIAL_CONTENT {
+    let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
+    let size = if partial {
         text(&header::CONTENT_RANGE).and_then(|cr| cr.rsplit('/').next()?.parse().ok())
     } else {
         resp.content_length()
     };
     let etag = etag_headers.iter().find_map(text);
     let content_type = text(&header::CONTENT_TYPE);
-    super::Object {
-        body: resp.bytes_stream().map_err(body_error).boxed(),
+    let body = resp.bytes_stream().map_err(body_error).boxed();
+    let body = match range {
+        Some(range) if !partial => window(body, range, size)?,
+        _ => body,
+    };
+    Ok(super::Object {
+        body,
         size,
         etag,
         content_type,
-    }
+    })
+}
+
+/// The part of a whole object's `body` (`size` bytes, when known) that
+/// `range` asks for: its first bytes skipped, and the stream ended once
+/// the range is read (the rest is not downloaded).
+fn window(
+    body: super::ByteStream,
+    range: super::GetRange,
+    size: Option<u64>,
+) -> Result<super::ByteStream> {
+    use futures::StreamExt;
+    let (skip, take) = match range {
+        super::GetRange::Bounded { start, end } => (start, Some(end.saturating_sub(start) + 1)),
+        super::GetRange::From(start) => (start, None),
+        super::GetRange::Suffix(n) => {
+            let size = size.ok_or_else(|| {
+                Error::Transient(
+                    "the storage answered a ranged GET with the whole object, of no stated size"
+                        .into(),
+                )
+            })?;
+            (size.saturating_sub(n), Some(n))
+        }
+    };
+    let cut = futures::stream::unfold(
+        (body, skip, take),
+        |(mut body, mut skip, left)| async move {
+            loop {
+                if left == Some(0) {
+                    return None;
+                }
+                let mut chunk = match body.next().await? {
+                    Ok(chunk) => chunk,
+                    Err(err) => return Some((Err(err), (body, 0, Some(0)))),
+                };
+                let dropped = usize::try_from(skip).unwrap_or(usize::MAX).min(chunk.len());
+                chunk = chunk.slice(dropped..);
+                skip -= dropped as u64;
+                let left = left.map(|left| {
+                    let kept = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+                    chunk.truncate(kept);
+                    left - kept as u64
+                });
+                if !chunk.is_empty() || left == Some(0) {
+                    return Some((Ok(chunk), (body, skip, left)));
+                }
+            }
+        },
+    );
+    Ok(cut.boxed())
 }
 
 /// An error while a response body streams in: a timeout says which
@@ -218,6 +279,37 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
+
+    /// A server that answers a ranged GET with the whole object (200):
+    /// the body is cut to the range asked for (it was served from byte 0
+    /// under the range's `Content-Range`, the wrong bytes).
+    #[tokio::test]
+    async fn a_whole_object_answered_for_a_range_is_cut_to_it() {
+        use super::super::GetRange;
+        use futures::TryStreamExt;
+        let whole = || {
+            let answer = http::Response::builder()
+                .status(200)
+                .header("content-length", "10")
+                .body("0123456789")
+                .unwrap();
+            reqwest::Response::from(answer)
+        };
+        for (range, expected) in [
+            (GetRange::Bounded { start: 2, end: 4 }, "234"),
+            (GetRange::From(7), "789"),
+            (GetRange::Suffix(3), "789"),
+            (GetRange::Bounded { start: 8, end: 20 }, "89"),
+        ] {
+            let object = object_of(whole(), &[], Some(range)).unwrap();
+            assert_eq!(object.size, Some(10), "the whole size");
+            let chunks: Vec<bytes::Bytes> = object.body.try_collect().await.unwrap();
+            assert_eq!(chunks.concat(), expected.as_bytes(), "{range:?}");
+        }
+        let object = object_of(whole(), &[], None).unwrap();
+        let chunks: Vec<bytes::Bytes> = object.body.try_collect().await.unwrap();
+        assert_eq!(chunks.concat(), b"0123456789");
+    }
 
     /// A one-connection HTTP server on loopback answering `head` and then
     /// `chunks` of `size` bytes each; its URL.

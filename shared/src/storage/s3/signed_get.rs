@@ -225,7 +225,7 @@ impl SignedGets {
     ) -> Result<Object> {
         let response = self.send(url, range, what).await?;
         if response.status().is_success() {
-            return Ok(retry::object_of(response, &[header::ETAG]));
+            return retry::object_of(response, &[header::ETAG], range);
         }
         Err(self.refused(response, what).await)
     }
