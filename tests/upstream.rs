@@ -585,6 +585,50 @@ async fn a_due_endpoint_is_served_past_a_thousand_backing_off() {
     app.stop().await;
 }
 
+/// A delivery that cannot be attempted at all (its endpoint's secret does
+/// not open: a changed `LABELSYNC_SECRET_KEY`) is put off an hour with its
+/// reason, rather than staying the longest due at every dispatch, ahead of
+/// endpoints that can be served (and pushed again every 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_cannot_be_attempted_is_put_off() {
+    use labelsync::db::entities::{webhook, webhook_delivery};
+    use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, Set};
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let receiver = Receiver::start().await;
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let (status, made) = app
+        .post(
+            "/api/v1/webhooks",
+            json!({ "url": receiver.url, "events": ["*"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let id = made["id"].as_i64().expect("id");
+    let hook = webhook::Entity::find_by_id(id)
+        .one(&db)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut broken = hook.clone().into_active_model();
+    broken.secret = Set("sealed with another key".into());
+    let hook = broken.update(&db).await.expect("break the secret");
+    let (delivery, _) = labelsync::db::webhooks::record_test(&db, &hook, Duration::ZERO)
+        .await
+        .expect("a delivery due now");
+    labelsync_tests::eventually("the delivery to be put off", || async {
+        let row = webhook_delivery::Entity::find_by_id(delivery.id)
+            .one(&db)
+            .await
+            .unwrap()
+            .unwrap();
+        row.next_attempt_at > chrono::Utc::now() + chrono::Duration::minutes(30)
+            && row.last_error.is_some_and(|e| e.starts_with("not sent: "))
+    })
+    .await;
+    assert!(receiver.received().is_empty());
+    app.stop().await;
+}
+
 /// A key older than 24 hours is new again (the request runs), and the
 /// scheduler's cleanup deletes such keys.
 async fn keys_expire_after_a_day(app: &TestApp, token: &str, body: &Value) {

@@ -439,6 +439,30 @@ async fn disable_endpoint(db: &impl ConnectionTrait, webhook_id: i64, reason: &s
     Ok(())
 }
 
+/// Puts the endpoint's oldest pending delivery off until `until`, saying
+/// `why`: one that could not be attempted at all (its endpoint's secret
+/// does not open, say) records no attempt, and would otherwise be the
+/// longest due at every dispatch, ahead of endpoints that can be served.
+pub async fn postpone_head(
+    db: &impl ConnectionTrait,
+    webhook_id: i64,
+    until: DateTime<Utc>,
+    why: &str,
+) -> Result<()> {
+    use webhook_delivery::Column as C;
+    let Some((head, _)) = next_pending(db, webhook_id).await? else {
+        return Ok(());
+    };
+    webhook_delivery::Entity::update_many()
+        .col_expr(C::NextAttemptAt, Expr::value(until))
+        .col_expr(C::LastError, Expr::value(crate::error::storable(why)))
+        .filter(C::Id.eq(head.id))
+        .filter(C::Status.eq(PENDING))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Enabled endpoints whose oldest pending delivery is due at `now`:
 /// (endpoint id, that delivery's id and attempts), at most `limit`, the
 /// longest due first. The limit applies to due heads only: taken over

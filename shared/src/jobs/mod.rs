@@ -654,11 +654,19 @@ pub async fn execute_webhook(ctx: &JobContext, webhook_id: i64) -> Result<(), Re
         Err(err) if err.is_transient() => Err(RetryLater(err)),
         Err(err) => {
             tracing::warn!(webhook_id, error = %err, "webhook delivery stopped");
-            Ok(())
+            let until = chrono::Utc::now() + chrono::Duration::seconds(UNSENDABLE_RETRY_SECS);
+            let why = format!("not sent: {err}");
+            crate::db::webhooks::postpone_head(&ctx.db, webhook_id, until, &why)
+                .await
+                .map_err(RetryLater)
         }
         Ok(()) => Ok(()),
     }
 }
+
+/// How long a delivery that could not be attempted at all waits before it
+/// is tried again (a secret key restored, an endpoint fixed).
+const UNSENDABLE_RETRY_SECS: i64 = 3600;
 
 /// Endpoints handled per dispatch.
 const WEBHOOKS_PER_DISPATCH: u64 = 1000;

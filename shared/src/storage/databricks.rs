@@ -289,7 +289,7 @@ impl Walk {
             let key = format!("{}{}", self.stack[self.stack.len() - 1].dir_key, entry.name);
             if entry.is_directory {
                 let sub = format!("{key}/");
-                if self.opts.recursive && sub.len() > MAX_DIR_KEY_BYTES {
+                if self.opts.recursive && sub.len() > MAX_DIR_KEY_BYTES && !self.dir_done(&sub) {
                     self.errors.push(ListError {
                         message: format!(
                             "directory path longer than {MAX_DIR_KEY_BYTES} bytes: not listed (directories nested without end?)"

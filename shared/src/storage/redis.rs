@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{Error, Result, security::net::GuardedResolver};
 
-/// SCAN batches in a row that bring no wanted key, after which a listing
+/// SCAN batches in a row that bring no key under the prefix, after which a listing
 /// gives up. A real Redis answers empty batches while it walks keys the
 /// prefix does not match, about 1,000 keys a batch (COUNT): this many is a
 /// hundred million keys in a row, and a server that answers nothing
@@ -150,7 +150,7 @@ impl RedisStorage {
     }
 
     /// Every matching key name (relative to `path`), sorted. A server
-    /// that answers batches with no wanted key forever, each with a cursor
+    /// that answers batches with no key under the prefix forever, each with a cursor
     /// saying more follow, is given up on after [`MAX_BARREN_SCANS`].
     async fn scan_names(&self, opts: &ListOptions) -> Result<Vec<String>> {
         let pattern = format!("{}*", glob_escape(&self.full_key(&opts.prefix)));
@@ -175,7 +175,10 @@ impl RedisStorage {
                 }
             })
             .await?;
-            let had = names.len();
+            // A key under the prefix is progress, wanted or not (a resumed
+            // or one-level listing passes over many).
+            let under = format!("{}{}", self.config.path, opts.prefix);
+            let progress = batch.iter().any(|full| full.starts_with(&under));
             names.extend(batch.into_iter().filter_map(|full| {
                 // A server may answer names the pattern does not match.
                 let key = full.strip_prefix(self.config.path.as_str())?.to_owned();
@@ -194,11 +197,7 @@ impl RedisStorage {
             if cursor == 0 {
                 break;
             }
-            barren_in_a_row = if names.len() == had {
-                barren_in_a_row + 1
-            } else {
-                0
-            };
+            barren_in_a_row = if progress { 0 } else { barren_in_a_row + 1 };
             if barren_in_a_row >= MAX_BARREN_SCANS {
                 return Err(Error::invalid(
                     "storage_rejected",

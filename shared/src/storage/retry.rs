@@ -169,8 +169,10 @@ pub fn object_of(
     let etag = etag_headers.iter().find_map(text);
     let content_type = text(&header::CONTENT_TYPE);
     let body = resp.bytes_stream().map_err(body_error).boxed();
-    let body = match range {
-        Some(range) if !partial => window(body, range, size)?,
+    let body = match (range, size) {
+        (Some(range), Some(size)) if !partial => window(body, range, size),
+        // With no size stated the whole object is passed on as the whole
+        // (a 200 with no range), which is still a true answer.
         _ => body,
     };
     Ok(super::Object {
@@ -181,27 +183,22 @@ pub fn object_of(
     })
 }
 
-/// The part of a whole object's `body` (`size` bytes, when known) that
-/// `range` asks for: its first bytes skipped, and the stream ended once
-/// the range is read (the rest is not downloaded).
-fn window(
+/// The part of a whole object's `body` (`size` bytes) that `range` asks
+/// for: its first bytes skipped, and the stream ended once the range is
+/// read (the rest is not downloaded). For a server that answered a ranged
+/// GET with the whole object (200, as HTTP allows).
+pub(super) fn window(
     body: super::ByteStream,
     range: super::GetRange,
-    size: Option<u64>,
-) -> Result<super::ByteStream> {
+    size: u64,
+) -> super::ByteStream {
     use futures::StreamExt;
     let (skip, take) = match range {
-        super::GetRange::Bounded { start, end } => (start, Some(end.saturating_sub(start) + 1)),
-        super::GetRange::From(start) => (start, None),
-        super::GetRange::Suffix(n) => {
-            let size = size.ok_or_else(|| {
-                Error::Transient(
-                    "the storage answered a ranged GET with the whole object, of no stated size"
-                        .into(),
-                )
-            })?;
-            (size.saturating_sub(n), Some(n))
+        super::GetRange::Bounded { start, end } => {
+            (start, Some(end.saturating_sub(start).saturating_add(1)))
         }
+        super::GetRange::From(start) => (start, None),
+        super::GetRange::Suffix(n) => (size.saturating_sub(n), Some(n)),
     };
     let cut = futures::stream::unfold(
         (body, skip, take),
@@ -228,7 +225,7 @@ fn window(
             }
         },
     );
-    Ok(cut.boxed())
+    cut.boxed()
 }
 
 /// An error while a response body streams in: a timeout says which
@@ -306,6 +303,21 @@ mod tests {
             let chunks: Vec<bytes::Bytes> = object.body.try_collect().await.unwrap();
             assert_eq!(chunks.concat(), expected.as_bytes(), "{range:?}");
         }
+        // With no size stated, the whole object is passed on as it came.
+        let unsized_answer = http::Response::builder()
+            .status(200)
+            .body(reqwest::Body::wrap_stream(futures::stream::iter([Ok::<
+                _,
+                std::io::Error,
+            >(
+                bytes::Bytes::from_static(b"0123456789"),
+            )])))
+            .unwrap();
+        let range = Some(GetRange::Bounded { start: 2, end: 4 });
+        let object = object_of(reqwest::Response::from(unsized_answer), &[], range).unwrap();
+        assert_eq!(object.size, None);
+        let chunks: Vec<bytes::Bytes> = object.body.try_collect().await.unwrap();
+        assert_eq!(chunks.concat(), b"0123456789");
         let object = object_of(whole(), &[], None).unwrap();
         let chunks: Vec<bytes::Bytes> = object.body.try_collect().await.unwrap();
         assert_eq!(chunks.concat(), b"0123456789");

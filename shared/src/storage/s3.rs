@@ -197,8 +197,16 @@ impl S3Storage {
         };
         let etag = out.e_tag().map(|e| e.trim_matches('"').to_owned());
         let content_type = out.content_type().map(str::to_owned);
+        let whole = out.content_range().is_none();
+        let mut body: super::ByteStream =
+            Box::pin(idle_limited(out.body, self.signing.idle_timeout));
+        // A range answered with the whole object is cut to it (see
+        // `retry::object_of`).
+        if let (Some(range), Some(size), true) = (range, size, whole) {
+            body = retry::window(body, range, size);
+        }
         Ok(Object {
-            body: Box::pin(idle_limited(out.body, self.signing.idle_timeout)),
+            body,
             size,
             etag,
             content_type,
