@@ -1813,28 +1813,46 @@ async fn hostile_listing_pages_stop_the_listing() {
 /// entry limit, with an error saying so, instead of growing without end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_listing_that_never_ends_stops_at_the_entry_limit() {
+    let (_fake, storage) = files_api_volume().await;
+    let first = first_page_of(&storage, "endless/").await;
+    refused_with(first, "storage_answer_too_big", "more than 1000000 entries");
+}
+
+/// A volume `v` on a fresh Files API fake (the fake, for its lifetime).
+async fn files_api_volume() -> (DatabricksFake, Arc<dyn Storage>) {
     let fake = DatabricksFake::start().await;
     let config = json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "v" });
-    let storage = open(
-        BackendKind::Databricks,
-        config,
-        json!({ "token": fake.token }),
-    )
-    .await;
+    let secrets = json!({ "token": fake.token });
+    let storage = open(BackendKind::Databricks, config, secrets).await;
+    (fake, storage)
+}
+
+/// The first page of a recursive listing under `prefix` (120 s at most).
+async fn first_page_of(
+    storage: &Arc<dyn Storage>,
+    prefix: &str,
+) -> Option<labelsync::Result<Page>> {
     let mut listing = storage.list(ListOptions {
-        prefix: "endless/".into(),
+        prefix: prefix.into(),
         recursive: true,
         start_after: None,
         page_size: 100,
     });
-    let first = tokio::time::timeout(Duration::from_secs(120), listing.next()).await;
+    tokio::time::timeout(Duration::from_secs(120), listing.next())
+        .await
+        .expect("the listing was still reading pages after 120 s")
+}
+
+/// `first` is a refusal with `code`, saying `says`.
+fn refused_with(first: Option<labelsync::Result<Page>>, code: &str, says: &str) {
     match first {
-        Ok(Some(Err(labelsync::Error::Invalid { code, message, .. }))) => {
-            assert_eq!(code, "storage_answer_too_big");
-            assert!(message.contains("more than 1000000 entries"), "{message}");
+        Some(Err(labelsync::Error::Invalid {
+            code: got, message, ..
+        })) => {
+            assert_eq!(got, code);
+            assert!(message.contains(says), "{message}");
         }
-        Ok(other) => panic!("{:?}", other.map(|p| p.map(|p| p.objects.len()))),
-        Err(_) => panic!("the listing was still reading pages after 120 s"),
+        other => panic!("{:?}", other.map(|p| p.map(|p| p.objects.len()))),
     }
 }
 
@@ -1845,32 +1863,16 @@ async fn a_directory_listing_that_never_ends_stops_at_the_entry_limit() {
 /// error at a path of 4 KiB, the listing complete but marked incomplete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directory_listings_that_never_end_empty_or_deep_are_given_up() {
-    let fake = DatabricksFake::start().await;
-    let config = json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "v" });
-    let storage = open(
-        BackendKind::Databricks,
-        config,
-        json!({ "token": fake.token }),
-    )
-    .await;
-    let list = |prefix: &str| {
-        storage.list(ListOptions {
-            prefix: prefix.into(),
-            recursive: true,
-            start_after: None,
-            page_size: 100,
-        })
-    };
-    let hollow = tokio::time::timeout(Duration::from_secs(120), list("hollow/").next()).await;
-    match hollow {
-        Ok(Some(Err(labelsync::Error::Invalid { code, message, .. }))) => {
-            assert_eq!(code, "storage_rejected");
-            assert!(message.contains("10000 empty pages in a row"), "{message}");
-        }
-        Ok(other) => panic!("{:?}", other.map(|p| p.map(|p| p.objects.len()))),
-        Err(_) => panic!("still reading empty pages after 120 s"),
-    }
-    let deep = tokio::time::timeout(Duration::from_secs(120), list("deep/").collect::<Vec<_>>())
+    let (_fake, storage) = files_api_volume().await;
+    let hollow = first_page_of(&storage, "hollow/").await;
+    refused_with(hollow, "storage_rejected", "10000 empty pages in a row");
+    let deep = storage.list(ListOptions {
+        prefix: "deep/".into(),
+        recursive: true,
+        start_after: None,
+        page_size: 100,
+    });
+    let deep = tokio::time::timeout(Duration::from_secs(120), deep.collect::<Vec<_>>())
         .await
         .expect("still walking down after 120 s");
     let errors: Vec<_> = deep
