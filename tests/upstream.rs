@@ -629,6 +629,59 @@ async fn a_delivery_that_cannot_be_attempted_is_put_off() {
     app.stop().await;
 }
 
+/// A delivery log is kept from its last delivery's end: an event whose
+/// delivery ended after the cutoff stays, however old the event (it was
+/// pruned by its own age, so a redelivery on its sixth day kept its log
+/// for minutes), and one whose deliveries all ended before it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_log_is_kept_from_its_last_end() {
+    use labelsync::db::{entities::webhook, webhooks};
+    use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, Set};
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let (status, made) = app
+        .post(
+            "/api/v1/webhooks",
+            json!({ "url": "http://127.0.0.1:9/hooks", "events": ["*"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let id = made["id"].as_i64().expect("id");
+    let hook = webhook::Entity::find_by_id(id)
+        .one(&db)
+        .await
+        .unwrap()
+        .unwrap();
+    let now = chrono::Utc::now();
+    let cutoff = now + chrono::Duration::minutes(1);
+    let mut ended = Vec::new();
+    for finished_at in [now, now + chrono::Duration::hours(1)] {
+        let (delivery, event) = webhooks::record_test(&db, &hook, Duration::from_secs(3600))
+            .await
+            .expect("a delivery");
+        let mut row = delivery.into_active_model();
+        row.status = Set("delivered".into());
+        row.finished_at = Set(Some(finished_at));
+        row.update(&db).await.expect("end the delivery");
+        ended.push(event.id);
+    }
+    let pruned = webhooks::prune(&db, cutoff).await.expect("prune");
+    assert_eq!(
+        pruned, 1,
+        "only the event whose delivery ended before the cutoff"
+    );
+    let (status, deliveries) = app.get(&format!("/api/v1/webhooks/{id}/deliveries")).await;
+    assert_eq!(status, 200, "{deliveries}");
+    let kept: Vec<&str> = deliveries["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|d| d["event_id"].as_str())
+        .collect();
+    assert_eq!(kept, [ended[1].as_str()], "{deliveries}");
+    app.stop().await;
+}
+
 /// A key older than 24 hours is new again (the request runs), and the
 /// scheduler's cleanup deletes such keys.
 async fn keys_expire_after_a_day(app: &TestApp, token: &str, body: &Value) {

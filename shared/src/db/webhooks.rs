@@ -570,8 +570,11 @@ pub async fn redeliver(
     Ok(row.update(db).await?)
 }
 
-/// Deletes events older than `before` with no pending delivery (their
-/// deliveries and attempts go with them). Returns how many.
+/// Deletes events older than `before` with no pending delivery and none
+/// that ended at `before` or later (their deliveries and attempts go with
+/// them): a delivery log is kept from its last delivery's end, not from
+/// its event's making (an event redelivered on its sixth day kept its new
+/// log for minutes). Returns how many.
 pub async fn prune(db: &impl ConnectionTrait, before: DateTime<Utc>) -> Result<u64> {
     // Event ids are `evt_<ULID>`: id order is time order, and the ULID of
     // `before` with zero randomness sorts before every event of that time.
@@ -582,9 +585,15 @@ pub async fn prune(db: &impl ConnectionTrait, before: DateTime<Utc>) -> Result<u
         .column(webhook_delivery::Column::EventId)
         .filter(webhook_delivery::Column::Status.eq(PENDING))
         .into_query();
+    let recent = webhook_delivery::Entity::find()
+        .select_only()
+        .column(webhook_delivery::Column::EventId)
+        .filter(webhook_delivery::Column::FinishedAt.gte(before))
+        .into_query();
     Ok(webhook_event::Entity::delete_many()
         .filter(webhook_event::Column::Id.lt(bound))
         .filter(webhook_event::Column::Id.not_in_subquery(pending))
+        .filter(webhook_event::Column::Id.not_in_subquery(recent))
         .exec(db)
         .await?
         .rows_affected)
