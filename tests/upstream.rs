@@ -534,6 +534,24 @@ async fn a_keyed_change_runs_once_when_its_answer_is_large_or_its_client_gives_u
     app.stop().await;
 }
 
+/// An endpoint for every event at `url`, made through the API, as stored.
+async fn stored_webhook(
+    app: &TestApp,
+    db: &sea_orm::DatabaseConnection,
+    url: &str,
+) -> labelsync::db::entities::webhook::Model {
+    use sea_orm::EntityTrait;
+    let (status, made) = app
+        .post("/api/v1/webhooks", json!({ "url": url, "events": ["*"] }))
+        .await;
+    assert_eq!(status, 201, "{made}");
+    labelsync::db::entities::webhook::Entity::find_by_id(made["id"].as_i64().expect("id"))
+        .one(db)
+        .await
+        .expect("read")
+        .expect("the webhook")
+}
+
 /// An endpoint is served however many others wait: 1,000 endpoints with
 /// lower ids whose deliveries are due only in an hour (backing off) took
 /// every place of the dispatch, which limited the heads before it looked
@@ -541,39 +559,23 @@ async fn a_keyed_change_runs_once_when_its_answer_is_large_or_its_client_gives_u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_due_endpoint_is_served_past_a_thousand_backing_off() {
     use futures::StreamExt;
-    use labelsync::db::entities::webhook;
-    use sea_orm::EntityTrait;
     let app = spawn_app(AppOptions::with_storages()).await;
     let receiver = Receiver::start().await;
     let db = labelsync::db::connect(&app.database_url).await.expect("db");
-    let hook = |url: String| {
-        let (app, db) = (&app, &db);
-        async move {
-            let (status, made) = app
-                .post("/api/v1/webhooks", json!({ "url": url, "events": ["*"] }))
-                .await;
-            assert_eq!(status, 201, "{made}");
-            webhook::Entity::find_by_id(made["id"].as_i64().expect("id"))
-                .one(db)
-                .await
-                .expect("read")
-                .expect("the webhook")
-        }
-    };
     let an_hour = Duration::from_secs(3600);
     futures::stream::iter(0..1000)
         .for_each_concurrent(8, |i| {
-            let hook = &hook;
-            let db = &db;
+            let (app, db) = (&app, &db);
             async move {
-                let backing_off = hook(format!("http://127.0.0.1:9/hooks/{i}")).await;
+                let url = format!("http://127.0.0.1:9/hooks/{i}");
+                let backing_off = stored_webhook(app, db, &url).await;
                 labelsync::db::webhooks::record_test(db, &backing_off, an_hour)
                     .await
                     .expect("a delivery due in an hour");
             }
         })
         .await;
-    let served = hook(receiver.url.clone()).await;
+    let served = stored_webhook(&app, &db, &receiver.url).await;
     labelsync::db::webhooks::record_test(&db, &served, Duration::ZERO)
         .await
         .expect("a delivery due now");
@@ -591,25 +593,13 @@ async fn a_due_endpoint_is_served_past_a_thousand_backing_off() {
 /// endpoints that can be served (and pushed again every 30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_that_cannot_be_attempted_is_put_off() {
-    use labelsync::db::entities::{webhook, webhook_delivery};
+    use labelsync::db::entities::webhook_delivery;
     use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, Set};
     let app = spawn_app(AppOptions::with_storages()).await;
     let receiver = Receiver::start().await;
     let db = labelsync::db::connect(&app.database_url).await.expect("db");
-    let (status, made) = app
-        .post(
-            "/api/v1/webhooks",
-            json!({ "url": receiver.url, "events": ["*"] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{made}");
-    let id = made["id"].as_i64().expect("id");
-    let hook = webhook::Entity::find_by_id(id)
-        .one(&db)
-        .await
-        .unwrap()
-        .unwrap();
-    let mut broken = hook.clone().into_active_model();
+    let hook = stored_webhook(&app, &db, &receiver.url).await;
+    let mut broken = hook.into_active_model();
     broken.secret = Set("sealed with another key".into());
     let hook = broken.update(&db).await.expect("break the secret");
     let (delivery, _) = labelsync::db::webhooks::record_test(&db, &hook, Duration::ZERO)
@@ -635,23 +625,12 @@ async fn a_delivery_that_cannot_be_attempted_is_put_off() {
 /// for minutes), and one whose deliveries all ended before it goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_log_is_kept_from_its_last_end() {
-    use labelsync::db::{entities::webhook, webhooks};
-    use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, Set};
+    use labelsync::db::webhooks;
+    use sea_orm::{ActiveModelTrait, IntoActiveModel, Set};
     let app = spawn_app(AppOptions::with_storages()).await;
     let db = labelsync::db::connect(&app.database_url).await.expect("db");
-    let (status, made) = app
-        .post(
-            "/api/v1/webhooks",
-            json!({ "url": "http://127.0.0.1:9/hooks", "events": ["*"] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{made}");
-    let id = made["id"].as_i64().expect("id");
-    let hook = webhook::Entity::find_by_id(id)
-        .one(&db)
-        .await
-        .unwrap()
-        .unwrap();
+    let hook = stored_webhook(&app, &db, "http://127.0.0.1:9/hooks").await;
+    let id = hook.id;
     let now = chrono::Utc::now();
     let cutoff = now + chrono::Duration::minutes(1);
     let mut ended = Vec::new();

@@ -150,10 +150,12 @@ impl RedisStorage {
     }
 
     /// Every matching key name (relative to `path`), sorted. A server
-    /// that answers batches with no key under the prefix forever, each with a cursor
-    /// saying more follow, is given up on after [`MAX_BARREN_SCANS`].
+    /// that answers batches with no key under the prefix forever, each
+    /// with a cursor saying more follow, is given up on after
+    /// [`MAX_BARREN_SCANS`].
     async fn scan_names(&self, opts: &ListOptions) -> Result<Vec<String>> {
-        let pattern = format!("{}*", glob_escape(&self.full_key(&opts.prefix)));
+        let under = self.full_key(&opts.prefix);
+        let pattern = format!("{}*", glob_escape(&under));
         let conn = &self.conn;
         let mut cursor: u64 = 0;
         let mut names = Vec::new();
@@ -177,7 +179,6 @@ impl RedisStorage {
             .await?;
             // A key under the prefix is progress, wanted or not (a resumed
             // or one-level listing passes over many).
-            let under = format!("{}{}", self.config.path, opts.prefix);
             let progress = batch.iter().any(|full| full.starts_with(&under));
             names.extend(batch.into_iter().filter_map(|full| {
                 // A server may answer names the pattern does not match.
@@ -188,7 +189,7 @@ impl RedisStorage {
                 wanted.then_some(key)
             }));
             if names.len() > super::MAX_GATHERED_NAMES {
-                let under = format!("keys under {:?}", self.full_key(&opts.prefix));
+                let under = format!("keys under {under:?}");
                 let why = "Redis cannot list in key order";
                 let advice = "give the storage a narrower prefix";
                 return Err(super::too_many_names("redis SCAN", &under, why, advice));
@@ -509,48 +510,41 @@ mod tests {
             .unwrap()
     }
 
-    /// A SCAN whose batches never bring a key, and never end, stops the
-    /// listing with an error saying so (it was asked forever: with nothing
-    /// gathered, no limit was reached).
-    #[tokio::test]
-    async fn a_scan_of_empty_batches_that_never_ends_is_given_up() {
-        let storage = scan_storage(endless_scans(0).await).await;
+    /// The error a listing of a server answering `names` new names a SCAN
+    /// batch, forever, stops with: its code and message.
+    async fn refusal_of_endless_scans(names: usize) -> (&'static str, String) {
+        let storage = scan_storage(endless_scans(names).await).await;
         let mut listing = storage.list(ListOptions {
             prefix: String::new(),
             recursive: true,
             start_after: None,
             page_size: 100,
         });
-        let first = tokio::time::timeout(Duration::from_secs(120), listing.next()).await;
+        let first = tokio::time::timeout(Duration::from_secs(120), listing.next())
+            .await
+            .expect("the listing was still scanning after 120 s");
         match first {
-            Ok(Some(Err(Error::Invalid { code, message, .. }))) => {
-                assert_eq!(code, "storage_rejected");
-                assert!(message.contains("100000 batches in a row"), "{message}");
-            }
-            Ok(other) => panic!("{:?}", other.map(|p| p.map(|p| p.objects.len()))),
-            Err(_) => panic!("the listing was still scanning after 120 s"),
+            Some(Err(Error::Invalid { code, message, .. })) => (code, message),
+            other => panic!("{:?}", other.map(|p| p.map(|p| p.objects.len()))),
         }
+    }
+
+    /// A SCAN whose batches never bring a key, and never end, stops the
+    /// listing with an error saying so (it was asked forever: with nothing
+    /// gathered, no limit was reached).
+    #[tokio::test]
+    async fn a_scan_of_empty_batches_that_never_ends_is_given_up() {
+        let (code, message) = refusal_of_endless_scans(0).await;
+        assert_eq!(code, "storage_rejected");
+        assert!(message.contains("100000 batches in a row"), "{message}");
     }
 
     /// A SCAN that never ends stops the listing at `MAX_GATHERED_NAMES`, with an
     /// error saying so, instead of holding names until the worker dies.
     #[tokio::test]
     async fn a_scan_that_never_ends_stops_at_the_name_limit() {
-        let storage = scan_storage(endless_scans(10_000).await).await;
-        let mut listing = storage.list(ListOptions {
-            prefix: String::new(),
-            recursive: true,
-            start_after: None,
-            page_size: 100,
-        });
-        let first = tokio::time::timeout(Duration::from_secs(60), listing.next()).await;
-        match first {
-            Ok(Some(Err(Error::Invalid { code, message, .. }))) => {
-                assert_eq!(code, "storage_answer_too_big");
-                assert!(message.contains("more than 1000000 keys"), "{message}");
-            }
-            Ok(other) => panic!("{:?}", other.map(|p| p.map(|p| p.objects.len()))),
-            Err(_) => panic!("the listing was still gathering names after 60 s"),
-        }
+        let (code, message) = refusal_of_endless_scans(10_000).await;
+        assert_eq!(code, "storage_answer_too_big");
+        assert!(message.contains("more than 1000000 keys"), "{message}");
     }
 }
