@@ -341,6 +341,42 @@ async fn a_storage_patch_does_not_undo_what_landed_while_it_ran() {
     app.stop().await;
 }
 
+/// A storage saved before the length bounds, with a longer title and
+/// prefix, can still be changed: a PATCH that keeps those fields passes,
+/// one that gives a new value past a bound is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_saved_before_the_length_bounds_can_still_be_changed() {
+    use labelsync::db::storages;
+    let (app, good) = app_with_a_valid_source_body().await;
+    let (status, created) = app.post("/api/v1/storages", good).await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_i64().expect("id");
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let mut old = storages::find(&db, id).await.expect("find").expect("row");
+    let read_at = old.updated_at;
+    (old.title, old.prefix) = ("t".repeat(1_500), "p/".repeat(600));
+    storages::replace(&db, old, read_at, true)
+        .await
+        .expect("replace")
+        .expect("written");
+
+    let path = format!("/api/v1/storages/{id}");
+    let (status, patched) = app
+        .patch(&path, json!({ "sync_interval_seconds": 3600 }))
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["title"].as_str().map(str::len), Some(1_500));
+    let (status, patched) = app.patch(&path, json!({ "title": "short" })).await;
+    assert_eq!(status, 200, "{patched}");
+    let longer = "t".repeat(1_001);
+    let (status, refused) = app.patch(&path, json!({ "title": longer })).await;
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (400, &json!("invalid_title"))
+    );
+    app.stop().await;
+}
+
 /// Storage bodies each with one thing wrong: what it is, the body, and the
 /// status and error code it must get.
 fn bad_storage_bodies(good: &Value) -> Vec<(&'static str, Value, u16, &'static str)> {

@@ -143,6 +143,58 @@ async fn flaky_storage_requests_are_retried_and_nothing_is_lost() {
     app.stop().await;
 }
 
+/// A fan-out batch given up after its attempts says why: the last error
+/// of the attempts before it (here the storage's 503s), as a run given up
+/// does. The bad files are the first page's batch, and listings are slow,
+/// so that batch's own job has begun long before the run waits for it
+/// (a run's job takes over only batches no job has begun).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_given_up_names_its_last_error() {
+    let (moto, bucket, s3) = moto_bucket().await;
+    for (name, count) in [("a-bad", 10), ("b-ok", 20)] {
+        for i in 0..count {
+            let body = Bytes::from(json!({ "text": format!("{name} {i}") }).to_string());
+            let key = format!("tasks/{name}-{i:02}.json");
+            s3.put(&key, body, None).await.unwrap();
+        }
+    }
+    let mode = Mode::FailReadsUnder {
+        prefix: "tasks/a-bad-",
+        listing_pause: Duration::from_secs(1),
+    };
+    let proxy = FaultProxy::start(&moto, mode).await;
+    let mut options = private_endpoints();
+    options.env.extend([
+        ("LABELSYNC_PAGE_SIZE", "10".to_owned()),
+        ("LABELSYNC_MAX_ATTEMPTS", "1".to_owned()),
+    ]);
+    let app = spawn_app(options).await;
+    let project = app.project("batch-give-up").await;
+    let source = s3_source(&app, project, &bucket, &proxy.url, "tasks/", "tasks").await;
+    let run = app.sync(&source["id"]).await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    assert_eq!(run["counters"]["created"], 20, "{run}");
+    assert_eq!(run["counters"]["failed"], 10, "{run}");
+    let (status, errors) = app
+        .get(&format!(
+            "/api/v1/runs/{}/errors",
+            run["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(status, 200, "{errors}");
+    let errors = errors["items"].as_array().expect("items");
+    assert_eq!(errors.len(), 10, "{errors:?}");
+    for error in errors {
+        let message = error["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("gave up after 1 attempts; last error: "),
+            "{error}"
+        );
+        assert!(message.contains("SlowDown"), "{error}");
+    }
+    app.stop().await;
+}
+
 /// Task files cut off mid-body after the part read before parsing starts
 /// (the first 16 KiB; small files cut within it are the flaky test's):
 /// a JSON array of about 90 KB (its rows kept back with other small

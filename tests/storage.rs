@@ -1246,6 +1246,57 @@ async fn redis_conformance() {
     }
 }
 
+/// A Redis value can only be read whole, so no more of it than the object
+/// limit is read: a larger value is refused with the limit named, before
+/// its bytes are sent; a range of it, and a value at the limit, read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_reads_no_more_of_a_value_than_the_object_limit() {
+    let url = reqwest::Url::parse(&labelsync_tests::require_redis().await).unwrap();
+    let config = json!({
+        "host": url.host_str().unwrap(), "port": url.port().unwrap_or(6379),
+        "path": format!("{}:", bucket_name()),
+    });
+    let env = labelsync::storage::StorageEnv {
+        max_object_bytes: 1 << 20,
+        ..labelsync_tests::backends::test_env()
+    };
+    let secrets = labelsync::storage::Secrets::default();
+    let storage = labelsync::storage::open_with(BackendKind::Redis, &config, &secrets, &env)
+        .await
+        .unwrap();
+    let over = (1 << 20) + 1;
+    storage
+        .put("big", Bytes::from(vec![b'x'; over]), None)
+        .await
+        .unwrap();
+    storage
+        .put("fits", Bytes::from(vec![b'y'; 1 << 20]), None)
+        .await
+        .unwrap();
+    for range in [None, Some(GetRange::Suffix(2 << 20))] {
+        match storage.get("big", range).await {
+            Err(Error::Invalid { code, message, .. }) => {
+                assert_eq!(code, "storage_answer_too_big", "{message}");
+                assert!(message.contains("1048577 bytes"), "{message}");
+                assert!(message.contains("LABELSYNC_MAX_OBJECT_BYTES"), "{message}");
+            }
+            Err(other) => panic!("{range:?}: {other:?}"),
+            Ok(object) => panic!("{range:?}: read, size {:?}", object.size),
+        }
+    }
+    let bounded = Some(GetRange::Bounded { start: 10, end: 19 });
+    assert_eq!(
+        read(&*storage, "big", bounded).await,
+        (vec![b'x'; 10], Some(over as u64))
+    );
+    let all_but_one = read(&*storage, "big", Some(GetRange::From(1))).await;
+    assert_eq!(all_but_one.0.len(), 1 << 20);
+    assert_eq!(read(&*storage, "fits", None).await.0, vec![b'y'; 1 << 20]);
+    for key in ["big", "fits"] {
+        storage.delete(key).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn databricks_conformance_on_the_files_api_fake() {
     let fake = DatabricksFake::start().await;

@@ -25,6 +25,7 @@ mod m20261203_000016_sync_partitions;
 mod m20261203_000017_change_counters;
 mod m20261203_000018_outbox_by_storage;
 mod m20261204_000019_batch_claims;
+mod m20261206_000020_batch_errors;
 
 pub struct Migrator;
 
@@ -51,6 +52,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000017_change_counters::Migration),
             Box::new(m20261203_000018_outbox_by_storage::Migration),
             Box::new(m20261204_000019_batch_claims::Migration),
+            Box::new(m20261206_000020_batch_errors::Migration),
         ]
     }
 }

@@ -51,6 +51,13 @@ pub enum Mode {
     /// this `prefix=` value, percent-encoded, and no delimiter) gets 500;
     /// everything else passes.
     FailListing(&'static str),
+    /// Every object read of a key starting with `prefix` gets 503
+    /// SlowDown; every listing waits `listing_pause` before it is
+    /// forwarded; everything else passes.
+    FailReadsUnder {
+        prefix: &'static str,
+        listing_pause: std::time::Duration,
+    },
 }
 
 #[derive(Clone)]
@@ -209,6 +216,22 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "InternalError",
                     "injected",
+                );
+            }
+            None
+        }
+        Mode::FailReadsUnder {
+            prefix,
+            listing_pause,
+        } => {
+            if !object_read {
+                tokio::time::sleep(listing_pause).await;
+            } else if req.uri().path().contains(&format!("/{prefix}")) {
+                s.faults.fetch_add(1, Ordering::SeqCst);
+                return s3_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "SlowDown",
+                    "Please reduce your request rate.",
                 );
             }
             None

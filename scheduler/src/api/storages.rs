@@ -232,7 +232,8 @@ pub async fn update(
     };
     let (merged, moved) = merge_patch(&current, patch)?;
     let spec = spec_of(merged)?;
-    let valid = spec.validate(&state.storage_env).await?;
+    let stored = StorageSpec::of_model(&current)?;
+    let valid = spec.validate_update(&state.storage_env, &stored).await?;
     check_own_credentials(&caller, &valid, Some(&current))?;
     check_secrets_follow(&current, &moved, valid.secrets.as_ref())?;
     let model = spec::save(

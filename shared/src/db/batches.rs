@@ -108,6 +108,20 @@ pub async fn claim_unstarted(
     Ok(None)
 }
 
+/// Records why an attempt of a batch failed and will be tried again, for
+/// the message of the batch should it be given up.
+pub async fn note_error(db: &impl ConnectionTrait, id: i64, error: &str) -> Result<()> {
+    sync_batch::Entity::update_many()
+        .col_expr(
+            sync_batch::Column::LastError,
+            Expr::value(crate::error::storable(error)),
+        )
+        .filter(sync_batch::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Gives back a claim whose holder stopped before the batch was done, so
 /// the run's next look takes it at once (instead of after a lease).
 pub async fn release_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {

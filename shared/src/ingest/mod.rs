@@ -695,6 +695,9 @@ impl ImportJob<'_> {
                     // (this job's next attempt) takes it at once.
                     batches::release_claim(self.db, batch.id).await?;
                 }
+                if let Err(err) = &outcome {
+                    batches::note_error(self.db, batch.id, &err.to_string()).await?;
+                }
                 if outcome? == Outcome::Stopped {
                     return Ok(false);
                 }

@@ -208,10 +208,10 @@ async fn take_lease(
     }
 }
 
-/// Why a run is given up on after `max` attempts. Attempts are counted as
-/// they begin, so attempts that killed their process (an abort, an OOM kill)
-/// count too, and a poison run ends instead of taking down every worker it
-/// is handed to.
+/// Why a run (or a batch) is given up on after `max` attempts. Attempts
+/// are counted as they begin, so attempts that killed their process (an
+/// abort, an OOM kill) count too, and a poison run ends instead of taking
+/// down every worker it is handed to.
 fn gave_up(max: i64, last_error: Option<&str>) -> String {
     match last_error {
         Some(last) => format!("gave up after {max} attempts; last error: {last}"),
@@ -473,11 +473,8 @@ pub async fn execute_batch(
         return close_batch(&job, batch_id, worker).await;
     }
     if batch.attempts > i64::from(ctx.settings.worker.max_attempts) {
-        let reason = format!(
-            "batch {batch_id} gave up after {} attempts",
-            batch.attempts - 1
-        );
-        return give_up_batch(&job, &batch, worker, reason).await;
+        let reason = gave_up(batch.attempts - 1, batch.last_error.as_deref());
+        return give_up_batch(&job, &batch, worker, format!("batch {batch_id} {reason}")).await;
     }
     let outcome = tokio::select! {
         outcome = job.run_batch(&batch, worker) => outcome,
@@ -488,7 +485,11 @@ pub async fn execute_batch(
     };
     match outcome {
         Ok(_) => Ok(()),
-        Err(err) if err.is_transient() => Err(RetryLater(err)),
+        Err(err) if err.is_transient() => {
+            // Kept for the "gave up" message, as a run's is (`conclude`).
+            let _ = batches::note_error(&ctx.db, batch_id, &err.to_string()).await;
+            Err(RetryLater(err))
+        }
         Err(err) => give_up_batch(&job, &batch, worker, err.to_string()).await,
     }
 }

@@ -566,28 +566,34 @@ impl HttpClients {
 
 /// The TLS settings of every [`http_client`]: what reqwest builds by
 /// default (the process's crypto provider, TLS 1.2 and 1.3, the platform's
-/// verifier, HTTP/2 or 1.1 by ALPN), made once per process. Left to reqwest,
-/// every client built reads and parses each file of the system's CA
-/// directory: several milliseconds of CPU per storage opened, paid by all
-/// of a fresh worker's first batches at once, on the cores their reads
-/// need.
+/// verifier, HTTP/2 or 1.1 by ALPN). Left to reqwest, every client built
+/// reads and parses each file of the system's CA directory: several
+/// milliseconds of CPU per storage opened, paid by all of a fresh worker's
+/// first batches at once, on the cores their reads need.
 fn tls_config() -> Result<rustls::ClientConfig> {
+    let mut config = tls_client_config()?;
+    // As reqwest offers with its `http2` feature on (the workspace
+    // enables it): servers that speak HTTP/2 (GCS) keep it.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// TLS settings for storage traffic, with no ALPN: the process's crypto
+/// provider, TLS 1.2 and 1.3 and the platform's verifier, made once per
+/// process (the Redis backend speaks TLS with them as they are).
+pub fn tls_client_config() -> Result<rustls::ClientConfig> {
     use rustls_platform_verifier::BuilderVerifierExt;
     static CONFIG: std::sync::LazyLock<std::result::Result<rustls::ClientConfig, String>> =
         std::sync::LazyLock::new(|| {
             let provider = rustls::crypto::CryptoProvider::get_default()
                 .cloned()
                 .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
-            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            Ok(rustls::ClientConfig::builder_with_provider(provider)
                 .with_protocol_versions(rustls::ALL_VERSIONS)
                 .map_err(|e| e.to_string())?
                 .with_platform_verifier()
                 .map_err(|e| e.to_string())?
-                .with_no_client_auth();
-            // As reqwest offers with its `http2` feature on (the workspace
-            // enables it): servers that speak HTTP/2 (GCS) keep it.
-            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-            Ok(config)
+                .with_no_client_auth())
         });
     CONFIG
         .clone()

@@ -545,6 +545,9 @@ pub struct StorageEnv {
     pub azure_account_key: Option<crate::config::Secret>,
     /// `LABELSYNC_STORAGE_TIMEOUT_SECS`: see [`crate::config::Settings::storage_timeout`].
     pub request_timeout: Duration,
+    /// `LABELSYNC_MAX_OBJECT_BYTES`: the largest object taken. Backends
+    /// that can only read an object whole (Redis) read no more than this.
+    pub max_object_bytes: u64,
     /// Backends this process opened lately ([`open_shared`]).
     pub opened: opened::Opened,
     /// The backends' HTTP clients ([`Self::http_client`]).
@@ -562,6 +565,7 @@ impl Default for StorageEnv {
             azure_account_name: None,
             azure_account_key: None,
             request_timeout: Duration::from_secs(60),
+            max_object_bytes: 4 << 30,
             opened: opened::Opened::default(),
             http: Default::default(),
             s3_http: Default::default(),
@@ -578,6 +582,7 @@ impl StorageEnv {
             azure_account_name: settings.azure_account_name.clone(),
             azure_account_key: settings.azure_account_key.clone(),
             request_timeout: settings.storage_timeout,
+            max_object_bytes: settings.worker.max_object_bytes,
             opened: opened::Opened::default(),
             http: Default::default(),
             s3_http: Default::default(),

@@ -9,11 +9,13 @@
 //! names in ours); values are read one object at a time.
 use std::time::Duration;
 
+mod replies;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
-use redis::{AsyncCommands, aio::MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -21,6 +23,16 @@ use super::{
     StorageEnv, bytes_stream, check_key, paginate, parse_config, retry::retry,
 };
 use crate::{Error, Result, security::net::GuardedResolver};
+
+/// The most of a value read at once: Redis' own limit on a string
+/// (`proto-max-bulk-len`). A value is read whole, so the smaller of this
+/// and `LABELSYNC_MAX_OBJECT_BYTES` bounds what one read holds.
+const MAX_REDIS_VALUE: u64 = 512 << 20;
+
+/// Time for a connection and its TLS handshake; the server's first
+/// answers (AUTH, SELECT) then have the response timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// SCAN batches in a row that bring no key under the prefix, after which a listing
 /// gives up. A real Redis answers empty batches while it walks keys the
@@ -80,7 +92,9 @@ impl RedisConfig {
 #[derive(Debug)]
 pub struct RedisStorage {
     config: RedisConfig,
-    conn: MultiplexedConnection,
+    conn: Conn,
+    /// The longest value read: see [`MAX_REDIS_VALUE`].
+    max_value: u64,
 }
 
 /// Classifies a Redis error.
@@ -109,6 +123,44 @@ fn classify(err: &redis::RedisError, what: &str) -> Error {
     }
 }
 
+/// The client's connection, and why its watch closed it if it did.
+#[derive(Debug, Clone)]
+struct Conn {
+    client: MultiplexedConnection,
+    refusal: replies::Refusal,
+}
+
+impl Conn {
+    async fn cmd<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
+        let mut client = self.client.clone();
+        let answer = cmd.query_async(&mut client).await;
+        answer.map_err(|e| self.failure(&e, what))
+    }
+
+    async fn pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+        what: &str,
+    ) -> Result<T> {
+        let mut client = self.client.clone();
+        let answer = pipe.query_async(&mut client).await;
+        answer.map_err(|e| self.failure(&e, what))
+    }
+
+    fn failure(&self, err: &redis::RedisError, what: &str) -> Error {
+        failure(&self.refusal, err, what)
+    }
+}
+
+/// A command's failure: the watch's refusal when it closed the connection
+/// (not retried), else as the client says ([`classify`]).
+fn failure(refusal: &replies::Refusal, err: &redis::RedisError, what: &str) -> Error {
+    match refusal.get() {
+        Some(why) => Error::invalid(replies::Refusal::code(why), None, format!("{what}: {why}")),
+        None => classify(err, what),
+    }
+}
+
 impl RedisStorage {
     pub async fn open(config: RedisConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
         // The name was checked when the config was saved; check again now,
@@ -117,32 +169,30 @@ impl RedisStorage {
         let auth = secrets.get("password").map_or(String::new(), |p| {
             format!(":{}@", utf8_percent_encode(p, NON_ALPHANUMERIC))
         });
-        let scheme = if config.tls { "rediss" } else { "redis" };
         let host = if config.host.contains(':') && !config.host.starts_with('[') {
             format!("[{}]", config.host) // a bare IPv6 address
         } else {
             config.host.clone()
         };
-        let url = format!("{scheme}://{auth}{host}:{}/{}", config.port, config.db);
+        // Only the AUTH and SELECT of the handshake come from the URL: the
+        // connection, and its TLS, are made here (`connect`).
+        let url = format!("redis://{auth}{host}:{}/{}", config.port, config.db);
         let what = format!("redis {}:{}", config.host, config.port);
         let client = redis::Client::open(url.as_str()).map_err(|e| {
             Error::invalid("invalid_config", Some("config"), format!("{what}: {e}"))
         })?;
-        // The client resolves the name through the SSRF guard, like the
-        // HTTP backends: a name that now points at a private address is
-        // refused at connect time too.
-        let conn_config = redis::AsyncConnectionConfig::new()
-            .set_dns_resolver(GuardedResolver::new(env.net.clone()))
-            .set_connection_timeout(Some(Duration::from_secs(10)))
-            .set_response_timeout(Some(Duration::from_secs(30)));
-        let conn = retry(&what, || async {
-            client
-                .get_multiplexed_async_connection_with_config(&conn_config)
-                .await
-                .map_err(|e| classify(&e, &what))
+        let max_value = env.max_object_bytes.clamp(1, MAX_REDIS_VALUE);
+        let limits = replies::Limits {
+            bytes: max_value.max(super::retry::MAX_PAGE_BYTES as u64) + (64 << 10),
+            values: super::MAX_GATHERED_NAMES as u64 + 16,
+        };
+        let handshake = client.get_connection_info().redis_settings();
+        let conn = retry(&what, || connect(&config, handshake, limits, env, &what)).await?;
+        Ok(RedisStorage {
+            config,
+            conn,
+            max_value,
         })
-        .await?;
-        Ok(RedisStorage { config, conn })
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -161,22 +211,14 @@ impl RedisStorage {
         let mut names = Vec::new();
         let mut barren_in_a_row = 0u32;
         loop {
-            let (next, batch): (u64, Vec<String>) = retry("redis SCAN", || {
-                let mut conn = conn.clone();
-                let pattern = pattern.clone();
-                async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(|e| classify(&e, "redis SCAN"))
-                }
-            })
-            .await?;
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, batch): (u64, Vec<String>) =
+                retry("redis SCAN", || conn.cmd(&scan, "redis SCAN")).await?;
             // A key under the prefix is progress, wanted or not (a resumed
             // or one-level listing passes over many).
             let progress = batch.iter().any(|full| full.starts_with(&under));
@@ -216,6 +258,125 @@ impl RedisStorage {
     }
 }
 
+/// A connection to the storage's server: its name resolved through the
+/// SSRF guard, TLS when the config asks, and every reply watched for its
+/// size ([`replies`]), under the client's handshake (AUTH, SELECT).
+async fn connect(
+    config: &RedisConfig,
+    handshake: &redis::RedisConnectionInfo,
+    limits: replies::Limits,
+    env: &StorageEnv,
+    what: &str,
+) -> Result<Conn> {
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let tcp = tcp_connect(&config.host, config.port, env).await?;
+        if config.tls {
+            tls_connect(tcp, &config.host).await.map(Transport::Tls)
+        } else {
+            Ok(Transport::Plain(tcp))
+        }
+    });
+    let transport = connected
+        .await
+        .map_err(|_| Error::Transient(format!("{what}: no connection within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| classify(&e.into(), what))?;
+    match transport {
+        Transport::Plain(tcp) => attach(tcp, handshake, limits, what).await,
+        Transport::Tls(tls) => attach(tls, handshake, limits, what).await,
+    }
+}
+
+/// The client's connection over `stream`, its replies watched, after the
+/// handshake; its driver runs on a task of its own until the last clone of
+/// the connection is dropped.
+async fn attach<S>(
+    stream: S,
+    handshake: &redis::RedisConnectionInfo,
+    limits: replies::Limits,
+    what: &str,
+) -> Result<Conn>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let settings = redis::AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+    let refusal = replies::Refusal::default();
+    let watched = replies::Watched::new(stream, limits, refusal.clone());
+    let made = MultiplexedConnection::new_with_config(handshake, watched, settings).await;
+    let (client, driver) = made.map_err(|e| failure(&refusal, &e, what))?;
+    tokio::spawn(driver);
+    Ok(Conn { client, refusal })
+}
+
+enum Transport {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+/// A TCP connection to the first of `host`'s allowed addresses that takes one.
+async fn tcp_connect(
+    host: &str,
+    port: u16,
+    env: &StorageEnv,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let mut last = None;
+    for mut addr in GuardedResolver::new(env.net.clone()).resolve(bare).await? {
+        addr.set_port(port);
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(tcp) => {
+                tcp.set_nodelay(true)?;
+                return Ok(tcp);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{host} has no address"))))
+}
+
+/// TLS over `tcp`, the certificate checked for `host` by the platform's
+/// verifier (as the HTTP backends check theirs).
+async fn tls_connect(
+    tcp: tokio::net::TcpStream,
+    host: &str,
+) -> std::io::Result<Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>> {
+    let config = crate::security::net::tls_client_config().map_err(std::io::Error::other)?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(bare.to_owned())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    Ok(Box::new(connector.connect(name, tcp).await?))
+}
+
+/// The `GETRANGE` bounds (both inclusive, negative from the end) that
+/// read `range` of a value, cut to its first `max` bytes: an honest
+/// server never sends more than the limit.
+fn getrange_bounds(range: Option<GetRange>, max: u64) -> (i64, i64) {
+    let at = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let last = at(max).max(1) - 1; // offset of the last byte taken, from the start
+    match range {
+        None => (0, last),
+        Some(GetRange::From(start)) => (at(start), at(start).saturating_add(last)),
+        Some(GetRange::Bounded { start, end }) => {
+            (at(start), at(end).min(at(start).saturating_add(last)))
+        }
+        // `-0` would read from the start: no bytes is start past end.
+        Some(GetRange::Suffix(0)) => (1, 0),
+        Some(GetRange::Suffix(n)) => (-at(n.min(max)), -1),
+    }
+}
+
+/// Bytes `range` asks of a value of `size` bytes.
+fn wanted(range: Option<GetRange>, size: u64) -> u64 {
+    match range {
+        None => size,
+        Some(GetRange::From(start)) => size.saturating_sub(start),
+        Some(GetRange::Bounded { start, end }) => {
+            (end.min(size.saturating_sub(1)) + 1).saturating_sub(start)
+        }
+        Some(GetRange::Suffix(n)) => n.min(size),
+    }
+}
+
 /// Escapes glob metacharacters so a prefix matches literally in `SCAN MATCH`.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -230,7 +391,7 @@ fn glob_escape(s: &str) -> String {
 
 struct Listing {
     names: std::vec::IntoIter<String>,
-    conn: MultiplexedConnection,
+    conn: Conn,
     path: String,
     page_size: usize,
 }
@@ -246,6 +407,7 @@ impl Storage for RedisStorage {
         let this = RedisStorage {
             config: self.config.clone(),
             conn: self.conn.clone(),
+            max_value: self.max_value,
         };
         enum State {
             Start(Box<RedisStorage>, ListOptions),
@@ -272,16 +434,8 @@ impl Storage for RedisStorage {
                 for key in &keys {
                     pipe.cmd("STRLEN").arg(format!("{}{key}", listing.path));
                 }
-                let sizes: Vec<i64> = retry("redis STRLEN", || {
-                    let mut conn = listing.conn.clone();
-                    let pipe = pipe.clone();
-                    async move {
-                        pipe.query_async(&mut conn)
-                            .await
-                            .map_err(|e| classify(&e, "redis STRLEN"))
-                    }
-                })
-                .await?;
+                let sizes: Vec<i64> =
+                    retry("redis STRLEN", || listing.conn.pipe(&pipe, "redis STRLEN")).await?;
                 let objects = keys
                     .into_iter()
                     .zip(sizes)
@@ -308,32 +462,16 @@ impl Storage for RedisStorage {
         let full = self.full_key(key);
         let what = format!("redis GET {full}");
         let what = &what;
-        let conn = self.conn.clone();
-        let (value, size): (Option<Vec<u8>>, i64) = retry(what, || {
-            let mut conn = conn.clone();
-            let full = full.clone();
+        let (start, end) = getrange_bounds(range, self.max_value);
+        let mut pipe = redis::pipe();
+        pipe.cmd("GETRANGE").arg(&full).arg(start).arg(end);
+        pipe.cmd("STRLEN").arg(&full);
+        pipe.cmd("EXISTS").arg(&full);
+        let (value, size): (Vec<u8>, i64) = retry(what, || {
+            let pipe = &pipe;
             async move {
-                let mut pipe = redis::pipe();
-                match range {
-                    None => pipe.cmd("GET").arg(&full),
-                    Some(GetRange::Bounded { start, end }) => {
-                        pipe.cmd("GETRANGE").arg(&full).arg(start).arg(end)
-                    }
-                    Some(GetRange::From(start)) => {
-                        pipe.cmd("GETRANGE").arg(&full).arg(start).arg(-1)
-                    }
-                    Some(GetRange::Suffix(n)) => pipe
-                        .cmd("GETRANGE")
-                        .arg(&full)
-                        .arg(-i64::try_from(n).unwrap_or(i64::MAX))
-                        .arg(-1),
-                };
-                pipe.cmd("STRLEN").arg(&full);
-                pipe.cmd("EXISTS").arg(&full);
-                let (value, size, exists): (Option<Vec<u8>>, i64, bool) = pipe
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| classify(&e, what))?;
+                let (value, size, exists): (Vec<u8>, i64, bool) =
+                    self.conn.pipe(pipe, what).await?;
                 if !exists {
                     return Err(Error::NotFound(format!("{what}: no such key")));
                 }
@@ -341,9 +479,20 @@ impl Storage for RedisStorage {
             }
         })
         .await?;
+        let size = u64::try_from(size).unwrap_or(0);
+        if wanted(range, size) > self.max_value {
+            return Err(Error::invalid(
+                "storage_answer_too_big",
+                None,
+                format!(
+                    "{what}: the value is {size} bytes; a Redis value is read whole, and at most {} bytes of it are taken (LABELSYNC_MAX_OBJECT_BYTES, at most 512 MiB)",
+                    self.max_value
+                ),
+            ));
+        }
         Ok(Object {
-            body: bytes_stream(Bytes::from(value.unwrap_or_default())),
-            size: u64::try_from(size).ok(),
+            body: bytes_stream(Bytes::from(value)),
+            size: Some(size),
             etag: None,
             content_type: None,
         })
@@ -354,16 +503,9 @@ impl Storage for RedisStorage {
         let full = self.full_key(key);
         let what = format!("redis SET {full}");
         let what = &what;
-        retry(what, || {
-            let mut conn = self.conn.clone();
-            let (full, body) = (full.clone(), body.clone());
-            async move {
-                conn.set::<_, _, ()>(full, body.as_ref())
-                    .await
-                    .map_err(|e| classify(&e, what))
-            }
-        })
-        .await
+        let mut set = redis::cmd("SET");
+        set.arg(&full).arg(body.as_ref());
+        retry(what, || self.conn.cmd::<()>(&set, what)).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
@@ -371,16 +513,9 @@ impl Storage for RedisStorage {
         let full = self.full_key(key);
         let what = format!("redis DEL {full}");
         let what = &what;
-        retry(what, || {
-            let mut conn = self.conn.clone();
-            let full = full.clone();
-            async move {
-                conn.del::<_, ()>(full)
-                    .await
-                    .map_err(|e| classify(&e, what))
-            }
-        })
-        .await
+        let mut del = redis::cmd("DEL");
+        del.arg(&full);
+        retry(what, || self.conn.cmd::<()>(&del, what)).await
     }
 
     async fn presign(&self, _key: &str, _ttl: Duration) -> Result<Option<String>> {
@@ -443,21 +578,46 @@ mod tests {
     use super::*;
     use crate::security::net::NetPolicy;
 
-    /// A server speaking just enough RESP: `+OK` to everything but `SCAN`,
-    /// whose every answer is 10,000 new names and a cursor that never
-    /// comes back to 0 (a hostile or broken server). Its port.
-    async fn endless_scans(names: usize) -> u16 {
+    /// How a hostile server answers.
+    #[derive(Debug, Clone, Copy)]
+    enum Hostile {
+        /// Every `SCAN` with this many new names and a cursor that never
+        /// comes back to 0.
+        Scans(usize),
+        /// `GETRANGE` with `head`, then `filler` until the client leaves.
+        EndlessValue {
+            head: &'static [u8],
+            filler: &'static [u8],
+        },
+    }
+
+    /// A server speaking just enough RESP: `+OK` to everything but what
+    /// `hostile` says (a hostile or broken server). Its port.
+    async fn fake_server(hostile: Hostile) -> u16 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
-                tokio::spawn(answer(socket, names));
+                tokio::spawn(answer(socket, hostile));
             }
         });
         port
     }
 
-    async fn answer(socket: tokio::net::TcpStream, names: usize) {
+    /// Writes `head`, then `filler` in 1 MiB pieces at about 200 MiB/s
+    /// (a client that holds it all fills no more than that), until the
+    /// client goes away.
+    async fn endless(write: &mut tokio::net::tcp::OwnedWriteHalf, head: &[u8], filler: &[u8]) {
+        let piece = filler.repeat((1 << 20) / filler.len());
+        if write.write_all(head).await.is_err() {
+            return;
+        }
+        while write.write_all(&piece).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn answer(socket: tokio::net::TcpStream, hostile: Hostile) {
         let (read, mut write) = socket.into_split();
         let mut read = BufReader::new(read);
         let mut next = 0u64;
@@ -476,16 +636,12 @@ mod tests {
                 read.read_exact(&mut word).await.unwrap();
                 words.push(String::from_utf8_lossy(&word[..len]).to_uppercase());
             }
-            let reply = if words.first().map(String::as_str) == Some("SCAN") {
-                let mut reply = format!("*2\r\n$1\r\n1\r\n*{names}\r\n");
-                for _ in 0..names {
-                    let name = format!("k{next}");
-                    next += 1;
-                    reply.push_str(&format!("${}\r\n{name}\r\n", name.len()));
+            let reply = match (words.first().map(String::as_str), hostile) {
+                (Some("GETRANGE"), Hostile::EndlessValue { head, filler }) => {
+                    return endless(&mut write, head, filler).await;
                 }
-                reply
-            } else {
-                "+OK\r\n".to_owned()
+                (Some("SCAN"), Hostile::Scans(names)) => scan_reply(names, &mut next),
+                _ => "+OK\r\n".to_owned(),
             };
             if write.write_all(reply.as_bytes()).await.is_err() {
                 return;
@@ -493,9 +649,23 @@ mod tests {
         }
     }
 
-    async fn scan_storage(port: u16) -> RedisStorage {
+    /// A SCAN answer of `names` new names, numbered from `next`, and a
+    /// cursor saying more follow.
+    fn scan_reply(names: usize, next: &mut u64) -> String {
+        let mut reply = format!("*2\r\n$1\r\n1\r\n*{names}\r\n");
+        for _ in 0..names {
+            let name = format!("k{next}");
+            *next += 1;
+            reply.push_str(&format!("${}\r\n{name}\r\n", name.len()));
+        }
+        reply
+    }
+
+    /// A storage on the fake server at `port`, taking objects of 1 MiB.
+    async fn fake_storage(port: u16) -> RedisStorage {
         let env = StorageEnv {
             net: NetPolicy::AllowAll,
+            max_object_bytes: 1 << 20,
             ..StorageEnv::default()
         };
         let config = RedisConfig {
@@ -513,7 +683,7 @@ mod tests {
     /// The error a listing of a server answering `names` new names a SCAN
     /// batch, forever, stops with: its code and message.
     async fn refusal_of_endless_scans(names: usize) -> (&'static str, String) {
-        let storage = scan_storage(endless_scans(names).await).await;
+        let storage = fake_storage(fake_server(Hostile::Scans(names)).await).await;
         let mut listing = storage.list(ListOptions {
             prefix: String::new(),
             recursive: true,
@@ -546,5 +716,74 @@ mod tests {
         let (code, message) = refusal_of_endless_scans(10_000).await;
         assert_eq!(code, "storage_answer_too_big");
         assert!(message.contains("more than 1000000 keys"), "{message}");
+    }
+
+    /// A reply the client would hold whole, however large, is cut off
+    /// when it passes a limit, whatever it claims: a string announced
+    /// larger than the limit, a line that never ends, more values than a
+    /// listing takes, and bytes after a string that are not RESP.
+    #[tokio::test]
+    async fn replies_without_end_are_cut_off_not_held() {
+        let cases: [(&[u8], &[u8], &str, &str); 4] = [
+            (
+                b"$99999999999\r\n",
+                b"x",
+                "storage_answer_too_big",
+                "announces a 99999999999-byte value",
+            ),
+            (
+                b"+",
+                b"x",
+                "storage_answer_too_big",
+                "is longer than 33619968 bytes",
+            ),
+            (
+                b"%600000\r\n",
+                b":1\r\n",
+                "storage_answer_too_big",
+                "announces 1200000 values",
+            ),
+            (
+                b"$10\r\n",
+                b"x",
+                "storage_rejected",
+                "a value starts with byte 0x78",
+            ),
+        ];
+        for (head, filler, code, expected) in cases {
+            let port = fake_server(Hostile::EndlessValue { head, filler }).await;
+            let storage = fake_storage(port).await;
+            let read = tokio::time::timeout(Duration::from_secs(20), storage.get("k", None)).await;
+            match read.expect("the read was still taking bytes after 20 s") {
+                Err(Error::Invalid {
+                    code: got, message, ..
+                }) => {
+                    assert_eq!((got, message.contains(expected)), (code, true), "{message}");
+                }
+                Err(other) => panic!("{expected}: {other:?}"),
+                Ok(object) => panic!("{expected}: read, size {:?}", object.size),
+            }
+        }
+    }
+
+    /// `GETRANGE` asks no more than the limit of any range, and the size
+    /// a range wants is what HTTP would serve of it.
+    #[test]
+    fn ranges_are_cut_to_the_limit() {
+        let bounded = |start, end| Some(GetRange::Bounded { start, end });
+        assert_eq!(getrange_bounds(None, 100), (0, 99));
+        assert_eq!(getrange_bounds(bounded(10, 19), 100), (10, 19));
+        assert_eq!(getrange_bounds(bounded(10, 500), 100), (10, 109));
+        assert_eq!(getrange_bounds(Some(GetRange::From(7)), 100), (7, 106));
+        assert_eq!(
+            getrange_bounds(Some(GetRange::Suffix(500)), 100),
+            (-100, -1)
+        );
+        assert_eq!(getrange_bounds(Some(GetRange::Suffix(0)), 100), (1, 0));
+        assert_eq!(wanted(None, 50), 50);
+        assert_eq!(wanted(bounded(10, 500), 50), 40);
+        assert_eq!(wanted(bounded(60, 70), 50), 0);
+        assert_eq!(wanted(Some(GetRange::From(60)), 50), 0);
+        assert_eq!(wanted(Some(GetRange::Suffix(500)), 50), 50);
     }
 }

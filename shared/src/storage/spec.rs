@@ -222,16 +222,20 @@ impl StorageSpec {
 
     /// Text fields are shown in every list of storages and held by
     /// `/resolve`'s cache: each has a bound, so a caller cannot make those
-    /// answers gigabytes.
-    fn check_lengths(&self) -> Result<()> {
-        if self.title.chars().count() > MAX_TITLE_CHARS {
+    /// answers gigabytes. A field an update keeps as `stored` has it passes:
+    /// storages saved before the bounds can still be paused or moved.
+    fn check_lengths(&self, stored: Option<&StorageSpec>) -> Result<()> {
+        let kept = |field: fn(&StorageSpec) -> Option<&str>| {
+            stored.is_some_and(|stored| field(stored) == field(self))
+        };
+        if self.title.chars().count() > MAX_TITLE_CHARS && !kept(|s| Some(&s.title)) {
             return Err(Error::invalid(
                 "invalid_title",
                 Some("title"),
                 format!("title must be at most {MAX_TITLE_CHARS} characters"),
             ));
         }
-        if self.prefix.chars().count() > MAX_PREFIX_CHARS {
+        if self.prefix.chars().count() > MAX_PREFIX_CHARS && !kept(|s| Some(&s.prefix)) {
             return Err(Error::invalid(
                 "invalid_prefix",
                 Some("prefix"),
@@ -242,6 +246,7 @@ impl StorageSpec {
             .regex_filter
             .as_ref()
             .is_some_and(|r| r.chars().count() > MAX_REGEX_CHARS)
+            && !kept(|s| s.regex_filter.as_deref())
         {
             return Err(Error::invalid(
                 "invalid_regex",
@@ -255,8 +260,26 @@ impl StorageSpec {
     /// Checks everything a create needs, touching nothing (but DNS, for the
     /// SSRF guard on endpoints).
     pub async fn validate(&self, env: &StorageEnv) -> Result<ValidSpec> {
+        self.validate_beside(env, None).await
+    }
+
+    /// [`Self::validate`] for an update of `stored`, whose text fields are
+    /// taken as they are where the update keeps them.
+    pub async fn validate_update(
+        &self,
+        env: &StorageEnv,
+        stored: &StorageSpec,
+    ) -> Result<ValidSpec> {
+        self.validate_beside(env, Some(stored)).await
+    }
+
+    async fn validate_beside(
+        &self,
+        env: &StorageEnv,
+        stored: Option<&StorageSpec>,
+    ) -> Result<ValidSpec> {
         let kind = BackendKind::parse(&self.backend)?;
-        self.check_lengths()?;
+        self.check_lengths(stored)?;
         Filter::new(self.regex_filter.as_deref())?;
         // Listings build URLs and paths from the prefix as from keys: the
         // same segments are refused (see `storage::check_key`).

@@ -18,6 +18,9 @@ pub struct Model {
     /// When a job of the batch's run took it to run it itself; its queued
     /// job skips it while this is younger than a run lease.
     pub claimed_at: Option<DateTimeUtc>,
+    /// Why its latest attempt failed (transient: it is tried again), for
+    /// the message of a batch given up after its attempts.
+    pub last_error: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
