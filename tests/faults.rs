@@ -382,6 +382,26 @@ impl Drop for OwnRedis {
     }
 }
 
+/// A Redis storage whose server restarted connects again at its next
+/// command, instead of failing every command on the dead connection until
+/// the worker opens the storage again (the client never reconnects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_storage_connects_again_after_its_server_restarts() {
+    let mut redis = OwnRedis::start();
+    let config = json!({ "host": "127.0.0.1", "port": redis.port, "path": "restart:" });
+    let storage = open(BackendKind::Redis, config, json!({})).await;
+    storage
+        .put("k", Bytes::from_static(b"before"), None)
+        .await
+        .unwrap();
+    redis.down();
+    redis.up();
+    let put = storage.put("k", Bytes::from_static(b"after"), None).await;
+    put.expect("a put after the restart");
+    let read = labelsync_tests::backends::read_object(&*storage, "k").await;
+    assert_eq!(read.expect("a read after the restart"), b"after");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_mid_run_the_run_completes_and_readyz_recovers() {
     let mut redis = OwnRedis::start();

@@ -9,30 +9,26 @@
 //! names in ours); values are read one object at a time.
 use std::time::Duration;
 
+mod conn;
 mod replies;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
-use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 
 use super::{
     BackendKind, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets, Storage,
     StorageEnv, bytes_stream, check_key, paginate, parse_config, retry::retry,
 };
-use crate::{Error, Result, security::net::GuardedResolver};
+use crate::{Error, Result};
+use conn::Conn;
 
 /// The most of a value read at once: Redis' own limit on a string
 /// (`proto-max-bulk-len`). A value is read whole, so the smaller of this
 /// and `LABELSYNC_MAX_OBJECT_BYTES` bounds what one read holds.
 const MAX_REDIS_VALUE: u64 = 512 << 20;
-
-/// Time for a connection and its TLS handshake; the server's first
-/// answers (AUTH, SELECT) then have the response timeout.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// SCAN batches in a row that bring no key under the prefix, after which a listing
 /// gives up. A real Redis answers empty batches while it walks keys the
@@ -97,70 +93,6 @@ pub struct RedisStorage {
     max_value: u64,
 }
 
-/// Classifies a Redis error.
-fn classify(err: &redis::RedisError, what: &str) -> Error {
-    let msg = format!("{what}: {err}");
-    let text = err.to_string();
-    if text.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
-        return Error::invalid("endpoint_not_allowed", Some("config.host"), msg);
-    }
-    if err.kind() == redis::ErrorKind::AuthenticationFailed
-        || text.contains("WRONGPASS")
-        || text.contains("NOAUTH")
-        || text.contains("AUTH")
-    {
-        Error::Unauthenticated(msg)
-    } else if text.contains("NOPERM") {
-        Error::PermissionDenied(msg)
-    } else if err.is_io_error()
-        || err.is_timeout()
-        || err.is_connection_dropped()
-        || err.is_connection_refusal()
-    {
-        Error::Transient(msg)
-    } else {
-        Error::invalid("storage_rejected", None, msg)
-    }
-}
-
-/// The client's connection, and why its watch closed it if it did.
-#[derive(Debug, Clone)]
-struct Conn {
-    client: MultiplexedConnection,
-    refusal: replies::Refusal,
-}
-
-impl Conn {
-    async fn cmd<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> Result<T> {
-        let mut client = self.client.clone();
-        let answer = cmd.query_async(&mut client).await;
-        answer.map_err(|e| self.failure(&e, what))
-    }
-
-    async fn pipe<T: redis::FromRedisValue>(
-        &self,
-        pipe: &redis::Pipeline,
-        what: &str,
-    ) -> Result<T> {
-        let mut client = self.client.clone();
-        let answer = pipe.query_async(&mut client).await;
-        answer.map_err(|e| self.failure(&e, what))
-    }
-
-    fn failure(&self, err: &redis::RedisError, what: &str) -> Error {
-        failure(&self.refusal, err, what)
-    }
-}
-
-/// A command's failure: the watch's refusal when it closed the connection
-/// (not retried), else as the client says ([`classify`]).
-fn failure(refusal: &replies::Refusal, err: &redis::RedisError, what: &str) -> Error {
-    match refusal.get() {
-        Some(why) => Error::invalid(replies::Refusal::code(why), None, format!("{what}: {why}")),
-        None => classify(err, what),
-    }
-}
-
 impl RedisStorage {
     pub async fn open(config: RedisConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
         // The name was checked when the config was saved; check again now,
@@ -187,7 +119,11 @@ impl RedisStorage {
             values: super::MAX_GATHERED_NAMES as u64 + 16,
         };
         let handshake = client.get_connection_info().redis_settings();
-        let conn = retry(&what, || connect(&config, handshake, limits, env, &what)).await?;
+        let conn = retry(&what, || {
+            let (config, handshake) = (config.clone(), handshake.clone());
+            Conn::open(config, handshake, limits, env.net.clone(), what.clone())
+        })
+        .await?;
         Ok(RedisStorage {
             config,
             conn,
@@ -256,95 +192,6 @@ impl RedisStorage {
         names.dedup();
         Ok(names)
     }
-}
-
-/// A connection to the storage's server: its name resolved through the
-/// SSRF guard, TLS when the config asks, and every reply watched for its
-/// size ([`replies`]), under the client's handshake (AUTH, SELECT).
-async fn connect(
-    config: &RedisConfig,
-    handshake: &redis::RedisConnectionInfo,
-    limits: replies::Limits,
-    env: &StorageEnv,
-    what: &str,
-) -> Result<Conn> {
-    let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let tcp = tcp_connect(&config.host, config.port, env).await?;
-        if config.tls {
-            tls_connect(tcp, &config.host).await.map(Transport::Tls)
-        } else {
-            Ok(Transport::Plain(tcp))
-        }
-    });
-    let transport = connected
-        .await
-        .map_err(|_| Error::Transient(format!("{what}: no connection within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| classify(&e.into(), what))?;
-    match transport {
-        Transport::Plain(tcp) => attach(tcp, handshake, limits, what).await,
-        Transport::Tls(tls) => attach(tls, handshake, limits, what).await,
-    }
-}
-
-/// The client's connection over `stream`, its replies watched, after the
-/// handshake; its driver runs on a task of its own until the last clone of
-/// the connection is dropped.
-async fn attach<S>(
-    stream: S,
-    handshake: &redis::RedisConnectionInfo,
-    limits: replies::Limits,
-    what: &str,
-) -> Result<Conn>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let settings = redis::AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
-    let refusal = replies::Refusal::default();
-    let watched = replies::Watched::new(stream, limits, refusal.clone());
-    let made = MultiplexedConnection::new_with_config(handshake, watched, settings).await;
-    let (client, driver) = made.map_err(|e| failure(&refusal, &e, what))?;
-    tokio::spawn(driver);
-    Ok(Conn { client, refusal })
-}
-
-enum Transport {
-    Plain(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
-}
-
-/// A TCP connection to the first of `host`'s allowed addresses that takes one.
-async fn tcp_connect(
-    host: &str,
-    port: u16,
-    env: &StorageEnv,
-) -> std::io::Result<tokio::net::TcpStream> {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let mut last = None;
-    for mut addr in GuardedResolver::new(env.net.clone()).resolve(bare).await? {
-        addr.set_port(port);
-        match tokio::net::TcpStream::connect(addr).await {
-            Ok(tcp) => {
-                tcp.set_nodelay(true)?;
-                return Ok(tcp);
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{host} has no address"))))
-}
-
-/// TLS over `tcp`, the certificate checked for `host` by the platform's
-/// verifier (as the HTTP backends check theirs).
-async fn tls_connect(
-    tcp: tokio::net::TcpStream,
-    host: &str,
-) -> std::io::Result<Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>> {
-    let config = crate::security::net::tls_client_config().map_err(std::io::Error::other)?;
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let name = rustls::pki_types::ServerName::try_from(bare.to_owned())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    Ok(Box::new(connector.connect(name, tcp).await?))
 }
 
 /// The `GETRANGE` bounds (both inclusive, negative from the end) that
