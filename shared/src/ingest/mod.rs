@@ -696,7 +696,9 @@ impl ImportJob<'_> {
                     batches::release_claim(self.db, batch.id).await?;
                 }
                 if let Err(err) = &outcome {
-                    batches::note_error(self.db, batch.id, &err.to_string()).await?;
+                    // Only for the message of a batch given up: a failure to
+                    // keep it must not hide the batch's own error.
+                    let _ = batches::note_error(self.db, batch.id, &err.to_string()).await;
                 }
                 if outcome? == Outcome::Stopped {
                     return Ok(false);

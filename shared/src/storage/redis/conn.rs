@@ -20,9 +20,9 @@ use crate::{
     security::net::{GuardedResolver, NetPolicy},
 };
 
-/// Time for a connection and its TLS handshake; the server's first
-/// answers (AUTH, SELECT) then have the response timeout.
+/// Time for a connection, its TLS and the client's handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for the answer to each command after.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The storage's connection: clones share it.
@@ -46,6 +46,18 @@ struct Dialer {
 struct Link {
     client: MultiplexedConnection,
     refusal: replies::Refusal,
+    _driver: Arc<Driver>,
+}
+
+/// The task that drives a connection, stopped when the last clone of its
+/// link is dropped. Left alone, it would wait for every answer still owed
+/// (forever, from a server that stopped talking) with its socket open.
+struct Driver(tokio::task::JoinHandle<()>);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -163,7 +175,10 @@ fn failure(refusal: &replies::Refusal, err: &redis::RedisError, what: &str) -> E
 
 /// A connection to the storage's server: its name resolved through the
 /// SSRF guard, TLS when the config asks, and every reply watched for its
-/// size, under the client's handshake (AUTH, SELECT).
+/// size, under the client's handshake (AUTH, SELECT). All of it within
+/// [`CONNECT_TIMEOUT`], as the client's own connect was: the client sends
+/// the handshake with no timeout, and a server that takes a connection and
+/// never answers must not hold the storage's opening forever.
 async fn connect(
     config: &RedisConfig,
     handshake: &redis::RedisConnectionInfo,
@@ -172,26 +187,27 @@ async fn connect(
     what: &str,
 ) -> Result<Link> {
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let tcp = tcp_connect(&config.host, config.port, net).await?;
+        let io = |e: std::io::Error| classify(&e.into(), what);
+        let tcp = tcp_connect(&config.host, config.port, net)
+            .await
+            .map_err(io)?;
         if config.tls {
-            tls_connect(tcp, &config.host).await.map(Transport::Tls)
+            let tls = tls_connect(tcp, &config.host).await.map_err(io)?;
+            attach(tls, handshake, limits, what).await
         } else {
-            Ok(Transport::Plain(tcp))
+            attach(tcp, handshake, limits, what).await
         }
     });
-    let transport = connected
-        .await
-        .map_err(|_| Error::Transient(format!("{what}: no connection within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| classify(&e.into(), what))?;
-    match transport {
-        Transport::Plain(tcp) => attach(tcp, handshake, limits, what).await,
-        Transport::Tls(tls) => attach(tls, handshake, limits, what).await,
-    }
+    connected.await.map_err(|_| {
+        Error::Transient(format!(
+            "{what}: no connection and handshake within {CONNECT_TIMEOUT:?}"
+        ))
+    })?
 }
 
 /// The client's connection over `stream`, its replies watched, after the
 /// handshake; its driver runs on a task of its own until the last clone of
-/// the connection is dropped.
+/// the link is dropped.
 async fn attach<S>(
     stream: S,
     handshake: &redis::RedisConnectionInfo,
@@ -206,34 +222,34 @@ where
     let watched = replies::Watched::new(stream, limits, refusal.clone());
     let made = MultiplexedConnection::new_with_config(handshake, watched, settings).await;
     let (client, driver) = made.map_err(|e| failure(&refusal, &e, what))?;
-    tokio::spawn(driver);
-    Ok(Link { client, refusal })
+    let driver = Arc::new(Driver(tokio::spawn(driver)));
+    Ok(Link {
+        client,
+        refusal,
+        _driver: driver,
+    })
 }
 
-enum Transport {
-    Plain(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
-}
-
-/// A TCP connection to the first of `host`'s allowed addresses that takes one.
+/// A TCP connection to `host`: its allowed addresses are tried at once,
+/// and the first to answer is taken (as the client itself does), so an
+/// address that drops packets does not cost the others their time.
 async fn tcp_connect(
     host: &str,
     port: u16,
     net: &NetPolicy,
 ) -> std::io::Result<tokio::net::TcpStream> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let mut last = None;
-    for mut addr in GuardedResolver::new(net.clone()).resolve(bare).await? {
-        addr.set_port(port);
-        match tokio::net::TcpStream::connect(addr).await {
-            Ok(tcp) => {
-                tcp.set_nodelay(true)?;
-                return Ok(tcp);
-            }
-            Err(e) => last = Some(e),
-        }
+    let addrs = GuardedResolver::new(net.clone()).resolve(bare).await?;
+    if addrs.is_empty() {
+        return Err(std::io::Error::other(format!("{host} has no address")));
     }
-    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{host} has no address"))))
+    let tries = addrs.into_iter().map(|mut addr| {
+        addr.set_port(port);
+        Box::pin(tokio::net::TcpStream::connect(addr))
+    });
+    let (tcp, _) = futures::future::select_ok(tries).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 /// TLS over `tcp`, the certificate checked for `host` by the platform's
@@ -248,4 +264,49 @@ async fn tls_connect(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     Ok(Box::new(connector.connect(name, tcp).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that takes the connection and never answers the handshake
+    /// is given up after [`CONNECT_TIMEOUT`] (the client would wait forever,
+    /// and with it every job opening the storage).
+    #[tokio::test]
+    async fn a_server_that_never_answers_the_handshake_is_given_up() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let config = RedisConfig {
+            host: "127.0.0.1".into(),
+            port,
+            db: 1, // a SELECT, which needs its answer
+            path: String::new(),
+            tls: false,
+        };
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/1")).unwrap();
+        let handshake = client.get_connection_info().redis_settings().clone();
+        let limits = replies::Limits {
+            bytes: 1 << 20,
+            values: 1_000,
+        };
+        let started = std::time::Instant::now();
+        let net = NetPolicy::AllowAll;
+        let connecting = connect(&config, &handshake, limits, &net, "redis test");
+        let made = tokio::time::timeout(Duration::from_secs(30), connecting).await;
+        let made = made.expect("still waiting for the handshake after 30 s");
+        match made {
+            Err(Error::Transient(message)) => assert!(message.contains("handshake"), "{message}"),
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("connected to a server that never answered"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(15));
+        silent.abort();
+    }
 }

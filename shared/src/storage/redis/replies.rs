@@ -69,9 +69,11 @@ const MAX_LENGTH_DIGITS: usize = 24;
 enum At {
     /// At the type byte of the next value.
     Type,
-    /// In the line after a type byte. For a length-carrying type its
-    /// digits are gathered in [`Scanner::digits`].
-    Line { kind: u8 },
+    /// In the line after a type byte, which ends at `\r\n` as the client
+    /// reads it (a bare `\n` does not end it); `after_cr`: the byte before
+    /// was `\r`. For a length-carrying type its digits are gathered in
+    /// [`Scanner::digits`].
+    Line { kind: u8, after_cr: bool },
     /// Inside a string's payload and its CRLF: bytes still to come.
     Payload(u64),
 }
@@ -101,29 +103,41 @@ impl Scanner {
         }
     }
 
-    /// Follows `data`, the next bytes of the stream.
-    fn feed(&mut self, mut data: &[u8]) -> Result<(), String> {
-        while !data.is_empty() {
-            // The bytes of this step: a type byte, the rest of a line, or
-            // of a payload. They count before they are acted on, so a
-            // value that ends a reply counts in that reply.
-            let used = match self.at {
-                At::Type => 1,
-                At::Line { .. } => data
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .map_or(data.len(), |i| i + 1),
-                At::Payload(left) => left.min(data.len() as u64) as usize,
-            };
-            self.count_bytes(used as u64)?;
-            match self.at {
-                At::Type => self.start_value(data[0])?,
-                At::Line { kind } => self.line(kind, &data[..used])?,
-                At::Payload(left) => self.payload(left - used as u64),
+    /// Follows `data`, the next bytes of the stream. A refusal says how
+    /// many of them end complete replies before the one refused.
+    fn feed(&mut self, data: &[u8]) -> Result<(), Refused> {
+        let (mut at, mut clean) = (0, 0);
+        while at < data.len() {
+            let used = self
+                .step(&data[at..])
+                .map_err(|why| Refused { why, clean })?;
+            at += used;
+            if self.bytes == 0 {
+                clean = at; // a reply ended here
             }
-            data = &data[used..];
         }
         Ok(())
+    }
+
+    /// Takes the next bytes of `data`: a type byte, the rest of a line, or
+    /// of a payload. They count before they are acted on, so a value that
+    /// ends a reply counts in that reply. The bytes used.
+    fn step(&mut self, data: &[u8]) -> Result<usize, String> {
+        let (used, ended) = match self.at {
+            At::Type => (1, false),
+            At::Line { after_cr, .. } => match line_end(data, after_cr) {
+                Some(newline) => (newline + 1, true),
+                None => (data.len(), false),
+            },
+            At::Payload(left) => (left.min(data.len() as u64) as usize, false),
+        };
+        self.count_bytes(used as u64)?;
+        match self.at {
+            At::Type => self.start_value(data[0])?,
+            At::Line { kind, .. } => self.line(kind, &data[..used], ended)?,
+            At::Payload(left) => self.payload(left - used as u64),
+        }
+        Ok(used)
     }
 
     fn payload(&mut self, left: u64) {
@@ -161,13 +175,16 @@ impl Scanner {
             ));
         }
         self.digits.clear();
-        self.at = At::Line { kind };
+        self.at = At::Line {
+            kind,
+            after_cr: false,
+        };
         Ok(())
     }
 
-    /// Reads on in a header line: `chunk` is its next bytes, ending with
-    /// its newline when the line ends.
-    fn line(&mut self, kind: u8, chunk: &[u8]) -> Result<(), String> {
+    /// Reads on in a header line: `chunk` is its next bytes, the last of
+    /// them its `\r\n` when it `ended`.
+    fn line(&mut self, kind: u8, chunk: &[u8], ended: bool) -> Result<(), String> {
         if has_length(kind) {
             self.digits.extend_from_slice(chunk);
             if self.digits.len() > MAX_LENGTH_DIGITS {
@@ -176,7 +193,10 @@ impl Scanner {
                 ));
             }
         }
-        if chunk.ends_with(b"\n") {
+        if !ended {
+            let after_cr = chunk.last() == Some(&b'\r');
+            self.at = At::Line { kind, after_cr };
+        } else {
             self.at = At::Type;
             if has_length(kind) {
                 self.header(kind)?;
@@ -195,7 +215,13 @@ impl Scanner {
             .parse()
             .map_err(|_| format!("{TOO_BIG} {NOT_RESP} (a length {text:?})"))?;
         let Ok(length) = u64::try_from(length) else {
-            self.value_done(); // a null: `$-1`, `*-1`
+            // A null (`$-1`, `*-1`, `~-1`, an empty push `>-1`); the
+            // client waits forever for a negative verbatim or blob error,
+            // and refuses a negative map or attribute.
+            if b"=!%|".contains(&kind) {
+                return Err(format!("{TOO_BIG} {NOT_RESP} (a negative length {length})"));
+            }
+            self.value_done();
             return Ok(());
         };
         let elements = match kind {
@@ -244,6 +270,27 @@ impl Scanner {
     }
 }
 
+/// Where the line ends in `data`: the `\n` of its `\r\n`, given whether
+/// the byte before `data` was `\r`.
+fn line_end(data: &[u8], after_cr: bool) -> Option<usize> {
+    let mut before = after_cr;
+    for (i, &b) in data.iter().enumerate() {
+        if b == b'\n' && before {
+            return Some(i);
+        }
+        before = b == b'\r';
+    }
+    None
+}
+
+/// A refusal: why, and how many bytes of the refused read end complete
+/// replies (those pass to the client; the refusal comes at the next read).
+#[derive(Debug)]
+struct Refused {
+    why: String,
+    clean: usize,
+}
+
 /// Types whose line is a length: strings and aggregates.
 fn has_length(kind: u8) -> bool {
     b"$*=!%~>|".contains(&kind)
@@ -283,11 +330,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         }
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        if let Err(why) = this.scanner.feed(&buf.filled()[before..]) {
-            // Nothing of the offending bytes reaches the parser.
-            buf.set_filled(before);
-            let _ = this.refusal.0.set(why.clone());
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
+        if let Err(refused) = this.scanner.feed(&buf.filled()[before..]) {
+            // Nothing of the reply refused reaches the parser; the
+            // complete replies before it in this read do (their commands
+            // get their answers), and the next read fails.
+            buf.set_filled(before + refused.clean);
+            let _ = this.refusal.0.set(refused.why.clone());
+            if refused.clean == 0 {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, refused.why)));
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -335,7 +386,9 @@ mod tests {
     /// What a scanner says of `stream` fed in pieces of `piece` bytes.
     fn scan(stream: &[u8], piece: usize) -> Result<(), String> {
         let mut scanner = Scanner::new(LIMITS);
-        stream.chunks(piece).try_for_each(|c| scanner.feed(c))
+        stream
+            .chunks(piece)
+            .try_for_each(|c| scanner.feed(c).map_err(|refused| refused.why))
     }
 
     /// Replies within the limits pass, however the stream is cut; each
@@ -353,6 +406,10 @@ mod tests {
             b"%1\r\n+k\r\n_\r\n",
             b"|1\r\n+a\r\n:1\r\n$2\r\nok\r\n",
             b"-ERR wrong\r\n",
+            b"=7\r\ntxt:abc\r\n",
+            b"!3\r\nERR\r\n",
+            b"~1\r\n#t\r\n",
+            b">2\r\n+message\r\n(12345\r\n",
         ];
         let stream: Vec<u8> = replies.iter().flat_map(|r| r.iter().copied()).collect();
         let stream = stream.repeat(20);
@@ -384,6 +441,13 @@ mod tests {
             ),
             (b"$12a\r\n", "a length"),
             (b"HTTP/1.1 200 OK\r\n", "a value starts with byte 0x48"),
+            // The client ends lines only at CRLF: one line, not 40 replies.
+            (&b"+\n".repeat(40), "longer than 64 bytes"),
+            (&b":1\n".repeat(40), "longer than 64 bytes"),
+            (&b"$5\n".repeat(10), "a length line that never ends"),
+            (b"=-1\r\n+OK\r\n", "a negative length -1"),
+            (b"!-5\r\n", "a negative length -5"),
+            (b"%-1\r\n", "a negative length -1"),
         ];
         for (stream, expected) in cases {
             for piece in [1, 5, stream.len()] {
@@ -391,5 +455,21 @@ mod tests {
                 assert!(err.contains(expected), "{err} (wanted {expected:?})");
             }
         }
+    }
+
+    /// A refusal passes the complete replies of its read before the one
+    /// refused: their commands get their answers.
+    #[test]
+    fn a_refusal_passes_the_replies_before_it() {
+        let mut scanner = Scanner::new(LIMITS);
+        let refused = scanner
+            .feed(b"+OK\r\n:1\r\n$1000\r\nxx")
+            .expect_err("too long");
+        assert_eq!(refused.clean, 9, "{refused:?}");
+        let mut scanner = Scanner::new(LIMITS);
+        let refused = scanner
+            .feed(b"*2\r\n:1\r\n$1000\r\n")
+            .expect_err("too long");
+        assert_eq!(refused.clean, 0, "{refused:?}");
     }
 }
