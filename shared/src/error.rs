@@ -12,7 +12,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// `PermissionDenied` will not change by retrying, `Internal` is a bug or an
 /// unexpected state. Messages are fit for the API and run records, except
 /// those of database errors, which [`Error::is_database`] tells apart.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The thing asked for does not exist (a storage, a run, an object).
     #[error("{0}")]

@@ -121,7 +121,15 @@ impl RedisStorage {
         let handshake = client.get_connection_info().redis_settings();
         let conn = retry(&what, || {
             let (config, handshake) = (config.clone(), handshake.clone());
-            Conn::open(config, handshake, limits, env.net.clone(), what.clone())
+            let timeout = env.request_timeout;
+            Conn::open(
+                config,
+                handshake,
+                limits,
+                env.net.clone(),
+                timeout,
+                what.clone(),
+            )
         })
         .await?;
         Ok(RedisStorage {
@@ -436,6 +444,15 @@ mod tests {
             head: &'static [u8],
             filler: &'static [u8],
         },
+        /// The first connection never answers a `GETRANGE` (a server
+        /// that stopped talking); later ones answer the value `hi`.
+        StallsFirst,
+        /// The first connection closes at a `GETRANGE`; later ones never
+        /// answer anything, not even the handshake.
+        ClosesThenSilent,
+        /// The first `GETRANGE` is answered `-LOADING` (a restarted
+        /// server reading its data); later ones with the value `hi`.
+        LoadingFirst,
     }
 
     /// A server speaking just enough RESP: `+OK` to everything but what
@@ -444,8 +461,15 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                tokio::spawn(answer(socket, hostile));
+            let mut held = Vec::new();
+            for nth in 0.. {
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
+                match hostile {
+                    Hostile::ClosesThenSilent if nth > 0 => held.push(socket),
+                    _ => drop(tokio::spawn(answer(socket, hostile, nth == 0))),
+                }
             }
         });
         port
@@ -464,10 +488,11 @@ mod tests {
         }
     }
 
-    async fn answer(socket: tokio::net::TcpStream, hostile: Hostile) {
+    async fn answer(socket: tokio::net::TcpStream, hostile: Hostile, first: bool) {
         let (read, mut write) = socket.into_split();
         let mut read = BufReader::new(read);
         let mut next = 0u64;
+        let mut loading = matches!(hostile, Hostile::LoadingFirst);
         loop {
             let mut line = String::new();
             if read.read_line(&mut line).await.unwrap_or(0) == 0 {
@@ -488,6 +513,15 @@ mod tests {
                     return endless(&mut write, head, filler).await;
                 }
                 (Some("SCAN"), Hostile::Scans(names)) => scan_reply(names, &mut next),
+                (Some("GETRANGE"), Hostile::StallsFirst) if first => continue,
+                (Some("GETRANGE"), Hostile::ClosesThenSilent) => return,
+                (Some("GETRANGE"), Hostile::LoadingFirst) if loading => {
+                    loading = false;
+                    "-LOADING Redis is loading the dataset in memory\r\n".to_owned()
+                }
+                (Some("GETRANGE"), _) => "$2\r\nhi\r\n".to_owned(),
+                (Some("STRLEN"), _) => ":2\r\n".to_owned(),
+                (Some("EXISTS"), _) => ":1\r\n".to_owned(),
                 _ => "+OK\r\n".to_owned(),
             };
             if write.write_all(reply.as_bytes()).await.is_err() {
@@ -508,11 +542,13 @@ mod tests {
         reply
     }
 
-    /// A storage on the fake server at `port`, taking objects of 1 MiB.
+    /// A storage on the fake server at `port`, taking objects of 1 MiB
+    /// and waiting 2 s for an answer.
     async fn fake_storage(port: u16) -> RedisStorage {
         let env = StorageEnv {
             net: NetPolicy::AllowAll,
             max_object_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(2),
             ..StorageEnv::default()
         };
         let config = RedisConfig {
@@ -632,5 +668,55 @@ mod tests {
         assert_eq!(wanted(bounded(60, 70), 50), 0);
         assert_eq!(wanted(Some(GetRange::From(60)), 50), 0);
         assert_eq!(wanted(Some(GetRange::Suffix(500)), 50), 50);
+    }
+
+    /// A connection that stopped answering (a command timed out) is let
+    /// go, and the retry dials again: the read succeeds on a new
+    /// connection. (The client never reconnects: every retry waited on the
+    /// silent one.)
+    #[tokio::test]
+    async fn a_connection_that_stops_answering_is_dialled_again() {
+        let storage = fake_storage(fake_server(Hostile::StallsFirst).await).await;
+        let read = tokio::time::timeout(Duration::from_secs(30), storage.get("k", None)).await;
+        let object = read
+            .expect("still reading after 30 s")
+            .expect("read on a new connection");
+        let body: Vec<Bytes> = futures::TryStreamExt::try_collect(object.body)
+            .await
+            .unwrap();
+        assert_eq!(body.concat(), b"hi");
+    }
+
+    /// A server still loading its data after a restart (`-LOADING`) is
+    /// asked again, not taken as refusing the read for good.
+    #[tokio::test]
+    async fn a_server_loading_its_data_is_asked_again() {
+        let storage = fake_storage(fake_server(Hostile::LoadingFirst).await).await;
+        let object = storage.get("k", None).await.expect("read once loaded");
+        let body: Vec<Bytes> = futures::TryStreamExt::try_collect(object.body)
+            .await
+            .unwrap();
+        assert_eq!(body.concat(), b"hi");
+    }
+
+    /// Commands that find the connection broken while one of them dials
+    /// take that dial's outcome: eight commands against a server that
+    /// takes connections and never answers fail together after one
+    /// connect timeout, not one after another.
+    #[tokio::test]
+    async fn commands_waiting_for_a_dial_share_its_failure() {
+        let storage = fake_storage(fake_server(Hostile::ClosesThenSilent).await).await;
+        let mut pipe = redis::pipe();
+        pipe.cmd("GETRANGE").arg("k").arg(0).arg(-1);
+        let closed = storage.conn.pipe::<Vec<u8>>(&pipe, "first").await;
+        assert!(matches!(closed, Err(Error::Transient(_))), "{closed:?}");
+        let started = std::time::Instant::now();
+        let ping = redis::cmd("PING");
+        let pings = (0..8).map(|_| storage.conn.cmd::<()>(&ping, "ping"));
+        let all = tokio::time::timeout(Duration::from_secs(40), futures::future::join_all(pings));
+        let answers = all.await.expect("still dialling after 40 s");
+        assert!(answers.iter().all(Result::is_err), "{answers:?}");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(15), "{took:?}");
     }
 }

@@ -5,11 +5,14 @@
 //! backends' is), and every reply is watched for its size
 //! ([`super::replies`]) before the client's parser holds it. The client's
 //! multiplexed connection never reconnects, so a server restarted, a
-//! connection cut by the network or one the watch closed is dialled again
-//! by the next command: only the commands in flight when it broke fail
-//! (transient, so retried), not every command until the storage is opened
-//! again.
-use std::sync::Arc;
+//! connection cut by the network, one that stopped answering (a command
+//! timed out) or one the watch closed is dialled again by the next
+//! command: only the commands in flight when it broke fail (transient, so
+//! retried), not every command until the storage is opened again.
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -22,8 +25,12 @@ use crate::{
 
 /// Time for a connection, its TLS and the client's handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time for the answer to each command after.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an idle connection waits before the kernel asks whether the
+/// server is still there (a balancer or firewall may drop an idle flow
+/// without a word), and between the asks.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The storage's connection: clones share it.
 #[derive(Clone)]
@@ -36,9 +43,22 @@ struct Dialer {
     handshake: redis::RedisConnectionInfo,
     limits: replies::Limits,
     net: NetPolicy,
+    /// Time for the answer to each command (`LABELSYNC_STORAGE_TIMEOUT_SECS`).
+    response_timeout: Duration,
     what: String,
-    /// `None` once the live link broke, until the next command dials.
-    link: tokio::sync::Mutex<Option<Link>>,
+    slot: tokio::sync::Mutex<Slot>,
+    /// Dials ended: a command that waited for the slot while another
+    /// dialled takes that dial's outcome rather than dialling again (a
+    /// batch's reads share the storage: one by one, each would wait a
+    /// connect timeout of its own).
+    dials_ended: AtomicU64,
+}
+
+/// The live link, or why the last dial failed.
+#[derive(Default)]
+struct Slot {
+    live: Option<Link>,
+    failed: Option<Error>,
 }
 
 /// One connection, and why its watch closed it if it did.
@@ -46,7 +66,17 @@ struct Dialer {
 struct Link {
     client: MultiplexedConnection,
     refusal: replies::Refusal,
-    _driver: Arc<Driver>,
+    /// Set when a command on it failed in a way that leaves it unusable.
+    broken: Arc<AtomicBool>,
+    driver: Arc<Driver>,
+}
+
+impl Link {
+    fn usable(&self) -> bool {
+        !self.broken.load(Ordering::SeqCst)
+            && self.refusal.get().is_none()
+            && !self.driver.0.is_finished()
+    }
 }
 
 /// The task that drives a connection, stopped when the last clone of its
@@ -73,6 +103,7 @@ impl Conn {
         handshake: redis::RedisConnectionInfo,
         limits: replies::Limits,
         net: NetPolicy,
+        response_timeout: Duration,
         what: String,
     ) -> Result<Conn> {
         let dialer = Dialer {
@@ -80,8 +111,10 @@ impl Conn {
             handshake,
             limits,
             net,
+            response_timeout,
             what,
-            link: tokio::sync::Mutex::new(None),
+            slot: tokio::sync::Mutex::default(),
+            dials_ended: AtomicU64::new(0),
         };
         let conn = Conn(Arc::new(dialer));
         conn.link().await?;
@@ -109,30 +142,37 @@ impl Conn {
     }
 
     /// The live link, dialled first if the last one broke (one dial at a
-    /// time: the commands that find none wait for it).
+    /// time: the commands that find none wait for it, and take its
+    /// failure as theirs).
     async fn link(&self) -> Result<Link> {
-        let mut live = self.0.link.lock().await;
-        if let Some(link) = live.as_ref() {
+        let d = &*self.0;
+        let seen = d.dials_ended.load(Ordering::SeqCst);
+        let mut slot = d.slot.lock().await;
+        if let Some(link) = slot.live.as_ref().filter(|link| link.usable()) {
             return Ok(link.clone());
         }
-        let d = &*self.0;
-        let link = connect(&d.config, &d.handshake, d.limits, &d.net, &d.what).await?;
-        *live = Some(link.clone());
-        Ok(link)
+        if let Some(failed) = slot.failed.as_ref()
+            && d.dials_ended.load(Ordering::SeqCst) != seen
+        {
+            return Err(failed.clone());
+        }
+        let dialled = connect(d, &d.what).await;
+        slot.live = dialled.as_ref().ok().cloned();
+        slot.failed = dialled.as_ref().err().cloned();
+        d.dials_ended.fetch_add(1, Ordering::SeqCst);
+        dialled
     }
 
-    /// A command's answer; a link that broke under it is let go, so the
-    /// next command (the retry) dials again.
+    /// A command's answer; a link that broke under it (dropped, timed out,
+    /// refused by the watch) is marked so, and the next command (the
+    /// retry) dials again.
     async fn settle<T>(&self, answer: redis::RedisResult<T>, link: &Link, what: &str) -> Result<T> {
         let err = match answer {
             Ok(value) => return Ok(value),
             Err(err) => err,
         };
-        if err.is_unrecoverable_error() || link.refusal.get().is_some() {
-            let mut live = self.0.link.lock().await;
-            if live.as_ref().is_some_and(|l| l.refusal.same(&link.refusal)) {
-                *live = None;
-            }
+        if err.is_unrecoverable_error() || err.is_timeout() || link.refusal.get().is_some() {
+            link.broken.store(true, Ordering::SeqCst);
         }
         Err(failure(&link.refusal, &err, what))
     }
@@ -157,6 +197,8 @@ fn classify(err: &redis::RedisError, what: &str) -> Error {
         || err.is_timeout()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
+        // LOADING (a restarted server reading its data), TRYAGAIN, MASTERDOWN
+        || matches!(err.retry_method(), redis::RetryMethod::WaitAndRetry)
     {
         Error::Transient(msg)
     } else {
@@ -165,11 +207,14 @@ fn classify(err: &redis::RedisError, what: &str) -> Error {
 }
 
 /// A command's failure: the watch's refusal when it closed the connection
-/// (not retried), else as the client says ([`classify`]).
+/// under the command (not retried), else as the client says
+/// ([`classify`]; an error the server answered stays its own).
 fn failure(refusal: &replies::Refusal, err: &redis::RedisError, what: &str) -> Error {
     match refusal.get() {
-        Some(why) => Error::invalid(replies::Refusal::code(why), None, format!("{what}: {why}")),
-        None => classify(err, what),
+        Some(why) if err.is_io_error() || err.is_unrecoverable_error() => {
+            Error::invalid(replies::Refusal::code(why), None, format!("{what}: {why}"))
+        }
+        _ => classify(err, what),
     }
 }
 
@@ -179,23 +224,17 @@ fn failure(refusal: &replies::Refusal, err: &redis::RedisError, what: &str) -> E
 /// [`CONNECT_TIMEOUT`], as the client's own connect was: the client sends
 /// the handshake with no timeout, and a server that takes a connection and
 /// never answers must not hold the storage's opening forever.
-async fn connect(
-    config: &RedisConfig,
-    handshake: &redis::RedisConnectionInfo,
-    limits: replies::Limits,
-    net: &NetPolicy,
-    what: &str,
-) -> Result<Link> {
+async fn connect(d: &Dialer, what: &str) -> Result<Link> {
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
         let io = |e: std::io::Error| classify(&e.into(), what);
-        let tcp = tcp_connect(&config.host, config.port, net)
+        let tcp = tcp_connect(&d.config.host, d.config.port, &d.net)
             .await
             .map_err(io)?;
-        if config.tls {
-            let tls = tls_connect(tcp, &config.host).await.map_err(io)?;
-            attach(tls, handshake, limits, what).await
+        if d.config.tls {
+            let tls = tls_connect(tcp, &d.config.host).await.map_err(io)?;
+            attach(tls, d, what).await
         } else {
-            attach(tcp, handshake, limits, what).await
+            attach(tcp, d, what).await
         }
     });
     connected.await.map_err(|_| {
@@ -208,25 +247,22 @@ async fn connect(
 /// The client's connection over `stream`, its replies watched, after the
 /// handshake; its driver runs on a task of its own until the last clone of
 /// the link is dropped.
-async fn attach<S>(
-    stream: S,
-    handshake: &redis::RedisConnectionInfo,
-    limits: replies::Limits,
-    what: &str,
-) -> Result<Link>
+async fn attach<S>(stream: S, d: &Dialer, what: &str) -> Result<Link>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let settings = redis::AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
+    let settings =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(d.response_timeout));
     let refusal = replies::Refusal::default();
-    let watched = replies::Watched::new(stream, limits, refusal.clone());
-    let made = MultiplexedConnection::new_with_config(handshake, watched, settings).await;
+    let watched = replies::Watched::new(stream, d.limits, refusal.clone());
+    let made = MultiplexedConnection::new_with_config(&d.handshake, watched, settings).await;
     let (client, driver) = made.map_err(|e| failure(&refusal, &e, what))?;
     let driver = Arc::new(Driver(tokio::spawn(driver)));
     Ok(Link {
         client,
         refusal,
-        _driver: driver,
+        broken: Arc::default(),
+        driver,
     })
 }
 
@@ -249,6 +285,10 @@ async fn tcp_connect(
     });
     let (tcp, _) = futures::future::select_ok(tries).await?;
     tcp.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL);
+    socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
     Ok(tcp)
 }
 
@@ -298,7 +338,8 @@ mod tests {
         };
         let started = std::time::Instant::now();
         let net = NetPolicy::AllowAll;
-        let connecting = connect(&config, &handshake, limits, &net, "redis test");
+        let timeout = Duration::from_secs(5);
+        let connecting = Conn::open(config, handshake, limits, net, timeout, "redis test".into());
         let made = tokio::time::timeout(Duration::from_secs(30), connecting).await;
         let made = made.expect("still waiting for the handshake after 30 s");
         match made {

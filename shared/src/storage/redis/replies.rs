@@ -34,11 +34,6 @@ impl Refusal {
         self.0.get().map(String::as_str)
     }
 
-    /// Whether `other` watches the same connection.
-    pub(super) fn same(&self, other: &Refusal) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-
     /// The API error code of the refusal `why`.
     pub(super) fn code(why: &str) -> &'static str {
         if why.contains(NOT_RESP) {
