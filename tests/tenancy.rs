@@ -62,6 +62,42 @@ fn secret(token: &Value) -> String {
     token["secret"].as_str().expect("secret").to_owned()
 }
 
+/// A bearer that cannot be one of our tokens (not `lsk_` and 43 base64url
+/// characters), and a request with none once a token was made, are refused
+/// with no query: with the tokens table locked they are answered at once
+/// (each waited on the lock before, a query per request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_real_token_are_refused_without_a_query() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = spawn_app(AppOptions::default()).await;
+    let body = json!({ "name": "first", "scope": "admin" });
+    let (status, made) = app.post("/api/v1/tokens", body).await;
+    assert_eq!(status, 201, "{made}");
+    let url = format!("{}/api/v1/projects", app.base);
+    let first = app.client.get(&url).send().await.expect("answered");
+    assert_eq!(first.status(), 401, "open after a token was made");
+
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let lock = db.begin().await.expect("begin");
+    let locked = lock
+        .execute_unprepared("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
+        .await;
+    locked.expect("lock");
+    for bearer in [None, Some("nonsense"), Some("lsk_short"), Some(BOOT)] {
+        let mut req = app.client.get(&url).timeout(Duration::from_secs(3));
+        if let Some(bearer) = bearer {
+            req = req.bearer_auth(bearer);
+        }
+        let resp = req.send().await;
+        let resp = resp.unwrap_or_else(|e| panic!("{bearer:?} with the table locked: {e}"));
+        assert_eq!(resp.status(), 401, "{bearer:?}");
+    }
+    lock.rollback().await.expect("rollback");
+    let (status, _) = call(&app, &secret(&made), Method::GET, "/api/v1/projects", None).await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+
 /// One project's resources: every kind a route can name.
 #[derive(Debug, Clone, Copy)]
 struct Owned {

@@ -354,7 +354,7 @@ pub async fn caller_of(
         }
     }
     // Open only while no token was ever made (loopback, checked at start).
-    if state.settings.api_tokens.is_empty() && !tokens::any_made(&state.db).await? {
+    if open_mode(state).await? {
         if !addressed_to_loopback(headers) {
             return Err(forbidden(
                 "with no token made yet the server answers only requests addressed to \
@@ -368,6 +368,19 @@ pub async fn caller_of(
         "unauthorized",
         "missing, invalid, expired or revoked bearer token (Authorization: Bearer <token>)",
     ))
+}
+
+/// Whether the API is open: no token configured and none ever made. Once
+/// one is made it stays so (revoking does not open the API again), so the
+/// answer is kept from then on: a request with no token costs no query.
+async fn open_mode(state: &AppState) -> Result<bool, ApiError> {
+    use std::sync::atomic::Ordering;
+    if !state.settings.api_tokens.is_empty() || state.tokens_made.load(Ordering::Relaxed) {
+        return Ok(false);
+    }
+    let made = tokens::any_made(&state.db).await?;
+    state.tokens_made.store(made, Ordering::Relaxed);
+    Ok(!made)
 }
 
 /// Whether the request's `Host` names this machine's loopback. The open
@@ -417,6 +430,9 @@ fn bootstrap(configured: &[labelsync::config::Secret], given: &str) -> bool {
 
 /// The database's token with this secret, when usable now.
 async fn stored(state: &AppState, given: &str) -> Result<Option<Caller>, ApiError> {
+    if !secrets::well_formed(given) {
+        return Ok(None);
+    }
     let now = Utc::now();
     let hash = secrets::hash(given);
     let Some(token) = tokens::usable(&state.db, &hash, now).await? else {

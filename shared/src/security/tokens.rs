@@ -56,6 +56,21 @@ pub fn generate() -> Result<(String, String)> {
     Ok((secret, hash))
 }
 
+/// Characters of a secret's random part (32 bytes, base64url).
+const RANDOM_CHARS: usize = 43;
+
+/// Whether `given` has the shape of a secret [`generate`] makes: only such
+/// a string can be a stored token, so no other is looked up (a flood of
+/// made-up tokens costs no query).
+pub fn well_formed(given: &str) -> bool {
+    given.strip_prefix(SECRET_PREFIX).is_some_and(|random| {
+        random.len() == RANDOM_CHARS
+            && random
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
 /// How a secret is remembered and looked up.
 pub fn hash(secret: &str) -> String {
     super::sha256_hex(&[secret.as_bytes()])
@@ -121,6 +136,30 @@ mod tests {
         assert_eq!(hash(&a), hash_a);
         assert!(!hash_a.contains(&a[4..]));
         assert_eq!(display_prefix(&a), &a[..12]);
+    }
+
+    /// Every secret made is well-formed; made-up bearers are not, so they
+    /// are refused without a lookup.
+    #[test]
+    fn only_secrets_of_our_shape_are_well_formed() {
+        for _ in 0..100 {
+            let (secret, _) = generate().unwrap();
+            assert!(well_formed(&secret), "{secret}");
+        }
+        let random = "A".repeat(43);
+        for made_up in [
+            "",
+            "nonsense",
+            "lsk_",
+            "lsk_short",
+            &format!("lsk_{random}x"),
+            &format!("lsk_{}+", &random[..42]),
+            &format!("LSK_{random}"),
+            &format!("lsk_{}é", &random[..41]),
+        ] {
+            assert!(!well_formed(made_up), "{made_up}");
+        }
+        assert!(well_formed(&format!("lsk_{random}")));
     }
 
     #[test]
