@@ -571,7 +571,14 @@ async fn databricks_keys_stay_in_their_volume() {
     .await;
     let resp = resolve(&app, project, "dbx://Volumes/c/s/v/a.jpg", &[]).await;
     assert_eq!(resp.status(), 200);
+    // The etag the listing gives the file (its time and size), which a
+    // browser's `If-None-Match` can name: a 304.
+    let etag = resp.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{:x}-4\"", 1_700_000_000_000_i64));
     assert_eq!(resp.bytes().await.unwrap().as_ref(), b"mine");
+    let cached = [("if-none-match", etag.as_str())];
+    let resp = resolve(&app, project, "dbx://Volumes/c/s/v/a.jpg", &cached).await;
+    assert_eq!(resp.status(), 304);
 
     let before = fake.requests().len();
     for uri in [

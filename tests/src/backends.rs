@@ -433,11 +433,23 @@ async fn get_file(
                 (None, None) => (0, len - 1),
             },
         );
+    // The listing's `last_modified` (1_700_000_000_000 ms), as an HTTP date.
+    let modified = (header::LAST_MODIFIED, "Tue, 14 Nov 2023 22:13:20 GMT");
     match range {
-        None => ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response(),
+        None => (
+            [(header::CONTENT_TYPE, "application/octet-stream"), modified],
+            body,
+        )
+            .into_response(),
         Some((a, b)) => (
             StatusCode::PARTIAL_CONTENT,
-            [(header::CONTENT_RANGE, format!("bytes {a}-{b}/{len}"))],
+            [
+                (
+                    header::CONTENT_RANGE,
+                    format!("bytes {a}-{b}/{len}").as_str(),
+                ),
+                modified,
+            ],
             body.slice(a as usize..=b as usize),
         )
             .into_response(),

@@ -325,10 +325,9 @@ impl Walk {
                 continue;
             }
             page.objects.push(ObjectMeta {
-                etag: Some(format!(
-                    "{:x}-{:x}",
+                etag: Some(etag(
                     entry.last_modified.unwrap_or_default(),
-                    entry.file_size.unwrap_or_default()
+                    entry.file_size.unwrap_or_default(),
                 )),
                 key,
                 size: entry.file_size,
@@ -386,7 +385,20 @@ impl Storage for DatabricksStorage {
                 }
             })
             .await?;
-        object_of(resp, &[header::LAST_MODIFIED], range)
+        let modified = resp
+            .headers()
+            .get(header::LAST_MODIFIED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| DateTime::parse_from_rfc2822(v).ok());
+        let mut object = object_of(resp, &[], range)?;
+        // As the listing makes it: the raw `Last-Modified` held a comma,
+        // which `If-None-Match` lists split on, so `/resolve` never
+        // answered 304.
+        let size = object.size.and_then(|size| i64::try_from(size).ok());
+        object.etag = modified
+            .zip(size)
+            .map(|(at, size)| etag(at.timestamp_millis(), size));
+        Ok(object)
     }
 
     async fn put(&self, key: &str, body: Bytes, _content_type: Option<&str>) -> Result<()> {
@@ -480,4 +492,10 @@ impl super::Backend for Descriptor {
             env,
         )?))
     }
+}
+/// A file's etag: its modification time (milliseconds) and size, which
+/// the Files API gives in listings and, to the second, in a download's
+/// `Last-Modified`.
+fn etag(modified_ms: i64, size: i64) -> String {
+    format!("{modified_ms:x}-{size:x}")
 }
