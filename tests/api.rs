@@ -377,6 +377,75 @@ async fn a_storage_saved_before_the_length_bounds_can_still_be_changed() {
     app.stop().await;
 }
 
+/// A page of large tasks ends at 32 MiB of JSON, with `next_after` set,
+/// whatever `limit` asks: three tasks of 12 MB come as two pages (one page
+/// of 36 MB before; 1,000 tasks of 16 MiB were a 16 GB answer held whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_large_tasks_is_cut_at_its_byte_budget() {
+    let app = spawn_app(AppOptions::default()).await;
+    let dir = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&dir).expect("data dir");
+    for i in 0..3 {
+        let task = json!({ "text": format!("{i}{}", "x".repeat(12_000_000)) });
+        std::fs::write(dir.join(format!("big-{i}.json")), task.to_string()).expect("write");
+    }
+    let project = app.project("big tasks").await;
+    let storage = app
+        .local_storage(project, json!({ "import_method": "tasks" }))
+        .await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["counters"]["created"], 3, "{run}");
+    let tasks = format!("/api/v1/projects/{project}/tasks?limit=100");
+    let (status, first) = app.get(&tasks).await;
+    assert_eq!(status, 200);
+    let items = first["items"].as_array().expect("items");
+    assert_eq!(
+        items.len(),
+        2,
+        "two tasks of 12 MB fit 32 MiB, three do not"
+    );
+    let after = first["next_after"]
+        .as_i64()
+        .expect("next_after set on a cut page");
+    assert_eq!(Some(after), items[1]["id"].as_i64());
+    let (_, rest) = app.get(&format!("{tasks}&after={after}")).await;
+    assert_eq!(rest["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(rest["next_after"], Value::Null);
+    a_task_shows_the_annotations_it_has_room_for(&app, after).await;
+    app.stop().await;
+}
+
+/// Twenty annotations of 1.9 MB: `GET /tasks/{id}` shows those within
+/// 32 MiB and says where the rest begin (it held them all before);
+/// `GET /tasks/{id}/annotations` pages through every one.
+async fn a_task_shows_the_annotations_it_has_room_for(app: &TestApp, task: i64) {
+    let path = format!("/api/v1/tasks/{task}/annotations");
+    for i in 0..20 {
+        let text = format!("{i}{}", "y".repeat(1_900_000));
+        let body = json!({ "result": [{ "type": "textarea", "value": { "text": [text] } }] });
+        let (status, saved) = app.post(&path, body).await;
+        assert_eq!(status, 201, "{saved}");
+    }
+    let (status, shown) = app.get(&format!("/api/v1/tasks/{task}")).await;
+    assert_eq!(status, 200);
+    let embedded = shown["annotations"].as_array().expect("annotations").len();
+    assert!((1..20).contains(&embedded), "{embedded} of 20 shown");
+    let mut after = shown["annotations_next_after"]
+        .as_i64()
+        .expect("the rest named");
+    let mut seen = embedded;
+    loop {
+        let (status, page) = app.get(&format!("{path}?after={after}")).await;
+        assert_eq!(status, 200);
+        seen += page["items"].as_array().expect("items").len();
+        match page["next_after"].as_i64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen, 20);
+}
+
 /// Storage bodies each with one thing wrong: what it is, the body, and the
 /// status and error code it must get.
 fn bad_storage_bodies(good: &Value) -> Vec<(&'static str, Value, u16, &'static str)> {

@@ -94,6 +94,7 @@ pub const ROUTES: &[(&str, &str, Need)] = &[
     ("GET", "/runs/{id}/events", Need::Observe),
     ("GET", "/events", Need::Observe),
     ("GET", "/tasks/{id}", Need::Read),
+    ("GET", "/tasks/{id}/annotations", Need::Read),
     ("POST", "/tasks/{id}/annotations", Need::Write),
     ("GET", "/annotations/{id}", Need::Read),
     ("PATCH", "/annotations/{id}", Need::Write),

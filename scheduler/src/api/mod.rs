@@ -131,7 +131,10 @@ pub fn router(state: AppState, pages: Router<AppState>) -> Router {
         .route("/runs/{id}/events", get(events::run_events))
         .route("/events", get(events::project_events))
         .route("/tasks/{id}", get(tasks::get_one))
-        .route("/tasks/{id}/annotations", post(annotations::create))
+        .route(
+            "/tasks/{id}/annotations",
+            get(tasks::annotations_of).post(annotations::create),
+        )
         .route(
             "/annotations/{id}",
             get(annotations::get_one)
@@ -416,6 +419,23 @@ pub fn page<T: serde::Serialize, K: serde::Serialize>(
     limit: u64,
     last_key: Option<K>,
 ) -> serde_json::Value {
-    let full = items.len() as u64 == limit;
-    serde_json::json!({ "items": items, "next_after": if full { last_key } else { None } })
+    page_cut(items, limit, last_key, false)
+}
+
+/// The most the items of one list answer of large things (tasks) hold as
+/// JSON, whatever `limit` asks: a page ends early there, with `next_after`
+/// set (docs/API.md, "Lists"). Without it a `limit` of 1,000 tasks of
+/// 16 MiB each was a 16 GB answer, held in the scheduler first.
+pub const PAGE_BUDGET_BYTES: usize = 32 << 20;
+
+/// [`page`] of a list that may have been `cut` short at
+/// [`PAGE_BUDGET_BYTES`]: `next_after` is set then too.
+pub fn page_cut<T: serde::Serialize, K: serde::Serialize>(
+    items: Vec<T>,
+    limit: u64,
+    last_key: Option<K>,
+    cut: bool,
+) -> serde_json::Value {
+    let more = cut || items.len() as u64 == limit;
+    serde_json::json!({ "items": items, "next_after": if more { last_key } else { None } })
 }

@@ -9,12 +9,15 @@ use labelsync::db::{
 use serde_json::{Value, json};
 
 use super::{
-    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Caller, Paging, limit, page,
+    ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, AppState, Caller, Paging, limit, page_cut,
     projects,
 };
 
 /// Predictions shown with one task, at most.
 const PREDICTIONS_SHOWN: u64 = 1000;
+/// Annotations shown with one task, at most (and within the page budget);
+/// the rest are listed by `GET /tasks/{id}/annotations`.
+const ANNOTATIONS_SHOWN: u64 = 1000;
 
 fn to_json(t: &task::Model, source: Option<&import_link::Model>) -> Value {
     json!({
@@ -34,11 +37,12 @@ pub async fn list(
 ) -> ApiResult<ApiJson<Value>> {
     projects::find_for(&state.db, &caller, project_id).await?;
     let limit = limit(q.limit)?;
-    let found = tasks::page(&state.db, project_id, q.after, limit).await?;
+    let budget = super::PAGE_BUDGET_BYTES;
+    let (found, cut) = tasks::page(&state.db, project_id, q.after, limit, budget).await?;
     let ids: Vec<i64> = found.iter().map(|t| t.id).collect();
     let links = tasks::sources(&state.db, &ids).await?;
     let items = found.iter().map(|t| to_json(t, links.get(&t.id))).collect();
-    Ok(ApiJson(page(items, limit, ids.last())))
+    Ok(ApiJson(page_cut(items, limit, ids.last(), cut)))
 }
 
 /// The task, when it exists and the caller may see its project (else the
@@ -57,7 +61,9 @@ pub async fn get_one(
 ) -> ApiResult<ApiJson<Value>> {
     let t = find_for(&state, &caller, id).await?;
     let links = tasks::sources(&state.db, &[id]).await?;
-    let annotations = annotations::of_task(&state.db, id).await?;
+    let budget = super::PAGE_BUDGET_BYTES;
+    let (annotations, cut) =
+        annotations::of_task(&state.db, id, None, ANNOTATIONS_SHOWN, budget).await?;
     let predictions = tasks::predictions_of(&state.db, id, PREDICTIONS_SHOWN).await?;
     let mut value = to_json(&t, links.get(&id));
     value["annotations"] = annotations
@@ -70,9 +76,28 @@ pub async fn get_one(
             })
         })
         .collect();
+    let more = cut || annotations.len() as u64 == ANNOTATIONS_SHOWN;
+    value["annotations_next_after"] = json!(annotations.last().filter(|_| more).map(|a| a.id));
     value["predictions"] = predictions
         .iter()
         .map(|p| json!({ "id": p.id, "result": p.result, "model_version": p.model_version, "score": p.score, "created_at": p.created_at }))
         .collect();
     Ok(ApiJson(value))
+}
+
+/// The task's annotations, oldest first, a page at a time: all of them,
+/// where `GET /tasks/{id}` shows those it has room for.
+pub async fn annotations_of(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<Paging>,
+) -> ApiResult<ApiJson<Value>> {
+    find_for(&state, &caller, id).await?;
+    let limit = limit(q.limit)?;
+    let budget = super::PAGE_BUDGET_BYTES;
+    let (found, cut) = annotations::of_task(&state.db, id, q.after, limit, budget).await?;
+    let last = found.last().map(|a| a.id);
+    let items = found.iter().map(super::annotations::to_json).collect();
+    Ok(ApiJson(page_cut(items, limit, last, cut)))
 }

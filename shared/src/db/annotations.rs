@@ -34,13 +34,37 @@ pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<annotatio
     Ok(annotation::Entity::find_by_id(id).one(db).await?)
 }
 
-/// Every annotation of the task, in id order (possibly none).
-pub async fn of_task(db: &impl ConnectionTrait, task_id: i64) -> Result<Vec<annotation::Model>> {
-    Ok(annotation::Entity::find()
+/// Up to `limit` annotations of the task with ids above `after`, in id
+/// order, stopping before the one that would take their `result`s past
+/// `budget` bytes of JSON (the first always comes); `true` when cut so.
+pub async fn of_task(
+    db: &DatabaseConnection,
+    task_id: i64,
+    after: Option<i64>,
+    limit: u64,
+    budget: usize,
+) -> Result<(Vec<annotation::Model>, bool)> {
+    use futures::TryStreamExt;
+    use sea_orm::QuerySelect;
+    let mut query = annotation::Entity::find()
         .filter(annotation::Column::TaskId.eq(task_id))
         .order_by_asc(annotation::Column::Id)
-        .all(db)
-        .await?)
+        .limit(limit);
+    if let Some(after) = after {
+        query = query.filter(annotation::Column::Id.gt(after));
+    }
+    let mut rows = query.stream(db).await?;
+    let (mut page, mut used) = (Vec::new(), 0);
+    while let Some(annotation) = rows.try_next().await? {
+        let size = super::json_size(&annotation.result)
+            + annotation.completed_by.as_ref().map_or(0, super::json_size);
+        if !page.is_empty() && used + size > budget {
+            return Ok((page, true));
+        }
+        used += size;
+        page.push(annotation);
+    }
+    Ok((page, false))
 }
 
 /// Inserts an annotation of the task with this id, in the task's project,

@@ -287,6 +287,24 @@ pub fn is_sqlite(db: &DatabaseConnection) -> bool {
 /// backend (SQLite's default limit is 32766, Postgres' 65535).
 pub const MAX_PARAMS: usize = 30_000;
 
+/// The bytes `value` takes as JSON text, counted without making the text.
+pub fn json_size(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail, and a Value always serializes.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 #[cfg(test)]
 mod tests {
     /// Thousands of ids in a few milliseconds still sort in the order they

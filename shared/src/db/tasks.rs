@@ -7,9 +7,9 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, QueryTrait, SqlErr, Statement, TransactionSession, TransactionTrait,
-    sea_query::OnConflict,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, SqlErr, Statement, TransactionSession,
+    TransactionTrait, sea_query::OnConflict,
 };
 use serde_json::Value;
 
@@ -471,13 +471,17 @@ pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<task::Mod
     Ok(task::Entity::find_by_id(id).one(db).await?)
 }
 
-/// Up to `limit` tasks of the project with ids above `after`, in id order.
+/// Up to `limit` tasks of the project with ids above `after`, in id order,
+/// stopping before the task that would take their `data` and `meta` past
+/// `budget` bytes of JSON (the first always comes); `true` when cut so.
 pub async fn page(
-    db: &impl ConnectionTrait,
+    db: &DatabaseConnection,
     project_id: i64,
     after: Option<i64>,
     limit: u64,
-) -> Result<Vec<task::Model>> {
+    budget: usize,
+) -> Result<(Vec<task::Model>, bool)> {
+    use futures::TryStreamExt;
     let mut query = task::Entity::find()
         .filter(task::Column::ProjectId.eq(project_id))
         .order_by_asc(task::Column::Id)
@@ -485,7 +489,19 @@ pub async fn page(
     if let Some(after) = after {
         query = query.filter(task::Column::Id.gt(after));
     }
-    Ok(query.all(db).await?)
+    // Read row by row, so a page of large tasks is cut at the budget
+    // instead of held whole first.
+    let mut rows = query.stream(db).await?;
+    let (mut page, mut used) = (Vec::new(), 0);
+    while let Some(task) = rows.try_next().await? {
+        let size = super::json_size(&task.data) + task.meta.as_ref().map_or(0, super::json_size);
+        if !page.is_empty() && used + size > budget {
+            return Ok((page, true));
+        }
+        used += size;
+        page.push(task);
+    }
+    Ok((page, false))
 }
 
 /// The import link each of these tasks came from, by task id (a task made
