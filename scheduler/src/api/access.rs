@@ -380,7 +380,10 @@ async fn open_mode(state: &AppState) -> Result<bool, ApiError> {
         return Ok(false);
     }
     let made = tokens::any_made(&state.db).await?;
-    state.tokens_made.store(made, Ordering::Relaxed);
+    if made {
+        // Only ever set: an older, slower look must not clear it.
+        state.tokens_made.store(true, Ordering::Relaxed);
+    }
     Ok(!made)
 }
 

@@ -130,17 +130,7 @@ pub fn router(state: AppState, pages: Router<AppState>) -> Router {
         .route("/runs/{id}/retry", post(runs::retry))
         .route("/runs/{id}/events", get(events::run_events))
         .route("/events", get(events::project_events))
-        .route("/tasks/{id}", get(tasks::get_one))
-        .route(
-            "/tasks/{id}/annotations",
-            get(tasks::annotations_of).post(annotations::create),
-        )
-        .route(
-            "/annotations/{id}",
-            get(annotations::get_one)
-                .patch(annotations::update)
-                .delete(annotations::delete),
-        )
+        .merge(task_routes())
         .merge(webhook_routes())
         .merge(admin_routes())
         .merge(fleet_routes())
@@ -180,6 +170,22 @@ pub fn router(state: AppState, pages: Router<AppState>) -> Router {
         ))
         .layer(middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+/// A task, its annotations, and one annotation.
+fn task_routes() -> Router<AppState> {
+    Router::new()
+        .route("/tasks/{id}", get(tasks::get_one))
+        .route(
+            "/tasks/{id}/annotations",
+            get(tasks::annotations_of).post(annotations::create),
+        )
+        .route(
+            "/annotations/{id}",
+            get(annotations::get_one)
+                .patch(annotations::update)
+                .delete(annotations::delete),
+        )
 }
 
 /// The orchestrator's probes and Prometheus' scrape (no token: they tell

@@ -35,8 +35,10 @@ pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<annotatio
 }
 
 /// Up to `limit` annotations of the task with ids above `after`, in id
-/// order, stopping before the one that would take their `result`s past
-/// `budget` bytes of JSON (the first always comes); `true` when cut so.
+/// order, stopping before the one that would take their `result`s (and
+/// `completed_by`s) past `budget` bytes of JSON (the first always comes);
+/// `true` when cut so. Measured in the database first, as
+/// [`super::tasks::page`] does.
 pub async fn of_task(
     db: &DatabaseConnection,
     task_id: i64,
@@ -44,27 +46,35 @@ pub async fn of_task(
     limit: u64,
     budget: usize,
 ) -> Result<(Vec<annotation::Model>, bool)> {
-    use futures::TryStreamExt;
     use sea_orm::QuerySelect;
-    let mut query = annotation::Entity::find()
-        .filter(annotation::Column::TaskId.eq(task_id))
-        .order_by_asc(annotation::Column::Id)
-        .limit(limit);
-    if let Some(after) = after {
-        query = query.filter(annotation::Column::Id.gt(after));
-    }
-    let mut rows = query.stream(db).await?;
-    let (mut page, mut used) = (Vec::new(), 0);
-    while let Some(annotation) = rows.try_next().await? {
-        let size = super::json_size(&annotation.result)
-            + annotation.completed_by.as_ref().map_or(0, super::json_size);
-        if !page.is_empty() && used + size > budget {
-            return Ok((page, true));
+    let of_page = || {
+        let query = annotation::Entity::find()
+            .filter(annotation::Column::TaskId.eq(task_id))
+            .order_by_asc(annotation::Column::Id);
+        match after {
+            Some(after) => query.filter(annotation::Column::Id.gt(after)),
+            None => query,
         }
-        used += size;
-        page.push(annotation);
-    }
-    Ok((page, false))
+    };
+    let sizes: Vec<(i64, i64)> = of_page()
+        .limit(limit)
+        .select_only()
+        .column(annotation::Column::Id)
+        .column_as(
+            super::json_text_bytes(db, &["result", "completed_by"]),
+            "bytes",
+        )
+        .into_tuple()
+        .all(db)
+        .await?;
+    let (Some(last), cut) = super::last_within(&sizes, budget) else {
+        return Ok((Vec::new(), false));
+    };
+    let page = of_page()
+        .filter(annotation::Column::Id.lte(last))
+        .all(db)
+        .await?;
+    Ok((page, cut))
 }
 
 /// Inserts an annotation of the task with this id, in the task's project,

@@ -287,22 +287,38 @@ pub fn is_sqlite(db: &DatabaseConnection) -> bool {
 /// backend (SQLite's default limit is 32766, Postgres' 65535).
 pub const MAX_PARAMS: usize = 30_000;
 
-/// The bytes `value` takes as JSON text, counted without making the text.
-pub fn json_size(value: &serde_json::Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
+/// The bytes the JSON `columns` of a row take as text, summed (NULL as
+/// 0), in `db`'s dialect: what the row costs an answer, measured without
+/// sending it (Postgres renders each value; SQLite keeps JSON as text).
+pub fn json_text_bytes(
+    db: &DatabaseConnection,
+    columns: &[&str],
+) -> sea_orm::sea_query::SimpleExpr {
+    let postgres = db.get_database_backend() == DbBackend::Postgres;
+    let each: Vec<String> = columns
+        .iter()
+        .map(|column| match postgres {
+            true => format!("coalesce(octet_length({column}::text), 0)"),
+            false => format!("coalesce(length(CAST({column} AS BLOB)), 0)"),
+        })
+        .collect();
+    sea_orm::sea_query::Expr::cust(format!("CAST({} AS BIGINT)", each.join(" + ")))
+}
+
+/// Of rows' `(id, bytes)` in id order, the id of the last within `budget`
+/// bytes in all (the first always counts), and whether rows were left out.
+pub fn last_within(rows: &[(i64, i64)], budget: usize) -> (Option<i64>, bool) {
+    let mut used = 0usize;
+    let mut last = None;
+    for &(id, bytes) in rows {
+        let bytes = usize::try_from(bytes).unwrap_or(0);
+        if last.is_some() && used.saturating_add(bytes) > budget {
+            return (last, true);
         }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+        used = used.saturating_add(bytes);
+        last = Some(id);
     }
-    let mut count = Count(0);
-    // Writing to a counter cannot fail, and a Value always serializes.
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
+    (last, false)
 }
 
 #[cfg(test)]
@@ -313,5 +329,20 @@ mod tests {
     fn ids_sort_in_the_order_they_were_made() {
         let ids: Vec<String> = (0..20_000).map(|_| super::new_id().to_string()).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    /// A page takes rows while they fit the budget, the first always, and
+    /// says when it left some out.
+    #[test]
+    fn a_page_ends_at_its_budget() {
+        use super::last_within;
+        assert_eq!(last_within(&[], 10), (None, false));
+        assert_eq!(last_within(&[(1, 50)], 10), (Some(1), false));
+        assert_eq!(last_within(&[(1, 4), (2, 6), (3, 1)], 10), (Some(2), true));
+        assert_eq!(last_within(&[(1, 4), (2, 6)], 10), (Some(2), false));
+        assert_eq!(
+            last_within(&[(5, 3), (9, -1), (12, 20)], 10),
+            (Some(9), true)
+        );
     }
 }

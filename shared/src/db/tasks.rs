@@ -474,6 +474,8 @@ pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<task::Mod
 /// Up to `limit` tasks of the project with ids above `after`, in id order,
 /// stopping before the task that would take their `data` and `meta` past
 /// `budget` bytes of JSON (the first always comes); `true` when cut so.
+/// The sizes are measured in the database first, so the tasks left out are
+/// neither sent nor read.
 pub async fn page(
     db: &DatabaseConnection,
     project_id: i64,
@@ -481,27 +483,28 @@ pub async fn page(
     limit: u64,
     budget: usize,
 ) -> Result<(Vec<task::Model>, bool)> {
-    use futures::TryStreamExt;
-    let mut query = task::Entity::find()
-        .filter(task::Column::ProjectId.eq(project_id))
-        .order_by_asc(task::Column::Id)
-        .limit(limit);
-    if let Some(after) = after {
-        query = query.filter(task::Column::Id.gt(after));
-    }
-    // Read row by row, so a page of large tasks is cut at the budget
-    // instead of held whole first.
-    let mut rows = query.stream(db).await?;
-    let (mut page, mut used) = (Vec::new(), 0);
-    while let Some(task) = rows.try_next().await? {
-        let size = super::json_size(&task.data) + task.meta.as_ref().map_or(0, super::json_size);
-        if !page.is_empty() && used + size > budget {
-            return Ok((page, true));
+    let of_page = || {
+        let query = task::Entity::find()
+            .filter(task::Column::ProjectId.eq(project_id))
+            .order_by_asc(task::Column::Id);
+        match after {
+            Some(after) => query.filter(task::Column::Id.gt(after)),
+            None => query,
         }
-        used += size;
-        page.push(task);
-    }
-    Ok((page, false))
+    };
+    let sizes: Vec<(i64, i64)> = of_page()
+        .limit(limit)
+        .select_only()
+        .column(task::Column::Id)
+        .column_as(super::json_text_bytes(db, &["data", "meta"]), "bytes")
+        .into_tuple()
+        .all(db)
+        .await?;
+    let (Some(last), cut) = super::last_within(&sizes, budget) else {
+        return Ok((Vec::new(), false));
+    };
+    let page = of_page().filter(task::Column::Id.lte(last)).all(db).await?;
+    Ok((page, cut))
 }
 
 /// The import link each of these tasks came from, by task id (a task made

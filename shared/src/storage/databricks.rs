@@ -391,9 +391,9 @@ impl Storage for DatabricksStorage {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| DateTime::parse_from_rfc2822(v).ok());
         let mut object = object_of(resp, &[], range)?;
-        // As the listing makes it: the raw `Last-Modified` held a comma,
-        // which `If-None-Match` lists split on, so `/resolve` never
-        // answered 304.
+        // Of the listing's form (the time here to the second): the raw
+        // `Last-Modified` held a comma, which `If-None-Match` lists are
+        // split on, so `/resolve` never answered 304.
         let size = object.size.and_then(|size| i64::try_from(size).ok());
         object.etag = modified
             .zip(size)
