@@ -35,10 +35,8 @@ pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<annotatio
 }
 
 /// Up to `limit` annotations of the task with ids above `after`, in id
-/// order, stopping before the one that would take their `result`s (and
-/// `completed_by`s) past `budget` bytes of JSON (the first always comes);
-/// `true` when cut so. Measured in the database first, as
-/// [`super::tasks::page`] does.
+/// order, within `budget` bytes of `result` and `completed_by` JSON
+/// ([`super::page_within`]); `true` when cut short by it.
 pub async fn of_task(
     db: &DatabaseConnection,
     task_id: i64,
@@ -46,8 +44,7 @@ pub async fn of_task(
     limit: u64,
     budget: usize,
 ) -> Result<(Vec<annotation::Model>, bool)> {
-    use sea_orm::QuerySelect;
-    let of_page = || {
+    let rows = || {
         let query = annotation::Entity::find()
             .filter(annotation::Column::TaskId.eq(task_id))
             .order_by_asc(annotation::Column::Id);
@@ -56,25 +53,8 @@ pub async fn of_task(
             None => query,
         }
     };
-    let sizes: Vec<(i64, i64)> = of_page()
-        .limit(limit)
-        .select_only()
-        .column(annotation::Column::Id)
-        .column_as(
-            super::json_text_bytes(db, &["result", "completed_by"]),
-            "bytes",
-        )
-        .into_tuple()
-        .all(db)
-        .await?;
-    let (Some(last), cut) = super::last_within(&sizes, budget) else {
-        return Ok((Vec::new(), false));
-    };
-    let page = of_page()
-        .filter(annotation::Column::Id.lte(last))
-        .all(db)
-        .await?;
-    Ok((page, cut))
+    let json = ["result", "completed_by"];
+    super::page_within(db, rows, annotation::Column::Id, &json, limit, budget).await
 }
 
 /// Inserts an annotation of the task with this id, in the task's project,

@@ -25,7 +25,10 @@ pub mod workers;
 use std::time::Duration;
 
 use labelsync_migrations::{Migrator, MigratorTrait};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
+use sea_orm::{
+    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend,
+    EntityTrait, QueryFilter, QuerySelect, Select,
+};
 
 use crate::Result;
 
@@ -287,13 +290,38 @@ pub fn is_sqlite(db: &DatabaseConnection) -> bool {
 /// backend (SQLite's default limit is 32766, Postgres' 65535).
 pub const MAX_PARAMS: usize = 30_000;
 
+/// Up to `limit` rows of `rows` (a query in id order, called twice),
+/// stopping before the row that would take the JSON text of its `json`
+/// columns past `budget` bytes (the first always comes); `true` when cut
+/// so. The sizes are measured in the database first (ids and sizes only),
+/// so the rows left out are neither sent nor read: a list of large things
+/// (tasks, annotations) costs the budget, not `limit` times the largest.
+pub async fn page_within<E: EntityTrait>(
+    db: &DatabaseConnection,
+    rows: impl Fn() -> Select<E>,
+    id: E::Column,
+    json: &[&str],
+    limit: u64,
+    budget: usize,
+) -> Result<(Vec<E::Model>, bool)> {
+    let sizes: Vec<(i64, i64)> = rows()
+        .limit(limit)
+        .select_only()
+        .column(id)
+        .column_as(json_text_bytes(db, json), "bytes")
+        .into_tuple()
+        .all(db)
+        .await?;
+    let (Some(last), cut) = last_within(&sizes, budget) else {
+        return Ok((Vec::new(), false));
+    };
+    Ok((rows().filter(id.lte(last)).all(db).await?, cut))
+}
+
 /// The bytes the JSON `columns` of a row take as text, summed (NULL as
 /// 0), in `db`'s dialect: what the row costs an answer, measured without
 /// sending it (Postgres renders each value; SQLite keeps JSON as text).
-pub fn json_text_bytes(
-    db: &DatabaseConnection,
-    columns: &[&str],
-) -> sea_orm::sea_query::SimpleExpr {
+fn json_text_bytes(db: &DatabaseConnection, columns: &[&str]) -> sea_orm::sea_query::SimpleExpr {
     let postgres = db.get_database_backend() == DbBackend::Postgres;
     let each: Vec<String> = columns
         .iter()
@@ -307,7 +335,7 @@ pub fn json_text_bytes(
 
 /// Of rows' `(id, bytes)` in id order, the id of the last within `budget`
 /// bytes in all (the first always counts), and whether rows were left out.
-pub fn last_within(rows: &[(i64, i64)], budget: usize) -> (Option<i64>, bool) {
+fn last_within(rows: &[(i64, i64)], budget: usize) -> (Option<i64>, bool) {
     let mut used = 0usize;
     let mut last = None;
     for &(id, bytes) in rows {

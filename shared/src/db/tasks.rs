@@ -472,10 +472,8 @@ pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<task::Mod
 }
 
 /// Up to `limit` tasks of the project with ids above `after`, in id order,
-/// stopping before the task that would take their `data` and `meta` past
-/// `budget` bytes of JSON (the first always comes); `true` when cut so.
-/// The sizes are measured in the database first, so the tasks left out are
-/// neither sent nor read.
+/// within `budget` bytes of `data` and `meta` JSON ([`super::page_within`]);
+/// `true` when cut short by it.
 pub async fn page(
     db: &DatabaseConnection,
     project_id: i64,
@@ -483,7 +481,7 @@ pub async fn page(
     limit: u64,
     budget: usize,
 ) -> Result<(Vec<task::Model>, bool)> {
-    let of_page = || {
+    let rows = || {
         let query = task::Entity::find()
             .filter(task::Column::ProjectId.eq(project_id))
             .order_by_asc(task::Column::Id);
@@ -492,19 +490,8 @@ pub async fn page(
             None => query,
         }
     };
-    let sizes: Vec<(i64, i64)> = of_page()
-        .limit(limit)
-        .select_only()
-        .column(task::Column::Id)
-        .column_as(super::json_text_bytes(db, &["data", "meta"]), "bytes")
-        .into_tuple()
-        .all(db)
-        .await?;
-    let (Some(last), cut) = super::last_within(&sizes, budget) else {
-        return Ok((Vec::new(), false));
-    };
-    let page = of_page().filter(task::Column::Id.lte(last)).all(db).await?;
-    Ok((page, cut))
+    let json = ["data", "meta"];
+    super::page_within(db, rows, task::Column::Id, &json, limit, budget).await
 }
 
 /// The import link each of these tasks came from, by task id (a task made

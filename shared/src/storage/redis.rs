@@ -118,20 +118,15 @@ impl RedisStorage {
             bytes: max_value.max(super::retry::MAX_PAGE_BYTES as u64) + (64 << 10),
             values: super::MAX_GATHERED_NAMES as u64 + 16,
         };
-        let handshake = client.get_connection_info().redis_settings();
-        let conn = retry(&what, || {
-            let (config, handshake) = (config.clone(), handshake.clone());
-            let timeout = env.request_timeout;
-            Conn::open(
-                config,
-                handshake,
-                limits,
-                env.net.clone(),
-                timeout,
-                what.clone(),
-            )
-        })
-        .await?;
+        let dial = conn::Dial {
+            config: config.clone(),
+            handshake: client.get_connection_info().redis_settings().clone(),
+            limits,
+            net: env.net.clone(),
+            response_timeout: env.request_timeout,
+            what: what.clone(),
+        };
+        let conn = retry(&what, || Conn::open(dial.clone())).await?;
         Ok(RedisStorage {
             config,
             conn,

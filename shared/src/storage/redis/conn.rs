@@ -36,16 +36,23 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub(super) struct Conn(Arc<Dialer>);
 
-/// What a connection is made from, and the live one.
-struct Dialer {
-    config: RedisConfig,
+/// What a connection is made from.
+#[derive(Clone)]
+pub(super) struct Dial {
+    pub config: RedisConfig,
     /// AUTH and SELECT, as the client sends them.
-    handshake: redis::RedisConnectionInfo,
-    limits: replies::Limits,
-    net: NetPolicy,
+    pub handshake: redis::RedisConnectionInfo,
+    pub limits: replies::Limits,
+    pub net: NetPolicy,
     /// Time for the answer to each command (`LABELSYNC_STORAGE_TIMEOUT_SECS`).
-    response_timeout: Duration,
-    what: String,
+    pub response_timeout: Duration,
+    /// The server, as errors name it.
+    pub what: String,
+}
+
+/// How to dial, and the live connection.
+struct Dialer {
+    dial: Dial,
     slot: tokio::sync::Mutex<Slot>,
     /// Dials ended: a command that waited for the slot while another
     /// dialled takes that dial's outcome rather than dialling again (a
@@ -92,27 +99,15 @@ impl Drop for Driver {
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Conn").field(&self.0.what).finish()
+        f.debug_tuple("Conn").field(&self.0.dial.what).finish()
     }
 }
 
 impl Conn {
     /// Connects, as every later dial will (the caller retries).
-    pub(super) async fn open(
-        config: RedisConfig,
-        handshake: redis::RedisConnectionInfo,
-        limits: replies::Limits,
-        net: NetPolicy,
-        response_timeout: Duration,
-        what: String,
-    ) -> Result<Conn> {
+    pub(super) async fn open(dial: Dial) -> Result<Conn> {
         let dialer = Dialer {
-            config,
-            handshake,
-            limits,
-            net,
-            response_timeout,
-            what,
+            dial,
             slot: tokio::sync::Mutex::default(),
             dials_ended: AtomicU64::new(0),
         };
@@ -128,7 +123,7 @@ impl Conn {
     ) -> Result<T> {
         let mut link = self.link().await?;
         let answer = cmd.query_async(&mut link.client).await;
-        self.settle(answer, &link, what).await
+        settle(answer, &link, what)
     }
 
     pub(super) async fn pipe<T: redis::FromRedisValue>(
@@ -138,7 +133,7 @@ impl Conn {
     ) -> Result<T> {
         let mut link = self.link().await?;
         let answer = pipe.query_async(&mut link.client).await;
-        self.settle(answer, &link, what).await
+        settle(answer, &link, what)
     }
 
     /// The live link, dialled first if the last one broke (one dial at a
@@ -156,26 +151,26 @@ impl Conn {
         {
             return Err(failed.clone());
         }
-        let dialled = connect(d, &d.what).await;
+        let dialled = connect(&d.dial).await;
         slot.live = dialled.as_ref().ok().cloned();
         slot.failed = dialled.as_ref().err().cloned();
         d.dials_ended.fetch_add(1, Ordering::SeqCst);
         dialled
     }
+}
 
-    /// A command's answer; a link that broke under it (dropped, timed out,
-    /// refused by the watch) is marked so, and the next command (the
-    /// retry) dials again.
-    async fn settle<T>(&self, answer: redis::RedisResult<T>, link: &Link, what: &str) -> Result<T> {
-        let err = match answer {
-            Ok(value) => return Ok(value),
-            Err(err) => err,
-        };
-        if err.is_unrecoverable_error() || err.is_timeout() || link.refusal.get().is_some() {
-            link.broken.store(true, Ordering::SeqCst);
-        }
-        Err(failure(&link.refusal, &err, what))
+/// A command's answer; a link that broke under it (dropped, timed out,
+/// refused by the watch) is marked so, and the next command (the retry)
+/// dials again.
+fn settle<T>(answer: redis::RedisResult<T>, link: &Link, what: &str) -> Result<T> {
+    let err = match answer {
+        Ok(value) => return Ok(value),
+        Err(err) => err,
+    };
+    if err.is_unrecoverable_error() || err.is_timeout() || link.refusal.get().is_some() {
+        link.broken.store(true, Ordering::SeqCst);
     }
+    Err(failure(&link.refusal, &err, what))
 }
 
 /// Classifies a Redis error.
@@ -224,7 +219,8 @@ fn failure(refusal: &replies::Refusal, err: &redis::RedisError, what: &str) -> E
 /// [`CONNECT_TIMEOUT`], as the client's own connect was: the client sends
 /// the handshake with no timeout, and a server that takes a connection and
 /// never answers must not hold the storage's opening forever.
-async fn connect(d: &Dialer, what: &str) -> Result<Link> {
+async fn connect(d: &Dial) -> Result<Link> {
+    let what = d.what.as_str();
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
         let io = |e: std::io::Error| classify(&e.into(), what);
         let tcp = tcp_connect(&d.config.host, d.config.port, &d.net)
@@ -247,7 +243,7 @@ async fn connect(d: &Dialer, what: &str) -> Result<Link> {
 /// The client's connection over `stream`, its replies watched, after the
 /// handshake; its driver runs on a task of its own until the last clone of
 /// the link is dropped.
-async fn attach<S>(stream: S, d: &Dialer, what: &str) -> Result<Link>
+async fn attach<S>(stream: S, d: &Dial, what: &str) -> Result<Link>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -338,8 +334,15 @@ mod tests {
         };
         let started = std::time::Instant::now();
         let net = NetPolicy::AllowAll;
-        let timeout = Duration::from_secs(5);
-        let connecting = Conn::open(config, handshake, limits, net, timeout, "redis test".into());
+        let dial = Dial {
+            config,
+            handshake,
+            limits,
+            net,
+            response_timeout: Duration::from_secs(5),
+            what: "redis test".into(),
+        };
+        let connecting = Conn::open(dial);
         let made = tokio::time::timeout(Duration::from_secs(30), connecting).await;
         let made = made.expect("still waiting for the handshake after 30 s");
         match made {
