@@ -412,7 +412,38 @@ async fn a_page_of_large_tasks_is_cut_at_its_byte_budget() {
     assert_eq!(rest["items"].as_array().map(Vec::len), Some(1));
     assert_eq!(rest["next_after"], Value::Null);
     a_task_shows_the_annotations_it_has_room_for(&app, after).await;
+    let first = items[0]["id"].as_i64().expect("id");
+    a_thousand_annotations_are_all_shown_and_one_more_is_named(&app, first).await;
     app.stop().await;
+}
+
+/// A task with exactly 1,000 small annotations shows them all and names no
+/// rest; with one more, the rest begins after the 1,000th.
+async fn a_thousand_annotations_are_all_shown_and_one_more_is_named(app: &TestApp, task: i64) {
+    use sea_orm::ConnectionTrait;
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let add = |n: i64| {
+        format!(
+            "INSERT INTO annotations (task_id, project_id, result, was_cancelled, ground_truth, created_at, updated_at) \
+             SELECT t.id, t.project_id, '[]'::jsonb, false, false, now(), now() \
+             FROM tasks t, generate_series(1, {n}) WHERE t.id = {task}"
+        )
+    };
+    db.execute_unprepared(&add(1000)).await.expect("insert");
+    let (_, shown) = app.get(&format!("/api/v1/tasks/{task}")).await;
+    assert_eq!(shown["annotations"].as_array().map(Vec::len), Some(1000));
+    assert_eq!(
+        shown["annotations_next_after"],
+        Value::Null,
+        "every one is shown"
+    );
+    db.execute_unprepared(&add(1)).await.expect("insert");
+    let (_, shown) = app.get(&format!("/api/v1/tasks/{task}")).await;
+    let last_shown = shown["annotations"][999]["id"].clone();
+    assert_eq!(
+        shown["annotations_next_after"], last_shown,
+        "one more is named"
+    );
 }
 
 /// Twenty annotations of 1.9 MB: `GET /tasks/{id}` shows those within

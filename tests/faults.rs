@@ -145,9 +145,10 @@ async fn flaky_storage_requests_are_retried_and_nothing_is_lost() {
 
 /// A fan-out batch given up after its attempts says why: the last error
 /// of the attempts before it (here the storage's 503s), as a run given up
-/// does. The bad files are the first page's batch, and listings are slow,
-/// so that batch's own job has begun long before the run waits for it
-/// (a run's job takes over only batches no job has begun).
+/// does. The bad files are the first page's batch, and the listing goes on
+/// only once one of them was read, so that batch's own job has begun
+/// before the run waits for it (a run's job takes over only batches no job
+/// has begun).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_given_up_names_its_last_error() {
     let (moto, bucket, s3) = moto_bucket().await;
@@ -158,11 +159,7 @@ async fn a_batch_given_up_names_its_last_error() {
             s3.put(&key, body, None).await.unwrap();
         }
     }
-    let mode = Mode::FailReadsUnder {
-        prefix: "tasks/a-bad-",
-        listing_pause: Duration::from_secs(1),
-    };
-    let proxy = FaultProxy::start(&moto, mode).await;
+    let proxy = FaultProxy::start(&moto, Mode::FailReadsUnder("tasks/a-bad-")).await;
     let mut options = private_endpoints();
     options.env.extend([
         ("LABELSYNC_PAGE_SIZE", "10".to_owned()),

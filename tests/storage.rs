@@ -1247,8 +1247,9 @@ async fn redis_conformance() {
 }
 
 /// A Redis value can only be read whole, so no more of it than the object
-/// limit is read: a larger value is refused with the limit named, before
-/// its bytes are sent; a range of it, and a value at the limit, read.
+/// limit is read: no more of a larger value than the limit is sent, and it
+/// is refused with the limit named; a range of it, and a value at the
+/// limit, read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_reads_no_more_of_a_value_than_the_object_limit() {
     let url = reqwest::Url::parse(&labelsync_tests::require_redis().await).unwrap();

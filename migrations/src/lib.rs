@@ -26,6 +26,7 @@ mod m20261203_000017_change_counters;
 mod m20261203_000018_outbox_by_storage;
 mod m20261204_000019_batch_claims;
 mod m20261206_000020_batch_errors;
+mod m20261206_000021_annotations_by_task;
 
 pub struct Migrator;
 
@@ -53,6 +54,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000018_outbox_by_storage::Migration),
             Box::new(m20261204_000019_batch_claims::Migration),
             Box::new(m20261206_000020_batch_errors::Migration),
+            Box::new(m20261206_000021_annotations_by_task::Migration),
         ]
     }
 }

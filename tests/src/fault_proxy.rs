@@ -51,13 +51,11 @@ pub enum Mode {
     /// this `prefix=` value, percent-encoded, and no delimiter) gets 500;
     /// everything else passes.
     FailListing(&'static str),
-    /// Every object read of a key starting with `prefix` gets 503
-    /// SlowDown; every listing waits `listing_pause` before it is
-    /// forwarded; everything else passes.
-    FailReadsUnder {
-        prefix: &'static str,
-        listing_pause: std::time::Duration,
-    },
+    /// Every object read of a key starting with this prefix gets 503
+    /// SlowDown; every listing but the first waits (10 s at most) until
+    /// such a read was refused, so the first page's reads begin before the
+    /// listing goes on; everything else passes.
+    FailReadsUnder(&'static str),
 }
 
 #[derive(Clone)]
@@ -67,6 +65,7 @@ struct Shared {
     client: reqwest::Client,
     requests: Arc<AtomicU64>,
     faults: Arc<AtomicU64>,
+    listings: Arc<AtomicU64>,
     /// The paths whose body was cut (`Mode::CutBodiesAfter`).
     cut: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     reads: Arc<InFlight>,
@@ -117,6 +116,7 @@ impl FaultProxy {
                 .expect("client"),
             requests: Arc::new(AtomicU64::new(0)),
             faults: Arc::new(AtomicU64::new(0)),
+            listings: Arc::default(),
             cut: Arc::default(),
             reads: Arc::default(),
         };
@@ -220,13 +220,16 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
             }
             None
         }
-        Mode::FailReadsUnder {
-            prefix,
-            listing_pause,
-        } => {
-            if !object_read {
-                tokio::time::sleep(listing_pause).await;
-            } else if req.uri().path().contains(&format!("/{prefix}")) {
+        Mode::FailReadsUnder(prefix) => {
+            if !object_read && s.listings.fetch_add(1, Ordering::SeqCst) > 0 {
+                let refused = || s.faults.load(Ordering::SeqCst) > 0;
+                for _ in 0..1000 {
+                    if refused() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            } else if object_read && req.uri().path().contains(&format!("/{prefix}")) {
                 s.faults.fetch_add(1, Ordering::SeqCst);
                 return s3_error(
                     StatusCode::SERVICE_UNAVAILABLE,

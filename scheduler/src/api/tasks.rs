@@ -61,9 +61,12 @@ pub async fn get_one(
 ) -> ApiResult<ApiJson<Value>> {
     let t = find_for(&state, &caller, id).await?;
     let links = tasks::sources(&state.db, &[id]).await?;
+    // One more than shown: whether there are more is then known.
     let budget = super::PAGE_BUDGET_BYTES;
-    let (annotations, cut) =
-        annotations::of_task(&state.db, id, None, ANNOTATIONS_SHOWN, budget).await?;
+    let (mut annotations, cut) =
+        annotations::of_task(&state.db, id, None, ANNOTATIONS_SHOWN + 1, budget).await?;
+    let more = cut || annotations.len() as u64 > ANNOTATIONS_SHOWN;
+    annotations.truncate(ANNOTATIONS_SHOWN as usize);
     let predictions = tasks::predictions_of(&state.db, id, PREDICTIONS_SHOWN).await?;
     let mut value = to_json(&t, links.get(&id));
     value["annotations"] = annotations
@@ -76,7 +79,6 @@ pub async fn get_one(
             })
         })
         .collect();
-    let more = cut || annotations.len() as u64 == ANNOTATIONS_SHOWN;
     value["annotations_next_after"] = json!(annotations.last().filter(|_| more).map(|a| a.id));
     value["predictions"] = predictions
         .iter()

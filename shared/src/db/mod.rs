@@ -315,7 +315,10 @@ pub async fn page_within<E: EntityTrait>(
     let (Some(last), cut) = last_within(&sizes, budget) else {
         return Ok((Vec::new(), false));
     };
-    Ok((rows().filter(id.lte(last)).all(db).await?, cut))
+    // At most `limit` again: a row committed since with an id below `last`
+    // was not measured.
+    let page = rows().filter(id.lte(last)).limit(limit).all(db).await?;
+    Ok((page, cut))
 }
 
 /// The bytes the JSON `columns` of a row take as text, summed (NULL as

@@ -712,6 +712,6 @@ mod tests {
         let answers = all.await.expect("still dialling after 40 s");
         assert!(answers.iter().all(Result::is_err), "{answers:?}");
         let took = started.elapsed();
-        assert!(took < Duration::from_secs(15), "{took:?}");
+        assert!(took < Duration::from_secs(19), "{took:?}");
     }
 }

@@ -227,7 +227,9 @@ async fn connect(d: &Dial) -> Result<Link> {
             .await
             .map_err(io)?;
         if d.config.tls {
-            let tls = tls_connect(tcp, &d.config.host).await.map_err(io)?;
+            let tls = tls_connect(tcp, &d.config.host)
+                .await
+                .map_err(|e| tls_failure(e, what))?;
             attach(tls, d, what).await
         } else {
             attach(tcp, d, what).await
@@ -286,6 +288,23 @@ async fn tcp_connect(
         .with_interval(KEEPALIVE_INTERVAL);
     socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive)?;
     Ok(tcp)
+}
+
+/// A TLS handshake's failure: one TLS itself refused (a certificate that
+/// does not hold for the host, a server that does not speak TLS) will not
+/// change by retrying; a broken connection may.
+fn tls_failure(err: std::io::Error, what: &str) -> Error {
+    match err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(refused) => Error::invalid(
+            "storage_rejected",
+            Some("config.tls"),
+            format!("{what}: TLS: {refused}"),
+        ),
+        None => classify(&err.into(), what),
+    }
 }
 
 /// TLS over `tcp`, the certificate checked for `host` by the platform's
@@ -350,7 +369,49 @@ mod tests {
             Err(other) => panic!("{other:?}"),
             Ok(_) => panic!("connected to a server that never answered"),
         }
-        assert!(started.elapsed() < Duration::from_secs(15));
+        assert!(started.elapsed() < Duration::from_secs(25));
         silent.abort();
+    }
+
+    /// A server that does not speak TLS, for a storage that asks for TLS,
+    /// is a refusal at once, not a passing failure retried to the end.
+    #[tokio::test]
+    async fn a_server_that_does_not_speak_tls_is_refused() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let plain = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let _ = socket.write_all(b"-ERR this is not TLS\r\n").await;
+            }
+        });
+        let config = RedisConfig {
+            host: "127.0.0.1".into(),
+            port,
+            db: 0,
+            path: String::new(),
+            tls: true,
+        };
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+        let dial = Dial {
+            config,
+            handshake: client.get_connection_info().redis_settings().clone(),
+            limits: replies::Limits {
+                bytes: 1 << 20,
+                values: 1_000,
+            },
+            net: NetPolicy::AllowAll,
+            response_timeout: Duration::from_secs(5),
+            what: "redis test".into(),
+        };
+        match Conn::open(dial).await {
+            Err(Error::Invalid { code, message, .. }) => {
+                assert_eq!(code, "storage_rejected", "{message}");
+                assert!(message.contains("TLS"), "{message}");
+            }
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("took a plain server for TLS"),
+        }
+        plain.abort();
     }
 }
