@@ -552,6 +552,46 @@ async fn stored_webhook(
         .expect("the webhook")
 }
 
+/// A list of deliveries shows each one's latest 10 attempts, oldest first
+/// (every attempt before: redeliveries add rounds without end); the
+/// delivery's own page shows every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_list_shows_the_latest_attempts() {
+    use sea_orm::ConnectionTrait;
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let receiver = Receiver::start().await;
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let hook = stored_webhook(&app, &db, &receiver.url).await;
+    let (status, sent) = app
+        .post(&format!("/api/v1/webhooks/{}/test", hook.id), json!({}))
+        .await;
+    assert_eq!(status, 200, "{sent}");
+    let delivery = sent["id"].as_i64().expect("delivery id");
+    let more = format!(
+        "INSERT INTO webhook_attempts (delivery_id, started_at, duration_ms) \
+         SELECT {delivery}, now(), g FROM generate_series(1, 14) g"
+    );
+    db.execute_unprepared(&more).await.expect("insert");
+    let (status, list) = app
+        .get(&format!("/api/v1/webhooks/{}/deliveries", hook.id))
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let listed = list["items"][0]["attempts"].as_array().expect("attempts");
+    let durations: Vec<i64> = listed
+        .iter()
+        .filter_map(|a| a["duration_ms"].as_i64())
+        .collect();
+    assert_eq!(
+        durations,
+        (5..=14).collect::<Vec<_>>(),
+        "the latest 10, oldest first"
+    );
+    let one = format!("/api/v1/webhooks/{}/deliveries/{delivery}", hook.id);
+    let (_, whole) = app.get(&one).await;
+    assert_eq!(whole["attempts"].as_array().map(Vec::len), Some(15));
+    app.stop().await;
+}
+
 /// An endpoint is served however many others wait: 1,000 endpoints with
 /// lower ids whose deliveries are due only in an hour (backing off) took
 /// every place of the dispatch, which limited the heads before it looked

@@ -311,8 +311,12 @@ fn attempt_to_json(a: &webhook_attempt::Model) -> Value {
     })
 }
 
-/// `GET /webhooks/{id}/deliveries`: newest first, each with its attempts;
-/// `after` is a delivery id (the page holds older ones).
+/// Attempts shown with each delivery of a list (`attempt_count` counts
+/// them all; one delivery's page shows every one).
+const ATTEMPTS_LISTED: u64 = 10;
+
+/// `GET /webhooks/{id}/deliveries`: newest first, each with its latest
+/// attempts; `after` is a delivery id (the page holds older ones).
 pub async fn deliveries(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -323,7 +327,7 @@ pub async fn deliveries(
     let limit = limit(q.limit)?;
     let rows = webhooks::deliveries_page(&state.db, id, q.after, limit).await?;
     let ids: Vec<i64> = rows.iter().map(|(d, _)| d.id).collect();
-    let attempts = webhooks::attempts_of(&state.db, &ids).await?;
+    let attempts = webhooks::latest_attempts_of(&state.db, &ids, ATTEMPTS_LISTED).await?;
     let items = rows
         .iter()
         .map(|(d, event_type)| {

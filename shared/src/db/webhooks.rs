@@ -546,6 +546,34 @@ pub async fn delivery(
         .await?)
 }
 
+/// The latest `per` attempts of each of these deliveries, oldest first: a
+/// list of deliveries holds a bounded number (redeliveries add rounds of
+/// attempts without end).
+pub async fn latest_attempts_of(
+    db: &impl ConnectionTrait,
+    delivery_ids: &[i64],
+    per: u64,
+) -> Result<Vec<webhook_attempt::Model>> {
+    if delivery_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Our own integer ids, written into the text: no placeholder list to
+    // build in each dialect.
+    let ids: Vec<String> = delivery_ids.iter().map(i64::to_string).collect();
+    let sql = format!(
+        "SELECT * FROM (SELECT a.*, ROW_NUMBER() OVER \
+           (PARTITION BY delivery_id ORDER BY id DESC) AS newest \
+           FROM webhook_attempts a WHERE delivery_id IN ({})) t \
+         WHERE newest <= {per} ORDER BY id",
+        ids.join(",")
+    );
+    let statement = sea_orm::Statement::from_string(db.get_database_backend(), sql);
+    Ok(webhook_attempt::Entity::find()
+        .from_raw_sql(statement)
+        .all(db)
+        .await?)
+}
+
 /// Every attempt of these deliveries, oldest first.
 pub async fn attempts_of(
     db: &impl ConnectionTrait,
