@@ -156,6 +156,15 @@ impl FaultProxy {
     }
 }
 
+/// S3's answer to a client it throttles: 503 SlowDown.
+fn slow_down() -> Response {
+    s3_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "SlowDown",
+        "Please reduce your request rate.",
+    )
+}
+
 fn s3_error(status: StatusCode, code: &str, message: &str) -> Response {
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
@@ -231,11 +240,7 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
                 }
             } else if object_read && req.uri().path().contains(&format!("/{prefix}")) {
                 s.faults.fetch_add(1, Ordering::SeqCst);
-                return s3_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "SlowDown",
-                    "Please reduce your request rate.",
-                );
+                return slow_down();
             }
             None
         }
@@ -260,11 +265,7 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
                 );
             }
             1 => {
-                return s3_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "SlowDown",
-                    "Please reduce your request rate.",
-                );
+                return slow_down();
             }
             2 => {
                 // Headers, then a body that breaks off: the connection dies

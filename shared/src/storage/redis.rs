@@ -665,6 +665,14 @@ mod tests {
         assert_eq!(wanted(Some(GetRange::Suffix(500)), 50), 50);
     }
 
+    /// An object's whole body.
+    async fn body_of(object: Object) -> Vec<u8> {
+        let body: Vec<Bytes> = futures::TryStreamExt::try_collect(object.body)
+            .await
+            .unwrap();
+        body.concat()
+    }
+
     /// A connection that stopped answering (a command timed out) is let
     /// go, and the retry dials again: the read succeeds on a new
     /// connection. (The client never reconnects: every retry waited on the
@@ -676,10 +684,7 @@ mod tests {
         let object = read
             .expect("still reading after 30 s")
             .expect("read on a new connection");
-        let body: Vec<Bytes> = futures::TryStreamExt::try_collect(object.body)
-            .await
-            .unwrap();
-        assert_eq!(body.concat(), b"hi");
+        assert_eq!(body_of(object).await, b"hi");
     }
 
     /// A server still loading its data after a restart (`-LOADING`) is
@@ -688,10 +693,7 @@ mod tests {
     async fn a_server_loading_its_data_is_asked_again() {
         let storage = fake_storage(fake_server(Hostile::LoadingFirst).await).await;
         let object = storage.get("k", None).await.expect("read once loaded");
-        let body: Vec<Bytes> = futures::TryStreamExt::try_collect(object.body)
-            .await
-            .unwrap();
-        assert_eq!(body.concat(), b"hi");
+        assert_eq!(body_of(object).await, b"hi");
     }
 
     /// Commands that find the connection broken while one of them dials
