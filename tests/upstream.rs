@@ -701,6 +701,148 @@ async fn a_delivery_log_is_kept_from_its_last_end() {
     app.stop().await;
 }
 
+/// One endpoint's delivery job as a worker runs it, on the test's database
+/// (the app runs no worker of its own, so this is the only sender).
+async fn run_delivery(
+    db: &sea_orm::DatabaseConnection,
+    webhook_id: i64,
+    stopping: &std::sync::atomic::AtomicBool,
+) -> labelsync::Result<()> {
+    let policy = labelsync::security::net::NetPolicy::parse(Some("true")).expect("policy");
+    let sender = labelsync::webhooks::Sender::new(&policy).expect("sender");
+    let secrets =
+        labelsync::security::secrets::SecretBox::from_base64(labelsync_tests::TEST_SECRET_KEY)
+            .expect("secret key");
+    let delivery = labelsync::webhooks::Delivery {
+        db,
+        secrets: Some(&secrets),
+        sender: &sender,
+        max_age: Duration::from_secs(3600),
+        stopping,
+    };
+    delivery.run(webhook_id).await
+}
+
+/// A webhook app whose runs stay queued: its tests run delivery jobs
+/// themselves.
+async fn app_without_workers() -> TestApp {
+    spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::with_storages()
+    })
+    .await
+}
+
+/// An endpoint disabled while its job delivers ends the job: the job
+/// looked for due deliveries without asking whether the endpoint still
+/// took them, found them, sent none, and looked again, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_job_ends_when_its_endpoint_is_disabled() {
+    let app = app_without_workers().await;
+    let receiver = Receiver::start().await;
+    receiver.answer_after(Duration::from_millis(500));
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let hook = stored_webhook(&app, &db, &receiver.url).await;
+    for _ in 0..3 {
+        labelsync::db::webhooks::record_test(&db, &hook, Duration::ZERO)
+            .await
+            .expect("a delivery due now");
+    }
+    let stopping = std::sync::atomic::AtomicBool::new(false);
+    let job = tokio::time::timeout(
+        Duration::from_secs(10),
+        run_delivery(&db, hook.id, &stopping),
+    );
+    let disable = async {
+        receiver
+            .wait_until(Duration::from_secs(5), |got| !got.is_empty())
+            .await;
+        let path = format!("/api/v1/webhooks/{}", hook.id);
+        let (status, body) = app.patch(&path, json!({ "enabled": false })).await;
+        assert_eq!(status, 200, "{body}");
+    };
+    let (ended, ()) = tokio::join!(job, disable);
+    ended
+        .expect("the job ends once its endpoint is disabled")
+        .expect("the job");
+    assert_eq!(receiver.received().len(), 1, "only the attempt under way");
+    app.stop().await;
+}
+
+/// A delivery job sends at most its share, then hands the endpoint back
+/// (the next job goes on): it went on while anything was due, so a busy
+/// endpoint held a worker slot without end. A job of a worker shutting
+/// down sends nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_job_hands_its_endpoint_back_after_its_share() {
+    let app = app_without_workers().await;
+    let receiver = Receiver::start().await;
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let hook = stored_webhook(&app, &db, &receiver.url).await;
+    let share = labelsync::webhooks::PER_JOB;
+    for _ in 0..share + 20 {
+        labelsync::db::webhooks::record_test(&db, &hook, Duration::ZERO)
+            .await
+            .expect("a delivery due now");
+    }
+    let stopping = std::sync::atomic::AtomicBool::new(false);
+    let job = |stopping| {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            run_delivery(&db, hook.id, stopping),
+        )
+    };
+    job(&stopping).await.expect("the job ends").expect("a job");
+    assert_eq!(receiver.received().len(), share, "one job's share");
+    stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    job(&stopping)
+        .await
+        .expect("the job ends")
+        .expect("a stopping job");
+    assert_eq!(receiver.received().len(), share, "nothing while stopping");
+    stopping.store(false, std::sync::atomic::Ordering::SeqCst);
+    job(&stopping)
+        .await
+        .expect("the job ends")
+        .expect("the next job");
+    assert_eq!(receiver.received().len(), share + 20, "the rest");
+    app.stop().await;
+}
+
+/// Receivers that answer slowly hold at most half of a worker's slots: a
+/// sync runs beside them. With two slots and two slow endpoints, both
+/// slots were theirs for as long as the endpoints had deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_receivers_leave_worker_slots_to_runs() {
+    let mut options = AppOptions::with_storages();
+    options
+        .env
+        .push(("LABELSYNC_WORKER_CONCURRENCY", "2".into()));
+    let app = spawn_app(options).await;
+    let receiver = Receiver::start().await;
+    receiver.answer_after(Duration::from_secs(3));
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    for _ in 0..2 {
+        let hook = stored_webhook(&app, &db, &receiver.url).await;
+        for _ in 0..5 {
+            labelsync::db::webhooks::record_test(&db, &hook, Duration::ZERO)
+                .await
+                .expect("a delivery due now");
+        }
+    }
+    receiver
+        .wait_until(Duration::from_secs(10), |got| !got.is_empty())
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    write_files(&app.doc_root.path().join("data"), 3, "jpg");
+    let project = app.project("beside slow hooks").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let run = app.wait_run(&run_id, Duration::from_secs(8)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    app.stop().await;
+}
+
 /// A key older than 24 hours is new again (the request runs), and the
 /// scheduler's cleanup deletes such keys.
 async fn keys_expire_after_a_day(app: &TestApp, token: &str, body: &Value) {

@@ -6,7 +6,10 @@
 //! (the event id, the same on every retry, for receivers to deduplicate),
 //! `webhook-timestamp` (Unix seconds of this attempt) and
 //! `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use chrono::Utc;
@@ -38,7 +41,11 @@ const RETRY_CAP: Duration = Duration::from_secs(3600);
 /// Deliveries one job sends before it hands the endpoint back to the queue
 /// (the scheduler's tick pushes the next job), so one busy endpoint does
 /// not hold a worker slot for ever.
-const PER_JOB: usize = 100;
+pub const PER_JOB: usize = 100;
+/// How long one job goes on sending before it hands the endpoint back
+/// (a receiver taking 9 s an answer would keep 100 deliveries going for
+/// 15 minutes).
+const JOB_TIME: Duration = Duration::from_secs(60);
 /// An endpoint's lease goes stale after this long without renewal (every
 /// attempt renews it, and one attempt takes at most [`ATTEMPT_TIMEOUT`]).
 const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -113,7 +120,11 @@ impl Sender {
     pub async fn send(&self, url: &str, key: &[u8], event: &webhook_event::Model) -> AttemptLog {
         let started_at = Utc::now();
         let clock = Instant::now();
-        let answer = self.post(url, key, event).await;
+        // The lookup of a literal-free URL's name is inside the limit too
+        // (a receiver's own slow DNS would hold the lease past its TTL).
+        let answer = tokio::time::timeout(ATTEMPT_TIMEOUT, self.post(url, key, event))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs())));
         let duration_ms = clock.elapsed().as_millis() as i64;
         match answer {
             Ok((status, body)) => AttemptLog {
@@ -225,24 +236,48 @@ pub struct Delivery<'a> {
     pub sender: &'a Sender,
     /// `LABELSYNC_WEBHOOK_MAX_AGE_SECS`: an endpoint failing this long is disabled.
     pub max_age: Duration,
+    /// Set when the worker shuts down: the job ends after the attempt
+    /// under way (the endpoint's next job goes on from there).
+    pub stopping: &'a AtomicBool,
+}
+
+/// Why [`Delivery::send_due`] stopped.
+#[derive(Debug, PartialEq)]
+enum Stop {
+    /// Nothing due is left: an event recorded meanwhile may be.
+    Drained,
+    /// Disabled, deleted, failing, its lease taken, or this job's share
+    /// (time, deliveries) used: the next job goes on.
+    HandedBack,
+}
+
+/// What is left of one job's share.
+struct Share {
+    sends: usize,
+    until: tokio::time::Instant,
 }
 
 impl Delivery<'_> {
     /// Sends an endpoint's due deliveries, oldest first, while it accepts
     /// them; stops at the first failure (its retry is scheduled: later
-    /// events wait behind it, so each run's events arrive in order).
+    /// events wait behind it, so each run's events arrive in order), and
+    /// after [`PER_JOB`] deliveries or [`JOB_TIME`], so that no endpoint
+    /// keeps a worker slot for long.
     pub async fn run(&self, webhook_id: i64) -> Result<()> {
         let owner = ulid::Ulid::new().to_string();
+        let mut share = Share {
+            sends: PER_JOB,
+            until: tokio::time::Instant::now() + JOB_TIME,
+        };
         loop {
             if !webhooks::take_lease(self.db, webhook_id, &owner, LEASE_TTL).await? {
                 return Ok(()); // another job delivers; it looks again before it stops
             }
-            let result = self.send_due(webhook_id, &owner).await;
+            let result = self.send_due(webhook_id, &owner, &mut share).await;
             webhooks::release_lease(self.db, webhook_id, &owner).await?;
-            result?;
             // An event recorded while the lease was held had its job turned
             // away: look once more now that the lease is free.
-            if !self.head_is_due(webhook_id).await? {
+            if result? == Stop::HandedBack || !self.head_is_due(webhook_id).await? {
                 return Ok(());
             }
         }
@@ -254,24 +289,34 @@ impl Delivery<'_> {
             .is_some_and(|(d, _)| d.next_attempt_at <= Utc::now()))
     }
 
-    async fn send_due(&self, webhook_id: i64, owner: &str) -> Result<()> {
-        for _ in 0..PER_JOB {
+    async fn send_due(&self, webhook_id: i64, owner: &str, share: &mut Share) -> Result<Stop> {
+        loop {
+            if share.sends == 0
+                || tokio::time::Instant::now() >= share.until
+                || self.stopping.load(Ordering::Relaxed)
+            {
+                return Ok(Stop::HandedBack);
+            }
             let Some(hook) = webhooks::find(self.db, webhook_id).await? else {
-                return Ok(()); // deleted
+                return Ok(Stop::HandedBack); // deleted
             };
+            if !hook.enabled {
+                return Ok(Stop::HandedBack);
+            }
             let Some((delivery, event)) = webhooks::next_pending(self.db, webhook_id).await? else {
-                return Ok(());
+                return Ok(Stop::Drained);
             };
-            if !hook.enabled || delivery.next_attempt_at > Utc::now() {
-                return Ok(());
+            if delivery.next_attempt_at > Utc::now() {
+                return Ok(Stop::Drained);
             }
             let after = self.attempt(&hook, &delivery, &event).await?;
-            if !matches!(after, AfterAttempt::Delivered) {
-                return Ok(());
+            share.sends -= 1;
+            if !matches!(after, AfterAttempt::Delivered)
+                || !webhooks::take_lease(self.db, webhook_id, owner, LEASE_TTL).await?
+            {
+                return Ok(Stop::HandedBack);
             }
-            webhooks::take_lease(self.db, webhook_id, owner, LEASE_TTL).await?;
         }
-        Ok(())
     }
 
     /// Sends one delivery and records the attempt; returns what became of it.

@@ -112,12 +112,17 @@ pub struct JobContext {
     /// `/readyz` is 503 before, and again once `stopping` (see `lifecycle`;
     /// a worker whose `run_worker` returns exits).
     pub taking_jobs: AtomicBool,
+    /// The slots webhook jobs may hold at once: half the worker's (at
+    /// least one), so receivers that answer slowly cannot take every slot
+    /// from runs.
+    pub webhook_slots: tokio::sync::Semaphore,
 }
 
 impl JobContext {
     pub fn new(db: DatabaseConnection, settings: Settings, queue: Option<Queue>) -> Arc<Self> {
         let storage_env = StorageEnv::from_settings(&settings);
         let reads = crate::ingest::reads::Reads::for_worker(&settings.worker);
+        let webhook_slots = (settings.worker.concurrency / 2).max(1);
         Arc::new(JobContext {
             db,
             settings,
@@ -127,6 +132,7 @@ impl JobContext {
             current: Arc::default(),
             reads,
             taking_jobs: AtomicBool::new(false),
+            webhook_slots: tokio::sync::Semaphore::new(webhook_slots),
         })
     }
 }
@@ -642,14 +648,22 @@ async fn export_late_events(
 
 /// Delivers the due events of one webhook endpoint (see
 /// [`crate::webhooks::Delivery`]). Failed attempts are the delivery's to
-/// retry, so only a database outage retries the job.
+/// retry, so only a database outage retries the job. A job that finds
+/// every webhook slot of the worker held ends at once: the endpoint's
+/// deliveries stay due, and the scheduler's dispatch pushes its next job
+/// (within 30 s).
 pub async fn execute_webhook(ctx: &JobContext, webhook_id: i64) -> Result<(), RetryLater> {
+    let Ok(_slot) = ctx.webhook_slots.try_acquire() else {
+        tracing::debug!(webhook_id, "every webhook slot is held; the next dispatch pushes it again");
+        return Ok(());
+    };
     let sender = crate::webhooks::Sender::new(&ctx.settings.endpoint_policy).map_err(RetryLater)?;
     let delivery = crate::webhooks::Delivery {
         db: &ctx.db,
         secrets: ctx.settings.secret_box.as_deref(),
         sender: &sender,
         max_age: ctx.settings.webhook_max_age,
+        stopping: &ctx.stopping,
     };
     match delivery.run(webhook_id).await {
         Err(err) if err.is_transient() => Err(RetryLater(err)),
