@@ -377,6 +377,51 @@ async fn a_storage_saved_before_the_length_bounds_can_still_be_changed() {
     app.stop().await;
 }
 
+/// A storage's config and secrets are bounded in bytes like its text
+/// fields (a config of megabytes was saved, and shown in every list of
+/// storages; a write token made a list of gigabytes); a storage whose
+/// config is kept by a PATCH passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_configs_and_secrets_are_bounded_in_bytes() {
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let project = app.project("p").await;
+    let s3 = |config: Value, secret: &str| {
+        json!({
+            "project_id": project, "role": "source", "backend": "s3",
+            "config": config,
+            "secrets": { "access_key_id": "x", "secret_access_key": secret },
+        })
+    };
+    let endpoint = "http://127.0.0.1:19000";
+    let (status, made) = app
+        .post(
+            "/api/v1/storages",
+            s3(json!({ "bucket": "b", "endpoint_url": endpoint }), "y"),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let long = "k".repeat(20_000);
+    let big = json!({ "bucket": "b", "endpoint_url": endpoint, "sse_kms_key_id": long });
+    let (status, refused) = app.post("/api/v1/storages", s3(big, "y")).await;
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (400, &json!("invalid_config")),
+        "{refused}"
+    );
+    let small = json!({ "bucket": "b", "endpoint_url": endpoint });
+    let (status, refused) = app.post("/api/v1/storages", s3(small, &long)).await;
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (400, &json!("invalid_secrets")),
+        "{refused}"
+    );
+    assert!(!refused.to_string().contains("kkkk"), "{refused}");
+    let (status, page) = app.get("/api/v1/storages").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(1), "{page}");
+    app.stop().await;
+}
+
 /// A page of large tasks ends at 32 MiB of JSON, with `next_after` set,
 /// whatever `limit` asks: three tasks of 12 MB come as two pages (one page
 /// of 36 MB before; 1,000 tasks of 16 MiB were a 16 GB answer held whole).

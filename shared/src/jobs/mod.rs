@@ -654,7 +654,10 @@ async fn export_late_events(
 /// (within 30 s).
 pub async fn execute_webhook(ctx: &JobContext, webhook_id: i64) -> Result<(), RetryLater> {
     let Ok(_slot) = ctx.webhook_slots.try_acquire() else {
-        tracing::debug!(webhook_id, "every webhook slot is held; the next dispatch pushes it again");
+        tracing::debug!(
+            webhook_id,
+            "every webhook slot is held; the next dispatch pushes it again"
+        );
         return Ok(());
     };
     let sender = crate::webhooks::Sender::new(&ctx.settings.endpoint_policy).map_err(RetryLater)?;

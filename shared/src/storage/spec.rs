@@ -25,6 +25,13 @@ pub const MAX_TITLE_CHARS: usize = 1_000;
 /// filter, in characters.
 pub const MAX_PREFIX_CHARS: usize = 1_024;
 pub const MAX_REGEX_CHARS: usize = 4_096;
+/// The most JSON a storage's `config` may take: its longest real values
+/// (a bucket, an endpoint, a role ARN, a KMS key id) are a few hundred
+/// bytes together.
+pub const MAX_CONFIG_BYTES: usize = 16 << 10;
+/// The longest secret value, in characters (a GCS service-account key,
+/// the largest, is about 2,500).
+pub const MAX_SECRET_CHARS: usize = 16_384;
 
 /// How a source's objects become tasks: `files` (one task per object) or
 /// `tasks` (each object is a file of tasks).
@@ -220,9 +227,9 @@ impl StorageSpec {
             .map_err(|e| Error::invalid("invalid_body", None, e.to_string()))
     }
 
-    /// Text fields are shown in every list of storages and held by
-    /// `/resolve`'s cache: each has a bound, so a caller cannot make those
-    /// answers gigabytes. A field an update keeps as `stored` has it passes:
+    /// Text fields (and the config) are shown in every list of storages
+    /// and held by `/resolve`'s cache, secrets by the storage cache: each
+    /// has a bound, so a caller cannot make those answers gigabytes. A field an update keeps as `stored` has it passes:
     /// storages saved before the bounds can still be paused or moved.
     fn check_lengths(&self, stored: Option<&StorageSpec>) -> Result<()> {
         let kept = |field: fn(&StorageSpec) -> Option<&str>| {
@@ -240,6 +247,25 @@ impl StorageSpec {
                 "invalid_prefix",
                 Some("prefix"),
                 format!("prefix must be at most {MAX_PREFIX_CHARS} characters"),
+            ));
+        }
+        if self.config.to_string().len() > MAX_CONFIG_BYTES
+            && !stored.is_some_and(|stored| stored.config == self.config)
+        {
+            return Err(Error::invalid(
+                "invalid_config",
+                Some("config"),
+                format!("config must be at most {MAX_CONFIG_BYTES} bytes of JSON"),
+            ));
+        }
+        let mut secrets = self.secrets.iter().flatten();
+        if let Some((name, _)) =
+            secrets.find(|(_, v)| v.as_str().map_or(0, |v| v.chars().count()) > MAX_SECRET_CHARS)
+        {
+            return Err(Error::invalid(
+                "invalid_secrets",
+                Some("secrets"),
+                format!("secret {name:?} must be at most {MAX_SECRET_CHARS} characters"),
             ));
         }
         if self
