@@ -901,3 +901,35 @@ async fn a_replica_that_cannot_follow_changes_reads_storages_again() {
     assert_eq!(cat_in(&app, project, "one").await.0, 404);
     app.stop().await;
 }
+
+/// A stored type that is not one plain `type/subtype` is not passed on: a
+/// browser takes the last type of a list, so `video/mp4, text/html` ran as
+/// a page of this origin, where the passive `video/` it starts with had
+/// kept the sandbox off. Such an object is served as its key's type, and
+/// sandboxed unless that is passive media.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_content_types_is_not_passed_on() {
+    let app = spawn_app(options(false)).await;
+    let project = app.project("types").await;
+    let (bucket, config, secrets) = an_s3s_bucket_and_source(&app, project, false, 900).await;
+    let backend = open(BackendKind::S3, config, secrets).await;
+    let page = Bytes::from_static(b"<script>fetch('/api/v1/tokens')</script>");
+    for (key, stored, served) in [
+        ("page", "video/mp4, text/html", "application/octet-stream"),
+        ("clip.mp4", "video/mp4,text/html", "video/mp4"),
+        ("ok.mp4", "video/mp4; codecs=avc1", "video/mp4; codecs=avc1"),
+    ] {
+        backend.put(key, page.clone(), Some(stored)).await.unwrap();
+        let resp = resolve(&app, project, &format!("s3://{bucket}/{key}"), &[]).await;
+        assert_eq!(resp.status(), 200, "{key}");
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(header("content-type").as_deref(), Some(served), "{key}");
+        let sandboxed = header("content-security-policy").as_deref() == Some("sandbox");
+        assert_eq!(sandboxed, !served.starts_with("video/"), "{key}");
+    }
+    app.stop().await;
+}

@@ -373,8 +373,27 @@ fn if_none_match_holds(headers: &HeaderMap, etag: &str) -> bool {
 /// the key's extension suggests.
 fn content_type_for(stored: Option<&str>, key: &str) -> String {
     stored
-        .filter(|ct| !ct.is_empty() && *ct != "application/octet-stream")
+        .filter(|ct| *ct != "application/octet-stream" && is_one_type(ct))
         .map_or_else(|| content_type_of(key).to_owned(), str::to_owned)
+}
+
+/// Whether `ct` is one plain `type/subtype`, with parameters of printable
+/// ASCII and no comma. A browser reads a list of types and takes the last
+/// (`video/mp4, text/html` is a page), while [`may_run_script`] judges
+/// the first: a stored type is passed on only when both read the same one.
+fn is_one_type(ct: &str) -> bool {
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    let (essence, params) = ct.split_once(';').unwrap_or((ct, ""));
+    essence
+        .split_once('/')
+        .is_some_and(|(kind, sub)| token(kind) && token(sub))
+        && params
+            .bytes()
+            .all(|b| b != b',' && (b == b'\t' || (0x20..0x7f).contains(&b)))
 }
 
 /// Status `206` with `Content-Range` for a range, else `200`, and
