@@ -422,6 +422,37 @@ async fn storage_configs_and_secrets_are_bounded_in_bytes() {
     app.stop().await;
 }
 
+/// A request target longer than 8 KiB is a 414 before anything reads it:
+/// a caller, even a refused one, wrote an audit row of its whole path
+/// (tens of KB, which hyper takes in a request's head).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_request_targets_are_refused_before_the_audit_trail() {
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    let app = spawn_app(AppOptions::default()).await;
+    // (Past 64 KB, hyper itself refuses the head.)
+    let long = "A".repeat(60_000);
+    for path in [
+        format!("/api/v1/runs/{long}/cancel"),
+        format!("/api/v1/projects?after={long}"),
+    ] {
+        let (status, body) = app.post(&path, json!({})).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (414, &json!("uri_too_long")),
+            "{body}"
+        );
+    }
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let rows = labelsync::db::entities::audit_event::Entity::find()
+        .count(&db)
+        .await
+        .expect("count");
+    assert_eq!(rows, 0, "nothing recorded");
+    let (status, _) = app.post("/api/v1/runs/short/cancel", json!({})).await;
+    assert_eq!(status, 404, "a short unknown id is still looked up");
+    app.stop().await;
+}
+
 /// A page of large tasks ends at 32 MiB of JSON, with `next_after` set,
 /// whatever `limit` asks: three tasks of 12 MB come as two pages (one page
 /// of 36 MB before; 1,000 tasks of 16 MiB were a 16 GB answer held whole).
