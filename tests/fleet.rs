@@ -1864,3 +1864,69 @@ async fn an_idle_worker_takes_a_pushed_job_without_waiting_for_its_poll() {
     drop(worker);
     app.stop().await;
 }
+
+/// Jobs that ended well are forgotten by the scheduler's cleanup an hour
+/// after they ended: the queues kept every job (on Redis its data, its
+/// metadata hash and its id in the done set; embedded, its row) for ever,
+/// so Redis grew with every run, batch and webhook job until it refused
+/// pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_forgotten_on_redis() {
+    finished_jobs_are_forgotten(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_forgotten_on_the_embedded_queue() {
+    finished_jobs_are_forgotten(true).await;
+}
+
+async fn finished_jobs_are_forgotten(embedded: bool) {
+    use labelsync::jobs::finished::FINISHED_KEPT;
+    let app = spawn_app(AppOptions {
+        embedded,
+        ..AppOptions::default()
+    })
+    .await;
+    write_files(&app.doc_root.path().join("data"), 3, "jpg");
+    let project = app.project("finished").await;
+    let storage = app.local_storage(project, json!({})).await;
+    for _ in 0..2 {
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["status"], "completed", "{run}");
+    }
+    let state = labelsync_scheduler::app::state(labelsync_tests::settings(&app.vars))
+        .await
+        .expect("state");
+    let queue = &state.queue;
+    let keys_before = namespace_keys(&app).await;
+    let forget = |kept| async move { queue.forget_finished(kept).await.expect("forget") };
+    assert_eq!(forget(FINISHED_KEPT).await, 0, "none ended an hour ago");
+    let forgot = forget(Duration::ZERO).await;
+    assert!(forgot >= 2, "the two runs' jobs at least: {forgot}");
+    assert_eq!(forget(Duration::ZERO).await, 0, "forgotten once");
+    if !embedded {
+        let keys_after = namespace_keys(&app).await;
+        assert!(
+            keys_after + forgot as usize <= keys_before,
+            "each job's metadata hash is gone: {keys_before} keys before, {keys_after} after"
+        );
+    }
+    app.stop().await;
+}
+
+/// How many Redis keys the app's queue namespace has.
+async fn namespace_keys(app: &TestApp) -> usize {
+    let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let client = redis::Client::open(url).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let pattern = format!("{}*", app.vars["LABELSYNC_QUEUE_NAMESPACE"]);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    keys.len()
+}

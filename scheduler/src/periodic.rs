@@ -79,8 +79,8 @@ async fn clean_up(state: AppState) {
 /// storage.
 const FULL_EVERY: Duration = Duration::from_secs(24 * 3600);
 
-/// How often expired webhook events, idempotency keys, audit rows, runs
-/// and worker registrations are deleted.
+/// How often expired webhook events, idempotency keys, audit rows,
+/// finished jobs, runs and worker registrations are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Webhook events (with their delivery log) are kept this long once
 /// nothing is pending for them.
@@ -125,6 +125,12 @@ async fn prune_with(state: &AppState, counted: Counted) -> bool {
         Ok(0) => {}
         Ok(n) => tracing::info!(rows = n, days, "deleted audit rows past their retention"),
         Err(err) => tracing::warn!(error = %err, "audit cleanup failed"),
+    }
+    let kept = labelsync::jobs::finished::FINISHED_KEPT;
+    match state.queue.forget_finished(kept).await {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(jobs = n, "forgot finished jobs"),
+        Err(err) => tracing::warn!(error = %err, "finished job cleanup failed"),
     }
     let runs_pruned = prune_runs(state, counted).await;
     let cutoff = Utc::now() - worker_retention(&state.settings);

@@ -11,6 +11,7 @@
 //! "Our own attempt limit").
 pub mod admission;
 pub mod dead;
+pub mod finished;
 pub mod queue;
 pub mod registry;
 mod wake;
