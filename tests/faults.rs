@@ -1073,16 +1073,7 @@ async fn an_annotation_deleted_mid_upload_does_not_fail_the_export() {
     let (moto, bucket) = bucket(0, 0).await;
     let proxy = FaultProxy::start(&moto, Mode::SlowWrites(Duration::from_millis(1500))).await;
     let app = spawn_app(private_endpoints()).await;
-    let project = app.project("race").await;
-    // A task to annotate, imported from a local file.
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("t.json"), r#"{"text": "hello"}"#).unwrap();
-    let source = app
-        .local_storage(project, json!({ "import_method": "tasks" }))
-        .await;
-    assert_eq!(app.sync(&source["id"]).await["status"], "completed");
-    let task = app.all_tasks(project).await[0]["id"].clone();
+    let (project, task) = a_task(&app).await;
     let (status, annotation) = app
         .post(
             &format!("/api/v1/tasks/{task}/annotations"),
@@ -1091,18 +1082,7 @@ async fn an_annotation_deleted_mid_upload_does_not_fail_the_export() {
         .await;
     assert_eq!(status, 201, "{annotation}");
     let id = annotation["id"].clone();
-    let (status, target) = app
-        .post(
-            "/api/v1/storages",
-            json!({
-                "project_id": project, "role": "target", "backend": "s3", "prefix": "out",
-                "can_delete_objects": true,
-                "config": { "bucket": bucket, "endpoint_url": proxy.url },
-                "secrets": { "access_key_id": "test", "secret_access_key": "test" },
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{target}");
+    let target = a_target_through(&app, project, &proxy, &bucket).await;
     let (status, started) = app
         .post(
             &format!("/api/v1/storages/{}/sync", target["id"]),
@@ -1137,6 +1117,126 @@ async fn an_annotation_deleted_mid_upload_does_not_fail_the_export() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    app.stop().await;
+}
+
+/// A project with one task, imported from a local file: (project, task).
+async fn a_task(app: &TestApp) -> (i64, Value) {
+    let project = app.project("race").await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("t.json"), r#"{"text": "hello"}"#).unwrap();
+    let source = app
+        .local_storage(project, json!({ "import_method": "tasks" }))
+        .await;
+    assert_eq!(app.sync(&source["id"]).await["status"], "completed");
+    let task = app.all_tasks(project).await[0]["id"].clone();
+    (project, task)
+}
+
+/// An S3 target of `project` on `bucket` through `proxy`, prefix `out`,
+/// that deletes the objects of deleted annotations.
+async fn a_target_through(app: &TestApp, project: i64, proxy: &FaultProxy, bucket: &str) -> Value {
+    let (status, target) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "target", "backend": "s3", "prefix": "out",
+                "can_delete_objects": true,
+                "config": { "bucket": bucket, "endpoint_url": proxy.url },
+                "secrets": { "access_key_id": "test", "secret_access_key": "test" },
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{target}");
+    target
+}
+
+/// An annotation saved while its target refuses writes (503, past the
+/// client's retries) reaches it once the target is back: its event stays
+/// and the run's attempt is retried. Before, the event went with its page
+/// as a failed object, and only a full export sent the annotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_annotation_saved_while_the_target_is_down_reaches_it() {
+    let (moto, bucket, s3) = moto_bucket().await;
+    let proxy = FaultProxy::start(&moto, Mode::WritesDownFor(8)).await;
+    let app = spawn_app(private_endpoints()).await;
+    let (project, task) = a_task(&app).await;
+    a_target_through(&app, project, &proxy, &bucket).await;
+    let (status, annotation) = app
+        .post(
+            &format!("/api/v1/tasks/{task}/annotations"),
+            json!({ "result": [] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{annotation}");
+    let key = format!("out/{}.json", annotation["id"]);
+    labelsync_tests::eventually("the annotation in the target", || async {
+        s3.get(&key, None).await.is_ok()
+    })
+    .await;
+    assert!(proxy.counts().1 >= 8, "the writes were refused first");
+    app.stop().await;
+}
+
+/// A storage whose last events run failed gets no new one from the
+/// scheduler's tick for five minutes: a target that fails every run at
+/// once (its secrets do not open) failed one a tick for as long as its
+/// events waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_of_a_failing_target_wait_before_the_next_run() {
+    use labelsync::db::{entities::sync_run, outbox};
+    use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, Set};
+    let (moto, bucket) = bucket(0, 0).await;
+    let proxy = FaultProxy::start(&moto, Mode::WritesDownFor(0)).await;
+    let app = spawn_app(private_endpoints()).await;
+    let (project, task) = a_task(&app).await;
+    let target = a_target_through(&app, project, &proxy, &bucket).await;
+    let (status, annotation) = app
+        .post(
+            &format!("/api/v1/tasks/{task}/annotations"),
+            json!({ "result": [] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{annotation}");
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let target_id = target["id"].as_i64().expect("id");
+    let runs = || {
+        sync_run::Entity::find()
+            .filter(sync_run::Column::StorageId.eq(target_id))
+            .all(&db)
+    };
+    labelsync_tests::eventually("the save's events run to end", || async {
+        runs()
+            .await
+            .expect("runs")
+            .iter()
+            .all(|r| r.finished_at.is_some())
+    })
+    .await;
+    let first = runs().await.expect("runs").remove(0);
+    let fail_at = |ago: chrono::Duration| {
+        let mut failed = first.clone().into_active_model();
+        failed.status = Set("failed".into());
+        failed.finished_at = Set(Some(chrono::Utc::now() - ago));
+        failed.update(&db)
+    };
+    fail_at(chrono::Duration::zero())
+        .await
+        .expect("fail the run");
+    let annotation_id = annotation["id"].as_i64().expect("id");
+    outbox::record(&db, project, annotation_id, outbox::UPSERT)
+        .await
+        .expect("an event waits");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(runs().await.expect("runs").len(), 1, "paused: no new run");
+    fail_at(chrono::Duration::minutes(6))
+        .await
+        .expect("fail the run");
+    labelsync_tests::eventually("a new events run", || async {
+        runs().await.expect("runs").len() == 2
+    })
+    .await;
     app.stop().await;
 }
 

@@ -56,6 +56,9 @@ pub enum Mode {
     /// such a read was refused, so the first page's reads begin before the
     /// listing goes on; everything else passes.
     FailReadsUnder(&'static str),
+    /// The first this many writes (PUT) get 503 SlowDown; every later
+    /// request passes: a storage down for a while.
+    WritesDownFor(u64),
 }
 
 #[derive(Clone)]
@@ -239,6 +242,14 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
             } else if object_read && req.uri().path().contains(&format!("/{prefix}")) {
+                s.faults.fetch_add(1, Ordering::SeqCst);
+                return slow_down();
+            }
+            None
+        }
+        Mode::WritesDownFor(refused) => {
+            let write = req.method() == axum::http::Method::PUT;
+            if write && s.faults.load(Ordering::SeqCst) < refused {
                 s.faults.fetch_add(1, Ordering::SeqCst);
                 return slow_down();
             }

@@ -148,6 +148,25 @@ pub async fn create_or_get_live_scoped(
     create_live(db, storage_id, kind, scope, None).await
 }
 
+/// Whether the storage's latest run of `scope` failed after `since`.
+pub async fn failed_since(
+    db: &impl ConnectionTrait,
+    storage_id: i64,
+    scope: &str,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<bool> {
+    use sync_run::Column as C;
+    let latest = sync_run::Entity::find()
+        .filter(C::StorageId.eq(storage_id))
+        .filter(C::Scope.eq(scope))
+        .order_by_desc(C::QueuedAt)
+        .one(db)
+        .await?;
+    Ok(latest.is_some_and(|run| {
+        run.status == RunStatus::Failed.as_str() && run.finished_at.is_some_and(|at| at > since)
+    }))
+}
+
 /// Creates a `retry` import run of `of`'s storage that reads again the
 /// objects `of` failed on, or returns the storage's live run (`true`).
 pub async fn create_retry(

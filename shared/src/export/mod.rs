@@ -70,6 +70,22 @@ struct PageResult {
     delta: Counters,
     errors: Vec<(String, Option<i64>, String)>,
     links: Vec<export_link::ActiveModel>,
+    /// Annotations whose upload or delete the storage refused for now
+    /// (transient errors, its retries spent), with the last error: not
+    /// failures of the annotation, so their events stay (see
+    /// [`ExportJob::drain`]).
+    unsent: Vec<(i64, String, Error)>,
+}
+
+impl PageResult {
+    /// Counts the unsent as failed, each with its error (a full pass: the
+    /// next one sends them).
+    fn unsent_failed(&mut self) {
+        for (_, key, err) in self.unsent.drain(..) {
+            self.delta.failed += 1;
+            self.errors.push((key, None, err.to_string()));
+        }
+    }
 }
 
 impl ExportJob<'_> {
@@ -94,6 +110,7 @@ impl ExportJob<'_> {
                 cursor = last.id;
                 let mut result = PageResult::default();
                 self.export(&backend, page, &mut result).await?;
+                result.unsent_failed();
                 if !self.commit(result, Some(&cursor.to_string()), &[]).await? {
                     return Ok(Outcome::Stopped);
                 }
@@ -188,6 +205,7 @@ impl ExportJob<'_> {
                 }
                 // The run cannot reach the storage at all: retry the run.
                 Err(e) if matches!(e, Error::Unauthenticated(_)) => return Err(e),
+                Err(e) if e.is_transient() => out.unsent.push((id, key, e)),
                 Err(e) => {
                     out.delta.failed += 1;
                     out.errors.push((key, None, e.to_string()));
@@ -215,15 +233,16 @@ impl ExportJob<'_> {
                 let key = object_key(&self.storage.prefix, id);
                 async move {
                     let result = backend.delete(&key).await;
-                    (key, result)
+                    (id, key, result)
                 }
             })
             .buffer_unordered(self.settings.export_concurrency.max(1))
             .collect()
             .await;
-        for (key, result) in results {
+        for (id, key, result) in results {
             match result {
                 Ok(()) => out.delta.deleted += 1,
+                Err(e) if e.is_transient() => out.unsent.push((id, key, e)),
                 Err(e) => {
                     out.delta.failed += 1;
                     out.errors.push((key, None, format!("delete: {e}")));
@@ -263,9 +282,30 @@ impl ExportJob<'_> {
             let mut result = PageResult::default();
             self.export(backend, annotations, &mut result).await?;
             self.delete_objects(backend, gone, &mut result).await;
-            if !self.commit(result, None, &events).await? {
+            let (sent, unsent) = sent_and_unsent(events, &mut result);
+            if !self.commit(result, None, &sent).await? {
                 return Ok(Outcome::Stopped);
+            }
+            if let Some(err) = unsent {
+                return Err(err);
             }
         }
     }
+}
+
+/// A page's events split by whether their change reached the storage (or
+/// failed for good, as its error says): the others stay in the outbox, and
+/// their last error ends the run's attempt, which the queue retries later
+/// (an annotation saved while the storage was down is not dropped; before,
+/// its event went with the page and only a full pass sent it).
+fn sent_and_unsent(
+    events: Vec<export_outbox::Model>,
+    result: &mut PageResult,
+) -> (Vec<export_outbox::Model>, Option<Error>) {
+    let unsent: std::collections::HashSet<i64> = result.unsent.iter().map(|u| u.0).collect();
+    let sent = events
+        .into_iter()
+        .filter(|e| !unsent.contains(&e.annotation_id))
+        .collect();
+    (sent, result.unsent.pop().map(|u| u.2))
 }

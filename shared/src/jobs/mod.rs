@@ -822,7 +822,10 @@ async fn release_new(
 }
 
 /// Starts export runs for the storages with annotation events waiting (the
-/// scheduler's tick; the API also calls [`enqueue_events`] right away).
+/// scheduler's tick; the API also calls [`enqueue_events`] right away),
+/// but for a storage whose last such run failed less than
+/// [`EVENTS_PAUSE_AFTER_FAILURE`] ago: its events wait that long (a
+/// target down or refusing its credentials failed a run every tick).
 /// Returns how many runs were started.
 pub async fn dispatch_outbox(
     db: &DatabaseConnection,
@@ -830,13 +833,20 @@ pub async fn dispatch_outbox(
     settings: &Settings,
 ) -> Result<usize> {
     let mut started = 0;
+    let paused_since = chrono::Utc::now() - EVENTS_PAUSE_AFTER_FAILURE;
     for storage_id in crate::db::outbox::pending_storages(db, 1000).await? {
+        if runs::failed_since(db, storage_id, runs::SCOPE_EVENTS, paused_since).await? {
+            continue;
+        }
         if enqueue_events(db, queue, settings, storage_id).await? {
             started += 1;
         }
     }
     Ok(started)
 }
+
+/// How long the events of a storage wait after its last events run failed.
+pub const EVENTS_PAUSE_AFTER_FAILURE: chrono::Duration = chrono::Duration::minutes(5);
 
 /// Starts a sync of `storage`: creates a queued run, or returns the
 /// storage's live run (`true`). The new run goes to the queue as its
