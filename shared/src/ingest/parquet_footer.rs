@@ -6,10 +6,20 @@
 //! elements in the footer (Thrift compact protocol) without recursion in the
 //! schema's depth and tells the depth, so such a file is refused first.
 //!
-//! Only what the walk needs is decoded: `FileMetaData.schema` (field 2, a
-//! list of `SchemaElement`) and each element's `num_children` (field 5);
-//! every other field is skipped, with nested structs skipped to a bounded
-//! depth. Anything malformed is an error; the caller refuses the file.
+//! Only what the walk needs is decoded: `FileMetaData`'s schema (field 2,
+//! a list of `SchemaElement`, each element's `num_children` and name) and
+//! its row counts (field 3, and each row group's field 3); every other
+//! field is skipped, with nested structs skipped to a bounded depth.
+//! Anything malformed is an error; the caller refuses the file.
+//!
+//! The walk must read the bytes the crate will: the crate reads a field it
+//! knows as the format's type whatever type its header names (an `i32`
+//! sent as `i64` is read the same; a string sent as an `i32` is not), and
+//! keeps the last of a repeated field. So in the structs walked here a
+//! known field whose header names another type, or a known field given
+//! twice, is refused ([`Fields`]): a schema of 100,000 nested groups whose
+//! `num_children` were sent as `i64` looked flat to an earlier walk and
+//! overflowed the crate's stack.
 use std::{
     fs::File,
     io::{Read, Seek, SeekFrom},
@@ -22,16 +32,32 @@ const MAX_FOOTER_BYTES: u64 = 64 << 20;
 /// a few levels; the `parquet` crate allows 64).
 pub(super) const MAX_STRUCT_DEPTH: u32 = 64;
 
-/// The deepest level of the schema (top-level columns are level 1), or
-/// `limit + 1` as soon as some element is deeper than `limit`.
-pub fn schema_depth(file: &mut File, limit: usize) -> Result<usize, String> {
+/// The most leaf columns a schema may have: the crate's row reader holds
+/// buffers of every column at once (tens of KB each).
+pub const MAX_COLUMNS: u64 = 10_000;
+/// The longest column name, in bytes: names are copied into every row and
+/// every row's error.
+const MAX_NAME_BYTES: u64 = 1024;
+
+/// What the footer tells of the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schema {
+    /// The deepest level (top-level columns are level 1), or `limit + 1`
+    /// as soon as some element is deeper than `limit` (the rest unread).
+    pub depth: usize,
+    /// Its leaf columns.
+    pub columns: u64,
+}
+
+/// Reads the schema from the footer (see the module's documentation).
+pub fn schema(file: &mut File, limit: usize) -> Result<Schema, String> {
     let footer = read_footer(file)?;
     let mut reader = Compact {
         bytes: &footer,
         at: 0,
     };
     reader
-        .schema_depth(limit)
+        .file_metadata(limit)
         .map_err(|e| format!("not a readable Parquet file: footer: {e}"))
 }
 
@@ -85,61 +111,221 @@ pub(super) struct Compact<'a> {
 
 pub(super) type R<T> = Result<T, String>;
 
-impl Compact<'_> {
-    fn schema_depth(&mut self, limit: usize) -> R<usize> {
-        let mut last_id = 0i16;
-        loop {
-            let Some((id, kind)) = self.field_header(&mut last_id)? else {
-                return Err("no schema".into());
-            };
-            if id == 2 && kind == LIST {
-                return self.walk_schema(limit);
-            }
-            self.skip(kind, MAX_STRUCT_DEPTH)?;
+/// How the format types a field, as far as the wire goes: every integer
+/// is a varint in the compact protocol (so `i16`, `i32` and `i64` read
+/// alike), a bool is in its field header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wire {
+    Int,
+    Binary,
+    Bool,
+    List,
+    Struct,
+}
+
+/// The fields of a struct the walk decodes, known by id.
+pub(super) type Known = &'static [(i16, Wire)];
+
+const FILE_METADATA: Known = &[
+    (1, Wire::Int),
+    (2, Wire::List),
+    (3, Wire::Int),
+    (4, Wire::List),
+    (5, Wire::List),
+    (6, Wire::Binary),
+    (7, Wire::List),
+    (8, Wire::Struct),
+    (9, Wire::Binary),
+];
+const SCHEMA_ELEMENT: Known = &[
+    (1, Wire::Int),
+    (2, Wire::Int),
+    (3, Wire::Int),
+    (4, Wire::Binary),
+    (5, Wire::Int),
+    (6, Wire::Int),
+    (7, Wire::Int),
+    (8, Wire::Int),
+    (9, Wire::Int),
+    (10, Wire::Struct),
+];
+const ROW_GROUP: Known = &[
+    (1, Wire::List),
+    (2, Wire::Int),
+    (3, Wire::Int),
+    (4, Wire::List),
+    (5, Wire::Int),
+    (6, Wire::Int),
+    (7, Wire::Int),
+];
+
+/// Reads a struct's field headers as the crate will take them: a known
+/// field must have its type's header and come once (see the module's
+/// documentation); unknown fields are skipped by both readers alike.
+pub(super) struct Fields {
+    known: Known,
+    last_id: i16,
+    /// Bit `i` is set once the known field at index `i` was read.
+    seen: u32,
+}
+
+impl Fields {
+    pub(super) fn of(known: Known) -> Self {
+        Fields {
+            known,
+            last_id: 0,
+            seen: 0,
         }
+    }
+
+    /// The next field's id and wire type, or `None` at the struct's end.
+    pub(super) fn next(&mut self, c: &mut Compact<'_>) -> R<Option<(i16, u8)>> {
+        let Some((id, kind)) = c.field_header(&mut self.last_id)? else {
+            return Ok(None);
+        };
+        let Some(index) = self.known.iter().position(|(k, _)| *k == id) else {
+            return Ok(Some((id, kind)));
+        };
+        if self.seen & (1 << index) != 0 {
+            return Err(format!("field {id} is given twice"));
+        }
+        self.seen |= 1 << index;
+        let fits = match self.known[index].1 {
+            Wire::Int => matches!(kind, I16 | I32 | I64),
+            Wire::Binary => kind == BINARY,
+            Wire::Bool => matches!(kind, TRUE | FALSE),
+            Wire::List => matches!(kind, LIST | SET),
+            Wire::Struct => kind == STRUCT,
+        };
+        if !fits {
+            return Err(format!("field {id} has wire type {kind}, not its type's"));
+        }
+        Ok(Some((id, kind)))
+    }
+}
+
+impl Compact<'_> {
+    /// `FileMetaData`: the schema, checked for row counts on the way.
+    fn file_metadata(&mut self, limit: usize) -> R<Schema> {
+        let mut fields = Fields::of(FILE_METADATA);
+        let mut schema = None;
+        while let Some((id, kind)) = fields.next(self)? {
+            match id {
+                2 => {
+                    let walked = self.walk_schema(limit)?;
+                    if walked.depth > limit {
+                        return Ok(walked);
+                    }
+                    schema = Some(walked);
+                }
+                3 => rows(self.zigzag()?)?,
+                4 => self.row_groups()?,
+                _ => self.skip(kind, MAX_STRUCT_DEPTH)?,
+            }
+        }
+        schema.ok_or_else(|| "no schema".into())
+    }
+
+    /// Each `RowGroup`'s row count (field 3) must be a count.
+    fn row_groups(&mut self) -> R<()> {
+        let count = self.struct_list()?;
+        for _ in 0..count {
+            let mut fields = Fields::of(ROW_GROUP);
+            while let Some((id, kind)) = fields.next(self)? {
+                match id {
+                    3 => rows(self.zigzag()?)?,
+                    _ => self.skip(kind, MAX_STRUCT_DEPTH)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A list's header, which must hold structs, no more of them than
+    /// bytes left; its length.
+    fn struct_list(&mut self) -> R<u64> {
+        let (count, kind) = self.list_header()?;
+        if kind != STRUCT {
+            return Err("a list of structs holds something else".into());
+        }
+        if count > (self.bytes.len() - self.at) as u64 {
+            return Err("a list longer than the footer".into());
+        }
+        Ok(count)
     }
 
     /// Walks the schema elements (depth-first order, each group followed by
     /// its `num_children` children) with a stack of children still to come.
-    fn walk_schema(&mut self, limit: usize) -> R<usize> {
-        let (count, kind) = self.list_header()?;
-        if kind != STRUCT {
-            return Err("schema is not a list of structs".into());
-        }
-        let mut open: Vec<i64> = Vec::new();
-        let mut deepest = 0;
-        for _ in 0..count {
+    /// The root must have columns, no group more children than elements
+    /// follow it (the crate sizes a vector by the count), and the list must
+    /// end with the tree.
+    fn walk_schema(&mut self, limit: usize) -> R<Schema> {
+        let count = self.struct_list()?;
+        let mut open: Vec<u64> = Vec::new();
+        let (mut deepest, mut columns) = (0, 0u64);
+        for i in 0..count {
             let depth = open.len();
             deepest = deepest.max(depth);
             if depth > limit {
-                return Ok(limit + 1);
+                return Ok(Schema {
+                    depth: limit + 1,
+                    columns,
+                });
+            }
+            if i > 0 && open.is_empty() {
+                return Err("elements follow the schema's root".into());
             }
             if let Some(left) = open.last_mut() {
                 *left -= 1;
             }
             let children = self.element_children()?;
-            if children > 0 {
-                open.push(children);
+            if children > count - i - 1 {
+                return Err(format!(
+                    "an element claims {children} children where {} elements follow",
+                    count - i - 1
+                ));
+            }
+            match (i, children) {
+                (0, 0) => return Err("the schema has no columns".into()),
+                (_, 0) => columns += 1,
+                _ => open.push(children),
+            }
+            if columns > MAX_COLUMNS {
+                return Err(format!("the schema has more than {MAX_COLUMNS} columns"));
             }
             while open.last() == Some(&0) {
                 open.pop();
             }
         }
-        Ok(deepest)
+        if !open.is_empty() {
+            return Err("the schema ends before its groups' children".into());
+        }
+        Ok(Schema {
+            depth: deepest,
+            columns,
+        })
     }
 
     /// Reads one `SchemaElement`, returning its `num_children` (0 if unset).
-    fn element_children(&mut self) -> R<i64> {
+    fn element_children(&mut self) -> R<u64> {
         let mut children = 0;
-        let mut last_id = 0i16;
-        while let Some((id, kind)) = self.field_header(&mut last_id)? {
-            if id == 5 && kind == I32 {
-                children = self.zigzag()?;
-                if children < 0 {
-                    return Err("negative num_children".into());
+        let mut fields = Fields::of(SCHEMA_ELEMENT);
+        while let Some((id, kind)) = fields.next(self)? {
+            match id {
+                4 => {
+                    let len = self.varint()?;
+                    if len > MAX_NAME_BYTES {
+                        return Err(format!(
+                            "a column name of {len} bytes (at most {MAX_NAME_BYTES})"
+                        ));
+                    }
+                    self.advance(usize::try_from(len).map_err(|_| "length out of range")?)?;
                 }
-            } else {
-                self.skip(kind, MAX_STRUCT_DEPTH)?;
+                5 => {
+                    children =
+                        u64::try_from(self.zigzag()?).map_err(|_| "negative num_children")?;
+                }
+                _ => self.skip(kind, MAX_STRUCT_DEPTH)?,
             }
         }
         Ok(children)
@@ -259,6 +445,15 @@ impl Compact<'_> {
     }
 }
 
+/// A row count read from the footer: the crate takes a negative one as
+/// the largest count there is (an empty schema made `u64::MAX` rows).
+fn rows(count: i64) -> R<()> {
+    if count < 0 {
+        return Err(format!("a row count of {count}"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -278,7 +473,8 @@ mod tests {
 
     /// `FileMetaData { version: 1, schema: [root(children: 1), ...] }`: a
     /// chain of `levels` groups of one child each, then a leaf, with a name
-    /// (field 4) and an unknown struct field (skipped) on every element.
+    /// (field 4) and a logical type (field 10, a struct: skipped) on every
+    /// element.
     fn chain(levels: usize) -> Vec<u8> {
         let mut out = vec![0x15, 0x02]; // field 1 (i32) = 1
         out.push(0x19); // field 2 (+1), list
@@ -294,7 +490,9 @@ mod tests {
             if i < levels {
                 out.extend([0x15, 0x02]); // field 5 (i32) num_children = 1
             }
-            out.extend([0x5c, 0x15, 0x04, 0x00]); // field 10 (struct { 1: 2 })
+            // field 10, a struct { 1: 2 } (the delta from field 5 or 4)
+            let delta = if i < levels { 0x5c } else { 0x6c };
+            out.extend([delta, 0x15, 0x04, 0x00]);
             out.push(0x00); // stop
         }
         out.push(0x00);
@@ -304,23 +502,119 @@ mod tests {
     #[test]
     fn depth_of_a_chain_and_early_stop() {
         let mut file = file_with_footer(&chain(3));
-        assert_eq!(schema_depth(&mut file, 100), Ok(3));
+        let depth = |file: &mut File, limit| schema(file, limit).map(|s| s.depth);
+        assert_eq!(depth(&mut file, 100), Ok(3));
         let mut file = file_with_footer(&chain(100_000));
-        assert_eq!(schema_depth(&mut file, 130), Ok(131));
+        assert_eq!(depth(&mut file, 130), Ok(131));
+    }
+
+    /// `chain(levels)` with every `num_children` sent as an `i64`.
+    fn chain_of_i64_counts(levels: usize) -> Vec<u8> {
+        let mut footer = chain(levels);
+        // Each count is the only `0x15 0x02` after a name "x" (0x48 0x01 'x').
+        for at in 3..footer.len() - 1 {
+            if footer[at - 3..at] == [0x48, 0x01, b'x'] && footer[at..at + 2] == [0x15, 0x02] {
+                footer[at] = 0x16;
+            }
+        }
+        footer
+    }
+
+    /// The crate reads a count sent as an `i64` as it reads an `i32`: the
+    /// walk must too (it skipped such counts, saw a flat schema, and the
+    /// crate overflowed its stack on 100,000 levels).
+    #[test]
+    fn counts_sent_as_i64_are_read() {
+        let depth =
+            |footer: &[u8], limit| schema(&mut file_with_footer(footer), limit).map(|s| s.depth);
+        assert_eq!(depth(&chain_of_i64_counts(3), 100), Ok(3));
+        assert_eq!(depth(&chain_of_i64_counts(100_000), 130), Ok(131));
+    }
+
+    /// `FileMetaData { version: 1, schema: [elements...] }` then `tail`.
+    fn footer(elements: &[&[u8]], tail: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x15, 0x02, 0x19, 0xfc, elements.len() as u8];
+        for element in elements {
+            out.extend_from_slice(element);
+        }
+        out.extend_from_slice(tail);
+        out.push(0x00);
+        out
+    }
+
+    /// What the crate would read otherwise, or not survive: a field given
+    /// twice (the crate keeps the last), a known field of another type, an
+    /// empty schema (`u64::MAX` rows of `{}`), a group claiming more
+    /// children than follow (a vector sized by the claim), a negative row
+    /// count, a name of megabytes (copied into every row's error).
+    #[test]
+    fn footers_the_crate_would_read_otherwise_are_refused() {
+        let root: &[u8] = &[0x48, 0x01, b'r', 0x15, 0x02, 0x00];
+        let leaf: &[u8] = &[0x48, 0x01, b'x', 0x00];
+        let mut long = vec![0x48, 0xd0, 0x0f]; // a name of 2,000 bytes
+        long.extend(std::iter::repeat_n(b'n', 2000));
+        long.push(0x00);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                footer(
+                    &[
+                        &[0x48, 0x01, b'r', 0x15, 0x02, 0x05, 0x0a, 0x00, 0x00],
+                        leaf,
+                    ],
+                    &[],
+                ),
+                "twice",
+            ),
+            (
+                footer(&[&[0x48, 0x01, b'r', 0x18, 0x02, 0x00], leaf], &[]),
+                "wire type",
+            ),
+            (footer(&[&[0x48, 0x01, b'r', 0x00]], &[]), "no columns"),
+            (
+                footer(&[&[0x48, 0x01, b'r', 0x15, 0x0a, 0x00], leaf], &[]),
+                "claims 5 children",
+            ),
+            (footer(&[root, leaf], &[0x16, 0x01]), "row count of -1"),
+            (
+                footer(&[&[0x48, 0x01, b'r', 0x15, 0x04, 0x00], leaf, &long], &[]),
+                "column name",
+            ),
+            (
+                footer(
+                    &[root, leaf],
+                    &[0x09, 0x04, 0x19, 0x1c, 0x48, 0x01, b'r', 0x00],
+                ),
+                "twice",
+            ),
+            (footer(&[root, leaf, leaf], &[]), "follow the schema's root"),
+        ];
+        for (bytes, why) in cases {
+            let got = schema(&mut file_with_footer(&bytes), 100);
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains(why)),
+                "{why}: {got:?}"
+            );
+        }
+        assert_eq!(
+            schema(
+                &mut file_with_footer(&footer(&[root, leaf], &[0x16, 0x02])),
+                100
+            ),
+            Ok(Schema {
+                depth: 1,
+                columns: 1
+            })
+        );
     }
 
     #[test]
     fn malformed_footers_are_errors() {
         let mut file = file_with_footer(&chain(3)[..10]);
-        assert!(
-            schema_depth(&mut file, 100)
-                .unwrap_err()
-                .contains("ends early")
-        );
+        assert!(schema(&mut file, 100).unwrap_err().contains("ends early"));
         let mut file = file_with_footer(&[0x1c; 200]);
-        assert!(schema_depth(&mut file, 100).is_err());
+        assert!(schema(&mut file, 100).is_err());
         let mut file = tempfile::tempfile().expect("temp file");
         file.write_all(b"not parquet at all").expect("write");
-        assert!(schema_depth(&mut file, 100).unwrap_err().contains("PAR1"));
+        assert!(schema(&mut file, 100).unwrap_err().contains("PAR1"));
     }
 }

@@ -18,7 +18,7 @@ use std::{
     io::{self, BufReader, Read, Seek, SeekFrom},
 };
 
-use super::parquet_footer::{Compact, FALSE, I32, MAX_STRUCT_DEPTH, R, STRUCT, TRUE};
+use super::parquet_footer::{Compact, FALSE, Fields, Known, MAX_STRUCT_DEPTH, R, TRUE, Wire};
 
 /// Bytes read to find one page header (statistics make some headers a few
 /// KB); a header that does not end within [`MAX_HEADER`] is refused.
@@ -34,7 +34,43 @@ pub struct Chunk {
     pub uncompressed: u64,
     /// Whether its pages are GZIP.
     pub gzip: bool,
+    /// The fewest bits one value of its type takes stored plainly (1 for a
+    /// boolean, 32 for a text with its length): a dictionary page may not
+    /// declare more values than its bytes hold.
+    pub value_bits: u64,
 }
+
+const PAGE_HEADER: Known = &[
+    (1, Wire::Int),
+    (2, Wire::Int),
+    (3, Wire::Int),
+    (4, Wire::Int),
+    (5, Wire::Struct),
+    (6, Wire::Struct),
+    (7, Wire::Struct),
+    (8, Wire::Struct),
+];
+const DATA_PAGE_HEADER: Known = &[
+    (1, Wire::Int),
+    (2, Wire::Int),
+    (3, Wire::Int),
+    (4, Wire::Int),
+    (5, Wire::Struct),
+];
+const DICTIONARY_PAGE_HEADER: Known = &[(1, Wire::Int), (2, Wire::Int), (3, Wire::Bool)];
+const DATA_PAGE_HEADER_V2: Known = &[
+    (1, Wire::Int),
+    (2, Wire::Int),
+    (3, Wire::Int),
+    (4, Wire::Int),
+    (5, Wire::Int),
+    (6, Wire::Int),
+    (7, Wire::Bool),
+    (8, Wire::Struct),
+];
+/// What the crate keeps in memory per dictionary value at most (a text's
+/// `ByteArray`).
+const DICTIONARY_VALUE_BYTES: u64 = 32;
 
 /// `PageType`s the walk tells apart (the format's enum values).
 const INDEX_PAGE: i64 = 1;
@@ -52,6 +88,8 @@ struct Page {
     levels: u64,
     /// False for a v2 data page stored uncompressed.
     compressed_values: bool,
+    /// A dictionary page's values.
+    values: u64,
 }
 
 /// Walks `chunk`'s pages; what reading it holds at once: its dictionary
@@ -75,7 +113,7 @@ pub fn walk_chunk(file: &mut File, chunk: Chunk) -> Result<u64, String> {
             ));
         }
         match page.kind {
-            DICTIONARY_PAGE => dictionary = dictionary.max(page.uncompressed),
+            DICTIONARY_PAGE => dictionary = dictionary.max(dictionary_size(&page, chunk)?),
             _ => largest = largest.max(page.uncompressed),
         }
         let stored = page.compressed.checked_sub(page.levels);
@@ -92,6 +130,23 @@ pub fn walk_chunk(file: &mut File, chunk: Chunk) -> Result<u64, String> {
         at = end;
     }
     Ok(dictionary.saturating_add(largest))
+}
+
+/// What a dictionary page holds in memory: the crate makes room for as
+/// many values as its header declares, whatever its size (2^31 values in
+/// an empty page asked for 64 GiB), so a page may declare no more values
+/// than its bytes hold.
+fn dictionary_size(page: &Page, chunk: Chunk) -> Result<u64, String> {
+    let fit = page.uncompressed.saturating_mul(8) / chunk.value_bits.max(1);
+    if page.values > fit {
+        return Err(format!(
+            "a dictionary page declares {} values in {} bytes",
+            page.values, page.uncompressed
+        ));
+    }
+    Ok(page
+        .uncompressed
+        .max(page.values.saturating_mul(DICTIONARY_VALUE_BYTES)))
 }
 
 /// Reads the page header at `pos` (at most `left` bytes of the chunk).
@@ -119,21 +174,25 @@ fn read_page(file: &mut File, pos: u64, left: u64) -> Result<Page, String> {
     }
 }
 
-/// Decodes a `PageHeader`: the sizes (fields 2 and 3) and a v2 data page's
-/// levels (field 8); everything else is skipped.
+/// Decodes a `PageHeader`: the sizes (fields 2 and 3), a dictionary
+/// page's values (field 7) and a v2 data page's levels (field 8);
+/// everything else is skipped. Fields are read as the crate reads them
+/// (see `parquet_footer::Fields`).
 fn page_header(c: &mut Compact<'_>) -> R<Page> {
     let mut page = Page {
         compressed_values: true,
         ..Page::default()
     };
     let (mut uncompressed, mut compressed) = (None, None);
-    let mut last_id = 0i16;
-    while let Some((id, kind)) = c.field_header(&mut last_id)? {
-        match (id, kind) {
-            (1, I32) => page.kind = c.zigzag()?,
-            (2, I32) => uncompressed = Some(size(c)?),
-            (3, I32) => compressed = Some(size(c)?),
-            (8, STRUCT) => (page.levels, page.compressed_values) = v2_levels(c)?,
+    let mut fields = Fields::of(PAGE_HEADER);
+    while let Some((id, kind)) = fields.next(c)? {
+        match id {
+            1 => page.kind = c.zigzag()?,
+            2 => uncompressed = Some(size(c)?),
+            3 => compressed = Some(size(c)?),
+            5 => checked(c, DATA_PAGE_HEADER)?,
+            7 => page.values = dictionary_values(c)?,
+            8 => (page.levels, page.compressed_values) = v2_levels(c)?,
             _ => c.skip(kind, MAX_STRUCT_DEPTH)?,
         }
     }
@@ -146,14 +205,36 @@ fn page_header(c: &mut Compact<'_>) -> R<Page> {
     Ok(page)
 }
 
+/// Skips a struct whose fields are checked as the crate reads them.
+fn checked(c: &mut Compact<'_>, known: Known) -> R<()> {
+    let mut fields = Fields::of(known);
+    while let Some((_, kind)) = fields.next(c)? {
+        c.skip(kind, MAX_STRUCT_DEPTH)?;
+    }
+    Ok(())
+}
+
+/// A `DictionaryPageHeader`'s `num_values` (field 1).
+fn dictionary_values(c: &mut Compact<'_>) -> R<u64> {
+    let mut values = 0;
+    let mut fields = Fields::of(DICTIONARY_PAGE_HEADER);
+    while let Some((id, kind)) = fields.next(c)? {
+        match id {
+            1 => values = size(c)?,
+            _ => c.skip(kind, MAX_STRUCT_DEPTH)?,
+        }
+    }
+    Ok(values)
+}
+
 /// A `DataPageHeaderV2`'s level bytes (fields 5 and 6) and `is_compressed`
 /// (field 7, true when absent).
 fn v2_levels(c: &mut Compact<'_>) -> R<(u64, bool)> {
     let (mut levels, mut compressed) = (0u64, true);
-    let mut last_id = 0i16;
-    while let Some((id, kind)) = c.field_header(&mut last_id)? {
+    let mut fields = Fields::of(DATA_PAGE_HEADER_V2);
+    while let Some((id, kind)) = fields.next(c)? {
         match (id, kind) {
-            (5 | 6, I32) => levels = levels.saturating_add(size(c)?),
+            (5 | 6, _) => levels = levels.saturating_add(size(c)?),
             (7, TRUE) => compressed = true,
             (7, FALSE) => compressed = false,
             _ => c.skip(kind, MAX_STRUCT_DEPTH)?,
@@ -194,7 +275,7 @@ mod tests {
         let zigzag = |v: i32| ((v << 1) ^ (v >> 31)) as u32;
         let mut out = Vec::new();
         for (delta, value) in [(1u8, 0i32), (1, uncompressed), (1, compressed)] {
-            out.push(delta << 4 | I32);
+            out.push(delta << 4 | super::super::parquet_footer::I32);
             let mut v = zigzag(value);
             loop {
                 let byte = (v & 0x7f) as u8;
@@ -236,6 +317,7 @@ mod tests {
             len,
             uncompressed: 60,
             gzip: false,
+            value_bits: 8,
         };
         assert_eq!(walk_chunk(&mut file, chunk), Ok(30));
     }
@@ -259,6 +341,7 @@ mod tests {
                 len,
                 uncompressed,
                 gzip: false,
+                value_bits: 8,
             };
             assert!(walk_chunk(&mut file, chunk).is_err(), "{pages:?}");
         }
@@ -281,6 +364,7 @@ mod tests {
             len,
             uncompressed: 60,
             gzip: true,
+            value_bits: 8,
         };
         let walked = walk_chunk(
             &mut file,
@@ -293,6 +377,50 @@ mod tests {
         // The 4- and 6-byte bodies are not GZIP: only the empty page passes.
         let (mut file, len) = chunk_file(&[(header(0, 0), Vec::new())]);
         assert_eq!(walk_chunk(&mut file, Chunk { len, ..chunk }), Ok(0));
+    }
+
+    /// A dictionary page may declare no more values than its bytes hold
+    /// (the crate makes room for every declared value: 2^31 of them in an
+    /// empty page asked for 64 GiB); a size given twice, the second as an
+    /// `i64` (the crate keeps the last), is refused.
+    #[test]
+    fn pages_the_crate_would_read_otherwise_are_refused() {
+        let dictionary = |values: u32| {
+            let mut head = vec![0x15, 0x04, 0x15, 0x08, 0x15, 0x08]; // type 2, sizes 4 and 4
+            head.push(0x4c); // field 7 (+3), struct
+            head.push(0x15); // num_values
+            let mut v = values << 1;
+            loop {
+                let byte = (v & 0x7f) as u8;
+                v >>= 7;
+                if v == 0 {
+                    head.push(byte);
+                    break;
+                }
+                head.push(byte | 0x80);
+            }
+            head.extend([0x00, 0x00]);
+            head
+        };
+        let mut twice = header(4, 4);
+        twice.pop();
+        twice.extend([0x06, 0x04, 0xfe, 0xff, 0xff, 0xff, 0x0f, 0x00]); // field 2 again, i64
+        for (head, ok) in [
+            (dictionary(1), true),
+            (dictionary(i32::MAX as u32), false),
+            (twice, false),
+        ] {
+            let (mut file, len) = chunk_file(&[(head.clone(), vec![0; 4])]);
+            let chunk = Chunk {
+                start: 0,
+                len,
+                uncompressed: 40,
+                gzip: false,
+                value_bits: 32,
+            };
+            let walked = walk_chunk(&mut file, chunk);
+            assert_eq!(walked.is_ok(), ok, "{head:?}: {walked:?}");
+        }
     }
 
     /// A GZIP page holding 1 MiB of zeros behind a header declaring 100
@@ -309,6 +437,7 @@ mod tests {
                 len,
                 uncompressed: 200,
                 gzip: true,
+                value_bits: 8,
             };
             let walked = walk_chunk(&mut file, chunk);
             assert_eq!(walked.is_ok(), ok, "{walked:?}");

@@ -576,6 +576,9 @@ const MAX_PARQUET_PATH: usize = 2 * MAX_NESTING + 2;
 /// bomb: real data compresses a few times, a 10 KB zstd chunk that claims
 /// 300 MB is an attack on the worker's memory.
 const BOMB_RATIO: i64 = 100;
+/// What the row iterator holds per column besides its pages: a batch of
+/// 1,024 values and their levels (about 34 KB for a text column).
+const COLUMN_READER_BYTES: u64 = 40 << 10;
 const BOMB_MIN_BYTES: i64 = 64 << 20;
 
 /// One task per row, row group by row group; the columns become data fields.
@@ -591,8 +594,8 @@ pub fn parse_parquet(
         serialized_reader::ReadOptionsBuilder,
     };
     let mut file = file;
-    let depth = super::parquet_footer::schema_depth(&mut file, MAX_PARQUET_PATH)?;
-    if depth > MAX_PARQUET_PATH {
+    let schema = super::parquet_footer::schema(&mut file, MAX_PARQUET_PATH)?;
+    if schema.depth > MAX_PARQUET_PATH {
         return Err(format!(
             "the Parquet schema nests more than {MAX_PARQUET_PATH} levels deep (a task may nest {MAX_NESTING} levels of lists and structs); the file is not read"
         ));
@@ -615,7 +618,8 @@ pub fn parse_parquet(
     for group in 0..reader.num_row_groups() {
         let metadata = reader.metadata().row_group(group);
         check_row_group(metadata, group)?;
-        let peak = check_pages(&mut pages, metadata, group)?;
+        let peak = check_pages(&mut pages, metadata, group)?
+            .saturating_add(schema.columns.saturating_mul(COLUMN_READER_BYTES));
         if let Some(budget) = limits.budget
             && peak > budget.bytes()
         {
@@ -733,11 +737,28 @@ fn check_pages(
             len,
             uncompressed,
             gzip,
+            value_bits: value_bits(column),
         };
         let largest = super::parquet_pages::walk_chunk(file, chunk).map_err(refuse)?;
         peak = peak.saturating_add(largest);
     }
     Ok(peak)
+}
+
+/// The fewest bits one value of a column takes stored plainly.
+fn value_bits(column: &parquet::file::metadata::ColumnChunkMetaData) -> u64 {
+    use parquet::basic::Type;
+    match column.column_type() {
+        Type::BOOLEAN => 1,
+        Type::INT32 | Type::FLOAT | Type::BYTE_ARRAY => 32,
+        Type::INT64 | Type::DOUBLE => 64,
+        Type::INT96 => 96,
+        Type::FIXED_LEN_BYTE_ARRAY => {
+            8 * u64::try_from(column.column_descr().type_length())
+                .unwrap_or(0)
+                .max(1)
+        }
+    }
 }
 
 #[cfg(test)]
