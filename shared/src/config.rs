@@ -155,6 +155,10 @@ pub struct HttpLimits {
     /// `LABELSYNC_BODY_TIMEOUT_SECS` (default 30): a request body not fully
     /// received this long after its head is refused with 408.
     pub body_timeout: Duration,
+    /// `LABELSYNC_WRITE_TIMEOUT_SECS` (default 30): a response the client
+    /// reads nothing of for this long (the socket's buffers full) is cut
+    /// and its connection closed.
+    pub write_timeout: Duration,
     /// `LABELSYNC_MAX_CONNECTIONS` (default 1024): open connections per
     /// listener; at the cap, the oldest connection not inside a request is
     /// closed to make room, or the new one waits for a request to end.
@@ -338,6 +342,7 @@ fn http_limits(get: &impl Fn(&str) -> Option<String>) -> Result<HttpLimits> {
         header_timeout: secs_within(get, "LABELSYNC_HEADER_TIMEOUT_SECS", 10, 86_400)?,
         idle_timeout: secs_within(get, "LABELSYNC_IDLE_TIMEOUT_SECS", 75, 86_400)?,
         body_timeout: secs_at_least_1(get, "LABELSYNC_BODY_TIMEOUT_SECS", 30)?,
+        write_timeout: secs_at_least_1(get, "LABELSYNC_WRITE_TIMEOUT_SECS", 30)?,
         max_connections: parse(get, "LABELSYNC_MAX_CONNECTIONS", 1024)?.clamp(1, 1 << 20),
     })
 }

@@ -183,7 +183,8 @@ enum Phase {
     /// timeout.
     Head,
     /// From a complete head until the response body is sent or dropped;
-    /// the body timeout bounds the request body.
+    /// the body timeout bounds the request body, the write timeout a
+    /// response the client stopped reading.
     Request,
     /// Between requests, no byte of the next one yet: the idle timeout.
     Idle,
@@ -194,6 +195,8 @@ struct Timing {
     since: Instant,
     /// Requests in progress (HTTP/1 serves one at a time; counted anyway).
     requests: usize,
+    /// Since when a write waits for the client to read (none taken since).
+    write_stalled: Option<Instant>,
 }
 
 struct ConnState {
@@ -211,6 +214,7 @@ impl ConnState {
                 phase: Phase::Head,
                 since: Instant::now(),
                 requests: 0,
+                write_stalled: None,
             }),
             changed: Notify::new(),
             close: Notify::new(),
@@ -224,7 +228,23 @@ impl ConnState {
     fn set(&self, timing: &mut Timing, phase: Phase) {
         timing.phase = phase;
         timing.since = Instant::now();
+        timing.write_stalled = None;
         self.changed.notify_one();
+    }
+
+    /// A write found the socket full: the first such write since the last
+    /// progress starts the write timeout.
+    fn write_waits(&self) {
+        let mut timing = self.lock();
+        if timing.write_stalled.is_none() {
+            timing.write_stalled = Some(Instant::now());
+            self.changed.notify_one();
+        }
+    }
+
+    /// A write took bytes: the client reads.
+    fn wrote(&self) {
+        self.lock().write_stalled = None;
     }
 
     fn in_request(&self) -> bool {
@@ -259,8 +279,14 @@ impl ConnState {
         match timing.phase {
             Phase::Head => Some(timing.since + limits.header_timeout),
             Phase::Idle => Some(timing.since + limits.idle_timeout),
-            Phase::Request => None,
+            Phase::Request => timing.write_stalled.map(|at| at + limits.write_timeout),
         }
+    }
+
+    /// Whether the connection's deadline has passed (it may have moved
+    /// since the timer was set: a stalled write went on).
+    fn expired(&self, limits: &HttpLimits) -> bool {
+        self.deadline(limits).is_some_and(|at| at <= Instant::now())
     }
 }
 
@@ -386,8 +412,10 @@ impl Connection {
                 }
                 () = self.state.changed.notified() => {}
                 () = expired => {
-                    tracing::debug!("closed a connection: no complete request head, or idle, for too long");
-                    break;
+                    if self.state.expired(&limits) {
+                        tracing::debug!("closed a connection: no complete request head, idle, or its response not read, for too long");
+                        break;
+                    }
                 }
                 () = self.state.close.notified() => {
                     tracing::debug!("closed a connection outside a request to let a new one in");
@@ -424,13 +452,27 @@ impl AsyncRead for WatchedIo {
     }
 }
 
+impl WatchedIo {
+    /// Tells the connection's state whether the client takes what is
+    /// written (see [`ConnState::write_waits`]).
+    fn watch_write(&self, written: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        match &written {
+            Poll::Pending => self.state.write_waits(),
+            Poll::Ready(Ok(n)) if *n > 0 => self.state.wrote(),
+            Poll::Ready(_) => {}
+        }
+        written
+    }
+}
+
 impl AsyncWrite for WatchedIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch_write(written)
     }
 
     fn poll_write_vectored(
@@ -438,7 +480,8 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch_write(written)
     }
 
     fn is_write_vectored(&self) -> bool {
