@@ -422,7 +422,7 @@ async fn storage_configs_and_secrets_are_bounded_in_bytes() {
     app.stop().await;
 }
 
-/// A request target longer than 8 KiB is a 414 before anything reads it:
+/// A request target longer than 32 KiB is a 414 before anything reads it:
 /// a caller, even a refused one, wrote an audit row of its whole path
 /// (tens of KB, which hyper takes in a request's head).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1182,7 +1182,8 @@ async fn an_annotation_saved_while_the_target_is_down_reaches_it() {
 /// A storage whose last events run failed gets no new one from the
 /// scheduler's tick for five minutes: a target that fails every run at
 /// once (its secrets do not open) failed one a tick for as long as its
-/// events waited.
+/// events waited. (The run's failure is written here, a second and then
+/// six minutes ago, on a target that works.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_events_of_a_failing_target_wait_before_the_next_run() {
     use labelsync::db::{entities::sync_run, outbox};

@@ -935,47 +935,69 @@ async fn a_list_of_content_types_is_not_passed_on() {
 }
 
 /// A response the client stops reading is cut after
-/// `LABELSYNC_WRITE_TIMEOUT_SECS` and its connection closed: such a
+/// `LABELSYNC_WRITE_TIMEOUT_SECS` and its connection closed, and at the
+/// connection cap it makes room for a new one after 10 s: such a
 /// connection counted as inside a request for ever, so a thousand of them
 /// (any reader of a project with a proxied object) filled
 /// `LABELSYNC_MAX_CONNECTIONS` and the server accepted no one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_its_client_stops_reading_is_cut() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut options = options(true);
-    options
-        .env
-        .push(("LABELSYNC_WRITE_TIMEOUT_SECS", "2".into()));
-    let app = spawn_app(options).await;
-    let project = app.project("stalled").await;
-    let media = app.doc_root.path().join("media");
-    std::fs::create_dir_all(&media).unwrap();
-    let size = 64 << 20;
-    std::fs::write(media.join("big.bin"), vec![7u8; size]).unwrap();
-    local_media_source(&app, project).await;
+    for (timeout, cap) in [("2", "1024"), ("300", "1")] {
+        let mut options = options(true);
+        options
+            .env
+            .push(("LABELSYNC_WRITE_TIMEOUT_SECS", timeout.into()));
+        options.env.push(("LABELSYNC_MAX_CONNECTIONS", cap.into()));
+        let app = spawn_app(options).await;
+        let project = app.project("stalled").await;
+        let media = app.doc_root.path().join("media");
+        std::fs::create_dir_all(&media).unwrap();
+        let size = 64 << 20;
+        std::fs::write(media.join("big.bin"), vec![7u8; size]).unwrap();
+        local_media_source(&app, project).await;
+        let mut stalled = a_stalled_download(&app, project).await;
+        if cap == "1" {
+            // The cap's one connection is held: a new request gets in
+            // once the stalled one may make room.
+            let started = std::time::Instant::now();
+            let (status, _) = app.get("/api/v1/projects").await;
+            assert_eq!(status, 200);
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{:?}",
+                started.elapsed()
+            );
+        } else {
+            // Reads nothing for longer than the write timeout.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::io::AsyncReadExt::read_to_end(&mut stalled, &mut got),
+        )
+        .await;
+        assert!(read.is_ok(), "the connection is closed, not left open");
+        assert!(got.len() < size, "cut: {} of {size} bytes came", got.len());
+        assert!(got.starts_with(b"HTTP/1.1 200"), "it had begun");
+        app.stop().await;
+    }
+}
 
+/// A connection with a small receive window that asks for `media/big.bin`
+/// and reads nothing.
+async fn a_stalled_download(app: &TestApp, project: i64) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
     let addr = app.base.trim_start_matches("http://").to_owned();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
-    let uri = "/data/local-files/?d=media/big.bin";
+    let uri = "%2Fdata%2Flocal-files%2F%3Fd%3Dmedia%2Fbig.bin";
     let head = format!(
-        "GET /api/v1/resolve?project_id={project}&uri={} HTTP/1.1\r\nHost: {addr}\r\n\r\n",
-        uri.replace('/', "%2F")
-            .replace('?', "%3F")
-            .replace('=', "%3D")
+        "GET /api/v1/resolve?project_id={project}&uri={uri} HTTP/1.1\r\nHost: {addr}\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    // Reads nothing for longer than the write timeout, then all it can.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut got = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut got)).await;
-    assert!(read.is_ok(), "the connection is closed, not left open");
-    assert!(
-        got.len() < size,
-        "the response was cut: {} of {size} bytes came",
-        got.len()
-    );
-    assert!(got.starts_with(b"HTTP/1.1 200"), "it had begun");
-    app.stop().await;
+    // The response has begun filling the socket.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stream
 }

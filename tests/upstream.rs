@@ -740,7 +740,7 @@ async fn app_without_workers() -> TestApp {
 async fn a_delivery_job_ends_when_its_endpoint_is_disabled() {
     let app = app_without_workers().await;
     let receiver = Receiver::start().await;
-    receiver.answer_after(Duration::from_millis(500));
+    receiver.answer_after(Duration::from_secs(2));
     let db = labelsync::db::connect(&app.database_url).await.expect("db");
     let hook = stored_webhook(&app, &db, &receiver.url).await;
     for _ in 0..3 {

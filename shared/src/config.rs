@@ -155,9 +155,10 @@ pub struct HttpLimits {
     /// `LABELSYNC_BODY_TIMEOUT_SECS` (default 30): a request body not fully
     /// received this long after its head is refused with 408.
     pub body_timeout: Duration,
-    /// `LABELSYNC_WRITE_TIMEOUT_SECS` (default 30): a response the client
-    /// reads nothing of for this long (the socket's buffers full) is cut
-    /// and its connection closed.
+    /// `LABELSYNC_WRITE_TIMEOUT_SECS` (default 300): a response whose
+    /// socket takes nothing for this long (the client reads nothing, or
+    /// too little to free the socket's buffer) is cut and its connection
+    /// closed; at the connection cap, one stalled for 10 s makes room.
     pub write_timeout: Duration,
     /// `LABELSYNC_MAX_CONNECTIONS` (default 1024): open connections per
     /// listener; at the cap, the oldest connection not inside a request is
@@ -342,7 +343,7 @@ fn http_limits(get: &impl Fn(&str) -> Option<String>) -> Result<HttpLimits> {
         header_timeout: secs_within(get, "LABELSYNC_HEADER_TIMEOUT_SECS", 10, 86_400)?,
         idle_timeout: secs_within(get, "LABELSYNC_IDLE_TIMEOUT_SECS", 75, 86_400)?,
         body_timeout: secs_at_least_1(get, "LABELSYNC_BODY_TIMEOUT_SECS", 30)?,
-        write_timeout: secs_at_least_1(get, "LABELSYNC_WRITE_TIMEOUT_SECS", 30)?,
+        write_timeout: secs_within(get, "LABELSYNC_WRITE_TIMEOUT_SECS", 300, 86_400)?,
         max_connections: parse(get, "LABELSYNC_MAX_CONNECTIONS", 1024)?.clamp(1, 1 << 20),
     })
 }

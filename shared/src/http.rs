@@ -176,6 +176,10 @@ struct Slots {
     request_ended: Notify,
 }
 
+/// How long a response must have waited for its client to read before
+/// its connection may make room for a new one at the cap.
+const STALLED_EVICTABLE: Duration = Duration::from_secs(10);
+
 /// What bounds how long a connection may stay as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -247,8 +251,16 @@ impl ConnState {
         self.lock().write_stalled = None;
     }
 
-    fn in_request(&self) -> bool {
-        self.lock().phase == Phase::Request
+    /// Whether the connection may be closed to make room at the cap: one
+    /// outside a request, or whose response its client has not read for
+    /// [`STALLED_EVICTABLE`] (a media player that paused reads again with a
+    /// `Range`).
+    fn evictable(&self) -> bool {
+        let timing = self.lock();
+        timing.phase != Phase::Request
+            || timing
+                .write_stalled
+                .is_some_and(|at| at.elapsed() >= STALLED_EVICTABLE)
     }
 
     /// Bytes were read: the first ones after an idle spell start a head.
@@ -323,20 +335,20 @@ impl Slots {
                     return permit.expect("the connection semaphore is never closed");
                 }
                 () = ended, if !closing => {}
+                // A stalled response becomes evictable with time.
+                () = tokio::time::sleep(Duration::from_secs(1)), if !closing => {}
             }
         }
     }
 
-    /// Closes the oldest connection with no request in progress; false
-    /// when every connection is inside a request. A head that completes
+    /// Closes the oldest connection with no request in progress (or a
+    /// response stalled: see [`ConnState::evictable`]); false when every
+    /// connection is inside a request. A head that completes
     /// just as its connection is picked is lost with it (the client sees the
     /// connection close), which only happens at the cap.
     fn close_oldest_idle(&self) -> bool {
         let mut open = self.lock();
-        let oldest = open
-            .iter()
-            .find(|(_, c)| !c.in_request())
-            .map(|(id, _)| *id);
+        let oldest = open.iter().find(|(_, c)| c.evictable()).map(|(id, _)| *id);
         match oldest.and_then(|id| open.remove(&id)) {
             Some(conn) => {
                 conn.close.notify_one();

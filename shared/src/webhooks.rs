@@ -271,7 +271,8 @@ impl Delivery<'_> {
         };
         loop {
             if !webhooks::take_lease(self.db, webhook_id, &owner, LEASE_TTL).await? {
-                return Ok(()); // another job delivers; it looks again before it stops
+                // Another job delivers; what it leaves, the next dispatch pushes.
+                return Ok(());
             }
             let result = self.send_due(webhook_id, &owner, &mut share).await;
             webhooks::release_lease(self.db, webhook_id, &owner).await?;

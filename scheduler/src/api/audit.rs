@@ -30,6 +30,9 @@ use super::{
     limit, page,
 };
 
+/// The most of a request's path an audit row keeps, in characters.
+const PATH_KEPT: usize = 2048;
+
 /// The middleware, outside the scope check (so refusals are recorded).
 pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let mutation = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
@@ -48,7 +51,7 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         token_name: caller.name.clone(),
         // The column's width: longer (custom) methods are only ever 405s.
         method: req.method().as_str().chars().take(16).collect(),
-        path: req.uri().path().to_owned(),
+        path: req.uri().path().chars().take(PATH_KEPT).collect(),
         resource: Value::Null,
         project_id: None,
         status: 0,

@@ -366,9 +366,11 @@ async fn refuse_nul_in_url(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-/// The longest path and query taken, in bytes: a storage key (1,024
-/// bytes), percent-encoded, with its project and the rest fits three times.
-pub const MAX_URI_BYTES: usize = 8 << 10;
+/// The longest path and query taken, in bytes: a storage key of 1,024
+/// characters of 3 UTF-8 bytes each, percent-encoded (9 KB), or a local
+/// path encoded twice, fits with room to spare; hyper refuses heads past
+/// 64 KiB itself.
+pub const MAX_URI_BYTES: usize = 32 << 10;
 
 /// Answers 414 to a longer request target before anything reads it: the
 /// audit trail keeps a request's path, and hyper reads heads of hundreds of

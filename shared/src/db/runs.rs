@@ -159,7 +159,7 @@ pub async fn failed_since(
     let latest = sync_run::Entity::find()
         .filter(C::StorageId.eq(storage_id))
         .filter(C::Scope.eq(scope))
-        .order_by_desc(C::QueuedAt)
+        .order_by_desc(C::Id) // ULIDs: creation order, on the (storage_id, id) index
         .one(db)
         .await?;
     Ok(latest.is_some_and(|run| {

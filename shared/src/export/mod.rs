@@ -282,30 +282,44 @@ impl ExportJob<'_> {
             let mut result = PageResult::default();
             self.export(backend, annotations, &mut result).await?;
             self.delete_objects(backend, gone, &mut result).await;
-            let (sent, unsent) = sent_and_unsent(events, &mut result);
+            let sent = sent_only(events, &result);
+            let unsent = self.end_of_unsent(&mut result);
             if !self.commit(result, None, &sent).await? {
                 return Ok(Outcome::Stopped);
             }
-            if let Some(err) = unsent {
-                return Err(err);
+            match unsent {
+                Some(Ok(())) => return Ok(Outcome::Finished),
+                Some(Err(err)) => return Err(err),
+                None => {}
             }
         }
     }
+
+    /// What a page's unsent changes make of the drain (`None`: it goes
+    /// on). Their events stay in the outbox. An events run ends its
+    /// attempt with their last error, and the queue retries it later (an
+    /// annotation saved while the storage was down is not dropped; before,
+    /// its event went with the page and only a full pass sent it). A full
+    /// pass counts them as failed, as its own pages do, and ends: the next
+    /// events run sends them.
+    fn end_of_unsent(&self, result: &mut PageResult) -> Option<Result<()>> {
+        if result.unsent.is_empty() {
+            return None;
+        }
+        if self.run.scope == SCOPE_FULL {
+            result.unsent_failed();
+            return Some(Ok(()));
+        }
+        result.unsent.pop().map(|(_, _, err)| Err(err))
+    }
 }
 
-/// A page's events split by whether their change reached the storage (or
-/// failed for good, as its error says): the others stay in the outbox, and
-/// their last error ends the run's attempt, which the queue retries later
-/// (an annotation saved while the storage was down is not dropped; before,
-/// its event went with the page and only a full pass sent it).
-fn sent_and_unsent(
-    events: Vec<export_outbox::Model>,
-    result: &mut PageResult,
-) -> (Vec<export_outbox::Model>, Option<Error>) {
+/// A page's events whose change reached the storage (or failed for good,
+/// as its error says).
+fn sent_only(events: Vec<export_outbox::Model>, result: &PageResult) -> Vec<export_outbox::Model> {
     let unsent: std::collections::HashSet<i64> = result.unsent.iter().map(|u| u.0).collect();
-    let sent = events
+    events
         .into_iter()
         .filter(|e| !unsent.contains(&e.annotation_id))
-        .collect();
-    (sent, result.unsent.pop().map(|u| u.2))
+        .collect()
 }

@@ -38,6 +38,9 @@ pub struct Chunk {
     /// boolean, 32 for a text with its length): a dictionary page may not
     /// declare more values than its bytes hold.
     pub value_bits: u64,
+    /// Whether its values are byte arrays (texts, fixed-length arrays),
+    /// which the crate keeps as 32-byte handles into the page.
+    pub byte_arrays: bool,
 }
 
 const PAGE_HEADER: Known = &[
@@ -68,9 +71,9 @@ const DATA_PAGE_HEADER_V2: Known = &[
     (7, Wire::Bool),
     (8, Wire::Struct),
 ];
-/// What the crate keeps in memory per dictionary value at most (a text's
-/// `ByteArray`).
-const DICTIONARY_VALUE_BYTES: u64 = 32;
+/// What the crate keeps in memory per dictionary value of byte arrays
+/// besides the page (a `ByteArray` handle).
+const BYTE_ARRAY_HANDLE_BYTES: u64 = 32;
 
 /// `PageType`s the walk tells apart (the format's enum values).
 const INDEX_PAGE: i64 = 1;
@@ -144,9 +147,13 @@ fn dictionary_size(page: &Page, chunk: Chunk) -> Result<u64, String> {
             page.values, page.uncompressed
         ));
     }
-    Ok(page
-        .uncompressed
-        .max(page.values.saturating_mul(DICTIONARY_VALUE_BYTES)))
+    if chunk.byte_arrays {
+        let handles = page.values.saturating_mul(BYTE_ARRAY_HANDLE_BYTES);
+        return Ok(page.uncompressed.saturating_add(handles));
+    }
+    // Other values are held as themselves (a boolean in a byte).
+    let each = (chunk.value_bits / 8).max(1);
+    Ok(page.uncompressed.max(page.values.saturating_mul(each)))
 }
 
 /// Reads the page header at `pos` (at most `left` bytes of the chunk).
@@ -318,6 +325,7 @@ mod tests {
             uncompressed: 60,
             gzip: false,
             value_bits: 8,
+            byte_arrays: false,
         };
         assert_eq!(walk_chunk(&mut file, chunk), Ok(30));
     }
@@ -342,6 +350,7 @@ mod tests {
                 uncompressed,
                 gzip: false,
                 value_bits: 8,
+                byte_arrays: false,
             };
             assert!(walk_chunk(&mut file, chunk).is_err(), "{pages:?}");
         }
@@ -365,6 +374,7 @@ mod tests {
             uncompressed: 60,
             gzip: true,
             value_bits: 8,
+            byte_arrays: false,
         };
         let walked = walk_chunk(
             &mut file,
@@ -417,6 +427,7 @@ mod tests {
                 uncompressed: 40,
                 gzip: false,
                 value_bits: 32,
+                byte_arrays: true,
             };
             let walked = walk_chunk(&mut file, chunk);
             assert_eq!(walked.is_ok(), ok, "{head:?}: {walked:?}");
@@ -438,6 +449,7 @@ mod tests {
                 uncompressed: 200,
                 gzip: true,
                 value_bits: 8,
+                byte_arrays: false,
             };
             let walked = walk_chunk(&mut file, chunk);
             assert_eq!(walked.is_ok(), ok, "{walked:?}");

@@ -738,6 +738,10 @@ fn check_pages(
             uncompressed,
             gzip,
             value_bits: value_bits(column),
+            byte_arrays: matches!(
+                column.column_type(),
+                parquet::basic::Type::BYTE_ARRAY | parquet::basic::Type::FIXED_LEN_BYTE_ARRAY
+            ),
         };
         let largest = super::parquet_pages::walk_chunk(file, chunk).map_err(refuse)?;
         peak = peak.saturating_add(largest);

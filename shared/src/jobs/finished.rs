@@ -74,21 +74,29 @@ impl Queue {
                 Ok(forgot)
             }
             Queue::Embedded(storage, ..) => {
+                // Pages too: the Jobs table shares the single-process
+                // database, whose one writer must not be held for long.
                 let name = apalis_core::backend::BackendConfig::config(storage)
                     .queue
                     .to_string();
-                let limit = i64::try_from(PAGE * PAGES as u64).unwrap_or(i64::MAX);
-                let done = sea_orm::sqlx::query(
-                    "DELETE FROM Jobs WHERE ROWID IN (SELECT ROWID FROM Jobs \
-                     WHERE job_type = ?1 AND status = 'Done' AND done_at <= ?2 LIMIT ?3)",
-                )
-                .bind(name)
-                .bind(i64::try_from(cutoff).unwrap_or(i64::MAX))
-                .bind(limit)
-                .execute(storage.pool())
-                .await
-                .map_err(|e| Error::Transient(format!("finished jobs: {e}")))?;
-                Ok(done.rows_affected())
+                let mut forgot = 0;
+                for _ in 0..PAGES {
+                    let done = sea_orm::sqlx::query(
+                        "DELETE FROM Jobs WHERE ROWID IN (SELECT ROWID FROM Jobs \
+                         WHERE job_type = ?1 AND status = 'Done' AND done_at <= ?2 LIMIT ?3)",
+                    )
+                    .bind(&name)
+                    .bind(i64::try_from(cutoff).unwrap_or(i64::MAX))
+                    .bind(PAGE as i64)
+                    .execute(storage.pool())
+                    .await
+                    .map_err(|e| Error::Transient(format!("finished jobs: {e}")))?;
+                    forgot += done.rows_affected();
+                    if done.rows_affected() < PAGE {
+                        break;
+                    }
+                }
+                Ok(forgot)
             }
         }
     }
