@@ -1074,13 +1074,7 @@ async fn an_annotation_deleted_mid_upload_does_not_fail_the_export() {
     let proxy = FaultProxy::start(&moto, Mode::SlowWrites(Duration::from_millis(1500))).await;
     let app = spawn_app(private_endpoints()).await;
     let (project, task) = a_task(&app).await;
-    let (status, annotation) = app
-        .post(
-            &format!("/api/v1/tasks/{task}/annotations"),
-            json!({ "result": [] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{annotation}");
+    let annotation = annotate(&app, &task).await;
     let id = annotation["id"].clone();
     let target = a_target_through(&app, project, &proxy, &bucket).await;
     let (status, started) = app
@@ -1134,6 +1128,18 @@ async fn a_task(app: &TestApp) -> (i64, Value) {
     (project, task)
 }
 
+/// A new empty annotation of `task`.
+async fn annotate(app: &TestApp, task: &Value) -> Value {
+    let (status, annotation) = app
+        .post(
+            &format!("/api/v1/tasks/{task}/annotations"),
+            json!({ "result": [] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{annotation}");
+    annotation
+}
+
 /// An S3 target of `project` on `bucket` through `proxy`, prefix `out`,
 /// that deletes the objects of deleted annotations.
 async fn a_target_through(app: &TestApp, project: i64, proxy: &FaultProxy, bucket: &str) -> Value {
@@ -1163,13 +1169,7 @@ async fn an_annotation_saved_while_the_target_is_down_reaches_it() {
     let app = spawn_app(private_endpoints()).await;
     let (project, task) = a_task(&app).await;
     a_target_through(&app, project, &proxy, &bucket).await;
-    let (status, annotation) = app
-        .post(
-            &format!("/api/v1/tasks/{task}/annotations"),
-            json!({ "result": [] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{annotation}");
+    let annotation = annotate(&app, &task).await;
     let key = format!("out/{}.json", annotation["id"]);
     labelsync_tests::eventually("the annotation in the target", || async {
         s3.get(&key, None).await.is_ok()
@@ -1193,13 +1193,7 @@ async fn the_events_of_a_failing_target_wait_before_the_next_run() {
     let app = spawn_app(private_endpoints()).await;
     let (project, task) = a_task(&app).await;
     let target = a_target_through(&app, project, &proxy, &bucket).await;
-    let (status, annotation) = app
-        .post(
-            &format!("/api/v1/tasks/{task}/annotations"),
-            json!({ "result": [] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{annotation}");
+    let annotation = annotate(&app, &task).await;
     let db = labelsync::db::connect(&app.database_url).await.expect("db");
     let target_id = target["id"].as_i64().expect("id");
     let runs = || {

@@ -277,22 +277,26 @@ mod tests {
 
     use super::*;
 
+    /// `v` as a Thrift varint.
+    fn varint(out: &mut Vec<u8>, mut v: u32) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
     /// A page header in Thrift compact bytes: type, sizes, crc-less.
     fn header(uncompressed: i32, compressed: i32) -> Vec<u8> {
         let zigzag = |v: i32| ((v << 1) ^ (v >> 31)) as u32;
         let mut out = Vec::new();
         for (delta, value) in [(1u8, 0i32), (1, uncompressed), (1, compressed)] {
             out.push(delta << 4 | super::super::parquet_footer::I32);
-            let mut v = zigzag(value);
-            loop {
-                let byte = (v & 0x7f) as u8;
-                v >>= 7;
-                if v == 0 {
-                    out.push(byte);
-                    break;
-                }
-                out.push(byte | 0x80);
-            }
+            varint(&mut out, zigzag(value));
         }
         out.push(0); // STOP
         out
@@ -399,16 +403,7 @@ mod tests {
             let mut head = vec![0x15, 0x04, 0x15, 0x08, 0x15, 0x08]; // type 2, sizes 4 and 4
             head.push(0x4c); // field 7 (+3), struct
             head.push(0x15); // num_values
-            let mut v = values << 1;
-            loop {
-                let byte = (v & 0x7f) as u8;
-                v >>= 7;
-                if v == 0 {
-                    head.push(byte);
-                    break;
-                }
-                head.push(byte | 0x80);
-            }
+            varint(&mut head, values << 1);
             head.extend([0x00, 0x00]);
             head
         };
