@@ -908,6 +908,7 @@ async fn debug_logging_server(dir: &std::path::Path) -> (Child, String) {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("LABELSYNC_BIND", format!("127.0.0.1:{port}"))
         .env("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true")
+        .env("LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS", "true")
         .env("LABELSYNC_SECRET_KEY", labelsync_tests::TEST_SECRET_KEY)
         .env("RUST_LOG", "debug")
         .stdout(Stdio::null())

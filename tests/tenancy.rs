@@ -1108,3 +1108,23 @@ async fn revoked_streams_end_and_secrets_are_not_replayed() {
     );
     app.stop().await;
 }
+
+/// A network opened to storages is not opened to webhooks: with
+/// `LABELSYNC_ALLOW_PRIVATE_ENDPOINTS` set for an internal bucket, any
+/// tenant could aim a webhook at the same addresses and read the answers
+/// in its delivery log. Webhooks have their own allowlist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_do_not_inherit_the_storages_private_networks() {
+    let mut opts = AppOptions::with_storages();
+    opts.env
+        .retain(|(name, _)| *name != "LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS");
+    let app = spawn_app(opts).await;
+    let body = serde_json::json!({ "url": "http://127.0.0.1:9/hooks", "events": ["*"] });
+    let (status, refused) = app.post("/api/v1/webhooks", body).await;
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (400, &serde_json::json!("endpoint_not_allowed")),
+        "{refused}"
+    );
+    app.stop().await;
+}

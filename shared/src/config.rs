@@ -115,6 +115,11 @@ pub struct Settings {
     /// `LABELSYNC_ALLOW_PRIVATE_ENDPOINTS`: `true`, or a CIDR allowlist, to let
     /// storages reach private, loopback or link-local addresses (refused by default).
     pub endpoint_policy: NetPolicy,
+    /// `LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS`: the same for webhook
+    /// URLs, apart: a network opened to storages (an internal MinIO, the
+    /// metadata service) is not opened to every tenant's webhooks, whose
+    /// answers the delivery log shows.
+    pub webhook_policy: NetPolicy,
     /// `AZURE_BLOB_ACCOUNT_NAME` / `AZURE_BLOB_ACCOUNT_KEY`: the Azure account
     /// storages fall back to when they name none / give no key.
     pub azure_account_name: Option<String>,
@@ -285,6 +290,9 @@ impl Settings {
                 .map(|k| SecretBox::from_base64(&k).map(Arc::new))
                 .transpose()?,
             endpoint_policy: NetPolicy::parse(get("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS").as_deref())?,
+            webhook_policy: NetPolicy::parse(
+                get("LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS").as_deref(),
+            )?,
             azure_account_name: get("AZURE_BLOB_ACCOUNT_NAME"),
             azure_account_key: get("AZURE_BLOB_ACCOUNT_KEY").map(Secret::new),
             resolver_max_range: parse(&get, "RESOLVER_PROXY_MAX_RANGE_SIZE", 8 << 20)?.max(1),

@@ -143,12 +143,13 @@ pub struct AppOptions {
 pub const TEST_SECRET_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
 impl AppOptions {
-    /// A server whose storages may reach the emulators on 127.0.0.1 and
-    /// take secrets.
+    /// A server whose storages and webhooks may reach the emulators and
+    /// receivers on 127.0.0.1, and whose storages take secrets.
     pub fn with_storages() -> Self {
         AppOptions {
             env: vec![
                 ("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
+                ("LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS", "true".into()),
                 ("LABELSYNC_SECRET_KEY", TEST_SECRET_KEY.into()),
             ],
             ..AppOptions::default()
@@ -611,6 +612,7 @@ pub fn spawn_worker(app: &TestApp, name: &str, env: &[(&str, &str)]) -> Worker {
         "LABELSYNC_HEARTBEAT_SECS",
         "LABELSYNC_SECRET_KEY",
         "LABELSYNC_ALLOW_PRIVATE_ENDPOINTS",
+        "LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS",
         "LABELSYNC_WEBHOOK_MAX_AGE_SECS",
     ] {
         if let Some(value) = app.vars.get(key) {

@@ -102,7 +102,7 @@ pub async fn create(
 }
 
 /// An endpoint URL: http(s), no credentials, and an address the SSRF guard
-/// lets labelsync reach.
+/// lets webhooks reach (`LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS`).
 async fn check_url(state: &AppState, raw: &str) -> ApiResult<String> {
     // Characters, as the document's maxLength counts them (not bytes).
     if raw.chars().count() > MAX_URL_LEN {
@@ -121,8 +121,8 @@ async fn check_url(state: &AppState, raw: &str) -> ApiResult<String> {
         ));
     }
     Ok(state
-        .storage_env
-        .net
+        .settings
+        .webhook_policy
         .check_url(raw, "url")
         .await?
         .to_string())
@@ -262,7 +262,7 @@ pub async fn test(
     // Held for two attempts' time: this one, and its recording.
     let held = labelsync::webhooks::ATTEMPT_TIMEOUT * 2;
     let (delivery, event) = webhooks::record_test(&state.db, &hook, held).await?;
-    let sender = Sender::new(&state.storage_env.net)?;
+    let sender = Sender::new(&state.settings.webhook_policy)?;
     let log = sender.send(&hook.url, &key, &event).await;
     let after = if log.error.is_none() {
         webhooks::AfterAttempt::Delivered

@@ -661,7 +661,7 @@ pub async fn execute_webhook(ctx: &JobContext, webhook_id: i64) -> Result<(), Re
         );
         return Ok(());
     };
-    let sender = crate::webhooks::Sender::new(&ctx.settings.endpoint_policy).map_err(RetryLater)?;
+    let sender = crate::webhooks::Sender::new(&ctx.settings.webhook_policy).map_err(RetryLater)?;
     let delivery = crate::webhooks::Delivery {
         db: &ctx.db,
         secrets: ctx.settings.secret_box.as_deref(),
