@@ -623,3 +623,27 @@ async fn a_real_browser_drives_the_console() {
     );
     app.stop().await;
 }
+
+/// Page views count against their caller's rate like the API's calls (an
+/// overview costs several queries, one of up to 20,000 runs): they were
+/// not counted at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_pages_count_against_the_rate_limit() {
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        env: vec![("LABELSYNC_RATE_LIMIT_PER_MINUTE", "5".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    let cookie = log_in(&app, BOOT).await;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(page(&app, &cookie, "/ui/").await.0);
+    }
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().filter(|s| **s == 200).count() <= 6,
+        "{statuses:?}"
+    );
+    app.stop().await;
+}

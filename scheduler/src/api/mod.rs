@@ -8,7 +8,7 @@ mod events;
 mod idempotency;
 mod ops;
 mod projects;
-mod rate_limit;
+pub(crate) mod rate_limit;
 mod resolve;
 mod runs;
 mod storage_cache;

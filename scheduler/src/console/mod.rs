@@ -36,6 +36,12 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/ui/runs/{id}", get(pages::run))
         .route("/ui/storages", get(pages::storages))
         .route("/ui/storages/{id}", get(pages::storage))
+        // Innermost first: a page view counts against its caller's rate,
+        // as the API's calls do (each overview costs several queries).
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::api::rate_limit::limit,
+        ))
         .route_layer(middleware::from_fn_with_state(state, session));
     Router::new()
         .route("/ui/login", get(login_form).post(login))
@@ -78,6 +84,8 @@ async fn session(State(state): State<AppState>, mut req: Request, next: Next) ->
             } else {
                 access::csrf_of(&token)
             };
+            // The rate limiter counts by the caller, as for the API.
+            req.extensions_mut().insert(caller.clone());
             req.extensions_mut().insert(Viewer { caller, csrf });
             next.run(req).await
         }
