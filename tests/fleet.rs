@@ -1916,12 +1916,7 @@ async fn finished_jobs_are_forgotten(embedded: bool) {
 
 /// How many Redis keys the app's queue namespace has.
 async fn namespace_keys(app: &TestApp) -> usize {
-    let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let client = redis::Client::open(url).expect("redis url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = labelsync_tests::redis_connection().await;
     let pattern = format!("{}*", app.vars["LABELSYNC_QUEUE_NAMESPACE"]);
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(pattern)

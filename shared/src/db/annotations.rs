@@ -6,7 +6,7 @@ use sea_orm::{
     ActiveModelTrait,
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, FromQueryResult,
-    IntoActiveModel, QueryFilter, QueryOrder, Statement,
+    IntoActiveModel, QueryFilter, Statement,
     sea_query::{ArrayType, Expr, Query},
 };
 use serde_json::Value;
@@ -44,17 +44,10 @@ pub async fn of_task(
     limit: u64,
     budget: usize,
 ) -> Result<(Vec<annotation::Model>, bool)> {
-    let rows = || {
-        let query = annotation::Entity::find()
-            .filter(annotation::Column::TaskId.eq(task_id))
-            .order_by_asc(annotation::Column::Id);
-        match after {
-            Some(after) => query.filter(annotation::Column::Id.gt(after)),
-            None => query,
-        }
-    };
+    let rows = annotation::Entity::find().filter(annotation::Column::TaskId.eq(task_id));
+    let keyset = (annotation::Column::Id, after);
     let json = ["result", "completed_by"];
-    super::page_within(db, rows, annotation::Column::Id, &json, limit, budget).await
+    super::page_within(db, rows, keyset, &json, limit, budget).await
 }
 
 /// Inserts an annotation of the task with this id, in the task's project,

@@ -27,7 +27,7 @@ use std::time::Duration;
 use labelsync_migrations::{Migrator, MigratorTrait};
 use sea_orm::{
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend,
-    EntityTrait, QueryFilter, QuerySelect, Select,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select,
 };
 
 use crate::Result;
@@ -290,7 +290,7 @@ pub fn is_sqlite(db: &DatabaseConnection) -> bool {
 /// backend (SQLite's default limit is 32766, Postgres' 65535).
 pub const MAX_PARAMS: usize = 30_000;
 
-/// Up to `limit` rows of `rows` (a query in id order, called twice),
+/// Up to `limit` rows of `rows` with ids above `after`, in id order,
 /// stopping before the row that would take the JSON text of its `json`
 /// columns past `budget` bytes (the first always comes); `true` when cut
 /// so. The sizes are measured in the database first (ids and sizes only),
@@ -298,13 +298,19 @@ pub const MAX_PARAMS: usize = 30_000;
 /// (tasks, annotations) costs the budget, not `limit` times the largest.
 pub async fn page_within<E: EntityTrait>(
     db: &DatabaseConnection,
-    rows: impl Fn() -> Select<E>,
-    id: E::Column,
+    rows: Select<E>,
+    (id, after): (E::Column, Option<i64>),
     json: &[&str],
     limit: u64,
     budget: usize,
 ) -> Result<(Vec<E::Model>, bool)> {
-    let sizes: Vec<(i64, i64)> = rows()
+    let rows = match after {
+        Some(after) => rows.filter(id.gt(after)),
+        None => rows,
+    }
+    .order_by_asc(id);
+    let sizes: Vec<(i64, i64)> = rows
+        .clone()
         .limit(limit)
         .select_only()
         .column(id)
@@ -317,7 +323,7 @@ pub async fn page_within<E: EntityTrait>(
     };
     // At most `limit` again: a row committed since with an id below `last`
     // was not measured.
-    let page = rows().filter(id.lte(last)).limit(limit).all(db).await?;
+    let page = rows.filter(id.lte(last)).limit(limit).all(db).await?;
     Ok((page, cut))
 }
 

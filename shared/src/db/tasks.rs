@@ -481,17 +481,9 @@ pub async fn page(
     limit: u64,
     budget: usize,
 ) -> Result<(Vec<task::Model>, bool)> {
-    let rows = || {
-        let query = task::Entity::find()
-            .filter(task::Column::ProjectId.eq(project_id))
-            .order_by_asc(task::Column::Id);
-        match after {
-            Some(after) => query.filter(task::Column::Id.gt(after)),
-            None => query,
-        }
-    };
+    let rows = task::Entity::find().filter(task::Column::ProjectId.eq(project_id));
     let json = ["data", "meta"];
-    super::page_within(db, rows, task::Column::Id, &json, limit, budget).await
+    super::page_within(db, rows, (task::Column::Id, after), &json, limit, budget).await
 }
 
 /// The import link each of these tasks came from, by task id (a task made

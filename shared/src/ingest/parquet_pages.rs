@@ -302,6 +302,18 @@ mod tests {
         out
     }
 
+    /// A chunk of `len` bytes at the file's start, of one-byte values.
+    fn chunk(len: u64, uncompressed: u64, gzip: bool) -> Chunk {
+        Chunk {
+            start: 0,
+            len,
+            uncompressed,
+            gzip,
+            value_bits: 8,
+            byte_arrays: false,
+        }
+    }
+
     fn chunk_file(pages: &[(Vec<u8>, Vec<u8>)]) -> (File, u64) {
         let mut file = tempfile::tempfile().unwrap();
         let mut len = 0;
@@ -323,14 +335,7 @@ mod tests {
     fn pages_within_their_chunk_pass_and_tell_the_largest() {
         let (mut file, len) =
             chunk_file(&[(header(10, 4), vec![0; 4]), (header(30, 6), vec![0; 6])]);
-        let chunk = Chunk {
-            start: 0,
-            len,
-            uncompressed: 60,
-            gzip: false,
-            value_bits: 8,
-            byte_arrays: false,
-        };
+        let chunk = chunk(len, 60, false);
         assert_eq!(walk_chunk(&mut file, chunk), Ok(30));
     }
 
@@ -348,14 +353,7 @@ mod tests {
             (vec![(header(-1, 4), vec![0; 4])], 40),
         ] {
             let (mut file, len) = chunk_file(&pages);
-            let chunk = Chunk {
-                start: 0,
-                len,
-                uncompressed,
-                gzip: false,
-                value_bits: 8,
-                byte_arrays: false,
-            };
+            let chunk = chunk(len, uncompressed, false);
             assert!(walk_chunk(&mut file, chunk).is_err(), "{pages:?}");
         }
     }
@@ -372,14 +370,7 @@ mod tests {
             (header(30, 6), vec![0; 6]),
             (header(0, 0), Vec::new()),
         ]);
-        let chunk = Chunk {
-            start: 0,
-            len,
-            uncompressed: 60,
-            gzip: true,
-            value_bits: 8,
-            byte_arrays: false,
-        };
+        let chunk = chunk(len, 60, true);
         let walked = walk_chunk(
             &mut file,
             Chunk {
@@ -417,12 +408,9 @@ mod tests {
         ] {
             let (mut file, len) = chunk_file(&[(head.clone(), vec![0; 4])]);
             let chunk = Chunk {
-                start: 0,
-                len,
-                uncompressed: 40,
-                gzip: false,
                 value_bits: 32,
                 byte_arrays: true,
+                ..chunk(len, 40, false)
             };
             let walked = walk_chunk(&mut file, chunk);
             assert_eq!(walked.is_ok(), ok, "{head:?}: {walked:?}");
@@ -438,14 +426,7 @@ mod tests {
         let honest = gzip(&[7; 100]);
         for (body, ok) in [(bomb, false), (honest, true)] {
             let (mut file, len) = chunk_file(&[(header(100, body.len() as i32), body)]);
-            let chunk = Chunk {
-                start: 0,
-                len,
-                uncompressed: 200,
-                gzip: true,
-                value_bits: 8,
-                byte_arrays: false,
-            };
+            let chunk = chunk(len, 200, true);
             let walked = walk_chunk(&mut file, chunk);
             assert_eq!(walked.is_ok(), ok, "{walked:?}");
             if !ok {
