@@ -6,7 +6,8 @@
 #     parquet   one 1,000,000-row Parquet file (row groups of 100,000)
 #     bigjsonl  one ~1 GB JSONL file (memory bound check)
 # DATABASE_URL: an empty database (default: a fresh SQLite file). Uses the
-# binary in target/${PROFILE:-release} (or $BIN); build it first.
+# binary in target/${PROFILE:-release} (or $BIN); build it first, with
+# labelsync-worker beside it (it reads Parquet files in child processes).
 set -euo pipefail
 kind=${1:?json|jsonl|parquet|bigjsonl}
 repo=$(cd "$(dirname "$0")/.." && pwd)

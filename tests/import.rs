@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use labelsync_tests::{
     AppOptions, TestApp, peak_rss, spawn_app, spawn_ready_worker, write_nested_parquet,
-    write_parquet, write_parquet_bomb, write_parquet_gzip_bomb, write_parquet_wide_bomb,
+    write_parquet, write_parquet_bomb, write_parquet_delta_count, write_parquet_gzip_bomb,
+    write_parquet_wide_bomb,
 };
 use sea_orm::{ConnectionTrait, Database, Statement};
 use serde_json::{Value, json};
@@ -1006,6 +1007,61 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
         text.contains("row group 0 takes 7") && text.contains("LABELSYNC_PARSE_BUDGET_BYTES"),
         "the wide bomb: {text}"
     );
+    app.stop().await;
+}
+
+/// A Parquet file the `parquet` crate does not survive is that file's
+/// error: the worker goes on, the run's other files import, and the next
+/// sync fails it the same way. A page that declares 2^40 values made the
+/// crate ask for 4 TiB, which aborted the worker's process (and the next
+/// one's, on every retry); 2^31 asks for 8 GiB, past what the reader may
+/// take. Each is read in a child process now (`ingest::parquet_process`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parquet_file_that_kills_its_reader_is_that_files_error() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    write_parquet_delta_count(&data.join("delta-4tib.parquet"), 1 << 40);
+    write_parquet_delta_count(&data.join("delta-8gib.parquet"), 1 << 31);
+    // The same file, true to its one value, reads.
+    write_parquet_delta_count(&data.join("delta-one.parquet"), 1);
+    write_parquet(&data.join("good.parquet"), 10, 4);
+    write(&data, "good.json", br#"{"text": "fine"}"#);
+
+    let project = app.project("crashing").await;
+    let storage = storage(&app, project, json!({})).await;
+    for (sync, created) in [(1, 12), (2, 0)] {
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["status"], "completed_with_errors", "sync {sync}: {run}");
+        assert_eq!(run["counters"]["created"], created, "sync {sync}: {run}");
+        assert_eq!(run["counters"]["failed"], 2, "sync {sync}: {run}");
+        let (_, errors) = app
+            .get(&format!(
+                "/api/v1/runs/{}/errors",
+                run["id"].as_str().expect("id")
+            ))
+            .await;
+        for (key, asked) in [
+            ("delta-4tib.parquet", "4398046511104"),
+            ("delta-8gib.parquet", "8589934592"),
+        ] {
+            let error = errors["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .find(|e| e["key"] == key)
+                .unwrap_or_else(|| panic!("no error for {key}: {errors}"));
+            let message = error["error"].as_str().expect("message");
+            assert!(
+                message.contains(&format!("memory allocation of {asked} bytes failed"))
+                    && message.contains("LABELSYNC_PARSE_BUDGET_BYTES"),
+                "{key}: {message}"
+            );
+        }
+    }
+    let tasks = app.all_tasks(project).await;
+    let one = task_by_source(&tasks, "delta-one.parquet", 0);
+    assert_eq!(one["data"]["text"], "a".repeat(100), "{one}");
     app.stop().await;
 }
 

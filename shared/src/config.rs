@@ -223,6 +223,10 @@ pub struct WorkerSettings {
     /// parallel (`ingest::partitions`); 0 or 1 lists every storage as one
     /// sequence.
     pub list_partitions: usize,
+    /// `LABELSYNC_PARQUET_PARSER` (default: `labelsync-worker` beside the
+    /// running binary): the binary that reads each Parquet file in a child
+    /// process (`ingest::parquet_process`).
+    pub parquet_parser: PathBuf,
 }
 
 impl WorkerSettings {
@@ -309,6 +313,17 @@ impl Settings {
     }
 }
 
+/// `labelsync-worker` in the running binary's directory (where the
+/// scheduler's embedded workers find it too), else found on the `PATH`.
+fn worker_beside_this_binary() -> PathBuf {
+    const WORKER: &str = "labelsync-worker";
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(WORKER)))
+        .filter(|path| path.exists())
+        .unwrap_or_else(|| PathBuf::from(WORKER))
+}
+
 /// The `LABELSYNC_*` settings of [`WorkerSettings`], read in field order;
 /// the page size must lie in 1..=5000.
 fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettings> {
@@ -333,6 +348,8 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
         max_task_bytes: parse(get, "LABELSYNC_MAX_TASK_BYTES", 16 << 20)?,
         parse_budget_bytes: parse(get, "LABELSYNC_PARSE_BUDGET_BYTES", 512 << 20)?,
         list_partitions: parse(get, "LABELSYNC_LIST_PARTITIONS", 64)?,
+        parquet_parser: get("LABELSYNC_PARQUET_PARSER")
+            .map_or_else(worker_beside_this_binary, PathBuf::from),
     };
     if worker.page_size == 0 || worker.page_size > 5000 {
         return Err(Error::invalid(

@@ -111,8 +111,23 @@ pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
 }
 
 /// Settings for a test, from a map (the process environment is not read).
+/// Parquet files are read by the built `labelsync-worker` unless the map
+/// names another reader: a test binary is not one.
 pub fn settings(vars: &HashMap<&str, String>) -> Settings {
-    Settings::from_lookup(|k| vars.get(k).cloned()).expect("valid test settings")
+    Settings::from_lookup(|k| {
+        vars.get(k).cloned().or_else(|| {
+            (k == "LABELSYNC_PARQUET_PARSER").then(|| parquet_parser().display().to_string())
+        })
+    })
+    .expect("valid test settings")
+}
+
+/// Where the built `labelsync-worker` is, whether or not it was built (a
+/// test that reads Parquet files without it fails on its first file).
+pub fn parquet_parser() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join("labelsync-worker")
 }
 
 pub struct TestApp {
@@ -874,6 +889,84 @@ fn write_text_columns(
     }
     group.close().expect("close group");
     writer.close().expect("close parquet file");
+}
+
+/// Writes a Parquet file of one `text` row whose page is
+/// `DELTA_LENGTH_BYTE_ARRAY` encoded and declares `count` values in its
+/// lengths' header (the file holds one): the `parquet` crate makes room for
+/// `count` lengths (4 bytes each) before it reads one.
+pub fn write_parquet_delta_count(path: &Path, count: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::sync::Arc;
+
+    use parquet::{
+        basic::Encoding,
+        data_type::{ByteArray, ByteArrayType},
+        file::{
+            properties::{EnabledStatistics, WriterProperties},
+            reader::{FileReader, SerializedFileReader},
+            writer::SerializedFileWriter,
+        },
+        schema::parser::parse_message_type,
+    };
+    let schema = Arc::new(
+        parse_message_type("message task { REQUIRED BYTE_ARRAY text (UTF8); }").expect("schema"),
+    );
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_dictionary_enabled(false)
+            .set_encoding(Encoding::DELTA_LENGTH_BYTE_ARRAY)
+            .set_statistics_enabled(EnabledStatistics::None)
+            .build(),
+    );
+    let mut writer = SerializedFileWriter::new(
+        std::fs::File::create(path).expect("create parquet file"),
+        schema,
+        props,
+    )
+    .expect("writer");
+    let mut group = writer.next_row_group().expect("row group");
+    let mut col = group.next_column().expect("column").expect("a text column");
+    col.typed::<ByteArrayType>()
+        .write_batch(&[ByteArray::from(vec![b'a'; 100])], None, None)
+        .expect("text");
+    col.close().expect("close text");
+    group.close().expect("close group");
+    writer.close().expect("close parquet file");
+
+    let reader = SerializedFileReader::new(std::fs::File::open(path).expect("open")).expect("read");
+    let column = reader.metadata().row_group(0).column(0).clone();
+    let (start, len) = (
+        column.data_page_offset() as u64,
+        column.compressed_size() as usize,
+    );
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut chunk = vec![0u8; len];
+    file.seek(SeekFrom::Start(start)).expect("seek");
+    file.read_exact(&mut chunk).expect("read chunk");
+    // The lengths' header: block size 128, 4 miniblocks, 1 value.
+    let header = chunk
+        .windows(4)
+        .position(|w| w == [0x80, 0x01, 0x04, 0x01])
+        .expect("a delta header in the page")
+        + 3;
+    let mut varint = Vec::new();
+    let mut n = count;
+    while n >= 0x80 {
+        varint.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    varint.push(n as u8);
+    // The longer count takes the place of the text's last bytes, so every
+    // size the file declares stays true.
+    chunk.splice(header..=header, varint.iter().copied());
+    chunk.truncate(len);
+    file.seek(SeekFrom::Start(start)).expect("seek");
+    file.write_all(&chunk).expect("write page");
 }
 
 /// Writes a GZIP Parquet file of one row whose page holds, in place of its

@@ -1,9 +1,17 @@
 //! `labelsync-worker`: runs sync jobs from the Redis queue until SIGTERM.
 //! All logic lives in the `labelsync` library; see `lifecycle::run_worker_process`.
+//! The same binary reads Parquet files in child processes
+//! (`labelsync-worker parse-parquet`, see `ingest::parquet_process`).
 use std::process::ExitCode;
 
+fn main() -> ExitCode {
+    // First, before a runtime starts threads: a child sets its own memory
+    // limit and needs none of them.
+    labelsync::ingest::parquet_process::run_if_child().unwrap_or_else(serve)
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn serve() -> ExitCode {
     let settings = match labelsync::config::Settings::from_env() {
         Ok(settings) => settings,
         Err(err) => {

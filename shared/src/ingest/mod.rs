@@ -22,6 +22,7 @@ pub mod ended;
 mod parquet_footer;
 mod parquet_json;
 mod parquet_pages;
+pub mod parquet_process;
 pub mod parse;
 mod partitions;
 pub mod reads;

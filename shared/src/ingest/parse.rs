@@ -114,7 +114,10 @@ impl Default for Limits {
 
 impl Limits {
     /// Holds the budget for parsing `text_bytes` of JSON (see `budget`).
-    fn reserve(&self, text_bytes: usize) -> Option<tokio::sync::SemaphorePermit<'static>> {
+    pub(super) fn reserve(
+        &self,
+        text_bytes: usize,
+    ) -> Option<tokio::sync::SemaphorePermit<'static>> {
         self.budget?
             .reserve(text_bytes.saturating_mul(super::budget::EXPANSION))
     }
@@ -535,7 +538,7 @@ fn parse_jsonl(
 /// Reads one line (up to and without its `\n`) into `line`, keeping at most
 /// `max` bytes of it: `None` at the end of the input, `Some(false)` when the
 /// line was longer (the rest of it is read and dropped).
-fn read_line(
+pub(super) fn read_line(
     reader: &mut impl BufRead,
     line: &mut Vec<u8>,
     max: usize,
@@ -566,6 +569,24 @@ fn read_line(
     }
 }
 
+/// Runs a parse, a panic in it made the object's error: a library that
+/// panics on a file (the `parquet` crate on an INTERVAL column, say) fails
+/// that object, not its batch or run, and not on every sync (the Parquet
+/// reader's child process runs its parse through this too). The rows sent
+/// before it stand, as for a file that breaks off.
+pub fn guarded(parse: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(crate::error::storable(&format!(
+            "the file could not be read: its reader failed on it ({what}); if the file is valid, report it with the file"
+        )))
+    })
+}
+
 /// The deepest Parquet column path read (a LIST column takes two levels per
 /// level of JSON it becomes). Checked in the footer before the `parquet`
 /// crate reads it: the crate recurses per level, and a file of thousands of
@@ -582,10 +603,14 @@ const COLUMN_READER_BYTES: u64 = 40 << 10;
 const BOMB_MIN_BYTES: i64 = 64 << 20;
 
 /// One task per row, row group by row group; the columns become data fields.
-/// Parquet needs random access, so it reads from a file.
+/// Parquet needs random access, so it reads from a file. Runs in a child
+/// process (`super::parquet_process`): `reserve` is called with what each
+/// row group holds in memory before it is read, and stops the parse when
+/// it returns false, as `emit` does.
 pub fn parse_parquet(
     file: File,
     limits: Limits,
+    reserve: &mut dyn FnMut(u64) -> bool,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
     use parquet::file::{
@@ -629,9 +654,9 @@ pub fn parse_parquet(
             ));
         }
         // The row iterator holds pages of every column at once.
-        let _held = limits
-            .budget
-            .and_then(|b| b.reserve(usize::try_from(peak).unwrap_or(usize::MAX)));
+        if !reserve(peak) {
+            return Ok(());
+        }
         let group_reader = reader
             .get_row_group(group)
             .map_err(|e| format!("row group {group}: {e}"))?;
@@ -671,7 +696,7 @@ fn parquet_row_error(row: i64, error: &parquet::errors::ParquetError) -> String 
     format!("row {row}: {text}; the rows after it are not read")
 }
 
-fn parquet_task(row: i64, data: Value, limits: Limits) -> RowEvent {
+pub(super) fn parquet_task(row: i64, data: Value, limits: Limits) -> RowEvent {
     let approx_bytes = match check_task(&data, limits) {
         Ok(bytes) => bytes,
         Err(e) => return RowEvent::Error(row, format!("row {row}: {e}")),
@@ -828,7 +853,7 @@ mod tests {
             budget: Some(budget),
             ..Limits::default()
         };
-        let err = parse_parquet(file, limits, &mut |_| true).expect_err("refused");
+        let err = parse_parquet(file, limits, &mut |_| true, &mut |_| true).expect_err("refused");
         assert!(
             err.contains("LABELSYNC_PARSE_BUDGET_BYTES (1048576)"),
             "{err}"

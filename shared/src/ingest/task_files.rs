@@ -198,22 +198,22 @@ impl Importer<'_, '_> {
     /// small body (then it is done at once), else on a blocking thread.
     fn start_parser(&self, object: &ObjectMeta, format: Format, source: Source) -> Parsing {
         let settings = self.job.settings;
-        let max_object_bytes = settings.max_object_bytes;
-        let limits = parse::Limits {
-            max_task_bytes: settings.max_task_bytes,
-            budget: Some(super::budget::process_budget(settings.parse_budget_bytes)),
-            object_size: object.size.and_then(|s| u64::try_from(s).ok()),
+        let mut reading = Reading {
+            limits: parse::Limits {
+                max_task_bytes: settings.max_task_bytes,
+                budget: Some(super::budget::process_budget(settings.parse_budget_bytes)),
+                object_size: object.size.and_then(|s| u64::try_from(s).ok()),
+            },
+            max_object_bytes: settings.max_object_bytes,
+            parquet_parser: settings.parquet_parser.clone(),
         };
         if let Source::Whole(body) = &source {
             // Not counted in the parse budget, whose reservations block
             // their thread: this one is async, and the body is small.
-            let limits = parse::Limits {
-                object_size: Some(body.len() as u64),
-                budget: None,
-                ..limits
-            };
+            reading.limits.object_size = Some(body.len() as u64);
+            reading.limits.budget = None;
             let mut chunks = Vec::new();
-            let parsed = parse_source(format, source, limits, max_object_bytes, &mut |chunk| {
+            let parsed = parse_source(format, source, &reading, &mut |chunk| {
                 chunks.push(chunk);
                 true
             });
@@ -221,7 +221,7 @@ impl Importer<'_, '_> {
         }
         let (tx, rx) = mpsc::channel::<Chunk>(2);
         let parser = tokio::task::spawn_blocking(move || {
-            parse_source(format, source, limits, max_object_bytes, &mut |chunk| {
+            parse_source(format, source, &reading, &mut |chunk| {
                 tx.blocking_send(chunk).is_ok()
             })
         });
@@ -486,15 +486,23 @@ impl Parsing {
     }
 }
 
+/// What a parse of one object is held to.
+struct Reading {
+    limits: parse::Limits,
+    max_object_bytes: u64,
+    /// The binary that reads Parquet in a child process.
+    parquet_parser: std::path::PathBuf,
+}
+
 /// Runs the parser over `source`, handing `send` each full chunk and then
 /// the last one; stops when `send` returns false (the receiver went away).
 fn parse_source(
     format: Format,
     source: Source,
-    limits: parse::Limits,
-    max_object_bytes: u64,
+    reading: &Reading,
     send: &mut dyn FnMut(Chunk) -> bool,
 ) -> ParseOutcome {
+    let (limits, max_object_bytes) = (reading.limits, reading.max_object_bytes);
     let mut chunk = Chunk::default();
     let mut open = true;
     let mut emit = |event: RowEvent| {
@@ -503,7 +511,7 @@ fn parse_source(
         }
         open
     };
-    let parsed = parse_guarded(|| match source {
+    let parsed = parse::guarded(|| match source {
         Source::Reader(reader) => {
             let reader = Limited {
                 inner: reader,
@@ -516,29 +524,14 @@ fn parse_source(
             body.len()
         )),
         Source::Whole(body) => parse::parse_buffered(format, &body[..], limits, &mut emit),
-        Source::File(file) => parse::parse_parquet(file, limits, &mut emit),
+        Source::File(file) => {
+            super::parquet_process::parse(&reading.parquet_parser, file, limits, &mut emit)
+        }
     });
     if open && !chunk.rows.is_empty() {
         send(chunk);
     }
     parsed
-}
-
-/// Runs a parse, a panic in it made the object's error: a library that
-/// panics on a file (the `parquet` crate on an INTERVAL column, say) fails
-/// that object, not its batch or run, and not on every sync. The rows sent
-/// before it stand, as for a file that breaks off.
-fn parse_guarded(parse: impl FnOnce() -> ParseOutcome) -> ParseOutcome {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        Err(crate::error::storable(&format!(
-            "the file could not be read: its reader failed on it ({what}); if the file is valid, report it with the file"
-        )))
-    })
 }
 
 /// A body of at most this many bytes is parsed where it was read, on the

@@ -1,0 +1,450 @@
+//! Parquet files are read in a child process, one per file: the worker
+//! binary run as `labelsync-worker parse-parquet` (`LABELSYNC_PARQUET_PARSER`),
+//! the spooled file as its standard input. The `parquet` crate trusts what a
+//! file declares: a count in a page header becomes an allocation (a
+//! `DELTA_LENGTH_BYTE_ARRAY` page of 2^40 values asks for 4 TiB, which
+//! aborts the process), a nested structure a recursion. The walks of
+//! `parquet_footer` and `parquet_pages` refuse what they know of before the
+//! crate reads it, but whatever they miss would abort the worker, and the
+//! object's every retry with it. In a child it is that object's error.
+//!
+//! The child limits its own address space to the parse budget plus
+//! [`CHILD_OVERHEAD`] before it reads anything, and answers on its standard
+//! output, a socket, one JSON line per message ([`Message`]): before each
+//! row group it asks for that group's memory and waits, and the parent
+//! reserves it from the worker's parse budget (`super::budget`) and answers
+//! one byte; then one line per row. The parent counts the rows itself,
+//! checks every row again as a task (`parse::check_task`), and ends the child
+//! when it wants no more rows. A child that dies, stops answering for
+//! [`SILENCE`], or says something else ends its file with an error naming
+//! what it printed (the crate's panic or the failed allocation); the rows
+//! it sent before stand, as for a file that breaks off.
+use std::{
+    cell::RefCell,
+    fs::File,
+    io::{self, BufRead, BufReader, Read, Write},
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::{net::UnixStream, process::ExitStatusExt},
+    },
+    path::Path,
+    process::{Child, Command, ExitCode, ExitStatus, Stdio},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::parse::{self, Limits, RowEvent};
+
+/// The worker binary's hidden subcommand that runs a child.
+pub const SUBCOMMAND: &str = "parse-parquet";
+/// What a child may take beyond the parse budget: its binary, stack and
+/// allocator, the rows being written (a row is at most
+/// `LABELSYNC_MAX_TASK_BYTES` of JSON, counted into the budget's row groups
+/// by their pages only).
+pub const CHILD_OVERHEAD: u64 = 256 << 20;
+/// A child that says nothing for this long is taken for hung and killed: a
+/// row group's pages are read and a row written in far less.
+const SILENCE: Duration = Duration::from_secs(300);
+/// What is kept of a child's standard error for the object's error.
+const STDERR_KEPT: usize = 2048;
+
+/// One line from the child.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Message {
+    /// Reading the next row group holds this many bytes: wait for a byte.
+    Reserve(u64),
+    /// The next row, a task's data.
+    Row(Value),
+    /// The next row could not be a task; the message names the row.
+    RowError(String),
+    /// The file is read.
+    Done,
+    /// The file cannot be read further (the rows sent stand).
+    Failed(String),
+}
+
+/// Reads `file` in a child process run from `parser`, handing each row to
+/// `emit` until it returns false; as [`parse::parse_parquet`] does in
+/// process.
+pub fn parse(
+    parser: &Path,
+    file: File,
+    limits: Limits,
+    emit: &mut dyn FnMut(RowEvent) -> bool,
+) -> Result<(), String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| start_failed(parser, &e))?;
+    let mut child =
+        Reader(spawn(parser, file, theirs, limits).map_err(|e| start_failed(parser, &e))?);
+    let stderr = child.0.stderr.take().map(keep_tail);
+    let mut rows = 0i64;
+    let ended = converse(&ours, limits, &mut rows, emit);
+    let status = child.end();
+    let said = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+    match ended {
+        Ended::Done | Ended::Stopped => Ok(()),
+        Ended::Failed(message) => Err(message),
+        Ended::Broken(why) => Err(broken(rows, why, status, &said)),
+    }
+}
+
+/// A running child, ended (killed and reaped) however its parse ends.
+struct Reader(Child);
+
+impl Reader {
+    /// Kills the child, done or not (it has nothing more to give), and
+    /// tells how it ended.
+    fn end(&mut self) -> Option<ExitStatus> {
+        self.0.kill().ok();
+        self.0.wait().ok()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+fn spawn(parser: &Path, file: File, theirs: UnixStream, limits: Limits) -> io::Result<Child> {
+    let budget = limits.budget.map_or(512 << 20, |b| b.bytes());
+    // Built and dropped here: the Command holds the child's end of the
+    // socket, and the parent sees the child's end only once it is closed.
+    Command::new(parser)
+        .arg(SUBCOMMAND)
+        .arg(limits.max_task_bytes.to_string())
+        .arg(budget.to_string())
+        // The child needs no setting, and gets no secret.
+        .env_clear()
+        .envs(std::env::var_os("PATH").map(|path| ("PATH", path)))
+        .stdin(file)
+        .stdout(OwnedFd::from(theirs))
+        .stderr(Stdio::piped())
+        .spawn()
+}
+
+fn start_failed(parser: &Path, error: &io::Error) -> String {
+    format!(
+        "the Parquet reader could not be started ({}: {error}); set LABELSYNC_PARQUET_PARSER to the labelsync-worker binary",
+        parser.display()
+    )
+}
+
+/// How a conversation with a child ended.
+enum Ended {
+    Done,
+    /// `emit` wanted no more rows.
+    Stopped,
+    Failed(String),
+    /// The child died or misbehaved: why.
+    Broken(String),
+}
+
+/// Reads the child's messages until it is done or `emit` wants no more;
+/// holds each row group's reservation until the next is asked for.
+fn converse(
+    stream: &UnixStream,
+    limits: Limits,
+    rows: &mut i64,
+    emit: &mut dyn FnMut(RowEvent) -> bool,
+) -> Ended {
+    if let Err(e) = stream.set_read_timeout(Some(SILENCE)) {
+        return Ended::Broken(e.to_string());
+    }
+    let mut reader = BufReader::with_capacity(64 << 10, stream);
+    let mut held = None;
+    let mut line = Vec::new();
+    loop {
+        let message = match next_message(&mut reader, &mut line, limits) {
+            Ok(message) => message,
+            Err(why) => return Ended::Broken(why),
+        };
+        let event = match message {
+            Message::Reserve(bytes) => {
+                drop(held.take());
+                held = limits
+                    .budget
+                    .and_then(|b| b.reserve(usize::try_from(bytes).unwrap_or(usize::MAX)));
+                if let Err(e) = (&mut &*stream).write_all(b"\n") {
+                    return Ended::Broken(format!("could not answer it: {e}"));
+                }
+                continue;
+            }
+            Message::Row(data) => parse::parquet_task(*rows, data, limits),
+            Message::RowError(message) => RowEvent::Error(*rows, message),
+            Message::Done => return Ended::Done,
+            Message::Failed(message) => return Ended::Failed(message),
+        };
+        *rows += 1;
+        if !emit(event) {
+            return Ended::Stopped;
+        }
+    }
+}
+
+/// The child's next message; a row is parsed under the parse budget as a
+/// JSONL line is.
+fn next_message(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    limits: Limits,
+) -> Result<Message, String> {
+    // A row is at most max_task_bytes of JSON; its envelope and an error
+    // message (cut to storable length) are small.
+    let max = limits
+        .max_task_bytes
+        .saturating_mul(2)
+        .saturating_add(64 << 10);
+    line.clear();
+    match parse::read_line(reader, line, max) {
+        Ok(Some(true)) => {}
+        Ok(Some(false)) => return Err(format!("it wrote a line over {max} bytes")),
+        Ok(None) => return Err("it ended without finishing".into()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(format!("it said nothing for {} s", SILENCE.as_secs()));
+        }
+        Err(e) => return Err(format!("reading its answer failed: {e}")),
+    }
+    let _reserved = limits.reserve(line.len());
+    serde_json::from_slice(line).map_err(|e| format!("it wrote something unreadable: {e}"))
+}
+
+/// The error of a file whose child died or misbehaved, with what it
+/// printed last (where a failed allocation or a panic says why).
+fn broken(rows: i64, why: String, status: Option<ExitStatus>, said: &str) -> String {
+    let how = match status.and_then(|s| s.signal()) {
+        Some(signal) => format!(" (killed by signal {signal})"),
+        None => String::new(),
+    };
+    let said = said.trim();
+    let said = if said.is_empty() {
+        String::new()
+    } else {
+        format!("; it said: {said}")
+    };
+    crate::error::storable(&format!(
+        "the Parquet reader stopped on this file after {rows} row(s): {why}{how}{said}. It may use LABELSYNC_PARSE_BUDGET_BYTES plus {} MiB of memory; if the file is valid, report it with the file",
+        CHILD_OVERHEAD >> 20
+    ))
+}
+
+/// Reads a child's standard error to its end on a thread (so a chatty
+/// child never blocks on it) and keeps the last [`STDERR_KEPT`] bytes.
+fn keep_tail(mut stderr: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            kept.extend_from_slice(&buf[..n]);
+            let excess = kept.len().saturating_sub(STDERR_KEPT);
+            kept.drain(..excess);
+        }
+        String::from_utf8_lossy(&kept).into_owned()
+    })
+}
+
+/// Runs the child when the process was started as one (`labelsync-worker
+/// parse-parquet MAX_TASK_BYTES BUDGET_BYTES`); `None` otherwise. Called
+/// first thing in the worker's `main`, before any runtime or thread starts.
+pub fn run_if_child() -> Option<ExitCode> {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some(SUBCOMMAND) {
+        return None;
+    }
+    let numbers: Option<Vec<u64>> = args.map(|a| a.parse().ok()).collect();
+    let Some(&[max_task_bytes, budget]) = numbers.as_deref() else {
+        eprintln!("usage: labelsync-worker {SUBCOMMAND} MAX_TASK_BYTES BUDGET_BYTES");
+        return Some(ExitCode::from(2));
+    };
+    Some(match child(max_task_bytes, budget) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("labelsync-worker {SUBCOMMAND}: {e}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// The child: limits its memory, then reads the file on its standard input
+/// and answers on its standard output (a socket to the parent).
+fn child(max_task_bytes: u64, budget: u64) -> io::Result<()> {
+    let limit = budget.saturating_add(CHILD_OVERHEAD);
+    rustix::process::setrlimit(
+        rustix::process::Resource::As,
+        rustix::process::Rlimit {
+            current: Some(limit),
+            maximum: Some(limit),
+        },
+    )?;
+    let file = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+    let socket = UnixStream::from(io::stdout().as_fd().try_clone_to_owned()?);
+    let limits = Limits {
+        max_task_bytes: usize::try_from(max_task_bytes).unwrap_or(usize::MAX),
+        budget: Some(super::budget::process_budget(
+            usize::try_from(budget).unwrap_or(usize::MAX),
+        )),
+        object_size: file.metadata().ok().map(|m| m.len()),
+    };
+    let answers = RefCell::new(Answers {
+        out: io::BufWriter::with_capacity(64 << 10, &socket),
+        failed: None,
+    });
+    let parsed = parse::guarded(|| {
+        parse::parse_parquet(
+            file,
+            limits,
+            &mut |bytes| answers.borrow_mut().ask(bytes, &socket),
+            &mut |event| {
+                answers.borrow_mut().send(match event {
+                    RowEvent::Task(_, task) => Message::Row(task.data),
+                    RowEvent::Error(_, message) => Message::RowError(message),
+                })
+            },
+        )
+    });
+    answers.into_inner().finish(parsed)
+}
+
+/// The child's side of the socket.
+struct Answers<'a> {
+    out: io::BufWriter<&'a UnixStream>,
+    /// The first write that failed: the parent is gone.
+    failed: Option<io::Error>,
+}
+
+impl Answers<'_> {
+    /// Writes `message`; false once a write failed.
+    fn send(&mut self, message: Message) -> bool {
+        let sent = serde_json::to_writer(&mut self.out, &message)
+            .map_err(io::Error::from)
+            .and_then(|()| self.out.write_all(b"\n"));
+        if let Err(e) = sent {
+            self.failed.get_or_insert(e);
+        }
+        self.failed.is_none()
+    }
+
+    /// Asks for a row group's memory and waits for the parent's byte that
+    /// grants it; false when the parent is gone.
+    fn ask(&mut self, bytes: u64, socket: &UnixStream) -> bool {
+        if !self.send(Message::Reserve(bytes)) || self.out.flush().is_err() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        matches!((&mut &*socket).read(&mut byte), Ok(1))
+    }
+
+    /// Says how the file ended.
+    fn finish(mut self, parsed: Result<(), String>) -> io::Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        self.send(match parsed {
+            Ok(()) => Message::Done,
+            Err(message) => Message::Failed(message),
+        });
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => self.out.flush(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Plays a child that writes `lines` (answering each reservation) and
+    /// returns how the parent's side ended, the events it emitted and the
+    /// bytes the child was sent.
+    fn talk(lines: &[&str], stop_after: usize) -> (Ended, Vec<RowEvent>, Vec<u8>) {
+        let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
+        let script: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let child = std::thread::spawn(move || {
+            theirs.write_all(script.as_bytes()).expect("write");
+            theirs
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+            let mut answers = Vec::new();
+            theirs.read_to_end(&mut answers).ok();
+            answers
+        });
+        let mut events = Vec::new();
+        let mut rows = 0;
+        let ended = converse(&ours, Limits::default(), &mut rows, &mut |event| {
+            events.push(event);
+            events.len() < stop_after
+        });
+        drop(ours);
+        (ended, events, child.join().expect("child"))
+    }
+
+    #[test]
+    fn rows_are_counted_and_checked_again_and_reservations_answered() {
+        let row = serde_json::to_string(&Message::Row(json!({"text": "a"}))).expect("row");
+        let nul = serde_json::to_string(&Message::Row(json!({"text": "a\u{0}"}))).expect("row");
+        let failed = serde_json::to_string(&Message::RowError("row 2: bad".into())).expect("err");
+        let reserve = serde_json::to_string(&Message::Reserve(1 << 20)).expect("reserve");
+        let done = serde_json::to_string(&Message::Done).expect("done");
+        let lines = [&reserve[..], &row, &nul, &failed, &reserve, &row, &done];
+        let (ended, events, answers) = talk(&lines, usize::MAX);
+        assert!(matches!(ended, Ended::Done));
+        assert_eq!(answers, b"\n\n", "one byte per reservation");
+        let rows: Vec<(i64, bool)> = events
+            .iter()
+            .map(|e| match e {
+                RowEvent::Task(row, _) => (*row, true),
+                RowEvent::Error(row, _) => (*row, false),
+            })
+            .collect();
+        assert_eq!(rows, [(0, true), (1, false), (2, false), (3, true)]);
+        let RowEvent::Error(_, message) = &events[1] else {
+            panic!("a NUL is refused by the parent too");
+        };
+        assert!(message.contains("NUL"), "{message}");
+
+        let (ended, events, _) = talk(&[&row, &row, &row], 2);
+        assert!(matches!(ended, Ended::Stopped));
+        assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn a_child_that_breaks_off_or_says_something_else_is_broken() {
+        let row = serde_json::to_string(&Message::Row(json!({"text": "a"}))).expect("row");
+        let cases: [(&[&str], &str); 3] = [
+            (&[&row], "ended without finishing"),
+            (&[&row, "{\"row\": "], "unreadable"),
+            (&["[1, 2]"], "unreadable"),
+        ];
+        for (lines, why) in cases {
+            let (ended, _, _) = talk(lines, usize::MAX);
+            let Ended::Broken(said) = ended else {
+                panic!("{lines:?} is not a finished conversation");
+            };
+            assert!(said.contains(why), "{lines:?}: {said}");
+        }
+        let message = broken(
+            3,
+            "it ended without finishing".into(),
+            None,
+            "\nmemory allocation of 8589934592 bytes failed\n",
+        );
+        assert!(
+            message.starts_with("the Parquet reader stopped on this file after 3 row(s)")
+                && message.contains("it said: memory allocation of 8589934592 bytes failed."),
+            "{message}"
+        );
+    }
+}
