@@ -29,7 +29,7 @@ use std::{
     },
     path::Path,
     process::{Child, Command, ExitCode, ExitStatus, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -39,13 +39,17 @@ use super::parse::{self, Limits, RowEvent};
 
 /// The worker binary's hidden subcommand that runs a child.
 pub const SUBCOMMAND: &str = "parse-parquet";
-/// What a child may take beyond the parse budget: its binary, stack and
-/// allocator, the rows being written (a row is at most
-/// `LABELSYNC_MAX_TASK_BYTES` of JSON, counted into the budget's row groups
-/// by their pages only).
+/// What a child may map beyond the parse budget (its hard limit), and
+/// beyond what it mapped and was granted when a row group starts (its soft
+/// limit for that group): its binary, stack and allocator, and the row
+/// being built. The crate builds a row whole before `check_task` can
+/// refuse it, so a row far over `LABELSYNC_MAX_TASK_BYTES` (a few times
+/// this) ends its file here, where the in-process parse refused that row
+/// alone.
 pub const CHILD_OVERHEAD: u64 = 256 << 20;
-/// A child that says nothing for this long is taken for hung and killed: a
-/// row group's pages are read and a row written in far less.
+/// A child that takes longer than this over one message (a row, a request
+/// for memory) is taken for hung and killed: a row group's pages are read
+/// and a row written in far less.
 const SILENCE: Duration = Duration::from_secs(300);
 /// What is kept of a child's standard error for the object's error.
 const STDERR_KEPT: usize = 2048;
@@ -150,23 +154,33 @@ fn converse(
     rows: &mut i64,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Ended {
-    if let Err(e) = stream.set_read_timeout(Some(SILENCE)) {
+    if let Err(e) = stream.set_write_timeout(Some(SILENCE)) {
         return Ended::Broken(e.to_string());
     }
-    let mut reader = BufReader::with_capacity(64 << 10, stream);
-    let mut held = None;
+    let mut reader = BufReader::with_capacity(
+        64 << 10,
+        Deadline {
+            stream,
+            until: Instant::now(),
+        },
+    );
+    let mut grant = Grant {
+        limits,
+        bytes: 0,
+        held: None,
+    };
     let mut line = Vec::new();
     loop {
-        let message = match next_message(&mut reader, &mut line, limits) {
+        reader.get_mut().until = Instant::now() + SILENCE;
+        let message = match next_message(&mut reader, &mut line, &mut grant) {
             Ok(message) => message,
             Err(why) => return Ended::Broken(why),
         };
         let event = match message {
             Message::Reserve(bytes) => {
-                drop(held.take());
-                held = limits
-                    .budget
-                    .and_then(|b| b.reserve(usize::try_from(bytes).unwrap_or(usize::MAX)));
+                if let Err(why) = grant.group(bytes) {
+                    return Ended::Broken(why);
+                }
                 if let Err(e) = (&mut &*stream).write_all(b"\n") {
                     return Ended::Broken(format!("could not answer it: {e}"));
                 }
@@ -184,18 +198,19 @@ fn converse(
     }
 }
 
-/// The child's next message; a row is parsed under the parse budget as a
-/// JSONL line is.
+/// The child's next message.
 fn next_message(
     reader: &mut impl BufRead,
     line: &mut Vec<u8>,
-    limits: Limits,
+    grant: &mut Grant,
 ) -> Result<Message, String> {
-    // A row is at most max_task_bytes of JSON; its envelope and an error
-    // message (cut to storable length) are small.
-    let max = limits
+    // A row is at most max_task_bytes as the row check counts it; its JSON
+    // text can be longer (escapes), its envelope and an error message (cut
+    // to storable length) are small.
+    let max = grant
+        .limits
         .max_task_bytes
-        .saturating_mul(2)
+        .saturating_mul(6)
         .saturating_add(64 << 10);
     line.clear();
     match parse::read_line(reader, line, max) {
@@ -208,12 +223,85 @@ fn next_message(
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
             ) =>
         {
-            return Err(format!("it said nothing for {} s", SILENCE.as_secs()));
+            return Err(format!(
+                "it took over {} s over one message",
+                SILENCE.as_secs()
+            ));
         }
         Err(e) => return Err(format!("reading its answer failed: {e}")),
     }
-    let _reserved = limits.reserve(line.len());
-    serde_json::from_slice(line).map_err(|e| format!("it wrote something unreadable: {e}"))
+    grant
+        .parse(line)
+        .map_err(|e| format!("it wrote something unreadable: {e}"))
+}
+
+/// What the parent holds of the worker's parse budget for a child.
+struct Grant {
+    limits: Limits,
+    /// The current row group's bytes, and their reservation.
+    bytes: u64,
+    held: Option<tokio::sync::SemaphorePermit<'static>>,
+}
+
+impl Grant {
+    /// Reserves a row group's memory, the last group's let go first. A
+    /// child asks for no more than the budget: it refuses such a group.
+    fn group(&mut self, bytes: u64) -> Result<(), String> {
+        self.held = None;
+        if let Some(budget) = self.limits.budget
+            && bytes > budget.bytes()
+        {
+            return Err(format!(
+                "it asked for {bytes} bytes, more than the parse budget"
+            ));
+        }
+        self.bytes = bytes;
+        self.held = self.reserve_group();
+        Ok(())
+    }
+
+    fn reserve_group(&self) -> Option<tokio::sync::SemaphorePermit<'static>> {
+        self.limits
+            .budget?
+            .reserve(usize::try_from(self.bytes).unwrap_or(usize::MAX))
+    }
+
+    /// Parses a line, a long one under a reservation of its own as a JSONL
+    /// line is. The group's is let go while that one is waited for, and
+    /// taken again after: a holder never waits for a second reservation
+    /// (`super::budget`), or two parses could each hold half of the budget
+    /// and wait for the rest.
+    fn parse(&mut self, line: &[u8]) -> serde_json::Result<Message> {
+        if line.len() < super::budget::SMALL {
+            return serde_json::from_slice(line);
+        }
+        self.held = None;
+        let parsed = {
+            let _line = self.limits.reserve(line.len());
+            serde_json::from_slice(line)
+        };
+        self.held = self.reserve_group();
+        parsed
+    }
+}
+
+/// The child's socket, read until `until`: a child must finish each
+/// message in time, however it trickles it.
+struct Deadline<'a> {
+    stream: &'a UnixStream,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self
+            .until
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+            .ok_or(io::ErrorKind::TimedOut)?;
+        self.stream.set_read_timeout(Some(left))?;
+        (&mut &*self.stream).read(buf)
+    }
 }
 
 /// The error of a file whose child died or misbehaved, with what it
@@ -278,14 +366,8 @@ pub fn run_if_child() -> Option<ExitCode> {
 /// The child: limits its memory, then reads the file on its standard input
 /// and answers on its standard output (a socket to the parent).
 fn child(max_task_bytes: u64, budget: u64) -> io::Result<()> {
-    let limit = budget.saturating_add(CHILD_OVERHEAD);
-    rustix::process::setrlimit(
-        rustix::process::Resource::As,
-        rustix::process::Rlimit {
-            current: Some(limit),
-            maximum: Some(limit),
-        },
-    )?;
+    let hard = budget.saturating_add(CHILD_OVERHEAD);
+    limit_memory(hard, hard)?;
     let file = File::from(io::stdin().as_fd().try_clone_to_owned()?);
     let socket = UnixStream::from(io::stdout().as_fd().try_clone_to_owned()?);
     let limits = Limits {
@@ -297,6 +379,7 @@ fn child(max_task_bytes: u64, budget: u64) -> io::Result<()> {
     };
     let answers = RefCell::new(Answers {
         out: io::BufWriter::with_capacity(64 << 10, &socket),
+        hard,
         failed: None,
     });
     let parsed = parse::guarded(|| {
@@ -315,9 +398,31 @@ fn child(max_task_bytes: u64, budget: u64) -> io::Result<()> {
     answers.into_inner().finish(parsed)
 }
 
+/// Sets the process's address-space limits (soft, hard).
+fn limit_memory(soft: u64, hard: u64) -> io::Result<()> {
+    rustix::process::setrlimit(
+        rustix::process::Resource::As,
+        rustix::process::Rlimit {
+            current: Some(soft),
+            maximum: Some(hard),
+        },
+    )?;
+    Ok(())
+}
+
+/// The bytes the process maps now (`VmSize`).
+fn mapped_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmSize:"))?;
+    let kib: u64 = kib.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib << 10)
+}
+
 /// The child's side of the socket.
 struct Answers<'a> {
     out: io::BufWriter<&'a UnixStream>,
+    /// The child's hard memory limit.
+    hard: u64,
     /// The first write that failed: the parent is gone.
     failed: Option<io::Error>,
 }
@@ -335,13 +440,24 @@ impl Answers<'_> {
     }
 
     /// Asks for a row group's memory and waits for the parent's byte that
-    /// grants it; false when the parent is gone.
+    /// grants it, then holds the child to it: what it maps now, the grant
+    /// and [`CHILD_OVERHEAD`] (so a group that takes more than it declared
+    /// fails here, whatever the budget). False when the parent is gone.
     fn ask(&mut self, bytes: u64, socket: &UnixStream) -> bool {
         if !self.send(Message::Reserve(bytes)) || self.out.flush().is_err() {
             return false;
         }
         let mut byte = [0u8; 1];
-        matches!((&mut &*socket).read(&mut byte), Ok(1))
+        if !matches!((&mut &*socket).read(&mut byte), Ok(1)) {
+            return false;
+        }
+        let soft = mapped_bytes()
+            .unwrap_or(0)
+            .saturating_add(bytes)
+            .saturating_add(CHILD_OVERHEAD);
+        // Without the lower limit the hard one still holds.
+        limit_memory(soft.min(self.hard), self.hard).ok();
+        true
     }
 
     /// Says how the file ended.
@@ -370,6 +486,14 @@ mod tests {
     /// returns how the parent's side ended, the events it emitted and the
     /// bytes the child was sent.
     fn talk(lines: &[&str], stop_after: usize) -> (Ended, Vec<RowEvent>, Vec<u8>) {
+        talk_within(Limits::default(), lines, stop_after)
+    }
+
+    fn talk_within(
+        limits: Limits,
+        lines: &[&str],
+        stop_after: usize,
+    ) -> (Ended, Vec<RowEvent>, Vec<u8>) {
         let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
         let script: String = lines.iter().map(|l| format!("{l}\n")).collect();
         let child = std::thread::spawn(move || {
@@ -383,7 +507,7 @@ mod tests {
         });
         let mut events = Vec::new();
         let mut rows = 0;
-        let ended = converse(&ours, Limits::default(), &mut rows, &mut |event| {
+        let ended = converse(&ours, limits, &mut rows, &mut |event| {
             events.push(event);
             events.len() < stop_after
         });
@@ -446,5 +570,40 @@ mod tests {
                 && message.contains("it said: memory allocation of 8589934592 bytes failed."),
             "{message}"
         );
+    }
+
+    /// A long row is parsed under a reservation of its own, taken while the
+    /// group's is let go: holding the group's while waiting for it waited
+    /// for ever once both came to more than the budget.
+    #[test]
+    fn a_long_row_never_waits_while_its_group_holds_the_budget() {
+        let budget: &'static _ =
+            Box::leak(Box::new(crate::ingest::budget::ParseBudget::new(4 << 20)));
+        let limits = Limits {
+            budget: Some(budget),
+            ..Limits::default()
+        };
+        let reserve = serde_json::to_string(&Message::Reserve(3 << 20)).expect("reserve");
+        let long = serde_json::to_string(&Message::Row(json!({"text": "a".repeat(200 << 10)})))
+            .expect("row");
+        let done = serde_json::to_string(&Message::Done).expect("done");
+        let lines = [reserve, long, done];
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+            tx.send(talk_within(limits, &lines, usize::MAX)).ok();
+        });
+        let (ended, events, _) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the conversation ends");
+        assert!(matches!(ended, Ended::Done));
+        assert!(matches!(events[..], [RowEvent::Task(0, _)]));
+
+        let greedy = serde_json::to_string(&Message::Reserve(5 << 20)).expect("reserve");
+        let (ended, _, _) = talk_within(limits, &[&greedy], usize::MAX);
+        let Ended::Broken(why) = ended else {
+            panic!("a child asking for more than the budget is broken");
+        };
+        assert!(why.contains("more than the parse budget"), "{why}");
     }
 }
