@@ -386,6 +386,114 @@ async fn an_export_holds_a_few_bodies_at_once_not_a_page() {
     assert!(peak < 400 << 20, "the worker peaked at {} MB", peak >> 20);
 }
 
+/// An export page holds at most 32 MiB of annotations and tasks, not a
+/// page of annotations' tasks: 64 annotations of 64 distinct 8 MiB tasks
+/// were one page (workers the tests start read pages of 100), every task
+/// read at once: the worker peaked at 655 MB, 242 MB with the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_page_holds_its_budget_of_tasks_not_a_pages_worth() {
+    use futures::StreamExt;
+    use sea_orm::{ConnectionTrait, Database};
+    const TASKS: usize = 64;
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..options()
+    })
+    .await;
+    let project = app.project("big tasks").await;
+    // Straight into the table: an import would take a minute.
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    db.execute_unprepared(&format!(
+        "INSERT INTO tasks (project_id, data, created_at, updated_at) \
+         SELECT {project}, jsonb_build_object('text', i || repeat('x', 8 << 20)), now(), now() \
+         FROM generate_series(1, {TASKS}) AS i"
+    ))
+    .await
+    .expect("insert the tasks");
+    db.close().await.ok();
+    let tasks: Vec<i64> = app
+        .all_tasks(project)
+        .await
+        .iter()
+        .map(|t| t["id"].as_i64().expect("id"))
+        .collect();
+    assert_eq!(tasks.len(), TASKS);
+    let app = &app;
+    futures::stream::iter(tasks)
+        .for_each_concurrent(8, |task| async move {
+            annotate(app, task, "cat").await;
+        })
+        .await;
+
+    let exporter = labelsync_tests::spawn_ready_worker(
+        app,
+        "exporter",
+        &[("LABELSYNC_EXPORT_CONCURRENCY", "2")],
+    )
+    .await;
+    let target = local_target(app, project, "out", false).await;
+    let run = app.sync(&target["id"]).await;
+    assert_eq!(run["counters"]["exported"], TASKS, "{run}");
+    let peak = labelsync_tests::peak_rss(exporter.0.id());
+    eprintln!("the exporting worker peaked at {} MB: {run}", peak >> 20);
+    assert!(peak < 400 << 20, "the worker peaked at {} MB", peak >> 20);
+}
+
+/// A drain whose events' annotations and tasks pass the page budget takes
+/// the events that fit and leaves the rest, which its next page sends: three
+/// events of 12 MiB tasks waiting for a worker are two pages, all sent, the
+/// outbox left empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_past_the_page_budget_sends_the_rest_in_its_next_page() {
+    use sea_orm::{ConnectionTrait, Database};
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..options()
+    })
+    .await;
+    let project = app.project("big events").await;
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    db.execute_unprepared(&format!(
+        "INSERT INTO tasks (project_id, data, created_at, updated_at) \
+         SELECT {project}, jsonb_build_object('text', i || repeat('x', 12 << 20)), now(), now() \
+         FROM generate_series(1, 3) AS i"
+    ))
+    .await
+    .expect("insert the tasks");
+    let target = local_target(&app, project, "events", false).await;
+    let mut ids = Vec::new();
+    for task in app.all_tasks(project).await {
+        ids.push(annotate(&app, task["id"].as_i64().expect("id"), "cat").await);
+    }
+
+    let _worker = labelsync_tests::spawn_ready_worker(&app, "drainer", &[]).await;
+    let dir = app.doc_root.path().join("export/events");
+    for id in &ids {
+        let file = dir.join(format!("{id}.json"));
+        eventually("every event's object", || async { file.exists() }).await;
+    }
+    eventually("the target's runs", || idle(&app, &target)).await;
+    let left = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT count(*) FROM export_outbox",
+        ))
+        .await
+        .expect("count")
+        .expect("a row")
+        .try_get_by_index::<i64>(0)
+        .expect("a count");
+    assert_eq!(left, 0, "the outbox is drained");
+    for id in ids {
+        let doc = read_json(&dir.join(format!("{id}.json"))).expect("an exported document");
+        assert_eq!(doc["id"], id);
+        assert_eq!(
+            doc["task"]["data"]["text"].as_str().map(str::len),
+            Some((12 << 20) + 1)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_export_counts_skips_unchanged_and_retries_failed_uploads() {
     let app = spawn_app(options()).await;

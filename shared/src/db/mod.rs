@@ -330,7 +330,10 @@ pub async fn page_within<E: EntityTrait>(
 /// The bytes the JSON `columns` of a row take as text, summed (NULL as
 /// 0), in `db`'s dialect: what the row costs an answer, measured without
 /// sending it (Postgres renders each value; SQLite keeps JSON as text).
-fn json_text_bytes(db: &DatabaseConnection, columns: &[&str]) -> sea_orm::sea_query::SimpleExpr {
+pub(super) fn json_text_bytes(
+    db: &DatabaseConnection,
+    columns: &[&str],
+) -> sea_orm::sea_query::SimpleExpr {
     let postgres = db.get_database_backend() == DbBackend::Postgres;
     let each: Vec<String> = columns
         .iter()
@@ -344,7 +347,7 @@ fn json_text_bytes(db: &DatabaseConnection, columns: &[&str]) -> sea_orm::sea_qu
 
 /// Of rows' `(id, bytes)` in id order, the id of the last within `budget`
 /// bytes in all (the first always counts), and whether rows were left out.
-fn last_within(rows: &[(i64, i64)], budget: usize) -> (Option<i64>, bool) {
+pub(super) fn last_within(rows: &[(i64, i64)], budget: usize) -> (Option<i64>, bool) {
     let mut used = 0usize;
     let mut last = None;
     for &(id, bytes) in rows {

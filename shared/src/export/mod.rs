@@ -1,7 +1,8 @@
 //! Export: annotations out to a target storage.
 //!
 //! A run of `full` scope (a sync, on demand or on schedule) keyset-paginates
-//! the project's annotations, serializes each ([`format`]), skips those whose
+//! the project's annotations (pages of at most [`PAGE_BYTES`] of their and
+//! their tasks' JSON), serializes each ([`format`]), skips those whose
 //! content hash equals the export link's (`unchanged`), uploads the rest with
 //! bounded concurrency (the backends retry transient failures with backoff),
 //! and records links, errors and counters page by page in one transaction
@@ -27,7 +28,7 @@ use crate::{
     config::WorkerSettings,
     db::{
         self,
-        entities::{annotation, export_link, export_outbox, project, storage, sync_run},
+        entities::{export_link, export_outbox, project, storage, sync_run},
         exports, outbox,
         runs::{self, Counters, SCOPE_FULL},
     },
@@ -47,6 +48,13 @@ pub fn object_key(prefix: &str, annotation_id: i64) -> String {
 
 /// Annotation events handled per page of a drain.
 const DRAIN_PAGE: u64 = 1000;
+/// The most JSON text a page's annotations and their tasks may take
+/// (`db::exports::annotation_page`), as for the API's pages; a page stops
+/// before the annotation that would pass it (the first always comes). Tasks are up to 16 MiB
+/// each (`LABELSYNC_MAX_TASK_BYTES`): a page of 1,000 annotations of
+/// distinct large tasks held gigabytes. The bodies made from them are
+/// bounded apart, by `LABELSYNC_EXPORT_CONCURRENCY`.
+const PAGE_BYTES: usize = 32 << 20;
 
 /// One attempt of an export run over a target storage: a `full` run exports
 /// every annotation of the project that changed, then drains the outbox;
@@ -105,8 +113,11 @@ impl ExportJob<'_> {
                 self.check_stopping()?;
                 let limit = self.settings.page_size as u64;
                 let page =
-                    exports::annotation_page(self.db, self.project.id, cursor, limit).await?;
-                let Some(last) = page.last() else { break };
+                    exports::annotation_page(self.db, self.project.id, cursor, limit, PAGE_BYTES)
+                        .await?;
+                let Some(last) = page.annotations.last() else {
+                    break;
+                };
                 cursor = last.id;
                 let mut result = PageResult::default();
                 self.export(&backend, page, &mut result).await?;
@@ -147,15 +158,14 @@ impl ExportJob<'_> {
     async fn export(
         &self,
         backend: &Arc<dyn Storage>,
-        annotations: Vec<annotation::Model>,
+        page: exports::Page,
         out: &mut PageResult,
     ) -> Result<()> {
+        let exports::Page { annotations, tasks } = page;
         if annotations.is_empty() {
             return Ok(());
         }
-        // Two queries per page, whatever its size: the tasks and the links.
-        let task_ids: Vec<i64> = annotations.iter().map(|a| a.task_id).collect();
-        let tasks = exports::tasks_by_id(self.db, task_ids).await?;
+        // One query per page, whatever its size: the links.
         let ids: Vec<i64> = annotations.iter().map(|a| a.id).collect();
         let links = exports::links_of(self.db, self.storage.id, ids).await?;
 
@@ -270,17 +280,25 @@ impl ExportJob<'_> {
                 .filter(|e| e.action == outbox::UPSERT)
                 .map(|e| e.annotation_id)
                 .collect();
-            let annotations =
-                exports::annotations_in_project(self.db, self.project.id, upserts).await?;
+            let (page, covered) =
+                exports::annotations_of(self.db, self.project.id, &upserts, PAGE_BYTES).await?;
+            // The events up to the first update left for the next page.
+            let first_left = upserts.get(covered).copied();
+            let events: Vec<_> = events
+                .into_iter()
+                .take_while(|e| {
+                    !(e.action == outbox::UPSERT && Some(e.annotation_id) == first_left)
+                })
+                .collect();
             // Deleted annotations, and updates of ones deleted since.
-            let alive: Vec<i64> = annotations.iter().map(|a| a.id).collect();
+            let alive: Vec<i64> = page.annotations.iter().map(|a| a.id).collect();
             let gone: Vec<i64> = events
                 .iter()
                 .map(|e| e.annotation_id)
                 .filter(|id| !alive.contains(id))
                 .collect();
             let mut result = PageResult::default();
-            self.export(backend, annotations, &mut result).await?;
+            self.export(backend, page, &mut result).await?;
             self.delete_objects(backend, gone, &mut result).await;
             let sent = sent_only(events, &result);
             let unsent = self.end_of_unsent(&mut result);
