@@ -1115,6 +1115,52 @@ async fn an_annotation_deleted_mid_upload_does_not_fail_the_export() {
     app.stop().await;
 }
 
+/// An export attempt whose lease another attempt took (it stalled past the
+/// lease: here the lease is taken in the database) stops uploading within
+/// a heartbeat: its uploads went on to the end of their page beside the
+/// new attempt's, and an older body could land after a newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_attempt_whose_lease_was_taken_stops_uploading() {
+    use sea_orm::{ConnectionTrait, Database};
+    const ANNOTATIONS: u64 = 120;
+    let (moto, bucket) = bucket(0, 0).await;
+    let proxy = FaultProxy::start(&moto, Mode::SlowWrites(Duration::from_millis(150))).await;
+    let mut options = private_endpoints();
+    options.env.push(("LABELSYNC_HEARTBEAT_SECS", "1".into()));
+    options
+        .env
+        .push(("LABELSYNC_EXPORT_CONCURRENCY", "1".into()));
+    let app = spawn_app(options).await;
+    let (project, task) = a_task(&app).await;
+    for _ in 0..ANNOTATIONS {
+        annotate(&app, &task).await;
+    }
+    let target = a_target_through(&app, project, &proxy, &bucket).await;
+    let (status, started) = app
+        .post(
+            &format!("/api/v1/storages/{}/sync", target["id"]),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    labelsync_tests::eventually("the first uploads", || async { proxy.counts().0 >= 5 }).await;
+    let db = Database::connect(&app.database_url).await.expect("db");
+    db.execute_unprepared(&format!(
+        "UPDATE sync_runs SET lease_owner = 'another attempt', lease_at = now() WHERE id = '{}'",
+        started["run"]["id"].as_str().expect("run id")
+    ))
+    .await
+    .expect("take the lease");
+    let taken = proxy.counts().0;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = proxy.counts().0 - taken;
+    // A heartbeat (1 s) of uploads at 150 ms each, and the one in flight;
+    // 5 s of them (about 30) before.
+    assert!(after <= 10, "{after} uploads after the lease was taken");
+    assert!(taken + after < ANNOTATIONS, "the page was not done already");
+    app.stop().await;
+}
+
 /// A project with one task, imported from a local file: (project, task).
 async fn a_task(app: &TestApp) -> (i64, Value) {
     let project = app.project("race").await;

@@ -172,6 +172,7 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
         run_id.to_owned(),
         lease.clone(),
         ctx.settings.worker.heartbeat,
+        writes_the_storage(&run.kind),
     )));
     let timer = JobTimer::start(&run.kind);
     // The attempt stops at once when the run ends under it (cancelled):
@@ -181,7 +182,7 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
     let result = tokio::select! {
         result = attempt(ctx, &run, &lease) => result,
         _ = &mut heartbeat.0 => {
-            tracing::info!("the run ended under the attempt (cancelled); attempt stopped");
+            tracing::info!("the run ended under the attempt (cancelled), or another attempt took it over; attempt stopped");
             Ok(Outcome::Stopped)
         }
     };
@@ -718,10 +719,19 @@ pub async fn dispatch_webhooks(db: &DatabaseConnection, queue: &Queue) -> Result
 /// Returns when the run has ended (cancelled) or is gone: until then a
 /// cancel was seen only at the attempt's next commit, which a long listing
 /// or a big object could put off for minutes. A lease taken over by
-/// another attempt does not end it: the attempt's own work (a partition, a
-/// batch, under leases of their own) still commits, and its next run
-/// checkpoint is refused as before.
-async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every: Duration) {
+/// another attempt (this one stalled past the lease) ends it too when
+/// `writes_storage`: an export's uploads would go on beside the new
+/// attempt's, and an older body could land after a newer one, under a link
+/// that says the newer. An import's does not end: its own work (a
+/// partition, a batch, under leases of their own) still commits, and its
+/// next run checkpoint is refused as before.
+async fn heartbeat(
+    db: DatabaseConnection,
+    run_id: String,
+    lease: String,
+    every: Duration,
+    writes_storage: bool,
+) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
@@ -729,7 +739,7 @@ async fn heartbeat(db: DatabaseConnection, run_id: String, lease: String, every:
         match runs::checkpoint(&db, &run_id, &Counters::default(), None, Some(&lease)).await {
             Ok(true) => {}
             Ok(false) => {
-                if has_stopped(&db, &run_id).await {
+                if writes_storage || has_stopped(&db, &run_id).await {
                     return;
                 }
             }
@@ -767,6 +777,11 @@ async fn has_stopped(db: &DatabaseConnection, run_id: &str) -> bool {
             false
         }
     }
+}
+
+/// Whether runs of `kind` write to their storage (exports, deletes).
+fn writes_the_storage(kind: &str) -> bool {
+    runs::RunKind::parse(kind).is_some_and(|k| k != runs::RunKind::Import)
 }
 
 /// The kind of run a sync of this storage is: an import for a source, an
