@@ -441,8 +441,8 @@ async fn an_export_page_holds_its_budget_of_tasks_not_a_pages_worth() {
 
 /// A drain whose events' annotations and tasks pass the page budget takes
 /// the events that fit and leaves the rest, which its next page sends: three
-/// events of 12 MiB tasks waiting for a worker are two pages, all sent, the
-/// outbox left empty.
+/// events of 12 MiB tasks waiting for a worker are two pages (as the page
+/// functions say when asked directly), all sent, the outbox left empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_past_the_page_budget_sends_the_rest_in_its_next_page() {
     use sea_orm::{ConnectionTrait, Database};
@@ -465,6 +465,20 @@ async fn a_drain_past_the_page_budget_sends_the_rest_in_its_next_page() {
     for task in app.all_tasks(project).await {
         ids.push(annotate(&app, task["id"].as_i64().expect("id"), "cat").await);
     }
+
+    let pages = labelsync::db::connect(&app.database_url).await.expect("db");
+    let budget = labelsync::db::exports::Budget {
+        bytes: 32 << 20,
+        first_window: 1,
+    };
+    let (page, covered) = labelsync::db::exports::annotations_of(&pages, project, &ids, budget)
+        .await
+        .expect("a drain page");
+    assert_eq!((page.taken, covered, page.tasks.len()), (2, 2, 2));
+    let page = labelsync::db::exports::annotation_page(&pages, project, 0, 100, budget)
+        .await
+        .expect("a full pass page");
+    assert_eq!((page.taken, page.next), (2, Some(ids[1])));
 
     let _worker = labelsync_tests::spawn_ready_worker(&app, "drainer", &[]).await;
     let dir = app.doc_root.path().join("export/events");

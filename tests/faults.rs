@@ -1146,18 +1146,22 @@ async fn an_export_attempt_whose_lease_was_taken_stops_uploading() {
     labelsync_tests::eventually("the first uploads", || async { proxy.counts().0 >= 5 }).await;
     let db = Database::connect(&app.database_url).await.expect("db");
     db.execute_unprepared(&format!(
-        "UPDATE sync_runs SET lease_owner = 'another attempt', lease_at = now() WHERE id = '{}'",
+        // Renewed an hour ahead: no new attempt takes the run from the fake
+        // owner while the old one is watched.
+        "UPDATE sync_runs SET lease_owner = 'another attempt', \
+         lease_at = now() + interval '1 hour' WHERE id = '{}'",
         started["run"]["id"].as_str().expect("run id")
     ))
     .await
     .expect("take the lease");
-    let taken = proxy.counts().0;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = proxy.counts().0 - taken;
-    // A heartbeat (1 s) of uploads at 150 ms each, and the one in flight;
-    // 5 s of them (about 30) before.
-    assert!(after <= 10, "{after} uploads after the lease was taken");
-    assert!(taken + after < ANNOTATIONS, "the page was not done already");
+    // Within a heartbeat (1 s, and its query) the attempt stops: nothing
+    // is uploaded from 2 s to 5 s after the takeover (about 20 before).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopped = proxy.counts().0;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = proxy.counts().0 - stopped;
+    assert_eq!(later, 0, "{later} uploads 2 s after the lease was taken");
+    assert!(stopped < ANNOTATIONS, "the page was not done already");
     app.stop().await;
 }
 

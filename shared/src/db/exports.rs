@@ -16,79 +16,135 @@ use crate::Result;
 pub struct Page {
     pub annotations: Vec<annotation::Model>,
     pub tasks: HashMap<i64, task::Model>,
+    /// How many annotations fit the budget (those read, unless some were
+    /// deleted since they were measured).
+    pub taken: usize,
+    /// Where the next keyset page starts: after this id. `None` when there
+    /// was nothing to measure: the end.
+    pub next: Option<i64>,
+}
+
+/// How a page is cut: at most `bytes` of JSON text (as [`Meter`] counts
+/// it), measured first over `first_window` annotations, then over windows
+/// 8 times larger until the budget or the page is full. Measuring renders
+/// a task's JSON as reading it would: a page of large tasks must not
+/// measure a thousand to take two (pass twice the last page's take), and
+/// a page of small ones reaches its thousand in a few rounds.
+#[derive(Clone, Copy)]
+pub struct Budget {
+    pub bytes: usize,
+    pub first_window: usize,
 }
 
 /// Up to `limit` of the project's annotations with an id above `after`, by
-/// id, with their tasks, within `budget` bytes as [`costs_within`] counts
-/// them. The sizes are measured in the database first (ids and sizes only),
-/// so what is left out is never read: a page of 1,000 annotations of 1,000
-/// large tasks held every task at once.
+/// id, with their tasks, within `budget`. The sizes are measured in the
+/// database first (ids and sizes only), so what is left out is never read:
+/// a page of 1,000 annotations of 1,000 large tasks held every task at once.
 pub async fn annotation_page(
     db: &DatabaseConnection,
     project_id: i64,
     after: i64,
-    limit: u64,
-    budget: usize,
+    limit: usize,
+    budget: Budget,
 ) -> Result<Page> {
     let rows = annotation::Entity::find()
         .filter(annotation::Column::ProjectId.eq(project_id))
-        .filter(annotation::Column::Id.gt(after))
         .order_by_asc(annotation::Column::Id);
-    let costs = annotation_costs(db, rows.clone().limit(limit)).await?;
-    let taken = costs_within(db, &costs, budget).await?;
-    let Some(&(last, _)) = costs[..taken].last() else {
+    let mut meter = Meter::new(budget.bytes);
+    let mut window = budget.first_window.clamp(1, limit.max(1));
+    let mut from = after;
+    while meter.taken.len() < limit {
+        let want = window.min(limit - meter.taken.len());
+        let measured = rows.clone().filter(annotation::Column::Id.gt(from));
+        let costs = annotation_costs(db, measured.limit(want as u64)).await?;
+        let Some(&(last, _, _)) = costs.last() else {
+            break;
+        };
+        let ended = costs.len() < want;
+        if meter.add(db, &costs).await?.is_some() || ended {
+            break;
+        }
+        from = last;
+        window = window.saturating_mul(8);
+    }
+    let taken = meter.taken.len();
+    let Some(&last) = meter.taken.last() else {
         return Ok(Page::default());
     };
     // At most as many as were measured: an annotation committed since with
     // an id below `last` was not (the next page reads what this one drops).
     let annotations = rows
+        .filter(annotation::Column::Id.gt(after))
         .filter(annotation::Column::Id.lte(last))
         .limit(taken as u64)
         .all(db)
         .await?;
-    with_tasks(db, annotations).await
+    // Fewer than were measured: some were deleted since, and every
+    // measured one up to `last` was read.
+    let next = match annotations.last() {
+        Some(read) if annotations.len() == taken => read.id,
+        _ => last,
+    };
+    with_tasks(db, annotations, taken, Some(next)).await
 }
 
 /// Of `ids`, in their order, the annotations still in the project with
-/// their tasks, as many from the front as fit `budget` (as
-/// [`costs_within`] counts them; ids of annotations gone cost nothing);
-/// and how many of `ids` that covers (the rest are left for later).
+/// their tasks, as many from the front as fit `budget` (ids of annotations
+/// gone cost nothing); and how many of `ids` that covers (the rest are left
+/// for later).
 pub async fn annotations_of(
     db: &DatabaseConnection,
     project_id: i64,
     ids: &[i64],
-    budget: usize,
+    budget: Budget,
 ) -> Result<(Page, usize)> {
-    let rows = annotation::Entity::find()
-        .filter(annotation::Column::ProjectId.eq(project_id))
-        .filter(annotation::Column::Id.is_in(ids.iter().copied()));
-    let found: HashMap<i64, (i64, i64)> = annotation_costs(db, rows).await?.into_iter().collect();
-    let costs: Vec<(i64, (i64, i64))> = ids
-        .iter()
-        .filter_map(|id| Some((*id, *found.get(id)?)))
-        .collect();
-    let taken = costs_within(db, &costs, budget).await?;
-    let covered = match costs.get(taken) {
-        Some((first_left, _)) => ids.iter().position(|id| id == first_left).unwrap_or(0),
-        None => ids.len(),
-    };
-    let kept: Vec<i64> = costs[..taken].iter().map(|(id, _)| *id).collect();
+    if ids.is_empty() {
+        return Ok((Page::default(), 0));
+    }
+    let mut meter = Meter::new(budget.bytes);
+    let mut window = budget.first_window.max(1);
+    let mut start = 0;
+    let mut covered = ids.len();
+    while start < ids.len() {
+        let chunk = &ids[start..ids.len().min(start.saturating_add(window))];
+        let rows = annotation::Entity::find()
+            .filter(annotation::Column::ProjectId.eq(project_id))
+            .filter(annotation::Column::Id.is_in(chunk.iter().copied()));
+        let found: HashMap<i64, (i64, i64, i64)> = annotation_costs(db, rows)
+            .await?
+            .into_iter()
+            .map(|cost| (cost.0, cost))
+            .collect();
+        let costs: Vec<(i64, i64, i64)> = chunk
+            .iter()
+            .filter_map(|id| found.get(id))
+            .copied()
+            .collect();
+        if let Some(left) = meter.add(db, &costs).await? {
+            let first_left = costs[left].0;
+            covered = start + chunk.iter().position(|id| *id == first_left).unwrap_or(0);
+            break;
+        }
+        start += chunk.len();
+        window = window.saturating_mul(8);
+    }
     let annotations = annotation::Entity::find()
-        .filter(annotation::Column::Id.is_in(kept))
+        .filter(annotation::Column::Id.is_in(meter.taken.iter().copied()))
         .filter(annotation::Column::ProjectId.eq(project_id))
         .order_by_asc(annotation::Column::Id)
         .all(db)
         .await?;
-    Ok((with_tasks(db, annotations).await?, covered))
+    let taken = meter.taken.len();
+    Ok((with_tasks(db, annotations, taken, None).await?, covered))
 }
 
-/// `(annotation id, (task id, bytes of its result and completed_by as
-/// JSON text))` of `rows`.
+/// `(annotation id, task id, bytes of its result and completed_by as JSON
+/// text)` of `rows`.
 async fn annotation_costs(
     db: &DatabaseConnection,
     rows: sea_orm::Select<annotation::Entity>,
-) -> Result<Vec<(i64, (i64, i64))>> {
-    let rows: Vec<(i64, i64, i64)> = rows
+) -> Result<Vec<(i64, i64, i64)>> {
+    Ok(rows
         .select_only()
         .column(annotation::Column::Id)
         .column(annotation::Column::TaskId)
@@ -98,54 +154,81 @@ async fn annotation_costs(
         )
         .into_tuple()
         .all(db)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, task, bytes)| (id, (task, bytes)))
-        .collect())
+        .await?)
 }
 
-/// How many of `costs` (annotations, in page order) fit `budget` bytes
-/// of JSON text: each annotation's own, and its task's `data` and `meta`
-/// the first time the page meets the task (the page holds it once; the
-/// bodies made from it are bounded by the export's concurrency). The first
-/// always fits.
-async fn costs_within(
-    db: &DatabaseConnection,
-    costs: &[(i64, (i64, i64))],
+/// Annotations taken in page order while they fit `budget` bytes of JSON
+/// text: each annotation's own, and its task's `data` and `meta` the first
+/// time the page meets the task (the page holds it once; the bodies made
+/// from it are bounded by the export's concurrency). The first always
+/// fits.
+struct Meter {
     budget: usize,
-) -> Result<usize> {
-    let task_ids: HashSet<i64> = costs.iter().map(|(_, (task, _))| *task).collect();
-    let task_bytes: HashMap<i64, i64> = task::Entity::find()
-        .filter(task::Column::Id.is_in(task_ids))
-        .select_only()
-        .column(task::Column::Id)
-        .column_as(super::json_text_bytes(db, &["data", "meta"]), "bytes")
-        .into_tuple::<(i64, i64)>()
-        .all(db)
-        .await?
-        .into_iter()
-        .collect();
-    let mut met = HashSet::new();
-    let sized: Vec<(i64, i64)> = costs
-        .iter()
-        .map(|&(id, (task, own))| {
-            let task = if met.insert(task) {
-                task_bytes.get(&task).copied().unwrap_or(0)
-            } else {
-                0
-            };
-            (id, own.saturating_add(task))
-        })
-        .collect();
-    let (last, _) = super::last_within(&sized, budget);
-    Ok(last
-        .and_then(|last| sized.iter().position(|(id, _)| *id == last))
-        .map_or(0, |i| i + 1))
+    used: usize,
+    taken: Vec<i64>,
+    /// The tasks met, with their bytes.
+    met: HashMap<i64, i64>,
 }
 
-/// `annotations` with the tasks they belong to (one query).
-async fn with_tasks(db: &DatabaseConnection, annotations: Vec<annotation::Model>) -> Result<Page> {
+impl Meter {
+    fn new(budget: usize) -> Self {
+        Meter {
+            budget,
+            used: 0,
+            taken: Vec::new(),
+            met: HashMap::new(),
+        }
+    }
+
+    /// Measures the tasks of `costs` not met yet and takes the annotations
+    /// while they fit; the index in `costs` of the first that did not.
+    async fn add(
+        &mut self,
+        db: &DatabaseConnection,
+        costs: &[(i64, i64, i64)],
+    ) -> Result<Option<usize>> {
+        let new: HashSet<i64> = costs
+            .iter()
+            .map(|&(_, task, _)| task)
+            .filter(|task| !self.met.contains_key(task))
+            .collect();
+        let mut sizes: HashMap<i64, i64> = HashMap::new();
+        if !new.is_empty() {
+            sizes = task::Entity::find()
+                .filter(task::Column::Id.is_in(new))
+                .select_only()
+                .column(task::Column::Id)
+                .column_as(super::json_text_bytes(db, &["data", "meta"]), "bytes")
+                .into_tuple::<(i64, i64)>()
+                .all(db)
+                .await?
+                .into_iter()
+                .collect();
+        }
+        for (i, &(id, task, own)) in costs.iter().enumerate() {
+            let task_bytes = match self.met.contains_key(&task) {
+                true => 0,
+                false => sizes.get(&task).copied().unwrap_or(0),
+            };
+            let bytes = usize::try_from(own.saturating_add(task_bytes)).unwrap_or(0);
+            if !self.taken.is_empty() && self.used.saturating_add(bytes) > self.budget {
+                return Ok(Some(i));
+            }
+            self.used = self.used.saturating_add(bytes);
+            self.met.insert(task, task_bytes);
+            self.taken.push(id);
+        }
+        Ok(None)
+    }
+}
+
+/// `annotations` with the tasks they belong to (one query), as a page.
+async fn with_tasks(
+    db: &DatabaseConnection,
+    annotations: Vec<annotation::Model>,
+    taken: usize,
+    next: Option<i64>,
+) -> Result<Page> {
     let ids: HashSet<i64> = annotations.iter().map(|a| a.task_id).collect();
     let tasks = task::Entity::find()
         .filter(task::Column::Id.is_in(ids))
@@ -154,6 +237,8 @@ async fn with_tasks(db: &DatabaseConnection, annotations: Vec<annotation::Model>
     Ok(Page {
         annotations,
         tasks: tasks.into_iter().map(|t| (t.id, t)).collect(),
+        taken,
+        next,
     })
 }
 

@@ -347,7 +347,7 @@ pub(super) fn json_text_bytes(
 
 /// Of rows' `(id, bytes)` in id order, the id of the last within `budget`
 /// bytes in all (the first always counts), and whether rows were left out.
-pub(super) fn last_within(rows: &[(i64, i64)], budget: usize) -> (Option<i64>, bool) {
+fn last_within(rows: &[(i64, i64)], budget: usize) -> (Option<i64>, bool) {
     let mut used = 0usize;
     let mut last = None;
     for &(id, bytes) in rows {

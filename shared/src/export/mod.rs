@@ -50,11 +50,27 @@ pub fn object_key(prefix: &str, annotation_id: i64) -> String {
 const DRAIN_PAGE: u64 = 1000;
 /// The most JSON text a page's annotations and their tasks may take
 /// (`db::exports::annotation_page`), as for the API's pages; a page stops
-/// before the annotation that would pass it (the first always comes). Tasks are up to 16 MiB
+/// before the annotation that would pass it (the first always comes). It
+/// counts text: parsed, JSON of many small values takes a few times that. Tasks are up to 16 MiB
 /// each (`LABELSYNC_MAX_TASK_BYTES`): a page of 1,000 annotations of
 /// distinct large tasks held gigabytes. The bodies made from them are
 /// bounded apart, by `LABELSYNC_EXPORT_CONCURRENCY`.
 const PAGE_BYTES: usize = 32 << 20;
+/// How many annotations a run's first page measures before it knows how
+/// large they are (`db::exports::Budget`); later pages measure twice what
+/// the last one took.
+const FIRST_WINDOW: usize = 16;
+
+fn first_budget() -> exports::Budget {
+    exports::Budget {
+        bytes: PAGE_BYTES,
+        first_window: FIRST_WINDOW,
+    }
+}
+
+fn next_window(taken: usize) -> usize {
+    taken.saturating_mul(2).max(4)
+}
 
 /// One attempt of an export run over a target storage: a `full` run exports
 /// every annotation of the project that changed, then drains the outbox;
@@ -109,16 +125,18 @@ impl ExportJob<'_> {
                 .as_deref()
                 .and_then(|c| c.parse().ok())
                 .unwrap_or(0);
+            let mut budget = first_budget();
             loop {
                 self.check_stopping()?;
-                let limit = self.settings.page_size as u64;
+                let limit = self.settings.page_size;
                 let page =
-                    exports::annotation_page(self.db, self.project.id, cursor, limit, PAGE_BYTES)
+                    exports::annotation_page(self.db, self.project.id, cursor, limit, budget)
                         .await?;
-                let Some(last) = page.annotations.last() else {
+                let Some(next) = page.next else {
                     break;
                 };
-                cursor = last.id;
+                cursor = next;
+                budget.first_window = next_window(page.taken);
                 let mut result = PageResult::default();
                 self.export(&backend, page, &mut result).await?;
                 result.unsent_failed();
@@ -161,7 +179,9 @@ impl ExportJob<'_> {
         page: exports::Page,
         out: &mut PageResult,
     ) -> Result<()> {
-        let exports::Page { annotations, tasks } = page;
+        let exports::Page {
+            annotations, tasks, ..
+        } = page;
         if annotations.is_empty() {
             return Ok(());
         }
@@ -269,6 +289,7 @@ impl ExportJob<'_> {
     /// over and wait for the next run (seconds to minutes under a steady
     /// stream of saves, which keeps this run going).
     async fn drain(&self, backend: &Arc<dyn Storage>) -> Result<Outcome> {
+        let mut budget = first_budget();
         loop {
             self.check_stopping()?;
             let events = outbox::oldest(self.db, self.storage.id, DRAIN_PAGE).await?;
@@ -281,7 +302,8 @@ impl ExportJob<'_> {
                 .map(|e| e.annotation_id)
                 .collect();
             let (page, covered) =
-                exports::annotations_of(self.db, self.project.id, &upserts, PAGE_BYTES).await?;
+                exports::annotations_of(self.db, self.project.id, &upserts, budget).await?;
+            budget.first_window = next_window(page.taken);
             // The events up to the first update left for the next page.
             let first_left = upserts.get(covered).copied();
             let events: Vec<_> = events

@@ -15,8 +15,8 @@
 //! reserves it from the worker's parse budget (`super::budget`) and answers
 //! one byte; then one line per row. The parent counts the rows itself,
 //! checks every row again as a task (`parse::check_task`), and ends the child
-//! when it wants no more rows. A child that dies, stops answering for
-//! [`SILENCE`], or says something else ends its file with an error naming
+//! when it wants no more rows. A child that dies, takes over [`SILENCE`]
+//! over one message, or says something else ends its file with an error naming
 //! what it printed (the crate's panic or the failed allocation); the rows
 //! it sent before stand, as for a file that breaks off.
 use std::{

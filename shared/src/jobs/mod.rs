@@ -167,12 +167,22 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
         return end(ctx, &run, RunStatus::Failed, Some(error), &lease).await;
     }
     // Aborted when dropped, so even a panicking attempt stops renewing its lease.
+    let every = ctx.settings.worker.heartbeat;
+    // An attempt that writes to its storage stops before its lease could
+    // be taken, when it cannot renew it.
+    let keep = writes_the_storage(&run.kind).then(|| {
+        ctx.settings
+            .worker
+            .lease_ttl()
+            .saturating_sub(every)
+            .max(every)
+    });
     let mut heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
         ctx.db.clone(),
         run_id.to_owned(),
         lease.clone(),
-        ctx.settings.worker.heartbeat,
-        writes_the_storage(&run.kind),
+        every,
+        keep,
     )));
     let timer = JobTimer::start(&run.kind);
     // The attempt stops at once when the run ends under it (cancelled):
@@ -181,9 +191,15 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
     // survive.
     let result = tokio::select! {
         result = attempt(ctx, &run, &lease) => result,
-        _ = &mut heartbeat.0 => {
-            tracing::info!("the run ended under the attempt (cancelled), or another attempt took it over; attempt stopped");
-            Ok(Outcome::Stopped)
+        beat = &mut heartbeat.0 => match beat {
+            Ok(Beat::Unrenewed(unrenewed)) => Err(Error::Transient(format!(
+                "the run's lease could not be renewed for {} s (the database did not answer); the attempt stopped before another could take the run",
+                unrenewed.as_secs()
+            ))),
+            _ => {
+                tracing::info!("the run ended under the attempt (cancelled), or another attempt took it over; attempt stopped");
+                Ok(Outcome::Stopped)
+            }
         }
     };
     drop(heartbeat);
@@ -714,36 +730,63 @@ pub async fn dispatch_webhooks(db: &DatabaseConnection, queue: &Queue) -> Result
     Ok(pushed)
 }
 
+/// Why a run's heartbeat ended.
+enum Beat {
+    /// The run ended (cancelled), is gone, or another attempt took it.
+    Ended,
+    /// The lease was not renewed for this long (the database did not
+    /// answer), and the attempt writes to its storage.
+    Unrenewed(Duration),
+}
+
 /// Beats the run's heart (and renews the attempt's lease) while it works on
 /// something slow (a big object), so the run never looks stale while alive.
 /// Returns when the run has ended (cancelled) or is gone: until then a
 /// cancel was seen only at the attempt's next commit, which a long listing
-/// or a big object could put off for minutes. A lease taken over by
-/// another attempt (this one stalled past the lease) ends it too when
-/// `writes_storage`: an export's uploads would go on beside the new
-/// attempt's, and an older body could land after a newer one, under a link
-/// that says the newer. An import's does not end: its own work (a
-/// partition, a batch, under leases of their own) still commits, and its
-/// next run checkpoint is refused as before.
+/// or a big object could put off for minutes.
+///
+/// With `keep` (an attempt that writes to its storage: an export), it also
+/// returns when another attempt took the lease, and when the lease went
+/// unrenewed for `keep`, less than the lease lasts: an export's uploads
+/// would go on beside a new attempt's, and an older body could land after
+/// a newer one, under a link that says the newer. An import's attempt does
+/// not end then: its own work (a partition, a batch, under leases of their
+/// own) still commits, and its next run checkpoint is refused as before.
 async fn heartbeat(
     db: DatabaseConnection,
     run_id: String,
     lease: String,
     every: Duration,
-    writes_storage: bool,
-) {
+    keep: Option<Duration>,
+) -> Beat {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
+    let mut renewed = tokio::time::Instant::now();
+    let nothing = Counters::default();
     loop {
         tick.tick().await;
-        match runs::checkpoint(&db, &run_id, &Counters::default(), None, Some(&lease)).await {
-            Ok(true) => {}
+        // With `keep`, a renewal the database holds up counts as failed
+        // when the next is due: `keep` is measured, not put off.
+        let renewal = runs::checkpoint(&db, &run_id, &nothing, None, Some(&lease));
+        let renewed_now = match keep {
+            Some(_) => tokio::time::timeout(every, renewal)
+                .await
+                .unwrap_or_else(|_| Err(Error::Transient("the lease's renewal timed out".into()))),
+            None => renewal.await,
+        };
+        match renewed_now {
+            Ok(true) => renewed = tokio::time::Instant::now(),
             Ok(false) => {
-                if writes_storage || has_stopped(&db, &run_id).await {
-                    return;
+                if keep.is_some() || has_stopped(&db, &run_id).await {
+                    return Beat::Ended;
                 }
             }
             Err(err) => tracing::debug!(error = %err, "heartbeat failed"),
+        }
+        if let Some(keep) = keep
+            && renewed.elapsed() > keep
+        {
+            return Beat::Unrenewed(renewed.elapsed());
         }
     }
 }
