@@ -647,3 +647,113 @@ async fn console_pages_count_against_the_rate_limit() {
     );
     app.stop().await;
 }
+
+/// The overview's charts count every run of the day, summed in the
+/// database: they read the day's runs oldest first and at most 20,000 of
+/// them, so on a busy day the last hour's charts were empty and the day's
+/// stopped at 20,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_days_last_hour_is_charted() {
+    use sea_orm::{ConnectionTrait, Database};
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        ..AppOptions::default()
+    })
+    .await;
+    let project = app.project("busy").await;
+    std::fs::create_dir_all(app.doc_root.path().join("data")).unwrap();
+    let storage = app.local_storage(project, json!({})).await["id"]
+        .as_i64()
+        .unwrap();
+    let db = Database::connect(&app.database_url).await.unwrap();
+    // 25,000 runs that ended 2 to 16 hours ago; 10 in the last hour, 3 of
+    // them failed, each having created 7 tasks.
+    let runs = |n: u32, ended: &str, status: &str, created: u32, prefix: &str| {
+        format!(
+            "INSERT INTO sync_runs (id, storage_id, project_id, kind, status, queued_at, \
+             finished_at, created) SELECT '{prefix}' || lpad(i::text, 8, '0'), {storage}, \
+             {project}, 'import', {status}, now() - interval '1 day', {ended}, {created} \
+             FROM generate_series(1, {n}) AS i"
+        )
+    };
+    for sql in [
+        runs(
+            25_000,
+            "now() - interval '2 hours' - i * interval '2 seconds'",
+            "'completed'",
+            1,
+            "day-",
+        ),
+        runs(
+            10,
+            "now() - i * interval '5 minutes'",
+            "CASE WHEN i <= 3 THEN 'failed' ELSE 'completed' END",
+            7,
+            "hour-",
+        ),
+    ] {
+        db.execute_unprepared(&sql).await.unwrap();
+    }
+    let cookie = log_in(&app, BOOT).await;
+    let (status, html) = page(&app, &cookie, "/ui/").await;
+    assert_eq!(status, 200);
+    for (chart, total) in [
+        ("Runs ended per hour, last day", 25_010),
+        ("Tasks created", 70),
+        ("Runs failed per minute", 3),
+    ] {
+        let caption = format!("{chart} <span class=\"muted\">({total} in all)</span>");
+        assert!(html.contains(&caption), "{caption} in {html}");
+    }
+    app.stop().await;
+}
+
+/// The charts' sums are the same on SQLite (the embedded mode), where
+/// times are stored as text: each end counts in its minute and hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_charts_count_alike_on_sqlite() {
+    use labelsync::db::entities::sync_run;
+    use sea_orm::{ActiveModelTrait, Set};
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        embedded: true,
+        ..AppOptions::default()
+    })
+    .await;
+    let project = app.project("embedded").await;
+    std::fs::create_dir_all(app.doc_root.path().join("data")).unwrap();
+    let storage = app.local_storage(project, json!({})).await["id"]
+        .as_i64()
+        .unwrap();
+    let db = labelsync::db::connect(&app.database_url).await.unwrap();
+    let now = chrono::Utc::now();
+    for (minutes_ago, status) in [(5, "failed"), (30, "completed"), (120, "completed")] {
+        let ended = now - chrono::Duration::minutes(minutes_ago);
+        sync_run::ActiveModel {
+            id: Set(format!("ended-{minutes_ago:04}")),
+            storage_id: Set(storage),
+            project_id: Set(project),
+            kind: Set("import".into()),
+            status: Set(status.into()),
+            queued_at: Set(now - chrono::Duration::days(1)),
+            finished_at: Set(Some(ended)),
+            created: Set(7),
+            ..Default::default()
+        }
+        .insert(&db)
+        .await
+        .unwrap();
+    }
+    let cookie = log_in(&app, BOOT).await;
+    let (status, html) = page(&app, &cookie, "/ui/").await;
+    assert_eq!(status, 200);
+    for (chart, total) in [
+        ("Runs ended per hour, last day", 3),
+        ("Tasks created", 14),
+        ("Runs failed per minute", 1),
+    ] {
+        let caption = format!("{chart} <span class=\"muted\">({total} in all)</span>");
+        assert!(html.contains(&caption), "{caption} in {html}");
+    }
+    app.stop().await;
+}

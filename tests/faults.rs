@@ -1078,23 +1078,12 @@ async fn an_annotation_deleted_mid_upload_does_not_fail_the_export() {
     let annotation = annotate(&app, &task).await;
     let id = annotation["id"].clone();
     let target = a_target_through(&app, project, &proxy, &bucket).await;
-    let (status, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", target["id"]),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 202, "{started}");
+    let run_id = app.start_sync(&target["id"]).await;
     // The upload waits in the proxy; delete the annotation meanwhile.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, _) = app.delete(&format!("/api/v1/annotations/{id}")).await;
     assert_eq!(status, 204);
-    let run = app
-        .wait_run(
-            started["run"]["id"].as_str().unwrap(),
-            Duration::from_secs(60),
-        )
-        .await;
+    let run = app.wait_run(&run_id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "completed", "{run}");
     // The delete event (drained by this run or the next) removes the object.
     let s3 = open(
@@ -1136,21 +1125,14 @@ async fn an_export_attempt_whose_lease_was_taken_stops_uploading() {
         annotate(&app, &task).await;
     }
     let target = a_target_through(&app, project, &proxy, &bucket).await;
-    let (status, started) = app
-        .post(
-            &format!("/api/v1/storages/{}/sync", target["id"]),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, 202, "{started}");
+    let run_id = app.start_sync(&target["id"]).await;
     labelsync_tests::eventually("the first uploads", || async { proxy.counts().0 >= 5 }).await;
     let db = Database::connect(&app.database_url).await.expect("db");
     db.execute_unprepared(&format!(
         // Renewed an hour ahead: no new attempt takes the run from the fake
         // owner while the old one is watched.
         "UPDATE sync_runs SET lease_owner = 'another attempt', \
-         lease_at = now() + interval '1 hour' WHERE id = '{}'",
-        started["run"]["id"].as_str().expect("run id")
+         lease_at = now() + interval '1 hour' WHERE id = '{run_id}'"
     ))
     .await
     .expect("take the lease");

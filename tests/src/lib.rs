@@ -896,7 +896,7 @@ fn write_text_columns(
 /// lengths' header (the file holds one): the `parquet` crate makes room for
 /// `count` lengths (4 bytes each) before it reads one.
 pub fn write_parquet_delta_count(path: &Path, count: u64) {
-    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::io::{Seek, SeekFrom, Write};
     use std::sync::Arc;
 
     use parquet::{
@@ -904,7 +904,6 @@ pub fn write_parquet_delta_count(path: &Path, count: u64) {
         data_type::{ByteArray, ByteArrayType},
         file::{
             properties::{EnabledStatistics, WriterProperties},
-            reader::{FileReader, SerializedFileReader},
             writer::SerializedFileWriter,
         },
         schema::parser::parse_message_type,
@@ -934,20 +933,8 @@ pub fn write_parquet_delta_count(path: &Path, count: u64) {
     group.close().expect("close group");
     writer.close().expect("close parquet file");
 
-    let reader = SerializedFileReader::new(std::fs::File::open(path).expect("open")).expect("read");
-    let column = reader.metadata().row_group(0).column(0).clone();
-    let (start, len) = (
-        column.data_page_offset() as u64,
-        column.compressed_size() as usize,
-    );
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open");
-    let mut chunk = vec![0u8; len];
-    file.seek(SeekFrom::Start(start)).expect("seek");
-    file.read_exact(&mut chunk).expect("read chunk");
+    let (mut file, start, mut chunk) = first_column_chunk(path);
+    let len = chunk.len();
     // The lengths' header: block size 128, 4 miniblocks, 1 value.
     let header = chunk
         .windows(4)
@@ -969,17 +956,34 @@ pub fn write_parquet_delta_count(path: &Path, count: u64) {
     file.write_all(&chunk).expect("write page");
 }
 
+/// The Parquet file at `path` opened to be patched, where its first column
+/// chunk starts, and the chunk's bytes.
+fn first_column_chunk(path: &Path) -> (std::fs::File, u64, Vec<u8>) {
+    use std::io::{Read, Seek, SeekFrom};
+
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(std::fs::File::open(path).expect("open")).expect("read");
+    let column = reader.metadata().row_group(0).column(0).clone();
+    let start = column.data_page_offset() as u64;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let mut chunk = vec![0u8; column.compressed_size() as usize];
+    file.seek(SeekFrom::Start(start)).expect("seek");
+    file.read_exact(&mut chunk).expect("read chunk");
+    (file, start, chunk)
+}
+
 /// Writes a GZIP Parquet file of one row whose page holds, in place of its
 /// ~770 KB of text, a GZIP member of `inflated` zero bytes: the page header
 /// and the footer still declare the text's 1 MiB, so only inflating the
 /// page tells (the `parquet` crate inflates it whole before it can).
 pub fn write_parquet_gzip_bomb(path: &Path, inflated: usize) {
-    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::io::{Seek, SeekFrom, Write};
 
-    use parquet::{
-        basic::{Compression, GzipLevel},
-        file::reader::{FileReader, SerializedFileReader},
-    };
+    use parquet::basic::{Compression, GzipLevel};
     // Text gzip cannot shrink much: 64 symbols from a xorshift.
     let mut x = 0x9e37_79b9_7f4a_7c15_u64;
     let text: Vec<u8> = (0..1 << 20)
@@ -992,20 +996,7 @@ pub fn write_parquet_gzip_bomb(path: &Path, inflated: usize) {
         .collect();
     write_one_text_row(path, Compression::GZIP(GzipLevel::default()), text);
 
-    let reader = SerializedFileReader::new(std::fs::File::open(path).expect("open")).expect("read");
-    let column = reader.metadata().row_group(0).column(0).clone();
-    let (start, len) = (
-        column.data_page_offset() as u64,
-        column.compressed_size() as u64,
-    );
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open");
-    let mut chunk = vec![0u8; len as usize];
-    file.seek(SeekFrom::Start(start)).expect("seek");
-    file.read_exact(&mut chunk).expect("read chunk");
+    let (mut file, start, chunk) = first_column_chunk(path);
     let payload = chunk
         .windows(3)
         .position(|w| w == [0x1f, 0x8b, 0x08])

@@ -1,37 +1,10 @@
 //! Bar charts drawn on the server as SVG (no script, no library): one bar
 //! per time bucket, labelled for screen readers by a summary.
-use chrono::{DateTime, Duration, Utc};
-use labelsync::db::entities::sync_run;
 use maud::{Markup, html};
 
 /// Width and height of the drawing, in SVG units (it scales to the page).
 const WIDTH: f64 = 600.0;
 const HEIGHT: f64 = 110.0;
-
-/// Sums `value` of the runs that ended in each of `buckets` spans of
-/// `span` ending now (oldest first; the last span ends now).
-pub fn per_bucket(
-    runs: &[sync_run::Model],
-    now: DateTime<Utc>,
-    span: Duration,
-    buckets: usize,
-    value: impl Fn(&sync_run::Model) -> i64,
-) -> Vec<i64> {
-    let mut sums = vec![0i64; buckets];
-    let start = now - span * buckets as i32;
-    let span_ms = span.num_milliseconds().max(1);
-    for run in runs {
-        // Bucket i holds the ends in (start + i span, start + (i + 1) span].
-        let Some(ended) = run.finished_at.filter(|at| *at > start && *at <= now) else {
-            continue;
-        };
-        let index = ((ended - start).num_milliseconds() - 1).max(0) / span_ms;
-        if let Some(sum) = sums.get_mut((index as usize).min(buckets - 1)) {
-            *sum += value(run);
-        }
-    }
-    sums
-}
 
 /// A titled bar chart of `values` (oldest first), `what` naming one bar's
 /// quantity ("tasks created per minute").
@@ -60,6 +33,9 @@ pub fn bars(title: &str, what: &str, values: &[i64]) -> Markup {
 
 #[cfg(test)]
 pub(super) mod tests {
+    use chrono::{DateTime, Duration, Utc};
+    use labelsync::db::entities::sync_run;
+
     use super::*;
 
     /// A run of 1 project, storage 1, that ended `minutes_ago` (also used by
@@ -103,27 +79,6 @@ pub(super) mod tests {
             retry_of: None,
             trace_id: None,
         }
-    }
-
-    #[test]
-    fn runs_land_in_the_bucket_of_their_end() {
-        let now = Utc::now();
-        let runs = [
-            ended(0, 5, now),
-            ended(1, 7, now),
-            ended(59, 3, now),
-            ended(61, 100, now),
-        ];
-        let sums = per_bucket(&runs, now, Duration::minutes(1), 60, |r| r.created);
-        assert_eq!(sums.len(), 60);
-        assert_eq!(
-            sums.iter().sum::<i64>(),
-            15,
-            "the one older than the hour is left out"
-        );
-        assert_eq!(sums[59], 5);
-        assert_eq!(sums[58], 7);
-        assert_eq!(sums[0], 3);
     }
 
     #[test]

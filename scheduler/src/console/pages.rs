@@ -42,12 +42,12 @@ pub async fn overview(
             },
             20
         ),
-        runs::ended_since(
-            &state.db,
-            Utc::now() - Duration::days(1),
-            projects,
-            ENDED_SHOWN
-        ),
+        async {
+            let now = Utc::now();
+            let minutes = runs::ended_per_span(&state.db, now, Duration::minutes(1), 60, projects);
+            let hours = runs::ended_per_span(&state.db, now, Duration::hours(1), 24, projects);
+            Ok::<_, labelsync::Error>((minutes.await?, hours.await?))
+        },
     );
     let count = |map: &labelsync::Result<std::collections::HashMap<String, i64>>, status: &str| {
         map.as_ref()
@@ -86,7 +86,10 @@ pub async fn overview(
             (card("failed, last hour", count(&last_hour, "failed")))
             (card("cancelled, last hour", count(&last_hour, "cancelled")))
         }
-        (throughput(ended.as_deref().unwrap_or_default()))
+        @match &ended {
+            Ok((minutes, hours)) => (throughput(minutes, hours)),
+            Err(err) => p.status-failed { "The runs' totals could not be read: " (err) },
+        }
         h2 { "Newest runs" }
         (runs_table(recent.as_deref().unwrap_or_default()))
         p { a href="/ui/runs" { "All runs" } }
@@ -120,42 +123,35 @@ fn workers_table(
     }
 }
 
-/// Runs that ended in the last day the charts read at most.
-const ENDED_SHOWN: u64 = 20_000;
-
 /// Throughput per minute over the last hour (by the minute each run ended)
-/// and the share of ended runs that failed, over the last hour and day.
-fn throughput(ended: &[sync_run::Model]) -> Markup {
-    let now = Utc::now();
-    let minute = Duration::minutes(1);
-    let per_minute =
-        |value: fn(&sync_run::Model) -> i64| charts::per_bucket(ended, now, minute, 60, value);
-    let failed = |r: &sync_run::Model| i64::from(r.status == RunStatus::Failed.as_str());
-    let rate = |bad: &[i64], all: &[i64]| {
-        let (bad, n) = (bad.iter().sum::<i64>(), all.iter().sum::<i64>());
-        if n == 0 {
+/// and the share of ended runs that failed, over the last hour and day:
+/// `minutes` holds the last hour's 60 minutes, `hours` the last day's 24
+/// hours, oldest first (`runs::ended_per_span`).
+fn throughput(minutes: &[runs::EndedTotals], hours: &[runs::EndedTotals]) -> Markup {
+    let of = |spans: &[runs::EndedTotals], value: fn(&runs::EndedTotals) -> i64| {
+        spans.iter().map(value).collect::<Vec<i64>>()
+    };
+    let rate = |spans: &[runs::EndedTotals]| {
+        let bad: i64 = spans.iter().map(|s| s.failed).sum();
+        let all: i64 = spans.iter().map(|s| s.ended).sum();
+        if all == 0 {
             "-".to_owned()
         } else {
-            format!("{:.1} %", 100.0 * bad as f64 / n as f64)
+            format!("{:.1} %", 100.0 * bad as f64 / all as f64)
         }
     };
-    let hour = (per_minute(failed), per_minute(|_| 1));
-    let day = (
-        charts::per_bucket(ended, now, Duration::hours(1), 24, failed),
-        charts::per_bucket(ended, now, Duration::hours(1), 24, |_| 1),
-    );
     html! {
         h2 { "Throughput, last hour" }
         div.cards {
-            (card("runs failed, last hour", rate(&hour.0, &hour.1)))
-            (card("runs failed, last day", rate(&day.0, &day.1)))
+            (card("runs failed, last hour", rate(minutes)))
+            (card("runs failed, last day", rate(hours)))
         }
-        (charts::bars("Objects listed", "objects listed per minute", &per_minute(|r| r.listed)))
-        (charts::bars("Tasks created", "tasks created per minute", &per_minute(|r| r.created)))
-        (charts::bars("Annotations exported", "annotations exported per minute", &per_minute(|r| r.exported)))
-        (charts::bars("Runs failed per minute", "runs failed per minute", &hour.0))
-        (charts::bars("Runs ended per hour, last day", "runs ended per hour", &day.1))
-        (charts::bars("Runs failed per hour, last day", "runs failed per hour", &day.0))
+        (charts::bars("Objects listed", "objects listed per minute", &of(minutes, |s| s.listed)))
+        (charts::bars("Tasks created", "tasks created per minute", &of(minutes, |s| s.created)))
+        (charts::bars("Annotations exported", "annotations exported per minute", &of(minutes, |s| s.exported)))
+        (charts::bars("Runs failed per minute", "runs failed per minute", &of(minutes, |s| s.failed)))
+        (charts::bars("Runs ended per hour, last day", "runs ended per hour", &of(hours, |s| s.ended)))
+        (charts::bars("Runs failed per hour, last day", "runs failed per hour", &of(hours, |s| s.failed)))
     }
 }
 

@@ -847,6 +847,74 @@ pub async fn ended_since(
     Ok(query.all(db).await?)
 }
 
+/// What the runs that ended in one span did: how many ended, how many
+/// failed, and the objects they listed, tasks they created and annotations
+/// they exported.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EndedTotals {
+    pub ended: i64,
+    pub failed: i64,
+    pub listed: i64,
+    pub created: i64,
+    pub exported: i64,
+}
+
+/// The totals of the runs of these projects (all when `None`) that ended in
+/// each of `spans` spans of `span` ending at `now`, oldest first: span `i`
+/// holds the ends in `(start + i span, start + (i + 1) span]`, `start`
+/// being `now - spans x span`. Summed in the database, one query whatever
+/// the number of runs (the console read every run of the day, and at most
+/// 20,000 of them, the oldest: a busy day's last hour looked idle).
+pub async fn ended_per_span(
+    db: &impl ConnectionTrait,
+    now: chrono::DateTime<Utc>,
+    span: chrono::Duration,
+    spans: usize,
+    projects: Option<&[i64]>,
+) -> Result<Vec<EndedTotals>> {
+    use sync_run::Column as C;
+    let count = i32::try_from(spans).unwrap_or(i32::MAX);
+    let start = now - span * count;
+    // Each end's span: the first whose upper bound it does not pass.
+    let mut which = sea_orm::sea_query::CaseStatement::new();
+    for i in 0..count {
+        which = which.case(C::FinishedAt.lte(start + span * (i + 1)), i);
+    }
+    let sum = |column: &str| Expr::cust(format!("CAST(COALESCE(SUM({column}), 0) AS BIGINT)"));
+    let failed = format!(
+        "CASE WHEN status = '{}' THEN 1 ELSE 0 END",
+        RunStatus::Failed.as_str()
+    );
+    let mut query = sync_run::Entity::find()
+        .select_only()
+        .column_as(Into::<Expr>::into(which.finally(count)), "span")
+        .column_as(Expr::cust("CAST(COUNT(*) AS BIGINT)"), "ended")
+        .column_as(sum(&failed), "failed")
+        .column_as(sum("listed"), "listed")
+        .column_as(sum("created"), "created")
+        .column_as(sum("exported"), "exported")
+        .filter(C::FinishedAt.gt(start))
+        .filter(C::FinishedAt.lte(now))
+        .group_by(Expr::cust("span"));
+    if let Some(projects) = projects {
+        query = query.filter(of_projects(projects));
+    }
+    let rows: Vec<(i32, i64, i64, i64, i64, i64)> = query.into_tuple().all(db).await?;
+    let mut totals = vec![EndedTotals::default(); spans];
+    for (i, ended, failed, listed, created, exported) in rows {
+        if let Some(total) = usize::try_from(i).ok().and_then(|i| totals.get_mut(i)) {
+            *total = EndedTotals {
+                ended,
+                failed,
+                listed,
+                created,
+                exported,
+            };
+        }
+    }
+    Ok(totals)
+}
+
 /// The newest run of each storage that has one, by storage id, in two
 /// queries whatever the number of storages.
 pub async fn newest_of(
