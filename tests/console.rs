@@ -757,3 +757,66 @@ async fn the_overview_charts_count_alike_on_sqlite() {
     }
     app.stop().await;
 }
+
+/// Each run's end counts in its span, `(start + i span, start + (i + 1)
+/// span]`, on Postgres and on SQLite alike: an end on a span's upper
+/// bound is in that span, one on the start or after `now` in none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_end_counts_in_its_span_on_both_databases() {
+    use chrono::Duration;
+    use labelsync::db::{entities::sync_run, runs};
+    use sea_orm::{ActiveModelTrait, Set};
+    for embedded in [false, true] {
+        let app = spawn_app(AppOptions {
+            token: Some(BOOT.into()),
+            embedded,
+            ..AppOptions::default()
+        })
+        .await;
+        let project = app.project("spans").await;
+        std::fs::create_dir_all(app.doc_root.path().join("data")).unwrap();
+        let storage = app.local_storage(project, json!({})).await["id"]
+            .as_i64()
+            .unwrap();
+        let db = labelsync::db::connect(&app.database_url).await.unwrap();
+        let now = chrono::Utc::now();
+        let ends = [
+            ("at-now", now, 1),
+            ("a-minute-ago", now - Duration::minutes(1), 2),
+            (
+                "just-after-start",
+                now - Duration::minutes(60) + Duration::milliseconds(1),
+                4,
+            ),
+            ("at-start", now - Duration::minutes(60), 8),
+            ("after-now", now + Duration::seconds(1), 16),
+        ];
+        for (id, ended, created) in ends {
+            sync_run::ActiveModel {
+                id: Set(id.into()),
+                storage_id: Set(storage),
+                project_id: Set(project),
+                kind: Set("import".into()),
+                status: Set("completed".into()),
+                queued_at: Set(now - Duration::days(1)),
+                finished_at: Set(Some(ended)),
+                created: Set(created),
+                ..Default::default()
+            }
+            .insert(&db)
+            .await
+            .unwrap();
+        }
+        let spans = runs::ended_per_span(&db, now, Duration::minutes(1), 60, Some(&[project]))
+            .await
+            .unwrap();
+        let created: Vec<(usize, i64)> = spans
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.ended > 0)
+            .map(|(i, s)| (i, s.created))
+            .collect();
+        assert_eq!(created, [(0, 4), (58, 2), (59, 1)], "embedded: {embedded}");
+        app.stop().await;
+    }
+}

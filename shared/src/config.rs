@@ -325,7 +325,7 @@ fn worker_beside_this_binary() -> PathBuf {
 }
 
 /// The `LABELSYNC_*` settings of [`WorkerSettings`], read in field order;
-/// the page size must lie in 1..=5000.
+/// the page size must lie in 1..=5000, missed heartbeats be at least 2.
 fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettings> {
     let worker = WorkerSettings {
         concurrency: parse(get, "LABELSYNC_WORKER_CONCURRENCY", 4)?,
@@ -356,6 +356,16 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
             "invalid_setting",
             None,
             "LABELSYNC_PAGE_SIZE must be between 1 and 5000",
+        ));
+    }
+    // A lease renewed every heartbeat must outlast a renewal that is late,
+    // and an export attempt stops a heartbeat before its lease could be
+    // taken (`jobs::heartbeat`).
+    if worker.missed_heartbeats < 2 {
+        return Err(Error::invalid(
+            "invalid_setting",
+            None,
+            "LABELSYNC_MISSED_HEARTBEATS must be at least 2",
         ));
     }
     Ok(worker)
@@ -482,5 +492,13 @@ mod tests {
         ])
         .expect("settings");
         assert!(many.worker.lease_ttl() >= Duration::from_secs(3600));
+        // A lease of one heartbeat is lost by a renewal that is late.
+        for missed in ["0", "1"] {
+            let refused = with(&[("LABELSYNC_MISSED_HEARTBEATS", missed)]);
+            assert!(
+                matches!(refused, Err(Error::Invalid { .. })),
+                "{missed}: {refused:?}"
+            );
+        }
     }
 }

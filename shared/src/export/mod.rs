@@ -51,10 +51,10 @@ const DRAIN_PAGE: u64 = 1000;
 /// The most JSON text a page's annotations and their tasks may take
 /// (`db::exports::annotation_page`), as for the API's pages; a page stops
 /// before the annotation that would pass it (the first always comes). It
-/// counts text: parsed, JSON of many small values takes a few times that. Tasks are up to 16 MiB
-/// each (`LABELSYNC_MAX_TASK_BYTES`): a page of 1,000 annotations of
-/// distinct large tasks held gigabytes. The bodies made from them are
-/// bounded apart, by `LABELSYNC_EXPORT_CONCURRENCY`.
+/// counts text: parsed, JSON of many small values takes a few times that.
+/// Tasks are up to 16 MiB each (`LABELSYNC_MAX_TASK_BYTES`): a page of
+/// 1,000 annotations of distinct large tasks held gigabytes. The bodies
+/// made from them are bounded apart, by `LABELSYNC_EXPORT_CONCURRENCY`.
 const PAGE_BYTES: usize = 32 << 20;
 /// How many annotations a run's first page measures before it knows how
 /// large they are (`db::exports::Budget`); later pages measure twice what

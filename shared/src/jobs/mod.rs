@@ -166,10 +166,10 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
         let error = gave_up(max, run.error.as_deref());
         return end(ctx, &run, RunStatus::Failed, Some(error), &lease).await;
     }
-    // Aborted when dropped, so even a panicking attempt stops renewing its lease.
     let every = ctx.settings.worker.heartbeat;
-    // An attempt that writes to its storage stops before its lease could
-    // be taken, when it cannot renew it.
+    // An attempt that writes to its storage stops a heartbeat before its
+    // lease could be taken, when it cannot renew it (the settings make the
+    // lease at least two heartbeats).
     let keep = writes_the_storage(&run.kind).then(|| {
         ctx.settings
             .worker
@@ -177,6 +177,7 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
             .saturating_sub(every)
             .max(every)
     });
+    // Aborted when dropped, so even a panicking attempt stops renewing its lease.
     let mut heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
         ctx.db.clone(),
         run_id.to_owned(),
@@ -734,8 +735,8 @@ pub async fn dispatch_webhooks(db: &DatabaseConnection, queue: &Queue) -> Result
 enum Beat {
     /// The run ended (cancelled), is gone, or another attempt took it.
     Ended,
-    /// The lease was not renewed for this long (the database did not
-    /// answer), and the attempt writes to its storage.
+    /// The lease went unrenewed for `keep` (the database did not answer),
+    /// and the attempt writes to its storage.
     Unrenewed(Duration),
 }
 
@@ -746,12 +747,14 @@ enum Beat {
 /// or a big object could put off for minutes.
 ///
 /// With `keep` (an attempt that writes to its storage: an export), it also
-/// returns when another attempt took the lease, and when the lease went
-/// unrenewed for `keep`, less than the lease lasts: an export's uploads
-/// would go on beside a new attempt's, and an older body could land after
-/// a newer one, under a link that says the newer. An import's attempt does
-/// not end then: its own work (a partition, a batch, under leases of their
-/// own) still commits, and its next run checkpoint is refused as before.
+/// returns when another attempt took the lease, and once `keep` has passed
+/// since the last renewal that succeeded was sent (the lease less a
+/// heartbeat: before the lease could be taken), however the database
+/// answers meanwhile: an export's uploads would go on beside a new
+/// attempt's, and an older body could land after a newer one, under a
+/// link that says the newer. An import's attempt does not end then: its
+/// own work (a partition, a batch, under leases of their own) still
+/// commits, and its next run checkpoint is refused as before.
 async fn heartbeat(
     db: DatabaseConnection,
     run_id: String,
@@ -759,34 +762,38 @@ async fn heartbeat(
     every: Duration,
     keep: Option<Duration>,
 ) -> Beat {
+    use tokio::time::Instant;
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
-    let mut renewed = tokio::time::Instant::now();
+    // The lease was taken just before this started.
+    let mut deadline = keep.map(|keep| Instant::now() + keep);
     let nothing = Counters::default();
     loop {
-        tick.tick().await;
-        // With `keep`, a renewal the database holds up counts as failed
-        // when the next is due: `keep` is measured, not put off.
+        match deadline {
+            Some(deadline) => tokio::select! {
+                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(deadline) => return Beat::Unrenewed(keep.unwrap_or_default()),
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
+        let sent = Instant::now();
         let renewal = runs::checkpoint(&db, &run_id, &nothing, None, Some(&lease));
-        let renewed_now = match keep {
-            Some(_) => tokio::time::timeout(every, renewal)
+        let renewed = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.min(sent + every), renewal)
                 .await
                 .unwrap_or_else(|_| Err(Error::Transient("the lease's renewal timed out".into()))),
             None => renewal.await,
         };
-        match renewed_now {
-            Ok(true) => renewed = tokio::time::Instant::now(),
+        match renewed {
+            Ok(true) => deadline = keep.map(|keep| sent + keep),
             Ok(false) => {
                 if keep.is_some() || has_stopped(&db, &run_id).await {
                     return Beat::Ended;
                 }
             }
             Err(err) => tracing::debug!(error = %err, "heartbeat failed"),
-        }
-        if let Some(keep) = keep
-            && renewed.elapsed() > keep
-        {
-            return Beat::Unrenewed(renewed.elapsed());
         }
     }
 }
