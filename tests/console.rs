@@ -648,6 +648,61 @@ async fn console_pages_count_against_the_rate_limit() {
     app.stop().await;
 }
 
+/// A console app (on Postgres, or SQLite when `embedded`) with a project
+/// and a local storage to record runs of: (app, project, storage).
+async fn app_with_a_storage(embedded: bool) -> (TestApp, i64, i64) {
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        embedded,
+        ..AppOptions::default()
+    })
+    .await;
+    let project = app.project("charted").await;
+    std::fs::create_dir_all(app.doc_root.path().join("data")).unwrap();
+    let storage = app.local_storage(project, json!({})).await["id"]
+        .as_i64()
+        .unwrap();
+    (app, project, storage)
+}
+
+/// Records an import run of `storage` (of `project`) that ended at `ended`
+/// with `status`, having created `created` tasks.
+async fn ended_run(
+    db: &sea_orm::DatabaseConnection,
+    (project, storage): (i64, i64),
+    id: &str,
+    (status, ended): (&str, chrono::DateTime<chrono::Utc>),
+    created: i64,
+) {
+    use labelsync::db::entities::sync_run;
+    use sea_orm::{ActiveModelTrait, Set};
+    sync_run::ActiveModel {
+        id: Set(id.into()),
+        storage_id: Set(storage),
+        project_id: Set(project),
+        kind: Set("import".into()),
+        status: Set(status.into()),
+        queued_at: Set(ended - chrono::Duration::days(1)),
+        finished_at: Set(Some(ended)),
+        created: Set(created),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+    .unwrap();
+}
+
+/// The overview, whose named charts show these totals.
+async fn overview_charts(app: &TestApp, totals: &[(&str, i64)]) {
+    let cookie = log_in(app, BOOT).await;
+    let (status, html) = page(app, &cookie, "/ui/").await;
+    assert_eq!(status, 200);
+    for (chart, total) in totals {
+        let caption = format!("{chart} <span class=\"muted\">({total} in all)</span>");
+        assert!(html.contains(&caption), "{caption} in {html}");
+    }
+}
+
 /// The overview's charts count every run of the day, summed in the
 /// database: they read the day's runs oldest first and at most 20,000 of
 /// them, so on a busy day the last hour's charts were empty and the day's
@@ -655,16 +710,7 @@ async fn console_pages_count_against_the_rate_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_days_last_hour_is_charted() {
     use sea_orm::{ConnectionTrait, Database};
-    let app = spawn_app(AppOptions {
-        token: Some(BOOT.into()),
-        ..AppOptions::default()
-    })
-    .await;
-    let project = app.project("busy").await;
-    std::fs::create_dir_all(app.doc_root.path().join("data")).unwrap();
-    let storage = app.local_storage(project, json!({})).await["id"]
-        .as_i64()
-        .unwrap();
+    let (app, project, storage) = app_with_a_storage(false).await;
     let db = Database::connect(&app.database_url).await.unwrap();
     // 25,000 runs that ended 2 to 16 hours ago; 10 in the last hour, 3 of
     // them failed, each having created 7 tasks.
@@ -694,17 +740,15 @@ async fn a_busy_days_last_hour_is_charted() {
     ] {
         db.execute_unprepared(&sql).await.unwrap();
     }
-    let cookie = log_in(&app, BOOT).await;
-    let (status, html) = page(&app, &cookie, "/ui/").await;
-    assert_eq!(status, 200);
-    for (chart, total) in [
-        ("Runs ended per hour, last day", 25_010),
-        ("Tasks created", 70),
-        ("Runs failed per minute", 3),
-    ] {
-        let caption = format!("{chart} <span class=\"muted\">({total} in all)</span>");
-        assert!(html.contains(&caption), "{caption} in {html}");
-    }
+    overview_charts(
+        &app,
+        &[
+            ("Runs ended per hour, last day", 25_010),
+            ("Tasks created", 70),
+            ("Runs failed per minute", 3),
+        ],
+    )
+    .await;
     app.stop().await;
 }
 
@@ -712,49 +756,23 @@ async fn a_busy_days_last_hour_is_charted() {
 /// times are stored as text: each end counts in its minute and hour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_overview_charts_count_alike_on_sqlite() {
-    use labelsync::db::entities::sync_run;
-    use sea_orm::{ActiveModelTrait, Set};
-    let app = spawn_app(AppOptions {
-        token: Some(BOOT.into()),
-        embedded: true,
-        ..AppOptions::default()
-    })
-    .await;
-    let project = app.project("embedded").await;
-    std::fs::create_dir_all(app.doc_root.path().join("data")).unwrap();
-    let storage = app.local_storage(project, json!({})).await["id"]
-        .as_i64()
-        .unwrap();
+    let (app, project, storage) = app_with_a_storage(true).await;
     let db = labelsync::db::connect(&app.database_url).await.unwrap();
     let now = chrono::Utc::now();
     for (minutes_ago, status) in [(5, "failed"), (30, "completed"), (120, "completed")] {
         let ended = now - chrono::Duration::minutes(minutes_ago);
-        sync_run::ActiveModel {
-            id: Set(format!("ended-{minutes_ago:04}")),
-            storage_id: Set(storage),
-            project_id: Set(project),
-            kind: Set("import".into()),
-            status: Set(status.into()),
-            queued_at: Set(now - chrono::Duration::days(1)),
-            finished_at: Set(Some(ended)),
-            created: Set(7),
-            ..Default::default()
-        }
-        .insert(&db)
-        .await
-        .unwrap();
+        let id = format!("ended-{minutes_ago:04}");
+        ended_run(&db, (project, storage), &id, (status, ended), 7).await;
     }
-    let cookie = log_in(&app, BOOT).await;
-    let (status, html) = page(&app, &cookie, "/ui/").await;
-    assert_eq!(status, 200);
-    for (chart, total) in [
-        ("Runs ended per hour, last day", 3),
-        ("Tasks created", 14),
-        ("Runs failed per minute", 1),
-    ] {
-        let caption = format!("{chart} <span class=\"muted\">({total} in all)</span>");
-        assert!(html.contains(&caption), "{caption} in {html}");
-    }
+    overview_charts(
+        &app,
+        &[
+            ("Runs ended per hour, last day", 3),
+            ("Tasks created", 14),
+            ("Runs failed per minute", 1),
+        ],
+    )
+    .await;
     app.stop().await;
 }
 
@@ -764,20 +782,9 @@ async fn the_overview_charts_count_alike_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_end_counts_in_its_span_on_both_databases() {
     use chrono::Duration;
-    use labelsync::db::{entities::sync_run, runs};
-    use sea_orm::{ActiveModelTrait, Set};
+    use labelsync::db::runs;
     for embedded in [false, true] {
-        let app = spawn_app(AppOptions {
-            token: Some(BOOT.into()),
-            embedded,
-            ..AppOptions::default()
-        })
-        .await;
-        let project = app.project("spans").await;
-        std::fs::create_dir_all(app.doc_root.path().join("data")).unwrap();
-        let storage = app.local_storage(project, json!({})).await["id"]
-            .as_i64()
-            .unwrap();
+        let (app, project, storage) = app_with_a_storage(embedded).await;
         let db = labelsync::db::connect(&app.database_url).await.unwrap();
         let now = chrono::Utc::now();
         let ends = [
@@ -792,20 +799,7 @@ async fn each_end_counts_in_its_span_on_both_databases() {
             ("after-now", now + Duration::seconds(1), 16),
         ];
         for (id, ended, created) in ends {
-            sync_run::ActiveModel {
-                id: Set(id.into()),
-                storage_id: Set(storage),
-                project_id: Set(project),
-                kind: Set("import".into()),
-                status: Set("completed".into()),
-                queued_at: Set(now - Duration::days(1)),
-                finished_at: Set(Some(ended)),
-                created: Set(created),
-                ..Default::default()
-            }
-            .insert(&db)
-            .await
-            .unwrap();
+            ended_run(&db, (project, storage), id, ("completed", ended), created).await;
         }
         let spans = runs::ended_per_span(&db, now, Duration::minutes(1), 60, Some(&[project]))
             .await

@@ -386,6 +386,21 @@ async fn an_export_holds_a_few_bodies_at_once_not_a_page() {
     assert!(peak < 400 << 20, "the worker peaked at {} MB", peak >> 20);
 }
 
+/// `count` tasks of `project` whose `text` is its number and `mib` MiB of
+/// `x`, written straight into the table (an import of them takes a minute).
+async fn big_tasks(app: &TestApp, project: i64, count: usize, mib: usize) {
+    use sea_orm::{ConnectionTrait, Database};
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    db.execute_unprepared(&format!(
+        "INSERT INTO tasks (project_id, data, created_at, updated_at) \
+         SELECT {project}, jsonb_build_object('text', i || repeat('x', {mib} << 20)), now(), now() \
+         FROM generate_series(1, {count}) AS i"
+    ))
+    .await
+    .expect("insert the tasks");
+    db.close().await.ok();
+}
+
 /// An export page holds at most 32 MiB of annotations and tasks, not a
 /// page of annotations' tasks: 64 annotations of 64 distinct 8 MiB tasks
 /// were one page (workers the tests start read pages of 100), every task
@@ -393,7 +408,6 @@ async fn an_export_holds_a_few_bodies_at_once_not_a_page() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_page_holds_its_budget_of_tasks_not_a_pages_worth() {
     use futures::StreamExt;
-    use sea_orm::{ConnectionTrait, Database};
     const TASKS: usize = 64;
     let app = spawn_app(AppOptions {
         workers: false,
@@ -401,16 +415,7 @@ async fn an_export_page_holds_its_budget_of_tasks_not_a_pages_worth() {
     })
     .await;
     let project = app.project("big tasks").await;
-    // Straight into the table: an import would take a minute.
-    let db = Database::connect(&app.database_url).await.expect("connect");
-    db.execute_unprepared(&format!(
-        "INSERT INTO tasks (project_id, data, created_at, updated_at) \
-         SELECT {project}, jsonb_build_object('text', i || repeat('x', 8 << 20)), now(), now() \
-         FROM generate_series(1, {TASKS}) AS i"
-    ))
-    .await
-    .expect("insert the tasks");
-    db.close().await.ok();
+    big_tasks(&app, project, TASKS, 8).await;
     let tasks: Vec<i64> = app
         .all_tasks(project)
         .await
@@ -452,14 +457,8 @@ async fn a_drain_past_the_page_budget_sends_the_rest_in_its_next_page() {
     })
     .await;
     let project = app.project("big events").await;
+    big_tasks(&app, project, 3, 12).await;
     let db = Database::connect(&app.database_url).await.expect("connect");
-    db.execute_unprepared(&format!(
-        "INSERT INTO tasks (project_id, data, created_at, updated_at) \
-         SELECT {project}, jsonb_build_object('text', i || repeat('x', 12 << 20)), now(), now() \
-         FROM generate_series(1, 3) AS i"
-    ))
-    .await
-    .expect("insert the tasks");
     let target = local_target(&app, project, "events", false).await;
     let mut ids = Vec::new();
     for task in app.all_tasks(project).await {

@@ -34,6 +34,29 @@ fn task_by_source<'a>(tasks: &'a [Value], key: &str, row: i64) -> &'a Value {
         .unwrap_or_else(|| panic!("no task for {key} row {row}"))
 }
 
+/// The per-object errors of `run` (its first page).
+async fn run_errors(app: &TestApp, run: &Value) -> Vec<Value> {
+    let (status, errors) = app
+        .get(&format!(
+            "/api/v1/runs/{}/errors",
+            run["id"].as_str().expect("id")
+        ))
+        .await;
+    assert_eq!(status, 200, "{errors}");
+    errors["items"].as_array().expect("items").clone()
+}
+
+/// The message of the error among `errors` for `key` at `row`.
+fn error_message(errors: &[Value], key: &str, row: &Value) -> String {
+    errors
+        .iter()
+        .find(|e| e["key"] == key && e["row_index"] == *row)
+        .unwrap_or_else(|| panic!("no error for {key} {row}: {errors:?}"))["error"]
+        .as_str()
+        .expect("message")
+        .to_owned()
+}
+
 /// Task files in every format and shape, good and bad, under `data/`: 12
 /// objects, 20 tasks and 6 failures (one of them a bad line among good ones).
 fn write_task_files_of_every_format(data: &Path) {
@@ -109,14 +132,7 @@ async fn tasks_mode_counts_tasks_and_failures_of_every_format() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_mode_records_why_each_bad_object_failed() {
     let (app, _, _, run) = synced_task_files_of_every_format().await;
-    let (status, errors) = app
-        .get(&format!(
-            "/api/v1/runs/{}/errors",
-            run["id"].as_str().expect("id")
-        ))
-        .await;
-    assert_eq!(status, 200);
-    let errors = errors["items"].as_array().expect("items").clone();
+    let errors = run_errors(&app, &run).await;
     let error_of = |key: &str| {
         errors
             .iter()
@@ -771,22 +787,8 @@ async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
     // row or whole file of each of write_odd_parquet's five.
     assert_eq!(run["counters"]["failed"], 10, "{run}");
 
-    let (_, errors) = app
-        .get(&format!(
-            "/api/v1/runs/{}/errors",
-            run["id"].as_str().expect("id")
-        ))
-        .await;
-    let errors = errors["items"].as_array().expect("items").clone();
-    let message = |key: &str, row: Value| {
-        errors
-            .iter()
-            .find(|e| e["key"] == key && e["row_index"] == row)
-            .unwrap_or_else(|| panic!("no error for {key} {row}: {errors:?}"))["error"]
-            .as_str()
-            .expect("message")
-            .to_owned()
-    };
+    let errors = run_errors(&app, &run).await;
+    let message = |key: &str, row: Value| error_message(&errors, key, &row);
     assert!(message("deep-2000.parquet", Value::Null).contains("Parquet schema nests more than"));
     assert!(message("deep-200.parquet", Value::Null).contains("Parquet schema nests more than"));
     assert!(message("nul.json", json!(0)).contains("NUL"));
@@ -1035,23 +1037,12 @@ async fn a_parquet_file_that_kills_its_reader_is_that_files_error() {
         assert_eq!(run["status"], "completed_with_errors", "sync {sync}: {run}");
         assert_eq!(run["counters"]["created"], created, "sync {sync}: {run}");
         assert_eq!(run["counters"]["failed"], 2, "sync {sync}: {run}");
-        let (_, errors) = app
-            .get(&format!(
-                "/api/v1/runs/{}/errors",
-                run["id"].as_str().expect("id")
-            ))
-            .await;
+        let errors = run_errors(&app, &run).await;
         for (key, asked) in [
             ("delta-4tib.parquet", "4398046511104"),
             ("delta-8gib.parquet", "8589934592"),
         ] {
-            let error = errors["items"]
-                .as_array()
-                .expect("items")
-                .iter()
-                .find(|e| e["key"] == key)
-                .unwrap_or_else(|| panic!("no error for {key}: {errors}"));
-            let message = error["error"].as_str().expect("message");
+            let message = error_message(&errors, key, &Value::Null);
             assert!(
                 message.contains(&format!("memory allocation of {asked} bytes failed"))
                     && message.contains("LABELSYNC_PARSE_BUDGET_BYTES"),

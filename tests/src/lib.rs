@@ -125,9 +125,16 @@ pub fn settings(vars: &HashMap<&str, String>) -> Settings {
 /// Where the built `labelsync-worker` is, whether or not it was built (a
 /// test that reads Parquet files without it fails on its first file).
 pub fn parquet_parser() -> PathBuf {
+    target_dir().join("labelsync-worker")
+}
+
+/// Where cargo puts the binaries this test binary was built with.
+fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    dir.join("labelsync-worker")
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_owned()
 }
 
 pub struct TestApp {
@@ -567,9 +574,7 @@ pub fn write_files(dir: &Path, n: usize, ext: &str) {
 
 /// A built binary of the workspace (`cargo build --workspace --bins` first).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
+    let path = target_dir().join(name);
     assert!(
         path.exists(),
         "{} is missing: build the binaries first (`cargo build --workspace --bins`, as .ci/run does)",

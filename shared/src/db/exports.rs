@@ -166,8 +166,8 @@ struct Meter {
     budget: usize,
     used: usize,
     taken: Vec<i64>,
-    /// The tasks met, with their bytes.
-    met: HashMap<i64, i64>,
+    /// The tasks of the annotations taken (counted once).
+    met: HashSet<i64>,
 }
 
 impl Meter {
@@ -176,7 +176,7 @@ impl Meter {
             budget,
             used: 0,
             taken: Vec::new(),
-            met: HashMap::new(),
+            met: HashSet::new(),
         }
     }
 
@@ -190,7 +190,7 @@ impl Meter {
         let new: HashSet<i64> = costs
             .iter()
             .map(|&(_, task, _)| task)
-            .filter(|task| !self.met.contains_key(task))
+            .filter(|task| !self.met.contains(task))
             .collect();
         let mut sizes: HashMap<i64, i64> = HashMap::new();
         if !new.is_empty() {
@@ -206,7 +206,7 @@ impl Meter {
                 .collect();
         }
         for (i, &(id, task, own)) in costs.iter().enumerate() {
-            let task_bytes = match self.met.contains_key(&task) {
+            let task_bytes = match self.met.contains(&task) {
                 true => 0,
                 false => sizes.get(&task).copied().unwrap_or(0),
             };
@@ -215,7 +215,7 @@ impl Meter {
                 return Ok(Some(i));
             }
             self.used = self.used.saturating_add(bytes);
-            self.met.insert(task, task_bytes);
+            self.met.insert(task);
             self.taken.push(id);
         }
         Ok(None)

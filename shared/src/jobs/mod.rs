@@ -170,13 +170,8 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
     // An attempt that writes to its storage stops a heartbeat before its
     // lease could be taken, when it cannot renew it (the settings make the
     // lease at least two heartbeats).
-    let keep = writes_the_storage(&run.kind).then(|| {
-        ctx.settings
-            .worker
-            .lease_ttl()
-            .saturating_sub(every)
-            .max(every)
-    });
+    let keep = writes_the_storage(&run.kind)
+        .then(|| ctx.settings.worker.lease_ttl().saturating_sub(every));
     // Aborted when dropped, so even a panicking attempt stops renewing its lease.
     let mut heartbeat = AbortOnDrop(tokio::spawn(heartbeat(
         ctx.db.clone(),
