@@ -1012,6 +1012,109 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
     app.stop().await;
 }
 
+/// Writes a JSONL file of `rows` rows `{"n": N, "a": [{},{},...]}` of
+/// `values` empty objects each: three bytes of text a value, ten times that
+/// in memory once parsed (a legitimate shape: a row of many small items).
+fn write_many_values_jsonl(path: &Path, rows: usize, values: usize) {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let items = vec!["{}"; values].join(",");
+    for n in 0..rows {
+        writeln!(out, "{{\"n\": {n}, \"a\": [{items}]}}").expect("write");
+    }
+    out.flush().expect("flush");
+}
+
+/// Rows parsed and waiting for their transaction are held within a budget
+/// (`LABELSYNC_ROWS_IN_FLIGHT_BYTES`), as rows being parsed are within the
+/// parse budget. Each object being read held up to five chunks of 8 MiB of
+/// rows (one being filled, two in the channel, two being committed) that
+/// no budget counted, and a worker reads 64 objects at once at the
+/// defaults: 24 files of legitimate large rows took the worker past a
+/// gigabyte whatever its settings. Every row is still imported once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_waiting_for_their_commit_stay_within_their_budget() {
+    const FILES: usize = 24;
+    const ROWS: usize = 16;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    // 300 KB of text a row, 3.2 MB in memory: a chunk closes at three rows.
+    write_many_values_jsonl(&data.join("rows-0.jsonl"), ROWS, 100_000);
+    for i in 1..FILES {
+        std::fs::copy(
+            data.join("rows-0.jsonl"),
+            data.join(format!("rows-{i}.jsonl")),
+        )
+        .expect("copy");
+    }
+    let project = app.project("in-flight").await;
+    let storage = storage(&app, project, json!({})).await;
+    let (parse, in_flight) = ((128 << 20).to_string(), (64 << 20).to_string());
+    let env = [
+        ("LABELSYNC_PARSE_BUDGET_BYTES", &parse[..]),
+        ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight),
+    ];
+    let worker = spawn_ready_worker(&app, "in-flight", &env).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let run = app
+        .wait_run(&run_id, std::time::Duration::from_secs(300))
+        .await;
+    let peak = peak_rss(worker.0.id());
+    eprintln!("worker peak RSS: {} MB", peak >> 20);
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], (FILES * ROWS) as i64, "{run}");
+    // 287-297 MB here; 1,146 MB without the rows-in-flight budget, 457-467
+    // MB with it at its default (256 MiB).
+    assert!(peak < 380 << 20, "the worker peaked at {} MB", peak >> 20);
+    app.stop().await;
+}
+
+/// Budgets so tight that a chunk is cut short at nearly every row slow an
+/// import but neither stop it nor lose a row: a JSON file's parse holds the
+/// whole parse budget while its rows wait for room, JSONL rows of 64 KiB
+/// wait for the parse budget, and an object whose first chunk was cut short
+/// is committed as a large one (a first chunk used to be the whole object
+/// unless it was full). The order of waits that could deadlock is forced in
+/// `task_files`' unit test `a_parse_never_waits_for_the_parse_budget_holding_rows_in_flight`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tight_budgets_slow_an_import_but_never_stop_it() {
+    const FILES: usize = 6;
+    const ROWS: usize = 20;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    // 66 KB of text a row, 700 KB in memory.
+    write_many_values_jsonl(&data.join("rows-0.jsonl"), ROWS, 22_000);
+    let lines = std::fs::read_to_string(data.join("rows-0.jsonl")).expect("read");
+    let array = format!("[{}]", lines.trim_end().replace('\n', ","));
+    for i in 0..FILES {
+        if i > 0 {
+            std::fs::write(data.join(format!("rows-{i}.jsonl")), &lines).expect("write");
+        }
+        std::fs::write(data.join(format!("array-{i}.json")), &array).expect("write");
+    }
+    let project = app.project("tight").await;
+    let storage = storage(&app, project, json!({})).await;
+    let (parse, in_flight) = ((8 << 20).to_string(), (1 << 20).to_string());
+    let env = [
+        ("LABELSYNC_PARSE_BUDGET_BYTES", &parse[..]),
+        ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight),
+    ];
+    let _worker = spawn_ready_worker(&app, "tight", &env).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let run = app
+        .wait_run(&run_id, std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(
+        run["counters"]["created"],
+        (2 * FILES * ROWS) as i64,
+        "{run}"
+    );
+    app.stop().await;
+}
+
 /// A Parquet file the `parquet` crate does not survive is that file's
 /// error: the worker goes on, the run's other files import, and the next
 /// sync fails it the same way. A page that declares 2^40 values made the

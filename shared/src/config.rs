@@ -218,6 +218,11 @@ pub struct WorkerSettings {
     /// large rows and files of one worker process may cost in memory at once
     /// (see `ingest::budget`); more waits its turn.
     pub parse_budget_bytes: usize,
+    /// `LABELSYNC_ROWS_IN_FLIGHT_BYTES` (default 256 MiB): what rows parsed
+    /// and not committed yet may take in memory in one worker process (see
+    /// `ingest::budget`); a parse whose next row does not fit hands its rows
+    /// on and waits.
+    pub rows_in_flight_bytes: usize,
     /// `LABELSYNC_LIST_PARTITIONS` (default 64): the most parts a recursive
     /// listing is split into, by common prefix, for the fleet to list in
     /// parallel (`ingest::partitions`); 0 or 1 lists every storage as one
@@ -347,6 +352,7 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
         max_object_bytes: parse(get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
         max_task_bytes: parse(get, "LABELSYNC_MAX_TASK_BYTES", 16 << 20)?,
         parse_budget_bytes: parse(get, "LABELSYNC_PARSE_BUDGET_BYTES", 512 << 20)?,
+        rows_in_flight_bytes: parse(get, "LABELSYNC_ROWS_IN_FLIGHT_BYTES", 256 << 20)?,
         list_partitions: parse(get, "LABELSYNC_LIST_PARTITIONS", 64)?,
         parquet_parser: get("LABELSYNC_PARQUET_PARSER")
             .map_or_else(worker_beside_this_binary, PathBuf::from),

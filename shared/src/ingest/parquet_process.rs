@@ -172,13 +172,15 @@ fn converse(
     let mut line = Vec::new();
     loop {
         reader.get_mut().until = Instant::now() + SILENCE;
-        let message = match next_message(&mut reader, &mut line, &mut grant) {
+        let message = match next_message(&mut reader, &mut line, &mut grant, emit) {
             Ok(message) => message,
             Err(why) => return Ended::Broken(why),
         };
         let event = match message {
             Message::Reserve(bytes) => {
-                if let Err(why) = grant.group(bytes) {
+                if let Err(why) = grant.group(bytes, &mut || {
+                    emit(RowEvent::WillWait);
+                }) {
                     return Ended::Broken(why);
                 }
                 if let Err(e) = (&mut &*stream).write_all(b"\n") {
@@ -203,6 +205,7 @@ fn next_message(
     reader: &mut impl BufRead,
     line: &mut Vec<u8>,
     grant: &mut Grant,
+    emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<Message, String> {
     // A row is at most max_task_bytes as the row check counts it; its JSON
     // text can be longer (escapes), its envelope and an error message (cut
@@ -231,7 +234,9 @@ fn next_message(
         Err(e) => return Err(format!("reading its answer failed: {e}")),
     }
     grant
-        .parse(line)
+        .parse(line, &mut || {
+            emit(RowEvent::WillWait);
+        })
         .map_err(|e| format!("it wrote something unreadable: {e}"))
 }
 
@@ -246,7 +251,8 @@ struct Grant {
 impl Grant {
     /// Reserves a row group's memory, the last group's let go first. A
     /// child asks for no more than the budget: it refuses such a group.
-    fn group(&mut self, bytes: u64) -> Result<(), String> {
+    /// `will_wait` is called before waiting (see `parse::Limits::reserve`).
+    fn group(&mut self, bytes: u64, will_wait: &mut dyn FnMut()) -> Result<(), String> {
         self.held = None;
         if let Some(budget) = self.limits.budget
             && bytes > budget.bytes()
@@ -256,14 +262,23 @@ impl Grant {
             ));
         }
         self.bytes = bytes;
-        self.held = self.reserve_group();
+        self.held = self.reserve_group(will_wait);
         Ok(())
     }
 
-    fn reserve_group(&self) -> Option<tokio::sync::SemaphorePermit<'static>> {
-        self.limits
-            .budget?
-            .reserve(usize::try_from(self.bytes).unwrap_or(usize::MAX))
+    fn reserve_group(
+        &self,
+        will_wait: &mut dyn FnMut(),
+    ) -> Option<tokio::sync::SemaphorePermit<'static>> {
+        let budget = self.limits.budget?;
+        let bytes = usize::try_from(self.bytes).unwrap_or(usize::MAX);
+        if bytes < super::budget::SMALL * super::budget::EXPANSION {
+            return None;
+        }
+        budget.try_take(bytes).or_else(|| {
+            will_wait();
+            budget.take(bytes)
+        })
     }
 
     /// Parses a line, a long one under a reservation of its own as a JSONL
@@ -271,16 +286,16 @@ impl Grant {
     /// taken again after: a holder never waits for a second reservation
     /// (`super::budget`), or two parses could each hold half of the budget
     /// and wait for the rest.
-    fn parse(&mut self, line: &[u8]) -> serde_json::Result<Message> {
+    fn parse(&mut self, line: &[u8], will_wait: &mut dyn FnMut()) -> serde_json::Result<Message> {
         if line.len() < super::budget::SMALL {
             return serde_json::from_slice(line);
         }
         self.held = None;
         let parsed = {
-            let _line = self.limits.reserve(line.len());
+            let _line = self.limits.reserve(line.len(), will_wait);
             serde_json::from_slice(line)
         };
-        self.held = self.reserve_group();
+        self.held = self.reserve_group(will_wait);
         parsed
     }
 }
@@ -391,6 +406,8 @@ fn child(max_task_bytes: u64, budget: u64) -> io::Result<()> {
                 answers.borrow_mut().send(match event {
                     RowEvent::Task(_, task) => Message::Row(task.data),
                     RowEvent::Error(_, message) => Message::RowError(message),
+                    // The child's rows are in its parent's chunks.
+                    RowEvent::WillWait => return true,
                 })
             },
         )
@@ -531,6 +548,7 @@ mod tests {
             .map(|e| match e {
                 RowEvent::Task(row, _) => (*row, true),
                 RowEvent::Error(row, _) => (*row, false),
+                RowEvent::WillWait => (-1, false),
             })
             .collect();
         assert_eq!(rows, [(0, true), (1, false), (2, false), (3, true)]);
@@ -578,7 +596,7 @@ mod tests {
     #[test]
     fn a_long_row_never_waits_while_its_group_holds_the_budget() {
         let budget: &'static _ =
-            Box::leak(Box::new(crate::ingest::budget::ParseBudget::new(4 << 20)));
+            Box::leak(Box::new(crate::ingest::budget::MemoryBudget::new(4 << 20)));
         let limits = Limits {
             budget: Some(budget),
             ..Limits::default()

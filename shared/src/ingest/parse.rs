@@ -78,11 +78,16 @@ impl PartialEq for TaskInput {
 }
 
 /// One row of a task file, by its index in the file: a task, or that row's
-/// error (the rows around it are unaffected).
+/// error (the rows around it are unaffected); or word that the parse is
+/// about to wait for the parse budget.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RowEvent {
     Task(i64, TaskInput),
     Error(i64, String),
+    /// The parse will wait for the parse budget: rows it was handed so far
+    /// go on to be committed now, not after the wait (`super::budget`
+    /// tells why). Not a row.
+    WillWait,
 }
 
 /// The deepest nesting of arrays and objects a task may have. Stored tasks
@@ -97,7 +102,7 @@ pub struct Limits {
     /// or in memory, whichever is larger.
     pub max_task_bytes: usize,
     /// The process's parse memory budget (`None`: not counted, in tests).
-    pub budget: Option<&'static super::budget::ParseBudget>,
+    pub budget: Option<&'static super::budget::MemoryBudget>,
     /// The object's size, when the listing said.
     pub object_size: Option<u64>,
 }
@@ -114,12 +119,22 @@ impl Default for Limits {
 
 impl Limits {
     /// Holds the budget for parsing `text_bytes` of JSON (see `budget`).
+    /// `will_wait` is called before waiting for it, so that the rows the
+    /// parse holds are handed on first ([`RowEvent::WillWait`]).
     pub(super) fn reserve(
         &self,
         text_bytes: usize,
+        will_wait: &mut dyn FnMut(),
     ) -> Option<tokio::sync::SemaphorePermit<'static>> {
-        self.budget?
-            .reserve(text_bytes.saturating_mul(super::budget::EXPANSION))
+        let budget = self.budget?;
+        let bytes = text_bytes.saturating_mul(super::budget::EXPANSION);
+        if bytes < super::budget::SMALL * super::budget::EXPANSION {
+            return None;
+        }
+        budget.try_take(bytes).or_else(|| {
+            will_wait();
+            budget.take(bytes)
+        })
     }
 }
 
@@ -375,7 +390,9 @@ fn parse_json(
             .unwrap_or(usize::MAX)
             .min(limits.max_task_bytes)
     });
-    let _reserved = limits.reserve(largest);
+    let _reserved = limits.reserve(largest, &mut || {
+        emit(RowEvent::WillWait);
+    });
     let mut shapes = Shapes::new(limits);
     let mut rows = 0i64;
     let left = Rc::new(Cell::new(limits.max_task_bytes as u64));
@@ -522,7 +539,9 @@ fn parse_jsonl(
                 ),
             )
         } else {
-            let _reserved = limits.reserve(text.len());
+            let _reserved = limits.reserve(text.len(), &mut || {
+                emit(RowEvent::WillWait);
+            });
             match serde_json::from_slice::<Value>(text) {
                 Ok(value) => shapes.task(row, value)?,
                 Err(e) => RowEvent::Error(row, format!("line of row {row} is not valid JSON: {e}")),
@@ -848,7 +867,7 @@ mod tests {
         group.close().expect("close group");
         writer.close().expect("close file");
 
-        let budget = Box::leak(Box::new(super::super::budget::ParseBudget::new(1 << 20)));
+        let budget = Box::leak(Box::new(super::super::budget::MemoryBudget::new(1 << 20)));
         let limits = Limits {
             budget: Some(budget),
             ..Limits::default()

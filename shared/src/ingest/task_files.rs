@@ -27,10 +27,14 @@ use std::{
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{
+    sync::{SemaphorePermit, mpsc},
+    task::JoinHandle,
+};
 
 use super::{
     ImportJob, ObjectError,
+    budget::MemoryBudget,
     parse::{self, Format, RowEvent, TaskInput},
 };
 use crate::{
@@ -44,9 +48,10 @@ use crate::{
 /// 4,000 rows or 8 MiB).
 pub(super) const CHUNK_ROWS: usize = 4000;
 /// The most task JSON (approximately) one chunk holds: a chunk of big rows
-/// closes before [`CHUNK_ROWS`], so what one object has in flight (the chunk
+/// closes before [`CHUNK_ROWS`]. What one object has in flight (the chunk
 /// being filled, two in the channel, two being committed) stays near
-/// 5 x 8 MiB whatever its rows are like.
+/// 5 x 8 MiB whatever its rows are like, and what all objects of a process
+/// have within `LABELSYNC_ROWS_IN_FLIGHT_BYTES` ([`Chunker`]).
 pub(super) const CHUNK_BYTES: usize = 8 << 20;
 /// Chunks of one object committed concurrently.
 const PARALLEL_CHUNKS: usize = 2;
@@ -151,12 +156,11 @@ impl Importer<'_, '_> {
             }
         };
         let mut parsing = self.start_parser(&object, format, source);
-        // The parser sends full chunks until its last one, so a first chunk
-        // that is not full is the whole object: unless its rows may update
-        // tasks (`overwrite`), they go back to the caller to be committed
-        // with other small objects' rows.
+        // A first chunk that is the parser's last is the whole object:
+        // unless its rows may update tasks (`overwrite`), they go back to
+        // the caller to be committed with other small objects' rows.
         let first = parsing.recv().await;
-        let small = !self.overwrite && first.as_ref().is_none_or(|c| !c.is_full());
+        let small = !self.overwrite && first.as_ref().is_none_or(|c| c.last);
         let stopped = if small {
             keep_small(&mut result, &object, first.unwrap_or_default());
             false
@@ -206,12 +210,14 @@ impl Importer<'_, '_> {
             },
             max_object_bytes: settings.max_object_bytes,
             parquet_parser: settings.parquet_parser.clone(),
+            in_flight: Some(super::budget::rows_in_flight(settings.rows_in_flight_bytes)),
         };
         if let Source::Whole(body) = &source {
             // Not counted in the parse budget, whose reservations block
             // their thread: this one is async, and the body is small.
             reading.limits.object_size = Some(body.len() as u64);
             reading.limits.budget = None;
+            reading.in_flight = None;
             let mut chunks = Vec::new();
             let parsed = parse_source(format, source, &reading, &mut |chunk| {
                 chunks.push(chunk);
@@ -246,8 +252,15 @@ impl Importer<'_, '_> {
             futures::stream::iter(first).chain(futures::stream::poll_fn(|cx| rest.poll_recv(cx)));
         let mut inserts = chunks
             .map(|chunk| {
-                let rows = split(result, &object.key, chunk.rows);
-                self.insert(object, rows, may_exist)
+                let Chunk { rows, held, .. } = chunk;
+                let insert = self.insert(object, split(result, &object.key, rows), may_exist);
+                // The rows' share of the rows in flight is let go once
+                // their transaction has ended.
+                async move {
+                    let kept_going = insert.await;
+                    drop(held);
+                    kept_going
+                }
             })
             .buffer_unordered(PARALLEL_CHUNKS);
         while let Some(kept_going) = inserts.try_next().await? {
@@ -386,7 +399,9 @@ impl Importer<'_, '_> {
     }
 }
 
-/// A small object's rows, handed back to be committed with others'.
+/// A small object's rows, handed back to be committed with others'. Their
+/// share of the rows in flight is let go: what a job holds of small
+/// objects' rows is bounded by itself (see `ImportJob::import_objects`).
 fn keep_small(result: &mut ObjectResult, object: &ObjectMeta, chunk: Chunk) {
     result.deferred_bytes = chunk.bytes;
     let rows = split(result, &object.key, chunk.rows);
@@ -403,6 +418,7 @@ fn split(result: &mut ObjectResult, key: &str, events: Vec<RowEvent>) -> Vec<(i6
         match event {
             RowEvent::Task(row, task) => rows.push((row, task)),
             RowEvent::Error(row, message) => result.error(key, Some(row), message),
+            RowEvent::WillWait => {}
         }
     }
     rows
@@ -422,11 +438,16 @@ fn new_task(object: &ObjectMeta, row: i64, task: TaskInput) -> NewTask {
     }
 }
 
-/// The rows being gathered for the next chunk.
+/// Rows of one object on their way to a transaction.
 #[derive(Default)]
 struct Chunk {
     rows: Vec<RowEvent>,
+    /// What its rows take in memory, as the row check measures them.
     bytes: usize,
+    /// Its share of the process's rows in flight (`super::budget`).
+    held: Option<SemaphorePermit<'static>>,
+    /// The parse's last chunk: no rows of the object come after it.
+    last: bool,
 }
 
 impl Chunk {
@@ -436,11 +457,100 @@ impl Chunk {
             self.bytes += task.approx_bytes;
         }
         self.rows.push(event);
-        self.is_full()
+        self.rows.len() >= CHUNK_ROWS || self.bytes >= CHUNK_BYTES
     }
 
-    fn is_full(&self) -> bool {
-        self.rows.len() >= CHUNK_ROWS || self.bytes >= CHUNK_BYTES
+    /// The bytes of the rows in flight it holds.
+    fn held_bytes(&self) -> usize {
+        self.held
+            .as_ref()
+            .map_or(0, |held| held.num_permits() << 10)
+    }
+
+    fn hold(&mut self, permit: SemaphorePermit<'static>) {
+        match &mut self.held {
+            Some(held) => held.merge(permit),
+            None => self.held = Some(permit),
+        }
+    }
+}
+
+/// How much of the rows in flight a chunk takes at a time: a chunk of
+/// small rows asks the budget once a megabyte, not once a row.
+const IN_FLIGHT_STEP: usize = 1 << 20;
+
+/// Gathers a parse's rows into chunks and hands each on (`send`) when it
+/// is full, its rows' memory held from the process's rows in flight as the
+/// chunk grows. A row that does not fit waits for room, after the chunk
+/// before it was handed on: a parse waits only while it holds no rows
+/// (see `super::budget` for why that cannot deadlock).
+struct Chunker<'a> {
+    chunk: Chunk,
+    in_flight: Option<&'static MemoryBudget>,
+    send: &'a mut dyn FnMut(Chunk) -> bool,
+    /// False once `send` said the receiver went away.
+    open: bool,
+}
+
+impl Chunker<'_> {
+    /// Takes one event of the parse; false once no more rows are wanted.
+    fn push(&mut self, event: RowEvent) -> bool {
+        let bytes = match &event {
+            RowEvent::Task(_, task) => task.approx_bytes,
+            RowEvent::Error(..) => 0,
+            RowEvent::WillWait => {
+                self.hand_on();
+                return self.open;
+            }
+        };
+        if !self.room_for(bytes) {
+            self.hand_on();
+            self.wait_for(bytes);
+        }
+        if self.open && self.chunk.push(event) {
+            self.hand_on();
+        }
+        self.open
+    }
+
+    /// Whether the chunk holds, or could take now, room for `bytes` more.
+    fn room_for(&mut self, bytes: usize) -> bool {
+        let Some(budget) = self.in_flight else {
+            return true;
+        };
+        let short = (self.chunk.bytes + bytes).saturating_sub(self.chunk.held_bytes());
+        if short == 0 {
+            return true;
+        }
+        let Some(permit) = budget.try_take(short.next_multiple_of(IN_FLIGHT_STEP)) else {
+            return false;
+        };
+        self.chunk.hold(permit);
+        true
+    }
+
+    /// Waits for room for a row of `bytes` in an empty chunk (cut to the
+    /// whole budget: such a row goes alone).
+    fn wait_for(&mut self, bytes: usize) {
+        if let Some(budget) = self.in_flight
+            && self.open
+            && let Some(permit) = budget.take(bytes.next_multiple_of(IN_FLIGHT_STEP))
+        {
+            self.chunk.hold(permit);
+        }
+    }
+
+    /// Sends the chunk on, if it has rows.
+    fn hand_on(&mut self) {
+        if self.open && !self.chunk.rows.is_empty() {
+            self.open = (self.send)(std::mem::take(&mut self.chunk));
+        }
+    }
+
+    /// Sends the last chunk, marked as the last.
+    fn finish(mut self) {
+        self.chunk.last = true;
+        self.hand_on();
     }
 }
 
@@ -492,10 +602,14 @@ struct Reading {
     max_object_bytes: u64,
     /// The binary that reads Parquet in a child process.
     parquet_parser: std::path::PathBuf,
+    /// The process's budget of rows in flight (`None`: not counted, for a
+    /// small body parsed where it was read).
+    in_flight: Option<&'static MemoryBudget>,
 }
 
-/// Runs the parser over `source`, handing `send` each full chunk and then
-/// the last one; stops when `send` returns false (the receiver went away).
+/// Runs the parser over `source`, handing `send` each full chunk (or one
+/// cut short when the rows in flight are spent) and then the last one;
+/// stops when `send` returns false (the receiver went away).
 fn parse_source(
     format: Format,
     source: Source,
@@ -503,14 +617,13 @@ fn parse_source(
     send: &mut dyn FnMut(Chunk) -> bool,
 ) -> ParseOutcome {
     let (limits, max_object_bytes) = (reading.limits, reading.max_object_bytes);
-    let mut chunk = Chunk::default();
-    let mut open = true;
-    let mut emit = |event: RowEvent| {
-        if chunk.push(event) {
-            open = send(std::mem::take(&mut chunk));
-        }
-        open
+    let mut chunker = Chunker {
+        chunk: Chunk::default(),
+        in_flight: reading.in_flight,
+        send,
+        open: true,
     };
+    let mut emit = |event: RowEvent| chunker.push(event);
     let parsed = parse::guarded(|| match source {
         Source::Reader(reader) => {
             let reader = Limited {
@@ -528,9 +641,7 @@ fn parse_source(
             super::parquet_process::parse(&reading.parquet_parser, file, limits, &mut emit)
         }
     });
-    if open && !chunk.rows.is_empty() {
-        send(chunk);
-    }
+    chunker.finish();
     parsed
 }
 
@@ -596,6 +707,157 @@ mod tests {
 
     fn piece(len: usize) -> io::Result<Bytes> {
         Ok(Bytes::from(vec![b' '; len]))
+    }
+
+    fn row(n: i64, approx_bytes: usize) -> RowEvent {
+        RowEvent::Task(
+            n,
+            TaskInput {
+                data: serde_json::json!({ "n": n }),
+                meta: None,
+                annotations: Vec::new(),
+                predictions: Vec::new(),
+                approx_bytes,
+            },
+        )
+    }
+
+    /// A chunk holds its rows' memory from the rows in flight as it grows;
+    /// a row that does not fit sends the chunk on before it waits (the
+    /// receiver here lets each chunk go at once, as a transaction would),
+    /// and a parse about to wait for the parse budget sends it on too. Only
+    /// the parse's last chunk says so.
+    #[test]
+    fn a_parse_hands_its_rows_on_before_it_waits_for_room() {
+        const KIB: usize = 1 << 10;
+        let budget: &'static _ = Box::leak(Box::new(MemoryBudget::new(2 << 20)));
+        let mut sent = Vec::new();
+        let mut send = |chunk: Chunk| {
+            sent.push((chunk.rows.len(), chunk.held_bytes(), chunk.last));
+            true
+        };
+        let mut chunker = Chunker {
+            chunk: Chunk::default(),
+            in_flight: Some(budget),
+            send: &mut send,
+            open: true,
+        };
+        for n in 0..4 {
+            assert!(chunker.push(row(n, 600 * KIB)));
+        }
+        assert!(
+            budget.try_take((1 << 20) + 1).is_none(),
+            "the fourth row holds a megabyte"
+        );
+        assert!(chunker.push(RowEvent::WillWait));
+        assert!(chunker.push(row(4, 10)));
+        chunker.finish();
+        assert_eq!(
+            sent,
+            [(3, 2 << 20, false), (1, 1 << 20, false), (1, 1 << 20, true)]
+        );
+        assert!(budget.try_take(2 << 20).is_some(), "every chunk let go");
+    }
+
+    /// Reads `first`, then waits for word on `gate`, then reads `rest`.
+    struct Gated {
+        first: io::Cursor<Vec<u8>>,
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+        rest: io::Cursor<Vec<u8>>,
+    }
+
+    impl Read for Gated {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.first.read(buf)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            if let Some(gate) = self.gate.take() {
+                gate.recv().ok();
+            }
+            self.rest.read(buf)
+        }
+    }
+
+    /// Parses `source` on a thread of its own, its chunks let go as they
+    /// come (as a transaction would); says on `done` how many rows came.
+    fn parse_on_a_thread(
+        format: Format,
+        source: Source,
+        reading: Reading,
+        done: std::sync::mpsc::Sender<usize>,
+    ) {
+        std::thread::spawn(move || {
+            let mut rows = 0;
+            let outcome = parse_source(format, source, &reading, &mut |chunk| {
+                rows += chunk.rows.len();
+                true
+            });
+            assert_eq!(outcome, Ok(()));
+            done.send(rows).ok();
+        });
+    }
+
+    fn wait_until_spent(budget: &MemoryBudget) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while budget.try_take(1).is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the budget was never spent"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// The order that could wait for ever: a JSONL parse holds all the
+    /// rows in flight in its chunk, a JSON parse takes the whole parse
+    /// budget (its file's reservation) and waits for rows in flight, then
+    /// the JSONL parse's next long line waits for the parse budget. It
+    /// hands its chunk on first, so both parses end.
+    #[test]
+    fn a_parse_never_waits_for_the_parse_budget_holding_rows_in_flight() {
+        let parse: &'static _ = Box::leak(Box::new(MemoryBudget::new(4 << 20)));
+        let in_flight: &'static _ = Box::leak(Box::new(MemoryBudget::new(1 << 20)));
+        let reading = || Reading {
+            limits: parse::Limits {
+                budget: Some(parse),
+                ..parse::Limits::default()
+            },
+            max_object_bytes: u64::MAX,
+            parquet_parser: "unused".into(),
+            in_flight: Some(in_flight),
+        };
+        let line = format!("{{\"t\": \"{}\"}}\n", "x".repeat(70 << 10));
+        let (gate, gated) = std::sync::mpsc::channel();
+        let jsonl = Gated {
+            first: io::Cursor::new(line.clone().into_bytes()),
+            gate: Some(gated),
+            rest: io::Cursor::new(line.into_bytes()),
+        };
+        let (done, ended) = std::sync::mpsc::channel();
+        parse_on_a_thread(
+            Format::Jsonl,
+            Source::Reader(Box::new(jsonl)),
+            reading(),
+            done.clone(),
+        );
+        wait_until_spent(in_flight);
+        let array = br#"[{"t": "a"}, {"t": "b"}]"#.to_vec();
+        parse_on_a_thread(
+            Format::Json,
+            Source::Reader(Box::new(io::Cursor::new(array))),
+            reading(),
+            done,
+        );
+        wait_until_spent(parse);
+        gate.send(()).expect("the JSONL parse waits at its gate");
+        let mut rows = Vec::new();
+        for _ in 0..2 {
+            let timeout = std::time::Duration::from_secs(10);
+            rows.push(ended.recv_timeout(timeout).expect("both parses end"));
+        }
+        rows.sort();
+        assert_eq!(rows, [2, 2]);
     }
 
     /// Only a body that ends within INLINE_BYTES is whole (so parsed on the
