@@ -24,7 +24,7 @@ use labelsync_tests::{
         AZURITE_ACCOUNT, AZURITE_KEY, DatabricksFake, bucket_name, create_azure_container,
         create_gcs_bucket, create_s3_bucket, endpoint, open, put_azure_blob, put_s3_object,
     },
-    spawn_app,
+    spawn_app, spawn_ready_worker, write_parquet_with,
 };
 use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
@@ -2005,6 +2005,143 @@ async fn a_parquet_file_longer_than_listed_is_cut_at_the_size_limit() {
     assert!(
         message.contains("4096-byte limit (LABELSYNC_MAX_OBJECT_BYTES)"),
         "{errors:?}"
+    );
+    app.stop().await;
+}
+
+/// `n` bytes of hexadecimal noise from `seed`: text that does not compress.
+fn noise(seed: i64, n: usize) -> String {
+    let mut x = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b"0123456789abcdef"[(x & 15) as usize])
+        })
+        .collect()
+}
+
+/// The bytes of the distinct files under `dir` that processes hold open
+/// (a copy of a Parquet object is unlinked as it is made: only its open
+/// descriptors show it): the worker's and its Parquet children's.
+fn spooled(worker: u32, dir: &std::path::Path) -> u64 {
+    let mut pids = vec![worker];
+    if let Ok(threads) = std::fs::read_dir(format!("/proc/{worker}/task")) {
+        for thread in threads.flatten() {
+            let children = std::fs::read_to_string(thread.path().join("children"));
+            pids.extend(
+                children
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|pid| pid.parse::<u32>().ok()),
+            );
+        }
+    }
+    let mut files = std::collections::HashMap::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            if target.starts_with(dir)
+                && let Ok(meta) = std::fs::metadata(fd.path())
+            {
+                use std::os::unix::fs::MetadataExt;
+                files.insert(meta.ino(), meta.len());
+            }
+        }
+    }
+    files.values().sum()
+}
+
+/// A Parquet object is read from a copy on the worker's disk, and a worker
+/// reads up to 64 objects at once: a bucket of large Parquet files filled
+/// its disk (a pod's `/tmp` is 8 GiB, and the pod is evicted past it).
+/// Copies now take their listed size from `LABELSYNC_SPOOL_BYTES` before
+/// they are downloaded, and one larger than the budget is its error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_copies_stay_within_the_spool_budget() {
+    const FILES: usize = 6;
+    let (url, key, secret) = s3s();
+    let bucket = bucket_name();
+    create_s3_bucket(&url, &key, &secret, &bucket).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": url, "region": "us-east-1" });
+    let secrets = json!({ "access_key_id": key, "secret_access_key": secret });
+    let storage = open(BackendKind::S3, config.clone(), secrets.clone()).await;
+    let files = tempfile::tempdir().expect("temporary directory");
+    // 40 rows of 50 KB of noise: 2 MB a file; the large one 6 MB.
+    let path = files.path().join("file.parquet");
+    write_parquet_with(&path, 40, 10, |i| noise(i, 50_000));
+    let body = Bytes::from(std::fs::read(&path).expect("read"));
+    for i in 0..FILES {
+        let key = format!("tasks/file-{i}.parquet");
+        storage.put(&key, body.clone(), None).await.unwrap();
+    }
+    write_parquet_with(&path, 120, 10, |i| noise(i, 50_000));
+    let large = Bytes::from(std::fs::read(&path).expect("read"));
+    storage
+        .put("tasks/large.parquet", large, None)
+        .await
+        .unwrap();
+    // Room for two copies at once.
+    let budget = body.len() as u64 * 5 / 2;
+
+    let mut options = AppOptions::with_storages();
+    options.workers = false;
+    let app = spawn_app(options).await;
+    let tmp = tempfile::tempdir().expect("temporary directory");
+    let env = [
+        ("LABELSYNC_SPOOL_BYTES", budget.to_string()),
+        ("TMPDIR", tmp.path().display().to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let worker = spawn_ready_worker(&app, "spool", &env).await;
+    let project = app.project("spool").await;
+    let (status, created) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "source", "backend": "s3", "import_method": "tasks",
+                "prefix": "tasks/", "config": config, "secrets": secrets,
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let run_id = app.start_sync(&created["id"]).await;
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (peak, watching, dir) = (peak.clone(), watching.clone(), tmp.path().to_owned());
+        let pid = worker.0.id();
+        std::thread::spawn(move || {
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                peak.fetch_max(spooled(pid, &dir), std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().expect("sampler");
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "spooled at most {peak} bytes; budget {budget}, a file {}",
+        body.len()
+    );
+    assert_eq!(run["counters"]["created"], (FILES * 40) as i64, "{run}");
+    assert_eq!(run["counters"]["failed"], 1, "{run}");
+    let errors = app.run_errors(&run_id).await;
+    let message = errors[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        errors[0]["key"] == "tasks/large.parquet" && message.contains("LABELSYNC_SPOOL_BYTES"),
+        "{errors:?}"
+    );
+    assert!(peak >= body.len() as u64, "no copy was seen: {peak} bytes");
+    assert!(
+        peak <= budget,
+        "{peak} bytes spooled at once, over {budget}"
     );
     app.stop().await;
 }

@@ -218,11 +218,21 @@ pub struct WorkerSettings {
     /// large rows and files of one worker process may cost in memory at once
     /// (see `ingest::budget`); more waits its turn.
     pub parse_budget_bytes: usize,
-    /// `LABELSYNC_ROWS_IN_FLIGHT_BYTES` (default 256 MiB): what rows parsed
+    /// `LABELSYNC_ROWS_IN_FLIGHT_BYTES` (default 128 MiB, at least 1 MiB): what rows parsed
     /// and not committed yet may take in memory in one worker process (see
     /// `ingest::budget`); a parse whose next row does not fit hands its rows
     /// on and waits.
     pub rows_in_flight_bytes: usize,
+    /// `LABELSYNC_MAX_ROWS_PER_OBJECT` (default 10,000,000): the most rows
+    /// (tasks and row errors) one task file may give; the rows after are
+    /// not read, and the object has an error saying so. Run-length encoded
+    /// Parquet gives two billion rows from a hundred bytes.
+    pub max_rows_per_object: u64,
+    /// `LABELSYNC_SPOOL_BYTES` (default 4 GiB): the disk one worker process
+    /// may fill with copies of Parquet objects at once (Parquet is read
+    /// from a local copy); a copy waits for room, and a larger object is
+    /// its error.
+    pub spool_bytes: u64,
     /// `LABELSYNC_LIST_PARTITIONS` (default 64): the most parts a recursive
     /// listing is split into, by common prefix, for the fleet to list in
     /// parallel (`ingest::partitions`); 0 or 1 lists every storage as one
@@ -352,7 +362,9 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
         max_object_bytes: parse(get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
         max_task_bytes: parse(get, "LABELSYNC_MAX_TASK_BYTES", 16 << 20)?,
         parse_budget_bytes: parse(get, "LABELSYNC_PARSE_BUDGET_BYTES", 512 << 20)?,
-        rows_in_flight_bytes: parse(get, "LABELSYNC_ROWS_IN_FLIGHT_BYTES", 256 << 20)?,
+        rows_in_flight_bytes: parse(get, "LABELSYNC_ROWS_IN_FLIGHT_BYTES", 128 << 20)?,
+        max_rows_per_object: parse(get, "LABELSYNC_MAX_ROWS_PER_OBJECT", 10_000_000)?,
+        spool_bytes: parse(get, "LABELSYNC_SPOOL_BYTES", 4 << 30)?,
         list_partitions: parse(get, "LABELSYNC_LIST_PARTITIONS", 64)?,
         parquet_parser: get("LABELSYNC_PARQUET_PARSER")
             .map_or_else(worker_beside_this_binary, PathBuf::from),
@@ -372,6 +384,14 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
             "invalid_setting",
             None,
             "LABELSYNC_MISSED_HEARTBEATS must be at least 2",
+        ));
+    }
+    // Less would commit rows one at a time across the whole process.
+    if worker.rows_in_flight_bytes < 1 << 20 {
+        return Err(Error::invalid(
+            "invalid_setting",
+            None,
+            "LABELSYNC_ROWS_IN_FLIGHT_BYTES must be at least 1048576 (1 MiB)",
         ));
     }
     Ok(worker)
@@ -506,5 +526,10 @@ mod tests {
                 "{missed}: {refused:?}"
             );
         }
+        // A budget of rows in flight under a megabyte is refused.
+        let refused = with(&[("LABELSYNC_ROWS_IN_FLIGHT_BYTES", "0")]);
+        assert!(matches!(refused, Err(Error::Invalid { .. })), "{refused:?}");
+        let least = with(&[("LABELSYNC_ROWS_IN_FLIGHT_BYTES", "1048576")]).expect("settings");
+        assert_eq!(least.worker.rows_in_flight_bytes, 1 << 20);
     }
 }

@@ -714,6 +714,16 @@ pub fn repo_root() -> PathBuf {
 /// row groups of at most `group_rows` rows (snappy-compressed, as pandas and
 /// Spark write by default).
 pub fn write_parquet(path: &Path, rows: usize, group_rows: usize) {
+    write_parquet_with(path, rows, group_rows, |i| format!("row {i}"));
+}
+
+/// [`write_parquet`], each row's text given by `text`.
+pub fn write_parquet_with(
+    path: &Path,
+    rows: usize,
+    group_rows: usize,
+    text: impl Fn(i64) -> String,
+) {
     use std::sync::Arc;
 
     use parquet::{
@@ -739,7 +749,7 @@ pub fn write_parquet(path: &Path, rows: usize, group_rows: usize) {
         let ids: Vec<i64> = (start as i64..end as i64).collect();
         let texts: Vec<ByteArray> = ids
             .iter()
-            .map(|i| ByteArray::from(format!("row {i}").as_str()))
+            .map(|i| ByteArray::from(text(*i).as_str()))
             .collect();
         let mut group = writer.next_row_group().expect("row group");
         let mut col = group.next_column().expect("column").expect("id column");

@@ -1,5 +1,6 @@
-//! The memory budgets of a worker process: one for parsing large rows and
-//! files, one for rows parsed and not committed yet.
+//! The byte budgets of a worker process: memory for parsing large rows and
+//! files, memory for rows parsed and not committed yet, and disk for copies
+//! of Parquet objects.
 //!
 //! **Parsing.** Parsing one row costs far more memory than its text while
 //! it is parsed (a JSONL line of `[],[],...` becomes about 11 times its
@@ -26,6 +27,15 @@
 //! ends; a parse whose next row does not fit hands its chunk on to be
 //! committed and waits for room for that row.
 //!
+//! **Disk.** Parquet is read from a local copy of the object (random
+//! access), and up to 64 objects are read at once: a bucket of large
+//! Parquet files filled the worker's disk (a pod's `/tmp` is 8 GiB) and
+//! had it evicted, on every retry. Each copy reserves its object's listed
+//! size (the object size limit when none was listed) from
+//! `LABELSYNC_SPOOL_BYTES` before it is downloaded and holds it until the
+//! file is read; a larger object is its error. A copy waits holding only
+//! its read, and a holder never waits for a read.
+//!
 //! **Why waiting cannot deadlock.** Every wait is for memory that is freed
 //! without anyone waiting on a budget in turn:
 //! - rows in flight are waited for only by a parse that holds none of them
@@ -49,19 +59,19 @@ pub const SMALL: usize = 64 << 10;
 /// (12 counted `[],[]` but not an array of short numbers).
 pub const EXPANSION: usize = 32;
 
-/// Memory that one process's parses, or its rows in flight, may take at
-/// once. A reservation waits while the budget is spent; one larger than
-/// the whole budget is cut to it and runs alone.
+/// Bytes that one process's parses, its rows in flight, or its copies of
+/// Parquet objects may take at once. A reservation waits while the budget
+/// is spent; one larger than the whole budget is cut to it and runs alone.
 #[derive(Debug)]
-pub struct MemoryBudget {
+pub struct ByteBudget {
     kib: Semaphore,
     total_kib: u32,
 }
 
-impl MemoryBudget {
+impl ByteBudget {
     pub fn new(bytes: usize) -> Self {
         let total_kib = u32::try_from(bytes >> 10).unwrap_or(u32::MAX).max(1);
-        MemoryBudget {
+        ByteBudget {
             kib: Semaphore::new(total_kib as usize),
             total_kib,
         }
@@ -72,20 +82,35 @@ impl MemoryBudget {
         u64::from(self.total_kib) << 10
     }
 
-    /// Waits (blocking the calling thread: parsers run on blocking threads)
-    /// until `bytes` of the budget are free and holds them until the permit
-    /// drops. `None` for small amounts, which are not counted.
-    pub fn reserve(&self, bytes: usize) -> Option<SemaphorePermit<'_>> {
+    /// A parse's reservation: waits (blocking the calling thread: parsers
+    /// run on blocking threads) until `bytes` of the budget are free and
+    /// holds them until the permit drops, calling `will_wait` first when it
+    /// must wait (the parse hands its rows on, see the module's
+    /// documentation). `None` for small amounts, which are not counted.
+    pub fn reserve(
+        &self,
+        bytes: usize,
+        will_wait: &mut dyn FnMut(),
+    ) -> Option<SemaphorePermit<'_>> {
         if bytes < SMALL * EXPANSION {
             return None;
         }
-        self.take(bytes)
+        self.try_take(bytes).or_else(|| {
+            will_wait();
+            self.take(bytes)
+        })
     }
 
-    /// `bytes` of the budget, waiting for them as `reserve` does, however
-    /// few they are.
+    /// `bytes` of the budget, waiting for them (blocking the calling
+    /// thread), however few they are.
     pub fn take(&self, bytes: usize) -> Option<SemaphorePermit<'_>> {
         futures::executor::block_on(self.kib.acquire_many(self.kib_of(bytes))).ok()
+    }
+
+    /// `bytes` of the budget, waiting for them on the async runtime (cut to
+    /// the whole budget, as `take`).
+    pub async fn acquire(&self, bytes: usize) -> Option<SemaphorePermit<'_>> {
+        self.kib.acquire_many(self.kib_of(bytes)).await.ok()
     }
 
     /// `bytes` of the budget if they are free now.
@@ -103,15 +128,22 @@ impl MemoryBudget {
 
 /// The process's parse budget, sized by the first caller's setting (every
 /// run of a process has the same settings).
-pub fn process_budget(bytes: usize) -> &'static MemoryBudget {
-    static BUDGET: OnceLock<MemoryBudget> = OnceLock::new();
-    BUDGET.get_or_init(|| MemoryBudget::new(bytes))
+pub fn process_budget(bytes: usize) -> &'static ByteBudget {
+    static BUDGET: OnceLock<ByteBudget> = OnceLock::new();
+    BUDGET.get_or_init(|| ByteBudget::new(bytes))
 }
 
 /// The process's budget of rows in flight, sized as `process_budget` is.
-pub fn rows_in_flight(bytes: usize) -> &'static MemoryBudget {
-    static BUDGET: OnceLock<MemoryBudget> = OnceLock::new();
-    BUDGET.get_or_init(|| MemoryBudget::new(bytes))
+pub fn rows_in_flight(bytes: usize) -> &'static ByteBudget {
+    static BUDGET: OnceLock<ByteBudget> = OnceLock::new();
+    BUDGET.get_or_init(|| ByteBudget::new(bytes))
+}
+
+/// The process's disk for copies of Parquet objects
+/// (`LABELSYNC_SPOOL_BYTES`), sized as `process_budget` is.
+pub fn spool(bytes: u64) -> &'static ByteBudget {
+    static BUDGET: OnceLock<ByteBudget> = OnceLock::new();
+    BUDGET.get_or_init(|| ByteBudget::new(usize::try_from(bytes).unwrap_or(usize::MAX)))
 }
 
 #[cfg(test)]
@@ -120,12 +152,18 @@ mod tests {
 
     #[test]
     fn reservations_wait_for_the_budget_and_big_ones_are_cut_to_it() {
-        let budget = MemoryBudget::new(10 << 20);
-        assert!(budget.reserve(1000).is_none());
-        let big = budget.reserve(100 << 20).expect("a reservation");
+        let budget = ByteBudget::new(10 << 20);
+        let mut waits = 0;
+        let mut will_wait = || waits += 1;
+        assert!(budget.reserve(1000, &mut will_wait).is_none());
+        let big = budget
+            .reserve(100 << 20, &mut will_wait)
+            .expect("a reservation");
         assert_eq!(budget.kib.available_permits(), 0);
         drop(big);
-        let a = budget.reserve(6 << 20).expect("a reservation");
+        let a = budget
+            .reserve(6 << 20, &mut will_wait)
+            .expect("a reservation");
         assert_eq!(budget.kib.available_permits(), 4 << 10);
         assert!(budget.kib.try_acquire_many(5 << 10).is_err());
         drop(a);

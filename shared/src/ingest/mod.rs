@@ -605,35 +605,45 @@ impl ImportJob<'_> {
         let mut results = futures::stream::iter(objects.into_iter().enumerate())
             .map(|(i, object)| importer.import(object, turns.nth(i)))
             .buffer_unordered(self.reads.size());
-        let mut failed = 0;
-        let mut errors = Vec::new();
-        // Small objects' rows, committed a chunk's worth at a time.
-        let mut small: Vec<NewTask> = Vec::new();
+        let mut imported = Imported::default();
+        // Small objects' rows, committed a chunk's worth at a time while
+        // the imports go on: an import left unpolled while its transaction
+        // held the run's row (its checkpoint) kept a commit awaited beside
+        // it waiting for that row, and neither ever ended.
         let mut small_bytes = 0;
-        while let Some(result) = results.try_next().await? {
-            let Some(mut result) = result else {
-                return Ok(None);
-            };
-            failed += result.failed;
-            errors.append(&mut result.errors);
-            small.append(&mut result.deferred);
-            small_bytes += result.deferred_bytes;
-            if (small.len() >= task_files::CHUNK_ROWS || small_bytes >= task_files::CHUNK_BYTES)
-                && !self
-                    .commit_rows(std::mem::take(&mut small), Vec::new())
-                    .await?
-            {
-                return Ok(None);
-            }
-            if small.is_empty() {
-                small_bytes = 0;
+        let mut committing = futures::stream::FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                next = results.try_next() => {
+                    let Some(result) = next? else { break };
+                    let Some(mut result) = result else {
+                        return Ok(None);
+                    };
+                    imported.failed += result.failed;
+                    imported.errors.append(&mut result.errors);
+                    imported.rows.append(&mut result.deferred);
+                    small_bytes += result.deferred_bytes;
+                    if imported.rows.len() >= task_files::CHUNK_ROWS
+                        || small_bytes >= task_files::CHUNK_BYTES
+                    {
+                        let rows = std::mem::take(&mut imported.rows);
+                        committing.push(self.commit_rows(rows, Vec::new()));
+                        small_bytes = 0;
+                    }
+                }
+                Some(kept_going) = committing.next() => {
+                    if !kept_going? {
+                        return Ok(None);
+                    }
+                }
             }
         }
-        Ok(Some(Imported {
-            failed,
-            errors,
-            rows: small,
-        }))
+        while let Some(kept_going) = committing.next().await {
+            if !kept_going? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(imported))
     }
 
     /// Hands committed batches to the fleet. A push that fails is only logged:

@@ -270,15 +270,9 @@ impl Grant {
         &self,
         will_wait: &mut dyn FnMut(),
     ) -> Option<tokio::sync::SemaphorePermit<'static>> {
-        let budget = self.limits.budget?;
-        let bytes = usize::try_from(self.bytes).unwrap_or(usize::MAX);
-        if bytes < super::budget::SMALL * super::budget::EXPANSION {
-            return None;
-        }
-        budget.try_take(bytes).or_else(|| {
-            will_wait();
-            budget.take(bytes)
-        })
+        self.limits
+            .budget?
+            .reserve(usize::try_from(self.bytes).unwrap_or(usize::MAX), will_wait)
     }
 
     /// Parses a line, a long one under a reservation of its own as a JSONL
@@ -511,6 +505,20 @@ mod tests {
         lines: &[&str],
         stop_after: usize,
     ) -> (Ended, Vec<RowEvent>, Vec<u8>) {
+        let mut events = Vec::new();
+        let (ended, answers) = talk_to(limits, lines, &mut |event| {
+            events.push(event);
+            events.len() < stop_after
+        });
+        (ended, events, answers)
+    }
+
+    /// [`talk_within`], the parent's events handed to `emit`.
+    fn talk_to(
+        limits: Limits,
+        lines: &[&str],
+        emit: &mut dyn FnMut(RowEvent) -> bool,
+    ) -> (Ended, Vec<u8>) {
         let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
         let script: String = lines.iter().map(|l| format!("{l}\n")).collect();
         let child = std::thread::spawn(move || {
@@ -522,14 +530,10 @@ mod tests {
             theirs.read_to_end(&mut answers).ok();
             answers
         });
-        let mut events = Vec::new();
         let mut rows = 0;
-        let ended = converse(&ours, limits, &mut rows, &mut |event| {
-            events.push(event);
-            events.len() < stop_after
-        });
+        let ended = converse(&ours, limits, &mut rows, emit);
         drop(ours);
-        (ended, events, child.join().expect("child"))
+        (ended, child.join().expect("child"))
     }
 
     #[test]
@@ -596,7 +600,7 @@ mod tests {
     #[test]
     fn a_long_row_never_waits_while_its_group_holds_the_budget() {
         let budget: &'static _ =
-            Box::leak(Box::new(crate::ingest::budget::MemoryBudget::new(4 << 20)));
+            Box::leak(Box::new(crate::ingest::budget::ByteBudget::new(4 << 20)));
         let limits = Limits {
             budget: Some(budget),
             ..Limits::default()
@@ -623,5 +627,45 @@ mod tests {
             panic!("a child asking for more than the budget is broken");
         };
         assert!(why.contains("more than the parse budget"), "{why}");
+    }
+
+    /// A parent about to wait for a row group's reservation says so first
+    /// (`RowEvent::WillWait`): its parse's rows then go on to be committed,
+    /// which is what frees the budget here. Waiting with them held could
+    /// wait for ever (`super::super::budget`).
+    #[test]
+    fn a_parent_says_it_will_wait_before_it_waits_for_a_row_group() {
+        let budget: &'static _ =
+            Box::leak(Box::new(crate::ingest::budget::ByteBudget::new(4 << 20)));
+        let limits = Limits {
+            budget: Some(budget),
+            ..Limits::default()
+        };
+        let reserve = serde_json::to_string(&Message::Reserve(3 << 20)).expect("reserve");
+        let row = serde_json::to_string(&Message::Row(json!({"text": "a"}))).expect("row");
+        let done = serde_json::to_string(&Message::Done).expect("done");
+        let lines = [reserve, row, done];
+        let mut held = Some(budget.try_take(3 << 20).expect("the budget"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+            let mut events = Vec::new();
+            let (ended, _) = talk_to(limits, &lines, &mut |event| {
+                if event == RowEvent::WillWait {
+                    held = None;
+                }
+                events.push(event);
+                true
+            });
+            tx.send((ended, events)).ok();
+        });
+        let (ended, events) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the conversation ends");
+        assert!(matches!(ended, Ended::Done));
+        assert!(
+            matches!(events[..], [RowEvent::WillWait, RowEvent::Task(0, _)]),
+            "{events:?}"
+        );
     }
 }

@@ -102,7 +102,7 @@ pub struct Limits {
     /// or in memory, whichever is larger.
     pub max_task_bytes: usize,
     /// The process's parse memory budget (`None`: not counted, in tests).
-    pub budget: Option<&'static super::budget::MemoryBudget>,
+    pub budget: Option<&'static super::budget::ByteBudget>,
     /// The object's size, when the listing said.
     pub object_size: Option<u64>,
 }
@@ -126,15 +126,10 @@ impl Limits {
         text_bytes: usize,
         will_wait: &mut dyn FnMut(),
     ) -> Option<tokio::sync::SemaphorePermit<'static>> {
-        let budget = self.budget?;
-        let bytes = text_bytes.saturating_mul(super::budget::EXPANSION);
-        if bytes < super::budget::SMALL * super::budget::EXPANSION {
-            return None;
-        }
-        budget.try_take(bytes).or_else(|| {
-            will_wait();
-            budget.take(bytes)
-        })
+        self.budget?.reserve(
+            text_bytes.saturating_mul(super::budget::EXPANSION),
+            will_wait,
+        )
     }
 }
 
@@ -867,7 +862,7 @@ mod tests {
         group.close().expect("close group");
         writer.close().expect("close file");
 
-        let budget = Box::leak(Box::new(super::super::budget::MemoryBudget::new(1 << 20)));
+        let budget = Box::leak(Box::new(super::super::budget::ByteBudget::new(1 << 20)));
         let limits = Limits {
             budget: Some(budget),
             ..Limits::default()

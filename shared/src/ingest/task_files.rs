@@ -3,12 +3,13 @@
 //! in memory (a body that ends within [`INLINE_BYTES`] is parsed where it was
 //! read instead); rows are committed in chunks (one transaction each, with the
 //! run's `created` counter), deduplicated per row through the link key. An
-//! object smaller than one chunk hands its rows back instead, and the caller
-//! commits several such objects at once.
+//! object whose rows all came in one chunk (fewer than one chunk holds, and
+//! not cut short by the rows-in-flight budget) hands its rows back instead,
+//! and the caller commits several such objects at once.
 //!
 //! Rows committed before a bad row or a broken file are kept; the error is
-//! recorded with the row where it happened. An object that takes more than
-//! one chunk is marked partial (`partial_objects`) until its last row is in:
+//! recorded with the row where it happened. An object committed chunk by
+//! chunk is marked partial (`partial_objects`) until its last row is in:
 //! a run cancelled, failed or killed half-way through it leaves the mark, and
 //! the next run reads the object again and adds the rows that are missing (so
 //! does the next sync of a file that broke half-way, reporting it again).
@@ -34,7 +35,7 @@ use tokio::{
 
 use super::{
     ImportJob, ObjectError,
-    budget::MemoryBudget,
+    budget::ByteBudget,
     parse::{self, Format, RowEvent, TaskInput},
 };
 use crate::{
@@ -50,8 +51,10 @@ pub(super) const CHUNK_ROWS: usize = 4000;
 /// The most task JSON (approximately) one chunk holds: a chunk of big rows
 /// closes before [`CHUNK_ROWS`]. What one object has in flight (the chunk
 /// being filled, two in the channel, two being committed) stays near
-/// 5 x 8 MiB whatever its rows are like, and what all objects of a process
-/// have within `LABELSYNC_ROWS_IN_FLIGHT_BYTES` ([`Chunker`]).
+/// 5 x 8 MiB whatever its rows are like, and what the chunks of all
+/// objects of a process hold within `LABELSYNC_ROWS_IN_FLIGHT_BYTES`
+/// ([`Chunker`]; small objects' rows handed back to be committed together,
+/// and small bodies parsed where they were read, are outside it).
 pub(super) const CHUNK_BYTES: usize = 8 << 20;
 /// Chunks of one object committed concurrently.
 const PARALLEL_CHUNKS: usize = 2;
@@ -73,7 +76,7 @@ pub(super) struct Importer<'a, 'j> {
 pub(super) struct ObjectResult {
     pub failed: i64,
     pub errors: Vec<ObjectError>,
-    /// The rows of an object smaller than one chunk, not committed yet: the
+    /// The rows of an object that came in one chunk, not committed yet: the
     /// caller commits them together with other small objects' rows
     /// ([`ImportJob::commit_rows`], or with a batch's end), since a
     /// transaction per tiny file made 2,000 one-task files wait on 2,000
@@ -147,7 +150,7 @@ impl Importer<'_, '_> {
         // Set when the download itself breaks (a reset, a timeout): the parser
         // then sees a read error, which is the network's fault, not the file's.
         let interrupted = Arc::new(AtomicBool::new(false));
-        let source = match self.open(&object.key, format, interrupted.clone()).await {
+        let source = match self.open(&object, format, interrupted.clone()).await {
             Ok(source) => source,
             Err(err) if err.is_transient() => return Err(err),
             Err(err) => {
@@ -211,6 +214,7 @@ impl Importer<'_, '_> {
             max_object_bytes: settings.max_object_bytes,
             parquet_parser: settings.parquet_parser.clone(),
             in_flight: Some(super::budget::rows_in_flight(settings.rows_in_flight_bytes)),
+            max_rows: settings.max_rows_per_object,
         };
         if let Source::Whole(body) = &source {
             // Not counted in the parse budget, whose reservations block
@@ -300,19 +304,26 @@ impl Importer<'_, '_> {
 
     async fn open(
         &self,
-        key: &str,
+        object: &ObjectMeta,
         format: Format,
         interrupted: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Source> {
+        let key = &object.key;
         if let Some(path) = self.backend.local_path(key) {
             let file =
                 std::fs::File::open(&path).map_err(|e| Error::NotFound(format!("{key}: {e}")))?;
             return Ok(if format == Format::Parquet {
-                Source::File(file)
+                Source::File(file, None)
             } else {
                 Source::Reader(Box::new(file))
             });
         }
+        // Disk for the copy of a Parquet object is reserved before it is
+        // asked for, so that no response waits on the budget.
+        let room = match format {
+            Format::Parquet => Some(self.spool_room(object.size).await?),
+            _ => None,
+        };
         let mut body = self.backend.get(key, None).await?.body;
         if format != Format::Parquet {
             let head = match read_head(&mut body).await {
@@ -334,34 +345,51 @@ impl Importer<'_, '_> {
             }
         });
         let reader = tokio_util::io::StreamReader::new(stream);
-        if format == Format::Parquet {
-            // Parquet needs random access: spool the object to a temporary file.
-            let mut spool = tokio::fs::File::from_std(
-                tempfile::tempfile()
-                    .map_err(|e| Error::Internal(format!("temporary file: {e}")))?,
-            );
-            // At most the size limit: a storage may answer more than it
-            // listed (or listed no size), and the spool is disk.
-            let limit = self.job.settings.max_object_bytes;
-            let mut reader = tokio::io::AsyncReadExt::take(reader, limit.saturating_add(1));
-            let copied = tokio::io::copy(&mut reader, &mut spool)
-                .await
-                .map_err(|e| Error::Transient(format!("{key}: download failed: {e}")))?;
-            if copied > limit {
-                return Err(Error::invalid(
-                    "storage_answer_too_big",
-                    None,
-                    format!(
-                        "the storage sent more than the {limit}-byte limit \
-                         (LABELSYNC_MAX_OBJECT_BYTES)"
-                    ),
-                ));
-            }
-            return Ok(Source::File(spool.into_std().await));
+        if let Some(room) = room {
+            return spool(key, reader, room).await;
         }
         Ok(Source::Reader(Box::new(tokio_util::io::SyncIoBridge::new(
             reader,
         ))))
+    }
+
+    /// Reserves the disk a copy of a Parquet object of `size` bytes takes
+    /// from the process's spool budget (`LABELSYNC_SPOOL_BYTES`), waiting
+    /// while it is spent: its listed size, or the object size limit when
+    /// the listing gave none (cut to the budget). An object larger than
+    /// the whole budget is refused: it could never be copied.
+    async fn spool_room(&self, size: Option<i64>) -> Result<SpoolRoom> {
+        let settings = self.job.settings;
+        let budget = super::budget::spool(settings.spool_bytes);
+        let size = size.and_then(|s| u64::try_from(s).ok());
+        if let Some(size) = size
+            && size > budget.bytes()
+        {
+            return Err(Error::invalid(
+                "spool_too_small",
+                None,
+                format!(
+                    "the object is {size} bytes, and a Parquet file is read from a copy on the \
+                     worker's disk, of which LABELSYNC_SPOOL_BYTES allows {} bytes",
+                    budget.bytes()
+                ),
+            ));
+        }
+        let (limit, limited_by) = match settings.max_object_bytes <= budget.bytes() {
+            true => (settings.max_object_bytes, "LABELSYNC_MAX_OBJECT_BYTES"),
+            false => (budget.bytes(), "LABELSYNC_SPOOL_BYTES"),
+        };
+        let bytes = size.unwrap_or(limit).min(limit);
+        let held = budget
+            .acquire(usize::try_from(bytes).unwrap_or(usize::MAX))
+            .await;
+        Ok(SpoolRoom {
+            budget,
+            held,
+            bytes,
+            limit,
+            limited_by,
+        })
     }
 
     /// Commits one chunk of an object's rows; false when the run stopped.
@@ -486,15 +514,23 @@ const IN_FLIGHT_STEP: usize = 1 << 20;
 /// (see `super::budget` for why that cannot deadlock).
 struct Chunker<'a> {
     chunk: Chunk,
-    in_flight: Option<&'static MemoryBudget>,
+    in_flight: Option<&'static ByteBudget>,
     send: &'a mut dyn FnMut(Chunk) -> bool,
     /// False once `send` said the receiver went away.
     open: bool,
+    /// The rows (tasks and row errors) the parse gave so far: one more than
+    /// `max_rows` once it gave too many (that row is not kept).
+    rows: u64,
+    max_rows: u64,
 }
 
 impl Chunker<'_> {
-    /// Takes one event of the parse; false once no more rows are wanted.
+    /// Takes one event of the parse; false once no more rows are wanted
+    /// (the receiver went away, or the object has too many rows).
     fn push(&mut self, event: RowEvent) -> bool {
+        if !self.open {
+            return false;
+        }
         let bytes = match &event {
             RowEvent::Task(_, task) => task.approx_bytes,
             RowEvent::Error(..) => 0,
@@ -503,6 +539,10 @@ impl Chunker<'_> {
                 return self.open;
             }
         };
+        self.rows += 1;
+        if self.rows > self.max_rows {
+            return false;
+        }
         if !self.room_for(bytes) {
             self.hand_on();
             self.wait_for(bytes);
@@ -556,7 +596,9 @@ impl Chunker<'_> {
 
 enum Source {
     Reader(Box<dyn Read + Send>),
-    File(std::fs::File),
+    /// A Parquet file: a local one, or a copy of the object holding its
+    /// disk from the spool budget until it is read and closed.
+    File(std::fs::File, Option<SemaphorePermit<'static>>),
     /// A whole body of at most [`INLINE_BYTES`].
     Whole(Bytes),
 }
@@ -604,7 +646,9 @@ struct Reading {
     parquet_parser: std::path::PathBuf,
     /// The process's budget of rows in flight (`None`: not counted, for a
     /// small body parsed where it was read).
-    in_flight: Option<&'static MemoryBudget>,
+    in_flight: Option<&'static ByteBudget>,
+    /// `LABELSYNC_MAX_ROWS_PER_OBJECT`.
+    max_rows: u64,
 }
 
 /// Runs the parser over `source`, handing `send` each full chunk (or one
@@ -622,6 +666,8 @@ fn parse_source(
         in_flight: reading.in_flight,
         send,
         open: true,
+        rows: 0,
+        max_rows: reading.max_rows,
     };
     let mut emit = |event: RowEvent| chunker.push(event);
     let parsed = parse::guarded(|| match source {
@@ -637,12 +683,98 @@ fn parse_source(
             body.len()
         )),
         Source::Whole(body) => parse::parse_buffered(format, &body[..], limits, &mut emit),
-        Source::File(file) => {
+        Source::File(file, _spooled) => {
             super::parquet_process::parse(&reading.parquet_parser, file, limits, &mut emit)
         }
     });
+    let too_many = chunker.rows > reading.max_rows;
     chunker.finish();
+    if too_many {
+        return Err(format!(
+            "the object has more than {} rows, the most one object may have \
+             (LABELSYNC_MAX_ROWS_PER_OBJECT): its first {0} rows were read, the rest were not",
+            reading.max_rows
+        ));
+    }
     parsed
+}
+
+/// The disk reserved for one Parquet object's copy.
+struct SpoolRoom {
+    budget: &'static ByteBudget,
+    held: Option<SemaphorePermit<'static>>,
+    /// What `held` holds: the listed size, to start with.
+    bytes: u64,
+    /// The most a copy may take: the object size limit, or the whole
+    /// budget where smaller; and which setting that is.
+    limit: u64,
+    limited_by: &'static str,
+}
+
+impl SpoolRoom {
+    /// Makes room for a copy of `copied` bytes: a storage may send more
+    /// than it listed (GCS decompresses an object stored gzip-encoded, and
+    /// an object may change between its listing and its read). Only what
+    /// is free now is taken: two copies each waiting for the other's room
+    /// would wait for ever.
+    fn grow_to(&mut self, copied: u64) -> std::result::Result<(), String> {
+        if copied > self.limit {
+            return Err(format!(
+                "the storage sent more than the {}-byte limit ({})",
+                self.limit, self.limited_by
+            ));
+        }
+        if copied <= self.bytes {
+            return Ok(());
+        }
+        let more = (copied - self.bytes).next_multiple_of(1 << 20);
+        let permit = self
+            .budget
+            .try_take(usize::try_from(more).unwrap_or(usize::MAX))
+            .ok_or_else(|| {
+                format!(
+                    "the storage sent more than the {} bytes it listed, and the worker's disk \
+                     for copies of Parquet objects (LABELSYNC_SPOOL_BYTES) is spent; the next \
+                     sync reads it again",
+                    self.bytes
+                )
+            })?;
+        match &mut self.held {
+            Some(held) => held.merge(permit),
+            None => self.held = Some(permit),
+        }
+        self.bytes += more;
+        Ok(())
+    }
+}
+
+/// Copies a Parquet object to a temporary file (Parquet needs random
+/// access) within `room`, grown as the copy goes past it. The file is
+/// unlinked as it is made, so it goes when it is closed, with its room.
+async fn spool(
+    key: &str,
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    mut room: SpoolRoom,
+) -> Result<Source> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut file = tokio::fs::File::from_std(
+        tempfile::tempfile().map_err(|e| Error::Internal(format!("temporary file: {e}")))?,
+    );
+    let failed = |e: io::Error| Error::Transient(format!("{key}: download failed: {e}"));
+    let mut buf = vec![0; 64 << 10];
+    let mut copied = 0u64;
+    loop {
+        let n = reader.read(&mut buf).await.map_err(failed)?;
+        if n == 0 {
+            break;
+        }
+        copied += n as u64;
+        room.grow_to(copied)
+            .map_err(|why| Error::invalid("storage_answer_too_big", None, why))?;
+        file.write_all(&buf[..n]).await.map_err(failed)?;
+    }
+    file.flush().await.map_err(failed)?;
+    Ok(Source::File(file.into_std().await, room.held))
 }
 
 /// A body of at most this many bytes is parsed where it was read, on the
@@ -730,7 +862,7 @@ mod tests {
     #[test]
     fn a_parse_hands_its_rows_on_before_it_waits_for_room() {
         const KIB: usize = 1 << 10;
-        let budget: &'static _ = Box::leak(Box::new(MemoryBudget::new(2 << 20)));
+        let budget: &'static _ = Box::leak(Box::new(ByteBudget::new(2 << 20)));
         let mut sent = Vec::new();
         let mut send = |chunk: Chunk| {
             sent.push((chunk.rows.len(), chunk.held_bytes(), chunk.last));
@@ -741,6 +873,8 @@ mod tests {
             in_flight: Some(budget),
             send: &mut send,
             open: true,
+            rows: 0,
+            max_rows: u64::MAX,
         };
         for n in 0..4 {
             assert!(chunker.push(row(n, 600 * KIB)));
@@ -798,7 +932,7 @@ mod tests {
         });
     }
 
-    fn wait_until_spent(budget: &MemoryBudget) {
+    fn wait_until_spent(budget: &ByteBudget) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while budget.try_take(1).is_some() {
             assert!(
@@ -816,8 +950,8 @@ mod tests {
     /// hands its chunk on first, so both parses end.
     #[test]
     fn a_parse_never_waits_for_the_parse_budget_holding_rows_in_flight() {
-        let parse: &'static _ = Box::leak(Box::new(MemoryBudget::new(4 << 20)));
-        let in_flight: &'static _ = Box::leak(Box::new(MemoryBudget::new(1 << 20)));
+        let parse: &'static _ = Box::leak(Box::new(ByteBudget::new(4 << 20)));
+        let in_flight: &'static _ = Box::leak(Box::new(ByteBudget::new(1 << 20)));
         let reading = || Reading {
             limits: parse::Limits {
                 budget: Some(parse),
@@ -826,6 +960,7 @@ mod tests {
             max_object_bytes: u64::MAX,
             parquet_parser: "unused".into(),
             in_flight: Some(in_flight),
+            max_rows: u64::MAX,
         };
         let line = format!("{{\"t\": \"{}\"}}\n", "x".repeat(70 << 10));
         let (gate, gated) = std::sync::mpsc::channel();
@@ -858,6 +993,34 @@ mod tests {
         }
         rows.sort();
         assert_eq!(rows, [2, 2]);
+    }
+
+    /// A copy that goes past its listed size takes more of the spool budget
+    /// only where it is free at once, and never more than the limit.
+    #[test]
+    fn a_copy_past_its_listed_size_grows_only_into_free_room() {
+        let budget: &'static _ = Box::leak(Box::new(ByteBudget::new(4 << 20)));
+        let mut room = SpoolRoom {
+            budget,
+            held: budget.try_take(1 << 20),
+            bytes: 1 << 20,
+            limit: 3 << 20,
+            limited_by: "LABELSYNC_MAX_OBJECT_BYTES",
+        };
+        assert_eq!(room.grow_to(1 << 20), Ok(()));
+        assert_eq!(room.grow_to((1 << 20) + 1), Ok(()));
+        assert_eq!(room.bytes, 2 << 20);
+        let rest = budget.try_take(2 << 20).expect("the rest of the budget");
+        let spent = room.grow_to((2 << 20) + 1).expect_err("no room");
+        assert!(spent.contains("LABELSYNC_SPOOL_BYTES"), "{spent}");
+        drop(rest);
+        let over = room.grow_to((3 << 20) + 1).expect_err("over the limit");
+        assert!(
+            over.contains("3145728-byte limit (LABELSYNC_MAX_OBJECT_BYTES)"),
+            "{over}"
+        );
+        drop(room);
+        assert!(budget.try_take(4 << 20).is_some(), "its room let go");
     }
 
     /// Only a body that ends within INLINE_BYTES is whole (so parsed on the
