@@ -1133,15 +1133,10 @@ async fn a_file_gives_at_most_the_rows_an_object_may_have() {
     let array = format!("[{}]", lines.trim_end().replace('\n', ","));
     write(&data, "many.json", array.as_bytes());
     write_parquet(&data.join("many.parquet"), 30, 4);
-    write(
-        &data,
-        "few.jsonl",
-        lines
-            .split_inclusive('\n')
-            .take(10)
-            .collect::<String>()
-            .as_bytes(),
-    );
+    for (key, rows) in [("few.jsonl", 10), ("exactly.jsonl", 25)] {
+        let some: String = lines.split_inclusive('\n').take(rows).collect();
+        write(&data, key, some.as_bytes());
+    }
 
     let project = app.project("rows-per-object").await;
     let storage = storage(&app, project, json!({})).await;
@@ -1156,7 +1151,7 @@ async fn a_file_gives_at_most_the_rows_an_object_may_have() {
         .wait_run(&run_id, std::time::Duration::from_secs(60))
         .await;
     assert_eq!(run["status"], "completed_with_errors", "{run}");
-    assert_eq!(run["counters"]["created"], 3 * 25 + 10, "{run}");
+    assert_eq!(run["counters"]["created"], 4 * 25 + 10, "{run}");
     assert_eq!(run["counters"]["failed"], 3, "{run}");
     let errors = run_errors(&app, &run).await;
     for key in ["many.jsonl", "many.json", "many.parquet"] {

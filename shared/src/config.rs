@@ -386,13 +386,25 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
             "LABELSYNC_MISSED_HEARTBEATS must be at least 2",
         ));
     }
-    // Less would commit rows one at a time across the whole process.
-    if worker.rows_in_flight_bytes < 1 << 20 {
-        return Err(Error::invalid(
-            "invalid_setting",
-            None,
+    // Less would commit rows one at a time across the whole process, copy
+    // no Parquet file, or import no row.
+    for (too_small, message) in [
+        (
+            worker.rows_in_flight_bytes < 1 << 20,
             "LABELSYNC_ROWS_IN_FLIGHT_BYTES must be at least 1048576 (1 MiB)",
-        ));
+        ),
+        (
+            worker.spool_bytes < 1 << 20,
+            "LABELSYNC_SPOOL_BYTES must be at least 1048576 (1 MiB)",
+        ),
+        (
+            worker.max_rows_per_object < 1,
+            "LABELSYNC_MAX_ROWS_PER_OBJECT must be at least 1",
+        ),
+    ] {
+        if too_small {
+            return Err(Error::invalid("invalid_setting", None, message));
+        }
     }
     Ok(worker)
 }
@@ -526,9 +538,18 @@ mod tests {
                 "{missed}: {refused:?}"
             );
         }
-        // A budget of rows in flight under a megabyte is refused.
-        let refused = with(&[("LABELSYNC_ROWS_IN_FLIGHT_BYTES", "0")]);
-        assert!(matches!(refused, Err(Error::Invalid { .. })), "{refused:?}");
+        // Budgets under a megabyte, and no rows per object, are refused.
+        for key in [
+            "LABELSYNC_ROWS_IN_FLIGHT_BYTES",
+            "LABELSYNC_SPOOL_BYTES",
+            "LABELSYNC_MAX_ROWS_PER_OBJECT",
+        ] {
+            let refused = with(&[(key, "0")]);
+            assert!(
+                matches!(refused, Err(Error::Invalid { .. })),
+                "{key}: {refused:?}"
+            );
+        }
         let least = with(&[("LABELSYNC_ROWS_IN_FLIGHT_BYTES", "1048576")]).expect("settings");
         assert_eq!(least.worker.rows_in_flight_bytes, 1 << 20);
     }

@@ -26,7 +26,8 @@ pub struct Page {
 
 /// How a page is cut: at most `bytes` of JSON text (as [`Meter`] counts
 /// it), measured first over `first_window` annotations, then over windows
-/// 8 times larger until the budget or the page is full. Measuring renders
+/// 8 times larger (at most twice what the budget left holds, see
+/// [`Meter::next_window`]) until the budget or the page is full. Measuring renders
 /// a task's JSON as reading it would: a page of large tasks must not
 /// measure a thousand to take two (pass twice the last page's take), and
 /// a page of small ones reaches its thousand in a few rounds.
@@ -65,7 +66,7 @@ pub async fn annotation_page(
             break;
         }
         from = last;
-        window = window.saturating_mul(8);
+        window = meter.next_window(window);
     }
     let taken = meter.taken.len();
     let Some(&last) = meter.taken.last() else {
@@ -126,7 +127,7 @@ pub async fn annotations_of(
             break;
         }
         start += chunk.len();
-        window = window.saturating_mul(8);
+        window = meter.next_window(window);
     }
     let annotations = annotation::Entity::find()
         .filter(annotation::Column::Id.is_in(meter.taken.iter().copied()))
@@ -220,6 +221,20 @@ impl Meter {
         }
         Ok(None)
     }
+
+    /// The next measuring window after one of `window`: 8 times larger,
+    /// but at most twice what the budget left holds at the sizes taken so
+    /// far. The database renders every task a window measures, so a window
+    /// 8 times larger than what the page still takes rendered up to 8
+    /// times the page's budget of task JSON to take a few more.
+    fn next_window(&self, window: usize) -> usize {
+        let grown = window.saturating_mul(8);
+        let Some(average) = self.used.checked_div(self.taken.len()).filter(|&a| a > 0) else {
+            return grown;
+        };
+        let fits = self.budget.saturating_sub(self.used) / average;
+        grown.min(fits.saturating_mul(2).max(1))
+    }
 }
 
 /// `annotations` with the tasks they belong to (one query), as a page.
@@ -308,4 +323,24 @@ pub async fn write_links(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Windows grow 8 times until the page's sizes say how many more fit;
+    /// then at most twice that many are measured.
+    #[test]
+    fn a_measuring_window_grows_no_further_than_the_budget_left() {
+        let mut meter = Meter::new(32 << 20);
+        assert_eq!(meter.next_window(16), 128, "nothing taken: no sizes yet");
+        meter.taken = (0..16).collect();
+        meter.used = 16 << 20;
+        assert_eq!(meter.next_window(16), 32, "16 MiB left at 1 MiB each");
+        meter.used = (32 << 20) - 10;
+        assert_eq!(meter.next_window(16), 1, "less than one left: one more");
+        meter.used = 16 << 10;
+        assert_eq!(meter.next_window(16), 128, "small ones: 8 times");
+    }
 }

@@ -606,41 +606,37 @@ impl ImportJob<'_> {
             .map(|(i, object)| importer.import(object, turns.nth(i)))
             .buffer_unordered(self.reads.size());
         let mut imported = Imported::default();
-        // Small objects' rows, committed a chunk's worth at a time while
-        // the imports go on: an import left unpolled while its transaction
-        // held the run's row (its checkpoint) kept a commit awaited beside
-        // it waiting for that row, and neither ever ended.
+        // Small objects' rows, committed a chunk's worth at a time, at most
+        // SMALL_COMMITS at once, while the imports go on: an import left
+        // unpolled while its transaction held the run's row (its
+        // checkpoint) kept a commit awaited beside it waiting for that row,
+        // and neither ever ended. Rows wait in `imported.rows` meanwhile.
         let mut small_bytes = 0;
         let mut committing = futures::stream::FuturesUnordered::new();
+        let mut listed_all = false;
         loop {
+            while committing.len() < SMALL_COMMITS
+                && let Some(rows) = full_chunk(&mut imported.rows, &mut small_bytes)
+            {
+                committing.push(self.commit_rows(rows, Vec::new()));
+            }
             tokio::select! {
-                next = results.try_next() => {
-                    let Some(result) = next? else { break };
-                    let Some(mut result) = result else {
-                        return Ok(None);
-                    };
-                    imported.failed += result.failed;
-                    imported.errors.append(&mut result.errors);
-                    imported.rows.append(&mut result.deferred);
-                    small_bytes += result.deferred_bytes;
-                    if imported.rows.len() >= task_files::CHUNK_ROWS
-                        || small_bytes >= task_files::CHUNK_BYTES
-                    {
-                        let rows = std::mem::take(&mut imported.rows);
-                        committing.push(self.commit_rows(rows, Vec::new()));
-                        small_bytes = 0;
+                next = results.try_next(), if !listed_all => match next? {
+                    None => listed_all = true,
+                    Some(None) => return Ok(None),
+                    Some(Some(mut result)) => {
+                        imported.failed += result.failed;
+                        imported.errors.append(&mut result.errors);
+                        imported.rows.append(&mut result.deferred);
+                        small_bytes += result.deferred_bytes;
                     }
-                }
+                },
                 Some(kept_going) = committing.next() => {
                     if !kept_going? {
                         return Ok(None);
                     }
                 }
-            }
-        }
-        while let Some(kept_going) = committing.next().await {
-            if !kept_going? {
-                return Ok(None);
+                else => break,
             }
         }
         Ok(Some(imported))
@@ -862,6 +858,23 @@ fn split_first(
 fn batch_objects(fetch_concurrency: usize) -> usize {
     (fetch_concurrency.max(1) * BATCH_ROUNDS).clamp(16, 1000)
 }
+
+/// Commits of small objects' rows one job has in flight at once.
+const SMALL_COMMITS: usize = 2;
+
+/// The first chunk's worth of `rows` (small objects' rows, about `bytes`
+/// of JSON), taken out, once they hold a chunk's worth.
+fn full_chunk(rows: &mut Vec<NewTask>, bytes: &mut usize) -> Option<Vec<NewTask>> {
+    let full = rows.len() >= task_files::CHUNK_ROWS || *bytes >= task_files::CHUNK_BYTES;
+    if !full || rows.is_empty() {
+        return None;
+    }
+    let rest = rows.split_off(rows.len().min(task_files::CHUNK_ROWS));
+    // The bytes are an estimate: what is left keeps its share.
+    *bytes = (*bytes).saturating_mul(rest.len()) / (rest.len() + rows.len());
+    Some(std::mem::replace(rows, rest))
+}
+
 /// Rounds of reads per fan-out batch (see [`batch_objects`]).
 const BATCH_ROUNDS: usize = 4;
 /// Unfinished batches one run may have at once.

@@ -318,39 +318,47 @@ impl Importer<'_, '_> {
                 Source::Reader(Box::new(file))
             });
         }
-        // Disk for the copy of a Parquet object is reserved before it is
-        // asked for, so that no response waits on the budget.
-        let room = match format {
-            Format::Parquet => Some(self.spool_room(object.size).await?),
-            _ => None,
-        };
+        if format == Format::Parquet {
+            return self.copy_parquet(object, interrupted).await;
+        }
         let mut body = self.backend.get(key, None).await?.body;
-        if format != Format::Parquet {
-            let head = match read_head(&mut body).await {
-                Ok(Head::Whole(body)) => return Ok(Source::Whole(body)),
-                Ok(Head::Part(head)) => head,
-                Err(e) => {
-                    return Err(Error::Transient(format!(
-                        "{key}: download interrupted: {e}"
-                    )));
-                }
-            };
-            body = futures::stream::iter(head.into_iter().map(Ok))
-                .chain(body)
-                .boxed();
-        }
-        let stream = body.inspect(move |chunk| {
-            if chunk.is_err() {
-                interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+        let head = match read_head(&mut body).await {
+            Ok(Head::Whole(body)) => return Ok(Source::Whole(body)),
+            Ok(Head::Part(head)) => head,
+            Err(e) => {
+                return Err(Error::Transient(format!(
+                    "{key}: download interrupted: {e}"
+                )));
             }
-        });
-        let reader = tokio_util::io::StreamReader::new(stream);
-        if let Some(room) = room {
-            return spool(key, reader, room).await;
-        }
+        };
+        let body = futures::stream::iter(head.into_iter().map(Ok))
+            .chain(body)
+            .boxed();
+        let reader = tokio_util::io::StreamReader::new(watched(body, interrupted));
         Ok(Source::Reader(Box::new(tokio_util::io::SyncIoBridge::new(
             reader,
         ))))
+    }
+
+    /// A copy of a Parquet object on the worker's disk (Parquet needs
+    /// random access), within the spool budget. Its room is reserved before
+    /// the object is asked for, so that no response waits on the budget. A
+    /// copy that outgrows its listed size where the budget has no room free
+    /// is made again, with room for the size limit waited for.
+    async fn copy_parquet(
+        &self,
+        object: &ObjectMeta,
+        interrupted: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Source> {
+        let mut room = self.spool_room(object.size).await?;
+        loop {
+            let body = self.backend.get(&object.key, None).await?.body;
+            let reader = tokio_util::io::StreamReader::new(watched(body, interrupted.clone()));
+            match spool(&object.key, reader, room).await? {
+                Spooled::Copied(source) => return Ok(source),
+                Spooled::Outgrew => room = self.spool_room(None).await?,
+            }
+        }
     }
 
     /// Reserves the disk a copy of a Parquet object of `size` bytes takes
@@ -428,8 +436,10 @@ impl Importer<'_, '_> {
 }
 
 /// A small object's rows, handed back to be committed with others'. Their
-/// share of the rows in flight is let go: what a job holds of small
-/// objects' rows is bounded by itself (see `ImportJob::import_objects`).
+/// share of the rows in flight is let go: a job commits them a chunk at a
+/// time, two at once (see `ImportJob::import_objects`), and holds the rest
+/// meanwhile; at most its batch's small objects, at most a chunk each,
+/// when the database lags (not counted in the budget).
 fn keep_small(result: &mut ObjectResult, object: &ObjectMeta, chunk: Chunk) {
     result.deferred_bytes = chunk.bytes;
     let rows = split(result, &object.key, chunk.rows);
@@ -715,14 +725,14 @@ impl SpoolRoom {
     /// Makes room for a copy of `copied` bytes: a storage may send more
     /// than it listed (GCS decompresses an object stored gzip-encoded, and
     /// an object may change between its listing and its read). Only what
-    /// is free now is taken: two copies each waiting for the other's room
-    /// would wait for ever.
-    fn grow_to(&mut self, copied: u64) -> std::result::Result<(), String> {
+    /// is free now is taken: a copy that waited for more while holding its
+    /// room could wait for another that waits for it.
+    fn grow_to(&mut self, copied: u64) -> std::result::Result<(), Outgrown> {
         if copied > self.limit {
-            return Err(format!(
+            return Err(Outgrown::Limit(format!(
                 "the storage sent more than the {}-byte limit ({})",
                 self.limit, self.limited_by
-            ));
+            )));
         }
         if copied <= self.bytes {
             return Ok(());
@@ -731,14 +741,7 @@ impl SpoolRoom {
         let permit = self
             .budget
             .try_take(usize::try_from(more).unwrap_or(usize::MAX))
-            .ok_or_else(|| {
-                format!(
-                    "the storage sent more than the {} bytes it listed, and the worker's disk \
-                     for copies of Parquet objects (LABELSYNC_SPOOL_BYTES) is spent; the next \
-                     sync reads it again",
-                    self.bytes
-                )
-            })?;
+            .ok_or(Outgrown::Room)?;
         match &mut self.held {
             Some(held) => held.merge(permit),
             None => self.held = Some(permit),
@@ -748,33 +751,77 @@ impl SpoolRoom {
     }
 }
 
-/// Copies a Parquet object to a temporary file (Parquet needs random
-/// access) within `room`, grown as the copy goes past it. The file is
-/// unlinked as it is made, so it goes when it is closed, with its room.
+/// Why a copy could not go on.
+#[derive(Debug, PartialEq)]
+enum Outgrown {
+    /// Past the most any copy may take: the object's error.
+    Limit(String),
+    /// Past its room, with none free to grow into.
+    Room,
+}
+
+/// What came of copying an object.
+enum Spooled {
+    Copied(Source),
+    /// It outgrew its room; the copy is gone, and its room let go.
+    Outgrew,
+}
+
+/// Copies a Parquet object to a temporary file within `room`, grown as the
+/// copy goes past it. The file is unlinked as it is made, so it goes when
+/// it is closed, with its room.
 async fn spool(
     key: &str,
     mut reader: impl tokio::io::AsyncRead + Unpin,
     mut room: SpoolRoom,
-) -> Result<Source> {
+) -> Result<Spooled> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut file = tokio::fs::File::from_std(
         tempfile::tempfile().map_err(|e| Error::Internal(format!("temporary file: {e}")))?,
     );
-    let failed = |e: io::Error| Error::Transient(format!("{key}: download failed: {e}"));
+    let unwritable = |e: io::Error| {
+        Error::Transient(format!(
+            "{key}: the copy on the worker's disk (TMPDIR) could not be written: {e}"
+        ))
+    };
     let mut buf = vec![0; 64 << 10];
     let mut copied = 0u64;
     loop {
-        let n = reader.read(&mut buf).await.map_err(failed)?;
+        let n = reader
+            .read(&mut buf)
+            .await
+            .map_err(|e| Error::Transient(format!("{key}: download failed: {e}")))?;
         if n == 0 {
             break;
         }
         copied += n as u64;
-        room.grow_to(copied)
-            .map_err(|why| Error::invalid("storage_answer_too_big", None, why))?;
-        file.write_all(&buf[..n]).await.map_err(failed)?;
+        match room.grow_to(copied) {
+            Ok(()) => {}
+            Err(Outgrown::Room) => return Ok(Spooled::Outgrew),
+            Err(Outgrown::Limit(why)) => {
+                return Err(Error::invalid("storage_answer_too_big", None, why));
+            }
+        }
+        file.write_all(&buf[..n]).await.map_err(unwritable)?;
     }
-    file.flush().await.map_err(failed)?;
-    Ok(Source::File(file.into_std().await, room.held))
+    file.flush().await.map_err(unwritable)?;
+    Ok(Spooled::Copied(Source::File(
+        file.into_std().await,
+        room.held,
+    )))
+}
+
+/// `body`, with `interrupted` set when it fails: the parser then sees a
+/// read error, which is the network's fault, not the file's.
+fn watched(
+    body: crate::storage::ByteStream,
+    interrupted: Arc<AtomicBool>,
+) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + Unpin {
+    body.inspect(move |chunk| {
+        if chunk.is_err() {
+            interrupted.store(true, Ordering::SeqCst);
+        }
+    })
 }
 
 /// A body of at most this many bytes is parsed where it was read, on the
@@ -1011,10 +1058,11 @@ mod tests {
         assert_eq!(room.grow_to((1 << 20) + 1), Ok(()));
         assert_eq!(room.bytes, 2 << 20);
         let rest = budget.try_take(2 << 20).expect("the rest of the budget");
-        let spent = room.grow_to((2 << 20) + 1).expect_err("no room");
-        assert!(spent.contains("LABELSYNC_SPOOL_BYTES"), "{spent}");
+        assert_eq!(room.grow_to((2 << 20) + 1), Err(Outgrown::Room));
         drop(rest);
-        let over = room.grow_to((3 << 20) + 1).expect_err("over the limit");
+        let Err(Outgrown::Limit(over)) = room.grow_to((3 << 20) + 1) else {
+            panic!("over the limit");
+        };
         assert!(
             over.contains("3145728-byte limit (LABELSYNC_MAX_OBJECT_BYTES)"),
             "{over}"
