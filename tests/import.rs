@@ -1175,6 +1175,41 @@ async fn a_file_gives_at_most_the_rows_an_object_may_have() {
     app.stop().await;
 }
 
+/// An object stopped at the row limit is reported once: committed chunk by
+/// chunk, it kept its partial mark, so every sync read its ten million rows
+/// again to report the same error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_over_the_row_limit_is_read_once() {
+    use std::fmt::Write as _;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    let mut lines = String::new();
+    for n in 0..6_000 {
+        writeln!(lines, "{{\"n\": {n}}}").expect("line");
+    }
+    write(&data, "many.jsonl", lines.as_bytes());
+    let project = app.project("read-once").await;
+    let storage = storage(&app, project, json!({})).await;
+    // Over a chunk's 4,000 rows: the object is committed chunk by chunk.
+    let _worker = spawn_ready_worker(
+        &app,
+        "read-once",
+        &[("LABELSYNC_MAX_ROWS_PER_OBJECT", "5000")],
+    )
+    .await;
+    for (sync, created, failed) in [(1, 5_000, 1), (2, 0, 0)] {
+        let run_id = app.start_sync(&storage["id"]).await;
+        let run = app
+            .wait_run(&run_id, std::time::Duration::from_secs(60))
+            .await;
+        assert_eq!(run["counters"]["created"], created, "sync {sync}: {run}");
+        assert_eq!(run["counters"]["failed"], failed, "sync {sync}: {run}");
+    }
+    assert_eq!(app.all_tasks(project).await.len(), 5_000);
+    app.stop().await;
+}
+
 /// Small objects' rows are committed beside the other imports, not instead
 /// of them. Their commit was awaited while the job's imports went unpolled:
 /// an import whose transaction held the run's row (its checkpoint) and

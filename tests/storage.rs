@@ -2164,10 +2164,12 @@ async fn a_copy_that_outgrows_its_room_is_made_again() {
         .put("understated-rows.parquet", body, None)
         .await
         .unwrap();
-    let mut opts = AppOptions::with_storages();
-    opts.env
-        .push(("LABELSYNC_SPOOL_BYTES", (1 << 20).to_string()));
-    let app = spawn_app(opts).await;
+    let mut options = AppOptions::with_storages();
+    options.workers = false;
+    let app = spawn_app(options).await;
+    // A worker process of its own: the spool budget is one per process.
+    let spool = (1 << 20).to_string();
+    let _worker = spawn_ready_worker(&app, "outgrown", &[("LABELSYNC_SPOOL_BYTES", &spool)]).await;
     let project = app.project("outgrown").await;
     let body = json!({
         "project_id": project, "role": "source", "backend": "databricks",

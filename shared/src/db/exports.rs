@@ -224,7 +224,8 @@ impl Meter {
 
     /// The next measuring window after one of `window`: 8 times larger,
     /// but at most twice what the budget left holds at the sizes taken so
-    /// far. The database renders every task a window measures, so a window
+    /// far, and never smaller than the last (one large task must not leave
+    /// a page of small ones measuring a few at a time). The database renders every task a window measures, so a window
     /// 8 times larger than what the page still takes rendered up to 8
     /// times the page's budget of task JSON to take a few more.
     fn next_window(&self, window: usize) -> usize {
@@ -233,7 +234,7 @@ impl Meter {
             return grown;
         };
         let fits = self.budget.saturating_sub(self.used) / average;
-        grown.min(fits.saturating_mul(2).max(1))
+        grown.min(fits.saturating_mul(2)).max(window)
     }
 }
 
@@ -339,7 +340,7 @@ mod tests {
         meter.used = 16 << 20;
         assert_eq!(meter.next_window(16), 32, "16 MiB left at 1 MiB each");
         meter.used = (32 << 20) - 10;
-        assert_eq!(meter.next_window(16), 1, "less than one left: one more");
+        assert_eq!(meter.next_window(16), 16, "never smaller than the last");
         meter.used = 16 << 10;
         assert_eq!(meter.next_window(16), 128, "small ones: 8 times");
     }

@@ -610,13 +610,13 @@ impl ImportJob<'_> {
         // SMALL_COMMITS at once, while the imports go on: an import left
         // unpolled while its transaction held the run's row (its
         // checkpoint) kept a commit awaited beside it waiting for that row,
-        // and neither ever ended. Rows wait in `imported.rows` meanwhile.
-        let mut small_bytes = 0;
+        // and neither ever ended. Rows wait in `waiting` meanwhile.
+        let mut waiting = SmallRows::default();
         let mut committing = futures::stream::FuturesUnordered::new();
         let mut listed_all = false;
         loop {
             while committing.len() < SMALL_COMMITS
-                && let Some(rows) = full_chunk(&mut imported.rows, &mut small_bytes)
+                && let Some(rows) = waiting.full_chunk()
             {
                 committing.push(self.commit_rows(rows, Vec::new()));
             }
@@ -627,8 +627,7 @@ impl ImportJob<'_> {
                     Some(Some(mut result)) => {
                         imported.failed += result.failed;
                         imported.errors.append(&mut result.errors);
-                        imported.rows.append(&mut result.deferred);
-                        small_bytes += result.deferred_bytes;
+                        waiting.add(std::mem::take(&mut result.deferred), result.deferred_bytes);
                     }
                 },
                 Some(kept_going) = committing.next() => {
@@ -639,6 +638,7 @@ impl ImportJob<'_> {
                 else => break,
             }
         }
+        imported.rows = waiting.into_rows();
         Ok(Some(imported))
     }
 
@@ -862,17 +862,54 @@ fn batch_objects(fetch_concurrency: usize) -> usize {
 /// Commits of small objects' rows one job has in flight at once.
 const SMALL_COMMITS: usize = 2;
 
-/// The first chunk's worth of `rows` (small objects' rows, about `bytes`
-/// of JSON), taken out, once they hold a chunk's worth.
-fn full_chunk(rows: &mut Vec<NewTask>, bytes: &mut usize) -> Option<Vec<NewTask>> {
-    let full = rows.len() >= task_files::CHUNK_ROWS || *bytes >= task_files::CHUNK_BYTES;
-    if !full || rows.is_empty() {
-        return None;
+/// Small objects' rows waiting to be committed, object by object, with
+/// their JSON's size.
+#[derive(Default)]
+struct SmallRows {
+    objects: std::collections::VecDeque<(Vec<NewTask>, usize)>,
+    rows: usize,
+    bytes: usize,
+}
+
+impl SmallRows {
+    fn add(&mut self, rows: Vec<NewTask>, bytes: usize) {
+        if !rows.is_empty() {
+            self.rows += rows.len();
+            self.bytes += bytes;
+            self.objects.push_back((rows, bytes));
+        }
     }
-    let rest = rows.split_off(rows.len().min(task_files::CHUNK_ROWS));
-    // The bytes are an estimate: what is left keeps its share.
-    *bytes = (*bytes).saturating_mul(rest.len()) / (rest.len() + rows.len());
-    Some(std::mem::replace(rows, rest))
+
+    /// Once they hold a chunk's worth: the first objects' rows that fit in
+    /// one chunk (at least one object's; each is smaller than a chunk).
+    fn full_chunk(&mut self) -> Option<Vec<NewTask>> {
+        if self.rows < task_files::CHUNK_ROWS && self.bytes < task_files::CHUNK_BYTES {
+            return None;
+        }
+        let (mut chunk, mut bytes) = (Vec::new(), 0);
+        while let Some((rows, size)) = self.objects.front() {
+            let fits = chunk.len() + rows.len() <= task_files::CHUNK_ROWS
+                && bytes + size <= task_files::CHUNK_BYTES;
+            if !chunk.is_empty() && !fits {
+                break;
+            }
+            let Some((mut rows, size)) = self.objects.pop_front() else {
+                break;
+            };
+            self.rows -= rows.len();
+            self.bytes -= size;
+            bytes += size;
+            chunk.append(&mut rows);
+        }
+        Some(chunk)
+    }
+
+    fn into_rows(self) -> Vec<NewTask> {
+        self.objects
+            .into_iter()
+            .flat_map(|(rows, _)| rows)
+            .collect()
+    }
 }
 
 /// Rounds of reads per fan-out batch (see [`batch_objects`]).
@@ -950,5 +987,43 @@ mod tests {
             split(pages, 4).await,
             vec![(keys(0..4), 0), (keys(4..10), 0)]
         );
+    }
+
+    fn rows(count: usize) -> Vec<NewTask> {
+        (0..count)
+            .map(|i| NewTask {
+                object_key: "k".into(),
+                row_index: i as i64,
+                data: json!({}),
+                meta: None,
+                annotations: Vec::new(),
+                predictions: Vec::new(),
+                etag: None,
+                size: None,
+                last_modified: None,
+            })
+            .collect()
+    }
+
+    /// Small objects' rows go out in chunks of whole objects, within a
+    /// chunk's rows and bytes (at least one object each), once a chunk's
+    /// worth waits; what is left goes back to the caller.
+    #[test]
+    fn small_rows_go_out_a_chunk_of_whole_objects_at_a_time() {
+        let mut waiting = SmallRows::default();
+        for _ in 0..5 {
+            waiting.add(rows(1000), 1 << 20);
+        }
+        assert_eq!(waiting.full_chunk().map(|c| c.len()), Some(4000));
+        assert!(waiting.full_chunk().is_none(), "1,000 rows wait");
+        for _ in 0..3 {
+            waiting.add(rows(10), 7 << 20);
+        }
+        // 22 MiB wait: the 1 MiB object and the first 7 MiB one, then one
+        // 7 MiB object at a time.
+        assert_eq!(waiting.full_chunk().map(|c| c.len()), Some(1010));
+        assert_eq!(waiting.full_chunk().map(|c| c.len()), Some(10));
+        assert!(waiting.full_chunk().is_none(), "7 MiB wait");
+        assert_eq!(waiting.into_rows().len(), 10);
     }
 }

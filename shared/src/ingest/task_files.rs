@@ -280,14 +280,24 @@ impl Importer<'_, '_> {
     /// mark, so the next sync reads it again (adding nothing twice) and
     /// reports the error again. A broken download is the network's fault: the
     /// rows before it are committed, and the retry adds only those after.
+    /// One stopped at the row limit is its error once, and imported like one
+    /// read to its end: reading it again would give no more (a retry of the
+    /// run reads it again, after the limit is raised).
     async fn settle(
         &self,
         key: &str,
-        parsed: std::result::Result<std::result::Result<(), String>, tokio::task::JoinError>,
+        parsed: std::result::Result<ParseOutcome, tokio::task::JoinError>,
         keep_mark: bool,
         interrupted: &AtomicBool,
         result: &mut ObjectResult,
     ) -> Result<()> {
+        let parsed = parsed.map(|outcome| {
+            outcome.map(|end| {
+                if let ParseEnd::Capped(message) = end {
+                    result.error(key, None, message);
+                }
+            })
+        });
         match parsed {
             Ok(Ok(())) if keep_mark => Ok(()),
             Ok(Ok(())) => links::clear_partial(self.job.db, self.job.storage.id, key).await,
@@ -344,19 +354,29 @@ impl Importer<'_, '_> {
     /// random access), within the spool budget. Its room is reserved before
     /// the object is asked for, so that no response waits on the budget. A
     /// copy that outgrows its listed size where the budget has no room free
-    /// is made again, with room for the size limit waited for.
+    /// is made again with room for twice what it had copied, waited for,
+    /// and once more with room for the size limit.
     async fn copy_parquet(
         &self,
         object: &ObjectMeta,
         interrupted: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Source> {
         let mut room = self.spool_room(object.size).await?;
+        let mut outgrown = 0;
         loop {
             let body = self.backend.get(&object.key, None).await?.body;
             let reader = tokio_util::io::StreamReader::new(watched(body, interrupted.clone()));
             match spool(&object.key, reader, room).await? {
                 Spooled::Copied(source) => return Ok(source),
-                Spooled::Outgrew => room = self.spool_room(None).await?,
+                Spooled::Outgrew { copied } => {
+                    outgrown += 1;
+                    // Twice what came, within the budget; then the limit
+                    // (`None`), which a copy cannot outgrow.
+                    let budget = super::budget::spool(self.job.settings.spool_bytes).bytes();
+                    let twice = copied.saturating_mul(2).min(budget);
+                    let size = (outgrown == 1).then(|| i64::try_from(twice).unwrap_or(i64::MAX));
+                    room = self.spool_room(size).await?;
+                }
             }
         }
     }
@@ -438,8 +458,8 @@ impl Importer<'_, '_> {
 /// A small object's rows, handed back to be committed with others'. Their
 /// share of the rows in flight is let go: a job commits them a chunk at a
 /// time, two at once (see `ImportJob::import_objects`), and holds the rest
-/// meanwhile; at most its batch's small objects, at most a chunk each,
-/// when the database lags (not counted in the budget).
+/// meanwhile: when the database lags, the small objects of what it imports
+/// (a batch, or a page), each under a chunk (not counted in the budget).
 fn keep_small(result: &mut ObjectResult, object: &ObjectMeta, chunk: Chunk) {
     result.deferred_bytes = chunk.bytes;
     let rows = split(result, &object.key, chunk.rows);
@@ -621,7 +641,16 @@ enum Parsing {
     Running(mpsc::Receiver<Chunk>, JoinHandle<ParseOutcome>),
 }
 
-type ParseOutcome = std::result::Result<(), String>;
+/// How a parse ended: at its object's end (or stopped at the row limit),
+/// or broken, with why.
+type ParseOutcome = std::result::Result<ParseEnd, String>;
+
+#[derive(Debug, PartialEq)]
+enum ParseEnd {
+    Whole,
+    /// Stopped at `LABELSYNC_MAX_ROWS_PER_OBJECT`: the object's error.
+    Capped(String),
+}
 
 impl Parsing {
     fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Chunk>> {
@@ -700,13 +729,14 @@ fn parse_source(
     let too_many = chunker.rows > reading.max_rows;
     chunker.finish();
     if too_many {
-        return Err(format!(
+        return Ok(ParseEnd::Capped(format!(
             "the object has more than {} rows, the most one object may have \
-             (LABELSYNC_MAX_ROWS_PER_OBJECT): its first {0} rows were read, the rest were not",
+             (LABELSYNC_MAX_ROWS_PER_OBJECT): its first {0} rows were read, the rest were \
+             not (retry the run after raising the limit to read them)",
             reading.max_rows
-        ));
+        )));
     }
-    parsed
+    parsed.map(|()| ParseEnd::Whole)
 }
 
 /// The disk reserved for one Parquet object's copy.
@@ -763,8 +793,11 @@ enum Outgrown {
 /// What came of copying an object.
 enum Spooled {
     Copied(Source),
-    /// It outgrew its room; the copy is gone, and its room let go.
-    Outgrew,
+    /// It outgrew its room past `copied` bytes; the copy is gone, and its
+    /// room let go.
+    Outgrew {
+        copied: u64,
+    },
 }
 
 /// Copies a Parquet object to a temporary file within `room`, grown as the
@@ -776,14 +809,12 @@ async fn spool(
     mut room: SpoolRoom,
 ) -> Result<Spooled> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut file = tokio::fs::File::from_std(
-        tempfile::tempfile().map_err(|e| Error::Internal(format!("temporary file: {e}")))?,
-    );
     let unwritable = |e: io::Error| {
         Error::Transient(format!(
             "{key}: the copy on the worker's disk (TMPDIR) could not be written: {e}"
         ))
     };
+    let mut file = tokio::fs::File::from_std(tempfile::tempfile().map_err(unwritable)?);
     let mut buf = vec![0; 64 << 10];
     let mut copied = 0u64;
     loop {
@@ -797,7 +828,7 @@ async fn spool(
         copied += n as u64;
         match room.grow_to(copied) {
             Ok(()) => {}
-            Err(Outgrown::Room) => return Ok(Spooled::Outgrew),
+            Err(Outgrown::Room) => return Ok(Spooled::Outgrew { copied }),
             Err(Outgrown::Limit(why)) => {
                 return Err(Error::invalid("storage_answer_too_big", None, why));
             }
@@ -974,7 +1005,7 @@ mod tests {
                 rows += chunk.rows.len();
                 true
             });
-            assert_eq!(outcome, Ok(()));
+            assert_eq!(outcome, Ok(ParseEnd::Whole));
             done.send(rows).ok();
         });
     }
