@@ -1012,6 +1012,11 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
     app.stop().await;
 }
 
+/// `count` JSONL lines `{"n": N}`.
+fn numbered_lines(count: usize) -> String {
+    (0..count).map(|n| format!("{{\"n\": {n}}}\n")).collect()
+}
+
 /// Writes a JSONL file of `rows` rows `{"n": N, "a": [{},{},...]}` of
 /// `values` empty objects each: three bytes of text a value, ten times that
 /// in memory once parsed (a legitimate shape: a row of many small items).
@@ -1056,10 +1061,7 @@ async fn rows_waiting_for_their_commit_stay_within_their_budget() {
         ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight),
     ];
     let worker = spawn_ready_worker(&app, "in-flight", &env).await;
-    let run_id = app.start_sync(&storage["id"]).await;
-    let run = app
-        .wait_run(&run_id, std::time::Duration::from_secs(300))
-        .await;
+    let run = app.sync(&storage["id"]).await;
     let peak = peak_rss(worker.0.id());
     eprintln!("worker peak RSS: {} MB", peak >> 20);
     assert_eq!(run["status"], "completed", "{run}");
@@ -1102,10 +1104,7 @@ async fn tight_budgets_slow_an_import_but_never_stop_it() {
         ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight),
     ];
     let _worker = spawn_ready_worker(&app, "tight", &env).await;
-    let run_id = app.start_sync(&storage["id"]).await;
-    let run = app
-        .wait_run(&run_id, std::time::Duration::from_secs(60))
-        .await;
+    let run = app.sync(&storage["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(
         run["counters"]["created"],
@@ -1121,14 +1120,10 @@ async fn tight_budgets_slow_an_import_but_never_stop_it() {
 /// run of 2^31 equal values is two billion tasks from a hundred bytes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_gives_at_most_the_rows_an_object_may_have() {
-    use std::fmt::Write as _;
     let app = spawn_app(AppOptions::without_workers()).await;
     let data = app.doc_root.path().join("data");
     std::fs::create_dir_all(&data).expect("mkdir");
-    let mut lines = String::new();
-    for n in 0..30 {
-        writeln!(lines, "{{\"n\": {n}}}").expect("line");
-    }
+    let lines = numbered_lines(30);
     write(&data, "many.jsonl", lines.as_bytes());
     let array = format!("[{}]", lines.trim_end().replace('\n', ","));
     write(&data, "many.json", array.as_bytes());
@@ -1146,10 +1141,7 @@ async fn a_file_gives_at_most_the_rows_an_object_may_have() {
         &[("LABELSYNC_MAX_ROWS_PER_OBJECT", "25")],
     )
     .await;
-    let run_id = app.start_sync(&storage["id"]).await;
-    let run = app
-        .wait_run(&run_id, std::time::Duration::from_secs(60))
-        .await;
+    let run = app.sync(&storage["id"]).await;
     assert_eq!(run["status"], "completed_with_errors", "{run}");
     assert_eq!(run["counters"]["created"], 4 * 25 + 10, "{run}");
     assert_eq!(run["counters"]["failed"], 3, "{run}");
@@ -1180,14 +1172,10 @@ async fn a_file_gives_at_most_the_rows_an_object_may_have() {
 /// again to report the same error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_over_the_row_limit_is_read_once() {
-    use std::fmt::Write as _;
     let app = spawn_app(AppOptions::without_workers()).await;
     let data = app.doc_root.path().join("data");
     std::fs::create_dir_all(&data).expect("mkdir");
-    let mut lines = String::new();
-    for n in 0..6_000 {
-        writeln!(lines, "{{\"n\": {n}}}").expect("line");
-    }
+    let lines = numbered_lines(6_000);
     write(&data, "many.jsonl", lines.as_bytes());
     let project = app.project("read-once").await;
     let storage = storage(&app, project, json!({})).await;
@@ -1199,10 +1187,7 @@ async fn a_file_over_the_row_limit_is_read_once() {
     )
     .await;
     for (sync, created, failed) in [(1, 5_000, 1), (2, 0, 0)] {
-        let run_id = app.start_sync(&storage["id"]).await;
-        let run = app
-            .wait_run(&run_id, std::time::Duration::from_secs(60))
-            .await;
+        let run = app.sync(&storage["id"]).await;
         assert_eq!(run["counters"]["created"], created, "sync {sync}: {run}");
         assert_eq!(run["counters"]["failed"], failed, "sync {sync}: {run}");
     }
@@ -1224,10 +1209,7 @@ async fn small_files_beside_a_large_one_never_wait_on_each_other() {
     let app = spawn_app(AppOptions::default()).await;
     let data = app.doc_root.path().join("data");
     std::fs::create_dir_all(&data).expect("mkdir");
-    let mut big = String::new();
-    for n in 0..60_000 {
-        writeln!(big, "{{\"n\": {n}}}").expect("line");
-    }
+    let big = numbered_lines(60_000);
     write(&data, "big.jsonl", big.as_bytes());
     // 3,000 rows of 2 KB each: one chunk, committed with the next file's
     // rows, and slow enough to parse that they end while the large file's
@@ -1253,10 +1235,7 @@ async fn small_files_beside_a_large_one_never_wait_on_each_other() {
 
     let project = app.project("side-by-side").await;
     let storage = storage(&app, project, json!({})).await;
-    let run_id = app.start_sync(&storage["id"]).await;
-    let run = app
-        .wait_run(&run_id, std::time::Duration::from_secs(60))
-        .await;
+    let run = app.sync(&storage["id"]).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(
         run["counters"]["created"],
