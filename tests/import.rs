@@ -747,8 +747,7 @@ async fn catastrophic_looking_regex_and_control_characters_in_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
     let app = spawn_app(AppOptions::default()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("mkdir");
+    let data = data_dir(&app);
     write_nested_parquet(&data.join("deep-2000.parquet"), 2000);
     write_nested_parquet(&data.join("deep-200.parquet"), 200);
     write_nested_parquet(&data.join("deep-40.parquet"), 40);
@@ -953,8 +952,7 @@ fn write_zeros_jsonl(path: &Path, count: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
     let app = spawn_app(AppOptions::without_workers()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("mkdir");
+    let data = data_dir(&app);
     write_wide_jsonl(&data.join("giant.jsonl"), 200 << 20);
     for i in 0..8 {
         write_wide_jsonl(&data.join(format!("wide-{i}.jsonl")), 12 << 20);
@@ -1012,6 +1010,13 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
     app.stop().await;
 }
 
+/// The app's `data/` directory (the local storages' prefix), made.
+fn data_dir(app: &TestApp) -> std::path::PathBuf {
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    data
+}
+
 /// `count` JSONL lines `{"n": N}`.
 fn numbered_lines(count: usize) -> String {
     (0..count).map(|n| format!("{{\"n\": {n}}}\n")).collect()
@@ -1042,8 +1047,7 @@ async fn rows_waiting_for_their_commit_stay_within_their_budget() {
     const FILES: usize = 24;
     const ROWS: usize = 16;
     let app = spawn_app(AppOptions::without_workers()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("mkdir");
+    let data = data_dir(&app);
     // 300 KB of text a row, 3.2 MB in memory: a chunk closes at three rows.
     write_many_values_jsonl(&data.join("rows-0.jsonl"), ROWS, 100_000);
     for i in 1..FILES {
@@ -1084,8 +1088,7 @@ async fn tight_budgets_slow_an_import_but_never_stop_it() {
     const FILES: usize = 6;
     const ROWS: usize = 20;
     let app = spawn_app(AppOptions::without_workers()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("mkdir");
+    let data = data_dir(&app);
     // 66 KB of text a row, 700 KB in memory.
     write_many_values_jsonl(&data.join("rows-0.jsonl"), ROWS, 22_000);
     let lines = std::fs::read_to_string(data.join("rows-0.jsonl")).expect("read");
@@ -1121,8 +1124,7 @@ async fn tight_budgets_slow_an_import_but_never_stop_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_gives_at_most_the_rows_an_object_may_have() {
     let app = spawn_app(AppOptions::without_workers()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("mkdir");
+    let data = data_dir(&app);
     let lines = numbered_lines(30);
     write(&data, "many.jsonl", lines.as_bytes());
     let array = format!("[{}]", lines.trim_end().replace('\n', ","));
@@ -1173,8 +1175,7 @@ async fn a_file_gives_at_most_the_rows_an_object_may_have() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_over_the_row_limit_is_read_once() {
     let app = spawn_app(AppOptions::without_workers()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("mkdir");
+    let data = data_dir(&app);
     let lines = numbered_lines(6_000);
     write(&data, "many.jsonl", lines.as_bytes());
     let project = app.project("read-once").await;
@@ -1207,8 +1208,7 @@ async fn small_files_beside_a_large_one_never_wait_on_each_other() {
     use std::fmt::Write as _;
     const SMALL_FILES: usize = 16;
     let app = spawn_app(AppOptions::default()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("mkdir");
+    let data = data_dir(&app);
     let big = numbered_lines(60_000);
     write(&data, "big.jsonl", big.as_bytes());
     // 3,000 rows of 2 KB each: one chunk, committed with the next file's
@@ -1254,8 +1254,7 @@ async fn small_files_beside_a_large_one_never_wait_on_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parquet_file_that_kills_its_reader_is_that_files_error() {
     let app = spawn_app(AppOptions::default()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("mkdir");
+    let data = data_dir(&app);
     write_parquet_delta_count(&data.join("delta-4tib.parquet"), 1 << 40);
     write_parquet_delta_count(&data.join("delta-8gib.parquet"), 1 << 31);
     // The same file, true to its one value, reads.
@@ -1296,8 +1295,7 @@ async fn a_file_cancelled_half_way_is_finished_by_the_next_sync() {
     use std::io::Write;
     const ROWS: i64 = 200_000;
     let app = spawn_app(AppOptions::default()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("mkdir");
+    let data = data_dir(&app);
     let mut file =
         std::io::BufWriter::new(std::fs::File::create(data.join("big.jsonl")).expect("create"));
     for n in 0..ROWS {

@@ -24,7 +24,7 @@ use labelsync_tests::{
         AZURITE_ACCOUNT, AZURITE_KEY, DatabricksFake, bucket_name, create_azure_container,
         create_gcs_bucket, create_s3_bucket, endpoint, open, put_azure_blob, put_s3_object,
     },
-    spawn_app, spawn_ready_worker, write_parquet_with,
+    noise, spawn_app, spawn_ready_worker, write_parquet_with,
 };
 use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
@@ -1971,33 +1971,44 @@ async fn a_cancel_stops_a_listing_that_commits_nothing() {
     app.stop().await;
 }
 
-/// A Parquet file is spooled to disk before it is read (it needs random
-/// access): a storage that lists it small and then answers more is cut at
-/// `LABELSYNC_MAX_OBJECT_BYTES`, one object's error, not a full disk.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_parquet_file_longer_than_listed_is_cut_at_the_size_limit() {
-    let fake = DatabricksFake::start().await;
+/// A Tasks-mode volume on `fake` holding `key` (listed as 1 byte when its
+/// name starts with `understated-`): its config and secrets.
+async fn databricks_volume_with(fake: &DatabricksFake, key: &str, body: Bytes) -> (Value, Value) {
     let config = json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "tasks" });
     let secrets = json!({ "token": fake.token });
     let storage = open(BackendKind::Databricks, config.clone(), secrets.clone()).await;
-    storage
-        .put(
-            "understated-big.parquet",
-            Bytes::from(vec![b'P'; 64 << 10]),
-            None,
-        )
-        .await
-        .unwrap();
-    let mut opts = AppOptions::with_storages();
-    opts.env.push(("LABELSYNC_MAX_OBJECT_BYTES", "4096".into()));
-    let app = spawn_app(opts).await;
-    let project = app.project("understated").await;
+    storage.put(key, body, None).await.unwrap();
+    (config, secrets)
+}
+
+/// A Tasks-mode source storage of that volume in a new project of `app`.
+async fn databricks_tasks_storage(
+    app: &labelsync_tests::TestApp,
+    project: &str,
+    (config, secrets): (Value, Value),
+) -> Value {
+    let project = app.project(project).await;
     let body = json!({
         "project_id": project, "role": "source", "backend": "databricks",
         "import_method": "tasks", "config": config, "secrets": secrets,
     });
     let (status, created) = app.post("/api/v1/storages", body).await;
     assert_eq!(status, 201, "{created}");
+    created
+}
+
+/// A Parquet file is spooled to disk before it is read (it needs random
+/// access): a storage that lists it small and then answers more is cut at
+/// `LABELSYNC_MAX_OBJECT_BYTES`, one object's error, not a full disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parquet_file_longer_than_listed_is_cut_at_the_size_limit() {
+    let fake = DatabricksFake::start().await;
+    let body = Bytes::from(vec![b'P'; 64 << 10]);
+    let volume = databricks_volume_with(&fake, "understated-big.parquet", body).await;
+    let mut opts = AppOptions::with_storages();
+    opts.env.push(("LABELSYNC_MAX_OBJECT_BYTES", "4096".into()));
+    let app = spawn_app(opts).await;
+    let created = databricks_tasks_storage(&app, "understated", volume).await;
     let run = app.sync(&created["id"]).await;
     assert_eq!(run["counters"]["failed"], 1, "{run}");
     let errors = app.run_errors(run["id"].as_str().expect("id")).await;
@@ -2007,19 +2018,6 @@ async fn a_parquet_file_longer_than_listed_is_cut_at_the_size_limit() {
         "{errors:?}"
     );
     app.stop().await;
-}
-
-/// `n` bytes of hexadecimal noise from `seed`: text that does not compress.
-fn noise(seed: i64, n: usize) -> String {
-    let mut x = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b"0123456789abcdef"[(x & 15) as usize])
-        })
-        .collect()
 }
 
 /// The bytes of the distinct files under `dir` that processes hold open
@@ -2073,13 +2071,13 @@ async fn parquet_copies_stay_within_the_spool_budget() {
     let files = tempfile::tempdir().expect("temporary directory");
     // 40 rows of 50 KB of noise: 2 MB a file; the large one 6 MB.
     let path = files.path().join("file.parquet");
-    write_parquet_with(&path, 40, 10, |i| noise(i, 50_000));
+    write_parquet_with(&path, 40, 10, |i| noise(i as u64, 50_000));
     let body = Bytes::from(std::fs::read(&path).expect("read"));
     for i in 0..FILES {
         let key = format!("tasks/file-{i}.parquet");
         storage.put(&key, body.clone(), None).await.unwrap();
     }
-    write_parquet_with(&path, 120, 10, |i| noise(i, 50_000));
+    write_parquet_with(&path, 120, 10, |i| noise(i as u64, 50_000));
     let large = Bytes::from(std::fs::read(&path).expect("read"));
     storage
         .put("tasks/large.parquet", large, None)
@@ -2149,34 +2147,22 @@ async fn parquet_copies_stay_within_the_spool_budget() {
 /// A copy that outgrows the size its object was listed at, where the spool
 /// budget has no room free to grow into (here the budget is a megabyte and
 /// the copy listed at one byte asks for one more), is made again with room
-/// for the size limit: the file imports, read twice.
+/// for twice what it had copied: the file imports, read twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_that_outgrows_its_room_is_made_again() {
     let fake = DatabricksFake::start().await;
-    let config = json!({ "host": fake.url, "catalog": "main", "schema": "raw", "volume": "tasks" });
-    let secrets = json!({ "token": fake.token });
-    let storage = open(BackendKind::Databricks, config.clone(), secrets.clone()).await;
     let files = tempfile::tempdir().expect("temporary directory");
     let path = files.path().join("file.parquet");
     write_parquet_with(&path, 10, 5, |i| format!("row {i}"));
     let body = Bytes::from(std::fs::read(&path).expect("read"));
-    storage
-        .put("understated-rows.parquet", body, None)
-        .await
-        .unwrap();
+    let volume = databricks_volume_with(&fake, "understated-rows.parquet", body).await;
     let mut options = AppOptions::with_storages();
     options.workers = false;
     let app = spawn_app(options).await;
     // A worker process of its own: the spool budget is one per process.
     let spool = (1 << 20).to_string();
     let _worker = spawn_ready_worker(&app, "outgrown", &[("LABELSYNC_SPOOL_BYTES", &spool)]).await;
-    let project = app.project("outgrown").await;
-    let body = json!({
-        "project_id": project, "role": "source", "backend": "databricks",
-        "import_method": "tasks", "config": config, "secrets": secrets,
-    });
-    let (status, created) = app.post("/api/v1/storages", body).await;
-    assert_eq!(status, 201, "{created}");
+    let created = databricks_tasks_storage(&app, "outgrown", volume).await;
     let reads = || {
         fake.requests()
             .iter()

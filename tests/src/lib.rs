@@ -991,6 +991,23 @@ fn first_column_chunk(path: &Path) -> (std::fs::File, u64, Vec<u8>) {
     (file, start, chunk)
 }
 
+/// `len` characters that compression cannot shrink much: 64 symbols from a
+/// xorshift started at `seed`.
+pub fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+                    [(x % 64) as usize],
+            )
+        })
+        .collect()
+}
+
 /// Writes a GZIP Parquet file of one row whose page holds, in place of its
 /// ~770 KB of text, a GZIP member of `inflated` zero bytes: the page header
 /// and the footer still declare the text's 1 MiB, so only inflating the
@@ -999,16 +1016,7 @@ pub fn write_parquet_gzip_bomb(path: &Path, inflated: usize) {
     use std::io::{Seek, SeekFrom, Write};
 
     use parquet::basic::{Compression, GzipLevel};
-    // Text gzip cannot shrink much: 64 symbols from a xorshift.
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    let text: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[(x % 64) as usize]
-        })
-        .collect();
+    let text = noise(1, 1 << 20).into_bytes();
     write_one_text_row(path, Compression::GZIP(GzipLevel::default()), text);
 
     let (mut file, start, chunk) = first_column_chunk(path);

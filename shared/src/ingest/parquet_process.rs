@@ -178,9 +178,7 @@ fn converse(
         };
         let event = match message {
             Message::Reserve(bytes) => {
-                if let Err(why) = grant.group(bytes, &mut || {
-                    emit(RowEvent::WillWait);
-                }) {
+                if let Err(why) = grant.group(bytes, emit) {
                     return Ended::Broken(why);
                 }
                 if let Err(e) = (&mut &*stream).write_all(b"\n") {
@@ -234,9 +232,7 @@ fn next_message(
         Err(e) => return Err(format!("reading its answer failed: {e}")),
     }
     grant
-        .parse(line, &mut || {
-            emit(RowEvent::WillWait);
-        })
+        .parse(line, emit)
         .map_err(|e| format!("it wrote something unreadable: {e}"))
 }
 
@@ -251,8 +247,9 @@ struct Grant {
 impl Grant {
     /// Reserves a row group's memory, the last group's let go first. A
     /// child asks for no more than the budget: it refuses such a group.
-    /// `will_wait` is called before waiting (see `parse::Limits::reserve`).
-    fn group(&mut self, bytes: u64, will_wait: &mut dyn FnMut()) -> Result<(), String> {
+    /// The parse's rows are handed on before it waits (see
+    /// `parse::Limits::reserve`).
+    fn group(&mut self, bytes: u64, emit: &mut dyn FnMut(RowEvent) -> bool) -> Result<(), String> {
         self.held = None;
         if let Some(budget) = self.limits.budget
             && bytes > budget.bytes()
@@ -262,17 +259,18 @@ impl Grant {
             ));
         }
         self.bytes = bytes;
-        self.held = self.reserve_group(will_wait);
+        self.held = self.reserve_group(emit);
         Ok(())
     }
 
     fn reserve_group(
         &self,
-        will_wait: &mut dyn FnMut(),
+        emit: &mut dyn FnMut(RowEvent) -> bool,
     ) -> Option<tokio::sync::SemaphorePermit<'static>> {
-        self.limits
-            .budget?
-            .reserve(usize::try_from(self.bytes).unwrap_or(usize::MAX), will_wait)
+        let bytes = usize::try_from(self.bytes).unwrap_or(usize::MAX);
+        self.limits.budget?.reserve(bytes, &mut || {
+            emit(RowEvent::WillWait);
+        })
     }
 
     /// Parses a line, a long one under a reservation of its own as a JSONL
@@ -280,16 +278,20 @@ impl Grant {
     /// taken again after: a holder never waits for a second reservation
     /// (`super::budget`), or two parses could each hold half of the budget
     /// and wait for the rest.
-    fn parse(&mut self, line: &[u8], will_wait: &mut dyn FnMut()) -> serde_json::Result<Message> {
+    fn parse(
+        &mut self,
+        line: &[u8],
+        emit: &mut dyn FnMut(RowEvent) -> bool,
+    ) -> serde_json::Result<Message> {
         if line.len() < super::budget::SMALL {
             return serde_json::from_slice(line);
         }
         self.held = None;
         let parsed = {
-            let _line = self.limits.reserve(line.len(), will_wait);
+            let _line = self.limits.reserve(line.len(), emit);
             serde_json::from_slice(line)
         };
-        self.held = self.reserve_group(will_wait);
+        self.held = self.reserve_group(emit);
         parsed
     }
 }
@@ -594,17 +596,23 @@ mod tests {
         );
     }
 
-    /// A long row is parsed under a reservation of its own, taken while the
-    /// group's is let go: holding the group's while waiting for it waited
-    /// for ever once both came to more than the budget.
-    #[test]
-    fn a_long_row_never_waits_while_its_group_holds_the_budget() {
+    /// Limits with a parse budget of 4 MiB of its own.
+    fn within_4_mib() -> (&'static crate::ingest::budget::ByteBudget, Limits) {
         let budget: &'static _ =
             Box::leak(Box::new(crate::ingest::budget::ByteBudget::new(4 << 20)));
         let limits = Limits {
             budget: Some(budget),
             ..Limits::default()
         };
+        (budget, limits)
+    }
+
+    /// A long row is parsed under a reservation of its own, taken while the
+    /// group's is let go: holding the group's while waiting for it waited
+    /// for ever once both came to more than the budget.
+    #[test]
+    fn a_long_row_never_waits_while_its_group_holds_the_budget() {
+        let (_, limits) = within_4_mib();
         let reserve = serde_json::to_string(&Message::Reserve(3 << 20)).expect("reserve");
         let long = serde_json::to_string(&Message::Row(json!({"text": "a".repeat(200 << 10)})))
             .expect("row");
@@ -635,12 +643,7 @@ mod tests {
     /// wait for ever (`super::super::budget`).
     #[test]
     fn a_parent_says_it_will_wait_before_it_waits_for_a_row_group() {
-        let budget: &'static _ =
-            Box::leak(Box::new(crate::ingest::budget::ByteBudget::new(4 << 20)));
-        let limits = Limits {
-            budget: Some(budget),
-            ..Limits::default()
-        };
+        let (budget, limits) = within_4_mib();
         let reserve = serde_json::to_string(&Message::Reserve(3 << 20)).expect("reserve");
         let row = serde_json::to_string(&Message::Row(json!({"text": "a"}))).expect("row");
         let done = serde_json::to_string(&Message::Done).expect("done");

@@ -119,16 +119,18 @@ impl Default for Limits {
 
 impl Limits {
     /// Holds the budget for parsing `text_bytes` of JSON (see `budget`).
-    /// `will_wait` is called before waiting for it, so that the rows the
-    /// parse holds are handed on first ([`RowEvent::WillWait`]).
+    /// Before waiting for it, the parse's rows are handed on: `emit` gets
+    /// [`RowEvent::WillWait`].
     pub(super) fn reserve(
         &self,
         text_bytes: usize,
-        will_wait: &mut dyn FnMut(),
+        emit: &mut dyn FnMut(RowEvent) -> bool,
     ) -> Option<tokio::sync::SemaphorePermit<'static>> {
         self.budget?.reserve(
             text_bytes.saturating_mul(super::budget::EXPANSION),
-            will_wait,
+            &mut || {
+                emit(RowEvent::WillWait);
+            },
         )
     }
 }
@@ -385,9 +387,7 @@ fn parse_json(
             .unwrap_or(usize::MAX)
             .min(limits.max_task_bytes)
     });
-    let _reserved = limits.reserve(largest, &mut || {
-        emit(RowEvent::WillWait);
-    });
+    let _reserved = limits.reserve(largest, emit);
     let mut shapes = Shapes::new(limits);
     let mut rows = 0i64;
     let left = Rc::new(Cell::new(limits.max_task_bytes as u64));
@@ -534,9 +534,7 @@ fn parse_jsonl(
                 ),
             )
         } else {
-            let _reserved = limits.reserve(text.len(), &mut || {
-                emit(RowEvent::WillWait);
-            });
+            let _reserved = limits.reserve(text.len(), emit);
             match serde_json::from_slice::<Value>(text) {
                 Ok(value) => shapes.task(row, value)?,
                 Err(e) => RowEvent::Error(row, format!("line of row {row} is not valid JSON: {e}")),
