@@ -1035,6 +1035,32 @@ fn write_many_values_jsonl(path: &Path, rows: usize, values: usize) {
     out.flush().expect("flush");
 }
 
+/// `files` copies of a JSONL file of `rows` rows of 300 KB of text, each
+/// 3.2 MB in memory (`rows-<i>.jsonl` in `data`).
+fn many_values_files(data: &Path, files: usize, rows: usize) {
+    write_many_values_jsonl(&data.join("rows-0.jsonl"), rows, 100_000);
+    for i in 1..files {
+        let copy = data.join(format!("rows-{i}.jsonl"));
+        std::fs::copy(data.join("rows-0.jsonl"), copy).expect("copy");
+    }
+}
+
+/// Slows every update of a run's row in `app`'s database (its checkpoint,
+/// in every transaction of rows) by `seconds`, with a trigger.
+async fn slow_run_updates(app: &TestApp, seconds: f64) {
+    let db = Database::connect(app.database_url.as_str())
+        .await
+        .expect("database");
+    db.execute_unprepared(&format!(
+        "CREATE FUNCTION slow_run_updates() RETURNS trigger AS $$ \
+         BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER slow_run_updates BEFORE UPDATE ON sync_runs \
+         FOR EACH ROW EXECUTE FUNCTION slow_run_updates();"
+    ))
+    .await
+    .expect("trigger");
+}
+
 /// Rows parsed and waiting for their transaction are held within a budget
 /// (`LABELSYNC_ROWS_IN_FLIGHT_BYTES`), as rows being parsed are within the
 /// parse budget. Each object being read held up to five chunks of 8 MiB of
@@ -1047,16 +1073,8 @@ async fn rows_waiting_for_their_commit_stay_within_their_budget() {
     const FILES: usize = 24;
     const ROWS: usize = 16;
     let app = spawn_app(AppOptions::without_workers()).await;
-    let data = data_dir(&app);
     // 300 KB of text a row, 3.2 MB in memory: a chunk closes at three rows.
-    write_many_values_jsonl(&data.join("rows-0.jsonl"), ROWS, 100_000);
-    for i in 1..FILES {
-        std::fs::copy(
-            data.join("rows-0.jsonl"),
-            data.join(format!("rows-{i}.jsonl")),
-        )
-        .expect("copy");
-    }
+    many_values_files(&data_dir(&app), FILES, ROWS);
     let project = app.project("in-flight").await;
     let storage = storage(&app, project, json!({})).await;
     let (parse, in_flight) = ((128 << 20).to_string(), (64 << 20).to_string());
@@ -1073,6 +1091,81 @@ async fn rows_waiting_for_their_commit_stay_within_their_budget() {
     // 287-297 MB here; 1,146 MB without the rows-in-flight budget, 457-467
     // MB with it at 256 MiB.
     assert!(peak < 380 << 20, "the worker peaked at {} MB", peak >> 20);
+    app.stop().await;
+}
+
+/// A parsed row waiting for room in the rows in flight holds its parse
+/// reservation until it gets in: a JSONL line's reservation was let go as
+/// its parse ended, so each of the 64 parses of a worker could hold a
+/// parsed row (up to `LABELSYNC_MAX_TASK_BYTES` in memory) while it waited,
+/// none of them counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parsed_rows_waiting_for_room_stay_within_the_parse_budget() {
+    const FILES: usize = 48;
+    const ROWS: usize = 2;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    many_values_files(&data_dir(&app), FILES, ROWS);
+    // Commits lag the parses (a trigger slows each update of the run's row
+    // by 0.2 s), so parses wait for room.
+    slow_run_updates(&app, 0.2).await;
+    let project = app.project("parsed-waiting").await;
+    let storage = storage(&app, project, json!({})).await;
+    let (parse, in_flight) = ((16 << 20).to_string(), (32 << 20).to_string());
+    let env = [
+        ("LABELSYNC_PARSE_BUDGET_BYTES", &parse[..]),
+        ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight),
+    ];
+    let worker = spawn_ready_worker(&app, "parsed-waiting", &env).await;
+    let run = app.sync(&storage["id"]).await;
+    let peak = peak_rss(worker.0.id());
+    eprintln!("worker peak RSS: {} MB", peak >> 20);
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], (FILES * ROWS) as i64, "{run}");
+    assert!(peak < 220 << 20, "the worker peaked at {} MB", peak >> 20);
+    app.stop().await;
+}
+
+/// Small objects' rows (each object's within one chunk) wait for a
+/// transaction shared with other small objects, committed a chunk's worth
+/// at a time, two at once. They waited outside the rows-in-flight budget,
+/// so a job whose database lagged held every small file of its batch or
+/// page in memory (up to 64 of 8 MiB at the defaults; a page of 1,000
+/// where nothing fans out). They keep their share of the budget now, and
+/// go whole chunk or not once a parse waits for room. Updates of the run's
+/// row are slowed (a trigger sleeping 0.2 s), so commits lag the reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_waiting_for_a_lagging_database_stay_within_the_budget() {
+    use std::fmt::Write as _;
+    const FILES: usize = 64;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = data_dir(&app);
+    // 500 rows of 4 KB: 2 MB, one chunk; lines too short to reserve any
+    // of the parse budget.
+    let mut rows = String::new();
+    for n in 0..500 {
+        writeln!(rows, "{{\"n\": {n}, \"pad\": \"{}\"}}", "x".repeat(4_000)).expect("line");
+    }
+    for i in 0..FILES {
+        write(&data, &format!("small-{i:02}.jsonl"), rows.as_bytes());
+    }
+    slow_run_updates(&app, 0.2).await;
+    let project = app.project("small-in-flight").await;
+    let storage = storage(&app, project, json!({})).await;
+    // One job slot reading 16 objects at once: 32 MB of rows, within the
+    // budget, so every object is a small one.
+    let in_flight = (32 << 20).to_string();
+    let env = [
+        ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..]),
+        ("LABELSYNC_WORKER_CONCURRENCY", "1"),
+        ("LABELSYNC_FETCH_CONCURRENCY", "16"),
+    ];
+    let worker = spawn_ready_worker(&app, "small-in-flight", &env).await;
+    let run = app.sync(&storage["id"]).await;
+    let peak = peak_rss(worker.0.id());
+    eprintln!("worker peak RSS: {} MB", peak >> 20);
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], (FILES * 500) as i64, "{run}");
+    assert!(peak < 250 << 20, "the worker peaked at {} MB", peak >> 20);
     app.stop().await;
 }
 
@@ -1221,17 +1314,7 @@ async fn small_files_beside_a_large_one_never_wait_on_each_other() {
     for i in 0..SMALL_FILES {
         write(&data, &format!("small-{i:02}.jsonl"), small.as_bytes());
     }
-    let db = Database::connect(app.database_url.as_str())
-        .await
-        .expect("database");
-    db.execute_unprepared(
-        "CREATE FUNCTION slow_run_updates() RETURNS trigger AS $$ \
-         BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$ LANGUAGE plpgsql; \
-         CREATE TRIGGER slow_run_updates BEFORE UPDATE ON sync_runs \
-         FOR EACH ROW EXECUTE FUNCTION slow_run_updates();",
-    )
-    .await
-    .expect("trigger");
+    slow_run_updates(&app, 0.05).await;
 
     let project = app.project("side-by-side").await;
     let storage = storage(&app, project, json!({})).await;

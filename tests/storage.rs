@@ -24,6 +24,8 @@ use labelsync_tests::{
         AZURITE_ACCOUNT, AZURITE_KEY, DatabricksFake, bucket_name, create_azure_container,
         create_gcs_bucket, create_s3_bucket, endpoint, open, put_azure_blob, put_s3_object,
     },
+    eventually,
+    fault_proxy::{FaultProxy, Mode},
     noise, spawn_app, spawn_ready_worker, write_parquet_with,
 };
 use sea_orm::ConnectionTrait;
@@ -2096,17 +2098,7 @@ async fn parquet_copies_stay_within_the_spool_budget() {
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let worker = spawn_ready_worker(&app, "spool", &env).await;
-    let project = app.project("spool").await;
-    let (status, created) = app
-        .post(
-            "/api/v1/storages",
-            json!({
-                "project_id": project, "role": "source", "backend": "s3", "import_method": "tasks",
-                "prefix": "tasks/", "config": config, "secrets": secrets,
-            }),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
+    let created = s3_tasks_storage(&app, "spool", "tasks/", (&config, &secrets)).await;
     let run_id = app.start_sync(&created["id"]).await;
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -2141,6 +2133,91 @@ async fn parquet_copies_stay_within_the_spool_budget() {
         peak <= budget,
         "{peak} bytes spooled at once, over {budget}"
     );
+    app.stop().await;
+}
+
+/// A Tasks-mode source storage of the objects under `prefix` of an S3
+/// bucket (`config`, `secrets`) in a new project of `app`.
+async fn s3_tasks_storage(
+    app: &labelsync_tests::TestApp,
+    project: &str,
+    prefix: &str,
+    (config, secrets): (&Value, &Value),
+) -> Value {
+    let project = app.project(project).await;
+    let body = json!({
+        "project_id": project, "role": "source", "backend": "s3", "import_method": "tasks",
+        "prefix": prefix, "config": config, "secrets": secrets,
+    });
+    let (status, created) = app.post("/api/v1/storages", body).await;
+    assert_eq!(status, 201, "{created}");
+    created
+}
+
+/// A Parquet copy waits for its disk room before it takes one of the
+/// worker's reads. One that waited holding its read kept it from every
+/// other object for as long as the copies before it took: here a JSON
+/// file of another storage waited out the whole slow download of a
+/// Parquet file it had nothing to do with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parquet_copy_waiting_for_disk_holds_no_read() {
+    let (url, key, secret) = s3s();
+    let bucket = bucket_name();
+    create_s3_bucket(&url, &key, &secret, &bucket).await;
+    let secrets = json!({ "access_key_id": key, "secret_access_key": secret });
+    let direct = json!({ "bucket": bucket, "endpoint_url": url, "region": "us-east-1" });
+    let storage = open(BackendKind::S3, direct, secrets.clone()).await;
+    let files = tempfile::tempdir().expect("temporary directory");
+    let path = files.path().join("file.parquet");
+    write_parquet_with(&path, 40, 10, |i| noise(i as u64, 50_000));
+    let body = Bytes::from(std::fs::read(&path).expect("read"));
+    for key in [
+        "parquet/a.parquet",
+        "parquet/b.parquet",
+        "parquet/c.parquet",
+    ] {
+        storage.put(key, body.clone(), None).await.unwrap();
+    }
+    let task = Bytes::from_static(br#"{"data": {"text": "beside"}}"#);
+    storage.put("json/task.json", task, None).await.unwrap();
+    // Every object read (not a listing) waits 3 s behind the proxy.
+    let proxy = FaultProxy::start(&url, Mode::SlowReads(Duration::from_secs(3))).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": proxy.url, "region": "us-east-1" });
+
+    let mut options = AppOptions::with_storages();
+    options.workers = false;
+    let app = spawn_app(options).await;
+    // Three job slots of one read each (the Parquet storage's sync job,
+    // its batch of three objects, and the other storage's), and disk for
+    // one copy at a time.
+    let spool = (body.len() * 3 / 2).to_string();
+    let env = [
+        ("LABELSYNC_WORKER_CONCURRENCY", "3"),
+        ("LABELSYNC_FETCH_CONCURRENCY", "1"),
+        ("LABELSYNC_SPOOL_BYTES", spool.as_str()),
+    ];
+    let _worker = spawn_ready_worker(&app, "room-first", &env).await;
+    let parquet = s3_tasks_storage(&app, "copies", "parquet/", (&config, &secrets)).await;
+    let json_files = s3_tasks_storage(&app, "beside", "json/", (&config, &secrets)).await;
+    let parquet_run = app.start_sync(&parquet["id"]).await;
+    eventually("the first copy's download", || {
+        std::future::ready(proxy.reads().0 == 1)
+    })
+    .await;
+    let json_run = app.start_sync(&json_files["id"]).await;
+    eventually("a second read", || {
+        std::future::ready(proxy.most_reads_in_flight() >= 2)
+    })
+    .await;
+    assert_eq!(
+        proxy.reads().1,
+        0,
+        "the JSON file was read only after the first copy's download ended"
+    );
+    let run = app.wait_run(&json_run, Duration::from_secs(60)).await;
+    assert_eq!(run["counters"]["created"], 1, "{run}");
+    let run = app.wait_run(&parquet_run, Duration::from_secs(60)).await;
+    assert_eq!(run["counters"]["created"], 120, "{run}");
     app.stop().await;
 }
 

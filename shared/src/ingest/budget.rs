@@ -12,8 +12,9 @@
 //! it may cost from one budget per process (`LABELSYNC_PARSE_BUDGET_BYTES`)
 //! and waits while the budget is spent, so the sum of these spikes is
 //! bounded by the setting, not by the input. A reservation is held while
-//! one row (JSONL) or one file (JSON) is parsed, or while a Parquet child
-//! reads one row group. A reservation larger than the whole budget is cut
+//! one row (JSONL) or one file (JSON) is parsed and its rows are handed on
+//! (a row may wait for room in the rows in flight), or while a Parquet
+//! child reads one row group. A reservation larger than the whole budget is cut
 //! to it: that parse runs alone (a row, whose size
 //! `LABELSYNC_MAX_TASK_BYTES` bounds; a Parquet row group that needs more
 //! than the budget is refused before it is read, see `parse::parse_parquet`).
@@ -36,11 +37,21 @@
 //! file is read; a larger object is its error. A copy waits holding only
 //! its read, and a holder never waits for a read.
 //!
+//! Small objects' rows wait for a transaction shared with other small
+//! objects (`super::ImportJob::import_objects`), holding their share too
+//! (their own size, not the megabyte steps their chunk took it in): a job
+//! whose database lagged held a page's worth of them outside the budget.
+//! Such rows are committed a chunk's worth at a time, so a job commits
+//! what it holds, whole chunk or not, as soon as a parse waits for room
+//! ([`ByteBudget::waits_begin`]).
+//!
 //! **Why waiting cannot deadlock.** Every wait is for memory that is freed
 //! without anyone waiting on a budget in turn:
 //! - rows in flight are waited for only by a parse that holds none of them
 //!   but chunks it has handed on, which their transactions let go (it may
-//!   hold a parse reservation: a JSON file's, a Parquet row group's);
+//!   hold a parse reservation: a JSONL row's, a JSON file's, a Parquet row
+//!   group's), and
+//!   small objects' rows, which their job commits once someone waits;
 //! - the parse budget is waited for only by a parse that holds none of it
 //!   (a Parquet parent lets its row group's go while it waits for a long
 //!   line's), and that has handed its chunk on first
@@ -48,9 +59,12 @@
 //!   for the parse budget could keep a Parquet parent, which waits for
 //!   rows in flight while holding a row group's reservation, waiting for
 //!   ever.
-use std::sync::OnceLock;
+use std::sync::{
+    OnceLock,
+    atomic::{AtomicUsize, Ordering},
+};
 
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit, futures::Notified};
 
 /// Text smaller than this is parsed without a reservation (nearly every
 /// row): the budget is for the few rows that could hurt.
@@ -66,6 +80,18 @@ pub const EXPANSION: usize = 32;
 pub struct ByteBudget {
     kib: Semaphore,
     total_kib: u32,
+    /// Blocking takes waiting now ([`Self::take`]), and their start told.
+    waiting: AtomicUsize,
+    wait_begins: Notify,
+}
+
+/// One blocking take waiting, until it drops.
+struct Waiting<'a>(&'a ByteBudget);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ByteBudget {
@@ -74,6 +100,8 @@ impl ByteBudget {
         ByteBudget {
             kib: Semaphore::new(total_kib as usize),
             total_kib,
+            waiting: AtomicUsize::new(0),
+            wait_begins: Notify::new(),
         }
     }
 
@@ -102,9 +130,29 @@ impl ByteBudget {
     }
 
     /// `bytes` of the budget, waiting for them (blocking the calling
-    /// thread), however few they are.
+    /// thread), however few they are. A wait is told to those who watch
+    /// for it ([`Self::waits_begin`]).
     pub fn take(&self, bytes: usize) -> Option<SemaphorePermit<'_>> {
-        futures::executor::block_on(self.kib.acquire_many(self.kib_of(bytes))).ok()
+        let kib = self.kib_of(bytes);
+        if let Ok(permit) = self.kib.try_acquire_many(kib) {
+            return Some(permit);
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(self);
+        self.wait_begins.notify_waiters();
+        futures::executor::block_on(self.kib.acquire_many(kib)).ok()
+    }
+
+    /// Whether a blocking take waits for room now.
+    pub fn someone_waits(&self) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// Ends when a blocking take starts to wait for room: one that started
+    /// before this future was enabled (`Notified::enable`) or first polled
+    /// is not told (check [`Self::someone_waits`] after enabling it).
+    pub fn waits_begin(&self) -> Notified<'_> {
+        self.wait_begins.notified()
     }
 
     /// `bytes` of the budget, waiting for them on the async runtime (cut to

@@ -34,6 +34,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::json;
 
 use std::sync::Arc;
+use tokio::sync::SemaphorePermit;
 
 use crate::attempt::Outcome;
 use crate::{
@@ -610,16 +611,28 @@ impl ImportJob<'_> {
         // SMALL_COMMITS at once, while the imports go on: an import left
         // unpolled while its transaction held the run's row (its
         // checkpoint) kept a commit awaited beside it waiting for that row,
-        // and neither ever ended. Rows wait in `waiting` meanwhile.
+        // and neither ever ended. Rows wait in `waiting` meanwhile, holding
+        // their share of the rows in flight: once a parse waits for room,
+        // they go whole chunk or not (see `budget`).
+        let in_flight = budget::rows_in_flight(self.settings.rows_in_flight_bytes);
         let mut waiting = SmallRows::default();
         let mut committing = futures::stream::FuturesUnordered::new();
         let mut listed_all = false;
         loop {
+            let wait_begins = in_flight.waits_begin();
+            tokio::pin!(wait_begins);
+            wait_begins.as_mut().enable();
             while committing.len() < SMALL_COMMITS
-                && let Some(rows) = waiting.full_chunk()
+                && let Some(SmallChunk { rows, held, .. }) =
+                    waiting.next_chunk(in_flight.someone_waits())
             {
-                committing.push(self.commit_rows(rows, Vec::new()));
+                committing.push(async move {
+                    let kept_going = self.commit_rows(rows, Vec::new()).await;
+                    drop(held);
+                    kept_going
+                });
             }
+            let may_commit = !listed_all && !waiting.is_empty() && committing.len() < SMALL_COMMITS;
             tokio::select! {
                 next = results.try_next(), if !listed_all => match next? {
                     None => listed_all = true,
@@ -627,7 +640,7 @@ impl ImportJob<'_> {
                     Some(Some(mut result)) => {
                         imported.failed += result.failed;
                         imported.errors.append(&mut result.errors);
-                        waiting.add(std::mem::take(&mut result.deferred), result.deferred_bytes);
+                        waiting.add(&mut result);
                     }
                 },
                 Some(kept_going) = committing.next() => {
@@ -635,10 +648,12 @@ impl ImportJob<'_> {
                         return Ok(None);
                     }
                 }
+                () = &mut wait_begins, if may_commit => {}
                 else => break,
             }
         }
-        imported.rows = waiting.into_rows();
+        let SmallChunk { rows, held, .. } = waiting.into_chunk();
+        (imported.rows, imported.held) = (rows, held);
         Ok(Some(imported))
     }
 
@@ -802,6 +817,9 @@ pub struct Imported {
     pub failed: i64,
     pub errors: Vec<ObjectError>,
     pub rows: Vec<NewTask>,
+    /// The rows' share of the process's rows in flight, to let go once
+    /// they are committed.
+    pub held: Vec<SemaphorePermit<'static>>,
 }
 
 /// Inserts `rows` as tasks of `job`'s run in `txn` (nothing when there are
@@ -863,52 +881,83 @@ fn batch_objects(fetch_concurrency: usize) -> usize {
 const SMALL_COMMITS: usize = 2;
 
 /// Small objects' rows waiting to be committed, object by object, with
-/// their JSON's size.
+/// their JSON's size and their share of the rows in flight.
 #[derive(Default)]
 struct SmallRows {
-    objects: std::collections::VecDeque<(Vec<NewTask>, usize)>,
+    objects: std::collections::VecDeque<SmallChunk>,
     rows: usize,
     bytes: usize,
 }
 
+/// Rows to commit together (one small object's, or several), about how
+/// many bytes of JSON they are, and their share of the rows in flight,
+/// held until their transaction ends.
+#[derive(Default)]
+struct SmallChunk {
+    rows: Vec<NewTask>,
+    bytes: usize,
+    held: Vec<SemaphorePermit<'static>>,
+}
+
+impl SmallChunk {
+    fn append(&mut self, mut other: SmallChunk) {
+        self.rows.append(&mut other.rows);
+        self.bytes += other.bytes;
+        self.held.append(&mut other.held);
+    }
+}
+
 impl SmallRows {
-    fn add(&mut self, rows: Vec<NewTask>, bytes: usize) {
+    /// Takes an object's small rows (`task_files::ObjectResult::deferred`).
+    fn add(&mut self, result: &mut task_files::ObjectResult) {
+        let rows = std::mem::take(&mut result.deferred);
         if !rows.is_empty() {
             self.rows += rows.len();
-            self.bytes += bytes;
-            self.objects.push_back((rows, bytes));
+            self.bytes += result.deferred_bytes;
+            self.objects.push_back(SmallChunk {
+                rows,
+                bytes: result.deferred_bytes,
+                held: result.deferred_held.take().into_iter().collect(),
+            });
         }
     }
 
-    /// Once they hold a chunk's worth: the first objects' rows that fit in
-    /// one chunk (at least one object's; each is smaller than a chunk).
-    fn full_chunk(&mut self) -> Option<Vec<NewTask>> {
-        if self.rows < task_files::CHUNK_ROWS && self.bytes < task_files::CHUNK_BYTES {
+    fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// The first objects' rows that fit in one chunk (at least one
+    /// object's; each is smaller than a chunk): once they hold a chunk's
+    /// worth, or at once when `any`.
+    fn next_chunk(&mut self, any: bool) -> Option<SmallChunk> {
+        let full = self.rows >= task_files::CHUNK_ROWS || self.bytes >= task_files::CHUNK_BYTES;
+        if !full && !any {
             return None;
         }
-        let (mut chunk, mut bytes) = (Vec::new(), 0);
-        while let Some((rows, size)) = self.objects.front() {
-            let fits = chunk.len() + rows.len() <= task_files::CHUNK_ROWS
-                && bytes + size <= task_files::CHUNK_BYTES;
-            if !chunk.is_empty() && !fits {
+        let mut chunk = SmallChunk::default();
+        while let Some(next) = self.objects.front() {
+            let fits = chunk.rows.len() + next.rows.len() <= task_files::CHUNK_ROWS
+                && chunk.bytes + next.bytes <= task_files::CHUNK_BYTES;
+            if !chunk.rows.is_empty() && !fits {
                 break;
             }
-            let Some((mut rows, size)) = self.objects.pop_front() else {
+            let Some(object) = self.objects.pop_front() else {
                 break;
             };
-            self.rows -= rows.len();
-            self.bytes -= size;
-            bytes += size;
-            chunk.append(&mut rows);
+            self.rows -= object.rows.len();
+            self.bytes -= object.bytes;
+            chunk.append(object);
         }
-        Some(chunk)
+        (!chunk.rows.is_empty()).then_some(chunk)
     }
 
-    fn into_rows(self) -> Vec<NewTask> {
+    /// Every row still waiting, in one chunk.
+    fn into_chunk(self) -> SmallChunk {
+        let mut chunk = SmallChunk::default();
         self.objects
             .into_iter()
-            .flat_map(|(rows, _)| rows)
-            .collect()
+            .for_each(|object| chunk.append(object));
+        chunk
     }
 }
 
@@ -1011,19 +1060,32 @@ mod tests {
     #[test]
     fn small_rows_go_out_a_chunk_of_whole_objects_at_a_time() {
         let mut waiting = SmallRows::default();
+        let add = |waiting: &mut SmallRows, count: usize, bytes: usize| {
+            waiting.add(&mut task_files::ObjectResult {
+                deferred: rows(count),
+                deferred_bytes: bytes,
+                ..Default::default()
+            })
+        };
+        let next = |waiting: &mut SmallRows, any| waiting.next_chunk(any).map(|c| c.rows.len());
         for _ in 0..5 {
-            waiting.add(rows(1000), 1 << 20);
+            add(&mut waiting, 1000, 1 << 20);
         }
-        assert_eq!(waiting.full_chunk().map(|c| c.len()), Some(4000));
-        assert!(waiting.full_chunk().is_none(), "1,000 rows wait");
+        assert_eq!(next(&mut waiting, false), Some(4000));
+        assert_eq!(next(&mut waiting, false), None, "1,000 rows wait");
         for _ in 0..3 {
-            waiting.add(rows(10), 7 << 20);
+            add(&mut waiting, 10, 7 << 20);
         }
         // 22 MiB wait: the 1 MiB object and the first 7 MiB one, then one
         // 7 MiB object at a time.
-        assert_eq!(waiting.full_chunk().map(|c| c.len()), Some(1010));
-        assert_eq!(waiting.full_chunk().map(|c| c.len()), Some(10));
-        assert!(waiting.full_chunk().is_none(), "7 MiB wait");
-        assert_eq!(waiting.into_rows().len(), 10);
+        assert_eq!(next(&mut waiting, false), Some(1010));
+        assert_eq!(next(&mut waiting, false), Some(10));
+        assert_eq!(next(&mut waiting, false), None, "7 MiB wait");
+        // Once a parse waits for room, what waits goes, whole chunk or not.
+        add(&mut waiting, 5, 1 << 10);
+        assert_eq!(next(&mut waiting, true), Some(15));
+        assert_eq!(next(&mut waiting, true), None, "nothing waits");
+        add(&mut waiting, 3, 1 << 10);
+        assert_eq!(waiting.into_chunk().rows.len(), 3);
     }
 }

@@ -525,6 +525,10 @@ fn parse_jsonl(
         if fits && text.is_empty() {
             continue;
         }
+        // The reservation is held until the row is handed on: a parsed row
+        // waiting for room in the rows in flight is memory too, and 64
+        // parses each holding one were gigabytes no budget counted.
+        let mut reserved = None;
         let event = if !fits {
             RowEvent::Error(
                 row,
@@ -534,14 +538,16 @@ fn parse_jsonl(
                 ),
             )
         } else {
-            let _reserved = limits.reserve(text.len(), emit);
+            reserved = limits.reserve(text.len(), emit);
             match serde_json::from_slice::<Value>(text) {
                 Ok(value) => shapes.task(row, value)?,
                 Err(e) => RowEvent::Error(row, format!("line of row {row} is not valid JSON: {e}")),
             }
         };
         row += 1;
-        if !emit(event) {
+        let kept_going = emit(event);
+        drop(reserved);
+        if !kept_going {
             return Ok(());
         }
     }

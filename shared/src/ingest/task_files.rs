@@ -53,8 +53,9 @@ pub(super) const CHUNK_ROWS: usize = 4000;
 /// being filled, two in the channel, two being committed) stays near
 /// 5 x 8 MiB whatever its rows are like, and what the chunks of all
 /// objects of a process hold within `LABELSYNC_ROWS_IN_FLIGHT_BYTES`
-/// ([`Chunker`]; small objects' rows handed back to be committed together,
-/// and small bodies parsed where they were read, are outside it).
+/// ([`Chunker`], and small objects' rows handed back to be committed
+/// together: [`keep_small`]; small bodies parsed where they were read are
+/// outside it).
 pub(super) const CHUNK_BYTES: usize = 8 << 20;
 /// Chunks of one object committed concurrently.
 const PARALLEL_CHUNKS: usize = 2;
@@ -84,9 +85,19 @@ pub(super) struct ObjectResult {
     pub deferred: Vec<NewTask>,
     /// About how many bytes of JSON `deferred` holds.
     pub deferred_bytes: usize,
+    /// Their share of the process's rows in flight, held until they are
+    /// committed (none for a body parsed where it was read).
+    pub deferred_held: Option<SemaphorePermit<'static>>,
 }
 
 impl ObjectResult {
+    /// An object that could not be imported, and why.
+    fn failed(key: &str, message: String) -> Self {
+        let mut result = Self::default();
+        result.error(key, None, message);
+        result
+    }
+
     fn error(&mut self, key: &str, row: Option<i64>, message: String) {
         self.failed += 1;
         if self.errors.len() < MAX_ERRORS_PER_OBJECT {
@@ -109,67 +120,87 @@ impl Importer<'_, '_> {
         object: ObjectMeta,
         turn: Option<u64>,
     ) -> Result<Option<ObjectResult>> {
-        let mut attempt = 1;
+        let format = match self.readable_format(&object) {
+            Ok(format) => format,
+            Err(message) => return Ok(Some(ObjectResult::failed(&object.key, message))),
+        };
+        let copied = format == Format::Parquet && self.backend.local_path(&object.key).is_none();
+        let (mut turn, mut attempt, mut copy) = (turn, 1, CopySize::Listed);
         loop {
             let may_exist = self.may_exist || attempt > 1;
-            // One of the process's reads per attempt, none during the pause;
-            // the first in the object's turn, a retry as the newest waiter.
-            let turn = turn.filter(|_| attempt == 1);
-            let read = self.job.reads.take_in_turn(self.job.storage.id, turn).await;
-            let imported = self.import_once(object.clone(), may_exist).await;
+            // Disk for a copy first, then one of the process's reads, each
+            // held for one try: a copy that waited for disk holding a read
+            // kept it from every other object for as long as the copies
+            // before it took. The first read in the object's turn, later
+            // ones as the newest waiter; none during a pause.
+            let room = match copied {
+                true => match self.spool_room(&object, copy).await {
+                    Ok(room) => Some(room),
+                    Err(err) => {
+                        let message = format!("cannot read the object: {err}");
+                        return Ok(Some(ObjectResult::failed(&object.key, message)));
+                    }
+                },
+                false => None,
+            };
+            let read = self
+                .job
+                .reads
+                .take_in_turn(self.job.storage.id, turn.take())
+                .await;
+            let tried = self.import_once(&object, format, may_exist, room).await;
             drop(read);
-            match imported {
+            match tried {
+                Ok(Tried::Read(result)) => return Ok(result),
+                Ok(Tried::Outgrew { copied }) => copy = copy.after(copied),
                 Err(err) if err.is_transient() && attempt < retry::MAX_ATTEMPTS => {
                     let pause = retry::backoff(attempt);
                     tracing::debug!(key = %object.key, attempt, ?pause, error = %err, "object import failed; reading it again");
                     tokio::time::sleep(pause).await;
                     attempt += 1;
                 }
-                other => return other,
+                Err(err) => return Err(err),
             }
         }
     }
 
-    /// One read of an object: check it can be read, stream its rows from a
-    /// parser (see [`Self::start_parser`]), keep them (a small object) or
-    /// commit them chunk by chunk (a big one), then settle what the parser
-    /// said.
+    /// One read of an object: open it (`room`: the disk of its copy, when
+    /// it is a Parquet object copied to the worker's disk), stream its rows
+    /// from a parser (see [`Self::start_parser`]), keep them (a small
+    /// object) or commit them chunk by chunk (a big one), then settle what
+    /// the parser said.
     async fn import_once(
         &self,
-        object: ObjectMeta,
+        object: &ObjectMeta,
+        format: Format,
         may_exist: bool,
-    ) -> Result<Option<ObjectResult>> {
+        room: Option<SpoolRoom>,
+    ) -> Result<Tried> {
         let mut result = ObjectResult::default();
-        let format = match self.readable_format(&object) {
-            Ok(format) => format,
-            Err(message) => {
-                result.error(&object.key, None, message);
-                return Ok(Some(result));
-            }
-        };
         // Set when the download itself breaks (a reset, a timeout): the parser
         // then sees a read error, which is the network's fault, not the file's.
         let interrupted = Arc::new(AtomicBool::new(false));
-        let source = match self.open(&object, format, interrupted.clone()).await {
-            Ok(source) => source,
+        let source = match self.open(object, format, room, interrupted.clone()).await {
+            Ok(Opened::Source(source)) => source,
+            Ok(Opened::Outgrew { copied }) => return Ok(Tried::Outgrew { copied }),
             Err(err) if err.is_transient() => return Err(err),
             Err(err) => {
                 result.error(&object.key, None, format!("cannot read the object: {err}"));
-                return Ok(Some(result));
+                return Ok(Tried::Read(Some(result)));
             }
         };
-        let mut parsing = self.start_parser(&object, format, source);
+        let mut parsing = self.start_parser(object, format, source);
         // A first chunk that is the parser's last is the whole object:
         // unless its rows may update tasks (`overwrite`), they go back to
         // the caller to be committed with other small objects' rows.
         let first = parsing.recv().await;
         let small = !self.overwrite && first.as_ref().is_none_or(|c| c.last);
         let stopped = if small {
-            keep_small(&mut result, &object, first.unwrap_or_default());
+            keep_small(&mut result, object, first.unwrap_or_default());
             false
         } else {
             !self
-                .commit_chunks(&object, may_exist, first, &mut parsing, &mut result)
+                .commit_chunks(object, may_exist, first, &mut parsing, &mut result)
                 .await?
         };
         let parsed = parsing.outcome().await;
@@ -181,7 +212,7 @@ impl Importer<'_, '_> {
             &mut result,
         )
         .await?;
-        Ok((!stopped).then_some(result))
+        Ok(Tried::Read((!stopped).then_some(result)))
     }
 
     /// The object's format, or why it cannot be imported (a per-object error).
@@ -312,28 +343,38 @@ impl Importer<'_, '_> {
         }
     }
 
+    /// Opens an object for its parser. A Parquet object (read with random
+    /// access) is a local file, or a copy on the worker's disk within
+    /// `room`, reserved before the object was asked for, so that no
+    /// response waits on the budget; other formats are streamed.
     async fn open(
         &self,
         object: &ObjectMeta,
         format: Format,
+        room: Option<SpoolRoom>,
         interrupted: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<Source> {
+    ) -> Result<Opened> {
         let key = &object.key;
         if let Some(path) = self.backend.local_path(key) {
             let file =
                 std::fs::File::open(&path).map_err(|e| Error::NotFound(format!("{key}: {e}")))?;
-            return Ok(if format == Format::Parquet {
+            return Ok(Opened::Source(if format == Format::Parquet {
                 Source::File(file, None)
             } else {
                 Source::Reader(Box::new(file))
-            });
+            }));
         }
         if format == Format::Parquet {
-            return self.copy_parquet(object, interrupted).await;
+            let room = room.ok_or_else(|| {
+                Error::Internal(format!("{key}: a Parquet copy without its disk room"))
+            })?;
+            let body = self.backend.get(key, None).await?.body;
+            let reader = tokio_util::io::StreamReader::new(watched(body, interrupted));
+            return spool(key, reader, room).await;
         }
         let mut body = self.backend.get(key, None).await?.body;
         let head = match read_head(&mut body).await {
-            Ok(Head::Whole(body)) => return Ok(Source::Whole(body)),
+            Ok(Head::Whole(body)) => return Ok(Opened::Source(Source::Whole(body))),
             Ok(Head::Part(head)) => head,
             Err(e) => {
                 return Err(Error::Transient(format!(
@@ -345,51 +386,25 @@ impl Importer<'_, '_> {
             .chain(body)
             .boxed();
         let reader = tokio_util::io::StreamReader::new(watched(body, interrupted));
-        Ok(Source::Reader(Box::new(tokio_util::io::SyncIoBridge::new(
-            reader,
+        Ok(Opened::Source(Source::Reader(Box::new(
+            tokio_util::io::SyncIoBridge::new(reader),
         ))))
     }
 
-    /// A copy of a Parquet object on the worker's disk (Parquet needs
-    /// random access), within the spool budget. Its room is reserved before
-    /// the object is asked for, so that no response waits on the budget. A
-    /// copy that outgrows its listed size where the budget has no room free
-    /// is made again with room for twice what it had copied, waited for,
-    /// and once more with room for the size limit.
-    async fn copy_parquet(
-        &self,
-        object: &ObjectMeta,
-        interrupted: Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<Source> {
-        let mut room = self.spool_room(object.size).await?;
-        let mut outgrown = 0;
-        loop {
-            let body = self.backend.get(&object.key, None).await?.body;
-            let reader = tokio_util::io::StreamReader::new(watched(body, interrupted.clone()));
-            match spool(&object.key, reader, room).await? {
-                Spooled::Copied(source) => return Ok(source),
-                Spooled::Outgrew { copied } => {
-                    outgrown += 1;
-                    // Twice what came, within the budget; then the limit
-                    // (`None`), which a copy cannot outgrow.
-                    let budget = super::budget::spool(self.job.settings.spool_bytes).bytes();
-                    let twice = copied.saturating_mul(2).min(budget);
-                    let size = (outgrown == 1).then(|| i64::try_from(twice).unwrap_or(i64::MAX));
-                    room = self.spool_room(size).await?;
-                }
-            }
-        }
-    }
-
-    /// Reserves the disk a copy of a Parquet object of `size` bytes takes
-    /// from the process's spool budget (`LABELSYNC_SPOOL_BYTES`), waiting
-    /// while it is spent: its listed size, or the object size limit when
-    /// the listing gave none (cut to the budget). An object larger than
-    /// the whole budget is refused: it could never be copied.
-    async fn spool_room(&self, size: Option<i64>) -> Result<SpoolRoom> {
+    /// Reserves the disk a copy of a Parquet object takes from the
+    /// process's spool budget (`LABELSYNC_SPOOL_BYTES`), waiting while it
+    /// is spent: as much as `copy` says (its listed size, to start with),
+    /// or the object size limit when the listing gave none (cut to the
+    /// budget). An object listed larger than the whole budget is refused:
+    /// it could never be copied.
+    async fn spool_room(&self, object: &ObjectMeta, copy: CopySize) -> Result<SpoolRoom> {
         let settings = self.job.settings;
         let budget = super::budget::spool(settings.spool_bytes);
-        let size = size.and_then(|s| u64::try_from(s).ok());
+        let size = match copy {
+            CopySize::Listed => object.size.and_then(|s| u64::try_from(s).ok()),
+            CopySize::Twice(copied) => Some(copied.saturating_mul(2).min(budget.bytes())),
+            CopySize::Limit => None,
+        };
         if let Some(size) = size
             && size > budget.bytes()
         {
@@ -455,13 +470,21 @@ impl Importer<'_, '_> {
     }
 }
 
-/// A small object's rows, handed back to be committed with others'. Their
-/// share of the rows in flight is let go: a job commits them a chunk at a
-/// time, two at once (see `ImportJob::import_objects`), and holds the rest
-/// meanwhile: when the database lags, the small objects of what it imports
-/// (a batch, or a page), each under a chunk (not counted in the budget).
+/// A small object's rows, handed back to be committed with others'. They
+/// keep their share of the rows in flight, cut to their own size (their
+/// chunk took it a megabyte at a time): a job commits them a chunk at a
+/// time, two at once, and the rest wait meanwhile (see
+/// `ImportJob::import_objects`), which, when the database lags, was a
+/// page of objects' rows that no budget counted.
 fn keep_small(result: &mut ObjectResult, object: &ObjectMeta, chunk: Chunk) {
     result.deferred_bytes = chunk.bytes;
+    result.deferred_held = chunk.held.map(|mut held| {
+        let excess = held
+            .num_permits()
+            .saturating_sub(chunk.bytes.div_ceil(1024));
+        drop(held.split(excess));
+        held
+    });
     let rows = split(result, &object.key, chunk.rows);
     result.deferred = rows
         .into_iter()
@@ -790,14 +813,45 @@ enum Outgrown {
     Room,
 }
 
-/// What came of copying an object.
-enum Spooled {
-    Copied(Source),
-    /// It outgrew its room past `copied` bytes; the copy is gone, and its
-    /// room let go.
+/// What came of opening an object.
+enum Opened {
+    Source(Source),
+    /// Its copy outgrew its room past `copied` bytes: the copy is gone, and
+    /// its room let go.
     Outgrew {
         copied: u64,
     },
+}
+
+/// What came of one try at an object.
+enum Tried {
+    /// It was read: its result, or `None` when the run stopped.
+    Read(Option<ObjectResult>),
+    /// Its copy outgrew its room ([`Opened::Outgrew`]): it is copied again,
+    /// with the room [`CopySize::after`] says.
+    Outgrew { copied: u64 },
+}
+
+/// How much disk the next copy of a Parquet object reserves. A copy may
+/// outgrow its listed size (see [`SpoolRoom::grow_to`]); where the budget
+/// has no room free to grow into, it is made again with room for twice
+/// what it had copied (waited for, without a read held), and once more
+/// with room for the size limit, which no copy outgrows.
+#[derive(Debug, Clone, Copy)]
+enum CopySize {
+    Listed,
+    Twice(u64),
+    Limit,
+}
+
+impl CopySize {
+    /// The next size, after a copy in this one outgrew it at `copied` bytes.
+    fn after(self, copied: u64) -> Self {
+        match self {
+            CopySize::Listed => CopySize::Twice(copied),
+            CopySize::Twice(_) | CopySize::Limit => CopySize::Limit,
+        }
+    }
 }
 
 /// Copies a Parquet object to a temporary file within `room`, grown as the
@@ -807,7 +861,7 @@ async fn spool(
     key: &str,
     mut reader: impl tokio::io::AsyncRead + Unpin,
     mut room: SpoolRoom,
-) -> Result<Spooled> {
+) -> Result<Opened> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let unwritable = |e: io::Error| {
         Error::Transient(format!(
@@ -828,7 +882,7 @@ async fn spool(
         copied += n as u64;
         match room.grow_to(copied) {
             Ok(()) => {}
-            Err(Outgrown::Room) => return Ok(Spooled::Outgrew { copied }),
+            Err(Outgrown::Room) => return Ok(Opened::Outgrew { copied }),
             Err(Outgrown::Limit(why)) => {
                 return Err(Error::invalid("storage_answer_too_big", None, why));
             }
@@ -836,7 +890,7 @@ async fn spool(
         file.write_all(&buf[..n]).await.map_err(unwritable)?;
     }
     file.flush().await.map_err(unwritable)?;
-    Ok(Spooled::Copied(Source::File(
+    Ok(Opened::Source(Source::File(
         file.into_std().await,
         room.held,
     )))

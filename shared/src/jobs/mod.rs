@@ -549,7 +549,7 @@ async fn give_up_batch(
     let given_up = crate::ingest::Imported {
         failed: errors.len() as i64,
         errors,
-        rows: Vec::new(),
+        ..Default::default()
     };
     job.finish_batch(batch.id, worker, given_up)
         .await
