@@ -13,11 +13,12 @@
 //! and waits while the budget is spent, so the sum of these spikes is
 //! bounded by the setting, not by the input. A reservation is held while
 //! one row (JSONL) or one file (JSON) is parsed and its rows are handed on
-//! (a row may wait for room in the rows in flight), or while a Parquet
-//! child reads one row group. A reservation larger than the whole budget is cut
-//! to it: that parse runs alone (a row, whose size
-//! `LABELSYNC_MAX_TASK_BYTES` bounds; a Parquet row group that needs more
-//! than the budget is refused before it is read, see `parse::parse_parquet`).
+//! (a JSONL row keeps what it takes once parsed while it may wait for room
+//! in the rows in flight), or while a Parquet child reads one row group. A
+//! reservation larger than the whole budget is cut to it: that parse runs
+//! alone (a row, whose size `LABELSYNC_MAX_TASK_BYTES` bounds; a Parquet
+//! row group that needs more than the budget is refused before it is read,
+//! see `parse::parse_parquet`).
 //!
 //! **Rows in flight.** Parsed rows wait for their transaction in chunks
 //! (`super::task_files`): one being filled per object, two in its channel,
@@ -28,15 +29,6 @@
 //! ends; a parse whose next row does not fit hands its chunk on to be
 //! committed and waits for room for that row.
 //!
-//! **Disk.** Parquet is read from a local copy of the object (random
-//! access), and up to 64 objects are read at once: a bucket of large
-//! Parquet files filled the worker's disk (a pod's `/tmp` is 8 GiB) and
-//! had it evicted, on every retry. Each copy reserves its object's listed
-//! size (the object size limit when none was listed) from
-//! `LABELSYNC_SPOOL_BYTES` before it is downloaded and holds it until the
-//! file is read; a larger object is its error. A copy waits holding only
-//! its read, and a holder never waits for a read.
-//!
 //! Small objects' rows wait for a transaction shared with other small
 //! objects (`super::ImportJob::import_objects`), holding their share too
 //! (their own size, not the megabyte steps their chunk took it in): a job
@@ -45,13 +37,24 @@
 //! what it holds, whole chunk or not, as soon as a parse waits for room
 //! ([`ByteBudget::waits_begin`]).
 //!
+//! **Disk.** Parquet is read from a local copy of the object (random
+//! access), and up to 64 objects are read at once: a bucket of large
+//! Parquet files filled the worker's disk (a pod's `/tmp` is 8 GiB) and
+//! had it evicted, on every retry. Each copy reserves its object's listed
+//! size (the object size limit when none was listed) from
+//! `LABELSYNC_SPOOL_BYTES` before it is downloaded and holds it until the
+//! file is read; a larger object is its error. A copy waits for its room
+//! holding nothing, and for one of the process's reads holding only its
+//! room; a holder of a read never waits for room (a copy past its room
+//! takes more only where it is free at once).
+//!
 //! **Why waiting cannot deadlock.** Every wait is for memory that is freed
 //! without anyone waiting on a budget in turn:
 //! - rows in flight are waited for only by a parse that holds none of them
 //!   but chunks it has handed on, which their transactions let go (it may
 //!   hold a parse reservation: a JSONL row's, a JSON file's, a Parquet row
-//!   group's), and
-//!   small objects' rows, which their job commits once someone waits;
+//!   group's), and small objects' rows, which their job commits once
+//!   someone waits;
 //! - the parse budget is waited for only by a parse that holds none of it
 //!   (a Parquet parent lets its row group's go while it waits for a long
 //!   line's), and that has handed its chunk on first
@@ -143,6 +146,11 @@ impl ByteBudget {
         futures::executor::block_on(self.kib.acquire_many(kib)).ok()
     }
 
+    /// The bytes of the budget no one holds now.
+    pub fn free_bytes(&self) -> u64 {
+        (self.kib.available_permits() as u64) << 10
+    }
+
     /// Whether a blocking take waits for room now.
     pub fn someone_waits(&self) -> bool {
         self.waiting.load(Ordering::SeqCst) > 0
@@ -174,6 +182,13 @@ impl ByteBudget {
     }
 }
 
+/// Cuts `permit` to what `bytes` take (a budget counts kibibytes), and lets
+/// the rest of it go.
+pub fn shrink(permit: &mut SemaphorePermit<'_>, bytes: usize) {
+    let excess = permit.num_permits().saturating_sub(bytes.div_ceil(1024));
+    drop(permit.split(excess));
+}
+
 /// The process's parse budget, sized by the first caller's setting (every
 /// run of a process has the same settings).
 pub fn process_budget(bytes: usize) -> &'static ByteBudget {
@@ -196,7 +211,36 @@ pub fn spool(bytes: u64) -> &'static ByteBudget {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    /// A blocking take that has to wait is told to those watching
+    /// (`waits_begin`, enabled first), and counted until it gets its room;
+    /// one that finds room at once tells nobody.
+    #[tokio::test]
+    async fn a_take_that_waits_for_room_is_told() {
+        let budget: &'static ByteBudget = Box::leak(Box::new(ByteBudget::new(1 << 20)));
+        let everything = budget.try_take(1 << 20).expect("the whole budget");
+        let told = budget.waits_begin();
+        tokio::pin!(told);
+        told.as_mut().enable();
+        assert!(!budget.someone_waits());
+        let waiter = tokio::task::spawn_blocking(|| budget.take(1024).map(|p| p.num_permits()));
+        tokio::time::timeout(Duration::from_secs(10), told)
+            .await
+            .expect("told of the wait");
+        assert!(budget.someone_waits());
+        drop(everything);
+        assert_eq!(waiter.await.expect("the waiter"), Some(1));
+        assert!(!budget.someone_waits());
+        let told = budget.waits_begin();
+        tokio::pin!(told);
+        told.as_mut().enable();
+        let _room = budget.take(1024).expect("room");
+        let quiet = tokio::time::timeout(Duration::from_millis(50), told).await;
+        assert!(quiet.is_err(), "a take that did not wait was told");
+    }
 
     #[test]
     fn reservations_wait_for_the_budget_and_big_ones_are_cut_to_it() {

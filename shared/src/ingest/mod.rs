@@ -619,9 +619,13 @@ impl ImportJob<'_> {
         let mut committing = futures::stream::FuturesUnordered::new();
         let mut listed_all = false;
         loop {
+            // Told of waits only while rows wait here (one notifier is
+            // shared by every job of the process).
             let wait_begins = in_flight.waits_begin();
             tokio::pin!(wait_begins);
-            wait_begins.as_mut().enable();
+            if !waiting.is_empty() {
+                wait_begins.as_mut().enable();
+            }
             while committing.len() < SMALL_COMMITS
                 && let Some(SmallChunk { rows, held, .. }) =
                     waiting.next_chunk(in_flight.someone_waits())

@@ -525,9 +525,10 @@ fn parse_jsonl(
         if fits && text.is_empty() {
             continue;
         }
-        // The reservation is held until the row is handed on: a parsed row
-        // waiting for room in the rows in flight is memory too, and 64
-        // parses each holding one were gigabytes no budget counted.
+        // The reservation is held until the row is handed on, cut to the
+        // row's size once it is parsed: a parsed row waiting for room in
+        // the rows in flight is memory too, and 64 parses each holding one
+        // were gigabytes no budget counted.
         let mut reserved = None;
         let event = if !fits {
             RowEvent::Error(
@@ -545,6 +546,13 @@ fn parse_jsonl(
             }
         };
         row += 1;
+        if let Some(reserved) = reserved.as_mut() {
+            let bytes = match &event {
+                RowEvent::Task(_, task) => task.approx_bytes,
+                _ => 0,
+            };
+            super::budget::shrink(reserved, bytes);
+        }
         let kept_going = emit(event);
         drop(reserved);
         if !kept_going {
@@ -813,6 +821,39 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// A large JSONL row is handed on holding its own size of the parse
+    /// budget (its reservation, cut to the row once parsed), since its
+    /// chunk may make it wait for room in the rows in flight: the
+    /// reservation was let go as the parse ended, so each of a worker's
+    /// parses could hold a parsed row no budget counted while it waited.
+    #[test]
+    fn a_large_row_is_handed_on_holding_its_size_of_the_parse_budget() {
+        let budget: &'static super::super::budget::ByteBudget =
+            Box::leak(Box::new(super::super::budget::ByteBudget::new(64 << 20)));
+        let limits = Limits {
+            budget: Some(budget),
+            ..Limits::default()
+        };
+        // 300 KB of text, 3.2 MB once parsed; and a small row after it.
+        let line = format!("{{\"a\": [{}]}}\n", vec!["{}"; 100_000].join(","));
+        let input = format!("{line}{{\"small\": 1}}\n");
+        let mut held = Vec::new();
+        parse(Format::Jsonl, input.as_bytes(), limits, &mut |event| {
+            if let RowEvent::Task(_, task) = &event {
+                let taken = budget.bytes() - budget.free_bytes();
+                held.push((taken, task.approx_bytes.next_multiple_of(1024) as u64));
+            }
+            true
+        })
+        .expect("parsed");
+        assert_eq!(held.len(), 2);
+        let (taken, size) = held[0];
+        assert!(size > 3_000_000, "the row's size: {size}");
+        assert_eq!(taken, size, "what the large row held as it was handed on");
+        assert_eq!(held[1].0, 0, "a small row reserves nothing");
+        assert_eq!(budget.free_bytes(), budget.bytes(), "all let go at the end");
+    }
 
     fn run(format: Format, input: &str) -> (Vec<RowEvent>, Result<(), String>) {
         let mut events = Vec::new();

@@ -20,6 +20,7 @@
 //! importable in bounded memory and lets a retry continue a file.)
 use std::{
     io::{self, Read},
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -124,7 +125,9 @@ impl Importer<'_, '_> {
             Ok(format) => format,
             Err(message) => return Ok(Some(ObjectResult::failed(&object.key, message))),
         };
-        let copied = format == Format::Parquet && self.backend.local_path(&object.key).is_none();
+        // Resolved once: a local file removed meanwhile is then not found,
+        // not taken for a remote object.
+        let local = self.backend.local_path(&object.key);
         let (mut turn, mut attempt, mut copy) = (turn, 1, CopySize::Listed);
         loop {
             let may_exist = self.may_exist || attempt > 1;
@@ -133,22 +136,16 @@ impl Importer<'_, '_> {
             // kept it from every other object for as long as the copies
             // before it took. The first read in the object's turn, later
             // ones as the newest waiter; none during a pause.
-            let room = match copied {
-                true => match self.spool_room(&object, copy).await {
-                    Ok(room) => Some(room),
-                    Err(err) => {
-                        let message = format!("cannot read the object: {err}");
-                        return Ok(Some(ObjectResult::failed(&object.key, message)));
-                    }
-                },
-                false => None,
+            let opening = match self.opening(&object, format, local.as_deref(), copy).await {
+                Ok(opening) => opening,
+                Err(message) => return Ok(Some(ObjectResult::failed(&object.key, message))),
             };
             let read = self
                 .job
                 .reads
                 .take_in_turn(self.job.storage.id, turn.take())
                 .await;
-            let tried = self.import_once(&object, format, may_exist, room).await;
+            let tried = self.import_once(&object, format, may_exist, opening).await;
             drop(read);
             match tried {
                 Ok(Tried::Read(result)) => return Ok(result),
@@ -164,8 +161,28 @@ impl Importer<'_, '_> {
         }
     }
 
-    /// One read of an object: open it (`room`: the disk of its copy, when
-    /// it is a Parquet object copied to the worker's disk), stream its rows
+    /// How the next try opens the object: a local file, a copy on the
+    /// worker's disk within its room (a Parquet object elsewhere, which
+    /// is read with random access: the room is waited for here), or a
+    /// stream. `Err`: the object's error.
+    async fn opening(
+        &self,
+        object: &ObjectMeta,
+        format: Format,
+        local: Option<&Path>,
+        copy: CopySize,
+    ) -> std::result::Result<Opening, String> {
+        Ok(match (local, format) {
+            (Some(path), _) => Opening::Local(path.to_path_buf()),
+            (None, Format::Parquet) => match self.spool_room(object, copy).await {
+                Ok(room) => Opening::Copy(room),
+                Err(err) => return Err(unreadable(&err)),
+            },
+            (None, _) => Opening::Stream,
+        })
+    }
+
+    /// One read of an object: open it as `opening` says, stream its rows
     /// from a parser (see [`Self::start_parser`]), keep them (a small
     /// object) or commit them chunk by chunk (a big one), then settle what
     /// the parser said.
@@ -174,18 +191,21 @@ impl Importer<'_, '_> {
         object: &ObjectMeta,
         format: Format,
         may_exist: bool,
-        room: Option<SpoolRoom>,
+        opening: Opening,
     ) -> Result<Tried> {
         let mut result = ObjectResult::default();
         // Set when the download itself breaks (a reset, a timeout): the parser
         // then sees a read error, which is the network's fault, not the file's.
         let interrupted = Arc::new(AtomicBool::new(false));
-        let source = match self.open(object, format, room, interrupted.clone()).await {
+        let source = match self
+            .open(object, format, opening, interrupted.clone())
+            .await
+        {
             Ok(Opened::Source(source)) => source,
             Ok(Opened::Outgrew { copied }) => return Ok(Tried::Outgrew { copied }),
             Err(err) if err.is_transient() => return Err(err),
             Err(err) => {
-                result.error(&object.key, None, format!("cannot read the object: {err}"));
+                result.error(&object.key, None, unreadable(&err));
                 return Ok(Tried::Read(Some(result)));
             }
         };
@@ -343,34 +363,33 @@ impl Importer<'_, '_> {
         }
     }
 
-    /// Opens an object for its parser. A Parquet object (read with random
-    /// access) is a local file, or a copy on the worker's disk within
-    /// `room`, reserved before the object was asked for, so that no
-    /// response waits on the budget; other formats are streamed.
+    /// Opens an object for its parser, as `opening` says. A copy's room
+    /// was reserved before the object was asked for, so that no response
+    /// waits on the budget.
     async fn open(
         &self,
         object: &ObjectMeta,
         format: Format,
-        room: Option<SpoolRoom>,
+        opening: Opening,
         interrupted: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Opened> {
         let key = &object.key;
-        if let Some(path) = self.backend.local_path(key) {
-            let file =
-                std::fs::File::open(&path).map_err(|e| Error::NotFound(format!("{key}: {e}")))?;
-            return Ok(Opened::Source(if format == Format::Parquet {
-                Source::File(file, None)
-            } else {
-                Source::Reader(Box::new(file))
-            }));
-        }
-        if format == Format::Parquet {
-            let room = room.ok_or_else(|| {
-                Error::Internal(format!("{key}: a Parquet copy without its disk room"))
-            })?;
-            let body = self.backend.get(key, None).await?.body;
-            let reader = tokio_util::io::StreamReader::new(watched(body, interrupted));
-            return spool(key, reader, room).await;
+        match opening {
+            Opening::Local(path) => {
+                let file = std::fs::File::open(&path)
+                    .map_err(|e| Error::NotFound(format!("{key}: {e}")))?;
+                return Ok(Opened::Source(if format == Format::Parquet {
+                    Source::File(file, None)
+                } else {
+                    Source::Reader(Box::new(file))
+                }));
+            }
+            Opening::Copy(room) => {
+                let body = self.backend.get(key, None).await?.body;
+                let reader = tokio_util::io::StreamReader::new(watched(body, interrupted));
+                return spool(key, reader, room).await;
+            }
+            Opening::Stream => {}
         }
         let mut body = self.backend.get(key, None).await?.body;
         let head = match read_head(&mut body).await {
@@ -479,10 +498,7 @@ impl Importer<'_, '_> {
 fn keep_small(result: &mut ObjectResult, object: &ObjectMeta, chunk: Chunk) {
     result.deferred_bytes = chunk.bytes;
     result.deferred_held = chunk.held.map(|mut held| {
-        let excess = held
-            .num_permits()
-            .saturating_sub(chunk.bytes.div_ceil(1024));
-        drop(held.split(excess));
+        super::budget::shrink(&mut held, chunk.bytes);
         held
     });
     let rows = split(result, &object.key, chunk.rows);
@@ -813,6 +829,18 @@ enum Outgrown {
     Room,
 }
 
+/// How an object is opened (see [`Importer::opening`]).
+enum Opening {
+    Local(PathBuf),
+    Copy(SpoolRoom),
+    Stream,
+}
+
+/// The error of an object that could not be opened.
+fn unreadable(err: &Error) -> String {
+    format!("cannot read the object: {err}")
+}
+
 /// What came of opening an object.
 enum Opened {
     Source(Source),
@@ -836,7 +864,8 @@ enum Tried {
 /// outgrow its listed size (see [`SpoolRoom::grow_to`]); where the budget
 /// has no room free to grow into, it is made again with room for twice
 /// what it had copied (waited for, without a read held), and once more
-/// with room for the size limit, which no copy outgrows.
+/// with room for the size limit, which no copy outgrows. A retry after a
+/// transient failure keeps the size learnt: the object is that large.
 #[derive(Debug, Clone, Copy)]
 enum CopySize {
     Listed,
