@@ -2181,8 +2181,8 @@ async fn a_parquet_copy_waiting_for_disk_holds_no_read() {
     let task = Bytes::from_static(br#"{"data": {"text": "beside"}}"#);
     storage.put("json/task.json", task, None).await.unwrap();
     // The Parquet files are read through a proxy that holds every object
-    // read 10 s; the JSON file is read directly.
-    let proxy = FaultProxy::start(&url, Mode::SlowReads(Duration::from_secs(10))).await;
+    // read until the test lets them go; the JSON file is read directly.
+    let proxy = FaultProxy::start(&url, Mode::HeldReads).await;
     let slow = json!({ "bucket": bucket, "endpoint_url": proxy.url, "region": "us-east-1" });
 
     let mut options = AppOptions::with_storages();
@@ -2205,14 +2205,14 @@ async fn a_parquet_copy_waiting_for_disk_holds_no_read() {
         std::future::ready(proxy.reads().0 == 1)
     })
     .await;
-    let run = app.sync(&json_files["id"]).await;
+    // Before, the JSON file waited for a read until the first copy ended.
+    let json_run = app.start_sync(&json_files["id"]).await;
+    let run = app.wait_run(&json_run, Duration::from_secs(30)).await;
     assert_eq!(run["counters"]["created"], 1, "{run}");
-    assert_eq!(
-        proxy.reads(),
-        (1, 0),
-        "the JSON file was read only after the first copy's download ended"
-    );
-    app.cancel(&parquet_run).await;
+    assert_eq!(proxy.reads(), (1, 0), "the first copy's read, still held");
+    proxy.release_reads();
+    let run = app.wait_run(&parquet_run, Duration::from_secs(60)).await;
+    assert_eq!(run["counters"]["created"], 120, "{run}");
     app.stop().await;
 }
 

@@ -35,6 +35,9 @@ pub enum Mode {
     /// Every object read (a GET with no query) waits this long before it
     /// is forwarded, counted in flight meanwhile; listings pass at once.
     SlowReads(std::time::Duration),
+    /// Every object read (a GET with no query) waits, counted in flight,
+    /// until [`FaultProxy::release_reads`]; listings pass at once.
+    HeldReads,
     /// One request in `every` never gets an answer, alternately before the
     /// response starts and after half of its body: a server that stops
     /// talking without closing the connection.
@@ -72,6 +75,32 @@ struct Shared {
     /// The paths whose body was cut (`Mode::CutBodiesAfter`).
     cut: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     reads: Arc<InFlight>,
+    held: Arc<Gate>,
+}
+
+/// Where held reads wait (`Mode::HeldReads`), until it opens.
+#[derive(Default)]
+struct Gate {
+    open: std::sync::atomic::AtomicBool,
+    opened: tokio::sync::Notify,
+}
+
+impl Gate {
+    async fn pass(&self) {
+        loop {
+            // Created before the check: an opening after it is not missed.
+            let opened = self.opened.notified();
+            if self.open.load(Ordering::SeqCst) {
+                return;
+            }
+            opened.await;
+        }
+    }
+
+    fn open(&self) {
+        self.open.store(true, Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
 }
 
 /// Object reads (GETs with no query: not listings) in flight, the most so
@@ -106,6 +135,7 @@ pub struct FaultProxy {
     requests: Arc<AtomicU64>,
     faults: Arc<AtomicU64>,
     reads: Arc<InFlight>,
+    held: Arc<Gate>,
 }
 
 impl FaultProxy {
@@ -122,9 +152,10 @@ impl FaultProxy {
             listings: Arc::default(),
             cut: Arc::default(),
             reads: Arc::default(),
+            held: Arc::default(),
         };
         let (requests, faults) = (shared.requests.clone(), shared.faults.clone());
-        let reads = shared.reads.clone();
+        let (reads, held) = (shared.reads.clone(), shared.held.clone());
         let app = Router::new().fallback(forward).with_state(shared);
         let listener = labelsync::http::listen(crate::LOOPBACK).expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -134,7 +165,13 @@ impl FaultProxy {
             requests,
             faults,
             reads,
+            held,
         }
+    }
+
+    /// Lets the reads held by `Mode::HeldReads` go, and every later one.
+    pub fn release_reads(&self) {
+        self.held.open();
     }
 
     /// The most object reads (GETs with no query) it had in flight at once.
@@ -198,6 +235,12 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
         Mode::SlowReads(pause) => {
             if object_read {
                 tokio::time::sleep(pause).await;
+            }
+            None
+        }
+        Mode::HeldReads => {
+            if object_read {
+                s.held.pass().await;
             }
             None
         }

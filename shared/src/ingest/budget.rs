@@ -157,8 +157,8 @@ impl ByteBudget {
     }
 
     /// Ends when a blocking take starts to wait for room: one that started
-    /// before this future was enabled (`Notified::enable`) or first polled
-    /// is not told (check [`Self::someone_waits`] after enabling it).
+    /// before this future was made is not told (check
+    /// [`Self::someone_waits`] after making it).
     pub fn waits_begin(&self) -> Notified<'_> {
         self.wait_begins.notified()
     }
@@ -216,15 +216,13 @@ mod tests {
     use super::*;
 
     /// A blocking take that has to wait is told to those watching
-    /// (`waits_begin`, enabled first), and counted until it gets its room;
+    /// (`waits_begin`, made before it), and counted until it gets its room;
     /// one that finds room at once tells nobody.
     #[tokio::test]
     async fn a_take_that_waits_for_room_is_told() {
         let budget: &'static ByteBudget = Box::leak(Box::new(ByteBudget::new(1 << 20)));
         let everything = budget.try_take(1 << 20).expect("the whole budget");
         let told = budget.waits_begin();
-        tokio::pin!(told);
-        told.as_mut().enable();
         assert!(!budget.someone_waits());
         let waiter = tokio::task::spawn_blocking(|| budget.take(1024).map(|p| p.num_permits()));
         tokio::time::timeout(Duration::from_secs(10), told)
@@ -235,8 +233,6 @@ mod tests {
         assert_eq!(waiter.await.expect("the waiter"), Some(1));
         assert!(!budget.someone_waits());
         let told = budget.waits_begin();
-        tokio::pin!(told);
-        told.as_mut().enable();
         let _room = budget.take(1024).expect("room");
         let quiet = tokio::time::timeout(Duration::from_millis(50), told).await;
         assert!(quiet.is_err(), "a take that did not wait was told");

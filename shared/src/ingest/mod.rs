@@ -619,13 +619,10 @@ impl ImportJob<'_> {
         let mut committing = futures::stream::FuturesUnordered::new();
         let mut listed_all = false;
         loop {
-            // Told of waits only while rows wait here (one notifier is
-            // shared by every job of the process).
+            // Made before the waits are looked at: one that begins after
+            // that look is told to it.
             let wait_begins = in_flight.waits_begin();
             tokio::pin!(wait_begins);
-            if !waiting.is_empty() {
-                wait_begins.as_mut().enable();
-            }
             while committing.len() < SMALL_COMMITS
                 && let Some(SmallChunk { rows, held, .. }) =
                     waiting.next_chunk(in_flight.someone_waits())

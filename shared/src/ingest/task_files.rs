@@ -20,7 +20,6 @@
 //! importable in bounded memory and lets a retry continue a file.)
 use std::{
     io::{self, Read},
-    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -125,9 +124,11 @@ impl Importer<'_, '_> {
             Ok(format) => format,
             Err(message) => return Ok(Some(ObjectResult::failed(&object.key, message))),
         };
-        // Resolved once: a local file removed meanwhile is then not found,
-        // not taken for a remote object.
-        let local = self.backend.local_path(&object.key);
+        // A local storage's file is opened where it is, found again at each
+        // try (a path resolved long before, a read's wait earlier, could
+        // have been swapped for a link out of the storage's root).
+        let local = crate::storage::BackendKind::parse(&self.job.storage.backend)
+            .is_ok_and(|kind| kind == crate::storage::BackendKind::Local);
         let (mut turn, mut attempt, mut copy) = (turn, 1, CopySize::Listed);
         loop {
             let may_exist = self.may_exist || attempt > 1;
@@ -136,7 +137,7 @@ impl Importer<'_, '_> {
             // kept it from every other object for as long as the copies
             // before it took. The first read in the object's turn, later
             // ones as the newest waiter; none during a pause.
-            let opening = match self.opening(&object, format, local.as_deref(), copy).await {
+            let opening = match self.opening(&object, format, local, copy).await {
                 Ok(opening) => opening,
                 Err(message) => return Ok(Some(ObjectResult::failed(&object.key, message))),
             };
@@ -161,24 +162,24 @@ impl Importer<'_, '_> {
         }
     }
 
-    /// How the next try opens the object: a local file, a copy on the
-    /// worker's disk within its room (a Parquet object elsewhere, which
-    /// is read with random access: the room is waited for here), or a
-    /// stream. `Err`: the object's error.
+    /// How the next try opens the object: as a file of a local storage
+    /// (`local`), as a copy on the worker's disk within its room (a
+    /// Parquet object elsewhere, which is read with random access: the
+    /// room is waited for here), or as a stream. `Err`: the object's error.
     async fn opening(
         &self,
         object: &ObjectMeta,
         format: Format,
-        local: Option<&Path>,
+        local: bool,
         copy: CopySize,
     ) -> std::result::Result<Opening, String> {
         Ok(match (local, format) {
-            (Some(path), _) => Opening::Local(path.to_path_buf()),
-            (None, Format::Parquet) => match self.spool_room(object, copy).await {
+            (true, _) => Opening::Local,
+            (false, Format::Parquet) => match self.spool_room(object, copy).await {
                 Ok(room) => Opening::Copy(room),
                 Err(err) => return Err(unreadable(&err)),
             },
-            (None, _) => Opening::Stream,
+            (false, _) => Opening::Stream,
         })
     }
 
@@ -375,7 +376,10 @@ impl Importer<'_, '_> {
     ) -> Result<Opened> {
         let key = &object.key;
         match opening {
-            Opening::Local(path) => {
+            Opening::Local => {
+                let path = self.backend.local_path(key).ok_or_else(|| {
+                    Error::NotFound(format!("{key}: not found under the storage's path"))
+                })?;
                 let file = std::fs::File::open(&path)
                     .map_err(|e| Error::NotFound(format!("{key}: {e}")))?;
                 return Ok(Opened::Source(if format == Format::Parquet {
@@ -831,7 +835,7 @@ enum Outgrown {
 
 /// How an object is opened (see [`Importer::opening`]).
 enum Opening {
-    Local(PathBuf),
+    Local,
     Copy(SpoolRoom),
     Stream,
 }
