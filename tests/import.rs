@@ -1022,6 +1022,29 @@ fn numbered_lines(count: usize) -> String {
     (0..count).map(|n| format!("{{\"n\": {n}}}\n")).collect()
 }
 
+/// `count` JSONL rows `{"n": N, "pad": "xxx..."}` of `pad` bytes of padding.
+fn padded_lines(count: usize, pad: usize) -> String {
+    let pad = "x".repeat(pad);
+    (0..count)
+        .map(|n| format!("{{\"n\": {n}, \"pad\": \"{pad}\"}}\n"))
+        .collect()
+}
+
+/// Syncs `storage` on a worker process of its own started with `env` (the
+/// budgets are one per process): the run, and the worker's peak RSS.
+async fn sync_on_own_worker(
+    app: &TestApp,
+    storage: &Value,
+    name: &str,
+    env: &[(&str, &str)],
+) -> (Value, u64) {
+    let worker = spawn_ready_worker(app, name, env).await;
+    let run = app.sync(&storage["id"]).await;
+    let peak = peak_rss(worker.0.id());
+    eprintln!("worker peak RSS: {} MB", peak >> 20);
+    (run, peak)
+}
+
 /// Writes a JSONL file of `rows` rows `{"n": N, "a": [{},{},...]}` of
 /// `values` empty objects each: three bytes of text a value, ten times that
 /// in memory once parsed (a legitimate shape: a row of many small items).
@@ -1082,10 +1105,7 @@ async fn rows_waiting_for_their_commit_stay_within_their_budget() {
         ("LABELSYNC_PARSE_BUDGET_BYTES", &parse[..]),
         ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight),
     ];
-    let worker = spawn_ready_worker(&app, "in-flight", &env).await;
-    let run = app.sync(&storage["id"]).await;
-    let peak = peak_rss(worker.0.id());
-    eprintln!("worker peak RSS: {} MB", peak >> 20);
+    let (run, peak) = sync_on_own_worker(&app, &storage, "in-flight", &env).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], (FILES * ROWS) as i64, "{run}");
     // 287-297 MB here; 1,146 MB without the rows-in-flight budget, 457-467
@@ -1104,16 +1124,12 @@ async fn rows_waiting_for_their_commit_stay_within_their_budget() {
 /// row are slowed (a trigger sleeping 0.2 s), so commits lag the reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_files_waiting_for_a_lagging_database_stay_within_the_budget() {
-    use std::fmt::Write as _;
     const FILES: usize = 64;
     let app = spawn_app(AppOptions::without_workers()).await;
     let data = data_dir(&app);
     // 500 rows of 4 KB: 2 MB, one chunk; lines too short to reserve any
     // of the parse budget.
-    let mut rows = String::new();
-    for n in 0..500 {
-        writeln!(rows, "{{\"n\": {n}, \"pad\": \"{}\"}}", "x".repeat(4_000)).expect("line");
-    }
+    let rows = padded_lines(500, 4_000);
     for i in 0..FILES {
         write(&data, &format!("small-{i:02}.jsonl"), rows.as_bytes());
     }
@@ -1128,10 +1144,7 @@ async fn small_files_waiting_for_a_lagging_database_stay_within_the_budget() {
         ("LABELSYNC_WORKER_CONCURRENCY", "1"),
         ("LABELSYNC_FETCH_CONCURRENCY", "16"),
     ];
-    let worker = spawn_ready_worker(&app, "small-in-flight", &env).await;
-    let run = app.sync(&storage["id"]).await;
-    let peak = peak_rss(worker.0.id());
-    eprintln!("worker peak RSS: {} MB", peak >> 20);
+    let (run, peak) = sync_on_own_worker(&app, &storage, "small-in-flight", &env).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], (FILES * 500) as i64, "{run}");
     assert!(peak < 250 << 20, "the worker peaked at {} MB", peak >> 20);
@@ -1165,10 +1178,7 @@ async fn tight_budgets_slow_an_import_but_never_stop_it() {
     // And small files, 300 KB each: a few fill the budget while they wait
     // for a commit of small files' rows that, far from a chunk's worth,
     // goes only because parses wait for room.
-    let pad = "x".repeat(3_000);
-    let small: String = (0..100)
-        .map(|n| format!("{{\"n\": {n}, \"pad\": \"{pad}\"}}\n"))
-        .collect();
+    let small = padded_lines(100, 3_000);
     for i in 0..SMALL_FILES {
         write(&data, &format!("small-{i:02}.jsonl"), small.as_bytes());
     }
@@ -1278,7 +1288,6 @@ async fn a_file_over_the_row_limit_is_read_once() {
 /// file's chunk is often inside that window when small files fill a chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_files_beside_a_large_one_never_wait_on_each_other() {
-    use std::fmt::Write as _;
     const SMALL_FILES: usize = 16;
     let app = spawn_app(AppOptions::default()).await;
     let data = data_dir(&app);
@@ -1287,10 +1296,7 @@ async fn small_files_beside_a_large_one_never_wait_on_each_other() {
     // 3,000 rows of 2 KB each: one chunk, committed with the next file's
     // rows, and slow enough to parse that they end while the large file's
     // chunks are being committed.
-    let mut small = String::new();
-    for n in 0..3_000 {
-        writeln!(small, "{{\"n\": {n}, \"pad\": \"{}\"}}", "x".repeat(2_000)).expect("line");
-    }
+    let small = padded_lines(3_000, 2_000);
     for i in 0..SMALL_FILES {
         write(&data, &format!("small-{i:02}.jsonl"), small.as_bytes());
     }

@@ -40,6 +40,26 @@ fn s3s() -> (String, String, String) {
     (endpoint("TEST_S3S_ENDPOINT"), key, secret)
 }
 
+/// A new bucket on s3s-fs: its storage config, secrets, and the storage.
+async fn s3s_bucket() -> (Value, Value, Arc<dyn Storage>) {
+    let (url, key, secret) = s3s();
+    let bucket = bucket_name();
+    create_s3_bucket(&url, &key, &secret, &bucket).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": url, "region": "us-east-1" });
+    let secrets = json!({ "access_key_id": key, "secret_access_key": secret });
+    let storage = open(BackendKind::S3, config.clone(), secrets.clone()).await;
+    (config, secrets, storage)
+}
+
+/// A Parquet file of `rows` rows of 50 KB of incompressible text (about
+/// 50 KB a row on disk), in row groups of 10.
+fn noisy_parquet(rows: usize) -> Bytes {
+    let files = tempfile::tempdir().expect("temporary directory");
+    let path = files.path().join("file.parquet");
+    write_parquet_with(&path, rows, 10, |i| noise(i as u64, 50_000));
+    Bytes::from(std::fs::read(&path).expect("read"))
+}
+
 async fn keys(
     storage: &dyn Storage,
     prefix: &str,
@@ -2064,23 +2084,14 @@ fn spooled(worker: u32, dir: &std::path::Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parquet_copies_stay_within_the_spool_budget() {
     const FILES: usize = 6;
-    let (url, key, secret) = s3s();
-    let bucket = bucket_name();
-    create_s3_bucket(&url, &key, &secret, &bucket).await;
-    let config = json!({ "bucket": bucket, "endpoint_url": url, "region": "us-east-1" });
-    let secrets = json!({ "access_key_id": key, "secret_access_key": secret });
-    let storage = open(BackendKind::S3, config.clone(), secrets.clone()).await;
-    let files = tempfile::tempdir().expect("temporary directory");
-    // 40 rows of 50 KB of noise: 2 MB a file; the large one 6 MB.
-    let path = files.path().join("file.parquet");
-    write_parquet_with(&path, 40, 10, |i| noise(i as u64, 50_000));
-    let body = Bytes::from(std::fs::read(&path).expect("read"));
+    let (config, secrets, storage) = s3s_bucket().await;
+    // 2 MB a file; the large one 6 MB.
+    let body = noisy_parquet(40);
     for i in 0..FILES {
         let key = format!("tasks/file-{i}.parquet");
         storage.put(&key, body.clone(), None).await.unwrap();
     }
-    write_parquet_with(&path, 120, 10, |i| noise(i as u64, 50_000));
-    let large = Bytes::from(std::fs::read(&path).expect("read"));
+    let large = noisy_parquet(120);
     storage
         .put("tasks/large.parquet", large, None)
         .await
@@ -2161,16 +2172,8 @@ async fn s3_tasks_storage(
 /// Parquet file it had nothing to do with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parquet_copy_waiting_for_disk_holds_no_read() {
-    let (url, key, secret) = s3s();
-    let bucket = bucket_name();
-    create_s3_bucket(&url, &key, &secret, &bucket).await;
-    let secrets = json!({ "access_key_id": key, "secret_access_key": secret });
-    let direct = json!({ "bucket": bucket, "endpoint_url": url, "region": "us-east-1" });
-    let storage = open(BackendKind::S3, direct.clone(), secrets.clone()).await;
-    let files = tempfile::tempdir().expect("temporary directory");
-    let path = files.path().join("file.parquet");
-    write_parquet_with(&path, 40, 10, |i| noise(i as u64, 50_000));
-    let body = Bytes::from(std::fs::read(&path).expect("read"));
+    let (direct, secrets, storage) = s3s_bucket().await;
+    let body = noisy_parquet(40);
     for key in [
         "parquet/a.parquet",
         "parquet/b.parquet",
@@ -2182,8 +2185,9 @@ async fn a_parquet_copy_waiting_for_disk_holds_no_read() {
     storage.put("json/task.json", task, None).await.unwrap();
     // The Parquet files are read through a proxy that holds every object
     // read until the test lets them go; the JSON file is read directly.
-    let proxy = FaultProxy::start(&url, Mode::HeldReads).await;
-    let slow = json!({ "bucket": bucket, "endpoint_url": proxy.url, "region": "us-east-1" });
+    let proxy = FaultProxy::start(&s3s().0, Mode::HeldReads).await;
+    let mut slow = direct.clone();
+    slow["endpoint_url"] = json!(proxy.url);
 
     let mut options = AppOptions::with_storages();
     options.workers = false;

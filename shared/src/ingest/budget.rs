@@ -147,7 +147,8 @@ impl ByteBudget {
     }
 
     /// The bytes of the budget no one holds now.
-    pub fn free_bytes(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn free_bytes(&self) -> u64 {
         (self.kib.available_permits() as u64) << 10
     }
 

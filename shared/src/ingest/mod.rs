@@ -641,7 +641,7 @@ impl ImportJob<'_> {
                     Some(Some(mut result)) => {
                         imported.failed += result.failed;
                         imported.errors.append(&mut result.errors);
-                        waiting.add(&mut result);
+                        waiting.add(std::mem::take(&mut result.deferred));
                     }
                 },
                 Some(kept_going) = committing.next() => {
@@ -893,7 +893,7 @@ struct SmallRows {
 /// Rows to commit together (one small object's, or several), about how
 /// many bytes of JSON they are, and their share of the rows in flight,
 /// held until their transaction ends.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct SmallChunk {
     rows: Vec<NewTask>,
     bytes: usize,
@@ -910,16 +910,11 @@ impl SmallChunk {
 
 impl SmallRows {
     /// Takes an object's small rows (`task_files::ObjectResult::deferred`).
-    fn add(&mut self, result: &mut task_files::ObjectResult) {
-        let rows = std::mem::take(&mut result.deferred);
-        if !rows.is_empty() {
-            self.rows += rows.len();
-            self.bytes += result.deferred_bytes;
-            self.objects.push_back(SmallChunk {
-                rows,
-                bytes: result.deferred_bytes,
-                held: result.deferred_held.take().into_iter().collect(),
-            });
+    fn add(&mut self, object: SmallChunk) {
+        if !object.rows.is_empty() {
+            self.rows += object.rows.len();
+            self.bytes += object.bytes;
+            self.objects.push_back(object);
         }
     }
 
@@ -1062,9 +1057,9 @@ mod tests {
     fn small_rows_go_out_a_chunk_of_whole_objects_at_a_time() {
         let mut waiting = SmallRows::default();
         let add = |waiting: &mut SmallRows, count: usize, bytes: usize| {
-            waiting.add(&mut task_files::ObjectResult {
-                deferred: rows(count),
-                deferred_bytes: bytes,
+            waiting.add(SmallChunk {
+                rows: rows(count),
+                bytes,
                 ..Default::default()
             })
         };

@@ -81,13 +81,10 @@ pub(super) struct ObjectResult {
     /// caller commits them together with other small objects' rows
     /// ([`ImportJob::commit_rows`], or with a batch's end), since a
     /// transaction per tiny file made 2,000 one-task files wait on 2,000
-    /// commits.
-    pub deferred: Vec<NewTask>,
-    /// About how many bytes of JSON `deferred` holds.
-    pub deferred_bytes: usize,
-    /// Their share of the process's rows in flight, held until they are
-    /// committed (none for a body parsed where it was read).
-    pub deferred_held: Option<SemaphorePermit<'static>>,
+    /// commits. With them, their size and their share of the process's
+    /// rows in flight, held until they are committed (none for a body
+    /// parsed where it was read).
+    pub deferred: super::SmallChunk,
 }
 
 impl ObjectResult {
@@ -500,16 +497,19 @@ impl Importer<'_, '_> {
 /// `ImportJob::import_objects`), which, when the database lags, was a
 /// page of objects' rows that no budget counted.
 fn keep_small(result: &mut ObjectResult, object: &ObjectMeta, chunk: Chunk) {
-    result.deferred_bytes = chunk.bytes;
-    result.deferred_held = chunk.held.map(|mut held| {
+    let held = chunk.held.map(|mut held| {
         super::budget::shrink(&mut held, chunk.bytes);
         held
     });
     let rows = split(result, &object.key, chunk.rows);
-    result.deferred = rows
-        .into_iter()
-        .map(|(row, task)| new_task(object, row, task))
-        .collect();
+    result.deferred = super::SmallChunk {
+        rows: rows
+            .into_iter()
+            .map(|(row, task)| new_task(object, row, task))
+            .collect(),
+        bytes: chunk.bytes,
+        held: held.into_iter().collect(),
+    };
 }
 
 /// A chunk's rows; its row errors go into `result`.
