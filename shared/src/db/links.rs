@@ -273,6 +273,53 @@ pub async fn clear_partial(db: &impl ConnectionTrait, storage_id: i64, key: &str
     Ok(())
 }
 
+/// A small object's partial mark, written in the transaction that commits
+/// its rows (small objects' rows are committed together, after their reads
+/// ended; see [`mark_partial`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PartialMark {
+    /// It broke after these rows: the next run reads it again.
+    Set(String),
+    /// It was read to its end, and may have been marked before.
+    Clear(String),
+}
+
+/// Writes `marks` of `storage_id`'s objects: one statement for the marks
+/// set and one for those cleared (per [`MAX_PARAMS`] keys).
+pub async fn write_marks(
+    db: &impl ConnectionTrait,
+    storage_id: i64,
+    marks: Vec<PartialMark>,
+) -> Result<()> {
+    use partial_object::Column as C;
+    let (mut set, mut cleared) = (Vec::new(), Vec::new());
+    for mark in marks {
+        match mark {
+            PartialMark::Set(key) => set.push(key),
+            PartialMark::Clear(key) => cleared.push(key),
+        }
+    }
+    for chunk in set.chunks(MAX_PARAMS / 3) {
+        let rows = chunk.iter().map(|key| partial_object::ActiveModel {
+            storage_id: Set(storage_id),
+            object_key: Set(key.clone()),
+            started_at: Set(Utc::now()),
+        });
+        partial_object::Entity::insert_many(rows)
+            .on_conflict_do_nothing_on([C::StorageId, C::ObjectKey])
+            .exec_without_returning(db)
+            .await?;
+    }
+    for chunk in cleared.chunks(MAX_PARAMS) {
+        partial_object::Entity::delete_many()
+            .filter(C::StorageId.eq(storage_id))
+            .filter(C::ObjectKey.is_in(chunk.iter().cloned()))
+            .exec(db)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Which of `keys` are marked partial (see [`mark_partial`]).
 pub async fn partial_among(
     db: &impl ConnectionTrait,

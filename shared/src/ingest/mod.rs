@@ -442,7 +442,10 @@ impl ImportJob<'_> {
         else {
             return Ok(false);
         };
-        if !self.commit_rows(imported.rows, Vec::new()).await? {
+        if !self
+            .commit_rows(imported.rows, Vec::new(), imported.marks)
+            .await?
+        {
             return Ok(false);
         }
         plan.delta.failed += imported.failed;
@@ -624,11 +627,12 @@ impl ImportJob<'_> {
             let wait_begins = in_flight.waits_begin();
             tokio::pin!(wait_begins);
             while committing.len() < SMALL_COMMITS
-                && let Some(SmallChunk { rows, held, .. }) =
-                    waiting.next_chunk(in_flight.someone_waits())
+                && let Some(SmallChunk {
+                    rows, held, marks, ..
+                }) = waiting.next_chunk(in_flight.someone_waits())
             {
                 committing.push(async move {
-                    let kept_going = self.commit_rows(rows, Vec::new()).await;
+                    let kept_going = self.commit_rows(rows, Vec::new(), marks).await;
                     drop(held);
                     kept_going
                 });
@@ -653,8 +657,10 @@ impl ImportJob<'_> {
                 else => break,
             }
         }
-        let SmallChunk { rows, held, .. } = waiting.into_chunk();
-        (imported.rows, imported.held) = (rows, held);
+        let SmallChunk {
+            rows, held, marks, ..
+        } = waiting.into_chunk();
+        (imported.rows, imported.held, imported.marks) = (rows, held, marks);
         Ok(Some(imported))
     }
 
@@ -765,7 +771,7 @@ impl ImportJob<'_> {
             txn.rollback().await?;
             return Ok(Outcome::Finished);
         }
-        let (created, _) = insert_rows(&txn, self, imported.rows).await?;
+        let (created, _) = insert_rows(&txn, self, imported.rows, imported.marks).await?;
         let delta = Counters {
             created,
             failed: imported.failed,
@@ -781,21 +787,23 @@ impl ImportJob<'_> {
         Ok(Outcome::Finished)
     }
 
-    /// Commits new rows (of one object or of several small ones) and task
-    /// updates in one transaction with the run's `created` counter; false
-    /// when the run stopped. Rows linked meanwhile are skipped by the link
-    /// key and not counted.
+    /// Commits new rows (of one object or of several small ones, with
+    /// those small objects' partial marks) and task updates in one
+    /// transaction with the run's `created` counter; false when the run
+    /// stopped. Rows linked meanwhile are skipped by the link key and not
+    /// counted.
     pub(super) async fn commit_rows(
         &self,
         new: Vec<NewTask>,
         updates: Vec<(i64, serde_json::Value, Option<serde_json::Value>)>,
+        marks: Vec<links::PartialMark>,
     ) -> Result<bool> {
-        if new.is_empty() && updates.is_empty() {
+        if new.is_empty() && updates.is_empty() && marks.is_empty() {
             return Ok(true);
         }
         let txn = crate::db::begin_write(self.db).await?;
         tasks::update_tasks(&txn, updates).await?;
-        let (created, _) = insert_rows(&txn, self, new).await?;
+        let (created, _) = insert_rows(&txn, self, new, marks).await?;
         let delta = Counters {
             created,
             ..Counters::default()
@@ -821,15 +829,22 @@ pub struct Imported {
     /// The rows' share of the process's rows in flight, to let go once
     /// they are committed.
     pub held: Vec<SemaphorePermit<'static>>,
+    /// Their objects' partial marks, written with them.
+    pub marks: Vec<links::PartialMark>,
 }
 
 /// Inserts `rows` as tasks of `job`'s run in `txn` (nothing when there are
-/// none): (created, existed), see [`tasks::insert_tasks`].
+/// none), and writes their small objects' partial `marks`: (created,
+/// existed), see [`tasks::insert_tasks`].
 async fn insert_rows(
     txn: &sea_orm::DatabaseTransaction,
     job: &ImportJob<'_>,
     rows: Vec<NewTask>,
+    marks: Vec<links::PartialMark>,
 ) -> Result<(i64, i64)> {
+    if !marks.is_empty() {
+        links::write_marks(txn, job.storage.id, marks).await?;
+    }
     if rows.is_empty() {
         return Ok((0, 0));
     }
@@ -891,13 +906,14 @@ struct SmallRows {
 }
 
 /// Rows to commit together (one small object's, or several), about how
-/// many bytes of JSON they are, and their share of the rows in flight,
-/// held until their transaction ends.
+/// many bytes of JSON they are, their share of the rows in flight, held
+/// until their transaction ends, and their objects' partial marks.
 #[derive(Debug, Default)]
 struct SmallChunk {
     rows: Vec<NewTask>,
     bytes: usize,
     held: Vec<SemaphorePermit<'static>>,
+    marks: Vec<links::PartialMark>,
 }
 
 impl SmallChunk {
@@ -905,13 +921,18 @@ impl SmallChunk {
         self.rows.append(&mut other.rows);
         self.bytes += other.bytes;
         self.held.append(&mut other.held);
+        self.marks.append(&mut other.marks);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.marks.is_empty()
     }
 }
 
 impl SmallRows {
     /// Takes an object's small rows (`task_files::ObjectResult::deferred`).
     fn add(&mut self, object: SmallChunk) {
-        if !object.rows.is_empty() {
+        if !object.is_empty() {
             self.rows += object.rows.len();
             self.bytes += object.bytes;
             self.objects.push_back(object);
@@ -934,7 +955,7 @@ impl SmallRows {
         while let Some(next) = self.objects.front() {
             let fits = chunk.rows.len() + next.rows.len() <= task_files::CHUNK_ROWS
                 && chunk.bytes + next.bytes <= task_files::CHUNK_BYTES;
-            if !chunk.rows.is_empty() && !fits {
+            if !chunk.is_empty() && !fits {
                 break;
             }
             let Some(object) = self.objects.pop_front() else {
@@ -944,7 +965,7 @@ impl SmallRows {
             self.bytes -= object.bytes;
             chunk.append(object);
         }
-        (!chunk.rows.is_empty()).then_some(chunk)
+        (!chunk.is_empty()).then_some(chunk)
     }
 
     /// Every row still waiting, in one chunk.

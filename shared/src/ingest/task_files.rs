@@ -12,7 +12,8 @@
 //! chunk is marked partial (`partial_objects`) until its last row is in:
 //! a run cancelled, failed or killed half-way through it leaves the mark, and
 //! the next run reads the object again and adds the rows that are missing (so
-//! does the next sync of a file that broke half-way, reporting it again).
+//! does the next sync of a file that broke half-way, big or small, reporting
+//! it again; a small one's mark is written with its rows).
 //! Otherwise a later sync does not re-read an object that has tasks unless
 //! its etag changed and the storage has `reimport_changed` (then its rows
 //! update their tasks in place, and new rows are added); one that produced
@@ -212,25 +213,21 @@ impl Importer<'_, '_> {
         // unless its rows may update tasks (`overwrite`), they go back to
         // the caller to be committed with other small objects' rows.
         let first = parsing.recv().await;
-        let small = !self.overwrite && first.as_ref().is_none_or(|c| c.last);
-        let stopped = if small {
+        let rows = if !self.overwrite && first.as_ref().is_none_or(|c| c.last) {
             keep_small(&mut result, object, first.unwrap_or_default());
-            false
+            Rows::Deferred { may_exist }
+        } else if self
+            .commit_chunks(object, may_exist, first, &mut parsing, &mut result)
+            .await?
+        {
+            Rows::Committed
         } else {
-            !self
-                .commit_chunks(object, may_exist, first, &mut parsing, &mut result)
-                .await?
+            Rows::Stopped
         };
         let parsed = parsing.outcome().await;
-        self.settle(
-            &object.key,
-            parsed,
-            stopped || small,
-            &interrupted,
-            &mut result,
-        )
-        .await?;
-        Ok(Tried::Read((!stopped).then_some(result)))
+        self.settle(&object.key, parsed, rows, &interrupted, &mut result)
+            .await?;
+        Ok(Tried::Read((rows != Rows::Stopped).then_some(result)))
     }
 
     /// The object's format, or why it cannot be imported (a per-object error).
@@ -324,19 +321,22 @@ impl Importer<'_, '_> {
         Ok(true)
     }
 
-    /// What the parser's end means. A big object read to its end is
-    /// imported (its partial mark goes); one that broke half-way keeps the
-    /// mark, so the next sync reads it again (adding nothing twice) and
-    /// reports the error again. A broken download is the network's fault: the
-    /// rows before it are committed, and the retry adds only those after.
-    /// One stopped at the row limit is its error once, and imported like one
-    /// read to its end: reading it again would give no more (a retry of the
-    /// run reads it again, after the limit is raised).
+    /// What the parser's end means. An object read to its end is imported
+    /// (its partial mark goes: now for a big one, with its rows for a small
+    /// one that may have been marked); one that broke half-way after some
+    /// rows keeps a mark (a small one gets it with its rows), so the next
+    /// sync reads it again (adding nothing twice) and reports the error
+    /// again, and adds its missing rows once it is fixed. A broken download
+    /// is the network's fault: the rows before it are committed, and the
+    /// retry adds only those after. One stopped at the row limit is its
+    /// error once, and imported like one read to its end: reading it again
+    /// would give no more (a retry of the run reads it again, after the
+    /// limit is raised).
     async fn settle(
         &self,
         key: &str,
         parsed: std::result::Result<ParseOutcome, tokio::task::JoinError>,
-        keep_mark: bool,
+        rows: Rows,
         interrupted: &AtomicBool,
         result: &mut ObjectResult,
     ) -> Result<()> {
@@ -347,17 +347,28 @@ impl Importer<'_, '_> {
                 }
             })
         });
-        match parsed {
-            Ok(Ok(())) if keep_mark => Ok(()),
-            Ok(Ok(())) => links::clear_partial(self.job.db, self.job.storage.id, key).await,
-            Ok(Err(message)) if interrupted.load(Ordering::SeqCst) => Err(Error::Transient(
+        match (parsed, rows) {
+            (Ok(Ok(())), Rows::Committed) => {
+                links::clear_partial(self.job.db, self.job.storage.id, key).await
+            }
+            (Ok(Ok(())), Rows::Deferred { may_exist: true }) => {
+                let clear = links::PartialMark::Clear(key.to_owned());
+                result.deferred.marks.push(clear);
+                Ok(())
+            }
+            (Ok(Ok(())), _) => Ok(()),
+            (Ok(Err(message)), _) if interrupted.load(Ordering::SeqCst) => Err(Error::Transient(
                 format!("{key}: download interrupted: {message}"),
             )),
-            Ok(Err(message)) => {
+            (Ok(Err(message)), rows) => {
+                if matches!(rows, Rows::Deferred { .. }) && !result.deferred.rows.is_empty() {
+                    let set = links::PartialMark::Set(key.to_owned());
+                    result.deferred.marks.push(set);
+                }
                 result.error(key, None, message);
                 Ok(())
             }
-            Err(join) => Err(Error::Internal(format!("parser of {key} failed: {join}"))),
+            (Err(join), _) => Err(Error::Internal(format!("parser of {key} failed: {join}"))),
         }
     }
 
@@ -486,8 +497,21 @@ impl Importer<'_, '_> {
             .into_iter()
             .map(|(row, task)| new_task(object, row, task))
             .collect();
-        self.job.commit_rows(new, updates).await
+        self.job.commit_rows(new, updates, Vec::new()).await
     }
+}
+
+/// Where one read of an object left its rows, for [`Importer::settle`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    /// Handed back to be committed with other small objects' rows
+    /// ([`keep_small`]); `may_exist`: it may have been read, and marked,
+    /// before.
+    Deferred { may_exist: bool },
+    /// Committed chunk by chunk under a partial mark.
+    Committed,
+    /// Not all committed: the run stopped.
+    Stopped,
 }
 
 /// A small object's rows, handed back to be committed with others'. They
@@ -509,6 +533,7 @@ fn keep_small(result: &mut ObjectResult, object: &ObjectMeta, chunk: Chunk) {
             .collect(),
         bytes: chunk.bytes,
         held: held.into_iter().collect(),
+        marks: Vec::new(),
     };
 }
 
