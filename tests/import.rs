@@ -265,49 +265,55 @@ async fn a_tasks_mode_resync_imports_nothing_twice_and_rereads_only_failed_objec
 /// A small file that breaks after its first rows keeps them, like a big
 /// one, and like a big one it is read again by every sync until it is
 /// whole: reported again while it is broken, its missing rows added once
-/// it is fixed (whether or not the storage re-reads changed objects), then
-/// imported like any other.
-async fn a_small_file_that_broke_half_way_is_read_again_until_it_is_whole(options: AppOptions) {
+/// it is fixed (and, where the storage re-reads changed objects, its
+/// first rows' tasks updated), then imported like any other.
+async fn a_small_file_that_broke_half_way_is_read_again_until_it_is_whole(
+    options: AppOptions,
+    reimport_changed: bool,
+) {
     let app = spawn_app(options).await;
     let data = app.doc_root.path().join("data");
-    let good = r#"{"text": "b0"}, {"text": "b1"}"#;
     write(
         &data,
         "broken.json",
-        format!("[{good}, {{\"text\": ").as_bytes(),
+        br#"[{"text": "b0"}, {"text": "b1"}, {"text": "#,
     );
     let project = app.project("tasks").await;
-    let storage = storage(&app, project, json!({})).await;
+    let fields = json!({ "reimport_changed": reimport_changed });
+    let storage = storage(&app, project, fields).await;
     let counters = |run: &Value| {
         let c = &run["counters"];
-        (
-            c["created"].clone(),
-            c["existed"].clone(),
-            c["failed"].clone(),
-        )
+        [&c["created"], &c["existed"], &c["changed"], &c["failed"]].map(|n| n.as_i64())
     };
     let first = app.sync(&storage["id"]).await;
-    assert_eq!(counters(&first), (json!(2), json!(0), json!(1)), "{first}");
+    assert_eq!(counters(&first), [2, 0, 0, 1].map(Some), "{first}");
     let again = app.sync(&storage["id"]).await;
-    assert_eq!(counters(&again), (json!(0), json!(0), json!(1)), "{again}");
-    assert!(
-        error_message(&run_errors(&app, &again).await, "broken.json", &Value::Null)
-            .contains("truncated")
-    );
+    assert_eq!(counters(&again), [0, 0, 0, 1].map(Some), "{again}");
+    let errors = run_errors(&app, &again).await;
+    assert!(error_message(&errors, "broken.json", &Value::Null).contains("truncated"));
 
     write(
         &data,
         "broken.json",
-        format!("[{good}, {{\"text\": \"b2\"}}]").as_bytes(),
+        br#"[{"text": "b0, fixed"}, {"text": "b1"}, {"text": "b2"}]"#,
     );
     let fixed = app.sync(&storage["id"]).await;
-    assert_eq!(counters(&fixed), (json!(1), json!(0), json!(0)), "{fixed}");
+    let (existed, changed) = if reimport_changed { (2, 1) } else { (0, 0) };
     assert_eq!(
-        task_by_source(&app.all_tasks(project).await, "broken.json", 2)["data"],
-        json!({ "text": "b2" })
+        counters(&fixed),
+        [1, existed, changed, 0].map(Some),
+        "{fixed}"
     );
+    let tasks = app.all_tasks(project).await;
+    assert_eq!(tasks.len(), 3);
+    assert_eq!(
+        task_by_source(&tasks, "broken.json", 2)["data"]["text"],
+        "b2"
+    );
+    let b0 = if reimport_changed { "b0, fixed" } else { "b0" };
+    assert_eq!(task_by_source(&tasks, "broken.json", 0)["data"]["text"], b0);
     let whole = app.sync(&storage["id"]).await;
-    assert_eq!(counters(&whole), (json!(0), json!(3), json!(0)), "{whole}");
+    assert_eq!(counters(&whole), [0, 3, 0, 0].map(Some), "{whole}");
     assert_eq!(
         count(&app, "SELECT count(*) AS n FROM partial_objects").await,
         0
@@ -317,16 +323,25 @@ async fn a_small_file_that_broke_half_way_is_read_again_until_it_is_whole(option
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_file_that_broke_half_way_is_read_again_until_it_is_whole_on_postgres() {
-    a_small_file_that_broke_half_way_is_read_again_until_it_is_whole(AppOptions::default()).await;
+    a_small_file_that_broke_half_way_is_read_again_until_it_is_whole(AppOptions::default(), false)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_file_that_broke_half_way_is_read_again_until_it_is_whole_on_sqlite() {
-    a_small_file_that_broke_half_way_is_read_again_until_it_is_whole(AppOptions {
+    let options = AppOptions {
         embedded: true,
         ..AppOptions::default()
-    })
-    .await;
+    };
+    a_small_file_that_broke_half_way_is_read_again_until_it_is_whole(options, false).await;
+}
+
+/// As above, on a storage that re-reads changed objects: the fixed file is
+/// read again as a changed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_file_that_broke_half_way_and_changed_updates_its_first_rows() {
+    a_small_file_that_broke_half_way_is_read_again_until_it_is_whole(AppOptions::default(), true)
+        .await;
 }
 
 /// A page's link lookup first looks for any link between its least and

@@ -163,6 +163,8 @@ struct PagePlan {
     fresh: Vec<ObjectMeta>,
     /// Whether some fresh object has links already (its rows may exist).
     fresh_may_exist: bool,
+    /// Fresh objects with a partial mark (see [`ToRead`]).
+    marked: std::collections::HashSet<String>,
     /// Imported objects listed with another etag.
     changed: Vec<ObjectMeta>,
     /// Per-object errors to record with the page.
@@ -171,7 +173,31 @@ struct PagePlan {
     /// `errors`): the run's listing is incomplete.
     unlisted: bool,
     /// Fan-out batches, written with the page's checkpoint.
-    batches: Vec<Vec<ObjectMeta>>,
+    batches: Vec<Vec<ToRead>>,
+}
+
+/// An object for a Tasks-mode read, as a fan-out batch stores it: the
+/// listed object, and whether a partial mark was on it when its page was
+/// planned (an earlier run stopped in it, or it broke off half-way), which
+/// a read to its end clears with its rows. Only such objects pay for the
+/// clear; a mark missed (set meanwhile) costs one more read of the object
+/// by the next sync, no row. A batch written before the flag reads as
+/// unmarked.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ToRead {
+    #[serde(flatten)]
+    pub object: ObjectMeta,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub marked: bool,
+}
+
+impl From<ObjectMeta> for ToRead {
+    fn from(object: ObjectMeta) -> Self {
+        ToRead {
+            object,
+            marked: false,
+        }
+    }
 }
 
 impl ImportJob<'_> {
@@ -364,20 +390,30 @@ impl ImportJob<'_> {
                 continue;
             };
             let retried = self.retry_of().is_some() && self.tasks_mode();
-            if k.seen_by_run || partial.contains(&object.key) || retried {
+            let changed = object.etag.is_some() && k.etag.is_some() && object.etag != k.etag;
+            // A marked object that changed is read again as a changed one
+            // where the storage opts in: a file that broke, then was fixed,
+            // updates the tasks of the rows it had too.
+            let marked = partial.contains(&object.key);
+            let reread = marked && !(changed && self.storage.reimport_changed);
+            if k.seen_by_run || reread || retried {
                 // A page replayed after a crash, or an object an earlier run
-                // stopped half-way through (cancelled, failed, killed): its
-                // rows were counted when committed; Tasks mode picks up the
-                // rows still missing; a retry run reads again every object
-                // its original run failed on, keeping the rows it has.
+                // stopped or broke half-way through (cancelled, failed,
+                // killed): its rows were counted when committed; Tasks mode
+                // picks up the rows still missing; a retry run reads again
+                // every object its original run failed on, keeping the rows
+                // it has.
                 if self.tasks_mode() {
                     plan.fresh_may_exist = true;
+                    if marked {
+                        plan.marked.insert(object.key.clone());
+                    }
                     plan.fresh.push(object);
                 }
                 continue;
             }
             plan.delta.existed += k.rows;
-            if object.etag.is_some() && k.etag.is_some() && object.etag != k.etag {
+            if changed {
                 plan.delta.changed += 1;
                 plan.changed.push(object);
             }
@@ -396,7 +432,14 @@ impl ImportJob<'_> {
             return Ok(true);
         }
         if !plan.fresh.is_empty() {
-            let objects = std::mem::take(&mut plan.fresh);
+            let marked = std::mem::take(&mut plan.marked);
+            let objects: Vec<ToRead> = std::mem::take(&mut plan.fresh)
+                .into_iter()
+                .map(|object| ToRead {
+                    marked: marked.contains(&object.key),
+                    object,
+                })
+                .collect();
             if self.fanout.is_some() {
                 // The batch rows are written with the page's checkpoint (so a
                 // replayed page cannot make a second set) and enqueued after
@@ -421,7 +464,7 @@ impl ImportJob<'_> {
         // bytes). Done inline, not fanned out: changes are few, and the etag
         // is updated only after the rows are.
         if self.storage.reimport_changed && !plan.changed.is_empty() {
-            let changed = plan.changed.clone();
+            let changed = plan.changed.iter().cloned().map(ToRead::from).collect();
             return self.import_into(plan, backend, changed, true, true).await;
         }
         Ok(true)
@@ -432,7 +475,7 @@ impl ImportJob<'_> {
         &self,
         plan: &mut PagePlan,
         backend: &Arc<dyn Storage>,
-        objects: Vec<ObjectMeta>,
+        objects: Vec<ToRead>,
         may_exist: bool,
         overwrite: bool,
     ) -> Result<bool> {
@@ -593,7 +636,7 @@ impl ImportJob<'_> {
     async fn import_objects(
         &self,
         backend: &Arc<dyn Storage>,
-        objects: Vec<ObjectMeta>,
+        objects: Vec<ToRead>,
         may_exist: bool,
         overwrite: bool,
     ) -> Result<Option<Imported>> {
@@ -751,7 +794,7 @@ impl ImportJob<'_> {
     #[tracing::instrument(skip_all, fields(run_id = %self.run.id, batch_id = batch.id), err)]
     pub async fn run_batch(&self, batch: &sync_batch::Model, worker: &str) -> Result<Outcome> {
         let backend = storage::open_shared(self.storage, self.env).await?;
-        let objects: Vec<ObjectMeta> = batches::objects(batch)?;
+        let objects: Vec<ToRead> = batches::objects(batch)?;
         let Some(imported) = self.import_objects(&backend, objects, true, false).await? else {
             return Ok(Outcome::Stopped);
         };
@@ -897,7 +940,8 @@ fn batch_objects(fetch_concurrency: usize) -> usize {
 const SMALL_COMMITS: usize = 2;
 
 /// Small objects' rows waiting to be committed, object by object, with
-/// their JSON's size and their share of the rows in flight.
+/// their JSON's size, their share of the rows in flight and their partial
+/// marks.
 #[derive(Default)]
 struct SmallRows {
     objects: std::collections::VecDeque<SmallChunk>,
@@ -1069,6 +1113,28 @@ mod tests {
                 last_modified: None,
             })
             .collect()
+    }
+
+    /// A batch's objects are stored as JSON: one written before the mark
+    /// was stored reads as unmarked, an unmarked one is written as before,
+    /// and a marked one still reads as a listed object (what a batch given
+    /// up reads its objects as, `jobs::give_up_batch`).
+    #[test]
+    fn a_batch_object_reads_with_or_without_its_mark() {
+        let listed = json!([{"key": "a.json", "size": 3, "last_modified": null, "etag": "e"}]);
+        let read: Vec<ToRead> = serde_json::from_value(listed.clone()).expect("old form");
+        assert!(!read[0].marked);
+        assert_eq!(serde_json::to_value(&read).expect("json"), listed);
+        let marked = ToRead {
+            marked: true,
+            ..read[0].clone()
+        };
+        let stored = serde_json::to_value(vec![marked]).expect("json");
+        assert_eq!(stored[0]["marked"], true);
+        let again: Vec<ToRead> = serde_json::from_value(stored.clone()).expect("new form");
+        assert!(again[0].marked);
+        let objects: Vec<ObjectMeta> = serde_json::from_value(stored).expect("as listed");
+        assert_eq!(objects[0], read[0].object);
     }
 
     /// Small objects' rows go out in chunks of whole objects, within a

@@ -35,7 +35,7 @@ use tokio::{
 };
 
 use super::{
-    ImportJob, ObjectError,
+    ImportJob, ObjectError, ToRead,
     budget::ByteBudget,
     parse::{self, Format, RowEvent, TaskInput},
 };
@@ -82,9 +82,10 @@ pub(super) struct ObjectResult {
     /// caller commits them together with other small objects' rows
     /// ([`ImportJob::commit_rows`], or with a batch's end), since a
     /// transaction per tiny file made 2,000 one-task files wait on 2,000
-    /// commits. With them, their size and their share of the process's
+    /// commits. With them, their size, their share of the process's
     /// rows in flight, held until they are committed (none for a body
-    /// parsed where it was read).
+    /// parsed where it was read), and the object's partial mark to set or
+    /// clear with them.
     pub deferred: super::SmallChunk,
 }
 
@@ -113,11 +114,8 @@ impl Importer<'_, '_> {
     /// result; `Err` fails the attempt. `turn`: the object's place in the
     /// process's read pool, reserved with its job's other objects (see
     /// `reads::Reads::turns`).
-    pub async fn import(
-        &self,
-        object: ObjectMeta,
-        turn: Option<u64>,
-    ) -> Result<Option<ObjectResult>> {
+    pub async fn import(&self, read: ToRead, turn: Option<u64>) -> Result<Option<ObjectResult>> {
+        let ToRead { object, marked } = read;
         let format = match self.readable_format(&object) {
             Ok(format) => format,
             Err(message) => return Ok(Some(ObjectResult::failed(&object.key, message))),
@@ -144,7 +142,9 @@ impl Importer<'_, '_> {
                 .reads
                 .take_in_turn(self.job.storage.id, turn.take())
                 .await;
-            let tried = self.import_once(&object, format, may_exist, opening).await;
+            let tried = self
+                .import_once(&object, format, may_exist, marked, opening)
+                .await;
             drop(read);
             match tried {
                 Ok(Tried::Read(result)) => return Ok(result),
@@ -184,12 +184,14 @@ impl Importer<'_, '_> {
     /// One read of an object: open it as `opening` says, stream its rows
     /// from a parser (see [`Self::start_parser`]), keep them (a small
     /// object) or commit them chunk by chunk (a big one), then settle what
-    /// the parser said.
+    /// the parser said. `may_exist`: some of its rows may have tasks;
+    /// `marked`: it may have a partial mark ([`ToRead`]).
     async fn import_once(
         &self,
         object: &ObjectMeta,
         format: Format,
         may_exist: bool,
+        marked: bool,
         opening: Opening,
     ) -> Result<Tried> {
         let mut result = ObjectResult::default();
@@ -215,7 +217,7 @@ impl Importer<'_, '_> {
         let first = parsing.recv().await;
         let rows = if !self.overwrite && first.as_ref().is_none_or(|c| c.last) {
             keep_small(&mut result, object, first.unwrap_or_default());
-            Rows::Deferred { may_exist }
+            Rows::Deferred { marked }
         } else if self
             .commit_chunks(object, may_exist, first, &mut parsing, &mut result)
             .await?
@@ -351,7 +353,7 @@ impl Importer<'_, '_> {
             (Ok(Ok(())), Rows::Committed) => {
                 links::clear_partial(self.job.db, self.job.storage.id, key).await
             }
-            (Ok(Ok(())), Rows::Deferred { may_exist: true }) => {
+            (Ok(Ok(())), Rows::Deferred { marked: true }) => {
                 let clear = links::PartialMark::Clear(key.to_owned());
                 result.deferred.marks.push(clear);
                 Ok(())
@@ -505,9 +507,9 @@ impl Importer<'_, '_> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Rows {
     /// Handed back to be committed with other small objects' rows
-    /// ([`keep_small`]); `may_exist`: it may have been read, and marked,
-    /// before.
-    Deferred { may_exist: bool },
+    /// ([`keep_small`]); `marked`: a partial mark may be on it (see
+    /// [`ToRead`]).
+    Deferred { marked: bool },
     /// Committed chunk by chunk under a partial mark.
     Committed,
     /// Not all committed: the run stopped.
