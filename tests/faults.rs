@@ -785,6 +785,60 @@ async fn postgres_restarted_mid_run_the_run_completes() {
     app.stop().await;
 }
 
+/// While the database is down, an API request is a quick `503 unavailable`
+/// with `Retry-After`: sqlx tries to connect again until its pool's acquire
+/// timeout while the server refuses connections, and every request hung
+/// for those 30 s. The API answers again once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_request_while_the_database_is_down_is_a_quick_503() {
+    use sea_orm::ConnectionTrait;
+    let postgres = OwnPostgres::start();
+    let app = spawn_app(AppOptions {
+        postgres_admin: Some(postgres.admin_url()),
+        ..AppOptions::without_workers()
+    })
+    .await;
+    let project = app.project("outage").await;
+    // Test databases commit without waiting for the WAL: flushed, the
+    // project outlives the crash.
+    let db = sea_orm::Database::connect(app.database_url.as_str())
+        .await
+        .expect("database");
+    db.execute_unprepared("CHECKPOINT")
+        .await
+        .expect("checkpoint");
+    drop(db);
+    postgres.crash();
+    let asked = std::time::Instant::now();
+    let response = app
+        .client
+        .get(format!("{}/api/v1/projects/{project}", app.base))
+        .send()
+        .await
+        .expect("an answer");
+    let waited = asked.elapsed();
+    let retry_after = response.headers().get("retry-after").cloned();
+    let (status, body) = (response.status(), response.text().await.expect("body"));
+    postgres.up();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"unavailable\""), "{body}");
+    assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"5"[..]));
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+    let mut back = 0;
+    for _ in 0..100 {
+        back = app.get(&format!("/api/v1/projects/{project}")).await.0;
+        if back == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(back, 200, "the API answers once Postgres is back");
+    app.stop().await;
+}
+
 /// A planted secret never shows: not in API responses, not in the server's
 /// debug logs, not in run errors, not in the database file; nor does an API
 /// token's secret once the answer that created it is read (used, audited,

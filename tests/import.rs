@@ -1235,6 +1235,45 @@ async fn small_files_waiting_for_a_lagging_database_stay_within_the_budget() {
     app.stop().await;
 }
 
+/// A worker inside the scheduler (`LABELSYNC_EMBEDDED_WORKERS`) imports on
+/// a database pool of its own. On the API's, an import's commits, each
+/// held while the database lagged, took every connection, and API requests
+/// queued behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_in_the_schedulers_worker_leaves_the_api_its_connections() {
+    const FILES: usize = 16;
+    let app = spawn_app(AppOptions::default()).await;
+    let data = data_dir(&app);
+    // Two chunks a file: committed two at a time, each holding a connection.
+    let rows = numbered_lines(4_500);
+    for i in 0..FILES {
+        write(&data, &format!("big-{i:02}.jsonl"), rows.as_bytes());
+    }
+    let project = app.project("own-pool").await;
+    let storage = storage(&app, project, json!({})).await;
+    slow_run_updates(&app, 0.2).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    // The worker's commits queue on the run's row from the first second.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mut slowest = std::time::Duration::ZERO;
+    for _ in 0..10 {
+        let asked = std::time::Instant::now();
+        let (status, body) = app.get(&format!("/api/v1/projects/{project}")).await;
+        assert_eq!(status, 200, "{body}");
+        slowest = slowest.max(asked.elapsed());
+    }
+    let run = app
+        .wait_run(&run_id, std::time::Duration::from_secs(120))
+        .await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], (FILES * 4_500) as i64, "{run}");
+    assert!(
+        slowest < std::time::Duration::from_millis(500),
+        "an API request waited {slowest:?} during the import"
+    );
+    app.stop().await;
+}
+
 /// Budgets so tight that a chunk is cut short at nearly every row slow an
 /// import but neither stop it nor lose a row: a JSON file's parse holds the
 /// whole parse budget while its rows wait for room, JSONL rows of 64 KiB

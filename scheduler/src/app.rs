@@ -14,7 +14,7 @@ use crate::api::{self, AppState};
 
 /// Connects the database (migrating it unless disabled) and the queue.
 pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
-    let db = db::connect(&settings.database_url)
+    let db = db::connect_api(&settings.database_url)
         .await
         .context("cannot open the database (DATABASE_URL)")?;
     if settings.run_migrations {
@@ -62,18 +62,11 @@ pub async fn serve(
     let state = state(settings).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let probes = probe_listener.map(|listener| serve_probes(listener, &state, stop_rx.clone()));
-    let worker = state.settings.embedded_workers.then(|| {
-        let ctx = JobContext::new(
-            state.db.clone(),
-            (*state.settings).clone(),
-            Some(state.queue.clone()),
-        );
-        tokio::spawn(run_in_process_worker(
-            ctx,
-            state.queue.clone(),
-            stop_rx.clone(),
-        ))
-    });
+    let worker = if state.settings.embedded_workers {
+        Some(start_in_process_worker(&state, stop_rx.clone()).await?)
+    } else {
+        None
+    };
     let ticker = tokio::spawn(crate::periodic::run(
         state.clone(),
         state.settings.schedule_tick,
@@ -125,6 +118,28 @@ fn serve_probes(
             let _ = stop.wait_for(|s| *s).await;
         },
     ))
+}
+
+/// Starts the in-process worker ([`run_in_process_worker`]) on a database
+/// pool of its own (`db::worker_pool`).
+async fn start_in_process_worker(
+    state: &AppState,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let settings = &state.settings;
+    let db = db::worker_pool(
+        &state.db,
+        &settings.database_url,
+        settings.worker.concurrency,
+    )
+    .await
+    .context("cannot open the database (DATABASE_URL)")?;
+    let ctx = JobContext::new(db, (**settings).clone(), Some(state.queue.clone()));
+    Ok(tokio::spawn(run_in_process_worker(
+        ctx,
+        state.queue.clone(),
+        stop,
+    )))
 }
 
 /// Runs the in-process worker until `stop` says so, starting it again when

@@ -124,11 +124,23 @@ impl From<sea_orm::DbErr> for ApiError {
     }
 }
 
+/// The seconds a `503 unavailable` asks its caller to wait (`Retry-After`):
+/// about what an API request waits for a database connection before it is
+/// refused (`db::connect_api`).
+const RETRY_UNAVAILABLE_SECS: u32 = 5;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body =
             json!({ "error": { "code": self.code, "message": self.message, "field": self.field } });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_UNAVAILABLE_SECS),
+            );
+        }
+        response
     }
 }
 

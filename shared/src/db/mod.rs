@@ -36,8 +36,33 @@ use crate::Result;
 /// in-process workers can write to one file without "database is locked".
 /// Postgres connections plan every statement afresh (see [`point_pool`]).
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
-    open(url, "force_custom_plan", 16, 0, "labelsync").await
+    open(url, "force_custom_plan", 16, 0, "labelsync", ACQUIRE).await
 }
+
+/// [`connect`] for the scheduler, whose pool serves the API: on Postgres a
+/// request waits at most [`API_ACQUIRE`] for a connection, then is `503
+/// unavailable`. sqlx tries to connect again until a pool's acquire timeout
+/// while the server refuses connections (down, or at its
+/// `max_connections`), so during an outage every request hung for
+/// [`ACQUIRE`]. On SQLite, [`ACQUIRE`]: the pool is the embedded worker's
+/// too, whose writers each wait up to 30 s for the file's write lock
+/// holding a connection.
+pub async fn connect_api(url: &str) -> Result<DatabaseConnection> {
+    let acquire = if url.starts_with("sqlite") {
+        ACQUIRE
+    } else {
+        API_ACQUIRE
+    };
+    open(url, "force_custom_plan", 16, 0, "labelsync", acquire).await
+}
+
+/// How long a statement waits for a pool's connection, but the API's.
+const ACQUIRE: Duration = Duration::from_secs(30);
+
+/// How long an API request waits for a connection on Postgres (see
+/// [`connect_api`]): far above a busy pool's queue (milliseconds under 64
+/// clients), far below a client's own timeout.
+const API_ACQUIRE: Duration = Duration::from_secs(5);
 
 /// [`connect`] for a worker with `slots` job slots: the pool keeps a
 /// connection per slot and two more (the heartbeats) open from the start,
@@ -54,7 +79,7 @@ pub async fn connect_worker(url: &str, slots: usize) -> Result<DatabaseConnectio
         .unwrap_or(u32::MAX)
         .min(WORKER_POOL);
     let name = "labelsync-worker";
-    let warm = open(url, "force_custom_plan", WORKER_POOL, kept, name);
+    let warm = open(url, "force_custom_plan", WORKER_POOL, kept, name, ACQUIRE);
     let why = match tokio::time::timeout(KEEP_WITHIN, warm).await {
         Ok(Ok(db)) => {
             warm_up(&db, kept as usize).await;
@@ -64,7 +89,25 @@ pub async fn connect_worker(url: &str, slots: usize) -> Result<DatabaseConnectio
         Err(_) => format!("not all open within {KEEP_WITHIN:?}"),
     };
     tracing::warn!(error = %why, kept, "cannot keep a database connection per job slot open; opening them as jobs need them");
-    open(url, "force_custom_plan", WORKER_POOL, 0, name).await
+    open(url, "force_custom_plan", WORKER_POOL, 0, name, ACQUIRE).await
+}
+
+/// The pool of a worker run inside the scheduler (`LABELSYNC_EMBEDDED_WORKERS`
+/// or the embedded mode), `slots` job slots. On Postgres, one of its own,
+/// as a worker process has ([`connect_worker`]): sharing the API's, an
+/// import's commits (two per object, up to 64 objects read at once) took
+/// every connection, and API requests queued behind them for up to the
+/// pool's 30 s acquire timeout. On SQLite, `db` itself (one writer at a
+/// time whatever the pools).
+pub async fn worker_pool(
+    db: &DatabaseConnection,
+    url: &str,
+    slots: usize,
+) -> Result<DatabaseConnection> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return Ok(db.clone());
+    }
+    connect_worker(url, slots).await
 }
 
 /// Runs a fan-out batch job's statements once on each of the `kept`
@@ -130,28 +173,31 @@ const WORKER_POOL: u32 = 16;
 /// and their foreign-key checks on every call is what made planning about
 /// 40% of Postgres' CPU under 64 clients saving annotations (see
 /// docs/DECISIONS.md, "A second pool for point statements").
-/// On SQLite, `db` itself.
+/// On SQLite, `db` itself. A request waits for a connection as on
+/// [`connect_api`]'s pool.
 pub async fn point_pool(db: &DatabaseConnection, url: &str) -> Result<DatabaseConnection> {
     if db.get_database_backend() != DbBackend::Postgres {
         return Ok(db.clone());
     }
-    open(url, "auto", 8, 0, "labelsync").await
+    open(url, "auto", 8, 0, "labelsync", API_ACQUIRE).await
 }
 
 /// A pool of at most `size` connections, `kept` of them open at all times,
 /// shown to Postgres as `application_name` (Postgres only: so ops can tell
-/// in `pg_stat_activity` whose connections they are).
+/// in `pg_stat_activity` whose connections they are), whose statements
+/// wait at most `acquire` for a connection.
 async fn open(
     url: &str,
     plan_cache_mode: &'static str,
     size: u32,
     kept: u32,
     application_name: &'static str,
+    acquire: Duration,
 ) -> Result<DatabaseConnection> {
     let mut opts = ConnectOptions::new(url.to_owned());
     opts.sqlx_logging(false)
         .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(Duration::from_secs(30));
+        .acquire_timeout(acquire);
     if url.starts_with("sqlite") {
         opts.max_connections(8).map_sqlx_sqlite_opts(|o| {
             o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
