@@ -1274,6 +1274,32 @@ async fn an_import_in_the_schedulers_worker_leaves_the_api_its_connections() {
     app.stop().await;
 }
 
+/// Rows of a few small values take several times their JSON text in
+/// memory (a map of one entry is a 640-byte node), and a task waiting for
+/// its transaction more again: the rows in flight are counted as they take
+/// memory, not as the values' 32 bytes each plus their text, or a worker
+/// holding a budget's worth of such rows held four or five times it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_small_values_are_counted_as_what_they_take_in_memory() {
+    const FILES: usize = 500;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = data_dir(&app);
+    // 1,000 rows of 62 bytes a file: each file a small one.
+    let rows = padded_lines(1_000, 40);
+    for i in 0..FILES {
+        write(&data, &format!("medium-{i:03}.jsonl"), rows.as_bytes());
+    }
+    let project = app.project("small-values").await;
+    let storage = storage(&app, project, json!({})).await;
+    let in_flight = (32 << 20).to_string();
+    let env = [("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..])];
+    let (run, peak) = sync_on_own_worker(&app, &storage, "small-values", &env).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], (FILES * 1_000) as i64, "{run}");
+    assert!(peak < 180 << 20, "the worker peaked at {} MB", peak >> 20);
+    app.stop().await;
+}
+
 /// Budgets so tight that a chunk is cut short at nearly every row slow an
 /// import but neither stop it nor lose a row: a JSON file's parse holds the
 /// whole parse budget while its rows wait for room, JSONL rows of 64 KiB

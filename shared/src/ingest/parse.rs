@@ -135,17 +135,55 @@ impl Limits {
     }
 }
 
-/// What one value costs in memory at least, beyond its strings: a
-/// `serde_json::Value` is 32 bytes, plus its place in a vector or map.
+/// A `serde_json::Value`: the root's own size (every other value's is its
+/// place in its parent's vector or map node).
 const VALUE_BYTES: usize = 32;
+/// A node of a map: `serde_json`'s maps are B-trees whose nodes hold up to
+/// 11 entries (11 keys of 24 bytes and 11 values of 32, and their links),
+/// taken whole from a map's first entry on.
+const MAP_NODE_BYTES: usize = 632;
+/// Entries a node of a map past one node holds, counted low (nodes split
+/// half full) so that the estimate stays above what the map takes.
+const MAP_NODE_ENTRIES: usize = 6;
+
+/// What a vector or string of `len` bytes takes on the heap: the
+/// allocator's chunk, an 8-byte header and the bytes in steps of 16, at
+/// least 32 (glibc's malloc on 64-bit); nothing for an empty one.
+fn heap(len: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    len.saturating_add(8).next_multiple_of(16).max(32)
+}
+
+/// What an array of `len` values takes on the heap: `serde_json` pushes
+/// its values into a vector that doubles from 4.
+fn array_heap(len: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    heap(len.next_power_of_two().max(4).saturating_mul(VALUE_BYTES))
+}
+
+/// What a map of `len` entries takes on the heap, beyond its keys' text.
+fn map_heap(len: usize) -> usize {
+    let nodes = match len {
+        0 => 0,
+        1..=11 => 1,
+        _ => len.div_ceil(MAP_NODE_ENTRIES),
+    };
+    nodes * heap(MAP_NODE_BYTES)
+}
 
 /// Why `value` (one row) cannot be a task, if it cannot: nested deeper than
 /// [`MAX_NESTING`], a NUL character in a string or key (Postgres cannot
 /// store it; SQLite could, and is held to the same rule so both databases
 /// import the same rows), or larger than `limits.max_task_bytes` (counted
-/// per value as the larger of its JSON text and its size in memory, so a
-/// short text of many tiny values counts for what it costs). Returns that
-/// size. Walks iteratively: the value may be as deep as the parser allowed.
+/// as what the value takes in memory, which is more than its JSON text: a
+/// short text of many tiny values counts for what it costs, a map of one
+/// entry about 700 bytes). Returns that size, which the budgets of rows
+/// being parsed and waiting for their transaction count (`super::budget`).
+/// Walks iteratively: the value may be as deep as the parser allowed.
 pub fn check_task(value: &Value, limits: Limits) -> Result<usize, String> {
     // Each value is counted when its parent is (the root here), before its
     // children are pushed: a row of millions of values trips the limit
@@ -158,7 +196,7 @@ pub fn check_task(value: &Value, limits: Limits) -> Result<usize, String> {
                 if depth > MAX_NESTING {
                     return Err(too_deep());
                 }
-                bytes += items.len() * VALUE_BYTES;
+                bytes += array_heap(items.len());
                 over_limit(bytes, limits)?;
                 stack.extend(items.iter().map(|v| (v, depth + 1)));
             }
@@ -166,17 +204,17 @@ pub fn check_task(value: &Value, limits: Limits) -> Result<usize, String> {
                 if depth > MAX_NESTING {
                     return Err(too_deep());
                 }
-                bytes += map.len() * 2 * VALUE_BYTES;
+                bytes += map_heap(map.len());
                 over_limit(bytes, limits)?;
                 for (key, v) in map {
                     check_text(key)?;
-                    bytes += key.len();
+                    bytes += heap(key.len());
                     stack.push((v, depth + 1));
                 }
             }
             Value::String(text) => {
                 check_text(text)?;
-                bytes += text.len();
+                bytes += heap(text.len());
             }
             Value::Number(_) | Value::Bool(_) | Value::Null => {}
         }
@@ -1065,6 +1103,23 @@ mod tests {
         // A value that is small as text but large as JSON still counts.
         let wide = serde_json::Value::Array(vec![serde_json::Value::Null; 50]);
         assert!(check_task(&wide, limits).unwrap_err().contains("larger"));
+    }
+
+    /// A row counts for what its values take in memory, not 32 bytes a
+    /// value and their text: a map's node from its first entry on, each
+    /// string's allocation, an array's doubled vector.
+    #[test]
+    fn a_row_counts_for_what_it_takes_in_memory() {
+        let limits = Limits::default();
+        let measure = |value: serde_json::Value| check_task(&value, limits).expect("a task");
+        assert_eq!(measure(serde_json::json!({})), VALUE_BYTES);
+        let one = measure(serde_json::json!({"a": 0}));
+        assert!(one >= VALUE_BYTES + 640 + 32, "{one}");
+        let tiny = vec![serde_json::json!({"a": 0}); 1_000];
+        let many = measure(serde_json::Value::Array(tiny));
+        assert!(many >= 1_000 * (640 + 32 + 32), "{many}");
+        let text = measure(serde_json::json!({"text": "x".repeat(100_000)}));
+        assert!((100_000..101_000).contains(&text), "{text}");
     }
 
     #[test]

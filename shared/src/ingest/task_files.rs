@@ -578,12 +578,25 @@ struct Chunk {
     last: bool,
 }
 
+/// What a row takes in memory while it waits for its transaction: its
+/// task's values (`TaskInput::approx_bytes`), and this: its place in its
+/// chunk as the task it becomes (a `NewTask`), with that task's copies of
+/// its object's key and etag (keys of usual lengths).
+const ROW_BYTES: usize = std::mem::size_of::<NewTask>() + 128;
+
+/// What the row of `event` takes in memory while it waits (see
+/// [`ROW_BYTES`]); nothing for a row's error.
+fn row_bytes(event: &RowEvent) -> usize {
+    match event {
+        RowEvent::Task(_, task) => task.approx_bytes + ROW_BYTES,
+        RowEvent::Error(..) | RowEvent::WillWait => 0,
+    }
+}
+
 impl Chunk {
     /// Adds a row; true when the chunk is full and should be sent.
     fn push(&mut self, event: RowEvent) -> bool {
-        if let RowEvent::Task(_, task) = &event {
-            self.bytes += task.approx_bytes;
-        }
+        self.bytes += row_bytes(&event);
         self.rows.push(event);
         self.rows.len() >= CHUNK_ROWS || self.bytes >= CHUNK_BYTES
     }
@@ -631,14 +644,11 @@ impl Chunker<'_> {
         if !self.open {
             return false;
         }
-        let bytes = match &event {
-            RowEvent::Task(_, task) => task.approx_bytes,
-            RowEvent::Error(..) => 0,
-            RowEvent::WillWait => {
-                self.hand_on();
-                return self.open;
-            }
-        };
+        if matches!(event, RowEvent::WillWait) {
+            self.hand_on();
+            return self.open;
+        }
+        let bytes = row_bytes(&event);
         self.rows += 1;
         if self.rows > self.max_rows {
             return false;
