@@ -258,6 +258,53 @@ async fn one_shot_cli_syncs_the_bundled_example() {
     assert!(failed.stdout.is_empty());
 }
 
+/// A period whose sync could not be enqueued (the run's insert failed) is
+/// given back: the next tick enqueues it, not the next period (an hour
+/// later here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_period_whose_sync_could_not_be_enqueued_is_tried_again_next_tick() {
+    let app = spawn_app(AppOptions {
+        env: vec![("LABELSYNC_SCHEDULE_TICK_MS", "200".into())],
+        ..AppOptions::without_workers()
+    })
+    .await;
+    let db = Database::connect(app.database_url.as_str())
+        .await
+        .expect("database");
+    db.execute_unprepared(
+        "CREATE TABLE refuse_runs (x int); INSERT INTO refuse_runs VALUES (1); \
+         CREATE FUNCTION refuse_runs() RETURNS trigger AS $$ BEGIN \
+         IF EXISTS (SELECT 1 FROM refuse_runs) THEN RAISE EXCEPTION 'refused'; END IF; \
+         RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER refuse_runs BEFORE INSERT ON sync_runs \
+         FOR EACH ROW EXECUTE FUNCTION refuse_runs();",
+    )
+    .await
+    .expect("trigger");
+    std::fs::create_dir_all(app.doc_root.path().join("data")).expect("data");
+    let project = app.project("given back").await;
+    let storage = app
+        .local_storage(project, json!({ "sync_interval_seconds": 3600 }))
+        .await;
+    // Due at once: the first ticks claim the period and fail to enqueue.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    db.execute_unprepared("DELETE FROM refuse_runs")
+        .await
+        .expect("let runs in");
+    let runs_path = format!("/api/v1/runs?storage_id={}", storage["id"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let runs = loop {
+        let (_, runs) = app.get(&runs_path).await;
+        let runs = runs["items"].as_array().expect("items").clone();
+        if !runs.is_empty() || std::time::Instant::now() > deadline {
+            break runs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_scheduler_replicas_enqueue_each_period_once() {
     let first = spawn_app(AppOptions::default()).await;

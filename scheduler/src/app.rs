@@ -62,11 +62,10 @@ pub async fn serve(
     let state = state(settings).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let probes = probe_listener.map(|listener| serve_probes(listener, &state, stop_rx.clone()));
-    let worker = if state.settings.embedded_workers {
-        Some(start_in_process_worker(&state, stop_rx.clone()).await?)
-    } else {
-        None
-    };
+    let worker = state
+        .settings
+        .embedded_workers
+        .then(|| start_in_process_worker(&state, stop_rx.clone()));
     let ticker = tokio::spawn(crate::periodic::run(
         state.clone(),
         state.settings.schedule_tick,
@@ -121,25 +120,27 @@ fn serve_probes(
 }
 
 /// Starts the in-process worker ([`run_in_process_worker`]) on a database
-/// pool of its own (`db::worker_pool`).
-async fn start_in_process_worker(
+/// pool of its own (`db::worker_pool`), opened in its task so that the API
+/// does not wait for it; on the API's pool when that cannot be opened (the
+/// database has no connection to spare), as before it had one.
+fn start_in_process_worker(
     state: &AppState,
     stop: watch::Receiver<bool>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let settings = &state.settings;
-    let db = db::worker_pool(
-        &state.db,
-        &settings.database_url,
-        settings.worker.concurrency,
-    )
-    .await
-    .context("cannot open the database (DATABASE_URL)")?;
-    let ctx = JobContext::new(db, (**settings).clone(), Some(state.queue.clone()));
-    Ok(tokio::spawn(run_in_process_worker(
-        ctx,
-        state.queue.clone(),
-        stop,
-    )))
+) -> tokio::task::JoinHandle<()> {
+    let (api_db, queue) = (state.db.clone(), state.queue.clone());
+    let settings = state.settings.clone();
+    tokio::spawn(async move {
+        let (url, slots) = (&settings.database_url, settings.worker.concurrency);
+        let db = match db::worker_pool(&api_db, url, slots).await {
+            Ok(db) => db,
+            Err(err) => {
+                tracing::warn!(error = %err, "no database pool of its own for the in-process worker; it shares the API's");
+                api_db
+            }
+        };
+        let ctx = JobContext::new(db, (*settings).clone(), Some(queue.clone()));
+        run_in_process_worker(ctx, queue, stop).await;
+    })
 }
 
 /// Runs the in-process worker until `stop` says so, starting it again when

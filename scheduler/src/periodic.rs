@@ -181,7 +181,9 @@ pub fn worker_retention(settings: &labelsync::config::Settings) -> chrono::Durat
 
 /// Claims and enqueues every storage whose period has come.
 pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
-    let now = Utc::now();
+    // In whole microseconds, as the database keeps them: a period is given
+    // back by the time it was claimed for.
+    let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
     let candidates = storages::due_for_sync(&state.db, now, BATCH).await?;
     let mut enqueued = 0;
     for (id, interval) in candidates {
@@ -194,21 +196,34 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
         if !storages::claim_period(&state.db, id, now, next).await? {
             continue; // another replica took this period
         }
-        let Some(model) = storages::find(&state.db, id).await? else {
-            continue;
-        };
-        match jobs::enqueue_sync(&state.db, &state.queue, &state.settings, &model).await {
-            Ok((run, false)) => {
-                enqueued += 1;
-                tracing::info!(storage_id = id, run_id = %run.id, "periodic sync enqueued");
-            }
-            Ok((run, true)) => {
-                tracing::debug!(storage_id = id, run_id = %run.id, "periodic sync skipped: a run is live")
-            }
+        match enqueue_claimed(state, id).await {
+            Ok(started) => enqueued += usize::from(started),
             Err(err) => {
-                tracing::warn!(storage_id = id, error = %err, "periodic sync could not be enqueued")
+                // The period goes back: the next tick tries again, not the
+                // next period (a database or queue that failed for a moment
+                // cost the storage a whole interval).
+                tracing::warn!(storage_id = id, error = %err, "periodic sync could not be enqueued; trying again next tick");
+                if let Err(err) = storages::give_back_period(&state.db, id, next, now).await {
+                    tracing::warn!(storage_id = id, error = %err, "periodic sync's period could not be given back");
+                }
             }
         }
     }
     Ok(enqueued)
+}
+
+/// Enqueues the sync of storage `id`, whose period this replica claimed:
+/// true when a run was enqueued, false when the storage is gone or a run
+/// of it is live.
+async fn enqueue_claimed(state: &AppState, id: i64) -> labelsync::Result<bool> {
+    let Some(model) = storages::find(&state.db, id).await? else {
+        return Ok(false);
+    };
+    let (run, live) = jobs::enqueue_sync(&state.db, &state.queue, &state.settings, &model).await?;
+    if live {
+        tracing::debug!(storage_id = id, run_id = %run.id, "periodic sync skipped: a run is live");
+    } else {
+        tracing::info!(storage_id = id, run_id = %run.id, "periodic sync enqueued");
+    }
+    Ok(!live)
 }

@@ -124,9 +124,10 @@ impl From<sea_orm::DbErr> for ApiError {
     }
 }
 
-/// The seconds a `503 unavailable` asks its caller to wait (`Retry-After`):
-/// about what an API request waits for a database connection before it is
-/// refused (`db::connect_api`).
+/// The seconds a `503 unavailable` (a database, storage or queue that
+/// cannot be reached) asks its caller to wait (`Retry-After`): about what
+/// an API request waits for a database connection before it is refused
+/// (`db::connect_api`).
 const RETRY_UNAVAILABLE_SECS: u32 = 5;
 
 impl IntoResponse for ApiError {

@@ -87,6 +87,23 @@ pub async fn find_for(
     find(db, id).await
 }
 
+/// [`find_for`] for the project a body names (`project_id`): one the caller
+/// cannot see is `400 unknown_project`; any other failure (the database
+/// unavailable: `503`) stays what it is.
+pub async fn find_named(
+    db: &impl ConnectionTrait,
+    caller: &Caller,
+    id: i64,
+) -> ApiResult<project::Model> {
+    find_for(db, caller, id).await.map_err(|err| {
+        if err.status == StatusCode::NOT_FOUND {
+            unknown(id)
+        } else {
+            err
+        }
+    })
+}
+
 pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,

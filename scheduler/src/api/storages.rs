@@ -152,9 +152,7 @@ pub async fn create(
     let project_id = spec.project_id.ok_or_else(|| {
         ApiError::bad_request("missing_field", "project_id", "project_id is required")
     })?;
-    projects::find_for(&state.db, &caller, project_id)
-        .await
-        .map_err(|_| projects::unknown(project_id))?;
+    projects::find_named(&state.db, &caller, project_id).await?;
     let valid = spec.validate(&state.storage_env).await?;
     check_own_credentials(&caller, &valid, None)?;
     let model = spec::save(

@@ -159,9 +159,7 @@ fn check_events(events: &[String]) -> ApiResult<String> {
 }
 
 async fn check_project(state: &AppState, caller: &Caller, project_id: i64) -> ApiResult<()> {
-    projects::find_for(&state.db, caller, project_id)
-        .await
-        .map_err(|_| projects::unknown(project_id))?;
+    projects::find_named(&state.db, caller, project_id).await?;
     Ok(())
 }
 

@@ -195,9 +195,8 @@ async fn open(
     acquire: Duration,
 ) -> Result<DatabaseConnection> {
     let mut opts = ConnectOptions::new(url.to_owned());
-    opts.sqlx_logging(false)
-        .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(acquire);
+    // sea-orm's connect timeout is sqlx's acquire timeout: one setting.
+    opts.sqlx_logging(false).acquire_timeout(acquire);
     if url.starts_with("sqlite") {
         opts.max_connections(8).map_sqlx_sqlite_opts(|o| {
             o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)

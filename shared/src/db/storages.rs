@@ -271,3 +271,22 @@ pub async fn claim_period(
         .await?;
     Ok(claimed.rows_affected > 0)
 }
+
+/// Gives back a period [`claim_period`] claimed (moving `next_sync_at` from
+/// `next` to `now`) when its sync could not be enqueued, so that the next
+/// tick tries again rather than the next period. Nothing when the storage
+/// was changed or claimed meanwhile.
+pub async fn give_back_period(
+    db: &impl ConnectionTrait,
+    id: i64,
+    next: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let given = storage::Entity::update_many()
+        .col_expr(storage::Column::NextSyncAt, Expr::value(now))
+        .filter(storage::Column::Id.eq(id))
+        .filter(storage::Column::NextSyncAt.eq(next))
+        .exec(db)
+        .await?;
+    Ok(given.rows_affected > 0)
+}

@@ -391,12 +391,12 @@ impl ImportJob<'_> {
             };
             let retried = self.retry_of().is_some() && self.tasks_mode();
             let changed = object.etag.is_some() && k.etag.is_some() && object.etag != k.etag;
-            // A marked object that changed is read again as a changed one
-            // where the storage opts in: a file that broke, then was fixed,
-            // updates the tasks of the rows it had too.
+            // A marked or retried object that changed is read again as a
+            // changed one where the storage opts in: a file that broke,
+            // then was fixed, updates the tasks of the rows it had too.
             let marked = partial.contains(&object.key);
-            let reread = marked && !(changed && self.storage.reimport_changed);
-            if k.seen_by_run || reread || retried {
+            let reread = (marked || retried) && !(changed && self.storage.reimport_changed);
+            if k.seen_by_run || reread {
                 // A page replayed after a crash, or an object an earlier run
                 // stopped or broke half-way through (cancelled, failed,
                 // killed): its rows were counted when committed; Tasks mode
