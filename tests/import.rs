@@ -1164,7 +1164,7 @@ fn write_many_values_jsonl(path: &Path, rows: usize, values: usize) {
 }
 
 /// `files` copies of a JSONL file of `rows` rows of 300 KB of text, each
-/// 3.2 MB in memory (`rows-<i>.jsonl` in `data`).
+/// 4.2 MB in memory (`rows-<i>.jsonl` in `data`).
 fn many_values_files(data: &Path, files: usize, rows: usize) {
     write_many_values_jsonl(&data.join("rows-0.jsonl"), rows, 100_000);
     for i in 1..files {
@@ -1201,7 +1201,7 @@ async fn rows_waiting_for_their_commit_stay_within_their_budget() {
     const FILES: usize = 24;
     const ROWS: usize = 16;
     let app = spawn_app(AppOptions::without_workers()).await;
-    // 300 KB of text a row, 3.2 MB in memory: a chunk closes at three rows.
+    // 300 KB of text a row, 4.2 MB in memory: a chunk closes at two rows.
     many_values_files(&data_dir(&app), FILES, ROWS);
     let project = app.project("in-flight").await;
     let storage = storage(&app, project, json!({})).await;
@@ -1232,8 +1232,8 @@ async fn small_files_waiting_for_a_lagging_database_stay_within_the_budget() {
     const FILES: usize = 64;
     let app = spawn_app(AppOptions::without_workers()).await;
     let data = data_dir(&app);
-    // 500 rows of 4 KB: 2 MB, one chunk; lines too short to reserve any
-    // of the parse budget.
+    // 500 rows of 4 KB: 2.5 MB in memory, one chunk; lines too short to
+    // reserve any of the parse budget.
     let rows = padded_lines(500, 4_000);
     for i in 0..FILES {
         write(&data, &format!("small-{i:02}.jsonl"), rows.as_bytes());
@@ -1241,8 +1241,9 @@ async fn small_files_waiting_for_a_lagging_database_stay_within_the_budget() {
     slow_run_updates(&app, 0.2).await;
     let project = app.project("small-in-flight").await;
     let storage = storage(&app, project, json!({})).await;
-    // One job slot reading 16 objects at once: 32 MB of rows, within the
-    // budget, so every object is a small one.
+    // One job slot reading 16 objects at once: about 40 MB of rows, a
+    // little over the budget, so most objects are small ones and a parse
+    // waits for room now and then.
     let in_flight = (32 << 20).to_string();
     let env = [
         ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..]),
@@ -1339,7 +1340,8 @@ async fn tight_budgets_slow_an_import_but_never_stop_it() {
     const SMALL_FILES: usize = 24;
     let app = spawn_app(AppOptions::without_workers()).await;
     let data = data_dir(&app);
-    // 66 KB of text a row, 700 KB in memory.
+    // 66 KB of text a row, 1 MB in memory: with what it takes as a task,
+    // more than the 1 MiB of rows in flight, so each row goes alone.
     write_many_values_jsonl(&data.join("rows-0.jsonl"), ROWS, 22_000);
     let lines = std::fs::read_to_string(data.join("rows-0.jsonl")).expect("read");
     let array = format!("[{}]", lines.trim_end().replace('\n', ","));
@@ -1467,10 +1469,10 @@ async fn small_files_beside_a_large_one_never_wait_on_each_other() {
     let data = data_dir(&app);
     let big = numbered_lines(60_000);
     write(&data, "big.jsonl", big.as_bytes());
-    // 3,000 rows of 2 KB each: one chunk, committed with the next file's
-    // rows, and slow enough to parse that they end while the large file's
-    // chunks are being committed.
-    let small = padded_lines(3_000, 2_000);
+    // 2,500 rows of 2 KB each (3 KB in memory): one chunk, committed with
+    // the next file's rows, and slow enough to parse that they end while
+    // the large file's chunks are being committed.
+    let small = padded_lines(2_500, 2_000);
     for i in 0..SMALL_FILES {
         write(&data, &format!("small-{i:02}.jsonl"), small.as_bytes());
     }
@@ -1482,7 +1484,7 @@ async fn small_files_beside_a_large_one_never_wait_on_each_other() {
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(
         run["counters"]["created"],
-        60_000 + 3_000 * SMALL_FILES as i64,
+        60_000 + 2_500 * SMALL_FILES as i64,
         "{run}"
     );
     app.stop().await;

@@ -13,8 +13,9 @@
 //! and waits while the budget is spent, so the sum of these spikes is
 //! bounded by the setting, not by the input. A reservation is held while
 //! one row (JSONL) or one file (JSON) is parsed and its rows are handed on
-//! (a JSONL row keeps what it takes once parsed while it may wait for room
-//! in the rows in flight), or while a Parquet child reads one row group. A
+//! (a JSONL row keeps what it takes once parsed, or its whole reservation
+//! when it takes more, while it may wait for room in the rows in flight),
+//! or while a Parquet child reads one row group. A
 //! reservation larger than the whole budget is cut to it: that parse runs
 //! alone (a row, whose size `LABELSYNC_MAX_TASK_BYTES` bounds; a Parquet
 //! row group that needs more than the budget is refused before it is read,

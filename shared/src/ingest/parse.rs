@@ -138,13 +138,16 @@ impl Limits {
 /// A `serde_json::Value`: the root's own size (every other value's is its
 /// place in its parent's vector or map node).
 const VALUE_BYTES: usize = 32;
-/// A node of a map: `serde_json`'s maps are B-trees whose nodes hold up to
-/// 11 entries (11 keys of 24 bytes and 11 values of 32, and their links),
-/// taken whole from a map's first entry on.
-const MAP_NODE_BYTES: usize = 632;
-/// Entries a node of a map past one node holds, counted low (nodes split
-/// half full) so that the estimate stays above what the map takes.
-const MAP_NODE_ENTRIES: usize = 6;
+/// A leaf node of a map: `serde_json`'s maps are B-trees whose nodes hold
+/// up to 11 entries (11 keys of 24 bytes and 11 values of 32, and their
+/// links), taken whole from a map's first entry on.
+const MAP_LEAF_BYTES: usize = 632;
+/// An inner node of a map: a leaf's entries and 12 links to its children.
+const MAP_INNER_BYTES: usize = 728;
+/// Entries (or children) a node of a map past one node holds at least:
+/// nodes split half full, so counting this many keeps the estimate above
+/// what the map takes.
+const MAP_NODE_LEAST: usize = 5;
 
 /// What a vector or string of `len` bytes takes on the heap: the
 /// allocator's chunk, an 8-byte header and the bytes in steps of 16, at
@@ -167,28 +170,34 @@ fn array_heap(len: usize) -> usize {
 
 /// What a map of `len` entries takes on the heap, beyond its keys' text.
 fn map_heap(len: usize) -> usize {
-    let nodes = match len {
+    match len {
         0 => 0,
-        1..=11 => 1,
-        _ => len.div_ceil(MAP_NODE_ENTRIES),
-    };
-    nodes * heap(MAP_NODE_BYTES)
+        1..=11 => heap(MAP_LEAF_BYTES),
+        _ => {
+            let leaves = len.div_ceil(MAP_NODE_LEAST);
+            let inner = leaves.div_ceil(MAP_NODE_LEAST);
+            leaves * heap(MAP_LEAF_BYTES) + inner * heap(MAP_INNER_BYTES)
+        }
+    }
 }
 
 /// Why `value` (one row) cannot be a task, if it cannot: nested deeper than
 /// [`MAX_NESTING`], a NUL character in a string or key (Postgres cannot
 /// store it; SQLite could, and is held to the same rule so both databases
 /// import the same rows), or larger than `limits.max_task_bytes` (counted
-/// as what the value takes in memory, which is more than its JSON text: a
-/// short text of many tiny values counts for what it costs, a map of one
-/// entry about 700 bytes). Returns that size, which the budgets of rows
-/// being parsed and waiting for their transaction count (`super::budget`).
+/// per value as the larger of its JSON text and 32 bytes a value, 64 an
+/// entry of an object, so a short text of many tiny values counts for
+/// more than its text). Returns what the value takes in memory, which is
+/// more again (a map of one entry about 700 bytes: [`heap`],
+/// [`array_heap`], [`map_heap`]), and which the budgets of rows being
+/// parsed and waiting for their transaction count (`super::budget`); the
+/// limit keeps its own measure, so that it refuses what it always did.
 /// Walks iteratively: the value may be as deep as the parser allowed.
 pub fn check_task(value: &Value, limits: Limits) -> Result<usize, String> {
     // Each value is counted when its parent is (the root here), before its
     // children are pushed: a row of millions of values trips the limit
     // before the walk holds millions of entries.
-    let mut bytes = VALUE_BYTES;
+    let (mut bytes, mut memory) = (VALUE_BYTES, VALUE_BYTES);
     let mut stack = vec![(value, 1usize)];
     while let Some((value, depth)) = stack.pop() {
         match value {
@@ -196,7 +205,8 @@ pub fn check_task(value: &Value, limits: Limits) -> Result<usize, String> {
                 if depth > MAX_NESTING {
                     return Err(too_deep());
                 }
-                bytes += array_heap(items.len());
+                bytes += items.len() * VALUE_BYTES;
+                memory += array_heap(items.len());
                 over_limit(bytes, limits)?;
                 stack.extend(items.iter().map(|v| (v, depth + 1)));
             }
@@ -204,23 +214,26 @@ pub fn check_task(value: &Value, limits: Limits) -> Result<usize, String> {
                 if depth > MAX_NESTING {
                     return Err(too_deep());
                 }
-                bytes += map_heap(map.len());
+                bytes += map.len() * 2 * VALUE_BYTES;
+                memory += map_heap(map.len());
                 over_limit(bytes, limits)?;
                 for (key, v) in map {
                     check_text(key)?;
-                    bytes += heap(key.len());
+                    bytes += key.len();
+                    memory += heap(key.len());
                     stack.push((v, depth + 1));
                 }
             }
             Value::String(text) => {
                 check_text(text)?;
-                bytes += heap(text.len());
+                bytes += text.len();
+                memory += heap(text.len());
             }
             Value::Number(_) | Value::Bool(_) | Value::Null => {}
         }
         over_limit(bytes, limits)?;
     }
-    Ok(bytes)
+    Ok(memory)
 }
 
 fn over_limit(bytes: usize, limits: Limits) -> Result<(), String> {
