@@ -133,17 +133,24 @@ pub async fn lost(
 }
 
 /// Moves the partition's cursor (when given) and renews its lease; false
-/// when `owner` no longer holds it (taken over, or finished).
+/// when `owner` no longer holds it (taken over, or finished), or when the
+/// cursor is not where the move starts.
 pub async fn checkpoint(
     db: &impl ConnectionTrait,
     id: i64,
     owner: &str,
-    cursor: Option<&str>,
+    cursor: Option<super::runs::CursorMove<'_>>,
 ) -> Result<bool> {
     let mut update =
         sync_partition::Entity::update_many().col_expr(C::LeaseAt, Expr::value(Utc::now()));
+    // Moved only from where the attempt left it (see
+    // `runs::checkpoint_page`).
     if let Some(cursor) = cursor {
-        update = update.col_expr(C::Cursor, Expr::value(cursor));
+        update = update.col_expr(C::Cursor, Expr::value(cursor.to));
+        update = match cursor.from {
+            Some(from) => update.filter(C::Cursor.eq(from)),
+            None => update.filter(C::Cursor.is_null()),
+        };
     }
     let res = update
         .filter(C::Id.eq(id))
@@ -152,6 +159,21 @@ pub async fn checkpoint(
         .exec(db)
         .await?;
     Ok(res.rows_affected == 1)
+}
+
+/// The cursor of partition `id` while `owner` holds it (the outer `None`
+/// when it does not, or the partition is done).
+pub async fn cursor_of(
+    db: &impl ConnectionTrait,
+    id: i64,
+    owner: &str,
+) -> Result<Option<Option<String>>> {
+    let row = sync_partition::Entity::find_by_id(id)
+        .filter(C::LeaseOwner.eq(owner))
+        .filter(C::Done.eq(false))
+        .one(db)
+        .await?;
+    Ok(row.map(|row| row.cursor))
 }
 
 /// Marks the partition listed; false when `owner` no longer holds it.

@@ -347,6 +347,49 @@ pub async fn checkpoint(
     cursor: Option<&str>,
     owner: Option<&str>,
 ) -> Result<bool> {
+    let mut update = counted(id, delta, owner);
+    if let Some(cursor) = cursor {
+        update = update.col_expr(sync_run::Column::Cursor, Expr::value(cursor));
+    }
+    Ok(update.exec(db).await?.rows_affected == 1)
+}
+
+/// A listing page's move of a cursor: from where the attempt last
+/// committed it (`None`: the listing's start) to the page's last key.
+#[derive(Debug, Clone, Copy)]
+pub struct CursorMove<'a> {
+    pub from: Option<&'a str>,
+    pub to: &'a str,
+}
+
+/// [`checkpoint`] of a listing page that moves the run's cursor: refused
+/// (false) also when the cursor is not where the attempt left it, as when
+/// the database lost commits it had acknowledged (a crash with
+/// `synchronous_commit` off, a failover to a replica behind): going on
+/// from the page's key would skip the pages lost.
+pub async fn checkpoint_page(
+    db: &impl ConnectionTrait,
+    id: &str,
+    delta: &Counters,
+    cursor: CursorMove<'_>,
+    owner: Option<&str>,
+) -> Result<bool> {
+    use sync_run::Column as C;
+    let update = counted(id, delta, owner).col_expr(C::Cursor, Expr::value(cursor.to));
+    let update = match cursor.from {
+        Some(from) => update.filter(C::Cursor.eq(from)),
+        None => update.filter(C::Cursor.is_null()),
+    };
+    Ok(update.exec(db).await?.rows_affected == 1)
+}
+
+/// The update of a [`checkpoint`]: `delta` added to the running run `id`'s
+/// counters, its heartbeat (and `owner`'s lease) renewed.
+fn counted(
+    id: &str,
+    delta: &Counters,
+    owner: Option<&str>,
+) -> sea_orm::UpdateMany<sync_run::Entity> {
     use sync_run::Column as C;
     let add = |c: C, n: i64| (c, Expr::col(c).add(n));
     let now = Utc::now();
@@ -367,21 +410,15 @@ pub async fn checkpoint(
     ] {
         update = update.col_expr(col, expr);
     }
-    if let Some(cursor) = cursor {
-        update = update.col_expr(C::Cursor, Expr::value(cursor));
-    }
     if let Some(owner) = owner {
         update = update
             .col_expr(C::LeaseAt, Expr::value(now))
             .filter(C::LeaseOwner.eq(owner));
     }
-    let res = update
+    update
         .col_expr(C::HeartbeatAt, Expr::value(now))
         .filter(C::Id.eq(id))
         .filter(C::Status.eq(RunStatus::Running.as_str()))
-        .exec(db)
-        .await?;
-    Ok(res.rows_affected == 1)
 }
 
 /// Records that some part of the run's listing could not be read (see

@@ -38,7 +38,7 @@ use tokio::sync::SemaphorePermit;
 
 use crate::attempt::Outcome;
 use crate::{
-    Result,
+    Error, Result,
     config::WorkerSettings,
     db::{
         batches,
@@ -223,6 +223,13 @@ impl ImportJob<'_> {
     /// with `head` when discovery read it); false when the run stopped.
     async fn list_pages(&self, backend: &Arc<dyn Storage>, head: Option<Head>) -> Result<bool> {
         let filter = Filter::from_storage(self.storage)?;
+        // The cursor as this attempt last committed it: each page moves it
+        // from there (see `runs::checkpoint_page`).
+        let mut at = match (&head, self.part) {
+            (Some(head), _) => head.committed(),
+            (None, Some(part)) => part.row.cursor.clone(),
+            (None, None) => self.run.cursor.clone(),
+        };
         let mut pages = self.pages(backend, head);
         while let Some(page) = pages.next().await {
             self.check_stopping()?;
@@ -233,11 +240,13 @@ impl ImportJob<'_> {
             if cursor.is_some() {
                 plan.cursor = cursor;
             }
+            let next = plan.cursor.clone();
             if !self.read_task_files(backend, &mut plan).await?
-                || !self.commit_page(&**backend, plan).await?
+                || !self.commit_page(&**backend, plan, at.as_deref()).await?
             {
                 return Ok(false);
             }
+            at = next.or(at);
         }
         Ok(true)
     }
@@ -499,7 +508,12 @@ impl ImportJob<'_> {
     /// Commits a page in one transaction: Files-mode tasks, seen marks, new
     /// etags, errors, fan-out batches, and the run's counters and cursor;
     /// then hands the batches to the fleet. False when the run stopped.
-    async fn commit_page(&self, backend: &dyn Storage, mut plan: PagePlan) -> Result<bool> {
+    async fn commit_page(
+        &self,
+        backend: &dyn Storage,
+        mut plan: PagePlan,
+        at: Option<&str>,
+    ) -> Result<bool> {
         let txn = crate::db::begin_write(self.db).await?;
         if !plan.fresh.is_empty() {
             let fresh = std::mem::take(&mut plan.fresh);
@@ -534,10 +548,11 @@ impl ImportJob<'_> {
             runs::mark_listing_incomplete(&txn, &self.run.id).await?;
         }
         let batch_ids = batches::create(&txn, &self.run.id, &plan.batches).await?;
-        if !self
-            .checkpoint(&txn, &plan.delta, plan.cursor.as_deref())
-            .await?
-        {
+        let moved = plan
+            .cursor
+            .as_deref()
+            .map(|to| runs::CursorMove { from: at, to });
+        if !self.checkpoint(&txn, &plan.delta, moved).await? {
             txn.rollback().await?;
             return Ok(false);
         }
@@ -555,15 +570,52 @@ impl ImportJob<'_> {
         &self,
         txn: &impl ConnectionTrait,
         delta: &Counters,
-        cursor: Option<&str>,
+        cursor: Option<runs::CursorMove<'_>>,
     ) -> Result<bool> {
-        let Some(part) = self.part else {
-            return runs::checkpoint(txn, &self.run.id, delta, cursor, self.lease).await;
+        let moved = match (self.part, cursor) {
+            (Some(part), cursor) => {
+                parts::checkpoint(txn, part.row.id, part.lease, cursor).await?
+                    && runs::checkpoint(txn, &self.run.id, delta, None, None).await?
+            }
+            (None, Some(cursor)) => {
+                runs::checkpoint_page(txn, &self.run.id, delta, cursor, self.lease).await?
+            }
+            (None, None) => runs::checkpoint(txn, &self.run.id, delta, None, self.lease).await?,
         };
-        Ok(
-            parts::checkpoint(txn, part.row.id, part.lease, cursor).await?
-                && runs::checkpoint(txn, &self.run.id, delta, None, None).await?,
-        )
+        if !moved && let Some(cursor) = cursor {
+            self.check_cursor(txn, cursor).await?;
+        }
+        Ok(moved)
+    }
+
+    /// Why a page's checkpoint was refused, when it is not that the run
+    /// stopped or the lease went: the run's (or partition's) cursor is not
+    /// where this attempt left it, because the database lost commits it
+    /// had acknowledged (a crash with `synchronous_commit` off, a failover
+    /// to a replica behind). Going on would skip the pages lost: the
+    /// attempt fails, and the next one lists from the cursor the database
+    /// has (`Error::Transient`).
+    async fn check_cursor(
+        &self,
+        txn: &impl ConnectionTrait,
+        cursor: runs::CursorMove<'_>,
+    ) -> Result<()> {
+        let run = runs::get(txn, &self.run.id).await?;
+        let ours = run.status == RunStatus::Running.as_str()
+            && (self.lease.is_none() || run.lease_owner.as_deref() == self.lease);
+        let found = match self.part {
+            Some(part) => parts::cursor_of(txn, part.row.id, part.lease).await?,
+            None => ours.then_some(run.cursor),
+        };
+        match found {
+            Some(found) if ours && found.as_deref() != cursor.from => {
+                Err(Error::Transient(format!(
+                    "the listing's cursor is at {found:?}, not at {:?} where this attempt committed it: the database lost commits; listing again from there",
+                    cursor.from
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The listing is complete: once every batch is done, what was not seen

@@ -348,6 +348,9 @@ pub(super) struct Head {
     objects: Vec<ObjectMeta>,
     /// The key the listing goes on after; `None`: `objects` are all of it.
     after: Option<String>,
+    /// The run's cursor as this attempt committed it before `objects`
+    /// (`None`: none committed).
+    committed: Option<String>,
 }
 
 impl Head {
@@ -357,22 +360,30 @@ impl Head {
         (self.objects, self.after)
     }
 
+    /// The run's cursor as this attempt committed it before the head.
+    pub(super) fn committed(&self) -> Option<String> {
+        self.committed.clone()
+    }
+
     /// A listing's `objects` read so far, all of it when `complete`, that
     /// started after `after` (keys the run committed; `None`: from the
     /// beginning). `None` when nothing says where it goes on, so never
     /// when `after` is set: a listing after committed keys never starts
     /// again from the beginning.
     fn of(objects: Vec<ObjectMeta>, complete: bool, after: Option<String>) -> Option<Head> {
+        let committed = after.clone();
         if complete {
             return Some(Head {
                 objects,
                 after: None,
+                committed,
             });
         }
         let after = objects.last().map(|o| o.key.clone()).or(after);
         after.map(|after| Head {
             objects,
             after: Some(after),
+            committed,
         })
     }
 }
