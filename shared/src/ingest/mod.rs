@@ -564,8 +564,10 @@ impl ImportJob<'_> {
     }
 
     /// Adds a committed page to the run's counters and moves the cursor (the
-    /// partition's when listing one); false when the attempt lost its lease
-    /// or the run stopped.
+    /// partition's when listing one) from where the attempt left it; false
+    /// when the attempt lost its lease or the run stopped, a transient
+    /// error when the cursor is not where the attempt left it
+    /// ([`Self::check_cursor`]).
     async fn checkpoint(
         &self,
         txn: &impl ConnectionTrait,
@@ -600,7 +602,12 @@ impl ImportJob<'_> {
         txn: &impl ConnectionTrait,
         cursor: runs::CursorMove<'_>,
     ) -> Result<()> {
-        let run = runs::get(txn, &self.run.id).await?;
+        let run = match runs::get(txn, &self.run.id).await {
+            Ok(run) => run,
+            // Deleted with its storage: the run stopped.
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(err) => return Err(err),
+        };
         let ours = run.status == RunStatus::Running.as_str()
             && (self.lease.is_none() || run.lease_owner.as_deref() == self.lease);
         let found = match self.part {
