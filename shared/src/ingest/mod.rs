@@ -999,7 +999,7 @@ fn batch_objects(fetch_concurrency: usize) -> usize {
 const SMALL_COMMITS: usize = 2;
 
 /// Small objects' rows waiting to be committed, object by object, with
-/// their JSON's size, their share of the rows in flight and their partial
+/// their size in memory, their share of the rows in flight and their partial
 /// marks.
 #[derive(Default)]
 struct SmallRows {
@@ -1009,7 +1009,7 @@ struct SmallRows {
 }
 
 /// Rows to commit together (one small object's, or several), about how
-/// many bytes of JSON they are, their share of the rows in flight, held
+/// many bytes they take in memory, their share of the rows in flight, held
 /// until their transaction ends, and their objects' partial marks.
 #[derive(Debug, Default)]
 struct SmallChunk {

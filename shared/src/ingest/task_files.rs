@@ -49,8 +49,9 @@ use crate::{
 /// objects committed together). Why 4,000: see docs/DECISIONS.md (Chunks of
 /// 4,000 rows or 8 MiB).
 pub(super) const CHUNK_ROWS: usize = 4000;
-/// The most task JSON (approximately) one chunk holds: a chunk of big rows
-/// closes before [`CHUNK_ROWS`]. What one object has in flight (the chunk
+/// The most memory (as the row check and [`ROW_BYTES`] count it) one
+/// chunk's rows take: a chunk of big rows closes before [`CHUNK_ROWS`].
+/// What one object has in flight (the chunk
 /// being filled, two in the channel, two being committed) stays near
 /// 5 x 8 MiB whatever its rows are like, and what the chunks of all
 /// objects of a process hold within `LABELSYNC_ROWS_IN_FLIGHT_BYTES`
