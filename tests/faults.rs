@@ -809,14 +809,7 @@ async fn a_cursor_taken_back_under_a_running_attempt_loses_no_object() {
         .expect("database");
     // Pages of 100 (the spawned worker's), each checkpoint slowed: the sync
     // takes a few seconds.
-    db.execute_unprepared(
-        "CREATE FUNCTION slow_run_updates() RETURNS trigger AS $$ \
-         BEGIN PERFORM pg_sleep(0.1); RETURN NEW; END $$ LANGUAGE plpgsql; \
-         CREATE TRIGGER slow_run_updates BEFORE UPDATE ON sync_runs \
-         FOR EACH ROW EXECUTE FUNCTION slow_run_updates();",
-    )
-    .await
-    .expect("trigger");
+    app.slow_run_updates(0.1).await;
     let _worker = labelsync_tests::spawn_ready_worker(&app, "taken-back", &[]).await;
     let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -1173,22 +1173,6 @@ fn many_values_files(data: &Path, files: usize, rows: usize) {
     }
 }
 
-/// Slows every update of a run's row in `app`'s database (its checkpoint,
-/// in every transaction of rows) by `seconds`, with a trigger.
-async fn slow_run_updates(app: &TestApp, seconds: f64) {
-    let db = Database::connect(app.database_url.as_str())
-        .await
-        .expect("database");
-    db.execute_unprepared(&format!(
-        "CREATE FUNCTION slow_run_updates() RETURNS trigger AS $$ \
-         BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$ LANGUAGE plpgsql; \
-         CREATE TRIGGER slow_run_updates BEFORE UPDATE ON sync_runs \
-         FOR EACH ROW EXECUTE FUNCTION slow_run_updates();"
-    ))
-    .await
-    .expect("trigger");
-}
-
 /// Rows parsed and waiting for their transaction are held within a budget
 /// (`LABELSYNC_ROWS_IN_FLIGHT_BYTES`), as rows being parsed are within the
 /// parse budget. Each object being read held up to five chunks of 8 MiB of
@@ -1238,7 +1222,7 @@ async fn small_files_waiting_for_a_lagging_database_stay_within_the_budget() {
     for i in 0..FILES {
         write(&data, &format!("small-{i:02}.jsonl"), rows.as_bytes());
     }
-    slow_run_updates(&app, 0.2).await;
+    app.slow_run_updates(0.2).await;
     let project = app.project("small-in-flight").await;
     let storage = storage(&app, project, json!({})).await;
     // One job slot reading 16 objects at once: about 40 MB of rows, a
@@ -1273,7 +1257,7 @@ async fn an_import_in_the_schedulers_worker_leaves_the_api_its_connections() {
     }
     let project = app.project("own-pool").await;
     let storage = storage(&app, project, json!({})).await;
-    slow_run_updates(&app, 0.2).await;
+    app.slow_run_updates(0.2).await;
     let run_id = app.start_sync(&storage["id"]).await;
     // The worker's commits queue on the run's row from the first second
     // (an API request waited 3.3 s behind them on the API's pool).
@@ -1476,7 +1460,7 @@ async fn small_files_beside_a_large_one_never_wait_on_each_other() {
     for i in 0..SMALL_FILES {
         write(&data, &format!("small-{i:02}.jsonl"), small.as_bytes());
     }
-    slow_run_updates(&app, 0.05).await;
+    app.slow_run_updates(0.05).await;
 
     let project = app.project("side-by-side").await;
     let storage = storage(&app, project, json!({})).await;

@@ -467,6 +467,23 @@ impl TestApp {
         errors["items"].as_array().expect("items").clone()
     }
 
+    /// Slows every update of a run's row in the app's database (its
+    /// checkpoint, in every transaction of rows) by `seconds`, with a
+    /// trigger (Postgres).
+    pub async fn slow_run_updates(&self, seconds: f64) {
+        let db = Database::connect(self.database_url.as_str())
+            .await
+            .expect("database");
+        db.execute_unprepared(&format!(
+            "CREATE FUNCTION slow_run_updates() RETURNS trigger AS $$ \
+             BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER slow_run_updates BEFORE UPDATE ON sync_runs \
+             FOR EACH ROW EXECUTE FUNCTION slow_run_updates();"
+        ))
+        .await
+        .expect("trigger");
+    }
+
     /// Every task of a project, following `next_after`.
     pub async fn all_tasks(&self, project_id: i64) -> Vec<Value> {
         let mut tasks = Vec::new();

@@ -249,28 +249,12 @@ pub async fn linked_tasks(
 /// imported: a cancelled, failed or killed attempt leaves it marked, and the
 /// next run reads it again and adds the rows that are missing.
 pub async fn mark_partial(db: &impl ConnectionTrait, storage_id: i64, key: &str) -> Result<()> {
-    use partial_object::Column as C;
-    let row = partial_object::ActiveModel {
-        storage_id: Set(storage_id),
-        object_key: Set(key.to_owned()),
-        started_at: Set(Utc::now()),
-    };
-    partial_object::Entity::insert(row)
-        .on_conflict_do_nothing_on([C::StorageId, C::ObjectKey])
-        .exec(db)
-        .await?;
-    Ok(())
+    write_marks(db, storage_id, vec![PartialMark::Set(key.to_owned())]).await
 }
 
 /// Every row of `key` is in: it is imported like any other object.
 pub async fn clear_partial(db: &impl ConnectionTrait, storage_id: i64, key: &str) -> Result<()> {
-    use partial_object::Column as C;
-    partial_object::Entity::delete_many()
-        .filter(C::StorageId.eq(storage_id))
-        .filter(C::ObjectKey.eq(key))
-        .exec(db)
-        .await?;
-    Ok(())
+    write_marks(db, storage_id, vec![PartialMark::Clear(key.to_owned())]).await
 }
 
 /// A small object's partial mark, written in the transaction that commits

@@ -146,11 +146,9 @@ pub async fn checkpoint(
     // Moved only from where the attempt left it (see
     // `runs::checkpoint_page`).
     if let Some(cursor) = cursor {
-        update = update.col_expr(C::Cursor, Expr::value(cursor.to));
-        update = match cursor.from {
-            Some(from) => update.filter(C::Cursor.eq(from)),
-            None => update.filter(C::Cursor.is_null()),
-        };
+        update = update
+            .col_expr(C::Cursor, Expr::value(cursor.to))
+            .filter(cursor.starts_at(C::Cursor));
     }
     let res = update
         .filter(C::Id.eq(id))

@@ -362,6 +362,16 @@ pub struct CursorMove<'a> {
     pub to: &'a str,
 }
 
+impl CursorMove<'_> {
+    /// The condition that `column` (a cursor) is where the move starts.
+    pub fn starts_at(&self, column: impl ColumnTrait) -> sea_orm::sea_query::SimpleExpr {
+        match self.from {
+            Some(from) => column.eq(from),
+            None => column.is_null(),
+        }
+    }
+}
+
 /// [`checkpoint`] of a listing page that moves the run's cursor: refused
 /// (false) also when the cursor is not where the attempt left it, as when
 /// the database lost commits it had acknowledged (a crash with
@@ -375,11 +385,9 @@ pub async fn checkpoint_page(
     owner: Option<&str>,
 ) -> Result<bool> {
     use sync_run::Column as C;
-    let update = counted(id, delta, owner).col_expr(C::Cursor, Expr::value(cursor.to));
-    let update = match cursor.from {
-        Some(from) => update.filter(C::Cursor.eq(from)),
-        None => update.filter(C::Cursor.is_null()),
-    };
+    let update = counted(id, delta, owner)
+        .col_expr(C::Cursor, Expr::value(cursor.to))
+        .filter(cursor.starts_at(C::Cursor));
     Ok(update.exec(db).await?.rows_affected == 1)
 }
 

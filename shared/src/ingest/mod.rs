@@ -160,11 +160,9 @@ struct PagePlan {
     seen_keys: Vec<String>,
     /// Matched objects not (completely) imported: new ones, those of a page
     /// replayed after a crash, and objects a stopped run left half-way.
-    fresh: Vec<ObjectMeta>,
+    fresh: Vec<ToRead>,
     /// Whether some fresh object has links already (its rows may exist).
     fresh_may_exist: bool,
-    /// Fresh objects with a partial mark (see [`ToRead`]).
-    marked: std::collections::HashSet<String>,
     /// Imported objects listed with another etag.
     changed: Vec<ObjectMeta>,
     /// Per-object errors to record with the page.
@@ -395,7 +393,7 @@ impl ImportJob<'_> {
     ) {
         for object in matched {
             let Some(k) = known.get(&object.key) else {
-                plan.fresh.push(object);
+                plan.fresh.push(ToRead::from(object));
                 continue;
             };
             let retried = self.retry_of().is_some() && self.tasks_mode();
@@ -414,10 +412,7 @@ impl ImportJob<'_> {
                 // it has.
                 if self.tasks_mode() {
                     plan.fresh_may_exist = true;
-                    if marked {
-                        plan.marked.insert(object.key.clone());
-                    }
-                    plan.fresh.push(object);
+                    plan.fresh.push(ToRead { object, marked });
                 }
                 continue;
             }
@@ -441,14 +436,7 @@ impl ImportJob<'_> {
             return Ok(true);
         }
         if !plan.fresh.is_empty() {
-            let marked = std::mem::take(&mut plan.marked);
-            let objects: Vec<ToRead> = std::mem::take(&mut plan.fresh)
-                .into_iter()
-                .map(|object| ToRead {
-                    marked: marked.contains(&object.key),
-                    object,
-                })
-                .collect();
+            let objects = std::mem::take(&mut plan.fresh);
             if self.fanout.is_some() {
                 // The batch rows are written with the page's checkpoint (so a
                 // replayed page cannot make a second set) and enqueued after
@@ -516,8 +504,10 @@ impl ImportJob<'_> {
     ) -> Result<bool> {
         let txn = crate::db::begin_write(self.db).await?;
         if !plan.fresh.is_empty() {
-            let fresh = std::mem::take(&mut plan.fresh);
-            let new = files_tasks(backend, &self.project.data_key, fresh);
+            let fresh = std::mem::take(&mut plan.fresh)
+                .into_iter()
+                .map(|r| r.object);
+            let new = files_tasks(backend, &self.project.data_key, fresh.collect());
             let (created, raced) =
                 tasks::insert_tasks(&txn, self.project.id, self.storage.id, &self.run.id, new)
                     .await?;
