@@ -1646,6 +1646,44 @@ async fn nul_characters_are_refused_with_400(embedded: bool) {
     app.stop().await;
 }
 
+/// A key serde_json reserves (`$serde_json::private::RawValue`) in a body
+/// is refused with 400: serde_json's `Value` read the JSON text in its
+/// string instead, so an annotation was stored as another one (201).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_serde_json_reserves_are_refused_with_400() {
+    let (app, project, task) = app_with_one_synced_task(false).await;
+    let mut storage_body = local_source(project, "data");
+    storage_body["title"] = json!({ "$serde_json::private::RawValue": "\"images\"" });
+    let annotations = format!("/api/v1/tasks/{task}/annotations");
+    for (what, path, body) in [
+        (
+            "annotation",
+            &annotations,
+            json!({ "result": [{ "$serde_json::private::RawValue": "{\"v\": 1}" }] }),
+        ),
+        (
+            "annotation value",
+            &annotations,
+            json!({ "result": [{ "value": { "$serde_json::private::RawValueX": 2 } }] }),
+        ),
+        (
+            "storage title",
+            &"/api/v1/storages".to_owned(),
+            storage_body,
+        ),
+    ] {
+        let (status, err) = app.post(path, body).await;
+        assert_eq!(status, 400, "{what}: {err}");
+        assert_eq!(err["error"]["code"], "invalid_body", "{what}: {err}");
+        let message = err["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("is reserved"), "{what}: {err}");
+    }
+    let (_, one) = app.get(&format!("/api/v1/tasks/{task}")).await;
+    assert_eq!(one["annotations"], json!([]), "nothing written: {one}");
+    assert_eq!(storage_count(&app).await, 1);
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbers_at_the_ends_of_the_f64_range_read_back_on_postgres() {
     numbers_at_the_ends_of_the_f64_range_read_back(false).await;

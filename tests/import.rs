@@ -935,6 +935,52 @@ async fn hostile_rows_are_their_own_errors_and_stored_tasks_read_back() {
     app.stop().await;
 }
 
+/// A key serde_json reserves (`$serde_json::private::RawValue`) makes its
+/// `Value` read the JSON text in the key's string instead of the key: a
+/// row of a JSON or JSONL file was stored as another row, and a Parquet
+/// column of that name broke the messages between the reader's child and
+/// the worker. Each is now that row's error, the rest of its file imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_with_a_key_serde_json_reserves_are_row_errors() {
+    use parquet::{basic::Type as Physical, data_type::Int64Type, schema::types::Type};
+    let app = spawn_app(AppOptions::default()).await;
+    let data = data_dir(&app);
+    let raw = r#"{"$serde_json::private::RawValue": "{\"text\": \"swapped\"}"}"#;
+    let inner = r#"{"text": "t", "meta": {"$serde_json::private::RawValue": "1"}}"#;
+    let jsonl = format!("{raw}\n{inner}\n{{\"text\": \"kept\"}}\n");
+    write(&data, "rows.jsonl", jsonl.as_bytes());
+    let json = format!("[{raw}, {{\"text\": \"kept too\"}}]");
+    write(&data, "rows.json", json.as_bytes());
+    let column = Type::primitive_type_builder("$serde_json::private::RawValue", Physical::INT64)
+        .with_repetition(parquet::basic::Repetition::REQUIRED);
+    write_parquet_column::<Int64Type>(&data.join("column.parquet"), column, &[7]);
+
+    let project = app.project("reserved").await;
+    let storage = storage(&app, project, json!({})).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    let errors = run_errors(&app, &run).await;
+    for (key, row) in [
+        ("rows.jsonl", 0),
+        ("rows.jsonl", 1),
+        ("rows.json", 0),
+        ("column.parquet", 0),
+    ] {
+        let message = error_message(&errors, key, &json!(row));
+        assert!(message.contains("is reserved"), "{key} {row}: {message}");
+    }
+    assert_eq!(run["counters"]["failed"], 4, "{run}");
+    let mut texts: Vec<String> = app
+        .all_tasks(project)
+        .await
+        .iter()
+        .map(|t| t["data"].to_string())
+        .collect();
+    texts.sort();
+    assert_eq!(texts, [r#"{"text":"kept too"}"#, r#"{"text":"kept"}"#]);
+    app.stop().await;
+}
+
 /// Writes Parquet files of values the `parquet` crate could not write as
 /// JSON (it panicked, failing the file's whole batch, or took hours): a
 /// timestamp of `i64::MAX` microseconds (Postgres' `infinity`) between two

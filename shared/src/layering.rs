@@ -6,7 +6,7 @@
 //!   [`MAX_FUNCTION_LINES`] lines (tests aside): a longer one is split into
 //!   named steps.
 //!
-//! The layers today, bottom to top: `error`, `kinds`, `security` ->
+//! The layers today, bottom to top: `error`, `kinds`, `json`, `security` ->
 //! `config`, `metrics`, `telemetry`, `http` -> `db` -> `storage` ->
 //! `attempt` -> `ingest`, `export` -> `jobs` -> `lifecycle`.
 //!

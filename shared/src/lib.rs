@@ -38,6 +38,7 @@ pub mod export;
 pub mod http;
 pub mod ingest;
 pub mod jobs;
+pub mod json;
 pub mod kinds;
 pub mod lifecycle;
 pub mod metrics;

@@ -159,8 +159,11 @@ where
     type Rejection = ApiError;
 
     /// The body is read once, parsed by axum's `Json`, then refused if a
-    /// string in it holds `\u0000` (see [`has_escaped_nul`]) or if it is not
-    /// a JSON object: every request body of the API is one, and serde would
+    /// string in it holds `\u0000` (see [`has_escaped_nul`]), if it has a
+    /// key serde_json reserves (its `Value` fields read such a key's string
+    /// as JSON text: what is stored would not be what was sent, and reading
+    /// it back would change it again; `labelsync::json`) or if it is not a
+    /// JSON object: every request body of the API is one, and serde would
     /// otherwise read an array as a struct's fields in order (`[null, null]`
     /// as an empty PATCH).
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
@@ -174,6 +177,13 @@ where
             .map_err(json_error)?;
         if has_escaped_nul(&bytes) {
             return Err(ApiError::invalid_text());
+        }
+        if let Some(key) = labelsync::json::reserved_key_in(&bytes) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                labelsync::json::reserved_key_error(&key),
+            ));
         }
         if !is_json_object(&bytes) {
             return Err(ApiError::new(

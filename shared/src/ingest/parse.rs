@@ -10,10 +10,11 @@
 //! parsing stops there. Rows emitted before either are kept.
 //!
 //! Every row, whatever its format, must pass [`check_task`]: nested at most
-//! [`MAX_NESTING`] levels, no NUL character, at most `max_task_bytes` of JSON.
-//! A row that fails is that row's error, so what is stored can always be
-//! stored (Postgres refuses `\u0000` in JSON) and read back (readers decode
-//! with serde_json's 128-level limit), and one row cannot take a worker's
+//! [`MAX_NESTING`] levels, no NUL character, no key serde_json reserves, at
+//! most `max_task_bytes` of JSON. A row that fails is that row's error, so
+//! what is stored can always be stored (Postgres refuses `\u0000` in JSON)
+//! and read back as stored (readers decode with serde_json's 128-level
+//! limit and its reserved keys), and one row cannot take a worker's
 //! memory: a JSONL line or a JSON element is cut off at the byte limit while
 //! it is read, before it is parsed.
 use std::{
@@ -25,6 +26,8 @@ use std::{
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
+
+use crate::json::AsWritten;
 
 /// File formats of the Tasks import method, chosen by extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,7 +187,8 @@ fn map_heap(len: usize) -> usize {
 /// Why `value` (one row) cannot be a task, if it cannot: nested deeper than
 /// [`MAX_NESTING`], a NUL character in a string or key (Postgres cannot
 /// store it; SQLite could, and is held to the same rule so both databases
-/// import the same rows), or larger than `limits.max_task_bytes` (counted
+/// import the same rows), a key serde_json reserves (`crate::json`), or
+/// larger than `limits.max_task_bytes` (counted
 /// per value as the larger of its JSON text and 32 bytes a value, 64 an
 /// entry of an object, so a short text of many tiny values counts for
 /// more than its text). Returns what the value takes in memory, which is
@@ -218,7 +222,7 @@ pub fn check_task(value: &Value, limits: Limits) -> Result<usize, String> {
                 memory += map_heap(map.len());
                 over_limit(bytes, limits)?;
                 for (key, v) in map {
-                    check_text(key)?;
+                    check_key(key)?;
                     bytes += key.len();
                     memory += heap(key.len());
                     stack.push((v, depth + 1));
@@ -248,6 +252,15 @@ fn over_limit(bytes: usize, limits: Limits) -> Result<(), String> {
 
 fn too_deep() -> String {
     format!("the task nests arrays and objects more than {MAX_NESTING} levels deep")
+}
+
+/// A key is text, and not one of serde_json's reserved keys: a row read
+/// back from the database would not be the row stored (`crate::json`).
+fn check_key(key: &str) -> Result<(), String> {
+    if crate::json::is_reserved_key(key) {
+        return Err(crate::json::reserved_key_error(key));
+    }
+    check_text(key)
 }
 
 fn check_text(text: &str) -> Result<(), String> {
@@ -526,7 +539,7 @@ impl<'de> Visitor<'de> for TopLevel<'_> {
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         loop {
             self.left.set(self.max);
-            let Some(value) = seq.next_element::<Value>()? else {
+            let Some(value) = seq.next_element_seed(AsWritten)? else {
                 return Ok(());
             };
             if !self.row(value)? {
@@ -537,20 +550,9 @@ impl<'de> Visitor<'de> for TopLevel<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(mut self, map: A) -> Result<(), A::Error> {
-        let value = Value::deserialize_from_map(map)?;
+        let value = AsWritten.visit_map(map)?;
         self.row(value)?;
         Ok(())
-    }
-}
-
-/// `serde_json::Value` from a `MapAccess` we are already inside of.
-trait FromMap: Sized {
-    fn deserialize_from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
-}
-
-impl FromMap for Value {
-    fn deserialize_from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Self, A::Error> {
-        serde::Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))
     }
 }
 
@@ -591,7 +593,7 @@ fn parse_jsonl(
             )
         } else {
             reserved = limits.reserve(text.len(), emit);
-            match serde_json::from_slice::<Value>(text) {
+            match crate::json::from_slice(text) {
                 Ok(value) => shapes.task(row, value)?,
                 Err(e) => RowEvent::Error(row, format!("line of row {row} is not valid JSON: {e}")),
             }
@@ -1056,6 +1058,43 @@ mod tests {
         assert_eq!(events[0], RowEvent::Task(0, task(json!({ "a": 1 }))));
         assert!(matches!(&events[1], RowEvent::Error(1, m) if m.contains("not valid JSON")));
         assert_eq!(events[2], RowEvent::Task(2, task(json!({ "a": 3 }))));
+    }
+
+    /// serde_json's `Value` reads an object whose first key is its
+    /// reserved `$serde_json::private::RawValue` as the JSON text in its
+    /// string: such a row was stored as another row, and one nesting such
+    /// strings recursed 120 levels a string, past the 128-level limit
+    /// (`crate::json`). Each is now its own row error.
+    #[test]
+    fn rows_with_a_key_serde_json_reserves_are_row_errors() {
+        let raw = r#"{"$serde_json::private::RawValue": "{\"a\": 1}"}"#;
+        let inner = r#"{"x": [{"$serde_json::private::RawValue": "not json"}]}"#;
+        let nested = crate::json::tests::nested_raw_values(12);
+        let input = format!("{raw}\n{inner}\n{nested}\n{{\"ok\": 1}}\n");
+        for (format, input) in [
+            (Format::Jsonl, input),
+            (
+                Format::Json,
+                format!("[{raw}, {inner}, {nested}, {{\"ok\": 1}}]"),
+            ),
+        ] {
+            let (events, result) = run(format, &input);
+            assert_eq!(result, Ok(()), "{format:?}");
+            assert_eq!(events.len(), 4, "{format:?}: {events:?}");
+            // The nested one is refused by its depth, before its key.
+            for (row, event) in (0..).zip(&events[..3]) {
+                let why = if row == 2 {
+                    "levels deep"
+                } else {
+                    "is reserved"
+                };
+                assert!(
+                    matches!(event, RowEvent::Error(r, m) if *r == row && m.contains(why)),
+                    "{format:?}: {event:?}"
+                );
+            }
+            assert_eq!(events[3], RowEvent::Task(3, task(json!({ "ok": 1 }))));
+        }
     }
 
     #[test]
