@@ -1666,6 +1666,18 @@ async fn keys_serde_json_reserves_are_refused_with_400() {
             &annotations,
             json!({ "result": [{ "value": { "$serde_json::private::RawValueX": 2 } }] }),
         ),
+        // serde_json's rule answered these as JSON that breaks off, or of
+        // the wrong type.
+        (
+            "annotation with a key after it",
+            &annotations,
+            json!({ "result": [{ "$serde_json::private::RawValue": "1", "x": 2 }] }),
+        ),
+        (
+            "annotation with a number",
+            &annotations,
+            json!({ "result": [{ "$serde_json::private::RawValue": 2 }] }),
+        ),
         (
             "storage title",
             &"/api/v1/storages".to_owned(),
@@ -1949,6 +1961,38 @@ async fn cli_sync_with_an_unknown_project_id_says_so_in_one_line() {
         );
         assert!(out.stdout.is_empty(), "{database}");
     }
+}
+
+/// `sync --spec` creating a project holds its `data_key` to the API's rule:
+/// every Files-mode task has that key, and one serde_json reserves made
+/// every task of the project unreadable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_sync_holds_a_new_projects_data_key_to_the_apis_rule() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = dir.path().join("spec.json");
+    std::fs::write(
+        &spec,
+        r#"{"project": {"title": "p", "data_key": "$serde_json::private::RawValue"},
+            "role": "source", "backend": "local", "config": {"path": "images"}}"#,
+    )
+    .expect("write spec");
+    let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("cli.db").display());
+    let out = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("DATABASE_URL", &sqlite)
+        .env(
+            "LOCAL_FILES_DOCUMENT_ROOT",
+            labelsync_tests::repo_root().join("examples/data"),
+        )
+        .args(["sync", "--quiet", "--spec"])
+        .arg(&spec)
+        .output()
+        .expect("run labelsync-scheduler sync");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("data_key must be"), "{stderr}");
+    assert!(out.stdout.is_empty());
 }
 
 /// The value of the first sample of `name` carrying every label of `labels`.

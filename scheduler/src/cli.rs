@@ -217,6 +217,9 @@ async fn find_or_create_project(
     if let Some(p) = projects::find_titled(db, title).await? {
         return Ok(p.id);
     }
+    if !projects::is_valid_data_key(data_key) {
+        bail!("the spec's project: {}", projects::DATA_KEY_RULE);
+    }
     let p = projects::create(db, title, data_key).await?;
     Ok(p.id)
 }

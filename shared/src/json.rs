@@ -45,14 +45,19 @@ pub fn from_slice(bytes: &[u8]) -> serde_json::Result<Value> {
 }
 
 /// The first reserved key of a JSON text, read up to its end or its first
-/// error (whoever parses it next reports that error). Nothing is built:
-/// this is a check before a parse into a typed body whose `Value` fields
-/// would read the key by serde_json's rule.
+/// error (whoever parses it next reports that error). Nothing but the keys
+/// is built: this is a check before a parse into a typed body whose `Value`
+/// fields would read the key by serde_json's rule.
 pub fn reserved_key_in(bytes: &[u8]) -> Option<String> {
     let found = Cell::new(None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let _ = Scan { found: &found }.deserialize(&mut de);
     found.take()
+}
+
+/// [`AsWritten`] for `#[serde(deserialize_with)]`.
+pub fn as_written<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Value, D::Error> {
+    AsWritten.deserialize(deserializer)
 }
 
 /// A seed that reads any JSON value into a `Value` as written.

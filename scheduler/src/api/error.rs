@@ -158,32 +158,34 @@ where
 {
     type Rejection = ApiError;
 
-    /// The body is read once, parsed by axum's `Json`, then refused if a
-    /// string in it holds `\u0000` (see [`has_escaped_nul`]), if it has a
-    /// key serde_json reserves (its `Value` fields read such a key's string
-    /// as JSON text: what is stored would not be what was sent, and reading
-    /// it back would change it again; `labelsync::json`) or if it is not a
-    /// JSON object: every request body of the API is one, and serde would
-    /// otherwise read an array as a struct's fields in order (`[null, null]`
-    /// as an empty PATCH).
+    /// The body is read once and refused if it has a key serde_json
+    /// reserves (its `Value` fields read such a key's string as JSON text:
+    /// what is stored would not be what was sent, and reading it back would
+    /// change it again; `labelsync::json`); then parsed by axum's `Json`,
+    /// and refused if a string in it holds `\u0000` (see
+    /// [`has_escaped_nul`]) or if it is not a JSON object: every request
+    /// body of the API is one, and serde would otherwise read an array as a
+    /// struct's fields in order (`[null, null]` as an empty PATCH).
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let (parts, body) = req.into_parts();
         let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
             .await
             .map_err(body_error)?;
-        let req = Request::from_parts(parts, Body::from(bytes.clone()));
-        let Json(value) = Json::<T>::from_request(req, state)
-            .await
-            .map_err(json_error)?;
-        if has_escaped_nul(&bytes) {
-            return Err(ApiError::invalid_text());
-        }
+        // Before the parse: its `Value` fields read a reserved key by
+        // serde_json's rule, which answers with other errors (or none).
         if let Some(key) = labelsync::json::reserved_key_in(&bytes) {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_body",
                 labelsync::json::reserved_key_error(&key),
             ));
+        }
+        let req = Request::from_parts(parts, Body::from(bytes.clone()));
+        let Json(value) = Json::<T>::from_request(req, state)
+            .await
+            .map_err(json_error)?;
+        if has_escaped_nul(&bytes) {
+            return Err(ApiError::invalid_text());
         }
         if !is_json_object(&bytes) {
             return Err(ApiError::new(

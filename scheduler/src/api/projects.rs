@@ -30,19 +30,13 @@ fn check_fields(body: &ProjectBody) -> ApiResult<()> {
             format!("title must not be empty, and at most {max} characters"),
         ));
     }
-    // ASCII only, so the rule is the document's pattern `^[A-Za-z0-9_-]{1,100}$`
-    // exactly (Unicode "alphanumeric" has no portable regex class).
     if let Some(key) = &body.data_key
-        && (key.is_empty()
-            || key.len() > 100
-            || !key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        && !projects::is_valid_data_key(key)
     {
         return Err(ApiError::bad_request(
             "invalid_data_key",
             "data_key",
-            "data_key must be 1-100 ASCII letters, digits, '_' or '-' (the task field a Files-mode object fills)",
+            projects::DATA_KEY_RULE,
         ));
     }
     Ok(())

@@ -28,6 +28,22 @@ pub async fn find_titled(db: &impl ConnectionTrait, title: &str) -> Result<Optio
         .await?)
 }
 
+/// What a project's `data_key` may be, as [`is_valid_data_key`] checks it.
+pub const DATA_KEY_RULE: &str = "data_key must be 1-100 ASCII letters, digits, '_' or '-' (the task field a Files-mode object fills)";
+
+/// Whether `key` may be a project's `data_key`: the API document's pattern
+/// `^[A-Za-z0-9_-]{1,100}$` exactly (ASCII only: Unicode "alphanumeric" has
+/// no portable regex class). Every Files-mode task of the project has this
+/// key, so a key serde_json reserves (`crate::json`) would make them all
+/// unreadable.
+pub fn is_valid_data_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 100
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// Inserts a project and returns its row; checks nothing (the caller did).
 pub async fn create(
     db: &impl ConnectionTrait,

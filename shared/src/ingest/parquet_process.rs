@@ -60,8 +60,9 @@ const STDERR_KEPT: usize = 2048;
 enum Message {
     /// Reading the next row group holds this many bytes: wait for a byte.
     Reserve(u64),
-    /// The next row, a task's data.
-    Row(Value),
+    /// The next row, a task's data, read as written (`crate::json`): the
+    /// parent's check of it is a guard of its own.
+    Row(#[serde(deserialize_with = "crate::json::as_written")] Value),
     /// The next row could not be a task; the message names the row.
     RowError(String),
     /// The file is read.
@@ -562,6 +563,16 @@ mod tests {
             panic!("a NUL is refused by the parent too");
         };
         assert!(message.contains("NUL"), "{message}");
+
+        // A key serde_json reserves is refused by the parent too, not read
+        // as the JSON in its string.
+        let raw = json!({ "$serde_json::private::RawValue": "{\"a\": 1}" });
+        let reserved = serde_json::to_string(&Message::Row(raw)).expect("row");
+        let (_, events, _) = talk(&[&reserved, &done], usize::MAX);
+        assert!(
+            matches!(&events[..], [RowEvent::Error(0, m)] if m.contains("is reserved")),
+            "{events:?}"
+        );
 
         let (ended, events, _) = talk(&[&row, &row, &row], 2);
         assert!(matches!(ended, Ended::Stopped));
