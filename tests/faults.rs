@@ -853,6 +853,37 @@ async fn a_cursor_taken_back_under_a_running_attempt_loses_no_object() {
     app.stop().await;
 }
 
+/// The end of a listing is committed only where its last page left the
+/// run's cursor: a database that lost that page's commit (see above) had
+/// the run completed without the page's objects, and `on_missing` could
+/// then take objects that page had seen for gone. The attempt fails
+/// instead, and the next one lists the page again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_whose_last_page_was_lost_lists_it_again() {
+    const FILES: usize = 1_000;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("data");
+    for i in 0..FILES {
+        std::fs::write(data.join(format!("obj-{i:05}.jpg")), b"x").expect("write");
+    }
+    let project = app.project("last page lost").await;
+    let storage = app.local_storage(project, json!({})).await;
+    // Pages of 100 (the spawned worker's): the last one moves the cursor
+    // to the last key.
+    app.lose_a_page_once("sync_runs", "obj-00999.jpg").await;
+    let _worker = labelsync_tests::spawn_ready_worker(&app, "last-page", &[]).await;
+    let run = app.sync(&storage["id"]).await;
+    assert!(app.page_was_lost().await, "the page was not lost");
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(
+        app.all_tasks(project).await.len(),
+        FILES,
+        "every object once"
+    );
+    app.stop().await;
+}
+
 /// While the database is down, an API request is a quick `503 unavailable`
 /// with `Retry-After`: sqlx tries to connect again until its pool's acquire
 /// timeout while the server refuses connections, and every request hung

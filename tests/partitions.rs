@@ -313,6 +313,60 @@ async fn flat_first_page_then_partitions(embedded: bool) {
     app.stop().await;
 }
 
+/// A partition is finished only where its last page left its cursor: a
+/// database that lost that page's commit (a crash with asynchronous
+/// commits, a failover to a replica behind) had the partition done
+/// without the page's objects. The attempt fails instead, and the
+/// partition is listed again from where the database has its cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_last_page_was_lost_lists_it_again() {
+    let keys: Vec<String> = (0..3)
+        .flat_map(|p| (0..150).map(move |i| format!("p{p}/{i:04}.jpg")))
+        .collect();
+    let bucket = bucket_with(&keys).await;
+    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "100")]).await;
+    let storage = s3_storage(&app, &bucket, &s3s(), json!({})).await;
+    app.lose_a_page_once("sync_partitions", "p1/0149.jpg").await;
+    let run = app.sync(&storage["id"]).await;
+    assert!(app.page_was_lost().await, "the page was not lost");
+    assert_eq!(run["status"], "completed", "{run}");
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    let run_id = run["id"].as_str().expect("id");
+    let expected = [("p0/", true), ("p1/", true), ("p2/", true)];
+    assert_all_done(&db, run_id, &expected).await;
+    assert_eq!(
+        task_keys(&app, &storage["project_id"]).await,
+        uris(&bucket, &keys)
+    );
+    app.stop().await;
+}
+
+/// Partitions are written only where discovery's first page left the
+/// run's cursor: a database that lost that page's commit had partitions
+/// listing only the keys after it, so the page's objects were never
+/// listed. The attempt fails instead, and the next one lists from the
+/// run's cursor as the database has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_after_a_lost_first_page_are_not_written() {
+    let mut keys: Vec<String> = (0..1100).map(|i| format!("mix/a-{i:04}.jpg")).collect();
+    keys.extend((0..20).map(|i| format!("mix/p0/{i:03}.jpg")));
+    keys.extend((0..20).map(|i| format!("mix/p1/x/{i:03}.jpg")));
+    let bucket = bucket_with(&keys).await;
+    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "400")]).await;
+    let storage = s3_storage(&app, &bucket, &s3s(), json!({ "prefix": "mix/" })).await;
+    // Discovery's first page is 1,000 keys, committed in pages of 400: the
+    // last of them (800 to 999) is lost.
+    app.lose_a_page_once("sync_runs", "mix/a-0999.jpg").await;
+    let run = app.sync(&storage["id"]).await;
+    assert!(app.page_was_lost().await, "the page was not lost");
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(
+        task_keys(&app, &storage["project_id"]).await,
+        uris(&bucket, &keys)
+    );
+    app.stop().await;
+}
+
 /// The same layout on fake-gcs-server: GCS answers discovery too, so its
 /// buckets are listed by partitions, each key once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -484,6 +484,60 @@ impl TestApp {
         .expect("trigger");
     }
 
+    /// Makes the database lose, once, the commit of the listing page that
+    /// moves the cursor of a row of `table` (`sync_runs` or
+    /// `sync_partitions`) to `key`, as a crash with asynchronous commits or
+    /// a failover to a replica behind loses a commit it acknowledged: the
+    /// cursor stays where it was and the page's links and tasks go, while
+    /// the attempt saw its commit succeed. (The page's counters stay.)
+    /// [`TestApp::page_was_lost`] tells whether it happened.
+    pub async fn lose_a_page_once(&self, table: &str, key: &str) {
+        let prefix = if table == "sync_partitions" {
+            "NEW.prefix"
+        } else {
+            "''"
+        };
+        let db = Database::connect(self.database_url.as_str())
+            .await
+            .expect("database");
+        db.execute_unprepared(&format!(
+            "CREATE TABLE lost_pages (cursor text); \
+             CREATE FUNCTION lose_a_page() RETURNS trigger AS $$ \
+             BEGIN \
+               IF NEW.cursor = '{key}' AND OLD.cursor IS DISTINCT FROM NEW.cursor \
+                  AND NOT EXISTS (SELECT 1 FROM lost_pages) THEN \
+                 INSERT INTO lost_pages VALUES (NEW.cursor); \
+                 WITH gone AS (DELETE FROM import_links \
+                   WHERE object_key > coalesce(OLD.cursor, '') AND object_key <= NEW.cursor \
+                   AND left(object_key, length({prefix})) = {prefix} RETURNING task_id) \
+                 DELETE FROM tasks WHERE id IN (SELECT task_id FROM gone); \
+                 NEW.cursor := OLD.cursor; \
+               END IF; \
+               RETURN NEW; \
+             END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER lose_a_page BEFORE UPDATE ON {table} \
+             FOR EACH ROW EXECUTE FUNCTION lose_a_page();"
+        ))
+        .await
+        .expect("trigger");
+    }
+
+    /// Whether [`TestApp::lose_a_page_once`]'s page was lost.
+    pub async fn page_was_lost(&self) -> bool {
+        let db = Database::connect(self.database_url.as_str())
+            .await
+            .expect("database");
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS n FROM lost_pages",
+            ))
+            .await
+            .expect("lost pages")
+            .expect("a row");
+        row.try_get::<i64>("", "n").expect("n") == 1
+    }
+
     /// Every task of a project, following `next_after`.
     pub async fn all_tasks(&self, project_id: i64) -> Vec<Value> {
         let mut tasks = Vec::new();

@@ -146,9 +146,10 @@ pub async fn checkpoint(
     // Moved only from where the attempt left it (see
     // `runs::checkpoint_page`).
     if let Some(cursor) = cursor {
-        update = update
-            .col_expr(C::Cursor, Expr::value(cursor.to))
-            .filter(cursor.starts_at(C::Cursor));
+        update = update.filter(cursor.starts_at(C::Cursor));
+        if let Some(to) = cursor.to {
+            update = update.col_expr(C::Cursor, Expr::value(to));
+        }
     }
     let res = update
         .filter(C::Id.eq(id))
@@ -174,9 +175,19 @@ pub async fn cursor_of(
     Ok(row.map(|row| row.cursor))
 }
 
-/// Marks the partition listed; false when `owner` no longer holds it.
-pub async fn finish(db: &impl ConnectionTrait, id: i64, owner: &str, worker: &str) -> Result<bool> {
+/// Marks the partition listed; false when `owner` no longer holds it, or
+/// when its cursor is not `at`, where the attempt last committed it (see
+/// `runs::checkpoint_page`).
+pub async fn finish(
+    db: &impl ConnectionTrait,
+    id: i64,
+    owner: &str,
+    worker: &str,
+    at: Option<&str>,
+) -> Result<bool> {
+    let stays = super::runs::CursorMove { from: at, to: None };
     let res = sync_partition::Entity::update_many()
+        .filter(stays.starts_at(C::Cursor))
         .col_expr(C::Done, Expr::value(true))
         .col_expr(C::Worker, Expr::value(worker))
         .col_expr(C::FinishedAt, Expr::value(Utc::now()))

@@ -356,10 +356,13 @@ pub async fn checkpoint(
 
 /// A listing page's move of a cursor: from where the attempt last
 /// committed it (`None`: the listing's start) to the page's last key.
+/// `to: None` moves nothing but still needs the cursor where the attempt
+/// left it: the end of a listing (or of its discovery) is committed only
+/// after every page it lists.
 #[derive(Debug, Clone, Copy)]
 pub struct CursorMove<'a> {
     pub from: Option<&'a str>,
-    pub to: &'a str,
+    pub to: Option<&'a str>,
 }
 
 impl CursorMove<'_> {
@@ -385,9 +388,10 @@ pub async fn checkpoint_page(
     owner: Option<&str>,
 ) -> Result<bool> {
     use sync_run::Column as C;
-    let update = counted(id, delta, owner)
-        .col_expr(C::Cursor, Expr::value(cursor.to))
-        .filter(cursor.starts_at(C::Cursor));
+    let mut update = counted(id, delta, owner).filter(cursor.starts_at(C::Cursor));
+    if let Some(to) = cursor.to {
+        update = update.col_expr(C::Cursor, Expr::value(to));
+    }
     Ok(update.exec(db).await?.rows_affected == 1)
 }
 

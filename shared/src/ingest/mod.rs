@@ -174,6 +174,15 @@ struct PagePlan {
     batches: Vec<Vec<ToRead>>,
 }
 
+/// How an attempt's listing of pages ended.
+pub(super) enum Listed {
+    /// The run stopped, or the attempt lost its lease.
+    Stopped,
+    /// Every page committed, the last leaving the cursor (the run's, or
+    /// the partition's) here.
+    To(Option<String>),
+}
+
 /// An object for a Tasks-mode read, as a fan-out batch stores it: the
 /// listed object, and whether a partial mark was on it when its page was
 /// planned (an earlier run stopped in it, or it broke off half-way), which
@@ -211,15 +220,19 @@ impl ImportJob<'_> {
             Listing::Partitioned(outcome) => return Ok(outcome),
             Listing::Sequence(head) => head,
         };
-        if !self.list_pages(&backend, head).await? {
+        let Listed::To(at) = self.list_pages(&backend, head).await? else {
             return Ok(Outcome::Stopped);
-        }
-        self.finish_listing().await
+        };
+        let stays = runs::CursorMove {
+            from: at.as_deref(),
+            to: None,
+        };
+        self.finish_listing(Some(stays)).await
     }
 
     /// Plans, reads and commits every page of the listing (which starts
-    /// with `head` when discovery read it); false when the run stopped.
-    async fn list_pages(&self, backend: &Arc<dyn Storage>, head: Option<Head>) -> Result<bool> {
+    /// with `head` when discovery read it).
+    async fn list_pages(&self, backend: &Arc<dyn Storage>, head: Option<Head>) -> Result<Listed> {
         let filter = Filter::from_storage(self.storage)?;
         // The cursor as this attempt last committed it: each page moves it
         // from there (see `runs::checkpoint_page`).
@@ -242,11 +255,11 @@ impl ImportJob<'_> {
             if !self.read_task_files(backend, &mut plan).await?
                 || !self.commit_page(&**backend, plan, at.as_deref()).await?
             {
-                return Ok(false);
+                return Ok(Listed::Stopped);
             }
             at = next.or(at);
         }
-        Ok(true)
+        Ok(Listed::To(at))
     }
 
     /// What the run reads, from its cursor: the storage's listing (`head`
@@ -538,10 +551,10 @@ impl ImportJob<'_> {
             runs::mark_listing_incomplete(&txn, &self.run.id).await?;
         }
         let batch_ids = batches::create(&txn, &self.run.id, &plan.batches).await?;
-        let moved = plan
-            .cursor
-            .as_deref()
-            .map(|to| runs::CursorMove { from: at, to });
+        let moved = plan.cursor.as_deref().map(|to| runs::CursorMove {
+            from: at,
+            to: Some(to),
+        });
         if !self.checkpoint(&txn, &plan.delta, moved).await? {
             txn.rollback().await?;
             return Ok(false);
@@ -617,8 +630,12 @@ impl ImportJob<'_> {
 
     /// The listing is complete: once every batch is done, what was not seen
     /// is gone, and the storage's `on_missing` says what becomes of it, in
-    /// one transaction with the run's last checkpoint.
-    async fn finish_listing(&self) -> Result<Outcome> {
+    /// one transaction with the run's last checkpoint. A sequence's end
+    /// `stays` where its last page left the run's cursor: if the database
+    /// lost that page's commit, the objects it linked would be taken for
+    /// gone (and the attempt fails instead, [`Self::check_cursor`]); a
+    /// partitioned run's partitions checked theirs as they finished.
+    async fn finish_listing(&self, stays: Option<runs::CursorMove<'_>>) -> Result<Outcome> {
         if self.fanout.is_some() && !self.wait_for_batches(0).await? {
             return Ok(Outcome::Stopped);
         }
@@ -629,7 +646,7 @@ impl ImportJob<'_> {
             Some(_) => Counters::default(),
             None => self.reconcile_missing(&txn).await?,
         };
-        if !runs::checkpoint(&txn, &self.run.id, &delta, None, self.lease).await? {
+        if !self.checkpoint(&txn, &delta, stays).await? {
             txn.rollback().await?;
             return Ok(Outcome::Stopped);
         }

@@ -28,7 +28,7 @@
 //! earlier run linked it.
 use std::sync::Arc;
 
-use super::{ImportJob, Part};
+use super::{ImportJob, Listed, Part};
 use crate::{
     Error, Result,
     attempt::{AbortOnDrop, Outcome},
@@ -118,13 +118,13 @@ impl ImportJob<'_> {
         // for the commit, whose failure comes first.
         let rest = match futures::future::select(commit, rest).await {
             futures::future::Either::Left((committed, rest)) => {
-                if !committed? {
+                if let Listed::Stopped = committed? {
                     return Ok(None);
                 }
                 rest.await
             }
             futures::future::Either::Right((rest, commit)) => {
-                if !commit.await? {
+                if let Listed::Stopped = commit.await? {
                     return Ok(None);
                 }
                 rest
@@ -137,7 +137,10 @@ impl ImportJob<'_> {
     /// `after`, the last key the run committed before (only the root's
     /// flat partition can hold keys up to it; the others list all theirs);
     /// false when the attempt lost it (another attempt wrote them, or the
-    /// run stopped).
+    /// run stopped). The run's cursor must still be `after`: if the
+    /// database lost the commit of discovery's first page, partitions
+    /// after it would never list that page (the attempt fails instead,
+    /// and the next one discovers again).
     async fn write_partitions(
         &self,
         found: &[(String, bool)],
@@ -149,7 +152,14 @@ impl ImportJob<'_> {
             .collect();
         let txn = crate::db::begin_write(self.db).await?;
         parts::create(&txn, &self.run.id, &rows).await?;
-        if !runs::checkpoint(&txn, &self.run.id, &Counters::default(), None, self.lease).await? {
+        let stays = runs::CursorMove {
+            from: after.as_deref(),
+            to: None,
+        };
+        if !self
+            .checkpoint(&txn, &Counters::default(), Some(stays))
+            .await?
+        {
             txn.rollback().await?;
             return Ok(false);
         }
@@ -180,7 +190,7 @@ impl ImportJob<'_> {
                 super::ended::until(ended, self.settings.poll_interval).await;
             }
         }
-        self.finish_listing().await
+        self.finish_listing(None).await
     }
 
     /// Enqueues a job for each unfinished partition (again on a resumed
@@ -260,17 +270,23 @@ impl ImportJob<'_> {
         result
     }
 
-    /// Lists this attempt's partition, then marks it done.
+    /// Lists this attempt's partition, then marks it done where its last
+    /// page left its cursor (a commit the database lost fails the attempt,
+    /// [`ImportJob::check_cursor`]).
     async fn list_part(&self, id: i64, lease: &str, worker: &str) -> Result<Outcome> {
         let backend = crate::storage::open_shared(self.storage, self.env).await?;
-        if !self.list_pages(&backend, None).await? {
+        let Listed::To(at) = self.list_pages(&backend, None).await? else {
             return Ok(Outcome::Stopped);
+        };
+        if parts::finish(self.db, id, lease, worker, at.as_deref()).await? {
+            return Ok(Outcome::Finished);
         }
-        if parts::finish(self.db, id, lease, worker).await? {
-            Ok(Outcome::Finished)
-        } else {
-            Ok(Outcome::Stopped)
-        }
+        let stays = runs::CursorMove {
+            from: at.as_deref(),
+            to: None,
+        };
+        self.check_cursor(self.db, stays).await?;
+        Ok(Outcome::Stopped)
     }
 }
 
