@@ -876,6 +876,7 @@ async fn a_listing_whose_last_page_was_lost_lists_it_again() {
     let run = app.sync(&storage["id"]).await;
     assert!(app.page_was_lost().await, "the page was not lost");
     assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["attempts"], 2, "the first attempt failed: {run}");
     assert_eq!(
         app.all_tasks(project).await.len(),
         FILES,

@@ -1356,6 +1356,66 @@ async fn rows_of_small_values_are_counted_as_what_they_take_in_memory() {
     app.stop().await;
 }
 
+/// Small objects take many times their text in memory while parsed
+/// (`{"a":0}` is 7 bytes of text and about 700 in memory): a JSON element
+/// of them far over the row limit was built whole before it was refused,
+/// and JSONL lines of them under the limit took nearly three times the 32
+/// times their text their parse reserved. The element now stops being
+/// built at the limit (its error, and the next element imported), and a
+/// line reserves for its objects too, so the worker stays near its budgets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_objects_are_parsed_within_the_parse_budget() {
+    const LINES: usize = 16;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = data_dir(&app);
+    // 3 MiB of text: under the 4 MiB limit as text, about 38 MB by the
+    // row limit's measure and 280 MB in memory.
+    let element = small_objects(3 << 20);
+    let json = format!("[{{\"big\": [{element}]}}, {{\"text\": \"after\"}}]");
+    write(&data, "big-element.json", json.as_bytes());
+    // 320 KiB of text a line: 3.9 MiB by the measure (a task), 29 MB in
+    // memory; 10 MiB of it reserved before.
+    let line = format!("{{\"a\": [{}]}}\n", small_objects(320 << 10));
+    for i in 0..LINES {
+        write(&data, &format!("line-{i:02}.jsonl"), line.as_bytes());
+    }
+    let project = app.project("small objects").await;
+    let storage = storage(&app, project, json!({})).await;
+    let (limit, parse, in_flight) = (
+        (4 << 20).to_string(),
+        (64 << 20).to_string(),
+        (32 << 20).to_string(),
+    );
+    let env = [
+        ("LABELSYNC_MAX_TASK_BYTES", &limit[..]),
+        ("LABELSYNC_PARSE_BUDGET_BYTES", &parse[..]),
+        ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..]),
+        // One arena: glibc's per-thread arenas keep what each thread's
+        // parses freed, so the peak would measure how many threads parsed
+        // (180 MB here on one, 300-320 on two, 410-540 on the default 16)
+        // rather than what the budgets hold.
+        ("MALLOC_ARENA_MAX", "1"),
+    ];
+    let (run, peak) = sync_on_own_worker(&app, &storage, "small-objects", &env).await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    assert_eq!(run["counters"]["created"], (LINES + 1) as i64, "{run}");
+    assert_eq!(run["counters"]["failed"], 1, "{run}");
+    let errors = run_errors(&app, &run).await;
+    let message = error_message(&errors, "big-element.json", &json!(0));
+    assert!(message.contains("LABELSYNC_MAX_TASK_BYTES"), "{message}");
+    // 180 MB here; 302 MB before (291 with the lines alone, 295 with the
+    // element alone).
+    assert!(peak < 240 << 20, "the worker peaked at {} MB", peak >> 20);
+    app.stop().await;
+}
+
+/// About `bytes` of text of objects `{"a":0}`, comma-separated.
+fn small_objects(bytes: usize) -> String {
+    let mut text = "{\"a\":0},".repeat(bytes / 8);
+    text.pop();
+    text
+}
+
 /// Budgets so tight that a chunk is cut short at nearly every row slow an
 /// import but neither stop it nor lose a row: a JSON file's parse holds the
 /// whole parse budget while its rows wait for room, JSONL rows of 64 KiB
@@ -2106,6 +2166,56 @@ async fn an_incomplete_listing_deletes_no_task() {
     assert_eq!(gone_counters(&third), (0, 1, 0), "{third}");
     let left: Vec<String> = task_ids_by_key(&app, project).await.into_keys().collect();
     assert_eq!(left, ["a.jpg"]);
+    app.stop().await;
+}
+
+/// The same when the database lost the run's flag of an incomplete
+/// listing (a page of listing errors only moves no cursor, so the end's
+/// check of the cursor cannot see its commit lost): the attempt that saw
+/// the listing incomplete still deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_incomplete_as_the_attempt_saw_it_deletes_no_task() {
+    let app = spawn_app(AppOptions::default()).await;
+    let data = app.doc_root.path().join("data");
+    write(&data, "a.jpg", b"a");
+    write(&data, "z/z.jpg", b"z");
+    let project = app.project("incomplete, flag lost").await;
+    let source = app
+        .local_storage(project, json!({ "on_missing": "delete_unlabeled" }))
+        .await;
+    assert_eq!(app.sync(&source["id"]).await["counters"]["created"], 2);
+    let before = task_ids_by_key(&app, project).await;
+
+    std::fs::remove_file(data.join("z/z.jpg")).expect("delete");
+    unreadable_dir(&data);
+    let db = sea_orm::Database::connect(app.database_url.as_str())
+        .await
+        .expect("database");
+    db.execute_unprepared(
+        "CREATE TABLE lost_flags (n int); \
+         CREATE FUNCTION lose_flag() RETURNS trigger AS $$ BEGIN \
+           IF NEW.listing_incomplete AND NOT OLD.listing_incomplete \
+              AND NOT EXISTS (SELECT 1 FROM lost_flags) THEN \
+             INSERT INTO lost_flags VALUES (1); \
+             NEW.listing_incomplete := false; \
+           END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER lose_flag BEFORE UPDATE ON sync_runs \
+           FOR EACH ROW EXECUTE FUNCTION lose_flag();",
+    )
+    .await
+    .expect("trigger");
+    let second = app.sync(&source["id"]).await;
+    let lost = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT count(*) AS n FROM lost_flags",
+        ))
+        .await
+        .expect("count")
+        .expect("row");
+    assert_eq!(lost.try_get::<i64>("", "n").expect("n"), 1, "not lost");
+    assert_eq!(gone_counters(&second), (1, 0, 0), "{second}");
+    assert_eq!(task_ids_by_key(&app, project).await, before);
     app.stop().await;
 }
 

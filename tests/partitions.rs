@@ -331,6 +331,8 @@ async fn a_partition_whose_last_page_was_lost_lists_it_again() {
     assert!(app.page_was_lost().await, "the page was not lost");
     assert_eq!(run["status"], "completed", "{run}");
     let db = Database::connect(&app.database_url).await.expect("connect");
+    let sql = "SELECT max(attempts) AS n FROM sync_partitions WHERE prefix = 'p1/'";
+    assert_eq!(count(&db, sql).await, 2, "p1/ listed twice");
     let run_id = run["id"].as_str().expect("id");
     let expected = [("p0/", true), ("p1/", true), ("p2/", true)];
     assert_all_done(&db, run_id, &expected).await;
@@ -360,6 +362,79 @@ async fn partitions_after_a_lost_first_page_are_not_written() {
     let run = app.sync(&storage["id"]).await;
     assert!(app.page_was_lost().await, "the page was not lost");
     assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["attempts"], 2, "{run}");
+    assert_eq!(
+        task_keys(&app, &storage["project_id"]).await,
+        uris(&bucket, &keys)
+    );
+    app.stop().await;
+}
+
+/// A partitioned run finishes only where every partition it wrote is
+/// there and done. A database that lost the commit writing them (a
+/// failover) had the run find none pending and take every object for
+/// gone: under `delete_unlabeled`, a re-sync deleted every task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_partitions_were_lost_as_written_deletes_nothing() {
+    // The statement writing them loses its rows, once.
+    lost_partitions_delete_nothing(
+        "CREATE FUNCTION lose_partitions() RETURNS trigger AS $$ BEGIN \
+           IF NOT EXISTS (SELECT 1 FROM lost_partitions) THEN \
+             INSERT INTO lost_partitions VALUES (1); \
+             DELETE FROM sync_partitions WHERE id IN (SELECT id FROM written); \
+           END IF; RETURN NULL; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER lose_partitions AFTER INSERT ON sync_partitions \
+           REFERENCING NEW TABLE AS written \
+           FOR EACH STATEMENT EXECUTE FUNCTION lose_partitions();",
+    )
+    .await;
+}
+
+/// The same when they are lost once listed: the run's last check finds
+/// them gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_partitions_were_lost_once_listed_deletes_nothing() {
+    // When the first is done, the run's partitions go, once: the others'
+    // keys were not all listed.
+    lost_partitions_delete_nothing(
+        "CREATE FUNCTION lose_partitions() RETURNS trigger AS $$ BEGIN \
+           IF NOT EXISTS (SELECT 1 FROM lost_partitions) THEN \
+             INSERT INTO lost_partitions VALUES (1); \
+             DELETE FROM sync_partitions WHERE run_id = NEW.run_id; \
+           END IF; RETURN NULL; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER lose_partitions AFTER UPDATE ON sync_partitions \
+           FOR EACH ROW WHEN (NEW.done AND NOT OLD.done) \
+           EXECUTE FUNCTION lose_partitions();",
+    )
+    .await;
+}
+
+/// Syncs a bucket of three prefixes under `delete_unlabeled`, makes the
+/// database lose the next run's partitions by `trigger` (which marks
+/// `lost_partitions` when it does), and syncs again: no task deleted.
+async fn lost_partitions_delete_nothing(trigger: &str) {
+    let keys: Vec<String> = (0..3)
+        .flat_map(|p| (0..50).map(move |i| format!("p{p}/{i:04}.jpg")))
+        .collect();
+    let bucket = bucket_with(&keys).await;
+    let app = app_with(true, &[("LABELSYNC_PAGE_SIZE", "20")]).await;
+    let extra = json!({ "on_missing": "delete_unlabeled" });
+    let storage = s3_storage(&app, &bucket, &s3s(), extra).await;
+    let first = app.sync(&storage["id"]).await;
+    assert_eq!(first["status"], "completed", "{first}");
+    let db = Database::connect(&app.database_url).await.expect("connect");
+    db.execute_unprepared(&format!("CREATE TABLE lost_partitions (n int); {trigger}"))
+        .await
+        .expect("trigger");
+    let again = app.sync(&storage["id"]).await;
+    assert_eq!(
+        count(&db, "SELECT count(*) AS n FROM lost_partitions").await,
+        1,
+        "not lost"
+    );
+    assert_eq!(again["status"], "completed", "{again}");
+    assert_eq!(again["counters"]["deleted"], 0, "{again}");
+    assert_eq!(again["counters"]["missing"], 0, "{again}");
     assert_eq!(
         task_keys(&app, &storage["project_id"]).await,
         uris(&bucket, &keys)

@@ -15,9 +15,14 @@
 //! ([`is_reserved_key`], [`reserved_key_in`] for request bodies): reading
 //! the row back from the database goes through `Value` again, so a row
 //! stored with one would not read back as stored.
+//!
+//! A parse of a task builds within an [`Allowance`] of the row limit's
+//! measure: a row of many small values takes many times its text in memory
+//! (`{"a":0}` is 7 bytes of text and about 700 in memory), so it is refused
+//! while it is built, not once it is whole.
 use std::cell::Cell;
 
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 /// The prefix of the keys serde_json gives a meaning of its own.
@@ -36,10 +41,66 @@ pub fn reserved_key_error(key: &str) -> String {
     )
 }
 
+/// What the row limit counts for each value (twice for an entry of an
+/// object: its key and its value), besides the text of strings and keys:
+/// the size of a `Value` (`ingest::parse::check_task`'s measure).
+pub const VALUE_BYTES: usize = 32;
+
+/// How much of the row limit's measure a value being built may still take.
+#[derive(Debug)]
+pub struct Allowance {
+    left: Cell<usize>,
+    over: Cell<bool>,
+}
+
+impl Allowance {
+    /// An allowance of `bytes`.
+    pub fn new(bytes: usize) -> Self {
+        Allowance {
+            left: Cell::new(bytes),
+            over: Cell::new(false),
+        }
+    }
+
+    /// No limit.
+    pub fn unlimited() -> Self {
+        Allowance::new(usize::MAX)
+    }
+
+    /// Whether a value was refused more than was left: what was built is
+    /// not the value (its rest was read, not built).
+    pub fn is_over(&self) -> bool {
+        self.over.get()
+    }
+
+    /// Takes `bytes`; false (for good) once they were more than was left.
+    fn take(&self, bytes: usize) -> bool {
+        if self.over.get() {
+            return false;
+        }
+        match self.left.get().checked_sub(bytes) {
+            Some(left) => {
+                self.left.set(left);
+                true
+            }
+            None => {
+                self.over.set(true);
+                false
+            }
+        }
+    }
+}
+
 /// One JSON text, whole (nothing but whitespace after it), as written.
 pub fn from_slice(bytes: &[u8]) -> serde_json::Result<Value> {
+    from_slice_within(bytes, &Allowance::unlimited())
+}
+
+/// [`from_slice`] within `allowance`: once over it, the rest is read but
+/// not built (check [`Allowance::is_over`]).
+pub fn from_slice_within(bytes: &[u8], allowance: &Allowance) -> serde_json::Result<Value> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = AsWritten.deserialize(&mut de)?;
+    let value = AsWritten(allowance).deserialize(&mut de)?;
     de.end()?;
     Ok(value)
 }
@@ -55,23 +116,27 @@ pub fn reserved_key_in(bytes: &[u8]) -> Option<String> {
     found.take()
 }
 
-/// [`AsWritten`] for `#[serde(deserialize_with)]`.
+/// [`AsWritten`] for `#[serde(deserialize_with)]`, with no limit.
 pub fn as_written<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Value, D::Error> {
-    AsWritten.deserialize(deserializer)
+    AsWritten(&Allowance::unlimited()).deserialize(deserializer)
 }
 
-/// A seed that reads any JSON value into a `Value` as written.
+/// A seed that reads any JSON value into a `Value` as written, within its
+/// allowance: each string and key takes its text, each element of an array
+/// [`VALUE_BYTES`] and each entry of an object twice that (the root's own
+/// is the caller's to count). Past the allowance the rest of the value is
+/// read without being built, and what is returned is not the value.
 #[derive(Clone, Copy)]
-pub struct AsWritten;
+pub struct AsWritten<'a>(pub &'a Allowance);
 
-impl<'de> DeserializeSeed<'de> for AsWritten {
+impl<'de> DeserializeSeed<'de> for AsWritten<'_> {
     type Value = Value;
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for AsWritten {
+impl<'de> Visitor<'de> for AsWritten<'_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,10 +162,16 @@ impl<'de> Visitor<'de> for AsWritten {
     }
 
     fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        if !self.0.take(v.len()) {
+            return Ok(Value::Null);
+        }
         Ok(Value::String(v.to_owned()))
     }
 
     fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        if !self.0.take(v.len()) {
+            return Ok(Value::Null);
+        }
         Ok(Value::String(v))
     }
 
@@ -118,7 +189,11 @@ impl<'de> Visitor<'de> for AsWritten {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element_seed(AsWritten)? {
+        while let Some(item) = seq.next_element_seed(self)? {
+            if !self.0.take(VALUE_BYTES) {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                return Ok(Value::Null);
+            }
             items.push(item);
         }
         Ok(Value::Array(items))
@@ -127,7 +202,12 @@ impl<'de> Visitor<'de> for AsWritten {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut object = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let value = map.next_value_seed(AsWritten)?;
+            if !self.0.take((2 * VALUE_BYTES).saturating_add(key.len())) {
+                map.next_value::<IgnoredAny>()?;
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                return Ok(Value::Null);
+            }
+            let value = map.next_value_seed(self)?;
             object.insert(key, value);
         }
         Ok(Value::Object(object))

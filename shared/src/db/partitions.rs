@@ -45,6 +45,15 @@ pub async fn of_run(db: &impl ConnectionTrait, run_id: &str) -> Result<Vec<sync_
         .await?)
 }
 
+/// How many partitions the run has, and how many of them are done.
+pub async fn count(db: &impl ConnectionTrait, run_id: &str) -> Result<(usize, usize)> {
+    let of_run = || sync_partition::Entity::find().filter(C::RunId.eq(run_id));
+    let found = of_run().count(db).await?;
+    let done = of_run().filter(C::Done.eq(true)).count(db).await?;
+    let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    Ok((size(found), size(done)))
+}
+
 /// Partitions of the run not finished yet.
 pub async fn pending(db: &impl ConnectionTrait, run_id: &str) -> Result<u64> {
     Ok(sync_partition::Entity::find()

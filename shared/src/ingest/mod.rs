@@ -179,8 +179,9 @@ pub(super) enum Listed {
     /// The run stopped, or the attempt lost its lease.
     Stopped,
     /// Every page committed, the last leaving the cursor (the run's, or
-    /// the partition's) here.
-    To(Option<String>),
+    /// the partition's) `at`; `unlisted` when some page had parts that
+    /// could not be listed.
+    To { at: Option<String>, unlisted: bool },
 }
 
 /// An object for a Tasks-mode read, as a fan-out batch stores it: the
@@ -220,14 +221,14 @@ impl ImportJob<'_> {
             Listing::Partitioned(outcome) => return Ok(outcome),
             Listing::Sequence(head) => head,
         };
-        let Listed::To(at) = self.list_pages(&backend, head).await? else {
+        let Listed::To { at, unlisted } = self.list_pages(&backend, head).await? else {
             return Ok(Outcome::Stopped);
         };
         let stays = runs::CursorMove {
             from: at.as_deref(),
             to: None,
         };
-        self.finish_listing(Some(stays)).await
+        self.finish_listing(End::Sequence { stays, unlisted }).await
     }
 
     /// Plans, reads and commits every page of the listing (which starts
@@ -241,6 +242,7 @@ impl ImportJob<'_> {
             (None, Some(part)) => part.row.cursor.clone(),
             (None, None) => self.run.cursor.clone(),
         };
+        let mut unlisted = false;
         let mut pages = self.pages(backend, head);
         while let Some(page) = pages.next().await {
             self.check_stopping()?;
@@ -251,15 +253,16 @@ impl ImportJob<'_> {
             if cursor.is_some() {
                 plan.cursor = cursor;
             }
-            let next = plan.cursor.clone();
+            let (next, page_unlisted) = (plan.cursor.clone(), plan.unlisted);
             if !self.read_task_files(backend, &mut plan).await?
                 || !self.commit_page(&**backend, plan, at.as_deref()).await?
             {
                 return Ok(Listed::Stopped);
             }
             at = next.or(at);
+            unlisted |= page_unlisted;
         }
-        Ok(Listed::To(at))
+        Ok(Listed::To { at, unlisted })
     }
 
     /// What the run reads, from its cursor: the storage's listing (`head`
@@ -630,29 +633,72 @@ impl ImportJob<'_> {
 
     /// The listing is complete: once every batch is done, what was not seen
     /// is gone, and the storage's `on_missing` says what becomes of it, in
-    /// one transaction with the run's last checkpoint. A sequence's end
-    /// `stays` where its last page left the run's cursor: if the database
-    /// lost that page's commit, the objects it linked would be taken for
-    /// gone (and the attempt fails instead, [`Self::check_cursor`]); a
-    /// partitioned run's partitions checked theirs as they finished.
-    async fn finish_listing(&self, stays: Option<runs::CursorMove<'_>>) -> Result<Outcome> {
+    /// one transaction with the run's last checkpoint; only if the database
+    /// still has what the listing committed ([`End`]): otherwise the
+    /// objects of the commits it lost would be taken for gone, and the
+    /// attempt fails instead (`Error::Transient`), for the next to list
+    /// them again.
+    async fn finish_listing(&self, end: End<'_>) -> Result<Outcome> {
         if self.fanout.is_some() && !self.wait_for_batches(0).await? {
             return Ok(Outcome::Stopped);
         }
         let txn = crate::db::begin_write(self.db).await?;
+        let (stays, unlisted) = match end {
+            End::Sequence { stays, unlisted } => (Some(stays), unlisted),
+            End::Partitions(_) => (None, false),
+        };
         // A retry run lists only some objects: it must not take the others
         // for gone.
         let delta = match self.retry_of() {
             Some(_) => Counters::default(),
-            None => self.reconcile_missing(&txn).await?,
+            None => self.reconcile_missing(&txn, unlisted).await?,
         };
         if !self.checkpoint(&txn, &delta, stays).await? {
             txn.rollback().await?;
             return Ok(Outcome::Stopped);
         }
+        if let End::Partitions(written) = end {
+            self.check_partitions(&txn, written).await?;
+        }
         txn.commit().await?;
         Ok(Outcome::Finished)
     }
+
+    /// The run's partitions are the `written` this attempt listed, all
+    /// done: a database that lost the commit writing them (or some of
+    /// them) has fewer, and a run finished on those would take every
+    /// object of the others for gone.
+    async fn check_partitions(&self, txn: &impl ConnectionTrait, written: usize) -> Result<()> {
+        let (found, done) = parts::count(txn, &self.run.id).await?;
+        if found != written || done != found {
+            return Err(partitions_lost(found, done, written));
+        }
+        Ok(())
+    }
+}
+
+/// The error of an attempt that finds `found` partitions (`done` of them
+/// done) where it wrote or listed `written`.
+fn partitions_lost(found: usize, done: usize, written: usize) -> Error {
+    Error::Transient(format!(
+        "the run has {found} partitions ({done} done) where this attempt wrote or listed {written}: the database lost commits; listing again"
+    ))
+}
+
+impl ImportJob<'_> {}
+
+/// What a listing's end must find, or the database lost commits of it.
+pub(super) enum End<'a> {
+    /// A sequence's: the run's cursor where its last page left it, and
+    /// whether some page this attempt committed could not be listed whole
+    /// (the run's flag of it may be among what was lost).
+    Sequence {
+        stays: runs::CursorMove<'a>,
+        unlisted: bool,
+    },
+    /// A partitioned run's: as many partitions as this attempt listed, all
+    /// done (each partition's end checked its cursor).
+    Partitions(usize),
 }
 
 impl ImportJob<'_> {
@@ -661,8 +707,13 @@ impl ImportJob<'_> {
     /// nothing, `flag` flags their links, `delete_unlabeled` flags them too,
     /// then deletes the tasks left with no link present and no annotation
     /// (`deleted`) and counts the tasks of the missing objects it keeps
-    /// (`kept`), unless the listing was incomplete (then it acts as `flag`).
-    async fn reconcile_missing(&self, txn: &impl ConnectionTrait) -> Result<Counters> {
+    /// (`kept`), unless the listing was incomplete (then it acts as `flag`):
+    /// as the run records it, or as this attempt saw it (`unlisted`).
+    async fn reconcile_missing(
+        &self,
+        txn: &impl ConnectionTrait,
+        unlisted: bool,
+    ) -> Result<Counters> {
         let (storage_id, run_id) = (self.storage.id, self.run.id.as_str());
         let mut delta = Counters {
             missing: links::count_missing(txn, storage_id, run_id).await?,
@@ -670,7 +721,7 @@ impl ImportJob<'_> {
         };
         let mut on_missing = OnMissing::of(self.storage);
         if on_missing == OnMissing::DeleteUnlabeled
-            && runs::get(txn, run_id).await?.listing_incomplete
+            && (unlisted || runs::get(txn, run_id).await?.listing_incomplete)
         {
             // Objects in a part of the listing that could not be read were
             // not listed, not deleted: their tasks wait for a complete one.

@@ -289,7 +289,7 @@ impl Grant {
         }
         self.held = None;
         let parsed = {
-            let _line = self.limits.reserve(line.len(), emit);
+            let _line = self.limits.reserve_text(line, emit);
             serde_json::from_slice(line)
         };
         self.held = self.reserve_group(emit);

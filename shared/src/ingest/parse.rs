@@ -27,7 +27,7 @@ use std::{
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use crate::json::AsWritten;
+use crate::json::{Allowance, AsWritten, VALUE_BYTES};
 
 /// File formats of the Tasks import method, chosen by extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,18 +129,68 @@ impl Limits {
         text_bytes: usize,
         emit: &mut dyn FnMut(RowEvent) -> bool,
     ) -> Option<tokio::sync::SemaphorePermit<'static>> {
-        self.budget?.reserve(
-            text_bytes.saturating_mul(super::budget::EXPANSION),
-            &mut || {
-                emit(RowEvent::WillWait);
-            },
-        )
+        self.reserve_bytes(text_bytes.saturating_mul(super::budget::EXPANSION), emit)
+    }
+
+    /// [`Self::reserve`] for a JSON text in memory: what its parse may
+    /// take ([`parse_bytes`]).
+    pub(super) fn reserve_text(
+        &self,
+        text: &[u8],
+        emit: &mut dyn FnMut(RowEvent) -> bool,
+    ) -> Option<tokio::sync::SemaphorePermit<'static>> {
+        self.reserve_bytes(parse_bytes(text), emit)
+    }
+
+    fn reserve_bytes(
+        &self,
+        bytes: usize,
+        emit: &mut dyn FnMut(RowEvent) -> bool,
+    ) -> Option<tokio::sync::SemaphorePermit<'static>> {
+        self.budget?.reserve(bytes, &mut || {
+            emit(RowEvent::WillWait);
+        })
     }
 }
 
-/// A `serde_json::Value`: the root's own size (every other value's is its
-/// place in its parent's vector or map node).
-const VALUE_BYTES: usize = 32;
+/// What parsing one JSON text may take in memory: `budget::EXPANSION`
+/// times its text, and a map's first node for each object in it. The
+/// expansion alone holds for arrays, strings and numbers, and for the
+/// entries of a large map (`"":0,` is 5 bytes of text, and 160 of the
+/// budget against some 130 of map nodes); not for small objects, whose
+/// first node takes 632 bytes however short their text (`{"a":0},` is 8
+/// bytes and about 700 in memory: 88 times its text, and nearly three
+/// times its reservation, when objects were not counted).
+pub(super) fn parse_bytes(text: &[u8]) -> usize {
+    text.len()
+        .saturating_mul(super::budget::EXPANSION)
+        .saturating_add(objects_in(text).saturating_mul(MAP_LEAF_BYTES))
+}
+
+/// The objects a JSON text opens: its `{` outside strings.
+fn objects_in(text: &[u8]) -> usize {
+    let (mut objects, mut in_string, mut escaped) = (0, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if b == OPEN_OBJECT {
+            objects += 1;
+        }
+    }
+    objects
+}
+
+/// The byte that opens a JSON object, named so brace counters reading
+/// this file stay balanced.
+const OPEN_OBJECT: u8 = 0x7b;
+
 /// A leaf node of a map: `serde_json`'s maps are B-trees whose nodes hold
 /// up to 11 entries (11 keys of 24 bytes and 11 values of 32, and their
 /// links), taken whole from a map's first entry on.
@@ -242,12 +292,16 @@ pub fn check_task(value: &Value, limits: Limits) -> Result<usize, String> {
 
 fn over_limit(bytes: usize, limits: Limits) -> Result<(), String> {
     if bytes > limits.max_task_bytes {
-        return Err(format!(
-            "the task is larger than the {}-byte limit (LABELSYNC_MAX_TASK_BYTES)",
-            limits.max_task_bytes
-        ));
+        return Err(too_large(limits));
     }
     Ok(())
+}
+
+fn too_large(limits: Limits) -> String {
+    format!(
+        "the task is larger than the {}-byte limit (LABELSYNC_MAX_TASK_BYTES)",
+        limits.max_task_bytes
+    )
 }
 
 fn too_deep() -> String {
@@ -283,6 +337,17 @@ struct Shapes {
 impl Shapes {
     fn new(limits: Limits) -> Self {
         Shapes { full: None, limits }
+    }
+
+    /// What a row may take while it is built, by [`check_task`]'s measure
+    /// (the root's own size counted here): past it, it is not built.
+    fn allowance(&self) -> Allowance {
+        Allowance::new(self.limits.max_task_bytes.saturating_sub(VALUE_BYTES))
+    }
+
+    /// The error of a row that was over its [`Self::allowance`].
+    fn too_large(&self, row: i64) -> RowEvent {
+        RowEvent::Error(row, format!("row {row}: {}", too_large(self.limits)))
     }
 
     fn task(&mut self, row: i64, value: Value) -> Result<RowEvent, String> {
@@ -515,8 +580,14 @@ struct TopLevel<'a> {
 }
 
 impl TopLevel<'_> {
-    fn row<E: de::Error>(&mut self, value: Value) -> Result<bool, E> {
-        let event = self.shapes.task(*self.rows, value).map_err(E::custom)?;
+    /// Hands on the row just read within `allowance` (its error when it
+    /// was over).
+    fn row<E: de::Error>(&mut self, value: Value, allowance: &Allowance) -> Result<bool, E> {
+        let event = if allowance.is_over() {
+            self.shapes.too_large(*self.rows)
+        } else {
+            self.shapes.task(*self.rows, value).map_err(E::custom)?
+        };
         *self.rows += 1;
         Ok((self.emit)(event))
     }
@@ -539,10 +610,11 @@ impl<'de> Visitor<'de> for TopLevel<'_> {
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         loop {
             self.left.set(self.max);
-            let Some(value) = seq.next_element_seed(AsWritten)? else {
+            let allowance = self.shapes.allowance();
+            let Some(value) = seq.next_element_seed(AsWritten(&allowance))? else {
                 return Ok(());
             };
-            if !self.row(value)? {
+            if !self.row(value, &allowance)? {
                 // The consumer stopped; drain nothing more.
                 return Err(de::Error::custom("stopped"));
             }
@@ -550,8 +622,9 @@ impl<'de> Visitor<'de> for TopLevel<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(mut self, map: A) -> Result<(), A::Error> {
-        let value = AsWritten.visit_map(map)?;
-        self.row(value)?;
+        let allowance = self.shapes.allowance();
+        let value = AsWritten(&allowance).visit_map(map)?;
+        self.row(value, &allowance)?;
         Ok(())
     }
 }
@@ -592,8 +665,10 @@ fn parse_jsonl(
                 ),
             )
         } else {
-            reserved = limits.reserve(text.len(), emit);
-            match crate::json::from_slice(text) {
+            reserved = limits.reserve_text(text, emit);
+            let allowance = shapes.allowance();
+            match crate::json::from_slice_within(text, &allowance) {
+                Ok(_) if allowance.is_over() => shapes.too_large(row),
                 Ok(value) => shapes.task(row, value)?,
                 Err(e) => RowEvent::Error(row, format!("line of row {row} is not valid JSON: {e}")),
             }
@@ -1095,6 +1170,58 @@ mod tests {
             }
             assert_eq!(events[3], RowEvent::Task(3, task(json!({ "ok": 1 }))));
         }
+    }
+
+    /// A row is measured while it is built as `check_task` measures it
+    /// whole: at the limit it is a task, a byte over it is refused, in both
+    /// formats, and a row far over it is not built past the limit.
+    #[test]
+    fn a_row_is_refused_at_the_limit_while_it_is_built() {
+        // 32 (the root) + 64 (an entry) + 1 (its key) + 3 (its text).
+        let row = r#"{"a": "xyz"}"#;
+        for (max, whole) in [(100, true), (99, false)] {
+            let limits = Limits {
+                max_task_bytes: max,
+                ..Limits::default()
+            };
+            for (format, input) in [
+                (Format::Jsonl, row.to_owned()),
+                (Format::Json, format!("[{row}]")),
+            ] {
+                let mut events = Vec::new();
+                let result = parse(format, input.as_bytes(), limits, &mut |e| {
+                    events.push(e);
+                    true
+                });
+                assert_eq!(result, Ok(()));
+                match &events[..] {
+                    [RowEvent::Task(0, _)] => assert!(whole, "{format:?} {max}"),
+                    [RowEvent::Error(0, m)] => {
+                        assert!(!whole && m.contains("larger than the 99-byte limit"), "{m}")
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        let allowance = crate::json::Allowance::new(1_000);
+        let big = format!("[{}]", "{\"a\":0},".repeat(10_000) + "{}");
+        let built = crate::json::from_slice_within(big.as_bytes(), &allowance).unwrap();
+        assert!(allowance.is_over());
+        assert_eq!(built, Value::Null, "not built past the allowance");
+    }
+
+    /// A JSON text's parse reserves a map node for each object in it, and
+    /// nothing for braces in strings.
+    #[test]
+    fn a_parse_reserves_for_the_objects_in_its_text() {
+        let small = "{\"a\":0},".repeat(1_000);
+        assert!(parse_bytes(small.as_bytes()) >= 700 * 1_000);
+        let text = r#"{"s": "{{\"{{", "t": [{}, {"u": "\\"}]}"#;
+        assert_eq!(objects_in(text.as_bytes()), 3);
+        assert_eq!(
+            parse_bytes(text.as_bytes()),
+            text.len() * super::super::budget::EXPANSION + 3 * MAP_LEAF_BYTES
+        );
     }
 
     #[test]

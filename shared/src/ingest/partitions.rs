@@ -80,6 +80,11 @@ impl ImportJob<'_> {
             }
             tracing::info!(partitions = found.len(), "listing split by prefix");
             written = parts::of_run(self.db, &self.run.id).await?;
+            // Fewer: the database lost the commit that wrote them.
+            if written.len() != found.len() {
+                let done = written.iter().filter(|p| p.done).count();
+                return Err(super::partitions_lost(written.len(), done, found.len()));
+            }
         }
         self.run_partitioned(&written)
             .await
@@ -140,7 +145,8 @@ impl ImportJob<'_> {
     /// run stopped). The run's cursor must still be `after`: if the
     /// database lost the commit of discovery's first page, partitions
     /// after it would never list that page (the attempt fails instead,
-    /// and the next one discovers again).
+    /// and the next one lists from the cursor the database has, as a
+    /// sequence unless that is the listing's start).
     async fn write_partitions(
         &self,
         found: &[(String, bool)],
@@ -190,7 +196,8 @@ impl ImportJob<'_> {
                 super::ended::until(ended, self.settings.poll_interval).await;
             }
         }
-        self.finish_listing(None).await
+        self.finish_listing(super::End::Partitions(written.len()))
+            .await
     }
 
     /// Enqueues a job for each unfinished partition (again on a resumed
@@ -275,7 +282,7 @@ impl ImportJob<'_> {
     /// [`ImportJob::check_cursor`]).
     async fn list_part(&self, id: i64, lease: &str, worker: &str) -> Result<Outcome> {
         let backend = crate::storage::open_shared(self.storage, self.env).await?;
-        let Listed::To(at) = self.list_pages(&backend, None).await? else {
+        let Listed::To { at, .. } = self.list_pages(&backend, None).await? else {
             return Ok(Outcome::Stopped);
         };
         if parts::finish(self.db, id, lease, worker, at.as_deref()).await? {
