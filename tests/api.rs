@@ -1939,18 +1939,7 @@ async fn cli_sync_with_an_unknown_project_id_says_so_in_one_line() {
     .expect("write spec");
     let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("cli.db").display());
     for database in [sqlite, labelsync_tests::fresh_postgres().await] {
-        let out = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
-            .current_dir(dir.path())
-            .env_clear()
-            .env("DATABASE_URL", &database)
-            .env(
-                "LOCAL_FILES_DOCUMENT_ROOT",
-                labelsync_tests::repo_root().join("examples/data"),
-            )
-            .args(["sync", "--quiet", "--spec"])
-            .arg(&spec)
-            .output()
-            .expect("run labelsync-scheduler sync");
+        let out = cli_sync_quietly(dir.path(), &spec, &database);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{database}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{database}: {stderr}");
@@ -1977,22 +1966,32 @@ async fn cli_sync_holds_a_new_projects_data_key_to_the_apis_rule() {
     )
     .expect("write spec");
     let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("cli.db").display());
-    let out = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
-        .current_dir(dir.path())
+    let out = cli_sync_quietly(dir.path(), &spec, &sqlite);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("data_key must be"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+/// `labelsync-scheduler sync --quiet --spec spec` in `dir` on `database`,
+/// with the bundled examples as the local document root.
+fn cli_sync_quietly(
+    dir: &std::path::Path,
+    spec: &std::path::Path,
+    database: &str,
+) -> std::process::Output {
+    std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
+        .current_dir(dir)
         .env_clear()
-        .env("DATABASE_URL", &sqlite)
+        .env("DATABASE_URL", database)
         .env(
             "LOCAL_FILES_DOCUMENT_ROOT",
             labelsync_tests::repo_root().join("examples/data"),
         )
         .args(["sync", "--quiet", "--spec"])
-        .arg(&spec)
+        .arg(spec)
         .output()
-        .expect("run labelsync-scheduler sync");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("data_key must be"), "{stderr}");
-    assert!(out.stdout.is_empty());
+        .expect("run labelsync-scheduler sync")
 }
 
 /// The value of the first sample of `name` carrying every label of `labels`.

@@ -645,7 +645,13 @@ impl ImportJob<'_> {
         let txn = crate::db::begin_write(self.db).await?;
         let (stays, unlisted) = match end {
             End::Sequence { stays, unlisted } => (Some(stays), unlisted),
-            End::Partitions(_) => (None, false),
+            End::Partitions(written) => {
+                if !self.check_partitions(&txn, written).await? {
+                    txn.rollback().await?;
+                    return Ok(Outcome::Stopped);
+                }
+                (None, false)
+            }
         };
         // A retry run lists only some objects: it must not take the others
         // for gone.
@@ -657,23 +663,27 @@ impl ImportJob<'_> {
             txn.rollback().await?;
             return Ok(Outcome::Stopped);
         }
-        if let End::Partitions(written) = end {
-            self.check_partitions(&txn, written).await?;
-        }
         txn.commit().await?;
         Ok(Outcome::Finished)
     }
 
-    /// The run's partitions are the `written` this attempt listed, all
-    /// done: a database that lost the commit writing them (or some of
+    /// Whether the run's partitions are the `written` this attempt listed,
+    /// all done: a database that lost the commit writing them (or some of
     /// them) has fewer, and a run finished on those would take every
-    /// object of the others for gone.
-    async fn check_partitions(&self, txn: &impl ConnectionTrait, written: usize) -> Result<()> {
+    /// object of the others for gone (`Error::Transient`). False when they
+    /// went with the run (deleted with its storage) or the run stopped.
+    async fn check_partitions(&self, txn: &impl ConnectionTrait, written: usize) -> Result<bool> {
         let (found, done) = parts::count(txn, &self.run.id).await?;
-        if found != written || done != found {
-            return Err(partitions_lost(found, done, written));
+        if found == written && done == found {
+            return Ok(true);
         }
-        Ok(())
+        match runs::get(txn, &self.run.id).await {
+            Ok(run) if run.status == RunStatus::Running.as_str() => {
+                Err(partitions_lost(found, done, written))
+            }
+            Ok(_) | Err(Error::NotFound(_)) => Ok(false),
+            Err(err) => Err(err),
+        }
     }
 }
 
@@ -684,8 +694,6 @@ fn partitions_lost(found: usize, done: usize, written: usize) -> Error {
         "the run has {found} partitions ({done} done) where this attempt wrote or listed {written}: the database lost commits; listing again"
     ))
 }
-
-impl ImportJob<'_> {}
 
 /// What a listing's end must find, or the database lost commits of it.
 pub(super) enum End<'a> {

@@ -284,12 +284,13 @@ impl Grant {
         line: &[u8],
         emit: &mut dyn FnMut(RowEvent) -> bool,
     ) -> serde_json::Result<Message> {
-        if line.len() < super::budget::SMALL {
+        let bytes = super::parse::parse_bytes(line);
+        if bytes < super::budget::SMALL * super::budget::EXPANSION {
             return serde_json::from_slice(line);
         }
         self.held = None;
         let parsed = {
-            let _line = self.limits.reserve_text(line, emit);
+            let _line = self.limits.reserve_bytes(bytes, emit);
             serde_json::from_slice(line)
         };
         self.held = self.reserve_group(emit);

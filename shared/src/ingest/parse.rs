@@ -142,7 +142,8 @@ impl Limits {
         self.reserve_bytes(parse_bytes(text), emit)
     }
 
-    fn reserve_bytes(
+    /// [`Self::reserve`] of `bytes` of memory.
+    pub(super) fn reserve_bytes(
         &self,
         bytes: usize,
         emit: &mut dyn FnMut(RowEvent) -> bool,
@@ -154,23 +155,28 @@ impl Limits {
 }
 
 /// What parsing one JSON text may take in memory: `budget::EXPANSION`
-/// times its text, and a map's first node for each object in it. The
-/// expansion alone holds for arrays, strings and numbers, and for the
-/// entries of a large map (`"":0,` is 5 bytes of text, and 160 of the
-/// budget against some 130 of map nodes); not for small objects, whose
-/// first node takes 632 bytes however short their text (`{"a":0},` is 8
-/// bytes and about 700 in memory: 88 times its text, and nearly three
-/// times its reservation, when objects were not counted).
+/// times its text, and the first allocation of each container in it that
+/// is not empty: a map's first node, a vector's first four slots. The
+/// expansion alone holds for strings and numbers, for the elements of a
+/// long array and the entries of a large map (`"":0,` is 5 bytes of text,
+/// and 160 of the budget against some 130 of map nodes); not for small
+/// containers, whose first allocation is the same however short their
+/// text (`{"a":0},` is 8 bytes and about 700 in memory, 88 times its
+/// text; `[0],` is 4 and about 180).
 pub(super) fn parse_bytes(text: &[u8]) -> usize {
+    let (objects, arrays) = containers_in(text);
     text.len()
         .saturating_mul(super::budget::EXPANSION)
-        .saturating_add(objects_in(text).saturating_mul(MAP_LEAF_BYTES))
+        .saturating_add(objects.saturating_mul(MAP_LEAF_BYTES))
+        .saturating_add(arrays.saturating_mul(array_heap(1)))
 }
 
-/// The objects a JSON text opens: its `{` outside strings.
-fn objects_in(text: &[u8]) -> usize {
-    let (mut objects, mut in_string, mut escaped) = (0, false, false);
-    for &b in text {
+/// The objects and the arrays a JSON text opens that are not empty: its
+/// `{` and `[` outside strings not followed by their closing bracket.
+fn containers_in(text: &[u8]) -> (usize, usize) {
+    let (mut objects, mut arrays) = (0, 0);
+    let (mut in_string, mut escaped) = (false, false);
+    for (i, &b) in text.iter().enumerate() {
         if in_string {
             match b {
                 _ if escaped => escaped = false,
@@ -178,18 +184,28 @@ fn objects_in(text: &[u8]) -> usize {
                 b'"' => in_string = false,
                 _ => {}
             }
-        } else if b == b'"' {
-            in_string = true;
-        } else if b == OPEN_OBJECT {
-            objects += 1;
+            continue;
+        }
+        let empty = |close: u8| {
+            text[i + 1..]
+                .iter()
+                .find(|c| !c.is_ascii_whitespace())
+                .is_some_and(|&c| c == close)
+        };
+        match b {
+            b'"' => in_string = true,
+            OPEN_OBJECT if !empty(CLOSE_OBJECT) => objects += 1,
+            b'[' if !empty(b']') => arrays += 1,
+            _ => {}
         }
     }
-    objects
+    (objects, arrays)
 }
 
-/// The byte that opens a JSON object, named so brace counters reading
-/// this file stay balanced.
+/// The bytes that open and close a JSON object, named so brace counters
+/// reading this file stay balanced.
 const OPEN_OBJECT: u8 = 0x7b;
+const CLOSE_OBJECT: u8 = 0x7d;
 
 /// A leaf node of a map: `serde_json`'s maps are B-trees whose nodes hold
 /// up to 11 entries (11 keys of 24 bytes and 11 values of 32, and their
@@ -504,7 +520,13 @@ fn skip_bom(reader: &mut impl BufRead) -> std::io::Result<()> {
 /// read fails, before a giant element is built in memory, and the file stops
 /// there (the rows before it are kept). An element nested deeper than
 /// serde_json's 128 levels stops the file the same way; one between
-/// [`MAX_NESTING`] and that is a row error like any other.
+/// [`MAX_NESTING`] and that is a row error like any other. An element over
+/// the row limit's measure is built only up to it (the rest is read, with
+/// no nesting limit, and not built) and is that row's error. Its parse may
+/// take more than its reservation: 32 times the largest an element could
+/// be, where small objects take up to about 90 times their text (a text in
+/// memory counts them, [`parse_bytes`]; a stream cannot), so at most about
+/// seven times the row limit.
 fn parse_json(
     reader: impl BufRead,
     limits: Limits,
@@ -1203,6 +1225,16 @@ mod tests {
                 }
             }
         }
+        // The allowance refuses at the same byte.
+        for (max, over) in [(100, false), (99, true)] {
+            let limits = Limits {
+                max_task_bytes: max,
+                ..Limits::default()
+            };
+            let allowance = Shapes::new(limits).allowance();
+            crate::json::from_slice_within(row.as_bytes(), &allowance).unwrap();
+            assert_eq!(allowance.is_over(), over, "{max}");
+        }
         let allowance = crate::json::Allowance::new(1_000);
         let big = format!("[{}]", "{\"a\":0},".repeat(10_000) + "{}");
         let built = crate::json::from_slice_within(big.as_bytes(), &allowance).unwrap();
@@ -1210,17 +1242,19 @@ mod tests {
         assert_eq!(built, Value::Null, "not built past the allowance");
     }
 
-    /// A JSON text's parse reserves a map node for each object in it, and
-    /// nothing for braces in strings.
+    /// A JSON text's parse reserves a first allocation for each container
+    /// in it that is not empty, and nothing for brackets in strings.
     #[test]
-    fn a_parse_reserves_for_the_objects_in_its_text() {
+    fn a_parse_reserves_for_the_containers_in_its_text() {
         let small = "{\"a\":0},".repeat(1_000);
         assert!(parse_bytes(small.as_bytes()) >= 700 * 1_000);
-        let text = r#"{"s": "{{\"{{", "t": [{}, {"u": "\\"}]}"#;
-        assert_eq!(objects_in(text.as_bytes()), 3);
+        let lists = "[0],".repeat(1_000);
+        assert!(parse_bytes(lists.as_bytes()) >= 180 * 1_000);
+        let text = r#"{"s": "{[\"{[", "t": [{ }, [ ], {"u": "\\"}, [1]]}"#;
+        assert_eq!(containers_in(text.as_bytes()), (2, 2));
         assert_eq!(
             parse_bytes(text.as_bytes()),
-            text.len() * super::super::budget::EXPANSION + 3 * MAP_LEAF_BYTES
+            text.len() * super::super::budget::EXPANSION + 2 * MAP_LEAF_BYTES + 2 * array_heap(1)
         );
     }
 
