@@ -797,13 +797,7 @@ async fn a_cursor_taken_back_under_a_running_attempt_loses_no_object() {
     use sea_orm::ConnectionTrait;
     const FILES: usize = 3_000;
     let app = spawn_app(AppOptions::without_workers()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("data");
-    for i in 0..FILES {
-        std::fs::write(data.join(format!("obj-{i:05}.jpg")), b"x").expect("write");
-    }
-    let project = app.project("taken back").await;
-    let storage = app.local_storage(project, json!({})).await;
+    let (project, storage) = app.numbered_files_source("taken back", FILES).await;
     let db = sea_orm::Database::connect(app.database_url.as_str())
         .await
         .expect("database");
@@ -830,19 +824,8 @@ async fn a_cursor_taken_back_under_a_running_attempt_loses_no_object() {
     ))
     .await
     .expect("take back");
-    let partitions = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            db.get_database_backend(),
-            format!("SELECT count(*) AS n FROM sync_partitions WHERE run_id = '{run_id}'"),
-        ))
-        .await
-        .expect("count")
-        .expect("row");
-    assert_eq!(
-        partitions.try_get::<i64>("", "n").expect("n"),
-        0,
-        "listed in partitions"
-    );
+    let partitions = format!("SELECT count(*) AS n FROM sync_partitions WHERE run_id = '{run_id}'");
+    assert_eq!(app.count(&partitions).await, 0, "listed in partitions");
     let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(
@@ -862,13 +845,7 @@ async fn a_cursor_taken_back_under_a_running_attempt_loses_no_object() {
 async fn a_listing_whose_last_page_was_lost_lists_it_again() {
     const FILES: usize = 1_000;
     let app = spawn_app(AppOptions::without_workers()).await;
-    let data = app.doc_root.path().join("data");
-    std::fs::create_dir_all(&data).expect("data");
-    for i in 0..FILES {
-        std::fs::write(data.join(format!("obj-{i:05}.jpg")), b"x").expect("write");
-    }
-    let project = app.project("last page lost").await;
-    let storage = app.local_storage(project, json!({})).await;
+    let (project, storage) = app.numbered_files_source("last page lost", FILES).await;
     // Pages of 100 (the spawned worker's): the last one moves the cursor
     // to the last key.
     app.lose_a_page_once("sync_runs", "obj-00999.jpg").await;

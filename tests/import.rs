@@ -326,7 +326,7 @@ async fn a_small_file_that_broke_half_way_is_read_again_until_it_is_whole(
     let whole = app.sync(&storage["id"]).await;
     assert_eq!(counters(&whole), [0, 3, 0, 0].map(Some), "{whole}");
     assert_eq!(
-        count(&app, "SELECT count(*) AS n FROM partial_objects").await,
+        app.count("SELECT count(*) AS n FROM partial_objects").await,
         0
     );
     app.stop().await;
@@ -2059,17 +2059,6 @@ async fn deleted_files_are_only_counted_with_keep(embedded: bool) {
     app.stop().await;
 }
 
-/// The number of rows `sql` (a `SELECT COUNT(*) AS n ...`) counts.
-async fn count(app: &TestApp, sql: &str) -> i64 {
-    let db = Database::connect(&app.database_url).await.expect("connect");
-    let row = db
-        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .expect("count")
-        .expect("a row");
-    row.try_get("", "n").expect("n")
-}
-
 /// Tasks mode, `delete_unlabeled`: of two task lists, the deleted one's
 /// unannotated tasks go (a prediction with its task), its annotated task
 /// stays; the other list's tasks are left alone.
@@ -2104,10 +2093,7 @@ async fn a_deleted_task_list_takes_its_unlabeled_tasks_with_it(embedded: bool) {
     let before = app.all_tasks(project).await;
     let id_of = |key: &str, row: i64| task_by_source(&before, key, row)["id"].clone();
     annotate(&app, &id_of("a.json", 1)).await;
-    assert_eq!(
-        count(&app, "SELECT COUNT(*) AS n FROM predictions").await,
-        1
-    );
+    assert_eq!(app.count("SELECT COUNT(*) AS n FROM predictions").await, 1);
 
     std::fs::remove_file(data.join("a.json")).expect("delete");
     let second = app.sync(&source["id"]).await;
@@ -2122,14 +2108,11 @@ async fn a_deleted_task_list_takes_its_unlabeled_tasks_with_it(embedded: bool) {
     let mut expected = vec![id_of("a.json", 1), id_of("b.json", 0), id_of("b.json", 1)];
     expected.sort_by_key(|id| id.as_i64());
     assert_eq!(left, expected);
-    assert_eq!(
-        count(&app, "SELECT COUNT(*) AS n FROM predictions").await,
-        0
-    );
+    assert_eq!(app.count("SELECT COUNT(*) AS n FROM predictions").await, 0);
     assert_eq!(flagged_keys(&app).await, ["a.json"]);
     let links = "SELECT COUNT(*) AS n FROM import_links";
     assert_eq!(
-        count(&app, links).await,
+        app.count(links).await,
         3,
         "the deleted tasks' links go with them"
     );
@@ -2185,7 +2168,7 @@ async fn a_listing_incomplete_as_the_attempt_saw_it_deletes_no_task() {
     .await
     .expect("trigger");
     let second = app.sync(&source["id"]).await;
-    let lost = count(&app, "SELECT count(*) AS n FROM lost_flags").await;
+    let lost = app.count("SELECT count(*) AS n FROM lost_flags").await;
     assert_eq!(lost, 1, "the flag was not lost");
     assert_eq!(gone_counters(&second), (1, 0, 0), "{second}");
     assert_eq!(task_ids_by_key(&app, project).await, before);

@@ -9,7 +9,7 @@
 //! (an unoptimized serde_json overflowed a 2 MiB stack at 12 levels;
 //! optimized, no line within the row limit reaches that).
 //!
-//! Task files are read through [`from_slice`] or [`AsWritten`], which build
+//! Task files are read through [`from_slice_within`] or [`AsWritten`], which build
 //! a `Value` without that rule, and a key that starts with
 //! [`RESERVED_PREFIX`] is refused wherever it would be stored
 //! ([`is_reserved_key`], [`reserved_key_in`] for request bodies): reading
@@ -91,13 +91,9 @@ impl Allowance {
     }
 }
 
-/// One JSON text, whole (nothing but whitespace after it), as written.
-pub fn from_slice(bytes: &[u8]) -> serde_json::Result<Value> {
-    from_slice_within(bytes, &Allowance::unlimited())
-}
-
-/// [`from_slice`] within `allowance`: once over it, the rest is read but
-/// not built (check [`Allowance::is_over`]).
+/// One JSON text, whole (nothing but whitespace after it), as written,
+/// within `allowance`: once over it, the rest is read but not built (check
+/// [`Allowance::is_over`]).
 pub fn from_slice_within(bytes: &[u8], allowance: &Allowance) -> serde_json::Result<Value> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = AsWritten(allowance).deserialize(&mut de)?;
@@ -281,6 +277,10 @@ pub(crate) mod tests {
     use serde_json::json;
 
     use super::*;
+
+    fn from_slice(bytes: &[u8]) -> serde_json::Result<Value> {
+        from_slice_within(bytes, &Allowance::unlimited())
+    }
 
     /// A task whose string at each of `levels` levels holds the next one,
     /// under 120 brackets each: serde_json's `Value` recurses 120 levels a

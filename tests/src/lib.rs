@@ -524,18 +524,37 @@ impl TestApp {
 
     /// Whether [`TestApp::lose_a_page_once`]'s page was lost.
     pub async fn page_was_lost(&self) -> bool {
+        self.count("SELECT count(*) AS n FROM lost_pages").await == 1
+    }
+
+    /// The number `sql` (a `SELECT count(*) AS n ...`) counts in the app's
+    /// database.
+    pub async fn count(&self, sql: &str) -> i64 {
         let db = Database::connect(self.database_url.as_str())
             .await
             .expect("database");
         let row = db
             .query_one_raw(sea_orm::Statement::from_string(
                 db.get_database_backend(),
-                "SELECT count(*) AS n FROM lost_pages",
+                sql,
             ))
             .await
-            .expect("lost pages")
+            .expect("count")
             .expect("a row");
-        row.try_get::<i64>("", "n").expect("n") == 1
+        row.try_get("", "n").expect("n")
+    }
+
+    /// A local source of project `title` on `data/`, which holds `files`
+    /// files `obj-00000.jpg`, `obj-00001.jpg`, ...: (project id, storage).
+    pub async fn numbered_files_source(&self, title: &str, files: usize) -> (i64, Value) {
+        let data = self.doc_root.path().join("data");
+        std::fs::create_dir_all(&data).expect("data");
+        for i in 0..files {
+            std::fs::write(data.join(format!("obj-{i:05}.jpg")), b"x").expect("write");
+        }
+        let project = self.project(title).await;
+        let storage = self.local_storage(project, serde_json::json!({})).await;
+        (project, storage)
     }
 
     /// Every task of a project, following `next_after`.

@@ -284,10 +284,9 @@ impl Grant {
         line: &[u8],
         emit: &mut dyn FnMut(RowEvent) -> bool,
     ) -> serde_json::Result<Message> {
-        let bytes = super::parse::parse_bytes(line);
-        if bytes < super::budget::SMALL * super::budget::EXPANSION {
+        let Some(bytes) = super::parse::reservation(line) else {
             return serde_json::from_slice(line);
-        }
+        };
         self.held = None;
         let parsed = {
             let _line = self.limits.reserve_bytes(bytes, emit);

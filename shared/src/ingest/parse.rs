@@ -133,13 +133,14 @@ impl Limits {
     }
 
     /// [`Self::reserve`] for a JSON text in memory: what its parse may
-    /// take ([`parse_bytes`]).
+    /// take ([`reservation`]).
     pub(super) fn reserve_text(
         &self,
         text: &[u8],
         emit: &mut dyn FnMut(RowEvent) -> bool,
     ) -> Option<tokio::sync::SemaphorePermit<'static>> {
-        self.reserve_bytes(parse_bytes(text), emit)
+        self.budget?;
+        self.reserve_bytes(reservation(text)?, emit)
     }
 
     /// [`Self::reserve`] of `bytes` of memory.
@@ -163,13 +164,32 @@ impl Limits {
 /// containers, whose first allocation is the same however short their
 /// text (`{"a":0},` is 8 bytes and about 700 in memory, 88 times its
 /// text; `[0],` is 4 and about 180).
-pub(super) fn parse_bytes(text: &[u8]) -> usize {
+fn parse_bytes(text: &[u8]) -> usize {
     let (objects, arrays) = containers_in(text);
     text.len()
         .saturating_mul(super::budget::EXPANSION)
         .saturating_add(objects.saturating_mul(MAP_LEAF_BYTES))
         .saturating_add(arrays.saturating_mul(array_heap(1)))
 }
+
+/// What the parse of a JSON text in memory reserves ([`parse_bytes`]):
+/// `None` when that is too little for the budget to count
+/// (`budget::ByteBudget::reserve`), which nearly every row is. A text is
+/// scanned only when its length alone does not rule that out: a container
+/// takes at least two bytes of text, so a text costs at most
+/// [`MOST_PER_BYTE`] times its length.
+pub(super) fn reservation(text: &[u8]) -> Option<usize> {
+    let counted = super::budget::SMALL * super::budget::EXPANSION;
+    if text.len().saturating_mul(MOST_PER_BYTE) < counted {
+        return None;
+    }
+    Some(parse_bytes(text)).filter(|&bytes| bytes >= counted)
+}
+
+/// The most [`parse_bytes`] counts a byte of text: its expansion, and half
+/// a map node (a container's first allocation, a map's the largest, for
+/// each two bytes).
+const MOST_PER_BYTE: usize = super::budget::EXPANSION + MAP_LEAF_BYTES / 2;
 
 /// The objects and the arrays a JSON text opens that are not empty: its
 /// `{` and `[` outside strings not followed by their closing bracket.
@@ -1252,6 +1272,15 @@ mod tests {
         assert!(parse_bytes(lists.as_bytes()) >= 180 * 1_000);
         let text = r#"{"s": "{[\"{[", "t": [{ }, [ ], {"u": "\\"}, [1]]}"#;
         assert_eq!(containers_in(text.as_bytes()), (2, 2));
+        // Too little for the budget to count: not scanned, not reserved.
+        assert_eq!(reservation(text.as_bytes()), None);
+        assert_eq!(reservation(small.as_bytes()), None);
+        let large = "{\"a\":0},".repeat(10_000);
+        assert_eq!(
+            reservation(large.as_bytes()),
+            Some(parse_bytes(large.as_bytes()))
+        );
+        assert!(parse_bytes(large.as_bytes()) <= large.len() * MOST_PER_BYTE);
         assert_eq!(
             parse_bytes(text.as_bytes()),
             text.len() * super::super::budget::EXPANSION + 2 * MAP_LEAF_BYTES + 2 * array_heap(1)
