@@ -1054,6 +1054,33 @@ async fn worker_serves_probes_and_metrics() {
     app.stop().await;
 }
 
+/// A worker runs on `WORKER_MALLOC_ARENAS` of glibc's malloc arenas unless
+/// its environment sets a limit (`lifecycle::bound_malloc_arenas`): it
+/// starts itself again, in the same process, with `MALLOC_ARENA_MAX`; a
+/// `MALLOC_ARENA_MAX` or `arena_max` tunable it was given is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_bounds_its_malloc_arenas_unless_given_a_bound() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let tunables = "glibc.malloc.tcache_count=16:glibc.malloc.arena_max=3";
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Env, Option<&str>); 3] = [
+        (&[], Some(labelsync::lifecycle::WORKER_MALLOC_ARENAS)),
+        (&[("MALLOC_ARENA_MAX", "3")], Some("3")),
+        (&[("GLIBC_TUNABLES", tunables)], None),
+    ];
+    for (i, (env, arenas)) in cases.into_iter().enumerate() {
+        let worker = spawn_ready_worker(&app, &format!("arenas-{i}"), env).await;
+        let environ = std::fs::read(format!("/proc/{}/environ", worker.0.id()))
+            .expect("the worker's environment");
+        let set = environ
+            .split(|b| *b == 0)
+            .find_map(|var| var.strip_prefix(b"MALLOC_ARENA_MAX="))
+            .map(|value| String::from_utf8_lossy(value).into_owned());
+        assert_eq!(set.as_deref(), arenas, "started with {env:?}");
+    }
+    app.stop().await;
+}
+
 /// An export run whose worker is SIGKILLed twice mid-way: a third worker
 /// finishes it, and every annotation is exported exactly once (one file, one
 /// link, counted once).

@@ -1363,10 +1363,11 @@ async fn rows_of_small_values_are_counted_as_what_they_take_in_memory() {
 /// and JSONL lines of them under the limit took nearly three times the 32
 /// times their text their parse reserved. The element now stops being
 /// built at the limit (its error, and the next element imported), and a
-/// line reserves for its objects too, so the worker stays near its budgets.
+/// line reserves for its objects too, so the worker stays near its budgets:
+/// on one malloc arena, and on the two a worker bounds itself to by default
+/// (glibc's default arenas keep what each parsing thread freed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_objects_are_parsed_within_the_parse_budget() {
-    const LINES: usize = 16;
     let app = spawn_app(AppOptions::without_workers()).await;
     let data = data_dir(&app);
     // 3 MiB of text: under the 4 MiB limit as text, about 38 MB by the
@@ -1377,38 +1378,56 @@ async fn small_objects_are_parsed_within_the_parse_budget() {
     // 320 KiB of text a line: 3.9 MiB by the measure (a task), 29 MB in
     // memory; 10 MiB of it reserved before.
     let line = format!("{{\"a\": [{}]}}\n", small_objects(320 << 10));
-    for i in 0..LINES {
+    for i in 0..SMALL_OBJECT_LINES {
         write(&data, &format!("line-{i:02}.jsonl"), line.as_bytes());
     }
-    let project = app.project("small objects").await;
-    let storage = storage(&app, project, json!({})).await;
+    // One arena: glibc's per-thread arenas keep what each thread's parses
+    // freed, so the peak would measure how many threads parsed rather
+    // than what the budgets hold. 180 MB here; 302 MB before (291 with
+    // the lines alone, 295 with the element alone).
+    let peak = sync_small_objects(&app, "one-arena", &[("MALLOC_ARENA_MAX", "1")]).await;
+    assert!(peak < 240 << 20, "the worker peaked at {} MB", peak >> 20);
+    // As a worker runs by default (`lifecycle::bound_malloc_arenas`): on
+    // two arenas, 260-290 MB; on glibc's default (16 on 2 cores) it was
+    // 510-570 MB, and would be more on a machine of more cores.
+    let peak = sync_small_objects(&app, "default-arenas", &[]).await;
+    assert!(peak < 400 << 20, "the worker peaked at {} MB", peak >> 20);
+    app.stop().await;
+}
+
+/// Syncs the files of [`small_objects_are_parsed_within_the_parse_budget`]
+/// into a project of its own on a worker of its own with the test's budgets
+/// and `env`; checks the run, and returns the worker's peak RSS.
+async fn sync_small_objects(app: &TestApp, title: &str, env: &[(&str, &str)]) -> u64 {
+    let project = app.project(title).await;
+    let storage = storage(app, project, json!({})).await;
     let (limit, parse, in_flight) = (
         (4 << 20).to_string(),
         (64 << 20).to_string(),
         (32 << 20).to_string(),
     );
-    let env = [
+    let mut env = env.to_vec();
+    env.extend([
         ("LABELSYNC_MAX_TASK_BYTES", &limit[..]),
         ("LABELSYNC_PARSE_BUDGET_BYTES", &parse[..]),
         ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..]),
-        // One arena: glibc's per-thread arenas keep what each thread's
-        // parses freed, so the peak would measure how many threads parsed
-        // (180 MB here on one, 300-320 on two, 410-540 on the default 16)
-        // rather than what the budgets hold.
-        ("MALLOC_ARENA_MAX", "1"),
-    ];
-    let (run, peak) = sync_on_own_worker(&app, &storage, "small-objects", &env).await;
+    ]);
+    let (run, peak) = sync_on_own_worker(app, &storage, title, &env).await;
     assert_eq!(run["status"], "completed_with_errors", "{run}");
-    assert_eq!(run["counters"]["created"], (LINES + 1) as i64, "{run}");
+    assert_eq!(
+        run["counters"]["created"],
+        (SMALL_OBJECT_LINES + 1) as i64,
+        "{run}"
+    );
     assert_eq!(run["counters"]["failed"], 1, "{run}");
-    let errors = run_errors(&app, &run).await;
+    let errors = run_errors(app, &run).await;
     let message = error_message(&errors, "big-element.json", &json!(0));
     assert!(message.contains("LABELSYNC_MAX_TASK_BYTES"), "{message}");
-    // 180 MB here; 302 MB before (291 with the lines alone, 295 with the
-    // element alone).
-    assert!(peak < 240 << 20, "the worker peaked at {} MB", peak >> 20);
-    app.stop().await;
+    peak
 }
+
+/// The JSONL files of [`small_objects_are_parsed_within_the_parse_budget`].
+const SMALL_OBJECT_LINES: usize = 16;
 
 /// About `bytes` of text of objects `{"a":0}`, comma-separated.
 fn small_objects(bytes: usize) -> String {

@@ -12,6 +12,54 @@ use crate::{
     metrics::metrics,
 };
 
+/// How many malloc arenas a worker process runs on when its environment
+/// sets no limit (see [`bound_malloc_arenas`]).
+pub const WORKER_MALLOC_ARENAS: &str = "2";
+
+/// Starts this process again (the same process id, arguments and
+/// environment) with `MALLOC_ARENA_MAX` set to [`WORKER_MALLOC_ARENAS`]
+/// when its environment sets no arena limit of its own (`MALLOC_ARENA_MAX`,
+/// or glibc's `glibc.malloc.arena_max` tunable); returns only when it did
+/// not, as on another C library, or when the `exec` failed (said on stderr:
+/// the process then runs on glibc's default). Called first thing in the
+/// worker's `main`, before any thread starts.
+///
+/// Why: glibc gives a thread that finds the arenas busy an arena of its
+/// own, up to eight per core of the machine (not of the container), and an
+/// arena keeps the pages its frees returned, for its next allocations. The
+/// worker's budgets bound what its parses hold at once, not on which
+/// threads: with the default, each blocking thread that parsed keeps up to
+/// a budget's worth, and a worker's memory grew with the number of threads
+/// that parsed, past the limits its settings give. glibc reads the limit
+/// before `main` runs, and setting it from the program takes `mallopt`,
+/// unsafe code this crate forbids; an `exec` is the safe way to set it.
+pub fn bound_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        let tuned = std::env::var("GLIBC_TUNABLES")
+            .is_ok_and(|tunables| tunables.contains("glibc.malloc.arena_max="));
+        if tuned || std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+            return;
+        }
+        let err = match std::env::current_exe() {
+            Ok(exe) => {
+                let mut args = std::env::args_os();
+                let mut command = std::process::Command::new(exe);
+                command.arg0(args.next().unwrap_or_default()).args(args);
+                // Returns only on failure.
+                command.env("MALLOC_ARENA_MAX", WORKER_MALLOC_ARENAS).exec()
+            }
+            Err(err) => err,
+        };
+        eprintln!(
+            "labelsync-worker: could not start again with MALLOC_ARENA_MAX={WORKER_MALLOC_ARENAS} \
+             ({err}); running on glibc's default arenas, which may hold more memory than the \
+             budgets say"
+        );
+    }
+}
+
 /// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

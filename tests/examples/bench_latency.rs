@@ -20,6 +20,11 @@
 //! `BENCH_CONNECT_MS` set, the server reads a new connection only that
 //! long after accepting it: the TCP and TLS handshakes of a distant HTTPS
 //! endpoint (100 for two round trips at 50 ms), which loopback skips.
+//! With `BENCH_FILE_ROWS` (default 1), each file is a JSONL file of that
+//! many tasks (about 64 bytes a line), parsed as a worker parses large
+//! files; `BENCH_WORKER_ARENAS`, when set, is the workers'
+//! `MALLOC_ARENA_MAX` (this process keeps its own), and the second line
+//! has the fleet's highest peak RSS.
 //!
 //! `bench latency-files N PREFIXES WORKERS RTT_MS [PARTITIONS]`: a
 //! Files-mode sync of N objects spread over PREFIXES top-level prefixes of
@@ -54,26 +59,26 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64, warm_up: usize) {
         bytes_per_second: None,
     };
     let server = SyntheticS3::start_handshaking(latency, connect).await;
-    server.fill(
-        "bench",
-        (0..objects).map(|i| {
-            let body = json!({ "data": { "text": format!("task {i}") } }).to_string();
-            (format!("tasks/t-{i:07}.json"), Bytes::from(body))
-        }),
-    );
+    let rows = file_rows();
+    server.fill("bench", (0..objects).map(|i| task_file(i, rows)));
     let app = spawn_app(AppOptions {
         workers: false,
         ..AppOptions::with_storages()
     })
     .await;
-    let fleet = spawn_fleet(&app, workers, &[]).await;
+    let arenas = std::env::var("BENCH_WORKER_ARENAS").ok();
+    let env: Vec<(&str, &str)> = arenas
+        .iter()
+        .map(|a| ("MALLOC_ARENA_MAX", &a[..]))
+        .collect();
+    let fleet = spawn_fleet(&app, workers, &env).await;
     if warm_up > 0 {
         warm_up_fleet(&app, &server, warm_up).await;
     }
     let storage = json!({ "prefix": "tasks/", "import_method": "tasks" });
     let worker_cpu = cpu_seconds(&fleet);
     let gets = fleet_gets(&fleet).await;
-    let (before, secs, storage, busy) = timed_sync(&app, &server, storage, objects).await;
+    let (before, secs, storage, busy) = timed_sync(&app, &server, storage, objects * rows).await;
     let worker_cpu = cpu_seconds(&fleet) - worker_cpu;
     let gets = fleet_gets(&fleet).await - gets;
     report(
@@ -88,6 +93,14 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64, warm_up: usize) {
     let mut timeline = timeline(&app, &storage).await;
     timeline["worker_cpu_us_per_object"] = json!((worker_cpu * 1e6 / objects as f64).round());
     timeline["worker_get_ms"] = json!((gets.mean_ms() * 10.0).round() / 10.0);
+    timeline["rows_per_file"] = json!(rows);
+    timeline["malloc_arena_max"] = json!(arenas);
+    timeline["worker_peak_rss_mb"] = json!(
+        fleet
+            .iter()
+            .map(|w| labelsync_tests::peak_rss(w.0.id()) >> 20)
+            .max()
+    );
     println!("{timeline}");
     drop(fleet);
     app.stop().await;
@@ -179,14 +192,14 @@ async fn timed_resync(
 }
 
 /// Makes a source storage of the server's `bench` bucket (with `extra`
-/// fields), syncs it, and checks that it made `objects` tasks; returns the
+/// fields), syncs it, and checks that it made `tasks` tasks; returns the
 /// server's request count before the sync, the sync's seconds, the
 /// storage's id and the machine's busy share during the sync.
 async fn timed_sync(
     app: &labelsync_tests::TestApp,
     server: &SyntheticS3,
     extra: serde_json::Value,
-    objects: usize,
+    tasks: usize,
 ) -> (u64, f64, serde_json::Value, f64) {
     let project = app.project("latency").await;
     let mut body = json!({
@@ -206,7 +219,7 @@ async fn timed_sync(
     let secs = started.elapsed().as_secs_f64();
     let busy = busy_since(cpu);
     assert_eq!(run["status"], "completed", "{run}");
-    assert_eq!(run["counters"]["created"], objects as i64, "{run}");
+    assert_eq!(run["counters"]["created"], tasks as i64, "{run}");
     (before, secs, storage["id"].clone(), busy)
 }
 
@@ -385,6 +398,28 @@ async fn timeline(
 
 fn defaults() -> labelsync::config::Settings {
     labelsync::config::Settings::from_lookup(|_| None).expect("default settings")
+}
+
+/// `BENCH_FILE_ROWS`: see the module's documentation (default 1).
+fn file_rows() -> usize {
+    let rows = std::env::var("BENCH_FILE_ROWS").map_or(Ok(1), |v| v.parse::<usize>());
+    rows.expect("BENCH_FILE_ROWS: a number of rows").max(1)
+}
+
+/// The `i`th task file: one JSON task, or a JSONL file of `rows` tasks of
+/// about 64 bytes each.
+fn task_file(i: usize, rows: usize) -> (String, Bytes) {
+    if rows == 1 {
+        let body = json!({ "data": { "text": format!("task {i}") } }).to_string();
+        return (format!("tasks/t-{i:07}.json"), Bytes::from(body));
+    }
+    let mut body = String::with_capacity(rows * 64);
+    for r in 0..rows {
+        let line = json!({ "data": { "text": format!("task {i} row {r}"), "n": r } });
+        body.push_str(&line.to_string());
+        body.push('\n');
+    }
+    (format!("tasks/t-{i:07}.jsonl"), Bytes::from(body))
 }
 
 /// `BENCH_CONNECT_MS`: see the module's documentation (default 0).

@@ -7,7 +7,13 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // First, before a runtime starts threads: a child sets its own memory
     // limit and needs none of them.
-    labelsync::ingest::parquet_process::run_if_child().unwrap_or_else(serve)
+    if let Some(code) = labelsync::ingest::parquet_process::run_if_child() {
+        return code;
+    }
+    // Still before any thread: may start the process again, with a bound
+    // on glibc's malloc arenas.
+    labelsync::lifecycle::bound_malloc_arenas();
+    serve()
 }
 
 #[tokio::main]
