@@ -1057,14 +1057,18 @@ async fn worker_serves_probes_and_metrics() {
 /// A worker runs on `WORKER_MALLOC_ARENAS` of glibc's malloc arenas unless
 /// its environment sets a limit (`lifecycle::bound_malloc_arenas`): it
 /// starts itself again, in the same process, with `MALLOC_ARENA_MAX`; a
-/// `MALLOC_ARENA_MAX` or `arena_max` tunable it was given is kept.
+/// `MALLOC_ARENA_MAX` or `arena_max` tunable it was given is kept (an
+/// empty one is not a bound).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_bounds_its_malloc_arenas_unless_given_a_bound() {
     let app = spawn_app(AppOptions::without_workers()).await;
     let tunables = "glibc.malloc.tcache_count=16:glibc.malloc.arena_max=3";
     type Env<'a> = &'a [(&'a str, &'a str)];
-    let cases: [(Env, Option<&str>); 3] = [
-        (&[], Some(labelsync::lifecycle::WORKER_MALLOC_ARENAS)),
+    let ours = Some(labelsync::lifecycle::WORKER_MALLOC_ARENAS);
+    let cases: [(Env, Option<&str>); 4] = [
+        (&[], ours),
+        // Set but empty: glibc would use its default.
+        (&[("MALLOC_ARENA_MAX", "")], ours),
         (&[("MALLOC_ARENA_MAX", "3")], Some("3")),
         (&[("GLIBC_TUNABLES", tunables)], None),
     ];

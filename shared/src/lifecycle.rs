@@ -18,11 +18,13 @@ pub const WORKER_MALLOC_ARENAS: &str = "2";
 
 /// Starts this process again (the same process id, arguments and
 /// environment) with `MALLOC_ARENA_MAX` set to [`WORKER_MALLOC_ARENAS`]
-/// when its environment sets no arena limit of its own (`MALLOC_ARENA_MAX`,
-/// or glibc's `glibc.malloc.arena_max` tunable); returns only when it did
-/// not, as on another C library, or when the `exec` failed (said on stderr:
-/// the process then runs on glibc's default). Called first thing in the
-/// worker's `main`, before any thread starts.
+/// when its environment sets no arena limit of its own (`MALLOC_ARENA_MAX`
+/// of 1 or more, or glibc's `glibc.malloc.arena_max` tunable); returns
+/// only when it did not: on another C library, under a program loader run
+/// by hand (`ld-linux… labelsync-worker`), or when the `exec` failed (said
+/// on stderr; the process then runs on glibc's default, and with SIGPIPE
+/// at its default, which [`run_worker_process`] handles again). Called
+/// first thing in the worker's `main`, before any thread starts.
 ///
 /// Why: glibc gives a thread that finds the arenas busy an arena of its
 /// own, up to eight per core of the machine (not of the container), and an
@@ -36,22 +38,27 @@ pub const WORKER_MALLOC_ARENAS: &str = "2";
 pub fn bound_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        use std::os::unix::process::CommandExt;
-        let tuned = std::env::var("GLIBC_TUNABLES")
-            .is_ok_and(|tunables| tunables.contains("glibc.malloc.arena_max="));
-        if tuned || std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        use std::os::unix::{ffi::OsStrExt, process::CommandExt};
+        let tuned = std::env::var_os("GLIBC_TUNABLES").is_some_and(|tunables| {
+            let name = b"glibc.malloc.arena_max=";
+            tunables.as_bytes().windows(name.len()).any(|w| w == name)
+        });
+        let bounded = std::env::var("MALLOC_ARENA_MAX")
+            .is_ok_and(|max| max.trim().parse::<u64>().is_ok_and(|max| max > 0));
+        // /proc/self/exe rather than its path: it runs even when the file
+        // was replaced or deleted since.
+        let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+        let loader = exe
+            .file_name()
+            .is_some_and(|name| name.as_bytes().starts_with(b"ld-"));
+        if tuned || bounded || loader {
             return;
         }
-        let err = match std::env::current_exe() {
-            Ok(exe) => {
-                let mut args = std::env::args_os();
-                let mut command = std::process::Command::new(exe);
-                command.arg0(args.next().unwrap_or_default()).args(args);
-                // Returns only on failure.
-                command.env("MALLOC_ARENA_MAX", WORKER_MALLOC_ARENAS).exec()
-            }
-            Err(err) => err,
-        };
+        let mut args = std::env::args_os();
+        let mut command = std::process::Command::new("/proc/self/exe");
+        command.arg0(args.next().unwrap_or_default()).args(args);
+        // Returns only on failure.
+        let err = command.env("MALLOC_ARENA_MAX", WORKER_MALLOC_ARENAS).exec();
         eprintln!(
             "labelsync-worker: could not start again with MALLOC_ARENA_MAX={WORKER_MALLOC_ARENAS} \
              ({err}); running on glibc's default arenas, which may hold more memory than the \
@@ -119,6 +126,11 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
             "labelsync-worker needs REDIS_URL; to run everything in one process use `labelsync-scheduler serve`",
         ));
     }
+    // SIGPIPE handled, so that a write to a closed connection is an error
+    // and does not end the process: std sets it back to its default for an
+    // exec, and one that failed (`bound_malloc_arenas`) leaves it so.
+    #[cfg(unix)]
+    let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::pipe());
     let db = db::connect_worker(&settings.database_url, settings.worker.concurrency).await?;
     let queue = Queue::open(&settings, &db).await?;
     let bind = settings.worker.metrics_bind;
