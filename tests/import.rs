@@ -1131,8 +1131,12 @@ async fn giant_rows_and_decompression_bombs_stay_within_a_memory_bound() {
     let project = app.project("giants").await;
     let storage = storage(&app, project, json!({})).await;
     let budget = (320 << 20).to_string();
-    let worker =
-        spawn_ready_worker(&app, "giants", &[("LABELSYNC_PARSE_BUDGET_BYTES", &budget)]).await;
+    let worker = spawn_ready_worker(
+        &app,
+        "giants",
+        &[("LABELSYNC_PARSE_BUDGET_BYTES", &budget), MEASURED_ARENAS],
+    )
+    .await;
     let run_id = app.start_sync(&storage["id"]).await;
     let run = app
         .wait_run(&run_id, std::time::Duration::from_secs(180))
@@ -1181,6 +1185,13 @@ fn padded_lines(count: usize, pad: usize) -> String {
         .map(|n| format!("{{\"n\": {n}, \"pad\": \"{pad}\"}}\n"))
         .collect()
 }
+
+/// The malloc arenas the peak-memory tests' figures were measured on:
+/// glibc's default on these 2-core machines, before workers bounded their
+/// arenas to two (`lifecycle::bound_malloc_arenas`). Pinned, so that each
+/// test's "before" and "after" stay comparable; a default worker holds
+/// less (`small_objects_are_parsed_within_the_parse_budget`).
+const MEASURED_ARENAS: (&str, &str) = ("MALLOC_ARENA_MAX", "16");
 
 /// Syncs `storage` on a worker process of its own started with `env` (the
 /// budgets are one per process): the run, and the worker's peak RSS.
@@ -1240,6 +1251,7 @@ async fn rows_waiting_for_their_commit_stay_within_their_budget() {
     let env = [
         ("LABELSYNC_PARSE_BUDGET_BYTES", &parse[..]),
         ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight),
+        MEASURED_ARENAS,
     ];
     let (run, peak) = sync_on_own_worker(&app, &storage, "in-flight", &env).await;
     assert_eq!(run["status"], "completed", "{run}");
@@ -1280,6 +1292,7 @@ async fn small_files_waiting_for_a_lagging_database_stay_within_the_budget() {
         ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..]),
         ("LABELSYNC_WORKER_CONCURRENCY", "1"),
         ("LABELSYNC_FETCH_CONCURRENCY", "16"),
+        MEASURED_ARENAS,
     ];
     let (run, peak) = sync_on_own_worker(&app, &storage, "small-in-flight", &env).await;
     assert_eq!(run["status"], "completed", "{run}");
@@ -1349,7 +1362,10 @@ async fn rows_of_small_values_are_counted_as_what_they_take_in_memory() {
     let project = app.project("small-values").await;
     let storage = storage(&app, project, json!({})).await;
     let in_flight = (32 << 20).to_string();
-    let env = [("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..])];
+    let env = [
+        ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..]),
+        MEASURED_ARENAS,
+    ];
     let (run, peak) = sync_on_own_worker(&app, &storage, "small-values", &env).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], (FILES * 1_000) as i64, "{run}");
