@@ -1442,6 +1442,40 @@ async fn sync_small_objects(app: &TestApp, title: &str, env: &[(&str, &str)]) ->
     peak
 }
 
+/// A JSON file is parsed as a stream, so its parse reserves before its text
+/// is read: it reserved 32 times the file, and a file of small objects
+/// takes up to about 90 times (`{"a":0}` is 7 bytes, about 700 in memory).
+/// Such files, each one task under the row limit, took a worker far past
+/// its budgets (64 files of 1 MiB at the default settings: 2.7 GB); a
+/// stream now reserves what one element may take
+/// (`parse::stream_reservation`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_files_of_small_objects_are_parsed_within_the_parse_budget() {
+    const FILES: usize = 16;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = data_dir(&app);
+    // 512 KiB of text, about 45 MB in memory: one task each.
+    let json = format!("{{\"a\": [{}]}}", small_objects(512 << 10));
+    for i in 0..FILES {
+        write(&data, &format!("objects-{i:02}.json"), json.as_bytes());
+    }
+    let project = app.project("json-small-objects").await;
+    let storage = storage(&app, project, json!({})).await;
+    let (parse, in_flight) = ((128 << 20).to_string(), (32 << 20).to_string());
+    let env = [
+        ("LABELSYNC_PARSE_BUDGET_BYTES", &parse[..]),
+        ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..]),
+        // What the budgets hold, not how many arenas kept it.
+        ("MALLOC_ARENA_MAX", "1"),
+    ];
+    let (run, peak) = sync_on_own_worker(&app, &storage, "json-small-objects", &env).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], FILES as i64, "{run}");
+    // 216-218 MB; 476-486 MB before.
+    assert!(peak < 300 << 20, "the worker peaked at {} MB", peak >> 20);
+    app.stop().await;
+}
+
 /// The JSONL files of [`small_objects_are_parsed_within_the_parse_budget`].
 const SMALL_OBJECT_LINES: usize = 16;
 

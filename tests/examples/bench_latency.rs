@@ -22,7 +22,8 @@
 //! endpoint (100 for two round trips at 50 ms), which loopback skips.
 //! With `BENCH_FILE_ROWS` (default 1), each file is a JSONL file of that
 //! many tasks (about 64 bytes a line), parsed as a worker parses large
-//! files; `BENCH_WORKER_ARENAS`, when set, is the workers'
+//! files (with `BENCH_FILE_FORMAT=json`, a JSON array of them);
+//! `BENCH_WORKER_ARENAS`, when set, is the workers'
 //! `MALLOC_ARENA_MAX` (this process keeps its own), and the second line
 //! has the fleet's highest peak RSS.
 //!
@@ -418,6 +419,10 @@ fn task_file(i: usize, rows: usize) -> (String, Bytes) {
         let line = json!({ "data": { "text": format!("task {i} row {r}"), "n": r } });
         body.push_str(&line.to_string());
         body.push('\n');
+    }
+    if std::env::var("BENCH_FILE_FORMAT").is_ok_and(|f| f == "json") {
+        let array = format!("[{}]", body.trim_end().replace('\n', ","));
+        return (format!("tasks/t-{i:07}.json"), Bytes::from(array));
     }
     (format!("tasks/t-{i:07}.jsonl"), Bytes::from(body))
 }

@@ -121,19 +121,8 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Holds the budget for parsing `text_bytes` of JSON (see `budget`).
-    /// Before waiting for it, the parse's rows are handed on: `emit` gets
-    /// [`RowEvent::WillWait`].
-    pub(super) fn reserve(
-        &self,
-        text_bytes: usize,
-        emit: &mut dyn FnMut(RowEvent) -> bool,
-    ) -> Option<tokio::sync::SemaphorePermit<'static>> {
-        self.reserve_bytes(text_bytes.saturating_mul(super::budget::EXPANSION), emit)
-    }
-
-    /// [`Self::reserve`] for a JSON text in memory: what its parse may
-    /// take ([`reservation`]).
+    /// [`Self::reserve_bytes`] for a JSON text in memory: what its parse
+    /// may take ([`reservation`]).
     pub(super) fn reserve_text(
         &self,
         text: &[u8],
@@ -143,7 +132,9 @@ impl Limits {
         self.reserve_bytes(reservation(text)?, emit)
     }
 
-    /// [`Self::reserve`] of `bytes` of memory.
+    /// Holds `bytes` of the parse budget (see `budget`). Before waiting for
+    /// them, the parse's rows are handed on: `emit` gets
+    /// [`RowEvent::WillWait`].
     pub(super) fn reserve_bytes(
         &self,
         bytes: usize,
@@ -190,6 +181,31 @@ pub(super) fn reservation(text: &[u8]) -> Option<usize> {
 /// a map node (a container's first allocation, a map's the largest, for
 /// each two bytes).
 const MOST_PER_BYTE: usize = super::budget::EXPANSION + MAP_LEAF_BYTES / 2;
+
+/// What parsing a JSON file as a stream may take at once: one element
+/// being built. Its text is not read ahead, so its containers cannot be
+/// counted as a line's are ([`parse_bytes`]); it is bounded two ways: by
+/// the file's text, at most [`MOST_PER_BYTE`] times it, and by the row
+/// limit, as an element is built only up to the limit's measure
+/// (`crate::json::Allowance`), of which a value takes at most
+/// [`MEASURE_TO_MEMORY`] times in memory. 32 times the largest element
+/// used to be reserved, and files of small objects took up to three times
+/// that: 64 files of 1 MiB of `{"a":0}` peaked a worker at 2.7 GB.
+fn stream_reservation(limits: Limits) -> usize {
+    let by_text = limits.object_size.map_or(usize::MAX, |size| {
+        usize::try_from(size)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(MOST_PER_BYTE)
+    });
+    by_text.min(limits.max_task_bytes.saturating_mul(MEASURE_TO_MEMORY))
+}
+
+/// The most a value takes in memory for each byte of the row limit's
+/// measure it counts for, with a margin: a map of one entry under an empty
+/// key counts 64 bytes (`check_task`) and takes a 632-byte node rounded up
+/// by the allocator (the most of any shape; an array's elements take at
+/// most twice their 32 bytes, a string its text).
+const MEASURE_TO_MEMORY: usize = 11;
 
 /// The objects and the arrays a JSON text opens that are not empty: its
 /// `{` and `[` outside strings not followed by their closing bracket.
@@ -542,23 +558,15 @@ fn skip_bom(reader: &mut impl BufRead) -> std::io::Result<()> {
 /// serde_json's 128 levels stops the file the same way; one between
 /// [`MAX_NESTING`] and that is a row error like any other. An element over
 /// the row limit's measure is built only up to it (the rest is read, with
-/// no nesting limit, and not built) and is that row's error. Its parse may
-/// take more than its reservation: 32 times the largest an element could
-/// be, where small objects take up to about 90 times their text (a text in
-/// memory counts them, [`parse_bytes`]; a stream cannot), so at most about
-/// seven times the row limit.
+/// no nesting limit, and not built) and is that row's error. The parse
+/// reserves what one element may take ([`stream_reservation`]): the rows
+/// before it are handed on.
 fn parse_json(
     reader: impl BufRead,
     limits: Limits,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
-    // An element is at most the file and at most the row limit.
-    let largest = limits.object_size.map_or(limits.max_task_bytes, |size| {
-        usize::try_from(size)
-            .unwrap_or(usize::MAX)
-            .min(limits.max_task_bytes)
-    });
-    let _reserved = limits.reserve(largest, emit);
+    let _reserved = limits.reserve_bytes(stream_reservation(limits), emit);
     let mut shapes = Shapes::new(limits);
     let mut rows = 0i64;
     let left = Rc::new(Cell::new(limits.max_task_bytes as u64));
@@ -1260,6 +1268,48 @@ mod tests {
         let built = crate::json::from_slice_within(big.as_bytes(), &allowance).unwrap();
         assert!(allowance.is_over());
         assert_eq!(built, Value::Null, "not built past the allowance");
+    }
+
+    /// What a JSON stream reserves covers what its element takes, by its
+    /// text and by the row limit alone (at the element's own measure), for
+    /// the shapes that take the most: one-entry maps, and maps nested in
+    /// maps, under empty keys.
+    #[test]
+    fn a_stream_reserves_what_its_element_takes() {
+        let maps = format!("[{}]", vec![r#"{"":0}"#; 20_000].join(","));
+        let nested = format!("{}0{}", r#"{"":"#.repeat(60), "}".repeat(60));
+        let nested = format!("[{}]", vec![nested.as_str(); 500].join(","));
+        for text in [maps, nested] {
+            let value: Value = serde_json::from_str(&text).expect("JSON");
+            let by_text = Limits {
+                max_task_bytes: usize::MAX,
+                object_size: Some(text.len() as u64),
+                ..Limits::default()
+            };
+            let taken = check_task(&value, by_text).expect("a task");
+            assert!(taken <= stream_reservation(by_text), "{taken} by text");
+            // The least limit that takes the element: its measure.
+            let (mut low, mut high) = (1, text.len() * 64);
+            while low < high {
+                let mid = (low + high) / 2;
+                let limit = Limits {
+                    max_task_bytes: mid,
+                    ..Limits::default()
+                };
+                match check_task(&value, limit) {
+                    Ok(_) => high = mid,
+                    Err(_) => low = mid + 1,
+                }
+            }
+            let by_limit = Limits {
+                max_task_bytes: low,
+                ..Limits::default()
+            };
+            assert!(
+                taken <= stream_reservation(by_limit),
+                "{taken} by limit {low}"
+            );
+        }
     }
 
     /// A JSON text's parse reserves a first allocation for each container
