@@ -1448,7 +1448,9 @@ async fn sync_small_objects(app: &TestApp, title: &str, env: &[(&str, &str)]) ->
 /// Such files, each one task under the row limit, took a worker far past
 /// its budgets (64 files of 1 MiB at the default settings: 2.7 GB); a
 /// stream now reserves what one element may take
-/// (`parse::stream_reservation`).
+/// (`parse::stream_reservation`): by the file's text (here more than the
+/// budget: one file at a time), and by a lower row limit (over which each
+/// element is, built up to it: four files at a time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_files_of_small_objects_are_parsed_within_the_parse_budget() {
     const FILES: usize = 16;
@@ -1459,21 +1461,41 @@ async fn json_files_of_small_objects_are_parsed_within_the_parse_budget() {
     for i in 0..FILES {
         write(&data, &format!("objects-{i:02}.json"), json.as_bytes());
     }
-    let project = app.project("json-small-objects").await;
-    let storage = storage(&app, project, json!({})).await;
-    let (parse, in_flight) = ((128 << 20).to_string(), (32 << 20).to_string());
-    let env = [
-        ("LABELSYNC_PARSE_BUDGET_BYTES", &parse[..]),
-        ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..]),
-        // What the budgets hold, not how many arenas kept it.
-        ("MALLOC_ARENA_MAX", "1"),
-    ];
-    let (run, peak) = sync_on_own_worker(&app, &storage, "json-small-objects", &env).await;
+    let (run, peak) = sync_json_objects(&app, "json-objects", &[]).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], FILES as i64, "{run}");
     // 216-218 MB; 476-486 MB before.
     assert!(peak < 300 << 20, "the worker peaked at {} MB", peak >> 20);
+    // 512 KiB of `{"a":0}` is about 6 MB by the row limit's measure: over
+    // 2 MiB, each element is built up to it (about 20 MB) and is its
+    // file's error; 26 MiB is reserved for it (16 MiB before).
+    let limit = (2 << 20).to_string();
+    let env = [("LABELSYNC_MAX_TASK_BYTES", &limit[..])];
+    let (run, peak) = sync_json_objects(&app, "json-objects-limited", &env).await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    assert_eq!(run["counters"]["failed"], FILES as i64, "{run}");
+    // 90-91 MB (the first sync already failed before).
+    assert!(peak < 150 << 20, "the worker peaked at {} MB", peak >> 20);
     app.stop().await;
+}
+
+/// Syncs the files of
+/// [`json_files_of_small_objects_are_parsed_within_the_parse_budget`] into
+/// a project of its own on a worker of its own, with a 128 MiB parse
+/// budget, 32 MiB of rows in flight, one malloc arena and `env`: the run,
+/// and the worker's peak RSS.
+async fn sync_json_objects(app: &TestApp, title: &str, env: &[(&str, &str)]) -> (Value, u64) {
+    let project = app.project(title).await;
+    let storage = storage(app, project, json!({})).await;
+    let (parse, in_flight) = ((128 << 20).to_string(), (32 << 20).to_string());
+    let mut env = env.to_vec();
+    env.extend([
+        ("LABELSYNC_PARSE_BUDGET_BYTES", &parse[..]),
+        ("LABELSYNC_ROWS_IN_FLIGHT_BYTES", &in_flight[..]),
+        // What the budgets hold, not how many arenas kept it.
+        ("MALLOC_ARENA_MAX", "1"),
+    ]);
+    sync_on_own_worker(app, &storage, title, &env).await
 }
 
 /// The JSONL files of [`small_objects_are_parsed_within_the_parse_budget`].

@@ -185,27 +185,41 @@ const MOST_PER_BYTE: usize = super::budget::EXPANSION + MAP_LEAF_BYTES / 2;
 /// What parsing a JSON file as a stream may take at once: one element
 /// being built. Its text is not read ahead, so its containers cannot be
 /// counted as a line's are ([`parse_bytes`]); it is bounded two ways: by
-/// the file's text, at most [`MOST_PER_BYTE`] times it, and by the row
-/// limit, as an element is built only up to the limit's measure
+/// the file's text as listed, at most [`MOST_PER_BYTE`] times it, and by
+/// the row limit, as an element is built only up to the limit's measure
 /// (`crate::json::Allowance`), of which a value takes at most
-/// [`MEASURE_TO_MEMORY`] times in memory. 32 times the largest element
-/// used to be reserved, and files of small objects took up to three times
-/// that: 64 files of 1 MiB of `{"a":0}` peaked a worker at 2.7 GB.
+/// [`MEASURE_TO_MEMORY`] times in memory, besides what the reader holds
+/// ([`READER_ROW_LIMITS`]). 32 times the largest element used to be
+/// reserved, and files of small objects took up to three times that: 64
+/// files of 1 MiB of `{"a":0}` peaked a worker at 2.7 GB. An object served
+/// larger than listed (GCS decoding a gzip-encoded object, an object
+/// written again since the listing) is reserved for by its listed size.
 fn stream_reservation(limits: Limits) -> usize {
     let by_text = limits.object_size.map_or(usize::MAX, |size| {
         usize::try_from(size)
             .unwrap_or(usize::MAX)
             .saturating_mul(MOST_PER_BYTE)
     });
-    by_text.min(limits.max_task_bytes.saturating_mul(MEASURE_TO_MEMORY))
+    let by_limit = limits
+        .max_task_bytes
+        .saturating_mul(MEASURE_TO_MEMORY + READER_ROW_LIMITS);
+    by_text.min(by_limit)
 }
 
 /// The most a value takes in memory for each byte of the row limit's
-/// measure it counts for, with a margin: a map of one entry under an empty
-/// key counts 64 bytes (`check_task`) and takes a 632-byte node rounded up
-/// by the allocator (the most of any shape; an array's elements take at
-/// most twice their 32 bytes, a string its text).
+/// measure it counts for, with a margin: a map of one entry under a
+/// one-byte key holding a one-byte string, `{"a":"b"}`, counts 66 bytes
+/// (`check_task`) and takes about 700 (a 632-byte node rounded up by the
+/// allocator, the key's and the string's allocations), 10.7 times; a chain
+/// of maps about 10.3; an array's elements at most about 4.5, a string
+/// its text.
 const MEASURE_TO_MEMORY: usize = 11;
+
+/// What serde_json's reader holds besides the element, in row limits: its
+/// scratch buffer (every string, key and long number is copied into it,
+/// and it keeps its largest capacity for the whole file) and a key
+/// allocated before the allowance refuses it.
+const READER_ROW_LIMITS: usize = 2;
 
 /// The objects and the arrays a JSON text opens that are not empty: its
 /// `{` and `[` outside strings not followed by their closing bracket.
@@ -1270,16 +1284,17 @@ mod tests {
         assert_eq!(built, Value::Null, "not built past the allowance");
     }
 
-    /// What a JSON stream reserves covers what its element takes, by its
-    /// text and by the row limit alone (at the element's own measure), for
-    /// the shapes that take the most: one-entry maps, and maps nested in
-    /// maps, under empty keys.
+    /// What a JSON stream reserves covers what its element takes (as
+    /// `check_task` counts it), by its text and by the row limit alone (at
+    /// the element's own measure), for the shapes that take the most for
+    /// both: one-entry maps, and maps nested in maps.
     #[test]
     fn a_stream_reserves_what_its_element_takes() {
         let maps = format!("[{}]", vec![r#"{"":0}"#; 20_000].join(","));
+        let strings = format!("[{}]", vec![r#"{"a":"b"}"#; 20_000].join(","));
         let nested = format!("{}0{}", r#"{"":"#.repeat(60), "}".repeat(60));
         let nested = format!("[{}]", vec![nested.as_str(); 500].join(","));
-        for text in [maps, nested] {
+        for text in [maps, strings, nested] {
             let value: Value = serde_json::from_str(&text).expect("JSON");
             let by_text = Limits {
                 max_task_bytes: usize::MAX,
@@ -1305,10 +1320,9 @@ mod tests {
                 max_task_bytes: low,
                 ..Limits::default()
             };
-            assert!(
-                taken <= stream_reservation(by_limit),
-                "{taken} by limit {low}"
-            );
+            let reader = READER_ROW_LIMITS * low;
+            let element = stream_reservation(by_limit) - reader;
+            assert!(taken <= element, "{taken} by limit {low}");
         }
     }
 
