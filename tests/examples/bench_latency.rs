@@ -61,7 +61,11 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64, warm_up: usize) {
     };
     let server = SyntheticS3::start_handshaking(latency, connect).await;
     let rows = file_rows();
-    server.fill("bench", (0..objects).map(|i| task_file(i, rows)));
+    let json_array = std::env::var("BENCH_FILE_FORMAT").is_ok_and(|f| f == "json");
+    server.fill(
+        "bench",
+        (0..objects).map(|i| task_file(i, rows, json_array)),
+    );
     let app = spawn_app(AppOptions {
         workers: false,
         ..AppOptions::with_storages()
@@ -408,8 +412,8 @@ fn file_rows() -> usize {
 }
 
 /// The `i`th task file: one JSON task, or a JSONL file of `rows` tasks of
-/// about 64 bytes each.
-fn task_file(i: usize, rows: usize) -> (String, Bytes) {
+/// about 64 bytes each (a JSON array of them with `json_array`).
+fn task_file(i: usize, rows: usize, json_array: bool) -> (String, Bytes) {
     if rows == 1 {
         let body = json!({ "data": { "text": format!("task {i}") } }).to_string();
         return (format!("tasks/t-{i:07}.json"), Bytes::from(body));
@@ -420,7 +424,7 @@ fn task_file(i: usize, rows: usize) -> (String, Bytes) {
         body.push_str(&line.to_string());
         body.push('\n');
     }
-    if std::env::var("BENCH_FILE_FORMAT").is_ok_and(|f| f == "json") {
+    if json_array {
         let array = format!("[{}]", body.trim_end().replace('\n', ","));
         return (format!("tasks/t-{i:07}.json"), Bytes::from(array));
     }
