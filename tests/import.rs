@@ -1471,6 +1471,42 @@ async fn json_files_of_small_objects_are_parsed_within_the_parse_budget() {
     app.stop().await;
 }
 
+/// A JSONL line is read whole before it is parsed, and a long line's parse
+/// reserves 32 times its text, so long lines are parsed a few at a time:
+/// the others waited holding their text outside every budget (64 files of
+/// one 15 MiB line peaked a default worker at 1.3 GB). A long line's text
+/// is now held under the parse budget as it is read
+/// (`budget::Growing`), so lines waiting for their parse take no more than
+/// the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lines_wait_for_their_parse_within_the_parse_budget() {
+    const FILES: usize = 64;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = data_dir(&app);
+    // 3 MiB of text a line (its read takes 4 MiB), 96 MiB reserved for
+    // its parse: under a 16 MiB budget, one line is parsed at a time.
+    let line = format!("{{\"text\": \"{}\"}}\n", "x".repeat(3 << 20));
+    for i in 0..FILES {
+        write(&data, &format!("line-{i:02}.jsonl"), line.as_bytes());
+    }
+    let limit = (4 << 20).to_string();
+    let env = [
+        ("LABELSYNC_MAX_TASK_BYTES", &limit[..]),
+        ("MALLOC_ARENA_MAX", "1"),
+    ];
+    let (run, peak) = sync_new_source(&app, "long-lines", 16 << 20, &env).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], FILES as i64, "{run}");
+    let stored = app
+        .count("SELECT count(*) AS n FROM tasks WHERE length(data->>'text') = 3145728")
+        .await;
+    assert_eq!(stored, FILES as i64, "every line imported whole");
+    // 145-155 MB; 276-299 MB before, the lines waiting for their parse
+    // holding their text outside the budget.
+    assert!(peak < 220 << 20, "the worker peaked at {} MB", peak >> 20);
+    app.stop().await;
+}
+
 /// Syncs `data/` into a new project `title` on a worker of its own with a
 /// parse budget of `parse` bytes, 32 MiB of rows in flight and `env`: the
 /// run, and the worker's peak RSS.

@@ -58,15 +58,40 @@
 //!   someone waits;
 //! - the parse budget is waited for only by a parse that holds none of it
 //!   (a Parquet parent lets its row group's go while it waits for a long
-//!   line's), and that has handed its chunk on first
+//!   line's), or by a growing reservation ([`Growing`]) that is not the
+//!   oldest, and only after the parse has handed its chunk on
 //!   (`parse::RowEvent::WillWait`): a chunk held while its parse waited
 //!   for the parse budget could keep a Parquet parent, which waits for
 //!   rows in flight while holding a row group's reservation, waiting for
-//!   ever.
-use std::sync::{
-    OnceLock,
-    atomic::{AtomicUsize, Ordering},
+//!   ever;
+//! - growing reservations wait holding what they took so far, so two of
+//!   them could each hold half the budget and wait for the rest; the
+//!   oldest of them never waits (it takes what the budget lacks past it),
+//!   and each one becomes the oldest once those before it end (the oldest
+//!   ends once its row is handed on, which waits only for rows in flight),
+//!   so none waits for ever. One grower at a time takes past the budget,
+//!   at most the budget again (a reservation is cut to it): the parses'
+//!   reservations come to twice the setting at worst, whatever the number
+//!   of lines read at once.
+//!
+//! **Long lines.** A JSONL line, and a Parquet child's message, is read
+//! whole before it is parsed, and long ones are parsed few at a time (a
+//! line's parse reserves 32 times its text): the others waited holding
+//! their text outside every budget, up to 64 lines of up to
+//! `LABELSYNC_MAX_TASK_BYTES` (64 files of one 15 MiB line peaked a worker
+//! at 1.3 GB, past its 1 GiB in `deploy/k8s/base/worker.yaml`). A line's
+//! text past [`SMALL`] is taken from the parse budget as it is read, before
+//! it grows, and then its parse, in one [`Growing`] reservation.
+use std::{
+    collections::BTreeSet,
+    pin::pin,
+    sync::{
+        Mutex, MutexGuard, OnceLock, PoisonError,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
 };
+
+use futures::future::{Either, select};
 
 use tokio::sync::{Notify, Semaphore, SemaphorePermit, futures::Notified};
 
@@ -87,6 +112,12 @@ pub struct ByteBudget {
     /// Blocking takes waiting now ([`Self::take`]), and their start told.
     waiting: AtomicUsize,
     wait_begins: Notify,
+    /// The growing reservations' tickets ([`Growing`]): the first is the
+    /// oldest.
+    growers: Mutex<BTreeSet<u64>>,
+    next_ticket: AtomicU64,
+    /// Told when the oldest growing reservation ends.
+    oldest_ends: Notify,
 }
 
 /// One blocking take waiting, until it drops.
@@ -106,6 +137,9 @@ impl ByteBudget {
             total_kib,
             waiting: AtomicUsize::new(0),
             wait_begins: Notify::new(),
+            growers: Mutex::new(BTreeSet::new()),
+            next_ticket: AtomicU64::new(0),
+            oldest_ends: Notify::new(),
         }
     }
 
@@ -141,10 +175,34 @@ impl ByteBudget {
         if let Ok(permit) = self.kib.try_acquire_many(kib) {
             return Some(permit);
         }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(self);
-        self.wait_begins.notify_waiters();
+        let _waiting = self.wait_begins_now();
         futures::executor::block_on(self.kib.acquire_many(kib)).ok()
+    }
+
+    /// Counts a blocking take as waiting until the guard drops, and tells
+    /// those who watch for it.
+    fn wait_begins_now(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.wait_begins.notify_waiters();
+        Waiting(self)
+    }
+
+    /// A reservation of nothing yet, which grows as its line is read and
+    /// parsed ([`Growing::grow_to`]); it is younger than every one made
+    /// before it.
+    pub fn grower(&self) -> Growing<'_> {
+        let ticket = self.next_ticket.fetch_add(1, Ordering::SeqCst);
+        self.growers().insert(ticket);
+        Growing {
+            budget: self,
+            ticket,
+            held: None,
+            borrowed_kib: 0,
+        }
+    }
+
+    fn growers(&self) -> MutexGuard<'_, BTreeSet<u64>> {
+        self.growers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The bytes of the budget no one holds now.
@@ -181,6 +239,104 @@ impl ByteBudget {
         u32::try_from(bytes.div_ceil(1024))
             .unwrap_or(u32::MAX)
             .min(self.total_kib)
+    }
+}
+
+/// A reservation that grows, as a long line's text is read and then as it
+/// is parsed, and shrinks to what its row keeps: it holds what it took
+/// until it drops. It waits for what it lacks unless it is the oldest one
+/// of its budget, which takes what the budget lacks past it instead (see
+/// the module's documentation: growers wait holding what they took, and
+/// without this two of them could wait for each other for ever).
+pub struct Growing<'a> {
+    budget: &'a ByteBudget,
+    ticket: u64,
+    held: Option<SemaphorePermit<'a>>,
+    /// What it took past the budget as the oldest, in the budget's units.
+    borrowed_kib: u32,
+}
+
+impl<'a> Growing<'a> {
+    /// Holds `bytes` in all (cut to the whole budget), waiting for what it
+    /// lacks (blocking the calling thread) unless it is the oldest grower,
+    /// and calling `will_wait` first when it must wait.
+    pub fn grow_to(&mut self, bytes: usize, will_wait: &mut dyn FnMut()) {
+        let budget = self.budget;
+        let lacking = budget.kib_of(bytes).saturating_sub(self.kib());
+        if lacking == 0 {
+            return;
+        }
+        if let Ok(more) = budget.kib.try_acquire_many(lacking) {
+            return self.add(more);
+        }
+        let mut waiting = None;
+        loop {
+            let mut oldest_ends = pin!(budget.oldest_ends.notified());
+            oldest_ends.as_mut().enable();
+            if self.is_oldest() {
+                self.borrowed_kib = self.borrowed_kib.saturating_add(lacking);
+                return;
+            }
+            if waiting.is_none() {
+                will_wait();
+                waiting = Some(budget.wait_begins_now());
+            }
+            let room = pin!(budget.kib.acquire_many(lacking));
+            if let Either::Left((Ok(more), _)) =
+                futures::executor::block_on(select(room, oldest_ends))
+            {
+                return self.add(more);
+            }
+        }
+    }
+
+    /// Lets go of what it holds past what `bytes` take, what it took past
+    /// the budget first.
+    pub fn shrink(&mut self, bytes: usize) {
+        let keep = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        let mut excess = self.kib().saturating_sub(keep);
+        let repaid = excess.min(self.borrowed_kib);
+        self.borrowed_kib -= repaid;
+        excess -= repaid;
+        if let Some(held) = self.held.as_mut() {
+            drop(held.split(excess as usize));
+        }
+    }
+
+    /// What it holds, in the budget's units.
+    fn kib(&self) -> u32 {
+        let held = self.held.as_ref().map_or(0, |held| held.num_permits());
+        u32::try_from(held)
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.borrowed_kib)
+    }
+
+    fn add(&mut self, more: SemaphorePermit<'a>) {
+        match self.held.as_mut() {
+            Some(held) => held.merge(more),
+            None => self.held = Some(more),
+        }
+    }
+
+    fn is_oldest(&self) -> bool {
+        self.budget.growers().first() == Some(&self.ticket)
+    }
+}
+
+impl Drop for Growing<'_> {
+    /// Lets go of what it holds, and tells the next oldest grower when it
+    /// was the oldest.
+    fn drop(&mut self) {
+        self.held = None;
+        let was_oldest = {
+            let mut growers = self.budget.growers();
+            let was_oldest = growers.first() == Some(&self.ticket);
+            growers.remove(&self.ticket);
+            was_oldest
+        };
+        if was_oldest {
+            self.budget.oldest_ends.notify_waiters();
+        }
     }
 }
 
@@ -238,6 +394,82 @@ mod tests {
         let _room = budget.take(1024).expect("room");
         let quiet = tokio::time::timeout(Duration::from_millis(50), told).await;
         assert!(quiet.is_err(), "a take that did not wait was told");
+    }
+
+    /// Two growers holding half of the budget each, both growing to the
+    /// whole: the younger waits, the oldest takes what the budget lacks
+    /// instead of waiting for it (they would wait for each other for
+    /// ever), and the younger gets its room once the oldest ends.
+    #[tokio::test]
+    async fn growers_never_wait_for_each_other() {
+        let budget: &'static ByteBudget = Box::leak(Box::new(ByteBudget::new(1 << 20)));
+        let mut oldest = budget.grower();
+        let mut younger = budget.grower();
+        oldest.grow_to(512 << 10, &mut || panic!("there was room"));
+        younger.grow_to(512 << 10, &mut || panic!("there was room"));
+        let told = budget.waits_begin();
+        let younger = tokio::task::spawn_blocking(move || {
+            let mut waited = false;
+            younger.grow_to(1 << 20, &mut || waited = true);
+            (waited, younger.kib())
+        });
+        tokio::time::timeout(Duration::from_secs(10), told)
+            .await
+            .expect("the younger waits");
+        let oldest = tokio::task::spawn_blocking(move || {
+            oldest.grow_to(2 << 20, &mut || panic!("the oldest never waits"));
+            oldest
+        });
+        let mut oldest = tokio::time::timeout(Duration::from_secs(10), oldest)
+            .await
+            .expect("the oldest did not wait")
+            .expect("the oldest");
+        assert_eq!(
+            (oldest.kib(), oldest.borrowed_kib),
+            (1024, 512),
+            "cut to the budget"
+        );
+        oldest.shrink(256 << 10);
+        assert_eq!(
+            (oldest.kib(), oldest.borrowed_kib),
+            (256, 0),
+            "what it borrowed goes first"
+        );
+        assert!(budget.someone_waits());
+        drop(oldest);
+        let (waited, kib) = tokio::time::timeout(Duration::from_secs(10), younger)
+            .await
+            .expect("the younger got its room")
+            .expect("the younger");
+        assert_eq!((waited, kib), (true, 1024));
+        assert!(!budget.someone_waits());
+        assert_eq!(budget.free_bytes(), 1 << 20, "all let go");
+    }
+
+    /// A grower waiting for room that becomes the oldest stops waiting:
+    /// the room it waited for may be held by a parse that waits for it.
+    #[tokio::test]
+    async fn a_waiting_grower_that_becomes_the_oldest_stops_waiting() {
+        let budget: &'static ByteBudget = Box::leak(Box::new(ByteBudget::new(1 << 20)));
+        let everything = budget.try_take(1 << 20).expect("the whole budget");
+        let oldest = budget.grower();
+        let mut younger = budget.grower();
+        let told = budget.waits_begin();
+        let younger = tokio::task::spawn_blocking(move || {
+            younger.grow_to(512 << 10, &mut || {});
+            (younger.kib(), younger.borrowed_kib)
+        });
+        tokio::time::timeout(Duration::from_secs(10), told)
+            .await
+            .expect("the younger waits");
+        drop(oldest);
+        let held = tokio::time::timeout(Duration::from_secs(10), younger)
+            .await
+            .expect("the younger stopped waiting")
+            .expect("the younger");
+        assert_eq!(held, (512, 512), "taken past the budget");
+        assert_eq!(budget.free_bytes(), 0);
+        drop(everything);
     }
 
     #[test]

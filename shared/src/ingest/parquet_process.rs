@@ -20,7 +20,7 @@
 //! what it printed (the crate's panic or the failed allocation); the rows
 //! it sent before stand, as for a file that breaks off.
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     fs::File,
     io::{self, BufRead, BufReader, Read, Write},
     os::{
@@ -35,7 +35,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::parse::{self, Limits, RowEvent};
+use super::{
+    budget::Growing,
+    parse::{self, Limits, RowEvent},
+};
 
 /// The worker binary's hidden subcommand that runs a child.
 pub const SUBCOMMAND: &str = "parse-parquet";
@@ -158,11 +161,12 @@ fn converse(
     if let Err(e) = stream.set_write_timeout(Some(SILENCE)) {
         return Ended::Broken(e.to_string());
     }
+    let until = Cell::new(Instant::now());
     let mut reader = BufReader::with_capacity(
         64 << 10,
         Deadline {
             stream,
-            until: Instant::now(),
+            until: &until,
         },
     );
     let mut grant = Grant {
@@ -172,8 +176,8 @@ fn converse(
     };
     let mut line = Vec::new();
     loop {
-        reader.get_mut().until = Instant::now() + SILENCE;
-        let message = match next_message(&mut reader, &mut line, &mut grant, emit) {
+        until.set(Instant::now() + SILENCE);
+        let message = match next_message(&mut reader, &until, &mut line, &mut grant, emit) {
             Ok(message) => message,
             Err(why) => return Ended::Broken(why),
         };
@@ -199,9 +203,14 @@ fn converse(
     }
 }
 
-/// The child's next message.
+/// The child's next message. A long one's text is held under a
+/// reservation of its own as it is read, as a JSONL line's is (the group's
+/// is let go first: a holder never waits for a second reservation, see
+/// `super::budget`); a wait for it is no silence of the child's, and
+/// moves the deadline on by as long.
 fn next_message(
     reader: &mut impl BufRead,
+    until: &Cell<Instant>,
     line: &mut Vec<u8>,
     grant: &mut Grant,
     emit: &mut dyn FnMut(RowEvent) -> bool,
@@ -215,7 +224,20 @@ fn next_message(
         .saturating_mul(6)
         .saturating_add(64 << 10);
     line.clear();
-    match parse::read_line(reader, line, max) {
+    let mut growing = None;
+    let read = parse::read_line(reader, line, max, &mut |capacity| {
+        grant.held = None;
+        if let Some(budget) = grant.limits.budget {
+            let began = Instant::now();
+            growing
+                .get_or_insert_with(|| budget.grower())
+                .grow_to(capacity, &mut || {
+                    emit(RowEvent::WillWait);
+                });
+            until.set(until.get() + began.elapsed());
+        }
+    });
+    match read {
         Ok(Some(true)) => {}
         Ok(Some(false)) => return Err(format!("it wrote a line over {max} bytes")),
         Ok(None) => return Err("it ended without finishing".into()),
@@ -232,9 +254,11 @@ fn next_message(
         }
         Err(e) => return Err(format!("reading its answer failed: {e}")),
     }
-    grant
-        .parse(line, emit)
-        .map_err(|e| format!("it wrote something unreadable: {e}"))
+    let parsed = grant.parse(line, growing, emit);
+    if line.capacity() > super::budget::SMALL {
+        *line = Vec::new();
+    }
+    parsed.map_err(|e| format!("it wrote something unreadable: {e}"))
 }
 
 /// What the parent holds of the worker's parse budget for a child.
@@ -275,13 +299,15 @@ impl Grant {
     }
 
     /// Parses a line, a long one under a reservation of its own as a JSONL
-    /// line is. The group's is let go while that one is waited for, and
-    /// taken again after: a holder never waits for a second reservation
+    /// line is (`growing`: the one its text took as it was read). The
+    /// group's is let go while that one is waited for, and taken again
+    /// after: a holder never waits for a second reservation
     /// (`super::budget`), or two parses could each hold half of the budget
     /// and wait for the rest.
     fn parse(
         &mut self,
         line: &[u8],
+        mut growing: Option<Growing<'static>>,
         emit: &mut dyn FnMut(RowEvent) -> bool,
     ) -> serde_json::Result<Message> {
         let Some(bytes) = super::parse::reservation(line) else {
@@ -289,9 +315,18 @@ impl Grant {
         };
         self.held = None;
         let parsed = {
-            let _line = self.limits.reserve_bytes(bytes, emit);
+            let _line = match growing.as_mut() {
+                Some(growing) => {
+                    growing.grow_to(bytes, &mut || {
+                        emit(RowEvent::WillWait);
+                    });
+                    None
+                }
+                None => self.limits.reserve_bytes(bytes, emit),
+            };
             serde_json::from_slice(line)
         };
+        drop(growing);
         self.held = self.reserve_group(emit);
         parsed
     }
@@ -301,13 +336,14 @@ impl Grant {
 /// message in time, however it trickles it.
 struct Deadline<'a> {
     stream: &'a UnixStream,
-    until: Instant,
+    until: &'a Cell<Instant>,
 }
 
 impl Read for Deadline<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self
             .until
+            .get()
             .checked_duration_since(Instant::now())
             .filter(|left| !left.is_zero())
             .ok_or(io::ErrorKind::TimedOut)?;
@@ -646,6 +682,45 @@ mod tests {
             panic!("a child asking for more than the budget is broken");
         };
         assert!(why.contains("more than the parse budget"), "{why}");
+    }
+
+    /// A long row's text is held under the parse budget while it is read,
+    /// as a JSONL line's is: rows read whole before their parse reserved
+    /// waited for it holding their text outside every budget.
+    #[test]
+    fn a_long_row_holds_its_text_of_the_budget_as_it_is_read() {
+        let (budget, limits) = within_4_mib();
+        let long = serde_json::to_string(&Message::Row(json!({"text": "a".repeat(1 << 20)})))
+            .expect("row");
+        let done = serde_json::to_string(&Message::Done).expect("done");
+        let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
+        let child = std::thread::spawn(move || {
+            let (first, rest) = long.as_bytes().split_at(512 << 10);
+            theirs.write_all(first).expect("write");
+            // What the parent holds of the budget with half the row read.
+            let until = Instant::now() + Duration::from_secs(10);
+            let mut held = 0;
+            while held < 256 << 10 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+                held = budget.bytes() - budget.free_bytes();
+            }
+            let rest = format!("{}\n{done}\n", std::str::from_utf8(rest).expect("text"));
+            theirs.write_all(rest.as_bytes()).expect("write");
+            theirs
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+            held
+        });
+        let (mut rows, mut events) = (0, Vec::new());
+        let ended = converse(&ours, limits, &mut rows, &mut |event| {
+            events.push(event);
+            true
+        });
+        let held = child.join().expect("child");
+        assert!(matches!(ended, Ended::Done));
+        assert!(matches!(events[..], [RowEvent::Task(0, _)]), "{events:?}");
+        assert!(held >= 256 << 10, "its text held while it was read: {held}");
+        assert_eq!(budget.free_bytes(), budget.bytes(), "all let go at the end");
     }
 
     /// A parent about to wait for a row group's reservation says so first

@@ -27,6 +27,7 @@ use std::{
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
+use super::budget::Growing;
 use crate::json::{Allowance, AsWritten, VALUE_BYTES};
 
 /// File formats of the Tasks import method, chosen by extension.
@@ -705,9 +706,8 @@ fn parse_jsonl(
     let mut line = Vec::new();
     let mut row = 0i64;
     loop {
-        line.clear();
-        let fits = match read_line(&mut reader, &mut line, limits.max_task_bytes) {
-            Ok(Some(fits)) => fits,
+        let (fits, mut growing) = match read_jsonl_line(&mut reader, &mut line, limits, emit) {
+            Ok(Some(read)) => read,
             Ok(None) => return Ok(()),
             Err(e) => return Err(format!("read failed after {row} row(s): {e}")),
         };
@@ -729,7 +729,10 @@ fn parse_jsonl(
                 ),
             )
         } else {
-            reserved = limits.reserve_text(text, emit);
+            match growing.as_mut() {
+                Some(growing) => grow_to_parse(growing, text, emit),
+                None => reserved = limits.reserve_text(text, emit),
+            }
             let allowance = shapes.allowance();
             match crate::json::from_slice_within(text, &allowance) {
                 Ok(_) if allowance.is_over() => shapes.too_large(row),
@@ -738,28 +741,83 @@ fn parse_jsonl(
             }
         };
         row += 1;
+        if line.capacity() > super::budget::SMALL {
+            // A long line's text goes with its reservation.
+            line = Vec::new();
+        }
+        let bytes = match &event {
+            RowEvent::Task(_, task) => task.approx_bytes,
+            _ => 0,
+        };
         if let Some(reserved) = reserved.as_mut() {
-            let bytes = match &event {
-                RowEvent::Task(_, task) => task.approx_bytes,
-                _ => 0,
-            };
             super::budget::shrink(reserved, bytes);
         }
+        if let Some(growing) = growing.as_mut() {
+            growing.shrink(bytes);
+        }
         let kept_going = emit(event);
-        drop(reserved);
+        drop((reserved, growing));
         if !kept_going {
             return Ok(());
         }
     }
 }
 
+/// Reads a JSONL line into `line` ([`read_line`]): whether it fits, and
+/// the reservation of its text when it is longer than `budget::SMALL`,
+/// which grows with it before it grows (the parse's rows are handed on
+/// before it waits). A long line read whole before its parse reserved
+/// held its text outside every budget while it waited for its parse's
+/// reservation: 64 files of one 15 MiB line peaked a worker at 1.3 GB.
+fn read_jsonl_line(
+    reader: &mut impl BufRead,
+    line: &mut Vec<u8>,
+    limits: Limits,
+    emit: &mut dyn FnMut(RowEvent) -> bool,
+) -> io::Result<Option<(bool, Option<Growing<'static>>)>> {
+    if line.capacity() > super::budget::SMALL {
+        // A long line's text went with its reservation.
+        *line = Vec::new();
+    }
+    line.clear();
+    let mut growing = None;
+    let fits = read_line(reader, line, limits.max_task_bytes, &mut |capacity| {
+        if let Some(budget) = limits.budget {
+            let will_wait = &mut || {
+                emit(RowEvent::WillWait);
+            };
+            growing
+                .get_or_insert_with(|| budget.grower())
+                .grow_to(capacity, will_wait);
+        }
+    })?;
+    Ok(fits.map(|fits| (fits, growing)))
+}
+
+/// Grows a long line's reservation from its text to what its parse may
+/// take ([`reservation`]).
+fn grow_to_parse(
+    growing: &mut Growing<'static>,
+    text: &[u8],
+    emit: &mut dyn FnMut(RowEvent) -> bool,
+) {
+    if let Some(bytes) = reservation(text) {
+        growing.grow_to(bytes, &mut || {
+            emit(RowEvent::WillWait);
+        });
+    }
+}
+
 /// Reads one line (up to and without its `\n`) into `line`, keeping at most
 /// `max` bytes of it: `None` at the end of the input, `Some(false)` when the
-/// line was longer (the rest of it is read and dropped).
+/// line was longer (the rest of it is read and dropped). A line that
+/// outgrows `budget::SMALL` grows by doubling, to at most `max`, and
+/// `room` is told the capacity it grows to first (to hold it).
 pub(super) fn read_line(
     reader: &mut impl BufRead,
     line: &mut Vec<u8>,
     max: usize,
+    room: &mut dyn FnMut(usize),
 ) -> io::Result<Option<bool>> {
     let mut fits = true;
     let mut any = false;
@@ -773,7 +831,13 @@ pub(super) fn read_line(
             Some(i) => (&buf[..i], Some(i + 1)),
             None => (buf, None),
         };
-        if fits && line.len() + part.len() <= max {
+        let len = line.len() + part.len();
+        if fits && len <= max {
+            if len > line.capacity() && len > super::budget::SMALL {
+                let capacity = len.max(line.capacity().saturating_mul(2)).min(max);
+                room(capacity);
+                line.reserve_exact(capacity - line.len());
+            }
             line.extend_from_slice(part);
         } else {
             fits = false;
@@ -1044,6 +1108,47 @@ mod tests {
         assert!(size > 3_000_000, "the row's size: {size}");
         assert_eq!(taken, size, "what the large row held as it was handed on");
         assert_eq!(held[1].0, 0, "a small row reserves nothing");
+        assert_eq!(budget.free_bytes(), budget.bytes(), "all let go at the end");
+    }
+
+    /// A long JSONL line's text is held under the parse budget as it is
+    /// read, before its parse reserves: lines read whole and waiting for
+    /// their parse's reservation held their text outside every budget.
+    #[test]
+    fn a_long_line_holds_its_text_of_the_parse_budget_as_it_is_read() {
+        struct Watched<'a> {
+            text: &'a [u8],
+            budget: &'static super::super::budget::ByteBudget,
+            most_taken: u64,
+        }
+        impl Read for Watched<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let taken = self.budget.bytes() - self.budget.free_bytes();
+                self.most_taken = self.most_taken.max(taken);
+                self.text.read(buf)
+            }
+        }
+        let budget: &'static super::super::budget::ByteBudget =
+            Box::leak(Box::new(super::super::budget::ByteBudget::new(64 << 20)));
+        let limits = Limits {
+            budget: Some(budget),
+            ..Limits::default()
+        };
+        let input = format!("{{\"text\": \"{}\"}}\n{{}}\n", "x".repeat(1 << 20));
+        let mut reader = Watched {
+            text: input.as_bytes(),
+            budget,
+            most_taken: 0,
+        };
+        let mut rows = 0;
+        parse(Format::Jsonl, &mut reader, limits, &mut |event| {
+            rows += usize::from(matches!(event, RowEvent::Task(..)));
+            true
+        })
+        .expect("parsed");
+        assert_eq!(rows, 2);
+        // Its text grows by doubling: 1 MiB held before its last 64 KiB.
+        assert_eq!(reader.most_taken, 1 << 20, "held while it was read");
         assert_eq!(budget.free_bytes(), budget.bytes(), "all let go at the end");
     }
 
