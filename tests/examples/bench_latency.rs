@@ -23,6 +23,8 @@
 //! With `BENCH_FILE_ROWS` (default 1), each file is a JSONL file of that
 //! many tasks (about 64 bytes a line), parsed as a worker parses large
 //! files (with `BENCH_FILE_FORMAT=json`, a JSON array of them);
+//! `BENCH_ROW_BYTES`, when set, pads each task's text to that many bytes
+//! (files of long lines: one line of it with `BENCH_FILE_ROWS=1`);
 //! `BENCH_WORKER_ARENAS`, when set, is the workers'
 //! `MALLOC_ARENA_MAX` (this process keeps its own), and the second line
 //! has the fleet's highest peak RSS.
@@ -62,9 +64,10 @@ pub async fn run(objects: usize, workers: usize, rtt_ms: u64, warm_up: usize) {
     let server = SyntheticS3::start_handshaking(latency, connect).await;
     let rows = file_rows();
     let json_array = std::env::var("BENCH_FILE_FORMAT").is_ok_and(|f| f == "json");
+    let pad = row_bytes();
     server.fill(
         "bench",
-        (0..objects).map(|i| task_file(i, rows, json_array)),
+        (0..objects).map(|i| task_file(i, rows, json_array, pad)),
     );
     let app = spawn_app(AppOptions {
         workers: false,
@@ -411,16 +414,32 @@ fn file_rows() -> usize {
     rows.expect("BENCH_FILE_ROWS: a number of rows").max(1)
 }
 
+/// `BENCH_ROW_BYTES`: see the module's documentation (default: no padding).
+fn row_bytes() -> usize {
+    let bytes = std::env::var("BENCH_ROW_BYTES").map_or(Ok(0), |v| v.parse::<usize>());
+    bytes.expect("BENCH_ROW_BYTES: a number of bytes")
+}
+
+/// `text` padded with `x` to `pad` bytes.
+fn padded(mut text: String, pad: usize) -> String {
+    let missing = pad.saturating_sub(text.len());
+    text.extend(std::iter::repeat_n('x', missing));
+    text
+}
+
 /// The `i`th task file: one JSON task, or a JSONL file of `rows` tasks of
-/// about 64 bytes each (a JSON array of them with `json_array`).
-fn task_file(i: usize, rows: usize, json_array: bool) -> (String, Bytes) {
-    if rows == 1 {
+/// about 64 bytes each (a JSON array of them with `json_array`), each
+/// task's text padded to `pad` bytes. One padded task is a JSONL file of
+/// one line.
+fn task_file(i: usize, rows: usize, json_array: bool, pad: usize) -> (String, Bytes) {
+    if rows == 1 && pad == 0 {
         let body = json!({ "data": { "text": format!("task {i}") } }).to_string();
         return (format!("tasks/t-{i:07}.json"), Bytes::from(body));
     }
-    let mut body = String::with_capacity(rows * 64);
+    let mut body = String::with_capacity(rows * pad.max(64));
     for r in 0..rows {
-        let line = json!({ "data": { "text": format!("task {i} row {r}"), "n": r } });
+        let text = padded(format!("task {i} row {r}"), pad);
+        let line = json!({ "data": { "text": text, "n": r } });
         body.push_str(&line.to_string());
         body.push('\n');
     }

@@ -19,7 +19,8 @@
 //! reservation larger than the whole budget is cut to it: that parse runs
 //! alone (a row, whose size `LABELSYNC_MAX_TASK_BYTES` bounds; a Parquet
 //! row group that needs more than the budget is refused before it is read,
-//! see `parse::parse_parquet`).
+//! see `parse::parse_parquet`), but for the parse of a long line that is
+//! the oldest grower (below), which takes past the budget instead.
 //!
 //! **Rows in flight.** Parsed rows wait for their transaction in chunks
 //! (`super::task_files`): one being filled per object, two in its channel,
@@ -71,8 +72,12 @@
 //!   ends once its row is handed on, which waits only for rows in flight),
 //!   so none waits for ever. One grower at a time takes past the budget,
 //!   at most the budget again (a reservation is cut to it): the parses'
-//!   reservations come to twice the setting at worst, whatever the number
-//!   of lines read at once.
+//!   reservations come to at most twice the setting, whatever the number
+//!   of lines read at once. That is the usual state when many long lines
+//!   wait (their text fills the budget, and each parse in turn takes past
+//!   it); a reservation counts what the worst shape of its text may take
+//!   (32 times a line of `0,0,...`), so what parses take is far less for
+//!   most text (a string takes about its text).
 //!
 //! **Long lines.** A JSONL line, and a Parquet child's message, is read
 //! whole before it is parsed, and long ones are parsed few at a time (a
@@ -87,7 +92,7 @@ use std::{
     pin::pin,
     sync::{
         Mutex, MutexGuard, OnceLock, PoisonError,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
 };
 
@@ -104,7 +109,8 @@ pub const EXPANSION: usize = 32;
 
 /// Bytes that one process's parses, its rows in flight, or its copies of
 /// Parquet objects may take at once. A reservation waits while the budget
-/// is spent; one larger than the whole budget is cut to it and runs alone.
+/// is spent; one larger than the whole budget is cut to it and runs alone
+/// (but beside the oldest [`Growing`] one, which does not wait).
 #[derive(Debug)]
 pub struct ByteBudget {
     kib: Semaphore,
@@ -112,12 +118,18 @@ pub struct ByteBudget {
     /// Blocking takes waiting now ([`Self::take`]), and their start told.
     waiting: AtomicUsize,
     wait_begins: Notify,
-    /// The growing reservations' tickets ([`Growing`]): the first is the
-    /// oldest.
-    growers: Mutex<BTreeSet<u64>>,
-    next_ticket: AtomicU64,
+    /// The growing reservations ([`Growing`]).
+    growers: Mutex<Growers>,
     /// Told when the oldest growing reservation ends.
     oldest_ends: Notify,
+}
+
+/// The growing reservations of a budget, by ticket: the first is the
+/// oldest.
+#[derive(Debug, Default)]
+struct Growers {
+    live: BTreeSet<u64>,
+    next: u64,
 }
 
 /// One blocking take waiting, until it drops.
@@ -137,8 +149,7 @@ impl ByteBudget {
             total_kib,
             waiting: AtomicUsize::new(0),
             wait_begins: Notify::new(),
-            growers: Mutex::new(BTreeSet::new()),
-            next_ticket: AtomicU64::new(0),
+            growers: Mutex::new(Growers::default()),
             oldest_ends: Notify::new(),
         }
     }
@@ -191,8 +202,15 @@ impl ByteBudget {
     /// parsed ([`Growing::grow_to`]); it is younger than every one made
     /// before it.
     pub fn grower(&self) -> Growing<'_> {
-        let ticket = self.next_ticket.fetch_add(1, Ordering::SeqCst);
-        self.growers().insert(ticket);
+        let ticket = {
+            // Taken and entered at once: a ticket entered late could
+            // make a second oldest while the first one borrows.
+            let mut growers = self.growers();
+            let ticket = growers.next;
+            growers.next += 1;
+            growers.live.insert(ticket);
+            ticket
+        };
         Growing {
             budget: self,
             ticket,
@@ -201,7 +219,7 @@ impl ByteBudget {
         }
     }
 
-    fn growers(&self) -> MutexGuard<'_, BTreeSet<u64>> {
+    fn growers(&self) -> MutexGuard<'_, Growers> {
         self.growers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -269,25 +287,53 @@ impl<'a> Growing<'a> {
         if let Ok(more) = budget.kib.try_acquire_many(lacking) {
             return self.add(more);
         }
+        if self.wait_unless_oldest(lacking, will_wait) {
+            self.take_as_oldest(lacking);
+        }
+    }
+
+    /// Waits for `lacking` of the budget, or until this is the oldest
+    /// grower: whether it is (and got nothing). The wait keeps its place in
+    /// the budget's queue while older growers end.
+    fn wait_unless_oldest(&mut self, lacking: u32, will_wait: &mut dyn FnMut()) -> bool {
+        let budget = self.budget;
         let mut waiting = None;
+        let mut room = pin!(budget.kib.acquire_many(lacking));
         loop {
             let mut oldest_ends = pin!(budget.oldest_ends.notified());
             oldest_ends.as_mut().enable();
             if self.is_oldest() {
-                self.borrowed_kib = self.borrowed_kib.saturating_add(lacking);
-                return;
+                return true;
             }
             if waiting.is_none() {
                 will_wait();
                 waiting = Some(budget.wait_begins_now());
             }
-            let room = pin!(budget.kib.acquire_many(lacking));
-            if let Either::Left((Ok(more), _)) =
-                futures::executor::block_on(select(room, oldest_ends))
-            {
-                return self.add(more);
+            match futures::executor::block_on(select(room.as_mut(), oldest_ends)) {
+                Either::Left((Ok(more), _)) => {
+                    self.add(more);
+                    return false;
+                }
+                // The budget's semaphore is never closed.
+                Either::Left((Err(_), _)) => return false,
+                Either::Right(_) => {}
             }
         }
+    }
+
+    /// The oldest grower's way past a spent budget: what is free of
+    /// `lacking` now, the rest past the budget.
+    fn take_as_oldest(&mut self, mut lacking: u32) {
+        let budget = self.budget;
+        let free = u32::try_from(budget.kib.available_permits()).unwrap_or(u32::MAX);
+        let free = free.min(lacking);
+        if free > 0
+            && let Ok(more) = budget.kib.try_acquire_many(free)
+        {
+            self.add(more);
+            lacking -= free;
+        }
+        self.borrowed_kib = self.borrowed_kib.saturating_add(lacking);
     }
 
     /// Lets go of what it holds past what `bytes` take, what it took past
@@ -319,7 +365,7 @@ impl<'a> Growing<'a> {
     }
 
     fn is_oldest(&self) -> bool {
-        self.budget.growers().first() == Some(&self.ticket)
+        self.budget.growers().live.first() == Some(&self.ticket)
     }
 }
 
@@ -330,8 +376,8 @@ impl Drop for Growing<'_> {
         self.held = None;
         let was_oldest = {
             let mut growers = self.budget.growers();
-            let was_oldest = growers.first() == Some(&self.ticket);
-            growers.remove(&self.ticket);
+            let was_oldest = growers.live.first() == Some(&self.ticket);
+            growers.live.remove(&self.ticket);
             was_oldest
         };
         if was_oldest {

@@ -204,10 +204,9 @@ fn converse(
 }
 
 /// The child's next message. A long one's text is held under a
-/// reservation of its own as it is read, as a JSONL line's is (the group's
-/// is let go first: a holder never waits for a second reservation, see
-/// `super::budget`); a wait for it is no silence of the child's, and
-/// moves the deadline on by as long.
+/// reservation of its own as it is read, as a JSONL line's is; a wait for
+/// it is no silence of the child's, and moves the deadline on by as long.
+/// The text and its reservation go before the group's is taken again.
 fn next_message(
     reader: &mut impl BufRead,
     until: &Cell<Instant>,
@@ -226,16 +225,15 @@ fn next_message(
     line.clear();
     let mut growing = None;
     let read = parse::read_line(reader, line, max, &mut |capacity| {
-        grant.held = None;
-        if let Some(budget) = grant.limits.budget {
-            let began = Instant::now();
-            growing
-                .get_or_insert_with(|| budget.grower())
-                .grow_to(capacity, &mut || {
-                    emit(RowEvent::WillWait);
-                });
-            until.set(until.get() + began.elapsed());
-        }
+        let Some(budget) = grant.limits.budget.filter(|_| capacity > 0) else {
+            growing = None;
+            return;
+        };
+        let began = Instant::now();
+        growing
+            .get_or_insert_with(|| budget.grower())
+            .grow_to(capacity, &mut || grant.let_go_to_wait(emit));
+        until.set(until.get() + began.elapsed());
     });
     match read {
         Ok(Some(true)) => {}
@@ -254,10 +252,11 @@ fn next_message(
         }
         Err(e) => return Err(format!("reading its answer failed: {e}")),
     }
-    let parsed = grant.parse(line, growing, emit);
-    if line.capacity() > super::budget::SMALL {
-        *line = Vec::new();
-    }
+    let parsed = grant.parse(line, line.capacity(), growing.as_mut(), emit);
+    line.clear();
+    line.shrink_to(super::budget::SMALL);
+    drop(growing);
+    grant.take_again(emit);
     parsed.map_err(|e| format!("it wrote something unreadable: {e}"))
 }
 
@@ -273,7 +272,7 @@ impl Grant {
     /// Reserves a row group's memory, the last group's let go first. A
     /// child asks for no more than the budget: it refuses such a group.
     /// The parse's rows are handed on before it waits (see
-    /// `parse::Limits::reserve`).
+    /// `parse::Limits::reserve_bytes`).
     fn group(&mut self, bytes: u64, emit: &mut dyn FnMut(RowEvent) -> bool) -> Result<(), String> {
         self.held = None;
         if let Some(budget) = self.limits.budget
@@ -299,36 +298,44 @@ impl Grant {
     }
 
     /// Parses a line, a long one under a reservation of its own as a JSONL
-    /// line is (`growing`: the one its text took as it was read). The
-    /// group's is let go while that one is waited for, and taken again
-    /// after: a holder never waits for a second reservation
-    /// (`super::budget`), or two parses could each hold half of the budget
-    /// and wait for the rest.
+    /// line is (`growing`: the one its text of `capacity` bytes took as it
+    /// was read).
     fn parse(
         &mut self,
         line: &[u8],
-        mut growing: Option<Growing<'static>>,
+        capacity: usize,
+        growing: Option<&mut Growing<'static>>,
         emit: &mut dyn FnMut(RowEvent) -> bool,
     ) -> serde_json::Result<Message> {
         let Some(bytes) = super::parse::reservation(line) else {
             return serde_json::from_slice(line);
         };
-        self.held = None;
-        let parsed = {
-            let _line = match growing.as_mut() {
-                Some(growing) => {
-                    growing.grow_to(bytes, &mut || {
-                        emit(RowEvent::WillWait);
-                    });
-                    None
-                }
-                None => self.limits.reserve_bytes(bytes, emit),
-            };
-            serde_json::from_slice(line)
+        let budget = self.limits.budget;
+        let mut will_wait = || self.let_go_to_wait(emit);
+        let _short = match growing {
+            Some(growing) => {
+                super::parse::grow_to_parse(growing, line, capacity, &mut will_wait);
+                None
+            }
+            None => budget.and_then(|budget| budget.reserve(bytes, &mut will_wait)),
         };
-        drop(growing);
-        self.held = self.reserve_group(emit);
-        parsed
+        serde_json::from_slice(line)
+    }
+
+    /// Lets the group's reservation go and hands the parse's rows on, for a
+    /// line's reservation to wait: a holder never waits for a second
+    /// reservation (`super::budget`), or two parses could each hold half
+    /// of the budget and wait for the rest.
+    fn let_go_to_wait(&mut self, emit: &mut dyn FnMut(RowEvent) -> bool) {
+        self.held = None;
+        emit(RowEvent::WillWait);
+    }
+
+    /// Takes the group's reservation again if a line's wait let it go.
+    fn take_again(&mut self, emit: &mut dyn FnMut(RowEvent) -> bool) {
+        if self.held.is_none() {
+            self.held = self.reserve_group(emit);
+        }
     }
 }
 

@@ -730,7 +730,9 @@ fn parse_jsonl(
             )
         } else {
             match growing.as_mut() {
-                Some(growing) => grow_to_parse(growing, text, emit),
+                Some(growing) => grow_to_parse(growing, text, line.capacity(), &mut || {
+                    emit(RowEvent::WillWait);
+                }),
                 None => reserved = limits.reserve_text(text, emit),
             }
             let allowance = shapes.allowance();
@@ -741,10 +743,9 @@ fn parse_jsonl(
             }
         };
         row += 1;
-        if line.capacity() > super::budget::SMALL {
-            // A long line's text goes with its reservation.
-            line = Vec::new();
-        }
+        // A long line's buffer goes with its reservation.
+        line.clear();
+        line.shrink_to(super::budget::SMALL);
         let bytes = match &event {
             RowEvent::Task(_, task) => task.approx_bytes,
             _ => 0,
@@ -775,14 +776,13 @@ fn read_jsonl_line(
     limits: Limits,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> io::Result<Option<(bool, Option<Growing<'static>>)>> {
-    if line.capacity() > super::budget::SMALL {
-        // A long line's text went with its reservation.
-        *line = Vec::new();
-    }
     line.clear();
+    line.shrink_to(super::budget::SMALL);
     let mut growing = None;
     let fits = read_line(reader, line, limits.max_task_bytes, &mut |capacity| {
-        if let Some(budget) = limits.budget {
+        if capacity == 0 {
+            growing = None;
+        } else if let Some(budget) = limits.budget {
             let will_wait = &mut || {
                 emit(RowEvent::WillWait);
             };
@@ -795,24 +795,24 @@ fn read_jsonl_line(
 }
 
 /// Grows a long line's reservation from its text to what its parse may
-/// take ([`reservation`]).
-fn grow_to_parse(
+/// take ([`reservation`]) besides its buffer of `capacity` bytes.
+pub(super) fn grow_to_parse(
     growing: &mut Growing<'static>,
     text: &[u8],
-    emit: &mut dyn FnMut(RowEvent) -> bool,
+    capacity: usize,
+    will_wait: &mut dyn FnMut(),
 ) {
     if let Some(bytes) = reservation(text) {
-        growing.grow_to(bytes, &mut || {
-            emit(RowEvent::WillWait);
-        });
+        growing.grow_to(bytes.saturating_add(capacity), will_wait);
     }
 }
 
 /// Reads one line (up to and without its `\n`) into `line`, keeping at most
 /// `max` bytes of it: `None` at the end of the input, `Some(false)` when the
-/// line was longer (the rest of it is read and dropped). A line that
-/// outgrows `budget::SMALL` grows by doubling, to at most `max`, and
-/// `room` is told the capacity it grows to first (to hold it).
+/// line was longer (the rest of it is read and dropped, and its buffer
+/// let go). `line` grows by doubling, to at most `max`; past
+/// `budget::SMALL`, `room` is told the capacity it grows to before it
+/// grows (to hold it), and 0 when the line turns out too long.
 pub(super) fn read_line(
     reader: &mut impl BufRead,
     line: &mut Vec<u8>,
@@ -833,15 +833,18 @@ pub(super) fn read_line(
         };
         let len = line.len() + part.len();
         if fits && len <= max {
-            if len > line.capacity() && len > super::budget::SMALL {
+            if len > line.capacity() {
                 let capacity = len.max(line.capacity().saturating_mul(2)).min(max);
-                room(capacity);
+                if capacity > super::budget::SMALL {
+                    room(capacity);
+                }
                 line.reserve_exact(capacity - line.len());
             }
             line.extend_from_slice(part);
-        } else {
+        } else if fits {
             fits = false;
-            line.clear();
+            *line = Vec::new();
+            room(0);
         }
         let used = done.unwrap_or(buf.len());
         reader.consume(used);
@@ -1147,7 +1150,8 @@ mod tests {
         })
         .expect("parsed");
         assert_eq!(rows, 2);
-        // Its text grows by doubling: 1 MiB held before its last 64 KiB.
+        // Its buffer grows by doubling: 1 MiB held before the read that
+        // ends the line.
         assert_eq!(reader.most_taken, 1 << 20, "held while it was read");
         assert_eq!(budget.free_bytes(), budget.bytes(), "all let go at the end");
     }
