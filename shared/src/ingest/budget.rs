@@ -492,6 +492,20 @@ mod tests {
         assert_eq!(budget.free_bytes(), 1 << 20, "all let go");
     }
 
+    /// The oldest grower takes what is free of what it lacks, and only the
+    /// rest past the budget.
+    #[test]
+    fn the_oldest_takes_what_is_free_before_it_borrows() {
+        let budget = ByteBudget::new(1 << 20);
+        let _most = budget.try_take(768 << 10).expect("room");
+        let mut oldest = budget.grower();
+        oldest.grow_to(512 << 10, &mut || panic!("the oldest never waits"));
+        assert_eq!((oldest.kib(), oldest.borrowed_kib), (512, 256));
+        assert_eq!(budget.free_bytes(), 0);
+        oldest.shrink(0);
+        assert_eq!(budget.free_bytes(), 256 << 10);
+    }
+
     /// A grower waiting for room that becomes the oldest stops waiting:
     /// the room it waited for may be held by a parse that waits for it.
     #[tokio::test]

@@ -206,7 +206,8 @@ fn converse(
 /// The child's next message. A long one's text is held under a
 /// reservation of its own as it is read, as a JSONL line's is; a wait for
 /// it is no silence of the child's, and moves the deadline on by as long.
-/// The text and its reservation go before the group's is taken again.
+/// The text and its reservation go before the group's is taken again (the
+/// parsed row waits with it, as it always did).
 fn next_message(
     reader: &mut impl BufRead,
     until: &Cell<Instant>,
@@ -314,7 +315,7 @@ impl Grant {
         let mut will_wait = || self.let_go_to_wait(emit);
         let _short = match growing {
             Some(growing) => {
-                super::parse::grow_to_parse(growing, line, capacity, &mut will_wait);
+                growing.grow_to(bytes.saturating_add(capacity), &mut will_wait);
                 None
             }
             None => budget.and_then(|budget| budget.reserve(bytes, &mut will_wait)),
@@ -661,9 +662,11 @@ mod tests {
         (budget, limits)
     }
 
-    /// A long row is parsed under a reservation of its own, taken while the
-    /// group's is let go: holding the group's while waiting for it waited
-    /// for ever once both came to more than the budget.
+    /// A long row is parsed under a reservation of its own, and never waits
+    /// for it holding the group's: that waited for ever once both came to
+    /// more than the budget. Here the row's is the oldest growing one, so
+    /// it takes past the budget and does not wait (the next test has it
+    /// wait).
     #[test]
     fn a_long_row_never_waits_while_its_group_holds_the_budget() {
         let (_, limits) = within_4_mib();
@@ -689,6 +692,43 @@ mod tests {
             panic!("a child asking for more than the budget is broken");
         };
         assert!(why.contains("more than the parse budget"), "{why}");
+    }
+
+    /// A long row that must wait for room (an older line's reservation
+    /// is the oldest) lets its group's reservation go first and says so
+    /// (`RowEvent::WillWait`), then takes the group's again once the row
+    /// is parsed: waiting holding it waited for ever here.
+    #[test]
+    fn a_long_row_lets_its_group_go_to_wait_and_takes_it_again() {
+        let (budget, limits) = within_4_mib();
+        let _older = budget.grower();
+        let reserve = serde_json::to_string(&Message::Reserve(3 << 20)).expect("reserve");
+        let long = serde_json::to_string(&Message::Row(json!({"text": "a".repeat(1 << 20)})))
+            .expect("row");
+        let done = serde_json::to_string(&Message::Done).expect("done");
+        let lines = [reserve, long, done];
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+            let mut held_after = Vec::new();
+            let (ended, _) = talk_to(limits, &lines, &mut |event| {
+                held_after.push((event, budget.bytes() - budget.free_bytes()));
+                true
+            });
+            tx.send((ended, held_after)).ok();
+        });
+        let (ended, events) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the conversation ends");
+        assert!(matches!(ended, Ended::Done));
+        assert!(
+            matches!(
+                events[..],
+                [(RowEvent::WillWait, _), (RowEvent::Task(0, _), held)] if held == 3 << 20
+            ),
+            "the group's held again as the row is handed on: {events:?}"
+        );
+        assert_eq!(budget.free_bytes(), budget.bytes(), "all let go at the end");
     }
 
     /// A long row's text is held under the parse budget while it is read,

@@ -796,7 +796,7 @@ fn read_jsonl_line(
 
 /// Grows a long line's reservation from its text to what its parse may
 /// take ([`reservation`]) besides its buffer of `capacity` bytes.
-pub(super) fn grow_to_parse(
+fn grow_to_parse(
     growing: &mut Growing<'static>,
     text: &[u8],
     capacity: usize,
@@ -1154,6 +1154,54 @@ mod tests {
         // ends the line.
         assert_eq!(reader.most_taken, 1 << 20, "held while it was read");
         assert_eq!(budget.free_bytes(), budget.bytes(), "all let go at the end");
+    }
+
+    /// A line that turns out over the row limit lets go of what its text
+    /// took of the parse budget while the rest of it is read past.
+    #[test]
+    fn a_line_over_the_limit_lets_its_text_go_while_it_is_read_past() {
+        struct Watched<'a> {
+            text: &'a [u8],
+            read: usize,
+            budget: &'static super::super::budget::ByteBudget,
+            /// The most held of the budget before and after 512 KiB.
+            most_taken: [u64; 2],
+        }
+        impl Read for Watched<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let taken = self.budget.bytes() - self.budget.free_bytes();
+                let late = usize::from(self.read >= 512 << 10);
+                self.most_taken[late] = self.most_taken[late].max(taken);
+                let n = self.text.read(buf)?;
+                self.read += n;
+                Ok(n)
+            }
+        }
+        let budget: &'static super::super::budget::ByteBudget =
+            Box::leak(Box::new(super::super::budget::ByteBudget::new(64 << 20)));
+        let limits = Limits {
+            max_task_bytes: 256 << 10,
+            budget: Some(budget),
+            ..Limits::default()
+        };
+        let input = format!("{{\"text\": \"{}\"}}\n{{\"a\": 1}}\n", "x".repeat(1 << 20));
+        let mut reader = Watched {
+            text: input.as_bytes(),
+            read: 0,
+            budget,
+            most_taken: [0, 0],
+        };
+        let mut events = Vec::new();
+        parse(Format::Jsonl, &mut reader, limits, &mut |event| {
+            events.push(event);
+            true
+        })
+        .expect("parsed");
+        assert!(
+            matches!(&events[..], [RowEvent::Error(0, _), RowEvent::Task(1, _)]),
+            "{events:?}"
+        );
+        assert_eq!(reader.most_taken, [256 << 10, 0], "held, then let go");
     }
 
     fn run(format: Format, input: &str) -> (Vec<RowEvent>, Result<(), String>) {
