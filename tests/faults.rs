@@ -916,6 +916,72 @@ async fn an_api_request_while_the_database_is_down_is_a_quick_503() {
     app.stop().await;
 }
 
+/// A request that names its project in its body, whose read of that
+/// project fails for the database's sake, is `503 unavailable`, not told
+/// that the project is unknown (`api::projects::find_named`): the read is
+/// held on a lock and its backend terminated (SQLSTATE 57P01).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_read_the_database_fails_is_not_an_unknown_project() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let project = app.project("locked").await;
+    let db = sea_orm::Database::connect(app.database_url.as_str())
+        .await
+        .expect("database");
+    let lock = db.begin().await.expect("a transaction");
+    lock.execute_unprepared("LOCK TABLE projects IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let storage = json!({
+        "project_id": project, "role": "source", "backend": "local",
+        "config": { "path": "data" },
+    });
+    let request = tokio::spawn({
+        let (client, base) = (app.client.clone(), app.base.clone());
+        async move {
+            let response = client
+                .post(format!("{base}/api/v1/storages"))
+                .json(&storage)
+                .send()
+                .await
+                .expect("an answer");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("a JSON body"))
+        }
+    });
+    let terminate = "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock' \
+         AND query ILIKE '%FROM \"projects\"%'";
+    let mut terminated = 0;
+    for _ in 0..200 {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                terminate,
+            ))
+            .await
+            .expect("terminate")
+            .expect("a row");
+        terminated = row.try_get::<i64>("", "n").expect("n");
+        if terminated > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), request)
+        .await
+        .expect("answered")
+        .expect("the request");
+    lock.rollback().await.expect("unlock");
+    assert_eq!(terminated, 1, "the project's read waited on the lock");
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (503, &json!("unavailable")),
+        "{body}"
+    );
+    app.stop().await;
+}
+
 /// A planted secret never shows: not in API responses, not in the server's
 /// debug logs, not in run errors, not in the database file; nor does an API
 /// token's secret once the answer that created it is read (used, audited,
