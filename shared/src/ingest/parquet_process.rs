@@ -583,6 +583,28 @@ mod tests {
         (ended, child.join().expect("child"))
     }
 
+    /// [`talk_to`] on a thread of its own, each event given to `on_event`
+    /// and what it returns kept: how the conversation ended and those,
+    /// within 20 s (a parent that waits for ever fails the test).
+    fn talk_in_time<T: Send + 'static>(
+        limits: Limits,
+        lines: Vec<String>,
+        mut on_event: impl FnMut(&RowEvent) -> T + Send + 'static,
+    ) -> (Ended, Vec<T>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+            let mut seen = Vec::new();
+            let (ended, _) = talk_to(limits, &lines, &mut |event| {
+                seen.push(on_event(&event));
+                true
+            });
+            tx.send((ended, seen)).ok();
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the conversation ends")
+    }
+
     #[test]
     fn rows_are_counted_and_checked_again_and_reservations_answered() {
         let row = serde_json::to_string(&Message::Row(json!({"text": "a"}))).expect("row");
@@ -674,15 +696,7 @@ mod tests {
         let long = serde_json::to_string(&Message::Row(json!({"text": "a".repeat(200 << 10)})))
             .expect("row");
         let done = serde_json::to_string(&Message::Done).expect("done");
-        let lines = [reserve, long, done];
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-            tx.send(talk_within(limits, &lines, usize::MAX)).ok();
-        });
-        let (ended, events, _) = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the conversation ends");
+        let (ended, events) = talk_in_time(limits, vec![reserve, long, done], RowEvent::clone);
         assert!(matches!(ended, Ended::Done));
         assert!(matches!(events[..], [RowEvent::Task(0, _)]));
 
@@ -706,20 +720,9 @@ mod tests {
         let long = serde_json::to_string(&Message::Row(json!({"text": "a".repeat(1 << 20)})))
             .expect("row");
         let done = serde_json::to_string(&Message::Done).expect("done");
-        let lines = [reserve, long, done];
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-            let mut held_after = Vec::new();
-            let (ended, _) = talk_to(limits, &lines, &mut |event| {
-                held_after.push((event, budget.bytes() - budget.free_bytes()));
-                true
-            });
-            tx.send((ended, held_after)).ok();
+        let (ended, events) = talk_in_time(limits, vec![reserve, long, done], |event| {
+            (event.clone(), budget.bytes() - budget.free_bytes())
         });
-        let (ended, events) = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the conversation ends");
         assert!(matches!(ended, Ended::Done));
         assert!(
             matches!(
@@ -780,24 +783,13 @@ mod tests {
         let reserve = serde_json::to_string(&Message::Reserve(3 << 20)).expect("reserve");
         let row = serde_json::to_string(&Message::Row(json!({"text": "a"}))).expect("row");
         let done = serde_json::to_string(&Message::Done).expect("done");
-        let lines = [reserve, row, done];
         let mut held = Some(budget.try_take(3 << 20).expect("the budget"));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-            let mut events = Vec::new();
-            let (ended, _) = talk_to(limits, &lines, &mut |event| {
-                if event == RowEvent::WillWait {
-                    held = None;
-                }
-                events.push(event);
-                true
-            });
-            tx.send((ended, events)).ok();
+        let (ended, events) = talk_in_time(limits, vec![reserve, row, done], move |event| {
+            if *event == RowEvent::WillWait {
+                drop(held.take());
+            }
+            event.clone()
         });
-        let (ended, events) = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the conversation ends");
         assert!(matches!(ended, Ended::Done));
         assert!(
             matches!(events[..], [RowEvent::WillWait, RowEvent::Task(0, _)]),
