@@ -18,7 +18,7 @@
 //! memory: a JSONL line or a JSON element is cut off at the byte limit while
 //! it is read, before it is parsed.
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     fs::File,
     io::{self, BufRead, BufReader, Read},
     rc::Rc,
@@ -194,17 +194,28 @@ const MOST_PER_BYTE: usize = super::budget::EXPANSION + MAP_LEAF_BYTES / 2;
 /// reserved, and files of small objects took up to three times that: 64
 /// files of 1 MiB of `{"a":0}` peaked a worker at 2.7 GB. An object served
 /// larger than listed (GCS decoding a gzip-encoded object, an object
-/// written again since the listing) is reserved for by its listed size.
+/// written again since the listing) has its reservation grown to the
+/// bound by the row limit once its text passes the listed size
+/// ([`Overrun`]).
 fn stream_reservation(limits: Limits) -> usize {
-    let by_text = limits.object_size.map_or(usize::MAX, |size| {
-        usize::try_from(size)
-            .unwrap_or(usize::MAX)
-            .saturating_mul(MOST_PER_BYTE)
-    });
-    let by_limit = limits
+    limits
+        .object_size
+        .map_or(usize::MAX, stream_by_text)
+        .min(stream_by_limit(limits))
+}
+
+/// [`stream_reservation`]'s bound by a text of `size` bytes.
+fn stream_by_text(size: u64) -> usize {
+    usize::try_from(size)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(MOST_PER_BYTE)
+}
+
+/// [`stream_reservation`]'s bound by the row limit.
+fn stream_by_limit(limits: Limits) -> usize {
+    limits
         .max_task_bytes
-        .saturating_mul(MEASURE_TO_MEMORY + READER_ROW_LIMITS);
-    by_text.min(by_limit)
+        .saturating_mul(MEASURE_TO_MEMORY + READER_ROW_LIMITS)
 }
 
 /// The most a value takes in memory for each byte of the row limit's
@@ -582,18 +593,26 @@ fn parse_json(
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
     let _reserved = limits.reserve_bytes(stream_reservation(limits), emit);
+    // Shared with the reader, which may have to wait for more room.
+    let emit = RefCell::new(emit);
+    let will_wait = || {
+        if let Ok(mut emit) = emit.try_borrow_mut() {
+            (*emit)(RowEvent::WillWait);
+        }
+    };
     let mut shapes = Shapes::new(limits);
     let mut rows = 0i64;
     let left = Rc::new(Cell::new(limits.max_task_bytes as u64));
     let budget = Budgeted {
         inner: reader,
         left: left.clone(),
+        overrun: Overrun::of(limits, &will_wait),
     };
     let mut de = serde_json::Deserializer::from_reader(budget);
     let result = TopLevel {
         shapes: &mut shapes,
         rows: &mut rows,
-        emit,
+        emit: &mut |event| emit.try_borrow_mut().is_ok_and(|mut emit| (*emit)(event)),
         left: &left,
         max: limits.max_task_bytes as u64,
     }
@@ -617,12 +636,13 @@ fn parse_json(
 /// A reader that fails once `left` bytes were read; the parser resets `left`
 /// at each element. serde_json reads it a byte at a time (through `Bytes`),
 /// so the count is exact; the buffering is in the reader inside.
-struct Budgeted<R> {
+struct Budgeted<'w, R> {
     inner: R,
     left: Rc<Cell<u64>>,
+    overrun: Option<Overrun<'w>>,
 }
 
-impl<R: BufRead> Read for Budgeted<R> {
+impl<R: BufRead> Read for Budgeted<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.left.get();
         if left == 0 {
@@ -631,7 +651,58 @@ impl<R: BufRead> Read for Budgeted<R> {
         let max = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..max])?;
         self.left.set(left - n as u64);
+        if let Some(overrun) = self.overrun.as_mut() {
+            overrun.read(n);
+        }
         Ok(n)
+    }
+}
+
+/// Grows a JSON stream's reservation to its bound by the row limit once
+/// its text passes the object's listed size: the bound by text
+/// ([`stream_reservation`]) holds only for text as long as listed, and an
+/// object may be served longer (GCS decoding a gzip-encoded object, an
+/// object written again since the listing). The growth is a
+/// [`Growing`] reservation: the parse may wait for it holding its own.
+struct Overrun<'w> {
+    /// Bytes of text the listed size leaves.
+    listed_left: u64,
+    /// What the reservation lacks of its bound by the row limit.
+    lacking: usize,
+    budget: &'static super::budget::ByteBudget,
+    /// Hands the parse's rows on before a wait.
+    will_wait: &'w dyn Fn(),
+    growing: Option<Growing<'static>>,
+}
+
+impl<'w> Overrun<'w> {
+    /// `None` when the reservation is bounded by the row limit already, or
+    /// nothing is counted.
+    fn of(limits: Limits, will_wait: &'w dyn Fn()) -> Option<Self> {
+        let budget = limits.budget?;
+        let listed = limits.object_size?;
+        let lacking = stream_by_limit(limits).saturating_sub(stream_by_text(listed));
+        (lacking > 0).then_some(Overrun {
+            listed_left: listed,
+            lacking,
+            budget,
+            will_wait,
+            growing: None,
+        })
+    }
+
+    /// Counts `n` bytes of text read, and grows the reservation once they
+    /// pass the listed size.
+    fn read(&mut self, n: usize) {
+        let n = n as u64;
+        if self.growing.is_some() || n <= self.listed_left {
+            self.listed_left = self.listed_left.saturating_sub(n);
+            return;
+        }
+        let will_wait = self.will_wait;
+        self.growing
+            .insert(self.budget.grower())
+            .grow_to(self.lacking, &mut || will_wait());
     }
 }
 
@@ -1202,6 +1273,42 @@ mod tests {
             "{events:?}"
         );
         assert_eq!(reader.most_taken, [256 << 10, 0], "held, then let go");
+    }
+
+    /// A JSON file whose text passes its listed size (served decoded, or
+    /// written again since the listing) has its reservation grown to its
+    /// bound by the row limit: the bound by its listed text no longer holds.
+    #[test]
+    fn a_json_file_longer_than_listed_reserves_by_the_row_limit() {
+        let budget: &'static super::super::budget::ByteBudget =
+            Box::leak(Box::new(super::super::budget::ByteBudget::new(64 << 20)));
+        let limits = Limits {
+            max_task_bytes: 1 << 20,
+            budget: Some(budget),
+            object_size: Some(1024),
+        };
+        let input = format!("[{}]", vec!["{\"a\": 0}"; 600].join(","));
+        let mut taken = Vec::new();
+        parse(Format::Json, input.as_bytes(), limits, &mut |event| {
+            if let RowEvent::Task(..) = event {
+                taken.push(budget.bytes() - budget.free_bytes());
+            }
+            true
+        })
+        .expect("parsed");
+        assert_eq!(taken.len(), 600);
+        // 1 KiB listed: 348 KiB by its text, too little to count; 13 MiB
+        // by the row limit, from the element that passes it (the 113th,
+        // of 9 bytes each with its comma) on.
+        let lacking = (stream_by_limit(limits) - stream_by_text(1024)).div_ceil(1024) << 10;
+        let grown = taken.iter().position(|&t| t > 0).expect("grown");
+        assert_eq!(grown, 113, "grown at the row past the listed size");
+        assert!(
+            taken[grown..].iter().all(|&t| t == lacking as u64),
+            "{:?}",
+            &taken[grown..grown + 3]
+        );
+        assert_eq!(budget.free_bytes(), budget.bytes(), "all let go at the end");
     }
 
     fn run(format: Format, input: &str) -> (Vec<RowEvent>, Result<(), String>) {
