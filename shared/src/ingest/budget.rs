@@ -69,8 +69,11 @@
 //!   them could each hold half the budget and wait for the rest; the
 //!   oldest of them never waits (it takes what the budget lacks past it),
 //!   and each one becomes the oldest once those before it end (the oldest
-//!   ends once its row is handed on, which waits only for rows in flight),
-//!   so none waits for ever. One grower at a time takes past the budget,
+//!   ends once its row is handed on, or a JSON file served longer than
+//!   listed once it is parsed, which wait only for rows in flight and the
+//!   object's reads), so none waits for ever; a grower may wait holding a
+//!   plain reservation besides (that JSON file), which the oldest's never
+//!   waiting covers as well. One grower at a time takes past the budget,
 //!   at most the budget again (a reservation is cut to it): the parses'
 //!   reservations come to at most twice the setting, whatever the number
 //!   of lines read at once. That is the usual state when many long lines
@@ -261,7 +264,8 @@ impl ByteBudget {
 }
 
 /// A reservation that grows, as a long line's text is read and then as it
-/// is parsed, and shrinks to what its row keeps: it holds what it took
+/// is parsed (or as a JSON file's text passes its listed size,
+/// `parse::Overrun`), and shrinks to what its row keeps: it holds what it took
 /// until it drops. It waits for what it lacks unless it is the oldest one
 /// of its budget, which takes what the budget lacks past it instead (see
 /// the module's documentation: growers wait holding what they took, and

@@ -592,8 +592,11 @@ fn parse_json(
     limits: Limits,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
-    let _reserved = limits.reserve_bytes(stream_reservation(limits), emit);
-    // Shared with the reader, which may have to wait for more room.
+    let reserved = limits.reserve_bytes(stream_reservation(limits), emit);
+    let held = reserved.as_ref().map_or(0, |held| held.num_permits() << 10);
+    // Shared with the reader, which may have to wait for more room. The
+    // reader runs only while an element is read, never while one is
+    // handed on, so the two never borrow it at once.
     let emit = RefCell::new(emit);
     let will_wait = || {
         if let Ok(mut emit) = emit.try_borrow_mut() {
@@ -606,7 +609,7 @@ fn parse_json(
     let budget = Budgeted {
         inner: reader,
         left: left.clone(),
-        overrun: Overrun::of(limits, &will_wait),
+        overrun: Overrun::of(limits, held, &will_wait),
     };
     let mut de = serde_json::Deserializer::from_reader(budget);
     let result = TopLevel {
@@ -676,12 +679,19 @@ struct Overrun<'w> {
 }
 
 impl<'w> Overrun<'w> {
-    /// `None` when the reservation is bounded by the row limit already, or
-    /// nothing is counted.
-    fn of(limits: Limits, will_wait: &'w dyn Fn()) -> Option<Self> {
+    /// What the bound by the row limit, cut to the whole budget, lacks
+    /// past the `held` bytes of the stream's reservation; `None` when that
+    /// reservation is bounded by the row limit already, or nothing is
+    /// counted.
+    fn of(limits: Limits, held: usize, will_wait: &'w dyn Fn()) -> Option<Self> {
         let budget = limits.budget?;
         let listed = limits.object_size?;
-        let lacking = stream_by_limit(limits).saturating_sub(stream_by_text(listed));
+        let by_limit = stream_by_limit(limits);
+        if stream_by_text(listed) >= by_limit {
+            return None;
+        }
+        let whole = usize::try_from(budget.bytes()).unwrap_or(usize::MAX);
+        let lacking = by_limit.min(whole).saturating_sub(held);
         (lacking > 0).then_some(Overrun {
             listed_left: listed,
             lacking,
@@ -1298,9 +1308,9 @@ mod tests {
         .expect("parsed");
         assert_eq!(taken.len(), 600);
         // 1 KiB listed: 348 KiB by its text, too little to count; 13 MiB
-        // by the row limit, from the element that passes it (the 113th,
-        // of 9 bytes each with its comma) on.
-        let lacking = (stream_by_limit(limits) - stream_by_text(1024)).div_ceil(1024) << 10;
+        // by the row limit, from the element that passes it (row 113: 9
+        // bytes each with its comma) on.
+        let lacking = stream_by_limit(limits).div_ceil(1024) << 10;
         let grown = taken.iter().position(|&t| t > 0).expect("grown");
         assert_eq!(grown, 113, "grown at the row past the listed size");
         assert!(
@@ -1309,6 +1319,38 @@ mod tests {
             &taken[grown..grown + 3]
         );
         assert_eq!(budget.free_bytes(), budget.bytes(), "all let go at the end");
+    }
+
+    /// Under a budget smaller than the bound by the row limit, a JSON file
+    /// served longer than listed grows to the whole budget with what it
+    /// reserved, not past it: asking for more than the budget could give,
+    /// it waited behind every older grower (here one that never ends).
+    #[test]
+    fn a_json_file_longer_than_listed_grows_to_the_budget_at_most() {
+        let budget: &'static super::super::budget::ByteBudget =
+            Box::leak(Box::new(super::super::budget::ByteBudget::new(4 << 20)));
+        let _older = budget.grower();
+        // 8 KiB listed: 2.7 MiB reserved by its text; 13 MiB by the limit.
+        let limits = Limits {
+            max_task_bytes: 1 << 20,
+            budget: Some(budget),
+            object_size: Some(8 << 10),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let input = format!("[{}]", vec!["{\"a\": 0}"; 2000].join(","));
+            let mut most = 0;
+            let parsed = parse(Format::Json, input.as_bytes(), limits, &mut |_| {
+                most = most.max(budget.bytes() - budget.free_bytes());
+                true
+            });
+            tx.send((parsed, most)).ok();
+        });
+        let (parsed, most) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the parse did not wait");
+        assert_eq!(parsed, Ok(()));
+        assert_eq!(most, budget.bytes(), "the whole budget, no more");
     }
 
     fn run(format: Format, input: &str) -> (Vec<RowEvent>, Result<(), String>) {
