@@ -1353,6 +1353,43 @@ mod tests {
         assert_eq!(most, budget.bytes(), "the whole budget, no more");
     }
 
+    /// A JSON file served longer than listed that must wait for its
+    /// larger reservation hands its rows on first (`RowEvent::WillWait`,
+    /// from its reader): here that is what frees the budget, and waiting
+    /// holding them waited for ever.
+    #[test]
+    fn a_json_file_longer_than_listed_hands_its_rows_on_before_it_waits() {
+        let budget: &'static super::super::budget::ByteBudget =
+            Box::leak(Box::new(super::super::budget::ByteBudget::new(4 << 20)));
+        let mut everything = Some(budget.try_take(4 << 20).expect("the budget"));
+        let mut older = Some(budget.grower());
+        let limits = Limits {
+            max_task_bytes: 1 << 20,
+            budget: Some(budget),
+            object_size: Some(1024),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let input = format!("[{}]", vec!["{\"a\": 0}"; 600].join(","));
+            let mut events = Vec::new();
+            let parsed = parse(Format::Json, input.as_bytes(), limits, &mut |event| {
+                if event == RowEvent::WillWait {
+                    drop((everything.take(), older.take()));
+                }
+                events.push(event);
+                true
+            });
+            tx.send((parsed, events)).ok();
+        });
+        let (parsed, events) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the parse ends");
+        assert_eq!(parsed, Ok(()));
+        let waited = events.iter().position(|e| *e == RowEvent::WillWait);
+        assert_eq!(waited, Some(113), "handed on as its text passed 1 KiB");
+        assert_eq!(events.len(), 601, "every row, and the word");
+    }
+
     fn run(format: Format, input: &str) -> (Vec<RowEvent>, Result<(), String>) {
         let mut events = Vec::new();
         let result = parse(format, input.as_bytes(), Limits::default(), &mut |e| {
