@@ -1336,21 +1336,11 @@ mod tests {
             budget: Some(budget),
             object_size: Some(8 << 10),
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let input = format!("[{}]", vec!["{\"a\": 0}"; 2000].join(","));
-            let mut most = 0;
-            let parsed = parse(Format::Json, input.as_bytes(), limits, &mut |_| {
-                most = most.max(budget.bytes() - budget.free_bytes());
-                true
-            });
-            tx.send((parsed, most)).ok();
-        });
-        let (parsed, most) = rx
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .expect("the parse did not wait");
+        let (parsed, taken) =
+            objects_parsed_in_time(2000, limits, move |_| budget.bytes() - budget.free_bytes());
         assert_eq!(parsed, Ok(()));
-        assert_eq!(most, budget.bytes(), "the whole budget, no more");
+        let most = taken.into_iter().max();
+        assert_eq!(most, Some(budget.bytes()), "the whole budget, no more");
     }
 
     /// A JSON file served longer than listed that must wait for its
@@ -1368,26 +1358,39 @@ mod tests {
             budget: Some(budget),
             object_size: Some(1024),
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let input = format!("[{}]", vec!["{\"a\": 0}"; 600].join(","));
-            let mut events = Vec::new();
-            let parsed = parse(Format::Json, input.as_bytes(), limits, &mut |event| {
-                if event == RowEvent::WillWait {
-                    drop((everything.take(), older.take()));
-                }
-                events.push(event);
-                true
-            });
-            tx.send((parsed, events)).ok();
+        let (parsed, events) = objects_parsed_in_time(600, limits, move |event| {
+            if event == RowEvent::WillWait {
+                drop((everything.take(), older.take()));
+            }
+            event
         });
-        let (parsed, events) = rx
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .expect("the parse ends");
         assert_eq!(parsed, Ok(()));
         let waited = events.iter().position(|e| *e == RowEvent::WillWait);
         assert_eq!(waited, Some(113), "handed on as its text passed 1 KiB");
         assert_eq!(events.len(), 601, "every row, and the word");
+    }
+
+    /// A JSON array of `count` objects `{"a": 0}` parsed on a thread of
+    /// its own, each event given to `on_event` and what it returns kept:
+    /// the parse's result and those, within 20 s (a parse that waits for
+    /// ever fails the test).
+    fn objects_parsed_in_time<T: Send + 'static>(
+        count: usize,
+        limits: Limits,
+        mut on_event: impl FnMut(RowEvent) -> T + Send + 'static,
+    ) -> (Result<(), String>, Vec<T>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let input = format!("[{}]", vec!["{\"a\": 0}"; count].join(","));
+            let mut seen = Vec::new();
+            let parsed = parse(Format::Json, input.as_bytes(), limits, &mut |event| {
+                seen.push(on_event(event));
+                true
+            });
+            tx.send((parsed, seen)).ok();
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the parse ends")
     }
 
     fn run(format: Format, input: &str) -> (Vec<RowEvent>, Result<(), String>) {
