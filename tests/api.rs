@@ -570,6 +570,7 @@ fn bad_storage_bodies(good: &Value) -> Vec<(&'static str, Value, u16, &'static s
         long[field] = json!(value);
         cases.push(("a long text field", long, 400, code));
     }
+    cases.extend(prefixes_with_an_empty_segment(good));
     let mut unknown_backend = good.clone();
     unknown_backend["backend"] = json!("ftp");
     cases.push(("unknown backend", unknown_backend, 400, "unknown_backend"));
@@ -627,6 +628,24 @@ fn bad_storage_bodies(good: &Value) -> Vec<(&'static str, Value, u16, &'static s
     cases
 }
 
+/// Local keys are paths: a prefix with an empty segment prefixes no key
+/// they can hold.
+fn prefixes_with_an_empty_segment(good: &Value) -> Vec<(&'static str, Value, u16, &'static str)> {
+    ["a//b", "a//", "a/b//c/"]
+        .into_iter()
+        .map(|prefix| {
+            let mut doubled = good.clone();
+            doubled["prefix"] = json!(prefix);
+            (
+                "a prefix with an empty segment",
+                doubled,
+                400,
+                "invalid_prefix",
+            )
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_storage_bodies_get_400_with_code_and_message_and_write_nothing() {
     let (app, good) = app_with_a_valid_source_body().await;
@@ -661,6 +680,13 @@ async fn bad_storage_bodies_get_400_with_code_and_message_and_write_nothing() {
         storage_count(&app).await,
         0,
         "a rejected body must write nothing"
+    );
+    let mut one_slash = good.clone();
+    one_slash["prefix"] = json!("a/b/");
+    let (status, made) = app.post("/api/v1/storages", one_slash).await;
+    assert_eq!(
+        status, 201,
+        "one '/' at the end is no empty segment: {made}"
     );
     app.stop().await;
 }

@@ -276,6 +276,17 @@ async fn an_s3_target_that_keeps_deleted_objects(
     app: &TestApp,
     project: i64,
 ) -> (Value, Arc<dyn Storage>) {
+    let (s3, bucket_view, _) = an_s3_target(app, project, false).await;
+    (s3, bucket_view)
+}
+
+/// An S3 (s3s-fs) target on `labels`, a view of its bucket, and its
+/// secrets.
+async fn an_s3_target(
+    app: &TestApp,
+    project: i64,
+    can_delete: bool,
+) -> (Value, Arc<dyn Storage>, Value) {
     let (url, key, secret) = (
         endpoint("TEST_S3S_ENDPOINT"),
         std::env::var("TEST_S3S_ACCESS_KEY").unwrap_or_else(|_| "labelsync-test".into()),
@@ -290,13 +301,89 @@ async fn an_s3_target_that_keeps_deleted_objects(
             "/api/v1/storages",
             json!({
                 "project_id": project, "role": "target", "backend": "s3", "prefix": "labels",
-                "can_delete_objects": false, "config": config, "secrets": secrets,
+                "can_delete_objects": can_delete, "config": config, "secrets": secrets,
             }),
         )
         .await;
     assert_eq!(status, 201, "{s3}");
-    let bucket_view = open(BackendKind::S3, config, secrets).await;
-    (s3, bucket_view)
+    let bucket_view = open(BackendKind::S3, config, secrets.clone()).await;
+    (s3, bucket_view, secrets)
+}
+
+/// The object of an annotation deleted after its target's prefix changed
+/// is deleted where it was exported: the delete took the key the new
+/// prefix gives (nothing there), and the exported object stayed for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_after_a_prefix_change_removes_the_exported_object_on_postgres() {
+    delete_after_a_prefix_change(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_after_a_prefix_change_removes_the_exported_object_on_sqlite() {
+    delete_after_a_prefix_change(true).await;
+}
+
+async fn delete_after_a_prefix_change(embedded: bool) {
+    let app = spawn_app(AppOptions {
+        embedded,
+        ..options()
+    })
+    .await;
+    let (project, tasks) = project_with_tasks(&app, 1).await;
+    let target = local_target(&app, project, "a", true).await;
+    let id = annotate(&app, tasks[0], "cat").await;
+    let file = app.doc_root.path().join(format!("export/a/{id}.json"));
+    eventually("the export", || async { file.exists() }).await;
+    eventually("the target's runs", || idle(&app, &target)).await;
+    let path = format!("/api/v1/storages/{}", target["id"]);
+    let (status, patched) = app.patch(&path, json!({ "prefix": "b" })).await;
+    assert_eq!(status, 200, "{patched}");
+    let (status, _) = app.delete(&format!("/api/v1/annotations/{id}")).await;
+    assert_eq!(status, 204);
+    eventually("the delete where it was exported", || async {
+        !file.exists()
+    })
+    .await;
+    app.stop().await;
+}
+
+/// A delete the storage refuses for its credentials (a rotated secret,
+/// `SignatureDoesNotMatch`) fails the run, as an upload does, and is sent
+/// by the next sync once they work again: it was counted as a failed
+/// object and its event dropped, so the object stayed for ever (its
+/// annotation gone, no later sync could find it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_refused_for_its_credentials_is_sent_once_they_work() {
+    let app = spawn_app(options()).await;
+    let (project, tasks) = project_with_tasks(&app, 1).await;
+    let (s3, bucket_view, secrets) = an_s3_target(&app, project, true).await;
+    let id = annotate(&app, tasks[0], "cat").await;
+    let s3_doc = || read_s3_doc(bucket_view.clone(), id);
+    eventually("the S3 export", || async { s3_doc().await.is_some() }).await;
+    eventually("the target's runs", || idle(&app, &s3)).await;
+    let path = format!("/api/v1/storages/{}", s3["id"]);
+    let wrong = json!({ "secret_access_key": "not-the-secret" });
+    let (status, patched) = app.patch(&path, json!({ "secrets": wrong })).await;
+    assert_eq!(status, 200, "{patched}");
+    let (status, _) = app.delete(&format!("/api/v1/annotations/{id}")).await;
+    assert_eq!(status, 204);
+    eventually("a run that failed the delete", || async {
+        let (_, runs) = app
+            .get(&format!("/api/v1/runs?storage_id={}", s3["id"]))
+            .await;
+        let items = runs["items"].as_array().cloned().unwrap_or_default();
+        items.iter().any(|r| r["status"] == "failed")
+    })
+    .await;
+    assert!(s3_doc().await.is_some(), "the object is still there");
+    let (status, patched) = app.patch(&path, json!({ "secrets": secrets })).await;
+    assert_eq!(status, 200, "{patched}");
+    // Events wait 5 minutes after a failed events run; a sync sends them.
+    let run = app.sync(&s3["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["deleted"], 1, "{run}");
+    assert!(s3_doc().await.is_none(), "the delete was sent");
+    app.stop().await;
 }
 
 /// The exported document of annotation `id` in the S3 target's bucket.

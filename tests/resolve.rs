@@ -341,6 +341,47 @@ async fn the_whole_object_is_served_and_cached_by_etag(
     let cached = resolve(app, project, uri, &[("if-none-match", &etag)]).await;
     assert_eq!(cached.status(), 304, "{uri}");
     assert!(cached.bytes().await.unwrap().is_empty());
+    // The weak comparison (a proxy that compressed it weakened the tag).
+    let weak = format!("W/{etag}");
+    let cached = resolve(app, project, uri, &[("if-none-match", &weak)]).await;
+    assert_eq!(cached.status(), 304, "{uri} {weak}");
+    a_range_is_served_while_its_if_range_holds(app, project, uri, &etag).await;
+}
+
+/// A `Range` with an `If-Range` is served only while the object's ETag is
+/// the one given (a strong match); else the whole object, so a client
+/// resuming a download does not splice two versions. It was ignored.
+async fn a_range_is_served_while_its_if_range_holds(
+    app: &TestApp,
+    project: i64,
+    uri: &str,
+    etag: &str,
+) {
+    let weak = format!("W/{etag}");
+    let (inside, outside) = ("bytes=0-99", "bytes=30000000-");
+    let cases = [
+        (inside, etag, 206),
+        (inside, "\"stale\"", 200),
+        (inside, weak.as_str(), 200),
+        (inside, "Fri, 31 Dec 1999 23:59:59 GMT", 200),
+        // A range outside the client's version is 416; outside another, whole.
+        (outside, etag, 416),
+        (outside, "\"stale\"", 200),
+    ];
+    for (range, if_range, status) in cases {
+        let headers = [("range", range), ("if-range", if_range)];
+        let resp = resolve(app, project, uri, &headers).await;
+        assert_eq!(resp.status(), status, "{uri} {range} If-Range: {if_range}");
+        if status == 416 {
+            continue;
+        }
+        let length = if status == 206 { 100 } else { SIZE };
+        assert_eq!(
+            resp.headers()["content-length"],
+            length.to_string().as_str(),
+            "{uri} If-Range: {if_range}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1122,8 +1122,28 @@ async fn webhooks_do_not_inherit_the_storages_private_networks() {
     let body = serde_json::json!({ "url": "http://127.0.0.1:9/hooks", "events": ["*"] });
     let (status, refused) = app.post("/api/v1/webhooks", body).await;
     assert_eq!(
-        (status, &refused["error"]["code"]),
-        (400, &serde_json::json!("endpoint_not_allowed")),
+        (
+            status,
+            &refused["error"]["code"],
+            &refused["error"]["field"]
+        ),
+        (
+            400,
+            &serde_json::json!("endpoint_not_allowed"),
+            &serde_json::json!("url")
+        ),
+        "{refused}"
+    );
+    // The message names the setting that would open it, not the storages'
+    // (which it named: an operator following it opened private networks
+    // to every tenant's storages, and not to the webhook).
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS"),
+        "{refused}"
+    );
+    assert!(
+        !message.contains("sets LABELSYNC_ALLOW_PRIVATE_ENDPOINTS"),
         "{refused}"
     );
     app.stop().await;

@@ -297,6 +297,160 @@ async fn a_receiver_that_always_fails_is_disabled_until_patched() {
     app.stop().await;
 }
 
+/// A failed test send does not start the endpoint's failing clock: it
+/// did, so a working endpoint whose test had failed more than
+/// `LABELSYNC_WEBHOOK_MAX_AGE_SECS` ago was disabled by its first real
+/// attempt that failed, and its events dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_test_send_leaves_the_endpoints_failing_clock_alone() {
+    let mut opts = AppOptions::with_storages();
+    opts.env
+        .push(("LABELSYNC_WEBHOOK_MAX_AGE_SECS", "3".into()));
+    let app = spawn_app(opts).await;
+    let receiver = Receiver::start().await;
+    let (storage, hook) = project_with_webhook(&app, &receiver, 1).await;
+    let path = format!("/api/v1/webhooks/{}", hook["id"]);
+    receiver.answer_with(500);
+    let (status, sent) = app.post(&format!("{path}/test"), json!({})).await;
+    assert_eq!((status, &sent["status"]), (200, &json!("failed")), "{sent}");
+    let (_, shown) = app.get(&path).await;
+    assert_eq!(shown["failing_since"], Value::Null, "{shown}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The first real attempt fails, the next is accepted.
+    let sync = format!("/api/v1/storages/{}/sync", storage["id"]);
+    let (status, run) = app.post(&sync, json!({})).await;
+    assert_eq!(status, 202, "{run}");
+    first_attempt_fails(&receiver, 2).await;
+    receiver
+        .wait_until(Duration::from_secs(20), |accepted| accepted.len() == 3)
+        .await;
+    let (_, shown) = app.get(&path).await;
+    assert_eq!(shown["enabled"], true, "{shown}");
+    app.stop().await;
+}
+
+/// Lets the receiver (answering an error) take `seen` requests, then
+/// accept the rest.
+async fn first_attempt_fails(receiver: &Receiver, seen: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while receiver.received().len() < seen {
+        assert!(tokio::time::Instant::now() < deadline, "no attempt came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    receiver.answer_with(200);
+}
+
+/// A delivery queued again is retried within seconds when its attempt
+/// fails once: its retries were timed by its old attempts, so one that
+/// had failed for a day waited an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_delivery_starts_its_retries_over() {
+    use sea_orm::ConnectionTrait;
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let receiver = Receiver::start().await;
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let hook = stored_webhook(&app, &db, &receiver.url).await;
+    let path = format!("/api/v1/webhooks/{}", hook.id);
+    receiver.answer_with(500);
+    let (status, sent) = app.post(&format!("{path}/test"), json!({})).await;
+    assert_eq!((status, &sent["status"]), (200, &json!("failed")), "{sent}");
+    let delivery = sent["id"].as_i64().expect("delivery id");
+    let many = format!("UPDATE webhook_deliveries SET attempts = 20 WHERE id = {delivery}");
+    db.execute_unprepared(&many).await.expect("update");
+    let again = format!("{path}/deliveries/{delivery}/redeliver");
+    let (status, queued) = app.post(&again, json!({})).await;
+    assert_eq!(status, 202, "{queued}");
+    first_attempt_fails(&receiver, 2).await;
+    receiver
+        .wait_until(Duration::from_secs(15), |accepted| accepted.len() == 1)
+        .await;
+    app.stop().await;
+}
+
+/// A project has at most 20 endpoints (and every project 20 of its own),
+/// counted one creation after another even when they come at once: every
+/// event is written with a delivery per subscriber in its run's
+/// transaction, and thousands of endpoints made that write fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_has_at_most_20_webhook_endpoints() {
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let project = app.project("hooks").await;
+    let other = app.project("other hooks").await;
+    let body = |project: Option<i64>| {
+        let mut body = json!({ "url": "http://127.0.0.1:9/in", "events": ["*"] });
+        if let Some(project) = project {
+            body["project_id"] = json!(project);
+        }
+        body
+    };
+    for _ in 0..15 {
+        let (status, made) = app.post("/api/v1/webhooks", body(Some(project))).await;
+        assert_eq!(status, 201, "{made}");
+    }
+    let at_once = (0..10).map(|_| app.post("/api/v1/webhooks", body(Some(project))));
+    let answers = futures::future::join_all(at_once).await;
+    let made = answers.iter().filter(|(status, _)| *status == 201).count();
+    assert_eq!(made, 5, "{answers:?}");
+    for (status, refused) in answers.iter().filter(|(status, _)| *status != 201) {
+        assert_eq!(
+            (
+                *status,
+                &refused["error"]["code"],
+                &refused["error"]["field"]
+            ),
+            (400, &json!("too_many_webhooks"), &json!("project_id")),
+            "{refused}"
+        );
+    }
+    let (status, made) = app.post("/api/v1/webhooks", body(Some(other))).await;
+    assert_eq!(status, 201, "another project has room: {made}");
+    for _ in 0..20 {
+        let (status, made) = app.post("/api/v1/webhooks", body(None)).await;
+        assert_eq!(status, 201, "{made}");
+    }
+    let (status, refused) = app.post("/api/v1/webhooks", body(None)).await;
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (400, &json!("too_many_webhooks")),
+        "{refused}"
+    );
+    let n = app
+        .count(&format!(
+            "SELECT count(*) AS n FROM webhooks WHERE project_id = {project}"
+        ))
+        .await;
+    assert_eq!(n, 20);
+    app.stop().await;
+}
+
+/// Endpoints made before the cap (here 11,000, written directly) still get
+/// their deliveries: the rows were inserted in one statement, past the
+/// database's 65,535 parameters, and the sync that records `run.queued`
+/// failed with 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_reaches_more_endpoints_than_one_statement_holds() {
+    use sea_orm::ConnectionTrait;
+    let app = app_without_workers().await;
+    write_files(&app.doc_root.path().join("data"), 1, "jpg");
+    let project = app.project("many hooks").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let many = format!(
+        "INSERT INTO webhooks (project_id, url, events, secret, enabled, created_at, updated_at) \
+         SELECT {project}, 'http://127.0.0.1:9/in', ',*,', '', true, now(), now() \
+         FROM generate_series(1, 11000)"
+    );
+    db.execute_unprepared(&many).await.expect("insert");
+    let sync = format!("/api/v1/storages/{}/sync", storage["id"]);
+    let (status, run) = app.post(&sync, json!({})).await;
+    assert_eq!(status, 202, "{run}");
+    let n = app
+        .count("SELECT count(*) AS n FROM webhook_deliveries")
+        .await;
+    assert_eq!(n, 11_000);
+    app.stop().await;
+}
+
 async fn wait_disabled(app: &TestApp, hook: &Value) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -599,7 +753,10 @@ async fn a_delivery_list_shows_the_latest_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_due_endpoint_is_served_past_a_thousand_backing_off() {
     use futures::StreamExt;
-    let app = spawn_app(AppOptions::with_storages()).await;
+    let mut opts = AppOptions::with_storages();
+    opts.env
+        .push(("LABELSYNC_MAX_WEBHOOKS_PER_PROJECT", "2000".into()));
+    let app = spawn_app(opts).await;
     let receiver = Receiver::start().await;
     let db = labelsync::db::connect(&app.database_url).await.expect("db");
     let an_hour = Duration::from_secs(3600);
@@ -1281,6 +1438,10 @@ async fn schemathesis_finds_nothing_against_a_live_scheduler() {
     opts.token = Some(FUZZ_TOKEN.into());
     opts.env
         .push(("LOCAL_FILES_SERVING_ENABLED", "true".into()));
+    // The fuzzer makes far more endpoints than a project may have; past
+    // the cap its valid bodies would be 400s.
+    opts.env
+        .push(("LABELSYNC_MAX_WEBHOOKS_PER_PROJECT", "1000000".into()));
     let app = spawn_app(opts).await;
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().expect("temp dir");

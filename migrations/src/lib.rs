@@ -27,6 +27,7 @@ mod m20261203_000018_outbox_by_storage;
 mod m20261204_000019_batch_claims;
 mod m20261206_000020_batch_errors;
 mod m20261206_000021_annotations_by_task;
+mod m20261207_000022_outbox_object_keys;
 
 pub struct Migrator;
 
@@ -55,6 +56,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000019_batch_claims::Migration),
             Box::new(m20261206_000020_batch_errors::Migration),
             Box::new(m20261206_000021_annotations_by_task::Migration),
+            Box::new(m20261207_000022_outbox_object_keys::Migration),
         ]
     }
 }

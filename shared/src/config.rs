@@ -4,7 +4,10 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use crate::{
     Error, Result,
-    security::{net::NetPolicy, secrets::SecretBox},
+    security::{
+        net::{self, NetPolicy},
+        secrets::SecretBox,
+    },
 };
 
 /// A string that never prints (API tokens, keys).
@@ -82,6 +85,9 @@ pub struct Settings {
     /// endpoint whose every attempt failed for this long is disabled, and the
     /// delivery it failed on is given up.
     pub webhook_max_age: Duration,
+    /// `LABELSYNC_MAX_WEBHOOKS_PER_PROJECT` (default 20): the most webhook
+    /// endpoints one project may have, and the most of every project.
+    pub max_webhooks_per_project: u64,
     /// `LABELSYNC_RATE_LIMIT_PER_MINUTE` (default 0: no limit): API requests
     /// one bearer token may make a minute on one scheduler, in bursts of up
     /// to that many; past it, `429` with `Retry-After`.
@@ -297,6 +303,7 @@ impl Settings {
                 parse(&get, "LABELSYNC_SCHEDULE_TICK_MS", 1000)?.max(50),
             ),
             webhook_max_age: secs_at_least_1(&get, "LABELSYNC_WEBHOOK_MAX_AGE_SECS", 86_400)?,
+            max_webhooks_per_project: parse(&get, "LABELSYNC_MAX_WEBHOOKS_PER_PROJECT", 20u64)?,
             rate_limit_per_minute: parse(&get, "LABELSYNC_RATE_LIMIT_PER_MINUTE", 0)?,
             audit_retention_days: parse(&get, "LABELSYNC_AUDIT_RETENTION_DAYS", 90u32)?.max(1),
             run_retention_days: parse(&get, "LABELSYNC_RUN_RETENTION_DAYS", 90u32)?.max(1),
@@ -308,9 +315,10 @@ impl Settings {
             secret_box: get("LABELSYNC_SECRET_KEY")
                 .map(|k| SecretBox::from_base64(&k).map(Arc::new))
                 .transpose()?,
-            endpoint_policy: NetPolicy::parse(get("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS").as_deref())?,
-            webhook_policy: NetPolicy::parse(
-                get("LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS").as_deref(),
+            endpoint_policy: NetPolicy::parse(get(net::STORAGES_SETTING).as_deref())?,
+            webhook_policy: NetPolicy::parse_setting(
+                net::WEBHOOKS_SETTING,
+                get(net::WEBHOOKS_SETTING).as_deref(),
             )?,
             azure_account_name: get("AZURE_BLOB_ACCOUNT_NAME"),
             azure_account_key: get("AZURE_BLOB_ACCOUNT_KEY").map(Secret::new),

@@ -219,12 +219,17 @@ async fn first_kb(mut response: reqwest::Response) -> String {
     String::from_utf8_lossy(&kept).replace('\0', "")
 }
 
-/// How long to wait before attempt `attempts + 1`: doubling from
-/// [`RETRY_BASE`], capped at [`RETRY_CAP`], with ±20 % jitter so endpoints
-/// that failed together are not retried together.
-pub fn retry_delay(attempts: i32) -> Duration {
-    let doubling = 2f64.powi(attempts.clamp(1, 32) - 1);
-    let base = (RETRY_BASE.as_secs_f64() * doubling).min(RETRY_CAP.as_secs_f64());
+/// How long to wait before the next attempt at an endpoint that has been
+/// failing for `failing_for` (from its first failed attempt in a row):
+/// [`RETRY_BASE`] more than that, capped at [`RETRY_CAP`], with ±20 %
+/// jitter so endpoints that failed together are not retried together. An
+/// endpoint that refuses at once is tried after 1 s, 2 s, 4 s, ...
+/// (each wait doubles the time failing). Timed by the endpoint, not by a
+/// delivery's attempts: one delivery is tried at a time, and a delivery
+/// queued again (redeliver) at an endpoint that works starts over at
+/// 1 s, not at the hour its old attempts had reached.
+pub fn retry_delay(failing_for: Duration) -> Duration {
+    let base = (failing_for + RETRY_BASE).min(RETRY_CAP).as_secs_f64();
     Duration::from_secs_f64(base * rand::rng().random_range(0.8..1.2))
 }
 
@@ -332,7 +337,7 @@ impl Delivery<'_> {
         })?;
         let key = open_secret(secrets, hook)?;
         let log = self.sender.send(&hook.url, &key, event).await;
-        let after = self.after(hook, delivery, &log);
+        let after = self.after(hook, &log);
         tracing::info!(
             webhook_id = hook.id,
             delivery_id = delivery.id,
@@ -341,16 +346,11 @@ impl Delivery<'_> {
             error = log.error.as_deref(),
             "webhook attempt"
         );
-        webhooks::record_attempt(self.db, delivery, &log, &after).await?;
+        webhooks::record_attempt(self.db, delivery, &log, &after, webhooks::Sent::Queued).await?;
         Ok(after)
     }
 
-    fn after(
-        &self,
-        hook: &webhook::Model,
-        delivery: &webhook_delivery::Model,
-        log: &AttemptLog,
-    ) -> AfterAttempt {
+    fn after(&self, hook: &webhook::Model, log: &AttemptLog) -> AfterAttempt {
         if log.error.is_none() {
             return AfterAttempt::Delivered;
         }
@@ -368,8 +368,8 @@ impl Delivery<'_> {
                 )),
             };
         }
-        let wait =
-            chrono::Duration::from_std(retry_delay(delivery.attempts + 1)).unwrap_or_default();
+        let failing_for = (now - since).to_std().unwrap_or_default();
+        let wait = chrono::Duration::from_std(retry_delay(failing_for)).unwrap_or_default();
         AfterAttempt::RetryAt(now + wait)
     }
 }
@@ -406,11 +406,12 @@ mod tests {
 
     #[test]
     fn retries_double_and_stop_growing_at_an_hour() {
-        let first = retry_delay(1).as_secs_f64();
+        let first = retry_delay(Duration::ZERO).as_secs_f64();
         assert!((0.8..1.2).contains(&first), "{first}");
-        let fifth = retry_delay(5).as_secs_f64();
+        // After 1, 2, 4 and 8 s of waiting: the fifth wait.
+        let fifth = retry_delay(Duration::from_secs(15)).as_secs_f64();
         assert!((12.8..19.2).contains(&fifth), "{fifth}");
-        let late = retry_delay(40).as_secs_f64();
+        let late = retry_delay(Duration::from_secs(86_400 * 40)).as_secs_f64();
         assert!((2880.0..4320.0).contains(&late), "{late}");
     }
 }

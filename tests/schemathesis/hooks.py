@@ -24,6 +24,11 @@
    refused (400 invalid_projects, docs/API.md "Tokens and scopes"): another
    rule across two fields. A generated admin token body has its `projects`
    left out.
+
+5. On backends whose keys are paths (local, azure, databricks) a prefix
+   with an empty segment is refused (400 invalid_prefix, docs/API.md
+   "Storages"): a rule across two fields again. A generated prefix has its
+   runs of '/' made one.
 """
 
 import re
@@ -34,6 +39,8 @@ import schemathesis
 VALID_KEY = re.compile(r"^[!-~]{1,255}$")
 BODY = "body."
 JSON_VALUE = (str, int, float, bool, list, dict, type(None))
+PATH_BACKENDS = ("local", "azure", "databricks")
+SLASHES = re.compile(r"/{2,}")
 
 
 @schemathesis.hook
@@ -49,6 +56,9 @@ def before_call(context, case, kwargs):
             case.body.pop("on_missing", None)
         if case.body.get("scope") == "admin":
             case.body.pop("projects", None)
+        prefix = case.body.get("prefix")
+        if case.body.get("backend") in PATH_BACKENDS and isinstance(prefix, str):
+            case.body["prefix"] = SLASHES.sub("/", prefix)
     headers = case.headers or {}
     key = headers.get("Idempotency-Key")
     if isinstance(key, str) and VALID_KEY.match(key):

@@ -46,7 +46,7 @@ pub fn bucket_name() -> String {
 /// Storage settings that let backends reach the emulators on 127.0.0.1.
 pub fn test_env() -> StorageEnv {
     StorageEnv {
-        net: NetPolicy::AllowAll,
+        net: NetPolicy::allow_all(),
         ..StorageEnv::default()
     }
 }

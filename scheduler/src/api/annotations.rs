@@ -167,8 +167,11 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let current = find(&state, &caller, id).await?;
     let txn = db::begin_write(&state.db).await?;
-    annotations::delete(&txn, id).await?;
+    // The outbox first: it keeps the keys of the links the delete drops,
+    // read once an export commit in flight has written them.
+    annotations::lock(&txn, id).await?;
     let targets = outbox::record(&txn, current.project_id, id, outbox::DELETE).await?;
+    annotations::delete(&txn, id).await?;
     audit::write_in(&caller, &txn, StatusCode::NO_CONTENT).await?;
     txn.commit().await?;
     caller.audited();

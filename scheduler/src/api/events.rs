@@ -4,7 +4,11 @@
 //! what workers commit their counters to, so any scheduler replica serves
 //! any run, whichever worker runs it, with nothing else to deploy (see
 //! docs/DECISIONS.md, "Live progress by polling the run rows").
-use std::{collections::HashMap, convert::Infallible, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    convert::Infallible,
+    time::Duration,
+};
 
 use axum::{
     Extension,
@@ -206,7 +210,7 @@ struct ProjectWatch {
     seen: HashMap<String, Seen>,
     /// Runs changed since the last send, waiting their turn: all of one
     /// look, whose window began at `window`.
-    ready: Vec<sync_run::Model>,
+    ready: VecDeque<sync_run::Model>,
     /// The start of the window of the look that filled `ready`: the id of
     /// its events. A client reconnecting with it reads that window again,
     /// so nothing it had not had is skipped (what it had may come twice).
@@ -219,6 +223,8 @@ struct ProjectWatch {
     /// When the stream last sent an id (see [`MARK_EVERY`]).
     marked: Option<tokio::time::Instant>,
     first: bool,
+    /// The previous look's read failed.
+    failed: bool,
 }
 
 /// A quiet stream sends its window as an id-only message this often, so
@@ -254,12 +260,13 @@ pub async fn project_events(
         holder,
         projects,
         seen: HashMap::new(),
-        ready: Vec::new(),
+        ready: VecDeque::new(),
         window: since,
         since,
         page_end: None,
         marked: None,
         first: true,
+        failed: false,
     };
     let stream = futures::stream::unfold(watch, next_project_event).take_until(closed);
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
@@ -268,8 +275,14 @@ pub async fn project_events(
 async fn next_project_event(
     mut w: ProjectWatch,
 ) -> Option<(Result<Event, Infallible>, ProjectWatch)> {
-    while w.ready.is_empty() {
-        if !std::mem::take(&mut w.first) && w.page_end.is_none() {
+    loop {
+        if let Some(run) = w.ready.pop_front() {
+            let id = w.window_id();
+            w.marked = Some(tokio::time::Instant::now());
+            return Some((event("run", &run).map(|e| e.id(id)), w));
+        }
+        let first = std::mem::take(&mut w.first);
+        if pause_before_look(first, w.page_end.is_some(), w.failed) {
             tokio::time::sleep(EVERY).await;
         }
         if !w.holder.still_valid(&w.state).await {
@@ -282,10 +295,6 @@ async fn next_project_event(
             return Some((Ok(mark), w));
         }
     }
-    let run = w.ready.remove(0);
-    let id = w.window_id();
-    w.marked = Some(tokio::time::Instant::now());
-    Some((event("run", &run).map(|e| e.id(id)), w))
 }
 
 impl ProjectWatch {
@@ -310,10 +319,20 @@ fn resumed_from(headers: &HeaderMap) -> Option<DateTime<Utc>> {
     Some(if at > now { now - CLOCK_SKEW } else { at })
 }
 
+/// Whether a stream waits [`EVERY`] before its next look: not before its
+/// first, nor while it pages through runs that ended (the next page is
+/// read at once), unless the last read failed (a failure that repeats at
+/// once would keep a core and the database busy for as long).
+fn pause_before_look(first: bool, paging: bool, failed: bool) -> bool {
+    !first && (!paging || failed)
+}
+
 /// Reads the runs of a look and queues those that changed.
 async fn look(w: &mut ProjectWatch) {
     let started = Utc::now();
-    let (rows, more) = match read_look(w).await {
+    let read = read_look(w).await;
+    w.failed = read.is_err();
+    let (rows, more) = match read {
         Ok(read) => read,
         Err(err) => {
             tracing::debug!(error = %err, "events: read failed; trying again");
@@ -324,7 +343,7 @@ async fn look(w: &mut ProjectWatch) {
     for run in rows {
         let seen = Seen::of(&run);
         if w.seen.get(&run.id) != Some(&seen) {
-            w.ready.push(run.clone());
+            w.ready.push_back(run.clone());
         }
         current.insert(run.id.clone(), seen);
     }
@@ -363,4 +382,21 @@ async fn read_look(w: &ProjectWatch) -> labelsync::Result<Looked> {
         .collect();
     rows.extend(runs::by_ids(db, &lost).await?);
     Ok((rows, more))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pause_before_look;
+
+    /// A stream paging through ended runs reads the next page at once, but
+    /// not after a failed read: before, a read failing at once while paging
+    /// was tried again at once, for as long as it failed.
+    #[test]
+    fn a_failed_read_is_tried_again_after_a_pause_even_while_paging() {
+        assert!(!pause_before_look(true, false, false), "the first look");
+        assert!(!pause_before_look(false, true, false), "the next page");
+        assert!(pause_before_look(false, false, false), "a quiet stream");
+        assert!(pause_before_look(false, true, true), "a failed page");
+        assert!(pause_before_look(false, false, true), "a failed look");
+    }
 }

@@ -4,8 +4,9 @@
 //! storages (matched by scheme and bucket / container / volume / local path);
 //! anything else is a 404, so the endpoint cannot be turned into a fetcher of
 //! arbitrary URLs. Storages with `presign` answer `303 See Other` to a signed
-//! URL; the others (and backends that cannot sign: Redis, Databricks, local)
-//! are proxied, one byte range at a time, with `ETag` / `If-None-Match`.
+//! URL; the others (and backends that cannot sign: Databricks, local) are
+//! proxied, one byte range at a time, with `ETag` / `If-None-Match`. Redis
+//! has no URI scheme here: its `redis://` task URIs are `400 invalid_uri`.
 use std::{sync::Arc, time::Duration};
 
 use axum::{
@@ -19,7 +20,7 @@ use futures::StreamExt;
 use labelsync::{
     Error,
     db::entities::storage,
-    storage::{BackendKind, ByteStream, GetRange, KeyShape, Storage, check_key},
+    storage::{BackendKind, ByteStream, GetRange, KeyShape, Object, Storage, check_key},
 };
 use opentelemetry::KeyValue;
 use percent_encoding::percent_decode_str;
@@ -284,16 +285,8 @@ async fn proxy(
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
     let range = requested_range(headers, state.settings.resolver_max_range);
-    if range.is_some_and(GetRange::past_any_object) {
+    let Some((object, range)) = get_ranged(backend, key, range, headers).await? else {
         return unsatisfiable(backend, key, None).await;
-    }
-    let object = match backend.get(key, range).await {
-        Ok(object) => object,
-        Err(Error::Invalid {
-            code: "range_not_satisfiable",
-            ..
-        }) => return unsatisfiable(backend, key, None).await,
-        Err(e) => return Err(e.into()),
     };
     let etag = quoted_etag(object.etag.as_deref());
     let not_modified = etag
@@ -330,6 +323,54 @@ async fn proxy(
         .map_err(|e| Error::Internal(e.to_string()))?)
 }
 
+/// The object's `range` (`None`: not satisfiable), or the whole object
+/// when the request's `If-Range` does not hold: a client resuming a
+/// download gets the new version whole, not its bytes spliced onto the old
+/// one's, nor a 416 when the new one is shorter (RFC 9110, 13.1.5). Only
+/// an entity tag equal to the object's holds: a date cannot, as no
+/// `Last-Modified` is served.
+async fn get_ranged(
+    backend: &dyn Storage,
+    key: &str,
+    range: Option<GetRange>,
+    headers: &HeaderMap,
+) -> ApiResult<Option<(Object, Option<GetRange>)>> {
+    let if_range = headers.get(header::IF_RANGE);
+    let got = match range {
+        Some(range) if range.past_any_object() => None,
+        _ => match backend.get(key, range).await {
+            Ok(object) => Some(object),
+            Err(Error::Invalid {
+                code: "range_not_satisfiable",
+                ..
+            }) => None,
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let Some(if_range) = if_range.filter(|_| range.is_some()) else {
+        return Ok(got.map(|object| (object, range)));
+    };
+    match got {
+        Some(object) if if_range_holds(if_range, &object) => Ok(Some((object, range))),
+        Some(object) => {
+            drop(object); // another version than the client's
+            Ok(Some((backend.get(key, None).await?, None)))
+        }
+        None => {
+            // The range lies outside this version: the client's, a 416;
+            // another, whole.
+            let whole = backend.get(key, None).await?;
+            Ok((!if_range_holds(if_range, &whole)).then_some((whole, None)))
+        }
+    }
+}
+
+/// Whether an `If-Range` value is the object's own (strong) entity tag.
+fn if_range_holds(if_range: &HeaderValue, object: &Object) -> bool {
+    let etag = quoted_etag(object.etag.as_deref());
+    etag.is_some_and(|etag| if_range.to_str().is_ok_and(|v| v.trim() == etag))
+}
+
 /// Whether a browser opening an object of `content_type` directly could
 /// run its script: anything but raster images, audio, video and PDF
 /// (which a sandbox would keep Chromium's viewer from showing).
@@ -361,12 +402,20 @@ fn quoted_etag(etag: Option<&str>) -> Option<String> {
     etag.map(|e| format!("\"{}\"", e.trim_matches('"')))
 }
 
-/// Whether the request's `If-None-Match` names `etag` (or `*`).
+/// Whether the request's `If-None-Match` names `etag` (or `*`), by the
+/// weak comparison RFC 9110 (13.1.2) asks for: `W/"x"` matches `"x"` (a
+/// proxy that compressed the object may have weakened the tag it got).
 fn if_none_match_holds(headers: &HeaderMap, etag: &str) -> bool {
     headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|inm| inm.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+        .is_some_and(|inm| inm.split(',').any(|t| t.trim() == "*" || opaque(t) == etag))
+}
+
+/// An entity tag without its weakness: `W/"x"` and `"x"` are both `"x"`.
+fn opaque(tag: &str) -> &str {
+    let tag = tag.trim();
+    tag.strip_prefix("W/").unwrap_or(tag)
 }
 
 /// The backend's content type, unless it says nothing useful; else the one

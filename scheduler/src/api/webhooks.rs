@@ -93,7 +93,9 @@ pub async fn create(
         url,
         events,
     };
-    let hook = webhooks::create(&state.db, new, |id| seal_secret(secrets, id, &secret)).await?;
+    let most = state.settings.max_webhooks_per_project;
+    let hook =
+        webhooks::create(&state.db, new, most, |id| seal_secret(secrets, id, &secret)).await?;
     caller.note("webhook_id", hook.id);
     let mut shown = to_json(&hook);
     // The only time the secret is shown: receivers verify with it.
@@ -267,7 +269,8 @@ pub async fn test(
     } else {
         webhooks::AfterAttempt::GiveUp { disable: None }
     };
-    let delivery = webhooks::record_attempt(&state.db, &delivery, &log, &after).await?;
+    let delivery =
+        webhooks::record_attempt(&state.db, &delivery, &log, &after, webhooks::Sent::Test).await?;
     delivery_json(&state, delivery, webhooks::TEST_EVENT.into()).await
 }
 

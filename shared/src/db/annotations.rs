@@ -176,7 +176,7 @@ fn object_or_empty(resource: Value) -> serde_json::Map<String, Value> {
 /// The annotation, the outbox rows and the audit row as the CTEs of one
 /// statement: `$1` task, `$2`..`$7` the annotation's fields, `$8` the
 /// visible projects (NULL: all), then the audit row's fields from `$9`.
-/// The outbox part is [`outbox::record`]'s statement fed by the new row.
+/// The outbox part is [`outbox::record`]'s upsert fed by the new row.
 const CREATE_RECORDED: &str = "\
     WITH a AS ( \
         INSERT INTO annotations (task_id, project_id, result, completed_by, lead_time, \
@@ -185,11 +185,13 @@ const CREATE_RECORDED: &str = "\
         WHERE id = $1 AND ($8::bigint[] IS NULL OR project_id = ANY($8::bigint[])) \
         RETURNING *), \
     o AS ( \
-        INSERT INTO export_outbox (storage_id, annotation_id, action, version, created_at) \
-        SELECT s.id, a.id, 'upsert', 1, $7 FROM storages s JOIN a ON s.project_id = a.project_id \
-        WHERE s.role = 'target' \
+        INSERT INTO export_outbox \
+            (storage_id, annotation_id, action, version, created_at, object_key) \
+        SELECT s.id, a.id, 'upsert', 1, $7, NULL FROM storages s \
+        JOIN a ON s.project_id = a.project_id WHERE s.role = 'target' \
         ON CONFLICT (storage_id, annotation_id) DO UPDATE SET action = excluded.action, \
-            version = export_outbox.version + 1, created_at = excluded.created_at \
+            version = export_outbox.version + 1, created_at = excluded.created_at, \
+            object_key = excluded.object_key \
         RETURNING storage_id), \
     au AS ( \
         INSERT INTO audit_events (at, token_id, token_name, method, route, path, project_id, \
@@ -279,6 +281,24 @@ pub async fn update(
     }
     model.updated_at = Set(Utc::now());
     Ok(model.update(db).await?)
+}
+
+/// Locks the annotation's row for the rest of the transaction (Postgres;
+/// SQLite's write transactions are serial already), and waits for an
+/// export commit holding it: a delete then reads the export links as that
+/// commit left them (READ COMMITTED: each statement sees what committed
+/// before it), not as they were before it.
+pub async fn lock(db: &impl ConnectionTrait, id: i64) -> Result<()> {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return Ok(());
+    }
+    db.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT id FROM annotations WHERE id = $1 FOR UPDATE",
+        [id.into()],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// Deletes the annotation; a missing one is not an error (nothing happens).

@@ -19,7 +19,10 @@ pub const UPSERT: &str = "upsert";
 pub const DELETE: &str = "delete";
 
 /// Records `action` for an annotation on every target storage of its
-/// project; returns those storages' ids.
+/// project; returns those storages' ids. A delete keeps, per storage, the
+/// key its export link holds (call it before the annotation, and so its
+/// links, are deleted): the object is where it was exported, whatever the
+/// storage's prefix is now.
 pub async fn record(
     db: &impl ConnectionTrait,
     project_id: i64,
@@ -27,20 +30,31 @@ pub async fn record(
     action: &str,
 ) -> Result<Vec<i64>> {
     let backend = db.get_database_backend();
+    // Numbered on both: the annotation's id is used twice.
     let p = |n: usize| match backend {
         DbBackend::Postgres => format!("${n}"),
-        _ => "?".to_owned(),
+        _ => format!("?{n}"),
+    };
+    // Upserts: no key (a link, if any, is the upsert's to replace).
+    let key = if action == DELETE {
+        "l.object_key"
+    } else {
+        "NULL"
     };
     let sql = format!(
-        "INSERT INTO export_outbox (storage_id, annotation_id, action, version, created_at) \
-         SELECT id, {}, {}, 1, {} FROM storages WHERE project_id = {} AND role = 'target' \
+        "INSERT INTO export_outbox \
+             (storage_id, annotation_id, action, version, created_at, object_key) \
+         SELECT s.id, {a}, {action}, 1, {at}, {key} FROM storages s \
+         LEFT JOIN export_links l ON l.storage_id = s.id AND l.annotation_id = {a} \
+         WHERE s.project_id = {project} AND s.role = 'target' \
          ON CONFLICT (storage_id, annotation_id) DO UPDATE SET action = excluded.action, \
-         version = export_outbox.version + 1, created_at = excluded.created_at \
+         version = export_outbox.version + 1, created_at = excluded.created_at, \
+         object_key = excluded.object_key \
          RETURNING storage_id",
-        p(1),
-        p(2),
-        p(3),
-        p(4)
+        a = p(1),
+        action = p(2),
+        at = p(3),
+        project = p(4),
     );
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(

@@ -11,7 +11,7 @@ use sea_orm::{
     ActiveModelTrait,
     ActiveValue::{NotSet, Set},
     ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait, IntoActiveModel,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
     sea_query::{Expr, LikeExpr},
 };
 use serde_json::Value;
@@ -66,13 +66,20 @@ pub struct NewWebhook {
 
 /// Inserts an endpoint; `seal` turns its id into the sealed secret (the
 /// id is the sealing context, so the row is written then completed in one
-/// transaction).
+/// transaction). `too_many_webhooks` when its project (or every project)
+/// has `most` already (`LABELSYNC_MAX_WEBHOOKS_PER_PROJECT`): every event
+/// is written with one delivery per subscriber in the transaction of its
+/// change, so the count bounds what a run's start and end write, and one
+/// tenant's endpoints cannot crowd the workers' webhook slots by
+/// thousands.
 pub async fn create(
     db: &DatabaseConnection,
     new: NewWebhook,
+    most: u64,
     seal: impl FnOnce(i64) -> Result<String>,
 ) -> Result<webhook::Model> {
     let tx = super::begin_write(db).await?;
+    check_room(&tx, new.project_id, most).await?;
     let now = Utc::now();
     let row = webhook::ActiveModel {
         id: NotSet,
@@ -96,6 +103,41 @@ pub async fn create(
     let row = row.update(&tx).await?;
     tx.commit().await?;
     Ok(row)
+}
+
+/// Refuses a new endpoint of `project_id` when it has `most`. Two
+/// creations at once count one after the other: SQLite's write
+/// transactions are serial, and on Postgres a transaction-scoped advisory
+/// lock serializes them (reads and deliveries do not wait for it); the
+/// count that follows the lock sees every creation committed before it
+/// (READ COMMITTED, each statement its own snapshot).
+async fn check_room(tx: &impl ConnectionTrait, project_id: Option<i64>, most: u64) -> Result<()> {
+    if tx.get_database_backend() == sea_orm::DbBackend::Postgres {
+        // Any constant of the application's own: "labelsync webhooks".
+        tx.execute_unprepared("SELECT pg_advisory_xact_lock(7423617)")
+            .await?;
+    }
+    let scope = match project_id {
+        Some(id) => webhook::Column::ProjectId.eq(id),
+        None => webhook::Column::ProjectId.is_null(),
+    };
+    let count = webhook::Entity::find().filter(scope).count(tx).await?;
+    if count < most {
+        return Ok(());
+    }
+    let (whose, field) = match project_id {
+        Some(id) => (format!("project {id}"), Some("project_id")),
+        None => ("every project".to_owned(), None),
+    };
+    Err(crate::Error::invalid(
+        "too_many_webhooks",
+        field,
+        format!(
+            "{whose} has {count} webhook endpoints, the most allowed is {most} \
+             (LABELSYNC_MAX_WEBHOOKS_PER_PROJECT): delete one, or subscribe an existing \
+             endpoint to more events"
+        ),
+    ))
 }
 
 pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<webhook::Model>> {
@@ -170,9 +212,13 @@ pub async fn record(
             created_at: Set(event.created_at),
             ..Default::default()
         });
-    webhook_delivery::Entity::insert_many(deliveries.collect::<Vec<_>>())
-        .exec_without_returning(db)
-        .await?;
+    // Six parameters a row; endpoints made before the cap may be more.
+    let deliveries: Vec<_> = deliveries.collect();
+    for chunk in deliveries.chunks(super::MAX_PARAMS / 6) {
+        webhook_delivery::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(db)
+            .await?;
+    }
     Ok(subscribers.len())
 }
 
@@ -349,12 +395,25 @@ pub enum AfterAttempt {
     },
 }
 
+/// Which send an attempt belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// A queued delivery: its outcome is the endpoint's health
+    /// (`failing_since`, which times the retries and the disabling).
+    Queued,
+    /// A `POST /webhooks/{id}/test`: its outcome is only its own (a failed
+    /// test must not start the clock that disables a working endpoint, nor
+    /// a good one stop the clock of a queue that keeps failing).
+    Test,
+}
+
 /// Logs an attempt and moves its delivery on, in one transaction.
 pub async fn record_attempt(
     db: &DatabaseConnection,
     delivery: &webhook_delivery::Model,
     log: &AttemptLog,
     after: &AfterAttempt,
+    sent: Sent,
 ) -> Result<webhook_delivery::Model> {
     let tx = super::begin_write(db).await?;
     webhook_attempt::ActiveModel {
@@ -373,12 +432,10 @@ pub async fn record_attempt(
     row.last_status_code = Set(log.status_code);
     row.last_error = Set(log.error.clone());
     let now = Utc::now();
-    mark_failing(
-        &tx,
-        delivery.webhook_id,
-        !matches!(after, AfterAttempt::Delivered),
-    )
-    .await?;
+    if sent == Sent::Queued {
+        let failing = !matches!(after, AfterAttempt::Delivered);
+        mark_failing(&tx, delivery.webhook_id, failing).await?;
+    }
     match after {
         AfterAttempt::Delivered => {
             row.status = Set(DELIVERED.to_owned());

@@ -246,21 +246,24 @@ impl ExportJob<'_> {
     }
 
     /// Deletes the objects of deleted annotations where the storage allows
-    /// it. Their links went with the annotations (the foreign key cascades),
-    /// so the key is the one their export was written under.
+    /// it: `gone` holds each one's id and the key its delete event kept
+    /// from its export link (where it was exported, whatever the prefix is
+    /// now); without one, the key the current prefix gives. Fails the run
+    /// when the storage refuses its credentials, as an upload does: the
+    /// events stay, and no delete is dropped as a per-object failure.
     async fn delete_objects(
         &self,
         backend: &Arc<dyn Storage>,
-        gone: Vec<i64>,
+        gone: Vec<(i64, Option<String>)>,
         out: &mut PageResult,
-    ) {
+    ) -> Result<()> {
         if !self.storage.can_delete_objects || gone.is_empty() {
-            return;
+            return Ok(());
         }
         let results: Vec<_> = futures::stream::iter(gone)
-            .map(|id| {
+            .map(|(id, kept)| {
                 let backend = backend.clone();
-                let key = object_key(&self.storage.prefix, id);
+                let key = kept.unwrap_or_else(|| object_key(&self.storage.prefix, id));
                 async move {
                     let result = backend.delete(&key).await;
                     (id, key, result)
@@ -272,6 +275,7 @@ impl ExportJob<'_> {
         for (id, key, result) in results {
             match result {
                 Ok(()) => out.delta.deleted += 1,
+                Err(e) if matches!(e, Error::Unauthenticated(_)) => return Err(e),
                 Err(e) if e.is_transient() => out.unsent.push((id, key, e)),
                 Err(e) => {
                     out.delta.failed += 1;
@@ -279,6 +283,7 @@ impl ExportJob<'_> {
                 }
             }
         }
+        Ok(())
     }
 
     /// Handles the storage's waiting annotation events, oldest first, until
@@ -314,14 +319,14 @@ impl ExportJob<'_> {
                 .collect();
             // Deleted annotations, and updates of ones deleted since.
             let alive: Vec<i64> = page.annotations.iter().map(|a| a.id).collect();
-            let gone: Vec<i64> = events
+            let gone: Vec<(i64, Option<String>)> = events
                 .iter()
-                .map(|e| e.annotation_id)
-                .filter(|id| !alive.contains(id))
+                .filter(|e| !alive.contains(&e.annotation_id))
+                .map(|e| (e.annotation_id, e.object_key.clone()))
                 .collect();
             let mut result = PageResult::default();
             self.export(backend, page, &mut result).await?;
-            self.delete_objects(backend, gone, &mut result).await;
+            self.delete_objects(backend, gone, &mut result).await?;
             let sent = sent_only(events, &result);
             let unsent = self.end_of_unsent(&mut result);
             if !self.commit(result, None, &sent).await? {

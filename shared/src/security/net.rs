@@ -66,11 +66,24 @@ impl Cidr {
     }
 }
 
-/// Which non-public addresses a deployment lets storages reach.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum NetPolicy {
+/// The setting that lets storages reach non-public addresses.
+pub const STORAGES_SETTING: &str = "LABELSYNC_ALLOW_PRIVATE_ENDPOINTS";
+/// The setting that lets webhooks reach non-public addresses.
+pub const WEBHOOKS_SETTING: &str = "LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS";
+
+/// Which non-public addresses a deployment lets one kind of outgoing
+/// connection reach, and the setting that says so: a refusal names it, so
+/// an operator does not open the wrong kind (storages and webhooks have
+/// settings of their own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetPolicy {
+    rule: NetRule,
+    setting: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NetRule {
     /// Public addresses only (the default).
-    #[default]
     PublicOnly,
     /// Anything (tests, private deployments with trusted users).
     AllowAll,
@@ -78,15 +91,44 @@ pub enum NetPolicy {
     Allow(Vec<Cidr>),
 }
 
+impl Default for NetPolicy {
+    /// Storages' public addresses only.
+    fn default() -> Self {
+        NetPolicy::public_only()
+    }
+}
+
 impl NetPolicy {
-    /// Parses `LABELSYNC_ALLOW_PRIVATE_ENDPOINTS`.
+    /// Storages may reach public addresses only.
+    pub fn public_only() -> Self {
+        NetPolicy {
+            rule: NetRule::PublicOnly,
+            setting: STORAGES_SETTING,
+        }
+    }
+
+    /// Storages may reach anything (tests).
+    pub fn allow_all() -> Self {
+        NetPolicy {
+            rule: NetRule::AllowAll,
+            setting: STORAGES_SETTING,
+        }
+    }
+
+    /// Parses `LABELSYNC_ALLOW_PRIVATE_ENDPOINTS` (storages).
     pub fn parse(value: Option<&str>) -> Result<Self> {
+        NetPolicy::parse_setting(STORAGES_SETTING, value)
+    }
+
+    /// Parses the value of `setting`: true/false, or CIDR blocks.
+    pub fn parse_setting(setting: &'static str, value: Option<&str>) -> Result<Self> {
+        let policy = |rule| NetPolicy { rule, setting };
         let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
-            return Ok(NetPolicy::PublicOnly);
+            return Ok(policy(NetRule::PublicOnly));
         };
         match value.to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" => return Ok(NetPolicy::AllowAll),
-            "false" | "0" | "no" => return Ok(NetPolicy::PublicOnly),
+            "true" | "1" | "yes" => return Ok(policy(NetRule::AllowAll)),
+            "false" | "0" | "no" => return Ok(policy(NetRule::PublicOnly)),
             _ => {}
         }
         value
@@ -98,61 +140,65 @@ impl NetPolicy {
                     Error::invalid(
                         "invalid_setting",
                         None,
-                        format!(
-                            "LABELSYNC_ALLOW_PRIVATE_ENDPOINTS: {s:?} is not true/false or a CIDR like 10.0.0.0/8"
-                        ),
+                        format!("{setting}: {s:?} is not true/false or a CIDR like 10.0.0.0/8"),
                     )
                 })
             })
             .collect::<Result<Vec<_>>>()
-            .map(NetPolicy::Allow)
+            .map(|blocks| policy(NetRule::Allow(blocks)))
+    }
+
+    /// Whether every address is allowed (no lookup needed to check a name).
+    pub fn allows_all(&self) -> bool {
+        self.rule == NetRule::AllowAll
     }
 
     pub fn allows(&self, ip: IpAddr) -> bool {
-        match self {
-            NetPolicy::AllowAll => true,
-            NetPolicy::PublicOnly => is_public(ip),
-            NetPolicy::Allow(blocks) => is_public(ip) || blocks.iter().any(|b| b.contains(ip)),
+        match &self.rule {
+            NetRule::AllowAll => true,
+            NetRule::PublicOnly => is_public(ip),
+            NetRule::Allow(blocks) => is_public(ip) || blocks.iter().any(|b| b.contains(ip)),
         }
     }
 
     /// Refuses `ip` with a message naming the setting that would allow it.
     /// The message does not say which address a name resolved to: API
     /// users would learn the server's internal DNS answers from it.
-    pub fn check_ip(&self, host: &str, ip: IpAddr) -> Result<()> {
+    pub fn check_ip(&self, host: &str, ip: IpAddr, field: &'static str) -> Result<()> {
         if self.allows(ip) {
             return Ok(());
         }
         tracing::debug!(host, %ip, "endpoint refused by the SSRF guard");
         Err(Error::invalid(
             "endpoint_not_allowed",
-            Some("config"),
+            Some(field),
             format!(
                 "{host} is (or resolves to) a private, loopback, link-local or metadata address; \
-                 storages may not reach it unless the server sets LABELSYNC_ALLOW_PRIVATE_ENDPOINTS"
+                 it may not be reached unless the server sets {}",
+                self.setting
             ),
         ))
     }
 
-    /// Checks a host name or literal address, resolving names. `port` only
-    /// feeds the resolver.
-    pub async fn check_host(&self, host: &str, port: u16) -> Result<()> {
+    /// Checks a host name or literal address (of the request's `field`),
+    /// resolving names. `port` only feeds the resolver.
+    pub async fn check_host(&self, host: &str, port: u16, field: &'static str) -> Result<()> {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = bare.parse::<IpAddr>() {
-            return self.check_ip(host, ip);
+            return self.check_ip(host, ip, field);
         }
-        if *self == NetPolicy::AllowAll {
+        if self.allows_all() {
             return Ok(());
         }
         let addrs = tokio::net::lookup_host((bare, port)).await.map_err(|e| {
             Error::invalid(
                 "endpoint_unreachable",
-                Some("config"),
+                Some(field),
                 format!("cannot resolve {host}: {e}"),
             )
         })?;
         for addr in addrs {
-            self.check_ip(host, addr.ip())?;
+            self.check_ip(host, addr.ip(), field)?;
         }
         Ok(())
     }
@@ -172,7 +218,7 @@ impl NetPolicy {
         }
         let host = url.host_str().unwrap_or_default().to_owned();
         let port = url.port_or_known_default().unwrap_or(443);
-        self.check_host(&host, port).await?;
+        self.check_host(&host, port, field).await?;
         Ok(url)
     }
 }
@@ -298,7 +344,8 @@ impl GuardedResolver {
                 std::io::ErrorKind::PermissionDenied,
                 format!(
                     "{host} resolves only to private or metadata addresses; \
-                     set LABELSYNC_ALLOW_PRIVATE_ENDPOINTS to reach it"
+                     set {} to reach it",
+                    self.policy.setting
                 ),
             ));
         }
@@ -673,7 +720,7 @@ mod tests {
         let server = UntrustedTls::start();
         let url = format!("https://localhost:{}/", server.port);
         for _ in 0..2 {
-            let client = http_client(&NetPolicy::AllowAll, std::time::Duration::from_secs(5))
+            let client = http_client(&NetPolicy::allow_all(), std::time::Duration::from_secs(5))
                 .expect("client");
             let mut last = None;
             // s_server takes a moment to listen.
@@ -698,7 +745,7 @@ mod tests {
 
     #[tokio::test]
     async fn endpoints_hold_no_user_name_or_password() {
-        let policy = NetPolicy::PublicOnly;
+        let policy = NetPolicy::public_only();
         for raw in ["https://user:pass@8.8.8.8", "https://user@8.8.8.8"] {
             let err = policy
                 .check_url(raw, "config.endpoint_url")
@@ -716,7 +763,7 @@ mod tests {
 
     #[test]
     fn refuses_private_and_metadata_addresses() {
-        let p = NetPolicy::PublicOnly;
+        let p = NetPolicy::public_only();
         for bad in [
             "127.0.0.1",
             "10.1.2.3",
@@ -742,7 +789,7 @@ mod tests {
     /// relay, and site-local addresses, are refused like the address itself.
     #[test]
     fn refuses_nat64_6to4_and_site_local_forms() {
-        let p = NetPolicy::PublicOnly;
+        let p = NetPolicy::public_only();
         for bad in [
             "64:ff9b::7f00:1",        // NAT64 of 127.0.0.1
             "64:ff9b::a9fe:a9fe",     // NAT64 of 169.254.169.254
@@ -776,15 +823,18 @@ mod tests {
         assert!(p.allows(ip("127.0.0.1")));
         assert!(!p.allows(ip("10.2.0.1")));
         assert!(!p.allows(ip("169.254.169.254")));
-        assert_eq!(NetPolicy::parse(Some("true")).unwrap(), NetPolicy::AllowAll);
-        assert_eq!(NetPolicy::parse(None).unwrap(), NetPolicy::PublicOnly);
+        assert_eq!(
+            NetPolicy::parse(Some("true")).unwrap(),
+            NetPolicy::allow_all()
+        );
+        assert_eq!(NetPolicy::parse(None).unwrap(), NetPolicy::public_only());
         assert!(NetPolicy::parse(Some("10.0.0.0/99")).is_err());
         assert!(NetPolicy::parse(Some("everything")).is_err());
     }
 
     #[tokio::test]
     async fn checks_urls_and_names() {
-        let p = NetPolicy::PublicOnly;
+        let p = NetPolicy::public_only();
         let err = p
             .check_url(
                 "http://169.254.169.254/latest/meta-data",
@@ -801,15 +851,19 @@ mod tests {
         assert!(p.check_url("ftp://example.com", "f").await.is_err());
         // A name is resolved before it is judged, and the message does not
         // tell what it resolved to.
-        let err = p.check_host("localhost", 80).await.unwrap_err().to_string();
+        let err = p
+            .check_host("localhost", 80, "f")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("127.0.0.1") && !err.contains("::1"), "{err}");
         assert!(
-            NetPolicy::AllowAll
+            NetPolicy::allow_all()
                 .check_url("http://127.0.0.1:9000", "f")
                 .await
                 .is_ok()
         );
-        let resolver = GuardedResolver::new(NetPolicy::PublicOnly);
+        let resolver = GuardedResolver::new(NetPolicy::public_only());
         assert!(resolver.resolve("localhost").await.is_err());
     }
 
@@ -818,7 +872,7 @@ mod tests {
     /// looked up; a name is looked up again once its addresses are old.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_name_is_looked_up_once_for_the_connections_opened_together() {
-        let open = GuardedResolver::new(NetPolicy::AllowAll);
+        let open = GuardedResolver::new(NetPolicy::allow_all());
         let together = (0..64).map(|_| open.resolve("localhost"));
         for addrs in futures::future::join_all(together).await {
             let addrs = addrs.expect("localhost resolves");
@@ -828,13 +882,13 @@ mod tests {
         open.resolve("127.0.0.1").await.expect("a literal");
         assert_eq!(open.cache.lookups.load(Ordering::Relaxed), 1);
 
-        let guarded = GuardedResolver::new(NetPolicy::PublicOnly);
+        let guarded = GuardedResolver::new(NetPolicy::public_only());
         for _ in 0..3 {
             assert!(guarded.resolve("localhost").await.is_err());
         }
         assert_eq!(guarded.cache.lookups.load(Ordering::Relaxed), 1);
 
-        let brief = GuardedResolver::keeping(NetPolicy::AllowAll, Duration::ZERO);
+        let brief = GuardedResolver::keeping(NetPolicy::allow_all(), Duration::ZERO);
         for _ in 0..3 {
             brief
                 .resolve("localhost")

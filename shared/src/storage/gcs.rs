@@ -743,7 +743,7 @@ mod tests {
     #[tokio::test]
     async fn a_wif_file_reads_only_a_url_and_quotes_nothing() {
         let env = StorageEnv {
-            net: NetPolicy::AllowAll,
+            net: NetPolicy::allow_all(),
             ..StorageEnv::default()
         };
         let config = GcsConfig {

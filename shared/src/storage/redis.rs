@@ -74,7 +74,9 @@ impl RedisConfig {
                 "config.db must be a database number (0, 1, ...)",
             ));
         }
-        env.net.check_host(&config.host, config.port).await?;
+        env.net
+            .check_host(&config.host, config.port, "config.host")
+            .await?;
         Ok(config)
     }
 
@@ -97,7 +99,9 @@ impl RedisStorage {
     pub async fn open(config: RedisConfig, secrets: &Secrets, env: &StorageEnv) -> Result<Self> {
         // The name was checked when the config was saved; check again now,
         // right before connecting (DNS may have changed since).
-        env.net.check_host(&config.host, config.port).await?;
+        env.net
+            .check_host(&config.host, config.port, "config.host")
+            .await?;
         let auth = secrets.get("password").map_or(String::new(), |p| {
             format!(":{}@", utf8_percent_encode(p, NON_ALPHANUMERIC))
         });
@@ -541,7 +545,7 @@ mod tests {
     /// and waiting 2 s for an answer.
     async fn fake_storage(port: u16) -> RedisStorage {
         let env = StorageEnv {
-            net: NetPolicy::AllowAll,
+            net: NetPolicy::allow_all(),
             max_object_bytes: 1 << 20,
             request_timeout: Duration::from_secs(2),
             ..StorageEnv::default()

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::Filter;
-use super::{BackendKind, Role, Secrets, StorageEnv, secrets_context, secrets_of, validate_config};
+use super::{
+    BackendKind, KeyShape, Role, Secrets, StorageEnv, secrets_context, secrets_of, validate_config,
+};
 use crate::{
     Error, Result,
     db::{entities::storage, storages},
@@ -283,6 +285,28 @@ impl StorageSpec {
         Ok(())
     }
 
+    /// On a backend whose keys are paths, a prefix with an empty segment (a
+    /// doubled `/`, or more than one at its end) prefixes no key it can
+    /// hold (`storage::check_key` refuses them): a source would list
+    /// nothing, and a target would fail every export. Checked when a
+    /// prefix is set, not when a PATCH keeps one saved before the rule.
+    fn check_path_prefix(&self, kind: BackendKind) -> Result<()> {
+        // No prefix is fine; "/" was refused as absolute before.
+        let trimmed = self.prefix.strip_suffix('/').unwrap_or(&self.prefix);
+        let empty_segment = !trimmed.is_empty() && trimmed.split('/').any(str::is_empty);
+        if kind.key_shape() != KeyShape::Path || !empty_segment {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "invalid_prefix",
+            Some("prefix"),
+            format!(
+                "on a {} storage keys are paths: the prefix must not have an empty segment (a doubled '/', or more than one at its end)",
+                self.backend
+            ),
+        ))
+    }
+
     /// Checks everything a create needs, touching nothing (but DNS, for the
     /// SSRF guard on endpoints).
     pub async fn validate(&self, env: &StorageEnv) -> Result<ValidSpec> {
@@ -322,6 +346,9 @@ impl StorageSpec {
                 Some("prefix"),
                 "prefix must be relative and must not contain '.' or '..' segments (plain or percent-encoded) or NUL characters",
             ));
+        }
+        if stored.is_none_or(|stored| stored.prefix != self.prefix) {
+            self.check_path_prefix(kind)?;
         }
         if !(1..=MAX_PRESIGN_TTL).contains(&self.presign_ttl_seconds) {
             return Err(Error::invalid(

@@ -12,6 +12,9 @@ pub struct Model {
     pub action: String,
     pub version: i64,
     pub created_at: DateTimeUtc,
+    /// A delete's key where its annotation was last exported (its export
+    /// link's), when it was; null for upserts.
+    pub object_key: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

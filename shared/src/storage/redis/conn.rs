@@ -352,7 +352,7 @@ mod tests {
             values: 1_000,
         };
         let started = std::time::Instant::now();
-        let net = NetPolicy::AllowAll;
+        let net = NetPolicy::allow_all();
         let dial = Dial {
             config,
             handshake,
@@ -400,7 +400,7 @@ mod tests {
                 bytes: 1 << 20,
                 values: 1_000,
             },
-            net: NetPolicy::AllowAll,
+            net: NetPolicy::allow_all(),
             response_timeout: Duration::from_secs(5),
             what: "redis test".into(),
         };
