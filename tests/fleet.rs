@@ -1486,9 +1486,9 @@ async fn admission_rules_on_sqlite() {
 /// A batch claimed by a job of its own run (the sync job running batches
 /// while it waits) is skipped by its queued job while the claim is fresh:
 /// where the two meet, at a run's last batches, nothing is read twice. A
-/// stale claim (its holder died) is taken again by the run, a claim given
-/// back at once, and a stopped run's queued job closes the batch whoever
-/// claimed it.
+/// stale claim (its holder died, the run's job or a queued one) is taken
+/// again by the run, a claim given back at once, and a stopped run's
+/// queued job closes the batch whoever claimed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_claimed_by_its_run_is_not_run_again_by_its_queued_job() {
     use chrono::{Duration as Span, Utc};
@@ -1520,11 +1520,20 @@ async fn a_batch_claimed_by_its_run_is_not_run_again_by_its_queued_job() {
     let none = batches::claim_unstarted(&db, run, Utc::now() - lease).await;
     assert_eq!(none.expect("claim").map(|b| b.id), None);
     // The holder died: once its claim is a lease old the run takes it again.
+    let claims_so_far = Utc::now();
     let later = Utc::now() + lease + Span::seconds(1);
     let again = batches::claim_unstarted(&db, run, later - lease).await;
     assert_eq!(
         again.expect("claim").map(|b| (b.id, b.attempts)),
         Some((queued_first, 2))
+    );
+    // So is a batch whose queued job died after counting its attempt (its
+    // job lost with Redis' data): it was left unclaimed, never taken again,
+    // and its run waited for it for ever.
+    let orphan = batches::claim_unstarted(&db, run, claims_so_far).await;
+    assert_eq!(
+        orphan.expect("claim").map(|b| (b.id, b.attempts)),
+        Some((claimed, 2))
     );
     // A holder that stops gives its claim back: the run's next look takes it.
     batches::release_claim(&db, queued_first)

@@ -137,11 +137,16 @@ pub async fn release_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
     Ok(())
 }
 
-/// Counts an attempt of a batch by its queued job; `None` when it is done
-/// (a duplicate job) or, given `stale_before`, when a job of its run claimed
-/// it since then (that job is running it; should it die, the claim goes
-/// stale and the run's next look takes the batch again). Without
-/// `stale_before`, claims do not hold the batch off.
+/// Counts an attempt of a batch by its queued job and claims it (stamps
+/// `claimed_at`, which its runner renews: [`renew_claim`]); `None` when it
+/// is done (a duplicate job) or, given `stale_before`, when another job
+/// holds a claim not yet stale (that job is running it; should it die, the
+/// claim goes stale and the run's next look takes the batch again).
+/// Without `stale_before`, claims do not hold the batch off. A queued job
+/// that died after counting its attempt left the batch unclaimed, which
+/// the run's job never took (only batches never started, or claimed and
+/// stale): with its job lost too (a Redis that forgot its data), the run
+/// waited for it for ever.
 pub async fn count_attempt(
     db: &impl ConnectionTrait,
     id: i64,
@@ -152,6 +157,7 @@ pub async fn count_attempt(
             sync_batch::Column::Attempts,
             Expr::col(sync_batch::Column::Attempts).add(1),
         )
+        .col_expr(sync_batch::Column::ClaimedAt, Expr::value(Utc::now()))
         .filter(sync_batch::Column::Id.eq(id))
         .filter(sync_batch::Column::Done.eq(false));
     if let Some(stale_before) = stale_before {
@@ -162,6 +168,18 @@ pub async fn count_attempt(
         );
     }
     Ok(update.exec_with_returning(db).await?.into_iter().next())
+}
+
+/// Renews the claim on a batch being run, so it does not go stale while
+/// its runner lives (a batch that takes longer than a lease).
+pub async fn renew_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
+    sync_batch::Entity::update_many()
+        .col_expr(sync_batch::Column::ClaimedAt, Expr::value(Utc::now()))
+        .filter(sync_batch::Column::Id.eq(id))
+        .filter(sync_batch::Column::Done.eq(false))
+        .exec(db)
+        .await?;
+    Ok(())
 }
 
 /// Marks a batch done; false when another attempt already did.

@@ -248,9 +248,11 @@ impl ExportJob<'_> {
     /// Deletes the objects of deleted annotations where the storage allows
     /// it: `gone` holds each one's id and the key its delete event kept
     /// from its export link (where it was exported, whatever the prefix is
-    /// now); without one, the key the current prefix gives. Fails the run
-    /// when the storage refuses its credentials, as an upload does: the
-    /// events stay, and no delete is dropped as a per-object failure.
+    /// now), and the key the current prefix gives is deleted too (an export
+    /// under the new prefix may have written it just before the delete,
+    /// its link never committed). Fails the run when the storage refuses
+    /// its credentials, as an upload does: the events stay, and no delete
+    /// is dropped as a per-object failure.
     async fn delete_objects(
         &self,
         backend: &Arc<dyn Storage>,
@@ -263,10 +265,16 @@ impl ExportJob<'_> {
         let results: Vec<_> = futures::stream::iter(gone)
             .map(|(id, kept)| {
                 let backend = backend.clone();
-                let key = kept.unwrap_or_else(|| object_key(&self.storage.prefix, id));
+                let current = object_key(&self.storage.prefix, id);
+                let exported = kept.filter(|k| *k != current);
                 async move {
-                    let result = backend.delete(&key).await;
-                    (id, key, result)
+                    if let Some(exported) = exported
+                        && let Err(e) = backend.delete(&exported).await
+                    {
+                        return (id, exported, Err(e));
+                    }
+                    let result = backend.delete(&current).await;
+                    (id, current, result)
                 }
             })
             .buffer_unordered(self.settings.export_concurrency.max(1))

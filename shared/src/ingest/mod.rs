@@ -918,12 +918,39 @@ impl ImportJob<'_> {
     /// nothing twice).
     #[tracing::instrument(skip_all, fields(run_id = %self.run.id, batch_id = batch.id), err)]
     pub async fn run_batch(&self, batch: &sync_batch::Model, worker: &str) -> Result<Outcome> {
-        let backend = storage::open_shared(self.storage, self.env).await?;
-        let objects: Vec<ToRead> = batches::objects(batch)?;
-        let Some(imported) = self.import_objects(&backend, objects, true, false).await? else {
-            return Ok(Outcome::Stopped);
+        let work = async {
+            let backend = storage::open_shared(self.storage, self.env).await?;
+            let objects: Vec<ToRead> = batches::objects(batch)?;
+            let Some(imported) = self.import_objects(&backend, objects, true, false).await? else {
+                return Ok(Outcome::Stopped);
+            };
+            self.finish_batch(batch.id, worker, imported).await
         };
-        self.finish_batch(batch.id, worker, imported).await
+        self.renewing_claim(batch.id, work).await
+    }
+
+    /// Runs `work` on batch `id`, renewing the batch's claim every
+    /// heartbeat meanwhile, so no other job takes a batch that is only
+    /// slow. A renewal that fails is let go: the worst it costs is the
+    /// batch run twice (rows are linked once).
+    async fn renewing_claim(
+        &self,
+        id: i64,
+        work: impl Future<Output = Result<Outcome>>,
+    ) -> Result<Outcome> {
+        tokio::pin!(work);
+        let mut beat = tokio::time::interval(self.settings.heartbeat);
+        beat.tick().await; // the first tick is at once
+        loop {
+            tokio::select! {
+                outcome = &mut work => return outcome,
+                _ = beat.tick() => {
+                    if let Err(err) = batches::renew_claim(self.db, id).await {
+                        tracing::debug!(batch_id = id, error = %err, "batch claim not renewed");
+                    }
+                }
+            }
+        }
     }
 
     /// Marks a batch done with its last rows and its failures, all in one

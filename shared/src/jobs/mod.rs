@@ -508,6 +508,8 @@ pub async fn execute_batch(
         Err(err) if err.is_transient() => {
             // Kept for the "gave up" message, as a run's is (`conclude`).
             let _ = batches::note_error(&ctx.db, batch_id, &err.to_string()).await;
+            // The job's retry (or the run's job) takes it again at once.
+            let _ = batches::release_claim(&ctx.db, batch_id).await;
             Err(RetryLater(err))
         }
         Err(err) => give_up_batch(&job, &batch, worker, err.to_string()).await,
