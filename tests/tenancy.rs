@@ -958,6 +958,17 @@ async fn a_restricted_token_cannot_borrow_the_servers_identity() {
             json!({ "project_id": a.project, "role": "source", "backend": "local", "config": { "path": "a" } }),
             "the server's disk",
         ),
+        // Refused before the disk is asked: a path that exists outside the
+        // root, one that does not, and one not a directory answered
+        // differently, so such a caller could map the server's disk.
+        (
+            json!({ "project_id": a.project, "role": "source", "backend": "local", "config": { "path": "../" } }),
+            "a directory outside the root",
+        ),
+        (
+            json!({ "project_id": a.project, "role": "source", "backend": "local", "config": { "path": "../no-such-dir-anywhere" } }),
+            "a missing path outside the root",
+        ),
     ] {
         for path in ["/api/v1/storages", "/api/v1/storages/validate"] {
             let (status, answer) = call(&app, &writer, Method::POST, path, Some(&body)).await;

@@ -113,6 +113,9 @@ pub async fn write_in(
 
 /// The ids a path names, keyed by the segment before each: the route
 /// `/storages/{id}` and the path `/api/v1/storages/5` give `{"storages": 5}`.
+/// Each is percent-decoded, as the router decodes it: `/storages/%35`
+/// deletes storage 5, and its row must say 5 (it said "%35", so a writer
+/// could keep the rows from naming what it touched).
 fn ids_in_path(route: &str, path: &str) -> Map<String, Value> {
     let path = path.strip_prefix(super::PREFIX).unwrap_or(path);
     let template: Vec<&str> = route.split('/').collect();
@@ -125,9 +128,10 @@ fn ids_in_path(route: &str, path: &str) -> Map<String, Value> {
         let (Some(name), Some(value)) = (template.get(i - 1), actual.get(i)) else {
             continue;
         };
+        let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
         let value = value
             .parse::<i64>()
-            .map_or_else(|_| Value::from(*value), Value::from);
+            .map_or_else(|_| Value::from(value.as_ref()), Value::from);
         ids.insert((*name).to_owned(), value);
     }
     ids
@@ -180,5 +184,7 @@ mod tests {
         let ids = ids_in_path("/runs/{id}/cancel", "/api/v1/runs/01JABC/cancel");
         assert_eq!(Value::Object(ids), serde_json::json!({"runs": "01JABC"}));
         assert!(ids_in_path("/projects", "/api/v1/projects").is_empty());
+        let ids = ids_in_path("/storages/{id}", "/api/v1/storages/%35");
+        assert_eq!(Value::Object(ids), serde_json::json!({"storages": 5}));
     }
 }

@@ -85,16 +85,21 @@ fn forget_full(
 
 /// Whose bucket a request takes from: a database token's id, a bootstrap
 /// token's hash (of the token as parsed, so `bearer` and `Bearer  ` are the
-/// same caller), or the one caller of the open loopback mode.
+/// same caller; from the console's session cookie when the request has no
+/// header, so each bootstrap token's sessions are their own caller), or the
+/// one caller of the open loopback mode.
 fn bucket_key(req: &Request) -> String {
     match req.extensions().get::<Caller>() {
         Some(caller) => match caller.token_id {
             Some(id) => format!("token:{id}"),
             None if caller.name == access::OPEN => String::new(),
-            None => format!(
-                "bootstrap:{}",
-                sha256_hex(&[access::bearer(req).as_bytes()])
-            ),
+            None => {
+                let given = match access::bearer(req) {
+                    "" => access::session_token(req.headers()).unwrap_or_default(),
+                    bearer => bearer,
+                };
+                format!("bootstrap:{}", sha256_hex(&[given.as_bytes()]))
+            }
         },
         None => String::new(),
     }

@@ -43,18 +43,24 @@ fn with_last_run(model: &storage::Model, last: Option<&sync_run::Model>) -> Valu
 /// A token held to projects brings its own credentials (docs/API.md,
 /// "Tokens and scopes"): a storage that would act with the server's own
 /// identity (its disk, its cloud credentials) could reach any tenant's
-/// data, so only callers not held to projects may make one.
+/// data, so only callers not held to projects may make one. Checked on the
+/// body as given, before it is validated: validating a local path asks the
+/// server's disk, and its answers would tell such a caller what is there.
 fn check_own_credentials(
     caller: &Caller,
-    valid: &spec::ValidSpec,
+    spec: &StorageSpec,
     current: Option<&storage::Model>,
 ) -> ApiResult<()> {
     if caller.projects().is_none() {
         return Ok(());
     }
-    let names = secret_names_after(current, valid.secrets.as_ref());
+    // An unknown backend is the validation's to answer.
+    let Ok(kind) = labelsync::storage::BackendKind::parse(&spec.backend) else {
+        return Ok(());
+    };
+    let names = secret_names_after(current, spec.secrets.as_ref());
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    if !valid.kind.acts_as_the_server(&names) {
+    if !kind.acts_as_the_server(&names) {
         return Ok(());
     }
     Err(ApiError::bad_request(
@@ -62,7 +68,7 @@ fn check_own_credentials(
         "secrets",
         format!(
             "a token held to projects cannot use a {} storage that acts with the server's own identity (its disk or its cloud credentials); give the storage's own credentials in secrets, or ask an admin to set it up",
-            valid.kind.as_str()
+            kind.as_str()
         ),
     ))
 }
@@ -112,7 +118,7 @@ fn check_secrets_follow(
 /// `current`'s (an empty value removes one).
 fn secret_names_after(
     current: Option<&storage::Model>,
-    given: Option<&labelsync::storage::Secrets>,
+    given: Option<&serde_json::Map<String, Value>>,
 ) -> Vec<String> {
     let mut names: Vec<String> = current
         .and_then(|c| c.secrets_set.as_array().cloned())
@@ -120,7 +126,7 @@ fn secret_names_after(
         .into_iter()
         .filter_map(|v| v.as_str().map(str::to_owned))
         .collect();
-    for (name, value) in given.map(|g| g.as_map().clone()).unwrap_or_default() {
+    for (name, value) in given.cloned().unwrap_or_default() {
         names.retain(|n| *n != name);
         if value.as_str().is_some_and(|v| !v.is_empty()) {
             names.push(name);
@@ -153,8 +159,8 @@ pub async fn create(
         ApiError::bad_request("missing_field", "project_id", "project_id is required")
     })?;
     projects::find_named(&state.db, &caller, project_id).await?;
+    check_own_credentials(&caller, &spec, None)?;
     let valid = spec.validate(&state.storage_env).await?;
-    check_own_credentials(&caller, &valid, None)?;
     let model = spec::save(
         &state.db,
         &spec,
@@ -231,8 +237,8 @@ pub async fn update(
     let (merged, moved) = merge_patch(&current, patch)?;
     let spec = spec_of(merged)?;
     let stored = StorageSpec::of_model(&current)?;
+    check_own_credentials(&caller, &spec, Some(&current))?;
     let valid = spec.validate_update(&state.storage_env, &stored).await?;
-    check_own_credentials(&caller, &valid, Some(&current))?;
     check_secrets_follow(&current, &moved, valid.secrets.as_ref())?;
     let model = spec::save(
         &state.db,
@@ -327,11 +333,11 @@ pub async fn validate_new(
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<ApiJson<Value>> {
     let spec = spec_of(body)?;
+    check_own_credentials(&caller, &spec, None)?;
     let valid = spec
         .validate(&state.storage_env)
         .await
         .map_err(ApiError::unprocessable)?;
-    check_own_credentials(&caller, &valid, None)?;
     let secrets = valid.secrets.clone().unwrap_or_default();
     let backend =
         labelsync::storage::open_with(valid.kind, &valid.config, &secrets, &state.storage_env)

@@ -4,7 +4,7 @@
 //! path that *looks* inside the root but resolves outside is refused, and so is
 //! a symlink inside the storage that points out of the root (see
 //! `storage::local`, which re-checks every symlink it meets while listing).
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::{Error, Result};
 
@@ -28,6 +28,10 @@ pub fn document_root(root: Option<&Path>) -> Result<PathBuf> {
 /// Resolves a user-given path and checks it lies under `root` (already
 /// canonical). A relative path is taken relative to the root, so spec files can
 /// be written without knowing where the root is mounted. Returns the canonical path.
+/// A `..` part, or an absolute path outside the root, is refused before
+/// the file system is asked: the answers for a missing, unreadable or
+/// existing path would tell the caller what the server's disk holds
+/// outside the root.
 pub fn confine(root: &Path, path: &str) -> Result<PathBuf> {
     let field = Some("config.path");
     let given = root.join(path);
@@ -43,7 +47,8 @@ pub fn confine(root: &Path, path: &str) -> Result<PathBuf> {
             format!("path {shown:?} is outside the document root (LOCAL_FILES_DOCUMENT_ROOT)"),
         )
     };
-    if !given.starts_with(root) {
+    let up = |part: Component<'_>| part == Component::ParentDir;
+    if Path::new(path).components().any(up) || !given.starts_with(root) {
         return Err(outside());
     }
     let canonical = given.canonicalize().map_err(|e| {
@@ -124,5 +129,16 @@ mod tests {
                 ..
             })
         ));
+        // Above the root, what exists and what does not answer alike: the
+        // file system was asked, and told which.
+        let existing = confine(&root, "../root/../..").unwrap_err().to_string();
+        let missing = confine(&root, "../no-such-dir-anywhere")
+            .unwrap_err()
+            .to_string();
+        let strip = |m: &str| {
+            m.replace("../root/../..", "X")
+                .replace("../no-such-dir-anywhere", "X")
+        };
+        assert_eq!(strip(&existing), strip(&missing));
     }
 }
