@@ -862,6 +862,50 @@ async fn a_listing_whose_last_page_was_lost_lists_it_again() {
     app.stop().await;
 }
 
+/// A run's end commits with its listing's end, or neither does: the final
+/// status failing once (a serialization failure, here from a trigger)
+/// left the listing's end committed apart, and the next attempt applied
+/// `on_missing` again: the missing object was counted twice (`keep`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_end_failed_once_counts_its_missing_objects_once() {
+    use sea_orm::ConnectionTrait;
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let (_, storage) = app.numbered_files_source("an end failed", 3).await;
+    let path = format!("/api/v1/storages/{}", storage["id"]);
+    let (status, patched) = app.patch(&path, json!({ "on_missing": "keep" })).await;
+    assert_eq!(status, 200, "{patched}");
+    let _worker = labelsync_tests::spawn_ready_worker(&app, "ends", &[]).await;
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    std::fs::remove_file(app.doc_root.path().join("data/obj-00001.jpg")).unwrap();
+    // A sequence counts outside transactions: the first end fails, the
+    // next passes.
+    let db = sea_orm::Database::connect(app.database_url.as_str())
+        .await
+        .expect("database");
+    db.execute_unprepared(
+        "CREATE SEQUENCE ends_seen; \
+         CREATE FUNCTION fail_an_end() RETURNS trigger AS $$ \
+         BEGIN \
+           IF OLD.status = 'running' AND NEW.status = 'completed' \
+              AND nextval('ends_seen') = 1 THEN \
+             RAISE EXCEPTION 'an end fails once' USING ERRCODE = '40001'; \
+           END IF; \
+           RETURN NEW; \
+         END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER fail_an_end BEFORE UPDATE ON sync_runs \
+         FOR EACH ROW EXECUTE FUNCTION fail_an_end();",
+    )
+    .await
+    .expect("trigger");
+    let run = app.sync(&storage["id"]).await;
+    let seen = app.count("SELECT last_value AS n FROM ends_seen").await;
+    assert_eq!(seen, 2, "one end failed, the next passed: {run}");
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["missing"], 1, "{run}");
+    app.stop().await;
+}
+
 /// While the database is down, an API request is a quick `503 unavailable`
 /// with `Retry-After`: sqlx tries to connect again until its pool's acquire
 /// timeout while the server refuses connections, and every request hung

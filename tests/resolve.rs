@@ -14,7 +14,7 @@ use labelsync_tests::{
         AZURITE_ACCOUNT, AZURITE_KEY, DatabricksFake, bucket_name, create_azure_container,
         create_gcs_bucket, create_s3_bucket, endpoint, open,
     },
-    spawn_app,
+    eventually, spawn_app,
 };
 use serde_json::{Value, json};
 
@@ -1051,4 +1051,68 @@ async fn a_stalled_download(app: &TestApp, project: i64) -> tokio::net::TcpStrea
     // The response has begun filling the socket.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stream
+}
+
+/// One caller's proxied downloads take at most a quarter of the
+/// connections the server takes (`too_many_downloads` past it): a storage
+/// that trickles its bodies (one of the caller's own, pointed at a server
+/// of theirs) held a connection per download for as long as it liked, and
+/// one caller could fill the server's connection cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_callers_proxied_downloads_take_a_quarter_of_the_connections() {
+    let mut opts = options(false);
+    opts.env.push(("LABELSYNC_MAX_CONNECTIONS", "8".into()));
+    let app = spawn_app(opts).await;
+    let project = app.project("trickles").await;
+    let config = json!({ "bucket": "slow", "endpoint_url": trickling_server().await });
+    let secrets = json!({ "access_key_id": "k", "secret_access_key": "s" });
+    source(&app, project, "s3", config, secrets, false, 60).await;
+    let uri = "s3://slow/photo.jpg";
+    let first = resolve(&app, project, uri, &[]).await;
+    let second = resolve(&app, project, uri, &[]).await;
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let third = resolve(&app, project, uri, &[]).await;
+    assert_eq!(third.status(), 429);
+    let refused: Value = third.json().await.unwrap();
+    assert_eq!(refused["error"]["code"], "too_many_downloads", "{refused}");
+    drop(first);
+    eventually("a download's place given back", || async {
+        resolve(&app, project, uri, &[]).await.status() == 200
+    })
+    .await;
+    drop(second);
+    app.stop().await;
+}
+
+/// A server that answers every request with the headers of a 1 MB object
+/// at once, then its bytes one every 200 ms: its address.
+async fn trickling_server() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut head, mut buf) = (Vec::new(), [0u8; 1024]);
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = "HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\netag: \"t\"\r\n\
+                              content-type: image/jpeg\r\n\r\n";
+                if conn.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if conn.write_all(b"x").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
 }

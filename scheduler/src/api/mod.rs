@@ -68,6 +68,8 @@ pub struct Shared {
     pub storage_cache: Arc<StorageCache>,
     /// The event streams open now (see [`streams`]).
     pub streams: streams::Streams,
+    /// The proxied `/resolve` bodies being sent now (see [`streams`]).
+    pub proxied: streams::Streams,
     /// Whether a database token was ever made, once one is seen
     /// (`access::open_mode`).
     pub tokens_made: std::sync::atomic::AtomicBool,
@@ -86,6 +88,7 @@ impl AppState {
             limiter: Arc::new(rate_limit::RateLimiter::new(settings.rate_limit_per_minute)),
             storage_cache: Arc::new(StorageCache::new(settings.resolve_cache_ttl)),
             streams: streams::Streams::default(),
+            proxied: streams::Streams::proxied(settings.http.max_connections / 4),
             tokens_made: std::sync::atomic::AtomicBool::new(false),
             db,
             queue,

@@ -26,7 +26,9 @@ use opentelemetry::KeyValue;
 use percent_encoding::percent_decode_str;
 use serde::Deserialize;
 
-use super::{ApiError, ApiQuery, ApiResult, AppState, Caller, projects, storage_cache::Source};
+use super::{
+    ApiError, ApiQuery, ApiResult, AppState, Caller, projects, storage_cache::Source, streams::Slot,
+};
 
 /// `?project_id=&uri=` (unknown parameters are refused).
 #[derive(Debug, Deserialize)]
@@ -237,7 +239,13 @@ async fn serve(
     }
 
     served.mode = "proxy";
-    proxy(state, &*backend, &key, target.kind, headers).await
+    // Held until the body is sent: a storage that trickles holds its
+    // connection as long as it likes, so one token's proxied bodies may
+    // take at most a quarter of the connections the server takes (and all
+    // of them half), leaving the rest to other callers.
+    let most = (state.settings.http.max_connections / 2).max(1);
+    let slot = state.proxied.open(caller, most)?;
+    proxy(state, &*backend, &key, target.kind, headers, slot).await
 }
 
 /// Refuses local-file URIs unless the server turned local serving on.
@@ -283,6 +291,7 @@ async fn proxy(
     key: &str,
     kind: BackendKind,
     headers: &HeaderMap,
+    slot: Slot,
 ) -> ApiResult<Response> {
     let range = requested_range(headers, state.settings.resolver_max_range);
     let Some((object, range)) = get_ranged(backend, key, range, headers).await? else {
@@ -319,7 +328,7 @@ async fn proxy(
         return unsatisfiable(backend, key, object.size).await;
     };
     Ok(builder
-        .body(Body::from_stream(metered(object.body, kind)))
+        .body(Body::from_stream(metered(object.body, kind, slot)))
         .map_err(|e| Error::Internal(e.to_string()))?)
 }
 
@@ -474,9 +483,11 @@ fn with_status_and_length(
 fn metered(
     body: ByteStream,
     kind: BackendKind,
+    slot: Slot,
 ) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> + Send + 'static {
     let backend_label = KeyValue::new("backend", kind.as_str());
     body.inspect(move |chunk| {
+        let _held = &slot; // given back when the body ends or is dropped
         if let Ok(bytes) = chunk {
             labelsync::metrics::metrics()
                 .resolve_bytes

@@ -3,7 +3,9 @@
 //! and `/events` never ends by itself: without a limit one token could hold
 //! every connection the server takes (`LABELSYNC_MAX_CONNECTIONS`), and the
 //! probes, on the same port, with them. Every stream ends when the server
-//! begins to stop ([`Streams::close_all`]).
+//! begins to stop ([`Streams::close_all`]). Proxied `/resolve` bodies are
+//! counted the same way ([`Streams::proxied`]): one from a storage that
+//! trickles holds its connection as long as the storage likes.
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -22,18 +24,29 @@ pub const PER_CALLER: usize = 16;
 #[derive(Debug, Clone)]
 pub struct Streams {
     open: Arc<Mutex<Open>>,
+    /// What is counted, for refusals: a per-caller cap, a code, a name.
+    kind: Kind,
     /// Set when the server begins to stop: every stream ends then, so its
     /// client reconnects (to another replica) at once, not when the
     /// server's drain time runs out.
     closing: Arc<watch::Sender<bool>>,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Kind {
+    per_caller: usize,
+    code: &'static str,
+    what: &'static str,
+}
+
 impl Default for Streams {
+    /// Event streams: [`PER_CALLER`] per caller.
     fn default() -> Self {
-        Streams {
-            open: Arc::default(),
-            closing: Arc::new(watch::Sender::new(false)),
-        }
+        Streams::of(Kind {
+            per_caller: PER_CALLER,
+            code: "too_many_streams",
+            what: "event streams",
+        })
     }
 }
 
@@ -52,8 +65,26 @@ pub struct Slot {
 }
 
 impl Streams {
-    /// A place for one more stream of `caller`, if it holds fewer than
-    /// [`PER_CALLER`] and all callers fewer than `most` (else `429`).
+    fn of(kind: Kind) -> Self {
+        Streams {
+            open: Arc::default(),
+            kind,
+            closing: Arc::new(watch::Sender::new(false)),
+        }
+    }
+
+    /// Proxied `/resolve` bodies, `per_caller` of one caller at most
+    /// (`too_many_downloads`).
+    pub fn proxied(per_caller: usize) -> Self {
+        Streams::of(Kind {
+            per_caller: per_caller.max(1),
+            code: "too_many_downloads",
+            what: "proxied downloads",
+        })
+    }
+
+    /// A place for one more stream of `caller`, if it holds fewer than its
+    /// kind's per-caller cap and all callers fewer than `most` (else `429`).
     pub fn open(&self, caller: &Caller, most: usize) -> ApiResult<Slot> {
         let key = match caller.token_id {
             Some(id) => format!("token {id}"),
@@ -62,17 +93,20 @@ impl Streams {
         // A poisoned count is still a count.
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mine = open.by_caller.get(&key).copied().unwrap_or(0);
-        let refuse = |message: String| {
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_streams", message)
-        };
-        if mine >= PER_CALLER {
+        let Kind {
+            per_caller,
+            code,
+            what,
+        } = self.kind;
+        let refuse = |message: String| ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        if mine >= per_caller {
             return Err(refuse(format!(
-                "at most {PER_CALLER} event streams of one token are open at once; close one first"
+                "at most {per_caller} {what} of one token are open at once; close one first"
             )));
         }
         if open.total >= most {
             return Err(refuse(format!(
-                "the server holds {most} event streams, its most; try again later"
+                "the server holds {most} {what}, its most; try again later"
             )));
         }
         open.by_caller.insert(key.clone(), mine + 1);

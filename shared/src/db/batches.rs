@@ -171,8 +171,21 @@ pub async fn count_attempt(
 }
 
 /// Renews the claim on a batch being run, so it does not go stale while
-/// its runner lives (a batch that takes longer than a lease).
+/// its runner lives (a batch that takes longer than a lease). On Postgres
+/// a row locked by a commit under way (the batch's own, marking it done)
+/// is skipped, not waited for: the renewal holds no connection waiting on
+/// the work it runs beside.
 pub async fn renew_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
+    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        db.execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "UPDATE sync_batches SET claimed_at = $1 WHERE id = \
+             (SELECT id FROM sync_batches WHERE id = $2 AND NOT done FOR UPDATE SKIP LOCKED)",
+            [Utc::now().into(), id.into()],
+        ))
+        .await?;
+        return Ok(());
+    }
     sync_batch::Entity::update_many()
         .col_expr(sync_batch::Column::ClaimedAt, Expr::value(Utc::now()))
         .filter(sync_batch::Column::Id.eq(id))

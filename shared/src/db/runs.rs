@@ -455,6 +455,23 @@ pub async fn finish(
     error: Option<String>,
     owner: Option<&str>,
 ) -> Result<bool> {
+    let tx = super::begin_write(db).await?;
+    if !finish_in(&tx, id, status, error, owner).await? {
+        return Ok(false);
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// [`finish`] in the caller's transaction `tx` (with the last writes of
+/// the run's work, so the two commit together or not at all).
+pub async fn finish_in(
+    tx: &impl ConnectionTrait,
+    id: &str,
+    status: RunStatus,
+    error: Option<String>,
+    owner: Option<&str>,
+) -> Result<bool> {
     let now = Utc::now();
     let mut update = sync_run::Entity::update_many()
         .col_expr(sync_run::Column::Status, Expr::value(status.as_str()))
@@ -466,12 +483,10 @@ pub async fn finish(
     if let Some(owner) = owner {
         update = update.filter(sync_run::Column::LeaseOwner.eq(owner));
     }
-    let tx = super::begin_write(db).await?;
-    if update.exec(&tx).await?.rows_affected != 1 {
+    if update.exec(tx).await?.rows_affected != 1 {
         return Ok(false);
     }
-    record_events(&tx, &get(&tx, id).await?).await?;
-    tx.commit().await?;
+    record_events(tx, &get(tx, id).await?).await?;
     Ok(true)
 }
 

@@ -659,12 +659,30 @@ impl ImportJob<'_> {
             Some(_) => Counters::default(),
             None => self.reconcile_missing(&txn, unlisted).await?,
         };
-        if !self.checkpoint(&txn, &delta, stays).await? {
+        if !self.checkpoint(&txn, &delta, stays).await? || !self.end_run(&txn).await? {
             txn.rollback().await?;
             return Ok(Outcome::Stopped);
         }
         txn.commit().await?;
         Ok(Outcome::Finished)
+    }
+
+    /// Ends the run in the transaction of its listing's end, `completed` or
+    /// `completed_with_errors` by its counters there: apart, an attempt
+    /// that died (or failed to end it) after the end committed left the
+    /// next attempt to apply `on_missing` again (`missing` counted twice
+    /// under `keep`), and a cancel landing between the two ended a run
+    /// whose `delete_unlabeled` had deleted tasks as `cancelled`, with no
+    /// `storage.objects_missing` event. False when the run stopped or the
+    /// attempt lost its lease.
+    async fn end_run(&self, txn: &impl ConnectionTrait) -> Result<bool> {
+        let failed = runs::get(txn, &self.run.id).await?.failed;
+        let status = if failed > 0 {
+            RunStatus::CompletedWithErrors
+        } else {
+            RunStatus::Completed
+        };
+        runs::finish_in(txn, &self.run.id, status, None, self.lease).await
     }
 
     /// Whether the run's partitions are the `written` this attempt listed,
@@ -693,6 +711,24 @@ fn partitions_lost(found: usize, done: usize, written: usize) -> Error {
     Error::Transient(format!(
         "the run has {found} partitions ({done} done) where this attempt wrote or listed {written}: the database lost commits; listing again"
     ))
+}
+
+/// Renews batch `id`'s claim every `every`, for ever (see
+/// `ImportJob::renewing_claim`). A renewal that fails is let go: the worst
+/// it costs is the batch run twice (rows are linked once).
+async fn renew_claim_every(
+    db: &DatabaseConnection,
+    id: i64,
+    every: std::time::Duration,
+) -> std::convert::Infallible {
+    let mut beat = tokio::time::interval(every);
+    beat.tick().await; // the first tick is at once
+    loop {
+        beat.tick().await;
+        if let Err(err) = batches::renew_claim(db, id).await {
+            tracing::debug!(batch_id = id, error = %err, "batch claim not renewed");
+        }
+    }
 }
 
 /// What a listing's end must find, or the database lost commits of it.
@@ -931,25 +967,17 @@ impl ImportJob<'_> {
 
     /// Runs `work` on batch `id`, renewing the batch's claim every
     /// heartbeat meanwhile, so no other job takes a batch that is only
-    /// slow. A renewal that fails is let go: the worst it costs is the
-    /// batch run twice (rows are linked once).
+    /// slow. The two are polled together: a renewal awaited in between
+    /// polls of `work` waited for the row lock of `work`'s own commit,
+    /// which waited to be polled (a deadlock a lagging database showed).
     async fn renewing_claim(
         &self,
         id: i64,
         work: impl Future<Output = Result<Outcome>>,
     ) -> Result<Outcome> {
-        tokio::pin!(work);
-        let mut beat = tokio::time::interval(self.settings.heartbeat);
-        beat.tick().await; // the first tick is at once
-        loop {
-            tokio::select! {
-                outcome = &mut work => return outcome,
-                _ = beat.tick() => {
-                    if let Err(err) = batches::renew_claim(self.db, id).await {
-                        tracing::debug!(batch_id = id, error = %err, "batch claim not renewed");
-                    }
-                }
-            }
+        tokio::select! {
+            outcome = work => outcome,
+            never = renew_claim_every(self.db, id, self.settings.heartbeat) => match never {},
         }
     }
 
