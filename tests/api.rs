@@ -580,17 +580,7 @@ fn bad_storage_bodies(good: &Value) -> Vec<(&'static str, Value, u16, &'static s
     let mut unknown_field = good.clone();
     unknown_field["colour"] = json!("blue");
     cases.push(("unknown field", unknown_field, 400, "invalid_body"));
-    let mut outside = good.clone();
-    outside["config"] = json!({ "path": "/etc" });
-    cases.push((
-        "path outside the root",
-        outside,
-        400,
-        "path_outside_document_root",
-    ));
-    let mut dotdot = good.clone();
-    dotdot["config"] = json!({ "path": "data/../.." });
-    cases.push(("path with ..", dotdot, 400, "path_outside_document_root"));
+    cases.extend(paths_outside_the_root(good));
     let mut no_project = good.clone();
     no_project["project_id"] = json!(999_999);
     cases.push(("unknown project", no_project, 400, "unknown_project"));
@@ -625,6 +615,34 @@ fn bad_storage_bodies(good: &Value) -> Vec<(&'static str, Value, u16, &'static s
     // serde would read an array as the fields in order.
     let array = json!([good["project_id"], "source", "local"]);
     cases.push(("an array", array, 400, "invalid_body"));
+    cases
+}
+
+/// Local paths that leave the document root, refused before anything is
+/// read there.
+fn paths_outside_the_root(good: &Value) -> Vec<(&'static str, Value, u16, &'static str)> {
+    let mut cases = Vec::new();
+    let mut outside = good.clone();
+    outside["config"] = json!({ "path": "/etc" });
+    cases.push((
+        "path outside the root",
+        outside,
+        400,
+        "path_outside_document_root",
+    ));
+    let mut dotdot = good.clone();
+    dotdot["config"] = json!({ "path": "data/../.." });
+    cases.push(("path with ..", dotdot, 400, "path_outside_document_root"));
+    // Refused before the disk is asked (a missing path was `invalid_path`,
+    // an existing one outside, `path_outside_document_root`).
+    let mut missing_above = good.clone();
+    missing_above["config"] = json!({ "path": "../no-such-dir-anywhere" });
+    cases.push((
+        "a missing path above the root",
+        missing_above,
+        400,
+        "path_outside_document_root",
+    ));
     cases
 }
 

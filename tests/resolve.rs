@@ -1053,15 +1053,15 @@ async fn a_stalled_download(app: &TestApp, project: i64) -> tokio::net::TcpStrea
     stream
 }
 
-/// One caller's proxied downloads take at most a quarter of the
+/// One caller's proxied downloads take at most an eighth of the
 /// connections the server takes (`too_many_downloads` past it): a storage
 /// that trickles its bodies (one of the caller's own, pointed at a server
 /// of theirs) held a connection per download for as long as it liked, and
 /// one caller could fill the server's connection cap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_callers_proxied_downloads_take_a_quarter_of_the_connections() {
+async fn one_callers_proxied_downloads_take_an_eighth_of_the_connections() {
     let mut opts = options(false);
-    opts.env.push(("LABELSYNC_MAX_CONNECTIONS", "8".into()));
+    opts.env.push(("LABELSYNC_MAX_CONNECTIONS", "16".into()));
     let app = spawn_app(opts).await;
     let project = app.project("trickles").await;
     let config = json!({ "bucket": "slow", "endpoint_url": trickling_server().await });
@@ -1070,7 +1070,10 @@ async fn one_callers_proxied_downloads_take_a_quarter_of_the_connections() {
     let uri = "s3://slow/photo.jpg";
     let first = resolve(&app, project, uri, &[]).await;
     let second = resolve(&app, project, uri, &[]).await;
-    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
     let third = resolve(&app, project, uri, &[]).await;
     assert_eq!(third.status(), 429);
     let refused: Value = third.json().await.unwrap();

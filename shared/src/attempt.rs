@@ -32,3 +32,16 @@ pub fn check_stopping(stopping: Option<&AtomicBool>) -> Result<()> {
 /// A lease's heartbeat is aborted with its attempt, so even an attempt that
 /// panics stops renewing what it held.
 pub use crate::task::AbortOnDrop;
+
+/// Why a run (or a batch) is given up on after `max` attempts. Attempts
+/// are counted as they begin, so attempts that killed their process (an
+/// abort, an OOM kill) count too, and a poison run ends instead of taking
+/// down every worker it is handed to.
+pub fn gave_up(max: i64, last_error: Option<&str>) -> String {
+    match last_error {
+        Some(last) => format!("gave up after {max} attempts; last error: {last}"),
+        None => format!(
+            "gave up after {max} attempts that never finished: the worker running it died or was killed each time (a crash or an out-of-memory kill; see the workers' logs)"
+        ),
+    }
+}

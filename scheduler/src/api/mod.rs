@@ -88,7 +88,7 @@ impl AppState {
             limiter: Arc::new(rate_limit::RateLimiter::new(settings.rate_limit_per_minute)),
             storage_cache: Arc::new(StorageCache::new(settings.resolve_cache_ttl)),
             streams: streams::Streams::default(),
-            proxied: streams::Streams::proxied(settings.http.max_connections / 4),
+            proxied: streams::Streams::proxied(settings.http.max_connections / 8),
             tokens_made: std::sync::atomic::AtomicBool::new(false),
             db,
             queue,

@@ -137,6 +137,22 @@ pub async fn release_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
     Ok(())
 }
 
+/// Gives a batch whose attempt failed and will be retried by its queued
+/// job back to the queue: no claim, so that job's retry counts its next
+/// attempt at once, and the run's job leaves it to that retry (it takes a
+/// batch with attempts only when a claim went stale: its holder died).
+pub async fn return_to_queue(db: &impl ConnectionTrait, id: i64) -> Result<()> {
+    sync_batch::Entity::update_many()
+        .col_expr(
+            sync_batch::Column::ClaimedAt,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .filter(sync_batch::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Counts an attempt of a batch by its queued job and claims it (stamps
 /// `claimed_at`, which its runner renews: [`renew_claim`]); `None` when it
 /// is done (a duplicate job) or, given `stale_before`, when another job
@@ -171,17 +187,21 @@ pub async fn count_attempt(
 }
 
 /// Renews the claim on a batch being run, so it does not go stale while
-/// its runner lives (a batch that takes longer than a lease). On Postgres
-/// a row locked by a commit under way (the batch's own, marking it done)
-/// is skipped, not waited for: the renewal holds no connection waiting on
-/// the work it runs beside.
+/// its runner lives (a batch that takes longer than a lease). Only a claim
+/// still held: one given back ([`release_claim`], [`return_to_queue`]) is
+/// not taken again by a renewal that arrives late. On Postgres a row
+/// locked by a commit under way (the batch's own, marking it done) is
+/// skipped, not waited for: the renewal holds no connection waiting on the
+/// work it runs beside.
 pub async fn renew_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
+    let given_back = DateTime::<Utc>::UNIX_EPOCH;
     if db.get_database_backend() == sea_orm::DbBackend::Postgres {
         db.execute_raw(sea_orm::Statement::from_sql_and_values(
             sea_orm::DbBackend::Postgres,
             "UPDATE sync_batches SET claimed_at = $1 WHERE id = \
-             (SELECT id FROM sync_batches WHERE id = $2 AND NOT done FOR UPDATE SKIP LOCKED)",
-            [Utc::now().into(), id.into()],
+             (SELECT id FROM sync_batches WHERE id = $2 AND NOT done AND claimed_at > $3 \
+              FOR UPDATE SKIP LOCKED)",
+            [Utc::now().into(), id.into(), given_back.into()],
         ))
         .await?;
         return Ok(());
@@ -190,6 +210,7 @@ pub async fn renew_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
         .col_expr(sync_batch::Column::ClaimedAt, Expr::value(Utc::now()))
         .filter(sync_batch::Column::Id.eq(id))
         .filter(sync_batch::Column::Done.eq(false))
+        .filter(sync_batch::Column::ClaimedAt.gt(given_back))
         .exec(db)
         .await?;
     Ok(())

@@ -922,6 +922,12 @@ impl ImportJob<'_> {
             }
             let stale = self.settings.stale_before();
             if let Some(batch) = batches::claim_unstarted(self.db, &self.run.id, stale).await? {
+                // One whose holders kept dying (a crash, an OOM kill) is
+                // given up here as its queued job would.
+                if batch.attempts > i64::from(self.settings.max_attempts) {
+                    self.give_up_batch(&batch, "sync-job").await?;
+                    continue;
+                }
                 let outcome = self.run_batch(&batch, "sync-job").await;
                 if !matches!(outcome, Ok(Outcome::Finished)) {
                     // Stopped, shutting down or failed: the run's next look
@@ -979,6 +985,42 @@ impl ImportJob<'_> {
             outcome = work => outcome,
             never = renew_claim_every(self.db, id, self.settings.heartbeat) => match never {},
         }
+    }
+
+    /// Gives a batch up after its attempts ran out (its last error, or that
+    /// they never finished, as the reason).
+    pub async fn give_up_batch(&self, batch: &sync_batch::Model, worker: &str) -> Result<()> {
+        let reason = crate::attempt::gave_up(batch.attempts - 1, batch.last_error.as_deref());
+        let reason = format!("batch {} {reason}", batch.id);
+        self.give_up_batch_for(batch, worker, reason).await
+    }
+
+    /// Gives a batch up for `reason`: its objects with no task yet fail
+    /// (rows an earlier attempt imported are kept, so their objects did
+    /// not).
+    pub async fn give_up_batch_for(
+        &self,
+        batch: &sync_batch::Model,
+        worker: &str,
+        reason: String,
+    ) -> Result<()> {
+        let objects: Vec<crate::storage::ObjectMeta> = batches::objects(batch).unwrap_or_default();
+        let keys: Vec<String> = objects.into_iter().map(|o| o.key).collect();
+        let linked =
+            crate::db::links::known_objects(self.db, self.run.storage_id, &self.run.id, &keys)
+                .await?;
+        let errors: Vec<_> = keys
+            .into_iter()
+            .filter(|k| !linked.contains_key(k))
+            .map(|k| (k, None, reason.clone()))
+            .collect();
+        let given_up = Imported {
+            failed: errors.len() as i64,
+            errors,
+            ..Default::default()
+        };
+        self.finish_batch(batch.id, worker, given_up).await?;
+        Ok(())
     }
 
     /// Marks a batch done with its last rows and its failures, all in one

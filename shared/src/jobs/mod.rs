@@ -163,7 +163,7 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
     };
     let max = i64::from(ctx.settings.worker.max_attempts);
     if run.attempts > max {
-        let error = gave_up(max, run.error.as_deref());
+        let error = crate::attempt::gave_up(max, run.error.as_deref());
         return end(ctx, &run, RunStatus::Failed, Some(error), &lease).await;
     }
     let every = ctx.settings.worker.heartbeat;
@@ -228,19 +228,6 @@ async fn take_lease(
     }
 }
 
-/// Why a run (or a batch) is given up on after `max` attempts. Attempts
-/// are counted as they begin, so attempts that killed their process (an
-/// abort, an OOM kill) count too, and a poison run ends instead of taking
-/// down every worker it is handed to.
-fn gave_up(max: i64, last_error: Option<&str>) -> String {
-    match last_error {
-        Some(last) => format!("gave up after {max} attempts; last error: {last}"),
-        None => format!(
-            "gave up after {max} attempts that never finished: the worker running it died or was killed each time (a crash or an out-of-memory kill; see the workers' logs)"
-        ),
-    }
-}
-
 /// An attempt's job metrics: started when made, finished with an outcome.
 struct JobTimer {
     kind: String,
@@ -280,18 +267,20 @@ async fn conclude(
 ) -> Result<(), RetryLater> {
     let run_id = run.id.as_str();
     match result {
-        Ok(Outcome::Finished) => {
-            let run = runs::get(&ctx.db, run_id).await.map_err(RetryLater)?;
-            let status = if run.failed > 0 {
-                RunStatus::CompletedWithErrors
-            } else {
-                RunStatus::Completed
-            };
-            timer.finish(status.as_str());
-            record_totals(&run);
-            end(ctx, &run, status, None, lease).await
-        }
+        Ok(Outcome::Finished) => finished(ctx, run_id, lease, timer).await,
         Ok(Outcome::Stopped) => {
+            // The heartbeat may see the run ended by this attempt's own last
+            // commit (an import's status commits with its listing's end)
+            // before the attempt returns: that is a finish, not a stop.
+            let ended_here = runs::get(&ctx.db, run_id).await.is_ok_and(|now| {
+                now.lease_owner.as_deref() == Some(lease)
+                    && [RunStatus::Completed, RunStatus::CompletedWithErrors]
+                        .iter()
+                        .any(|s| s.as_str() == now.status)
+            });
+            if ended_here {
+                return finished(ctx, run_id, lease, timer).await;
+            }
             timer.finish("stopped");
             Ok(())
         }
@@ -310,6 +299,26 @@ async fn conclude(
             end(ctx, run, RunStatus::Failed, Some(err.to_string()), lease).await
         }
     }
+}
+
+/// An attempt that did all its work: the run ends `completed` or
+/// `completed_with_errors` by its counters (an import's listing already
+/// ended it so; then [`end`] only does what follows an end).
+async fn finished(
+    ctx: &JobContext,
+    run_id: &str,
+    lease: &str,
+    timer: JobTimer,
+) -> Result<(), RetryLater> {
+    let run = runs::get(&ctx.db, run_id).await.map_err(RetryLater)?;
+    let status = if run.failed > 0 {
+        RunStatus::CompletedWithErrors
+    } else {
+        RunStatus::Completed
+    };
+    timer.finish(status.as_str());
+    record_totals(&run);
+    end(ctx, &run, status, None, lease).await
 }
 
 /// A finished run's totals, counted once (on the attempt that ends it).
@@ -493,8 +502,7 @@ pub async fn execute_batch(
         return close_batch(&job, batch_id, worker).await;
     }
     if batch.attempts > i64::from(ctx.settings.worker.max_attempts) {
-        let reason = gave_up(batch.attempts - 1, batch.last_error.as_deref());
-        return give_up_batch(&job, &batch, worker, format!("batch {batch_id} {reason}")).await;
+        return job.give_up_batch(&batch, worker).await.map_err(RetryLater);
     }
     let outcome = tokio::select! {
         outcome = job.run_batch(&batch, worker) => outcome,
@@ -508,11 +516,15 @@ pub async fn execute_batch(
         Err(err) if err.is_transient() => {
             // Kept for the "gave up" message, as a run's is (`conclude`).
             let _ = batches::note_error(&ctx.db, batch_id, &err.to_string()).await;
-            // The job's retry (or the run's job) takes it again at once.
-            let _ = batches::release_claim(&ctx.db, batch_id).await;
+            // Back to the queue: the job's retry takes it (the run's job
+            // takes a batch with attempts only when its claim went stale).
+            let _ = batches::return_to_queue(&ctx.db, batch_id).await;
             Err(RetryLater(err))
         }
-        Err(err) => give_up_batch(&job, &batch, worker, err.to_string()).await,
+        Err(err) => job
+            .give_up_batch_for(&batch, worker, err.to_string())
+            .await
+            .map_err(RetryLater),
     }
 }
 
@@ -524,36 +536,6 @@ async fn close_batch(
     worker: &str,
 ) -> Result<(), RetryLater> {
     job.finish_batch(batch_id, worker, Default::default())
-        .await
-        .map_err(RetryLater)?;
-    Ok(())
-}
-
-/// Gives a batch up for `reason`: its objects with no task yet fail (rows an
-/// earlier attempt imported are kept, so their objects did not).
-async fn give_up_batch(
-    job: &crate::ingest::ImportJob<'_>,
-    batch: &crate::db::entities::sync_batch::Model,
-    worker: &str,
-    reason: String,
-) -> Result<(), RetryLater> {
-    let objects: Vec<crate::storage::ObjectMeta> =
-        crate::db::batches::objects(batch).unwrap_or_default();
-    let keys: Vec<String> = objects.into_iter().map(|o| o.key).collect();
-    let linked = crate::db::links::known_objects(job.db, job.run.storage_id, &job.run.id, &keys)
-        .await
-        .map_err(RetryLater)?;
-    let errors: Vec<_> = keys
-        .into_iter()
-        .filter(|k| !linked.contains_key(k))
-        .map(|k| (k, None, reason.clone()))
-        .collect();
-    let given_up = crate::ingest::Imported {
-        failed: errors.len() as i64,
-        errors,
-        ..Default::default()
-    };
-    job.finish_batch(batch.id, worker, given_up)
         .await
         .map_err(RetryLater)?;
     Ok(())

@@ -285,6 +285,20 @@ impl StorageSpec {
         Ok(())
     }
 
+    /// A local storage's path given anew (not one a PATCH keeps) with a `..`
+    /// part is refused before validation asks the disk (see
+    /// `paths::refuse_parent_parts`).
+    fn check_new_local_path(&self, kind: BackendKind, stored: Option<&StorageSpec>) -> Result<()> {
+        let path_of = |spec: &StorageSpec| {
+            (spec.config.get("path").and_then(Value::as_str)).map(str::to_owned)
+        };
+        let path = path_of(self);
+        if kind != BackendKind::Local || stored.is_some_and(|s| path_of(s) == path) {
+            return Ok(());
+        }
+        crate::security::paths::refuse_parent_parts(path.as_deref().unwrap_or_default())
+    }
+
     /// On a backend whose keys are paths, a prefix with an empty segment (a
     /// doubled `/`, or more than one at its end) prefixes no key it can
     /// hold (`storage::check_key` refuses them): a source would list
@@ -330,6 +344,7 @@ impl StorageSpec {
     ) -> Result<ValidSpec> {
         let kind = BackendKind::parse(&self.backend)?;
         self.check_lengths(stored)?;
+        self.check_new_local_path(kind, stored)?;
         Filter::new(self.regex_filter.as_deref())?;
         // Listings build URLs and paths from the prefix as from keys: the
         // same segments are refused (see `storage::check_key`).
