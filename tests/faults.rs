@@ -151,6 +151,20 @@ async fn flaky_storage_requests_are_retried_and_nothing_is_lost() {
 /// has begun).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_given_up_names_its_last_error() {
+    batch_given_up_names_its_last_error(&[]).await;
+}
+
+/// A batch its run's own job runs (here every one: the worker has one
+/// slot, which that job holds while it waits) and that keeps failing is
+/// given up as its queued job would give it up, not the run: the batch's
+/// error failed the job's own attempt, and so the whole run ("gave up
+/// after 1 attempts").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_batch_its_runs_job_runs_is_given_up_not_the_run() {
+    batch_given_up_names_its_last_error(&[("LABELSYNC_WORKER_CONCURRENCY", "1")]).await;
+}
+
+async fn batch_given_up_names_its_last_error(env: &[(&'static str, &str)]) {
     let (moto, bucket, s3) = moto_bucket().await;
     for (name, count) in [("a-bad", 10), ("b-ok", 20)] {
         for i in 0..count {
@@ -165,6 +179,9 @@ async fn a_batch_given_up_names_its_last_error() {
         ("LABELSYNC_PAGE_SIZE", "10".to_owned()),
         ("LABELSYNC_MAX_ATTEMPTS", "1".to_owned()),
     ]);
+    options
+        .env
+        .extend(env.iter().map(|(name, value)| (*name, (*value).to_owned())));
     let app = spawn_app(options).await;
     let project = app.project("batch-give-up").await;
     let source = s3_source(&app, project, &bucket, &proxy.url, "tasks/", "tasks").await;

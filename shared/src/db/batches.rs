@@ -137,22 +137,6 @@ pub async fn release_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
     Ok(())
 }
 
-/// Gives a batch whose attempt failed and will be retried by its queued
-/// job back to the queue: no claim, so that job's retry counts its next
-/// attempt at once, and the run's job leaves it to that retry (it takes a
-/// batch with attempts only when a claim went stale: its holder died).
-pub async fn return_to_queue(db: &impl ConnectionTrait, id: i64) -> Result<()> {
-    sync_batch::Entity::update_many()
-        .col_expr(
-            sync_batch::Column::ClaimedAt,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
-        .filter(sync_batch::Column::Id.eq(id))
-        .exec(db)
-        .await?;
-    Ok(())
-}
-
 /// Counts an attempt of a batch by its queued job and claims it (stamps
 /// `claimed_at`, which its runner renews: [`renew_claim`]); `None` when it
 /// is done (a duplicate job) or, given `stale_before`, when another job
@@ -188,7 +172,7 @@ pub async fn count_attempt(
 
 /// Renews the claim on a batch being run, so it does not go stale while
 /// its runner lives (a batch that takes longer than a lease). Only a claim
-/// still held: one given back ([`release_claim`], [`return_to_queue`]) is
+/// still held: one given back ([`release_claim`]) is
 /// not taken again by a renewal that arrives late. On Postgres a row
 /// locked by a commit under way (the batch's own, marking it done) is
 /// skipped, not waited for: the renewal holds no connection waiting on the

@@ -550,6 +550,9 @@ pub async fn release(db: &impl ConnectionTrait, id: &str, owner: &str, error: &s
         .col_expr(sync_run::Column::Error, Expr::value(error))
         .filter(sync_run::Column::Id.eq(id))
         .filter(sync_run::Column::LeaseOwner.eq(owner))
+        // An ended run keeps its own error (an attempt whose end committed
+        // but whose client saw an error fails as transient after it).
+        .filter(sync_run::Column::Status.is_in(LIVE))
         .exec(db)
         .await?;
     Ok(())

@@ -713,6 +713,11 @@ fn partitions_lost(found: usize, done: usize, written: usize) -> Error {
     ))
 }
 
+/// How long a waiting job lets a batch that failed for now rest before it
+/// (or the batch's queued job's retry) takes it again, as the queue waits
+/// before a job's retry.
+const BATCH_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Renews batch `id`'s claim every `every`, for ever (see
 /// `ImportJob::renewing_claim`). A renewal that fails is let go: the worst
 /// it costs is the batch run twice (rows are linked once).
@@ -902,12 +907,13 @@ impl ImportJob<'_> {
     /// This job holds a worker slot while it waits, so rather than idle it
     /// runs batches no worker has started, the newest first: the queue hands
     /// out the oldest first, so the two meet at the run's last batches, where
-    /// a batch claimed here is skipped by its queued job (and one whose
-    /// claim went stale, its holder dead, is claimed again). (A batch run
-    /// twice would cost time only: rows are linked once, and only the
-    /// attempt that marks the batch done records its failures.) It
-    /// is also what keeps a run going when every slot of the fleet is held by
-    /// such waiting jobs.
+    /// a batch claimed here is skipped by its queued job. It also takes
+    /// every batch whose claim went stale (its holder died, its job perhaps
+    /// lost with it) or was given back after a failed attempt, so no batch
+    /// depends on its queued job alone. (A batch run twice would cost time
+    /// only: rows are linked once, and only the attempt that marks the
+    /// batch done records its failures.) It is also what keeps a run going
+    /// when every slot of the fleet is held by such waiting jobs.
     async fn wait_for_batches(&self, max: u64) -> Result<bool> {
         let watch = (self.fanout).map(|fanout| fanout.watch(ended::Ended::Batch, &self.run.id));
         loop {
@@ -922,30 +928,8 @@ impl ImportJob<'_> {
             }
             let stale = self.settings.stale_before();
             if let Some(batch) = batches::claim_unstarted(self.db, &self.run.id, stale).await? {
-                // One whose holders kept dying (a crash, an OOM kill) is
-                // given up here as its queued job would.
-                if batch.attempts > i64::from(self.settings.max_attempts) {
-                    self.give_up_batch(&batch, "sync-job").await?;
-                    continue;
-                }
-                let outcome = self.run_batch(&batch, "sync-job").await;
-                if !matches!(outcome, Ok(Outcome::Finished)) {
-                    // Stopped, shutting down or failed: the run's next look
-                    // (this job's next attempt) takes it at once.
-                    batches::release_claim(self.db, batch.id).await?;
-                }
-                if let Err(err) = &outcome {
-                    // Only for the message of a batch given up: a failure to
-                    // keep it must not hide the batch's own error.
-                    let _ = batches::note_error(self.db, batch.id, &err.to_string()).await;
-                }
-                if outcome? == Outcome::Stopped {
+                if !self.run_claimed(&batch).await? {
                     return Ok(false);
-                }
-                // For the run's other waiters (its job, or the jobs of its
-                // other partitions).
-                if let Some(fanout) = self.fanout {
-                    fanout.announce(ended::Ended::Batch, &self.run.id).await;
                 }
                 continue;
             }
@@ -953,6 +937,47 @@ impl ImportJob<'_> {
             // poll, should the announcement be lost).
             ended::until(ended, self.settings.poll_interval).await;
         }
+    }
+
+    /// Runs a batch this waiting job claimed; false when the run stopped.
+    /// As its queued job would: one whose attempts ran out (its holders kept
+    /// dying, or failing) is given up, and one that fails for good too. One
+    /// that fails for now is given back with its error kept, for whoever
+    /// takes it next after [`BATCH_RETRY_PAUSE`] (its attempts bound the
+    /// retries), instead of failing this job's own attempt, which let one
+    /// bad batch fail the whole run. Only this worker's shutdown ends the
+    /// job here.
+    async fn run_claimed(&self, batch: &sync_batch::Model) -> Result<bool> {
+        const WORKER: &str = "sync-job";
+        if batch.attempts > i64::from(self.settings.max_attempts) {
+            self.give_up_batch(batch, WORKER).await?;
+        } else {
+            match self.run_batch(batch, WORKER).await {
+                Ok(Outcome::Finished) => {}
+                Ok(Outcome::Stopped) => {
+                    batches::release_claim(self.db, batch.id).await?;
+                    return Ok(false);
+                }
+                Err(err) => {
+                    // Kept first: the next taker's "gave up" message names it.
+                    let _ = batches::note_error(self.db, batch.id, &err.to_string()).await;
+                    batches::release_claim(self.db, batch.id).await?;
+                    self.check_stopping()?;
+                    if err.is_transient() {
+                        tokio::time::sleep(BATCH_RETRY_PAUSE).await;
+                        return Ok(true);
+                    }
+                    self.give_up_batch_for(batch, WORKER, err.to_string())
+                        .await?;
+                }
+            }
+        }
+        // For the run's other waiters (its job, or the jobs of its other
+        // partitions).
+        if let Some(fanout) = self.fanout {
+            fanout.announce(ended::Ended::Batch, &self.run.id).await;
+        }
+        Ok(true)
     }
 
     /// Runs one fan-out batch: imports its objects, then, in one transaction,

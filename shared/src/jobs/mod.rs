@@ -516,9 +516,9 @@ pub async fn execute_batch(
         Err(err) if err.is_transient() => {
             // Kept for the "gave up" message, as a run's is (`conclude`).
             let _ = batches::note_error(&ctx.db, batch_id, &err.to_string()).await;
-            // Back to the queue: the job's retry takes it (the run's job
-            // takes a batch with attempts only when its claim went stale).
-            let _ = batches::return_to_queue(&ctx.db, batch_id).await;
+            // Given back: the job's retry, or the run's waiting job, takes
+            // it again (its attempts bound the retries).
+            let _ = batches::release_claim(&ctx.db, batch_id).await;
             Err(RetryLater(err))
         }
         Err(err) => job

@@ -41,10 +41,9 @@ pub fn refuse_parent_parts(path: &str) -> Result<()> {
     Err(Error::invalid(
         "path_outside_document_root",
         Some("config.path"),
-        format!(
-            "path {path:?} has a '..' part: give the directory relative to the document root \
-             (LOCAL_FILES_DOCUMENT_ROOT) without one"
-        ),
+        // Not the path itself: an absolute one would show where the root is.
+        "config.path has a '..' part: give the directory relative to the document root \
+         (LOCAL_FILES_DOCUMENT_ROOT) without one",
     ))
 }
 
