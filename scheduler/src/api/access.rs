@@ -149,6 +149,11 @@ pub struct Caller {
     /// `None` for a bootstrap token and the open mode.
     pub token_id: Option<i64>,
     pub name: String,
+    /// Who this is for per-caller limits (rate, streams, downloads): a
+    /// database token's id, a bootstrap token's hash (each bootstrap token
+    /// its own caller, by header or console session alike), or the open
+    /// mode's one caller.
+    pub key: String,
     pub scope: Scope,
     /// `None`: every project.
     projects: Option<Arc<[i64]>>,
@@ -170,9 +175,14 @@ pub struct Note {
 
 impl Caller {
     fn new(token_id: Option<i64>, name: &str, scope: Scope, projects: Option<Vec<i64>>) -> Self {
+        let key = match token_id {
+            Some(id) => format!("token:{id}"),
+            None => name.to_owned(),
+        };
         Caller {
             token_id,
             name: name.to_owned(),
+            key,
             scope,
             projects: projects.map(Arc::from),
             note: Arc::default(),
@@ -348,7 +358,12 @@ pub async fn caller_of(
 ) -> Result<Caller, ApiError> {
     if !given.is_empty() {
         if bootstrap(&state.settings.api_tokens, given) {
-            return Ok(Caller::new(None, BOOTSTRAP, Scope::Admin, None));
+            let mut caller = Caller::new(None, BOOTSTRAP, Scope::Admin, None);
+            caller.key = format!(
+                "bootstrap:{}",
+                labelsync::security::sha256_hex(&[given.as_bytes()])
+            );
+            return Ok(caller);
         }
         if let Some(caller) = stored(state, given).await? {
             return Ok(caller);

@@ -17,12 +17,8 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use labelsync::security::sha256_hex;
 
-use super::{
-    ApiError, AppState,
-    access::{self, Caller},
-};
+use super::{ApiError, AppState, access::Caller};
 
 /// Callers remembered at most; past it, buckets that are full again (their
 /// callers idle for a minute) are forgotten first.
@@ -83,26 +79,13 @@ fn forget_full(
         .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * per_second < capacity);
 }
 
-/// Whose bucket a request takes from: a database token's id, a bootstrap
-/// token's hash (of the token as parsed, so `bearer` and `Bearer  ` are the
-/// same caller; from the console's session cookie when the request has no
-/// header, so each bootstrap token's sessions are their own caller), or the
-/// one caller of the open loopback mode.
+/// Whose bucket a request takes from: its caller's key (see
+/// [`Caller::key`]: a bootstrap token's sessions are that token's caller).
 fn bucket_key(req: &Request) -> String {
-    match req.extensions().get::<Caller>() {
-        Some(caller) => match caller.token_id {
-            Some(id) => format!("token:{id}"),
-            None if caller.name == access::OPEN => String::new(),
-            None => {
-                let given = match access::bearer(req) {
-                    "" => access::session_token(req.headers()).unwrap_or_default(),
-                    bearer => bearer,
-                };
-                format!("bootstrap:{}", sha256_hex(&[given.as_bytes()]))
-            }
-        },
-        None => String::new(),
-    }
+    req.extensions()
+        .get::<Caller>()
+        .map(|caller| caller.key.clone())
+        .unwrap_or_default()
 }
 
 /// The middleware, after authentication: only callers let in are counted.

@@ -86,10 +86,9 @@ impl Streams {
     /// A place for one more stream of `caller`, if it holds fewer than its
     /// kind's per-caller cap and all callers fewer than `most` (else `429`).
     pub fn open(&self, caller: &Caller, most: usize) -> ApiResult<Slot> {
-        let key = match caller.token_id {
-            Some(id) => format!("token {id}"),
-            None => caller.name.clone(),
-        };
+        // Each bootstrap token is a caller of its own (they shared one
+        // count, their common name's).
+        let key = caller.key.clone();
         // A poisoned count is still a count.
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mine = open.by_caller.get(&key).copied().unwrap_or(0);
