@@ -115,6 +115,13 @@ async fn login(
         return from_another_site();
     }
     let token = form.token.trim();
+    // A cookie value cannot hold these: the session would be cut at the
+    // first one, and every page would send the user back here.
+    if token.bytes().any(|b| b";,\"\\".contains(&b)) {
+        return layout::login(Some(
+            "That token holds a character a session cookie cannot (; , \" or \\): use it as a bearer token with the API, or log in with another.",
+        ));
+    }
     let valid = !token.is_empty()
         && token.bytes().all(|b| b.is_ascii_graphic())
         && access::caller_of(&state, token, &headers).await.is_ok();
