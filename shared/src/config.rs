@@ -297,7 +297,7 @@ impl Settings {
             run_migrations: parse(&get, "LABELSYNC_RUN_MIGRATIONS", true)?,
             worker,
             queue_backlog_limit: parse(&get, "LABELSYNC_QUEUE_BACKLOG_LIMIT", 5000)?,
-            requeue_after: secs_at_least_1(&get, "LABELSYNC_REQUEUE_AFTER_SECS", 120)?,
+            requeue_after: secs_within(&get, "LABELSYNC_REQUEUE_AFTER_SECS", 120, 7 * 86_400)?,
             max_live_runs_per_project: parse(&get, "LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT", 8)?,
             schedule_tick: Duration::from_millis(
                 parse(&get, "LABELSYNC_SCHEDULE_TICK_MS", 1000)?.max(50),
@@ -305,8 +305,8 @@ impl Settings {
             webhook_max_age: secs_at_least_1(&get, "LABELSYNC_WEBHOOK_MAX_AGE_SECS", 86_400)?,
             max_webhooks_per_project: parse(&get, "LABELSYNC_MAX_WEBHOOKS_PER_PROJECT", 20u64)?,
             rate_limit_per_minute: parse(&get, "LABELSYNC_RATE_LIMIT_PER_MINUTE", 0)?,
-            audit_retention_days: parse(&get, "LABELSYNC_AUDIT_RETENTION_DAYS", 90u32)?.max(1),
-            run_retention_days: parse(&get, "LABELSYNC_RUN_RETENTION_DAYS", 90u32)?.max(1),
+            audit_retention_days: days_within(&get, "LABELSYNC_AUDIT_RETENTION_DAYS", 90)?,
+            run_retention_days: days_within(&get, "LABELSYNC_RUN_RETENTION_DAYS", 90)?,
             runs_kept_per_storage: parse(&get, "LABELSYNC_RUNS_KEPT_PER_STORAGE", 10_000u32)?
                 .max(1),
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
@@ -359,7 +359,7 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
         heartbeat: secs_within(get, "LABELSYNC_HEARTBEAT_SECS", 5, 3_600)?,
         missed_heartbeats: parse(get, "LABELSYNC_MISSED_HEARTBEATS", 3)?,
         page_size: parse(get, "LABELSYNC_PAGE_SIZE", 1000)?,
-        max_attempts: parse(get, "LABELSYNC_MAX_ATTEMPTS", 5)?,
+        max_attempts: at_least_one(get, "LABELSYNC_MAX_ATTEMPTS", 5)?,
         fetch_concurrency: parse(get, "LABELSYNC_FETCH_CONCURRENCY", 16)?,
         export_concurrency: parse(get, "LABELSYNC_EXPORT_CONCURRENCY", 64)?,
         metrics_bind: parse(
@@ -448,6 +448,47 @@ fn secs_at_least_1(
     default: u64,
 ) -> Result<Duration> {
     Ok(Duration::from_secs(parse(get, key, default)?.max(1)))
+}
+
+/// The most days a retention setting may say: a hundred years. The cleanup
+/// subtracts it from now, and a date past chrono's range panicked the
+/// cleanup task for good (nothing was pruned again).
+const MAX_RETENTION_DAYS: u32 = 36_500;
+
+/// A number of days (`default` when unset), raised to at least 1 and
+/// refused past [`MAX_RETENTION_DAYS`].
+fn days_within(
+    get: &impl Fn(&str) -> Option<String>,
+    key: &'static str,
+    default: u32,
+) -> Result<u32> {
+    let days: u32 = parse(get, key, default)?;
+    if days > MAX_RETENTION_DAYS {
+        return Err(Error::invalid(
+            "invalid_setting",
+            None,
+            format!("{key}={days} is more than {MAX_RETENTION_DAYS} days (a hundred years)"),
+        ));
+    }
+    Ok(days.max(1))
+}
+
+/// A count that must be at least 1 (`default` when unset): `0` attempts
+/// failed every run and batch at its first try, "after 0 attempts".
+fn at_least_one(
+    get: &impl Fn(&str) -> Option<String>,
+    key: &'static str,
+    default: u32,
+) -> Result<u32> {
+    let n: u32 = parse(get, key, default)?;
+    if n == 0 {
+        return Err(Error::invalid(
+            "invalid_setting",
+            None,
+            format!("{key}=0: at least 1 is needed"),
+        ));
+    }
+    Ok(n)
 }
 
 /// A number of seconds (`default` when unset), raised to at least 1 and
@@ -546,6 +587,23 @@ mod tests {
                 "{missed}: {refused:?}"
             );
         }
+        // Values the scheduler's loops would panic on, or fail every run
+        // with: a retention past chrono's dates, a requeue wait that
+        // overflows, no attempts at all.
+        for (key, value) in [
+            ("LABELSYNC_AUDIT_RETENTION_DAYS", "99999999"),
+            ("LABELSYNC_RUN_RETENTION_DAYS", "36501"),
+            ("LABELSYNC_REQUEUE_AFTER_SECS", "9000000000000000"),
+            ("LABELSYNC_MAX_ATTEMPTS", "0"),
+        ] {
+            let refused = with(&[(key, value)]);
+            assert!(
+                matches!(&refused, Err(e) if e.to_string().contains(key)),
+                "{key}={value}: {refused:?}"
+            );
+        }
+        let kept = with(&[("LABELSYNC_RUN_RETENTION_DAYS", "36500")]).expect("settings");
+        assert_eq!(kept.run_retention_days, 36_500);
         // Budgets under a megabyte, and no rows per object, are refused.
         for key in [
             "LABELSYNC_ROWS_IN_FLIGHT_BYTES",
