@@ -189,6 +189,16 @@ impl Caller {
         }
     }
 
+    /// A bootstrap token's caller: admin, keyed by the token's hash (each
+    /// bootstrap token its own caller).
+    fn bootstrap(given: &str) -> Self {
+        let hash = labelsync::security::sha256_hex(&[given.as_bytes()]);
+        Caller {
+            key: format!("bootstrap:{hash}"),
+            ..Caller::new(None, BOOTSTRAP, Scope::Admin, None)
+        }
+    }
+
     /// The projects the caller is held to (`None`: all).
     pub fn projects(&self) -> Option<&[i64]> {
         self.projects.as_deref()
@@ -358,12 +368,7 @@ pub async fn caller_of(
 ) -> Result<Caller, ApiError> {
     if !given.is_empty() {
         if bootstrap(&state.settings.api_tokens, given) {
-            let mut caller = Caller::new(None, BOOTSTRAP, Scope::Admin, None);
-            caller.key = format!(
-                "bootstrap:{}",
-                labelsync::security::sha256_hex(&[given.as_bytes()])
-            );
-            return Ok(caller);
+            return Ok(Caller::bootstrap(given));
         }
         if let Some(caller) = stored(state, given).await? {
             return Ok(caller);

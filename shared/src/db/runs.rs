@@ -59,6 +59,21 @@ impl RunStatus {
     pub fn is_live(self) -> bool {
         matches!(self, RunStatus::Queued | RunStatus::Running)
     }
+
+    /// The status of a run that did all its work, `failed` objects among
+    /// it: with errors when there were any.
+    pub fn completed(failed: i64) -> Self {
+        if failed > 0 {
+            RunStatus::CompletedWithErrors
+        } else {
+            RunStatus::Completed
+        }
+    }
+
+    /// Whether the run did all its work (with errors or not).
+    pub fn is_completed(self) -> bool {
+        matches!(self, RunStatus::Completed | RunStatus::CompletedWithErrors)
+    }
 }
 
 const LIVE: [&str; 2] = ["queued", "running"];
@@ -517,11 +532,7 @@ async fn record_events(db: &impl ConnectionTrait, run: &sync_run::Model) -> Resu
     if status.is_live() {
         return Ok(());
     }
-    let completed = matches!(
-        status,
-        RunStatus::Completed | RunStatus::CompletedWithErrors
-    );
-    if completed && run.kind == RunKind::Import.as_str() && run.missing > 0 {
+    if status.is_completed() && run.kind == RunKind::Import.as_str() && run.missing > 0 {
         data["missing"] = run.missing.into();
         data["tasks_deleted"] = run.deleted.into();
         data["tasks_kept"] = run.kept.into();

@@ -676,12 +676,7 @@ impl ImportJob<'_> {
     /// `storage.objects_missing` event. False when the run stopped or the
     /// attempt lost its lease.
     async fn end_run(&self, txn: &impl ConnectionTrait) -> Result<bool> {
-        let failed = runs::get(txn, &self.run.id).await?.failed;
-        let status = if failed > 0 {
-            RunStatus::CompletedWithErrors
-        } else {
-            RunStatus::Completed
-        };
+        let status = RunStatus::completed(runs::get(txn, &self.run.id).await?.failed);
         runs::finish_in(txn, &self.run.id, status, None, self.lease).await
     }
 

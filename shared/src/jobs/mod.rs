@@ -274,9 +274,7 @@ async fn conclude(
             // before the attempt returns: that is a finish, not a stop.
             let ended_here = runs::get(&ctx.db, run_id).await.is_ok_and(|now| {
                 now.lease_owner.as_deref() == Some(lease)
-                    && [RunStatus::Completed, RunStatus::CompletedWithErrors]
-                        .iter()
-                        .any(|s| s.as_str() == now.status)
+                    && RunStatus::parse(&now.status).is_some_and(RunStatus::is_completed)
             });
             if ended_here {
                 return finished(ctx, run_id, lease, timer).await;
@@ -311,11 +309,7 @@ async fn finished(
     timer: JobTimer,
 ) -> Result<(), RetryLater> {
     let run = runs::get(&ctx.db, run_id).await.map_err(RetryLater)?;
-    let status = if run.failed > 0 {
-        RunStatus::CompletedWithErrors
-    } else {
-        RunStatus::Completed
-    };
+    let status = RunStatus::completed(run.failed);
     timer.finish(status.as_str());
     record_totals(&run);
     end(ctx, &run, status, None, lease).await
