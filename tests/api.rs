@@ -2448,6 +2448,91 @@ async fn a_paused_storage_syncs_only_on_demand_until_resumed() {
     app.stop().await;
 }
 
+/// A pause that commits between the periodic tick's claim of a period and
+/// its run's insert: once `POST /pause` has answered, no periodic run of
+/// the storage appears (before, the tick's run was made after the pause).
+/// The test holds the tick's insert back with an uncommitted live version
+/// of a cancelled run (the one-live-run index makes the insert wait for
+/// it), pauses, and lets the insert go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_periodic_run_appears_after_a_pause_has_answered() {
+    use sea_orm::{ConnectionTrait, Database, TransactionTrait};
+    let app = ops_app(false).await;
+    write_files(&app.doc_root.path().join("data"), 1, "jpg");
+    let project = app.project("pause race").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let id = storage["id"].clone();
+    let manual = app.start_sync(&id).await;
+    app.cancel(&manual).await;
+    let db = Database::connect(&app.database_url).await.expect("db");
+    let hold = db.begin().await.expect("begin");
+    hold.execute_unprepared(&format!(
+        "UPDATE sync_runs SET status = 'queued' WHERE id = '{manual}'"
+    ))
+    .await
+    .expect("a live version of the cancelled run");
+    let (status, patched) = app
+        .patch(
+            &format!("/api/v1/storages/{id}"),
+            json!({ "sync_interval_seconds": 60 }),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    let waiting = |statement: &'static str| {
+        let db = &db;
+        move || async move {
+            let sql = format!(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '{statement}%'"
+            );
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    sql,
+                ))
+                .await
+                .expect("pg_stat_activity")
+                .expect("a row");
+            row.try_get::<i64>("", "n").expect("n") > 0
+        }
+    };
+    labelsync_tests::eventually(
+        "the tick's insert to wait",
+        waiting(r#"INSERT INTO "sync_runs""#),
+    )
+    .await;
+
+    let path = format!("/api/v1/storages/{id}/pause");
+    let ((status, paused), runs_at_answer) = {
+        let pause = app.post(&path, json!({}));
+        tokio::pin!(pause);
+        let first = tokio::select! {
+            answer = &mut pause => Some((answer, runs_of(&app, &storage).await.len())),
+            () = labelsync_tests::eventually("the pause to wait", waiting(r#"UPDATE "storages""#)) => None,
+        };
+        hold.rollback().await.expect("rollback");
+        match first {
+            Some(answered) => answered,
+            None => {
+                let answer = (&mut pause).await;
+                (answer, runs_of(&app, &storage).await.len())
+            }
+        }
+    };
+    assert_eq!(status, 200, "{paused}");
+    labelsync_tests::eventually("the tick's insert to end", || async {
+        !waiting(r#"INSERT INTO "sync_runs""#)().await
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        runs_of(&app, &storage).await.len(),
+        runs_at_answer,
+        "a periodic run appeared after the pause answered"
+    );
+    app.stop().await;
+}
+
 /// Writes the Tasks-mode objects of the retry test: `good-<i>.json` and
 /// two files that do not parse.
 fn write_task_files_with_two_bad(data: &std::path::Path) {

@@ -939,6 +939,7 @@ fn compose_config() -> Value {
             .env_remove("LABELSYNC_API_TOKENS")
             .env_remove("LABELSYNC_SECRET_KEY")
             .env_remove("LABELSYNC_COMPOSE_SUBNET")
+            .env_remove("LABELSYNC_COMPOSE_S3_ADDRESS")
             .arg("--env-file")
             .arg("/dev/null")
             .arg("-f")
@@ -1086,14 +1087,23 @@ fn check_compose_fleet_build_and_env(
             Some("redis://redis:6379"),
             "{n}"
         );
-        // The SSRF allowlist is exactly the compose network.
-        let subnet = config["networks"]["labelsync"]["ipam"]["config"][0]["subnet"]
+        // The SSRF allowlist is the s3 service's pinned address alone
+        // (it was the whole network: Postgres and Redis with it).
+        let s3 = config["services"]["s3"]["networks"]["labelsync"]["ipv4_address"]
             .as_str()
             .unwrap();
         assert_eq!(
             compose_env(s, "LABELSYNC_ALLOW_PRIVATE_ENDPOINTS"),
-            Some(subnet),
-            "{n}: private endpoints allowed on the compose network only"
+            Some(format!("{s3}/32").as_str()),
+            "{n}: private endpoints allowed to the s3 service only"
+        );
+        let subnet = config["networks"]["labelsync"]["ipam"]["config"][0]["subnet"]
+            .as_str()
+            .unwrap();
+        let policy = labelsync::security::net::NetPolicy::parse(Some(subnet)).unwrap();
+        assert!(
+            policy.allows(s3.parse().unwrap()),
+            "{s3} is on the compose network {subnet}"
         );
     }
 }
@@ -1134,6 +1144,8 @@ fn check_compose_scheduler_env(scheduler: &Value) {
         compose_env(scheduler, "LABELSYNC_RUN_MIGRATIONS"),
         Some("true")
     );
+    // Longer than the scheduler's 20 s drain (compose's default is 10 s).
+    assert_eq!(scheduler["stop_grace_period"], "30s");
 }
 
 fn check_compose_process_health_checks(scheduler: &Value, workers: &[(&String, &Value)]) {

@@ -915,7 +915,8 @@ async fn annotations_saved_while_no_worker_runs_are_exported_once_one_starts() {
 
 /// `/readyz` is 503 while the database lacks a migration this binary has
 /// (a pod started with `LABELSYNC_RUN_MIGRATIONS=false` before the
-/// migration Job ended), naming it, and 200 once it is applied.
+/// migration Job ended), naming it, and 200 once it is applied; a worker
+/// takes jobs only then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_waits_for_the_migrations() {
     use labelsync_migrations::{Migrator, MigratorTrait};
@@ -942,9 +943,21 @@ async fn readyz_waits_for_the_migrations() {
         ready,
         json!({ "database": true, "migrated": false, "queue": true, "pending_migrations": [last] })
     );
+    // A worker started now takes no job until the migration is applied
+    // (it took them at once, against the older schema).
+    write_files(&app.doc_root.path().join("data"), 2, "jpg");
+    let project = app.project("migrating").await;
+    let storage = app.local_storage(project, json!({})).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let _worker = spawn_worker(&app, "early", &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, run) = app.get(&format!("/api/v1/runs/{run_id}")).await;
+    assert_eq!(run["status"], "queued", "taken before the migration: {run}");
     labelsync::db::migrate(&db).await.expect("migrate");
     let (status, ready) = app.get("/readyz").await;
     assert_eq!(status, 200, "{ready}");
+    let done = app.wait_run(&run_id, Duration::from_secs(60)).await;
+    assert_eq!(done["counters"]["created"], 2, "{done}");
     app.stop().await;
 }
 
@@ -1488,7 +1501,8 @@ async fn admission_rules_on_sqlite() {
 /// where the two meet, at a run's last batches, nothing is read twice. A
 /// stale claim (its holder died, the run's job or a queued one) is taken
 /// again by the run, a claim given back at once, and a stopped run's
-/// queued job closes the batch whoever claimed it.
+/// queued job closes the batch whoever claimed it. A claim is renewed and
+/// given back by its holder only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_claimed_by_its_run_is_not_run_again_by_its_queued_job() {
     use chrono::{Duration as Span, Utc};
@@ -1535,8 +1549,25 @@ async fn a_batch_claimed_by_its_run_is_not_run_again_by_its_queued_job() {
         orphan.expect("claim").map(|b| (b.id, b.attempts)),
         Some((claimed, 2))
     );
+    // A claim is its holder's: a renewal keeps it fresh, and the holders
+    // the batches were taken from (their attempt 1), presumed dead but only
+    // slow, neither keep the new claim fresh nor give it away (before, one
+    // did both: the batch given away was run by a third job).
+    let renewed_after = Utc::now();
+    for (id, attempt) in [(queued_first, 2), (claimed, 1)] {
+        batches::renew_claim(&db, id, attempt).await.expect("renew");
+    }
+    batches::release_claim(&db, queued_first, 1)
+        .await
+        .expect("release");
+    let taken = batches::claim_unstarted(&db, run, renewed_after).await;
+    assert_eq!(
+        taken.expect("claim").map(|b| (b.id, b.attempts)),
+        Some((claimed, 3)),
+        "only the claim its holder did not renew is stale"
+    );
     // A holder that stops gives its claim back: the run's next look takes it.
-    batches::release_claim(&db, queued_first)
+    batches::release_claim(&db, queued_first, 2)
         .await
         .expect("release");
     let taken = batches::claim_unstarted(&db, run, Utc::now() - lease).await;

@@ -1076,6 +1076,12 @@ async fn one_callers_proxied_downloads_take_an_eighth_of_the_connections() {
     );
     let third = resolve(&app, project, uri, &[]).await;
     assert_eq!(third.status(), 429);
+    // Asked to wait a moment (no Retry-After before): a place frees up as
+    // soon as a body is sent.
+    assert_eq!(
+        third.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
     let refused: Value = third.json().await.unwrap();
     assert_eq!(refused["error"]["code"], "too_many_downloads", "{refused}");
     drop(first);

@@ -471,6 +471,11 @@ async fn sixteen_streams_and_no_more(app: &TestApp) {
     }
     let refused = open(&reader).await.expect("an answer");
     assert_eq!(refused.status(), 429);
+    assert_eq!(
+        refused.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"30"[..]),
+        "a refused stream says when to try again"
+    );
     let body: Value = refused.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
     let other = secret(&token(app, "read", None).await);
@@ -771,6 +776,61 @@ async fn token_lifecycle_from_the_cli_and_the_api() {
     }
     replica.stop().await;
     app.stop().await;
+}
+
+/// The token commands never make a database of their own, nor migrate one
+/// they were told not to: with `DATABASE_URL` unset, `token create` made a
+/// new `./labelsync.db`, put the token there and exited 0 (no server reads
+/// it); with `LABELSYNC_RUN_MIGRATIONS=false` they migrated anyway. A bare
+/// `--expires 90` was 90 seconds; a unit is needed now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_commands_make_and_migrate_no_database_of_their_own() {
+    use sea_orm::{ConnectionTrait, Database};
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let token = |env: &[(&str, &str)], args: &[&str]| {
+        let out = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
+            .arg("token")
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied())
+            .current_dir(cwd.path())
+            .output()
+            .expect("run labelsync-scheduler token");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stderr)
+    };
+    let (ok, stderr) = token(&[], &["create", "--name", "lost", "--scope", "read"]);
+    assert!(!ok, "a token made where no server reads it");
+    assert!(
+        stderr.contains("DATABASE_URL") && stderr.contains("labelsync.db"),
+        "{stderr}"
+    );
+    assert!(!cwd.path().join("labelsync.db").exists());
+
+    let empty = labelsync_tests::fresh_postgres().await;
+    let not_now = [
+        ("DATABASE_URL", empty.as_str()),
+        ("LABELSYNC_RUN_MIGRATIONS", "false"),
+    ];
+    let (ok, stderr) = token(&not_now, &["list"]);
+    assert!(!ok, "listed tokens of a database with no tables: {stderr}");
+    let db = Database::connect(&empty).await.expect("db");
+    let tables = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT count(*) AS n FROM information_schema.tables WHERE table_schema = 'public'",
+        ))
+        .await
+        .expect("count")
+        .expect("a row");
+    assert_eq!(tables.try_get::<i64>("", "n").expect("n"), 0, "migrated");
+
+    let migrating = [("DATABASE_URL", empty.as_str())];
+    let args = ["create", "--name", "short", "--scope", "read", "--expires"];
+    let (ok, stderr) = token(&migrating, &[&args[..], &["90"]].concat());
+    assert!(!ok && stderr.contains("90d"), "{stderr}");
+    let (ok, stderr) = token(&migrating, &[&args[..], &["90s"]].concat());
+    assert!(ok, "{stderr}");
 }
 
 /// Runs `labelsync-scheduler token ARGS` on the app's database; returns

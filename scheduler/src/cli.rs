@@ -139,7 +139,9 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
     let (spec, valid, env) = read_spec(&settings, path).await?;
 
     let db = db::connect(&settings.database_url).await?;
-    db::migrate(&db).await?;
+    if settings.run_migrations {
+        db::migrate(&db).await?;
+    }
     let project_id = match (&spec.project, spec.project_id) {
         (Some(p), None) => find_or_create_project(&db, &p.title, &p.data_key).await?,
         (None, Some(id)) => existing_project(&db, id).await?,

@@ -213,13 +213,21 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
 }
 
 /// Enqueues the sync of storage `id`, whose period this replica claimed:
-/// true when a run was enqueued, false when the storage is gone or a run
-/// of it is live.
+/// true when a run was enqueued, false when the storage is gone or paused
+/// or a run of it is live.
 async fn enqueue_claimed(state: &AppState, id: i64) -> labelsync::Result<bool> {
     let Some(model) = storages::find(&state.db, id).await? else {
         return Ok(false);
     };
-    let (run, live) = jobs::enqueue_sync(&state.db, &state.queue, &state.settings, &model).await?;
+    let enqueued =
+        jobs::enqueue_periodic_sync(&state.db, &state.queue, &state.settings, &model).await?;
+    let Some((run, live)) = enqueued else {
+        tracing::debug!(
+            storage_id = id,
+            "periodic sync skipped: paused since its period was claimed"
+        );
+        return Ok(false);
+    };
     if live {
         tracing::debug!(storage_id = id, run_id = %run.id, "periodic sync skipped: a run is live");
     } else {

@@ -45,10 +45,7 @@ pub enum TokenCommand {
 }
 
 pub async fn run(settings: Settings, command: TokenCommand) -> anyhow::Result<ExitCode> {
-    let db = db::connect(&settings.database_url)
-        .await
-        .context("cannot open the database (DATABASE_URL)")?;
-    db::migrate(&db).await.context("migrations failed")?;
+    let db = open_servers_database(&settings).await?;
     match command {
         TokenCommand::Create {
             name,
@@ -59,6 +56,28 @@ pub async fn run(settings: Settings, command: TokenCommand) -> anyhow::Result<Ex
         TokenCommand::List => list(&db).await,
         TokenCommand::Revoke { token } => revoke(&db, &token).await,
     }
+}
+
+/// Opens the database the servers use. Never a new SQLite file: with
+/// `DATABASE_URL` unset (a shell in the wrong container) a token went into
+/// a new `./labelsync.db` that no server reads, and the command said it
+/// worked. Migrated only where `LABELSYNC_RUN_MIGRATIONS` lets servers
+/// migrate: a newer CLI must not migrate a database its fleet still runs
+/// on when migrations are a step of their own.
+async fn open_servers_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+    if let Some(path) = db::missing_sqlite_file(&settings.database_url) {
+        bail!(
+            "there is no database at {} (DATABASE_URL names it, or is unset): set DATABASE_URL to the servers' database, or run `labelsync-scheduler migrate` first to make a new one",
+            path.display()
+        );
+    }
+    let db = db::connect(&settings.database_url)
+        .await
+        .context("cannot open the database (DATABASE_URL)")?;
+    if settings.run_migrations {
+        db::migrate(&db).await.context("migrations failed")?;
+    }
+    Ok(db)
 }
 
 async fn create(

@@ -307,11 +307,10 @@ impl Settings {
             rate_limit_per_minute: parse(&get, "LABELSYNC_RATE_LIMIT_PER_MINUTE", 0)?,
             audit_retention_days: days_within(&get, "LABELSYNC_AUDIT_RETENTION_DAYS", 90)?,
             run_retention_days: days_within(&get, "LABELSYNC_RUN_RETENTION_DAYS", 90)?,
-            runs_kept_per_storage: parse(&get, "LABELSYNC_RUNS_KEPT_PER_STORAGE", 10_000u32)?
-                .max(1),
+            runs_kept_per_storage: at_least_one(&get, "LABELSYNC_RUNS_KEPT_PER_STORAGE", 10_000)?,
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
-            storage_timeout: secs_at_least_1(&get, "LABELSYNC_STORAGE_TIMEOUT_SECS", 60)?,
+            storage_timeout: secs_within(&get, "LABELSYNC_STORAGE_TIMEOUT_SECS", 60, 86_400)?,
             secret_box: get("LABELSYNC_SECRET_KEY")
                 .map(|k| SecretBox::from_base64(&k).map(Arc::new))
                 .transpose()?,
@@ -347,18 +346,26 @@ fn worker_beside_this_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(WORKER))
 }
 
-/// The `LABELSYNC_*` settings of [`WorkerSettings`], read in field order;
-/// the page size must lie in 1..=5000, missed heartbeats be at least 2.
+/// The `LABELSYNC_*` settings of [`WorkerSettings`], read in field order.
 fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettings> {
     let worker = WorkerSettings {
         concurrency: parse(get, "LABELSYNC_WORKER_CONCURRENCY", 4)?,
         name_prefix: get("LABELSYNC_WORKER_NAME")
             .or_else(|| get("HOSTNAME"))
             .unwrap_or_else(|| "worker".into()),
-        poll_interval: Duration::from_millis(parse(get, "LABELSYNC_QUEUE_POLL_MS", 150)?),
+        poll_interval: Duration::from_millis(within(
+            get,
+            "LABELSYNC_QUEUE_POLL_MS",
+            150,
+            10..=3_600_000,
+        )?),
         heartbeat: secs_within(get, "LABELSYNC_HEARTBEAT_SECS", 5, 3_600)?,
-        missed_heartbeats: parse(get, "LABELSYNC_MISSED_HEARTBEATS", 3)?,
-        page_size: parse(get, "LABELSYNC_PAGE_SIZE", 1000)?,
+        // A lease renewed every heartbeat must outlast a renewal that is
+        // late, and an export attempt stops a heartbeat before its lease
+        // could be taken (`jobs::heartbeat`); a lease longer than chrono's
+        // range was no lease at all.
+        missed_heartbeats: within(get, "LABELSYNC_MISSED_HEARTBEATS", 3, 2..=1000)?,
+        page_size: within(get, "LABELSYNC_PAGE_SIZE", 1000, 1..=5000)?,
         max_attempts: at_least_one(get, "LABELSYNC_MAX_ATTEMPTS", 5)?,
         fetch_concurrency: parse(get, "LABELSYNC_FETCH_CONCURRENCY", 16)?,
         export_concurrency: parse(get, "LABELSYNC_EXPORT_CONCURRENCY", 64)?,
@@ -367,53 +374,44 @@ fn worker_settings(get: &impl Fn(&str) -> Option<String>) -> Result<WorkerSettin
             "LABELSYNC_METRICS_BIND",
             SocketAddr::from(([0, 0, 0, 0], 9464)),
         )?,
-        max_object_bytes: parse(get, "LABELSYNC_MAX_OBJECT_BYTES", 4 << 30)?,
-        max_task_bytes: parse(get, "LABELSYNC_MAX_TASK_BYTES", 16 << 20)?,
-        parse_budget_bytes: parse(get, "LABELSYNC_PARSE_BUDGET_BYTES", 512 << 20)?,
-        rows_in_flight_bytes: parse(get, "LABELSYNC_ROWS_IN_FLIGHT_BYTES", 128 << 20)?,
-        max_rows_per_object: parse(get, "LABELSYNC_MAX_ROWS_PER_OBJECT", 10_000_000)?,
-        spool_bytes: parse(get, "LABELSYNC_SPOOL_BYTES", 4 << 30)?,
+        // Sizes are in bytes: less than these (a size written in MiB)
+        // would make every file or row an error, commit rows one at a time
+        // across the whole process or copy no Parquet file.
+        max_object_bytes: within(
+            get,
+            "LABELSYNC_MAX_OBJECT_BYTES",
+            4 << 30,
+            1 << 10..=u64::MAX,
+        )?,
+        max_task_bytes: within(
+            get,
+            "LABELSYNC_MAX_TASK_BYTES",
+            16 << 20,
+            1 << 10..=usize::MAX,
+        )?,
+        parse_budget_bytes: within(
+            get,
+            "LABELSYNC_PARSE_BUDGET_BYTES",
+            512 << 20,
+            1 << 20..=usize::MAX,
+        )?,
+        rows_in_flight_bytes: within(
+            get,
+            "LABELSYNC_ROWS_IN_FLIGHT_BYTES",
+            128 << 20,
+            1 << 20..=usize::MAX,
+        )?,
+        max_rows_per_object: within(
+            get,
+            "LABELSYNC_MAX_ROWS_PER_OBJECT",
+            10_000_000,
+            1..=u64::MAX,
+        )?,
+        spool_bytes: within(get, "LABELSYNC_SPOOL_BYTES", 4 << 30, 1 << 20..=u64::MAX)?,
         list_partitions: parse(get, "LABELSYNC_LIST_PARTITIONS", 64)?,
         parquet_parser: get("LABELSYNC_PARQUET_PARSER")
             .map_or_else(worker_beside_this_binary, PathBuf::from),
     };
-    if worker.page_size == 0 || worker.page_size > 5000 {
-        return Err(Error::invalid(
-            "invalid_setting",
-            None,
-            "LABELSYNC_PAGE_SIZE must be between 1 and 5000",
-        ));
-    }
-    // A lease renewed every heartbeat must outlast a renewal that is late,
-    // and an export attempt stops a heartbeat before its lease could be
-    // taken (`jobs::heartbeat`).
-    if worker.missed_heartbeats < 2 {
-        return Err(Error::invalid(
-            "invalid_setting",
-            None,
-            "LABELSYNC_MISSED_HEARTBEATS must be at least 2",
-        ));
-    }
-    // Less would commit rows one at a time across the whole process, copy
-    // no Parquet file, or import no row.
-    for (too_small, message) in [
-        (
-            worker.rows_in_flight_bytes < 1 << 20,
-            "LABELSYNC_ROWS_IN_FLIGHT_BYTES must be at least 1048576 (1 MiB)",
-        ),
-        (
-            worker.spool_bytes < 1 << 20,
-            "LABELSYNC_SPOOL_BYTES must be at least 1048576 (1 MiB)",
-        ),
-        (
-            worker.max_rows_per_object < 1,
-            "LABELSYNC_MAX_ROWS_PER_OBJECT must be at least 1",
-        ),
-    ] {
-        if too_small {
-            return Err(Error::invalid("invalid_setting", None, message));
-        }
-    }
     Ok(worker)
 }
 
@@ -423,7 +421,7 @@ fn http_limits(get: &impl Fn(&str) -> Option<String>) -> Result<HttpLimits> {
     Ok(HttpLimits {
         header_timeout: secs_within(get, "LABELSYNC_HEADER_TIMEOUT_SECS", 10, 86_400)?,
         idle_timeout: secs_within(get, "LABELSYNC_IDLE_TIMEOUT_SECS", 75, 86_400)?,
-        body_timeout: secs_at_least_1(get, "LABELSYNC_BODY_TIMEOUT_SECS", 30)?,
+        body_timeout: secs_within(get, "LABELSYNC_BODY_TIMEOUT_SECS", 30, 86_400)?,
         write_timeout: secs_within(get, "LABELSYNC_WRITE_TIMEOUT_SECS", 300, 86_400)?,
         max_connections: parse(get, "LABELSYNC_MAX_CONNECTIONS", 1024)?.clamp(1, 1 << 20),
     })
@@ -455,22 +453,38 @@ fn secs_at_least_1(
 /// cleanup task for good (nothing was pruned again).
 const MAX_RETENTION_DAYS: u32 = 36_500;
 
-/// A number of days (`default` when unset), raised to at least 1 and
-/// refused past [`MAX_RETENTION_DAYS`].
+/// A number of days (`default` when unset) from 1 to
+/// [`MAX_RETENTION_DAYS`]: `0` is refused rather than read as a day, which
+/// deleted an audit trail its operator meant to keep.
 fn days_within(
     get: &impl Fn(&str) -> Option<String>,
     key: &'static str,
     default: u32,
 ) -> Result<u32> {
-    let days: u32 = parse(get, key, default)?;
-    if days > MAX_RETENTION_DAYS {
-        return Err(Error::invalid(
-            "invalid_setting",
-            None,
-            format!("{key}={days} is more than {MAX_RETENTION_DAYS} days (a hundred years)"),
-        ));
-    }
-    Ok(days.max(1))
+    within(get, key, default, 1..=MAX_RETENTION_DAYS)
+}
+
+/// A number (`default` when unset) refused outside `bounds`, the message
+/// naming the setting: a size written in MiB where bytes are meant, a zero
+/// that makes a loop spin, a huge value that overflows a deadline.
+fn within<T>(
+    get: &impl Fn(&str) -> Option<String>,
+    key: &'static str,
+    default: T,
+    bounds: std::ops::RangeInclusive<T>,
+) -> Result<T>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    let n = parse(get, key, default)?;
+    let refused = if n < *bounds.start() {
+        format!("{key}={n} is less than {}", bounds.start())
+    } else if n > *bounds.end() {
+        format!("{key}={n} is more than {}", bounds.end())
+    } else {
+        return Ok(n);
+    };
+    Err(Error::invalid("invalid_setting", None, refused))
 }
 
 /// A count that must be at least 1 (`default` when unset): `0` attempts
@@ -575,10 +589,13 @@ mod tests {
         }
         let many = with(&[
             ("LABELSYNC_HEARTBEAT_SECS", "3600"),
-            ("LABELSYNC_MISSED_HEARTBEATS", "18446744073709551615"),
+            ("LABELSYNC_MISSED_HEARTBEATS", "1000"),
         ])
         .expect("settings");
-        assert!(many.worker.lease_ttl() >= Duration::from_secs(3600));
+        assert_eq!(many.worker.lease_ttl(), Duration::from_secs(3_600_000));
+        // A lease past chrono's range was read as no lease (every lease
+        // stale at once).
+        assert!(many.worker.stale_before() < chrono::Utc::now() - chrono::Duration::days(41));
         // A lease of one heartbeat is lost by a renewal that is late.
         for missed in ["0", "1"] {
             let refused = with(&[("LABELSYNC_MISSED_HEARTBEATS", missed)]);
@@ -614,6 +631,28 @@ mod tests {
             assert!(
                 matches!(refused, Err(Error::Invalid { .. })),
                 "{key}: {refused:?}"
+            );
+        }
+        // Accepted before: a poll of 0 ms spun, sizes written in MiB made
+        // every file or row an error, a retention of 0 deleted a day old
+        // audit trail, timeouts near u64::MAX overflowed their deadlines,
+        // and so did a lease of u64::MAX heartbeats.
+        for (key, value) in [
+            ("LABELSYNC_QUEUE_POLL_MS", "0"),
+            ("LABELSYNC_PARSE_BUDGET_BYTES", "512"),
+            ("LABELSYNC_MAX_TASK_BYTES", "16"),
+            ("LABELSYNC_MAX_OBJECT_BYTES", "4"),
+            ("LABELSYNC_AUDIT_RETENTION_DAYS", "0"),
+            ("LABELSYNC_RUN_RETENTION_DAYS", "0"),
+            ("LABELSYNC_RUNS_KEPT_PER_STORAGE", "0"),
+            ("LABELSYNC_STORAGE_TIMEOUT_SECS", "18446744073709551615"),
+            ("LABELSYNC_BODY_TIMEOUT_SECS", "18446744073709551615"),
+            ("LABELSYNC_MISSED_HEARTBEATS", "18446744073709551615"),
+        ] {
+            let refused = with(&[(key, value)]);
+            assert!(
+                matches!(&refused, Err(e) if e.to_string().contains(&format!("{key}={value}"))),
+                "{key}={value}: {refused:?}"
             );
         }
         let least = with(&[("LABELSYNC_ROWS_IN_FLIGHT_BYTES", "1048576")]).expect("settings");

@@ -145,9 +145,42 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
     let ctx: Arc<JobContext> = JobContext::new(db, settings, Some(queue.clone()));
     let probes = tokio::spawn(serve_worker_listener(listener, ctx.clone(), queue.clone()));
     crate::storage::s3::warm_up(&ctx.storage_env).await;
+    tokio::select! {
+        () = wait_for_migrations(&ctx.db) => {}
+        () = shutdown_signal() => {
+            probes.abort();
+            return Ok(());
+        }
+    }
     let result = queue.run_worker(ctx, shutdown_signal()).await;
     probes.abort();
     result
+}
+
+/// How often a worker waiting for its migrations looks again.
+const MIGRATIONS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Returns once the database has every migration this binary knows. A
+/// worker never migrates; one started beside the migration Job
+/// (`kubectl apply` starts both) took jobs at once, against a schema older
+/// than its code. It waits now, its `/readyz` naming what is pending.
+async fn wait_for_migrations(db: &sea_orm::DatabaseConnection) {
+    let mut told = false;
+    loop {
+        match db::pending_migrations(db).await {
+            Ok(pending) if pending.is_empty() => return,
+            Ok(pending) if !told => {
+                tracing::info!(
+                    ?pending,
+                    "waiting for the database's migrations before taking jobs"
+                );
+                told = true;
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "cannot read the database's migrations"),
+        }
+        tokio::time::sleep(MIGRATIONS_POLL).await;
+    }
 }
 
 /// The `/metrics` answer: the queue's depth is read first (a scrape sees

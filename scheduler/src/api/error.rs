@@ -28,6 +28,9 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub field: Option<&'static str>,
+    /// The seconds its `Retry-After` header asks the caller to wait, when
+    /// waiting helps; a `503` always has one.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -37,6 +40,15 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
+        }
+    }
+
+    /// The same error, asking its caller to wait `seconds` first.
+    pub fn retry_after(self, seconds: u32) -> Self {
+        ApiError {
+            retry_after: Some(seconds),
+            ..self
         }
     }
 
@@ -88,10 +100,8 @@ impl From<Error> for ApiError {
                 message,
                 field,
             } => ApiError {
-                status: StatusCode::BAD_REQUEST,
-                code,
-                message,
                 field,
+                ..ApiError::new(StatusCode::BAD_REQUEST, code, message)
             },
             // Storage credentials, not the caller's: the request was fine,
             // the storage it describes is not.
@@ -135,10 +145,13 @@ impl IntoResponse for ApiError {
         let body =
             json!({ "error": { "code": self.code, "message": self.message, "field": self.field } });
         let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = self
+            .retry_after
+            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_UNAVAILABLE_SECS));
+        if let Some(seconds) = retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from(RETRY_UNAVAILABLE_SECS),
+                axum::http::HeaderValue::from(seconds),
             );
         }
         response

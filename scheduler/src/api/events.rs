@@ -95,12 +95,10 @@ struct Holder {
 }
 
 impl Holder {
-    /// `429` when the caller (or the server) holds the most streams: at
-    /// most half the connections the server takes are streams, so requests
-    /// and probes still get in.
+    /// `429` when the caller (or the server) holds the most streams (see
+    /// `Streams::events`).
     fn open(state: &AppState, caller: Caller) -> ApiResult<Self> {
-        let most = (state.settings.http.max_connections / 2).max(1);
-        let slot = state.streams.open(&caller, most)?;
+        let slot = state.streams.open(&caller)?;
         Ok(Holder {
             caller,
             checked: tokio::time::Instant::now(),

@@ -239,13 +239,8 @@ async fn serve(
     }
 
     served.mode = "proxy";
-    // Held until the body is sent: a storage that trickles holds its
-    // connection as long as it likes, so one token's proxied bodies may
-    // take at most an eighth of the connections the server takes, and all
-    // of them a quarter: with event streams (half at most) a quarter is
-    // left to other requests.
-    let most = (state.settings.http.max_connections / 4).max(1);
-    let slot = state.proxied.open(caller, most)?;
+    // Held until the body is sent (see `Streams::proxied`).
+    let slot = state.proxied.open(caller)?;
     proxy(state, &*backend, &key, target.kind, headers, slot).await
 }
 

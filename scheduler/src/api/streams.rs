@@ -35,17 +35,27 @@ pub struct Streams {
 #[derive(Debug, Clone, Copy)]
 struct Kind {
     per_caller: usize,
+    /// Of every caller together.
+    most: usize,
     code: &'static str,
     what: &'static str,
+    /// The `Retry-After` of a refusal: about how soon a place frees up.
+    retry_after: u32,
 }
 
-impl Default for Streams {
-    /// Event streams: [`PER_CALLER`] per caller.
-    fn default() -> Self {
+impl Streams {
+    /// Event streams of a server that takes `max_connections`
+    /// (`LABELSYNC_MAX_CONNECTIONS`): [`PER_CALLER`] per caller, half the
+    /// connections in all, so requests and probes still get in.
+    pub fn events(max_connections: usize) -> Self {
         Streams::of(Kind {
             per_caller: PER_CALLER,
+            most: (max_connections / 2).max(1),
             code: "too_many_streams",
             what: "event streams",
+            // Streams last: a client that tries again at once is refused
+            // again.
+            retry_after: 30,
         })
     }
 }
@@ -73,19 +83,26 @@ impl Streams {
         }
     }
 
-    /// Proxied `/resolve` bodies, `per_caller` of one caller at most
-    /// (`too_many_downloads`).
-    pub fn proxied(per_caller: usize) -> Self {
+    /// Proxied `/resolve` bodies (`too_many_downloads`), each held until
+    /// it is sent: a storage that trickles holds its connection as long as
+    /// it likes, so one caller's may take an eighth of the connections the
+    /// server takes, and all of them a quarter (with event streams' half,
+    /// a quarter is left to other requests).
+    pub fn proxied(max_connections: usize) -> Self {
         Streams::of(Kind {
-            per_caller: per_caller.max(1),
+            per_caller: (max_connections / 8).max(1),
+            most: (max_connections / 4).max(1),
             code: "too_many_downloads",
             what: "proxied downloads",
+            // A download's place frees up as soon as its body is sent.
+            retry_after: 1,
         })
     }
 
     /// A place for one more stream of `caller`, if it holds fewer than its
-    /// kind's per-caller cap and all callers fewer than `most` (else `429`).
-    pub fn open(&self, caller: &Caller, most: usize) -> ApiResult<Slot> {
+    /// kind's per-caller cap and all callers fewer than its total (else
+    /// `429`, with a `Retry-After`).
+    pub fn open(&self, caller: &Caller) -> ApiResult<Slot> {
         // Each bootstrap token is a caller of its own (they shared one
         // count, their common name's).
         let key = caller.key.clone();
@@ -94,10 +111,14 @@ impl Streams {
         let mine = open.by_caller.get(&key).copied().unwrap_or(0);
         let Kind {
             per_caller,
+            most,
             code,
             what,
+            retry_after,
         } = self.kind;
-        let refuse = |message: String| ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        let refuse = |message: String| {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message).retry_after(retry_after)
+        };
         if mine >= per_caller {
             return Err(refuse(format!(
                 "at most {per_caller} {what} of one token are open at once; close one first"

@@ -123,14 +123,19 @@ pub async fn note_error(db: &impl ConnectionTrait, id: i64, error: &str) -> Resu
 }
 
 /// Gives back a claim whose holder stopped before the batch was done, so
-/// the run's next look takes it at once (instead of after a lease).
-pub async fn release_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
+/// the run's next look takes it at once (instead of after a lease). A
+/// claim is its holder's while no one has claimed the batch since: the
+/// holder names it by the batch's `attempt` count its claim made, so a
+/// holder presumed dead that was only slow cannot give away the claim of
+/// the job that took the batch over (which let a third job run it too).
+pub async fn release_claim(db: &impl ConnectionTrait, id: i64, attempt: i64) -> Result<()> {
     sync_batch::Entity::update_many()
         .col_expr(
             sync_batch::Column::ClaimedAt,
             Expr::value(DateTime::<Utc>::UNIX_EPOCH),
         )
         .filter(sync_batch::Column::Id.eq(id))
+        .filter(sync_batch::Column::Attempts.eq(attempt))
         .filter(sync_batch::Column::ClaimedAt.is_not_null())
         .exec(db)
         .await?;
@@ -172,20 +177,26 @@ pub async fn count_attempt(
 
 /// Renews the claim on a batch being run, so it does not go stale while
 /// its runner lives (a batch that takes longer than a lease). Only a claim
-/// still held: one given back ([`release_claim`]) is
-/// not taken again by a renewal that arrives late. On Postgres a row
+/// still held, and the holder's own (`attempt`, as [`release_claim`]): one
+/// given back is not taken again by a renewal that arrives late, and one
+/// taken over is not kept fresh by the holder it was taken from. On Postgres a row
 /// locked by a commit under way (the batch's own, marking it done) is
 /// skipped, not waited for: the renewal holds no connection waiting on the
 /// work it runs beside.
-pub async fn renew_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
+pub async fn renew_claim(db: &impl ConnectionTrait, id: i64, attempt: i64) -> Result<()> {
     let given_back = DateTime::<Utc>::UNIX_EPOCH;
     if db.get_database_backend() == sea_orm::DbBackend::Postgres {
         db.execute_raw(sea_orm::Statement::from_sql_and_values(
             sea_orm::DbBackend::Postgres,
             "UPDATE sync_batches SET claimed_at = $1 WHERE id = \
-             (SELECT id FROM sync_batches WHERE id = $2 AND NOT done AND claimed_at > $3 \
-              FOR UPDATE SKIP LOCKED)",
-            [Utc::now().into(), id.into(), given_back.into()],
+             (SELECT id FROM sync_batches WHERE id = $2 AND attempts = $3 AND NOT done \
+              AND claimed_at > $4 FOR UPDATE SKIP LOCKED)",
+            [
+                Utc::now().into(),
+                id.into(),
+                attempt.into(),
+                given_back.into(),
+            ],
         ))
         .await?;
         return Ok(());
@@ -193,6 +204,7 @@ pub async fn renew_claim(db: &impl ConnectionTrait, id: i64) -> Result<()> {
     sync_batch::Entity::update_many()
         .col_expr(sync_batch::Column::ClaimedAt, Expr::value(Utc::now()))
         .filter(sync_batch::Column::Id.eq(id))
+        .filter(sync_batch::Column::Attempts.eq(attempt))
         .filter(sync_batch::Column::Done.eq(false))
         .filter(sync_batch::Column::ClaimedAt.gt(given_back))
         .exec(db)

@@ -32,6 +32,19 @@ use sea_orm::{
 
 use crate::Result;
 
+/// The file a SQLite `url` names when it does not exist (`None` for a
+/// Postgres URL, or a file that is there): for commands that must not
+/// make a new database where they were meant to find the servers' one.
+pub fn missing_sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    use std::str::FromStr;
+    if !url.starts_with("sqlite") {
+        return None;
+    }
+    let options = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+    let path = options.get_filename();
+    (!path.exists()).then(|| path.to_owned())
+}
+
 /// Opens the pool. SQLite gets WAL and a busy timeout so the API and the
 /// in-process workers can write to one file without "database is locked".
 /// Postgres connections plan every statement afresh (see [`point_pool`]).

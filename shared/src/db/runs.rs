@@ -160,7 +160,22 @@ pub async fn create_or_get_live_scoped(
     kind: RunKind,
     scope: &str,
 ) -> Result<(sync_run::Model, bool)> {
-    create_live(db, storage_id, kind, scope, None).await
+    let made = create_live(db, storage_id, kind, scope, None, false).await?;
+    made.ok_or_else(|| Error::NotFound(format!("storage {storage_id} not found")))
+}
+
+/// [`create_or_get_live`] for the periodic tick, which claimed the
+/// storage's period a moment before: `None` when the storage has been
+/// paused (or deleted) since. The storage row is read `FOR SHARE` in the
+/// insert's transaction, so a pause that commits first is seen, and one
+/// that comes later waits for the run to commit: once `POST
+/// /storages/{id}/pause` has answered, no periodic run of it appears.
+pub async fn create_periodic(
+    db: &DatabaseConnection,
+    storage_id: i64,
+    kind: RunKind,
+) -> Result<Option<(sync_run::Model, bool)>> {
+    create_live(db, storage_id, kind, SCOPE_FULL, None, true).await
 }
 
 /// Whether the storage's latest run of `scope` failed after `since`.
@@ -188,29 +203,36 @@ pub async fn create_retry(
     db: &DatabaseConnection,
     of: &sync_run::Model,
 ) -> Result<(sync_run::Model, bool)> {
-    create_live(
+    let storage_id = of.storage_id;
+    let made = create_live(
         db,
-        of.storage_id,
+        storage_id,
         RunKind::Import,
         SCOPE_RETRY,
         Some(&of.id),
-    )
-    .await
+        false,
+    );
+    made.await?
+        .ok_or_else(|| Error::NotFound(format!("storage {storage_id} not found")))
 }
 
+/// Creates a queued run, or returns the storage's live run (`true`);
+/// `None` when `unless_paused` and the storage's schedule is paused or the
+/// storage is gone (see [`create_periodic`]).
 async fn create_live(
     db: &DatabaseConnection,
     storage_id: i64,
     kind: RunKind,
     scope: &str,
     retry_of: Option<&str>,
-) -> Result<(sync_run::Model, bool)> {
+    unless_paused: bool,
+) -> Result<Option<(sync_run::Model, bool)>> {
     // Read only when a run is to be made: on the hot path (an export of
     // annotation events while one is live) the live run is all it takes.
     let mut project_id = None;
     for _ in 0..3 {
         if let Some(run) = live(db, storage_id).await? {
-            return Ok((run, true));
+            return Ok(Some((run, true)));
         }
         let project_id = match project_id {
             Some(id) => id,
@@ -253,11 +275,14 @@ async fn create_live(
         };
         // The run and its `run.queued` event commit together.
         let tx = super::begin_write(db).await?;
+        if unless_paused && !super::storages::schedule_active(&tx, storage_id).await? {
+            return Ok(None); // rolled back
+        }
         match sync_run::Entity::insert(row).exec_with_returning(&tx).await {
             Ok(run) => {
                 record_events(&tx, &run).await?;
                 tx.commit().await?;
-                return Ok((run, false));
+                return Ok(Some((run, false)));
             }
             Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
                 continue;

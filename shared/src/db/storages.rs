@@ -255,6 +255,21 @@ pub async fn due_for_sync(
         .await?)
 }
 
+/// Whether the storage exists with its schedule not paused, its row
+/// locked `FOR SHARE` (Postgres) until `txn` ends: a pause waits for it.
+/// SQLite's write transactions run one at a time, which does the same.
+pub async fn schedule_active(txn: &impl ConnectionTrait, id: i64) -> Result<bool> {
+    let mut row = storage::Entity::find_by_id(id)
+        .select_only()
+        .column(storage::Column::Id)
+        .filter(storage::Column::SchedulePausedAt.is_null());
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        row = row.lock_shared();
+    }
+    let found: Option<i64> = row.into_tuple().one(txn).await?;
+    Ok(found.is_some())
+}
+
 /// Claims the storage's period: moves its next sync to `next` if it is still
 /// due at `now`; false when another replica took it first (or it is gone).
 pub async fn claim_period(

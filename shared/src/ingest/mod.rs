@@ -713,20 +713,20 @@ fn partitions_lost(found: usize, done: usize, written: usize) -> Error {
 /// before a job's retry.
 const BATCH_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Renews batch `id`'s claim every `every`, for ever (see
+/// Renews the claim `batch`'s attempt made every `every`, for ever (see
 /// `ImportJob::renewing_claim`). A renewal that fails is let go: the worst
 /// it costs is the batch run twice (rows are linked once).
 async fn renew_claim_every(
     db: &DatabaseConnection,
-    id: i64,
+    batch: &sync_batch::Model,
     every: std::time::Duration,
 ) -> std::convert::Infallible {
     let mut beat = tokio::time::interval(every);
     beat.tick().await; // the first tick is at once
     loop {
         beat.tick().await;
-        if let Err(err) = batches::renew_claim(db, id).await {
-            tracing::debug!(batch_id = id, error = %err, "batch claim not renewed");
+        if let Err(err) = batches::renew_claim(db, batch.id, batch.attempts).await {
+            tracing::debug!(batch_id = batch.id, error = %err, "batch claim not renewed");
         }
     }
 }
@@ -950,13 +950,13 @@ impl ImportJob<'_> {
             match self.run_batch(batch, WORKER).await {
                 Ok(Outcome::Finished) => {}
                 Ok(Outcome::Stopped) => {
-                    batches::release_claim(self.db, batch.id).await?;
+                    batches::release_claim(self.db, batch.id, batch.attempts).await?;
                     return Ok(false);
                 }
                 Err(err) => {
                     // Kept first: the next taker's "gave up" message names it.
                     let _ = batches::note_error(self.db, batch.id, &err.to_string()).await;
-                    batches::release_claim(self.db, batch.id).await?;
+                    batches::release_claim(self.db, batch.id, batch.attempts).await?;
                     self.check_stopping()?;
                     if err.is_transient() {
                         tokio::time::sleep(BATCH_RETRY_PAUSE).await;
@@ -988,22 +988,22 @@ impl ImportJob<'_> {
             };
             self.finish_batch(batch.id, worker, imported).await
         };
-        self.renewing_claim(batch.id, work).await
+        self.renewing_claim(batch, work).await
     }
 
-    /// Runs `work` on batch `id`, renewing the batch's claim every
+    /// Runs `work` on `batch`, renewing its claim every
     /// heartbeat meanwhile, so no other job takes a batch that is only
     /// slow. The two are polled together: a renewal awaited in between
     /// polls of `work` waited for the row lock of `work`'s own commit,
     /// which waited to be polled (a deadlock a lagging database showed).
     async fn renewing_claim(
         &self,
-        id: i64,
+        batch: &sync_batch::Model,
         work: impl Future<Output = Result<Outcome>>,
     ) -> Result<Outcome> {
         tokio::select! {
             outcome = work => outcome,
-            never = renew_claim_every(self.db, id, self.settings.heartbeat) => match never {},
+            never = renew_claim_every(self.db, batch, self.settings.heartbeat) => match never {},
         }
     }
 

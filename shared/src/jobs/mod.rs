@@ -512,7 +512,7 @@ pub async fn execute_batch(
             let _ = batches::note_error(&ctx.db, batch_id, &err.to_string()).await;
             // Given back: the job's retry, or the run's waiting job, takes
             // it again (its attempts bound the retries).
-            let _ = batches::release_claim(&ctx.db, batch_id).await;
+            let _ = batches::release_claim(&ctx.db, batch_id, batch.attempts).await;
             Err(RetryLater(err))
         }
         Err(err) => job
@@ -904,6 +904,26 @@ pub async fn enqueue_sync(
     }
     release_new(db, queue, settings, &run).await;
     Ok((runs::get(db, &run.id).await?, false))
+}
+
+/// [`enqueue_sync`] for the periodic tick, which claimed the storage's
+/// period: `None` when the storage has been paused or deleted since (see
+/// `runs::create_periodic`).
+pub async fn enqueue_periodic_sync(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    settings: &Settings,
+    storage: &storage_entity::Model,
+) -> Result<Option<(crate::db::entities::sync_run::Model, bool)>> {
+    let kind = run_kind(storage);
+    let Some((run, live)) = runs::create_periodic(db, storage.id, kind).await? else {
+        return Ok(None);
+    };
+    if live {
+        return Ok(Some((run, true)));
+    }
+    release_new(db, queue, settings, &run).await;
+    Ok(Some((runs::get(db, &run.id).await?, false)))
 }
 
 /// Starts a `retry` run that reads again the objects `of` (an ended import

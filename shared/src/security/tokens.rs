@@ -81,14 +81,13 @@ pub fn display_prefix(secret: &str) -> String {
     secret.chars().take(PREFIX_LEN).collect()
 }
 
-/// A lifetime such as `90d`, `12h`, `30m` or `3600s` (also bare seconds),
-/// for the CLI's `--expires`.
+/// A lifetime such as `90d`, `12h`, `30m` or `3600s`, for the CLI's
+/// `--expires`. The unit is needed: a bare `90` read as seconds made a
+/// token meant for 90 days expire before it was handed over.
 pub fn parse_lifetime(text: &str) -> Option<chrono::Duration> {
     let text = text.trim();
-    let (number, unit) = match text.char_indices().last()? {
-        (i, c) if c.is_ascii_alphabetic() => (&text[..i], c),
-        _ => (text, 's'),
-    };
+    let (i, unit) = text.char_indices().last()?;
+    let number = &text[..i];
     let n: i64 = number.parse().ok().filter(|n| *n > 0)?;
     let seconds = match unit {
         's' => 1,
@@ -166,8 +165,18 @@ mod tests {
     fn lifetimes() {
         assert_eq!(parse_lifetime("90d"), chrono::Duration::try_days(90));
         assert_eq!(parse_lifetime("12h"), chrono::Duration::try_hours(12));
-        assert_eq!(parse_lifetime("3600"), chrono::Duration::try_hours(1));
-        for bad in ["", "d", "0d", "-1d", "5y", "99999999999999999d", "1.5d"] {
+        assert_eq!(parse_lifetime("3600s"), chrono::Duration::try_hours(1));
+        // A number alone was seconds: a token meant for 90 days lasted 90 s.
+        for bad in [
+            "",
+            "d",
+            "0d",
+            "-1d",
+            "5y",
+            "99999999999999999d",
+            "1.5d",
+            "90",
+        ] {
             assert_eq!(parse_lifetime(bad), None, "{bad}");
         }
     }
