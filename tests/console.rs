@@ -425,6 +425,97 @@ async fn console_sessions_keep_to_their_origin_and_their_keys() {
     app.stop().await;
 }
 
+/// Behind TLS (said by the proxy in a list, or in `Forwarded`) the session
+/// cookie is `Secure` and `__Host-`: it was sent in clear unless
+/// `X-Forwarded-Proto` was exactly `https`, and a plain cookie another
+/// site of the domain set for `/ui` shadowed it. Pages are `no-store`; a
+/// database that cannot answer is a 5xx page, not an empty list ("No
+/// runs.") nor the login form (which then called a good token revoked);
+/// a NUL in a filter is a 400 page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sessions_behind_proxies_and_through_outages() {
+    use sea_orm::{ConnectionTrait, Database};
+    let app = spawn_app(AppOptions {
+        token: Some(BOOT.into()),
+        ..AppOptions::default()
+    })
+    .await;
+    for (name, value) in [
+        ("x-forwarded-proto", "https, http"),
+        (
+            "forwarded",
+            "for=192.0.2.1;proto=https, for=10.0.0.1;proto=http",
+        ),
+    ] {
+        let resp = client()
+            .post(format!("{}/ui/login", app.base))
+            .header(name, value)
+            .form(&[("token", BOOT)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 303, "{name}");
+        let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_owned();
+        assert!(
+            cookie.starts_with("__Host-labelsync_session=") && cookie.contains("; Secure"),
+            "{name}: {value}: {cookie}"
+        );
+    }
+    let body = json!({ "name": "viewer", "scope": "read" });
+    let (_, made) = api(&app, Method::POST, "/api/v1/tokens", body).await;
+    let session = format!(
+        "__Host-labelsync_session={}",
+        made["secret"].as_str().unwrap()
+    );
+    let shadowed = format!("labelsync_session=another-sites; {session}");
+    let (status, _) = page(&app, &shadowed, "/ui/").await;
+    assert_eq!(status, 200, "the __Host- session is read");
+    // (Another site's valid token sent first, for a path of its choosing.)
+    let two = format!("labelsync_session={BOOT}; labelsync_session=the-users-own");
+    let (status, _) = page(&app, &two, "/ui/").await;
+    assert_eq!(status, 303, "two plain sessions are none");
+    for (path, cache) in [
+        ("/ui/runs", "no-store"),
+        ("/ui/login", "no-store"),
+        ("/ui/static/console.js", "public, max-age=300"),
+    ] {
+        let resp = client()
+            .get(format!("{}{path}", app.base))
+            .header("cookie", &session)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["cache-control"], cache, "{path}");
+    }
+    let (status, html) = page(&app, &session, "/ui/runs?before=%00").await;
+    assert_eq!(status, 400, "{html}");
+
+    let db = Database::connect(&app.database_url).await.unwrap();
+    let rename = async |from: &str, to: &str| {
+        db.execute_unprepared(&format!("ALTER TABLE {from} RENAME TO {to}"))
+            .await
+            .unwrap();
+    };
+    rename("sync_runs", "sync_runs_away").await;
+    let (status, html) = page(&app, &session, "/ui/runs").await;
+    rename("sync_runs_away", "sync_runs").await;
+    assert_eq!(status, 503, "{html}");
+    assert!(
+        html.contains("did not answer") && !html.contains("No runs"),
+        "{html}"
+    );
+    rename("api_tokens", "api_tokens_away").await;
+    let (status, html) = page(&app, &session, "/ui/").await;
+    rename("api_tokens_away", "api_tokens").await;
+    assert!(
+        (500..600).contains(&status),
+        "not the login form: {status} {html}"
+    );
+    let (status, _) = page(&app, &session, "/ui/").await;
+    assert_eq!(status, 200, "the session holds once the database answers");
+    app.stop().await;
+}
+
 /// With no token made (the open loopback mode) there is no credential a
 /// page must hold: a change sent by a page of another origin of this
 /// machine (another port of localhost: `Sec-Fetch-Site: same-site`, or

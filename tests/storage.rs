@@ -1754,8 +1754,8 @@ async fn import_sync_end_to_end_through_databricks() {
 /// error at once, on S3, GCS and Azure, instead of being asked forever
 /// (nothing would be committed, so not even a cancel would be seen); one
 /// that crowds more entries into a page than asked for is refused too (S3,
-/// Azure), and so is a page longer than 32 MiB (Azure: the others have
-/// their own tests). An Azure listing of one level gives
+/// Azure; GCS past 5,000, while the page is parsed), and so is a page longer than 32 MiB (Azure, and S3's first
+/// page, which the AWS SDK reads: the others have their own tests). An Azure listing of one level gives
 /// its first page before it asks for the next (it gathered every page of
 /// the level first, without end here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1798,6 +1798,13 @@ async fn hostile_listing_pages_stop_the_listing() {
          </ListBucketResult>",
     );
     let gcs = answer("application/json", r#"{"nextPageToken":"again"}"#);
+    // More names than any page holds, each tiny: parsed whole before (2.5
+    // million of them fit in the 32 MiB a page may take).
+    let names: Vec<String> = (0..5001).map(|i| format!(r#"{{"name":"k{i}"}}"#)).collect();
+    let gcs_crowded = answer(
+        "application/json",
+        &format!(r#"{{"items":[{}]}}"#, names.join(",")),
+    );
     // And a page of more entries than S3 ever sends (1,000).
     let many: String = (0..1001)
         .map(|i| format!("<Contents><Key>k{i}</Key><Size>1</Size></Contents>"))
@@ -1816,6 +1823,12 @@ async fn hostile_listing_pages_stop_the_listing() {
         (BackendKind::S3, s3, true, repeated),
         (BackendKind::Gcs, gcs, true, repeated),
         (
+            BackendKind::Gcs,
+            gcs_crowded,
+            true,
+            "a listing page crowded past 5000 entries",
+        ),
+        (
             BackendKind::S3,
             crowded,
             true,
@@ -1831,6 +1844,15 @@ async fn hostile_listing_pages_stop_the_listing() {
         ),
         (
             BackendKind::Azure,
+            endless.clone(),
+            true,
+            "the storage's answer is over 32 MiB",
+        ),
+        // A storage opened anew lists its first page through the AWS SDK,
+        // which read any answer whole (the signed pages after it were
+        // bounded already): now bounded there too.
+        (
+            BackendKind::S3,
             endless,
             true,
             "the storage's answer is over 32 MiB",

@@ -306,19 +306,37 @@ pub async fn auth(
 /// The console's session cookie: the caller's token, HttpOnly and
 /// SameSite=Strict (set by `/ui/login`).
 pub const SESSION_COOKIE: &str = "labelsync_session";
+/// The session cookie's name behind TLS: a browser takes a `__Host-`
+/// cookie only from this very host, `Secure`, for `Path=/`, so another
+/// site of the same domain (or a network attacker on plain HTTP) cannot
+/// set one to shadow the user's session with its own.
+pub const SECURE_SESSION_COOKIE: &str = "__Host-labelsync_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 
-/// The token in the request's session cookie, if any.
+/// The token in the request's session cookie, if any: the `__Host-` one
+/// when it is there. Two cookies of the plain name (one set for a longer
+/// path by another site of the domain, sent first) are no session, not
+/// the first one's.
 pub fn session_token(headers: &header::HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value)
-        .filter(|value| !value.is_empty())
+    let named = |wanted: &'static str| {
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .filter(move |(name, _)| *name == wanted)
+            .map(|(_, value)| value)
+    };
+    let mut secure = named(SECURE_SESSION_COOKIE);
+    if let (Some(value), None) = (secure.next(), secure.next()) {
+        return Some(value).filter(|value| !value.is_empty());
+    }
+    let mut plain = named(SESSION_COOKIE);
+    match (plain.next(), plain.next()) {
+        (Some(value), None) => Some(value).filter(|value| !value.is_empty()),
+        _ => None,
+    }
 }
 
 /// The CSRF token of a session: derived from its token, so only a page that

@@ -361,12 +361,16 @@ fn method_not_allowed_error(method: &Method) -> ApiError {
 /// `invalid_text`: no stored text may contain NUL (Postgres refuses it), so
 /// such a parameter is bad input on every database, caught before any query.
 async fn refuse_nul_in_url(req: Request, next: Next) -> Response {
-    let has_nul = |s: &str| percent_encoding::percent_decode_str(s).any(|b| b == 0);
-    let uri = req.uri();
-    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+    if has_nul_in_url(req.uri()) {
         return ApiError::invalid_text().into_response();
     }
     next.run(req).await
+}
+
+/// Whether the path or query of `uri` holds a percent-encoded NUL.
+pub fn has_nul_in_url(uri: &axum::http::Uri) -> bool {
+    let has_nul = |s: &str| percent_encoding::percent_decode_str(s).any(|b| b == 0);
+    has_nul(uri.path()) || uri.query().is_some_and(has_nul)
 }
 
 /// The longest path and query taken, in bytes: a storage key of 1,024

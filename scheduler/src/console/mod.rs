@@ -2,8 +2,8 @@
 //! who run the fleet, with a small script for live counters (the API's
 //! Server-Sent Events) and actions. Every action is a call of the public API
 //! (`/api/v1`), so the page has no back door: the session cookie set by
-//! `/ui/login` holds the caller's token (HttpOnly, SameSite=Strict, Secure
-//! behind TLS), and the API takes it with the page's CSRF token
+//! `/ui/login` holds the caller's token (HttpOnly, SameSite=Strict, and
+//! behind TLS Secure and `__Host-`), and the API takes it with the page's CSRF token
 //! (`api::access`). Reads are rendered from the database with the caller's
 //! scope and projects, as the API would answer them.
 mod charts;
@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::api::{
     AppState, Caller,
-    access::{self, Need, SESSION_COOKIE},
+    access::{self, Need, SECURE_SESSION_COOKIE, SESSION_COOKIE},
 };
 
 /// The console's routes, all under `/ui` (`/ui` and `/ui/` are the
@@ -49,7 +49,21 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/ui/static/console.css", get(css))
         .route("/ui/static/console.js", get(js))
         .merge(pages)
+        .layer(middleware::from_fn(refuse_nul_in_url))
         .layer(middleware::from_fn(security_headers))
+}
+
+/// A path or query holding a percent-encoded NUL is a 400 page, as the
+/// API's is (a filter holding one read as "No runs.": the database refused
+/// the query and the page said nothing of it).
+async fn refuse_nul_in_url(req: Request, next: Next) -> Response {
+    if crate::api::has_nul_in_url(req.uri()) {
+        return layout::error_page(
+            axum::http::StatusCode::BAD_REQUEST,
+            "The address holds a NUL character (%00), which nothing stored can contain.",
+        );
+    }
+    next.run(req).await
 }
 
 /// Who is looking, and what they may do: put in the extensions of every
@@ -70,7 +84,10 @@ impl Viewer {
 }
 
 /// Finds the caller from the session cookie (or the open mode); a page
-/// asked without a valid session goes to the login form.
+/// asked without a valid session goes to the login form, and one whose
+/// session could not be checked (the database did not answer) is an error
+/// page saying so: it went to the login form too, which then called the
+/// token revoked.
 async fn session(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let token = access::session_token(req.headers())
         .unwrap_or_default()
@@ -89,7 +106,10 @@ async fn session(State(state): State<AppState>, mut req: Request, next: Next) ->
             req.extensions_mut().insert(Viewer { caller, csrf });
             next.run(req).await
         }
-        Err(_) => Redirect::to("/ui/login").into_response(),
+        Err(refused) if refused.status.is_client_error() => {
+            Redirect::to("/ui/login").into_response()
+        }
+        Err(failed) => layout::error_page(failed.status, &failed.message),
     }
 }
 
@@ -122,26 +142,45 @@ async fn login(
             "That token holds a character a session cookie cannot (; , \" or \\): use it as a bearer token with the API, or log in with another.",
         ));
     }
-    let valid = !token.is_empty()
-        && token.bytes().all(|b| b.is_ascii_graphic())
-        && access::caller_of(&state, token, &headers).await.is_ok();
-    if !valid {
-        return layout::login(Some(
+    let not_valid = || {
+        layout::login(Some(
             "That token is not valid (or has expired or been revoked).",
-        ));
+        ))
+    };
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return not_valid();
     }
-    let secure = if behind_tls(&headers) { "; Secure" } else { "" };
-    let cookie = format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
-    with_cookie(Redirect::to("/ui/").into_response(), &cookie)
+    match access::caller_of(&state, token, &headers).await {
+        Ok(_) => {}
+        // The database did not answer: the token may well be good.
+        Err(failed) if failed.status.is_server_error() => {
+            return layout::error_page(failed.status, &failed.message);
+        }
+        Err(_) => return not_valid(),
+    }
+    // Behind TLS the cookie is `Secure` (it carries the token) and
+    // `__Host-` (no other site of the domain can shadow it).
+    let cookie = match behind_tls(&headers) {
+        true => {
+            format!("{SECURE_SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Secure")
+        }
+        false => format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict"),
+    };
+    with_cookies(Redirect::to("/ui/").into_response(), &[&cookie])
 }
 
-/// `POST /ui/logout`: forgets the session cookie (not for another site).
+/// `POST /ui/logout`: forgets the session cookies (not for another site).
 async fn logout(headers: HeaderMap) -> Response {
     if access::from_elsewhere(&headers) {
         return from_another_site();
     }
-    let cookie = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
-    with_cookie(Redirect::to("/ui/login").into_response(), &cookie)
+    let plain = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    let secure =
+        format!("{SECURE_SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Secure; Max-Age=0");
+    with_cookies(
+        Redirect::to("/ui/login").into_response(),
+        &[&plain, &secure],
+    )
 }
 
 /// A login or logout form sent from another site: 403, nothing set.
@@ -153,18 +192,36 @@ fn from_another_site() -> Response {
     response
 }
 
-fn with_cookie(mut response: Response, cookie: &str) -> Response {
-    if let Ok(value) = HeaderValue::from_str(cookie) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
+fn with_cookies(mut response: Response, cookies: &[&str]) -> Response {
+    for cookie in cookies {
+        if let Ok(value) = HeaderValue::from_str(cookie) {
+            response.headers_mut().append(header::SET_COOKIE, value);
+        }
     }
     response
 }
 
-/// TLS is terminated in front of labelsync: the proxy says so.
+/// TLS is terminated in front of labelsync: the proxy says so, in
+/// `X-Forwarded-Proto` or `Forwarded` (RFC 7239). Their first entry is the
+/// client's side (each proxy on the way appends its own): `https, http`
+/// came over TLS (it was read as plain, and the token's cookie went out
+/// without `Secure`).
 fn behind_tls(headers: &HeaderMap) -> bool {
-    headers
-        .get("x-forwarded-proto")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
+    let first = |name: &str| {
+        let value = headers.get(name)?.to_str().ok()?;
+        Some(value.split(',').next()?.trim().to_owned())
+    };
+    let forwarded_proto = first("forwarded").and_then(|entry| {
+        entry.split(';').find_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            key.eq_ignore_ascii_case("proto")
+                .then(|| value.trim_matches('"').to_owned())
+        })
+    });
+    [first("x-forwarded-proto"), forwarded_proto]
+        .iter()
+        .flatten()
+        .any(|proto| proto.eq_ignore_ascii_case("https"))
 }
 
 async fn css() -> Response {
@@ -212,5 +269,11 @@ async fn security_headers(req: Request, next: Next) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // Pages show settings, keys and errors: not kept by the browser after
+    // a logout (its back button) or by a cache on the way. Assets say
+    // their own.
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     response
 }

@@ -21,6 +21,19 @@ use crate::api::{AppState, access::Need};
 /// Rows a list page shows.
 const PAGE: u64 = 50;
 
+/// A page, or the error page that stands for it.
+type Page = Result<Response, Response>;
+
+/// The page of a read the database refused or did not answer: 503, and
+/// the log says why. An empty list there ("No runs.") hid an outage.
+fn unreadable(err: labelsync::Error) -> Response {
+    tracing::warn!(error = %err, "a console page could not read the database");
+    layout::error_page(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "The database did not answer this page's reads; try again in a moment.",
+    )
+}
+
 /// `GET /ui/`: the queue, run counts, the newest runs.
 pub async fn overview(
     State(state): State<AppState>,
@@ -205,7 +218,7 @@ pub async fn runs(
     State(state): State<AppState>,
     Extension(viewer): Extension<Viewer>,
     Query(q): Query<RunsQuery>,
-) -> Response {
+) -> Page {
     let status = q.status.as_deref().and_then(RunStatus::parse);
     let kind = q.kind.as_deref().filter(|k| RunKind::parse(k).is_some());
     let project_id = number(q.project_id.as_deref());
@@ -229,7 +242,7 @@ pub async fn runs(
     };
     let rows = runs::page(&state.db, filter, PAGE)
         .await
-        .unwrap_or_default();
+        .map_err(unreadable)?;
     let next = (rows.len() as u64 == PAGE)
         .then(|| rows.last().map(|r| r.id.clone()))
         .flatten();
@@ -256,7 +269,7 @@ pub async fn runs(
             p { a href=(older_link(&q, &next)) { "Older runs" } }
         }
     };
-    layout::page("Runs", &viewer, body)
+    Ok(layout::page("Runs", &viewer, body))
 }
 
 /// The choices of the runs page's time filter.
@@ -317,19 +330,20 @@ pub async fn run(
     Extension(viewer): Extension<Viewer>,
     Path(id): Path<String>,
     Query(q): Query<ErrorsQuery>,
-) -> Response {
+) -> Page {
     let run = match runs::get(&state.db, &id).await {
         Ok(run) if viewer.caller.sees(run.project_id) => run,
-        _ => {
-            return layout::error_page(
+        Ok(_) | Err(labelsync::Error::NotFound(_)) => {
+            return Err(layout::error_page(
                 axum::http::StatusCode::NOT_FOUND,
                 &format!("Run {id} not found."),
-            );
+            ));
         }
+        Err(err) => return Err(unreadable(err)),
     };
     let errors = runs::errors_page(&state.db, &id, q.after, PAGE)
         .await
-        .unwrap_or_default();
+        .map_err(unreadable)?;
     let live = RunStatus::parse(&run.status).is_some_and(RunStatus::is_live);
     let progress = match live {
         true => Some(progress::facts(&run, expected_total(&state, &run).await)),
@@ -374,7 +388,7 @@ pub async fn run(
         h2 { "Objects that failed" }
         (errors_table(&run, &errors))
     };
-    layout::page(&format!("Run {}", run.id), &viewer, body)
+    Ok(layout::page(&format!("Run {}", run.id), &viewer, body))
 }
 
 /// The size a live run is expected to reach (see `progress`), from the
@@ -433,7 +447,7 @@ pub async fn storages(
     State(state): State<AppState>,
     Extension(viewer): Extension<Viewer>,
     Query(q): Query<StoragesQuery>,
-) -> Response {
+) -> Page {
     let project_id = number(q.project_id.as_deref());
     let filter = StorageFilter {
         project_id,
@@ -443,15 +457,15 @@ pub async fn storages(
     };
     let rows = storages::page(&state.db, filter, PAGE)
         .await
-        .unwrap_or_default();
+        .map_err(unreadable)?;
     let ids: Vec<i64> = rows.iter().map(|s| s.id).collect();
-    let last = runs::newest_of(&state.db, &ids).await.unwrap_or_default();
+    let last = runs::newest_of(&state.db, &ids).await.map_err(unreadable)?;
     let mut project_ids: Vec<i64> = rows.iter().map(|s| s.project_id).collect();
     project_ids.sort_unstable();
     project_ids.dedup();
     let titles = labelsync::db::projects::titles(&state.db, &project_ids)
         .await
-        .unwrap_or_default();
+        .map_err(unreadable)?;
     let more = match (rows.len() as u64 == PAGE, ids.last()) {
         (true, Some(last)) => Some(match project_id {
             Some(p) => format!("/ui/storages?project_id={p}&after={last}"),
@@ -478,7 +492,7 @@ pub async fn storages(
             @if let Some(more) = more { p { a href=(more) { "More storages" } } }
         }
     };
-    layout::page("Storages", &viewer, body)
+    Ok(layout::page("Storages", &viewer, body))
 }
 
 fn storage_row(
@@ -526,15 +540,16 @@ pub async fn storage(
     State(state): State<AppState>,
     Extension(viewer): Extension<Viewer>,
     Path(id): Path<i64>,
-) -> Response {
+) -> Page {
     let found = match storages::find(&state.db, id).await {
         Ok(Some(s)) if viewer.caller.sees(s.project_id) => s,
-        _ => {
-            return layout::error_page(
+        Ok(_) => {
+            return Err(layout::error_page(
                 axum::http::StatusCode::NOT_FOUND,
                 &format!("Storage {id} not found."),
-            );
+            ));
         }
+        Err(err) => return Err(unreadable(err)),
     };
     let filter = RunFilter {
         storage_id: Some(id),
@@ -542,7 +557,7 @@ pub async fn storage(
     };
     let mut history = runs::page(&state.db, filter, HISTORY)
         .await
-        .unwrap_or_default();
+        .map_err(unreadable)?;
     history.reverse();
     let seconds: Vec<i64> = history.iter().map(run_seconds).collect();
     let listed: Vec<i64> = history.iter().map(|r| r.listed).collect();
@@ -570,7 +585,7 @@ pub async fn storage(
         (charts::bars("Objects listed", "objects listed per run", &listed))
         (runs_table(&newest))
     };
-    layout::page(&format!("Storage {id}"), &viewer, body)
+    Ok(layout::page(&format!("Storage {id}"), &viewer, body))
 }
 
 /// Runs a storage page charts.

@@ -897,9 +897,19 @@ pub async fn enqueue_sync(
     settings: &Settings,
     storage: &storage_entity::Model,
 ) -> Result<(crate::db::entities::sync_run::Model, bool)> {
-    let kind = run_kind(storage);
-    let (run, already_running) = runs::create_or_get_live(db, storage.id, kind).await?;
-    if already_running {
+    let made = runs::create_or_get_live(db, storage.id, run_kind(storage)).await?;
+    started(db, queue, settings, made).await
+}
+
+/// A run just made (`false`) let go as its project allows
+/// ([`release_new`]) and read back; a live run found (`true`) as it is.
+async fn started(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    settings: &Settings,
+    (run, live): (crate::db::entities::sync_run::Model, bool),
+) -> Result<(crate::db::entities::sync_run::Model, bool)> {
+    if live {
         return Ok((run, true));
     }
     release_new(db, queue, settings, &run).await;
@@ -915,15 +925,10 @@ pub async fn enqueue_periodic_sync(
     settings: &Settings,
     storage: &storage_entity::Model,
 ) -> Result<Option<(crate::db::entities::sync_run::Model, bool)>> {
-    let kind = run_kind(storage);
-    let Some((run, live)) = runs::create_periodic(db, storage.id, kind).await? else {
-        return Ok(None);
-    };
-    if live {
-        return Ok(Some((run, true)));
+    match runs::create_periodic(db, storage.id, run_kind(storage)).await? {
+        Some(made) => Ok(Some(started(db, queue, settings, made).await?)),
+        None => Ok(None),
     }
-    release_new(db, queue, settings, &run).await;
-    Ok(Some((runs::get(db, &run.id).await?, false)))
 }
 
 /// Starts a `retry` run that reads again the objects `of` (an ended import
@@ -935,12 +940,8 @@ pub async fn enqueue_retry(
     settings: &Settings,
     of: &crate::db::entities::sync_run::Model,
 ) -> Result<(crate::db::entities::sync_run::Model, bool)> {
-    let (run, live) = runs::create_retry(db, of).await?;
-    if live {
-        return Ok((run, true));
-    }
-    release_new(db, queue, settings, &run).await;
-    Ok((runs::get(db, &run.id).await?, false))
+    let made = runs::create_retry(db, of).await?;
+    started(db, queue, settings, made).await
 }
 
 /// Runs one sweep enqueues at most (the backlog limit stops it earlier).

@@ -169,15 +169,22 @@ impl NetPolicy {
             return Ok(());
         }
         tracing::debug!(host, %ip, "endpoint refused by the SSRF guard");
-        Err(Error::invalid(
+        Err(self.refusal(host, field))
+    }
+
+    /// The refusal of `host`, the same whether it resolves to an address
+    /// not allowed or does not resolve at all: two answers told an API user
+    /// which names the server's internal DNS knows (`db.corp.internal`).
+    fn refusal(&self, host: &str, field: &'static str) -> Error {
+        Error::invalid(
             "endpoint_not_allowed",
             Some(field),
             format!(
-                "{host} is (or resolves to) a private, loopback, link-local or metadata address; \
-                 it may not be reached unless the server sets {}",
+                "{host} is (or resolves to) a private, loopback, link-local or metadata address, \
+                 or does not resolve; it may not be reached unless the server sets {}",
                 self.setting
             ),
-        ))
+        )
     }
 
     /// Checks a host name or literal address (of the request's `field`),
@@ -191,11 +198,8 @@ impl NetPolicy {
             return Ok(());
         }
         let addrs = tokio::net::lookup_host((bare, port)).await.map_err(|e| {
-            Error::invalid(
-                "endpoint_unreachable",
-                Some(field),
-                format!("cannot resolve {host}: {e}"),
-            )
+            tracing::debug!(host, error = %e, "endpoint name does not resolve");
+            self.refusal(host, field)
         })?;
         for addr in addrs {
             self.check_ip(host, addr.ip(), field)?;
@@ -857,6 +861,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("127.0.0.1") && !err.contains("::1"), "{err}");
+        // A name that does not resolve is refused alike: it was
+        // `endpoint_unreachable`, "cannot resolve", which told a caller
+        // which internal names exist.
+        let unknown = p
+            .check_host("no-such-host.invalid", 80, "f")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            unknown.replace("no-such-host.invalid", "localhost"),
+            err,
+            "{unknown}"
+        );
         assert!(
             NetPolicy::allow_all()
                 .check_url("http://127.0.0.1:9000", "f")

@@ -236,7 +236,7 @@ fn classify(err: object_store::Error, what: &str) -> Error {
     if text.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
         return Error::invalid("endpoint_not_allowed", Some("config"), msg);
     }
-    if text.contains(bounded::TOO_BIG) {
+    if text.contains(super::capped::TOO_BIG) {
         return Error::invalid("storage_answer_too_big", None, msg);
     }
     // Azure says AuthenticationFailed, Azurite "Server failed to authenticate
@@ -349,7 +349,12 @@ impl Cursor {
             ..PaginatedListOptions::default()
         };
         let page = self.lister.page(&opts.prefix, options).await?;
-        let empty = page.result.objects.is_empty() && page.result.common_prefixes.is_empty();
+        let (prefix, after) = (&opts.prefix, opts.start_after.as_ref());
+        let objects: Vec<ObjectMeta> = (page.result.objects.into_iter().map(to_meta))
+            .filter(|m| listed_under(&m.key, prefix) && after.is_none_or(|a| m.key > *a))
+            .collect();
+        // Empty as listed: names outside the prefix are no progress.
+        let empty = objects.is_empty() && page.result.common_prefixes.is_empty();
         let next = page.page_token;
         self.tokens.check(
             self.token.as_deref(),
@@ -358,13 +363,7 @@ impl Cursor {
             &self.lister.what,
         )?;
         self.token = next;
-        let (prefix, after) = (&opts.prefix, opts.start_after.as_ref());
-        let objects = page.result.objects.into_iter().map(to_meta);
-        Ok(page_of(
-            objects
-                .filter(|m| listed_under(&m.key, prefix) && after.is_none_or(|a| m.key > *a))
-                .collect(),
-        ))
+        Ok(page_of(objects))
     }
 
     /// Whether a page follows the one just given.

@@ -24,7 +24,9 @@ use serde::{Deserialize, Serialize};
 use super::{
     BackendKind, GetRange, KeyShape, ListError, ListOptions, Object, ObjectMeta, Page, Secrets,
     Storage, StorageEnv, check_key, paginate, parse_config,
-    retry::{error_body, json_page, object_of, retry, status_error, transport_error},
+    retry::{
+        at_most_a_page, error_body, json_page, object_of, retry, status_error, transport_error,
+    },
 };
 use crate::{Error, Result};
 
@@ -87,6 +89,8 @@ impl DatabricksConfig {
 #[derive(Debug, Clone)]
 pub struct DatabricksStorage {
     http: Client,
+    /// The longest a directory page's answer may take whole.
+    page_deadline: std::time::Duration,
     host: Url,
     /// `/Volumes/<catalog>/<schema>/<volume>`, escaped.
     root: String,
@@ -121,6 +125,7 @@ impl DatabricksStorage {
         );
         Ok(DatabricksStorage {
             http: env.http_client()?,
+            page_deadline: env.request_timeout,
             host,
             root,
             plain_root,
@@ -179,8 +184,12 @@ impl DatabricksStorage {
         .await
     }
 
-    /// Every entry of one directory (all pages), sorted by name.
-    async fn read_dir(&self, dir_key: &str) -> Result<Vec<Entry>> {
+    /// Every entry of one directory (all pages), sorted by name. `held`:
+    /// the entries the directories above it still hold for the walk, which
+    /// count against the same limit (a server answering nearly the limit
+    /// at every level, each with one subdirectory, held it many times
+    /// over).
+    async fn read_dir(&self, dir_key: &str, held: usize) -> Result<Vec<Entry>> {
         let url = self.url("directories", dir_key)?;
         let what = format!("list dbx://{}/{dir_key}", self.plain_root);
         let mut entries = Vec::new();
@@ -200,13 +209,13 @@ impl DatabricksStorage {
                 Err(Error::NotFound(_)) if !dir_key.is_empty() => return Ok(Vec::new()),
                 Err(e) => return Err(e),
             };
-            let page: DirPage = json_page(resp, &what).await?;
+            let page: DirPage = json_page(resp, self.page_deadline, &what).await?;
             let next = page.next_page_token.filter(|t| !t.is_empty());
             let empty = page.contents.is_empty();
             tokens.check(token.as_deref(), next.as_deref(), empty, &what)?;
             entries.extend(page.contents);
-            if entries.len() > super::MAX_GATHERED_NAMES {
-                let why = "the Files API lists a directory unsorted";
+            if entries.len() + held > super::MAX_GATHERED_NAMES {
+                let why = "the Files API lists a directory unsorted, and a walk holds the rest of the directories above it";
                 let advice = "split it into subdirectories";
                 return Err(super::too_many_names(
                     &what,
@@ -227,7 +236,7 @@ impl DatabricksStorage {
 
 #[derive(Deserialize)]
 struct DirPage {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most_a_page")]
     contents: Vec<Entry>,
     next_page_token: Option<String>,
 }
@@ -271,7 +280,7 @@ impl Walk {
         if !self.started {
             self.started = true;
             let dir = self.stack[0].dir_key.clone();
-            self.stack[0].pending = self.storage.read_dir(&dir).await?;
+            self.stack[0].pending = self.storage.read_dir(&dir, 0).await?;
         }
         let mut page = Page::default();
         while page.objects.len() < self.opts.page_size {
@@ -300,7 +309,8 @@ impl Walk {
                     continue;
                 }
                 if self.opts.recursive && !self.dir_done(&sub) {
-                    match self.storage.read_dir(&sub).await {
+                    let held = self.stack.iter().map(|f| f.pending.len()).sum();
+                    match self.storage.read_dir(&sub, held).await {
                         Ok(pending) => self.stack.push(Frame {
                             dir_key: sub,
                             pending,

@@ -31,7 +31,10 @@ use serde::{Deserialize, Serialize};
 use super::{
     BackendKind, Children, GetRange, KeyShape, ListOptions, Object, ObjectMeta, Page, Secrets,
     Storage, StorageEnv, check_key, check_location, paginate, parse_config,
-    retry::{error_body, error_chain, json_page, object_of, retry, status_error, transport_error},
+    retry::{
+        at_most_a_page, error_body, error_chain, json_page, object_of, retry, status_error,
+        transport_error,
+    },
 };
 use crate::{Error, Result, security::net::parse_endpoint};
 
@@ -83,6 +86,8 @@ impl GcsConfig {
 /// IAM); otherwise `presign` answers `None` and the object is proxied.
 pub struct GcsStorage {
     http: Client,
+    /// The longest a listing page's answer may take whole.
+    page_deadline: std::time::Duration,
     base: Url,
     bucket: String,
     token: Option<Credentials>,
@@ -241,6 +246,7 @@ impl GcsStorage {
         };
         Ok(GcsStorage {
             http: env.http_client()?,
+            page_deadline: env.request_timeout,
             base,
             bucket: config.bucket,
             token,
@@ -267,7 +273,7 @@ impl GcsStorage {
         let response = self
             .send(what, || self.http.get(url.clone()).query(query))
             .await?;
-        json_page(response, what).await
+        json_page(response, self.page_deadline, what).await
     }
 
     fn object_path(&self, key: &str) -> String {
@@ -305,7 +311,7 @@ impl GcsStorage {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Listing {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most_a_page")]
     items: Vec<Item>,
     next_page_token: Option<String>,
 }
@@ -315,9 +321,9 @@ struct Listing {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Level {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most_a_page")]
     prefixes: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most_a_page")]
     items: Vec<Item>,
     next_page_token: Option<String>,
 }
@@ -363,6 +369,7 @@ impl Storage for GcsStorage {
     fn list(&self, opts: ListOptions) -> BoxStream<'static, Result<Page>> {
         let storage = std::sync::Arc::new(GcsStorage {
             http: self.http.clone(),
+            page_deadline: self.page_deadline,
             base: self.base.clone(),
             bucket: self.bucket.clone(),
             token: self.token.clone(),

@@ -8,6 +8,7 @@
 //! location, config validation, open). Adding a backend means: its module, a
 //! variant of [`BackendKind`], and one line in [`backend`].
 pub mod azure;
+mod capped;
 pub mod databricks;
 mod filter;
 pub mod gcs;
@@ -828,12 +829,16 @@ pub fn within_page(entries: usize, most: usize, what: &str) -> Result<()> {
 const MAX_EMPTY_PAGES: u32 = 10_000;
 
 /// Follows a listing's continuation tokens. A server that hands back the
-/// token it was sent, or keeps answering empty pages that say more follow,
-/// would be asked forever, and as an empty page commits nothing, not even
-/// a cancel of the run would be seen.
+/// token it was sent, goes round a cycle of tokens (A, B, A, ...), or keeps
+/// answering empty pages that say more follow, would be asked forever, and
+/// as an empty page commits nothing, not even a cancel of the run would be
+/// seen.
 #[derive(Debug, Default)]
 pub struct Tokens {
     empty_in_a_row: u32,
+    /// Hashes of the tokens answered so far (a token may be long; its hash
+    /// takes 8 bytes a page).
+    seen: std::collections::HashSet<u64>,
 }
 
 impl Tokens {
@@ -856,6 +861,13 @@ impl Tokens {
         if next.is_some() && next == sent {
             return Err(refuse("answered the continuation token it was sent"));
         }
+        if let Some(next) = next
+            && !self.seen.insert(token_hash(next))
+        {
+            return Err(refuse(
+                "answered a continuation token it had answered before",
+            ));
+        }
         self.empty_in_a_row = if empty && next.is_some() {
             self.empty_in_a_row + 1
         } else {
@@ -868,6 +880,15 @@ impl Tokens {
         }
         Ok(())
     }
+}
+
+/// A token's hash for [`Tokens`]: with a key of this process' own, so a
+/// server cannot pick tokens that collide.
+fn token_hash(token: &str) -> u64 {
+    use std::hash::BuildHasher;
+    static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    KEYS.get_or_init(std::hash::RandomState::new)
+        .hash_one(token)
 }
 
 /// Lists ahead: pulls up to `depth` pages into a buffer on its own task, so a
@@ -908,6 +929,30 @@ pub fn prefetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server going round a cycle of tokens with pages that are not
+    /// empty was followed for ever (only a token sent straight back, or
+    /// empty pages, stopped it).
+    #[test]
+    fn a_cycle_of_continuation_tokens_stops_the_listing() {
+        let mut tokens = Tokens::default();
+        let pages = [(None, "A"), (Some("A"), "B"), (Some("B"), "C")];
+        for (sent, next) in pages {
+            tokens
+                .check(sent, Some(next), false, "list")
+                .expect("a new token");
+        }
+        let refused = tokens.check(Some("C"), Some("A"), false, "list x");
+        assert!(
+            matches!(&refused, Err(e) if e.to_string().contains("list x: the storage answered a continuation token it had answered before")),
+            "{refused:?}"
+        );
+        let sent_back = Tokens::default().check(Some("A"), Some("A"), false, "list");
+        assert!(
+            matches!(&sent_back, Err(e) if e.to_string().contains("the continuation token it was sent")),
+            "{sent_back:?}"
+        );
+    }
 
     fn refused(key: &str, shape: KeyShape) -> bool {
         matches!(

@@ -99,37 +99,99 @@ pub const MAX_PAGE_BYTES: usize = 32 << 20;
 /// ([`body_up_to`]) and decoded.
 pub async fn json_page<T: serde::de::DeserializeOwned>(
     response: reqwest::Response,
+    deadline: std::time::Duration,
     what: &str,
 ) -> Result<T> {
-    let body = body_up_to(response, MAX_PAGE_BYTES, what).await?;
-    serde_json::from_slice(&body)
-        .map_err(|e| Error::Transient(format!("{what}: unreadable answer: {e}")))
+    let body = body_up_to(response, MAX_PAGE_BYTES, deadline, what).await?;
+    serde_json::from_slice(&body).map_err(|e| {
+        let message = format!("{what}: unreadable answer: {e}");
+        if message.contains(CROWDED) {
+            Error::invalid("storage_answer_too_big", None, message)
+        } else {
+            Error::Transient(message)
+        }
+    })
+}
+
+/// The most entries one list of a JSON listing page is read with: the
+/// largest `LABELSYNC_PAGE_SIZE` (GCS and the Files API send 1,000 at
+/// most). A 32 MiB page holds 2.5 million `{"name":"a"}`, which took the
+/// best part of a gigabyte once parsed; such a page is refused while it is
+/// parsed, before it is held.
+pub const MAX_PAGE_ENTRIES: usize = 5000;
+
+/// How the error of a page over [`MAX_PAGE_ENTRIES`] begins.
+const CROWDED: &str = "a listing page crowded past";
+
+/// serde's `deserialize_with` for a list of a listing page's entries: at
+/// most [`MAX_PAGE_ENTRIES`].
+pub fn at_most_a_page<'de, D, T>(deserializer: D) -> std::result::Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    struct Entries<T>(std::marker::PhantomData<T>);
+    impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Entries<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of entries")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<Vec<T>, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = seq.next_element()? {
+                if entries.len() == MAX_PAGE_ENTRIES {
+                    return Err(serde::de::Error::custom(format!(
+                        "{CROWDED} {MAX_PAGE_ENTRIES} entries"
+                    )));
+                }
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    deserializer.deserialize_seq(Entries(std::marker::PhantomData))
 }
 
 /// The whole body of a successful answer that is read in memory (a
 /// listing page), refused with a permanent error once it passes `limit`
 /// bytes: a server cannot make a worker hold more. A body cut off
-/// midway is transient, as its request is.
+/// midway is transient, as its request is, and so is one not whole within
+/// `deadline` (the storage's request timeout): the client's read timeout
+/// waits for the next bytes only, so a server that sent one byte now and
+/// then held a worker slot, or an API request validating a storage, for
+/// ever.
 pub async fn body_up_to(
     mut response: reqwest::Response,
     limit: usize,
+    deadline: std::time::Duration,
     what: &str,
 ) -> Result<bytes::Bytes> {
     if response.content_length().is_some_and(|n| n > limit as u64) {
         return Err(too_big(what, limit));
     }
-    let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| Error::Transient(format!("{what}: {}", body_error(e))))?
-    {
-        if body.len() + chunk.len() > limit {
-            return Err(too_big(what, limit));
+    let read = async {
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| Error::Transient(format!("{what}: {}", body_error(e))))?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(too_big(what, limit));
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
+        Ok(body.freeze())
+    };
+    tokio::time::timeout(deadline, read).await.map_err(|_| {
+        Error::Transient(format!(
+            "{what}: the storage's answer did not arrive whole within {} s (LABELSYNC_STORAGE_TIMEOUT_SECS)",
+            deadline.as_secs()
+        ))
+    })?
 }
 
 fn too_big(what: &str, limit: usize) -> Error {
@@ -350,10 +412,13 @@ mod tests {
         let get = async |url: String| reqwest::get(url).await.unwrap();
         // Within the limit: read whole.
         let small = get(answering(chunked, 4, 1000).await).await;
-        assert_eq!(body_up_to(small, 4000, "t").await.unwrap().len(), 4000);
+        assert_eq!(
+            body_up_to(small, 4000, LONG, "t").await.unwrap().len(),
+            4000
+        );
         // Streamed past it: refused as soon as it passes, whatever follows.
         let endless = get(answering(chunked, usize::MAX, 1 << 16).await).await;
-        match body_up_to(endless, 1 << 20, "list x").await {
+        match body_up_to(endless, 1 << 20, LONG, "list x").await {
             Err(Error::Invalid { code, message, .. }) => {
                 assert_eq!(code, "storage_answer_too_big");
                 assert!(message.starts_with("list x: "), "{message}");
@@ -364,9 +429,43 @@ mod tests {
         let announced = "HTTP/1.1 200 OK\r\ncontent-length: 99999999\r\n\r\n";
         let big = get(answering(announced, 0, 0).await).await;
         assert!(matches!(
-            body_up_to(big, 1 << 20, "t").await,
+            body_up_to(big, 1 << 20, LONG, "t").await,
             Err(Error::Invalid { .. })
         ));
+    }
+
+    const LONG: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// A page that trickles (a byte every 100 ms, for ever) is refused once
+    /// its deadline passes: the client's read timeout, which waits for the
+    /// next bytes only, never fired and the read went on for good.
+    #[tokio::test]
+    async fn an_answer_read_whole_has_a_deadline() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let _ = socket.read(&mut [0; 4096]).await;
+            let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            let _ = socket.write_all(head.as_bytes()).await;
+            while socket.write_all(b"1\r\nx\r\n").await.is_ok() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        });
+        let trickle = reqwest::get(url).await.unwrap();
+        let started = std::time::Instant::now();
+        let deadline = std::time::Duration::from_secs(1);
+        match body_up_to(trickle, 1 << 20, deadline, "list x").await {
+            Err(Error::Transient(message)) => {
+                assert!(
+                    message.contains("did not arrive whole within 1 s"),
+                    "{message}"
+                );
+            }
+            other => panic!("{:?}", other.map(|b| b.len())),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]

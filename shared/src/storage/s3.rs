@@ -50,6 +50,7 @@ use crate::{
     security::net::{GuardedResolver, Kept, NetPolicy, parse_endpoint},
 };
 
+mod bounded;
 mod error_codes;
 mod list_xml;
 mod signed_get;
@@ -334,7 +335,8 @@ fn static_credentials(secrets: &Secrets) -> Result<Option<Credentials>> {
 }
 
 /// The HTTP client of every request to the user's endpoint, STS calls
-/// included: it resolves names through the SSRF guard (the default chain's
+/// included: it resolves names through the SSRF guard, and bounds what an
+/// answer read whole may hold (`bounded`) (the default chain's
 /// own credential sources, such as the instance metadata service, keep the
 /// SDK's client: they are the server's, not the user's). One per guard
 /// policy for the storages opened with `env` (see [`SdkClients`]).
@@ -353,13 +355,14 @@ impl SdkClients {
     /// The client for `policy`, made at the first ask.
     fn get(&self, policy: &NetPolicy) -> SharedHttpClient {
         let Ok(client) = self.get_or_make(policy, || {
-            Ok::<_, std::convert::Infallible>(
-                aws_smithy_http_client::Builder::new()
-                    .tls_provider(tls::Provider::Rustls(
-                        tls::rustls_provider::CryptoMode::AwsLc,
-                    ))
-                    .build_with_resolver(GuardedResolver::new(policy.clone())),
-            )
+            let guarded = aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(
+                    tls::rustls_provider::CryptoMode::AwsLc,
+                ))
+                .build_with_resolver(GuardedResolver::new(policy.clone()));
+            Ok::<_, std::convert::Infallible>(SharedHttpClient::new(bounded::BoundedClient(
+                guarded,
+            )))
         });
         client
     }
@@ -537,6 +540,9 @@ where
     }
     if msg.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
         return Error::invalid("endpoint_not_allowed", Some("config"), msg);
+    }
+    if msg.contains(super::capped::TOO_BIG) {
+        return Error::invalid("storage_answer_too_big", None, msg);
     }
     // Credentials that could not be loaded at all (no chain, STS refused).
     if matches!(

@@ -7,23 +7,15 @@
 //! passes. A successful GET that is not a listing is left whole: a blob's
 //! content, read as a stream by callers with limits of their own (and a
 //! managed identity's token, from the server's own metadata endpoint).
-use std::{
-    pin::Pin,
-    task::{Context, Poll},
-};
-
 use async_trait::async_trait;
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use object_store::client::{
     HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpResponseBody, HttpService,
 };
 
-use crate::storage::retry::MAX_PAGE_BYTES;
-
-/// How the error of an answer cut short begins; [`super::classify`] tells
-/// it by this.
-pub(super) const TOO_BIG: &str = "the storage's answer is over";
+use crate::storage::{
+    capped::{Capped, too_big_text},
+    retry::MAX_PAGE_BYTES,
+};
 
 /// Our guarded `reqwest` client, with every answer but a blob's content
 /// limited to [`MAX_PAGE_BYTES`].
@@ -39,10 +31,7 @@ impl HttpService for BoundedAnswers {
             return Ok(response);
         }
         let (parts, body) = response.into_parts();
-        let body = HttpResponseBody::new(Capped {
-            inner: body,
-            left: MAX_PAGE_BYTES,
-        });
+        let body = HttpResponseBody::new(Capped::new(body, MAX_PAGE_BYTES, too_big));
         Ok(HttpResponse::from_parts(parts, body))
     }
 }
@@ -54,52 +43,12 @@ fn is_listing(uri: &http::Uri) -> bool {
         .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("comp=")))
 }
 
-/// A body that fails once more than `left` bytes came, or as soon as its
-/// declared length says they will.
-struct Capped {
-    inner: HttpResponseBody,
-    left: usize,
-}
-
-impl Capped {
-    fn too_big() -> HttpError {
-        HttpError::new(
-            HttpErrorKind::Decode,
-            std::io::Error::other(format!("{TOO_BIG} {} MiB", MAX_PAGE_BYTES >> 20)),
-        )
-    }
-}
-
-impl Body for Capped {
-    type Data = Bytes;
-    type Error = HttpError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
-        if self.inner.size_hint().lower() > self.left as u64 {
-            return Poll::Ready(Some(Err(Self::too_big())));
-        }
-        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if let Some(Ok(data)) = &frame
-            && let Some(data) = data.data_ref()
-        {
-            match self.left.checked_sub(data.len()) {
-                Some(left) => self.left = left,
-                None => return Poll::Ready(Some(Err(Self::too_big()))),
-            }
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+/// An answer over [`MAX_PAGE_BYTES`]'s error, as object_store's own.
+fn too_big() -> HttpError {
+    HttpError::new(
+        HttpErrorKind::Decode,
+        std::io::Error::other(too_big_text(MAX_PAGE_BYTES)),
+    )
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ use crate::storage::retry::body_up_to;
 /// The longest subject-token answer read (OIDC and SAML tokens are a few
 /// kilobytes).
 const MAX_ANSWER: usize = 1 << 20;
+/// The longest the subject token's answer may take whole.
+const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The fields of an `external_account` file this server acts on.
 #[derive(Deserialize)]
@@ -180,13 +182,14 @@ impl UrlToken {
             .headers(self.headers.clone())
             .send()
             .await
-            .map_err(|e| TokenError::new(format!("cannot reach it ({e})"), true))?;
+            // Without its URL, which may carry a key in its query.
+            .map_err(|e| TokenError::new(format!("cannot reach it ({})", e.without_url()), true))?;
         let status = answer.status();
         if !status.is_success() {
             let transient = status.is_server_error() || status.as_u16() == 429;
             return Err(TokenError::new(format!("it answered {status}"), transient));
         }
-        body_up_to(answer, MAX_ANSWER, "reading it")
+        body_up_to(answer, MAX_ANSWER, ANSWER_DEADLINE, "reading it")
             .await
             .map_err(|e| TokenError::new(e.to_string(), e.is_transient()))
     }

@@ -85,6 +85,9 @@ const NO_EXPIRY_KEPT: Duration = Duration::from_secs(15 * 60);
 #[derive(Debug)]
 pub(super) struct SignedGets {
     http: reqwest::Client,
+    /// The longest a listing page's answer may take whole (the storage's
+    /// request timeout, as the SDK's attempt timeout).
+    page_deadline: Duration,
     /// The bucket's URL (path-style or virtual-hosted), no trailing `/`.
     base: String,
     signing_region: String,
@@ -120,6 +123,7 @@ impl SignedGets {
         let text = |name: &str| scheme.get(name)?.as_string().map(str::to_owned);
         Some(SignedGets {
             http,
+            page_deadline: idle,
             base: endpoint.url().trim_end_matches('/').to_owned(),
             signing_region: text("signingRegion")?,
             signing_name: text("signingName").unwrap_or_else(|| "s3".into()),
@@ -190,7 +194,8 @@ impl SignedGets {
         if !response.status().is_success() {
             return Err(self.refused(response, what).await);
         }
-        let body = retry::body_up_to(response, retry::MAX_PAGE_BYTES, what).await?;
+        let body =
+            retry::body_up_to(response, retry::MAX_PAGE_BYTES, self.page_deadline, what).await?;
         Ok(match std::str::from_utf8(&body) {
             Ok(xml) => list_xml::parse(xml),
             Err(e) => Err(format!("the listing is not UTF-8: {e}")),
@@ -718,6 +723,7 @@ mod tests {
     fn listing_queries_are_canonical_and_sent_as_signed() {
         let signed = SignedGets {
             http: reqwest::Client::new(),
+            page_deadline: Duration::from_secs(30),
             base: "http://127.0.0.1:9000/bucket".into(),
             signing_region: "us-east-1".into(),
             signing_name: "s3".into(),
@@ -765,6 +771,7 @@ mod tests {
         for (base, region) in bases {
             let signed = SignedGets {
                 http: reqwest::Client::new(),
+                page_deadline: Duration::from_secs(30),
                 base: base.to_owned(),
                 signing_region: region.to_owned(),
                 signing_name: "s3".to_owned(),
@@ -851,6 +858,7 @@ mod tests {
     fn signed_gets(base: String, credentials: Credentials, skew_ms: i64) -> SignedGets {
         SignedGets {
             http: reqwest::Client::new(),
+            page_deadline: Duration::from_secs(30),
             base,
             signing_region: "us-east-1".into(),
             signing_name: "s3".into(),
