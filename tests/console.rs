@@ -463,17 +463,29 @@ async fn console_sessions_behind_proxies_and_through_outages() {
     }
     let body = json!({ "name": "viewer", "scope": "read" });
     let (_, made) = api(&app, Method::POST, "/api/v1/tokens", body).await;
-    let session = format!(
-        "__Host-labelsync_session={}",
-        made["secret"].as_str().unwrap()
-    );
-    let shadowed = format!("labelsync_session=another-sites; {session}");
-    let (status, _) = page(&app, &shadowed, "/ui/").await;
-    assert_eq!(status, 200, "the __Host- session is read");
+    let secret = made["secret"].as_str().unwrap();
+    let behind_tls = async |cookie: &str| {
+        let resp = client()
+            .get(format!("{}/ui/", app.base))
+            .header("cookie", cookie)
+            .header("x-forwarded-proto", "https")
+            .send()
+            .await
+            .unwrap();
+        resp.status().as_u16()
+    };
+    // Behind TLS the __Host- cookie alone is read: a plain one there is
+    // another site's of the domain (its own valid token, say).
+    let shadowed = format!("labelsync_session={BOOT}; __Host-labelsync_session={secret}");
+    assert_eq!(behind_tls(&shadowed).await, 200, "the __Host- session");
+    let planted = format!("labelsync_session={BOOT}");
+    assert_eq!(behind_tls(&planted).await, 303, "a plain cookie behind TLS");
+    // On plain HTTP (no __Host- cookie there), two plain ones are none.
     // (Another site's valid token sent first, for a path of its choosing.)
     let two = format!("labelsync_session={BOOT}; labelsync_session=the-users-own");
     let (status, _) = page(&app, &two, "/ui/").await;
     assert_eq!(status, 303, "two plain sessions are none");
+    let session = format!("labelsync_session={secret}");
     for (path, cache) in [
         ("/ui/runs", "no-store"),
         ("/ui/login", "no-store"),
@@ -498,11 +510,17 @@ async fn console_sessions_behind_proxies_and_through_outages() {
     };
     rename("sync_runs", "sync_runs_away").await;
     let (status, html) = page(&app, &session, "/ui/runs").await;
+    let (_, overview) = page(&app, &session, "/ui/").await;
     rename("sync_runs_away", "sync_runs").await;
     assert_eq!(status, 503, "{html}");
     assert!(
         html.contains("did not answer") && !html.contains("No runs"),
         "{html}"
+    );
+    // The overview keeps what it could read and says what it could not.
+    assert!(
+        overview.contains("The newest runs could not be read") && !overview.contains("No runs"),
+        "{overview}"
     );
     rename("api_tokens", "api_tokens_away").await;
     let (status, html) = page(&app, &session, "/ui/").await;

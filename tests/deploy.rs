@@ -940,6 +940,7 @@ fn compose_config() -> Value {
             .env_remove("LABELSYNC_SECRET_KEY")
             .env_remove("LABELSYNC_COMPOSE_SUBNET")
             .env_remove("LABELSYNC_COMPOSE_S3_ADDRESS")
+            .env_remove("LABELSYNC_COMPOSE_IP_RANGE")
             .arg("--env-file")
             .arg("/dev/null")
             .arg("-f")
@@ -1104,6 +1105,17 @@ fn check_compose_fleet_build_and_env(
         assert!(
             policy.allows(s3.parse().unwrap()),
             "{s3} is on the compose network {subnet}"
+        );
+        // And outside the range Docker hands out, so no other container
+        // takes it on a later `up`.
+        let range = config["networks"]["labelsync"]["ipam"]["config"][0]["ip_range"]
+            .as_str()
+            .unwrap();
+        // (A policy allows public addresses and its blocks: s3's is private.)
+        let handed_out = labelsync::security::net::NetPolicy::parse(Some(range)).unwrap();
+        assert!(
+            !handed_out.allows(s3.parse().unwrap()),
+            "{s3} is outside {range}"
         );
     }
 }

@@ -153,6 +153,13 @@ async fn run_in_process_worker(
     mut stop: watch::Receiver<bool>,
 ) {
     labelsync::storage::s3::warm_up(&ctx.storage_env).await;
+    // Not before the database has this binary's migrations (with
+    // `LABELSYNC_RUN_MIGRATIONS=false` another process runs them).
+    let mut waiting = stop.clone();
+    tokio::select! {
+        () = labelsync::lifecycle::wait_for_migrations(&ctx.db) => {}
+        _ = waiting.wait_for(|s| *s) => return,
+    }
     let mut pause = Duration::from_secs(1);
     loop {
         let mut stopped = stop.clone();

@@ -196,7 +196,7 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
         if !storages::claim_period(&state.db, id, now, next).await? {
             continue; // another replica took this period
         }
-        match enqueue_claimed(state, id).await {
+        match enqueue_claimed(state, id, (next, now)).await {
             Ok(started) => enqueued += usize::from(started),
             Err(err) => {
                 // The period goes back: the next tick tries again, not the
@@ -212,10 +212,16 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
     Ok(enqueued)
 }
 
-/// Enqueues the sync of storage `id`, whose period this replica claimed:
-/// true when a run was enqueued, false when the storage is gone or paused
-/// or a run of it is live.
-async fn enqueue_claimed(state: &AppState, id: i64) -> labelsync::Result<bool> {
+/// Enqueues the sync of storage `id`, whose period this replica claimed
+/// (moved from `now` to `next`): true when a run was enqueued, false when
+/// the storage is gone or paused or a run of it is live. A period paused
+/// since its claim is given back, so a resume syncs at the next tick as it
+/// does for a period that came round while paused.
+async fn enqueue_claimed(
+    state: &AppState,
+    id: i64,
+    (next, now): (chrono::DateTime<Utc>, chrono::DateTime<Utc>),
+) -> labelsync::Result<bool> {
     let Some(model) = storages::find(&state.db, id).await? else {
         return Ok(false);
     };
@@ -226,6 +232,7 @@ async fn enqueue_claimed(state: &AppState, id: i64) -> labelsync::Result<bool> {
             storage_id = id,
             "periodic sync skipped: paused since its period was claimed"
         );
+        storages::give_back_period(&state.db, id, next, now).await?;
         return Ok(false);
     };
     if live {

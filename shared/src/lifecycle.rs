@@ -164,7 +164,7 @@ const MIGRATIONS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 /// worker never migrates; one started beside the migration Job
 /// (`kubectl apply` starts both) took jobs at once, against a schema older
 /// than its code. It waits now, its `/readyz` naming what is pending.
-async fn wait_for_migrations(db: &sea_orm::DatabaseConnection) {
+pub async fn wait_for_migrations(db: &sea_orm::DatabaseConnection) {
     let mut told = false;
     loop {
         match db::pending_migrations(db).await {

@@ -1,7 +1,7 @@
 //! Tracing setup for both binaries, and the trace context that travels with
 //! jobs.
 //!
-//! Logs: `RUST_LOG` filters (default `info`) logs and exported spans alike;
+//! Logs: `RUST_LOG` filters (default `info,sqlx=warn,sea_orm=warn,apalis=warn`) logs and exported spans alike;
 //! `LABELSYNC_LOG_FORMAT=json` switches to JSON lines. Logs go to stderr so
 //! the CLI's stdout stays machine-readable.
 //!

@@ -313,10 +313,35 @@ pub const SESSION_COOKIE: &str = "labelsync_session";
 pub const SECURE_SESSION_COOKIE: &str = "__Host-labelsync_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 
-/// The token in the request's session cookie, if any: the `__Host-` one
-/// when it is there. Two cookies of the plain name (one set for a longer
-/// path by another site of the domain, sent first) are no session, not
-/// the first one's.
+/// TLS is terminated in front of labelsync: the proxy says so, in
+/// `X-Forwarded-Proto` or `Forwarded` (RFC 7239). Their first entry is the
+/// client's side (each proxy on the way appends its own): `https, http`
+/// came over TLS (it was read as plain, and the token's cookie went out
+/// without `Secure`).
+pub fn behind_tls(headers: &header::HeaderMap) -> bool {
+    let first = |name: &str| {
+        let value = headers.get(name)?.to_str().ok()?;
+        Some(value.split(',').next()?.trim().to_owned())
+    };
+    let forwarded_proto = first("forwarded").and_then(|entry| {
+        entry.split(';').find_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            key.eq_ignore_ascii_case("proto")
+                .then(|| value.trim_matches('"').to_owned())
+        })
+    });
+    [first("x-forwarded-proto"), forwarded_proto]
+        .iter()
+        .flatten()
+        .any(|proto| proto.eq_ignore_ascii_case("https"))
+}
+
+/// The token in the request's session cookie, if any: behind TLS
+/// ([`behind_tls`]) the `__Host-` one only (a plain one there may be
+/// another site's of the domain, set for `/ui` before the user logged
+/// in, or after they logged out); else the plain one, and two of those
+/// (one set for a longer path by another site, sent first) are no
+/// session, not the first one's.
 pub fn session_token(headers: &header::HeaderMap) -> Option<&str> {
     let named = |wanted: &'static str| {
         headers
@@ -328,12 +353,12 @@ pub fn session_token(headers: &header::HeaderMap) -> Option<&str> {
             .filter(move |(name, _)| *name == wanted)
             .map(|(_, value)| value)
     };
-    let mut secure = named(SECURE_SESSION_COOKIE);
-    if let (Some(value), None) = (secure.next(), secure.next()) {
-        return Some(value).filter(|value| !value.is_empty());
-    }
-    let mut plain = named(SESSION_COOKIE);
-    match (plain.next(), plain.next()) {
+    let wanted = match behind_tls(headers) {
+        true => SECURE_SESSION_COOKIE,
+        false => SESSION_COOKIE,
+    };
+    let mut found = named(wanted);
+    match (found.next(), found.next()) {
         (Some(value), None) => Some(value).filter(|value| !value.is_empty()),
         _ => None,
     }

@@ -160,7 +160,7 @@ async fn login(
     }
     // Behind TLS the cookie is `Secure` (it carries the token) and
     // `__Host-` (no other site of the domain can shadow it).
-    let cookie = match behind_tls(&headers) {
+    let cookie = match access::behind_tls(&headers) {
         true => {
             format!("{SECURE_SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Secure")
         }
@@ -199,29 +199,6 @@ fn with_cookies(mut response: Response, cookies: &[&str]) -> Response {
         }
     }
     response
-}
-
-/// TLS is terminated in front of labelsync: the proxy says so, in
-/// `X-Forwarded-Proto` or `Forwarded` (RFC 7239). Their first entry is the
-/// client's side (each proxy on the way appends its own): `https, http`
-/// came over TLS (it was read as plain, and the token's cookie went out
-/// without `Secure`).
-fn behind_tls(headers: &HeaderMap) -> bool {
-    let first = |name: &str| {
-        let value = headers.get(name)?.to_str().ok()?;
-        Some(value.split(',').next()?.trim().to_owned())
-    };
-    let forwarded_proto = first("forwarded").and_then(|entry| {
-        entry.split(';').find_map(|pair| {
-            let (key, value) = pair.trim().split_once('=')?;
-            key.eq_ignore_ascii_case("proto")
-                .then(|| value.trim_matches('"').to_owned())
-        })
-    });
-    [first("x-forwarded-proto"), forwarded_proto]
-        .iter()
-        .flatten()
-        .any(|proto| proto.eq_ignore_ascii_case("https"))
 }
 
 async fn css() -> Response {

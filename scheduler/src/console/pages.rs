@@ -61,11 +61,19 @@ pub async fn overview(
                 runs::ended_per_span(&state.db, now, Duration::minutes(1), 60, projects),
                 runs::ended_per_span(&state.db, now, Duration::hours(1), 24, projects),
             )
-            .inspect_err(
-                |err| tracing::warn!(error = %err, "the overview's run totals could not be read"),
-            )
         },
     );
+    for failed in [
+        workers.as_ref().err(),
+        live.as_ref().err(),
+        last_hour.as_ref().err(),
+    ]
+    .into_iter()
+    .chain([recent.as_ref().err(), ended.as_ref().err()])
+    .flatten()
+    {
+        tracing::warn!(error = %failed, "the console's overview could not read the database");
+    }
     let count = |map: &labelsync::Result<std::collections::HashMap<String, i64>>, status: &str| {
         map.as_ref()
             .ok()
@@ -74,27 +82,12 @@ pub async fn overview(
     };
     let body = html! {
         @if viewer.may(Need::Fleet) {
-            h2 { "Queue" }
-            @match &depth {
-                Ok(depth) => div.cards {
-                    (card("due, waiting for a worker", depth.pending))
-                    (card("oldest due, seconds", age.as_ref().ok().copied().flatten().map_or_else(|| "-".to_owned(), |a| a.to_string())))
-                    (card("scheduled for later", depth.scheduled))
-                    (card("in flight", depth.running))
-                    (card("dead", depth.dead))
-                },
-                Err(err) => p.status-failed { "The queue does not answer: " (err) },
-            }
-            div.actions {
-                button data-action="/api/v1/queues/dead/requeue" data-confirm="Put every dead job back in the queue?"
-                    data-done="Dead jobs requeued." { "Requeue dead jobs" }
-                button.danger data-action="/api/v1/queues/dead/discard" data-confirm="Discard every dead job for good?"
-                    data-done="Dead jobs discarded." { "Discard dead jobs" }
-            }
-            h2 { "Workers" }
-            (workers_table(workers.as_deref().unwrap_or_default(), crate::api::gone_after(&state.settings)))
+            (fleet_section(&depth, &age, &workers, crate::api::gone_after(&state.settings)))
         }
         h2 { "Runs" }
+        @if live.is_err() || last_hour.is_err() {
+            (unread("The run counts"))
+        }
         div.cards {
             (card("running", count(&live, "running")))
             (card("queued", count(&live, "queued")))
@@ -105,13 +98,49 @@ pub async fn overview(
         }
         @match &ended {
             Ok((minutes, hours)) => (throughput(minutes, hours)),
-            Err(err) => p.status-failed { "The runs' totals could not be read: " (err) },
+            Err(_) => (unread("The runs' totals")),
         }
         h2 { "Newest runs" }
-        (runs_table(recent.as_deref().unwrap_or_default()))
+        @match &recent {
+            Ok(recent) => (runs_table(recent)),
+            Err(_) => (unread("The newest runs")),
+        }
         p { a href="/ui/runs" { "All runs" } }
     };
     layout::page("Overview", &viewer, body)
+}
+
+/// The overview's queue and workers (for callers who see the fleet).
+fn fleet_section(
+    depth: &labelsync::Result<labelsync::jobs::queue::QueueDepth>,
+    age: &labelsync::Result<Option<u64>>,
+    workers: &labelsync::Result<Vec<labelsync::db::entities::worker::Model>>,
+    gone_after: std::time::Duration,
+) -> Markup {
+    html! {
+        h2 { "Queue" }
+        @match depth {
+            Ok(depth) => div.cards {
+                (card("due, waiting for a worker", depth.pending))
+                (card("oldest due, seconds", age.as_ref().ok().copied().flatten().map_or_else(|| "-".to_owned(), |a| a.to_string())))
+                (card("scheduled for later", depth.scheduled))
+                (card("in flight", depth.running))
+                (card("dead", depth.dead))
+            },
+            Err(err) => p.status-failed { "The queue does not answer: " (err) },
+        }
+        div.actions {
+            button data-action="/api/v1/queues/dead/requeue" data-confirm="Put every dead job back in the queue?"
+                data-done="Dead jobs requeued." { "Requeue dead jobs" }
+            button.danger data-action="/api/v1/queues/dead/discard" data-confirm="Discard every dead job for good?"
+                data-done="Dead jobs discarded." { "Discard dead jobs" }
+        }
+        h2 { "Workers" }
+        @match workers {
+            Ok(workers) => (workers_table(workers, gone_after)),
+            Err(_) => (unread("The workers")),
+        }
+    }
 }
 
 fn workers_table(
@@ -174,6 +203,12 @@ fn throughput(minutes: &[runs::EndedTotals], hours: &[runs::EndedTotals]) -> Mar
 
 fn card(label: &str, n: impl std::fmt::Display) -> Markup {
     html! { div.card { div.n { (n) } div.l { (label) } } }
+}
+
+/// A part of a page whose read failed: said so (an empty list there hid
+/// an outage), the why in the log, not on the page.
+fn unread(what: &str) -> Markup {
+    html! { p.status-failed { (what) " could not be read: the database did not answer (see the scheduler's log)." } }
 }
 
 fn runs_table(rows: &[sync_run::Model]) -> Markup {

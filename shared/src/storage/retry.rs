@@ -104,8 +104,9 @@ pub async fn json_page<T: serde::de::DeserializeOwned>(
 ) -> Result<T> {
     let body = body_up_to(response, MAX_PAGE_BYTES, deadline, what).await?;
     serde_json::from_slice(&body).map_err(|e| {
+        let crowded = e.to_string().contains(CROWDED);
         let message = format!("{what}: unreadable answer: {e}");
-        if message.contains(CROWDED) {
+        if crowded {
             Error::invalid("storage_answer_too_big", None, message)
         } else {
             Error::Transient(message)

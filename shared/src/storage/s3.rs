@@ -408,6 +408,7 @@ fn client_config(
                 .unwrap_or(config.endpoint_url.is_some()),
         )
         .retry_config(RetryConfig::standard().with_max_attempts(retry::MAX_ATTEMPTS))
+        .retry_classifier(bounded::NoRetryOfTooBig)
         // The SDK sets no limit on how long a request may wait for its
         // response: a server that accepts the connection and never
         // answers would hold the worker for good. A timed-out attempt
@@ -538,10 +539,11 @@ where
     if let Some(known) = by_code(code.as_deref().unwrap_or_default(), status, &msg) {
         return known;
     }
-    if msg.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
+    // The detail, not `msg`: `what` holds a key, which could say anything.
+    if detail.contains("LABELSYNC_ALLOW_PRIVATE_ENDPOINTS") {
         return Error::invalid("endpoint_not_allowed", Some("config"), msg);
     }
-    if msg.contains(super::capped::TOO_BIG) {
+    if detail.contains(super::capped::TOO_BIG) {
         return Error::invalid("storage_answer_too_big", None, msg);
     }
     // Credentials that could not be loaded at all (no chain, STS refused).

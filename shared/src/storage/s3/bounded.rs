@@ -15,14 +15,16 @@ use aws_smithy_runtime_api::{
             HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings,
             SharedHttpClient, SharedHttpConnector,
         },
+        interceptors::context::InterceptorContext,
         orchestrator::HttpRequest,
+        retries::classifiers::{ClassifyRetry, RetryAction},
         runtime_components::{RuntimeComponents, RuntimeComponentsBuilder},
     },
 };
 
 use crate::storage::{
-    capped::{Capped, too_big_text},
-    retry::MAX_PAGE_BYTES,
+    capped::{Capped, TOO_BIG, too_big_text},
+    retry::{MAX_PAGE_BYTES, error_chain},
 };
 
 /// The SDK's (guarded) HTTP client with its answers bounded.
@@ -85,6 +87,25 @@ fn is_get_object(uri: &str) -> bool {
 
 fn too_big() -> BoxError {
     too_big_text(MAX_PAGE_BYTES).into()
+}
+
+/// Forbids the SDK's retry of an answer cut at the limit: it retries any
+/// answer that failed to arrive, so an endpoint sending too much was read
+/// (32 MiB each time) as many times as a request is tried.
+#[derive(Debug)]
+pub(super) struct NoRetryOfTooBig;
+
+impl ClassifyRetry for NoRetryOfTooBig {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        match ctx.output_or_error() {
+            Some(Err(err)) if error_chain(err).contains(TOO_BIG) => RetryAction::RetryForbidden,
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "no retry of an answer over its limit"
+    }
 }
 
 #[cfg(test)]
