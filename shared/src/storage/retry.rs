@@ -437,6 +437,19 @@ mod tests {
 
     const LONG: std::time::Duration = std::time::Duration::from_secs(30);
 
+    /// A page that is not JSON is transient whatever its listing is called:
+    /// a crowded page was told by the whole message, which names the
+    /// prefix, so a prefix holding those words made every bad page a
+    /// permanent `storage_answer_too_big`.
+    #[tokio::test]
+    async fn a_page_is_crowded_by_its_own_error_not_by_its_name() {
+        let head = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        let answer = reqwest::get(answering(head, 1, 8).await).await.unwrap();
+        let what = format!("list gs://b/{CROWDED} 5000 entries/");
+        let page: Result<serde_json::Value> = json_page(answer, LONG, &what).await;
+        assert!(matches!(page, Err(Error::Transient(_))), "{page:?}");
+    }
+
     /// A page that trickles (a byte every 100 ms, for ever) is refused once
     /// its deadline passes: the client's read timeout, which waits for the
     /// next bytes only, never fired and the read went on for good.
