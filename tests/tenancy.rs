@@ -770,6 +770,9 @@ async fn token_lifecycle_from_the_cli_and_the_api() {
         json!({ "name": "x", "scope": "read", "projects": [] }),
         json!({ "name": "x", "scope": "read", "projects": [project + 1000] }),
         json!({ "name": "x", "scope": "read", "expires_at": "2001-01-01T00:00:00Z" }),
+        // Past the year 9999: SQLite compared chrono's `+10000-...` text
+        // as before now, and the token made was refused for ever there.
+        json!({ "name": "x", "scope": "read", "expires_at": "+10000-01-01T00:00:00Z" }),
     ] {
         let (status, answer) = call(&app, BOOT, Method::POST, "/api/v1/tokens", Some(&bad)).await;
         assert_eq!(status, 400, "{bad}: {answer}");
@@ -876,6 +879,7 @@ async fn mutations_are_audited_and_reads_are_not() {
     assert_eq!(audit(&app, "").await.len(), before, "reads leave no row");
 
     let path = format!("/api/v1/projects/{}", a.project);
+    let path_of_patch = path.clone();
     let resp = app
         .client
         .patch(format!("{}{path}", app.base))
@@ -935,6 +939,8 @@ async fn mutations_are_audited_and_reads_are_not() {
         )
     );
     assert_eq!(patch["resource"], json!({ "projects": a.project }));
+    // The path as sent (it lacked its `/api/v1`, as the router nests it).
+    assert_eq!(patch["path"], json!(path_of_patch), "{patch}");
     assert_eq!(patch["project_id"], a.project);
     assert_eq!(patch["client"], "127.0.0.1");
     assert_eq!(create["resource"]["storage_id"], storage["id"], "{create}");

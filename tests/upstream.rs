@@ -597,6 +597,24 @@ async fn idempotent_posts(embedded: bool) {
     let (status, again, replayed) =
         post_with_key(&app, token, "/api/v1/projects", &body, "k-1").await;
     assert_eq!((status, replayed, &again), (201, true, &first));
+    // The same token written another way is the same caller (the whole
+    // header was its key: the retry made a second project).
+    let resp = app
+        .client
+        .post(format!("{}/api/v1/projects", app.base))
+        .header("authorization", format!("bearer  {token}"))
+        .header("Idempotency-Key", "k-1")
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(
+        (
+            resp.status().as_u16(),
+            resp.headers().get("idempotent-replayed").is_some()
+        ),
+        (201, true)
+    );
     let other = json!({ "title": "twice", "data_key": "image" });
     let (status, reused, _) = post_with_key(&app, token, "/api/v1/projects", &other, "k-1").await;
     assert_eq!(status, 422, "{reused}");

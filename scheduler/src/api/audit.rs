@@ -51,7 +51,15 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         token_name: caller.name.clone(),
         // The column's width: longer (custom) methods are only ever 405s.
         method: req.method().as_str().chars().take(16).collect(),
-        path: req.uri().path().chars().take(PATH_KEPT).collect(),
+        // The path as sent: inside the nested API router `uri()` lacks
+        // its `/api/v1` (the route beside it has it).
+        path: req
+            .extensions()
+            .get::<axum::extract::OriginalUri>()
+            .map_or_else(|| req.uri().path(), |original| original.path())
+            .chars()
+            .take(PATH_KEPT)
+            .collect(),
         resource: Value::Null,
         project_id: None,
         status: 0,

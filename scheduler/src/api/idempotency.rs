@@ -106,14 +106,14 @@ fn check_key(value: &HeaderValue) -> ApiResult<String> {
 /// was given the admin's answer.
 fn caller_of(req: &Request) -> String {
     let headers = req.headers();
-    // As `access::auth` reads it: an `Authorization` that is not a bearer
-    // token (a proxy's Basic, the same for everyone) names no caller.
-    if !access::bearer(req).is_empty()
-        && let Some(token) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-    {
-        return sha256_hex(&[token.trim().as_bytes()]);
+    // As `access::auth` reads it: the token alone (`Bearer X`, `bearer X`
+    // and `Bearer  X` are one caller: the whole header was hashed, and a
+    // retry written another way ran the change again); an `Authorization`
+    // that is not a bearer token (a proxy's Basic, the same for everyone)
+    // names no caller.
+    let token = access::bearer(req);
+    if !token.is_empty() {
+        return sha256_hex(&[b"Bearer ", token.as_bytes()]);
     }
     access::session_token(headers).map_or_else(String::new, |session| {
         sha256_hex(&[b"console session\n", session.as_bytes()])

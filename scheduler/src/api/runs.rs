@@ -72,6 +72,7 @@ pub async fn list(
             "kind must be one of import, export, delete",
         ));
     }
+    check_times_and_cursor(&q)?;
     let filter = RunFilter {
         storage_id: q.storage_id,
         project_id: q.project_id,
@@ -89,6 +90,33 @@ pub async fn list(
         limit,
         last,
     )))
+}
+
+/// `created_after`/`created_before` in the years 0 to 9999 (the two
+/// databases compare others differently: `db::comparable_everywhere`), and
+/// `after` a run id (anything else gave a page, silently, in an order of
+/// the database's collation).
+fn check_times_and_cursor(q: &RunQuery) -> ApiResult<()> {
+    for (field, at) in [
+        ("created_after", q.created_after),
+        ("created_before", q.created_before),
+    ] {
+        if at.is_some_and(|at| !labelsync::db::comparable_everywhere(at)) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                field,
+                format!("{field} must be a time in the years 0 to 9999"),
+            ));
+        }
+    }
+    match &q.after {
+        Some(after) if ulid::Ulid::from_string(after).is_err() => Err(ApiError::bad_request(
+            "invalid_query",
+            "after",
+            "after must be a run id (the next_after of a page)",
+        )),
+        _ => Ok(()),
+    }
 }
 
 pub async fn errors(

@@ -32,6 +32,15 @@ use sea_orm::{
 
 use crate::Result;
 
+/// Whether `at` compares the same on both databases: years 0 to 9999.
+/// SQLite compares timestamps as text, and chrono writes other years with
+/// a sign (`+10000-...`, `-0001-...`), which sorts before every digit: a
+/// token expiring in the year 10000 was expired there for ever.
+pub fn comparable_everywhere(at: chrono::DateTime<chrono::Utc>) -> bool {
+    use chrono::Datelike;
+    (0..=9999).contains(&at.year())
+}
+
 /// The file a SQLite `url` names when it does not exist (`None` for a
 /// Postgres URL, or a file that is there): for commands that must not
 /// make a new database where they were meant to find the servers' one.

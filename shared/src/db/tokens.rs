@@ -44,6 +44,16 @@ pub async fn check(db: &impl ConnectionTrait, new: &NewToken) -> Result<()> {
             "expires_at must be in the future",
         ));
     }
+    if new
+        .expires_at
+        .is_some_and(|expires_at| !super::comparable_everywhere(expires_at))
+    {
+        return Err(Error::invalid(
+            "invalid_expires_at",
+            Some("expires_at"),
+            "expires_at must be before the year 10000",
+        ));
+    }
     let Some(ids) = &new.projects else {
         return Ok(());
     };
