@@ -1293,6 +1293,12 @@ async fn annotations_save_on_sqlite(app: &TestApp, project: i64) {
         assert_eq!(read[field], body[field], "{field}: {read}");
     }
     assert_eq!(read["was_cancelled"], false, "{read}");
+    // `null` clears the completer (a PATCH read it as absent and kept it).
+    let path = format!("/api/v1/annotations/{}", saved["id"]);
+    let (status, cleared) = app.patch(&path, json!({ "completed_by": null })).await;
+    assert_eq!(status, 200, "{cleared}");
+    assert_eq!(cleared["completed_by"], Value::Null, "{cleared}");
+    assert_eq!(cleared["lead_time"], 2.5, "the rest is kept: {cleared}");
     let (status, body) = app.post("/api/v1/tasks/999999999/annotations", body).await;
     assert_eq!(status, 404, "{body}");
 }

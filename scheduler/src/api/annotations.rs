@@ -34,10 +34,19 @@ pub fn to_json(a: &annotation::Model) -> Value {
 #[serde(deny_unknown_fields)]
 pub struct AnnotationBody {
     result: Option<Value>,
+    /// `null` clears it (read as there: see [`present`]).
+    #[serde(default, deserialize_with = "present")]
     completed_by: Option<Value>,
     lead_time: Option<f64>,
     was_cancelled: Option<bool>,
     ground_truth: Option<bool>,
+}
+
+/// A field given, `null` included: `Option<Value>` reads a `null` as an
+/// absent field, so `PATCH {"completed_by": null}` kept the completer the
+/// docs said it cleared.
+fn present<'de, D: serde::Deserializer<'de>>(field: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(field).map(Some)
 }
 
 impl AnnotationBody {
