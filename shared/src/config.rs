@@ -494,15 +494,7 @@ fn at_least_one(
     key: &'static str,
     default: u32,
 ) -> Result<u32> {
-    let n: u32 = parse(get, key, default)?;
-    if n == 0 {
-        return Err(Error::invalid(
-            "invalid_setting",
-            None,
-            format!("{key}=0: at least 1 is needed"),
-        ));
-    }
-    Ok(n)
+    within(get, key, default, 1..=u32::MAX)
 }
 
 /// A number of seconds (`default` when unset), raised to at least 1 and
@@ -514,15 +506,9 @@ fn secs_within(
     default: u64,
     max: u64,
 ) -> Result<Duration> {
-    let secs = parse(get, key, default)?;
-    if secs > max {
-        return Err(Error::invalid(
-            "invalid_setting",
-            None,
-            format!("{key}={secs} is more than {max} seconds"),
-        ));
-    }
-    Ok(Duration::from_secs(secs.max(1)))
+    Ok(Duration::from_secs(
+        within(get, key, default, 0..=max)?.max(1),
+    ))
 }
 
 fn parse<T: std::str::FromStr>(

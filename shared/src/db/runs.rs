@@ -523,10 +523,11 @@ pub async fn finish_in(
     if let Some(owner) = owner {
         update = update.filter(sync_run::Column::LeaseOwner.eq(owner));
     }
-    if update.exec(tx).await?.rows_affected != 1 {
+    // The row as updated comes back with the update: no second read.
+    let Some(run) = update.exec_with_returning(tx).await?.into_iter().next() else {
         return Ok(false);
-    }
-    record_events(tx, &get(tx, id).await?).await?;
+    };
+    record_events(tx, &run).await?;
     Ok(true)
 }
 

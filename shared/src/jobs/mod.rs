@@ -267,17 +267,20 @@ async fn conclude(
 ) -> Result<(), RetryLater> {
     let run_id = run.id.as_str();
     match result {
-        Ok(Outcome::Finished) => finished(ctx, run_id, lease, timer).await,
+        Ok(Outcome::Finished) => {
+            let now = runs::get(&ctx.db, run_id).await.map_err(RetryLater)?;
+            finished(ctx, &now, lease, timer).await
+        }
         Ok(Outcome::Stopped) => {
             // The heartbeat may see the run ended by this attempt's own last
             // commit (an import's status commits with its listing's end)
             // before the attempt returns: that is a finish, not a stop.
-            let ended_here = runs::get(&ctx.db, run_id).await.is_ok_and(|now| {
+            let ended_here = runs::get(&ctx.db, run_id).await.ok().filter(|now| {
                 now.lease_owner.as_deref() == Some(lease)
                     && RunStatus::parse(&now.status).is_some_and(RunStatus::is_completed)
             });
-            if ended_here {
-                return finished(ctx, run_id, lease, timer).await;
+            if let Some(now) = ended_here {
+                return finished(ctx, &now, lease, timer).await;
             }
             timer.finish("stopped");
             Ok(())
@@ -299,20 +302,20 @@ async fn conclude(
     }
 }
 
-/// An attempt that did all its work: the run ends `completed` or
-/// `completed_with_errors` by its counters (an import's listing already
-/// ended it so; then [`end`] only does what follows an end).
+/// An attempt that did all its work (`run` as read after it): the run
+/// ends `completed` or `completed_with_errors` by its counters (an import's
+/// listing already ended it so; then [`end`] only does what follows an
+/// end).
 async fn finished(
     ctx: &JobContext,
-    run_id: &str,
+    run: &crate::db::entities::sync_run::Model,
     lease: &str,
     timer: JobTimer,
 ) -> Result<(), RetryLater> {
-    let run = runs::get(&ctx.db, run_id).await.map_err(RetryLater)?;
     let status = RunStatus::completed(run.failed);
     timer.finish(status.as_str());
-    record_totals(&run);
-    end(ctx, &run, status, None, lease).await
+    record_totals(run);
+    end(ctx, run, status, None, lease).await
 }
 
 /// A finished run's totals, counted once (on the attempt that ends it).

@@ -837,8 +837,10 @@ const MAX_EMPTY_PAGES: u32 = 10_000;
 pub struct Tokens {
     empty_in_a_row: u32,
     /// Hashes of the tokens answered so far (a token may be long; its hash
-    /// takes 8 bytes a page).
+    /// takes 8 bytes a page), keyed anew for each listing so a server
+    /// cannot pick tokens that collide.
     seen: std::collections::HashSet<u64>,
+    keys: std::hash::RandomState,
 }
 
 impl Tokens {
@@ -862,7 +864,9 @@ impl Tokens {
             return Err(refuse("answered the continuation token it was sent"));
         }
         if let Some(next) = next
-            && !self.seen.insert(token_hash(next))
+            && !self
+                .seen
+                .insert(std::hash::BuildHasher::hash_one(&self.keys, next))
         {
             return Err(refuse(
                 "answered a continuation token it had answered before",
@@ -880,15 +884,6 @@ impl Tokens {
         }
         Ok(())
     }
-}
-
-/// A token's hash for [`Tokens`]: with a key of this process' own, so a
-/// server cannot pick tokens that collide.
-fn token_hash(token: &str) -> u64 {
-    use std::hash::BuildHasher;
-    static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
-    KEYS.get_or_init(std::hash::RandomState::new)
-        .hash_one(token)
 }
 
 /// Lists ahead: pulls up to `depth` pages into a buffer on its own task, so a
