@@ -305,6 +305,115 @@ async fn a_period_whose_sync_could_not_be_enqueued_is_tried_again_next_tick() {
     app.stop().await;
 }
 
+/// A scheduler killed between claiming a storage's period and making its
+/// run loses no period: the claim holds the period for
+/// `LABELSYNC_REQUEUE_AFTER_SECS` until the run is made, and another
+/// scheduler syncs it then (the claim moved the storage on to its next
+/// period, an hour later here, and the kill cost it that hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_period_claimed_by_a_killed_scheduler_is_synced_by_another() {
+    use sea_orm::TransactionTrait;
+    // The test's own scheduler ticks once an hour: the processes below
+    // are the ones that tick.
+    let app = spawn_app(AppOptions {
+        env: vec![
+            ("LABELSYNC_SCHEDULE_TICK_MS", "3600000".into()),
+            ("LABELSYNC_REQUEUE_AFTER_SECS", "2".into()),
+        ],
+        ..AppOptions::without_workers()
+    })
+    .await;
+    let db = Database::connect(app.database_url.as_str())
+        .await
+        .expect("database");
+    // A run's insert waits at a gate the test holds.
+    db.execute_unprepared(
+        "CREATE TABLE gate (x int); INSERT INTO gate VALUES (1); \
+         CREATE FUNCTION wait_at_gate() RETURNS trigger AS $$ BEGIN \
+         PERFORM 1 FROM gate FOR UPDATE; RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER wait_at_gate BEFORE INSERT ON sync_runs \
+         FOR EACH ROW EXECUTE FUNCTION wait_at_gate();",
+    )
+    .await
+    .expect("gate");
+    let gate = db.begin().await.expect("begin");
+    gate.execute_unprepared("SELECT x FROM gate FOR UPDATE")
+        .await
+        .expect("hold the gate");
+    std::fs::create_dir_all(app.doc_root.path().join("data")).expect("data");
+    let project = app.project("killed mid-claim").await;
+    let storage = app
+        .local_storage(project, json!({ "sync_interval_seconds": 3600 }))
+        .await;
+    let mut first = scheduler_process(&app);
+    labelsync_tests::eventually("the tick's run insert to wait at the gate", || async {
+        let waiting = count(
+            &db,
+            "SELECT count(*)::int8 AS n FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO \"sync_runs\"%'",
+        )
+        .await;
+        waiting > 0
+    })
+    .await;
+    first.kill().expect("SIGKILL the scheduler");
+    first.wait().expect("reap it");
+    gate.rollback().await.expect("open the gate");
+    let _second = scheduler_process(&app);
+    let runs_path = format!("/api/v1/runs?storage_id={}", storage["id"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let runs = loop {
+        let (_, runs) = app.get(&runs_path).await;
+        let runs = runs["items"].as_array().expect("items").clone();
+        if !runs.is_empty() || std::time::Instant::now() > deadline {
+            break runs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        runs.len(),
+        1,
+        "the period's sync, by the second scheduler: {runs:?}"
+    );
+    app.stop().await;
+}
+
+/// `labelsync-scheduler serve` on `app`'s database, queue and document
+/// root, ticking every 200 ms, without workers; killed when dropped.
+fn scheduler_process(app: &TestApp) -> KilledOnDrop {
+    let mut cmd = Command::new(binary("labelsync-scheduler"));
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(app.vars.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("LABELSYNC_BIND", labelsync_tests::free_local_addr())
+        .env("LABELSYNC_SCHEDULE_TICK_MS", "200")
+        .env("LABELSYNC_EMBEDDED_WORKERS", "false")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    KilledOnDrop(cmd.spawn().expect("start labelsync-scheduler"))
+}
+
+/// A child process killed (and reaped) when dropped.
+struct KilledOnDrop(std::process::Child);
+
+impl KilledOnDrop {
+    fn kill(&mut self) -> std::io::Result<()> {
+        self.0.kill()
+    }
+
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_scheduler_replicas_enqueue_each_period_once() {
     let first = spawn_app(AppOptions::default()).await;
@@ -684,6 +793,9 @@ async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     );
     let (_, handed_back) = app.get(&format!("/api/v1/runs/{run_id}")).await;
     assert_eq!(handed_back["status"], "running", "{handed_back}");
+    // Handed back, not failed: the attempt is not counted (five scale-ins
+    // failed a long run).
+    assert_eq!(handed_back["attempts"], 0, "{handed_back}");
     assert!(
         handed_back["error"]
             .as_str()
@@ -695,6 +807,7 @@ async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     let _second = spawn_worker(&app, "successor", &[]);
     let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
     assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["attempts"], 1, "{run}");
     assert_eq!(run["counters"]["created"], OBJECTS as i64, "{run}");
     assert_eq!(
         run["counters"]["listed"], OBJECTS as i64,

@@ -639,9 +639,10 @@ async fn idempotent_posts(embedded: bool) {
         (400, &json!("invalid_idempotency_key"))
     );
     concurrent_duplicates_create_one(&app, token).await;
+    abandoned_claims_hold_no_key(&app, token).await;
     keys_expire_after_a_day(&app, token, &body).await;
     let (_, list) = app.get("/api/v1/projects?limit=1000").await;
-    assert_eq!(list["items"].as_array().unwrap().len(), 4, "{list}");
+    assert_eq!(list["items"].as_array().unwrap().len(), 5, "{list}");
     app.stop().await;
 }
 
@@ -706,6 +707,56 @@ async fn a_keyed_change_runs_once_when_its_answer_is_large_or_its_client_gives_u
     app.stop().await;
 }
 
+/// A redelivery asked for while the delivery's attempt is in flight is
+/// sent: the attempt's outcome (delivered) overwrote it, and it never went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_asked_for_during_an_attempt_is_sent() {
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let receiver = Receiver::start().await;
+    let (storage, hook) = project_with_webhook(&app, &receiver, 1).await;
+    receiver.answer_after(Duration::from_secs(3));
+    app.start_sync(&storage["id"]).await;
+    // The receiver records a request as it arrives: the first event's
+    // attempt is in flight for 3 s from then.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let event_id = loop {
+        if let Some(first) = receiver.received().first() {
+            break first.headers["webhook-id"].clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no event arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let delivery = deliveries(&app, &hook)
+        .await
+        .into_iter()
+        .find(|d| d["event_id"] == event_id.as_str())
+        .expect("the delivery of the first event");
+    let (status, again) = app
+        .post(
+            &format!(
+                "/api/v1/webhooks/{}/deliveries/{}/redeliver",
+                hook["id"], delivery["id"]
+            ),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (status, &again["status"]),
+        (202, &json!("pending")),
+        "{again}"
+    );
+    receiver.answer_after(Duration::ZERO);
+    receiver
+        .wait_until(Duration::from_secs(30), |accepted| {
+            let sent = |r: &&labelsync_tests::webhook_receiver::Received| {
+                r.headers.get("webhook-id") == Some(&event_id)
+            };
+            accepted.iter().filter(sent).count() >= 2
+        })
+        .await;
+    app.stop().await;
+}
+
 /// An endpoint for every event at `url`, made through the API, as stored.
 async fn stored_webhook(
     app: &TestApp,
@@ -726,7 +777,7 @@ async fn stored_webhook(
 
 /// A list of deliveries shows each one's latest 10 attempts, oldest first
 /// (every attempt before: redeliveries add rounds without end); the
-/// delivery's own page shows every one.
+/// delivery's own page shows every one, up to its latest 1,000.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_list_shows_the_latest_attempts() {
     use sea_orm::ConnectionTrait;
@@ -761,6 +812,25 @@ async fn a_delivery_list_shows_the_latest_attempts() {
     let one = format!("/api/v1/webhooks/{}/deliveries/{delivery}", hook.id);
     let (_, whole) = app.get(&one).await;
     assert_eq!(whole["attempts"].as_array().map(Vec::len), Some(15));
+    // A delivery redelivered without end shows its latest 1,000 (every
+    // one, before: the page was built whole, however many).
+    let many = format!(
+        "INSERT INTO webhook_attempts (delivery_id, started_at, duration_ms) \
+         SELECT {delivery}, now(), g FROM generate_series(15, 1014) g"
+    );
+    db.execute_unprepared(&many).await.expect("insert");
+    let (_, latest) = app.get(&one).await;
+    let shown: Vec<i64> = latest["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|a| a["duration_ms"].as_i64())
+        .collect();
+    assert_eq!(
+        shown,
+        (15..=1014).collect::<Vec<_>>(),
+        "the latest 1,000, oldest first"
+    );
     app.stop().await;
 }
 
@@ -1016,6 +1086,56 @@ async fn slow_receivers_leave_worker_slots_to_runs() {
     let run = app.wait_run(&run_id, Duration::from_secs(8)).await;
     assert_eq!(run["status"], "completed", "{run}");
     app.stop().await;
+}
+
+/// A claim left with no answer (its process died mid-request) for longer
+/// than a request may take holds the key against no request: another
+/// request under it runs (it was compared first: 422 for a day).
+async fn abandoned_claims_hold_no_key(app: &TestApp, token: &str) {
+    use labelsync::db::entities::idempotency_key::{ActiveModel, Entity};
+    use sea_orm::{ActiveValue::Set, EntityTrait};
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let caller = labelsync::security::sha256_hex(&[b"Bearer ", token.as_bytes()]);
+    let abandoned = ActiveModel {
+        caller: Set(caller),
+        key: Set("k-abandoned".into()),
+        request_hash: Set("a request that never ran".into()),
+        status: Set(None),
+        response: Set(None),
+        created_at: Set(chrono::Utc::now() - chrono::Duration::minutes(3)),
+    };
+    Entity::insert(abandoned)
+        .exec_without_returning(&db)
+        .await
+        .expect("an abandoned claim");
+    let body = json!({ "title": "after an abandoned claim", "data_key": "image" });
+    let (status, made, replayed) =
+        post_with_key(app, token, "/api/v1/projects", &body, "k-abandoned").await;
+    assert_eq!((status, replayed), (201, false), "{made}");
+}
+
+/// Claiming a taken key is no failed statement: a duplicate waiting for
+/// the first answer claims every 50 ms, and each claim was an INSERT
+/// refused by the key (an error in the Postgres log, ~600 a waiter; in a
+/// transaction, the transaction was aborted and the read after it failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claiming_a_taken_idempotency_key_fails_no_statement() {
+    use labelsync::db::idempotency::{Claim, claim};
+    use sea_orm::TransactionTrait;
+    let db = labelsync::db::connect(&labelsync_tests::fresh_postgres().await)
+        .await
+        .expect("db");
+    labelsync::db::migrate(&db).await.expect("migrate");
+    let txn = db.begin().await.expect("begin");
+    let first = claim(&txn, "caller", "key", "hash").await.expect("claim");
+    assert!(matches!(first, Claim::Claimed), "{first:?}");
+    for _ in 0..2 {
+        match claim(&txn, "caller", "key", "other").await {
+            Ok(Claim::Taken(row)) => assert_eq!(row.request_hash, "hash"),
+            other => panic!("the taken key, read in the same transaction: {other:?}"),
+        }
+    }
+    txn.commit().await.expect("the transaction was not aborted");
 }
 
 /// A key older than 24 hours is new again (the request runs), and the

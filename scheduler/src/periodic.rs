@@ -179,11 +179,17 @@ pub fn worker_retention(settings: &labelsync::config::Settings) -> chrono::Durat
         .max(chrono::Duration::minutes(10))
 }
 
-/// Claims and enqueues every storage whose period has come.
+/// Claims and enqueues every storage whose period has come. A period is
+/// claimed for `LABELSYNC_REQUEUE_AFTER_SECS` (or its own length, when
+/// shorter), and moved on to the next one once its run is made: a
+/// scheduler killed in between (after the claim's commit, before the
+/// run's) left the storage a whole period without its sync.
 pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
-    // In whole microseconds, as the database keeps them: a period is given
-    // back by the time it was claimed for.
+    // In whole microseconds, as the database keeps them: a period is moved
+    // on, or given back, by the time it was claimed for.
     let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+    let hold = chrono::Duration::from_std(state.settings.requeue_after)
+        .unwrap_or_else(|_| chrono::Duration::days(7));
     let candidates = storages::due_for_sync(&state.db, now, BATCH).await?;
     let mut enqueued = 0;
     for (id, interval) in candidates {
@@ -193,17 +199,23 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
         else {
             continue;
         };
-        if !storages::claim_period(&state.db, id, now, next).await? {
+        let held = now
+            .checked_add_signed(hold)
+            .map_or(next, |held| held.min(next));
+        if !storages::claim_period(&state.db, id, now, held).await? {
             continue; // another replica took this period
         }
-        match enqueue_claimed(state, id, (next, now)).await {
-            Ok(started) => enqueued += usize::from(started),
+        match enqueue_claimed(state, id, (held, now)).await {
+            Ok(started) => {
+                enqueued += usize::from(started);
+                storages::move_period(&state.db, id, held, next).await?;
+            }
             Err(err) => {
                 // The period goes back: the next tick tries again, not the
                 // next period (a database or queue that failed for a moment
                 // cost the storage a whole interval).
                 tracing::warn!(storage_id = id, error = %err, "periodic sync could not be enqueued; trying again next tick");
-                if let Err(err) = storages::give_back_period(&state.db, id, next, now).await {
+                if let Err(err) = storages::move_period(&state.db, id, held, now).await {
                     tracing::warn!(storage_id = id, error = %err, "periodic sync's period could not be given back");
                 }
             }
@@ -213,14 +225,14 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
 }
 
 /// Enqueues the sync of storage `id`, whose period this replica claimed
-/// (moved from `now` to `next`): true when a run was enqueued, false when
+/// (moved from `now` to `held`): true when a run was enqueued, false when
 /// the storage is gone or paused or a run of it is live. A period paused
 /// since its claim is given back, so a resume syncs at the next tick as it
 /// does for a period that came round while paused.
 async fn enqueue_claimed(
     state: &AppState,
     id: i64,
-    (next, now): (chrono::DateTime<Utc>, chrono::DateTime<Utc>),
+    (held, now): (chrono::DateTime<Utc>, chrono::DateTime<Utc>),
 ) -> labelsync::Result<bool> {
     let Some(model) = storages::find(&state.db, id).await? else {
         return Ok(false);
@@ -232,7 +244,7 @@ async fn enqueue_claimed(
             storage_id = id,
             "periodic sync skipped: paused since its period was claimed"
         );
-        storages::give_back_period(&state.db, id, next, now).await?;
+        storages::move_period(&state.db, id, held, now).await?;
         return Ok(false);
     };
     if live {

@@ -151,12 +151,18 @@ fn classify(err: &sea_orm::DbErr) -> DbClass {
 }
 
 /// Postgres: connection exceptions (class 08), serialization failure,
-/// deadlock, admin / crash shutdown and "cannot connect now" are transient;
-/// data exceptions (class 22) are bad values.
+/// deadlock, admin / crash shutdown and "cannot connect now" are transient,
+/// and so is what a database in trouble answers for a while: insufficient
+/// resources (class 53: too many connections, disk full, out of memory),
+/// a write on a primary demoted to read-only by a failover (25006), a lock
+/// or statement timeout or a cancelled statement (55P03, 57014), an I/O
+/// error (58030); the run's attempt limit still ends a run that meets them
+/// every time. Data exceptions (class 22) are bad values.
 fn postgres_class(sqlstate: &str) -> DbClass {
     match sqlstate {
-        s if s.starts_with("08") => DbClass::Transient,
+        s if s.starts_with("08") || s.starts_with("53") => DbClass::Transient,
         "40001" | "40P01" | "57P01" | "57P02" | "57P03" => DbClass::Transient,
+        "25006" | "55P03" | "57014" | "58030" => DbClass::Transient,
         // 22021: a NUL byte in text; 22P05: `\u0000` in jsonb.
         "22021" | "22P05" => DbClass::BadValue {
             code: "invalid_text",
@@ -240,7 +246,10 @@ mod tests {
                 ..
             }
         ));
-        for code in ["08006", "08001", "40001", "40P01", "57P01", "57P03"] {
+        for code in [
+            "08006", "08001", "40001", "40P01", "57P01", "57P03", "25006", "53300", "53100",
+            "53200", "55P03", "57014", "58030",
+        ] {
             assert!(transient(postgres_class(code)), "{code}");
         }
         for code in ["42P01", "23505", "23503", "XX000", "00005"] {

@@ -34,6 +34,9 @@ const SECRET_PREFIX: &str = "whsec_";
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of an endpoint's answer is kept with the attempt.
 const BODY_KEPT: usize = 1024;
+/// How long the kept part of an answer is read for once its status came:
+/// the status is the answer, the body only a note for the log.
+const BODY_WAIT: Duration = Duration::from_secs(2);
 /// The first retry waits about this long; each next one twice as long.
 const RETRY_BASE: Duration = Duration::from_secs(1);
 /// The longest wait between two attempts.
@@ -125,6 +128,12 @@ impl Sender {
         let answer = tokio::time::timeout(ATTEMPT_TIMEOUT, self.post(url, key, event))
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs())));
+        // Read outside the attempt's limit: a 2xx whose body never ends
+        // was an answer (it counted as none, and was sent again).
+        let answer = match answer {
+            Ok(response) => Ok((response.status().as_u16(), first_kb(response).await)),
+            Err(error) => Err(error),
+        };
         let duration_ms = clock.elapsed().as_millis() as i64;
         match answer {
             Ok((status, body)) => AttemptLog {
@@ -149,7 +158,7 @@ impl Sender {
         url: &str,
         key: &[u8],
         event: &webhook_event::Model,
-    ) -> std::result::Result<(u16, String), String> {
+    ) -> std::result::Result<reqwest::Response, String> {
         // Literal addresses skip the resolver: check them here too.
         let url = self
             .policy
@@ -157,8 +166,7 @@ impl Sender {
             .await
             .map_err(|e| e.to_string())?;
         let timestamp = Utc::now().timestamp();
-        let response = self
-            .client
+        self.client
             .post(url)
             .timeout(ATTEMPT_TIMEOUT)
             .header("content-type", "application/json")
@@ -175,14 +183,15 @@ impl Sender {
             .body(event.payload.clone())
             .send()
             .await
-            .map_err(describe)?;
-        let status = response.status().as_u16();
-        Ok((status, first_kb(response).await))
+            .map_err(describe)
     }
 }
 
-/// A failed attempt as the delivery log says it.
+/// A failed attempt as the delivery log says it, without the URL (reqwest
+/// quotes it, and a receiver's URL may hold its token: the log and the
+/// workers' logs would show it).
 fn describe(err: reqwest::Error) -> String {
+    let err = err.without_url();
     if err.is_timeout() {
         format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs())
     } else if err.is_connect() {
@@ -204,13 +213,14 @@ fn chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// The first KB of a body as text (NUL removed: no stored text holds it);
-/// the rest is not read.
+/// The first KB of a body as text (NUL removed: no stored text holds it),
+/// or what of it came within [`BODY_WAIT`]; the rest is not read.
 async fn first_kb(mut response: reqwest::Response) -> String {
     let mut kept = Vec::with_capacity(BODY_KEPT);
+    let deadline = tokio::time::Instant::now() + BODY_WAIT;
     while kept.len() < BODY_KEPT {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
+        match tokio::time::timeout_at(deadline, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => {
                 kept.extend_from_slice(&chunk[..chunk.len().min(BODY_KEPT - kept.len())])
             }
             _ => break,
@@ -387,6 +397,51 @@ mod tests {
             sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    /// An endpoint that answers 200 and then never ends its body: its
+    /// answer is the status (the attempt counted as unanswered after 10 s
+    /// before), with the part of the body that came.
+    #[tokio::test]
+    async fn an_answer_is_its_status_whatever_its_body_does() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = conn.read(&mut request).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\nreceived";
+            conn.write_all(head.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let sender = Sender::new(&NetPolicy::allow_all()).unwrap();
+        let event = webhook_event::Model {
+            id: "msg_1".into(),
+            event_type: "webhook.test".into(),
+            project_id: None,
+            payload: "{}".into(),
+            created_at: Utc::now(),
+        };
+        let log = sender.send(&url, b"key", &event).await;
+        assert_eq!(log.status_code, Some(200), "{:?}", log.error);
+        assert_eq!(log.error, None);
+        assert_eq!(log.response_body.as_deref(), Some("received"));
+        assert!(log.duration_ms < 5_000, "{} ms", log.duration_ms);
+    }
+
+    /// A receiver's URL may hold its token: a failed attempt does not
+    /// quote it.
+    #[tokio::test]
+    async fn a_failed_attempt_does_not_quote_the_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let url = format!("http://127.0.0.1:{port}/hooks/SECRET?token=SECRET");
+        let err = reqwest::Client::new().post(&url).send().await.unwrap_err();
+        let described = describe(err);
+        assert!(described.starts_with("cannot connect"), "{described}");
+        assert!(!described.contains("SECRET"), "{described}");
     }
 
     #[test]

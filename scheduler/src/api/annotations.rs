@@ -5,6 +5,7 @@
 //! export runs are started for those storages. If that start fails (Redis
 //! down), the events wait in the outbox and the scheduler's tick starts the
 //! runs later: an annotation saved is an annotation exported.
+use super::NoQuery;
 use axum::{Extension, extract::State, http::StatusCode};
 use labelsync::{
     db::{
@@ -115,6 +116,7 @@ async fn dispatch(state: &AppState, storages: Vec<i64>) {
 
 pub async fn create(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(task_id): ApiPath<i64>,
     ApiJson(body): ApiJson<AnnotationBody>,
@@ -144,6 +146,7 @@ pub async fn create(
 
 pub async fn get_one(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -152,6 +155,7 @@ pub async fn get_one(
 
 pub async fn update(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
     ApiJson(body): ApiJson<AnnotationBody>,
@@ -171,6 +175,7 @@ pub async fn update(
 
 pub async fn delete(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {

@@ -5,7 +5,7 @@ use axum::{
     Json,
     body::{Body, Bytes},
     extract::{
-        FromRequest, FromRequestParts, Path, Query, Request,
+        FromRequest, FromRequestParts, Path, Request,
         rejection::{BytesRejection, FailedToBufferBody, JsonRejection},
     },
     http::StatusCode,
@@ -15,6 +15,8 @@ use axum::{
 use labelsync::Error;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use serde_path_to_error::Segment;
+use std::borrow::Cow;
 
 /// What a caller who sent a NUL character is told.
 const NUL_IN_TEXT: &str = "text must not contain the NUL character (\\u0000 in JSON, %00 in a URL); remove it and send the request again";
@@ -27,7 +29,7 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    pub field: Option<&'static str>,
+    pub field: Option<Cow<'static, str>>,
     /// The seconds its `Retry-After` header asks the caller to wait, when
     /// waiting helps; a `503` always has one.
     pub retry_after: Option<u32>,
@@ -58,7 +60,7 @@ impl ApiError {
         message: impl Into<String>,
     ) -> Self {
         ApiError {
-            field: Some(field),
+            field: Some(Cow::Borrowed(field)),
             ..Self::new(StatusCode::BAD_REQUEST, code, message)
         }
     }
@@ -100,7 +102,7 @@ impl From<Error> for ApiError {
                 message,
                 field,
             } => ApiError {
-                field,
+                field: field.map(Cow::Borrowed),
                 ..ApiError::new(StatusCode::BAD_REQUEST, code, message)
             },
             // Storage credentials, not the caller's: the request was fine,
@@ -196,7 +198,10 @@ where
         let req = Request::from_parts(parts, Body::from(bytes.clone()));
         let Json(value) = Json::<T>::from_request(req, state)
             .await
-            .map_err(json_error)?;
+            .map_err(|rejection| match rejection {
+                JsonRejection::JsonDataError(_) => misfit_body::<T>(&bytes),
+                other => json_error(other),
+            })?;
         if has_escaped_nul(&bytes) {
             return Err(ApiError::invalid_text());
         }
@@ -282,15 +287,87 @@ fn json_error(rejection: JsonRejection) -> ApiError {
             "invalid_json",
             format!("body is not valid JSON: {}", e.body_text()),
         ),
-        JsonRejection::JsonDataError(e) => {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text())
-        }
         JsonRejection::BytesRejection(e) => body_error(e),
         other => ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", other.body_text()),
     }
 }
 
-/// `Query<T>` with API-shaped rejections (`?limit=abc`, an unknown parameter).
+/// Why a JSON body did not fit the route's fields: it is read again, this
+/// time keeping the path to the value serde refused (axum's rejection only
+/// has it as text), so the error names the field.
+fn misfit_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiError {
+    let mut json = serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, T>(&mut json) {
+        Err(e) => misfit("invalid_body", e.path(), e.inner().to_string()),
+        Ok(_) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the body does not fit this route's fields",
+        ),
+    }
+}
+
+/// The codes the docs give a field's bad values (docs/API.md, "Errors"):
+/// a value of the wrong type (`"limit": "ten"`) is as bad as one out of
+/// range and gets the same code.
+const FIELD_CODES: &[(&str, &str)] = &[
+    ("limit", "invalid_limit"),
+    ("title", "invalid_title"),
+    ("data_key", "invalid_data_key"),
+    ("status", "invalid_status"),
+    ("kind", "invalid_kind"),
+    ("result", "invalid_result"),
+    ("completed_by", "invalid_completed_by"),
+    ("lead_time", "invalid_lead_time"),
+    ("url", "invalid_url"),
+    ("events", "invalid_events"),
+    ("secret", "invalid_secret"),
+    ("name", "invalid_name"),
+    ("scope", "invalid_scope"),
+    ("projects", "invalid_projects"),
+    ("expires_at", "invalid_expires_at"),
+    ("uri", "invalid_uri"),
+];
+
+/// A body or query that parsed but does not fit the route's fields, told
+/// by what serde refused: a missing field is `missing_field`, a field
+/// with a bad value gets its code from [`FIELD_CODES`], an unknown field or
+/// anything else `generic`. `field` names the field in every case where
+/// serde named one. serde tells missing and unknown fields only in its
+/// message, whose start it fixes (`missing field `x``, `unknown field `x``).
+fn misfit(generic: &'static str, path: &serde_path_to_error::Path, said: String) -> ApiError {
+    let named = |start: &str| {
+        said.strip_prefix(start)
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_owned)
+    };
+    let (code, field) = if let Some(name) = named("missing field `") {
+        ("missing_field", Some(name))
+    } else if let Some(name) = named("unknown field `") {
+        (generic, Some(name))
+    } else {
+        let name = match path.iter().next() {
+            Some(Segment::Map { key }) => Some(key.clone()),
+            _ => None,
+        };
+        let code = FIELD_CODES
+            .iter()
+            .find(|(field, _)| name.as_deref() == Some(*field))
+            .map_or(generic, |(_, code)| *code);
+        (code, name)
+    };
+    let message = match path.iter().next() {
+        Some(_) => format!("{path}: {said}"),
+        None => said,
+    };
+    ApiError {
+        field: field.map(Cow::Owned),
+        ..ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+/// `Query<T>` with API-shaped rejections (`?limit=abc` is `invalid_limit`,
+/// an unknown parameter `invalid_query`; see [`misfit`]).
 pub struct ApiQuery<T>(pub T);
 
 impl<S, T> FromRequestParts<S> for ApiQuery<T>
@@ -300,11 +377,34 @@ where
 {
     type Rejection = ApiError;
 
+    /// Read as axum's `Query` reads it (`serde_urlencoded`), keeping the
+    /// path to the value serde refused.
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let pairs = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(pairs)
+            .map(ApiQuery)
+            .map_err(|e| misfit("invalid_query", e.path(), e.inner().to_string()))
+    }
+}
+
+/// The fields of a query on a route that takes none.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
+/// For a route that takes no query: a query parameter is refused (`400
+/// invalid_query`, naming it) rather than ignored, so that an option the
+/// route does not have (`?force=true`) is not silently dropped.
+pub struct NoQuery;
+
+impl<S: Send + Sync> FromRequestParts<S> for NoQuery {
+    type Rejection = ApiError;
+
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Query::<T>::from_request_parts(parts, state)
+        ApiQuery::<NoFields>::from_request_parts(parts, state)
             .await
-            .map(|Query(value)| ApiQuery(value))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))
+            .map(|_| NoQuery)
     }
 }
 

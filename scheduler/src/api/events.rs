@@ -4,6 +4,7 @@
 //! what workers commit their counters to, so any scheduler replica serves
 //! any run, whichever worker runs it, with nothing else to deploy (see
 //! docs/DECISIONS.md, "Live progress by polling the run rows").
+use super::NoQuery;
 use std::{
     collections::{HashMap, VecDeque},
     convert::Infallible,
@@ -129,6 +130,7 @@ struct RunWatch {
 /// `GET /api/v1/runs/{id}/events`.
 pub async fn run_events(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {

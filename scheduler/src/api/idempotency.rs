@@ -139,6 +139,14 @@ async fn settle(
             forget_row(state, &row).await?;
             continue;
         }
+        // An abandoned claim is forgotten before it is compared: the
+        // request that made it may never have run, so it does not hold
+        // the key against another (that was a 422 until the claim aged a
+        // day).
+        if row.status.is_none() && age >= ABANDONED_AFTER {
+            forget_row(state, &row).await?;
+            continue;
+        }
         if row.request_hash != hash {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -148,10 +156,6 @@ async fn settle(
         }
         if let Some(status) = row.status {
             return Ok(Some(replay(status, row.response.unwrap_or_default())));
-        }
-        if age >= ABANDONED_AFTER {
-            forget_row(state, &row).await?;
-            continue;
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError::new(

@@ -35,7 +35,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 pub use access::Caller;
-pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
+pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, NoQuery};
 pub use idempotency::KEEP as IDEMPOTENCY_KEEP;
 pub use ops::gone_after;
 pub use storage_cache::{StorageCache, follow_changes};
@@ -418,7 +418,7 @@ async fn refuse_declared_oversize(req: Request, next: Next) -> Response {
 
 /// The OpenAPI document of the routes above, kept by hand beside them
 /// (`api/openapi.json`); a test checks every route it lists answers.
-async fn openapi() -> Response {
+async fn openapi(_: NoQuery) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
         include_str!("openapi.json"),

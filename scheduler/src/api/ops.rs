@@ -24,7 +24,10 @@ pub async fn metrics(State(state): State<AppState>) -> impl axum::response::Into
 
 /// `GET /api/v1/queues`: the backlog of each queue, and how long its
 /// oldest waiting job has waited.
-pub async fn queues(State(state): State<AppState>) -> super::ApiResult<Json<Value>> {
+pub async fn queues(
+    State(state): State<AppState>,
+    _: super::NoQuery,
+) -> super::ApiResult<Json<Value>> {
     let (depth, age) = tokio::join!(state.queue.depth(), state.queue.oldest_waiting_age());
     let mut item =
         serde_json::to_value(depth?).map_err(|e| labelsync::Error::Internal(e.to_string()))?;

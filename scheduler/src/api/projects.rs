@@ -1,4 +1,5 @@
 //! `/api/v1/projects`.
+use super::NoQuery;
 use axum::{Extension, extract::State, http::StatusCode};
 use labelsync::db::{self, entities::project, projects};
 use sea_orm::ConnectionTrait;
@@ -100,6 +101,7 @@ pub async fn find_named(
 
 pub async fn create(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<ProjectBody>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
@@ -136,6 +138,7 @@ pub async fn list(
 
 pub async fn get_one(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -146,6 +149,7 @@ pub async fn get_one(
 
 pub async fn update(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
     ApiJson(body): ApiJson<ProjectBody>,
@@ -165,6 +169,7 @@ pub async fn update(
 /// (ON DELETE CASCADE).
 pub async fn delete(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {

@@ -1,4 +1,5 @@
 //! `/api/v1/runs`: job status, history, per-object errors, cancel.
+use super::NoQuery;
 use axum::{Extension, extract::State, http::StatusCode};
 use labelsync::db::{
     entities::sync_run,
@@ -23,6 +24,7 @@ pub async fn find_for(state: &AppState, caller: &Caller, id: &str) -> ApiResult<
 
 pub async fn get_one(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -138,6 +140,7 @@ pub async fn errors(
 
 pub async fn cancel(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -151,6 +154,7 @@ pub async fn cancel(
 /// run with failed objects, or when its storage has a live run.
 pub async fn retry(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {

@@ -1,4 +1,5 @@
 //! `/api/v1/storages`: create, read, patch, delete, validate, preview, sync.
+use super::NoQuery;
 use std::sync::Arc;
 
 use axum::{Extension, extract::State, http::StatusCode};
@@ -151,6 +152,7 @@ fn spec_of(body: Value) -> ApiResult<StorageSpec> {
 
 pub async fn create(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
@@ -209,6 +211,7 @@ pub async fn list(
 
 pub async fn get_one(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -222,6 +225,7 @@ pub async fn get_one(
 /// before anything is written.
 pub async fn update(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
     ApiJson(patch): ApiJson<Value>,
@@ -312,6 +316,7 @@ fn merge_patch(
 
 pub async fn delete(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
@@ -329,6 +334,7 @@ pub async fn delete(
 /// what is wrong (a malformed body is still a 400).
 pub async fn validate_new(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<Value>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -348,6 +354,7 @@ pub async fn validate_new(
 
 pub async fn validate_saved(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -446,6 +453,7 @@ pub async fn preview(
 
 pub async fn sync(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
@@ -464,6 +472,7 @@ pub async fn sync(
 /// changes nothing.
 pub async fn pause(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -474,6 +483,7 @@ pub async fn pause(
 /// round while paused syncs at the next tick).
 pub async fn resume(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {

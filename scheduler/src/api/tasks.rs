@@ -1,5 +1,6 @@
 //! Tasks: a project's list (with the object each came from) and one task with
 //! its annotations and predictions.
+use super::NoQuery;
 use axum::{Extension, extract::State};
 use labelsync::db::{
     annotations,
@@ -56,6 +57,7 @@ pub async fn find_for(state: &AppState, caller: &Caller, id: i64) -> ApiResult<t
 
 pub async fn get_one(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {

@@ -1,5 +1,6 @@
 //! `/api/v1/tokens` (admin only): create a token (its secret is in the
 //! answer and nowhere else, ever), list, read, revoke.
+use super::NoQuery;
 use axum::{extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use labelsync::{
@@ -52,6 +53,7 @@ fn new_token(body: TokenBody) -> ApiResult<NewToken> {
 
 pub async fn create(
     State(state): State<AppState>,
+    _: NoQuery,
     axum::Extension(caller): axum::Extension<Caller>,
     ApiJson(body): ApiJson<TokenBody>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
@@ -88,6 +90,7 @@ fn missing(id: i64) -> ApiError {
 
 pub async fn get_one(
     State(state): State<AppState>,
+    _: NoQuery,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
     let token = tokens::find(&state.db, id)
@@ -100,6 +103,7 @@ pub async fn get_one(
 /// stays so the audit trail can name it.
 pub async fn revoke(
     State(state): State<AppState>,
+    _: NoQuery,
     axum::Extension(caller): axum::Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {

@@ -1,5 +1,6 @@
 //! `/api/v1/webhooks`: endpoints that receive signed events, their
 //! delivery log, test sends and redelivery (docs/API.md, "Webhooks").
+use super::NoQuery;
 use axum::{Extension, extract::State, http::StatusCode};
 use labelsync::{
     db::{
@@ -63,6 +64,7 @@ pub struct CreateBody {
 
 pub async fn create(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiJson(body): ApiJson<CreateBody>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {
@@ -191,6 +193,7 @@ pub async fn list(
 
 pub async fn get_one(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -209,6 +212,7 @@ pub struct PatchBody {
 
 pub async fn update(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
     ApiJson(body): ApiJson<PatchBody>,
@@ -240,6 +244,7 @@ pub async fn update(
 
 pub async fn delete(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<StatusCode> {
@@ -254,6 +259,7 @@ pub async fn delete(
 /// with the delivery and its attempt (whatever the endpoint answered).
 pub async fn test(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -274,13 +280,13 @@ pub async fn test(
     delivery_json(&state, delivery, webhooks::TEST_EVENT.into()).await
 }
 
-/// A delivery with every attempt made of it.
+/// A delivery with its latest [`ATTEMPTS_SHOWN`] attempts.
 async fn delivery_json(
     state: &AppState,
     delivery: webhook_delivery::Model,
     event_type: String,
 ) -> ApiResult<ApiJson<Value>> {
-    let attempts = webhooks::attempts_of(&state.db, &[delivery.id]).await?;
+    let attempts = webhooks::latest_attempts_of(&state.db, &[delivery.id], ATTEMPTS_SHOWN).await?;
     let mut shown = delivery_to_json(&delivery, &event_type);
     shown["attempts"] = attempts.iter().map(attempt_to_json).collect();
     Ok(ApiJson(shown))
@@ -313,8 +319,12 @@ fn attempt_to_json(a: &webhook_attempt::Model) -> Value {
 }
 
 /// Attempts shown with each delivery of a list (`attempt_count` counts
-/// them all; one delivery's page shows every one).
+/// them all).
 const ATTEMPTS_LISTED: u64 = 10;
+/// Attempts shown on one delivery's page: every one it had, unless it was
+/// redelivered without end (each redelivery adds one, and the page was
+/// built whole: a day of a looped redeliver made it a gigabyte).
+const ATTEMPTS_SHOWN: u64 = 1000;
 
 /// `GET /webhooks/{id}/deliveries`: newest first, each with its latest
 /// attempts; `after` is a delivery id (the page holds older ones).
@@ -362,6 +372,7 @@ async fn find_delivery(
 
 pub async fn delivery(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath((id, delivery_id)): ApiPath<(i64, i64)>,
 ) -> ApiResult<ApiJson<Value>> {
@@ -380,6 +391,7 @@ async fn event_type_of(state: &AppState, delivery: &webhook_delivery::Model) -> 
 /// must be enabled for it to go out.
 pub async fn redeliver(
     State(state): State<AppState>,
+    _: NoQuery,
     Extension(caller): Extension<Caller>,
     ApiPath((id, delivery_id)): ApiPath<(i64, i64)>,
 ) -> ApiResult<(StatusCode, ApiJson<Value>)> {

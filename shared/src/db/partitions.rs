@@ -210,17 +210,26 @@ pub async fn finish(
 }
 
 /// Lets the partition go after a failed attempt, keeping why; `failed`
-/// gives it up (the run then fails).
+/// gives it up (the run then fails). An attempt `handed_back` by a worker
+/// shutting down gives back the attempt it counted, as a run's does
+/// (`runs::release`).
 pub async fn release(
     db: &impl ConnectionTrait,
     id: i64,
     owner: &str,
     error: &str,
     failed: bool,
+    handed_back: bool,
 ) -> Result<()> {
+    let attempts = if handed_back {
+        Expr::col(C::Attempts).sub(1)
+    } else {
+        Expr::col(C::Attempts)
+    };
     sync_partition::Entity::update_many()
         .col_expr(C::LeaseOwner, Expr::value(Option::<String>::None))
-        .col_expr(C::Error, Expr::value(error))
+        .col_expr(C::Attempts, attempts)
+        .col_expr(C::Error, Expr::value(crate::error::storable(error)))
         .col_expr(C::Failed, Expr::value(failed))
         .filter(C::Id.eq(id))
         .filter(C::LeaseOwner.eq(owner))

@@ -515,7 +515,10 @@ pub async fn finish_in(
     let now = Utc::now();
     let mut update = sync_run::Entity::update_many()
         .col_expr(sync_run::Column::Status, Expr::value(status.as_str()))
-        .col_expr(sync_run::Column::Error, Expr::value(error))
+        .col_expr(
+            sync_run::Column::Error,
+            Expr::value(error.as_deref().map(crate::error::storable)),
+        )
         .col_expr(sync_run::Column::FinishedAt, Expr::value(now))
         .col_expr(sync_run::Column::HeartbeatAt, Expr::value(now))
         .filter(sync_run::Column::Id.eq(id))
@@ -577,14 +580,33 @@ async fn record_events(db: &impl ConnectionTrait, run: &sync_run::Model) -> Resu
 }
 
 /// Lets go of an attempt's lease after a transient failure, recording why,
-/// so the retry can start at once.
-pub async fn release(db: &impl ConnectionTrait, id: &str, owner: &str, error: &str) -> Result<()> {
+/// so the retry can start at once. An attempt `handed_back` by a worker
+/// shutting down (SIGTERM: a scale-in, a deploy) gives back the attempt it
+/// counted: attempts are counted as they begin so that crashes count, and
+/// a long run handed back at every scale-in was failed after five.
+pub async fn release(
+    db: &impl ConnectionTrait,
+    id: &str,
+    owner: &str,
+    error: &str,
+    handed_back: bool,
+) -> Result<()> {
+    let counted = Expr::col(sync_run::Column::Attempts);
+    let attempts = if handed_back {
+        counted.sub(1)
+    } else {
+        counted
+    };
     sync_run::Entity::update_many()
         .col_expr(
             sync_run::Column::LeaseOwner,
             Expr::value(Option::<String>::None),
         )
-        .col_expr(sync_run::Column::Error, Expr::value(error))
+        .col_expr(sync_run::Column::Attempts, attempts)
+        .col_expr(
+            sync_run::Column::Error,
+            Expr::value(crate::error::storable(error)),
+        )
         .filter(sync_run::Column::Id.eq(id))
         .filter(sync_run::Column::LeaseOwner.eq(owner))
         // An ended run keeps its own error (an attempt whose end committed

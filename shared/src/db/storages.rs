@@ -270,16 +270,19 @@ pub async fn schedule_active(txn: &impl ConnectionTrait, id: i64) -> Result<bool
     Ok(found.is_some())
 }
 
-/// Claims the storage's period: moves its next sync to `next` if it is still
-/// due at `now`; false when another replica took it first (or it is gone).
+/// Claims the storage's period: moves its next sync to `held` if it is
+/// still due at `now`; false when another replica took it first (or it is
+/// gone). The claimer moves it on to the next period once the period's
+/// run is made ([`move_period`]); a claimer that dies first leaves it due
+/// again at `held`.
 pub async fn claim_period(
     db: &impl ConnectionTrait,
     id: i64,
     now: DateTime<Utc>,
-    next: DateTime<Utc>,
+    held: DateTime<Utc>,
 ) -> Result<bool> {
     let claimed = storage::Entity::update_many()
-        .col_expr(storage::Column::NextSyncAt, Expr::value(next))
+        .col_expr(storage::Column::NextSyncAt, Expr::value(held))
         .filter(storage::Column::Id.eq(id))
         .filter(due(now))
         .exec(db)
@@ -287,21 +290,21 @@ pub async fn claim_period(
     Ok(claimed.rows_affected > 0)
 }
 
-/// Gives back a period [`claim_period`] claimed (moving `next_sync_at` from
-/// `next` to `now`) when its sync could not be enqueued, so that the next
-/// tick tries again rather than the next period. Nothing when the storage
-/// was changed or claimed meanwhile.
-pub async fn give_back_period(
+/// Moves a period [`claim_period`] claimed from `from` to `to`: on to the
+/// next period once its run is made, or back to now when it could not be
+/// (the next tick tries again). Nothing when the storage was changed or
+/// claimed meanwhile.
+pub async fn move_period(
     db: &impl ConnectionTrait,
     id: i64,
-    next: DateTime<Utc>,
-    now: DateTime<Utc>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
 ) -> Result<bool> {
-    let given = storage::Entity::update_many()
-        .col_expr(storage::Column::NextSyncAt, Expr::value(now))
+    let moved = storage::Entity::update_many()
+        .col_expr(storage::Column::NextSyncAt, Expr::value(to))
         .filter(storage::Column::Id.eq(id))
-        .filter(storage::Column::NextSyncAt.eq(next))
+        .filter(storage::Column::NextSyncAt.eq(from))
         .exec(db)
         .await?;
-    Ok(given.rows_affected > 0)
+    Ok(moved.rows_affected > 0)
 }

@@ -12,7 +12,7 @@ use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait, IntoActiveModel,
     PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
-    sea_query::{Expr, LikeExpr},
+    sea_query::{Expr, ExprTrait, LikeExpr},
 };
 use serde_json::Value;
 
@@ -407,7 +407,12 @@ pub enum Sent {
     Test,
 }
 
-/// Logs an attempt and moves its delivery on, in one transaction.
+/// Logs an attempt and moves its delivery on, in one transaction. The
+/// attempt is counted in the database (`+ 1`: two sends that overlapped
+/// both count), and the delivery moves on only as it was read: a
+/// redelivery that queued it again while the attempt was in flight
+/// stands (the attempt's outcome overwrote it, and the redelivery was
+/// never sent).
 pub async fn record_attempt(
     db: &DatabaseConnection,
     delivery: &webhook_delivery::Model,
@@ -415,6 +420,7 @@ pub async fn record_attempt(
     after: &AfterAttempt,
     sent: Sent,
 ) -> Result<webhook_delivery::Model> {
+    use webhook_delivery::Column as C;
     let tx = super::begin_write(db).await?;
     webhook_attempt::ActiveModel {
         id: NotSet,
@@ -427,32 +433,50 @@ pub async fn record_attempt(
     }
     .insert(&tx)
     .await?;
-    let mut row = delivery.clone().into_active_model();
-    row.attempts = Set(delivery.attempts + 1);
-    row.last_status_code = Set(log.status_code);
-    row.last_error = Set(log.error.clone());
-    let now = Utc::now();
+    webhook_delivery::Entity::update_many()
+        .col_expr(C::Attempts, Expr::col(C::Attempts).add(1))
+        .col_expr(C::LastStatusCode, Expr::value(log.status_code))
+        .col_expr(C::LastError, Expr::value(log.error.clone()))
+        .filter(C::Id.eq(delivery.id))
+        .exec(&tx)
+        .await?;
     if sent == Sent::Queued {
         let failing = !matches!(after, AfterAttempt::Delivered);
         mark_failing(&tx, delivery.webhook_id, failing).await?;
     }
-    match after {
-        AfterAttempt::Delivered => {
-            row.status = Set(DELIVERED.to_owned());
-            row.finished_at = Set(Some(now));
-        }
-        AfterAttempt::RetryAt(at) => row.next_attempt_at = Set(*at),
-        AfterAttempt::GiveUp { disable } => {
-            row.status = Set(FAILED.to_owned());
-            row.finished_at = Set(Some(now));
-            if let Some(reason) = disable {
-                disable_endpoint(&tx, delivery.webhook_id, reason).await?;
-            }
-        }
+    moved_on(after)
+        .filter(C::Id.eq(delivery.id))
+        .filter(C::Status.eq(delivery.status.as_str()))
+        .filter(C::NextAttemptAt.eq(delivery.next_attempt_at))
+        .exec(&tx)
+        .await?;
+    if let AfterAttempt::GiveUp {
+        disable: Some(reason),
+    } = after
+    {
+        disable_endpoint(&tx, delivery.webhook_id, reason).await?;
     }
-    let row = row.update(&tx).await?;
+    let row = webhook_delivery::Entity::find_by_id(delivery.id)
+        .one(&tx)
+        .await?
+        .ok_or_else(|| crate::Error::NotFound(format!("delivery {}", delivery.id)))?;
     tx.commit().await?;
     Ok(row)
+}
+
+/// The change an attempt's outcome makes to its delivery.
+fn moved_on(after: &AfterAttempt) -> sea_orm::UpdateMany<webhook_delivery::Entity> {
+    use webhook_delivery::Column as C;
+    let update = webhook_delivery::Entity::update_many();
+    match after {
+        AfterAttempt::Delivered => update
+            .col_expr(C::Status, Expr::value(DELIVERED))
+            .col_expr(C::FinishedAt, Expr::value(Utc::now())),
+        AfterAttempt::RetryAt(at) => update.col_expr(C::NextAttemptAt, Expr::value(*at)),
+        AfterAttempt::GiveUp { .. } => update
+            .col_expr(C::Status, Expr::value(FAILED))
+            .col_expr(C::FinishedAt, Expr::value(Utc::now())),
+    }
 }
 
 /// Sets `failing_since` to now unless set (`failing`), or clears it.
@@ -627,18 +651,6 @@ pub async fn latest_attempts_of(
     let statement = sea_orm::Statement::from_string(db.get_database_backend(), sql);
     Ok(webhook_attempt::Entity::find()
         .from_raw_sql(statement)
-        .all(db)
-        .await?)
-}
-
-/// Every attempt of these deliveries, oldest first.
-pub async fn attempts_of(
-    db: &impl ConnectionTrait,
-    delivery_ids: &[i64],
-) -> Result<Vec<webhook_attempt::Model>> {
-    Ok(webhook_attempt::Entity::find()
-        .filter(webhook_attempt::Column::DeliveryId.is_in(delivery_ids.iter().copied()))
-        .order_by_asc(webhook_attempt::Column::Id)
         .all(db)
         .await?)
 }

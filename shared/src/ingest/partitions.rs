@@ -272,7 +272,9 @@ impl ImportJob<'_> {
         let result = job.list_part(part.id, lease, worker).await;
         if let Err(err) = &result {
             let message = err.to_string();
-            parts::release(self.db, part.id, lease, &message, !err.is_transient()).await?;
+            let handed_back = self.check_stopping().is_err();
+            let failed = !err.is_transient();
+            parts::release(self.db, part.id, lease, &message, failed, handed_back).await?;
         }
         result
     }

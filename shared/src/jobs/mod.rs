@@ -290,8 +290,10 @@ async fn conclude(
             tracing::warn!(error = %err, attempt = run.attempts, "run attempt failed; it will be retried");
             // Kept on the row so ops see why a run is slow, and so the final
             // "gave up" message can name the cause; the lease is let go so the
-            // retry need not wait for it to go stale.
-            let _ = runs::release(&ctx.db, run_id, lease, &err.to_string()).await;
+            // retry need not wait for it to go stale. An attempt stopped
+            // by its worker's shutdown does not count against the run.
+            let handed_back = ctx.stopping.load(std::sync::atomic::Ordering::Relaxed);
+            let _ = runs::release(&ctx.db, run_id, lease, &err.to_string(), handed_back).await;
             Err(RetryLater(err))
         }
         Err(err) => {

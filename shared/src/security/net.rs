@@ -70,6 +70,9 @@ impl Cidr {
 pub const STORAGES_SETTING: &str = "LABELSYNC_ALLOW_PRIVATE_ENDPOINTS";
 /// The setting that lets webhooks reach non-public addresses.
 pub const WEBHOOKS_SETTING: &str = "LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS";
+/// How long a name's lookup may take. The system resolver cannot be
+/// cancelled (its thread runs on), but the request waiting for it is let go.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which non-public addresses a deployment lets one kind of outgoing
 /// connection reach, and the setting that says so: a refusal names it, so
@@ -197,10 +200,21 @@ impl NetPolicy {
         if self.allows_all() {
             return Ok(());
         }
-        let addrs = tokio::net::lookup_host((bare, port)).await.map_err(|e| {
-            tracing::debug!(host, error = %e, "endpoint name does not resolve");
-            self.refusal(host, field)
-        })?;
+        // A name whose nameserver never answers would hold the request
+        // for the resolver's whole retry sequence: it is refused as one
+        // that does not resolve.
+        let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((bare, port)));
+        let addrs = match lookup.await {
+            Ok(Ok(addrs)) => addrs,
+            Ok(Err(e)) => {
+                tracing::debug!(host, error = %e, "endpoint name does not resolve");
+                return Err(self.refusal(host, field));
+            }
+            Err(_) => {
+                tracing::debug!(host, "endpoint name lookup timed out");
+                return Err(self.refusal(host, field));
+            }
+        };
         for addr in addrs {
             self.check_ip(host, addr.ip(), field)?;
         }
@@ -445,9 +459,16 @@ impl DnsCache {
 
     async fn look_up(&self, host: &str) -> Answer {
         self.lookups.fetch_add(1, Ordering::Relaxed);
-        match tokio::net::lookup_host((host, 0)).await {
-            Ok(found) => Ok(found.map(|a| a.ip()).collect()),
-            Err(e) => Err((e.kind(), e.to_string())),
+        match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host, 0))).await {
+            Ok(Ok(found)) => Ok(found.map(|a| a.ip()).collect()),
+            Ok(Err(e)) => Err((e.kind(), e.to_string())),
+            Err(_) => Err((
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "{host} did not resolve within {} s",
+                    LOOKUP_TIMEOUT.as_secs()
+                ),
+            )),
         }
     }
 

@@ -306,6 +306,26 @@ mod tests {
         }
     }
 
+    /// A subject-token URL may carry a key in its query: an error
+    /// reaching it does not quote the URL (reqwest's own text does).
+    #[tokio::test]
+    async fn an_unreachable_subject_token_url_is_not_quoted() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let url = format!("http://127.0.0.1:{port}/token?key=SECRET");
+        let token = UrlToken::new(
+            &source(serde_json::json!({ "url": url })),
+            reqwest::Client::new(),
+        )
+        .unwrap();
+        let err = token.fetch().await.unwrap_err();
+        assert!(err.transient, "{err}");
+        let err = err.to_string();
+        assert!(err.contains("cannot reach it"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+    }
+
     #[test]
     fn the_impersonated_account_is_read_from_its_url() {
         let url = "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/sa@p.iam.gserviceaccount.com:generateAccessToken";
