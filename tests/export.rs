@@ -602,6 +602,54 @@ async fn a_drain_past_the_page_budget_sends_the_rest_in_its_next_page() {
     }
 }
 
+/// The runs of `storage` of `scope`.
+async fn runs_of_scope(app: &TestApp, storage: &Value, scope: &str) -> Vec<Value> {
+    let (_, runs) = app
+        .get(&format!("/api/v1/runs?storage_id={}", storage["id"]))
+        .await;
+    let runs = runs["items"].as_array().expect("items").clone();
+    runs.into_iter().filter(|r| r["scope"] == scope).collect()
+}
+
+/// A target's period that comes while an export of saved annotations is
+/// live starts its full export once that one ends (the period counted as
+/// used: annotations saved all day long kept full exports out, period
+/// after period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_periodic_export_waits_for_a_live_events_export() {
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..options()
+    })
+    .await;
+    let importer = labelsync_tests::spawn_ready_worker(&app, "importer", &[]).await;
+    let (project, tasks) = project_with_tasks(&app, 1).await;
+    drop(importer);
+    let target = local_target(&app, project, "periodic", false).await;
+    annotate(&app, tasks[0], "cat").await;
+    eventually(
+        "the annotation's events export, waiting for a worker",
+        || async { !runs_of_scope(&app, &target, "events").await.is_empty() },
+    )
+    .await;
+    let (status, patched) = app
+        .patch(
+            &format!("/api/v1/storages/{}", target["id"]),
+            json!({ "sync_interval_seconds": 3600 }),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    // Ticks every 200 ms meet the live events export.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(runs_of_scope(&app, &target, "full").await.is_empty());
+    let _worker = labelsync_tests::spawn_ready_worker(&app, "exporter", &[]).await;
+    eventually("the period's full export", || async {
+        !runs_of_scope(&app, &target, "full").await.is_empty()
+    })
+    .await;
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_export_counts_skips_unchanged_and_retries_failed_uploads() {
     let app = spawn_app(options()).await;

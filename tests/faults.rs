@@ -276,6 +276,63 @@ async fn hanging_storage_requests_time_out_and_are_retried() {
     app.stop().await;
 }
 
+/// `/resolve` through a storage that refuses: an admin reads the storage's
+/// own words; a token held to the project gets the code and a message of
+/// ours (the words can name the identity the credentials act as: an IAM
+/// role's ARN and account; they were passed on as they came).
+async fn resolve_refusals_are_told_by_their_code(
+    app: &TestApp,
+    project: i64,
+    bucket: &str,
+    endpoint: &str,
+) {
+    let body = json!({
+        "project_id": project, "role": "source", "backend": "s3", "prefix": "refused/",
+        "presign": false,
+        "config": { "bucket": bucket, "endpoint_url": endpoint },
+        "secrets": { "access_key_id": "test", "secret_access_key": "test" },
+    });
+    let (status, storage) = app.post("/api/v1/storages", body).await;
+    assert_eq!(status, 201, "{storage}");
+    let path = format!("/api/v1/resolve?project_id={project}&uri=s3://{bucket}/refused/0.jpg");
+    // Before any token is made, the open mode's caller is unrestricted.
+    let (status, admin) = app.get(&path).await;
+    assert_eq!(
+        (status, &admin["error"]["code"]),
+        (403, &json!("permission_denied")),
+        "{admin}"
+    );
+    assert!(
+        admin["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("AccessDenied"),
+        "{admin}"
+    );
+    let (status, token) = app
+        .post(
+            "/api/v1/tokens",
+            json!({ "name": "tenant", "scope": "read", "projects": [project] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{token}");
+    let resp = app
+        .client
+        .get(format!("{}{path}", app.base))
+        .bearer_auth(token["secret"].as_str().expect("secret"))
+        .send()
+        .await
+        .expect("resolve");
+    assert_eq!(resp.status().as_u16(), 403);
+    let tenant: Value = resp.json().await.expect("an error body");
+    assert_eq!(tenant["error"]["code"], "permission_denied", "{tenant}");
+    let said = tenant["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        !said.contains("AccessDenied") && !said.contains(bucket),
+        "{tenant}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusing_storage_fails_the_run_without_pointless_retries() {
     let (moto, bucket) = bucket(0, 3).await;
@@ -325,6 +382,8 @@ async fn a_refusing_storage_fails_the_run_without_pointless_retries() {
             ),
         }
     }
+    // Last: the token it makes closes the open mode the requests above use.
+    resolve_refusals_are_told_by_their_code(&app, project, &bucket, &proxy.url).await;
     app.stop().await;
 }
 

@@ -773,8 +773,20 @@ async fn a_worker_starts_where_it_cannot_keep_a_connection_per_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     const OBJECTS: usize = 40_000;
-    let app = spawn_app(AppOptions::without_workers()).await;
+    let app = spawn_app(AppOptions {
+        workers: false,
+        ..AppOptions::with_storages()
+    })
+    .await;
     let storage = app.files_storage("drain", OBJECTS).await;
+    // An endpoint of the project's run.started events (nobody answers
+    // there: the events are counted where they are kept).
+    let hook = json!({
+        "url": "http://127.0.0.1:9/hook", "events": ["run.started"],
+        "project_id": storage["project_id"],
+    });
+    let (status, made) = app.post("/api/v1/webhooks", hook).await;
+    assert_eq!(status, 201, "{made}");
     let mut first = spawn_worker(&app, "draining", &[]);
     let (run_id, _) = app.start_sync_and_wait_for_progress(&storage).await;
 
@@ -808,6 +820,17 @@ async fn sigterm_hands_the_run_back_and_another_worker_finishes_it() {
     let run = app.wait_run(&run_id, Duration::from_secs(120)).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["attempts"], 1, "{run}");
+    // Started once, whatever the attempts counted: the successor's count
+    // was 1 again, and the event went out twice.
+    let db = Database::connect(app.database_url.as_str())
+        .await
+        .expect("database");
+    let started = count(
+        &db,
+        "SELECT count(*)::int8 AS n FROM webhook_events WHERE event_type = 'run.started'",
+    )
+    .await;
+    assert_eq!(started, 1, "run.started events");
     assert_eq!(run["counters"]["created"], OBJECTS as i64, "{run}");
     assert_eq!(
         run["counters"]["listed"], OBJECTS as i64,

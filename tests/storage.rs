@@ -962,6 +962,53 @@ async fn keys_xml_cannot_carry_are_listed_url_encoded_on_moto() {
     app.stop().await;
 }
 
+/// In Files mode, a key a task's URI could not name (`/resolve` refuses a
+/// `.` or `..` segment, percent-encoded or not) is a per-object error
+/// asking to rename the object, not a task whose image never loads (it
+/// was a task, and the run said nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_mode_reports_keys_a_task_uri_cannot_name() {
+    let url = endpoint("TEST_S3_ENDPOINT");
+    let bucket = bucket_name();
+    create_s3_bucket(&url, "test", "test", &bucket).await;
+    for key in ["dots/a.jpg", "dots/%2e%2e/b.jpg", "dots/%2E/c.jpg"] {
+        put_s3_object(&url, "test", "test", &bucket, key).await;
+    }
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let project = app.project("dot keys").await;
+    let body = json!({
+        "project_id": project, "role": "source", "backend": "s3", "prefix": "dots/",
+        "config": { "bucket": bucket, "endpoint_url": url },
+        "secrets": { "access_key_id": "test", "secret_access_key": "test" },
+    });
+    let (status, created) = app.post("/api/v1/storages", body).await;
+    assert_eq!(status, 201, "{created}");
+    let run = app.sync(&created["id"]).await;
+    assert_eq!(run["status"], "completed_with_errors", "{run}");
+    assert_eq!(
+        (
+            &run["counters"]["listed"],
+            &run["counters"]["created"],
+            &run["counters"]["failed"]
+        ),
+        (&json!(3), &json!(1), &json!(2)),
+        "{run}"
+    );
+    let errors = app.run_errors(run["id"].as_str().expect("a run id")).await;
+    assert!(
+        errors.iter().all(|e| {
+            let said = e["error"].as_str().unwrap_or_default();
+            said.contains("'..' segment") && said.contains("rename the object")
+        }),
+        "{errors:?}"
+    );
+    assert_eq!(
+        image_uris(&app, project).await,
+        [format!("s3://{bucket}/dots/a.jpg")]
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gcs_conformance_on_fake_gcs_server() {
     let url = endpoint("TEST_GCS_ENDPOINT");

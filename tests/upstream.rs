@@ -714,10 +714,10 @@ async fn a_redelivery_asked_for_during_an_attempt_is_sent() {
     let app = spawn_app(AppOptions::with_storages()).await;
     let receiver = Receiver::start().await;
     let (storage, hook) = project_with_webhook(&app, &receiver, 1).await;
-    receiver.answer_after(Duration::from_secs(3));
+    receiver.answer_after(Duration::from_secs(6));
     app.start_sync(&storage["id"]).await;
     // The receiver records a request as it arrives: the first event's
-    // attempt is in flight for 3 s from then.
+    // attempt is in flight for 6 s from then (an attempt's limit is 10 s).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let event_id = loop {
         if let Some(first) = receiver.received().first() {

@@ -228,7 +228,8 @@ pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
 /// (moved from `now` to `held`): true when a run was enqueued, false when
 /// the storage is gone or paused or a run of it is live. A period paused
 /// since its claim is given back, so a resume syncs at the next tick as it
-/// does for a period that came round while paused.
+/// does for a period that came round while paused; so is one that met a
+/// live events export (see below).
 async fn enqueue_claimed(
     state: &AppState,
     id: i64,
@@ -247,6 +248,15 @@ async fn enqueue_claimed(
         storages::move_period(&state.db, id, held, now).await?;
         return Ok(false);
     };
+    if live && run.scope == labelsync::db::runs::SCOPE_EVENTS {
+        // An export draining saved annotations is not the period's full
+        // export: the period goes back, and the next tick tries again
+        // (annotations saved all day long kept full exports out, period
+        // after period).
+        tracing::debug!(storage_id = id, run_id = %run.id, "periodic export waits for the live events export");
+        storages::move_period(&state.db, id, held, now).await?;
+        return Ok(false);
+    }
     if live {
         tracing::debug!(storage_id = id, run_id = %run.id, "periodic sync skipped: a run is live");
     } else {

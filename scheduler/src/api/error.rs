@@ -199,6 +199,11 @@ where
         let Json(value) = Json::<T>::from_request(req, state)
             .await
             .map_err(|rejection| match rejection {
+                // A NUL is refused as such wherever it is, an unknown
+                // field's name included.
+                JsonRejection::JsonDataError(_) if has_escaped_nul(&bytes) => {
+                    ApiError::invalid_text()
+                }
                 JsonRejection::JsonDataError(_) => misfit_body::<T>(&bytes),
                 other => json_error(other),
             })?;

@@ -79,7 +79,12 @@ async fn run_once(
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
-    Ok(remember(state, &caller, &key, response).await)
+    let claim = Claimed {
+        caller: &caller,
+        key: &key,
+        hash: &hash,
+    };
+    Ok(remember(state, &claim, response).await)
 }
 
 /// 1 to 255 visible ASCII characters (UUIDs, ULIDs, anything printable).
@@ -175,7 +180,7 @@ async fn forget_row(
     row: &labelsync::db::entities::idempotency_key::Model,
 ) -> ApiResult<()> {
     let made_before = row.created_at + chrono::Duration::milliseconds(1);
-    idempotency::forget(&state.db, &row.caller, &row.key, Some(made_before)).await?;
+    idempotency::forget(&state.db, &row.caller, &row.key, made_before).await?;
     Ok(())
 }
 
@@ -224,20 +229,29 @@ fn without_secret(bytes: &[u8]) -> String {
     }
 }
 
+/// A key this request claimed: whose, which, for which request.
+#[derive(Clone, Copy)]
+struct Claimed<'a> {
+    caller: &'a str,
+    key: &'a str,
+    hash: &'a str,
+}
+
 /// Stores the answer under the key, except server-side failures (5xx) and
 /// 429: the key is let go so a retry runs the request again.
 /// The answer is the handler's own, already in memory, so it is read
 /// whole: a change that was made is never answered as a failure (a retry
 /// would make it again). One too large to keep is kept as its status and a
 /// note that says where the resource is read.
-async fn remember(state: &AppState, caller: &str, key: &str, response: Response) -> Response {
+async fn remember(state: &AppState, claim: &Claimed<'_>, response: Response) -> Response {
+    let Claimed { caller, key, hash } = *claim;
     let (parts, body) = response.into_parts();
     let bytes = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(bytes) => bytes,
         Err(err) => {
             // The handler's body failed mid-way: nothing was answered.
             tracing::warn!(error = %err, "an answer could not be read for its Idempotency-Key");
-            let _ = idempotency::forget(&state.db, caller, key, None).await;
+            let _ = idempotency::let_go(&state.db, caller, key, hash).await;
             return ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -248,16 +262,14 @@ async fn remember(state: &AppState, caller: &str, key: &str, response: Response)
     };
     let status = parts.status;
     let stored = if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-        idempotency::forget(&state.db, caller, key, None)
-            .await
-            .map(|_| ())
+        idempotency::let_go(&state.db, caller, key, hash).await
     } else {
         let text = if bytes.len() > MAX_ANSWER_BYTES {
             too_large_to_keep(&parts)
         } else {
             without_secret(&bytes)
         };
-        idempotency::complete(&state.db, caller, key, status.as_u16(), &text).await
+        idempotency::complete(&state.db, caller, key, hash, (status.as_u16(), &text)).await
     };
     if let Err(err) = stored {
         // The answer still goes out; the claim is treated as abandoned later.

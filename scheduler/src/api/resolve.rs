@@ -200,8 +200,10 @@ pub async fn resolve(
         backend: "none",
         mode: "none",
     };
+    let confined = caller.projects().is_some();
     let response = serve(&state, &caller, q, &headers, &mut served)
         .await
+        .map_err(|err| told(err, confined))
         .into_response();
     labelsync::metrics::metrics().resolve_requests.add(
         1,
@@ -212,6 +214,30 @@ pub async fn resolve(
         ],
     );
     response
+}
+
+/// What a caller held to projects is told of a storage's refusal: its
+/// status and code, not the storage's words, which can name the identity
+/// the storage's credentials act as (an IAM role's ARN and its account, a
+/// service account's email: an admin's or the server's own, not the
+/// tenant's to see). The words go to the server's log.
+fn told(err: ApiError, confined: bool) -> ApiError {
+    let said = match err.code {
+        "permission_denied" => "the storage refused to serve this object (permission denied)",
+        "bad_credentials" => "the storage refused the credentials it was given",
+        "storage_rejected" => "the storage rejected the request for this object",
+        "storage_answer_too_big" => "the storage's answer was larger than this server takes",
+        "unavailable" => "the storage (or the database) could not be reached; retry later",
+        _ => return err,
+    };
+    if !confined {
+        return err;
+    }
+    tracing::warn!(code = err.code, error = %err.message, "a storage's refusal, told to a caller held to projects by its code");
+    ApiError {
+        message: format!("{said}; an admin can read why in the server's log"),
+        ..err
+    }
 }
 
 async fn serve(

@@ -398,7 +398,7 @@ pub async fn redeliver(
     let delivery = find_delivery(&state, &caller, id, delivery_id).await?;
     let event_type = event_type_of(&state, &delivery).await?;
     let delivery = webhooks::redeliver(&state.db, delivery).await?;
-    if let Err(err) = labelsync::jobs::dispatch_webhooks(&state.db, &state.queue).await {
+    if let Err(err) = labelsync::jobs::dispatch_redelivery(&state.queue, &delivery).await {
         tracing::debug!(error = %err, "webhook dispatch failed; the tick will");
     }
     let ApiJson(shown) = delivery_json(&state, delivery, event_type).await?;

@@ -4,9 +4,9 @@
 //!
 //! [`claim`] inserts the key before the request runs (status `NULL`: in
 //! progress); the primary key (caller, key) makes concurrent duplicates
-//! meet the first one's row. [`complete`] stores the answer; [`forget`]
+//! meet the first one's row. [`complete`] stores the answer; [`let_go`]
 //! removes a claim whose request failed on the server's side, so a retry
-//! runs again.
+//! runs again; [`forget`] removes an expired or abandoned one.
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
@@ -76,39 +76,57 @@ pub async fn get(
     )
 }
 
-/// Stores the answer of a claimed key.
+/// Stores the answer of the request `request_hash` under its claimed key:
+/// only while the claim is that request's (a claim forgotten as abandoned
+/// and taken by another request is that one's).
 pub async fn complete(
     db: &impl ConnectionTrait,
     caller: &str,
     key: &str,
-    status: u16,
-    response: &str,
+    request_hash: &str,
+    (status, response): (u16, &str),
 ) -> Result<()> {
     idempotency_key::Entity::update_many()
         .col_expr(C::Status, Expr::value(i32::from(status)))
         .col_expr(C::Response, Expr::value(response))
         .filter(C::Caller.eq(caller))
         .filter(C::Key.eq(key))
+        .filter(C::RequestHash.eq(request_hash))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Lets go of the claim of the request `request_hash` (its request failed
+/// on the server's side), unless another request holds the key by now.
+pub async fn let_go(
+    db: &impl ConnectionTrait,
+    caller: &str,
+    key: &str,
+    request_hash: &str,
+) -> Result<()> {
+    idempotency_key::Entity::delete_many()
+        .filter(C::Caller.eq(caller))
+        .filter(C::Key.eq(key))
+        .filter(C::RequestHash.eq(request_hash))
         .exec(db)
         .await?;
     Ok(())
 }
 
 /// Deletes a key's row if it was made before `made_before` (an expired
-/// key, or a claim abandoned by a process that died) — or whenever, with
-/// `None` (the claim's own request failed). True when it was deleted.
+/// key, or a claim abandoned by a process that died). True when it was
+/// deleted.
 pub async fn forget(
     db: &impl ConnectionTrait,
     caller: &str,
     key: &str,
-    made_before: Option<DateTime<Utc>>,
+    made_before: DateTime<Utc>,
 ) -> Result<bool> {
-    let mut delete = idempotency_key::Entity::delete_many()
+    let delete = idempotency_key::Entity::delete_many()
         .filter(C::Caller.eq(caller))
-        .filter(C::Key.eq(key));
-    if let Some(before) = made_before {
-        delete = delete.filter(C::CreatedAt.lt(before));
-    }
+        .filter(C::Key.eq(key))
+        .filter(C::CreatedAt.lt(made_before));
     Ok(delete.exec(db).await?.rows_affected == 1)
 }
 

@@ -331,8 +331,18 @@ pub async fn begin_attempt(
     use sync_run::Column as C;
     let now = Utc::now();
     let stale = now - chrono::Duration::from_std(lease_ttl).unwrap_or_default();
-    // The first attempt's `run.started` event commits with it.
+    // The first start's `run.started` event commits with it: the first
+    // start, not the first counted attempt (a first attempt handed back at
+    // a worker's shutdown gives its count back, and its successor's is 1
+    // again).
     let tx = super::begin_write(db).await?;
+    let never_started = sync_run::Entity::find_by_id(id)
+        .select_only()
+        .column(C::StartedAt)
+        .into_tuple::<Option<chrono::DateTime<Utc>>>()
+        .one(&tx)
+        .await?
+        .is_some_and(|started| started.is_none());
     let res = sync_run::Entity::update_many()
         .col_expr(C::Status, Expr::value(RunStatus::Running.as_str()))
         .col_expr(C::Attempts, Expr::col(C::Attempts).add(1))
@@ -361,7 +371,7 @@ pub async fn begin_attempt(
         .await?;
     let run = get(&tx, id).await?;
     if res.rows_affected == 1 {
-        if run.attempts == 1 {
+        if never_started {
             record_events(&tx, &run).await?;
         }
         tx.commit().await?;
@@ -592,11 +602,7 @@ pub async fn release(
     handed_back: bool,
 ) -> Result<()> {
     let counted = Expr::col(sync_run::Column::Attempts);
-    let attempts = if handed_back {
-        counted.sub(1)
-    } else {
-        counted
-    };
+    let attempts = if handed_back { counted.sub(1) } else { counted };
     sync_run::Entity::update_many()
         .col_expr(
             sync_run::Column::LeaseOwner,

@@ -98,7 +98,7 @@ pub trait FanOut: Send + Sync {
     /// Enqueues the job of partition `partition` of run `run_id`, once per
     /// `round` (the run's attempt that pushes it). `Ok(false)`: the backlog
     /// is full; the run's job lists the partition itself.
-    async fn push_partition(&self, run_id: &str, partition: i64, round: i64) -> Result<bool>;
+    async fn push_partition(&self, run_id: &str, partition: i64, round: &str) -> Result<bool>;
 
     /// Watches the ends of run `run_id`'s `what` jobs, which their workers
     /// announce (see [`ended`]).
@@ -125,26 +125,43 @@ fn shown(key: &str) -> String {
 }
 
 /// Takes out of `objects` those whose key holds a NUL character, which no
-/// database text can store (S3 can list one, URL-encoded): each the filter
-/// matches becomes a per-object error naming the key with `\0` for the
-/// NUL, and the rest of the page goes on. They were listed, so the listing
-/// stays complete.
-fn take_unstorable(objects: &mut Vec<ObjectMeta>, filter: &Filter) -> Vec<ObjectError> {
-    if objects.iter().all(|o| storable(&o.key)) {
+/// database text can store (S3 can list one, URL-encoded), and, in Files
+/// mode (`uri_keys`: the backend's key shape), those a task's URI could
+/// not name: `/resolve` refuses a key with a `.` or `..` segment (or an
+/// empty one, where keys are paths), so such a task was a broken image
+/// with no error in the run. Each the filter matches becomes a per-object
+/// error naming the key (with `\0` for a NUL), and the rest of the page
+/// goes on. They were listed, so the listing stays complete.
+fn take_unstorable(
+    objects: &mut Vec<ObjectMeta>,
+    filter: &Filter,
+    uri_keys: Option<storage::KeyShape>,
+) -> Vec<ObjectError> {
+    let refusal = |key: &str| -> Option<String> {
+        if !storable(key) {
+            return Some(
+                "the object's key holds a NUL character, which the database cannot store; \
+                 rename the object"
+                    .to_owned(),
+            );
+        }
+        let shape = uri_keys?;
+        storage::check_key(key, shape).err().map(|e| {
+            format!(
+                "{e}; a task's URI could not name it (its media would not load): rename the object"
+            )
+        })
+    };
+    if objects.iter().all(|o| refusal(&o.key).is_none()) {
         return Vec::new();
     }
     let (good, bad) = std::mem::take(objects)
         .into_iter()
-        .partition::<Vec<_>, _>(|o| storable(&o.key));
+        .partition::<Vec<_>, _>(|o| refusal(&o.key).is_none());
     *objects = good;
     bad.into_iter()
         .filter(|o| filter.matches(&o.key))
-        .map(|o| {
-            let message = "the object's key holds a NUL character, which the database cannot \
-                           store; rename the object"
-                .to_owned();
-            (shown(&o.key), None, message)
-        })
+        .filter_map(|o| Some((shown(&o.key), None, refusal(&o.key)?)))
         .collect()
 }
 
@@ -340,6 +357,17 @@ impl ImportJob<'_> {
         storage::spec::ImportMethod::of(self.storage) == storage::spec::ImportMethod::Tasks
     }
 
+    /// In Files mode, how a task's URI names its object's key (see
+    /// [`take_unstorable`]); `None` in Tasks mode, where keys are only read.
+    fn uri_keys(&self) -> Option<storage::KeyShape> {
+        if self.tasks_mode() {
+            return None;
+        }
+        storage::BackendKind::parse(&self.storage.backend)
+            .ok()
+            .map(storage::BackendKind::key_shape)
+    }
+
     /// Classifies a page against the links the storage has. `None` for a
     /// page with nothing in it.
     async fn plan_page(
@@ -353,7 +381,7 @@ impl ImportJob<'_> {
             return Ok(None);
         }
         let listed = page.objects.len() as i64;
-        let unstorable = take_unstorable(&mut page.objects, filter);
+        let unstorable = take_unstorable(&mut page.objects, filter, self.uri_keys());
         let mut plan = PagePlan {
             cursor: page.objects.last().map(|o| o.key.clone()),
             unlisted: page.errors.iter().any(|e| e.incomplete),

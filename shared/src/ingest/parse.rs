@@ -440,6 +440,9 @@ impl Shapes {
             ));
         };
         let full = matches!(object.get("data"), Some(Value::Object(_)));
+        if !full && let Some(error) = annotations_without_data(row, &object) {
+            return Ok(error);
+        }
         match self.full {
             None => self.full = Some(full),
             Some(expected) if expected != full => {
@@ -500,6 +503,22 @@ impl Shapes {
             },
         ))
     }
+}
+
+/// A row with annotations or predictions beside plain data fields: Label
+/// Studio's rule is that such a task has its fields under "data" (they
+/// were kept as two more data fields, and no annotation was made).
+fn annotations_without_data(row: i64, object: &Map<String, Value>) -> Option<RowEvent> {
+    let bare = object.contains_key("annotations") || object.contains_key("predictions");
+    bare.then(|| {
+        RowEvent::Error(
+            row,
+            format!(
+                "row {row} has \"annotations\" or \"predictions\" but no \"data\" object: \
+                 put the task's fields under \"data\" ({{\"data\": {{...}}, \"annotations\": [...]}})"
+            ),
+        )
+    })
 }
 
 fn shape_name(full: bool) -> &'static str {
@@ -1508,6 +1527,17 @@ mod tests {
         assert_eq!(t.meta, Some(json!({ "m": 1 })));
         assert_eq!(t.annotations[0]["lead_time"], 2.5);
         assert_eq!(t.predictions[0]["model_version"], "v1");
+
+        // Annotations beside plain data fields: that row's error (they were
+        // kept as a data field, and no annotation was made); the file goes on.
+        let plain = "{\"text\": \"x\", \"annotations\": [{\"result\": []}]}\n{\"text\": \"y\"}\n";
+        let (events, result) = run(Format::Jsonl, plain);
+        assert_eq!(result, Ok(()));
+        assert!(
+            matches!(&events[0], RowEvent::Error(0, m) if m.contains("no \"data\" object")),
+            "{events:?}"
+        );
+        assert_eq!(events[1], RowEvent::Task(1, task(json!({ "text": "y" }))));
     }
 
     #[test]

@@ -201,7 +201,9 @@ impl ImportJob<'_> {
     }
 
     /// Enqueues a job for each unfinished partition (again on a resumed
-    /// run: the jobs of the attempt before may be gone with their worker).
+    /// run: the jobs of the attempt before may be gone with their worker),
+    /// once per attempt (its lease names it: an attempt handed back gives
+    /// its count back, so the next one has the same count).
     async fn push_partitions(&self, written: &[sync_partition::Model]) {
         let Some(fanout) = self.fanout else {
             return;
@@ -211,7 +213,7 @@ impl ImportJob<'_> {
                 continue;
             }
             match fanout
-                .push_partition(&self.run.id, part.id, self.run.attempts)
+                .push_partition(&self.run.id, part.id, self.lease.unwrap_or_default())
                 .await
             {
                 Ok(true) => {}
@@ -272,7 +274,12 @@ impl ImportJob<'_> {
         let result = job.list_part(part.id, lease, worker).await;
         if let Err(err) = &result {
             let message = err.to_string();
-            let handed_back = self.check_stopping().is_err();
+            // Given back only after moving the partition on (see
+            // `jobs::moved_on`).
+            let handed_back = self.check_stopping().is_err()
+                && parts::cursor_of(self.db, part.id, lease)
+                    .await
+                    .is_ok_and(|now| now.is_some_and(|cursor| cursor != part.cursor));
             let failed = !err.is_transient();
             parts::release(self.db, part.id, lease, &message, failed, handed_back).await?;
         }

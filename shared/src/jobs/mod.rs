@@ -291,8 +291,10 @@ async fn conclude(
             // Kept on the row so ops see why a run is slow, and so the final
             // "gave up" message can name the cause; the lease is let go so the
             // retry need not wait for it to go stale. An attempt stopped
-            // by its worker's shutdown does not count against the run.
-            let handed_back = ctx.stopping.load(std::sync::atomic::Ordering::Relaxed);
+            // by its worker's shutdown after moving the run on does not
+            // count against the run.
+            let handed_back =
+                ctx.stopping.load(std::sync::atomic::Ordering::Relaxed) && moved_on(ctx, run).await;
             let _ = runs::release(&ctx.db, run_id, lease, &err.to_string(), handed_back).await;
             Err(RetryLater(err))
         }
@@ -302,6 +304,19 @@ async fn conclude(
             end(ctx, run, RunStatus::Failed, Some(err.to_string()), lease).await
         }
     }
+}
+
+/// Whether the attempt moved its run on since it began (`began`): its
+/// cursor or its counters. Only such an attempt, handed back at its
+/// worker's shutdown, gives its attempt back: a run whose attempts bring
+/// their worker down before any progress (an eviction for the memory it
+/// takes) is still ended by the attempt limit.
+async fn moved_on(ctx: &JobContext, began: &crate::db::entities::sync_run::Model) -> bool {
+    let Ok(now) = runs::get(&ctx.db, &began.id).await else {
+        return false;
+    };
+    let counters = |r: &crate::db::entities::sync_run::Model| (r.listed, r.exported, r.failed);
+    now.cursor != began.cursor || counters(&now) != counters(began)
 }
 
 /// An attempt that did all its work (`run` as read after it): the run
@@ -344,7 +359,7 @@ impl crate::ingest::FanOut for Queue {
         Ok(matches!(pushed, Pushed::Queued))
     }
 
-    async fn push_partition(&self, run_id: &str, partition: i64, round: i64) -> Result<bool> {
+    async fn push_partition(&self, run_id: &str, partition: i64, round: &str) -> Result<bool> {
         let job = RunJob::for_partition(run_id, partition);
         let dedup = format!("{run_id}:partition:{partition}:{round}");
         Ok(matches!(self.push(job, &dedup).await?, Pushed::Queued))
@@ -700,13 +715,43 @@ pub async fn dispatch_webhooks(db: &DatabaseConnection, queue: &Queue) -> Result
     for (webhook_id, delivery_id, attempts) in
         crate::db::webhooks::due(db, now, WEBHOOKS_PER_DISPATCH).await?
     {
-        let dedup = format!("webhook:{webhook_id}:{delivery_id}:{attempts}:{bucket}");
-        match queue.push(RunJob::for_webhook(webhook_id), &dedup).await? {
+        match push_webhook(queue, webhook_id, delivery_id, attempts, bucket).await? {
             Pushed::Queued => pushed += 1,
             Pushed::Full => break,
         }
     }
     Ok(pushed)
+}
+
+/// Pushes the job of the endpoint whose delivery `delivery` was just
+/// queued again (a redelivery), rather than a dispatch of every due
+/// endpoint for each call.
+pub async fn dispatch_redelivery(
+    queue: &Queue,
+    delivery: &crate::db::entities::webhook_delivery::Model,
+) -> Result<Pushed> {
+    let bucket = chrono::Utc::now().timestamp() / WEBHOOK_REPUSH_SECS;
+    push_webhook(
+        queue,
+        delivery.webhook_id,
+        delivery.id,
+        delivery.attempts,
+        bucket,
+    )
+    .await
+}
+
+/// One endpoint's job, once per `bucket` of [`WEBHOOK_REPUSH_SECS`] for a
+/// delivery and its attempt count.
+async fn push_webhook(
+    queue: &Queue,
+    webhook_id: i64,
+    delivery_id: i64,
+    attempts: i32,
+    bucket: i64,
+) -> Result<Pushed> {
+    let dedup = format!("webhook:{webhook_id}:{delivery_id}:{attempts}:{bucket}");
+    queue.push(RunJob::for_webhook(webhook_id), &dedup).await
 }
 
 /// Why a run's heartbeat ended.

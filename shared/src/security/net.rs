@@ -70,9 +70,10 @@ impl Cidr {
 pub const STORAGES_SETTING: &str = "LABELSYNC_ALLOW_PRIVATE_ENDPOINTS";
 /// The setting that lets webhooks reach non-public addresses.
 pub const WEBHOOKS_SETTING: &str = "LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS";
-/// How long a name's lookup may take. The system resolver cannot be
-/// cancelled (its thread runs on), but the request waiting for it is let go.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a name's lookup may take: past glibc's retry of a lost query
+/// (5 s a try, two tries). The system resolver cannot be cancelled (its
+/// thread runs on), but the request waiting for it is let go.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(12);
 
 /// Which non-public addresses a deployment lets one kind of outgoing
 /// connection reach, and the setting that says so: a refusal names it, so
@@ -201,8 +202,9 @@ impl NetPolicy {
             return Ok(());
         }
         // A name whose nameserver never answers would hold the request
-        // for the resolver's whole retry sequence: it is refused as one
-        // that does not resolve.
+        // for the resolver's whole retry sequence: a transient failure
+        // (a run retries; the API answers 503), not a refusal: a slow
+        // nameserver says nothing of the name.
         let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((bare, port)));
         let addrs = match lookup.await {
             Ok(Ok(addrs)) => addrs,
@@ -211,8 +213,10 @@ impl NetPolicy {
                 return Err(self.refusal(host, field));
             }
             Err(_) => {
-                tracing::debug!(host, "endpoint name lookup timed out");
-                return Err(self.refusal(host, field));
+                return Err(Error::Transient(format!(
+                    "{host} did not resolve within {} s; try again later",
+                    LOOKUP_TIMEOUT.as_secs()
+                )));
             }
         };
         for addr in addrs {

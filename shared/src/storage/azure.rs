@@ -265,9 +265,27 @@ fn classify(err: object_store::Error, what: &str) -> Error {
         _ if status("416") || text.contains("InvalidRange") => {
             Error::invalid("range_not_satisfiable", Some("range"), msg)
         }
+        // Another refusal of the request itself (a name Azure calls
+        // `InvalidUri`, one past 1,024 characters) is the request's to
+        // mend, as for the other backends (it was a 503: "retry later").
+        _ if refused_request(&text) => Error::invalid("storage_rejected", None, msg),
         // Anything else already went through object_store's retries.
         _ => Error::Transient(msg),
     }
+}
+
+/// Whether object_store's text reports an HTTP 4xx status other than 408
+/// and 429 (which are moments, not refusals).
+fn refused_request(text: &str) -> bool {
+    const SAID: &str = "status code: ";
+    text.match_indices(SAID).any(|(at, _)| {
+        let code = text.get(at + SAID.len()..at + SAID.len() + 3).unwrap_or("");
+        code.len() == 3
+            && code.starts_with('4')
+            && code.bytes().all(|b| b.is_ascii_digit())
+            && code != "408"
+            && code != "429"
+    })
 }
 
 /// The blob named exactly `key`. `Path::from` would escape `%`, non-ASCII
@@ -676,5 +694,18 @@ mod tests {
                 ..
             }
         ));
+        // Another 4xx is the request's (a 503 before); 408 and 429 pass.
+        let bad = "Error performing GET http://127.0.0.1/c/x in 3ms - \
+                   Server returned non-2xx status code: 400 Bad Request: InvalidUri";
+        assert!(matches!(
+            classify(error(bad), "get"),
+            Error::Invalid {
+                code: "storage_rejected",
+                ..
+            }
+        ));
+        let slow = "Error performing GET http://127.0.0.1/c/x in 3ms - \
+                    Server returned non-2xx status code: 429 Too Many Requests: ";
+        assert!(matches!(classify(error(slow), "get"), Error::Transient(_)));
     }
 }
