@@ -1006,6 +1006,24 @@ async fn files_mode_reports_keys_a_task_uri_cannot_name() {
         image_uris(&app, project).await,
         [format!("s3://{bucket}/dots/a.jpg")]
     );
+    // A task an earlier version made of such a key (its link stands in
+    // here) is not reported missing: the key is still listed (it was, and
+    // the run said the object was gone).
+    let db = sea_orm::Database::connect(app.database_url.as_str())
+        .await
+        .expect("database");
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &db,
+        "UPDATE import_links SET object_key = 'dots/%2e%2e/b.jpg' WHERE object_key = 'dots/a.jpg'",
+    )
+    .await
+    .expect("an earlier version's link");
+    let again = app.sync(&created["id"]).await;
+    assert_eq!(
+        (&again["counters"]["missing"], &again["counters"]["failed"]),
+        (&json!(0), &json!(2)),
+        "{again}"
+    );
     app.stop().await;
 }
 

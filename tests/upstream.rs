@@ -1128,7 +1128,7 @@ async fn claiming_a_taken_idempotency_key_fails_no_statement() {
     labelsync::db::migrate(&db).await.expect("migrate");
     let txn = db.begin().await.expect("begin");
     let first = claim(&txn, "caller", "key", "hash").await.expect("claim");
-    assert!(matches!(first, Claim::Claimed), "{first:?}");
+    assert!(matches!(first, Claim::Claimed(_)), "{first:?}");
     for _ in 0..2 {
         match claim(&txn, "caller", "key", "other").await {
             Ok(Claim::Taken(row)) => assert_eq!(row.request_hash, "hash"),

@@ -252,9 +252,12 @@ async fn enqueue_claimed(
         // An export draining saved annotations is not the period's full
         // export: the period goes back, and the next tick tries again
         // (annotations saved all day long kept full exports out, period
-        // after period).
+        // after period). Back to the next tick, not to now: storages that
+        // came due meanwhile go first (a hundred targets waiting so would
+        // take every tick's batch).
         tracing::debug!(storage_id = id, run_id = %run.id, "periodic export waits for the live events export");
-        storages::move_period(&state.db, id, held, now).await?;
+        let tick = chrono::Duration::from_std(state.settings.schedule_tick).unwrap_or_default();
+        storages::move_period(&state.db, id, held, now + tick).await?;
         return Ok(false);
     }
     if live {

@@ -70,19 +70,20 @@ async fn run_once(
         b"\n",
         &bytes,
     ]);
-    if let Some(answer) = settle(state, &caller, &key, &hash)
+    let made = match settle(state, &caller, &key, &hash)
         .await
         .map_err(IntoResponse::into_response)?
     {
-        return Ok(answer);
-    }
+        Settled::Ours(made) => made,
+        Settled::Answered(answer) => return Ok(answer),
+    };
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
     let claim = Claimed {
         caller: &caller,
         key: &key,
-        hash: &hash,
+        made,
     };
     Ok(remember(state, &claim, response).await)
 }
@@ -125,17 +126,19 @@ fn caller_of(req: &Request) -> String {
     })
 }
 
-/// `None`: the key is ours, run the request. `Some`: the stored answer.
-async fn settle(
-    state: &AppState,
-    caller: &str,
-    key: &str,
-    hash: &str,
-) -> ApiResult<Option<Response>> {
+/// What [`settle`] found.
+enum Settled {
+    /// The key is ours (claimed at this time): run the request.
+    Ours(chrono::DateTime<Utc>),
+    /// The stored answer.
+    Answered(Response),
+}
+
+async fn settle(state: &AppState, caller: &str, key: &str, hash: &str) -> ApiResult<Settled> {
     let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
     loop {
         let row = match idempotency::claim(&state.db, caller, key, hash).await? {
-            Claim::Claimed => return Ok(None),
+            Claim::Claimed(made) => return Ok(Settled::Ours(made)),
             Claim::Taken(row) => row,
         };
         let now = Utc::now();
@@ -160,7 +163,10 @@ async fn settle(
             ));
         }
         if let Some(status) = row.status {
-            return Ok(Some(replay(status, row.response.unwrap_or_default())));
+            return Ok(Settled::Answered(replay(
+                status,
+                row.response.unwrap_or_default(),
+            )));
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError::new(
@@ -229,12 +235,15 @@ fn without_secret(bytes: &[u8]) -> String {
     }
 }
 
-/// A key this request claimed: whose, which, for which request.
+/// A key this request claimed: whose, which, and when (the claim's
+/// `created_at`, which tells it from a claim made since by another
+/// request, or by a retry of this one, once this one was taken for
+/// abandoned).
 #[derive(Clone, Copy)]
 struct Claimed<'a> {
     caller: &'a str,
     key: &'a str,
-    hash: &'a str,
+    made: chrono::DateTime<Utc>,
 }
 
 /// Stores the answer under the key, except server-side failures (5xx) and
@@ -244,14 +253,14 @@ struct Claimed<'a> {
 /// would make it again). One too large to keep is kept as its status and a
 /// note that says where the resource is read.
 async fn remember(state: &AppState, claim: &Claimed<'_>, response: Response) -> Response {
-    let Claimed { caller, key, hash } = *claim;
+    let Claimed { caller, key, made } = *claim;
     let (parts, body) = response.into_parts();
     let bytes = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(bytes) => bytes,
         Err(err) => {
             // The handler's body failed mid-way: nothing was answered.
             tracing::warn!(error = %err, "an answer could not be read for its Idempotency-Key");
-            let _ = idempotency::let_go(&state.db, caller, key, hash).await;
+            let _ = idempotency::let_go(&state.db, caller, key, made).await;
             return ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -262,14 +271,14 @@ async fn remember(state: &AppState, claim: &Claimed<'_>, response: Response) -> 
     };
     let status = parts.status;
     let stored = if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
-        idempotency::let_go(&state.db, caller, key, hash).await
+        idempotency::let_go(&state.db, caller, key, made).await
     } else {
         let text = if bytes.len() > MAX_ANSWER_BYTES {
             too_large_to_keep(&parts)
         } else {
             without_secret(&bytes)
         };
-        idempotency::complete(&state.db, caller, key, hash, (status.as_u16(), &text)).await
+        idempotency::complete(&state.db, caller, key, made, (status.as_u16(), &text)).await
     };
     if let Err(err) = stored {
         // The answer still goes out; the claim is treated as abandoned later.

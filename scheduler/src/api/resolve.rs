@@ -200,10 +200,8 @@ pub async fn resolve(
         backend: "none",
         mode: "none",
     };
-    let confined = caller.projects().is_some();
     let response = serve(&state, &caller, q, &headers, &mut served)
         .await
-        .map_err(|err| told(err, confined))
         .into_response();
     labelsync::metrics::metrics().resolve_requests.add(
         1,
@@ -219,10 +217,12 @@ pub async fn resolve(
 /// What a caller held to projects is told of a storage's refusal: its
 /// status and code, not the storage's words, which can name the identity
 /// the storage's credentials act as (an IAM role's ARN and its account, a
-/// service account's email: an admin's or the server's own, not the
-/// tenant's to see). The words go to the server's log.
+/// service account's email, an account's URL: an admin's or the server's
+/// own, not the tenant's to see). The words go to the server's log.
 fn told(err: ApiError, confined: bool) -> ApiError {
     let said = match err.code {
+        "not_found" => "the storage has no such object",
+        "range_not_satisfiable" => "the storage refused the range asked for",
         "permission_denied" => "the storage refused to serve this object (permission denied)",
         "bad_credentials" => "the storage refused the credentials it was given",
         "storage_rejected" => "the storage rejected the request for this object",
@@ -252,22 +252,45 @@ async fn serve(
     ensure_local_serving(state, &target)?;
     let confined = caller.projects().is_some();
     let (sources, found, key) = find_storage(state, q.project_id, &target, confined).await?;
-    let source = &sources[found];
+    served.backend = target.kind.as_str();
+    let asked = Asked {
+        key: &key,
+        kind: target.kind,
+        headers,
+    };
+    from_storage(state, caller, &sources[found], asked, served)
+        .await
+        .map_err(|err| told(err, confined))
+}
+
+/// What the caller asked of the storage.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    key: &'a str,
+    kind: BackendKind,
+    headers: &'a HeaderMap,
+}
+
+/// The object from its storage: a redirect to a signed URL, or its body.
+async fn from_storage(
+    state: &AppState,
+    caller: &Caller,
+    source: &Source,
+    asked: Asked<'_>,
+    served: &mut Served,
+) -> ApiResult<Response> {
     let model = &source.model;
     let backend = source.open(&state.storage_env).await?;
-    served.backend = target.kind.as_str();
-
     if model.presign
-        && let Some(resp) = redirect(state, model, &*backend, &key).await?
+        && let Some(resp) = redirect(state, model, &*backend, asked.key).await?
     {
         served.mode = "redirect";
         return Ok(resp);
     }
-
     served.mode = "proxy";
     // Held until the body is sent (see `Streams::proxied`).
     let slot = state.proxied.open(caller)?;
-    proxy(state, &*backend, &key, target.kind, headers, slot).await
+    proxy(state, &*backend, asked.key, asked.kind, asked.headers, slot).await
 }
 
 /// Refuses local-file URIs unless the server turned local serving on.

@@ -20,8 +20,10 @@ use crate::Result;
 /// What [`claim`] found.
 #[derive(Debug)]
 pub enum Claim {
-    /// The key is new: run the request, then [`complete`] or [`forget`].
-    Claimed,
+    /// The key is new, claimed at this time (the claim's `created_at`,
+    /// in whole microseconds as both databases keep it): run the request,
+    /// then [`complete`] or [`let_go`].
+    Claimed(DateTime<Utc>),
     /// The key is taken: its row as it is now.
     Taken(idempotency_key::Model),
 }
@@ -38,13 +40,14 @@ pub async fn claim(
     request_hash: &str,
 ) -> Result<Claim> {
     loop {
+        let made = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let row = idempotency_key::ActiveModel {
             caller: Set(caller.to_owned()),
             key: Set(key.to_owned()),
             request_hash: Set(request_hash.to_owned()),
             status: Set(None),
             response: Set(None),
-            created_at: Set(Utc::now()),
+            created_at: Set(made),
         };
         let inserted = idempotency_key::Entity::insert(row)
             .on_conflict(
@@ -55,7 +58,7 @@ pub async fn claim(
             .exec_without_returning(db)
             .await?;
         if inserted == 1 {
-            return Ok(Claim::Claimed);
+            return Ok(Claim::Claimed(made));
         }
         if let Some(row) = get(db, caller, key).await? {
             return Ok(Claim::Taken(row));
@@ -76,14 +79,14 @@ pub async fn get(
     )
 }
 
-/// Stores the answer of the request `request_hash` under its claimed key:
-/// only while the claim is that request's (a claim forgotten as abandoned
-/// and taken by another request is that one's).
+/// Stores the answer of the request whose claim was `made` then: only
+/// while the claim is that one (a claim forgotten as abandoned and taken
+/// since, by another request or by a retry of this one, is theirs).
 pub async fn complete(
     db: &impl ConnectionTrait,
     caller: &str,
     key: &str,
-    request_hash: &str,
+    made: DateTime<Utc>,
     (status, response): (u16, &str),
 ) -> Result<()> {
     idempotency_key::Entity::update_many()
@@ -91,24 +94,24 @@ pub async fn complete(
         .col_expr(C::Response, Expr::value(response))
         .filter(C::Caller.eq(caller))
         .filter(C::Key.eq(key))
-        .filter(C::RequestHash.eq(request_hash))
+        .filter(C::CreatedAt.eq(made))
         .exec(db)
         .await?;
     Ok(())
 }
 
-/// Lets go of the claim of the request `request_hash` (its request failed
-/// on the server's side), unless another request holds the key by now.
+/// Lets go of the claim `made` then (its request failed on the server's
+/// side), unless the key was claimed again since.
 pub async fn let_go(
     db: &impl ConnectionTrait,
     caller: &str,
     key: &str,
-    request_hash: &str,
+    made: DateTime<Utc>,
 ) -> Result<()> {
     idempotency_key::Entity::delete_many()
         .filter(C::Caller.eq(caller))
         .filter(C::Key.eq(key))
-        .filter(C::RequestHash.eq(request_hash))
+        .filter(C::CreatedAt.eq(made))
         .exec(db)
         .await?;
     Ok(())

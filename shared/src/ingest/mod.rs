@@ -358,14 +358,14 @@ impl ImportJob<'_> {
     }
 
     /// In Files mode, how a task's URI names its object's key (see
-    /// [`take_unstorable`]); `None` in Tasks mode, where keys are only read.
+    /// [`take_unstorable`]); `None` in Tasks mode, where keys are only read,
+    /// and for a backend whose tasks' URIs `/resolve` does not serve.
     fn uri_keys(&self) -> Option<storage::KeyShape> {
         if self.tasks_mode() {
             return None;
         }
-        storage::BackendKind::parse(&self.storage.backend)
-            .ok()
-            .map(storage::BackendKind::key_shape)
+        let kind = storage::BackendKind::parse(&self.storage.backend).ok()?;
+        kind.has_task_uris().then(|| kind.key_shape())
     }
 
     /// Classifies a page against the links the storage has. `None` for a
@@ -381,9 +381,25 @@ impl ImportJob<'_> {
             return Ok(None);
         }
         let listed = page.objects.len() as i64;
+        // Every listed object counts as present, matched or not (narrowing
+        // the regex must not report the objects it now skips as missing),
+        // and so does one refused below: it is still there (a task an
+        // earlier version made of it is not reported missing). A key with a
+        // NUL is not: no text holds it, nor ever held a link of it.
+        let listed_keys: Vec<String> = page
+            .objects
+            .iter()
+            .map(|o| o.key.clone())
+            .filter(|k| storable(k))
+            .collect();
         let unstorable = take_unstorable(&mut page.objects, filter, self.uri_keys());
+        let refused: std::collections::HashSet<String> =
+            unstorable.iter().map(|(key, _, _)| key.clone()).collect();
         let mut plan = PagePlan {
-            cursor: page.objects.last().map(|o| o.key.clone()),
+            // A resumed attempt goes on after the page's last key that can
+            // be stored, refused or not (refused keys at a page's end were
+            // listed, and counted, again).
+            cursor: listed_keys.last().cloned(),
             unlisted: page.errors.iter().any(|e| e.incomplete),
             // An entry that could never be a key is reported where the
             // filter would have taken it.
@@ -398,9 +414,6 @@ impl ImportJob<'_> {
         };
         plan.delta.listed = listed;
         plan.delta.failed = plan.errors.len() as i64;
-        // Every listed object counts as present, matched or not: narrowing
-        // the regex must not report the objects it now skips as missing.
-        let listed_keys: Vec<String> = page.objects.iter().map(|o| o.key.clone()).collect();
         let matched: Vec<ObjectMeta> = page
             .objects
             .into_iter()
@@ -419,7 +432,7 @@ impl ImportJob<'_> {
         // per page that matches nothing.
         plan.seen_keys = listed_keys
             .into_iter()
-            .filter(|k| known.contains_key(k) || !filter.matches(k))
+            .filter(|k| known.contains_key(k) || !filter.matches(k) || refused.contains(k))
             .collect();
         plan.delta.matched = matched.len() as i64;
         self.classify(&mut plan, matched, &known, &partial);

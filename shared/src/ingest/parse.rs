@@ -6,7 +6,7 @@
 //!
 //! Errors come in two sizes: a [`RowEvent::Error`] is one bad row (a bad JSONL
 //! line, an element that is not an object) and parsing goes on; an `Err` from
-//! [`parse`] is a bad file (truncated JSON, not Parquet, mixed task shapes) and
+//! [`parse`] is a bad file (truncated JSON, not Parquet, too deep) and
 //! parsing stops there. Rows emitted before either are kept.
 //!
 //! Every row, whatever its format, must pass [`check_task`]: nested at most
@@ -404,17 +404,17 @@ fn check_text(text: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether rows are full tasks (`{"data": {...}, "annotations": ...}`) or
-/// plain data objects. The first row decides; a file mixing the two is refused
-/// at the first row that differs.
+/// Turns rows into tasks. Each row is a full task (`{"data": {...},
+/// "annotations": ...}`) or plain data, told by itself as Label Studio
+/// tells it (a file mixing the two was cut at the first row that changed
+/// shape, and read again, and cut again, at every sync).
 struct Shapes {
-    full: Option<bool>,
     limits: Limits,
 }
 
 impl Shapes {
     fn new(limits: Limits) -> Self {
-        Shapes { full: None, limits }
+        Shapes { limits }
     }
 
     /// What a row may take while it is built, by [`check_task`]'s measure
@@ -428,34 +428,23 @@ impl Shapes {
         RowEvent::Error(row, format!("row {row}: {}", too_large(self.limits)))
     }
 
-    fn task(&mut self, row: i64, value: Value) -> Result<RowEvent, String> {
+    fn task(&self, row: i64, value: Value) -> RowEvent {
         let approx_bytes = match check_task(&value, self.limits) {
             Ok(bytes) => bytes,
-            Err(e) => return Ok(RowEvent::Error(row, format!("row {row}: {e}"))),
+            Err(e) => return RowEvent::Error(row, format!("row {row}: {e}")),
         };
         let Value::Object(mut object) = value else {
-            return Ok(RowEvent::Error(
+            return RowEvent::Error(
                 row,
                 format!("row {row} is {}, not a JSON object", kind(&value)),
-            ));
+            );
         };
         let full = matches!(object.get("data"), Some(Value::Object(_)));
         if !full && let Some(error) = annotations_without_data(row, &object) {
-            return Ok(error);
-        }
-        match self.full {
-            None => self.full = Some(full),
-            Some(expected) if expected != full => {
-                return Err(format!(
-                    "row {row} is {} but the rows before it are {}; a file must not mix the two shapes",
-                    shape_name(full),
-                    shape_name(expected)
-                ));
-            }
-            Some(_) => {}
+            return error;
         }
         if !full {
-            return Ok(RowEvent::Task(
+            return RowEvent::Task(
                 row,
                 TaskInput {
                     data: Value::Object(object),
@@ -464,7 +453,7 @@ impl Shapes {
                     predictions: Vec::new(),
                     approx_bytes,
                 },
-            ));
+            );
         }
         let data = object.remove("data").unwrap_or(Value::Null);
         let list = |object: &mut Map<String, Value>, name: &str| -> Result<Vec<Value>, String> {
@@ -476,23 +465,20 @@ impl Shapes {
         };
         let annotations = match list(&mut object, "annotations") {
             Ok(a) => a,
-            Err(e) => return Ok(RowEvent::Error(row, e)),
+            Err(e) => return RowEvent::Error(row, e),
         };
         let predictions = match list(&mut object, "predictions") {
             Ok(p) => p,
-            Err(e) => return Ok(RowEvent::Error(row, e)),
+            Err(e) => return RowEvent::Error(row, e),
         };
         let meta = match object.remove("meta") {
             None | Some(Value::Null) => None,
             Some(meta @ Value::Object(_)) => Some(meta),
             Some(_) => {
-                return Ok(RowEvent::Error(
-                    row,
-                    format!("row {row}: \"meta\" must be an object"),
-                ));
+                return RowEvent::Error(row, format!("row {row}: \"meta\" must be an object"));
             }
         };
-        Ok(RowEvent::Task(
+        RowEvent::Task(
             row,
             TaskInput {
                 data,
@@ -501,7 +487,7 @@ impl Shapes {
                 predictions,
                 approx_bytes,
             },
-        ))
+        )
     }
 }
 
@@ -519,14 +505,6 @@ fn annotations_without_data(row: i64, object: &Map<String, Value>) -> Option<Row
             ),
         )
     })
-}
-
-fn shape_name(full: bool) -> &'static str {
-    if full {
-        "a full task ({\"data\": {...}})"
-    } else {
-        "plain task data"
-    }
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -622,7 +600,7 @@ fn parse_json(
             (*emit)(RowEvent::WillWait);
         }
     };
-    let mut shapes = Shapes::new(limits);
+    let shapes = Shapes::new(limits);
     let mut rows = 0i64;
     let left = Rc::new(Cell::new(limits.max_task_bytes as u64));
     let budget = Budgeted {
@@ -632,7 +610,7 @@ fn parse_json(
     };
     let mut de = serde_json::Deserializer::from_reader(budget);
     let result = TopLevel {
-        shapes: &mut shapes,
+        shapes: &shapes,
         rows: &mut rows,
         emit: &mut |event| emit.try_borrow_mut().is_ok_and(|mut emit| (*emit)(event)),
         left: &left,
@@ -736,7 +714,7 @@ impl<'w> Overrun<'w> {
 }
 
 struct TopLevel<'a> {
-    shapes: &'a mut Shapes,
+    shapes: &'a Shapes,
     rows: &'a mut i64,
     emit: &'a mut dyn FnMut(RowEvent) -> bool,
     /// The byte budget of the element being read, and what it starts at.
@@ -751,7 +729,7 @@ impl TopLevel<'_> {
         let event = if allowance.is_over() {
             self.shapes.too_large(*self.rows)
         } else {
-            self.shapes.task(*self.rows, value).map_err(E::custom)?
+            self.shapes.task(*self.rows, value)
         };
         *self.rows += 1;
         Ok((self.emit)(event))
@@ -802,7 +780,7 @@ fn parse_jsonl(
     limits: Limits,
     emit: &mut dyn FnMut(RowEvent) -> bool,
 ) -> Result<(), String> {
-    let mut shapes = Shapes::new(limits);
+    let shapes = Shapes::new(limits);
     let mut line = Vec::new();
     let mut row = 0i64;
     loop {
@@ -838,7 +816,7 @@ fn parse_jsonl(
             let allowance = shapes.allowance();
             match crate::json::from_slice_within(text, &allowance) {
                 Ok(_) if allowance.is_over() => shapes.too_large(row),
-                Ok(value) => shapes.task(row, value)?,
+                Ok(value) => shapes.task(row, value),
                 Err(e) => RowEvent::Error(row, format!("line of row {row} is not valid JSON: {e}")),
             }
         };
@@ -1546,9 +1524,17 @@ mod tests {
         assert_eq!(events.len(), 2);
         assert!(result.unwrap_err().contains("truncated"));
 
+        // Each row is a full task or plain data by itself (the second row
+        // broke the file off).
         let (events, result) = run(Format::Json, r#"[{"a": 1}, {"data": {"a": 2}}]"#);
-        assert_eq!(events.len(), 1);
-        assert!(result.unwrap_err().contains("must not mix"));
+        assert_eq!(result, Ok(()));
+        assert_eq!(
+            events,
+            [
+                RowEvent::Task(0, task(json!({ "a": 1 }))),
+                RowEvent::Task(1, task(json!({ "a": 2 })))
+            ]
+        );
 
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         let (events, result) = run(Format::Json, &deep);

@@ -315,7 +315,24 @@ async fn moved_on(ctx: &JobContext, began: &crate::db::entities::sync_run::Model
     let Ok(now) = runs::get(&ctx.db, &began.id).await else {
         return false;
     };
-    let counters = |r: &crate::db::entities::sync_run::Model| (r.listed, r.exported, r.failed);
+    // Every counter: a big task file's rows move only `created` (or
+    // `existed`) until its page commits and moves the cursor.
+    let counters = |r: &crate::db::entities::sync_run::Model| {
+        [
+            r.listed,
+            r.matched,
+            r.created,
+            r.existed,
+            r.failed,
+            r.exported,
+            r.unchanged,
+            r.deleted,
+            r.bytes,
+            r.missing,
+            r.changed,
+            r.kept,
+        ]
+    };
     now.cursor != began.cursor || counters(&now) != counters(began)
 }
 

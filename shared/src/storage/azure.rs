@@ -246,6 +246,9 @@ fn classify(err: object_store::Error, what: &str) -> Error {
         "InvalidAuthenticationInfo",
         "failed to authenticate",
         "NoAuthenticationInformation",
+        // Microsoft's login service refusing a client secret's token
+        // request (an unknown tenant or application).
+        "AADSTS",
     ]
     .iter()
     .any(|c| text.contains(c));
@@ -275,7 +278,8 @@ fn classify(err: object_store::Error, what: &str) -> Error {
 }
 
 /// Whether object_store's text reports an HTTP 4xx status other than 408
-/// and 429 (which are moments, not refusals).
+/// and 429, 409 and 412 (moments, not refusals: a lease held, a blob
+/// being rehydrated).
 fn refused_request(text: &str) -> bool {
     const SAID: &str = "status code: ";
     text.match_indices(SAID).any(|(at, _)| {
@@ -283,8 +287,7 @@ fn refused_request(text: &str) -> bool {
         code.len() == 3
             && code.starts_with('4')
             && code.bytes().all(|b| b.is_ascii_digit())
-            && code != "408"
-            && code != "429"
+            && !["408", "409", "412", "429"].contains(&code)
     })
 }
 

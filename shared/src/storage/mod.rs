@@ -44,6 +44,14 @@ impl BackendKind {
         backend(self).key_shape()
     }
 
+    /// Whether its objects have task URIs of a scheme of their own
+    /// (`s3://bucket/key`), which `/resolve` reads: not Redis. (Local
+    /// files' URIs are the document root's; their keys come from a
+    /// directory walk, which yields no `.` segment.)
+    pub fn has_task_uris(self) -> bool {
+        backend(self).uri_scheme().is_some()
+    }
+
     /// The secret names the backend takes (docs/API.md, "Storages").
     pub fn secret_names(self) -> &'static [&'static str] {
         backend(self).secret_names()
