@@ -258,6 +258,20 @@ async fn one_shot_cli_syncs_the_bundled_example() {
     assert!(failed.stdout.is_empty());
 }
 
+/// The runs of `storage` once it has one, or none after `limit`.
+async fn first_runs_within(app: &TestApp, storage: &Value, limit: Duration) -> Vec<Value> {
+    let path = format!("/api/v1/runs?storage_id={}", storage["id"]);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let (_, runs) = app.get(&path).await;
+        let runs = runs["items"].as_array().expect("items").clone();
+        if !runs.is_empty() || std::time::Instant::now() > deadline {
+            return runs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A period whose sync could not be enqueued (the run's insert failed) is
 /// given back: the next tick enqueues it, not the next period (an hour
 /// later here).
@@ -291,16 +305,7 @@ async fn a_period_whose_sync_could_not_be_enqueued_is_tried_again_next_tick() {
     db.execute_unprepared("DELETE FROM refuse_runs")
         .await
         .expect("let runs in");
-    let runs_path = format!("/api/v1/runs?storage_id={}", storage["id"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let runs = loop {
-        let (_, runs) = app.get(&runs_path).await;
-        let runs = runs["items"].as_array().expect("items").clone();
-        if !runs.is_empty() || std::time::Instant::now() > deadline {
-            break runs;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let runs = first_runs_within(&app, &storage, Duration::from_secs(10)).await;
     assert_eq!(runs.len(), 1, "{runs:?}");
     app.stop().await;
 }
@@ -360,16 +365,7 @@ async fn a_period_claimed_by_a_killed_scheduler_is_synced_by_another() {
     first.wait().expect("reap it");
     gate.rollback().await.expect("open the gate");
     let _second = scheduler_process(&app);
-    let runs_path = format!("/api/v1/runs?storage_id={}", storage["id"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let runs = loop {
-        let (_, runs) = app.get(&runs_path).await;
-        let runs = runs["items"].as_array().expect("items").clone();
-        if !runs.is_empty() || std::time::Instant::now() > deadline {
-            break runs;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let runs = first_runs_within(&app, &storage, Duration::from_secs(15)).await;
     assert_eq!(
         runs.len(),
         1,

@@ -1623,7 +1623,8 @@ async fn a_file_gives_at_most_the_rows_an_object_may_have() {
     assert_eq!(run["counters"]["failed"], 3, "{run}");
     let errors = run_errors(&app, &run).await;
     for key in ["many.jsonl", "many.json", "many.parquet"] {
-        let message = error_message(&errors, key, &Value::Null);
+        // The error of the first row not read.
+        let message = error_message(&errors, key, &json!(25));
         assert!(
             message.contains("more than 25 rows")
                 && message.contains("LABELSYNC_MAX_ROWS_PER_OBJECT"),
@@ -1667,6 +1668,26 @@ async fn a_file_over_the_row_limit_is_read_once() {
         assert_eq!(run["counters"]["failed"], failed, "sync {sync}: {run}");
     }
     assert_eq!(app.all_tasks(project).await.len(), 5_000);
+    // Changed, where changed objects are read again: read once more, and
+    // then not again (it kept its old etag for the limit's error, so every
+    // sync read it and rewrote its 5,000 tasks).
+    let (status, patched) = app
+        .patch(
+            &format!("/api/v1/storages/{}", storage["id"]),
+            json!({ "reimport_changed": true }),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    write(
+        &data,
+        "many.jsonl",
+        lines.replace("\"n\": 0}", "\"n\": -1}").as_bytes(),
+    );
+    for (sync, changed, failed) in [(3, 1, 1), (4, 0, 0)] {
+        let run = app.sync(&storage["id"]).await;
+        assert_eq!(run["counters"]["changed"], changed, "sync {sync}: {run}");
+        assert_eq!(run["counters"]["failed"], failed, "sync {sync}: {run}");
+    }
     app.stop().await;
 }
 

@@ -345,8 +345,8 @@ impl Importer<'_, '_> {
     ) -> Result<()> {
         let parsed = parsed.map(|outcome| {
             outcome.map(|end| {
-                if let ParseEnd::Capped(message) = end {
-                    result.error(key, None, message);
+                if let ParseEnd::Capped(row, message) = end {
+                    result.error(key, Some(row), message);
                 }
             })
         });
@@ -729,8 +729,10 @@ type ParseOutcome = std::result::Result<ParseEnd, String>;
 #[derive(Debug, PartialEq)]
 enum ParseEnd {
     Whole,
-    /// Stopped at `LABELSYNC_MAX_ROWS_PER_OBJECT`: the object's error.
-    Capped(String),
+    /// Stopped at `LABELSYNC_MAX_ROWS_PER_OBJECT`: the error of the first
+    /// row not read (a row's error, so the object counts as read: a changed
+    /// object kept its old etag for it, and every sync read it again).
+    Capped(i64, String),
 }
 
 impl Parsing {
@@ -810,12 +812,16 @@ fn parse_source(
     let too_many = chunker.rows > reading.max_rows;
     chunker.finish();
     if too_many {
-        return Ok(ParseEnd::Capped(format!(
-            "the object has more than {} rows, the most one object may have \
+        let first_unread = i64::try_from(reading.max_rows).unwrap_or(i64::MAX);
+        return Ok(ParseEnd::Capped(
+            first_unread,
+            format!(
+                "the object has more than {} rows, the most one object may have \
              (LABELSYNC_MAX_ROWS_PER_OBJECT): its first {0} rows were read, the rest were \
              not (retry the run after raising the limit to read them)",
-            reading.max_rows
-        )));
+                reading.max_rows
+            ),
+        ));
     }
     parsed.map(|()| ParseEnd::Whole)
 }
