@@ -1201,9 +1201,52 @@ async fn token_used_and_revoked(api: &mut RecordingClient) -> String {
     secret
 }
 
+/// A bootstrap token short enough to guess is named at start, by its place
+/// in the list and never by its text; a long one is not (nothing said so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guessable_bootstrap_token_is_named_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "k".repeat(40);
+    let (mut server, _) = logging_server(
+        dir.path(),
+        &[("LABELSYNC_API_TOKENS", &format!("{long},hunter2"))],
+    )
+    .await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    let warned: Vec<String> = log
+        .lines()
+        .filter(|l| l.contains("shorter than 32"))
+        .map(without_colours)
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("place=2"), "{}", warned[0]);
+    assert!(!log.contains("hunter2") && !log.contains(&long), "{log}");
+}
+
+/// A log line without its terminal colour codes (`ESC [ ... m`).
+fn without_colours(line: &str) -> String {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
 /// `labelsync-scheduler serve` in `dir` (SQLite there), logging at debug
 /// level to `dir/server.log`; returns it and its base URL once it answers.
 async fn debug_logging_server(dir: &std::path::Path) -> (Child, String) {
+    logging_server(dir, &[]).await
+}
+
+/// [`debug_logging_server`] with `env` besides.
+async fn logging_server(dir: &std::path::Path, env: &[(&str, &str)]) -> (Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -1220,6 +1263,7 @@ async fn debug_logging_server(dir: &std::path::Path) -> (Child, String) {
         .env("LABELSYNC_WEBHOOK_ALLOW_PRIVATE_ENDPOINTS", "true")
         .env("LABELSYNC_SECRET_KEY", labelsync_tests::TEST_SECRET_KEY)
         .env("RUST_LOG", "debug")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

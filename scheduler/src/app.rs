@@ -29,6 +29,27 @@ pub async fn state(settings: Settings) -> anyhow::Result<AppState> {
     Ok(AppState::new(db, point_db, queue, settings))
 }
 
+/// A bootstrap token is an admin of everything, and failed attempts at one
+/// are not limited by address: one short enough to guess is named (by its
+/// place in the list, never its text) at start.
+fn warn_of_short_bootstrap_tokens(settings: &Settings) {
+    for (place, token) in settings.api_tokens.iter().enumerate() {
+        let chars = token.expose().chars().count();
+        if chars < MIN_BOOTSTRAP_CHARS {
+            tracing::warn!(
+                place = place + 1,
+                chars,
+                "a LABELSYNC_API_TOKENS token is shorter than {MIN_BOOTSTRAP_CHARS} characters: \
+                 it can be guessed; use a random one (openssl rand -base64 32)"
+            );
+        }
+    }
+}
+
+/// The length below which a bootstrap token is called guessable: 32
+/// characters of base64 are 192 bits.
+const MIN_BOOTSTRAP_CHARS: usize = 32;
+
 /// Serves the API on `listener` until `shutdown` resolves, within the
 /// limits of `settings.http` (header, idle and body timeouts, connection
 /// cap; see `labelsync::http`), and the probes on `LABELSYNC_PROBE_BIND`
@@ -51,6 +72,7 @@ pub async fn serve(
         }
         tracing::warn!(%addr, "LABELSYNC_API_TOKENS is not set: the API is open to anyone on this machine");
     }
+    warn_of_short_bootstrap_tokens(&settings);
     // Bound before the database is: a wrong address fails the start at once.
     let probe_listener = settings
         .probe_bind
