@@ -353,9 +353,10 @@ pub fn session_token(headers: &header::HeaderMap) -> Option<&str> {
             .filter(move |(name, _)| *name == wanted)
             .map(|(_, value)| value)
     };
-    let wanted = match behind_tls(headers) {
-        true => SECURE_SESSION_COOKIE,
-        false => SESSION_COOKIE,
+    let wanted = if behind_tls(headers) {
+        SECURE_SESSION_COOKIE
+    } else {
+        SESSION_COOKIE
     };
     let mut found = named(wanted);
     match (found.next(), found.next()) {

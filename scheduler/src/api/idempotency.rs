@@ -180,13 +180,12 @@ async fn settle(state: &AppState, caller: &str, key: &str, hash: &str) -> ApiRes
 }
 
 /// Deletes an expired or abandoned key's row, unless it was claimed anew
-/// since it was read (then its `created_at` is later).
+/// since it was read (then its `created_at` is another).
 async fn forget_row(
     state: &AppState,
     row: &labelsync::db::entities::idempotency_key::Model,
 ) -> ApiResult<()> {
-    let made_before = row.created_at + chrono::Duration::milliseconds(1);
-    idempotency::forget(&state.db, &row.caller, &row.key, made_before).await?;
+    idempotency::let_go(&state.db, &row.caller, &row.key, row.created_at).await?;
     Ok(())
 }
 

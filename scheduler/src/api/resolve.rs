@@ -220,6 +220,9 @@ pub async fn resolve(
 /// service account's email, an account's URL: an admin's or the server's
 /// own, not the tenant's to see). The words go to the server's log.
 fn told(err: ApiError, confined: bool) -> ApiError {
+    if !confined {
+        return err;
+    }
     let said = match err.code {
         "not_found" => "the storage has no such object",
         "range_not_satisfiable" => "the storage refused the range asked for",
@@ -230,9 +233,6 @@ fn told(err: ApiError, confined: bool) -> ApiError {
         "unavailable" => "the storage (or the database) could not be reached; retry later",
         _ => return err,
     };
-    if !confined {
-        return err;
-    }
     tracing::warn!(code = err.code, error = %err.message, "a storage's refusal, told to a caller held to projects by its code");
     ApiError {
         message: format!("{said}; an admin can read why in the server's log"),
@@ -253,36 +253,34 @@ async fn serve(
     let confined = caller.projects().is_some();
     let (sources, found, key) = find_storage(state, q.project_id, &target, confined).await?;
     served.backend = target.kind.as_str();
-    let asked = Asked {
-        key: &key,
-        kind: target.kind,
+    from_storage(
+        state,
+        caller,
+        &sources[found],
+        &key,
+        target.kind,
         headers,
-    };
-    from_storage(state, caller, &sources[found], asked, served)
-        .await
-        .map_err(|err| told(err, confined))
+        served,
+    )
+    .await
+    .map_err(|err| told(err, confined))
 }
 
-/// What the caller asked of the storage.
-#[derive(Clone, Copy)]
-struct Asked<'a> {
-    key: &'a str,
-    kind: BackendKind,
-    headers: &'a HeaderMap,
-}
-
-/// The object from its storage: a redirect to a signed URL, or its body.
+/// The object `key` of a `kind` storage from `source`: a redirect to a
+/// signed URL, or its body.
 async fn from_storage(
     state: &AppState,
     caller: &Caller,
     source: &Source,
-    asked: Asked<'_>,
+    key: &str,
+    kind: BackendKind,
+    headers: &HeaderMap,
     served: &mut Served,
 ) -> ApiResult<Response> {
     let model = &source.model;
     let backend = source.open(&state.storage_env).await?;
     if model.presign
-        && let Some(resp) = redirect(state, model, &*backend, asked.key).await?
+        && let Some(resp) = redirect(state, model, &*backend, key).await?
     {
         served.mode = "redirect";
         return Ok(resp);
@@ -290,7 +288,7 @@ async fn from_storage(
     served.mode = "proxy";
     // Held until the body is sent (see `Streams::proxied`).
     let slot = state.proxied.open(caller)?;
-    proxy(state, &*backend, asked.key, asked.kind, asked.headers, slot).await
+    proxy(state, &*backend, key, kind, headers, slot).await
 }
 
 /// Refuses local-file URIs unless the server turned local serving on.

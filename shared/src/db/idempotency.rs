@@ -6,7 +6,7 @@
 //! progress); the primary key (caller, key) makes concurrent duplicates
 //! meet the first one's row. [`complete`] stores the answer; [`let_go`]
 //! removes a claim whose request failed on the server's side, so a retry
-//! runs again; [`forget`] removes an expired or abandoned one.
+//! runs again, as it does an expired or abandoned one.
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
@@ -101,7 +101,8 @@ pub async fn complete(
 }
 
 /// Lets go of the claim `made` then (its request failed on the server's
-/// side), unless the key was claimed again since.
+/// side, or it expired, or it was abandoned), unless the key was claimed
+/// again since.
 pub async fn let_go(
     db: &impl ConnectionTrait,
     caller: &str,
@@ -115,22 +116,6 @@ pub async fn let_go(
         .exec(db)
         .await?;
     Ok(())
-}
-
-/// Deletes a key's row if it was made before `made_before` (an expired
-/// key, or a claim abandoned by a process that died). True when it was
-/// deleted.
-pub async fn forget(
-    db: &impl ConnectionTrait,
-    caller: &str,
-    key: &str,
-    made_before: DateTime<Utc>,
-) -> Result<bool> {
-    let delete = idempotency_key::Entity::delete_many()
-        .filter(C::Caller.eq(caller))
-        .filter(C::Key.eq(key))
-        .filter(C::CreatedAt.lt(made_before));
-    Ok(delete.exec(db).await?.rows_affected == 1)
 }
 
 /// Deletes every key made before `before`; returns how many.

@@ -329,20 +329,11 @@ pub async fn begin_attempt(
     lease_ttl: std::time::Duration,
 ) -> Result<Attempt> {
     use sync_run::Column as C;
-    let now = Utc::now();
+    // In whole microseconds, as both databases keep it: the run's
+    // `started_at` is this very time exactly when this attempt started it.
+    let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
     let stale = now - chrono::Duration::from_std(lease_ttl).unwrap_or_default();
-    // The first start's `run.started` event commits with it: the first
-    // start, not the first counted attempt (a first attempt handed back at
-    // a worker's shutdown gives its count back, and its successor's is 1
-    // again).
     let tx = super::begin_write(db).await?;
-    let never_started = sync_run::Entity::find_by_id(id)
-        .select_only()
-        .column(C::StartedAt)
-        .into_tuple::<Option<chrono::DateTime<Utc>>>()
-        .one(&tx)
-        .await?
-        .is_some_and(|started| started.is_none());
     let res = sync_run::Entity::update_many()
         .col_expr(C::Status, Expr::value(RunStatus::Running.as_str()))
         .col_expr(C::Attempts, Expr::col(C::Attempts).add(1))
@@ -371,7 +362,11 @@ pub async fn begin_attempt(
         .await?;
     let run = get(&tx, id).await?;
     if res.rows_affected == 1 {
-        if never_started {
+        // The first start's `run.started` event commits with it: the first
+        // start, not the first counted attempt (a first attempt handed back
+        // at a worker's shutdown gives its count back, and its successor's
+        // is 1 again).
+        if run.started_at == Some(now) {
             record_events(&tx, &run).await?;
         }
         tx.commit().await?;

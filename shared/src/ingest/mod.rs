@@ -152,17 +152,16 @@ fn take_unstorable(
             )
         })
     };
-    if objects.iter().all(|o| refusal(&o.key).is_none()) {
-        return Vec::new();
-    }
-    let (good, bad) = std::mem::take(objects)
-        .into_iter()
-        .partition::<Vec<_>, _>(|o| refusal(&o.key).is_none());
-    *objects = good;
-    bad.into_iter()
-        .filter(|o| filter.matches(&o.key))
-        .filter_map(|o| Some((shown(&o.key), None, refusal(&o.key)?)))
-        .collect()
+    let mut refused = Vec::new();
+    objects.retain(|o| match refusal(&o.key) {
+        Some(why) if filter.matches(&o.key) => {
+            refused.push((shown(&o.key), None, why));
+            false
+        }
+        Some(_) => false,
+        None => true,
+    });
+    refused
 }
 
 /// One listing page, classified: what it adds to the run's counters, which

@@ -317,23 +317,7 @@ async fn moved_on(ctx: &JobContext, began: &crate::db::entities::sync_run::Model
     };
     // Every counter: a big task file's rows move only `created` (or
     // `existed`) until its page commits and moves the cursor.
-    let counters = |r: &crate::db::entities::sync_run::Model| {
-        [
-            r.listed,
-            r.matched,
-            r.created,
-            r.existed,
-            r.failed,
-            r.exported,
-            r.unchanged,
-            r.deleted,
-            r.bytes,
-            r.missing,
-            r.changed,
-            r.kept,
-        ]
-    };
-    now.cursor != began.cursor || counters(&now) != counters(began)
+    now.cursor != began.cursor || runs::Counters::of(&now) != runs::Counters::of(began)
 }
 
 /// An attempt that did all its work (`run` as read after it): the run
