@@ -1510,6 +1510,70 @@ async fn an_export_attempt_whose_lease_was_taken_stops_uploading() {
     app.stop().await;
 }
 
+/// An export started after a cancel waits until the cancelled attempt
+/// lets go of its run: that attempt went on uploading until its next
+/// heartbeat, beside the next run's uploads, and an older body it had in
+/// flight could land after the newer one (whose link then said the object
+/// was up to date, so nothing wrote it again). Here the cancelled
+/// attempt's first upload is held in the proxy while the annotation
+/// changes and the next export runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_after_a_cancel_waits_for_the_cancelled_uploads() {
+    let (moto, bucket, s3) = moto_bucket().await;
+    let proxy = FaultProxy::start(&moto, Mode::HeldFirstWrite).await;
+    let mut options = private_endpoints();
+    // The cancelled attempt notices at its heartbeat: later than the next
+    // run's end, which takes a second or two.
+    options.env.push(("LABELSYNC_HEARTBEAT_SECS", "8".into()));
+    let app = spawn_app(options).await;
+    let (project, task) = a_task(&app).await;
+    let target = a_target_through(&app, project, &proxy, &bucket).await;
+    let annotation = annotate(&app, &task).await;
+    labelsync_tests::eventually("the first body held", || async {
+        proxy.held_writes().0 == 1
+    })
+    .await;
+    let id = &annotation["id"];
+    let newer = json!({ "result": [{ "type": "choices", "value": { "choices": ["newer"] } }] });
+    let (status, body) = app.patch(&format!("/api/v1/annotations/{id}"), newer).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, runs) = app
+        .get(&format!("/api/v1/runs?storage_id={}", target["id"]))
+        .await;
+    let held = runs["items"].as_array().expect("items").iter();
+    let held = held
+        .filter(|r| r["status"] == "running")
+        .collect::<Vec<_>>();
+    assert_eq!(held.len(), 1, "{runs}");
+    let held = held[0]["id"].clone();
+    let (status, body) = app
+        .post(
+            &format!("/api/v1/runs/{}/cancel", held.as_str().expect("id")),
+            json!({}),
+        )
+        .await;
+    assert_eq!(body["status"], "cancelled", "{status} {body}");
+    let next = app.start_sync(&target["id"]).await;
+    assert_ne!(json!(next), held);
+    let run = app.wait_run(&next, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    // Let the held body go, if its attempt still waits for it.
+    proxy.release_writes();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let key = format!("out/{id}.json");
+    let doc = labelsync_tests::backends::read_object(&*s3, &key)
+        .await
+        .expect("exported");
+    let doc: Value = serde_json::from_slice(&doc).expect("json");
+    assert_eq!(
+        doc["result"][0]["value"]["choices"][0],
+        "newer",
+        "the older body landed last (held writes, forwarded: {:?})",
+        proxy.held_writes()
+    );
+    app.stop().await;
+}
+
 /// A project with one task, imported from a local file: (project, task).
 async fn a_task(app: &TestApp) -> (i64, Value) {
     let project = app.project("race").await;

@@ -2175,3 +2175,68 @@ async fn namespace_keys(app: &TestApp) -> usize {
         .expect("keys");
     keys.len()
 }
+
+/// Debian's libfaketime (the `faketime` package, which tests/run.sh
+/// installs): preloaded, it moves a process's clock.
+fn libfaketime() -> String {
+    let dirs = std::fs::read_dir("/usr/lib").expect("/usr/lib");
+    dirs.flatten()
+        .map(|dir| dir.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|lib| lib.exists())
+        .expect("libfaketime (Debian's faketime package)")
+        .display()
+        .to_string()
+}
+
+/// A worker whose clock runs a minute fast leaves a live attempt its run:
+/// leases are on the database's clock. Here the live attempt is the
+/// test's, renewing its lease every 300 ms on the database's clock; the
+/// worker gets the run's job meanwhile. Before, the lease looked a minute
+/// old to it (past the 3 s lease of these tests) and it took the run over
+/// at once. Once the test stops renewing, the worker takes the run when
+/// the lease is stale, and finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_clock_is_fast_leaves_a_live_attempt_its_run() {
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let storage = app.files_storage("clock", 3).await;
+    let run_id = app.start_sync(&storage["id"]).await;
+    let db = Database::connect(&app.database_url).await.expect("db");
+    let renew = format!(
+        "UPDATE sync_runs SET status = 'running', lease_owner = 'a live attempt', \
+         lease_at = now(), heartbeat_at = now() WHERE id = '{run_id}' \
+         AND (lease_owner IS NULL OR lease_owner = 'a live attempt')"
+    );
+    let renewed = |db: &sea_orm::DatabaseConnection| {
+        let renew = renew.clone();
+        let db = db.clone();
+        async move {
+            db.execute_unprepared(&renew)
+                .await
+                .expect("renew")
+                .rows_affected()
+                == 1
+        }
+    };
+    assert!(renewed(&db).await, "the run taken before any worker ran");
+    let lib = libfaketime();
+    let fast_clock = [
+        ("LD_PRELOAD", lib.as_str()),
+        ("FAKETIME", "+60s"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let worker = spawn_ready_worker(&app, "fast-clock", &fast_clock).await;
+    let holding = Instant::now();
+    while holding.elapsed() < Duration::from_secs(6) {
+        assert!(
+            renewed(&db).await,
+            "the worker took the run from its live attempt after {:?}",
+            holding.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let run = app.wait_run(&run_id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    assert_eq!(run["counters"]["created"], 3, "{run}");
+    drop(worker);
+    app.stop().await;
+}

@@ -65,6 +65,8 @@ command -v psql >/dev/null || apt_install postgresql-client
 command -v curl >/dev/null || apt_install curl
 # A TLS server with a certificate nobody trusts (security::net's unit tests).
 command -v openssl >/dev/null || apt_install openssl
+# A worker whose clock is off (tests/fleet.rs), with libfaketime preloaded.
+command -v faketime >/dev/null || apt_install faketime
 ensure_postgres
 ensure_redis
 # S3 (moto, s3s-fs), GCS (fake-gcs-server) and Azure (Azurite) emulators.

@@ -1760,3 +1760,44 @@ async fn a_client_generated_from_the_document_syncs_a_storage() {
     }
     app.stop().await;
 }
+
+/// One project's slow receivers leave webhook slots to the other projects:
+/// a worker gives one project's endpoints at most half of its webhook
+/// slots. Before, three endpoints of one project answering in 8 s held
+/// both webhook slots of a worker of four job slots, and another project's
+/// events waited behind them (its jobs were turned away until a later
+/// dispatch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_projects_slow_receivers_leave_webhook_slots_to_another() {
+    let mut options = AppOptions::with_storages();
+    options
+        .env
+        .push(("LABELSYNC_WORKER_CONCURRENCY", "4".into()));
+    let app = spawn_app(options).await;
+    let slow = Receiver::start().await;
+    slow.answer_after(Duration::from_secs(8));
+    let (busy, _) = project_with_webhook(&app, &slow, 1).await;
+    for _ in 0..2 {
+        let body = json!({ "url": slow.url, "events": ["*"], "project_id": busy["project_id"] });
+        let (status, hook) = app.post("/api/v1/webhooks", body).await;
+        assert_eq!(status, 201, "{hook}");
+    }
+    app.start_sync(&busy["id"]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while slow.received().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no delivery began");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let quick = Receiver::start().await;
+    let (other, _) = project_with_webhook(&app, &quick, 1).await;
+    let run_id = app.start_sync(&other["id"]).await;
+    // Its run takes a second or so; its events come at once after.
+    quick
+        .wait_until(Duration::from_secs(6), |got| {
+            got.iter().any(|r| {
+                r.json()["type"] == "run.completed" && r.json()["data"]["run"]["id"] == run_id
+            })
+        })
+        .await;
+    app.stop().await;
+}

@@ -4,7 +4,6 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, bail};
-use chrono::Utc;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -157,8 +156,10 @@ async fn sync(settings: Settings, path: &std::path::Path, quiet: bool) -> anyhow
     let w = &settings.worker;
     let lease_ttl = chrono::Duration::from_std(w.heartbeat * w.missed_heartbeats.max(1) as u32)
         .unwrap_or_default();
-    let held =
-        run.lease_owner.is_some() && run.lease_at.is_some_and(|at| Utc::now() - at < lease_ttl);
+    let held = run.lease_owner.is_some()
+        && run
+            .lease_at
+            .is_some_and(|at| labelsync::clock::now() - at < lease_ttl);
     if already && held {
         bail!(
             "storage {} has a run in progress elsewhere ({})",

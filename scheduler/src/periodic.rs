@@ -32,6 +32,8 @@ pub async fn run(state: AppState, tick: Duration) {
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         timer.tick().await;
+        // Periods, claims and stalled runs are on the database's clock.
+        labelsync::db::sync_clock(&state.db).await;
         if let Err(err) = tick_once(&state).await {
             tracing::warn!(error = %err, "periodic sync tick failed");
         }
@@ -92,7 +94,7 @@ const EVENT_RETENTION_DAYS: i64 = 7;
 /// loses none; a storage that ends none is not growing).
 pub async fn prune(state: &AppState) {
     let lately = chrono::Duration::from_std(PRUNE_EVERY * 10).unwrap_or_default();
-    prune_with(state, Counted::EndedSince(Utc::now() - lately)).await;
+    prune_with(state, Counted::EndedSince(labelsync::clock::now() - lately)).await;
 }
 
 /// [`prune`], applying the count rule to every storage: so that a lowered
@@ -106,21 +108,21 @@ pub async fn prune_all(state: &AppState) -> bool {
 /// Deletes what has outlived its retention, applying the runs' count rule
 /// to the storages `counted`; false when the runs' cleanup failed.
 async fn prune_with(state: &AppState, counted: Counted) -> bool {
-    let cutoff = Utc::now() - chrono::Duration::days(EVENT_RETENTION_DAYS);
+    let cutoff = labelsync::clock::now() - chrono::Duration::days(EVENT_RETENTION_DAYS);
     match labelsync::db::webhooks::prune(&state.db, cutoff).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(events = n, "deleted old webhook events"),
         Err(err) => tracing::warn!(error = %err, "webhook event cleanup failed"),
     }
     let expired = crate::api::IDEMPOTENCY_KEEP;
-    let cutoff = Utc::now() - chrono::Duration::from_std(expired).unwrap_or_default();
+    let cutoff = labelsync::clock::now() - chrono::Duration::from_std(expired).unwrap_or_default();
     match labelsync::db::idempotency::prune(&state.db, cutoff).await {
         Ok(0) => {}
         Ok(n) => tracing::debug!(keys = n, "deleted expired idempotency keys"),
         Err(err) => tracing::warn!(error = %err, "idempotency key cleanup failed"),
     }
     let days = i64::from(state.settings.audit_retention_days);
-    let cutoff = Utc::now() - chrono::Duration::days(days);
+    let cutoff = labelsync::clock::now() - chrono::Duration::days(days);
     match labelsync::db::audit::prune(&state.db, cutoff).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(rows = n, days, "deleted audit rows past their retention"),
@@ -133,7 +135,7 @@ async fn prune_with(state: &AppState, counted: Counted) -> bool {
         Err(err) => tracing::warn!(error = %err, "finished job cleanup failed"),
     }
     let runs_pruned = prune_runs(state, counted).await;
-    let cutoff = Utc::now() - worker_retention(&state.settings);
+    let cutoff = labelsync::clock::now() - worker_retention(&state.settings);
     match labelsync::db::workers::prune(&state.db, cutoff).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(workers = n, "forgot workers gone for a while"),
@@ -148,7 +150,7 @@ async fn prune_with(state: &AppState, counted: Counted) -> bool {
 async fn prune_runs(state: &AppState, counted: Counted) -> bool {
     let settings = &state.settings;
     let days = i64::from(settings.run_retention_days);
-    let before = Utc::now() - chrono::Duration::days(days);
+    let before = labelsync::clock::now() - chrono::Duration::days(days);
     let kept = u64::from(settings.runs_kept_per_storage);
     match labelsync::db::run_retention::prune(&state.db, before, kept, counted).await {
         Ok(pruned) if pruned == Default::default() => true,
@@ -187,7 +189,7 @@ pub fn worker_retention(settings: &labelsync::config::Settings) -> chrono::Durat
 pub async fn tick_once(state: &AppState) -> labelsync::Result<usize> {
     // In whole microseconds, as the database keeps them: a period is moved
     // on, or given back, by the time it was claimed for.
-    let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+    let now = chrono::SubsecRound::trunc_subsecs(labelsync::clock::now(), 6);
     let hold = chrono::Duration::from_std(state.settings.requeue_after)
         .unwrap_or_else(|_| chrono::Duration::days(7));
     let candidates = storages::due_for_sync(&state.db, now, BATCH).await?;

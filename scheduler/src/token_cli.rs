@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use chrono::Utc;
 use labelsync::{
     config::Settings,
     db::{
@@ -91,7 +90,7 @@ async fn create(
         bail!("--scope must be one of admin, write, read, ops (got {scope:?})");
     };
     let expires_at = match expires {
-        Some(text) => match expiry_after(text, Utc::now()) {
+        Some(text) => match expiry_after(text, labelsync::clock::now()) {
             Some(at) => Some(at),
             None => {
                 bail!(
@@ -166,7 +165,7 @@ async fn audit_cli(
     status: u16,
 ) -> anyhow::Result<()> {
     let entry = audit::Entry {
-        at: Utc::now(),
+        at: labelsync::clock::now(),
         token_id: None,
         token_name: "cli".into(),
         method: "CLI".into(),

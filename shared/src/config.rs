@@ -261,7 +261,7 @@ impl WorkerSettings {
     /// Leases (and claims) taken or renewed before this are dead: their
     /// worker missed its heartbeats.
     pub fn stale_before(&self) -> chrono::DateTime<chrono::Utc> {
-        chrono::Utc::now() - chrono::Duration::from_std(self.lease_ttl()).unwrap_or_default()
+        crate::clock::now() - chrono::Duration::from_std(self.lease_ttl()).unwrap_or_default()
     }
 }
 
@@ -581,7 +581,7 @@ mod tests {
         assert_eq!(many.worker.lease_ttl(), Duration::from_secs(3_600_000));
         // A lease past chrono's range was read as no lease (every lease
         // stale at once).
-        assert!(many.worker.stale_before() < chrono::Utc::now() - chrono::Duration::days(41));
+        assert!(many.worker.stale_before() < crate::clock::now() - chrono::Duration::days(41));
         // A lease of one heartbeat is lost by a renewal that is late.
         for missed in ["0", "1"] {
             let refused = with(&[("LABELSYNC_MISSED_HEARTBEATS", missed)]);

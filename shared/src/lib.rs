@@ -7,7 +7,8 @@
 //!
 //! 1. [`error`] (the crate error every module maps into), [`kinds`] (run
 //!    kinds and backend names), [`security`] (path confinement, the SSRF
-//!    guard, secret sealing).
+//!    guard, secret sealing), [`clock`] (the database's time, which every
+//!    lease and heartbeat is on).
 //! 2. [`config`] (typed settings, parsed once from the environment),
 //!    [`metrics`] (OpenTelemetry instruments and their Prometheus text),
 //!    [`telemetry`] (tracing and OTLP setup), [`http`] (the HTTP server of
@@ -31,6 +32,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod attempt;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod error;

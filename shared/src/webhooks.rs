@@ -121,7 +121,7 @@ impl Sender {
 
     /// One signed POST of `event` to `url`, as the attempt log records it.
     pub async fn send(&self, url: &str, key: &[u8], event: &webhook_event::Model) -> AttemptLog {
-        let started_at = Utc::now();
+        let started_at = crate::clock::now();
         let clock = Instant::now();
         // The lookup of a literal-free URL's name is inside the limit too
         // (a receiver's own slow DNS would hold the lease past its TTL).
@@ -302,7 +302,7 @@ impl Delivery<'_> {
     async fn head_is_due(&self, webhook_id: i64) -> Result<bool> {
         Ok(webhooks::next_pending(self.db, webhook_id)
             .await?
-            .is_some_and(|(d, _)| d.next_attempt_at <= Utc::now()))
+            .is_some_and(|(d, _)| d.next_attempt_at <= crate::clock::now()))
     }
 
     async fn send_due(&self, webhook_id: i64, owner: &str, share: &mut Share) -> Result<Stop> {
@@ -322,7 +322,7 @@ impl Delivery<'_> {
             let Some((delivery, event)) = webhooks::next_pending(self.db, webhook_id).await? else {
                 return Ok(Stop::Drained);
             };
-            if delivery.next_attempt_at > Utc::now() {
+            if delivery.next_attempt_at > crate::clock::now() {
                 return Ok(Stop::Drained);
             }
             let after = self.attempt(&hook, &delivery, &event).await?;
@@ -364,7 +364,7 @@ impl Delivery<'_> {
         if log.error.is_none() {
             return AfterAttempt::Delivered;
         }
-        let now = Utc::now();
+        let now = crate::clock::now();
         let since = hook.failing_since.unwrap_or(now);
         let max_age = chrono::Duration::from_std(self.max_age).unwrap_or(chrono::Duration::MAX);
         if now - since >= max_age {
@@ -421,7 +421,7 @@ mod tests {
             event_type: "webhook.test".into(),
             project_id: None,
             payload: "{}".into(),
-            created_at: Utc::now(),
+            created_at: crate::clock::now(),
         };
         let log = sender.send(&url, b"key", &event).await;
         assert_eq!(log.status_code, Some(200), "{:?}", log.error);

@@ -62,6 +62,12 @@ pub enum Mode {
     /// The first this many writes (PUT) get 503 SlowDown; every later
     /// request passes: a storage down for a while.
     WritesDownFor(u64),
+    /// The first write (PUT) is read whole, then waits until
+    /// [`FaultProxy::release_writes`] before it is forwarded; every other
+    /// request passes. A client that goes away meanwhile takes the write
+    /// with it (hyper drops the handler): a storage that completes a write
+    /// only if its client is still there when it gets to it.
+    HeldFirstWrite,
 }
 
 #[derive(Clone)]
@@ -76,9 +82,12 @@ struct Shared {
     cut: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     reads: Arc<InFlight>,
     held: Arc<Gate>,
+    /// Writes held (`Mode::HeldFirstWrite`): arrived, and forwarded.
+    writes_held: Arc<AtomicU64>,
+    writes_forwarded: Arc<AtomicU64>,
 }
 
-/// Where held reads wait (`Mode::HeldReads`), until it opens.
+/// Where held reads (or the held write) wait, until it opens.
 #[derive(Default)]
 struct Gate {
     open: std::sync::atomic::AtomicBool,
@@ -136,6 +145,8 @@ pub struct FaultProxy {
     faults: Arc<AtomicU64>,
     reads: Arc<InFlight>,
     held: Arc<Gate>,
+    writes_held: Arc<AtomicU64>,
+    writes_forwarded: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -153,9 +164,13 @@ impl FaultProxy {
             cut: Arc::default(),
             reads: Arc::default(),
             held: Arc::default(),
+            writes_held: Arc::default(),
+            writes_forwarded: Arc::default(),
         };
         let (requests, faults) = (shared.requests.clone(), shared.faults.clone());
         let (reads, held) = (shared.reads.clone(), shared.held.clone());
+        let writes_held = shared.writes_held.clone();
+        let writes_forwarded = shared.writes_forwarded.clone();
         let app = Router::new().fallback(forward).with_state(shared);
         let listener = labelsync::http::listen(crate::LOOPBACK).expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -166,12 +181,29 @@ impl FaultProxy {
             faults,
             reads,
             held,
+            writes_held,
+            writes_forwarded,
         }
     }
 
     /// Lets the reads held by `Mode::HeldReads` go, and every later one.
     pub fn release_reads(&self) {
         self.held.open();
+    }
+
+    /// Lets the write held by `Mode::HeldFirstWrite` go (if its client
+    /// still waits for it).
+    pub fn release_writes(&self) {
+        self.held.open();
+    }
+
+    /// Writes held by `Mode::HeldFirstWrite` so far (0 or 1), and how many
+    /// of them were forwarded once let go.
+    pub fn held_writes(&self) -> (u64, u64) {
+        (
+            self.writes_held.load(Ordering::SeqCst),
+            self.writes_forwarded.load(Ordering::SeqCst),
+        )
     }
 
     /// The most object reads (GETs with no query) it had in flight at once.
@@ -298,6 +330,19 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
             }
             None
         }
+        Mode::HeldFirstWrite => {
+            let write = req.method() == axum::http::Method::PUT;
+            let first = || {
+                let taken =
+                    s.writes_held
+                        .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst);
+                taken.is_ok()
+            };
+            if write && first() {
+                return held_write(&s, req).await;
+            }
+            None
+        }
         Mode::Latency(latency) => {
             tokio::time::sleep(latency.rtt).await;
             let (builder, bytes) = send(&s, req).await;
@@ -358,6 +403,19 @@ async fn cut_body_once(s: &Shared, req: Request, after: usize) -> Response {
         Err(std::io::Error::other("injected reset")),
     ]);
     builder.body(Body::from_stream(broken)).unwrap_or_default()
+}
+
+/// A write read whole, held until the gate opens, then forwarded. Its
+/// client going away drops this future (hyper does), and the write with it.
+async fn held_write(s: &Shared, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    s.held.pass().await;
+    s.writes_forwarded.fetch_add(1, Ordering::SeqCst);
+    let (builder, bytes) = send(s, Request::from_parts(parts, Body::from(body))).await;
+    builder.body(Body::from(bytes)).unwrap_or_default()
 }
 
 /// Forwards a request upstream; the response's head and whole body (a 400

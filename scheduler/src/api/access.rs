@@ -17,7 +17,6 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use chrono::Utc;
 use labelsync::{
     db::tokens,
     security::tokens::{self as secrets, Scope},
@@ -479,7 +478,10 @@ pub async fn still_valid(state: &AppState, caller: &Caller) -> bool {
     };
     match tokens::find(&state.db, id).await {
         Ok(Some(token)) => {
-            token.revoked_at.is_none() && token.expires_at.is_none_or(|at| at > Utc::now())
+            token.revoked_at.is_none()
+                && token
+                    .expires_at
+                    .is_none_or(|at| at > labelsync::clock::now())
         }
         Ok(None) => false,
         Err(_) => true,
@@ -501,7 +503,7 @@ async fn stored(state: &AppState, given: &str) -> Result<Option<Caller>, ApiErro
     if !secrets::well_formed(given) {
         return Ok(None);
     }
-    let now = Utc::now();
+    let now = labelsync::clock::now();
     let hash = secrets::hash(given);
     let Some(token) = tokens::usable(&state.db, &hash, now).await? else {
         return Ok(None);

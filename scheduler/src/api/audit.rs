@@ -18,7 +18,6 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use chrono::Utc;
 use labelsync::db::audit::{self, AuditFilter, Entry};
 use sea_orm::ConnectionTrait;
 use serde::Deserialize;
@@ -46,7 +45,7 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
     };
     let route = access::route_of(&req);
     let mut entry = Entry {
-        at: Utc::now(),
+        at: labelsync::clock::now(),
         token_id: caller.token_id,
         token_name: caller.name.clone(),
         // The column's width: longer (custom) methods are only ever 405s.

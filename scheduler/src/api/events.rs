@@ -312,7 +312,7 @@ impl ProjectWatch {
 fn resumed_from(headers: &HeaderMap) -> Option<DateTime<Utc>> {
     let raw = headers.get("last-event-id")?.to_str().ok()?;
     let at = DateTime::parse_from_rfc3339(raw.trim()).ok()?.to_utc();
-    let now = Utc::now();
+    let now = labelsync::clock::now();
     if at > now + CLOCK_SKEW || at < now - REPLAY {
         return None;
     }
@@ -329,7 +329,7 @@ fn pause_before_look(first: bool, paging: bool, failed: bool) -> bool {
 
 /// Reads the runs of a look and queues those that changed.
 async fn look(w: &mut ProjectWatch) {
-    let started = Utc::now();
+    let started = labelsync::clock::now();
     let read = read_look(w).await;
     w.failed = read.is_err();
     let (rows, more) = match read {

@@ -141,7 +141,7 @@ async fn settle(state: &AppState, caller: &str, key: &str, hash: &str) -> ApiRes
             Claim::Claimed(made) => return Ok(Settled::Ours(made)),
             Claim::Taken(row) => row,
         };
-        let now = Utc::now();
+        let now = labelsync::clock::now();
         let age = (now - row.created_at).to_std().unwrap_or_default();
         if age >= KEEP {
             forget_row(state, &row).await?;

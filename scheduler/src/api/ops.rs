@@ -110,7 +110,7 @@ pub async fn workers(
 ) -> super::ApiResult<super::ApiJson<Value>> {
     let limit = super::limit(q.limit)?;
     let rows = labelsync::db::workers::page(&state.db, q.after.as_deref(), limit).await?;
-    let (now, gone) = (chrono::Utc::now(), gone_after(&state.settings));
+    let (now, gone) = (labelsync::clock::now(), gone_after(&state.settings));
     let items = rows
         .iter()
         .map(|w| labelsync::db::workers::to_json(w, now, gone))

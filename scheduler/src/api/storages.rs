@@ -476,7 +476,7 @@ pub async fn pause(
     Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
-    set_paused(&state, &caller, id, Some(chrono::Utc::now())).await
+    set_paused(&state, &caller, id, Some(labelsync::clock::now())).await
 }
 
 /// `POST /storages/{id}/resume`: periodic syncs again (a period that came

@@ -40,7 +40,7 @@ pub async fn overview(
     Extension(viewer): Extension<Viewer>,
 ) -> Response {
     let projects = viewer.caller.projects();
-    let hour_ago = Utc::now() - Duration::hours(1);
+    let hour_ago = labelsync::clock::now() - Duration::hours(1);
     let (depth, age, workers, live, last_hour, recent, ended) = tokio::join!(
         state.queue.depth(),
         state.queue.oldest_waiting_age(),
@@ -56,7 +56,7 @@ pub async fn overview(
             20
         ),
         async {
-            let now = Utc::now();
+            let now = labelsync::clock::now();
             tokio::try_join!(
                 runs::ended_per_span(&state.db, now, Duration::minutes(1), 60, projects),
                 runs::ended_per_span(&state.db, now, Duration::hours(1), 24, projects),
@@ -147,7 +147,7 @@ fn workers_table(
     rows: &[labelsync::db::entities::worker::Model],
     gone_after: std::time::Duration,
 ) -> Markup {
-    let now = Utc::now();
+    let now = labelsync::clock::now();
     html! {
         @if rows.is_empty() { p.muted { "No worker has registered." } } @else {
             div.scroll tabindex="0" role="region" aria-label="Workers" { table {
@@ -272,7 +272,7 @@ pub async fn runs(
         kind,
         before: q.before.as_deref(),
         projects,
-        created_after: since.map(|(_, span)| Utc::now() - span),
+        created_after: since.map(|(_, span)| labelsync::clock::now() - span),
         ..RunFilter::default()
     };
     let rows = runs::page(&state.db, filter, PAGE)

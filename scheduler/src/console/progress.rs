@@ -83,7 +83,7 @@ pub fn estimate(run: &sync_run::Model, total: Option<i64>, now: DateTime<Utc>) -
 /// The rate and ETA lines of a live run's page, with what the script needs
 /// to keep them current.
 pub fn facts(run: &sync_run::Model, total: Option<i64>) -> Markup {
-    let now = Utc::now();
+    let now = labelsync::clock::now();
     let e = estimate(run, total, now);
     let unit = if run.kind == "export" {
         "annotations"
@@ -125,7 +125,7 @@ mod tests {
     use super::*;
 
     fn run(kind: &str, scope: &str, started: Option<DateTime<Utc>>) -> sync_run::Model {
-        let mut r = super::super::charts::tests::ended(0, 0, Utc::now());
+        let mut r = super::super::charts::tests::ended(0, 0, labelsync::clock::now());
         r.kind = kind.into();
         r.scope = scope.into();
         r.started_at = started;
@@ -134,7 +134,7 @@ mod tests {
 
     #[test]
     fn the_eta_goes_by_the_previous_run_and_the_rate_so_far() {
-        let now = Utc::now();
+        let now = labelsync::clock::now();
         let mut live = run("import", "full", Some(now - chrono::Duration::seconds(10)));
         live.listed = 200;
         let mut before = run("import", "full", Some(now));
@@ -155,7 +155,7 @@ mod tests {
 
     #[test]
     fn without_history_or_start_there_is_no_eta() {
-        let now = Utc::now();
+        let now = labelsync::clock::now();
         let queued = run("import", "full", None);
         let e = estimate(&queued, Some(10), now);
         assert_eq!((e.rate, e.eta_seconds), (None, None));
@@ -168,7 +168,7 @@ mod tests {
 
     #[test]
     fn exports_count_what_they_handled_and_retries_what_failed() {
-        let now = Utc::now();
+        let now = labelsync::clock::now();
         let mut before = run("export", "full", Some(now));
         (before.exported, before.unchanged, before.failed) = (5, 3, 2);
         let live = run("export", "full", Some(now));

@@ -83,7 +83,7 @@ pub async fn admit(
         .all(&tx)
         .await?;
     if !ids.is_empty() {
-        let now = Utc::now();
+        let now = crate::clock::now();
         sync_run::Entity::update_many()
             .col_expr(C::AdmittedAt, Expr::value(now))
             .col_expr(C::HeartbeatAt, Expr::value(now))

@@ -1,7 +1,6 @@
 //! Annotations written through the API (created on a task, changed and
 //! deleted by upstream apps); the outbox events that export them are
 //! [`super::outbox`]'s.
-use chrono::Utc;
 use sea_orm::{
     ActiveModelTrait,
     ActiveValue::Set,
@@ -61,7 +60,7 @@ async fn create_on_task(
     fields: AnnotationFields,
 ) -> Result<Option<annotation::Model>> {
     use annotation::Column as A;
-    let now = Utc::now();
+    let now = crate::clock::now();
     let values = Query::select()
         .column(task::Column::Id)
         .column(task::Column::ProjectId)
@@ -208,7 +207,7 @@ async fn create_recorded_in_one(
     fields: AnnotationFields,
     recorded: Recorded,
 ) -> Result<Option<Created>> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     let visible = recorded.visible.map(|ids| {
         let ids = ids.into_iter().map(sea_orm::Value::from).collect();
         Box::new(ids)
@@ -279,7 +278,7 @@ pub async fn update(
     if let Some(g) = fields.ground_truth {
         model.ground_truth = Set(g);
     }
-    model.updated_at = Set(Utc::now());
+    model.updated_at = Set(crate::clock::now());
     Ok(model.update(db).await?)
 }
 

@@ -21,7 +21,7 @@ pub async fn create<T: Serialize>(
     run_id: &str,
     batches: &[Vec<T>],
 ) -> Result<Vec<i64>> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     let rows = batches
         .iter()
         .map(|objects| {
@@ -95,7 +95,10 @@ pub async fn claim_unstarted(
                 sync_batch::Column::Attempts,
                 Expr::col(sync_batch::Column::Attempts).add(1),
             )
-            .col_expr(sync_batch::Column::ClaimedAt, Expr::value(Utc::now()))
+            .col_expr(
+                sync_batch::Column::ClaimedAt,
+                Expr::value(crate::clock::now()),
+            )
             .filter(sync_batch::Column::Id.eq(id))
             .filter(sync_batch::Column::Done.eq(false))
             .filter(claimable())
@@ -162,7 +165,10 @@ pub async fn count_attempt(
             sync_batch::Column::Attempts,
             Expr::col(sync_batch::Column::Attempts).add(1),
         )
-        .col_expr(sync_batch::Column::ClaimedAt, Expr::value(Utc::now()))
+        .col_expr(
+            sync_batch::Column::ClaimedAt,
+            Expr::value(crate::clock::now()),
+        )
         .filter(sync_batch::Column::Id.eq(id))
         .filter(sync_batch::Column::Done.eq(false));
     if let Some(stale_before) = stale_before {
@@ -192,7 +198,7 @@ pub async fn renew_claim(db: &impl ConnectionTrait, id: i64, attempt: i64) -> Re
              (SELECT id FROM sync_batches WHERE id = $2 AND attempts = $3 AND NOT done \
               AND claimed_at > $4 FOR UPDATE SKIP LOCKED)",
             [
-                Utc::now().into(),
+                crate::clock::now().into(),
                 id.into(),
                 attempt.into(),
                 given_back.into(),
@@ -202,7 +208,10 @@ pub async fn renew_claim(db: &impl ConnectionTrait, id: i64, attempt: i64) -> Re
         return Ok(());
     }
     sync_batch::Entity::update_many()
-        .col_expr(sync_batch::Column::ClaimedAt, Expr::value(Utc::now()))
+        .col_expr(
+            sync_batch::Column::ClaimedAt,
+            Expr::value(crate::clock::now()),
+        )
         .filter(sync_batch::Column::Id.eq(id))
         .filter(sync_batch::Column::Attempts.eq(attempt))
         .filter(sync_batch::Column::Done.eq(false))
@@ -217,7 +226,10 @@ pub async fn mark_done(db: &impl ConnectionTrait, id: i64, worker: &str) -> Resu
     let res = sync_batch::Entity::update_many()
         .col_expr(sync_batch::Column::Done, Expr::value(true))
         .col_expr(sync_batch::Column::Worker, Expr::value(worker))
-        .col_expr(sync_batch::Column::FinishedAt, Expr::value(Utc::now()))
+        .col_expr(
+            sync_batch::Column::FinishedAt,
+            Expr::value(crate::clock::now()),
+        )
         .filter(sync_batch::Column::Id.eq(id))
         .filter(sync_batch::Column::Done.eq(false))
         .exec(db)

@@ -40,7 +40,7 @@ pub async fn claim(
     request_hash: &str,
 ) -> Result<Claim> {
     loop {
-        let made = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+        let made = chrono::SubsecRound::trunc_subsecs(crate::clock::now(), 6);
         let row = idempotency_key::ActiveModel {
             caller: Set(caller.to_owned()),
             key: Set(key.to_owned()),

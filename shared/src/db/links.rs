@@ -168,7 +168,7 @@ pub async fn update_object(
         .col_expr(C::Etag, Expr::value(etag))
         .col_expr(C::Size, Expr::value(size))
         .col_expr(C::LastModified, Expr::value(last_modified))
-        .col_expr(C::UpdatedAt, Expr::value(Utc::now()))
+        .col_expr(C::UpdatedAt, Expr::value(crate::clock::now()))
         .filter(C::StorageId.eq(storage_id))
         .filter(C::ObjectKey.eq(key))
         .exec(db)
@@ -287,7 +287,7 @@ pub async fn write_marks(
         let rows = chunk.iter().map(|key| partial_object::ActiveModel {
             storage_id: Set(storage_id),
             object_key: Set(key.clone()),
-            started_at: Set(Utc::now()),
+            started_at: Set(crate::clock::now()),
         });
         partial_object::Entity::insert_many(rows)
             .on_conflict_do_nothing_on([C::StorageId, C::ObjectKey])

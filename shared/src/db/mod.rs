@@ -27,7 +27,7 @@ use std::time::Duration;
 use labelsync_migrations::{Migrator, MigratorTrait};
 use sea_orm::{
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select, Statement,
 };
 
 use crate::Result;
@@ -169,7 +169,7 @@ async fn warm_one(txn: sea_orm::DatabaseTransaction) -> Result<()> {
     let _ = runs::get(&txn, "").await;
     let _ = runs::owners(&txn, -1).await;
     entities::project::Entity::find_by_id(-1).one(&txn).await?;
-    batches::count_attempt(&txn, -1, Some(chrono::Utc::now())).await?;
+    batches::count_attempt(&txn, -1, Some(crate::clock::now())).await?;
     batches::mark_done(&txn, -1, "").await?;
     runs::checkpoint(&txn, "", &runs::Counters::default(), None, None).await?;
     tasks::warm_up(&txn).await?;
@@ -251,7 +251,41 @@ async fn open(
             });
     }
     let db = Database::connect(opts).await?;
+    sync_clock(&db).await;
     Ok(db)
+}
+
+/// Measures how far the database's clock is from this machine's (see
+/// [`crate::clock`]): a Postgres server's time read between two of ours,
+/// taken as read at their middle. SQLite is this process's own file: its
+/// clock is ours. A failed read keeps the last measure.
+pub async fn sync_clock(db: &DatabaseConnection) {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return;
+    }
+    use chrono::{DateTime, Utc};
+    let sent = Utc::now();
+    let read = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT clock_timestamp() AS now",
+        ))
+        .await;
+    let received = Utc::now();
+    let Ok(Some(row)) = read else {
+        return;
+    };
+    let Ok(theirs) = row.try_get::<DateTime<Utc>>("", "now") else {
+        return;
+    };
+    let offset = theirs - (sent + (received - sent) / 2);
+    if (offset - crate::clock::offset()).abs() > chrono::Duration::seconds(1) {
+        tracing::warn!(
+            offset_ms = offset.num_milliseconds(),
+            "this machine's clock is off the database's; leases and heartbeats keep the database's time"
+        );
+    }
+    crate::clock::set_offset(offset);
 }
 
 fn is_loopback_without_sslmode(url: &str) -> bool {

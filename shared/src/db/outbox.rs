@@ -6,7 +6,6 @@
 //! One row per (storage, annotation): a newer event replaces the action and
 //! bumps `version`, so an annotation edited ten times is exported once, and a
 //! row drained while a newer event arrived is not removed.
-use chrono::Utc;
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, Statement,
@@ -63,7 +62,7 @@ pub async fn record(
             [
                 annotation_id.into(),
                 action.into(),
-                Utc::now().into(),
+                crate::clock::now().into(),
                 project_id.into(),
             ],
         ))

@@ -84,7 +84,7 @@ pub async fn claim(
     let res = sync_partition::Entity::update_many()
         .col_expr(C::Attempts, Expr::col(C::Attempts).add(1))
         .col_expr(C::LeaseOwner, Expr::value(owner))
-        .col_expr(C::LeaseAt, Expr::value(Utc::now()))
+        .col_expr(C::LeaseAt, Expr::value(crate::clock::now()))
         .filter(C::Id.eq(id))
         .filter(C::Done.eq(false))
         .filter(C::Failed.eq(false))
@@ -150,8 +150,8 @@ pub async fn checkpoint(
     owner: &str,
     cursor: Option<super::runs::CursorMove<'_>>,
 ) -> Result<bool> {
-    let mut update =
-        sync_partition::Entity::update_many().col_expr(C::LeaseAt, Expr::value(Utc::now()));
+    let mut update = sync_partition::Entity::update_many()
+        .col_expr(C::LeaseAt, Expr::value(crate::clock::now()));
     // Moved only from where the attempt left it (see
     // `runs::checkpoint_page`).
     if let Some(cursor) = cursor {
@@ -199,7 +199,7 @@ pub async fn finish(
         .filter(stays.starts_at(C::Cursor))
         .col_expr(C::Done, Expr::value(true))
         .col_expr(C::Worker, Expr::value(worker))
-        .col_expr(C::FinishedAt, Expr::value(Utc::now()))
+        .col_expr(C::FinishedAt, Expr::value(crate::clock::now()))
         .col_expr(C::LeaseOwner, Expr::value(Option::<String>::None))
         .filter(C::Id.eq(id))
         .filter(C::LeaseOwner.eq(owner))

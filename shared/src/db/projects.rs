@@ -2,7 +2,6 @@
 //! and their task counts.
 use std::collections::HashMap;
 
-use chrono::Utc;
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
     QueryFilter, QueryOrder, QuerySelect,
@@ -50,7 +49,7 @@ pub async fn create(
     title: &str,
     data_key: &str,
 ) -> Result<project::Model> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     Ok(project::ActiveModel {
         title: Set(title.to_owned()),
         data_key: Set(data_key.to_owned()),
@@ -135,7 +134,7 @@ pub async fn update(
     if let Some(key) = data_key {
         model.data_key = Set(key);
     }
-    model.updated_at = Set(Utc::now());
+    model.updated_at = Set(crate::clock::now());
     Ok(model.update(db).await?)
 }
 

@@ -259,7 +259,7 @@ async fn create_live(
             cursor: Set(None),
             attempts: Set(0),
             error: Set(None),
-            queued_at: Set(Utc::now()),
+            queued_at: Set(crate::clock::now()),
             started_at: Set(None),
             heartbeat_at: Set(None),
             finished_at: Set(None),
@@ -322,6 +322,8 @@ pub enum Attempt {
 /// and the lease to `owner` — unless another attempt's lease was renewed
 /// within `lease_ttl`. Two jobs of one run (a duplicate delivery, a worker
 /// presumed dead that was only slow) therefore never work on it at once.
+/// Nor does a run begin beside a cancelled run of its storage whose attempt
+/// may still write to it ([`cancelled_writer_alive`]).
 pub async fn begin_attempt(
     db: &DatabaseConnection,
     id: &str,
@@ -331,7 +333,7 @@ pub async fn begin_attempt(
     use sync_run::Column as C;
     // In whole microseconds, as both databases keep it: the run's
     // `started_at` is this very time exactly when this attempt started it.
-    let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+    let now = chrono::SubsecRound::trunc_subsecs(crate::clock::now(), 6);
     let stale = now - chrono::Duration::from_std(lease_ttl).unwrap_or_default();
     let tx = super::begin_write(db).await?;
     let res = sync_run::Entity::update_many()
@@ -358,6 +360,7 @@ pub async fn begin_attempt(
                 .add(C::LeaseAt.is_null())
                 .add(C::LeaseAt.lt(stale)),
         )
+        .filter(cancelled_writer_alive(stale).not())
         .exec(&tx)
         .await?;
     let run = get(&tx, id).await?;
@@ -376,6 +379,50 @@ pub async fn begin_attempt(
         Some(status) if status.is_live() => Attempt::Busy,
         _ => Attempt::Ended,
     })
+}
+
+/// The condition, on the run [`begin_attempt`] updates, that another run of
+/// its storage was cancelled while an attempt writing to the storage (an
+/// export, a delete) held it, and that attempt may still be at work: its
+/// lease is held and was renewed since `stale`. A cancelled attempt stops
+/// at its next heartbeat and then lets go ([`let_go`]); until then its
+/// uploads in flight could land after the next run's, an older body over
+/// a newer one.
+fn cancelled_writer_alive(stale: chrono::DateTime<Utc>) -> sea_orm::sea_query::Expr {
+    use sea_orm::sea_query::{Alias, Query};
+    use sync_run::Column as C;
+    let other = Alias::new("other");
+    let col = |c: C| Expr::col((other.clone(), c));
+    let writers = [RunKind::Export.as_str(), RunKind::Delete.as_str()];
+    Expr::exists(
+        Query::select()
+            .expr(Expr::val(1))
+            .from_as(sync_run::Entity, other.clone())
+            .and_where(col(C::StorageId).equals((sync_run::Entity, C::StorageId)))
+            .and_where(col(C::Status).eq(RunStatus::Cancelled.as_str()))
+            .and_where(col(C::Kind).is_in(writers))
+            .and_where(col(C::LeaseOwner).is_not_null())
+            .and_where(col(C::LeaseAt).gte(stale))
+            .to_owned(),
+    )
+}
+
+/// Lets go of the lease `owner` holds on run `id` once the run has ended
+/// under it (cancelled) and the attempt stopped: nothing of the attempt
+/// can reach the storage any more, and the storage's next run need not
+/// wait for the lease to go stale (see [`cancelled_writer_alive`]).
+pub async fn let_go(db: &impl ConnectionTrait, id: &str, owner: &str) -> Result<()> {
+    sync_run::Entity::update_many()
+        .col_expr(
+            sync_run::Column::LeaseOwner,
+            Expr::value(Option::<String>::None),
+        )
+        .filter(sync_run::Column::Id.eq(id))
+        .filter(sync_run::Column::LeaseOwner.eq(owner))
+        .filter(sync_run::Column::Status.is_not_in(LIVE))
+        .exec(db)
+        .await?;
+    Ok(())
 }
 
 /// Adds `delta` to the counters, moves the cursor (when given) and beats the
@@ -449,7 +496,7 @@ fn counted(
 ) -> sea_orm::UpdateMany<sync_run::Entity> {
     use sync_run::Column as C;
     let add = |c: C, n: i64| (c, Expr::col(c).add(n));
-    let now = Utc::now();
+    let now = crate::clock::now();
     let mut update = sync_run::Entity::update_many();
     for (col, expr) in [
         add(C::Listed, delta.listed),
@@ -517,7 +564,7 @@ pub async fn finish_in(
     error: Option<String>,
     owner: Option<&str>,
 ) -> Result<bool> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     let mut update = sync_run::Entity::update_many()
         .col_expr(sync_run::Column::Status, Expr::value(status.as_str()))
         .col_expr(
@@ -642,7 +689,7 @@ pub async fn record_errors(
     if errors.is_empty() {
         return Ok(());
     }
-    let now = Utc::now();
+    let now = crate::clock::now();
     let rows = errors
         .into_iter()
         .map(|(key, row, error)| object_error::ActiveModel {

@@ -207,7 +207,10 @@ pub async fn record_validation(
     error: Option<&str>,
 ) -> Result<()> {
     storage::Entity::update_many()
-        .col_expr(storage::Column::ValidatedAt, Expr::value(Utc::now()))
+        .col_expr(
+            storage::Column::ValidatedAt,
+            Expr::value(crate::clock::now()),
+        )
         .col_expr(
             storage::Column::ValidationError,
             Expr::value(error.map(str::to_owned)),

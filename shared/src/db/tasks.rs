@@ -73,7 +73,7 @@ pub async fn update_tasks(
             values.push(data.clone().into());
             values.push(meta.clone().into());
         }
-        values.push(Utc::now().into());
+        values.push(crate::clock::now().into());
         let res = db
             .execute_raw(sea_orm::Statement::from_sql_and_values(
                 backend, sql, values,
@@ -106,7 +106,7 @@ pub async fn insert_tasks(
     let mut existed = 0;
     // 6 parameters per task row and 11 per link row.
     for chunk in items.chunks(MAX_PARAMS / 11) {
-        let now = Utc::now();
+        let now = crate::clock::now();
         let ids = insert_task_rows(db, project_id, chunk, now).await?;
         let linked = insert_links(db, storage_id, run_id, chunk, &ids, now).await?;
         existed += delete_unlinked(db, &ids, &linked).await?;
@@ -254,7 +254,7 @@ async fn insert_tasks_pg(
     let mut created = 0;
     let mut existed = 0;
     for chunk in items.chunks(PG_STATEMENT_ROWS) {
-        let now = Utc::now();
+        let now = crate::clock::now();
         let values = || chunk_values(chunk, project_id, storage_id, run_id, now);
         let rows = insert_chunk_pg(db, values).await?;
         let (ids, made) = created_ids(rows, chunk.len())?;
@@ -278,7 +278,7 @@ pub(super) async fn warm_up(db: &(impl ConnectionTrait + TransactionTrait)) -> R
         Ok(()) | Err(Error::NotFound(_)) => {}
         Err(err) => return Err(err),
     }
-    insert_chunk_pg(db, || chunk_values(&[], -1, -1, "", Utc::now())).await?;
+    insert_chunk_pg(db, || chunk_values(&[], -1, -1, "", crate::clock::now())).await?;
     Ok(())
 }
 

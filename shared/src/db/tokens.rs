@@ -36,7 +36,7 @@ pub async fn check(db: &impl ConnectionTrait, new: &NewToken) -> Result<()> {
         ));
     }
     if let Some(expires_at) = new.expires_at
-        && expires_at <= Utc::now()
+        && expires_at <= crate::clock::now()
     {
         return Err(Error::invalid(
             "invalid_expires_at",
@@ -95,7 +95,7 @@ pub async fn create(
         secret_hash: Set(hash),
         scope: Set(new.scope.as_str().to_owned()),
         projects: Set(new.projects.as_deref().map(encode_projects)),
-        created_at: Set(Utc::now()),
+        created_at: Set(crate::clock::now()),
         last_used_at: Set(None),
         expires_at: Set(new.expires_at),
         revoked_at: Set(None),
@@ -206,7 +206,7 @@ pub async fn page(
 /// is no such token. Revoking twice keeps the first time.
 pub async fn revoke(db: &impl ConnectionTrait, id: i64) -> Result<Option<api_token::Model>> {
     api_token::Entity::update_many()
-        .col_expr(C::RevokedAt, Expr::value(Utc::now()))
+        .col_expr(C::RevokedAt, Expr::value(crate::clock::now()))
         .filter(C::Id.eq(id))
         .filter(C::RevokedAt.is_null())
         .exec(db)
@@ -255,7 +255,7 @@ mod tests {
             secret_hash: String::new(),
             scope: "read".into(),
             projects: Some(encoded),
-            created_at: Utc::now(),
+            created_at: crate::clock::now(),
             last_used_at: None,
             expires_at: None,
             revoked_at: None,

@@ -80,7 +80,7 @@ pub async fn create(
 ) -> Result<webhook::Model> {
     let tx = super::begin_write(db).await?;
     check_room(&tx, new.project_id, most).await?;
-    let now = Utc::now();
+    let now = crate::clock::now();
     let row = webhook::ActiveModel {
         id: NotSet,
         project_id: Set(new.project_id),
@@ -173,7 +173,7 @@ pub async fn save(
     db: &impl ConnectionTrait,
     mut row: webhook::ActiveModel,
 ) -> Result<webhook::Model> {
-    row.updated_at = Set(Utc::now());
+    row.updated_at = Set(crate::clock::now());
     Ok(row.update(db).await?)
 }
 
@@ -263,7 +263,7 @@ async fn insert_event(
     data: Value,
 ) -> Result<webhook_event::Model> {
     let id = format!("evt_{}", super::new_id());
-    let now = Utc::now();
+    let now = crate::clock::now();
     let payload = serde_json::json!({
         "id": id,
         "type": event_type,
@@ -322,7 +322,7 @@ pub async fn take_lease(
     ttl: std::time::Duration,
 ) -> Result<bool> {
     use webhook::Column as C;
-    let now = Utc::now();
+    let now = crate::clock::now();
     let stale = now - chrono::Duration::from_std(ttl).unwrap_or_default();
     let res = webhook::Entity::update_many()
         .col_expr(C::LeaseOwner, Expr::value(owner))
@@ -471,11 +471,11 @@ fn moved_on(after: &AfterAttempt) -> sea_orm::UpdateMany<webhook_delivery::Entit
     match after {
         AfterAttempt::Delivered => update
             .col_expr(C::Status, Expr::value(DELIVERED))
-            .col_expr(C::FinishedAt, Expr::value(Utc::now())),
+            .col_expr(C::FinishedAt, Expr::value(crate::clock::now())),
         AfterAttempt::RetryAt(at) => update.col_expr(C::NextAttemptAt, Expr::value(*at)),
         AfterAttempt::GiveUp { .. } => update
             .col_expr(C::Status, Expr::value(FAILED))
-            .col_expr(C::FinishedAt, Expr::value(Utc::now())),
+            .col_expr(C::FinishedAt, Expr::value(crate::clock::now())),
     }
 }
 
@@ -485,7 +485,7 @@ async fn mark_failing(db: &impl ConnectionTrait, webhook_id: i64, failing: bool)
     let since = if failing {
         Expr::expr(sea_orm::sea_query::Func::coalesce([
             Expr::col(C::FailingSince),
-            Expr::value(Utc::now()),
+            Expr::value(crate::clock::now()),
         ]))
     } else {
         Expr::value(Option::<DateTime<Utc>>::None)
@@ -500,7 +500,7 @@ async fn mark_failing(db: &impl ConnectionTrait, webhook_id: i64, failing: bool)
 
 /// Disables an endpoint and fails its pending deliveries with `reason`.
 async fn disable_endpoint(db: &impl ConnectionTrait, webhook_id: i64, reason: &str) -> Result<()> {
-    let now = Utc::now();
+    let now = crate::clock::now();
     webhook::Entity::update_many()
         .col_expr(webhook::Column::Enabled, Expr::value(false))
         .col_expr(webhook::Column::DisabledReason, Expr::value(reason))
@@ -662,7 +662,7 @@ pub async fn redeliver(
 ) -> Result<webhook_delivery::Model> {
     let mut row = delivery.into_active_model();
     row.status = Set(PENDING.to_owned());
-    row.next_attempt_at = Set(Utc::now());
+    row.next_attempt_at = Set(crate::clock::now());
     row.finished_at = Set(None);
     Ok(row.update(db).await?)
 }

@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn a_worker_silent_past_the_limit_is_gone() {
-        let now = Utc::now();
+        let now = crate::clock::now();
         let row = |silent: i64| worker::Model {
             name: "w-1".into(),
             host: "h".into(),

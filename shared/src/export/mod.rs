@@ -18,7 +18,6 @@ pub mod format;
 use std::{sync::Arc, sync::atomic::AtomicBool};
 
 use bytes::Bytes;
-use chrono::Utc;
 use futures::StreamExt;
 use sea_orm::DatabaseConnection;
 
@@ -217,7 +216,7 @@ impl ExportJob<'_> {
             .buffer_unordered(self.settings.export_concurrency.max(1))
             .collect()
             .await;
-        let now = Utc::now();
+        let now = crate::clock::now();
         out.delta.unchanged += results.iter().filter(|r| r.is_none()).count() as i64;
         for (id, key, hash, size, result) in results.into_iter().flatten() {
             match result {

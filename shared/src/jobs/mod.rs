@@ -14,6 +14,7 @@ pub mod dead;
 pub mod finished;
 pub mod queue;
 pub mod registry;
+pub mod shares;
 mod wake;
 
 use std::{
@@ -117,6 +118,10 @@ pub struct JobContext {
     /// least one), so receivers that answer slowly cannot take every slot
     /// from runs.
     pub webhook_slots: tokio::sync::Semaphore,
+    /// How many of those each project's endpoints hold: at most half (at
+    /// least one), so one tenant's slow receivers cannot take every
+    /// webhook slot from the others.
+    pub webhook_shares: shares::Shares,
 }
 
 impl JobContext {
@@ -134,6 +139,7 @@ impl JobContext {
             reads,
             taking_jobs: AtomicBool::new(false),
             webhook_slots: tokio::sync::Semaphore::new(webhook_slots),
+            webhook_shares: shares::Shares::new(webhook_slots.div_ceil(2)),
         })
     }
 }
@@ -199,7 +205,13 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
         }
     };
     drop(heartbeat);
-    conclude(ctx, &run, &lease, result, timer).await
+    let concluded = conclude(ctx, &run, &lease, result, timer).await;
+    // The attempt is over, its uploads in flight dropped with it: a run
+    // that ended (cancelled under it, or ended by it) no longer holds its
+    // storage's next run back (see `runs::begin_attempt`). Left held, the
+    // lease does so until it is stale.
+    let _ = runs::let_go(&ctx.db, run_id, &lease).await;
+    concluded
 }
 
 /// Starts an attempt (see [`runs::begin_attempt`]): the run with its lease
@@ -662,14 +674,27 @@ async fn export_late_events(
 /// Delivers the due events of one webhook endpoint (see
 /// [`crate::webhooks::Delivery`]). Failed attempts are the delivery's to
 /// retry, so only a database outage retries the job. A job that finds
-/// every webhook slot of the worker held ends at once: the endpoint's
-/// deliveries stay due, and the scheduler's dispatch pushes its next job
-/// (within 30 s).
+/// every webhook slot of the worker held, or its project's share of them
+/// ([`shares::Shares`]), ends at once: the endpoint's deliveries stay due, and the
+/// scheduler's dispatch pushes its next job (within 30 s).
 pub async fn execute_webhook(ctx: &JobContext, webhook_id: i64) -> Result<(), RetryLater> {
     let Ok(_slot) = ctx.webhook_slots.try_acquire() else {
         tracing::debug!(
             webhook_id,
             "every webhook slot is held; the next dispatch pushes it again"
+        );
+        return Ok(());
+    };
+    let Some(hook) = crate::db::webhooks::find(&ctx.db, webhook_id)
+        .await
+        .map_err(RetryLater)?
+    else {
+        return Ok(()); // deleted
+    };
+    let Some(_share) = ctx.webhook_shares.take(hook.project_id) else {
+        tracing::debug!(
+            webhook_id,
+            "the endpoint's project holds its share of the webhook slots; the next dispatch pushes it again"
         );
         return Ok(());
     };
@@ -685,7 +710,7 @@ pub async fn execute_webhook(ctx: &JobContext, webhook_id: i64) -> Result<(), Re
         Err(err) if err.is_transient() => Err(RetryLater(err)),
         Err(err) => {
             tracing::warn!(webhook_id, error = %err, "webhook delivery stopped");
-            let until = chrono::Utc::now() + chrono::Duration::seconds(UNSENDABLE_RETRY_SECS);
+            let until = crate::clock::now() + chrono::Duration::seconds(UNSENDABLE_RETRY_SECS);
             let why = format!("not sent: {err}");
             crate::db::webhooks::postpone_head(&ctx.db, webhook_id, until, &why)
                 .await
@@ -710,7 +735,7 @@ const WEBHOOK_REPUSH_SECS: i64 = 30;
 /// run). A job for an endpoint being delivered to is harmless: the
 /// endpoint's lease turns it away. Returns how many were pushed.
 pub async fn dispatch_webhooks(db: &DatabaseConnection, queue: &Queue) -> Result<usize> {
-    let now = chrono::Utc::now();
+    let now = crate::clock::now();
     let bucket = now.timestamp() / WEBHOOK_REPUSH_SECS;
     let mut pushed = 0;
     for (webhook_id, delivery_id, attempts) in
@@ -731,7 +756,7 @@ pub async fn dispatch_redelivery(
     queue: &Queue,
     delivery: &crate::db::entities::webhook_delivery::Model,
 ) -> Result<Pushed> {
-    let bucket = chrono::Utc::now().timestamp() / WEBHOOK_REPUSH_SECS;
+    let bucket = crate::clock::now().timestamp() / WEBHOOK_REPUSH_SECS;
     push_webhook(
         queue,
         delivery.webhook_id,
@@ -922,7 +947,7 @@ pub async fn dispatch_outbox(
     settings: &Settings,
 ) -> Result<usize> {
     let mut started = 0;
-    let paused_since = chrono::Utc::now() - EVENTS_PAUSE_AFTER_FAILURE;
+    let paused_since = crate::clock::now() - EVENTS_PAUSE_AFTER_FAILURE;
     for storage_id in crate::db::outbox::pending_storages(db, 1000).await? {
         if runs::failed_since(db, storage_id, runs::SCOPE_EVENTS, paused_since).await? {
             continue;
@@ -1031,7 +1056,7 @@ pub async fn requeue_stalled(
     let mut touched = forgotten.as_ref().cloned().unwrap_or_default();
     touched.extend(orphaned.as_ref().cloned().unwrap_or_default());
     let window = Ord::max(settings.requeue_after.as_secs(), 1);
-    let now = chrono::Utc::now();
+    let now = crate::clock::now();
     let cutoff = now - chrono::Duration::seconds(window as i64);
     let mut stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
     stalled.retain(|id| !touched.contains(id));

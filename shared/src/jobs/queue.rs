@@ -243,7 +243,7 @@ impl Queue {
         let (set, jobs, recovering): (Option<String>, bool, Option<String>) = redis::pipe()
             .cmd("SET")
             .arg(memory_key)
-            .arg(chrono::Utc::now().to_rfc3339())
+            .arg(crate::clock::now().to_rfc3339())
             .arg("NX")
             .cmd("EXISTS")
             .arg(storage.get_config().job_data_hash())
@@ -258,7 +258,7 @@ impl Queue {
                 recovering,
             });
         }
-        let loss = chrono::Utc::now().timestamp_millis().to_string();
+        let loss = crate::clock::now().timestamp_millis().to_string();
         let millis = u64::try_from(recovery.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);

@@ -69,7 +69,7 @@ impl Identity {
             name: name.to_owned(),
             host: host_name(),
             slots: i32::try_from(slots).unwrap_or(i32::MAX),
-            started_at: Utc::now(),
+            started_at: crate::clock::now(),
         }
     }
 }
@@ -85,8 +85,10 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Writes the registration once.
+/// Writes the registration once, after measuring the clock's offset from
+/// the database's again (see [`crate::clock`]).
 pub async fn beat(db: &DatabaseConnection, me: &Identity, current: &Current) {
+    crate::db::sync_clock(db).await;
     let (jobs, runs) = current.snapshot();
     let beat = workers::Beat {
         name: &me.name,
@@ -96,7 +98,7 @@ pub async fn beat(db: &DatabaseConnection, me: &Identity, current: &Current) {
         running_jobs: i32::try_from(jobs).unwrap_or(i32::MAX),
         current_runs: runs,
         started_at: me.started_at,
-        now: Utc::now(),
+        now: crate::clock::now(),
     };
     if let Err(err) = workers::beat(db, beat).await {
         tracing::debug!(error = %err, worker = %me.name, "worker registration failed; next heartbeat retries");

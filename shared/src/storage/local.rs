@@ -4,7 +4,9 @@
 //! keys come out in component-wise order (`Path` ordering); that order is what
 //! a resumed run's `start_after` is compared in. Directory symlinks are never
 //! followed (no loops, no escapes); file symlinks are followed only when their
-//! target stays inside the document root.
+//! target stays inside the storage's own directory: two storages under one
+//! document root (two tenants, say) cannot read each other's files through
+//! a link.
 use std::{
     fs, io,
     path::{Path, PathBuf},
@@ -54,8 +56,9 @@ impl LocalConfig {
 }
 
 /// A directory under `LOCAL_FILES_DOCUMENT_ROOT`; keys are paths relative to
-/// it. Nothing is read or written outside it, and directory symlinks are not
-/// followed; puts write aside and rename. No presign.
+/// it. Nothing is read or written outside the storage's directory, and
+/// directory symlinks are not followed; puts write aside and rename. No
+/// presign.
 #[derive(Debug)]
 pub struct LocalStorage {
     root: PathBuf,
@@ -69,9 +72,10 @@ impl LocalStorage {
         Ok(LocalStorage { root, base })
     }
 
-    /// The file behind a key, resolved and checked to stay in the document
-    /// root. It agrees with listing: no symlinked directory on the way, and
-    /// a symlinked file only when its target is a file inside the root.
+    /// The file behind a key, resolved and checked to stay in the storage's
+    /// directory. It agrees with listing: no symlinked directory on the way,
+    /// and a symlinked file only when its target is a file inside the
+    /// storage's directory.
     fn object_path(&self, key: &str) -> Result<PathBuf> {
         check_key(key, KeyShape::Path)?;
         let path = self.base.join(key);
@@ -90,8 +94,8 @@ impl LocalStorage {
         let canonical = path
             .canonicalize()
             .map_err(|e| io_error(&self.root, &path, e))?;
-        if !canonical.starts_with(&self.root) || !canonical.is_file() {
-            return Err(not_listed("not a file inside the document root"));
+        if !canonical.starts_with(&self.base) || !canonical.is_file() {
+            return Err(not_listed("not a file inside the storage's directory"));
         }
         Ok(canonical)
     }
@@ -548,7 +552,8 @@ impl Walker {
     }
 
     /// `meta` itself, or for a symlink its target's metadata when the target
-    /// is a file inside the root; `None` for any other symlink.
+    /// is a file inside the storage's directory; `None` for any other
+    /// symlink.
     fn follow_symlink(
         &self,
         key: &str,
@@ -559,7 +564,7 @@ impl Walker {
             return Ok(Some(meta));
         }
         match path.canonicalize() {
-            Ok(target) if target.starts_with(&self.root) && target.is_file() => {
+            Ok(target) if target.starts_with(&self.base) && target.is_file() => {
                 fs::metadata(&target)
                     .map(Some)
                     .map_err(|e| io_error(&self.root, &target, e))
@@ -567,7 +572,7 @@ impl Walker {
             _ => {
                 tracing::debug!(
                     key,
-                    "skipping a symlink to a directory or out of the document root"
+                    "skipping a symlink to a directory or out of the storage's directory"
                 );
                 Ok(None)
             }
@@ -743,6 +748,26 @@ mod tests {
             storage.task_uri("sp ace.jpg"),
             "/data/local-files/?d=data/sp%20ace.jpg"
         );
+    }
+
+    /// A file symlink is followed only to a file of the storage's own
+    /// directory: a link to another directory of the document root (another
+    /// storage's, another tenant's) is neither listed nor read.
+    #[tokio::test]
+    async fn file_symlinks_stay_in_the_storage_directory() {
+        let (dir, storage) = tree();
+        let root = dir.path().canonicalize().unwrap();
+        fs::create_dir_all(root.join("other")).unwrap();
+        fs::write(root.join("other/secret.jpg"), "another tenant's").unwrap();
+        let data = root.join("data");
+        std::os::unix::fs::symlink(root.join("other/secret.jpg"), data.join("away.jpg")).unwrap();
+        std::os::unix::fs::symlink(data.join("b/c.jpg"), data.join("near.jpg")).unwrap();
+        let listed = keys(&storage, "", true, None).await;
+        assert!(listed.contains(&"near.jpg".to_owned()), "{listed:?}");
+        assert!(!listed.contains(&"away.jpg".to_owned()), "{listed:?}");
+        let away = storage.get("away.jpg", None).await;
+        assert!(matches!(away, Err(Error::NotFound(_))), "{away:?}");
+        assert!(storage.get("near.jpg", None).await.is_ok());
     }
 
     /// Directory symlinks are not followed, whether met while walking or

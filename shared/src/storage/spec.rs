@@ -1,7 +1,6 @@
 //! The storage create body of docs/API.md, shared by the API and the one-shot CLI:
 //! parsing, validation (nothing is written until all of it passes) and the
 //! conversion to and from the `storages` row.
-use chrono::Utc;
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -405,7 +404,7 @@ impl StorageSpec {
 
     /// The row a validated spec describes (id 0: not saved).
     pub fn to_model(&self, project_id: i64, valid: &ValidSpec) -> storage::Model {
-        let now = Utc::now();
+        let now = crate::clock::now();
         storage::Model {
             id: 0,
             project_id,
