@@ -2986,6 +2986,90 @@ async fn a_retry_run_reads_again_only_the_failed_objects() {
     app.stop().await;
 }
 
+/// A directory a run could not list is listed again by its retry a page
+/// of the storage's at a time, each page its own commit: it was one page,
+/// the whole directory held in memory and written in one transaction. A
+/// retry resumed with its cursor inside the directory goes on there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_lists_a_failed_directory_a_page_at_a_time() {
+    use sea_orm::{ConnectionTrait, Database};
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let data = app.doc_root.path().join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(data.join("top.jpg"), "top").expect("write");
+    let project = app.project("directory retry").await;
+    let storage = app.local_storage(project, json!({})).await;
+    // Pages of 100 (the worker's setting in these tests).
+    let mut worker = labelsync_tests::spawn_ready_worker(&app, "lister", &[]).await;
+    let first = app.sync(&storage["id"]).await;
+    assert_eq!(first["counters"]["created"], 1, "{first}");
+    let first_id = first["id"].as_str().expect("id").to_owned();
+    // The run could not list `part-000/` (its error, as a failed listing
+    // leaves it), which holds 250 files.
+    write_files(&data, 250, "jpg");
+    let db = Database::connect(&app.database_url).await.expect("db");
+    let sql = [
+        format!(
+            "INSERT INTO object_errors (run_id, object_key, error, created_at) \
+             VALUES ('{first_id}', 'part-000/', 'unreadable', now())"
+        ),
+        // Each transaction that inserts tasks, once per statement.
+        "CREATE TABLE task_commits (tx bigint)".into(),
+        "CREATE FUNCTION note_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO task_commits VALUES (txid_current()); RETURN NULL; END $$"
+            .into(),
+        "CREATE TRIGGER note_commit AFTER INSERT ON tasks \
+         FOR EACH STATEMENT EXECUTE FUNCTION note_commit()"
+            .into(),
+    ];
+    for statement in &sql {
+        db.execute_unprepared(statement).await.expect("set up");
+    }
+    let retry = format!("/api/v1/runs/{first_id}/retry");
+    let (status, started) = app.post(&retry, json!({})).await;
+    assert_eq!(status, 202, "{started}");
+    let retried = app
+        .wait_run(started["id"].as_str().expect("id"), RUN_TIMEOUT)
+        .await;
+    assert_eq!(retried["status"], "completed", "{retried}");
+    assert_eq!(retried["counters"]["created"], 250, "{retried}");
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT count(DISTINCT tx) AS n FROM task_commits",
+        ))
+        .await
+        .expect("count")
+        .expect("a row");
+    let commits: i64 = row.try_get("", "n").expect("n");
+    assert!(
+        commits >= 3,
+        "{commits} commits of 250 objects in pages of 100"
+    );
+
+    // A retry whose cursor is inside the directory (an attempt that
+    // stopped there) lists the rest of it.
+    worker.kill();
+    let (status, started) = app.post(&retry, json!({})).await;
+    assert_eq!(status, 202, "{started}");
+    let resumed = started["id"].as_str().expect("id");
+    db.execute_unprepared(&format!(
+        "UPDATE sync_runs SET cursor = 'part-000/obj-000199.jpg' WHERE id = '{resumed}'"
+    ))
+    .await
+    .expect("a cursor inside the directory");
+    let _worker = labelsync_tests::spawn_ready_worker(&app, "resumer", &[]).await;
+    let resumed = app.wait_run(resumed, RUN_TIMEOUT).await;
+    assert_eq!(resumed["status"], "completed", "{resumed}");
+    let c = &resumed["counters"];
+    assert_eq!(
+        (c["listed"].as_i64(), c["existed"].as_i64()),
+        (Some(50), Some(50)),
+        "{resumed}"
+    );
+    app.stop().await;
+}
+
 /// Dead jobs of the Redis queue are requeued (and then run) or discarded;
 /// the queue reports the age of its oldest waiting job; a read token is
 /// refused and a bad limit is a 400.

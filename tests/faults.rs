@@ -1522,9 +1522,9 @@ async fn an_export_after_a_cancel_waits_for_the_cancelled_uploads() {
     let (moto, bucket, s3) = moto_bucket().await;
     let proxy = FaultProxy::start(&moto, Mode::HeldFirstWrite).await;
     let mut options = private_endpoints();
-    // The cancelled attempt notices at its heartbeat: later than the next
+    // The cancelled attempt notices at its heartbeat: long after the next
     // run's end, which takes a second or two.
-    options.env.push(("LABELSYNC_HEARTBEAT_SECS", "8".into()));
+    options.env.push(("LABELSYNC_HEARTBEAT_SECS", "20".into()));
     let app = spawn_app(options).await;
     let (project, task) = a_task(&app).await;
     let target = a_target_through(&app, project, &proxy, &bucket).await;
@@ -1557,9 +1557,11 @@ async fn an_export_after_a_cancel_waits_for_the_cancelled_uploads() {
     assert_ne!(json!(next), held);
     let run = app.wait_run(&next, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "completed", "{run}");
-    // Let the held body go, if its attempt still waits for it.
+    // Let the held body go, if its attempt still waits for it: it went
+    // away before the next run began.
     proxy.release_writes();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(proxy.held_writes(), (1, 0), "held, and never forwarded");
     let key = format!("out/{id}.json");
     let doc = labelsync_tests::backends::read_object(&*s3, &key)
         .await

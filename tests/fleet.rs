@@ -2234,9 +2234,42 @@ async fn a_worker_whose_clock_is_fast_leaves_a_live_attempt_its_run() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // The worker did try: the queue counted the run's job's failed tries
+    // (the live attempt's lease turned it away).
+    assert!(
+        most_job_attempts(&app).await > 0,
+        "the worker never tried the run"
+    );
     let run = app.wait_run(&run_id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "completed", "{run}");
     assert_eq!(run["counters"]["created"], 3, "{run}");
     drop(worker);
     app.stop().await;
+}
+
+/// The most tries the app's Redis queue counted of any of its jobs
+/// (apalis-redis keeps them in each job's meta hash).
+async fn most_job_attempts(app: &TestApp) -> i64 {
+    let client = redis::Client::open(app.vars["REDIS_URL"].as_str()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let pattern = format!("{}:runs:meta:*", app.vars["LABELSYNC_QUEUE_NAMESPACE"]);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    let mut most = 0;
+    for key in keys {
+        let tries: Option<i64> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("attempts")
+            .query_async(&mut conn)
+            .await
+            .expect("HGET");
+        most = most.max(tries.unwrap_or(0));
+    }
+    most
 }

@@ -28,6 +28,7 @@ mod m20261204_000019_batch_claims;
 mod m20261206_000020_batch_errors;
 mod m20261206_000021_annotations_by_task;
 mod m20261207_000022_outbox_object_keys;
+mod m20261207_000023_cancelled_runs_held;
 
 pub struct Migrator;
 
@@ -57,6 +58,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000020_batch_errors::Migration),
             Box::new(m20261206_000021_annotations_by_task::Migration),
             Box::new(m20261207_000022_outbox_object_keys::Migration),
+            Box::new(m20261207_000023_cancelled_runs_held::Migration),
         ]
     }
 }

@@ -254,7 +254,7 @@ pub async fn project_events(
     };
     let holder = Holder::open(&state, caller)?;
     let closed = state.streams.closed();
-    let since = resumed_from(&headers).map_or_else(Utc::now, |at| at - RESUME_SLACK);
+    let since = resumed_from(&headers).map_or_else(labelsync::clock::now, |at| at - RESUME_SLACK);
     let watch = ProjectWatch {
         state,
         holder,

@@ -629,7 +629,7 @@ const HISTORY: u64 = 50;
 /// How long a run took (to now while it runs; 0 before it starts).
 fn run_seconds(run: &sync_run::Model) -> i64 {
     match run.started_at {
-        Some(started) => (run.finished_at.unwrap_or_else(Utc::now) - started)
+        Some(started) => (run.finished_at.unwrap_or_else(labelsync::clock::now) - started)
             .num_seconds()
             .max(0),
         None => 0,

@@ -58,7 +58,9 @@ pub fn missing_sqlite_file(url: &str) -> Option<std::path::PathBuf> {
 /// in-process workers can write to one file without "database is locked".
 /// Postgres connections plan every statement afresh (see [`point_pool`]).
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
-    open(url, "force_custom_plan", 16, 0, "labelsync", ACQUIRE).await
+    let db = open(url, "force_custom_plan", 16, 0, "labelsync", ACQUIRE).await?;
+    sync_clock(&db).await;
+    Ok(db)
 }
 
 /// [`connect`] for the scheduler, whose pool serves the API: on Postgres a
@@ -75,7 +77,9 @@ pub async fn connect_api(url: &str) -> Result<DatabaseConnection> {
     } else {
         API_ACQUIRE
     };
-    open(url, "force_custom_plan", 16, 0, "labelsync", acquire).await
+    let db = open(url, "force_custom_plan", 16, 0, "labelsync", acquire).await?;
+    sync_clock(&db).await;
+    Ok(db)
 }
 
 /// How long a statement waits for a pool's connection, but the API's.
@@ -105,13 +109,17 @@ pub async fn connect_worker(url: &str, slots: usize) -> Result<DatabaseConnectio
     let why = match tokio::time::timeout(KEEP_WITHIN, warm).await {
         Ok(Ok(db)) => {
             warm_up(&db, kept as usize).await;
+            // On a connection kept open: not one more beside them.
+            sync_clock(&db).await;
             return Ok(db);
         }
         Ok(Err(err)) => err.to_string(),
         Err(_) => format!("not all open within {KEEP_WITHIN:?}"),
     };
     tracing::warn!(error = %why, kept, "cannot keep a database connection per job slot open; opening them as jobs need them");
-    open(url, "force_custom_plan", WORKER_POOL, 0, name, ACQUIRE).await
+    let db = open(url, "force_custom_plan", WORKER_POOL, 0, name, ACQUIRE).await?;
+    sync_clock(&db).await;
+    Ok(db)
 }
 
 /// The pool of a worker run inside the scheduler (`LABELSYNC_EMBEDDED_WORKERS`
@@ -251,35 +259,47 @@ async fn open(
             });
     }
     let db = Database::connect(opts).await?;
-    sync_clock(&db).await;
     Ok(db)
 }
 
 /// Measures how far the database's clock is from this machine's (see
 /// [`crate::clock`]): a Postgres server's time read between two of ours,
-/// taken as read at their middle. SQLite is this process's own file: its
-/// clock is ours. A failed read keeps the last measure.
+/// taken as read at their middle, on a connection taken first (a wait for
+/// one is no part of the measure). A read whose round trip took longer
+/// than [`CLOCK_READ_LIMIT`] tells too little, and is dropped, as a failed
+/// read is: the last measure stays. SQLite is this process's own file:
+/// its clock is ours.
 pub async fn sync_clock(db: &DatabaseConnection) {
+    use chrono::{DateTime, Utc};
+    use sea_orm::TransactionTrait;
     if db.get_database_backend() != DbBackend::Postgres {
         return;
     }
-    use chrono::{DateTime, Utc};
+    let Ok(txn) = db.begin().await else {
+        return;
+    };
     let sent = Utc::now();
-    let read = db
+    let read = txn
         .query_one_raw(Statement::from_string(
             DbBackend::Postgres,
             "SELECT clock_timestamp() AS now",
         ))
         .await;
     let received = Utc::now();
+    let _ = txn.rollback().await;
     let Ok(Some(row)) = read else {
         return;
     };
     let Ok(theirs) = row.try_get::<DateTime<Utc>>("", "now") else {
         return;
     };
+    if (received - sent).to_std().unwrap_or(Duration::MAX) > CLOCK_READ_LIMIT {
+        return;
+    }
     let offset = theirs - (sent + (received - sent) / 2);
-    if (offset - crate::clock::offset()).abs() > chrono::Duration::seconds(1) {
+    let second = chrono::Duration::seconds(1);
+    // Named when it is off, and again when that changes by a second.
+    if offset.abs() > second && (offset - crate::clock::offset()).abs() > second {
         tracing::warn!(
             offset_ms = offset.num_milliseconds(),
             "this machine's clock is off the database's; leases and heartbeats keep the database's time"
@@ -287,6 +307,10 @@ pub async fn sync_clock(db: &DatabaseConnection) {
     }
     crate::clock::set_offset(offset);
 }
+
+/// The longest round trip a read of the database's clock may take to be
+/// used: half of it is the most the measure can be wrong by.
+const CLOCK_READ_LIMIT: Duration = Duration::from_millis(250);
 
 fn is_loopback_without_sslmode(url: &str) -> bool {
     use std::str::FromStr;

@@ -322,8 +322,8 @@ pub enum Attempt {
 /// and the lease to `owner` — unless another attempt's lease was renewed
 /// within `lease_ttl`. Two jobs of one run (a duplicate delivery, a worker
 /// presumed dead that was only slow) therefore never work on it at once.
-/// Nor does a run begin beside a cancelled run of its storage whose attempt
-/// may still write to it ([`cancelled_writer_alive`]).
+/// Nor does a run begin beside a cancelled export of its storage whose
+/// attempt may still write to it ([`cancelled_writer_alive`]).
 pub async fn begin_attempt(
     db: &DatabaseConnection,
     id: &str,
@@ -383,24 +383,25 @@ pub async fn begin_attempt(
 
 /// The condition, on the run [`begin_attempt`] updates, that another run of
 /// its storage was cancelled while an attempt writing to the storage (an
-/// export, a delete) held it, and that attempt may still be at work: its
-/// lease is held and was renewed since `stale`. A cancelled attempt stops
-/// at its next heartbeat and then lets go ([`let_go`]); until then its
-/// uploads in flight could land after the next run's, an older body over
-/// a newer one.
+/// export) held it, and that attempt may still be at work: its lease is
+/// held and was renewed since `stale`. A cancelled attempt stops at its
+/// next heartbeat and then lets go ([`let_go`]); until then its uploads in
+/// flight could land after the next run's, an older body over a newer
+/// one. (An upload the storage had received whole when its attempt
+/// stopped is the storage's to finish: S3 keeps the write that started
+/// last; others the one that ended last.)
 fn cancelled_writer_alive(stale: chrono::DateTime<Utc>) -> sea_orm::sea_query::Expr {
     use sea_orm::sea_query::{Alias, Query};
     use sync_run::Column as C;
     let other = Alias::new("other");
     let col = |c: C| Expr::col((other.clone(), c));
-    let writers = [RunKind::Export.as_str(), RunKind::Delete.as_str()];
     Expr::exists(
         Query::select()
             .expr(Expr::val(1))
             .from_as(sync_run::Entity, other.clone())
             .and_where(col(C::StorageId).equals((sync_run::Entity, C::StorageId)))
             .and_where(col(C::Status).eq(RunStatus::Cancelled.as_str()))
-            .and_where(col(C::Kind).is_in(writers))
+            .and_where(col(C::Kind).eq(RunKind::Export.as_str()))
             .and_where(col(C::LeaseOwner).is_not_null())
             .and_where(col(C::LeaseAt).gte(stale))
             .to_owned(),
@@ -989,6 +990,23 @@ pub async fn error_keys(
         query = query.filter(object_error::Column::ObjectKey.gt(after));
     }
     Ok(query.into_tuple().all(db).await?)
+}
+
+/// Which of `keys` are keys of the run's per-object errors (each once).
+pub async fn error_keys_among(
+    db: &impl ConnectionTrait,
+    run_id: &str,
+    keys: Vec<String>,
+) -> Result<Vec<String>> {
+    Ok(object_error::Entity::find()
+        .select_only()
+        .column(object_error::Column::ObjectKey)
+        .distinct()
+        .filter(object_error::Column::RunId.eq(run_id))
+        .filter(object_error::Column::ObjectKey.is_in(keys))
+        .into_tuple()
+        .all(db)
+        .await?)
 }
 
 /// Whether the run recorded any per-object error.

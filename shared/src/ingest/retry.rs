@@ -3,12 +3,15 @@
 //! time in key order, each looked up in the storage so the page holds what
 //! is there now. A key no longer there is left out (nothing is flagged or
 //! deleted for it: a retry run does no missing-object detection); a key
-//! ending in `/` (a part of the listing that could not be read) is listed
-//! again whole; a key shown with `\0` is also looked for as one holding
-//! NUL there (it could not be stored as it is). A key whose lookup fails
-//! for good (unreadable) is an error of the retry run, as it would be of a
-//! listing.
-use std::sync::Arc;
+//! shown with `\0` is also looked for as one holding NUL there (it could
+//! not be stored as it is). A key ending in `/` (a part of the listing
+//! that could not be read) is listed again whole, a page of the storage's
+//! listing at a time: each page commits on its own with its last key as
+//! the run's cursor, so memory and a transaction hold a page, never a
+//! directory, and a resumed run goes on inside the directory its cursor is
+//! in. A key whose lookup fails for good (unreadable) is an error of the
+//! retry run, as it would be of a listing.
+use std::{collections::VecDeque, sync::Arc};
 
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 use sea_orm::DatabaseConnection;
@@ -35,9 +38,124 @@ pub struct Source {
 }
 
 /// Pages of the objects behind the original run's errors, each with the
-/// last error key it covers (the retry run's cursor once committed).
+/// cursor its commit moves the run to: the last error key it covers, or
+/// `None` for a page of a directory's listing (the page's last key then).
 pub fn pages(source: Source) -> BoxStream<'static, Result<(Page, Option<String>)>> {
-    futures::stream::try_unfold(source, |mut source| async move {
+    let walk = Walk {
+        source,
+        pending: VecDeque::new(),
+        dir: None,
+        covered: None,
+        resumed: false,
+    };
+    futures::stream::try_unfold(walk, |mut walk| async move {
+        Ok(walk.next_page().await?.map(|page| (page, walk)))
+    })
+    .boxed()
+}
+
+/// Where a retry run's reading is.
+struct Walk {
+    source: Source,
+    /// Error keys read (up to `source.after`) and not yet looked up.
+    pending: VecDeque<String>,
+    /// The directory being listed again: its key and its listing.
+    dir: Option<(String, BoxStream<'static, Result<Page>>)>,
+    /// The last directory listed: the error keys it listed too are not
+    /// looked up again.
+    covered: Option<String>,
+    /// Whether the cursor the run resumed from was placed (it may be
+    /// inside a directory).
+    resumed: bool,
+}
+
+impl Walk {
+    async fn next_page(&mut self) -> Result<Option<(Page, Option<String>)>> {
+        if !self.resumed {
+            self.resumed = true;
+            self.resume_in_directory().await?;
+        }
+        loop {
+            if let Some(page) = self.dir_page().await? {
+                return Ok(Some((page, None)));
+            }
+            if self.pending.is_empty() && !self.read_keys().await? {
+                return Ok(None);
+            }
+            if let Some(found) = self.look_up_keys().await? {
+                return Ok(Some(found));
+            }
+        }
+    }
+
+    /// A run resumed with its cursor inside a directory it was listing
+    /// again (under one of the error keys ending in `/`) goes on listing
+    /// that directory after the cursor: of the error keys naming one of
+    /// the cursor's directories, the outermost for a recursive listing
+    /// (it listed those inside it), the innermost for one that is not
+    /// (only it lists the cursor's key).
+    async fn resume_in_directory(&mut self) -> Result<()> {
+        let Some(after) = self.source.after.clone() else {
+            return Ok(());
+        };
+        let dirs: Vec<String> = after
+            .match_indices('/')
+            .map(|(at, _)| after[..=at].to_owned())
+            .filter(|dir| *dir != after)
+            .collect();
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        let (db, retry_of) = (&self.source.db, &self.source.retry_of);
+        let found = runs::error_keys_among(db, retry_of, dirs).await?;
+        let dir = match self.source.recursive {
+            true => found.into_iter().min_by_key(String::len),
+            false => found.into_iter().max_by_key(String::len),
+        };
+        if let Some(dir) = dir {
+            self.start_listing(dir, Some(after));
+        }
+        Ok(())
+    }
+
+    fn start_listing(&mut self, dir: String, start_after: Option<String>) {
+        let listing = self.source.backend.list(ListOptions {
+            prefix: dir.clone(),
+            recursive: self.source.recursive,
+            start_after,
+            page_size: usize::try_from(self.source.page_size.max(1)).unwrap_or(usize::MAX),
+        });
+        self.dir = Some((dir, listing));
+    }
+
+    /// The next page of the directory being listed; `None` when there is
+    /// none or its listing ended. A listing that fails for good ends with
+    /// a page holding its error, as a listing's part that cannot be read
+    /// does (only a transient failure retries the run).
+    async fn dir_page(&mut self) -> Result<Option<Page>> {
+        let Some((dir, listing)) = &mut self.dir else {
+            return Ok(None);
+        };
+        let failed = match listing.next().await {
+            Some(Ok(page)) => return Ok(Some(page)),
+            Some(Err(err)) if err.is_transient() => return Err(err),
+            Some(Err(err)) => Some(ListError {
+                key: dir.clone(),
+                message: err.to_string(),
+                incomplete: true,
+            }),
+            None => None,
+        };
+        self.covered = self.dir.take().map(|(dir, _)| dir);
+        Ok(failed.map(|error| Page {
+            objects: Vec::new(),
+            errors: vec![error],
+        }))
+    }
+
+    /// Reads the next error keys; false when none is left.
+    async fn read_keys(&mut self) -> Result<bool> {
+        let source = &self.source;
         let keys = runs::error_keys(
             &source.db,
             &source.retry_of,
@@ -45,12 +163,39 @@ pub fn pages(source: Source) -> BoxStream<'static, Result<(Page, Option<String>)
             source.page_size.max(1),
         )
         .await?;
+        let Some(last) = keys.last() else {
+            return Ok(false);
+        };
+        self.source.after = Some(last.clone());
+        self.pending.extend(keys);
+        Ok(true)
+    }
+
+    /// Looks up the pending keys before the next directory's, as one page
+    /// whose cursor is the last of them; at a directory's key, starts
+    /// listing it instead (`None`).
+    async fn look_up_keys(&mut self) -> Result<Option<(Page, Option<String>)>> {
+        let mut keys = Vec::new();
+        while let Some(key) = self.pending.pop_front() {
+            if self.covers(&key) {
+                continue;
+            }
+            if key.ends_with('/') {
+                if keys.is_empty() {
+                    self.start_listing(key, None);
+                    return Ok(None);
+                }
+                self.pending.push_front(key);
+                break;
+            }
+            keys.push(key);
+        }
         let Some(last) = keys.last().cloned() else {
             return Ok(None);
         };
-        let (backend, recursive) = (source.backend.clone(), source.recursive);
+        let backend = &self.source.backend;
         let found: Vec<Page> = futures::stream::iter(keys)
-            .map(|key| look_up(backend.clone(), key, recursive))
+            .map(|key| look_up(backend.clone(), key))
             .buffered(LOOKUPS_AT_ONCE)
             .try_collect()
             .await?;
@@ -61,18 +206,21 @@ pub fn pages(source: Source) -> BoxStream<'static, Result<(Page, Option<String>)
         }
         page.objects.sort_by(|a, b| a.key.cmp(&b.key));
         page.objects.dedup_by(|a, b| a.key == b.key);
-        source.after = Some(last.clone());
-        Ok(Some(((page, Some(last)), source)))
-    })
-    .boxed()
+        Ok(Some((page, Some(last))))
+    }
+
+    /// Whether the last directory listed listed `key` too.
+    fn covers(&self, key: &str) -> bool {
+        let under = self
+            .covered
+            .as_deref()
+            .and_then(|dir| key.strip_prefix(dir));
+        under.is_some_and(|rest| self.source.recursive || !rest.contains('/'))
+    }
 }
 
-/// What the storage holds now under one error key: the object itself, or
-/// for a directory (a key ending in `/`) everything listed under it.
-async fn look_up(backend: Arc<dyn Storage>, key: String, recursive: bool) -> Result<Page> {
-    if key.ends_with('/') {
-        return list_under(&*backend, &key, recursive).await;
-    }
+/// What the storage holds now under one error key (not a directory's).
+async fn look_up(backend: Arc<dyn Storage>, key: String) -> Result<Page> {
     let found = find_object(&*backend, &key, &key).await?;
     // A key shown with `\0` may stand for one holding NUL (which no error
     // row can store): looked for from the part before it.
@@ -82,22 +230,6 @@ async fn look_up(backend: Arc<dyn Storage>, key: String, recursive: bool) -> Res
         }
         _ => Ok(found),
     }
-}
-
-/// Everything listed under the directory `key`.
-async fn list_under(backend: &dyn Storage, key: &str, recursive: bool) -> Result<Page> {
-    let mut listing = backend.list(ListOptions {
-        prefix: key.to_owned(),
-        recursive,
-        start_after: None,
-        page_size: 1000,
-    });
-    let mut found = Page::default();
-    while let Some(mut page) = next_page(&mut listing, key, &mut found).await? {
-        found.errors.append(&mut page.errors);
-        found.objects.append(&mut page.objects);
-    }
-    Ok(found)
 }
 
 /// The object shown as `key`, listed from `from`: the key itself, where it

@@ -55,6 +55,16 @@ impl LocalConfig {
     }
 }
 
+/// Set when dropped: tells a blocking write that its caller is gone.
+#[derive(Default)]
+struct Dropped(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A directory under `LOCAL_FILES_DOCUMENT_ROOT`; keys are paths relative to
 /// it. Nothing is read or written outside the storage's directory, and
 /// directory symlinks are not followed; puts write aside and rename. No
@@ -98,6 +108,23 @@ impl LocalStorage {
             return Err(not_listed("not a file inside the storage's directory"));
         }
         Ok(canonical)
+    }
+
+    /// Checks that the file opened for `key` is inside the storage's
+    /// directory, as its path was when checked: a directory on the way
+    /// swapped for a symlink between the check and the open (by whoever
+    /// writes the directory) would lead elsewhere. Linux names an open
+    /// file's path in `/proc/self/fd`; where it cannot be read, the check
+    /// made on the path stands.
+    fn check_opened(&self, key: &str, file: &tokio::fs::File) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+        match fs::read_link(link) {
+            Ok(opened) if !opened.starts_with(&self.base) => Err(Error::NotFound(format!(
+                "{key}: not a file inside the storage's directory"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Where an object written under `key` goes. Its parent directories are
@@ -220,6 +247,7 @@ impl Storage for LocalStorage {
         let mut file = tokio::fs::File::open(&path)
             .await
             .map_err(|e| io_error(&self.root, &path, e))?;
+        self.check_opened(key, &file)?;
         let meta = file
             .metadata()
             .await
@@ -265,9 +293,21 @@ impl Storage for LocalStorage {
                 ulid::Ulid::new()
             )),
         );
-        // Write aside, then rename: a reader never sees half an object.
+        // Write aside, then rename: a reader never sees half an object. A
+        // put dropped meanwhile (its attempt stopped: a cancelled export)
+        // renames nothing: the blocking write goes on without it, and its
+        // body must not land after a later put of the key.
+        let dropped = Dropped::default();
+        let given_up = dropped.0.clone();
         tokio::task::spawn_blocking(move || {
             fs::write(&tmp, &body).map_err(|e| io_error(&root, &tmp, e))?;
+            if given_up.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = fs::remove_file(&tmp);
+                return Err(Error::Transient(format!(
+                    "{}: the write was given up",
+                    shown(&root, &path).display()
+                )));
+            }
             fs::rename(&tmp, &path).map_err(|e| {
                 let _ = fs::remove_file(&tmp);
                 io_error(&root, &path, e)
@@ -482,11 +522,11 @@ impl Walker {
         let dir_key = self.stack[0].dir_key.clone();
         let first = self.base.join(dir_key.trim_end_matches('/'));
         if let Ok(canonical) = first.canonicalize() {
-            if !canonical.starts_with(&self.root) {
+            if !canonical.starts_with(&self.base) {
                 return Err(Error::invalid(
                     "path_outside_document_root",
                     Some("prefix"),
-                    "the prefix leads outside the document root",
+                    "the prefix leads outside the storage's directory",
                 ));
             }
             if canonical != first {
