@@ -3005,13 +3005,15 @@ async fn a_retry_lists_a_failed_directory_a_page_at_a_time() {
     assert_eq!(first["counters"]["created"], 1, "{first}");
     let first_id = first["id"].as_str().expect("id").to_owned();
     // The run could not list `part-000/` (its error, as a failed listing
-    // leaves it), which holds 250 files.
+    // leaves it), which holds 250 files, nor read `zz-late.jpg`.
     write_files(&data, 250, "jpg");
+    std::fs::write(data.join("zz-late.jpg"), "late").expect("write");
     let db = Database::connect(&app.database_url).await.expect("db");
     let sql = [
         format!(
             "INSERT INTO object_errors (run_id, object_key, error, created_at) \
-             VALUES ('{first_id}', 'part-000/', 'unreadable', now())"
+             VALUES ('{first_id}', 'part-000/', 'unreadable', now()), \
+             ('{first_id}', 'zz-late.jpg', 'unreadable', now())"
         ),
         // Each transaction that inserts tasks, once per statement.
         "CREATE TABLE task_commits (tx bigint)".into(),
@@ -3032,7 +3034,7 @@ async fn a_retry_lists_a_failed_directory_a_page_at_a_time() {
         .wait_run(started["id"].as_str().expect("id"), RUN_TIMEOUT)
         .await;
     assert_eq!(retried["status"], "completed", "{retried}");
-    assert_eq!(retried["counters"]["created"], 250, "{retried}");
+    assert_eq!(retried["counters"]["created"], 251, "{retried}");
     let row = db
         .query_one_raw(sea_orm::Statement::from_string(
             db.get_database_backend(),
@@ -3048,7 +3050,7 @@ async fn a_retry_lists_a_failed_directory_a_page_at_a_time() {
     );
 
     // A retry whose cursor is inside the directory (an attempt that
-    // stopped there) lists the rest of it.
+    // stopped there) lists the rest of it, and then what follows.
     worker.kill();
     let (status, started) = app.post(&retry, json!({})).await;
     assert_eq!(status, 202, "{started}");
@@ -3064,9 +3066,57 @@ async fn a_retry_lists_a_failed_directory_a_page_at_a_time() {
     let c = &resumed["counters"];
     assert_eq!(
         (c["listed"].as_i64(), c["existed"].as_i64()),
-        (Some(50), Some(50)),
+        (Some(51), Some(51)),
         "{resumed}"
     );
+    app.stop().await;
+}
+
+/// A patch that changes what a source lists is refused while an import
+/// run of it has started: the run's next attempt would go on from its
+/// cursor in the new listing (a key before it never listed, and counted
+/// missing). A run still queued lists the patched storage, and other
+/// fields change whenever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_sync_keeps_its_source_listing_as_it_was() {
+    use sea_orm::{ConnectionTrait, Database};
+    let app = spawn_app(AppOptions::without_workers()).await;
+    let storage = app.files_storage("relisted", 3).await;
+    let path = format!("/api/v1/storages/{}", storage["id"]);
+    let run_id = app.start_sync(&storage["id"]).await;
+    let (status, queued) = app.patch(&path, json!({ "prefix": "part-000/" })).await;
+    assert_eq!(status, 200, "a run not started yet: {queued}");
+    let db = Database::connect(&app.database_url).await.expect("db");
+    db.execute_unprepared(&format!(
+        "UPDATE sync_runs SET status = 'running', started_at = now(), \
+         cursor = 'part-000/obj-000001.jpg' WHERE id = '{run_id}'"
+    ))
+    .await
+    .expect("a started run");
+    for change in [
+        json!({ "prefix": "" }),
+        json!({ "recursive": false }),
+        json!({ "config": { "path": "other" } }),
+    ] {
+        let (status, refused) = app.patch(&path, change.clone()).await;
+        assert_eq!(
+            (status, &refused["error"]["code"]),
+            (409, &json!("run_live")),
+            "{change}: {refused}"
+        );
+        assert!(
+            refused["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(&run_id),
+            "{refused}"
+        );
+    }
+    let (status, renamed) = app.patch(&path, json!({ "title": "renamed" })).await;
+    assert_eq!(status, 200, "{renamed}");
+    app.cancel(&run_id).await;
+    let (status, moved) = app.patch(&path, json!({ "prefix": "" })).await;
+    assert_eq!(status, 200, "{moved}");
     app.stop().await;
 }
 

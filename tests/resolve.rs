@@ -764,6 +764,39 @@ async fn refused_ranges_say_the_size_and_messages_hide_the_document_root() {
     app.stop().await;
 }
 
+/// A range answered without the object's size (`Content-Range: bytes
+/// 0-3/*`, as some S3-compatible servers send it) is served whole, as a
+/// 200: it went out as a 200 holding only the range's bytes, which a
+/// client takes for the whole object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_answered_without_a_size_is_served_whole() {
+    use labelsync_tests::fault_proxy::{FaultProxy, Mode};
+    let app = spawn_app(options(false)).await;
+    let project = app.project("sizes").await;
+    let (s3_url, secrets) = s3s();
+    let bucket = bucket_name();
+    let (k, s) = (
+        secrets["access_key_id"].as_str().unwrap(),
+        secrets["secret_access_key"].as_str().unwrap(),
+    );
+    create_s3_bucket(&s3_url, k, s, &bucket).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": s3_url });
+    open(BackendKind::S3, config, secrets.clone())
+        .await
+        .put("cat.jpg", Bytes::from_static(CAT), None)
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(&s3_url, Mode::UnknownTotals).await;
+    let through = json!({ "bucket": bucket, "endpoint_url": proxy.url });
+    source(&app, project, "s3", through, secrets, false, 900).await;
+    let uri = format!("s3://{bucket}/cat.jpg");
+    let resp = resolve(&app, project, &uri, &[("range", "bytes=0-3")]).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("content-range").is_none());
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), CAT);
+    app.stop().await;
+}
+
 /// A local source on the document root's `media` folder (presign off, the
 /// default TTL), the setup of the local resolve tests.
 async fn local_media_source(app: &TestApp, project: i64) {

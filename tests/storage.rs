@@ -1988,6 +1988,40 @@ async fn a_directory_listing_that_never_ends_stops_at_the_entry_limit() {
     refused_with(first, "storage_answer_too_big", "more than 1000000 entries");
 }
 
+/// A Databricks walk resumed after a key goes on in the order it walks:
+/// a directory's keys come before a sibling whose name extends the
+/// directory's (`r/a/y.txt` before `r/a-b.txt`), and byte order, where
+/// `r/a-b.txt` comes first, skipped that sibling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_databricks_walk_keeps_its_order() {
+    let (_fake, storage) = files_api_volume().await;
+    for key in ["r/a/x.txt", "r/a/y.txt", "r/a-b.txt"] {
+        storage
+            .put(key, Bytes::from_static(b"x"), None)
+            .await
+            .expect("put");
+    }
+    let keys = |after: Option<&str>| {
+        let listing = storage.list(ListOptions {
+            prefix: "r/".into(),
+            recursive: true,
+            start_after: after.map(Into::into),
+            page_size: 100,
+        });
+        async move {
+            let pages: Vec<Page> = listing.try_collect().await.expect("listing");
+            pages
+                .into_iter()
+                .flat_map(|p| p.objects)
+                .map(|o| o.key)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(keys(None).await, ["r/a/x.txt", "r/a/y.txt", "r/a-b.txt"]);
+    assert_eq!(keys(Some("r/a/x.txt")).await, ["r/a/y.txt", "r/a-b.txt"]);
+    assert_eq!(keys(Some("r/a/y.txt")).await, ["r/a-b.txt"]);
+}
+
 /// A volume `v` on a fresh Files API fake (the fake, for its lifetime).
 async fn files_api_volume() -> (DatabricksFake, Arc<dyn Storage>) {
     let fake = DatabricksFake::start().await;

@@ -2,7 +2,9 @@
 //! attempt still holds its lease: every attempt's start asks whether its
 //! storage has one (`db::runs::begin_attempt`), and without it that walked
 //! every run the storage keeps. The attempt lets go once it has stopped, so
-//! the index holds a few rows at most.
+//! the index holds few rows: those of attempts still stopping, and of runs
+//! cancelled before this version or whose worker died (looked up only by
+//! their storage).
 use sea_orm_migration::prelude::*;
 
 #[derive(DeriveMigrationName)]

@@ -68,6 +68,9 @@ pub enum Mode {
     /// with it (hyper drops the handler): a storage that completes a write
     /// only if its client is still there when it gets to it.
     HeldFirstWrite,
+    /// Every answer passes, but a `Content-Range` loses its total size
+    /// (`bytes 0-9/*`), as some S3-compatible servers send it.
+    UnknownTotals,
 }
 
 #[derive(Clone)]
@@ -342,6 +345,17 @@ async fn forward(State(s): State<Shared>, req: Request) -> Response {
                 return held_write(&s, req).await;
             }
             None
+        }
+        Mode::UnknownTotals => {
+            let (mut builder, bytes) = send(&s, req).await;
+            if let Some(headers) = builder.headers_mut()
+                && let Some(range) = headers.get("content-range").and_then(|v| v.to_str().ok())
+                && let Some((known, _total)) = range.rsplit_once('/')
+                && let Ok(unknown) = axum::http::HeaderValue::from_str(&format!("{known}/*"))
+            {
+                headers.insert("content-range", unknown);
+            }
+            return builder.body(Body::from(bytes)).unwrap_or_default();
         }
         Mode::Latency(latency) => {
             tokio::time::sleep(latency.rtt).await;

@@ -399,6 +399,14 @@ async fn get_ranged(
             Err(e) => return Err(e.into()),
         },
     };
+    // A range answered without the object's size (`Content-Range: bytes
+    // 0-9/*`) cannot go out as one: the object is served whole instead,
+    // as a server may always answer a range (a 200 of the range's bytes
+    // alone passed for the whole object).
+    if range.is_some() && got.as_ref().is_some_and(|object| object.size.is_none()) {
+        drop(got);
+        return Ok(Some((backend.get(key, None).await?, None)));
+    }
     let Some(if_range) = if_range.filter(|_| range.is_some()) else {
         return Ok(got.map(|object| (object, range)));
     };

@@ -276,6 +276,7 @@ pub async fn sync_clock(db: &DatabaseConnection) {
         return;
     }
     let Ok(txn) = db.begin().await else {
+        tracing::debug!("the database's clock could not be read; the last measure stays");
         return;
     };
     let sent = Utc::now();
@@ -294,9 +295,19 @@ pub async fn sync_clock(db: &DatabaseConnection) {
         return;
     };
     if (received - sent).to_std().unwrap_or(Duration::MAX) > CLOCK_READ_LIMIT {
+        tracing::debug!(
+            round_trip_ms = (received - sent).num_milliseconds(),
+            "a read of the database's clock took too long to be used; the last measure stays"
+        );
         return;
     }
-    let offset = theirs - (sent + (received - sent) / 2);
+    let mut offset = theirs - (sent + (received - sent) / 2);
+    // Clocks that agree within the noise of the measure agree: a machine
+    // measuring its own database (or its neighbour's, in step) takes no
+    // offset of a fraction of a millisecond that a next measure reverses.
+    if offset.abs() <= CLOCKS_AGREE {
+        offset = chrono::Duration::zero();
+    }
     let second = chrono::Duration::seconds(1);
     // Named when it is off, and again when that changes by a second.
     if offset.abs() > second && (offset - crate::clock::offset()).abs() > second {
@@ -311,6 +322,10 @@ pub async fn sync_clock(db: &DatabaseConnection) {
 /// The longest round trip a read of the database's clock may take to be
 /// used: half of it is the most the measure can be wrong by.
 const CLOCK_READ_LIMIT: Duration = Duration::from_millis(250);
+
+/// An offset from the database's clock this small is none: leases and
+/// heartbeats are seconds long.
+const CLOCKS_AGREE: chrono::Duration = chrono::Duration::milliseconds(50);
 
 fn is_loopback_without_sslmode(url: &str) -> bool {
     use std::str::FromStr;

@@ -7,9 +7,10 @@
 //! not be stored as it is). A key ending in `/` (a part of the listing
 //! that could not be read) is listed again whole, a page of the storage's
 //! listing at a time: each page commits on its own with its last key as
-//! the run's cursor, so memory and a transaction hold a page, never a
-//! directory, and a resumed run goes on inside the directory its cursor is
-//! in. A key whose lookup fails for good (unreadable) is an error of the
+//! the run's cursor, so the objects in memory and a transaction are a
+//! page's, never a directory's (the local and Databricks walkers still
+//! read one directory's names at a time), and a resumed run goes on
+//! inside the directory its cursor is in. A key whose lookup fails for good (unreadable) is an error of the
 //! retry run, as it would be of a listing.
 use std::{collections::VecDeque, sync::Arc};
 
@@ -45,7 +46,7 @@ pub fn pages(source: Source) -> BoxStream<'static, Result<(Page, Option<String>)
         source,
         pending: VecDeque::new(),
         dir: None,
-        covered: None,
+        covered: Vec::new(),
         resumed: false,
     };
     futures::stream::try_unfold(walk, |mut walk| async move {
@@ -61,9 +62,9 @@ struct Walk {
     pending: VecDeque<String>,
     /// The directory being listed again: its key and its listing.
     dir: Option<(String, BoxStream<'static, Result<Page>>)>,
-    /// The last directory listed: the error keys it listed too are not
-    /// looked up again.
-    covered: Option<String>,
+    /// The directory listed last and those it lies in that were listed
+    /// before it: the error keys they listed too are not looked up again.
+    covered: Vec<String>,
     /// Whether the cursor the run resumed from was placed (it may be
     /// inside a directory).
     resumed: bool,
@@ -89,30 +90,35 @@ impl Walk {
     }
 
     /// A run resumed with its cursor inside a directory it was listing
-    /// again (under one of the error keys ending in `/`) goes on listing
-    /// that directory after the cursor: of the error keys naming one of
-    /// the cursor's directories, the outermost for a recursive listing
-    /// (it listed those inside it), the innermost for one that is not
-    /// (only it lists the cursor's key).
+    /// again goes on listing that directory after the cursor, and then
+    /// with the error keys after the directory's own. The directory is the
+    /// one whose listing gives the cursor's key: of the error keys naming
+    /// one of its directories, the outermost for a recursive listing
+    /// (the keys under it were listed with it, never looked up); the
+    /// cursor's own directory for one that is not (a key deeper down was
+    /// looked up by itself, and is the cursor as an error key).
     async fn resume_in_directory(&mut self) -> Result<()> {
         let Some(after) = self.source.after.clone() else {
             return Ok(());
         };
-        let dirs: Vec<String> = after
+        let mut dirs: Vec<String> = after
             .match_indices('/')
             .map(|(at, _)| after[..=at].to_owned())
             .filter(|dir| *dir != after)
             .collect();
+        if !self.source.recursive {
+            dirs = dirs.pop().into_iter().collect();
+        }
         if dirs.is_empty() {
             return Ok(());
         }
         let (db, retry_of) = (&self.source.db, &self.source.retry_of);
         let found = runs::error_keys_among(db, retry_of, dirs).await?;
-        let dir = match self.source.recursive {
-            true => found.into_iter().min_by_key(String::len),
-            false => found.into_iter().max_by_key(String::len),
-        };
-        if let Some(dir) = dir {
+        if let Some(dir) = found.into_iter().min_by_key(String::len) {
+            // The error keys are read again from the directory's: the
+            // cursor is a key of the storage, which the database may sort
+            // among them otherwise than by its bytes (a collation).
+            self.source.after = Some(dir.clone());
             self.start_listing(dir, Some(after));
         }
         Ok(())
@@ -146,7 +152,13 @@ impl Walk {
             }),
             None => None,
         };
-        self.covered = self.dir.take().map(|(dir, _)| dir);
+        if let Some((dir, _)) = self.dir.take() {
+            // In byte order no later key lies under a listed directory
+            // but this one or one holding it (the database's order may
+            // differ: a key is then at worst looked up again).
+            self.covered.retain(|outer| dir.starts_with(outer.as_str()));
+            self.covered.push(dir);
+        }
         Ok(failed.map(|error| Page {
             objects: Vec::new(),
             errors: vec![error],
@@ -209,13 +221,12 @@ impl Walk {
         Ok(Some((page, Some(last))))
     }
 
-    /// Whether the last directory listed listed `key` too.
+    /// Whether a directory listed listed `key` too.
     fn covers(&self, key: &str) -> bool {
-        let under = self
-            .covered
-            .as_deref()
-            .and_then(|dir| key.strip_prefix(dir));
-        under.is_some_and(|rest| self.source.recursive || !rest.contains('/'))
+        self.covered.iter().any(|dir| {
+            key.strip_prefix(dir.as_str())
+                .is_some_and(|rest| self.source.recursive || !rest.contains('/'))
+        })
     }
 }
 

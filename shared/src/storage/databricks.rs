@@ -11,7 +11,7 @@
 //! each one sorted (one directory's names in memory at a time), which gives
 //! the key order a resumed run's `start_after` relies on. No presigning: the
 //! API proxies these objects.
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -269,11 +269,21 @@ struct Walk {
 
 impl Walk {
     /// True when every key under `dir_key` sorts at or before `start_after`.
+    /// Keys compare as the walk goes, a path component at a time
+    /// (`d/a/x` before `d/a-b`), not byte by byte, where `d/a-b` comes
+    /// first and a resumed walk skipped it.
     fn dir_done(&self, dir_key: &str) -> bool {
+        self.opts.start_after.as_ref().is_some_and(|after| {
+            Path::new(dir_key) < Path::new(after.as_str()) && !after.starts_with(dir_key)
+        })
+    }
+
+    /// True when `key` sorts at or before `start_after`, in walk order.
+    fn listed_already(&self, key: &str) -> bool {
         self.opts
             .start_after
             .as_ref()
-            .is_some_and(|after| dir_key < after.as_str() && !after.starts_with(dir_key))
+            .is_some_and(|after| Path::new(key) <= Path::new(after.as_str()))
     }
 
     async fn next_page(&mut self) -> Result<Page> {
@@ -331,7 +341,7 @@ impl Walk {
                 }
                 continue;
             }
-            if self.opts.start_after.as_ref().is_some_and(|a| key <= *a) {
+            if self.listed_already(&key) {
                 continue;
             }
             page.objects.push(ObjectMeta {

@@ -244,14 +244,22 @@ impl Storage for LocalStorage {
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
         let path = self.object_path(key)?;
-        let mut file = tokio::fs::File::open(&path)
+        // Not blocked by a FIFO swapped in since the path was checked.
+        let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+        let mut file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nonblocking)
+            .open(&path)
             .await
             .map_err(|e| io_error(&self.root, &path, e))?;
-        self.check_opened(key, &file)?;
         let meta = file
             .metadata()
             .await
             .map_err(|e| io_error(&self.root, &path, e))?;
+        if !meta.is_file() {
+            return Err(Error::NotFound(format!("{key}: not a file")));
+        }
+        self.check_opened(key, &file)?;
         let size = meta.len();
         let body = match range {
             None => tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).boxed(),
