@@ -3097,6 +3097,7 @@ async fn a_started_sync_keeps_its_source_listing_as_it_was() {
         json!({ "prefix": "" }),
         json!({ "recursive": false }),
         json!({ "config": { "path": "other" } }),
+        json!({ "import_method": "tasks" }),
     ] {
         let (status, refused) = app.patch(&path, change.clone()).await;
         assert_eq!(

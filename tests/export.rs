@@ -159,6 +159,38 @@ async fn annotation_events_reach_local_and_s3_targets() {
     app.stop().await;
 }
 
+/// A target moved to another place (its `config`) gets every annotation
+/// at its next export: the links said where each annotation was written
+/// by its key alone, which the new place shares, so annotations exported
+/// before were counted unchanged and never written there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_moved_elsewhere_gets_every_annotation_again() {
+    let app = spawn_app(options()).await;
+    let (project, tasks) = project_with_tasks(&app, 1).await;
+    let target = local_target(&app, project, "moved", false).await;
+    let id = annotate(&app, tasks[0], "cat").await;
+    let old = app.doc_root.path().join(format!("export/moved/{id}.json"));
+    eventually("the first export", || async { read_json(&old).is_some() }).await;
+    eventually("the target's runs", || idle(&app, &target)).await;
+    std::fs::create_dir_all(app.doc_root.path().join("elsewhere")).unwrap();
+    let path = format!("/api/v1/storages/{}", target["id"]);
+    let (status, body) = app
+        .patch(&path, json!({ "config": { "path": "elsewhere" } }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let run = app.sync(&target["id"]).await;
+    assert_eq!(run["counters"]["exported"], 1, "{run}");
+    let new = app
+        .doc_root
+        .path()
+        .join(format!("elsewhere/moved/{id}.json"));
+    assert_eq!(
+        read_json(&new).map(|d| label(&d).to_owned()),
+        Some("cat".into())
+    );
+    app.stop().await;
+}
+
 /// An annotation event whose transaction commits after newer events were
 /// read (ids are taken at insert, not at commit) is exported by the run
 /// that is draining, not left for the next run: under a steady stream of

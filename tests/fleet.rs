@@ -2247,20 +2247,29 @@ async fn a_worker_whose_clock_is_fast_leaves_a_live_attempt_its_run() {
     app.stop().await;
 }
 
-/// The most tries the app's Redis queue counted of any of its jobs
-/// (apalis-redis keeps them in each job's meta hash).
-async fn most_job_attempts(app: &TestApp) -> i64 {
+/// A connection to the app's Redis, and the meta hashes of its queue's
+/// jobs (apalis-redis keeps one per job pushed, with its tries and status).
+async fn queue_jobs(app: &TestApp) -> (redis::aio::MultiplexedConnection, Vec<String>) {
     let client = redis::Client::open(app.vars["REDIS_URL"].as_str()).expect("redis url");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .expect("redis");
-    let pattern = format!("{}:runs:meta:*", app.vars["LABELSYNC_QUEUE_NAMESPACE"]);
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(&pattern)
+    // Every job pushed has its data in the queue's hash (not a scan of
+    // the whole Redis, which other tests fill).
+    let queue = format!("{}:runs", app.vars["LABELSYNC_QUEUE_NAMESPACE"]);
+    let ids: Vec<String> = redis::cmd("HKEYS")
+        .arg(format!("{queue}:data"))
         .query_async(&mut conn)
         .await
-        .expect("KEYS");
+        .expect("HKEYS");
+    let keys = ids.iter().map(|id| format!("{queue}:meta:{id}")).collect();
+    (conn, keys)
+}
+
+/// The most tries the app's Redis queue counted of any of its jobs.
+async fn most_job_attempts(app: &TestApp) -> i64 {
+    let (mut conn, keys) = queue_jobs(app).await;
     let mut most = 0;
     for key in keys {
         let tries: Option<i64> = redis::cmd("HGET")
@@ -2272,4 +2281,37 @@ async fn most_job_attempts(app: &TestApp) -> i64 {
         most = most.max(tries.unwrap_or(0));
     }
     most
+}
+
+/// A run waiting its turn in Redis keeps its one job: the stalled-run
+/// sweep pushes a run again only when Redis holds no job of it to run.
+/// Before, it pushed one more every window (1 s here), and each would
+/// meet the run running and be retried as busy. A job gone dead is
+/// replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_waiting_in_redis_is_not_pushed_again_every_window() {
+    let mut options = AppOptions::without_workers();
+    options
+        .env
+        .push(("LABELSYNC_REQUEUE_AFTER_SECS", "1".into()));
+    let app = spawn_app(options).await;
+    let storage = app.files_storage("waiting", 1).await;
+    app.start_sync(&storage["id"]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (mut conn, jobs) = queue_jobs(&app).await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    // The job dies (as after its last try): the next window pushes another.
+    let task = jobs[0].rsplit(':').next().expect("a task id").to_owned();
+    let dead = format!("{}:runs:dead", app.vars["LABELSYNC_QUEUE_NAMESPACE"]);
+    let _: () = redis::cmd("SADD")
+        .arg(&dead)
+        .arg(&task)
+        .query_async(&mut conn)
+        .await
+        .expect("SADD");
+    labelsync_tests::eventually("a job in place of the dead one", || async {
+        queue_jobs(&app).await.1.len() == 2
+    })
+    .await;
+    app.stop().await;
 }

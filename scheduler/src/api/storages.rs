@@ -240,8 +240,14 @@ pub async fn update(
     };
     let (merged, moved) = merge_patch(&current, patch)?;
     let spec = spec_of(merged)?;
-    let relists = !moved.is_empty() || spec.recursive != current.recursive;
-    refuse_relisting_a_started_import(&state.db, &current, relists).await?;
+    // Before the storage is checked (which may take the storage's time);
+    // the save checks again, with the run locked.
+    spec::refuse_moving_a_started_run(&state.db, &current, spec.moves(&current, &spec.config))
+        .await
+        .map_err(|err| match err {
+            Error::Conflict(message) => ApiError::new(StatusCode::CONFLICT, "run_live", message),
+            other => other.into(),
+        })?;
     let stored = StorageSpec::of_model(&current)?;
     check_own_credentials(&caller, &spec, Some(&current))?;
     let valid = spec.validate_update(&state.storage_env, &stored).await?;
@@ -258,34 +264,6 @@ pub async fn update(
     state.storage_cache.forget();
     let last = runs::newest_of(&state.db, &[id]).await?;
     Ok(ApiJson(with_last_run(&model, last.get(&id))))
-}
-
-/// A source whose listing a patch changes (`relists`: a `config` field,
-/// the prefix or the recursion) while an import run of it has started:
-/// `409 run_live`. The run's later attempts would go on from a cursor (and
-/// partitions) of the old listing in the new one, where a key at or
-/// before the cursor is never listed and so counted missing (under
-/// `delete_unlabeled`, its task deleted). A run still waiting to start
-/// lists the storage as patched.
-async fn refuse_relisting_a_started_import(
-    db: &sea_orm::DatabaseConnection,
-    current: &storage::Model,
-    relists: bool,
-) -> ApiResult<()> {
-    if !relists || current.role != Role::Source.as_str() {
-        return Ok(());
-    }
-    match runs::live(db, current.id).await? {
-        Some(run) if run.started_at.is_some() => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "run_live",
-            format!(
-                "storage {} has a sync in progress (run {}) that goes on from where it got to in its current listing: cancel the run (POST /api/v1/runs/{}/cancel) or let it end, then change what the storage lists",
-                current.id, run.id, run.id
-            ),
-        )),
-        _ => Ok(()),
-    }
 }
 
 /// `current`'s spec with `patch` merged in (see [`update`]), and the fields

@@ -272,6 +272,18 @@ pub async fn links_of(
     Ok(links.into_iter().map(|l| (l.annotation_id, l)).collect())
 }
 
+/// Forgets where the target `storage_id` wrote each annotation: it was
+/// moved elsewhere (another bucket, another directory), where none of them
+/// is yet, so its next full export writes every one (a link says only the
+/// key, which the new place shares).
+pub async fn forget_links(db: &impl ConnectionTrait, storage_id: i64) -> Result<()> {
+    export_link::Entity::delete_many()
+        .filter(export_link::Column::StorageId.eq(storage_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Writes (or updates) the links of uploaded annotations; call inside the
 /// page's transaction. An annotation deleted since its page was read has no
 /// link to keep (its delete event removes the object): only links of

@@ -301,16 +301,20 @@ pub async fn sync_clock(db: &DatabaseConnection) {
         );
         return;
     }
-    let mut offset = theirs - (sent + (received - sent) / 2);
-    // Clocks that agree within the noise of the measure agree: a machine
-    // measuring its own database (or its neighbour's, in step) takes no
-    // offset of a fraction of a millisecond that a next measure reverses.
-    if offset.abs() <= CLOCKS_AGREE {
+    let half_trip = (received - sent) / 2;
+    let mut offset = theirs - (sent + half_trip);
+    // What the measure cannot tell apart: clocks that agree within it
+    // agree (a machine measuring its own database, or one in step, takes
+    // no offset that a next measure reverses), and a measure within it of
+    // the last one changes nothing (the offset does not wobble).
+    let noise = half_trip + CLOCKS_AGREE;
+    if offset.abs() <= noise {
         offset = chrono::Duration::zero();
     }
-    let second = chrono::Duration::seconds(1);
-    // Named when it is off, and again when that changes by a second.
-    if offset.abs() > second && (offset - crate::clock::offset()).abs() > second {
+    if (offset - crate::clock::offset()).abs() <= noise {
+        return;
+    }
+    if offset.abs() > chrono::Duration::seconds(1) {
         tracing::warn!(
             offset_ms = offset.num_milliseconds(),
             "this machine's clock is off the database's; leases and heartbeats keep the database's time"
@@ -323,8 +327,8 @@ pub async fn sync_clock(db: &DatabaseConnection) {
 /// used: half of it is the most the measure can be wrong by.
 const CLOCK_READ_LIMIT: Duration = Duration::from_millis(250);
 
-/// An offset from the database's clock this small is none: leases and
-/// heartbeats are seconds long.
+/// An offset from the database's clock this small (beyond half the read's
+/// round trip) is none: leases and heartbeats are seconds long.
 const CLOCKS_AGREE: chrono::Duration = chrono::Duration::milliseconds(50);
 
 fn is_loopback_without_sslmode(url: &str) -> bool {

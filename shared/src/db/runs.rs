@@ -133,6 +133,22 @@ pub async fn live(db: &impl ConnectionTrait, storage_id: i64) -> Result<Option<s
         .await?)
 }
 
+/// The storage's live run if an attempt of it has started, its row locked
+/// for update until the caller's transaction ends (Postgres: a run
+/// starting meanwhile waits for it; SQLite writes one at a time anyway).
+pub async fn started_live(
+    db: &impl ConnectionTrait,
+    storage_id: i64,
+) -> Result<Option<sync_run::Model>> {
+    let live = sync_run::Entity::find()
+        .filter(sync_run::Column::StorageId.eq(storage_id))
+        .filter(sync_run::Column::Status.is_in(LIVE))
+        .lock_exclusive()
+        .one(db)
+        .await?;
+    Ok(live.filter(|run| run.started_at.is_some()))
+}
+
 /// Creates a queued run, or returns the storage's live run (`true`) when there
 /// is one. The partial unique index `sync_runs_one_live` settles races between
 /// replicas: the loser of the insert reads the winner's row.

@@ -388,11 +388,11 @@ impl Importer<'_, '_> {
         let key = &object.key;
         match opening {
             Opening::Local => {
-                let path = self.backend.local_path(key).ok_or_else(|| {
-                    Error::NotFound(format!("{key}: not found under the storage's path"))
+                let file = self.backend.local_file(key).unwrap_or_else(|| {
+                    Err(Error::NotFound(format!(
+                        "{key}: not found under the storage's path"
+                    )))
                 })?;
-                let file = std::fs::File::open(&path)
-                    .map_err(|e| Error::NotFound(format!("{key}: {e}")))?;
                 return Ok(Opened::Source(if format == Format::Parquet {
                     Source::File(file, None)
                 } else {

@@ -1025,8 +1025,10 @@ const REQUEUE_PER_TICK: u64 = 1000;
 
 /// Enqueues again admitted live runs that showed no sign of life for
 /// `settings.requeue_after`: their job was lost (Redis flushed, a scheduler
-/// died between admission and push, a push that failed). A duplicate of a
-/// job that was only slow is harmless: the run's lease turns it away. Held
+/// died between admission and push, a push that failed). One whose job
+/// Redis still holds to run (waiting its turn behind a backlog) is only
+/// counted alive again ([`Queue::holds_job_of`]). A duplicate of a job
+/// that was only slow is harmless: the run's lease turns it away. Held
 /// runs are not its business (see [`release_held`]): it never pushes a run
 /// its project's cap has not admitted. First, while the fleet recovers from
 /// a queue that forgot its jobs, the queued runs it forgot
@@ -1064,6 +1066,13 @@ pub async fn requeue_stalled(
     // One push per run per window: the idempotency key changes with it.
     let bucket = now.timestamp() as u64 / window;
     for run_id in stalled {
+        // A run waiting its turn behind a long backlog still has its job:
+        // pushed again every window, it met its duplicates running (each
+        // retried as `Busy`) and filled the backlog with them.
+        if queue.holds_job_of(&pushes_of(&run_id, bucket)).await? {
+            touched.push(run_id);
+            continue;
+        }
         let job = RunJob::for_run(&run_id);
         match queue
             .push(job, &format!("{run_id}:requeue:{bucket}"))
@@ -1085,6 +1094,19 @@ pub async fn requeue_stalled(
     orphaned?;
     Ok(pushed)
 }
+
+/// The idempotency keys `run_id`'s jobs were pushed under lately: its
+/// admission's and the stalled-run sweep's of the windows before `bucket`
+/// (Redis keeps a key an hour: 30 windows at the default 120 s).
+fn pushes_of(run_id: &str, bucket: u64) -> Vec<String> {
+    let sweeps = (1..=SWEEPS_LOOKED_AT).filter_map(|back| bucket.checked_sub(back));
+    std::iter::once(run_id.to_owned())
+        .chain(sweeps.map(|b| format!("{run_id}:requeue:{b}")))
+        .collect()
+}
+
+/// How many earlier windows' sweep pushes [`pushes_of`] names.
+const SWEEPS_LOOKED_AT: u64 = 32;
 
 /// How long after a loss of the queue's jobs the running runs it orphaned
 /// are pushed again as soon as their lease is stale, in lease times.

@@ -135,6 +135,48 @@ impl Queue {
         }
     }
 
+    /// Whether Redis still holds a job pushed under one of `dedups` to run:
+    /// waiting, running, or failed with a try to come (not dead). Redis
+    /// keeps a push's key for an hour; a job pushed longer ago, or one
+    /// Redis lost, is not found. Always false for the embedded queue.
+    pub async fn holds_job_of(&self, dedups: &[String]) -> Result<bool> {
+        let Queue::Redis { storage, conn, .. } = self else {
+            return Ok(false);
+        };
+        let config = storage.get_config();
+        let failed = |e: redis::RedisError| Error::Transient(format!("queue job lookup: {e}"));
+        let mut conn = conn.clone();
+        let keys: Vec<String> = dedups
+            .iter()
+            .map(|dedup| format!("{}:{dedup}", config.idempotency_key_set()))
+            .collect();
+        let tasks: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(failed)?;
+        for task in tasks.into_iter().flatten() {
+            let (status, dead): (Option<String>, bool) = redis::pipe()
+                .cmd("HGET")
+                .arg(format!("{}:{task}", config.job_meta_hash()))
+                .arg("status")
+                .cmd("SISMEMBER")
+                .arg(config.dead_jobs_set())
+                .arg(&task)
+                .query_async(&mut conn)
+                .await
+                .map_err(failed)?;
+            let to_run = matches!(
+                status.as_deref(),
+                Some("Pending" | "Queued" | "Running" | "Failed")
+            );
+            if to_run && !dead {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Enqueues a job. `dedup` is an idempotency key: Redis drops a second push
     /// with the same key within an hour (the handlers are idempotent anyway).
     /// [`Pushed::Full`] when the Redis backlog is at its limit: nothing was

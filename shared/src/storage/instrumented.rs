@@ -4,7 +4,6 @@
 //! `storage.request` span with backend, operation, key and outcome).
 use std::{
     future::Future,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -131,7 +130,7 @@ impl Storage for Instrumented {
         self.0.task_uri(key)
     }
 
-    fn local_path(&self, key: &str) -> Option<PathBuf> {
-        self.0.local_path(key)
+    fn local_file(&self, key: &str) -> Option<Result<std::fs::File>> {
+        self.0.local_file(key)
     }
 }

@@ -116,7 +116,7 @@ impl LocalStorage {
     /// writes the directory) would lead elsewhere. Linux names an open
     /// file's path in `/proc/self/fd`; where it cannot be read, the check
     /// made on the path stands.
-    fn check_opened(&self, key: &str, file: &tokio::fs::File) -> Result<()> {
+    fn check_opened(&self, key: &str, file: &fs::File) -> Result<()> {
         use std::os::fd::AsRawFd;
         let link = format!("/proc/self/fd/{}", file.as_raw_fd());
         match fs::read_link(link) {
@@ -125,6 +125,30 @@ impl LocalStorage {
             ))),
             _ => Ok(()),
         }
+    }
+
+    /// The file behind `key`, opened for reading and checked: a regular
+    /// file ([`Self::object_path`]), opened without blocking on a FIFO
+    /// swapped in since its path was checked, and inside the storage's
+    /// directory as opened ([`Self::check_opened`]); with its path.
+    /// Blocking.
+    fn open_checked(&self, key: &str) -> Result<(PathBuf, fs::File)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.object_path(key)?;
+        let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nonblocking)
+            .open(&path)
+            .map_err(|e| io_error(&self.root, &path, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| io_error(&self.root, &path, e))?;
+        if !meta.is_file() {
+            return Err(Error::NotFound(format!("{key}: not a file")));
+        }
+        self.check_opened(key, &file)?;
+        Ok((path, file))
     }
 
     /// Where an object written under `key` goes. Its parent directories are
@@ -243,23 +267,12 @@ impl Storage for LocalStorage {
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
-        let path = self.object_path(key)?;
-        // Not blocked by a FIFO swapped in since the path was checked.
-        let nonblocking = rustix::fs::OFlags::NONBLOCK.bits() as i32;
-        let mut file = tokio::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nonblocking)
-            .open(&path)
-            .await
-            .map_err(|e| io_error(&self.root, &path, e))?;
+        let (path, file) = self.open_checked(key)?;
+        let mut file = tokio::fs::File::from_std(file);
         let meta = file
             .metadata()
             .await
             .map_err(|e| io_error(&self.root, &path, e))?;
-        if !meta.is_file() {
-            return Err(Error::NotFound(format!("{key}: not a file")));
-        }
-        self.check_opened(key, &file)?;
         let size = meta.len();
         let body = match range {
             None => tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024).boxed(),
@@ -341,8 +354,8 @@ impl Storage for LocalStorage {
         Ok(None)
     }
 
-    fn local_path(&self, key: &str) -> Option<PathBuf> {
-        self.object_path(key).ok()
+    fn local_file(&self, key: &str) -> Option<Result<std::fs::File>> {
+        Some(self.open_checked(key).map(|(_, file)| file))
     }
 
     fn task_uri(&self, key: &str) -> String {

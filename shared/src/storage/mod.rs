@@ -414,9 +414,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// The URI a Files-mode task carries for this object.
     fn task_uri(&self, key: &str) -> String;
 
-    /// The object as a local file, for backends that have one: Parquet needs
-    /// random access, and this spares it a copy.
-    fn local_path(&self, _key: &str) -> Option<PathBuf> {
+    /// The object as a local file, opened, for backends that have one:
+    /// Parquet needs random access, and this spares it a copy. Blocking.
+    fn local_file(&self, _key: &str) -> Option<Result<std::fs::File>> {
         None
     }
 }

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     Error, Result,
-    db::{entities::storage, storages},
+    db::{entities::storage, exports, runs, storages},
 };
 
 /// Providers cap signed URLs at 7 days (SigV4, GCS V4).
@@ -435,6 +435,19 @@ impl StorageSpec {
 
     /// The spec a saved row was made from (secrets are not recoverable and are
     /// left out: a PATCH that omits them keeps the stored ones).
+    /// Whether saving this spec, its config as `config`, over `current`
+    /// changes what a run of it works on: for a source, what it lists (its
+    /// config, prefix, recursion, import method); for a target, where it
+    /// writes (its config: a prefix changes the keys, which its links
+    /// follow).
+    pub fn moves(&self, current: &storage::Model, config: &Value) -> bool {
+        *config != current.config
+            || (self.role == Role::Source
+                && (self.prefix != current.prefix
+                    || self.recursive != current.recursive
+                    || self.import_method != ImportMethod::of(current)))
+    }
+
     pub fn of_model(model: &storage::Model) -> Result<Self> {
         let role = Role::of(model);
         let import_method = match model.import_method.as_str() {
@@ -494,6 +507,13 @@ pub async fn save(
         None
     };
     let txn = db.begin().await?;
+    if let Some(current) = current {
+        refuse_moving_a_started_run(&txn, current, spec.moves(current, &valid.config)).await?;
+        // A target moved elsewhere holds none of the annotations yet.
+        if spec.role == Role::Target && valid.config != current.config {
+            exports::forget_links(&txn, current.id).await?;
+        }
+    }
     let mut model = spec.to_model(project_id, valid);
     let row = match current {
         Some(current) => {
@@ -525,6 +545,34 @@ pub async fn save(
     };
     txn.commit().await?;
     Ok(row)
+}
+
+/// A change of where `current`'s run has got to (`moves`: see
+/// [`StorageSpec::moves`]) while the run has started: a `Conflict` naming
+/// the run. For a source, what it
+/// lists (its config, prefix, recursion or import method): the run's next
+/// attempt would go on from where it got to in the old listing, in the
+/// new one, where a key before that point is never listed, so counted
+/// missing (under `delete_unlabeled`, its task deleted). For a target,
+/// where it writes (its config): the run would write its links for the
+/// old place after they were forgotten for the new one. In a transaction
+/// on Postgres the live run stays locked until it ends, so that none
+/// starts in between; a run still waiting reads the storage as saved.
+pub async fn refuse_moving_a_started_run(
+    db: &impl sea_orm::ConnectionTrait,
+    current: &storage::Model,
+    moves: bool,
+) -> Result<()> {
+    if !moves {
+        return Ok(());
+    }
+    let Some(run) = runs::started_live(db, current.id).await? else {
+        return Ok(());
+    };
+    let (id, run) = (current.id, run.id);
+    Err(Error::Conflict(format!(
+        "storage {id} has a run in progress (run {run}) that goes on where it got to with the storage as it is: cancel the run (POST /api/v1/runs/{run}/cancel) or let it end, then make this change"
+    )))
 }
 
 /// The storage as the API shows it: the create fields without secrets, plus
