@@ -402,7 +402,10 @@ async fn get_ranged(
     // A range answered without the object's size (`Content-Range: bytes
     // 0-9/*`) cannot go out as one: the object is served whole instead,
     // as a server may always answer a range (a 200 of the range's bytes
-    // alone passed for the whole object).
+    // alone passed for the whole object). The backends do not say whether
+    // such an answer was the range or the whole (a 200 of unknown length):
+    // that costs the latter a second GET, its first answer dropped after
+    // its head.
     if range.is_some() && got.as_ref().is_some_and(|object| object.size.is_none()) {
         drop(got);
         return Ok(Some((backend.get(key, None).await?, None)));

@@ -1213,6 +1213,21 @@ pub async fn ended_after(
 }
 
 /// The runs of these ids that exist.
+/// Which of `ids` are runs still queued.
+pub async fn queued_among(db: &impl ConnectionTrait, ids: &[String]) -> Result<Vec<String>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sync_run::Entity::find()
+        .select_only()
+        .column(sync_run::Column::Id)
+        .filter(sync_run::Column::Id.is_in(ids.iter().map(String::as_str)))
+        .filter(sync_run::Column::Status.eq(RunStatus::Queued.as_str()))
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
 pub async fn by_ids(db: &impl ConnectionTrait, ids: &[String]) -> Result<Vec<sync_run::Model>> {
     if ids.is_empty() {
         return Ok(Vec::new());

@@ -22,6 +22,19 @@ pub async fn find(db: &impl ConnectionTrait, id: i64) -> Result<Option<storage::
     Ok(storage::Entity::find_by_id(id).one(db).await?)
 }
 
+/// Locks storage `id`'s row for update until the caller's transaction ends
+/// (Postgres; SQLite writes one at a time anyway).
+pub async fn lock(db: &impl ConnectionTrait, id: i64) -> Result<()> {
+    storage::Entity::find_by_id(id)
+        .select_only()
+        .column(storage::Column::Id)
+        .lock_exclusive()
+        .into_tuple::<i64>()
+        .one(db)
+        .await?;
+    Ok(())
+}
+
 /// Every storage's id, in order (the primary key's index alone).
 pub async fn all_ids(db: &impl ConnectionTrait) -> Result<Vec<i64>> {
     Ok(storage::Entity::find()

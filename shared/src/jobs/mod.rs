@@ -1062,14 +1062,17 @@ pub async fn requeue_stalled(
     let cutoff = now - chrono::Duration::seconds(window as i64);
     let mut stalled = runs::stalled(db, cutoff, REQUEUE_PER_TICK).await?;
     stalled.retain(|id| !touched.contains(id));
+    let waiting = runs::queued_among(db, &stalled).await?;
     let mut pushed = touched.len();
     // One push per run per window: the idempotency key changes with it.
     let bucket = now.timestamp() as u64 / window;
     for run_id in stalled {
-        // A run waiting its turn behind a long backlog still has its job:
-        // pushed again every window, it met its duplicates running (each
-        // retried as `Busy`) and filled the backlog with them.
-        if queue.holds_job_of(&pushes_of(&run_id, bucket)).await? {
+        // A queued run waiting its turn behind a long backlog still has
+        // its job: pushed again every window, it met its duplicates running
+        // (each retried as `Busy`) and filled the backlog with them. (A
+        // running one is pushed: its job may be one that hangs.)
+        let keys = pushes_of(&run_id, bucket, window);
+        if waiting.contains(&run_id) && queue.holds_job_of(&keys).await.unwrap_or(false) {
             touched.push(run_id);
             continue;
         }
@@ -1096,17 +1099,21 @@ pub async fn requeue_stalled(
 }
 
 /// The idempotency keys `run_id`'s jobs were pushed under lately: its
-/// admission's and the stalled-run sweep's of the windows before `bucket`
-/// (Redis keeps a key an hour: 30 windows at the default 120 s).
-fn pushes_of(run_id: &str, bucket: u64) -> Vec<String> {
-    let sweeps = (1..=SWEEPS_LOOKED_AT).filter_map(|back| bucket.checked_sub(back));
+/// admission's and the stalled-run sweep's of the windows (`window`
+/// seconds) before `bucket` that Redis still keeps a key of (an hour), at
+/// most [`SWEEPS_LOOKED_AT`].
+fn pushes_of(run_id: &str, bucket: u64, window: u64) -> Vec<String> {
+    let kept = KEY_KEPT_SECS.div_ceil(window.max(1)).min(SWEEPS_LOOKED_AT);
+    let sweeps = (1..=kept).filter_map(|back| bucket.checked_sub(back));
     std::iter::once(run_id.to_owned())
         .chain(sweeps.map(|b| format!("{run_id}:requeue:{b}")))
         .collect()
 }
 
-/// How many earlier windows' sweep pushes [`pushes_of`] names.
-const SWEEPS_LOOKED_AT: u64 = 32;
+/// How long Redis keeps a push's idempotency key (see [`Queue::open`]).
+const KEY_KEPT_SECS: u64 = 3600;
+/// The most earlier windows' sweep pushes [`pushes_of`] names.
+const SWEEPS_LOOKED_AT: u64 = 64;
 
 /// How long after a loss of the queue's jobs the running runs it orphaned
 /// are pushed again as soon as their lease is stale, in lease times.

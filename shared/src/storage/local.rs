@@ -69,7 +69,7 @@ impl Drop for Dropped {
 /// it. Nothing is read or written outside the storage's directory, and
 /// directory symlinks are not followed; puts write aside and rename. No
 /// presign.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LocalStorage {
     root: PathBuf,
     base: PathBuf,
@@ -267,7 +267,10 @@ impl Storage for LocalStorage {
     }
 
     async fn get(&self, key: &str, range: Option<GetRange>) -> Result<Object> {
-        let (path, file) = self.open_checked(key)?;
+        let (this, owned) = (self.clone(), key.to_owned());
+        let (path, file) = tokio::task::spawn_blocking(move || this.open_checked(&owned))
+            .await
+            .map_err(|e| Error::Internal(format!("open task failed: {e}")))??;
         let mut file = tokio::fs::File::from_std(file);
         let meta = file
             .metadata()

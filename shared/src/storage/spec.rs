@@ -1,7 +1,7 @@
 //! The storage create body of docs/API.md, shared by the API and the one-shot CLI:
 //! parsing, validation (nothing is written until all of it passes) and the
 //! conversion to and from the `storages` row.
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -433,8 +433,6 @@ impl StorageSpec {
         }
     }
 
-    /// The spec a saved row was made from (secrets are not recoverable and are
-    /// left out: a PATCH that omits them keeps the stored ones).
     /// Whether saving this spec, its config as `config`, over `current`
     /// changes what a run of it works on: for a source, what it lists (its
     /// config, prefix, recursion, import method); for a target, where it
@@ -448,6 +446,8 @@ impl StorageSpec {
                     || self.import_method != ImportMethod::of(current)))
     }
 
+    /// The spec a saved row was made from (secrets are not recoverable and are
+    /// left out: a PATCH that omits them keeps the stored ones).
     pub fn of_model(model: &storage::Model) -> Result<Self> {
         let role = Role::of(model);
         let import_method = match model.import_method.as_str() {
@@ -506,8 +506,13 @@ pub async fn save(
     } else {
         None
     };
-    let txn = db.begin().await?;
+    // Written at once (SQLite: a deferred transaction that reads first can
+    // fail to write after another's commit).
+    let txn = crate::db::begin_write(db).await?;
     if let Some(current) = current {
+        // The storage, then its live run, then its links: the order a
+        // storage's delete takes them in (no deadlock between the two).
+        storages::lock(&txn, current.id).await?;
         refuse_moving_a_started_run(&txn, current, spec.moves(current, &valid.config)).await?;
         // A target moved elsewhere holds none of the annotations yet.
         if spec.role == Role::Target && valid.config != current.config {
@@ -547,17 +552,16 @@ pub async fn save(
     Ok(row)
 }
 
-/// A change of where `current`'s run has got to (`moves`: see
+/// A change of what `current`'s run works on (`moves`: see
 /// [`StorageSpec::moves`]) while the run has started: a `Conflict` naming
-/// the run. For a source, what it
-/// lists (its config, prefix, recursion or import method): the run's next
-/// attempt would go on from where it got to in the old listing, in the
-/// new one, where a key before that point is never listed, so counted
-/// missing (under `delete_unlabeled`, its task deleted). For a target,
-/// where it writes (its config): the run would write its links for the
-/// old place after they were forgotten for the new one. In a transaction
-/// on Postgres the live run stays locked until it ends, so that none
-/// starts in between; a run still waiting reads the storage as saved.
+/// the run. For a source, what it lists: the run's next attempt would go
+/// on from where it got to in the old listing, in the new one, where a
+/// key before that point is never listed, so counted missing (under
+/// `delete_unlabeled`, its task deleted). For a target, where it writes:
+/// the run would write links for the old place after they were forgotten
+/// for the new one. In a transaction on Postgres the live run stays
+/// locked until it ends, so that none starts in between; a run still
+/// waiting reads the storage as saved.
 pub async fn refuse_moving_a_started_run(
     db: &impl sea_orm::ConnectionTrait,
     current: &storage::Model,
