@@ -205,12 +205,16 @@ pub async fn execute(ctx: &JobContext, run_id: &str) -> Result<(), RetryLater> {
         }
     };
     drop(heartbeat);
+    let finished = matches!(result, Ok(Outcome::Finished));
     let concluded = conclude(ctx, &run, &lease, result, timer).await;
     // The attempt is over, its uploads in flight dropped with it: a run
-    // that ended (cancelled under it, or ended by it) no longer holds its
-    // storage's next run back (see `runs::begin_attempt`). Left held, the
-    // lease does so until it is stale.
-    let _ = runs::let_go(&ctx.db, run_id, &lease).await;
+    // that ended under it (cancelled) no longer holds its storage's next
+    // run back (see `runs::begin_attempt`). Left held, the lease does so
+    // until it is stale. (A finished attempt holds nothing back: only a
+    // cancelled run's lease does.)
+    if !finished {
+        let _ = runs::let_go(&ctx.db, run_id, &lease).await;
+    }
     concluded
 }
 
