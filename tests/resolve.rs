@@ -95,14 +95,7 @@ async fn an_s3s_bucket_and_source(
     presign: bool,
     ttl: i64,
 ) -> (String, Value, Value) {
-    let (s3_url, s3_secrets) = s3s();
-    let bucket = bucket_name();
-    let (k, s) = (
-        s3_secrets["access_key_id"].as_str().unwrap(),
-        s3_secrets["secret_access_key"].as_str().unwrap(),
-    );
-    create_s3_bucket(&s3_url, k, s, &bucket).await;
-    let config = json!({ "bucket": bucket, "endpoint_url": s3_url });
+    let (bucket, config, s3_secrets) = an_s3s_bucket().await;
     source(
         app,
         project,
@@ -113,6 +106,19 @@ async fn an_s3s_bucket_and_source(
         ttl,
     )
     .await;
+    (bucket, config, s3_secrets)
+}
+
+/// A new bucket on s3s-fs: (bucket, config, secrets).
+async fn an_s3s_bucket() -> (String, Value, Value) {
+    let (s3_url, s3_secrets) = s3s();
+    let bucket = bucket_name();
+    let (k, s) = (
+        s3_secrets["access_key_id"].as_str().unwrap(),
+        s3_secrets["secret_access_key"].as_str().unwrap(),
+    );
+    create_s3_bucket(&s3_url, k, s, &bucket).await;
+    let config = json!({ "bucket": bucket, "endpoint_url": s3_url });
     (bucket, config, s3_secrets)
 }
 
@@ -773,14 +779,8 @@ async fn a_range_answered_without_a_size_is_served_whole() {
     use labelsync_tests::fault_proxy::{FaultProxy, Mode};
     let app = spawn_app(options(false)).await;
     let project = app.project("sizes").await;
-    let (s3_url, secrets) = s3s();
-    let bucket = bucket_name();
-    let (k, s) = (
-        secrets["access_key_id"].as_str().unwrap(),
-        secrets["secret_access_key"].as_str().unwrap(),
-    );
-    create_s3_bucket(&s3_url, k, s, &bucket).await;
-    let config = json!({ "bucket": bucket, "endpoint_url": s3_url });
+    let (bucket, config, secrets) = an_s3s_bucket().await;
+    let s3_url = config["endpoint_url"].as_str().unwrap().to_owned();
     open(BackendKind::S3, config, secrets.clone())
         .await
         .put("cat.jpg", Bytes::from_static(CAT), None)

@@ -155,26 +155,30 @@ impl Queue {
             .query_async(&mut conn)
             .await
             .map_err(failed)?;
-        for task in tasks.into_iter().flatten() {
-            let (status, dead): (Option<String>, bool) = redis::pipe()
+        // Every job found asked about at once: one more round trip.
+        let found: Vec<String> = tasks.into_iter().flatten().collect();
+        if found.is_empty() {
+            return Ok(false);
+        }
+        let mut asked = redis::pipe();
+        for task in &found {
+            asked
                 .cmd("HGET")
                 .arg(format!("{}:{task}", config.job_meta_hash()))
                 .arg("status")
                 .cmd("SISMEMBER")
                 .arg(config.dead_jobs_set())
-                .arg(&task)
-                .query_async(&mut conn)
-                .await
-                .map_err(failed)?;
+                .arg(task);
+        }
+        let answers: Vec<(Option<String>, bool)> =
+            asked.query_async(&mut conn).await.map_err(failed)?;
+        Ok(answers.iter().any(|(status, dead)| {
             let to_run = matches!(
                 status.as_deref(),
                 Some("Pending" | "Queued" | "Running" | "Failed")
             );
-            if to_run && !dead {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+            to_run && !dead
+        }))
     }
 
     /// Enqueues a job. `dedup` is an idempotency key: Redis drops a second push
