@@ -162,9 +162,11 @@ async fn annotation_events_reach_local_and_s3_targets() {
 /// A target moved to another place (its `config`) gets every annotation
 /// at its next export: the links said where each annotation was written
 /// by its key alone, which the new place shares, so annotations exported
-/// before were counted unchanged and never written there.
+/// before were counted unchanged and never written there. A config that
+/// names the same place another way (`export/` for `export`) keeps them:
+/// it was a move too, and every annotation was written again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_target_moved_elsewhere_gets_every_annotation_again() {
+async fn a_target_keeps_its_links_until_it_moves_elsewhere() {
     let app = spawn_app(options()).await;
     let (project, tasks) = project_with_tasks(&app, 1).await;
     let target = local_target(&app, project, "moved", false).await;
@@ -172,8 +174,14 @@ async fn a_target_moved_elsewhere_gets_every_annotation_again() {
     let old = app.doc_root.path().join(format!("export/moved/{id}.json"));
     eventually("the first export", || async { read_json(&old).is_some() }).await;
     eventually("the target's runs", || idle(&app, &target)).await;
-    std::fs::create_dir_all(app.doc_root.path().join("elsewhere")).unwrap();
     let path = format!("/api/v1/storages/{}", target["id"]);
+    let (status, body) = app
+        .patch(&path, json!({ "config": { "path": "./export/" } }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let run = app.sync(&target["id"]).await;
+    assert_eq!(run["counters"]["exported"], 0, "the same place: {run}");
+    std::fs::create_dir_all(app.doc_root.path().join("elsewhere")).unwrap();
     let (status, body) = app
         .patch(&path, json!({ "config": { "path": "elsewhere" } }))
         .await;

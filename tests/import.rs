@@ -533,6 +533,38 @@ async fn a_run_is_worked_by_one_attempt_at_a_time() {
     app.stop().await;
 }
 
+/// A storage's save holds its row while it checks that no run of it has
+/// started (a change of what a started run lists is refused): an attempt
+/// starting meanwhile waits for the save to commit, so it reads the
+/// storage as saved, or the save sees it started. It did not wait: a run
+/// started between the save's check and its commit went on in a listing
+/// that had moved under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_waits_for_a_save_of_its_storage_in_progress() {
+    use labelsync::db::{self, runs, storages};
+    let (app, db, run_id) = a_queued_run_and_the_database().await;
+    let storage_id = runs::get(&db, &run_id).await.expect("run").storage_id;
+    let save = db::begin_write(&db).await.expect("begin");
+    storages::lock(&save, storage_id).await.expect("lock");
+    let start = tokio::spawn({
+        let (db, run_id) = (db.clone(), run_id.clone());
+        async move { runs::begin_attempt(&db, &run_id, "attempt-a", LEASE_TTL).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !start.is_finished(),
+        "the attempt started while its storage's save was in progress"
+    );
+    save.commit().await.expect("commit");
+    let started = tokio::time::timeout(std::time::Duration::from_secs(10), start)
+        .await
+        .expect("the attempt starts once the save commits")
+        .expect("join")
+        .expect("begin");
+    assert!(matches!(started, runs::Attempt::Started(_)), "{started:?}");
+    app.stop().await;
+}
+
 const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A checkpoint's counters: one object listed.

@@ -83,6 +83,63 @@ async fn signed_run_events(embedded: bool) {
     app.stop().await;
 }
 
+/// A rotated secret still signs deliveries beside its successor for the
+/// time the PATCH keeps it (a day by default), so a receiver still on the
+/// old secret verifies every event while it is switched over; kept 0 s,
+/// it is dropped. A rotation replaced the secret at once: every receiver
+/// rejected every event until it had the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_signs_beside_its_successor_until_dropped() {
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let receiver = Receiver::start().await;
+    let (storage, hook) = project_with_webhook(&app, &receiver, 2).await;
+    let old = hook["secret"].as_str().expect("the secret").to_owned();
+    let new = labelsync::webhooks::generate_secret().expect("a secret");
+    let path = format!("/api/v1/webhooks/{}", hook["id"]);
+    let (status, rotated) = app.patch(&path, json!({ "secret": new })).await;
+    assert_eq!(status, 200, "{rotated}");
+    let until = rotated["previous_secret_expires_at"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .unwrap_or_else(|| panic!("until when the old secret signs: {rotated}"));
+    let kept = until
+        .signed_duration_since(chrono::Utc::now())
+        .num_seconds();
+    assert!((86_300..=86_400).contains(&kept), "{rotated}");
+    let run = app.sync(&storage["id"]).await;
+    let run_id = run["id"].as_str().expect("run id");
+    receiver
+        .wait_until(Duration::from_secs(30), |_| {
+            receiver.accepted_types_of_run(run_id).len() >= 3
+        })
+        .await;
+    for request in receiver.accepted() {
+        let signatures = &request.headers["webhook-signature"];
+        assert_eq!(signatures.split(' ').count(), 2, "{signatures}");
+    }
+    assert_eq!(receiver.verify_with_reference_library(&old), 3);
+    assert_eq!(receiver.verify_with_reference_library(&new), 3);
+    let (status, dropped) = app
+        .patch(&path, json!({ "keep_previous_secret_seconds": 0 }))
+        .await;
+    assert_eq!(status, 200, "{dropped}");
+    assert_eq!(
+        dropped["previous_secret_expires_at"],
+        Value::Null,
+        "{dropped}"
+    );
+    a_test_send_reaches_the_endpoint(&app, &hook, &receiver).await;
+    let last = receiver.accepted().last().expect("the test event").clone();
+    assert!(!last.headers["webhook-signature"].contains(' '), "{last:?}");
+    assert_eq!(receiver.verify_with_reference_library(&new), 4);
+    let (status, refused) = app
+        .patch(&path, json!({ "keep_previous_secret_seconds": 604_801 }))
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["code"], "invalid_body", "{refused}");
+    app.stop().await;
+}
+
 /// Neither GET, the list, nor the database shows the secret.
 async fn the_secret_is_never_shown_or_stored_again(app: &TestApp, hook: &Value, secret: &str) {
     let key = secret.trim_start_matches("whsec_");

@@ -29,6 +29,7 @@ mod m20261206_000020_batch_errors;
 mod m20261206_000021_annotations_by_task;
 mod m20261207_000022_outbox_object_keys;
 mod m20261207_000023_cancelled_runs_held;
+mod m20261207_000024_webhook_secret_rotation;
 
 pub struct Migrator;
 
@@ -59,6 +60,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000021_annotations_by_task::Migration),
             Box::new(m20261207_000022_outbox_object_keys::Migration),
             Box::new(m20261207_000023_cancelled_runs_held::Migration),
+            Box::new(m20261207_000024_webhook_secret_rotation::Migration),
         ]
     }
 }

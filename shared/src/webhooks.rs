@@ -5,7 +5,9 @@
 //! `whsec_<base64 of 24-64 random bytes>`; each attempt sends `webhook-id`
 //! (the event id, the same on every retry, for receivers to deduplicate),
 //! `webhook-timestamp` (Unix seconds of this attempt) and
-//! `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
+//! `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`
+//! (two, space-separated, while a rotated secret's predecessor still signs:
+//! see [`open_secrets`]).
 use std::{
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -94,14 +96,40 @@ pub fn seal_secret(secrets: &SecretBox, id: i64, secret: &str) -> Result<String>
     secrets.seal(&format!("webhook:{id}"), &map)
 }
 
-/// The key bytes of an endpoint's sealed secret.
-pub fn open_secret(secrets: &SecretBox, hook: &webhook::Model) -> Result<Vec<u8>> {
-    let map = secrets.open(&format!("webhook:{}", hook.id), &hook.secret)?;
+/// The keys an endpoint's deliveries are signed with now: its secret's,
+/// then, until `previous_secret_until`, the one a rotation replaced
+/// (Standard Webhooks lists a signature per key, space-separated, and a
+/// receiver accepts any one it can verify: one still on the old secret
+/// keeps accepting events while it is switched over).
+pub fn open_secrets(secrets: &SecretBox, hook: &webhook::Model) -> Result<Vec<Vec<u8>>> {
+    let mut keys = vec![open_sealed(secrets, hook.id, &hook.secret)?];
+    let until = hook.previous_secret_until;
+    if let Some(previous) = &hook.previous_secret
+        && until.is_some_and(|until| crate::clock::now() < until)
+    {
+        keys.push(open_sealed(secrets, hook.id, previous)?);
+    }
+    Ok(keys)
+}
+
+/// The key bytes of a secret sealed for the endpoint `id`.
+fn open_sealed(secrets: &SecretBox, id: i64, sealed: &str) -> Result<Vec<u8>> {
+    let map = secrets.open(&format!("webhook:{id}"), sealed)?;
     let secret = map
         .get("secret")
         .and_then(|v| v.as_str())
-        .ok_or_else(|| Error::Internal(format!("webhook {} has no secret", hook.id)))?;
+        .ok_or_else(|| Error::Internal(format!("webhook {id} has no secret")))?;
     secret_key(secret)
+}
+
+/// The `webhook-signature` header of one attempt: `v1,<signature>` for
+/// each key, space-separated.
+pub fn signatures(keys: &[Vec<u8>], msg_id: &str, timestamp: i64, body: &str) -> String {
+    let signed: Vec<String> = keys
+        .iter()
+        .map(|key| sign(key, msg_id, timestamp, body))
+        .collect();
+    signed.join(" ")
 }
 
 /// Sends events: a client with the SSRF guard's resolver, no redirects.
@@ -119,13 +147,19 @@ impl Sender {
         })
     }
 
-    /// One signed POST of `event` to `url`, as the attempt log records it.
-    pub async fn send(&self, url: &str, key: &[u8], event: &webhook_event::Model) -> AttemptLog {
+    /// One POST of `event` to `url` signed with each of `keys`, as the
+    /// attempt log records it.
+    pub async fn send(
+        &self,
+        url: &str,
+        keys: &[Vec<u8>],
+        event: &webhook_event::Model,
+    ) -> AttemptLog {
         let started_at = crate::clock::now();
         let clock = Instant::now();
         // The lookup of a literal-free URL's name is inside the limit too
         // (a receiver's own slow DNS would hold the lease past its TTL).
-        let answer = tokio::time::timeout(ATTEMPT_TIMEOUT, self.post(url, key, event))
+        let answer = tokio::time::timeout(ATTEMPT_TIMEOUT, self.post(url, keys, event))
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {} s", ATTEMPT_TIMEOUT.as_secs())));
         // Read outside the attempt's limit: a 2xx whose body never ends
@@ -156,7 +190,7 @@ impl Sender {
     async fn post(
         &self,
         url: &str,
-        key: &[u8],
+        keys: &[Vec<u8>],
         event: &webhook_event::Model,
     ) -> std::result::Result<reqwest::Response, String> {
         // Literal addresses skip the resolver: check them here too.
@@ -178,7 +212,7 @@ impl Sender {
             .header("webhook-timestamp", timestamp.to_string())
             .header(
                 "webhook-signature",
-                sign(key, &event.id, timestamp, &event.payload),
+                signatures(keys, &event.id, timestamp, &event.payload),
             )
             .body(event.payload.clone())
             .send()
@@ -345,8 +379,8 @@ impl Delivery<'_> {
         let secrets = self.secrets.ok_or_else(|| {
             Error::Internal("webhooks need LABELSYNC_SECRET_KEY to open their secrets".into())
         })?;
-        let key = open_secret(secrets, hook)?;
-        let log = self.sender.send(&hook.url, &key, event).await;
+        let keys = open_secrets(secrets, hook)?;
+        let log = self.sender.send(&hook.url, &keys, event).await;
         let after = self.after(hook, &log);
         tracing::info!(
             webhook_id = hook.id,
@@ -423,7 +457,7 @@ mod tests {
             payload: "{}".into(),
             created_at: crate::clock::now(),
         };
-        let log = sender.send(&url, b"key", &event).await;
+        let log = sender.send(&url, &[b"key".to_vec()], &event).await;
         assert_eq!(log.status_code, Some(200), "{:?}", log.error);
         assert_eq!(log.error, None);
         assert_eq!(log.response_body.as_deref(), Some("received"));

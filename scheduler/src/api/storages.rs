@@ -242,7 +242,8 @@ pub async fn update(
     let spec = spec_of(merged)?;
     // Before the storage is checked (which may take the storage's time);
     // the save checks again, with the run locked.
-    spec::refuse_moving_a_started_run(&state.db, &current, spec.moves(&current, &spec.config))
+    let moves = spec.moves(&current, &spec.config, &state.storage_env);
+    spec::refuse_moving_a_started_run(&state.db, &current, moves)
         .await
         .map_err(|err| match err {
             Error::Conflict(message) => ApiError::new(StatusCode::CONFLICT, "run_live", message),

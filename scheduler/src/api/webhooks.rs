@@ -45,9 +45,18 @@ fn to_json(hook: &webhook::Model) -> Value {
         "enabled": hook.enabled,
         "disabled_reason": hook.disabled_reason,
         "failing_since": hook.failing_since,
+        "previous_secret_expires_at": previous_secret_expires_at(hook),
         "created_at": hook.created_at,
         "updated_at": hook.updated_at,
     })
+}
+
+/// Until when the secret a rotation replaced still signs deliveries;
+/// `None` when none does any more.
+fn previous_secret_expires_at(hook: &webhook::Model) -> Option<chrono::DateTime<chrono::Utc>> {
+    hook.previous_secret.as_ref()?;
+    hook.previous_secret_until
+        .filter(|until| *until > labelsync::clock::now())
 }
 
 /// The body of `POST /webhooks`.
@@ -208,7 +217,17 @@ pub struct PatchBody {
     events: Option<Vec<String>>,
     enabled: Option<bool>,
     secret: Option<String>,
+    /// How long from now the secret replaced last still signs deliveries
+    /// beside the current one: with `secret`, the one it replaces (default
+    /// a day); 0 drops it at once.
+    keep_previous_secret_seconds: Option<i64>,
 }
+
+/// How long a rotated webhook secret's predecessor still signs deliveries
+/// unless the PATCH says otherwise.
+const KEEP_PREVIOUS_SECRET: i64 = 86_400;
+/// The longest a PATCH may keep it.
+const KEEP_PREVIOUS_SECRET_MAX: i64 = 7 * 86_400;
 
 pub async fn update(
     State(state): State<AppState>,
@@ -225,9 +244,13 @@ pub async fn update(
     if let Some(events) = body.events {
         row.events = Set(check_events(&events)?);
     }
-    if let Some(secret) = body.secret {
-        secret_key(&secret)?;
-        row.secret = Set(seal_secret(state.storage_env.secret_box()?, id, &secret)?);
+    let keep = body.keep_previous_secret_seconds;
+    if let Some(secret) = &body.secret {
+        rotate(&state, &mut row, secret)?;
+    }
+    if body.secret.is_some() || keep.is_some() {
+        let keep = keep.unwrap_or(KEEP_PREVIOUS_SECRET);
+        keep_previous_secret(&mut row, keep, body.secret.is_some())?;
     }
     if let Some(enabled) = body.enabled {
         row.enabled = Set(enabled);
@@ -240,6 +263,50 @@ pub async fn update(
         }
     }
     Ok(ApiJson(to_json(&webhooks::save(&state.db, row).await?)))
+}
+
+/// Replaces the endpoint's secret with `secret`, keeping the one it
+/// replaces as the previous one ([`keep_previous_secret`] says for how
+/// long). A rotation within that time keeps only the secret it replaced
+/// (the one before goes).
+fn rotate(state: &AppState, row: &mut webhook::ActiveModel, secret: &str) -> ApiResult<()> {
+    secret_key(secret)?;
+    let id = *row.id.as_ref();
+    let replaced = row.secret.as_ref().clone();
+    row.secret = Set(seal_secret(state.storage_env.secret_box()?, id, secret)?);
+    row.previous_secret = Set(Some(replaced));
+    Ok(())
+}
+
+/// Has the previous secret sign deliveries beside the current one for
+/// `keep` seconds from now, so receivers switched over meanwhile reject
+/// none; 0 drops it at once (one that leaked, or every receiver switched).
+/// One that no longer signs is not brought back unless it was `rotated`
+/// out just now.
+fn keep_previous_secret(row: &mut webhook::ActiveModel, keep: i64, rotated: bool) -> ApiResult<()> {
+    if !(0..=KEEP_PREVIOUS_SECRET_MAX).contains(&keep) {
+        return Err(labelsync::Error::invalid(
+            "invalid_body",
+            Some("keep_previous_secret_seconds"),
+            format!(
+                "keep_previous_secret_seconds must be 0 to {KEEP_PREVIOUS_SECRET_MAX} (seven days)"
+            ),
+        )
+        .into());
+    }
+    let now = labelsync::clock::now();
+    let signing = row.previous_secret.as_ref().is_some()
+        && row
+            .previous_secret_until
+            .as_ref()
+            .is_some_and(|until| now < until);
+    let kept = keep > 0 && (rotated || signing);
+    let until = now + chrono::Duration::seconds(keep);
+    if !kept {
+        row.previous_secret = Set(None);
+    }
+    row.previous_secret_until = Set(kept.then_some(until));
+    Ok(())
 }
 
 pub async fn delete(
@@ -264,12 +331,12 @@ pub async fn test(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<ApiJson<Value>> {
     let hook = find(&state, &caller, id).await?;
-    let key = labelsync::webhooks::open_secret(state.storage_env.secret_box()?, &hook)?;
+    let keys = labelsync::webhooks::open_secrets(state.storage_env.secret_box()?, &hook)?;
     // Held for two attempts' time: this one, and its recording.
     let held = labelsync::webhooks::ATTEMPT_TIMEOUT * 2;
     let (delivery, event) = webhooks::record_test(&state.db, &hook, held).await?;
     let sender = Sender::new(&state.settings.webhook_policy)?;
-    let log = sender.send(&hook.url, &key, &event).await;
+    let log = sender.send(&hook.url, &keys, &event).await;
     let after = if log.error.is_none() {
         webhooks::AfterAttempt::Delivered
     } else {

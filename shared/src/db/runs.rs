@@ -352,6 +352,7 @@ pub async fn begin_attempt(
     let now = chrono::SubsecRound::trunc_subsecs(crate::clock::now(), 6);
     let stale = now - chrono::Duration::from_std(lease_ttl).unwrap_or_default();
     let tx = super::begin_write(db).await?;
+    hold_the_storage(&tx, id).await?;
     let res = sync_run::Entity::update_many()
         .col_expr(C::Status, Expr::value(RunStatus::Running.as_str()))
         .col_expr(C::Attempts, Expr::col(C::Attempts).add(1))
@@ -395,6 +396,37 @@ pub async fn begin_attempt(
         Some(status) if status.is_live() => Attempt::Busy,
         _ => Attempt::Ended,
     })
+}
+
+/// Share-locks the storage of run `id` for an attempt's start (Postgres;
+/// SQLite's write transaction holds the whole database). A save of the
+/// storage holds its row exclusively while it checks that no run of it
+/// has started ([`crate::storage::spec::save`]): the start waits for the
+/// save to commit, and the attempt then reads the storage as saved; a save
+/// that comes second sees the run started. Taken before the run's row, in
+/// the save's order (storage, then run): no deadlock between the two. Key
+/// share, the weakest lock: starts of one storage's runs never wait for
+/// each other.
+async fn hold_the_storage(db: &impl ConnectionTrait, id: &str) -> Result<()> {
+    use super::entities::storage;
+    use sea_orm::sea_query::{LockType, Query};
+    storage::Entity::find()
+        .select_only()
+        .column(storage::Column::Id)
+        .filter(
+            storage::Column::Id.in_subquery(
+                Query::select()
+                    .column(sync_run::Column::StorageId)
+                    .from(sync_run::Entity)
+                    .and_where(sync_run::Column::Id.eq(id))
+                    .to_owned(),
+            ),
+        )
+        .lock(LockType::KeyShare)
+        .into_tuple::<i64>()
+        .one(db)
+        .await?;
+    Ok(())
 }
 
 /// The condition, on the run [`begin_attempt`] updates, that another run of

@@ -87,6 +87,8 @@ pub async fn create(
         url: Set(new.url),
         events: Set(new.events),
         secret: Set(String::new()),
+        previous_secret: Set(None),
+        previous_secret_until: Set(None),
         enabled: Set(true),
         disabled_reason: Set(None),
         failing_since: Set(None),

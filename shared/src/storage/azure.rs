@@ -650,6 +650,12 @@ impl super::Backend for Descriptor {
         config.get("container")?.as_str().map(str::to_owned)
     }
 
+    fn place(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<serde_json::Value> {
+        let c: AzureConfig = parse_config(BackendKind::Azure, config).ok()?;
+        let endpoint = super::endpoint_place(c.endpoint_url.as_deref());
+        Some(serde_json::json!([c.account_name, c.container, endpoint]))
+    }
+
     async fn validate(
         &self,
         config: &serde_json::Value,

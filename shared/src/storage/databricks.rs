@@ -490,6 +490,16 @@ impl super::Backend for Descriptor {
         Some((format!("{c}/{s}/{v}"), key))
     }
 
+    fn place(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<serde_json::Value> {
+        let c: DatabricksConfig = parse_config(BackendKind::Databricks, config).ok()?;
+        let host = match c.host.trim() {
+            bare if !bare.contains("://") => format!("https://{bare}"),
+            url => url.to_owned(),
+        };
+        let host = super::endpoint_place(Some(&host));
+        Some(serde_json::json!([host, c.catalog, c.schema, c.volume]))
+    }
+
     async fn validate(
         &self,
         config: &serde_json::Value,

@@ -701,6 +701,13 @@ impl super::Backend for Descriptor {
         )
     }
 
+    /// The directory under the document root (`data/` and `./data` are
+    /// `data`).
+    fn place(&self, config: &serde_json::Value, env: &StorageEnv) -> Option<serde_json::Value> {
+        self.uri_location(config, env)
+            .map(serde_json::Value::String)
+    }
+
     async fn validate(
         &self,
         config: &serde_json::Value,

@@ -115,6 +115,14 @@ pub trait Backend: Sync {
         Some((location.to_owned(), key))
     }
 
+    /// Where a config's objects are: the fields that decide which objects
+    /// its keys name (bucket, container, endpoint, directory, key prefix),
+    /// normalized, so that two configs with one place list the same objects
+    /// and write to the same ones. Credentials, regions, encryption, TLS
+    /// and addressing style are not part of it. `None` when the config does
+    /// not parse: a change to or from it counts as a move.
+    fn place(&self, config: &Value, env: &StorageEnv) -> Option<Value>;
+
     /// Checks a `config` for a create or update (syntax, required fields,
     /// the SSRF guard on endpoints); returns it normalized.
     async fn validate(&self, config: &Value, env: &StorageEnv) -> Result<Value>;
@@ -741,6 +749,17 @@ pub async fn check_location(
     Ok(endpoint_url)
 }
 
+/// An endpoint URL as a part of a [`Backend::place`]: scheme and host in
+/// lower case, a default port and a trailing `/` dropped; none (or blank)
+/// is `null`, the backend's own default.
+pub fn endpoint_place(url: Option<&str>) -> Value {
+    let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
+        return Value::Null;
+    };
+    let normal = reqwest::Url::parse(url).map_or_else(|_| url.to_owned(), String::from);
+    Value::String(normal.trim_end_matches('/').to_owned())
+}
+
 /// Parses a backend's config object with serde, naming the backend in the error.
 pub fn parse_config<T: serde::de::DeserializeOwned>(
     kind: BackendKind,
@@ -931,7 +950,120 @@ pub fn prefetch(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    /// A change of credentials, region, encryption or spelling leaves a
+    /// storage where it was (a target's export links kept, a started run's
+    /// source left alone); a bucket, endpoint, directory or key prefix
+    /// moves it. Every config was compared as JSON, so each of the first
+    /// kind counted as a move.
+    #[test]
+    fn a_place_is_where_the_objects_are_not_how_they_are_reached() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("data/sub")).expect("mkdir");
+        let env = StorageEnv {
+            document_root: Some(root.path().to_path_buf()),
+            ..StorageEnv::default()
+        };
+        let place = |kind, config: Value| backend(kind).place(&config, &env);
+        let same = [
+            (
+                BackendKind::S3,
+                json!({"bucket": "b"}),
+                json!({"bucket": "b", "region": "eu-west-1", "role_arn": "arn:aws:iam::1:role/r", "sse_kms_key_id": "k", "force_path_style": true}),
+            ),
+            (
+                BackendKind::S3,
+                json!({"bucket": "b", "endpoint_url": "http://127.0.0.1:9000"}),
+                json!({"bucket": "b", "endpoint_url": "HTTP://127.0.0.1:9000/"}),
+            ),
+            (
+                BackendKind::Gcs,
+                json!({"bucket": "b"}),
+                json!({"bucket": "b", "project_id": "p", "endpoint_url": " "}),
+            ),
+            (
+                BackendKind::Azure,
+                json!({"container": "c"}),
+                json!({"container": "c", "tenant_id": "t", "client_id": "i"}),
+            ),
+            (
+                BackendKind::Redis,
+                json!({"host": "Cache.local"}),
+                json!({"host": "cache.local", "port": 6379, "tls": true}),
+            ),
+            (
+                BackendKind::Local,
+                json!({"path": "data"}),
+                json!({"path": "./data/"}),
+            ),
+            (
+                BackendKind::Databricks,
+                json!({"host": "adb-1.net", "catalog": "c", "schema": "s", "volume": "v"}),
+                json!({"host": "https://ADB-1.net/", "catalog": "c", "schema": "s", "volume": "v"}),
+            ),
+        ];
+        for (kind, a, b) in same {
+            assert_eq!(
+                place(kind, a.clone()),
+                place(kind, b.clone()),
+                "{kind}: {a} and {b}"
+            );
+            assert!(place(kind, a.clone()).is_some(), "{kind}: {a}");
+        }
+        let moved = [
+            (
+                BackendKind::S3,
+                json!({"bucket": "b"}),
+                json!({"bucket": "c"}),
+            ),
+            (
+                BackendKind::S3,
+                json!({"bucket": "b"}),
+                json!({"bucket": "b", "endpoint_url": "http://127.0.0.1:9000"}),
+            ),
+            (
+                BackendKind::Gcs,
+                json!({"bucket": "b", "endpoint_url": "http://a:1"}),
+                json!({"bucket": "b", "endpoint_url": "http://a:2"}),
+            ),
+            (
+                BackendKind::Azure,
+                json!({"container": "c", "account_name": "x"}),
+                json!({"container": "c", "account_name": "y"}),
+            ),
+            (
+                BackendKind::Redis,
+                json!({"host": "h"}),
+                json!({"host": "h", "db": 1}),
+            ),
+            (
+                BackendKind::Redis,
+                json!({"host": "h"}),
+                json!({"host": "h", "path": "tasks:"}),
+            ),
+            (
+                BackendKind::Local,
+                json!({"path": "data"}),
+                json!({"path": "data/sub"}),
+            ),
+            (
+                BackendKind::Databricks,
+                json!({"host": "h", "catalog": "c", "schema": "s", "volume": "v"}),
+                json!({"host": "h", "catalog": "c", "schema": "s", "volume": "w"}),
+            ),
+        ];
+        for (kind, a, b) in moved {
+            assert_ne!(
+                place(kind, a.clone()),
+                place(kind, b.clone()),
+                "{kind}: {a} and {b}"
+            );
+        }
+        assert_eq!(place(BackendKind::S3, json!({"bucket": 1})), None);
+    }
 
     /// A server going round a cycle of tokens with pages that are not
     /// empty was followed for ever (only a token sent straight back, or

@@ -404,6 +404,13 @@ impl super::Backend for Descriptor {
         true
     }
 
+    /// The server, its database and the key prefix (not TLS).
+    fn place(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<serde_json::Value> {
+        let c: RedisConfig = parse_config(BackendKind::Redis, config).ok()?;
+        let host = c.host.trim().to_ascii_lowercase();
+        Some(serde_json::json!([host, c.port, c.db, c.path]))
+    }
+
     async fn validate(
         &self,
         config: &serde_json::Value,

@@ -844,6 +844,12 @@ impl super::Backend for Descriptor {
         config.get("bucket")?.as_str().map(str::to_owned)
     }
 
+    fn place(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<serde_json::Value> {
+        let c: S3Config = parse_config(BackendKind::S3, config).ok()?;
+        let endpoint = super::endpoint_place(c.endpoint_url.as_deref());
+        Some(serde_json::json!([c.bucket, endpoint]))
+    }
+
     async fn validate(
         &self,
         config: &serde_json::Value,

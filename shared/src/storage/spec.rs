@@ -435,15 +435,35 @@ impl StorageSpec {
 
     /// Whether saving this spec, its config as `config`, over `current`
     /// changes what a run of it works on: for a source, what it lists (its
-    /// config, prefix, recursion, import method); for a target, where it
-    /// writes (its config: a prefix changes the keys, which its links
+    /// place, prefix, recursion, import method); for a target, where it
+    /// writes (its place: a prefix changes the keys, which its links
     /// follow).
-    pub fn moves(&self, current: &storage::Model, config: &Value) -> bool {
-        *config != current.config
+    pub fn moves(&self, current: &storage::Model, config: &Value, env: &StorageEnv) -> bool {
+        self.moves_place(current, config, env)
             || (self.role == Role::Source
                 && (self.prefix != current.prefix
                     || self.recursive != current.recursive
                     || self.import_method != ImportMethod::of(current)))
+    }
+
+    /// Whether `config` names another place than `current`'s config
+    /// ([`Backend::place`]): another backend, bucket, endpoint or directory.
+    /// A change of credentials, region or encryption is not a move.
+    pub fn moves_place(&self, current: &storage::Model, config: &Value, env: &StorageEnv) -> bool {
+        if self.backend != current.backend {
+            return true;
+        }
+        let Ok(kind) = BackendKind::parse(&current.backend) else {
+            return true;
+        };
+        let backend = super::backend(kind);
+        match (
+            backend.place(config, env),
+            backend.place(&current.config, env),
+        ) {
+            (Some(new), Some(old)) => new != old,
+            _ => true,
+        }
     }
 
     /// The spec a saved row was made from (secrets are not recoverable and are
@@ -513,9 +533,10 @@ pub async fn save(
         // The storage, then its live run, then its links: the order a
         // storage's delete takes them in (no deadlock between the two).
         storages::lock(&txn, current.id).await?;
-        refuse_moving_a_started_run(&txn, current, spec.moves(current, &valid.config)).await?;
+        let moves = spec.moves(current, &valid.config, env);
+        refuse_moving_a_started_run(&txn, current, moves).await?;
         // A target moved elsewhere holds none of the annotations yet.
-        if spec.role == Role::Target && valid.config != current.config {
+        if spec.role == Role::Target && spec.moves_place(current, &valid.config, env) {
             exports::forget_links(&txn, current.id).await?;
         }
     }

@@ -13,6 +13,10 @@ pub struct Model {
     pub events: String,
     /// The signing secret, sealed under `LABELSYNC_SECRET_KEY`.
     pub secret: String,
+    /// The secret a rotation replaced, sealed as `secret` is: deliveries
+    /// are signed with both until `previous_secret_until`.
+    pub previous_secret: Option<String>,
+    pub previous_secret_until: Option<DateTimeUtc>,
     pub enabled: bool,
     pub disabled_reason: Option<String>,
     /// Since when every attempt failed; `None` after a success.
