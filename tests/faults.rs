@@ -1203,13 +1203,19 @@ async fn token_used_and_revoked(api: &mut RecordingClient) -> String {
 
 /// A bootstrap token short enough to guess is named at start, by its place
 /// in the list and never by its text; a long one is not (nothing said so).
+/// So is a secret key that is a placeholder (the compose file's default of
+/// 32 zero bytes): nothing said so, and secrets were sealed under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guessable_bootstrap_token_is_named_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let long = "k".repeat(40);
+    let zeros = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
     let (mut server, _) = logging_server(
         dir.path(),
-        &[("LABELSYNC_API_TOKENS", &format!("{long},hunter2"))],
+        &[
+            ("LABELSYNC_API_TOKENS", &format!("{long},hunter2")),
+            ("LABELSYNC_SECRET_KEY", zeros),
+        ],
     )
     .await;
     server.kill().unwrap();
@@ -1223,6 +1229,9 @@ async fn a_guessable_bootstrap_token_is_named_at_start() {
     assert_eq!(warned.len(), 1, "{log}");
     assert!(warned[0].contains("place=2"), "{}", warned[0]);
     assert!(!log.contains("hunter2") && !log.contains(&long), "{log}");
+    let placeholder = "LABELSYNC_SECRET_KEY is a placeholder";
+    assert_eq!(log.matches(placeholder).count(), 1, "{log}");
+    assert!(!log.contains(zeros), "{log}");
 }
 
 /// A log line without its terminal colour codes (`ESC [ ... m`).

@@ -73,6 +73,9 @@ pub async fn serve(
         tracing::warn!(%addr, "LABELSYNC_API_TOKENS is not set: the API is open to anyone on this machine");
     }
     warn_of_short_bootstrap_tokens(&settings);
+    if let Some(secrets) = &settings.secret_box {
+        secrets.warn_if_placeholder();
+    }
     // Bound before the database is: a wrong address fails the start at once.
     let probe_listener = settings
         .probe_bind

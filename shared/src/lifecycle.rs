@@ -131,6 +131,9 @@ pub async fn run_worker_process(settings: Settings) -> Result<()> {
     // exec, and one that failed (`bound_malloc_arenas`) leaves it so.
     #[cfg(unix)]
     let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::pipe());
+    if let Some(secrets) = &settings.secret_box {
+        secrets.warn_if_placeholder();
+    }
     let db = db::connect_worker(&settings.database_url, settings.worker.concurrency).await?;
     let queue = Queue::open(&settings, &db).await?;
     let bind = settings.worker.metrics_bind;

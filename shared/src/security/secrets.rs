@@ -15,10 +15,23 @@ use crate::{Error, Result};
 
 const PREFIX: &str = "v1.";
 
+/// Whether key bytes are a placeholder rather than random: fewer than 16
+/// distinct byte values among them (32 random bytes have about 30; fewer
+/// than 16 happens by chance less often than once in 2^50 keys).
+fn placeholder(bytes: &[u8]) -> bool {
+    let mut seen = [false; 256];
+    for b in bytes {
+        seen[usize::from(*b)] = true;
+    }
+    seen.iter().filter(|s| **s).count() < 16
+}
+
 /// The key that seals and opens secrets. Debug never shows it.
 pub struct SecretBox {
     key: LessSafeKey,
     rng: SystemRandom,
+    /// Whether the key is a placeholder, not random (see [`placeholder`]).
+    placeholder: bool,
 }
 
 impl std::fmt::Debug for SecretBox {
@@ -42,7 +55,21 @@ impl SecretBox {
         Ok(SecretBox {
             key: LessSafeKey::new(key),
             rng: SystemRandom::new(),
+            placeholder: placeholder(&bytes),
         })
+    }
+
+    /// Says at a process's start when the key is a placeholder (the
+    /// compose file's 32 zero bytes, a repeated pattern): whoever reads
+    /// the database can open every secret sealed under it. Kept a
+    /// warning, not a refusal: the compose file's default is for trying
+    /// labelsync out.
+    pub fn warn_if_placeholder(&self) {
+        if self.placeholder {
+            tracing::warn!(
+                "LABELSYNC_SECRET_KEY is a placeholder, not random bytes: anyone who reads the database can open the storage and webhook secrets sealed under it; set a random key (openssl rand -base64 32) before keeping real secrets (secrets saved meanwhile must be given again)"
+            );
+        }
     }
 
     /// Seals a secrets object for the storage `context` (its id, or any
@@ -92,6 +119,20 @@ impl SecretBox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The compose file's 32 zero bytes and a short pattern repeated are
+    /// placeholders; random keys are not.
+    #[test]
+    fn a_placeholder_key_is_told_from_a_random_one() {
+        assert!(placeholder(&[0u8; 32]));
+        assert!(placeholder(&[1u8, 2, 3, 4].repeat(8)));
+        let rng = SystemRandom::new();
+        for _ in 0..1000 {
+            let mut bytes = [0u8; 32];
+            rng.fill(&mut bytes).unwrap();
+            assert!(!placeholder(&bytes), "{bytes:?}");
+        }
+    }
 
     fn key() -> SecretBox {
         SecretBox::from_base64(&STANDARD.encode([7u8; 32])).unwrap()
