@@ -1195,6 +1195,45 @@ async fn revoked_streams_end_and_secrets_are_not_replayed() {
     app.stop().await;
 }
 
+/// A stream whose token cannot be looked up any more (the database fails
+/// that query) ends within half a minute of its token's last good check.
+/// A failed lookup kept the stream until the next one: a token revoked
+/// during an outage of its lookups was served for as long as it lasted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_token_cannot_be_checked_ends() {
+    use sea_orm::ConnectionTrait;
+    let app = tenancy_app().await;
+    let watcher = secret(&token(&app, "ops", None).await);
+    let mut stream = app
+        .client
+        .get(format!("{}/api/v1/events", app.base))
+        .bearer_auth(&watcher)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let opened = std::time::Instant::now();
+    // Its token's lookups fail from now on; the stream's own reads do not.
+    let db = labelsync::db::connect(&app.database_url).await.unwrap();
+    db.execute_unprepared("ALTER TABLE api_tokens RENAME TO api_tokens_away")
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(70), async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream went on without its token checked"
+    );
+    let after = opened.elapsed();
+    assert!(
+        (Duration::from_secs(20)..Duration::from_secs(50)).contains(&after),
+        "ended {after:?} after it opened: one failed lookup is not the end"
+    );
+    app.stop().await;
+}
+
 /// A network opened to storages is not opened to webhooks: with
 /// `LABELSYNC_ALLOW_PRIVATE_ENDPOINTS` set for an internal bucket, any
 /// tenant could aim a webhook at the same addresses and read the answers

@@ -471,20 +471,21 @@ fn addressed_to_loopback(headers: &header::HeaderMap) -> bool {
 
 /// Whether a caller let in earlier may still be served (a long stream asks
 /// again from time to time): a database token revoked or expired since is
-/// not. A failed lookup keeps the stream; the next check decides.
-pub async fn still_valid(state: &AppState, caller: &Caller) -> bool {
+/// not. `None` when the lookup failed: the caller decides how long it
+/// goes on without an answer.
+pub async fn still_valid(state: &AppState, caller: &Caller) -> Option<bool> {
     let Some(id) = caller.token_id else {
-        return true;
+        return Some(true);
     };
     match tokens::find(&state.db, id).await {
-        Ok(Some(token)) => {
+        Ok(Some(token)) => Some(
             token.revoked_at.is_none()
                 && token
                     .expires_at
-                    .is_none_or(|at| at > labelsync::clock::now())
-        }
-        Ok(None) => false,
-        Err(_) => true,
+                    .is_none_or(|at| at > labelsync::clock::now()),
+        ),
+        Ok(None) => Some(false),
+        Err(_) => None,
     }
 }
 

@@ -86,12 +86,17 @@ fn event(name: &'static str, run: &sync_run::Model) -> Result<Event, Infallible>
 /// How often a stream's token is checked again: a token revoked or
 /// expired while it watches ends its streams within this long.
 const RECHECK: Duration = Duration::from_secs(10);
+/// How long a stream goes on while its token cannot be looked up (the
+/// database does not answer): a blip keeps the stream, but a token revoked
+/// during a longer outage is not served for as long as it lasts.
+const UNCONFIRMED: Duration = Duration::from_secs(30);
 
-/// A stream's caller, when its token was last checked, and its place
-/// among the open streams (see `super::streams`).
+/// A stream's caller, when its token was last checked and last found
+/// valid, and its place among the open streams (see `super::streams`).
 struct Holder {
     caller: Caller,
     checked: tokio::time::Instant,
+    confirmed: tokio::time::Instant,
     _slot: super::streams::Slot,
 }
 
@@ -100,19 +105,30 @@ impl Holder {
     /// `Streams::events`).
     fn open(state: &AppState, caller: Caller) -> ApiResult<Self> {
         let slot = state.streams.open(&caller)?;
+        let now = tokio::time::Instant::now();
         Ok(Holder {
             caller,
-            checked: tokio::time::Instant::now(),
+            checked: now,
+            confirmed: now,
             _slot: slot,
         })
     }
 
+    /// Whether the stream may go on: its token was found valid within
+    /// [`UNCONFIRMED`] and is not found revoked or expired now.
     async fn still_valid(&mut self, state: &AppState) -> bool {
         if self.checked.elapsed() < RECHECK {
             return true;
         }
         self.checked = tokio::time::Instant::now();
-        super::access::still_valid(state, &self.caller).await
+        match super::access::still_valid(state, &self.caller).await {
+            Some(true) => {
+                self.confirmed = self.checked;
+                true
+            }
+            Some(false) => false,
+            None => self.confirmed.elapsed() < UNCONFIRMED,
+        }
     }
 }
 
