@@ -550,7 +550,13 @@ async fn an_attempt_waits_for_a_save_of_its_storage_in_progress() {
         let (db, run_id) = (db.clone(), run_id.clone());
         async move { runs::begin_attempt(&db, &run_id, "attempt-a", LEASE_TTL).await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // The attempt's query waits on a lock (not merely not run yet).
+    let waiting = "SELECT COUNT(*) AS n FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    labelsync_tests::eventually("the attempt waiting on the storage's row", || async {
+        start.is_finished() || app.count(waiting).await == 1
+    })
+    .await;
     assert!(
         !start.is_finished(),
         "the attempt started while its storage's save was in progress"

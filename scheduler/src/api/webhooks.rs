@@ -237,6 +237,7 @@ pub async fn update(
     ApiJson(body): ApiJson<PatchBody>,
 ) -> ApiResult<ApiJson<Value>> {
     let hook = find(&state, &caller, id).await?;
+    let read_at = hook.updated_at;
     let mut row = hook.into_active_model();
     if let Some(url) = body.url {
         row.url = Set(check_url(&state, &url).await?);
@@ -262,7 +263,9 @@ pub async fn update(
             row.disabled_reason = Set(Some("disabled by request".into()));
         }
     }
-    Ok(ApiJson(to_json(&webhooks::save(&state.db, row).await?)))
+    Ok(ApiJson(to_json(
+        &webhooks::save(&state.db, row, read_at).await?,
+    )))
 }
 
 /// Replaces the endpoint's secret with `secret`, keeping the one it
@@ -272,9 +275,14 @@ pub async fn update(
 fn rotate(state: &AppState, row: &mut webhook::ActiveModel, secret: &str) -> ApiResult<()> {
     secret_key(secret)?;
     let id = *row.id.as_ref();
+    let secrets = state.storage_env.secret_box()?;
     let replaced = row.secret.as_ref().clone();
-    row.secret = Set(seal_secret(state.storage_env.secret_box()?, id, secret)?);
-    row.previous_secret = Set(Some(replaced));
+    row.secret = Set(seal_secret(secrets, id, secret)?);
+    // One that no longer opens (sealed under an earlier
+    // LABELSYNC_SECRET_KEY: the very case a new secret mends) signs
+    // nothing: not kept.
+    let opens = labelsync::webhooks::sealed_opens(secrets, id, &replaced);
+    row.previous_secret = Set(opens.then_some(replaced));
     Ok(())
 }
 

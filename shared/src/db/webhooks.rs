@@ -17,7 +17,7 @@ use sea_orm::{
 use serde_json::Value;
 
 use super::entities::{webhook, webhook_attempt, webhook_delivery, webhook_event};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Every event type an endpoint can subscribe to.
 pub const EVENT_TYPES: [&str; 8] = [
@@ -170,13 +170,33 @@ pub async fn page(
     Ok(query.all(db).await?)
 }
 
-/// Writes a changed endpoint (its `updated_at` set here).
+/// Writes a changed endpoint (its `updated_at` set here) over the row as
+/// it was read, at `read_updated_at`: a `Conflict` when another request
+/// changed it since (two rotations at once: the first's new secret would
+/// be lost though its caller was told it was saved), `NotFound` when it
+/// is gone.
 pub async fn save(
     db: &impl ConnectionTrait,
     mut row: webhook::ActiveModel,
+    read_updated_at: DateTime<Utc>,
 ) -> Result<webhook::Model> {
+    let id = *row.id.as_ref();
     row.updated_at = Set(crate::clock::now());
-    Ok(row.update(db).await?)
+    // The columns the request changed (`Set`), not those it read.
+    let written = webhook::Entity::update_many()
+        .set(row)
+        .filter(webhook::Column::Id.eq(id))
+        .filter(webhook::Column::UpdatedAt.eq(read_updated_at))
+        .exec(db)
+        .await?;
+    let now = webhook::Entity::find_by_id(id).one(db).await?;
+    match (written.rows_affected, now) {
+        (0, Some(_)) => Err(Error::Conflict(format!(
+            "webhook {id} was changed by another request while this one ran; read it again and send the change again"
+        ))),
+        (_, Some(model)) => Ok(model),
+        (_, None) => Err(Error::NotFound(format!("webhook {id} not found"))),
+    }
 }
 
 /// Deletes an endpoint with its deliveries; false when there was none.

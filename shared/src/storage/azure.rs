@@ -650,10 +650,17 @@ impl super::Backend for Descriptor {
         config.get("container")?.as_str().map(str::to_owned)
     }
 
-    fn place(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<serde_json::Value> {
+    /// The account (the server's `AZURE_BLOB_ACCOUNT_NAME` when the
+    /// config names none; no place without one), the container and the
+    /// endpoint.
+    fn place(&self, config: &serde_json::Value, env: &StorageEnv) -> Option<serde_json::Value> {
         let c: AzureConfig = parse_config(BackendKind::Azure, config).ok()?;
         let endpoint = super::endpoint_place(c.endpoint_url.as_deref());
-        Some(serde_json::json!([c.account_name, c.container, endpoint]))
+        Some(serde_json::json!([
+            c.account(env).ok()?,
+            c.container,
+            endpoint
+        ]))
     }
 
     async fn validate(

@@ -701,11 +701,21 @@ impl super::Backend for Descriptor {
         )
     }
 
-    /// The directory under the document root (`data/` and `./data` are
-    /// `data`).
+    /// The directory under the document root as written, `.` segments and
+    /// a trailing `/` dropped (`data/` and `./data` are `data`). Symlinks
+    /// are not followed: a link to `data` is another place, whose target
+    /// can change.
     fn place(&self, config: &serde_json::Value, env: &StorageEnv) -> Option<serde_json::Value> {
-        self.uri_location(config, env)
-            .map(serde_json::Value::String)
+        let c: LocalConfig = serde_json::from_value(config.clone()).ok()?;
+        let root = paths::document_root(env.document_root.as_deref()).ok()?;
+        let path: std::path::PathBuf = root
+            .join(&c.path)
+            .components()
+            .filter(|part| !matches!(part, std::path::Component::CurDir))
+            .collect();
+        Some(serde_json::Value::String(
+            path.to_string_lossy().into_owned(),
+        ))
     }
 
     async fn validate(

@@ -750,14 +750,22 @@ pub async fn check_location(
 }
 
 /// An endpoint URL as a part of a [`Backend::place`]: scheme and host in
-/// lower case, a default port and a trailing `/` dropped; none (or blank)
-/// is `null`, the backend's own default.
+/// lower case, a default port dropped, and a path of `/` alone dropped;
+/// any other path kept as it is (a client joins its paths to the
+/// endpoint's, where `gcs` and `gcs/` differ); none (or blank) is `null`,
+/// the backend's own default.
 pub fn endpoint_place(url: Option<&str>) -> Value {
     let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
         return Value::Null;
     };
-    let normal = reqwest::Url::parse(url).map_or_else(|_| url.to_owned(), String::from);
-    Value::String(normal.trim_end_matches('/').to_owned())
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return Value::String(url.to_owned());
+    };
+    let text = String::from(parsed.clone());
+    match (parsed.path(), parsed.query(), parsed.fragment()) {
+        ("/", None, None) => Value::String(text.trim_end_matches('/').to_owned()),
+        _ => Value::String(text),
+    }
 }
 
 /// Parses a backend's config object with serde, naming the backend in the error.
@@ -963,8 +971,10 @@ mod tests {
     fn a_place_is_where_the_objects_are_not_how_they_are_reached() {
         let root = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(root.path().join("data/sub")).expect("mkdir");
+        std::os::unix::fs::symlink("data", root.path().join("link")).expect("symlink");
         let env = StorageEnv {
             document_root: Some(root.path().to_path_buf()),
+            azure_account_name: Some("acct".into()),
             ..StorageEnv::default()
         };
         let place = |kind, config: Value| backend(kind).place(&config, &env);
@@ -987,7 +997,12 @@ mod tests {
             (
                 BackendKind::Azure,
                 json!({"container": "c"}),
-                json!({"container": "c", "tenant_id": "t", "client_id": "i"}),
+                json!({"container": "c", "tenant_id": "t", "client_id": "i", "account_name": "acct"}),
+            ),
+            (
+                BackendKind::Gcs,
+                json!({"bucket": "b", "endpoint_url": "http://h:1/"}),
+                json!({"bucket": "b", "endpoint_url": "http://H:1"}),
             ),
             (
                 BackendKind::Redis,
@@ -1021,6 +1036,21 @@ mod tests {
             ),
             (
                 BackendKind::S3,
+                json!({"bucket": "b", "region": "us-east-1"}),
+                json!({"bucket": "b", "region": "cn-north-1"}),
+            ),
+            (
+                BackendKind::Gcs,
+                json!({"bucket": "b", "endpoint_url": "http://h/gcs"}),
+                json!({"bucket": "b", "endpoint_url": "http://h/gcs/"}),
+            ),
+            (
+                BackendKind::Local,
+                json!({"path": "data"}),
+                json!({"path": "link"}),
+            ),
+            (
+                BackendKind::S3,
                 json!({"bucket": "b"}),
                 json!({"bucket": "b", "endpoint_url": "http://127.0.0.1:9000"}),
             ),
@@ -1031,8 +1061,8 @@ mod tests {
             ),
             (
                 BackendKind::Azure,
-                json!({"container": "c", "account_name": "x"}),
-                json!({"container": "c", "account_name": "y"}),
+                json!({"container": "c", "account_name": "acctx"}),
+                json!({"container": "c", "account_name": "accty"}),
             ),
             (
                 BackendKind::Redis,

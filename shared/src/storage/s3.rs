@@ -815,6 +815,22 @@ impl Storage for S3Storage {
 }
 
 /// The s3 backend as [`super::backend`] lists it.
+/// The AWS partition a region is in, by its name's prefix (`aws` for the
+/// regions of the commercial partition).
+fn aws_partition(region: &str) -> &'static str {
+    [
+        ("cn-", "aws-cn"),
+        ("us-gov-", "aws-us-gov"),
+        ("us-isob-", "aws-iso-b"),
+        ("us-iso-", "aws-iso"),
+        ("eu-isoe-", "aws-iso-e"),
+        ("us-isof-", "aws-iso-f"),
+    ]
+    .into_iter()
+    .find_map(|(prefix, partition)| region.starts_with(prefix).then_some(partition))
+    .unwrap_or("aws")
+}
+
 pub struct Descriptor;
 
 #[async_trait::async_trait]
@@ -844,10 +860,17 @@ impl super::Backend for Descriptor {
         config.get("bucket")?.as_str().map(str::to_owned)
     }
 
+    /// The bucket and the endpoint; on AWS (no endpoint) the region's
+    /// partition too: a bucket name is unique within a partition only
+    /// (`cn-north-1`'s `b` is not `us-east-1`'s).
     fn place(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<serde_json::Value> {
         let c: S3Config = parse_config(BackendKind::S3, config).ok()?;
         let endpoint = super::endpoint_place(c.endpoint_url.as_deref());
-        Some(serde_json::json!([c.bucket, endpoint]))
+        let partition = match &endpoint {
+            serde_json::Value::Null => aws_partition(c.region.as_deref().unwrap_or_default()),
+            _ => "",
+        };
+        Some(serde_json::json!([c.bucket, endpoint, partition]))
     }
 
     async fn validate(
