@@ -144,32 +144,40 @@ async fn a_rotated_secret_signs_beside_its_successor_until_dropped() {
 /// Two rotations at once: one is saved and answered 200, the other is
 /// `409 conflict`, and deliveries are signed with the secret the 200 was
 /// for. Both were answered 200 and the first one's secret was lost (each
-/// wrote the row as it had read it). The database holds each update for
-/// half a second (a trigger), so that both read the row before either
-/// writes.
+/// wrote the row as it had read it). The test holds the row locked until
+/// both requests have read it and wait to write it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_rotations_at_once_do_not_lose_a_secret() {
-    use sea_orm::ConnectionTrait;
+    use sea_orm::{ConnectionTrait, TransactionTrait};
     let app = spawn_app(AppOptions::with_storages()).await;
     let receiver = Receiver::start().await;
     let (_, hook) = project_with_webhook(&app, &receiver, 1).await;
     let db = labelsync::db::connect(&app.database_url).await.expect("db");
-    db.execute_unprepared(
-        "CREATE FUNCTION slow_update() RETURNS trigger AS $$ \
-         BEGIN PERFORM pg_sleep(0.5); RETURN NEW; END $$ LANGUAGE plpgsql; \
-         CREATE TRIGGER slow_update BEFORE UPDATE ON webhooks \
-         FOR EACH ROW EXECUTE FUNCTION slow_update()",
-    )
+    let held = db.begin().await.expect("begin");
+    held.execute_unprepared(&format!(
+        "SELECT id FROM webhooks WHERE id = {} FOR UPDATE",
+        hook["id"]
+    ))
     .await
-    .expect("trigger");
+    .expect("lock");
     let path = format!("/api/v1/webhooks/{}", hook["id"]);
     let secrets: Vec<String> = (0..2)
         .map(|_| labelsync::webhooks::generate_secret().expect("a secret"))
         .collect();
     let body = |secret: &str| json!({ "secret": secret, "keep_previous_secret_seconds": 0 });
-    let (first, second) = tokio::join!(
+    let waiting = "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND query ILIKE 'UPDATE \"webhooks\"%'";
+    let release = async {
+        labelsync_tests::eventually("both updates waiting", || async {
+            app.count(waiting).await == 2
+        })
+        .await;
+        held.rollback().await.expect("rollback");
+    };
+    let (first, second, ()) = tokio::join!(
         app.patch(&path, body(&secrets[0])),
-        app.patch(&path, body(&secrets[1]))
+        app.patch(&path, body(&secrets[1])),
+        release
     );
     let statuses = [first.0, second.0];
     let saved = match statuses {
@@ -183,16 +191,13 @@ async fn two_rotations_at_once_do_not_lose_a_secret() {
         &second.1
     };
     assert_eq!(refused["error"]["code"], "conflict", "{refused}");
-    db.execute_unprepared("DROP TRIGGER slow_update ON webhooks")
-        .await
-        .expect("drop trigger");
     a_test_send_reaches_the_endpoint(&app, &hook, &receiver).await;
     assert_eq!(receiver.verify_with_reference_library(saved), 1);
     app.stop().await;
 }
 
-/// Rotated again, the replaced secret kept 3 s signs the next send, and
-/// not the one after its time.
+/// Rotated again, the replaced secret kept 5 s signs the next send, and
+/// not the one after its time (once the endpoint shows none kept).
 async fn a_kept_secret_stops_signing_when_its_time_is_up(
     app: &TestApp,
     hook: &Value,
@@ -200,8 +205,7 @@ async fn a_kept_secret_stops_signing_when_its_time_is_up(
 ) {
     let newer = labelsync::webhooks::generate_secret().expect("a secret");
     let path = format!("/api/v1/webhooks/{}", hook["id"]);
-    let body = json!({ "secret": newer, "keep_previous_secret_seconds": 3 });
-    let rotated_at = tokio::time::Instant::now();
+    let body = json!({ "secret": newer, "keep_previous_secret_seconds": 5 });
     let (status, rotated) = app.patch(&path, body).await;
     assert_eq!(status, 200, "{rotated}");
     let signatures = |receiver: &Receiver| {
@@ -210,11 +214,12 @@ async fn a_kept_secret_stops_signing_when_its_time_is_up(
     };
     a_test_send_reaches_the_endpoint(app, hook, receiver).await;
     assert_eq!(signatures(receiver), 2);
-    tokio::time::sleep_until(rotated_at + Duration::from_millis(3500)).await;
+    labelsync_tests::eventually("the kept secret's time up", || async {
+        app.get(&path).await.1["previous_secret_expires_at"].is_null()
+    })
+    .await;
     a_test_send_reaches_the_endpoint(app, hook, receiver).await;
     assert_eq!(signatures(receiver), 1);
-    let (_, shown) = app.get(&path).await;
-    assert_eq!(shown["previous_secret_expires_at"], Value::Null, "{shown}");
 }
 
 /// Neither GET, the list, nor the database shows the secret.

@@ -433,6 +433,46 @@ impl Delivery<'_> {
 mod tests {
     use super::*;
 
+    /// A previous secret that does not open (sealed under an earlier key)
+    /// is skipped: deliveries are signed with the current one alone, not
+    /// failed for the grace period.
+    #[test]
+    fn a_previous_secret_that_does_not_open_signs_nothing() {
+        let now = crate::clock::now();
+        let boxed = |byte: u8| SecretBox::from_base64(&STANDARD.encode([byte; 32])).unwrap();
+        let (current, earlier) = (boxed(7), boxed(9));
+        let secret = generate_secret().unwrap();
+        let previous = generate_secret().unwrap();
+        let hook = webhook::Model {
+            id: 1,
+            project_id: None,
+            url: "https://hooks.example/in".into(),
+            events: ",*,".into(),
+            secret: seal_secret(&current, 1, &secret).unwrap(),
+            previous_secret: Some(seal_secret(&earlier, 1, &previous).unwrap()),
+            previous_secret_until: Some(now + chrono::Duration::hours(1)),
+            enabled: true,
+            disabled_reason: None,
+            failing_since: None,
+            lease_owner: None,
+            lease_at: None,
+            created_at: now,
+            updated_at: now,
+        };
+        assert!(!sealed_opens(
+            &current,
+            1,
+            hook.previous_secret.as_deref().unwrap()
+        ));
+        let keys = open_secrets(&current, &hook).unwrap();
+        assert_eq!(keys, vec![secret_key(&secret).unwrap()]);
+        let opening = webhook::Model {
+            previous_secret: Some(seal_secret(&current, 1, &previous).unwrap()),
+            ..hook
+        };
+        assert_eq!(open_secrets(&current, &opening).unwrap().len(), 2);
+    }
+
     /// The example of the Standard Webhooks specification's test vectors.
     #[test]
     fn signature_matches_the_specification_example() {

@@ -171,8 +171,8 @@ pub async fn page(
 }
 
 /// Writes a changed endpoint (its `updated_at` set here) over the row as
-/// it was read, at `read_updated_at`: a `Conflict` when another request
-/// changed it since (two rotations at once: the first's new secret would
+/// it was read, at `read_updated_at`: a `Conflict` when it changed since
+/// (another PATCH, or its disabling after failures; two rotations at once: the first's new secret would
 /// be lost though its caller was told it was saved), `NotFound` when it
 /// is gone.
 pub async fn save(
@@ -187,15 +187,16 @@ pub async fn save(
         .set(row)
         .filter(webhook::Column::Id.eq(id))
         .filter(webhook::Column::UpdatedAt.eq(read_updated_at))
-        .exec(db)
+        .exec_with_returning(db)
         .await?;
-    let now = webhook::Entity::find_by_id(id).one(db).await?;
-    match (written.rows_affected, now) {
-        (0, Some(_)) => Err(Error::Conflict(format!(
-            "webhook {id} was changed by another request while this one ran; read it again and send the change again"
+    if let Some(saved) = written.into_iter().next() {
+        return Ok(saved);
+    }
+    match webhook::Entity::find_by_id(id).one(db).await? {
+        Some(_) => Err(Error::Conflict(format!(
+            "webhook {id} was changed by another request, or disabled after failures, while this one ran; read it again and send the change again"
         ))),
-        (_, Some(model)) => Ok(model),
-        (_, None) => Err(Error::NotFound(format!("webhook {id} not found"))),
+        None => Err(Error::NotFound(format!("webhook {id} not found"))),
     }
 }
 

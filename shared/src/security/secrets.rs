@@ -16,14 +16,15 @@ use crate::{Error, Result};
 const PREFIX: &str = "v1.";
 
 /// Whether key bytes are a placeholder rather than random: fewer than 16
-/// distinct byte values among them (32 random bytes have about 30; fewer
-/// than 16 happens by chance less often than once in 2^50 keys).
+/// distinct byte values among them (32 random bytes have about 30), or
+/// typed text, letters and digits only (a password encoded as the key).
+/// Random keys are either less often than once in 2^50.
 fn placeholder(bytes: &[u8]) -> bool {
     let mut seen = [false; 256];
     for b in bytes {
         seen[usize::from(*b)] = true;
     }
-    seen.iter().filter(|s| **s).count() < 16
+    seen.iter().filter(|s| **s).count() < 16 || bytes.iter().all(u8::is_ascii_alphanumeric)
 }
 
 /// The key that seals and opens secrets. Debug never shows it.
@@ -126,6 +127,7 @@ mod tests {
     fn a_placeholder_key_is_told_from_a_random_one() {
         assert!(placeholder(&[0u8; 32]));
         assert!(placeholder(&[1u8, 2, 3, 4].repeat(8)));
+        assert!(placeholder(b"0123456789abcdef0123456789abcdef"));
         let rng = SystemRandom::new();
         for _ in 0..1000 {
             let mut bytes = [0u8; 32];

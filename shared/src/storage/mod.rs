@@ -1040,6 +1040,16 @@ mod tests {
                 json!({"bucket": "b", "region": "cn-north-1"}),
             ),
             (
+                BackendKind::S3,
+                json!({"bucket": "b"}),
+                json!({"bucket": "b", "region": "eusc-de-east-1"}),
+            ),
+            (
+                BackendKind::S3,
+                json!({"bucket": "b"}),
+                json!({"bucket": "b", "region": "xx-new-1"}),
+            ),
+            (
                 BackendKind::Gcs,
                 json!({"bucket": "b", "endpoint_url": "http://h/gcs"}),
                 json!({"bucket": "b", "endpoint_url": "http://h/gcs/"}),

@@ -814,23 +814,34 @@ impl Storage for S3Storage {
     }
 }
 
-/// The s3 backend as [`super::backend`] lists it.
-/// The AWS partition a region is in, by its name's prefix (`aws` for the
-/// regions of the commercial partition).
-fn aws_partition(region: &str) -> &'static str {
-    [
+/// The AWS partition a region is in, as the SDK's endpoint rules name
+/// them: by prefix for the partitions apart, `aws` for a region of the
+/// commercial one (`us-east-1`, `eu-west-3`, ...), and the region's own
+/// name for one not known here (a new partition counts as another place).
+fn aws_partition(region: &str) -> &str {
+    const APART: [(&str, &str); 7] = [
         ("cn-", "aws-cn"),
         ("us-gov-", "aws-us-gov"),
         ("us-isob-", "aws-iso-b"),
+        ("us-isof-", "aws-iso-f"),
         ("us-iso-", "aws-iso"),
         ("eu-isoe-", "aws-iso-e"),
-        ("us-isof-", "aws-iso-f"),
-    ]
-    .into_iter()
-    .find_map(|(prefix, partition)| region.starts_with(prefix).then_some(partition))
-    .unwrap_or("aws")
+        ("eusc-", "aws-eusc"),
+    ];
+    const COMMERCIAL: [&str; 9] = ["us", "eu", "ap", "sa", "ca", "me", "af", "il", "mx"];
+    if let Some((_, partition)) = APART.iter().find(|(prefix, _)| region.starts_with(prefix)) {
+        return partition;
+    }
+    let parts: Vec<&str> = region.split('-').collect();
+    let commercial = parts.len() >= 3
+        && COMMERCIAL.contains(&parts[0])
+        && parts
+            .last()
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if commercial { "aws" } else { region }
 }
 
+/// The s3 backend as [`super::backend`] lists it.
 pub struct Descriptor;
 
 #[async_trait::async_trait]
@@ -866,8 +877,10 @@ impl super::Backend for Descriptor {
     fn place(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<serde_json::Value> {
         let c: S3Config = parse_config(BackendKind::S3, config).ok()?;
         let endpoint = super::endpoint_place(c.endpoint_url.as_deref());
-        let partition = match &endpoint {
-            serde_json::Value::Null => aws_partition(c.region.as_deref().unwrap_or_default()),
+        let partition = match (&endpoint, c.region.as_deref()) {
+            (serde_json::Value::Null, Some(region)) => aws_partition(region),
+            // The default region: the commercial partition's.
+            (serde_json::Value::Null, None) => "aws",
             _ => "",
         };
         Some(serde_json::json!([c.bucket, endpoint, partition]))
