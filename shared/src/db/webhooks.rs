@@ -172,9 +172,9 @@ pub async fn page(
 
 /// Writes a changed endpoint (its `updated_at` set here) over the row as
 /// it was read, at `read_updated_at`: a `Conflict` when it changed since
-/// (another PATCH, or its disabling after failures; two rotations at once: the first's new secret would
-/// be lost though its caller was told it was saved), `NotFound` when it
-/// is gone.
+/// (another PATCH, or its disabling after failures: of two rotations at
+/// once, the first's new secret would be lost though its caller was told
+/// it was saved), `NotFound` when it is gone.
 pub async fn save(
     db: &impl ConnectionTrait,
     mut row: webhook::ActiveModel,

@@ -61,7 +61,8 @@ impl SecretBox {
     }
 
     /// Says at a process's start when the key is a placeholder (the
-    /// compose file's 32 zero bytes, a repeated pattern): whoever reads
+    /// compose file's 32 zero bytes, a repeated pattern, typed text):
+    /// whoever reads
     /// the database can open every secret sealed under it. Kept a
     /// warning, not a refusal: the compose file's default is for trying
     /// labelsync out.

@@ -118,8 +118,8 @@ pub trait Backend: Sync {
     /// Where a config's objects are: the fields that decide which objects
     /// its keys name (bucket, container, endpoint, directory, key prefix),
     /// normalized, so that two configs with one place list the same objects
-    /// and write to the same ones. Credentials, regions, encryption, TLS
-    /// and addressing style are not part of it. `None` when the config does
+    /// and write to the same ones. Credentials, a region within its
+    /// partition, encryption, TLS and addressing style are not part of it. `None` when the config does
     /// not parse: a change to or from it counts as a move.
     fn place(&self, config: &Value, env: &StorageEnv) -> Option<Value>;
 
