@@ -14,7 +14,7 @@ use std::{
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rand::Rng;
 use ring::{
     hmac,
@@ -103,9 +103,8 @@ pub fn seal_secret(secrets: &SecretBox, id: i64, secret: &str) -> Result<String>
 /// keeps accepting events while it is switched over).
 pub fn open_secrets(secrets: &SecretBox, hook: &webhook::Model) -> Result<Vec<Vec<u8>>> {
     let mut keys = vec![open_sealed(secrets, hook.id, &hook.secret)?];
-    let until = hook.previous_secret_until;
     if let Some(previous) = &hook.previous_secret
-        && until.is_some_and(|until| crate::clock::now() < until)
+        && previous_signs_until(hook).is_some()
     {
         // The current secret is what counts: one that opens signs alone.
         match open_sealed(secrets, hook.id, previous) {
@@ -116,6 +115,14 @@ pub fn open_secrets(secrets: &SecretBox, hook: &webhook::Model) -> Result<Vec<Ve
         }
     }
     Ok(keys)
+}
+
+/// Until when the secret a rotation replaced still signs the endpoint's
+/// deliveries; `None` when none does (none kept, or its time is up).
+pub fn previous_signs_until(hook: &webhook::Model) -> Option<DateTime<Utc>> {
+    hook.previous_secret.as_ref()?;
+    hook.previous_secret_until
+        .filter(|until| crate::clock::now() < *until)
 }
 
 /// Whether a secret sealed for the endpoint `id` opens under `secrets`.

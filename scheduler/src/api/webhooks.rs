@@ -45,18 +45,10 @@ fn to_json(hook: &webhook::Model) -> Value {
         "enabled": hook.enabled,
         "disabled_reason": hook.disabled_reason,
         "failing_since": hook.failing_since,
-        "previous_secret_expires_at": previous_secret_expires_at(hook),
+        "previous_secret_expires_at": labelsync::webhooks::previous_signs_until(hook),
         "created_at": hook.created_at,
         "updated_at": hook.updated_at,
     })
-}
-
-/// Until when the secret a rotation replaced still signs deliveries;
-/// `None` when none does any more.
-fn previous_secret_expires_at(hook: &webhook::Model) -> Option<chrono::DateTime<chrono::Utc>> {
-    hook.previous_secret.as_ref()?;
-    hook.previous_secret_until
-        .filter(|until| *until > labelsync::clock::now())
 }
 
 /// The body of `POST /webhooks`.
@@ -238,6 +230,7 @@ pub async fn update(
 ) -> ApiResult<ApiJson<Value>> {
     let hook = find(&state, &caller, id).await?;
     let read_at = hook.updated_at;
+    let signing = labelsync::webhooks::previous_signs_until(&hook).is_some();
     let mut row = hook.into_active_model();
     if let Some(url) = body.url {
         row.url = Set(check_url(&state, &url).await?);
@@ -251,7 +244,7 @@ pub async fn update(
     }
     if body.secret.is_some() || keep.is_some() {
         let keep = keep.unwrap_or(KEEP_PREVIOUS_SECRET);
-        keep_previous_secret(&mut row, keep, body.secret.is_some())?;
+        keep_previous_secret(&mut row, keep, body.secret.is_some() || signing)?;
     }
     if let Some(enabled) = body.enabled {
         row.enabled = Set(enabled);
@@ -289,9 +282,9 @@ fn rotate(state: &AppState, row: &mut webhook::ActiveModel, secret: &str) -> Api
 /// Has the previous secret sign deliveries beside the current one for
 /// `keep` seconds from now, so receivers switched over meanwhile reject
 /// none; 0 drops it at once (one that leaked, or every receiver switched).
-/// One that no longer signs is not brought back unless it was `rotated`
-/// out just now.
-fn keep_previous_secret(row: &mut webhook::ActiveModel, keep: i64, rotated: bool) -> ApiResult<()> {
+/// `held`: there is one to keep, rotated out just now or still signing
+/// (one whose time is up is not brought back).
+fn keep_previous_secret(row: &mut webhook::ActiveModel, keep: i64, held: bool) -> ApiResult<()> {
     if !(0..=KEEP_PREVIOUS_SECRET_MAX).contains(&keep) {
         return Err(labelsync::Error::invalid(
             "invalid_body",
@@ -302,14 +295,8 @@ fn keep_previous_secret(row: &mut webhook::ActiveModel, keep: i64, rotated: bool
         )
         .into());
     }
-    let now = labelsync::clock::now();
-    let signing = row.previous_secret.as_ref().is_some()
-        && row
-            .previous_secret_until
-            .as_ref()
-            .is_some_and(|until| now < until);
-    let kept = keep > 0 && (rotated || signing);
-    let until = now + chrono::Duration::seconds(keep);
+    let kept = keep > 0 && held;
+    let until = labelsync::clock::now() + chrono::Duration::seconds(keep);
     if !kept {
         row.previous_secret = Set(None);
     }

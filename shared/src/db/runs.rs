@@ -401,7 +401,7 @@ pub async fn begin_attempt(
 /// Share-locks the storage of run `id` for an attempt's start (Postgres;
 /// SQLite's write transaction holds the whole database). A save of the
 /// storage holds its row exclusively while it checks that no run of it
-/// has started ([`crate::storage::spec::save`]): the start waits for the
+/// has started (the storage spec's `save`): the start waits for the
 /// save to commit, and the attempt then reads the storage as saved; a save
 /// that comes second sees the run started. Taken before the run's row, in
 /// the save's order (storage, then run): no deadlock between the two. Key

@@ -54,13 +54,21 @@ pub struct DatabricksConfig {
     pub volume: String,
 }
 
+/// The workspace URL a `host` names: a bare host means https; no
+/// trailing `/`.
+fn workspace_url(host: &str) -> String {
+    let url = if host.contains("://") {
+        host.to_owned()
+    } else {
+        format!("https://{host}")
+    };
+    url.trim_end_matches('/').to_owned()
+}
+
 impl DatabricksConfig {
     pub async fn parse(config: &serde_json::Value, env: &StorageEnv) -> Result<Self> {
         let mut config: DatabricksConfig = parse_config(BackendKind::Databricks, config)?;
-        if !config.host.contains("://") {
-            config.host = format!("https://{}", config.host);
-        }
-        config.host = config.host.trim_end_matches('/').to_owned();
+        config.host = workspace_url(&config.host);
         for (field, value) in [
             ("config.catalog", &config.catalog),
             ("config.schema", &config.schema),
@@ -492,11 +500,7 @@ impl super::Backend for Descriptor {
 
     fn place(&self, config: &serde_json::Value, _env: &StorageEnv) -> Option<serde_json::Value> {
         let c: DatabricksConfig = parse_config(BackendKind::Databricks, config).ok()?;
-        let host = match c.host.trim() {
-            bare if !bare.contains("://") => format!("https://{bare}"),
-            url => url.to_owned(),
-        };
-        let host = super::endpoint_place(Some(&host));
+        let host = super::endpoint_place(Some(&workspace_url(c.host.trim())));
         Some(serde_json::json!([host, c.catalog, c.schema, c.volume]))
     }
 

@@ -761,10 +761,10 @@ pub fn endpoint_place(url: Option<&str>) -> Value {
     let Ok(parsed) = reqwest::Url::parse(url) else {
         return Value::String(url.to_owned());
     };
-    let text = String::from(parsed.clone());
+    let text = parsed.as_str();
     match (parsed.path(), parsed.query(), parsed.fragment()) {
         ("/", None, None) => Value::String(text.trim_end_matches('/').to_owned()),
-        _ => Value::String(text),
+        _ => Value::String(text.to_owned()),
     }
 }
 
