@@ -646,22 +646,29 @@ fn paths_outside_the_root(good: &Value) -> Vec<(&'static str, Value, u16, &'stat
     cases
 }
 
-/// Local keys are paths: a prefix with an empty segment prefixes no key
-/// they can hold.
+/// Local keys are paths: a prefix with an empty segment, or a `..`
+/// between `\` separators, prefixes no key they can hold.
 fn prefixes_with_an_empty_segment(good: &Value) -> Vec<(&'static str, Value, u16, &'static str)> {
-    ["a//b", "a//", "a/b//c/"]
-        .into_iter()
-        .map(|prefix| {
-            let mut doubled = good.clone();
-            doubled["prefix"] = json!(prefix);
-            (
-                "a prefix with an empty segment",
-                doubled,
-                400,
-                "invalid_prefix",
-            )
-        })
-        .collect()
+    [
+        "a//b",
+        "a//",
+        "a/b//c/",
+        "a\\..\\b/",
+        "a/..\\b",
+        "a/%5c..%5cb/",
+    ]
+    .into_iter()
+    .map(|prefix| {
+        let mut doubled = good.clone();
+        doubled["prefix"] = json!(prefix);
+        (
+            "a prefix with an empty segment",
+            doubled,
+            400,
+            "invalid_prefix",
+        )
+    })
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -634,6 +634,7 @@ async fn databricks_keys_stay_in_their_volume() {
         "dbx://Volumes/c/s/v/../other_volume/secret.csv",
         "dbx://Volumes/c/s/v/%2e%2e/other_volume/secret.csv",
         "dbx://Volumes/c/s/v/.%2E/other_volume/secret.csv",
+        "dbx://Volumes/c/s/v/a\\..\\..\\other_volume\\secret.csv",
         "dbx://Volumes/c/s/v/./a.jpg",
         "dbx://Volumes/c/s/v//a.jpg",
     ] {

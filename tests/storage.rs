@@ -452,16 +452,24 @@ async fn the_write_check_removes_its_probe(storage: Arc<dyn Storage>) {
 
 /// Keys never leave the bucket, container or volume: `..` and `.`
 /// segments (plain or percent-encoded) and NULs are refused before any
-/// request (#14).
+/// request (#14); for path-shaped backends (Azure, whose service takes a
+/// `\` for a `/`, local, Databricks) between `\` separators too.
 async fn keys_never_leave_the_bucket(storage: Arc<dyn Storage>) {
     let kind = storage.kind();
-    for key in [
+    let path_shaped = matches!(
+        kind,
+        BackendKind::Azure | BackendKind::Local | BackendKind::Databricks
+    );
+    let backslashed = ["tree\\..\\..\\outside.txt", "tree/..\\outside.txt"];
+    let bad = [
         "../outside.txt",
         "tree/../../outside.txt",
         "tree/%2e%2e/%2E%2E/outside.txt",
         "./tree/a.json",
         "tree/a\0.json",
-    ] {
+    ];
+    let backslashed = backslashed.iter().filter(|_| path_shaped);
+    for key in bad.iter().chain(backslashed) {
         let results = [
             storage.get(key, None).await.map(|_| ()),
             storage.put(key, Bytes::from_static(b"x"), None).await,

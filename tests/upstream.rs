@@ -222,6 +222,336 @@ async fn a_kept_secret_stops_signing_when_its_time_is_up(
     assert_eq!(signatures(receiver), 1);
 }
 
+/// A new `LABELSYNC_SECRET_KEY` with the old one in
+/// `LABELSYNC_SECRET_KEY_FALLBACKS`: storages and webhooks saved under the
+/// old key work on, the scheduler counts them in `labelsync_secrets_sealed`,
+/// and `labelsync-scheduler reseal` seals them again under the new key (a
+/// kept previous webhook secret too; one whose time is up is dropped), so
+/// that after a restart without the fallback the new key alone opens them.
+/// Under a key that opens none, `reseal` names them, and a storage PATCH
+/// giving its secrets again (or a webhook's new secret) mends them. Before,
+/// a new key failed every storage and webhook saved under the old one, and
+/// a storage whose secrets did not open answered every PATCH with a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_secret_key_takes_over_what_the_old_one_sealed() {
+    let app = spawn_app(AppOptions::with_storages()).await;
+    let receiver = Receiver::start().await;
+    let project = app.project("rotated key").await;
+    let storage = s3s_source_with_two_objects(&app, project).await;
+    let (hook, first, second) = rotated_webhook(&app, &receiver, project, "*").await;
+    let (expired, _, _) = rotated_webhook(&app, &receiver, project, "export.failed").await;
+    let body = json!({ "url": receiver.url, "events": ["export.failed"], "project_id": project });
+    let (status, third) = app.post("/api/v1/webhooks", body).await;
+    assert_eq!(status, 201, "{third}");
+    let sql = format!(
+        "UPDATE webhooks SET previous_secret_until = now() - interval '1 hour' WHERE id = {}",
+        expired["id"]
+    );
+    execute(&app, &sql).await;
+    let (new_key, opens_nothing) = (key_of(100), key_of(200));
+    let rotating = [
+        ("LABELSYNC_SECRET_KEY", new_key.clone()),
+        (
+            "LABELSYNC_SECRET_KEY_FALLBACKS",
+            labelsync_tests::TEST_SECRET_KEY.to_owned(),
+        ),
+    ];
+    let text = sealed_counts_of_a_scheduler_of_its_own(&app, &rotating).await;
+    for (state, n) in [("current", 0.0), ("fallback", 5.0), ("unopenable", 0.0)] {
+        let found =
+            labelsync_tests::metric_samples(&text, "labelsync_secrets_sealed", &[("state", state)])
+                .next();
+        assert_eq!(found, Some(n), "{state}: {text}");
+    }
+    let app = app.restart_with(&rotating).await;
+    synced_and_signed_with_both(&app, &receiver, &storage, [&first, &second], 3).await;
+    // A rotation keeps the secret it replaces sealed under the new key, not
+    // as read (under the old one, which goes): `reseal` finds it current.
+    let newer = labelsync::webhooks::generate_secret().expect("a secret");
+    let path = format!("/api/v1/webhooks/{}", third["id"]);
+    let (status, rotated) = app.patch(&path, json!({ "secret": newer })).await;
+    assert_eq!(status, 200, "{rotated}");
+    let (code, tally) = reseal_cli(&app, &rotating);
+    assert_eq!(code, Some(0), "{tally}");
+    let counts = |t: &Value| {
+        [
+            t["current"].clone(),
+            t["resealed"].clone(),
+            t["fallback"].clone(),
+            t["expired_dropped"].clone(),
+        ]
+    };
+    assert_eq!(
+        counts(&tally),
+        [json!(6), json!(4), json!(0), json!(1)],
+        "{tally}"
+    );
+    let dropped = "SELECT count(*) AS n FROM webhooks WHERE previous_secret IS NULL AND previous_secret_until IS NULL";
+    assert_eq!(
+        app.count(dropped).await,
+        1,
+        "the expired previous secret dropped"
+    );
+    let app = app
+        .restart_with(&[("LABELSYNC_SECRET_KEY_FALLBACKS", String::new())])
+        .await;
+    synced_and_signed_with_both(&app, &receiver, &storage, [&first, &second], 6).await;
+    let (code, tally) = reseal_cli(&app, &[("LABELSYNC_SECRET_KEY", new_key)]);
+    assert_eq!(code, Some(0), "{tally}");
+    assert_eq!(
+        counts(&tally),
+        [json!(6), json!(0), json!(0), json!(0)],
+        "{tally}"
+    );
+    let (code, tally) = reseal_cli(&app, &[("LABELSYNC_SECRET_KEY", opens_nothing.clone())]);
+    assert_eq!(
+        (code, &tally["unopenable"]),
+        (Some(1), &json!(6)),
+        "{tally}"
+    );
+    let (s, h, e, t) = (&storage["id"], &hook["id"], &expired["id"], &third["id"]);
+    let named = json!([
+        format!("storage {s}"),
+        format!("webhook {h}"),
+        format!("webhook {h} (previous secret)"),
+        format!("webhook {e}"),
+        format!("webhook {t}"),
+        format!("webhook {t} (previous secret)"),
+    ]);
+    assert_eq!(tally["unopenable_in"], named, "{tally}");
+    a_stale_value_is_not_written_over(&app, &storage, &hook).await;
+    let app = app
+        .restart_with(&[("LABELSYNC_SECRET_KEY", opens_nothing)])
+        .await;
+    unopenable_secrets_are_mended_by_giving_them_again(&app, &receiver, &storage, &hook).await;
+    app.stop().await;
+}
+
+/// 32 bytes `from`, `from + 1`, ..., in base64: a key that is no
+/// placeholder.
+fn key_of(from: u8) -> String {
+    let bytes: Vec<u8> = (from..from + 32).collect();
+    base64::engine::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
+}
+
+async fn execute(app: &TestApp, sql: &str) {
+    use sea_orm::ConnectionTrait;
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    db.execute_unprepared(sql).await.expect(sql);
+}
+
+/// The re-seal's writes are conditional: a value changed since it was
+/// read is not written over.
+async fn a_stale_value_is_not_written_over(app: &TestApp, storage: &Value, hook: &Value) {
+    let db = labelsync::db::connect(&app.database_url).await.expect("db");
+    let stale = "v1.not-what-is-stored";
+    let id = storage["id"].as_i64().expect("id");
+    let swapped = labelsync::db::storages::swap_sealed(&db, id, stale, "v1.x").await;
+    assert!(!swapped.expect("swap"));
+    let id = hook["id"].as_i64().expect("id");
+    let swapped = labelsync::db::webhooks::swap_secret(&db, id, stale, "v1.x").await;
+    assert!(!swapped.expect("swap"));
+    let swapped = labelsync::db::webhooks::swap_previous_secret(&db, id, stale, "v1.x").await;
+    assert!(!swapped.expect("swap"));
+    // A previous secret is dropped only as it was read, time and all (a
+    // PATCH may have kept it longer meanwhile).
+    let row = labelsync::db::webhooks::find(&db, id)
+        .await
+        .expect("read")
+        .expect("the hook");
+    let previous = row.previous_secret.expect("a previous secret");
+    let other_time = row
+        .previous_secret_until
+        .map(|t| t - chrono::Duration::hours(1));
+    let dropped =
+        labelsync::db::webhooks::drop_expired_previous_secret(&db, id, &previous, other_time);
+    assert!(!dropped.await.expect("drop"));
+    let kept = "SELECT count(*) AS n FROM webhooks WHERE previous_secret IS NOT NULL";
+    assert_eq!(app.count(kept).await, 2, "hook and third keep theirs");
+    let written = "SELECT (SELECT count(*) FROM storages WHERE secrets = 'v1.x') \
+                   + (SELECT count(*) FROM webhooks WHERE 'v1.x' IN (secret, previous_secret)) AS n";
+    assert_eq!(app.count(written).await, 0);
+}
+
+/// Under a key that opens none of them: a webhook's new secret keeps no
+/// previous one it cannot open and signs alone; a storage PATCH that needs
+/// no secret is taken, one giving some of them is refused naming the
+/// others, one giving all replaces them (the storage syncs again).
+async fn unopenable_secrets_are_mended_by_giving_them_again(
+    app: &TestApp,
+    receiver: &Receiver,
+    storage: &Value,
+    hook: &Value,
+) {
+    let newest = labelsync::webhooks::generate_secret().expect("a secret");
+    let path = format!("/api/v1/webhooks/{}", hook["id"]);
+    let (status, rotated) = app.patch(&path, json!({ "secret": newest })).await;
+    assert_eq!(status, 200, "{rotated}");
+    assert_eq!(
+        rotated["previous_secret_expires_at"],
+        Value::Null,
+        "{rotated}"
+    );
+    a_test_send_reaches_the_endpoint(app, hook, receiver).await;
+    let last = receiver.accepted().last().expect("the test event").clone();
+    let signatures = &last.headers["webhook-signature"];
+    let key = labelsync::webhooks::secret_key(&newest).expect("key");
+    let (id, at) = (
+        &last.headers["webhook-id"],
+        &last.headers["webhook-timestamp"],
+    );
+    let at: i64 = at.parse().expect("a timestamp");
+    assert_eq!(
+        *signatures,
+        labelsync::webhooks::sign(&key, id, at, &last.body)
+    );
+    let path = format!("/api/v1/storages/{}", storage["id"]);
+    let (status, renamed) = app.patch(&path, json!({ "title": "renamed" })).await;
+    assert_eq!(status, 200, "{renamed}");
+    let key = std::env::var("TEST_S3S_ACCESS_KEY").unwrap_or_else(|_| "labelsync-test".into());
+    let secret =
+        std::env::var("TEST_S3S_SECRET_KEY").unwrap_or_else(|_| "labelsync-test-secret".into());
+    let (status, err) = app
+        .patch(&path, json!({ "secrets": { "access_key_id": key } }))
+        .await;
+    assert_eq!(
+        (status, &err["error"]["code"]),
+        (400, &json!("secrets_required")),
+        "{err}"
+    );
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("secrets.secret_access_key") && !message.contains(&secret),
+        "{message}"
+    );
+    let both = json!({ "secrets": { "access_key_id": key, "secret_access_key": secret } });
+    let (status, mended) = app.patch(&path, both).await;
+    assert_eq!(status, 200, "{mended}");
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+}
+
+/// Starts `labelsync-scheduler serve` of its own (its metrics are its own)
+/// on the app's database with `env`, and returns its `/metrics` text once
+/// it has counted the sealed secrets.
+async fn sealed_counts_of_a_scheduler_of_its_own(app: &TestApp, env: &[(&str, String)]) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = labelsync_tests::free_local_addr();
+    let server = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LABELSYNC_BIND", &addr)
+        .env("DATABASE_URL", &app.database_url)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start labelsync-scheduler serve");
+    let _server = labelsync_tests::Worker(server, None);
+    let url = format!("http://{addr}/metrics");
+    for _ in 0..300 {
+        if let Ok(resp) = reqwest::get(&url).await {
+            let text = resp.text().await.unwrap_or_default();
+            if text.contains("labelsync_secrets_sealed{") {
+                return text;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the scheduler of its own counted no sealed secrets within 30 s");
+}
+
+/// A source on s3s-fs (which checks credentials) holding two objects,
+/// saved with its secrets.
+async fn s3s_source_with_two_objects(app: &TestApp, project: i64) -> Value {
+    use labelsync_tests::backends::{bucket_name, create_s3_bucket, endpoint, put_s3_object};
+    let url = endpoint("TEST_S3S_ENDPOINT");
+    let key = std::env::var("TEST_S3S_ACCESS_KEY").unwrap_or_else(|_| "labelsync-test".into());
+    let secret =
+        std::env::var("TEST_S3S_SECRET_KEY").unwrap_or_else(|_| "labelsync-test-secret".into());
+    let bucket = bucket_name();
+    create_s3_bucket(&url, &key, &secret, &bucket).await;
+    for object in ["a.jpg", "b.jpg"] {
+        put_s3_object(&url, &key, &secret, &bucket, object).await;
+    }
+    let (status, storage) = app
+        .post(
+            "/api/v1/storages",
+            json!({
+                "project_id": project, "role": "source", "backend": "s3",
+                "config": { "bucket": bucket, "endpoint_url": url },
+                "secrets": { "access_key_id": key, "secret_access_key": secret },
+            }),
+        )
+        .await;
+    assert_eq!(status, 201, "{storage}");
+    storage
+}
+
+/// An endpoint of `project` for `events` whose secret was rotated once
+/// (the replaced one kept a day): the endpoint, its first and its second
+/// secret.
+async fn rotated_webhook(
+    app: &TestApp,
+    receiver: &Receiver,
+    project: i64,
+    events: &str,
+) -> (Value, String, String) {
+    let body = json!({ "url": receiver.url, "events": [events], "project_id": project });
+    let (status, hook) = app.post("/api/v1/webhooks", body).await;
+    assert_eq!(status, 201, "{hook}");
+    let first = hook["secret"].as_str().expect("the secret").to_owned();
+    let second = labelsync::webhooks::generate_secret().expect("a secret");
+    let path = format!("/api/v1/webhooks/{}", hook["id"]);
+    let (status, rotated) = app.patch(&path, json!({ "secret": second })).await;
+    assert_eq!(status, 200, "{rotated}");
+    (hook, first, second)
+}
+
+/// A sync of `storage` completes with its two tasks, and the receiver
+/// has `events` events, each signed by both `secrets`.
+async fn synced_and_signed_with_both(
+    app: &TestApp,
+    receiver: &Receiver,
+    storage: &Value,
+    secrets: [&str; 2],
+    events: usize,
+) {
+    let run = app.sync(&storage["id"]).await;
+    assert_eq!(run["status"], "completed", "{run}");
+    let project = storage["project_id"].as_i64().expect("project id");
+    assert_eq!(app.all_tasks(project).await.len(), 2);
+    receiver
+        .wait_until(Duration::from_secs(30), |got| got.len() >= events)
+        .await;
+    for secret in secrets {
+        assert_eq!(receiver.verify_with_reference_library(secret), events);
+    }
+}
+
+/// `labelsync-scheduler reseal` on the app's database with `env` (its
+/// keys): its exit code and the tally it printed.
+fn reseal_cli(app: &TestApp, env: &[(&str, String)]) -> (Option<i32>, Value) {
+    let out = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
+        .arg("reseal")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &app.database_url)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("labelsync-scheduler reseal");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let tally = serde_json::from_str(&stdout).unwrap_or_else(|_| {
+        panic!(
+            "not a tally: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), tally)
+}
+
 /// Neither GET, the list, nor the database shows the secret.
 async fn the_secret_is_never_shown_or_stored_again(app: &TestApp, hook: &Value, secret: &str) {
     let key = secret.trim_start_matches("whsec_");

@@ -58,6 +58,14 @@ pub enum Command {
         #[arg(long)]
         spec: PathBuf,
     },
+    /// Seal every stored secret that only a LABELSYNC_SECRET_KEY_FALLBACKS
+    /// key opens again under LABELSYNC_SECRET_KEY (run it once every
+    /// scheduler and worker has that key), and drop webhooks' previous
+    /// secrets whose time is up; prints `{"current", "resealed",
+    /// "fallback", "unopenable", "unopenable_in", "expired_dropped"}` and
+    /// exits 0 when every secret opens under the key alone (the fallbacks
+    /// can go), 1 when not.
+    Reseal,
     /// Manage API tokens (kept in the database).
     #[command(subcommand)]
     Token(crate::token_cli::TokenCommand),
@@ -79,8 +87,26 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Sync { spec, quiet } => sync(settings, &spec, quiet).await,
         Command::List { spec } => list(settings, &spec).await,
+        Command::Reseal => reseal(settings).await,
         Command::Token(command) => crate::token_cli::run(settings, command).await,
     }
+}
+
+/// One re-seal pass (`labelsync::reseal`), its tally printed as JSON.
+async fn reseal(settings: Settings) -> anyhow::Result<ExitCode> {
+    let Some(secrets) = settings.secret_box.clone() else {
+        bail!(
+            "reseal needs LABELSYNC_SECRET_KEY (and the old key in LABELSYNC_SECRET_KEY_FALLBACKS)"
+        );
+    };
+    let db = crate::token_cli::open_servers_database(&settings).await?;
+    let tally = labelsync::reseal::pass(&db, &secrets, labelsync::reseal::Mode::Reseal).await?;
+    println!("{}", serde_json::to_string(&tally)?);
+    Ok(if tally.settled() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Reads and validates a spec file.

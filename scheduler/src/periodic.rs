@@ -16,6 +16,7 @@ use chrono::Utc;
 use labelsync::{
     db::{run_retention::Counted, storages},
     jobs,
+    reseal::Mode,
 };
 
 use crate::api::AppState;
@@ -28,6 +29,7 @@ pub async fn run(state: AppState, tick: Duration) {
     // Its own task: deleting a backlog of old rows must not hold up the
     // syncs that are due. Aborted with this one.
     let _cleanup = labelsync::task::AbortOnDrop(tokio::spawn(clean_up(state.clone())));
+    let _count_sealed = labelsync::task::AbortOnDrop(tokio::spawn(count_sealed(state.clone())));
     let mut timer = tokio::time::interval(tick);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -74,6 +76,57 @@ async fn clean_up(state: AppState) {
         } else if prune_all(&state).await {
             full_due = tokio::time::Instant::now() + FULL_EVERY;
         }
+    }
+}
+
+/// Counts the sealed secrets by the key that opens them
+/// (`labelsync::reseal`, [`Mode::Count`]: nothing written) at start, then
+/// every [`COUNT_SEALED_EVERY`], for `labelsync_secrets_sealed` and the
+/// log. Sealing them again is the operator's step (`labelsync-scheduler
+/// reseal`), taken once every process has the new key: one still without
+/// it could not open what a pass here would seal. Nothing to do without a
+/// key.
+async fn count_sealed(state: AppState) {
+    let Some(secrets) = state.settings.secret_box.clone() else {
+        return;
+    };
+    // Not before the database has this binary's migrations (another
+    // process may be running them).
+    labelsync::lifecycle::wait_for_migrations(&state.db).await;
+    let mut timer = tokio::time::interval(COUNT_SEALED_EVERY);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        timer.tick().await;
+        match labelsync::reseal::pass(&state.db, &secrets, Mode::Count).await {
+            Ok(tally) => report_sealed(&tally, secrets.has_fallbacks()),
+            Err(err) => tracing::warn!(error = %err, "counting the sealed secrets failed"),
+        }
+    }
+}
+
+/// How often the scheduler counts the sealed secrets.
+const COUNT_SEALED_EVERY: Duration = Duration::from_secs(600);
+
+/// Logs what is left to the operator after a count.
+fn report_sealed(tally: &labelsync::reseal::Tally, fallbacks: bool) {
+    if tally.fallback > 0 {
+        tracing::info!(
+            count = tally.fallback,
+            "sealed secrets open only under a LABELSYNC_SECRET_KEY_FALLBACKS key: once every scheduler and worker has this LABELSYNC_SECRET_KEY, run `labelsync-scheduler reseal`"
+        );
+    }
+    if tally.unopenable > 0 {
+        tracing::warn!(
+            count = tally.unopenable,
+            among = tally.unopenable_in.join(", "),
+            "sealed secrets that neither LABELSYNC_SECRET_KEY nor a fallback key opens: give them again (a storage's secrets by PATCH, a webhook's secret by PATCH; a webhook's previous secret by PATCH keep_previous_secret_seconds 0)"
+        );
+    }
+    if fallbacks && tally.settled() {
+        tracing::info!(
+            current = tally.current,
+            "every sealed secret opens under LABELSYNC_SECRET_KEY alone: none needs LABELSYNC_SECRET_KEY_FALLBACKS"
+        );
     }
 }
 

@@ -63,7 +63,9 @@ pub async fn run(settings: Settings, command: TokenCommand) -> anyhow::Result<Ex
 /// worked. Migrated only where `LABELSYNC_RUN_MIGRATIONS` lets servers
 /// migrate: a newer CLI must not migrate a database its fleet still runs
 /// on when migrations are a step of their own.
-async fn open_servers_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+pub(crate) async fn open_servers_database(
+    settings: &Settings,
+) -> anyhow::Result<DatabaseConnection> {
     if let Some(path) = db::missing_sqlite_file(&settings.database_url) {
         bail!(
             "there is no database at {} (DATABASE_URL names it, or is unset): set DATABASE_URL to the servers' database, or run `labelsync-scheduler migrate` first to make a new one",

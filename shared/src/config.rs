@@ -116,7 +116,9 @@ pub struct Settings {
     /// hold a worker slot forever.
     pub storage_timeout: Duration,
     /// `LABELSYNC_SECRET_KEY`: 32 random bytes, base64; encrypts storage
-    /// secrets at rest. Without it, storages cannot be given secrets.
+    /// and webhook secrets at rest. Without it, storages cannot be given
+    /// secrets. With `LABELSYNC_SECRET_KEY_FALLBACKS`, the keys that open
+    /// what it does not (a rotation's old or next key).
     pub secret_box: Option<Arc<SecretBox>>,
     /// `LABELSYNC_ALLOW_PRIVATE_ENDPOINTS`: `true`, or a CIDR allowlist, to let
     /// storages reach private, loopback or link-local addresses (refused by default).
@@ -311,9 +313,7 @@ impl Settings {
             log_json: get("LABELSYNC_LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
             otlp_endpoint: get("OTEL_EXPORTER_OTLP_ENDPOINT"),
             storage_timeout: secs_within(&get, "LABELSYNC_STORAGE_TIMEOUT_SECS", 60, 86_400)?,
-            secret_box: get("LABELSYNC_SECRET_KEY")
-                .map(|k| SecretBox::from_base64(&k).map(Arc::new))
-                .transpose()?,
+            secret_box: secret_box(&get)?,
             endpoint_policy: NetPolicy::parse(get(net::STORAGES_SETTING).as_deref())?,
             webhook_policy: NetPolicy::parse_setting(
                 net::WEBHOOKS_SETTING,
@@ -425,6 +425,27 @@ fn http_limits(get: &impl Fn(&str) -> Option<String>) -> Result<HttpLimits> {
         write_timeout: secs_within(get, "LABELSYNC_WRITE_TIMEOUT_SECS", 300, 86_400)?,
         max_connections: parse(get, "LABELSYNC_MAX_CONNECTIONS", 1024)?.clamp(1, 1 << 20),
     })
+}
+
+/// `LABELSYNC_SECRET_KEY` with its `LABELSYNC_SECRET_KEY_FALLBACKS`;
+/// fallbacks without a key are refused (nothing would seal under them).
+fn secret_box(get: &impl Fn(&str) -> Option<String>) -> Result<Option<Arc<SecretBox>>> {
+    let fallbacks = get("LABELSYNC_SECRET_KEY_FALLBACKS").filter(|f| !f.trim().is_empty());
+    let Some(key) = get("LABELSYNC_SECRET_KEY") else {
+        return match fallbacks {
+            None => Ok(None),
+            Some(_) => Err(Error::invalid(
+                "invalid_setting",
+                None,
+                "LABELSYNC_SECRET_KEY_FALLBACKS is set without LABELSYNC_SECRET_KEY: fallback keys only open secrets; set the key they are sealed under from now on",
+            )),
+        };
+    };
+    let mut secret_box = SecretBox::from_base64(&key)?;
+    if let Some(list) = fallbacks {
+        secret_box = secret_box.with_fallbacks(&list)?;
+    }
+    Ok(Some(Arc::new(secret_box)))
 }
 
 /// Comma-separated tokens, blanks dropped; none when unset.
@@ -547,6 +568,31 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         Settings::from_lookup(move |key| map.get(key).cloned())
+    }
+
+    /// Fallback keys need a key to seal under; a bad one fails the start.
+    #[test]
+    fn secret_key_fallbacks_are_checked_at_start() {
+        let key = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+        let alone = with(&[("LABELSYNC_SECRET_KEY_FALLBACKS", key)]).unwrap_err();
+        assert!(
+            alone.to_string().contains("without LABELSYNC_SECRET_KEY"),
+            "{alone}"
+        );
+        let bad = with(&[
+            ("LABELSYNC_SECRET_KEY", key),
+            ("LABELSYNC_SECRET_KEY_FALLBACKS", "short"),
+        ])
+        .unwrap_err();
+        assert!(bad.to_string().contains("key 1 of"), "{bad}");
+        let both = with(&[
+            ("LABELSYNC_SECRET_KEY", key),
+            ("LABELSYNC_SECRET_KEY_FALLBACKS", key),
+        ])
+        .unwrap();
+        assert!(both.secret_box.unwrap().has_fallbacks());
+        let blank = with(&[("LABELSYNC_SECRET_KEY_FALLBACKS", " ")]).unwrap();
+        assert!(blank.secret_box.is_none());
     }
 
     /// Timer settings become intervals and deadlines: a zero heartbeat made

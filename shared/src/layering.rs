@@ -8,7 +8,8 @@
 //!
 //! The layers today, bottom to top: `error`, `kinds`, `json`, `security` ->
 //! `config`, `metrics`, `telemetry`, `http` -> `db` -> `storage` ->
-//! `attempt` -> `ingest`, `export` -> `jobs` -> `lifecycle`.
+//! `attempt` -> `ingest`, `export`, `webhooks` -> `jobs` -> `lifecycle`,
+//! `reseal`.
 //!
 //! A module's dependencies are the top-level modules its files name through
 //! `crate::x`, a `use crate::{x, ...}` group, or as many `super::` as it

@@ -28,7 +28,8 @@
 //! 7. [`jobs`]: job payloads, the queue (Redis or embedded SQLite, which
 //!    implements `FanOut`) and the handler both binaries register.
 //! 8. [`lifecycle`]: shutdown signal, readiness, `/metrics`, the worker's
-//!    probe listener and process loop.
+//!    probe listener and process loop; [`reseal`]: secrets sealed again
+//!    under a new `LABELSYNC_SECRET_KEY`.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod attempt;
@@ -44,6 +45,7 @@ pub mod json;
 pub mod kinds;
 pub mod lifecycle;
 pub mod metrics;
+pub mod reseal;
 pub mod security;
 pub mod storage;
 pub mod task;

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub queue_jobs: Gauge<i64>,
     pub worker_slots: Gauge<u64>,
     pub runs_held: Gauge<u64>,
+    pub secrets_sealed: Gauge<u64>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -101,6 +102,9 @@ impl Metrics {
         let meter = provider.meter("labelsync");
         let counter = |name: &'static str, help: &'static str| {
             meter.u64_counter(name).with_description(help).build()
+        };
+        let gauge = |name: &'static str, help: &'static str| {
+            meter.u64_gauge(name).with_description(help).build()
         };
         Metrics {
             jobs_started: counter("labelsync.jobs.started", "Job attempts started, by kind"),
@@ -156,18 +160,18 @@ impl Metrics {
                 .i64_gauge("labelsync.queue.jobs")
                 .with_description("Jobs in a queue, by queue and state (pending, running, dead)")
                 .build(),
-            worker_slots: meter
-                .u64_gauge("labelsync.worker.slots")
-                .with_description(
-                    "Jobs this worker process runs at once; one series per worker process",
-                )
-                .build(),
-            runs_held: meter
-                .u64_gauge("labelsync.runs.held")
-                .with_description(
-                    "Runs held in the database for their project's turn (LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT) or for room in the queue; recorded by the scheduler's tick",
-                )
-                .build(),
+            worker_slots: gauge(
+                "labelsync.worker.slots",
+                "Jobs this worker process runs at once; one series per worker process",
+            ),
+            runs_held: gauge(
+                "labelsync.runs.held",
+                "Runs held in the database for their project's turn (LABELSYNC_MAX_LIVE_RUNS_PER_PROJECT) or for room in the queue; recorded by the scheduler's tick",
+            ),
+            secrets_sealed: gauge(
+                "labelsync.secrets.sealed",
+                "Sealed storage and webhook secrets as the scheduler's last count found them, by state: current (LABELSYNC_SECRET_KEY opens them), fallback (only a LABELSYNC_SECRET_KEY_FALLBACKS key does: labelsync-scheduler reseal seals them again), unopenable (no key does: they must be given again)",
+            ),
             registry,
             provider,
         }
@@ -230,6 +234,18 @@ impl Metrics {
                     KeyValue::new("state", state),
                 ],
             );
+        }
+    }
+
+    /// Records what a pass over the sealed secrets found (`reseal::pass`).
+    pub fn record_sealed(&self, current: u64, fallback: u64, unopenable: u64) {
+        for (state, n) in [
+            ("current", current),
+            ("fallback", fallback),
+            ("unopenable", unopenable),
+        ] {
+            self.secrets_sealed
+                .record(n, &[KeyValue::new("state", state)]);
         }
     }
 

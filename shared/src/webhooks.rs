@@ -89,11 +89,16 @@ pub fn sign(key: &[u8], msg_id: &str, timestamp: i64, body: &str) -> String {
     format!("v1,{}", STANDARD.encode(tag.as_ref()))
 }
 
+/// The AEAD context binding an endpoint's sealed secrets to its row.
+pub fn secret_context(id: i64) -> String {
+    format!("webhook:{id}")
+}
+
 /// Seals a secret for the endpoint `id`.
 pub fn seal_secret(secrets: &SecretBox, id: i64, secret: &str) -> Result<String> {
     let mut map = serde_json::Map::new();
     map.insert("secret".into(), secret.into());
-    secrets.seal(&format!("webhook:{id}"), &map)
+    secrets.seal(&secret_context(id), &map)
 }
 
 /// The keys an endpoint's deliveries are signed with now: its secret's,
@@ -121,18 +126,18 @@ pub fn open_secrets(secrets: &SecretBox, hook: &webhook::Model) -> Result<Vec<Ve
 /// deliveries; `None` when none does (none kept, or its time is up).
 pub fn previous_signs_until(hook: &webhook::Model) -> Option<DateTime<Utc>> {
     hook.previous_secret.as_ref()?;
-    hook.previous_secret_until
-        .filter(|until| crate::clock::now() < *until)
+    signs_until(hook.previous_secret_until)
 }
 
-/// Whether a secret sealed for the endpoint `id` opens under `secrets`.
-pub fn sealed_opens(secrets: &SecretBox, id: i64, sealed: &str) -> bool {
-    open_sealed(secrets, id, sealed).is_ok()
+/// A kept previous secret's `previous_secret_until` while it is still to
+/// come; `None` once its time is up (or when none was set).
+pub fn signs_until(until: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    until.filter(|until| crate::clock::now() < *until)
 }
 
 /// The key bytes of a secret sealed for the endpoint `id`.
 fn open_sealed(secrets: &SecretBox, id: i64, sealed: &str) -> Result<Vec<u8>> {
-    let map = secrets.open(&format!("webhook:{id}"), sealed)?;
+    let map = secrets.open(&secret_context(id), sealed)?;
     let secret = map
         .get("secret")
         .and_then(|v| v.as_str())
@@ -466,11 +471,7 @@ mod tests {
             created_at: now,
             updated_at: now,
         };
-        assert!(!sealed_opens(
-            &current,
-            1,
-            hook.previous_secret.as_deref().unwrap()
-        ));
+        assert!(open_sealed(&current, 1, hook.previous_secret.as_deref().unwrap()).is_err());
         let keys = open_secrets(&current, &hook).unwrap();
         assert_eq!(keys, vec![secret_key(&secret).unwrap()]);
         let opening = webhook::Model {

@@ -609,12 +609,26 @@ impl TestApp {
 
     /// Stops the server and its in-process worker, surfacing their errors.
     pub async fn stop(mut self) {
+        self.stop_server().await;
+    }
+
+    async fn stop_server(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(handle) = self.handle.take() {
             handle.await.expect("server task").expect("server result");
         }
+    }
+
+    /// Stops the server and starts it again on the same database, queue
+    /// namespace and document root with `env` set over its settings (a
+    /// restart with a setting changed).
+    pub async fn restart_with(mut self, env: &[(&'static str, String)]) -> TestApp {
+        self.stop_server().await;
+        let mut vars = self.vars.clone();
+        vars.extend(env.iter().cloned());
+        start(vars, self.doc_root, self.database_url, self.token).await
     }
 }
 

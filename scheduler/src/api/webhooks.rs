@@ -7,6 +7,7 @@ use labelsync::{
         entities::{webhook, webhook_attempt, webhook_delivery},
         webhooks::{self, NewWebhook},
     },
+    security::secrets::Reseal,
     webhooks::{Sender, generate_secret, seal_secret, secret_key},
 };
 use sea_orm::{ActiveValue::Set, IntoActiveModel};
@@ -271,11 +272,17 @@ fn rotate(state: &AppState, row: &mut webhook::ActiveModel, secret: &str) -> Api
     let secrets = state.storage_env.secret_box()?;
     let replaced = row.secret.as_ref().clone();
     row.secret = Set(seal_secret(secrets, id, secret)?);
-    // One that no longer opens (sealed under an earlier
-    // LABELSYNC_SECRET_KEY: the very case a new secret mends) signs
-    // nothing: not kept.
-    let opens = labelsync::webhooks::sealed_opens(secrets, id, &replaced);
-    row.previous_secret = Set(opens.then_some(replaced));
+    // Kept sealed under the key: one copied as read, sealed under a
+    // fallback, would not open once the fallbacks go (`reseal` may have
+    // sealed the row's copy again meanwhile). One that no longer opens
+    // (sealed under a key given up: the very case a new secret mends)
+    // signs nothing: not kept.
+    let context = labelsync::webhooks::secret_context(id);
+    row.previous_secret = Set(match secrets.reseal(&context, &replaced)? {
+        Reseal::Current => Some(replaced),
+        Reseal::Sealed(resealed) => Some(resealed),
+        Reseal::Unopenable => None,
+    });
     Ok(())
 }
 

@@ -183,6 +183,44 @@ pub async fn set_secrets(
     Ok(saved)
 }
 
+/// Up to `limit` storages with sealed secrets and ids above `after`, in id
+/// order: `(id, sealed)`.
+pub async fn sealed_after(
+    db: &impl ConnectionTrait,
+    after: i64,
+    limit: u64,
+) -> Result<Vec<(i64, String)>> {
+    Ok(storage::Entity::find()
+        .select_only()
+        .column(storage::Column::Id)
+        .column(storage::Column::Secrets)
+        .filter(storage::Column::Id.gt(after))
+        .filter(storage::Column::Secrets.is_not_null())
+        .order_by_asc(storage::Column::Id)
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// Replaces storage `id`'s sealed secrets `old` with `new` (the same
+/// secrets sealed again); false when they are no longer `old` (a save in
+/// between wrote others, which stay). `updated_at` is left: a PATCH that
+/// read the row before is not refused for it.
+pub async fn swap_sealed(db: &impl ConnectionTrait, id: i64, old: &str, new: &str) -> Result<bool> {
+    let written = storage::Entity::update_many()
+        .col_expr(storage::Column::Secrets, Expr::value(new))
+        .filter(storage::Column::Id.eq(id))
+        .filter(storage::Column::Secrets.eq(old))
+        .exec(db)
+        .await?;
+    if written.rows_affected == 0 {
+        return Ok(false);
+    }
+    change_counters::bump(db, change_counters::STORAGES).await?;
+    Ok(true)
+}
+
 /// Deletes the storage (its links and runs go with it, ON DELETE CASCADE);
 /// false when there was no such storage.
 pub async fn delete(db: &impl ConnectionTrait, id: i64) -> Result<bool> {

@@ -200,6 +200,88 @@ pub async fn save(
     }
 }
 
+/// An endpoint's sealed secrets: `(id, secret, previous_secret,
+/// previous_secret_until)`.
+pub type Sealed = (i64, String, Option<String>, Option<DateTime<Utc>>);
+
+/// Up to `limit` endpoints' sealed secrets with ids above `after`, in id
+/// order.
+pub async fn sealed_after(
+    db: &impl ConnectionTrait,
+    after: i64,
+    limit: u64,
+) -> Result<Vec<Sealed>> {
+    Ok(webhook::Entity::find()
+        .select_only()
+        .column(webhook::Column::Id)
+        .column(webhook::Column::Secret)
+        .column(webhook::Column::PreviousSecret)
+        .column(webhook::Column::PreviousSecretUntil)
+        .filter(webhook::Column::Id.gt(after))
+        .order_by_asc(webhook::Column::Id)
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// Replaces endpoint `id`'s sealed secret `old` with `new` (the same
+/// secret sealed again); false when it is no longer `old` (a rotation in
+/// between). `updated_at` is left: a PATCH that read the row before is
+/// not refused for it.
+pub async fn swap_secret(db: &impl ConnectionTrait, id: i64, old: &str, new: &str) -> Result<bool> {
+    let written = webhook::Entity::update_many()
+        .col_expr(webhook::Column::Secret, Expr::value(new))
+        .filter(webhook::Column::Id.eq(id))
+        .filter(webhook::Column::Secret.eq(old))
+        .exec(db)
+        .await?;
+    Ok(written.rows_affected == 1)
+}
+
+/// Replaces endpoint `id`'s sealed previous secret `old` with `new`;
+/// false when it is no longer `old`. `updated_at` is left, as
+/// [`swap_secret`] leaves it.
+pub async fn swap_previous_secret(
+    db: &impl ConnectionTrait,
+    id: i64,
+    old: &str,
+    new: &str,
+) -> Result<bool> {
+    let written = webhook::Entity::update_many()
+        .col_expr(webhook::Column::PreviousSecret, Expr::value(new))
+        .filter(webhook::Column::Id.eq(id))
+        .filter(webhook::Column::PreviousSecret.eq(old))
+        .exec(db)
+        .await?;
+    Ok(written.rows_affected == 1)
+}
+
+/// Removes endpoint `id`'s previous secret `old` kept `until` (a time
+/// that is up), with its time; false when either changed since (a
+/// rotation, or a PATCH that kept it longer).
+pub async fn drop_expired_previous_secret(
+    db: &impl ConnectionTrait,
+    id: i64,
+    old: &str,
+    until: Option<DateTime<Utc>>,
+) -> Result<bool> {
+    let (no_secret, no_time): (Option<String>, Option<DateTime<Utc>>) = (None, None);
+    let kept_until = match until {
+        Some(until) => webhook::Column::PreviousSecretUntil.eq(until),
+        None => webhook::Column::PreviousSecretUntil.is_null(),
+    };
+    let written = webhook::Entity::update_many()
+        .col_expr(webhook::Column::PreviousSecret, Expr::value(no_secret))
+        .col_expr(webhook::Column::PreviousSecretUntil, Expr::value(no_time))
+        .filter(webhook::Column::Id.eq(id))
+        .filter(webhook::Column::PreviousSecret.eq(old))
+        .filter(kept_until)
+        .exec(db)
+        .await?;
+    Ok(written.rows_affected == 1)
+}
+
 /// Deletes an endpoint with its deliveries; false when there was none.
 pub async fn delete(db: &impl ConnectionTrait, id: i64) -> Result<bool> {
     Ok(webhook::Entity::delete_by_id(id)

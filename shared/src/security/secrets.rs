@@ -2,8 +2,15 @@
 //!
 //! A sealed value is `v1.<base64(nonce || ciphertext || tag)>`, with a fresh
 //! random nonce per value. The storage id is bound as associated data, so a
-//! sealed blob copied onto another storage row does not open there. The
-//! version prefix leaves room for key rotation (a `v2` with a key id).
+//! sealed blob copied onto another storage row does not open there.
+//!
+//! Key rotation: `LABELSYNC_SECRET_KEY_FALLBACKS` names keys that open but
+//! never seal (the key being replaced, or the next one while it is rolled
+//! out); [`SecretBox::reseal`] seals again under the current key what only
+//! a fallback opens (`labelsync-scheduler reseal`). No key id is stored:
+//! a value is tried under each key, so the format is the same `v1` every
+//! earlier binary reads, and a fleet can roll the change out one process
+//! at a time.
 use base64::{Engine, engine::general_purpose::STANDARD};
 use ring::{
     aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
@@ -27,9 +34,12 @@ fn placeholder(bytes: &[u8]) -> bool {
     seen.iter().filter(|s| **s).count() < 16 || bytes.iter().all(u8::is_ascii_alphanumeric)
 }
 
-/// The key that seals and opens secrets. Debug never shows it.
+/// The key that seals and opens secrets, and the fallbacks that only
+/// open. Debug never shows them.
 pub struct SecretBox {
     key: LessSafeKey,
+    /// Tried, in order, on what `key` does not open; never seal.
+    fallbacks: Vec<LessSafeKey>,
     rng: SystemRandom,
     /// Whether the key is a placeholder, not random (see [`placeholder`]).
     placeholder: bool,
@@ -44,20 +54,31 @@ impl std::fmt::Debug for SecretBox {
 impl SecretBox {
     /// Parses `LABELSYNC_SECRET_KEY`: 32 random bytes, base64 (`openssl rand -base64 32`).
     pub fn from_base64(encoded: &str) -> Result<Self> {
-        let bad = || {
-            Error::invalid(
-                "invalid_setting",
-                None,
-                "LABELSYNC_SECRET_KEY must be 32 random bytes in base64 (make one with `openssl rand -base64 32`)",
-            )
-        };
-        let bytes = STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
-        let key = UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| bad())?;
+        let (key, bytes) = parse_key(encoded, "LABELSYNC_SECRET_KEY")?;
         Ok(SecretBox {
-            key: LessSafeKey::new(key),
+            key,
+            fallbacks: Vec::new(),
             rng: SystemRandom::new(),
             placeholder: placeholder(&bytes),
         })
+    }
+
+    /// Adds `LABELSYNC_SECRET_KEY_FALLBACKS`: keys as for
+    /// [`from_base64`](Self::from_base64), comma-separated, that open what
+    /// the key does not (never seal). A bad one is named by its place in
+    /// the list, never by its text.
+    pub fn with_fallbacks(mut self, list: &str) -> Result<Self> {
+        let keys = list.split(',').map(str::trim).filter(|k| !k.is_empty());
+        for (place, encoded) in keys.enumerate() {
+            let name = format!("key {} of LABELSYNC_SECRET_KEY_FALLBACKS", place + 1);
+            self.fallbacks.push(parse_key(encoded, &name)?.0);
+        }
+        Ok(self)
+    }
+
+    /// Whether any fallback key is set.
+    pub fn has_fallbacks(&self) -> bool {
+        !self.fallbacks.is_empty()
     }
 
     /// Says at a process's start when the key is a placeholder (the
@@ -69,7 +90,7 @@ impl SecretBox {
     pub fn warn_if_placeholder(&self) {
         if self.placeholder {
             tracing::warn!(
-                "LABELSYNC_SECRET_KEY is a placeholder, not random bytes: anyone who reads the database can open the storage and webhook secrets sealed under it; set a random key (openssl rand -base64 32) before keeping real secrets (secrets saved meanwhile must be given again)"
+                "LABELSYNC_SECRET_KEY is a placeholder, not random bytes: anyone who reads the database can open the storage and webhook secrets sealed under it; set a random key (openssl rand -base64 32) with this one in LABELSYNC_SECRET_KEY_FALLBACKS until the scheduler has sealed the saved secrets again"
             );
         }
     }
@@ -94,28 +115,91 @@ impl SecretBox {
         Ok(format!("{PREFIX}{}", STANDARD.encode(out)))
     }
 
-    /// Opens what [`seal`](Self::seal) made for the same `context`.
+    /// Opens what [`seal`](Self::seal) made for the same `context`, under
+    /// the key or else a fallback.
     pub fn open(&self, context: &str, sealed: &str) -> Result<Map<String, Value>> {
-        let unreadable = || {
-            Error::Internal(
-                "stored secrets cannot be decrypted: LABELSYNC_SECRET_KEY is not the key they were saved with"
-                    .into(),
-            )
-        };
-        let raw = sealed
-            .strip_prefix(PREFIX)
-            .and_then(|b| STANDARD.decode(b).ok())
-            .filter(|raw| raw.len() > NONCE_LEN)
-            .ok_or_else(unreadable)?;
-        let (nonce, rest) = raw.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| unreadable())?;
-        let mut buf = rest.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(context.as_bytes()), &mut buf)
-            .map_err(|_| unreadable())?;
-        serde_json::from_slice(plain).map_err(|_| unreadable())
+        let raw = decode(sealed).ok_or_else(unreadable)?;
+        std::iter::once(&self.key)
+            .chain(&self.fallbacks)
+            .find_map(|key| open_with(key, context, &raw))
+            .ok_or_else(unreadable)
     }
+
+    /// What to store for `sealed` so that the key alone opens it (see
+    /// [`Reseal`]); an error only when sealing fails.
+    pub fn reseal(&self, context: &str, sealed: &str) -> Result<Reseal> {
+        let Some(raw) = decode(sealed) else {
+            return Ok(Reseal::Unopenable);
+        };
+        if open_with(&self.key, context, &raw).is_some() {
+            return Ok(Reseal::Current);
+        }
+        match self
+            .fallbacks
+            .iter()
+            .find_map(|key| open_with(key, context, &raw))
+        {
+            Some(secrets) => self.seal(context, &secrets).map(Reseal::Sealed),
+            None => Ok(Reseal::Unopenable),
+        }
+    }
+}
+
+/// What [`SecretBox::reseal`] found of a sealed value.
+#[derive(Debug, PartialEq)]
+pub enum Reseal {
+    /// The key opens it: nothing to do.
+    Current,
+    /// A fallback opened it: the same secrets sealed under the key, to be
+    /// stored in its place.
+    Sealed(String),
+    /// No key opens it (sealed under a key this process is not given, or
+    /// not a sealed value).
+    Unopenable,
+}
+
+/// One key of a setting (`name`): 32 bytes in base64; with its bytes.
+fn parse_key(encoded: &str, name: &str) -> Result<(LessSafeKey, Vec<u8>)> {
+    let bad = || {
+        Error::invalid(
+            "invalid_setting",
+            None,
+            format!(
+                "{name} must be 32 random bytes in base64 (make one with `openssl rand -base64 32`)"
+            ),
+        )
+    };
+    let bytes = STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
+    let key = UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| bad())?;
+    Ok((LessSafeKey::new(key), bytes))
+}
+
+/// The error for secrets no key opens.
+fn unreadable() -> Error {
+    Error::Internal(
+        "stored secrets cannot be decrypted: neither LABELSYNC_SECRET_KEY nor a key of LABELSYNC_SECRET_KEY_FALLBACKS is the key they were saved with"
+            .into(),
+    )
+}
+
+/// The nonce and sealed bytes of a `v1.` value, when it is one.
+fn decode(sealed: &str) -> Option<Vec<u8>> {
+    sealed
+        .strip_prefix(PREFIX)
+        .and_then(|b| STANDARD.decode(b).ok())
+        .filter(|raw| raw.len() > NONCE_LEN)
+}
+
+/// The secrets in `raw` (nonce, then sealed bytes) when `key` opens them
+/// for `context`.
+fn open_with(key: &LessSafeKey, context: &str, raw: &[u8]) -> Option<Map<String, Value>> {
+    let (nonce, rest) = raw.split_at(NONCE_LEN);
+    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let mut buf = rest.to_vec();
+    let plain = key
+        .open_in_place(nonce, Aad::from(context.as_bytes()), &mut buf)
+        .ok()?;
+    serde_json::from_slice(plain).ok()
 }
 
 #[cfg(test)]
@@ -158,6 +242,60 @@ mod tests {
         assert!(key().open("storage:1", &tampered).is_err());
         // Two seals of the same value differ (fresh nonce).
         assert_ne!(sealed, key().seal("storage:1", &secrets).unwrap());
+    }
+
+    /// A fallback opens what the key does not, never seals, and `reseal`
+    /// moves a value under the key; what no key opens stays an error.
+    #[test]
+    fn a_fallback_opens_until_its_secrets_are_sealed_again() {
+        let secrets: Map<String, Value> = serde_json::from_str(r#"{"token":"t0k"}"#).unwrap();
+        let old = key();
+        let sealed_old = old.seal("storage:1", &secrets).unwrap();
+        let new_key = STANDARD.encode([9u8; 32]);
+        let rotated = SecretBox::from_base64(&new_key)
+            .unwrap()
+            .with_fallbacks(&format!(" , {} ,", STANDARD.encode([7u8; 32])))
+            .unwrap();
+        assert!(rotated.has_fallbacks());
+        assert_eq!(rotated.open("storage:1", &sealed_old).unwrap(), secrets);
+        assert!(rotated.open("storage:2", &sealed_old).is_err());
+        let Reseal::Sealed(resealed) = rotated.reseal("storage:1", &sealed_old).unwrap() else {
+            panic!("not sealed again");
+        };
+        let alone = SecretBox::from_base64(&new_key).unwrap();
+        assert_eq!(alone.open("storage:1", &resealed).unwrap(), secrets);
+        assert!(
+            old.open("storage:1", &resealed).is_err(),
+            "sealed under the key"
+        );
+        assert_eq!(
+            rotated.reseal("storage:1", &resealed).unwrap(),
+            Reseal::Current
+        );
+        let fresh = rotated.seal("storage:1", &secrets).unwrap();
+        assert!(
+            old.open("storage:1", &fresh).is_err(),
+            "fallbacks never seal"
+        );
+        for unopenable in [sealed_old.as_str(), "v1.garbage", "plain"] {
+            let found = alone.reseal("storage:1", unopenable).unwrap();
+            assert_eq!(found, Reseal::Unopenable, "{unopenable}");
+        }
+        assert!(alone.open("storage:1", &sealed_old).is_err());
+    }
+
+    #[test]
+    fn a_bad_fallback_is_named_by_its_place() {
+        let good = STANDARD.encode([1u8; 32]);
+        let err = key()
+            .with_fallbacks(&format!("{good},hunter2"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key 2 of LABELSYNC_SECRET_KEY_FALLBACKS"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

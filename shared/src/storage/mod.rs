@@ -510,7 +510,8 @@ pub enum KeyShape {
     /// since a URL or a client may fold them.
     Name,
     /// Paths (local files, Databricks volumes, Azure through object_store):
-    /// empty segments are folded too, so they are refused as well.
+    /// empty segments are folded too, so they are refused as well, and a
+    /// `\` may be read as a `/` (Azure's service does).
     Path,
 }
 
@@ -518,7 +519,8 @@ pub enum KeyShape {
 /// spelled plainly or percent-encoded (`%2e%2e`, which URL parsers fold like
 /// `..`), no NUL (no file name can hold one), not empty; with
 /// [`KeyShape::Path`], no empty segment either (a leading, doubled or
-/// trailing `/`). A refused key is `invalid_key` (HTTP 400), and no request
+/// trailing `/`), and a `\` or an encoded `/` or `\` (`%2f`, `%5c`) counts
+/// as a separator for the dot segments. A refused key is `invalid_key` (HTTP 400), and no request
 /// is made: keys come from task URIs, so they are user input.
 pub fn check_key(key: &str, shape: KeyShape) -> Result<()> {
     let refuse = |why: &str| {
@@ -542,11 +544,24 @@ pub fn check_key(key: &str, shape: KeyShape) -> Result<()> {
             continue;
         }
         let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
-        if decoded == "." || decoded == ".." {
+        if dot_segment(&decoded, shape) {
             return refuse("has a '.' or '..' segment; keys name objects inside the storage");
         }
     }
     Ok(())
+}
+
+/// Whether a key's segment, percent-decoded, is a `.` or `..` segment, or
+/// with [`KeyShape::Path`] holds one between `\` or decoded `/`
+/// separators: Azure takes a `\` in a blob name for a `/`, and a path's
+/// reader may split where a decoded `/` is.
+fn dot_segment(decoded: &str, shape: KeyShape) -> bool {
+    match shape {
+        KeyShape::Name => decoded == "." || decoded == "..",
+        KeyShape::Path => decoded
+            .split(['/', '\\'])
+            .any(|part| part == "." || part == ".."),
+    }
 }
 
 /// Settings the backends need from the deployment.
@@ -1169,6 +1184,22 @@ mod tests {
             ] {
                 assert!(check_key(good, shape).is_ok(), "{good:?} ({shape:?})");
             }
+        }
+        // A `\` or a decoded `/` separates a path's segments too (Azure
+        // turns `\` into `/`); to S3, GCS and Redis they are characters.
+        for key in [
+            "a\\..\\b",
+            "..\\a",
+            "a\\.",
+            "a/%5c..%5cb",
+            "a%2f..%2fb",
+            "a/..\\b",
+        ] {
+            assert!(refused(key, KeyShape::Path), "{key:?}");
+            assert!(check_key(key, KeyShape::Name).is_ok(), "{key:?}");
+        }
+        for key in ["dir\\a.jpg", "a\\..b", "a%5cb", "a%2fb"] {
+            assert!(check_key(key, KeyShape::Path).is_ok(), "{key:?}");
         }
         // Empty segments mean something to S3 and GCS, nothing to paths.
         for key in ["/a", "a//b", "a/"] {

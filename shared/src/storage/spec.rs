@@ -299,22 +299,27 @@ impl StorageSpec {
     }
 
     /// On a backend whose keys are paths, a prefix with an empty segment (a
-    /// doubled `/`, or more than one at its end) prefixes no key it can
-    /// hold (`storage::check_key` refuses them): a source would list
-    /// nothing, and a target would fail every export. Checked when a
-    /// prefix is set, not when a PATCH keeps one saved before the rule.
+    /// doubled `/`, or more than one at its end) or a `.` or `..` between
+    /// `\` separators prefixes no key it can hold (`storage::check_key`
+    /// refuses them): a source would list nothing, and a target would fail
+    /// every export. Checked when a prefix is set, not when a PATCH keeps
+    /// one saved before the rule.
     fn check_path_prefix(&self, kind: BackendKind) -> Result<()> {
         // No prefix is fine; "/" was refused as absolute before.
         let trimmed = self.prefix.strip_suffix('/').unwrap_or(&self.prefix);
         let empty_segment = !trimmed.is_empty() && trimmed.split('/').any(str::is_empty);
-        if kind.key_shape() != KeyShape::Path || !empty_segment {
+        let dot_segment = trimmed.split('/').any(|segment| {
+            let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+            super::dot_segment(&decoded, KeyShape::Path)
+        });
+        if kind.key_shape() != KeyShape::Path || !(empty_segment || dot_segment) {
             return Ok(());
         }
         Err(Error::invalid(
             "invalid_prefix",
             Some("prefix"),
             format!(
-                "on a {} storage keys are paths: the prefix must not have an empty segment (a doubled '/', or more than one at its end)",
+                "on a {} storage keys are paths: the prefix must not have an empty segment (a doubled '/', or more than one at its end), nor a '.' or '..' between '\\' separators",
                 self.backend
             ),
         ))
@@ -508,10 +513,7 @@ pub async fn save(
     current: Option<&storage::Model>,
     env: &StorageEnv,
 ) -> Result<storage::Model> {
-    let mut secrets = match current {
-        Some(current) => secrets_of(current, env)?.as_map().clone(),
-        None => Map::new(),
-    };
+    let mut secrets = stored_secrets(current, valid, env)?;
     let changed = valid.secrets.as_ref().is_some_and(|given| {
         for (name, value) in given.as_map() {
             match value.as_str() {
@@ -571,6 +573,46 @@ pub async fn save(
     };
     txn.commit().await?;
     Ok(row)
+}
+
+/// The stored secrets a save merges the given ones into, opened; none
+/// when it gives none (the sealed ones are then left as they are). Ones no
+/// key opens (sealed under a key this server does not have) are replaced
+/// by a save that gives each of them again, or removes it: the way to mend
+/// them; one that leaves any out is refused, naming them.
+fn stored_secrets(
+    current: Option<&storage::Model>,
+    valid: &ValidSpec,
+    env: &StorageEnv,
+) -> Result<Map<String, Value>> {
+    let (Some(current), Some(given)) = (current, valid.secrets.as_ref()) else {
+        return Ok(Map::new());
+    };
+    let err = match secrets_of(current, env) {
+        Ok(secrets) => return Ok(secrets.as_map().clone()),
+        // This server has no key at all: said as it is.
+        Err(err @ Error::Invalid { .. }) => return Err(err),
+        Err(err) => err,
+    };
+    let stored = current.secrets_set.as_array().cloned().unwrap_or_default();
+    let left_out: Vec<String> = stored
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|name| !given.as_map().contains_key(*name))
+        .map(|name| format!("secrets.{name}"))
+        .collect();
+    if !left_out.is_empty() {
+        return Err(Error::invalid(
+            "secrets_required",
+            Some("secrets"),
+            format!(
+                "the storage's stored secrets cannot be opened ({err}): give each of them again to replace them ({}), or remove it with \"\"",
+                left_out.join(", ")
+            ),
+        ));
+    }
+    tracing::warn!(storage_id = current.id, error = %err, "the storage's stored secrets do not open; replaced by the ones given");
+    Ok(Map::new())
 }
 
 /// A change of what `current`'s run works on (`moves`: see
