@@ -271,8 +271,20 @@ async fn a_new_secret_key_takes_over_what_the_old_one_sealed() {
     let path = format!("/api/v1/webhooks/{}", third["id"]);
     let (status, rotated) = app.patch(&path, json!({ "secret": newer })).await;
     assert_eq!(status, 200, "{rotated}");
-    let (code, tally) = reseal_cli(&app, &rotating);
-    assert_eq!(code, Some(0), "{tally}");
+    // A process still on the old settings (its key the old one) is told
+    // from one on the new by the key's id, and writes nothing.
+    let old_id = key_id_of(labelsync_tests::TEST_SECRET_KEY);
+    let out = reseal_output(&app, &rotating, &["--expect-key-id", &old_id]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{stderr}");
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    let new_id = key_id_of(&new_key);
+    let (code, tally) = reseal_cli_with(&app, &rotating, &["--expect-key-id", &new_id]);
+    assert_eq!(
+        (code, &tally["key_id"]),
+        (Some(0), &json!(new_id)),
+        "{tally}"
+    );
     let counts = |t: &Value| {
         [
             t["current"].clone(),
@@ -454,7 +466,13 @@ async fn sealed_counts_of_a_scheduler_of_its_own(app: &TestApp, env: &[(&str, St
     for _ in 0..300 {
         if let Ok(resp) = reqwest::get(&url).await {
             let text = resp.text().await.unwrap_or_default();
-            if text.contains("labelsync_secrets_sealed{") {
+            // The last of the three states recorded.
+            let name = "labelsync_secrets_sealed";
+            let labels = [("state", "unopenable")];
+            if labelsync_tests::metric_samples(&text, name, &labels)
+                .next()
+                .is_some()
+            {
                 return text;
             }
         }
@@ -534,14 +552,12 @@ async fn synced_and_signed_with_both(
 /// `labelsync-scheduler reseal` on the app's database with `env` (its
 /// keys): its exit code and the tally it printed.
 fn reseal_cli(app: &TestApp, env: &[(&str, String)]) -> (Option<i32>, Value) {
-    let out = std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
-        .arg("reseal")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &app.database_url)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("labelsync-scheduler reseal");
+    reseal_cli_with(app, env, &[])
+}
+
+/// [`reseal_cli`] with more arguments.
+fn reseal_cli_with(app: &TestApp, env: &[(&str, String)], args: &[&str]) -> (Option<i32>, Value) {
+    let out = reseal_output(app, env, args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let tally = serde_json::from_str(&stdout).unwrap_or_else(|_| {
         panic!(
@@ -550,6 +566,30 @@ fn reseal_cli(app: &TestApp, env: &[(&str, String)]) -> (Option<i32>, Value) {
         )
     });
     (out.status.code(), tally)
+}
+
+/// What `labelsync-scheduler reseal ARGS` printed and how it ended.
+fn reseal_output(app: &TestApp, env: &[(&str, String)], args: &[&str]) -> std::process::Output {
+    std::process::Command::new(labelsync_tests::binary("labelsync-scheduler"))
+        .arg("reseal")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &app.database_url)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("labelsync-scheduler reseal")
+}
+
+/// A key's id as a shell makes it: `base64 -d | sha256sum | cut -c1-16`.
+fn key_id_of(key: &str) -> String {
+    let bytes = base64::engine::Engine::decode(&base64::engine::general_purpose::STANDARD, key)
+        .expect("base64");
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Neither GET, the list, nor the database shows the secret.

@@ -61,11 +61,18 @@ pub enum Command {
     /// Seal every stored secret that only a LABELSYNC_SECRET_KEY_FALLBACKS
     /// key opens again under LABELSYNC_SECRET_KEY (run it once every
     /// scheduler and worker has that key), and drop webhooks' previous
-    /// secrets whose time is up; prints `{"current", "resealed",
+    /// secrets whose time is up; prints `{"key_id", "current", "resealed",
     /// "fallback", "unopenable", "unopenable_in", "expired_dropped"}` and
     /// exits 0 when every secret opens under the key alone (the fallbacks
     /// can go), 1 when not.
-    Reseal,
+    Reseal {
+        /// Refuse, writing nothing, unless LABELSYNC_SECRET_KEY has this id
+        /// (the first 16 hex digits of the SHA-256 of its bytes:
+        /// `printf %s "$KEY" | base64 -d | sha256sum | cut -c1-16`), so
+        /// that a process still on the old settings seals nothing.
+        #[arg(long)]
+        expect_key_id: Option<String>,
+    },
     /// Manage API tokens (kept in the database).
     #[command(subcommand)]
     Token(crate::token_cli::TokenCommand),
@@ -87,18 +94,27 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Sync { spec, quiet } => sync(settings, &spec, quiet).await,
         Command::List { spec } => list(settings, &spec).await,
-        Command::Reseal => reseal(settings).await,
+        Command::Reseal { expect_key_id } => reseal(settings, expect_key_id).await,
         Command::Token(command) => crate::token_cli::run(settings, command).await,
     }
 }
 
 /// One re-seal pass (`labelsync::reseal`), its tally printed as JSON.
-async fn reseal(settings: Settings) -> anyhow::Result<ExitCode> {
+async fn reseal(settings: Settings, expect_key_id: Option<String>) -> anyhow::Result<ExitCode> {
     let Some(secrets) = settings.secret_box.clone() else {
         bail!(
             "reseal needs LABELSYNC_SECRET_KEY (and the old key in LABELSYNC_SECRET_KEY_FALLBACKS)"
         );
     };
+    if let Some(expected) = expect_key_id
+        && expected.trim() != secrets.key_id()
+    {
+        bail!(
+            "LABELSYNC_SECRET_KEY here has the id {}, not {}: this process has other settings (a pod of an earlier rollout?); nothing was written",
+            secrets.key_id(),
+            expected.trim()
+        );
+    }
     let db = crate::token_cli::open_servers_database(&settings).await?;
     let tally = labelsync::reseal::pass(&db, &secrets, labelsync::reseal::Mode::Reseal).await?;
     println!("{}", serde_json::to_string(&tally)?);

@@ -125,7 +125,7 @@ fn report_sealed(tally: &labelsync::reseal::Tally, fallbacks: bool) {
     if fallbacks && tally.settled() {
         tracing::info!(
             current = tally.current,
-            "every sealed secret opens under LABELSYNC_SECRET_KEY alone: none needs LABELSYNC_SECRET_KEY_FALLBACKS"
+            "every sealed secret opens under LABELSYNC_SECRET_KEY alone: no stored secret needs LABELSYNC_SECRET_KEY_FALLBACKS (a next key given there is still needed until every process seals under it)"
         );
     }
 }

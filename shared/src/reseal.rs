@@ -41,6 +41,9 @@ pub enum Mode {
 /// What one pass found.
 #[derive(Debug, Default, Serialize)]
 pub struct Tally {
+    /// The id of the key the values were sorted (and sealed) under
+    /// (`SecretBox::key_id`).
+    pub key_id: String,
     /// Values the key opens after the pass (those sealed again included).
     pub current: u64,
     /// Of those, values the pass sealed again (a fallback opened them).
@@ -123,7 +126,10 @@ pub async fn pass(db: &impl ConnectionTrait, secrets: &SecretBox, mode: Mode) ->
         db,
         secrets,
         mode,
-        tally: Tally::default(),
+        tally: Tally {
+            key_id: secrets.key_id().to_owned(),
+            ..Tally::default()
+        },
     };
     pass.storages().await?;
     pass.webhooks().await?;

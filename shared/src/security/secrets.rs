@@ -38,6 +38,8 @@ fn placeholder(bytes: &[u8]) -> bool {
 /// open. Debug never shows them.
 pub struct SecretBox {
     key: LessSafeKey,
+    /// The key's id (see [`SecretBox::key_id`]).
+    id: String,
     /// Tried, in order, on what `key` does not open; never seal.
     fallbacks: Vec<LessSafeKey>,
     rng: SystemRandom,
@@ -57,6 +59,7 @@ impl SecretBox {
         let (key, bytes) = parse_key(encoded, "LABELSYNC_SECRET_KEY")?;
         Ok(SecretBox {
             key,
+            id: key_id(&bytes),
             fallbacks: Vec::new(),
             rng: SystemRandom::new(),
             placeholder: placeholder(&bytes),
@@ -76,6 +79,13 @@ impl SecretBox {
         Ok(self)
     }
 
+    /// The key's id: the first 8 bytes of the SHA-256 of its bytes, in hex
+    /// (`base64 -d | sha256sum | cut -c1-16`), which tells which key a
+    /// process holds without telling anything of the key.
+    pub fn key_id(&self) -> &str {
+        &self.id
+    }
+
     /// Whether any fallback key is set.
     pub fn has_fallbacks(&self) -> bool {
         !self.fallbacks.is_empty()
@@ -90,7 +100,7 @@ impl SecretBox {
     pub fn warn_if_placeholder(&self) {
         if self.placeholder {
             tracing::warn!(
-                "LABELSYNC_SECRET_KEY is a placeholder, not random bytes: anyone who reads the database can open the storage and webhook secrets sealed under it; set a random key (openssl rand -base64 32) with this one in LABELSYNC_SECRET_KEY_FALLBACKS until the scheduler has sealed the saved secrets again"
+                "LABELSYNC_SECRET_KEY is a placeholder, not random bytes: anyone who reads the database can open the storage and webhook secrets sealed under it; set a random key (openssl rand -base64 32) as the README's \"Rotating LABELSYNC_SECRET_KEY\" says (this one a fallback until `labelsync-scheduler reseal` has sealed the saved secrets again)"
             );
         }
     }
@@ -172,6 +182,15 @@ fn parse_key(encoded: &str, name: &str) -> Result<(LessSafeKey, Vec<u8>)> {
     let bytes = STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
     let key = UnboundKey::new(&AES_256_GCM, &bytes).map_err(|_| bad())?;
     Ok((LessSafeKey::new(key), bytes))
+}
+
+/// See [`SecretBox::key_id`].
+fn key_id(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The error for secrets no key opens.
@@ -282,6 +301,14 @@ mod tests {
             assert_eq!(found, Reseal::Unopenable, "{unopenable}");
         }
         assert!(alone.open("storage:1", &sealed_old).is_err());
+    }
+
+    /// The id a shell can compute from the base64 key.
+    #[test]
+    fn a_key_id_is_the_start_of_its_sha256() {
+        // printf '%s' MDEy...ZWY= | base64 -d | sha256sum | cut -c1-16
+        let key = SecretBox::from_base64("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=").unwrap();
+        assert_eq!(key.key_id(), "3eb1bd439947eb76");
     }
 
     #[test]

@@ -319,7 +319,7 @@ impl StorageSpec {
             "invalid_prefix",
             Some("prefix"),
             format!(
-                "on a {} storage keys are paths: the prefix must not have an empty segment (a doubled '/', or more than one at its end), nor a '.' or '..' between '\\' separators",
+                "on a {} storage keys are paths: the prefix must not have an empty segment (a doubled '/', or more than one at its end), nor a '.' or '..' between '\\' separators or encoded ones (%2f, %5c)",
                 self.backend
             ),
         ))
