@@ -28,8 +28,9 @@
 //! 7. [`jobs`]: job payloads, the queue (Redis or embedded SQLite, which
 //!    implements `FanOut`) and the handler both binaries register.
 //! 8. [`lifecycle`]: shutdown signal, readiness, `/metrics`, the worker's
-//!    probe listener and process loop; [`reseal`]: secrets sealed again
-//!    under a new `LABELSYNC_SECRET_KEY`.
+//!    probe listener and process loop; [`reseal`]: the sealed secrets
+//!    counted by the key that opens them, and sealed again under a new
+//!    `LABELSYNC_SECRET_KEY`.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod attempt;

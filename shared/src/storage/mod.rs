@@ -520,8 +520,9 @@ pub enum KeyShape {
 /// `..`), no NUL (no file name can hold one), not empty; with
 /// [`KeyShape::Path`], no empty segment either (a leading, doubled or
 /// trailing `/`), and a `\` or an encoded `/` or `\` (`%2f`, `%5c`) counts
-/// as a separator for the dot segments. A refused key is `invalid_key` (HTTP 400), and no request
-/// is made: keys come from task URIs, so they are user input.
+/// as a separator for the dot segments. A refused key is `invalid_key`
+/// (HTTP 400), and no request is made: keys come from task URIs, so they
+/// are user input.
 pub fn check_key(key: &str, shape: KeyShape) -> Result<()> {
     let refuse = |why: &str| {
         Err(Error::invalid(

@@ -300,7 +300,7 @@ impl StorageSpec {
 
     /// On a backend whose keys are paths, a prefix with an empty segment (a
     /// doubled `/`, or more than one at its end) or a `.` or `..` between
-    /// `\` separators prefixes no key it can hold (`storage::check_key`
+    /// `\` or encoded separators prefixes no key it can hold (`storage::check_key`
     /// refuses them): a source would list nothing, and a target would fail
     /// every export. Checked when a prefix is set, not when a PATCH keeps
     /// one saved before the rule.
