@@ -138,6 +138,15 @@ async fn a_rotated_secret_signs_beside_its_successor_until_dropped() {
     assert_eq!(status, 400, "{refused}");
     assert_eq!(refused["error"]["code"], "invalid_body", "{refused}");
     a_kept_secret_stops_signing_when_its_time_is_up(&app, &hook, &receiver).await;
+    // Its time up, it is not kept either: the cleanup at a scheduler's
+    // start (then every minute) forgets it.
+    let kept = "SELECT count(*) AS n FROM webhooks WHERE previous_secret IS NOT NULL";
+    assert_eq!(app.count(kept).await, 1, "kept until the cleanup");
+    let app = app.restart_with(&[]).await;
+    labelsync_tests::eventually("the expired previous secret forgotten", || async {
+        app.count(kept).await == 0
+    })
+    .await;
     app.stop().await;
 }
 

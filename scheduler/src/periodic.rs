@@ -3,9 +3,10 @@
 //! outbox (`jobs::dispatch_outbox`), held runs let onto the queue round-robin
 //! across projects (`jobs::release_held`), the sweep that enqueues stalled
 //! runs again (`jobs::requeue_stalled`), delivery jobs for webhook endpoints
-//! with due events (`jobs::dispatch_webhooks`), and the cleanup of expired
-//! rows (webhook events, idempotency keys, audit rows, ended runs, gone
-//! workers). Every replica ticks,
+//! with due events (`jobs::dispatch_webhooks`), the cleanup of expired
+//! rows (webhook events and previous secrets past their time, idempotency
+//! keys, audit rows, ended runs, gone workers), and the count of sealed
+//! secrets by the key that opens them. Every replica ticks,
 //! but each due storage is claimed with
 //! one conditional UPDATE of its `next_sync_at`: only the replica whose UPDATE
 //! changed the row enqueues, so a period yields one sync however many
@@ -134,8 +135,9 @@ fn report_sealed(tally: &labelsync::reseal::Tally, fallbacks: bool) {
 /// storage.
 const FULL_EVERY: Duration = Duration::from_secs(24 * 3600);
 
-/// How often expired webhook events, idempotency keys, audit rows,
-/// finished jobs, runs and worker registrations are deleted.
+/// How often expired webhook events and previous secrets, idempotency
+/// keys, audit rows, finished jobs, runs and worker registrations are
+/// deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Webhook events (with their delivery log) are kept this long once
 /// nothing is pending for them.
@@ -166,6 +168,15 @@ async fn prune_with(state: &AppState, counted: Counted) -> bool {
         Ok(0) => {}
         Ok(n) => tracing::info!(events = n, "deleted old webhook events"),
         Err(err) => tracing::warn!(error = %err, "webhook event cleanup failed"),
+    }
+    let now = labelsync::clock::now();
+    match labelsync::db::webhooks::drop_expired_previous_secrets(&state.db, now).await {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(
+            webhooks = n,
+            "forgot previous webhook secrets past their time"
+        ),
+        Err(err) => tracing::warn!(error = %err, "previous webhook secret cleanup failed"),
     }
     let expired = crate::api::IDEMPOTENCY_KEEP;
     let cutoff = labelsync::clock::now() - chrono::Duration::from_std(expired).unwrap_or_default();

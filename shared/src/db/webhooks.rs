@@ -282,6 +282,28 @@ pub async fn drop_expired_previous_secret(
     Ok(written.rows_affected == 1)
 }
 
+/// Forgets the previous secrets whose time is up (`previous_secret_until`
+/// at or before `now`, or none): they sign nothing, and a sealed secret
+/// kept for nothing is one more in every copy of the database. Returns how
+/// many. `updated_at` is left, as [`swap_secret`] leaves it.
+pub async fn drop_expired_previous_secrets(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    let (no_secret, no_time): (Option<String>, Option<DateTime<Utc>>) = (None, None);
+    let time_up = Condition::any()
+        .add(webhook::Column::PreviousSecretUntil.lte(now))
+        .add(webhook::Column::PreviousSecretUntil.is_null());
+    let written = webhook::Entity::update_many()
+        .col_expr(webhook::Column::PreviousSecret, Expr::value(no_secret))
+        .col_expr(webhook::Column::PreviousSecretUntil, Expr::value(no_time))
+        .filter(webhook::Column::PreviousSecret.is_not_null())
+        .filter(time_up)
+        .exec(db)
+        .await?;
+    Ok(written.rows_affected)
+}
+
 /// Deletes an endpoint with its deliveries; false when there was none.
 pub async fn delete(db: &impl ConnectionTrait, id: i64) -> Result<bool> {
     Ok(webhook::Entity::delete_by_id(id)
