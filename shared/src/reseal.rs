@@ -9,7 +9,8 @@
 //! open what it would seal). `labelsync-scheduler reseal` ([`Mode::Reseal`])
 //! stores each value only a fallback opens sealed again under the key, and
 //! drops previous webhook secrets whose time is up (they sign nothing, and
-//! would need the old key for ever). Each write is conditional on the
+//! would need the old key for ever: `db::webhooks::drop_expired_previous_secrets`,
+//! as the scheduler's cleanup does). Each write is conditional on the
 //! value read; one that lost to a save is read and tried again.
 use sea_orm::ConnectionTrait;
 use serde::Serialize;
@@ -132,6 +133,12 @@ pub async fn pass(db: &impl ConnectionTrait, secrets: &SecretBox, mode: Mode) ->
         },
     };
     pass.storages().await?;
+    if mode == Mode::Reseal {
+        // The scheduler's cleanup does the same every minute; done here
+        // too so that the tally says what is left now.
+        let now = crate::clock::now();
+        pass.tally.expired_dropped = hooks::drop_expired_previous_secrets(db, now).await?;
+    }
     pass.webhooks().await?;
     let tally = pass.tally;
     crate::metrics::metrics().record_sealed(tally.current, tally.fallback, tally.unopenable);
@@ -172,12 +179,10 @@ impl<C: ConnectionTrait> Pass<'_, C> {
             for (id, secret, previous, until) in page {
                 self.sort(Slot::Webhook(id), secret).await?;
                 let Some(previous) = previous else { continue };
+                // One whose time is up signs nothing: not counted (in
+                // `Mode::Reseal`, dropped by `pass` before the walk).
                 if signs_until(until).is_some() {
                     self.sort(Slot::Previous(id), previous).await?;
-                } else if self.mode == Mode::Reseal
-                    && hooks::drop_expired_previous_secret(self.db, id, &previous, until).await?
-                {
-                    self.tally.expired_dropped += 1;
                 }
             }
             after = last;

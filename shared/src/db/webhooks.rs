@@ -257,31 +257,6 @@ pub async fn swap_previous_secret(
     Ok(written.rows_affected == 1)
 }
 
-/// Removes endpoint `id`'s previous secret `old` kept `until` (a time
-/// that is up), with its time; false when either changed since (a
-/// rotation, or a PATCH that kept it longer).
-pub async fn drop_expired_previous_secret(
-    db: &impl ConnectionTrait,
-    id: i64,
-    old: &str,
-    until: Option<DateTime<Utc>>,
-) -> Result<bool> {
-    let (no_secret, no_time): (Option<String>, Option<DateTime<Utc>>) = (None, None);
-    let kept_until = match until {
-        Some(until) => webhook::Column::PreviousSecretUntil.eq(until),
-        None => webhook::Column::PreviousSecretUntil.is_null(),
-    };
-    let written = webhook::Entity::update_many()
-        .col_expr(webhook::Column::PreviousSecret, Expr::value(no_secret))
-        .col_expr(webhook::Column::PreviousSecretUntil, Expr::value(no_time))
-        .filter(webhook::Column::Id.eq(id))
-        .filter(webhook::Column::PreviousSecret.eq(old))
-        .filter(kept_until)
-        .exec(db)
-        .await?;
-    Ok(written.rows_affected == 1)
-}
-
 /// Forgets the previous secrets whose time is up (`previous_secret_until`
 /// at or before `now`, or none): they sign nothing, and a sealed secret
 /// kept for nothing is one more in every copy of the database. Returns how
